@@ -1,0 +1,88 @@
+"""Prometheus metrics.
+
+Every label value comes from a closed set (decision, reason, status) or from the loaded
+configuration (route names, issuer pool ids), never from the request, so a client sending random
+paths or tokens cannot create new series.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "authz"
+
+# 10 us .. 1 s: a warm Check takes tens of microseconds, a Check waiting on a JWKS fetch up to seconds.
+LATENCY_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)
+
+
+class Metrics:
+    """The service's metric families, registered on one registry (a fresh one per test)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.decisions = Counter(
+            f"{PREFIX}_check_decisions",
+            "Check results by decision (allow/deny), reason, policy route name and HTTP status.",
+            ["decision", "reason", "route", "status"],
+            registry=registry,
+        )
+        self.check_duration = Histogram(
+            f"{PREFIX}_check_duration_seconds",
+            "Time to answer one Check, from request received to response built.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.jwks_refreshes = Counter(
+            f"{PREFIX}_jwks_refreshes",
+            "JWKS fetches by issuer pool id, trigger (startup/periodic/unknown_kid) and result (ok/error).",
+            ["issuer", "trigger", "result"],
+            registry=registry,
+        )
+        self.jwks_keys = Gauge(
+            f"{PREFIX}_jwks_keys",
+            "Usable RS256 signing keys currently loaded per issuer pool id.",
+            ["issuer"],
+            registry=registry,
+        )
+        self.jwks_last_success = Gauge(
+            f"{PREFIX}_jwks_last_success_timestamp_seconds",
+            "Unix time of the last successful JWKS fetch per issuer (key age = time() - this).",
+            ["issuer"],
+            registry=registry,
+        )
+        self.policy_reloads = Counter(
+            f"{PREFIX}_policy_reloads",
+            "Policy file loads by result (ok/error); an error keeps the previous policy serving.",
+            ["result"],
+            registry=registry,
+        )
+        self.policy_routes = Gauge(
+            f"{PREFIX}_policy_routes", "Routes in the policy currently serving.", registry=registry
+        )
+        self.policy_generation = Gauge(
+            f"{PREFIX}_policy_generation",
+            "Increments each time a new policy starts serving.",
+            registry=registry,
+        )
+        self.policy_info = Gauge(
+            f"{PREFIX}_policy_info",
+            "Always 1; the sha256 label identifies the policy file content serving now.",
+            ["sha256"],
+            registry=registry,
+        )
+        self.ready = Gauge(
+            f"{PREFIX}_ready",
+            "1 when a policy is loaded and every issuer has signing keys, else 0.",
+            registry=registry,
+        )
+
+    def policy_loaded(self, routes: int, sha256: str) -> None:
+        """Record a policy that started serving (replaces the info series, so only one exists)."""
+        self.policy_reloads.labels("ok").inc()
+        self.policy_routes.set(routes)
+        self.policy_generation.inc()
+        self.policy_info.clear()
+        self.policy_info.labels(sha256).set(1)
