@@ -1,0 +1,171 @@
+"""Service settings: every CLI flag has an AUTHZ_* environment variable (the Kubernetes way).
+
+Parsed once into a frozen dataclass; a bad value stops start-up with a message naming the flag,
+its environment variable and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .jwks import JwksSettings
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the flag, the env var and the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: its flag, env var, parser, default and help (drives argparse and the README)."""
+
+    name: str
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "AUTHZ_" + self.name.upper()
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("expected a number") from None
+
+
+def _port(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("a port is 0..65535")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _float(text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be zero or a positive number of seconds")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _log_level(text: str) -> str:
+    value = text.upper()
+    if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError("one of debug, info, warning, error")
+    return value
+
+
+def _realm(text: str) -> str:
+    if not text or any(c in text for c in '"\\') or not text.isprintable():
+        raise ValueError("printable text without quotes or backslashes")
+    return text
+
+
+def _cooldown(text: str) -> float:
+    value = _positive(text)
+    if value < 10:
+        raise ValueError("at least 10 seconds, so unknown kids cannot cause a fetch storm")
+    return value
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("policy", None, Path, "Policy YAML file (mount the ConfigMap as a directory; the path is watched)."),
+    Option("grpc_host", "0.0.0.0", str, "Address for the ext_authz gRPC server."),
+    Option("grpc_port", 9191, _port, "Port for the ext_authz gRPC server (also serves grpc.health.v1)."),
+    Option("http_host", "0.0.0.0", str, "Address for the HTTP server (/healthz, /readyz, /metrics)."),
+    Option("http_port", 8181, _port, "Port for the HTTP server; never put it behind Envoy's ext_authz."),
+    Option("leeway", 60.0, _non_negative, "Clock skew tolerated on exp, nbf and iat, in seconds."),
+    Option("jwks_refresh_interval", 900.0, _positive, "Seconds between routine JWKS refreshes (+-10% jitter)."),
+    Option("jwks_timeout", 3.0, _positive, "Timeout of one JWKS fetch, in seconds."),
+    Option("jwks_max_bytes", 512 * 1024, _positive_int, "Largest JWKS document accepted, in bytes."),
+    Option("unknown_kid_cooldown", 10.0, _cooldown, "Minimum seconds between unknown-kid JWKS re-fetches per issuer."),
+    Option("policy_poll_interval", 2.0, _positive, "Seconds between checks of the policy file for changes."),
+    Option("realm", "authz-service", _realm, "Realm in WWW-Authenticate challenges."),
+    Option("shutdown_grace", 10.0, _non_negative, "Seconds in-flight Checks get to finish on SIGTERM."),
+    Option("log_level", "INFO", _log_level, "debug, info, warning or error (allowed requests log at debug)."),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Validated settings of `authz-service serve`."""
+
+    policy: Path
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 9191
+    http_host: str = "0.0.0.0"
+    http_port: int = 8181
+    leeway: float = 60.0
+    jwks_refresh_interval: float = 900.0
+    jwks_timeout: float = 3.0
+    jwks_max_bytes: int = 512 * 1024
+    unknown_kid_cooldown: float = 10.0
+    policy_poll_interval: float = 2.0
+    realm: str = "authz-service"
+    shutdown_grace: float = 10.0
+    log_level: str = "INFO"
+    jwks: JwksSettings = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "jwks",
+            JwksSettings(
+                refresh_interval=self.jwks_refresh_interval,
+                timeout=self.jwks_timeout,
+                max_bytes=self.jwks_max_bytes,
+                unknown_kid_cooldown=self.unknown_kid_cooldown,
+            ),
+        )
+
+
+def settings_from(cli_values: Mapping[str, str | None], environ: Mapping[str, str] = os.environ) -> Settings:
+    """Build Settings: a flag given on the command line wins over its env var, then the default."""
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        raw = cli_values.get(option.name)
+        source = option.flag
+        if raw is None:
+            raw = environ.get(option.env)
+            source = option.env
+        if raw is None:
+            if option.default is None:
+                raise ConfigError(f"{option.flag} (or {option.env}) is required: {option.help}")
+            continue
+        try:
+            values[option.name] = option.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{source}={raw!r} is invalid: {exc}") from None
+    names = {f.name for f in fields(Settings) if f.init}
+    return Settings(**{k: v for k, v in values.items() if k in names})

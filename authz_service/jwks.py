@@ -1,0 +1,252 @@
+"""Background JWKS cache: one refresher per trusted issuer, never on the hot path.
+
+Why this shape: a Check must not wait for routine refreshes, a key rotation must be picked up
+within seconds (a token naming an unknown kid triggers one rate-limited re-fetch shared by all
+waiting Checks), and an issuer outage must not take the service down (the last good keys keep
+serving; only an issuer that never produced keys answers 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import aiohttp
+from jwt.api_jwk import PyJWK
+
+from .metrics import Metrics
+from .policy import Issuer
+
+log = logging.getLogger(__name__)
+
+MIN_RSA_BITS = 2048
+
+
+class JwksError(Exception):
+    """A JWKS document we refuse; the message says why (logged, counted, keys kept)."""
+
+
+@dataclass(frozen=True, slots=True)
+class JwksSettings:
+    refresh_interval: float = 900.0  # seconds between routine refreshes (jittered +-10%)
+    timeout: float = 3.0  # total time for one fetch
+    max_bytes: int = 512 * 1024  # Cognito's JWKS is ~1 KB; a huge document is refused
+    unknown_kid_cooldown: float = 10.0  # at most one unknown-kid fetch per issuer per this period
+    retry_min: float = 1.0  # backoff after a failed fetch, doubling up to retry_max
+    retry_max: float = 60.0
+
+
+def parse_jwks(document: bytes) -> dict[str, PyJWK]:
+    """Usable RS256 verification keys by kid. Other keys are skipped; no usable key is an error."""
+    try:
+        data = json.loads(document)
+    except (ValueError, RecursionError):
+        raise JwksError("JWKS is not valid JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise JwksError("JWKS must be a JSON object with a 'keys' list")
+    keys: dict[str, PyJWK] = {}
+    duplicates: set[str] = set()
+    for entry in data["keys"]:
+        if not isinstance(entry, dict):
+            continue
+        kid = entry.get("kid")
+        if not isinstance(kid, str) or not kid or len(kid) > 256:
+            continue
+        if entry.get("kty") != "RSA" or entry.get("use", "sig") != "sig":
+            continue
+        if entry.get("alg", "RS256") != "RS256":
+            continue
+        ops = entry.get("key_ops")
+        if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+            continue
+        if "d" in entry:
+            continue  # a private key published by mistake is not a verification key we trust
+        try:
+            key = PyJWK(entry, algorithm="RS256")
+        except Exception:  # noqa: BLE001 - PyJWT raises several types for malformed key material
+            continue
+        if key.key.key_size < MIN_RSA_BITS:
+            continue
+        if kid in keys:
+            duplicates.add(kid)
+        keys[kid] = key
+    for kid in duplicates:  # ambiguous: which key does this kid mean? Trust neither.
+        del keys[kid]
+    if not keys:
+        raise JwksError("JWKS has no usable RS256 signing keys")
+    return keys
+
+
+class _IssuerState:
+    """Keys and refresh bookkeeping of one issuer."""
+
+    def __init__(self, issuer: Issuer) -> None:
+        self.issuer = issuer
+        self.keys: dict[str, PyJWK] = {}
+        self.last_success: float | None = None
+        self.last_error: str | None = None
+        self.last_attempt = float("-inf")  # monotonic time of the last fetch start
+        self.inflight: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+
+class JwksCache:
+    """Keys for every issuer of the serving policy, kept fresh by background tasks."""
+
+    def __init__(self, settings: JwksSettings, metrics: Metrics, session: aiohttp.ClientSession) -> None:
+        self.settings = settings
+        self._metrics = metrics
+        self._session = session
+        self._states: dict[tuple[str, str], _IssuerState] = {}
+
+    # --- used by the verifier (hot path: dictionary lookups only) ---------------------------------
+
+    def key(self, issuer: Issuer, kid: str) -> PyJWK | None:
+        state = self._states.get((issuer.issuer, issuer.jwks_uri))
+        return state.keys.get(kid) if state else None
+
+    def has_keys(self, issuer: Issuer) -> bool:
+        state = self._states.get((issuer.issuer, issuer.jwks_uri))
+        return bool(state and state.keys)
+
+    async def refetch(self, issuer: Issuer) -> None:
+        """Single-flight re-fetch for an unknown kid, at most once per cool-down per issuer."""
+        state = self._states.get((issuer.issuer, issuer.jwks_uri))
+        if state is None:
+            return
+        if state.inflight is not None:
+            await asyncio.shield(state.inflight)
+            return
+        if time.monotonic() - state.last_attempt < self.settings.unknown_kid_cooldown:
+            return
+        await self._fetch_shared(state, "unknown_kid")
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """True when every issuer has keys (a readiness condition)."""
+        return all(state.keys for state in self._states.values())
+
+    def status(self) -> list[dict[str, object]]:
+        """Per-issuer state for /readyz and logs."""
+        return [
+            {
+                "issuer": s.issuer.issuer,
+                "keys": len(s.keys),
+                "last_success": s.last_success,
+                "last_error": s.last_error,
+            }
+            for s in self._states.values()
+        ]
+
+    def sync(self, issuers: Iterable[Issuer]) -> None:
+        """Follow the serving policy: start refreshers for new issuers, stop removed ones."""
+        wanted = {(i.issuer, i.jwks_uri): i for i in issuers}
+        for ident in list(self._states):
+            if ident not in wanted:
+                state = self._states.pop(ident)
+                if state.task:
+                    state.task.cancel()
+                self._metrics.jwks_keys.remove(state.issuer.user_pool_id) if state.keys else None
+        for ident, issuer in wanted.items():
+            state = self._states.get(ident)
+            if state is None:
+                state = self._states[ident] = _IssuerState(issuer)
+                state.task = asyncio.create_task(self._refresher(state), name=f"jwks:{issuer.user_pool_id}")
+            else:
+                state.issuer = issuer  # client_ids may have changed; keys stay
+
+    async def wait_first_attempts(self, timeout: float) -> None:
+        """Wait (bounded) until every issuer has tried its first fetch, so start-up is quick to ready."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(s.last_success is not None or s.last_error is not None for s in self._states.values()):
+                return
+            await asyncio.sleep(0.02)
+
+    async def close(self) -> None:
+        tasks = [s.task for s in self._states.values() if s.task]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._states.clear()
+
+    # --- fetching ---------------------------------------------------------------------------------
+
+    async def _refresher(self, state: _IssuerState) -> None:
+        trigger = "startup"
+        backoff = self.settings.retry_min
+        while True:
+            ok = await self._fetch_shared(state, trigger)
+            if ok:
+                backoff = self.settings.retry_min
+                delay = self.settings.refresh_interval * random.uniform(0.9, 1.1)
+            else:
+                delay = backoff * random.uniform(0.8, 1.2)
+                backoff = min(backoff * 2, self.settings.retry_max)
+            trigger = "periodic"
+            await asyncio.sleep(delay)
+
+    async def _fetch_shared(self, state: _IssuerState, trigger: str) -> bool:
+        if state.inflight is not None:  # someone else is fetching: share their result
+            await asyncio.shield(state.inflight)
+            return state.last_error is None
+        loop = asyncio.get_running_loop()
+        state.inflight = loop.create_future()
+        state.last_attempt = time.monotonic()
+        try:
+            return await self._fetch(state, trigger)
+        finally:
+            state.inflight.set_result(None)
+            state.inflight = None
+
+    async def _fetch(self, state: _IssuerState, trigger: str) -> bool:
+        issuer = state.issuer
+        label = issuer.user_pool_id
+        try:
+            document = await self._download(issuer.jwks_uri)
+            keys = parse_jwks(document)
+        except (JwksError, aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeError) as exc:
+            reason = str(exc) or type(exc).__name__
+            if isinstance(exc, asyncio.TimeoutError):
+                reason = f"timed out after {self.settings.timeout:g}s"
+            state.last_error = reason
+            self._metrics.jwks_refreshes.labels(label, trigger, "error").inc()
+            log.warning(
+                "jwks refresh failed",
+                extra={"issuer": issuer.issuer, "jwks_uri": issuer.jwks_uri, "trigger": trigger,
+                       "error": reason, "keys_kept": len(state.keys)},
+            )
+            return False
+        added = keys.keys() - state.keys.keys()
+        removed = state.keys.keys() - keys.keys()
+        state.keys = keys  # one reference swap: readers see the old or the new set, never a mix
+        state.last_success = time.time()
+        state.last_error = None
+        self._metrics.jwks_refreshes.labels(label, trigger, "ok").inc()
+        self._metrics.jwks_keys.labels(label).set(len(keys))
+        self._metrics.jwks_last_success.labels(label).set(state.last_success)
+        if added or removed or trigger != "periodic":
+            log.info(
+                "jwks loaded",
+                extra={"issuer": issuer.issuer, "trigger": trigger, "keys": len(keys),
+                       "added": sorted(added), "removed": sorted(removed)},
+            )
+        return True
+
+    async def _download(self, url: str) -> bytes:
+        timeout = aiohttp.ClientTimeout(total=self.settings.timeout)
+        async with self._session.get(url, timeout=timeout, allow_redirects=False) as resp:
+            if resp.status != 200:
+                raise JwksError(f"JWKS endpoint answered HTTP {resp.status}")
+            if resp.content_length is not None and resp.content_length > self.settings.max_bytes:
+                raise JwksError(f"JWKS larger than {self.settings.max_bytes} bytes")
+            body = await resp.content.read(self.settings.max_bytes + 1)
+            if len(body) > self.settings.max_bytes:
+                raise JwksError(f"JWKS larger than {self.settings.max_bytes} bytes")
+            return body

@@ -1,0 +1,423 @@
+"""The route policy: which issuers are trusted and which scopes each method + path requires.
+
+The YAML file is parsed once into frozen dataclasses and compiled into a segment trie, so the
+hot path does one dictionary walk per path segment and allocates nothing per route.
+
+Matching rule (documented in the README): the most specific route wins regardless of file order.
+Specificity is decided segment by segment from the left: a literal segment beats ``{param}``,
+which beats a trailing ``/**``; at equal paths a route listing methods beats one for any method.
+Two routes that could match the same request with equal specificity are refused at load.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# RFC 3986 pchar without percent-encoding: what a literal policy segment may contain.
+_LITERAL_SEGMENT = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@]+$")
+_PARAM_SEGMENT = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*$")  # RFC 9110 token, upper case as HTTP methods are written
+_SCOPE = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")  # RFC 6749 scope-token
+_POOL_ID = re.compile(r"^(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)_[0-9A-Za-z]+$")
+_ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/ {}*-]{0,99}$")
+_CLIENT_ID = re.compile(r"^[\x21-\x7E]{1,128}$")
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
+)
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot serve. The message names the file, the place and the fix."""
+
+
+class Mode(enum.Enum):
+    """Whether a route's denials are enforced or only reported (dry-run rollout of a new rule)."""
+
+    ENFORCE = "enforce"
+    DRY_RUN = "dry-run"
+
+
+@dataclass(frozen=True, slots=True)
+class Issuer:
+    """A trusted Cognito user pool."""
+
+    user_pool_id: str
+    region: str
+    issuer: str
+    jwks_uri: str
+    client_ids: frozenset[str] | None  # None: any app client of the pool
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One policy rule. ``scopes`` is empty exactly when ``public`` is true."""
+
+    name: str
+    path: str
+    methods: frozenset[str] | None  # None: any method
+    scopes: frozenset[str]
+    public: bool
+    mode: Mode
+    index: int  # position in the file, for messages
+    scopes_text: str = field(default="", compare=False)  # precomputed for the 403 header and body
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A loaded, validated and compiled policy. Immutable: a reload builds a new one."""
+
+    source: str
+    sha256: str
+    issuers: tuple[Issuer, ...]
+    routes: tuple[Route, ...]
+    issuers_by_iss: Mapping[str, Issuer]
+    _trie: _Node = field(repr=False, compare=False)
+
+    def match(self, method: str, segments: tuple[str, ...]) -> Route | None:
+        """The most specific route for this method and path segments, or None (deny)."""
+        return _match(self._trie, segments, 0, method)
+
+
+# --- compiled trie -------------------------------------------------------------------------------
+
+
+class _Node:
+    """Trie node. ``exact`` holds routes ending here; ``rest`` holds routes ending in ``/**``."""
+
+    __slots__ = ("literals", "param", "exact", "rest")
+
+    def __init__(self) -> None:
+        self.literals: dict[str, _Node] = {}
+        self.param: _Node | None = None
+        self.exact = _Endpoint()
+        self.rest = _Endpoint()
+
+
+class _Endpoint:
+    """Routes ending at one trie position: per explicit method first, then the any-method route."""
+
+    __slots__ = ("by_method", "any_method")
+
+    def __init__(self) -> None:
+        self.by_method: dict[str, Route] = {}
+        self.any_method: Route | None = None
+
+    def pick(self, method: str) -> Route | None:
+        return self.by_method.get(method) or self.any_method
+
+
+def _match(node: _Node, segments: tuple[str, ...], i: int, method: str) -> Route | None:
+    # Depth-first in specificity order: literal, then {param}, then /** at this depth.
+    if i == len(segments):
+        return node.exact.pick(method) or node.rest.pick(method)
+    segment = segments[i]
+    child = node.literals.get(segment)
+    if child is not None:
+        found = _match(child, segments, i + 1, method)
+        if found is not None:
+            return found
+    if node.param is not None and segment:
+        found = _match(node.param, segments, i + 1, method)
+        if found is not None:
+            return found
+    return node.rest.pick(method)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+_TOP_KEYS = {"issuers", "routes", "mode"}
+_ISSUER_KEYS = {"user_pool_id", "region", "issuer", "jwks_uri", "client_ids"}
+_ROUTE_KEYS = {"name", "methods", "path", "scopes", "public", "mode"}
+
+
+def load_policy_file(path: Path | str) -> Policy:
+    """Read and compile a policy file; any problem raises PolicyError naming the file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read policy file: {exc.strerror or exc}") from None
+    return parse_policy(data, source=str(path))
+
+
+def parse_policy(data: bytes | str, source: str = "<policy>") -> Policy:
+    """Parse policy YAML text into a compiled Policy (PolicyError on any mistake)."""
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{source}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
+    try:
+        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown place"
+        raise PolicyError(f"{source}: {where}: not valid YAML: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML: {exc}") from None
+    ctx = _Context(source)
+    if not isinstance(doc, dict):
+        raise PolicyError(
+            f"{source}: the policy must be a mapping with 'issuers' and 'routes', got {_kind(doc)}"
+        )
+    ctx.check_keys(doc, _TOP_KEYS, "top level")
+    default_mode = ctx.mode(doc.get("mode", "enforce"), "mode")
+    issuers = tuple(ctx.issuer(item, i) for i, item in enumerate(ctx.nonempty_list(doc, "issuers", "top level")))
+    by_iss: dict[str, Issuer] = {}
+    for i, issuer in enumerate(issuers):
+        if issuer.issuer in by_iss:
+            raise PolicyError(f"{source}: issuers[{i}]: issuer {issuer.issuer!r} is listed twice; keep one entry")
+        by_iss[issuer.issuer] = issuer
+    routes = tuple(
+        ctx.route(item, i, default_mode) for i, item in enumerate(ctx.nonempty_list(doc, "routes", "top level"))
+    )
+    trie = _compile(routes, source)
+    return Policy(
+        source=source,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        issuers=issuers,
+        routes=routes,
+        issuers_by_iss=by_iss,
+        _trie=trie,
+    )
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (YAML allows them silently; a typo hides)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _kind(value: object) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(
+        type(value), type(value).__name__
+    )
+
+
+class _Context:
+    """Validation helpers that know the file name, so every message can name it."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, problem: str) -> PolicyError:
+        return PolicyError(f"{self.source}: {where}: {problem}")
+
+    def check_keys(self, item: dict[str, Any], allowed: set[str], where: str) -> None:
+        for key in item:
+            if key not in allowed:
+                hint = ", ".join(sorted(allowed))
+                raise self.fail(where, f"unknown key {key!r}; allowed keys: {hint}")
+
+    def nonempty_list(self, item: dict[str, Any], key: str, where: str) -> list[Any]:
+        if key not in item:
+            raise self.fail(where, f"missing required key {key!r}")
+        value = item[key]
+        if not isinstance(value, list) or not value:
+            raise self.fail(f"{key}", f"must be a non-empty list, got {_kind(value)}")
+        return value
+
+    def string(self, item: dict[str, Any], key: str, where: str, required: bool = False) -> str | None:
+        if key not in item:
+            if required:
+                raise self.fail(where, f"missing required key {key!r}")
+            return None
+        value = item[key]
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(f"{where}.{key}", f"must be a non-empty string, got {_kind(value)}")
+        return value
+
+    def string_list(self, item: dict[str, Any], key: str, where: str) -> list[str] | None:
+        if key not in item:
+            return None
+        value = item[key]
+        if isinstance(value, str):
+            raise self.fail(f"{where}.{key}", f"must be a list, e.g. [{value}], not a single string")
+        if not isinstance(value, list) or not value:
+            raise self.fail(f"{where}.{key}", f"must be a non-empty list, got {_kind(value)}")
+        for j, entry in enumerate(value):
+            if not isinstance(entry, str) or not entry:
+                raise self.fail(f"{where}.{key}[{j}]", f"must be a non-empty string, got {_kind(entry)}")
+        return value
+
+    def mode(self, value: object, where: str) -> Mode:
+        try:
+            return Mode(value)
+        except ValueError:
+            raise self.fail(where, f"must be 'enforce' or 'dry-run', got {value!r}") from None
+
+    def issuer(self, item: object, i: int) -> Issuer:
+        where = f"issuers[{i}]"
+        if not isinstance(item, dict):
+            raise self.fail(where, f"must be a mapping with user_pool_id, got {_kind(item)}")
+        self.check_keys(item, _ISSUER_KEYS, where)
+        pool = self.string(item, "user_pool_id", where, required=True)
+        assert pool is not None
+        m = _POOL_ID.match(pool)
+        if not m:
+            raise self.fail(
+                f"{where}.user_pool_id",
+                f"{pool!r} is not a Cognito user pool id (expected <region>_<id>, e.g. us-east-1_Abc123)",
+            )
+        region = self.string(item, "region", where) or m["region"]
+        if region != m["region"]:
+            raise self.fail(
+                f"{where}.region", f"{region!r} does not match the pool id's region {m['region']!r}; remove region"
+            )
+        issuer = self.string(item, "issuer", where) or f"https://cognito-idp.{region}.amazonaws.com/{pool}"
+        if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?$", issuer):
+            raise self.fail(f"{where}.issuer", f"{issuer!r} is not an http(s) URL")
+        jwks_uri = self.string(item, "jwks_uri", where) or f"{issuer}/.well-known/jwks.json"
+        if not re.match(r"^https?://[^\s/?#]+(/\S*)?$", jwks_uri):
+            raise self.fail(f"{where}.jwks_uri", f"{jwks_uri!r} is not an http(s) URL")
+        client_ids = self.string_list(item, "client_ids", where)
+        if client_ids is not None:
+            for j, cid in enumerate(client_ids):
+                if not _CLIENT_ID.match(cid):
+                    raise self.fail(f"{where}.client_ids[{j}]", f"{cid!r} is not an app client id")
+        return Issuer(
+            user_pool_id=pool,
+            region=region,
+            issuer=issuer,
+            jwks_uri=jwks_uri,
+            client_ids=frozenset(client_ids) if client_ids is not None else None,
+        )
+
+    def route(self, item: object, i: int, default_mode: Mode) -> Route:
+        where = f"routes[{i}]"
+        if not isinstance(item, dict):
+            raise self.fail(where, f"must be a mapping with path and scopes, got {_kind(item)}")
+        self.check_keys(item, _ROUTE_KEYS, where)
+        path = self.string(item, "path", where, required=True)
+        assert path is not None
+        _parse_pattern(path, lambda problem: self.fail(f"{where}.path", problem))
+        methods = self.string_list(item, "methods", where)
+        if methods is not None:
+            for j, method in enumerate(methods):
+                if not _METHOD.match(method):
+                    fix = f"; write {method.upper()!r}" if _METHOD.match(method.upper()) else ""
+                    raise self.fail(f"{where}.methods[{j}]", f"{method!r} is not an HTTP method{fix}")
+            if len(set(methods)) != len(methods):
+                raise self.fail(f"{where}.methods", "lists a method twice")
+        public = item.get("public", False)
+        if not isinstance(public, bool):
+            raise self.fail(f"{where}.public", f"must be true or false, got {public!r}")
+        scopes = self.string_list(item, "scopes", where)
+        if public and scopes is not None:
+            raise self.fail(where, "a public route takes no scopes; remove 'scopes' or 'public: true'")
+        if not public and scopes is None:
+            raise self.fail(where, "missing 'scopes' (the token must hold one of them) or 'public: true'")
+        for j, scope in enumerate(scopes or ()):
+            if not _SCOPE.match(scope):
+                raise self.fail(
+                    f"{where}.scopes[{j}]",
+                    f"{scope!r} is not a valid OAuth scope (no spaces, quotes or backslashes)",
+                )
+        name = self.string(item, "name", where)
+        if name is not None and not _ROUTE_NAME.match(name):
+            raise self.fail(f"{where}.name", f"{name!r}: use letters, digits and -_.:/ (at most 100)")
+        if name is None:
+            name = f"{'|'.join(methods) if methods else 'ANY'} {path}"
+        mode = self.mode(item["mode"], f"{where}.mode") if "mode" in item else default_mode
+        return Route(
+            name=name,
+            path=path,
+            methods=frozenset(methods) if methods is not None else None,
+            scopes=frozenset(scopes or ()),
+            public=public,
+            mode=mode,
+            index=i,
+            scopes_text=" ".join(sorted(scopes or ())),
+        )
+
+
+_REST = object()
+_PARAM = object()
+
+
+def _parse_pattern(path: str, fail: Any) -> list[object]:
+    """Split a route pattern into literal strings, _PARAM and a final _REST; errors via ``fail``."""
+    if not path.startswith("/"):
+        raise fail(f"{path!r} must start with '/'")
+    if path == "/":
+        return []
+    if path == "/**":
+        return [_REST]
+    parts = path[1:].split("/")
+    out: list[object] = []
+    names: set[str] = set()
+    for k, part in enumerate(parts):
+        if part == "**":
+            if k != len(parts) - 1:
+                raise fail(f"{path!r}: '**' is only allowed as the last segment ('/prefix/**')")
+            out.append(_REST)
+            continue
+        m = _PARAM_SEGMENT.match(part)
+        if m:
+            if m[1] in names:
+                raise fail(f"{path!r}: parameter {{{m[1]}}} appears twice")
+            names.add(m[1])
+            out.append(_PARAM)
+            continue
+        if part == "":
+            raise fail(f"{path!r}: empty segment ('//' or a trailing '/'); remove it")
+        if part in (".", ".."):
+            raise fail(f"{path!r}: '.' and '..' segments are not allowed")
+        if "{" in part or "}" in part or "*" in part:
+            raise fail(f"{path!r}: segment {part!r}: a parameter must be a whole segment like {{id}}; '*' only as '/**'")
+        if not _LITERAL_SEGMENT.match(part):
+            raise fail(f"{path!r}: segment {part!r} has characters that are not allowed (percent-encoding, spaces, ';' ...)")
+        out.append(part)
+    return out
+
+
+def _compile(routes: Iterable[Route], source: str) -> _Node:
+    root = _Node()
+    for route in routes:
+        node = root
+        rest = False
+        for part in _parse_pattern(route.path, PolicyError):
+            if part is _REST:
+                rest = True
+            elif part is _PARAM:
+                node.param = node.param or _Node()
+                node = node.param
+            else:
+                assert isinstance(part, str)
+                node = node.literals.setdefault(part, _Node())
+        endpoint = node.rest if rest else node.exact
+        if route.methods is None:
+            if endpoint.any_method is not None:
+                raise _conflict(source, endpoint.any_method, route)
+            endpoint.any_method = route
+        else:
+            for method in sorted(route.methods):
+                if method in endpoint.by_method:
+                    raise _conflict(source, endpoint.by_method[method], route)
+                endpoint.by_method[method] = route
+    return root
+
+
+def _conflict(source: str, first: Route, second: Route) -> PolicyError:
+    return PolicyError(
+        f"{source}: routes[{second.index}] ({second.path}) conflicts with routes[{first.index}] "
+        f"({first.path}): both match the same requests with equal specificity; "
+        "merge them or make their methods disjoint"
+    )

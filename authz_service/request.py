@@ -1,0 +1,115 @@
+"""Envoy CheckRequest -> the few HTTP facts a decision needs.
+
+The path rule (README "Security model"): Envoy normalizes paths with the hardened settings in
+envoy/envoy.yaml, and this module refuses (400) any path that is not already in normal form, so
+the route we match is the resource the upstream will serve. Refused: no leading '/', '.' or '..'
+segments, '//' , backslashes, ';' path parameters, control or non-ASCII characters, malformed
+percent-escapes, and percent-encoded unreserved characters, '/', '\\', '%' or controls.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ._proto.envoy.service.auth.v3 import external_auth_pb2
+
+MAX_PATH_LENGTH = 8192
+IDENTITY_HEADERS = ("x-auth-client-id", "x-auth-scopes", "x-auth-sub")
+_IDENTITY_SPELLINGS = frozenset(IDENTITY_HEADERS)
+_METHOD = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}$")  # RFC 9110 token
+# Visible ASCII except '\\' and ';' (see module docstring); '%' is checked separately.
+_PATH_CHARS = re.compile(r"^/[!$&'()*+,\-./0-9:=@A-Z_a-z~%]*$")
+_ESCAPE = re.compile(r"%(.?.?)")
+_HEX2 = re.compile(r"^[0-9A-Fa-f]{2}$")
+# Escapes a normalizing proxy or framework would decode into something that changes the route:
+# unreserved characters (RFC 3986 6.2.2.2 says they must not be encoded), '/', '\\', '%'
+# (double encoding) and control characters.
+_FORBIDDEN_ESCAPES = frozenset(
+    [*range(0x20), 0x7F, ord("/"), ord("\\"), ord("%"), ord("-"), ord("."), ord("_"), ord("~"),
+     *range(ord("0"), ord("9") + 1), *range(ord("A"), ord("Z") + 1), *range(ord("a"), ord("z") + 1)]
+)
+
+
+class BadRequest(Exception):
+    """A CheckRequest we cannot decide on safely; the message is safe to return to the client."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """The parts of the original HTTP request the decision uses."""
+
+    method: str
+    path: str  # without query string or fragment
+    segments: tuple[str, ...]
+    authorization: tuple[str, ...]  # every Authorization value, so duplicates can be refused
+    request_id: str
+    spoofed_identity_headers: tuple[str, ...]  # client-sent names that spell one of ours
+
+
+def parse_check_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
+    """Extract and validate the HTTP attributes; BadRequest when anything is missing or unsafe."""
+    if not check.HasField("attributes") or not check.attributes.HasField("request"):
+        raise BadRequest("no request attributes")
+    if not check.attributes.request.HasField("http"):
+        raise BadRequest("no HTTP attributes")
+    http = check.attributes.request.http
+    method = http.method
+    if not _METHOD.match(method):
+        raise BadRequest("missing or invalid method")
+    path = normalized_path(http.path)
+    authorization: list[str] = []
+    spoofed: list[str] = []
+    request_id = ""
+    for name, value in _headers(http):
+        if name == "authorization":
+            authorization.append(value)
+        elif name == "x-request-id":
+            request_id = value[:128]
+        if name.replace("_", "-") in _IDENTITY_SPELLINGS:
+            spoofed.append(name)
+    segments = tuple(path[1:].split("/")) if path != "/" else ()
+    return HttpRequest(
+        method=method,
+        path=path,
+        segments=segments,
+        authorization=tuple(authorization),
+        request_id=request_id,
+        spoofed_identity_headers=tuple(spoofed),
+    )
+
+
+def normalized_path(target: str) -> str:
+    """The path part of an origin-form request target, refused unless already in normal form."""
+    if not target:
+        raise BadRequest("empty path")
+    if len(target) > MAX_PATH_LENGTH:
+        raise BadRequest("path too long")
+    path = target.split("?", 1)[0].split("#", 1)[0]
+    if not path.startswith("/"):
+        raise BadRequest("path must start with '/'")
+    if not _PATH_CHARS.match(path):
+        raise BadRequest("path contains characters that are not allowed")
+    if "%" in path:
+        for escape in _ESCAPE.finditer(path):
+            if not _HEX2.match(escape[1]) or int(escape[1], 16) in _FORBIDDEN_ESCAPES:
+                raise BadRequest("path contains a malformed or disallowed percent-escape")
+    if "//" in path or "/./" in path or "/../" in path or path.endswith(("/.", "/..")):
+        raise BadRequest("path is not normalized")
+    return path
+
+
+def _headers(http: external_auth_pb2.AttributeContext.HttpRequest) -> list[tuple[str, str]]:
+    # Envoy sends either the `headers` map (repeated headers joined with ',') or, with
+    # encode_raw_headers, `header_map` with one entry per header line and bytes values.
+    if http.header_map.headers:
+        out = []
+        for entry in http.header_map.headers:
+            raw = entry.raw_value if entry.raw_value else entry.value.encode()
+            try:
+                value = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest(f"header {entry.key[:64]!r} is not UTF-8") from None
+            out.append((entry.key.lower(), value))
+        return out
+    return [(name.lower(), value) for name, value in http.headers.items()]

@@ -1,0 +1,233 @@
+"""The running service: the ext_authz gRPC server plus the HTTP health/metrics server.
+
+One path per Check: ``request.parse_check_request`` -> ``decision.decide`` ->
+``response.Renderer.render``. Everything else here is lifecycle: start-up, readiness,
+policy reloads, JWKS refreshers and graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+import aiohttp
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import gc_collector, platform_collector, process_collector
+
+from ._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from .config import Settings
+from .decision import Decision, Reason, decide, deny
+from .jwks import JwksCache
+from .metrics import Metrics
+from .policy import Policy, load_policy_file
+from .reloader import PolicyReloader
+from .request import BadRequest, HttpRequest, parse_check_request
+from .response import Renderer
+from .tokens import TokenVerifier
+
+log = logging.getLogger(__name__)
+AUTHZ_SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+    """Envoy's Authorization/Check. Never raises: every failure becomes a deny."""
+
+    def __init__(self, reloader: PolicyReloader, verifier: TokenVerifier, renderer: Renderer, metrics: Metrics) -> None:
+        self._reloader = reloader
+        self._verifier = verifier
+        self._renderer = renderer
+        self._metrics = metrics
+        self._decisions = metrics.decisions
+        self._duration = metrics.check_duration
+
+    async def Check(  # noqa: N802 - gRPC method name
+        self, request: external_auth_pb2.CheckRequest, context: Any
+    ) -> external_auth_pb2.CheckResponse:
+        started = time.perf_counter()
+        http: HttpRequest | None = None
+        try:
+            http = parse_check_request(request)
+            decision = await decide(http, self._reloader.policy, self._verifier)
+        except BadRequest as exc:
+            decision = deny(Reason.BAD_REQUEST, 400, str(exc))
+        except Exception:  # noqa: BLE001 - fail closed on any bug, and say so loudly
+            log.exception("check failed; denying")
+            decision = deny(Reason.INTERNAL_ERROR, 500, "internal error")
+        response = self._renderer.render(decision, http)
+        self._duration.observe(time.perf_counter() - started)
+        self._record(decision, http)
+        return response
+
+    def _record(self, decision: Decision, http: HttpRequest | None) -> None:
+        route = decision.route_label
+        if decision.dry_run:
+            self._decisions.labels("dry_run_deny", decision.reason.value, route, str(decision.status)).inc()
+        else:
+            self._decisions.labels(
+                "allow" if decision.allowed else "deny", decision.reason.value, route, str(decision.status)
+            ).inc()
+        if decision.allowed and not decision.dry_run:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("allow", extra=_log_fields(decision, http))
+            return
+        log.info("dry-run deny" if decision.dry_run else "deny", extra=_log_fields(decision, http))
+
+
+def _log_fields(decision: Decision, http: HttpRequest | None) -> dict[str, object]:
+    # Never the token, never the query string (it may carry secrets).
+    return {
+        "decision": "allow" if decision.allowed else "deny",
+        "reason": decision.reason.value,
+        "status": decision.status,
+        "route": decision.route_label,
+        "description": decision.description,
+        "client_id": decision.claims.client_id if decision.claims else None,
+        "method": http.method if http else None,
+        "path": http.path if http else None,
+        "request_id": http.request_id if http else None,
+    }
+
+
+class Service:
+    """Wires the parts together and runs them until stopped."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        if registry is None:
+            registry = CollectorRegistry()
+            process_collector.ProcessCollector(registry=registry)
+            platform_collector.PlatformCollector(registry=registry)
+            gc_collector.GCCollector(registry=registry)
+        self.registry = registry
+        self.metrics = Metrics(registry)
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.grpc_port: int | None = None
+        self.http_port: int | None = None
+
+    def ready(self) -> bool:
+        return not self._stopping.is_set() and self.jwks.ready()
+
+    async def start(self) -> None:
+        """Load the policy (PolicyError propagates: refuse to start), bind ports, start refreshers."""
+        policy = load_policy_file(self.settings.policy)
+        self._session = aiohttp.ClientSession(headers={"User-Agent": "authz-service"})
+        self.jwks = JwksCache(self.settings.jwks, self.metrics, self._session)
+        self.jwks.sync(policy.issuers)
+        self.reloader = PolicyReloader(self.settings.policy, policy, self.metrics, on_change=self._policy_changed)
+        self.metrics.policy_loaded(len(policy.routes), policy.sha256)
+        verifier = TokenVerifier(self.jwks, leeway=self.settings.leeway)
+        servicer = AuthorizationServicer(self.reloader, verifier, Renderer(self.settings.realm), self.metrics)
+
+        self._health = health.aio.HealthServicer()
+        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        self.grpc_port = self._grpc.add_insecure_port(f"{_host(self.settings.grpc_host)}:{self.settings.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC port {self.settings.grpc_host}:{self.settings.grpc_port}")
+        await self._grpc.start()
+
+        self._http = web.AppRunner(self._admin_app(), access_log=None)
+        await self._http.setup()
+        site = web.TCPSite(self._http, self.settings.http_host, self.settings.http_port)
+        await site.start()
+        self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+        self._tasks.append(asyncio.create_task(self.reloader.watch(self.settings.policy_poll_interval)))
+        self._tasks.append(asyncio.create_task(self._track_readiness()))
+        await self.jwks.wait_first_attempts(self.settings.jwks_timeout + 1)
+        await self._set_health()
+        log.info(
+            "authz-service started",
+            extra={"grpc": f"{self.settings.grpc_host}:{self.grpc_port}",
+                   "http": f"{self.settings.http_host}:{self.http_port}",
+                   "policy": str(self.settings.policy), "routes": len(policy.routes),
+                   "issuers": [i.issuer for i in policy.issuers], "ready": self.ready()},
+        )
+
+    def _policy_changed(self, policy: Policy) -> None:
+        self.jwks.sync(policy.issuers)
+
+    async def _set_health(self) -> None:
+        ready = self.ready()
+        self.metrics.ready.set(1 if ready else 0)
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", AUTHZ_SERVICE_NAME):
+            await self._health.set(name, status)
+
+    async def _track_readiness(self) -> None:
+        was = None
+        while True:
+            now = self.ready()
+            if now != was:
+                await self._set_health()
+                if was is not None:
+                    log.info("readiness changed", extra={"ready": now, "issuers": self.jwks.status()})
+                was = now
+            await asyncio.sleep(0.25)
+
+    def _admin_app(self) -> web.Application:
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"status": "alive"})
+
+        async def readyz(_: web.Request) -> web.Response:
+            body = {
+                "ready": self.ready(),
+                "policy": {"sha256": self.reloader.policy.sha256, "routes": len(self.reloader.policy.routes),
+                           "last_reload_error": self.reloader.last_error},
+                "issuers": self.jwks.status(),
+            }
+            return web.json_response(body, status=200 if body["ready"] else 503)
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        app.router.add_get("/metrics", metrics)
+        return app
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopping.wait()
+
+    async def stop(self) -> None:
+        """Drain: readiness goes false first, in-flight Checks get the grace period, then close."""
+        self._stopping.set()
+        await self._set_health()
+        log.info("shutting down", extra={"grace_seconds": self.settings.shutdown_grace})
+        await self._grpc.stop(self.settings.shutdown_grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.jwks.close()
+        await self._http.cleanup()
+        await self._session.close()
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the policy."""
+    service = Service(settings)
+    await service.start()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, service.request_stop)
+    loop.add_signal_handler(signal.SIGINT, service.request_stop)
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: asyncio.ensure_future(service.reloader.reload("SIGHUP"))
+    )
+    await service.wait_stopped()
+    await service.stop()
