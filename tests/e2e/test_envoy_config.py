@@ -1,0 +1,239 @@
+"""The shipped envoy/envoy.yaml: valid, hardened, and fail-closed for real.
+
+These tests need only Envoy and the echo upstream (no authz service): the
+authz cluster points at a port where nothing listens.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import pytest
+import yaml
+
+from .harness import (
+    SHIPPED_ENVOY_CONFIG,
+    EnvoyProcess,
+    UpstreamProcess,
+    envoy_binary,
+    free_port,
+    http_request,
+    load_shipped_config,
+    render_envoy_config,
+    rewrite_ports,
+)
+
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+EXT_AUTHZ_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+
+needs_envoy = pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary")
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+
+
+def _hcm(cfg: dict[str, Any]) -> dict[str, Any]:
+    (listener,) = cfg["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    (hcm,) = [f for f in chain["filters"] if f["name"] == "envoy.filters.network.http_connection_manager"]
+    assert hcm["typed_config"]["@type"] == HCM_TYPE
+    return hcm["typed_config"]
+
+
+def _cluster(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    (cluster,) = [c for c in cfg["static_resources"]["clusters"] if c["name"] == name]
+    return cluster
+
+
+def _endpoint(cluster: dict[str, Any]) -> dict[str, Any]:
+    (group,) = cluster["load_assignment"]["endpoints"]
+    (lb,) = group["lb_endpoints"]
+    return lb["endpoint"]["address"]["socket_address"]
+
+
+def _validate(path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# static checks
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.e2e
+@needs_envoy
+def test_shipped_config_passes_envoy_validate() -> None:
+    res = _validate(SHIPPED_ENVOY_CONFIG)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "OK" in res.stdout + res.stderr
+    assert "deprecated" not in (res.stdout + res.stderr).lower()
+
+
+def test_ext_authz_is_fail_closed_v3_grpc_without_body() -> None:
+    cfg = load_shipped_config()
+    filters = _hcm(cfg)["http_filters"]
+    names = [f["name"] for f in filters]
+    # ext_authz first, router last: nothing can route around the check.
+    assert names[0] == "envoy.filters.http.ext_authz", names
+    assert names[-1] == "envoy.filters.http.router", names
+
+    ea = filters[0]["typed_config"]
+    assert ea["@type"] == EXT_AUTHZ_TYPE
+    assert ea["transport_api_version"] == "V3"
+    assert ea["failure_mode_allow"] is False
+    assert ea["status_on_error"]["code"] in (503, "ServiceUnavailable")
+    assert ea["grpc_service"]["envoy_grpc"]["cluster_name"] == "authz_service"
+    assert "http_service" not in ea
+    # A timeout is set and leaves room for a ~3 s JWKS refetch, but is bounded.
+    timeout = ea["grpc_service"]["timeout"]
+    assert timeout.endswith("s")
+    assert 3.0 < float(timeout[:-1]) <= 10.0
+    # Body is never buffered/sent to authz; all request headers are sent.
+    assert "with_request_body" not in ea
+    assert "allowed_headers" not in ea
+    assert ea.get("failure_mode_allow_header_add") in (None, False)
+
+
+def test_hcm_path_hardening() -> None:
+    hcm = _hcm(load_shipped_config())
+    assert hcm["normalize_path"] is True
+    assert hcm["merge_slashes"] is True
+    assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
+    # Deliberately ALLOW (authz service strips spoofed identity headers in
+    # both spellings); if someone changes it, they must update the comment too.
+    assert hcm["common_http_protocol_options"]["headers_with_underscores_action"] == "ALLOW"
+    assert hcm.get("generate_request_id", True) is True
+    (log,) = hcm["access_log"]
+    assert log["name"] == "envoy.access_loggers.stdout"
+    assert "json_format" in log["typed_config"]["log_format"]
+    # Everything routes to the app cluster.
+    (vhost,) = hcm["route_config"]["virtual_hosts"]
+    assert all(r["route"]["cluster"] == "app" for r in vhost["routes"])
+
+
+def test_clusters_admin_and_ports() -> None:
+    cfg = load_shipped_config()
+    admin = cfg["admin"]["address"]["socket_address"]
+    assert (admin["address"], admin["port_value"]) == ("127.0.0.1", 9901)
+    (listener,) = cfg["static_resources"]["listeners"]
+    sa = listener["address"]["socket_address"]
+    assert (sa["address"], sa["port_value"]) == ("0.0.0.0", 8080)
+
+    authz = _cluster(cfg, "authz_service")
+    assert (_endpoint(authz)["address"], _endpoint(authz)["port_value"]) == ("127.0.0.1", 9191)
+    opts = authz["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http2_protocol_options" in opts["explicit_http_config"]
+
+    app = _cluster(cfg, "app")
+    assert (_endpoint(app)["address"], _endpoint(app)["port_value"]) == ("127.0.0.1", 8000)
+
+
+@pytest.mark.e2e
+@needs_envoy
+def test_rendered_config_changes_only_ports(tmp_path) -> None:
+    ports = dict(listener_port=18080, admin_port=19901, authz_port=19191, app_port=18000)
+    rendered = render_envoy_config(tmp_path, **ports)
+    got = yaml.safe_load(rendered.read_text())
+    # Put the shipped ports back: the result must equal the shipped config.
+    restored = rewrite_ports(got, listener_port=8080, admin_port=9901, authz_port=9191, app_port=8000)
+    assert restored == load_shipped_config()
+    assert got != load_shipped_config()
+    res = _validate(rendered)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# --------------------------------------------------------------------------- #
+# live: fail closed with no authz service
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def closed_envoy(module_envoy_factory) -> EnvoyProcess:
+    """Shipped config; authz_service points at a port where nothing listens."""
+    return module_envoy_factory(free_port(), name="envoy-no-authz")
+
+
+def _assert_upstream_works(upstream: UpstreamProcess) -> None:
+    # Prove the request log is live, so "zero requests" below means something.
+    before = upstream.mark()
+    status, _, _ = http_request("GET", upstream.url("/direct-probe"))
+    assert status == 200
+    assert [r["path"] for r in upstream.requests_since(before)] == ["/direct-probe"]
+
+
+@pytest.mark.e2e
+def test_http_request_sends_raw_targets_and_repeated_headers(upstream: UpstreamProcess) -> None:
+    status, headers, body = http_request(
+        "GET",
+        upstream.url("//transactions/%2e%2e/x"),
+        [("Authorization", "Bearer a"), ("Authorization", "Bearer b")],
+    )
+    assert status == 200
+    echo = json.loads(body)
+    assert echo["path"] == "//transactions/%2e%2e/x"
+    assert echo["headers"]["authorization"] == ["Bearer a", "Bearer b"]
+    assert ("content-type", "application/json") in [(k.lower(), v) for k, v in headers]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "method,target,headers,body",
+    [
+        ("GET", "/", [], None),
+        ("GET", "/transactions", [("Authorization", "Bearer not-a-real-token")], None),
+        ("POST", "/transactions", [("Authorization", "Bearer x"), ("Content-Type", "application/json")], b'{"a": 1}'),
+        ("DELETE", "//admin/../transactions", [], None),
+        ("GET", "/healthz", [], None),
+    ],
+)
+def test_unreachable_authz_is_503_and_nothing_reaches_app(
+    closed_envoy: EnvoyProcess, upstream: UpstreamProcess, method, target, headers, body
+) -> None:
+    _assert_upstream_works(upstream)
+    before = upstream.mark()
+    status, _, _ = http_request(method, closed_envoy.url(target), headers, body)
+    assert status == 503, closed_envoy.log_tail()
+    assert upstream.requests_since(before) == []
+
+
+@pytest.mark.e2e
+def test_fail_closed_is_ext_authz_error_in_access_log_and_stats(
+    closed_envoy: EnvoyProcess, upstream: UpstreamProcess
+) -> None:
+    before = upstream.mark()
+    status, _, _ = http_request("GET", closed_envoy.url("/access-log-probe"))
+    assert status == 503
+    entry = closed_envoy.wait_until(
+        lambda: [e for e in closed_envoy.access_log() if e.get("path") == "/access-log-probe"],
+        10,
+        "access-log line for /access-log-probe",
+    )[-1]
+    assert entry["response_code"] == 503
+    assert entry["response_code_details"] == "ext_authz_error"
+    assert entry["request_id"]  # generated by the HCM
+    stats = closed_envoy.stats(r"ext_authz")
+    assert stats.get("http.ingress_http.ext_authz.error", 0) >= 1
+    assert stats.get("http.ingress_http.ext_authz.failure_mode_allowed", 0) == 0
+    assert upstream.requests_since(before) == []
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("target", ["/a%2Fb", "/a%2fb", "/a%5Cb", "/x/..%2fadmin"])
+def test_escaped_slashes_are_rejected_before_authz(
+    closed_envoy: EnvoyProcess, upstream: UpstreamProcess, target
+) -> None:
+    before = upstream.mark()
+    errors_before = closed_envoy.stats(r"ext_authz").get("http.ingress_http.ext_authz.error", 0)
+    status, _, _ = http_request("GET", closed_envoy.url(target))
+    assert status == 400  # REJECT_REQUEST: never reaches ext_authz (else 503)
+    assert closed_envoy.stats(r"ext_authz").get("http.ingress_http.ext_authz.error", 0) == errors_before
+    assert upstream.requests_since(before) == []
