@@ -1,0 +1,262 @@
+"""The product as a user runs it: dev issuer -> token over HTTP -> Envoy -> authz-service -> upstream."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .harness import EnvoyProcess, UpstreamProcess, http_request
+from .stack import DevIssuer, PolicyDir, Service, start_dev_issuer, start_service
+
+pytestmark = pytest.mark.e2e
+
+POLICY = """
+issuers:
+  - user_pool_id: us-east-1_Demo00001
+    issuer: {main}
+    client_ids: [payments-writer, payments-reader]
+  - user_pool_id: us-east-1_Short0001
+    issuer: {short}
+routes:
+  - name: create-transaction
+    methods: [POST]
+    path: /transactions
+    scopes: [transactions/post]
+  - name: get-transaction
+    methods: [GET]
+    path: /transactions/{{id}}
+    scopes: [transactions/get]
+  - name: healthz
+    path: /healthz
+    public: true
+"""
+
+RELOADED = POLICY + """
+  - name: reports
+    methods: [GET]
+    path: /reports/**
+    scopes: [transactions/get]
+"""
+
+
+@dataclass
+class Stack:
+    main: DevIssuer
+    short: DevIssuer
+    stranger: DevIssuer
+    policy: PolicyDir
+    service: Service
+    envoy: EnvoyProcess
+    upstream: UpstreamProcess
+
+    def send(self, method: str, path: str, token: str | None = None,
+             headers: list[tuple[str, str]] | None = None, body: bytes | None = None):
+        sent = list(headers or [])
+        if token is not None:
+            sent.append(("Authorization", f"Bearer {token}"))
+        mark = self.upstream.mark()
+        status, response_headers, data = http_request(method, self.envoy.url(path), sent, body)
+        return Answer(status, {k.lower(): v for k, v in response_headers}, data, self.upstream.requests_since(mark))
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    reached_upstream: list[dict]
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+    def upstream_headers(self) -> dict[str, list[str]]:
+        assert len(self.reached_upstream) == 1, self.reached_upstream
+        return self.reached_upstream[0]["headers"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess, module_envoy_factory) -> Iterator[Stack]:
+    work = tmp_path_factory.mktemp("stack")
+    issuers = [start_dev_issuer(work, "us-east-1_Demo00001"), start_dev_issuer(work, "us-east-1_Short0001", ttl=1),
+               start_dev_issuer(work, "us-east-1_Other0001")]
+    main, short, stranger = issuers
+    policy = PolicyDir(work / "config")
+    policy.write(POLICY.format(main=main.issuer, short=short.issuer))
+    service = start_service(work, policy.path, "--leeway", "0")
+    envoy = module_envoy_factory(service.grpc_port)
+    yield Stack(main, short, stranger, policy, service, envoy, upstream)
+    service.process.stop()
+    for issuer in issuers:
+        issuer.process.stop()
+
+
+def challenge(answer: Answer) -> str:
+    return answer.headers.get("www-authenticate", "")
+
+
+def test_allowed_request_reaches_upstream_with_identity(stack: Stack) -> None:
+    token = stack.main.token("payments-writer")
+    answer = stack.send("POST", "/transactions", token, body=b'{"amount": 5}')
+    assert answer.status == 200
+    seen = answer.upstream_headers()
+    assert seen["x-auth-client-id"] == ["payments-writer"]
+    assert seen["x-auth-scopes"] == ["transactions/post"]
+    assert seen["x-auth-sub"] == ["payments-writer"]
+    assert answer.reached_upstream[0]["method"] == "POST"
+
+
+def test_spoofed_identity_headers_are_replaced_or_removed(stack: Stack) -> None:
+    token = stack.main.token("payments-writer")
+    spoof = [("X-Auth-Client-Id", "admin"), ("x_auth_client_id", "admin"), ("X-Auth-Scopes", "admin/all"),
+             ("x_auth_sub", "root"), ("x-auth_scopes", "admin/all")]
+    answer = stack.send("POST", "/transactions", token, headers=spoof)
+    assert answer.status == 200
+    seen = answer.upstream_headers()
+    assert seen["x-auth-client-id"] == ["payments-writer"]
+    assert seen["x-auth-scopes"] == ["transactions/post"]
+    assert not [name for name in seen if "_" in name and name.replace("_", "-").startswith("x-auth-")]
+
+
+def test_public_route_needs_no_token_and_strips_identity_headers(stack: Stack) -> None:
+    answer = stack.send("GET", "/healthz?probe=1", headers=[("x-auth-client-id", "admin"), ("x_auth_sub", "root")])
+    assert answer.status == 200
+    seen = answer.upstream_headers()
+    assert not [name for name in seen if name.replace("_", "-").startswith("x-auth-")]
+
+
+def test_missing_token_is_401_with_bearer_challenge(stack: Stack) -> None:
+    answer = stack.send("POST", "/transactions")
+    assert answer.status == 401
+    assert challenge(answer) == 'Bearer realm="authz-service"'
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json()["error"]
+    assert answer.reached_upstream == []
+
+
+def test_basic_scheme_is_treated_as_no_token(stack: Stack) -> None:
+    answer = stack.send("POST", "/transactions", headers=[("Authorization", "Basic cGF5bWVudHM6c2VjcmV0")])
+    assert answer.status == 401 and answer.reached_upstream == []
+
+
+@pytest.mark.parametrize(
+    ("make_token", "description"),
+    [
+        (lambda s: "not-a-jwt", "malformed token"),
+        (lambda s: tamper(s.main.token("payments-writer")), "token signature is invalid"),
+        (lambda s: s.main.token("reporting"), "client is not allowed"),
+        (lambda s: s.stranger.token("payments-writer"), "token issuer is not trusted"),
+    ],
+    ids=["malformed", "bad-signature", "client-not-allowed", "untrusted-issuer"],
+)
+def test_bad_tokens_are_401_invalid_token(stack: Stack, make_token, description: str) -> None:
+    token = make_token(stack)
+    answer = stack.send("POST", "/transactions", token)
+    assert answer.status == 401
+    assert 'error="invalid_token"' in challenge(answer)
+    assert answer.json() == {"error": "invalid_token", "error_description": description}
+    assert token not in answer.body.decode() and token not in challenge(answer)
+    assert answer.reached_upstream == []
+
+
+def test_expired_token_is_401(stack: Stack) -> None:
+    token = stack.short.token("payments-writer")  # this pool issues 1-second tokens
+    assert stack.send("POST", "/transactions", token).status == 200  # a second issuer is trusted too
+    time.sleep(2.1)
+    answer = stack.send("POST", "/transactions", token)
+    assert answer.status == 401
+    assert answer.json()["error_description"] == "token expired"
+    assert answer.reached_upstream == []
+
+
+def test_valid_token_without_scope_is_403_insufficient_scope(stack: Stack) -> None:
+    answer = stack.send("POST", "/transactions", stack.main.token("payments-reader"))
+    assert answer.status == 403
+    assert 'error="insufficient_scope"' in challenge(answer)
+    assert 'scope="transactions/post"' in challenge(answer)
+    assert answer.json()["error"] == "insufficient_scope"
+    assert answer.reached_upstream == []
+
+
+def test_unmatched_route_is_403(stack: Stack) -> None:
+    answer = stack.send("DELETE", "/transactions/42", stack.main.token("payments-writer"))
+    assert answer.status == 403
+    assert answer.json()["error"] == "access_denied"
+    assert answer.reached_upstream == []
+
+
+def test_two_authorization_headers_are_400(stack: Stack) -> None:
+    token = stack.main.token("payments-writer")
+    answer = stack.send("POST", "/transactions", headers=[("Authorization", f"Bearer {token}"),
+                                                          ("Authorization", f"Bearer {token}")])
+    assert answer.status == 400
+    assert answer.json()["error"] == "invalid_request"
+    assert answer.reached_upstream == []
+
+
+def test_path_tricks_cannot_reach_a_protected_route_without_scope(stack: Stack) -> None:
+    reader = stack.main.token("payments-reader")
+    for path in ["//transactions", "/healthz/../transactions", "/./transactions", "/healthz/%2e%2e/transactions",
+                 "/transactions;x=1", "/transactions%2F", "/%74ransactions"]:
+        answer = stack.send("POST", path, reader)
+        assert answer.status in (400, 403), (path, answer.status)
+        assert answer.reached_upstream == [], path
+
+
+def test_metrics_count_decisions_by_reason_and_route(stack: Stack) -> None:
+    before = stack.service.sample("authz_check_decisions_total", decision="deny", reason="insufficient_scope",
+                                  route="create-transaction", status="403")
+    stack.send("POST", "/transactions", stack.main.token("payments-reader"))
+    after = stack.service.sample("authz_check_decisions_total", decision="deny", reason="insufficient_scope",
+                                 route="create-transaction", status="403")
+    assert after == before + 1
+    assert stack.service.sample("authz_check_decisions_total", decision="allow", reason="public", route="healthz") >= 1
+
+
+def test_key_rotation_is_picked_up(stack: Stack) -> None:
+    old_token = stack.main.token("payments-writer")
+    assert stack.send("POST", "/transactions", old_token).status == 200
+    # The unknown-kid re-fetch is rate limited to one per 10 s per issuer: let the startup fetch age.
+    time.sleep(max(0.0, stack.service.started + 10.5 - time.monotonic()))
+    stack.main.rotate(retire_old=True)
+    new_token = stack.main.token("payments-writer")
+    answer = stack.send("POST", "/transactions", new_token)
+    assert answer.status == 200, answer.body  # unknown kid -> one re-fetch -> new key found
+    assert stack.service.sample("authz_jwks_refreshes_total", issuer="us-east-1_Demo00001",
+                                trigger="unknown_kid", result="ok") == 1
+    retired = stack.send("POST", "/transactions", old_token)  # its key left the JWKS with the re-fetch
+    assert retired.status == 401
+    assert retired.json()["error_description"] == "token signed with an unknown key"
+
+
+def test_policy_reload_while_serving_and_bad_file_keeps_old_policy(stack: Stack) -> None:
+    token = stack.main.token("payments-reader")
+    assert stack.send("GET", "/reports/daily", token).status == 403
+    stack.policy.write(RELOADED.format(main=stack.main.issuer, short=stack.short.issuer))
+    deadline = time.monotonic() + 10
+    while stack.send("GET", "/reports/daily", token).status != 200:
+        assert time.monotonic() < deadline, "policy change not picked up"
+        time.sleep(0.1)
+    errors = stack.service.sample("authz_policy_reloads_total", result="error")
+    stack.policy.write("routes: [this is: not a policy")
+    deadline = time.monotonic() + 10
+    while stack.service.sample("authz_policy_reloads_total", result="error") == errors:
+        assert time.monotonic() < deadline, "bad policy file not noticed"
+        time.sleep(0.1)
+    assert stack.send("GET", "/reports/daily", token).status == 200  # old policy still serving
+    assert "policy reload failed" in stack.service.process.log_text()
+
+
+def tamper(token: str) -> str:
+    """Change the payload (one claim) but keep the header and signature."""
+    import base64
+
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["scope"] = "transactions/post transactions/get"
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"{header}.{forged}.{signature}"
