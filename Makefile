@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv protos test unit e2e demo clean
+.PHONY: venv protos test unit e2e demo clean system-deps
 
 # The virtualenv with the package (editable) and everything the tests need.
 $(STAMP): pyproject.toml
@@ -19,7 +19,14 @@ venv: $(STAMP)
 protos: $(STAMP)
 	$(BIN)/python tools/gen_protos.py
 
-test: $(STAMP)
+# promtool (alert rule tests) comes from Debian's prometheus package; CI runs as root on Debian.
+system-deps:
+	@command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@command -v kubectl >/dev/null || echo "warning: kubectl not found; the kustomize test will fail (install kubectl)"
+
+test: $(STAMP) system-deps
 	$(BIN)/pytest -q -p no:cacheprovider
 
 unit: $(STAMP)

@@ -152,11 +152,12 @@ class JwksCache:
                 state = self._states.pop(ident)
                 if state.task:
                     state.task.cancel()
-                self._metrics.jwks_keys.remove(state.issuer.user_pool_id) if state.keys else None
+                self._metrics.issuer_removed(state.issuer.user_pool_id)
         for ident, issuer in wanted.items():
             state = self._states.get(ident)
             if state is None:
                 state = self._states[ident] = _IssuerState(issuer)
+                self._metrics.issuer_added(issuer.user_pool_id)
                 state.task = asyncio.create_task(self._refresher(state), name=f"jwks:{issuer.user_pool_id}")
             else:
                 state.issuer = issuer  # client_ids may have changed; keys stay

@@ -79,6 +79,23 @@ class Metrics:
             registry=registry,
         )
 
+        for result in ("ok", "error"):  # exist at 0 from the start, so increase() sees the first error
+            self.policy_reloads.labels(result)
+
+    def issuer_added(self, pool_id: str) -> None:
+        """Create an issuer's refresh series at 0 (alerts then see its first failure)."""
+        for trigger in ("startup", "periodic", "unknown_kid"):
+            for result in ("ok", "error"):
+                self.jwks_refreshes.labels(pool_id, trigger, result)
+
+    def issuer_removed(self, pool_id: str) -> None:
+        """Drop every series of an issuer the policy no longer lists (no stale-key alerts for it)."""
+        for trigger in ("startup", "periodic", "unknown_kid"):
+            for result in ("ok", "error"):
+                _remove(self.jwks_refreshes, pool_id, trigger, result)
+        for gauge in (self.jwks_keys, self.jwks_last_success):
+            _remove(gauge, pool_id)
+
     def policy_loaded(self, routes: int, sha256: str) -> None:
         """Record a policy that started serving (replaces the info series, so only one exists)."""
         self.policy_reloads.labels("ok").inc()
@@ -86,3 +103,10 @@ class Metrics:
         self.policy_generation.inc()
         self.policy_info.clear()
         self.policy_info.labels(sha256).set(1)
+
+
+def _remove(metric: Counter | Gauge, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass

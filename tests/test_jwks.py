@@ -234,3 +234,16 @@ async def test_sync_drops_removed_issuers(endpoint, make_cache, key_a) -> None:
     await wait_for(lambda: cache.has_keys(issuer))
     cache.sync([])
     assert not cache.has_keys(issuer) and cache.ready()
+
+
+async def test_issuer_series_exist_at_zero_and_leave_with_the_issuer(endpoint, make_cache, key_a) -> None:
+    scripted, issuer = endpoint
+    scripted.keys(key_a)
+    cache, metrics = make_cache()
+    cache.sync([issuer])
+    labels = {"issuer": "us-east-1_Pool1", "trigger": "periodic", "result": "error"}
+    assert metrics.registry.get_sample_value("authz_jwks_refreshes_total", labels) == 0
+    await wait_for(lambda: cache.has_keys(issuer))
+    cache.sync([])
+    assert metrics.registry.get_sample_value("authz_jwks_refreshes_total", labels) is None
+    assert metrics.registry.get_sample_value("authz_jwks_keys", {"issuer": "us-east-1_Pool1"}) is None

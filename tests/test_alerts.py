@@ -1,0 +1,342 @@
+"""Alerting rules and the Grafana dashboard, checked offline.
+
+* ``promtool check rules`` on deploy/prometheus/alerts.yaml and on the PrometheusRule's spec, whose
+  groups must equal the raw file's; ``promtool test rules`` on deploy/prometheus/alerts_test.yaml
+  (synthetic series: every alert must fire in some scenario and stay quiet in another).
+* deploy/grafana/authz-dashboard.json is valid, every PromQL expression parses (promtool, with the
+  Grafana variables substituted) and names only metrics the service exports (the contract list,
+  cross-checked against authz_service.metrics), with label values from the contract's closed sets.
+
+promtool comes from Debian's ``prometheus`` package (``apt-get install -y --no-install-recommends
+prometheus``); a missing promtool fails the test with that command, it never skips.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+RULES_TEST = ROOT / "deploy" / "prometheus" / "alerts_test.yaml"
+PROMETHEUS_RULE = ROOT / "deploy" / "k8s" / "prometheusrule.yaml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "authz-dashboard.json"
+
+# The service's metrics contract (names as exposed; histograms as their _bucket/_sum/_count series).
+CONTRACT_METRICS = {
+    "authz_check_decisions_total",
+    "authz_check_duration_seconds_bucket",
+    "authz_check_duration_seconds_sum",
+    "authz_check_duration_seconds_count",
+    "authz_jwks_refreshes_total",
+    "authz_jwks_keys",
+    "authz_jwks_last_success_timestamp_seconds",
+    "authz_policy_reloads_total",
+    "authz_policy_routes",
+    "authz_policy_generation",
+    "authz_policy_info",
+    "authz_ready",
+}
+# Closed label-value sets of the contract (route and issuer come from the policy).
+CONTRACT_LABEL_VALUES = {
+    "decision": {"allow", "deny"},
+    "reason": {"allowed", "public", "missing_token", "bad_request", "invalid_token", "expired", "wrong_issuer",
+               "wrong_token_use", "client_not_allowed", "unknown_key", "bad_signature", "insufficient_scope",
+               "no_route", "keys_unavailable", "internal_error"},
+    "status": {"200", "400", "401", "403", "503"},
+    "trigger": {"startup", "periodic", "unknown_kid"},
+    "result": {"ok", "error"},
+}
+CONTRACT_LABELS = set(CONTRACT_LABEL_VALUES) | {"route", "issuer", "sha256", "le"}
+# Labels Prometheus attaches to every scraped series (ServiceMonitor target labels).
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "container", "service", "endpoint"}
+
+REQUIRED_ALERTS = {
+    "AuthzHighDenyRatio",        # high overall deny ratio
+    "AuthzRouteDenySpike",       # per-route deny ratio spike
+    "AuthzJwksRefreshFailing",   # JWKS refresh failures
+    "AuthzJwksKeysStale",        # time() - authz_jwks_last_success_timestamp_seconds > 1h
+    "AuthzJwksNoKeys",           # no keys for an issuer
+    "AuthzPolicyReloadFailed",   # policy reload failures
+    "AuthzNotReady",             # service not ready
+}
+
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "5m",
+    "$__interval": "1m",
+    "$__range": "1h",
+    "$job": ".*",
+    "$namespace": ".*",
+    "$pod": ".*",
+}
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.fail("promtool not found; install it: apt-get install -y --no-install-recommends prometheus")
+    return found
+
+
+def run_promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([promtool(), *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def raw_rules() -> dict[str, Any]:
+    return yaml.safe_load(RULES.read_text())
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [r for g in raw_rules()["groups"] for r in g["rules"] if "alert" in r]
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for panel in panels:
+        yield panel
+        yield from dashboard_panels(panel.get("panels", []))
+
+
+def dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in dashboard_panels(dashboard()["panels"]) for t in p.get("targets", []) if "expr" in t]
+
+
+def substitute(expr: str) -> str:
+    for variable, value in sorted(GRAFANA_VARIABLES.items(), key=lambda kv: -len(kv[0])):
+        expr = expr.replace(variable, value)
+    assert "$" not in expr, f"unknown Grafana variable in {expr!r}"
+    return expr
+
+
+_STRING = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`')
+_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",
+             "group_right", "inf", "nan", "Inf", "NaN"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names a PromQL expression selects (function and aggregation names excluded)."""
+    s = _STRING.sub('""', expr)
+    s = re.sub(r"\{[^}]*\}", " ", s)                       # label matchers
+    s = re.sub(r"\[[^\]]*\]", " ", s)                      # range / subquery windows
+    s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)
+    s = re.sub(r"\boffset\s+-?[\w.]+", " ", s)
+    names = set()
+    for match in re.finditer(r"(?<![\w.])[A-Za-z_:][\w:]*", s):
+        token = match.group(0)
+        if token in _KEYWORDS or s[match.end():].lstrip().startswith("("):
+            continue
+        names.add(token)
+    return names
+
+
+def label_matchers(expr: str) -> list[tuple[str, str, str]]:
+    """(label, operator, value) of every matcher inside {...}."""
+    found = []
+    for braces in re.findall(r"\{([^}]*)\}", expr):
+        found += re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:\\.|[^"\\])*)"', braces)
+    return found
+
+
+def grouping_labels(expr: str) -> set[str]:
+    labels: set[str] = set()
+    for group in re.findall(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", expr):
+        labels |= {l.strip() for l in group.split(",") if l.strip()}
+    return labels
+
+
+def runtime_metric_names() -> set[str]:
+    """Series names prometheus-client's default process/platform/GC collectors expose."""
+    from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return {sample.name for family in registry.collect() for sample in family.samples}
+
+
+def allowed_metric_names() -> set[str]:
+    runtime = {n for n in runtime_metric_names() if n.startswith(("process_", "python_"))}
+    assert runtime, "prometheus-client exposes no process_/python_ series on this platform?"
+    return CONTRACT_METRICS | runtime
+
+
+def check_expr_vocabulary(expr: str, where: str) -> None:
+    unknown = metric_names(expr) - allowed_metric_names()
+    assert not unknown, f"{where}: unknown metric(s) {sorted(unknown)} in {expr!r}"
+    for label, op, value in label_matchers(expr):
+        assert label in CONTRACT_LABELS | TARGET_LABELS | {"generation"}, f"{where}: unknown label {label!r}"
+        if label in CONTRACT_LABEL_VALUES and op in ("=", "!="):
+            assert value in CONTRACT_LABEL_VALUES[label], f"{where}: {label}={value!r} is not a contract value"
+    unknown_labels = grouping_labels(expr) - CONTRACT_LABELS - TARGET_LABELS - {"generation"}
+    assert not unknown_labels, f"{where}: grouping by unknown label(s) {sorted(unknown_labels)}"
+
+
+# --- the extractor itself ----------------------------------------------------------------------
+
+
+def test_metric_name_extractor() -> None:
+    assert metric_names('sum by (le) (rate(foo_bucket{a="b", c=~"x|y"}[5m]))') == {"foo_bucket"}
+    assert metric_names("histogram_quantile(0.99, x) > 1e3 and on (job) y offset 1h") == {"x", "y"}
+    assert metric_names('time() - a{issuer="q"} > 3600 unless b') == {"a", "b"}
+    assert metric_names('sum without (trigger, result) (increase(c[10m])) > bool 0') == {"c"}
+    assert metric_names('count(up{job="a"}) by (instance)') == {"up"}
+    assert grouping_labels("sum by (a, b) (x) and on(c) y") == {"a", "b", "c"}
+
+
+def test_contract_metric_names_are_what_the_service_registers() -> None:
+    """The names the dashboard and the rules are checked against are the service's real families."""
+    from prometheus_client import CollectorRegistry
+
+    from authz_service.metrics import Metrics
+
+    registry = CollectorRegistry()
+    Metrics(registry)
+    exposed = set()
+    for family in registry.collect():
+        if family.type == "counter":
+            exposed.add(family.name + "_total")
+        elif family.type == "histogram":
+            exposed |= {family.name + suffix for suffix in ("_bucket", "_sum", "_count")}
+        else:
+            exposed.add(family.name)
+    assert exposed == CONTRACT_METRICS
+
+
+# --- rules ---------------------------------------------------------------------------------------
+
+
+def test_promtool_check_rules() -> None:
+    result = run_promtool("check", "rules", str(RULES))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
+
+
+def test_prometheusrule_spec_equals_raw_rules(tmp_path: Path) -> None:
+    wrapped = yaml.safe_load(PROMETHEUS_RULE.read_text())
+    assert wrapped["apiVersion"] == "monitoring.coreos.com/v1" and wrapped["kind"] == "PrometheusRule"
+    assert wrapped["spec"]["groups"] == raw_rules()["groups"], (
+        "deploy/k8s/prometheusrule.yaml spec.groups differs from deploy/prometheus/alerts.yaml"
+    )
+    extracted = tmp_path / "prometheusrule-spec.yaml"
+    extracted.write_text(yaml.safe_dump({"groups": wrapped["spec"]["groups"]}))
+    result = run_promtool("check", "rules", str(extracted))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_unit_tests_pass() -> None:
+    result = run_promtool("test", "rules", RULES_TEST.name, cwd=RULES_TEST.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_required_alerts_exist_with_severity_and_text() -> None:
+    rules = alert_rules()
+    names = [r["alert"] for r in rules]
+    assert len(names) == len(set(names)), "duplicate alert names"
+    assert REQUIRED_ALERTS <= set(names), f"missing: {REQUIRED_ALERTS - set(names)}"
+    for rule in rules:
+        assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
+        assert {"summary", "description"} <= set(rule["annotations"]), rule["alert"]
+
+
+def test_stale_keys_alert_uses_the_last_success_timestamp() -> None:
+    (stale,) = [r for r in alert_rules() if r["alert"] == "AuthzJwksKeysStale"]
+    assert re.search(r"time\(\)\s*-\s*authz_jwks_last_success_timestamp_seconds\s*>\s*3600", stale["expr"])
+
+
+def test_rules_use_only_contract_metrics_and_labels() -> None:
+    for rule in alert_rules():
+        check_expr_vocabulary(rule["expr"], rule["alert"])
+
+
+def test_every_alert_is_unit_tested_firing_and_quiet() -> None:
+    """Each alert has a scenario where it MUST fire and one where it MUST stay quiet."""
+    tests = yaml.safe_load(RULES_TEST.read_text())
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    for group in tests["tests"]:
+        for case in group.get("alert_rule_test", []):
+            (fires if case.get("exp_alerts") else quiet).add(case["alertname"])
+    every = {r["alert"] for r in alert_rules()}
+    assert every - fires == set(), f"never expected to fire: {sorted(every - fires)}"
+    assert every - quiet == set(), f"never expected to stay quiet: {sorted(every - quiet)}"
+    normal = [g for g in tests["tests"] if g["name"] == "normal traffic stays quiet"]
+    assert normal, "the normal-traffic scenario is missing"
+    assert {c["alertname"] for c in normal[0]["alert_rule_test"] if not c.get("exp_alerts")} == every
+
+
+# --- dashboard -----------------------------------------------------------------------------------------
+
+
+def test_dashboard_is_valid_grafana_json() -> None:
+    board = dashboard()
+    assert board["uid"] and board["title"] and isinstance(board["schemaVersion"], int)
+    panels = list(dashboard_panels(board["panels"]))
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["targets"], panel["title"]
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs)), panel["title"]
+        for t in panel["targets"]:
+            assert t["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+
+
+def test_dashboard_uses_only_contract_metrics() -> None:
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 10
+    for expr in exprs:
+        check_expr_vocabulary(expr, "dashboard")
+    for variable in dashboard()["templating"]["list"]:
+        if variable["type"] != "query":
+            continue
+        query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
+        match = re.fullmatch(r"label_values\((\w+)(\{.*\})?,\s*(\w+)\)", query)
+        assert match, f"variable {variable['name']}: {query!r}"
+        assert match.group(1) in allowed_metric_names(), query
+        assert match.group(3) in TARGET_LABELS, query
+
+
+def test_dashboard_queries_parse(tmp_path: Path) -> None:
+    """promtool parses each query (as a recording rule) once Grafana's variables are substituted."""
+    rules = [{"record": f"dashboard:query_{i}", "expr": substitute(e)} for i, e in enumerate(dashboard_exprs())]
+    path = tmp_path / "dashboard-queries.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = run_promtool("check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_has_the_required_views() -> None:
+    exprs = [re.sub(r"\s+", " ", e) for e in dashboard_exprs()]
+
+    def has(pattern: str) -> bool:
+        return any(re.search(pattern, e) for e in exprs)
+
+    assert has(r"sum by \(decision, reason\) \(rate\(authz_check_decisions_total"), "decisions/s by decision+reason"
+    assert has(r'sum by \(route\) \(rate\(authz_check_decisions_total\{[^}]*decision="deny"[^}]*\}.*\) / '
+               r"sum by \(route\) \(rate\(authz_check_decisions_total"), "deny ratio per route"
+    for quantile in ("0.50", "0.90", "0.99"):
+        assert has(rf"histogram_quantile\({quantile}, sum by \(le\) \(rate\(authz_check_duration_seconds_bucket"), quantile
+    assert has(r"time\(\) - authz_jwks_last_success_timestamp_seconds"), "JWKS key age per issuer"
+    assert has(r"authz_policy_generation"), "policy generation"
+    assert has(r"authz_policy_reloads_total"), "policy reload errors"
