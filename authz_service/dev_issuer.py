@@ -33,11 +33,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
-import yaml
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
+
+from .yamlfile import YamlError, load_strict_yaml
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,13 @@ DEFAULT_TOKEN_TTL_SECONDS = 3600
 MAX_TOKEN_TTL_SECONDS = 86400  # Cognito's upper bound for access token validity (1 day)
 RSA_KEY_BITS = 2048
 
-_POOL_ID = re.compile(r"^(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)_[0-9A-Za-z]+$")
+_POOL_ID = re.compile(r"^(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)_[0-9A-Za-z]+\Z")
 # Cognito's patterns: a resource server identifier may contain '/', a scope name may not, so
 # "<identifier>/<name>" stays unambiguous only when split at the last '/'.
-_RESOURCE_SERVER_ID = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]{1,256}$")
-_SCOPE_NAME = re.compile(r"^[\x21\x23-\x2E\x30-\x5B\x5D-\x7E]{1,256}$")
+_RESOURCE_SERVER_ID = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]{1,256}\Z")
+_SCOPE_NAME = re.compile(r"^[\x21\x23-\x2E\x30-\x5B\x5D-\x7E]{1,256}\Z")
 # Printable ASCII without ':' because Basic authentication splits id and secret at the first ':'.
-_CLIENT_ID = re.compile(r"^[\x21-\x39\x3B-\x7E]{1,128}$")
+_CLIENT_ID = re.compile(r"^[\x21-\x39\x3B-\x7E]{1,128}\Z")
 
 _FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 _OAUTH_ERROR_STATUS = 400  # Cognito's documented status for every token endpoint error
@@ -117,29 +118,10 @@ def load_config(path: Path) -> DevIssuerConfig:
     except UnicodeDecodeError as exc:
         raise DevIssuerConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
     try:
-        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown place"
-        raise DevIssuerConfigError(f"{path}: {where}: not valid YAML: {exc.problem}; fix: correct the YAML there") from None
-    except yaml.YAMLError as exc:
-        raise DevIssuerConfigError(f"{path}: not valid YAML: {exc}; fix: correct the YAML") from None
+        doc = load_strict_yaml(text, str(path))
+    except YamlError as exc:
+        raise DevIssuerConfigError(f"{exc}; fix: correct the YAML there") from None
     return _Parser(str(path)).config(doc)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys: YAML keeps the last silently, hiding a typo."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def _kind(value: object) -> str:

@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .yamlfile import YamlError, load_strict_yaml
 
 # RFC 3986 pchar without percent-encoding: what a literal policy segment may contain.
-_LITERAL_SEGMENT = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@]+$")
-_PARAM_SEGMENT = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
-_METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*$")  # RFC 9110 token, upper case as HTTP methods are written
-_SCOPE = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")  # RFC 6749 scope-token
-_POOL_ID = re.compile(r"^(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)_[0-9A-Za-z]+$")
-_ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/ {}*-]{0,99}$")
-_CLIENT_ID = re.compile(r"^[\x21-\x7E]{1,128}$")
+_LITERAL_SEGMENT = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@]+\Z")
+_PARAM_SEGMENT = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
+_METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*\Z")  # RFC 9110 token, upper case as HTTP methods are written
+_SCOPE = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+\Z")  # RFC 6749 scope-token
+_POOL_ID = re.compile(r"^(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)_[0-9A-Za-z]+\Z")
+_ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/ {}*-]{0,99}\Z")
+_CLIENT_ID = re.compile(r"^[\x21-\x7E]{1,128}\Z")
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 )
@@ -156,13 +156,9 @@ def parse_policy(data: bytes | str, source: str = "<policy>") -> Policy:
     except UnicodeDecodeError as exc:
         raise PolicyError(f"{source}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
     try:
-        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader subclass
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown place"
-        raise PolicyError(f"{source}: {where}: not valid YAML: {exc.problem}") from None
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"{source}: not valid YAML: {exc}") from None
+        doc = load_strict_yaml(text, source)
+    except YamlError as exc:
+        raise PolicyError(str(exc)) from None
     ctx = _Context(source)
     if not isinstance(doc, dict):
         raise PolicyError(
@@ -188,21 +184,6 @@ def parse_policy(data: bytes | str, source: str = "<policy>") -> Policy:
         issuers_by_iss=by_iss,
         _trie=trie,
     )
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (YAML allows them silently; a typo hides)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def _kind(value: object) -> str:
@@ -282,10 +263,10 @@ class _Context:
                 f"{where}.region", f"{region!r} does not match the pool id's region {m['region']!r}; remove region"
             )
         issuer = self.string(item, "issuer", where) or f"https://cognito-idp.{region}.amazonaws.com/{pool}"
-        if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?$", issuer):
+        if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?\Z", issuer):
             raise self.fail(f"{where}.issuer", f"{issuer!r} is not an http(s) URL")
         jwks_uri = self.string(item, "jwks_uri", where) or f"{issuer}/.well-known/jwks.json"
-        if not re.match(r"^https?://[^\s/?#]+(/\S*)?$", jwks_uri):
+        if not re.match(r"^https?://[^\s/?#]+(/\S*)?\Z", jwks_uri):
             raise self.fail(f"{where}.jwks_uri", f"{jwks_uri!r} is not an http(s) URL")
         client_ids = self.string_list(item, "client_ids", where)
         if client_ids is not None:

@@ -17,11 +17,11 @@ from ._proto.envoy.service.auth.v3 import external_auth_pb2
 MAX_PATH_LENGTH = 8192
 IDENTITY_HEADERS = ("x-auth-client-id", "x-auth-scopes", "x-auth-sub")
 _IDENTITY_SPELLINGS = frozenset(IDENTITY_HEADERS)
-_METHOD = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}$")  # RFC 9110 token
+_METHOD = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}\Z")  # RFC 9110 token
 # Visible ASCII except '\\' and ';' (see module docstring); '%' is checked separately.
-_PATH_CHARS = re.compile(r"^/[!$&'()*+,\-./0-9:=@A-Z_a-z~%]*$")
+_PATH_CHARS = re.compile(r"^/[!$&'()*+,\-./0-9:=@A-Z_a-z~%]*\Z")
 _ESCAPE = re.compile(r"%(.?.?)")
-_HEX2 = re.compile(r"^[0-9A-Fa-f]{2}$")
+_HEX2 = re.compile(r"^[0-9A-Fa-f]{2}\Z")
 # Escapes a normalizing proxy or framework would decode into something that changes the route:
 # unreserved characters (RFC 3986 6.2.2.2 says they must not be encoded), '/', '\\', '%'
 # (double encoding) and control characters.

@@ -22,7 +22,7 @@ from .policy import Issuer, Policy
 
 MAX_TOKEN_BYTES = 8192  # Cognito access tokens are ~1 KB; anything this large is an attack or a mistake
 ALGORITHM = "RS256"
-_B64TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")  # RFC 6750 section 2.1 b64token
+_B64TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*\Z")  # RFC 6750 section 2.1 b64token
 
 
 class Failure(enum.Enum):

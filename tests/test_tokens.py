@@ -208,3 +208,13 @@ async def test_scope_compared_exactly(key_a: SigningKey) -> None:
     assert "transactions/post" not in claims.scopes
     tabbed = await TokenVerifier(MemoryKeys(key_a)).verify(key_a.token(scope="transactions/post\ttransactions/get"), POLICY)
     assert "transactions/post" not in tabbed.scopes
+
+
+@pytest.mark.parametrize("value", ["Bearer abc\n", "Bearer abc.def.ghi\n", "Bearer  abc"])
+def test_bearer_refuses_trailing_newline_and_odd_spacing(value: str) -> None:
+    # Regression: a regex ending in `$` also matches before a final newline.
+    from authz_service.tokens import bearer_token
+
+    with pytest.raises(TokenError) as caught:
+        bearer_token((value,))
+    assert caught.value.failure is Failure.BAD_REQUEST

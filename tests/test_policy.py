@@ -1,0 +1,507 @@
+"""Policy loading (every mistake is a PolicyError naming file + place) and route matching."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from authz_service.policy import Mode, PolicyError, load_policy_file, parse_policy
+
+SOURCE = "policies/test.yaml"
+ISSUERS = "issuers:\n  - user_pool_id: us-east-1_Abc123\n"
+
+
+def load(text: str):
+    return parse_policy(textwrap.dedent(text), source=SOURCE)
+
+
+def routes_policy(routes_yaml: str, extra: str = ""):
+    return load(ISSUERS + extra + "routes:\n" + textwrap.dedent(routes_yaml))
+
+
+def refused(text: str | bytes) -> str:
+    data = textwrap.dedent(text) if isinstance(text, str) else text
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(data, source=SOURCE)
+    message = str(caught.value)
+    assert SOURCE in message, message
+    return message
+
+
+def segs(path: str) -> tuple[str, ...]:
+    # Same split as request.parse_check_request: "/" -> (), "/a/" -> ("a", "").
+    return tuple(path[1:].split("/")) if path != "/" else ()
+
+
+def matched_name(policy, method: str, path: str) -> str | None:
+    route = policy.match(method, segs(path))
+    return route.name if route is not None else None
+
+
+# --- defaults ------------------------------------------------------------------------------------
+
+
+def test_issuer_defaults_are_derived_from_the_pool_id():
+    policy = routes_policy("  - path: /a\n    scopes: [r]\n")
+    (issuer,) = policy.issuers
+    assert issuer.user_pool_id == "us-east-1_Abc123"
+    assert issuer.region == "us-east-1"
+    assert issuer.issuer == "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Abc123"
+    assert issuer.jwks_uri == "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Abc123/.well-known/jwks.json"
+    assert issuer.client_ids is None
+    assert policy.issuers_by_iss[issuer.issuer] is issuer
+    assert policy.source == SOURCE
+    assert len(policy.sha256) == 64
+
+
+def test_issuer_overrides_and_client_allow_list():
+    policy = load(
+        """
+        issuers:
+          - user_pool_id: eu-west-2_Xyz
+            region: eu-west-2
+            issuer: http://127.0.0.1:9000/eu-west-2_Xyz
+            client_ids: [client-a, client-b]
+          - user_pool_id: us-gov-west-1_Q1
+            jwks_uri: https://keys.example/jwks.json
+        routes:
+          - path: /a
+            scopes: [r]
+        """
+    )
+    first, second = policy.issuers
+    assert first.issuer == "http://127.0.0.1:9000/eu-west-2_Xyz"
+    assert first.jwks_uri == "http://127.0.0.1:9000/eu-west-2_Xyz/.well-known/jwks.json"
+    assert first.client_ids == frozenset({"client-a", "client-b"})
+    assert second.region == "us-gov-west-1"
+    assert second.issuer == "https://cognito-idp.us-gov-west-1.amazonaws.com/us-gov-west-1_Q1"
+    assert second.jwks_uri == "https://keys.example/jwks.json"
+
+
+def test_route_defaults_names_and_modes():
+    policy = routes_policy(
+        """\
+          - path: /a
+            scopes: [r]
+          - methods: [POST, GET]
+            path: /b/{id}
+            scopes: [w, r]
+            mode: enforce
+          - name: health
+            path: /healthz
+            public: true
+          - path: /c
+            scopes: [r]
+            mode: dry-run
+        """,
+        extra="mode: dry-run\n",
+    )
+    a, b, health, c = policy.routes
+    assert a.name == "ANY /a" and a.methods is None and a.mode is Mode.DRY_RUN and not a.public
+    assert b.name == "POST|GET /b/{id}" and b.methods == frozenset({"GET", "POST"})
+    assert b.mode is Mode.ENFORCE
+    assert b.scopes == frozenset({"w", "r"}) and b.scopes_text == "r w"
+    assert health.name == "health" and health.public and health.scopes == frozenset()
+    assert c.mode is Mode.DRY_RUN
+    assert [r.index for r in policy.routes] == [0, 1, 2, 3]
+
+
+def test_top_level_mode_defaults_to_enforce():
+    policy = routes_policy("  - path: /a\n    scopes: [r]\n")
+    assert policy.routes[0].mode is Mode.ENFORCE
+
+
+def test_example_policy_file_loads(tmp_path):
+    from importlib.resources import files
+
+    text = files("authz_service").joinpath("examples/policy.yaml").read_bytes()
+    path = tmp_path / "policy.yaml"
+    path.write_bytes(text)
+    policy = load_policy_file(path)
+    assert policy.source == str(path)
+    assert matched_name(policy, "GET", "/transactions/42") == "get-transaction"
+    assert matched_name(policy, "POST", "/transactions") == "create-transaction"
+    assert matched_name(policy, "DELETE", "/transactions") is None
+
+
+def test_unreadable_file_names_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(PolicyError, match="nope.yaml"):
+        load_policy_file(missing)
+
+
+# --- every mistake is a PolicyError that names the file, the place and the problem ---------------
+
+GOOD_ROUTE = "  - path: /ok\n    scopes: [r]\n"
+
+MISTAKES = [
+    # (id, policy text, fragments the message must contain)
+    ("unknown top key", ISSUERS + "route:\n" + GOOD_ROUTE, ["top level", "'route'"]),
+    ("unknown issuer key", "issuers:\n  - user_pool_id: us-east-1_A\n    pool: x\nroutes:\n" + GOOD_ROUTE,
+     ["issuers[0]", "'pool'"]),
+    ("unknown route key", ISSUERS + "routes:\n" + GOOD_ROUTE + "  - path: /x\n    scope: [r]\n",
+     ["routes[1]", "'scope'"]),
+    ("missing issuers", "routes:\n" + GOOD_ROUTE, ["issuers"]),
+    ("empty issuers", "issuers: []\nroutes:\n" + GOOD_ROUTE, ["issuers", "non-empty"]),
+    ("missing routes", ISSUERS, ["routes"]),
+    ("empty routes", ISSUERS + "routes: []\n", ["routes", "non-empty"]),
+    ("issuer not a mapping", "issuers: [us-east-1_A]\nroutes:\n" + GOOD_ROUTE, ["issuers[0]"]),
+    ("missing pool id", "issuers:\n  - region: us-east-1\nroutes:\n" + GOOD_ROUTE, ["issuers[0]", "user_pool_id"]),
+    ("bad pool id", "issuers:\n  - user_pool_id: Abc123\nroutes:\n" + GOOD_ROUTE,
+     ["issuers[0].user_pool_id", "Abc123"]),
+    ("region mismatch", "issuers:\n  - user_pool_id: us-east-1_A\n    region: us-west-2\nroutes:\n" + GOOD_ROUTE,
+     ["issuers[0].region", "us-west-2"]),
+    ("issuer not a url", "issuers:\n  - user_pool_id: us-east-1_A\n    issuer: cognito\nroutes:\n" + GOOD_ROUTE,
+     ["issuers[0].issuer"]),
+    ("client_ids a string", "issuers:\n  - user_pool_id: us-east-1_A\n    client_ids: abc\nroutes:\n" + GOOD_ROUTE,
+     ["issuers[0].client_ids", "[abc]"]),
+    ("duplicate issuer", "issuers:\n  - user_pool_id: us-east-1_A\n  - user_pool_id: us-east-1_A\nroutes:\n"
+     + GOOD_ROUTE, ["issuers[1]", "twice"]),
+    ("route not a mapping", ISSUERS + "routes:\n  - /a\n", ["routes[0]"]),
+    ("missing path", ISSUERS + "routes:\n  - scopes: [r]\n", ["routes[0]", "'path'"]),
+    ("missing scopes", ISSUERS + "routes:\n" + GOOD_ROUTE + "  - path: /a\n", ["routes[1]", "scopes"]),
+    ("scopes a string", ISSUERS + "routes:\n  - path: /a\n    scopes: read\n", ["routes[0].scopes", "[read]"]),
+    ("scopes empty", ISSUERS + "routes:\n  - path: /a\n    scopes: []\n", ["routes[0].scopes"]),
+    ("scope with a space", ISSUERS + "routes:\n  - path: /a\n    scopes: [ok, 'a b']\n",
+     ["routes[0].scopes[1]", "'a b'"]),
+    ("scope with a quote", ISSUERS + "routes:\n  - path: /a\n    scopes: ['a\"b']\n", ["routes[0].scopes[0]"]),
+    ("scope not a string", ISSUERS + "routes:\n  - path: /a\n    scopes: [1]\n", ["routes[0].scopes[0]"]),
+    ("public with scopes", ISSUERS + "routes:\n  - path: /a\n    public: true\n    scopes: [r]\n",
+     ["routes[0]", "public"]),
+    ("public not a bool", ISSUERS + "routes:\n  - path: /a\n    public: maybe\n", ["routes[0].public"]),
+    ("lowercase method", ISSUERS + "routes:\n  - path: /x\n    scopes: [r]\n"
+     "  - path: /y\n    scopes: [r]\n  - path: /a\n    methods: [get]\n    scopes: [r]\n",
+     ["routes[2].methods[0]", "'get'", "'GET'"]),
+    ("methods a string", ISSUERS + "routes:\n  - path: /a\n    methods: GET\n    scopes: [r]\n",
+     ["routes[0].methods"]),
+    ("method twice", ISSUERS + "routes:\n  - path: /a\n    methods: [GET, GET]\n    scopes: [r]\n",
+     ["routes[0].methods", "twice"]),
+    ("bad top mode", ISSUERS + "mode: audit\nroutes:\n" + GOOD_ROUTE, ["mode", "'audit'"]),
+    ("bad route mode", ISSUERS + "routes:\n  - path: /a\n    scopes: [r]\n    mode: dryrun\n",
+     ["routes[0].mode", "dryrun"]),
+    ("bad name", ISSUERS + "routes:\n  - name: '#x'\n    path: /a\n    scopes: [r]\n", ["routes[0].name"]),
+    ("conflicting routes", ISSUERS + "routes:\n  - path: /a/{id}\n    scopes: [r]\n"
+     "  - path: /b\n    scopes: [r]\n  - path: /a/{name}\n    scopes: [w]\n",
+     ["routes[2]", "routes[0]", "conflicts"]),
+    ("duplicate yaml key", ISSUERS + "routes:\n  - path: /a\n    path: /b\n    scopes: [r]\n",
+     ["duplicate key", "'path'", "line 5"]),
+    ("duplicate top key", ISSUERS + "routes:\n" + GOOD_ROUTE + "routes:\n" + GOOD_ROUTE, ["duplicate key"]),
+    ("not yaml", "issuers: [\n  - {{{\n", ["not valid YAML"]),
+    ("yaml but a string", "just some text\n", ["mapping"]),
+    ("yaml but a list", "- a\n- b\n", ["mapping"]),
+    ("empty file", "", ["mapping"]),
+    ("python tag", "!!python/object:os.system {}\n", ["YAML"]),
+]
+
+BAD_PATTERNS = [
+    "a", "", "/a/", "/a//b", "//", "/a/**/b", "/**/a", "/a*", "/a/*", "/a**", "/{id}x", "/{id", "/{1d}",
+    "/{id}/{id}", "/.", "/a/..", "/a%20b", "/a b", "/a;b", "/a\\b", "/é", "/a?b", "/a#b",
+]
+
+
+@pytest.mark.parametrize(("text", "fragments"), [(t, f) for _, t, f in MISTAKES], ids=[m[0] for m in MISTAKES])
+def test_mistakes_are_policy_errors_naming_file_and_place(text, fragments):
+    message = refused(text)
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+@pytest.mark.parametrize("pattern", BAD_PATTERNS)
+def test_bad_path_patterns_are_refused(pattern):
+    message = refused(ISSUERS + "routes:\n" + GOOD_ROUTE + f"  - path: {json.dumps(pattern)}\n    scopes: [r]\n")
+    assert "routes[1].path" in message
+
+
+@pytest.mark.parametrize("pattern", ["/", "/**", "/a", "/a/b-c_d.e~f", "/{id}", "/a/{id}/b/**", "/v1:batch", "/@me"])
+def test_good_path_patterns_load(pattern):
+    policy = routes_policy(f"  - path: {json.dumps(pattern)}\n    scopes: [r]\n")
+    assert policy.routes[0].path == pattern
+
+
+def test_not_utf8_is_refused():
+    message = refused(ISSUERS.encode() + b"routes:\n  - path: /caf\xe9\n    scopes: [r]\n")
+    assert "UTF-8" in message
+
+
+def test_non_mapping_route_mode_value_is_a_policy_error():
+    message = refused(ISSUERS + "routes:\n  - path: /a\n    scopes: [r]\n    mode: [x]\n")
+    assert "routes[0].mode" in message
+
+
+@pytest.mark.parametrize("text", ["? [a, b]\n: 1\n", ISSUERS + "routes:\n  - path: /a\n    scopes: [r]\n    ? {x: 1}\n    : y\n"])
+def test_unhashable_yaml_key_is_a_policy_error(text):
+    refused(text)
+
+
+@pytest.mark.parametrize(
+    ("route", "place"),
+    [
+        ('  - path: /a\n    scopes: ["read\\n"]\n', "routes[0].scopes[0]"),
+        ('  - path: /a\n    methods: ["GET\\n"]\n    scopes: [r]\n', "routes[0].methods[0]"),
+        ('  - path: "/a\\n"\n    scopes: [r]\n', "routes[0].path"),
+    ],
+    ids=["scope", "method", "path"],
+)
+def test_trailing_newline_is_refused(route, place):
+    assert place in refused(ISSUERS + "routes:\n" + route)
+
+
+# --- matching ------------------------------------------------------------------------------------
+
+
+SPECIFICITY_ROUTES = """\
+  - name: rest
+    path: /a/**
+    scopes: [r]
+  - name: param-b
+    path: /a/{x}/b
+    scopes: [r]
+  - name: param
+    path: /a/{x}
+    scopes: [r]
+  - name: literal-get
+    methods: [GET]
+    path: /a/lit
+    scopes: [r]
+  - name: literal-any
+    path: /a/lit
+    scopes: [r]
+  - name: root
+    path: /
+    public: true
+  - name: left-lit
+    path: /l/{y}
+    scopes: [r]
+  - name: left-param
+    path: /{z}/r
+    scopes: [r]
+  - name: fallthrough-post
+    methods: [POST]
+    path: /f/exact
+    scopes: [r]
+  - name: fallthrough-param
+    path: /f/{x}
+    scopes: [r]
+"""
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        ("GET", "/a/lit", "literal-get"),
+        ("POST", "/a/lit", "literal-any"),
+        ("GET", "/a/other", "param"),
+        ("GET", "/a/x/b", "param-b"),
+        ("GET", "/a/x/c", "rest"),
+        ("GET", "/a", "rest"),  # /** matches zero remaining segments
+        ("GET", "/a/", "rest"),  # {x} never matches an empty segment
+        ("GET", "/a/lit/b", "param-b"),  # falls back from the literal branch to {x}
+        ("GET", "/a/x/b/c", "rest"),
+        ("GET", "/", "root"),
+        ("GET", "/l/r", "left-lit"),  # literal at the first segment wins over a later literal
+        ("GET", "/q/r", "left-param"),
+        ("POST", "/f/exact", "fallthrough-post"),
+        ("GET", "/f/exact", "fallthrough-param"),  # a method the specific route lacks falls through
+        ("GET", "/ab", None),
+        ("GET", "/nothing/here", None),
+        ("GET", "/l", None),
+    ],
+)
+def test_most_specific_route_wins(method, path, expected):
+    policy = routes_policy(SPECIFICITY_ROUTES)
+    assert matched_name(policy, method, path) == expected
+
+
+def test_match_does_not_depend_on_file_order():
+    lines = SPECIFICITY_ROUTES.split("  - ")[1:]
+    reversed_policy = routes_policy("".join("  - " + item for item in reversed(lines)))
+    policy = routes_policy(SPECIFICITY_ROUTES)
+    for method in ("GET", "POST"):
+        for path in ("/a/lit", "/a/x/b", "/a", "/f/exact", "/l/r", "/q/r", "/a/lit/b"):
+            assert matched_name(policy, method, path) == matched_name(reversed_policy, method, path)
+
+
+def test_method_route_falls_through_to_rest_and_root_wildcard():
+    policy = routes_policy(
+        """\
+          - name: everything
+            path: /**
+            scopes: [r]
+          - name: get-a
+            methods: [GET]
+            path: /a
+            scopes: [r]
+        """
+    )
+    assert matched_name(policy, "GET", "/a") == "get-a"
+    assert matched_name(policy, "DELETE", "/a") == "everything"
+    assert matched_name(policy, "GET", "/") == "everything"
+    assert matched_name(policy, "GET", "/a/b/c") == "everything"
+
+
+def test_explicit_method_only_route_does_not_match_other_methods():
+    policy = routes_policy("  - methods: [GET, HEAD]\n    path: /a\n    scopes: [r]\n")
+    assert matched_name(policy, "HEAD", "/a") == "GET|HEAD /a"
+    assert matched_name(policy, "POST", "/a") is None
+    assert matched_name(policy, "get", "/a") is None
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        "  - path: /a\n    scopes: [r]\n  - path: /a\n    scopes: [w]\n",
+        "  - path: /{x}/b\n    scopes: [r]\n  - path: /{y}/b\n    scopes: [w]\n",
+        "  - path: /a/**\n    scopes: [r]\n  - path: /a/**\n    scopes: [w]\n",
+        "  - methods: [GET]\n    path: /a\n    scopes: [r]\n  - methods: [POST, GET]\n    path: /a\n    scopes: [w]\n",
+    ],
+)
+def test_equal_specificity_overlap_is_a_load_error(routes):
+    message = refused(ISSUERS + "routes:\n" + routes)
+    assert "routes[1]" in message and "routes[0]" in message
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        "  - methods: [GET]\n    path: /a\n    scopes: [r]\n  - methods: [POST]\n    path: /a\n    scopes: [w]\n",
+        "  - methods: [GET]\n    path: /a\n    scopes: [r]\n  - path: /a\n    scopes: [w]\n",
+        "  - path: /a\n    scopes: [r]\n  - path: /a/**\n    scopes: [w]\n",
+        "  - path: /a/{x}\n    scopes: [r]\n  - path: /a/b\n    scopes: [w]\n",
+        "  - path: /a/{x}\n    scopes: [r]\n  - path: /a/{x}/**\n    scopes: [w]\n",
+    ],
+)
+def test_different_specificity_is_not_a_conflict(routes):
+    assert len(routes_policy(routes).routes) == 2
+
+
+# --- property: the trie agrees with a simple matching predicate + specificity order -------------
+
+LIT, PARAM, REST = 2, 1, 0
+
+segment_kinds = st.sampled_from(["a", "b", "{}"])
+route_specs = st.tuples(
+    st.lists(segment_kinds, max_size=2),
+    st.booleans(),  # trailing /**
+    st.one_of(st.none(), st.lists(st.sampled_from(["GET", "POST"]), min_size=1, max_size=2, unique=True)),
+)
+request_paths = st.tuples(
+    st.lists(st.sampled_from(["a", "b", "c"]), max_size=4), st.booleans()
+).map(lambda t: tuple(t[0]) + (("",) if t[1] and t[0] else ()))
+request_methods = st.sampled_from(["GET", "POST", "PUT", "DELETE"])
+
+
+def pattern_of(spec) -> str:
+    parts, rest, _ = spec
+    parts = [f"{{p{i}}}" if p == "{}" else p for i, p in enumerate(parts)]
+    if rest:
+        parts.append("**")
+    return "/" + "/".join(parts)
+
+
+def policy_text(specs) -> str:
+    routes = []
+    for tag, spec in specs:
+        route = {"name": f"r{tag}", "path": pattern_of(spec), "scopes": [f"s{tag}"]}
+        if spec[2] is not None:
+            route["methods"] = spec[2]
+        routes.append(route)
+    return json.dumps({"issuers": [{"user_pool_id": "us-east-1_Abc123"}], "routes": routes})
+
+
+def oracle_matches(spec, method: str, segments: tuple[str, ...]) -> bool:
+    parts, rest, methods = spec
+    if methods is not None and method not in methods:
+        return False
+    if len(segments) < len(parts) or (not rest and len(segments) != len(parts)):
+        return False
+    return all(seg != "" if p == "{}" else seg == p for p, seg in zip(parts, segments))
+
+
+def oracle_key(spec, segments: tuple[str, ...]) -> tuple[int, ...]:
+    parts, rest, methods = spec
+    kinds = [LIT if p != "{}" else PARAM for p in parts] + [REST] * (len(segments) - len(parts))
+    return (*kinds, 0 if rest else 1, 0 if methods is None else 1)
+
+
+def oracle_conflict(specs) -> bool:
+    for i, (_, a) in enumerate(specs):
+        for _, b in specs[i + 1:]:
+            if a[0] == b[0] and a[1] == b[1]:
+                if a[2] is None and b[2] is None:
+                    return True
+                if a[2] is not None and b[2] is not None and set(a[2]) & set(b[2]):
+                    return True
+    return False
+
+
+def compiled(specs):
+    try:
+        policy = parse_policy(policy_text(specs), source="gen.yaml")
+    except PolicyError:
+        return None
+    return policy
+
+
+PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def requests_for(specs):
+    """Request (method, segments) pairs: random ones plus concrete instances of the routes' patterns."""
+
+    def instance(spec):
+        parts, rest, methods = spec
+        fixed = st.tuples(*[st.sampled_from(["a", "b", "c"]) if p == "{}" else st.just(p) for p in parts])
+        tail = st.lists(st.sampled_from(["a", "b", "c"]), max_size=2) if rest else st.just([])
+        method = st.sampled_from(methods) if methods else request_methods
+        return st.tuples(method, st.tuples(fixed, tail).map(lambda t: tuple(t[0]) + tuple(t[1])))
+
+    instances = st.sampled_from(specs).flatmap(instance)
+    return st.lists(st.one_of(st.tuples(request_methods, request_paths), instances, instances.map(
+        lambda r: ("DELETE" if r[0] != "DELETE" else "GET", r[1]))), min_size=1, max_size=12)
+
+
+@PROPERTY_SETTINGS
+@given(st.lists(route_specs, min_size=1, max_size=6), st.data())
+def test_matcher_picks_a_matching_route_and_none_is_more_specific(raw_specs, data):
+    specs = list(enumerate(raw_specs))
+    policy = compiled(specs)
+    # Conflicts (equal specificity that can overlap) are exactly the load errors.
+    assert (policy is None) == oracle_conflict(specs)
+    if policy is None:
+        return
+    requests = data.draw(requests_for(raw_specs))
+    by_tag = dict(specs)
+    for method, segments in requests:
+        route = policy.match(method, segments)
+        candidates = [(tag, spec) for tag, spec in specs if oracle_matches(spec, method, segments)]
+        if route is None:
+            assert candidates == [], (method, segments)
+            continue
+        tag = int(route.name[1:])
+        assert oracle_matches(by_tag[tag], method, segments), (route.path, method, segments)
+        best = oracle_key(by_tag[tag], segments)
+        for other_tag, other in candidates:
+            other_key = oracle_key(other, segments)
+            assert not other_key > best, (route.path, pattern_of(other), method, segments)
+            if other_tag != tag:
+                assert other_key != best  # ties would have been refused at load
+
+
+@PROPERTY_SETTINGS
+@given(st.lists(route_specs, min_size=2, max_size=6), st.data())
+def test_route_order_in_the_file_never_changes_the_result(specs, data):
+    permuted = data.draw(st.permutations(list(enumerate(specs))))
+    original = compiled(list(enumerate(specs)))
+    shuffled = compiled(permuted)
+    assert (original is None) == (shuffled is None)
+    if original is None:
+        return
+    requests = data.draw(requests_for(specs))
+    for method, segments in requests:
+        a = original.match(method, segments)
+        b = shuffled.match(method, segments)
+        assert (a.name if a else None) == (b.name if b else None), (method, segments)
