@@ -1,0 +1,225 @@
+"""parse_check_request: the HTTP facts of a CheckRequest, refusing any path not in normal form."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2
+from authz_service.request import BadRequest, HttpRequest, parse_check_request
+
+
+def check(
+    method: str = "GET",
+    path: str = "/",
+    headers: dict[str, str] | None = None,
+    header_map: list[tuple[str, bytes]] | None = None,
+) -> external_auth_pb2.CheckRequest:
+    request = external_auth_pb2.CheckRequest()
+    http = request.attributes.request.http
+    http.method = method
+    http.path = path
+    for name, value in (headers or {}).items():
+        http.headers[name] = value
+    for name, raw in header_map or []:
+        entry = http.header_map.headers.add()
+        entry.key = name
+        entry.raw_value = raw
+    return request
+
+
+def parse(**kwargs) -> HttpRequest:
+    return parse_check_request(check(**kwargs))
+
+
+# --- paths ---------------------------------------------------------------------------------------
+
+ACCEPTED = [
+    ("/", "/", ()),
+    ("/a/b", "/a/b", ("a", "b")),
+    ("/a/", "/a/", ("a", "")),
+    ("/a%20b", "/a%20b", ("a%20b",)),
+    ("/a%C3%A9", "/a%C3%A9", ("a%C3%A9",)),
+    ("/a?x=../..", "/a", ("a",)),
+    ("/a?x=//%2F", "/a", ("a",)),
+    ("/a#frag", "/a", ("a",)),
+    ("/a#f?x", "/a", ("a",)),
+    ("/a?", "/a", ("a",)),
+    ("/transactions/42", "/transactions/42", ("transactions", "42")),
+    ("/v1:batch/@me/a-b_c.d~e", "/v1:batch/@me/a-b_c.d~e", ("v1:batch", "@me", "a-b_c.d~e")),
+    ("/...", "/...", ("...",)),
+    ("/a.b/.c/..d", "/a.b/.c/..d", ("a.b", ".c", "..d")),
+]
+
+
+@pytest.mark.parametrize(("target", "path", "segments"), ACCEPTED)
+def test_normal_paths_are_accepted(target, path, segments):
+    request = parse(path=target)
+    assert request.path == path
+    assert request.segments == segments
+    assert request.method == "GET"
+
+
+REFUSED = [
+    "", "a", "a/b", "*", "?x", "//", "//a", "/a//b", "/./", "/a/./b", "/a/../b", "/../a", "/a/.", "/a/..",
+    "/.", "/..", "/a\\b", "/a;b", "/a;jsessionid=1", "/a\x00", "/a\x01b", "/a\x7f", "/a\tb", "/a b", "/café",
+    "/a\u2028", "/%", "/a%", "/a%2", "/a%zz", "/a%2g", "/%%41", "/a%41", "/a%2e", "/a%2E", "/a%7e", "/a%7E",
+    "/a%5f", "/a%2d", "/a%30", "/a%61", "/a%2F", "/a%2f", "/a%5C", "/a%5c", "/a%25", "/a%252F", "/a%00", "/a%0a",
+    "/a%7F", "/%2e%2e/a", "/a/%2e%2e", '/a"b', "/a<b", "/a{b}", "/a|b", "/a^b", "/a`b", "/a[b]",
+    "/" + "a" * 9000,
+]
+
+
+@pytest.mark.parametrize("target", REFUSED)
+def test_paths_not_in_normal_form_are_bad_requests(target):
+    with pytest.raises(BadRequest):
+        parse(path=target)
+
+
+@pytest.mark.parametrize("target", ["/a\n", "/a/..\n", "/\n?x"])
+def test_path_ending_in_newline_is_a_bad_request(target):
+    with pytest.raises(BadRequest):
+        parse(path=target)
+
+
+# --- method and attributes -----------------------------------------------------------------------
+
+
+def test_missing_attributes_are_bad_requests():
+    with pytest.raises(BadRequest):
+        parse_check_request(external_auth_pb2.CheckRequest())
+    no_http = external_auth_pb2.CheckRequest()
+    no_http.attributes.request.SetInParent()
+    with pytest.raises(BadRequest):
+        parse_check_request(no_http)
+    no_request = external_auth_pb2.CheckRequest()
+    no_request.attributes.SetInParent()
+    with pytest.raises(BadRequest):
+        parse_check_request(no_request)
+
+
+@pytest.mark.parametrize("method", ["", "GE T", "GET/", "G(ET", "GÉT", "GET\r", "\x00", "A" * 33])
+def test_missing_or_invalid_method_is_a_bad_request(method):
+    with pytest.raises(BadRequest):
+        parse(method=method)
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE", "PROPFIND", "M-SEARCH"])
+def test_token_methods_are_kept_verbatim(method):
+    assert parse(method=method).method == method
+
+
+def test_method_with_trailing_newline_is_a_bad_request():
+    with pytest.raises(BadRequest):
+        parse(method="GET\n")
+
+
+# --- headers -------------------------------------------------------------------------------------
+
+
+def test_headers_map_authorization_request_id_and_no_spoofing():
+    request = parse(path="/a", headers={"authorization": "Bearer abc", "x-request-id": "rid-1", "accept": "*/*"})
+    assert request.authorization == ("Bearer abc",)
+    assert request.request_id == "rid-1"
+    assert request.spoofed_identity_headers == ()
+
+
+def test_no_authorization_header_gives_an_empty_tuple():
+    request = parse(headers={"accept": "*/*"})
+    assert request.authorization == ()
+    assert request.request_id == ""
+
+
+def test_request_id_is_truncated():
+    assert parse(headers={"x-request-id": "r" * 500}).request_id == "r" * 128
+
+
+def test_header_map_keeps_every_authorization_value():
+    request = parse(header_map=[("Authorization", b"Bearer one"), ("authorization", b"Bearer two"),
+                                ("x-request-id", b"rid")])
+    assert request.authorization == ("Bearer one", "Bearer two")
+    assert request.request_id == "rid"
+
+
+def test_header_map_value_field_is_used_without_raw_value():
+    request = check()
+    entry = request.attributes.request.http.header_map.headers.add()
+    entry.key = "authorization"
+    entry.value = "Bearer v"
+    assert parse_check_request(request).authorization == ("Bearer v",)
+
+
+def test_header_map_non_utf8_value_is_a_bad_request():
+    with pytest.raises(BadRequest):
+        parse(header_map=[("authorization", b"Bearer \xff\xfe")])
+
+
+@pytest.mark.parametrize(
+    ("name", "spoofed"),
+    [
+        ("x-auth-client-id", True), ("x_auth_client_id", True), ("X-Auth-Scopes", True), ("x_auth-scopes", True),
+        ("X_AUTH_SUB", True), ("x-auth-sub", True), ("x-auth-subject", False), ("x-auth", False),
+        ("x--auth-sub", False), ("xauth-sub", False), ("x-auth-client_id", True),
+    ],
+)
+def test_spoofed_identity_header_spellings(name, spoofed):
+    via_map = parse(header_map=[(name, b"evil"), ("accept", b"*/*")])
+    assert (name.lower() in via_map.spoofed_identity_headers) is spoofed
+    assert len(via_map.spoofed_identity_headers) == int(spoofed)
+    via_headers = parse(headers={name.lower(): "evil"})
+    assert via_headers.spoofed_identity_headers == ((name.lower(),) if spoofed else ())
+
+
+def test_all_spoofed_spellings_are_listed():
+    request = parse(header_map=[("x-auth-sub", b"1"), ("x_auth_sub", b"2"), ("X_Auth_Client_Id", b"3"),
+                                ("x-auth-scopes", b"4")])
+    assert set(request.spoofed_identity_headers) == {"x-auth-sub", "x_auth_sub", "x_auth_client_id", "x-auth-scopes"}
+
+
+# --- properties ----------------------------------------------------------------------------------
+
+safe_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
+path_alphabet = st.sampled_from(list("/.%2eEfF5cC0aA?#;\\ b") + ["%2e", "%2E", "%2f", "%2F", "..", "/..", "%", "é"])
+tricky_paths = st.lists(path_alphabet, max_size=14).map("".join)
+paths = st.one_of(safe_text, tricky_paths, tricky_paths.map(lambda p: "/" + p))
+methods = st.one_of(safe_text, st.sampled_from(["GET", "POST", "get", "PATCH"]))
+header_names = st.one_of(safe_text, st.sampled_from(["authorization", "x-request-id", "x_auth_sub", "X-Auth-Scopes"]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    method=methods,
+    path=paths,
+    headers=st.dictionaries(header_names, safe_text, max_size=4),
+    header_map=st.one_of(st.none(), st.lists(st.tuples(header_names, st.binary(max_size=12)), max_size=4)),
+)
+def test_parse_only_raises_bad_request_and_accepted_paths_are_normal(method, path, headers, header_map):
+    try:
+        request = parse(method=method, path=path, headers=headers, header_map=header_map)
+    except BadRequest:
+        return
+    assert request.path.startswith("/")
+    assert path.startswith(request.path)
+    assert "?" not in request.path and "#" not in request.path
+    assert ".." not in request.path.split("/") and "." not in request.path.split("/")
+    assert "//" not in request.path
+    lowered = request.path.lower()
+    assert "%2f" not in lowered and "%2e" not in lowered and "%5c" not in lowered and "%25" not in lowered
+    assert "\\" not in request.path and ";" not in request.path
+    assert request.segments == (tuple(request.path[1:].split("/")) if request.path != "/" else ())
+    assert request.method == method
+
+
+@settings(max_examples=150, deadline=None)
+@given(segments=st.lists(st.text("abc.-_~:@%20", min_size=1, max_size=5), min_size=1, max_size=4),
+       query=st.text(max_size=10))
+def test_path_segments_round_trip(segments, query):
+    path = "/" + "/".join(segments)
+    try:
+        request = parse(path=path + "?" + query)
+    except BadRequest:
+        assert any(s in (".", "..") for s in segments) or "%" in path
+        return
+    assert request.path == path
+    assert request.segments == tuple(segments)
