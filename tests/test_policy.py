@@ -161,6 +161,13 @@ MISTAKES = [
      ["issuers[0].client_ids", "[abc]"]),
     ("duplicate issuer", "issuers:\n  - user_pool_id: us-east-1_A\n  - user_pool_id: us-east-1_A\nroutes:\n"
      + GOOD_ROUTE, ["issuers[1]", "twice"]),
+    ("client id with newline", 'issuers:\n  - user_pool_id: us-east-1_A\n    client_ids: ["abc\\n"]\nroutes:\n'
+     + GOOD_ROUTE, ["issuers[0].client_ids[0]"]),
+    ("pool id with newline", 'issuers:\n  - user_pool_id: "us-east-1_A\\n"\nroutes:\n' + GOOD_ROUTE,
+     ["issuers[0].user_pool_id"]),
+    ("issuer with newline", 'issuers:\n  - user_pool_id: us-east-1_A\n    issuer: "https://idp.example/p\\n"\n'
+     '    jwks_uri: https://idp.example/jwks\nroutes:\n' + GOOD_ROUTE, ["issuers[0].issuer"]),
+    ("name with newline", ISSUERS + 'routes:\n  - name: "ok\\n"\n    path: /a\n    scopes: [r]\n', ["routes[0].name"]),
     ("route not a mapping", ISSUERS + "routes:\n  - /a\n", ["routes[0]"]),
     ("missing path", ISSUERS + "routes:\n  - scopes: [r]\n", ["routes[0]", "'path'"]),
     ("missing scopes", ISSUERS + "routes:\n" + GOOD_ROUTE + "  - path: /a\n", ["routes[1]", "scopes"]),
