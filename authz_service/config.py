@@ -79,6 +79,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _path(text: str) -> Path:
+    if not text.strip():
+        raise ValueError("must name the policy file, e.g. /etc/authz/policy.yaml")
+    return Path(text)
+
+
 def _log_level(text: str) -> str:
     value = text.upper()
     if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -100,7 +106,7 @@ def _cooldown(text: str) -> float:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("policy", None, Path, "Policy YAML file (mount the ConfigMap as a directory; the path is watched)."),
+    Option("policy", None, _path, "Policy YAML file (mount the ConfigMap as a directory; the path is watched)."),
     Option("grpc_host", "0.0.0.0", str, "Address for the ext_authz gRPC server."),
     Option("grpc_port", 9191, _port, "Port for the ext_authz gRPC server (also serves grpc.health.v1)."),
     Option("http_host", "0.0.0.0", str, "Address for the HTTP server (/healthz, /readyz, /metrics)."),

@@ -1,0 +1,128 @@
+"""settings_from: flags win over AUTHZ_* env vars, defaults otherwise, bad values name their source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from authz_service.config import OPTIONS, ConfigError, Settings, settings_from
+
+
+def test_defaults_with_only_the_policy():
+    settings = settings_from({"policy": "/etc/authz/policy.yaml"}, {})
+    assert settings == Settings(policy=Path("/etc/authz/policy.yaml"))
+    assert settings.grpc_port == 9191 and settings.http_port == 8181
+    assert settings.leeway == 60.0 and settings.unknown_kid_cooldown == 10.0
+    assert settings.realm == "authz-service" and settings.log_level == "INFO"
+    assert settings.jwks.unknown_kid_cooldown == 10.0
+    assert settings.jwks.refresh_interval == 900.0
+
+
+def test_policy_from_environment():
+    assert settings_from({}, {"AUTHZ_POLICY": "/p.yaml"}).policy == Path("/p.yaml")
+
+
+def test_unset_flags_are_none_and_fall_back_to_env():
+    cli = {option.name: None for option in OPTIONS}
+    settings = settings_from(cli, {"AUTHZ_POLICY": "/p.yaml", "AUTHZ_GRPC_PORT": "7000"})
+    assert settings.policy == Path("/p.yaml") and settings.grpc_port == 7000
+
+
+def test_policy_is_required():
+    with pytest.raises(ConfigError) as caught:
+        settings_from({"grpc_port": "1"}, {"AUTHZ_GRPC_PORT": "2"})
+    assert "--policy" in str(caught.value) and "AUTHZ_POLICY" in str(caught.value)
+
+
+def test_flags_win_over_env():
+    environ = {"AUTHZ_POLICY": "/env.yaml", "AUTHZ_GRPC_PORT": "1000", "AUTHZ_REALM": "env-realm",
+               "AUTHZ_LEEWAY": "5", "AUTHZ_LOG_LEVEL": "error"}
+    settings = settings_from({"policy": "/flag.yaml", "grpc_port": "2000", "realm": "flag-realm"}, environ)
+    assert settings.policy == Path("/flag.yaml")
+    assert settings.grpc_port == 2000
+    assert settings.realm == "flag-realm"
+    assert settings.leeway == 5.0  # no flag: the env var applies
+    assert settings.log_level == "ERROR"
+
+
+def test_a_bad_env_var_is_ignored_when_the_flag_is_given():
+    settings = settings_from({"policy": "/p", "grpc_port": "1234"}, {"AUTHZ_GRPC_PORT": "not-a-port"})
+    assert settings.grpc_port == 1234
+
+
+def test_every_option_is_a_settings_field_with_the_same_default():
+    fields = Settings.__dataclass_fields__
+    for option in OPTIONS:
+        assert option.name in fields
+        assert option.flag == "--" + option.name.replace("_", "-")
+        assert option.env == "AUTHZ_" + option.name.upper()
+        if option.default is not None:
+            assert fields[option.name].default == option.default
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "value"),
+    [
+        ("grpc_port", "0", 0), ("http_port", "65535", 65535), ("grpc_host", "127.0.0.1", "127.0.0.1"),
+        ("leeway", "0", 0.0), ("leeway", "2.5", 2.5), ("jwks_refresh_interval", "60", 60.0),
+        ("jwks_timeout", "0.5", 0.5), ("jwks_max_bytes", "1024", 1024), ("unknown_kid_cooldown", "10", 10.0),
+        ("unknown_kid_cooldown", "30.5", 30.5), ("policy_poll_interval", "1", 1.0), ("realm", "api", "api"),
+        ("shutdown_grace", "0", 0.0), ("log_level", "debug", "DEBUG"), ("log_level", "Warning", "WARNING"),
+    ],
+)
+def test_good_values_are_parsed(name, text, value):
+    settings = settings_from({"policy": "/p", name: text}, {})
+    assert getattr(settings, name) == value
+    assert type(getattr(settings, name)) is type(value)
+    from_env = settings_from({"policy": "/p"}, {"AUTHZ_" + name.upper(): text})
+    assert getattr(from_env, name) == value
+
+
+BAD_VALUES = [
+    ("grpc_port", "-1"), ("grpc_port", "65536"), ("grpc_port", "http"), ("grpc_port", "80.5"), ("http_port", ""),
+    ("leeway", "-1"), ("leeway", "inf"), ("leeway", "nan"), ("leeway", "abc"),
+    ("jwks_refresh_interval", "0"), ("jwks_refresh_interval", "-5"), ("jwks_refresh_interval", "nan"),
+    ("jwks_refresh_interval", "inf"), ("jwks_timeout", "0"), ("jwks_max_bytes", "0"), ("jwks_max_bytes", "1.5"),
+    ("jwks_max_bytes", "-1"), ("unknown_kid_cooldown", "9.99"), ("unknown_kid_cooldown", "0"),
+    ("unknown_kid_cooldown", "-10"), ("unknown_kid_cooldown", "nan"), ("unknown_kid_cooldown", "inf"),
+    ("policy_poll_interval", "0"), ("shutdown_grace", "-0.1"), ("realm", ""), ("realm", 'a"b'),
+    ("realm", "a\\b"), ("realm", "a\nb"), ("log_level", "verbose"), ("log_level", "critical"),
+]
+
+
+@pytest.mark.parametrize(("name", "text"), BAD_VALUES)
+def test_bad_flag_values_name_the_flag(name, text):
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(ConfigError) as caught:
+        settings_from({"policy": "/p", name: text}, {})
+    message = str(caught.value)
+    assert message.startswith(flag + "="), message
+    assert repr(text) in message
+
+
+@pytest.mark.parametrize(("name", "text"), BAD_VALUES)
+def test_bad_env_values_name_the_env_var(name, text):
+    env = "AUTHZ_" + name.upper()
+    with pytest.raises(ConfigError) as caught:
+        settings_from({"policy": "/p"}, {env: text})
+    message = str(caught.value)
+    assert message.startswith(env + "="), message
+    assert "--" not in message.split("=")[0]
+
+
+def test_cooldown_message_explains_the_minimum():
+    with pytest.raises(ConfigError, match="10"):
+        settings_from({"policy": "/p", "unknown_kid_cooldown": "5"}, {})
+
+
+def test_unrelated_environment_is_ignored():
+    settings = settings_from({"policy": "/p"}, {"GRPC_PORT": "1", "AUTHZ_UNKNOWN": "x", "authz_grpc_port": "2"})
+    assert settings.grpc_port == 9191
+
+
+@pytest.mark.parametrize(("cli", "environ", "source"), [({"policy": ""}, {}, "--policy"),
+                                                         ({}, {"AUTHZ_POLICY": ""}, "AUTHZ_POLICY")])
+def test_empty_policy_path_is_refused(cli, environ, source):
+    with pytest.raises(ConfigError, match=source):
+        settings_from(cli, environ)

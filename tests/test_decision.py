@@ -1,0 +1,286 @@
+"""decide(): route, then credentials, then scopes; dry-run; and the Authorization header rules.
+
+The verifier here is a fake (a unit test of decide); real token verification is in test_tokens.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from authz_service.decision import Decision, Reason, decide
+from authz_service.policy import parse_policy
+from authz_service.request import HttpRequest
+from authz_service.tokens import Claims, Failure, TokenError, bearer_token
+
+ISS = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Abc123"
+
+POLICY = parse_policy(
+    """
+issuers:
+  - user_pool_id: us-east-1_Abc123
+routes:
+  - name: write
+    methods: [POST]
+    path: /tx
+    scopes: [tx/write, tx/admin]
+  - name: read
+    methods: [GET]
+    path: /tx/{id}
+    scopes: [tx/read]
+  - name: health
+    path: /healthz
+    public: true
+  - name: new-rule
+    path: /beta/**
+    scopes: [beta/use]
+    mode: dry-run
+  - name: public-dry
+    path: /docs
+    public: true
+    mode: dry-run
+""",
+    source="decision-test.yaml",
+)
+
+DRY_POLICY = parse_policy(
+    """
+mode: dry-run
+issuers:
+  - user_pool_id: us-east-1_Abc123
+routes:
+  - name: inherits
+    path: /a
+    scopes: [r]
+  - name: enforced
+    path: /b
+    scopes: [r]
+    mode: enforce
+""",
+    source="dry.yaml",
+)
+
+
+def claims(*scopes: str, client_id: str = "client-a", sub: str = "client-a") -> Claims:
+    return Claims(issuer=ISS, client_id=client_id, sub=sub, scopes=frozenset(scopes),
+                  scope_text=" ".join(scopes), exp=2_000_000_000, kid="kid-a")
+
+
+class FakeVerifier:
+    """Returns the scripted Claims or raises the scripted TokenError, and records each call."""
+
+    def __init__(self, outcome: Claims | TokenError) -> None:
+        self.outcome = outcome
+        self.calls: list[tuple[str, object]] = []
+
+    async def verify(self, token: str, policy):
+        self.calls.append((token, policy))
+        if isinstance(self.outcome, TokenError):
+            raise self.outcome
+        return self.outcome
+
+
+def req(method: str, path: str, *authorization: str) -> HttpRequest:
+    segments = tuple(path[1:].split("/")) if path != "/" else ()
+    return HttpRequest(method=method, path=path, segments=segments, authorization=authorization,
+                       request_id="rid", spoofed_identity_headers=())
+
+
+async def run(request: HttpRequest, outcome: Claims | TokenError | None = None, policy=POLICY):
+    verifier = FakeVerifier(outcome if outcome is not None else claims("tx/read", "tx/write"))
+    decision = await decide(request, policy, verifier)
+    return decision, verifier
+
+
+# --- allow ---------------------------------------------------------------------------------------
+
+
+async def test_valid_token_with_one_required_scope_is_allowed():
+    token_claims = claims("tx/admin", "other")
+    decision, verifier = await run(req("POST", "/tx", "Bearer tok.en.x"), token_claims)
+    assert decision == Decision(True, Reason.ALLOWED, 200, route=POLICY.routes[0], claims=token_claims)
+    assert decision.route_label == "write"
+    assert verifier.calls == [("tok.en.x", POLICY)]
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+async def test_bearer_scheme_is_case_insensitive(scheme):
+    decision, verifier = await run(req("GET", "/tx/1", f"{scheme} abc"), claims("tx/read"))
+    assert decision.allowed and decision.reason is Reason.ALLOWED
+    assert verifier.calls[0][0] == "abc"
+
+
+# --- no route / public ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/nope"), ("DELETE", "/tx"), ("GET", "/tx"), ("GET", "/")])
+async def test_no_route_is_denied_403_without_verifying(method, path):
+    decision, verifier = await run(req(method, path, "Bearer abc"))
+    assert not decision.allowed
+    assert (decision.reason, decision.status) == (Reason.NO_ROUTE, 403)
+    assert decision.route is None and decision.route_label == "no_route"
+    assert decision.description
+    assert verifier.calls == []
+
+
+@pytest.mark.parametrize("auth", [(), ("Bearer abc",), ("garbage",), ("Bearer a", "Bearer b")])
+async def test_public_route_is_allowed_without_a_token(auth):
+    decision, verifier = await run(req("GET", "/healthz", *auth), TokenError(Failure.EXPIRED, "token expired"))
+    assert decision.allowed and decision.reason is Reason.PUBLIC and decision.status == 200
+    assert decision.route is POLICY.routes[2] and decision.claims is None and not decision.dry_run
+    assert verifier.calls == []
+
+
+async def test_public_dry_run_route_is_plain_public():
+    decision, _ = await run(req("GET", "/docs"))
+    assert decision.allowed and decision.reason is Reason.PUBLIC and not decision.dry_run
+
+
+# --- denials -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("auth", [(), ("Basic dXNlcjpwYXNz",), ("Digest x",)])
+async def test_no_bearer_credentials_is_missing_token_401(auth):
+    decision, verifier = await run(req("GET", "/tx/1", *auth))
+    assert not decision.allowed
+    assert (decision.reason, decision.status) == (Reason.MISSING_TOKEN, 401)
+    assert decision.route is POLICY.routes[1]
+    assert verifier.calls == []
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        ("Bearer a", "Bearer b"),  # two Authorization values
+        ("Bearer a,Bearer b",),  # joined by Envoy's headers map
+        ("Bearer",),
+        ("Bearer ",),
+        ("Bearer a b",),
+        ("Bearer  abc",),
+        ("Bearer a\"b",),
+        ("Bearer a;b",),
+        ("Bearer abc\n",),
+        ("bearer é",),
+    ],
+)
+async def test_malformed_authorization_is_bad_request_400(auth):
+    decision, verifier = await run(req("GET", "/tx/1", *auth))
+    assert not decision.allowed
+    assert (decision.reason, decision.status) == (Reason.BAD_REQUEST, 400)
+    assert verifier.calls == []
+    for value in auth:  # the description never echoes the credentials
+        token = value.partition(" ")[2].strip()
+        if len(token) > 1:
+            assert token not in decision.description
+
+
+TOKEN_FAILURES = [
+    (Failure.INVALID_TOKEN, Reason.INVALID_TOKEN, 401),
+    (Failure.EXPIRED, Reason.EXPIRED, 401),
+    (Failure.NOT_YET_VALID, Reason.NOT_YET_VALID, 401),
+    (Failure.BAD_SIGNATURE, Reason.BAD_SIGNATURE, 401),
+    (Failure.UNKNOWN_KEY, Reason.UNKNOWN_KEY, 401),
+    (Failure.WRONG_ISSUER, Reason.WRONG_ISSUER, 401),
+    (Failure.WRONG_TOKEN_USE, Reason.WRONG_TOKEN_USE, 401),
+    (Failure.CLIENT_NOT_ALLOWED, Reason.CLIENT_NOT_ALLOWED, 401),
+    (Failure.KEYS_UNAVAILABLE, Reason.KEYS_UNAVAILABLE, 503),
+    (Failure.BAD_REQUEST, Reason.BAD_REQUEST, 400),
+]
+
+
+def test_every_failure_is_covered():
+    assert {f for f, _, _ in TOKEN_FAILURES} == set(Failure)
+
+
+@pytest.mark.parametrize(("failure", "reason", "status"), TOKEN_FAILURES)
+async def test_token_failures_map_to_reason_and_status(failure, reason, status):
+    decision, verifier = await run(req("POST", "/tx", "Bearer abc"), TokenError(failure, f"{failure.value} text"))
+    assert not decision.allowed and not decision.dry_run
+    assert (decision.reason, decision.status) == (reason, status)
+    assert decision.description == f"{failure.value} text"
+    assert decision.route is POLICY.routes[0] and decision.claims is None
+    assert len(verifier.calls) == 1
+
+
+@pytest.mark.parametrize("scopes", [(), ("tx/read",), ("tx/writer",), ("TX/WRITE",), ("tx",)])
+async def test_token_without_a_required_scope_is_insufficient_scope_403(scopes):
+    token_claims = claims(*scopes)
+    decision, _ = await run(req("POST", "/tx", "Bearer abc"), token_claims)
+    assert not decision.allowed
+    assert (decision.reason, decision.status) == (Reason.INSUFFICIENT_SCOPE, 403)
+    assert decision.claims == token_claims and decision.route is POLICY.routes[0]
+
+
+# --- dry-run -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("auth", "outcome", "reason", "status"),
+    [
+        ((), None, Reason.MISSING_TOKEN, 401),
+        (("Bearer a b",), None, Reason.BAD_REQUEST, 400),
+        (("Bearer abc",), TokenError(Failure.EXPIRED, "token expired"), Reason.EXPIRED, 401),
+        (("Bearer abc",), TokenError(Failure.WRONG_ISSUER, "nope"), Reason.WRONG_ISSUER, 401),
+        (("Bearer abc",), claims("tx/read"), Reason.INSUFFICIENT_SCOPE, 403),
+    ],
+)
+async def test_dry_run_turns_a_denial_into_an_allow_and_keeps_the_reason(auth, outcome, reason, status):
+    decision, _ = await run(req("GET", "/beta/x/y", *auth), outcome)
+    assert decision.allowed and decision.dry_run
+    assert (decision.reason, decision.status) == (reason, status)
+    assert decision.route is POLICY.routes[3]
+    assert decision.description
+    if isinstance(outcome, Claims):
+        assert decision.claims == outcome
+
+
+async def test_dry_run_never_hides_keys_unavailable():
+    decision, _ = await run(req("GET", "/beta", "Bearer abc"), TokenError(Failure.KEYS_UNAVAILABLE, "later"))
+    assert not decision.allowed and not decision.dry_run
+    assert (decision.reason, decision.status) == (Reason.KEYS_UNAVAILABLE, 503)
+
+
+async def test_dry_run_route_allowing_normally_is_not_marked_dry_run():
+    decision, _ = await run(req("GET", "/beta", "Bearer abc"), claims("beta/use"))
+    assert decision.allowed and not decision.dry_run and decision.reason is Reason.ALLOWED
+
+
+async def test_top_level_dry_run_applies_unless_the_route_enforces():
+    inherits, _ = await run(req("GET", "/a"), policy=DRY_POLICY)
+    assert inherits.allowed and inherits.dry_run and inherits.reason is Reason.MISSING_TOKEN
+    enforced, _ = await run(req("GET", "/b"), policy=DRY_POLICY)
+    assert not enforced.allowed and not enforced.dry_run and enforced.reason is Reason.MISSING_TOKEN
+    unmatched, _ = await run(req("GET", "/c"), policy=DRY_POLICY)
+    assert not unmatched.allowed and unmatched.reason is Reason.NO_ROUTE
+
+
+# --- bearer_token --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "token"),
+    [
+        ((), None),
+        (("Basic dXNlcjpwYXNz",), None),
+        (("",), None),
+        (("Bearer abc",), "abc"),
+        (("bearer abc",), "abc"),
+        (("BEARER abc",), "abc"),
+        (("Bearer eyJ.eyJ-_.sig~+/==",), "eyJ.eyJ-_.sig~+/=="),
+    ],
+)
+def test_bearer_token_extracts_the_token(values, token):
+    assert bearer_token(values) == token
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ("Bearer a", "Bearer a"), ("Bearer a", "Basic b"), ("Bearer a,b",), ("Basic a, Bearer b",), ("Bearer",),
+        ("Bearer ",), ("Bearer a b",), ("Bearer a=b",), ("Bearer =",), ("Bearer a\tb",), ("Bearer a\n",),
+        ("Bearer a\x00",), ("Bearer é",), ("Bearer  a",), ("Bearer a ",),
+    ],
+)
+def test_bearer_token_refuses_malformed_headers(values):
+    with pytest.raises(TokenError) as caught:
+        bearer_token(values)
+    assert caught.value.failure is Failure.BAD_REQUEST
