@@ -52,7 +52,9 @@ class PolicyReloader:
             self._seen = _signature(self.path)
             try:
                 policy = await asyncio.to_thread(load_policy_file, self.path)
-            except PolicyError as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure keeps the old policy serving
+                if not isinstance(exc, PolicyError):
+                    exc = PolicyError(f"{self.path}: cannot load policy: {type(exc).__name__}")
                 self.last_error = str(exc)
                 self._metrics.policy_reloads.labels("error").inc()
                 log.error("policy reload failed; previous policy keeps serving",

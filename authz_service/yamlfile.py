@@ -43,3 +43,5 @@ def load_strict_yaml(text: str, source: str) -> Any:
         raise YamlError(f"{source}: {where}: not valid YAML: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise YamlError(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise YamlError(f"{source}: nested too deeply to be a configuration file") from None

@@ -257,6 +257,12 @@ def test_trailing_newline_is_refused(route, place):
     assert place in refused(ISSUERS + "routes:\n" + route)
 
 
+
+@pytest.mark.parametrize("depth", [1200])
+def test_deeply_nested_yaml_is_a_policy_error(depth):
+    refused(ISSUERS + "routes:\n" + GOOD_ROUTE + "mode: " + "[" * depth + "]" * depth + "\n")
+
+
 # --- matching ------------------------------------------------------------------------------------
 
 
