@@ -70,13 +70,13 @@ class DevIssuer:
             return json.load(response)["kid"]
 
 
-def start_dev_issuer(workdir: Path, pool: str, ttl: int = 3600) -> DevIssuer:
+def start_dev_issuer(workdir: Path, pool: str, ttl: int = 3600, port: int | None = None) -> DevIssuer:
     config = yaml.safe_load((EXAMPLES / "dev-issuer.yaml").read_text())
     config["user_pool_id"] = pool
     config["token_ttl_seconds"] = ttl
     path = workdir / f"issuer-{pool}.yaml"
     path.write_text(yaml.safe_dump(config))
-    port = free_port()
+    port = port or free_port()
     process = ManagedProcess(
         cli("dev-issuer", "--config", str(path), "--port", str(port)), workdir, name=f"issuer-{pool}"
     ).start()

@@ -1,0 +1,353 @@
+"""Operations as a platform team meets them: a real Prometheus scraping the sidecar, the standard
+gRPC health service tracking readiness, and SIGTERM draining in-flight Checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+from ..conftest import ISSUER, SigningKey, make_key
+from .harness import REPO_ROOT, ManagedProcess, UpstreamProcess, free_port, http_request, wait_for_http
+from .stack import cli, start_dev_issuer, start_service
+
+pytestmark = pytest.mark.e2e
+
+AUTHZ = "envoy.service.auth.v3.Authorization"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+POLICY = """
+issuers:
+  - user_pool_id: us-east-1_Demo00001
+    issuer: {issuer}
+routes:
+  - name: create-transaction
+    methods: [POST]
+    path: /transactions
+    scopes: [transactions/post]
+  - name: get-transaction
+    methods: [GET]
+    path: /transactions/{{id}}
+    scopes: [transactions/get]
+  - name: healthz
+    path: /healthz
+    public: true
+"""
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def check(grpc_port: int, method: str, path: str, token: str | None = None,
+          timeout: float = 10) -> external_auth_pb2.CheckResponse:
+    """One ext_authz Check sent straight to the service, as Envoy would send it."""
+    request = external_auth_pb2.CheckRequest()
+    http = request.attributes.request.http
+    http.method, http.path = method, path
+    if token is not None:
+        http.headers["authorization"] = f"Bearer {token}"
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        return external_auth_pb2_grpc.AuthorizationStub(channel).Check(request, timeout=timeout)
+
+
+def health(grpc_port: int, service: str) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def denied_status(response: external_auth_pb2.CheckResponse) -> int:
+    assert response.status.code != 0, "expected a denial"
+    return response.denied_response.status.code
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached within {timeout}s")
+        time.sleep(0.1)
+
+
+class ScriptedJwks:
+    """A real HTTP JWKS endpoint whose answers the test controls: the first fetch answers at once,
+    later fetches wait until ``release`` is set (an issuer that hangs during a key rotation)."""
+
+    def __init__(self, first: list[SigningKey], later: list[SigningKey]) -> None:
+        self.first, self.later = first, later
+        self.release = threading.Event()
+        self.fetches = 0
+        self.hanging = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                outer.fetches += 1
+                keys = outer.first
+                if outer.fetches > 1:
+                    outer.hanging.set()
+                    outer.release.wait(60)
+                    keys = outer.later
+                body = json.dumps({"keys": [k.jwk() for k in keys]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/.well-known/jwks.json"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# --- a real Prometheus -----------------------------------------------------------------------------
+
+
+def prometheus_query(port: int, query: str) -> list[dict]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    status, _, body = http_request("GET", url)
+    data = json.loads(body)
+    assert status == 200 and data["status"] == "success", body[:500]
+    return data["data"]["result"]
+
+
+def by_labels(result: list[dict], *names: str) -> dict[tuple[str, ...], float]:
+    return {tuple(r["metric"].get(n, "") for n in names): float(r["value"][1]) for r in result}
+
+
+@pytest.fixture
+def prometheus_binary() -> str:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus not found: `make test` installs Debian's prometheus package (make system-deps)")
+    return binary
+
+
+def test_real_prometheus_scrapes_deny_rates_by_reason_and_route(
+    tmp_path: Path, upstream: UpstreamProcess, envoy_factory, prometheus_binary: str
+) -> None:
+    issuer = start_dev_issuer(tmp_path, "us-east-1_Demo00001")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.format(issuer=issuer.issuer))
+    service = start_service(tmp_path, policy)
+    envoy = envoy_factory(service.grpc_port)
+    prom_port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(REPO_ROOT / "deploy" / "prometheus" / "alerts.yaml")],
+        "scrape_configs": [{
+            "job_name": "authz-service",
+            "static_configs": [{"targets": [f"127.0.0.1:{service.http_port}"], "labels": {"namespace": "e2e"}}],
+        }],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    prom = ManagedProcess(
+        [prometheus_binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+        tmp_path, name="prometheus",
+    ).start()
+    try:
+        wait_for_http(f"http://127.0.0.1:{prom_port}/-/ready", 30, expect_status=200, proc=prom)
+        prom.wait_until(lambda: by_labels(prometheus_query(prom_port, 'up{job="authz-service"}'))
+                        .get(()) == 1.0, 30, "first scrape of the sidecar")
+
+        writer, reader = issuer.token("payments-writer"), issuer.token("payments-reader")
+
+        def send(method: str, path: str, token: str | None, times: int, expect: int) -> None:
+            headers = [("Authorization", f"Bearer {token}")] if token else []
+            for _ in range(times):
+                assert http_request(method, envoy.url(path), headers)[0] == expect
+
+        def traffic(times: int) -> None:
+            send("POST", "/transactions", writer, 3 * times, 200)
+            send("POST", "/transactions", reader, 2 * times, 403)      # insufficient_scope
+            send("POST", "/transactions", None, 1 * times, 401)        # missing_token
+            send("GET", "/transactions/7", reader, 2 * times, 200)
+            send("GET", "/transactions/7", writer, 1 * times, 403)     # insufficient_scope
+            send("GET", "/admin", writer, 1 * times, 403)              # no_route
+
+        traffic(1)  # creates every series
+        time.sleep(2.5)  # at least one scrape sees them before the next increments
+        traffic(2)
+
+        expected_denies = {
+            ("insufficient_scope", "create-transaction"): 6,
+            ("missing_token", "create-transaction"): 3,
+            ("insufficient_scope", "get-transaction"): 3,
+            ("no_route", "no_route"): 3,
+        }
+        query = 'sum by (reason, route) (authz_check_decisions_total{job="authz-service", decision="deny"})'
+        denies = prom.wait_until(
+            lambda: (lambda got: got if got == expected_denies else None)(
+                by_labels(prometheus_query(prom_port, query), "reason", "route")),
+            30, "scraped deny counters equal to the traffic sent")
+        assert denies == expected_denies
+
+        # The deny ratio per route, as the dashboard and the AuthzRouteDenySpike alert compute it.
+        ratio = by_labels(prometheus_query(
+            prom_port,
+            'sum by (route) (authz_check_decisions_total{decision="deny"})'
+            ' / sum by (route) (authz_check_decisions_total)'), "route")
+        assert ratio == {("create-transaction",): pytest.approx(9 / 18),
+                         ("get-transaction",): pytest.approx(3 / 9),
+                         ("no_route",): pytest.approx(1.0)}
+
+        # rate() over the window sees the second wave of denials for every reason and route.
+        rates = by_labels(prometheus_query(
+            prom_port, 'sum by (reason, route) (rate(authz_check_decisions_total{decision="deny"}[1m]))'),
+            "reason", "route")
+        for key in expected_denies:
+            assert rates.get(key, 0) > 0, (key, rates)
+
+        # The shipped alert rules load into a real Prometheus and evaluate cleanly against real series.
+        def evaluated_rules() -> list[dict] | None:
+            status, _, body = http_request("GET", f"http://127.0.0.1:{prom_port}/api/v1/rules")
+            rules = [r for g in json.loads(body)["data"]["groups"] for r in g["rules"]]
+            return rules if rules and all(r.get("lastEvaluation", "").startswith("20") for r in rules) else None
+
+        rules = prom.wait_until(evaluated_rules, 30, "every alert rule evaluated")
+        assert {r["health"] for r in rules} == {"ok"}, [(r["name"], r.get("lastError")) for r in rules]
+        firing = {r["name"] for r in rules if r.get("state") == "firing"}
+        assert not firing, f"no alert may fire on this short healthy run: {firing}"
+    finally:
+        prom.stop()
+        service.process.stop()
+        issuer.process.stop()
+
+
+# --- gRPC health follows readiness -----------------------------------------------------------------
+
+
+def test_grpc_health_serves_only_when_ready(tmp_path: Path) -> None:
+    """The issuer is down at start: NOT_SERVING, /readyz 503 and Checks 503; it comes up: SERVING."""
+    issuer_port = free_port()
+    issuer_url = f"http://127.0.0.1:{issuer_port}/us-east-1_Demo00001"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.format(issuer=issuer_url))
+    grpc_port, http_port = free_port(), free_port()
+    service = ManagedProcess(
+        cli("serve", "--policy", str(policy), "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
+            "--http-host", "127.0.0.1", "--http-port", str(http_port)),
+        tmp_path, name="authz-service",
+    ).start()
+    issuer = None
+    try:
+        wait_for_http(f"http://127.0.0.1:{http_port}/healthz", 30, expect_status=200, proc=service)
+        assert health(grpc_port, "") == NOT_SERVING
+        assert health(grpc_port, AUTHZ) == NOT_SERVING
+        status, _, body = http_request("GET", f"http://127.0.0.1:{http_port}/readyz")
+        assert status == 503 and json.loads(body)["ready"] is False
+        # Without keys nothing can be verified: a 503 (retry later), never an allow and never a 401.
+        unverifiable = make_key("kid-x").token(iss=issuer_url)
+        assert denied_status(check(grpc_port, "POST", "/transactions", unverifiable)) == 503
+
+        issuer = start_dev_issuer(tmp_path, "us-east-1_Demo00001", port=issuer_port)
+        service.wait_until(lambda: health(grpc_port, "") == SERVING, 60, "gRPC health SERVING after the issuer came up")
+        assert health(grpc_port, AUTHZ) == SERVING
+        assert http_request("GET", f"http://127.0.0.1:{http_port}/readyz")[0] == 200
+        allowed = check(grpc_port, "POST", "/transactions", issuer.token("payments-writer"))
+        assert allowed.status.code == 0 and allowed.HasField("ok_response")
+        with pytest.raises(grpc.RpcError) as unknown:
+            health(grpc_port, "no.such.Service")
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        service.stop()
+        if issuer is not None:
+            issuer.process.stop()
+
+
+# --- SIGTERM -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rotating_jwks(key_a: SigningKey, key_b: SigningKey) -> Iterator[ScriptedJwks]:
+    jwks = ScriptedJwks(first=[key_a], later=[key_a, key_b])
+    yield jwks
+    jwks.close()
+
+
+def start_held_check(tmp_path: Path, jwks: ScriptedJwks, key_b: SigningKey, *flags: str):
+    """A service whose next Check (a token with a new kid) is held in an unknown-kid JWKS re-fetch."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"issuers:\n  - user_pool_id: us-east-1_Test00001\n    jwks_uri: {jwks.url}\n"
+        "routes:\n  - path: /transactions\n    scopes: [transactions/post]\n")
+    service = start_service(tmp_path, policy, *flags)
+    # The unknown-kid re-fetch is allowed once the cool-down (10 s) since the start-up fetch is over.
+    time.sleep(max(0.0, service.started + 10.5 - time.monotonic()))
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["response"] = check(service.grpc_port, "POST", "/transactions", key_b.token(), timeout=60)
+        except grpc.RpcError as exc:
+            outcome["error"] = exc.code()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert jwks.hanging.wait(20), "the Check did not trigger an unknown-kid re-fetch"
+    return service, thread, outcome
+
+
+def test_sigterm_drains_in_flight_checks(tmp_path: Path, rotating_jwks: ScriptedJwks, key_b: SigningKey) -> None:
+    service, thread, outcome = start_held_check(tmp_path, rotating_jwks, key_b, "--shutdown-grace", "30")
+    ready_url = f"http://127.0.0.1:{service.http_port}/readyz"
+    assert http_request("GET", ready_url)[0] == 200
+
+    service.process.proc.send_signal(signal.SIGTERM)
+    # Readiness goes false at once, so Kubernetes stops routing here ...
+    service.process.wait_until(lambda: http_request("GET", ready_url, timeout=2)[0] == 503, 10, "/readyz 503")
+    # ... new Checks are refused (Envoy turns that into a 503, never an allow) ...
+    with pytest.raises(grpc.RpcError):
+        check(service.grpc_port, "POST", "/transactions", key_b.token(), timeout=5)
+    # ... while the Check already in flight is still being served.
+    assert thread.is_alive() and service.process.alive()
+
+    rotating_jwks.release.set()
+    thread.join(20)
+    response = outcome.get("response")
+    assert isinstance(response, external_auth_pb2.CheckResponse), outcome
+    assert response.status.code == 0 and response.HasField("ok_response"), "the drained Check got its answer"
+    assert service.process.proc.wait(20) == 0
+    assert '"msg":"shutting down"' in service.process.log_text()
+
+
+def test_sigterm_grace_period_bounds_the_drain(tmp_path: Path, rotating_jwks: ScriptedJwks, key_b: SigningKey) -> None:
+    """A Check that outlives the grace period is cut off (Envoy: 503) and the process still exits."""
+    service, thread, outcome = start_held_check(
+        tmp_path, rotating_jwks, key_b, "--shutdown-grace", "1", "--jwks-timeout", "50")
+    service.process.proc.send_signal(signal.SIGTERM)
+    try:
+        returncode = service.process.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the service did not exit after its grace period while a JWKS fetch hung")
+    assert returncode == 0
+    thread.join(20)
+    assert "error" in outcome and "response" not in outcome, outcome
