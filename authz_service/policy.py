@@ -103,6 +103,39 @@ class Policy:
         """The most specific route for this method and path segments, or None (deny)."""
         return _match(self._trie, segments, 0, method)
 
+    def representative_paths(self, limit: int = 100_000) -> list[tuple[str, ...]] | None:
+        """One request path per class of paths the matcher cannot tell apart (None over ``limit``).
+
+        Why: lints ("this route can never match") must be exact, not guessed. ``match`` only
+        looks at which literal keys exist at the trie nodes a path reaches, whether a segment is
+        empty (a trailing '/'), and the path length, so a segment that is no literal of any
+        reachable node behaves like any other such segment. Walking the trie with those classes
+        yields a finite set of paths that together exercise every way ``match`` can go.
+        """
+        out: list[tuple[str, ...]] = []
+
+        def walk(prefix: tuple[str, ...], alive: list[_Node]) -> bool:
+            out.append(prefix)
+            if prefix:  # a trailing slash ("/a/"): only a /** route can take it; "//" is refused earlier
+                out.append((*prefix, ""))
+            if len(out) > limit:
+                return False
+            if not alive:
+                return True
+            keys = sorted({k for n in alive for k in n.literals})
+            params = [n.param for n in alive if n.param is not None]
+            for key in keys:
+                nxt = [n.literals[key] for n in alive if key in n.literals] + params
+                if not walk((*prefix, key), nxt):
+                    return False
+            return walk((*prefix, OTHER_SEGMENT), params)
+
+        return out if walk((), [self._trie]) else None
+
+
+# A segment no policy literal can equal ('%' is not allowed in literals), standing for "any other".
+OTHER_SEGMENT = "%7Bother%7D"
+
 
 # --- compiled trie -------------------------------------------------------------------------------
 
@@ -396,6 +429,25 @@ class _Context:
 
 _REST = object()
 _PARAM = object()
+
+
+def pattern_matches(pattern: str, segments: tuple[str, ...]) -> bool:
+    """Whether a (valid) route pattern covers these path segments, ignoring other routes.
+
+    Used by lints to ask "would this route have taken the request if a more specific one did not".
+    """
+    parts = _parse_pattern(pattern, PolicyError)
+    for i, part in enumerate(parts):
+        if part is _REST:
+            return True
+        if i >= len(segments):
+            return False
+        if part is _PARAM:
+            if not segments[i]:
+                return False
+        elif part != segments[i]:
+            return False
+    return len(segments) == len(parts)
 
 
 def _parse_pattern(path: str, fail: Any) -> list[object]:
