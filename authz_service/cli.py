@@ -70,7 +70,7 @@ def _add_policy_tools(commands: argparse._SubParsersAction) -> None:  # type: ig
     who.add_argument("--token", help="a real access token to verify (prefer --token-file: shell history)")
     who.add_argument("--token-file", help="read the real token from this file ('-' for stdin)")
     explain.add_argument("--client-id", help="client_id of the simulated token")
-    explain.add_argument("--no-token", action="store_true", help="send the request without Authorization")
+    explain.add_argument("--issuer", help="iss of the simulated token (default: the policy's first issuer)")
     explain.add_argument("--realm", default="authz-service", help="realm in WWW-Authenticate (as --realm of serve)")
     explain.add_argument("--leeway", type=float, default=60.0, help="clock skew for a real token (as serve)")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
