@@ -182,6 +182,11 @@ async def _explain_real(policy: Policy, method: str, path: str, token: str, real
             # The decision is the server's own (decide verifies again with the same keys);
             # the checklist above only explains it.
             info.outcome = await run_check(policy, verifier, method, path, token, realm)
+            route = info.outcome.decision.route
+            if error is None and route is not None and not route.public:
+                held = sorted(route.scopes & info.outcome.decision.claims.scopes) if info.outcome.decision.claims else []
+                info.checks.append(("scopes", "passed" if held else "FAILED",
+                                    f"token holds one of the route's scopes [{route.scopes_text}]"))
         finally:
             await cache.close()
     return info

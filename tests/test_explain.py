@@ -106,11 +106,15 @@ def test_real_token_every_check_passes_and_the_token_is_never_printed(issuer, po
     lines = run.stdout.splitlines()
     checks = [line.split()[:2] for line in lines if line.startswith("  passed") or line.startswith("  FAILED")]
     assert checks == [["passed", n] for n in
-                      ("header", "issuer", "key", "signature", "times", "token_use", "client", "claims")]
+                      ("header", "issuer", "key", "signature", "times", "token_use", "client", "claims", "scopes")]
     assert f"token:     real: {token[:8]}... ({len(token)} chars)" in run.stdout
     assert "client_id='payments-writer'" in run.stdout
     assert token not in run.stdout and token[8:40] not in run.stdout and token.split(".")[2] not in run.stdout
     assert "x-auth-client-id: payments-writer" in run.stdout
+    reader = explain("--policy", str(policy), "--method", "POST", "--path", "/transactions", "--token",
+                     issuer.token("payments-reader"))
+    assert reader.returncode == 1
+    assert "  FAILED       scopes     token holds one of the route's scopes [transactions/post]" in reader.stdout
 
 
 def test_real_token_with_a_forged_payload_fails_at_the_signature(issuer, policy, tmp_path):
