@@ -135,36 +135,49 @@ def _show(segments: tuple[str, ...]) -> str:
     return "/" + "/".join("x" if s == OTHER_SEGMENT else s for s in segments)
 
 
-def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
-    """Routes (or methods of a route) that no request can reach, and public routes that carve holes.
+@dataclass(frozen=True, slots=True)
+class Reach:
+    """Which requests reach which route, over every class of request path (see reachability)."""
 
-    Exact, not heuristic: every class of request path the matcher can tell apart
-    (Policy.representative_paths) is run through the real ``Policy.match`` for every listed method,
-    every standard method and one unlisted method.
-    """
+    chosen: dict[int, set[str]]  # route index -> methods for which some path reaches it
+    plain: set[int]  # routes reached by some path without a trailing '/'
+    holes: dict[tuple[int, int], tuple[str, tuple[str, ...]]]  # (public, protected) -> an example request
+
+
+def reachability(policy: Policy) -> Reach | None:
+    """Run every class of request path the matcher can tell apart (Policy.representative_paths)
+    through the real ``Policy.match`` for every listed method, every standard method and one
+    unlisted method. Exact, not heuristic; None when the policy has too many path classes."""
     paths = policy.representative_paths()
     if paths is None:
-        return []  # too many path classes to enumerate; reachability is not checked (documented)
+        return None
     listed = {m for r in policy.routes for m in r.methods or ()}
     methods = [*STANDARD_METHODS, *sorted(listed - set(STANDARD_METHODS)), _UNLISTED_METHOD]
-    chosen: dict[int, set[str]] = defaultdict(set)  # route index -> methods that reach it
-    plain: set[int] = set()  # routes reached by a path without a trailing '/'
-    holes: dict[tuple[int, int], tuple[str, tuple[str, ...]]] = {}  # (public, protected) -> an example
+    reach = Reach(defaultdict(set), set(), {})
     protected = [r for r in policy.routes if not r.public]
     for segments in paths:
         for method in methods:
             route = policy.match(method, segments)
             if route is None:
                 continue
-            chosen[route.index].add(method)
+            reach.chosen[route.index].add(method)
             if not segments or segments[-1] != "":
-                plain.add(route.index)
+                reach.plain.add(route.index)
             if route.public:
                 for other in protected:
-                    if (other.index, route.index) not in holes and (route.index, other.index) not in holes and (
+                    if (route.index, other.index) not in reach.holes and (
                         other.methods is None or method in other.methods
                     ) and pattern_matches(other.path, segments):
-                        holes[(route.index, other.index)] = (method, segments)
+                        reach.holes[(route.index, other.index)] = (method, segments)
+    return reach
+
+
+def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
+    """Routes (or methods of a route) that no request can reach, and public routes that carve holes."""
+    reach = reachability(policy)
+    if reach is None:
+        return []  # too many path classes to enumerate; reachability is not checked (documented)
+    chosen, plain, holes = reach.chosen, reach.plain, reach.holes
     out = []
     for route in policy.routes:
         where = ("routes", route.index, "path")

@@ -9,9 +9,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from authz_service.policy import parse_policy
-from authz_service.policytool import lint, load_tests, CaseFileError, validate_command, validate_file
+from authz_service.policy import PolicyError, parse_policy
+from authz_service.policytool import CaseFileError, lint, load_tests, reachability, validate_command, validate_file
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "authz_service" / "examples"
 ISSUERS = "issuers:\n  - user_pool_id: us-east-1_Abc123\n"
@@ -237,3 +239,46 @@ def test_bad_tests_files_are_errors_with_a_line(tmp_path, text, message):
     assert message in str(caught.value)
     run = cli("test", str(EXAMPLES / "policy.yaml"), str(path))
     assert run.returncode == 2 and message in run.stdout
+
+
+# --- the reachability analysis is exact: no concrete request reaches a route it calls unreachable ---
+
+SEGMENTS = ["a", "b", "{p}"]
+
+
+@st.composite
+def small_policies(draw: st.DrawFn) -> str:
+    routes = []
+    for i in range(draw(st.integers(1, 6))):
+        parts = draw(st.lists(st.sampled_from(SEGMENTS), max_size=3))
+        names = iter(f"{{p{k}}}" for k in range(9))
+        path = "/" + "/".join(next(names) if p == "{p}" else p for p in parts)
+        if draw(st.booleans()):
+            path = path.rstrip("/") + "/**"
+        methods = draw(st.sampled_from([None, ["GET"], ["POST"], ["GET", "POST"]]))
+        route = f"  - name: r{i}\n    path: '{path}'\n    scopes: [a/b]\n"
+        if methods:
+            route += f"    methods: [{', '.join(methods)}]\n"
+        routes.append(route)
+    return ISSUERS + "routes:\n" + "".join(routes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(small_policies(), st.lists(st.tuples(st.sampled_from(["GET", "POST", "PUT"]),
+                                            st.lists(st.sampled_from(["a", "b", "c", "zz"]), max_size=5),
+                                            st.booleans()), min_size=1, max_size=30))
+def test_every_concrete_request_reaches_only_routes_the_analysis_found_reachable(text, requests):
+    try:
+        policy = parse_policy(text, "p.yaml")
+    except PolicyError:
+        return  # conflicting routes: the loader refuses them, nothing to analyse
+    reach = reachability(policy)
+    assert reach is not None
+    for method, segments, trailing_slash in requests:
+        path = tuple(segments) + (("",) if trailing_slash and segments else ())
+        route = policy.match(method, path)
+        if route is None:
+            continue
+        assert method in reach.chosen[route.index], (route.name, method, path)
+        if not trailing_slash or not segments:
+            assert route.index in reach.plain, (route.name, method, path)
