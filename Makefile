@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv protos test unit e2e demo clean system-deps
+.PHONY: venv protos test unit e2e demo clean system-deps policy-check
 
 # The virtualenv with the package (editable) and everything the tests need.
 $(STAMP): pyproject.toml
@@ -26,8 +26,13 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 	@command -v kubectl >/dev/null || echo "warning: kubectl not found; the kustomize test will fail (install kubectl)"
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps policy-check
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# The shipped policies pass `validate --strict` and the example expectations hold (as a ConfigMap repo's CI would run).
+policy-check: $(STAMP)
+	$(BIN)/authz-service validate --strict authz_service/examples/policy.yaml deploy/k8s/policy.yaml
+	$(BIN)/authz-service test authz_service/examples/policy.yaml authz_service/examples/policy-tests.yaml
 
 unit: $(STAMP)
 	$(BIN)/pytest -q -m "not e2e"

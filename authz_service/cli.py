@@ -1,4 +1,4 @@
-"""`authz-service` command line: serve, dev-issuer.
+"""`authz-service` command line: serve, dev-issuer, and the policy tools validate, explain, test.
 
 Every `serve` flag has an AUTHZ_* environment variable (see config.OPTIONS); flags win.
 """
@@ -44,14 +44,66 @@ def build_parser() -> argparse.ArgumentParser:
                         help="base URL clients use to reach the issuer; the token iss is <public-url>/<pool id> "
                              "(default http://<host>:<port>)")
     issuer.add_argument("--log-level", default="INFO")
+    _add_policy_tools(commands)
     return parser
+
+
+def _add_policy_tools(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """validate / explain / test: the policy authors' tools (logic in policytool.py and explain.py)."""
+    validate = commands.add_parser(
+        "validate", help="check policy files as the server loads them, plus lint warnings (for CI)",
+        description="Load each policy file exactly as the server would and report every error (file:line:column, "
+                    "place, fix) and every warning. Exit 1 when a file is refused (or has warnings with --strict).")
+    validate.add_argument("policies", nargs="+", type=Path, metavar="POLICY")
+    validate.add_argument("--strict", action="store_true", help="warnings also make the exit code 1")
+
+    explain = commands.add_parser(
+        "explain", help="show which route matches a request, why, and the exact answer Envoy would get",
+        description="Run one request through the real matcher, decision and response code. Without --token a "
+                    "verified token holding --scopes (and --client-id) is simulated; with --token the token is "
+                    "verified for real (its issuer's JWKS is fetched).")
+    explain.add_argument("--policy", type=Path, required=True)
+    explain.add_argument("--method", required=True)
+    explain.add_argument("--path", required=True)
+    who = explain.add_mutually_exclusive_group()
+    who.add_argument("--scopes", help='simulate a valid token holding these scopes (space separated: "a/b c/d")')
+    who.add_argument("--token", help="a real access token to verify (prefer --token-file: shell history)")
+    who.add_argument("--token-file", help="read the real token from this file ('-' for stdin)")
+    explain.add_argument("--client-id", help="client_id of the simulated token")
+    explain.add_argument("--issuer", help="iss of the simulated token (default: the policy's first issuer)")
+    explain.add_argument("--realm", default="authz-service", help="realm in WWW-Authenticate (as --realm of serve)")
+    explain.add_argument("--leeway", type=float, default=60.0, help="clock skew for a real token (as serve)")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+
+    test = commands.add_parser(
+        "test", help="run table-driven expectations (method, path, scopes -> decision) against a policy",
+        description="Each case in TESTS is sent through the real request -> decision -> response path with a "
+                    "token holding exactly its scopes. Exit 0 when all pass, 1 when one fails, 2 on unusable files.")
+    test.add_argument("policy", type=Path, metavar="POLICY")
+    test.add_argument("tests", type=Path, metavar="TESTS")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command in ("validate", "explain", "test"):
+        return _policy_tool(args)
     return _dev_issuer(args)
+
+
+def _policy_tool(args: argparse.Namespace) -> int:
+    if args.command == "validate":
+        from .policytool import validate_command
+
+        return validate_command(args.policies, args.strict, sys.stdout)
+    if args.command == "test":
+        from .policytool import tests_command
+
+        return tests_command(args.policy, args.tests, sys.stdout)
+    from .explain import explain_command
+
+    return explain_command(args, sys.stdout)
 
 
 def _serve(args: argparse.Namespace) -> int:

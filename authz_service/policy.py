@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .yamlfile import YamlError, load_strict_yaml
+from .yamlfile import YamlError, compose_yaml, load_strict_yaml, locate
 
 # RFC 3986 pchar without percent-encoding: what a literal policy segment may contain.
 _LITERAL_SEGMENT = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@]+\Z")
@@ -31,8 +31,29 @@ _ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/ {}*-]{0,99}\Z")
 _CLIENT_ID = re.compile(r"^[\x21-\x7E]{1,128}\Z")
 
 
+Where = tuple[str | int, ...]  # a place in the document, e.g. ("routes", 1, "methods", 0)
+
+
 class PolicyError(ValueError):
-    """A policy file that cannot serve. The message names the file, the place and the fix."""
+    """A policy file that cannot serve. The message names the file, line:column, the place and the fix.
+
+    ``where``/``line``/``column`` are kept structured so tools (``validate``) can sort and report
+    errors without parsing the message.
+    """
+
+    def __init__(self, message: str, where: Where = (), line: int | None = None, column: int | None = None) -> None:
+        super().__init__(message)
+        self.where = where
+        self.line = line
+        self.column = column
+
+
+def where_text(where: Where) -> str:
+    """("routes", 1, "methods", 0) -> "routes[1].methods[0]"; () -> "top level"."""
+    out = ""
+    for part in where:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or "top level"
 
 
 class Mode(enum.Enum):
@@ -81,6 +102,39 @@ class Policy:
     def match(self, method: str, segments: tuple[str, ...]) -> Route | None:
         """The most specific route for this method and path segments, or None (deny)."""
         return _match(self._trie, segments, 0, method)
+
+    def representative_paths(self, limit: int = 100_000) -> list[tuple[str, ...]] | None:
+        """One request path per class of paths the matcher cannot tell apart (None over ``limit``).
+
+        Why: lints ("this route can never match") must be exact, not guessed. ``match`` only
+        looks at which literal keys exist at the trie nodes a path reaches, whether a segment is
+        empty (a trailing '/'), and the path length, so a segment that is no literal of any
+        reachable node behaves like any other such segment. Walking the trie with those classes
+        yields a finite set of paths that together exercise every way ``match`` can go.
+        """
+        out: list[tuple[str, ...]] = []
+
+        def walk(prefix: tuple[str, ...], alive: list[_Node]) -> bool:
+            out.append(prefix)
+            if prefix:  # a trailing slash ("/a/"): only a /** route can take it; "//" is refused earlier
+                out.append((*prefix, ""))
+            if len(out) > limit:
+                return False
+            if not alive:
+                return True
+            keys = sorted({k for n in alive for k in n.literals})
+            params = [n.param for n in alive if n.param is not None]
+            for key in keys:
+                nxt = [n.literals[key] for n in alive if key in n.literals] + params
+                if not walk((*prefix, key), nxt):
+                    return False
+            return walk((*prefix, OTHER_SEGMENT), params)
+
+        return out if walk((), [self._trie]) else None
+
+
+# A segment no policy literal can equal ('%' is not allowed in literals), standing for "any other".
+OTHER_SEGMENT = "%7Bother%7D"
 
 
 # --- compiled trie -------------------------------------------------------------------------------
@@ -147,40 +201,39 @@ def load_policy_file(path: Path | str) -> Policy:
 
 def parse_policy(data: bytes | str, source: str = "<policy>") -> Policy:
     """Parse policy YAML text into a compiled Policy (PolicyError on any mistake)."""
+    policy, errors = check_policy(data, source)
+    if errors:
+        raise errors[0]
+    assert policy is not None
+    return policy
+
+
+def check_policy(data: bytes | str, source: str = "<policy>") -> tuple[Policy | None, list[PolicyError]]:
+    """Load like the server does, but collect every error instead of stopping at the first.
+
+    Each issuer and route is checked independently, so ``validate`` can report all of them; the
+    first error (in file order) is exactly what ``parse_policy`` raises. A Policy is returned only
+    when there is no error at all.
+    """
     raw = data.encode() if isinstance(data, str) else data
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise PolicyError(f"{source}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
+        return None, [PolicyError(f"{source}: not UTF-8 text (byte {exc.start}); save the file as UTF-8")]
     try:
         doc = load_strict_yaml(text, source)
     except YamlError as exc:
-        raise PolicyError(str(exc)) from None
-    ctx = _Context(source)
-    if not isinstance(doc, dict):
-        raise PolicyError(
-            f"{source}: the policy must be a mapping with 'issuers' and 'routes', got {_kind(doc)}"
-        )
-    ctx.check_keys(doc, _TOP_KEYS, "top level")
-    default_mode = ctx.mode(doc.get("mode", "enforce"), "mode")
-    issuers = tuple(ctx.issuer(item, i) for i, item in enumerate(ctx.nonempty_list(doc, "issuers", "top level")))
-    by_iss: dict[str, Issuer] = {}
-    for i, issuer in enumerate(issuers):
-        if issuer.issuer in by_iss:
-            raise PolicyError(f"{source}: issuers[{i}]: issuer {issuer.issuer!r} is listed twice; keep one entry")
-        by_iss[issuer.issuer] = issuer
-    routes = tuple(
-        ctx.route(item, i, default_mode) for i, item in enumerate(ctx.nonempty_list(doc, "routes", "top level"))
-    )
-    trie = _compile(routes, source)
-    return Policy(
-        source=source,
-        sha256=hashlib.sha256(raw).hexdigest(),
-        issuers=issuers,
-        routes=routes,
-        issuers_by_iss=by_iss,
-        _trie=trie,
-    )
+        if exc.line is None:
+            return None, [PolicyError(str(exc))]
+        message = f"{source}:{exc.line}:{exc.column}: not valid YAML: {exc.problem}"
+        return None, [PolicyError(message, line=exc.line, column=exc.column)]
+    ctx = _Context(source, text)
+    try:
+        policy = ctx.policy(doc, raw)
+    except PolicyError as exc:  # a top-level problem: nothing else can be checked
+        ctx.errors.append(exc)
+        policy = None
+    return (policy if not ctx.errors else None), ctx.errors
 
 
 def _kind(value: object) -> str:
@@ -190,59 +243,110 @@ def _kind(value: object) -> str:
 
 
 class _Context:
-    """Validation helpers that know the file name, so every message can name it."""
+    """Validation helpers that know the file (name and text), so every message can name the line."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, text: str = "") -> None:
         self.source = source
+        self.text = text
+        self.errors: list[PolicyError] = []
+        self._tree: Any = False  # composed lazily: only errors need line numbers
 
-    def fail(self, where: str, problem: str) -> PolicyError:
-        return PolicyError(f"{self.source}: {where}: {problem}")
+    def fail(self, where: Where, problem: str, key: str | None = None) -> PolicyError:
+        """The error at ``where``; with ``key`` the line points at that mapping key (unknown keys)."""
+        line = column = None
+        if self.text:
+            if self._tree is False:
+                self._tree = compose_yaml(self.text)
+            mark = locate(self._tree, (*where, key) if key is not None else where, at_key=key is not None)
+            if mark is not None:
+                line, column = mark.line + 1, mark.column + 1
+        prefix = f"{self.source}:{line}:{column}" if line is not None else self.source
+        return PolicyError(f"{prefix}: {where_text(where)}: {problem}", where, line, column)
 
-    def check_keys(self, item: dict[str, Any], allowed: set[str], where: str) -> None:
+    def collect(self, build: Any, *args: Any) -> Any:
+        """Run one item's checks; record its error and return None so the next item is checked too."""
+        try:
+            return build(*args)
+        except PolicyError as exc:
+            self.errors.append(exc)
+            return None
+
+    def policy(self, doc: object, raw: bytes) -> Policy | None:
+        if not isinstance(doc, dict):
+            raise self.fail((), f"the policy must be a mapping with 'issuers' and 'routes', got {_kind(doc)}")
+        self.check_keys(doc, _TOP_KEYS, ())
+        default_mode = self.mode(doc.get("mode", "enforce"), ("mode",))
+        issuer_items = self.nonempty_list(doc, "issuers", ())
+        issuers = [self.collect(self.issuer, item, i) for i, item in enumerate(issuer_items)]
+        by_iss: dict[str, Issuer] = {}
+        for i, issuer in enumerate(issuers):
+            if issuer is None:
+                continue
+            if issuer.issuer in by_iss:
+                self.errors.append(self.fail(
+                    ("issuers", i), f"issuer {issuer.issuer!r} is listed twice; keep one entry"))
+            by_iss[issuer.issuer] = issuer
+        route_items = self.collect(self.nonempty_list, doc, "routes", ()) or []
+        routes = [self.collect(self.route, item, i, default_mode) for i, item in enumerate(route_items)]
+        good_routes = tuple(r for r in routes if r is not None)
+        trie = _compile(good_routes, self)
+        if self.errors:
+            return None
+        return Policy(
+            source=self.source,
+            sha256=hashlib.sha256(raw).hexdigest(),
+            issuers=tuple(i for i in issuers if i is not None),
+            routes=good_routes,
+            issuers_by_iss=by_iss,
+            _trie=trie,
+        )
+
+    def check_keys(self, item: dict[str, Any], allowed: set[str], where: Where) -> None:
         for key in item:
             if key not in allowed:
                 hint = ", ".join(sorted(allowed))
-                raise self.fail(where, f"unknown key {key!r}; allowed keys: {hint}")
+                raise self.fail(where, f"unknown key {key!r}; allowed keys: {hint}",
+                                key=key if isinstance(key, str) else None)
 
-    def nonempty_list(self, item: dict[str, Any], key: str, where: str) -> list[Any]:
+    def nonempty_list(self, item: dict[str, Any], key: str, where: Where) -> list[Any]:
         if key not in item:
             raise self.fail(where, f"missing required key {key!r}")
         value = item[key]
         if not isinstance(value, list) or not value:
-            raise self.fail(f"{key}", f"must be a non-empty list, got {_kind(value)}")
+            raise self.fail((*where, key), f"must be a non-empty list, got {_kind(value)}")
         return value
 
-    def string(self, item: dict[str, Any], key: str, where: str, required: bool = False) -> str | None:
+    def string(self, item: dict[str, Any], key: str, where: Where, required: bool = False) -> str | None:
         if key not in item:
             if required:
                 raise self.fail(where, f"missing required key {key!r}")
             return None
         value = item[key]
         if not isinstance(value, str) or not value.strip():
-            raise self.fail(f"{where}.{key}", f"must be a non-empty string, got {_kind(value)}")
+            raise self.fail((*where, key), f"must be a non-empty string, got {_kind(value)}")
         return value
 
-    def string_list(self, item: dict[str, Any], key: str, where: str) -> list[str] | None:
+    def string_list(self, item: dict[str, Any], key: str, where: Where) -> list[str] | None:
         if key not in item:
             return None
         value = item[key]
         if isinstance(value, str):
-            raise self.fail(f"{where}.{key}", f"must be a list, e.g. [{value}], not a single string")
+            raise self.fail((*where, key), f"must be a list, e.g. [{value}], not a single string")
         if not isinstance(value, list) or not value:
-            raise self.fail(f"{where}.{key}", f"must be a non-empty list, got {_kind(value)}")
+            raise self.fail((*where, key), f"must be a non-empty list, got {_kind(value)}")
         for j, entry in enumerate(value):
             if not isinstance(entry, str) or not entry:
-                raise self.fail(f"{where}.{key}[{j}]", f"must be a non-empty string, got {_kind(entry)}")
+                raise self.fail((*where, key, j), f"must be a non-empty string, got {_kind(entry)}")
         return value
 
-    def mode(self, value: object, where: str) -> Mode:
+    def mode(self, value: object, where: Where) -> Mode:
         try:
             return Mode(value)
         except ValueError:
             raise self.fail(where, f"must be 'enforce' or 'dry-run', got {value!r}") from None
 
     def issuer(self, item: object, i: int) -> Issuer:
-        where = f"issuers[{i}]"
+        where: Where = ("issuers", i)
         if not isinstance(item, dict):
             raise self.fail(where, f"must be a mapping with user_pool_id, got {_kind(item)}")
         self.check_keys(item, _ISSUER_KEYS, where)
@@ -250,26 +354,24 @@ class _Context:
         assert pool is not None
         m = _POOL_ID.match(pool)
         if not m:
-            raise self.fail(
-                f"{where}.user_pool_id",
+            raise self.fail((*where, "user_pool_id"),
                 f"{pool!r} is not a Cognito user pool id (expected <region>_<id>, e.g. us-east-1_Abc123)",
             )
         region = self.string(item, "region", where) or m["region"]
         if region != m["region"]:
-            raise self.fail(
-                f"{where}.region", f"{region!r} does not match the pool id's region {m['region']!r}; remove region"
+            raise self.fail((*where, "region"), f"{region!r} does not match the pool id's region {m['region']!r}; remove region"
             )
         issuer = self.string(item, "issuer", where) or f"https://cognito-idp.{region}.amazonaws.com/{pool}"
         if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?\Z", issuer):
-            raise self.fail(f"{where}.issuer", f"{issuer!r} is not an http(s) URL")
+            raise self.fail((*where, "issuer"), f"{issuer!r} is not an http(s) URL")
         jwks_uri = self.string(item, "jwks_uri", where) or f"{issuer}/.well-known/jwks.json"
         if not re.match(r"^https?://[^\s/?#]+(/\S*)?\Z", jwks_uri):
-            raise self.fail(f"{where}.jwks_uri", f"{jwks_uri!r} is not an http(s) URL")
+            raise self.fail((*where, "jwks_uri"), f"{jwks_uri!r} is not an http(s) URL")
         client_ids = self.string_list(item, "client_ids", where)
         if client_ids is not None:
             for j, cid in enumerate(client_ids):
                 if not _CLIENT_ID.match(cid):
-                    raise self.fail(f"{where}.client_ids[{j}]", f"{cid!r} is not an app client id")
+                    raise self.fail((*where, "client_ids", j), f"{cid!r} is not an app client id")
         return Issuer(
             user_pool_id=pool,
             region=region,
@@ -279,24 +381,24 @@ class _Context:
         )
 
     def route(self, item: object, i: int, default_mode: Mode) -> Route:
-        where = f"routes[{i}]"
+        where: Where = ("routes", i)
         if not isinstance(item, dict):
             raise self.fail(where, f"must be a mapping with path and scopes, got {_kind(item)}")
         self.check_keys(item, _ROUTE_KEYS, where)
         path = self.string(item, "path", where, required=True)
         assert path is not None
-        _parse_pattern(path, lambda problem: self.fail(f"{where}.path", problem))
+        _parse_pattern(path, lambda problem: self.fail((*where, "path"), problem))
         methods = self.string_list(item, "methods", where)
         if methods is not None:
             for j, method in enumerate(methods):
                 if not _METHOD.match(method):
                     fix = f"; write {method.upper()!r}" if _METHOD.match(method.upper()) else ""
-                    raise self.fail(f"{where}.methods[{j}]", f"{method!r} is not an HTTP method{fix}")
+                    raise self.fail((*where, "methods", j), f"{method!r} is not an HTTP method{fix}")
             if len(set(methods)) != len(methods):
-                raise self.fail(f"{where}.methods", "lists a method twice")
+                raise self.fail((*where, "methods"), "lists a method twice")
         public = item.get("public", False)
         if not isinstance(public, bool):
-            raise self.fail(f"{where}.public", f"must be true or false, got {public!r}")
+            raise self.fail((*where, "public"), f"must be true or false, got {public!r}")
         scopes = self.string_list(item, "scopes", where)
         if public and scopes is not None:
             raise self.fail(where, "a public route takes no scopes; remove 'scopes' or 'public: true'")
@@ -304,16 +406,15 @@ class _Context:
             raise self.fail(where, "missing 'scopes' (the token must hold one of them) or 'public: true'")
         for j, scope in enumerate(scopes or ()):
             if not _SCOPE.match(scope):
-                raise self.fail(
-                    f"{where}.scopes[{j}]",
+                raise self.fail((*where, "scopes", j),
                     f"{scope!r} is not a valid OAuth scope (no spaces, quotes or backslashes)",
                 )
         name = self.string(item, "name", where)
         if name is not None and not _ROUTE_NAME.match(name):
-            raise self.fail(f"{where}.name", f"{name!r}: use letters, digits and -_.:/ (at most 100)")
+            raise self.fail((*where, "name"), f"{name!r}: use letters, digits and -_.:/ (at most 100)")
         if name is None:
             name = f"{'|'.join(methods) if methods else 'ANY'} {path}"
-        mode = self.mode(item["mode"], f"{where}.mode") if "mode" in item else default_mode
+        mode = self.mode(item["mode"], (*where, "mode")) if "mode" in item else default_mode
         return Route(
             name=name,
             path=path,
@@ -328,6 +429,25 @@ class _Context:
 
 _REST = object()
 _PARAM = object()
+
+
+def pattern_matches(pattern: str, segments: tuple[str, ...]) -> bool:
+    """Whether a (valid) route pattern covers these path segments, ignoring other routes.
+
+    Used by lints to ask "would this route have taken the request if a more specific one did not".
+    """
+    parts = _parse_pattern(pattern, PolicyError)
+    for i, part in enumerate(parts):
+        if part is _REST:
+            return True
+        if i >= len(segments):
+            return False
+        if part is _PARAM:
+            if not segments[i]:
+                return False
+        elif part != segments[i]:
+            return False
+    return len(segments) == len(parts)
 
 
 def _parse_pattern(path: str, fail: Any) -> list[object]:
@@ -366,7 +486,8 @@ def _parse_pattern(path: str, fail: Any) -> list[object]:
     return out
 
 
-def _compile(routes: Iterable[Route], source: str) -> _Node:
+def _compile(routes: Iterable[Route], ctx: _Context) -> _Node:
+    """Build the trie; every pair of routes with equal specificity is an error (all are collected)."""
     root = _Node()
     for route in routes:
         node = root
@@ -383,19 +504,25 @@ def _compile(routes: Iterable[Route], source: str) -> _Node:
         endpoint = node.rest if rest else node.exact
         if route.methods is None:
             if endpoint.any_method is not None:
-                raise _conflict(source, endpoint.any_method, route)
+                ctx.errors.append(_conflict(ctx, endpoint.any_method, route))
+                continue
             endpoint.any_method = route
         else:
-            for method in sorted(route.methods):
-                if method in endpoint.by_method:
-                    raise _conflict(source, endpoint.by_method[method], route)
+            clash = next((endpoint.by_method[m] for m in sorted(route.methods) if m in endpoint.by_method), None)
+            if clash is not None:
+                ctx.errors.append(_conflict(ctx, clash, route))
+                continue
+            for method in route.methods:
                 endpoint.by_method[method] = route
     return root
 
 
-def _conflict(source: str, first: Route, second: Route) -> PolicyError:
+def _conflict(ctx: _Context, first: Route, second: Route) -> PolicyError:
+    error = ctx.fail(("routes", second.index, "path"), "")
+    prefix = f"{ctx.source}:{error.line}:{error.column}" if error.line is not None else ctx.source
     return PolicyError(
-        f"{source}: routes[{second.index}] ({second.path}) conflicts with routes[{first.index}] "
+        f"{prefix}: routes[{second.index}] ({second.path}) conflicts with routes[{first.index}] "
         f"({first.path}): both match the same requests with equal specificity; "
-        "merge them or make their methods disjoint"
+        "merge them or make their methods disjoint",
+        error.where, error.line, error.column,
     )

@@ -15,6 +15,12 @@ import yaml
 class YamlError(ValueError):
     """Text that is not valid YAML; the message names the source and the place."""
 
+    def __init__(self, message: str, line: int | None = None, column: int | None = None, problem: str = "") -> None:
+        super().__init__(message)
+        self.line = line
+        self.column = column
+        self.problem = problem  # the bare parser message, for callers that format their own prefix
+
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -39,9 +45,43 @@ def load_strict_yaml(text: str, source: str) -> Any:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown place"
-        raise YamlError(f"{source}: {where}: not valid YAML: {exc.problem}") from None
+        if mark is None:
+            raise YamlError(f"{source}: unknown place: not valid YAML: {exc.problem}") from None
+        line, column = mark.line + 1, mark.column + 1
+        raise YamlError(
+            f"{source}: line {line}, column {column}: not valid YAML: {exc.problem}", line, column, str(exc.problem)
+        ) from None
     except yaml.YAMLError as exc:
         raise YamlError(f"{source}: not valid YAML: {exc}") from None
     except RecursionError:
         raise YamlError(f"{source}: nested too deeply to be a configuration file") from None
+
+
+def compose_yaml(text: str) -> yaml.Node | None:
+    """The node tree (with line/column marks) of text that ``load_strict_yaml`` already accepted."""
+    try:
+        return yaml.compose(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except (yaml.YAMLError, RecursionError):
+        return None
+
+
+def locate(node: yaml.Node | None, where: tuple[str | int, ...], at_key: bool = False) -> yaml.Mark | None:
+    """The start mark of the node at ``where`` (mapping keys and sequence indexes), or of the deepest
+    node that exists on the way; ``at_key`` points at the last mapping key instead of its value."""
+    if node is None:
+        return None
+    mark = node.start_mark
+    for k, part in enumerate(where):
+        last = k == len(where) - 1
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            found = next(((kn, vn) for kn, vn in node.value if isinstance(kn, yaml.ScalarNode) and kn.value == part),
+                         None)
+            if found is None:
+                return mark
+            node = found[0] if (last and at_key) else found[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+        else:
+            return mark
+        mark = node.start_mark
+    return mark

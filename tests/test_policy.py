@@ -195,7 +195,7 @@ MISTAKES = [
      "  - path: /b\n    scopes: [r]\n  - path: /a/{name}\n    scopes: [w]\n",
      ["routes[2]", "routes[0]", "conflicts"]),
     ("duplicate yaml key", ISSUERS + "routes:\n  - path: /a\n    path: /b\n    scopes: [r]\n",
-     ["duplicate key", "'path'", "line 5"]),
+     ["duplicate key", "'path'", ":5:5:"]),
     ("duplicate top key", ISSUERS + "routes:\n" + GOOD_ROUTE + "routes:\n" + GOOD_ROUTE, ["duplicate key"]),
     ("not yaml", "issuers: [\n  - {{{\n", ["not valid YAML"]),
     ("yaml but a string", "just some text\n", ["mapping"]),
@@ -518,3 +518,54 @@ def test_route_order_in_the_file_never_changes_the_result(specs, data):
         a = original.match(method, segments)
         b = shuffled.match(method, segments)
         assert (a.name if a else None) == (b.name if b else None), (method, segments)
+
+
+# --- line numbers and collecting every error (used by `authz-service validate`) -----------------
+
+LINED = """\
+issuers:
+  - user_pool_id: us-east-1_Abc123
+routes:
+  - path: /a
+    scopes: [r]
+  - path: /b
+    methods: [GET, get]
+    scopes: [r]
+  - path: /c
+    bogus: 1
+    scopes: [r]
+  - path: /a
+    scopes: [w]
+"""
+
+
+def test_errors_carry_file_line_column_and_place():
+    message = refused(LINED)
+    assert message == f"{SOURCE}:7:20: routes[1].methods[1]: 'get' is not an HTTP method; write 'GET'"
+
+
+def test_check_policy_collects_every_error_in_file_order_and_the_first_is_what_the_server_raises():
+    from authz_service.policy import check_policy
+
+    policy, errors = check_policy(LINED, SOURCE)
+    assert policy is None
+    assert [(e.line, e.column, e.where) for e in errors] == [
+        (7, 20, ("routes", 1, "methods", 1)),
+        (10, 5, ("routes", 2)),  # points at the unknown key itself
+        (12, 11, ("routes", 3, "path")),  # the conflict
+    ]
+    assert "unknown key 'bogus'" in str(errors[1]) and "conflicts with routes[0]" in str(errors[2])
+    assert str(errors[0]) == refused(LINED)
+
+
+def test_check_policy_on_a_good_file_returns_the_same_policy_as_parse_policy():
+    from authz_service.policy import check_policy
+
+    text = ISSUERS + "routes:\n" + GOOD_ROUTE
+    policy, errors = check_policy(text, SOURCE)
+    assert errors == [] and policy == parse_policy(text, SOURCE)
+
+
+def test_yaml_syntax_errors_get_the_same_file_line_column_prefix():
+    message = refused(ISSUERS + "routes:\n  - path: /a\n    path: /b\n    scopes: [r]\n")
+    assert message.startswith(f"{SOURCE}:5:5: not valid YAML: duplicate key 'path'"), message

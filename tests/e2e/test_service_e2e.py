@@ -34,6 +34,11 @@ routes:
   - name: healthz
     path: /healthz
     public: true
+  - name: refunds-dry-run
+    methods: [POST]
+    path: /refunds
+    scopes: [refunds/post]
+    mode: dry-run
 """
 
 RELOADED = POLICY + """
@@ -217,11 +222,42 @@ def test_metrics_count_decisions_by_reason_and_route(stack: Stack) -> None:
     assert stack.service.sample("authz_check_decisions_total", decision="allow", reason="public", route="healthz") >= 1
 
 
+def test_dry_run_route_lets_a_token_without_the_scope_through_but_logs_and_counts_the_denial(stack: Stack) -> None:
+    labels = {"decision": "dry_run_deny", "reason": "insufficient_scope", "route": "refunds-dry-run",
+              "status": "403"}
+    before = stack.service.sample("authz_check_decisions_total", **labels)
+    answer = stack.send("POST", "/refunds", stack.main.token("payments-writer"),
+                        headers=[("x-request-id", "dry-run-e2e-1")])
+    assert answer.status == 200, answer.body  # the new requirement is only watched, not enforced
+    seen = answer.upstream_headers()
+    assert seen["x-auth-client-id"] == ["payments-writer"]  # the verified identity, as on any allow
+    assert seen["x-auth-scopes"] == ["transactions/post"]
+    assert stack.service.sample("authz_check_decisions_total", **labels) == before + 1
+    assert stack.service.sample("authz_check_decisions_total", decision="allow", route="refunds-dry-run") == 0
+    entries = [json.loads(line) for line in stack.service.process.log_text().splitlines() if "dry-run-e2e-1" in line]
+    assert [(e["msg"], e["reason"], e["route"], e["client_id"], e["status"]) for e in entries] == [
+        ("dry-run deny", "insufficient_scope", "refunds-dry-run", "payments-writer", 403)]
+    # An enforced route in the same policy still denies the same kind of token.
+    assert stack.send("POST", "/transactions", stack.main.token("payments-reader")).status == 403
+
+
+def test_dry_run_route_never_lets_an_invalid_token_hide_as_an_identity(stack: Stack) -> None:
+    # A forged token on a dry-run route passes (dry-run) but the upstream gets no identity from it.
+    answer = stack.send("POST", "/refunds", tamper(stack.main.token("payments-writer")),
+                        headers=[("x-auth-client-id", "spoofed")])
+    assert answer.status == 200
+    assert not [n for n in answer.upstream_headers() if n.replace("_", "-").startswith("x-auth-")]
+    assert stack.service.sample("authz_check_decisions_total", decision="dry_run_deny", reason="bad_signature",
+                                route="refunds-dry-run", status="401") >= 1
+
+
 def test_key_rotation_is_picked_up(stack: Stack) -> None:
     old_token = stack.main.token("payments-writer")
     assert stack.send("POST", "/transactions", old_token).status == 200
     # The unknown-kid re-fetch is rate limited to one per 10 s per issuer: let the startup fetch age.
-    time.sleep(max(0.0, stack.service.started + 10.5 - time.monotonic()))
+    # Measured from the fetch itself (not the process start), which on a loaded machine is later.
+    fetched = stack.service.sample("authz_jwks_last_success_timestamp_seconds", issuer="us-east-1_Demo00001")
+    time.sleep(max(0.0, stack.service.started + 10.5 - time.monotonic(), fetched + 10.5 - time.time()))
     stack.main.rotate(retire_old=True)
     new_token = stack.main.token("payments-writer")
     answer = stack.send("POST", "/transactions", new_token)

@@ -1,0 +1,300 @@
+"""`authz-service explain`: which route a request matches, why, and exactly what Envoy would answer.
+
+Why: the people editing the policy need to see the service's real behaviour, not a description
+of it. The route comes from ``Policy.match``, the decision from ``decide`` and the answer from
+``Renderer`` (via ``simulate.run_check``); a real token is verified by the real TokenVerifier
+with keys fetched by the real JwksCache. This module only gathers and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+import jwt
+from prometheus_client import CollectorRegistry
+
+from ._proto.envoy.service.auth.v3 import external_auth_pb2
+from .jwks import JwksCache, JwksSettings
+from .metrics import Metrics
+from .policy import Issuer, Policy, Route, load_policy_file, pattern_matches, PolicyError
+from .request import BadRequest, normalized_path
+from .simulate import Outcome, Simulator, run_check
+from .tokens import Failure, TokenError, TokenVerifier
+
+# The verifier's checks in the order it runs them; a failure is attributed to one of them.
+CHECKS = (
+    ("header", "JOSE header: alg RS256, a kid, no embedded keys or crit"),
+    ("issuer", "iss is a trusted issuer of the policy"),
+    ("key", "signing key with this kid in the issuer's JWKS"),
+    ("signature", "RS256 signature"),
+    ("times", "exp / nbf / iat (with leeway)"),
+    ("token_use", "token_use is 'access'"),
+    ("client", "client_id present and allowed"),
+    ("claims", "scope and sub claims are strings"),
+)
+_BY_FAILURE = {
+    Failure.WRONG_ISSUER: "issuer", Failure.KEYS_UNAVAILABLE: "key", Failure.UNKNOWN_KEY: "key",
+    Failure.BAD_SIGNATURE: "signature", Failure.EXPIRED: "times", Failure.NOT_YET_VALID: "times",
+    Failure.WRONG_TOKEN_USE: "token_use", Failure.CLIENT_NOT_ALLOWED: "client",
+}
+_BY_DESCRIPTION = {  # INVALID_TOKEN covers several checks; the description says which
+    "token has no exp claim": "times", "token has no iss claim": "issuer", "token has no client_id claim": "client",
+    "scope claim must be a string": "claims", "sub claim must be a string": "claims",
+}
+
+
+@dataclass
+class Explanation:
+    """Everything explain shows; ``as_dict`` is the --json output."""
+
+    method: str
+    path: str
+    token: str  # how the token is described (never the token itself)
+    candidates: list[str] = field(default_factory=list)
+    checks: list[tuple[str, str, str]] = field(default_factory=list)  # (check, result, detail)
+    outcome: Outcome | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        decision = self.outcome.decision if self.outcome else None
+        route = decision.route if decision else None
+        claims = decision.claims if decision else None
+        return {
+            "request": {"method": self.method, "path": self.path, "token": self.token},
+            "route": _route_dict(route),
+            "candidates": self.candidates,
+            "required_scopes": sorted(route.scopes) if route and not route.public else [],
+            "present_scopes": sorted(claims.scopes) if claims else None,
+            "checks": [{"check": c, "result": r, "detail": d} for c, r, d in self.checks],
+            "decision": None if decision is None else {
+                "envoy": "allow" if decision.allowed else "deny",
+                "dry_run": decision.dry_run,
+                "reason": decision.reason.value,
+                "status": decision.status,
+                "description": decision.description,
+            },
+            "response": envoy_answer(self.outcome.response) if self.outcome else None,
+        }
+
+
+def _route_dict(route: Route | None) -> dict[str, Any] | None:
+    if route is None:
+        return None
+    return {"name": route.name, "index": route.index, "path": route.path, "public": route.public,
+            "methods": sorted(route.methods) if route.methods is not None else None, "mode": route.mode.value}
+
+
+def envoy_answer(response: external_auth_pb2.CheckResponse) -> dict[str, Any]:
+    """What Envoy does with a CheckResponse: the denial it sends, or what it changes upstream."""
+    if response.HasField("denied_response"):
+        denied = response.denied_response
+        return {
+            "allowed": False,
+            "grpc_status": response.status.code,
+            "status": int(denied.status.code),
+            "headers": [[h.header.key, h.header.value] for h in denied.headers],
+            "body": denied.body,
+        }
+    ok = response.ok_response
+    return {
+        "allowed": True,
+        "grpc_status": response.status.code,
+        "upstream_headers_set": [[h.header.key, h.header.value] for h in ok.headers],
+        "upstream_headers_removed": list(ok.headers_to_remove),
+    }
+
+
+def describe_token(token: str) -> str:
+    """Enough to recognise a token (kid, jti, client) without printing it."""
+    shown = f"{token[:8]}... ({len(token)} chars)"
+    try:
+        header = jwt.get_unverified_header(token)
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except (jwt.PyJWTError, UnicodeError, ValueError):
+        return shown + ", not a readable JWT"
+    parts = [f"kid={header.get('kid')!r}", f"alg={header.get('alg')!r}"]
+    for key in ("iss", "client_id", "jti", "token_use", "exp"):
+        if key in claims:
+            parts.append(f"{key}={claims[key]!r}")
+    return f"{shown}, unverified: {', '.join(parts)}"
+
+
+def candidates(policy: Policy, method: str, path: str) -> list[str]:
+    """Routes whose pattern covers the path, for the "why": the chosen one is the most specific."""
+    try:
+        normal = normalized_path(path)
+    except BadRequest:
+        return []
+    segments = tuple(normal[1:].split("/")) if normal != "/" else ()
+    out = []
+    for route in policy.routes:
+        if not pattern_matches(route.path, segments):
+            continue
+        methods = "any method" if route.methods is None else "|".join(sorted(route.methods))
+        fits = route.methods is None or method in route.methods
+        out.append(f"routes[{route.index}] {route.name!r}: {methods} {route.path}"
+                   + ("" if fits else f" (does not list {method})"))
+    return out
+
+
+def _checklist(error: TokenError | None) -> list[tuple[str, str, str]]:
+    failed = None
+    if error is not None:
+        failed = _BY_FAILURE.get(error.failure) or _BY_DESCRIPTION.get(error.description, "header")
+    out = []
+    state = "passed"
+    for name, what in CHECKS:
+        if name == failed:
+            out.append((name, "FAILED", f"{what}: {error.description}" if error else what))
+            state = "not checked"
+        else:
+            out.append((name, state, what))
+    return out
+
+
+async def _explain_real(policy: Policy, method: str, path: str, token: str, realm: str,
+                        leeway: float) -> Explanation:
+    """Fetch the token's issuer's JWKS once (the real JwksCache), verify for the checklist, then decide."""
+    issuer = _token_issuer(policy, token)
+    info = Explanation(method, path, "real: " + describe_token(token))
+    async with aiohttp.ClientSession() as session:
+        cache = JwksCache(JwksSettings(), Metrics(CollectorRegistry()), session)
+        try:
+            if issuer is not None:
+                cache.sync([issuer])
+                await cache.wait_first_attempts(JwksSettings().timeout + 1)
+                jwks_error = cache.status()[0]["last_error"]
+                if jwks_error:
+                    info.checks.append(("jwks", "FAILED", f"fetching {issuer.jwks_uri}: {jwks_error}"))
+            verifier = TokenVerifier(cache, leeway=leeway)
+            try:
+                await verifier.verify(token, policy)
+                error = None
+            except TokenError as exc:
+                error = exc
+            info.checks.extend(_checklist(error))
+            # The decision is the server's own (decide verifies again with the same keys);
+            # the checklist above only explains it.
+            info.outcome = await run_check(policy, verifier, method, path, token, realm)
+            route = info.outcome.decision.route
+            if error is None and route is not None and not route.public:
+                held = sorted(route.scopes & info.outcome.decision.claims.scopes) if info.outcome.decision.claims else []
+                info.checks.append(("scopes", "passed" if held else "FAILED",
+                                    f"token holds one of the route's scopes [{route.scopes_text}]"))
+        finally:
+            await cache.close()
+    return info
+
+
+async def explain(policy: Policy, method: str, path: str, *, token: str | None = None,
+                  scopes: list[str] | None = None, client_id: str | None = None, issuer: str | None = None,
+                  realm: str = "authz-service", leeway: float = 60.0) -> Explanation:
+    """Explain one request; a real ``token`` is verified for real, ``scopes``/``client_id`` are simulated."""
+    if token is not None:
+        info = await _explain_real(policy, method, path, token, realm, leeway)
+    elif scopes is not None or client_id is not None:
+        simulator = Simulator()
+        iss = issuer or policy.issuers[0].issuer
+        minted = simulator.token(iss, scopes or [], client_id)
+        who = f"simulated: a verified token from {iss} with scopes [{' '.join(scopes or [])}]"
+        info = Explanation(method, path, who + (f", client_id {client_id!r}" if client_id else ""))
+        info.outcome = await run_check(policy, simulator.verifier, method, path, minted, realm)
+    else:
+        info = Explanation(method, path, "none (no Authorization header)")
+        info.outcome = await run_check(policy, Simulator().verifier, method, path, None, realm)
+    info.candidates = candidates(policy, method, path)
+    return info
+
+
+def _token_issuer(policy: Policy, token: str) -> Issuer | None:
+    try:
+        iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
+    except (jwt.PyJWTError, UnicodeError, ValueError):
+        return None
+    return policy.issuers_by_iss.get(iss) if isinstance(iss, str) else None
+
+
+def render_text(info: Explanation, out: TextIO) -> None:
+    data = info.as_dict()
+    decision, route, answer = data["decision"], data["route"], data["response"]
+    print(f"request:   {info.method} {info.path}", file=out)
+    print(f"token:     {info.token}", file=out)
+    if route is None:
+        print("route:     none matches", file=out)
+    else:
+        methods = "any method" if route["methods"] is None else "|".join(route["methods"])
+        print(f"route:     routes[{route['index']}] {route['name']!r} ({methods} {route['path']}, "
+              f"{'public' if route['public'] else 'mode ' + route['mode']})", file=out)
+    if info.candidates:
+        print("why:       the most specific route wins; routes whose path pattern covers this path:", file=out)
+        for line in info.candidates:
+            print(f"             {line}", file=out)
+    elif decision["reason"] != "bad_request":
+        print("why:       no route's path pattern covers this path", file=out)
+    if route is not None and not route["public"]:
+        present = data["present_scopes"]
+        print(f"required:  any of [{' '.join(data['required_scopes'])}]", file=out)
+        if present is not None:
+            held = sorted(set(present) & set(data["required_scopes"]))
+            print(f"present:   [{' '.join(present)}] -> {'holds ' + ' '.join(held) if held else 'none of them'}",
+                  file=out)
+    if info.checks:
+        print("checks:", file=out)
+        for name, result, detail in info.checks:
+            print(f"  {result:<12} {name:<10} {detail}", file=out)
+    verdict = "ALLOW" if decision["envoy"] == "allow" else "DENY"
+    if decision["dry_run"]:
+        verdict = f"ALLOW (dry-run: would be DENY {decision['status']})"
+    print(f"decision:  {verdict}, reason {decision['reason']}"
+          + (f": {decision['description']}" if decision["description"] else ""), file=out)
+    print("envoy:", file=out)
+    if answer["allowed"]:
+        print("  forwards the request upstream with:", file=out)
+        for name, value in answer["upstream_headers_set"]:
+            print(f"    {name}: {value}", file=out)
+        if answer["upstream_headers_removed"]:
+            print(f"  and removes: {', '.join(answer['upstream_headers_removed'])}", file=out)
+    else:
+        print(f"  HTTP {answer['status']}", file=out)
+        for name, value in answer["headers"]:
+            print(f"  {name}: {value}", file=out)
+        print("", file=out)
+        print(f"  {answer['body']}", file=out)
+
+
+def read_token(args: argparse.Namespace) -> str | None:
+    """The token from --token or --token-file ('-': stdin), stripped; None when neither was given."""
+    if args.token is not None:
+        return args.token.strip()
+    if args.token_file is None:
+        return None
+    text = sys.stdin.read() if args.token_file == "-" else Path(args.token_file).read_text(encoding="utf-8")
+    return text.strip()
+
+
+def explain_command(args: argparse.Namespace, out: TextIO) -> int:
+    """Exit 0 when Envoy would let the request through, 1 when it would deny, 2 on unusable input."""
+    try:
+        policy = load_policy_file(args.policy)
+        token = read_token(args)
+    except PolicyError as exc:
+        print(f"authz-service explain: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"authz-service explain: error: cannot read the token: {exc}", file=sys.stderr)
+        return 2
+    scopes = args.scopes.split() if args.scopes is not None else None
+    info = asyncio.run(explain(policy, args.method, args.path, token=token, scopes=scopes,
+                               client_id=args.client_id, issuer=args.issuer, realm=args.realm, leeway=args.leeway))
+    if args.json:
+        print(json.dumps(info.as_dict(), indent=2), file=out)
+    else:
+        render_text(info, out)
+    assert info.outcome is not None
+    return 0 if info.outcome.decision.allowed else 1

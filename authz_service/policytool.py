@@ -1,0 +1,394 @@
+"""Policy tooling for the people who edit the route ConfigMap: `validate` (errors + lints) and `test`.
+
+Why a separate module: the loader (``policy``) decides what the server accepts; this module only
+adds advice on top (warnings never change what the server loads) and runs table-driven
+expectations through the real request -> decision -> response path (``simulate``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from .policy import OTHER_SEGMENT, Policy, PolicyError, Route, check_policy, pattern_matches, where_text
+from .simulate import Simulator, run_check
+from .yamlfile import YamlError, compose_yaml, load_strict_yaml, locate
+
+STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+# Scopes a user pool knows but a client_credentials (machine-to-machine) token can never carry.
+USER_POOL_SCOPES = frozenset({"openid", "email", "phone", "profile", "aws.cognito.signin.user.admin"})
+# Cognito custom scopes are "<resource server identifier>/<scope name>"; the identifier may itself
+# contain '/' (e.g. a URL), the scope name may not.
+_CUSTOM_SCOPE = re.compile(r"^\S+/[^/\s]+\Z")
+_UNLISTED_METHOD = "X-UNLISTED-METHOD"  # stands for every method no route lists
+
+
+@dataclass(frozen=True, slots=True)
+class Lint:
+    """One lint finding: where (file:line:col + document place), what, and the fix."""
+
+    source: str
+    line: int | None
+    column: int | None
+    where: str
+    what: str
+    hint: str
+
+    def __str__(self) -> str:
+        place = f"{self.source}:{self.line}:{self.column}" if self.line is not None else self.source
+        return f"{place}: warning: {self.where}: {self.what}; {self.hint}"
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Everything `validate` found in one file."""
+
+    source: str
+    policy: Policy | None
+    errors: list[PolicyError]
+    warnings: list[Lint]
+
+
+# --- validate ------------------------------------------------------------------------------------
+
+
+def validate_file(path: Path | str) -> Report:
+    """Load like the server does (collecting every error), then lint what loaded."""
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return Report(source, None, [PolicyError(f"{source}: cannot read policy file: {exc.strerror or exc}")], [])
+    policy, errors = check_policy(data, source)
+    warnings = lint(policy, data.decode("utf-8")) if policy is not None else []
+    return Report(source, policy, errors, warnings)
+
+
+def lint(policy: Policy, text: str) -> list[Lint]:
+    """Warnings about a policy that loads: each one is legal but very likely not what was meant."""
+    tree = compose_yaml(text)
+    raw_routes = load_strict_yaml(text, policy.source)["routes"]
+
+    def warn(where: tuple[str | int, ...], what: str, hint: str) -> Lint:
+        mark = locate(tree, where)
+        return Lint(policy.source, mark.line + 1 if mark else None, mark.column + 1 if mark else None,
+                        where_text(where), what, hint)
+
+    out: list[Lint] = []
+    for route, raw in zip(policy.routes, raw_routes):
+        out.extend(_lint_methods(route, raw, warn))
+        out.extend(_lint_scopes(route, raw, warn))
+    out.extend(_lint_reachability(policy, warn))
+    out.sort(key=lambda w: (w.line or 0, w.column or 0))
+    return out
+
+
+def _lint_methods(route: Route, raw: dict[str, Any], warn: Any) -> list[Lint]:
+    out = []
+    for j, method in enumerate(raw.get("methods") or ()):
+        if method in STANDARD_METHODS:
+            continue
+        close = difflib.get_close_matches(method, STANDARD_METHODS, n=1, cutoff=0.5)
+        hint = (f"did you mean {close[0]!r}?" if close
+                else f"standard methods are {', '.join(STANDARD_METHODS)}; a custom method is matched exactly")
+        out.append(warn(("routes", route.index, "methods", j), f"{method!r} is not a standard HTTP method", hint))
+    return out
+
+
+def _lint_scopes(route: Route, raw: dict[str, Any], warn: Any) -> list[Lint]:
+    out = []
+    seen: set[str] = set()
+    for j, scope in enumerate(raw.get("scopes") or ()):
+        where = ("routes", route.index, "scopes", j)
+        if scope in seen:
+            out.append(warn(where, f"scope {scope!r} is listed twice", "remove the duplicate"))
+        seen.add(scope)
+        if scope in USER_POOL_SCOPES:
+            out.append(warn(where, f"{scope!r} is a user-pool (OpenID) scope; machine-to-machine "
+                                   "(client_credentials) tokens never carry it",
+                            "require a custom scope '<resource server identifier>/<scope name>'"))
+        elif not _CUSTOM_SCOPE.match(scope):
+            out.append(warn(where, f"{scope!r} is not shaped '<resource server identifier>/<scope name>', "
+                                   "so no Cognito client_credentials token can carry it",
+                            f"write the full custom scope, e.g. 'transactions/{scope}'"))
+    return out
+
+
+def _example(route: Route) -> tuple[str, ...]:
+    """A concrete path the route's own pattern covers (params and /** filled in)."""
+    if route.path in ("/", "/**"):
+        return ()
+    parts = []
+    for part in route.path[1:].split("/"):
+        if part == "**":
+            break
+        parts.append("x" if part.startswith("{") else part)
+    return tuple(parts)
+
+
+def _show(segments: tuple[str, ...]) -> str:
+    return "/" + "/".join("x" if s == OTHER_SEGMENT else s for s in segments)
+
+
+@dataclass(frozen=True, slots=True)
+class Reach:
+    """Which requests reach which route, over every class of request path (see reachability)."""
+
+    chosen: dict[int, set[str]]  # route index -> methods for which some path reaches it
+    plain: set[int]  # routes reached by some path without a trailing '/'
+    holes: dict[tuple[int, int], tuple[str, tuple[str, ...]]]  # (public, protected) -> an example request
+
+
+def reachability(policy: Policy) -> Reach | None:
+    """Run every class of request path the matcher can tell apart (Policy.representative_paths)
+    through the real ``Policy.match`` for every listed method, every standard method and one
+    unlisted method. Exact, not heuristic; None when the policy has too many path classes."""
+    paths = policy.representative_paths()
+    if paths is None:
+        return None
+    listed = {m for r in policy.routes for m in r.methods or ()}
+    methods = [*STANDARD_METHODS, *sorted(listed - set(STANDARD_METHODS)), _UNLISTED_METHOD]
+    reach = Reach(defaultdict(set), set(), {})
+    protected = [r for r in policy.routes if not r.public]
+    for segments in paths:
+        for method in methods:
+            route = policy.match(method, segments)
+            if route is None:
+                continue
+            reach.chosen[route.index].add(method)
+            if not segments or segments[-1] != "":
+                reach.plain.add(route.index)
+            if route.public:
+                for other in protected:
+                    if (route.index, other.index) not in reach.holes and (
+                        other.methods is None or method in other.methods
+                    ) and pattern_matches(other.path, segments):
+                        reach.holes[(route.index, other.index)] = (method, segments)
+    return reach
+
+
+def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
+    """Routes (or methods of a route) that no request can reach, and public routes that carve holes."""
+    reach = reachability(policy)
+    if reach is None:
+        return []  # too many path classes to enumerate; reachability is not checked (documented)
+    chosen, plain, holes = reach.chosen, reach.plain, reach.holes
+    out = []
+    for route in policy.routes:
+        where = ("routes", route.index, "path")
+        listed = sorted(route.methods) if route.methods is not None else None
+        reached = chosen[route.index]
+        never = [m for m in listed if m not in reached] if listed is not None else ([] if reached else ["any"])
+        if never and (listed is None or len(never) == len(listed)):
+            method = (listed or ["GET"])[0]
+            taker = policy.match(method, _example(route))
+            example = f" (e.g. {method} {_show(_example(route))} goes to {taker.name!r})" if taker else ""
+            out.append(warn(where, f"route {route.name!r} can never match: every request it covers is taken by "
+                                   f"more specific routes{example}", "remove it or change its path or methods"))
+        elif never:
+            out.append(warn(where, f"route {route.name!r}: {', '.join(never)} never reach this route, more specific "
+                                   "routes take every such request", f"remove {', '.join(never)} from its methods"))
+        elif reached and route.index not in plain:
+            out.append(warn(where, f"route {route.name!r} only matches paths ending in '/': more specific routes "
+                                   "take every other request it covers", "remove it or change its path"))
+    by_public: dict[int, list[str]] = defaultdict(list)
+    for (public_i, protected_i), (method, segments) in sorted(holes.items()):
+        shown = "any method" if method == _UNLISTED_METHOD else method
+        by_public[public_i].append(f"{policy.routes[protected_i].name!r} (e.g. {shown} {_show(segments)})")
+    for public_i, shadowed in by_public.items():
+        out.append(warn(("routes", public_i, "public"),
+                        f"public route {policy.routes[public_i].name!r} is more specific than protected route"
+                        f"{'s' if len(shadowed) > 1 else ''} {', '.join(shadowed)}: those requests pass without a token",
+                        "if that hole is not intended, narrow the public route's path or methods, "
+                        "or remove 'public: true'"))
+    return out
+
+
+def print_report(report: Report, out: TextIO) -> None:
+    for error in report.errors:
+        print(f"{error}", file=out)
+    for warning in report.warnings:
+        print(str(warning), file=out)
+    if report.policy is not None:
+        issuers = len(report.policy.issuers)
+        status = "OK" if not report.warnings else "OK with warnings"
+        print(f"{report.source}: {status}: {len(report.policy.routes)} routes, {issuers} issuer"
+              f"{'s' if issuers != 1 else ''}, {len(report.warnings)} warning{'s' if len(report.warnings) != 1 else ''}",
+              file=out)
+    else:
+        print(f"{report.source}: REFUSED: {len(report.errors)} error{'s' if len(report.errors) != 1 else ''}"
+              f" (the server would not load this file)", file=out)
+
+
+def validate_command(paths: list[Path], strict: bool, out: TextIO) -> int:
+    """Exit code for CI: 1 when any file is refused (or, with ``strict``, has warnings)."""
+    failed = False
+    for path in paths:
+        report = validate_file(path)
+        print_report(report, out)
+        failed |= bool(report.errors) or (strict and bool(report.warnings))
+    return 1 if failed else 0
+
+
+# --- test ----------------------------------------------------------------------------------------
+
+_TEST_KEYS = {"name", "method", "path", "scopes", "client_id", "issuer", "token", "expect", "status", "route",
+              "reason"}
+_EXPECT = ("allow", "deny", "dry_run_deny")
+
+
+class CaseFileError(ValueError):
+    """A tests file we cannot run; the message names file:line:column and the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """One expectation: a request (and who sends it) -> the decision Envoy would get."""
+
+    name: str
+    line: int
+    method: str
+    path: str
+    token: bool  # False: the request carries no Authorization header
+    scopes: tuple[str, ...]
+    client_id: str | None
+    issuer: str | None
+    expect: str
+    status: int | None
+    route: str | None
+    reason: str | None
+
+
+def load_tests(path: Path | str) -> list[Case]:
+    """Parse a tests file strictly (unknown keys and wrong types are errors with a line)."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CaseFileError(f"{source}: cannot read tests file: {exc}") from None
+    try:
+        doc = load_strict_yaml(text, source)
+    except YamlError as exc:
+        raise CaseFileError(str(exc)) from None
+    tree = compose_yaml(text)
+
+    def fail(where: tuple[str | int, ...], problem: str, key: str | None = None) -> CaseFileError:
+        mark = locate(tree, (*where, key) if key is not None else where, at_key=key is not None)
+        place = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        return CaseFileError(f"{place}: {where_text(where)}: {problem}")
+
+    if not isinstance(doc, dict) or set(doc) != {"tests"} or not isinstance(doc["tests"], list) or not doc["tests"]:
+        raise fail((), "a tests file is a mapping with one key, 'tests': a non-empty list of cases")
+    cases = []
+    for i, item in enumerate(doc["tests"]):
+        where: tuple[str | int, ...] = ("tests", i)
+        if not isinstance(item, dict):
+            raise fail(where, "each test is a mapping with method, path and expect")
+        for key in item:
+            if key not in _TEST_KEYS:
+                raise fail(where, f"unknown key {key!r}; allowed keys: {', '.join(sorted(_TEST_KEYS))}",
+                           key if isinstance(key, str) else None)
+        for key in ("method", "path", "expect"):
+            if not isinstance(item.get(key), str) or not item[key]:
+                raise fail((*where, key) if key in item else where, f"{key!r} is required and must be a string")
+        if item["expect"] not in _EXPECT:
+            raise fail((*where, "expect"), f"must be one of {', '.join(_EXPECT)}, got {item['expect']!r}")
+        scopes = item.get("scopes", [])
+        if not isinstance(scopes, list) or not all(isinstance(s, str) and s for s in scopes):
+            raise fail((*where, "scopes"), "must be a list of scope strings, e.g. [transactions/get]")
+        for key in ("client_id", "issuer", "route", "reason", "name"):
+            if key in item and (not isinstance(item[key], str) or not item[key]):
+                raise fail((*where, key), "must be a non-empty string")
+        status = item.get("status")
+        if status is not None and (not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599):
+            raise fail((*where, "status"), f"must be an HTTP status code, got {status!r}")
+        token = item.get("token", "scopes" in item or "client_id" in item)
+        if not isinstance(token, bool):
+            raise fail((*where, "token"), "must be true or false (false: send no Authorization header)")
+        mark = locate(tree, where)
+        cases.append(Case(
+            name=item.get("name") or f"{item['method']} {item['path']}", line=mark.line + 1 if mark else 0,
+            method=item["method"], path=item["path"], token=token, scopes=tuple(scopes),
+            client_id=item.get("client_id"), issuer=item.get("issuer"), expect=item["expect"], status=status,
+            route=item.get("route"), reason=item.get("reason"),
+        ))
+    return cases
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    case: Case
+    got: dict[str, object]
+    mismatches: list[str]  # field names that differ
+
+    @property
+    def passed(self) -> bool:
+        return not self.mismatches
+
+
+async def run_tests(policy: Policy, cases: list[Case]) -> list[Result]:
+    """Each case through parse -> decide -> render with a token holding exactly its scopes."""
+    simulator = Simulator()
+    results = []
+    for case in cases:
+        if case.issuer is not None and case.issuer not in policy.issuers_by_iss:
+            iss = case.issuer  # an untrusted issuer is a legitimate thing to test: it must be refused
+        else:
+            iss = case.issuer or policy.issuers[0].issuer
+        token = simulator.token(iss, list(case.scopes), case.client_id) if case.token else None
+        outcome = await run_check(policy, simulator.verifier, case.method, case.path, token)
+        decision = outcome.decision
+        got: dict[str, object] = {
+            "expect": "dry_run_deny" if decision.dry_run else ("allow" if decision.allowed else "deny"),
+            "status": 200 if decision.allowed else decision.status,
+            "route": decision.route.name if decision.route else None,
+            "reason": decision.reason.value,
+        }
+        wanted = {"expect": case.expect, "status": case.status, "route": case.route, "reason": case.reason}
+        mismatches = [k for k, v in wanted.items() if v is not None and got[k] != v]
+        results.append(Result(case, got, mismatches))
+    return results
+
+
+def _describe(values: dict[str, object]) -> str:
+    parts = [str(values["expect"])]
+    if values.get("status") is not None:
+        parts.append(str(values["status"]))
+    for key in ("route", "reason"):
+        if values.get(key) is not None:
+            parts.append(f"{key}={values[key]}")
+    return " ".join(parts)
+
+
+def tests_command(policy_path: Path, tests_path: Path, out: TextIO) -> int:
+    """Exit 0 when every expectation holds, 1 when one fails, 2 when a file cannot be used."""
+    report = validate_file(policy_path)
+    if report.policy is None:
+        print_report(report, out)
+        return 2
+    try:
+        cases = load_tests(tests_path)
+    except CaseFileError as exc:
+        print(str(exc), file=out)
+        return 2
+    results = asyncio.run(run_tests(report.policy, cases))
+    for result in results:
+        case = result.case
+        who = "no token" if not case.token else f"scopes [{' '.join(case.scopes)}]" + (
+            f" client {case.client_id}" if case.client_id else "")
+        if result.passed:
+            print(f"PASS  {case.name}: {case.method} {case.path} ({who}) -> {_describe(result.got)}", file=out)
+            continue
+        wanted = {"expect": case.expect, "status": case.status, "route": case.route, "reason": case.reason}
+        print(f"FAIL  {case.name} ({tests_path}:{case.line}): {case.method} {case.path} ({who})", file=out)
+        print(f"        expected: {_describe(wanted)}", file=out)
+        print(f"        got:      {_describe(result.got)}", file=out)
+        print(f"        differs:  {', '.join(result.mismatches)}", file=out)
+    failed = sum(not r.passed for r in results)
+    print(f"{len(results) - failed} passed, {failed} failed ({tests_path} against {policy_path})", file=out)
+    return 1 if failed else 0

@@ -1,0 +1,107 @@
+"""Run one request through the real request -> decision -> response path, outside the server.
+
+Why: `explain` and `test` must show what the service would do, so they use the same parser
+(``parse_check_request``), the same ``decide`` and the same ``Renderer``; nothing here decides.
+With ``--scopes`` instead of a real token, a token is minted and signed with a throw-away RSA
+key that only this process trusts, so the real TokenVerifier (issuer, client allow-list, scopes)
+checks it: the simulation covers the policy, not Cognito's crypto.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.api_jwk import PyJWK
+
+from ._proto.envoy.service.auth.v3 import external_auth_pb2
+from .decision import Decision, Reason, decide, deny
+from .policy import Issuer, Policy
+from .request import BadRequest, HttpRequest, parse_check_request
+from .response import Renderer
+from .tokens import KeySource, TokenVerifier
+
+SIMULATED_KID = "authz-service-simulated"
+DEFAULT_CLIENT_ID = "simulated-client"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A decision and the exact CheckResponse Envoy would get for it."""
+
+    decision: Decision
+    request: HttpRequest | None
+    response: external_auth_pb2.CheckResponse
+
+
+def check_request(method: str, path: str, headers: dict[str, str]) -> external_auth_pb2.CheckRequest:
+    """The CheckRequest Envoy sends for this request (the attributes our parser reads)."""
+    check = external_auth_pb2.CheckRequest()
+    http = check.attributes.request.http
+    http.method = method
+    http.path = path
+    for name, value in headers.items():
+        http.headers[name.lower()] = value
+    return check
+
+
+async def run_check(
+    policy: Policy, verifier: TokenVerifier, method: str, path: str, token: str | None, realm: str = "authz-service"
+) -> Outcome:
+    """What the server's Check does for one request (parse -> decide -> render), minus metrics and logs."""
+    headers = {"authorization": f"Bearer {token}"} if token is not None else {}
+    http: HttpRequest | None = None
+    try:
+        http = parse_check_request(check_request(method, path, headers))
+        decision = await decide(http, policy, verifier)
+    except BadRequest as exc:
+        decision = deny(Reason.BAD_REQUEST, 400, str(exc))
+    return Outcome(decision, http, Renderer(realm).render(decision, http))
+
+
+class _SimulatedKeys(KeySource):
+    """Trusts exactly one in-memory key, for every issuer of the policy."""
+
+    def __init__(self, public: PyJWK) -> None:
+        self._public = public
+
+    def key(self, issuer: Issuer, kid: str) -> PyJWK | None:
+        return self._public if kid == SIMULATED_KID else None
+
+    def has_keys(self, issuer: Issuer) -> bool:
+        return True
+
+    async def refetch(self, issuer: Issuer) -> None:
+        return None
+
+
+@lru_cache(maxsize=1)
+def _private_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+class Simulator:
+    """Mints Cognito-shaped access tokens for a policy's issuers and verifies them for real."""
+
+    def __init__(self) -> None:
+        private = _private_key()
+        public = PyJWK.from_dict(
+            {**jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key(), as_dict=True),
+             "kid": SIMULATED_KID, "alg": "RS256", "use": "sig"}
+        )
+        self._private = private
+        self.verifier = TokenVerifier(_SimulatedKeys(public))
+
+    def token(self, issuer: str, scopes: list[str], client_id: str | None = None) -> str:
+        """A client_credentials access token as Cognito shapes it, holding exactly ``scopes``."""
+        now = int(time.time())
+        client = client_id or DEFAULT_CLIENT_ID
+        claims = {
+            "sub": client, "token_use": "access", "scope": " ".join(scopes), "auth_time": now, "iss": issuer,
+            "exp": now + 300, "iat": now, "version": 2, "jti": str(uuid.uuid4()), "client_id": client,
+        }
+        return jwt.encode(claims, self._private, algorithm="RS256", headers={"kid": SIMULATED_KID})

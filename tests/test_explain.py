@@ -1,0 +1,144 @@
+"""`authz-service explain`: the route, the why, the checks and the exact answer Envoy would relay."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import free_port
+from tests.e2e.stack import DevIssuer, start_dev_issuer
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "authz_service" / "examples" / "policy.yaml"
+
+
+def explain(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "authz_service.cli", "explain", *args], capture_output=True,
+                          text=True, timeout=60, input=stdin)
+
+
+def test_simulated_token_without_the_scope_shows_the_exact_403():
+    run = explain("--policy", str(EXAMPLE), "--method", "POST", "--path", "/transactions",
+                  "--scopes", "transactions/get")
+    assert run.returncode == 1, run.stderr
+    out = run.stdout
+    assert "route:     routes[0] 'create-transaction' (POST /transactions, mode enforce)" in out
+    assert "routes[1] 'list-transactions': GET /transactions (does not list POST)" in out
+    assert "required:  any of [transactions/post]" in out
+    assert "present:   [transactions/get] -> none of them" in out
+    assert "decision:  DENY, reason insufficient_scope" in out
+    assert "  HTTP 403\n" in out
+    assert ('  www-authenticate: Bearer realm="authz-service", error="insufficient_scope", '
+            'error_description="token lacks a required scope", scope="transactions/post"') in out
+    assert '{"error":"insufficient_scope","error_description":"token lacks a required scope",' \
+           '"scope":"transactions/post"}' in out
+
+
+def test_allowed_request_shows_the_identity_headers_upstream_gets():
+    run = explain("--policy", str(EXAMPLE), "--method", "GET", "--path", "/transactions/7",
+                  "--scopes", "transactions/get other/x", "--client-id", "payments-reader", "--json")
+    assert run.returncode == 0, run.stderr
+    data = json.loads(run.stdout)
+    assert data["route"]["name"] == "get-transaction"
+    assert data["decision"] == {"envoy": "allow", "dry_run": False, "reason": "allowed", "status": 200,
+                                "description": ""}
+    assert data["response"]["upstream_headers_set"] == [
+        ["x-auth-client-id", "payments-reader"], ["x-auth-scopes", "transactions/get other/x"],
+        ["x-auth-sub", "payments-reader"]]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "error"),
+    [("DELETE", "/transactions/7", 403, "access_denied"), ("GET", "/transactions;x=1", 400, "invalid_request"),
+     ("POST", "/transactions", 401, "unauthorized")],
+)
+def test_denials_without_a_token(method, path, status, error):
+    run = explain("--policy", str(EXAMPLE), "--method", method, "--path", path, "--json")
+    assert run.returncode == 1
+    answer = json.loads(run.stdout)["response"]
+    assert answer["status"] == status and json.loads(answer["body"])["error"] == error
+
+
+def test_dry_run_route_is_shown_as_an_allow_that_would_deny(tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("issuers:\n  - user_pool_id: us-east-1_Abc123\nmode: dry-run\n"
+                      "routes:\n  - path: /a\n    scopes: [a/b]\n")
+    run = explain("--policy", str(policy), "--method", "GET", "--path", "/a", "--scopes", "a/c")
+    assert run.returncode == 0
+    assert "decision:  ALLOW (dry-run: would be DENY 403), reason insufficient_scope" in run.stdout
+
+
+def test_bad_policy_is_exit_2_with_the_loader_message(tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("issuers:\n  - user_pool_id: us-east-1_Abc123\nroutes:\n  - path: /a\n    methods: [get]\n"
+                      "    scopes: [a/b]\n")
+    run = explain("--policy", str(policy), "--method", "GET", "--path", "/a")
+    assert run.returncode == 2
+    assert f"{policy}:5:15: routes[0].methods[0]: 'get' is not an HTTP method" in run.stderr
+
+
+# --- real tokens: the JWKS is fetched from a real (dev) issuer over HTTP --------------------------
+
+
+@pytest.fixture(scope="module")
+def issuer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevIssuer]:
+    dev = start_dev_issuer(tmp_path_factory.mktemp("explain"), "us-east-1_Demo00001")
+    yield dev
+    dev.process.stop()
+
+
+@pytest.fixture
+def policy(tmp_path: Path, issuer: DevIssuer) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(EXAMPLE.read_text().replace("http://127.0.0.1:9000/us-east-1_Demo00001", issuer.issuer))
+    return path
+
+
+def test_real_token_every_check_passes_and_the_token_is_never_printed(issuer, policy):
+    token = issuer.token("payments-writer")
+    run = explain("--policy", str(policy), "--method", "POST", "--path", "/transactions", "--token-file", "-",
+                  stdin=token + "\n")
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    checks = [line.split()[:2] for line in lines if line.startswith("  passed") or line.startswith("  FAILED")]
+    assert checks == [["passed", n] for n in
+                      ("header", "issuer", "key", "signature", "times", "token_use", "client", "claims", "scopes")]
+    assert f"token:     real: {token[:8]}... ({len(token)} chars)" in run.stdout
+    assert "client_id='payments-writer'" in run.stdout
+    assert token not in run.stdout and token[8:40] not in run.stdout and token.split(".")[2] not in run.stdout
+    assert "x-auth-client-id: payments-writer" in run.stdout
+    reader = explain("--policy", str(policy), "--method", "POST", "--path", "/transactions", "--token",
+                     issuer.token("payments-reader"))
+    assert reader.returncode == 1
+    assert "  FAILED       scopes     token holds one of the route's scopes [transactions/post]" in reader.stdout
+
+
+def test_real_token_with_a_forged_payload_fails_at_the_signature(issuer, policy, tmp_path):
+    from tests.e2e.test_service_e2e import tamper
+
+    token_file = tmp_path / "token"
+    token_file.write_text(tamper(issuer.token("payments-reader")))
+    run = explain("--policy", str(policy), "--method", "POST", "--path", "/transactions", "--token-file",
+                  str(token_file), "--json")
+    assert run.returncode == 1
+    data = json.loads(run.stdout)
+    assert [(c["check"], c["result"]) for c in data["checks"]][2:5] == [
+        ("key", "passed"), ("signature", "FAILED"), ("times", "not checked")]
+    assert data["response"]["status"] == 401
+    assert json.loads(data["response"]["body"])["error_description"] == "token signature is invalid"
+
+
+def test_unreachable_jwks_is_shown_and_answers_503(issuer, tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"issuers:\n  - user_pool_id: us-east-1_Demo00001\n    issuer: {issuer.issuer}\n"
+                      f"    jwks_uri: http://127.0.0.1:{free_port()}/jwks.json\n"
+                      "routes:\n  - path: /a\n    scopes: [transactions/post]\n")
+    run = explain("--policy", str(policy), "--method", "GET", "--path", "/a", "--token", issuer.token("payments-writer"))
+    assert run.returncode == 1
+    assert "  FAILED       jwks" in run.stdout
+    assert "  FAILED       key        signing key with this kid in the issuer's JWKS: signing keys are not" in run.stdout
+    assert "  HTTP 503" in run.stdout

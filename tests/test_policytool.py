@@ -1,0 +1,284 @@
+"""`authz-service validate` (errors + lints) and `authz-service test` (table-driven expectations)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from authz_service.policy import PolicyError, parse_policy
+from authz_service.policytool import CaseFileError, lint, load_tests, reachability, validate_command, validate_file
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "authz_service" / "examples"
+ISSUERS = "issuers:\n  - user_pool_id: us-east-1_Abc123\n"
+
+
+def lints(routes: str) -> list[str]:
+    text = ISSUERS + "routes:\n" + textwrap.dedent(routes)
+    return [str(w) for w in lint(parse_policy(text, "p.yaml"), text)]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "authz_service.cli", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+# --- validate: errors ----------------------------------------------------------------------------
+
+
+def test_validate_reports_every_error_with_line_and_exits_1(tmp_path):
+    bad = tmp_path / "policy.yaml"
+    bad.write_text(ISSUERS + "routes:\n  - path: /a\n    methods: [get]\n    scopes: [r/x]\n"
+                   "  - path: /b\n    scope: [r/x]\n  - path: c\n    scopes: [r/x]\n")
+    run = cli("validate", str(bad))
+    assert run.returncode == 1
+    lines = run.stdout.splitlines()
+    assert lines[0] == f"{bad}:5:15: routes[0].methods[0]: 'get' is not an HTTP method; write 'GET'"
+    assert lines[1].startswith(f"{bad}:8:5: routes[1]: unknown key 'scope'")
+    assert lines[2].startswith(f"{bad}:9:11: routes[2].path: 'c' must start with '/'")
+    assert lines[3] == f"{bad}: REFUSED: 3 errors (the server would not load this file)"
+
+
+def test_validate_example_policy_is_clean():
+    run = cli("validate", str(EXAMPLES / "policy.yaml"), "--strict")
+    assert run.returncode == 0, run.stdout
+    assert run.stdout.strip().endswith("OK: 4 routes, 1 issuer, 0 warnings")
+
+
+def test_unreadable_file_is_an_error():
+    report = validate_file("/nonexistent/policy.yaml")
+    assert report.policy is None and "cannot read policy file" in str(report.errors[0])
+
+
+def test_warnings_exit_0_unless_strict(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(ISSUERS + "routes:\n  - path: /a\n    methods: [PSOT]\n    scopes: [r/x]\n")
+    out = io.StringIO()
+    assert validate_command([path], strict=False, out=out) == 0
+    assert "did you mean 'POST'?" in out.getvalue()
+    assert validate_command([path], strict=True, out=io.StringIO()) == 1
+
+
+# --- validate: lints -----------------------------------------------------------------------------
+
+
+def test_misspelled_method_gets_a_suggestion_with_its_line():
+    (warning,) = lints("  - path: /a\n    methods: [GET, PSOT]\n    scopes: [r/x]\n")
+    assert warning.startswith("p.yaml:5:18: warning: routes[0].methods[1]: 'PSOT' is not a standard HTTP method")
+    assert warning.endswith("did you mean 'POST'?")
+
+
+def test_duplicated_and_badly_shaped_scopes():
+    warnings = lints("  - path: /a\n    scopes: [tx/read, tx/read, read, openid, https://api.example.com/read]\n")
+    assert len(warnings) == 3, warnings
+    assert "routes[0].scopes[1]: scope 'tx/read' is listed twice" in warnings[0]
+    assert "routes[0].scopes[2]: 'read' is not shaped '<resource server identifier>/<scope name>'" in warnings[1]
+    assert "routes[0].scopes[3]: 'openid' is a user-pool (OpenID) scope" in warnings[2]
+
+
+def test_a_catch_all_taken_everywhere_by_more_specific_routes_can_never_match():
+    warnings = lints("""\
+      - name: catch-all
+        methods: [GET]
+        path: /**
+        scopes: [a/b]
+      - name: root
+        methods: [GET]
+        path: /
+        scopes: [a/b]
+      - name: deep
+        path: /{p}/**
+        scopes: [a/b]
+    """)
+    assert len(warnings) == 1, warnings
+    assert "route 'catch-all' can never match" in warnings[0] and "p.yaml:6:9:" in warnings[0]
+
+
+def test_a_catch_all_with_one_uncovered_path_is_not_flagged():
+    # Same as above without the "/" route: GET / still reaches the catch-all.
+    assert lints("""\
+      - name: catch-all
+        methods: [GET]
+        path: /**
+        scopes: [a/b]
+      - name: deep
+        path: /{p}/**
+        scopes: [a/b]
+    """) == []
+
+
+def test_methods_of_a_route_that_more_specific_routes_always_take():
+    warnings = lints("""\
+      - name: reports
+        methods: [GET, POST]
+        path: /reports/**
+        scopes: [a/b]
+      - name: reports-root
+        methods: [GET]
+        path: /reports
+        scopes: [a/b]
+      - name: report
+        methods: [GET]
+        path: /reports/{id}/**
+        scopes: [a/b]
+    """)
+    # GET /reports/ (trailing slash) still reaches 'reports' for GET: only "/x/" paths do.
+    assert warnings == [], warnings
+
+
+def test_route_only_reachable_with_trailing_slash():
+    warnings = lints("""\
+      - name: reports
+        path: /reports/**
+        scopes: [a/b]
+      - name: reports-root
+        path: /reports
+        scopes: [a/b]
+      - name: report
+        path: /reports/{id}/**
+        scopes: [a/b]
+    """)
+    assert len(warnings) == 1 and "only matches paths ending in '/'" in warnings[0], warnings
+
+
+def test_public_route_more_specific_than_a_protected_one_is_a_hole():
+    warnings = lints("""\
+      - name: tx
+        path: /transactions/**
+        scopes: [transactions/get]
+      - name: tx-one
+        methods: [GET]
+        path: /transactions/{id}
+        public: true
+    """)
+    assert len(warnings) == 1, warnings
+    assert "routes[1].public: public route 'tx-one' is more specific than protected route 'tx'" in warnings[0]
+    assert "GET /transactions/x" in warnings[0]
+
+
+def test_public_catch_all_below_protected_routes_is_not_a_hole():
+    assert lints("""\
+      - path: /**
+        public: true
+      - path: /api/x
+        scopes: [a/b]
+    """) == []
+
+
+# --- test ----------------------------------------------------------------------------------------
+
+
+def test_example_tests_pass_through_the_cli():
+    run = cli("test", str(EXAMPLES / "policy.yaml"), str(EXAMPLES / "policy-tests.yaml"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "11 passed, 0 failed" in run.stdout
+    assert "FAIL" not in run.stdout
+
+
+def test_a_broken_expectation_exits_1_with_a_readable_report(tmp_path):
+    tests = tmp_path / "t.yaml"
+    tests.write_text("tests:\n  - name: reader can create?\n    method: POST\n    path: /transactions\n"
+                     "    scopes: [transactions/get]\n    expect: allow\n    status: 200\n"
+                     "  - name: health\n    method: GET\n    path: /healthz\n    expect: allow\n")
+    run = cli("test", str(EXAMPLES / "policy.yaml"), str(tests))
+    assert run.returncode == 1
+    assert f"FAIL  reader can create? ({tests}:2): POST /transactions (scopes [transactions/get])" in run.stdout
+    assert "expected: allow 200" in run.stdout
+    assert "got:      deny 403 route=create-transaction reason=insufficient_scope" in run.stdout
+    assert "differs:  expect, status" in run.stdout
+    assert "PASS  health" in run.stdout
+    assert "1 passed, 1 failed" in run.stdout
+
+
+def test_client_allow_list_is_checked_by_the_real_verifier(tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("issuers:\n  - user_pool_id: us-east-1_Abc123\n    client_ids: [good]\n"
+                      "routes:\n  - path: /a\n    scopes: [a/b]\n")
+    tests = tmp_path / "t.yaml"
+    tests.write_text("tests:\n  - {method: GET, path: /a, scopes: [a/b], client_id: good, expect: allow}\n"
+                     "  - {method: GET, path: /a, scopes: [a/b], client_id: evil, expect: deny, status: 401,"
+                     " reason: client_not_allowed}\n")
+    run = cli("test", str(policy), str(tests))
+    assert run.returncode == 0, run.stdout
+
+
+def test_dry_run_expectation(tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text(ISSUERS + "routes:\n  - path: /a\n    scopes: [a/b]\n    mode: dry-run\n")
+    tests = tmp_path / "t.yaml"
+    tests.write_text("tests:\n  - {method: GET, path: /a, scopes: [a/c], expect: dry_run_deny, status: 200,"
+                     " reason: insufficient_scope}\n")
+    run = cli("test", str(policy), str(tests))
+    assert run.returncode == 0, run.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("tests:\n  - method: GET\n    path: /a\n    expect: allow\n    scope: [a/b]\n",
+         "t.yaml:5:5: tests[0]: unknown key 'scope'"),
+        ("tests:\n  - method: GET\n    path: /a\n    expect: maybe\n", "t.yaml:4:13: tests[0].expect: must be one of"),
+        ("tests:\n  - method: GET\n    expect: allow\n", "t.yaml:2:5: tests[0]: 'path' is required"),
+        ("tests:\n  - {method: GET, path: /a, expect: deny, status: '403'}\n", "tests[0].status"),
+        ("tests:\n  - {method: GET, path: /a, expect: deny, scopes: a/b}\n", "tests[0].scopes"),
+        ("tests: []\n", "non-empty list"),
+        ("cases: []\n", "one key, 'tests'"),
+    ],
+)
+def test_bad_tests_files_are_errors_with_a_line(tmp_path, text, message):
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    with pytest.raises(CaseFileError) as caught:
+        load_tests(path)
+    assert message in str(caught.value)
+    run = cli("test", str(EXAMPLES / "policy.yaml"), str(path))
+    assert run.returncode == 2 and message in run.stdout
+
+
+# --- the reachability analysis is exact: no concrete request reaches a route it calls unreachable ---
+
+SEGMENTS = ["a", "b", "{p}"]
+
+
+@st.composite
+def small_policies(draw: st.DrawFn) -> str:
+    routes = []
+    for i in range(draw(st.integers(1, 6))):
+        parts = draw(st.lists(st.sampled_from(SEGMENTS), max_size=3))
+        names = iter(f"{{p{k}}}" for k in range(9))
+        path = "/" + "/".join(next(names) if p == "{p}" else p for p in parts)
+        if draw(st.booleans()):
+            path = path.rstrip("/") + "/**"
+        methods = draw(st.sampled_from([None, ["GET"], ["POST"], ["GET", "POST"]]))
+        route = f"  - name: r{i}\n    path: '{path}'\n    scopes: [a/b]\n"
+        if methods:
+            route += f"    methods: [{', '.join(methods)}]\n"
+        routes.append(route)
+    return ISSUERS + "routes:\n" + "".join(routes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(small_policies(), st.lists(st.tuples(st.sampled_from(["GET", "POST", "PUT"]),
+                                            st.lists(st.sampled_from(["a", "b", "c", "zz"]), max_size=5),
+                                            st.booleans()), min_size=1, max_size=30))
+def test_every_concrete_request_reaches_only_routes_the_analysis_found_reachable(text, requests):
+    try:
+        policy = parse_policy(text, "p.yaml")
+    except PolicyError:
+        return  # conflicting routes: the loader refuses them, nothing to analyse
+    reach = reachability(policy)
+    assert reach is not None
+    for method, segments, trailing_slash in requests:
+        path = tuple(segments) + (("",) if trailing_slash and segments else ())
+        route = policy.match(method, path)
+        if route is None:
+            continue
+        assert method in reach.chosen[route.index], (route.name, method, path)
+        if not trailing_slash or not segments:
+            assert route.index in reach.plain, (route.name, method, path)
