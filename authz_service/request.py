@@ -4,12 +4,14 @@ The path rule (README "Security model"): Envoy normalizes paths with the hardene
 envoy/envoy.yaml, and this module refuses (400) any path that is not already in normal form, so
 the route we match is the resource the upstream will serve. Refused: no leading '/', '.' or '..'
 segments, '//' , backslashes, ';' path parameters, control or non-ASCII characters, malformed
-percent-escapes, and percent-encoded unreserved characters, '/', '\\', '%' or controls.
+percent-escapes, percent-encoded unreserved characters, '/', '\\', '%' or controls, and escaped
+bytes that are not valid UTF-8 (overlong forms).
 """
 
 from __future__ import annotations
 
 import re
+import urllib.parse
 from dataclasses import dataclass
 
 from ._proto.envoy.service.auth.v3 import external_auth_pb2
@@ -94,6 +96,12 @@ def normalized_path(target: str) -> str:
         for escape in _ESCAPE.finditer(path):
             if not _HEX2.match(escape[1]) or int(escape[1], 16) in _FORBIDDEN_ESCAPES:
                 raise BadRequest("path contains a malformed or disallowed percent-escape")
+        # Escaped bytes must decode as UTF-8: overlong forms like %c0%ae ('.' to lenient decoders)
+        # would otherwise pass as an opaque segment here and become a dot segment upstream.
+        try:
+            urllib.parse.unquote_to_bytes(path).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("path percent-escapes are not valid UTF-8") from None
     if "//" in path or "/./" in path or "/../" in path or path.endswith(("/.", "/..")):
         raise BadRequest("path is not normalized")
     return path
