@@ -74,8 +74,10 @@ class FakeIssuer:
                     issuer.held.set()
                     issuer._hold.wait(60)
                     issuer.held.clear()
+                self.close_connection = True  # no keep-alive: stop() really takes the issuer down
                 try:
                     self.send_response(status)
+                    self.send_header("Connection", "close")
                     self.send_header("Content-Type", ctype)
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
