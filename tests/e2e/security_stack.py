@@ -102,14 +102,17 @@ class SecurityStack:
         self._channel.close()
 
     def send(self, method: str, path: str, token: str | None = None,
-             headers: list[tuple[str, str]] | None = None, *, target: str | None = None) -> Answer:
-        """One request through Envoy; ``reached_upstream`` is what the app received meanwhile."""
+             headers: list[tuple[str, str]] | None = None, *, target: str | None = None,
+             observe: bool = True) -> Answer:
+        """One request through Envoy; ``reached_upstream`` is what the app received meanwhile
+        (only when ``observe``: concurrent senders tag requests and read the upstream log afterwards)."""
         sent = list(headers or [])
         if token is not None:
             sent.append(("Authorization", f"Bearer {token}"))
-        mark = self.upstream.mark()
+        mark = self.upstream.mark() if observe else 0
         status, response_headers, data = http_request(method, self.envoy.url(path), sent, target=target)
-        return Answer(status, {k.lower(): v for k, v in response_headers}, data, self.upstream.requests_since(mark))
+        reached = self.upstream.requests_since(mark) if observe else []
+        return Answer(status, {k.lower(): v for k, v in response_headers}, data, reached)
 
     def check(self, method: str, path: str, headers: dict[str, str] | None = None) -> Direct:
         """A CheckRequest straight to the service's gRPC port, as Envoy would build it."""
