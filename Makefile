@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv protos test unit e2e demo clean system-deps soak
+.PHONY: venv protos test unit e2e demo clean system-deps
 
 # The virtualenv with the package (editable) and everything the tests need.
 $(STAMP): pyproject.toml
@@ -43,5 +43,6 @@ clean:
 
 # Longer soak through a real Envoy (make test runs the same suite for 20 s).
 SOAK_SECONDS ?= 300
+.PHONY: soak
 soak: $(STAMP)
 	SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/pytest -q -s -p no:cacheprovider tests/e2e/test_soak_e2e.py
