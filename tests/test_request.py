@@ -225,3 +225,10 @@ def test_path_segments_round_trip(segments, query):
         return
     assert request.path == path
     assert request.segments == tuple(segments)
+
+
+@pytest.mark.parametrize("name", ["x-http-method-override", "x-http-method", "x-method-override",
+                                  "x_http_method_override", "x-http_method"])
+def test_method_override_headers_are_bad_requests(name):
+    with pytest.raises(BadRequest, match="method override"):
+        parse(headers={name: "DELETE"})

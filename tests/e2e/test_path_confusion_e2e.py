@@ -211,3 +211,16 @@ def test_case_and_trailing_slash_are_distinct_paths(stack: SecurityStack, method
     assert stack.check(method, path).status == status
     answer = stack.send(method, path)
     assert answer.status == status and answer.reached_upstream == []
+
+
+@pytest.mark.parametrize("name", ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override",
+                                  "x_http_method_override"])
+def test_method_override_headers_are_refused(stack: SecurityStack, name: str) -> None:
+    """Frameworks that honour these would run a different method than the one authorized (a reader
+    allowed to GET /transactions/7 could DELETE it): the decision must be about what the app runs."""
+    reader = stack.dev.token("payments-reader")
+    assert stack.send("GET", "/transactions/7", reader).status == 200
+    answer = stack.send("GET", "/transactions/7", reader, [(name, "DELETE")])
+    assert (answer.status, answer.error) == (400, "invalid_request") and answer.reached_upstream == []
+    direct = stack.check("GET", "/public/x", {name.lower(): "POST"})
+    assert direct.status == 400
