@@ -19,8 +19,10 @@ from ._proto.envoy.service.auth.v3 import external_auth_pb2
 MAX_PATH_LENGTH = 8192
 IDENTITY_HEADERS = ("x-auth-client-id", "x-auth-scopes", "x-auth-sub")
 _IDENTITY_SPELLINGS = frozenset(IDENTITY_HEADERS)
-# Frameworks that honour these run another method than the one we authorize (GET allowed, DELETE run).
-_METHOD_OVERRIDES = frozenset(("x-http-method-override", "x-http-method", "x-method-override"))
+# Frameworks that honour these run another method or path than the one we authorize (GET allowed,
+# DELETE run; /public allowed, X-Original-URL: /admin served).
+_OVERRIDES = frozenset(("x-http-method-override", "x-http-method", "x-method-override", "x-original-url",
+                        "x-rewrite-url"))
 _METHOD = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}\Z")  # RFC 9110 token
 # Visible ASCII except '\\' and ';' (see module docstring); '%' is checked separately.
 _PATH_CHARS = re.compile(r"^/[!$&'()*+,\-./0-9:=@A-Z_a-z~%]*\Z")
@@ -73,8 +75,8 @@ def parse_check_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
         dashed = name.replace("_", "-")
         if dashed in _IDENTITY_SPELLINGS:
             spoofed.append(name)
-        elif dashed in _METHOD_OVERRIDES:
-            raise BadRequest("method override headers are not accepted")
+        elif dashed in _OVERRIDES:
+            raise BadRequest(f"{dashed} (method or URL override) is not accepted")
     segments = tuple(path[1:].split("/")) if path != "/" else ()
     return HttpRequest(
         method=method,

@@ -228,7 +228,8 @@ def test_path_segments_round_trip(segments, query):
 
 
 @pytest.mark.parametrize("name", ["x-http-method-override", "x-http-method", "x-method-override",
-                                  "x_http_method_override", "x-http_method"])
-def test_method_override_headers_are_bad_requests(name):
-    with pytest.raises(BadRequest, match="method override"):
+                                  "x_http_method_override", "x-http_method", "x-original-url", "x-rewrite-url",
+                                  "x_original_url"])
+def test_method_and_url_override_headers_are_bad_requests(name):
+    with pytest.raises(BadRequest, match="override"):
         parse(headers={name: "DELETE"})

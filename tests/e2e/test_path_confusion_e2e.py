@@ -224,3 +224,11 @@ def test_method_override_headers_are_refused(stack: SecurityStack, name: str) ->
     assert (answer.status, answer.error) == (400, "invalid_request") and answer.reached_upstream == []
     direct = stack.check("GET", "/public/x", {name.lower(): "POST"})
     assert direct.status == 400
+
+
+@pytest.mark.parametrize("name", ["X-Original-URL", "X-Rewrite-URL", "x_original_url"])
+def test_url_override_headers_are_refused(stack: SecurityStack, name: str) -> None:
+    """IIS/Symfony-style apps serve X-Original-URL instead of the request line: /public/x allowed,
+    /admin served."""
+    answer = stack.send("GET", "/public/x", None, [(name, "/admin/users")])
+    assert (answer.status, answer.error) == (400, "invalid_request") and answer.reached_upstream == []
