@@ -45,3 +45,9 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+
+# Longer soak through a real Envoy (make test runs the same suite for 20 s).
+SOAK_SECONDS ?= 300
+.PHONY: soak
+soak: $(STAMP)
+	SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/pytest -q -s -p no:cacheprovider tests/e2e/test_soak_e2e.py

@@ -20,6 +20,9 @@ from .policy import Policy, PolicyError, load_policy_file
 log = logging.getLogger(__name__)
 
 
+_UNSET = object()
+
+
 def _signature(path: Path) -> tuple[int, int, int, int] | None:
     try:
         st = os.stat(path)
@@ -43,6 +46,7 @@ class PolicyReloader:
         self._metrics = metrics
         self._on_change = on_change
         self._seen = _signature(path)
+        self._pending: object = _UNSET  # a changed signature waiting to prove it is stable
         self._lock = asyncio.Lock()
         self.last_error: str | None = None
 
@@ -74,5 +78,21 @@ class PolicyReloader:
         """Poll the path forever (cancel to stop)."""
         while True:
             await asyncio.sleep(interval)
-            if _signature(self.path) != self._seen:
-                await self.reload("file changed")
+            await self.poll()
+
+    async def poll(self) -> bool:
+        """One poll: reload once a change has stayed put for a whole poll interval.
+
+        Why wait: a file rewritten in place (an editor, ``cp``, a shell redirect) can be caught half
+        written, and a truncated policy may still parse with its last routes missing, letting a
+        broader, weaker route match. A ConfigMap swap is atomic, so this only costs one interval.
+        """
+        current = _signature(self.path)
+        if current == self._seen:
+            self._pending = _UNSET
+            return False
+        if current != self._pending:
+            self._pending = current
+            return False
+        self._pending = _UNSET
+        return await self.reload("file changed")

@@ -4,12 +4,14 @@ The path rule (README "Security model"): Envoy normalizes paths with the hardene
 envoy/envoy.yaml, and this module refuses (400) any path that is not already in normal form, so
 the route we match is the resource the upstream will serve. Refused: no leading '/', '.' or '..'
 segments, '//' , backslashes, ';' path parameters, control or non-ASCII characters, malformed
-percent-escapes, and percent-encoded unreserved characters, '/', '\\', '%' or controls.
+percent-escapes, percent-encoded unreserved characters, '/', '\\', '%' or controls, and escaped
+bytes that are not valid UTF-8 (overlong forms).
 """
 
 from __future__ import annotations
 
 import re
+import urllib.parse
 from dataclasses import dataclass
 
 from ._proto.envoy.service.auth.v3 import external_auth_pb2
@@ -17,6 +19,10 @@ from ._proto.envoy.service.auth.v3 import external_auth_pb2
 MAX_PATH_LENGTH = 8192
 IDENTITY_HEADERS = ("x-auth-client-id", "x-auth-scopes", "x-auth-sub")
 _IDENTITY_SPELLINGS = frozenset(IDENTITY_HEADERS)
+# Frameworks that honour these run another method or path than the one we authorize (GET allowed,
+# DELETE run; /public allowed, X-Original-URL: /admin served).
+_OVERRIDES = frozenset(("x-http-method-override", "x-http-method", "x-method-override", "x-original-url",
+                        "x-rewrite-url"))
 _METHOD = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}\Z")  # RFC 9110 token
 # Visible ASCII except '\\' and ';' (see module docstring); '%' is checked separately.
 _PATH_CHARS = re.compile(r"^/[!$&'()*+,\-./0-9:=@A-Z_a-z~%]*\Z")
@@ -66,8 +72,11 @@ def parse_check_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
             authorization.append(value)
         elif name == "x-request-id":
             request_id = value[:128]
-        if name.replace("_", "-") in _IDENTITY_SPELLINGS:
+        dashed = name.replace("_", "-")
+        if dashed in _IDENTITY_SPELLINGS:
             spoofed.append(name)
+        elif dashed in _OVERRIDES:
+            raise BadRequest(f"{dashed} (method or URL override) is not accepted")
     segments = tuple(path[1:].split("/")) if path != "/" else ()
     return HttpRequest(
         method=method,
@@ -94,6 +103,12 @@ def normalized_path(target: str) -> str:
         for escape in _ESCAPE.finditer(path):
             if not _HEX2.match(escape[1]) or int(escape[1], 16) in _FORBIDDEN_ESCAPES:
                 raise BadRequest("path contains a malformed or disallowed percent-escape")
+        # Escaped bytes must decode as UTF-8: overlong forms like %c0%ae ('.' to lenient decoders)
+        # would otherwise pass as an opaque segment here and become a dot segment upstream.
+        try:
+            urllib.parse.unquote_to_bytes(path).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("path percent-escapes are not valid UTF-8") from None
     if "//" in path or "/./" in path or "/../" in path or path.endswith(("/.", "/..")):
         raise BadRequest("path is not normalized")
     return path

@@ -68,6 +68,8 @@ REFUSED = [
     "/a%5f", "/a%2d", "/a%30", "/a%61", "/a%2F", "/a%2f", "/a%5C", "/a%5c", "/a%25", "/a%252F", "/a%00", "/a%0a",
     "/a%7F", "/%2e%2e/a", "/a/%2e%2e", '/a"b', "/a<b", "/a{b}", "/a|b", "/a^b", "/a`b", "/a[b]",
     "/" + "a" * 9000,
+    # escaped bytes that are not UTF-8: overlong '.' (%c0%ae) and '/' (%c0%af), lone bytes, surrogates
+    "/a/%c0%ae%c0%ae/b", "/a%c0%af", "/a%C0%AE", "/a%ff", "/a%80", "/a%ed%a0%80",
 ]
 
 
@@ -223,3 +225,11 @@ def test_path_segments_round_trip(segments, query):
         return
     assert request.path == path
     assert request.segments == tuple(segments)
+
+
+@pytest.mark.parametrize("name", ["x-http-method-override", "x-http-method", "x-method-override",
+                                  "x_http_method_override", "x-http_method", "x-original-url", "x-rewrite-url",
+                                  "x_original_url"])
+def test_method_and_url_override_headers_are_bad_requests(name):
+    with pytest.raises(BadRequest, match="override"):
+        parse(headers={name: "DELETE"})

@@ -1,0 +1,156 @@
+"""The stack the security suites attack: dev issuer + scriptable fake issuer -> our service -> real Envoy
+-> echo upstream, plus a direct gRPC client for CheckRequests Envoy would never forward.
+
+Every answer carries what reached the upstream while it was in flight (the upstream's request
+log), so a test can prove that a deny never reached the app and an allow carried the identity.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+from .fake_issuer import FakeIssuer
+from .harness import EnvoyProcess, UpstreamProcess, http_request
+from .stack import DevIssuer, PolicyDir, Service
+
+POLICY = """
+issuers:
+  - user_pool_id: {fake_pool}
+    issuer: {fake_iss}
+    jwks_uri: {fake_jwks}
+    client_ids: [payments-writer, payments-reader]
+  - user_pool_id: us-east-1_Demo00001
+    issuer: {dev_iss}
+routes:
+  - name: create-transaction
+    methods: [POST]
+    path: /transactions
+    scopes: [transactions/post]
+  - name: get-transaction
+    methods: [GET]
+    path: /transactions/{{id}}
+    scopes: [transactions/get]
+  - name: admin
+    path: /admin/**
+    scopes: [admin/all]
+  - name: healthz
+    methods: [GET]
+    path: /healthz
+    public: true
+  - name: docs
+    methods: [GET]
+    path: /public/**
+    public: true
+"""
+
+
+def policy_text(fake: FakeIssuer, dev: DevIssuer, extra_routes: str = "") -> str:
+    return POLICY.format(fake_pool=fake.pool, fake_iss=fake.issuer, fake_jwks=fake.jwks_uri,
+                         dev_iss=dev.issuer) + extra_routes
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    reached_upstream: list[dict] = field(default_factory=list)
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+    @property
+    def error(self) -> str | None:
+        try:
+            return self.json().get("error")
+        except ValueError:
+            return None
+
+    @property
+    def description(self) -> str | None:
+        try:
+            return self.json().get("error_description")
+        except ValueError:
+            return None
+
+
+@dataclass
+class Direct:
+    """What the service itself answered to a CheckRequest (no Envoy in between)."""
+
+    grpc_code: int
+    status: int  # HTTP status Envoy would relay: 200 for OK, else denied_response.status.code
+    body: str
+    headers: dict[str, str]
+
+
+class SecurityStack:
+    def __init__(self, fake: FakeIssuer, dev: DevIssuer, policy: PolicyDir, service: Service,
+                 envoy: EnvoyProcess, upstream: UpstreamProcess, work: Path) -> None:
+        self.fake, self.dev, self.policy, self.service = fake, dev, policy, service
+        self.envoy, self.upstream, self.work = envoy, upstream, work
+        self._channel = grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}")
+        self._stub = external_auth_pb2_grpc.AuthorizationStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def send(self, method: str, path: str, token: str | None = None,
+             headers: list[tuple[str, str]] | None = None, *, target: str | None = None,
+             observe: bool = True) -> Answer:
+        """One request through Envoy; ``reached_upstream`` is what the app received meanwhile
+        (only when ``observe``: concurrent senders tag requests and read the upstream log afterwards)."""
+        sent = list(headers or [])
+        if token is not None:
+            sent.append(("Authorization", f"Bearer {token}"))
+        mark = self.upstream.mark() if observe else 0
+        status, response_headers, data = http_request(method, self.envoy.url(path), sent, target=target)
+        reached = self.upstream.requests_since(mark) if observe else []
+        return Answer(status, {k.lower(): v for k, v in response_headers}, data, reached)
+
+    def check(self, method: str, path: str, headers: dict[str, str] | None = None) -> Direct:
+        """A CheckRequest straight to the service's gRPC port, as Envoy would build it."""
+        req = external_auth_pb2.CheckRequest()
+        http = req.attributes.request.http
+        http.method = method
+        http.path = path
+        for name, value in (headers or {}).items():
+            http.headers[name] = value
+        resp = self._stub.Check(req, timeout=10)
+        if resp.HasField("denied_response"):
+            denied = resp.denied_response
+            return Direct(resp.status.code, denied.status.code, denied.body,
+                          {h.header.key: h.header.value for h in denied.headers})
+        ok = resp.ok_response
+        return Direct(resp.status.code, 200, "", {h.header.key: h.header.value for h in ok.headers})
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *service_args: str,
+                         fake: FakeIssuer | None = None) -> SecurityStack:
+    """Dev issuer + fake issuer (started here unless given) + service (its CLI) + Envoy (shipped config)."""
+    from .stack import start_dev_issuer, start_service
+
+    fake = fake or FakeIssuer().start()
+    dev = start_dev_issuer(work, "us-east-1_Demo00001")
+    policy = PolicyDir(work / "config")
+    policy.write(policy_text(fake, dev))
+    service = start_service(work, policy.path, *service_args)
+    envoy = envoy_factory(service.grpc_port)
+    return SecurityStack(fake, dev, policy, service, envoy, upstream, work)
+
+
+def stop_security_stack(stack: SecurityStack) -> None:
+    stack.close()
+    stack.service.process.stop()
+    stack.dev.process.stop()
+    stack.fake.stop()

@@ -1,0 +1,228 @@
+"""Token attacks through a real Envoy: each is denied with the right status and reason, nothing reaches
+the app, and the service keeps serving. Forged tokens are signed with keys the test controls and
+published by a fake (scriptable) issuer the policy trusts; the positive controls use the dev issuer's
+/oauth2/token over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Callable, Iterator
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from .fake_issuer import FakeIssuer, rsa_key
+from .harness import UpstreamProcess
+from .security_stack import SecurityStack, bearer, start_security_stack, stop_security_stack
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess,
+          module_envoy_factory) -> Iterator[SecurityStack]:
+    s = start_security_stack(tmp_path_factory.mktemp("token-attacks"), upstream, module_envoy_factory)
+    yield s
+    stop_security_stack(s)
+
+
+def b64(data: bytes | str) -> str:
+    if isinstance(data, str):
+        data = data.encode()
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def raw_jws(header: dict | bytes, payload: dict | bytes, sign: Callable[[bytes], bytes]) -> str:
+    """Hand-built compact JWS, so we can send what PyJWT would refuse to produce."""
+    h = header if isinstance(header, bytes) else json.dumps(header).encode()
+    p = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    signing_input = f"{b64(h)}.{b64(p)}".encode()
+    return f"{signing_input.decode()}.{b64(sign(signing_input))}"
+
+
+def rs256(signing_input: bytes) -> bytes:
+    return jwt.get_algorithm_by_name("RS256").sign(signing_input, rsa_key("kid-1"))
+
+
+def claims(fake: FakeIssuer, **overrides) -> dict:
+    now = int(time.time())
+    out = {"sub": "payments-writer", "token_use": "access", "scope": "transactions/post", "auth_time": now,
+           "iss": fake.issuer, "exp": now + 3600, "iat": now, "version": 2, "jti": "j", "client_id": "payments-writer"}
+    out.update(overrides)
+    return out
+
+
+def alg_none(f: FakeIssuer) -> str:
+    return raw_jws({"alg": "none", "kid": "kid-1"}, claims(f), lambda _: b"")
+
+
+def hs256_with_public_key(f: FakeIssuer) -> str:
+    pem = rsa_key("kid-1").public_key().public_bytes(serialization.Encoding.PEM,
+                                                    serialization.PublicFormat.SubjectPublicKeyInfo)
+    return raw_jws({"alg": "HS256", "kid": "kid-1"}, claims(f), lambda m: hmac.new(pem, m, hashlib.sha256).digest())
+
+
+def duplicated_claims(f: FakeIssuer) -> str:
+    # Signed correctly by the trusted key; the payload names scope twice (the second one grants).
+    body = json.dumps(claims(f, scope="transactions/get"))[:-1] + ', "scope": "transactions/post"}'
+    return raw_jws({"alg": "RS256", "kid": "kid-1"}, body.encode(), rs256)
+
+
+# (id, token factory, status, body error, error_description)
+ATTACKS: list[tuple[str, Callable[[FakeIssuer], str], int, str, str]] = [
+    ("alg-none", alg_none, 401, "invalid_token", "unsupported token algorithm (RS256 required)"),
+    ("hs256-public-key-as-secret", hs256_with_public_key, 401, "invalid_token",
+     "unsupported token algorithm (RS256 required)"),
+    ("foreign-key-known-kid", lambda f: f.token(key=rsa_key("attacker")), 401, "invalid_token",
+     "token signature is invalid"),
+    ("unknown-kid", lambda f: f.token(kid="kid-unknown", key=rsa_key("attacker")), 401, "invalid_token",
+     "token signed with an unknown key"),
+    ("kid-path-traversal", lambda f: f.token(kid="../../../../etc/passwd", key=rsa_key("attacker")), 401,
+     "invalid_token", "token signed with an unknown key"),
+    ("kid-sql", lambda f: f.token(kid="x' OR '1'='1'; --", key=rsa_key("attacker")), 401, "invalid_token",
+     "token signed with an unknown key"),
+    ("kid-missing", lambda f: f.token(header={"kid": None}), 401, "invalid_token", "token header has no valid kid"),
+    ("kid-not-a-string", lambda f: raw_jws({"alg": "RS256", "kid": 1}, claims(f), rs256), 401, "invalid_token",
+     "malformed token"),
+    ("jku-header", lambda f: f.token(header={"jku": "http://evil.example/jwks"}), 401, "invalid_token",
+     "token header must not carry keys"),
+    ("expired", lambda f: f.token(exp=int(time.time()) - 3600), 401, "invalid_token", "token expired"),
+    ("nbf-future", lambda f: f.token(nbf=int(time.time()) + 3600), 401, "invalid_token", "token not yet valid"),
+    ("iat-far-future", lambda f: f.token(iat=int(time.time()) + 86400 * 365), 401, "invalid_token",
+     "token not yet valid"),
+    ("no-exp", lambda f: f.token(exp=None), 401, "invalid_token", "token has no exp claim"),
+    ("wrong-iss", lambda f: f.token(iss="https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Evil00001"), 401,
+     "invalid_token", "token issuer is not trusted"),
+    ("iss-trailing-slash", lambda f: f.token(iss=f.issuer + "/"), 401, "invalid_token", "token issuer is not trusted"),
+    ("iss-different-case", lambda f: f.token(iss=f.issuer.replace("cognito-idp", "Cognito-IDP")), 401,
+     "invalid_token", "token issuer is not trusted"),
+    ("iss-pool-case", lambda f: f.token(iss=f.issuer.lower()), 401, "invalid_token", "token issuer is not trusted"),
+    ("iss-not-a-string", lambda f: raw_jws({"alg": "RS256", "kid": "kid-1"}, claims(f, iss=["x"]), rs256), 401, "invalid_token", "token issuer is not trusted"),
+    ("token-use-id", lambda f: f.token(token_use="id"), 401, "invalid_token",
+     "not an access token (token_use must be access)"),
+    ("client-not-allowed", lambda f: f.token(client_id="reporting"), 401, "invalid_token", "client is not allowed"),
+    ("scope-list", lambda f: f.token(scope=["transactions/post"]), 401, "invalid_token",
+     "scope claim must be a string"),
+    ("scope-number", lambda f: f.token(scope=7), 401, "invalid_token", "scope claim must be a string"),
+    ("scope-superstring", lambda f: f.token(scope="transactions/postx"), 403, "insufficient_scope",
+     "token lacks a required scope"),
+    ("scope-prefix", lambda f: f.token(scope="transactions"), 403, "insufficient_scope", "token lacks a required scope"),
+    ("scope-prefix-2", lambda f: f.token(scope="transactions/pos"), 403, "insufficient_scope",
+     "token lacks a required scope"),
+    ("scope-joined", lambda f: f.token(scope="transactions/get,transactions/post"), 403, "insufficient_scope",
+     "token lacks a required scope"),
+    ("scope-case", lambda f: f.token(scope="Transactions/Post"), 403, "insufficient_scope",
+     "token lacks a required scope"),
+    ("duplicated-claims", duplicated_claims, 401, "invalid_token", "malformed token"),
+    ("extra-segments", lambda f: f.token() + ".AAAA", 401, "invalid_token", "malformed token"),
+    ("two-segments", lambda f: f.token().rsplit(".", 1)[0], 401, "invalid_token", "malformed token"),
+    ("bad-base64-header", lambda f: "A." + f.token().split(".", 1)[1],
+     401, "invalid_token", "malformed token"),
+    ("bad-json-header", lambda f: b64("{not json") + "." + f.token().split(".", 1)[1], 401, "invalid_token",
+     "malformed token"),
+    ("bad-json-payload", lambda f: raw_jws({"alg": "RS256", "kid": "kid-1"}, b'{"iss": ', rs256), 401,
+     "invalid_token", "malformed token"),
+    ("payload-not-object", lambda f: raw_jws({"alg": "RS256", "kid": "kid-1"}, b"[1, 2]", rs256), 401,
+     "invalid_token", "malformed token"),
+    ("non-utf8-header-segment", lambda f: b64(b"\xff\xfe{}") + "." + f.token().split(".", 1)[1], 401,
+     "invalid_token", "malformed token"),
+    ("non-utf8-payload", lambda f: raw_jws({"alg": "RS256", "kid": "kid-1"}, b'{"iss": "\xff"}', rs256), 401,
+     "invalid_token", "malformed token"),
+    ("too-large-for-service", lambda f: f.token(pad="x" * 20_000), 401, "invalid_token", "token too large"),
+]
+
+
+@pytest.mark.parametrize(("factory", "status", "error", "description"), [a[1:] for a in ATTACKS],
+                         ids=[a[0] for a in ATTACKS])
+def test_token_attack_is_denied_and_never_reaches_the_app(stack: SecurityStack, factory, status: int, error: str,
+                                                          description: str) -> None:
+    token = factory(stack.fake)
+    answer = stack.send("POST", "/transactions", token)
+    assert (answer.status, answer.error, answer.description) == (status, error, description), answer.body
+    assert answer.reached_upstream == []
+    assert token not in answer.body.decode() and token not in answer.headers.get("www-authenticate", "")
+    stack.service.process.check_alive()
+
+
+def test_positive_controls_are_allowed(stack: SecurityStack) -> None:
+    """The attacks above fail for the stated reason, not because nothing is ever allowed."""
+    forged_ok = stack.fake.token(scope="transactions/get transactions/post")
+    answer = stack.send("POST", "/transactions", forged_ok)
+    assert answer.status == 200
+    assert answer.reached_upstream[0]["headers"]["x-auth-client-id"] == ["payments-writer"]
+    real = stack.dev.token("payments-writer")  # real issuer, real /oauth2/token
+    answer = stack.send("POST", "/transactions", real)
+    assert answer.status == 200 and len(answer.reached_upstream) == 1
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "error"),
+    [
+        ([("Authorization", "Bearer")], 400, "invalid_request"),
+        ([("Authorization", "Bearer ")], 400, "invalid_request"),
+        ([("Authorization", "Bearer a.b.c d.e.f")], 400, "invalid_request"),
+        ([("Authorization", "Bearer  a.b.c")], 400, "invalid_request"),
+        ([("Authorization", "Basic cGF5bWVudHMtd3JpdGVyOnNlY3JldA==")], 401, "unauthorized"),
+        ([("Authorization", "Token abc")], 401, "unauthorized"),
+        ([("Authorization", "Bearer a.b.c,Bearer d.e.f")], 400, "invalid_request"),
+    ],
+    ids=["bearer-alone", "bearer-space", "two-tokens", "double-space", "basic", "other-scheme", "comma-joined"],
+)
+def test_malformed_authorization_headers(stack: SecurityStack, headers, status: int, error: str) -> None:
+    answer = stack.send("POST", "/transactions", headers=headers)
+    assert (answer.status, answer.error) == (status, error), answer.body
+    assert answer.reached_upstream == []
+
+
+def test_two_authorization_headers_even_if_both_valid_are_400(stack: SecurityStack) -> None:
+    good = stack.dev.token("payments-writer")
+    for second in (good, stack.fake.token(), "garbage"):
+        answer = stack.send("POST", "/transactions",
+                            headers=[("Authorization", f"Bearer {good}"), ("Authorization", f"Bearer {second}")])
+        assert (answer.status, answer.error) == (400, "invalid_request")
+        assert answer.reached_upstream == []
+    # A valid bearer token plus a Basic header: still two credentials, still refused.
+    answer = stack.send("POST", "/transactions", headers=[("Authorization", "Basic eDp5"),
+                                                          ("Authorization", f"Bearer {good}")])
+    assert answer.status == 400 and answer.reached_upstream == []
+
+
+def test_64k_token_is_refused_by_envoy_and_a_large_one_by_the_service(stack: SecurityStack) -> None:
+    huge = stack.fake.token(pad="x" * 64 * 1024)
+    answer = stack.send("POST", "/transactions", huge)
+    assert answer.status == 431  # Envoy's 60 KiB header limit: a deny before any Check
+    assert answer.reached_upstream == []
+    # Just under Envoy's limit, far over the service's MAX_TOKEN_BYTES: the service says why.
+    big = stack.fake.token(pad="x" * 40 * 1024)
+    answer = stack.send("POST", "/transactions", big)
+    assert (answer.status, answer.description) == (401, "token too large")
+    assert answer.reached_upstream == []
+    # And directly on the gRPC port, a 64 KiB token Envoy would never forward.
+    direct = stack.check("POST", "/transactions", bearer(huge))
+    assert direct.status == 401 and json.loads(direct.body)["error_description"] == "token too large"
+
+
+def test_non_utf8_bytes_in_the_authorization_header(stack: SecurityStack) -> None:
+    token = stack.fake.token()
+    for value in (b"Bearer \xff\xfe" + token.encode(), b"Bearer " + token.encode() + b"\x80",
+                  "Bearer ".encode() + token.encode()[:20] + "é".encode() + token.encode()[20:]):
+        answer = stack.send("POST", "/transactions", headers=[("Authorization", value)])  # type: ignore[list-item]
+        # Envoy passes the bytes on; the service refuses anything outside RFC 6750's b64token.
+        assert (answer.status, answer.description) == (400, "malformed Bearer credentials (one token, no spaces)"), (
+            value[:30], answer.status, answer.body)
+        assert answer.reached_upstream == []
+
+
+def test_service_keeps_serving_after_every_attack(stack: SecurityStack) -> None:
+    for _ in range(2):
+        for _, factory, *_ in ATTACKS:
+            assert stack.send("POST", "/transactions", factory(stack.fake)).status != 200
+    stack.service.process.check_alive()
+    answer = stack.send("POST", "/transactions", stack.dev.token("payments-writer"))
+    assert answer.status == 200
+    assert stack.service.sample("authz_check_decisions_total", decision="deny", reason="internal_error") == 0
