@@ -79,6 +79,33 @@ class Metrics:
             registry=registry,
         )
 
+        self.token_cache_lookups = Counter(
+            f"{PREFIX}_token_cache_lookups",
+            "Verified-token cache lookups by result (hit/miss); hit rate = rate(hit) / rate(all).",
+            ["result"],
+            registry=registry,
+        )
+        self.token_cache_entries = Gauge(
+            f"{PREFIX}_token_cache_entries",
+            "Verified tokens held in the cache (bounded by --token-cache-size).",
+            registry=registry,
+        )
+        self.token_cache_bytes = Gauge(
+            f"{PREFIX}_token_cache_bytes",
+            "Approximate bytes held by the verified-token cache (bounded by --token-cache-max-bytes).",
+            registry=registry,
+        )
+        self.token_cache_evictions = Counter(
+            f"{PREFIX}_token_cache_evictions",
+            "Entries dropped from the verified-token cache by reason (capacity, expired, key_removed).",
+            ["reason"],
+            registry=registry,
+        )
+
+        for result in ("hit", "miss"):
+            self.token_cache_lookups.labels(result)
+        for reason in ("capacity", "expired", "key_removed"):
+            self.token_cache_evictions.labels(reason)
         for result in ("ok", "error"):  # exist at 0 from the start, so increase() sees the first error
             self.policy_reloads.labels(result)
 

@@ -29,6 +29,7 @@ from .policy import Policy, load_policy_file
 from .reloader import PolicyReloader
 from .request import BadRequest, HttpRequest, parse_check_request
 from .response import Renderer
+from .tokencache import TokenCache
 from .tokens import TokenVerifier
 
 log = logging.getLogger(__name__)
@@ -118,11 +119,14 @@ class Service:
         """Load the policy (PolicyError propagates: refuse to start), bind ports, start refreshers."""
         policy = load_policy_file(self.settings.policy)
         self._session = aiohttp.ClientSession(headers={"User-Agent": "authz-service"})
-        self.jwks = JwksCache(self.settings.jwks, self.metrics, self._session)
+        self.token_cache = TokenCache(
+            self.settings.token_cache_size, self.settings.token_cache_max_bytes, self.metrics
+        )
+        self.jwks = JwksCache(self.settings.jwks, self.metrics, self._session, on_key_removed=self.token_cache.drop_key)
         self.jwks.sync(policy.issuers)
         self.reloader = PolicyReloader(self.settings.policy, policy, self.metrics, on_change=self._policy_changed)
         self.metrics.policy_loaded(len(policy.routes), policy.sha256)
-        verifier = TokenVerifier(self.jwks, leeway=self.settings.leeway)
+        verifier = TokenVerifier(self.jwks, leeway=self.settings.leeway, cache=self.token_cache)
         servicer = AuthorizationServicer(self.reloader, verifier, Renderer(self.settings.realm), self.metrics)
 
         self._health = health.aio.HealthServicer()
