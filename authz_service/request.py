@@ -112,4 +112,6 @@ def _headers(http: external_auth_pb2.AttributeContext.HttpRequest) -> list[tuple
                 raise BadRequest(f"header {entry.key[:64]!r} is not UTF-8") from None
             out.append((entry.key.lower(), value))
         return out
-    return [(name.lower(), value) for name, value in http.headers.items()]
+    headers = http.headers
+    # Keys, then item lookups: both in C (the map's items() view iterates in Python, ~3x slower).
+    return [(name.lower(), headers[name]) for name in headers]
