@@ -12,6 +12,7 @@ import gc
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -103,8 +104,19 @@ def _log_fields(decision: Decision, http: HttpRequest | None) -> dict[str, objec
 class Service:
     """Wires the parts together and runs them until stopped."""
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        *,
+        worker: bool = False,
+        on_ready: Callable[[bool], None] | None = None,
+    ) -> None:
         self.settings = settings
+        # A worker of `--workers N` (see workers.py): shares the gRPC port (SO_REUSEPORT), serves no
+        # HTTP (the parent does) and reports readiness through ``on_ready``.
+        self.worker = worker
+        self._on_ready = on_ready
         if registry is None:
             registry = CollectorRegistry()
             process_collector.ProcessCollector(registry=registry)
@@ -135,7 +147,9 @@ class Service:
         servicer = AuthorizationServicer(self.reloader, verifier, Renderer(self.settings.realm), self.metrics)
 
         self._health = health.aio.HealthServicer()
-        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # One process: SO_REUSEPORT off, so a port already in use is an error, not a silent share.
+        # Workers share the port the parent reserved (workers.reserve_port keeps that guarantee).
+        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.worker else 0)])
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         self.grpc_port = self._grpc.add_insecure_port(f"{_host(self.settings.grpc_host)}:{self.settings.grpc_port}")
@@ -143,11 +157,13 @@ class Service:
             raise OSError(f"cannot bind gRPC port {self.settings.grpc_host}:{self.settings.grpc_port}")
         await self._grpc.start()
 
-        self._http = web.AppRunner(self._admin_app(), access_log=None)
-        await self._http.setup()
-        site = web.TCPSite(self._http, self.settings.http_host, self.settings.http_port)
-        await site.start()
-        self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._http: web.AppRunner | None = None
+        if not self.worker:
+            self._http = web.AppRunner(self._admin_app(), access_log=None)
+            await self._http.setup()
+            site = web.TCPSite(self._http, self.settings.http_host, self.settings.http_port)
+            await site.start()
+            self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
         self._tasks.append(asyncio.create_task(self.reloader.watch(self.settings.policy_poll_interval)))
         self._tasks.append(asyncio.create_task(self._track_readiness()))
@@ -171,6 +187,8 @@ class Service:
     async def _set_health(self) -> None:
         ready = self.ready()
         self.metrics.ready.set(1 if ready else 0)
+        if self._on_ready is not None:
+            self._on_ready(ready)
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", AUTHZ_SERVICE_NAME):
             await self._health.set(name, status)
@@ -224,7 +242,8 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.jwks.close()
-        await self._http.cleanup()
+        if self._http is not None:
+            await self._http.cleanup()
         await self._session.close()
 
 
@@ -232,9 +251,11 @@ def _host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-async def serve(settings: Settings) -> None:
+async def serve(
+    settings: Settings, *, worker: bool = False, on_ready: Callable[[bool], None] | None = None
+) -> None:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the policy."""
-    service = Service(settings)
+    service = Service(settings, CollectorRegistry() if worker else None, worker=worker, on_ready=on_ready)
     await service.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, service.request_stop)
