@@ -479,7 +479,7 @@ class Bench:
             data = h2load(port, body, a.duration, a.connections)
             cpu1 = cpu_seconds(pids)
             result.rps, result.requests, result.errors = data["rps"], data["requests"], data["errors"]
-            result.extra = {"mean": data["mean"]}
+            result.extra["mean"] = data["mean"]
             # h2load's request count excludes the 2 s warm-up its CPU is included in: approximate
             # per-Check CPU by the measured rate over warm-up + duration.
             result.cpu_us_per_check = (cpu1 - cpu0) / max(1, data["rps"] * (a.duration + 2)) * 1e6
@@ -508,11 +508,12 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def table(results: list[Result]) -> str:
-    rows = ["| # | configuration | req/s | p50 ms | p99 ms | CPU us/Check (ours) | CPU s/1000 Checks | peak RSS MB | cache hit rate | errors |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| # | configuration | req/s (median) | range | p50 ms | p99 ms | CPU us/Check (ours) | CPU s/1000 Checks | peak RSS MB | cache hit rate | errors |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         rows.append(
-            f"| {r.name} | {r.label} | {r.rps:,.0f} | {fmt(r.p50_ms, '.2f')} | {fmt(r.p99_ms, '.2f')} | "
+            f"| {r.name} | {r.label} | {r.rps:,.0f} | {r.extra['range'][0]:,.0f}-{r.extra['range'][1]:,.0f} | "
+            f"{fmt(r.p50_ms, '.2f')} | {fmt(r.p99_ms, '.2f')} | "
             f"{fmt(r.cpu_us_per_check, '.0f')} | {fmt(r.cpu_us_per_check and r.cpu_us_per_check / 1000, '.3f')} | "
             f"{fmt(r.rss_mb, '.0f')} | {fmt(r.hit_rate and r.hit_rate * 100, '.1f') + ('%' if r.hit_rate is not None else '')} | "
             f"{r.errors} |"
@@ -526,6 +527,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16, help="wrk/h2load connections (default 16)")
     parser.add_argument("--cold-tokens", type=int, default=40_000, help="distinct tokens for the cold run")
     parser.add_argument("--workers", type=int, default=2, help="also measure warm with this many workers (1: skip)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; rows show the median")
     parser.add_argument("--work", default=str(BENCH / ".work"), help="scratch folder (keys, tokens, logs)")
     parser.add_argument("--only", default="", help="comma-separated subset of: 1,2,3,4,5,4w,d3,d4")
     args = parser.parse_args()
@@ -554,21 +556,31 @@ def main() -> None:
         ("d3", lambda: bench.direct("d3", "gRPC direct (h2load) -> floor", "floor")),
         ("d4", lambda: bench.direct("d4", "gRPC direct (h2load) -> authz-service, warm", "service", policy)),
     ]
-    results: list[Result] = []
+    runs: dict[str, list[Result]] = {}
     try:
-        for key, run in plan:
-            if only and key not in only:
-                continue
-            print(f"running {key} ...", flush=True)
-            results.append(run())
+        for round_ in range(1, args.rounds + 1):
+            for key, run in plan:
+                if only and key not in only:
+                    continue
+                print(f"round {round_}/{args.rounds}: {key} ...", flush=True)
+                runs.setdefault(key, []).append(run())
     finally:
         bench.close()
         jwks_proc.stop()
+    # The machine is shared: configurations run interleaved, round after round, and each row is
+    # the round with the median req/s (its other columns from that same round), with the range.
+    results = []
+    for key, rounds in runs.items():
+        ordered = sorted(rounds, key=lambda r: r.rps)
+        median = ordered[len(ordered) // 2]
+        median.extra["range"] = (ordered[0].rps, ordered[-1].rps)
+        median.errors = sum(r.errors for r in rounds)
+        results.append(median)
     by = {r.name: r for r in results}
     print()
     print(f"Machine: {machine()}")
-    print(f"Command: make bench  (bench/run.py --duration {args.duration:g} --connections {args.connections}; "
-          f"wrk -t1 -c{args.connections}, Envoy --concurrency 1)")
+    print(f"Command: make bench  (bench/run.py --duration {args.duration:g} --connections {args.connections} "
+          f"--rounds {args.rounds}; wrk -t1 -c{args.connections}, Envoy --concurrency 1; median of the rounds)")
     print()
     print(table(results))
     print()
