@@ -31,6 +31,22 @@ _FORBIDDEN_ESCAPES = frozenset(
 )
 
 
+# Methods and request targets already found valid, with their normal form and segments: clients
+# repeat the same few, so the regexes run once per distinct value. Only accepted values are kept
+# (a refused one is checked again every time) and each memo is emptied when it reaches its bound,
+# so random paths cost memory only up to the bound.
+_MEMO_LIMIT = 4096
+_GOOD_METHODS: dict[str, bool] = {}
+_GOOD_PATHS: dict[str, tuple[str, tuple[str, ...]]] = {}
+_IDENTITY_PREFIXES = frozenset({"x-auth", "x_auth"})
+
+
+def _remember(memo: dict, key: str, value: object = True) -> None:
+    if len(memo) >= _MEMO_LIMIT:
+        memo.clear()
+    memo[key] = value
+
+
 class BadRequest(Exception):
     """A CheckRequest we cannot decide on safely; the message is safe to return to the client."""
 
@@ -55,9 +71,17 @@ def parse_check_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
         raise BadRequest("no HTTP attributes")
     http = check.attributes.request.http
     method = http.method
-    if not _METHOD.match(method):
-        raise BadRequest("missing or invalid method")
-    path = normalized_path(http.path)
+    if method not in _GOOD_METHODS:
+        if not _METHOD.match(method):
+            raise BadRequest("missing or invalid method")
+        _remember(_GOOD_METHODS, method)
+    target = http.path
+    known = _GOOD_PATHS.get(target)
+    if known is None:
+        path = normalized_path(target)
+        known = (path, tuple(path[1:].split("/")) if path != "/" else ())
+        _remember(_GOOD_PATHS, target, known)
+    path, segments = known
     authorization: list[str] = []
     spoofed: list[str] = []
     request_id = ""
@@ -66,9 +90,8 @@ def parse_check_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
             authorization.append(value)
         elif name == "x-request-id":
             request_id = value[:128]
-        if name.replace("_", "-") in _IDENTITY_SPELLINGS:
+        if name[:6] in _IDENTITY_PREFIXES and name.replace("_", "-") in _IDENTITY_SPELLINGS:
             spoofed.append(name)
-    segments = tuple(path[1:].split("/")) if path != "/" else ()
     return HttpRequest(
         method=method,
         path=path,
