@@ -56,9 +56,11 @@ PATH = "/transactions/7"
 
 
 def render_envoy(kind: str, *, listener_port: int, admin_port: int, authz_port: int = 9191,
-                 jwks: str = "", issuer: str = ISSUER) -> dict[str, Any]:
+                 jwks: str = "", issuer: str = ISSUER, authz_streams: int | None = None) -> dict[str, Any]:
     """The shipped config with the route answering directly, no access log, and the auth filter
-    of ``kind`` ("none", "jwt_authn" or "ext_authz")."""
+    of ``kind`` ("none", "jwt_authn" or "ext_authz"). ``authz_streams`` caps concurrent streams per
+    HTTP/2 connection to the authz cluster, so Envoy opens several connections (SO_REUSEPORT
+    spreads connections, not streams, over --workers)."""
     cfg = yaml.safe_load(SHIPPED.read_text())
     cfg = copy.deepcopy(cfg)
     cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
@@ -90,6 +92,10 @@ def render_envoy(kind: str, *, listener_port: int, admin_port: int, authz_port: 
         hcm["http_filters"] = [ext_authz, router]
         endpoint = authz_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
         endpoint["address"]["socket_address"]["port_value"] = authz_port
+        if authz_streams:
+            options = authz_cluster["typed_extension_protocol_options"][
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            options["explicit_http_config"]["http2_protocol_options"]["max_concurrent_streams"] = authz_streams
     else:
         raise ValueError(kind)
     if kind != "ext_authz":
@@ -425,7 +431,7 @@ class Bench:
         return proc, grpc_port, http_port
 
     def through_envoy(self, name: str, label: str, kind: str, backend: str, token_file: Path,
-                      policy: Path | None = None, workers: int = 1) -> Result:
+                      policy: Path | None = None, workers: int = 1, authz_streams: int | None = None) -> Result:
         a = self.args
         result = Result(name, label)
         backend_proc = None
@@ -438,7 +444,7 @@ class Bench:
                 assert policy is not None
                 backend_proc, authz_port, http_port = self.start_service(policy, workers)
             cfg = render_envoy(kind, listener_port=free_port(), admin_port=free_port(), authz_port=authz_port,
-                               jwks=self.jwks)
+                               jwks=self.jwks, authz_streams=authz_streams)
             _, port = self.start_envoy(cfg, name)
             # Warm-up (not measured) with spare tokens, so the cold run's tokens stay unseen.
             wrk(port, self.warm_tokens if name != "cold" else self.spare_tokens, 2, a.connections)
@@ -550,8 +556,8 @@ def main() -> None:
     ]
     if args.workers > 1:
         plan.append(("4w", lambda: bench.through_envoy(
-            "4w", f"ext_authz -> authz-service --workers {args.workers}, warm", "ext_authz", "service",
-            bench.warm_tokens, policy, workers=args.workers)))
+            "4w", f"ext_authz -> authz-service --workers {args.workers}, warm (Envoy: 2 streams per authz "
+            "connection)", "ext_authz", "service", bench.warm_tokens, policy, workers=args.workers, authz_streams=2)))
     plan += [
         ("d3", lambda: bench.direct("d3", "gRPC direct (h2load) -> floor", "floor")),
         ("d4", lambda: bench.direct("d4", "gRPC direct (h2load) -> authz-service, warm", "service", policy)),
