@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any
@@ -67,6 +68,8 @@ def worker_main(settings: Settings, index: int, state: Synchronized, log_level: 
     def on_ready(ready: bool) -> None:
         state.value = READY if ready else SERVING
 
+    _exit_with_parent(os.getppid())
+
     try:
         asyncio.run(serve(settings, worker=True, on_ready=on_ready))
     except PolicyError as exc:
@@ -76,6 +79,17 @@ def worker_main(settings: Settings, index: int, state: Synchronized, log_level: 
         log.error("worker cannot start", extra={"error": str(exc)})
         sys.exit(1)
     state.value = STOPPED
+
+
+def _exit_with_parent(parent: int) -> None:
+    """SIGTERM ourselves when the parent is gone (e.g. SIGKILLed): no orphan keeps the port."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 class _WorkerField(logging.Filter):
@@ -131,6 +145,11 @@ class Supervisor:
         from .policy import load_policy_file
 
         load_policy_file(self.settings.policy)  # PolicyError propagates: exit 2 before any fork
+        # Signals first: a SIGTERM while workers start must stop them, not orphan them.
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
         self._metrics_dir = tempfile.mkdtemp(prefix="authz-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir  # inherited by spawned workers
         try:
@@ -143,11 +162,10 @@ class Supervisor:
             if failed is not None:
                 await self._stop_workers()
                 return failed
+            if self._stopping.is_set():
+                await self._stop_workers()
+                return 0
             await self._serve_http()
-            loop = asyncio.get_running_loop()
-            loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
-            loop.add_signal_handler(signal.SIGINT, self._stopping.set)
-            loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
             log.info("authz-service started", extra={
                 "grpc": f"{self.settings.grpc_host}:{self.grpc_port}",
                 "http": f"{self.settings.http_host}:{self.http_port}", "workers": len(self._workers),
@@ -181,7 +199,7 @@ class Supervisor:
                     print(f"authz-service: error: worker {w.index} failed to start (exit code "
                           f"{w.process.exitcode}); see its log above", file=sys.stderr)
                     return code if code > 0 else 1
-            if all(w.state.value in (SERVING, READY) for w in self._workers):
+            if all(w.state.value in (SERVING, READY) for w in self._workers) or self._stopping.is_set():
                 return None
             await asyncio.sleep(0.05)
         print(f"authz-service: error: workers did not start within {START_TIMEOUT:g}s", file=sys.stderr)

@@ -159,3 +159,23 @@ def test_bad_policy_exits_2_before_starting_workers(tmp_path) -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2 and "issuers" in result.stderr
+
+
+def test_workers_exit_when_the_parent_is_killed(tmp_path, policy) -> None:
+    service = start_service(tmp_path, policy, "--workers", "2")
+    try:
+        pids = worker_pids(service)
+        os.kill(service.process.pid, signal.SIGKILL)  # no chance to forward anything
+        service.process.proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(p) for p in pids), "orphaned workers still running"
+    finally:
+        service.process.stop()
+        for pid in worker_pids_safe(pids):
+            os.kill(pid, signal.SIGKILL)
+
+
+def worker_pids_safe(pids: list[int]) -> list[int]:
+    return [p for p in pids if alive(p)]
