@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -107,6 +108,10 @@ def test_sigterm_to_the_parent_stops_every_worker(tmp_path, policy) -> None:
     try:
         pids = worker_pids(service)
         assert all(alive(p) for p in pids)
+        environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
+        metrics_dir = Path(next(e for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")).split(b"=", 1)[1]
+                           .decode())
+        assert metrics_dir.is_dir()
         os.kill(service.process.pid, signal.SIGTERM)  # the parent only: it must forward
         assert service.process.proc.wait(timeout=30) == 0
         deadline = time.monotonic() + 10
@@ -115,6 +120,7 @@ def test_sigterm_to_the_parent_stops_every_worker(tmp_path, policy) -> None:
         assert not any(alive(p) for p in pids)
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", service.grpc_port)) != 0
+        assert not metrics_dir.exists()  # the parent removed the metrics directory
     finally:
         service.process.stop()
 
@@ -165,6 +171,8 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path, policy) -> None:
     service = start_service(tmp_path, policy, "--workers", "2")
     try:
         pids = worker_pids(service)
+        environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
+        metrics_dir = next(e for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")).split(b"=", 1)[1]
         os.kill(service.process.pid, signal.SIGKILL)  # no chance to forward anything
         service.process.proc.wait(timeout=10)
         deadline = time.monotonic() + 15
@@ -175,6 +183,7 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path, policy) -> None:
         service.process.stop()
         for pid in worker_pids_safe(pids):
             os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(metrics_dir.decode(), ignore_errors=True)  # a killed parent cannot remove it
 
 
 def worker_pids_safe(pids: list[int]) -> list[int]:
