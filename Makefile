@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv protos test unit e2e demo clean system-deps policy-check
+.PHONY: venv protos test unit e2e demo clean system-deps policy-check bench bench-deps
 
 # The virtualenv with the package (editable) and everything the tests need.
 $(STAMP): pyproject.toml
@@ -42,6 +42,17 @@ e2e: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py
+
+# The benchmark (never part of `make test`): wrk and h2load (nghttp2-client) from Debian, like promtool.
+bench-deps:
+	@{ command -v wrk >/dev/null && command -v h2load >/dev/null; } || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends wrk nghttp2-client >/dev/null; }
+
+# Prints a markdown table (README "Performance"); BENCH_ARGS e.g. "--duration 20 --connections 16".
+bench: $(STAMP) bench-deps
+	$(BIN)/python bench/micro_verify.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

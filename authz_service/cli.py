@@ -116,6 +116,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     logs.configure(settings.log_level)
     try:
+        if settings.workers > 1:
+            from .workers import supervise
+
+            return asyncio.run(supervise(settings))
         asyncio.run(serve(settings))
     except PolicyError as exc:
         log.error("policy file refused; not starting", extra={"error": str(exc)})

@@ -79,6 +79,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise ValueError("must be zero (disabled) or a positive integer")
+    return value
+
+
+def _workers(text: str) -> int:
+    value = _int(text)
+    if not 1 <= value <= 64:
+        raise ValueError("must be 1..64 (one per CPU core the container may use)")
+    return value
+
+
 def _path(text: str) -> Path:
     if not text.strip():
         raise ValueError("must name the policy file, e.g. /etc/authz/policy.yaml")
@@ -120,6 +134,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("realm", "authz-service", _realm, "Realm in WWW-Authenticate challenges."),
     Option("shutdown_grace", 10.0, _non_negative, "Seconds in-flight Checks get to finish on SIGTERM."),
     Option("log_level", "INFO", _log_level, "debug, info, warning or error (allowed requests log at debug)."),
+    Option("token_cache_size", 10_000, _non_negative_int,
+           "Most verified tokens kept in the cache (per worker); 0 disables the cache."),
+    Option("token_cache_max_bytes", 16 * 1024 * 1024, _non_negative_int,
+           "Most bytes (approximate) the verified-token cache holds (per worker); 0 disables the cache."),
+    Option("workers", 1, _workers,
+           "Worker processes sharing the gRPC port (SO_REUSEPORT); 1 serves in-process."),
 )
 
 
@@ -141,6 +161,9 @@ class Settings:
     realm: str = "authz-service"
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
+    token_cache_size: int = 10_000
+    token_cache_max_bytes: int = 16 * 1024 * 1024
+    workers: int = 1
     jwks: JwksSettings = field(init=False)
 
     def __post_init__(self) -> None:

@@ -13,7 +13,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -82,6 +82,23 @@ def parse_jwks(document: bytes) -> dict[str, PyJWK]:
     return keys
 
 
+def _keep_unchanged(old: dict[str, PyJWK], new: dict[str, PyJWK]) -> tuple[dict[str, PyJWK], set[str]]:
+    """``new`` with the old PyJWK object kept for every kid whose key material is unchanged, and
+    the kids whose material changed. The token cache trusts a hit only while the JWKS holds the
+    very object that verified it, so a routine refresh must not look like a rotation."""
+    merged: dict[str, PyJWK] = {}
+    changed: set[str] = set()
+    for kid, key in new.items():
+        previous = old.get(kid)
+        if previous is not None and previous.key.public_numbers() == key.key.public_numbers():
+            merged[kid] = previous
+        else:
+            merged[kid] = key
+            if previous is not None:
+                changed.add(kid)
+    return merged, changed
+
+
 class _IssuerState:
     """Keys and refresh bookkeeping of one issuer."""
 
@@ -98,11 +115,20 @@ class _IssuerState:
 class JwksCache:
     """Keys for every issuer of the serving policy, kept fresh by background tasks."""
 
-    def __init__(self, settings: JwksSettings, metrics: Metrics, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        settings: JwksSettings,
+        metrics: Metrics,
+        session: aiohttp.ClientSession,
+        on_key_removed: Callable[[str, str], object] | None = None,
+    ) -> None:
         self.settings = settings
         self._metrics = metrics
         self._session = session
         self._states: dict[tuple[str, str], _IssuerState] = {}
+        # Called with (issuer, kid) when a kid leaves an issuer's JWKS or changes key material,
+        # so the verified-token cache can drop the tokens that key signed.
+        self._on_key_removed = on_key_removed
 
     # --- used by the verifier (hot path: dictionary lookups only) ---------------------------------
 
@@ -224,8 +250,12 @@ class JwksCache:
                        "error": reason, "keys_kept": len(state.keys)},
             )
             return False
+        keys, changed = _keep_unchanged(state.keys, keys)
         added = keys.keys() - state.keys.keys()
         removed = state.keys.keys() - keys.keys()
+        if self._on_key_removed is not None:
+            for kid in removed | changed:
+                self._on_key_removed(issuer.issuer, kid)
         state.keys = keys  # one reference swap: readers see the old or the new set, never a mix
         state.last_success = time.time()
         state.last_error = None

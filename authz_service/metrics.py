@@ -1,5 +1,9 @@
 """Prometheus metrics.
 
+Gauges name a ``multiprocess_mode`` for ``--workers N`` (prometheus-client multiprocess mode, one
+view over all workers): ``livemin`` where the worst worker matters (ready, keys, key age),
+``livesum`` for totals (token cache), ``livemax`` for the policy serving.
+
 Every label value comes from a closed set (decision, reason, status) or from the loaded
 configuration (route names, issuer pool ids), never from the request, so a client sending random
 paths or tokens cannot create new series.
@@ -45,12 +49,14 @@ class Metrics:
             f"{PREFIX}_jwks_keys",
             "Usable RS256 signing keys currently loaded per issuer pool id.",
             ["issuer"],
+            multiprocess_mode="livemin",
             registry=registry,
         )
         self.jwks_last_success = Gauge(
             f"{PREFIX}_jwks_last_success_timestamp_seconds",
             "Unix time of the last successful JWKS fetch per issuer (key age = time() - this).",
             ["issuer"],
+            multiprocess_mode="livemin",
             registry=registry,
         )
         self.policy_reloads = Counter(
@@ -60,25 +66,58 @@ class Metrics:
             registry=registry,
         )
         self.policy_routes = Gauge(
-            f"{PREFIX}_policy_routes", "Routes in the policy currently serving.", registry=registry
+            f"{PREFIX}_policy_routes", "Routes in the policy currently serving.", multiprocess_mode="livemax",
+            registry=registry,
         )
         self.policy_generation = Gauge(
             f"{PREFIX}_policy_generation",
             "Increments each time a new policy starts serving.",
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.policy_info = Gauge(
             f"{PREFIX}_policy_info",
             "Always 1; the sha256 label identifies the policy file content serving now.",
             ["sha256"],
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.ready = Gauge(
             f"{PREFIX}_ready",
             "1 when a policy is loaded and every issuer has signing keys, else 0.",
+            multiprocess_mode="livemin",
             registry=registry,
         )
 
+        self.token_cache_lookups = Counter(
+            f"{PREFIX}_token_cache_lookups",
+            "Verified-token cache lookups by result (hit/miss); hit rate = rate(hit) / rate(all).",
+            ["result"],
+            registry=registry,
+        )
+        self.token_cache_entries = Gauge(
+            f"{PREFIX}_token_cache_entries",
+            "Verified tokens held in the cache (bounded by --token-cache-size).",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.token_cache_bytes = Gauge(
+            f"{PREFIX}_token_cache_bytes",
+            "Approximate bytes held by the verified-token cache (bounded by --token-cache-max-bytes).",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.token_cache_evictions = Counter(
+            f"{PREFIX}_token_cache_evictions",
+            "Entries dropped from the verified-token cache by reason (capacity, expired, key_removed).",
+            ["reason"],
+            registry=registry,
+        )
+
+        for result in ("hit", "miss"):
+            self.token_cache_lookups.labels(result)
+        for reason in ("capacity", "expired", "key_removed"):
+            self.token_cache_evictions.labels(reason)
         for result in ("ok", "error"):  # exist at 0 from the start, so increase() sees the first error
             self.policy_reloads.labels(result)
 
@@ -101,6 +140,9 @@ class Metrics:
         self.policy_reloads.labels("ok").inc()
         self.policy_routes.set(routes)
         self.policy_generation.inc()
+        for labels in list(self.policy_info._metrics):  # noqa: SLF001
+            # With --workers the samples live in files that clear() cannot reach: zero them first.
+            self.policy_info.labels(*labels).set(0)
         self.policy_info.clear()
         self.policy_info.labels(sha256).set(1)
 

@@ -3,8 +3,8 @@
 Denials follow RFC 6750 section 3: ``WWW-Authenticate: Bearer realm=..., error=...`` plus a small
 JSON body. Allowed requests get the verified identity as ``x-auth-*`` headers; any copy of those
 headers the client sent (hyphen or underscore spelling) is removed so the upstream can trust them.
-Denial responses depend only on (reason, description, route, realm), so they are built once and
-reused; only allows, which carry per-client headers, are built per request.
+Denial responses depend only on (reason, description, route, realm) and allows only on (verified
+identity, spoofed header spellings), so both are built once and reused (bounded LRUs).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from ._proto.google.rpc import status_pb2
 from .decision import Decision, Reason
 from .policy import Route
 from .request import IDENTITY_HEADERS, HttpRequest
+
+_NO_IDENTITY = ("", "", "")
 
 # gRPC status codes (google.rpc.Code) Envoy reads to tell allow from deny.
 GRPC_OK = 0
@@ -51,33 +53,32 @@ class Renderer:
     def __init__(self, realm: str) -> None:
         self.realm = realm.replace("\\", "").replace('"', "")
         self._denials = lru_cache(maxsize=1024)(self._build_denial)
+        self._allows = lru_cache(maxsize=4096)(self._build_ok)
 
     def render(self, decision: Decision, request: HttpRequest | None) -> external_auth_pb2.CheckResponse:
         if not decision.allowed:
             return self._denials(decision.reason, decision.status, decision.description, decision.route)
-        return self._ok(decision, request)
-
-    def _ok(self, decision: Decision, request: HttpRequest | None) -> external_auth_pb2.CheckResponse:
-        response = external_auth_pb2.CheckResponse()
-        response.status.code = GRPC_OK
-        ok = response.ok_response
         claims = decision.claims
         # A public route, or a dry-run allow of an invalid token, has no verified identity: the
         # identity headers are then only removed, never set.
-        values = (
-            dict(zip(IDENTITY_HEADERS, (claims.client_id, claims.scope_text, claims.sub)))
-            if claims is not None
-            else {}
-        )
+        identity = (claims.client_id, claims.scope_text, claims.sub) if claims is not None else _NO_IDENTITY
+        spoofed = request.spoofed_identity_headers if request is not None else ()
+        return self._allows(identity, spoofed)
+
+    def _build_ok(self, identity: tuple[str, str, str], spoofed: tuple[str, ...]) -> external_auth_pb2.CheckResponse:
+        # Built once per (verified identity, spoofed header spellings) and reused, like denials:
+        # the same client sends the same token many times, and a message is never mutated later.
+        response = external_auth_pb2.CheckResponse()
+        response.status.code = GRPC_OK
+        ok = response.ok_response
         set_names = set()
-        for name, value in values.items():
+        for name, value in zip(IDENTITY_HEADERS, identity):
             if value:
                 _add(ok.headers, name, value)
                 set_names.add(name)
         # Envoy applies headers_to_remove after the headers it sets, so never list a set name.
         remove = [name for name in IDENTITY_HEADERS if name not in set_names]
-        if request is not None:
-            remove.extend(n for n in request.spoofed_identity_headers if n not in set_names and n not in remove)
+        remove.extend(n for n in spoofed if n not in set_names and n not in remove)
         ok.headers_to_remove.extend(remove)
         return response
 

@@ -8,9 +8,11 @@ policy reloads, JWKS refreshers and graceful shutdown.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -29,6 +31,7 @@ from .policy import Policy, load_policy_file
 from .reloader import PolicyReloader
 from .request import BadRequest, HttpRequest, parse_check_request
 from .response import Renderer
+from .tokencache import TokenCache
 from .tokens import TokenVerifier
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self._metrics = metrics
         self._decisions = metrics.decisions
         self._duration = metrics.check_duration
+        self._counters: dict[tuple[str, Reason, str, int], Any] = {}
 
     async def Check(  # noqa: N802 - gRPC method name
         self, request: external_auth_pb2.CheckRequest, context: Any
@@ -66,12 +70,15 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
 
     def _record(self, decision: Decision, http: HttpRequest | None) -> None:
         route = decision.route_label
-        if decision.dry_run:
-            self._decisions.labels("dry_run_deny", decision.reason.value, route, str(decision.status)).inc()
-        else:
-            self._decisions.labels(
-                "allow" if decision.allowed else "deny", decision.reason.value, route, str(decision.status)
-            ).inc()
+        kind = "dry_run_deny" if decision.dry_run else "allow" if decision.allowed else "deny"
+        key = (kind, decision.reason, route, decision.status)
+        counter = self._counters.get(key)
+        if counter is None:  # labels() takes a lock and builds strings: do it once per series
+            if len(self._counters) > 10_000:  # routes of many reloaded policies: start over
+                self._counters.clear()
+            counter = self._counters[key] = self._decisions.labels(kind, decision.reason.value, route,
+                                                                   str(decision.status))
+        counter.inc()
         if decision.allowed and not decision.dry_run:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("allow", extra=_log_fields(decision, http))
@@ -97,8 +104,19 @@ def _log_fields(decision: Decision, http: HttpRequest | None) -> dict[str, objec
 class Service:
     """Wires the parts together and runs them until stopped."""
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        *,
+        worker: bool = False,
+        on_ready: Callable[[bool], None] | None = None,
+    ) -> None:
         self.settings = settings
+        # A worker of `--workers N` (see workers.py): shares the gRPC port (SO_REUSEPORT), serves no
+        # HTTP (the parent does) and reports readiness through ``on_ready``.
+        self.worker = worker
+        self._on_ready = on_ready
         if registry is None:
             registry = CollectorRegistry()
             process_collector.ProcessCollector(registry=registry)
@@ -118,15 +136,20 @@ class Service:
         """Load the policy (PolicyError propagates: refuse to start), bind ports, start refreshers."""
         policy = load_policy_file(self.settings.policy)
         self._session = aiohttp.ClientSession(headers={"User-Agent": "authz-service"})
-        self.jwks = JwksCache(self.settings.jwks, self.metrics, self._session)
+        self.token_cache = TokenCache(
+            self.settings.token_cache_size, self.settings.token_cache_max_bytes, self.metrics
+        )
+        self.jwks = JwksCache(self.settings.jwks, self.metrics, self._session, on_key_removed=self.token_cache.drop_key)
         self.jwks.sync(policy.issuers)
         self.reloader = PolicyReloader(self.settings.policy, policy, self.metrics, on_change=self._policy_changed)
         self.metrics.policy_loaded(len(policy.routes), policy.sha256)
-        verifier = TokenVerifier(self.jwks, leeway=self.settings.leeway)
+        verifier = TokenVerifier(self.jwks, leeway=self.settings.leeway, cache=self.token_cache)
         servicer = AuthorizationServicer(self.reloader, verifier, Renderer(self.settings.realm), self.metrics)
 
         self._health = health.aio.HealthServicer()
-        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # One process: SO_REUSEPORT off, so a port already in use is an error, not a silent share.
+        # Workers share the port the parent reserved (workers.reserve_port keeps that guarantee).
+        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.worker else 0)])
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         self.grpc_port = self._grpc.add_insecure_port(f"{_host(self.settings.grpc_host)}:{self.settings.grpc_port}")
@@ -134,16 +157,22 @@ class Service:
             raise OSError(f"cannot bind gRPC port {self.settings.grpc_host}:{self.settings.grpc_port}")
         await self._grpc.start()
 
-        self._http = web.AppRunner(self._admin_app(), access_log=None)
-        await self._http.setup()
-        site = web.TCPSite(self._http, self.settings.http_host, self.settings.http_port)
-        await site.start()
-        self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._http: web.AppRunner | None = None
+        if not self.worker:
+            self._http = web.AppRunner(self._admin_app(), access_log=None)
+            await self._http.setup()
+            site = web.TCPSite(self._http, self.settings.http_host, self.settings.http_port)
+            await site.start()
+            self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
         self._tasks.append(asyncio.create_task(self.reloader.watch(self.settings.policy_poll_interval)))
         self._tasks.append(asyncio.create_task(self._track_readiness()))
         await self.jwks.wait_first_attempts(self.settings.jwks_timeout + 1)
         await self._set_health()
+        # Everything allocated so far (modules, policy, keys) lives as long as the process: move it
+        # out of the collector's view, so the full collections the Check path's allocations trigger
+        # do not walk ~10^5 long-lived objects each time (profiled: see README "Performance").
+        gc.freeze()
         log.info(
             "authz-service started",
             extra={"grpc": f"{self.settings.grpc_host}:{self.grpc_port}",
@@ -158,6 +187,8 @@ class Service:
     async def _set_health(self) -> None:
         ready = self.ready()
         self.metrics.ready.set(1 if ready else 0)
+        if self._on_ready is not None:
+            self._on_ready(ready)
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", AUTHZ_SERVICE_NAME):
             await self._health.set(name, status)
@@ -211,7 +242,8 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.jwks.close()
-        await self._http.cleanup()
+        if self._http is not None:
+            await self._http.cleanup()
         await self._session.close()
 
 
@@ -219,9 +251,11 @@ def _host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-async def serve(settings: Settings) -> None:
+async def serve(
+    settings: Settings, *, worker: bool = False, on_ready: Callable[[bool], None] | None = None
+) -> None:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the policy."""
-    service = Service(settings)
+    service = Service(settings, CollectorRegistry() if worker else None, worker=worker, on_ready=on_ready)
     await service.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, service.request_stop)

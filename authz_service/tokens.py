@@ -1,7 +1,9 @@
 """Cognito access-token verification (client_credentials grant, RS256 JWTs).
 
-PyJWT does the JWS work (base64url, JSON, RSA); this module decides which key and which claims
-are acceptable for a Cognito *access* token, and turns every failure into a typed reason that
+JWS parsing is strict base64url + JSON written here (canonical encoding, UTF-8 only, no duplicate
+members) and the RS256 signature is verified with ``cryptography``; PyJWT provides the JWK
+parsing (jwks.py). This module decides which key and which claims are acceptable for a Cognito
+*access* token, and turns every failure into a typed reason that
 the decision layer maps to an HTTP answer. Nothing here logs or returns the token itself.
 """
 
@@ -15,14 +17,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import jwt
+from base64 import urlsafe_b64decode, urlsafe_b64encode
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
 from jwt.api_jwk import PyJWK
 
 from .policy import Issuer, Policy
+from .tokencache import CacheEntry, TokenCache
 
 MAX_TOKEN_BYTES = 8192  # Cognito access tokens are ~1 KB; anything this large is an attack or a mistake
 ALGORITHM = "RS256"
 _B64TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*\Z")  # RFC 6750 section 2.1 b64token
+_PKCS1 = padding.PKCS1v15()
+_SHA256 = hashes.SHA256()
 
 
 class Failure(enum.Enum):
@@ -101,43 +110,129 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise jwt.DecodeError(f"duplicate claim {key!r}")
+            raise ValueError(f"duplicate member {key!r}")
         out[key] = value
     return out
 
 
-class _StrictJWT(jwt.PyJWT):
-    def _decode_payload(self, decoded: dict[str, Any]) -> dict[str, Any]:
-        try:
-            payload = json.loads(decoded["payload"], object_pairs_hook=_reject_duplicates)
-        except jwt.DecodeError:
-            raise
-        except (ValueError, RecursionError) as exc:
-            raise jwt.DecodeError(f"Invalid payload string: {exc}") from exc
-        if not isinstance(payload, dict):
-            raise jwt.DecodeError("Invalid payload string: must be a json object")
-        return payload
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN/Infinity; RFC 8259 does not
+
+
+_JSON = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+_MALFORMED = "malformed token"
+
+
+def _b64(segment: bytes) -> bytes:
+    """Strict base64url (RFC 7515 section 2): no padding, URL alphabet only, canonical.
+
+    Re-encoding must give back the same text, so two different strings can never carry the same
+    bytes (the cache and the logs can rely on one token, one string).
+    """
+    raw = urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+    if urlsafe_b64encode(raw).rstrip(b"=") != segment:
+        raise ValueError("non-canonical base64url")
+    return raw
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """Strict JSON object: UTF-8 only (no BOM, no UTF-16), no duplicate members, no NaN."""
+    value = _JSON.decode(raw.decode("utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    header: dict[str, Any]
+    payload_b64: bytes
+    signing_input: bytes
+    signature: bytes
+
+
+def _parse(token: str) -> _Parsed:
+    """Split and decode a compact JWS (header decoded; payload left for after the header checks)."""
+    try:
+        raw = token.encode("ascii")
+        head, payload, signature = raw.split(b".")
+        return _Parsed(_json_object(_b64(head)), payload, raw[: len(head) + 1 + len(payload)], _b64(signature))
+    except (ValueError, RecursionError):  # UnicodeError and binascii.Error are ValueErrors
+        raise TokenError(Failure.INVALID_TOKEN, _MALFORMED) from None
 
 
 class TokenVerifier:
-    """Verifies Cognito access tokens against the issuers of the policy in force."""
+    """Verifies Cognito access tokens against the issuers of the policy in force.
+
+    JOSE parsing is strict and done here with base64 + json (PyJWT parsed each token three times,
+    ~200 us); the RS256 signature is checked with ``cryptography`` directly. Verified tokens go to
+    an optional TokenCache; a hit is re-checked against the current policy and keys (see verify).
+    """
 
     def __init__(
-        self, keys: KeySource, leeway: float = 60.0, clock: Callable[[], float] = time.time
+        self,
+        keys: KeySource,
+        leeway: float = 60.0,
+        clock: Callable[[], float] = time.time,
+        cache: TokenCache | None = None,
     ) -> None:
         self._keys = keys
         self._leeway = leeway
         self._clock = clock
-        self._jwt = _StrictJWT()
-        self._jws = jwt.PyJWS()
+        self._cache = cache if cache is not None and cache.enabled else None
 
     async def verify(self, token: str, policy: Policy) -> Claims:
         """Return the token's verified claims or raise TokenError with the precise reason."""
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenError(Failure.INVALID_TOKEN, "token too large")
-        header = self._header(token)
-        kid = header["kid"]
-        issuer = self._issuer_of(token, policy)
+        cache = self._cache
+        digest = b""
+        if cache is not None:
+            try:
+                digest = cache.digest(token.encode("ascii"))
+            except UnicodeError:
+                raise TokenError(Failure.INVALID_TOKEN, _MALFORMED) from None
+            entry = cache.get(digest)
+            if entry is not None:
+                try:
+                    claims = self._revalidate(entry, policy)
+                except TokenError as exc:
+                    if exc.failure is Failure.EXPIRED:
+                        cache.discard(digest, "expired")  # it can never become valid again
+                    raise
+                if claims is not None:
+                    return claims
+                cache.discard(digest, "key_removed")  # issuer or key changed: verify from scratch
+        claims, key = await self._verify(token, policy)
+        if cache is not None:
+            cache.put(digest, claims, key)
+        return claims
+
+    def _revalidate(self, entry: CacheEntry, policy: Policy) -> Claims | None:
+        """A cached token's claims under the current policy and keys; None when it must be
+        verified again (issuer gone or replaced, key gone or replaced). Checks run in the order
+        the full verification runs them, so a hit fails exactly as a miss would."""
+        claims = entry.claims
+        issuer = policy.issuers_by_iss.get(claims.issuer)
+        if issuer is None or self._keys.key(issuer, claims.kid) is not entry.key:
+            return None
+        if claims.exp <= self._clock() - self._leeway:
+            raise TokenError(Failure.EXPIRED, "token expired")
+        if issuer.client_ids is not None and claims.client_id not in issuer.client_ids:
+            raise TokenError(Failure.CLIENT_NOT_ALLOWED, "client is not allowed")
+        return claims
+
+    async def _verify(self, token: str, policy: Policy) -> tuple[Claims, PyJWK]:
+        parsed = _parse(token)
+        kid = self._check_header(parsed.header)
+        try:
+            payload = _json_object(_b64(parsed.payload_b64))
+        except (ValueError, RecursionError):
+            raise TokenError(Failure.INVALID_TOKEN, _MALFORMED) from None
+        iss = payload.get("iss")
+        issuer = policy.issuers_by_iss.get(iss) if isinstance(iss, str) else None
+        if issuer is None:
+            raise TokenError(Failure.WRONG_ISSUER, "token issuer is not trusted")
         key = self._keys.key(issuer, kid)
         if key is None:
             if not self._keys.has_keys(issuer):
@@ -146,14 +241,16 @@ class TokenVerifier:
             key = self._keys.key(issuer, kid)
             if key is None:
                 raise TokenError(Failure.UNKNOWN_KEY, "token signed with an unknown key")
-        payload = self._decode(token, key, issuer)
-        return self._claims(payload, issuer, kid)
-
-    def _header(self, token: str) -> dict[str, Any]:
         try:
-            header = self._jws.get_unverified_header(token)
-        except (jwt.PyJWTError, UnicodeError):
-            raise TokenError(Failure.INVALID_TOKEN, "malformed token") from None
+            key.key.verify(parsed.signature, parsed.signing_input, _PKCS1, _SHA256)
+        except InvalidSignature:
+            raise TokenError(Failure.BAD_SIGNATURE, "token signature is invalid") from None
+        except (ValueError, TypeError, AttributeError):  # not an RSA public key: never verifies
+            raise TokenError(Failure.BAD_SIGNATURE, "token signature is invalid") from None
+        self._check_times(payload)
+        return self._claims(payload, issuer, kid), key
+
+    def _check_header(self, header: dict[str, Any]) -> str:
         alg = header.get("alg")
         if alg != ALGORITHM:
             raise TokenError(Failure.INVALID_TOKEN, "unsupported token algorithm (RS256 required)")
@@ -165,43 +262,20 @@ class TokenVerifier:
         if "jku" in header or "x5u" in header or "jwk" in header or "x5c" in header:
             # Keys come only from the configured JWKS, never from the token itself.
             raise TokenError(Failure.INVALID_TOKEN, "token header must not carry keys")
-        return header
+        return kid
 
-    def _issuer_of(self, token: str, policy: Policy) -> Issuer:
-        # Read iss before the signature check only to pick the pool whose keys must verify it;
-        # PyJWT then checks iss again against that pool after the signature is verified.
-        try:
-            unverified = self._jwt.decode(token, options={"verify_signature": False})
-        except (jwt.PyJWTError, UnicodeError):
-            raise TokenError(Failure.INVALID_TOKEN, "malformed token") from None
-        iss = unverified.get("iss")
-        issuer = policy.issuers_by_iss.get(iss) if isinstance(iss, str) else None
-        if issuer is None:
-            raise TokenError(Failure.WRONG_ISSUER, "token issuer is not trusted")
-        return issuer
-
-    def _decode(self, token: str, key: PyJWK, issuer: Issuer) -> dict[str, Any]:
-        try:
-            return self._jwt.decode(
-                token,
-                key=key,
-                algorithms=[ALGORITHM],
-                issuer=issuer.issuer,
-                leeway=self._leeway,
-                options={"require": ["exp", "iss"], "verify_aud": False, "verify_sub": False, "verify_jti": False},
-            )
-        except jwt.ExpiredSignatureError:
-            raise TokenError(Failure.EXPIRED, "token expired") from None
-        except jwt.ImmatureSignatureError:
-            raise TokenError(Failure.NOT_YET_VALID, "token not yet valid") from None
-        except jwt.InvalidSignatureError:
-            raise TokenError(Failure.BAD_SIGNATURE, "token signature is invalid") from None
-        except jwt.InvalidIssuerError:
-            raise TokenError(Failure.WRONG_ISSUER, "token issuer is not trusted") from None
-        except jwt.MissingRequiredClaimError as exc:
-            raise TokenError(Failure.INVALID_TOKEN, f"token has no {exc.claim} claim") from None
-        except jwt.PyJWTError:
-            raise TokenError(Failure.INVALID_TOKEN, "malformed token") from None
+    def _check_times(self, payload: dict[str, Any]) -> None:
+        # RFC 7519 NumericDate claims, with the semantics (and order) PyJWT used before: exp
+        # required; iat, nbf, exp compared with the leeway; a value that is not a number refused.
+        if payload.get("exp") is None:
+            raise TokenError(Failure.INVALID_TOKEN, "token has no exp claim")
+        now = self._clock()
+        leeway = self._leeway
+        for name in ("iat", "nbf"):
+            if name in payload and _numeric_date(payload[name]) > now + leeway:
+                raise TokenError(Failure.NOT_YET_VALID, "token not yet valid")
+        if _numeric_date(payload["exp"]) <= now - leeway:
+            raise TokenError(Failure.EXPIRED, "token expired")
 
     def _claims(self, payload: dict[str, Any], issuer: Issuer, kid: str) -> Claims:
         now = self._clock()
@@ -227,10 +301,21 @@ class TokenVerifier:
             sub=sub,
             scopes=frozenset(s for s in scope.split(" ") if s),
             scope_text=scope,
-            exp=int(payload["exp"]),
+            exp=_numeric_date(payload["exp"]),
             kid=kid,
         )
 
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numeric_date(value: object) -> int:
+    """A NumericDate claim (a JSON number) as an int, truncated as PyJWT did; a string or a
+    boolean (which PyJWT coerced with int()) is malformed."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TokenError(Failure.INVALID_TOKEN, _MALFORMED)
+    try:
+        return int(value)
+    except (ValueError, OverflowError):
+        raise TokenError(Failure.INVALID_TOKEN, _MALFORMED) from None

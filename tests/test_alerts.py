@@ -43,6 +43,10 @@ CONTRACT_METRICS = {
     "authz_policy_generation",
     "authz_policy_info",
     "authz_ready",
+    "authz_token_cache_lookups_total",
+    "authz_token_cache_entries",
+    "authz_token_cache_bytes",
+    "authz_token_cache_evictions_total",
 }
 # Closed label-value sets of the contract (route and issuer come from the policy).
 CONTRACT_LABEL_VALUES = {

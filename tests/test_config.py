@@ -69,6 +69,8 @@ def test_every_option_is_a_settings_field_with_the_same_default():
         ("jwks_timeout", "0.5", 0.5), ("jwks_max_bytes", "1024", 1024), ("unknown_kid_cooldown", "10", 10.0),
         ("unknown_kid_cooldown", "30.5", 30.5), ("policy_poll_interval", "1", 1.0), ("realm", "api", "api"),
         ("shutdown_grace", "0", 0.0), ("log_level", "debug", "DEBUG"), ("log_level", "Warning", "WARNING"),
+        ("token_cache_size", "0", 0), ("token_cache_size", "50000", 50000), ("token_cache_max_bytes", "0", 0),
+        ("token_cache_max_bytes", "1048576", 1048576), ("workers", "1", 1), ("workers", "4", 4),
     ],
 )
 def test_good_values_are_parsed(name, text, value):
@@ -88,6 +90,9 @@ BAD_VALUES = [
     ("unknown_kid_cooldown", "-10"), ("unknown_kid_cooldown", "nan"), ("unknown_kid_cooldown", "inf"),
     ("policy_poll_interval", "0"), ("shutdown_grace", "-0.1"), ("realm", ""), ("realm", 'a"b'),
     ("realm", "a\\b"), ("realm", "a\nb"), ("log_level", "verbose"), ("log_level", "critical"),
+    ("token_cache_size", "-1"), ("token_cache_size", "1e4"), ("token_cache_size", "ten"),
+    ("token_cache_max_bytes", "-5"), ("token_cache_max_bytes", "16MB"), ("workers", "0"), ("workers", "65"),
+    ("workers", "2.5"), ("workers", "auto"),
 ]
 
 

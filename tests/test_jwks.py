@@ -17,7 +17,7 @@ from authz_service.jwks import JwksCache, JwksError, JwksSettings, parse_jwks
 from authz_service.metrics import Metrics
 from authz_service.policy import Issuer
 
-from .conftest import SigningKey
+from .conftest import SigningKey, make_key
 
 
 class ScriptedJwks:
@@ -72,13 +72,13 @@ async def make_cache():
     sessions: list[aiohttp.ClientSession] = []
     caches: list[JwksCache] = []
 
-    def make(**overrides) -> tuple[JwksCache, Metrics]:
+    def make(on_key_removed=None, **overrides) -> tuple[JwksCache, Metrics]:
         settings = JwksSettings(**{"refresh_interval": 3600, "timeout": 0.5, "retry_min": 0.05, "retry_max": 0.1,
                                    **overrides})
         metrics = Metrics(CollectorRegistry())
         session = aiohttp.ClientSession()
         sessions.append(session)
-        cache = JwksCache(settings, metrics, session)
+        cache = JwksCache(settings, metrics, session, on_key_removed=on_key_removed)
         caches.append(cache)
         return cache, metrics
 
@@ -224,6 +224,37 @@ async def test_rotation_replaces_key_set(endpoint, make_cache, key_a, key_b) -> 
     scripted.keys(key_b)
     await wait_for(lambda: cache.key(issuer, "kid-b") is not None)
     assert cache.key(issuer, "kid-a") is None
+
+
+async def test_routine_refresh_keeps_key_objects_and_reports_removed_kids(endpoint, make_cache, key_a, key_b) -> None:
+    # The token cache trusts a hit only while the JWKS holds the very key object that verified it:
+    # an unchanged key must keep its identity across refreshes, a removed kid must be reported.
+    scripted, issuer = endpoint
+    scripted.keys(key_a, key_b)
+    removed: list[tuple[str, str]] = []
+    cache, _ = make_cache(refresh_interval=0.05, on_key_removed=lambda iss, kid: removed.append((iss, kid)))
+    cache.sync([issuer])
+    await wait_for(lambda: cache.has_keys(issuer))
+    first = cache.key(issuer, "kid-a")
+    hits = scripted.hits
+    await wait_for(lambda: scripted.hits >= hits + 2)
+    assert cache.key(issuer, "kid-a") is first and removed == []
+    scripted.keys(key_b)
+    await wait_for(lambda: cache.key(issuer, "kid-a") is None)
+    assert removed == [(issuer.issuer, "kid-a")]
+
+
+async def test_kid_reused_for_other_material_is_reported_and_replaced(endpoint, make_cache, key_a) -> None:
+    scripted, issuer = endpoint
+    scripted.keys(key_a)
+    removed: list[tuple[str, str]] = []
+    cache, _ = make_cache(refresh_interval=0.05, on_key_removed=lambda iss, kid: removed.append((iss, kid)))
+    cache.sync([issuer])
+    await wait_for(lambda: cache.has_keys(issuer))
+    first = cache.key(issuer, "kid-a")
+    scripted.keys(make_key("kid-a"))
+    await wait_for(lambda: cache.key(issuer, "kid-a") is not first)
+    assert removed == [(issuer.issuer, "kid-a")]
 
 
 async def test_sync_drops_removed_issuers(endpoint, make_cache, key_a) -> None:

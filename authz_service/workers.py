@@ -1,0 +1,282 @@
+"""`--workers N`: N worker processes sharing the gRPC port, one HTTP port, one metrics view.
+
+Why: one CPython process verifies on one core (the GIL); Envoy's ext_authz opens new HTTP/2
+connections as it needs them and the kernel spreads connections over sockets bound with
+SO_REUSEPORT, so N workers use N cores with no proxy in between.
+
+The parent (this module) loads the policy once to fail fast, reserves the gRPC port, starts the
+workers (each a full ``server.Service`` without the HTTP server), serves ``/healthz``, ``/readyz``
+(ready = every worker ready) and ``/metrics`` (prometheus-client multiprocess mode: each worker
+writes its samples to files in a private temporary directory that the parent aggregates), forwards
+SIGTERM and SIGHUP, restarts a worker that dies, and exits non-zero when workers fail to start.
+
+Port ownership: the parent binds the gRPC address itself with SO_REUSEPORT (without listening)
+before any worker starts and holds it until exit. A port already held by another program without
+SO_REUSEPORT therefore fails start-up as with one worker; only a program of the same user that
+also sets SO_REUSEPORT could share it (a kernel rule we cannot tighten).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing.sharedctypes import Synchronized
+from typing import Any
+
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+# Per-worker state in shared memory, written by the worker, read by the parent.
+STARTING, SERVING, READY, STOPPED = 0, 1, 2, 3
+START_TIMEOUT = 60.0
+RESTART_DELAY = 1.0
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) host:port with SO_REUSEPORT; OSError when another program holds it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot bind gRPC port {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def worker_main(settings: Settings, index: int, state: Synchronized, log_level: str) -> None:
+    """Entry point of one worker process (spawned: a fresh interpreter, no inherited gRPC state)."""
+    from . import logs
+    from .policy import PolicyError
+    from .server import serve
+
+    logs.configure(log_level)
+    logging.getLogger().handlers[0].addFilter(_WorkerField(index))
+
+    def on_ready(ready: bool) -> None:
+        state.value = READY if ready else SERVING
+
+    _exit_with_parent(os.getppid())
+
+    try:
+        asyncio.run(serve(settings, worker=True, on_ready=on_ready))
+    except PolicyError as exc:
+        log.error("policy file refused; worker not starting", extra={"error": str(exc)})
+        sys.exit(2)
+    except OSError as exc:
+        log.error("worker cannot start", extra={"error": str(exc)})
+        sys.exit(1)
+    state.value = STOPPED
+
+
+def _exit_with_parent(parent: int) -> None:
+    """SIGTERM ourselves when the parent is gone (e.g. SIGKILLed): no orphan keeps the port."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class _WorkerField(logging.Filter):
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
+class _Worker:
+    def __init__(self, index: int, ctx: Any) -> None:
+        self.index = index
+        self.state: Synchronized = ctx.Value("i", STARTING, lock=False)
+        self.process: Any = None
+        self.restarts = 0
+
+
+class Supervisor:
+    """The parent process of ``--workers N`` (N > 1)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._ctx = multiprocessing.get_context("spawn")
+        self._workers = [_Worker(i, self._ctx) for i in range(settings.workers)]
+        self._stopping = asyncio.Event()
+        self._metrics_dir = ""
+        self._reservation: socket.socket | None = None
+        self.grpc_port: int | None = None
+        self.http_port: int | None = None
+
+    # --- readiness ------------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        return not self._stopping.is_set() and all(
+            w.process is not None and w.process.is_alive() and w.state.value == READY for w in self._workers
+        )
+
+    def status(self) -> list[dict[str, object]]:
+        names = {STARTING: "starting", SERVING: "serving (not ready)", READY: "ready", STOPPED: "stopped"}
+        return [
+            {"worker": w.index, "pid": w.process.pid if w.process else None,
+             "alive": bool(w.process and w.process.is_alive()), "state": names.get(w.state.value, "?"),
+             "restarts": w.restarts}
+            for w in self._workers
+        ]
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        from .policy import load_policy_file
+
+        load_policy_file(self.settings.policy)  # PolicyError propagates: exit 2 before any fork
+        # Signals first: a SIGTERM while workers start must stop them, not orphan them.
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
+        self._metrics_dir = tempfile.mkdtemp(prefix="authz-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir  # inherited by spawned workers
+        try:
+            self._reservation = reserve_port(self.settings.grpc_host, self.settings.grpc_port)
+            self.grpc_port = self._reservation.getsockname()[1]
+            worker_settings = dataclasses.replace(self.settings, grpc_port=self.grpc_port)
+            for worker in self._workers:
+                self._start(worker, worker_settings)
+            failed = await self._wait_started()
+            if failed is not None:
+                await self._stop_workers()
+                return failed
+            if self._stopping.is_set():
+                await self._stop_workers()
+                return 0
+            await self._serve_http()
+            log.info("authz-service started", extra={
+                "grpc": f"{self.settings.grpc_host}:{self.grpc_port}",
+                "http": f"{self.settings.http_host}:{self.http_port}", "workers": len(self._workers),
+                "pids": [w.process.pid for w in self._workers]})
+            await self._watch(worker_settings)
+            log.info("shutting down", extra={"workers": len(self._workers)})
+            await self._stop_workers()
+            await self._http.cleanup()
+            return 0
+        finally:
+            if self._reservation is not None:
+                self._reservation.close()
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+    def _start(self, worker: _Worker, settings: Settings) -> None:
+        worker.state.value = STARTING
+        worker.process = self._ctx.Process(
+            target=worker_main, args=(settings, worker.index, worker.state, self.settings.log_level),
+            name=f"authz-worker-{worker.index}", daemon=False,
+        )
+        worker.process.start()
+
+    async def _wait_started(self) -> int | None:
+        """None when every worker serves; else the exit code the parent should exit with."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            for w in self._workers:
+                if not w.process.is_alive():
+                    code = w.process.exitcode or 1
+                    log.error("worker failed to start", extra={"worker": w.index, "exit_code": w.process.exitcode})
+                    print(f"authz-service: error: worker {w.index} failed to start (exit code "
+                          f"{w.process.exitcode}); see its log above", file=sys.stderr)
+                    return code if code > 0 else 1
+            if all(w.state.value in (SERVING, READY) for w in self._workers) or self._stopping.is_set():
+                return None
+            await asyncio.sleep(0.05)
+        print(f"authz-service: error: workers did not start within {START_TIMEOUT:g}s", file=sys.stderr)
+        return 1
+
+    async def _watch(self, settings: Settings) -> None:
+        """Until SIGTERM: restart any worker that exits (its counters stay in the metrics view)."""
+        from prometheus_client import multiprocess
+
+        while not self._stopping.is_set():
+            for w in self._workers:
+                if w.process is not None and not w.process.is_alive():
+                    log.error("worker exited; restarting it",
+                              extra={"worker": w.index, "pid": w.process.pid, "exit_code": w.process.exitcode})
+                    multiprocess.mark_process_dead(w.process.pid, self._metrics_dir)
+                    w.process.join(0)
+                    w.restarts += 1
+                    await asyncio.sleep(RESTART_DELAY)  # no tight loop if it keeps failing
+                    if self._stopping.is_set():
+                        return
+                    self._start(w, settings)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), 0.2)
+            except asyncio.TimeoutError:
+                pass
+
+    def _forward(self, sig: int) -> None:
+        for w in self._workers:
+            if w.process is not None and w.process.is_alive():
+                os.kill(w.process.pid, sig)
+
+    async def _stop_workers(self) -> None:
+        self._forward(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.shutdown_grace + 5
+        while time.monotonic() < deadline and any(w.process.is_alive() for w in self._workers if w.process):
+            await asyncio.sleep(0.05)
+        for w in self._workers:
+            if w.process is not None and w.process.is_alive():
+                log.error("worker did not stop in time; killing it", extra={"worker": w.index})
+                w.process.kill()
+            if w.process is not None:
+                w.process.join(1)
+
+    # --- HTTP: health and the aggregated metrics ---------------------------------------------------
+
+    async def _serve_http(self) -> None:
+        from aiohttp import web
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"status": "alive"})
+
+        async def readyz(_: web.Request) -> web.Response:
+            ready = self.ready()
+            return web.json_response({"ready": ready, "workers": self.status()}, status=200 if ready else 503)
+
+        async def metrics(_: web.Request) -> web.Response:
+            body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        app.router.add_get("/metrics", metrics)
+        self._http = web.AppRunner(app, access_log=None)
+        await self._http.setup()
+        site = web.TCPSite(self._http, self.settings.http_host, self.settings.http_port)
+        try:
+            await site.start()
+        except OSError:
+            await self._stop_workers()
+            raise
+        self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+async def supervise(settings: Settings) -> int:
+    return await Supervisor(settings).run()

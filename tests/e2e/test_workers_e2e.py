@@ -1,0 +1,190 @@
+"""`--workers 2`: Checks answered through a real Envoy, one aggregated metrics view, readiness of
+every worker, a dead worker restarted, SIGTERM stopping all, and a port held elsewhere refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+from .harness import free_port, http_request
+from .stack import DevIssuer, Service, cli, start_dev_issuer, start_service
+
+pytestmark = pytest.mark.e2e
+
+POOL = "us-east-1_Work00001"
+POLICY = """
+issuers:
+  - user_pool_id: us-east-1_Work00001
+    issuer: {issuer}
+    client_ids: [payments-writer]
+routes:
+  - name: create-transaction
+    methods: [POST]
+    path: /transactions
+    scopes: [transactions/post]
+"""
+
+
+@pytest.fixture(scope="module")
+def issuer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevIssuer]:
+    dev = start_dev_issuer(tmp_path_factory.mktemp("issuer"), POOL)
+    yield dev
+    dev.process.stop()
+
+
+@pytest.fixture
+def policy(tmp_path: Path, issuer: DevIssuer) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY.format(issuer=issuer.issuer))
+    return path
+
+
+def readyz(service: Service) -> tuple[int, dict]:
+    status, _, body = http_request("GET", f"http://127.0.0.1:{service.http_port}/readyz")
+    return status, json.loads(body)
+
+
+def check(port: int, token: str) -> int:
+    """One Check on a fresh TCP connection (a local subchannel pool: no connection reuse)."""
+    request = external_auth_pb2.CheckRequest()
+    http = request.attributes.request.http
+    http.method, http.path = "POST", "/transactions"
+    http.headers["authorization"] = f"Bearer {token}"
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        return external_auth_pb2_grpc.AuthorizationStub(channel).Check(request, timeout=5).status.code
+
+
+def worker_pids(service: Service) -> list[int]:
+    return [w["pid"] for w in readyz(service)[1]["workers"]]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_checks_answered_and_metrics_aggregated_across_workers(tmp_path, policy, issuer, envoy_factory) -> None:
+    service = start_service(tmp_path, policy, "--workers", "2")
+    try:
+        status, body = readyz(service)
+        assert status == 200 and body["ready"] is True
+        assert len({w["pid"] for w in body["workers"]}) == 2 and all(w["state"] == "ready" for w in body["workers"])
+        envoy = envoy_factory(service.grpc_port)
+        token = issuer.token("payments-writer")
+        for _ in range(5):
+            assert http_request("POST", envoy.url("/transactions"), [("Authorization", f"Bearer {token}")])[0] == 200
+        assert http_request("POST", envoy.url("/transactions"))[0] == 401
+        for _ in range(30):  # new connections: the kernel spreads them over both workers
+            assert check(service.grpc_port, token) == 0
+        assert service.sample("authz_check_decisions_total", decision="allow", reason="allowed") == 35
+        assert service.sample("authz_check_decisions_total", decision="deny", reason="missing_token") == 1
+        # Each worker verified the token once (its own cache), every other use was a hit: two
+        # misses prove both workers answered and that /metrics adds their samples up.
+        assert service.sample("authz_token_cache_lookups_total", result="miss") == 2
+        assert service.sample("authz_token_cache_lookups_total", result="hit") == 33
+        assert service.sample("authz_token_cache_entries") == 2  # livesum over the workers
+        assert service.sample("authz_ready") == 1
+    finally:
+        service.process.stop()
+
+
+def test_sigterm_to_the_parent_stops_every_worker(tmp_path, policy) -> None:
+    service = start_service(tmp_path, policy, "--workers", "2")
+    try:
+        pids = worker_pids(service)
+        assert all(alive(p) for p in pids)
+        environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
+        metrics_dir = Path(next(e for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")).split(b"=", 1)[1]
+                           .decode())
+        assert metrics_dir.is_dir()
+        os.kill(service.process.pid, signal.SIGTERM)  # the parent only: it must forward
+        assert service.process.proc.wait(timeout=30) == 0
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in pids)
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", service.grpc_port)) != 0
+        assert not metrics_dir.exists()  # the parent removed the metrics directory
+    finally:
+        service.process.stop()
+
+
+def test_a_killed_worker_is_restarted_and_readiness_waits_for_it(tmp_path, policy, issuer) -> None:
+    service = start_service(tmp_path, policy, "--workers", "2")
+    try:
+        before = worker_pids(service)
+        os.kill(before[0], signal.SIGKILL)
+        service.process.wait_until(
+            lambda: (lambda s, b: s == 200 and b["workers"][0]["pid"] not in (None, before[0]))(*readyz(service)),
+            30, "worker 0 restarted and ready",
+        )
+        status, body = readyz(service)
+        assert body["workers"][0]["restarts"] == 1 and body["workers"][1]["pid"] == before[1]
+        token = issuer.token("payments-writer")
+        assert all(check(service.grpc_port, token) == 0 for _ in range(10))
+    finally:
+        service.process.stop()
+
+
+def test_port_held_by_another_program_fails_start(tmp_path, policy) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run(
+            cli("serve", "--policy", str(policy), "--grpc-host", "127.0.0.1", "--grpc-port", str(port),
+                "--http-host", "127.0.0.1", "--http-port", str(free_port()), "--workers", "2"),
+            capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"cannot bind gRPC port 127.0.0.1:{port}" in result.stderr
+
+
+def test_bad_policy_exits_2_before_starting_workers(tmp_path) -> None:
+    bad = tmp_path / "policy.yaml"
+    bad.write_text("issuers: []\n")
+    result = subprocess.run(
+        cli("serve", "--policy", str(bad), "--grpc-port", str(free_port()), "--http-port", str(free_port()),
+            "--workers", "2"),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2 and "issuers" in result.stderr
+
+
+def test_workers_exit_when_the_parent_is_killed(tmp_path, policy) -> None:
+    service = start_service(tmp_path, policy, "--workers", "2")
+    try:
+        pids = worker_pids(service)
+        environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
+        metrics_dir = next(e for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")).split(b"=", 1)[1]
+        os.kill(service.process.pid, signal.SIGKILL)  # no chance to forward anything
+        service.process.proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(p) for p in pids), "orphaned workers still running"
+    finally:
+        service.process.stop()
+        for pid in worker_pids_safe(pids):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(metrics_dir.decode(), ignore_errors=True)  # a killed parent cannot remove it
+
+
+def worker_pids_safe(pids: list[int]) -> list[int]:
+    return [p for p in pids if alive(p)]

@@ -1,0 +1,139 @@
+"""The benchmark never runs in `make test`, but it must not rot: its scripts import, its Envoy
+configurations (generated from envoy/envoy.yaml) pass `envoy --mode validate`, its wrk script
+parses, and the floor server answers a real Check."""
+
+from __future__ import annotations
+
+import http.server
+import importlib.util
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+from .e2e.harness import envoy_binary
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run():
+    return load("run")
+
+
+def jwks() -> str:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from authz_service.jwks import parse_jwks
+
+    run = load("run")
+    doc = run.jwks_document(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    assert list(parse_jwks(doc.encode())) == [run.KID]  # the service would accept this JWKS
+    return doc
+
+
+@pytest.mark.parametrize("kind", ["none", "jwt_authn", "ext_authz"])
+def test_generated_envoy_configs_validate(run, kind: str, tmp_path: Path) -> None:
+    binary = envoy_binary()
+    if not binary:
+        pytest.skip("no envoy binary")
+    cfg = run.render_envoy(kind, listener_port=18080, admin_port=18081, authz_port=19191, jwks=jwks())
+    names = [f["name"] for f in cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+             ["typed_config"]["http_filters"]]
+    expected = {"none": [], "jwt_authn": ["envoy.filters.http.jwt_authn"], "ext_authz": ["envoy.filters.http.ext_authz"]}
+    assert names == expected[kind] + ["envoy.filters.http.router"]
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = subprocess.run([binary, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_grpc_frame_is_a_check_request_the_service_parses(run) -> None:
+    from authz_service.request import parse_check_request
+
+    frame = run.grpc_frame("abc.def.ghi")
+    assert frame[0] == 0 and int.from_bytes(frame[1:5], "big") == len(frame) - 5
+    http = parse_check_request(external_auth_pb2.CheckRequest.FromString(frame[5:]))
+    assert http.method == "GET" and http.path == run.PATH and http.authorization == ("Bearer abc.def.ghi",)
+
+
+def test_wrk_script_loads_and_reports(tmp_path: Path) -> None:
+    """wrk runs the script (init reads the token file, done prints the figures run.py parses)."""
+    if not shutil.which("wrk"):
+        pytest.skip("wrk not installed (make bench installs it)")
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("a.b.c\nd.e.f\n")
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(self.headers.get("Authorization", ""))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = subprocess.run(["wrk", "-t1", "-c1", "-d1s", "-s", str(BENCH / "rotate.lua"),
+                                 f"http://127.0.0.1:{server.server_address[1]}", "--", str(tokens), "0"],
+                                capture_output=True, text=True, timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    line = next((l for l in result.stdout.splitlines() if l.startswith("WRKJSON ")), None)
+    assert line is not None, result.stdout + result.stderr
+    figures = json.loads(line[8:])
+    assert figures["requests"] > 0 and figures["status_errors"] == 0 and figures["p99_us"] >= figures["p50_us"]
+    assert {"Bearer a.b.c", "Bearer d.e.f"} <= set(seen)  # the tokens rotate
+
+
+def test_floor_server_answers_ok(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(BENCH / "floor_server.py"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.05)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = external_auth_pb2_grpc.AuthorizationStub(channel).Check(external_auth_pb2.CheckRequest(), timeout=5)
+        assert reply.status.code == 0 and reply.HasField("ok_response")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_micro_and_memory_benchmarks_import() -> None:
+    assert callable(load("micro_verify").main) and callable(load("memory").main)
