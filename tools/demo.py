@@ -154,6 +154,18 @@ def main() -> int:
         for line in conn.getresponse().read().decode().splitlines():
             if line.startswith("authz_check_decisions_total"):
                 print(f"   {line}")
+        policy = ROOT / "authz_service" / "examples" / "policy.yaml"
+        tools = [
+            ("4. The policy tools: validate (as a ConfigMap repo's CI would run it)", ["validate", "--strict", str(policy)]),
+            ("5. explain: why the reader's POST was refused, and the exact answer Envoy relayed",
+             ["explain", "--policy", str(policy), "--method", "POST", "--path", "/transactions",
+              "--scopes", "transactions/get", "--client-id", "payments-reader"]),
+        ]
+        for title, argv in tools:
+            print(f"\n{title}:\n   $ authz-service {' '.join(argv).replace(str(ROOT) + '/', '')}")
+            out = subprocess.run([str(BIN / "authz-service"), *argv], capture_output=True, text=True, timeout=60)
+            for line in out.stdout.splitlines():
+                print(f"   {line}")
         return 0
     finally:
         for name, proc in reversed(list(procs.items())):
