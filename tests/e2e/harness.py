@@ -138,6 +138,17 @@ def wait_for_http(
         time.sleep(_POLL)
 
 
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``predicate`` until truthy (returned); AssertionError naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
+        time.sleep(0.05)
+
+
 # --------------------------------------------------------------------------- #
 # HTTP client that does not normalise anything
 # --------------------------------------------------------------------------- #

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from .fake_issuer import FakeIssuer, rsa_key
-from .harness import ManagedProcess, UpstreamProcess, free_port, http_request, wait_for_http
+from .harness import ManagedProcess, UpstreamProcess, free_port, http_request, wait_for, wait_for_http
 from .security_stack import SecurityStack, policy_text
 from .stack import PolicyDir, Service, cli, start_dev_issuer
 
@@ -80,16 +80,6 @@ def fast_stack(tmp_path_factory, upstream, module_envoy_factory, cooldown_stack)
               "--jwks-refresh-interval", "0.5", "--jwks-timeout", "2")
     yield s
     teardown(s)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
-        time.sleep(0.05)
 
 
 def refreshes(service: Service, pool: str, result: str) -> float:

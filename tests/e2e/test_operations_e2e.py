@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from ..conftest import ISSUER, SigningKey, make_key
+from ..conftest import SigningKey, make_key
 from .harness import REPO_ROOT, ManagedProcess, UpstreamProcess, free_port, http_request, wait_for_http
 from .stack import cli, start_dev_issuer, start_service
 
@@ -74,17 +74,6 @@ def health(grpc_port: int, service: str) -> int:
 def denied_status(response: external_auth_pb2.CheckResponse) -> int:
     assert response.status.code != 0, "expected a denial"
     return response.denied_response.status.code
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout}s")
-        time.sleep(0.1)
 
 
 class ScriptedJwks:

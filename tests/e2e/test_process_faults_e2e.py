@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from .harness import ManagedProcess, UpstreamProcess, wait_for_http
-from .security_stack import SecurityStack, policy_text, start_security_stack, stop_security_stack
+from .security_stack import Answer, SecurityStack, policy_text, start_security_stack, stop_security_stack
 
 pytestmark = pytest.mark.e2e
 
