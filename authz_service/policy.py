@@ -27,6 +27,8 @@ _PARAM_SEGMENT = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
 _METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*\Z")  # RFC 9110 token, upper case as HTTP methods are written
 _SCOPE = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+\Z")  # RFC 6749 scope-token
 _POOL_ID = re.compile(r"^(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)_[0-9A-Za-z]+\Z")
+# Emulators name pools differently (cognito-local: local_Abc123); accepted with an explicit issuer.
+_ANY_POOL_ID = re.compile(r"^[A-Za-z0-9-]{1,50}_[0-9A-Za-z]+\Z")
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/ {}*-]{0,99}\Z")
 _CLIENT_ID = re.compile(r"^[\x21-\x7E]{1,128}\Z")
 
@@ -353,12 +355,13 @@ class _Context:
         pool = self.string(item, "user_pool_id", where, required=True)
         assert pool is not None
         m = _POOL_ID.match(pool)
-        if not m:
+        if m is None and not ("issuer" in item and _ANY_POOL_ID.match(pool)):
             raise self.fail((*where, "user_pool_id"),
-                f"{pool!r} is not a Cognito user pool id (expected <region>_<id>, e.g. us-east-1_Abc123)",
+                f"{pool!r} is not a Cognito user pool id (expected <region>_<id>, e.g. us-east-1_Abc123; "
+                "an emulator's pool such as local_Abc123 also needs an explicit issuer)",
             )
-        region = self.string(item, "region", where) or m["region"]
-        if region != m["region"]:
+        region = self.string(item, "region", where) or (m["region"] if m else "")
+        if m is not None and region != m["region"]:
             raise self.fail((*where, "region"), f"{region!r} does not match the pool id's region {m['region']!r}; remove region"
             )
         issuer = self.string(item, "issuer", where) or f"https://cognito-idp.{region}.amazonaws.com/{pool}"

@@ -569,3 +569,13 @@ def test_check_policy_on_a_good_file_returns_the_same_policy_as_parse_policy():
 def test_yaml_syntax_errors_get_the_same_file_line_column_prefix():
     message = refused(ISSUERS + "routes:\n  - path: /a\n    path: /b\n    scopes: [r]\n")
     assert message.startswith(f"{SOURCE}:5:5: not valid YAML: duplicate key 'path'"), message
+
+
+def test_emulator_pool_ids_need_an_explicit_issuer() -> None:
+    """cognito-local names pools local_<id>: accepted when the issuer is spelled out, refused otherwise."""
+    policy = parse_policy("issuers:\n  - user_pool_id: local_5oDD2Qxe\n    issuer: http://127.0.0.1:9229/local_5oDD2Qxe\n"
+                          "routes:\n" + GOOD_ROUTE)
+    (issuer,) = policy.issuers
+    assert issuer.jwks_uri == "http://127.0.0.1:9229/local_5oDD2Qxe/.well-known/jwks.json"
+    with pytest.raises(PolicyError, match="needs an explicit issuer"):
+        parse_policy("issuers:\n  - user_pool_id: local_5oDD2Qxe\nroutes:\n" + GOOD_ROUTE)

@@ -128,3 +128,10 @@ def documents(draw: st.DrawFn) -> dict[str, object]:
 @given(documents())
 def test_schema_and_loader_agree_on_generated_documents(doc):
     assert schema_ok(doc) == loader_ok(doc), doc
+
+
+@pytest.mark.parametrize("issuer", [None, "http://127.0.0.1:9229/local_5oDD2Qxe"])
+def test_emulator_pool_id_needs_an_issuer_in_schema_and_loader(issuer):
+    entry = {"user_pool_id": "local_5oDD2Qxe", **({"issuer": issuer} if issuer else {})}
+    doc = {"issuers": [entry], "routes": [{"path": "/ok", "scopes": ["r/s"]}]}
+    assert schema_ok(doc) is loader_ok(doc) is (issuer is not None)
