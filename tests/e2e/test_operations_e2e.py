@@ -340,3 +340,31 @@ def test_sigterm_grace_period_bounds_the_drain(tmp_path: Path, rotating_jwks: Sc
     assert returncode == 0
     thread.join(20)
     assert "error" in outcome and "response" not in outcome, outcome
+
+
+def test_sighup_reloads_the_policy_at_once(tmp_path: Path) -> None:
+    """Polling is effectively off here (1 h), so only SIGHUP can make the new policy serve."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.format(issuer="http://127.0.0.1:9/us-east-1_Demo00001"))
+    service = ManagedProcess(
+        cli("serve", "--policy", str(policy), "--grpc-host", "127.0.0.1", "--grpc-port", str(free_port()),
+            "--http-host", "127.0.0.1", "--http-port", str(http_port := free_port()),
+            "--policy-poll-interval", "3600"),
+        tmp_path, name="authz-service",
+    ).start()
+    try:
+        wait_for_http(f"http://127.0.0.1:{http_port}/healthz", 30, expect_status=200, proc=service)
+
+        def serving() -> dict:
+            return json.loads(http_request("GET", f"http://127.0.0.1:{http_port}/readyz")[2])["policy"]
+
+        before = serving()
+        policy.write_text(policy.read_text() + "  - name: docs\n    path: /docs/**\n    public: true\n")
+        time.sleep(1)
+        assert serving() == before, "without SIGHUP the 1 h poll interval keeps the old policy"
+        service.proc.send_signal(signal.SIGHUP)
+        after = service.wait_until(lambda: (p := serving())["sha256"] != before["sha256"] and p, 10, "reload on SIGHUP")
+        assert after["routes"] == before["routes"] + 1 and after["last_reload_error"] is None
+        assert '"reason":"SIGHUP"' in service.log_text()
+    finally:
+        service.stop()
