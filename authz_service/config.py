@@ -130,7 +130,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("jwks_timeout", 3.0, _positive, "Timeout of one JWKS fetch, in seconds."),
     Option("jwks_max_bytes", 512 * 1024, _positive_int, "Largest JWKS document accepted, in bytes."),
     Option("unknown_kid_cooldown", 10.0, _cooldown, "Minimum seconds between unknown-kid JWKS re-fetches per issuer."),
-    Option("policy_poll_interval", 2.0, _positive, "Seconds between checks of the policy file for changes."),
+    Option("policy_poll_interval", 1.0, _positive,
+           "Seconds between checks of the policy file; a change loads once it has held for one interval."),
     Option("realm", "authz-service", _realm, "Realm in WWW-Authenticate challenges."),
     Option("shutdown_grace", 10.0, _non_negative, "Seconds in-flight Checks get to finish on SIGTERM."),
     Option("log_level", "INFO", _log_level, "debug, info, warning or error (allowed requests log at debug)."),
@@ -157,7 +158,7 @@ class Settings:
     jwks_timeout: float = 3.0
     jwks_max_bytes: int = 512 * 1024
     unknown_kid_cooldown: float = 10.0
-    policy_poll_interval: float = 2.0
+    policy_poll_interval: float = 1.0
     realm: str = "authz-service"
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
