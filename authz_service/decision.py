@@ -70,6 +70,11 @@ class Decision:
     def route_label(self) -> str:
         return self.route.name if self.route is not None else "no_route"
 
+    @property
+    def kind(self) -> str:
+        """The ``decision`` metric label: allow, deny, or dry_run_deny (allowed, but only by dry-run)."""
+        return "dry_run_deny" if self.dry_run else "allow" if self.allowed else "deny"
+
 
 def deny(reason: Reason, status: int, description: str, route: Route | None = None) -> Decision:
     return Decision(False, reason, status, description, route)

@@ -24,7 +24,7 @@ from ._proto.envoy.service.auth.v3 import external_auth_pb2
 from .jwks import JwksCache, JwksSettings
 from .metrics import Metrics
 from .policy import Issuer, Policy, Route, load_policy_file, pattern_matches, PolicyError
-from .request import BadRequest, normalized_path
+from .request import BadRequest, normalized_path, path_segments
 from .simulate import Outcome, Simulator, run_check
 from .tokens import Failure, TokenError, TokenVerifier
 
@@ -131,7 +131,7 @@ def candidates(policy: Policy, method: str, path: str) -> list[str]:
         normal = normalized_path(path)
     except BadRequest:
         return []
-    segments = tuple(normal[1:].split("/")) if normal != "/" else ()
+    segments = path_segments(normal)
     out = []
     for route in policy.routes:
         if not pattern_matches(route.path, segments):

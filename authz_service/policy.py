@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .yamlfile import YamlError, compose_yaml, load_strict_yaml, locate
+from .yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position
 
 # RFC 3986 pchar without percent-encoding: what a literal policy segment may contain.
 _LITERAL_SEGMENT = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@]+\Z")
@@ -253,17 +253,18 @@ class _Context:
         self.errors: list[PolicyError] = []
         self._tree: Any = False  # composed lazily: only errors need line numbers
 
+    def position(self, where: Where, key: str | None = None) -> tuple[int | None, int | None]:
+        """(line, column) of ``where``; with ``key``, of that mapping key (unknown keys)."""
+        if not self.text:
+            return None, None
+        if self._tree is False:
+            self._tree = compose_yaml(self.text)
+        return position(self._tree, (*where, key) if key is not None else where, at_key=key is not None)
+
     def fail(self, where: Where, problem: str, key: str | None = None) -> PolicyError:
-        """The error at ``where``; with ``key`` the line points at that mapping key (unknown keys)."""
-        line = column = None
-        if self.text:
-            if self._tree is False:
-                self._tree = compose_yaml(self.text)
-            mark = locate(self._tree, (*where, key) if key is not None else where, at_key=key is not None)
-            if mark is not None:
-                line, column = mark.line + 1, mark.column + 1
-        prefix = f"{self.source}:{line}:{column}" if line is not None else self.source
-        return PolicyError(f"{prefix}: {where_text(where)}: {problem}", where, line, column)
+        """The error at ``where``, its message prefixed with file:line:column."""
+        line, column = self.position(where, key)
+        return PolicyError(f"{place(self.source, line, column)}: {where_text(where)}: {problem}", where, line, column)
 
     def collect(self, build: Any, *args: Any) -> Any:
         """Run one item's checks; record its error and return None so the next item is checked too."""
@@ -521,11 +522,11 @@ def _compile(routes: Iterable[Route], ctx: _Context) -> _Node:
 
 
 def _conflict(ctx: _Context, first: Route, second: Route) -> PolicyError:
-    error = ctx.fail(("routes", second.index, "path"), "")
-    prefix = f"{ctx.source}:{error.line}:{error.column}" if error.line is not None else ctx.source
+    where: Where = ("routes", second.index, "path")
+    line, column = ctx.position(where)
     return PolicyError(
-        f"{prefix}: routes[{second.index}] ({second.path}) conflicts with routes[{first.index}] "
-        f"({first.path}): both match the same requests with equal specificity; "
+        f"{place(ctx.source, line, column)}: routes[{second.index}] ({second.path}) conflicts with "
+        f"routes[{first.index}] ({first.path}): both match the same requests with equal specificity; "
         "merge them or make their methods disjoint",
-        error.where, error.line, error.column,
+        where, line, column,
     )

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from .policy import OTHER_SEGMENT, Policy, PolicyError, Route, check_policy, pattern_matches, where_text
 from .simulate import Simulator, run_check
-from .yamlfile import YamlError, compose_yaml, load_strict_yaml, locate
+from .yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position
 
 STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 # Scopes a user pool knows but a client_credentials (machine-to-machine) token can never carry.
@@ -40,8 +40,7 @@ class Lint:
     hint: str
 
     def __str__(self) -> str:
-        place = f"{self.source}:{self.line}:{self.column}" if self.line is not None else self.source
-        return f"{place}: warning: {self.where}: {self.what}; {self.hint}"
+        return f"{place(self.source, self.line, self.column)}: warning: {self.where}: {self.what}; {self.hint}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +74,8 @@ def lint(policy: Policy, text: str) -> list[Lint]:
     raw_routes = load_strict_yaml(text, policy.source)["routes"]
 
     def warn(where: tuple[str | int, ...], what: str, hint: str) -> Lint:
-        mark = locate(tree, where)
-        return Lint(policy.source, mark.line + 1 if mark else None, mark.column + 1 if mark else None,
-                        where_text(where), what, hint)
+        line, column = position(tree, where)
+        return Lint(policy.source, line, column, where_text(where), what, hint)
 
     out: list[Lint] = []
     for route, raw in zip(policy.routes, raw_routes):
@@ -263,6 +261,11 @@ class Case:
     route: str | None
     reason: str | None
 
+    @property
+    def wanted(self) -> dict[str, object]:
+        """The expected fields (None: not checked), keyed like ``Result.got``."""
+        return {"expect": self.expect, "status": self.status, "route": self.route, "reason": self.reason}
+
 
 def load_tests(path: Path | str) -> list[Case]:
     """Parse a tests file strictly (unknown keys and wrong types are errors with a line)."""
@@ -278,9 +281,8 @@ def load_tests(path: Path | str) -> list[Case]:
     tree = compose_yaml(text)
 
     def fail(where: tuple[str | int, ...], problem: str, key: str | None = None) -> CaseFileError:
-        mark = locate(tree, (*where, key) if key is not None else where, at_key=key is not None)
-        place = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        return CaseFileError(f"{place}: {where_text(where)}: {problem}")
+        line, column = position(tree, (*where, key) if key is not None else where, at_key=key is not None)
+        return CaseFileError(f"{place(source, line, column)}: {where_text(where)}: {problem}")
 
     if not isinstance(doc, dict) or set(doc) != {"tests"} or not isinstance(doc["tests"], list) or not doc["tests"]:
         raise fail((), "a tests file is a mapping with one key, 'tests': a non-empty list of cases")
@@ -310,9 +312,8 @@ def load_tests(path: Path | str) -> list[Case]:
         token = item.get("token", "scopes" in item or "client_id" in item)
         if not isinstance(token, bool):
             raise fail((*where, "token"), "must be true or false (false: send no Authorization header)")
-        mark = locate(tree, where)
         cases.append(Case(
-            name=item.get("name") or f"{item['method']} {item['path']}", line=mark.line + 1 if mark else 0,
+            name=item.get("name") or f"{item['method']} {item['path']}", line=position(tree, where)[0] or 0,
             method=item["method"], path=item["path"], token=token, scopes=tuple(scopes),
             client_id=item.get("client_id"), issuer=item.get("issuer"), expect=item["expect"], status=status,
             route=item.get("route"), reason=item.get("reason"),
@@ -344,13 +345,12 @@ async def run_tests(policy: Policy, cases: list[Case]) -> list[Result]:
         outcome = await run_check(policy, simulator.verifier, case.method, case.path, token)
         decision = outcome.decision
         got: dict[str, object] = {
-            "expect": "dry_run_deny" if decision.dry_run else ("allow" if decision.allowed else "deny"),
+            "expect": decision.kind,
             "status": 200 if decision.allowed else decision.status,
             "route": decision.route.name if decision.route else None,
             "reason": decision.reason.value,
         }
-        wanted = {"expect": case.expect, "status": case.status, "route": case.route, "reason": case.reason}
-        mismatches = [k for k, v in wanted.items() if v is not None and got[k] != v]
+        mismatches = [k for k, v in case.wanted.items() if v is not None and got[k] != v]
         results.append(Result(case, got, mismatches))
     return results
 
@@ -384,9 +384,8 @@ def tests_command(policy_path: Path, tests_path: Path, out: TextIO) -> int:
         if result.passed:
             print(f"PASS  {case.name}: {case.method} {case.path} ({who}) -> {_describe(result.got)}", file=out)
             continue
-        wanted = {"expect": case.expect, "status": case.status, "route": case.route, "reason": case.reason}
         print(f"FAIL  {case.name} ({tests_path}:{case.line}): {case.method} {case.path} ({who})", file=out)
-        print(f"        expected: {_describe(wanted)}", file=out)
+        print(f"        expected: {_describe(case.wanted)}", file=out)
         print(f"        got:      {_describe(result.got)}", file=out)
         print(f"        differs:  {', '.join(result.mismatches)}", file=out)
     failed = sum(not r.passed for r in results)

@@ -86,7 +86,7 @@ def parse_check_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
     known = _GOOD_PATHS.get(target)
     if known is None:
         path = normalized_path(target)
-        known = (path, tuple(path[1:].split("/")) if path != "/" else ())
+        known = (path, path_segments(path))
         if len(target) <= _MEMO_MAX_TARGET:
             _remember(_GOOD_PATHS, target, known)
     path, segments = known
@@ -112,6 +112,11 @@ def parse_check_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
         request_id=request_id,
         spoofed_identity_headers=tuple(spoofed),
     )
+
+
+def path_segments(path: str) -> tuple[str, ...]:
+    """The segments the policy matches ('/' has none) of a path ``normalized_path`` accepted."""
+    return tuple(path[1:].split("/")) if path != "/" else ()
 
 
 def normalized_path(target: str) -> str:

@@ -70,7 +70,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
 
     def _record(self, decision: Decision, http: HttpRequest | None) -> None:
         route = decision.route_label
-        kind = "dry_run_deny" if decision.dry_run else "allow" if decision.allowed else "deny"
+        kind = decision.kind
         key = (kind, decision.reason, route, decision.status)
         counter = self._counters.get(key)
         if counter is None:  # labels() takes a lock and builds strings: do it once per series

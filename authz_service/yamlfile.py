@@ -85,3 +85,14 @@ def locate(node: yaml.Node | None, where: tuple[str | int, ...], at_key: bool = 
             return mark
         mark = node.start_mark
     return mark
+
+
+def position(node: yaml.Node | None, where: tuple[str | int, ...], at_key: bool = False) -> tuple[int | None, int | None]:
+    """1-based (line, column) of the node at ``where`` (see ``locate``); (None, None) when unknown."""
+    mark = locate(node, where, at_key)
+    return (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+
+
+def place(source: str, line: int | None, column: int | None) -> str:
+    """``source:line:column`` for messages, or just ``source`` when the place is unknown."""
+    return f"{source}:{line}:{column}" if line is not None else source
