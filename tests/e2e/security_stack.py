@@ -17,9 +17,9 @@ from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, extern
 
 from .fake_issuer import FakeIssuer
 from .harness import EnvoyProcess, UpstreamProcess, http_request
-from .stack import DevIssuer, PolicyDir, Service
+from .stack import TRANSACTION_ROUTES, DevIssuer, PolicyDir, Service
 
-POLICY = """
+ISSUERS = """
 issuers:
   - user_pool_id: {fake_pool}
     issuer: {fake_iss}
@@ -28,14 +28,8 @@ issuers:
   - user_pool_id: us-east-1_Demo00001
     issuer: {dev_iss}
 routes:
-  - name: create-transaction
-    methods: [POST]
-    path: /transactions
-    scopes: [transactions/post]
-  - name: get-transaction
-    methods: [GET]
-    path: /transactions/{{id}}
-    scopes: [transactions/get]
+"""
+ROUTES = TRANSACTION_ROUTES + """\
   - name: admin
     path: /admin/**
     scopes: [admin/all]
@@ -50,9 +44,10 @@ routes:
 """
 
 
-def policy_text(fake: FakeIssuer, dev: DevIssuer, extra_routes: str = "") -> str:
-    return POLICY.format(fake_pool=fake.pool, fake_iss=fake.issuer, fake_jwks=fake.jwks_uri,
-                         dev_iss=dev.issuer) + extra_routes
+def policy_text(fake: FakeIssuer, dev: DevIssuer, extra_routes: str = "", *, routes: str = ROUTES) -> str:
+    """The stack's issuers with ``routes`` (default: the suites' routes) plus ``extra_routes``."""
+    return (ISSUERS + routes).format(fake_pool=fake.pool, fake_iss=fake.issuer, fake_jwks=fake.jwks_uri,
+                                     dev_iss=dev.issuer) + extra_routes
 
 
 @dataclass
@@ -136,7 +131,7 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *service_args: str,
-                         fake: FakeIssuer | None = None) -> SecurityStack:
+                         fake: FakeIssuer | None = None, wait_ready: bool = True) -> SecurityStack:
     """Dev issuer + fake issuer (started here unless given) + service (its CLI) + Envoy (shipped config)."""
     from .stack import start_dev_issuer, start_service
 
@@ -144,7 +139,7 @@ def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *
     dev = start_dev_issuer(work, "us-east-1_Demo00001")
     policy = PolicyDir(work / "config")
     policy.write(policy_text(fake, dev))
-    service = start_service(work, policy.path, *service_args)
+    service = start_service(work, policy.path, *service_args, wait_ready=wait_ready)
     envoy = envoy_factory(service.grpc_port)
     return SecurityStack(fake, dev, policy, service, envoy, upstream, work)
 

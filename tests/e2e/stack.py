@@ -29,6 +29,25 @@ SECRETS = {
 }
 
 
+# The example API every e2e policy protects, with healthz public. A str.format template (braces
+# doubled) appended under `routes:`; suites add their own routes after it.
+TRANSACTION_ROUTES = """\
+  - name: create-transaction
+    methods: [POST]
+    path: /transactions
+    scopes: [transactions/post]
+  - name: get-transaction
+    methods: [GET]
+    path: /transactions/{{id}}
+    scopes: [transactions/get]
+"""
+PUBLIC_HEALTHZ = """\
+  - name: healthz
+    path: /healthz
+    public: true
+"""
+
+
 def cli(*args: str) -> list[str]:
     """The documented CLI, run with the interpreter running the tests."""
     return [sys.executable, "-m", "authz_service.cli", *args]
@@ -134,7 +153,9 @@ class Service:
         return 0.0
 
 
-def start_service(workdir: Path, policy: Path, *extra: str, env: dict[str, str] | None = None) -> Service:
+def start_service(workdir: Path, policy: Path, *extra: str, env: dict[str, str] | None = None,
+                  wait_ready: bool = True) -> Service:
+    """Our service via its CLI; returns once it is ready, or (``wait_ready=False``) merely alive."""
     grpc_port, http_port = free_port(), free_port()
     process = ManagedProcess(
         cli("serve", "--policy", str(policy), "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
@@ -144,5 +165,6 @@ def start_service(workdir: Path, policy: Path, *extra: str, env: dict[str, str] 
         env={**os.environ, **(env or {})},
     ).start()
     started = time.monotonic()
-    wait_for_http(f"http://127.0.0.1:{http_port}/readyz", 30, expect_status=200, proc=process)
+    wait_for_http(f"http://127.0.0.1:{http_port}/{'readyz' if wait_ready else 'healthz'}", 30, expect_status=200,
+                  proc=process)
     return Service(process, grpc_port, http_port, started)

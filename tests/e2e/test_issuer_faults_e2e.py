@@ -6,7 +6,6 @@ that must cause at most one fetch per cool-down."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,24 +14,11 @@ from pathlib import Path
 import pytest
 
 from .fake_issuer import FakeIssuer, rsa_key
-from .harness import ManagedProcess, UpstreamProcess, free_port, http_request, wait_for, wait_for_http
-from .security_stack import SecurityStack, policy_text
-from .stack import PolicyDir, Service, cli, start_dev_issuer
+from .harness import UpstreamProcess, http_request, wait_for
+from .security_stack import SecurityStack, start_security_stack, stop_security_stack
+from .stack import Service
 
 pytestmark = pytest.mark.e2e
-
-
-def spawn_service(work: Path, policy: Path, *extra: str) -> Service:
-    """Our service via its CLI, returned as soon as it is alive (ready or not)."""
-    grpc_port, http_port = free_port(), free_port()
-    process = ManagedProcess(
-        cli("serve", "--policy", str(policy), "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
-            "--http-host", "127.0.0.1", "--http-port", str(http_port), "--policy-poll-interval", "0.2", *extra),
-        work, name="authz-service", env=dict(os.environ),
-    ).start()
-    started = time.monotonic()
-    wait_for_http(f"http://127.0.0.1:{http_port}/healthz", 30, expect_status=200, proc=process)
-    return Service(process, grpc_port, http_port, started)
 
 
 def readyz(service: Service) -> tuple[int, dict]:
@@ -44,42 +30,23 @@ def issuer_status(service: Service, fake: FakeIssuer) -> dict:
     return next(i for i in readyz(service)[1]["issuers"] if i["issuer"] == fake.issuer)
 
 
-def build(work: Path, upstream: UpstreamProcess, envoy_factory, fake: FakeIssuer, *args: str,
-          wait_ready: bool = True) -> SecurityStack:
-    dev = start_dev_issuer(work, "us-east-1_Demo00001")
-    policy = PolicyDir(work / "config")
-    policy.write(policy_text(fake, dev))
-    service = spawn_service(work, policy.path, *args)
-    if wait_ready:
-        wait_for_http(f"http://127.0.0.1:{service.http_port}/readyz", 30, expect_status=200, proc=service.process)
-    envoy = envoy_factory(service.grpc_port)
-    return SecurityStack(fake, dev, policy, service, envoy, upstream, work)
-
-
-def teardown(stack: SecurityStack) -> None:
-    stack.close()
-    stack.service.process.stop()
-    stack.dev.process.stop()
-    stack.fake.stop()
-
-
 @pytest.fixture(scope="module")
 def cooldown_stack(tmp_path_factory, upstream, module_envoy_factory):
     """Default refresh interval and the minimum (10 s) unknown-kid cool-down; started first so the
     cool-down after its start-up fetch runs out while the other tests run."""
-    s = build(tmp_path_factory.mktemp("cooldown"), upstream, module_envoy_factory,
-              FakeIssuer("us-east-1_Flood0001").start(), "--unknown-kid-cooldown", "10")
+    s = start_security_stack(tmp_path_factory.mktemp("cooldown"), upstream, module_envoy_factory,
+                             "--unknown-kid-cooldown", "10", fake=FakeIssuer("us-east-1_Flood0001").start())
     yield s
-    teardown(s)
+    stop_security_stack(s)
 
 
 @pytest.fixture(scope="module")
 def fast_stack(tmp_path_factory, upstream, module_envoy_factory, cooldown_stack):
     """Routine refresh every 0.5 s, so each scripted fault is met by a real fetch within a second."""
-    s = build(tmp_path_factory.mktemp("fast"), upstream, module_envoy_factory, FakeIssuer().start(),
-              "--jwks-refresh-interval", "0.5", "--jwks-timeout", "2")
+    s = start_security_stack(tmp_path_factory.mktemp("fast"), upstream, module_envoy_factory,
+                             "--jwks-refresh-interval", "0.5", "--jwks-timeout", "2")
     yield s
-    teardown(s)
+    stop_security_stack(s)
 
 
 def refreshes(service: Service, pool: str, result: str) -> float:
@@ -90,7 +57,7 @@ def refreshes(service: Service, pool: str, result: str) -> float:
 def test_issuer_down_at_start_is_503_then_recovers_by_itself(tmp_path: Path, upstream: UpstreamProcess,
                                                              envoy_factory) -> None:
     fake = FakeIssuer("us-east-1_Late00001")  # not started: its port refuses connections
-    stack = build(tmp_path, upstream, envoy_factory, fake, wait_ready=False)
+    stack = start_security_stack(tmp_path, upstream, envoy_factory, fake=fake, wait_ready=False)
     try:
         status, body = readyz(stack.service)
         assert status == 503 and body["ready"] is False
@@ -106,7 +73,7 @@ def test_issuer_down_at_start_is_503_then_recovers_by_itself(tmp_path: Path, ups
         answer = stack.send("POST", "/transactions", fake.token())
         assert answer.status == 200 and len(answer.reached_upstream) == 1
     finally:
-        teardown(stack)
+        stop_security_stack(stack)
 
 
 FAULTS = [

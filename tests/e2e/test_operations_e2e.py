@@ -23,7 +23,7 @@ from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, extern
 
 from ..conftest import SigningKey, make_key
 from .harness import REPO_ROOT, ManagedProcess, UpstreamProcess, free_port, http_request, wait_for_http
-from .stack import cli, start_dev_issuer, start_service
+from .stack import PUBLIC_HEALTHZ, TRANSACTION_ROUTES, start_dev_issuer, start_service
 
 pytestmark = pytest.mark.e2e
 
@@ -36,18 +36,7 @@ issuers:
   - user_pool_id: us-east-1_Demo00001
     issuer: {issuer}
 routes:
-  - name: create-transaction
-    methods: [POST]
-    path: /transactions
-    scopes: [transactions/post]
-  - name: get-transaction
-    methods: [GET]
-    path: /transactions/{{id}}
-    scopes: [transactions/get]
-  - name: healthz
-    path: /healthz
-    public: true
-"""
+""" + TRANSACTION_ROUTES + PUBLIC_HEALTHZ
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -240,15 +229,10 @@ def test_grpc_health_serves_only_when_ready(tmp_path: Path) -> None:
     issuer_url = f"http://127.0.0.1:{issuer_port}/us-east-1_Demo00001"
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.format(issuer=issuer_url))
-    grpc_port, http_port = free_port(), free_port()
-    service = ManagedProcess(
-        cli("serve", "--policy", str(policy), "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
-            "--http-host", "127.0.0.1", "--http-port", str(http_port)),
-        tmp_path, name="authz-service",
-    ).start()
+    service = start_service(tmp_path, policy, wait_ready=False)
+    grpc_port, http_port = service.grpc_port, service.http_port
     issuer = None
     try:
-        wait_for_http(f"http://127.0.0.1:{http_port}/healthz", 30, expect_status=200, proc=service)
         assert health(grpc_port, "") == NOT_SERVING
         assert health(grpc_port, AUTHZ) == NOT_SERVING
         status, _, body = http_request("GET", f"http://127.0.0.1:{http_port}/readyz")
@@ -258,7 +242,8 @@ def test_grpc_health_serves_only_when_ready(tmp_path: Path) -> None:
         assert denied_status(check(grpc_port, "POST", "/transactions", unverifiable)) == 503
 
         issuer = start_dev_issuer(tmp_path, "us-east-1_Demo00001", port=issuer_port)
-        service.wait_until(lambda: health(grpc_port, "") == SERVING, 60, "gRPC health SERVING after the issuer came up")
+        service.process.wait_until(lambda: health(grpc_port, "") == SERVING, 60,
+                                   "gRPC health SERVING after the issuer came up")
         assert health(grpc_port, AUTHZ) == SERVING
         assert http_request("GET", f"http://127.0.0.1:{http_port}/readyz")[0] == 200
         allowed = check(grpc_port, "POST", "/transactions", issuer.token("payments-writer"))
@@ -267,7 +252,7 @@ def test_grpc_health_serves_only_when_ready(tmp_path: Path) -> None:
             health(grpc_port, "no.such.Service")
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
-        service.stop()
+        service.process.stop()
         if issuer is not None:
             issuer.process.stop()
 
@@ -346,14 +331,9 @@ def test_sighup_reloads_the_policy_at_once(tmp_path: Path) -> None:
     """Polling is effectively off here (1 h), so only SIGHUP can make the new policy serve."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.format(issuer="http://127.0.0.1:9/us-east-1_Demo00001"))
-    service = ManagedProcess(
-        cli("serve", "--policy", str(policy), "--grpc-host", "127.0.0.1", "--grpc-port", str(free_port()),
-            "--http-host", "127.0.0.1", "--http-port", str(http_port := free_port()),
-            "--policy-poll-interval", "3600"),
-        tmp_path, name="authz-service",
-    ).start()
+    service = start_service(tmp_path, policy, "--policy-poll-interval", "3600", wait_ready=False)  # the last flag wins
+    http_port = service.http_port
     try:
-        wait_for_http(f"http://127.0.0.1:{http_port}/healthz", 30, expect_status=200, proc=service)
 
         def serving() -> dict:
             return json.loads(http_request("GET", f"http://127.0.0.1:{http_port}/readyz")[2])["policy"]
@@ -362,9 +342,9 @@ def test_sighup_reloads_the_policy_at_once(tmp_path: Path) -> None:
         policy.write_text(policy.read_text() + "  - name: docs\n    path: /docs/**\n    public: true\n")
         time.sleep(1)
         assert serving() == before, "without SIGHUP the 1 h poll interval keeps the old policy"
-        service.proc.send_signal(signal.SIGHUP)
-        after = service.wait_until(lambda: (p := serving())["sha256"] != before["sha256"] and p, 10, "reload on SIGHUP")
+        service.process.proc.send_signal(signal.SIGHUP)
+        after = service.process.wait_until(lambda: (p := serving())["sha256"] != before["sha256"] and p, 10, "reload on SIGHUP")
         assert after["routes"] == before["routes"] + 1 and after["last_reload_error"] is None
-        assert '"reason":"SIGHUP"' in service.log_text()
+        assert '"reason":"SIGHUP"' in service.process.log_text()
     finally:
-        service.stop()
+        service.process.stop()

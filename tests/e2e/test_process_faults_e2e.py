@@ -224,15 +224,7 @@ def test_policy_replaced_by_garbage_while_serving_keeps_the_old_policy(stack: Se
     assert_no_upstream_request_without_decision(stack, traffic, writer)
 
 
-VERSION_B_ROUTES = """
-issuers:
-  - user_pool_id: {fake_pool}
-    issuer: {fake_iss}
-    jwks_uri: {fake_jwks}
-    client_ids: [payments-writer, payments-reader]
-  - user_pool_id: us-east-1_Demo00001
-    issuer: {dev_iss}
-routes:
+VERSION_B_ROUTES = """\
   - name: create-transaction-b
     methods: [POST]
     path: /transactions
@@ -254,8 +246,7 @@ def test_policy_alternated_under_load_each_answer_matches_exactly_one_version(st
     path: /reports/**
     scopes: [transactions/get]
 """)
-    b = VERSION_B_ROUTES.format(fake_pool=stack.fake.pool, fake_iss=stack.fake.issuer,
-                                fake_jwks=stack.fake.jwks_uri, dev_iss=stack.dev.issuer)
+    b = policy_text(stack.fake, stack.dev, routes=VERSION_B_ROUTES)
     writer = stack.dev.token("payments-writer")
     reader = stack.dev.token("payments-reader")
     kinds = {

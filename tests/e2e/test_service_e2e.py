@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from .harness import EnvoyProcess, UpstreamProcess, http_request
-from .stack import DevIssuer, PolicyDir, Service, start_dev_issuer, start_service
+from .stack import PUBLIC_HEALTHZ, TRANSACTION_ROUTES, DevIssuer, PolicyDir, Service, start_dev_issuer, start_service
 
 pytestmark = pytest.mark.e2e
 
@@ -22,17 +22,7 @@ issuers:
   - user_pool_id: us-east-1_Short0001
     issuer: {short}
 routes:
-  - name: create-transaction
-    methods: [POST]
-    path: /transactions
-    scopes: [transactions/post]
-  - name: get-transaction
-    methods: [GET]
-    path: /transactions/{{id}}
-    scopes: [transactions/get]
-  - name: healthz
-    path: /healthz
-    public: true
+""" + TRANSACTION_ROUTES + PUBLIC_HEALTHZ + """\
   - name: refunds-dry-run
     methods: [POST]
     path: /refunds
