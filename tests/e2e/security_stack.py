@@ -13,7 +13,8 @@ from pathlib import Path
 
 import grpc
 
-from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
+from authz_service.simulate import check_request
 
 from .fake_issuer import FakeIssuer
 from .harness import EnvoyProcess, UpstreamProcess, http_request
@@ -111,13 +112,7 @@ class SecurityStack:
 
     def check(self, method: str, path: str, headers: dict[str, str] | None = None) -> Direct:
         """A CheckRequest straight to the service's gRPC port, as Envoy would build it."""
-        req = external_auth_pb2.CheckRequest()
-        http = req.attributes.request.http
-        http.method = method
-        http.path = path
-        for name, value in (headers or {}).items():
-            http.headers[name] = value
-        resp = self._stub.Check(req, timeout=10)
+        resp = self._stub.Check(check_request(method, path, headers or {}), timeout=10)
         if resp.HasField("denied_response"):
             denied = resp.denied_response
             return Direct(resp.status.code, denied.status.code, denied.body,

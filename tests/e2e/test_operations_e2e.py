@@ -20,6 +20,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from authz_service.simulate import check_request
 
 from ..conftest import SigningKey, make_key
 from .harness import REPO_ROOT, ManagedProcess, UpstreamProcess, free_port, http_request, wait_for_http
@@ -45,11 +46,7 @@ routes:
 def check(grpc_port: int, method: str, path: str, token: str | None = None,
           timeout: float = 10) -> external_auth_pb2.CheckResponse:
     """One ext_authz Check sent straight to the service, as Envoy would send it."""
-    request = external_auth_pb2.CheckRequest()
-    http = request.attributes.request.http
-    http.method, http.path = method, path
-    if token is not None:
-        http.headers["authorization"] = f"Bearer {token}"
+    request = check_request(method, path, {"authorization": f"Bearer {token}"} if token is not None else {})
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         return external_auth_pb2_grpc.AuthorizationStub(channel).Check(request, timeout=timeout)
 
