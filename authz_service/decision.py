@@ -105,4 +105,4 @@ async def _authorize(request: HttpRequest, route: Route, policy: Policy, verifie
         return deny(reason, status, exc.description, route)
     if route.scopes.isdisjoint(claims.scopes):
         return Decision(False, Reason.INSUFFICIENT_SCOPE, 403, "token lacks a required scope", route, claims)
-    return Decision(True, Reason.ALLOWED, 200, route=route, claims=claims)
+    return Decision(True, Reason.ALLOWED, 200, "", route, claims)

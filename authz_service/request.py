@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import re
 import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from ._proto.envoy.service.auth.v3 import external_auth_pb2
 
@@ -45,6 +47,18 @@ _MEMO_LIMIT = 4096
 _GOOD_METHODS: dict[str, bool] = {}
 _GOOD_PATHS: dict[str, tuple[str, tuple[str, ...]]] = {}
 _X_PREFIXES = frozenset({"x-", "x_"})
+
+
+def _spellings(name: str) -> set[str]:
+    """Every '-'/'_' spelling of ``name`` (what ``replace("_", "-")`` maps back to it)."""
+    head, sep, tail = name.partition("-")
+    if not sep:
+        return {name}
+    return {head + s + rest for s in "-_" for rest in _spellings(tail)}
+
+
+# Every lower-case spelling of an identity or override header, for the one-step screen above.
+_SPECIAL_NAMES = frozenset().union(*(_spellings(n) for n in (*IDENTITY_HEADERS, *_OVERRIDES)))
 _MEMO_MAX_TARGET = 512  # longer targets are checked every time, so the memo stays small
 
 
@@ -72,13 +86,13 @@ class HttpRequest:
 
 def parse_check_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
     """Extract and validate the HTTP attributes; BadRequest when anything is missing or unsafe."""
-    if not check.HasField("attributes") or not check.attributes.HasField("request"):
-        raise BadRequest("no request attributes")
-    if not check.attributes.request.HasField("http"):
-        raise BadRequest("no HTTP attributes")
-    http = check.attributes.request.http
+    http = check.attributes.request.http  # absent messages read as empty: diagnosed below
     method = http.method
     if method not in _GOOD_METHODS:
+        if not check.HasField("attributes") or not check.attributes.HasField("request"):
+            raise BadRequest("no request attributes")
+        if not check.attributes.request.HasField("http"):
+            raise BadRequest("no HTTP attributes")
         if not _METHOD.match(method):
             raise BadRequest("missing or invalid method")
         _remember(_GOOD_METHODS, method)
@@ -89,29 +103,51 @@ def parse_check_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
         known = (path, path_segments(path))
         if len(target) <= _MEMO_MAX_TARGET:
             _remember(_GOOD_PATHS, target, known)
-    path, segments = known
-    authorization: list[str] = []
-    spoofed: list[str] = []
-    request_id = ""
-    for name, value in _headers(http):
-        if name == "authorization":
-            authorization.append(value)
-        elif name == "x-request-id":
-            request_id = value[:128]
+    if http.HasField("header_map") and http.header_map.headers:
+        authorization, request_id, spoofed = _raw_headers(http.header_map.headers)
+    else:
+        # The `headers` map: keys are lower-cased by Envoy (ext_authz API contract), repeated
+        # headers are joined with ','. Look up the two we read; scan names only when one of the
+        # spellings we refuse or strip is present (one C-level set operation in the common case).
+        headers = http.headers
+        value = headers.get("authorization")
+        authorization = (value,) if value is not None else ()
+        request_id = headers.get("x-request-id", "")[:128]
+        spoofed = () if _SPECIAL_NAMES.isdisjoint(headers) else _special_names(headers)
+    return HttpRequest(method, known[0], known[1], authorization, request_id, spoofed)
+
+
+def _special_names(names: Iterable[str]) -> tuple[str, ...]:
+    """The identity-header spellings among ``names`` (lower-case); BadRequest on an override header."""
+    spoofed = []
+    for name in names:
         if name[:2] in _X_PREFIXES:  # only x-/x_ names can spell an identity or override header
             dashed = name.replace("_", "-")
             if dashed in _IDENTITY_SPELLINGS:
                 spoofed.append(name)
             elif dashed in _OVERRIDES:
                 raise BadRequest(f"{dashed} (method or URL override) is not accepted")
-    return HttpRequest(
-        method=method,
-        path=path,
-        segments=segments,
-        authorization=tuple(authorization),
-        request_id=request_id,
-        spoofed_identity_headers=tuple(spoofed),
-    )
+    return tuple(spoofed)
+
+
+def _raw_headers(entries: Any) -> tuple[tuple[str, ...], str, tuple[str, ...]]:
+    # With encode_raw_headers Envoy sends `header_map`: one entry per header line, bytes values.
+    authorization: list[str] = []
+    names: list[str] = []
+    request_id = ""
+    for entry in entries:
+        raw = entry.raw_value if entry.raw_value else entry.value.encode()
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(f"header {entry.key[:64]!r} is not UTF-8") from None
+        name = entry.key.lower()
+        names.append(name)
+        if name == "authorization":
+            authorization.append(value)
+        elif name == "x-request-id":
+            request_id = value[:128]
+    return tuple(authorization), request_id, _special_names(names)
 
 
 def path_segments(path: str) -> tuple[str, ...]:
@@ -143,21 +179,3 @@ def normalized_path(target: str) -> str:
     if "//" in path or "/./" in path or "/../" in path or path.endswith(("/.", "/..")):
         raise BadRequest("path is not normalized")
     return path
-
-
-def _headers(http: external_auth_pb2.AttributeContext.HttpRequest) -> list[tuple[str, str]]:
-    # Envoy sends either the `headers` map (repeated headers joined with ',') or, with
-    # encode_raw_headers, `header_map` with one entry per header line and bytes values.
-    if http.header_map.headers:
-        out = []
-        for entry in http.header_map.headers:
-            raw = entry.raw_value if entry.raw_value else entry.value.encode()
-            try:
-                value = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadRequest(f"header {entry.key[:64]!r} is not UTF-8") from None
-            out.append((entry.key.lower(), value))
-        return out
-    headers = http.headers
-    # Keys, then item lookups: both in C (the map's items() view iterates in Python, ~3x slower).
-    return [(name.lower(), headers[name]) for name in headers]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,8 @@ from .tokencache import CacheEntry, TokenCache
 
 MAX_TOKEN_BYTES = 8192  # Cognito access tokens are ~1 KB; anything this large is an attack or a mistake
 ALGORITHM = "RS256"
-_B64TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*\Z")  # RFC 6750 section 2.1 b64token
+# RFC 6750 section 2.1 b64token: 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_B64TOKEN_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/"
 _PKCS1 = padding.PKCS1v15()
 _SHA256 = hashes.SHA256()
 
@@ -99,9 +99,17 @@ def bearer_token(values: tuple[str, ...]) -> str | None:
         return None  # another scheme (e.g. Basic): no bearer credentials were presented
     if not sep or not rest:
         raise TokenError(Failure.BAD_REQUEST, "the Bearer scheme needs a token")
-    if not _B64TOKEN.match(rest):
+    if not _is_b64token(rest):
         raise TokenError(Failure.BAD_REQUEST, "malformed Bearer credentials (one token, no spaces)")
     return rest
+
+
+def _is_b64token(text: str) -> bool:
+    # bytes.translate deletes the allowed characters in one C loop (a regex took ~1.3 us per token).
+    if not text.isascii():
+        return False
+    body = text.encode("ascii").rstrip(b"=")
+    return bool(body) and not body.translate(None, _B64TOKEN_CHARS)
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

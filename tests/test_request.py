@@ -233,3 +233,44 @@ def test_path_segments_round_trip(segments, query):
 def test_method_and_url_override_headers_are_bad_requests(name):
     with pytest.raises(BadRequest, match="override"):
         parse(headers={name: "DELETE"})
+
+
+# The reference for which names are identity spellings or overrides: what the API promises is
+# "any '-'/'_' spelling", written the slow, obvious way.
+def reference_kind(name: str) -> str | None:
+    dashed = name.lower().replace("_", "-")
+    if dashed in ("x-auth-client-id", "x-auth-scopes", "x-auth-sub"):
+        return "identity"
+    if dashed in ("x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url"):
+        return "override"
+    return None
+
+
+special_parts = st.sampled_from(["x", "auth", "client", "id", "scopes", "sub", "http", "method", "override",
+                                 "original", "url", "rewrite", "X", "Auth"])
+special_names = st.lists(special_parts, min_size=1, max_size=4).flatmap(
+    lambda parts: st.tuples(*[st.sampled_from(["-", "_", "--", ""]) for _ in parts[1:]]).map(
+        lambda seps: parts[0] + "".join(s + p for s, p in zip(seps, parts[1:]))))
+
+
+@settings(max_examples=400, deadline=None)
+@given(names=st.lists(st.one_of(special_names, st.sampled_from(["authorization", "accept", "x-request-id"])),
+                      max_size=5, unique_by=str.lower))
+def test_headers_map_and_header_map_agree_with_the_reference(names):
+    """Both encodings Envoy can send give the same facts, and they match the reference rules."""
+    lowered = [n.lower() for n in names]  # the `headers` map's keys are lower-case (API contract)
+    results = []
+    for kwargs in ({"headers": {n: "v" for n in lowered}}, {"header_map": [(n, b"v") for n in names]}):
+        try:
+            results.append(parse(**kwargs))
+        except BadRequest as exc:
+            results.append(str(exc))
+    via_headers, via_map = results
+    kinds = [reference_kind(n) for n in lowered]
+    if "override" in kinds:
+        assert isinstance(via_headers, str) and "override" in via_headers
+        assert isinstance(via_map, str) and "override" in via_map
+        return
+    assert via_headers == via_map
+    assert via_headers.spoofed_identity_headers == tuple(n for n, k in zip(lowered, kinds) if k == "identity")
+    assert via_headers.authorization == (("v",) if "authorization" in lowered else ())

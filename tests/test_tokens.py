@@ -6,10 +6,13 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 
 import jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 from jwt.api_jwk import PyJWK
@@ -304,3 +307,23 @@ async def test_resign_helper_makes_valid_tokens(key_a: SigningKey) -> None:
 
 async def test_iat_in_future_beyond_leeway_not_yet_valid_even_with_float(key_a: SigningKey) -> None:
     assert await failure_of(TokenVerifier(MemoryKeys(key_a)), key_a.token(iat=time.time() + 600.5)) is Failure.NOT_YET_VALID
+
+
+# RFC 6750 section 2.1, written as the grammar reads; bearer_token's check is a faster rewrite.
+B64TOKEN_GRAMMAR = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+b64token_text = st.text(st.sampled_from(list("Aa09-._~+/=") + [" ", "\n", "\t", ",", "é", "%", "\x00", "\\"]),
+                        max_size=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.one_of(b64token_text, st.text(max_size=12)))
+def test_bearer_token_characters_follow_the_rfc_6750_grammar(text: str) -> None:
+    from authz_service.tokens import bearer_token
+
+    value = f"Bearer {text}"
+    if B64TOKEN_GRAMMAR.fullmatch(text):
+        assert bearer_token((value,)) == text
+    elif "," not in text:  # a comma is refused earlier, as a second Authorization value
+        with pytest.raises(TokenError) as caught:
+            bearer_token((value,))
+        assert caught.value.failure is Failure.BAD_REQUEST
