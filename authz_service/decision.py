@@ -50,7 +50,9 @@ _TOKEN_FAILURES: dict[Failure, tuple[Reason, int]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never modified once built: one is built on every Check, and a frozen
+# dataclass's __init__ (object.__setattr__ per field) costs ~1 us against ~0.25 us.
+@dataclass(slots=True)
 class Decision:
     """The outcome of one Check.
 

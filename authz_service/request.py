@@ -72,9 +72,9 @@ class BadRequest(Exception):
     """A CheckRequest we cannot decide on safely; the message is safe to return to the client."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built on every Check, and frozen costs ~0.8 us more (see Decision)
 class HttpRequest:
-    """The parts of the original HTTP request the decision uses."""
+    """The parts of the original HTTP request the decision uses (never modified once built)."""
 
     method: str
     path: str  # without query string or fragment
