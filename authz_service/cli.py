@@ -107,7 +107,7 @@ def _policy_tool(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from .server import run, serve
 
     try:
         settings = settings_from({o.name: getattr(args, o.name) for o in OPTIONS})
@@ -119,8 +119,8 @@ def _serve(args: argparse.Namespace) -> int:
         if settings.workers > 1:
             from .workers import supervise
 
-            return asyncio.run(supervise(settings))
-        asyncio.run(serve(settings))
+            return run(supervise(settings), settings.event_loop)
+        run(serve(settings), settings.event_loop)
     except PolicyError as exc:
         log.error("policy file refused; not starting", extra={"error": str(exc)})
         print(f"authz-service: error: {exc}", file=sys.stderr)

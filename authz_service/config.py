@@ -6,6 +6,7 @@ its environment variable and what would be accepted.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -93,6 +94,15 @@ def _workers(text: str) -> int:
     return value
 
 
+def _event_loop(text: str) -> str:
+    value = text.lower()
+    if value not in {"auto", "uvloop", "asyncio"}:
+        raise ValueError("one of auto, uvloop, asyncio")
+    if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ValueError("uvloop is not installed (pip install uvloop), or use auto/asyncio")
+    return value
+
+
 def _path(text: str) -> Path:
     if not text.strip():
         raise ValueError("must name the policy file, e.g. /etc/authz/policy.yaml")
@@ -141,6 +151,8 @@ OPTIONS: tuple[Option, ...] = (
            "Most bytes (approximate) the verified-token cache holds (per worker); 0 disables the cache."),
     Option("workers", 1, _workers,
            "Worker processes sharing the gRPC port (SO_REUSEPORT); 1 serves in-process."),
+    Option("event_loop", "auto", _event_loop,
+           "auto (uvloop when installed, else asyncio), uvloop or asyncio; uvloop saves ~30 us of CPU per Check."),
 )
 
 
@@ -165,6 +177,7 @@ class Settings:
     token_cache_size: int = 10_000
     token_cache_max_bytes: int = 16 * 1024 * 1024
     workers: int = 1
+    event_loop: str = "auto"
     jwks: JwksSettings = field(init=False)
 
     def __post_init__(self) -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import logging
 import signal
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import aiohttp
 import grpc
@@ -35,6 +36,7 @@ from .tokencache import TokenCache
 from .tokens import TokenVerifier
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 AUTHZ_SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 
 
@@ -177,7 +179,7 @@ class Service:
             "authz-service started",
             extra={"grpc": f"{self.settings.grpc_host}:{self.grpc_port}",
                    "http": f"{self.settings.http_host}:{self.http_port}",
-                   "policy": str(self.settings.policy), "routes": len(policy.routes),
+                   "policy": str(self.settings.policy), "routes": len(policy.routes), "event_loop": loop_name(),
                    "issuers": [i.issuer for i in policy.issuers], "ready": self.ready()},
         )
 
@@ -245,6 +247,25 @@ class Service:
         if self._http is not None:
             await self._http.cleanup()
         await self._session.close()
+
+
+def run(main: Coroutine[Any, Any, T], event_loop: str = "auto") -> T:
+    """Run ``main`` to completion on the configured event loop.
+
+    uvloop (libuv) answers the same Checks with ~30 us less CPU each than asyncio's default loop,
+    measured through Envoy (README "Performance"); asyncio stays available as a fallback.
+    """
+    if event_loop == "asyncio" or (event_loop == "auto" and importlib.util.find_spec("uvloop") is None):
+        return asyncio.run(main)
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+def loop_name() -> str:
+    """The running loop's implementation, for the start-up log line."""
+    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
 
 
 def _host(host: str) -> str:

@@ -60,7 +60,7 @@ def worker_main(settings: Settings, index: int, state: Synchronized, log_level: 
     """Entry point of one worker process (spawned: a fresh interpreter, no inherited gRPC state)."""
     from . import logs
     from .policy import PolicyError
-    from .server import serve
+    from .server import run, serve
 
     logs.configure(log_level)
     logging.getLogger().handlers[0].addFilter(_WorkerField(index))
@@ -71,7 +71,7 @@ def worker_main(settings: Settings, index: int, state: Synchronized, log_level: 
     _exit_with_parent(os.getppid())
 
     try:
-        asyncio.run(serve(settings, worker=True, on_ready=on_ready))
+        run(serve(settings, worker=True, on_ready=on_ready), settings.event_loop)
     except PolicyError as exc:
         log.error("policy file refused; worker not starting", extra={"error": str(exc)})
         sys.exit(2)

@@ -7,13 +7,15 @@ and is driven by the same `wrk` command (fixed connections, fixed time):
   1 none       Envoy with no authorization (the ceiling)
   2 jwt_authn  Envoy's native jwt_authn filter, same key and tokens (the native anchor)
   3 floor      ext_authz -> bench/floor_server.py, a bare grpc.aio server answering OK (the floor)
+  3u floor     the same floor on uvloop, the event loop authz-service runs on by default
   4 warm       ext_authz -> authz-service, the same 8 tokens repeat (verified-token cache warm)
   5 cold       ext_authz -> authz-service, every request a different valid token
   (+ warm with --workers 2, and a direct gRPC run with h2load against the floor and the service)
 
 Our process's CPU comes from /proc/<pid>/stat (utime+stime, summed over worker processes) before
 and after each run, peak RSS from /proc/<pid>/status VmHWM (summed over processes, each started
-fresh per configuration). Figures vary with the machine's load: compare ratios within one run.
+fresh per configuration). Figures vary with the machine's load: ratios pair each round with the
+floor of the same round (median and per-round values printed).
 
     .venv/bin/python bench/run.py [--duration 10] [--connections 16] [--cold-tokens 40000]
 """
@@ -413,9 +415,10 @@ class Bench:
         wait_port(listener, 10)
         return proc, listener
 
-    def start_floor(self) -> tuple[Proc, int]:
+    def start_floor(self, event_loop: str = "asyncio") -> tuple[Proc, int]:
         port = free_port()
-        proc = spawn("floor", [sys.executable, str(BENCH / "floor_server.py"), "--port", str(port)], self.work)
+        proc = spawn("floor", [sys.executable, str(BENCH / "floor_server.py"), "--port", str(port),
+                               "--event-loop", event_loop], self.work)
         self.procs.append(proc)
         wait_port(port, 20)
         return proc, port
@@ -438,8 +441,8 @@ class Bench:
         http_port = None
         try:
             authz_port = 9191
-            if backend == "floor":
-                backend_proc, authz_port = self.start_floor()
+            if backend.startswith("floor"):
+                backend_proc, authz_port = self.start_floor("uvloop" if backend == "floor-uvloop" else "asyncio")
             elif backend == "service":
                 assert policy is not None
                 backend_proc, authz_port, http_port = self.start_service(policy, workers)
@@ -474,8 +477,8 @@ class Bench:
         body = self.work / "check-request.bin"
         body.write_bytes(grpc_frame(token))
         try:
-            if backend == "floor":
-                proc, port = self.start_floor()
+            if backend.startswith("floor"):
+                proc, port = self.start_floor("uvloop" if backend == "floor-uvloop" else "asyncio")
             else:
                 assert policy is not None
                 proc, port, _ = self.start_service(policy, 1)
@@ -535,7 +538,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="also measure warm with this many workers (1: skip)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; rows show the median")
     parser.add_argument("--work", default=str(BENCH / ".work"), help="scratch folder (keys, tokens, logs)")
-    parser.add_argument("--only", default="", help="comma-separated subset of: 1,2,3,4,5,4w,d3,d4")
+    parser.add_argument("--only", default="", help="comma-separated subset of: 1,2,3,3u,4,5,4w,d3,d3u,d4")
     args = parser.parse_args()
     for tool in ("wrk", "h2load"):
         if not shutil.which(tool):
@@ -549,6 +552,8 @@ def main() -> None:
         ("2", lambda: bench.through_envoy("2", "Envoy jwt_authn (native anchor)", "jwt_authn", "", bench.warm_tokens)),
         ("3", lambda: bench.through_envoy("3", "ext_authz -> bare grpc.aio (floor)", "ext_authz", "floor",
                                           bench.warm_tokens)),
+        ("3u", lambda: bench.through_envoy("3u", "ext_authz -> bare grpc.aio on uvloop (floor, same loop as ours)",
+                                           "ext_authz", "floor-uvloop", bench.warm_tokens)),
         ("4", lambda: bench.through_envoy("4", "ext_authz -> authz-service, warm", "ext_authz", "service",
                                           bench.warm_tokens, policy)),
         ("5", lambda: bench.through_envoy("5", "ext_authz -> authz-service, cold (distinct tokens)", "ext_authz",
@@ -560,6 +565,7 @@ def main() -> None:
             "connection)", "ext_authz", "service", bench.warm_tokens, policy, workers=args.workers, authz_streams=2)))
     plan += [
         ("d3", lambda: bench.direct("d3", "gRPC direct (h2load) -> floor", "floor")),
+        ("d3u", lambda: bench.direct("d3u", "gRPC direct (h2load) -> floor on uvloop", "floor-uvloop")),
         ("d4", lambda: bench.direct("d4", "gRPC direct (h2load) -> authz-service, warm", "service", policy)),
     ]
     runs: dict[str, list[Result]] = {}
@@ -582,7 +588,6 @@ def main() -> None:
         median.extra["range"] = (ordered[0].rps, ordered[-1].rps)
         median.errors = sum(r.errors for r in rounds)
         results.append(median)
-    by = {r.name: r for r in results}
     print()
     print(f"Machine: {machine()}")
     print(f"Command: make bench  (bench/run.py --duration {args.duration:g} --connections {args.connections} "
@@ -590,23 +595,41 @@ def main() -> None:
     print()
     print(table(results))
     print()
+    # Ratios are paired: each round's configuration against the floor of the SAME round (they ran
+    # seconds apart), then the median over rounds with the range, so slow drifts of the shared
+    # machine cancel instead of landing on one side of a ratio.
     ratios = []
-    if "3" in by:
-        floor = by["3"]
-        for n, label in (("4", "warm / floor (target >= 0.90)"), ("5", "cold / floor (target >= 0.60)"),
-                         ("4w", f"warm with {args.workers} workers / floor")):
-            if n in by:
-                ratios.append(f"- {label}: **{by[n].rps / floor.rps:.2f}**")
-        if "4" in by and floor.p99_ms:
-            ratios.append(f"- p99 warm / floor (target <= 1.5): **{by['4'].p99_ms / floor.p99_ms:.2f}**")
-        if "4" in by and floor.cpu_us_per_check and by["4"].cpu_us_per_check:
-            ratios.append(f"- CPU per Check, warm minus floor (target <= 30 us): "
-                          f"**{by['4'].cpu_us_per_check - floor.cpu_us_per_check:.0f} us**")
-    if "4" in by and "2" in by:
-        ratios.append(f"- warm / jwt_authn: **{by['4'].rps / by['2'].rps:.2f}**")
-    if "d3" in by and "d4" in by:
-        ratios.append(f"- direct gRPC, service / floor: **{by['d4'].rps / by['d3'].rps:.2f}** "
-                      f"(mean latency {by['d4'].extra['mean']} vs {by['d3'].extra['mean']})")
+
+    def paired(name: str, base: str, fn: Any) -> list[float]:
+        pairs = zip(runs.get(name, []), runs.get(base, []))
+        return sorted(v for a, b in pairs if (v := fn(a, b)) is not None)
+
+    def line(label: str, values: list[float], spec: str, unit: str = "") -> None:
+        if values:
+            mid = values[len(values) // 2]
+            spread = f" (rounds: {', '.join(format(v, spec) for v in values)})" if len(values) > 1 else ""
+            ratios.append(f"- {label}: **{mid:{spec}}{unit}**{spread}")
+
+    rps = lambda a, b: a.rps / b.rps if b.rps else None  # noqa: E731
+    line("warm / floor (target >= 0.90)", paired("4", "3", rps), ".2f")
+    line("cold / floor (target >= 0.60)", paired("5", "3", rps), ".2f")
+    line(f"warm with {args.workers} workers / floor", paired("4w", "3", rps), ".2f")
+    line("p99 warm / floor (target <= 1.5)",
+         paired("4", "3", lambda a, b: a.p99_ms / b.p99_ms if a.p99_ms and b.p99_ms else None), ".2f")
+    line("CPU per Check, warm minus floor (target <= 30 us)",
+         paired("4", "3", lambda a, b: a.cpu_us_per_check - b.cpu_us_per_check
+                if a.cpu_us_per_check and b.cpu_us_per_check else None), ".0f", " us")
+    line("warm / floor on uvloop (same event loop)", paired("4", "3u", rps), ".2f")
+    line("cold / floor on uvloop (same event loop)", paired("5", "3u", rps), ".2f")
+    line("CPU per Check, warm minus floor on uvloop",
+         paired("4", "3u", lambda a, b: a.cpu_us_per_check - b.cpu_us_per_check
+                if a.cpu_us_per_check and b.cpu_us_per_check else None), ".0f", " us")
+    line("warm / jwt_authn", paired("4", "2", rps), ".2f")
+    line("direct gRPC, service / floor", paired("d4", "d3", rps), ".2f")
+    line("direct gRPC, service / floor on uvloop", paired("d4", "d3u", rps), ".2f")
+    line("direct gRPC, CPU per Check service minus floor",
+         paired("d4", "d3", lambda a, b: a.cpu_us_per_check - b.cpu_us_per_check
+                if a.cpu_us_per_check and b.cpu_us_per_check else None), ".0f", " us")
     print("\n".join(ratios))
     bad = [r.name for r in results if r.errors]
     if bad:

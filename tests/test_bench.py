@@ -113,12 +113,13 @@ def test_wrk_script_loads_and_reports(tmp_path: Path) -> None:
     assert {"Bearer a.b.c", "Bearer d.e.f"} <= set(seen)  # the tokens rotate
 
 
-def test_floor_server_answers_ok(tmp_path: Path) -> None:
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_floor_server_answers_ok(tmp_path: Path, event_loop: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(BENCH / "floor_server.py"), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, str(BENCH / "floor_server.py"), "--port", str(port),
+                             "--event-loop", event_loop], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 20
         while True:

@@ -71,6 +71,7 @@ def test_every_option_is_a_settings_field_with_the_same_default():
         ("shutdown_grace", "0", 0.0), ("log_level", "debug", "DEBUG"), ("log_level", "Warning", "WARNING"),
         ("token_cache_size", "0", 0), ("token_cache_size", "50000", 50000), ("token_cache_max_bytes", "0", 0),
         ("token_cache_max_bytes", "1048576", 1048576), ("workers", "1", 1), ("workers", "4", 4),
+        ("event_loop", "auto", "auto"), ("event_loop", "UVLOOP", "uvloop"), ("event_loop", "asyncio", "asyncio"),
     ],
 )
 def test_good_values_are_parsed(name, text, value):
@@ -92,7 +93,7 @@ BAD_VALUES = [
     ("realm", "a\\b"), ("realm", "a\nb"), ("log_level", "verbose"), ("log_level", "critical"),
     ("token_cache_size", "-1"), ("token_cache_size", "1e4"), ("token_cache_size", "ten"),
     ("token_cache_max_bytes", "-5"), ("token_cache_max_bytes", "16MB"), ("workers", "0"), ("workers", "65"),
-    ("workers", "2.5"), ("workers", "auto"),
+    ("workers", "2.5"), ("workers", "auto"), ("event_loop", "trio"), ("event_loop", ""),
 ]
 
 
@@ -131,3 +132,23 @@ def test_unrelated_environment_is_ignored():
 def test_empty_policy_path_is_refused(cli, environ, source):
     with pytest.raises(ConfigError, match=source):
         settings_from(cli, environ)
+
+
+def test_uvloop_requested_but_missing_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"--event-loop='uvloop' is invalid: uvloop is not installed"):
+        settings_from({"policy": "/p", "event_loop": "uvloop"}, {})
+    assert settings_from({"policy": "/p", "event_loop": "auto"}, {}).event_loop == "auto"
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("asyncio", "asyncio"), ("uvloop", "uvloop"), ("auto", "uvloop")])
+def test_run_uses_the_configured_event_loop(setting, expected):
+    from authz_service.server import loop_name, run
+
+    async def which() -> str:
+        return loop_name()
+
+    assert run(which(), setting) == expected
