@@ -11,7 +11,10 @@ paths or tokens cannot create new series.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.registry import Collector
 
 PREFIX = "authz"
 
@@ -27,6 +30,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # Registered first, so every collection (a scrape, get_sample_value) applies the counts
+        # still pending in ``per_check`` before any of our metrics is read.
+        registry.register(_FlushBeforeCollect(self))
         self.decisions = Counter(
             f"{PREFIX}_check_decisions",
             "Check results by decision (allow/deny), reason, policy route name and HTTP status.",
@@ -120,6 +126,7 @@ class Metrics:
             self.token_cache_evictions.labels(reason)
         for result in ("ok", "error"):  # exist at 0 from the start, so increase() sees the first error
             self.policy_reloads.labels(result)
+        self.per_check = PerCheck(self)
 
     def issuer_added(self, pool_id: str) -> None:
         """Create an issuer's refresh series at 0 (alerts then see its first failure)."""
@@ -145,6 +152,75 @@ class Metrics:
             self.policy_info.labels(*labels).set(0)
         self.policy_info.clear()
         self.policy_info.labels(sha256).set(1)
+
+
+class PerCheck:
+    """What every Check records, counted in plain Python and applied to the metrics in batches.
+
+    Why: a prometheus-client update takes a lock and four Python calls; the three a Check made
+    (decision counter, duration histogram, cache hit or miss) cost ~7 us of CPU per Check under
+    load, a quarter of the handler. Counting into a dict, a list and two ints costs ~1 us, and
+    ``flush`` applies one ``inc`` per distinct series and the buffered durations in a tight loop.
+    It runs before every collection (so a scrape is exact), every second (``--workers``: workers
+    write the shared files the parent reads), when 4096 durations are pending, and at shutdown.
+    Single-threaded: Checks, scrapes and the flush task all run on the event loop.
+    """
+
+    MAX_PENDING = 4096
+    MAX_SERIES = 10_000  # label children kept for reuse; routes of many reloaded policies: start over
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._decisions = metrics.decisions
+        self._duration = metrics.check_duration
+        self._hit = metrics.token_cache_lookups.labels("hit")
+        self._miss = metrics.token_cache_lookups.labels("miss")
+        self._series: dict[tuple[str, str, str, int], Any] = {}
+        self.decisions: dict[tuple[str, str, str, int], int] = {}  # (decision, reason, route, status)
+        self.durations: list[float] = []
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    def check(self, key: tuple[str, str, str, int], seconds: float) -> None:
+        """One answered Check: its decision labels and how long it took."""
+        decisions = self.decisions
+        decisions[key] = decisions.get(key, 0) + 1
+        durations = self.durations
+        durations.append(seconds)
+        if len(durations) >= self.MAX_PENDING:
+            self.flush()
+
+    def flush(self) -> None:
+        decisions, self.decisions = self.decisions, {}
+        durations, self.durations = self.durations, []
+        for key, count in decisions.items():
+            series = self._series.get(key)
+            if series is None:  # labels() takes a lock and builds strings: once per series
+                if len(self._series) >= self.MAX_SERIES:
+                    self._series.clear()
+                series = self._series[key] = self._decisions.labels(key[0], key[1], key[2], str(key[3]))
+            series.inc(count)
+        observe = self._duration.observe
+        for seconds in durations:
+            observe(seconds)
+        if self.cache_hits:
+            self._hit.inc(self.cache_hits)
+            self.cache_hits = 0
+        if self.cache_misses:
+            self._miss.inc(self.cache_misses)
+            self.cache_misses = 0
+
+
+class _FlushBeforeCollect(Collector):
+    """Exports nothing; collecting it flushes PerCheck (it is registered before our metrics)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> list[Any]:
+        per_check = getattr(self._metrics, "per_check", None)  # None while Metrics is being built
+        if per_check is not None:
+            per_check.flush()
+        return []
 
 
 def _remove(metric: Counter | Gauge, *labels: str) -> None:

@@ -6,6 +6,11 @@ the route we match is the resource the upstream will serve. Refused: no leading 
 segments, '//' , backslashes, ';' path parameters, control or non-ASCII characters, malformed
 percent-escapes, percent-encoded unreserved characters, '/', '\\', '%' or controls, and escaped
 bytes that are not valid UTF-8 (overlong forms).
+
+Headers: Envoy sends the ``headers`` map (keys lower-cased, as the ext_authz API guarantees;
+repeated headers comma-joined) or, with ``encode_raw_headers``, ``header_map`` (one entry per
+line). A method or URL override header is refused (400); a client-sent copy of an identity header,
+in any '-'/'_' spelling, is reported so the response strips it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,21 @@ _IDENTITY_SPELLINGS = frozenset(IDENTITY_HEADERS)
 # DELETE run; /public allowed, X-Original-URL: /admin served).
 _OVERRIDES = frozenset(("x-http-method-override", "x-http-method", "x-method-override", "x-original-url",
                         "x-rewrite-url"))
+_X_PREFIXES = frozenset({"x-", "x_"})  # only x-/x_ names can spell an identity or override header
+
+
+def _spellings(name: str) -> set[str]:
+    """Every '-'/'_' spelling of ``name`` (what ``replace("_", "-")`` maps back to it)."""
+    head, sep, tail = name.partition("-")
+    if not sep:
+        return {name}
+    return {head + s + rest for s in "-_" for rest in _spellings(tail)}
+
+
+# Every lower-case spelling of an identity or override header: parse_check_request screens the
+# header names against it with one set operation and looks closer only on a hit.
+_SPECIAL_NAMES = frozenset().union(*(_spellings(n) for n in (*IDENTITY_HEADERS, *_OVERRIDES)))
+
 _METHOD = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}\Z")  # RFC 9110 token
 # Visible ASCII except '\\' and ';' (see module docstring); '%' is checked separately.
 _PATH_CHARS = re.compile(r"^/[!$&'()*+,\-./0-9:=@A-Z_a-z~%]*\Z")
@@ -46,19 +66,6 @@ _FORBIDDEN_ESCAPES = frozenset(
 _MEMO_LIMIT = 4096
 _GOOD_METHODS: dict[str, bool] = {}
 _GOOD_PATHS: dict[str, tuple[str, tuple[str, ...]]] = {}
-_X_PREFIXES = frozenset({"x-", "x_"})
-
-
-def _spellings(name: str) -> set[str]:
-    """Every '-'/'_' spelling of ``name`` (what ``replace("_", "-")`` maps back to it)."""
-    head, sep, tail = name.partition("-")
-    if not sep:
-        return {name}
-    return {head + s + rest for s in "-_" for rest in _spellings(tail)}
-
-
-# Every lower-case spelling of an identity or override header, for the one-step screen above.
-_SPECIAL_NAMES = frozenset().union(*(_spellings(n) for n in (*IDENTITY_HEADERS, *_OVERRIDES)))
 _MEMO_MAX_TARGET = 512  # longer targets are checked every time, so the memo stays small
 
 
@@ -121,7 +128,7 @@ def _special_names(names: Iterable[str]) -> tuple[str, ...]:
     """The identity-header spellings among ``names`` (lower-case); BadRequest on an override header."""
     spoofed = []
     for name in names:
-        if name[:2] in _X_PREFIXES:  # only x-/x_ names can spell an identity or override header
+        if name[:2] in _X_PREFIXES:
             dashed = name.replace("_", "-")
             if dashed in _IDENTITY_SPELLINGS:
                 spoofed.append(name)

@@ -38,6 +38,7 @@ from .tokens import TokenVerifier
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 AUTHZ_SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+METRICS_FLUSH_INTERVAL = 1.0  # seconds; see metrics.PerCheck
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
@@ -47,10 +48,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self._reloader = reloader
         self._verifier = verifier
         self._renderer = renderer
-        self._metrics = metrics
-        self._decisions = metrics.decisions
-        self._duration = metrics.check_duration
-        self._counters: dict[tuple[str, Reason, str, int], Any] = {}
+        self._per_check = metrics.per_check
 
     async def Check(  # noqa: N802 - gRPC method name
         self, request: external_auth_pb2.CheckRequest, context: Any
@@ -66,21 +64,12 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             log.exception("check failed; denying")
             decision = deny(Reason.INTERNAL_ERROR, 500, "internal error")
         response = self._renderer.render(decision, http)
-        self._duration.observe(time.perf_counter() - started)
-        self._record(decision, http)
+        self._per_check.check((decision.kind, decision.reason.value, decision.route_label, decision.status),
+                              time.perf_counter() - started)
+        self._log(decision, http)
         return response
 
-    def _record(self, decision: Decision, http: HttpRequest | None) -> None:
-        route = decision.route_label
-        kind = decision.kind
-        key = (kind, decision.reason, route, decision.status)
-        counter = self._counters.get(key)
-        if counter is None:  # labels() takes a lock and builds strings: do it once per series
-            if len(self._counters) > 10_000:  # routes of many reloaded policies: start over
-                self._counters.clear()
-            counter = self._counters[key] = self._decisions.labels(kind, decision.reason.value, route,
-                                                                   str(decision.status))
-        counter.inc()
+    def _log(self, decision: Decision, http: HttpRequest | None) -> None:
         if decision.allowed and not decision.dry_run:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("allow", extra=_log_fields(decision, http))
@@ -169,6 +158,7 @@ class Service:
 
         self._tasks.append(asyncio.create_task(self.reloader.watch(self.settings.policy_poll_interval)))
         self._tasks.append(asyncio.create_task(self._track_readiness()))
+        self._tasks.append(asyncio.create_task(self._flush_metrics()))
         await self.jwks.wait_first_attempts(self.settings.jwks_timeout + 1)
         await self._set_health()
         # Everything allocated so far (modules, policy, keys) lives as long as the process: move it
@@ -205,6 +195,12 @@ class Service:
                     log.info("readiness changed", extra={"ready": now, "issuers": self.jwks.status()})
                 was = now
             await asyncio.sleep(0.25)
+
+    async def _flush_metrics(self) -> None:
+        # Scrapes of this process flush first; this is for --workers, whose parent reads the files.
+        while True:
+            await asyncio.sleep(METRICS_FLUSH_INTERVAL)
+            self.metrics.per_check.flush()
 
     def _admin_app(self) -> web.Application:
         async def healthz(_: web.Request) -> web.Response:
@@ -243,6 +239,7 @@ class Service:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.metrics.per_check.flush()  # the drained Checks count too
         await self.jwks.close()
         if self._http is not None:
             await self._http.cleanup()

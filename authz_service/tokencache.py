@@ -60,8 +60,7 @@ class TokenCache:
         self._secret = os.urandom(32)
         self._metrics = metrics
         if metrics is not None:
-            self._hit = metrics.token_cache_lookups.labels("hit")
-            self._miss = metrics.token_cache_lookups.labels("miss")
+            self._per_check = metrics.per_check  # hits and misses are counted there (see PerCheck)
             self._entries_gauge = metrics.token_cache_entries
             self._bytes_gauge = metrics.token_cache_bytes
             self._evicted = {r: metrics.token_cache_evictions.labels(r) for r in ("capacity", "expired", "key_removed")}
@@ -85,11 +84,11 @@ class TokenCache:
         entry = self._entries.get(digest)
         if entry is None:
             if self._metrics is not None:
-                self._miss.inc()
+                self._per_check.cache_misses += 1
             return None
         self._entries.move_to_end(digest)
         if self._metrics is not None:
-            self._hit.inc()
+            self._per_check.cache_hits += 1
         return entry
 
     def put(self, digest: bytes, claims: Claims, key: Any) -> None:

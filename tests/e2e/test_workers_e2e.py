@@ -18,7 +18,7 @@ import pytest
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from .harness import free_port, http_request
+from .harness import free_port, http_request, wait_for
 from .stack import DevIssuer, Service, cli, start_dev_issuer, start_service
 
 pytestmark = pytest.mark.e2e
@@ -91,7 +91,10 @@ def test_checks_answered_and_metrics_aggregated_across_workers(tmp_path, policy,
         assert http_request("POST", envoy.url("/transactions"))[0] == 401
         for _ in range(30):  # new connections: the kernel spreads them over both workers
             assert check(service.grpc_port, token) == 0
-        assert service.sample("authz_check_decisions_total", decision="allow", reason="allowed") == 35
+        # Workers apply their per-Check counts to the shared files every second (metrics.PerCheck).
+        wait_for(lambda: service.sample("authz_check_decisions_total", decision="allow", reason="allowed") == 35,
+                 5, "35 allows in the aggregated metrics")
+        wait_for(lambda: service.sample("authz_check_duration_seconds_count") == 36, 5, "36 Check durations")
         assert service.sample("authz_check_decisions_total", decision="deny", reason="missing_token") == 1
         # Each worker verified the token once (its own cache), every other use was a hit: two
         # misses prove both workers answered and that /metrics adds their samples up.

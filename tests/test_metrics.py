@@ -1,0 +1,79 @@
+"""metrics.PerCheck: per-Check counts kept in plain Python must read exactly as direct updates."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+
+from authz_service.metrics import Metrics, PerCheck
+
+KEYS = [("allow", "allowed", "get-transaction", 200), ("deny", "missing_token", "get-transaction", 401),
+        ("deny", "no_route", "no_route", 403), ("dry_run_deny", "expired", "reports", 401)]
+
+
+def exposition(registry: CollectorRegistry) -> list[str]:
+    # _created timestamps differ between two registries built at different instants.
+    return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+
+
+def direct(metrics: Metrics, checks: list[tuple[tuple[str, str, str, int], float]], hits: int, misses: int) -> None:
+    """The reference: one prometheus-client update per event, as the service did before PerCheck."""
+    for (kind, reason, route, status), seconds in checks:
+        metrics.decisions.labels(kind, reason, route, str(status)).inc()
+        metrics.check_duration.observe(seconds)
+    metrics.token_cache_lookups.labels("hit").inc(hits)
+    metrics.token_cache_lookups.labels("miss").inc(misses)
+
+
+@settings(max_examples=60, deadline=None)
+@given(checks=st.lists(st.tuples(st.sampled_from(KEYS), st.floats(0, 2, allow_nan=False)), max_size=300),
+       hits=st.integers(0, 50), misses=st.integers(0, 50), scrapes=st.integers(0, 3))
+def test_batched_counts_read_exactly_as_direct_updates(checks, hits, misses, scrapes):
+    batched, reference = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
+    cut = sorted(random.Random(len(checks)).sample(range(len(checks) + 1), min(scrapes, len(checks) + 1)))
+    for i, (key, seconds) in enumerate(checks):
+        if i in cut:
+            generate_latest(batched.registry)  # a scrape in the middle flushes what is pending so far
+        batched.per_check.check(key, seconds)
+    batched.per_check.cache_hits += hits
+    batched.per_check.cache_misses += misses
+    direct(reference, checks, hits, misses)
+    assert exposition(batched.registry) == exposition(reference.registry)
+
+
+def test_get_sample_value_sees_pending_counts():
+    metrics = Metrics(CollectorRegistry())
+    metrics.per_check.check(KEYS[1], 0.00003)
+    metrics.per_check.cache_hits += 2
+    labels = {"decision": "deny", "reason": "missing_token", "route": "get-transaction", "status": "401"}
+    assert metrics.registry.get_sample_value("authz_check_decisions_total", labels) == 1
+    assert metrics.registry.get_sample_value("authz_check_duration_seconds_bucket", {"le": "5e-05"}) == 1
+    assert metrics.registry.get_sample_value("authz_token_cache_lookups_total", {"result": "hit"}) == 2
+    # Flushed once: reading again adds nothing.
+    assert metrics.registry.get_sample_value("authz_check_decisions_total", labels) == 1
+
+
+def test_pending_durations_are_bounded():
+    metrics = Metrics(CollectorRegistry())
+    for _ in range(PerCheck.MAX_PENDING * 2 + 5):
+        metrics.per_check.check(KEYS[0], 0.001)
+    assert len(metrics.per_check.durations) == 5  # flushed twice on the way, no scrape needed
+    total = PerCheck.MAX_PENDING * 2 + 5
+    assert metrics.registry.get_sample_value("authz_check_duration_seconds_count") == total
+    assert metrics.registry.get_sample_value("authz_check_duration_seconds_sum") == pytest.approx(total * 0.001)
+
+
+def test_series_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(PerCheck, "MAX_SERIES", 3)
+    metrics = Metrics(CollectorRegistry())
+    for i in range(10):
+        metrics.per_check.check(("allow", "allowed", f"route-{i}", 200), 0.0)
+        metrics.per_check.flush()
+        assert len(metrics.per_check._series) <= 3  # noqa: SLF001
+    for i in range(10):
+        labels = {"decision": "allow", "reason": "allowed", "route": f"route-{i}", "status": "200"}
+        assert metrics.registry.get_sample_value("authz_check_decisions_total", labels) == 1
