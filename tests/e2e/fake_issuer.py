@@ -11,6 +11,7 @@ hanging until the test lets it go (to prove Checks with cached keys never wait f
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 import uuid
@@ -40,8 +41,9 @@ def public_jwk(private: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
 class FakeIssuer:
     """JWKS at ``http://127.0.0.1:<port>/jwks.json`` for the pool ``pool``; ``issuer`` is Cognito-shaped."""
 
-    def __init__(self, pool: str = "us-east-1_Fake00001") -> None:
+    def __init__(self, pool: str = "us-east-1_Fake00001", tls: ssl.SSLContext | None = None) -> None:
         self.pool = pool
+        self.tls = tls  # a server context: the JWKS is then served over HTTPS
         self.issuer = f"https://cognito-idp.us-east-1.amazonaws.com/{pool}"
         self.keys: dict[str, rsa.RSAPrivateKey] = {"kid-1": rsa_key("kid-1")}
         self.kind = "ok"
@@ -57,7 +59,7 @@ class FakeIssuer:
 
     @property
     def jwks_uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}/jwks.json"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/jwks.json"
 
     def start(self) -> "FakeIssuer":
         issuer = self
@@ -93,6 +95,8 @@ class FakeIssuer:
             allow_reuse_address = True
 
         self._server = Server(("127.0.0.1", self.port), Handler)
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
         return self
 

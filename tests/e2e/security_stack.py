@@ -126,7 +126,8 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *service_args: str,
-                         fake: FakeIssuer | None = None, wait_ready: bool = True) -> SecurityStack:
+                         fake: FakeIssuer | None = None, wait_ready: bool = True,
+                         env: dict[str, str] | None = None) -> SecurityStack:
     """Dev issuer + fake issuer (started here unless given) + service (its CLI) + Envoy (shipped config)."""
     from .stack import start_dev_issuer, start_service
 
@@ -134,7 +135,7 @@ def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *
     dev = start_dev_issuer(work, "us-east-1_Demo00001")
     policy = PolicyDir(work / "config")
     policy.write(policy_text(fake, dev))
-    service = start_service(work, policy.path, *service_args, wait_ready=wait_ready)
+    service = start_service(work, policy.path, *service_args, wait_ready=wait_ready, env=env)
     envoy = envoy_factory(service.grpc_port)
     return SecurityStack(fake, dev, policy, service, envoy, upstream, work)
 
