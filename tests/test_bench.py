@@ -138,3 +138,4 @@ def test_floor_server_answers_ok(tmp_path: Path, event_loop: str) -> None:
 
 def test_micro_and_memory_benchmarks_import() -> None:
     assert callable(load("micro_verify").main) and callable(load("memory").main)
+    assert callable(load("handler_phases").main)

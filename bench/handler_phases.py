@@ -1,0 +1,124 @@
+"""Where a warm Check's CPU goes *inside the running service under load*, phase by phase.
+
+Why: a loop that calls the handler back to back flatters it (~9 us: everything stays in the CPU
+caches); under load grpc's C core, the event loop and the kernel run between two Checks, and the
+same handler costs ~3x that. This starts the real service (its CLI) with the Check handler
+wrapped in timers, drives it like `make bench` row 4 (through Envoy with wrk, or --direct with
+h2load), and prints the mean time per phase and the handler's thread CPU per Check.
+
+    .venv/bin/python bench/handler_phases.py [--duration 8] [--direct]
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+PHASES = ("parse", "decide", "render", "metrics", "log")
+
+
+def serve_instrumented(argv: list[str]) -> int:
+    """The service's CLI with AuthorizationServicer.Check replaced by a timed copy of itself."""
+    from authz_service import server
+    from authz_service.cli import main
+    from authz_service.decision import Reason, decide, deny
+    from authz_service.request import BadRequest, parse_check_request
+
+    totals = [0.0] * (len(PHASES) + 1)
+    count = [0]
+    clock, cpu = time.perf_counter, time.thread_time
+
+    async def check(self, request, context):  # the same steps as server.AuthorizationServicer.Check
+        c0, t0 = cpu(), clock()
+        http = None
+        try:
+            http = parse_check_request(request)
+            t1 = clock()
+            decision = await decide(http, self._reloader.policy, self._verifier)
+        except BadRequest as exc:
+            t1 = clock()
+            decision = deny(Reason.BAD_REQUEST, 400, str(exc))
+        t2 = clock()
+        response = self._renderer.render(decision, http)
+        t3 = clock()
+        self._per_check.check((decision.kind, decision.reason.value, decision.route_label, decision.status), t3 - t0)
+        t4 = clock()
+        self._log(decision, http)
+        t5 = clock()
+        for i, span in enumerate((t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, cpu() - c0)):
+            totals[i] += span
+        count[0] += 1
+        return response
+
+    def report() -> None:
+        n = max(1, count[0])
+        fields = " ".join(f"{name}={totals[i] / n * 1e6:.2f}" for i, name in enumerate(PHASES))
+        print(f"PHASES n={count[0]} {fields} cpu={totals[-1] / n * 1e6:.2f}", flush=True)
+
+    server.AuthorizationServicer.Check = check
+    atexit.register(report)
+    return main(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    import run as bench_run  # bench/run.py: keys, tokens, policy, JWKS server, Envoy, wrk, h2load
+
+    bench = bench_run.Bench(argparse.Namespace(work=args.work, cold_tokens=200, connections=16,
+                                               duration=args.duration))
+    jwks_proc, jwks_port = bench.start_jwks_server()
+    policy = bench.policy(jwks_port)
+    log = bench.work / "handler-phases.log"
+    grpc_port, http_port = bench_run.free_port(), bench_run.free_port()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", "serve", "--policy", str(policy), "--grpc-host", "127.0.0.1",
+         "--grpc-port", str(grpc_port), "--http-host", "127.0.0.1", "--http-port", str(http_port),
+         "--event-loop", args.event_loop],
+        stdout=log.open("w"), stderr=subprocess.STDOUT)
+    bench.procs.append(bench_run.Proc("service", proc, log))
+    try:
+        bench_run.wait_http(f"http://127.0.0.1:{http_port}/readyz", 30, proc)
+        if args.direct:
+            body = bench.work / "check-request.bin"
+            body.write_bytes(bench_run.grpc_frame(bench.warm_tokens.read_text().split()[0]))
+            rate = bench_run.h2load(grpc_port, body, args.duration, 16)["rps"]
+        else:
+            cfg = bench_run.render_envoy("ext_authz", listener_port=bench_run.free_port(),
+                                         admin_port=bench_run.free_port(), authz_port=grpc_port, jwks=bench.jwks)
+            _, port = bench.start_envoy(cfg, "phases")
+            bench_run.wrk(port, bench.warm_tokens, 2, 16)  # warm-up: the 8 tokens enter the cache
+            rate = bench_run.wrk(port, bench.warm_tokens, args.duration, 16)["rps"]
+    finally:
+        bench.close()
+        jwks_proc.stop()
+    line = next((entry for entry in log.read_text().splitlines() if entry.startswith("PHASES ")), None)
+    if line is None:
+        raise SystemExit(f"the instrumented service printed no figures: see {log}")
+    fields = dict(item.split("=") for item in line.split()[1:])
+    print(f"{'direct gRPC (h2load)' if args.direct else 'through Envoy (wrk)'}, {args.event_loop} loop, "
+          f"{rate:,.0f} Checks/s, {int(fields['n']):,} Checks measured (warm-up included)\n")
+    print("| phase | mean µs per Check (wall) |\n|---|---:|")
+    for name in PHASES:
+        print(f"| {name} | {float(fields[name]):.1f} |")
+    print(f"| **handler, thread CPU** | **{float(fields['cpu']):.1f}** |")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        sys.exit(serve_instrumented(sys.argv[2:]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=8, help="seconds of measured load (default 8)")
+    parser.add_argument("--direct", action="store_true", help="drive the gRPC port with h2load, no Envoy")
+    parser.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"])
+    parser.add_argument("--work", default=str(Path(__file__).resolve().parent / ".work"))
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
