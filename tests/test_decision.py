@@ -66,17 +66,41 @@ def claims(*scopes: str, client_id: str = "client-a", sub: str = "client-a") -> 
 
 
 class FakeVerifier:
-    """Returns the scripted Claims or raises the scripted TokenError, and records each call."""
+    """Returns the scripted Claims or raises the scripted TokenError, and records each call.
+
+    ``from_cache`` picks the path that answers, as TokenVerifier does: the cache (the token was
+    verified before; only a well-formed single Bearer value can hit) or full verification after
+    ``bearer_token``. Every test runs both ways (fixture below)."""
+
+    from_cache = False
 
     def __init__(self, outcome: Claims | TokenError) -> None:
         self.outcome = outcome
         self.calls: list[tuple[str, object]] = []
 
-    async def verify(self, token: str, policy):
+    def _answer(self, token: str, policy):
         self.calls.append((token, policy))
         if isinstance(self.outcome, TokenError):
             raise self.outcome
         return self.outcome
+
+    def cached(self, authorization: tuple[str, ...], policy):
+        if not self.from_cache:
+            return None
+        try:
+            token = bearer_token(authorization)
+        except TokenError:
+            return None  # malformed credentials are never in the cache
+        return None if token is None else self._answer(token, policy)
+
+    async def verify_uncached(self, token: str, policy):
+        assert not self.from_cache, "a cached token must not be verified again"
+        return self._answer(token, policy)
+
+
+@pytest.fixture(autouse=True, params=["first-sight", "cache-hit"])
+def verification_path(request, monkeypatch):
+    monkeypatch.setattr(FakeVerifier, "from_cache", request.param == "cache-hit")
 
 
 def req(method: str, path: str, *authorization: str) -> HttpRequest:

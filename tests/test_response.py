@@ -251,10 +251,15 @@ def test_allow_never_removes_what_it_sets_and_removes_everything_else(client_id,
 
 
 class ScriptedVerifier:
+    """Full verification answers with the scripted outcome (the cache never hits)."""
+
     def __init__(self, outcome):
         self.outcome = outcome
 
-    async def verify(self, token, policy):
+    def cached(self, authorization, policy):
+        return None
+
+    async def verify_uncached(self, token, policy):
         if isinstance(self.outcome, TokenError):
             raise self.outcome
         return self.outcome

@@ -8,6 +8,8 @@ import time
 import tracemalloc
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jwt.api_jwk import PyJWK
 from prometheus_client import CollectorRegistry
 
@@ -244,3 +246,80 @@ def test_byte_accounting_is_not_an_underestimate(key_a: SigningKey) -> None:
     held += sum(sys.getsizeof(d) for d in digests)
     assert cache.bytes >= held * 0.9, (cache.bytes / n, held / n)
     assert cache.bytes <= held * 2, (cache.bytes / n, held / n)  # and not wildly pessimistic
+
+
+# --- TokenVerifier.cached: the Check path's lookup straight from the Authorization header ---------
+
+
+async def test_cached_answers_for_a_verified_token_in_any_scheme_case(key_a: SigningKey) -> None:
+    verifier, _, metrics = make(MemoryKeys(key_a))
+    token = key_a.token()
+    assert verifier.cached((f"Bearer {token}",), policy()) is None  # never verified yet: a miss
+    claims = await verifier.verify_uncached(token, policy())
+    for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+        assert verifier.cached((f"{scheme} {token}",), policy()) == claims
+    assert (lookups(metrics, "hit"), lookups(metrics, "miss")) == (4, 1)
+
+
+@pytest.mark.parametrize("shape", ["two values", "double space", "comma", "trailing space", "basic", "no space",
+                                   "tab", "other token"])
+async def test_cached_never_answers_for_credentials_bearer_token_would_refuse(key_a: SigningKey, shape: str) -> None:
+    from authz_service.tokens import bearer_token
+
+    verifier, _, _ = make(MemoryKeys(key_a))
+    token = key_a.token()
+    await verifier.verify_uncached(token, policy())
+    values = {
+        "two values": (f"Bearer {token}", f"Bearer {token}"), "double space": (f"Bearer  {token}",),
+        "comma": (f"Bearer {token},",), "trailing space": (f"Bearer {token} ",), "basic": (f"Basic {token}",),
+        "no space": (f"Bearer{token}",), "tab": (f"Bearer\t{token}",), "other token": (f"Bearer {key_a.token()}x",),
+    }[shape]
+    assert verifier.cached(values, policy()) is None
+    try:
+        assert bearer_token(values) != token  # the slow path sees no such token either ...
+    except TokenError as exc:
+        assert exc.failure is Failure.BAD_REQUEST  # ... or refuses the header outright
+
+
+async def test_cached_enforces_expiry_like_verify(key_a: SigningKey) -> None:
+    clock = Clock()
+    verifier, cache, _ = make(MemoryKeys(key_a), clock=clock, leeway=0)
+    token = key_a.token(exp=int(clock.now) + 30)
+    await verifier.verify_uncached(token, policy())
+    clock.now += 31
+    with pytest.raises(TokenError) as caught:
+        verifier.cached((f"Bearer {token}",), policy())
+    assert caught.value.failure is Failure.EXPIRED
+    assert len(cache) == 0  # dropped: it can never become valid again
+
+
+async def test_cached_is_none_without_a_cache(key_a: SigningKey) -> None:
+    verifier = TokenVerifier(MemoryKeys(key_a))
+    token = key_a.token()
+    await verifier.verify(token, policy())
+    assert verifier.cached((f"Bearer {token}",), policy()) is None
+
+
+_TOKENS: dict[str, str] = {}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prefix=st.sampled_from(["Bearer ", "bearer ", "Bearer", "Bearer  ", "Basic ", " Bearer ", "Bearer\t",
+                               "BEARER ", "Bearer\u00a0", ""]),
+       suffix=st.sampled_from(["", " ", ",", ", Bearer x", "\n", "=", "\u00e9"]),
+       extra=st.sampled_from([(), ("Bearer x",), ("",)]))
+async def test_cached_hits_only_what_bearer_token_would_accept(key_a: SigningKey, prefix, suffix, extra) -> None:
+    """A hit must mean bearer_token() would have returned exactly the verified token: the fast path
+    may skip the header checks only because they could not have failed."""
+    from authz_service.tokens import bearer_token
+
+    verifier, _, _ = make(MemoryKeys(key_a))
+    token = _TOKENS.setdefault("t", key_a.token())
+    await verifier.verify_uncached(token, policy())
+    values = (prefix + token + suffix, *extra)
+    hit = verifier.cached(values, policy())
+    try:
+        parsed = bearer_token(values)
+    except TokenError:
+        parsed = None
+    assert (hit is not None) == (parsed == token)
