@@ -11,7 +11,8 @@ then holds no bearer credential (a heap dump reveals no token, and without the s
 cannot even be matched against a list of known tokens), entries are small and of fixed key size,
 and handing one token's claims to another would need a SHA-256 second preimage. SHA-256 rather
 than keyed BLAKE2b because OpenSSL's SHA-256 is ~2x faster here (~0.8 us per ~1 KB token), and
-this runs on every Check. Only successful verifications are stored.
+this runs on every Check; the salted state is copied per token rather than rebuilt, which spares
+OpenSSL's per-call digest lookup (~2 us under load). Only successful verifications are stored.
 
 Bounded twice: by entries and by (approximate) bytes; the least recently used entry goes first.
 """
@@ -57,7 +58,8 @@ class TokenCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[bytes, CacheEntry] = OrderedDict()
         self._bytes = 0
-        self._secret = os.urandom(32)
+        # The salt is hashed once; each digest copies that state (no OpenSSL digest fetch per call).
+        self._salted = hashlib.sha256(os.urandom(32))
         self._metrics = metrics
         if metrics is not None:
             self._per_check = metrics.per_check  # hits and misses are counted there (see PerCheck)
@@ -77,7 +79,9 @@ class TokenCache:
         return self.max_entries > 0 and self.max_bytes > 0
 
     def digest(self, token: bytes) -> bytes:
-        return hashlib.sha256(self._secret + token).digest()
+        state = self._salted.copy()
+        state.update(token)
+        return state.digest()
 
     def get(self, digest: bytes) -> CacheEntry | None:
         """The entry (marked most recently used) or None; counts a hit or a miss."""

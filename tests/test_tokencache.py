@@ -323,3 +323,14 @@ async def test_cached_hits_only_what_bearer_token_would_accept(key_a: SigningKey
     except TokenError:
         parsed = None
     assert (hit is not None) == (parsed == token)
+
+
+def test_digest_is_salted_per_process_and_stable_within_it() -> None:
+    import hashlib
+
+    token = b"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
+    one, other = TokenCache(10, 1 << 20), TokenCache(10, 1 << 20)
+    assert one.digest(token) == one.digest(token)  # the salted state is copied, never consumed
+    assert one.digest(token) != other.digest(token)  # a different salt per cache (per process)
+    assert one.digest(token) != hashlib.sha256(token).digest()  # not matchable against known tokens
+    assert len(one.digest(token)) == 32 and one.digest(token) != one.digest(token + b"x")
