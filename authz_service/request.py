@@ -30,7 +30,6 @@ _IDENTITY_SPELLINGS = frozenset(IDENTITY_HEADERS)
 # DELETE run; /public allowed, X-Original-URL: /admin served).
 _OVERRIDES = frozenset(("x-http-method-override", "x-http-method", "x-method-override", "x-original-url",
                         "x-rewrite-url"))
-_X_PREFIXES = frozenset({"x-", "x_"})  # only x-/x_ names can spell an identity or override header
 
 
 def _spellings(name: str) -> set[str]:
@@ -128,7 +127,7 @@ def _special_names(names: Iterable[str]) -> tuple[str, ...]:
     """The identity-header spellings among ``names`` (lower-case); BadRequest on an override header."""
     spoofed = []
     for name in names:
-        if name[:2] in _X_PREFIXES:
+        if name in _SPECIAL_NAMES:
             dashed = name.replace("_", "-")
             if dashed in _IDENTITY_SPELLINGS:
                 spoofed.append(name)
