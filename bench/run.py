@@ -611,25 +611,24 @@ def main() -> None:
             ratios.append(f"- {label}: **{mid:{spec}}{unit}**{spread}")
 
     rps = lambda a, b: a.rps / b.rps if b.rps else None  # noqa: E731
+    cpu = lambda a, b: (a.cpu_us_per_check - b.cpu_us_per_check  # noqa: E731
+                        if a.cpu_us_per_check and b.cpu_us_per_check else None)
     line("warm / floor (target >= 0.90)", paired("4", "3", rps), ".2f")
     line("cold / floor (target >= 0.60)", paired("5", "3", rps), ".2f")
     line(f"warm with {args.workers} workers / floor", paired("4w", "3", rps), ".2f")
     line("p99 warm / floor (target <= 1.5)",
          paired("4", "3", lambda a, b: a.p99_ms / b.p99_ms if a.p99_ms and b.p99_ms else None), ".2f")
     line("CPU per Check, warm minus floor (target <= 30 us)",
-         paired("4", "3", lambda a, b: a.cpu_us_per_check - b.cpu_us_per_check
-                if a.cpu_us_per_check and b.cpu_us_per_check else None), ".0f", " us")
+         paired("4", "3", cpu), ".0f", " us")
     line("warm / floor on uvloop (same event loop)", paired("4", "3u", rps), ".2f")
     line("cold / floor on uvloop (same event loop)", paired("5", "3u", rps), ".2f")
     line("CPU per Check, warm minus floor on uvloop",
-         paired("4", "3u", lambda a, b: a.cpu_us_per_check - b.cpu_us_per_check
-                if a.cpu_us_per_check and b.cpu_us_per_check else None), ".0f", " us")
+         paired("4", "3u", cpu), ".0f", " us")
     line("warm / jwt_authn", paired("4", "2", rps), ".2f")
     line("direct gRPC, service / floor", paired("d4", "d3", rps), ".2f")
     line("direct gRPC, service / floor on uvloop", paired("d4", "d3u", rps), ".2f")
     line("direct gRPC, CPU per Check service minus floor",
-         paired("d4", "d3", lambda a, b: a.cpu_us_per_check - b.cpu_us_per_check
-                if a.cpu_us_per_check and b.cpu_us_per_check else None), ".0f", " us")
+         paired("d4", "d3", cpu), ".0f", " us")
     print("\n".join(ratios))
     bad = [r.name for r in results if r.errors]
     if bad:
