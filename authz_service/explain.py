@@ -137,7 +137,7 @@ def candidates(policy: Policy, method: str, path: str) -> list[str]:
         if not pattern_matches(route.path, segments):
             continue
         methods = "any method" if route.methods is None else "|".join(sorted(route.methods))
-        fits = route.methods is None or method in route.methods
+        fits = route.takes(method)
         out.append(f"routes[{route.index}] {route.name!r}: {methods} {route.path}"
                    + ("" if fits else f" (does not list {method})"))
     return out
@@ -248,6 +248,8 @@ def render_text(info: Explanation, out: TextIO) -> None:
         print("checks:", file=out)
         for name, result, detail in info.checks:
             print(f"  {result:<12} {name:<10} {detail}", file=out)
+    if decision["reason"] == "bad_request" and info.method.upper() != info.method:
+        print(f"hint:      HTTP methods are case-sensitive; did you mean {info.method.upper()}?", file=out)
     verdict = "ALLOW" if decision["envoy"] == "allow" else "DENY"
     if decision["dry_run"]:
         verdict = f"ALLOW (dry-run: would be DENY {decision['status']})"

@@ -7,6 +7,8 @@ Matching rule (documented in the README): the most specific route wins regardles
 Specificity is decided segment by segment from the left: a literal segment beats ``{param}``,
 which beats a trailing ``/**``; at equal paths a route listing methods beats one for any method.
 Two routes that could match the same request with equal specificity are refused at load.
+A route that lists GET also takes HEAD (apps serve HEAD with the GET handler), unless another
+route at the same path lists HEAD itself.
 """
 
 from __future__ import annotations
@@ -76,6 +78,15 @@ class Issuer:
     client_ids: frozenset[str] | None  # None: any app client of the pool
 
 
+# Lint warnings (``authz-service validate``) a route may acknowledge as intended with
+# ``acknowledge: [code, ...]``; the loader refuses unknown codes so a typo cannot silence nothing.
+LINT_CODES = {
+    "fallthrough": "other methods on this route's paths fall through to a public or weaker route",
+    "public-hole": "this public route is more specific than a protected route it carves a hole in",
+    "public-catch-all": "this public route's pattern covers protected routes' paths",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """One policy rule. ``scopes`` is empty exactly when ``public`` is true."""
@@ -88,6 +99,12 @@ class Route:
     mode: Mode
     index: int  # position in the file, for messages
     scopes_text: str = field(default="", compare=False)  # precomputed for the 403 header and body
+    acknowledge: frozenset[str] = frozenset()  # lint codes (LINT_CODES) the author marked as intended
+
+    def takes(self, method: str) -> bool:
+        """Whether this route's methods include ``method`` (GET implies HEAD; see the module doc)."""
+        methods = self.methods
+        return methods is None or method in methods or (method == "HEAD" and "GET" in methods)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +205,7 @@ def _match(node: _Node, segments: tuple[str, ...], i: int, method: str) -> Route
 
 _TOP_KEYS = {"issuers", "routes", "mode"}
 _ISSUER_KEYS = {"user_pool_id", "region", "issuer", "jwks_uri", "client_ids"}
-_ROUTE_KEYS = {"name", "methods", "path", "scopes", "public", "mode"}
+_ROUTE_KEYS = {"name", "methods", "path", "scopes", "public", "mode", "acknowledge"}
 
 
 def load_policy_file(path: Path | str) -> Policy:
@@ -419,6 +436,11 @@ class _Context:
         if name is None:
             name = f"{'|'.join(methods) if methods else 'ANY'} {path}"
         mode = self.mode(item["mode"], (*where, "mode")) if "mode" in item else default_mode
+        acknowledge = self.string_list(item, "acknowledge", where) or []
+        for j, code in enumerate(acknowledge):
+            if code not in LINT_CODES:
+                raise self.fail((*where, "acknowledge", j),
+                                f"{code!r} is not a lint warning code; known: {', '.join(sorted(LINT_CODES))}")
         return Route(
             name=name,
             path=path,
@@ -428,6 +450,7 @@ class _Context:
             mode=mode,
             index=i,
             scopes_text=" ".join(sorted(scopes or ())),
+            acknowledge=frozenset(acknowledge),
         )
 
 
@@ -518,7 +541,24 @@ def _compile(routes: Iterable[Route], ctx: _Context) -> _Node:
                 continue
             for method in route.methods:
                 endpoint.by_method[method] = route
+    _imply_head(root)
     return root
+
+
+def _imply_head(node: _Node) -> None:
+    """Let each GET route also take HEAD where no route at the same place lists HEAD.
+
+    Done after every route is placed, so an explicit HEAD route wins wherever it is in the file.
+    Without it HEAD would fall through to a less specific (perhaps public) route while the app
+    runs the GET handler and leaks its headers.
+    """
+    for endpoint in (node.exact, node.rest):
+        if "GET" in endpoint.by_method and "HEAD" not in endpoint.by_method:
+            endpoint.by_method["HEAD"] = endpoint.by_method["GET"]
+    for child in node.literals.values():
+        _imply_head(child)
+    if node.param is not None:
+        _imply_head(node.param)
 
 
 def _conflict(ctx: _Context, first: Route, second: Route) -> PolicyError:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .policy import OTHER_SEGMENT, Policy, PolicyError, Route, check_policy, pattern_matches, where_text
+from .policy import OTHER_SEGMENT, Mode, Policy, PolicyError, Route, check_policy, pattern_matches, where_text
 from .simulate import Simulator, run_check
 from .yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position
 
@@ -140,6 +140,18 @@ class Reach:
     chosen: dict[int, set[str]]  # route index -> methods for which some path reaches it
     plain: set[int]  # routes reached by some path without a trailing '/'
     holes: dict[tuple[int, int], tuple[str, tuple[str, ...]]]  # (public, protected) -> an example request
+    # (public, protected) -> an example request the protected route takes and the public pattern covers
+    covers: dict[tuple[int, int], tuple[str, tuple[str, ...]]]
+    # (first method-limited route of a path pattern, weaker route) -> (methods that fall through, a path)
+    falls: dict[tuple[int, int], tuple[set[str], tuple[str, ...]]]
+
+
+def weaker(other: Route, route: Route) -> bool:
+    """Whether ``other`` lets through a request ``route`` would refuse: it is public, only dry-run
+    where ``route`` enforces, or accepts a scope ``route`` does not (scopes are any-of)."""
+    if route.public:
+        return False
+    return other.public or (other.mode is Mode.DRY_RUN and route.mode is Mode.ENFORCE) or not other.scopes <= route.scopes
 
 
 def reachability(policy: Policy) -> Reach | None:
@@ -151,11 +163,12 @@ def reachability(policy: Policy) -> Reach | None:
         return None
     listed = {m for r in policy.routes for m in r.methods or ()}
     methods = [*STANDARD_METHODS, *sorted(listed - set(STANDARD_METHODS)), _UNLISTED_METHOD]
-    reach = Reach(defaultdict(set), set(), {})
+    reach = Reach(defaultdict(set), set(), {}, {}, {})
     protected = [r for r in policy.routes if not r.public]
+    public = [r for r in policy.routes if r.public]
     for segments in paths:
-        for method in methods:
-            route = policy.match(method, segments)
+        chosen = {method: policy.match(method, segments) for method in methods}
+        for method, route in chosen.items():
             if route is None:
                 continue
             reach.chosen[route.index].add(method)
@@ -163,21 +176,43 @@ def reachability(policy: Policy) -> Reach | None:
                 reach.plain.add(route.index)
             if route.public:
                 for other in protected:
-                    if (route.index, other.index) not in reach.holes and (
-                        other.methods is None or method in other.methods
-                    ) and pattern_matches(other.path, segments):
+                    if (route.index, other.index) not in reach.holes and other.takes(method) and \
+                            pattern_matches(other.path, segments):
                         reach.holes[(route.index, other.index)] = (method, segments)
+                continue
+            for other in public:
+                if (other.index, route.index) not in reach.covers and other.takes(method) and \
+                        pattern_matches(other.path, segments):
+                    reach.covers[(other.index, route.index)] = (method, segments)
+            if route.methods is None:
+                continue
+            # Methods this route does not take on this path go elsewhere: to a sibling at the same
+            # path (fine), nowhere (denied), or through to a less specific route. Siblings share
+            # one finding, under the first of them.
+            first = min(r.index for r in policy.routes if r.path == route.path and r.methods is not None)
+            for method2, other in chosen.items():
+                if other is not None and other.path != route.path and weaker(other, route):
+                    fell, _ = reach.falls.setdefault((first, other.index), (set(), segments))
+                    fell.add(method2)
     return reach
 
 
+def _methods_text(methods: set[str]) -> str:
+    named = [m for m in (*STANDARD_METHODS, *sorted(methods)) if m in methods and m != _UNLISTED_METHOD]
+    named = list(dict.fromkeys(named))
+    return ", ".join(named) + (" and any other method" if _UNLISTED_METHOD in methods else "")
+
+
 def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
-    """Routes (or methods of a route) that no request can reach, and public routes that carve holes."""
+    """Routes (or methods of a route) that no request can reach, public routes that carve holes or
+    cover protected ones, and methods that fall through to weaker routes."""
     reach = reachability(policy)
     if reach is None:
         return []  # too many path classes to enumerate; reachability is not checked (documented)
     chosen, plain, holes = reach.chosen, reach.plain, reach.holes
+    routes = policy.routes
     out = []
-    for route in policy.routes:
+    for route in routes:
         where = ("routes", route.index, "path")
         listed = sorted(route.methods) if route.methods is not None else None
         reached = chosen[route.index]
@@ -194,17 +229,58 @@ def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
         elif reached and route.index not in plain:
             out.append(warn(where, f"route {route.name!r} only matches paths ending in '/': more specific routes "
                                    "take every other request it covers", "remove it or change its path"))
-    by_public: dict[int, list[str]] = defaultdict(list)
-    for (public_i, protected_i), (method, segments) in sorted(holes.items()):
-        shown = "any method" if method == _UNLISTED_METHOD else method
-        by_public[public_i].append(f"{policy.routes[protected_i].name!r} (e.g. {shown} {_show(segments)})")
-    for public_i, shadowed in by_public.items():
+    for public_i, found in _grouped(holes).items():
+        if "public-hole" in routes[public_i].acknowledge:
+            continue
+        shadowed = [f"{routes[i].name!r} (e.g. {_request_text(*example)})" for i, example in found]
         out.append(warn(("routes", public_i, "public"),
-                        f"public route {policy.routes[public_i].name!r} is more specific than protected route"
+                        f"public route {routes[public_i].name!r} is more specific than protected route"
                         f"{'s' if len(shadowed) > 1 else ''} {', '.join(shadowed)}: those requests pass without a token",
-                        "if that hole is not intended, narrow the public route's path or methods, "
-                        "or remove 'public: true'"))
+                        "if that hole is not intended, narrow the public route's path or methods, or remove "
+                        "'public: true'; if it is, add 'acknowledge: [public-hole]' to the public route"))
+    for public_i, found in _grouped(reach.covers).items():
+        if "public-catch-all" in routes[public_i].acknowledge:
+            continue
+        covered = [f"{routes[i].name!r} (e.g. {_request_text(*example)})" for i, example in found]
+        out.append(warn(("routes", public_i, "path"),
+                        f"public route {routes[public_i].name!r} ({routes[public_i].path}) also covers the paths of "
+                        f"protected route{'s' if len(covered) > 1 else ''} {', '.join(covered)}: every request "
+                        "they do not take (another method, a path beside them) is allowed without a token, so "
+                        "unmatched requests are no longer denied",
+                        "narrow the public route to the paths meant to be public; if a public catch-all is "
+                        "intended, add 'acknowledge: [public-catch-all]' to it"))
+    for (route_i, other_i), (fell, segments) in sorted(reach.falls.items()):
+        route, other = routes[route_i], routes[other_i]
+        siblings = [r for r in routes if r.path == route.path and r.methods is not None]
+        if any("fallthrough" in r.acknowledge for r in siblings):
+            continue
+        takes = "; ".join(f"{r.name!r} takes only {'|'.join(sorted(r.methods or ()))}" for r in siblings)
+        weak = [r for r in siblings if weaker(other, r)]
+        why = ("is public" if other.public else "is dry-run" if other.mode is Mode.DRY_RUN and route.mode is Mode.ENFORCE
+               else "accepts scopes "
+               + ("this route does not" if len(siblings) == 1 else "these routes do not")
+               + f" ({' '.join(sorted(set().union(*(other.scopes - r.scopes for r in weak))))})")
+        example = [m for m in ("DELETE", "PUT", "POST", "PATCH", *STANDARD_METHODS) if m in fell] or ["PUT"]
+        out.append(warn(("routes", route_i, "methods"),
+                        f"route {takes}; {_methods_text(fell)} on {'its' if len(siblings) == 1 else 'their'} paths "
+                        f"fall through to route {other.name!r} ({other.path}), which {why} "
+                        f"(e.g. {example[0]} {_show(segments)})",
+                        "list those methods on a route of this path (same or stricter scopes), or narrow "
+                        f"{other.name!r}; if intended, add 'acknowledge: [fallthrough]' to this route"))
     return out
+
+
+def _grouped(pairs: dict[tuple[int, int], tuple[str, tuple[str, ...]]]
+             ) -> dict[int, list[tuple[int, tuple[str, tuple[str, ...]]]]]:
+    """{(a, b): example} -> {a: [(b, example), ...]} in route order."""
+    out: dict[int, list[tuple[int, tuple[str, tuple[str, ...]]]]] = defaultdict(list)
+    for (a, b), example in sorted(pairs.items()):
+        out[a].append((b, example))
+    return out
+
+
+def _request_text(method: str, segments: tuple[str, ...]) -> str:
+    return f"{'any method' if method == _UNLISTED_METHOD else method} {_show(segments)}"
 
 
 def print_report(report: Report, out: TextIO) -> None:

@@ -44,7 +44,11 @@ def _spellings(name: str) -> set[str]:
 # header names against it with one set operation and looks closer only on a hit.
 _SPECIAL_NAMES = frozenset().union(*(_spellings(n) for n in (*IDENTITY_HEADERS, *_OVERRIDES)))
 
-_METHOD = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}\Z")  # RFC 9110 token
+# An RFC 9110 token without lower-case letters. Methods are case-sensitive (RFC 9110 9.1) and the
+# policy names them in upper case, but frameworks (Flask, Express...) upper-case what they receive,
+# and HTTP/2 carries ``:method: get`` unchanged: a lower-case spelling would match no method-limited
+# route, fall through to a weaker one, and still run the protected handler.
+_METHOD = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Z]{1,32}\Z")
 # Visible ASCII except '\\' and ';' (see module docstring); '%' is checked separately.
 _PATH_CHARS = re.compile(r"^/[!$&'()*+,\-./0-9:=@A-Z_a-z~%]*\Z")
 _ESCAPE = re.compile(r"%(.?.?)")
@@ -100,7 +104,7 @@ def parse_check_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
         if not check.attributes.request.HasField("http"):
             raise BadRequest("no HTTP attributes")
         if not _METHOD.match(method):
-            raise BadRequest("missing or invalid method")
+            raise BadRequest("missing or invalid method (an upper-case RFC 9110 token, e.g. GET)")
         _remember(_GOOD_METHODS, method)
     target = http.path
     known = _GOOD_PATHS.get(target)
@@ -156,6 +160,24 @@ def _raw_headers(entries: Any) -> tuple[tuple[str, ...], str, tuple[str, ...]]:
     return tuple(authorization), request_id, _special_names(names)
 
 
+def _has_method_override(query: str) -> bool:
+    """Whether the query names a ``_method`` parameter, however it is spelled.
+
+    Rails, Laravel and Express's method-override honour ``?_method=DELETE``: the app would run
+    another method than the one authorized. Names are compared percent-decoded, case-folded and
+    without a ``[...]`` suffix (``_method[]=`` parses as the same name in PHP and qs), split on
+    both ``&`` and ``;``; the cheap substring test keeps ordinary queries on the fast path.
+    """
+    lowered = query.lower()
+    if "_method" not in lowered and "%5f" not in lowered:
+        return False
+    for pair in re.split(r"[&;]", query):
+        name = urllib.parse.unquote_plus(pair.partition("=")[0], errors="replace").lower()
+        if name.partition("[")[0] == "_method":
+            return True
+    return False
+
+
 def path_segments(path: str) -> tuple[str, ...]:
     """The segments the policy matches ('/' has none) of a path ``normalized_path`` accepted."""
     return tuple(path[1:].split("/")) if path != "/" else ()
@@ -167,7 +189,9 @@ def normalized_path(target: str) -> str:
         raise BadRequest("empty path")
     if len(target) > MAX_PATH_LENGTH:
         raise BadRequest("path too long")
-    path = target.split("?", 1)[0].split("#", 1)[0]
+    path, _, query = target.partition("#")[0].partition("?")
+    if query and _has_method_override(query):
+        raise BadRequest("_method (method override) in the query is not accepted")
     if not path.startswith("/"):
         raise BadRequest("path must start with '/'")
     if not _PATH_CHARS.match(path):

@@ -63,6 +63,19 @@ def test_denials_without_a_token(method, path, status, error):
     assert answer["status"] == status and json.loads(answer["body"])["error"] == error
 
 
+@pytest.mark.parametrize("method", ["get", "Post"])
+def test_a_method_not_in_upper_case_is_the_400_the_service_answers(method):
+    run = explain("--policy", str(EXAMPLE), "--method", method, "--path", "/healthz")
+    assert run.returncode == 1
+    assert "decision:  DENY, reason bad_request" in run.stdout and "  HTTP 400\n" in run.stdout
+    assert f"hint:      HTTP methods are case-sensitive; did you mean {method.upper()}?" in run.stdout
+
+
+def test_head_follows_the_get_route():
+    run = explain("--policy", str(EXAMPLE), "--method", "HEAD", "--path", "/transactions/7", "--json")
+    assert json.loads(run.stdout)["route"]["name"] == "get-transaction"
+
+
 def test_dry_run_route_is_shown_as_an_allow_that_would_deny(tmp_path):
     policy = tmp_path / "p.yaml"
     policy.write_text("issuers:\n  - user_pool_id: us-east-1_Abc123\nmode: dry-run\n"

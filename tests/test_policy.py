@@ -363,6 +363,40 @@ def test_explicit_method_only_route_does_not_match_other_methods():
     assert matched_name(policy, "get", "/a") is None
 
 
+def test_a_get_route_also_takes_head():
+    """Apps run the GET handler for HEAD: HEAD must not fall through to a weaker route."""
+    policy = routes_policy(
+        """\
+          - name: rest
+            path: /**
+            public: true
+          - name: get-a
+            methods: [GET]
+            path: /a
+            scopes: [r]
+          - name: any-b
+            path: /b
+            scopes: [b/any]
+          - name: get-b
+            methods: [GET]
+            path: /b
+            scopes: [b/get]
+        """
+    )
+    assert matched_name(policy, "HEAD", "/a") == "get-a"
+    assert matched_name(policy, "HEAD", "/b") == "get-b", "HEAD goes where GET goes, not to the any-method route"
+    assert matched_name(policy, "OPTIONS", "/a") == "rest"
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_an_explicit_head_route_wins_over_the_implied_head(order):
+    items = ["  - name: get-a\n    methods: [GET]\n    path: /a\n    scopes: [r]\n",
+             "  - name: head-a\n    methods: [HEAD]\n    path: /a\n    scopes: [h]\n"]
+    policy = routes_policy("".join(items[::order]))
+    assert matched_name(policy, "HEAD", "/a") == "head-a"
+    assert matched_name(policy, "GET", "/a") == "get-a"
+
+
 @pytest.mark.parametrize(
     "routes",
     [

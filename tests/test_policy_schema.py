@@ -39,6 +39,12 @@ def test_schema_is_a_valid_draft_2020_12_schema_and_ships_as_package_data():
     assert json.loads(shipped) == SCHEMA
 
 
+def test_schema_knows_exactly_the_lint_codes_the_loader_accepts():
+    from authz_service.policy import LINT_CODES
+
+    assert set(SCHEMA["$defs"]["route"]["properties"]["acknowledge"]["items"]["enum"]) == set(LINT_CODES)
+
+
 def test_example_policy_points_editors_at_the_schema():
     first = (ROOT / "authz_service" / "examples" / "policy.yaml").read_text().splitlines()[0]
     assert first == "# yaml-language-server: $schema=../policy.schema.json"

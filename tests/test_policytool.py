@@ -162,13 +162,126 @@ def test_public_route_more_specific_than_a_protected_one_is_a_hole():
     assert "GET /transactions/x" in warnings[0]
 
 
-def test_public_catch_all_below_protected_routes_is_not_a_hole():
+def test_public_hole_can_be_acknowledged():
+    assert lints("""\
+      - name: tx
+        path: /transactions/**
+        scopes: [transactions/get]
+      - name: tx-one
+        methods: [GET]
+        path: /transactions/{id}
+        public: true
+        acknowledge: [public-hole]
+    """) == []
+
+
+def test_public_catch_all_covering_protected_routes_is_not_a_hole_but_is_reported():
+    """A public /** below protected routes is no hole (they still win), but it turns default-deny
+    into default-allow for everything beside them: DELETE /api/x, /api/y, /admin."""
+    warnings = lints("""\
+      - name: rest
+        path: /**
+        public: true
+      - name: api-x
+        path: /api/x
+        scopes: [a/b]
+    """)
+    assert len(warnings) == 1 and "hole" not in warnings[0], warnings
+    assert "routes[0].path: public route 'rest' (/**) also covers the paths of protected route 'api-x'" in warnings[0]
+    assert "acknowledge: [public-catch-all]" in warnings[0]
+
+
+def test_public_catch_all_can_be_acknowledged():
     assert lints("""\
       - path: /**
+        public: true
+        acknowledge: [public-catch-all]
+      - path: /api/x
+        scopes: [a/b]
+    """) == []
+
+
+def test_public_catch_all_beside_protected_routes_covers_nothing():
+    assert lints("""\
+      - path: /docs/**
         public: true
       - path: /api/x
         scopes: [a/b]
     """) == []
+
+
+REVIEW_POLICY = """\
+  - name: admin-report
+    methods: [GET]
+    path: /admin/report
+    scopes: [admin/read]
+  - name: delete-transaction
+    methods: [DELETE]
+    path: /transactions/{id}
+    scopes: [transactions/delete]
+  - name: get-transaction
+    methods: [GET]
+    path: /transactions/{id}
+    scopes: [transactions/get]
+  - name: everything-else
+    path: /**
+    public: true
+    acknowledge: [public-catch-all]
+"""
+
+
+def test_methods_falling_through_to_a_public_route_are_reported_with_the_methods():
+    warnings = lints(REVIEW_POLICY)
+    assert len(warnings) == 2, warnings
+    admin, tx = sorted(warnings, key=lambda w: "admin" not in w)
+    assert "routes[0].methods: route 'admin-report' takes only GET; " in admin
+    assert "POST, PUT, PATCH, DELETE, OPTIONS, TRACE, CONNECT and any other method" in admin
+    assert "fall through to route 'everything-else' (/**), which is public (e.g. DELETE /admin/report)" in admin
+    assert "HEAD" not in admin.split("fall through")[0].split("takes only")[1], "GET implies HEAD"
+    # Two method-limited siblings share a path: only what neither takes falls through.
+    assert ("routes[1].methods: route 'delete-transaction' takes only DELETE; 'get-transaction' takes only GET; "
+            "POST, PUT, PATCH, OPTIONS") in tx
+    assert "GET" not in tx.split("takes only GET;")[1].split("fall through")[0]
+
+
+def test_fallthrough_can_be_acknowledged_per_route():
+    policy = REVIEW_POLICY.replace("    scopes: [admin/read]\n", "    scopes: [admin/read]\n    acknowledge: [fallthrough]\n")
+    warnings = lints(policy)
+    assert len(warnings) == 1 and "admin-report" not in warnings[0], warnings
+
+
+@pytest.mark.parametrize(("rest", "why"), [
+    ("scopes: [transactions/get]", "accepts scopes this route does not (transactions/get)"),
+    ("scopes: [admin/read]\n        mode: dry-run", "is dry-run"),
+])
+def test_fallthrough_to_a_weaker_protected_route(rest, why):
+    warnings = lints(f"""\
+      - name: admin-report
+        methods: [GET]
+        path: /admin/report
+        scopes: [admin/read]
+      - name: rest
+        path: /**
+        {rest}
+    """)
+    assert len(warnings) == 1 and why in warnings[0], warnings
+
+
+def test_fallthrough_to_a_stricter_or_equal_route_is_fine():
+    assert lints("""\
+      - name: admin-report
+        methods: [GET]
+        path: /admin/report
+        scopes: [admin/read, admin/all]
+      - name: admin
+        path: /admin/**
+        scopes: [admin/all]
+    """) == []
+
+
+def test_unknown_acknowledge_code_is_an_error():
+    with pytest.raises(PolicyError, match="'fall-through' is not a lint warning code; known: fallthrough, "):
+        parse_policy(ISSUERS + "routes:\n  - path: /x\n    public: true\n    acknowledge: [fall-through]\n", "p.yaml")
 
 
 # --- test ----------------------------------------------------------------------------------------

@@ -101,7 +101,8 @@ def test_missing_attributes_are_bad_requests():
         parse_check_request(no_request)
 
 
-@pytest.mark.parametrize("method", ["", "GE T", "GET/", "G(ET", "GÉT", "GET\r", "\x00", "A" * 33])
+@pytest.mark.parametrize("method", ["", "GE T", "GET/", "G(ET", "GÉT", "GET\r", "\x00", "A" * 33,
+                                    "get", "Get", "gET", "delete", "m-search"])
 def test_missing_or_invalid_method_is_a_bad_request(method):
     with pytest.raises(BadRequest):
         parse(method=method)
@@ -110,6 +111,20 @@ def test_missing_or_invalid_method_is_a_bad_request(method):
 @pytest.mark.parametrize("method", ["GET", "POST", "DELETE", "PROPFIND", "M-SEARCH"])
 def test_token_methods_are_kept_verbatim(method):
     assert parse(method=method).method == method
+
+
+@pytest.mark.parametrize("query", ["_method=DELETE", "a=1&_method=PUT", "_METHOD=x", "%5Fmethod=DELETE",
+                                   "%5fMETHOD=1", "_method[]=DELETE", "_method[x]=1", "a;_method=1", "_method",
+                                   "_method=", "+_method=1".replace("+", "&")])
+def test_a_method_override_in_the_query_is_a_bad_request(query):
+    with pytest.raises(BadRequest, match="_method"):
+        parse(path=f"/a?{query}")
+
+
+@pytest.mark.parametrize("query", ["method=DELETE", "x_method=1", "_methods=1", "q=_method", "a=%5Fmethod",
+                                   "_meth%6Fd_x=1", ""])
+def test_other_queries_pass(query):
+    assert parse(path=f"/a?{query}").path == "/a"
 
 
 def test_method_with_trailing_newline_is_a_bad_request():

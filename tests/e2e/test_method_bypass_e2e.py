@@ -1,0 +1,117 @@
+"""The method an app runs must be the method we authorized.
+
+A policy that limits a route to some methods lets every other method fall through to less
+specific routes. Three ways a request could reach such a fall-through while the app runs a
+protected handler, each proven closed through the shipped Envoy:
+
+* a method spelled in lower or mixed case (HTTP/2 forwards ``:method: get`` unchanged, and
+  frameworks such as Flask upper-case it);
+* HEAD, which frameworks serve with the GET handler;
+* a method override in the query string (``?_method=DELETE``: Rails, Laravel, Express).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from .harness import UpstreamProcess
+from .security_stack import SecurityStack, policy_text, start_security_stack, stop_security_stack
+
+pytestmark = pytest.mark.e2e
+
+# The reviewer's policy: method-limited protected routes under a public catch-all.
+ROUTES = """\
+  - name: admin-report
+    methods: [GET]
+    path: /admin/report
+    scopes: [admin/read]
+  - name: delete-transaction
+    methods: [DELETE]
+    path: /transactions/{{id}}
+    scopes: [transactions/delete]
+  - name: get-transaction
+    methods: [GET]
+    path: /transactions/{{id}}
+    scopes: [transactions/get]
+  - name: everything-else
+    path: /**
+    public: true
+    acknowledge: [public-catch-all]
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess,
+          module_envoy_factory) -> Iterator[SecurityStack]:
+    s = start_security_stack(tmp_path_factory.mktemp("methods"), upstream, module_envoy_factory)
+    try:
+        s.policy.write(policy_text(s.fake, s.dev, routes=ROUTES))
+        s.service.process.wait_until(
+            lambda: s.check("GET", "/elsewhere").status == 200, 30, "the method policy serving (public /**)")
+        yield s
+    finally:
+        stop_security_stack(s)
+
+
+def h2(stack: SecurityStack, method: str, target: str, token: str | None = None) -> tuple[int, list]:
+    """One HTTP/2 request through Envoy with the method sent exactly as written."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl not installed")
+    mark = stack.upstream.mark()
+    argv = [curl, "-sS", "-o", "/dev/null", "-w", "%{http_code} %{http_version}", "--http2-prior-knowledge",
+            "--path-as-is", "-X", method, "--max-time", "10"]
+    if token is not None:
+        argv += ["-H", f"authorization: Bearer {token}"]
+    out = subprocess.run([*argv, stack.envoy.url(target)], capture_output=True, text=True, timeout=20)
+    code, version = out.stdout.split()
+    assert version == "2", f"not HTTP/2: {out.stdout} {out.stderr}"
+    return int(code), stack.upstream.requests_since(mark)
+
+
+@pytest.mark.parametrize("method", ["get", "Get", "gET"])
+def test_lower_case_method_cannot_reach_a_protected_get_through_the_public_catch_all(
+        stack: SecurityStack, method: str) -> None:
+    assert h2(stack, "GET", "/admin/report")[0] == 401  # the route really is protected
+    status, reached = h2(stack, method, "/admin/report")
+    assert (status, reached) == (400, []), "a method that is not an upper-case token must be refused"
+
+
+@pytest.mark.parametrize("method", ["delete", "Delete"])
+def test_lower_case_delete_with_a_read_token_is_refused(stack: SecurityStack, method: str) -> None:
+    reader = stack.fake.token("payments-reader", "transactions/get")
+    assert h2(stack, "DELETE", "/transactions/7", reader)[0] == 403
+    status, reached = h2(stack, method, "/transactions/7", reader)
+    assert (status, reached) == (400, [])
+
+
+def test_head_is_authorized_like_get(stack: SecurityStack) -> None:
+    answer = stack.send("HEAD", "/admin/report")
+    assert answer.status == 401 and answer.reached_upstream == [], "HEAD runs the GET handler in most apps"
+    reader = stack.fake.token("payments-reader", "admin/read")
+    answer = stack.send("HEAD", "/admin/report", reader)
+    assert answer.status == 200 and [r["method"] for r in answer.reached_upstream] == ["HEAD"]
+    # Over HTTP/2 too.
+    assert h2(stack, "HEAD", "/admin/report") == (401, [])
+
+
+@pytest.mark.parametrize("query", ["_method=DELETE", "x=1&_method=delete", "_METHOD=DELETE", "%5Fmethod=DELETE",
+                                   "%5fMethod=PUT", "_method[]=DELETE", "a=b;_method=DELETE", "_method"])
+def test_method_override_in_the_query_is_refused(stack: SecurityStack, query: str) -> None:
+    reader = stack.fake.token("payments-reader", "transactions/get")
+    assert stack.send("GET", "/transactions/7", reader).status == 200
+    answer = stack.send("GET", f"/transactions/7?{query}", reader)
+    assert (answer.status, answer.error) == (400, "invalid_request") and answer.reached_upstream == []
+    answer = stack.send("POST", f"/public/form?{query}")
+    assert answer.status == 400 and answer.reached_upstream == [], "a public route is no exception"
+
+
+@pytest.mark.parametrize("query", ["method=DELETE", "x_method=1", "_methods=1", "q=_method"])
+def test_other_query_parameters_pass(stack: SecurityStack, query: str) -> None:
+    reader = stack.fake.token("payments-reader", "transactions/get")
+    answer = stack.send("GET", f"/transactions/7?{query}", reader)
+    assert answer.status == 200 and len(answer.reached_upstream) == 1
