@@ -13,7 +13,18 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .jwks import JwksSettings
+
+
+@dataclass(frozen=True, slots=True)
+class JwksSettings:
+    """How the JWKS of each issuer is fetched (jwks.JwksCache)."""
+
+    refresh_interval: float = 900.0  # seconds between routine refreshes (jittered +-10%)
+    timeout: float = 3.0  # total time for one fetch
+    max_bytes: int = 512 * 1024  # Cognito's JWKS is ~1 KB; a huge document is refused
+    unknown_kid_cooldown: float = 10.0  # at most one unknown-kid fetch per issuer per this period
+    retry_min: float = 1.0  # backoff after a failed fetch, doubling up to retry_max
+    retry_max: float = 60.0
 
 
 class ConfigError(ValueError):
@@ -129,10 +140,33 @@ def _cooldown(text: str) -> float:
     return value
 
 
+def _request_bytes(text: str) -> int:
+    value = _int(text)
+    if not 16 * 1024 <= value <= 64 * 1024 * 1024:
+        raise ValueError("must be 16384..67108864 bytes (above Envoy's max_request_headers_kb, 60 KiB by default)")
+    return value
+
+
+def _path_prefix(text: str) -> str:
+    if text and (not text.startswith("/") or text.endswith("/") or not text.isascii() or not text.isprintable()
+                 or any(c in text for c in "?#%\\ ")):
+        raise ValueError("empty, or a path like /authz (leading '/', no trailing '/', no '?', '#', '%' or spaces)")
+    return text
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("policy", None, _path, "Policy YAML file (mount the ConfigMap as a directory; the path is watched)."),
-    Option("grpc_host", "0.0.0.0", str, "Address for the ext_authz gRPC server."),
+    Option("grpc_host", "127.0.0.1", str,
+           "Address of the ext_authz front doors (gRPC, and HTTP when enabled); loopback: only the Pod's "
+           "Envoy or mesh sidecar calls them."),
     Option("grpc_port", 9191, _port, "Port for the ext_authz gRPC server (also serves grpc.health.v1)."),
+    Option("ext_authz_http_port", 0, _port,
+           "Port for Envoy's HTTP ext_authz mode (http_service), on --grpc-host; 0 (default) turns it off."),
+    Option("ext_authz_http_path_prefix", "", _path_prefix,
+           "Envoy's http_service path_prefix: stripped before the policy sees the path; requests without it "
+           "are refused (400)."),
+    Option("max_request_bytes", 128 * 1024, _request_bytes,
+           "Largest authorization request accepted (a gRPC CheckRequest, or the HTTP request head), in bytes."),
     Option("http_host", "0.0.0.0", str, "Address for the HTTP server (/healthz, /readyz, /metrics)."),
     Option("http_port", 8181, _port, "Port for the HTTP server; never put it behind Envoy's ext_authz."),
     Option("leeway", 60.0, _non_negative, "Clock skew tolerated on exp, nbf and iat, in seconds."),
@@ -153,6 +187,9 @@ OPTIONS: tuple[Option, ...] = (
            "Worker processes sharing the gRPC port (SO_REUSEPORT); 1 serves in-process."),
     Option("event_loop", "auto", _event_loop,
            "auto (uvloop when installed, else asyncio), uvloop or asyncio; uvloop saves ~30 us of CPU per Check."),
+    Option("metrics_min_interval", 1.0, _non_negative,
+           "Seconds a /metrics exposition is reused before it is generated again (0: every scrape), so a flood "
+           "of scrapes cannot starve Checks."),
 )
 
 
@@ -161,8 +198,11 @@ class Settings:
     """Validated settings of `authz-service serve`."""
 
     policy: Path
-    grpc_host: str = "0.0.0.0"
+    grpc_host: str = "127.0.0.1"
     grpc_port: int = 9191
+    ext_authz_http_port: int = 0
+    ext_authz_http_path_prefix: str = ""
+    max_request_bytes: int = 128 * 1024
     http_host: str = "0.0.0.0"
     http_port: int = 8181
     leeway: float = 60.0
@@ -178,6 +218,7 @@ class Settings:
     token_cache_max_bytes: int = 16 * 1024 * 1024
     workers: int = 1
     event_loop: str = "auto"
+    metrics_min_interval: float = 1.0
     jwks: JwksSettings = field(init=False)
 
     def __post_init__(self) -> None:

@@ -35,19 +35,40 @@ class Reason(enum.Enum):
     INTERNAL_ERROR = "internal_error"
 
 
-# Every token failure maps to one reason and one HTTP status (RFC 6750 section 3.1).
-_TOKEN_FAILURES: dict[Failure, tuple[Reason, int]] = {
-    Failure.BAD_REQUEST: (Reason.BAD_REQUEST, 400),
-    Failure.INVALID_TOKEN: (Reason.INVALID_TOKEN, 401),
-    Failure.EXPIRED: (Reason.EXPIRED, 401),
-    Failure.NOT_YET_VALID: (Reason.NOT_YET_VALID, 401),
-    Failure.BAD_SIGNATURE: (Reason.BAD_SIGNATURE, 401),
-    Failure.UNKNOWN_KEY: (Reason.UNKNOWN_KEY, 401),
-    Failure.WRONG_ISSUER: (Reason.WRONG_ISSUER, 401),
-    Failure.WRONG_TOKEN_USE: (Reason.WRONG_TOKEN_USE, 401),
-    Failure.CLIENT_NOT_ALLOWED: (Reason.CLIENT_NOT_ALLOWED, 401),
-    Failure.KEYS_UNAVAILABLE: (Reason.KEYS_UNAVAILABLE, 503),
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one Reason is answered, in every protocol: the single source of these mappings."""
+
+    http_status: int  # what the client gets (Envoy relays it); 200 for the allowing reasons
+    oauth_error: str | None  # RFC 6750 section 3.1 / RFC 6749 section 5.2 error code; None: no code
+    grpc_code: int  # google.rpc.Code of the CheckResponse status (0 OK allows)
+
+
+_UNAUTHENTICATED = Outcome(401, "invalid_token", 16)
+
+# Every Reason, once (tests/test_decision.py fails when a Reason is missing). RFC 6750: no error
+# code when no credentials were presented; 400/401/403 carry WWW-Authenticate (see response.py).
+REASONS: dict[Reason, Outcome] = {
+    Reason.ALLOWED: Outcome(200, None, 0),
+    Reason.PUBLIC: Outcome(200, None, 0),
+    Reason.MISSING_TOKEN: Outcome(401, None, 16),  # UNAUTHENTICATED
+    Reason.BAD_REQUEST: Outcome(400, "invalid_request", 3),  # INVALID_ARGUMENT
+    Reason.INVALID_TOKEN: _UNAUTHENTICATED,
+    Reason.EXPIRED: _UNAUTHENTICATED,
+    Reason.NOT_YET_VALID: _UNAUTHENTICATED,
+    Reason.BAD_SIGNATURE: _UNAUTHENTICATED,
+    Reason.UNKNOWN_KEY: _UNAUTHENTICATED,
+    Reason.WRONG_ISSUER: _UNAUTHENTICATED,
+    Reason.WRONG_TOKEN_USE: _UNAUTHENTICATED,
+    Reason.CLIENT_NOT_ALLOWED: _UNAUTHENTICATED,
+    Reason.INSUFFICIENT_SCOPE: Outcome(403, "insufficient_scope", 7),  # PERMISSION_DENIED
+    Reason.NO_ROUTE: Outcome(403, "access_denied", 7),
+    Reason.KEYS_UNAVAILABLE: Outcome(503, "temporarily_unavailable", 14),  # UNAVAILABLE
+    Reason.INTERNAL_ERROR: Outcome(500, "server_error", 13),  # INTERNAL
 }
+
+# Each token failure is the reason of the same name.
+_TOKEN_FAILURES: dict[Failure, Reason] = {failure: Reason(failure.value) for failure in Failure}
 
 
 # Not frozen, though never modified once built: one is built on every Check, and a frozen
@@ -62,11 +83,15 @@ class Decision:
 
     allowed: bool
     reason: Reason
-    status: int  # HTTP status Envoy answers with (200 when allowed)
     description: str = ""
     route: Route | None = None
     claims: Claims | None = None
     dry_run: bool = False
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of the reason (200 when allowed; a dry-run allow keeps the denial's)."""
+        return REASONS[self.reason].http_status
 
     @property
     def route_label(self) -> str:
@@ -78,21 +103,20 @@ class Decision:
         return "dry_run_deny" if self.dry_run else "allow" if self.allowed else "deny"
 
 
-def deny(reason: Reason, status: int, description: str, route: Route | None = None) -> Decision:
-    return Decision(False, reason, status, description, route)
+def deny(reason: Reason, description: str, route: Route | None = None) -> Decision:
+    return Decision(False, reason, description, route)
 
 
 async def decide(request: HttpRequest, policy: Policy, verifier: TokenVerifier) -> Decision:
     """Decide one request: route, then credentials, then scopes."""
     route = policy.match(request.method, request.segments)
     if route is None:
-        return deny(Reason.NO_ROUTE, 403, "no route matches this request")
+        return deny(Reason.NO_ROUTE, "no route matches this request")
     if route.public:
-        return Decision(True, Reason.PUBLIC, 200, route=route)
+        return Decision(True, Reason.PUBLIC, route=route)
     decision = await _authorize(request, route, policy, verifier)
-    if not decision.allowed and route.mode is Mode.DRY_RUN and decision.status != 503:
-        return Decision(True, decision.reason, decision.status, decision.description, route,
-                        decision.claims, dry_run=True)
+    if not decision.allowed and route.mode is Mode.DRY_RUN and decision.reason is not Reason.KEYS_UNAVAILABLE:
+        return Decision(True, decision.reason, decision.description, route, decision.claims, dry_run=True)
     return decision
 
 
@@ -103,11 +127,10 @@ async def _authorize(request: HttpRequest, route: Route, policy: Policy, verifie
         if claims is None:
             token = bearer_token(request.authorization)
             if token is None:
-                return deny(Reason.MISSING_TOKEN, 401, "no bearer token", route)
+                return deny(Reason.MISSING_TOKEN, "no bearer token", route)
             claims = await verifier.verify_uncached(token, policy)
     except TokenError as exc:
-        reason, status = _TOKEN_FAILURES[exc.failure]
-        return deny(reason, status, exc.description, route)
+        return deny(_TOKEN_FAILURES[exc.failure], exc.description, route)
     if route.scopes.isdisjoint(claims.scopes):
-        return Decision(False, Reason.INSUFFICIENT_SCOPE, 403, "token lacks a required scope", route, claims)
-    return Decision(True, Reason.ALLOWED, 200, "", route, claims)
+        return Decision(False, Reason.INSUFFICIENT_SCOPE, "token lacks a required scope", route, claims)
+    return Decision(True, Reason.ALLOWED, "", route, claims)

@@ -2,7 +2,7 @@
 
 Why: the people editing the policy need to see the service's real behaviour, not a description
 of it. The route comes from ``Policy.match``, the decision from ``decide`` and the answer from
-``Renderer`` (via ``simulate.run_check``); a real token is verified by the real TokenVerifier
+the Check pipeline (``simulate.run_check``); a real token is verified by the real TokenVerifier
 with keys fetched by the real JwksCache. This module only gathers and prints.
 """
 
@@ -20,11 +20,12 @@ import aiohttp
 import jwt
 from prometheus_client import CollectorRegistry
 
-from ._proto.envoy.service.auth.v3 import external_auth_pb2
-from .jwks import JwksCache, JwksSettings
+from .config import JwksSettings
+from .jwks import JwksCache
 from .metrics import Metrics
 from .policy import Issuer, Policy, Route, load_policy_file, pattern_matches, PolicyError
 from .request import BadRequest, normalized_path, path_segments
+from .response import Answer
 from .simulate import Outcome, Simulator, run_check
 from .tokens import Failure, TokenError, TokenVerifier
 
@@ -79,7 +80,7 @@ class Explanation:
                 "status": decision.status,
                 "description": decision.description,
             },
-            "response": envoy_answer(self.outcome.response) if self.outcome else None,
+            "response": envoy_answer(self.outcome.answer) if self.outcome else None,
         }
 
 
@@ -90,23 +91,21 @@ def _route_dict(route: Route | None) -> dict[str, Any] | None:
             "methods": sorted(route.methods) if route.methods is not None else None, "mode": route.mode.value}
 
 
-def envoy_answer(response: external_auth_pb2.CheckResponse) -> dict[str, Any]:
-    """What Envoy does with a CheckResponse: the denial it sends, or what it changes upstream."""
-    if response.HasField("denied_response"):
-        denied = response.denied_response
+def envoy_answer(answer: Answer) -> dict[str, Any]:
+    """What Envoy does with an answer: the denial it sends, or what it changes upstream."""
+    if not answer.allowed:
         return {
             "allowed": False,
-            "grpc_status": response.status.code,
-            "status": int(denied.status.code),
-            "headers": [[h.header.key, h.header.value] for h in denied.headers],
-            "body": denied.body,
+            "grpc_status": answer.grpc_code,
+            "status": answer.status,
+            "headers": [list(h) for h in answer.headers],
+            "body": answer.body,
         }
-    ok = response.ok_response
     return {
         "allowed": True,
-        "grpc_status": response.status.code,
-        "upstream_headers_set": [[h.header.key, h.header.value] for h in ok.headers],
-        "upstream_headers_removed": list(ok.headers_to_remove),
+        "grpc_status": answer.grpc_code,
+        "upstream_headers_set": [list(h) for h in answer.headers],
+        "upstream_headers_removed": list(answer.remove),
     }
 
 

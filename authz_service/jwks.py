@@ -14,11 +14,11 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import aiohttp
 from jwt.api_jwk import PyJWK
 
+from .config import JwksSettings
 from .metrics import Metrics
 from .policy import Issuer
 
@@ -29,16 +29,6 @@ MIN_RSA_BITS = 2048
 
 class JwksError(Exception):
     """A JWKS document we refuse; the message says why (logged, counted, keys kept)."""
-
-
-@dataclass(frozen=True, slots=True)
-class JwksSettings:
-    refresh_interval: float = 900.0  # seconds between routine refreshes (jittered +-10%)
-    timeout: float = 3.0  # total time for one fetch
-    max_bytes: int = 512 * 1024  # Cognito's JWKS is ~1 KB; a huge document is refused
-    unknown_kid_cooldown: float = 10.0  # at most one unknown-kid fetch per issuer per this period
-    retry_min: float = 1.0  # backoff after a failed fetch, doubling up to retry_max
-    retry_max: float = 60.0
 
 
 def parse_jwks(document: bytes) -> dict[str, PyJWK]:

@@ -1,4 +1,8 @@
-"""Envoy CheckRequest -> the few HTTP facts a decision needs.
+"""The original HTTP request, as every front door hands it to the decision: the few facts it needs.
+
+Front doors (``ext_authz_grpc``: Envoy's CheckRequest; ``ext_authz_http``: Envoy's HTTP
+authorization request) only extract the method, request target and headers; the rules for them
+live here, once, so both doors accept and refuse exactly the same requests.
 
 The path rule (README "Security model"): Envoy normalizes paths with the hardened settings in
 envoy/envoy.yaml, and this module refuses (400) any path that is not already in normal form, so
@@ -7,10 +11,8 @@ segments, '//' , backslashes, ';' path parameters, control or non-ASCII characte
 percent-escapes, percent-encoded unreserved characters, '/', '\\', '%' or controls, and escaped
 bytes that are not valid UTF-8 (overlong forms).
 
-Headers: Envoy sends the ``headers`` map (keys lower-cased, as the ext_authz API guarantees;
-repeated headers comma-joined) or, with ``encode_raw_headers``, ``header_map`` (one entry per
-line). A method or URL override header is refused (400); a client-sent copy of an identity header,
-in any '-'/'_' spelling, is reported so the response strips it.
+Headers: a method or URL override header is refused (400); a client-sent copy of an identity
+header, in any '-'/'_' spelling, is reported so the response strips it.
 """
 
 from __future__ import annotations
@@ -19,9 +21,6 @@ import re
 import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
-
-from ._proto.envoy.service.auth.v3 import external_auth_pb2
 
 MAX_PATH_LENGTH = 8192
 IDENTITY_HEADERS = ("x-auth-client-id", "x-auth-scopes", "x-auth-sub")
@@ -40,9 +39,9 @@ def _spellings(name: str) -> set[str]:
     return {head + s + rest for s in "-_" for rest in _spellings(tail)}
 
 
-# Every lower-case spelling of an identity or override header: parse_check_request screens the
-# header names against it with one set operation and looks closer only on a hit.
-_SPECIAL_NAMES = frozenset().union(*(_spellings(n) for n in (*IDENTITY_HEADERS, *_OVERRIDES)))
+# Every lower-case spelling of an identity or override header: front doors screen the header names
+# against it with one set operation and look closer (``special_names``) only on a hit.
+SPECIAL_NAMES = frozenset().union(*(_spellings(n) for n in (*IDENTITY_HEADERS, *_OVERRIDES)))
 
 # An RFC 9110 token without lower-case letters. Methods are case-sensitive (RFC 9110 9.1) and the
 # policy names them in upper case, but frameworks (Flask, Express...) upper-case what they receive,
@@ -79,7 +78,7 @@ def _remember(memo: dict, key: str, value: object = True) -> None:
 
 
 class BadRequest(Exception):
-    """A CheckRequest we cannot decide on safely; the message is safe to return to the client."""
+    """A request we cannot decide on safely; the message is safe to return to the client."""
 
 
 @dataclass(slots=True)  # not frozen: built on every Check, and frozen costs ~0.8 us more (see Decision)
@@ -94,44 +93,31 @@ class HttpRequest:
     spoofed_identity_headers: tuple[str, ...]  # client-sent names that spell one of ours
 
 
-def parse_check_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
-    """Extract and validate the HTTP attributes; BadRequest when anything is missing or unsafe."""
-    http = check.attributes.request.http  # absent messages read as empty: diagnosed below
-    method = http.method
+def checked_method(method: str) -> str:
+    """``method`` when it is an upper-case RFC 9110 token; BadRequest otherwise."""
     if method not in _GOOD_METHODS:
-        if not check.HasField("attributes") or not check.attributes.HasField("request"):
-            raise BadRequest("no request attributes")
-        if not check.attributes.request.HasField("http"):
-            raise BadRequest("no HTTP attributes")
         if not _METHOD.match(method):
             raise BadRequest("missing or invalid method (an upper-case RFC 9110 token, e.g. GET)")
         _remember(_GOOD_METHODS, method)
-    target = http.path
+    return method
+
+
+def path_and_segments(target: str) -> tuple[str, tuple[str, ...]]:
+    """The normal-form path of a request target and its segments (see ``normalized_path``)."""
     known = _GOOD_PATHS.get(target)
     if known is None:
         path = normalized_path(target)
         known = (path, path_segments(path))
         if len(target) <= _MEMO_MAX_TARGET:
             _remember(_GOOD_PATHS, target, known)
-    if http.HasField("header_map") and http.header_map.headers:
-        authorization, request_id, spoofed = _raw_headers(http.header_map.headers)
-    else:
-        # The `headers` map: keys are lower-cased by Envoy (ext_authz API contract), repeated
-        # headers are joined with ','. Look up the two we read; scan names only when one of the
-        # spellings we refuse or strip is present (one C-level set operation in the common case).
-        headers = http.headers
-        value = headers.get("authorization")
-        authorization = (value,) if value is not None else ()
-        request_id = headers.get("x-request-id", "")[:128]
-        spoofed = () if _SPECIAL_NAMES.isdisjoint(headers) else _special_names(headers)
-    return HttpRequest(method, known[0], known[1], authorization, request_id, spoofed)
+    return known
 
 
-def _special_names(names: Iterable[str]) -> tuple[str, ...]:
+def special_names(names: Iterable[str]) -> tuple[str, ...]:
     """The identity-header spellings among ``names`` (lower-case); BadRequest on an override header."""
     spoofed = []
     for name in names:
-        if name in _SPECIAL_NAMES:
+        if name in SPECIAL_NAMES:
             dashed = name.replace("_", "-")
             if dashed in _IDENTITY_SPELLINGS:
                 spoofed.append(name)
@@ -140,24 +126,10 @@ def _special_names(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(spoofed)
 
 
-def _raw_headers(entries: Any) -> tuple[tuple[str, ...], str, tuple[str, ...]]:
-    # With encode_raw_headers Envoy sends `header_map`: one entry per header line, bytes values.
-    authorization: list[str] = []
-    names: list[str] = []
-    request_id = ""
-    for entry in entries:
-        raw = entry.raw_value if entry.raw_value else entry.value.encode()
-        try:
-            value = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadRequest(f"header {entry.key[:64]!r} is not UTF-8") from None
-        name = entry.key.lower()
-        names.append(name)
-        if name == "authorization":
-            authorization.append(value)
-        elif name == "x-request-id":
-            request_id = value[:128]
-    return tuple(authorization), request_id, _special_names(names)
+def identity_and_override_spellings() -> tuple[str, ...]:
+    """Every '-'/'_' spelling of every identity and override header name, sorted: what must never
+    reach the app from the client (the HTTP front door tells Envoy to strip them all)."""
+    return tuple(sorted(SPECIAL_NAMES))
 
 
 def _has_method_override(query: str) -> bool:

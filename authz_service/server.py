@@ -1,7 +1,7 @@
-"""The running service: the ext_authz gRPC server plus the HTTP health/metrics server.
+"""The running service: the front doors (ext_authz gRPC, optionally HTTP) and the admin server.
 
-One path per Check: ``request.parse_check_request`` -> ``decision.decide`` ->
-``response.Renderer.render``. Everything else here is lifecycle: start-up, readiness,
+Every Check takes one path, ``check.Checker`` (parse -> decide -> answer -> render -> count ->
+log), whichever front door it came through. Everything here is lifecycle: start-up, readiness,
 policy reloads, JWKS refreshers and graceful shutdown.
 """
 
@@ -18,78 +18,26 @@ from typing import Any, TypeVar
 
 import aiohttp
 import grpc
-from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import gc_collector, platform_collector, process_collector
 
-from ._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from ._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
+from .admin import AdminServer, CachedExposition
+from .check import Checker
 from .config import Settings
-from .decision import Decision, Reason, decide, deny
+from .ext_authz_grpc import SERVICE_NAME, AuthorizationServicer
 from .jwks import JwksCache
 from .metrics import Metrics
 from .policy import Policy, load_policy_file
 from .reloader import PolicyReloader
-from .request import BadRequest, HttpRequest, parse_check_request
-from .response import Renderer
+from .response import Answers
 from .tokencache import TokenCache
 from .tokens import TokenVerifier
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-AUTHZ_SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 METRICS_FLUSH_INTERVAL = 1.0  # seconds; see metrics.PerCheck
-
-
-class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
-    """Envoy's Authorization/Check. Never raises: every failure becomes a deny."""
-
-    def __init__(self, reloader: PolicyReloader, verifier: TokenVerifier, renderer: Renderer, metrics: Metrics) -> None:
-        self._reloader = reloader
-        self._verifier = verifier
-        self._renderer = renderer
-        self._per_check = metrics.per_check
-
-    async def Check(  # noqa: N802 - gRPC method name
-        self, request: external_auth_pb2.CheckRequest, context: Any
-    ) -> external_auth_pb2.CheckResponse:
-        started = time.perf_counter()
-        http: HttpRequest | None = None
-        try:
-            http = parse_check_request(request)
-            decision = await decide(http, self._reloader.policy, self._verifier)
-        except BadRequest as exc:
-            decision = deny(Reason.BAD_REQUEST, 400, str(exc))
-        except Exception:  # noqa: BLE001 - fail closed on any bug, and say so loudly
-            log.exception("check failed; denying")
-            decision = deny(Reason.INTERNAL_ERROR, 500, "internal error")
-        response = self._renderer.render(decision, http)
-        self._per_check.check((decision.kind, decision.reason.value, decision.route_label, decision.status),
-                              time.perf_counter() - started)
-        self._log(decision, http)
-        return response
-
-    def _log(self, decision: Decision, http: HttpRequest | None) -> None:
-        if decision.allowed and not decision.dry_run:
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("allow", extra=_log_fields(decision, http))
-            return
-        log.info("dry-run deny" if decision.dry_run else "deny", extra=_log_fields(decision, http))
-
-
-def _log_fields(decision: Decision, http: HttpRequest | None) -> dict[str, object]:
-    # Never the token, never the query string (it may carry secrets).
-    return {
-        "decision": "allow" if decision.allowed else "deny",
-        "reason": decision.reason.value,
-        "status": decision.status,
-        "route": decision.route_label,
-        "description": decision.description,
-        "client_id": decision.claims.client_id if decision.claims else None,
-        "method": http.method if http else None,
-        "path": http.path if http else None,
-        "request_id": http.request_id if http else None,
-    }
 
 
 class Service:
@@ -135,26 +83,33 @@ class Service:
         self.reloader = PolicyReloader(self.settings.policy, policy, self.metrics, on_change=self._policy_changed)
         self.metrics.policy_loaded(len(policy.routes), policy.sha256)
         verifier = TokenVerifier(self.jwks, leeway=self.settings.leeway, cache=self.token_cache)
-        servicer = AuthorizationServicer(self.reloader, verifier, Renderer(self.settings.realm), self.metrics)
+        self.checker = Checker(self.reloader, verifier, Answers(self.settings.realm), self.metrics.per_check)
 
         self._health = health.aio.HealthServicer()
         # One process: SO_REUSEPORT off, so a port already in use is an error, not a silent share.
         # Workers share the port the parent reserved (workers.reserve_port keeps that guarantee).
-        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.worker else 0)])
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, self._grpc)
+        self._grpc = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 1 if self.worker else 0),
+            ("grpc.max_receive_message_length", self.settings.max_request_bytes),
+        ])
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(self.checker), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        self.grpc_port = self._grpc.add_insecure_port(f"{_host(self.settings.grpc_host)}:{self.settings.grpc_port}")
+        address = f"{_host(self.settings.grpc_host)}:{self.settings.grpc_port}"
+        try:
+            self.grpc_port = self._grpc.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises (it no longer returns 0) when the address cannot be bound
+            self.grpc_port = 0
         if self.grpc_port == 0:
-            raise OSError(f"cannot bind gRPC port {self.settings.grpc_host}:{self.settings.grpc_port}")
+            await self._grpc.stop(None)
+            raise OSError(f"cannot bind the gRPC port {self.settings.grpc_host}:{self.settings.grpc_port} "
+                          "(in use, or not an address of this host): set --grpc-port / AUTHZ_GRPC_PORT")
         await self._grpc.start()
 
-        self._http: web.AppRunner | None = None
+        self._admin: AdminServer | None = None
         if not self.worker:
-            self._http = web.AppRunner(self._admin_app(), access_log=None)
-            await self._http.setup()
-            site = web.TCPSite(self._http, self.settings.http_host, self.settings.http_port)
-            await site.start()
-            self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            exposition = CachedExposition(self._exposition, self.settings.metrics_min_interval)
+            self._admin = AdminServer(self._readiness, exposition)
+            self.http_port = await self._admin.start(self.settings.http_host, self.settings.http_port)
 
         self._tasks.append(asyncio.create_task(self.reloader.watch(self.settings.policy_poll_interval)))
         self._tasks.append(asyncio.create_task(self._track_readiness()))
@@ -182,7 +137,7 @@ class Service:
         if self._on_ready is not None:
             self._on_ready(ready)
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", AUTHZ_SERVICE_NAME):
+        for name in ("", SERVICE_NAME):
             await self._health.set(name, status)
 
     async def _track_readiness(self) -> None:
@@ -202,27 +157,16 @@ class Service:
             await asyncio.sleep(METRICS_FLUSH_INTERVAL)
             self.metrics.per_check.flush()
 
-    def _admin_app(self) -> web.Application:
-        async def healthz(_: web.Request) -> web.Response:
-            return web.json_response({"status": "alive"})
+    def _readiness(self) -> tuple[bool, dict[str, object]]:
+        policy = self.reloader.policy
+        return self.ready(), {
+            "policy": {"sha256": policy.sha256, "routes": len(policy.routes),
+                       "last_reload_error": self.reloader.last_error},
+            "issuers": self.jwks.status(),
+        }
 
-        async def readyz(_: web.Request) -> web.Response:
-            body = {
-                "ready": self.ready(),
-                "policy": {"sha256": self.reloader.policy.sha256, "routes": len(self.reloader.policy.routes),
-                           "last_reload_error": self.reloader.last_error},
-                "issuers": self.jwks.status(),
-            }
-            return web.json_response(body, status=200 if body["ready"] else 503)
-
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        app = web.Application()
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
-        app.router.add_get("/metrics", metrics)
-        return app
+    async def _exposition(self) -> bytes:
+        return generate_latest(self.registry)
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -241,8 +185,8 @@ class Service:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.metrics.per_check.flush()  # the drained Checks count too
         await self.jwks.close()
-        if self._http is not None:
-            await self._http.cleanup()
+        if self._admin is not None:
+            await self._admin.stop()
         await self._session.close()
 
 

@@ -1,7 +1,7 @@
-"""Run one request through the real request -> decision -> response path, outside the server.
+"""Run one request through the real Check pipeline, outside the server.
 
-Why: `explain` and `test` must show what the service would do, so they use the same parser
-(``parse_check_request``), the same ``decide`` and the same ``Renderer``; nothing here decides.
+Why: `explain` and `test` must show what the service would do, so they send a real CheckRequest
+through the same ``check.Checker`` the front doors use; nothing here decides.
 With ``--scopes`` instead of a real token, a token is minted and signed with a throw-away RSA
 key that only this process trusts, so the real TokenVerifier (issuer, client allow-list, scopes)
 checks it: the simulation covers the policy, not Cognito's crypto.
@@ -19,10 +19,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.api_jwk import PyJWK
 
 from ._proto.envoy.service.auth.v3 import external_auth_pb2
-from .decision import Decision, Reason, decide, deny
+from .check import Checker
+from .decision import Decision
+from .ext_authz_grpc import parse_check_request
 from .policy import Issuer, Policy
-from .request import BadRequest, HttpRequest, parse_check_request
-from .response import Renderer
+from .response import Answer, Answers
 from .tokens import KeySource, TokenVerifier
 
 SIMULATED_KID = "authz-service-simulated"
@@ -31,11 +32,10 @@ DEFAULT_CLIENT_ID = "simulated-client"
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """A decision and the exact CheckResponse Envoy would get for it."""
+    """The exact answer Envoy would get, and the decision behind it (built by Checker.check)."""
 
+    answer: Answer
     decision: Decision
-    request: HttpRequest | None
-    response: external_auth_pb2.CheckResponse
 
 
 def check_request(method: str, path: str, headers: dict[str, str]) -> external_auth_pb2.CheckRequest:
@@ -49,18 +49,18 @@ def check_request(method: str, path: str, headers: dict[str, str]) -> external_a
     return check
 
 
+class _FixedPolicy:
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+
 async def run_check(
     policy: Policy, verifier: TokenVerifier, method: str, path: str, token: str | None, realm: str = "authz-service"
 ) -> Outcome:
-    """What the server's Check does for one request (parse -> decide -> render), minus metrics and logs."""
+    """What the service answers one request (the Check pipeline, without metrics)."""
     headers = {"authorization": f"Bearer {token}"} if token is not None else {}
-    http: HttpRequest | None = None
-    try:
-        http = parse_check_request(check_request(method, path, headers))
-        decision = await decide(http, policy, verifier)
-    except BadRequest as exc:
-        decision = deny(Reason.BAD_REQUEST, 400, str(exc))
-    return Outcome(decision, http, Renderer(realm).render(decision, http))
+    checker = Checker(_FixedPolicy(policy), verifier, Answers(realm))
+    return await checker.check(parse_check_request, check_request(method, path, headers), Outcome)
 
 
 class _SimulatedKeys(KeySource):

@@ -173,7 +173,7 @@ class Supervisor:
             await self._watch(worker_settings)
             log.info("shutting down", extra={"workers": len(self._workers)})
             await self._stop_workers()
-            await self._http.cleanup()
+            await self._http.stop()
             return 0
         finally:
             if self._reservation is not None:
@@ -246,36 +246,24 @@ class Supervisor:
     # --- HTTP: health and the aggregated metrics ---------------------------------------------------
 
     async def _serve_http(self) -> None:
-        from aiohttp import web
-        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+        from .admin import AdminServer, CachedExposition
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)
 
-        async def healthz(_: web.Request) -> web.Response:
-            return web.json_response({"status": "alive"})
+        async def exposition() -> bytes:
+            # Reading every worker's files takes a while: off the event loop.
+            return await asyncio.get_running_loop().run_in_executor(None, generate_latest, registry)
 
-        async def readyz(_: web.Request) -> web.Response:
-            ready = self.ready()
-            return web.json_response({"ready": ready, "workers": self.status()}, status=200 if ready else 503)
-
-        async def metrics(_: web.Request) -> web.Response:
-            body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, registry)
-            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        app = web.Application()
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
-        app.router.add_get("/metrics", metrics)
-        self._http = web.AppRunner(app, access_log=None)
-        await self._http.setup()
-        site = web.TCPSite(self._http, self.settings.http_host, self.settings.http_port)
+        self._http = AdminServer(lambda: (self.ready(), {"workers": self.status()}),
+                                 CachedExposition(exposition, self.settings.metrics_min_interval))
         try:
-            await site.start()
+            self.http_port = await self._http.start(self.settings.http_host, self.settings.http_port)
         except OSError:
             await self._stop_workers()
             raise
-        self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
 async def supervise(settings: Settings) -> int:

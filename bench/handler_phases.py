@@ -2,9 +2,10 @@
 
 Why: a loop that calls the handler back to back flatters it (~9 us: everything stays in the CPU
 caches); under load grpc's C core, the event loop and the kernel run between two Checks, and the
-same handler costs ~3x that. This starts the real service (its CLI) with the Check handler
-wrapped in timers, drives it like `make bench` row 4 (through Envoy with wrk, or --direct with
-h2load), and prints the mean time per phase and the handler's thread CPU per Check.
+same handler costs ~3x that. This starts the real service (its CLI) with the steps of the Check
+pipeline (check.Checker) wrapped in timers, drives it like `make bench` row 4 (through Envoy with
+wrk, or --direct with h2load), and prints the mean time per phase and the handler's thread CPU
+per Check.
 
     .venv/bin/python bench/handler_phases.py [--duration 8] [--direct]
 """
@@ -20,48 +21,60 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-PHASES = ("parse", "decide", "render", "metrics", "log")
+PHASES = ("parse", "decide", "answer", "render", "metrics", "log")
 
 
 def serve_instrumented(argv: list[str]) -> int:
-    """The service's CLI with AuthorizationServicer.Check replaced by a timed copy of itself."""
-    from authz_service import server
+    """The service's CLI with each step of check.Checker timed (the pipeline itself is not copied:
+    its steps are wrapped where Checker calls them)."""
+    from authz_service.check import Checker
     from authz_service.cli import main
-    from authz_service.decision import Reason, decide, deny
-    from authz_service.request import BadRequest, parse_check_request
 
-    totals = [0.0] * (len(PHASES) + 1)
+    totals = dict.fromkeys((*PHASES, "cpu"), 0.0)
     count = [0]
     clock, cpu = time.perf_counter, time.thread_time
 
-    async def check(self, request, context):  # the same steps as server.AuthorizationServicer.Check
-        c0, t0 = cpu(), clock()
-        http = None
+    def timed(name, step):
+        def wrapper(*args):
+            t0 = clock()
+            try:
+                return step(*args)
+            finally:
+                totals[name] += clock() - t0
+        return wrapper
+
+    def timed_async(name, step):
+        async def wrapper(*args):
+            t0 = clock()
+            try:
+                return await step(*args)
+            finally:
+                totals[name] += clock() - t0
+        return wrapper
+
+    original_init, original_check = Checker.__init__, Checker.check
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.decide = timed_async("decide", self.decide)
+        self.answers.answer = timed("answer", self.answers.answer)
+        self.counter.check = timed("metrics", self.counter.check)
+        self.log = timed("log", self.log)
+
+    async def check(self, parse, raw, render):
+        c0 = cpu()
         try:
-            http = parse_check_request(request)
-            t1 = clock()
-            decision = await decide(http, self._reloader.policy, self._verifier)
-        except BadRequest as exc:
-            t1 = clock()
-            decision = deny(Reason.BAD_REQUEST, 400, str(exc))
-        t2 = clock()
-        response = self._renderer.render(decision, http)
-        t3 = clock()
-        self._per_check.check((decision.kind, decision.reason.value, decision.route_label, decision.status), t3 - t0)
-        t4 = clock()
-        self._log(decision, http)
-        t5 = clock()
-        for i, span in enumerate((t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, cpu() - c0)):
-            totals[i] += span
-        count[0] += 1
-        return response
+            return await original_check(self, timed("parse", parse), raw, timed("render", render))
+        finally:
+            totals["cpu"] += cpu() - c0
+            count[0] += 1
 
     def report() -> None:
         n = max(1, count[0])
-        fields = " ".join(f"{name}={totals[i] / n * 1e6:.2f}" for i, name in enumerate(PHASES))
-        print(f"PHASES n={count[0]} {fields} cpu={totals[-1] / n * 1e6:.2f}", flush=True)
+        fields = " ".join(f"{name}={value / n * 1e6:.2f}" for name, value in totals.items())
+        print(f"PHASES n={count[0]} {fields}", flush=True)
 
-    server.AuthorizationServicer.Check = check
+    Checker.__init__, Checker.check = init, check
     atexit.register(report)
     return main(argv)
 

@@ -121,7 +121,7 @@ async def run(request: HttpRequest, outcome: Claims | TokenError | None = None, 
 async def test_valid_token_with_one_required_scope_is_allowed():
     token_claims = claims("tx/admin", "other")
     decision, verifier = await run(req("POST", "/tx", "Bearer tok.en.x"), token_claims)
-    assert decision == Decision(True, Reason.ALLOWED, 200, route=POLICY.routes[0], claims=token_claims)
+    assert decision == Decision(True, Reason.ALLOWED, route=POLICY.routes[0], claims=token_claims)
     assert decision.route_label == "write"
     assert verifier.calls == [("tok.en.x", POLICY)]
 
@@ -308,3 +308,33 @@ def test_bearer_token_refuses_malformed_headers(values):
     with pytest.raises(TokenError) as caught:
         bearer_token(values)
     assert caught.value.failure is Failure.BAD_REQUEST
+
+
+# --- the one table of how each reason is answered ---------------------------------------------------
+
+
+def test_every_reason_has_one_outcome():
+    from authz_service.decision import REASONS
+
+    assert set(REASONS) == set(Reason), f"missing from REASONS: {set(Reason) - set(REASONS)}"
+
+
+def test_outcomes_agree_with_http_and_grpc_semantics():
+    from authz_service.decision import REASONS
+
+    for reason, outcome in REASONS.items():
+        allowing = reason in (Reason.ALLOWED, Reason.PUBLIC)
+        assert (outcome.http_status == 200) == allowing == (outcome.grpc_code == 0), reason
+        assert outcome.oauth_error is None or outcome.http_status in (400, 401, 403, 500, 503), reason
+        # google.rpc.Code values Envoy sees: UNAUTHENTICATED for 401, PERMISSION_DENIED for 403, ...
+        expected_grpc = {200: 0, 400: 3, 401: 16, 403: 7, 500: 13, 503: 14}[outcome.http_status]
+        assert outcome.grpc_code == expected_grpc, reason
+
+
+def test_every_token_failure_is_a_reason_answered_401_400_or_503():
+    from authz_service.decision import REASONS, _TOKEN_FAILURES
+
+    assert set(_TOKEN_FAILURES) == set(Failure)
+    for failure, reason in _TOKEN_FAILURES.items():
+        assert reason.value == failure.value
+        assert REASONS[reason].http_status in (400, 401, 503), failure

@@ -25,8 +25,9 @@ from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2
 from authz_service.metrics import Metrics
 from authz_service.policy import Policy, PolicyError, parse_policy
 from authz_service.request import BadRequest, normalized_path
-from authz_service.response import Renderer
-from authz_service.server import AuthorizationServicer
+from authz_service.check import Checker
+from authz_service.ext_authz_grpc import AuthorizationServicer
+from authz_service.response import Answers
 from authz_service.tokens import TokenVerifier
 
 from .conftest import ISSUER, SigningKey, make_key
@@ -36,7 +37,7 @@ FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCh
 SEGMENTS = ["a", "b", "admin", "pay", "A", ".", "..", "%2e%2e", "%2E", "%2f", "%5C", "%41", "%20", "%c0%ae", "%",
             "%zz", ";x", "..;", "", "\\", "\x00", "\t", "é", " ", "a?b", "a#b", "~", "-", "{x}", "**", "*"]
 SCOPES = ["s1", "s2", "s3"]
-METHODS = ["GET", "POST", "PUT", "DELETE"]
+METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "get"]
 
 _KEY: SigningKey | None = None
 
@@ -126,8 +127,11 @@ def reference_grants(routes: list[dict], method: str, raw_path: str, scopes: set
     """True if *some* route matching this request would let it through (public, or a held scope)."""
     path = raw_path.split("?", 1)[0].split("#", 1)[0]
     for route in routes:
-        if "methods" in route and method not in route["methods"]:
+        listed = route.get("methods")
+        if listed is not None and method not in listed and not (method == "HEAD" and "GET" in listed):
             continue
+        if method != method.upper():
+            continue  # methods are upper-case tokens: anything else is refused
         if not reference_regex(route["path"]).match(path):
             continue
         if route.get("public") or (scopes is not None and set(route["scopes"]) & scopes):
@@ -162,6 +166,13 @@ def make_token(kind: str, scopes: list[str]) -> str | None:
     return None
 
 
+def grpc_servicer(policy: Policy) -> AuthorizationServicer:
+    """The gRPC front door over the real Check pipeline, with this policy and the fuzz key."""
+    checker = Checker(Holder(policy), TokenVerifier(StaticKeys(signing_key())), Answers("fuzz"),
+                      Metrics(CollectorRegistry()).per_check)
+    return AuthorizationServicer(checker)
+
+
 @FUZZ
 @given(specs=route_specs, method=st.sampled_from(METHODS),
        segments=st.lists(st.sampled_from(SEGMENTS), max_size=4), query=st.sampled_from(["", "?x=/../admin", "#f"]),
@@ -172,8 +183,7 @@ def test_check_never_crashes_and_never_allows_what_the_policy_does_not_grant(
     if built is None:
         return
     policy, routes = built
-    servicer = AuthorizationServicer(Holder(policy), TokenVerifier(StaticKeys(signing_key())), Renderer("fuzz"),
-                                     Metrics(CollectorRegistry()))
+    servicer = grpc_servicer(policy)
     raw_path = "/" + "/".join(segments) + query
     kind, scopes = token
     bearer = make_token(kind, scopes)
@@ -281,8 +291,7 @@ def test_the_fuzz_harness_can_allow_and_deny() -> None:
     built = build_policy([(["pay", "{p}"], False, ["POST"], ["s1"]), (["a"], True, None, None)])
     assert built is not None
     policy, routes = built
-    servicer = AuthorizationServicer(Holder(policy), TokenVerifier(StaticKeys(signing_key())), Renderer("fuzz"),
-                                     Metrics(CollectorRegistry()))
+    servicer = grpc_servicer(policy)
     outcomes = []
     for method, path, scope in [("POST", "/pay/7", "s1"), ("POST", "/pay/7", "s2"), ("GET", "/a/b/c", None),
                                 ("GET", "/pay/7", "s1")]:

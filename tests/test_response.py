@@ -1,4 +1,5 @@
-"""Renderer: Decision -> Envoy CheckResponse (RFC 6750 challenges, identity headers, no token leaks)."""
+"""Answers (Decision -> neutral Answer) rendered by the gRPC front door as Envoy CheckResponses
+(RFC 6750 challenges, identity headers, no token leaks)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from authz_service._proto.envoy.config.core.v3 import base_pb2
 from authz_service.decision import Decision, Reason, decide
 from authz_service.policy import parse_policy
 from authz_service.request import HttpRequest
-from authz_service.response import Renderer
+from authz_service.ext_authz_grpc import check_response
+from authz_service.response import Answers
 from authz_service.tokens import Claims, Failure, TokenError
 
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -61,11 +63,13 @@ def headers_of(options) -> dict[str, str]:
 
 
 def render(decision: Decision, req: HttpRequest | None = None, realm: str = "my-realm"):
-    return Renderer(realm).render(decision, req if req is not None else request())
+    return check_response(Answers(realm).answer(decision, req if req is not None else request()))
 
 
 def deny(reason: Reason, status: int, description: str = "", route=WRITE) -> Decision:
-    return Decision(False, reason, status, description, route)
+    decision = Decision(False, reason, description, route)
+    assert decision.status == status, "the status every reason is answered with"
+    return decision
 
 
 def challenge_params(value: str) -> dict[str, str]:
@@ -160,16 +164,16 @@ def test_description_is_made_safe_for_the_quoted_challenge():
 
 
 def test_realm_is_sanitized():
-    response = Renderer('a "quoted" \\realm').render(deny(Reason.MISSING_TOKEN, 401), request())
+    response = render(deny(Reason.MISSING_TOKEN, 401), realm='a "quoted" \\realm')
     _, headers, _ = denial_parts(response)
     assert challenge_params(headers["www-authenticate"]) == {"realm": "a quoted realm"}
 
 
 def test_cached_denials_stay_distinct():
-    renderer = Renderer("r")
-    first = renderer.render(deny(Reason.EXPIRED, 401, "token expired"), request())
-    second = renderer.render(deny(Reason.EXPIRED, 401, "token expired"), request())
-    other = renderer.render(deny(Reason.EXPIRED, 401, "token not yet valid"), request())
+    answers = Answers("r")
+    first = check_response(answers.answer(deny(Reason.EXPIRED, 401, "token expired"), request()))
+    second = check_response(answers.answer(deny(Reason.EXPIRED, 401, "token expired"), request()))
+    other = check_response(answers.answer(deny(Reason.EXPIRED, 401, "token not yet valid"), request()))
     assert first == second
     assert json.loads(other.denied_response.body)["error_description"] == "token not yet valid"
 
@@ -186,7 +190,7 @@ def ok_parts(response):
 
 
 def test_allow_sets_identity_and_removes_spoofed_spellings():
-    decision = Decision(True, Reason.ALLOWED, 200, route=WRITE, claims=claims())
+    decision = Decision(True, Reason.ALLOWED, route=WRITE, claims=claims())
     headers, remove = ok_parts(render(decision, request("x_auth_client_id", "x-auth-sub", "x_auth_scopes")))
     assert headers == {"x-auth-client-id": "client-a", "x-auth-scopes": "tx/write other", "x-auth-sub": "sub-1"}
     assert set(remove) == {"x_auth_client_id", "x_auth_scopes"}
@@ -194,7 +198,7 @@ def test_allow_sets_identity_and_removes_spoofed_spellings():
 
 
 def test_allow_removes_identity_headers_it_does_not_set():
-    decision = Decision(True, Reason.ALLOWED, 200, route=WRITE, claims=claims(scope_text="", sub=""))
+    decision = Decision(True, Reason.ALLOWED, route=WRITE, claims=claims(scope_text="", sub=""))
     headers, remove = ok_parts(render(decision, request("x-auth-sub")))
     assert headers == {"x-auth-client-id": "client-a"}
     assert set(remove) == {"x-auth-scopes", "x-auth-sub"}
@@ -203,9 +207,9 @@ def test_allow_removes_identity_headers_it_does_not_set():
 @pytest.mark.parametrize(
     "decision",
     [
-        Decision(True, Reason.PUBLIC, 200, route=HEALTH),
-        Decision(True, Reason.MISSING_TOKEN, 401, "no bearer token", BETA, dry_run=True),
-        Decision(True, Reason.EXPIRED, 401, "token expired", BETA, dry_run=True),
+        Decision(True, Reason.PUBLIC, route=HEALTH),
+        Decision(True, Reason.MISSING_TOKEN, "no bearer token", BETA, dry_run=True),
+        Decision(True, Reason.EXPIRED, "token expired", BETA, dry_run=True),
     ],
     ids=["public", "dry-run-missing", "dry-run-expired"],
 )
@@ -217,12 +221,12 @@ def test_allows_without_verified_identity_set_nothing_and_remove_everything(deci
 
 
 def test_public_allow_without_request_removes_identity_headers():
-    headers, remove = ok_parts(Renderer("r").render(Decision(True, Reason.PUBLIC, 200, route=HEALTH), None))
+    headers, remove = ok_parts(check_response(Answers("r").answer(Decision(True, Reason.PUBLIC, route=HEALTH), None)))
     assert headers == {} and set(remove) == set(IDENTITY)
 
 
 def test_dry_run_insufficient_scope_forwards_the_verified_identity():
-    decision = Decision(True, Reason.INSUFFICIENT_SCOPE, 403, "lacks scope", BETA, claims(), dry_run=True)
+    decision = Decision(True, Reason.INSUFFICIENT_SCOPE, "lacks scope", BETA, claims(), dry_run=True)
     headers, remove = ok_parts(render(decision, request("x_auth_sub")))
     assert headers["x-auth-sub"] == "sub-1" and headers["x-auth-client-id"] == "client-a"
     assert remove == ["x_auth_sub"]
@@ -239,7 +243,7 @@ spelling = st.sampled_from(["x-auth-client-id", "x_auth_client_id", "x-auth_clie
 def test_allow_never_removes_what_it_sets_and_removes_everything_else(client_id, scope_text, sub, spoofed,
                                                                       has_claims):
     token_claims = claims(client_id, scope_text, sub) if has_claims else None
-    decision = Decision(True, Reason.ALLOWED if has_claims else Reason.PUBLIC, 200, route=WRITE, claims=token_claims)
+    decision = Decision(True, Reason.ALLOWED if has_claims else Reason.PUBLIC, route=WRITE, claims=token_claims)
     headers, remove = ok_parts(render(decision, request(*spoofed)))
     expected = {k: v for k, v in zip(IDENTITY, (client_id, scope_text, sub)) if v} if has_claims else {}
     assert headers == expected
@@ -280,7 +284,7 @@ async def test_token_never_appears_in_the_response(outcome, authorization, path)
     req = HttpRequest(method="POST", path=path, segments=(path[1:],), authorization=authorization,
                       request_id="rid", spoofed_identity_headers=())
     decision = await decide(req, POLICY, ScriptedVerifier(outcome))
-    response = Renderer("realm").render(decision, req)
+    response = check_response(Answers("realm").answer(decision, req))
     wire = response.SerializeToString()
     for fragment in ("TOKENHEADER", "TOKENPAYLOAD", "TOKENSIGNATURE"):
         assert fragment.encode() not in wire

@@ -159,7 +159,10 @@ def start_service(workdir: Path, policy: Path, *extra: str, env: dict[str, str] 
     grpc_port, http_port = free_port(), free_port()
     process = ManagedProcess(
         cli("serve", "--policy", str(policy), "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
-            "--http-host", "127.0.0.1", "--http-port", str(http_port), "--policy-poll-interval", "0.2", *extra),
+            "--http-host", "127.0.0.1", "--http-port", str(http_port), "--policy-poll-interval", "0.2",
+            # Tests read exact counters right after their requests: no reuse of a recent exposition
+            # (the default, 1 s, is covered by test_operations_e2e's scrape-flood test).
+            "--metrics-min-interval", "0", *extra),
         workdir,
         name="authz-service",
         env={**os.environ, **(env or {})},

@@ -1,0 +1,99 @@
+"""One Check, whatever the front door: parse -> decide -> answer -> render -> count -> log.
+
+Every front door (gRPC ``Check``, Envoy's HTTP authorization request) and every tool (simulate,
+explain, test, the bench's phase timer) runs requests through ``Checker.check``, so they can never
+disagree about a decision. It never raises: a request it cannot read is a 400, and an exception
+anywhere, the front door's own rendering included, becomes a logged 500 deny that is still counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+from .decision import Decision, Reason, decide, deny
+from .policy import Policy
+from .request import BadRequest, HttpRequest
+from .response import Answer, Answers
+from .tokens import TokenVerifier
+
+log = logging.getLogger("authz_service.server")
+Raw = TypeVar("Raw")
+Rendered = TypeVar("Rendered")
+_INTERNAL = "internal error"
+
+
+class PolicySource(Protocol):
+    """Where the policy in force is read, once per Check (policy.PolicyReloader in the service)."""
+
+    @property
+    def policy(self) -> Policy: ...
+
+
+class CheckCounter(Protocol):
+    """What every Check records (metrics.PerCheck in the service)."""
+
+    def check(self, key: tuple[str, str, str, int], seconds: float) -> None: ...
+
+
+class Checker:
+    """The decision pipeline shared by every front door; stateless apart from its collaborators."""
+
+    def __init__(self, policies: PolicySource, verifier: TokenVerifier, answers: Answers,
+                 counter: CheckCounter | None = None) -> None:
+        self.policies = policies
+        self.verifier = verifier
+        self.answers = answers
+        self.counter = counter
+        self.decide = decide  # attributes, so the bench's phase timer can wrap each step
+
+    async def check(self, parse: Callable[[Raw], HttpRequest], raw: Raw,
+                    render: Callable[[Answer, Decision], Rendered]) -> Rendered:
+        """Answer one request: ``parse`` reads the front door's request, ``render`` writes its reply
+        (front doors use only the answer; tools also read the decision)."""
+        started = time.perf_counter()
+        request: HttpRequest | None = None
+        try:
+            request = parse(raw)
+            decision = await self.decide(request, self.policies.policy, self.verifier)
+        except BadRequest as exc:
+            decision = deny(Reason.BAD_REQUEST, str(exc))
+        except Exception:  # noqa: BLE001 - fail closed on any bug, and say so loudly
+            log.exception("check failed; denying")
+            decision = deny(Reason.INTERNAL_ERROR, _INTERNAL)
+        try:
+            rendered = render(self.answers.answer(decision, request), decision)
+        except Exception:  # noqa: BLE001 - e.g. a value the protocol cannot carry: still a deny
+            log.exception("rendering the answer failed; denying")
+            decision = deny(Reason.INTERNAL_ERROR, _INTERNAL)
+            rendered = render(self.answers.answer(decision, None), decision)
+        if self.counter is not None:
+            self.counter.check((decision.kind, decision.reason.value, decision.route_label, decision.status),
+                               time.perf_counter() - started)
+        self.log(decision, request)
+        return rendered
+
+    def log(self, decision: Decision, request: HttpRequest | None) -> None:
+        """Denials (and dry-run denials) at INFO; allows only at DEBUG (the hot path stays quiet)."""
+        if decision.allowed and not decision.dry_run:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("allow", extra=log_fields(decision, request))
+            return
+        log.info("dry-run deny" if decision.dry_run else "deny", extra=log_fields(decision, request))
+
+
+def log_fields(decision: Decision, request: HttpRequest | None) -> dict[str, object]:
+    """One decision's log fields. Never the token, never the query string (it may carry secrets)."""
+    return {
+        "decision": "allow" if decision.allowed else "deny",
+        "reason": decision.reason.value,
+        "status": decision.status,
+        "route": decision.route_label,
+        "description": decision.description,
+        "client_id": decision.claims.client_id if decision.claims else None,
+        "method": request.method if request else None,
+        "path": request.path if request else None,
+        "request_id": request.request_id if request else None,
+    }
