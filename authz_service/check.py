@@ -63,6 +63,16 @@ class Checker:
         except Exception:  # noqa: BLE001 - fail closed on any bug, and say so loudly
             log.exception("check failed; denying")
             decision = deny(Reason.INTERNAL_ERROR, _INTERNAL)
+        return self.finish(decision, request, render, started)
+
+    def refuse(self, description: str, render: Callable[[Answer, Decision], Rendered]) -> Rendered:
+        """A request the front door's own protocol parser refused (no HttpRequest could be built):
+        the same counted and logged 400 a refused request gets in ``check``."""
+        return self.finish(deny(Reason.BAD_REQUEST, description), None, render, time.perf_counter())
+
+    def finish(self, decision: Decision, request: HttpRequest | None,
+               render: Callable[[Answer, Decision], Rendered], started: float) -> Rendered:
+        """Answer, render, count and log a decision (the second half of ``check``)."""
         try:
             rendered = render(self.answers.answer(decision, request), decision)
         except Exception:  # noqa: BLE001 - e.g. a value the protocol cannot carry: still a deny

@@ -93,11 +93,14 @@ class HttpRequest:
     spoofed_identity_headers: tuple[str, ...]  # client-sent names that spell one of ours
 
 
+INVALID_METHOD = "missing or invalid method (an upper-case RFC 9110 token, e.g. GET)"
+
+
 def checked_method(method: str) -> str:
     """``method`` when it is an upper-case RFC 9110 token; BadRequest otherwise."""
     if method not in _GOOD_METHODS:
         if not _METHOD.match(method):
-            raise BadRequest("missing or invalid method (an upper-case RFC 9110 token, e.g. GET)")
+            raise BadRequest(INVALID_METHOD)
         _remember(_GOOD_METHODS, method)
     return method
 

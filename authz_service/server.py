@@ -23,10 +23,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import gc_collector, platform_collector, process_collector
 
 from ._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
+from . import __version__
 from .admin import AdminServer, CachedExposition
 from .check import Checker
 from .config import Settings
 from .ext_authz_grpc import SERVICE_NAME, AuthorizationServicer
+from .ext_authz_http import HttpFrontDoor
 from .jwks import JwksCache
 from .metrics import Metrics
 from .policy import Policy, load_policy_file
@@ -52,8 +54,8 @@ class Service:
         on_ready: Callable[[bool], None] | None = None,
     ) -> None:
         self.settings = settings
-        # A worker of `--workers N` (see workers.py): shares the gRPC port (SO_REUSEPORT), serves no
-        # HTTP (the parent does) and reports readiness through ``on_ready``.
+        # A worker of `--workers N` (see workers.py): shares the front doors' ports (SO_REUSEPORT),
+        # serves no admin HTTP (the parent does) and reports readiness through ``on_ready``.
         self.worker = worker
         self._on_ready = on_ready
         if registry is None:
@@ -65,70 +67,92 @@ class Service:
         self.metrics = Metrics(registry)
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self.jwks: JwksCache | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._http_door: HttpFrontDoor | None = None
+        self._admin: AdminServer | None = None
         self.grpc_port: int | None = None
+        self.ext_authz_http_port: int | None = None
         self.http_port: int | None = None
 
     def ready(self) -> bool:
-        return not self._stopping.is_set() and self.jwks.ready()
+        return not self._stopping.is_set() and self.jwks is not None and self.jwks.ready()
 
     async def start(self) -> None:
-        """Load the policy (PolicyError propagates: refuse to start), bind ports, start refreshers."""
+        """Load the policy (PolicyError propagates: refuse to start), bind ports, start refreshers.
+
+        A failure part-way (a port in use) releases what was already started before it propagates.
+        """
         policy = load_policy_file(self.settings.policy)
-        self._session = aiohttp.ClientSession(headers={"User-Agent": "authz-service"})
-        self.token_cache = TokenCache(
-            self.settings.token_cache_size, self.settings.token_cache_max_bytes, self.metrics
+        try:
+            await self._start(policy)
+        except BaseException:
+            await self.stop(quiet=True)
+            raise
+        log.info(
+            "authz-service started",
+            extra={"version": __version__, "grpc": f"{self.settings.grpc_host}:{self.grpc_port}",
+                   "ext_authz_http": (f"{self.settings.grpc_host}:{self.ext_authz_http_port}"
+                                      if self.ext_authz_http_port else None),
+                   "http": f"{self.settings.http_host}:{self.http_port}",
+                   "policy": str(self.settings.policy), "routes": len(policy.routes), "event_loop": loop_name(),
+                   "issuers": [i.issuer for i in policy.issuers], "ready": self.ready()},
         )
-        self.jwks = JwksCache(self.settings.jwks, self.metrics, self._session, on_key_removed=self.token_cache.drop_key)
+
+    async def _start(self, policy: Policy) -> None:
+        settings = self.settings
+        self._session = aiohttp.ClientSession(headers={"User-Agent": "authz-service"})
+        self.token_cache = TokenCache(settings.token_cache_size, settings.token_cache_max_bytes, self.metrics)
+        self.jwks = JwksCache(settings.jwks, self.metrics, self._session, on_key_removed=self.token_cache.drop_key)
         self.jwks.sync(policy.issuers)
-        self.reloader = PolicyReloader(self.settings.policy, policy, self.metrics, on_change=self._policy_changed)
+        self.reloader = PolicyReloader(settings.policy, policy, self.metrics, on_change=self._policy_changed)
         self.metrics.policy_loaded(len(policy.routes), policy.sha256)
-        verifier = TokenVerifier(self.jwks, leeway=self.settings.leeway, cache=self.token_cache)
-        self.checker = Checker(self.reloader, verifier, Answers(self.settings.realm), self.metrics.per_check)
+        verifier = TokenVerifier(self.jwks, leeway=settings.leeway, cache=self.token_cache)
+        self.checker = Checker(self.reloader, verifier, Answers(settings.realm), self.metrics.per_check)
 
         self._health = health.aio.HealthServicer()
         # One process: SO_REUSEPORT off, so a port already in use is an error, not a silent share.
         # Workers share the port the parent reserved (workers.reserve_port keeps that guarantee).
         self._grpc = grpc.aio.server(options=[
             ("grpc.so_reuseport", 1 if self.worker else 0),
-            ("grpc.max_receive_message_length", self.settings.max_request_bytes),
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
         ])
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(self.checker), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        address = f"{_host(self.settings.grpc_host)}:{self.settings.grpc_port}"
         try:
-            self.grpc_port = self._grpc.add_insecure_port(address)
+            self.grpc_port = self._grpc.add_insecure_port(f"{_host(settings.grpc_host)}:{settings.grpc_port}")
         except RuntimeError:  # grpcio raises (it no longer returns 0) when the address cannot be bound
             self.grpc_port = 0
         if self.grpc_port == 0:
-            await self._grpc.stop(None)
-            raise OSError(f"cannot bind the gRPC port {self.settings.grpc_host}:{self.settings.grpc_port} "
-                          "(in use, or not an address of this host): set --grpc-port / AUTHZ_GRPC_PORT")
+            raise OSError(f"cannot bind the gRPC port {settings.grpc_host}:{settings.grpc_port} (in use, or not "
+                          "an address of this host): set --grpc-port / AUTHZ_GRPC_PORT")
         await self._grpc.start()
 
-        self._admin: AdminServer | None = None
-        if not self.worker:
-            exposition = CachedExposition(self._exposition, self.settings.metrics_min_interval)
-            self._admin = AdminServer(self._readiness, exposition)
-            self.http_port = await self._admin.start(self.settings.http_host, self.settings.http_port)
+        if settings.ext_authz_http_port:
+            self._http_door = HttpFrontDoor(self.checker, settings.ext_authz_http_path_prefix,
+                                            settings.max_request_bytes)
+            self.ext_authz_http_port = await self._http_door.start(
+                settings.grpc_host, settings.ext_authz_http_port, reuse_port=self.worker,
+                shutdown_grace=settings.shutdown_grace)
 
-        self._tasks.append(asyncio.create_task(self.reloader.watch(self.settings.policy_poll_interval)))
+        if not self.worker:
+            exposition = CachedExposition(self._exposition, settings.metrics_min_interval)
+            self._admin = AdminServer(self._readiness, exposition)
+            self.http_port = await self._admin.start(settings.http_host, settings.http_port)
+
+        self._tasks.append(asyncio.create_task(self.reloader.watch(settings.policy_poll_interval)))
         self._tasks.append(asyncio.create_task(self._track_readiness()))
         self._tasks.append(asyncio.create_task(self._flush_metrics()))
-        await self.jwks.wait_first_attempts(self.settings.jwks_timeout + 1)
+        await self.jwks.wait_first_attempts(settings.jwks_timeout + 1)
         await self._set_health()
         # Everything allocated so far (modules, policy, keys) lives as long as the process: move it
         # out of the collector's view, so the full collections the Check path's allocations trigger
-        # do not walk ~10^5 long-lived objects each time (profiled: see README "Performance").
+        # do not walk ~10^5 long-lived objects each time (profiled: see docs/performance.md).
         gc.freeze()
-        log.info(
-            "authz-service started",
-            extra={"grpc": f"{self.settings.grpc_host}:{self.grpc_port}",
-                   "http": f"{self.settings.http_host}:{self.http_port}",
-                   "policy": str(self.settings.policy), "routes": len(policy.routes), "event_loop": loop_name(),
-                   "issuers": [i.issuer for i in policy.issuers], "ready": self.ready()},
-        )
 
     def _policy_changed(self, policy: Policy) -> None:
+        assert self.jwks is not None
         self.jwks.sync(policy.issuers)
 
     async def _set_health(self) -> None:
@@ -162,7 +186,7 @@ class Service:
         return self.ready(), {
             "policy": {"sha256": policy.sha256, "routes": len(policy.routes),
                        "last_reload_error": self.reloader.last_error},
-            "issuers": self.jwks.status(),
+            "issuers": self.jwks.status() if self.jwks is not None else [],
         }
 
     async def _exposition(self) -> bytes:
@@ -174,27 +198,39 @@ class Service:
     async def wait_stopped(self) -> None:
         await self._stopping.wait()
 
-    async def stop(self) -> None:
-        """Drain: readiness goes false first, in-flight Checks get the grace period, then close."""
+    async def stop(self, quiet: bool = False) -> None:
+        """Drain: readiness goes false first, in-flight Checks get the grace period, then close.
+
+        Safe on a service that started only in part (``quiet``: a failed start, nothing to log).
+        """
         self._stopping.set()
-        await self._set_health()
-        log.info("shutting down", extra={"grace_seconds": self.settings.shutdown_grace})
-        await self._grpc.stop(self.settings.shutdown_grace)
+        if self._grpc is not None and self.grpc_port:
+            await self._set_health()
+        if not quiet:
+            log.info("shutting down", extra={"grace_seconds": self.settings.shutdown_grace})
+        drains = []
+        if self._grpc is not None:
+            drains.append(self._grpc.stop(self.settings.shutdown_grace))
+        if self._http_door is not None:
+            drains.append(self._http_door.stop())
+        await asyncio.gather(*drains)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.metrics.per_check.flush()  # the drained Checks count too
-        await self.jwks.close()
+        if self.jwks is not None:
+            await self.jwks.close()
         if self._admin is not None:
             await self._admin.stop()
-        await self._session.close()
+        if self._session is not None:
+            await self._session.close()
 
 
 def run(main: Coroutine[Any, Any, T], event_loop: str = "auto") -> T:
     """Run ``main`` to completion on the configured event loop.
 
     uvloop (libuv) answers the same Checks with ~30 us less CPU each than asyncio's default loop,
-    measured through Envoy (README "Performance"); asyncio stays available as a fallback.
+    measured through Envoy (docs/performance.md); asyncio stays available as a fallback.
     """
     if event_loop == "asyncio" or (event_loop == "auto" and importlib.util.find_spec("uvloop") is None):
         return asyncio.run(main)

@@ -1,8 +1,9 @@
 """`--workers N`: N worker processes sharing the gRPC port, one HTTP port, one metrics view.
 
-Why: one CPython process verifies on one core (the GIL); Envoy's ext_authz opens new HTTP/2
-connections as it needs them and the kernel spreads connections over sockets bound with
-SO_REUSEPORT, so N workers use N cores with no proxy in between.
+Why: one CPython process verifies on one core (the GIL); Envoy's ext_authz opens new connections
+as it needs them and the kernel spreads connections over sockets bound with SO_REUSEPORT, so N
+workers use N cores with no proxy in between. Both front doors (gRPC, and HTTP when enabled) are
+shared this way.
 
 The parent (this module) loads the policy once to fail fast, reserves the gRPC port, starts the
 workers (each a full ``server.Service`` without the HTTP server), serves ``/healthz``, ``/readyz``
@@ -43,7 +44,7 @@ START_TIMEOUT = 60.0
 RESTART_DELAY = 1.0
 
 
-def reserve_port(host: str, port: int) -> socket.socket:
+def reserve_port(host: str, port: int, what: str = "gRPC") -> socket.socket:
     """Bind (not listen) host:port with SO_REUSEPORT; OSError when another program holds it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -52,7 +53,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
         sock.bind((host.strip("[]"), port))
     except OSError as exc:
         sock.close()
-        raise OSError(f"cannot bind gRPC port {host}:{port}: {exc.strerror or exc}") from None
+        raise OSError(f"cannot bind the {what} port {host}:{port}: {exc.strerror or exc}") from None
     return sock
 
 
@@ -120,6 +121,7 @@ class Supervisor:
         self._stopping = asyncio.Event()
         self._metrics_dir = ""
         self._reservation: socket.socket | None = None
+        self._http_reservation: socket.socket | None = None
         self.grpc_port: int | None = None
         self.http_port: int | None = None
 
@@ -156,6 +158,11 @@ class Supervisor:
             self._reservation = reserve_port(self.settings.grpc_host, self.settings.grpc_port)
             self.grpc_port = self._reservation.getsockname()[1]
             worker_settings = dataclasses.replace(self.settings, grpc_port=self.grpc_port)
+            if self.settings.ext_authz_http_port:
+                self._http_reservation = reserve_port(self.settings.grpc_host, self.settings.ext_authz_http_port,
+                                                      "HTTP ext_authz")
+                worker_settings = dataclasses.replace(
+                    worker_settings, ext_authz_http_port=self._http_reservation.getsockname()[1])
             for worker in self._workers:
                 self._start(worker, worker_settings)
             failed = await self._wait_started()
@@ -176,8 +183,9 @@ class Supervisor:
             await self._http.stop()
             return 0
         finally:
-            if self._reservation is not None:
-                self._reservation.close()
+            for reservation in (self._reservation, self._http_reservation):
+                if reservation is not None:
+                    reservation.close()
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
     def _start(self, worker: _Worker, settings: Settings) -> None:

@@ -13,6 +13,10 @@ def test_defaults_with_only_the_policy():
     settings = settings_from({"policy": "/etc/authz/policy.yaml"}, {})
     assert settings == Settings(policy=Path("/etc/authz/policy.yaml"))
     assert settings.grpc_port == 9191 and settings.http_port == 8181
+    assert settings.grpc_host == "127.0.0.1", "the ext_authz front doors are for the Pod's Envoy only"
+    assert settings.http_host == "0.0.0.0", "the kubelet probes the Pod IP"
+    assert settings.ext_authz_http_port == 0, "HTTP mode is off unless asked for"
+    assert settings.metrics_min_interval == 1.0 and settings.max_request_bytes == 128 * 1024
     assert settings.leeway == 60.0 and settings.unknown_kid_cooldown == 10.0
     assert settings.realm == "authz-service" and settings.log_level == "INFO"
     assert settings.jwks.unknown_kid_cooldown == 10.0
@@ -72,6 +76,10 @@ def test_every_option_is_a_settings_field_with_the_same_default():
         ("token_cache_size", "0", 0), ("token_cache_size", "50000", 50000), ("token_cache_max_bytes", "0", 0),
         ("token_cache_max_bytes", "1048576", 1048576), ("workers", "1", 1), ("workers", "4", 4),
         ("event_loop", "auto", "auto"), ("event_loop", "UVLOOP", "uvloop"), ("event_loop", "asyncio", "asyncio"),
+        ("ext_authz_http_port", "9192", 9192), ("ext_authz_http_port", "0", 0),
+        ("ext_authz_http_path_prefix", "/authz", "/authz"), ("ext_authz_http_path_prefix", "", ""),
+        ("ext_authz_http_path_prefix", "/a/b-c", "/a/b-c"), ("max_request_bytes", "65536", 65536),
+        ("metrics_min_interval", "0", 0.0), ("metrics_min_interval", "15", 15.0),
     ],
 )
 def test_good_values_are_parsed(name, text, value):
@@ -94,6 +102,10 @@ BAD_VALUES = [
     ("token_cache_size", "-1"), ("token_cache_size", "1e4"), ("token_cache_size", "ten"),
     ("token_cache_max_bytes", "-5"), ("token_cache_max_bytes", "16MB"), ("workers", "0"), ("workers", "65"),
     ("workers", "2.5"), ("workers", "auto"), ("event_loop", "trio"), ("event_loop", ""),
+    ("ext_authz_http_port", "-1"), ("ext_authz_http_path_prefix", "authz"), ("ext_authz_http_path_prefix", "/authz/"),
+    ("ext_authz_http_path_prefix", "/a?b"), ("ext_authz_http_path_prefix", "/a b"), ("ext_authz_http_path_prefix", "/é"),
+    ("ext_authz_http_path_prefix", "/a%2F"), ("max_request_bytes", "1024"), ("max_request_bytes", "big"),
+    ("metrics_min_interval", "-1"), ("metrics_min_interval", "inf"),
 ]
 
 
