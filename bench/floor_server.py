@@ -1,10 +1,11 @@
-"""The floor: a bare grpc.aio ext_authz server that answers OK without looking at the request.
+"""The floors: bare ext_authz servers that allow without looking at the request.
 
-No Python ext_authz service on the same event loop can be faster than this through the same
-Envoy, so the benchmark reports our service as a ratio of it: on asyncio's default loop (the floor
-as issue #4 defines it) and on uvloop (the loop authz-service runs on by default).
+gRPC mode: a bare grpc.aio server answering OK. HTTP mode: aiohttp's low-level server (the library
+the HTTP front door uses) answering 200. No Python ext_authz service on the same event loop and
+library can be faster than these through the same Envoy, so the benchmark reports our service as
+a ratio of them: on asyncio's default loop and on uvloop (the loop authz-service runs on by default).
 
-    python bench/floor_server.py --port 9292 [--event-loop asyncio|uvloop]
+    python bench/floor_server.py --port 9292 [--protocol grpc|http] [--event-loop asyncio|uvloop]
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class Floor(external_auth_pb2_grpc.AuthorizationServicer):
 
 
 async def serve(args: argparse.Namespace) -> None:
+    if args.protocol == "http":
+        await serve_http(args)
+        return
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Floor(), server)
     if server.add_insecure_port(f"{args.host}:{args.port}") == 0:
@@ -47,10 +51,29 @@ async def serve(args: argparse.Namespace) -> None:
     await server.stop(1)
 
 
+async def serve_http(args: argparse.Namespace) -> None:
+    from aiohttp import web
+
+    async def allow(request: web.BaseRequest) -> web.Response:
+        return web.Response(status=200)
+
+    runner = web.ServerRunner(web.Server(allow, access_log=None), handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, args.host, args.port).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"HTTP floor listening on {args.host}:{args.port}", flush=True)
+    await stop.wait()
+    await runner.cleanup()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     parser.add_argument("--event-loop", choices=["asyncio", "uvloop"], default="asyncio")
     args = parser.parse_args()
     if args.event_loop == "uvloop":

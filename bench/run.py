@@ -1,23 +1,30 @@
 """`make bench`: what the extra hop costs, measured through a real Envoy in one run.
 
-Every configuration sits behind the same Envoy (one worker, the shipped envoy/envoy.yaml with the
-route turned into a `direct_response`, so the upstream costs nothing, and the access log removed)
-and is driven by the same `wrk` command (fixed connections, fixed time):
+Every configuration sits behind the same Envoy (one worker, the shipped envoy/envoy.yaml, or
+envoy/envoy-http.yaml for HTTP mode, with the route turned into a `direct_response`, so the
+upstream costs nothing, and the access log removed) and is driven by the same `wrk` command
+(fixed connections, fixed time):
 
   1 none       Envoy with no authorization (the ceiling)
   2 jwt_authn  Envoy's native jwt_authn filter, same key and tokens (the native anchor)
-  3 floor      ext_authz -> bench/floor_server.py, a bare grpc.aio server answering OK (the floor)
+  3 floor      gRPC ext_authz -> bench/floor_server.py, a bare grpc.aio server answering OK
   3u floor     the same floor on uvloop, the event loop authz-service runs on by default
-  4 warm       ext_authz -> authz-service, the same 8 tokens repeat (verified-token cache warm)
-  5 cold       ext_authz -> authz-service, every request a different valid token
+  4 warm       gRPC ext_authz -> authz-service, the same 8 tokens repeat (verified-token cache warm)
+  5 cold       gRPC ext_authz -> authz-service, every request a different valid token
+  3h floor     HTTP ext_authz -> aiohttp's low-level server answering 200 on uvloop (the HTTP floor)
+  4h warm      HTTP ext_authz -> authz-service's HTTP front door, warm
+  5h cold      HTTP ext_authz -> authz-service's HTTP front door, cold
+  4p warm      gRPC ext_authz -> authz-service at --compare-rev (another commit), warm
   (+ warm with --workers 2, and a direct gRPC run with h2load against the floor and the service)
 
-Our process's CPU comes from /proc/<pid>/stat (utime+stime, summed over worker processes) before
-and after each run, peak RSS from /proc/<pid>/status VmHWM (summed over processes, each started
-fresh per configuration). Figures vary with the machine's load: ratios pair each round with the
-floor of the same round (median and per-round values printed).
+CPU comes from /proc/<pid>/stat (utime+stime) before and after each run: "ours" sums the authz
+processes (workers included), "pod" adds Envoy's, both divided by the requests answered. Peak RSS
+comes from /proc/<pid>/status VmHWM (summed over processes, each started fresh per configuration).
+Figures vary with the machine's load: ratios pair each round with the other configuration of the
+same round (median and per-round values printed).
 
     .venv/bin/python bench/run.py [--duration 10] [--connections 16] [--cold-tokens 40000]
+                                  [--compare-rev REV] [--only 1,2,3u,4,4h ...]
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 SHIPPED = ROOT / "envoy" / "envoy.yaml"
+SHIPPED_HTTP = ROOT / "envoy" / "envoy-http.yaml"
 POOL = "us-east-1_Bench0001"
 ISSUER = f"https://cognito-idp.us-east-1.amazonaws.com/{POOL}"
 KID = "bench-key-1"
@@ -60,10 +68,10 @@ PATH = "/transactions/7"
 def render_envoy(kind: str, *, listener_port: int, admin_port: int, authz_port: int = 9191,
                  jwks: str = "", issuer: str = ISSUER, authz_streams: int | None = None) -> dict[str, Any]:
     """The shipped config with the route answering directly, no access log, and the auth filter
-    of ``kind`` ("none", "jwt_authn" or "ext_authz"). ``authz_streams`` caps concurrent streams per
-    HTTP/2 connection to the authz cluster, so Envoy opens several connections (SO_REUSEPORT
-    spreads connections, not streams, over --workers)."""
-    cfg = yaml.safe_load(SHIPPED.read_text())
+    of ``kind`` ("none", "jwt_authn", "ext_authz" or "ext_authz_http"). ``authz_streams`` caps
+    concurrent streams per HTTP/2 connection to the authz cluster, so Envoy opens several
+    connections (SO_REUSEPORT spreads connections, not streams, over --workers)."""
+    cfg = yaml.safe_load((SHIPPED_HTTP if kind == "ext_authz_http" else SHIPPED).read_text())
     cfg = copy.deepcopy(cfg)
     cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
     listener = cfg["static_resources"]["listeners"][0]
@@ -90,17 +98,19 @@ def render_envoy(kind: str, *, listener_port: int, admin_port: int, authz_port: 
                 "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "cognito"}}],
             },
         }, router]
-    elif kind == "ext_authz":
+    elif kind in ("ext_authz", "ext_authz_http"):
         hcm["http_filters"] = [ext_authz, router]
         endpoint = authz_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
         endpoint["address"]["socket_address"]["port_value"] = authz_port
+        if kind == "ext_authz_http":
+            ext_authz["typed_config"]["http_service"]["server_uri"]["uri"] = f"http://127.0.0.1:{authz_port}"
         if authz_streams:
             options = authz_cluster["typed_extension_protocol_options"][
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
             options["explicit_http_config"]["http2_protocol_options"]["max_concurrent_streams"] = authz_streams
     else:
         raise ValueError(kind)
-    if kind != "ext_authz":
+    if kind not in ("ext_authz", "ext_authz_http"):
         clusters.remove(authz_cluster)
     return cfg
 
@@ -222,10 +232,10 @@ class Proc:
                 self.popen.wait()
 
 
-def spawn(name: str, args: list[str], work: Path) -> Proc:
+def spawn(name: str, args: list[str], work: Path, checkout: Path = ROOT) -> Proc:
     log = work / f"{name}.log"
-    popen = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    popen = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=checkout,
+                             env={**os.environ, "PYTHONPATH": str(checkout)})
     return Proc(name, popen, log)
 
 
@@ -339,6 +349,7 @@ class Result:
     p50_ms: float | None = None
     p99_ms: float | None = None
     cpu_us_per_check: float | None = None
+    pod_cpu_us: float | None = None  # Envoy's CPU plus the authz processes', per request answered
     rss_mb: float | None = None
     hit_rate: float | None = None
     errors: int = 0
@@ -415,51 +426,62 @@ class Bench:
         wait_port(listener, 10)
         return proc, listener
 
-    def start_floor(self, event_loop: str = "asyncio") -> tuple[Proc, int]:
+    def start_floor(self, event_loop: str = "asyncio", protocol: str = "grpc") -> tuple[Proc, int]:
         port = free_port()
         proc = spawn("floor", [sys.executable, str(BENCH / "floor_server.py"), "--port", str(port),
-                               "--event-loop", event_loop], self.work)
+                               "--event-loop", event_loop, "--protocol", protocol], self.work)
         self.procs.append(proc)
         wait_port(port, 20)
         return proc, port
 
-    def start_service(self, policy: Path, workers: int) -> tuple[Proc, int, int]:
-        grpc_port, http_port = free_port(), free_port()
-        proc = spawn(f"service-w{workers}", [
-            sys.executable, "-m", "authz_service.cli", "serve", "--policy", str(policy),
-            "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-host", "127.0.0.1",
-            "--http-port", str(http_port), "--workers", str(workers)], self.work)
+    def start_service(self, policy: Path, workers: int, http_mode: bool = False,
+                      checkout: Path = ROOT) -> tuple[Proc, int, int]:
+        """authz-service from ``checkout`` (this one, or --compare-rev's); its authz port (gRPC,
+        or the HTTP front door in ``http_mode``) and its admin port."""
+        grpc_port, http_port, door_port = free_port(), free_port(), free_port()
+        args = [sys.executable, "-m", "authz_service.cli", "serve", "--policy", str(policy),
+                "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-host", "127.0.0.1",
+                "--http-port", str(http_port), "--workers", str(workers)]
+        if http_mode:
+            args += ["--ext-authz-http-port", str(door_port)]
+        proc = spawn(f"service-w{workers}", args, self.work, checkout)
         self.procs.append(proc)
         wait_http(f"http://127.0.0.1:{http_port}/readyz", 30, proc.popen)
-        return proc, grpc_port, http_port
+        return proc, door_port if http_mode else grpc_port, http_port
 
     def through_envoy(self, name: str, label: str, kind: str, backend: str, token_file: Path,
-                      policy: Path | None = None, workers: int = 1, authz_streams: int | None = None) -> Result:
+                      policy: Path | None = None, workers: int = 1, authz_streams: int | None = None,
+                      checkout: Path = ROOT) -> Result:
         a = self.args
         result = Result(name, label)
         backend_proc = None
         http_port = None
         try:
             authz_port = 9191
+            protocol = "http" if kind == "ext_authz_http" else "grpc"
             if backend.startswith("floor"):
-                backend_proc, authz_port = self.start_floor("uvloop" if backend == "floor-uvloop" else "asyncio")
+                backend_proc, authz_port = self.start_floor("uvloop" if backend == "floor-uvloop" else "asyncio",
+                                                            protocol)
             elif backend == "service":
                 assert policy is not None
-                backend_proc, authz_port, http_port = self.start_service(policy, workers)
+                backend_proc, authz_port, http_port = self.start_service(policy, workers, protocol == "http",
+                                                                         checkout)
             cfg = render_envoy(kind, listener_port=free_port(), admin_port=free_port(), authz_port=authz_port,
                                jwks=self.jwks, authz_streams=authz_streams)
-            _, port = self.start_envoy(cfg, name)
+            envoy, port = self.start_envoy(cfg, name)
             # Warm-up (not measured) with spare tokens, so the cold run's tokens stay unseen.
-            wrk(port, self.warm_tokens if name != "cold" else self.spare_tokens, 2, a.connections)
+            wrk(port, self.warm_tokens if not name.startswith("5") else self.spare_tokens, 2, a.connections)
             pids = process_tree(backend_proc.popen.pid) if backend_proc else []
             before_cache = scrape(http_port) if http_port else {}
-            cpu0 = cpu_seconds(pids)
+            cpu0, envoy0 = cpu_seconds(pids), cpu_seconds([envoy.popen.pid])
             data = wrk(port, token_file, a.duration, a.connections)
-            cpu1 = cpu_seconds(pids)
+            cpu1, envoy1 = cpu_seconds(pids), cpu_seconds([envoy.popen.pid])
             result.rps, result.requests, result.errors = data["rps"], data["requests"], data["errors"]
             result.p50_ms, result.p99_ms = data["p50_us"] / 1000, data["p99_us"] / 1000
+            answered = max(1, data["requests"])
+            result.pod_cpu_us = ((cpu1 - cpu0) + (envoy1 - envoy0)) / answered * 1e6
             if backend_proc:
-                result.cpu_us_per_check = (cpu1 - cpu0) / max(1, data["requests"]) * 1e6
+                result.cpu_us_per_check = (cpu1 - cpu0) / answered * 1e6
                 result.rss_mb = peak_rss_mb(process_tree(backend_proc.popen.pid))
             if http_port:
                 after = scrape(http_port)
@@ -498,6 +520,17 @@ class Bench:
         return result
 
 
+def checkout_rev(rev: str, work: Path) -> Path:
+    """A detached worktree of this repository at ``rev`` (reused when already there)."""
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    path = work / f"rev-{sha[:12]}"
+    if not (path / "authz_service").is_dir():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(path), sha],
+                       capture_output=True, text=True, check=True)
+    return path
+
+
 def machine() -> str:
     model = "unknown"
     try:
@@ -517,13 +550,13 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def table(results: list[Result]) -> str:
-    rows = ["| # | configuration | req/s (median) | range | p50 ms | p99 ms | CPU us/Check (ours) | CPU s/1000 Checks | peak RSS MB | cache hit rate | errors |",
+    rows = ["| # | configuration | req/s (median) | range | p50 ms | p99 ms | CPU us/Check (ours) | pod CPU us/request | peak RSS MB | cache hit rate | errors |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         rows.append(
             f"| {r.name} | {r.label} | {r.rps:,.0f} | {r.extra['range'][0]:,.0f}-{r.extra['range'][1]:,.0f} | "
             f"{fmt(r.p50_ms, '.2f')} | {fmt(r.p99_ms, '.2f')} | "
-            f"{fmt(r.cpu_us_per_check, '.0f')} | {fmt(r.cpu_us_per_check and r.cpu_us_per_check / 1000, '.3f')} | "
+            f"{fmt(r.cpu_us_per_check, '.0f')} | {fmt(r.pod_cpu_us, '.0f')} | "
             f"{fmt(r.rss_mb, '.0f')} | {fmt(r.hit_rate and r.hit_rate * 100, '.1f') + ('%' if r.hit_rate is not None else '')} | "
             f"{r.errors} |"
         )
@@ -538,7 +571,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="also measure warm with this many workers (1: skip)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; rows show the median")
     parser.add_argument("--work", default=str(BENCH / ".work"), help="scratch folder (keys, tokens, logs)")
-    parser.add_argument("--only", default="", help="comma-separated subset of: 1,2,3,3u,4,5,4w,d3,d3u,d4")
+    parser.add_argument("--only", default="",
+                        help="comma-separated subset of: 1,2,3,3u,4,5,3h,4h,5h,4p,4w,d3,d3u,d4")
+    parser.add_argument("--compare-rev", default="",
+                        help="also measure gRPC warm (row 4p) with the service at this git revision, e.g. the "
+                             "commit before a change")
     args = parser.parse_args()
     for tool in ("wrk", "h2load"):
         if not shutil.which(tool):
@@ -547,6 +584,7 @@ def main() -> None:
     bench = Bench(args)
     jwks_proc, jwks_http = bench.start_jwks_server()
     policy = bench.policy(jwks_http)
+    compare = checkout_rev(args.compare_rev, bench.work) if args.compare_rev else None
     plan = [
         ("1", lambda: bench.through_envoy("1", "Envoy, no authorization (ceiling)", "none", "", bench.warm_tokens)),
         ("2", lambda: bench.through_envoy("2", "Envoy jwt_authn (native anchor)", "jwt_authn", "", bench.warm_tokens)),
@@ -558,7 +596,17 @@ def main() -> None:
                                           bench.warm_tokens, policy)),
         ("5", lambda: bench.through_envoy("5", "ext_authz -> authz-service, cold (distinct tokens)", "ext_authz",
                                           "service", bench.cold_tokens, policy)),
+        ("3h", lambda: bench.through_envoy("3h", "HTTP ext_authz -> bare aiohttp on uvloop (HTTP floor)",
+                                           "ext_authz_http", "floor-uvloop", bench.warm_tokens)),
+        ("4h", lambda: bench.through_envoy("4h", "HTTP ext_authz -> authz-service, warm", "ext_authz_http",
+                                           "service", bench.warm_tokens, policy)),
+        ("5h", lambda: bench.through_envoy("5h", "HTTP ext_authz -> authz-service, cold (distinct tokens)",
+                                           "ext_authz_http", "service", bench.cold_tokens, policy)),
     ]
+    if compare is not None:
+        plan.append(("4p", lambda: bench.through_envoy(
+            "4p", f"ext_authz -> authz-service at {args.compare_rev}, warm", "ext_authz", "service",
+            bench.warm_tokens, policy, checkout=compare)))
     if args.workers > 1:
         plan.append(("4w", lambda: bench.through_envoy(
             "4w", f"ext_authz -> authz-service --workers {args.workers}, warm (Envoy: 2 streams per authz "
@@ -613,18 +661,23 @@ def main() -> None:
     rps = lambda a, b: a.rps / b.rps if b.rps else None  # noqa: E731
     cpu = lambda a, b: (a.cpu_us_per_check - b.cpu_us_per_check  # noqa: E731
                         if a.cpu_us_per_check and b.cpu_us_per_check else None)
-    line("warm / floor (target >= 0.90)", paired("4", "3", rps), ".2f")
-    line("cold / floor (target >= 0.60)", paired("5", "3", rps), ".2f")
-    line(f"warm with {args.workers} workers / floor", paired("4w", "3", rps), ".2f")
-    line("p99 warm / floor (target <= 1.5)",
-         paired("4", "3", lambda a, b: a.p99_ms / b.p99_ms if a.p99_ms and b.p99_ms else None), ".2f")
-    line("CPU per Check, warm minus floor (target <= 30 us)",
-         paired("4", "3", cpu), ".0f", " us")
-    line("warm / floor on uvloop (same event loop)", paired("4", "3u", rps), ".2f")
-    line("cold / floor on uvloop (same event loop)", paired("5", "3u", rps), ".2f")
-    line("CPU per Check, warm minus floor on uvloop",
-         paired("4", "3u", cpu), ".0f", " us")
-    line("warm / jwt_authn", paired("4", "2", rps), ".2f")
+    pod = lambda a, b: a.pod_cpu_us / b.pod_cpu_us if a.pod_cpu_us and b.pod_cpu_us else None  # noqa: E731
+    line("gRPC warm / gRPC floor on uvloop, req/s (same event loop; target >= 0.90)", paired("4", "3u", rps), ".2f")
+    line("gRPC warm / gRPC floor on asyncio, req/s", paired("4", "3", rps), ".2f")
+    line("gRPC cold / gRPC floor on uvloop, req/s", paired("5", "3u", rps), ".2f")
+    line(f"gRPC warm with {args.workers} workers / gRPC floor on uvloop, req/s", paired("4w", "3u", rps), ".2f")
+    line("p99 gRPC warm / gRPC floor on uvloop", paired(
+        "4", "3u", lambda a, b: a.p99_ms / b.p99_ms if a.p99_ms and b.p99_ms else None), ".2f")
+    line("CPU per Check, gRPC warm minus gRPC floor on uvloop", paired("4", "3u", cpu), ".0f", " us")
+    line("HTTP warm / gRPC warm, pod CPU per request (target <= 0.45)", paired("4h", "4", pod), ".2f")
+    line("HTTP warm / HTTP floor, req/s (target >= 0.85)", paired("4h", "3h", rps), ".2f")
+    line("HTTP warm / jwt_authn, req/s (target >= 0.6)", paired("4h", "2", rps), ".2f")
+    line("HTTP cold / HTTP floor, req/s", paired("5h", "3h", rps), ".2f")
+    line("CPU per Check, HTTP warm minus HTTP floor", paired("4h", "3h", cpu), ".0f", " us")
+    line("gRPC warm / jwt_authn, req/s", paired("4", "2", rps), ".2f")
+    line(f"gRPC warm / gRPC warm at {args.compare_rev or '--compare-rev'}, req/s", paired("4", "4p", rps), ".2f")
+    line(f"gRPC warm / gRPC warm at {args.compare_rev or '--compare-rev'}, pod CPU per request",
+         paired("4", "4p", pod), ".2f")
     line("direct gRPC, service / floor", paired("d4", "d3", rps), ".2f")
     line("direct gRPC, service / floor on uvloop", paired("d4", "d3u", rps), ".2f")
     line("direct gRPC, CPU per Check service minus floor",

@@ -51,7 +51,7 @@ def jwks() -> str:
     return doc
 
 
-@pytest.mark.parametrize("kind", ["none", "jwt_authn", "ext_authz"])
+@pytest.mark.parametrize("kind", ["none", "jwt_authn", "ext_authz", "ext_authz_http"])
 def test_generated_envoy_configs_validate(run, kind: str, tmp_path: Path) -> None:
     binary = envoy_binary()
     if not binary:
@@ -59,7 +59,8 @@ def test_generated_envoy_configs_validate(run, kind: str, tmp_path: Path) -> Non
     cfg = run.render_envoy(kind, listener_port=18080, admin_port=18081, authz_port=19191, jwks=jwks())
     names = [f["name"] for f in cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
              ["typed_config"]["http_filters"]]
-    expected = {"none": [], "jwt_authn": ["envoy.filters.http.jwt_authn"], "ext_authz": ["envoy.filters.http.ext_authz"]}
+    expected = {"none": [], "jwt_authn": ["envoy.filters.http.jwt_authn"], "ext_authz": ["envoy.filters.http.ext_authz"],
+                "ext_authz_http": ["envoy.filters.http.ext_authz"]}
     assert names == expected[kind] + ["envoy.filters.http.router"]
     path = tmp_path / f"{kind}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -113,13 +114,14 @@ def test_wrk_script_loads_and_reports(tmp_path: Path) -> None:
     assert {"Bearer a.b.c", "Bearer d.e.f"} <= set(seen)  # the tokens rotate
 
 
-@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
-def test_floor_server_answers_ok(tmp_path: Path, event_loop: str) -> None:
+@pytest.mark.parametrize(("event_loop", "protocol"), [("asyncio", "grpc"), ("uvloop", "grpc"), ("uvloop", "http")])
+def test_floor_server_answers_ok(tmp_path: Path, event_loop: str, protocol: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, str(BENCH / "floor_server.py"), "--port", str(port),
-                             "--event-loop", event_loop], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--event-loop", event_loop, "--protocol", protocol],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -128,6 +130,14 @@ def test_floor_server_answers_ok(tmp_path: Path, event_loop: str) -> None:
                     break
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
             time.sleep(0.05)
+        if protocol == "http":
+            import http.client
+
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("DELETE", "/anything", headers={"Authorization": "Bearer x"})
+            assert conn.getresponse().status == 200
+            conn.close()
+            return
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             reply = external_auth_pb2_grpc.AuthorizationStub(channel).Check(external_auth_pb2.CheckRequest(), timeout=5)
         assert reply.status.code == 0 and reply.HasField("ok_response")
