@@ -133,6 +133,7 @@ class Service:
         self.jwks = JwksCache(self.settings.jwks, self.metrics, self._session, on_key_removed=self.token_cache.drop_key)
         self.jwks.sync(policy.issuers)
         self.reloader = PolicyReloader(self.settings.policy, policy, self.metrics, on_change=self._policy_changed)
+        self.reloader.open_watch(self.settings.policy_watch)  # --policy-watch inotify without inotify: OSError
         self.metrics.policy_loaded(len(policy.routes), policy.sha256)
         verifier = TokenVerifier(self.jwks, leeway=self.settings.leeway, cache=self.token_cache)
         servicer = AuthorizationServicer(self.reloader, verifier, Renderer(self.settings.realm), self.metrics)

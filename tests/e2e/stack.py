@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,10 +115,14 @@ class PolicyDir:
         self._generation = 0
 
     def write(self, text: str) -> None:
+        self.replace(lambda file: file.write_text(text))
+
+    def replace(self, make: Callable[[Path], None]) -> None:
+        """Swap in a new ``..data`` folder whose policy.yaml ``make`` creates (a file, a FIFO, a symlink)."""
         self._generation += 1
         folder = self.root / f"..{time.time_ns()}_{self._generation}"
         folder.mkdir()
-        (folder / "policy.yaml").write_text(text)
+        make(folder / "policy.yaml")
         tmp_link = self.root / "..data_tmp"
         if tmp_link.is_symlink():
             tmp_link.unlink()
@@ -141,6 +146,10 @@ class Service:
         status, _, body = http_request("GET", f"http://127.0.0.1:{self.http_port}/metrics")
         assert status == 200
         return body.decode()
+
+    def readyz(self) -> tuple[int, dict]:
+        status, _, body = http_request("GET", f"http://127.0.0.1:{self.http_port}/readyz")
+        return status, json.loads(body)
 
     def sample(self, name: str, **labels: str) -> float:
         """Value of one metric sample (0 when the series does not exist yet)."""

@@ -325,10 +325,12 @@ def test_sigterm_grace_period_bounds_the_drain(tmp_path: Path, rotating_jwks: Sc
 
 
 def test_sighup_reloads_the_policy_at_once(tmp_path: Path) -> None:
-    """Polling is effectively off here (1 h), so only SIGHUP can make the new policy serve."""
+    """SIGHUP loads at once (with inotify, the close of this in-place write would load it too)."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.format(issuer="http://127.0.0.1:9/us-east-1_Demo00001"))
-    service = start_service(tmp_path, policy, "--policy-poll-interval", "3600", wait_ready=False)  # the last flag wins
+    # Polling mode, an hour apart (the last flag wins): only SIGHUP can make the new policy serve.
+    service = start_service(tmp_path, policy, "--policy-watch", "poll", "--policy-poll-interval", "3600",
+                            wait_ready=False)
     http_port = service.http_port
     try:
 
