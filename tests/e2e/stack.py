@@ -174,6 +174,10 @@ def start_service(workdir: Path, policy: Path, *extra: str, env: dict[str, str] 
         env={**os.environ, **(env or {})},
     ).start()
     started = time.monotonic()
-    wait_for_http(f"http://127.0.0.1:{http_port}/{'readyz' if wait_ready else 'healthz'}", 30, expect_status=200,
-                  proc=process)
+    try:
+        wait_for_http(f"http://127.0.0.1:{http_port}/{'readyz' if wait_ready else 'healthz'}", 30,
+                      expect_status=200, proc=process)
+    except BaseException:
+        process.stop()  # a service that never became ready must not outlive the test
+        raise
     return Service(process, grpc_port, http_port, started)
