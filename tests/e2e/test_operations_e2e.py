@@ -283,7 +283,9 @@ def start_held_check(tmp_path: Path, jwks: ScriptedJwks, key_b: SigningKey, *fla
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    assert jwks.hanging.wait(20), "the Check did not trigger an unknown-kid re-fetch"
+    if not jwks.hanging.wait(20):
+        service.process.stop()  # the test fails here: the service must not outlive it
+        pytest.fail("the Check did not trigger an unknown-kid re-fetch")
     return service, thread, outcome
 
 
