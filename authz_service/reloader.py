@@ -90,6 +90,7 @@ class _Inotify:
         self._target: tuple[int, int] | None = None  # (dev, ino) of the file the watches were armed for
         # (dev, ino) of the target while a writer has it open: IN_MODIFY seen, IN_CLOSE_WRITE not yet.
         self.writing: tuple[int, int] | None = None
+        self.lost_events = False  # the kernel's queue overflowed: writer state unknown until re-checked
         try:
             self.arm()
         except OSError:
@@ -143,7 +144,7 @@ class _Inotify:
 
     def absorb(self) -> bool:
         """Read every queued event; True when the file may have new content that its signature
-        (inode, size, mtime) might not show: a writer closed it, its attributes changed, events were lost.
+        (inode, size, mtime) might not show: a writer closed it, or its attributes changed.
 
         Updates ``writing``. Runs before any load decision (also SIGHUP's): events are queued by the
         kernel at write time, so a writer's IN_MODIFY is seen before a signal sent after it.
@@ -157,10 +158,10 @@ class _Inotify:
         except OSError as exc:
             raise InotifyUnavailable(f"cannot read inotify events: {exc.strerror or exc}") from None
         for event in events:
-            if event.mask & flags.Q_OVERFLOW:  # events were lost: nothing is known about writers
+            if event.mask & flags.Q_OVERFLOW:  # events were lost: a writer may have gone unseen
                 self.writing = None
+                self.lost_events = True
                 self.arm()
-                content = True
                 continue
             names = self._names.get(event.wd)
             if names is None:
@@ -325,8 +326,12 @@ class PolicyReloader:
     async def handle_events(self) -> None:
         """Read the queued inotify events and load the file if it changed and no writer has it open."""
         content = self._absorb()
-        if self._inotify is not None and self._inotify.writing is None and (
-                content or _signature(self.path) != self._seen):
+        if self._inotify is None or self._inotify.writing is not None:
+            return
+        if self._inotify.lost_events:  # a writer may be unseen: a change must hold still, as when polling
+            self._inotify.lost_events = False
+            await self.poll()
+        elif content or _signature(self.path) != self._seen:
             await self._load("file changed")
 
     async def _recheck(self) -> None:

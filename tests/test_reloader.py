@@ -221,3 +221,24 @@ async def test_a_writer_starting_while_the_file_is_read_drops_what_was_read(tmp_
     writers[0].close()
     await reloader.handle_events()
     assert admin_route(reloader) == "admin"
+
+
+async def test_after_lost_events_a_change_must_hold_still_before_it_loads(tmp_path: Path) -> None:
+    """When the kernel's event queue overflows, a writer's IN_MODIFY may be among the lost events:
+    the change then loads only by the polling rule (unchanged over a whole interval), never at once."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(PROTECTED)
+    reloader = inotify_reloader(path)
+    queue = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    noise = tmp_path / "noise"
+    for _ in range(queue // 2 + 1):  # CREATE and DELETE alternate, so the kernel cannot merge them
+        noise.touch()
+        noise.unlink()
+    with open(path, "w") as writer:  # its IN_MODIFY comes after the queue is full: lost
+        writer.write(HEAD)
+        writer.flush()
+        await reloader.handle_events()
+        assert admin_route(reloader) is None  # not at once, though the file's signature changed
+    writer_closed_at = reloader.policy.sha256
+    await reloader.handle_events()  # the writer's close (queued now that the queue was read)
+    assert reloader.policy.sha256 != writer_closed_at and admin_route(reloader) == "everything-else"

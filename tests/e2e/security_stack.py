@@ -127,7 +127,7 @@ def bearer(token: str) -> dict[str, str]:
 
 def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *service_args: str,
                          fake: FakeIssuer | None = None, wait_ready: bool = True,
-                         env: dict[str, str] | None = None) -> SecurityStack:
+                         env: dict[str, str] | None = None, wrapper: tuple[str, ...] = ()) -> SecurityStack:
     """Dev issuer + fake issuer (started here unless given) + service (its CLI) + Envoy (shipped config)."""
     from .stack import start_dev_issuer, start_service
 
@@ -139,7 +139,7 @@ def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *
         started.append(dev.process)
         policy = PolicyDir(work / "config")
         policy.write(policy_text(fake, dev))
-        service = start_service(work, policy.path, *service_args, wait_ready=wait_ready, env=env)
+        service = start_service(work, policy.path, *service_args, wait_ready=wait_ready, env=env, wrapper=wrapper)
         started.append(service.process)
         envoy = envoy_factory(service.grpc_port)
     except BaseException:

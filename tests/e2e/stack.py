@@ -163,12 +163,13 @@ class Service:
 
 
 def start_service(workdir: Path, policy: Path, *extra: str, env: dict[str, str] | None = None,
-                  wait_ready: bool = True) -> Service:
-    """Our service via its CLI; returns once it is ready, or (``wait_ready=False``) merely alive."""
+                  wait_ready: bool = True, wrapper: tuple[str, ...] = ()) -> Service:
+    """Our service via its CLI; returns once it is ready, or (``wait_ready=False``) merely alive.
+    ``wrapper`` is a command that execs the CLI (e.g. into a namespace with other limits)."""
     grpc_port, http_port = free_port(), free_port()
     process = ManagedProcess(
-        cli("serve", "--policy", str(policy), "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
-            "--http-host", "127.0.0.1", "--http-port", str(http_port), "--policy-poll-interval", "0.2", *extra),
+        [*wrapper, *cli("serve", "--policy", str(policy), "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
+            "--http-host", "127.0.0.1", "--http-port", str(http_port), "--policy-poll-interval", "0.2", *extra)],
         workdir,
         name="authz-service",
         env={**os.environ, **(env or {})},

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -42,11 +43,31 @@ SPECIAL_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
 }
 
 
+# Runs the CLI in a new user namespace whose inotify instance limit is 0 (the limits are per user
+# namespace since Linux 5.11): inotify really is exhausted for the service, and only for it.
+NO_INOTIFY = ("unshare", "--user", "--map-root-user", "sh", "-c",
+              'echo 0 > /proc/sys/user/max_inotify_instances && exec "$@"', "sh")
+
+
+def inotify_exhaustible() -> bool:
+    try:
+        probe = subprocess.run([*NO_INOTIFY, sys.executable, "-c", "import inotify_simple; inotify_simple.INotify()"],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "Too many open files" in probe.stderr
+
+
 @pytest.fixture
 def stack(request: pytest.FixtureRequest, tmp_path: Path, upstream: UpstreamProcess,
           envoy_factory) -> Iterator[SecurityStack]:
     args = getattr(request, "param", ())
-    s = start_security_stack(tmp_path, upstream, envoy_factory, *args)
+    wrapper = ()
+    if args and args[0] == "no-inotify":
+        if not inotify_exhaustible():
+            pytest.skip("cannot start a process in a user namespace with its own inotify limit (unshare)")
+        args, wrapper = args[1:], NO_INOTIFY
+    s = start_security_stack(tmp_path, upstream, envoy_factory, *args, wrapper=wrapper)
     try:
         yield s
     finally:
@@ -116,6 +137,32 @@ def test_polling_is_announced_as_the_weaker_mode_and_still_reloads(stack: Securi
     stack.policy.write(policy_text(stack.fake, stack.dev, ADMIN_TAIL.replace("admin", "reports")))
     stack.service.process.wait_until(lambda: stack.send("GET", "/reports/daily").status == 401, 15,
                                      "the swapped-in policy serving")
+
+
+@pytest.mark.parametrize("stack", [("no-inotify",)], indirect=True)
+def test_exhausted_inotify_limits_fall_back_to_polling_announced_as_weaker(stack: SecurityStack) -> None:
+    log = stack.service.process.log_text()
+    assert "policy file watched by polling, the weaker mode" in log
+    assert "the inotify instance limit (fs.inotify.max_user_instances) is reached" in log
+    stack.policy.write(policy_text(stack.fake, stack.dev, ADMIN_TAIL.replace("admin", "reports")))
+    stack.service.process.wait_until(lambda: stack.send("GET", "/reports/daily").status == 401, 15,
+                                     "the swapped-in policy serving")
+
+
+def test_requiring_inotify_where_it_is_exhausted_refuses_to_start(tmp_path: Path) -> None:
+    if not inotify_exhaustible():
+        pytest.skip("cannot start a process in a user namespace with its own inotify limit (unshare)")
+    path = tmp_path / "policy.yaml"
+    path.write_text("issuers:\n  - user_pool_id: us-east-1_Abc123\nroutes:\n  - path: /a\n    public: true\n")
+    result = subprocess.run(
+        [*NO_INOTIFY, *cli("serve", "--policy", str(path), "--grpc-host", "127.0.0.1", "--grpc-port",
+                           str(free_port()), "--http-host", "127.0.0.1", "--http-port", str(free_port()),
+                           "--policy-watch", "inotify")],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        f"authz-service: error: --policy-watch inotify: cannot watch {path}: the inotify instance limit "
+        "(fs.inotify.max_user_instances) is reached; fix that, or use --policy-watch auto to fall back to polling"]
 
 
 def test_inotify_mode_is_announced(stack: SecurityStack) -> None:
