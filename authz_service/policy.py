@@ -242,7 +242,7 @@ def read_policy_file(path: Path | str) -> bytes:
 
 def _too_large(path: Path, size: str) -> PolicyError:
     return PolicyError(f"{path}: {size} is larger than a policy file may be ({POLICY_MAX_BYTES} bytes, 1 MiB); "
-                       "check that the path names the policy and not another file, or split the policy")
+                       "check that the path names the policy file (a policy is a few KB)")
 
 
 def _file_kind(mode: int) -> str:
