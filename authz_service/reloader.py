@@ -35,7 +35,6 @@ from .policy import Policy, PolicyError, load_policy_file
 
 log = logging.getLogger(__name__)
 
-WATCH_MODES = ("auto", "inotify", "poll")
 _UNSET = object()
 
 
