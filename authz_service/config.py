@@ -120,6 +120,13 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+def _policy_watch(text: str) -> str:
+    value = text.lower()
+    if value not in {"auto", "inotify", "poll"}:
+        raise ValueError("one of auto, inotify, poll")
+    return value
+
+
 def _log_level(text: str) -> str:
     value = text.upper()
     if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -174,8 +181,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("jwks_timeout", 3.0, _positive, "Timeout of one JWKS fetch, in seconds."),
     Option("jwks_max_bytes", 512 * 1024, _positive_int, "Largest JWKS document accepted, in bytes."),
     Option("unknown_kid_cooldown", 10.0, _cooldown, "Minimum seconds between unknown-kid JWKS re-fetches per issuer."),
+    Option("policy_watch", "auto", _policy_watch,
+           "How policy changes are noticed: auto (inotify, else polling), inotify (refuse to start without it) "
+           "or poll (stat the path; for network filesystems, whose remote changes inotify cannot see)."),
     Option("policy_poll_interval", 1.0, _positive,
-           "Seconds between checks of the policy file; a change loads once it has held for one interval."),
+           "Seconds between polls of the policy file (a change loads once it has held for one interval); "
+           "with inotify, between safety re-checks for changes inotify cannot report."),
     Option("realm", "authz-service", _realm, "Realm in WWW-Authenticate challenges."),
     Option("shutdown_grace", 10.0, _non_negative, "Seconds in-flight Checks get to finish on SIGTERM."),
     Option("log_level", "INFO", _log_level, "debug, info, warning or error (allowed requests log at debug)."),
@@ -211,6 +222,7 @@ class Settings:
     jwks_max_bytes: int = 512 * 1024
     unknown_kid_cooldown: float = 10.0
     policy_poll_interval: float = 1.0
+    policy_watch: str = "auto"
     realm: str = "authz-service"
     shutdown_grace: float = 10.0
     log_level: str = "INFO"

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .policy import OTHER_SEGMENT, Mode, Policy, PolicyError, Route, check_policy, pattern_matches, where_text
+from .policy import (OTHER_SEGMENT, Mode, Policy, PolicyError, Route, check_policy, pattern_matches,
+                     read_policy_file, where_text)
 from .simulate import Simulator, run_check
 from .yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position
 
@@ -60,9 +61,9 @@ def validate_file(path: Path | str) -> Report:
     """Load like the server does (collecting every error), then lint what loaded."""
     source = str(path)
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        return Report(source, None, [PolicyError(f"{source}: cannot read policy file: {exc.strerror or exc}")], [])
+        data = read_policy_file(path)
+    except PolicyError as exc:
+        return Report(source, None, [exc], [])
     policy, errors = check_policy(data, source)
     warnings = lint(policy, data.decode("utf-8")) if policy is not None else []
     return Report(source, policy, errors, warnings)

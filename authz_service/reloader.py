@@ -1,14 +1,30 @@
-"""Keeps the serving policy in step with its file, without restarts.
+"""Keeps the serving policy in step with its file, without restarts, and never loads half a file.
 
-Kubernetes updates a mounted ConfigMap by swapping the ``..data`` symlink, so the file's inode
-changes while its path stays. We therefore poll the *path* (``os.stat`` follows symlinks) and
-compare identity, size, mtime and finally content hash; SIGHUP forces a reload. A file that fails
-to load is logged and counted, and the previous policy keeps serving.
+A policy file rewritten in place can be caught half written, and a truncated policy may still
+parse with its last routes missing, letting a broader, weaker route match. So a file is loaded only
+when it is complete. How we know depends on the watch mode (``--policy-watch``):
+
+* inotify (Linux; ``auto`` picks it when it works). A change loads when its writer closes the file
+  (``IN_CLOSE_WRITE``) or when a finished file appears at the path (``IN_MOVED_TO``/``IN_CREATE``/
+  ``IN_DELETE``/``IN_ATTRIB`` in the directory: a rename into place, and the kubelet's ``..data``
+  symlink swap for ConfigMap volumes). While a writer has the file open (``IN_MODIFY`` seen, no close
+  yet) nothing loads, not even on SIGHUP. We watch the path's directory and, when the path resolves
+  elsewhere (symlinks), the target file and its directory. Every ``--policy-poll-interval`` the
+  watches are re-armed and the path re-checked as a safety net for what inotify cannot report (an
+  event queue overflow, a change made by another host of a network filesystem).
+* polling (no inotify: not Linux, or the inotify limits are exhausted; or ``--policy-watch poll``).
+  Every interval the path is stat-ed (``os.stat`` follows symlinks, so the ``..data`` swap shows as a
+  new inode) and a change loads once it has held still for one whole interval. A writer that pauses
+  longer than that mid-file can have its prefix loaded: the weaker mode, logged as such at start-up.
+
+SIGHUP reloads at once. A file that fails to load is logged and counted, and the previous policy
+keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 from collections.abc import Callable
@@ -19,7 +35,6 @@ from .policy import Policy, PolicyError, load_policy_file
 
 log = logging.getLogger(__name__)
 
-
 _UNSET = object()
 
 
@@ -29,6 +44,139 @@ def _signature(path: Path) -> tuple[int, int, int, int] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+class InotifyUnavailable(OSError):
+    """inotify cannot watch the policy here (not Linux, limits exhausted, ...); the text says why."""
+
+
+class _Inotify:
+    """The inotify side of the reloader: which inodes are watched and what their events mean.
+
+    Watches (re-armed whenever the directory structure changes, since a swap changes the target):
+    the directory of the path, and when the path resolves to a regular file elsewhere, that file
+    and its directory. Only regular targets are watched: a path pointing at /dev would otherwise
+    watch a directory every process writes to (/dev/null).
+    """
+
+    def __init__(self, path: Path) -> None:
+        try:
+            from inotify_simple import INotify, flags
+        except ImportError as exc:  # not installed (the dependency is Linux-only)
+            raise InotifyUnavailable(f"the inotify_simple package is not available ({exc})") from None
+        self._flags = flags
+        self._dir_mask = (flags.CREATE | flags.DELETE | flags.MOVED_TO | flags.MOVED_FROM | flags.ATTRIB
+                          | flags.MODIFY | flags.CLOSE_WRITE | flags.DELETE_SELF | flags.MOVE_SELF)
+        self._file_mask = flags.MODIFY | flags.CLOSE_WRITE | flags.ATTRIB | flags.DELETE_SELF | flags.MOVE_SELF
+        self._structure = (flags.CREATE | flags.DELETE | flags.MOVED_TO | flags.MOVED_FROM | flags.DELETE_SELF
+                           | flags.MOVE_SELF | flags.IGNORED | flags.UNMOUNT)
+        try:
+            self._inotify = INotify(nonblocking=True)
+        except (OSError, AttributeError) as exc:  # AttributeError: a libc without inotify_init1
+            reason = "the inotify instance limit (fs.inotify.max_user_instances) is reached" \
+                if getattr(exc, "errno", None) == errno.EMFILE else f"{type(exc).__name__}: {exc}"
+            raise InotifyUnavailable(reason) from None
+        self.path = Path(os.path.abspath(path))
+        self._names: dict[int, set[str]] = {}  # wd -> names of interest in it ("" = the watched file itself)
+        self._target: tuple[int, int] | None = None  # (dev, ino) of the file the watches were armed for
+        # (dev, ino) of the target while a writer has it open: IN_MODIFY seen, IN_CLOSE_WRITE not yet.
+        self.writing: tuple[int, int] | None = None
+        self.lost_events = False  # the kernel's queue overflowed: writer state unknown until re-checked
+        try:
+            self.arm()
+        except OSError:
+            self.close()
+            raise
+
+    def fileno(self) -> int:
+        return self._inotify.fileno()
+
+    def close(self) -> None:
+        self._inotify.close()
+
+    def arm(self) -> None:
+        """(Re)place the watches for what the path resolves to now. InotifyUnavailable when the kernel
+        refuses a watch for a reason other than a path that is gone (e.g. fs.inotify.max_user_watches)."""
+        wanted: dict[int, set[str]] = {}
+
+        def add(where: Path, mask: int, name: str) -> None:
+            try:
+                wd = self._inotify.add_watch(where, mask)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.ELOOP):
+                    return  # gone or unreachable: the directory watch sees it come back
+                if exc.errno == errno.ENOSPC:
+                    raise InotifyUnavailable("the inotify watch limit (fs.inotify.max_user_watches) is reached") \
+                        from None
+                raise InotifyUnavailable(f"cannot watch {where}: {exc.strerror or exc}") from None
+            wanted.setdefault(wd, set()).add(name)
+
+        add(self.path.parent, self._dir_mask, self.path.name)
+        target = Path(os.path.realpath(self.path))
+        identity = None
+        try:
+            st = os.stat(target)
+            if os.path.isfile(target):
+                identity = (st.st_dev, st.st_ino)
+        except OSError:
+            pass
+        if identity is not None:
+            add(target.parent, self._dir_mask, target.name)
+            add(target, self._file_mask, "")
+        for wd in set(self._names) - set(wanted):
+            try:
+                self._inotify.rm_watch(wd)
+            except OSError:
+                pass  # already gone (its inode was deleted)
+        self._names = wanted
+        if identity != self._target:
+            self.writing = None  # another file now: what a writer does to the old one no longer matters
+        self._target = identity
+
+    def absorb(self) -> bool:
+        """Read every queued event; True when the file may have new content that its signature
+        (inode, size, mtime) might not show: a writer closed it, or its attributes changed.
+
+        Updates ``writing``. Runs before any load decision (also SIGHUP's): events are queued by the
+        kernel at write time, so a writer's IN_MODIFY is seen before a signal sent after it.
+        A structural event re-arms at once, so the events after it are read against the new target
+        (``rm f; cat > f`` is a new file being written, not the old one).
+        """
+        flags = self._flags
+        content = False
+        try:
+            events = self._inotify.read(timeout=0)
+        except OSError as exc:
+            raise InotifyUnavailable(f"cannot read inotify events: {exc.strerror or exc}") from None
+        for event in events:
+            if event.mask & flags.Q_OVERFLOW:  # events were lost: a writer may have gone unseen
+                self.writing = None
+                self.lost_events = True
+                self.arm()
+                continue
+            names = self._names.get(event.wd)
+            if names is None:
+                continue  # a watch already replaced: its inode is no longer what the path names
+            if event.mask & self._structure:
+                self.arm()
+            elif event.name not in names:
+                continue  # another file in a watched directory
+            elif event.mask & flags.CLOSE_WRITE:
+                self.writing = None
+                content = True
+            elif event.mask & flags.MODIFY:
+                self.writing = self._target
+            elif event.mask & flags.ATTRIB:
+                content = True
+        return content
 
 
 class PolicyReloader:
@@ -48,21 +196,55 @@ class PolicyReloader:
         self._seen = _signature(path)
         self._pending: object = _UNSET  # a changed signature waiting to prove it is stable
         self._lock = asyncio.Lock()
+        self._inotify: _Inotify | None = None
+        self._fallback_reason = "--policy-watch poll"
+        self._told_writer: tuple[int, int] | None = None
         self.last_error: str | None = None
 
+    @property
+    def mode(self) -> str:
+        return "inotify" if self._inotify is not None else "poll"
+
+    def open_watch(self, mode: str = "auto") -> None:
+        """Set up inotify for ``auto``/``inotify``; ``inotify`` raises InotifyUnavailable rather than
+        fall back to polling (for operators who require complete-file loads)."""
+        if mode == "poll":
+            return
+        try:
+            self._inotify = _Inotify(self.path)
+        except InotifyUnavailable as exc:
+            if mode == "inotify":
+                raise InotifyUnavailable(f"--policy-watch inotify: cannot watch {self.path}: {exc}; fix that, or "
+                                         "use --policy-watch auto to fall back to polling") from None
+            self._fallback_reason = f"inotify unavailable: {exc}"
+
     async def reload(self, reason: str) -> bool:
-        """Load the file now; True when a new policy started serving."""
+        """Load the file now (SIGHUP), unless its writer still has it open; True when a new policy serves."""
+        self._absorb()
+        if self._inotify is not None and self._inotify.writing is not None:
+            log.warning("policy reload deferred: the file is open for writing (modified, not closed yet); "
+                        "it loads when the writer closes it",
+                        extra={"reason": reason, "path": str(self.path), "serving_sha256": self.policy.sha256})
+            return False
+        return await self._load(reason)
+
+    async def _load(self, reason: str) -> bool:
         async with self._lock:
-            self._seen = _signature(self.path)
+            before = self._seen = _signature(self.path)
+            self._pending = _UNSET
             try:
                 policy = await asyncio.to_thread(load_policy_file, self.path)
             except Exception as exc:  # noqa: BLE001 - any failure keeps the old policy serving
+                if self._written_while_read(before):
+                    return False
                 if not isinstance(exc, PolicyError):
                     exc = PolicyError(f"{self.path}: cannot load policy: {type(exc).__name__}")
                 self.last_error = str(exc)
                 self._metrics.policy_reloads.labels("error").inc()
                 log.error("policy reload failed; previous policy keeps serving",
                           extra={"reason": reason, "error": str(exc), "serving_sha256": self.policy.sha256})
+                return False
+            if self._written_while_read(before):
                 return False
             self.last_error = None
             if policy.sha256 == self.policy.sha256:
@@ -74,19 +256,105 @@ class PolicyReloader:
                                                "issuers": len(policy.issuers), "sha256": policy.sha256})
             return True
 
+    def _written_while_read(self, before: tuple[int, int, int, int] | None) -> bool:
+        """True when a writer started on the file between the decision to load and the end of the
+        read: what was read may be a prefix. It is dropped; the writer's close (or the next poll,
+        which sees the new signature) loads the file again."""
+        self._absorb()
+        if _signature(self.path) == before and (self._inotify is None or self._inotify.writing is None):
+            return False
+        log.info("policy file changed while it was read; it loads again once complete", extra={"path": str(self.path)})
+        return True
+
     async def watch(self, interval: float) -> None:
-        """Poll the path forever (cancel to stop)."""
+        """Follow the file forever (cancel to stop); ``interval`` is the poll or safety re-check period."""
+        if self._inotify is not None:
+            log.info("policy file watched with inotify: a change loads once its writer has closed the file",
+                     extra={"path": str(self.path), "safety_recheck_seconds": interval})
+            await self._follow_events(interval)
+        log.warning("policy file watched by polling, the weaker mode: a writer that pauses mid-file for longer "
+                    "than the interval can have its partial file loaded; replace the file by a rename (as "
+                    "Kubernetes does) instead of rewriting it in place",
+                    extra={"path": str(self.path), "reason": self._fallback_reason, "interval_seconds": interval})
         while True:
             await asyncio.sleep(interval)
             await self.poll()
+
+    async def _follow_events(self, interval: float) -> None:
+        """Until inotify fails (then the caller polls): load on events, re-check every interval."""
+        assert self._inotify is not None
+        wake = asyncio.Event()
+        asyncio.get_running_loop().add_reader(self._inotify.fileno(), wake.set)
+        try:
+            while self._inotify is not None:
+                try:
+                    await asyncio.wait_for(wake.wait(), interval)
+                    woke = True
+                except TimeoutError:
+                    woke = False
+                wake.clear()
+                if self._inotify is None:  # failed meanwhile (a SIGHUP's read of the events)
+                    break
+                await (self.handle_events() if woke else self._recheck())
+        finally:
+            self._stop_inotify()
+
+    def _stop_inotify(self) -> None:
+        if self._inotify is not None:
+            asyncio.get_running_loop().remove_reader(self._inotify.fileno())
+            self._inotify.close()
+            self._inotify = None
+
+    def _absorb(self) -> bool:
+        """Events so far (see ``_Inotify.absorb``); when inotify fails, polling takes over."""
+        if self._inotify is None:
+            return False
+        try:
+            content = self._inotify.absorb()
+        except InotifyUnavailable as exc:
+            self._fallback_reason = str(exc)
+            self._stop_inotify()
+            return False
+        writing = self._inotify.writing
+        if writing is not None and writing != self._told_writer:
+            log.info("policy file is open for writing; it loads when the writer closes it",
+                     extra={"path": str(self.path)})
+        self._told_writer = writing
+        return content
+
+    async def handle_events(self) -> None:
+        """Read the queued inotify events and load the file if it changed and no writer has it open."""
+        content = self._absorb()
+        if self._inotify is None or self._inotify.writing is not None:
+            return
+        if self._inotify.lost_events:  # a writer may be unseen: a change must hold still, as when polling
+            self._inotify.lost_events = False
+            await self.poll()
+        elif content or _signature(self.path) != self._seen:
+            await self._load("file changed")
+
+    async def _recheck(self) -> None:
+        """The safety net: re-arm, and treat a change no event explained as a poll would."""
+        if self._inotify is None:
+            return
+        try:
+            self._inotify.arm()
+        except InotifyUnavailable as exc:
+            self._fallback_reason = str(exc)
+            self._stop_inotify()
+            return
+        await self.poll()
 
     async def poll(self) -> bool:
         """One poll: reload once a change has stayed put for a whole poll interval.
 
         Why wait: a file rewritten in place (an editor, ``cp``, a shell redirect) can be caught half
-        written, and a truncated policy may still parse with its last routes missing, letting a
-        broader, weaker route match. A ConfigMap swap is atomic, so this only costs one interval.
+        written. A ConfigMap swap is atomic, so this only costs one interval. Used when inotify is
+        unavailable, and as inotify's safety net.
         """
+        self._absorb()
+        if self._inotify is not None and self._inotify.writing is not None:
+            return False  # a writer has the file open: its close will load it
         current = _signature(self.path)
         if current == self._seen:
             self._pending = _UNSET
@@ -95,4 +363,4 @@ class PolicyReloader:
             self._pending = current
             return False
         self._pending = _UNSET
-        return await self.reload("file changed")
+        return await self._load("file changed")

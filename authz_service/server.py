@@ -107,6 +107,7 @@ class Service:
         self.jwks = JwksCache(settings.jwks, self.metrics, self._session, on_key_removed=self.token_cache.drop_key)
         self.jwks.sync(policy.issuers)
         self.reloader = PolicyReloader(settings.policy, policy, self.metrics, on_change=self._policy_changed)
+        self.reloader.open_watch(settings.policy_watch)  # --policy-watch inotify without inotify: OSError
         self.metrics.policy_loaded(len(policy.routes), policy.sha256)
         verifier = TokenVerifier(self.jwks, leeway=settings.leeway, cache=self.token_cache)
         self.checker = Checker(self.reloader, verifier, Answers(settings.realm), self.metrics.per_check)

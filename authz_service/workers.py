@@ -13,8 +13,14 @@ SIGTERM and SIGHUP, restarts a worker that dies, and exits non-zero when workers
 
 Port ownership: the parent binds the gRPC address itself with SO_REUSEPORT (without listening)
 before any worker starts and holds it until exit. A port already held by another program without
-SO_REUSEPORT therefore fails start-up as with one worker; only a program of the same user that
-also sets SO_REUSEPORT could share it (a kernel rule we cannot tighten).
+SO_REUSEPORT therefore fails start-up as with one worker. The kernel lets a socket join a
+SO_REUSEPORT group only when it was created by the same effective UID, so a process of another UID
+cannot take a share of the Checks; one of the same UID (or root, which can become any UID) can, and
+grpcio offers no way to serve an inherited listening socket that would avoid SO_REUSEPORT. Hence the
+deployment rule (docs/security.md): every container of the Pod runs as its own non-root UID. What
+we can see, we watch: a listening socket on the gRPC port that none of our workers holds (from
+/proc/net/tcp{,6}, which lists the whole network namespace, i.e. the Pod) is logged as an error and
+makes the parent not ready until it goes away; running as root is warned about at start-up.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import tempfile
 import threading
 import time
 from multiprocessing.sharedctypes import Synchronized
+from pathlib import Path
 from typing import Any
 
 from .config import Settings
@@ -42,6 +49,7 @@ log = logging.getLogger(__name__)
 STARTING, SERVING, READY, STOPPED = 0, 1, 2, 3
 START_TIMEOUT = 60.0
 RESTART_DELAY = 1.0
+PORT_CHECK_INTERVAL = 1.0  # seconds between looks for foreign listeners on the gRPC port
 
 
 def reserve_port(host: str, port: int, what: str = "gRPC") -> socket.socket:
@@ -55,6 +63,38 @@ def reserve_port(host: str, port: int, what: str = "gRPC") -> socket.socket:
         sock.close()
         raise OSError(f"cannot bind the {what} port {host}:{port}: {exc.strerror or exc}") from None
     return sock
+
+
+def port_listeners(port: int) -> dict[int, int]:
+    """inode -> UID of every listening TCP socket on ``port`` in this network namespace (Linux)."""
+    found: dict[int, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()  # sl local_address rem_address st ... uid timeout inode
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found[int(fields[9])] = int(fields[7])
+    return found
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process ``pid`` holds (our own children: same UID, readable)."""
+    inodes: set[int] = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
 
 
 def worker_main(settings: Settings, index: int, state: Synchronized, log_level: str) -> None:
@@ -124,11 +164,13 @@ class Supervisor:
         self._http_reservation: socket.socket | None = None
         self.grpc_port: int | None = None
         self.http_port: int | None = None
+        self.foreign_listeners: dict[int, int] = {}  # inode -> UID, seen twice in a row
+        self._suspects: dict[int, int] = {}
 
     # --- readiness ------------------------------------------------------------------------------
 
     def ready(self) -> bool:
-        return not self._stopping.is_set() and all(
+        return not self._stopping.is_set() and not self.foreign_listeners and all(
             w.process is not None and w.process.is_alive() and w.state.value == READY for w in self._workers
         )
 
@@ -173,6 +215,10 @@ class Supervisor:
                 await self._stop_workers()
                 return 0
             await self._serve_http()
+            if hasattr(os, "geteuid") and os.geteuid() == 0:
+                log.warning("running as root with --workers: any root process in the Pod's network namespace "
+                            "can join the gRPC port's SO_REUSEPORT group and answer Checks; run authz-service as "
+                            "its own non-root UID (docs/security.md)", extra={"grpc_port": self.grpc_port})
             log.info("authz-service started", extra={
                 "grpc": f"{self.settings.grpc_host}:{self.grpc_port}",
                 "http": f"{self.settings.http_host}:{self.http_port}", "workers": len(self._workers),
@@ -217,7 +263,11 @@ class Supervisor:
         """Until SIGTERM: restart any worker that exits (its counters stay in the metrics view)."""
         from prometheus_client import multiprocess
 
+        next_port_check = 0.0
         while not self._stopping.is_set():
+            if time.monotonic() >= next_port_check:
+                self._check_port_owners()
+                next_port_check = time.monotonic() + PORT_CHECK_INTERVAL
             for w in self._workers:
                 if w.process is not None and not w.process.is_alive():
                     log.error("worker exited; restarting it",
@@ -233,6 +283,27 @@ class Supervisor:
                 await asyncio.wait_for(self._stopping.wait(), 0.2)
             except asyncio.TimeoutError:
                 pass
+
+    def _check_port_owners(self) -> None:
+        """Find listening sockets on the gRPC port that no worker holds: another process of our UID
+        (or root) that joined the SO_REUSEPORT group and receives a share of Envoy's connections.
+        Listed first, then our workers' sockets, so a worker starting in between is not a suspect;
+        a suspect must be seen twice in a row (a worker that died in between is gone by then)."""
+        assert self.grpc_port is not None
+        listeners = port_listeners(self.grpc_port)
+        ours = set().union(*(socket_inodes(w.process.pid) for w in self._workers if w.process is not None))
+        suspects = {inode: uid for inode, uid in listeners.items() if inode not in ours}
+        foreign = {inode: uid for inode, uid in suspects.items() if inode in self._suspects}
+        self._suspects = suspects
+        for inode, uid in foreign.items():
+            if inode not in self.foreign_listeners:
+                log.error("another process listens on the gRPC port and receives a share of Envoy's Checks "
+                          "(SO_REUSEPORT); not ready until it is gone. Run every container of the Pod as its own "
+                          "non-root UID (docs/security.md)",
+                          extra={"grpc_port": self.grpc_port, "uid": uid, "socket_inode": inode})
+        if self.foreign_listeners and not foreign:
+            log.info("the foreign listener on the gRPC port is gone", extra={"grpc_port": self.grpc_port})
+        self.foreign_listeners = foreign
 
     def _forward(self, sig: int) -> None:
         for w in self._workers:
@@ -265,8 +336,12 @@ class Supervisor:
             # Reading every worker's files takes a while: off the event loop.
             return await asyncio.get_running_loop().run_in_executor(None, generate_latest, registry)
 
-        self._http = AdminServer(lambda: (self.ready(), {"workers": self.status()}),
-                                 CachedExposition(exposition, self.settings.metrics_min_interval))
+        def readiness() -> tuple[bool, dict[str, object]]:
+            return self.ready(), {"workers": self.status(),
+                                  "foreign_listeners": [{"uid": uid, "socket_inode": inode}
+                                                        for inode, uid in self.foreign_listeners.items()]}
+
+        self._http = AdminServer(readiness, CachedExposition(exposition, self.settings.metrics_min_interval))
         try:
             self.http_port = await self._http.start(self.settings.http_host, self.settings.http_port)
         except OSError:

@@ -379,6 +379,45 @@ def test_every_container_has_a_restrictive_security_context(pod_spec: dict[str, 
     assert container(pod_spec, "authz-service")["securityContext"]["runAsUser"] == AUTHZ_UID
 
 
+def uid_sharing_problems(pod_spec: dict[str, Any]) -> list[str]:
+    """Why the Pod would let another container join authz-service's SO_REUSEPORT group (--workers):
+    the kernel admits any socket of the same UID, so authz-service needs a UID of its own, set
+    explicitly (an image's USER can change under us) and never root (root can become any UID)."""
+    pod_uid = pod_spec.get("securityContext", {}).get("runAsUser")
+    uids = {c["name"]: c.get("securityContext", {}).get("runAsUser", pod_uid) for c in all_containers(pod_spec)}
+    authz = uids.get("authz-service")
+    if not isinstance(authz, int) or authz == 0:
+        return [f"authz-service runAsUser is {authz!r}: set a non-root UID of its own"]
+    return [f"container {name} runs as authz-service's UID {authz}" if uid == authz else
+            f"container {name} has no runAsUser: it may run as authz-service's UID" if uid is None else
+            f"container {name} runs as root, which can take any UID"
+            for name, uid in uids.items() if name != "authz-service" and uid in (authz, None, 0)]
+
+
+def test_authz_service_has_a_uid_no_other_container_shares(pod_spec: dict[str, Any]) -> None:
+    """docs/security.md "Worker processes and SO_REUSEPORT": the Pod rule that keeps the gRPC port ours."""
+    assert uid_sharing_problems(pod_spec) == []
+
+
+@pytest.mark.parametrize("mistake", ["envoy-shares", "app-unset", "authz-unset", "pod-level-only", "app-root"])
+def test_uid_sharing_check_catches_mistakes(pod_spec: dict[str, Any], mistake: str) -> None:
+    bad = copy.deepcopy(pod_spec)
+    context = {c["name"]: c.setdefault("securityContext", {}) for c in all_containers(bad)}
+    if mistake == "envoy-shares":
+        context["envoy"]["runAsUser"] = AUTHZ_UID
+    elif mistake == "app-unset":
+        del context["app"]["runAsUser"]
+    elif mistake == "authz-unset":
+        del context["authz-service"]["runAsUser"]
+    elif mistake == "pod-level-only":  # one UID for the Pod, none per container: all share it
+        bad["securityContext"]["runAsUser"] = AUTHZ_UID
+        for sc in context.values():
+            del sc["runAsUser"]
+    else:
+        context["app"]["runAsUser"] = 0
+    assert uid_sharing_problems(bad), mistake
+
+
 def test_pod_level_hardening(pod_spec: dict[str, Any]) -> None:
     assert pod_spec["securityContext"]["runAsNonRoot"] is True
     assert pod_spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import textwrap
+import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authz_service.policy import Mode, PolicyError, load_policy_file, parse_policy
+from authz_service.policy import POLICY_MAX_BYTES, Mode, PolicyError, load_policy_file, parse_policy, read_policy_file
 
 SOURCE = "policies/test.yaml"
 ISSUERS = "issuers:\n  - user_pool_id: us-east-1_Abc123\n"
@@ -132,6 +135,69 @@ def test_unreadable_file_names_the_file(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(PolicyError, match="nope.yaml"):
         load_policy_file(missing)
+
+
+def read_in_thread(path):
+    """read_policy_file in a thread, so a reader that blocks (the old one on a FIFO) fails the test
+    instead of hanging it; the blocked thread is released by opening the FIFO's other end."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["data"] = read_policy_file(path)
+        except BaseException as exc:  # noqa: BLE001 - inspected by the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # unblocks the reader's open
+        thread.join(10)
+        pytest.fail(f"reading {path} blocked")
+    return outcome
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "policy.yaml"
+    os.mkfifo(fifo)
+    error = read_in_thread(fifo).get("error")
+    assert isinstance(error, PolicyError) and str(error).startswith(f"{fifo}: not a regular file (a FIFO); point")
+
+
+@pytest.mark.parametrize("target, kind", [("/dev/zero", "a character device"), (".", "a directory")])
+def test_devices_and_directories_are_refused(tmp_path, target, kind):
+    link = tmp_path / "policy.yaml"
+    link.symlink_to(target if target.startswith("/") else tmp_path)
+    with pytest.raises(PolicyError, match=f"^{re.escape(str(link))}: not a regular file \\({kind}\\)"):
+        load_policy_file(link)
+
+
+def test_a_file_over_the_cap_is_refused_by_size_and_one_at_it_loads(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_bytes(b"#" * (POLICY_MAX_BYTES + 1))
+    with pytest.raises(PolicyError, match=f"{POLICY_MAX_BYTES + 1} bytes is larger than a policy file may be "
+                                          f"\\({POLICY_MAX_BYTES} bytes, 1 MiB\\)"):
+        load_policy_file(path)
+    text = (ISSUERS + "routes:\n  - path: /a\n    public: true\n#").encode()
+    path.write_bytes(text + b"#" * (POLICY_MAX_BYTES - len(text)))  # exactly at the cap
+    assert load_policy_file(path).routes[0].path == "/a"
+
+
+def test_a_file_growing_past_the_cap_while_read_is_refused(tmp_path):
+    """st_size is only a hint: a file that grows after fstat is still cut at the cap (reads count)."""
+    path = tmp_path / "policy.yaml"
+    path.write_bytes(b"")
+    real_fstat = os.fstat
+
+    def stale_fstat(fd):  # the size as it was before a writer appended the rest
+        return os.stat_result((*real_fstat(fd)[:6], 0, *real_fstat(fd)[7:]))
+
+    path.write_bytes(b"#" * (POLICY_MAX_BYTES + 10))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "fstat", stale_fstat)
+        with pytest.raises(PolicyError, match="more is larger than a policy file may be"):
+            read_policy_file(path)
 
 
 # --- every mistake is a PolicyError that names the file, the place and the problem ---------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import textwrap
@@ -54,6 +55,18 @@ def test_validate_example_policy_is_clean():
 def test_unreadable_file_is_an_error():
     report = validate_file("/nonexistent/policy.yaml")
     assert report.policy is None and "cannot read policy file" in str(report.errors[0])
+
+
+def test_validate_reads_through_the_safe_reader(tmp_path):
+    """validate refuses what the server refuses, without blocking on a FIFO or reading /dev/zero."""
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.yaml"
+    zero.symlink_to("/dev/zero")
+    run = cli("validate", str(fifo), str(zero))
+    assert run.returncode == 1
+    assert f"{fifo}: not a regular file (a FIFO)" in run.stdout
+    assert f"{zero}: not a regular file (a character device)" in run.stdout
 
 
 def test_warnings_exit_0_unless_strict(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from prometheus_client import CollectorRegistry
 
 from authz_service.metrics import Metrics
@@ -62,3 +64,181 @@ async def test_a_stable_change_is_loaded_on_the_next_poll_and_a_missing_file_nev
     for _ in range(3):
         await reloader.poll()
     assert reloader.policy.match("GET", ("admin",)).name == "admin"  # old policy keeps serving
+
+
+# --- inotify: a file loads once its writer has closed it ----------------------------------------------
+
+
+def inotify_reloader(path: Path, mode: str = "auto") -> PolicyReloader:
+    reloader = PolicyReloader(path, load_policy_file(path), Metrics(CollectorRegistry()))
+    reloader.open_watch(mode)
+    assert reloader.mode == "inotify"
+    return reloader
+
+
+def admin_route(reloader: PolicyReloader) -> str | None:
+    route = reloader.policy.match("GET", ("admin", "users"))
+    return route.name if route else None
+
+
+PROTECTED = "issuers:\n  - user_pool_id: us-east-1_Abc123\nroutes:\n  - path: /healthz\n    public: true\n"
+
+
+async def test_a_writer_that_pauses_mid_file_is_not_loaded_until_it_closes(tmp_path: Path) -> None:
+    """The kernel queues IN_MODIFY at write time, so every event below is readable when the
+    reloader looks: no timing is involved. The paused prefix is a valid policy that opens /admin."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(PROTECTED)
+    reloader = inotify_reloader(path)
+    with open(path, "w") as writer:
+        writer.write(HEAD)
+        writer.flush()
+        await reloader.handle_events()
+        assert admin_route(reloader) is None and reloader.policy.sha256 == load_policy_file_sha(PROTECTED)
+        assert await reloader.reload("SIGHUP") is False  # SIGHUP too waits for the writer
+        await reloader.poll()
+        await reloader.poll()  # the polling rule alone would have loaded the prefix by now
+        assert admin_route(reloader) is None
+        writer.write(TAIL)
+    await reloader.handle_events()  # IN_CLOSE_WRITE
+    assert admin_route(reloader) == "admin"
+
+
+def load_policy_file_sha(text: str) -> str:
+    from authz_service.policy import parse_policy
+
+    return parse_policy(text).sha256
+
+
+async def test_a_new_file_written_slowly_after_a_delete_is_not_loaded_until_closed(tmp_path: Path) -> None:
+    """``rm f; cat > f``: the events of the new file come after its CREATE and must count for it."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(PROTECTED)
+    reloader = inotify_reloader(path)
+    path.unlink()
+    with open(path, "w") as writer:
+        writer.write(HEAD)
+        writer.flush()
+        await reloader.handle_events()
+        assert admin_route(reloader) is None
+        writer.write(TAIL)
+    await reloader.handle_events()
+    assert admin_route(reloader) == "admin"
+
+
+async def test_a_file_renamed_into_place_loads_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(PROTECTED)
+    reloader = inotify_reloader(path)
+    staged = tmp_path / ".policy.yaml.tmp"
+    with open(staged, "w") as writer:  # another name: its writes are not the policy's
+        writer.write(HEAD)
+        writer.flush()
+        await reloader.handle_events()
+        assert admin_route(reloader) is None and reloader.policy.sha256 == load_policy_file_sha(PROTECTED)
+        writer.write(TAIL)
+    staged.rename(path)
+    await reloader.handle_events()
+    assert admin_route(reloader) == "admin"
+
+
+def configmap(root: Path, text: str, generation: int) -> None:
+    """Lay out or update ``root/policy.yaml`` as the kubelet does: ..data -> ..<generation>/."""
+    folder = root / f"..{generation}"
+    folder.mkdir()
+    (folder / "policy.yaml").write_text(text)
+    (root / "..data_tmp").symlink_to(folder.name)
+    (root / "..data_tmp").rename(root / "..data")
+    if not (root / "policy.yaml").is_symlink():
+        (root / "policy.yaml").symlink_to("..data/policy.yaml")
+
+
+async def test_configmap_swap_and_in_place_edit_of_the_symlink_target(tmp_path: Path) -> None:
+    """The swap shows in the path's directory; an in-place edit of the file the symlinks resolve to
+    shows only in the target's directory, which is watched too (and re-armed after each swap)."""
+    configmap(tmp_path, PROTECTED, 1)
+    path = tmp_path / "policy.yaml"
+    reloader = inotify_reloader(path)
+    configmap(tmp_path, HEAD, 2)
+    await reloader.handle_events()
+    assert admin_route(reloader) == "everything-else"
+    with open(tmp_path / "..2" / "policy.yaml", "a") as writer:
+        writer.write(TAIL)
+        writer.flush()
+        await reloader.handle_events()
+        assert admin_route(reloader) == "everything-else"  # open for writing: not yet
+    await reloader.handle_events()
+    assert admin_route(reloader) == "admin"
+
+
+async def test_poll_mode_and_fallback_when_inotify_is_unavailable(tmp_path: Path, monkeypatch) -> None:
+    from authz_service import reloader as module
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(PROTECTED)
+    forced = PolicyReloader(path, load_policy_file(path), Metrics(CollectorRegistry()))
+    forced.open_watch("poll")
+    assert forced.mode == "poll"
+
+    def unavailable(_path: Path) -> None:
+        raise module.InotifyUnavailable("the inotify instance limit (fs.inotify.max_user_instances) is reached")
+
+    monkeypatch.setattr(module, "_Inotify", unavailable)
+    fallback = PolicyReloader(path, load_policy_file(path), Metrics(CollectorRegistry()))
+    fallback.open_watch("auto")
+    assert fallback.mode == "poll"
+    required = PolicyReloader(path, load_policy_file(path), Metrics(CollectorRegistry()))
+    with pytest.raises(OSError, match="--policy-watch inotify: cannot watch .*max_user_instances.*--policy-watch auto"):
+        required.open_watch("inotify")
+
+
+async def test_a_writer_starting_while_the_file_is_read_drops_what_was_read(tmp_path: Path, monkeypatch) -> None:
+    """No writer when the load was decided, one by the end of the read: what was read may be a
+    prefix, so it is not served; the writer's close loads the file."""
+    from authz_service import reloader as module
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(PROTECTED)
+    reloader = inotify_reloader(path)
+    writers = []
+
+    def read_then_a_writer_starts(where: Path):
+        policy = load_policy_file(where)
+        writer = open(path, "w")  # noqa: SIM115 - closed by the test below
+        writer.write(HEAD)
+        writer.flush()
+        writers.append(writer)
+        return policy
+
+    monkeypatch.setattr(module, "load_policy_file", read_then_a_writer_starts)
+    staged = tmp_path / "staged.yaml"
+    staged.write_text(HEAD + TAIL)
+    staged.rename(path)
+    await reloader.handle_events()
+    assert reloader.policy.sha256 == load_policy_file_sha(PROTECTED) and reloader.last_error is None
+    monkeypatch.setattr(module, "load_policy_file", load_policy_file)
+    writers[0].write(TAIL)
+    writers[0].close()
+    await reloader.handle_events()
+    assert admin_route(reloader) == "admin"
+
+
+async def test_after_lost_events_a_change_must_hold_still_before_it_loads(tmp_path: Path) -> None:
+    """When the kernel's event queue overflows, a writer's IN_MODIFY may be among the lost events:
+    the change then loads only by the polling rule (unchanged over a whole interval), never at once."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(PROTECTED)
+    reloader = inotify_reloader(path)
+    queue = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    noise = tmp_path / "noise"
+    for _ in range(queue // 2 + 1):  # CREATE and DELETE alternate, so the kernel cannot merge them
+        noise.touch()
+        noise.unlink()
+    with open(path, "w") as writer:  # its IN_MODIFY comes after the queue is full: lost
+        writer.write(HEAD)
+        writer.flush()
+        await reloader.handle_events()
+        assert admin_route(reloader) is None  # not at once, though the file's signature changed
+    writer_closed_at = reloader.policy.sha256
+    await reloader.handle_events()  # the writer's close (queued now that the queue was read)
+    assert reloader.policy.sha256 != writer_closed_at and admin_route(reloader) == "everything-else"

@@ -127,16 +127,27 @@ def bearer(token: str) -> dict[str, str]:
 
 def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *service_args: str,
                          fake: FakeIssuer | None = None, wait_ready: bool = True,
-                         env: dict[str, str] | None = None) -> SecurityStack:
+                         env: dict[str, str] | None = None, wrapper: tuple[str, ...] = ()) -> SecurityStack:
     """Dev issuer + fake issuer (started here unless given) + service (its CLI) + Envoy (shipped config)."""
     from .stack import start_dev_issuer, start_service
 
+    own_fake = fake is None
     fake = fake or FakeIssuer().start()
-    dev = start_dev_issuer(work, "us-east-1_Demo00001")
-    policy = PolicyDir(work / "config")
-    policy.write(policy_text(fake, dev))
-    service = start_service(work, policy.path, *service_args, wait_ready=wait_ready, env=env)
-    envoy = envoy_factory(service.grpc_port)
+    started: list = []  # stopped again if a later part fails to start: nothing outlives the test
+    try:
+        dev = start_dev_issuer(work, "us-east-1_Demo00001")
+        started.append(dev.process)
+        policy = PolicyDir(work / "config")
+        policy.write(policy_text(fake, dev))
+        service = start_service(work, policy.path, *service_args, wait_ready=wait_ready, env=env, wrapper=wrapper)
+        started.append(service.process)
+        envoy = envoy_factory(service.grpc_port)
+    except BaseException:
+        for process in reversed(started):
+            process.stop()
+        if own_fake:
+            fake.stop()
+        raise
     return SecurityStack(fake, dev, policy, service, envoy, upstream, work)
 
 

@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,10 +115,14 @@ class PolicyDir:
         self._generation = 0
 
     def write(self, text: str) -> None:
+        self.replace(lambda file: file.write_text(text))
+
+    def replace(self, make: Callable[[Path], None]) -> None:
+        """Swap in a new ``..data`` folder whose policy.yaml ``make`` creates (a file, a FIFO, a symlink)."""
         self._generation += 1
         folder = self.root / f"..{time.time_ns()}_{self._generation}"
         folder.mkdir()
-        (folder / "policy.yaml").write_text(text)
+        make(folder / "policy.yaml")
         tmp_link = self.root / "..data_tmp"
         if tmp_link.is_symlink():
             tmp_link.unlink()
@@ -142,6 +147,10 @@ class Service:
         assert status == 200
         return body.decode()
 
+    def readyz(self) -> tuple[int, dict]:
+        status, _, body = http_request("GET", f"http://127.0.0.1:{self.http_port}/readyz")
+        return status, json.loads(body)
+
     def sample(self, name: str, **labels: str) -> float:
         """Value of one metric sample (0 when the series does not exist yet)."""
         from prometheus_client.parser import text_string_to_metric_families
@@ -154,20 +163,25 @@ class Service:
 
 
 def start_service(workdir: Path, policy: Path, *extra: str, env: dict[str, str] | None = None,
-                  wait_ready: bool = True) -> Service:
-    """Our service via its CLI; returns once it is ready, or (``wait_ready=False``) merely alive."""
+                  wait_ready: bool = True, wrapper: tuple[str, ...] = ()) -> Service:
+    """Our service via its CLI; returns once it is ready, or (``wait_ready=False``) merely alive.
+    ``wrapper`` is a command that execs the CLI (e.g. into a namespace with other limits)."""
     grpc_port, http_port = free_port(), free_port()
     process = ManagedProcess(
-        cli("serve", "--policy", str(policy), "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
-            "--http-host", "127.0.0.1", "--http-port", str(http_port), "--policy-poll-interval", "0.2",
-            # Tests read exact counters right after their requests: no reuse of a recent exposition
-            # (the default, 1 s, is covered by test_operations_e2e's scrape-flood test).
-            "--metrics-min-interval", "0", *extra),
+        [*wrapper, *cli("serve", "--policy", str(policy), "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
+                        "--http-host", "127.0.0.1", "--http-port", str(http_port), "--policy-poll-interval", "0.2",
+                        # Tests read exact counters right after their requests: no reuse of a recent
+                        # exposition (the default, 1 s, is covered by test_listeners_e2e).
+                        "--metrics-min-interval", "0", *extra)],
         workdir,
         name="authz-service",
         env={**os.environ, **(env or {})},
     ).start()
     started = time.monotonic()
-    wait_for_http(f"http://127.0.0.1:{http_port}/{'readyz' if wait_ready else 'healthz'}", 30, expect_status=200,
-                  proc=process)
+    try:
+        wait_for_http(f"http://127.0.0.1:{http_port}/{'readyz' if wait_ready else 'healthz'}", 30,
+                      expect_status=200, proc=process)
+    except BaseException:
+        process.stop()  # a service that never became ready must not outlive the test
+        raise
     return Service(process, grpc_port, http_port, started)

@@ -1,14 +1,17 @@
 """`--workers 2`: Checks answered through a real Envoy, one aggregated metrics view, readiness of
-every worker, a dead worker restarted, SIGTERM stopping all, and a port held elsewhere refused."""
+every worker, a dead worker restarted, SIGTERM stopping all, a port held elsewhere refused, and who
+can join the gRPC port's SO_REUSEPORT group (only the same UID) and what the service does about it."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +21,7 @@ import pytest
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from .harness import free_port, http_request, wait_for
+from .harness import REPO_ROOT, ManagedProcess, free_port, http_request, wait_for
 from .stack import DevIssuer, Service, cli, start_dev_issuer, start_service
 
 pytestmark = pytest.mark.e2e
@@ -156,7 +159,7 @@ def test_port_held_by_another_program_fails_start(tmp_path, policy) -> None:
             capture_output=True, text=True, timeout=60,
         )
     assert result.returncode == 1, result.stdout + result.stderr
-    assert f"cannot bind gRPC port 127.0.0.1:{port}" in result.stderr
+    assert f"cannot bind the gRPC port 127.0.0.1:{port}" in result.stderr
 
 
 def test_bad_policy_exits_2_before_starting_workers(tmp_path) -> None:
@@ -191,3 +194,84 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path, policy) -> None:
 
 def worker_pids_safe(pids: list[int]) -> list[int]:
     return [p for p in pids if alive(p)]
+
+
+# --- SO_REUSEPORT: the kernel admits only sockets of the same effective UID to the group -------------
+
+OTHER_UID = 65534  # "nobody": any UID but the service's
+
+
+def start_joiner(tmp_path: Path, host: str, port: int, uid: int | None) -> tuple[ManagedProcess, str]:
+    """tests/e2e/port_joiner.py: a gRPC server that answers every Check OK, trying to bind the
+    service's port with SO_REUSEPORT as ``uid`` (None: as the test runner). Returns it and its verdict."""
+    name = f"joiner-{host}-{'same' if uid is None else uid}"
+    joiner = ManagedProcess([sys.executable, "-m", "tests.e2e.port_joiner", host, str(port),
+                             *([] if uid is None else [str(uid)])], tmp_path, name, cwd=REPO_ROOT).start()
+    found = wait_for(lambda: re.search(r"^(joined|refused) ", joiner.log_text(), re.M)
+                     or (not joiner.alive() and "exited"), 30, f"{name}'s verdict")
+    return joiner, found if isinstance(found, str) else found.group(1)
+
+
+def joiner_sockets(pid: int) -> set[int]:
+    from authz_service.workers import socket_inodes
+
+    return socket_inodes(pid)
+
+
+def anonymous_check(port: int) -> int:
+    """A Check with no token on a fresh connection: the service denies it (16), a joiner allows it (0)."""
+    request = external_auth_pb2.CheckRequest()
+    request.attributes.request.http.method, request.attributes.request.http.path = "POST", "/transactions"
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        return external_auth_pb2_grpc.AuthorizationStub(channel).Check(request, timeout=5).status.code
+
+
+def test_single_process_mode_never_shares_its_port(tmp_path, policy, envoy_factory) -> None:
+    service = start_service(tmp_path, policy)
+    joiner = None
+    try:
+        joiner, verdict = start_joiner(tmp_path, "127.0.0.1", service.grpc_port, None)
+        assert verdict == "refused", "one process must not set SO_REUSEPORT: a same-UID process joined"
+        envoy = envoy_factory(service.grpc_port)
+        assert http_request("POST", envoy.url("/transactions"))[0] == 401
+    finally:
+        if joiner is not None:
+            joiner.stop()
+        service.process.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a socket as another UID (CI runs as root)")
+def test_only_a_process_of_the_same_uid_can_join_the_workers_port_and_it_is_detected(
+        tmp_path, policy, envoy_factory) -> None:
+    """Another UID cannot bind the port (neither the same nor a wildcard address): the Pod rule of
+    one UID per container closes the hole. The same UID can, and then answers some Checks OK; the
+    parent finds its socket in /proc/net/tcp and turns not ready until it is gone."""
+    service = start_service(tmp_path, policy, "--workers", "2")
+    joiners: list[ManagedProcess] = []
+    try:
+        for host in ("127.0.0.1", "0.0.0.0"):
+            joiner, verdict = start_joiner(tmp_path, host, service.grpc_port, OTHER_UID)
+            joiners.append(joiner)
+            assert verdict == "refused", f"a process of UID {OTHER_UID} joined the group on {host}"
+        envoy = envoy_factory(service.grpc_port)
+        assert http_request("POST", envoy.url("/transactions"))[0] == 401
+        assert readyz(service)[0] == 200 and not readyz(service)[1].get("foreign_listeners")
+
+        same, verdict = start_joiner(tmp_path, "127.0.0.1", service.grpc_port, None)
+        joiners.append(same)
+        assert verdict == "joined"
+        # The hole, shown: fresh connections are spread over the group, and the joiner allows.
+        wait_for(lambda: anonymous_check(service.grpc_port) == 0, 60, "a Check answered by the joiner")
+        status, body = service.process.wait_until(
+            lambda: (r := readyz(service))[0] == 503 and r, 15, "not ready while a foreign listener exists")
+        [foreign] = body["foreign_listeners"]
+        assert foreign["uid"] == os.geteuid() and foreign["socket_inode"] in joiner_sockets(same.pid)
+        assert "another process listens on the gRPC port" in service.process.log_text()
+        same.stop()
+        service.process.wait_until(lambda: readyz(service)[0] == 200, 15, "ready again once the joiner is gone")
+        assert readyz(service)[1]["foreign_listeners"] == []
+        assert "running as root with --workers" in service.process.log_text()  # the start-up warning
+    finally:
+        for joiner in joiners:
+            joiner.stop()
+        service.process.stop()
