@@ -40,8 +40,10 @@ unit: $(STAMP)
 e2e: $(STAMP)
 	$(BIN)/pytest -q -m e2e
 
+# MODE=grpc (default) or MODE=http: Envoy's ext_authz mode (envoy/envoy.yaml or envoy/envoy-http.yaml).
+MODE ?= grpc
 demo: $(STAMP)
-	$(BIN)/python tools/demo.py
+	$(BIN)/python tools/demo.py --mode $(MODE)
 
 # The benchmark (never part of `make test`): wrk and h2load (nghttp2-client) from Debian, like promtool.
 bench-deps:

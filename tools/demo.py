@@ -1,12 +1,15 @@
 """`make demo`: the product doing its job, end to end, on this machine.
 
-Starts the dev issuer (a local Cognito stand-in), an echo app, authz-service and Envoy with the
-shipped envoy/envoy.yaml (unchanged), performs the seed article's client_credentials flow, sends
-a handful of requests through Envoy, prints what Envoy answered, and stops everything.
+Starts the dev issuer (a local Cognito stand-in), an echo app, authz-service and Envoy with a
+shipped config, unchanged: envoy/envoy.yaml (ext_authz over gRPC, the default) or, with
+`--mode http` (`make demo MODE=http`), envoy/envoy-http.yaml (Envoy's HTTP ext_authz mode). It
+performs the client_credentials flow, sends a handful of requests through Envoy, prints what Envoy
+answered, and stops everything.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import http.client
 import json
@@ -23,7 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-PORTS = {"envoy": 8080, "envoy admin": 9901, "authz gRPC": 9191, "authz HTTP": 8181, "dev issuer": 9000, "app": 8000}
+PORTS = {"envoy": 8080, "envoy admin": 9901, "authz gRPC": 9191, "authz HTTP ext_authz": 9192, "authz health/metrics": 8181,
+         "dev issuer": 9000, "app": 8000}
 CLIENTS = {
     "payments-writer": "payments-writer-demo-secret",
     "payments-reader": "payments-reader-demo-secret",
@@ -64,7 +68,7 @@ def request(method: str, path: str, headers: dict[str, str], body: str | None = 
 
 
 def get_token(client_id: str, scope: str) -> str:
-    """The seed article's curl: POST /oauth2/token, HTTP Basic base64(client_id:secret)."""
+    """Cognito's token endpoint: POST /oauth2/token, HTTP Basic base64(client_id:secret)."""
     basic = base64.b64encode(f"{client_id}:{CLIENTS[client_id]}".encode()).decode()
     conn = http.client.HTTPConnection("127.0.0.1", PORTS["dev issuer"], timeout=10)
     conn.request("POST", "/oauth2/token", body=urllib.parse.urlencode({"grant_type": "client_credentials", "scope": scope}),
@@ -81,6 +85,10 @@ def decode_part(part: str) -> dict:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=["grpc", "http"], default="grpc",
+                        help="Envoy's ext_authz mode: gRPC (envoy/envoy.yaml) or HTTP (envoy/envoy-http.yaml)")
+    mode = parser.parse_args().mode
     busy = [f"{name} ({port})" for name, port in PORTS.items() if not port_free(port)]
     if busy:
         print(f"demo: ports already in use: {', '.join(busy)}. Stop what uses them and retry.", file=sys.stderr)
@@ -96,8 +104,10 @@ def main() -> int:
                        str(ROOT / "authz_service" / "examples" / "dev-issuer.yaml"), "--port", "9000"],
         "app": [sys.executable, str(ROOT / "tools" / "echo_upstream.py"), "--port", "8000",
                 "--host", "127.0.0.1", "--log", str(logs / "app-requests.jsonl")],
-        "authz-service": [str(BIN / "authz-service"), "serve", "--policy", str(policy)],
-        "envoy": [envoy, "-c", str(ROOT / "envoy" / "envoy.yaml"), "--concurrency", "1",
+        "authz-service": [str(BIN / "authz-service"), "serve", "--policy", str(policy),
+                          *(["--ext-authz-http-port", "9192"] if mode == "http" else [])],
+        "envoy": [envoy, "-c", str(ROOT / "envoy" / ("envoy-http.yaml" if mode == "http" else "envoy.yaml")),
+                  "--concurrency", "1",
                   "--base-id", str(os.getpid() % 60000), "--log-level", "warn"],
     }
     procs: dict[str, subprocess.Popen] = {}
@@ -111,9 +121,11 @@ def main() -> int:
             if name == "authz-service":
                 wait_http(8181, "/readyz", procs[name], name)
         wait_http(9901, "/ready", procs["envoy"], "envoy")
-        print(f"Started dev issuer :9000, app :8000, authz-service :9191/:8181, Envoy :8080 (logs in {logs})\n")
+        door = "HTTP :9192" if mode == "http" else "gRPC :9191"
+        print(f"Started dev issuer :9000, app :8000, authz-service (ext_authz {door}, health/metrics :8181), "
+              f"Envoy :8080 in {mode} mode (logs in {logs})\n")
 
-        print("1. client_credentials flow, as in the Cognito seed article:")
+        print("1. The client_credentials flow a Cognito app client uses:")
         print("   curl -X POST http://127.0.0.1:9000/oauth2/token -H 'authorization: Basic <base64(id:secret)>' \\")
         print("        -H 'content-type: application/x-www-form-urlencoded' -d 'grant_type=client_credentials&scope=transactions%2Fpost'")
         writer = get_token("payments-writer", "transactions/post")
