@@ -19,11 +19,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.api_jwk import PyJWK
 
 from ._proto.envoy.service.auth.v3 import external_auth_pb2
+from .claims import KeySource
 from .decision import Decision, Reason, decide, deny
 from .policy import Issuer, Policy
 from .request import BadRequest, HttpRequest, parse_check_request
 from .response import Renderer
-from .tokens import KeySource, TokenVerifier
+from .tokens import TokenVerifier
 
 SIMULATED_KID = "authz-service-simulated"
 DEFAULT_CLIENT_ID = "simulated-client"

@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from base64 import urlsafe_b64decode, urlsafe_b64encode
 
@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from jwt.api_jwk import PyJWK
 
+from .claims import Claims, KeySource
 from .policy import Issuer, Policy
 from .tokencache import CacheEntry, TokenCache
 
@@ -56,30 +57,6 @@ class TokenError(Exception):
         super().__init__(description)
         self.failure = failure
         self.description = description
-
-
-@dataclass(frozen=True, slots=True)
-class Claims:
-    """What a verified token proves; the only token data that leaves this module."""
-
-    issuer: str
-    client_id: str
-    sub: str
-    scopes: frozenset[str]
-    scope_text: str  # the claim as sent (space separated), forwarded as x-auth-scopes
-    exp: int
-    kid: str
-
-
-class KeySource(Protocol):
-    """Where verification finds signing keys (implemented by jwks.JwksCache)."""
-
-    def key(self, issuer: Issuer, kid: str) -> PyJWK | None: ...
-
-    def has_keys(self, issuer: Issuer) -> bool: ...
-
-    async def refetch(self, issuer: Issuer) -> None:
-        """Fetch the issuer's JWKS again because a token named an unknown kid (rate limited)."""
 
 
 def bearer_token(values: tuple[str, ...]) -> str | None:

@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 from jwt.api_jwk import PyJWK
 from prometheus_client import CollectorRegistry
 
+from authz_service.claims import Claims
 from authz_service.metrics import Metrics
 from authz_service.policy import Issuer, Policy, parse_policy
 from authz_service.tokencache import TokenCache, entry_size
-from authz_service.tokens import Claims, Failure, TokenError, TokenVerifier
+from authz_service.tokens import Failure, TokenError, TokenVerifier
 
 from .conftest import ISSUER, SigningKey, make_key
 from .test_tokens import MemoryKeys
