@@ -8,7 +8,7 @@ modules needs another only for a type, and tokens <-> tokencache import no circl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from jwt.api_jwk import PyJWK
 
@@ -29,10 +29,25 @@ class Claims:
     kid: str
 
 
+class IssuerKey(NamedTuple):
+    """A signing key and the issuer (its ``iss``) whose JWKS publishes it."""
+
+    issuer: str
+    key: PyJWK
+
+
 class KeySource(Protocol):
     """Where verification finds signing keys (implemented by jwks.JwksCache)."""
 
-    def key(self, issuer: Issuer, kid: str) -> PyJWK | None: ...
+    def keys_for_kid(self, kid: str) -> tuple[IssuerKey, ...]:
+        """Every key published under ``kid``, whichever issuer publishes it. The verifier checks the
+        signature before it reads the payload, so before it knows the issuer: the kid (in the
+        protected header) is all it has to find the key with. One dictionary lookup."""
+        ...
+
+    def key(self, issuer: Issuer, kid: str) -> PyJWK | None:
+        """The issuer's key for ``kid`` (the token cache re-checks a hit against it)."""
+        ...
 
     def has_keys(self, issuer: Issuer) -> bool: ...
 

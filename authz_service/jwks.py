@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import aiohttp
 from jwt.api_jwk import PyJWK
 
+from .claims import IssuerKey
 from .metrics import Metrics
 from .policy import Issuer
 
@@ -126,11 +127,17 @@ class JwksCache:
         self._metrics = metrics
         self._session = session
         self._states: dict[tuple[str, str], _IssuerState] = {}
+        # Every issuer's keys by kid, rebuilt whenever a key set or the issuer set changes: the
+        # verifier finds a token's key by kid alone (it checks the signature before it reads iss).
+        self._by_kid: dict[str, tuple[IssuerKey, ...]] = {}
         # Called with (issuer, kid) when a kid leaves an issuer's JWKS or changes key material,
         # so the verified-token cache can drop the tokens that key signed.
         self._on_key_removed = on_key_removed
 
     # --- used by the verifier (hot path: dictionary lookups only) ---------------------------------
+
+    def keys_for_kid(self, kid: str) -> tuple[IssuerKey, ...]:
+        return self._by_kid.get(kid, ())
 
     def key(self, issuer: Issuer, kid: str) -> PyJWK | None:
         state = self._states.get((issuer.issuer, issuer.jwks_uri))
@@ -179,6 +186,7 @@ class JwksCache:
                 if state.task:
                     state.task.cancel()
                 self._metrics.issuer_removed(state.issuer.user_pool_id)
+        self._reindex()
         for ident, issuer in wanted.items():
             state = self._states.get(ident)
             if state is None:
@@ -202,6 +210,15 @@ class JwksCache:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._states.clear()
+        self._reindex()
+
+    def _reindex(self) -> None:
+        """Rebuild the kid index from the issuers' key sets; one reference swap, like the key sets."""
+        index: dict[str, tuple[IssuerKey, ...]] = {}
+        for state in self._states.values():
+            for kid, key in state.keys.items():
+                index[kid] = (*index.get(kid, ()), IssuerKey(state.issuer.issuer, key))
+        self._by_kid = index
 
     # --- fetching ---------------------------------------------------------------------------------
 
@@ -257,6 +274,7 @@ class JwksCache:
             for kid in removed | changed:
                 self._on_key_removed(issuer.issuer, kid)
         state.keys = keys  # one reference swap: readers see the old or the new set, never a mix
+        self._reindex()
         state.last_success = time.time()
         state.last_error = None
         self._metrics.jwks_refreshes.labels(label, trigger, "ok").inc()

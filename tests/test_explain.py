@@ -106,7 +106,8 @@ def test_real_token_every_check_passes_and_the_token_is_never_printed(issuer, po
     lines = run.stdout.splitlines()
     checks = [line.split()[:2] for line in lines if line.startswith("  passed") or line.startswith("  FAILED")]
     assert checks == [["passed", n] for n in
-                      ("header", "issuer", "key", "signature", "times", "token_use", "client", "claims", "scopes")]
+                      ("header", "key", "signature", "payload", "issuer", "times", "token_use", "client", "claims",
+                       "scopes")]
     assert f"token:     real: {token[:8]}... ({len(token)} chars)" in run.stdout
     assert "client_id='payments-writer'" in run.stdout
     assert token not in run.stdout and token[8:40] not in run.stdout and token.split(".")[2] not in run.stdout
@@ -126,8 +127,8 @@ def test_real_token_with_a_forged_payload_fails_at_the_signature(issuer, policy,
                   str(token_file), "--json")
     assert run.returncode == 1
     data = json.loads(run.stdout)
-    assert [(c["check"], c["result"]) for c in data["checks"]][2:5] == [
-        ("key", "passed"), ("signature", "FAILED"), ("times", "not checked")]
+    assert [(c["check"], c["result"]) for c in data["checks"]][1:4] == [
+        ("key", "passed"), ("signature", "FAILED"), ("payload", "not checked")]
     assert data["response"]["status"] == 401
     assert json.loads(data["response"]["body"])["error_description"] == "token signature is invalid"
 
@@ -140,5 +141,5 @@ def test_unreachable_jwks_is_shown_and_answers_503(issuer, tmp_path):
     run = explain("--policy", str(policy), "--method", "GET", "--path", "/a", "--token", issuer.token("payments-writer"))
     assert run.returncode == 1
     assert "  FAILED       jwks" in run.stdout
-    assert "  FAILED       key        signing key with this kid in the issuer's JWKS: signing keys are not" in run.stdout
+    assert "  FAILED       key        signing key with this kid in a trusted issuer's JWKS: signing keys are not" in run.stdout
     assert "  HTTP 503" in run.stdout

@@ -18,7 +18,6 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from jwt.api_jwk import PyJWK
 from prometheus_client import CollectorRegistry
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2
@@ -30,6 +29,7 @@ from authz_service.server import AuthorizationServicer
 from authz_service.tokens import TokenVerifier
 
 from .conftest import ISSUER, SigningKey, make_key
+from .test_tokens import MemoryKeys
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -46,23 +46,6 @@ def signing_key() -> SigningKey:
     if _KEY is None:
         _KEY = make_key("kid-fuzz")
     return _KEY
-
-
-class StaticKeys:
-    """KeySource holding one key; no I/O."""
-
-    def __init__(self, key: SigningKey) -> None:
-        self._jwk = PyJWK(key.jwk(), algorithm="RS256")
-        self._kid = key.kid
-
-    def key(self, issuer, kid: str):
-        return self._jwk if kid == self._kid else None
-
-    def has_keys(self, issuer) -> bool:
-        return True
-
-    async def refetch(self, issuer) -> None:
-        return None
 
 
 class Holder:
@@ -172,7 +155,7 @@ def test_check_never_crashes_and_never_allows_what_the_policy_does_not_grant(
     if built is None:
         return
     policy, routes = built
-    servicer = AuthorizationServicer(Holder(policy), TokenVerifier(StaticKeys(signing_key())), Renderer("fuzz"),
+    servicer = AuthorizationServicer(Holder(policy), TokenVerifier(MemoryKeys(signing_key())), Renderer("fuzz"),
                                      Metrics(CollectorRegistry()))
     raw_path = "/" + "/".join(segments) + query
     kind, scopes = token
@@ -281,7 +264,7 @@ def test_the_fuzz_harness_can_allow_and_deny() -> None:
     built = build_policy([(["pay", "{p}"], False, ["POST"], ["s1"]), (["a"], True, None, None)])
     assert built is not None
     policy, routes = built
-    servicer = AuthorizationServicer(Holder(policy), TokenVerifier(StaticKeys(signing_key())), Renderer("fuzz"),
+    servicer = AuthorizationServicer(Holder(policy), TokenVerifier(MemoryKeys(signing_key())), Renderer("fuzz"),
                                      Metrics(CollectorRegistry()))
     outcomes = []
     for method, path, scope in [("POST", "/pay/7", "s1"), ("POST", "/pay/7", "s2"), ("GET", "/a/b/c", None),

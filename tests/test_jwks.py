@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from prometheus_client import CollectorRegistry
 
+from authz_service.claims import IssuerKey
 from authz_service.jwks import JwksCache, JwksError, JwksSettings, parse_jwks
 from authz_service.metrics import Metrics
 from authz_service.policy import Issuer
@@ -278,3 +279,23 @@ async def test_issuer_series_exist_at_zero_and_leave_with_the_issuer(endpoint, m
     cache.sync([])
     assert metrics.registry.get_sample_value("authz_jwks_refreshes_total", labels) is None
     assert metrics.registry.get_sample_value("authz_jwks_keys", {"issuer": "us-east-1_Pool1"}) is None
+
+
+async def test_kid_index_follows_every_key_set_swap(aiohttp_server_factory, make_cache, key_a, key_b) -> None:
+    # The verifier finds a key by kid alone, across issuers: the index must match the key sets.
+    (first, one), (second, two) = await aiohttp_server_factory(), await aiohttp_server_factory()
+    two = Issuer("us-east-1_Pool2", "us-east-1", two.issuer + "2", two.jwks_uri, None)
+    first.keys(key_a)
+    second.keys(key_a, key_b)  # the same kid (and key) published by two issuers
+    cache, _ = make_cache(refresh_interval=0.05)
+    cache.sync([one, two])
+    await wait_for(lambda: cache.has_keys(one) and cache.has_keys(two))
+    assert cache.keys_for_kid("kid-a") == (IssuerKey(one.issuer, cache.key(one, "kid-a")),
+                                           IssuerKey(two.issuer, cache.key(two, "kid-a")))
+    assert cache.keys_for_kid("kid-b") == (IssuerKey(two.issuer, cache.key(two, "kid-b")),)
+    assert cache.keys_for_kid("kid-nobody") == ()
+    second.keys(key_b)  # rotation at the second issuer drops its kid-a
+    await wait_for(lambda: len(cache.keys_for_kid("kid-a")) == 1)
+    assert cache.keys_for_kid("kid-a")[0].issuer == one.issuer
+    cache.sync([two])  # the first issuer leaves the policy
+    assert cache.keys_for_kid("kid-a") == () and len(cache.keys_for_kid("kid-b")) == 1

@@ -99,13 +99,16 @@ async def test_zero_leeway_on_a_hit(key_a: SigningKey) -> None:
     assert await failure(verifier, token, policy()) is Failure.EXPIRED
 
 
-async def test_issuer_removed_from_current_policy_is_wrong_issuer(key_a: SigningKey) -> None:
-    verifier, cache, _ = make(MemoryKeys(key_a))
+async def test_issuer_removed_from_current_policy_is_unknown_key(key_a: SigningKey, key_b: SigningKey) -> None:
+    keys = MemoryKeys(key_a)
+    verifier, cache, _ = make(keys)
     token = key_a.token()
     await verifier.verify(token, policy())
     other = policy(pool="us-east-1_Other0001")
     assert ISSUER not in other.issuers_by_iss
-    assert await failure(verifier, token, other) is Failure.WRONG_ISSUER
+    keys.publish(other.issuers[0].issuer, key_b)
+    # No issuer of the policy in force publishes the token's kid any more.
+    assert await failure(verifier, token, other) is Failure.UNKNOWN_KEY
     assert len(cache) == 0
 
 

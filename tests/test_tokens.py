@@ -17,7 +17,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 from jwt.api_jwk import PyJWK
 
-from authz_service.policy import Issuer, parse_policy
+from authz_service import tokens
+from authz_service.claims import IssuerKey
+from authz_service.policy import Issuer, Policy, parse_policy
 from authz_service.tokens import MAX_TOKEN_BYTES, Failure, TokenError, TokenVerifier
 
 from .conftest import ISSUER, SigningKey, make_key
@@ -35,22 +37,34 @@ routes:
 
 
 class MemoryKeys:
-    """A real in-memory KeySource: what the JWKS cache would hold, plus a refetch we can script."""
+    """A real in-memory KeySource: the key sets the JWKS cache would hold per issuer (``keys`` is
+    the ``issuer``'s, ``publish`` adds another issuer's), plus a refetch we can script."""
 
-    def __init__(self, *keys: SigningKey) -> None:
+    def __init__(self, *keys: SigningKey, issuer: str = ISSUER) -> None:
+        self.issuer = issuer
         self.keys = {k.kid: PyJWK(k.jwk()) for k in keys}
+        self.others: dict[str, dict[str, PyJWK]] = {}
         self.after_refetch: dict[str, PyJWK] | None = None
-        self.refetches = 0
+        self.refetched: list[str] = []
+
+    def publish(self, issuer: str, *keys: SigningKey) -> None:
+        self.others[issuer] = {k.kid: PyJWK(k.jwk()) for k in keys}
+
+    def _key_sets(self) -> dict[str, dict[str, PyJWK]]:
+        return {self.issuer: self.keys, **self.others}
+
+    def keys_for_kid(self, kid: str) -> tuple[IssuerKey, ...]:
+        return tuple(IssuerKey(iss, keys[kid]) for iss, keys in self._key_sets().items() if kid in keys)
 
     def key(self, issuer: Issuer, kid: str) -> PyJWK | None:
-        return self.keys.get(kid)
+        return self._key_sets().get(issuer.issuer, {}).get(kid)
 
     def has_keys(self, issuer: Issuer) -> bool:
-        return bool(self.keys)
+        return bool(self._key_sets().get(issuer.issuer))
 
     async def refetch(self, issuer: Issuer) -> None:
-        self.refetches += 1
-        if self.after_refetch is not None:
+        self.refetched.append(issuer.issuer)
+        if self.after_refetch is not None and issuer.issuer == self.issuer:
             self.keys = self.after_refetch
 
 
@@ -59,8 +73,12 @@ def b64(data: bytes) -> str:
 
 
 async def failure_of(verifier: TokenVerifier, token: str) -> Failure:
+    return await failure_of_policy(verifier, token, POLICY)
+
+
+async def failure_of_policy(verifier: TokenVerifier, token: str, policy: Policy) -> Failure:
     with pytest.raises(TokenError) as caught:
-        await verifier.verify(token, POLICY)
+        await verifier.verify(token, policy)
     assert not token or token not in caught.value.description
     return caught.value.failure
 
@@ -137,7 +155,7 @@ async def test_foreign_key_with_known_kid_rejected(key_a: SigningKey) -> None:
 async def test_unknown_kid_refetches_once_then_fails(key_a: SigningKey, key_b: SigningKey) -> None:
     keys = MemoryKeys(key_a)
     assert await failure_of(TokenVerifier(keys), key_b.token()) is Failure.UNKNOWN_KEY
-    assert keys.refetches == 1
+    assert keys.refetched == [ISSUER]
 
 
 async def test_unknown_kid_picked_up_after_rotation(key_a: SigningKey, key_b: SigningKey) -> None:
@@ -149,6 +167,125 @@ async def test_unknown_kid_picked_up_after_rotation(key_a: SigningKey, key_b: Si
 
 async def test_no_keys_yet_is_unavailable_not_invalid(key_a: SigningKey) -> None:
     assert await failure_of(TokenVerifier(MemoryKeys()), key_a.token()) is Failure.KEYS_UNAVAILABLE
+
+
+# --- the key is found by kid and the signature checked before the payload is read ------------------
+
+OTHER = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Test00002"
+TWO_ISSUERS = parse_policy(
+    """
+issuers:
+  - user_pool_id: us-east-1_Test00001
+  - user_pool_id: us-east-1_Test00002
+routes:
+  - path: /x
+    scopes: [transactions/post]
+"""
+)
+
+
+def forged(payload_segment: str, kid: str = "kid-a") -> str:
+    """A trusted kid, the payload segment as given, and a signature that verifies under no key."""
+    return f"{b64(json.dumps({'alg': 'RS256', 'kid': kid}).encode())}.{payload_segment}.{b64(bytes(256))}"
+
+
+@pytest.mark.parametrize("payload", ["~~~not~base64url~~~", b64(b"{not json"), b64(b"\xff\xfe"),
+                                     b64(json.dumps({"iss": ISSUER, "token_use": "access", "client_id": "client-a",
+                                                     "exp": 9999999999}).encode()),
+                                     b64(b"[" * 900 + b"]" * 900)],
+                         ids=["not-base64url", "not-json", "not-utf8", "valid-claims", "deep-nesting"])
+async def test_payload_is_not_decoded_before_the_signature_verifies(key_a: SigningKey, payload: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed: list[bytes] = []
+    real = tokens._json_object
+    monkeypatch.setattr(tokens, "_json_object", lambda raw: parsed.append(raw) or real(raw))
+    assert await failure_of(TokenVerifier(MemoryKeys(key_a)), forged(payload)) is Failure.BAD_SIGNATURE
+    assert parsed == [b'{"alg": "RS256", "kid": "kid-a"}']  # the header only
+
+
+async def test_key_is_found_by_kid_across_the_trusted_issuers(key_a: SigningKey, key_b: SigningKey) -> None:
+    keys = MemoryKeys(key_a)
+    keys.publish(OTHER, key_b)
+    verifier = TokenVerifier(keys)
+    assert (await verifier.verify(key_b.token(iss=OTHER), TWO_ISSUERS)).issuer == OTHER
+    assert (await verifier.verify(key_a.token(), TWO_ISSUERS)).issuer == ISSUER
+    # Each issuer's key proves only that issuer's tokens.
+    assert await failure_of_policy(verifier, key_b.token(iss=ISSUER), TWO_ISSUERS) is Failure.WRONG_ISSUER
+    assert await failure_of_policy(verifier, key_a.token(iss=OTHER), TWO_ISSUERS) is Failure.WRONG_ISSUER
+    assert keys.refetched == []
+
+
+async def test_one_kid_published_by_two_issuers_with_other_keys(key_a: SigningKey) -> None:
+    twin = make_key("kid-a")  # the other pool picked the same kid for another key
+    keys = MemoryKeys(key_a)
+    keys.publish(OTHER, twin)
+    verifier = TokenVerifier(keys)
+    assert (await verifier.verify(twin.token(iss=OTHER), TWO_ISSUERS)).issuer == OTHER
+    assert (await verifier.verify(key_a.token(), TWO_ISSUERS)).issuer == ISSUER
+    assert await failure_of_policy(verifier, twin.token(iss=ISSUER), TWO_ISSUERS) is Failure.WRONG_ISSUER
+
+
+async def test_one_key_published_by_two_issuers_verifies_tokens_of_both(key_a: SigningKey) -> None:
+    keys = MemoryKeys(key_a)
+    keys.publish(OTHER, key_a)  # two policy entries sharing one JWKS
+    verifier = TokenVerifier(keys)
+    assert (await verifier.verify(key_a.token(iss=OTHER), TWO_ISSUERS)).issuer == OTHER
+    assert (await verifier.verify(key_a.token(), TWO_ISSUERS)).issuer == ISSUER
+    third = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Test00003"
+    assert await failure_of_policy(verifier, key_a.token(iss=third), TWO_ISSUERS) is Failure.WRONG_ISSUER
+
+
+async def test_keys_under_one_kid_are_tried_a_bounded_number_of_times(key_a: SigningKey,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    pools = [f"us-east-1_Many{i:05d}" for i in range(tokens.MAX_KEYS_PER_KID + 2)]
+    many = parse_policy("issuers:\n" + "".join(f"  - user_pool_id: {p}\n" for p in pools)
+                        + "routes:\n  - path: /x\n    scopes: [a]\n")
+    keys = MemoryKeys(issuer=many.issuers[0].issuer)
+    for issuer in many.issuers:
+        keys.publish(issuer.issuer, make_key("kid-shared"))
+    tried: list[object] = []
+    real = tokens._signature_ok
+    monkeypatch.setattr(tokens, "_signature_ok", lambda key, parsed: tried.append(key) or real(key, parsed))
+    token = forged(b64(json.dumps(good_body()).encode()), kid="kid-shared")
+    assert await failure_of_policy(TokenVerifier(keys), token, many) is Failure.BAD_SIGNATURE
+    assert len(tried) == tokens.MAX_KEYS_PER_KID
+
+
+async def test_keys_of_an_issuer_outside_the_policy_prove_nothing(key_a: SigningKey, key_b: SigningKey) -> None:
+    keys = MemoryKeys(key_a)
+    keys.publish(OTHER, key_b)  # still held, but the policy in force (POLICY) no longer trusts OTHER
+    assert await failure_of(TokenVerifier(keys), key_b.token(iss=OTHER)) is Failure.UNKNOWN_KEY
+
+
+async def test_unknown_kid_refetches_every_trusted_issuer_that_has_keys(key_a: SigningKey, key_b: SigningKey) -> None:
+    keys = MemoryKeys(key_a)
+    keys.publish(OTHER, key_b)
+    stranger = make_key("kid-stranger")
+    assert await failure_of_policy(TokenVerifier(keys), stranger.token(), TWO_ISSUERS) is Failure.UNKNOWN_KEY
+    assert sorted(keys.refetched) == [ISSUER, OTHER]
+
+
+async def test_unknown_kid_while_a_trusted_issuer_has_no_keys_is_unavailable(key_a: SigningKey,
+                                                                            key_b: SigningKey) -> None:
+    keys = MemoryKeys(key_a)  # OTHER's keys have not been fetched yet
+    verifier = TokenVerifier(keys)
+    # It may be OTHER's token: we cannot tell yet, so 503 rather than 401.
+    assert await failure_of_policy(verifier, key_b.token(iss=OTHER), TWO_ISSUERS) is Failure.KEYS_UNAVAILABLE
+    assert keys.refetched == [ISSUER]  # OTHER's own refresher is retrying already
+    # Tokens whose key we hold verify meanwhile.
+    assert (await verifier.verify(key_a.token(), TWO_ISSUERS)).issuer == ISSUER
+
+
+async def test_oversized_header_is_refused_before_it_is_parsed(key_a: SigningKey) -> None:
+    head = b64(json.dumps({"alg": "RS256", "kid": "kid-a", "pad": "x" * tokens.MAX_HEADER_CHARS}).encode())
+    token = resign(key_a, head, b64(json.dumps(good_body()).encode()))
+    assert await failure_of(TokenVerifier(MemoryKeys(key_a)), token) is Failure.INVALID_TOKEN
+
+
+def test_max_token_bytes_fits_cognito_tokens_with_headroom(key_a: SigningKey) -> None:
+    typical = key_a.token(scope=" ".join(f"payments/scope-{i}" for i in range(20)))
+    assert 1000 < len(typical) < MAX_TOKEN_BYTES // 2  # a long scope list still has room to spare
+    assert MAX_TOKEN_BYTES == 4096
 
 
 def signed_with_header(key: SigningKey, header: dict) -> str:
@@ -195,7 +332,10 @@ async def test_extra_segment_and_bad_json(key_a: SigningKey) -> None:
     verifier = TokenVerifier(MemoryKeys(key_a))
     assert await failure_of(verifier, good + ".extra") is Failure.INVALID_TOKEN
     header, _, sig = good.split(".")
-    assert await failure_of(verifier, f"{header}.{b64(b'{not json')}.{sig}") is Failure.INVALID_TOKEN
+    # The signature is checked before the payload is read: a swapped-in payload is a bad signature...
+    assert await failure_of(verifier, f"{header}.{b64(b'{not json')}.{sig}") is Failure.BAD_SIGNATURE
+    # ... and a signed one that is not JSON is malformed.
+    assert await failure_of(verifier, resign(key_a, header, b64(b"{not json"))) is Failure.INVALID_TOKEN
 
 
 async def test_duplicate_claims_rejected_even_when_signed(key_a: SigningKey) -> None:

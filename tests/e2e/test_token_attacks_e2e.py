@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from .fake_issuer import FakeIssuer, rsa_key
 from .harness import UpstreamProcess
-from .security_stack import SecurityStack, bearer, start_security_stack, stop_security_stack
+from .security_stack import SecurityStack, bearer, deny_count, start_security_stack, stop_security_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -226,3 +226,50 @@ def test_service_keeps_serving_after_every_attack(stack: SecurityStack) -> None:
     answer = stack.send("POST", "/transactions", stack.dev.token("payments-writer"))
     assert answer.status == 200
     assert stack.service.sample("authz_check_decisions_total", decision="deny", reason="internal_error") == 0
+
+
+# --- the signature is checked before the payload is read ------------------------------------------
+
+def forged_payload(payload_segment: str) -> str:
+    """A header naming the trusted kid, ``payload_segment`` as sent, and a signature that cannot verify."""
+    return f"{b64(json.dumps({'alg': 'RS256', 'kid': 'kid-1'}))}.{payload_segment}.{b64(bytes(256))}"
+
+
+UNPARSABLE_PAYLOADS = [
+    ("not-base64url", "~~~~not~base64url~~~~"),
+    ("not-json", b64("{not json")),
+    ("not-utf8", b64(b"\xff\xfe\xfd")),
+    ("deep-nesting", b64("[" * 900 + "]" * 900)),
+]
+
+
+@pytest.mark.parametrize("payload", [p[1] for p in UNPARSABLE_PAYLOADS], ids=[p[0] for p in UNPARSABLE_PAYLOADS])
+def test_payload_of_a_forged_token_is_never_parsed(stack: SecurityStack, payload: str) -> None:
+    """A payload nobody could parse, under a signature that does not verify, is refused as a bad
+    signature: the signature was checked first and the payload never read (a parse would have said
+    'malformed'). This is what keeps forged tokens with expensive payloads cheap."""
+    bad_signature, malformed = deny_count(stack, "bad_signature"), deny_count(stack, "invalid_token")
+    answer = stack.send("POST", "/transactions", forged_payload(payload))
+    assert (deny_count(stack, "bad_signature"), deny_count(stack, "invalid_token")) == (bad_signature + 1, malformed)
+    assert (answer.status, answer.error, answer.description) == (401, "invalid_token", "token signature is invalid")
+    assert answer.reached_upstream == []
+
+
+def test_a_signed_token_with_an_unparsable_payload_is_malformed(stack: SecurityStack) -> None:
+    """Control for the test above: once the signature verifies, the payload is read strictly."""
+    malformed = deny_count(stack, "invalid_token")
+    answer = stack.send("POST", "/transactions", raw_jws({"alg": "RS256", "kid": "kid-1"}, b"{not json", rs256))
+    assert (answer.status, answer.description) == (401, "malformed token")
+    assert deny_count(stack, "invalid_token") == malformed + 1
+
+
+def test_signed_token_larger_than_cognito_issues_is_refused(stack: SecurityStack) -> None:
+    """Cognito access tokens are ~1 KB; a validly signed 5 KB one is refused, a 3.5 KB one still passes."""
+    big = stack.fake.token(pad="x" * 3800)
+    assert 4096 < len(big) < 8192
+    answer = stack.send("POST", "/transactions", big)
+    assert (answer.status, answer.description) == (401, "token too large")
+    assert answer.reached_upstream == []
+    roomy = stack.fake.token(pad="x" * 2400)
+    assert 3000 < len(roomy) <= 4096
+    assert stack.send("POST", "/transactions", roomy).status == 200
