@@ -125,6 +125,10 @@ def _reject_constant(name: str) -> Any:
 
 _JSON = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
 _MALFORMED = "malformed token"
+# One client-visible text for an untrusted issuer, an unknown kid and a bad signature: told apart,
+# they would let anyone probe which pools and kids we trust. Metrics, the deny log line (reason)
+# and explain (TokenError.detail) keep the precise failure.
+NOT_VALID = "token is not valid"
 MALFORMED_PAYLOAD = "signed payload is not a strict base64url JSON object"
 
 
@@ -280,7 +284,7 @@ class TokenVerifier:
         candidates = await self._trusted_keys(kid, policy)
         signer = next((c for c in candidates[:MAX_KEYS_PER_KID] if _signature_ok(c.key, parsed)), None)
         if signer is None:
-            raise TokenError(Failure.BAD_SIGNATURE, "token signature is invalid")
+            raise TokenError(Failure.BAD_SIGNATURE, NOT_VALID, "token signature is invalid")
         payload = _payload(parsed)  # only now: the payload is the issuer's
         iss = payload.get("iss")
         if iss != signer.issuer:
@@ -288,7 +292,8 @@ class TokenVerifier:
             # one JWKS): the issuer the token names must then hold a key under this kid that verifies it.
             named = next((c for c in candidates if c.issuer == iss), None)
             if named is None or not _signature_ok(named.key, parsed):
-                raise TokenError(Failure.WRONG_ISSUER, "token issuer is not trusted")
+                raise TokenError(Failure.WRONG_ISSUER, NOT_VALID,
+                                 "iss is not the trusted issuer whose key signed the token")
             signer = named
         self._check_times(payload)
         return self._claims(payload, policy.issuers_by_iss[signer.issuer], kid), signer.key
@@ -314,7 +319,7 @@ class TokenVerifier:
         if not all(self._keys.has_keys(i) for i in policy.issuers):
             # It may be a token of the issuer whose keys we do not have yet: we cannot tell, so 503.
             raise TokenError(Failure.KEYS_UNAVAILABLE, "signing keys are not available yet")
-        raise TokenError(Failure.UNKNOWN_KEY, "token signed with an unknown key")
+        raise TokenError(Failure.UNKNOWN_KEY, NOT_VALID, "no trusted issuer publishes a key with the token's kid")
 
     def _policy_keys(self, kid: str, policy: Policy) -> list[IssuerKey]:
         trusted = policy.issuers_by_iss

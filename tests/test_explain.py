@@ -129,8 +129,9 @@ def test_real_token_with_a_forged_payload_fails_at_the_signature(issuer, policy,
     data = json.loads(run.stdout)
     assert [(c["check"], c["result"]) for c in data["checks"]][1:4] == [
         ("key", "passed"), ("signature", "FAILED"), ("payload", "not checked")]
+    assert data["checks"][2]["detail"] == "RS256 signature: token signature is invalid"  # precise for the operator
     assert data["response"]["status"] == 401
-    assert json.loads(data["response"]["body"])["error_description"] == "token signature is invalid"
+    assert json.loads(data["response"]["body"])["error_description"] == "token is not valid"  # uniform for clients
 
 
 def test_unreachable_jwks_is_shown_and_answers_503(issuer, tmp_path):

@@ -288,6 +288,21 @@ def test_max_token_bytes_fits_cognito_tokens_with_headroom(key_a: SigningKey) ->
     assert MAX_TOKEN_BYTES == 4096
 
 
+async def test_key_issuer_and_signature_failures_share_one_client_text(key_a: SigningKey, key_b: SigningKey) -> None:
+    """What the client reads is the same; the failure (metrics, logs) and the detail (explain) differ."""
+    keys = MemoryKeys(key_a)
+    keys.publish(OTHER, key_b)
+    verifier = TokenVerifier(keys)
+    refused = {}
+    for token in (make_key("kid-nobody").token(), make_key("kid-a").token(), key_b.token(iss=ISSUER)):
+        with pytest.raises(TokenError) as caught:
+            await verifier.verify(token, TWO_ISSUERS)
+        refused[caught.value.failure] = (caught.value.description, caught.value.detail)
+    assert set(refused) == {Failure.UNKNOWN_KEY, Failure.BAD_SIGNATURE, Failure.WRONG_ISSUER}
+    assert {description for description, _ in refused.values()} == {"token is not valid"}
+    assert len({detail for _, detail in refused.values()}) == 3
+
+
 def signed_with_header(key: SigningKey, header: dict) -> str:
     """Sign a valid claim set under an arbitrary JOSE header (PyJWT refuses some of these on encode)."""
     head = b64(json.dumps({"alg": "RS256", **header}).encode())

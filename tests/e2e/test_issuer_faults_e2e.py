@@ -116,7 +116,7 @@ def test_issuer_down_while_serving_keeps_last_good_keys(fast_stack: SecurityStac
             assert s.send("POST", "/transactions", token).status == 200
         assert readyz(s.service)[0] == 200
         unknown = s.send("POST", "/transactions", fake.token(kid="kid-new", key=rsa_key("kid-new")))
-        assert (unknown.status, unknown.description) == (401, "token signed with an unknown key")
+        assert (unknown.status, unknown.description) == (401, "token is not valid")
     finally:
         fake.start()
     errors_ok = refreshes(s.service, fake.pool, "ok")
@@ -166,7 +166,7 @@ def test_key_rotation_with_tokens_of_both_keys(fast_stack: SecurityStack) -> Non
     try:
         answer = wait_for(lambda: (a := s.send("POST", "/transactions", old)).status == 401 and a, 15,
                           "retired key refused")
-        assert answer.description == "token signed with an unknown key" and answer.reached_upstream == []
+        assert answer.description == "token is not valid" and answer.reached_upstream == []
         assert s.send("POST", "/transactions", new).status == 200
     finally:
         fake.keys["kid-1"] = rsa_key("kid-1")
