@@ -37,8 +37,8 @@ CHECKS = (
     ("issuer", "iss is the trusted issuer whose key verified the signature"),
     ("times", "exp / nbf / iat (with leeway)"),
     ("token_use", "token_use is 'access'"),
-    ("client", "client_id present and allowed"),
-    ("claims", "scope and sub claims are strings"),
+    ("client", "client_id present, valid header text and allowed"),
+    ("claims", "scope and sub claims are strings, valid header text"),
 )
 _BY_FAILURE = {
     Failure.WRONG_ISSUER: "issuer", Failure.KEYS_UNAVAILABLE: "key", Failure.UNKNOWN_KEY: "key",
@@ -47,7 +47,9 @@ _BY_FAILURE = {
 }
 _BY_DETAIL = {  # INVALID_TOKEN covers several checks; the error's detail says which
     MALFORMED_PAYLOAD: "payload", "token has no exp claim": "times", "token has no client_id claim": "client",
+    "client_id claim is not valid HTTP header text": "client",
     "scope claim must be a string": "claims", "sub claim must be a string": "claims",
+    "scope claim is not valid HTTP header text": "claims", "sub claim is not valid HTTP header text": "claims",
 }
 
 

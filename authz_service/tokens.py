@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,6 +126,9 @@ def _reject_constant(name: str) -> Any:
 
 _JSON = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
 _MALFORMED = "malformed token"
+# In a claim forwarded as a header: a control character other than HTAB, DEL, a lone surrogate, or
+# whitespace at either end (see _check_header_text).
+_NOT_HEADER_TEXT = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]|^[ \t]|[ \t]\Z")
 # One client-visible text for an untrusted issuer, an unknown kid and a bad signature: told apart,
 # they would let anyone probe which pools and kids we trust. Metrics, the deny log line (reason)
 # and explain (TokenError.detail) keep the precise failure.
@@ -362,14 +366,17 @@ class TokenVerifier:
         client_id = payload.get("client_id")
         if not isinstance(client_id, str) or not client_id:
             raise TokenError(Failure.INVALID_TOKEN, "token has no client_id claim")
+        _check_header_text("client_id", client_id)
         if issuer.client_ids is not None and client_id not in issuer.client_ids:
             raise TokenError(Failure.CLIENT_NOT_ALLOWED, "client is not allowed")
         scope = payload.get("scope", "")
         if not isinstance(scope, str):
             raise TokenError(Failure.INVALID_TOKEN, "scope claim must be a string")
+        _check_header_text("scope", scope)
         sub = payload.get("sub", "")
         if not isinstance(sub, str):
             raise TokenError(Failure.INVALID_TOKEN, "sub claim must be a string")
+        _check_header_text("sub", sub)
         return Claims(
             issuer=issuer.issuer,
             client_id=client_id,
@@ -379,6 +386,16 @@ class TokenVerifier:
             exp=_numeric_date(payload["exp"]),
             kid=kid,
         )
+
+
+def _check_header_text(name: str, value: str) -> None:
+    """Refuse a claim the response forwards upstream (x-auth-client-id, -scopes, -sub) unless it is
+    text an HTTP header can carry as is: a lone surrogate (JSON's "\\ud800" parses to one) cannot
+    be encoded as UTF-8 and made the response fail to render; CR, LF, NUL and the other controls
+    are not allowed in a field value (RFC 9110 section 5.5), and leading or trailing whitespace
+    would be stripped on the way, so the upstream would see another identity than the one signed."""
+    if _NOT_HEADER_TEXT.search(value):
+        raise TokenError(Failure.INVALID_TOKEN, f"{name} claim is not valid HTTP header text")
 
 
 def _is_number(value: object) -> bool:

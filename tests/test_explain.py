@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from authz_service.explain import _checklist
+from authz_service.tokens import TokenError, TokenVerifier
 from tests.e2e.harness import free_port
 from tests.e2e.stack import DevIssuer, start_dev_issuer
+
+from .conftest import ISSUER, make_key
+from .test_tokens import POLICY, MemoryKeys, b64, resign
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "authz_service" / "examples" / "policy.yaml"
 
@@ -144,3 +149,23 @@ def test_unreachable_jwks_is_shown_and_answers_503(issuer, tmp_path):
     assert "  FAILED       jwks" in run.stdout
     assert "  FAILED       key        signing key with this kid in a trusted issuer's JWKS: signing keys are not" in run.stdout
     assert "  HTTP 503" in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("make_token", "check"),
+    [
+        (lambda key: key.token(sub="\ud800"), "claims"),
+        (lambda key: key.token(scope="transactions/post\r\nx: y"), "claims"),
+        (lambda key: key.token(client_id="client-a\n"), "client"),
+        (lambda key: resign(key, key.token().split(".")[0], b64(b"{not json")), "payload"),
+        (lambda key: key.token(iss=ISSUER + "/"), "issuer"),
+        (lambda key: make_key(key.kid).token(), "signature"),
+    ],
+    ids=["sub-surrogate", "scope-crlf", "client-id-newline", "payload", "issuer", "signature"],
+)
+async def test_checklist_names_the_check_the_verifier_failed(key_a, make_token, check: str) -> None:
+    """explain maps the verifier's own errors (failure, detail) to a check: this keeps the two in step."""
+    with pytest.raises(TokenError) as caught:
+        await TokenVerifier(MemoryKeys(key_a)).verify(make_token(key_a), POLICY)
+    failed = [(name, detail) for name, result, detail in _checklist(caught.value) if result == "FAILED"]
+    assert failed == [(check, failed[0][1])] and failed[0][1].endswith(caught.value.detail)

@@ -361,6 +361,36 @@ async def test_duplicate_claims_rejected_even_when_signed(key_a: SigningKey) -> 
     assert await failure_of(TokenVerifier(MemoryKeys(key_a)), token) is Failure.INVALID_TOKEN
 
 
+@pytest.mark.parametrize(
+    ("claims", "description"),
+    [
+        ({"sub": "\ud800"}, "sub claim is not valid HTTP header text"),
+        ({"sub": "client-\udfff"}, "sub claim is not valid HTTP header text"),
+        ({"scope": "transactions/post \ud83d"}, "scope claim is not valid HTTP header text"),
+        ({"client_id": "client-a\r\nx-auth-sub: admin"}, "client_id claim is not valid HTTP header text"),
+        ({"sub": "client-a\x00"}, "sub claim is not valid HTTP header text"),
+        ({"sub": "client\x1fa"}, "sub claim is not valid HTTP header text"),
+        ({"sub": "client\x7fa"}, "sub claim is not valid HTTP header text"),
+        ({"scope": "transactions/post\n"}, "scope claim is not valid HTTP header text"),
+        ({"sub": " client-a"}, "sub claim is not valid HTTP header text"),
+        ({"scope": "transactions/post\t"}, "scope claim is not valid HTTP header text"),
+    ],
+    ids=["lone-high-surrogate", "lone-low-surrogate", "scope-surrogate", "client-id-crlf", "nul", "unit-separator",
+         "del", "scope-newline", "leading-space", "trailing-tab"],
+)
+async def test_forwarded_claims_must_be_header_text(key_a: SigningKey, claims: dict, description: str) -> None:
+    """client_id, scope and sub become x-auth-* headers: signed or not, they must be text a header can carry."""
+    with pytest.raises(TokenError) as caught:
+        await TokenVerifier(MemoryKeys(key_a)).verify(key_a.token(**claims), POLICY)
+    assert (caught.value.failure, caught.value.description) == (Failure.INVALID_TOKEN, description)
+
+
+async def test_non_ascii_text_and_inner_tabs_are_header_text(key_a: SigningKey) -> None:
+    claims = await TokenVerifier(MemoryKeys(key_a)).verify(
+        key_a.token(sub="zahlungs-dienst-\u00e9\U0001f600", scope="transactions/post\ttransactions/get"), POLICY)
+    assert claims.sub == "zahlungs-dienst-\u00e9\U0001f600"
+
+
 async def test_scope_compared_exactly(key_a: SigningKey) -> None:
     claims = await TokenVerifier(MemoryKeys(key_a)).verify(key_a.token(scope="transactions/postx transactions"), POLICY)
     assert "transactions/post" not in claims.scopes

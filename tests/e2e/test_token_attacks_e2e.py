@@ -300,3 +300,37 @@ def test_key_issuer_and_signature_failures_look_the_same_to_the_client(stack: Se
         answers.add((answer.status, answer.body, answer.headers["www-authenticate"]))
     assert answers == {(401, b'{"error":"invalid_token","error_description":"token is not valid"}',
                         'Bearer realm="authz-service", error="invalid_token", error_description="token is not valid"')}
+
+
+# --- claims forwarded as headers must be header-safe text -----------------------------------------
+
+UNSAFE_CLAIMS = [
+    ("sub-lone-surrogate", {"sub": "\ud800"}),
+    ("sub-lone-low-surrogate", {"sub": "payments\udfff"}),
+    ("scope-lone-surrogate", {"scope": "transactions/post \ud83d"}),
+    ("sub-crlf", {"sub": "payments-writer\r\nx-auth-client-id: admin"}),
+    ("sub-nul", {"sub": "payments\x00writer"}),
+    ("scope-crlf", {"scope": "transactions/post admin/all\r\nx-auth-client-id: admin"}),
+    ("sub-del", {"sub": "payments\x7fwriter"}),
+]
+
+
+@pytest.mark.parametrize("claims", [c[1] for c in UNSAFE_CLAIMS], ids=[c[0] for c in UNSAFE_CLAIMS])
+def test_signed_claims_that_cannot_be_a_header_value_are_refused(stack: SecurityStack, claims: dict) -> None:
+    """The trusted issuer signed it, but a forwarded claim (sub, scope) is not text an HTTP header can
+    carry: a clear 401, never a crash (a lone surrogate used to make every such Check fail with 503)."""
+    malformed = deny_count(stack, "invalid_token")
+    answer = stack.send("POST", "/transactions", stack.fake.token(**claims))
+    assert (answer.status, answer.error) == (401, "invalid_token"), answer.body
+    assert deny_count(stack, "invalid_token") == malformed + 1
+    assert answer.reached_upstream == []
+    assert not [entry for entry in logged(stack) if "exception" in entry]  # no traceback, here or earlier
+    stack.service.process.check_alive()
+
+
+def test_non_ascii_claims_that_are_valid_text_are_forwarded(stack: SecurityStack) -> None:
+    """Control for the test above: the rule is 'header-safe text', not 'ASCII only'."""
+    answer = stack.send("POST", "/transactions", stack.fake.token(sub="zahlungs-dienst-\u00e9\U0001f600"))
+    assert answer.status == 200, answer.body
+    sent = answer.reached_upstream[0]["headers"]["x-auth-sub"][0]  # the upstream reads header bytes as Latin-1
+    assert sent.encode("latin-1").decode("utf-8") == "zahlungs-dienst-\u00e9\U0001f600"
