@@ -126,8 +126,8 @@ def _reject_constant(name: str) -> Any:
 
 _JSON = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
 _MALFORMED = "malformed token"
-# In a claim forwarded as a header: a control character other than HTAB, DEL, a lone surrogate, or
-# whitespace at either end (see _check_header_text).
+# Not allowed in a claim forwarded as a header: C0 controls but HTAB, DEL, lone surrogates, and a
+# space or tab at either end (see _check_header_text).
 _NOT_HEADER_TEXT = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]|^[ \t]|[ \t]\Z")
 # One client-visible text for an untrusted issuer, an unknown kid and a bad signature: told apart,
 # they would let anyone probe which pools and kids we trust. Metrics, the deny log line (reason)
@@ -186,6 +186,7 @@ def _payload(parsed: _Parsed) -> dict[str, Any]:
 
 
 def _signature_ok(key: PyJWK, parsed: _Parsed) -> bool:
+    """Whether ``key`` verifies the token's RS256 signature (a wrong key never raises)."""
     try:
         key.key.verify(parsed.signature, parsed.signing_input, _PKCS1, _SHA256)
     except InvalidSignature:
