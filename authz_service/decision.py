@@ -9,9 +9,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from .claims import Claims
 from .policy import Mode, Policy, Route
 from .request import HttpRequest
-from .tokens import Claims, Failure, TokenError, TokenVerifier, bearer_token
+from .tokens import Failure, TokenError, TokenVerifier, bearer_token
 
 
 class Reason(enum.Enum):

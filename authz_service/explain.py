@@ -23,31 +23,34 @@ from prometheus_client import CollectorRegistry
 from .config import JwksSettings
 from .jwks import JwksCache
 from .metrics import Metrics
-from .policy import Issuer, Policy, Route, load_policy_file, pattern_matches, PolicyError
+from .policy import Policy, Route, load_policy_file, pattern_matches, PolicyError
 from .request import BadRequest, normalized_path, path_segments
 from .response import Answer
 from .simulate import Outcome, Simulator, run_check
-from .tokens import Failure, TokenError, TokenVerifier
+from .tokens import MALFORMED_PAYLOAD, Failure, TokenError, TokenVerifier
 
 # The verifier's checks in the order it runs them; a failure is attributed to one of them.
 CHECKS = (
     ("header", "JOSE header: alg RS256, a kid, no embedded keys or crit"),
-    ("issuer", "iss is a trusted issuer of the policy"),
-    ("key", "signing key with this kid in the issuer's JWKS"),
+    ("key", "signing key with this kid in a trusted issuer's JWKS"),
     ("signature", "RS256 signature"),
+    ("payload", "payload is strict base64url JSON (read only once the signature verified)"),
+    ("issuer", "iss is the trusted issuer whose key verified the signature"),
     ("times", "exp / nbf / iat (with leeway)"),
     ("token_use", "token_use is 'access'"),
-    ("client", "client_id present and allowed"),
-    ("claims", "scope and sub claims are strings"),
+    ("client", "client_id present, valid header text and allowed"),
+    ("claims", "scope and sub claims are strings, valid header text"),
 )
 _BY_FAILURE = {
     Failure.WRONG_ISSUER: "issuer", Failure.KEYS_UNAVAILABLE: "key", Failure.UNKNOWN_KEY: "key",
     Failure.BAD_SIGNATURE: "signature", Failure.EXPIRED: "times", Failure.NOT_YET_VALID: "times",
     Failure.WRONG_TOKEN_USE: "token_use", Failure.CLIENT_NOT_ALLOWED: "client",
 }
-_BY_DESCRIPTION = {  # INVALID_TOKEN covers several checks; the description says which
-    "token has no exp claim": "times", "token has no iss claim": "issuer", "token has no client_id claim": "client",
+_BY_DETAIL = {  # INVALID_TOKEN covers several checks; the error's detail says which
+    MALFORMED_PAYLOAD: "payload", "token has no exp claim": "times", "token has no client_id claim": "client",
+    "client_id claim is not valid HTTP header text": "client",
     "scope claim must be a string": "claims", "sub claim must be a string": "claims",
+    "scope claim is not valid HTTP header text": "claims", "sub claim is not valid HTTP header text": "claims",
 }
 
 
@@ -145,12 +148,12 @@ def candidates(policy: Policy, method: str, path: str) -> list[str]:
 def _checklist(error: TokenError | None) -> list[tuple[str, str, str]]:
     failed = None
     if error is not None:
-        failed = _BY_FAILURE.get(error.failure) or _BY_DESCRIPTION.get(error.description, "header")
+        failed = _BY_FAILURE.get(error.failure) or _BY_DETAIL.get(error.detail, "header")
     out = []
     state = "passed"
     for name, what in CHECKS:
         if name == failed:
-            out.append((name, "FAILED", f"{what}: {error.description}" if error else what))
+            out.append((name, "FAILED", f"{what}: {error.detail}" if error else what))
             state = "not checked"
         else:
             out.append((name, state, what))
@@ -159,18 +162,20 @@ def _checklist(error: TokenError | None) -> list[tuple[str, str, str]]:
 
 async def _explain_real(policy: Policy, method: str, path: str, token: str, realm: str,
                         leeway: float) -> Explanation:
-    """Fetch the token's issuer's JWKS once (the real JwksCache), verify for the checklist, then decide."""
-    issuer = _token_issuer(policy, token)
+    """Fetch the policy's JWKS once (the real JwksCache), verify for the checklist, then decide.
+
+    Every trusted issuer's JWKS, as the server holds them: the key is found by kid before the
+    payload (and its iss) is read."""
     info = Explanation(method, path, "real: " + describe_token(token))
     async with aiohttp.ClientSession() as session:
         cache = JwksCache(JwksSettings(), Metrics(CollectorRegistry()), session)
         try:
-            if issuer is not None:
-                cache.sync([issuer])
-                await cache.wait_first_attempts(JwksSettings().timeout + 1)
-                jwks_error = cache.status()[0]["last_error"]
-                if jwks_error:
-                    info.checks.append(("jwks", "FAILED", f"fetching {issuer.jwks_uri}: {jwks_error}"))
+            cache.sync(policy.issuers)
+            await cache.wait_first_attempts(JwksSettings().timeout + 1)
+            for state in cache.status():
+                if state["last_error"]:
+                    uri = policy.issuers_by_iss[str(state["issuer"])].jwks_uri
+                    info.checks.append(("jwks", "FAILED", f"fetching {uri}: {state['last_error']}"))
             verifier = TokenVerifier(cache, leeway=leeway)
             try:
                 await verifier.verify(token, policy)
@@ -198,7 +203,7 @@ async def explain(policy: Policy, method: str, path: str, *, token: str | None =
     if token is not None:
         info = await _explain_real(policy, method, path, token, realm, leeway)
     elif scopes is not None or client_id is not None:
-        simulator = Simulator()
+        simulator = Simulator(policy)
         iss = issuer or policy.issuers[0].issuer
         minted = simulator.token(iss, scopes or [], client_id)
         who = f"simulated: a verified token from {iss} with scopes [{' '.join(scopes or [])}]"
@@ -206,17 +211,9 @@ async def explain(policy: Policy, method: str, path: str, *, token: str | None =
         info.outcome = await run_check(policy, simulator.verifier, method, path, minted, realm)
     else:
         info = Explanation(method, path, "none (no Authorization header)")
-        info.outcome = await run_check(policy, Simulator().verifier, method, path, None, realm)
+        info.outcome = await run_check(policy, Simulator(policy).verifier, method, path, None, realm)
     info.candidates = candidates(policy, method, path)
     return info
-
-
-def _token_issuer(policy: Policy, token: str) -> Issuer | None:
-    try:
-        iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
-    except (jwt.PyJWTError, UnicodeError, ValueError):
-        return None
-    return policy.issuers_by_iss.get(iss) if isinstance(iss, str) else None
 
 
 def render_text(info: Explanation, out: TextIO) -> None:

@@ -14,25 +14,56 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import aiohttp
 from jwt.api_jwk import PyJWK
 
+from .claims import IssuerKey
 from .config import JwksSettings
 from .metrics import Metrics
 from .policy import Issuer
 
 log = logging.getLogger(__name__)
 
+# RSA keys we verify with (checked when a JWKS is parsed; anything else is skipped and logged):
+# - 2048 <= modulus bits <= 4096: Cognito's keys are 2048-bit; smaller is weak, and larger only
+#   makes every forged token dearer to refuse (a 16384-bit key cost 6.4 ms per Check).
+# - an odd modulus: an even one is no product of two large primes, so no RSA key at all.
+# - an odd public exponent e with 65537 <= e < 2**32: Cognito's is 65537. Small exponents (e = 3)
+#   are what signature forgeries against lax PKCS#1 v1.5 verifiers rely on, and a huge e makes
+#   each verification dearer; 2**32 is the bound common RSA implementations keep to as well.
 MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 4096
+MIN_RSA_EXPONENT = 65537
+RSA_EXPONENT_LIMIT = 2**32  # exclusive
 
 
 class JwksError(Exception):
     """A JWKS document we refuse; the message says why (logged, counted, keys kept)."""
 
+    def __init__(self, message: str, skipped: tuple[SkippedKey, ...] = ()) -> None:
+        super().__init__(message)
+        self.skipped = skipped
 
-def parse_jwks(document: bytes) -> dict[str, PyJWK]:
-    """Usable RS256 verification keys by kid. Other keys are skipped; no usable key is an error."""
+
+@dataclass(frozen=True, slots=True)
+class SkippedKey:
+    """A JWKS entry not used for verification, and why (logged; never key material)."""
+
+    kid: str | None  # None when the entry has no usable kid
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedJwks:
+    keys: dict[str, PyJWK]  # usable RS256 verification keys by kid
+    skipped: tuple[SkippedKey, ...]
+
+
+def parse_jwks(document: bytes) -> ParsedJwks:
+    """Usable RS256 verification keys by kid, and every entry skipped with why. No usable key is an
+    error (which carries the skipped entries too)."""
     try:
         data = json.loads(document)
     except (ValueError, RecursionError):
@@ -40,36 +71,52 @@ def parse_jwks(document: bytes) -> dict[str, PyJWK]:
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise JwksError("JWKS must be a JSON object with a 'keys' list")
     keys: dict[str, PyJWK] = {}
+    skipped: list[SkippedKey] = []
     duplicates: set[str] = set()
     for entry in data["keys"]:
-        if not isinstance(entry, dict):
-            continue
-        kid = entry.get("kid")
-        if not isinstance(kid, str) or not kid or len(kid) > 256:
-            continue
-        if entry.get("kty") != "RSA" or entry.get("use", "sig") != "sig":
-            continue
-        if entry.get("alg", "RS256") != "RS256":
-            continue
-        ops = entry.get("key_ops")
-        if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
-            continue
-        if "d" in entry:
-            continue  # a private key published by mistake is not a verification key we trust
-        try:
-            key = PyJWK(entry, algorithm="RS256")
-        except Exception:  # noqa: BLE001 - PyJWT raises several types for malformed key material
-            continue
-        if key.key.key_size < MIN_RSA_BITS:
+        kid = entry.get("kid") if isinstance(entry, dict) else None
+        kid = kid if isinstance(kid, str) and 0 < len(kid) <= 256 else None
+        key_or_reason = _verification_key(entry) if kid is not None else "no kid of 1 to 256 characters"
+        if isinstance(key_or_reason, str):
+            skipped.append(SkippedKey(kid, key_or_reason))
             continue
         if kid in keys:
             duplicates.add(kid)
-        keys[kid] = key
+        keys[kid] = key_or_reason
     for kid in duplicates:  # ambiguous: which key does this kid mean? Trust neither.
         del keys[kid]
+        skipped.append(SkippedKey(kid, "kid published more than once"))
     if not keys:
-        raise JwksError("JWKS has no usable RS256 signing keys")
-    return keys
+        raise JwksError("JWKS has no usable RS256 signing keys", tuple(skipped))
+    return ParsedJwks(keys, tuple(skipped))
+
+
+def _verification_key(entry: dict[str, object]) -> PyJWK | str:
+    """The entry as an RS256 verification key, or why it is not one (text for the log)."""
+    if entry.get("kty") != "RSA":
+        return "not an RSA key"
+    if "d" in entry:
+        return "a private key"  # published by mistake: not a verification key we trust
+    if entry.get("use", "sig") != "sig":
+        return "not a signing key (use)"
+    if entry.get("alg", "RS256") != "RS256":
+        return "not an RS256 key (alg)"
+    ops = entry.get("key_ops")
+    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+        return "key_ops does not allow verify"
+    try:
+        key = PyJWK(entry, algorithm="RS256")
+        numbers = key.key.public_numbers()
+    except Exception:  # noqa: BLE001 - PyJWT raises several types for malformed key material
+        return "not a valid RSA public key"
+    bits = numbers.n.bit_length()
+    if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
+        return f"modulus is {bits} bits (accepted: {MIN_RSA_BITS} to {MAX_RSA_BITS})"
+    if numbers.n % 2 == 0:
+        return "modulus is even"
+    if numbers.e % 2 == 0 or not MIN_RSA_EXPONENT <= numbers.e < RSA_EXPONENT_LIMIT:
+        return f"public exponent is not accepted (odd, {MIN_RSA_EXPONENT} <= e < 2**32 required)"
+    return key
 
 
 def _keep_unchanged(old: dict[str, PyJWK], new: dict[str, PyJWK]) -> tuple[dict[str, PyJWK], set[str]]:
@@ -116,11 +163,17 @@ class JwksCache:
         self._metrics = metrics
         self._session = session
         self._states: dict[tuple[str, str], _IssuerState] = {}
+        # Every issuer's keys by kid, rebuilt whenever a key set or the issuer set changes: the
+        # verifier finds a token's key by kid alone (it checks the signature before it reads iss).
+        self._by_kid: dict[str, tuple[IssuerKey, ...]] = {}
         # Called with (issuer, kid) when a kid leaves an issuer's JWKS or changes key material,
         # so the verified-token cache can drop the tokens that key signed.
         self._on_key_removed = on_key_removed
 
     # --- used by the verifier (hot path: dictionary lookups only) ---------------------------------
+
+    def keys_for_kid(self, kid: str) -> tuple[IssuerKey, ...]:
+        return self._by_kid.get(kid, ())
 
     def key(self, issuer: Issuer, kid: str) -> PyJWK | None:
         state = self._states.get((issuer.issuer, issuer.jwks_uri))
@@ -169,6 +222,7 @@ class JwksCache:
                 if state.task:
                     state.task.cancel()
                 self._metrics.issuer_removed(state.issuer.user_pool_id)
+        self._reindex()
         for ident, issuer in wanted.items():
             state = self._states.get(ident)
             if state is None:
@@ -192,6 +246,15 @@ class JwksCache:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._states.clear()
+        self._reindex()
+
+    def _reindex(self) -> None:
+        """Rebuild the kid index from the issuers' key sets; one reference swap, like the key sets."""
+        index: dict[str, tuple[IssuerKey, ...]] = {}
+        for state in self._states.values():
+            for kid, key in state.keys.items():
+                index[kid] = (*index.get(kid, ()), IssuerKey(state.issuer.issuer, key))
+        self._by_kid = index
 
     # --- fetching ---------------------------------------------------------------------------------
 
@@ -227,8 +290,10 @@ class JwksCache:
         label = issuer.user_pool_id
         try:
             document = await self._download(issuer.jwks_uri)
-            keys = parse_jwks(document)
+            parsed = parse_jwks(document)
         except (JwksError, aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeError) as exc:
+            if isinstance(exc, JwksError):
+                _log_skipped(issuer, exc.skipped)
             reason = str(exc) or type(exc).__name__
             if isinstance(exc, asyncio.TimeoutError):
                 reason = f"timed out after {self.settings.timeout:g}s"
@@ -240,13 +305,15 @@ class JwksCache:
                        "error": reason, "keys_kept": len(state.keys)},
             )
             return False
-        keys, changed = _keep_unchanged(state.keys, keys)
+        _log_skipped(issuer, parsed.skipped)
+        keys, changed = _keep_unchanged(state.keys, parsed.keys)
         added = keys.keys() - state.keys.keys()
         removed = state.keys.keys() - keys.keys()
         if self._on_key_removed is not None:
             for kid in removed | changed:
                 self._on_key_removed(issuer.issuer, kid)
         state.keys = keys  # one reference swap: readers see the old or the new set, never a mix
+        self._reindex()
         state.last_success = time.time()
         state.last_error = None
         self._metrics.jwks_refreshes.labels(label, trigger, "ok").inc()
@@ -271,3 +338,9 @@ class JwksCache:
             if len(body) > self.settings.max_bytes:
                 raise JwksError(f"JWKS larger than {self.settings.max_bytes} bytes")
             return body
+
+
+def _log_skipped(issuer: Issuer, skipped: tuple[SkippedKey, ...]) -> None:
+    """One warning per key entry a fetch did not use: an operator sees which kid and why."""
+    for entry in skipped:
+        log.warning("jwks key skipped", extra={"issuer": issuer.issuer, "kid": entry.kid, "reason": entry.reason})

@@ -411,7 +411,7 @@ class Result:
 
 async def run_tests(policy: Policy, cases: list[Case]) -> list[Result]:
     """Each case through parse -> decide -> render with a token holding exactly its scopes."""
-    simulator = Simulator()
+    simulator = Simulator(policy)
     results = []
     for case in cases:
         if case.issuer is not None and case.issuer not in policy.issuers_by_iss:

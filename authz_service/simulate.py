@@ -20,11 +20,12 @@ from jwt.api_jwk import PyJWK
 
 from ._proto.envoy.service.auth.v3 import external_auth_pb2
 from .check import Checker
+from .claims import IssuerKey, KeySource
 from .decision import Decision
 from .ext_authz_grpc import parse_check_request
 from .policy import Issuer, Policy
 from .response import Answer, Answers
-from .tokens import KeySource, TokenVerifier
+from .tokens import TokenVerifier
 
 SIMULATED_KID = "authz-service-simulated"
 DEFAULT_CLIENT_ID = "simulated-client"
@@ -64,10 +65,14 @@ async def run_check(
 
 
 class _SimulatedKeys(KeySource):
-    """Trusts exactly one in-memory key, for every issuer of the policy."""
+    """Trusts exactly one in-memory key, published by every issuer of the policy."""
 
-    def __init__(self, public: PyJWK) -> None:
+    def __init__(self, public: PyJWK, policy: Policy) -> None:
         self._public = public
+        self._published = tuple(IssuerKey(issuer.issuer, public) for issuer in policy.issuers)
+
+    def keys_for_kid(self, kid: str) -> tuple[IssuerKey, ...]:
+        return self._published if kid == SIMULATED_KID else ()
 
     def key(self, issuer: Issuer, kid: str) -> PyJWK | None:
         return self._public if kid == SIMULATED_KID else None
@@ -85,16 +90,20 @@ def _private_key() -> rsa.RSAPrivateKey:
 
 
 class Simulator:
-    """Mints Cognito-shaped access tokens for a policy's issuers and verifies them for real."""
+    """Mints Cognito-shaped access tokens for a policy's issuers and verifies them for real.
 
-    def __init__(self) -> None:
+    The simulated key is published by every issuer of ``policy``, so a token minted for an issuer
+    the policy does not trust is signed by a trusted key but names another issuer: wrong_issuer.
+    """
+
+    def __init__(self, policy: Policy) -> None:
         private = _private_key()
         public = PyJWK.from_dict(
             {**jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key(), as_dict=True),
              "kid": SIMULATED_KID, "alg": "RS256", "use": "sig"}
         )
         self._private = private
-        self.verifier = TokenVerifier(_SimulatedKeys(public))
+        self.verifier = TokenVerifier(_SimulatedKeys(public, policy))
 
     def token(self, issuer: str, scopes: list[str], client_id: str | None = None) -> str:
         """A client_credentials access token as Cognito shapes it, holding exactly ``scopes``."""

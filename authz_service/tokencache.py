@@ -24,10 +24,9 @@ import os
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .tokens import Claims
+from .claims import Claims
 
 # Per-entry overhead besides the claim strings, measured with tracemalloc on CPython 3.11
 # (OrderedDict slot and link, digest bytes, entry object, Claims object, frozenset): see

@@ -5,16 +5,23 @@ members) and the RS256 signature is verified with ``cryptography``; PyJWT provid
 parsing (jwks.py). This module decides which key and which claims are acceptable for a Cognito
 *access* token, and turns every failure into a typed reason that
 the decision layer maps to an HTTP answer. Nothing here logs or returns the token itself.
+
+The signature is checked before the payload is decoded: anyone can send a token, and only the
+small protected header (bounded by MAX_HEADER_CHARS) is parsed before the issuer's key has
+proved the payload is the issuer's. The key is found by the header's ``kid`` across the trusted
+issuers' JWKS; the payload's ``iss`` must then name the issuer whose key verified it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from base64 import urlsafe_b64decode, urlsafe_b64encode
 
@@ -23,10 +30,22 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from jwt.api_jwk import PyJWK
 
+from .claims import Claims, IssuerKey, KeySource
 from .policy import Issuer, Policy
 from .tokencache import CacheEntry, TokenCache
 
-MAX_TOKEN_BYTES = 8192  # Cognito access tokens are ~1 KB; anything this large is an attack or a mistake
+# Cognito client_credentials access tokens are ~0.8-1.2 KB; a long scope list or claims added by a
+# pre token generation (V3) Lambda add a few hundred bytes to a few KB. 4 KB leaves that headroom
+# and bounds what anyone can make us hash (and parse, in the header) before a signature is checked.
+MAX_TOKEN_BYTES = 4096
+# The protected header is parsed before the signature is checked, so it gets its own, tight bound.
+# Cognito's is {"kid": <44 chars>, "alg": "RS256"}: ~100 characters encoded; a 256-character kid
+# (the most _check_header accepts) with alg and typ still fits in 512.
+MAX_HEADER_CHARS = 512
+# A kid names one key of one pool; more than one trusted key under one kid is rare (two policy
+# entries sharing one JWKS, two pools picking the same kid). A token naming such a kid costs at
+# most this many RSA verifications.
+MAX_KEYS_PER_KID = 4
 ALGORITHM = "RS256"
 # RFC 6750 section 2.1 b64token: 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _B64TOKEN_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/"
@@ -50,36 +69,14 @@ class Failure(enum.Enum):
 
 
 class TokenError(Exception):
-    """A refused token. ``description`` is safe to send to the client (no token, no key material)."""
+    """A refused token. ``description`` is safe to send to the client (no token, no key material);
+    ``detail`` is the precise reason for operators (explain), where it says more than that."""
 
-    def __init__(self, failure: Failure, description: str) -> None:
+    def __init__(self, failure: Failure, description: str, detail: str | None = None) -> None:
         super().__init__(description)
         self.failure = failure
         self.description = description
-
-
-@dataclass(frozen=True, slots=True)
-class Claims:
-    """What a verified token proves; the only token data that leaves this module."""
-
-    issuer: str
-    client_id: str
-    sub: str
-    scopes: frozenset[str]
-    scope_text: str  # the claim as sent (space separated), forwarded as x-auth-scopes
-    exp: int
-    kid: str
-
-
-class KeySource(Protocol):
-    """Where verification finds signing keys (implemented by jwks.JwksCache)."""
-
-    def key(self, issuer: Issuer, kid: str) -> PyJWK | None: ...
-
-    def has_keys(self, issuer: Issuer) -> bool: ...
-
-    async def refetch(self, issuer: Issuer) -> None:
-        """Fetch the issuer's JWKS again because a token named an unknown kid (rate limited)."""
+        self.detail = detail or description
 
 
 def bearer_token(values: tuple[str, ...]) -> str | None:
@@ -129,6 +126,14 @@ def _reject_constant(name: str) -> Any:
 
 _JSON = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
 _MALFORMED = "malformed token"
+# Not allowed in a claim forwarded as a header: C0 controls but HTAB, DEL, lone surrogates, and a
+# space or tab at either end (see _check_header_text).
+_NOT_HEADER_TEXT = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]|^[ \t]|[ \t]\Z")
+# One client-visible text for an untrusted issuer, an unknown kid and a bad signature: told apart,
+# they would let anyone probe which pools and kids we trust. Metrics, the deny log line (reason)
+# and explain (TokenError.detail) keep the precise failure.
+NOT_VALID = "token is not valid"
+MALFORMED_PAYLOAD = "signed payload is not a strict base64url JSON object"
 
 
 def _b64(segment: bytes) -> bytes:
@@ -160,13 +165,35 @@ class _Parsed:
 
 
 def _parse(token: str) -> _Parsed:
-    """Split and decode a compact JWS (header decoded; payload left for after the header checks)."""
+    """Split a compact JWS and decode its header and signature. The payload stays as sent: it is
+    decoded only once a signature over it has verified (see ``_payload``)."""
     try:
         raw = token.encode("ascii")
         head, payload, signature = raw.split(b".")
+        if len(head) > MAX_HEADER_CHARS:
+            raise ValueError("header too large")
         return _Parsed(_json_object(_b64(head)), payload, raw[: len(head) + 1 + len(payload)], _b64(signature))
     except (ValueError, RecursionError):  # UnicodeError and binascii.Error are ValueErrors
         raise TokenError(Failure.INVALID_TOKEN, _MALFORMED) from None
+
+
+def _payload(parsed: _Parsed) -> dict[str, Any]:
+    """The payload of a token whose signature has verified, decoded as strictly as the header."""
+    try:
+        return _json_object(_b64(parsed.payload_b64))
+    except (ValueError, RecursionError):
+        raise TokenError(Failure.INVALID_TOKEN, _MALFORMED, MALFORMED_PAYLOAD) from None
+
+
+def _signature_ok(key: PyJWK, parsed: _Parsed) -> bool:
+    """Whether ``key`` verifies the token's RS256 signature (a wrong key never raises)."""
+    try:
+        key.key.verify(parsed.signature, parsed.signing_input, _PKCS1, _SHA256)
+    except InvalidSignature:
+        return False
+    except (ValueError, TypeError, AttributeError):  # not an RSA public key: never verifies
+        return False
+    return True
 
 
 class TokenVerifier:
@@ -259,30 +286,49 @@ class TokenVerifier:
     async def _verify(self, token: str, policy: Policy) -> tuple[Claims, PyJWK]:
         parsed = _parse(token)
         kid = self._check_header(parsed.header)
-        try:
-            payload = _json_object(_b64(parsed.payload_b64))
-        except (ValueError, RecursionError):
-            raise TokenError(Failure.INVALID_TOKEN, _MALFORMED) from None
+        candidates = await self._trusted_keys(kid, policy)
+        signer = next((c for c in candidates[:MAX_KEYS_PER_KID] if _signature_ok(c.key, parsed)), None)
+        if signer is None:
+            raise TokenError(Failure.BAD_SIGNATURE, NOT_VALID, "token signature is invalid")
+        payload = _payload(parsed)  # only now: the payload is the issuer's
         iss = payload.get("iss")
-        issuer = policy.issuers_by_iss.get(iss) if isinstance(iss, str) else None
-        if issuer is None:
-            raise TokenError(Failure.WRONG_ISSUER, "token issuer is not trusted")
-        key = self._keys.key(issuer, kid)
-        if key is None:
-            if not self._keys.has_keys(issuer):
-                raise TokenError(Failure.KEYS_UNAVAILABLE, "signing keys are not available yet")
-            await self._keys.refetch(issuer)  # a rotation we have not seen yet?
-            key = self._keys.key(issuer, kid)
-            if key is None:
-                raise TokenError(Failure.UNKNOWN_KEY, "token signed with an unknown key")
-        try:
-            key.key.verify(parsed.signature, parsed.signing_input, _PKCS1, _SHA256)
-        except InvalidSignature:
-            raise TokenError(Failure.BAD_SIGNATURE, "token signature is invalid") from None
-        except (ValueError, TypeError, AttributeError):  # not an RSA public key: never verifies
-            raise TokenError(Failure.BAD_SIGNATURE, "token signature is invalid") from None
+        if iss != signer.issuer:
+            # The same key may be published for several trusted issuers (two policy entries sharing
+            # one JWKS): the issuer the token names must then hold a key under this kid that verifies it.
+            named = next((c for c in candidates if c.issuer == iss), None)
+            if named is None or not _signature_ok(named.key, parsed):
+                raise TokenError(Failure.WRONG_ISSUER, NOT_VALID,
+                                 "iss is not the trusted issuer whose key signed the token")
+            signer = named
         self._check_times(payload)
-        return self._claims(payload, issuer, kid), key
+        return self._claims(payload, policy.issuers_by_iss[signer.issuer], kid), signer.key
+
+    async def _trusted_keys(self, kid: str, policy: Policy) -> list[IssuerKey]:
+        """The keys published under ``kid`` by the issuers of the policy in force (never empty).
+
+        A kid no trusted JWKS holds may be a rotation we have not seen yet: each trusted issuer that
+        has keys re-fetches its JWKS (single flight, at most once per cool-down each; an issuer
+        without keys is being retried by its refresher already), then we look once more.
+        """
+        candidates = self._policy_keys(kid, policy)
+        if candidates:
+            return candidates
+        refetches = [self._keys.refetch(i) for i in policy.issuers if self._keys.has_keys(i)]
+        if len(refetches) == 1:
+            await refetches[0]  # the usual single pool: no task (gather costs ~10 us per forged token)
+        else:
+            await asyncio.gather(*refetches)  # several pools fetch at once, not one after another
+        candidates = self._policy_keys(kid, policy)
+        if candidates:
+            return candidates
+        if not all(self._keys.has_keys(i) for i in policy.issuers):
+            # It may be a token of the issuer whose keys we do not have yet: we cannot tell, so 503.
+            raise TokenError(Failure.KEYS_UNAVAILABLE, "signing keys are not available yet")
+        raise TokenError(Failure.UNKNOWN_KEY, NOT_VALID, "no trusted issuer publishes a key with the token's kid")
+
+    def _policy_keys(self, kid: str, policy: Policy) -> list[IssuerKey]:
+        trusted = policy.issuers_by_iss
+        return [c for c in self._keys.keys_for_kid(kid) if c.issuer in trusted]
 
     def _check_header(self, header: dict[str, Any]) -> str:
         alg = header.get("alg")
@@ -321,14 +367,17 @@ class TokenVerifier:
         client_id = payload.get("client_id")
         if not isinstance(client_id, str) or not client_id:
             raise TokenError(Failure.INVALID_TOKEN, "token has no client_id claim")
+        _check_header_text("client_id", client_id)
         if issuer.client_ids is not None and client_id not in issuer.client_ids:
             raise TokenError(Failure.CLIENT_NOT_ALLOWED, "client is not allowed")
         scope = payload.get("scope", "")
         if not isinstance(scope, str):
             raise TokenError(Failure.INVALID_TOKEN, "scope claim must be a string")
+        _check_header_text("scope", scope)
         sub = payload.get("sub", "")
         if not isinstance(sub, str):
             raise TokenError(Failure.INVALID_TOKEN, "sub claim must be a string")
+        _check_header_text("sub", sub)
         return Claims(
             issuer=issuer.issuer,
             client_id=client_id,
@@ -338,6 +387,16 @@ class TokenVerifier:
             exp=_numeric_date(payload["exp"]),
             kid=kid,
         )
+
+
+def _check_header_text(name: str, value: str) -> None:
+    """Refuse a claim the response forwards upstream (x-auth-client-id, -scopes, -sub) unless it is
+    text an HTTP header can carry as is: a lone surrogate (JSON's "\\ud800" parses to one) cannot
+    be encoded as UTF-8 and made the response fail to render; CR, LF, NUL and the other controls
+    are not allowed in a field value (RFC 9110 section 5.5), and leading or trailing whitespace
+    would be stripped on the way, so the upstream would see another identity than the one signed."""
+    if _NOT_HEADER_TEXT.search(value):
+        raise TokenError(Failure.INVALID_TOKEN, f"{name} claim is not valid HTTP header text")
 
 
 def _is_number(value: object) -> bool:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from authz_service.claims import Claims  # noqa: E402
 from authz_service.tokencache import TokenCache  # noqa: E402
-from authz_service.tokens import Claims  # noqa: E402
 
 ISSUER = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Bench0001"
 

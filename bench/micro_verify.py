@@ -1,6 +1,8 @@
 """Micro-benchmark of TokenVerifier.verify in-process (no gRPC, no Envoy): cold and warm.
 
 Cold = every call a distinct valid token (cache disabled), warm = the same token again.
+Forged = a token anyone can send: a trusted kid, a signature that verifies under no key, and a
+payload that is expensive JSON (the CPU a flood of them costs; run on two versions to compare).
 Prints microseconds per call; compare figures from one run only (the machine is shared).
 
     .venv/bin/python bench/micro_verify.py [--n 2000]
@@ -10,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import inspect
+import json
 import time
 import uuid
 
@@ -19,8 +23,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 from jwt.api_jwk import PyJWK
 
+from authz_service import tokens as tokens_module
 from authz_service.policy import Issuer, parse_policy
-from authz_service.tokens import TokenVerifier
+from authz_service.tokens import TokenError, TokenVerifier
+
+try:
+    from authz_service.claims import IssuerKey
+except ImportError:  # a version that reads iss before it looks for the key never asks by kid alone
+    IssuerKey = None  # type: ignore[assignment,misc]
 
 ISSUER = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Bench0001"
 POLICY = parse_policy(
@@ -31,6 +41,9 @@ POLICY = parse_policy(
 class Keys:
     def __init__(self, jwk: dict) -> None:
         self._key = PyJWK(jwk)
+
+    def keys_for_kid(self, kid: str) -> tuple:
+        return (IssuerKey(ISSUER, self._key),) if kid == "k1" else ()
 
     def key(self, issuer: Issuer, kid: str) -> PyJWK | None:
         return self._key if kid == "k1" else None
@@ -50,6 +63,32 @@ def tokens(private: rsa.RSAPrivateKey, n: int) -> list[str]:
                   "exp": now + 3600, "iat": now, "version": 2, "jti": str(uuid.uuid4()), "client_id": "c1"}
         out.append(jwt.encode(claims, private, algorithm="RS256", headers={"kid": "k1"}))
     return out
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forged_expensive(size: int) -> str:
+    """A forged token of about ``size`` characters: the trusted kid, a signature of zeros, and a payload
+    that names the trusted issuer and then holds numbers (among the costliest JSON per byte to parse)."""
+    head, signature = b64(json.dumps({"alg": "RS256", "kid": "k1"}).encode()), b64(bytes(256))
+    room = (size - len(head) - len(signature) - 2) * 3 // 4
+    prefix = json.dumps({"iss": ISSUER, "n": []})[:-2]
+    numbers = ",".join(["1e5"] * ((room - len(prefix) - 2) // 4))
+    return f"{head}.{b64((prefix + numbers + ']}').encode())}.{signature}"
+
+
+async def cpu_us_per_forged(verifier: TokenVerifier, token: str, n: int) -> tuple[float, str]:
+    """CPU microseconds one verification of ``token`` costs, and how it was refused."""
+    outcome = ""
+    t0 = time.process_time()
+    for _ in range(n):
+        try:
+            await verifier.verify(token, POLICY)
+        except TokenError as exc:
+            outcome = exc.failure.value
+    return (time.process_time() - t0) / n * 1e6, outcome
 
 
 def make_verifier(keys: Keys, cache: bool) -> TokenVerifier:
@@ -94,10 +133,19 @@ async def main() -> None:
         pub.verify(raw_sig, f"{head}.{body}".encode(), padding.PKCS1v15(), hashes.SHA256())
     rsa_us = (time.perf_counter() - t0) / args.n * 1e6
 
+    forged = []
+    for size in (8000, 4000):
+        token = forged_expensive(size)
+        us, outcome = await cpu_us_per_forged(make_verifier(keys, cache=True), token, args.n)
+        forged.append((len(token), us, outcome))
+
     print("| measure | us per call |\n|---|---|")
     print(f"| verify, cold (distinct tokens, no cache) | {cold_us:.1f} |")
     print(f"| verify, warm (same token{'' if 'cache' in inspect.signature(TokenVerifier).parameters else ', no cache in this version'}) | {warm_us:.1f} |")
     print(f"| RSA-2048 PKCS1v15 SHA-256 verify alone (cryptography) | {rsa_us:.1f} |")
+    for size, us, outcome in forged:
+        print(f"| forged {size}-char token, expensive JSON payload, CPU (refused: {outcome}; "
+              f"MAX_TOKEN_BYTES {tokens_module.MAX_TOKEN_BYTES}) | {us:.1f} |")
 
 
 if __name__ == "__main__":

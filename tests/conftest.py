@@ -1,4 +1,5 @@
-"""Shared test material: RSA keys and a token factory shaped exactly like Cognito's."""
+"""Shared test material: RSA keys, a token factory shaped exactly like Cognito's, and the one
+in-memory key source (what the JWKS cache would hold) for in-process tests."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
+from jwt.api_jwk import PyJWK
+
+from authz_service.claims import IssuerKey
+from authz_service.policy import Issuer
 
 ISSUER = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Test00001"
 
@@ -55,3 +60,35 @@ def key_a() -> SigningKey:
 @pytest.fixture(scope="session")
 def key_b() -> SigningKey:
     return make_key("kid-b")
+
+
+class MemoryKeys:
+    """A real in-memory KeySource: the key sets the JWKS cache would hold per issuer (``keys`` is
+    the ``issuer``'s, ``publish`` adds another issuer's), plus a refetch we can script."""
+
+    def __init__(self, *keys: SigningKey, issuer: str = ISSUER) -> None:
+        self.issuer = issuer
+        self.keys = {k.kid: PyJWK(k.jwk()) for k in keys}
+        self.others: dict[str, dict[str, PyJWK]] = {}
+        self.after_refetch: dict[str, PyJWK] | None = None
+        self.refetched: list[str] = []
+
+    def publish(self, issuer: str, *keys: SigningKey) -> None:
+        self.others[issuer] = {k.kid: PyJWK(k.jwk()) for k in keys}
+
+    def _key_sets(self) -> dict[str, dict[str, PyJWK]]:
+        return {self.issuer: self.keys, **self.others}
+
+    def keys_for_kid(self, kid: str) -> tuple[IssuerKey, ...]:
+        return tuple(IssuerKey(iss, keys[kid]) for iss, keys in self._key_sets().items() if kid in keys)
+
+    def key(self, issuer: Issuer, kid: str) -> PyJWK | None:
+        return self._key_sets().get(issuer.issuer, {}).get(kid)
+
+    def has_keys(self, issuer: Issuer) -> bool:
+        return bool(self._key_sets().get(issuer.issuer))
+
+    async def refetch(self, issuer: Issuer) -> None:
+        self.refetched.append(issuer.issuer)
+        if self.after_refetch is not None and issuer.issuer == self.issuer:
+            self.keys = self.after_refetch

@@ -47,7 +47,7 @@ def jwks() -> str:
 
     run = load("run")
     doc = run.jwks_document(rsa.generate_private_key(public_exponent=65537, key_size=2048))
-    assert list(parse_jwks(doc.encode())) == [run.KID]  # the service would accept this JWKS
+    assert list(parse_jwks(doc.encode()).keys) == [run.KID]  # the service would accept this JWKS
     return doc
 
 

@@ -15,6 +15,8 @@ from authz_service.request import BadRequest, HttpRequest
 from authz_service.response import Answer, Answers
 from authz_service.tokens import TokenVerifier
 
+from .conftest import MemoryKeys
+
 POLICY = parse_policy("""
 issuers:
   - user_pool_id: us-east-1_Abc123
@@ -29,24 +31,13 @@ class Fixed:
     policy = POLICY
 
 
-class NoKeys:
-    def key(self, issuer, kid):
-        return None
-
-    def has_keys(self, issuer):
-        return False
-
-    async def refetch(self, issuer):
-        return None
-
-
 def request(path: str = "/healthz", method: str = "GET") -> HttpRequest:
     return HttpRequest(method, path, tuple(path[1:].split("/")), (), "rid-1", ())
 
 
 def checker() -> tuple[Checker, Metrics]:
     metrics = Metrics(CollectorRegistry())
-    return Checker(Fixed(), TokenVerifier(NoKeys()), Answers("r"), metrics.per_check), metrics
+    return Checker(Fixed(), TokenVerifier(MemoryKeys()), Answers("r"), metrics.per_check), metrics
 
 
 def counted(metrics: Metrics, reason: str, status: str) -> float:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import pytest
 
+from authz_service.claims import Claims
 from authz_service.decision import Decision, Reason, decide
 from authz_service.policy import parse_policy
 from authz_service.request import HttpRequest
-from authz_service.tokens import Claims, Failure, TokenError, bearer_token
+from authz_service.tokens import Failure, TokenError, bearer_token
 
 ISS = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Abc123"
 

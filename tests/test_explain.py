@@ -10,8 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from authz_service.explain import _checklist
+from authz_service.tokens import TokenError, TokenVerifier
 from tests.e2e.harness import free_port
 from tests.e2e.stack import DevIssuer, start_dev_issuer
+
+from .conftest import ISSUER, make_key
+from .conftest import MemoryKeys
+from .test_tokens import POLICY, b64, resign
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "authz_service" / "examples" / "policy.yaml"
 
@@ -119,7 +125,8 @@ def test_real_token_every_check_passes_and_the_token_is_never_printed(issuer, po
     lines = run.stdout.splitlines()
     checks = [line.split()[:2] for line in lines if line.startswith("  passed") or line.startswith("  FAILED")]
     assert checks == [["passed", n] for n in
-                      ("header", "issuer", "key", "signature", "times", "token_use", "client", "claims", "scopes")]
+                      ("header", "key", "signature", "payload", "issuer", "times", "token_use", "client", "claims",
+                       "scopes")]
     assert f"token:     real: {token[:8]}... ({len(token)} chars)" in run.stdout
     assert "client_id='payments-writer'" in run.stdout
     assert token not in run.stdout and token[8:40] not in run.stdout and token.split(".")[2] not in run.stdout
@@ -139,10 +146,11 @@ def test_real_token_with_a_forged_payload_fails_at_the_signature(issuer, policy,
                   str(token_file), "--json")
     assert run.returncode == 1
     data = json.loads(run.stdout)
-    assert [(c["check"], c["result"]) for c in data["checks"]][2:5] == [
-        ("key", "passed"), ("signature", "FAILED"), ("times", "not checked")]
+    assert [(c["check"], c["result"]) for c in data["checks"]][1:4] == [
+        ("key", "passed"), ("signature", "FAILED"), ("payload", "not checked")]
+    assert data["checks"][2]["detail"] == "RS256 signature: token signature is invalid"  # precise for the operator
     assert data["response"]["status"] == 401
-    assert json.loads(data["response"]["body"])["error_description"] == "token signature is invalid"
+    assert json.loads(data["response"]["body"])["error_description"] == "token is not valid"  # uniform for clients
 
 
 def test_unreachable_jwks_is_shown_and_answers_503(issuer, tmp_path):
@@ -153,5 +161,25 @@ def test_unreachable_jwks_is_shown_and_answers_503(issuer, tmp_path):
     run = explain("--policy", str(policy), "--method", "GET", "--path", "/a", "--token", issuer.token("payments-writer"))
     assert run.returncode == 1
     assert "  FAILED       jwks" in run.stdout
-    assert "  FAILED       key        signing key with this kid in the issuer's JWKS: signing keys are not" in run.stdout
+    assert "  FAILED       key        signing key with this kid in a trusted issuer's JWKS: signing keys are not" in run.stdout
     assert "  HTTP 503" in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("make_token", "check"),
+    [
+        (lambda key: key.token(sub="\ud800"), "claims"),
+        (lambda key: key.token(scope="transactions/post\r\nx: y"), "claims"),
+        (lambda key: key.token(client_id="client-a\n"), "client"),
+        (lambda key: resign(key, key.token().split(".")[0], b64(b"{not json")), "payload"),
+        (lambda key: key.token(iss=ISSUER + "/"), "issuer"),
+        (lambda key: make_key(key.kid).token(), "signature"),
+    ],
+    ids=["sub-surrogate", "scope-crlf", "client-id-newline", "payload", "issuer", "signature"],
+)
+async def test_checklist_names_the_check_the_verifier_failed(key_a, make_token, check: str) -> None:
+    """explain maps the verifier's own errors (failure, detail) to a check: this keeps the two in step."""
+    with pytest.raises(TokenError) as caught:
+        await TokenVerifier(MemoryKeys(key_a)).verify(make_token(key_a), POLICY)
+    failed = [(name, detail) for name, result, detail in _checklist(caught.value) if result == "FAILED"]
+    assert failed == [(check, failed[0][1])] and failed[0][1].endswith(caught.value.detail)

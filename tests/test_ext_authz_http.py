@@ -17,7 +17,7 @@ from authz_service.request import SPECIAL_NAMES
 from authz_service.response import Answers
 from authz_service.tokens import TokenVerifier
 
-from .conftest import ISSUER, SigningKey
+from .conftest import ISSUER, MemoryKeys, SigningKey
 
 POLICY = parse_policy(f"""
 issuers:
@@ -38,27 +38,11 @@ class Fixed:
     policy = POLICY
 
 
-class Keys:
-    def __init__(self, key: SigningKey) -> None:
-        from jwt.api_jwk import PyJWK
-
-        self._jwk = PyJWK.from_dict(key.jwk())
-
-    def key(self, issuer, kid):
-        return self._jwk if kid == "kid-a" else None
-
-    def has_keys(self, issuer):
-        return True
-
-    async def refetch(self, issuer):
-        return None
-
-
 @pytest.fixture
 async def door(key_a: SigningKey, request) -> AsyncIterator[tuple[str, Metrics]]:
     prefix = getattr(request, "param", "")
     metrics = Metrics(CollectorRegistry())
-    checker = Checker(Fixed(), TokenVerifier(Keys(key_a)), Answers("r"), metrics.per_check)
+    checker = Checker(Fixed(), TokenVerifier(MemoryKeys(key_a)), Answers("r"), metrics.per_check)
     front = HttpFrontDoor(checker, prefix)
     port = await front.start("127.0.0.1", 0)
     try:

@@ -18,7 +18,6 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from jwt.api_jwk import PyJWK
 from prometheus_client import CollectorRegistry
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2
@@ -30,7 +29,8 @@ from authz_service.ext_authz_grpc import AuthorizationServicer
 from authz_service.response import Answers
 from authz_service.tokens import TokenVerifier
 
-from .conftest import ISSUER, SigningKey, make_key
+from .conftest import ISSUER, MemoryKeys, SigningKey, make_key
+
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -47,23 +47,6 @@ def signing_key() -> SigningKey:
     if _KEY is None:
         _KEY = make_key("kid-fuzz")
     return _KEY
-
-
-class StaticKeys:
-    """KeySource holding one key; no I/O."""
-
-    def __init__(self, key: SigningKey) -> None:
-        self._jwk = PyJWK(key.jwk(), algorithm="RS256")
-        self._kid = key.kid
-
-    def key(self, issuer, kid: str):
-        return self._jwk if kid == self._kid else None
-
-    def has_keys(self, issuer) -> bool:
-        return True
-
-    async def refetch(self, issuer) -> None:
-        return None
 
 
 class Holder:
@@ -168,7 +151,7 @@ def make_token(kind: str, scopes: list[str]) -> str | None:
 
 def grpc_servicer(policy: Policy) -> AuthorizationServicer:
     """The gRPC front door over the real Check pipeline, with this policy and the fuzz key."""
-    checker = Checker(Holder(policy), TokenVerifier(StaticKeys(signing_key())), Answers("fuzz"),
+    checker = Checker(Holder(policy), TokenVerifier(MemoryKeys(signing_key())), Answers("fuzz"),
                       Metrics(CollectorRegistry()).per_check)
     return AuthorizationServicer(checker)
 

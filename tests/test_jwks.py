@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import secrets
 import time
 
 import aiohttp
@@ -11,8 +13,10 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from jwt.utils import to_base64url_uint
 from prometheus_client import CollectorRegistry
 
+from authz_service.claims import IssuerKey
 from authz_service.jwks import JwksCache, JwksError, JwksSettings, parse_jwks
 from authz_service.metrics import Metrics
 from authz_service.policy import Issuer
@@ -104,21 +108,71 @@ def expire_cooldown(cache: JwksCache, issuer: Issuer) -> None:
 # --- parse_jwks ----------------------------------------------------------------------------------
 
 
-def test_parse_keeps_only_rsa_signing_keys(key_a: SigningKey, key_b: SigningKey) -> None:
+def test_parse_keeps_only_rsa_signing_keys_and_says_why_it_skipped_the_others(key_a: SigningKey,
+                                                                              key_b: SigningKey) -> None:
     ec_key = {**json.loads(ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key())), "kid": "ec"}
     small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     weak = {**RSAAlgorithm.to_jwk(small.public_key(), as_dict=True), "kid": "weak"}
     enc = {**key_b.jwk(), "use": "enc", "kid": "enc"}
     other_alg = {**key_b.jwk(), "alg": "RS512", "kid": "rs512"}
+    no_verify = {**key_b.jwk(), "key_ops": ["encrypt"], "kid": "no-verify"}
     private = {**RSAAlgorithm.to_jwk(key_b.private, as_dict=True), "kid": "private"}
-    doc = {"keys": [key_a.jwk(), ec_key, weak, enc, other_alg, private, "junk", {"kty": "RSA", "kid": "broken", "n": "x"}]}
-    assert list(parse_jwks(json.dumps(doc).encode())) == ["kid-a"]
+    doc = {"keys": [key_a.jwk(), ec_key, weak, enc, other_alg, no_verify, private, "junk",
+                    {"kty": "RSA", "kid": "broken", "n": "x"}, {**key_b.jwk(), "kid": "k" * 257}]}
+    parsed = parse_jwks(json.dumps(doc).encode())
+    assert list(parsed.keys) == ["kid-a"]
+    assert [(s.kid, s.reason) for s in parsed.skipped] == [
+        ("ec", "not an RSA key"), ("weak", "modulus is 1024 bits (accepted: 2048 to 4096)"),
+        ("enc", "not a signing key (use)"), ("rs512", "not an RS256 key (alg)"),
+        ("no-verify", "key_ops does not allow verify"), ("private", "a private key"),
+        (None, "no kid of 1 to 256 characters"), ("broken", "not a valid RSA public key"),
+        (None, "no kid of 1 to 256 characters")]
+
+
+def rsa_jwk(kid: str, n: int, e: int) -> dict:
+    """A JWK with the given public numbers (no private key needed to test what we accept)."""
+    return {"kty": "RSA", "kid": kid, "alg": "RS256", "use": "sig",
+            "n": to_base64url_uint(n).decode(), "e": to_base64url_uint(e).decode()}
+
+
+def odd_modulus(bits: int) -> int:
+    return secrets.randbits(bits) | 1 | (1 << (bits - 1))
+
+
+@pytest.mark.parametrize(
+    ("n", "e", "reason"),
+    [
+        (odd_modulus(2048), 3, "public exponent is not accepted (odd, 65537 <= e < 2**32 required)"),
+        (odd_modulus(2048), 65535, "public exponent is not accepted (odd, 65537 <= e < 2**32 required)"),
+        (odd_modulus(2048), 2**32 + 1, "public exponent is not accepted (odd, 65537 <= e < 2**32 required)"),
+        (odd_modulus(2048), 2**64 + 1, "public exponent is not accepted (odd, 65537 <= e < 2**32 required)"),
+        (odd_modulus(2048), 65536, "not a valid RSA public key"),  # even e: cryptography refuses it already
+        (odd_modulus(2048) + 1, 65537, "modulus is even"),
+        (odd_modulus(2047), 65537, "modulus is 2047 bits (accepted: 2048 to 4096)"),
+        (odd_modulus(4097), 65537, "modulus is 4097 bits (accepted: 2048 to 4096)"),
+        (odd_modulus(16384), 65537, "modulus is 16384 bits (accepted: 2048 to 4096)"),
+    ],
+    ids=["e-3", "e-65535", "e-2^32+1", "e-2^64+1", "e-even", "n-even", "n-2047-bits", "n-4097-bits", "n-16384-bits"],
+)
+def test_parse_skips_rsa_keys_outside_the_key_rules(key_a: SigningKey, n: int, e: int, reason: str) -> None:
+    parsed = parse_jwks(json.dumps({"keys": [key_a.jwk(), rsa_jwk("odd-one", n, e)]}).encode())
+    assert list(parsed.keys) == ["kid-a"]
+    assert [(s.kid, s.reason) for s in parsed.skipped] == [("odd-one", reason)]
+    assert to_base64url_uint(n).decode()[:16] not in reason  # never key material
+
+
+@pytest.mark.parametrize(("bits", "e"), [(2048, 65537), (4096, 65537), (2048, 2**32 - 1), (3072, 65539)],
+                         ids=["2048", "4096", "e-2^32-1", "3072-e-65539"])
+def test_parse_accepts_keys_at_the_edges_of_the_rules(bits: int, e: int) -> None:
+    parsed = parse_jwks(json.dumps({"keys": [rsa_jwk("edge", odd_modulus(bits), e)]}).encode())
+    assert list(parsed.keys) == ["edge"] and parsed.skipped == ()
 
 
 def test_parse_drops_ambiguous_duplicate_kids(key_a: SigningKey, key_b: SigningKey) -> None:
     dup = {**key_b.jwk(), "kid": "kid-a"}
-    with pytest.raises(JwksError):
+    with pytest.raises(JwksError) as caught:
         parse_jwks(json.dumps({"keys": [key_a.jwk(), dup]}).encode())
+    assert [(s.kid, s.reason) for s in caught.value.skipped] == [("kid-a", "kid published more than once")]
 
 
 @pytest.mark.parametrize("doc", [b"<html>oops</html>", b"{", b"[]", b'{"keys": {}}', b'{"keys": []}', b"\xff\xfe"])
@@ -278,3 +332,57 @@ async def test_issuer_series_exist_at_zero_and_leave_with_the_issuer(endpoint, m
     cache.sync([])
     assert metrics.registry.get_sample_value("authz_jwks_refreshes_total", labels) is None
     assert metrics.registry.get_sample_value("authz_jwks_keys", {"issuer": "us-east-1_Pool1"}) is None
+
+
+async def test_kid_index_follows_every_key_set_swap(aiohttp_server_factory, make_cache, key_a, key_b) -> None:
+    # The verifier finds a key by kid alone, across issuers: the index must match the key sets.
+    (first, one), (second, two) = await aiohttp_server_factory(), await aiohttp_server_factory()
+    two = Issuer("us-east-1_Pool2", "us-east-1", two.issuer + "2", two.jwks_uri, None)
+    first.keys(key_a)
+    second.keys(key_a, key_b)  # the same kid (and key) published by two issuers
+    cache, _ = make_cache(refresh_interval=0.05)
+    cache.sync([one, two])
+    await wait_for(lambda: cache.has_keys(one) and cache.has_keys(two))
+    assert cache.keys_for_kid("kid-a") == (IssuerKey(one.issuer, cache.key(one, "kid-a")),
+                                           IssuerKey(two.issuer, cache.key(two, "kid-a")))
+    assert cache.keys_for_kid("kid-b") == (IssuerKey(two.issuer, cache.key(two, "kid-b")),)
+    assert cache.keys_for_kid("kid-nobody") == ()
+    second.keys(key_b)  # rotation at the second issuer drops its kid-a
+    await wait_for(lambda: len(cache.keys_for_kid("kid-a")) == 1)
+    assert cache.keys_for_kid("kid-a")[0].issuer == one.issuer
+    cache.sync([two])  # the first issuer leaves the policy
+    assert cache.keys_for_kid("kid-a") == () and len(cache.keys_for_kid("kid-b")) == 1
+
+
+async def test_each_skipped_key_is_logged_once_per_fetch(endpoint, make_cache, key_a, caplog) -> None:
+    scripted, issuer = endpoint
+    e3 = rsa_jwk("kid-e3", odd_modulus(2048), 3)
+    scripted.reply = web.json_response({"keys": [key_a.jwk(), e3]})
+    cache, _ = make_cache()
+    with caplog.at_level(logging.WARNING, logger="authz_service.jwks"):
+        cache.sync([issuer])
+        await wait_for(lambda: cache.has_keys(issuer))
+        scripted.reply = web.json_response({"keys": [key_a.jwk(), e3]})  # a response is sent once
+        expire_cooldown(cache, issuer)
+        await cache.refetch(issuer)
+    skipped = [r for r in caplog.records if r.getMessage() == "jwks key skipped"]
+    assert [(r.issuer, r.kid, r.reason) for r in skipped] == 2 * [
+        (issuer.issuer, "kid-e3", "public exponent is not accepted (odd, 65537 <= e < 2**32 required)")]
+    assert cache.keys_for_kid("kid-e3") == () and cache.key(issuer, "kid-e3") is None
+    assert e3["n"] not in caplog.text  # never key material
+
+
+async def test_a_jwks_of_only_skipped_keys_logs_each_and_keeps_the_last_good_keys(endpoint, make_cache, key_a,
+                                                                                  caplog) -> None:
+    scripted, issuer = endpoint
+    scripted.keys(key_a)
+    cache, _ = make_cache()
+    cache.sync([issuer])
+    await wait_for(lambda: cache.has_keys(issuer))
+    scripted.reply = web.json_response({"keys": [rsa_jwk("kid-big", odd_modulus(8192), 65537)]})
+    expire_cooldown(cache, issuer)
+    with caplog.at_level(logging.WARNING, logger="authz_service.jwks"):
+        await cache.refetch(issuer)
+    assert [(r.kid, r.reason) for r in caplog.records if r.getMessage() == "jwks key skipped"] == [
+        ("kid-big", "modulus is 8192 bits (accepted: 2048 to 4096)")]
+    assert cache.key(issuer, "kid-a") is not None and cache.status()[0]["last_error"]

@@ -11,12 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from authz_service._proto.envoy.config.core.v3 import base_pb2
+from authz_service.claims import Claims
 from authz_service.decision import Decision, Reason, decide
 from authz_service.policy import parse_policy
 from authz_service.request import HttpRequest
+from authz_service.claims import Claims
 from authz_service.ext_authz_grpc import check_response
 from authz_service.response import Answers
-from authz_service.tokens import Claims, Failure, TokenError
+from authz_service.tokens import Failure, TokenError
 
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 IDENTITY = ("x-auth-client-id", "x-auth-scopes", "x-auth-sub")

@@ -13,13 +13,14 @@ from hypothesis import strategies as st
 from jwt.api_jwk import PyJWK
 from prometheus_client import CollectorRegistry
 
+from authz_service.claims import Claims
 from authz_service.metrics import Metrics
 from authz_service.policy import Issuer, Policy, parse_policy
 from authz_service.tokencache import TokenCache, entry_size
-from authz_service.tokens import Claims, Failure, TokenError, TokenVerifier
+from authz_service.tokens import Failure, TokenError, TokenVerifier
 
 from .conftest import ISSUER, SigningKey, make_key
-from .test_tokens import MemoryKeys
+from .conftest import MemoryKeys
 
 POOL = "us-east-1_Test00001"
 
@@ -98,13 +99,16 @@ async def test_zero_leeway_on_a_hit(key_a: SigningKey) -> None:
     assert await failure(verifier, token, policy()) is Failure.EXPIRED
 
 
-async def test_issuer_removed_from_current_policy_is_wrong_issuer(key_a: SigningKey) -> None:
-    verifier, cache, _ = make(MemoryKeys(key_a))
+async def test_issuer_removed_from_current_policy_is_unknown_key(key_a: SigningKey, key_b: SigningKey) -> None:
+    keys = MemoryKeys(key_a)
+    verifier, cache, _ = make(keys)
     token = key_a.token()
     await verifier.verify(token, policy())
     other = policy(pool="us-east-1_Other0001")
     assert ISSUER not in other.issuers_by_iss
-    assert await failure(verifier, token, other) is Failure.WRONG_ISSUER
+    keys.publish(other.issuers[0].issuer, key_b)
+    # No issuer of the policy in force publishes the token's kid any more.
+    assert await failure(verifier, token, other) is Failure.UNKNOWN_KEY
     assert len(cache) == 0
 
 

@@ -17,10 +17,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 from jwt.api_jwk import PyJWK
 
-from authz_service.policy import Issuer, parse_policy
+from authz_service import tokens
+from authz_service.claims import IssuerKey
+from authz_service.policy import Issuer, Policy, parse_policy
 from authz_service.tokens import MAX_TOKEN_BYTES, Failure, TokenError, TokenVerifier
 
-from .conftest import ISSUER, SigningKey, make_key
+from .conftest import ISSUER, MemoryKeys, SigningKey, make_key
 
 POLICY = parse_policy(
     f"""
@@ -34,33 +36,17 @@ routes:
 )
 
 
-class MemoryKeys:
-    """A real in-memory KeySource: what the JWKS cache would hold, plus a refetch we can script."""
-
-    def __init__(self, *keys: SigningKey) -> None:
-        self.keys = {k.kid: PyJWK(k.jwk()) for k in keys}
-        self.after_refetch: dict[str, PyJWK] | None = None
-        self.refetches = 0
-
-    def key(self, issuer: Issuer, kid: str) -> PyJWK | None:
-        return self.keys.get(kid)
-
-    def has_keys(self, issuer: Issuer) -> bool:
-        return bool(self.keys)
-
-    async def refetch(self, issuer: Issuer) -> None:
-        self.refetches += 1
-        if self.after_refetch is not None:
-            self.keys = self.after_refetch
-
-
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 async def failure_of(verifier: TokenVerifier, token: str) -> Failure:
+    return await failure_of_policy(verifier, token, POLICY)
+
+
+async def failure_of_policy(verifier: TokenVerifier, token: str, policy: Policy) -> Failure:
     with pytest.raises(TokenError) as caught:
-        await verifier.verify(token, POLICY)
+        await verifier.verify(token, policy)
     assert not token or token not in caught.value.description
     return caught.value.failure
 
@@ -137,7 +123,7 @@ async def test_foreign_key_with_known_kid_rejected(key_a: SigningKey) -> None:
 async def test_unknown_kid_refetches_once_then_fails(key_a: SigningKey, key_b: SigningKey) -> None:
     keys = MemoryKeys(key_a)
     assert await failure_of(TokenVerifier(keys), key_b.token()) is Failure.UNKNOWN_KEY
-    assert keys.refetches == 1
+    assert keys.refetched == [ISSUER]
 
 
 async def test_unknown_kid_picked_up_after_rotation(key_a: SigningKey, key_b: SigningKey) -> None:
@@ -149,6 +135,126 @@ async def test_unknown_kid_picked_up_after_rotation(key_a: SigningKey, key_b: Si
 
 async def test_no_keys_yet_is_unavailable_not_invalid(key_a: SigningKey) -> None:
     assert await failure_of(TokenVerifier(MemoryKeys()), key_a.token()) is Failure.KEYS_UNAVAILABLE
+
+
+# --- the key is found by kid and the signature checked before the payload is read ------------------
+
+OTHER = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Test00002"
+TWO_ISSUERS = parse_policy(
+    """
+issuers:
+  - user_pool_id: us-east-1_Test00001
+  - user_pool_id: us-east-1_Test00002
+routes:
+  - path: /x
+    scopes: [transactions/post]
+"""
+)
+
+
+def forged(payload_segment: str, kid: str = "kid-a") -> str:
+    """A trusted kid, the payload segment as given, and a signature that verifies under no key."""
+    return f"{b64(json.dumps({'alg': 'RS256', 'kid': kid}).encode())}.{payload_segment}.{b64(bytes(256))}"
+
+
+@pytest.mark.parametrize("payload", ["~~~not~base64url~~~", b64(b"{not json"), b64(b"\xff\xfe"),
+                                     b64(json.dumps({"iss": ISSUER, "token_use": "access", "client_id": "client-a",
+                                                     "exp": 9999999999}).encode()),
+                                     b64(b"[" * 900 + b"]" * 900)],
+                         ids=["not-base64url", "not-json", "not-utf8", "valid-claims", "deep-nesting"])
+async def test_payload_is_not_decoded_before_the_signature_verifies(key_a: SigningKey, payload: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed: list[bytes] = []
+    real = tokens._json_object
+    monkeypatch.setattr(tokens, "_json_object", lambda raw: parsed.append(raw) or real(raw))
+    assert await failure_of(TokenVerifier(MemoryKeys(key_a)), forged(payload)) is Failure.BAD_SIGNATURE
+    assert parsed == [b'{"alg": "RS256", "kid": "kid-a"}']  # the header only
+
+
+@pytest.mark.parametrize("published", ["own-kid", "same-kid-other-key", "same-key"])
+async def test_key_is_found_by_kid_and_proves_only_its_issuers_tokens(key_a: SigningKey, key_b: SigningKey,
+                                                                      published: str) -> None:
+    # The second issuer publishes its own kid, the first issuer's kid for another key (pools pick
+    # kids independently), or the very same key (two policy entries sharing one JWKS).
+    others = {"own-kid": key_b, "same-kid-other-key": make_key("kid-a"), "same-key": key_a}[published]
+    keys = MemoryKeys(key_a)
+    keys.publish(OTHER, others)
+    verifier = TokenVerifier(keys)
+    assert (await verifier.verify(others.token(iss=OTHER), TWO_ISSUERS)).issuer == OTHER
+    assert (await verifier.verify(key_a.token(), TWO_ISSUERS)).issuer == ISSUER
+    third = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Test00003"
+    assert await failure_of_policy(verifier, others.token(iss=third), TWO_ISSUERS) is Failure.WRONG_ISSUER
+    if others is not key_a:  # a key of one issuer proves nothing for the other
+        assert await failure_of_policy(verifier, others.token(iss=ISSUER), TWO_ISSUERS) is Failure.WRONG_ISSUER
+    assert keys.refetched == []
+
+
+async def test_keys_under_one_kid_are_tried_a_bounded_number_of_times(key_a: SigningKey,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    pools = [f"us-east-1_Many{i:05d}" for i in range(tokens.MAX_KEYS_PER_KID + 2)]
+    many = parse_policy("issuers:\n" + "".join(f"  - user_pool_id: {p}\n" for p in pools)
+                        + "routes:\n  - path: /x\n    scopes: [a]\n")
+    keys = MemoryKeys(issuer=many.issuers[0].issuer)
+    for issuer in many.issuers:
+        keys.publish(issuer.issuer, make_key("kid-shared"))
+    tried: list[object] = []
+    real = tokens._signature_ok
+    monkeypatch.setattr(tokens, "_signature_ok", lambda key, parsed: tried.append(key) or real(key, parsed))
+    token = forged(b64(json.dumps(good_body()).encode()), kid="kid-shared")
+    assert await failure_of_policy(TokenVerifier(keys), token, many) is Failure.BAD_SIGNATURE
+    assert len(tried) == tokens.MAX_KEYS_PER_KID
+
+
+async def test_keys_of_an_issuer_outside_the_policy_prove_nothing(key_a: SigningKey, key_b: SigningKey) -> None:
+    keys = MemoryKeys(key_a)
+    keys.publish(OTHER, key_b)  # still held, but the policy in force (POLICY) no longer trusts OTHER
+    assert await failure_of(TokenVerifier(keys), key_b.token(iss=OTHER)) is Failure.UNKNOWN_KEY
+
+
+async def test_unknown_kid_refetches_every_trusted_issuer_that_has_keys(key_a: SigningKey, key_b: SigningKey) -> None:
+    keys = MemoryKeys(key_a)
+    keys.publish(OTHER, key_b)
+    stranger = make_key("kid-stranger")
+    assert await failure_of_policy(TokenVerifier(keys), stranger.token(), TWO_ISSUERS) is Failure.UNKNOWN_KEY
+    assert sorted(keys.refetched) == [ISSUER, OTHER]
+
+
+async def test_unknown_kid_while_a_trusted_issuer_has_no_keys_is_unavailable(key_a: SigningKey,
+                                                                            key_b: SigningKey) -> None:
+    keys = MemoryKeys(key_a)  # OTHER's keys have not been fetched yet
+    verifier = TokenVerifier(keys)
+    # It may be OTHER's token: we cannot tell yet, so 503 rather than 401.
+    assert await failure_of_policy(verifier, key_b.token(iss=OTHER), TWO_ISSUERS) is Failure.KEYS_UNAVAILABLE
+    assert keys.refetched == [ISSUER]  # OTHER's own refresher is retrying already
+    # Tokens whose key we hold verify meanwhile.
+    assert (await verifier.verify(key_a.token(), TWO_ISSUERS)).issuer == ISSUER
+
+
+async def test_oversized_header_is_refused_before_it_is_parsed(key_a: SigningKey) -> None:
+    head = b64(json.dumps({"alg": "RS256", "kid": "kid-a", "pad": "x" * tokens.MAX_HEADER_CHARS}).encode())
+    token = resign(key_a, head, b64(json.dumps(good_body()).encode()))
+    assert await failure_of(TokenVerifier(MemoryKeys(key_a)), token) is Failure.INVALID_TOKEN
+
+
+def test_max_token_bytes_fits_cognito_tokens_with_headroom(key_a: SigningKey) -> None:
+    typical = key_a.token(scope=" ".join(f"payments/scope-{i}" for i in range(20)))
+    assert 1000 < len(typical) < MAX_TOKEN_BYTES // 2  # a long scope list still has room to spare
+    assert MAX_TOKEN_BYTES == 4096
+
+
+async def test_key_issuer_and_signature_failures_share_one_client_text(key_a: SigningKey, key_b: SigningKey) -> None:
+    """What the client reads is the same; the failure (metrics, logs) and the detail (explain) differ."""
+    keys = MemoryKeys(key_a)
+    keys.publish(OTHER, key_b)
+    verifier = TokenVerifier(keys)
+    refused = {}
+    for token in (make_key("kid-nobody").token(), make_key("kid-a").token(), key_b.token(iss=ISSUER)):
+        with pytest.raises(TokenError) as caught:
+            await verifier.verify(token, TWO_ISSUERS)
+        refused[caught.value.failure] = (caught.value.description, caught.value.detail)
+    assert set(refused) == {Failure.UNKNOWN_KEY, Failure.BAD_SIGNATURE, Failure.WRONG_ISSUER}
+    assert {description for description, _ in refused.values()} == {"token is not valid"}
+    assert len({detail for _, detail in refused.values()}) == 3
 
 
 def signed_with_header(key: SigningKey, header: dict) -> str:
@@ -195,7 +301,10 @@ async def test_extra_segment_and_bad_json(key_a: SigningKey) -> None:
     verifier = TokenVerifier(MemoryKeys(key_a))
     assert await failure_of(verifier, good + ".extra") is Failure.INVALID_TOKEN
     header, _, sig = good.split(".")
-    assert await failure_of(verifier, f"{header}.{b64(b'{not json')}.{sig}") is Failure.INVALID_TOKEN
+    # The signature is checked before the payload is read: a swapped-in payload is a bad signature...
+    assert await failure_of(verifier, f"{header}.{b64(b'{not json')}.{sig}") is Failure.BAD_SIGNATURE
+    # ... and a signed one that is not JSON is malformed.
+    assert await failure_of(verifier, resign(key_a, header, b64(b"{not json"))) is Failure.INVALID_TOKEN
 
 
 async def test_duplicate_claims_rejected_even_when_signed(key_a: SigningKey) -> None:
@@ -204,6 +313,36 @@ async def test_duplicate_claims_rejected_even_when_signed(key_a: SigningKey) -> 
                f'"scope":"transactions/get","scope":"transactions/post"}}').encode()
     token = jwt.PyJWS().encode(payload, key_a.private, algorithm="RS256", headers={"kid": "kid-a"})
     assert await failure_of(TokenVerifier(MemoryKeys(key_a)), token) is Failure.INVALID_TOKEN
+
+
+@pytest.mark.parametrize(
+    ("claims", "description"),
+    [
+        ({"sub": "\ud800"}, "sub claim is not valid HTTP header text"),
+        ({"sub": "client-\udfff"}, "sub claim is not valid HTTP header text"),
+        ({"scope": "transactions/post \ud83d"}, "scope claim is not valid HTTP header text"),
+        ({"client_id": "client-a\r\nx-auth-sub: admin"}, "client_id claim is not valid HTTP header text"),
+        ({"sub": "client-a\x00"}, "sub claim is not valid HTTP header text"),
+        ({"sub": "client\x1fa"}, "sub claim is not valid HTTP header text"),
+        ({"sub": "client\x7fa"}, "sub claim is not valid HTTP header text"),
+        ({"scope": "transactions/post\n"}, "scope claim is not valid HTTP header text"),
+        ({"sub": " client-a"}, "sub claim is not valid HTTP header text"),
+        ({"scope": "transactions/post\t"}, "scope claim is not valid HTTP header text"),
+    ],
+    ids=["lone-high-surrogate", "lone-low-surrogate", "scope-surrogate", "client-id-crlf", "nul", "unit-separator",
+         "del", "scope-newline", "leading-space", "trailing-tab"],
+)
+async def test_forwarded_claims_must_be_header_text(key_a: SigningKey, claims: dict, description: str) -> None:
+    """client_id, scope and sub become x-auth-* headers: signed or not, they must be text a header can carry."""
+    with pytest.raises(TokenError) as caught:
+        await TokenVerifier(MemoryKeys(key_a)).verify(key_a.token(**claims), POLICY)
+    assert (caught.value.failure, caught.value.description) == (Failure.INVALID_TOKEN, description)
+
+
+async def test_non_ascii_text_and_inner_tabs_are_header_text(key_a: SigningKey) -> None:
+    claims = await TokenVerifier(MemoryKeys(key_a)).verify(
+        key_a.token(sub="zahlungs-dienst-\u00e9\U0001f600", scope="transactions/post\ttransactions/get"), POLICY)
+    assert claims.sub == "zahlungs-dienst-\u00e9\U0001f600"
 
 
 async def test_scope_compared_exactly(key_a: SigningKey) -> None:

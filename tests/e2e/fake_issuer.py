@@ -27,10 +27,10 @@ from .harness import free_port
 _KEYS: dict[str, rsa.RSAPrivateKey] = {}
 
 
-def rsa_key(name: str) -> rsa.RSAPrivateKey:
+def rsa_key(name: str, public_exponent: int = 65537) -> rsa.RSAPrivateKey:
     """2048-bit RSA keys, generated once per test session per name (key generation is slow)."""
     if name not in _KEYS:
-        _KEYS[name] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        _KEYS[name] = rsa.generate_private_key(public_exponent=public_exponent, key_size=2048)
     return _KEYS[name]
 
 

@@ -156,3 +156,23 @@ def stop_security_stack(stack: SecurityStack) -> None:
     stack.service.process.stop()
     stack.dev.process.stop()
     stack.fake.stop()
+
+
+def deny_count(stack: SecurityStack, reason: str) -> float:
+    """Denials the service has counted for ``reason`` (its metric label), over every route and status."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for family in text_string_to_metric_families(stack.service.metrics()) for s in family.samples
+               if s.name == "authz_check_decisions_total" and s.labels.get("decision") == "deny"
+               and s.labels.get("reason") == reason)
+
+
+def logged(stack: SecurityStack, **fields: object) -> list[dict]:
+    """The service's JSON log lines whose fields include ``fields``."""
+    entries = []
+    for line in stack.service.process.log_text().splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if all(entry.get(k) == v for k, v in fields.items()):
+                entries.append(entry)
+    return entries

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from .fake_issuer import FakeIssuer, rsa_key
+from .fake_issuer import FakeIssuer, public_jwk, rsa_key
 from .harness import UpstreamProcess, http_request, wait_for
-from .security_stack import SecurityStack, start_security_stack, stop_security_stack
+from .security_stack import SecurityStack, deny_count, logged, start_security_stack, stop_security_stack
 from .stack import Service
 
 pytestmark = pytest.mark.e2e
@@ -76,6 +76,30 @@ def test_issuer_down_at_start_is_503_then_recovers_by_itself(tmp_path: Path, ups
         stop_security_stack(stack)
 
 
+def test_jwks_key_outside_the_key_rules_is_skipped_and_its_tokens_refused(tmp_path: Path, upstream: UpstreamProcess,
+                                                                        envoy_factory) -> None:
+    """The trusted issuer's JWKS also publishes a 2048-bit key with public exponent 3: that key is
+    skipped when the JWKS is parsed (logged with issuer, kid and why), so a token it signs is refused,
+    while the good key published next to it keeps serving."""
+    fake = FakeIssuer("us-east-1_Weak00001")
+    fake.keys["kid-e3"] = rsa_key("exponent-3", public_exponent=3)
+    stack = start_security_stack(tmp_path, upstream, envoy_factory, fake=fake.start())
+    try:
+        unknown = deny_count(stack, "unknown_key")
+        answer = stack.send("POST", "/transactions", fake.token(kid="kid-e3"))
+        assert (answer.status, answer.error) == (401, "invalid_token"), answer.body
+        assert issuer_status(stack.service, fake)["keys"] == 1
+        assert deny_count(stack, "unknown_key") == unknown + 1
+        assert answer.reached_upstream == []
+        skipped = logged(stack, msg="jwks key skipped", kid="kid-e3")
+        assert skipped and skipped[0]["issuer"] == fake.issuer and "exponent" in skipped[0]["reason"]
+        assert skipped[0]["level"] == "warning"
+        assert public_jwk(fake.keys["kid-e3"], "kid-e3")["n"] not in stack.service.process.log_text()  # no key material
+        assert stack.send("POST", "/transactions", fake.token()).status == 200
+    finally:
+        stop_security_stack(stack)
+
+
 FAULTS = [
     ("500", "JWKS endpoint answered HTTP 500"),
     ("html", "JWKS is not valid JSON"),
@@ -116,7 +140,7 @@ def test_issuer_down_while_serving_keeps_last_good_keys(fast_stack: SecurityStac
             assert s.send("POST", "/transactions", token).status == 200
         assert readyz(s.service)[0] == 200
         unknown = s.send("POST", "/transactions", fake.token(kid="kid-new", key=rsa_key("kid-new")))
-        assert (unknown.status, unknown.description) == (401, "token signed with an unknown key")
+        assert (unknown.status, unknown.description) == (401, "token is not valid")
     finally:
         fake.start()
     errors_ok = refreshes(s.service, fake.pool, "ok")
@@ -166,7 +190,7 @@ def test_key_rotation_with_tokens_of_both_keys(fast_stack: SecurityStack) -> Non
     try:
         answer = wait_for(lambda: (a := s.send("POST", "/transactions", old)).status == 401 and a, 15,
                           "retired key refused")
-        assert answer.description == "token signed with an unknown key" and answer.reached_upstream == []
+        assert answer.description == "token is not valid" and answer.reached_upstream == []
         assert s.send("POST", "/transactions", new).status == 200
     finally:
         fake.keys["kid-1"] = rsa_key("kid-1")

@@ -24,7 +24,7 @@ from authz_service.simulate import check_request
 
 from ..conftest import SigningKey, make_key
 from .harness import REPO_ROOT, ManagedProcess, UpstreamProcess, free_port, http_request, wait_for_http
-from .stack import PUBLIC_HEALTHZ, TRANSACTION_ROUTES, start_dev_issuer, start_service
+from .stack import PUBLIC_HEALTHZ, TRANSACTION_ROUTES, Service, start_dev_issuer, start_service
 
 pytestmark = pytest.mark.e2e
 
@@ -271,8 +271,6 @@ def start_held_check(tmp_path: Path, jwks: ScriptedJwks, key_b: SigningKey, *fla
         f"issuers:\n  - user_pool_id: us-east-1_Test00001\n    jwks_uri: {jwks.url}\n"
         "routes:\n  - path: /transactions\n    scopes: [transactions/post]\n")
     service = start_service(tmp_path, policy, *flags)
-    # The unknown-kid re-fetch is allowed once the cool-down (10 s) since the start-up fetch is over.
-    time.sleep(max(0.0, service.started + 10.5 - time.monotonic()))
     outcome: dict[str, object] = {}
 
     def run() -> None:
@@ -281,16 +279,30 @@ def start_held_check(tmp_path: Path, jwks: ScriptedJwks, key_b: SigningKey, *fla
         except grpc.RpcError as exc:
             outcome["error"] = exc.code()
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    if not jwks.hanging.wait(20):
-        service.process.stop()  # the test fails here: the service must not outlive it
-        pytest.fail("the Check did not trigger an unknown-kid re-fetch")
+    try:
+        # The unknown-kid re-fetch is allowed once the cool-down (10 s) since the start-up fetch is over.
+        # Measured from the fetch itself (not the process start), which on a loaded machine is later.
+        fetched = service.sample("authz_jwks_last_success_timestamp_seconds", issuer="us-east-1_Test00001")
+        time.sleep(max(0.0, fetched + 10.5 - time.time()))
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        assert jwks.hanging.wait(20), "the Check did not trigger an unknown-kid re-fetch"
+    except BaseException:
+        service.process.stop()
+        raise
     return service, thread, outcome
 
 
 def test_sigterm_drains_in_flight_checks(tmp_path: Path, rotating_jwks: ScriptedJwks, key_b: SigningKey) -> None:
     service, thread, outcome = start_held_check(tmp_path, rotating_jwks, key_b, "--shutdown-grace", "30")
+    try:
+        drain_in_flight_check(service, thread, outcome, rotating_jwks, key_b)
+    finally:
+        service.process.stop()  # a no-op once it has exited; stops it when an assertion failed first
+
+
+def drain_in_flight_check(service: Service, thread: threading.Thread, outcome: dict[str, object],
+                          rotating_jwks: ScriptedJwks, key_b: SigningKey) -> None:
     ready_url = f"http://127.0.0.1:{service.http_port}/readyz"
     assert http_request("GET", ready_url)[0] == 200
 
@@ -321,6 +333,8 @@ def test_sigterm_grace_period_bounds_the_drain(tmp_path: Path, rotating_jwks: Sc
         returncode = service.process.proc.wait(20)
     except subprocess.TimeoutExpired:
         pytest.fail("the service did not exit after its grace period while a JWKS fetch hung")
+    finally:
+        service.process.stop()  # a no-op once it has exited
     assert returncode == 0
     thread.join(20)
     assert "error" in outcome and "response" not in outcome, outcome

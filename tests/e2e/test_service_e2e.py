@@ -141,9 +141,9 @@ def test_basic_scheme_is_treated_as_no_token(stack: Stack) -> None:
     ("make_token", "description"),
     [
         (lambda s: "not-a-jwt", "malformed token"),
-        (lambda s: tamper(s.main.token("payments-writer")), "token signature is invalid"),
+        (lambda s: tamper(s.main.token("payments-writer")), "token is not valid"),
         (lambda s: s.main.token("reporting"), "client is not allowed"),
-        (lambda s: s.stranger.token("payments-writer"), "token issuer is not trusted"),
+        (lambda s: s.stranger.token("payments-writer"), "token is not valid"),
     ],
     ids=["malformed", "bad-signature", "client-not-allowed", "untrusted-issuer"],
 )
@@ -255,7 +255,7 @@ def test_key_rotation_is_picked_up(stack: Stack) -> None:
                                 trigger="unknown_kid", result="ok") == 1
     retired = stack.send("POST", "/transactions", old_token)  # its key left the JWKS with the re-fetch
     assert retired.status == 401
-    assert retired.json()["error_description"] == "token signed with an unknown key"
+    assert retired.json()["error_description"] == "token is not valid"
 
 
 def test_policy_reload_while_serving_and_bad_file_keeps_old_policy(stack: Stack) -> None:

@@ -17,8 +17,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from .fake_issuer import FakeIssuer, rsa_key
-from .harness import UpstreamProcess
-from .security_stack import SecurityStack, bearer, start_security_stack, stop_security_stack
+from .harness import UpstreamProcess, wait_for
+from .security_stack import (SecurityStack, bearer, deny_count, logged, start_security_stack,
+                             stop_security_stack)
 
 pytestmark = pytest.mark.e2e
 
@@ -79,13 +80,13 @@ ATTACKS: list[tuple[str, Callable[[FakeIssuer], str], int, str, str]] = [
     ("hs256-public-key-as-secret", hs256_with_public_key, 401, "invalid_token",
      "unsupported token algorithm (RS256 required)"),
     ("foreign-key-known-kid", lambda f: f.token(key=rsa_key("attacker")), 401, "invalid_token",
-     "token signature is invalid"),
+     "token is not valid"),
     ("unknown-kid", lambda f: f.token(kid="kid-unknown", key=rsa_key("attacker")), 401, "invalid_token",
-     "token signed with an unknown key"),
+     "token is not valid"),
     ("kid-path-traversal", lambda f: f.token(kid="../../../../etc/passwd", key=rsa_key("attacker")), 401,
-     "invalid_token", "token signed with an unknown key"),
+     "invalid_token", "token is not valid"),
     ("kid-sql", lambda f: f.token(kid="x' OR '1'='1'; --", key=rsa_key("attacker")), 401, "invalid_token",
-     "token signed with an unknown key"),
+     "token is not valid"),
     ("kid-missing", lambda f: f.token(header={"kid": None}), 401, "invalid_token", "token header has no valid kid"),
     ("kid-not-a-string", lambda f: raw_jws({"alg": "RS256", "kid": 1}, claims(f), rs256), 401, "invalid_token",
      "token header has no valid kid"),
@@ -97,12 +98,12 @@ ATTACKS: list[tuple[str, Callable[[FakeIssuer], str], int, str, str]] = [
      "token not yet valid"),
     ("no-exp", lambda f: f.token(exp=None), 401, "invalid_token", "token has no exp claim"),
     ("wrong-iss", lambda f: f.token(iss="https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Evil00001"), 401,
-     "invalid_token", "token issuer is not trusted"),
-    ("iss-trailing-slash", lambda f: f.token(iss=f.issuer + "/"), 401, "invalid_token", "token issuer is not trusted"),
+     "invalid_token", "token is not valid"),
+    ("iss-trailing-slash", lambda f: f.token(iss=f.issuer + "/"), 401, "invalid_token", "token is not valid"),
     ("iss-different-case", lambda f: f.token(iss=f.issuer.replace("cognito-idp", "Cognito-IDP")), 401,
-     "invalid_token", "token issuer is not trusted"),
-    ("iss-pool-case", lambda f: f.token(iss=f.issuer.lower()), 401, "invalid_token", "token issuer is not trusted"),
-    ("iss-not-a-string", lambda f: raw_jws({"alg": "RS256", "kid": "kid-1"}, claims(f, iss=["x"]), rs256), 401, "invalid_token", "token issuer is not trusted"),
+     "invalid_token", "token is not valid"),
+    ("iss-pool-case", lambda f: f.token(iss=f.issuer.lower()), 401, "invalid_token", "token is not valid"),
+    ("iss-not-a-string", lambda f: raw_jws({"alg": "RS256", "kid": "kid-1"}, claims(f, iss=["x"]), rs256), 401, "invalid_token", "token is not valid"),
     ("token-use-id", lambda f: f.token(token_use="id"), 401, "invalid_token",
      "not an access token (token_use must be access)"),
     ("client-not-allowed", lambda f: f.token(client_id="reporting"), 401, "invalid_token", "client is not allowed"),
@@ -226,3 +227,110 @@ def test_service_keeps_serving_after_every_attack(stack: SecurityStack) -> None:
     answer = stack.send("POST", "/transactions", stack.dev.token("payments-writer"))
     assert answer.status == 200
     assert stack.service.sample("authz_check_decisions_total", decision="deny", reason="internal_error") == 0
+
+
+# --- the signature is checked before the payload is read ------------------------------------------
+
+def forged_payload(payload_segment: str) -> str:
+    """A header naming the trusted kid, ``payload_segment`` as sent, and a signature that cannot verify."""
+    return f"{b64(json.dumps({'alg': 'RS256', 'kid': 'kid-1'}))}.{payload_segment}.{b64(bytes(256))}"
+
+
+UNPARSABLE_PAYLOADS = [
+    ("not-base64url", "~~~~not~base64url~~~~"),
+    ("not-json", b64("{not json")),
+    ("not-utf8", b64(b"\xff\xfe\xfd")),
+    ("deep-nesting", b64("[" * 900 + "]" * 900)),
+]
+
+
+@pytest.mark.parametrize("payload", [p[1] for p in UNPARSABLE_PAYLOADS], ids=[p[0] for p in UNPARSABLE_PAYLOADS])
+def test_payload_of_a_forged_token_is_never_parsed(stack: SecurityStack, payload: str) -> None:
+    """A payload nobody could parse, under a signature that does not verify, is refused as a bad
+    signature: the signature was checked first and the payload never read (a parse would have said
+    'malformed'). This is what keeps forged tokens with expensive payloads cheap."""
+    bad_signature, malformed = deny_count(stack, "bad_signature"), deny_count(stack, "invalid_token")
+    answer = stack.send("POST", "/transactions", forged_payload(payload))
+    assert (deny_count(stack, "bad_signature"), deny_count(stack, "invalid_token")) == (bad_signature + 1, malformed)
+    assert (answer.status, answer.error, answer.description) == (401, "invalid_token", "token is not valid")
+    assert answer.reached_upstream == []
+
+
+def test_a_signed_token_with_an_unparsable_payload_is_malformed(stack: SecurityStack) -> None:
+    """Control for the test above: once the signature verifies, the payload is read strictly."""
+    malformed = deny_count(stack, "invalid_token")
+    answer = stack.send("POST", "/transactions", raw_jws({"alg": "RS256", "kid": "kid-1"}, b"{not json", rs256))
+    assert (answer.status, answer.description) == (401, "malformed token")
+    assert deny_count(stack, "invalid_token") == malformed + 1
+
+
+def test_signed_token_larger_than_cognito_issues_is_refused(stack: SecurityStack) -> None:
+    """Cognito access tokens are ~1 KB; a validly signed 5 KB one is refused, a 3.5 KB one still passes."""
+    big = stack.fake.token(pad="x" * 3800)
+    assert 4096 < len(big) < 8192
+    answer = stack.send("POST", "/transactions", big)
+    assert (answer.status, answer.description) == (401, "token too large")
+    assert answer.reached_upstream == []
+    roomy = stack.fake.token(pad="x" * 2400)
+    assert 3000 < len(roomy) <= 4096
+    assert stack.send("POST", "/transactions", roomy).status == 200
+
+
+# --- one client-visible answer for every key/issuer/signature failure -----------------------------
+
+PROBES = [
+    ("unknown_key", lambda f: f.token(kid="kid-nobody-publishes", key=rsa_key("attacker"))),
+    ("bad_signature", lambda f: f.token(key=rsa_key("attacker"))),
+    ("wrong_issuer", lambda f: f.token(iss="https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Other0001")),
+]
+
+
+def test_key_issuer_and_signature_failures_look_the_same_to_the_client(stack: SecurityStack) -> None:
+    """Nobody can probe which pools or kids are trusted from the answer; metrics and the deny log line
+    keep the precise reason for operators."""
+    answers = set()
+    for reason, factory in PROBES:
+        before = deny_count(stack, reason)
+        request_id = f"uniform-{reason}"
+        answer = stack.send("POST", "/transactions", factory(stack.fake), headers=[("x-request-id", request_id)])
+        assert deny_count(stack, reason) == before + 1
+        entry = wait_for(lambda: logged(stack, request_id=request_id), 10, "the deny log line")[0]
+        assert (entry["msg"], entry["reason"]) == ("deny", reason)
+        assert answer.reached_upstream == []
+        answers.add((answer.status, answer.body, answer.headers["www-authenticate"]))
+    assert answers == {(401, b'{"error":"invalid_token","error_description":"token is not valid"}',
+                        'Bearer realm="authz-service", error="invalid_token", error_description="token is not valid"')}
+
+
+# --- claims forwarded as headers must be header-safe text -----------------------------------------
+
+UNSAFE_CLAIMS = [
+    ("sub-lone-surrogate", {"sub": "\ud800"}),
+    ("sub-lone-low-surrogate", {"sub": "payments\udfff"}),
+    ("scope-lone-surrogate", {"scope": "transactions/post \ud83d"}),
+    ("sub-crlf", {"sub": "payments-writer\r\nx-auth-client-id: admin"}),
+    ("sub-nul", {"sub": "payments\x00writer"}),
+    ("scope-crlf", {"scope": "transactions/post admin/all\r\nx-auth-client-id: admin"}),
+    ("sub-del", {"sub": "payments\x7fwriter"}),
+]
+
+
+@pytest.mark.parametrize("claims", [c[1] for c in UNSAFE_CLAIMS], ids=[c[0] for c in UNSAFE_CLAIMS])
+def test_signed_claims_that_cannot_be_a_header_value_are_refused(stack: SecurityStack, claims: dict) -> None:
+    """The trusted issuer signed it, but a forwarded claim (sub, scope) is not text an HTTP header can
+    carry: a clear 401, never a crash (a lone surrogate used to make every such Check fail with 503)."""
+    malformed = deny_count(stack, "invalid_token")
+    answer = stack.send("POST", "/transactions", stack.fake.token(**claims))
+    assert (answer.status, answer.error) == (401, "invalid_token"), answer.body
+    assert deny_count(stack, "invalid_token") == malformed + 1
+    assert answer.reached_upstream == []
+    assert not [entry for entry in logged(stack) if "exception" in entry]  # no traceback, here or earlier
+    stack.service.process.check_alive()
+
+
+def test_non_ascii_claims_that_are_valid_text_are_forwarded(stack: SecurityStack) -> None:
+    """Control for the test above: the rule is 'header-safe text', not 'ASCII only'."""
+    answer = stack.send("POST", "/transactions", stack.fake.token(sub="zahlungs-dienst-\u00e9\U0001f600"))
+    assert answer.status == 200, answer.body
+    sent = answer.reached_upstream[0]["headers"]["x-auth-sub"][0]  # the upstream reads header bytes as Latin-1
+    assert sent.encode("latin-1").decode("utf-8") == "zahlungs-dienst-\u00e9\U0001f600"
