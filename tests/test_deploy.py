@@ -382,6 +382,19 @@ def test_envoy_readiness_probe_uses_the_health_listener_not_ext_authz(pod_spec: 
     assert forwarded == {"/ready": "envoy_admin", "/stats/prometheus": "envoy_admin"}
 
 
+def test_envoy_worker_count_is_pinned_within_the_authz_connection_breaker(pod_spec: dict[str, Any]) -> None:
+    """Envoy's default worker count is the node's core count; each worker holds its own HTTP/2
+    connection to authz-service, so the count is pinned and fits the max_connections breaker."""
+    argv = container(pod_spec, "envoy").get("args", [])
+    assert "--concurrency" in argv, "pin Envoy's worker threads (default: every core of the node)"
+    workers = int(argv[argv.index("--concurrency") + 1])
+    (cluster,) = [c for c in envoy_config()["static_resources"]["clusters"] if c["name"] == "authz_service"]
+    (breaker,) = cluster["circuit_breakers"]["thresholds"]
+    cpu_limit = quantity(container(pod_spec, "envoy")["resources"]["limits"]["cpu"])
+    assert 1 <= workers <= breaker["max_connections"]
+    assert workers <= 2 * max(1, cpu_limit)
+
+
 def test_envoy_overload_heap_cap_fits_the_container_memory_limit(pod_spec: dict[str, Any]) -> None:
     """The overload manager acts on Envoy's heap; RSS outside the heap (binary, stats, stacks) was
     measured at ~54 MB, so the cap plus 64 MiB must stay within the container limit, or the kernel
