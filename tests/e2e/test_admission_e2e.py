@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import resource
 import selectors
 import socket
 import time
@@ -48,6 +49,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess,
     s = start_security_stack(tmp_path_factory.mktemp("admission"), upstream, module_envoy_factory)
     yield s
     stop_security_stack(s)
+
+
+@pytest.fixture
+def open_file_limit() -> Iterator[None]:
+    """Room for the flood: our sockets and Envoy's (Envoy, started later, inherits the limit)."""
+    needed = FLOOD_CONNECTIONS + 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        assert hard == resource.RLIM_INFINITY or hard >= needed, \
+            f"the open-file hard limit ({hard}) is below {needed}: raise `ulimit -Hn`"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +190,7 @@ async def flood_while_legitimate(envoy: EnvoyProcess, token: str, flood_requests
 
 
 def test_anonymous_flood_is_refused_by_envoy_while_legitimate_requests_are_served(
-    stack: SecurityStack, envoy_factory, reader_token: str
+    stack: SecurityStack, open_file_limit: None, envoy_factory, reader_token: str
 ) -> None:
     # A fresh Envoy: its anonymous token bucket is full, whatever other tests did.
     envoy = envoy_factory(stack.service.grpc_port, name="envoy-flood")
