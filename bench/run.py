@@ -1,9 +1,10 @@
 """`make bench`: what the extra hop costs, measured through a real Envoy in one run.
 
 Every configuration sits behind the same Envoy (one worker, the shipped envoy/envoy.yaml, or
-envoy/envoy-http.yaml for HTTP mode, with the route turned into a `direct_response`, so the
-upstream costs nothing, and the access log removed) and is driven by the same `wrk` command
-(fixed connections, fixed time):
+envoy/envoy-http.yaml for HTTP mode, with the routes turned into `direct_response`s, so the
+upstream costs nothing, and the access log removed; its admission control, i.e. the anonymous
+token bucket and the HCM limits, stays in front of every row) and is driven by the same `wrk`
+command (fixed connections, fixed time):
 
   1 none       Envoy with no authorization (the ceiling)
   2 jwt_authn  Envoy's native jwt_authn filter, same key and tokens (the native anchor)
@@ -67,39 +68,46 @@ PATH = "/transactions/7"
 
 def render_envoy(kind: str, *, listener_port: int, admin_port: int, authz_port: int = 9191,
                  jwks: str = "", issuer: str = ISSUER, authz_streams: int | None = None) -> dict[str, Any]:
-    """The shipped config with the route answering directly, no access log, and the auth filter
-    of ``kind`` ("none", "jwt_authn", "ext_authz" or "ext_authz_http"). ``authz_streams`` caps
-    concurrent streams per HTTP/2 connection to the authz cluster, so Envoy opens several
-    connections (SO_REUSEPORT spreads connections, not streams, over --workers)."""
+    """The shipped config with every route answering directly, no access log, and the auth filter
+    of ``kind`` ("none", "jwt_authn", "ext_authz" or "ext_authz_http") in ext_authz's place. Everything else stays:
+    the admission filters in front of the auth filter (the anonymous token bucket), the routes'
+    header matching, the HCM limits, so every row pays the same admission cost. The envoy-health
+    listener and its admin cluster are dropped (not on the measured path; no fixed port to clash).
+    ``authz_streams`` caps concurrent streams per HTTP/2 connection to the authz cluster, so Envoy
+    opens several connections (SO_REUSEPORT spreads connections, not streams, over --workers)."""
     cfg = yaml.safe_load((SHIPPED_HTTP if kind == "ext_authz_http" else SHIPPED).read_text())
     cfg = copy.deepcopy(cfg)
     cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    cfg["static_resources"]["listeners"] = [
+        l for l in cfg["static_resources"]["listeners"] if l["name"] != "envoy-health"]
+    cfg["static_resources"]["clusters"] = [
+        c for c in cfg["static_resources"]["clusters"] if c["name"] != "envoy_admin"]
     listener = cfg["static_resources"]["listeners"][0]
     listener["address"]["socket_address"]["address"] = "127.0.0.1"
     listener["address"]["socket_address"]["port_value"] = listener_port
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     hcm.pop("access_log", None)
-    hcm["route_config"]["virtual_hosts"][0]["routes"] = [
-        {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
-    ]
+    for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
+        route.pop("route", None)
+        route["direct_response"] = {"status": 200, "body": {"inline_string": "ok\n"}}
     filters = hcm["http_filters"]
-    ext_authz = next(f for f in filters if f["name"] == "envoy.filters.http.ext_authz")
-    router = next(f for f in filters if f["name"] == "envoy.filters.http.router")
+    position = next(i for i, f in enumerate(filters) if f["name"] == "envoy.filters.http.ext_authz")
+    ext_authz = filters.pop(position)
     clusters = cfg["static_resources"]["clusters"]
     authz_cluster = next(c for c in clusters if c["name"] == "authz_service")
     if kind == "none":
-        hcm["http_filters"] = [router]
+        pass
     elif kind == "jwt_authn":
-        hcm["http_filters"] = [{
+        filters.insert(position, {
             "name": "envoy.filters.http.jwt_authn",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
                 "providers": {"cognito": {"issuer": issuer, "local_jwks": {"inline_string": jwks}, "forward": True}},
                 "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "cognito"}}],
             },
-        }, router]
+        })
     elif kind in ("ext_authz", "ext_authz_http"):
-        hcm["http_filters"] = [ext_authz, router]
+        filters.insert(position, ext_authz)
         endpoint = authz_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
         endpoint["address"]["socket_address"]["port_value"] = authz_port
         if kind == "ext_authz_http":

@@ -61,7 +61,10 @@ def test_generated_envoy_configs_validate(run, kind: str, tmp_path: Path) -> Non
              ["typed_config"]["http_filters"]]
     expected = {"none": [], "jwt_authn": ["envoy.filters.http.jwt_authn"], "ext_authz": ["envoy.filters.http.ext_authz"],
                 "ext_authz_http": ["envoy.filters.http.ext_authz"]}
-    assert names == expected[kind] + ["envoy.filters.http.router"]
+    # The same admission filters in front of every row, so the rows stay comparable.
+    admission = ["envoy.filters.http.local_ratelimit"]
+    assert names == admission + expected[kind] + ["envoy.filters.http.router"]
+    assert [l["name"] for l in cfg["static_resources"]["listeners"]] == ["ingress"]
     path = tmp_path / f"{kind}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     result = subprocess.run([binary, "--mode", "validate", "-c", str(path), "--log-level", "warn"],

@@ -53,7 +53,10 @@ AUTHZ_UID = 10001
 AUTHZ_GRPC_PORT = 9191
 AUTHZ_HTTP_PORT = 8181
 ENVOY_PORT = 8080
+ENVOY_HEALTH_PORT = 9902  # the envoy-health listener: /ready and /stats/prometheus
+ENVOY_ADMIN_PORT = 9901
 APP_PORT = 8000
+MONITORING_NAMESPACE_LABEL = "kubernetes.io/metadata.name"
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -140,6 +143,11 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 def envoy_config() -> dict[str, Any]:
     return yaml.safe_load(ENVOY_CONFIG.read_text())
+
+
+def envoy_listener(config: dict[str, Any], name: str) -> dict[str, Any]:
+    (listener,) = [l for l in config["static_resources"]["listeners"] if l["name"] == name]
+    return listener
 
 
 def cluster_address(config: dict[str, Any], name: str) -> tuple[str, int]:
@@ -307,11 +315,16 @@ def test_envoy_image_matches_the_envoy_the_config_is_validated_with(pod_spec: di
 
 def test_ports_agree_between_envoy_config_and_pod(pod_spec: dict[str, Any]) -> None:
     config = envoy_config()
-    listener = config["static_resources"]["listeners"][0]["address"]["socket_address"]
+    listener = envoy_listener(config, "ingress")["address"]["socket_address"]
     assert (listener["address"], listener["port_value"]) == ("0.0.0.0", ENVOY_PORT)
     assert port_number(container(pod_spec, "envoy"), "http") == ENVOY_PORT
+    health = envoy_listener(config, "envoy-health")["address"]["socket_address"]
+    assert (health["address"], health["port_value"]) == ("0.0.0.0", ENVOY_HEALTH_PORT)
+    assert port_number(container(pod_spec, "envoy"), "envoy-metrics") == ENVOY_HEALTH_PORT
     admin = config["admin"]["address"]["socket_address"]
-    assert admin["address"] == "127.0.0.1", "Envoy's admin API must stay on loopback"
+    assert (admin["address"], admin["port_value"]) == ("127.0.0.1", ENVOY_ADMIN_PORT), \
+        "Envoy's admin API must stay on loopback"
+    assert cluster_address(config, "envoy_admin") == ("127.0.0.1", ENVOY_ADMIN_PORT)
 
     authz = container(pod_spec, "authz-service")
     assert cluster_address(config, "authz_service") == ("127.0.0.1", AUTHZ_GRPC_PORT)
@@ -350,13 +363,46 @@ def test_policy_configmap_parses_and_is_mounted_as_a_directory(
     assert "items" not in volume["configMap"]
 
 
-def test_envoy_readiness_path_is_a_public_policy_route(rendered: list[dict[str, Any]], pod_spec: dict[str, Any]) -> None:
-    """Envoy's readiness probe passes through ext_authz, so the policy must allow it without a token."""
-    probe = container(pod_spec, "envoy")["readinessProbe"]["httpGet"]
-    policy = yaml.safe_load(one(rendered, "ConfigMap", "authz-policy")["data"]["policy.yaml"])
-    public = [r for r in policy["routes"] if r.get("public") and r["path"] == probe["path"]
-              and "GET" in r.get("methods", ["GET"])]
-    assert public, f"no public GET route for {probe['path']} in the policy"
+def test_envoy_readiness_probe_uses_the_health_listener_not_ext_authz(pod_spec: dict[str, Any]) -> None:
+    """The probe must not go through ext_authz (it would queue behind client traffic and be refused
+    by the anonymous token bucket): it asks the envoy-health listener, which forwards GET /ready to
+    the loopback admin API and has no HTTP filter but the router."""
+    envoy = container(pod_spec, "envoy")
+    probe = envoy["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/ready"
+    assert pod_port(pod_spec, probe["port"]) == ("envoy", ENVOY_HEALTH_PORT)
+    assert "livenessProbe" not in envoy
+
+    listener = envoy_listener(envoy_config(), "envoy-health")
+    (hcm,) = [f["typed_config"] for f in listener["filter_chains"][0]["filters"]
+              if f["name"] == "envoy.filters.network.http_connection_manager"]
+    assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.router"]
+    (vhost,) = hcm["route_config"]["virtual_hosts"]
+    forwarded = {r["match"]["path"]: r["route"]["cluster"] for r in vhost["routes"] if "route" in r}
+    assert forwarded == {"/ready": "envoy_admin", "/stats/prometheus": "envoy_admin"}
+
+
+def test_envoy_worker_count_is_pinned_within_the_authz_connection_breaker(pod_spec: dict[str, Any]) -> None:
+    """Envoy's default worker count is the node's core count; each worker holds its own HTTP/2
+    connection to authz-service, so the count is pinned and fits the max_connections breaker."""
+    argv = container(pod_spec, "envoy").get("args", [])
+    assert "--concurrency" in argv, "pin Envoy's worker threads (default: every core of the node)"
+    workers = int(argv[argv.index("--concurrency") + 1])
+    (cluster,) = [c for c in envoy_config()["static_resources"]["clusters"] if c["name"] == "authz_service"]
+    (breaker,) = cluster["circuit_breakers"]["thresholds"]
+    cpu_limit = quantity(container(pod_spec, "envoy")["resources"]["limits"]["cpu"])
+    assert 1 <= workers <= breaker["max_connections"]
+    assert workers <= 2 * max(1, cpu_limit)
+
+
+def test_envoy_overload_heap_cap_fits_the_container_memory_limit(pod_spec: dict[str, Any]) -> None:
+    """The overload manager acts on Envoy's heap; RSS outside the heap (binary, stats, stacks) was
+    measured at ~54 MB, so the cap plus 64 MiB must stay within the container limit, or the kernel
+    OOM-kills Envoy before the overload actions ever fire."""
+    monitors = {m["name"]: m["typed_config"] for m in envoy_config()["overload_manager"]["resource_monitors"]}
+    heap_cap = monitors["envoy.resource_monitors.fixed_heap"]["max_heap_size_bytes"]
+    limit = quantity(container(pod_spec, "envoy")["resources"]["limits"]["memory"])
+    assert heap_cap + 64 * 2**20 <= limit, f"fixed_heap {heap_cap} + 64 MiB > limit {limit}"
 
 
 # --- security -------------------------------------------------------------------------------------------
@@ -525,9 +571,10 @@ def test_no_service_reaches_the_app_or_the_grpc_port(rendered: list[dict[str, An
             continue
         for port in service["spec"]["ports"]:
             _, number = pod_port(pod_spec, port.get("targetPort", port["port"]))
-            assert number in (ENVOY_PORT, AUTHZ_HTTP_PORT), f"{service['metadata']['name']} exposes {number}"
-            if number == AUTHZ_HTTP_PORT:
-                assert port["name"] == "metrics"
+            assert number in (ENVOY_PORT, AUTHZ_HTTP_PORT, ENVOY_HEALTH_PORT), \
+                f"{service['metadata']['name']} exposes {number}"
+            if number in (AUTHZ_HTTP_PORT, ENVOY_HEALTH_PORT):
+                assert port["name"] == {AUTHZ_HTTP_PORT: "metrics", ENVOY_HEALTH_PORT: "envoy-metrics"}[number]
                 assert service["spec"].get("clusterIP") == "None", "scrape-only Service: headless"
 
 
@@ -537,7 +584,23 @@ def test_network_policy_admits_only_envoy_and_metrics(rendered: list[dict[str, A
     assert selects(policy["spec"]["podSelector"]["matchLabels"], template_labels)
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     admitted = {pod_port(pod_spec, p["port"])[1] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-    assert admitted == {ENVOY_PORT, AUTHZ_HTTP_PORT}
+    assert admitted == {ENVOY_PORT, AUTHZ_HTTP_PORT, ENVOY_HEALTH_PORT}
+
+
+def test_network_policy_admits_the_scrape_ports_from_the_monitoring_namespace_only(
+    rendered: list[dict[str, Any]], pod_spec: dict[str, Any]
+) -> None:
+    for rule in one(rendered, "NetworkPolicy")["spec"]["ingress"]:
+        numbers = {pod_port(pod_spec, p["port"])[1] for p in rule["ports"]}
+        if numbers == {ENVOY_PORT}:
+            assert "from" not in rule, "Envoy's listener is the app's front door: from anywhere"
+            continue
+        assert numbers <= {AUTHZ_HTTP_PORT, ENVOY_HEALTH_PORT}, numbers
+        # A rule without "from" (or with an empty peer) would admit every source.
+        assert rule.get("from"), f"ports {numbers} admitted from any source"
+        for peer in rule["from"]:
+            assert set(peer) == {"namespaceSelector"}, peer
+            assert set(peer["namespaceSelector"]["matchLabels"]) == {MONITORING_NAMESPACE_LABEL}, peer
 
 
 def test_pdb_covers_the_deployment(rendered: list[dict[str, Any]], deployment: dict[str, Any]) -> None:
@@ -547,20 +610,27 @@ def test_pdb_covers_the_deployment(rendered: list[dict[str, Any]], deployment: d
     assert pdb["spec"]["maxUnavailable"] < deployment["spec"]["replicas"]
 
 
-def test_service_monitor_scrapes_the_authz_metrics_port(rendered: list[dict[str, Any]], pod_spec: dict[str, Any]) -> None:
+def test_service_monitor_scrapes_authz_metrics_and_envoy_stats(rendered: list[dict[str, Any]],
+                                                               pod_spec: dict[str, Any]) -> None:
     monitor = one(rendered, "ServiceMonitor")
     targets = [s for s in rendered if s["kind"] == "Service"
                and selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"].get("labels", {}))]
     assert [s["metadata"]["name"] for s in targets] == ["echo-app-authz-metrics"]
     service = targets[0]
-    (endpoint,) = monitor["spec"]["endpoints"]
+    authz, envoy = monitor["spec"]["endpoints"]
     ports = {p["name"]: p for p in service["spec"]["ports"]}
-    assert endpoint["port"] in ports
-    assert pod_port(pod_spec, ports[endpoint["port"]]["targetPort"]) == ("authz-service", AUTHZ_HTTP_PORT)
-    assert endpoint["path"] == "/metrics"
+    assert authz["port"] in ports and envoy["port"] in ports
+    assert pod_port(pod_spec, ports[authz["port"]]["targetPort"]) == ("authz-service", AUTHZ_HTTP_PORT)
+    assert authz["path"] == "/metrics"
+    assert pod_port(pod_spec, ports[envoy["port"]]["targetPort"]) == ("envoy", ENVOY_HEALTH_PORT)
+    assert envoy["path"] == "/stats/prometheus"
     assert service["spec"].get("publishNotReadyAddresses") is True, "unready Pods must still be scraped"
-    # job="authz-service" (what the rules and dashboard expect) comes from the Service's label
+    # job="authz-service" (what the rules and dashboard expect) comes from the Service's label ...
     assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "authz-service"
+    assert "relabelings" not in authz
+    # ... and Envoy's series get a job of their own, so they never mix into authz-service's.
+    (relabel,) = envoy["relabelings"]
+    assert relabel["targetLabel"] == "job" and relabel["replacement"] not in ("", "authz-service")
 
 
 # --- Dockerfile -----------------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-PORTS = {"envoy": 8080, "envoy admin": 9901, "authz gRPC": 9191, "authz HTTP ext_authz": 9192, "authz health/metrics": 8181,
-         "dev issuer": 9000, "app": 8000}
+PORTS = {"envoy": 8080, "envoy admin": 9901, "envoy health": 9902, "authz gRPC": 9191, "authz HTTP ext_authz": 9192,
+         "authz health/metrics": 8181, "dev issuer": 9000, "app": 8000}
 CLIENTS = {
     "payments-writer": "payments-writer-demo-secret",
     "payments-reader": "payments-reader-demo-secret",

@@ -15,8 +15,8 @@ Public API
 ``UpstreamProcess``  (``ManagedProcess`` + ``.port``, ``.url(path)``, ``.request_log``,
     ``.requests()``, ``.mark()``, ``.requests_since(mark)``)
 ``EnvoyProcess``     (``ManagedProcess`` + ports, ``.url(path)``, ``.admin_url(path)``,
-    ``.stats() -> dict[str, int]``, ``.access_log() -> list[dict]``)
-``render_envoy_config(out_dir, *, listener_port, admin_port, authz_port, app_port) -> Path``
+    ``.health_url(path)``, ``.stats() -> dict[str, int]``, ``.access_log() -> list[dict]``)
+``render_envoy_config(out_dir, *, listener_port, admin_port, authz_port, app_port, health_port=None) -> Path``
 ``start_envoy(config_path, log_dir, *, timeout=20) -> EnvoyProcess``
 ``start_upstream(log_dir, *, port=None, timeout=10) -> UpstreamProcess``
 ``http_request(method, url, headers=(), body=None, *, target=None, timeout=10)
@@ -441,16 +441,43 @@ def _cluster_endpoint(config: dict[str, Any], cluster_name: str) -> dict[str, An
     return _socket_address(lb_endpoints[0]["endpoint"], f"cluster {cluster_name}")
 
 
+INGRESS_LISTENER = "ingress"
+HEALTH_LISTENER = "envoy-health"
+ADMIN_CLUSTER = "envoy_admin"
+
+
+def _listener(config: dict[str, Any], name: str) -> dict[str, Any]:
+    listeners = [l for l in config["static_resources"]["listeners"] if l.get("name") == name]
+    if len(listeners) != 1:
+        raise ValueError(f"shipped envoy.yaml: expected exactly one listener {name!r}")
+    return listeners[0]
+
+
 def rewrite_ports(
-    config: dict[str, Any], *, listener_port: int, admin_port: int, authz_port: int, app_port: int
+    config: dict[str, Any],
+    *,
+    listener_port: int,
+    admin_port: int,
+    authz_port: int,
+    app_port: int,
+    health_port: int,
 ) -> dict[str, Any]:
-    """A deep copy of ``config`` with only the four port numbers replaced."""
+    """A deep copy of ``config`` with only the port numbers replaced: the ingress listener
+    (the first one), the admin interface, the authz_service and app clusters and, when the
+    config has them, the envoy-health listener and the loopback cluster pointing at the admin
+    interface (an older config without them renders too, so a test can be run against it)."""
     cfg = copy.deepcopy(config)
     _socket_address(cfg["admin"], "admin")["port_value"] = admin_port
     listeners = cfg["static_resources"]["listeners"]
-    if len(listeners) != 1:
-        raise ValueError("shipped envoy.yaml: expected exactly one listener")
-    _socket_address(listeners[0], "listener")["port_value"] = listener_port
+    names = [l.get("name") for l in listeners]
+    if not listeners or names[0] != INGRESS_LISTENER or not set(names) <= {INGRESS_LISTENER, HEALTH_LISTENER} \
+            or len(set(names)) != len(names):
+        raise ValueError(f"shipped envoy.yaml: expected listener {INGRESS_LISTENER!r} first, optionally "
+                         f"{HEALTH_LISTENER!r}, nothing else; found {names}")
+    _socket_address(listeners[0], "listener ingress")["port_value"] = listener_port
+    if HEALTH_LISTENER in names:
+        _socket_address(_listener(cfg, HEALTH_LISTENER), "listener envoy-health")["port_value"] = health_port
+        _cluster_endpoint(cfg, ADMIN_CLUSTER)["port_value"] = admin_port
     _cluster_endpoint(cfg, "authz_service")["port_value"] = authz_port
     _cluster_endpoint(cfg, "app")["port_value"] = app_port
     return cfg
@@ -468,16 +495,19 @@ def render_envoy_config(
     admin_port: int,
     authz_port: int,
     app_port: int,
+    health_port: int | None = None,
     source: str | os.PathLike[str] = SHIPPED_ENVOY_CONFIG,
 ) -> Path:
     """Write ``<out_dir>/envoy-<listener_port>.yaml``: the shipped config with
-    ONLY the listener, admin, authz_service and app ports changed."""
+    ONLY the port numbers changed (see ``rewrite_ports``); the envoy-health
+    listener gets a free port unless ``health_port`` is given."""
     cfg = rewrite_ports(
         load_shipped_config(source),
         listener_port=listener_port,
         admin_port=admin_port,
         authz_port=authz_port,
         app_port=app_port,
+        health_port=health_port or free_port(),
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -515,6 +545,9 @@ class EnvoyProcess(ManagedProcess):
         # informational (None for configs not shaped like the shipped one).
         self.admin_port = int(_socket_address(cfg["admin"], "admin")["port_value"])
         self.listener_port = int(_socket_address(cfg["static_resources"]["listeners"][0], "listener")["port_value"])
+        # The envoy-health listener, when the config has one (None otherwise).
+        health = [l for l in cfg["static_resources"]["listeners"] if l.get("name") == HEALTH_LISTENER]
+        self.health_port = int(_socket_address(health[0], "listener envoy-health")["port_value"]) if health else None
         self.authz_port = _optional_cluster_port(cfg, "authz_service")
         self.app_port = _optional_cluster_port(cfg, "app")
         self.base_id = base_id
@@ -550,6 +583,11 @@ class EnvoyProcess(ManagedProcess):
 
     def admin_url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.admin_port}{path}"
+
+    def health_url(self, path: str = "/") -> str:
+        if self.health_port is None:
+            raise ValueError(f"{self.config_path} has no {HEALTH_LISTENER} listener")
+        return f"http://127.0.0.1:{self.health_port}{path}"
 
     def stats(self, filter_regex: str | None = None) -> dict[str, int]:
         """Counters and gauges from the admin ``/stats`` endpoint."""

@@ -152,7 +152,8 @@ def test_service_killed_or_restarted_under_traffic_fails_closed_and_resumes(stac
         "anonymous": ("POST", "/transactions", None),
         "admin": ("GET", "/admin/x", writer),
     }
-    allowed = {"writer": {200, 503}, "reader": {403, 503}, "anonymous": {401, 503}, "admin": {403, 503}}
+    # Anonymous requests beyond Envoy's anonymous token bucket get its 429 (never reaching the service).
+    allowed = {"writer": {200, 503}, "reader": {403, 503}, "anonymous": {401, 429, 503}, "admin": {403, 503}}
     with Traffic(stack, kinds) as traffic:
         traffic.wait_more(40)
         down_at = time.monotonic()
@@ -277,6 +278,8 @@ def test_policy_alternated_under_load_each_answer_matches_exactly_one_version(st
     seen = Counter()
     for _, kind, answer in traffic.results:
         got = (answer.status, answer.error if answer.status != 200 else None)
+        if kind.startswith("anon-") and got == (429, "rate_limited"):
+            continue  # Envoy's anonymous token bucket answered: no policy version was consulted
         versions = [v for v, expected in outcome[kind].items() if expected == got]
         assert len(versions) == 1, (kind, got, answer.body)
         seen[versions[0]] += 1
