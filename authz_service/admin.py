@@ -50,6 +50,21 @@ class CachedExposition:
         return body
 
 
+async def listen(runner: web.BaseRunner, host: str, port: int, what: str, setting: str,
+                 reuse_port: bool = False) -> int:
+    """Set up ``runner`` and serve it on host:port; the bound port (``port`` 0 picks one).
+
+    A port that cannot be bound is one OSError naming it and the setting to change, and the
+    runner is cleaned up first (no half-started server, no asyncio warnings on the way out)."""
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(f"cannot bind {what} {host}:{port} ({exc.strerror or exc}): set {setting}") from None
+    return int(runner.addresses[0][1])
+
+
 class AdminServer:
     """``GET /healthz`` (alive), ``GET /readyz`` (ready, with details; 503 when not) and ``GET /metrics``."""
 
@@ -79,15 +94,8 @@ class AdminServer:
     async def start(self, host: str, port: int) -> int:
         """Bind and serve; the bound port (``port`` 0 picks one). OSError naming the address."""
         runner = web.AppRunner(self._app(), access_log=None)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise OSError(f"cannot bind the HTTP (health/metrics) port {host}:{port}: {exc.strerror or exc}") from None
+        self.port = await listen(runner, host, port, "the HTTP (health/metrics) port", "--http-port / AUTHZ_HTTP_PORT")
         self._runner = runner
-        self.port = int(runner.addresses[0][1])
         return self.port
 
     async def stop(self) -> None:

@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod
 from aiohttp.web_protocol import RequestHandler
 
+from .admin import listen
 from .check import Checker
 from .decision import Decision
 from .request import (
@@ -97,16 +98,9 @@ class HttpFrontDoor:
         server = _Server(self, access_log=None, max_line_size=self._max_request_bytes,
                          max_field_size=self._max_request_bytes)
         runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=shutdown_grace)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise OSError(f"cannot bind the HTTP ext_authz port {host}:{port} ({exc.strerror or exc}): set "
-                          "--ext-authz-http-port / AUTHZ_EXT_AUTHZ_HTTP_PORT") from None
+        self.port = await listen(runner, host, port, "the HTTP ext_authz port",
+                                 "--ext-authz-http-port / AUTHZ_EXT_AUTHZ_HTTP_PORT", reuse_port)
         self._runner = runner
-        self.port = int(runner.addresses[0][1])
         return self.port
 
     async def stop(self) -> None:

@@ -116,7 +116,7 @@ async def test_a_port_in_use_is_one_clear_oserror():
     port = await first.start("127.0.0.1", 0)
     try:
         second = AdminServer(lambda: (True, {}), CachedExposition(lambda: asyncio.sleep(0, b""), 0))
-        with pytest.raises(OSError, match=f"cannot bind the HTTP \\(health/metrics\\) port 127.0.0.1:{port}"):
+        with pytest.raises(OSError, match=f"cannot bind the HTTP \\(health/metrics\\) port 127.0.0.1:{port} .*--http-port"):
             await second.start("127.0.0.1", port)
     finally:
         await first.stop()
