@@ -20,6 +20,7 @@ from .response import Answer, Answers
 from .tokens import TokenVerifier
 
 if TYPE_CHECKING:
+    from .metrics import PerCheck
     from .tracing import CheckSpanKind, Tracing
 
 log = logging.getLogger("authz_service.server")
@@ -101,15 +102,14 @@ class TracedChecker(Checker):
     """The same pipeline with one span per Check (tracing on; tracing.py). A subclass, so that with
     tracing off a Check runs exactly the code above: no tracing call, no context extraction.
 
-    Front doors that get one call ``check_traced`` with the propagation headers they read.
+    Front doors given one call ``check_traced`` with the propagation headers they read.
     """
 
     def __init__(self, policies: PolicySource, verifier: TokenVerifier, answers: Answers,
-                 counter: CheckCounter | None, tracing: Tracing) -> None:
+                 counter: PerCheck | None, tracing: Tracing) -> None:
         from .tracing import ExemplarCounter
 
-        per_check = ExemplarCounter(counter, tracing) if counter is not None else None  # type: ignore[arg-type]
-        super().__init__(policies, verifier, answers, per_check)
+        super().__init__(policies, verifier, answers, ExemplarCounter(counter, tracing) if counter is not None else None)
         self.tracing = tracing
 
     async def check_traced(self, kind: CheckSpanKind, carrier: Mapping[str, str],

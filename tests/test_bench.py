@@ -149,3 +149,33 @@ def test_floor_server_answers_ok(tmp_path: Path, event_loop: str, protocol: str)
 def test_micro_and_memory_benchmarks_import() -> None:
     assert callable(load("micro_verify").main) and callable(load("memory").main)
     assert callable(load("handler_phases").main)
+
+
+def test_otlp_sink_counts_what_an_exporter_sends(tmp_path: Path) -> None:
+    """Row 4t's receiver speaks OTLP/gRPC to the SDK's own exporter and reports the spans it got."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(BENCH / "otlp_sink.py"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        provider = TracerProvider(shutdown_on_exit=False)
+        provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}")))
+        for name in ("a", "b", "c"):
+            provider.get_tracer("bench-test").start_span(name).end()
+        provider.shutdown()
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert "OTLP sink received 3 spans" in out

@@ -298,3 +298,38 @@ async def test_metrics_endpoint_serves_openmetrics_to_who_asks_and_the_classic_f
 
 def test_untraced_checker_is_not_a_traced_one() -> None:
     assert not issubclass(Checker, TracedChecker)
+
+
+class Metadata:
+    """A grpc.aio context as far as the traced servicer reads it."""
+
+    def __init__(self, *pairs: tuple[str, str | bytes]) -> None:
+        self.pairs = pairs
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self.pairs
+
+
+@pytest.mark.parametrize("metadata, parent", [
+    # Envoy traces: its ext_authz span's context is in the gRPC metadata
+    ((("traceparent", "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"), ("tracestate", ""),
+      ("x-bin", b"\x00")), "00f067aa0ba902b7"),
+    # Envoy does not trace: the client's context, in the original request's headers
+    ((("x-envoy-internal", "true"),), "b7ad6b7169203331"),
+])
+async def test_grpc_door_prefers_envoys_context_in_the_metadata(traced, key_a, metadata, parent):
+    from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2
+    from authz_service.ext_authz_grpc import TracedAuthorizationServicer, authorization_servicer
+
+    tracing, spans = traced
+    checker, _ = traced_checker(tracing, MemoryKeys(key_a))
+    servicer = authorization_servicer(checker)
+    assert isinstance(servicer, TracedAuthorizationServicer)
+    request = external_auth_pb2.CheckRequest()
+    request.attributes.request.http.method = "GET"
+    request.attributes.request.http.path = "/nowhere"
+    request.attributes.request.http.headers["traceparent"] = ENVOY_SPAN
+    response = await servicer.Check(request, Metadata(*metadata))
+    assert response.denied_response.status.code == 403
+    (span,) = spans.get_finished_spans()
+    assert format(span.parent.span_id, "016x") == parent

@@ -32,6 +32,7 @@ from .harness import (
     free_port,
     http_request,
     load_shipped_config,
+    render_envoy_config,
     rewrite_ports,
     start_envoy,
     wait_for,
@@ -87,6 +88,7 @@ class TracedStack:
     issuer: DevIssuer
     service: Service
     envoy: EnvoyProcess
+    untraced_envoy: EnvoyProcess  # the shipped config as it is: Envoy does not trace
     receiver: OtlpReceiver
 
 
@@ -128,16 +130,19 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     extra = ("--ext-authz-http-port", str(door_port)) if mode == "http" else ()
     service = start_service(work, policy.path, *extra,
                             env={**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}, **env})
-    envoy = None
+    envoys: list[EnvoyProcess] = []
     try:
         shipped = REPO_ROOT / "envoy" / ("envoy-http.yaml" if mode == "http" else "envoy.yaml")
-        config = traced_envoy_config(work, shipped, listener=free_port(), admin=free_port(),
-                                     authz=door_port if mode == "http" else service.grpc_port,
+        authz = door_port if mode == "http" else service.grpc_port
+        config = traced_envoy_config(work, shipped, listener=free_port(), admin=free_port(), authz=authz,
                                      app=upstream.port, collector=receiver.grpc_port)
-        envoy = start_envoy(config, work, name=f"envoy-traced-{mode}")
-        yield TracedStack(mode, issuer, service, envoy, receiver)
+        envoys.append(start_envoy(config, work, name=f"envoy-traced-{mode}"))
+        plain = render_envoy_config(work, listener_port=free_port(), admin_port=free_port(), authz_port=authz,
+                                    app_port=upstream.port, source=shipped)
+        envoys.append(start_envoy(plain, work, name=f"envoy-{mode}"))
+        yield TracedStack(mode, issuer, service, envoys[0], envoys[1], receiver)
     finally:
-        if envoy is not None:
+        for envoy in envoys:
             envoy.stop()
         service.process.stop()
 
@@ -148,10 +153,11 @@ def client_traceparent() -> tuple[str, str, str]:
     return f"00-{trace_id}-{span_id}-01", trace_id, span_id
 
 
-def send(stack: TracedStack, method: str, path: str, token: str) -> tuple[int, str, str]:
+def send(stack: TracedStack, method: str, path: str, token: str, envoy: EnvoyProcess | None = None
+         ) -> tuple[int, str, str]:
     """One request through Envoy, in a new client trace: (status, trace id, client span id)."""
     traceparent, trace_id, span_id = client_traceparent()
-    status, _, _ = http_request(method, stack.envoy.url(path),
+    status, _, _ = http_request(method, (envoy or stack.envoy).url(path),
                                 [("Authorization", f"Bearer {token}"), ("traceparent", traceparent)])
     return status, trace_id, span_id
 
@@ -187,6 +193,16 @@ def test_the_check_span_is_the_child_of_envoys_ext_authz_span(stack: TracedStack
         expected |= {"http.route": "/transactions/{id}"}
     assert check.attributes == expected
     assert check.status_code == 0
+
+
+def test_without_envoy_tracing_the_check_span_continues_the_clients_trace(stack: TracedStack) -> None:
+    """gRPC mode: the CheckRequest's headers; HTTP mode: the headers allowed_headers forwards."""
+    status, trace_id, client_span = send(stack, "GET", "/transactions/7", stack.issuer.token("payments-reader"),
+                                         stack.untraced_envoy)
+    assert status == 200
+    (check,) = stack.receiver.wait_for_spans(lambda s: s.trace_id == trace_id, 1, "our Check span")
+    assert check.service == f"authz-service-{stack.mode}" and check.parent_span_id == client_span
+    assert check.attributes["authz.reason"] == "allowed"
 
 
 def test_a_denied_requests_trace_shows_the_reason(stack: TracedStack) -> None:
