@@ -18,9 +18,13 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY authz_service ./authz_service
 
+# Optional extras built in: tracing (OpenTelemetry, off unless OTEL_* variables
+# configure it; docs/tracing.md). Build without: --build-arg AUTHZ_EXTRAS=
+ARG AUTHZ_EXTRAS=tracing
+
 # /wheels: authz_service-*.whl plus wheels of all runtime dependencies
 # (binary manylinux wheels from PyPI; nothing is compiled).
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".${AUTHZ_EXTRAS:+[$AUTHZ_EXTRAS]}"
 
 # --- runtime: the wheels installed, nothing else ---------------------------
 FROM python:3.11.14-slim-bookworm
@@ -38,8 +42,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # build backends the base image ships (setuptools, wheel) are removed: the
 # service never builds anything. pip compiles the .pyc files at install time,
 # so nothing is written at run time (read-only root filesystem).
+ARG AUTHZ_EXTRAS=tracing
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/authz_service-*.whl \
+    pip install --no-cache-dir --no-index --find-links=/wheels \
+      "$(echo /wheels/authz_service-*.whl)${AUTHZ_EXTRAS:+[$AUTHZ_EXTRAS]}" \
     && pip uninstall --yes setuptools wheel \
     && groupadd --system --gid 10001 authz \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \

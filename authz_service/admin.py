@@ -4,6 +4,10 @@ Never put this port behind Envoy's ext_authz: the kubelet probes it and Promethe
 It runs on the Checks' event loop, so a scrape must stay cheap whoever sends it: the exposition
 is generated at most once per ``min_interval`` and served from memory in between (a flood of
 scrapes then costs a cached write each, not a full collection each).
+
+``/metrics`` speaks OpenMetrics to a scraper that asks for it (``Accept:
+application/openmetrics-text``, as Prometheus does when configured to): the only format that
+carries the Check latency's trace-id exemplars. Every other scraper gets the classic text format.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
 
 
 class CachedExposition:
@@ -65,12 +70,28 @@ async def listen(runner: web.BaseRunner, host: str, port: int, what: str, settin
     return int(runner.addresses[0][1])
 
 
+def wants_openmetrics(accept: str) -> bool:
+    """Whether an Accept header asks for OpenMetrics (any version, unless refused with q=0)."""
+    for part in accept.split(","):
+        media, *params = part.split(";")
+        if media.strip().lower() == "application/openmetrics-text":
+            quality = next((p.split("=", 1)[1] for p in params if p.strip().startswith("q=")), "1")
+            try:
+                if float(quality) > 0:
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
 class AdminServer:
     """``GET /healthz`` (alive), ``GET /readyz`` (ready, with details; 503 when not) and ``GET /metrics``."""
 
-    def __init__(self, readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: CachedExposition) -> None:
+    def __init__(self, readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: CachedExposition,
+                 openmetrics: CachedExposition | None = None) -> None:
         self._readiness = readiness
         self._metrics = metrics
+        self._openmetrics = openmetrics
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -82,7 +103,10 @@ class AdminServer:
             ready, body = self._readiness()
             return web.json_response({"ready": ready, **body}, status=200 if ready else 503)
 
-        async def metrics(_: web.Request) -> web.Response:
+        async def metrics(request: web.Request) -> web.Response:
+            if self._openmetrics is not None and wants_openmetrics(request.headers.get("Accept", "")):
+                return web.Response(body=await self._openmetrics.get(),
+                                    headers={"Content-Type": OPENMETRICS_CONTENT_TYPE})
             return web.Response(body=await self._metrics.get(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         app = web.Application()

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from .decision import Decision, Reason, decide, deny
 from .policy import Policy
 from .request import BadRequest, HttpRequest
 from .response import Answer, Answers
 from .tokens import TokenVerifier
+
+if TYPE_CHECKING:
+    from .metrics import PerCheck
+    from .tracing import CheckSpanKind, Tracing
 
 log = logging.getLogger("authz_service.server")
 Raw = TypeVar("Raw")
@@ -92,6 +96,34 @@ class Checker:
                 log.debug("allow", extra=log_fields(decision, request))
             return
         log.info("dry-run deny" if decision.dry_run else "deny", extra=log_fields(decision, request))
+
+
+class TracedChecker(Checker):
+    """The same pipeline with one span per Check (tracing on; tracing.py). A subclass, so that with
+    tracing off a Check runs exactly the code above: no tracing call, no context extraction.
+
+    Front doors given one call ``check_traced`` with the propagation headers they read.
+    """
+
+    def __init__(self, policies: PolicySource, verifier: TokenVerifier, answers: Answers,
+                 counter: PerCheck | None, tracing: Tracing) -> None:
+        from .tracing import ExemplarCounter
+
+        super().__init__(policies, verifier, answers, ExemplarCounter(counter, tracing) if counter is not None else None)
+        self.tracing = tracing
+
+    async def check_traced(self, kind: CheckSpanKind, carrier: Mapping[str, str],
+                           parse: Callable[[Raw], HttpRequest], raw: Raw,
+                           render: Callable[[Answer, Decision], Rendered]) -> Rendered:
+        """``check`` inside a span that continues the trace whose context ``carrier`` holds."""
+        with self.tracing.check_span(kind, carrier):
+            return await self.check(parse, raw, render)
+
+    def log(self, decision: Decision, request: HttpRequest | None) -> None:
+        # Called once per Check with the final decision (after any rendering failure): the place
+        # to describe it on the span.
+        self.tracing.record_check(decision, request)
+        super().log(decision, request)
 
 
 def log_fields(decision: Decision, request: HttpRequest | None) -> dict[str, object]:

@@ -11,8 +11,10 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from .tracing import TracingSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +233,8 @@ class Settings:
     workers: int = 1
     event_loop: str = "auto"
     metrics_min_interval: float = 1.0
+    # OpenTelemetry tracing, from the standard OTEL_* variables (tracing.py); None: off.
+    tracing: TracingSettings | None = None
     jwks: JwksSettings = field(init=False)
 
     def __post_init__(self) -> None:
@@ -263,5 +267,7 @@ def settings_from(cli_values: Mapping[str, str | None], environ: Mapping[str, st
             values[option.name] = option.parse(raw)
         except ValueError as exc:
             raise ConfigError(f"{source}={raw!r} is invalid: {exc}") from None
+    from .tracing import tracing_settings  # imports no OpenTelemetry: tracing may be off and not installed
+
     names = {f.name for f in fields(Settings) if f.init}
-    return Settings(**{k: v for k, v in values.items() if k in names})
+    return Settings(**{k: v for k, v in values.items() if k in names}, tracing=tracing_settings(environ))

@@ -3,6 +3,10 @@
 CheckRequest -> ``request.HttpRequest`` (``parse_check_request``), the shared ``check.Checker``,
 then Answer -> CheckResponse (``check_response``, built once per distinct answer).
 
+Tracing (on only when configured, see tracing.py): Envoy puts the trace context of its ext_authz
+span in the gRPC request's metadata; the CheckRequest's headers carry the client's own (the parent
+of Envoy's span), which is what a Check continues when Envoy does not trace.
+
 Headers: Envoy sends the ``headers`` map (keys lower-cased, as the ext_authz API guarantees;
 repeated headers comma-joined) or, with ``encode_raw_headers``, ``header_map`` (one entry per
 line, bytes values).
@@ -14,9 +18,10 @@ from typing import Any
 
 from ._proto.envoy.config.core.v3 import base_pb2
 from ._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from .check import Checker
+from .check import Checker, TracedChecker
 from .request import SPECIAL_NAMES, BadRequest, HttpRequest, checked_method, path_and_segments, special_names
 from .response import Answer
+from .tracing import GRPC_CHECK
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 # The largest CheckRequest accepted. Envoy caps a request's headers at max_request_headers_kb
@@ -115,3 +120,33 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self, request: external_auth_pb2.CheckRequest, context: Any
     ) -> external_auth_pb2.CheckResponse:
         return await self._check(parse_check_request, request, check_response)
+
+
+class TracedAuthorizationServicer(AuthorizationServicer):
+    """Check with a span continuing Envoy's trace (tracing on)."""
+
+    def __init__(self, checker: TracedChecker) -> None:
+        super().__init__(checker)
+        self._traced = checker.check_traced
+        self._fields = checker.tracing.propagation_fields
+
+    async def Check(  # noqa: N802 - gRPC method name
+        self, request: external_auth_pb2.CheckRequest, context: Any
+    ) -> external_auth_pb2.CheckResponse:
+        metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        carrier = metadata if not self._fields.isdisjoint(metadata) else _client_headers(request)
+        return await self._traced(GRPC_CHECK, carrier, parse_check_request, request, check_response)
+
+
+def authorization_servicer(checker: Checker) -> AuthorizationServicer:
+    """The servicer for ``checker``: traced only when tracing is on."""
+    return TracedAuthorizationServicer(checker) if isinstance(checker, TracedChecker) else AuthorizationServicer(checker)
+
+
+def _client_headers(request: external_auth_pb2.CheckRequest) -> Any:
+    """The original request's headers, for their trace context (either encoding Envoy uses)."""
+    http = request.attributes.request.http
+    if http.headers or not http.header_map.headers:
+        return http.headers
+    return {entry.key.lower(): entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
+            for entry in http.header_map.headers}

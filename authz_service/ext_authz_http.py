@@ -10,6 +10,10 @@ spoofed ``x_auth_client_id`` the client sent. Every answer therefore carries
 ``x-envoy-auth-headers-to-remove`` with every '-'/'_' spelling of the identity and override headers
 (minus the ones the answer sets), and Envoy strips them all from the upstream request.
 
+Tracing (on only when configured, see tracing.py): Envoy sends the trace context of its ext_authz
+span in the authorization request's headers when it traces, else the client's own when
+``allowed_headers`` lets them through (envoy/envoy-http.yaml does).
+
 Served with aiohttp's low-level server (no router, no middleware): chosen by measurement over
 uvicorn with httptools (docs/performance.md), and already a dependency.
 """
@@ -18,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
+
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod
 from aiohttp.web_protocol import RequestHandler
 
 from .admin import listen
-from .check import Checker
+from .check import Checker, TracedChecker
 from .decision import Decision
 from .request import (
     INVALID_METHOD,
@@ -36,6 +42,7 @@ from .request import (
     special_names,
 )
 from .response import Answer
+from .tracing import HTTP_CHECK
 
 log = logging.getLogger(__name__)
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
@@ -82,6 +89,11 @@ class HttpFrontDoor:
     async def handle(self, request: web.BaseRequest) -> web.Response:
         return await self._check(self.parse, request, self.render)
 
+    async def handle_traced(self, request: web.BaseRequest) -> web.Response:
+        """``handle`` with a span continuing the trace in the request's headers (tracing on)."""
+        assert isinstance(self._checker, TracedChecker)
+        return await self._checker.check_traced(HTTP_CHECK, request.headers, self.parse, request, self.render)
+
     def refusal(self, exc: BaseException | None) -> web.Response | None:
         """Our JSON 400 for a request aiohttp's parser refused, or None for any other error.
 
@@ -95,7 +107,8 @@ class HttpFrontDoor:
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False, shutdown_grace: float = 10.0) -> int:
         """Bind and serve; the bound port. OSError naming the address when it cannot be bound."""
-        server = _Server(self, access_log=None, max_line_size=self._max_request_bytes,
+        handler = self.handle_traced if isinstance(self._checker, TracedChecker) else self.handle
+        server = _Server(self, handler, access_log=None, max_line_size=self._max_request_bytes,
                          max_field_size=self._max_request_bytes)
         runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=shutdown_grace)
         self.port = await listen(runner, host, port, "the HTTP ext_authz port",
@@ -113,8 +126,8 @@ class HttpFrontDoor:
 class _Server(web.Server):
     """aiohttp's low-level server whose connections answer parse errors with our denial."""
 
-    def __init__(self, door: HttpFrontDoor, **kwargs: object) -> None:
-        super().__init__(door.handle, **kwargs)
+    def __init__(self, door: HttpFrontDoor, handler: Any, **kwargs: object) -> None:
+        super().__init__(handler, **kwargs)
         self._door = door
         self._handler_args = kwargs
 

@@ -23,6 +23,7 @@ from .claims import IssuerKey
 from .config import JwksSettings
 from .metrics import Metrics
 from .policy import Issuer
+from .tracing import NO_TRACING, NoTracing, Recorder
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,10 @@ class JwksCache:
         metrics: Metrics,
         session: aiohttp.ClientSession,
         on_key_removed: Callable[[str, str], object] | None = None,
+        tracing: NoTracing = NO_TRACING,
     ) -> None:
         self.settings = settings
+        self._tracing = tracing
         self._metrics = metrics
         self._session = session
         self._states: dict[tuple[str, str], _IssuerState] = {}
@@ -286,6 +289,14 @@ class JwksCache:
             state.inflight = None
 
     async def _fetch(self, state: _IssuerState, trigger: str) -> bool:
+        """One fetch, traced: an unknown-kid re-fetch runs inside a Check (a child of its span),
+        startup and periodic refreshes are background work (root spans)."""
+        span = self._tracing.child if trigger == "unknown_kid" else self._tracing.root
+        with span("jwks fetch", **{"authz.issuer.pool_id": state.issuer.user_pool_id,
+                                   "authz.jwks.trigger": trigger}) as recorder:
+            return await self._fetch_keys(state, trigger, recorder)
+
+    async def _fetch_keys(self, state: _IssuerState, trigger: str, recorder: Recorder) -> bool:
         issuer = state.issuer
         label = issuer.user_pool_id
         try:
@@ -298,6 +309,8 @@ class JwksCache:
             if isinstance(exc, asyncio.TimeoutError):
                 reason = f"timed out after {self.settings.timeout:g}s"
             state.last_error = reason
+            recorder.set("authz.jwks.result", "error")
+            recorder.error(reason)
             self._metrics.jwks_refreshes.labels(label, trigger, "error").inc()
             log.warning(
                 "jwks refresh failed",
@@ -316,6 +329,8 @@ class JwksCache:
         self._reindex()
         state.last_success = time.time()
         state.last_error = None
+        recorder.set("authz.jwks.result", "ok")
+        recorder.set("authz.jwks.keys", len(keys))
         self._metrics.jwks_refreshes.labels(label, trigger, "ok").inc()
         self._metrics.jwks_keys.labels(label).set(len(keys))
         self._metrics.jwks_last_success.labels(label).set(state.last_success)

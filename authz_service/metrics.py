@@ -177,6 +177,9 @@ class PerCheck:
         self._series: dict[tuple[str, str, str, int], Any] = {}
         self.decisions: dict[tuple[str, str, str, int], int] = {}  # (decision, reason, route, status)
         self.durations: list[float] = []
+        # Durations of Checks whose trace was sampled, with the trace id (tracing on only): each
+        # becomes an exemplar, so a latency panel links to the trace (OpenMetrics exposition).
+        self.sampled: list[tuple[float, int]] = []
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -189,9 +192,19 @@ class PerCheck:
         if len(durations) >= self.MAX_PENDING:
             self.flush()
 
+    def check_sampled(self, key: tuple[str, str, str, int], seconds: float, trace_id: int) -> None:
+        """``check`` for a Check whose trace was sampled: ``trace_id`` is its duration's exemplar."""
+        decisions = self.decisions
+        decisions[key] = decisions.get(key, 0) + 1
+        sampled = self.sampled
+        sampled.append((seconds, trace_id))
+        if len(sampled) >= self.MAX_PENDING:
+            self.flush()
+
     def flush(self) -> None:
         decisions, self.decisions = self.decisions, {}
         durations, self.durations = self.durations, []
+        sampled, self.sampled = self.sampled, []
         for key, count in decisions.items():
             series = self._series.get(key)
             if series is None:  # labels() takes a lock and builds strings: once per series
@@ -202,6 +215,8 @@ class PerCheck:
         observe = self._duration.observe
         for seconds in durations:
             observe(seconds)
+        for seconds, trace_id in sampled:  # prometheus-client keeps the last exemplar of each bucket
+            observe(seconds, {"trace_id": format(trace_id, "032x")})
         if self.cache_hits:
             self._hit.inc(self.cache_hits)
             self.cache_hits = 0

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .metrics import Metrics
 from .policy import Policy, PolicyError, load_policy_file
+from .tracing import NO_TRACING, NoTracing, Recorder
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +189,10 @@ class PolicyReloader:
         policy: Policy,
         metrics: Metrics,
         on_change: Callable[[Policy], None] = lambda policy: None,
+        tracing: NoTracing = NO_TRACING,
     ) -> None:
         self.path = path
+        self._tracing = tracing
         self.policy = policy
         self._metrics = metrics
         self._on_change = on_change
@@ -229,6 +232,14 @@ class PolicyReloader:
         return await self._load(reason)
 
     async def _load(self, reason: str) -> bool:
+        """One load, traced as a root span: trigger, result (ok, unchanged, error, or reread: the
+        file changed while it was read) and the sha256 of the policy serving afterwards."""
+        with self._tracing.root("policy reload", **{"authz.policy.trigger": reason}) as recorder:
+            loaded = await self._load_file(reason, recorder)
+            recorder.set("authz.policy.sha256", self.policy.sha256)
+            return loaded
+
+    async def _load_file(self, reason: str, recorder: Recorder) -> bool:
         async with self._lock:
             before = self._seen = _signature(self.path)
             self._pending = _UNSET
@@ -236,19 +247,26 @@ class PolicyReloader:
                 policy = await asyncio.to_thread(load_policy_file, self.path)
             except Exception as exc:  # noqa: BLE001 - any failure keeps the old policy serving
                 if self._written_while_read(before):
+                    recorder.set("authz.policy.result", "reread")
                     return False
                 if not isinstance(exc, PolicyError):
                     exc = PolicyError(f"{self.path}: cannot load policy: {type(exc).__name__}")
+                recorder.set("authz.policy.result", "error")
+                recorder.error("policy refused; the previous policy keeps serving")
                 self.last_error = str(exc)
                 self._metrics.policy_reloads.labels("error").inc()
                 log.error("policy reload failed; previous policy keeps serving",
                           extra={"reason": reason, "error": str(exc), "serving_sha256": self.policy.sha256})
                 return False
             if self._written_while_read(before):
+                recorder.set("authz.policy.result", "reread")
                 return False
             self.last_error = None
             if policy.sha256 == self.policy.sha256:
+                recorder.set("authz.policy.result", "unchanged")
                 return False
+            recorder.set("authz.policy.result", "ok")
+            recorder.set("authz.policy.routes", len(policy.routes))
             self.policy = policy  # one reference swap: a Check sees the old or the new policy whole
             self._metrics.policy_loaded(len(policy.routes), policy.sha256)
             self._on_change(policy)

@@ -21,13 +21,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import gc_collector, platform_collector, process_collector
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from ._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from . import __version__
 from .admin import AdminServer, CachedExposition
-from .check import Checker
+from .check import Checker, TracedChecker
 from .config import Settings
-from .ext_authz_grpc import SERVICE_NAME, AuthorizationServicer
+from .ext_authz_grpc import SERVICE_NAME, authorization_servicer
 from .ext_authz_http import HttpFrontDoor
 from .jwks import JwksCache
 from .metrics import Metrics
@@ -36,6 +37,7 @@ from .reloader import PolicyReloader
 from .response import Answers
 from .tokencache import TokenCache
 from .tokens import TokenVerifier
+from .tracing import NO_TRACING, NoTracing, Tracing, describe
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,6 +74,7 @@ class Service:
         self._grpc: grpc.aio.Server | None = None
         self._http_door: HttpFrontDoor | None = None
         self._admin: AdminServer | None = None
+        self.tracing: NoTracing = NO_TRACING
         self.grpc_port: int | None = None
         self.ext_authz_http_port: int | None = None
         self.http_port: int | None = None
@@ -97,20 +100,29 @@ class Service:
                                       if self.ext_authz_http_port else None),
                    "http": f"{self.settings.http_host}:{self.http_port}",
                    "policy": str(self.settings.policy), "routes": len(policy.routes), "event_loop": loop_name(),
-                   "issuers": [i.issuer for i in policy.issuers], "ready": self.ready()},
+                   "issuers": [i.issuer for i in policy.issuers], "ready": self.ready(),
+                   "tracing": describe(self.settings.tracing)},
         )
 
     async def _start(self, policy: Policy) -> None:
         settings = self.settings
+        if settings.tracing is not None:
+            self.tracing = Tracing(settings.tracing, __version__)
         self._session = aiohttp.ClientSession(headers={"User-Agent": "authz-service"})
         self.token_cache = TokenCache(settings.token_cache_size, settings.token_cache_max_bytes, self.metrics)
-        self.jwks = JwksCache(settings.jwks, self.metrics, self._session, on_key_removed=self.token_cache.drop_key)
+        self.jwks = JwksCache(settings.jwks, self.metrics, self._session, on_key_removed=self.token_cache.drop_key,
+                              tracing=self.tracing)
         self.jwks.sync(policy.issuers)
-        self.reloader = PolicyReloader(settings.policy, policy, self.metrics, on_change=self._policy_changed)
+        self.reloader = PolicyReloader(settings.policy, policy, self.metrics, on_change=self._policy_changed,
+                                       tracing=self.tracing)
         self.reloader.open_watch(settings.policy_watch)  # --policy-watch inotify without inotify: OSError
         self.metrics.policy_loaded(len(policy.routes), policy.sha256)
         verifier = TokenVerifier(self.jwks, leeway=settings.leeway, cache=self.token_cache)
-        self.checker = Checker(self.reloader, verifier, Answers(settings.realm), self.metrics.per_check)
+        if isinstance(self.tracing, Tracing):
+            self.checker: Checker = TracedChecker(self.reloader, verifier, Answers(settings.realm),
+                                                  self.metrics.per_check, self.tracing)
+        else:
+            self.checker = Checker(self.reloader, verifier, Answers(settings.realm), self.metrics.per_check)
 
         self._health = health.aio.HealthServicer()
         # One process: SO_REUSEPORT off, so a port already in use is an error, not a silent share.
@@ -119,7 +131,7 @@ class Service:
             ("grpc.so_reuseport", 1 if self.worker else 0),
             ("grpc.max_receive_message_length", settings.max_request_bytes),
         ])
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(self.checker), self._grpc)
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization_servicer(self.checker), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         try:
             self.grpc_port = self._grpc.add_insecure_port(f"{_host(settings.grpc_host)}:{settings.grpc_port}")
@@ -139,7 +151,8 @@ class Service:
 
         if not self.worker:
             exposition = CachedExposition(self._exposition, settings.metrics_min_interval)
-            self._admin = AdminServer(self._readiness, exposition)
+            openmetrics = CachedExposition(self._openmetrics_exposition, settings.metrics_min_interval)
+            self._admin = AdminServer(self._readiness, exposition, openmetrics)
             self.http_port = await self._admin.start(settings.http_host, settings.http_port)
 
         self._tasks.append(asyncio.create_task(self.reloader.watch(settings.policy_poll_interval)))
@@ -193,6 +206,9 @@ class Service:
     async def _exposition(self) -> bytes:
         return generate_latest(self.registry)
 
+    async def _openmetrics_exposition(self) -> bytes:
+        return generate_openmetrics(self.registry)
+
     def request_stop(self) -> None:
         self._stopping.set()
 
@@ -225,6 +241,8 @@ class Service:
             await self._admin.stop()
         if self._session is not None:
             await self._session.close()
+        if isinstance(self.tracing, Tracing):
+            await self.tracing.close()  # last: the drained Checks' spans are queued by now
 
 
 def run(main: Coroutine[Any, Any, T], event_loop: str = "auto") -> T:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Settings
+from .tracing import describe
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ class Supervisor:
             log.info("authz-service started", extra={
                 "grpc": f"{self.settings.grpc_host}:{self.grpc_port}",
                 "http": f"{self.settings.http_host}:{self.http_port}", "workers": len(self._workers),
-                "pids": [w.process.pid for w in self._workers]})
+                "pids": [w.process.pid for w in self._workers], "tracing": describe(self.settings.tracing)})
             await self._watch(worker_settings)
             log.info("shutting down", extra={"workers": len(self._workers)})
             await self._stop_workers()
@@ -326,6 +327,7 @@ class Supervisor:
 
     async def _serve_http(self) -> None:
         from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+        from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
         from .admin import AdminServer, CachedExposition
 
@@ -336,12 +338,18 @@ class Supervisor:
             # Reading every worker's files takes a while: off the event loop.
             return await asyncio.get_running_loop().run_in_executor(None, generate_latest, registry)
 
+        async def openmetrics() -> bytes:
+            # The same samples; prometheus-client keeps no exemplars in multiprocess mode.
+            return await asyncio.get_running_loop().run_in_executor(None, generate_openmetrics, registry)
+
         def readiness() -> tuple[bool, dict[str, object]]:
             return self.ready(), {"workers": self.status(),
                                   "foreign_listeners": [{"uid": uid, "socket_inode": inode}
                                                         for inode, uid in self.foreign_listeners.items()]}
 
-        self._http = AdminServer(readiness, CachedExposition(exposition, self.settings.metrics_min_interval))
+        interval = self.settings.metrics_min_interval
+        self._http = AdminServer(readiness, CachedExposition(exposition, interval),
+                                 CachedExposition(openmetrics, interval))
         try:
             self.http_port = await self._http.start(self.settings.http_host, self.settings.http_port)
         except OSError:

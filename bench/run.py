@@ -16,6 +16,8 @@ command (fixed connections, fixed time):
   4h warm      HTTP ext_authz -> authz-service's HTTP front door, warm
   5h cold      HTTP ext_authz -> authz-service's HTTP front door, cold
   4p warm      gRPC ext_authz -> authz-service at --compare-rev (another commit), warm
+  4t traced    gRPC ext_authz -> authz-service with tracing configured, every Check sampled and its
+               span exported over OTLP/gRPC to bench/otlp_sink.py (a receiver that discards), warm
   (+ warm with --workers 2, and a direct gRPC run with h2load against the floor and the service)
 
 CPU comes from /proc/<pid>/stat (utime+stime) before and after each run: "ours" sums the authz
@@ -240,10 +242,12 @@ class Proc:
                 self.popen.wait()
 
 
-def spawn(name: str, args: list[str], work: Path, checkout: Path = ROOT) -> Proc:
+def spawn(name: str, args: list[str], work: Path, checkout: Path = ROOT, env: dict[str, str] | None = None) -> Proc:
+    """``args`` run from ``checkout``; OTEL_* only from ``env`` (tracing is configured per row)."""
     log = work / f"{name}.log"
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     popen = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=checkout,
-                             env={**os.environ, "PYTHONPATH": str(checkout)})
+                             env={**inherited, "PYTHONPATH": str(checkout), **(env or {})})
     return Proc(name, popen, log)
 
 
@@ -442,8 +446,15 @@ class Bench:
         wait_port(port, 20)
         return proc, port
 
+    def start_otlp_sink(self) -> tuple[Proc, int]:
+        """The OTLP/gRPC receiver row 4t exports to, for the whole run."""
+        port = free_port()
+        proc = spawn("otlp-sink", [sys.executable, str(BENCH / "otlp_sink.py"), "--port", str(port)], self.work)
+        wait_port(port, 20)
+        return proc, port
+
     def start_service(self, policy: Path, workers: int, http_mode: bool = False,
-                      checkout: Path = ROOT) -> tuple[Proc, int, int]:
+                      checkout: Path = ROOT, env: dict[str, str] | None = None) -> tuple[Proc, int, int]:
         """authz-service from ``checkout`` (this one, or --compare-rev's); its authz port (gRPC,
         or the HTTP front door in ``http_mode``) and its admin port."""
         grpc_port, http_port, door_port = free_port(), free_port(), free_port()
@@ -452,14 +463,14 @@ class Bench:
                 "--http-port", str(http_port), "--workers", str(workers)]
         if http_mode:
             args += ["--ext-authz-http-port", str(door_port)]
-        proc = spawn(f"service-w{workers}", args, self.work, checkout)
+        proc = spawn(f"service-w{workers}", args, self.work, checkout, env)
         self.procs.append(proc)
         wait_http(f"http://127.0.0.1:{http_port}/readyz", 30, proc.popen)
         return proc, door_port if http_mode else grpc_port, http_port
 
     def through_envoy(self, name: str, label: str, kind: str, backend: str, token_file: Path,
                       policy: Path | None = None, workers: int = 1, authz_streams: int | None = None,
-                      checkout: Path = ROOT) -> Result:
+                      checkout: Path = ROOT, env: dict[str, str] | None = None) -> Result:
         a = self.args
         result = Result(name, label)
         backend_proc = None
@@ -473,7 +484,7 @@ class Bench:
             elif backend == "service":
                 assert policy is not None
                 backend_proc, authz_port, http_port = self.start_service(policy, workers, protocol == "http",
-                                                                         checkout)
+                                                                         checkout, env)
             cfg = render_envoy(kind, listener_port=free_port(), admin_port=free_port(), authz_port=authz_port,
                                jwks=self.jwks, authz_streams=authz_streams)
             envoy, port = self.start_envoy(cfg, name)
@@ -580,7 +591,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; rows show the median")
     parser.add_argument("--work", default=str(BENCH / ".work"), help="scratch folder (keys, tokens, logs)")
     parser.add_argument("--only", default="",
-                        help="comma-separated subset of: 1,2,3,3u,4,5,3h,4h,5h,4p,4w,d3,d3u,d4")
+                        help="comma-separated subset of: 1,2,3,3u,4,5,3h,4h,5h,4p,4t,4w,d3,d3u,d4")
     parser.add_argument("--compare-rev", default="",
                         help="also measure gRPC warm (row 4p) with the service at this git revision, e.g. the "
                              "commit before a change")
@@ -615,6 +626,14 @@ def main() -> None:
         plan.append(("4p", lambda: bench.through_envoy(
             "4p", f"ext_authz -> authz-service at {args.compare_rev}, warm", "ext_authz", "service",
             bench.warm_tokens, policy, checkout=compare)))
+    sink = None
+    if not only or "4t" in only:
+        sink, sink_port = bench.start_otlp_sink()
+        traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                  "OTEL_TRACES_SAMPLER": "always_on"}
+        plan.append(("4t", lambda: bench.through_envoy(
+            "4t", "ext_authz -> authz-service, tracing on (100% sampled, OTLP/gRPC to a discarding receiver), warm",
+            "ext_authz", "service", bench.warm_tokens, policy, env=traced)))
     if args.workers > 1:
         plan.append(("4w", lambda: bench.through_envoy(
             "4w", f"ext_authz -> authz-service --workers {args.workers}, warm (Envoy: 2 streams per authz "
@@ -635,6 +654,10 @@ def main() -> None:
     finally:
         bench.close()
         jwks_proc.stop()
+        if sink is not None:
+            sink.stop()
+            print(next((line for line in sink.log.read_text().splitlines() if "OTLP sink" in line),
+                       "OTLP sink: no count (see its log)"))
     # The machine is shared: configurations run interleaved, round after round, and each row is
     # the round with the median req/s (its other columns from that same round), with the range.
     results = []
@@ -686,6 +709,10 @@ def main() -> None:
     line(f"gRPC warm / gRPC warm at {args.compare_rev or '--compare-rev'}, req/s", paired("4", "4p", rps), ".2f")
     line(f"gRPC warm / gRPC warm at {args.compare_rev or '--compare-rev'}, pod CPU per request",
          paired("4", "4p", pod), ".2f")
+    line(f"CPU per Check, gRPC warm minus gRPC warm at {args.compare_rev or '--compare-rev'}",
+         paired("4", "4p", cpu), ".0f", " us")
+    line("gRPC warm traced (100% sampled) / gRPC warm, req/s", paired("4t", "4", rps), ".2f")
+    line("CPU per Check, gRPC warm traced (100% sampled) minus gRPC warm", paired("4t", "4", cpu), ".0f", " us")
     line("direct gRPC, service / floor", paired("d4", "d3", rps), ".2f")
     line("direct gRPC, service / floor on uvloop", paired("d4", "d3u", rps), ".2f")
     line("direct gRPC, CPU per Check service minus floor",

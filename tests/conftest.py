@@ -92,3 +92,16 @@ class MemoryKeys:
         self.refetched.append(issuer.issuer)
         if self.after_refetch is not None and issuer.issuer == self.issuer:
             self.keys = self.after_refetch
+
+
+@pytest.fixture
+def traced():
+    """Tracing on, its spans kept in memory as each ends: ``(tracing, exporter)``."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from authz_service.tracing import Tracing, tracing_settings
+
+    exporter = InMemorySpanExporter()
+    settings = tracing_settings({"OTEL_TRACES_EXPORTER": "otlp"})
+    assert settings is not None
+    return Tracing(settings, "test", exporter=exporter), exporter

@@ -117,22 +117,28 @@ def test_wrk_script_loads_and_reports(tmp_path: Path) -> None:
     assert {"Bearer a.b.c", "Bearer d.e.f"} <= set(seen)  # the tokens rotate
 
 
-@pytest.mark.parametrize(("event_loop", "protocol"), [("asyncio", "grpc"), ("uvloop", "grpc"), ("uvloop", "http")])
-def test_floor_server_answers_ok(tmp_path: Path, event_loop: str, protocol: str) -> None:
+def start_script(name: str, *args: str) -> tuple[subprocess.Popen[str], int]:
+    """A bench server script on a free port, once it accepts connections: (process, port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(BENCH / "floor_server.py"), "--port", str(port),
-                             "--event-loop", event_loop, "--protocol", protocol],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, str(BENCH / name), "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 20
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, port
+        if proc.poll() is not None or time.monotonic() >= deadline:
+            proc.kill()
+            raise AssertionError(f"{name} did not start: {proc.communicate()[0]}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("event_loop", "protocol"), [("asyncio", "grpc"), ("uvloop", "grpc"), ("uvloop", "http")])
+def test_floor_server_answers_ok(tmp_path: Path, event_loop: str, protocol: str) -> None:
+    proc, port = start_script("floor_server.py", "--event-loop", event_loop, "--protocol", protocol)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
-            time.sleep(0.05)
         if protocol == "http":
             import http.client
 
@@ -152,3 +158,22 @@ def test_floor_server_answers_ok(tmp_path: Path, event_loop: str, protocol: str)
 def test_micro_and_memory_benchmarks_import() -> None:
     assert callable(load("micro_verify").main) and callable(load("memory").main)
     assert callable(load("handler_phases").main)
+
+
+def test_otlp_sink_counts_what_an_exporter_sends(tmp_path: Path) -> None:
+    """Row 4t's receiver speaks OTLP/gRPC to the SDK's own exporter and reports the spans it got."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    proc, port = start_script("otlp_sink.py")
+    try:
+        provider = TracerProvider(shutdown_on_exit=False)
+        provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}")))
+        for name in ("a", "b", "c"):
+            provider.get_tracer("bench-test").start_span(name).end()
+        provider.shutdown()
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert "OTLP sink received 3 spans" in out

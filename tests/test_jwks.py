@@ -20,6 +20,7 @@ from authz_service.claims import IssuerKey
 from authz_service.jwks import JwksCache, JwksError, JwksSettings, parse_jwks
 from authz_service.metrics import Metrics
 from authz_service.policy import Issuer
+from authz_service.tracing import NO_TRACING
 
 from .conftest import SigningKey, make_key
 
@@ -76,13 +77,13 @@ async def make_cache():
     sessions: list[aiohttp.ClientSession] = []
     caches: list[JwksCache] = []
 
-    def make(on_key_removed=None, **overrides) -> tuple[JwksCache, Metrics]:
+    def make(on_key_removed=None, tracing=NO_TRACING, **overrides) -> tuple[JwksCache, Metrics]:
         settings = JwksSettings(**{"refresh_interval": 3600, "timeout": 0.5, "retry_min": 0.05, "retry_max": 0.1,
                                    **overrides})
         metrics = Metrics(CollectorRegistry())
         session = aiohttp.ClientSession()
         sessions.append(session)
-        cache = JwksCache(settings, metrics, session, on_key_removed=on_key_removed)
+        cache = JwksCache(settings, metrics, session, on_key_removed=on_key_removed, tracing=tracing)
         caches.append(cache)
         return cache, metrics
 
@@ -386,3 +387,31 @@ async def test_a_jwks_of_only_skipped_keys_logs_each_and_keeps_the_last_good_key
     assert [(r.kid, r.reason) for r in caplog.records if r.getMessage() == "jwks key skipped"] == [
         ("kid-big", "modulus is 8192 bits (accepted: 2048 to 4096)")]
     assert cache.key(issuer, "kid-a") is not None and cache.status()[0]["last_error"]
+
+
+# --- tracing ------------------------------------------------------------------------------------
+
+
+async def test_background_fetches_are_root_spans_and_an_unknown_kid_refetch_is_a_child(endpoint, make_cache,
+                                                                                       key_a, traced) -> None:
+    tracing, spans = traced
+    scripted, issuer = endpoint
+    scripted.keys(key_a)
+    cache, _ = make_cache(tracing=tracing)
+    cache.sync([issuer])
+    await wait_for(lambda: cache.has_keys(issuer))
+    (startup,) = spans.get_finished_spans()
+    assert startup.name == "jwks fetch" and startup.parent is None
+    assert dict(startup.attributes) == {"authz.issuer.pool_id": "us-east-1_Pool1", "authz.jwks.trigger": "startup",
+                                        "authz.jwks.result": "ok", "authz.jwks.keys": 1}
+
+    scripted.reply = web.Response(status=500)
+    expire_cooldown(cache, issuer)
+    with tracing._tracer.start_as_current_span("a Check") as check:  # what TracedChecker makes current
+        await cache.refetch(issuer)
+    refetch = spans.get_finished_spans()[1]
+    assert refetch.parent is not None and refetch.parent.span_id == check.get_span_context().span_id
+    assert refetch.context.trace_id == check.get_span_context().trace_id
+    assert refetch.attributes["authz.jwks.trigger"] == "unknown_kid"
+    assert refetch.attributes["authz.jwks.result"] == "error"
+    assert refetch.status.description == "JWKS endpoint answered HTTP 500"

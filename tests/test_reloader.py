@@ -242,3 +242,28 @@ async def test_after_lost_events_a_change_must_hold_still_before_it_loads(tmp_pa
     writer_closed_at = reloader.policy.sha256
     await reloader.handle_events()  # the writer's close (queued now that the queue was read)
     assert reloader.policy.sha256 != writer_closed_at and admin_route(reloader) == "everything-else"
+
+
+async def test_each_load_is_a_root_span_with_its_trigger_result_and_the_serving_sha256(tmp_path: Path,
+                                                                                      traced) -> None:
+    tracing, spans = traced
+    path = tmp_path / "policy.yaml"
+    path.write_text(HEAD)
+    first = load_policy_file(path)
+    reloader = PolicyReloader(path, first, Metrics(CollectorRegistry()), tracing=tracing)
+    path.write_text(HEAD + TAIL)
+    assert await reloader.reload("SIGHUP")
+    path.write_text("routes: [")
+    assert not await reloader.reload("SIGHUP")
+    assert not await reloader.reload("file changed")  # the same bad file again
+    path.write_text(HEAD + TAIL)
+    assert not await reloader.reload("SIGHUP")  # unchanged content
+    results = [(s.name, s.parent, s.attributes["authz.policy.trigger"], s.attributes["authz.policy.result"],
+                s.attributes["authz.policy.sha256"]) for s in spans.get_finished_spans()]
+    second = reloader.policy.sha256
+    assert second != first.sha256
+    assert results == [("policy reload", None, "SIGHUP", "ok", second),
+                       ("policy reload", None, "SIGHUP", "error", second),
+                       ("policy reload", None, "file changed", "error", second),
+                       ("policy reload", None, "SIGHUP", "unchanged", second)]
+    assert spans.get_finished_spans()[1].status.description == "policy refused; the previous policy keeps serving"
