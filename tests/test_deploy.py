@@ -646,5 +646,6 @@ def test_dockerignore_admits_exactly_the_build_inputs() -> None:
     assert copied <= admitted, f"COPY sources not in the build context: {copied - admitted}"
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["readme"] in admitted, "setuptools needs the readme to build the wheel"
+    assert set(project["license-files"]) <= admitted, "setuptools needs the license files to build the wheel"
     for path in admitted:
         assert (ROOT / path).exists(), path
