@@ -119,6 +119,7 @@ class Policy:
     routes: tuple[Route, ...]
     issuers_by_iss: Mapping[str, Issuer]
     _trie: _Node = field(repr=False, compare=False)
+    version: int = 1  # the policy format (``version:``); see POLICY_VERSIONS
 
     def match(self, method: str, segments: tuple[str, ...]) -> Route | None:
         """The most specific route for this method and path segments, or None (deny)."""
@@ -205,7 +206,10 @@ def _match(node: _Node, segments: tuple[str, ...], i: int, method: str) -> Route
 
 # --- loading -------------------------------------------------------------------------------------
 
-_TOP_KEYS = {"issuers", "routes", "mode"}
+_TOP_KEYS = {"version", "issuers", "routes", "mode"}
+# Policy formats this loader reads. Why a version at all: a policy written for a later format
+# (new keys, or old keys with a new meaning) must be refused by an older service, not half-read.
+POLICY_VERSIONS = (1,)
 _ISSUER_KEYS = {"user_pool_id", "region", "issuer", "jwks_uri", "client_ids"}
 _ROUTE_KEYS = {"name", "methods", "path", "scopes", "public", "mode", "acknowledge"}
 
@@ -349,6 +353,7 @@ class _Context:
     def policy(self, doc: object, raw: bytes) -> Policy | None:
         if not isinstance(doc, dict):
             raise self.fail((), f"the policy must be a mapping with 'issuers' and 'routes', got {_kind(doc)}")
+        version = self.version(doc.get("version", 1))  # first: a later format's keys are not ours to judge
         self.check_keys(doc, _TOP_KEYS, ())
         default_mode = self.mode(doc.get("mode", "enforce"), ("mode",))
         issuer_items = self.nonempty_list(doc, "issuers", ())
@@ -374,7 +379,16 @@ class _Context:
             routes=good_routes,
             issuers_by_iss=by_iss,
             _trie=trie,
+            version=version,
         )
+
+    def version(self, value: object) -> int:
+        # JSON numbers: 1.0 is 1 (as the schema sees it); true is not a number.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value in POLICY_VERSIONS:
+            return int(value)
+        known = ", ".join(str(v) for v in POLICY_VERSIONS)
+        raise self.fail(("version",), f"{value!r} is not a policy format this authz-service reads (it reads "
+                        f"version {known}); write 'version: 1' (or leave it out), or upgrade authz-service")
 
     def check_keys(self, item: dict[str, Any], allowed: set[str], where: Where) -> None:
         for key in item:
