@@ -16,6 +16,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from . import ports
+
 
 class CachedExposition:
     """The metrics text, regenerated when older than ``min_interval`` seconds (0: every scrape).
@@ -85,7 +87,7 @@ class AdminServer:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
-            raise OSError(f"cannot bind the HTTP (health/metrics) port {host}:{port}: {exc.strerror or exc}") from None
+            raise ports.ADMIN.error(host, port, exc) from None
         self._runner = runner
         self.port = int(runner.addresses[0][1])
         return self.port

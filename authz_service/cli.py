@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__, logs
-from .config import OPTIONS, ConfigError, settings_from
+from .config import OPTIONS, ConfigError, option, settings_from
 from .policy import PolicyError
 
 log = logging.getLogger("authz_service")
@@ -125,17 +125,22 @@ def _serve(args: argparse.Namespace) -> int:
         log.error("policy file refused; not starting", extra={"error": str(exc)})
         print(f"authz-service: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except OSError as exc:  # a port that cannot be bound, --policy-watch inotify without inotify
         log.error("cannot start", extra={"error": str(exc)})
         print(f"authz-service: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
 def _dev_issuer(args: argparse.Namespace) -> int:
     from .dev_issuer import DevIssuerConfigError, load_config, serve
 
-    logs.configure(args.log_level.upper())
+    try:  # validated as serve validates --log-level
+        level = option("log_level").parse(args.log_level)
+    except ValueError as exc:
+        print(f"authz-service dev-issuer: error: --log-level={args.log_level!r} is invalid: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(level)
     try:
         config = load_config(args.config)
     except DevIssuerConfigError as exc:

@@ -204,6 +204,11 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
+def option(name: str) -> Option:
+    """The option called ``name`` (e.g. "log_level"): its flag, env var and parser, for other commands."""
+    return next(o for o in OPTIONS if o.name == name)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Validated settings of `authz-service serve`."""

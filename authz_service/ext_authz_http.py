@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod
 from aiohttp.web_protocol import RequestHandler
 
+from . import ports
 from .check import Checker
 from .decision import Decision
 from .request import (
@@ -103,8 +104,7 @@ class HttpFrontDoor:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
-            raise OSError(f"cannot bind the HTTP ext_authz port {host}:{port} ({exc.strerror or exc}): set "
-                          "--ext-authz-http-port / AUTHZ_EXT_AUTHZ_HTTP_PORT") from None
+            raise ports.EXT_AUTHZ_HTTP.error(host, port, exc) from None
         self._runner = runner
         self.port = int(runner.addresses[0][1])
         return self.port

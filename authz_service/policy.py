@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position
+from .yamlfile import Where, YamlError, compose_yaml, load_strict_yaml, place, position, where_text
 
 # RFC 3986 pchar without percent-encoding: what a literal policy segment may contain.
 _LITERAL_SEGMENT = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@]+\Z")
@@ -37,7 +37,6 @@ _ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/ {}*-]{0,99}\Z")
 _CLIENT_ID = re.compile(r"^[\x21-\x7E]{1,128}\Z")
 
 
-Where = tuple[str | int, ...]  # a place in the document, e.g. ("routes", 1, "methods", 0)
 
 
 class PolicyError(ValueError):
@@ -52,14 +51,6 @@ class PolicyError(ValueError):
         self.where = where
         self.line = line
         self.column = column
-
-
-def where_text(where: Where) -> str:
-    """("routes", 1, "methods", 0) -> "routes[1].methods[0]"; () -> "top level"."""
-    out = ""
-    for part in where:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out or "top level"
 
 
 class Mode(enum.Enum):

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .policy import (OTHER_SEGMENT, Mode, Policy, PolicyError, Route, check_policy, pattern_matches,
-                     read_policy_file, where_text)
+                     read_policy_file)
 from .simulate import Simulator, run_check
-from .yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position
+from .yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position, where_text
 
 STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 # Scopes a user pool knows but a client_credentials (machine-to-machine) token can never carry.

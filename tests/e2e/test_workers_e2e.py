@@ -167,7 +167,7 @@ def test_port_held_by_another_program_fails_start(tmp_path, policy) -> None:
                 "--http-host", "127.0.0.1", "--http-port", str(free_port()), "--workers", "2"),
             capture_output=True, text=True, timeout=60,
         )
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == 2, result.stdout + result.stderr
     assert f"cannot bind the gRPC port 127.0.0.1:{port}" in result.stderr
 
 
