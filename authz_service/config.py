@@ -117,6 +117,9 @@ def _event_loop(text: str) -> str:
 def _path(text: str) -> Path:
     if not text.strip():
         raise ValueError("must name the policy file, e.g. /etc/authz/policy.yaml")
+    if text == "-":  # the server follows a file (reloads); only `validate -` reads standard input
+        raise ValueError("the server reads a policy file, not standard input; name the file, "
+                         "e.g. /etc/authz/policy.yaml")
     return Path(text)
 
 

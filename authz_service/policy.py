@@ -21,7 +21,7 @@ import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .yamlfile import Where, YamlError, compose_yaml, load_strict_yaml, place, position, where_text
 
@@ -252,7 +252,15 @@ def read_policy_file(path: Path | str) -> bytes:
         os.close(fd)
 
 
-def _too_large(path: Path, size: str) -> PolicyError:
+def read_policy_stream(stream: BinaryIO, source: str) -> bytes:
+    """A policy piped in (``validate -``), with the same size cap as a file."""
+    data = stream.read(POLICY_MAX_BYTES + 1)
+    if len(data) > POLICY_MAX_BYTES:
+        raise _too_large(source, "more")
+    return data
+
+
+def _too_large(path: Path | str, size: str) -> PolicyError:
     return PolicyError(f"{path}: {size} is larger than a policy file may be ({POLICY_MAX_BYTES} bytes, 1 MiB); "
                        "check that the path names the policy file (a policy is a few KB)")
 
@@ -393,7 +401,8 @@ class _Context:
             raise self.fail(where, f"missing required key {key!r}")
         value = item[key]
         if not isinstance(value, list) or not value:
-            raise self.fail((*where, key), f"must be a non-empty list, got {_kind(value)}")
+            got = "an empty list" if value == [] else _kind(value)
+            raise self.fail((*where, key), f"must be a non-empty list, got {got}")
         return value
 
     def string(self, item: dict[str, Any], key: str, where: Where, required: bool = False) -> str | None:

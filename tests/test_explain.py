@@ -155,3 +155,15 @@ def test_unreachable_jwks_is_shown_and_answers_503(issuer, tmp_path):
     assert "  FAILED       jwks" in run.stdout
     assert "  FAILED       key        signing key with this kid in the issuer's JWKS: signing keys are not" in run.stdout
     assert "  HTTP 503" in run.stdout
+
+
+@pytest.mark.parametrize("written", ["Bearer {t}", "  bearer \t{t}\n", "BEARER {t}", " {t} "])
+def test_a_token_copied_with_its_bearer_prefix_or_spaces_is_verified(issuer, policy, tmp_path, written):
+    token = issuer.token("payments-writer")
+    token_file = tmp_path / "token"
+    token_file.write_text(written.format(t=token))
+    for how in (("--token", written.format(t=token)), ("--token-file", str(token_file))):
+        run = explain("--policy", str(policy), "--method", "POST", "--path", "/transactions", *how)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert f"token:     real: {token[:8]}... ({len(token)} chars)" in run.stdout
+        assert "decision:  ALLOW" in run.stdout
