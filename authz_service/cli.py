@@ -1,12 +1,8 @@
 """`authz-service` command line: serve, dev-issuer, the policy tools validate, explain, test, and
-example and completion.
+example and completion (docs/cli.md is generated from this parser by tools/cli_reference.py).
 
 Every `serve` flag has an AUTHZ_* environment variable (see config.OPTIONS); flags win. Every
 command that reads a policy names it the same way: a POLICY argument or --policy, else AUTHZ_POLICY.
-
-Exit codes: 0 success; 1 a negative answer (validate refused a file, a policy test failed, explain
-would deny); 2 the command could not do its work (a usage error, an unusable file, a start-up
-failure), always with one line on stderr saying what to fix.
 """
 
 from __future__ import annotations
@@ -34,6 +30,13 @@ EXAMPLES = {
     "dev-issuer": ("dev-issuer.yaml", "the dev issuer's configuration (pool, resource servers, clients)"),
 }
 SHELLS = ("bash", "zsh")
+EXIT_CODES = {
+    0: "success; serve: stopped by SIGTERM or SIGINT after draining",
+    1: "a negative answer: validate refused a file (or found warnings, with --strict), a policy test failed, "
+       "explain's request would be denied",
+    2: "the command could not do its work: a usage error, an unusable file or setting, or serve could not start "
+       "(then one line on stderr names the flag, environment variable or file to fix)",
+}
 
 
 class UsageError(Exception):
@@ -44,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="authz-service",
         description="Envoy ext_authz sidecar for Amazon Cognito machine-to-machine access tokens.",
+        epilog="exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ".",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
                         help="print the version and exit")
