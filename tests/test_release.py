@@ -35,3 +35,14 @@ def test_version_flag_prints_the_package_version() -> None:
     run = subprocess.run([sys.executable, "-m", "authz_service.cli", "--version"], capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == 0 and run.stdout == f"authz-service {authz_service.__version__}\n"
+
+
+def test_the_changelog_keeps_a_changelog_and_speaks_to_users() -> None:
+    text = (ROOT / "CHANGELOG.md").read_text()
+    assert text.startswith("# Changelog\n") and "https://keepachangelog.com/en/1.1.0/" in text
+    headings = re.findall(r"^## (.+)$", text, re.MULTILINE)
+    assert headings[0] == "[Unreleased]"
+    sections = set(re.findall(r"^### (.+)$", text, re.MULTILINE))
+    assert sections <= {"Added", "Changed", "Deprecated", "Removed", "Fixed", "Security"}
+    # No internal references: issue or ticket numbers, or our process.
+    assert not re.search(r"(?<![\w&])#\d+\b|\b(issue|ticket)\s*#?\d+|\bhelpers?\b", text, re.IGNORECASE)
