@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,17 +24,28 @@ TESTS = EXAMPLE_DIR / "policy-tests.yaml"
 
 def cli(*args: str, stdin: str | bytes | None = None, env: dict[str, str] | None = None
         ) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a subprocess; AUTHZ_POLICY only when ``env`` sets it."""
     environ = {k: v for k, v in os.environ.items() if k != "AUTHZ_POLICY"}
-    return subprocess.run([sys.executable, "-m", "authz_service.cli", *args], capture_output=True, timeout=60,
+    return subprocess.run([sys.executable, "-m", "authz_service.cli", *args], capture_output=True, timeout=120,
                           input=stdin.decode() if isinstance(stdin, bytes) else stdin, text=True,
                           env={**environ, **(env or {})}, stdin=None if stdin is not None else subprocess.DEVNULL)
 
 
-def one_error_line(run: subprocess.CompletedProcess[str], prefix: str) -> str:
-    assert run.returncode == 2, run.stdout + run.stderr
-    lines = run.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(prefix), run.stderr
-    assert "Traceback" not in run.stdout + run.stderr
+# What a failed command must never print, on stdout or stderr: it says what to fix in one line.
+NOISE = ("Traceback", "Unclosed", "Event loop is closed", "Task was destroyed", "Warning:")
+GRPC_CORE_LOG = re.compile(r"^[EWIF]\d{4} \d\d:\d\d:\d\d", re.MULTILINE)  # grpcio's own log lines on stderr
+
+
+def assert_one_clean_line(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    for noise in NOISE:
+        assert noise not in output, (noise, output)
+    assert not GRPC_CORE_LOG.search(result.stderr), result.stderr
     return lines[0]
 
 
@@ -72,7 +84,7 @@ def test_serve_takes_the_policy_three_ways(tmp_path: Path, how: str) -> None:
         run = cli("serve", "--policy", str(missing), *ports)
     else:
         run = cli("serve", *ports, env={"AUTHZ_POLICY": str(missing)})
-    one_error_line(run, f"authz-service: error: {missing}: cannot read policy file")
+    assert_one_clean_line(run, f"authz-service: error: {missing}: cannot read policy file")
 
 
 @pytest.mark.parametrize("command", [*COMMANDS, "serve"])
@@ -80,18 +92,18 @@ def test_naming_the_policy_twice_is_refused(command: str) -> None:
     rest = COMMANDS.get(command, ((), ""))[0]
     run = cli(command, str(POLICY), *rest, "--policy", str(POLICY))
     prefix = "authz-service: error:" if command == "serve" else f"authz-service {command}: error:"
-    assert "name the policy once: as POLICY or with --policy, not both" in one_error_line(run, prefix)
+    assert "name the policy once: as POLICY or with --policy, not both" in assert_one_clean_line(run, prefix)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_naming_no_policy_is_refused(command: str) -> None:
     run = cli(command, *COMMANDS[command][0])
-    line = one_error_line(run, f"authz-service {command}: error:")
+    line = assert_one_clean_line(run, f"authz-service {command}: error:")
     assert line.endswith("name the policy file: POLICY, --policy or AUTHZ_POLICY")
 
 
 def test_serve_refuses_standard_input_as_its_policy() -> None:
-    one_error_line(cli("serve", "-"), "authz-service: error: --policy='-' is invalid: the server reads a policy file")
+    assert_one_clean_line(cli("serve", "-"), "authz-service: error: --policy='-' is invalid: the server reads a policy file")
 
 
 def test_validate_takes_policy_flags_repeated() -> None:

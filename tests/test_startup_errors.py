@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.harness import free_port
+from tests.test_cli import assert_one_clean_line, cli
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "authz_service" / "examples"
 POLICY = """\
@@ -23,26 +22,6 @@ routes:
   - path: /healthz
     public: true
 """
-NOISE = ("Traceback", "Unclosed", "Event loop is closed", "Task was destroyed", "Warning:", "E0000", "add_port")
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "authz_service.cli", *args], capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)
-
-
-def assert_one_clean_line(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    for noise in NOISE:
-        assert noise not in output, (noise, output)
-    return lines[0]
-
-
 @pytest.fixture
 def policy(tmp_path: Path) -> Path:
     path = tmp_path / "policy.yaml"
@@ -72,7 +51,7 @@ WORKERS = pytest.mark.parametrize("workers", ["1", "2"])
 
 @WORKERS
 def test_grpc_port_in_use(policy: Path, held_port: int, workers: str) -> None:
-    result = run_cli(*serve(policy, "--workers", workers, grpc=held_port))
+    result = cli(*serve(policy, "--workers", workers, grpc=held_port))
     line = assert_one_clean_line(result, f"cannot bind the gRPC port 127.0.0.1:{held_port}", "--grpc-port",
                                  "AUTHZ_GRPC_PORT")
     assert line == (f"authz-service: error: cannot bind the gRPC port 127.0.0.1:{held_port} (Address already in "
@@ -81,20 +60,20 @@ def test_grpc_port_in_use(policy: Path, held_port: int, workers: str) -> None:
 
 @WORKERS
 def test_http_port_in_use(policy: Path, held_port: int, workers: str) -> None:
-    result = run_cli(*serve(policy, "--workers", workers, http=held_port))
+    result = cli(*serve(policy, "--workers", workers, http=held_port))
     assert_one_clean_line(result, f"cannot bind the HTTP (health/metrics) port 127.0.0.1:{held_port}",
                           "(Address already in use)", "--http-port / AUTHZ_HTTP_PORT")
 
 
 @WORKERS
 def test_ext_authz_http_port_in_use(policy: Path, held_port: int, workers: str) -> None:
-    result = run_cli(*serve(policy, "--workers", workers, "--ext-authz-http-port", str(held_port)))
+    result = cli(*serve(policy, "--workers", workers, "--ext-authz-http-port", str(held_port)))
     assert_one_clean_line(result, f"cannot bind the HTTP ext_authz port 127.0.0.1:{held_port}",
                           "(Address already in use)", "--ext-authz-http-port / AUTHZ_EXT_AUTHZ_HTTP_PORT")
 
 
 def test_an_address_not_of_this_host_names_the_host_flag(policy: Path) -> None:
-    result = run_cli("serve", "--policy", str(policy), "--grpc-host", "192.0.2.1", "--grpc-port", str(free_port()),
+    result = cli("serve", "--policy", str(policy), "--grpc-host", "192.0.2.1", "--grpc-port", str(free_port()),
                      "--http-host", "127.0.0.1", "--http-port", str(free_port()))
     assert_one_clean_line(result, "cannot bind the gRPC port 192.0.2.1:", "--grpc-host / AUTHZ_GRPC_HOST")
 
@@ -132,33 +111,30 @@ def test_policy_file_that_cannot_be_used(tmp_path: Path, kind: str, workers: str
     make, problem = POLICY_FILES[kind]
     path = tmp_path / "policy.yaml"
     make(path)
-    line = assert_one_clean_line(run_cli(*serve(path, "--workers", workers)), str(path), problem)
+    line = assert_one_clean_line(cli(*serve(path, "--workers", workers)), str(path), problem)
     assert line.startswith(f"authz-service: error: {path}")
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_policy_file_without_read_permission(policy: Path) -> None:
     policy.chmod(0)
-    assert_one_clean_line(run_cli(*serve(policy)), str(policy), "cannot read policy file: Permission denied")
+    assert_one_clean_line(cli(*serve(policy)), str(policy), "cannot read policy file: Permission denied")
 
 
 def test_policy_from_the_environment_names_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
-    result = subprocess.run(
-        [sys.executable, "-m", "authz_service.cli", "serve", "--grpc-port", str(free_port()), "--http-port",
-         str(free_port())], capture_output=True, text=True, timeout=120, env={**os.environ, "AUTHZ_POLICY": str(missing)})
+    result = cli("serve", "--grpc-port", str(free_port()), "--http-port", str(free_port()),
+                 env={"AUTHZ_POLICY": str(missing)})
     assert_one_clean_line(result, str(missing), "No such file or directory")
 
 
 def test_no_policy_named_at_all(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "AUTHZ_POLICY"}
-    result = subprocess.run([sys.executable, "-m", "authz_service.cli", "serve"], capture_output=True, text=True,
-                            timeout=120, env=env)
+    result = cli("serve")
     assert_one_clean_line(result, "--policy (or AUTHZ_POLICY) is required")
 
 
 def test_a_bad_setting_names_its_flag(policy: Path) -> None:
-    assert_one_clean_line(run_cli(*serve(policy, "--log-level", "verbose")), "--log-level='verbose' is invalid")
+    assert_one_clean_line(cli(*serve(policy, "--log-level", "verbose")), "--log-level='verbose' is invalid")
 
 
 # --- the dev issuer ------------------------------------------------------------------------------
@@ -169,7 +145,7 @@ def test_dev_issuer_bad_config_names_file_line_and_column(tmp_path: Path) -> Non
     config.write_text((EXAMPLES / "dev-issuer.yaml").read_text().replace("user_pool_id: us-east-1_Demo00001",
                                                                           "user_pool_id: Demo00001"))
     line_number = next(i for i, text in enumerate(config.read_text().splitlines(), 1) if text.startswith("user_pool_id:"))
-    result = run_cli("dev-issuer", "--config", str(config), "--port", "0")
+    result = cli("dev-issuer", "--config", str(config), "--port", "0")
     line = assert_one_clean_line(result, f"{config}:{line_number}:15: user_pool_id: 'Demo00001' is not a Cognito "
                                          "user pool id", "fix:")
     assert line.startswith(f"authz-service dev-issuer: error: {config}:{line_number}:15:")
@@ -177,12 +153,12 @@ def test_dev_issuer_bad_config_names_file_line_and_column(tmp_path: Path) -> Non
 
 def test_dev_issuer_missing_config(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
-    assert_one_clean_line(run_cli("dev-issuer", "--config", str(missing), "--port", "0"), str(missing),
+    assert_one_clean_line(cli("dev-issuer", "--config", str(missing), "--port", "0"), str(missing),
                           "check the --config path")
 
 
 def test_dev_issuer_log_level_is_validated_like_serve() -> None:
-    result = run_cli("dev-issuer", "--config", str(EXAMPLES / "dev-issuer.yaml"), "--port", "0",
+    result = cli("dev-issuer", "--config", str(EXAMPLES / "dev-issuer.yaml"), "--port", "0",
                      "--log-level", "verbose")
     line = assert_one_clean_line(result, "--log-level='verbose' is invalid")
     assert line == ("authz-service dev-issuer: error: --log-level='verbose' is invalid: one of debug, info, "
@@ -190,6 +166,6 @@ def test_dev_issuer_log_level_is_validated_like_serve() -> None:
 
 
 def test_dev_issuer_port_in_use(held_port: int) -> None:
-    result = run_cli("dev-issuer", "--config", str(EXAMPLES / "dev-issuer.yaml"), "--port", str(held_port))
+    result = cli("dev-issuer", "--config", str(EXAMPLES / "dev-issuer.yaml"), "--port", str(held_port))
     assert_one_clean_line(result, f"cannot bind the dev issuer port 127.0.0.1:{held_port} (Address already in use)",
                           "set --port")
