@@ -30,10 +30,12 @@ class Listener:
         not this host's, and both when the cause is unknown (grpcio does not say).
         """
         code = cause.errno if cause is not None else None
-        if code is not None:
-            reason = os.strerror(code)
+        if isinstance(cause, socket.gaierror):  # a name that does not resolve: its own error codes
+            reason = cause.strerror or str(cause)
+        elif code is not None:
+            reason = os.strerror(code)  # not aiohttp's wordy "error while attempting to bind on ..."
         elif cause is not None:
-            reason = str(cause)  # getaddrinfo errors carry no errno
+            reason = str(cause)
         else:
             reason = "in use, or not an address of this host"
         if code == errno.EADDRINUSE or code == errno.EACCES:
@@ -51,11 +53,15 @@ class Listener:
         Without it, SO_REUSEADDR only, as grpcio binds: a probe that fails exactly when the
         server's bind would, before grpcio gets to log its own bind failure on stderr.
         """
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:  # a name (localhost) or an address of either family, as the server would resolve it
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        except OSError as exc:
+            raise self.error(host, port, exc) from None
+        sock = socket.socket(family, kind, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT if share else socket.SO_REUSEADDR, 1)
-            sock.bind((host.strip("[]"), port))
+            sock.bind(address)
         except OSError as exc:
             sock.close()
             raise self.error(host, port, exc) from None
