@@ -15,7 +15,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 WORKDIR /src
 # Only what the build needs (.dockerignore keeps the context to these too).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY authz_service ./authz_service
 
 # Optional extras built in: tracing (OpenTelemetry, off unless OTEL_* variables

@@ -21,6 +21,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
 
+from . import ports
+
 
 class CachedExposition:
     """The metrics text, regenerated when older than ``min_interval`` seconds (0: every scrape).
@@ -55,18 +57,18 @@ class CachedExposition:
         return body
 
 
-async def listen(runner: web.BaseRunner, host: str, port: int, what: str, setting: str,
+async def listen(runner: web.BaseRunner, host: str, port: int, listener: ports.Listener,
                  reuse_port: bool = False) -> int:
     """Set up ``runner`` and serve it on host:port; the bound port (``port`` 0 picks one).
 
-    A port that cannot be bound is one OSError naming it and the setting to change, and the
-    runner is cleaned up first (no half-started server, no asyncio warnings on the way out)."""
+    A port that cannot be bound is the listener's one-line OSError (the address and the setting
+    to change), and the runner is cleaned up first (no half-started server, no asyncio warnings)."""
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
     except OSError as exc:
         await runner.cleanup()
-        raise OSError(f"cannot bind {what} {host}:{port} ({exc.strerror or exc}): set {setting}") from None
+        raise listener.error(host, port, exc) from None
     return int(runner.addresses[0][1])
 
 
@@ -118,7 +120,7 @@ class AdminServer:
     async def start(self, host: str, port: int) -> int:
         """Bind and serve; the bound port (``port`` 0 picks one). OSError naming the address."""
         runner = web.AppRunner(self._app(), access_log=None)
-        self.port = await listen(runner, host, port, "the HTTP (health/metrics) port", "--http-port / AUTHZ_HTTP_PORT")
+        self.port = await listen(runner, host, port, ports.ADMIN)
         self._runner = runner
         return self.port
 

@@ -1,6 +1,8 @@
-"""`authz-service` command line: serve, dev-issuer, and the policy tools validate, explain, test.
+"""`authz-service` command line: serve, dev-issuer, the policy tools validate, explain, test, and
+example and completion (docs/cli.md is generated from this parser by tools/cli_reference.py).
 
-Every `serve` flag has an AUTHZ_* environment variable (see config.OPTIONS); flags win.
+Every `serve` flag has an AUTHZ_* environment variable (see config.OPTIONS); flags win. Every
+command that reads a policy names it the same way: a POLICY argument or --policy, else AUTHZ_POLICY.
 """
 
 from __future__ import annotations
@@ -8,44 +10,99 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 
 from . import __version__, logs
-from .config import OPTIONS, ConfigError, settings_from
+from .config import OPTIONS, ConfigError, option, settings_from
 from .policy import PolicyError
 
 log = logging.getLogger("authz_service")
+
+POLICY_ENV = option("policy").env
+# `authz-service example NAME` prints authz_service/examples/<file> (package data: pip users get it too).
+EXAMPLES = {
+    "policy": ("policy.yaml", "a route policy (the demo's)"),
+    "policy-tests": ("policy-tests.yaml", "expectations for that policy, for `authz-service test`"),
+    "dev-issuer": ("dev-issuer.yaml", "the dev issuer's configuration (pool, resource servers, clients)"),
+}
+SHELLS = ("bash", "zsh")
+EXIT_CODES = {
+    0: "success; serve: stopped by SIGTERM or SIGINT after draining",
+    1: "a negative answer: validate refused a file (or found warnings, with --strict), a policy test failed, "
+       "explain's request would be denied",
+    2: "the command could not do its work: a usage error, an unusable file or setting, or serve could not start "
+       "(then one line on stderr names the flag, environment variable or file to fix)",
+}
+
+
+class UsageError(Exception):
+    """A command line that names too little or too much; one line on stderr, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="authz-service",
         description="Envoy ext_authz sidecar for Amazon Cognito machine-to-machine access tokens.",
+        epilog="exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ".",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(commands)
+    _add_dev_issuer(commands)
+    _add_policy_tools(commands)
+    _add_example(commands)
+    _add_completion(commands)
+    return parser
 
+
+def _files(action: argparse.Action) -> argparse.Action:
+    """Mark an argument that names a file, for shell completion (see ``completion_script``)."""
+    action.completes_files = True  # type: ignore[attr-defined]
+    return action
+
+
+def _policy_positional(parser: argparse.ArgumentParser, many: bool = False) -> None:
+    help_text = (f"policy files (or --policy; default: ${POLICY_ENV}); '-' reads one from standard input"
+                 if many else f"the policy file (or --policy; default: ${POLICY_ENV})")
+    _files(parser.add_argument("policy_args", nargs="*" if many else "?", metavar="POLICY", help=help_text))
+
+
+def _policy_flag(parser: argparse.ArgumentParser, many: bool = False) -> None:
+    help_text = "a policy file, as POLICY" + ("; may be repeated" if many else "")
+    _files(parser.add_argument("--policy", action="append" if many else "store", metavar="POLICY", help=help_text))
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     serve = commands.add_parser("serve", help="run the ext_authz gRPC server",
                                 description="Run the ext_authz gRPC server and the HTTP health/metrics server.")
-    for option in OPTIONS:
-        default = "required" if option.default is None else option.default
-        serve.add_argument(option.flag, dest=option.name, default=None, metavar=option.name.split("_")[-1].upper(),
-                           help=f"{option.help} Env: {option.env}. Default: {default}.".replace("%", "%%"))
+    _policy_positional(serve)
+    for setting in OPTIONS:
+        default = "required" if setting.default is None else setting.default
+        action = serve.add_argument(
+            setting.flag, dest=setting.name, default=None, metavar=setting.name.split("_")[-1].upper(),
+            help=f"{setting.help} Env: {setting.env}. Default: {default}.".replace("%", "%%"))
+        if setting.name == "policy":
+            _files(action)
 
+
+def _add_dev_issuer(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     issuer = commands.add_parser("dev-issuer", help="run a local Cognito-style token issuer (development only)",
                                  description="Serve a JWKS and a Cognito-style /oauth2/token (client_credentials) "
                                              "for local development and tests. Not for production.")
-    issuer.add_argument("--config", type=Path, required=True, help="dev issuer YAML (pool, resource servers, clients)")
+    _files(issuer.add_argument("--config", type=Path, required=True,
+                               help="dev issuer YAML (pool, resource servers, clients); "
+                                    "`authz-service example dev-issuer` prints one"))
     issuer.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     issuer.add_argument("--port", type=int, default=9000, help="port (default 9000)")
     issuer.add_argument("--public-url", default=None,
                         help="base URL clients use to reach the issuer; the token iss is <public-url>/<pool id> "
                              "(default http://<host>:<port>)")
-    issuer.add_argument("--log-level", default="INFO")
-    _add_policy_tools(commands)
-    return parser
+    issuer.add_argument("--log-level", default="info", help="debug, info, warning or error (default info)")
 
 
 def _add_policy_tools(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -54,7 +111,8 @@ def _add_policy_tools(commands: argparse._SubParsersAction) -> None:  # type: ig
         "validate", help="check policy files as the server loads them, plus lint warnings (for CI)",
         description="Load each policy file exactly as the server would and report every error (file:line:column, "
                     "place, fix) and every warning. Exit 1 when a file is refused (or has warnings with --strict).")
-    validate.add_argument("policies", nargs="+", type=Path, metavar="POLICY")
+    _policy_positional(validate, many=True)
+    _policy_flag(validate, many=True)
     validate.add_argument("--strict", action="store_true", help="warnings also make the exit code 1")
 
     explain = commands.add_parser(
@@ -62,13 +120,15 @@ def _add_policy_tools(commands: argparse._SubParsersAction) -> None:  # type: ig
         description="Run one request through the real matcher, decision and response code. Without --token a "
                     "verified token holding --scopes (and --client-id) is simulated; with --token the token is "
                     "verified for real (its issuer's JWKS is fetched).")
-    explain.add_argument("--policy", type=Path, required=True)
-    explain.add_argument("--method", required=True)
-    explain.add_argument("--path", required=True)
+    _policy_positional(explain)
+    _policy_flag(explain)
+    explain.add_argument("--method", required=True, help="the request's HTTP method, as sent (GET, POST, ...)")
+    explain.add_argument("--path", required=True, help="the request's path as Envoy sees it, query included")
     who = explain.add_mutually_exclusive_group()
     who.add_argument("--scopes", help='simulate a valid token holding these scopes (space separated: "a/b c/d")')
-    who.add_argument("--token", help="a real access token to verify (prefer --token-file: shell history)")
-    who.add_argument("--token-file", help="read the real token from this file ('-' for stdin)")
+    who.add_argument("--token", help="a real access token to verify, with or without 'Bearer ' "
+                                     "(prefer --token-file: shell history)")
+    _files(who.add_argument("--token-file", help="read the real token from this file ('-' for stdin)"))
     explain.add_argument("--client-id", help="client_id of the simulated token")
     explain.add_argument("--issuer", help="iss of the simulated token (default: the policy's first issuer)")
     explain.add_argument("--realm", default="authz-service", help="realm in WWW-Authenticate (as --realm of serve)")
@@ -79,38 +139,117 @@ def _add_policy_tools(commands: argparse._SubParsersAction) -> None:  # type: ig
         "test", help="run table-driven expectations (method, path, scopes -> decision) against a policy",
         description="Each case in TESTS is sent through the real request -> decision -> response path with a "
                     "token holding exactly its scopes. Exit 0 when all pass, 1 when one fails, 2 on unusable files.")
-    test.add_argument("policy", type=Path, metavar="POLICY")
-    test.add_argument("tests", type=Path, metavar="TESTS")
+    _policy_positional(test)
+    _files(test.add_argument("tests", type=Path, metavar="TESTS",
+                             help="the expectations file (`authz-service example policy-tests` prints one)"))
+    _policy_flag(test)
+
+
+def _add_example(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    example = commands.add_parser(
+        "example", help="print a bundled example file (policy, policy tests, dev issuer config)",
+        description="Print one of the example files shipped inside the package, to start your own from: "
+                    + "; ".join(f"{name}: {what}" for name, (_, what) in EXAMPLES.items()) + ".")
+    example.add_argument("name", choices=list(EXAMPLES), metavar="NAME",
+                         help=f"which example: {', '.join(EXAMPLES)}")
+
+
+def _add_completion(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    completion = commands.add_parser(
+        "completion", help="print a shell completion script (bash or zsh)",
+        description="Print a completion script for the shell, e.g. "
+                    "`authz-service completion bash > /etc/bash_completion.d/authz-service` or, for zsh, "
+                    "`authz-service completion zsh > \"${fpath[1]}/_authz-service\"`.")
+    completion.add_argument("shell", choices=SHELLS, metavar="SHELL", help=f"the shell: {', '.join(SHELLS)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    if args.command in ("validate", "explain", "test"):
-        return _policy_tool(args)
-    return _dev_issuer(args)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command in ("validate", "explain", "test"):
+            return _policy_tool(args)
+        if args.command == "example":
+            sys.stdout.write(example_text(args.name))
+            return 0
+        if args.command == "completion":
+            sys.stdout.write(completion_script(args.shell))
+            return 0
+        return _dev_issuer(args)
+    except UsageError as exc:
+        prefix = "authz-service" if args.command == "serve" else f"authz-service {args.command}"
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def policy_names(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The policy files a command was given: POLICY or --policy (not both), else $AUTHZ_POLICY."""
+    given = args.policy_args if isinstance(args.policy_args, list) else [args.policy_args]
+    flagged = args.policy if isinstance(args.policy, list) else [args.policy]
+    given, flagged = [p for p in given if p is not None], [p for p in flagged if p is not None]
+    if given and flagged:
+        raise UsageError("name the policy once: as POLICY or with --policy, not both")
+    names = given or flagged
+    if not names and environ.get(POLICY_ENV):
+        names = [environ[POLICY_ENV]]
+    if not names:
+        raise UsageError(f"name the policy file: POLICY, --policy or {POLICY_ENV}")
+    return names
+
+
+def example_text(name: str) -> str:
+    """A bundled example file (package data), as text."""
+    return resources.files("authz_service").joinpath("examples", EXAMPLES[name][0]).read_text(encoding="utf-8")
+
+
+def completion_script(shell: str) -> str:
+    """Completion for ``shell``, generated from the same parser the command runs with (shtab)."""
+    import shtab
+
+    parser = build_parser()
+    for action in _all_actions(parser):
+        if getattr(action, "completes_files", False):
+            action.complete = shtab.FILE  # type: ignore[attr-defined]
+    return shtab.complete(parser, shell=shell)
+
+
+def _all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    out = []
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public walk
+        out.append(action)
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for sub in action.choices.values():
+                out.extend(_all_actions(sub))
+    return out
 
 
 def _policy_tool(args: argparse.Namespace) -> int:
+    names = policy_names(args)
     if args.command == "validate":
         from .policytool import validate_command
 
-        return validate_command(args.policies, args.strict, sys.stdout)
+        return validate_command(names, args.strict, sys.stdout)
     if args.command == "test":
         from .policytool import tests_command
 
-        return tests_command(args.policy, args.tests, sys.stdout)
+        return tests_command(Path(names[0]), args.tests, sys.stdout)
     from .explain import explain_command
 
+    args.policy = Path(names[0])
     return explain_command(args, sys.stdout)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from .server import run, serve
 
+    if args.policy_args is not None and args.policy is not None:
+        raise UsageError("name the policy once: as POLICY or with --policy, not both")
+    values = {o.name: getattr(args, o.name) for o in OPTIONS}
+    if args.policy_args is not None:
+        values["policy"] = args.policy_args
     try:
-        settings = settings_from({o.name: getattr(args, o.name) for o in OPTIONS})
+        settings = settings_from(values)
     except ConfigError as exc:
         print(f"authz-service: error: {exc}", file=sys.stderr)
         return 2
@@ -125,17 +264,22 @@ def _serve(args: argparse.Namespace) -> int:
         log.error("policy file refused; not starting", extra={"error": str(exc)})
         print(f"authz-service: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except OSError as exc:  # a port that cannot be bound, --policy-watch inotify without inotify
         log.error("cannot start", extra={"error": str(exc)})
         print(f"authz-service: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
 def _dev_issuer(args: argparse.Namespace) -> int:
     from .dev_issuer import DevIssuerConfigError, load_config, serve
 
-    logs.configure(args.log_level.upper())
+    try:  # validated as serve validates --log-level
+        level = option("log_level").parse(args.log_level)
+    except ValueError as exc:
+        print(f"authz-service dev-issuer: error: --log-level={args.log_level!r} is invalid: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(level)
     try:
         config = load_config(args.config)
     except DevIssuerConfigError as exc:

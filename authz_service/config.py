@@ -119,6 +119,9 @@ def _event_loop(text: str) -> str:
 def _path(text: str) -> Path:
     if not text.strip():
         raise ValueError("must name the policy file, e.g. /etc/authz/policy.yaml")
+    if text == "-":  # the server follows a file (reloads); only `validate -` reads standard input
+        raise ValueError("the server reads a policy file, not standard input; name the file, "
+                         "e.g. /etc/authz/policy.yaml")
     return Path(text)
 
 
@@ -204,6 +207,11 @@ OPTIONS: tuple[Option, ...] = (
            "Seconds a /metrics exposition is reused before it is generated again (0: every scrape), so a flood "
            "of scrapes cannot starve Checks."),
 )
+
+
+def option(name: str) -> Option:
+    """The option called ``name`` (e.g. "log_level"): its flag, env var and parser, for other commands."""
+    return next(o for o in OPTIONS if o.name == name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from .yamlfile import YamlError, load_strict_yaml
+from . import ports
+from .yamlfile import Where, YamlError, compose_yaml, load_strict_yaml, place, position, where_text
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,12 @@ def load_config(path: Path) -> DevIssuerConfig:
     try:
         doc = load_strict_yaml(text, str(path))
     except YamlError as exc:
-        raise DevIssuerConfigError(f"{exc}; fix: correct the YAML there") from None
-    return _Parser(str(path)).config(doc)
+        if exc.line is None:
+            raise DevIssuerConfigError(f"{exc}; fix: correct the YAML there") from None
+        raise DevIssuerConfigError(
+            f"{place(str(path), exc.line, exc.column)}: not valid YAML: {exc.problem}; fix: correct the YAML there"
+        ) from None
+    return _Parser(str(path), text).config(doc)
 
 
 def _kind(value: object) -> str:
@@ -130,184 +135,185 @@ def _kind(value: object) -> str:
 
 
 class _Parser:
-    """Validation that knows the file name, so every message can start with it."""
+    """Validation that knows the file (name and text), so every message can name file:line:column."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, text: str) -> None:
         self.source = source
+        self.text = text
+        self._tree: Any = False  # composed lazily: only errors need line numbers
 
-    def fail(self, where: str, problem: str, fix: str) -> DevIssuerConfigError:
-        return DevIssuerConfigError(f"{self.source}: {where}: {problem}; fix: {fix}")
+    def fail(self, where: Where, problem: str, fix: str, at_key: bool = False) -> DevIssuerConfigError:
+        if self._tree is False:
+            self._tree = compose_yaml(self.text)
+        line, column = position(self._tree, where, at_key)
+        return DevIssuerConfigError(f"{place(self.source, line, column)}: {where_text(where)}: {problem}; fix: {fix}")
 
-    def mapping(self, value: object, where: str, allowed: Sequence[str]) -> dict[str, Any]:
+    def mapping(self, value: object, where: Where, allowed: Sequence[str]) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise self.fail(where, f"must be a mapping, got {_kind(value)}", f"use keys {', '.join(allowed)}")
         for key in value:
             if key not in allowed:
-                raise self.fail(
-                    f"{where}.{key}" if where != "top level" else str(key),
-                    "unknown key",
-                    f"remove it or use one of {', '.join(allowed)}",
-                )
+                raise self.fail((*where, str(key)), "unknown key", f"remove it or use one of {', '.join(allowed)}",
+                                at_key=True)
         return value
 
-    def required(self, item: Mapping[str, Any], key: str, where: str, example: str) -> Any:
+    def required(self, item: Mapping[str, Any], key: str, where: Where, example: str) -> Any:
         if key not in item or item[key] is None:
-            field_path = key if where == "top level" else f"{where}.{key}"
-            raise self.fail(field_path, "missing required field", f"add `{key}: {example}`")
+            raise self.fail((*where, key), "missing required field", f"add `{key}: {example}`")
         return item[key]
 
-    def string(self, value: object, where: str, fix: str) -> str:
+    def string(self, value: object, where: Where, fix: str) -> str:
         if not isinstance(value, str) or not value:
             raise self.fail(where, f"must be a non-empty string, got {_kind(value)}", fix)
         return value
 
-    def string_list(self, value: object, where: str, fix: str, allow_empty: bool) -> tuple[str, ...]:
+    def string_list(self, value: object, where: Where, fix: str, allow_empty: bool) -> tuple[str, ...]:
         if not isinstance(value, list) or (not value and not allow_empty):
             kind = "an empty list" if value == [] else _kind(value)
             raise self.fail(where, f"must be a {'' if allow_empty else 'non-empty '}list of strings, got {kind}", fix)
         items: list[str] = []
         for i, element in enumerate(value):
-            text = self.string(element, f"{where}[{i}]", fix)
+            text = self.string(element, (*where, i), fix)
             if text in items:
-                raise self.fail(f"{where}[{i}]", f"{text!r} is listed twice", "keep one entry")
+                raise self.fail((*where, i), f"{text!r} is listed twice", "keep one entry")
             items.append(text)
         return tuple(items)
 
     def config(self, doc: object) -> DevIssuerConfig:
-        top = self.mapping(doc, "top level", _TOP_KEYS)
+        top = self.mapping(doc, (), _TOP_KEYS)
         pool_id = self.string(
-            self.required(top, "user_pool_id", "top level", "us-east-1_Demo00001"),
-            "user_pool_id",
+            self.required(top, "user_pool_id", (), "us-east-1_Demo00001"),
+            ("user_pool_id",),
             "use Cognito's shape <region>_<letters and digits>, e.g. us-east-1_Demo00001",
         )
         if not _POOL_ID.match(pool_id):
             raise self.fail(
-                "user_pool_id",
+                ("user_pool_id",),
                 f"{pool_id!r} is not a Cognito user pool id",
                 "use Cognito's shape <region>_<letters and digits>, e.g. us-east-1_Demo00001",
             )
         ttl = top.get("token_ttl_seconds", DEFAULT_TOKEN_TTL_SECONDS)
         if not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= MAX_TOKEN_TTL_SECONDS:
             raise self.fail(
-                "token_ttl_seconds",
+                ("token_ttl_seconds",),
                 f"must be a whole number of seconds from 1 to {MAX_TOKEN_TTL_SECONDS}, got {ttl!r}",
                 f"omit it for the default {DEFAULT_TOKEN_TTL_SECONDS}, or give e.g. 300",
             )
 
-        raw_servers = self.required(top, "resource_servers", "top level", "[{identifier: ..., scopes: [...]}]")
+        raw_servers = self.required(top, "resource_servers", (), "[{identifier: ..., scopes: [...]}]")
         if not isinstance(raw_servers, list) or not raw_servers:
             raise self.fail(
-                "resource_servers",
+                ("resource_servers",),
                 f"must be a non-empty list, got {_kind(raw_servers)}",
                 "define at least one {identifier: ..., scopes: [...]}",
             )
-        servers = tuple(self.resource_server(item, f"resource_servers[{i}]") for i, item in enumerate(raw_servers))
+        servers = tuple(self.resource_server(item, ("resource_servers", i)) for i, item in enumerate(raw_servers))
         identifiers = [server.identifier for server in servers]
         for i, identifier in enumerate(identifiers):
             if identifier in identifiers[:i]:
                 raise self.fail(
-                    f"resource_servers[{i}].identifier",
+                    ("resource_servers", i, "identifier"),
                     f"{identifier!r} is defined twice",
                     "merge the scopes into one entry",
                 )
         defined = {scope for server in servers for scope in server.full_scopes}
 
-        raw_clients = self.required(top, "clients", "top level", "[{client_id: ..., client_secret: ...}]")
+        raw_clients = self.required(top, "clients", (), "[{client_id: ..., client_secret: ...}]")
         if not isinstance(raw_clients, list) or not raw_clients:
             raise self.fail(
-                "clients",
+                ("clients",),
                 f"must be a non-empty list, got {_kind(raw_clients)}",
                 "define at least one {client_id: ..., client_secret: ..., allowed_scopes: [...]}",
             )
-        clients = tuple(self.client(item, f"clients[{i}]", defined) for i, item in enumerate(raw_clients))
+        clients = tuple(self.client(item, ("clients", i), defined) for i, item in enumerate(raw_clients))
         client_ids = [client.client_id for client in clients]
         for i, client_id in enumerate(client_ids):
             if client_id in client_ids[:i]:
-                raise self.fail(f"clients[{i}].client_id", f"{client_id!r} is defined twice", "rename one client")
+                raise self.fail(("clients", i, "client_id"), f"{client_id!r} is defined twice", "rename one client")
         return DevIssuerConfig(
             user_pool_id=pool_id, token_ttl_seconds=ttl, resource_servers=servers, clients=clients
         )
 
-    def resource_server(self, value: object, where: str) -> ResourceServer:
+    def resource_server(self, value: object, where: Where) -> ResourceServer:
         item = self.mapping(value, where, _RESOURCE_SERVER_KEYS)
         identifier = self.string(
             self.required(item, "identifier", where, "transactions"),
-            f"{where}.identifier",
+            (*where, "identifier"),
             "give the identifier as a string, e.g. transactions or https://api.example.com",
         )
         if not _RESOURCE_SERVER_ID.match(identifier):
             raise self.fail(
-                f"{where}.identifier",
+                (*where, "identifier"),
                 f"{identifier!r} has characters Cognito refuses (space, quote, backslash or control)",
                 "use printable ASCII without spaces, quotes or backslashes",
             )
         fix = "list scope names without the identifier, e.g. [get, post]"
-        names = self.string_list(self.required(item, "scopes", where, "[get, post]"), f"{where}.scopes", fix, False)
+        names = self.string_list(self.required(item, "scopes", where, "[get, post]"), (*where, "scopes"), fix, False)
         for i, name in enumerate(names):
             if not _SCOPE_NAME.match(name):
                 raise self.fail(
-                    f"{where}.scopes[{i}]",
+                    (*where, "scopes", i),
                     f"{name!r} is not a valid scope name ('/', space, quote and backslash are not allowed)",
                     fix,
                 )
         return ResourceServer(identifier=identifier, scopes=names)
 
-    def client(self, value: object, where: str, defined_scopes: set[str]) -> ClientConfig:
+    def client(self, value: object, where: Where, defined_scopes: set[str]) -> ClientConfig:
         item = self.mapping(value, where, _CLIENT_KEYS)
         client_id = self.string(
             self.required(item, "client_id", where, "payments-writer"),
-            f"{where}.client_id",
+            (*where, "client_id"),
             "give the client id as a string",
         )
         if not _CLIENT_ID.match(client_id):
             raise self.fail(
-                f"{where}.client_id",
+                (*where, "client_id"),
                 f"{client_id!r} must be 1-128 printable ASCII characters without ':' or spaces",
                 "rename the client",
             )
         secret = self.required(item, "client_secret", where, "<a secret string>")
         if not isinstance(secret, str) or not secret:
             raise self.fail(
-                f"{where}.client_secret",
+                (*where, "client_secret"),
                 f"must be a non-empty string, got {_kind(secret)}",
                 "quote the secret in YAML, e.g. client_secret: \"123456\"",
             )
         grant_types = self.string_list(
             item.get("grant_types", [CLIENT_CREDENTIALS]),
-            f"{where}.grant_types",
+            (*where, "grant_types"),
             f"list grant types from {', '.join(sorted(KNOWN_GRANT_TYPES))}, or omit for [{CLIENT_CREDENTIALS}]",
             True,
         )
         for i, grant in enumerate(grant_types):
             if grant not in KNOWN_GRANT_TYPES:
                 raise self.fail(
-                    f"{where}.grant_types[{i}]",
+                    (*where, "grant_types", i),
                     f"unknown grant type {grant!r}",
                     f"use one of {', '.join(sorted(KNOWN_GRANT_TYPES))}",
                 )
         if CLIENT_CREDENTIALS in grant_types and len(grant_types) > 1:
             raise self.fail(
-                f"{where}.grant_types",
+                (*where, "grant_types"),
                 "Cognito does not allow client_credentials together with user flows in one app client",
                 f"keep only {CLIENT_CREDENTIALS}, or make a separate client",
             )
         defined_text = ", ".join(sorted(defined_scopes))
         scopes = self.string_list(
             item.get("allowed_scopes", []),
-            f"{where}.allowed_scopes",
+            (*where, "allowed_scopes"),
             f"list full scope names <identifier>/<name> from: {defined_text}",
             True,
         )
         for i, scope in enumerate(scopes):
             if scope not in defined_scopes:
                 raise self.fail(
-                    f"{where}.allowed_scopes[{i}]",
+                    (*where, "allowed_scopes", i),
                     f"{scope!r} is not defined by any resource server",
                     f"use one of {defined_text}, or add it to a resource server's scopes",
                 )
         if CLIENT_CREDENTIALS in grant_types and not scopes:
             raise self.fail(
-                f"{where}.allowed_scopes",
+                (*where, "allowed_scopes"),
                 "a client_credentials client needs at least one allowed scope, or no token can be issued",
                 f"add scopes from: {defined_text}",
             )
@@ -570,16 +576,19 @@ def _is_loopback(host: str) -> bool:
 
 def _bind(host: str, port: int) -> socket.socket:
     """A bound socket, so port 0 resolves to a real port before the issuer URL is fixed."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except OSError as exc:  # not a name or address of this host
+        raise ports.DEV_ISSUER.error(host, port, exc) from None
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise ports.DEV_ISSUER.error(host, port, exc) from None
     return sock
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from .request import BadRequest, normalized_path, path_segments
 from .response import Answer
 from .simulate import Outcome, Simulator, run_check
 from .tokens import MALFORMED_PAYLOAD, Failure, TokenError, TokenVerifier
+
+_BEARER = re.compile(r"^bearer\s+", re.IGNORECASE)
 
 # The verifier's checks in the order it runs them; a failure is attributed to one of them.
 CHECKS = (
@@ -267,13 +270,18 @@ def render_text(info: Explanation, out: TextIO) -> None:
 
 
 def read_token(args: argparse.Namespace) -> str | None:
-    """The token from --token or --token-file ('-': stdin), stripped; None when neither was given."""
+    """The token from --token or --token-file ('-': stdin); None when neither was given.
+
+    Surrounding whitespace and a ``Bearer `` prefix (any case) are dropped, so a token copied
+    from an Authorization header or a curl command line works as it is.
+    """
     if args.token is not None:
-        return args.token.strip()
-    if args.token_file is None:
+        text = args.token
+    elif args.token_file is not None:
+        text = sys.stdin.read() if args.token_file == "-" else Path(args.token_file).read_text(encoding="utf-8")
+    else:
         return None
-    text = sys.stdin.read() if args.token_file == "-" else Path(args.token_file).read_text(encoding="utf-8")
-    return text.strip()
+    return _BEARER.sub("", text.strip(), count=1)
 
 
 def explain_command(args: argparse.Namespace, out: TextIO) -> int:

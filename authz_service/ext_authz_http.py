@@ -28,6 +28,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod
 from aiohttp.web_protocol import RequestHandler
 
+from . import ports
 from .admin import listen
 from .check import Checker, TracedChecker
 from .decision import Decision
@@ -111,8 +112,7 @@ class HttpFrontDoor:
         server = _Server(self, handler, access_log=None, max_line_size=self._max_request_bytes,
                          max_field_size=self._max_request_bytes)
         runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=shutdown_grace)
-        self.port = await listen(runner, host, port, "the HTTP ext_authz port",
-                                 "--ext-authz-http-port / AUTHZ_EXT_AUTHZ_HTTP_PORT", reuse_port)
+        self.port = await listen(runner, host, port, ports.EXT_AUTHZ_HTTP, reuse_port)
         self._runner = runner
         return self.port
 

@@ -2,7 +2,13 @@
 
 Gauges name a ``multiprocess_mode`` for ``--workers N`` (prometheus-client multiprocess mode, one
 view over all workers): ``livemin`` where the worst worker matters (ready, keys, key age),
-``livesum`` for totals (token cache), ``livemax`` for the policy serving.
+``livesum`` for totals (token cache), ``livemax`` for the policy serving and the build info.
+
+No ``*_created`` series: each counter and histogram would carry one more series holding its
+creation time, which nothing here reads (Prometheus ignores it unless created-timestamp ingestion
+is switched on, and our rates start from the counters created at 0). Multiprocess mode never
+exports them; this module turns them off for the single process too, in every process that
+builds our metrics (workers are spawned interpreters, so they run this import as well).
 
 Every label value comes from a closed set (decision, reason, status) or from the loaded
 configuration (route names, issuer pool ids), never from the request, so a client sending random
@@ -11,17 +17,27 @@ paths or tokens cannot create new series.
 
 from __future__ import annotations
 
+import contextlib
+import platform
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.registry import Collector
+
+from . import __version__
+
+disable_created_metrics()
 
 PREFIX = "authz"
 
-# 10 us .. 1 s: a warm Check takes tens of microseconds, a Check waiting on a JWKS fetch up to seconds.
+# 10 us .. 5 s: a warm Check takes tens of microseconds, a Check waiting on a JWKS fetch up to
+# seconds, and Envoy gives up on a Check after 4 s (envoy/envoy.yaml); 2.5 and 5 s tell a slow
+# answer from one Envoy no longer waited for.
 LATENCY_BUCKETS = (
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )
 
 
@@ -126,6 +142,14 @@ class Metrics:
             self.token_cache_evictions.labels(reason)
         for result in ("ok", "error"):  # exist at 0 from the start, so increase() sees the first error
             self.policy_reloads.labels(result)
+        self.build_info = Gauge(
+            f"{PREFIX}_build_info",
+            "Always 1; the labels name the authz-service version and the Python and gRPC it runs on.",
+            ["version", "python", "grpc"],
+            multiprocess_mode="livemax",  # every worker reports the same labels: one series, not one per pid
+            registry=registry,
+        )
+        self.build_info.labels(*build_labels()).set(1)
         self.per_check = PerCheck(self)
 
     def issuer_added(self, pool_id: str) -> None:
@@ -150,8 +174,16 @@ class Metrics:
         for labels in list(self.policy_info._metrics):  # noqa: SLF001
             # With --workers the samples live in files that clear() cannot reach: zero them first.
             self.policy_info.labels(*labels).set(0)
-        self.policy_info.clear()
+        with _multiprocess_caveat_known():
+            self.policy_info.clear()
         self.policy_info.labels(sha256).set(1)
+
+
+def build_labels() -> tuple[str, str, str]:
+    """(version, python, grpc) of the running build, for ``authz_build_info``."""
+    import grpc  # the service's own dependency; imported here so metrics stays cheap to import
+
+    return __version__, platform.python_version(), grpc.__version__
 
 
 class PerCheck:
@@ -240,6 +272,20 @@ class _FlushBeforeCollect(Collector):
 
 def _remove(metric: Counter | Gauge, *labels: str) -> None:
     try:
-        metric.remove(*labels)
+        with _multiprocess_caveat_known():
+            metric.remove(*labels)
     except KeyError:
         pass
+
+
+@contextlib.contextmanager
+def _multiprocess_caveat_known() -> Iterator[None]:
+    """Silence prometheus-client's warning that clear()/remove() do not reach multiprocess files.
+
+    Why: with ``--workers`` it was printed on stderr by every worker at start-up (the first policy
+    load clears the info series). The limit is known and handled where it matters (the info
+    series is zeroed before it is cleared) and documented for removed issuers.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"(Clearing|Removal of) labels has not been implemented", UserWarning)
+        yield

@@ -21,9 +21,9 @@ import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from .yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position
+from .yamlfile import Where, YamlError, compose_yaml, load_strict_yaml, place, position, where_text
 
 # RFC 3986 pchar without percent-encoding: what a literal policy segment may contain.
 _LITERAL_SEGMENT = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@]+\Z")
@@ -37,7 +37,6 @@ _ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/ {}*-]{0,99}\Z")
 _CLIENT_ID = re.compile(r"^[\x21-\x7E]{1,128}\Z")
 
 
-Where = tuple[str | int, ...]  # a place in the document, e.g. ("routes", 1, "methods", 0)
 
 
 class PolicyError(ValueError):
@@ -52,14 +51,6 @@ class PolicyError(ValueError):
         self.where = where
         self.line = line
         self.column = column
-
-
-def where_text(where: Where) -> str:
-    """("routes", 1, "methods", 0) -> "routes[1].methods[0]"; () -> "top level"."""
-    out = ""
-    for part in where:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out or "top level"
 
 
 class Mode(enum.Enum):
@@ -119,6 +110,7 @@ class Policy:
     routes: tuple[Route, ...]
     issuers_by_iss: Mapping[str, Issuer]
     _trie: _Node = field(repr=False, compare=False)
+    version: int = 1  # the policy format (``version:``); see POLICY_VERSIONS
 
     def match(self, method: str, segments: tuple[str, ...]) -> Route | None:
         """The most specific route for this method and path segments, or None (deny)."""
@@ -205,7 +197,10 @@ def _match(node: _Node, segments: tuple[str, ...], i: int, method: str) -> Route
 
 # --- loading -------------------------------------------------------------------------------------
 
-_TOP_KEYS = {"issuers", "routes", "mode"}
+_TOP_KEYS = {"version", "issuers", "routes", "mode"}
+# Policy formats this loader reads. Why a version at all: a policy written for a later format
+# (new keys, or old keys with a new meaning) must be refused by an older service, not half-read.
+POLICY_VERSIONS = (1,)
 _ISSUER_KEYS = {"user_pool_id", "region", "issuer", "jwks_uri", "client_ids"}
 _ROUTE_KEYS = {"name", "methods", "path", "scopes", "public", "mode", "acknowledge"}
 
@@ -257,7 +252,15 @@ def read_policy_file(path: Path | str) -> bytes:
         os.close(fd)
 
 
-def _too_large(path: Path, size: str) -> PolicyError:
+def read_policy_stream(stream: BinaryIO, source: str) -> bytes:
+    """A policy piped in (``validate -``), with the same size cap as a file."""
+    data = stream.read(POLICY_MAX_BYTES + 1)
+    if len(data) > POLICY_MAX_BYTES:
+        raise _too_large(source, "more")
+    return data
+
+
+def _too_large(path: Path | str, size: str) -> PolicyError:
     return PolicyError(f"{path}: {size} is larger than a policy file may be ({POLICY_MAX_BYTES} bytes, 1 MiB); "
                        "check that the path names the policy file (a policy is a few KB)")
 
@@ -349,6 +352,7 @@ class _Context:
     def policy(self, doc: object, raw: bytes) -> Policy | None:
         if not isinstance(doc, dict):
             raise self.fail((), f"the policy must be a mapping with 'issuers' and 'routes', got {_kind(doc)}")
+        version = self.version(doc.get("version", 1))  # first: a later format's keys are not ours to judge
         self.check_keys(doc, _TOP_KEYS, ())
         default_mode = self.mode(doc.get("mode", "enforce"), ("mode",))
         issuer_items = self.nonempty_list(doc, "issuers", ())
@@ -374,7 +378,16 @@ class _Context:
             routes=good_routes,
             issuers_by_iss=by_iss,
             _trie=trie,
+            version=version,
         )
+
+    def version(self, value: object) -> int:
+        # JSON numbers: 1.0 is 1 (as the schema sees it); true is not a number.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value in POLICY_VERSIONS:
+            return int(value)
+        known = ", ".join(str(v) for v in POLICY_VERSIONS)
+        raise self.fail(("version",), f"{value!r} is not a policy format this authz-service reads (it reads "
+                        f"version {known}); write 'version: 1' (or leave it out), or upgrade authz-service")
 
     def check_keys(self, item: dict[str, Any], allowed: set[str], where: Where) -> None:
         for key in item:
@@ -388,7 +401,8 @@ class _Context:
             raise self.fail(where, f"missing required key {key!r}")
         value = item[key]
         if not isinstance(value, list) or not value:
-            raise self.fail((*where, key), f"must be a non-empty list, got {_kind(value)}")
+            got = "an empty list" if value == [] else _kind(value)
+            raise self.fail((*where, key), f"must be a non-empty list, got {got}")
         return value
 
     def string(self, item: dict[str, Any], key: str, where: Where, required: bool = False) -> str | None:

@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import difflib
 import re
+import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from .policy import (OTHER_SEGMENT, Mode, Policy, PolicyError, Route, check_policy, pattern_matches,
-                     read_policy_file, where_text)
+                     read_policy_file, read_policy_stream)
 from .simulate import Simulator, run_check
-from .yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position
+from .yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position, where_text
 
 STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 # Scopes a user pool knows but a client_credentials (machine-to-machine) token can never carry.
@@ -57,11 +59,14 @@ class Report:
 # --- validate ------------------------------------------------------------------------------------
 
 
+STDIN = "-"  # `validate -`: the policy comes from standard input, reported as <stdin>
+
+
 def validate_file(path: Path | str) -> Report:
     """Load like the server does (collecting every error), then lint what loaded."""
-    source = str(path)
+    source = "<stdin>" if str(path) == STDIN else str(path)
     try:
-        data = read_policy_file(path)
+        data = read_policy_stream(sys.stdin.buffer, source) if str(path) == STDIN else read_policy_file(path)
     except PolicyError as exc:
         return Report(source, None, [exc], [])
     policy, errors = check_policy(data, source)
@@ -300,7 +305,7 @@ def print_report(report: Report, out: TextIO) -> None:
               f" (the server would not load this file)", file=out)
 
 
-def validate_command(paths: list[Path], strict: bool, out: TextIO) -> int:
+def validate_command(paths: Sequence[Path | str], strict: bool, out: TextIO) -> int:
     """Exit code for CI: 1 when any file is refused (or, with ``strict``, has warnings)."""
     failed = False
     for path in paths:

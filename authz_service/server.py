@@ -24,7 +24,7 @@ from prometheus_client import gc_collector, platform_collector, process_collecto
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from ._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
-from . import __version__
+from . import __version__, ports
 from .admin import AdminServer, CachedExposition
 from .check import Checker, TracedChecker
 from .config import Settings
@@ -126,20 +126,21 @@ class Service:
 
         self._health = health.aio.HealthServicer()
         # One process: SO_REUSEPORT off, so a port already in use is an error, not a silent share.
-        # Workers share the port the parent reserved (workers.reserve_port keeps that guarantee).
+        # Workers share the port the parent reserved (ports.Listener.reserve keeps that guarantee).
         self._grpc = grpc.aio.server(options=[
             ("grpc.so_reuseport", 1 if self.worker else 0),
             ("grpc.max_receive_message_length", settings.max_request_bytes),
         ])
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization_servicer(self.checker), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        if not self.worker:  # a port in use fails here, with its errno, before grpcio logs it on stderr
+            ports.GRPC.reserve(settings.grpc_host, settings.grpc_port, share=False).close()
         try:
             self.grpc_port = self._grpc.add_insecure_port(f"{_host(settings.grpc_host)}:{settings.grpc_port}")
         except RuntimeError:  # grpcio raises (it no longer returns 0) when the address cannot be bound
             self.grpc_port = 0
         if self.grpc_port == 0:
-            raise OSError(f"cannot bind the gRPC port {settings.grpc_host}:{settings.grpc_port} (in use, or not "
-                          "an address of this host): set --grpc-port / AUTHZ_GRPC_PORT")
+            raise ports.GRPC.error(settings.grpc_host, settings.grpc_port)
         await self._grpc.start()
 
         if settings.ext_authz_http_port:

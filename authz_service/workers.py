@@ -41,6 +41,7 @@ from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
 
+from . import __version__, ports
 from .config import Settings
 from .tracing import describe
 
@@ -51,19 +52,6 @@ STARTING, SERVING, READY, STOPPED = 0, 1, 2, 3
 START_TIMEOUT = 60.0
 RESTART_DELAY = 1.0
 PORT_CHECK_INTERVAL = 1.0  # seconds between looks for foreign listeners on the gRPC port
-
-
-def reserve_port(host: str, port: int, what: str = "gRPC") -> socket.socket:
-    """Bind (not listen) host:port with SO_REUSEPORT; OSError when another program holds it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host.strip("[]"), port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(f"cannot bind the {what} port {host}:{port}: {exc.strerror or exc}") from None
-    return sock
 
 
 def port_listeners(port: int) -> dict[int, int]:
@@ -119,7 +107,7 @@ def worker_main(settings: Settings, index: int, state: Synchronized, log_level: 
         sys.exit(2)
     except OSError as exc:
         log.error("worker cannot start", extra={"error": str(exc)})
-        sys.exit(1)
+        sys.exit(2)
     state.value = STOPPED
 
 
@@ -198,12 +186,12 @@ class Supervisor:
         self._metrics_dir = tempfile.mkdtemp(prefix="authz-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir  # inherited by spawned workers
         try:
-            self._reservation = reserve_port(self.settings.grpc_host, self.settings.grpc_port)
+            self._reservation = ports.GRPC.reserve(self.settings.grpc_host, self.settings.grpc_port, share=True)
             self.grpc_port = self._reservation.getsockname()[1]
             worker_settings = dataclasses.replace(self.settings, grpc_port=self.grpc_port)
             if self.settings.ext_authz_http_port:
-                self._http_reservation = reserve_port(self.settings.grpc_host, self.settings.ext_authz_http_port,
-                                                      "HTTP ext_authz")
+                self._http_reservation = ports.EXT_AUTHZ_HTTP.reserve(
+                    self.settings.grpc_host, self.settings.ext_authz_http_port, share=True)
                 worker_settings = dataclasses.replace(
                     worker_settings, ext_authz_http_port=self._http_reservation.getsockname()[1])
             for worker in self._workers:
@@ -221,7 +209,7 @@ class Supervisor:
                             "can join the gRPC port's SO_REUSEPORT group and answer Checks; run authz-service as "
                             "its own non-root UID (docs/security.md)", extra={"grpc_port": self.grpc_port})
             log.info("authz-service started", extra={
-                "grpc": f"{self.settings.grpc_host}:{self.grpc_port}",
+                "version": __version__, "grpc": f"{self.settings.grpc_host}:{self.grpc_port}",
                 "http": f"{self.settings.http_host}:{self.http_port}", "workers": len(self._workers),
                 "pids": [w.process.pid for w in self._workers], "tracing": describe(self.settings.tracing)})
             await self._watch(worker_settings)
@@ -253,12 +241,12 @@ class Supervisor:
                     log.error("worker failed to start", extra={"worker": w.index, "exit_code": w.process.exitcode})
                     print(f"authz-service: error: worker {w.index} failed to start (exit code "
                           f"{w.process.exitcode}); see its log above", file=sys.stderr)
-                    return code if code > 0 else 1
+                    return code if code > 0 else 2
             if all(w.state.value in (SERVING, READY) for w in self._workers) or self._stopping.is_set():
                 return None
             await asyncio.sleep(0.05)
         print(f"authz-service: error: workers did not start within {START_TIMEOUT:g}s", file=sys.stderr)
-        return 1
+        return 2
 
     async def _watch(self, settings: Settings) -> None:
         """Until SIGTERM: restart any worker that exits (its counters stay in the metrics view)."""

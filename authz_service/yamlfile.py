@@ -1,4 +1,4 @@
-"""Strict YAML for our two config files (policy, dev issuer).
+"""Strict YAML for our config files (policy, policy tests, dev issuer), and how messages name places in them.
 
 Why not plain ``yaml.safe_load``: YAML silently keeps the last of two equal keys, so a pasted
 duplicate (``scopes:`` twice) would quietly change a policy. We refuse duplicates, and every
@@ -10,6 +10,17 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
+
+
+Where = tuple[str | int, ...]  # a place in a document, e.g. ("routes", 1, "methods", 0)
+
+
+def where_text(where: Where) -> str:
+    """("routes", 1, "methods", 0) -> "routes[1].methods[0]"; () -> "top level"."""
+    out = ""
+    for part in where:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or "top level"
 
 
 class YamlError(ValueError):

@@ -31,6 +31,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "authz-dashboard.json"
 
 # The service's metrics contract (names as exposed; histograms as their _bucket/_sum/_count series).
 CONTRACT_METRICS = {
+    "authz_build_info",
     "authz_check_decisions_total",
     "authz_check_duration_seconds_bucket",
     "authz_check_duration_seconds_sum",

@@ -37,6 +37,8 @@ from typing import Any
 import pytest
 import yaml
 
+import authz_service
+
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 ENVOY_CONFIG = ROOT / "envoy" / "envoy.yaml"
@@ -494,7 +496,7 @@ def quantity(text: str | int) -> float:
 
 
 def test_images_are_pinned(pod_spec: dict[str, Any]) -> None:
-    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    version = authz_service.__version__  # the one source of the version (pyproject reads it too)
     for c in all_containers(pod_spec):
         image = c["image"]
         assert re.fullmatch(r"[\w./-]+:[\w.-]+(@sha256:[0-9a-f]{64})?", image), image
@@ -716,5 +718,6 @@ def test_dockerignore_admits_exactly_the_build_inputs() -> None:
     assert copied <= admitted, f"COPY sources not in the build context: {copied - admitted}"
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["readme"] in admitted, "setuptools needs the readme to build the wheel"
+    assert set(project["license-files"]) <= admitted, "setuptools needs the license files to build the wheel"
     for path in admitted:
         assert (ROOT / path).exists(), path

@@ -472,53 +472,53 @@ def config_text(pool: str = POOL, extra_top: str = "", client: str = VALID_CLIEN
 @pytest.mark.parametrize(
     ("text", "field", "problem"),
     [
-        (config_text(extra_top="user_pool: x\n"), "user_pool", "unknown key"),
-        (config_text(client=VALID_CLIENT + "    secret: s\n"), "clients[0].secret", "unknown key"),
+        (config_text(extra_top="user_pool: x\n"), "2:1: user_pool", "unknown key"),
+        (config_text(client=VALID_CLIENT + "    secret: s\n"), "9:5: clients[0].secret", "unknown key"),
         (
             config_text(client="  - client_id: c\n    allowed_scopes: [transactions/get]\n"),
-            "clients[0].client_secret",
+            "6:5: clients[0].client_secret",
             "missing required field",
         ),
         (
             config_text(client="  - client_id: c\n    client_secret: 123456\n    allowed_scopes: [transactions/get]\n"),
-            "clients[0].client_secret",
+            "7:20: clients[0].client_secret",
             "must be a non-empty string",
         ),
         (
             config_text(client="  - client_id: c\n    client_secret: s\n    allowed_scopes: [transactions/delete]\n"),
-            "clients[0].allowed_scopes[0]",
+            "8:22: clients[0].allowed_scopes[0]",
             "'transactions/delete' is not defined by any resource server",
         ),
         (
             config_text(client="  - client_id: c\n    client_secret: s\n    allowed_scopes: [get]\n"),
-            "clients[0].allowed_scopes[0]",
+            "8:22: clients[0].allowed_scopes[0]",
             "'get' is not defined by any resource server",
         ),
-        (config_text(pool="Demo00001"), "user_pool_id", "is not a Cognito user pool id"),
-        (config_text(pool="us-east-1-Demo00001"), "user_pool_id", "is not a Cognito user pool id"),
-        (config_text(extra_top="token_ttl_seconds: true\n"), "token_ttl_seconds", "whole number"),
-        (config_text(extra_top="token_ttl_seconds: 0\n"), "token_ttl_seconds", "whole number"),
+        (config_text(pool="Demo00001"), "1:15: user_pool_id", "is not a Cognito user pool id"),
+        (config_text(pool="us-east-1-Demo00001"), "1:15: user_pool_id", "is not a Cognito user pool id"),
+        (config_text(extra_top="token_ttl_seconds: true\n"), "2:20: token_ttl_seconds", "whole number"),
+        (config_text(extra_top="token_ttl_seconds: 0\n"), "2:20: token_ttl_seconds", "whole number"),
         (
             config_text(client=VALID_CLIENT + "    grant_types: [client_credentials, authorization_code]\n"),
-            "clients[0].grant_types",
+            "9:18: clients[0].grant_types",
             "together with user flows",
         ),
-        (config_text(client=VALID_CLIENT + "    grant_types: [password]\n"), "clients[0].grant_types[0]", "unknown"),
+        (config_text(client=VALID_CLIENT + "    grant_types: [password]\n"), "9:19: clients[0].grant_types[0]", "unknown"),
         (
             config_text(client="  - client_id: c\n    client_secret: s\n"),
-            "clients[0].allowed_scopes",
+            "6:5: clients[0].allowed_scopes",
             "needs at least one allowed scope",
         ),
-        (config_text(client=VALID_CLIENT + VALID_CLIENT), "clients[1].client_id", "defined twice"),
-        (config_text(client=VALID_CLIENT + "    client_secret: t\n"), "line 9, column 5", "duplicate key 'client_secret'"),
+        (config_text(client=VALID_CLIENT + VALID_CLIENT), "9:16: clients[1].client_id", "defined twice"),
+        (config_text(client=VALID_CLIENT + "    client_secret: t\n"), "9:5: not valid YAML", "duplicate key 'client_secret'"),
     ],
 )
-def test_config_errors_name_file_field_and_fix(tmp_path: Path, text: str, field: str, problem: str) -> None:
+def test_config_errors_name_file_line_column_field_and_fix(tmp_path: Path, text: str, field: str, problem: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(DevIssuerConfigError) as caught:
         load_config(path)
     message = str(caught.value)
-    assert message.startswith(f"{path}: {field}: ")
+    assert message.startswith(f"{path}:{field}: ")  # file:line:column, as the policy loader names places
     assert problem in message
     assert "fix" in message
 

@@ -183,3 +183,15 @@ async def test_checklist_names_the_check_the_verifier_failed(key_a, make_token, 
         await TokenVerifier(MemoryKeys(key_a)).verify(make_token(key_a), POLICY)
     failed = [(name, detail) for name, result, detail in _checklist(caught.value) if result == "FAILED"]
     assert failed == [(check, failed[0][1])] and failed[0][1].endswith(caught.value.detail)
+
+
+@pytest.mark.parametrize("written", ["Bearer {t}", "  bearer \t{t}\n", "BEARER {t}", " {t} "])
+def test_a_token_copied_with_its_bearer_prefix_or_spaces_is_verified(issuer, policy, tmp_path, written):
+    token = issuer.token("payments-writer")
+    token_file = tmp_path / "token"
+    token_file.write_text(written.format(t=token))
+    for how in (("--token", written.format(t=token)), ("--token-file", str(token_file))):
+        run = explain("--policy", str(policy), "--method", "POST", "--path", "/transactions", *how)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert f"token:     real: {token[:8]}... ({len(token)} chars)" in run.stdout
+        assert "decision:  ALLOW" in run.stdout

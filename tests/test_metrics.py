@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
-from authz_service.metrics import Metrics, PerCheck
+import platform
+
+import grpc
+import yaml
+
+import authz_service
+from authz_service.metrics import LATENCY_BUCKETS, Metrics, PerCheck
+
+ENVOY_CONFIG = Path(__file__).resolve().parents[1] / "envoy" / "envoy.yaml"
 
 KEYS = [("allow", "allowed", "get-transaction", 200), ("deny", "missing_token", "get-transaction", 401),
         ("deny", "no_route", "no_route", 403), ("dry_run_deny", "expired", "reports", 401)]
 
 
 def exposition(registry: CollectorRegistry) -> list[str]:
-    # _created timestamps differ between two registries built at different instants.
-    return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+    return generate_latest(registry).decode().splitlines()
 
 
 def direct(metrics: Metrics, checks: list[tuple[tuple[str, str, str, int], float]], hits: int, misses: int) -> None:
@@ -77,3 +85,41 @@ def test_series_cache_is_bounded(monkeypatch):
     for i in range(10):
         labels = {"decision": "allow", "reason": "allowed", "route": f"route-{i}", "status": "200"}
         assert metrics.registry.get_sample_value("authz_check_decisions_total", labels) == 1
+
+
+def test_no_created_series_are_exported():
+    """Counters and histograms would each add a ``*_created`` series nothing reads."""
+    metrics = Metrics(CollectorRegistry())
+    metrics.per_check.check(KEYS[0], 0.001)
+    metrics.policy_loaded(3, "ab" * 32)
+    body = generate_latest(metrics.registry).decode()
+    assert "authz_check_decisions_total{" in body and "authz_check_duration_seconds_count" in body
+    assert "_created" not in body
+
+
+def test_build_info_names_this_build():
+    metrics = Metrics(CollectorRegistry())
+    labels = {"version": authz_service.__version__, "python": platform.python_version(), "grpc": grpc.__version__}
+    assert metrics.registry.get_sample_value("authz_build_info", labels) == 1
+    assert metrics.build_info._multiprocess_mode == "livemax"  # --workers: one series, not one per worker pid
+
+
+def _check_timeouts(node: object) -> list[str]:
+    """The ``timeout`` of every ext_authz filter's grpc_service in an Envoy config."""
+    if isinstance(node, list):
+        return [t for value in node for t in _check_timeouts(value)]
+    if not isinstance(node, dict):
+        return []
+    found = [t for value in node.values() for t in _check_timeouts(value)]
+    if node.get("name") == "envoy.filters.http.ext_authz" and "timeout" in node["typed_config"].get("grpc_service", {}):
+        found.append(node["typed_config"]["grpc_service"]["timeout"])
+    return found
+
+
+def test_latency_buckets_reach_past_envoys_check_timeout():
+    """A Check slower than Envoy waits for must land in a bucket of its own, not only in +Inf."""
+    timeouts = _check_timeouts(yaml.safe_load(ENVOY_CONFIG.read_text()))
+    assert timeouts, "no ext_authz timeout found in envoy/envoy.yaml"
+    longest = max(float(t.removesuffix("s")) for t in timeouts)
+    assert max(LATENCY_BUCKETS) > longest
+    assert list(LATENCY_BUCKETS) == sorted(set(LATENCY_BUCKETS))

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authz_service.policy import POLICY_MAX_BYTES, Mode, PolicyError, load_policy_file, parse_policy, read_policy_file
+from authz_service.policy import (POLICY_MAX_BYTES, Mode, PolicyError, check_policy, load_policy_file, parse_policy,
+                                  read_policy_file)
 
 SOURCE = "policies/test.yaml"
 ISSUERS = "issuers:\n  - user_pool_id: us-east-1_Abc123\n"
@@ -254,6 +255,10 @@ MISTAKES = [
     ("method twice", ISSUERS + "routes:\n  - path: /a\n    methods: [GET, GET]\n    scopes: [r]\n",
      ["routes[0].methods", "twice"]),
     ("bad top mode", ISSUERS + "mode: audit\nroutes:\n" + GOOD_ROUTE, ["mode", "'audit'"]),
+    ("unknown version", ISSUERS + "version: 2\nroutes:\n" + GOOD_ROUTE,
+     ["policies/test.yaml:3:10: version: 2 is not a policy format", "reads version 1", "write 'version: 1'", "upgrade"]),
+    ("version a string", 'version: "1"\n' + ISSUERS + "routes:\n" + GOOD_ROUTE, [":1:10: version: '1'"]),
+    ("version a boolean", "version: true\n" + ISSUERS + "routes:\n" + GOOD_ROUTE, [":1:10: version: True"]),
     ("bad route mode", ISSUERS + "routes:\n  - path: /a\n    scopes: [r]\n    mode: dryrun\n",
      ["routes[0].mode", "dryrun"]),
     ("bad name", ISSUERS + "routes:\n  - name: '#x'\n    path: /a\n    scopes: [r]\n", ["routes[0].name"]),
@@ -679,3 +684,13 @@ def test_emulator_pool_ids_need_an_explicit_issuer() -> None:
     assert issuer.jwks_uri == "http://127.0.0.1:9229/local_5oDD2Qxe/.well-known/jwks.json"
     with pytest.raises(PolicyError, match="needs an explicit issuer"):
         parse_policy("issuers:\n  - user_pool_id: local_5oDD2Qxe\nroutes:\n" + GOOD_ROUTE)
+
+
+@pytest.mark.parametrize("line", ["", "version: 1\n", "version: 1.0\n"])
+def test_the_policy_format_version_is_1_by_default_and_when_given(line):
+    assert load(line + ISSUERS + "routes:\n" + GOOD_ROUTE).version == 1
+
+
+def test_an_unknown_version_is_reported_before_keys_a_later_format_may_know():
+    errors = check_policy("version: 2\nscope_sets: {}\n" + ISSUERS + "routes:\n" + GOOD_ROUTE, "p.yaml")[1]
+    assert [str(e).split(": ")[1] for e in errors] == ["version"]

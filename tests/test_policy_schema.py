@@ -45,6 +45,12 @@ def test_schema_knows_exactly_the_lint_codes_the_loader_accepts():
     assert set(SCHEMA["$defs"]["route"]["properties"]["acknowledge"]["items"]["enum"]) == set(LINT_CODES)
 
 
+def test_schema_knows_exactly_the_format_versions_the_loader_reads():
+    from authz_service.policy import POLICY_VERSIONS
+
+    assert POLICY_VERSIONS == (SCHEMA["properties"]["version"]["const"],)
+
+
 def test_example_policy_points_editors_at_the_schema():
     first = (ROOT / "authz_service" / "examples" / "policy.yaml").read_text().splitlines()[0]
     assert first == "# yaml-language-server: $schema=../policy.schema.json"
@@ -127,6 +133,8 @@ def documents(draw: st.DrawFn) -> dict[str, object]:
     doc: dict[str, object] = {"issuers": [issuer], "routes": [route]}
     if draw(st.booleans()):
         doc[draw(st.sampled_from(["mode", "version"]))] = draw(st.sampled_from(["enforce", "dry-run", "x"]))
+    if draw(st.booleans()):
+        doc["version"] = draw(st.sampled_from([1, 1.0, 2, 0, "1", True, None, [1]]))
     return doc
 
 

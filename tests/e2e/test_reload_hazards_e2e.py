@@ -159,7 +159,7 @@ def test_requiring_inotify_where_it_is_exhausted_refuses_to_start(tmp_path: Path
                            str(free_port()), "--http-host", "127.0.0.1", "--http-port", str(free_port()),
                            "--policy-watch", "inotify")],
         capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.splitlines() == [
         f"authz-service: error: --policy-watch inotify: cannot watch {path}: the inotify instance limit "
         "(fs.inotify.max_user_instances) is reached; fix that, or use --policy-watch auto to fall back to polling"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+
+import authz_service
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
@@ -105,6 +108,12 @@ def test_checks_answered_and_metrics_aggregated_across_workers(tmp_path, policy,
         assert service.sample("authz_token_cache_lookups_total", result="hit") == 33
         assert service.sample("authz_token_cache_entries") == 2  # livesum over the workers
         assert service.sample("authz_ready") == 1
+        # One build-info series for all workers (livemax), and no *_created series.
+        body = service.metrics()
+        assert [l for l in body.splitlines() if l.startswith("authz_build_info")] == [
+            f'authz_build_info{{grpc="{grpc.__version__}",python="{platform.python_version()}",'
+            f'version="{authz_service.__version__}"}} 1.0']
+        assert "_created" not in body
     finally:
         service.process.stop()
 
@@ -158,7 +167,7 @@ def test_port_held_by_another_program_fails_start(tmp_path, policy) -> None:
                 "--http-host", "127.0.0.1", "--http-port", str(free_port()), "--workers", "2"),
             capture_output=True, text=True, timeout=60,
         )
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == 2, result.stdout + result.stderr
     assert f"cannot bind the gRPC port 127.0.0.1:{port}" in result.stderr
 
 

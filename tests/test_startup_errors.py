@@ -1,0 +1,171 @@
+"""Every start-up failure, through the real CLI as a subprocess: exit code 2 and ONE line on stderr
+naming the flag or file to fix; no traceback and no asyncio noise anywhere in the output."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import free_port
+from tests.test_cli import assert_one_clean_line, cli
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "authz_service" / "examples"
+POLICY = """\
+issuers:
+  - user_pool_id: us-east-1_Start0001
+    issuer: http://127.0.0.1:9/us-east-1_Start0001
+routes:
+  - path: /healthz
+    public: true
+"""
+@pytest.fixture
+def policy(tmp_path: Path) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY)
+    return path
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A port another program listens on (127.0.0.1, no SO_REUSEPORT)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def serve(policy: Path | str, *extra: str, grpc: int | None = None, http: int | None = None) -> list[str]:
+    return ["serve", "--policy", str(policy), "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc or free_port()),
+            "--http-host", "127.0.0.1", "--http-port", str(http or free_port()), *extra]
+
+
+WORKERS = pytest.mark.parametrize("workers", ["1", "2"])
+
+
+# --- ports ---------------------------------------------------------------------------------------
+
+
+@WORKERS
+def test_grpc_port_in_use(policy: Path, held_port: int, workers: str) -> None:
+    result = cli(*serve(policy, "--workers", workers, grpc=held_port))
+    line = assert_one_clean_line(result, f"cannot bind the gRPC port 127.0.0.1:{held_port}", "--grpc-port",
+                                 "AUTHZ_GRPC_PORT")
+    assert line == (f"authz-service: error: cannot bind the gRPC port 127.0.0.1:{held_port} (Address already in "
+                    "use): set --grpc-port / AUTHZ_GRPC_PORT")
+
+
+@WORKERS
+def test_http_port_in_use(policy: Path, held_port: int, workers: str) -> None:
+    result = cli(*serve(policy, "--workers", workers, http=held_port))
+    assert_one_clean_line(result, f"cannot bind the HTTP (health/metrics) port 127.0.0.1:{held_port}",
+                          "(Address already in use)", "--http-port / AUTHZ_HTTP_PORT")
+
+
+@WORKERS
+def test_ext_authz_http_port_in_use(policy: Path, held_port: int, workers: str) -> None:
+    result = cli(*serve(policy, "--workers", workers, "--ext-authz-http-port", str(held_port)))
+    assert_one_clean_line(result, f"cannot bind the HTTP ext_authz port 127.0.0.1:{held_port}",
+                          "(Address already in use)", "--ext-authz-http-port / AUTHZ_EXT_AUTHZ_HTTP_PORT")
+
+
+def test_an_address_not_of_this_host_names_the_host_flag(policy: Path) -> None:
+    result = cli("serve", "--policy", str(policy), "--grpc-host", "192.0.2.1", "--grpc-port", str(free_port()),
+                     "--http-host", "127.0.0.1", "--http-port", str(free_port()))
+    assert_one_clean_line(result, "cannot bind the gRPC port 192.0.2.1:", "--grpc-host / AUTHZ_GRPC_HOST")
+
+
+# --- the policy file -----------------------------------------------------------------------------
+
+
+def _missing(path: Path) -> None:
+    pass
+
+
+def _directory(path: Path) -> None:
+    path.mkdir()
+
+
+def _symlink_loop(path: Path) -> None:
+    path.symlink_to(path)
+
+
+def _unknown_version(path: Path) -> None:
+    path.write_text("version: 2\n" + POLICY)
+
+
+POLICY_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "missing": (_missing, "cannot read policy file: No such file or directory"),
+    "a directory": (_directory, "not a regular file (a directory)"),
+    "unreadable (a symlink loop)": (_symlink_loop, "cannot read policy file: Too many levels of symbolic links"),
+    "an unknown format version": (_unknown_version, ":1:10: version: 2 is not a policy format"),
+}
+
+
+@WORKERS
+@pytest.mark.parametrize("kind", POLICY_FILES)
+def test_policy_file_that_cannot_be_used(tmp_path: Path, kind: str, workers: str) -> None:
+    make, problem = POLICY_FILES[kind]
+    path = tmp_path / "policy.yaml"
+    make(path)
+    line = assert_one_clean_line(cli(*serve(path, "--workers", workers)), str(path), problem)
+    assert line.startswith(f"authz-service: error: {path}")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_policy_file_without_read_permission(policy: Path) -> None:
+    policy.chmod(0)
+    assert_one_clean_line(cli(*serve(policy)), str(policy), "cannot read policy file: Permission denied")
+
+
+def test_policy_from_the_environment_names_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    result = cli("serve", "--grpc-port", str(free_port()), "--http-port", str(free_port()),
+                 env={"AUTHZ_POLICY": str(missing)})
+    assert_one_clean_line(result, str(missing), "No such file or directory")
+
+
+def test_no_policy_named_at_all(tmp_path: Path) -> None:
+    result = cli("serve")
+    assert_one_clean_line(result, "--policy (or AUTHZ_POLICY) is required")
+
+
+def test_a_bad_setting_names_its_flag(policy: Path) -> None:
+    assert_one_clean_line(cli(*serve(policy, "--log-level", "verbose")), "--log-level='verbose' is invalid")
+
+
+# --- the dev issuer ------------------------------------------------------------------------------
+
+
+def test_dev_issuer_bad_config_names_file_line_and_column(tmp_path: Path) -> None:
+    config = tmp_path / "issuer.yaml"
+    config.write_text((EXAMPLES / "dev-issuer.yaml").read_text().replace("user_pool_id: us-east-1_Demo00001",
+                                                                          "user_pool_id: Demo00001"))
+    line_number = next(i for i, text in enumerate(config.read_text().splitlines(), 1) if text.startswith("user_pool_id:"))
+    result = cli("dev-issuer", "--config", str(config), "--port", "0")
+    line = assert_one_clean_line(result, f"{config}:{line_number}:15: user_pool_id: 'Demo00001' is not a Cognito "
+                                         "user pool id", "fix:")
+    assert line.startswith(f"authz-service dev-issuer: error: {config}:{line_number}:15:")
+
+
+def test_dev_issuer_missing_config(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    assert_one_clean_line(cli("dev-issuer", "--config", str(missing), "--port", "0"), str(missing),
+                          "check the --config path")
+
+
+def test_dev_issuer_log_level_is_validated_like_serve() -> None:
+    result = cli("dev-issuer", "--config", str(EXAMPLES / "dev-issuer.yaml"), "--port", "0",
+                     "--log-level", "verbose")
+    line = assert_one_clean_line(result, "--log-level='verbose' is invalid")
+    assert line == ("authz-service dev-issuer: error: --log-level='verbose' is invalid: one of debug, info, "
+                    "warning, error")
+
+
+def test_dev_issuer_port_in_use(held_port: int) -> None:
+    result = cli("dev-issuer", "--config", str(EXAMPLES / "dev-issuer.yaml"), "--port", str(held_port))
+    assert_one_clean_line(result, f"cannot bind the dev issuer port 127.0.0.1:{held_port} (Address already in use)",
+                          "set --port")
