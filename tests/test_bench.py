@@ -8,11 +8,9 @@ import http.server
 import importlib.util
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -21,7 +19,7 @@ import yaml
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from .e2e.harness import envoy_binary
+from .e2e.harness import ManagedProcess, envoy_binary, free_port, wait_for_port
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -115,25 +113,13 @@ def test_wrk_script_loads_and_reports(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 def test_floor_server_answers_ok(tmp_path: Path, event_loop: str) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(BENCH / "floor_server.py"), "--port", str(port),
-                             "--event-loop", event_loop], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
-            time.sleep(0.05)
+    port = free_port()
+    with ManagedProcess([sys.executable, str(BENCH / "floor_server.py"), "--port", str(port),
+                         "--event-loop", event_loop], tmp_path, "floor-server") as server:
+        wait_for_port(port, 60, proc=server)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             reply = external_auth_pb2_grpc.AuthorizationStub(channel).Check(external_auth_pb2.CheckRequest(), timeout=5)
         assert reply.status.code == 0 and reply.HasField("ok_response")
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_micro_and_memory_benchmarks_import() -> None:
