@@ -86,7 +86,7 @@ def start_moto_server(port: int, *, host: str = "127.0.0.1", timeout: float = 60
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     proc.start()
     try:
-        wait_for_http(f"http://{host}:{port}/moto-api/config", timeout, expect_status=200, proc=proc)
+        wait_for_http(f"http://{host}:{port}/moto-api/config", timeout, expect_status=range(200, 300), proc=proc)
     except BaseException:
         stop_moto_server(proc)
         raise

@@ -319,10 +319,10 @@ def test_sigterm_drains_in_flight_checks(tmp_path: Path, rotating_jwks: Scripted
 
     service.process.proc.send_signal(signal.SIGTERM)
     # Readiness goes false at once, so Kubernetes stops routing here ...
-    service.process.wait_until(lambda: http_request("GET", ready_url, timeout=2)[0] == 503, 30, "/readyz 503")
+    service.process.wait_until(lambda: http_request("GET", ready_url, timeout=2)[0] == 503, 60, "/readyz 503")
     # ... new Checks are refused once the drain began (Envoy turns that into a 503, never an allow):
     # one without a token would otherwise be answered (a 401 deny) at once, so an RpcError is a refusal.
-    service.process.wait_until(lambda: '"msg":"shutting down"' in service.process.log_text(), 30, "the drain began")
+    service.process.wait_until(lambda: '"msg":"shutting down"' in service.process.log_text(), 60, "the drain began")
     with pytest.raises(grpc.RpcError) as refused:
         check(service.grpc_port, "POST", "/transactions", timeout=10)
     # Refused at connect (UNAVAILABLE) or cancelled by the server shutting down (CANCELLED).
@@ -376,7 +376,7 @@ def test_sighup_reloads_the_policy_at_once(tmp_path: Path) -> None:
         service.process.wait_until(lambda: failed_jwks_fetches() >= fetches + 2, 60, "two more JWKS retries")
         assert serving() == before, "without SIGHUP the 1 h poll interval keeps the old policy"
         service.process.proc.send_signal(signal.SIGHUP)
-        after = service.process.wait_until(lambda: (p := serving())["sha256"] != before["sha256"] and p, 10, "reload on SIGHUP")
+        after = service.process.wait_until(lambda: (p := serving())["sha256"] != before["sha256"] and p, 60, "reload on SIGHUP")
         assert after["routes"] == before["routes"] + 1 and after["last_reload_error"] is None
         assert '"reason":"SIGHUP"' in service.process.log_text()
     finally:
