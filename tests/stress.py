@@ -3,7 +3,8 @@ with it for the CPU, as on a shared CI machine or a laptop running something els
 
 Why: a test that waits on the clock instead of an event passes on an idle machine and fails on a
 busy one; this finds it before CI does. The busy loops are started here and always stopped here
-(on failure, Ctrl-C and SIGTERM too); each one also exits by itself once this runner is gone.
+(on failure, Ctrl-C and SIGTERM too, after pytest tore down what the tests started); each one
+also exits by itself once this runner is gone.
 The order is shuffled per module and between modules (pytest-random-order); the seed is printed,
 and ``make test-stress STRESS_SEED=<seed>`` replays that order.
 
@@ -40,8 +41,14 @@ def stop_hogs(hogs: Sequence[subprocess.Popen[bytes]]) -> None:
         hog.wait()
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally that stops the hogs
+def wait_for_pytest(pytest: subprocess.Popen[bytes]) -> int:
+    """pytest's exit code. Ctrl-C reaches pytest too (same process group): it tears its fixtures
+    down, stops what the tests started, reports, and exits; we wait for that instead of killing it."""
+    while True:
+        try:
+            return pytest.wait()
+        except KeyboardInterrupt:
+            continue
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,15 +60,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else random.randrange(1_000_000)
     command = [sys.executable, "-m", "pytest", "-m", "e2e", "-p", "no:cacheprovider",
                "--random-order-bucket=module", f"--random-order-seed={seed}", *args.pytest_args]
-    signal.signal(signal.SIGTERM, _terminated)
     print(f"test-stress: {args.hogs} CPU hog(s), seed {seed} (replay: make test-stress STRESS_SEED={seed})",
           flush=True)
     started = time.monotonic()
     hogs = start_hogs(args.hogs)
     try:
-        returncode = subprocess.call(command, cwd=REPO_ROOT)
-    except KeyboardInterrupt:  # Ctrl-C reached pytest too; it reports and stops on its own
-        returncode = 130
+        pytest = subprocess.Popen(command, cwd=REPO_ROOT)
+        # SIGTERM (a CI job cancelled): pytest on SIGTERM would die without its teardown, so it gets
+        # the Ctrl-C it handles instead, and we go on waiting for it.
+        signal.signal(signal.SIGTERM, lambda signum, frame: pytest.send_signal(signal.SIGINT))
+        returncode = wait_for_pytest(pytest)
     finally:
         stop_hogs(hogs)
     print(f"test-stress: seed {seed}, exit {returncode}, {time.monotonic() - started:.0f}s "
