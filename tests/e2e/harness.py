@@ -38,11 +38,13 @@ import http.client
 import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -76,13 +78,52 @@ def envoy_binary() -> str | None:
     return shutil.which("envoy")
 
 
-def free_port() -> int:
-    """A TCP port that is currently free on all interfaces (best effort: the
-    port is released before returning, so a race with another process is
-    possible but unlikely)."""
+_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
+_port_choice = random.Random()  # its own generator: a test run's seeded order must not repeat ports
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port free right now on all interfaces, and never handed out before in this run.
+
+    Best effort (the port is released before returning), with the two races seen on a busy machine
+    closed: the port comes from below the kernel's ephemeral range, so none of the thousands of
+    outgoing connections the suite makes can take it before a server binds it; and it is never
+    the same twice, so two ports asked for in a row (the service's gRPC and HTTP ports) differ,
+    which the kernel's ``bind(0)`` does not promise once the first was released.
+    """
+    low, _ = _ephemeral_range()
+    with _ports_lock:
+        if low > 11_000:
+            for _ in range(200):
+                port = _port_choice.randrange(10_000, low)
+                if port not in _handed_out and _bindable(port):
+                    _handed_out.add(port)
+                    return port
+        while True:  # no room below the ephemeral range: the kernel's choice, still never twice
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("0.0.0.0", 0))
+                port = s.getsockname()[1]
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
 
 
 def _port_open(host: str, port: int) -> bool:
