@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv protos test unit e2e demo clean system-deps policy-check bench bench-deps
+.PHONY: venv protos test unit e2e demo clean system-deps policy-check bench bench-deps test-stress
 
 # The virtualenv with the package (editable) and everything the tests need.
 $(STAMP): pyproject.toml
@@ -33,6 +33,14 @@ test: $(STAMP) system-deps policy-check
 policy-check: $(STAMP)
 	$(BIN)/authz-service validate --strict authz_service/examples/policy.yaml deploy/k8s/policy.yaml
 	$(BIN)/authz-service test authz_service/examples/policy.yaml authz_service/examples/policy-tests.yaml
+
+# The e2e suite under CPU load (one busy loop per core, started and always stopped by the runner) in a
+# shuffled order; never part of `make test`. STRESS_SEED=<seed> replays an order, STRESS_ARGS adds
+# pytest options (e.g. STRESS_ARGS="-x -k sigterm").
+STRESS_SEED ?=
+STRESS_ARGS ?=
+test-stress: $(STAMP) system-deps
+	$(BIN)/python -m tests.stress $(if $(STRESS_SEED),--seed $(STRESS_SEED)) -- -q $(STRESS_ARGS)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q -m "not e2e"

@@ -1,10 +1,14 @@
-"""Shared test material: RSA keys, a token factory shaped exactly like Cognito's, and the one
-in-memory key source (what the JWKS cache would hold) for in-process tests."""
+"""Shared test material: RSA keys, a token factory shaped exactly like Cognito's, the one in-memory
+key source (what the JWKS cache would hold) for in-process tests; and the session-wide process
+ownership (every process a test or fixture starts is stopped when that test or fixture ends; the
+run fails if any process it started outlives it)."""
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +20,8 @@ from jwt.api_jwk import PyJWK
 
 from authz_service.claims import IssuerKey
 from authz_service.policy import Issuer
+
+from tests.e2e.harness import RUN_MARKER, Owner, reap_leftovers
 
 ISSUER = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Test00001"
 
@@ -105,3 +111,62 @@ def traced():
     settings = tracing_settings({"OTEL_TRACES_EXPORTER": "otlp"})
     assert settings is not None
     return Tracing(settings, "test", exporter=exporter), exporter
+
+
+# --- process ownership ------------------------------------------------------------------------------
+
+_LEAKED = pytest.StashKey[list[str]]()
+
+
+@dataclass(frozen=True)
+class LeakedProcess:
+    """One entry of the closing line's "N leaked" count (the terminal reporter counts objects)."""
+
+    description: str
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    # A value of this run's own: inherited by every process the suite starts, grandchildren too.
+    os.environ[RUN_MARKER] = uuid.uuid4().hex
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Generator[None, Any, Any]:
+    """What a fixture's setup starts is stopped when the fixture is torn down, after its own teardown
+    code ran, and also when its setup failed half-way."""
+    owner = Owner(f"fixture {fixturedef.argname}")
+    fixturedef.addfinalizer(owner.close)
+    with owner.current():
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
+    """What a test body starts is stopped when the test ends (first thing in its teardown)."""
+    owner = Owner(f"test {item.nodeid}")
+    item.addfinalizer(owner.close)
+    with owner.current():
+        return (yield)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After every fixture was torn down: anything this run started that still runs leaked. Stop it
+    and fail the run, so a leak is fixed where it happens instead of piling up on the machine."""
+    leaked = reap_leftovers(os.environ.get(RUN_MARKER))
+    session.config.stash[_LEAKED] = leaked
+    if leaked:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.stats.setdefault("leaked", []).extend(LeakedProcess(line) for line in leaked)
+        if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    leaked = config.stash.get(_LEAKED, [])
+    if leaked:
+        terminalreporter.section("processes that outlived the test run (killed now)", sep="=", red=True)
+        for line in leaked:
+            terminalreporter.line(line)

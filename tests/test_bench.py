@@ -8,11 +8,9 @@ import http.server
 import importlib.util
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -21,7 +19,7 @@ import yaml
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from .e2e.harness import envoy_binary
+from .e2e.harness import ManagedProcess, envoy_binary, free_port, wait_for_port
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -117,28 +115,19 @@ def test_wrk_script_loads_and_reports(tmp_path: Path) -> None:
     assert {"Bearer a.b.c", "Bearer d.e.f"} <= set(seen)  # the tokens rotate
 
 
-def start_script(name: str, *args: str) -> tuple[subprocess.Popen[str], int]:
+def start_script(name: str, tmp_path: Path, *args: str) -> tuple[ManagedProcess, int]:
     """A bench server script on a free port, once it accepts connections: (process, port)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(BENCH / name), "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 20
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, port
-        if proc.poll() is not None or time.monotonic() >= deadline:
-            proc.kill()
-            raise AssertionError(f"{name} did not start: {proc.communicate()[0]}")
-        time.sleep(0.05)
+    port = free_port()
+    server = ManagedProcess([sys.executable, str(BENCH / name), "--port", str(port), *args], tmp_path,
+                            name.removesuffix(".py")).start()
+    wait_for_port(port, 60, proc=server)
+    return server, port
 
 
 @pytest.mark.parametrize(("event_loop", "protocol"), [("asyncio", "grpc"), ("uvloop", "grpc"), ("uvloop", "http")])
 def test_floor_server_answers_ok(tmp_path: Path, event_loop: str, protocol: str) -> None:
-    proc, port = start_script("floor_server.py", "--event-loop", event_loop, "--protocol", protocol)
-    try:
+    server, port = start_script("floor_server.py", tmp_path, "--event-loop", event_loop, "--protocol", protocol)
+    with server:
         if protocol == "http":
             import http.client
 
@@ -150,9 +139,6 @@ def test_floor_server_answers_ok(tmp_path: Path, event_loop: str, protocol: str)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             reply = external_auth_pb2_grpc.AuthorizationStub(channel).Check(external_auth_pb2.CheckRequest(), timeout=5)
         assert reply.status.code == 0 and reply.HasField("ok_response")
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_micro_and_memory_benchmarks_import() -> None:
@@ -166,14 +152,11 @@ def test_otlp_sink_counts_what_an_exporter_sends(tmp_path: Path) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-    proc, port = start_script("otlp_sink.py")
-    try:
+    sink, port = start_script("otlp_sink.py", tmp_path)
+    with sink:
         provider = TracerProvider(shutdown_on_exit=False)
         provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}")))
         for name in ("a", "b", "c"):
             provider.get_tracer("bench-test").start_span(name).end()
         provider.shutdown()
-    finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=10)
-    assert "OTLP sink received 3 spans" in out
+    assert "OTLP sink received 3 spans" in sink.log_text()

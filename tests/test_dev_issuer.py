@@ -8,6 +8,7 @@ import base64
 import hashlib
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -387,7 +388,8 @@ async def test_serve_logs_issuer_and_token_endpoint_and_serves_verifiable_tokens
     task = asyncio.create_task(serve(config, "127.0.0.1", 0, None))
     try:
         ready = None
-        for _ in range(200):
+        deadline = time.monotonic() + 60  # a generous bound on the event, which normally takes ms
+        while time.monotonic() < deadline:
             ready = next((r.getMessage() for r in caplog.records if "dev issuer ready" in r.getMessage()), None)
             if ready or task.done():
                 break

@@ -100,6 +100,11 @@ class FakeIssuer:
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
         return self
 
+    @property
+    def running(self) -> bool:
+        """Serving (between ``start()`` and ``stop()``)."""
+        return self._server is not None
+
     def stop(self) -> None:
         """Down: the port refuses connections until ``start()`` again."""
         self.release()

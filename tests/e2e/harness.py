@@ -21,24 +21,34 @@ Public API
 ``start_upstream(log_dir, *, port=None, timeout=10) -> UpstreamProcess``
 ``http_request(method, url, headers=(), body=None, *, target=None, timeout=10)
     -> (status, [(name, value), ...], body_bytes)``
+``wait_for(predicate, timeout, what, *, poll=0.05)``
+
+Process ownership (see ``docs/testing.md``): every ``ManagedProcess`` (and anything else passed to
+``adopt``) belongs to the innermost current ``Owner``: the test or fixture running when it started
+(tests/conftest.py makes one per test call and per fixture setup), which stops it when that test
+or fixture ends, also when it failed. ``RUN_MARKER`` tags every process the run starts, so
+``reap_leftovers`` can find (and the session fail on) anything that outlived its owner.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import http.client
 import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import yaml
 
@@ -68,13 +78,52 @@ def envoy_binary() -> str | None:
     return shutil.which("envoy")
 
 
-def free_port() -> int:
-    """A TCP port that is currently free on all interfaces (best effort: the
-    port is released before returning, so a race with another process is
-    possible but unlikely)."""
+_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
+_port_choice = random.Random()  # its own generator: a test run's seeded order must not repeat ports
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port free right now on all interfaces, and never handed out before in this run.
+
+    Best effort (the port is released before returning), with the two races seen on a busy machine
+    closed: the port comes from below the kernel's ephemeral range, so none of the thousands of
+    outgoing connections the suite makes can take it before a server binds it; and it is never
+    the same twice, so two ports asked for in a row (the service's gRPC and HTTP ports) differ,
+    which the kernel's ``bind(0)`` does not promise once the first was released.
+    """
+    low, _ = _ephemeral_range()
+    with _ports_lock:
+        if low > 11_000:
+            for _ in range(200):
+                port = _port_choice.randrange(10_000, low)
+                if port not in _handed_out and _bindable(port):
+                    _handed_out.add(port)
+                    return port
+        while True:  # no room below the ephemeral range: the kernel's choice, still never twice
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("0.0.0.0", 0))
+                port = s.getsockname()[1]
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -138,15 +187,16 @@ def wait_for_http(
         time.sleep(_POLL)
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``predicate`` until truthy (returned); AssertionError naming ``what`` on timeout."""
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, *, poll: float = _POLL) -> Any:
+    """Poll ``predicate`` every ``poll`` seconds until truthy (returned); AssertionError naming
+    ``what`` on timeout. The timeout is a generous bound on an event, never the event itself."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
         if result:
             return result
         assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
-        time.sleep(0.05)
+        time.sleep(poll)
 
 
 # --------------------------------------------------------------------------- #
@@ -209,6 +259,114 @@ def http_request(
 
 
 # --------------------------------------------------------------------------- #
+# process ownership: who stops what, and what outlived its owner
+# --------------------------------------------------------------------------- #
+
+RUN_MARKER = "AUTHZ_TEST_RUN"
+"""Environment variable the test session sets to a value of its own. Every process the suite starts
+inherits it (``ManagedProcess`` adds it even to an explicit ``env``), and so do their children
+(``--workers`` workers, anything a CLI spawns), so a scan of /proc finds whatever outlived its owner."""
+
+
+class Stoppable(Protocol):
+    def stop(self) -> object: ...
+
+
+class Owner:
+    """A test or a fixture: what was started while it was current is stopped when it ends.
+
+    Why: a helper like ``start_service`` returns a running process, and a test that fails (or a
+    fixture that errors half-way through its setup) never reaches the line that would stop it.
+    Ownership decided at start time, not by the caller's discipline, stops it anyway.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._owned: list[Stoppable] = []
+
+    def adopt(self, thing: Stoppable) -> None:
+        self._owned.append(thing)
+
+    @contextlib.contextmanager
+    def current(self) -> Iterator["Owner"]:
+        """Everything started inside this block (from any thread) belongs to this owner."""
+        _OWNERS.append(self)
+        try:
+            yield self
+        finally:
+            _OWNERS.remove(self)
+
+    def close(self) -> None:
+        """Stop what this owner started, newest first; every stop is attempted, the first error raised."""
+        errors: list[BaseException] = []
+        while self._owned:
+            thing = self._owned.pop()
+            try:
+                thing.stop()
+            except Exception as exc:  # noqa: BLE001 - re-raised after the others were stopped
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+_OWNERS: list[Owner] = []  # innermost last
+_STARTED: list["ManagedProcess"] = []  # every ManagedProcess this interpreter started
+
+
+def adopt(thing: Stoppable) -> None:
+    """Give ``thing`` (anything with ``stop()``) to the current owner; outside any owner it is the
+    caller's to stop (and a process left running is reported by ``reap_leftovers``)."""
+    if _OWNERS:
+        _OWNERS[-1].adopt(thing)
+
+
+def _marked_processes(marker: str) -> dict[int, str]:
+    """pid -> command line of every live process (not a zombie) whose environment carries
+    ``RUN_MARKER=marker``, except this one."""
+    needle = f"{RUN_MARKER}={marker}".encode()
+    found: dict[int, str] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle not in Path(entry.path, "environ").read_bytes().split(b"\0"):
+                continue
+            state = Path(entry.path, "stat").read_text().rpartition(")")[2].split()[0]
+            cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        if state != "Z":
+            found[int(entry.name)] = cmdline.strip()
+    return found
+
+
+def reap_leftovers(marker: str | None, grace: float = 10.0) -> list[str]:
+    """Stop every process of this run that is still running, and describe each.
+
+    Called when the session ends, after every owner stopped what it owned: whatever is left
+    leaked. Processes already on their way out (a ``--workers`` worker whose parent was just
+    stopped) get ``grace`` seconds to exit; the rest are killed.
+    """
+    leaked = [f"pid {p.pid}: {p.name}: {' '.join(p.args)}" for p in _STARTED if p.alive()]
+    for process in _STARTED:
+        if process.alive():
+            process.stop()
+    if marker is None:
+        return leaked
+    deadline = time.monotonic() + grace
+    marked = _marked_processes(marker)
+    while marked and time.monotonic() < deadline:
+        time.sleep(0.1)
+        marked = _marked_processes(marker)
+    for pid, cmdline in marked.items():
+        if pid in _marked_processes(marker):  # still that process (a pid is not reused while it lives)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        leaked.append(f"pid {pid}: {cmdline}")
+    return leaked
+
+
+# --------------------------------------------------------------------------- #
 # managed subprocesses
 # --------------------------------------------------------------------------- #
 
@@ -223,7 +381,9 @@ class ManagedProcess:
     Use as a context manager or call ``start()`` / ``stop()``. ``stop()``
     sends SIGTERM, waits ``grace`` seconds, then SIGKILLs; it is idempotent.
     The child runs in its own session so the signal reaches only it (and any
-    children it spawned), never the test runner.
+    children it spawned), never the test runner. ``start()`` hands it to the
+    current ``Owner`` (the running test or fixture), which stops it at the end
+    even if nobody else does.
     """
 
     def __init__(
@@ -255,15 +415,20 @@ class ManagedProcess:
         self._log_fh = open(self.log_path, "ab")
         self._log_fh.write(f"$ {' '.join(self.args)}\n".encode())
         self._log_fh.flush()
+        env = self.env
+        if env is not None and RUN_MARKER in os.environ:
+            env = {**env, RUN_MARKER: os.environ[RUN_MARKER]}  # found by reap_leftovers even so
         self.proc = subprocess.Popen(
             self.args,
             stdin=subprocess.DEVNULL,
             stdout=self._log_fh,
             stderr=subprocess.STDOUT,
-            env=self.env,
+            env=env,
             cwd=self.cwd,
             start_new_session=True,
         )
+        _STARTED.append(self)
+        adopt(self)
         return self
 
     def stop(self) -> int | None:

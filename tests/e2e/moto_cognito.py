@@ -34,17 +34,16 @@ import hashlib
 import hmac
 import json
 import os
-import subprocess
+import shutil
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import boto3
+
+from .harness import ManagedProcess, wait_for_http
 
 RESOURCE_SERVER_ID = "transactions"
 RESOURCE_SERVER_SCOPES = ("get", "post")
@@ -77,53 +76,26 @@ def _moto_command(host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)]
 
 
-def start_moto_server(port: int, *, host: str = "127.0.0.1", timeout: float = 30.0) -> subprocess.Popen:
-    """Start moto_server on host:port and return once it answers HTTP. The caller terminates it.
+def start_moto_server(port: int, *, host: str = "127.0.0.1", timeout: float = 60.0) -> ManagedProcess:
+    """Start moto_server on host:port and return once it answers HTTP.
 
-    Output goes to a temp log file (``proc.moto_log``), not a pipe nobody reads.
+    Like every ``ManagedProcess`` it belongs to the running test or fixture, which stops it at the
+    end; ``stop_moto_server`` stops it earlier and removes its log (a temporary directory).
     """
-    log = tempfile.NamedTemporaryFile(prefix="moto-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen(
-        _moto_command(host, port),
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    log.close()
-    proc.moto_log = log.name  # type: ignore[attr-defined]
-    url = f"http://{host}:{port}/moto-api/config"
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited with {proc.returncode}: {Path(log.name).read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                resp.read()
-            return proc
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        if time.monotonic() > deadline:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            raise TimeoutError(f"moto_server did not answer on {url} within {timeout}s")
-        time.sleep(0.05)
+    proc = ManagedProcess(_moto_command(host, port), tempfile.mkdtemp(prefix="moto-server-"), "moto-server",
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc.start()
+    try:
+        wait_for_http(f"http://{host}:{port}/moto-api/config", timeout, expect_status=range(200, 300), proc=proc)
+    except BaseException:
+        stop_moto_server(proc)
+        raise
+    return proc
 
 
-def stop_moto_server(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    log = getattr(proc, "moto_log", None)
-    if log:
-        Path(log).unlink(missing_ok=True)
+def stop_moto_server(proc: ManagedProcess) -> None:
+    proc.stop()
+    shutil.rmtree(proc.log_dir, ignore_errors=True)
 
 
 def cognito_client(endpoint: str, region: str = "us-east-1") -> Any:

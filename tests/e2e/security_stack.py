@@ -128,23 +128,21 @@ def bearer(token: str) -> dict[str, str]:
 def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *service_args: str,
                          fake: FakeIssuer | None = None, wait_ready: bool = True,
                          env: dict[str, str] | None = None, wrapper: tuple[str, ...] = ()) -> SecurityStack:
-    """Dev issuer + fake issuer (started here unless given) + service (its CLI) + Envoy (shipped config)."""
+    """Dev issuer + fake issuer (started here unless given) + service (its CLI) + Envoy (shipped config).
+
+    The stack owns the fake issuer it started (``stop_security_stack`` stops it, and so does a failed
+    start); the processes belong to the running test or fixture (harness ``Owner``) like any other."""
     from .stack import start_dev_issuer, start_service
 
     own_fake = fake is None
     fake = fake or FakeIssuer().start()
-    started: list = []  # stopped again if a later part fails to start: nothing outlives the test
     try:
         dev = start_dev_issuer(work, "us-east-1_Demo00001")
-        started.append(dev.process)
         policy = PolicyDir(work / "config")
         policy.write(policy_text(fake, dev))
         service = start_service(work, policy.path, *service_args, wait_ready=wait_ready, env=env, wrapper=wrapper)
-        started.append(service.process)
         envoy = envoy_factory(service.grpc_port)
     except BaseException:
-        for process in reversed(started):
-            process.stop()
         if own_fake:
             fake.stop()
         raise

@@ -91,6 +91,8 @@ class DevIssuer:
 
 
 def start_dev_issuer(workdir: Path, pool: str, ttl: int = 3600, port: int | None = None) -> DevIssuer:
+    """The dev issuer via its CLI, once it answers. Its process belongs to the running test or
+    fixture (harness ``Owner``), which stops it at the end; ``.process.stop()`` stops it earlier."""
     config = yaml.safe_load((EXAMPLES / "dev-issuer.yaml").read_text())
     config["user_pool_id"] = pool
     config["token_ttl_seconds"] = ttl
@@ -100,7 +102,11 @@ def start_dev_issuer(workdir: Path, pool: str, ttl: int = 3600, port: int | None
     process = ManagedProcess(
         cli("dev-issuer", "--config", str(path), "--port", str(port)), workdir, name=f"issuer-{pool}"
     ).start()
-    wait_for_http(f"http://127.0.0.1:{port}/admin/health", 20, expect_status=200, proc=process)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/admin/health", 60, expect_status=200, proc=process)
+    except BaseException:
+        process.stop()
+        raise
     return DevIssuer(process, port, pool)
 
 
@@ -140,7 +146,7 @@ class Service:
     process: ManagedProcess
     grpc_port: int
     http_port: int
-    started: float
+    started: float  # monotonic time the process was started (not when its JWKS was first fetched)
 
     def metrics(self) -> str:
         status, _, body = http_request("GET", f"http://127.0.0.1:{self.http_port}/metrics")
@@ -165,7 +171,10 @@ class Service:
 def start_service(workdir: Path, policy: Path, *extra: str, env: dict[str, str] | None = None,
                   wait_ready: bool = True, wrapper: tuple[str, ...] = ()) -> Service:
     """Our service via its CLI; returns once it is ready, or (``wait_ready=False``) merely alive.
-    ``wrapper`` is a command that execs the CLI (e.g. into a namespace with other limits)."""
+    ``wrapper`` is a command that execs the CLI (e.g. into a namespace with other limits).
+
+    The process belongs to the running test or fixture (harness ``Owner``), which stops it at the
+    end, also when the test fails; ``.process.stop()`` stops it earlier."""
     grpc_port, http_port = free_port(), free_port()
     process = ManagedProcess(
         [*wrapper, *cli("serve", "--policy", str(policy), "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
@@ -179,9 +188,9 @@ def start_service(workdir: Path, policy: Path, *extra: str, env: dict[str, str] 
     ).start()
     started = time.monotonic()
     try:
-        wait_for_http(f"http://127.0.0.1:{http_port}/{'readyz' if wait_ready else 'healthz'}", 30,
+        wait_for_http(f"http://127.0.0.1:{http_port}/{'readyz' if wait_ready else 'healthz'}", 60,
                       expect_status=200, proc=process)
     except BaseException:
-        process.stop()  # a service that never became ready must not outlive the test
+        process.stop()
         raise
     return Service(process, grpc_port, http_port, started)

@@ -307,7 +307,7 @@ def test_fail_closed_is_ext_authz_error_in_access_log_and_stats(
     assert status == 503
     entry = closed_envoy.wait_until(
         lambda: [e for e in closed_envoy.access_log() if e.get("path") == "/access-log-probe"],
-        10,
+        60,
         "access-log line for /access-log-probe",
     )[-1]
     assert entry["response_code"] == 503

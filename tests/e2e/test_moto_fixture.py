@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 
 import jwt
 import pytest
 
+from .harness import free_port
 from .moto_cognito import (
     MotoPool,
     issue_access_token,
@@ -22,15 +22,9 @@ from .moto_cognito import (
 pytestmark = pytest.mark.e2e
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def moto_endpoint(request: pytest.FixtureRequest) -> str:
-    port = _free_port()
+    port = free_port()
     started = time.monotonic()
     proc = start_moto_server(port)
     request.addfinalizer(lambda: stop_moto_server(proc))

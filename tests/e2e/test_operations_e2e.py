@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,7 +22,7 @@ from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, extern
 from authz_service.simulate import check_request
 
 from ..conftest import SigningKey, make_key
-from .harness import REPO_ROOT, ManagedProcess, UpstreamProcess, free_port, http_request, wait_for_http
+from .harness import REPO_ROOT, ManagedProcess, UpstreamProcess, free_port, http_request, wait_for, wait_for_http
 from .stack import PUBLIC_HEALTHZ, TRANSACTION_ROUTES, Service, start_dev_issuer, start_service
 
 pytestmark = pytest.mark.e2e
@@ -71,13 +70,16 @@ class ScriptedJwks:
         self.release = threading.Event()
         self.fetches = 0
         self.hanging = threading.Event()
+        lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
-                outer.fetches += 1
+                with lock:
+                    outer.fetches += 1
+                    fetch = outer.fetches
                 keys = outer.first
-                if outer.fetches > 1:
+                if fetch > 1:
                     outer.hanging.set()
                     outer.release.wait(60)
                     keys = outer.later
@@ -149,9 +151,9 @@ def test_real_prometheus_scrapes_deny_rates_by_reason_and_route(
         tmp_path, name="prometheus",
     ).start()
     try:
-        wait_for_http(f"http://127.0.0.1:{prom_port}/-/ready", 30, expect_status=200, proc=prom)
+        wait_for_http(f"http://127.0.0.1:{prom_port}/-/ready", 60, expect_status=200, proc=prom)
         prom.wait_until(lambda: by_labels(prometheus_query(prom_port, 'up{job="authz-service"}'))
-                        .get(()) == 1.0, 30, "first scrape of the sidecar")
+                        .get(()) == 1.0, 60, "first scrape of the sidecar")
 
         writer, reader = issuer.token("payments-writer"), issuer.token("payments-reader")
 
@@ -168,21 +170,25 @@ def test_real_prometheus_scrapes_deny_rates_by_reason_and_route(
             send("GET", "/transactions/7", writer, 1 * times, 403)     # insufficient_scope
             send("GET", "/admin", writer, 1 * times, 403)              # no_route
 
+        def denies_per_wave(waves: int) -> dict[tuple[str, str], float]:
+            return {("insufficient_scope", "create-transaction"): 2 * waves,
+                    ("missing_token", "create-transaction"): 1 * waves,
+                    ("insufficient_scope", "get-transaction"): 1 * waves,
+                    ("no_route", "no_route"): 1 * waves}
+
+        query = 'sum by (reason, route) (authz_check_decisions_total{job="authz-service", decision="deny"})'
+
+        def scraped(expected: dict[tuple[str, str], float]) -> dict | None:
+            got = by_labels(prometheus_query(prom_port, query), "reason", "route")
+            return got if got == expected else None
+
         traffic(1)  # creates every series
-        time.sleep(2.5)  # at least one scrape sees them before the next increments
+        # A scrape saw them before the next increments, so rate() has two samples per series.
+        prom.wait_until(lambda: scraped(denies_per_wave(1)), 60, "scraped deny counters of the first wave")
         traffic(2)
 
-        expected_denies = {
-            ("insufficient_scope", "create-transaction"): 6,
-            ("missing_token", "create-transaction"): 3,
-            ("insufficient_scope", "get-transaction"): 3,
-            ("no_route", "no_route"): 3,
-        }
-        query = 'sum by (reason, route) (authz_check_decisions_total{job="authz-service", decision="deny"})'
-        denies = prom.wait_until(
-            lambda: (lambda got: got if got == expected_denies else None)(
-                by_labels(prometheus_query(prom_port, query), "reason", "route")),
-            30, "scraped deny counters equal to the traffic sent")
+        expected_denies = denies_per_wave(3)
+        denies = prom.wait_until(lambda: scraped(expected_denies), 60, "scraped deny counters equal to the traffic sent")
         assert denies == expected_denies
 
         # The deny ratio per route, as the dashboard and the AuthzRouteDenySpike alert compute it.
@@ -207,7 +213,7 @@ def test_real_prometheus_scrapes_deny_rates_by_reason_and_route(
             rules = [r for g in json.loads(body)["data"]["groups"] for r in g["rules"]]
             return rules if rules and all(r.get("lastEvaluation", "").startswith("20") for r in rules) else None
 
-        rules = prom.wait_until(evaluated_rules, 30, "every alert rule evaluated")
+        rules = prom.wait_until(evaluated_rules, 60, "every alert rule evaluated")
         assert {r["health"] for r in rules} == {"ok"}, [(r["name"], r.get("lastError")) for r in rules]
         firing = {r["name"] for r in rules if r.get("state") == "firing"}
         assert not firing, f"no alert may fire on this short healthy run: {firing}"
@@ -265,31 +271,44 @@ def rotating_jwks(key_a: SigningKey, key_b: SigningKey) -> Iterator[ScriptedJwks
 
 
 def start_held_check(tmp_path: Path, jwks: ScriptedJwks, key_b: SigningKey, *flags: str):
-    """A service whose next Check (a token with a new kid) is held in an unknown-kid JWKS re-fetch."""
+    """A service with one Check in flight: a token with a kid it has not seen, held in the unknown-kid
+    JWKS re-fetch that the scripted endpoint keeps hanging until ``jwks.release`` is set.
+
+    The re-fetch is rate limited: at most one per cool-down (10 s at least, on purpose) counted from
+    the start-up fetch, whose moment the test cannot know. So no clock arithmetic: Checks go one at
+    a time, each denied ``unknown_key`` at once while the cool-down lasts, until one triggers the
+    re-fetch, which the endpoint sees as its second request. That Check is the one held.
+    """
     policy = tmp_path / "policy.yaml"
     policy.write_text(
         f"issuers:\n  - user_pool_id: us-east-1_Test00001\n    jwks_uri: {jwks.url}\n"
         "routes:\n  - path: /transactions\n    scopes: [transactions/post]\n")
-    service = start_service(tmp_path, policy, *flags)
-    outcome: dict[str, object] = {}
+    # --jwks-timeout: the held fetch must outlast the test's steps on a busy machine (default 3 s).
+    service = start_service(tmp_path, policy, "--jwks-timeout", "60", *flags)  # a later flag wins
+    held: list[tuple[threading.Thread, dict[str, object]]] = []
 
-    def run() -> None:
-        try:
-            outcome["response"] = check(service.grpc_port, "POST", "/transactions", key_b.token(), timeout=60)
-        except grpc.RpcError as exc:
-            outcome["error"] = exc.code()
+    def one_check_held() -> bool:
+        outcome: dict[str, object] = {}
 
-    try:
-        # The unknown-kid re-fetch is allowed once the cool-down (10 s) since the start-up fetch is over.
-        # Measured from the fetch itself (not the process start), which on a loaded machine is later.
-        fetched = service.sample("authz_jwks_last_success_timestamp_seconds", issuer="us-east-1_Test00001")
-        time.sleep(max(0.0, fetched + 10.5 - time.time()))
+        def run() -> None:
+            try:
+                outcome["response"] = check(service.grpc_port, "POST", "/transactions", key_b.token(), timeout=120)
+            except grpc.RpcError as exc:
+                outcome["error"] = exc.code()
+
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        assert jwks.hanging.wait(20), "the Check did not trigger an unknown-kid re-fetch"
-    except BaseException:
-        service.process.stop()
-        raise
+        wait_for(lambda: jwks.hanging.is_set() or not thread.is_alive(), 60, "the Check answered or held")
+        if jwks.hanging.is_set():
+            held.append((thread, outcome))
+            return True
+        response = outcome.get("response")
+        assert isinstance(response, external_auth_pb2.CheckResponse), outcome
+        assert denied_status(response) == 401 and response.status.message == "unknown_key", response
+        return False
+
+    wait_for(one_check_held, 60, "a Check held in the unknown-kid JWKS re-fetch", poll=0.2)
+    thread, outcome = held[0]
     return service, thread, outcome
 
 
@@ -308,35 +327,38 @@ def drain_in_flight_check(service: Service, thread: threading.Thread, outcome: d
 
     service.process.proc.send_signal(signal.SIGTERM)
     # Readiness goes false at once, so Kubernetes stops routing here ...
-    service.process.wait_until(lambda: http_request("GET", ready_url, timeout=2)[0] == 503, 10, "/readyz 503")
-    # ... new Checks are refused (Envoy turns that into a 503, never an allow) ...
-    with pytest.raises(grpc.RpcError):
-        check(service.grpc_port, "POST", "/transactions", key_b.token(), timeout=5)
+    service.process.wait_until(lambda: http_request("GET", ready_url, timeout=2)[0] == 503, 60, "/readyz 503")
+    # ... new Checks are refused once the drain began (Envoy turns that into a 503, never an allow):
+    # one without a token would otherwise be answered (a 401 deny) at once, so an RpcError is a refusal.
+    service.process.wait_until(lambda: '"msg":"shutting down"' in service.process.log_text(), 60, "the drain began")
+    with pytest.raises(grpc.RpcError) as refused:
+        check(service.grpc_port, "POST", "/transactions", timeout=10)
+    # Refused at connect (UNAVAILABLE) or cancelled by the server shutting down (CANCELLED).
+    assert refused.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), refused.value
     # ... while the Check already in flight is still being served.
     assert thread.is_alive() and service.process.alive()
 
     rotating_jwks.release.set()
-    thread.join(20)
+    thread.join(60)
     response = outcome.get("response")
     assert isinstance(response, external_auth_pb2.CheckResponse), outcome
     assert response.status.code == 0 and response.HasField("ok_response"), "the drained Check got its answer"
-    assert service.process.proc.wait(20) == 0
+    assert service.process.proc.wait(60) == 0
     assert '"msg":"shutting down"' in service.process.log_text()
 
 
 def test_sigterm_grace_period_bounds_the_drain(tmp_path: Path, rotating_jwks: ScriptedJwks, key_b: SigningKey) -> None:
     """A Check that outlives the grace period is cut off (Envoy: 503) and the process still exits."""
-    service, thread, outcome = start_held_check(
-        tmp_path, rotating_jwks, key_b, "--shutdown-grace", "1", "--jwks-timeout", "50")
+    service, thread, outcome = start_held_check(tmp_path, rotating_jwks, key_b, "--shutdown-grace", "1")
     service.process.proc.send_signal(signal.SIGTERM)
     try:
-        returncode = service.process.proc.wait(20)
+        returncode = service.process.proc.wait(60)
     except subprocess.TimeoutExpired:
         pytest.fail("the service did not exit after its grace period while a JWKS fetch hung")
     finally:
         service.process.stop()  # a no-op once it has exited
     assert returncode == 0
-    thread.join(20)
+    thread.join(60)
     assert "error" in outcome and "response" not in outcome, outcome
 
 
@@ -353,11 +375,20 @@ def test_sighup_reloads_the_policy_at_once(tmp_path: Path) -> None:
         def serving() -> dict:
             return json.loads(http_request("GET", f"http://127.0.0.1:{http_port}/readyz")[2])["policy"]
 
+        def failed_jwks_fetches() -> float:  # the issuer (port 9) refuses: retries back off 1 s, 2 s, 4 s ...
+            return sum(service.sample("authz_jwks_refreshes_total", issuer="us-east-1_Demo00001", trigger=t,
+                                      result="error") for t in ("startup", "periodic"))
+
         before = serving()
         policy.write_text(policy.read_text() + "  - name: docs\n    path: /docs/**\n    public: true\n")
+        # No sleep: two more failed JWKS retries after the write mean the service's event loop ran its
+        # timers for 1.6 s or more (backoff >= 0.8 s, then >= 1.6 s), so a poll timer of a shorter
+        # interval (start_service's 0.2 s) would have fired several times before them.
+        fetches = failed_jwks_fetches()
+        service.process.wait_until(lambda: failed_jwks_fetches() >= fetches + 2, 60, "two more JWKS retries")
         assert serving() == before, "without SIGHUP the 1 h poll interval keeps the old policy"
         service.process.proc.send_signal(signal.SIGHUP)
-        after = service.process.wait_until(lambda: (p := serving())["sha256"] != before["sha256"] and p, 10, "reload on SIGHUP")
+        after = service.process.wait_until(lambda: (p := serving())["sha256"] != before["sha256"] and p, 60, "reload on SIGHUP")
         assert after["routes"] == before["routes"] + 1 and after["last_reload_error"] is None
         assert '"reason":"SIGHUP"' in service.process.log_text()
     finally:

@@ -85,7 +85,7 @@ def test_jwks_over_https_from_an_untrusted_certificate_gets_no_keys(tmp_path, up
                                  env={"SSL_CERT_FILE": "/nonexistent-ca.pem", "SSL_CERT_DIR": str(tmp_path)})
     try:
         status = wait_for(lambda: (s := issuer_status(stack.service.http_port, fake.issuer))["last_error"] and s,
-                          20, "a failed JWKS fetch")
+                          60, "a failed JWKS fetch")
         assert status["keys"] == 0
         assert "certificate" in status["last_error"].lower(), status["last_error"]
         assert fake.fetch_count() == 0  # the handshake failed: no request was ever served

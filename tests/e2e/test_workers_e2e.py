@@ -99,8 +99,8 @@ def test_checks_answered_and_metrics_aggregated_across_workers(tmp_path, policy,
             assert check(service.grpc_port, token) == 0
         # Workers apply their per-Check counts to the shared files every second (metrics.PerCheck).
         wait_for(lambda: service.sample("authz_check_decisions_total", decision="allow", reason="allowed") == 35,
-                 5, "35 allows in the aggregated metrics")
-        wait_for(lambda: service.sample("authz_check_duration_seconds_count") == 36, 5, "36 Check durations")
+                 60, "35 allows in the aggregated metrics")
+        wait_for(lambda: service.sample("authz_check_duration_seconds_count") == 36, 60, "36 Check durations")
         assert service.sample("authz_check_decisions_total", decision="deny", reason="missing_token") == 1
         # Each worker verified the token once (its own cache), every other use was a hit: two
         # misses prove both workers answered and that /metrics adds their samples up.
@@ -128,11 +128,8 @@ def test_sigterm_to_the_parent_stops_every_worker(tmp_path, policy) -> None:
                            .decode())
         assert metrics_dir.is_dir()
         os.kill(service.process.pid, signal.SIGTERM)  # the parent only: it must forward
-        assert service.process.proc.wait(timeout=30) == 0
-        deadline = time.monotonic() + 10
-        while any(alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(alive(p) for p in pids)
+        assert service.process.proc.wait(timeout=60) == 0
+        wait_for(lambda: not any(alive(p) for p in pids), 60, "every worker gone")
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", service.grpc_port)) != 0
         assert not metrics_dir.exists()  # the parent removed the metrics directory
@@ -147,7 +144,7 @@ def test_a_killed_worker_is_restarted_and_readiness_waits_for_it(tmp_path, polic
         os.kill(before[0], signal.SIGKILL)
         service.process.wait_until(
             lambda: (lambda s, b: s == 200 and b["workers"][0]["pid"] not in (None, before[0]))(*readyz(service)),
-            30, "worker 0 restarted and ready",
+            60, "worker 0 restarted and ready",
         )
         status, body = readyz(service)
         assert body["workers"][0]["restarts"] == 1 and body["workers"][1]["pid"] == before[1]
@@ -189,11 +186,8 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path, policy) -> None:
         environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
         metrics_dir = next(e for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")).split(b"=", 1)[1]
         os.kill(service.process.pid, signal.SIGKILL)  # no chance to forward anything
-        service.process.proc.wait(timeout=10)
-        deadline = time.monotonic() + 15
-        while any(alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(alive(p) for p in pids), "orphaned workers still running"
+        service.process.proc.wait(timeout=60)
+        wait_for(lambda: not any(alive(p) for p in pids), 60, "orphaned workers gone")
     finally:
         service.process.stop()
         for pid in worker_pids_safe(pids):
