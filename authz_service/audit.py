@@ -288,7 +288,9 @@ def render_text(report: AuditReport, out: TextIO) -> None:
         print(f"pool {pool.user_pool_id} ({pool.region}): {len(pool.clients)} app clients, "
               f"{len(pool.defined_scopes)} resource server scopes, {issuer}, {trigger}", file=out)
     routes = [r.name for r in report.policy.routes]
-    rows = [[f"{client_id}" + (f" ({pool_id})" if len(report.pools) > 1 else ""), *(cells[r].text for r in routes)]
+    names = {(p.user_pool_id, c.client_id): c.name for p in report.pools for c in p.clients}
+    rows = [[client_id + (f" {names[(pool_id, client_id)]}" if names[(pool_id, client_id)] else "")
+             + (f" ({pool_id})" if len(report.pools) > 1 else ""), *(cells[r].text for r in routes)]
             for (pool_id, client_id), cells in report.matrix.items()]
     header = ["app client \\ route", *routes]
     widths = [max(len(row[k]) for row in [header, *rows]) for k in range(len(header))]
