@@ -204,6 +204,7 @@ def test_a_file_growing_past_the_cap_while_read_is_refused(tmp_path):
 
 GOOD_ROUTE = "  - path: /ok\n    scopes: [r]\n"
 
+UPDATED_POOL = "issuers:\n  - user_pool_id: us-east-1_A\n    issuer_format: updated\n"
 MISTAKES = [
     # (id, policy text, fragments the message must contain)
     ("unknown top key", ISSUERS + "route:\n" + GOOD_ROUTE, ["top level", "'route'"]),
@@ -276,14 +277,10 @@ MISTAKES = [
      "    replica_regions: [eu-west-1]\nroutes:\n" + GOOD_ROUTE, ["issuers[0].replica_regions", "updated"]),
     ("issuer format and explicit issuer", "issuers:\n  - user_pool_id: us-east-1_A\n    issuer: https://idp.example/p\n"
      "    issuer_format: updated\nroutes:\n" + GOOD_ROUTE, ["issuers[0].issuer_format", "explicit 'issuer'"]),
-    ("replica not a region", "issuers:\n  - user_pool_id: us-east-1_A\n    issuer_format: updated\n"
-     "    replica_regions: [europe]\nroutes:\n" + GOOD_ROUTE, ["issuers[0].replica_regions[0]", "'europe'"]),
-    ("replica twice", "issuers:\n  - user_pool_id: us-east-1_A\n    issuer_format: updated\n"
-     "    replica_regions: [eu-west-1, eu-west-1]\nroutes:\n" + GOOD_ROUTE, ["replica_regions[1]", "twice"]),
-    ("replica is the primary", "issuers:\n  - user_pool_id: us-east-1_A\n    issuer_format: updated\n"
-     "    replica_regions: [us-east-1]\nroutes:\n" + GOOD_ROUTE, ["replica_regions[0]", "primary region"]),
-    ("replicas empty", "issuers:\n  - user_pool_id: us-east-1_A\n    issuer_format: updated\n"
-     "    replica_regions: []\nroutes:\n" + GOOD_ROUTE, ["issuers[0].replica_regions", "non-empty"]),
+    ("replica not a region", UPDATED_POOL + "    replica_regions: [europe]\nroutes:\n" + GOOD_ROUTE, ["issuers[0].replica_regions[0]", "'europe'"]),
+    ("replica twice", UPDATED_POOL + "    replica_regions: [eu-west-1, eu-west-1]\nroutes:\n" + GOOD_ROUTE, ["replica_regions[1]", "twice"]),
+    ("replica is the primary", UPDATED_POOL + "    replica_regions: [us-east-1]\nroutes:\n" + GOOD_ROUTE, ["replica_regions[0]", "primary region"]),
+    ("replicas empty", UPDATED_POOL + "    replica_regions: []\nroutes:\n" + GOOD_ROUTE, ["issuers[0].replica_regions", "non-empty"]),
     ("duplicate route name", ISSUERS + "routes:\n  - name: r\n    path: /a\n    scopes: [r]\n"
      "  - name: r\n    path: /b\n    scopes: [r]\n", ["routes[1].name", "'r' is also the name of routes[0]", ":4:11)"]),
     ("public with claims", ISSUERS + "routes:\n  - path: /a\n    public: true\n    claims: {t: x}\n",

@@ -269,16 +269,25 @@ def test_fallthrough_can_be_acknowledged_per_route():
     ("scopes: [admin/read]\n        mode: dry-run", "is dry-run"),
 ])
 def test_fallthrough_to_a_weaker_protected_route(rest, why):
+    assert_fallthrough("scopes: [admin/read]", rest, why)
+
+
+def assert_fallthrough(route: str, rest: str, why: str | None) -> None:
+    """A GET-only route (``route``: its requirements) under a /** route (``rest``): ``why`` is the
+    fall-through warning's reason, None for no warning."""
     warnings = lints(f"""\
       - name: admin-report
         methods: [GET]
         path: /admin/report
-        scopes: [admin/read]
+        {route}
       - name: rest
         path: /**
         {rest}
     """)
-    assert len(warnings) == 1 and why in warnings[0], warnings
+    if why is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and why in warnings[0], warnings
 
 
 def test_fallthrough_to_a_stricter_or_equal_route_is_fine():
@@ -336,13 +345,18 @@ def test_client_allow_list_is_checked_by_the_real_verifier(tmp_path):
 
 
 def test_dry_run_expectation(tmp_path):
-    policy = tmp_path / "p.yaml"
-    policy.write_text(ISSUERS + "routes:\n  - path: /a\n    scopes: [a/b]\n    mode: dry-run\n")
-    tests = tmp_path / "t.yaml"
-    tests.write_text("tests:\n  - {method: GET, path: /a, scopes: [a/c], expect: dry_run_deny, status: 200,"
-                     " reason: insufficient_scope}\n")
-    run = cli("test", str(policy), str(tests))
+    run = run_cases(tmp_path, ISSUERS + "routes:\n  - path: /a\n    scopes: [a/b]\n    mode: dry-run\n",
+                    "tests:\n  - {method: GET, path: /a, scopes: [a/c], expect: dry_run_deny, status: 200,"
+                    " reason: insufficient_scope}\n")
     assert run.returncode == 0, run.stdout
+
+
+def run_cases(tmp_path, policy_text: str, tests_text: str) -> subprocess.CompletedProcess[str]:
+    """`authz-service test` on a policy and a tests file written from these texts."""
+    policy, tests = tmp_path / "p.yaml", tmp_path / "t.yaml"
+    policy.write_text(policy_text)
+    tests.write_text(tests_text)
+    return cli("test", str(policy), str(tests))
 
 
 @pytest.mark.parametrize(
@@ -356,6 +370,14 @@ def test_dry_run_expectation(tmp_path):
         ("tests:\n  - {method: GET, path: /a, expect: deny, scopes: a/b}\n", "tests[0].scopes"),
         ("tests: []\n", "non-empty list"),
         ("cases: []\n", "one key, 'tests'"),
+        # claims: the custom claims of the simulated token, as a pre token generation trigger adds them
+        *((f"tests:\n  - method: GET\n    path: /a\n    {claims}\n    expect: allow\n", message) for claims, message in [
+            ("claims: [tenant]", "tests[0].claims: must be a mapping of claim name to JSON value"),
+            ("claims: {}", "tests[0].claims: must be a mapping"),
+            ("claims: {when: 2024-01-01}", "tests[0].claims: must be a mapping of claim name to JSON value"),
+            ("claims: {client_id: x}", "tests[0].claims.client_id: 'client_id' is set by Cognito"),
+            ("claims: {exp: 1}", "'exp' is set by Cognito, not by a pre token generation trigger"),
+        ]),
     ],
 )
 def test_bad_tests_files_are_errors_with_a_line(tmp_path, text, message):
@@ -475,20 +497,7 @@ def test_claim_values_written_as_json_do_not_warn():
     ("scopes: [admin/read, other/x]\n        claims: {tenant: acme}", "accepts scopes this route does not (other/x)"),
 ])
 def test_fallthrough_to_a_route_without_the_conditions(rest, why):
-    warnings = lints(f"""\
-      - name: admin-report
-        methods: [GET]
-        path: /admin/report
-        scopes: [admin/read]
-        claims: {{tenant: acme}}
-      - name: rest
-        path: /**
-        {rest}
-    """)
-    if why is None:
-        assert warnings == []
-    else:
-        assert len(warnings) == 1 and why in warnings[0], warnings
+    assert_fallthrough("scopes: [admin/read]\n        claims: {tenant: acme}", rest, why)
 
 
 @pytest.mark.parametrize(("route", "rest", "why"), [
@@ -499,19 +508,7 @@ def test_fallthrough_to_a_route_without_the_conditions(rest, why):
     ("scopes: [a/x, a/y]", "all_scopes: [a/y, a/q]", None),  # holding a/y meets "any of a/x a/y"
 ])
 def test_fallthrough_compares_all_scopes_and_clients(route, rest, why):
-    warnings = lints(f"""\
-      - name: limited
-        methods: [GET]
-        path: /admin/report
-        {route}
-      - name: rest
-        path: /**
-        {rest}
-    """)
-    if why is None:
-        assert warnings == []
-    else:
-        assert len(warnings) == 1 and why in warnings[0], warnings
+    assert_fallthrough(route, rest, why)
 
 
 def test_validate_explain_issuers_lists_every_accepted_iss_and_jwks(tmp_path):
@@ -542,27 +539,11 @@ def test_custom_claims_example_passes_through_the_cli():
     assert cli("validate", "--strict", str(EXAMPLES / "policy-custom-claims.yaml")).returncode == 0
 
 
-@pytest.mark.parametrize(("claims", "message"), [
-    ("claims: [tenant]", "tests[0].claims: must be a mapping of claim name to JSON value"),
-    ("claims: {}", "tests[0].claims: must be a mapping"),
-    ("claims: {when: 2024-01-01}", "tests[0].claims: must be a mapping of claim name to JSON value"),
-    ("claims: {client_id: x}", "tests[0].claims.client_id: 'client_id' is set by Cognito"),
-    ("claims: {exp: 1}", "'exp' is set by Cognito, not by a pre token generation trigger"),
-])
-def test_case_claims_must_be_custom_json_claims(tmp_path, claims, message):
-    tests = tmp_path / "t.yaml"
-    tests.write_text(f"tests:\n  - method: GET\n    path: /a\n    {claims}\n    expect: allow\n")
-    with pytest.raises(CaseFileError, match=re.escape(message)):
-        load_tests(tests)
-
-
 def test_case_claims_reach_the_real_decision(tmp_path):
-    policy = tmp_path / "p.yaml"
-    policy.write_text(ISSUERS + "routes:\n  - {name: r, path: /a, scopes: [a/b], claims: {level: {any_of: [2, 3]}}}\n")
-    tests = tmp_path / "t.yaml"
-    tests.write_text("tests:\n  - {method: GET, path: /a, scopes: [a/b], claims: {level: 3}, expect: allow}\n"
-                     "  - {method: GET, path: /a, scopes: [a/b], claims: {level: '3'}, expect: allow}\n")
-    run = cli("test", str(policy), str(tests))
+    run = run_cases(tmp_path,
+                    ISSUERS + "routes:\n  - {name: r, path: /a, scopes: [a/b], claims: {level: {any_of: [2, 3]}}}\n",
+                    "tests:\n  - {method: GET, path: /a, scopes: [a/b], claims: {level: 3}, expect: allow}\n"
+                    "  - {method: GET, path: /a, scopes: [a/b], claims: {level: '3'}, expect: allow}\n")
     assert run.returncode == 1
     assert 'PASS  GET /a: GET /a (scopes [a/b] claims {"level":3}) -> allow 200 route=r reason=allowed' in run.stdout
     assert "got:      deny 403 route=r reason=claim_mismatch" in run.stdout
