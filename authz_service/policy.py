@@ -142,7 +142,7 @@ class Route:
     client_ids: frozenset[str] | None = None  # None: any client the issuer accepts
     claims: tuple[ClaimCondition, ...] = ()
     all_scopes_text: str = field(default="", compare=False)
-    # Everything but the any-of scopes, compiled for decide(); None when the route has only scopes.
+    # The scopes and conditions compiled for decide(); None when the route has only (any-of) scopes.
     conditions: Conditions | None = field(default=None, compare=False)
 
     def takes(self, method: str) -> bool:

@@ -354,11 +354,12 @@ def print_report(report: Report, out: TextIO, explain_issuers: bool = False) -> 
     for warning in report.warnings:
         print(str(warning), file=out)
     if report.policy is not None:
-        issuers = len(report.policy.issuers)
+        accepted = len(report.policy.issuers)
+        issuers = len({i.block for i in report.policy.issuers})  # entries; a multi-Region one accepts several iss
         status = "OK" if not report.warnings else "OK with warnings"
         print(f"{report.source}: {status}: {len(report.policy.routes)} routes, {issuers} issuer"
-              f"{'s' if issuers != 1 else ''}, {len(report.warnings)} warning{'s' if len(report.warnings) != 1 else ''}",
-              file=out)
+              f"{'s' if issuers != 1 else ''}{f' ({accepted} accepted iss)' if accepted != issuers else ''}, "
+              f"{len(report.warnings)} warning{'s' if len(report.warnings) != 1 else ''}", file=out)
         if explain_issuers:
             for line in issuer_lines(report.policy):
                 print(line, file=out)

@@ -65,7 +65,8 @@ E2E_POLICY = textwrap.dedent("""\
     """)
 
 
-@pytest.mark.parametrize("path", ["authz_service/examples/policy.yaml", "deploy/k8s/policy.yaml", None])
+@pytest.mark.parametrize("path", ["authz_service/examples/policy.yaml", "deploy/k8s/policy.yaml",
+                                  "authz_service/examples/policy-custom-claims.yaml", None])
 def test_every_policy_the_loader_accepts_is_schema_valid(path):
     text = (ROOT / path).read_text() if path else E2E_POLICY
     parse_policy(text, "p.yaml")

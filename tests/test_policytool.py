@@ -519,7 +519,7 @@ def test_validate_explain_issuers_lists_every_accepted_iss_and_jwks(tmp_path):
     run = cli("validate", "--explain-issuers", str(policy))
     assert run.returncode == 0, run.stdout
     assert run.stdout.splitlines() == [
-        f"{policy}: OK: 1 routes, 3 issuers, 0 warnings",
+        f"{policy}: OK: 1 routes, 2 issuers (3 accepted iss), 0 warnings",
         "  issuers[0] us-east-1_Multi1 (updated issuer format) accepts app clients app-1, app-2, with iss:",
         "    https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_Multi1  (region us-east-1)",
         "      keys from https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_Multi1/.well-known/jwks.json",

@@ -163,8 +163,10 @@ def test_a_cached_token_meets_the_policy_in_force_after_a_reload(stack, send):
     try:
         stack.policy.write(policy_text(stack.claims, stack.original, tenant="globex"))
         wait_for(lambda: stack.service.sample("authz_policy_generation") > generation, 20, "policy reload")
+        hits = stack.service.sample("authz_token_cache_lookups_total", result="hit")
         denied(send("GET", "/tenants/acme/reports/2", token),
                "token claim does not have a required value: custom:tenant")
+        assert stack.service.sample("authz_token_cache_lookups_total", result="hit") == hits + 1  # from the cache
         assert send("GET", "/tenants/acme/reports/2", stack.claims.token("globex-reporting")).status == 200
     finally:
         generation = stack.service.sample("authz_policy_generation")
