@@ -31,8 +31,11 @@ test: $(STAMP) system-deps policy-check
 
 # The shipped policies pass `validate --strict` and the example expectations hold (as a ConfigMap repo's CI would run).
 policy-check: $(STAMP)
-	$(BIN)/authz-service validate --strict authz_service/examples/policy.yaml deploy/k8s/policy.yaml
+	$(BIN)/authz-service validate --strict authz_service/examples/policy.yaml deploy/k8s/policy.yaml \
+	  authz_service/examples/policy-custom-claims.yaml
 	$(BIN)/authz-service test authz_service/examples/policy.yaml authz_service/examples/policy-tests.yaml
+	$(BIN)/authz-service test authz_service/examples/policy-custom-claims.yaml \
+	  authz_service/examples/policy-custom-claims-tests.yaml
 
 # The e2e suite under CPU load (one busy loop per core, started and always stopped by the runner) in a
 # shuffled order; never part of `make test`. STRESS_SEED=<seed> replays an order, STRESS_ARGS adds

@@ -1,5 +1,5 @@
-"""`authz-service` command line: serve, dev-issuer, the policy tools validate, explain, test, and
-example and completion (docs/cli.md is generated from this parser by tools/cli_reference.py).
+"""`authz-service` command line: serve, dev-issuer, the policy tools validate, explain, test, audit,
+and example and completion (docs/cli.md is generated from this parser by tools/cli_reference.py).
 
 Every `serve` flag has an AUTHZ_* environment variable (see config.OPTIONS); flags win. Every
 command that reads a policy names it the same way: a POLICY argument or --policy, else AUTHZ_POLICY.
@@ -101,7 +101,7 @@ def _add_dev_issuer(commands: argparse._SubParsersAction) -> None:  # type: igno
     issuer.add_argument("--port", type=int, default=9000, help="port (default 9000)")
     issuer.add_argument("--public-url", default=None,
                         help="base URL clients use to reach the issuer; the token iss is <public-url>/<pool id> "
-                             "(default http://<host>:<port>)")
+                             "unless the config sets issuer_format (default http://<host>:<port>)")
     issuer.add_argument("--log-level", default="info", help="debug, info, warning or error (default info)")
 
 
@@ -114,6 +114,8 @@ def _add_policy_tools(commands: argparse._SubParsersAction) -> None:  # type: ig
     _policy_positional(validate, many=True)
     _policy_flag(validate, many=True)
     validate.add_argument("--strict", action="store_true", help="warnings also make the exit code 1")
+    validate.add_argument("--explain-issuers", action="store_true",
+                          help="list what each issuers entry accepts: the exact iss values and their JWKS URLs")
 
     explain = commands.add_parser(
         "explain", help="show which route matches a request, why, and the exact answer Envoy would get",
@@ -130,6 +132,9 @@ def _add_policy_tools(commands: argparse._SubParsersAction) -> None:  # type: ig
                                      "(prefer --token-file: shell history)")
     _files(who.add_argument("--token-file", help="read the real token from this file ('-' for stdin)"))
     explain.add_argument("--client-id", help="client_id of the simulated token")
+    explain.add_argument("--claim", action="append", dest="claims", metavar="NAME=VALUE",
+                         help="a custom claim of the simulated token (repeatable); VALUE is JSON when it parses "
+                              "as JSON (3, true, [\"a\"]), else a string")
     explain.add_argument("--issuer", help="iss of the simulated token (default: the policy's first issuer)")
     explain.add_argument("--realm", default="authz-service", help="realm in WWW-Authenticate (as --realm of serve)")
     explain.add_argument("--leeway", type=float, default=60.0, help="clock skew for a real token (as serve)")
@@ -143,6 +148,19 @@ def _add_policy_tools(commands: argparse._SubParsersAction) -> None:  # type: ig
     _files(test.add_argument("tests", type=Path, metavar="TESTS",
                              help="the expectations file (`authz-service example policy-tests` prints one)"))
     _policy_flag(test)
+
+    audit = commands.add_parser(
+        "audit", help="check a policy against its Cognito user pools through the AWS API (needs boto3)",
+        description="Read each user pool (DescribeUserPool, ListResourceServers, ListUserPoolClients, "
+                    "DescribeUserPoolClient; standard AWS credential chain), print which app client can reach "
+                    "which route and report what cannot work. Exit 0 when clean, 1 with findings, 2 when the "
+                    "policy or AWS cannot be used. Install with: pip install 'authz-service[audit]'.")
+    _policy_positional(audit)
+    _policy_flag(audit)
+    audit.add_argument("--user-pool-id", action="append", metavar="ID",
+                       help="audit this pool of the policy (repeatable; default: every pool of the policy)")
+    audit.add_argument("--region", help="AWS region of the pools (default: the region in each pool id)")
+    audit.add_argument("--format", choices=("text", "json"), default="text", help="text (default) or json")
 
 
 def _add_example(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -168,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
-        if args.command in ("validate", "explain", "test"):
+        if args.command in ("validate", "explain", "test", "audit"):
             return _policy_tool(args)
         if args.command == "example":
             sys.stdout.write(example_text(args.name))
@@ -229,14 +247,18 @@ def _policy_tool(args: argparse.Namespace) -> int:
     if args.command == "validate":
         from .policytool import validate_command
 
-        return validate_command(names, args.strict, sys.stdout)
+        return validate_command(names, args.strict, sys.stdout, args.explain_issuers)
     if args.command == "test":
         from .policytool import tests_command
 
         return tests_command(Path(names[0]), args.tests, sys.stdout)
+    args.policy = Path(names[0])
+    if args.command == "audit":
+        from .audit import audit_command
+
+        return audit_command(args, sys.stdout)
     from .explain import explain_command
 
-    args.policy = Path(names[0])
     return explain_command(args, sys.stdout)
 
 

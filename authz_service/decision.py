@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass
 
 from .claims import Claims
+from .conditions import ANY_SCOPE_TEXT, Unmet
 from .policy import Mode, Policy, Route
 from .request import HttpRequest
 from .tokens import Failure, TokenError, TokenVerifier, bearer_token
@@ -30,7 +31,10 @@ class Reason(enum.Enum):
     WRONG_ISSUER = "wrong_issuer"
     WRONG_TOKEN_USE = "wrong_token_use"
     CLIENT_NOT_ALLOWED = "client_not_allowed"
-    INSUFFICIENT_SCOPE = "insufficient_scope"
+    INSUFFICIENT_SCOPE = "insufficient_scope"  # none of the route's scopes
+    MISSING_SCOPE = "missing_scope"  # one of the route's all_scopes
+    CLIENT_NOT_ALLOWED_FOR_ROUTE = "client_not_allowed_for_route"  # the route's client_ids
+    CLAIM_MISMATCH = "claim_mismatch"  # a claim condition: claim absent or another value
     NO_ROUTE = "no_route"
     KEYS_UNAVAILABLE = "keys_unavailable"
     INTERNAL_ERROR = "internal_error"
@@ -63,6 +67,11 @@ REASONS: dict[Reason, Outcome] = {
     Reason.WRONG_TOKEN_USE: _UNAUTHENTICATED,
     Reason.CLIENT_NOT_ALLOWED: _UNAUTHENTICATED,
     Reason.INSUFFICIENT_SCOPE: Outcome(403, "insufficient_scope", 7),  # PERMISSION_DENIED
+    # A verified token that fails a route condition: RFC 6750's 403 code ("requires higher
+    # privileges than provided by the access token"); the description names what is missing.
+    Reason.MISSING_SCOPE: Outcome(403, "insufficient_scope", 7),
+    Reason.CLIENT_NOT_ALLOWED_FOR_ROUTE: Outcome(403, "insufficient_scope", 7),
+    Reason.CLAIM_MISMATCH: Outcome(403, "insufficient_scope", 7),
     Reason.NO_ROUTE: Outcome(403, "access_denied", 7),
     Reason.KEYS_UNAVAILABLE: Outcome(503, "temporarily_unavailable", 14),  # UNAVAILABLE
     Reason.INTERNAL_ERROR: Outcome(500, "server_error", 13),  # INTERNAL
@@ -70,6 +79,12 @@ REASONS: dict[Reason, Outcome] = {
 
 # Each token failure is the reason of the same name.
 _TOKEN_FAILURES: dict[Failure, Reason] = {failure: Reason(failure.value) for failure in Failure}
+_UNMET: dict[Unmet, Reason] = {
+    Unmet.CLIENT: Reason.CLIENT_NOT_ALLOWED_FOR_ROUTE,
+    Unmet.ANY_SCOPE: Reason.INSUFFICIENT_SCOPE,
+    Unmet.ALL_SCOPES: Reason.MISSING_SCOPE,
+    Unmet.CLAIM: Reason.CLAIM_MISMATCH,
+}
 
 
 # Not frozen, though never modified once built: one is built on every Check, and a frozen
@@ -109,7 +124,7 @@ def deny(reason: Reason, description: str, route: Route | None = None) -> Decisi
 
 
 async def decide(request: HttpRequest, policy: Policy, verifier: TokenVerifier) -> Decision:
-    """Decide one request: route, then credentials, then scopes."""
+    """Decide one request: route, then credentials, then the route's scopes and conditions."""
     route = policy.match(request.method, request.segments)
     if route is None:
         return deny(Reason.NO_ROUTE, "no route matches this request")
@@ -132,6 +147,14 @@ async def _authorize(request: HttpRequest, route: Route, policy: Policy, verifie
             claims = await verifier.verify_uncached(token, policy)
     except TokenError as exc:
         return deny(_TOKEN_FAILURES[exc.failure], exc.description, route)
-    if route.scopes.isdisjoint(claims.scopes):
-        return Decision(False, Reason.INSUFFICIENT_SCOPE, "token lacks a required scope", route, claims)
+    conditions = route.conditions
+    if conditions is None:  # only any-of scopes: the common route, one set operation
+        if route.scopes.isdisjoint(claims.scopes):
+            return Decision(False, Reason.INSUFFICIENT_SCOPE, ANY_SCOPE_TEXT, route, claims)
+        return Decision(True, Reason.ALLOWED, "", route, claims)
+    # Conditions are route properties, checked here on every Check (a cached token included)
+    # against the policy in force.
+    unmet = conditions.unmet(claims)
+    if unmet is not None:
+        return Decision(False, _UNMET[unmet[0]], unmet[1], route, claims)
     return Decision(True, Reason.ALLOWED, "", route, claims)

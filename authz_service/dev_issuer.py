@@ -7,7 +7,15 @@ machine-to-machine access tokens the sidecar verifies, in the same shape Cognito
 * ``POST /oauth2/token``: grant_type=client_credentials only, client authentication by HTTP Basic
   (client_secret_basic) or by form body (client_secret_post). Errors are HTTP 400 with
   ``{"error": "<code>"}``, as Cognito documents for every code, invalid_client included.
+* ``POST /<region>/oauth2/token``: the same, for one replica region of a multi-Region pool (the
+  token's ``iss`` names that region; every region signs with the same published keys).
 * ``POST /admin/rotate[?retire_old=true]`` and ``GET /admin/health``: dev-only helpers.
+
+``iss`` is ``<public URL>/<user_pool_id>``, or, with ``issuer_format`` in the config, Cognito's own
+issuer URL (``https://cognito-idp.<region>.amazonaws.com/<pool>`` or the updated
+``https://issuer-cognito-idp.<region>.amazonaws.com/<pool>``), so a policy can use Cognito's
+default issuers with only ``jwks_uri`` pointing here. A client's ``custom_claims`` are added to its
+access tokens, as a pre token generation trigger (event V3_0) adds them.
 
 The admin endpoints are unauthenticated: bind the issuer to loopback, never expose it.
 Client secrets and issued tokens are never logged.
@@ -21,6 +29,7 @@ import binascii
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import re
 import socket
@@ -39,6 +48,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from . import ports
+from .claims import cognito_controlled
+from .policy import IssuerFormat, cognito_issuer
 from .yamlfile import Where, YamlError, compose_yaml, load_strict_yaml, place, position, where_text
 
 log = logging.getLogger(__name__)
@@ -52,6 +63,11 @@ MAX_TOKEN_TTL_SECONDS = 86400  # Cognito's upper bound for access token validity
 RSA_KEY_BITS = 2048
 
 _POOL_ID = re.compile(r"^(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)_[0-9A-Za-z]+\Z")
+_REGION = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d+\Z")
+# The claims this issuer writes itself (Cognito's client_credentials access token); custom claims
+# may add to them, never replace them, as with Cognito's trigger.
+TOKEN_CLAIMS = frozenset({"sub", "token_use", "scope", "auth_time", "iss", "exp", "iat", "version", "jti",
+                          "client_id"})
 # Cognito's patterns: a resource server identifier may contain '/', a scope name may not, so
 # "<identifier>/<name>" stays unambiguous only when split at the last '/'.
 _RESOURCE_SERVER_ID = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]{1,256}\Z")
@@ -90,6 +106,7 @@ class ClientConfig:
     client_secret: str = field(repr=False)
     allowed_scopes: tuple[str, ...]
     grant_types: tuple[str, ...]
+    custom_claims: Mapping[str, Any] = field(default_factory=dict)  # added to every access token
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +117,13 @@ class DevIssuerConfig:
     token_ttl_seconds: int
     resource_servers: tuple[ResourceServer, ...]
     clients: tuple[ClientConfig, ...]
+    issuer_format: IssuerFormat | None = None  # None: iss is <public URL>/<pool id>
+    replica_regions: tuple[str, ...] = ()
 
 
-_TOP_KEYS = ("user_pool_id", "token_ttl_seconds", "resource_servers", "clients")
+_TOP_KEYS = ("user_pool_id", "token_ttl_seconds", "issuer_format", "replica_regions", "resource_servers", "clients")
 _RESOURCE_SERVER_KEYS = ("identifier", "scopes")
-_CLIENT_KEYS = ("client_id", "client_secret", "allowed_scopes", "grant_types")
+_CLIENT_KEYS = ("client_id", "client_secret", "allowed_scopes", "grant_types", "custom_claims")
 
 
 def load_config(path: Path) -> DevIssuerConfig:
@@ -200,6 +219,7 @@ class _Parser:
                 f"omit it for the default {DEFAULT_TOKEN_TTL_SECONDS}, or give e.g. 300",
             )
 
+        issuer_format, replicas = self.issuer_format(top, pool_id)
         raw_servers = self.required(top, "resource_servers", (), "[{identifier: ..., scopes: [...]}]")
         if not isinstance(raw_servers, list) or not raw_servers:
             raise self.fail(
@@ -231,8 +251,27 @@ class _Parser:
             if client_id in client_ids[:i]:
                 raise self.fail(("clients", i, "client_id"), f"{client_id!r} is defined twice", "rename one client")
         return DevIssuerConfig(
-            user_pool_id=pool_id, token_ttl_seconds=ttl, resource_servers=servers, clients=clients
+            user_pool_id=pool_id, token_ttl_seconds=ttl, resource_servers=servers, clients=clients,
+            issuer_format=issuer_format, replica_regions=replicas,
         )
+
+    def issuer_format(self, top: Mapping[str, Any], pool_id: str) -> tuple[IssuerFormat | None, tuple[str, ...]]:
+        raw = top.get("issuer_format")
+        try:
+            issuer_format = IssuerFormat(raw) if raw is not None else None
+        except ValueError:
+            raise self.fail(("issuer_format",), f"{raw!r} is not an issuer format",
+                            "use original (cognito-idp.<region>) or updated (issuer-cognito-idp.<region>), or omit "
+                            "it for <public URL>/<pool id>") from None
+        fix = "list regions such as eu-west-1, other than the pool's own"
+        replicas = self.string_list(top.get("replica_regions", []), ("replica_regions",), fix, True)
+        if replicas and issuer_format is not IssuerFormat.UPDATED:
+            raise self.fail(("replica_regions",), "a multi-Region pool issues with the updated issuer",
+                            "add issuer_format: updated")
+        for i, region in enumerate(replicas):
+            if not _REGION.match(region) or region == pool_id.split("_")[0]:
+                raise self.fail(("replica_regions", i), f"{region!r} is not a replica region", fix)
+        return issuer_format, replicas
 
     def resource_server(self, value: object, where: Where) -> ResourceServer:
         item = self.mapping(value, where, _RESOURCE_SERVER_KEYS)
@@ -317,7 +356,26 @@ class _Parser:
                 "a client_credentials client needs at least one allowed scope, or no token can be issued",
                 f"add scopes from: {defined_text}",
             )
-        return ClientConfig(client_id=client_id, client_secret=secret, allowed_scopes=scopes, grant_types=grant_types)
+        custom = self.custom_claims(item.get("custom_claims", {}), (*where, "custom_claims"))
+        return ClientConfig(client_id=client_id, client_secret=secret, allowed_scopes=scopes, grant_types=grant_types,
+                            custom_claims=custom)
+
+    def custom_claims(self, value: object, where: Where) -> dict[str, Any]:
+        """What a pre token generation trigger would add: names Cognito does not control, JSON values."""
+        fix = "map claim names to JSON values, e.g. {tenant: acme, tier: gold, environments: [prod]}"
+        if not isinstance(value, dict):
+            raise self.fail(where, f"must be a mapping, got {_kind(value)}", fix)
+        for name, claim in value.items():
+            if not isinstance(name, str) or not name:
+                raise self.fail(where, f"claim name {name!r} is not a string", fix)
+            if name in TOKEN_CLAIMS or cognito_controlled(name):
+                raise self.fail((*where, name), "Cognito sets this claim; a trigger cannot add or override it",
+                                "use another name", at_key=True)
+            try:
+                json.dumps(claim, allow_nan=False)
+            except (TypeError, ValueError):
+                raise self.fail((*where, name), f"{claim!r} is not a JSON value", fix) from None
+        return dict(value)
 
 
 # --- keys and tokens -----------------------------------------------------------------------------
@@ -362,13 +420,23 @@ class DevIssuer:
 
     def __init__(self, config: DevIssuerConfig, public_url: str) -> None:
         self.config = config
-        self._issuer = f"{_normalize_public_url(public_url)}/{config.user_pool_id}"
+        self.base_url = _normalize_public_url(public_url)
+        pool = config.user_pool_id
+        if config.issuer_format is None:
+            self._issuer = f"{self.base_url}/{pool}"
+        else:
+            self._issuer = cognito_issuer(config.issuer_format, pool.split("_")[0], pool)
+        # The iss of each replica region (its token endpoint is /<region>/oauth2/token).
+        self.region_issuers = {region: cognito_issuer(IssuerFormat.UPDATED, region, pool)
+                               for region in config.replica_regions}
         self._clients = {client.client_id: client for client in config.clients}
         self._keys: list[_SigningKey] = [_new_signing_key()]  # last one signs
 
     @property
     def issuer(self) -> str:
-        """The ``iss`` claim; the JWKS is at ``<issuer>/.well-known/jwks.json``, as with Cognito."""
+        """The ``iss`` claim of the pool's (primary region's) tokens. The JWKS is served at
+        ``<public URL>/<pool id>/.well-known/jwks.json`` (``<issuer>/.well-known/jwks.json`` when the
+        issuer is the public URL's, as with Cognito)."""
         return self._issuer
 
     @property
@@ -397,12 +465,15 @@ class DevIssuer:
         if not secret_ok:
             raise TokenRequestError("invalid_client", f"wrong client_secret for client_id {client_id[:128]!r}")
 
-    def issue(self, client_id: str, scopes: list[str] | None = None) -> str:
+    def issue(self, client_id: str, scopes: list[str] | None = None, region: str | None = None) -> str:
         """A signed Cognito-shaped access token. None or [] means all the client's scopes, as Cognito does.
+        ``region``: a replica region's token (its ``iss``); None: the pool's own.
 
         Does not check the secret (see ``authenticate``); raises TokenRequestError with
         invalid_client, unauthorized_client or invalid_scope, the codes Cognito would return.
         """
+        if region is not None and region not in self.region_issuers:
+            raise ValueError(f"{region!r} is not a replica region of this issuer")
         client = self._clients.get(client_id)
         if client is None:
             raise TokenRequestError("invalid_client", f"unknown client_id {client_id!r}")
@@ -420,13 +491,14 @@ class DevIssuer:
         else:
             granted = list(client.allowed_scopes)
         now = int(time.time())
-        # Cognito's client_credentials access token claims, in Cognito's order.
+        # Cognito's client_credentials access token claims, in Cognito's order, after the trigger's.
         claims = {
+            **client.custom_claims,
             "sub": client_id,
             "token_use": "access",
             "scope": " ".join(granted),
             "auth_time": now,
-            "iss": self._issuer,
+            "iss": self._issuer if region is None else self.region_issuers[region],
             "exp": now + self.config.token_ttl_seconds,
             "iat": now,
             "version": 2,
@@ -460,6 +532,8 @@ def build_app(issuer: DevIssuer) -> web.Application:
     app[ISSUER_KEY] = issuer
     app.router.add_get(issuer.jwks_path, _handle_jwks)
     app.router.add_post("/oauth2/token", _handle_token)
+    for region in issuer.region_issuers:
+        app.router.add_post(f"/{region}/oauth2/token", _handle_token)
     app.router.add_post("/admin/rotate", _handle_rotate)
     app.router.add_get("/admin/health", _handle_health)
     return app
@@ -494,7 +568,8 @@ async def _handle_token(request: web.Request) -> web.Response:
         client_id, client_secret = _client_credentials(request, form)
         issuer.authenticate(client_id, client_secret)
         scope = form.get("scope")
-        token = issuer.issue(client_id, scope.split() if scope else None)
+        region = request.path.split("/")[1] if request.path != "/oauth2/token" else None
+        token = issuer.issue(client_id, scope.split() if scope else None, region)
     except TokenRequestError as exc:
         log.info("dev issuer refused token request: %s (%s)", exc.error, exc.reason)
         return web.json_response({"error": exc.error}, status=_OAUTH_ERROR_STATUS)
@@ -611,14 +686,18 @@ async def serve(config: DevIssuerConfig, host: str, port: int, public_url: str |
                 "this is a development tool, keep it off shared networks",
                 host,
             )
-        base = issuer.issuer.removesuffix(f"/{config.user_pool_id}")
         log.info(
-            "dev issuer ready: issuer=%s token_endpoint=%s/oauth2/token (listening on %s:%d)",
+            "dev issuer ready: issuer=%s token_endpoint=%s/oauth2/token jwks=%s%s (listening on %s:%d)",
             issuer.issuer,
-            base,
+            issuer.base_url,
+            issuer.base_url,
+            issuer.jwks_path,
             host,
             bound_port,
         )
+        for region, iss in issuer.region_issuers.items():
+            log.info("dev issuer replica region %s: issuer=%s token_endpoint=%s/%s/oauth2/token",
+                     region, iss, issuer.base_url, region)
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

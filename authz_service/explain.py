@@ -21,6 +21,7 @@ import aiohttp
 import jwt
 from prometheus_client import CollectorRegistry
 
+from .claims import Claims, cognito_controlled
 from .config import JwksSettings
 from .jwks import JwksCache
 from .metrics import Metrics
@@ -77,7 +78,12 @@ class Explanation:
             "route": _route_dict(route),
             "candidates": self.candidates,
             "required_scopes": sorted(route.scopes) if route and not route.public else [],
+            "required_all_scopes": sorted(route.all_scopes) if route else [],
+            "route_client_ids": sorted(route.client_ids) if route and route.client_ids is not None else None,
+            "claim_conditions": [c.describe() for c in route.claims] if route else [],
             "present_scopes": sorted(claims.scopes) if claims else None,
+            # Only the custom claims the policy's conditions name are read from a token.
+            "present_claims": {name: _json_claim(v) for name, v in claims.custom.items()} if claims else None,
             "checks": [{"check": c, "result": r, "detail": d} for c, r, d in self.checks],
             "decision": None if decision is None else {
                 "envoy": "allow" if decision.allowed else "deny",
@@ -88,6 +94,39 @@ class Explanation:
             },
             "response": envoy_answer(self.outcome.answer) if self.outcome else None,
         }
+
+
+def _json_claim(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value if isinstance(value, (str, int, float, bool)) else repr(value)
+
+
+def condition_checks(route: Route, claims: Claims) -> list[tuple[str, str, str]]:
+    """The route's scopes and conditions, each passed or FAILED for these claims, in decide()'s order
+    (the first failure is the decision's reason). Values shown are the operator's own token's."""
+    out = []
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        out.append((name, "passed" if ok else "FAILED", detail))
+
+    if route.client_ids is not None:
+        check("clients", claims.client_id in route.client_ids,
+              f"client_id {claims.client_id!r} is one of the route's client_ids [{' '.join(sorted(route.client_ids))}]")
+    if route.scopes:
+        check("scopes", not route.scopes.isdisjoint(claims.scopes),
+              f"token holds one of the route's scopes [{route.scopes_text}]")
+    if route.all_scopes:
+        check("all_scopes", route.all_scopes <= claims.scopes,
+              f"token holds all of the route's all_scopes [{route.all_scopes_text}]")
+    for cond in route.claims:
+        present = cond.name in claims.custom
+        value = claims.custom.get(cond.name)
+        check("claim", present and cond.holds(value),  # type: ignore[arg-type]
+              f"{cond.text} (token: {_show_claim(value) if present else 'no such claim'})")
+    return out
+
+
+def _show_claim(value: object) -> str:
+    return json.dumps(_json_claim(value))
 
 
 def _route_dict(route: Route | None) -> dict[str, Any] | None:
@@ -189,11 +228,9 @@ async def _explain_real(policy: Policy, method: str, path: str, token: str, real
             # The decision is the server's own (decide verifies again with the same keys);
             # the checklist above only explains it.
             info.outcome = await run_check(policy, verifier, method, path, token, realm)
-            route = info.outcome.decision.route
-            if error is None and route is not None and not route.public:
-                held = sorted(route.scopes & info.outcome.decision.claims.scopes) if info.outcome.decision.claims else []
-                info.checks.append(("scopes", "passed" if held else "FAILED",
-                                    f"token holds one of the route's scopes [{route.scopes_text}]"))
+            decision = info.outcome.decision
+            if error is None and decision.route is not None and not decision.route.public and decision.claims:
+                info.checks.extend(condition_checks(decision.route, decision.claims))
         finally:
             await cache.close()
     return info
@@ -201,16 +238,20 @@ async def _explain_real(policy: Policy, method: str, path: str, token: str, real
 
 async def explain(policy: Policy, method: str, path: str, *, token: str | None = None,
                   scopes: list[str] | None = None, client_id: str | None = None, issuer: str | None = None,
-                  realm: str = "authz-service", leeway: float = 60.0) -> Explanation:
-    """Explain one request; a real ``token`` is verified for real, ``scopes``/``client_id`` are simulated."""
+                  claims: dict[str, Any] | None = None, realm: str = "authz-service",
+                  leeway: float = 60.0) -> Explanation:
+    """Explain one request; a real ``token`` is verified for real, ``scopes``/``client_id``/``claims``
+    are simulated (a token minted with them)."""
     if token is not None:
         info = await _explain_real(policy, method, path, token, realm, leeway)
-    elif scopes is not None or client_id is not None:
+    elif scopes is not None or client_id is not None or claims:
         simulator = Simulator(policy)
         iss = issuer or policy.issuers[0].issuer
-        minted = simulator.token(iss, scopes or [], client_id)
+        minted = simulator.token(iss, scopes or [], client_id, claims)
         who = f"simulated: a verified token from {iss} with scopes [{' '.join(scopes or [])}]"
-        info = Explanation(method, path, who + (f", client_id {client_id!r}" if client_id else ""))
+        who += f", client_id {client_id!r}" if client_id else ""
+        who += f", claims {json.dumps(claims, separators=(',', ':'))}" if claims else ""
+        info = Explanation(method, path, who)
         info.outcome = await run_check(policy, simulator.verifier, method, path, minted, realm)
     else:
         info = Explanation(method, path, "none (no Authorization header)")
@@ -237,12 +278,7 @@ def render_text(info: Explanation, out: TextIO) -> None:
     elif decision["reason"] != "bad_request":
         print("why:       no route's path pattern covers this path", file=out)
     if route is not None and not route["public"]:
-        present = data["present_scopes"]
-        print(f"required:  any of [{' '.join(data['required_scopes'])}]", file=out)
-        if present is not None:
-            held = sorted(set(present) & set(data["required_scopes"]))
-            print(f"present:   [{' '.join(present)}] -> {'holds ' + ' '.join(held) if held else 'none of them'}",
-                  file=out)
+        _render_requirements(info, data, out)
     if info.checks:
         print("checks:", file=out)
         for name, result, detail in info.checks:
@@ -269,6 +305,35 @@ def render_text(info: Explanation, out: TextIO) -> None:
         print(f"  {answer['body']}", file=out)
 
 
+def _render_requirements(info: Explanation, data: dict[str, Any], out: TextIO) -> None:
+    """required: what the route asks for; present: what the token holds (scopes, then conditions)."""
+    required = []
+    if data["required_scopes"]:
+        required.append(f"any of [{' '.join(data['required_scopes'])}]")
+    if data["required_all_scopes"]:
+        required.append(f"all of [{' '.join(data['required_all_scopes'])}]")
+    if data["route_client_ids"] is not None:
+        required.append(f"client_id one of [{' '.join(data['route_client_ids'])}]")
+    decision = info.outcome.decision if info.outcome else None
+    route = decision.route if decision else None
+    if route is not None:
+        required.extend(f"claim {c.text}" for c in route.claims)
+    for k, line in enumerate(required):
+        print(f"{'required:' if k == 0 else '':<10} {line}", file=out)
+    present = data["present_scopes"]
+    if present is None or decision is None or decision.claims is None or route is None:
+        return
+    if data["required_scopes"] and not route.conditions:  # the one-line form for a scopes-only route
+        held = sorted(set(present) & set(data["required_scopes"]))
+        print(f"present:   [{' '.join(present)}] -> {'holds ' + ' '.join(held) if held else 'none of them'}",
+              file=out)
+        return
+    print(f"present:   [{' '.join(present)}], client_id {decision.claims.client_id!r}", file=out)
+    if not info.checks:  # simulated: the real token's checklist shows the same per condition
+        for name, result, detail in condition_checks(route, decision.claims):
+            print(f"           {result:<7} {name}: {detail}", file=out)
+
+
 def read_token(args: argparse.Namespace) -> str | None:
     """The token from --token or --token-file ('-': stdin); None when neither was given.
 
@@ -284,6 +349,24 @@ def read_token(args: argparse.Namespace) -> str | None:
     return _BEARER.sub("", text.strip(), count=1)
 
 
+def parse_claim_options(options: list[str]) -> dict[str, Any]:
+    """``--claim NAME=VALUE`` options: VALUE is read as JSON when it is JSON (3, true, ["a","b"],
+    "quoted"), else as a string, as a pre token generation trigger would set it."""
+    claims: dict[str, Any] = {}
+    for option in options:
+        name, sep, raw = option.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--claim {option!r}: write NAME=VALUE, e.g. --claim tenant=acme")
+        if cognito_controlled(name):
+            raise ValueError(f"--claim {name}: set by Cognito, not by a pre token generation trigger; use "
+                             "--scopes, --client-id or --issuer")
+        try:
+            claims[name] = json.loads(raw)
+        except ValueError:
+            claims[name] = raw
+    return claims
+
+
 def explain_command(args: argparse.Namespace, out: TextIO) -> int:
     """Exit 0 when Envoy would let the request through, 1 when it would deny, 2 on unusable input."""
     try:
@@ -296,8 +379,18 @@ def explain_command(args: argparse.Namespace, out: TextIO) -> int:
         print(f"authz-service explain: error: cannot read the token: {exc}", file=sys.stderr)
         return 2
     scopes = args.scopes.split() if args.scopes is not None else None
+    try:
+        claims = parse_claim_options(getattr(args, "claims", None) or [])
+    except ValueError as exc:
+        print(f"authz-service explain: error: {exc}", file=sys.stderr)
+        return 2
+    if claims and token is not None:
+        print("authz-service explain: error: --claim simulates a token; a real token carries its own claims",
+              file=sys.stderr)
+        return 2
     info = asyncio.run(explain(policy, args.method, args.path, token=token, scopes=scopes,
-                               client_id=args.client_id, issuer=args.issuer, realm=args.realm, leeway=args.leeway))
+                               client_id=args.client_id, issuer=args.issuer, claims=claims, realm=args.realm,
+                               leeway=args.leeway))
     if args.json:
         print(json.dumps(info.as_dict(), indent=2), file=out)
     else:

@@ -224,14 +224,14 @@ class JwksCache:
                 state = self._states.pop(ident)
                 if state.task:
                     state.task.cancel()
-                self._metrics.issuer_removed(state.issuer.user_pool_id)
+                self._metrics.issuer_removed(state.issuer.metric_label)
         self._reindex()
         for ident, issuer in wanted.items():
             state = self._states.get(ident)
             if state is None:
                 state = self._states[ident] = _IssuerState(issuer)
-                self._metrics.issuer_added(issuer.user_pool_id)
-                state.task = asyncio.create_task(self._refresher(state), name=f"jwks:{issuer.user_pool_id}")
+                self._metrics.issuer_added(issuer.metric_label)
+                state.task = asyncio.create_task(self._refresher(state), name=f"jwks:{issuer.metric_label}")
             else:
                 state.issuer = issuer  # client_ids may have changed; keys stay
 
@@ -298,7 +298,7 @@ class JwksCache:
 
     async def _fetch_keys(self, state: _IssuerState, trigger: str, recorder: Recorder) -> bool:
         issuer = state.issuer
-        label = issuer.user_pool_id
+        label = issuer.metric_label
         try:
             document = await self._download(issuer.jwks_uri)
             parsed = parse_jwks(document)

@@ -9,6 +9,11 @@ which beats a trailing ``/**``; at equal paths a route listing methods beats one
 Two routes that could match the same request with equal specificity are refused at load.
 A route that lists GET also takes HEAD (apps serve HEAD with the GET handler), unless another
 route at the same path lists HEAD itself.
+
+Besides its scopes (any of them), a route may require all of some scopes, name the app clients
+allowed on it and set conditions on custom claims (``conditions``); an issuer entry may accept
+Cognito's newer issuer URL and the regions of a multi-Region user pool (one ``Issuer`` per
+accepted ``iss``). The policy reference is docs/policy.md.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .conditions import ClaimCondition, Conditions, parse_claim_conditions
 from .yamlfile import Where, YamlError, compose_yaml, load_strict_yaml, place, position, where_text
 
 # RFC 3986 pchar without percent-encoding: what a literal policy segment may contain.
@@ -30,6 +36,7 @@ _LITERAL_SEGMENT = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@]+\Z")
 _PARAM_SEGMENT = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
 _METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*\Z")  # RFC 9110 token, upper case as HTTP methods are written
 _SCOPE = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+\Z")  # RFC 6749 scope-token
+_REGION = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d+\Z")
 _POOL_ID = re.compile(r"^(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)_[0-9A-Za-z]+\Z")
 # Emulators name pools differently (cognito-local: local_Abc123); accepted with an explicit issuer.
 _ANY_POOL_ID = re.compile(r"^[A-Za-z0-9-]{1,50}_[0-9A-Za-z]+\Z")
@@ -60,15 +67,43 @@ class Mode(enum.Enum):
     DRY_RUN = "dry-run"
 
 
+class IssuerFormat(enum.Enum):
+    """Which issuer URL a Cognito user pool writes into ``iss`` (its IssuerConfiguration)."""
+
+    ORIGINAL = "original"  # https://cognito-idp.<region>.amazonaws.com/<pool id>
+    UPDATED = "updated"  # https://issuer-cognito-idp.<region>.amazonaws.com/<pool id>
+
+
+_ISSUER_HOSTS = {IssuerFormat.ORIGINAL: "cognito-idp", IssuerFormat.UPDATED: "issuer-cognito-idp"}
+
+
+def cognito_issuer(issuer_format: IssuerFormat, region: str, user_pool_id: str) -> str:
+    """The ``iss`` a Cognito user pool (or one region of a multi-Region pool) puts in its tokens."""
+    return f"https://{_ISSUER_HOSTS[issuer_format]}.{region}.amazonaws.com/{user_pool_id}"
+
+
 @dataclass(frozen=True, slots=True)
 class Issuer:
-    """A trusted Cognito user pool."""
+    """One accepted ``iss`` of a trusted Cognito user pool, and where its signing keys are.
+
+    An ``issuers`` entry of the policy yields one Issuer, or one per region for a multi-Region pool
+    (``replica`` marks the replica regions'); each has its own JWKS state and metric label.
+    """
 
     user_pool_id: str
     region: str
     issuer: str
     jwks_uri: str
     client_ids: frozenset[str] | None  # None: any app client of the pool
+    format: IssuerFormat | None = IssuerFormat.ORIGINAL  # None: an explicit ``issuer`` URL
+    replica: bool = False
+    block: int = 0  # index of the ``issuers`` entry that accepts it
+
+    @property
+    def metric_label(self) -> str:
+        """The ``issuer`` label of the JWKS metrics: the pool id, plus ``@<region>`` for a replica
+        region (one pool's regions must not share a series)."""
+        return f"{self.user_pool_id}@{self.region}" if self.replica else self.user_pool_id
 
 
 # Lint warnings (``authz-service validate``) a route may acknowledge as intended with
@@ -82,17 +117,24 @@ LINT_CODES = {
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """One policy rule. ``scopes`` is empty exactly when ``public`` is true."""
+    """One policy rule. A public route has no scopes and no conditions; a protected one requires
+    ``scopes`` (any of them), ``all_scopes`` (all of them) or both."""
 
     name: str
     path: str
     methods: frozenset[str] | None  # None: any method
-    scopes: frozenset[str]
+    scopes: frozenset[str]  # any of them (empty: no any-of requirement)
     public: bool
     mode: Mode
     index: int  # position in the file, for messages
     scopes_text: str = field(default="", compare=False)  # precomputed for the 403 header and body
     acknowledge: frozenset[str] = frozenset()  # lint codes (LINT_CODES) the author marked as intended
+    all_scopes: frozenset[str] = frozenset()
+    client_ids: frozenset[str] | None = None  # None: any client the issuer accepts
+    claims: tuple[ClaimCondition, ...] = ()
+    all_scopes_text: str = field(default="", compare=False)
+    # The scopes and conditions compiled for decide(); None when the route has only (any-of) scopes.
+    conditions: Conditions | None = field(default=None, compare=False)
 
     def takes(self, method: str) -> bool:
         """Whether this route's methods include ``method`` (GET implies HEAD; see the module doc)."""
@@ -111,6 +153,8 @@ class Policy:
     issuers_by_iss: Mapping[str, Issuer]
     _trie: _Node = field(repr=False, compare=False)
     version: int = 1  # the policy format (``version:``); see POLICY_VERSIONS
+    # Custom claims some route's conditions name: the verifier keeps exactly these in Claims.custom.
+    claim_names: frozenset[str] = frozenset()
 
     def match(self, method: str, segments: tuple[str, ...]) -> Route | None:
         """The most specific route for this method and path segments, or None (deny)."""
@@ -201,8 +245,9 @@ _TOP_KEYS = {"version", "issuers", "routes", "mode"}
 # Policy formats this loader reads. Why a version at all: a policy written for a later format
 # (new keys, or old keys with a new meaning) must be refused by an older service, not half-read.
 POLICY_VERSIONS = (1,)
-_ISSUER_KEYS = {"user_pool_id", "region", "issuer", "jwks_uri", "client_ids"}
-_ROUTE_KEYS = {"name", "methods", "path", "scopes", "public", "mode", "acknowledge"}
+_ISSUER_KEYS = {"user_pool_id", "region", "issuer", "jwks_uri", "client_ids", "issuer_format", "replica_regions"}
+_ROUTE_KEYS = {"name", "methods", "path", "scopes", "public", "mode", "acknowledge", "all_scopes", "client_ids",
+               "claims"}
 
 
 # A policy is a few KB; anything near this is a mistake (or /dev/zero), not a policy.
@@ -310,6 +355,7 @@ def check_policy(data: bytes | str, source: str = "<policy>") -> tuple[Policy | 
     except PolicyError as exc:  # a top-level problem: nothing else can be checked
         ctx.errors.append(exc)
         policy = None
+    ctx.errors.sort(key=lambda e: (e.line or 0, e.column or 0))  # stable: same place keeps its order
     return (policy if not ctx.errors else None), ctx.errors
 
 
@@ -356,29 +402,31 @@ class _Context:
         self.check_keys(doc, _TOP_KEYS, ())
         default_mode = self.mode(doc.get("mode", "enforce"), ("mode",))
         issuer_items = self.nonempty_list(doc, "issuers", ())
-        issuers = [self.collect(self.issuer, item, i) for i, item in enumerate(issuer_items)]
+        blocks = [self.collect(self.issuer, item, i) for i, item in enumerate(issuer_items)]
+        issuers = [issuer for block in blocks if block is not None for issuer in block]
         by_iss: dict[str, Issuer] = {}
-        for i, issuer in enumerate(issuers):
-            if issuer is None:
-                continue
+        for issuer in issuers:
             if issuer.issuer in by_iss:
                 self.errors.append(self.fail(
-                    ("issuers", i), f"issuer {issuer.issuer!r} is listed twice; keep one entry"))
+                    ("issuers", issuer.block), f"issuer {issuer.issuer!r} is listed twice; keep one entry"))
             by_iss[issuer.issuer] = issuer
         route_items = self.collect(self.nonempty_list, doc, "routes", ()) or []
         routes = [self.collect(self.route, item, i, default_mode) for i, item in enumerate(route_items)]
         good_routes = tuple(r for r in routes if r is not None)
+        self.unique_names(good_routes, {i for i, item in enumerate(route_items) if isinstance(item, dict)
+                                        and "name" in item})
         trie = _compile(good_routes, self)
         if self.errors:
             return None
         return Policy(
             source=self.source,
             sha256=hashlib.sha256(raw).hexdigest(),
-            issuers=tuple(i for i in issuers if i is not None),
+            issuers=tuple(issuers),
             routes=good_routes,
             issuers_by_iss=by_iss,
             _trie=trie,
             version=version,
+            claim_names=frozenset(c.name for r in good_routes for c in r.claims),
         )
 
     def version(self, value: object) -> int:
@@ -388,6 +436,25 @@ class _Context:
         known = ", ".join(str(v) for v in POLICY_VERSIONS)
         raise self.fail(("version",), f"{value!r} is not a policy format this authz-service reads (it reads "
                         f"version {known}); write 'version: 1' (or leave it out), or upgrade authz-service")
+
+    def unique_names(self, routes: Iterable[Route], named: set[int]) -> None:
+        """Two routes with one name would share their metric series (route label) and log lines.
+
+        Only names someone wrote count: two equal default names ("GET /a") mean equal methods and
+        path, which the trie already refuses as a conflict."""
+        first_by_name: dict[str, Route] = {}
+        for route in routes:
+            first = first_by_name.setdefault(route.name, route)
+            if first is route or (route.index not in named and first.index not in named):
+                continue
+            where: Where = ("routes", route.index, "name")
+            line, column = self.position(where)
+            first_line, first_column = self.position(("routes", first.index, "name"))
+            self.errors.append(PolicyError(
+                f"{place(self.source, line, column)}: routes[{route.index}].name: {route.name!r} is also the name "
+                f"of routes[{first.index}] ({place(self.source, first_line, first_column)}); route names label the "
+                "metrics (route=...), so both would be counted as one: give each route its own name",
+                where, line, column))
 
     def check_keys(self, item: dict[str, Any], allowed: set[str], where: Where) -> None:
         for key in item:
@@ -434,7 +501,8 @@ class _Context:
         except ValueError:
             raise self.fail(where, f"must be 'enforce' or 'dry-run', got {value!r}") from None
 
-    def issuer(self, item: object, i: int) -> Issuer:
+    def issuer(self, item: object, i: int) -> list[Issuer]:
+        """One ``issuers`` entry: the Issuer of its primary region, then one per replica region."""
         where: Where = ("issuers", i)
         if not isinstance(item, dict):
             raise self.fail(where, f"must be a mapping with user_pool_id, got {_kind(item)}")
@@ -451,24 +519,54 @@ class _Context:
         if m is not None and region != m["region"]:
             raise self.fail((*where, "region"), f"{region!r} does not match the pool id's region {m['region']!r}; remove region"
             )
-        issuer = self.string(item, "issuer", where) or f"https://cognito-idp.{region}.amazonaws.com/{pool}"
+        issuer_format, replicas = self.issuer_format(item, where, region)
+        explicit = self.string(item, "issuer", where)
+        issuer = explicit or cognito_issuer(issuer_format, region, pool)
         if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?\Z", issuer):
             raise self.fail((*where, "issuer"), f"{issuer!r} is not an http(s) URL")
-        jwks_uri = self.string(item, "jwks_uri", where) or f"{issuer}/.well-known/jwks.json"
-        if not re.match(r"^https?://[^\s/?#]+(/\S*)?\Z", jwks_uri):
-            raise self.fail((*where, "jwks_uri"), f"{jwks_uri!r} is not an http(s) URL")
+        jwks_override = self.string(item, "jwks_uri", where)
+        if jwks_override is not None and not re.match(r"^https?://[^\s/?#]+(/\S*)?\Z", jwks_override):
+            raise self.fail((*where, "jwks_uri"), f"{jwks_override!r} is not an http(s) URL")
         client_ids = self.string_list(item, "client_ids", where)
         if client_ids is not None:
             for j, cid in enumerate(client_ids):
                 if not _CLIENT_ID.match(cid):
                     raise self.fail((*where, "client_ids", j), f"{cid!r} is not an app client id")
-        return Issuer(
-            user_pool_id=pool,
-            region=region,
-            issuer=issuer,
-            jwks_uri=jwks_uri,
-            client_ids=frozenset(client_ids) if client_ids is not None else None,
-        )
+        allowed = frozenset(client_ids) if client_ids is not None else None
+        fmt = None if explicit else issuer_format
+        accepted = [(region, issuer, False)]
+        accepted += [(r, cognito_issuer(issuer_format, r, pool), True) for r in replicas]
+        return [Issuer(user_pool_id=pool, region=r, issuer=iss, jwks_uri=jwks_override or f"{iss}/.well-known/jwks.json",
+                       client_ids=allowed, format=fmt, replica=replica, block=i)
+                for r, iss, replica in accepted]
+
+    def issuer_format(self, item: dict[str, Any], where: Where, primary: str) -> tuple[IssuerFormat, list[str]]:
+        """``issuer_format`` (default original) and ``replica_regions`` of an issuers entry."""
+        raw = item.get("issuer_format", IssuerFormat.ORIGINAL.value)
+        try:
+            issuer_format = IssuerFormat(raw)
+        except ValueError:
+            raise self.fail((*where, "issuer_format"), f"must be 'original' (cognito-idp.<region>) or 'updated' "
+                                                       f"(issuer-cognito-idp.<region>), got {raw!r}") from None
+        replicas = self.string_list(item, "replica_regions", where) or []
+        for key in ("issuer_format", "replica_regions"):
+            if key in item and "issuer" in item:
+                raise self.fail((*where, key), f"'{key}' derives the issuer URL, which the explicit 'issuer' fixes; "
+                                               "remove one of them")
+        if "replica_regions" in item and issuer_format is not IssuerFormat.UPDATED:
+            raise self.fail((*where, "replica_regions"), "a multi-Region user pool needs the updated issuer; "
+                                                         "add 'issuer_format: updated'")
+        if replicas and _POOL_ID.match(item["user_pool_id"]) is None:
+            raise self.fail((*where, "replica_regions"), "needs a Cognito user pool id (<region>_<id>)")
+        for j, region in enumerate(replicas):
+            if not _REGION.match(region):
+                raise self.fail((*where, "replica_regions", j), f"{region!r} is not an AWS region (e.g. eu-west-1)")
+            if region == primary:
+                raise self.fail((*where, "replica_regions", j), f"{region!r} is the pool's primary region; "
+                                                                "list only the replica regions")
+            if region in replicas[:j]:
+                raise self.fail((*where, "replica_regions", j), f"{region!r} is listed twice")
+        return issuer_format, replicas
 
     def route(self, item: object, i: int, default_mode: Mode) -> Route:
         where: Where = ("routes", i)
@@ -489,16 +587,27 @@ class _Context:
         public = item.get("public", False)
         if not isinstance(public, bool):
             raise self.fail((*where, "public"), f"must be true or false, got {public!r}")
+        requirements = [key for key in ("scopes", "all_scopes", "client_ids", "claims") if key in item]
+        if public and requirements:
+            raise self.fail(where, f"a public route takes no {', '.join(requirements)}; remove "
+                                   f"{'it' if len(requirements) == 1 else 'them'} or 'public: true'")
         scopes = self.string_list(item, "scopes", where)
-        if public and scopes is not None:
-            raise self.fail(where, "a public route takes no scopes; remove 'scopes' or 'public: true'")
-        if not public and scopes is None:
-            raise self.fail(where, "missing 'scopes' (the token must hold one of them) or 'public: true'")
-        for j, scope in enumerate(scopes or ()):
-            if not _SCOPE.match(scope):
-                raise self.fail((*where, "scopes", j),
-                    f"{scope!r} is not a valid OAuth scope (no spaces, quotes or backslashes)",
-                )
+        all_scopes = self.string_list(item, "all_scopes", where)
+        if not public and scopes is None and all_scopes is None:
+            raise self.fail(where, "missing 'scopes' (the token must hold one of them), 'all_scopes' (all of "
+                                   "them) or 'public: true'")
+        for key, listed in (("scopes", scopes), ("all_scopes", all_scopes)):
+            for j, scope in enumerate(listed or ()):
+                if not _SCOPE.match(scope):
+                    raise self.fail((*where, key, j),
+                        f"{scope!r} is not a valid OAuth scope (no spaces, quotes or backslashes)",
+                    )
+        client_ids = self.string_list(item, "client_ids", where)
+        for j, cid in enumerate(client_ids or ()):
+            if not _CLIENT_ID.match(cid):
+                raise self.fail((*where, "client_ids", j), f"{cid!r} is not an app client id")
+        claims = (parse_claim_conditions(item["claims"], lambda at, problem: self.fail((*where, "claims", *at), problem))
+                  if "claims" in item else ())
         name = self.string(item, "name", where)
         if name is not None and not _ROUTE_NAME.match(name):
             raise self.fail((*where, "name"), f"{name!r}: use letters, digits and -_.:/ (at most 100)")
@@ -510,16 +619,26 @@ class _Context:
             if code not in LINT_CODES:
                 raise self.fail((*where, "acknowledge", j),
                                 f"{code!r} is not a lint warning code; known: {', '.join(sorted(LINT_CODES))}")
+        any_scopes = frozenset(scopes or ())
+        required = frozenset(all_scopes or ())
+        allowed = frozenset(client_ids) if client_ids is not None else None
+        conditions = (Conditions(any_scopes, required, allowed, claims)
+                      if required or allowed is not None or claims else None)
         return Route(
             name=name,
             path=path,
             methods=frozenset(methods) if methods is not None else None,
-            scopes=frozenset(scopes or ()),
+            scopes=any_scopes,
             public=public,
             mode=mode,
             index=i,
-            scopes_text=" ".join(sorted(scopes or ())),
+            scopes_text=" ".join(sorted(any_scopes)),
             acknowledge=frozenset(acknowledge),
+            all_scopes=required,
+            client_ids=allowed,
+            claims=claims,
+            all_scopes_text=" ".join(sorted(required)),
+            conditions=conditions,
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import json
 import re
 import sys
 from collections import defaultdict
@@ -17,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from .claims import cognito_controlled
 from .policy import (OTHER_SEGMENT, Mode, Policy, PolicyError, Route, check_policy, pattern_matches,
                      read_policy_file, read_policy_stream)
 from .simulate import Simulator, run_check
-from .yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position, where_text
+from .yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position, scalar_text, where_text
 
 STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 # Scopes a user pool knows but a client_credentials (machine-to-machine) token can never carry.
@@ -29,6 +31,8 @@ USER_POOL_SCOPES = frozenset({"openid", "email", "phone", "profile", "aws.cognit
 # contain '/' (e.g. a URL), the scope name may not.
 _CUSTOM_SCOPE = re.compile(r"^\S+/[^/\s]+\Z")
 _UNLISTED_METHOD = "X-UNLISTED-METHOD"  # stands for every method no route lists
+# How JSON (and so a token's claim) writes a number or a boolean; YAML 1.1 also reads yes, on, 0x1f, 010...
+_JSON_LITERAL = re.compile(r"^(true|false|-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?)\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,7 @@ def lint(policy: Policy, text: str) -> list[Lint]:
     for route, raw in zip(policy.routes, raw_routes):
         out.extend(_lint_methods(route, raw, warn))
         out.extend(_lint_scopes(route, raw, warn))
+        out.extend(_lint_claim_literals(route, tree, warn))
     out.extend(_lint_reachability(policy, warn))
     out.sort(key=lambda w: (w.line or 0, w.column or 0))
     return out
@@ -106,12 +111,17 @@ def _lint_methods(route: Route, raw: dict[str, Any], warn: Any) -> list[Lint]:
 
 def _lint_scopes(route: Route, raw: dict[str, Any], warn: Any) -> list[Lint]:
     out = []
-    seen: set[str] = set()
-    for j, scope in enumerate(raw.get("scopes") or ()):
-        where = ("routes", route.index, "scopes", j)
-        if scope in seen:
+    listed = [("scopes", j, scope) for j, scope in enumerate(raw.get("scopes") or ())]
+    listed += [("all_scopes", j, scope) for j, scope in enumerate(raw.get("all_scopes") or ())]
+    seen: dict[str, str] = {}
+    for key, j, scope in listed:
+        where = ("routes", route.index, key, j)
+        if seen.get(scope) == key:
             out.append(warn(where, f"scope {scope!r} is listed twice", "remove the duplicate"))
-        seen.add(scope)
+        elif scope in seen:
+            out.append(warn(where, f"scope {scope!r} is in both scopes and all_scopes, so holding all_scopes "
+                                   "always meets scopes", "remove it from one of them"))
+        seen.setdefault(scope, key)
         if scope in USER_POOL_SCOPES:
             out.append(warn(where, f"{scope!r} is a user-pool (OpenID) scope; machine-to-machine "
                                    "(client_credentials) tokens never carry it",
@@ -120,6 +130,26 @@ def _lint_scopes(route: Route, raw: dict[str, Any], warn: Any) -> list[Lint]:
             out.append(warn(where, f"{scope!r} is not shaped '<resource server identifier>/<scope name>', "
                                    "so no Cognito client_credentials token can carry it",
                             f"write the full custom scope, e.g. 'transactions/{scope}'"))
+    return out
+
+
+def _lint_claim_literals(route: Route, tree: Any, warn: Any) -> list[Lint]:
+    """A claim condition value YAML read as a boolean or number from text JSON writes otherwise
+    (``yes``, ``on``, ``010``, ``1_000``): the condition compares with true or 8, not the text."""
+    out = []
+    for cond in route.claims:
+        base: tuple[str | int, ...] = ("routes", route.index, "claims", cond.name)
+        if cond.operator == "any_of":
+            places = [((*base, "any_of", j), value) for j, value in enumerate(cond.values)]
+        else:  # equals written as a bare value or as {equals: ...}; contains takes strings only
+            places = [(base, cond.values[0]), ((*base, cond.operator), cond.values[0])]
+        for where, value in places:
+            text = scalar_text(tree, where)
+            if text is None or isinstance(value, str) or _JSON_LITERAL.match(text):
+                continue
+            out.append(warn(where, f"YAML reads {text!r} as {json.dumps(value)}, so the claim must be that JSON "
+                                   "value, not the text", f"write {json.dumps(value)} if that is meant, or quote the "
+                                                          f"text: '{text}'"))
     return out
 
 
@@ -154,10 +184,28 @@ class Reach:
 
 def weaker(other: Route, route: Route) -> bool:
     """Whether ``other`` lets through a request ``route`` would refuse: it is public, only dry-run
-    where ``route`` enforces, or accepts a scope ``route`` does not (scopes are any-of)."""
+    where ``route`` enforces, or accepts a token ``route`` does not (see ``requirement_gap``)."""
     if route.public:
         return False
-    return other.public or (other.mode is Mode.DRY_RUN and route.mode is Mode.ENFORCE) or not other.scopes <= route.scopes
+    return (other.public or (other.mode is Mode.DRY_RUN and route.mode is Mode.ENFORCE)
+            or requirement_gap(other, route) is not None)
+
+
+def requirement_gap(other: Route, route: Route) -> tuple[str, tuple[str, ...]] | None:
+    """How protected ``other`` accepts a token ``route`` refuses: (kind, what), kind one of scopes
+    (other's scopes route lacks), all_scopes (route's that other does not require), clients, claims
+    (route's conditions other lacks); None when every token ``other`` accepts meets ``route``'s scopes
+    and conditions. Conservative: a requirement counts only when ``other`` states it itself."""
+    # Scopes other guarantees: all of its all_scopes, and its only any-of scope when it has one.
+    held = other.all_scopes | (other.scopes if len(other.scopes) == 1 else frozenset())
+    if route.scopes and not (held & route.scopes or (other.scopes and other.scopes <= route.scopes)):
+        return "scopes", tuple(sorted(other.scopes - route.scopes) or sorted(other.all_scopes))
+    if not route.all_scopes <= held:
+        return "all_scopes", tuple(sorted(route.all_scopes - held))
+    if route.client_ids is not None and (other.client_ids is None or not other.client_ids <= route.client_ids):
+        return "clients", ()
+    missing = tuple(c.text for c in route.claims if c not in other.claims)
+    return ("claims", missing) if missing else None
 
 
 def reachability(policy: Policy) -> Reach | None:
@@ -263,9 +311,7 @@ def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
         takes = "; ".join(f"{r.name!r} takes only {'|'.join(sorted(r.methods or ()))}" for r in siblings)
         weak = [r for r in siblings if weaker(other, r)]
         why = ("is public" if other.public else "is dry-run" if other.mode is Mode.DRY_RUN and route.mode is Mode.ENFORCE
-               else "accepts scopes "
-               + ("this route does not" if len(siblings) == 1 else "these routes do not")
-               + f" ({' '.join(sorted(set().union(*(other.scopes - r.scopes for r in weak))))})")
+               else _gaps_text(other, weak, "this route" if len(siblings) == 1 else "these routes"))
         example = [m for m in ("DELETE", "PUT", "POST", "PATCH", *STANDARD_METHODS) if m in fell] or ["PUT"]
         out.append(warn(("routes", route_i, "methods"),
                         f"route {takes}; {_methods_text(fell)} on {'its' if len(siblings) == 1 else 'their'} paths "
@@ -274,6 +320,24 @@ def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
                         "list those methods on a route of this path (same or stricter scopes), or narrow "
                         f"{other.name!r}; if intended, add 'acknowledge: [fallthrough]' to this route"))
     return out
+
+
+def _gaps_text(other: Route, weak: list[Route], this: str) -> str:
+    """Why ``other`` is weaker than the routes ``weak`` (``this``: "this route" or "these routes")."""
+    found: dict[str, list[str]] = {}
+    for route in weak:
+        gap = requirement_gap(other, route)
+        if gap is not None:
+            found.setdefault(gap[0], []).extend(gap[1])
+    does = "does" if this == "this route" else "do"
+    texts = {
+        "scopes": lambda items: f"accepts scopes {this} {does} not ({' '.join(sorted(set(items)))})",
+        "all_scopes": lambda items: f"does not require all of {' '.join(sorted(set(items)))}",
+        "clients": lambda items: f"accepts clients {this} {does} not",
+        "claims": lambda items: (f"does not require the claim condition{'s' if len(set(items)) > 1 else ''} "
+                                 + "; ".join(dict.fromkeys(items))),
+    }
+    return "; ".join(texts[kind](items) for kind, items in found.items())
 
 
 def _grouped(pairs: dict[tuple[int, int], tuple[str, tuple[str, ...]]]
@@ -289,28 +353,50 @@ def _request_text(method: str, segments: tuple[str, ...]) -> str:
     return f"{'any method' if method == _UNLISTED_METHOD else method} {_show(segments)}"
 
 
-def print_report(report: Report, out: TextIO) -> None:
+def print_report(report: Report, out: TextIO, explain_issuers: bool = False) -> None:
     for error in report.errors:
         print(f"{error}", file=out)
     for warning in report.warnings:
         print(str(warning), file=out)
     if report.policy is not None:
-        issuers = len(report.policy.issuers)
+        accepted = len(report.policy.issuers)
+        issuers = len({i.block for i in report.policy.issuers})  # entries; a multi-Region one accepts several iss
         status = "OK" if not report.warnings else "OK with warnings"
         print(f"{report.source}: {status}: {len(report.policy.routes)} routes, {issuers} issuer"
-              f"{'s' if issuers != 1 else ''}, {len(report.warnings)} warning{'s' if len(report.warnings) != 1 else ''}",
-              file=out)
+              f"{'s' if issuers != 1 else ''}{f' ({accepted} accepted iss)' if accepted != issuers else ''}, "
+              f"{len(report.warnings)} warning{'s' if len(report.warnings) != 1 else ''}", file=out)
+        if explain_issuers:
+            for line in issuer_lines(report.policy):
+                print(line, file=out)
     else:
         print(f"{report.source}: REFUSED: {len(report.errors)} error{'s' if len(report.errors) != 1 else ''}"
               f" (the server would not load this file)", file=out)
 
 
-def validate_command(paths: Sequence[Path | str], strict: bool, out: TextIO) -> int:
+def issuer_lines(policy: Policy) -> list[str]:
+    """What each ``issuers`` entry accepts: the exact ``iss`` values, their JWKS URLs and clients."""
+    out = []
+    for block in sorted({i.block for i in policy.issuers}):
+        accepted = [i for i in policy.issuers if i.block == block]
+        first = accepted[0]
+        kind = f"{first.format.value} issuer format" if first.format is not None else "explicit issuer"
+        clients = ("any app client of the pool" if first.client_ids is None
+                   else "app clients " + ", ".join(sorted(first.client_ids)))
+        out.append(f"  issuers[{block}] {first.user_pool_id} ({kind}) accepts {clients}, with iss:")
+        for issuer in accepted:
+            where = f"replica region {issuer.region}" if issuer.replica else (
+                f"region {issuer.region}" if issuer.region else "")
+            out.append(f"    {issuer.issuer}" + (f"  ({where})" if where else ""))
+            out.append(f"      keys from {issuer.jwks_uri}")
+    return out
+
+
+def validate_command(paths: Sequence[Path | str], strict: bool, out: TextIO, explain_issuers: bool = False) -> int:
     """Exit code for CI: 1 when any file is refused (or, with ``strict``, has warnings)."""
     failed = False
     for path in paths:
         report = validate_file(path)
-        print_report(report, out)
+        print_report(report, out, explain_issuers)
         failed |= bool(report.errors) or (strict and bool(report.warnings))
     return 1 if failed else 0
 
@@ -318,7 +404,7 @@ def validate_command(paths: Sequence[Path | str], strict: bool, out: TextIO) -> 
 # --- test ----------------------------------------------------------------------------------------
 
 _TEST_KEYS = {"name", "method", "path", "scopes", "client_id", "issuer", "token", "expect", "status", "route",
-              "reason"}
+              "reason", "claims"}
 _EXPECT = ("allow", "deny", "dry_run_deny")
 
 
@@ -342,6 +428,7 @@ class Case:
     status: int | None
     route: str | None
     reason: str | None
+    claims: dict[str, Any] | None = None  # custom claims of the minted token (what a trigger would add)
 
     @property
     def wanted(self) -> dict[str, object]:
@@ -391,16 +478,32 @@ def load_tests(path: Path | str) -> list[Case]:
         status = item.get("status")
         if status is not None and (not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599):
             raise fail((*where, "status"), f"must be an HTTP status code, got {status!r}")
-        token = item.get("token", "scopes" in item or "client_id" in item)
+        claims = item.get("claims")
+        if claims is not None and (not isinstance(claims, dict) or not claims or not _json_value(claims)):
+            raise fail((*where, "claims"), "must be a mapping of claim name to JSON value, e.g. {tenant: acme}")
+        for name in claims or ():
+            if cognito_controlled(name):
+                raise fail((*where, "claims", name), f"{name!r} is set by Cognito, not by a pre token generation "
+                                                     "trigger; use the case's scopes, client_id or issuer")
+        token = item.get("token", "scopes" in item or "client_id" in item or claims is not None)
         if not isinstance(token, bool):
             raise fail((*where, "token"), "must be true or false (false: send no Authorization header)")
         cases.append(Case(
             name=item.get("name") or f"{item['method']} {item['path']}", line=position(tree, where)[0] or 0,
             method=item["method"], path=item["path"], token=token, scopes=tuple(scopes),
             client_id=item.get("client_id"), issuer=item.get("issuer"), expect=item["expect"], status=status,
-            route=item.get("route"), reason=item.get("reason"),
+            route=item.get("route"), reason=item.get("reason"), claims=claims,
         ))
     return cases
+
+
+def _json_value(value: object) -> bool:
+    """Whether a YAML value is also JSON (no dates, no non-string keys), as a token's claims are."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, dict) or all(isinstance(k, str) for k in value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,7 +526,7 @@ async def run_tests(policy: Policy, cases: list[Case]) -> list[Result]:
             iss = case.issuer  # an untrusted issuer is a legitimate thing to test: it must be refused
         else:
             iss = case.issuer or policy.issuers[0].issuer
-        token = simulator.token(iss, list(case.scopes), case.client_id) if case.token else None
+        token = simulator.token(iss, list(case.scopes), case.client_id, case.claims) if case.token else None
         outcome = await run_check(policy, simulator.verifier, case.method, case.path, token)
         decision = outcome.decision
         got: dict[str, object] = {
@@ -462,7 +565,8 @@ def tests_command(policy_path: Path, tests_path: Path, out: TextIO) -> int:
     for result in results:
         case = result.case
         who = "no token" if not case.token else f"scopes [{' '.join(case.scopes)}]" + (
-            f" client {case.client_id}" if case.client_id else "")
+            f" client {case.client_id}" if case.client_id else "") + (
+            f" claims {json.dumps(case.claims, separators=(',', ':'))}" if case.claims else "")
         if result.passed:
             print(f"PASS  {case.name}: {case.method} {case.path} ({who}) -> {_describe(result.got)}", file=out)
             continue

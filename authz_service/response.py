@@ -81,23 +81,38 @@ class Answers:
         if description:
             body["error_description"] = description
         headers = [("content-type", "application/json"), ("cache-control", "no-store")]
-        if outcome.http_status in (400, 401) or reason is Reason.INSUFFICIENT_SCOPE:
-            headers.append(("www-authenticate", self._challenge(error, description, route, reason)))
-        if reason is Reason.INSUFFICIENT_SCOPE and route is not None:
-            body["scope"] = route.scopes_text
+        scope = _required_scope(reason, route)
+        # RFC 6750 section 3: a challenge with every 400/401 and with insufficient_scope, the 403
+        # of a verified token that fails a route's scopes or conditions.
+        if outcome.http_status in (400, 401) or error == "insufficient_scope":
+            headers.append(("www-authenticate", self._challenge(error, description, scope)))
+        if scope:
+            body["scope"] = scope
         if outcome.http_status == 503:
             headers.append(("retry-after", "5"))
         return Answer(False, reason, outcome.http_status, tuple(headers),
                       body=json.dumps(body, separators=(",", ":")))
 
-    def _challenge(self, error: str | None, description: str, route: Route | None, reason: Reason) -> str:
+    def _challenge(self, error: str | None, description: str, scope: str) -> str:
         parts = [f'realm="{self.realm}"']
         if error:
             parts.append(f'error="{error}"')
             parts.append(f'error_description="{_quote_safe(description)}"')
-        if reason is Reason.INSUFFICIENT_SCOPE and route is not None:
-            parts.append(f'scope="{route.scopes_text}"')
+        if scope:
+            parts.append(f'scope="{scope}"')
         return "Bearer " + ", ".join(parts)
+
+
+def _required_scope(reason: Reason, route: Route | None) -> str:
+    """RFC 6750's ``scope`` attribute of a scope denial: the scopes that would do (any of the route's
+    ``scopes``, or all of its ``all_scopes``); empty for every other answer (no scope helps)."""
+    if route is None:
+        return ""
+    if reason is Reason.INSUFFICIENT_SCOPE:
+        return route.scopes_text
+    if reason is Reason.MISSING_SCOPE:
+        return route.all_scopes_text
+    return ""
 
 
 def _quote_safe(text: str) -> str:

@@ -3,16 +3,18 @@
 Why: `explain` and `test` must show what the service would do, so they send a real CheckRequest
 through the same ``check.Checker`` the front doors use; nothing here decides.
 With ``--scopes`` instead of a real token, a token is minted and signed with a throw-away RSA
-key that only this process trusts, so the real TokenVerifier (issuer, client allow-list, scopes)
-checks it: the simulation covers the policy, not Cognito's crypto.
+key that only this process trusts, so the real TokenVerifier (issuer, client allow-list, scopes,
+custom claims) checks it: the simulation covers the policy, not Cognito's crypto.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -105,11 +107,14 @@ class Simulator:
         self._private = private
         self.verifier = TokenVerifier(_SimulatedKeys(public, policy))
 
-    def token(self, issuer: str, scopes: list[str], client_id: str | None = None) -> str:
-        """A client_credentials access token as Cognito shapes it, holding exactly ``scopes``."""
+    def token(self, issuer: str, scopes: list[str], client_id: str | None = None,
+              custom: Mapping[str, Any] | None = None) -> str:
+        """A client_credentials access token as Cognito shapes it, holding exactly ``scopes`` and the
+        ``custom`` claims a pre token generation trigger would add (they never replace Cognito's)."""
         now = int(time.time())
         client = client_id or DEFAULT_CLIENT_ID
         claims = {
+            **(custom or {}),
             "sub": client, "token_use": "access", "scope": " ".join(scopes), "auth_time": now, "iss": issuer,
             "exp": now + 300, "iat": now, "version": 2, "jti": str(uuid.uuid4()), "client_id": client,
         }

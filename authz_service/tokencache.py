@@ -44,9 +44,22 @@ class CacheEntry:
 
 
 def entry_size(claims: Claims) -> int:
-    """Approximate bytes one entry holds (strings counted at their real size)."""
+    """Approximate bytes one entry holds (strings counted at their real size).
+
+    Custom claims count with their dict and values; their names are the policy's own strings and
+    the ``extracted`` set is the policy's, shared by every entry, so neither is counted per entry.
+    """
     strings = (claims.issuer, claims.client_id, claims.sub, claims.scope_text, claims.kid, *claims.scopes)
-    return ENTRY_OVERHEAD_BYTES + sum(sys.getsizeof(s) for s in strings)
+    size = ENTRY_OVERHEAD_BYTES + sum(sys.getsizeof(s) for s in strings)
+    if claims.custom:
+        size += sys.getsizeof(claims.custom) + sum(_value_size(v) for v in claims.custom.values())
+    return size
+
+
+def _value_size(value: object) -> int:
+    if type(value) is tuple:  # a list-of-strings claim
+        return sys.getsizeof(value) + sum(sys.getsizeof(v) for v in value)
+    return sys.getsizeof(value)
 
 
 class TokenCache:

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from jwt.api_jwk import PyJWK
 
-from .claims import Claims, IssuerKey, KeySource
+from .claims import NO_CUSTOM_CLAIMS, Claims, IssuerKey, KeySource, claim_value
 from .policy import Issuer, Policy
 from .tokencache import CacheEntry, TokenCache
 
@@ -259,6 +259,10 @@ class TokenVerifier:
         entry = cache.get(digest)
         if entry is None:
             return None
+        if not entry.claims.covers(policy.claim_names):
+            # Verified under a policy whose conditions named fewer claims than this one: verify it
+            # again, which reads the claims the current policy needs (and replaces the entry).
+            return None
         try:
             claims = self._revalidate(entry, policy)
         except TokenError as exc:
@@ -301,7 +305,7 @@ class TokenVerifier:
                                  "iss is not the trusted issuer whose key signed the token")
             signer = named
         self._check_times(payload)
-        return self._claims(payload, policy.issuers_by_iss[signer.issuer], kid), signer.key
+        return self._claims(payload, policy.issuers_by_iss[signer.issuer], kid, policy.claim_names), signer.key
 
     async def _trusted_keys(self, kid: str, policy: Policy) -> list[IssuerKey]:
         """The keys published under ``kid`` by the issuers of the policy in force (never empty).
@@ -357,7 +361,7 @@ class TokenVerifier:
         if _numeric_date(payload["exp"]) <= now - leeway:
             raise TokenError(Failure.EXPIRED, "token expired")
 
-    def _claims(self, payload: dict[str, Any], issuer: Issuer, kid: str) -> Claims:
+    def _claims(self, payload: dict[str, Any], issuer: Issuer, kid: str, names: frozenset[str]) -> Claims:
         now = self._clock()
         iat = payload.get("iat")
         if iat is not None and (not _is_number(iat) or iat > now + self._leeway):
@@ -386,6 +390,11 @@ class TokenVerifier:
             scope_text=scope,
             exp=_numeric_date(payload["exp"]),
             kid=kid,
+            # Only the custom claims route conditions name (keyed by the policy's own strings), so a
+            # cache entry holds a few values, not the whole payload. Never forwarded as headers.
+            custom={name: claim_value(payload[name]) for name in names if name in payload} if names
+            else NO_CUSTOM_CLAIMS,
+            extracted=names,
         )
 
 

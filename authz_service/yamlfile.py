@@ -7,6 +7,7 @@ syntax error names the file, line and column.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -81,21 +82,38 @@ def locate(node: yaml.Node | None, where: tuple[str | int, ...], at_key: bool = 
     node that exists on the way; ``at_key`` points at the last mapping key instead of its value."""
     if node is None:
         return None
-    mark = node.start_mark
+    path = list(_walk(node, where, at_key))
+    return path[-1].start_mark
+
+
+def scalar_text(node: yaml.Node | None, where: tuple[str | int, ...]) -> str | None:
+    """The text of the plain (unquoted) scalar at ``where`` as written, else None. Why: YAML 1.1
+    reads ``yes``, ``on`` and ``010`` as true, true and 8, which a lint can point out."""
+    if node is None:
+        return None
+    path = list(_walk(node, where, False))
+    found = path[-1]
+    if len(path) != len(where) + 1 or not isinstance(found, yaml.ScalarNode) or found.style is not None:
+        return None
+    return found.value
+
+
+def _walk(node: yaml.Node, where: tuple[str | int, ...], at_key: bool) -> Iterator[yaml.Node]:
+    """The nodes from ``node`` down ``where``, as far as they exist."""
+    yield node
     for k, part in enumerate(where):
         last = k == len(where) - 1
         if isinstance(node, yaml.MappingNode) and isinstance(part, str):
             found = next(((kn, vn) for kn, vn in node.value if isinstance(kn, yaml.ScalarNode) and kn.value == part),
                          None)
             if found is None:
-                return mark
+                return
             node = found[0] if (last and at_key) else found[1]
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
             node = node.value[part]
         else:
-            return mark
-        mark = node.start_mark
-    return mark
+            return
+        yield node
 
 
 def position(node: yaml.Node | None, where: tuple[str | int, ...], at_key: bool = False) -> tuple[int | None, int | None]:

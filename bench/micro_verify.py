@@ -3,6 +3,8 @@
 Cold = every call a distinct valid token (cache disabled), warm = the same token again.
 Forged = a token anyone can send: a trusted kid, a signature that verifies under no key, and a
 payload that is expensive JSON (the CPU a flood of them costs; run on two versions to compare).
+Decide = the whole decision for a warm token, on a route with only scopes and on one with route
+conditions (client_ids, all_scopes, two claim conditions): what the conditions add per Check.
 Prints microseconds per call; compare figures from one run only (the machine is shared).
 
     .venv/bin/python bench/micro_verify.py [--n 2000]
@@ -60,7 +62,8 @@ def tokens(private: rsa.RSAPrivateKey, n: int) -> list[str]:
     out = []
     for _ in range(n):
         claims = {"sub": "c1", "token_use": "access", "scope": "a/b c/d", "auth_time": now, "iss": ISSUER,
-                  "exp": now + 3600, "iat": now, "version": 2, "jti": str(uuid.uuid4()), "client_id": "c1"}
+                  "exp": now + 3600, "iat": now, "version": 2, "jti": str(uuid.uuid4()), "client_id": "c1",
+                  "custom:tenant": "acme", "environments": ["staging", "prod"]}
         out.append(jwt.encode(claims, private, algorithm="RS256", headers={"kid": "k1"}))
     return out
 
@@ -139,6 +142,8 @@ async def main() -> None:
         us, outcome = await cpu_us_per_forged(make_verifier(keys, cache=True), token, args.n)
         forged.append((len(token), us, outcome))
 
+    decide_us = await decide_per_route(keys, toks[0], args.n * 10)
+
     print("| measure | us per call |\n|---|---|")
     print(f"| verify, cold (distinct tokens, no cache) | {cold_us:.1f} |")
     print(f"| verify, warm (same token{'' if 'cache' in inspect.signature(TokenVerifier).parameters else ', no cache in this version'}) | {warm_us:.1f} |")
@@ -146,6 +151,41 @@ async def main() -> None:
     for size, us, outcome in forged:
         print(f"| forged {size}-char token, expensive JSON payload, CPU (refused: {outcome}; "
               f"MAX_TOKEN_BYTES {tokens_module.MAX_TOKEN_BYTES}) | {us:.1f} |")
+    for route, us in decide_us.items():
+        print(f"| decide, warm token, {route} | {'n/a in this version' if us is None else f'{us:.1f}'} |")
+
+
+CONDITIONS_POLICY = f"""issuers:\n  - user_pool_id: us-east-1_Bench0001\nroutes:
+  - {{path: /x, scopes: [a/b]}}
+  - {{path: /y, scopes: [a/b], all_scopes: [c/d], client_ids: [c1, c2],
+     claims: {{"custom:tenant": acme, environments: {{contains: prod}}}}}}
+"""
+
+
+async def decide_per_route(keys: Keys, token: str, reps: int) -> dict[str, float | None]:
+    """decide() for one warm token on a scopes-only route and on a route with conditions."""
+    from authz_service.decision import decide
+    from authz_service.policy import PolicyError
+    from authz_service.request import HttpRequest
+
+    try:
+        policy = parse_policy(CONDITIONS_POLICY)
+    except PolicyError:  # a version without route conditions
+        policy = None
+    verifier = make_verifier(keys, cache=True)
+    out: dict[str, float | None] = {}
+    for label, path in (("route with scopes only", "/x"), ("route with client_ids, all_scopes, 2 claims", "/y")):
+        if policy is None:
+            out[label] = None
+            continue
+        request = HttpRequest(method="GET", path=path, segments=(path[1:],), authorization=(f"Bearer {token}",),
+                              request_id="", spoofed_identity_headers=())
+        assert (await decide(request, policy, verifier)).allowed
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            await decide(request, policy, verifier)
+        out[label] = (time.perf_counter() - t0) / reps * 1e6
+    return out
 
 
 if __name__ == "__main__":

@@ -52,9 +52,11 @@ CONTRACT_METRICS = {
 # Closed label-value sets of the contract (route and issuer come from the policy).
 CONTRACT_LABEL_VALUES = {
     "decision": {"allow", "deny"},
-    "reason": {"allowed", "public", "missing_token", "bad_request", "invalid_token", "expired", "wrong_issuer",
+    "reason": {"allowed", "public", "missing_token", "bad_request", "invalid_token", "expired", "not_yet_valid",
+               "wrong_issuer",
                "wrong_token_use", "client_not_allowed", "unknown_key", "bad_signature", "insufficient_scope",
-               "no_route", "keys_unavailable", "internal_error"},
+               "no_route", "keys_unavailable", "internal_error", "missing_scope", "client_not_allowed_for_route",
+               "claim_mismatch"},
     "status": {"200", "400", "401", "403", "503"},
     "trigger": {"startup", "periodic", "unknown_kid"},
     "result": {"ok", "error"},
@@ -345,3 +347,23 @@ def test_dashboard_has_the_required_views() -> None:
     assert has(r"time\(\) - authz_jwks_last_success_timestamp_seconds"), "JWKS key age per issuer"
     assert has(r"authz_policy_generation"), "policy generation"
     assert has(r"authz_policy_reloads_total"), "policy reload errors"
+
+
+
+def test_the_contract_reasons_are_exactly_the_services_reasons():
+    """Every reason label the service can emit (decision.Reason) is one alerts and dashboards may use."""
+    from authz_service.decision import Reason
+
+    assert CONTRACT_LABEL_VALUES["reason"] == {r.value for r in Reason}
+
+
+def test_the_deny_ratio_alert_names_every_403_reason():
+    """The AuthzHighDenyRatio description is the operator's map from reason to cause: it must know
+    every reason a 403 can carry."""
+    from authz_service.decision import REASONS
+
+    (rule,) = [r for r in alert_rules() if r["alert"] == "AuthzHighDenyRatio"]
+    text = " ".join(rule["annotations"]["description"].split())
+    for reason, outcome in REASONS.items():
+        if outcome.http_status == 403 and reason.value != "no_route":  # no_route: AuthzRouteDenySpike's note
+            assert reason.value in text, reason

@@ -513,6 +513,22 @@ def config_text(pool: str = POOL, extra_top: str = "", client: str = VALID_CLIEN
         ),
         (config_text(client=VALID_CLIENT + VALID_CLIENT), "9:16: clients[1].client_id", "defined twice"),
         (config_text(client=VALID_CLIENT + "    client_secret: t\n"), "9:5: not valid YAML", "duplicate key 'client_secret'"),
+        (config_text(extra_top="issuer_format: new\n"), "2:16: issuer_format", "'new' is not an issuer format"),
+        (config_text(extra_top="replica_regions: [eu-west-1]\n"), "2:18: replica_regions", "updated issuer"),
+        (config_text(extra_top="issuer_format: updated\nreplica_regions: [us-east-1]\n"), "3:19: replica_regions[0]",
+         "is not a replica region"),
+        (config_text(extra_top="issuer_format: updated\nreplica_regions: [europe]\n"), "3:19: replica_regions[0]",
+         "is not a replica region"),
+        (config_text(client=VALID_CLIENT + "    custom_claims: [tenant]\n"), "9:20: clients[0].custom_claims",
+         "must be a mapping"),
+        (config_text(client=VALID_CLIENT + "    custom_claims: {scope: admin/all}\n"), "9:21: clients[0].custom_claims.scope",
+         "Cognito sets this claim"),
+        (config_text(client=VALID_CLIENT + "    custom_claims: {version: 3}\n"), "9:21: clients[0].custom_claims.version",
+         "Cognito sets this claim"),
+        (config_text(client=VALID_CLIENT + "    custom_claims: {'cognito:groups': [a]}\n"),
+         "9:21: clients[0].custom_claims.cognito:groups", "Cognito sets this claim"),
+        (config_text(client=VALID_CLIENT + "    custom_claims: {when: 2024-01-01}\n"), "9:27: clients[0].custom_claims.when",
+         "is not a JSON value"),
     ],
 )
 def test_config_errors_name_file_line_column_field_and_fix(tmp_path: Path, text: str, field: str, problem: str) -> None:
@@ -534,3 +550,75 @@ def test_missing_config_file_names_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
     with pytest.raises(DevIssuerConfigError, match=re.escape(str(missing))):
         load_config(missing)
+
+
+
+# --- issuer formats, replica regions and custom claims ---------------------------------------------
+
+FORMATS_YAML = f"""
+user_pool_id: {POOL}
+issuer_format: updated
+replica_regions: [eu-west-1, ap-southeast-2]
+resource_servers:
+  - identifier: reports
+    scopes: [read]
+clients:
+  - client_id: acme
+    client_secret: acme-secret
+    allowed_scopes: [reports/read]
+    custom_claims:
+      "custom:tenant": acme
+      tier: 3
+      beta: true
+      environments: [prod, staging]
+      profile: {{region: eu}}
+"""
+
+
+@pytest.mark.parametrize(("issuer_format", "host"), [("original", "cognito-idp"), ("updated", "issuer-cognito-idp")])
+def test_issuer_format_gives_cognitos_own_issuer_url(tmp_path: Path, issuer_format: str, host: str) -> None:
+    config = load_config(write(tmp_path, config_text(extra_top=f"issuer_format: {issuer_format}\n")))
+    dev = DevIssuer(config, PUBLIC_URL)
+    assert dev.issuer == f"https://{host}.us-east-1.amazonaws.com/{POOL}"
+    assert dev.jwks_path == JWKS_PATH  # keys stay on the issuer's own (public) URL
+    claims = jwt.decode(dev.issue("c"), options={"verify_signature": False})
+    assert claims["iss"] == dev.issuer
+
+
+async def test_replica_region_endpoints_issue_with_their_region_in_iss_and_the_same_keys(tmp_path: Path) -> None:
+    dev = DevIssuer(load_config(write(tmp_path, FORMATS_YAML)), PUBLIC_URL)
+    async with TestClient(TestServer(build_app(dev))) as client:
+        jwks = await served_jwks(client)
+        issued = {}
+        for path in ("/oauth2/token", "/eu-west-1/oauth2/token", "/ap-southeast-2/oauth2/token"):
+            response = await client.post(path, data={"grant_type": "client_credentials"},
+                                         headers=basic("acme", "acme-secret"))
+            assert response.status == 200, path
+            token = (await response.json())["access_token"]
+            key = jwks[jwt.get_unverified_header(token)["kid"]]
+            issued[path] = jwt.decode(token, key, algorithms=["RS256"], options={"verify_iss": False})["iss"]
+        assert issued == {
+            "/oauth2/token": f"https://issuer-cognito-idp.us-east-1.amazonaws.com/{POOL}",
+            "/eu-west-1/oauth2/token": f"https://issuer-cognito-idp.eu-west-1.amazonaws.com/{POOL}",
+            "/ap-southeast-2/oauth2/token": f"https://issuer-cognito-idp.ap-southeast-2.amazonaws.com/{POOL}",
+        }
+        assert (await client.post("/us-west-2/oauth2/token", data={"grant_type": "client_credentials"},
+                                  headers=basic("acme", "acme-secret"))).status == 404
+    with pytest.raises(ValueError, match="not a replica region"):
+        dev.issue("acme", region="us-west-2")
+
+
+def test_custom_claims_are_added_and_never_replace_cognitos(tmp_path: Path) -> None:
+    dev = DevIssuer(load_config(write(tmp_path, FORMATS_YAML)), PUBLIC_URL)
+    claims = jwt.decode(dev.issue("acme"), options={"verify_signature": False})
+    assert set(claims) == COGNITO_CLAIMS | {"custom:tenant", "tier", "beta", "environments", "profile"}
+    assert (claims["custom:tenant"], claims["tier"], claims["beta"], claims["environments"], claims["profile"]) == (
+        "acme", 3, True, ["prod", "staging"], {"region": "eu"})
+    assert claims["client_id"] == "acme" and claims["scope"] == "reports/read"
+
+
+def test_example_custom_claims_config_loads() -> None:
+    config = load_config(EXAMPLE.parent / "dev-issuer-custom-claims.yaml")
+    assert config.replica_regions == ("eu-west-1",)
+    acme = next(c for c in config.clients if c.client_id == "acme-reporting")
+    assert acme.custom_claims == {"custom:tenant": "acme", "tier": "gold", "environments": ["prod", "staging"]}

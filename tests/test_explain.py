@@ -195,3 +195,72 @@ def test_a_token_copied_with_its_bearer_prefix_or_spaces_is_verified(issuer, pol
         assert run.returncode == 0, run.stdout + run.stderr
         assert f"token:     real: {token[:8]}... ({len(token)} chars)" in run.stdout
         assert "decision:  ALLOW" in run.stdout
+
+
+# --- route conditions -------------------------------------------------------------------------------
+
+CLAIMS_EXAMPLE = EXAMPLE.parent / "policy-custom-claims.yaml"
+
+
+def test_simulated_claims_show_each_condition_and_the_exact_403():
+    run = explain("--policy", str(CLAIMS_EXAMPLE), "--method", "POST", "--path", "/reports/export",
+                  "--scopes", "reports/read reports/export", "--claim", "tier=bronze", "--claim", 'environments=["prod"]')
+    assert run.returncode == 1, run.stderr
+    out = run.stdout
+    assert 'with scopes [reports/read reports/export], claims {"tier":"bronze","environments":["prod"]}' in out
+    assert ("required:  all of [reports/export reports/read]\n"
+            "           claim tier any of ['gold', 'platinum']\n"
+            "           claim environments contains 'prod'\n") in out
+    assert "present:   [reports/export reports/read], client_id 'simulated-client'" in out
+    assert "           passed  all_scopes: token holds all of the route's all_scopes" in out
+    assert "           FAILED  claim: tier any of ['gold', 'platinum'] (token: \"bronze\")" in out
+    assert "           passed  claim: environments contains 'prod' (token: [\"prod\"])" in out
+    assert "decision:  DENY, reason claim_mismatch: token claim does not have a required value: tier" in out
+    assert ('www-authenticate: Bearer realm="authz-service", error="insufficient_scope", '
+            'error_description="token claim does not have a required value: tier"') in out
+
+
+def test_simulated_claims_json_output():
+    run = explain("--policy", str(CLAIMS_EXAMPLE), "--method", "GET", "--path", "/tenants/acme/reports/1",
+                  "--scopes", "reports/read", "--claim", "custom:tenant=acme", "--claim", "level=3", "--json")
+    assert run.returncode == 0, run.stdout + run.stderr
+    data = json.loads(run.stdout)
+    assert data["claim_conditions"] == [{"claim": "custom:tenant", "equals": "acme"}]
+    assert data["present_claims"] == {"custom:tenant": "acme"}  # only claims the policy names are read
+    assert data["required_all_scopes"] == [] and data["route_client_ids"] is None
+    admin = json.loads(explain("--policy", str(CLAIMS_EXAMPLE), "--method", "GET", "--path", "/admin/x",
+                               "--scopes", "admin/all", "--json").stdout)
+    assert admin["route_client_ids"] == ["ops-bot"]
+    assert admin["decision"]["reason"] == "client_not_allowed_for_route"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--claim", "tenant"), "--claim 'tenant': write NAME=VALUE"),
+    (("--claim", "=x"), "write NAME=VALUE"),
+    (("--claim", "scope=admin/all"), "--claim scope: set by Cognito"),
+    (("--token", "x.y.z", "--claim", "tenant=acme"), "--claim simulates a token"),
+])
+def test_bad_claim_options_exit_2(args, message):
+    run = explain("--policy", str(CLAIMS_EXAMPLE), "--method", "GET", "--path", "/healthz", *args)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
+
+
+def test_real_token_with_custom_claims_lists_each_condition(tmp_path):
+    dev = start_dev_issuer(tmp_path, "us-east-1_Demo00002", example="dev-issuer-custom-claims.yaml")
+    try:
+        policy = tmp_path / "p.yaml"
+        policy.write_text(CLAIMS_EXAMPLE.read_text().replace("http://127.0.0.1:9001/us-east-1_Demo00002/.well-known/"
+                                                             "jwks.json", dev.jwks_uri))
+        run = explain("--policy", str(policy), "--method", "POST", "--path", "/reports/export",
+                      "--token", dev.token("globex-reporting"))
+        assert run.returncode == 1, run.stdout + run.stderr
+        checks = [line.split(None, 2)[:2] for line in run.stdout.splitlines() if line.startswith(("  passed", "  FAILED"))]
+        assert checks[-3:] == [["FAILED", "all_scopes"], ["FAILED", "claim"], ["FAILED", "claim"]]
+        assert "  FAILED       claim      tier any of ['gold', 'platinum'] (token: \"bronze\")" in run.stdout
+        assert "reason missing_scope: token lacks a required scope: reports/export" in run.stdout
+        replica = explain("--policy", str(policy), "--method", "POST", "--path", "/reports/export",
+                          "--token", dev.token("acme-reporting", region="eu-west-1"))
+        assert replica.returncode == 0, replica.stdout
+        assert "iss='https://issuer-cognito-idp.eu-west-1.amazonaws.com/us-east-1_Demo00002'" in replica.stdout
+    finally:
+        dev.process.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import secrets
@@ -420,3 +421,35 @@ async def test_background_fetches_are_root_spans_and_an_unknown_kid_refetch_is_a
     assert refetch.attributes["authz.jwks.trigger"] == "unknown_kid"
     assert refetch.attributes["authz.jwks.result"] == "error"
     assert refetch.status.description == "JWKS endpoint answered HTTP 500"
+
+
+async def test_every_region_of_a_multi_region_pool_gets_keys_and_its_own_series(aiohttp_server_factory, make_cache,
+                                                                                  key_a, key_b) -> None:
+    """One issuers entry with replica regions yields several accepted issuers (one pool id): each
+    has its own JWKS state, keys and metric series, and removing one leaves the others alone."""
+    from authz_service.policy import parse_policy
+
+    (primary_jwks, primary), (replica_jwks, replica) = await aiohttp_server_factory(), await aiohttp_server_factory()
+    policy = parse_policy(f"""
+issuers:
+  - user_pool_id: us-east-1_Multi1
+    issuer_format: updated
+    replica_regions: [eu-west-1]
+routes:
+  - {{path: /a, scopes: [r]}}
+""")
+    # The same entry, with each region's JWKS served by one of the local endpoints.
+    one, two = (dataclasses.replace(i, jwks_uri=served.jwks_uri) for i, served in zip(policy.issuers, (primary, replica)))
+    primary_jwks.keys(key_a)
+    replica_jwks.keys(key_b)
+    cache, metrics = make_cache()
+    cache.sync([one, two])
+    await wait_for(lambda: cache.has_keys(one) and cache.has_keys(two))
+    assert cache.key(one, "kid-a") is not None and cache.key(two, "kid-b") is not None
+    assert cache.key(one, "kid-b") is None and cache.key(two, "kid-a") is None
+    keys = {label: metrics.registry.get_sample_value("authz_jwks_keys", {"issuer": label})
+            for label in ("us-east-1_Multi1", "us-east-1_Multi1@eu-west-1")}
+    assert keys == {"us-east-1_Multi1": 1.0, "us-east-1_Multi1@eu-west-1": 1.0}
+    cache.sync([one])  # the replica region leaves the policy: the primary's series stay
+    assert metrics.registry.get_sample_value("authz_jwks_keys", {"issuer": "us-east-1_Multi1@eu-west-1"}) is None
+    assert metrics.registry.get_sample_value("authz_jwks_keys", {"issuer": "us-east-1_Multi1"}) == 1.0

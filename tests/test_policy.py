@@ -205,6 +205,7 @@ def test_a_file_growing_past_the_cap_while_read_is_refused(tmp_path):
 
 GOOD_ROUTE = "  - path: /ok\n    scopes: [r]\n"
 
+UPDATED_POOL = "issuers:\n  - user_pool_id: us-east-1_A\n    issuer_format: updated\n"
 MISTAKES = [
     # (id, policy text, fragments the message must contain)
     ("unknown top key", ISSUERS + "route:\n" + GOOD_ROUTE, ["top level", "'route'"]),
@@ -273,6 +274,34 @@ MISTAKES = [
     ("yaml but a list", "- a\n- b\n", ["mapping"]),
     ("empty file", "", ["mapping"]),
     ("python tag", "!!python/object:os.system {}\n", ["YAML"]),
+    ("bad issuer format", "issuers:\n  - user_pool_id: us-east-1_A\n    issuer_format: new\nroutes:\n" + GOOD_ROUTE,
+     ["issuers[0].issuer_format", "'new'", "'updated'"]),
+    ("replicas need updated", "issuers:\n  - user_pool_id: us-east-1_A\n    replica_regions: [eu-west-1]\nroutes:\n"
+     + GOOD_ROUTE, ["issuers[0].replica_regions", "issuer_format: updated"]),
+    ("replicas with original", "issuers:\n  - user_pool_id: us-east-1_A\n    issuer_format: original\n"
+     "    replica_regions: [eu-west-1]\nroutes:\n" + GOOD_ROUTE, ["issuers[0].replica_regions", "updated"]),
+    ("issuer format and explicit issuer", "issuers:\n  - user_pool_id: us-east-1_A\n    issuer: https://idp.example/p\n"
+     "    issuer_format: updated\nroutes:\n" + GOOD_ROUTE, ["issuers[0].issuer_format", "explicit 'issuer'"]),
+    ("replica not a region", UPDATED_POOL + "    replica_regions: [europe]\nroutes:\n" + GOOD_ROUTE, ["issuers[0].replica_regions[0]", "'europe'"]),
+    ("replica twice", UPDATED_POOL + "    replica_regions: [eu-west-1, eu-west-1]\nroutes:\n" + GOOD_ROUTE, ["replica_regions[1]", "twice"]),
+    ("replica is the primary", UPDATED_POOL + "    replica_regions: [us-east-1]\nroutes:\n" + GOOD_ROUTE, ["replica_regions[0]", "primary region"]),
+    ("replicas empty", UPDATED_POOL + "    replica_regions: []\nroutes:\n" + GOOD_ROUTE, ["issuers[0].replica_regions", "non-empty"]),
+    ("duplicate route name", ISSUERS + "routes:\n  - name: r\n    path: /a\n    scopes: [r]\n"
+     "  - name: r\n    path: /b\n    scopes: [r]\n", ["routes[1].name", "'r' is also the name of routes[0]", ":4:11)"]),
+    ("public with claims", ISSUERS + "routes:\n  - path: /a\n    public: true\n    claims: {t: x}\n",
+     ["routes[0]", "public route takes no claims"]),
+    ("only claims", ISSUERS + "routes:\n  - path: /a\n    claims: {t: x}\n", ["routes[0]", "all_scopes"]),
+    ("all_scopes empty", ISSUERS + "routes:\n  - path: /a\n    all_scopes: []\n", ["routes[0].all_scopes"]),
+    ("route client_ids empty", ISSUERS + "routes:\n  - path: /a\n    scopes: [r]\n    client_ids: []\n",
+     ["routes[0].client_ids"]),
+    ("claim on client_id", ISSUERS + "routes:\n  - path: /a\n    scopes: [r]\n    claims: {client_id: x}\n",
+     ["routes[0].claims.client_id", "client_ids"]),
+    ("claim on a cognito: claim", ISSUERS + "routes:\n  - path: /a\n    scopes: [r]\n"
+     "    claims: {'cognito:groups': {contains: x}}\n", ["routes[0].claims.cognito:groups"]),
+    ("claim condition a list", ISSUERS + "routes:\n  - path: /a\n    scopes: [r]\n    claims: {t: [a, b]}\n",
+     ["routes[0].claims.t", "any_of"]),
+    ("unknown claim operator", ISSUERS + "routes:\n  - path: /a\n    scopes: [r]\n    claims: {t: {in: [a]}}\n",
+     ["routes[0].claims.t", "equals, any_of, contains"]),
 ]
 
 BAD_PATTERNS = [
@@ -694,3 +723,85 @@ def test_the_policy_format_version_is_1_by_default_and_when_given(line):
 def test_an_unknown_version_is_reported_before_keys_a_later_format_may_know():
     errors = check_policy("version: 2\nscope_sets: {}\n" + ISSUERS + "routes:\n" + GOOD_ROUTE, "p.yaml")[1]
     assert [str(e).split(": ")[1] for e in errors] == ["version"]
+
+
+# --- issuer formats and multi-Region pools ---------------------------------------------------------
+
+
+def test_issuer_format_original_is_the_default_and_updated_uses_issuer_cognito_idp():
+    from authz_service.policy import IssuerFormat
+
+    original = parse_policy("issuers:\n  - user_pool_id: eu-west-2_Xyz\n    issuer_format: original\nroutes:\n"
+                            + GOOD_ROUTE)
+    default = parse_policy("issuers:\n  - user_pool_id: eu-west-2_Xyz\nroutes:\n" + GOOD_ROUTE)
+    assert original.issuers == default.issuers
+    (issuer,) = default.issuers
+    assert issuer.format is IssuerFormat.ORIGINAL
+    updated = parse_policy("issuers:\n  - user_pool_id: eu-west-2_Xyz\n    issuer_format: updated\nroutes:\n"
+                           + GOOD_ROUTE)
+    (issuer,) = updated.issuers
+    assert issuer.issuer == "https://issuer-cognito-idp.eu-west-2.amazonaws.com/eu-west-2_Xyz"
+    assert issuer.jwks_uri == "https://issuer-cognito-idp.eu-west-2.amazonaws.com/eu-west-2_Xyz/.well-known/jwks.json"
+    assert issuer.format is IssuerFormat.UPDATED and not issuer.replica
+    assert updated.issuers_by_iss == {issuer.issuer: issuer}
+
+
+def test_replica_regions_each_yield_an_accepted_issuer_with_its_own_jwks_and_metric_label():
+    policy = parse_policy("""
+issuers:
+  - user_pool_id: us-east-1_Multi1
+    issuer_format: updated
+    replica_regions: [eu-west-1, ap-southeast-2]
+    client_ids: [app-1]
+  - user_pool_id: us-east-1_Other
+routes:
+""" + GOOD_ROUTE)
+    primary, ireland, sydney, other = policy.issuers
+    assert [(i.region, i.replica, i.block) for i in policy.issuers] == [
+        ("us-east-1", False, 0), ("eu-west-1", True, 0), ("ap-southeast-2", True, 0), ("us-east-1", False, 1)]
+    assert ireland.issuer == "https://issuer-cognito-idp.eu-west-1.amazonaws.com/us-east-1_Multi1"
+    assert ireland.jwks_uri == "https://issuer-cognito-idp.eu-west-1.amazonaws.com/us-east-1_Multi1/.well-known/jwks.json"
+    assert sydney.issuer == "https://issuer-cognito-idp.ap-southeast-2.amazonaws.com/us-east-1_Multi1"
+    assert {i.user_pool_id for i in (primary, ireland, sydney)} == {"us-east-1_Multi1"}
+    assert ireland.client_ids == primary.client_ids == {"app-1"}
+    assert [i.metric_label for i in policy.issuers] == [
+        "us-east-1_Multi1", "us-east-1_Multi1@eu-west-1", "us-east-1_Multi1@ap-southeast-2", "us-east-1_Other"]
+    assert set(policy.issuers_by_iss) == {i.issuer for i in policy.issuers}
+    assert other.issuer == "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Other"
+
+
+def test_a_jwks_uri_override_serves_every_region_of_the_entry():
+    policy = parse_policy("issuers:\n  - user_pool_id: us-east-1_Multi1\n    issuer_format: updated\n"
+                          "    replica_regions: [eu-west-1]\n    jwks_uri: http://127.0.0.1:9000/keys.json\nroutes:\n"
+                          + GOOD_ROUTE)
+    assert [i.jwks_uri for i in policy.issuers] == ["http://127.0.0.1:9000/keys.json"] * 2
+    assert len({(i.issuer, i.jwks_uri) for i in policy.issuers}) == 2  # two JWKS cache states
+
+
+def test_an_issuer_accepted_by_two_entries_is_refused():
+    message = refused("issuers:\n  - user_pool_id: us-east-1_Multi1\n    issuer_format: updated\n"
+                      "    replica_regions: [eu-west-1]\n"
+                      "  - user_pool_id: us-east-1_Multi1\n    issuer: https://issuer-cognito-idp.eu-west-1.amazonaws.com/"
+                      "us-east-1_Multi1\nroutes:\n" + GOOD_ROUTE)
+    assert "issuers[1]" in message and "listed twice" in message
+
+
+def test_duplicate_route_names_point_at_both_routes():
+    message = refused(ISSUERS + "routes:\n  - name: list\n    path: /a\n    scopes: [r]\n"
+                      "  - path: /b\n    scopes: [r]\n  - name: list\n    path: /c\n    scopes: [r]\n")
+    assert message == (f"{SOURCE}:9:11: routes[2].name: 'list' is also the name of routes[0] ({SOURCE}:4:11); "
+                       "route names label the metrics (route=...), so both would be counted as one: give each route "
+                       "its own name")
+    # a written name equal to another route's default name is the same mistake
+    message = refused(ISSUERS + "routes:\n  - path: /a\n    methods: [GET]\n    scopes: [r]\n"
+                      "  - name: GET /a\n    path: /b\n    scopes: [r]\n")
+    assert "routes[1].name: 'GET /a' is also the name of routes[0] (" in message
+    assert f"({SOURCE}:4:5)" in message  # routes[0] has no name key: its entry
+
+
+def test_check_policy_reports_errors_in_file_order():
+    from authz_service.policy import check_policy
+
+    _, errors = check_policy(ISSUERS + "routes:\n  - name: x\n    path: /a\n    scopes: [r]\n"
+                             "  - name: x\n    path: /b\n    scopes: [r]\n  - path: c\n    scopes: [r]\n", SOURCE)
+    assert [e.where for e in errors] == [("routes", 1, "name"), ("routes", 2, "path")]

@@ -71,7 +71,8 @@ E2E_POLICY = textwrap.dedent("""\
     """)
 
 
-@pytest.mark.parametrize("path", ["authz_service/examples/policy.yaml", "deploy/k8s/policy.yaml", None])
+@pytest.mark.parametrize("path", ["authz_service/examples/policy.yaml", "deploy/k8s/policy.yaml",
+                                  "authz_service/examples/policy-custom-claims.yaml", None])
 def test_every_policy_the_loader_accepts_is_schema_valid(path):
     text = (ROOT / path).read_text() if path else E2E_POLICY
     parse_policy(text, "p.yaml")
@@ -83,7 +84,8 @@ def test_every_policy_the_loader_accepts_is_schema_valid(path):
 NOT_EXPRESSIBLE = {"region mismatch", "duplicate issuer", "conflicting routes", "duplicate yaml key",
                    "duplicate top key", "not yaml", "python tag", "empty file",
                    # Python's re (used by jsonschema) lets '$' match before a final newline:
-                   "client id with newline", "pool id with newline", "issuer with newline", "name with newline"}
+                   "client id with newline", "pool id with newline", "issuer with newline", "name with newline",
+                   "duplicate route name", "replica is the primary"}
 
 
 @pytest.mark.parametrize(("name", "text"), [(m[0], m[1]) for m in MISTAKES if m[0] not in NOT_EXPRESSIBLE],
@@ -108,6 +110,13 @@ PATHS = ["/", "/**", "/a", "/a/{id}", "/a/{id}/**", "/v1:batch", "a", "/a/", "/a
 METHODS = [["GET"], ["GET", "POST"], ["get"], ["G ET"], [], ["GET", "GET"], "GET", [1], None]
 SCOPES = [["a/b"], ["a/b", "c"], [], "a/b", ["a b"], ['a"b'], [""], [7], None]
 POOLS = ["us-east-1_Abc123", "eu-central-1_X9", "Abc123", "us-east-1", "", 5]
+REPLICAS = [["eu-west-1"], ["eu-west-1", "eu-west-1"], [], "eu-west-1", ["europe"], [3]]
+CLIENT_IDS = [["app-1"], [], "app-1", ["a b"], None]
+CLAIMS = [{"tenant": "acme"}, {"custom:tier": {"any_of": ["gold", 1, True]}}, {"envs": {"contains": "prod"}},
+          {"t": {"equals": 2.5}}, {}, [], {"t": ["a"]}, {"t": None}, {"t": {"any_of": []}}, {"t": {"any_of": [1, 1.0]}},
+          {"t": {"contains": 1}}, {"t": {"equals": "a", "contains": "b"}}, {"t": {"in": ["a"]}},
+          {"client_id": "x"}, {"cognito:groups": {"contains": "a"}}, {"a b": "x"}, {"t": {"any_of": [True, 1]}},
+          None]
 
 
 @st.composite
@@ -117,10 +126,15 @@ def documents(draw: st.DrawFn) -> dict[str, object]:
         issuer["client_ids"] = draw(st.sampled_from([["abc"], [], "abc", ["a b"], ["x" * 129]]))
     if draw(st.booleans()):
         issuer["issuer"] = draw(st.sampled_from(["https://idp.example/p", "http://127.0.0.1:9000/p", "idp", ""]))
+    if draw(st.booleans()):
+        issuer["issuer_format"] = draw(st.sampled_from(["original", "updated", "new", 1]))
+    if draw(st.booleans()):
+        issuer["replica_regions"] = draw(st.sampled_from(REPLICAS))
     route: dict[str, object] = {}
-    for key, values in (("path", PATHS), ("methods", METHODS), ("scopes", SCOPES)):
+    for key, values in (("path", PATHS), ("methods", METHODS), ("scopes", SCOPES), ("all_scopes", SCOPES),
+                        ("client_ids", CLIENT_IDS), ("claims", CLAIMS)):
         value = draw(st.sampled_from(values))
-        if value is not None:
+        if value is not None and (key in ("path", "scopes") or draw(st.booleans())):
             route[key] = value
     public = draw(st.sampled_from([None, True, False, "yes"]))
     if public is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -268,16 +269,25 @@ def test_fallthrough_can_be_acknowledged_per_route():
     ("scopes: [admin/read]\n        mode: dry-run", "is dry-run"),
 ])
 def test_fallthrough_to_a_weaker_protected_route(rest, why):
+    assert_fallthrough("scopes: [admin/read]", rest, why)
+
+
+def assert_fallthrough(route: str, rest: str, why: str | None) -> None:
+    """A GET-only route (``route``: its requirements) under a /** route (``rest``): ``why`` is the
+    fall-through warning's reason, None for no warning."""
     warnings = lints(f"""\
       - name: admin-report
         methods: [GET]
         path: /admin/report
-        scopes: [admin/read]
+        {route}
       - name: rest
         path: /**
         {rest}
     """)
-    assert len(warnings) == 1 and why in warnings[0], warnings
+    if why is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and why in warnings[0], warnings
 
 
 def test_fallthrough_to_a_stricter_or_equal_route_is_fine():
@@ -335,13 +345,18 @@ def test_client_allow_list_is_checked_by_the_real_verifier(tmp_path):
 
 
 def test_dry_run_expectation(tmp_path):
-    policy = tmp_path / "p.yaml"
-    policy.write_text(ISSUERS + "routes:\n  - path: /a\n    scopes: [a/b]\n    mode: dry-run\n")
-    tests = tmp_path / "t.yaml"
-    tests.write_text("tests:\n  - {method: GET, path: /a, scopes: [a/c], expect: dry_run_deny, status: 200,"
-                     " reason: insufficient_scope}\n")
-    run = cli("test", str(policy), str(tests))
+    run = run_cases(tmp_path, ISSUERS + "routes:\n  - path: /a\n    scopes: [a/b]\n    mode: dry-run\n",
+                    "tests:\n  - {method: GET, path: /a, scopes: [a/c], expect: dry_run_deny, status: 200,"
+                    " reason: insufficient_scope}\n")
     assert run.returncode == 0, run.stdout
+
+
+def run_cases(tmp_path, policy_text: str, tests_text: str) -> subprocess.CompletedProcess[str]:
+    """`authz-service test` on a policy and a tests file written from these texts."""
+    policy, tests = tmp_path / "p.yaml", tmp_path / "t.yaml"
+    policy.write_text(policy_text)
+    tests.write_text(tests_text)
+    return cli("test", str(policy), str(tests))
 
 
 @pytest.mark.parametrize(
@@ -355,6 +370,14 @@ def test_dry_run_expectation(tmp_path):
         ("tests:\n  - {method: GET, path: /a, expect: deny, scopes: a/b}\n", "tests[0].scopes"),
         ("tests: []\n", "non-empty list"),
         ("cases: []\n", "one key, 'tests'"),
+        # claims: the custom claims of the simulated token, as a pre token generation trigger adds them
+        *((f"tests:\n  - method: GET\n    path: /a\n    {claims}\n    expect: allow\n", message) for claims, message in [
+            ("claims: [tenant]", "tests[0].claims: must be a mapping of claim name to JSON value"),
+            ("claims: {}", "tests[0].claims: must be a mapping"),
+            ("claims: {when: 2024-01-01}", "tests[0].claims: must be a mapping of claim name to JSON value"),
+            ("claims: {client_id: x}", "tests[0].claims.client_id: 'client_id' is set by Cognito"),
+            ("claims: {exp: 1}", "'exp' is set by Cognito, not by a pre token generation trigger"),
+        ]),
     ],
 )
 def test_bad_tests_files_are_errors_with_a_line(tmp_path, text, message):
@@ -408,3 +431,119 @@ def test_every_concrete_request_reaches_only_routes_the_analysis_found_reachable
         assert method in reach.chosen[route.index], (route.name, method, path)
         if not trailing_slash or not segments:
             assert route.index in reach.plain, (route.name, method, path)
+
+
+# --- route conditions, issuer formats, the issue's public catch-all example -------------------------
+
+
+def test_the_public_catch_all_example_warns_and_explain_shows_the_allow(tmp_path):
+    """A method-limited admin route under a public catch-all: DELETE /admin/users/1 is not taken by
+    the admin route, falls to the public /**, and passes without a token. validate --strict must say
+    so before explain has to."""
+    routes = """\
+      - name: admin-read
+        methods: [GET]
+        path: /admin/**
+        scopes: [admin/read]
+      - name: site
+        path: /**
+        public: true
+    """
+    policy = tmp_path / "p.yaml"
+    policy.write_text(ISSUERS + "routes:\n" + textwrap.dedent(routes))
+    run = cli("explain", "--policy", str(policy), "--method", "DELETE", "--path", "/admin/users/1")
+    assert run.returncode == 0 and "decision:  ALLOW, reason public" in run.stdout, run.stdout
+    warnings = lints(routes)
+    catch_all = [w for w in warnings if "also covers the paths of protected route 'admin-read'" in w]
+    assert len(catch_all) == 1 and "acknowledge: [public-catch-all]" in catch_all[0], warnings
+    assert cli("validate", "--strict", str(policy)).returncode == 1
+
+
+def test_all_scopes_duplicates_and_overlap_with_scopes_warn():
+    warnings = lints("""\
+      - path: /a
+        scopes: [a/x, a/y]
+        all_scopes: [a/y, a/z, a/z]
+    """)
+    assert len(warnings) == 2, warnings
+    assert "routes[0].all_scopes[0]: scope 'a/y' is in both scopes and all_scopes" in warnings[0]
+    assert "routes[0].all_scopes[2]: scope 'a/z' is listed twice" in warnings[1]
+
+
+def test_all_scopes_are_linted_for_cognito_shape_too():
+    (warning,) = lints("  - {path: /a, all_scopes: [openid]}\n")
+    assert "routes[0].all_scopes[0]: 'openid' is a user-pool (OpenID) scope" in warning
+
+
+@pytest.mark.parametrize(("value", "reads"), [("yes", "true"), ("on", "true"), ("010", "8"), ("1_000", "1000"),
+                                              ("0x1f", "31"), ("No", "false")])
+def test_claim_values_yaml_reads_otherwise_warn(value, reads):
+    (warning,) = lints(f"  - {{path: /a, scopes: [a/b], claims: {{flag: {value}}}}}\n")
+    assert f"routes[0].claims.flag: YAML reads '{value}' as {reads}" in warning
+    assert f"or quote the text: '{value}'" in warning
+
+
+def test_claim_values_written_as_json_do_not_warn():
+    assert lints("  - {path: /a, scopes: [a/b], claims: {a: true, b: 3, c: -2.5e3, d: 'yes', "
+                 "e: {any_of: [gold, 1, false]}, f: {equals: 0}}}\n") == []
+    (warning,) = lints("  - {path: /a, scopes: [a/b], claims: {e: {any_of: [gold, on]}}}\n")
+    assert "routes[0].claims.e.any_of[1]: YAML reads 'on' as true" in warning
+
+
+@pytest.mark.parametrize(("rest", "why"), [
+    ("scopes: [admin/read]", "does not require the claim condition tenant = 'acme'"),
+    ("scopes: [admin/read]\n        claims: {tenant: acme}", None),
+    ("all_scopes: [admin/read]\n        claims: {tenant: acme}", None),
+    ("scopes: [admin/read, other/x]\n        claims: {tenant: acme}", "accepts scopes this route does not (other/x)"),
+])
+def test_fallthrough_to_a_route_without_the_conditions(rest, why):
+    assert_fallthrough("scopes: [admin/read]\n        claims: {tenant: acme}", rest, why)
+
+
+@pytest.mark.parametrize(("route", "rest", "why"), [
+    ("all_scopes: [a/x, a/y]", "scopes: [a/x]", "does not require all of a/y"),
+    ("all_scopes: [a/x, a/y]", "all_scopes: [a/y, a/x, a/z]", None),
+    ("scopes: [a/x]\n        client_ids: [bot]", "scopes: [a/x]", "accepts clients this route does not"),
+    ("scopes: [a/x]\n        client_ids: [bot]", "scopes: [a/x]\n        client_ids: [bot]", None),
+    ("scopes: [a/x, a/y]", "all_scopes: [a/y, a/q]", None),  # holding a/y meets "any of a/x a/y"
+])
+def test_fallthrough_compares_all_scopes_and_clients(route, rest, why):
+    assert_fallthrough(route, rest, why)
+
+
+def test_validate_explain_issuers_lists_every_accepted_iss_and_jwks(tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("issuers:\n  - user_pool_id: us-east-1_Multi1\n    issuer_format: updated\n"
+                      "    replica_regions: [eu-west-1]\n    client_ids: [app-1, app-2]\n"
+                      "  - user_pool_id: eu-central-1_Old\nroutes:\n  - {path: /a, scopes: [a/b]}\n")
+    run = cli("validate", "--explain-issuers", str(policy))
+    assert run.returncode == 0, run.stdout
+    assert run.stdout.splitlines() == [
+        f"{policy}: OK: 1 routes, 2 issuers (3 accepted iss), 0 warnings",
+        "  issuers[0] us-east-1_Multi1 (updated issuer format) accepts app clients app-1, app-2, with iss:",
+        "    https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_Multi1  (region us-east-1)",
+        "      keys from https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_Multi1/.well-known/jwks.json",
+        "    https://issuer-cognito-idp.eu-west-1.amazonaws.com/us-east-1_Multi1  (replica region eu-west-1)",
+        "      keys from https://issuer-cognito-idp.eu-west-1.amazonaws.com/us-east-1_Multi1/.well-known/jwks.json",
+        "  issuers[1] eu-central-1_Old (original issuer format) accepts any app client of the pool, with iss:",
+        "    https://cognito-idp.eu-central-1.amazonaws.com/eu-central-1_Old  (region eu-central-1)",
+        "      keys from https://cognito-idp.eu-central-1.amazonaws.com/eu-central-1_Old/.well-known/jwks.json",
+    ]
+    assert "issuers[0]" not in cli("validate", str(policy)).stdout  # only on request
+
+
+def test_custom_claims_example_passes_through_the_cli():
+    run = cli("test", str(EXAMPLES / "policy-custom-claims.yaml"), str(EXAMPLES / "policy-custom-claims-tests.yaml"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "10 passed, 0 failed" in run.stdout
+    assert cli("validate", "--strict", str(EXAMPLES / "policy-custom-claims.yaml")).returncode == 0
+
+
+def test_case_claims_reach_the_real_decision(tmp_path):
+    run = run_cases(tmp_path,
+                    ISSUERS + "routes:\n  - {name: r, path: /a, scopes: [a/b], claims: {level: {any_of: [2, 3]}}}\n",
+                    "tests:\n  - {method: GET, path: /a, scopes: [a/b], claims: {level: 3}, expect: allow}\n"
+                    "  - {method: GET, path: /a, scopes: [a/b], claims: {level: '3'}, expect: allow}\n")
+    assert run.returncode == 1
+    assert 'PASS  GET /a: GET /a (scopes [a/b] claims {"level":3}) -> allow 200 route=r reason=allowed' in run.stdout
+    assert "got:      deny 403 route=r reason=claim_mismatch" in run.stdout

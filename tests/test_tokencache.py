@@ -338,3 +338,30 @@ def test_digest_is_salted_per_process_and_stable_within_it() -> None:
     assert one.digest(token) != other.digest(token)  # a different salt per cache (per process)
     assert one.digest(token) != hashlib.sha256(token).digest()  # not matchable against known tokens
     assert len(one.digest(token)) == 32 and one.digest(token) != one.digest(token + b"x")
+
+
+def test_entry_size_counts_custom_claims_but_not_the_policys_names() -> None:
+    from authz_service.claims import NO_CUSTOM_CLAIMS
+
+    names = frozenset({"tenant", "envs"})
+    plain = Claims(ISSUER, "c", "s", frozenset({"a/b"}), "a/b", 2_000_000_000, "kid-a")
+    assert plain.custom is NO_CUSTOM_CLAIMS
+    custom = {"tenant": "t" * 1000, "envs": ("dev", "prod" * 100)}
+    rich = Claims(ISSUER, "c", "s", frozenset({"a/b"}), "a/b", 2_000_000_000, "kid-a", custom, names)
+    extra = entry_size(rich) - entry_size(plain)
+    held = (sys.getsizeof(custom) + sys.getsizeof(custom["tenant"]) + sys.getsizeof(custom["envs"])
+            + sys.getsizeof("dev") + sys.getsizeof("prod" * 100))
+    assert extra == held
+
+
+async def test_a_cached_token_read_for_fewer_claim_names_is_verified_again_and_replaced(key_a: SigningKey) -> None:
+    verifier, cache, _ = make(MemoryKeys(key_a))
+    token = key_a.token(tenant="acme")
+    plain = await verifier.verify(token, policy())
+    assert plain.custom == {} and plain.extracted == frozenset()
+    with_claims = parse_policy(f"issuers:\n  - user_pool_id: {POOL}\nroutes:\n"
+                               "  - {path: /x, scopes: [transactions/post], claims: {tenant: acme}}\n")
+    claims = await verifier.verify(token, with_claims)
+    assert claims.custom == {"tenant": "acme"} and claims.extracted is with_claims.claim_names
+    assert len(cache) == 1 and next(iter(cache._entries.values())).claims is claims
+    assert await verifier.verify(token, policy()) is claims  # more names than needed: a plain hit

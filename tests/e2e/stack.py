@@ -20,14 +20,11 @@ from pathlib import Path
 
 import yaml
 
+from authz_service.policy import IssuerFormat, cognito_issuer
+
 from .harness import ManagedProcess, free_port, http_request, wait_for_http
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "authz_service" / "examples"
-SECRETS = {
-    "payments-writer": "payments-writer-demo-secret",
-    "payments-reader": "payments-reader-demo-secret",
-    "reporting": "reporting-demo-secret",
-}
 
 
 # The example API every e2e policy protects, with healthz public. A str.format template (braces
@@ -59,6 +56,8 @@ class DevIssuer:
     process: ManagedProcess
     port: int
     pool: str
+    secrets: dict[str, str]  # client id -> secret, from the issuer's config
+    issuer_format: str | None = None  # the config's issuer_format: None, "original" or "updated"
 
     @property
     def base(self) -> str:
@@ -66,16 +65,28 @@ class DevIssuer:
 
     @property
     def issuer(self) -> str:
-        return f"{self.base}/{self.pool}"
+        """The pool's iss: <base>/<pool>, or Cognito's URL when the config sets issuer_format."""
+        return self.region_issuer(None)
 
-    def token(self, client_id: str, scope: str | None = None) -> str:
-        """client_credentials grant with HTTP Basic client authentication (as in the seed article)."""
+    def region_issuer(self, region: str | None) -> str:
+        """The iss of a replica region's tokens (None: the pool's own region)."""
+        if self.issuer_format is None:
+            return f"{self.base}/{self.pool}"
+        return cognito_issuer(IssuerFormat(self.issuer_format), region or self.pool.split("_")[0], self.pool)
+
+    @property
+    def jwks_uri(self) -> str:
+        return f"{self.base}/{self.pool}/.well-known/jwks.json"
+
+    def token(self, client_id: str, scope: str | None = None, region: str | None = None) -> str:
+        """client_credentials grant with HTTP Basic client authentication (as in the seed article);
+        ``region``: from a replica region's token endpoint (/<region>/oauth2/token)."""
         form = {"grant_type": "client_credentials"}
         if scope is not None:
             form["scope"] = scope
-        basic = base64.b64encode(f"{client_id}:{SECRETS[client_id]}".encode()).decode()
+        basic = base64.b64encode(f"{client_id}:{self.secrets[client_id]}".encode()).decode()
         request = urllib.request.Request(
-            f"{self.base}/oauth2/token",
+            f"{self.base}{'/' + region if region else ''}/oauth2/token",
             data=urllib.parse.urlencode(form).encode(),
             headers={"Authorization": f"Basic {basic}", "Content-Type": "application/x-www-form-urlencoded"},
         )
@@ -90,12 +101,14 @@ class DevIssuer:
             return json.load(response)["kid"]
 
 
-def start_dev_issuer(workdir: Path, pool: str, ttl: int = 3600, port: int | None = None) -> DevIssuer:
-    """The dev issuer via its CLI, once it answers. Its process belongs to the running test or
-    fixture (harness ``Owner``), which stops it at the end; ``.process.stop()`` stops it earlier."""
-    config = yaml.safe_load((EXAMPLES / "dev-issuer.yaml").read_text())
-    config["user_pool_id"] = pool
-    config["token_ttl_seconds"] = ttl
+def start_dev_issuer(workdir: Path, pool: str, ttl: int = 3600, port: int | None = None,
+                     example: str = "dev-issuer.yaml", **overrides: object) -> DevIssuer:
+    """The dev issuer CLI on an example config (``example``) with ``pool``, ``ttl`` and ``overrides``
+    (top-level keys, e.g. issuer_format="original") applied, once it answers. Its process belongs to
+    the running test or fixture (harness ``Owner``), which stops it at the end; ``.process.stop()``
+    stops it earlier."""
+    config = yaml.safe_load((EXAMPLES / example).read_text())
+    config.update(overrides, user_pool_id=pool, token_ttl_seconds=ttl)
     path = workdir / f"issuer-{pool}.yaml"
     path.write_text(yaml.safe_dump(config))
     port = port or free_port()
@@ -107,7 +120,8 @@ def start_dev_issuer(workdir: Path, pool: str, ttl: int = 3600, port: int | None
     except BaseException:
         process.stop()
         raise
-    return DevIssuer(process, port, pool)
+    return DevIssuer(process, port, pool, {c["client_id"]: c["client_secret"] for c in config["clients"]},
+                     config.get("issuer_format"))
 
 
 class PolicyDir:

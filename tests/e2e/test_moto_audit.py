@@ -1,0 +1,138 @@
+"""`authz-service audit` against moto's Cognito (which we did not write), through the real CLI and
+boto3 over HTTP: a pool provisioned the way the AWS CLI does it, with a resource server, scopes and
+app clients with and without the client_credentials flow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .harness import free_port
+from .moto_cognito import cognito_client, start_moto_server, stop_moto_server
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    endpoint: str
+    pool_id: str
+    clients: dict[str, str]  # name -> client id
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provisioned]:
+    port = free_port()
+    server = start_moto_server(port)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        idp = cognito_client(endpoint)
+        # As `aws cognito-idp create-user-pool --issuer-configuration Type=UPDATED --lambda-config ...` would.
+        pool_id = idp.create_user_pool(
+            PoolName="audit", IssuerConfiguration={"Type": "UPDATED"},
+            LambdaConfig={"PreTokenGenerationConfig": {
+                "LambdaVersion": "V3_0", "LambdaArn": "arn:aws:lambda:us-east-1:123456789012:function:claims"}},
+        )["UserPool"]["Id"]
+        idp.create_resource_server(UserPoolId=pool_id, Identifier="transactions", Name="transactions",
+                                   Scopes=[{"ScopeName": s, "ScopeDescription": s} for s in ("get", "post")])
+        m2m = dict(GenerateSecret=True, AllowedOAuthFlows=["client_credentials"], AllowedOAuthFlowsUserPoolClient=True)
+        clients = {
+            "writer": idp.create_user_pool_client(UserPoolId=pool_id, ClientName="writer",
+                                                  AllowedOAuthScopes=["transactions/post"], **m2m),
+            "reader": idp.create_user_pool_client(UserPoolId=pool_id, ClientName="reader",
+                                                  AllowedOAuthScopes=["transactions/get"], **m2m),
+            "web": idp.create_user_pool_client(UserPoolId=pool_id, ClientName="web", GenerateSecret=False,
+                                               AllowedOAuthFlows=["code"], AllowedOAuthScopes=["openid"],
+                                               AllowedOAuthFlowsUserPoolClient=True, CallbackURLs=["https://x.test/cb"]),
+        }
+        yield Provisioned(endpoint, pool_id, {name: c["UserPoolClient"]["ClientId"] for name, c in clients.items()})
+    finally:
+        stop_moto_server(server)
+
+
+def run_audit(moto: Provisioned, policy: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_SESSION_TOKEN": "testing", "AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER": moto.endpoint}
+    env.pop("AWS_PROFILE", None)
+    return subprocess.run([sys.executable, "-m", "authz_service.cli", "audit", "--policy", str(policy), *args],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def write_policy(tmp_path: Path, moto: Provisioned, routes: str, issuer_extra: str = "") -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(f"issuers:\n  - user_pool_id: {moto.pool_id}\n    issuer_format: updated\n{issuer_extra}"
+                    f"routes:\n{routes}")
+    return path
+
+
+def test_matrix_and_findings_from_the_pool(tmp_path, moto):
+    writer, reader, web = (moto.clients[n] for n in ("writer", "reader", "web"))
+    policy = write_policy(tmp_path, moto, f"""\
+  - {{name: create, methods: [POST], path: /transactions, scopes: [transactions/post]}}
+  - {{name: read, methods: [GET], path: '/transactions/{{id}}', scopes: [transactions/get], client_ids: [{reader}, {web}]}}
+  - {{name: tenant, methods: [GET], path: /tenants/acme, scopes: [transactions/get], claims: {{tenant: acme}}}}
+  - {{name: delete, methods: [DELETE], path: '/transactions/{{id}}', scopes: [transactions/delete]}}
+  - {{name: healthz, methods: [GET], path: /healthz, public: true}}
+""", issuer_extra=f"    client_ids: [{writer}, {reader}, nobody-here]\n")
+    run = run_audit(moto, policy, "--format", "json")
+    assert run.returncode == 1, run.stdout + run.stderr
+    data = json.loads(run.stdout)
+    (pool,) = data["pools"]
+    assert pool["user_pool_id"] == moto.pool_id and pool["issuer_type"] == "UPDATED"
+    assert pool["pre_token_generation"] == "V3_0"
+    assert pool["resource_server_scopes"] == ["transactions/get", "transactions/post"]
+    access = {row["client_id"]: {r: c["access"] + (f" ({c['why']})" if "why" in c else "")
+                                 for r, c in row["routes"].items()} for row in data["matrix"]}
+    assert access[writer] == {"create": "yes", "read": "no (route client_ids)", "tenant": "no (scope)",
+                              "delete": "no (scope)", "healthz": "public"}
+    assert access[reader] == {"create": "no (scope)", "read": "yes", "tenant": "depends_on_claims",
+                              "delete": "no (scope)", "healthz": "public"}
+    assert set(access[web].values()) == {"no (no client_credentials)", "public"}
+    assert [(f["code"], f["message"]) for f in data["findings"]] == [
+        ("undefined-scope", "routes[3] 'delete' requires scope 'transactions/delete', which no resource server of "
+                            "the audited pools defines"),
+        ("unknown-client", f"issuers[0].client_ids: nobody-here is not an app client of {moto.pool_id}"),
+        ("no-client-credentials", f"routes[1] 'read' client_ids: app client {web} cannot get client_credentials "
+                                  "tokens: AllowedOAuthFlows lacks client_credentials"),
+        ("unreachable-route", "routes[3] 'delete' (/transactions/{id}): no app client of the audited pools can reach it"),
+    ]
+    text = run_audit(moto, policy)
+    assert text.returncode == 1
+    assert f"pool {moto.pool_id} (us-east-1): 3 app clients, 2 resource server scopes, issuer updated, " \
+           "pre token generation V3_0" in text.stdout
+    assert "depends on claims" in text.stdout and text.stdout.rstrip().endswith(f"against {moto.pool_id})")
+
+
+def test_a_policy_that_matches_the_pool_is_clean(tmp_path, moto):
+    policy = write_policy(tmp_path, moto, """\
+  - {name: create, methods: [POST], path: /transactions, scopes: [transactions/post]}
+  - {name: read, methods: [GET], path: '/transactions/{id}', scopes: [transactions/get]}
+""")
+    run = run_audit(moto, policy, "--user-pool-id", moto.pool_id, "--region", "us-east-1")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.rstrip().endswith(f"0 findings ({policy} against {moto.pool_id})")
+
+
+def test_issuer_format_that_differs_from_the_pool_is_reported(tmp_path, moto):
+    policy = tmp_path / "original.yaml"
+    policy.write_text(f"issuers:\n  - user_pool_id: {moto.pool_id}\nroutes:\n"
+                      "  - {name: read, path: /a, scopes: [transactions/get]}\n")
+    run = run_audit(moto, policy)
+    assert run.returncode == 1
+    assert "issuer-format: issuers[0]" in run.stdout and "set issuer_format: updated" in run.stdout
+
+
+def test_a_pool_aws_does_not_know_is_exit_2(tmp_path, moto):
+    policy = tmp_path / "missing.yaml"
+    policy.write_text("issuers:\n  - user_pool_id: us-east-1_Missing01\nroutes:\n  - {path: /a, scopes: [a/b]}\n")
+    run = run_audit(moto, policy)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.startswith("authz-service audit: error: DescribeUserPool us-east-1_Missing01: "
+                                 "ResourceNotFoundException"), run.stderr
