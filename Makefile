@@ -32,7 +32,8 @@ test: $(STAMP) system-deps policy-check
 
 # The shipped policies pass `validate --strict` and the example expectations hold (as a ConfigMap repo's CI would run).
 policy-check: $(STAMP)
-	$(BIN)/authz-service validate --strict authz_service/examples/policy.yaml deploy/k8s/policy.yaml
+	$(BIN)/authz-service validate --strict authz_service/examples/policy.yaml deploy/k8s/policy.yaml \
+	  deploy/istio/sidecar/policy.yaml deploy/istio/ambient/policy.yaml deploy/examples/two-apps/*/policy.yaml
 	$(BIN)/authz-service test authz_service/examples/policy.yaml authz_service/examples/policy-tests.yaml
 
 unit: $(STAMP)
