@@ -27,10 +27,10 @@ import yaml
 from tools import component_envoy
 
 from .test_deploy import (
-    _import_kubernetes_validate,
     _kubernetes_versions,
     _operator_models,
     container,
+    kubernetes_schema_errors,
     run,
     selects,
     tool,
@@ -156,15 +156,8 @@ def test_deployments_mount_their_own_configmaps(rendered: list[dict[str, Any]]) 
 
 @pytest.mark.parametrize("version", _kubernetes_versions())
 def test_rendered_core_objects_validate(rendered: list[dict[str, Any]], version: str) -> None:
-    kv = _import_kubernetes_validate()
-    errors = []
-    for doc in rendered:
-        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
-            continue
-        try:
-            kv.validate(doc, version, strict=True)
-        except (kv.ValidationError, kv.SchemaNotFoundError) as exc:
-            errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message}")
+    errors = kubernetes_schema_errors([d for d in rendered if not d["apiVersion"].startswith("monitoring.coreos.com/")],
+                                      version)
     assert not errors, "\n".join(errors)
 
 

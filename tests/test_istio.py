@@ -31,11 +31,11 @@ import yaml
 from authz_service.request import IDENTITY_HEADERS, SPECIAL_NAMES
 
 from .test_deploy import (
-    _import_kubernetes_validate,
     _kubernetes_versions,
     _operator_models,
     container,
     env_of,
+    kubernetes_schema_errors,
     run,
     selects,
     tool,
@@ -109,17 +109,11 @@ def istio_errors(doc: dict[str, Any]) -> list[str]:
 
 @pytest.mark.parametrize("version", _kubernetes_versions())
 def test_core_objects_validate_against_kubernetes_schemas(rendered, version: str) -> None:
-    kv = _import_kubernetes_validate()
-    errors = []
-    for part, docs in rendered.items():
-        for doc in docs:
-            if "istio.io" in doc["apiVersion"] or doc["apiVersion"].startswith(("monitoring.coreos.com",
-                                                                                "gateway.networking.k8s.io")):
-                continue
-            try:
-                kv.validate(doc, version, strict=True)
-            except (kv.ValidationError, kv.SchemaNotFoundError) as exc:
-                errors.append(f"deploy/istio/{part} {doc['kind']}/{doc['metadata']['name']}: {exc.message}")
+    errors = [f"deploy/istio/{part} {error}" for part, docs in rendered.items()
+              for error in kubernetes_schema_errors([d for d in docs if "istio.io" not in d["apiVersion"]
+                                                     and not d["apiVersion"].startswith(("monitoring.coreos.com",
+                                                                                         "gateway.networking.k8s.io"))],
+                                                    version)]
     assert not errors, "\n".join(errors)
 
 

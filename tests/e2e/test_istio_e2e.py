@@ -43,6 +43,8 @@ issuers:
     issuer: {issuer}
 routes:
 """ + TRANSACTION_ROUTES + PUBLIC_HEALTHZ
+WRITER_IDENTITY = {"x-auth-client-id": ["payments-writer"], "x-auth-scopes": ["transactions/post"],
+                   "x-auth-sub": ["payments-writer"]}
 SPOOFED = [("X-Auth-Client-Id", "admin"), ("x_auth_client_id", "admin"), ("X-Auth-Scopes", "admin/all"),
            ("x-auth_scopes", "admin/all"), ("x_auth_sub", "root"), ("X_AUTH_SUB", "root")]
 
@@ -161,8 +163,7 @@ def test_decisions_through_the_istio_rendered_ext_authz(stack: IstioStack, mode:
     assert (status, reached) == (403, []) and b"insufficient_scope" in body
     status, _, _, reached = stack.send(envoy, "POST", "/transactions", stack.issuer.token("payments-writer"))
     assert status == 200
-    assert identity_seen(reached) == {"x-auth-client-id": ["payments-writer"], "x-auth-scopes": ["transactions/post"],
-                                      "x-auth-sub": ["payments-writer"]}
+    assert identity_seen(reached) == WRITER_IDENTITY
     # ext_authz ran for every request because Istio's shadow RBAC rule matched (never "disabled").
     stats = envoy.stats("ext_authz")
     prefix = "http.inbound_0.0.0.0_8000.ext_authz"
@@ -175,8 +176,7 @@ def test_spoofed_identity_headers_never_reach_the_app(stack: IstioStack, mode: s
     envoy = stack.envoy(mode)
     status, _, _, reached = stack.send(envoy, "POST", "/transactions", stack.issuer.token("payments-writer"), SPOOFED)
     assert status == 200
-    assert identity_seen(reached) == {"x-auth-client-id": ["payments-writer"], "x-auth-scopes": ["transactions/post"],
-                                      "x-auth-sub": ["payments-writer"]}
+    assert identity_seen(reached) == WRITER_IDENTITY
     status, _, _, reached = stack.send(envoy, "GET", "/healthz", headers=SPOOFED)
     assert status == 200 and identity_seen(reached) == {}
 
@@ -187,8 +187,7 @@ def test_http_provider_strips_identity_headers_it_does_not_send_for_the_check(st
     envoy = stack.envoy("http", allowed_headers=("authorization",))
     status, _, _, reached = stack.send(envoy, "POST", "/transactions", stack.issuer.token("payments-writer"), SPOOFED)
     assert status == 200
-    assert identity_seen(reached) == {"x-auth-client-id": ["payments-writer"], "x-auth-scopes": ["transactions/post"],
-                                      "x-auth-sub": ["payments-writer"]}
+    assert identity_seen(reached) == WRITER_IDENTITY
     status, _, _, reached = stack.send(envoy, "GET", "/healthz", headers=SPOOFED)
     assert status == 200 and identity_seen(reached) == {}
 
