@@ -19,11 +19,12 @@ venv: $(STAMP)
 protos: $(STAMP)
 	$(BIN)/python tools/gen_protos.py
 
-# promtool (alert rule tests) comes from Debian's prometheus package; CI runs as root on Debian.
+# promtool (alert rule tests) comes from Debian's prometheus package, the forward proxy of the egress
+# proxy tests from tinyproxy-bin (the binary only: no service is started); CI runs as root on Debian.
 system-deps:
-	@command -v promtool >/dev/null || { \
+	@{ command -v promtool >/dev/null && command -v tinyproxy >/dev/null; } || { \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus tinyproxy-bin >/dev/null; }
 	@command -v kubectl >/dev/null || echo "warning: kubectl not found; the kustomize test will fail (install kubectl)"
 
 test: $(STAMP) system-deps policy-check
@@ -32,7 +33,8 @@ test: $(STAMP) system-deps policy-check
 # The shipped policies pass `validate --strict` and the example expectations hold (as a ConfigMap repo's CI would run).
 policy-check: $(STAMP)
 	$(BIN)/authz-service validate --strict authz_service/examples/policy.yaml deploy/k8s/policy.yaml \
-	  authz_service/examples/policy-custom-claims.yaml
+	  authz_service/examples/policy-custom-claims.yaml \
+	  deploy/istio/sidecar/policy.yaml deploy/istio/ambient/policy.yaml deploy/examples/two-apps/*/policy.yaml
 	$(BIN)/authz-service test authz_service/examples/policy.yaml authz_service/examples/policy-tests.yaml
 	$(BIN)/authz-service test authz_service/examples/policy-custom-claims.yaml \
 	  authz_service/examples/policy-custom-claims-tests.yaml

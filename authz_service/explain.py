@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import aiohttp
 import jwt
 from prometheus_client import CollectorRegistry
 
 from .claims import Claims, cognito_controlled
 from .config import JwksSettings
-from .jwks import JwksCache
+from .jwks import JwksCache, http_session
 from .metrics import Metrics
 from .policy import Policy, Route, load_policy_file, pattern_matches, PolicyError
 from .request import BadRequest, normalized_path, path_segments
@@ -209,7 +208,7 @@ async def _explain_real(policy: Policy, method: str, path: str, token: str, real
     Every trusted issuer's JWKS, as the server holds them: the key is found by kid before the
     payload (and its iss) is read."""
     info = Explanation(method, path, "real: " + describe_token(token))
-    async with aiohttp.ClientSession() as session:
+    async with http_session() as session:
         cache = JwksCache(JwksSettings(), Metrics(CollectorRegistry()), session)
         try:
             cache.sync(policy.issuers)

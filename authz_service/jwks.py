@@ -40,6 +40,20 @@ MIN_RSA_EXPONENT = 65537
 RSA_EXPONENT_LIMIT = 2**32  # exclusive
 
 
+def http_session() -> aiohttp.ClientSession:
+    """The HTTP client JWKS are fetched with (the server's and ``explain``'s, so both reach the
+    issuers the same way); create it inside the running event loop.
+
+    ``trust_env``: pods without direct egress reach Cognito through a forward proxy named by
+    ``HTTPS_PROXY`` / ``HTTP_PROXY`` (an ``https://`` JWKS URL is tunnelled with CONNECT, so TLS and
+    the certificate check stay end to end), and ``NO_PROXY`` hosts are fetched directly. aiohttp
+    reads these per request with Python's rules (docs/deploy.md, "Egress proxy"): the lower-case
+    variable wins over the upper-case one, NO_PROXY entries match host names and domain suffixes
+    (no ports, no CIDR ranges), and an ``https://`` proxy URL is ignored with a warning.
+    """
+    return aiohttp.ClientSession(headers={"User-Agent": "authz-service"}, trust_env=True)
+
+
 class JwksError(Exception):
     """A JWKS document we refuse; the message says why (logged, counted, keys kept)."""
 

@@ -30,7 +30,7 @@ from .check import Checker, TracedChecker
 from .config import Settings
 from .ext_authz_grpc import SERVICE_NAME, authorization_servicer
 from .ext_authz_http import HttpFrontDoor
-from .jwks import JwksCache
+from .jwks import JwksCache, http_session
 from .metrics import Metrics
 from .policy import Policy, load_policy_file
 from .reloader import PolicyReloader
@@ -108,7 +108,7 @@ class Service:
         settings = self.settings
         if settings.tracing is not None:
             self.tracing = Tracing(settings.tracing, __version__)
-        self._session = aiohttp.ClientSession(headers={"User-Agent": "authz-service"})
+        self._session = http_session()
         self.token_cache = TokenCache(settings.token_cache_size, settings.token_cache_max_bytes, self.metrics)
         self.jwks = JwksCache(settings.jwks, self.metrics, self._session, on_key_removed=self.token_cache.drop_key,
                               tracing=self.tracing)

@@ -64,6 +64,23 @@ CONTRACT_LABEL_VALUES = {
 CONTRACT_LABELS = set(CONTRACT_LABEL_VALUES) | {"route", "issuer", "sha256", "le"}
 # Labels Prometheus attaches to every scraped series (ServiceMonitor target labels).
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "container", "service", "endpoint"}
+# The scrape jobs the ServiceMonitor makes (deploy/k8s/servicemonitor.yaml, and the Component's).
+JOBS = {"authz-service", "authz-envoy"}
+# Envoy's series the rules rely on (job authz-envoy: the envoy-health listener's /stats/prometheus),
+# with the one label that picks the shipped config's ext_authz filter or authz cluster. Envoy 1.40
+# exports exactly these names for envoy/envoy.yaml and envoy/envoy-http.yaml; the e2e test
+# tests/e2e/test_envoy_stats_e2e.py scrapes a real Envoy to prove it.
+ENVOY_SERIES = {
+    "envoy_http_ext_authz_ok": ("envoy_http_conn_manager_prefix", "ingress_http"),
+    "envoy_http_ext_authz_denied": ("envoy_http_conn_manager_prefix", "ingress_http"),
+    "envoy_http_ext_authz_error": ("envoy_http_conn_manager_prefix", "ingress_http"),
+    "envoy_http_ext_authz_failure_mode_allowed": ("envoy_http_conn_manager_prefix", "ingress_http"),
+    "envoy_cluster_upstream_rq_active_overflow": ("envoy_cluster_name", "authz_service"),
+    "envoy_cluster_upstream_rq_pending_overflow": ("envoy_cluster_name", "authz_service"),
+}
+ENVOY_LABEL_VALUES = {label: {value} for label, value in ENVOY_SERIES.values()}
+RUNBOOK = ROOT / "docs" / "runbook.md"
+RUNBOOK_BASE = "https://github.com/example/authz-service/blob/main/docs/runbook.md#"
 
 REQUIRED_ALERTS = {
     "AuthzHighDenyRatio",        # high overall deny ratio
@@ -178,16 +195,20 @@ def runtime_metric_names() -> set[str]:
 def allowed_metric_names() -> set[str]:
     runtime = {n for n in runtime_metric_names() if n.startswith(("process_", "python_"))}
     assert runtime, "prometheus-client exposes no process_/python_ series on this platform?"
-    return CONTRACT_METRICS | runtime
+    return CONTRACT_METRICS | runtime | set(ENVOY_SERIES) | {"up"}
 
 
 def check_expr_vocabulary(expr: str, where: str) -> None:
     unknown = metric_names(expr) - allowed_metric_names()
     assert not unknown, f"{where}: unknown metric(s) {sorted(unknown)} in {expr!r}"
+    known_values = {**CONTRACT_LABEL_VALUES, **ENVOY_LABEL_VALUES, "job": JOBS}
     for label, op, value in label_matchers(expr):
-        assert label in CONTRACT_LABELS | TARGET_LABELS | {"generation"}, f"{where}: unknown label {label!r}"
-        if label in CONTRACT_LABEL_VALUES and op in ("=", "!="):
-            assert value in CONTRACT_LABEL_VALUES[label], f"{where}: {label}={value!r} is not a contract value"
+        assert label in CONTRACT_LABELS | TARGET_LABELS | set(ENVOY_LABEL_VALUES) | {"generation"}, \
+            f"{where}: unknown label {label!r}"
+        if label in known_values and op in ("=", "!="):
+            assert value in known_values[label], f"{where}: {label}={value!r} is not a known value"
+        if label == "job" and op == "=~" and not value.startswith("$"):  # "$job": a Grafana variable
+            assert set(value.split("|")) <= JOBS, f"{where}: job=~{value!r} names an unknown job"
     unknown_labels = grouping_labels(expr) - CONTRACT_LABELS - TARGET_LABELS - {"generation"}
     assert not unknown_labels, f"{where}: grouping by unknown label(s) {sorted(unknown_labels)}"
 
@@ -258,6 +279,63 @@ def test_required_alerts_exist_with_severity_and_text() -> None:
     for rule in rules:
         assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
         assert {"summary", "description"} <= set(rule["annotations"]), rule["alert"]
+
+
+def test_envoy_series_are_selected_by_their_shipped_label() -> None:
+    """An Envoy series without its label would also count other listeners' or clusters' stats."""
+    for rule in alert_rules():
+        for name in metric_names(rule["expr"]) & set(ENVOY_SERIES):
+            label, value = ENVOY_SERIES[name]
+            selectors = re.findall(rf"{name}\{{([^}}]*)\}}", rule["expr"])
+            assert selectors and all(f'{label}="{value}"' in sel for sel in selectors), \
+                f"{rule['alert']}: {name} without {label}={value!r}"
+
+
+def test_down_and_absent_targets_and_envoy_failures_are_alerted() -> None:
+    """Down means an alert: the service's own metrics vanish with it, so these cannot."""
+    exprs = {r["alert"]: re.sub(r"\s+", " ", r["expr"]) for r in alert_rules()}
+    def alerting(pattern: str) -> list[str]:
+        return [name for name, expr in exprs.items() if re.search(pattern, expr)]
+    assert alerting(r'up\{job=~"authz-service\|authz-envoy"\} == 0')
+    assert alerting(r'absent\(up\{job="authz-service"\}\)') and alerting(r'absent\(up\{job="authz-envoy"\}\)')
+    for name in ("envoy_http_ext_authz_error", "envoy_http_ext_authz_failure_mode_allowed",
+                 "envoy_cluster_upstream_rq_active_overflow", "envoy_http_ext_authz_denied"):
+        assert alerting(name), name
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading (lower case, punctuation dropped, spaces to '-')."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def runbook_anchors() -> set[str]:
+    assert RUNBOOK.is_file(), "docs/runbook.md is missing"
+    return {github_anchor(line.lstrip("#")) for line in RUNBOOK.read_text().splitlines()
+            if re.match(r"#{1,6} ", line)}
+
+
+def test_github_anchor() -> None:
+    assert github_anchor(" AuthzHighDenyRatio") == "authzhighdenyratio"
+    assert github_anchor("`missing_token`: no token") == "missing_token-no-token"
+    assert github_anchor("Deny reasons (status 4xx)") == "deny-reasons-status-4xx"
+
+
+def test_every_alert_links_its_runbook_section() -> None:
+    anchors = runbook_anchors()
+    for rule in alert_rules():
+        url = rule["annotations"].get("runbook_url", "")
+        assert url == RUNBOOK_BASE + rule["alert"].lower(), f"{rule['alert']}: runbook_url {url!r}"
+        assert rule["alert"].lower() in anchors, f"docs/runbook.md has no section {rule['alert']}"
+
+
+def test_runbook_has_a_section_per_deny_reason() -> None:
+    from authz_service.decision import REASONS
+
+    anchors = runbook_anchors()
+    deny_reasons = {reason.value for reason, outcome in REASONS.items() if outcome.http_status != 200}
+    missing = sorted(r for r in deny_reasons if r not in anchors)
+    assert not missing, f"docs/runbook.md has no section for deny reason(s) {missing}"
 
 
 def test_stale_keys_alert_uses_the_last_success_timestamp() -> None:

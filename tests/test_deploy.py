@@ -204,19 +204,25 @@ def _kubernetes_versions() -> list[str]:
     return [MIN_KUBERNETES, kv.latest_version()]
 
 
-@pytest.mark.parametrize("version", _kubernetes_versions())
-def test_core_objects_validate_against_kubernetes_schemas(rendered: list[dict[str, Any]], version: str) -> None:
+def kubernetes_schema_errors(docs: list[dict[str, Any]], version: str) -> list[str]:
+    """Every strict-validation error of ``docs`` against the Kubernetes ``version`` schemas."""
     kv = _import_kubernetes_validate()
-    core = [d for d in rendered if not d["apiVersion"].startswith("monitoring.coreos.com/")]
-    assert len(core) >= 7
     errors = []
-    for doc in core:
+    for doc in docs:
         try:
             kv.validate(doc, version, strict=True)
         except kv.ValidationError as exc:
             errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.absolute_path)}")
         except kv.SchemaNotFoundError as exc:
             errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message}")
+    return errors
+
+
+@pytest.mark.parametrize("version", _kubernetes_versions())
+def test_core_objects_validate_against_kubernetes_schemas(rendered: list[dict[str, Any]], version: str) -> None:
+    core = [d for d in rendered if not d["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert len(core) >= 7
+    errors = kubernetes_schema_errors(core, version)
     assert not errors, "\n".join(errors)
 
 

@@ -21,6 +21,8 @@ Public API
 ``start_upstream(log_dir, *, port=None, timeout=10) -> UpstreamProcess``
 ``http_request(method, url, headers=(), body=None, *, target=None, timeout=10)
     -> (status, [(name, value), ...], body_bytes)``
+``tinyproxy_binary() -> str | None``, ``start_forward_proxy(log_dir) -> ForwardProxy``
+    (``ManagedProcess`` + ``.port``, ``.url``, ``.request_lines()``): a real forward proxy
 ``wait_for(predicate, timeout, what, *, poll=0.05)``
 
 Process ownership (see ``docs/testing.md``): every ``ManagedProcess`` (and anything else passed to
@@ -807,3 +809,56 @@ def start_envoy(
         envoy.stop()
         raise
     return envoy
+
+
+# --------------------------------------------------------------------------- #
+# forward proxy (egress)
+# --------------------------------------------------------------------------- #
+
+
+def tinyproxy_binary() -> str | None:
+    """Debian's tinyproxy (package tinyproxy-bin; ``make system-deps`` installs it)."""
+    return shutil.which("tinyproxy")
+
+
+class ForwardProxy(ManagedProcess):
+    """tinyproxy on 127.0.0.1: a real forward proxy, as egress proxies in locked-down clusters are.
+
+    Plain-HTTP requests arrive in absolute form (``GET http://host:port/path``), HTTPS ones as a
+    ``CONNECT host:port`` tunnel; its log names every request line, so a test can tell what went
+    through it."""
+
+    def __init__(self, log_dir: str | os.PathLike[str], port: int, name: str = "tinyproxy") -> None:
+        binary = tinyproxy_binary()
+        if not binary:
+            raise FileNotFoundError("no tinyproxy (apt-get install tinyproxy-bin; make system-deps does)")
+        self.port = port
+        config = Path(log_dir) / f"{name}.conf"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        # No ConnectPort line: CONNECT to any port (the test issuers' are random).
+        config.write_text(f"Port {port}\nListen 127.0.0.1\nAllow 127.0.0.1\nTimeout 30\nMaxClients 64\n"
+                          "LogLevel Info\n", encoding="utf-8")
+        # -d: stay in the foreground and log to stderr (captured in the log file).
+        super().__init__([binary, "-d", "-c", str(config)], log_dir, name)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def request_lines(self) -> list[str]:
+        """Every request line the proxy has received, e.g. ``CONNECT 127.0.0.1:4443 HTTP/1.1``."""
+        marker = "): "
+        return [line.split(marker, 1)[1] for line in self.log_text().splitlines()
+                if "Request (file descriptor" in line and marker in line]
+
+
+def start_forward_proxy(log_dir: str | os.PathLike[str], *, timeout: float = 10.0) -> ForwardProxy:
+    """Start tinyproxy on a free port and wait until it accepts connections."""
+    proxy = ForwardProxy(log_dir, free_port())
+    proxy.start()
+    try:
+        wait_for_port(proxy.port, timeout, proc=proxy)
+    except BaseException:
+        proxy.stop()
+        raise
+    return proxy

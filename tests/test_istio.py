@@ -1,0 +1,392 @@
+"""deploy/istio, checked offline as far as offline tools allow.
+
+* Every kustomization renders (``kubectl kustomize``): deploy/istio, its mesh/, sidecar/, http/
+  and ambient/ parts.
+* Core objects validate against the Kubernetes schemas (kubernetes-validate, strict); Istio's
+  objects against the v1 OpenAPI schemas of Istio's own CRDs (istio/api 1.30.3, vendored in
+  tests/data/istio with its provenance), made strict: a misspelt field is an error, where the API
+  server would silently drop it. (Their CEL rules are not evaluated.) The waypoint Gateway is
+  checked structurally.
+* deploy/istio/mesh-config.yaml is parsed with Istio's MeshConfig protobuf (istio/api 1.30.3's
+  protos, compiled here): unknown fields and bad enum values fail as istiod would refuse them.
+* The providers carry what the service needs (every header spelling, the identity headers, fail
+  closed, 503, the shipped timeout) and point at the ServiceEntries, ports and path prefix the
+  manifests configure.
+* The Envoy fixtures the e2e tests run (tests/data/istio/sidecar-inbound-*.yaml) are what Istio
+  renders from these providers and this AuthorizationPolicy: ``istio_ext_authz`` below follows
+  pilot/pkg/security/authz/builder/extauthz.go (1.30.3) field by field.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from authz_service.request import IDENTITY_HEADERS, SPECIAL_NAMES
+
+from .test_deploy import (
+    _kubernetes_versions,
+    _operator_models,
+    container,
+    env_of,
+    kubernetes_schema_errors,
+    run,
+    selects,
+    tool,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+ISTIO = ROOT / "deploy" / "istio"
+DATA = ROOT / "tests" / "data" / "istio"
+KUSTOMIZATIONS = ["", "mesh", "sidecar", "http", "ambient"]
+MESH = yaml.safe_load((ISTIO / "mesh-config.yaml").read_text())["meshConfig"]
+SHIPPED_HTTP = yaml.safe_load((ROOT / "envoy" / "envoy-http.yaml").read_text())
+ISTIO_KINDS = {"AuthorizationPolicy", "ServiceEntry", "DestinationRule"}
+
+
+def render(part: str) -> list[dict[str, Any]]:
+    kubectl = tool("kubectl", "apt-get install -y kubectl (or any kubectl >= 1.27 with built-in kustomize)")
+    result = run([kubectl, "kustomize", str(ISTIO / part)])
+    assert result.returncode == 0, f"kubectl kustomize deploy/istio/{part} failed:\n{result.stderr}"
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {part: render(part) for part in KUSTOMIZATIONS}
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, f"{kind} {name}: {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def provider(name: str) -> dict[str, Any]:
+    (found,) = [p for p in MESH["extensionProviders"] if p["name"] == name]
+    return found
+
+
+# --- schemas -------------------------------------------------------------------------------------
+
+
+def strict(schema: Any) -> Any:
+    """The CRD schema with unknown fields forbidden wherever the CRD lists the fields."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+def istio_validator(doc: dict[str, Any]) -> Any:
+    import jsonschema
+
+    schemas = json.loads((DATA / "crd-schemas-v1.30.3.json").read_text())
+    key = f"{doc['apiVersion']}/{doc['kind']}"
+    assert key in schemas, f"no vendored schema for {key} (tests/data/istio/README.md)"
+    schema = strict(schemas[key])
+    # The API server adds these to every CRD's schema (they are not in openAPIV3Schema).
+    schema["properties"] |= {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                             "metadata": {"type": "object"}}
+    return jsonschema.Draft7Validator(schema)
+
+
+def istio_errors(doc: dict[str, Any]) -> list[str]:
+    return [f"{doc['kind']}/{doc['metadata']['name']}: {e.message} at {list(e.absolute_path)}"
+            for e in istio_validator(doc).iter_errors(doc)]
+
+
+@pytest.mark.parametrize("version", _kubernetes_versions())
+def test_core_objects_validate_against_kubernetes_schemas(rendered, version: str) -> None:
+    errors = [f"deploy/istio/{part} {error}" for part, docs in rendered.items()
+              for error in kubernetes_schema_errors([d for d in docs if "istio.io" not in d["apiVersion"]
+                                                     and not d["apiVersion"].startswith(("monitoring.coreos.com",
+                                                                                         "gateway.networking.k8s.io"))],
+                                                    version)]
+    assert not errors, "\n".join(errors)
+
+
+def test_istio_objects_validate_against_istio_crd_schemas(rendered) -> None:
+    docs = [d for part in rendered.values() for d in part if "istio.io" in d["apiVersion"]]
+    assert {d["kind"] for d in docs} == ISTIO_KINDS
+    errors = [e for d in docs for e in istio_errors(d)]
+    assert not errors, "\n".join(errors)
+
+
+def test_istio_schema_check_catches_mistakes(rendered) -> None:
+    policy = one(rendered["sidecar"], "AuthorizationPolicy")
+    typo = copy.deepcopy(policy)
+    typo["spec"]["rules"][0]["to"][0]["operation"]["port"] = ["8000"]
+    bad_action = copy.deepcopy(policy)
+    bad_action["spec"]["action"] = "EXTERNAL"
+    entry = one(rendered["mesh"], "ServiceEntry", "authz-local-grpc")
+    bad_resolution = copy.deepcopy(entry)
+    bad_resolution["spec"]["resolution"] = "STATIK"
+    for bad in (typo, bad_action, bad_resolution):
+        assert istio_errors(bad), bad["spec"]
+
+
+def test_service_monitor_matches_the_crd_model(rendered) -> None:
+    models = _operator_models()
+    monitor = one(rendered["sidecar"], "ServiceMonitor")
+    assert models.ServiceMonitor.model_validate(monitor).model_dump(by_alias=True, exclude_unset=True,
+                                                                    mode="json") == monitor
+
+
+def test_waypoint_gateway_structure(rendered) -> None:
+    gateway = one(rendered["ambient"], "Gateway")
+    assert gateway["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert gateway["spec"]["gatewayClassName"] == "istio-waypoint"
+    assert gateway["spec"]["listeners"] == [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]
+    namespace = one(rendered["ambient"], "Namespace", gateway["metadata"]["namespace"])
+    assert namespace["metadata"]["labels"]["istio.io/use-waypoint"] == gateway["metadata"]["name"]
+    assert namespace["metadata"]["labels"]["istio.io/dataplane-mode"] == "ambient"
+
+
+# --- MeshConfig -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mesh_config_class() -> Any:
+    """istio.mesh.v1alpha1.MeshConfig, compiled from the vendored protos with grpcio-tools."""
+    import grpc_tools
+    from google.protobuf import descriptor_pb2, descriptor_pool
+    from google.protobuf.message_factory import GetMessageClass
+    from grpc_tools import protoc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "mesh.pb"
+        code = protoc.main(["protoc", f"-I{DATA / 'proto'}", f"-I{Path(grpc_tools.__file__).parent / '_proto'}",
+                            "--include_imports", f"--descriptor_set_out={out}", "mesh/v1alpha1/config.proto"])
+        assert code == 0, "protoc could not compile tests/data/istio/proto/mesh/v1alpha1/config.proto"
+        files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+    pool = descriptor_pool.DescriptorPool()
+    for file in files:
+        pool.Add(file)
+    return GetMessageClass(pool.FindMessageTypeByName("istio.mesh.v1alpha1.MeshConfig"))
+
+
+def test_mesh_config_parses_as_istios_mesh_config(mesh_config_class) -> None:
+    from google.protobuf import json_format
+
+    message = json_format.ParseDict(MESH, mesh_config_class())  # unknown fields and bad enums raise
+    assert message.path_normalization.normalization == message.path_normalization.MERGE_SLASHES
+    assert len(message.extension_providers) == len(MESH["extensionProviders"])
+
+
+@pytest.mark.parametrize("mistake", [
+    {"pathNormalization": {"normalization": "MERGE_SLASH"}},
+    {"extensionProviders": [{"name": "x", "envoyExtAuthzGrpc": {"includeRequestHeadersInCheck": ["a"]}}]},
+    {"extensionProviders": [{"name": "x", "envoyExtAuthzHttp": {"failopen": False}}]},
+])
+def test_mesh_config_check_catches_mistakes(mesh_config_class, mistake: dict[str, Any]) -> None:
+    from google.protobuf import json_format
+
+    with pytest.raises(json_format.ParseError):
+        json_format.ParseDict(mistake, mesh_config_class())
+
+
+# --- providers against the service and the manifests ------------------------------------------------------
+
+
+def test_providers_fail_closed_with_503_and_the_shipped_timeout() -> None:
+    shipped_timeout = SHIPPED_HTTP["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]["http_filters"][1]["typed_config"]["http_service"]["server_uri"]["timeout"]
+    names = [p["name"] for p in MESH["extensionProviders"]]
+    for entry in MESH["extensionProviders"]:
+        (settings,) = [v for k, v in entry.items() if k.startswith("envoyExtAuthz")]
+        assert settings["failOpen"] is False and settings["statusOnError"] == "503", entry["name"]
+        assert settings["timeout"] == shipped_timeout, entry["name"]
+        assert "includeRequestBodyInCheck" not in settings, "bodies are never sent"
+        # Istio 1.30 enables a provider's ext_authz on the prefix "istio-ext-authz-<name>".
+        assert not [n for n in names if n != entry["name"] and n.startswith(entry["name"])], entry["name"]
+
+
+def test_http_provider_sends_every_header_the_service_refuses_or_strips() -> None:
+    http = provider("authz-service-http")["envoyExtAuthzHttp"]
+    assert set(http["includeRequestHeadersInCheck"]) == {"authorization", "x-request-id"} | SPECIAL_NAMES
+    assert len(http["includeRequestHeadersInCheck"]) == len(set(http["includeRequestHeadersInCheck"]))
+    assert http["headersToUpstreamOnAllow"] == list(IDENTITY_HEADERS)
+    ea = SHIPPED_HTTP["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "http_filters"][1]["typed_config"]
+    assert http["headersToDownstreamOnDeny"] == [p["exact"] for p in ea["http_service"]["authorization_response"][
+        "allowed_client_headers"]["patterns"]], "what a denied client sees: as envoy/envoy-http.yaml"
+
+
+def test_providers_point_at_the_service_entries_and_ports(rendered) -> None:
+    entries = {e["spec"]["hosts"][0]: e for e in rendered["mesh"] if e["kind"] == "ServiceEntry"}
+    patch_env = env_of(container(one(rendered["sidecar"], "Deployment")["spec"]["template"]["spec"], "authz-service"))
+    wanted_ports = {"authz-service-grpc": int(patch_env["AUTHZ_GRPC_PORT"]),
+                    "authz-service-http": int(patch_env["AUTHZ_EXT_AUTHZ_HTTP_PORT"])}
+    for name, port in wanted_ports.items():
+        (settings,) = [v for k, v in provider(name).items() if k.startswith("envoyExtAuthz")]
+        namespace, host = settings["service"].split("/")
+        entry = entries[host]
+        assert entry["metadata"]["namespace"] == namespace and entry["spec"]["exportTo"] == ["*"]
+        assert entry["spec"]["resolution"] == "STATIC"
+        assert entry["spec"]["endpoints"] == [{"address": "127.0.0.1"}], "the calling Pod itself"
+        assert [p["number"] for p in entry["spec"]["ports"]] == [settings["port"]] == [port]
+    assert patch_env["AUTHZ_GRPC_HOST"] == "127.0.0.1", "only the Pod's own sidecar may call Check"
+    assert patch_env["AUTHZ_EXT_AUTHZ_HTTP_PATH_PREFIX"] == provider("authz-service-http")["envoyExtAuthzHttp"][
+        "pathPrefix"]
+    rules = {d["spec"]["host"]: d for d in rendered["mesh"] if d["kind"] == "DestinationRule"}
+    assert set(rules) == set(entries) - {h for h in entries if h.startswith("cognito-idp.")}
+    assert all(r["spec"]["trafficPolicy"]["tls"]["mode"] == "DISABLE" for r in rules.values())
+
+
+def test_sidecar_policy_checks_every_request_to_the_app(rendered) -> None:
+    docs = rendered["sidecar"]
+    policy = one(docs, "AuthorizationPolicy")
+    deployment = one(docs, "Deployment")
+    assert policy["spec"]["action"] == "CUSTOM"
+    assert policy["spec"]["provider"]["name"] == "authz-service-grpc"
+    assert one(rendered["http"], "AuthorizationPolicy")["spec"]["provider"]["name"] == "authz-service-http"
+    assert selects(policy["spec"]["selector"]["matchLabels"], deployment["spec"]["template"]["metadata"]["labels"])
+    app_ports = [str(p["containerPort"]) for p in container(deployment["spec"]["template"]["spec"], "app")["ports"]]
+    (rule,) = policy["spec"]["rules"]
+    assert rule == {"to": [{"operation": {"ports": app_ports}}]}, "all paths and methods of the app's port"
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["traffic.sidecar.istio.io/excludeInboundPorts"] == "8181"
+    assert [c["name"] for c in deployment["spec"]["template"]["spec"]["initContainers"]] == ["authz-service"]
+
+
+def test_ambient_policy_and_the_only_way_to_the_app(rendered) -> None:
+    docs = rendered["ambient"]
+    custom = one(docs, "AuthorizationPolicy", "echo-app-authz")
+    assert custom["spec"]["action"] == "CUSTOM" and custom["spec"]["rules"] == [{}]
+    assert custom["spec"]["provider"]["name"] == "authz-service-waypoint"
+    (target,) = custom["spec"]["targetRefs"]
+    assert one(docs, "Service", target["name"])["metadata"]["namespace"] == custom["metadata"]["namespace"]
+    gateway = one(docs, "Gateway")
+    waypoint = f"cluster.local/ns/{gateway['metadata']['namespace']}/sa/{gateway['metadata']['name']}"
+    only_via = one(docs, "AuthorizationPolicy", "echo-app-only-via-waypoint")
+    assert only_via["spec"]["action"] == "ALLOW"
+    assert only_via["spec"]["rules"] == [{"from": [{"source": {"principals": [waypoint]}}]}]
+    service = one(docs, "Service", "authz-service")
+    settings = provider("authz-service-waypoint")["envoyExtAuthzGrpc"]
+    namespace = service["metadata"]["namespace"]
+    assert settings["service"] == f"{namespace}/authz-service.{namespace}.svc.cluster.local"
+    assert [p["port"] for p in service["spec"]["ports"]] == [settings["port"]]
+    assert service["spec"]["ports"][0]["appProtocol"] == "grpc"
+    env = env_of(container(one(docs, "Deployment", "authz-service")["spec"]["template"]["spec"], "authz-service"))
+    assert env["AUTHZ_GRPC_HOST"] == "0.0.0.0", "the caller is the waypoint, another Pod"
+    (grpc_rule,) = [r for r in one(docs, "NetworkPolicy")["spec"]["ingress"]
+                    if [p["port"] for p in r["ports"]] == ["grpc"]]
+    (peer,) = grpc_rule["from"]
+    assert peer["podSelector"]["matchLabels"] == {"gateway.networking.k8s.io/gateway-name": gateway["metadata"]["name"]}
+
+
+# --- the e2e fixtures are what Istio renders --------------------------------------------------------------
+
+
+def _headers(names: list[str] | None) -> dict[str, Any] | None:
+    """extauthz.go generateHeaders: "*x" suffix, "x*" prefix, else exact; always ignore_case."""
+    if not names:
+        return None
+    patterns = []
+    for name in names:
+        kind, value = ("suffix", name[1:]) if name.startswith("*") else \
+            ("prefix", name[:-1]) if name.endswith("*") else ("exact", name)
+        patterns.append({kind: value, "ignore_case": True})
+    return {"patterns": patterns}
+
+
+def _cluster(service: str, port: int) -> tuple[str, str]:
+    """model.LookupCluster: the hostname and the outbound cluster of ``[namespace/]host``."""
+    host = service.split("/")[-1]
+    return host, f"outbound|{port}||{host}"
+
+
+def istio_ext_authz(entry: dict[str, Any]) -> dict[str, Any]:
+    """The ext_authz filter config Istio 1.30.3 renders for one extension provider."""
+    status = {"503": "ServiceUnavailable", "403": "Forbidden"}
+    enabled = {"filter": "envoy.filters.http.rbac", "path": [{"key": "istio_ext_authz_shadow_effective_policy_id"}],
+               "value": {"string_match": {"prefix": f"istio-ext-authz-{entry['name']}"}}}
+    if "envoyExtAuthzGrpc" in entry:
+        grpc = entry["envoyExtAuthzGrpc"]
+        host, cluster = _cluster(grpc["service"], grpc["port"])
+        config = {"status_on_error": {"code": status[grpc["statusOnError"]]},
+                  "failure_mode_allow": grpc.get("failOpen", False),
+                  "grpc_service": {"envoy_grpc": {"cluster_name": cluster, "authority": host},
+                                   "timeout": grpc.get("timeout", "600s")},
+                  "filter_enabled_metadata": enabled, "transport_api_version": "V3"}
+    else:
+        http = entry["envoyExtAuthzHttp"]
+        host, cluster = _cluster(http["service"], http["port"])
+        service: dict[str, Any] = {"server_uri": {"uri": f"http://{host}", "cluster": cluster,
+                                                  "timeout": http.get("timeout", "600s")}}
+        if http.get("pathPrefix"):
+            service["path_prefix"] = http["pathPrefix"]
+        response = {key: _headers(http.get(field)) for key, field in (
+            ("allowed_upstream_headers", "headersToUpstreamOnAllow"),
+            ("allowed_client_headers", "headersToDownstreamOnDeny"),
+            ("allowed_client_headers_on_success", "headersToDownstreamOnAllow"))}
+        if any(response.values()):
+            service["authorization_response"] = {k: v for k, v in response.items() if v}
+        config = {"status_on_error": {"code": status[http["statusOnError"]]},
+                  "failure_mode_allow": http.get("failOpen", False), "http_service": service,
+                  "filter_enabled_metadata": enabled, "transport_api_version": "V3"}
+        if http.get("includeRequestHeadersInCheck"):
+            config["allowed_headers"] = _headers(http["includeRequestHeadersInCheck"])
+    return {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz", **config}
+
+
+def fixture_filters(mode: str) -> dict[str, dict[str, Any]]:
+    config = yaml.safe_load((DATA / f"sidecar-inbound-{mode}.yaml").read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return {f["name"]: f["typed_config"] for f in hcm["http_filters"]} | {"hcm": hcm, "config": config}
+
+
+@pytest.mark.parametrize("mode", ["grpc", "http"])
+def test_fixture_ext_authz_is_what_istio_renders_from_the_provider(mode: str) -> None:
+    filters = fixture_filters(mode)
+    assert list(filters)[:3] == ["envoy.filters.http.rbac", "envoy.filters.http.ext_authz",
+                                 "envoy.filters.http.router"]
+    assert filters["envoy.filters.http.ext_authz"] == istio_ext_authz(provider(f"authz-service-{mode}"))
+
+
+@pytest.mark.parametrize("mode", ["grpc", "http"])
+def test_fixture_rbac_shadow_rule_is_the_authorization_policy(rendered, mode: str) -> None:
+    """builder.go: CUSTOM rules become shadow_rules (action DENY) named after the policy."""
+    docs = rendered["sidecar" if mode == "grpc" else "http"]
+    policy = one(docs, "AuthorizationPolicy")
+    ports = policy["spec"]["rules"][0]["to"][0]["operation"]["ports"]
+    name = (f"istio-ext-authz-{policy['spec']['provider']['name']}-ns[demo]-policy[{policy['metadata']['name']}]"
+            "-rule[0]")
+    assert fixture_filters(mode)["envoy.filters.http.rbac"] == {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+        "shadow_rules": {"action": "DENY", "policies": {name: {
+            "permissions": [{"and_rules": {"rules": [{"or_rules": {"rules": [
+                {"destination_port": int(p)} for p in ports]}}]}}],
+            "principals": [{"and_ids": {"ids": [{"any": True}]}}]}}},
+        "shadow_rules_stat_prefix": "istio_ext_authz_"}
+
+
+@pytest.mark.parametrize("mode", ["grpc", "http"])
+def test_fixture_normalization_and_circuit_breakers_follow_the_mesh_config(rendered, mode: str) -> None:
+    filters = fixture_filters(mode)
+    hcm = filters["hcm"]
+    # listener_builder.go: MERGE_SLASHES -> normalize_path + merge_slashes, escaped slashes unchanged.
+    assert MESH["pathNormalization"]["normalization"] == "MERGE_SLASHES"
+    assert (hcm["normalize_path"], hcm["merge_slashes"], hcm["path_with_escaped_slashes_action"]) == (
+        True, True, "KEEP_UNCHANGED")
+    host = {"grpc": "authz.local", "http": "authz-http.local"}[mode]
+    (cluster,) = [c for c in filters["config"]["static_resources"]["clusters"] if c["name"].endswith(f"||{host}")]
+    pool = one(rendered["mesh"], "DestinationRule", {"grpc": "authz-local", "http": "authz-local-http"}[mode])[
+        "spec"]["trafficPolicy"]["connectionPool"]
+    (thresholds,) = cluster["circuit_breakers"]["thresholds"]
+    assert thresholds == {"max_connections": pool["tcp"]["maxConnections"],
+                          "max_pending_requests": pool["http"]["http1MaxPendingRequests"],
+                          "max_requests": pool["http"]["http2MaxRequests"],
+                          "max_retries": 2**32 - 1, "track_remaining": True}
