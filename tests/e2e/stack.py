@@ -59,6 +59,7 @@ class DevIssuer:
     process: ManagedProcess
     port: int
     pool: str
+    public_url: str | None = None  # --public-url: the base of the tokens' iss (default: where it listens)
 
     @property
     def base(self) -> str:
@@ -66,7 +67,11 @@ class DevIssuer:
 
     @property
     def issuer(self) -> str:
-        return f"{self.base}/{self.pool}"
+        return f"{self.public_url or self.base}/{self.pool}"
+
+    @property
+    def jwks_uri(self) -> str:
+        return f"{self.base}/{self.pool}/.well-known/jwks.json"
 
     def token(self, client_id: str, scope: str | None = None) -> str:
         """client_credentials grant with HTTP Basic client authentication (as in the seed article)."""
@@ -90,18 +95,27 @@ class DevIssuer:
             return json.load(response)["kid"]
 
 
-def start_dev_issuer(workdir: Path, pool: str, ttl: int = 3600, port: int | None = None) -> DevIssuer:
-    config = yaml.safe_load((EXAMPLES / "dev-issuer.yaml").read_text())
+def start_dev_issuer(workdir: Path, pool: str, ttl: int = 3600, port: int | None = None, *,
+                     config: dict | None = None, public_url: str | None = None) -> DevIssuer:
+    """The dev issuer for ``pool``: the example clients and resource servers, or ``config``'s (the
+    dev-issuer YAML as a dict, e.g. app clients read back from an emulated pool); ``public_url``
+    makes the tokens' iss ``<public_url>/<pool>``, e.g. Cognito's own issuer URL."""
+    config = dict(config or yaml.safe_load((EXAMPLES / "dev-issuer.yaml").read_text()))
     config["user_pool_id"] = pool
     config["token_ttl_seconds"] = ttl
     path = workdir / f"issuer-{pool}.yaml"
     path.write_text(yaml.safe_dump(config))
     port = port or free_port()
+    extra = ("--public-url", public_url) if public_url else ()
     process = ManagedProcess(
-        cli("dev-issuer", "--config", str(path), "--port", str(port)), workdir, name=f"issuer-{pool}"
+        cli("dev-issuer", "--config", str(path), "--port", str(port), *extra), workdir, name=f"issuer-{pool}"
     ).start()
-    wait_for_http(f"http://127.0.0.1:{port}/admin/health", 20, expect_status=200, proc=process)
-    return DevIssuer(process, port, pool)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/admin/health", 20, expect_status=200, proc=process)
+    except BaseException:
+        process.stop()  # an issuer that never answered must not outlive the test
+        raise
+    return DevIssuer(process, port, pool, public_url)
 
 
 class PolicyDir:
