@@ -57,7 +57,7 @@ bench-deps:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends wrk nghttp2-client >/dev/null; }
 
-# Prints a markdown table (README "Performance"); BENCH_ARGS e.g. "--duration 20 --connections 16".
+# Prints a markdown table (docs/performance.md explains it); BENCH_ARGS e.g. "--duration 20 --connections 16".
 bench: $(STAMP) bench-deps
 	$(BIN)/python bench/micro_verify.py
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
