@@ -58,6 +58,7 @@ class DevIssuer:
     pool: str
     secrets: dict[str, str]  # client id -> secret, from the issuer's config
     issuer_format: str | None = None  # the config's issuer_format: None, "original" or "updated"
+    public_url: str | None = None  # --public-url: the base of the tokens' iss (default: where it listens)
 
     @property
     def base(self) -> str:
@@ -71,7 +72,7 @@ class DevIssuer:
     def region_issuer(self, region: str | None) -> str:
         """The iss of a replica region's tokens (None: the pool's own region)."""
         if self.issuer_format is None:
-            return f"{self.base}/{self.pool}"
+            return f"{self.public_url or self.base}/{self.pool}"
         return cognito_issuer(IssuerFormat(self.issuer_format), region or self.pool.split("_")[0], self.pool)
 
     @property
@@ -101,27 +102,31 @@ class DevIssuer:
             return json.load(response)["kid"]
 
 
-def start_dev_issuer(workdir: Path, pool: str, ttl: int = 3600, port: int | None = None,
-                     example: str = "dev-issuer.yaml", **overrides: object) -> DevIssuer:
-    """The dev issuer CLI on an example config (``example``) with ``pool``, ``ttl`` and ``overrides``
-    (top-level keys, e.g. issuer_format="original") applied, once it answers. Its process belongs to
-    the running test or fixture (harness ``Owner``), which stops it at the end; ``.process.stop()``
-    stops it earlier."""
-    config = yaml.safe_load((EXAMPLES / example).read_text())
+def start_dev_issuer(workdir: Path, pool: str, ttl: int = 3600, port: int | None = None, *,
+                     example: str = "dev-issuer.yaml", config: dict | None = None, public_url: str | None = None,
+                     **overrides: object) -> DevIssuer:
+    """The dev issuer CLI for ``pool``, once it answers: the clients and resource servers of an
+    example config (``example``), or ``config``'s (the dev-issuer YAML as a dict, e.g. app clients
+    read back from an emulated pool), with ``ttl`` and ``overrides`` (top-level keys, e.g.
+    issuer_format="original") applied; ``public_url`` makes the tokens' iss ``<public_url>/<pool>``.
+    Its process belongs to the running test or fixture (harness ``Owner``), which stops it at the
+    end; ``.process.stop()`` stops it earlier."""
+    config = dict(config or yaml.safe_load((EXAMPLES / example).read_text()))
     config.update(overrides, user_pool_id=pool, token_ttl_seconds=ttl)
     path = workdir / f"issuer-{pool}.yaml"
     path.write_text(yaml.safe_dump(config))
     port = port or free_port()
+    extra = ("--public-url", public_url) if public_url else ()
     process = ManagedProcess(
-        cli("dev-issuer", "--config", str(path), "--port", str(port)), workdir, name=f"issuer-{pool}"
+        cli("dev-issuer", "--config", str(path), "--port", str(port), *extra), workdir, name=f"issuer-{pool}"
     ).start()
     try:
         wait_for_http(f"http://127.0.0.1:{port}/admin/health", 60, expect_status=200, proc=process)
     except BaseException:
-        process.stop()
+        process.stop()  # an issuer that never answered must not outlive the test
         raise
     return DevIssuer(process, port, pool, {c["client_id"]: c["client_secret"] for c in config["clients"]},
-                     config.get("issuer_format"))
+                     config.get("issuer_format"), public_url)
 
 
 class PolicyDir:
