@@ -9,6 +9,9 @@
                            config) and stops it after the test.
 * ``module_envoy_factory`` the same, but instances live until the module ends
                            (for module-scoped Envoy fixtures).
+* ``mode``                 module-scoped, "grpc" then "http": Envoy's ext_authz mode
+                           (``envoy_factory.for_service(service, mode)``); the
+                           security suites' stacks take it, so they run in both.
 
 Envoy/process logs are printed in the report of a failing test.
 """
@@ -21,6 +24,8 @@ from typing import Iterator
 import pytest
 
 from .harness import (
+    ENVOY_CONFIGS,
+    MODES,
     SHIPPED_ENVOY_CONFIG,
     EnvoyProcess,
     UpstreamProcess,
@@ -81,6 +86,10 @@ class EnvoyFactory:
         self.instances.append(envoy)
         return envoy
 
+    def for_service(self, service, mode: str, **kwargs) -> EnvoyProcess:
+        """Envoy on the shipped config of ``mode`` ("grpc" or "http"), calling ``service``'s door."""
+        return self(service.authz_port(mode), source=ENVOY_CONFIGS[mode], **kwargs)
+
     def close(self) -> None:
         for envoy in reversed(self.instances):
             envoy.stop()
@@ -89,6 +98,12 @@ class EnvoyFactory:
         return "\n".join(
             f"--- {e.name} ({e.config_path}) ---\n{e.log_tail(80)}" for e in self.instances
         )
+
+
+@pytest.fixture(scope="module", params=MODES, ids=[f"{m}-mode" for m in MODES])
+def mode(request: pytest.FixtureRequest) -> str:
+    """Envoy's ext_authz mode, gRPC or HTTP: a suite whose stack takes this runs in both."""
+    return request.param
 
 
 @pytest.fixture(scope="module")

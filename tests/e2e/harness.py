@@ -57,6 +57,9 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_ENVOY_CONFIG = REPO_ROOT / "envoy" / "envoy.yaml"
 HTTP_ENVOY_CONFIG = REPO_ROOT / "envoy" / "envoy-http.yaml"  # Envoy's HTTP ext_authz mode
+# The shipped Envoy config of each ext_authz mode: the security suites run through both.
+ENVOY_CONFIGS = {"grpc": SHIPPED_ENVOY_CONFIG, "http": HTTP_ENVOY_CONFIG}
+MODES = tuple(ENVOY_CONFIGS)
 UPSTREAM_SCRIPT = REPO_ROOT / "tools" / "echo_upstream.py"
 
 _POLL = 0.05
@@ -205,6 +208,20 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, *, poll: f
 # --------------------------------------------------------------------------- #
 # HTTP client that does not normalise anything
 # --------------------------------------------------------------------------- #
+
+
+def raw_http_request(port: int, method: str, target: str, headers: Sequence[tuple[str, str]] = (),
+                     *, timeout: float = 10.0) -> tuple[int, list[tuple[str, str]], bytes]:
+    """One HTTP/1.1 request to 127.0.0.1:``port`` written byte for byte: the method and target
+    exactly as given (even ones http.client refuses to send, such as control characters), UTF-8."""
+    head = f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers)
+    head += "Content-Length: 0\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head.encode("utf-8", "surrogateescape"))
+        response = http.client.HTTPResponse(sock, method=method)
+        response.begin()
+        return response.status, list(response.getheaders()), response.read()
 
 
 def http_request(

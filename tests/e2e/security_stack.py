@@ -17,7 +17,7 @@ from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from authz_service.simulate import check_request
 
 from .fake_issuer import FakeIssuer
-from .harness import EnvoyProcess, UpstreamProcess, http_request
+from .harness import EnvoyProcess, UpstreamProcess, http_request, raw_http_request
 from .stack import TRANSACTION_ROUTES, DevIssuer, PolicyDir, Service
 
 ISSUERS = """
@@ -80,7 +80,7 @@ class Answer:
 class Direct:
     """What the service itself answered to a CheckRequest (no Envoy in between)."""
 
-    grpc_code: int
+    grpc_code: int | None  # None in HTTP mode
     status: int  # HTTP status Envoy would relay: 200 for OK, else denied_response.status.code
     body: str
     headers: dict[str, str]
@@ -88,9 +88,9 @@ class Direct:
 
 class SecurityStack:
     def __init__(self, fake: FakeIssuer, dev: DevIssuer, policy: PolicyDir, service: Service,
-                 envoy: EnvoyProcess, upstream: UpstreamProcess, work: Path) -> None:
+                 envoy: EnvoyProcess, upstream: UpstreamProcess, work: Path, mode: str = "grpc") -> None:
         self.fake, self.dev, self.policy, self.service = fake, dev, policy, service
-        self.envoy, self.upstream, self.work = envoy, upstream, work
+        self.envoy, self.upstream, self.work, self.mode = envoy, upstream, work, mode
         self._channel = grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}")
         self._stub = external_auth_pb2_grpc.AuthorizationStub(self._channel)
 
@@ -111,7 +111,13 @@ class SecurityStack:
         return Answer(status, {k.lower(): v for k, v in response_headers}, data, reached)
 
     def check(self, method: str, path: str, headers: dict[str, str] | None = None) -> Direct:
-        """A CheckRequest straight to the service's gRPC port, as Envoy would build it."""
+        """An authorization request straight to the service's front door of this stack's mode, as
+        Envoy would send it: a CheckRequest (gRPC), or the HTTP request (HTTP mode)."""
+        if self.mode == "http":
+            status, response_headers, body = raw_http_request(
+                self.service.authz_port("http"), method, path, list((headers or {}).items()))
+            return Direct(None, status, body.decode() if status != 200 else "",
+                          {k.lower(): v for k, v in response_headers})
         resp = self._stub.Check(check_request(method, path, headers or {}), timeout=10)
         if resp.HasField("denied_response"):
             denied = resp.denied_response
@@ -127,8 +133,10 @@ def bearer(token: str) -> dict[str, str]:
 
 def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *service_args: str,
                          fake: FakeIssuer | None = None, wait_ready: bool = True,
-                         env: dict[str, str] | None = None, wrapper: tuple[str, ...] = ()) -> SecurityStack:
-    """Dev issuer + fake issuer (started here unless given) + service (its CLI) + Envoy (shipped config).
+                         env: dict[str, str] | None = None, wrapper: tuple[str, ...] = (),
+                         mode: str = "grpc") -> SecurityStack:
+    """Dev issuer + fake issuer (started here unless given) + service (its CLI) + Envoy (the shipped
+    config of ``mode``: ext_authz over gRPC, or Envoy's HTTP mode to the service's HTTP front door).
 
     The stack owns the fake issuer it started (``stop_security_stack`` stops it, and so does a failed
     start); the processes belong to the running test or fixture (harness ``Owner``) like any other."""
@@ -141,12 +149,12 @@ def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *
         policy = PolicyDir(work / "config")
         policy.write(policy_text(fake, dev))
         service = start_service(work, policy.path, *service_args, wait_ready=wait_ready, env=env, wrapper=wrapper)
-        envoy = envoy_factory(service.grpc_port)
+        envoy = envoy_factory.for_service(service, mode)
     except BaseException:
         if own_fake:
             fake.stop()
         raise
-    return SecurityStack(fake, dev, policy, service, envoy, upstream, work)
+    return SecurityStack(fake, dev, policy, service, envoy, upstream, work, mode)
 
 
 def stop_security_stack(stack: SecurityStack) -> None:

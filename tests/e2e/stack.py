@@ -166,6 +166,14 @@ class Service:
     grpc_port: int
     http_port: int
     started: float  # monotonic time the process was started (not when its JWKS was first fetched)
+    ext_authz_http_port: int | None = None  # the HTTP front door (Envoy's HTTP ext_authz mode)
+
+    def authz_port(self, mode: str) -> int:
+        """The port Envoy's ext_authz calls in ``mode`` ("grpc" or "http")."""
+        if mode == "grpc":
+            return self.grpc_port
+        assert self.ext_authz_http_port is not None, "started without the HTTP front door"
+        return self.ext_authz_http_port
 
     def metrics(self) -> str:
         status, _, body = http_request("GET", f"http://127.0.0.1:{self.http_port}/metrics")
@@ -195,12 +203,16 @@ def start_service(workdir: Path, policy: Path, *extra: str, env: dict[str, str] 
     The process belongs to the running test or fixture (harness ``Owner``), which stops it at the
     end, also when the test fails; ``.process.stop()`` stops it earlier."""
     grpc_port, http_port = free_port(), free_port()
+    # Both front doors, so one service serves Envoys of either ext_authz mode (unless the caller
+    # chose the HTTP door's port itself).
+    door = None if "--ext-authz-http-port" in extra else free_port()
+    door_args = ("--ext-authz-http-port", str(door)) if door is not None else ()
     process = ManagedProcess(
         [*wrapper, *cli("serve", "--policy", str(policy), "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
                         "--http-host", "127.0.0.1", "--http-port", str(http_port), "--policy-poll-interval", "0.2",
                         # Tests read exact counters right after their requests: no reuse of a recent
                         # exposition (the default, 1 s, is covered by test_listeners_e2e).
-                        "--metrics-min-interval", "0", *extra)],
+                        "--metrics-min-interval", "0", *door_args, *extra)],
         workdir,
         name="authz-service",
         env={**os.environ, **(env or {})},
@@ -212,4 +224,6 @@ def start_service(workdir: Path, policy: Path, *extra: str, env: dict[str, str] 
     except BaseException:
         process.stop()
         raise
-    return Service(process, grpc_port, http_port, started)
+    if door is None:
+        door = int(extra[list(extra).index("--ext-authz-http-port") + 1])
+    return Service(process, grpc_port, http_port, started, door)

@@ -46,8 +46,8 @@ ROUTES = """\
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess,
-          module_envoy_factory) -> Iterator[SecurityStack]:
-    s = start_security_stack(tmp_path_factory.mktemp("methods"), upstream, module_envoy_factory)
+          module_envoy_factory, mode: str) -> Iterator[SecurityStack]:
+    s = start_security_stack(tmp_path_factory.mktemp("methods"), upstream, module_envoy_factory, mode=mode)
     try:
         s.policy.write(policy_text(s.fake, s.dev, routes=ROUTES))
         s.service.process.wait_until(

@@ -127,8 +127,8 @@ def assert_no_upstream_request_without_decision(stack: SecurityStack, traffic: T
 
 
 @pytest.fixture
-def stack(tmp_path: Path, upstream: UpstreamProcess, envoy_factory) -> Iterator[SecurityStack]:
-    s = start_security_stack(tmp_path, upstream, envoy_factory)
+def stack(tmp_path: Path, upstream: UpstreamProcess, envoy_factory, mode: str) -> Iterator[SecurityStack]:
+    s = start_security_stack(tmp_path, upstream, envoy_factory, mode=mode)
     yield s
     stop_security_stack(s)
 

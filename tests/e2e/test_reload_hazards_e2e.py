@@ -60,14 +60,14 @@ def inotify_exhaustible() -> bool:
 
 @pytest.fixture
 def stack(request: pytest.FixtureRequest, tmp_path: Path, upstream: UpstreamProcess,
-          envoy_factory) -> Iterator[SecurityStack]:
+          envoy_factory, mode: str) -> Iterator[SecurityStack]:
     args = getattr(request, "param", ())
     wrapper = ()
     if args and args[0] == "no-inotify":
         if not inotify_exhaustible():
             pytest.skip("cannot start a process in a user namespace with its own inotify limit (unshare)")
         args, wrapper = args[1:], NO_INOTIFY
-    s = start_security_stack(tmp_path, upstream, envoy_factory, *args, wrapper=wrapper)
+    s = start_security_stack(tmp_path, upstream, envoy_factory, *args, wrapper=wrapper, mode=mode)
     try:
         yield s
     finally:

@@ -73,7 +73,8 @@ class Answer:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess, module_envoy_factory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess, module_envoy_factory,
+          mode: str) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("stack")
     issuers = [start_dev_issuer(work, "us-east-1_Demo00001"), start_dev_issuer(work, "us-east-1_Short0001", ttl=1),
                start_dev_issuer(work, "us-east-1_Other0001")]
@@ -81,7 +82,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess, m
     policy = PolicyDir(work / "config")
     policy.write(POLICY.format(main=main.issuer, short=short.issuer))
     service = start_service(work, policy.path, "--leeway", "0")
-    envoy = module_envoy_factory(service.grpc_port)
+    envoy = module_envoy_factory.for_service(service, mode)
     yield Stack(main, short, stranger, policy, service, envoy, upstream)
     service.process.stop()
     for issuer in issuers:
