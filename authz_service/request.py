@@ -117,15 +117,20 @@ def path_and_segments(target: str) -> tuple[str, tuple[str, ...]]:
 
 
 def special_names(names: Iterable[str]) -> tuple[str, ...]:
-    """The identity-header spellings among ``names`` (lower-case); BadRequest on an override header."""
+    """The identity-header spellings among ``names`` (lower-case); BadRequest on an override header
+    (naming the first in alphabetical order, so the answer does not depend on header order, which
+    differs between Envoy's gRPC map and its HTTP request)."""
     spoofed = []
+    overrides = []
     for name in names:
         if name in SPECIAL_NAMES:
             dashed = name.replace("_", "-")
             if dashed in _IDENTITY_SPELLINGS:
                 spoofed.append(name)
             elif dashed in _OVERRIDES:
-                raise BadRequest(f"{dashed} (method or URL override) is not accepted")
+                overrides.append(dashed)
+    if overrides:
+        raise BadRequest(f"{min(overrides)} (method or URL override) is not accepted")
     return tuple(spoofed)
 
 
