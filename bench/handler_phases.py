@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -86,16 +85,16 @@ def run(args: argparse.Namespace) -> None:
                                                duration=args.duration))
     jwks_proc, jwks_port = bench.start_jwks_server()
     policy = bench.policy(jwks_port)
-    log = bench.work / "handler-phases.log"
     grpc_port, http_port = bench_run.free_port(), bench_run.free_port()
-    proc = subprocess.Popen(
+    proc = bench_run.spawn(
+        "handler-phases",
         [sys.executable, __file__, "--serve", "serve", "--policy", str(policy), "--grpc-host", "127.0.0.1",
          "--grpc-port", str(grpc_port), "--http-host", "127.0.0.1", "--http-port", str(http_port),
-         "--event-loop", args.event_loop],
-        stdout=log.open("w"), stderr=subprocess.STDOUT)
-    bench.procs.append(bench_run.Proc("service", proc, log))
+         "--event-loop", args.event_loop], bench.work)
+    bench.procs.append(proc)
+    log = proc.log_path
     try:
-        bench_run.wait_http(f"http://127.0.0.1:{http_port}/readyz", 30, proc)
+        bench_run.wait_for_http(f"http://127.0.0.1:{http_port}/readyz", 30, expect_status=200, proc=proc)
         if args.direct:
             body = bench.work / "check-request.bin"
             body.write_bytes(bench_run.grpc_frame(bench.warm_tokens.read_text().split()[0]))

