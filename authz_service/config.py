@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Option:
-    """One setting: its flag, env var, parser, default and help (drives argparse and the README)."""
+    """One setting: its flag, env var, parser, default and help (drives argparse, env vars and docs/cli.md)."""
 
     name: str
     default: Any

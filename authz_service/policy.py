@@ -3,7 +3,7 @@
 The YAML file is parsed once into frozen dataclasses and compiled into a segment trie, so the
 hot path does one dictionary walk per path segment and allocates nothing per route.
 
-Matching rule (documented in the README): the most specific route wins regardless of file order.
+Matching rule (documented in docs/policy.md): the most specific route wins regardless of file order.
 Specificity is decided segment by segment from the left: a literal segment beats ``{param}``,
 which beats a trailing ``/**``; at equal paths a route listing methods beats one for any method.
 Two routes that could match the same request with equal specificity are refused at load.

@@ -4,7 +4,7 @@ Front doors (``ext_authz_grpc``: Envoy's CheckRequest; ``ext_authz_http``: Envoy
 authorization request) only extract the method, request target and headers; the rules for them
 live here, once, so both doors accept and refuse exactly the same requests.
 
-The path rule (README "Security model"): Envoy normalizes paths with the hardened settings in
+The path rule (docs/security.md, "Paths: one rule"): Envoy normalizes paths with the hardened settings in
 envoy/envoy.yaml, and this module refuses (400) any path that is not already in normal form, so
 the route we match is the resource the upstream will serve. Refused: no leading '/', '.' or '..'
 segments, '//' , backslashes, ';' path parameters, control or non-ASCII characters, malformed
