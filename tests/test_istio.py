@@ -3,12 +3,12 @@
 * Every kustomization renders (``kubectl kustomize``): deploy/istio, its mesh/, sidecar/, http/
   and ambient/ parts.
 * Core objects validate against the Kubernetes schemas (kubernetes-validate, strict); Istio's
-  objects against the v1 OpenAPI schemas of Istio's own CRDs (istio/api 1.30.3, vendored in
-  tests/data/istio with its provenance), made strict: a misspelt field is an error, where the API
-  server would silently drop it. (Their CEL rules are not evaluated.) The waypoint Gateway is
-  checked structurally.
-* deploy/istio/mesh-config.yaml is parsed with Istio's MeshConfig protobuf (istio/api 1.30.3's
-  protos, compiled here): unknown fields and bad enum values fail as istiod would refuse them.
+  objects against typed models of Istio's own CRDs (cloudcoil-models-istio, generated from the CRD
+  schemas, as the prometheus-operator models are for the ServiceMonitor): a bad enum or type is an
+  error, and a misspelt field, which a model drops as the API server would, fails the round trip.
+  (Their CEL rules are not evaluated.) The waypoint Gateway is checked structurally.
+* deploy/istio/mesh-config.yaml uses only the MeshConfig fields and values Istio documents
+  (a hand-kept list, below, with the Istio reference it follows).
 * The providers carry what the service needs (every header spelling, the identity headers, fail
   closed, 503, the shipped timeout) and point at the ServiceEntries, ports and path prefix the
   manifests configure.
@@ -20,8 +20,6 @@
 from __future__ import annotations
 
 import copy
-import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +41,7 @@ from .test_deploy import (
 
 ROOT = Path(__file__).resolve().parent.parent
 ISTIO = ROOT / "deploy" / "istio"
-DATA = ROOT / "tests" / "data" / "istio"
+DATA = ROOT / "tests" / "data" / "istio"  # the Envoy fixtures of an Istio sidecar (their README)
 KUSTOMIZATIONS = ["", "mesh", "sidecar", "http", "ambient"]
 MESH = yaml.safe_load((ISTIO / "mesh-config.yaml").read_text())["meshConfig"]
 SHIPPED_HTTP = yaml.safe_load((ROOT / "envoy" / "envoy-http.yaml").read_text())
@@ -76,35 +74,24 @@ def provider(name: str) -> dict[str, Any]:
 # --- schemas -------------------------------------------------------------------------------------
 
 
-def strict(schema: Any) -> Any:
-    """The CRD schema with unknown fields forbidden wherever the CRD lists the fields."""
-    if isinstance(schema, dict):
-        schema = {k: strict(v) for k, v in schema.items()}
-        if "properties" in schema and "additionalProperties" not in schema \
-                and not schema.get("x-kubernetes-preserve-unknown-fields"):
-            schema["additionalProperties"] = False
-        return schema
-    if isinstance(schema, list):
-        return [strict(v) for v in schema]
-    return schema
-
-
-def istio_validator(doc: dict[str, Any]) -> Any:
-    import jsonschema
-
-    schemas = json.loads((DATA / "crd-schemas-v1.30.3.json").read_text())
-    key = f"{doc['apiVersion']}/{doc['kind']}"
-    assert key in schemas, f"no vendored schema for {key} (tests/data/istio/README.md)"
-    schema = strict(schemas[key])
-    # The API server adds these to every CRD's schema (they are not in openAPIV3Schema).
-    schema["properties"] |= {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
-                             "metadata": {"type": "object"}}
-    return jsonschema.Draft7Validator(schema)
-
-
 def istio_errors(doc: dict[str, Any]) -> list[str]:
-    return [f"{doc['kind']}/{doc['metadata']['name']}: {e.message} at {list(e.absolute_path)}"
-            for e in istio_validator(doc).iter_errors(doc)]
+    """What Istio's CRD schema refuses in ``doc`` (typed models), and any field it would drop."""
+    from pydantic import ValidationError
+
+    from cloudcoil.models.istio.networking.v1 import DestinationRule, ServiceEntry
+    from cloudcoil.models.istio.security.v1 import AuthorizationPolicy
+
+    models = {"security.istio.io/v1/AuthorizationPolicy": AuthorizationPolicy,
+              "networking.istio.io/v1/ServiceEntry": ServiceEntry,
+              "networking.istio.io/v1/DestinationRule": DestinationRule}
+    key = f"{doc['apiVersion']}/{doc['kind']}"
+    assert key in models, f"no Istio model for {key}"
+    name = f"{doc['kind']}/{doc['metadata']['name']}"
+    try:
+        back = models[key].model_validate(doc).model_dump(by_alias=True, exclude_unset=True, mode="json")
+    except ValidationError as exc:
+        return [f"{name}: {error['msg']} at {list(error['loc'])}" for error in exc.errors()]
+    return [] if back == doc else [f"{name}: a field the CRD does not know would be dropped"]
 
 
 @pytest.mark.parametrize("version", _kubernetes_versions())
@@ -156,45 +143,48 @@ def test_waypoint_gateway_structure(rendered) -> None:
 
 # --- MeshConfig -------------------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def mesh_config_class() -> Any:
-    """istio.mesh.v1alpha1.MeshConfig, compiled from the vendored protos with grpcio-tools."""
-    import grpc_tools
-    from google.protobuf import descriptor_pb2, descriptor_pool
-    from google.protobuf.message_factory import GetMessageClass
-    from grpc_tools import protoc
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "mesh.pb"
-        code = protoc.main(["protoc", f"-I{DATA / 'proto'}", f"-I{Path(grpc_tools.__file__).parent / '_proto'}",
-                            "--include_imports", f"--descriptor_set_out={out}", "mesh/v1alpha1/config.proto"])
-        assert code == 0, "protoc could not compile tests/data/istio/proto/mesh/v1alpha1/config.proto"
-        files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
-    pool = descriptor_pool.DescriptorPool()
-    for file in files:
-        pool.Add(file)
-    return GetMessageClass(pool.FindMessageTypeByName("istio.mesh.v1alpha1.MeshConfig"))
+# The MeshConfig fields deploy/istio sets, as Istio's MeshConfig reference documents them
+# (https://istio.io/latest/docs/reference/config/istio.mesh.v1alpha1/, checked for 1.28-1.30).
+MESH_FIELDS = {"extensionProviders", "pathNormalization"}
+PROVIDER_FIELDS = {"name", "envoyExtAuthzGrpc", "envoyExtAuthzHttp"}
+GRPC_PROVIDER_FIELDS = {"service", "port", "timeout", "failOpen", "statusOnError", "clearRouteCache",
+                        "includeRequestBodyInCheck", "pathPrefix"}
+HTTP_PROVIDER_FIELDS = {"service", "port", "timeout", "pathPrefix", "failOpen", "statusOnError",
+                        "includeRequestHeadersInCheck", "includeAdditionalHeadersInCheck",
+                        "includeRequestBodyInCheck", "headersToUpstreamOnAllow", "headersToDownstreamOnDeny",
+                        "headersToDownstreamOnAllow", "clearRouteCache"}
+NORMALIZATIONS = {"DEFAULT", "NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"}
 
 
-def test_mesh_config_parses_as_istios_mesh_config(mesh_config_class) -> None:
-    from google.protobuf import json_format
+def mesh_config_errors(mesh: dict[str, Any]) -> list[str]:
+    errors = [f"unknown MeshConfig field {k!r}" for k in mesh if k not in MESH_FIELDS]
+    normalization = mesh.get("pathNormalization", {})
+    errors += [f"unknown pathNormalization field {k!r}" for k in normalization if k != "normalization"]
+    if normalization.get("normalization", "DEFAULT") not in NORMALIZATIONS:
+        errors.append(f"unknown normalization {normalization['normalization']!r}")
+    for provider in mesh.get("extensionProviders", []):
+        errors += [f"{provider.get('name')}: unknown provider field {k!r}" for k in provider if k not in PROVIDER_FIELDS]
+        for kind, known in (("envoyExtAuthzGrpc", GRPC_PROVIDER_FIELDS), ("envoyExtAuthzHttp", HTTP_PROVIDER_FIELDS)):
+            errors += [f"{provider['name']}: unknown {kind} field {k!r}" for k in provider.get(kind, {}) if k not in known]
+            if kind in provider and not isinstance(provider[kind].get("port"), int):
+                errors.append(f"{provider['name']}: {kind}.port must be a number")
+    return errors
 
-    message = json_format.ParseDict(MESH, mesh_config_class())  # unknown fields and bad enums raise
-    assert message.path_normalization.normalization == message.path_normalization.MERGE_SLASHES
-    assert len(message.extension_providers) == len(MESH["extensionProviders"])
+
+def test_mesh_config_uses_only_documented_fields_and_values() -> None:
+    assert mesh_config_errors(MESH) == []
+    assert MESH["pathNormalization"]["normalization"] == "MERGE_SLASHES"
 
 
 @pytest.mark.parametrize("mistake", [
     {"pathNormalization": {"normalization": "MERGE_SLASH"}},
-    {"extensionProviders": [{"name": "x", "envoyExtAuthzGrpc": {"includeRequestHeadersInCheck": ["a"]}}]},
-    {"extensionProviders": [{"name": "x", "envoyExtAuthzHttp": {"failopen": False}}]},
+    {"extensionProviders": [{"name": "x", "envoyExtAuthzGrpc": {"includeRequestHeadersInCheck": ["a"], "port": 1}}]},
+    {"extensionProviders": [{"name": "x", "envoyExtAuthzHttp": {"failopen": False, "port": 1}}]},
+    {"extensionProviders": [{"name": "x", "envoyExtAuthzHttp": {"port": "9192"}}]},
+    {"meshConfig": {}},
 ])
-def test_mesh_config_check_catches_mistakes(mesh_config_class, mistake: dict[str, Any]) -> None:
-    from google.protobuf import json_format
-
-    with pytest.raises(json_format.ParseError):
-        json_format.ParseDict(mistake, mesh_config_class())
+def test_mesh_config_check_catches_mistakes(mistake: dict[str, Any]) -> None:
+    assert mesh_config_errors(mistake)
 
 
 # --- providers against the service and the manifests ------------------------------------------------------
