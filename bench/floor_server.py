@@ -37,6 +37,9 @@ async def serve(args: argparse.Namespace) -> None:
     if args.protocol == "http":
         await serve_http(args)
         return
+    if args.protocol == "http-uvicorn":
+        await serve_uvicorn(args)
+        return
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Floor(), server)
     if server.add_insecure_port(f"{args.host}:{args.port}") == 0:
@@ -69,11 +72,27 @@ async def serve_http(args: argparse.Namespace) -> None:
     await runner.cleanup()
 
 
+async def serve_uvicorn(args: argparse.Namespace) -> None:
+    """The other candidate for the HTTP front door, measured against aiohttp (`make bench`, row 3hv):
+    uvicorn with its httptools parser and a bare ASGI callable (no framework)."""
+    import uvicorn
+
+    async def allow(scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    config = uvicorn.Config(allow, host=args.host, port=args.port, loop="none", http="httptools", lifespan="off",
+                            access_log=False, log_level="warning")
+    print(f"HTTP floor (uvicorn) listening on {args.host}:{args.port}", flush=True)
+    await uvicorn.Server(config).serve()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    parser.add_argument("--protocol", choices=["grpc", "http", "http-uvicorn"], default="grpc")
     parser.add_argument("--event-loop", choices=["asyncio", "uvloop"], default="asyncio")
     args = parser.parse_args()
     if args.event_loop == "uvloop":

@@ -13,6 +13,7 @@ command (fixed connections, fixed time):
   4 warm       gRPC ext_authz -> authz-service, the same 8 tokens repeat (verified-token cache warm)
   5 cold       gRPC ext_authz -> authz-service, every request a different valid token
   3h floor     HTTP ext_authz -> aiohttp's low-level server answering 200 on uvloop (the HTTP floor)
+  3hv floor    the same with uvicorn + httptools (when installed): how the HTTP library was chosen
   4h warm      HTTP ext_authz -> authz-service's HTTP front door, warm
   5h cold      HTTP ext_authz -> authz-service's HTTP front door, cold
   4p warm      gRPC ext_authz -> authz-service at --compare-rev (another commit), warm
@@ -33,6 +34,7 @@ same round (median and per-round values printed).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import copy
 import json
 import multiprocessing
@@ -432,7 +434,9 @@ class Bench:
         try:
             authz_port = 9191
             protocol = "http" if kind == "ext_authz_http" else "grpc"
-            if backend.startswith("floor"):
+            if backend == "floor-uvicorn":
+                backend_proc, authz_port = self.start_floor("uvloop", "http-uvicorn")
+            elif backend.startswith("floor"):
                 backend_proc, authz_port = self.start_floor("uvloop" if backend == "floor-uvloop" else "asyncio",
                                                             protocol)
             elif backend == "service":
@@ -545,7 +549,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; rows show the median")
     parser.add_argument("--work", default=str(BENCH / ".work"), help="scratch folder (keys, tokens, logs)")
     parser.add_argument("--only", default="",
-                        help="comma-separated subset of: 1,2,3,3u,4,5,3h,4h,5h,4p,4t,4w,d3,d3u,d4")
+                        help="comma-separated subset of: 1,2,3,3u,4,5,3h,3hv,4h,5h,4p,4t,4w,d3,d3u,d4")
     parser.add_argument("--compare-rev", default="",
                         help="also measure gRPC warm (row 4p) with the service at this git revision, e.g. the "
                              "commit before a change")
@@ -576,6 +580,11 @@ def main() -> None:
         ("5h", lambda: bench.through_envoy("5h", "HTTP ext_authz -> authz-service, cold (distinct tokens)",
                                            "ext_authz_http", "service", bench.cold_tokens, policy)),
     ]
+    if importlib.util.find_spec("uvicorn") is not None and importlib.util.find_spec("httptools") is not None:
+        # The HTTP front door's library was chosen by this comparison: same Envoy, same load.
+        plan.append(("3hv", lambda: bench.through_envoy(
+            "3hv", "HTTP ext_authz -> bare uvicorn + httptools on uvloop (library comparison)", "ext_authz_http",
+            "floor-uvicorn", bench.warm_tokens)))
     if compare is not None:
         plan.append(("4p", lambda: bench.through_envoy(
             "4p", f"ext_authz -> authz-service at {args.compare_rev}, warm", "ext_authz", "service",
@@ -610,7 +619,7 @@ def main() -> None:
         jwks_proc.stop()
         if sink is not None:
             sink.stop()
-            print(next((line for line in sink.log.read_text().splitlines() if "OTLP sink" in line),
+            print(next((line for line in sink.log_text().splitlines() if "OTLP sink" in line),
                        "OTLP sink: no count (see its log)"))
     # The machine is shared: configurations run interleaved, round after round, and each row is
     # the round with the median req/s (its other columns from that same round), with the range.
@@ -658,6 +667,8 @@ def main() -> None:
     line("HTTP warm / HTTP floor, req/s (target >= 0.85)", paired("4h", "3h", rps), ".2f")
     line("HTTP warm / jwt_authn, req/s (target >= 0.6)", paired("4h", "2", rps), ".2f")
     line("HTTP cold / HTTP floor, req/s", paired("5h", "3h", rps), ".2f")
+    line("HTTP floor on aiohttp / on uvicorn + httptools, req/s", paired("3h", "3hv", rps), ".2f")
+    line("HTTP floor on aiohttp / on uvicorn + httptools, pod CPU per request", paired("3h", "3hv", pod), ".2f")
     line("CPU per Check, HTTP warm minus HTTP floor", paired("4h", "3h", cpu), ".0f", " us")
     line("gRPC warm / jwt_authn, req/s", paired("4", "2", rps), ".2f")
     line(f"gRPC warm / gRPC warm at {args.compare_rev or '--compare-rev'}, req/s", paired("4", "4p", rps), ".2f")
