@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -74,8 +75,7 @@ class HttpFrontDoor:
         headers = request.headers
         authorization = tuple(headers.getall("authorization", ()))
         request_id = headers.get("x-request-id", "")[:128]
-        names = [name.lower() for name in headers]
-        spoofed = () if SPECIAL_NAMES.isdisjoint(names) else special_names(names)
+        spoofed = () if SPECIAL_NAMES.isdisjoint(map(str.lower, headers)) else special_names(map(str.lower, headers))
         return HttpRequest(method, path, segments, authorization, request_id, spoofed)
 
     @staticmethod
@@ -87,8 +87,9 @@ class HttpFrontDoor:
         status, headers, body = parts
         return web.Response(status=status, headers=headers, body=body)
 
-    async def handle(self, request: web.BaseRequest) -> web.Response:
-        return await self._check(self.parse, request, self.render)
+    def handle(self, request: web.BaseRequest) -> Awaitable[web.Response]:
+        """The Check's coroutine itself (no wrapping coroutine: one frame less per request)."""
+        return self._check(self.parse, request, self.render)
 
     async def handle_traced(self, request: web.BaseRequest) -> web.Response:
         """``handle`` with a span continuing the trace in the request's headers (tracing on)."""
