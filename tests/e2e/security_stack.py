@@ -8,10 +8,13 @@ log), so a test can prove that a deny never reached the app and an allow carried
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import pytest
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from authz_service.simulate import check_request
@@ -109,6 +112,22 @@ class SecurityStack:
         status, response_headers, data = http_request(method, self.envoy.url(path), sent, target=target)
         reached = self.upstream.requests_since(mark) if observe else []
         return Answer(status, {k.lower(): v for k, v in response_headers}, data, reached)
+
+    def send_h2(self, method: str, target: str, headers: list[tuple[str, str]] = ()) -> tuple[int, list[dict]]:
+        """One HTTP/2 (h2c, curl's nghttp2) request through Envoy, the method and target sent exactly
+        as written; (status, what reached the app meanwhile)."""
+        curl = shutil.which("curl")
+        if curl is None:
+            pytest.skip("curl not installed")
+        mark = self.upstream.mark()
+        argv = [curl, "-sS", "-o", "/dev/null", "-w", "%{http_code} %{http_version}", "--http2-prior-knowledge",
+                "--path-as-is", "-X", method, "--max-time", "10"]
+        for name, value in headers:
+            argv += ["-H", f"{name}: {value}"]
+        out = subprocess.run([*argv, self.envoy.url(target)], capture_output=True, text=True, timeout=20)
+        code, version = out.stdout.split()
+        assert version == "2", f"not HTTP/2: {out.stdout} {out.stderr}"
+        return int(code), self.upstream.requests_since(mark)
 
     def check(self, method: str, path: str, headers: dict[str, str] | None = None) -> Direct:
         """An authorization request straight to the service's front door of this stack's mode, as

@@ -12,8 +12,6 @@ protected handler, each proven closed through the shipped Envoy:
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -59,18 +57,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess,
 
 def h2(stack: SecurityStack, method: str, target: str, token: str | None = None) -> tuple[int, list]:
     """One HTTP/2 request through Envoy with the method sent exactly as written."""
-    curl = shutil.which("curl")
-    if curl is None:
-        pytest.skip("curl not installed")
-    mark = stack.upstream.mark()
-    argv = [curl, "-sS", "-o", "/dev/null", "-w", "%{http_code} %{http_version}", "--http2-prior-knowledge",
-            "--path-as-is", "-X", method, "--max-time", "10"]
-    if token is not None:
-        argv += ["-H", f"authorization: Bearer {token}"]
-    out = subprocess.run([*argv, stack.envoy.url(target)], capture_output=True, text=True, timeout=20)
-    code, version = out.stdout.split()
-    assert version == "2", f"not HTTP/2: {out.stdout} {out.stderr}"
-    return int(code), stack.upstream.requests_since(mark)
+    return stack.send_h2(method, target, [("authorization", f"Bearer {token}")] if token is not None else [])
 
 
 @pytest.mark.parametrize("method", ["get", "Get", "gET"])

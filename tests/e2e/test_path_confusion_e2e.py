@@ -12,9 +12,7 @@ envoy/envoy.yaml, and the service refuses (400) any path not already in normal f
 from __future__ import annotations
 
 import random
-import shutil
 import socket
-import subprocess
 import urllib.parse
 from collections.abc import Iterator
 
@@ -239,38 +237,22 @@ def test_url_override_headers_are_refused(stack: SecurityStack, name: str) -> No
 # --- HTTP/2 (h2c prior knowledge, curl's nghttp2): Envoy's codec AUTO accepts it; same rule ---------
 
 
-def h2(stack: SecurityStack, method: str, target: str, headers: list[tuple[str, str]] = ()) -> tuple[int, list]:
-    """One HTTP/2 request through Envoy, the target sent as written; (status, what reached the app)."""
-    curl = shutil.which("curl")
-    if curl is None:
-        pytest.skip("curl not installed")
-    mark = stack.upstream.mark()
-    argv = [curl, "-sS", "-o", "/dev/null", "-w", "%{http_code} %{http_version}", "--http2-prior-knowledge",
-            "--path-as-is", "-X", method, "--max-time", "10"]
-    for name, value in headers:
-        argv += ["-H", f"{name}: {value}"]
-    out = subprocess.run([*argv, stack.envoy.url(target)], capture_output=True, text=True, timeout=20)
-    code, version = out.stdout.split()
-    assert version == "2", f"not HTTP/2: {out.stdout} {out.stderr}"
-    return int(code), stack.upstream.requests_since(mark)
-
-
 def test_http2_requests_follow_the_same_rule(stack: SecurityStack) -> None:
     writer, reader = stack.dev.token("payments-writer"), stack.dev.token("payments-reader")
-    status, reached = h2(stack, "POST", "/transactions", [("authorization", f"Bearer {writer}")])
+    status, reached = stack.send_h2("POST", "/transactions", [("authorization", f"Bearer {writer}")])
     assert status == 200 and reached[0]["headers"]["x-auth-client-id"] == ["payments-writer"]
-    status, reached = h2(stack, "POST", "/transactions", [("authorization", f"Bearer {reader}")])
+    status, reached = stack.send_h2("POST", "/transactions", [("authorization", f"Bearer {reader}")])
     assert (status, reached) == (403, [])
     for target in ["/public/../admin/users", "/public/%2e%2e/admin/users", "//admin/users", "/./admin/users"]:
-        status, reached = h2(stack, "GET", target)
+        status, reached = stack.send_h2("GET", target)
         assert status == 401 and reached == [], target  # normalized to /admin/users: needs a token
     for target in ["/public%2F..%2Fadmin", "/admin;x=1", "/public/%c0%ae%c0%ae/admin"]:
-        status, reached = h2(stack, "GET", target)
+        status, reached = stack.send_h2("GET", target)
         assert status == 400 and reached == [], target
-    status, reached = h2(stack, "POST", "/transactions",
+    status, reached = stack.send_h2("POST", "/transactions",
                          [("authorization", f"Bearer {reader}"), ("authorization", f"Bearer {writer}")])
     assert (status, reached) == (400, []), "two Authorization fields over HTTP/2"
-    status, reached = h2(stack, "GET", "/public/docs", [("x-auth-client-id", "spoofed"), ("x_auth_scopes", "admin/all"),
+    status, reached = stack.send_h2("GET", "/public/docs", [("x-auth-client-id", "spoofed"), ("x_auth_scopes", "admin/all"),
                                                         ("x_other", "kept")])
     assert status == 200 and reached[0]["headers"].get("x_other") == ["kept"]  # underscores do pass Envoy
     assert "x-auth-client-id" not in reached[0]["headers"] and "x_auth_scopes" not in reached[0]["headers"]
