@@ -52,6 +52,9 @@ STARTING, SERVING, READY, STOPPED = 0, 1, 2, 3
 START_TIMEOUT = 60.0
 RESTART_DELAY = 1.0
 PORT_CHECK_INTERVAL = 1.0  # seconds between looks for foreign listeners on the gRPC port
+# A stopping worker gets the grace period plus this before it is ended the hard way (by the parent,
+# or by itself when the parent is gone): a drain must never turn into a process that lingers.
+STOP_MARGIN = 5.0
 
 
 def port_listeners(port: int) -> dict[int, int]:
@@ -98,7 +101,7 @@ def worker_main(settings: Settings, index: int, state: Synchronized, log_level: 
     def on_ready(ready: bool) -> None:
         state.value = READY if ready else SERVING
 
-    _exit_with_parent(os.getppid())
+    _exit_with_parent(os.getppid(), settings.shutdown_grace + STOP_MARGIN)
 
     try:
         run(serve(settings, worker=True, on_ready=on_ready), settings.event_loop)
@@ -111,13 +114,25 @@ def worker_main(settings: Settings, index: int, state: Synchronized, log_level: 
     state.value = STOPPED
 
 
-def _exit_with_parent(parent: int) -> None:
-    """SIGTERM ourselves when the parent is gone (e.g. SIGKILLed): no orphan keeps the port."""
+def _exit_with_parent(parent: int, stop_deadline: float) -> None:
+    """Stop when the parent is gone (e.g. SIGKILLed), so that no orphan keeps serving the port.
+
+    The stop is the SIGTERM drain, asked of the main thread (where the event loop handles it). If it
+    has not ended the process ``stop_deadline`` seconds later, the process exits anyway, as the
+    parent would have killed it: with no parent, nothing else would.
+    """
+    main = threading.main_thread().ident
+    assert main is not None
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGTERM)
+        log.warning("parent process gone; stopping", extra={"parent_pid": parent})
+        signal.pthread_kill(main, signal.SIGTERM)
+        time.sleep(stop_deadline)
+        log.error("worker did not stop in time after its parent was gone; exiting",
+                  extra={"parent_pid": parent, "seconds": stop_deadline})
+        os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
@@ -301,7 +316,7 @@ class Supervisor:
 
     async def _stop_workers(self) -> None:
         self._forward(signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.shutdown_grace + 5
+        deadline = time.monotonic() + self.settings.shutdown_grace + STOP_MARGIN
         while time.monotonic() < deadline and any(w.process.is_alive() for w in self._workers if w.process):
             await asyncio.sleep(0.05)
         for w in self._workers:

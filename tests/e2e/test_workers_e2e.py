@@ -195,6 +195,40 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path, policy) -> None:
         shutil.rmtree(metrics_dir.decode(), ignore_errors=True)  # a killed parent cannot remove it
 
 
+ORPHAN = """
+import os, signal, subprocess, sys, time
+if sys.argv[1] == "parent":
+    with open(sys.argv[2], "w") as log:
+        child = subprocess.Popen([sys.executable, __file__, "child"], stdout=subprocess.PIPE, stderr=log)
+    child.stdout.readline()  # the child watches its parent now
+    print(child.pid, flush=True)
+    os._exit(0)
+from authz_service import workers
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a drain that never ends
+workers._exit_with_parent(os.getppid(), 0.5)
+print("watching", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def test_an_orphaned_worker_whose_drain_never_ends_still_exits(tmp_path) -> None:
+    """The last resort behind the test above: with the parent gone, nothing would kill a worker
+    whose SIGTERM drain hangs, so the worker ends itself once the stop deadline has passed."""
+    script, log = tmp_path / "orphan.py", tmp_path / "orphan.log"
+    script.write_text(ORPHAN)
+    result = subprocess.run([sys.executable, str(script), "parent", str(log)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    pid = int(result.stdout)
+    try:
+        wait_for(lambda: not alive(pid), 60, "orphan gone")
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert "did not stop in time after its parent was gone; exiting" in log.read_text()
+
+
 def worker_pids_safe(pids: list[int]) -> list[int]:
     return [p for p in pids if alive(p)]
 
