@@ -201,14 +201,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def policy_names(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> list[str]:
-    """The policy files a command was given: POLICY or --policy (not both), else $AUTHZ_POLICY."""
+def named_policies(args: argparse.Namespace) -> list[str]:
+    """The policy files named on the command line: POLICY or --policy, not both."""
     given = args.policy_args if isinstance(args.policy_args, list) else [args.policy_args]
     flagged = args.policy if isinstance(args.policy, list) else [args.policy]
     given, flagged = [p for p in given if p is not None], [p for p in flagged if p is not None]
     if given and flagged:
         raise UsageError("name the policy once: as POLICY or with --policy, not both")
-    names = given or flagged
+    return given or flagged
+
+
+def policy_names(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The policy files a command was given: POLICY or --policy (not both), else $AUTHZ_POLICY."""
+    names = named_policies(args)
     if not names and environ.get(POLICY_ENV):
         names = [environ[POLICY_ENV]]
     if not names:
@@ -265,11 +270,10 @@ def _policy_tool(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .server import run, serve
 
-    if args.policy_args is not None and args.policy is not None:
-        raise UsageError("name the policy once: as POLICY or with --policy, not both")
+    named = named_policies(args)
     values = {o.name: getattr(args, o.name) for o in OPTIONS}
-    if args.policy_args is not None:
-        values["policy"] = args.policy_args
+    if named:
+        values["policy"] = named[0]
     try:
         settings = settings_from(values)
     except ConfigError as exc:

@@ -174,11 +174,12 @@ def _one_condition(name: str, spec: object, fail: Fail) -> ClaimCondition:
     if not isinstance(value, list) or not value or len(value) > MAX_ANY_OF:
         raise fail((operator,), f"must be a non-empty list of at most {MAX_ANY_OF} values")
     values = tuple(_scalar(v, (operator, j), fail) for j, v in enumerate(value))
-    seen: list[Scalar] = []
+    seen: set[tuple[str, Scalar]] = set()
     for j, v in enumerate(values):
-        if any(_json_type(v) == _json_type(s) and v == s for s in seen):  # 1 and 1.0 are one JSON number
+        typed = (_json_type(v), v)  # 1 and 1.0 are one JSON number; True is not 1
+        if typed in seen:
             raise fail((operator, j), f"{_show(v)} is listed twice")
-        seen.append(v)
+        seen.add(typed)
     return condition(name, operator, values)
 
 

@@ -447,14 +447,11 @@ class _Context:
             first = first_by_name.setdefault(route.name, route)
             if first is route or (route.index not in named and first.index not in named):
                 continue
-            where: Where = ("routes", route.index, "name")
-            line, column = self.position(where)
-            first_line, first_column = self.position(("routes", first.index, "name"))
-            self.errors.append(PolicyError(
-                f"{place(self.source, line, column)}: routes[{route.index}].name: {route.name!r} is also the name "
-                f"of routes[{first.index}] ({place(self.source, first_line, first_column)}); route names label the "
-                "metrics (route=...), so both would be counted as one: give each route its own name",
-                where, line, column))
+            first_place = place(self.source, *self.position(("routes", first.index, "name")))
+            self.errors.append(self.fail(
+                ("routes", route.index, "name"),
+                f"{route.name!r} is also the name of routes[{first.index}] ({first_place}); route names label the "
+                "metrics (route=...), so both would be counted as one: give each route its own name"))
 
     def check_keys(self, item: dict[str, Any], allowed: set[str], where: Where) -> None:
         for key in item:
@@ -495,6 +492,16 @@ class _Context:
                 raise self.fail((*where, key, j), f"must be a non-empty string, got {_kind(entry)}")
         return value
 
+
+    def client_ids(self, item: dict[str, Any], where: Where) -> frozenset[str] | None:
+        """An issuer's or a route's ``client_ids`` allow-list (None: any app client)."""
+        client_ids = self.string_list(item, "client_ids", where)
+        if client_ids is None:
+            return None
+        for j, cid in enumerate(client_ids):
+            if not _CLIENT_ID.match(cid):
+                raise self.fail((*where, "client_ids", j), f"{cid!r} is not an app client id")
+        return frozenset(client_ids)
     def mode(self, value: object, where: Where) -> Mode:
         try:
             return Mode(value)
@@ -527,12 +534,7 @@ class _Context:
         jwks_override = self.string(item, "jwks_uri", where)
         if jwks_override is not None and not re.match(r"^https?://[^\s/?#]+(/\S*)?\Z", jwks_override):
             raise self.fail((*where, "jwks_uri"), f"{jwks_override!r} is not an http(s) URL")
-        client_ids = self.string_list(item, "client_ids", where)
-        if client_ids is not None:
-            for j, cid in enumerate(client_ids):
-                if not _CLIENT_ID.match(cid):
-                    raise self.fail((*where, "client_ids", j), f"{cid!r} is not an app client id")
-        allowed = frozenset(client_ids) if client_ids is not None else None
+        allowed = self.client_ids(item, where)
         fmt = None if explicit else issuer_format
         accepted = [(region, issuer, False)]
         accepted += [(r, cognito_issuer(issuer_format, r, pool), True) for r in replicas]
@@ -556,8 +558,6 @@ class _Context:
         if "replica_regions" in item and issuer_format is not IssuerFormat.UPDATED:
             raise self.fail((*where, "replica_regions"), "a multi-Region user pool needs the updated issuer; "
                                                          "add 'issuer_format: updated'")
-        if replicas and _POOL_ID.match(item["user_pool_id"]) is None:
-            raise self.fail((*where, "replica_regions"), "needs a Cognito user pool id (<region>_<id>)")
         for j, region in enumerate(replicas):
             if not _REGION.match(region):
                 raise self.fail((*where, "replica_regions", j), f"{region!r} is not an AWS region (e.g. eu-west-1)")
@@ -602,10 +602,7 @@ class _Context:
                     raise self.fail((*where, key, j),
                         f"{scope!r} is not a valid OAuth scope (no spaces, quotes or backslashes)",
                     )
-        client_ids = self.string_list(item, "client_ids", where)
-        for j, cid in enumerate(client_ids or ()):
-            if not _CLIENT_ID.match(cid):
-                raise self.fail((*where, "client_ids", j), f"{cid!r} is not an app client id")
+        allowed = self.client_ids(item, where)
         claims = (parse_claim_conditions(item["claims"], lambda at, problem: self.fail((*where, "claims", *at), problem))
                   if "claims" in item else ())
         name = self.string(item, "name", where)
@@ -621,7 +618,6 @@ class _Context:
                                 f"{code!r} is not a lint warning code; known: {', '.join(sorted(LINT_CODES))}")
         any_scopes = frozenset(scopes or ())
         required = frozenset(all_scopes or ())
-        allowed = frozenset(client_ids) if client_ids is not None else None
         conditions = (Conditions(any_scopes, required, allowed, claims)
                       if required or allowed is not None or claims else None)
         return Route(
