@@ -45,13 +45,18 @@ async def serve(args: argparse.Namespace) -> None:
     if server.add_insecure_port(f"{args.host}:{args.port}") == 0:
         raise SystemExit(f"cannot bind {args.host}:{args.port}")
     await server.start()
+    print(f"floor listening on {args.host}:{args.port}", flush=True)
+    await until_signalled()
+    await server.stop(1)
+
+
+async def until_signalled() -> None:
+    """Return on SIGTERM or SIGINT (the bench stops its servers with SIGTERM)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"floor listening on {args.host}:{args.port}", flush=True)
     await stop.wait()
-    await server.stop(1)
 
 
 async def serve_http(args: argparse.Namespace) -> None:
@@ -63,12 +68,8 @@ async def serve_http(args: argparse.Namespace) -> None:
     runner = web.ServerRunner(web.Server(allow, access_log=None), handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     print(f"HTTP floor listening on {args.host}:{args.port}", flush=True)
-    await stop.wait()
+    await until_signalled()
     await runner.cleanup()
 
 

@@ -34,6 +34,7 @@ same round (median and per-round values printed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import copy
 import json
@@ -58,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
 # One process harness for the tests, the benchmark and the demo.
-from tests.e2e.harness import ManagedProcess, free_port, wait_for_http, wait_for_port  # noqa: E402
+from tests.e2e.harness import ManagedProcess, free_port, listening, wait_for_http, wait_for_port  # noqa: E402
 from tests.e2e.harness import envoy_binary as harness_envoy_binary  # noqa: E402
 
 BENCH = ROOT / "bench"
@@ -363,8 +364,7 @@ class Bench:
         port = free_port()
         proc = spawn("jwks-http", [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port),
                                    "--directory", str(self.work / "jwks")], self.work)
-        wait_for_port(port, 10)
-        return proc, port
+        return listening(proc, port, 10), port
 
     def policy(self, jwks_port: int) -> Path:
         path = self.work / "policy.yaml"
@@ -391,7 +391,7 @@ class Bench:
                                        "--log-level", "warning"], self.work)
         self.procs.append(proc)
         wait_for_http(f"http://127.0.0.1:{admin}/ready", 30, expect_status=200, proc=proc)
-        wait_for_port(listener, 10)
+        wait_for_port(listener, 10, proc=proc)
         return proc, listener
 
     def start_floor(self, event_loop: str = "asyncio", protocol: str = "grpc") -> tuple[ManagedProcess, int]:
@@ -399,15 +399,13 @@ class Bench:
         proc = spawn("floor", [sys.executable, str(BENCH / "floor_server.py"), "--port", str(port),
                                "--event-loop", event_loop, "--protocol", protocol], self.work)
         self.procs.append(proc)
-        wait_for_port(port, 20)
-        return proc, port
+        return listening(proc, port, 20), port
 
     def start_otlp_sink(self) -> tuple[ManagedProcess, int]:
         """The OTLP/gRPC receiver row 4t exports to, for the whole run."""
         port = free_port()
         proc = spawn("otlp-sink", [sys.executable, str(BENCH / "otlp_sink.py"), "--port", str(port)], self.work)
-        wait_for_port(port, 20)
-        return proc, port
+        return listening(proc, port, 20), port
 
     def start_service(self, policy: Path, workers: int, http_mode: bool = False,
                       checkout: Path = ROOT, env: dict[str, str] | None = None) -> tuple[ManagedProcess, int, int]:
@@ -540,6 +538,13 @@ def table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
+def stop_sink(sink: ManagedProcess) -> None:
+    """Stop the OTLP sink and print the span count it reported."""
+    sink.stop()
+    print(next((line for line in sink.log_text().splitlines() if "OTLP sink" in line),
+               "OTLP sink: no count (see its log)"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark authz-service through a real Envoy.")
     parser.add_argument("--duration", type=float, default=10, help="seconds per measured run (default 10)")
@@ -559,68 +564,66 @@ def main() -> None:
             raise SystemExit(f"{tool} not found: `make bench` installs wrk and nghttp2-client")
     only = set(filter(None, args.only.split(",")))
     bench = Bench(args)
-    jwks_proc, jwks_http = bench.start_jwks_server()
-    policy = bench.policy(jwks_http)
-    compare = checkout_rev(args.compare_rev, bench.work) if args.compare_rev else None
-    plan = [
-        ("1", lambda: bench.through_envoy("1", "Envoy, no authorization (ceiling)", "none", "", bench.warm_tokens)),
-        ("2", lambda: bench.through_envoy("2", "Envoy jwt_authn (native anchor)", "jwt_authn", "", bench.warm_tokens)),
-        ("3", lambda: bench.through_envoy("3", "ext_authz -> bare grpc.aio (floor)", "ext_authz", "floor",
-                                          bench.warm_tokens)),
-        ("3u", lambda: bench.through_envoy("3u", "ext_authz -> bare grpc.aio on uvloop (floor, same loop as ours)",
-                                           "ext_authz", "floor-uvloop", bench.warm_tokens)),
-        ("4", lambda: bench.through_envoy("4", "ext_authz -> authz-service, warm", "ext_authz", "service",
-                                          bench.warm_tokens, policy)),
-        ("5", lambda: bench.through_envoy("5", "ext_authz -> authz-service, cold (distinct tokens)", "ext_authz",
-                                          "service", bench.cold_tokens, policy)),
-        ("3h", lambda: bench.through_envoy("3h", "HTTP ext_authz -> bare aiohttp on uvloop (HTTP floor)",
-                                           "ext_authz_http", "floor-uvloop", bench.warm_tokens)),
-        ("4h", lambda: bench.through_envoy("4h", "HTTP ext_authz -> authz-service, warm", "ext_authz_http",
-                                           "service", bench.warm_tokens, policy)),
-        ("5h", lambda: bench.through_envoy("5h", "HTTP ext_authz -> authz-service, cold (distinct tokens)",
-                                           "ext_authz_http", "service", bench.cold_tokens, policy)),
-    ]
-    if importlib.util.find_spec("uvicorn") is not None and importlib.util.find_spec("httptools") is not None:
-        # The HTTP front door's library was chosen by this comparison: same Envoy, same load.
-        plan.append(("3hv", lambda: bench.through_envoy(
-            "3hv", "HTTP ext_authz -> bare uvicorn + httptools on uvloop (library comparison)", "ext_authz_http",
-            "floor-uvicorn", bench.warm_tokens)))
-    if compare is not None:
-        plan.append(("4p", lambda: bench.through_envoy(
-            "4p", f"ext_authz -> authz-service at {args.compare_rev}, warm", "ext_authz", "service",
-            bench.warm_tokens, policy, checkout=compare)))
-    sink = None
-    if not only or "4t" in only:
-        sink, sink_port = bench.start_otlp_sink()
-        traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-                  "OTEL_TRACES_SAMPLER": "always_on"}
-        plan.append(("4t", lambda: bench.through_envoy(
-            "4t", "ext_authz -> authz-service, tracing on (100% sampled, OTLP/gRPC to a discarding receiver), warm",
-            "ext_authz", "service", bench.warm_tokens, policy, env=traced)))
-    if args.workers > 1:
-        plan.append(("4w", lambda: bench.through_envoy(
-            "4w", f"ext_authz -> authz-service --workers {args.workers}, warm (Envoy: 2 streams per authz "
-            "connection)", "ext_authz", "service", bench.warm_tokens, policy, workers=args.workers, authz_streams=2)))
-    plan += [
-        ("d3", lambda: bench.direct("d3", "gRPC direct (h2load) -> floor", "floor")),
-        ("d3u", lambda: bench.direct("d3u", "gRPC direct (h2load) -> floor on uvloop", "floor-uvloop")),
-        ("d4", lambda: bench.direct("d4", "gRPC direct (h2load) -> authz-service, warm", "service", policy)),
-    ]
     runs: dict[str, list[Result]] = {}
-    try:
+    with contextlib.ExitStack() as running:  # every process started here is stopped, also on failure
+        running.callback(bench.close)
+        jwks_proc, jwks_http = bench.start_jwks_server()
+        running.callback(jwks_proc.stop)
+        policy = bench.policy(jwks_http)
+        compare = checkout_rev(args.compare_rev, bench.work) if args.compare_rev else None
+        plan = [
+            ("1", lambda: bench.through_envoy("1", "Envoy, no authorization (ceiling)", "none", "", bench.warm_tokens)),
+            ("2", lambda: bench.through_envoy("2", "Envoy jwt_authn (native anchor)", "jwt_authn", "",
+                                              bench.warm_tokens)),
+            ("3", lambda: bench.through_envoy("3", "ext_authz -> bare grpc.aio (floor)", "ext_authz", "floor",
+                                              bench.warm_tokens)),
+            ("3u", lambda: bench.through_envoy("3u", "ext_authz -> bare grpc.aio on uvloop (floor, same loop as ours)",
+                                               "ext_authz", "floor-uvloop", bench.warm_tokens)),
+            ("4", lambda: bench.through_envoy("4", "ext_authz -> authz-service, warm", "ext_authz", "service",
+                                              bench.warm_tokens, policy)),
+            ("5", lambda: bench.through_envoy("5", "ext_authz -> authz-service, cold (distinct tokens)", "ext_authz",
+                                              "service", bench.cold_tokens, policy)),
+            ("3h", lambda: bench.through_envoy("3h", "HTTP ext_authz -> bare aiohttp on uvloop (HTTP floor)",
+                                               "ext_authz_http", "floor-uvloop", bench.warm_tokens)),
+            ("4h", lambda: bench.through_envoy("4h", "HTTP ext_authz -> authz-service, warm", "ext_authz_http",
+                                               "service", bench.warm_tokens, policy)),
+            ("5h", lambda: bench.through_envoy("5h", "HTTP ext_authz -> authz-service, cold (distinct tokens)",
+                                               "ext_authz_http", "service", bench.cold_tokens, policy)),
+        ]
+        if importlib.util.find_spec("uvicorn") is not None and importlib.util.find_spec("httptools") is not None:
+            # The HTTP front door's library was chosen by this comparison: same Envoy, same load.
+            plan.append(("3hv", lambda: bench.through_envoy(
+                "3hv", "HTTP ext_authz -> bare uvicorn + httptools on uvloop (library comparison)", "ext_authz_http",
+                "floor-uvicorn", bench.warm_tokens)))
+        if compare is not None:
+            plan.append(("4p", lambda: bench.through_envoy(
+                "4p", f"ext_authz -> authz-service at {args.compare_rev}, warm", "ext_authz", "service",
+                bench.warm_tokens, policy, checkout=compare)))
+        if not only or "4t" in only:
+            sink, sink_port = bench.start_otlp_sink()
+            running.callback(stop_sink, sink)
+            traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+                      "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                      "OTEL_TRACES_SAMPLER": "always_on"}
+            plan.append(("4t", lambda: bench.through_envoy(
+                "4t", "ext_authz -> authz-service, tracing on (100% sampled, OTLP/gRPC to a discarding receiver), warm",
+                "ext_authz", "service", bench.warm_tokens, policy, env=traced)))
+        if args.workers > 1:
+            plan.append(("4w", lambda: bench.through_envoy(
+                "4w", f"ext_authz -> authz-service --workers {args.workers}, warm (Envoy: 2 streams per authz "
+                "connection)", "ext_authz", "service", bench.warm_tokens, policy, workers=args.workers,
+                authz_streams=2)))
+        plan += [
+            ("d3", lambda: bench.direct("d3", "gRPC direct (h2load) -> floor", "floor")),
+            ("d3u", lambda: bench.direct("d3u", "gRPC direct (h2load) -> floor on uvloop", "floor-uvloop")),
+            ("d4", lambda: bench.direct("d4", "gRPC direct (h2load) -> authz-service, warm", "service", policy)),
+        ]
         for round_ in range(1, args.rounds + 1):
             for key, run in plan:
                 if only and key not in only:
                     continue
                 print(f"round {round_}/{args.rounds}: {key} ...", flush=True)
                 runs.setdefault(key, []).append(run())
-    finally:
-        bench.close()
-        jwks_proc.stop()
-        if sink is not None:
-            sink.stop()
-            print(next((line for line in sink.log_text().splitlines() if "OTLP sink" in line),
-                       "OTLP sink: no count (see its log)"))
     # The machine is shared: configurations run interleaved, round after round, and each row is
     # the round with the median req/s (its other columns from that same round), with the range.
     results = []

@@ -8,6 +8,7 @@ Public API
 ``envoy_binary() -> str``                      (``$ENVOY_BIN`` or the venv's ``envoy``)
 ``free_port() -> int``
 ``wait_for_port(port, timeout, host="127.0.0.1", proc=None)``
+``listening(proc, port, timeout) -> proc``     (stopped, and the error raised, if it never listens)
 ``wait_for_http(url, timeout, expect_status=None, proc=None) -> (status, body)``
 ``ManagedProcess(args, log_dir, name, env=None, cwd=None)``  context manager;
     ``.start()``, ``.stop()``, ``.check_alive()``, ``.wait_until(pred, timeout, what)``,
@@ -50,7 +51,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 import yaml
 
@@ -63,6 +64,7 @@ MODES = tuple(ENVOY_CONFIGS)
 UPSTREAM_SCRIPT = REPO_ROOT / "tools" / "echo_upstream.py"
 
 _POLL = 0.05
+P = TypeVar("P", bound="ManagedProcess")
 
 
 # --------------------------------------------------------------------------- #
@@ -158,6 +160,16 @@ def wait_for_port(
             extra = f"\n--- {proc.name} log ---\n{proc.log_tail()}" if proc else ""
             raise TimeoutError(f"{host}:{port} not accepting connections after {timeout}s{extra}")
         time.sleep(_POLL)
+
+
+def listening(proc: P, port: int, timeout: float) -> P:
+    """``proc`` (started) once it accepts connections on ``port``; stopped if it dies or never does."""
+    try:
+        wait_for_port(port, timeout, proc=proc)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
 
 
 def wait_for_http(
@@ -592,12 +604,7 @@ def start_upstream(
     """Start the echo upstream and wait until it accepts connections."""
     up = UpstreamProcess(log_dir, port or free_port(), name=name)
     up.start()
-    try:
-        wait_for_port(up.port, timeout, proc=up)
-    except BaseException:
-        up.stop()
-        raise
-    return up
+    return listening(up, up.port, timeout)
 
 
 # --------------------------------------------------------------------------- #
@@ -873,9 +880,4 @@ def start_forward_proxy(log_dir: str | os.PathLike[str], *, timeout: float = 10.
     """Start tinyproxy on a free port and wait until it accepts connections."""
     proxy = ForwardProxy(log_dir, free_port())
     proxy.start()
-    try:
-        wait_for_port(proxy.port, timeout, proc=proxy)
-    except BaseException:
-        proxy.stop()
-        raise
-    return proxy
+    return listening(proxy, proxy.port, timeout)
