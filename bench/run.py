@@ -59,12 +59,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
 # One process harness for the tests, the benchmark and the demo.
-from tests.e2e.harness import ManagedProcess, free_port, listening, wait_for_http, wait_for_port  # noqa: E402
+from tests.e2e.harness import ENVOY_CONFIGS, ManagedProcess, free_port, listening, wait_for_http, wait_for_port  # noqa: E402,E501
 from tests.e2e.harness import envoy_binary as harness_envoy_binary  # noqa: E402
 
 BENCH = ROOT / "bench"
-SHIPPED = ROOT / "envoy" / "envoy.yaml"
-SHIPPED_HTTP = ROOT / "envoy" / "envoy-http.yaml"
 POOL = "us-east-1_Bench0001"
 ISSUER = f"https://cognito-idp.us-east-1.amazonaws.com/{POOL}"
 KID = "bench-key-1"
@@ -84,7 +82,7 @@ def render_envoy(kind: str, *, listener_port: int, admin_port: int, authz_port: 
     listener and its admin cluster are dropped (not on the measured path; no fixed port to clash).
     ``authz_streams`` caps concurrent streams per HTTP/2 connection to the authz cluster, so Envoy
     opens several connections (SO_REUSEPORT spreads connections, not streams, over --workers)."""
-    cfg = yaml.safe_load((SHIPPED_HTTP if kind == "ext_authz_http" else SHIPPED).read_text())
+    cfg = yaml.safe_load(ENVOY_CONFIGS["http" if kind == "ext_authz_http" else "grpc"].read_text())
     cfg = copy.deepcopy(cfg)
     cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
     cfg["static_resources"]["listeners"] = [

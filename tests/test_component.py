@@ -26,6 +26,7 @@ import yaml
 
 from tools import component_envoy
 
+from .e2e.harness import ENVOY_CONFIGS
 from .test_deploy import (
     _kubernetes_versions,
     _operator_models,
@@ -41,7 +42,7 @@ COMPONENT = ROOT / "deploy" / "components" / "authz-sidecar"
 EXAMPLE = ROOT / "deploy" / "examples" / "two-apps"
 K8S = ROOT / "deploy" / "k8s"
 APPS = {"orders": ("8000", "grpc"), "payments": ("5000", "http")}
-SHIPPED = {"grpc": ROOT / "envoy" / "envoy.yaml", "http": ROOT / "envoy" / "envoy-http.yaml"}
+SHIPPED = ENVOY_CONFIGS  # the shipped Envoy config of each mode
 ADDED_KINDS = {"ConfigMap", "Service", "ServiceMonitor", "NetworkPolicy"}
 
 

@@ -26,7 +26,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
 # One process harness for the tests, the benchmark and the demo.
-from tests.e2e.harness import ManagedProcess, ProcessDied, envoy_binary, wait_for_http  # noqa: E402
+from tests.e2e.harness import ENVOY_CONFIGS, ManagedProcess, ProcessDied, envoy_binary, wait_for_http  # noqa: E402
 PORTS = {"envoy": 8080, "envoy admin": 9901, "envoy health": 9902, "authz gRPC": 9191, "authz HTTP ext_authz": 9192,
          "authz health/metrics": 8181, "dev issuer": 9000, "app": 8000}
 CLIENTS = {
@@ -99,7 +99,7 @@ def main() -> int:
                 "--host", "127.0.0.1", "--log", str(logs / "app-requests.jsonl")],
         "authz-service": [str(BIN / "authz-service"), "serve", "--policy", str(policy),
                           *(["--ext-authz-http-port", "9192"] if mode == "http" else [])],
-        "envoy": [envoy, "-c", str(ROOT / "envoy" / ("envoy-http.yaml" if mode == "http" else "envoy.yaml")),
+        "envoy": [envoy, "-c", str(ENVOY_CONFIGS[mode]),
                   "--concurrency", "1",
                   "--base-id", str(os.getpid() % 60000), "--log-level", "warn"],
     }

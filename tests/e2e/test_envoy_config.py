@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from .harness import (
+    HTTP_ENVOY_CONFIG,
     SHIPPED_ENVOY_CONFIG,
     EnvoyProcess,
     UpstreamProcess,
@@ -108,13 +109,12 @@ def test_ext_authz_is_fail_closed_v3_grpc_without_body() -> None:
     assert ea.get("failure_mode_allow_header_add") in (None, False)
 
 
-SHIPPED_HTTP_CONFIG = SHIPPED_ENVOY_CONFIG.parent / "envoy-http.yaml"
 
 
 @pytest.mark.e2e
 @needs_envoy
 def test_shipped_http_mode_config_passes_envoy_validate() -> None:
-    res = _validate(SHIPPED_HTTP_CONFIG)
+    res = _validate(HTTP_ENVOY_CONFIG)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "deprecated" not in (res.stdout + res.stderr).lower()
 
@@ -134,7 +134,7 @@ def _without_authz_transport(cfg: dict[str, Any]) -> dict[str, Any]:
 def test_http_mode_config_differs_only_in_the_authz_transport() -> None:
     """Every hardening setting (paths, admission, timeouts, overload, logs, health listener) is
     the same in both modes: only the ext_authz transport and its cluster differ."""
-    grpc_mode, http_mode = load_shipped_config(), load_shipped_config(SHIPPED_HTTP_CONFIG)
+    grpc_mode, http_mode = load_shipped_config(), load_shipped_config(HTTP_ENVOY_CONFIG)
     assert _without_authz_transport(http_mode) == _without_authz_transport(grpc_mode)
     ea = next(f for f in _hcm(http_mode)["http_filters"] if f["name"] == "envoy.filters.http.ext_authz")
     service = ea["typed_config"]["http_service"]

@@ -13,7 +13,8 @@ import pytest
 
 from ..test_alerts import ENVOY_SERIES
 from .harness import (
-    SHIPPED_ENVOY_CONFIG,
+    ENVOY_CONFIGS,
+    MODES,
     UpstreamProcess,
     envoy_binary,
     free_port,
@@ -34,12 +35,12 @@ def samples(text: str) -> dict[tuple[str, str, str], float]:
     return out
 
 
-@pytest.mark.parametrize("config", ["envoy.yaml", "envoy-http.yaml"])
+@pytest.mark.parametrize("mode", MODES)
 def test_alerted_envoy_series_exist_and_count_a_fail_closed_request(tmp_path: Path, upstream: UpstreamProcess,
-                                                                    config: str) -> None:
+                                                                    mode: str) -> None:
     path = render_envoy_config(tmp_path, listener_port=free_port(), admin_port=free_port(),
                                authz_port=free_port(), app_port=upstream.port,
-                               source=SHIPPED_ENVOY_CONFIG.parent / config)
+                               source=ENVOY_CONFIGS[mode])
     envoy = start_envoy(path, tmp_path)
     try:
         status, _, _ = http_request("GET", envoy.url("/transactions/1"), [("Authorization", "Bearer a.b.c")])
@@ -48,7 +49,7 @@ def test_alerted_envoy_series_exist_and_count_a_fail_closed_request(tmp_path: Pa
         assert status == 200
         exported = samples(body.decode())
         missing = [name for name, (label, value) in ENVOY_SERIES.items() if (name, label, value) not in exported]
-        assert not missing, f"{config}: Envoy exports no {missing}"
+        assert not missing, f"{ENVOY_CONFIGS[mode].name}: Envoy exports no {missing}"
         assert exported[("envoy_http_ext_authz_error", "envoy_http_conn_manager_prefix", "ingress_http")] == 1
         assert exported[("envoy_http_ext_authz_failure_mode_allowed", "envoy_http_conn_manager_prefix",
                          "ingress_http")] == 0

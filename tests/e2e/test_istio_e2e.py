@@ -29,14 +29,13 @@ from typing import Any
 import pytest
 import yaml
 
-from .harness import (REPO_ROOT, EnvoyProcess, Owner, UpstreamProcess, envoy_binary, free_port, http_request,
+from .harness import (MODES, REPO_ROOT, EnvoyProcess, Owner, UpstreamProcess, envoy_binary, free_port, http_request,
                       start_envoy)
 from .stack import PUBLIC_HEALTHZ, TRANSACTION_ROUTES, DevIssuer, PolicyDir, Service, start_dev_issuer, start_service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary")]
 
 FIXTURES = REPO_ROOT / "tests" / "data" / "istio"
-MODES = ("grpc", "http")
 HTTP_PATH_PREFIX = "/ext-authz"  # the provider's pathPrefix
 POLICY = """
 issuers:
@@ -95,7 +94,6 @@ def istio_sidecar_config(out_dir: Path, mode: str, *, merge_slashes: bool, app_p
 class IstioStack:
     issuer: DevIssuer
     service: Service
-    ext_authz_http_port: int
     upstream: UpstreamProcess
     work: Path
     envoys: dict[tuple, EnvoyProcess] = field(default_factory=dict)
@@ -108,7 +106,7 @@ class IstioStack:
         """An Envoy on the Istio-rendered config (started once per variant, stopped with the stack)."""
         key = (mode, merge_slashes, authz_port, allowed_headers)
         if key not in self.envoys:
-            port = authz_port or (self.service.grpc_port if mode == "grpc" else self.ext_authz_http_port)
+            port = authz_port or self.service.authz_port(mode)
             config = istio_sidecar_config(self.work / "envoy", mode, merge_slashes=merge_slashes,
                                           app_port=self.upstream.port, authz_port=port,
                                           allowed_headers=list(allowed_headers) if allowed_headers else None)
@@ -132,13 +130,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess) -
     try:
         policy = PolicyDir(work / "config")
         policy.write(POLICY.format(issuer=issuer.issuer))
-        http_port = free_port()
-        service = start_service(work, policy.path, "--ext-authz-http-port", str(http_port),
-                                "--ext-authz-http-path-prefix", HTTP_PATH_PREFIX)
+        service = start_service(work, policy.path, "--ext-authz-http-path-prefix", HTTP_PATH_PREFIX)
     except BaseException:
         issuer.process.stop()
         raise
-    istio = IstioStack(issuer, service, http_port, upstream, work)
+    istio = IstioStack(issuer, service, upstream, work)
     try:
         yield istio
     finally:

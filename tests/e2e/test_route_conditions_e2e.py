@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from .harness import HTTP_ENVOY_CONFIG, SHIPPED_ENVOY_CONFIG, EnvoyProcess, free_port, wait_for
+from .harness import MODES, EnvoyProcess, wait_for
 from .security_stack import Answer, logged
 from .stack import TRANSACTION_ROUTES, EXAMPLES, DevIssuer, PolicyDir, Service, start_dev_issuer, start_service
 
@@ -55,18 +55,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory, module_envoy_factory, upstre
         started.append(original.process)
         policy = PolicyDir(work / "config")
         policy.write(policy_text(claims, original))
-        http_port = free_port()
-        service = start_service(work, policy.path, "--ext-authz-http-port", str(http_port))
+        service = start_service(work, policy.path)
         started.append(service.process)
-        envoys = {"grpc": module_envoy_factory(service.grpc_port, source=SHIPPED_ENVOY_CONFIG),
-                  "http": module_envoy_factory(http_port, source=HTTP_ENVOY_CONFIG)}
+        envoys = {mode: module_envoy_factory.for_service(service, mode) for mode in MODES}
         yield Stack(claims, original, policy, service, envoys)
     finally:
         for process in reversed(started):
             process.stop()
 
 
-@pytest.fixture(params=["grpc", "http"])
+@pytest.fixture(params=MODES)
 def send(request, stack: Stack, upstream):
     """One request through the Envoy of one ext_authz mode; the answer says what reached the app."""
     from .harness import http_request

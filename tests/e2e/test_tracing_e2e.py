@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from .harness import (
+    ENVOY_CONFIGS,
     REPO_ROOT,
     EnvoyProcess,
     UpstreamProcess,
@@ -126,14 +127,12 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         "OTEL_SERVICE_NAME": f"authz-service-{mode}",
         "OTEL_BSP_SCHEDULE_DELAY": "50",  # the SDK batches spans: export them within 50 ms
     }
-    door_port = free_port()
-    extra = ("--ext-authz-http-port", str(door_port)) if mode == "http" else ()
-    service = start_service(work, policy.path, *extra,
+    service = start_service(work, policy.path,
                             env={**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}, **env})
     envoys: list[EnvoyProcess] = []
     try:
-        shipped = REPO_ROOT / "envoy" / ("envoy-http.yaml" if mode == "http" else "envoy.yaml")
-        authz = door_port if mode == "http" else service.grpc_port
+        shipped = ENVOY_CONFIGS[mode]
+        authz = service.authz_port(mode)
         config = traced_envoy_config(work, shipped, listener=free_port(), admin=free_port(), authz=authz,
                                      app=upstream.port, collector=receiver.grpc_port)
         envoys.append(start_envoy(config, work, name=f"envoy-traced-{mode}"))
