@@ -95,7 +95,6 @@ class AdminServer:
         self._metrics = metrics
         self._openmetrics = openmetrics
         self._runner: web.AppRunner | None = None
-        self.port: int | None = None
 
     def _app(self) -> web.Application:
         async def healthz(_: web.Request) -> web.Response:
@@ -120,9 +119,9 @@ class AdminServer:
     async def start(self, host: str, port: int) -> int:
         """Bind and serve; the bound port (``port`` 0 picks one). OSError naming the address."""
         runner = web.AppRunner(self._app(), access_log=None)
-        self.port = await listen(runner, host, port, ports.ADMIN)
+        bound = await listen(runner, host, port, ports.ADMIN)
         self._runner = runner
-        return self.port
+        return bound
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -61,7 +61,6 @@ class HttpFrontDoor:
         self._prefix = path_prefix
         self._max_request_bytes = max_request_bytes
         self._runner: web.ServerRunner | None = None
-        self.port: int | None = None
 
     def parse(self, request: web.BaseRequest) -> HttpRequest:
         """The original request as Envoy forwarded it; BadRequest when it cannot be decided on."""
@@ -113,9 +112,9 @@ class HttpFrontDoor:
         server = _Server(self, handler, access_log=None, max_line_size=self._max_request_bytes,
                          max_field_size=self._max_request_bytes)
         runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=shutdown_grace)
-        self.port = await listen(runner, host, port, ports.EXT_AUTHZ_HTTP, reuse_port)
+        bound = await listen(runner, host, port, ports.EXT_AUTHZ_HTTP, reuse_port)
         self._runner = runner
-        return self.port
+        return bound
 
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (up to the grace period), then close."""

@@ -27,6 +27,7 @@ import asyncio
 import errno
 import logging
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,14 +46,6 @@ def _signature(path: Path) -> tuple[int, int, int, int] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
 
 
 class InotifyUnavailable(OSError):
@@ -122,13 +115,11 @@ class _Inotify:
 
         add(self.path.parent, self._dir_mask, self.path.name)
         target = Path(os.path.realpath(self.path))
-        identity = None
         try:
             st = os.stat(target)
-            if os.path.isfile(target):
-                identity = (st.st_dev, st.st_ino)
+            identity = (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
         except OSError:
-            pass
+            identity = None
         if identity is not None:
             add(target.parent, self._dir_mask, target.name)
             add(target, self._file_mask, "")
@@ -317,6 +308,11 @@ class PolicyReloader:
         finally:
             self._stop_inotify()
 
+    def _fall_back(self, exc: InotifyUnavailable) -> None:
+        """inotify failed while serving: say why, and poll from now on (``watch`` logs the switch)."""
+        self._fallback_reason = str(exc)
+        self._stop_inotify()
+
     def _stop_inotify(self) -> None:
         if self._inotify is not None:
             asyncio.get_running_loop().remove_reader(self._inotify.fileno())
@@ -330,8 +326,7 @@ class PolicyReloader:
         try:
             content = self._inotify.absorb()
         except InotifyUnavailable as exc:
-            self._fallback_reason = str(exc)
-            self._stop_inotify()
+            self._fall_back(exc)
             return False
         writing = self._inotify.writing
         if writing is not None and writing != self._told_writer:
@@ -358,8 +353,7 @@ class PolicyReloader:
         try:
             self._inotify.arm()
         except InotifyUnavailable as exc:
-            self._fallback_reason = str(exc)
-            self._stop_inotify()
+            self._fall_back(exc)
             return
         await self.poll()
 

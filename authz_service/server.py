@@ -12,7 +12,6 @@ import gc
 import importlib.util
 import logging
 import signal
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
