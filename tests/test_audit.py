@@ -13,6 +13,8 @@ import pytest
 from authz_service.audit import AppClient, Pool, as_json, audit, render_text
 from authz_service.policy import parse_policy
 
+from .test_cli import cli
+
 POOL_ID = "us-east-1_Audit0001"
 POLICY = parse_policy(textwrap.dedent(f"""\
     issuers:
@@ -164,7 +166,6 @@ def test_missing_boto3_is_one_line_with_the_install_hint(tmp_path):
 def test_a_pool_the_policy_does_not_trust_is_unusable_input(tmp_path):
     policy = tmp_path / "p.yaml"
     policy.write_text(f"issuers:\n  - user_pool_id: {POOL_ID}\nroutes:\n  - {{path: /a, scopes: [a/b]}}\n")
-    run = subprocess.run([sys.executable, "-m", "authz_service.cli", "audit", "--policy", str(policy),
-                          "--user-pool-id", "us-east-1_Other"], capture_output=True, text=True, timeout=60)
+    run = cli("audit", "--policy", str(policy), "--user-pool-id", "us-east-1_Other")
     assert run.returncode == 2
     assert f"us-east-1_Other is not a user pool of {policy} (its pools: {POOL_ID})" in run.stderr

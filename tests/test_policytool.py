@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,6 +15,8 @@ from hypothesis import strategies as st
 from authz_service.policy import PolicyError, parse_policy
 from authz_service.policytool import CaseFileError, lint, load_tests, reachability, validate_command, validate_file
 
+from .test_cli import cli
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "authz_service" / "examples"
 ISSUERS = "issuers:\n  - user_pool_id: us-east-1_Abc123\n"
 
@@ -24,11 +24,6 @@ ISSUERS = "issuers:\n  - user_pool_id: us-east-1_Abc123\n"
 def lints(routes: str) -> list[str]:
     text = ISSUERS + "routes:\n" + textwrap.dedent(routes)
     return [str(w) for w in lint(parse_policy(text, "p.yaml"), text)]
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "authz_service.cli", *args], capture_output=True, text=True,
-                          timeout=60)
 
 
 # --- validate: errors ----------------------------------------------------------------------------

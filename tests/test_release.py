@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import authz_service
+
+from .test_cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -32,8 +32,7 @@ def test_the_version_has_one_source() -> None:
 
 
 def test_version_flag_prints_the_package_version() -> None:
-    run = subprocess.run([sys.executable, "-m", "authz_service.cli", "--version"], capture_output=True, text=True,
-                         timeout=60)
+    run = cli("--version")
     assert run.returncode == 0 and run.stdout == f"authz-service {authz_service.__version__}\n"
 
 

@@ -25,6 +25,7 @@ from authz_service.tokens import TokenVerifier
 from authz_service.tracing import GRPC_CHECK, HTTP_CHECK, tracing_settings
 
 from .conftest import ISSUER, MemoryKeys, SigningKey
+from .test_cli import cli
 
 POLICY_TEXT = f"""
 issuers:
@@ -111,10 +112,9 @@ def test_configured_without_the_extra_is_one_clear_line_and_exit_2(tmp_path: Pat
     # installed without the tracing extra sees (opentelemetry-api may come with other packages).
     (tmp_path / "opentelemetry").mkdir()
     (tmp_path / "opentelemetry" / "__init__.py").write_text("")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
-           "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer SECRET"}
-    result = subprocess.run([sys.executable, "-m", "authz_service.cli", "serve", "--policy", "unused.yaml"],
-                            capture_output=True, text=True, env=env, timeout=60)
+    result = cli("serve", "--policy", "unused.yaml",
+                 env={"PYTHONPATH": str(tmp_path), "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+                      "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer SECRET"})
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "authz-service: error: tracing is configured (OTEL_EXPORTER_OTLP_ENDPOINT is set) but the tracing extra "

@@ -16,30 +16,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from ..test_policytool import REVIEW_POLICY
 from .harness import UpstreamProcess
 from .security_stack import SecurityStack, policy_text, start_security_stack, stop_security_stack
 
 pytestmark = pytest.mark.e2e
-
-# The reviewer's policy: method-limited protected routes under a public catch-all.
-ROUTES = """\
-  - name: admin-report
-    methods: [GET]
-    path: /admin/report
-    scopes: [admin/read]
-  - name: delete-transaction
-    methods: [DELETE]
-    path: /transactions/{{id}}
-    scopes: [transactions/delete]
-  - name: get-transaction
-    methods: [GET]
-    path: /transactions/{{id}}
-    scopes: [transactions/get]
-  - name: everything-else
-    path: /**
-    public: true
-    acknowledge: [public-catch-all]
-"""
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +28,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess,
           module_envoy_factory, mode: str) -> Iterator[SecurityStack]:
     s = start_security_stack(tmp_path_factory.mktemp("methods"), upstream, module_envoy_factory, mode=mode)
     try:
-        s.policy.write(policy_text(s.fake, s.dev, routes=ROUTES))
+        # The reviewer's policy (method-limited protected routes under a public catch-all), the one
+        # validate's fall-through lint is tested with.
+        s.policy.write(policy_text(s.fake, s.dev, REVIEW_POLICY, routes=""))
         s.service.process.wait_until(
             lambda: s.check("GET", "/elsewhere").status == 200, 30, "the method policy serving (public /**)")
         yield s
