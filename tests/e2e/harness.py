@@ -7,7 +7,7 @@ Public API
 ``REPO_ROOT``, ``SHIPPED_ENVOY_CONFIG``, ``HTTP_ENVOY_CONFIG``, ``UPSTREAM_SCRIPT``
 ``envoy_binary() -> str``                      (``$ENVOY_BIN`` or the venv's ``envoy``)
 ``free_port() -> int``
-``wait_for_port(port, timeout, host="127.0.0.1", proc=None)``
+``port_open(host, port, timeout=0.5) -> bool``, ``wait_for_port(port, timeout, host="127.0.0.1", proc=None)``
 ``listening(proc, port, timeout) -> proc``     (stopped, and the error raised, if it never listens)
 ``wait_for_http(url, timeout, expect_status=None, proc=None) -> (status, body)``
 ``ManagedProcess(args, log_dir, name, env=None, cwd=None)``  context manager;
@@ -134,9 +134,10 @@ def free_port() -> int:
                 return port
 
 
-def _port_open(host: str, port: int) -> bool:
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether ``host:port`` accepts a TCP connection now."""
     try:
-        with socket.create_connection((host, port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
@@ -154,7 +155,7 @@ def wait_for_port(
     while True:
         if proc is not None:
             proc.check_alive()
-        if _port_open(host, port):
+        if port_open(host, port):
             return
         if time.monotonic() >= deadline:
             extra = f"\n--- {proc.name} log ---\n{proc.log_tail()}" if proc else ""

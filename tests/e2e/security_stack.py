@@ -185,11 +185,7 @@ def stop_security_stack(stack: SecurityStack) -> None:
 
 def deny_count(stack: SecurityStack, reason: str) -> float:
     """Denials the service has counted for ``reason`` (its metric label), over every route and status."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return sum(s.value for family in text_string_to_metric_families(stack.service.metrics()) for s in family.samples
-               if s.name == "authz_check_decisions_total" and s.labels.get("decision") == "deny"
-               and s.labels.get("reason") == reason)
+    return stack.service.total("authz_check_decisions_total", decision="deny", reason=reason)
 
 
 def logged(stack: SecurityStack, **fields: object) -> list[dict]:

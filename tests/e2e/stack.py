@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,13 +186,19 @@ class Service:
 
     def sample(self, name: str, **labels: str) -> float:
         """Value of one metric sample (0 when the series does not exist yet)."""
+        return next(self._samples(name, labels), 0.0)
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of every sample of ``name`` whose labels include ``labels`` (e.g. over all routes)."""
+        return sum(self._samples(name, labels))
+
+    def _samples(self, name: str, labels: dict[str, str]) -> Iterator[float]:
         from prometheus_client.parser import text_string_to_metric_families
 
         for family in text_string_to_metric_families(self.metrics()):
             for s in family.samples:
                 if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    return s.value
-        return 0.0
+                    yield s.value
 
 
 def start_service(workdir: Path, policy: Path, *extra: str, env: dict[str, str] | None = None,

@@ -73,14 +73,7 @@ def reader_token(stack: SecurityStack) -> str:
 
 def decisions(stack: SecurityStack, **labels: str) -> float:
     """The service's authz_check_decisions_total summed over every series matching ``labels``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for family in text_string_to_metric_families(stack.service.metrics()):
-        for s in family.samples:
-            if s.name == "authz_check_decisions_total" and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
+    return stack.service.total("authz_check_decisions_total", **labels)
 
 
 # --------------------------------------------------------------------------- #

@@ -3,7 +3,6 @@ authorization requests, and a metrics endpoint whose scrapes cannot each cost a 
 
 from __future__ import annotations
 
-import socket
 import time
 import threading
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import pytest
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from authz_service.simulate import check_request
 
-from .harness import ManagedProcess, free_port, http_request, wait_for_http
+from .harness import ManagedProcess, free_port, http_request, port_open, wait_for_http
 from .stack import PUBLIC_HEALTHZ, cli
 
 pytestmark = pytest.mark.e2e
@@ -40,20 +39,12 @@ def defaults(tmp_path: Path) -> Iterator[tuple[int, int]]:
         yield grpc_port, http_port
 
 
-def accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 def test_the_ext_authz_port_listens_on_loopback_only_by_default(defaults: tuple[int, int]) -> None:
     """Bound to 127.0.0.1, not 0.0.0.0: 127.0.0.2 is this host too, but not that address."""
     grpc_port, http_port = defaults
-    assert accepts("127.0.0.1", grpc_port)
-    assert not accepts("127.0.0.2", grpc_port), "the gRPC port answers on other addresses"
-    assert accepts("127.0.0.2", http_port), "the health/metrics port stays on every address (kubelet probes)"
+    assert port_open("127.0.0.1", grpc_port, timeout=2)
+    assert not port_open("127.0.0.2", grpc_port, timeout=2), "the gRPC port answers on other addresses"
+    assert port_open("127.0.0.2", http_port, timeout=2), "the health/metrics port stays on every address (kubelet probes)"
 
 
 def test_an_oversized_check_request_is_refused_before_it_is_parsed(defaults: tuple[int, int]) -> None:
