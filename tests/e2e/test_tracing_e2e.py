@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 import yaml
 
+from ..test_tracing_deploy import TRACED_ENVOY, hcm, tracing_additions
 from .harness import (
     ENVOY_CONFIGS,
-    REPO_ROOT,
     EnvoyProcess,
     UpstreamProcess,
     envoy_binary,
@@ -43,7 +43,6 @@ from .stack import TRANSACTION_ROUTES, DevIssuer, PolicyDir, Service, start_dev_
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary")]
 
-TRACED_ENVOY = REPO_ROOT / "deploy" / "k8s" / "tracing" / "envoy.yaml"
 QUERY_SECRET = "sig=QUERY-SECRET-" + secrets.token_hex(4)
 HEADERS_SECRET = "HEADERS-SECRET-" + secrets.token_hex(4)
 SERVER, CLIENT = 2, 3  # OTLP span kinds
@@ -67,12 +66,8 @@ def traced_envoy_config(out: Path, shipped: Path, *, listener: int, admin: int, 
     """
     cfg = rewrite_ports(load_shipped_config(shipped), listener_port=listener, admin_port=admin,
                         authz_port=authz, app_port=app, health_port=free_port())
-    traced = load_shipped_config(TRACED_ENVOY)
-    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["tracing"] = traced["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-        "typed_config"]["tracing"]
-    hcm["tracing"]["random_sampling"] = {"value": 100}
-    (cluster,) = [c for c in traced["static_resources"]["clusters"] if c["name"] == "opentelemetry_collector"]
+    _, tracing, cluster = tracing_additions(load_shipped_config(TRACED_ENVOY))
+    hcm(cfg)["tracing"] = {**tracing, "random_sampling": {"value": 100}}
     address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
     address.update(address="127.0.0.1", port_value=collector)
     cfg["static_resources"]["clusters"].append(cluster)
