@@ -58,7 +58,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
-# One process harness for the tests, the benchmark and the demo.
+# One process harness and one Envoy config reader for the tests, the benchmark and the demo.
+from tests import envoyconf  # noqa: E402
 from tests.e2e.harness import ENVOY_CONFIGS, ManagedProcess, free_port, listening, wait_for_http, wait_for_port  # noqa: E402,E501
 from tests.e2e.harness import envoy_binary as harness_envoy_binary  # noqa: E402
 
@@ -84,15 +85,14 @@ def render_envoy(kind: str, *, listener_port: int, admin_port: int, authz_port: 
     opens several connections (SO_REUSEPORT spreads connections, not streams, over --workers)."""
     cfg = yaml.safe_load(ENVOY_CONFIGS["http" if kind == "ext_authz_http" else "grpc"].read_text())
     cfg = copy.deepcopy(cfg)
-    cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    envoyconf.socket_address(cfg["admin"], "admin")["port_value"] = admin_port
     cfg["static_resources"]["listeners"] = [
         l for l in cfg["static_resources"]["listeners"] if l["name"] != "envoy-health"]
     cfg["static_resources"]["clusters"] = [
         c for c in cfg["static_resources"]["clusters"] if c["name"] != "envoy_admin"]
-    listener = cfg["static_resources"]["listeners"][0]
-    listener["address"]["socket_address"]["address"] = "127.0.0.1"
-    listener["address"]["socket_address"]["port_value"] = listener_port
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    address = envoyconf.socket_address(envoyconf.listener(cfg, "ingress"), "listener ingress")
+    address["address"], address["port_value"] = "127.0.0.1", listener_port
+    hcm = envoyconf.hcm(cfg, "ingress")
     hcm.pop("access_log", None)
     for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
         route.pop("route", None)
@@ -101,7 +101,7 @@ def render_envoy(kind: str, *, listener_port: int, admin_port: int, authz_port: 
     position = next(i for i, f in enumerate(filters) if f["name"] == "envoy.filters.http.ext_authz")
     ext_authz = filters.pop(position)
     clusters = cfg["static_resources"]["clusters"]
-    authz_cluster = next(c for c in clusters if c["name"] == "authz_service")
+    authz_cluster = envoyconf.cluster(cfg, "authz_service")
     if kind == "none":
         pass
     elif kind == "jwt_authn":
@@ -381,8 +381,8 @@ class Bench:
         return path
 
     def start_envoy(self, cfg: dict[str, Any], name: str) -> tuple[ManagedProcess, int]:
-        listener = cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
-        admin = cfg["admin"]["address"]["socket_address"]["port_value"]
+        listener = envoyconf.socket_address(envoyconf.listener(cfg, "ingress"), "listener ingress")["port_value"]
+        admin = envoyconf.socket_address(cfg["admin"], "admin")["port_value"]
         path = self.work / f"envoy-{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         proc = spawn(f"envoy-{name}", [self.envoy, "-c", str(path), "--concurrency", "1", "--disable-hot-restart",

@@ -19,6 +19,7 @@ import yaml
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
+from . import envoyconf
 from .e2e.harness import ManagedProcess, envoy_binary, free_port, wait_for_port
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -55,8 +56,7 @@ def test_generated_envoy_configs_validate(run, kind: str, tmp_path: Path) -> Non
     if not binary:
         pytest.skip("no envoy binary")
     cfg = run.render_envoy(kind, listener_port=18080, admin_port=18081, authz_port=19191, jwks=jwks())
-    names = [f["name"] for f in cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-             ["typed_config"]["http_filters"]]
+    names = [f["name"] for f in envoyconf.http_filters(cfg)]
     expected = {"none": [], "jwt_authn": ["envoy.filters.http.jwt_authn"], "ext_authz": ["envoy.filters.http.ext_authz"],
                 "ext_authz_http": ["envoy.filters.http.ext_authz"]}
     # The same admission filters in front of every row, so the rows stay comparable.

@@ -26,6 +26,7 @@ import yaml
 
 from tools import component_envoy
 
+from . import envoyconf
 from .e2e.harness import ENVOY_CONFIGS
 from .test_deploy import (
     _kubernetes_versions,
@@ -73,10 +74,7 @@ def with_app_port(config: dict[str, Any], port: int) -> dict[str, Any]:
     """The config with the app cluster's port changed and clusters in name order (the Component's
     files list the app cluster last; Envoy does not care about the order)."""
     config = copy.deepcopy(config)
-    for cluster in config["static_resources"]["clusters"]:
-        if cluster["name"] == "app":
-            endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-            endpoint["address"]["socket_address"]["port_value"] = port
+    envoyconf.endpoint(config, "app")["port_value"] = port
     config["static_resources"]["clusters"].sort(key=lambda c: c["name"])
     return config
 
@@ -179,9 +177,7 @@ def test_rendered_envoy_configs_are_the_shipped_ones_with_the_app_port(rendered:
     for mode, shipped in SHIPPED.items():
         config = yaml.safe_load(data[f"envoy-{mode}.yaml"])
         assert with_app_port(config, int(port)) == with_app_port(yaml.safe_load(shipped.read_text()), int(port))
-        (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "app"]
-        address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-        assert address["socket_address"] == {"address": "127.0.0.1", "port_value": int(port)}
+        assert envoyconf.endpoint(config, "app") == {"address": "127.0.0.1", "port_value": int(port)}
         path = tmp_path / f"{mode}.yaml"
         path.write_text(data[f"envoy-{mode}.yaml"])
         result = run([envoy, "--mode", "validate", "--disable-hot-restart", "-c", str(path)])

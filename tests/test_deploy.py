@@ -39,6 +39,8 @@ import yaml
 
 import authz_service
 
+from . import envoyconf
+
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 ENVOY_CONFIG = ROOT / "envoy" / "envoy.yaml"
@@ -145,19 +147,6 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 def envoy_config() -> dict[str, Any]:
     return yaml.safe_load(ENVOY_CONFIG.read_text())
-
-
-def envoy_listener(config: dict[str, Any], name: str) -> dict[str, Any]:
-    (listener,) = [l for l in config["static_resources"]["listeners"] if l["name"] == name]
-    return listener
-
-
-def cluster_address(config: dict[str, Any], name: str) -> tuple[str, int]:
-    for cluster in config["static_resources"]["clusters"]:
-        if cluster["name"] == name:
-            sock = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
-            return sock["address"], sock["port_value"]
-    raise AssertionError(f"no cluster {name!r} in envoy/envoy.yaml")
 
 
 # --- kustomization ------------------------------------------------------------------------------
@@ -323,24 +312,24 @@ def test_envoy_image_matches_the_envoy_the_config_is_validated_with(pod_spec: di
 
 def test_ports_agree_between_envoy_config_and_pod(pod_spec: dict[str, Any]) -> None:
     config = envoy_config()
-    listener = envoy_listener(config, "ingress")["address"]["socket_address"]
+    listener = envoyconf.socket_address(envoyconf.listener(config, "ingress"), "listener ingress")
     assert (listener["address"], listener["port_value"]) == ("0.0.0.0", ENVOY_PORT)
     assert port_number(container(pod_spec, "envoy"), "http") == ENVOY_PORT
-    health = envoy_listener(config, "envoy-health")["address"]["socket_address"]
+    health = envoyconf.socket_address(envoyconf.listener(config, "envoy-health"), "listener envoy-health")
     assert (health["address"], health["port_value"]) == ("0.0.0.0", ENVOY_HEALTH_PORT)
     assert port_number(container(pod_spec, "envoy"), "envoy-metrics") == ENVOY_HEALTH_PORT
     admin = config["admin"]["address"]["socket_address"]
     assert (admin["address"], admin["port_value"]) == ("127.0.0.1", ENVOY_ADMIN_PORT), \
         "Envoy's admin API must stay on loopback"
-    assert cluster_address(config, "envoy_admin") == ("127.0.0.1", ENVOY_ADMIN_PORT)
+    assert envoyconf.endpoint(config, "envoy_admin") == {"address": "127.0.0.1", "port_value": ENVOY_ADMIN_PORT}
 
     authz = container(pod_spec, "authz-service")
-    assert cluster_address(config, "authz_service") == ("127.0.0.1", AUTHZ_GRPC_PORT)
+    assert envoyconf.endpoint(config, "authz_service") == {"address": "127.0.0.1", "port_value": AUTHZ_GRPC_PORT}
     assert env_of(authz)["AUTHZ_GRPC_PORT"] == str(AUTHZ_GRPC_PORT)
     assert port_number(authz, AUTHZ_GRPC_PORT) == AUTHZ_GRPC_PORT
 
     app = container(pod_spec, "app")
-    assert cluster_address(config, "app") == ("127.0.0.1", APP_PORT)
+    assert envoyconf.endpoint(config, "app") == {"address": "127.0.0.1", "port_value": APP_PORT}
     assert f"-listen=127.0.0.1:{APP_PORT}" in app["args"], "the app must listen on loopback :8000 only"
 
 
@@ -381,9 +370,7 @@ def test_envoy_readiness_probe_uses_the_health_listener_not_ext_authz(pod_spec: 
     assert pod_port(pod_spec, probe["port"]) == ("envoy", ENVOY_HEALTH_PORT)
     assert "livenessProbe" not in envoy
 
-    listener = envoy_listener(envoy_config(), "envoy-health")
-    (hcm,) = [f["typed_config"] for f in listener["filter_chains"][0]["filters"]
-              if f["name"] == "envoy.filters.network.http_connection_manager"]
+    hcm = envoyconf.hcm(envoy_config(), "envoy-health")
     assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.router"]
     (vhost,) = hcm["route_config"]["virtual_hosts"]
     forwarded = {r["match"]["path"]: r["route"]["cluster"] for r in vhost["routes"] if "route" in r}
@@ -396,7 +383,7 @@ def test_envoy_worker_count_is_pinned_within_the_authz_connection_breaker(pod_sp
     argv = container(pod_spec, "envoy").get("args", [])
     assert "--concurrency" in argv, "pin Envoy's worker threads (default: every core of the node)"
     workers = int(argv[argv.index("--concurrency") + 1])
-    (cluster,) = [c for c in envoy_config()["static_resources"]["clusters"] if c["name"] == "authz_service"]
+    cluster = envoyconf.cluster(envoy_config(), "authz_service")
     (breaker,) = cluster["circuit_breakers"]["thresholds"]
     cpu_limit = quantity(container(pod_spec, "envoy")["resources"]["limits"]["cpu"])
     assert 1 <= workers <= breaker["max_connections"]

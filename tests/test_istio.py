@@ -28,6 +28,7 @@ import yaml
 
 from authz_service.request import IDENTITY_HEADERS, SPECIAL_NAMES
 
+from . import envoyconf
 from .test_deploy import (
     _kubernetes_versions,
     _operator_models,
@@ -44,6 +45,7 @@ ISTIO = ROOT / "deploy" / "istio"
 DATA = ROOT / "tests" / "data" / "istio"  # the Envoy fixtures of an Istio sidecar (their README)
 KUSTOMIZATIONS = ["", "mesh", "sidecar", "http", "ambient"]
 MESH = yaml.safe_load((ISTIO / "mesh-config.yaml").read_text())["meshConfig"]
+EXT_AUTHZ = "envoy.filters.http.ext_authz"
 SHIPPED_HTTP = yaml.safe_load((ROOT / "envoy" / "envoy-http.yaml").read_text())
 ISTIO_KINDS = {"AuthorizationPolicy", "ServiceEntry", "DestinationRule"}
 
@@ -191,8 +193,7 @@ def test_mesh_config_check_catches_mistakes(mistake: dict[str, Any]) -> None:
 
 
 def test_providers_fail_closed_with_503_and_the_shipped_timeout() -> None:
-    shipped_timeout = SHIPPED_HTTP["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-        "typed_config"]["http_filters"][1]["typed_config"]["http_service"]["server_uri"]["timeout"]
+    shipped_timeout = envoyconf.http_filter(SHIPPED_HTTP, EXT_AUTHZ)["http_service"]["server_uri"]["timeout"]
     names = [p["name"] for p in MESH["extensionProviders"]]
     for entry in MESH["extensionProviders"]:
         (settings,) = [v for k, v in entry.items() if k.startswith("envoyExtAuthz")]
@@ -208,8 +209,7 @@ def test_http_provider_sends_every_header_the_service_refuses_or_strips() -> Non
     assert set(http["includeRequestHeadersInCheck"]) == {"authorization", "x-request-id"} | SPECIAL_NAMES
     assert len(http["includeRequestHeadersInCheck"]) == len(set(http["includeRequestHeadersInCheck"]))
     assert http["headersToUpstreamOnAllow"] == list(IDENTITY_HEADERS)
-    ea = SHIPPED_HTTP["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
-        "http_filters"][1]["typed_config"]
+    ea = envoyconf.http_filter(SHIPPED_HTTP, EXT_AUTHZ)
     assert http["headersToDownstreamOnDeny"] == [p["exact"] for p in ea["http_service"]["authorization_response"][
         "allowed_client_headers"]["patterns"]], "what a denied client sees: as envoy/envoy-http.yaml"
 
@@ -334,7 +334,7 @@ def istio_ext_authz(entry: dict[str, Any]) -> dict[str, Any]:
 
 def fixture_filters(mode: str) -> dict[str, dict[str, Any]]:
     config = yaml.safe_load((DATA / f"sidecar-inbound-{mode}.yaml").read_text())
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm = envoyconf.hcm(config)
     return {f["name"]: f["typed_config"] for f in hcm["http_filters"]} | {"hcm": hcm, "config": config}
 
 

@@ -14,6 +14,7 @@ import yaml
 
 from authz_service.tracing import tracing_settings
 
+from . import envoyconf
 from .test_deploy import ENVOY_CONFIG, K8S, container, env_of, one, run, tool
 
 TRACING = K8S / "tracing"
@@ -22,17 +23,12 @@ DASHBOARD = K8S.parent / "grafana" / "authz-dashboard.json"
 COLLECTOR_CLUSTER = "opentelemetry_collector"
 
 
-def hcm(config: dict[str, Any]) -> dict[str, Any]:
-    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-
-
 def tracing_additions(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(config without the tracing additions, the HCM's tracing block, the collector cluster)."""
     rest = copy.deepcopy(config)
-    block = hcm(rest).pop("tracing")
-    clusters = rest["static_resources"]["clusters"]
-    (collector,) = [c for c in clusters if c["name"] == COLLECTOR_CLUSTER]
-    clusters.remove(collector)
+    block = envoyconf.hcm(rest).pop("tracing")
+    collector = envoyconf.cluster(rest, COLLECTOR_CLUSTER)
+    rest["static_resources"]["clusters"].remove(collector)
     return rest, block, collector
 
 

@@ -55,6 +55,8 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVa
 
 import yaml
 
+from .. import envoyconf
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_ENVOY_CONFIG = REPO_ROOT / "envoy" / "envoy.yaml"
 HTTP_ENVOY_CONFIG = REPO_ROOT / "envoy" / "envoy-http.yaml"  # Envoy's HTTP ext_authz mode
@@ -613,37 +615,9 @@ def start_upstream(
 # --------------------------------------------------------------------------- #
 
 
-def _socket_address(node: dict[str, Any], where: str) -> dict[str, Any]:
-    try:
-        return node["address"]["socket_address"]
-    except (KeyError, TypeError):
-        raise ValueError(f"shipped envoy.yaml: no socket_address at {where}") from None
-
-
-def _cluster_endpoint(config: dict[str, Any], cluster_name: str) -> dict[str, Any]:
-    clusters = [c for c in config["static_resources"]["clusters"] if c.get("name") == cluster_name]
-    if len(clusters) != 1:
-        raise ValueError(f"shipped envoy.yaml: expected exactly one cluster {cluster_name!r}")
-    lb_endpoints = [
-        lb
-        for ep in clusters[0]["load_assignment"]["endpoints"]
-        for lb in ep["lb_endpoints"]
-    ]
-    if len(lb_endpoints) != 1:
-        raise ValueError(f"shipped envoy.yaml: expected one endpoint in cluster {cluster_name!r}")
-    return _socket_address(lb_endpoints[0]["endpoint"], f"cluster {cluster_name}")
-
-
 INGRESS_LISTENER = "ingress"
 HEALTH_LISTENER = "envoy-health"
 ADMIN_CLUSTER = "envoy_admin"
-
-
-def _listener(config: dict[str, Any], name: str) -> dict[str, Any]:
-    listeners = [l for l in config["static_resources"]["listeners"] if l.get("name") == name]
-    if len(listeners) != 1:
-        raise ValueError(f"shipped envoy.yaml: expected exactly one listener {name!r}")
-    return listeners[0]
 
 
 def rewrite_ports(
@@ -660,19 +634,19 @@ def rewrite_ports(
     config has them, the envoy-health listener and the loopback cluster pointing at the admin
     interface (an older config without them renders too, so a test can be run against it)."""
     cfg = copy.deepcopy(config)
-    _socket_address(cfg["admin"], "admin")["port_value"] = admin_port
+    envoyconf.socket_address(cfg["admin"], "admin")["port_value"] = admin_port
     listeners = cfg["static_resources"]["listeners"]
     names = [l.get("name") for l in listeners]
     if not listeners or names[0] != INGRESS_LISTENER or not set(names) <= {INGRESS_LISTENER, HEALTH_LISTENER} \
             or len(set(names)) != len(names):
         raise ValueError(f"shipped envoy.yaml: expected listener {INGRESS_LISTENER!r} first, optionally "
                          f"{HEALTH_LISTENER!r}, nothing else; found {names}")
-    _socket_address(listeners[0], "listener ingress")["port_value"] = listener_port
+    envoyconf.socket_address(listeners[0], "listener ingress")["port_value"] = listener_port
     if HEALTH_LISTENER in names:
-        _socket_address(_listener(cfg, HEALTH_LISTENER), "listener envoy-health")["port_value"] = health_port
-        _cluster_endpoint(cfg, ADMIN_CLUSTER)["port_value"] = admin_port
-    _cluster_endpoint(cfg, "authz_service")["port_value"] = authz_port
-    _cluster_endpoint(cfg, "app")["port_value"] = app_port
+        envoyconf.socket_address(envoyconf.listener(cfg, HEALTH_LISTENER), "listener envoy-health")["port_value"] = health_port
+        envoyconf.endpoint(cfg, ADMIN_CLUSTER)["port_value"] = admin_port
+    envoyconf.endpoint(cfg, "authz_service")["port_value"] = authz_port
+    envoyconf.endpoint(cfg, "app")["port_value"] = app_port
     return cfg
 
 
@@ -711,7 +685,7 @@ def render_envoy_config(
 
 def _optional_cluster_port(config: dict[str, Any], cluster_name: str) -> int | None:
     try:
-        return int(_cluster_endpoint(config, cluster_name)["port_value"])
+        return int(envoyconf.endpoint(config, cluster_name)["port_value"])
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -736,11 +710,11 @@ class EnvoyProcess(ManagedProcess):
         cfg = load_shipped_config(self.config_path)
         # admin + first listener are required; the cluster ports are
         # informational (None for configs not shaped like the shipped one).
-        self.admin_port = int(_socket_address(cfg["admin"], "admin")["port_value"])
-        self.listener_port = int(_socket_address(cfg["static_resources"]["listeners"][0], "listener")["port_value"])
+        self.admin_port = int(envoyconf.socket_address(cfg["admin"], "admin")["port_value"])
+        self.listener_port = int(envoyconf.socket_address(envoyconf.listener(cfg), "the first listener")["port_value"])
         # The envoy-health listener, when the config has one (None otherwise).
         health = [l for l in cfg["static_resources"]["listeners"] if l.get("name") == HEALTH_LISTENER]
-        self.health_port = int(_socket_address(health[0], "listener envoy-health")["port_value"]) if health else None
+        self.health_port = int(envoyconf.socket_address(health[0], "listener envoy-health")["port_value"]) if health else None
         self.authz_port = _optional_cluster_port(cfg, "authz_service")
         self.app_port = _optional_cluster_port(cfg, "app")
         self.base_id = base_id

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from .. import envoyconf
 from .harness import (
     HTTP_ENVOY_CONFIG,
     SHIPPED_ENVOY_CONFIG,
@@ -26,7 +27,6 @@ from .harness import (
     rewrite_ports,
 )
 
-HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 EXT_AUTHZ_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
 
 needs_envoy = pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary")
@@ -35,29 +35,6 @@ needs_envoy = pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary
 # --------------------------------------------------------------------------- #
 # helpers
 # --------------------------------------------------------------------------- #
-
-
-def _listener(cfg: dict[str, Any], name: str) -> dict[str, Any]:
-    (listener,) = [l for l in cfg["static_resources"]["listeners"] if l["name"] == name]
-    return listener
-
-
-def _hcm(cfg: dict[str, Any], listener_name: str = "ingress") -> dict[str, Any]:
-    (chain,) = _listener(cfg, listener_name)["filter_chains"]
-    (hcm,) = [f for f in chain["filters"] if f["name"] == "envoy.filters.network.http_connection_manager"]
-    assert hcm["typed_config"]["@type"] == HCM_TYPE
-    return hcm["typed_config"]
-
-
-def _cluster(cfg: dict[str, Any], name: str) -> dict[str, Any]:
-    (cluster,) = [c for c in cfg["static_resources"]["clusters"] if c["name"] == name]
-    return cluster
-
-
-def _endpoint(cluster: dict[str, Any]) -> dict[str, Any]:
-    (group,) = cluster["load_assignment"]["endpoints"]
-    (lb,) = group["lb_endpoints"]
-    return lb["endpoint"]["address"]["socket_address"]
 
 
 def _validate(path) -> subprocess.CompletedProcess[str]:
@@ -85,7 +62,7 @@ def test_shipped_config_passes_envoy_validate() -> None:
 
 def test_ext_authz_is_fail_closed_v3_grpc_without_body() -> None:
     cfg = load_shipped_config()
-    filters = _hcm(cfg)["http_filters"]
+    filters = envoyconf.http_filters(cfg)
     names = [f["name"] for f in filters]
     # Admission (the anonymous token bucket, which can only refuse) before ext_authz, router
     # last: nothing can route around the check.
@@ -122,7 +99,7 @@ def test_shipped_http_mode_config_passes_envoy_validate() -> None:
 def _without_authz_transport(cfg: dict[str, Any]) -> dict[str, Any]:
     """The config minus what legitimately differs between the gRPC and HTTP modes."""
     cfg = json.loads(json.dumps(cfg))
-    for f in _hcm(cfg)["http_filters"]:
+    for f in envoyconf.http_filters(cfg):
         if f["name"] == "envoy.filters.http.ext_authz":
             for key in ("grpc_service", "http_service", "allowed_headers"):
                 f["typed_config"].pop(key, None)
@@ -136,21 +113,21 @@ def test_http_mode_config_differs_only_in_the_authz_transport() -> None:
     the same in both modes: only the ext_authz transport and its cluster differ."""
     grpc_mode, http_mode = load_shipped_config(), load_shipped_config(HTTP_ENVOY_CONFIG)
     assert _without_authz_transport(http_mode) == _without_authz_transport(grpc_mode)
-    ea = next(f for f in _hcm(http_mode)["http_filters"] if f["name"] == "envoy.filters.http.ext_authz")
+    ea = next(f for f in envoyconf.http_filters(http_mode) if f["name"] == "envoy.filters.http.ext_authz")
     service = ea["typed_config"]["http_service"]
     assert service["server_uri"]["cluster"] == "authz_service"
     assert ea["typed_config"]["failure_mode_allow"] is False
     assert {p["exact"] for p in service["authorization_response"]["allowed_upstream_headers"]["patterns"]} == {
         "x-auth-client-id", "x-auth-scopes", "x-auth-sub"}
-    cluster = _cluster(http_mode, "authz_service")
+    cluster = envoyconf.cluster(http_mode, "authz_service")
     assert "typed_extension_protocol_options" not in cluster, "plain HTTP/1.1 to the HTTP front door"
     limits = cluster["circuit_breakers"]["thresholds"][0]
-    assert limits["max_requests"] == _cluster(grpc_mode, "authz_service")["circuit_breakers"]["thresholds"][0][
+    assert limits["max_requests"] == envoyconf.cluster(grpc_mode, "authz_service")["circuit_breakers"]["thresholds"][0][
         "max_requests"]
 
 
 def test_hcm_path_hardening() -> None:
-    hcm = _hcm(load_shipped_config())
+    hcm = envoyconf.hcm(load_shipped_config())
     assert hcm["normalize_path"] is True
     assert hcm["merge_slashes"] is True
     assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
@@ -171,14 +148,14 @@ def test_ingress_admission_limits_are_explicit() -> None:
     """The values the e2e admission tests exercise, and the ones they cannot (too slow to wait
     for), are set explicitly instead of left at Envoy's generous defaults."""
     cfg = load_shipped_config()
-    hcm = _hcm(cfg)
+    hcm = envoyconf.hcm(cfg)
     assert hcm["request_headers_timeout"] == "10s"
     assert hcm["stream_idle_timeout"] == "60s"
     assert hcm["common_http_protocol_options"]["idle_timeout"] == "90s"
     assert "max_connection_duration" in hcm["common_http_protocol_options"]
     assert hcm["http2_protocol_options"]["max_concurrent_streams"] <= 128
     assert hcm["max_request_headers_kb"] <= 32
-    assert _listener(cfg, "ingress")["per_connection_buffer_limit_bytes"] <= 65536
+    assert envoyconf.listener(cfg, "ingress")["per_connection_buffer_limit_bytes"] <= 65536
 
     monitors = {m["name"]: m["typed_config"] for m in cfg["overload_manager"]["resource_monitors"]}
     assert 0 < monitors["envoy.resource_monitors.global_downstream_max_connections"][
@@ -187,14 +164,14 @@ def test_ingress_admission_limits_are_explicit() -> None:
     assert {"envoy.overload_actions.shrink_heap", "envoy.overload_actions.stop_accepting_requests",
             "envoy.overload_actions.reset_high_memory_stream"} <= actions
 
-    breakers = _cluster(cfg, "authz_service")["circuit_breakers"]["thresholds"]
+    breakers = envoyconf.cluster(cfg, "authz_service")["circuit_breakers"]["thresholds"]
     (default,) = [t for t in breakers if t.get("priority", "DEFAULT") == "DEFAULT"]
     for name in ("max_requests", "max_pending_requests", "max_connections"):
         assert 0 < default[name] < 1024, name  # 1024 is Envoy's default: explicit and smaller
 
 
 def test_access_log_never_writes_query_strings_or_free_text_headers() -> None:
-    (log,) = _hcm(load_shipped_config())["access_log"]
+    (log,) = envoyconf.hcm(load_shipped_config())["access_log"]
     fields = log["typed_config"]["log_format"]["json_format"]
     values = " ".join(str(v) for v in fields.values())
     assert fields["path"] == "%PATH(NQ:PATH)%"  # no query; :path itself, not x-envoy-original-path
@@ -207,25 +184,24 @@ def test_clusters_admin_and_ports() -> None:
     admin = cfg["admin"]["address"]["socket_address"]
     assert (admin["address"], admin["port_value"]) == ("127.0.0.1", 9901)
     assert [l["name"] for l in cfg["static_resources"]["listeners"]] == ["ingress", "envoy-health"]
-    sa = _listener(cfg, "ingress")["address"]["socket_address"]
+    sa = envoyconf.listener(cfg, "ingress")["address"]["socket_address"]
     assert (sa["address"], sa["port_value"]) == ("0.0.0.0", 8080)
-    health = _listener(cfg, "envoy-health")
+    health = envoyconf.listener(cfg, "envoy-health")
     sa = health["address"]["socket_address"]
     assert (sa["address"], sa["port_value"]) == ("0.0.0.0", 9902)
     # The health listener reaches only the admin interface, and no HTTP filter but the router
     # (no ext_authz: probes must not depend on the authz service).
-    assert _endpoint(_cluster(cfg, "envoy_admin")) == {"address": "127.0.0.1", "port_value": 9901}
-    assert [f["name"] for f in _hcm(cfg, "envoy-health")["http_filters"]] == ["envoy.filters.http.router"]
-    (vhost,) = _hcm(cfg, "envoy-health")["route_config"]["virtual_hosts"]
+    assert envoyconf.endpoint(cfg, "envoy_admin") == {"address": "127.0.0.1", "port_value": 9901}
+    assert [f["name"] for f in envoyconf.http_filters(cfg, "envoy-health")] == ["envoy.filters.http.router"]
+    (vhost,) = envoyconf.hcm(cfg, "envoy-health")["route_config"]["virtual_hosts"]
     assert {r["route"]["cluster"] for r in vhost["routes"] if "route" in r} == {"envoy_admin"}
 
-    authz = _cluster(cfg, "authz_service")
-    assert (_endpoint(authz)["address"], _endpoint(authz)["port_value"]) == ("127.0.0.1", 9191)
+    assert envoyconf.endpoint(cfg, "authz_service") == {"address": "127.0.0.1", "port_value": 9191}
+    authz = envoyconf.cluster(cfg, "authz_service")
     opts = authz["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
     assert "http2_protocol_options" in opts["explicit_http_config"]
 
-    app = _cluster(cfg, "app")
-    assert (_endpoint(app)["address"], _endpoint(app)["port_value"]) == ("127.0.0.1", 8000)
+    assert envoyconf.endpoint(cfg, "app") == {"address": "127.0.0.1", "port_value": 8000}
 
 
 @pytest.mark.e2e
@@ -234,7 +210,7 @@ def test_rendered_config_changes_only_ports(tmp_path) -> None:
     ports = dict(listener_port=18080, admin_port=19901, authz_port=19191, app_port=18000, health_port=19902)
     rendered = render_envoy_config(tmp_path, **ports)
     got = yaml.safe_load(rendered.read_text())
-    assert _endpoint(_cluster(got, "envoy_admin"))["port_value"] == 19901  # follows the admin port
+    assert envoyconf.endpoint(got, "envoy_admin")["port_value"] == 19901  # follows the admin port
     # Put the shipped ports back: the result must equal the shipped config.
     restored = rewrite_ports(got, listener_port=8080, admin_port=9901, authz_port=9191, app_port=8000,
                              health_port=9902)

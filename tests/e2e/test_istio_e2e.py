@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
+from .. import envoyconf
 from .harness import (MODES, REPO_ROOT, EnvoyProcess, Owner, UpstreamProcess, envoy_binary, free_port, http_request,
                       start_envoy)
 from .stack import PUBLIC_HEALTHZ, TRANSACTION_ROUTES, DevIssuer, PolicyDir, Service, start_dev_issuer, start_service
@@ -49,21 +50,6 @@ SPOOFED = [("X-Auth-Client-Id", "admin"), ("x_auth_client_id", "admin"), ("X-Aut
            ("x-auth_scopes", "admin/all"), ("x_auth_sub", "root"), ("X_AUTH_SUB", "root")]
 
 
-def _hcm(config: dict[str, Any]) -> dict[str, Any]:
-    (chain,) = config["static_resources"]["listeners"][0]["filter_chains"]
-    return chain["filters"][0]["typed_config"]
-
-
-def _filter(config: dict[str, Any], name: str) -> dict[str, Any]:
-    (found,) = [f["typed_config"] for f in _hcm(config)["http_filters"] if f["name"] == name]
-    return found
-
-
-def _endpoint(config: dict[str, Any], cluster_name: str) -> dict[str, Any]:
-    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == cluster_name]
-    return cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
-
-
 def istio_sidecar_config(out_dir: Path, mode: str, *, merge_slashes: bool, app_port: int, authz_port: int,
                          allowed_headers: list[str] | None = None) -> Path:
     """The fixture with its ports rewritten (and, for BASE, ``merge_slashes`` off: the one field
@@ -71,18 +57,18 @@ def istio_sidecar_config(out_dir: Path, mode: str, *, merge_slashes: bool, app_p
     provider's includeRequestHeadersInCheck, rendered as Istio renders it."""
     config = yaml.safe_load((FIXTURES / f"sidecar-inbound-{mode}.yaml").read_text())
     listener_port = free_port()
-    config["admin"]["address"]["socket_address"]["port_value"] = free_port()
-    config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = listener_port
-    _endpoint(config, "inbound|8000||")["port_value"] = app_port
+    envoyconf.socket_address(config["admin"], "admin")["port_value"] = free_port()
+    envoyconf.socket_address(envoyconf.listener(config), "the first listener")["port_value"] = listener_port
+    envoyconf.endpoint(config, "inbound|8000||")["port_value"] = app_port
     authz_cluster = "outbound|9191||authz.local" if mode == "grpc" else "outbound|9192||authz-http.local"
-    _endpoint(config, authz_cluster)["port_value"] = authz_port
+    envoyconf.endpoint(config, authz_cluster)["port_value"] = authz_port
     # Istio matches the app's port (8000) as the connection's original destination; here the
     # client connects to the listener itself.
-    for policy in _filter(config, "envoy.filters.http.rbac")["shadow_rules"]["policies"].values():
+    for policy in envoyconf.http_filter(config, "envoy.filters.http.rbac")["shadow_rules"]["policies"].values():
         policy["permissions"][0]["and_rules"]["rules"][0]["or_rules"]["rules"][0]["destination_port"] = listener_port
-    _hcm(config)["merge_slashes"] = merge_slashes
+    envoyconf.hcm(config)["merge_slashes"] = merge_slashes
     if allowed_headers is not None:
-        _filter(config, "envoy.filters.http.ext_authz")["allowed_headers"] = {
+        envoyconf.http_filter(config, "envoy.filters.http.ext_authz")["allowed_headers"] = {
             "patterns": [{"exact": name, "ignore_case": True} for name in allowed_headers]}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"istio-{mode}-{listener_port}.yaml"
@@ -236,9 +222,9 @@ def test_fixtures_differ_only_in_the_provider() -> None:
     """The two fixtures are one sidecar: only the ext_authz filter, its cluster and the policy id differ."""
     def without_provider(mode: str) -> dict[str, Any]:
         config = yaml.safe_load((FIXTURES / f"sidecar-inbound-{mode}.yaml").read_text())
-        filters = _hcm(config)["http_filters"]
-        _hcm(config)["http_filters"] = [f for f in filters if f["name"] != "envoy.filters.http.ext_authz"]
-        rbac = _filter(config, "envoy.filters.http.rbac")["shadow_rules"]
+        hcm = envoyconf.hcm(config)
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_authz"]
+        rbac = envoyconf.http_filter(config, "envoy.filters.http.rbac")["shadow_rules"]
         rbac["policies"] = list(rbac["policies"].values())
         config["static_resources"]["clusters"] = [c for c in config["static_resources"]["clusters"]
                                                   if not c["name"].startswith("outbound|")]

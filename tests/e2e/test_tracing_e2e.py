@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
-from ..test_tracing_deploy import TRACED_ENVOY, hcm, tracing_additions
+from .. import envoyconf
+from ..test_tracing_deploy import TRACED_ENVOY, tracing_additions
 from .harness import (
     ENVOY_CONFIGS,
     EnvoyProcess,
@@ -67,7 +68,7 @@ def traced_envoy_config(out: Path, shipped: Path, *, listener: int, admin: int, 
     cfg = rewrite_ports(load_shipped_config(shipped), listener_port=listener, admin_port=admin,
                         authz_port=authz, app_port=app, health_port=free_port())
     _, tracing, cluster = tracing_additions(load_shipped_config(TRACED_ENVOY))
-    hcm(cfg)["tracing"] = {**tracing, "random_sampling": {"value": 100}}
+    envoyconf.hcm(cfg)["tracing"] = {**tracing, "random_sampling": {"value": 100}}
     address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
     address.update(address="127.0.0.1", port_value=collector)
     cfg["static_resources"]["clusters"].append(cluster)
