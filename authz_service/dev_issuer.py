@@ -50,7 +50,7 @@ from jwt.algorithms import RSAAlgorithm
 from . import ports
 from .claims import cognito_controlled
 from .policy import IssuerFormat, cognito_issuer
-from .yamlfile import Where, YamlError, compose_yaml, load_strict_yaml, place, position, where_text
+from .yamlfile import Places, Where, YamlError, load_strict_yaml, place
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +158,10 @@ class _Parser:
 
     def __init__(self, source: str, text: str) -> None:
         self.source = source
-        self.text = text
-        self._tree: Any = False  # composed lazily: only errors need line numbers
+        self.places = Places(source, text)
 
     def fail(self, where: Where, problem: str, fix: str, at_key: bool = False) -> DevIssuerConfigError:
-        if self._tree is False:
-            self._tree = compose_yaml(self.text)
-        line, column = position(self._tree, where, at_key)
-        return DevIssuerConfigError(f"{place(self.source, line, column)}: {where_text(where)}: {problem}; fix: {fix}")
+        return DevIssuerConfigError(f"{self.places.prefix(where, at_key)}: {problem}; fix: {fix}")
 
     def mapping(self, value: object, where: Where, allowed: Sequence[str]) -> dict[str, Any]:
         if not isinstance(value, dict):

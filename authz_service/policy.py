@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .conditions import ClaimCondition, Conditions, parse_claim_conditions
-from .yamlfile import Where, YamlError, compose_yaml, load_strict_yaml, place, position, where_text
+from .yamlfile import Places, Where, YamlError, load_strict_yaml, place, where_text
 
 # RFC 3986 pchar without percent-encoding: what a literal policy segment may contain.
 _LITERAL_SEGMENT = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@]+\Z")
@@ -370,17 +370,12 @@ class _Context:
 
     def __init__(self, source: str, text: str = "") -> None:
         self.source = source
-        self.text = text
         self.errors: list[PolicyError] = []
-        self._tree: Any = False  # composed lazily: only errors need line numbers
+        self._places = Places(source, text)
 
     def position(self, where: Where, key: str | None = None) -> tuple[int | None, int | None]:
         """(line, column) of ``where``; with ``key``, of that mapping key (unknown keys)."""
-        if not self.text:
-            return None, None
-        if self._tree is False:
-            self._tree = compose_yaml(self.text)
-        return position(self._tree, (*where, key) if key is not None else where, at_key=key is not None)
+        return self._places.position((*where, key) if key is not None else where, at_key=key is not None)
 
     def fail(self, where: Where, problem: str, key: str | None = None) -> PolicyError:
         """The error at ``where``, its message prefixed with file:line:column."""

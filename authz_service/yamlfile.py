@@ -125,3 +125,26 @@ def position(node: yaml.Node | None, where: tuple[str | int, ...], at_key: bool 
 def place(source: str, line: int | None, column: int | None) -> str:
     """``source:line:column`` for messages, or just ``source`` when the place is unknown."""
     return f"{source}:{line}:{column}" if line is not None else source
+
+
+class Places:
+    """Where things are in one YAML file, for error messages. The node tree (with line and column
+    marks) is composed on the first message that needs a place: a valid file never pays for it."""
+
+    def __init__(self, source: str, text: str) -> None:
+        self.source = source
+        self.text = text
+        self._tree: yaml.Node | None | bool = False  # False: not composed yet
+
+    def position(self, where: Where, at_key: bool = False) -> tuple[int | None, int | None]:
+        """1-based (line, column) of ``where`` (of its last key with ``at_key``); (None, None) when unknown."""
+        if not self.text:
+            return None, None
+        if self._tree is False:
+            self._tree = compose_yaml(self.text)
+        return position(self._tree if isinstance(self._tree, yaml.Node) else None, where, at_key)
+
+    def prefix(self, where: Where, at_key: bool = False) -> str:
+        """``file:line:column: routes[1].methods`` (just ``file: ...`` when the line is unknown)."""
+        line, column = self.position(where, at_key)
+        return f"{place(self.source, line, column)}: {where_text(where)}"
