@@ -27,12 +27,13 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
 # One process harness for the tests, the benchmark and the demo.
 from tests.e2e.harness import ENVOY_CONFIGS, ManagedProcess, ProcessDied, envoy_binary, wait_for_http  # noqa: E402
+
+from authz_service.dev_issuer import load_config  # noqa: E402
 PORTS = {"envoy": 8080, "envoy admin": 9901, "envoy health": 9902, "authz gRPC": 9191, "authz HTTP ext_authz": 9192,
          "authz health/metrics": 8181, "dev issuer": 9000, "app": 8000}
-CLIENTS = {
-    "payments-writer": "payments-writer-demo-secret",
-    "payments-reader": "payments-reader-demo-secret",
-}
+DEV_ISSUER_CONFIG = ROOT / "authz_service" / "examples" / "dev-issuer.yaml"
+# The demo's app clients and their secrets: the dev issuer's own config, read with its own loader.
+CLIENTS = {c.client_id: c.client_secret for c in load_config(DEV_ISSUER_CONFIG).clients}
 
 
 def port_free(port: int) -> bool:
@@ -93,8 +94,7 @@ def main() -> int:
     logs = Path(tempfile.mkdtemp(prefix="authz-demo-"))
     policy = ROOT / "authz_service" / "examples" / "policy.yaml"
     commands = {
-        "dev issuer": [str(BIN / "authz-service"), "dev-issuer", "--config",
-                       str(ROOT / "authz_service" / "examples" / "dev-issuer.yaml"), "--port", "9000"],
+        "dev issuer": [str(BIN / "authz-service"), "dev-issuer", "--config", str(DEV_ISSUER_CONFIG), "--port", "9000"],
         "app": [sys.executable, str(ROOT / "tools" / "echo_upstream.py"), "--port", "8000",
                 "--host", "127.0.0.1", "--log", str(logs / "app-requests.jsonl")],
         "authz-service": [str(BIN / "authz-service"), "serve", "--policy", str(policy),
