@@ -5,7 +5,13 @@ the HTTP front door uses) answering 200. No Python ext_authz service on the same
 library can be faster than these through the same Envoy, so the benchmark reports our service as
 a ratio of them: on asyncio's default loop and on uvloop (the loop authz-service runs on by default).
 
+``--allow-headers`` (HTTP): the 200 carries the very headers the front door's allow answer carries
+for a bench token (identity and ``x-envoy-auth-headers-to-remove``), built by the service's own
+Answers and HttpFrontDoor. Against the bare floor it measures what those headers cost Envoy and
+aiohttp; against the service, what the decision itself costs.
+
     python bench/floor_server.py --port 9292 [--protocol grpc|http] [--event-loop asyncio|uvloop]
+                                 [--allow-headers]
 """
 
 from __future__ import annotations
@@ -62,8 +68,10 @@ async def until_signalled() -> None:
 async def serve_http(args: argparse.Namespace) -> None:
     from aiohttp import web
 
+    headers = allow_answer_headers() if args.allow_headers else None
+
     async def allow(request: web.BaseRequest) -> web.Response:
-        return web.Response(status=200)
+        return web.Response(status=200, headers=headers)
 
     runner = web.ServerRunner(web.Server(allow, access_log=None), handle_signals=False)
     await runner.setup()
@@ -71,6 +79,22 @@ async def serve_http(args: argparse.Namespace) -> None:
     print(f"HTTP floor listening on {args.host}:{args.port}", flush=True)
     await until_signalled()
     await runner.cleanup()
+
+
+def allow_answer_headers() -> dict[str, str]:
+    """The headers of the HTTP front door's allow answer for a bench token's identity."""
+    from authz_service.claims import Claims
+    from authz_service.decision import Decision, Reason
+    from authz_service.ext_authz_http import HttpFrontDoor
+    from authz_service.response import Answers
+
+    scopes = "transactions/get transactions/post"
+    claims = Claims(issuer="bench", client_id="bench-client-0", sub="bench-client-0",
+                    scopes=frozenset(scopes.split()), scope_text=scopes, exp=0, kid="bench")
+    answer = Answers("authz-service").answer(Decision(True, Reason.ALLOWED, claims=claims), None)
+    response = HttpFrontDoor.render(answer)
+    assert response.status == 200
+    return dict(response.headers)
 
 
 async def serve_uvicorn(args: argparse.Namespace) -> None:
@@ -95,6 +119,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--protocol", choices=["grpc", "http", "http-uvicorn"], default="grpc")
     parser.add_argument("--event-loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument("--allow-headers", action="store_true",
+                        help="HTTP: answer with the headers of the front door's allow answer")
     args = parser.parse_args()
     if args.event_loop == "uvloop":
         import uvloop

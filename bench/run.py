@@ -14,6 +14,8 @@ command (fixed connections, fixed time):
   5 cold       gRPC ext_authz -> authz-service, every request a different valid token
   3h floor     HTTP ext_authz -> aiohttp's low-level server answering 200 on uvloop (the HTTP floor)
   3hv floor    the same with uvicorn + httptools (when installed): how the HTTP library was chosen
+  3ha floor    the HTTP floor answering with the headers of authz-service's allow answer (identity
+               and the x-envoy-auth-headers-to-remove list): what applying them costs Envoy
   4h warm      HTTP ext_authz -> authz-service's HTTP front door, warm
   5h cold      HTTP ext_authz -> authz-service's HTTP front door, cold
   4p warm      gRPC ext_authz -> authz-service at --compare-rev (another commit), warm
@@ -392,10 +394,12 @@ class Bench:
         wait_for_port(listener, 10, proc=proc)
         return proc, listener
 
-    def start_floor(self, event_loop: str = "asyncio", protocol: str = "grpc") -> tuple[ManagedProcess, int]:
+    def start_floor(self, event_loop: str = "asyncio", protocol: str = "grpc",
+                    allow_headers: bool = False) -> tuple[ManagedProcess, int]:
         port = free_port()
         proc = spawn("floor", [sys.executable, str(BENCH / "floor_server.py"), "--port", str(port),
-                               "--event-loop", event_loop, "--protocol", protocol], self.work)
+                               "--event-loop", event_loop, "--protocol", protocol,
+                               *(["--allow-headers"] if allow_headers else [])], self.work)
         self.procs.append(proc)
         return listening(proc, port, 20), port
 
@@ -432,6 +436,8 @@ class Bench:
             protocol = "http" if kind == "ext_authz_http" else "grpc"
             if backend == "floor-uvicorn":
                 backend_proc, authz_port = self.start_floor("uvloop", "http-uvicorn")
+            elif backend == "floor-allow-headers":
+                backend_proc, authz_port = self.start_floor("uvloop", protocol, allow_headers=True)
             elif backend.startswith("floor"):
                 backend_proc, authz_port = self.start_floor("uvloop" if backend == "floor-uvloop" else "asyncio",
                                                             protocol)
@@ -552,7 +558,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; rows show the median")
     parser.add_argument("--work", default=str(BENCH / ".work"), help="scratch folder (keys, tokens, logs)")
     parser.add_argument("--only", default="",
-                        help="comma-separated subset of: 1,2,3,3u,4,5,3h,3hv,4h,5h,4p,4t,4w,d3,d3u,d4")
+                        help="comma-separated subset of: 1,2,3,3u,4,5,3h,3ha,3hv,4h,5h,4p,4t,4w,d3,d3u,d4")
     parser.add_argument("--compare-rev", default="",
                         help="also measure gRPC warm (row 4p) with the service at this git revision, e.g. the "
                              "commit before a change")
@@ -583,6 +589,9 @@ def main() -> None:
                                               "service", bench.cold_tokens, policy)),
             ("3h", lambda: bench.through_envoy("3h", "HTTP ext_authz -> bare aiohttp on uvloop (HTTP floor)",
                                                "ext_authz_http", "floor-uvloop", bench.warm_tokens)),
+            ("3ha", lambda: bench.through_envoy(
+                "3ha", "HTTP ext_authz -> bare aiohttp on uvloop answering with the allow answer's headers",
+                "ext_authz_http", "floor-allow-headers", bench.warm_tokens)),
             ("4h", lambda: bench.through_envoy("4h", "HTTP ext_authz -> authz-service, warm", "ext_authz_http",
                                                "service", bench.warm_tokens, policy)),
             ("5h", lambda: bench.through_envoy("5h", "HTTP ext_authz -> authz-service, cold (distinct tokens)",
@@ -657,6 +666,7 @@ def main() -> None:
     cpu = lambda a, b: (a.cpu_us_per_check - b.cpu_us_per_check  # noqa: E731
                         if a.cpu_us_per_check and b.cpu_us_per_check else None)
     pod = lambda a, b: a.pod_cpu_us / b.pod_cpu_us if a.pod_cpu_us and b.pod_cpu_us else None  # noqa: E731
+    pod_minus = lambda a, b: a.pod_cpu_us - b.pod_cpu_us if a.pod_cpu_us and b.pod_cpu_us else None  # noqa: E731
     line("gRPC warm / gRPC floor on uvloop, req/s (same event loop; target >= 0.90)", paired("4", "3u", rps), ".2f")
     line("gRPC warm / gRPC floor on asyncio, req/s", paired("4", "3", rps), ".2f")
     line("gRPC cold / gRPC floor on uvloop, req/s", paired("5", "3u", rps), ".2f")
@@ -671,6 +681,14 @@ def main() -> None:
     line("HTTP floor on aiohttp / on uvicorn + httptools, req/s", paired("3h", "3hv", rps), ".2f")
     line("HTTP floor on aiohttp / on uvicorn + httptools, pod CPU per request", paired("3h", "3hv", pod), ".2f")
     line("CPU per Check, HTTP warm minus HTTP floor", paired("4h", "3h", cpu), ".0f", " us")
+    # Where HTTP warm's gap to its floor goes: the allow answer's headers (Envoy applies them) or
+    # the decision (the service's work, and the wait Envoy sees while it runs).
+    line("HTTP floor with the allow answer's headers / HTTP floor, req/s", paired("3ha", "3h", rps), ".2f")
+    line("HTTP warm / HTTP floor with the allow answer's headers, req/s", paired("4h", "3ha", rps), ".2f")
+    line("Pod CPU per request, HTTP floor with the allow answer's headers minus HTTP floor",
+         paired("3ha", "3h", pod_minus), ".0f", " us")
+    line("Pod CPU per request, HTTP warm minus HTTP floor with the allow answer's headers",
+         paired("4h", "3ha", pod_minus), ".0f", " us")
     line("gRPC warm / jwt_authn, req/s", paired("4", "2", rps), ".2f")
     line(f"gRPC warm / gRPC warm at {args.compare_rev or '--compare-rev'}, req/s", paired("4", "4p", rps), ".2f")
     line(f"gRPC warm / gRPC warm at {args.compare_rev or '--compare-rev'}, pod CPU per request",

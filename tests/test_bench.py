@@ -21,6 +21,7 @@ from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, extern
 
 from . import envoyconf
 from .e2e.harness import ManagedProcess, envoy_binary, free_port, wait_for_port
+from .test_ext_authz_http import door, send  # noqa: F401 - door is a fixture
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -139,6 +140,23 @@ def test_floor_server_answers_ok(tmp_path: Path, event_loop: str, protocol: str)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             reply = external_auth_pb2_grpc.AuthorizationStub(channel).Check(external_auth_pb2.CheckRequest(), timeout=5)
         assert reply.status.code == 0 and reply.HasField("ok_response")
+
+
+async def test_allow_headers_floor_answers_what_the_front_door_answers(tmp_path: Path, door, key_a) -> None:
+    """Row 3ha isolates what the allow answer's headers cost Envoy only if the floor sends exactly
+    the headers the HTTP front door sends for an allowed bench token."""
+    base, _ = door
+    scopes = "transactions/get transactions/post"
+    token = key_a.token(client_id="bench-client-0", sub="bench-client-0", scope=scopes)
+    status, real, _ = await send(base, "POST", "/transactions", [("authorization", f"Bearer {token}")])
+    assert status == 200
+    server, port = start_script("floor_server.py", tmp_path, "--event-loop", "uvloop", "--protocol", "http",
+                                "--allow-headers")
+    with server:
+        status, floor, _ = await send(f"http://127.0.0.1:{port}", "POST", "/transactions")
+    assert status == 200
+    ours = {name: value for name, value in real.items() if name.startswith("x-")}
+    assert ours and {name: value for name, value in floor.items() if name.startswith("x-")} == ours
 
 
 def test_micro_and_memory_benchmarks_import() -> None:
