@@ -157,7 +157,6 @@ class _Parser:
     """Validation that knows the file (name and text), so every message can name file:line:column."""
 
     def __init__(self, source: str, text: str) -> None:
-        self.source = source
         self.places = Places(source, text)
 
     def fail(self, where: Where, problem: str, fix: str, at_key: bool = False) -> DevIssuerConfigError:
