@@ -8,6 +8,7 @@ syntax error names the file, line and column.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import cached_property
 from typing import Any
 
 import yaml
@@ -134,15 +135,16 @@ class Places:
     def __init__(self, source: str, text: str) -> None:
         self.source = source
         self.text = text
-        self._tree: yaml.Node | None | bool = False  # False: not composed yet
+
+    @cached_property
+    def _tree(self) -> yaml.Node | None:
+        return compose_yaml(self.text)
 
     def position(self, where: Where, at_key: bool = False) -> tuple[int | None, int | None]:
         """1-based (line, column) of ``where`` (of its last key with ``at_key``); (None, None) when unknown."""
         if not self.text:
             return None, None
-        if self._tree is False:
-            self._tree = compose_yaml(self.text)
-        return position(self._tree if isinstance(self._tree, yaml.Node) else None, where, at_key)
+        return position(self._tree, where, at_key)
 
     def prefix(self, where: Where, at_key: bool = False) -> str:
         """``file:line:column: routes[1].methods`` (just ``file: ...`` when the line is unknown)."""

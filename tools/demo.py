@@ -25,10 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
+from authz_service.dev_issuer import load_config  # noqa: E402
+
 # One process harness for the tests, the benchmark and the demo.
 from tests.e2e.harness import ENVOY_CONFIGS, ManagedProcess, ProcessDied, envoy_binary, wait_for_http  # noqa: E402
 
-from authz_service.dev_issuer import load_config  # noqa: E402
 PORTS = {"envoy": 8080, "envoy admin": 9901, "envoy health": 9902, "authz gRPC": 9191, "authz HTTP ext_authz": 9192,
          "authz health/metrics": 8181, "dev issuer": 9000, "app": 8000}
 DEV_ISSUER_CONFIG = ROOT / "authz_service" / "examples" / "dev-issuer.yaml"
