@@ -178,3 +178,12 @@ def test_otlp_sink_counts_what_an_exporter_sends(tmp_path: Path) -> None:
             provider.get_tracer("bench-test").start_span(name).end()
         provider.shutdown()
     assert "OTLP sink received 3 spans" in sink.log_text()
+
+
+def test_trace_headers_benchmark_runs_every_case() -> None:
+    bench = load("trace_headers")
+    run = subprocess.run([sys.executable, str(BENCH / "trace_headers.py"), "--n", "3", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.startswith(("| gRPC |", "| HTTP |"))]
+    assert [row.split(" | ")[1] for row in rows] == [*bench.GRPC_CASES, *bench.HTTP_CASES]
