@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -55,15 +56,21 @@ async def test_zero_interval_generates_every_time(clock):
     assert count == [3]
 
 
-async def test_concurrent_scrapes_share_one_generation(clock):
+def gated(body: bytes) -> tuple[Callable[[], Awaitable[bytes]], asyncio.Event, list[int]]:
+    """An exposition generator that counts its calls and answers ``body`` once the gate is set."""
     gate = asyncio.Event()
     count = [0]
 
     async def generate() -> bytes:
         count[0] += 1
         await gate.wait()
-        return b"shared"
+        return body
 
+    return generate, gate, count
+
+
+async def test_concurrent_scrapes_share_one_generation(clock):
+    generate, gate, count = gated(b"shared")
     cache = CachedExposition(generate, 0.0)
     scrapes = [asyncio.create_task(cache.get()) for _ in range(20)]
     await asyncio.sleep(0)
@@ -174,14 +181,7 @@ async def test_a_flood_is_served_only_within_the_budget_the_rest_waits_in_the_ke
 
 
 async def test_connections_open_at_once_are_bounded_and_a_slow_client_is_cut_off():
-    gate = asyncio.Event()
-    generating = [0]
-
-    async def generate() -> bytes:
-        generating[0] += 1
-        await gate.wait()
-        return b"m\n"
-
+    generate, gate, _ = gated(b"m\n")
     server = AdminServer(lambda: (True, {}), CachedExposition(generate, 0),
                          budget=admin.AdminBudget(rate=1000, burst=100, connections=2, deadline=0.2, backlog=64))
     port = await server.start("127.0.0.1", 0)
