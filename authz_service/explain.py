@@ -28,7 +28,7 @@ from .policy import Policy, Route, load_policy_file, pattern_matches, PolicyErro
 from .request import BadRequest, normalized_path, path_segments
 from .response import Answer
 from .simulate import Outcome, Simulator, run_check
-from .tokens import MALFORMED_PAYLOAD, Failure, TokenError, TokenVerifier
+from .tokens import MALFORMED_PAYLOAD, SCOPE_CHARACTER, SCOPE_SPACING, Failure, TokenError, TokenVerifier
 
 _BEARER = re.compile(r"^bearer\s+", re.IGNORECASE)
 
@@ -42,7 +42,7 @@ CHECKS = (
     ("times", "exp / nbf / iat (with leeway)"),
     ("token_use", "token_use is 'access'"),
     ("client", "client_id present, valid header text and allowed"),
-    ("claims", "scope and sub claims are strings, valid header text"),
+    ("claims", "scope and sub claims are strings; scope lists RFC 6749 scopes, sub is valid header text"),
 )
 _BY_FAILURE = {
     Failure.WRONG_ISSUER: "issuer", Failure.KEYS_UNAVAILABLE: "key", Failure.UNKNOWN_KEY: "key",
@@ -53,7 +53,7 @@ _BY_DETAIL = {  # INVALID_TOKEN covers several checks; the error's detail says w
     MALFORMED_PAYLOAD: "payload", "token has no exp claim": "times", "token has no client_id claim": "client",
     "client_id claim is not valid HTTP header text": "client",
     "scope claim must be a string": "claims", "sub claim must be a string": "claims",
-    "scope claim is not valid HTTP header text": "claims", "sub claim is not valid HTTP header text": "claims",
+    SCOPE_SPACING: "claims", SCOPE_CHARACTER: "claims", "sub claim is not valid HTTP header text": "claims",
 }
 
 

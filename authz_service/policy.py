@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .claims import SCOPE_TOKEN
 from .conditions import ClaimCondition, Conditions, parse_claim_conditions
 from .yamlfile import Places, Where, YamlError, load_strict_yaml, place, where_text
 
@@ -35,7 +36,7 @@ from .yamlfile import Places, Where, YamlError, load_strict_yaml, place, where_t
 _LITERAL_SEGMENT = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@]+\Z")
 _PARAM_SEGMENT = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
 _METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*\Z")  # RFC 9110 token, upper case as HTTP methods are written
-_SCOPE = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+\Z")  # RFC 6749 scope-token
+_SCOPE = re.compile(rf"^{SCOPE_TOKEN}\Z")
 _REGION = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d+\Z")
 _POOL_ID = re.compile(r"^(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)_[0-9A-Za-z]+\Z")
 # Emulators name pools differently (cognito-local: local_Abc123); accepted with an explicit issuer.
