@@ -65,6 +65,8 @@ class Explanation:
     path: str
     token: str  # how the token is described (never the token itself)
     candidates: list[str] = field(default_factory=list)
+    # A path ending in '/' whose two readings have two routes: (as written, without the '/').
+    readings: tuple[Route, Route] | None = None
     checks: list[tuple[str, str, str]] = field(default_factory=list)  # (check, result, detail)
     outcome: Outcome | None = None
 
@@ -76,6 +78,8 @@ class Explanation:
             "request": {"method": self.method, "path": self.path, "token": self.token},
             "route": _route_dict(route),
             "candidates": self.candidates,
+            "trailing_slash": None if self.readings is None else {
+                "as_written": _route_dict(self.readings[0]), "without_slash": _route_dict(self.readings[1])},
             "required_scopes": sorted(route.scopes) if route and not route.public else [],
             "required_all_scopes": sorted(route.all_scopes) if route else [],
             "route_client_ids": sorted(route.client_ids) if route and route.client_ids is not None else None,
@@ -168,16 +172,29 @@ def describe_token(token: str) -> str:
     return f"{shown}, unverified: {', '.join(parts)}"
 
 
+def _segments(path: str) -> tuple[str, ...] | None:
+    try:
+        return path_segments(normalized_path(path))
+    except BadRequest:
+        return None
+
+
+def readings(policy: Policy, method: str, path: str) -> tuple[Route, Route] | None:
+    """For a path ending in '/' whose two readings (as written, without the '/') have two routes:
+    both (Policy.routes_for), since the request must meet each."""
+    segments = _segments(path)
+    routes = policy.routes_for(method, segments) if segments is not None else ()
+    return (routes[0], routes[1]) if len(routes) == 2 else None
+
+
 def candidates(policy: Policy, method: str, path: str) -> list[str]:
     """Routes whose pattern covers the path, for the "why": the chosen one is the most specific."""
-    try:
-        normal = normalized_path(path)
-    except BadRequest:
+    segments = _segments(path)
+    if segments is None:
         return []
-    segments = path_segments(normal)
     out = []
     for route in policy.routes:
-        if not pattern_matches(route.path, segments):
+        if not pattern_matches(route.path, segments, policy.path_case):
             continue
         methods = "any method" if route.methods is None else "|".join(sorted(route.methods))
         fits = route.takes(method)
@@ -256,6 +273,7 @@ async def explain(policy: Policy, method: str, path: str, *, token: str | None =
         info = Explanation(method, path, "none (no Authorization header)")
         info.outcome = await run_check(policy, Simulator(policy).verifier, method, path, None, realm)
     info.candidates = candidates(policy, method, path)
+    info.readings = readings(policy, method, path)
     return info
 
 
@@ -276,6 +294,12 @@ def render_text(info: Explanation, out: TextIO) -> None:
             print(f"             {line}", file=out)
     elif decision["reason"] != "bad_request":
         print("why:       no route's path pattern covers this path", file=out)
+    if info.readings is not None:
+        written, lenient = info.readings
+        without = "/" + "/".join((_segments(info.path) or ("",))[:-1])
+        print(f"slash:     the path ends in '/': a strict router serves it as written (routes[{written.index}] "
+              f"{written.name!r}), a lenient one as {without} (routes[{lenient.index}] {lenient.name!r}); "
+              "the request must meet both", file=out)
     if route is not None and not route["public"]:
         _render_requirements(info, data, out)
     if info.checks:

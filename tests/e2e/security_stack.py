@@ -7,6 +7,7 @@ log), so a test can prove that a deny never reached the app and an allow carried
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -181,6 +182,22 @@ def stop_security_stack(stack: SecurityStack) -> None:
     stack.service.process.stop()
     stack.dev.process.stop()
     stack.fake.stop()
+
+
+def serving(stack: SecurityStack) -> dict:
+    """The policy the service serves, as /readyz reports it (sha256, routes, last_reload_error)."""
+    return stack.service.readyz()[1]["policy"]
+
+
+def serve(stack: SecurityStack, text: str) -> None:
+    """Write a policy and wait until the service serves it; a refused one fails here, with its error."""
+    errors = stack.service.sample("authz_policy_reloads_total", result="error")
+    want = hashlib.sha256(text.encode()).hexdigest()
+    stack.policy.write(text)
+    stack.service.process.wait_until(
+        lambda: serving(stack)["sha256"] == want
+        or stack.service.sample("authz_policy_reloads_total", result="error") > errors, 30, "the policy reload")
+    assert serving(stack)["sha256"] == want, serving(stack)["last_reload_error"]
 
 
 def deny_count(stack: SecurityStack, reason: str) -> float:
