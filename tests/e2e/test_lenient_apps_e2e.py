@@ -1,13 +1,15 @@
 """What a lenient app does with a request must still be what the policy authorized.
 
-Two ways an app reads a request more loosely than an exact match, each proven closed through the
+Three ways an app reads a request more loosely than an exact match, each proven closed through the
 shipped Envoy, in both ext_authz modes, under the reviewer's policy (a GET-only protected route
 beside a public catch-all):
 
 * a trailing slash: Flask (``strict_slashes=False``), Express and Spring MVC up to 5 serve
   ``/admin/report/`` with the ``/admin/report`` handler, so it must need that route's scopes;
 * letter case: a case-insensitive router serves ``/ADMIN/Report`` with the same handler, which the
-  policy protects once it says ``path_case: insensitive``.
+  policy protects once it says ``path_case: insensitive``;
+* header names with dots: servers that map '-' and '.' to '_' (PHP, Apache's CGI environment) read
+  ``x.auth.client.id`` as the identity header, so it never reaches the app.
 """
 
 from __future__ import annotations
@@ -85,3 +87,28 @@ def test_path_case_insensitive_protects_case_variants(stack: SecurityStack) -> N
         assert stack.send("GET", "/ADMIN/Reports").status == 200  # still whole segments: another path
     finally:
         serve(stack, policy_text(stack.fake, stack.dev, REVIEW_POLICY, routes=""))
+
+
+# --- identity header look-alikes with dots ---------------------------------------------------------
+
+DOTTED = [("x.auth.client.id", "admin"), ("X.Auth.Scopes", "admin/all"), ("x.auth.sub", "root"),
+          ("x-auth.client_id", "admin"), ("x_auth.scopes", "admin/all"), ("x-auth.sub", "root")]
+
+
+@pytest.mark.parametrize("token_scope", [None, "admin/read"], ids=["public-route", "protected-route"])
+def test_identity_header_look_alikes_with_dots_never_reach_the_app(stack: SecurityStack,
+                                                                  token_scope: str | None) -> None:
+    token = stack.fake.token("payments-reader", token_scope) if token_scope else None
+    path = "/admin/report" if token else "/elsewhere"
+    answer = stack.send("GET", path, token, DOTTED + [("x.other", "kept")])
+    assert answer.status == 200 and len(answer.reached_upstream) == 1, answer.body
+    seen = answer.reached_upstream[0]["headers"]
+    assert not [name for name, _ in DOTTED if name.lower() in seen], seen
+    assert seen.get("x.other") == ["kept"]  # other dotted names pass
+    assert seen.get("x-auth-client-id") == (["payments-reader"] if token else None)
+
+
+@pytest.mark.parametrize("name", ["x.http.method.override", "X.HTTP.Method", "x.original.url", "x-rewrite.url"])
+def test_override_header_look_alikes_with_dots_are_refused(stack: SecurityStack, name: str) -> None:
+    answer = stack.send("GET", "/elsewhere", None, [(name, "DELETE" if "method" in name.lower() else "/admin/x")])
+    assert (answer.status, answer.error, answer.reached_upstream) == (400, "invalid_request", [])
