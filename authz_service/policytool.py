@@ -13,7 +13,7 @@ import json
 import re
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -303,34 +303,24 @@ def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
         elif reached and route.index not in plain:
             out.append(warn(where, f"route {route.name!r} only matches paths ending in '/': more specific routes "
                                    "take every other request it covers", "remove it or change its path"))
-    for public_i, found in _grouped(holes).items():
-        if "public-hole" in routes[public_i].acknowledge:
-            continue
-        shadowed = [f"{routes[i].name!r} (e.g. {_request_text(*example)})" for i, example in found]
-        out.append(warn(("routes", public_i, "public"),
-                        f"public route {routes[public_i].name!r} is more specific than protected route"
-                        f"{'s' if len(shadowed) > 1 else ''} {', '.join(shadowed)}: those requests pass without a token",
+    for public, listed, s in _public_route_findings(routes, holes, "public-hole"):
+        out.append(warn(("routes", public.index, "public"),
+                        f"public route {public.name!r} is more specific than protected route{s} {listed}: those "
+                        "requests pass without a token",
                         "if that hole is not intended, narrow the public route's path or methods, or remove "
                         "'public: true'; if it is, add 'acknowledge: [public-hole]' to the public route"))
-    for public_i, found in _grouped(reach.covers).items():
-        if "public-catch-all" in routes[public_i].acknowledge:
-            continue
-        covered = [f"{routes[i].name!r} (e.g. {_request_text(*example)})" for i, example in found]
-        out.append(warn(("routes", public_i, "path"),
-                        f"public route {routes[public_i].name!r} ({routes[public_i].path}) also covers the paths of "
-                        f"protected route{'s' if len(covered) > 1 else ''} {', '.join(covered)}: every request "
-                        "they do not take (another method, a path beside them) is allowed without a token, so "
-                        "unmatched requests are no longer denied",
+    for public, listed, s in _public_route_findings(routes, reach.covers, "public-catch-all"):
+        out.append(warn(("routes", public.index, "path"),
+                        f"public route {public.name!r} ({public.path}) also covers the paths of protected route{s} "
+                        f"{listed}: every request they do not take (another method, a path beside them) is allowed "
+                        "without a token, so unmatched requests are no longer denied",
                         "narrow the public route to the paths meant to be public; if a public catch-all is "
                         "intended, add 'acknowledge: [public-catch-all]' to it"))
-    for public_i, found in _grouped(reach.cases).items():
-        if "case-variant" in routes[public_i].acknowledge:
-            continue
-        variants = [f"{routes[i].name!r} (e.g. {_request_text(*example)})" for i, example in found]
-        out.append(warn(("routes", public_i, "path"),
-                        f"public route {routes[public_i].name!r} ({routes[public_i].path}) takes case variants of "
-                        f"the paths of protected route{'s' if len(variants) > 1 else ''} {', '.join(variants)}: an "
-                        "app whose router ignores case serves them with the protected handler, without a token",
+    for public, listed, s in _public_route_findings(routes, reach.cases, "case-variant"):
+        out.append(warn(("routes", public.index, "path"),
+                        f"public route {public.name!r} ({public.path}) takes case variants of the paths of protected "
+                        f"route{s} {listed}: an app whose router ignores case serves them with the protected "
+                        "handler, without a token",
                         "if the app's router ignores case, add 'path_case: insensitive' at the top of the policy; "
                         "if it does not, add 'acknowledge: [case-variant]' to the public route"))
     for (route_i, other_i), (fell, segments) in sorted(reach.falls.items()):
@@ -350,6 +340,16 @@ def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
                         "list those methods on a route of this path (same or stricter scopes), or narrow "
                         f"{other.name!r}; if intended, add 'acknowledge: [fallthrough]' to this route"))
     return out
+
+
+def _public_route_findings(routes: tuple[Route, ...], pairs: dict[tuple[int, int], tuple[str, tuple[str, ...]]],
+                           code: str) -> Iterator[tuple[Route, str, str]]:
+    """Per public route of ``pairs`` ((public, protected) -> example) that does not acknowledge
+    ``code``: the route, its protected routes each with an example request, and "s" for several."""
+    for public_i, found in _grouped(pairs).items():
+        if code not in routes[public_i].acknowledge:
+            listed = [f"{routes[i].name!r} (e.g. {_request_text(*example)})" for i, example in found]
+            yield routes[public_i], ", ".join(listed), "s" if len(listed) > 1 else ""
 
 
 def _gaps_text(other: Route, weak: list[Route], this: str) -> str:

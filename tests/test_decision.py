@@ -13,6 +13,8 @@ from authz_service.policy import parse_policy
 from authz_service.request import HttpRequest
 from authz_service.tokens import Failure, TokenError, bearer_token
 
+from .test_policytool import REVIEW_POLICY
+
 ISS = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Abc123"
 
 POLICY = parse_policy(
@@ -281,17 +283,7 @@ async def test_top_level_dry_run_applies_unless_the_route_enforces():
 # --- a path ending in '/': every route of both readings must allow ---------------------------------
 
 SLASH_POLICY = parse_policy(
-    """
-issuers:
-  - user_pool_id: us-east-1_Abc123
-routes:
-  - name: admin-report
-    methods: [GET]
-    path: /admin/report
-    scopes: [admin/read]
-  - name: everything-else
-    path: /**
-    public: true
+    "issuers:\n  - user_pool_id: us-east-1_Abc123\nroutes:\n" + REVIEW_POLICY + """\
   - name: a
     path: /a
     scopes: [a/read]

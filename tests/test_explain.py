@@ -17,6 +17,7 @@ from tests.e2e.stack import DevIssuer, start_dev_issuer
 
 from .conftest import ISSUER, make_key
 from .conftest import MemoryKeys
+from .test_policytool import REVIEW_POLICY
 from .test_tokens import POLICY, b64, resign
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "authz_service" / "examples" / "policy.yaml"
@@ -91,18 +92,7 @@ def test_dry_run_route_is_shown_as_an_allow_that_would_deny(tmp_path):
     assert "decision:  ALLOW (dry-run: would be DENY 403), reason insufficient_scope" in run.stdout
 
 
-TRAILING_SLASH_POLICY = """\
-issuers:
-  - user_pool_id: us-east-1_Abc123
-routes:
-  - name: admin-report
-    methods: [GET]
-    path: /admin/report
-    scopes: [admin/read]
-  - name: everything-else
-    path: /**
-    public: true
-"""
+TRAILING_SLASH_POLICY = "issuers:\n  - user_pool_id: us-east-1_Abc123\nroutes:\n" + REVIEW_POLICY
 
 
 def test_a_trailing_slash_shows_both_readings_and_needs_the_protected_route(tmp_path):
@@ -111,7 +101,7 @@ def test_a_trailing_slash_shows_both_readings_and_needs_the_protected_route(tmp_
     run = explain("--policy", str(policy), "--method", "GET", "--path", "/admin/report/?x=1")
     assert run.returncode == 1, run.stdout
     assert "route:     routes[0] 'admin-report' (GET /admin/report, mode enforce)" in run.stdout
-    assert ("slash:     the path ends in '/': a strict router serves it as written (routes[1] 'everything-else'), "
+    assert ("slash:     the path ends in '/': a strict router serves it as written (routes[3] 'everything-else'), "
             "a lenient one as /admin/report (routes[0] 'admin-report'); the request must meet both") in run.stdout
     assert "decision:  DENY, reason missing_token" in run.stdout
     run = explain("--policy", str(policy), "--method", "GET", "--path", "/admin/report/", "--scopes", "admin/read",

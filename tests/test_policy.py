@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from authz_service.policy import (POLICY_MAX_BYTES, Mode, PathCase, PolicyError, check_policy, load_policy_file,
                                   parse_policy, read_policy_file)
 
+from .test_policytool import REVIEW_POLICY
+
 SOURCE = "policies/test.yaml"
 ISSUERS = "issuers:\n  - user_pool_id: us-east-1_Abc123\n"
 
@@ -434,14 +436,7 @@ def test_most_specific_route_wins(method, path, expected):
 
 # --- a trailing '/': the route as written and the route without the '/' -------------------------
 
-LENIENT_ROUTES = """\
-  - name: admin-report
-    methods: [GET]
-    path: /admin/report
-    scopes: [admin/read]
-  - name: everything-else
-    path: /**
-    public: true
+LENIENT_ROUTES = REVIEW_POLICY + """\
   - name: a
     path: /a
     public: true

@@ -154,9 +154,11 @@ def bearer(token: str) -> dict[str, str]:
 def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *service_args: str,
                          fake: FakeIssuer | None = None, wait_ready: bool = True,
                          env: dict[str, str] | None = None, wrapper: tuple[str, ...] = (),
-                         mode: str = "grpc") -> SecurityStack:
+                         mode: str = "grpc", routes: str | None = None) -> SecurityStack:
     """Dev issuer + fake issuer (started here unless given) + service (its CLI) + Envoy (the shipped
-    config of ``mode``: ext_authz over gRPC, or Envoy's HTTP mode to the service's HTTP front door).
+    config of ``mode``: ext_authz over gRPC, or Envoy's HTTP mode to the service's HTTP front door),
+    serving the stack's issuers with ``routes`` (policy YAML, taken as written; default: the suites'
+    routes).
 
     The stack owns the fake issuer it started (``stop_security_stack`` stops it, and so does a failed
     start); the processes belong to the running test or fixture (harness ``Owner``) like any other."""
@@ -167,7 +169,7 @@ def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *
     try:
         dev = start_dev_issuer(work, "us-east-1_Demo00001")
         policy = PolicyDir(work / "config")
-        policy.write(policy_text(fake, dev))
+        policy.write(policy_text(fake, dev) if routes is None else policy_text(fake, dev, routes, routes=""))
         service = start_service(work, policy.path, *service_args, wait_ready=wait_ready, env=env, wrapper=wrapper)
         envoy = envoy_factory.for_service(service, mode)
     except BaseException:

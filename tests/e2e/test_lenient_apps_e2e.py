@@ -28,12 +28,10 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess,
           module_envoy_factory, mode: str) -> Iterator[SecurityStack]:
-    s = start_security_stack(tmp_path_factory.mktemp("lenient"), upstream, module_envoy_factory, mode=mode)
-    try:
-        serve(s, policy_text(s.fake, s.dev, REVIEW_POLICY, routes=""))
-        yield s
-    finally:
-        stop_security_stack(s)
+    s = start_security_stack(tmp_path_factory.mktemp("lenient"), upstream, module_envoy_factory, mode=mode,
+                             routes=REVIEW_POLICY)
+    yield s
+    stop_security_stack(s)
 
 
 # --- a trailing slash -----------------------------------------------------------------------------
