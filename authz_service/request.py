@@ -32,8 +32,8 @@ _OVERRIDES = frozenset(("x-http-method-override", "x-http-method", "x-method-ove
 
 
 # The separators an app may read as one: CGI-style servers name x-auth-sub HTTP_X_AUTH_SUB, so
-# x_auth_sub lands on the same variable, and PHP (FrankenPHP, `php -S`) and Apache's environment
-# also turn '.' into '_', so x.auth.sub does too.
+# x_auth_sub lands on the same variable, and PHP also turns '.' into '_' in variable names
+# ($_SERVER under FrankenPHP or `php -S`), so x.auth.sub does too.
 _SEPARATORS = "-_."
 _TO_DASH = str.maketrans("_.", "--")
 

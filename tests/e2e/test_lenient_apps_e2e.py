@@ -8,7 +8,7 @@ beside a public catch-all):
   ``/admin/report/`` with the ``/admin/report`` handler, so it must need that route's scopes;
 * letter case: a case-insensitive router serves ``/ADMIN/Report`` with the same handler, which the
   policy protects once it says ``path_case: insensitive``;
-* header names with dots: servers that map '-' and '.' to '_' (PHP, Apache's CGI environment) read
+* header names with dots: servers that map '-' and '.' to '_' (PHP's ``$_SERVER``) read
   ``x.auth.client.id`` as the identity header, so it never reaches the app.
 """
 
