@@ -200,7 +200,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("token_cache_max_bytes", 16 * 1024 * 1024, _non_negative_int,
            "Most bytes (approximate) the verified-token cache holds (per worker); 0 disables the cache."),
     Option("workers", 1, _workers,
-           "Worker processes sharing the gRPC port (SO_REUSEPORT); 1 serves in-process."),
+           "Worker processes sharing the front doors' ports (SO_REUSEPORT); 1 serves in-process."),
     Option("event_loop", "auto", _event_loop,
            "auto (uvloop when installed, else asyncio), uvloop or asyncio; uvloop saves ~30 us of CPU per Check."),
     Option("metrics_min_interval", 1.0, _non_negative,
