@@ -175,8 +175,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("ext_authz_http_port", 0, _port,
            "Port for Envoy's HTTP ext_authz mode (http_service), on --grpc-host; 0 (default) turns it off."),
     Option("ext_authz_http_path_prefix", "", _path_prefix,
-           "Envoy's http_service path_prefix: stripped before the policy sees the path; requests without it "
-           "are refused (400)."),
+           "Envoy's http_service path_prefix (empty: none). A request is decided only when its path is this "
+           "prefix followed by Envoy's x-authz-original-path header; any other is refused (400)."),
     Option("max_request_bytes", 128 * 1024, _request_bytes,
            "Largest authorization request accepted (a gRPC CheckRequest, or the HTTP request head), in bytes."),
     Option("http_host", "0.0.0.0", str, "Address for the HTTP server (/healthz, /readyz, /metrics)."),

@@ -91,7 +91,8 @@ def socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def worker_main(settings: Settings, index: int, state: Synchronized, log_level: str) -> None:
+def worker_main(settings: Settings, index: int, state: Synchronized, log_level: str,
+                mismatches: Synchronized) -> None:
     """Entry point of one worker process (spawned: a fresh interpreter, no inherited gRPC state)."""
     from . import logs
     from .policy import PolicyError
@@ -103,10 +104,13 @@ def worker_main(settings: Settings, index: int, state: Synchronized, log_level: 
     def on_ready(ready: bool) -> None:
         state.value = READY if ready else SERVING
 
+    def on_mismatch() -> None:
+        mismatches.value += 1  # only this worker writes it: no lock
+
     _exit_with_parent(os.getppid(), settings.shutdown_grace + STOP_MARGIN)
 
     try:
-        run(serve(settings, worker=True, on_ready=on_ready), settings.event_loop)
+        run(serve(settings, worker=True, on_ready=on_ready, on_mismatch=on_mismatch), settings.event_loop)
     except PolicyError as exc:
         log.error("policy file refused; worker not starting", extra={"error": str(exc)})
         sys.exit(2)
@@ -166,6 +170,8 @@ class _Worker:
     def __init__(self, index: int, ctx: Any) -> None:
         self.index = index
         self.state: Synchronized = ctx.Value("i", STARTING, lock=False)
+        # HTTP front door requests refused as not matching Envoy's config, over all its lives.
+        self.mismatches: Synchronized = ctx.Value("q", 0, lock=False)
         self.process: Any = None
         self.restarts = 0
 
@@ -260,7 +266,8 @@ class Supervisor:
     def _start(self, worker: _Worker, settings: Settings) -> None:
         worker.state.value = STARTING
         worker.process = self._ctx.Process(
-            target=worker_main, args=(settings, worker.index, worker.state, self.settings.log_level),
+            target=worker_main, args=(settings, worker.index, worker.state, self.settings.log_level,
+                                      worker.mismatches),
             name=f"authz-worker-{worker.index}", daemon=False,
         )
         worker.process.start()
@@ -354,6 +361,7 @@ class Supervisor:
         from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
         from .admin import AdminServer, CachedExposition
+        from .ext_authz_http import door_status
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)
@@ -367,8 +375,13 @@ class Supervisor:
             return await asyncio.get_running_loop().run_in_executor(None, generate_openmetrics, registry)
 
         def readiness() -> tuple[bool, dict[str, object]]:
-            return self.ready(), {"workers": self.status(),
-                                  "foreign_listeners": [f.status() for f in self.foreign_listeners.values()]}
+            body: dict[str, object] = {
+                "workers": self.status(),
+                "foreign_listeners": [f.status() for f in self.foreign_listeners.values()]}
+            if self.settings.ext_authz_http_port:
+                body["ext_authz_http"] = door_status(self.settings.ext_authz_http_path_prefix,
+                                                     sum(w.mismatches.value for w in self._workers))
+            return self.ready(), body
 
         interval = self.settings.metrics_min_interval
         self._http = AdminServer(readiness, CachedExposition(exposition, interval),

@@ -235,6 +235,15 @@ def test_providers_point_at_the_service_entries_and_ports(rendered) -> None:
     assert all(r["spec"]["trafficPolicy"]["tls"]["mode"] == "DISABLE" for r in rules.values())
 
 
+def test_http_provider_and_the_sidecars_front_door_agree_on_the_path(rendered) -> None:
+    """The Envoy config Istio renders from the HTTP provider (the fixture, checked against the
+    provider below) and the sidecar's authz-service agree on the path prefix and the original-path
+    header: a disagreement would refuse every HTTP-mode request."""
+    env = env_of(container(one(rendered["http"], "Deployment")["spec"]["template"]["spec"], "authz-service"))
+    fixture = yaml.safe_load((DATA / "sidecar-inbound-http.yaml").read_text())
+    assert envoyconf.http_door_mismatches(fixture, env["AUTHZ_EXT_AUTHZ_HTTP_PATH_PREFIX"]) == []
+
+
 def test_sidecar_policy_checks_every_request_to_the_app(rendered) -> None:
     docs = rendered["sidecar"]
     policy = one(docs, "AuthorizationPolicy")
@@ -318,6 +327,9 @@ def istio_ext_authz(entry: dict[str, Any]) -> dict[str, Any]:
                                                   "timeout": http.get("timeout", "600s")}}
         if http.get("pathPrefix"):
             service["path_prefix"] = http["pathPrefix"]
+        if http.get("includeAdditionalHeadersInCheck"):
+            service["authorization_request"] = {"headers_to_add": [
+                {"key": key, "value": value} for key, value in sorted(http["includeAdditionalHeadersInCheck"].items())]}
         response = {key: _headers(http.get(field)) for key, field in (
             ("allowed_upstream_headers", "headersToUpstreamOnAllow"),
             ("allowed_client_headers", "headersToDownstreamOnDeny"),

@@ -240,6 +240,15 @@ def raw_http_request(port: int, method: str, target: str, headers: Sequence[tupl
         return response.status, list(response.getheaders()), response.read()
 
 
+def authz_http_request(port: int, method: str, path: str, headers: Sequence[tuple[str, str]] = (),
+                       *, timeout: float = 10.0) -> tuple[int, list[tuple[str, str]], bytes]:
+    """One authorization request straight to the service's HTTP front door, as Envoy's shipped
+    HTTP-mode config sends it: the original path (no prefix), again in x-authz-original-path."""
+    from authz_service.ext_authz_http import ORIGINAL_PATH
+
+    return raw_http_request(port, method, path, [*headers, (ORIGINAL_PATH, path)], timeout=timeout)
+
+
 def http_request(
     method: str,
     url: str,

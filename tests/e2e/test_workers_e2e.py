@@ -25,7 +25,7 @@ import authz_service
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from .. import envoyconf
-from .harness import REPO_ROOT, ManagedProcess, free_port, http_request, wait_for
+from .harness import REPO_ROOT, ManagedProcess, free_port, http_request, raw_http_request, wait_for
 from .stack import DevIssuer, Service, cli, start_dev_issuer, start_service
 
 pytestmark = pytest.mark.e2e
@@ -366,4 +366,22 @@ def test_a_process_that_joins_the_http_front_doors_port_is_detected(tmp_path, po
     finally:
         for joiner in joiners:
             joiner.stop()
+        service.process.stop()
+
+
+def test_http_door_mismatches_are_counted_across_workers(tmp_path, policy) -> None:
+    """Requests whose path Envoy did not send as the HTTP front door expects, refused by whichever
+    worker gets them, add up in /readyz and in the metrics."""
+    service = start_service(tmp_path, policy, "--workers", "2")
+    try:
+        door = service.authz_port("http")
+        for _ in range(6):  # new connections: spread over both workers
+            assert raw_http_request(door, "POST", "/ext-authz/transactions")[0] == 400
+        status, body = readyz(service)
+        assert status == 200, "a mismatch is not a readiness condition"
+        assert body["ext_authz_http"] == {"path_prefix": "", "original_path_header": "x-authz-original-path",
+                                          "config_mismatches": 6}
+        wait_for(lambda: service.sample("authz_ext_authz_http_config_mismatches_total",
+                                        problem="original_path_missing") == 6, 60, "6 mismatches in the metrics")
+    finally:
         service.process.stop()
