@@ -527,6 +527,17 @@ def test_validate_explain_issuers_lists_every_accepted_iss_and_jwks(tmp_path):
     assert "issuers[0]" not in cli("validate", str(policy)).stdout  # only on request
 
 
+def test_validate_explain_issuers_never_shows_jwks_credentials(tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("issuers:\n  - user_pool_id: us-east-1_Abc123\n"
+                      "    jwks_uri: https://keys-user:s3cret@keys.example/jwks.json?sig=s3cret\n"
+                      "routes:\n  - {path: /a, scopes: [a/b]}\n")
+    run = cli("validate", "--explain-issuers", str(policy))
+    assert run.returncode == 0, run.stdout
+    assert "      keys from https://keys.example/jwks.json" in run.stdout.splitlines()
+    assert "s3cret" not in run.stdout and "keys-user" not in run.stdout
+
+
 def test_custom_claims_example_passes_through_the_cli():
     run = cli("test", str(EXAMPLES / "policy-custom-claims.yaml"), str(EXAMPLES / "policy-custom-claims-tests.yaml"))
     assert run.returncode == 0, run.stdout + run.stderr
