@@ -29,6 +29,7 @@ from .request import BadRequest, normalized_path, path_segments
 from .response import Answer
 from .simulate import Outcome, Simulator, run_check
 from .tokens import MALFORMED_PAYLOAD, SCOPE_CHARACTER, SCOPE_SPACING, Failure, TokenError, TokenVerifier
+from .urls import shown
 
 _BEARER = re.compile(r"^bearer\s+", re.IGNORECASE)
 
@@ -233,7 +234,7 @@ async def _explain_real(policy: Policy, method: str, path: str, token: str, real
             for state in cache.status():
                 if state["last_error"]:
                     uri = policy.issuers_by_iss[str(state["issuer"])].jwks_uri
-                    info.checks.append(("jwks", "FAILED", f"fetching {uri}: {state['last_error']}"))
+                    info.checks.append(("jwks", "FAILED", f"fetching {shown(uri)}: {state['last_error']}"))
             verifier = TokenVerifier(cache, leeway=leeway)
             try:
                 await verifier.verify(token, policy)

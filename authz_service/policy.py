@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 
 from .claims import SCOPE_TOKEN
 from .conditions import ClaimCondition, Conditions, parse_claim_conditions
+from .urls import shown
 from .yamlfile import Places, Where, YamlError, load_strict_yaml, place, where_text
 
 # RFC 3986 pchar without percent-encoding: what a literal policy segment may contain.
@@ -625,10 +626,13 @@ class _Context:
         explicit = self.string(item, "issuer", where)
         issuer = explicit or cognito_issuer(issuer_format, region, pool)
         if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?\Z", issuer):
-            raise self.fail((*where, "issuer"), f"{issuer!r} is not an http(s) URL")
+            raise self.fail((*where, "issuer"), f"{shown(issuer)!r} is not an http(s) URL")
+        if "@" in issuer.split("/")[2]:
+            raise self.fail((*where, "issuer"), f"{shown(issuer)!r}: an issuer URL carries no credentials (the "
+                            "token's iss is compared as written); put those the JWKS needs in jwks_uri")
         jwks_override = self.string(item, "jwks_uri", where)
         if jwks_override is not None and not re.match(r"^https?://[^\s/?#]+(/\S*)?\Z", jwks_override):
-            raise self.fail((*where, "jwks_uri"), f"{jwks_override!r} is not an http(s) URL")
+            raise self.fail((*where, "jwks_uri"), f"{shown(jwks_override)!r} is not an http(s) URL")
         allowed = self.client_ids(item, where)
         fmt = None if explicit else issuer_format
         accepted = [(region, issuer, False)]

@@ -22,6 +22,7 @@ from .claims import cognito_controlled
 from .policy import (OTHER_SEGMENT, Mode, PathCase, Policy, PolicyError, Route, check_policy, pattern_matches,
                      read_policy_file, read_policy_stream)
 from .simulate import Simulator, run_check
+from .urls import shown
 from .yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position, scalar_text, where_text
 
 STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
@@ -417,7 +418,7 @@ def issuer_lines(policy: Policy) -> list[str]:
             where = f"replica region {issuer.region}" if issuer.replica else (
                 f"region {issuer.region}" if issuer.region else "")
             out.append(f"    {issuer.issuer}" + (f"  ({where})" if where else ""))
-            out.append(f"      keys from {issuer.jwks_uri}")
+            out.append(f"      keys from {shown(issuer.jwks_uri)}")
     return out
 
 

@@ -188,6 +188,17 @@ def test_unreachable_jwks_is_shown_and_answers_503(issuer, tmp_path):
     assert "  HTTP 503" in run.stdout
 
 
+def test_credentials_in_an_unreachable_jwks_uri_are_not_shown(issuer, tmp_path):
+    secret = "s3cret-Pa55word"
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"issuers:\n  - user_pool_id: us-east-1_Demo00001\n    issuer: {issuer.issuer}\n"
+                      f"    jwks_uri: http://keys-user:{secret}@127.0.0.1:{free_port()}/jwks.json?sig={secret}\n"
+                      "routes:\n  - path: /a\n    scopes: [transactions/post]\n")
+    run = explain("--policy", str(policy), "--method", "GET", "--path", "/a", "--token", issuer.token("payments-writer"))
+    assert run.returncode == 1 and "  FAILED       jwks       fetching http://127.0.0.1:" in run.stdout
+    assert secret not in run.stdout + run.stderr and "keys-user" not in run.stdout + run.stderr
+
+
 @pytest.mark.parametrize(
     ("make_token", "check"),
     [

@@ -916,3 +916,18 @@ def test_check_policy_reports_errors_in_file_order():
     _, errors = check_policy(ISSUERS + "routes:\n  - name: x\n    path: /a\n    scopes: [r]\n"
                              "  - name: x\n    path: /b\n    scopes: [r]\n  - path: c\n    scopes: [r]\n", SOURCE)
     assert [e.where for e in errors] == [("routes", 1, "name"), ("routes", 2, "path")]
+
+
+def test_an_issuer_url_with_credentials_is_refused_without_showing_them():
+    """An iss is compared as written and names no credentials; a password there would be shown
+    wherever the issuer is (logs, /readyz, tools), so it is refused. Credentials for a JWKS
+    belong in jwks_uri, which is never shown with them."""
+    message = refused("issuers:\n  - user_pool_id: us-east-1_A\n    issuer: https://user:s3cret@idp.example/p\n"
+                      "    jwks_uri: https://idp.example/jwks\nroutes:\n" + GOOD_ROUTE)
+    assert "issuers[0].issuer" in message and "credentials" in message and "s3cret" not in message
+
+
+def test_a_bad_jwks_uri_is_refused_without_showing_its_credentials():
+    message = refused("issuers:\n  - user_pool_id: us-east-1_A\n"
+                      "    jwks_uri: 'https://user:s3cret@idp.example/jw ks'\nroutes:\n" + GOOD_ROUTE)
+    assert "issuers[0].jwks_uri" in message and "s3cret" not in message and "idp.example" in message

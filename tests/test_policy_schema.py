@@ -132,7 +132,8 @@ def documents(draw: st.DrawFn) -> dict[str, object]:
     if draw(st.booleans()):
         issuer["client_ids"] = draw(st.sampled_from([["abc"], [], "abc", ["a b"], ["x" * 129]]))
     if draw(st.booleans()):
-        issuer["issuer"] = draw(st.sampled_from(["https://idp.example/p", "http://127.0.0.1:9000/p", "idp", ""]))
+        issuer["issuer"] = draw(st.sampled_from(["https://idp.example/p", "http://127.0.0.1:9000/p", "idp", "",
+                                                 "https://user:pw@idp.example/p"]))
     if draw(st.booleans()):
         issuer["issuer_format"] = draw(st.sampled_from(["original", "updated", "new", 1]))
     if draw(st.booleans()):

@@ -579,14 +579,20 @@ def test_fallthrough_compares_all_scopes_and_clients(route, rest, why):
     assert_fallthrough(route, rest, why)
 
 
-def test_validate_explain_issuers_lists_every_accepted_iss_and_jwks(tmp_path):
+def explain_issuers(tmp_path, issuers: str) -> tuple[Path, list[str]]:
+    """``validate --explain-issuers`` on a policy of these ``issuers:`` entries: (its path, the lines)."""
     policy = tmp_path / "p.yaml"
-    policy.write_text("issuers:\n  - user_pool_id: us-east-1_Multi1\n    issuer_format: updated\n"
-                      "    replica_regions: [eu-west-1]\n    client_ids: [app-1, app-2]\n"
-                      "  - user_pool_id: eu-central-1_Old\nroutes:\n  - {path: /a, scopes: [a/b]}\n")
+    policy.write_text(f"issuers:\n{issuers}routes:\n  - {{path: /a, scopes: [a/b]}}\n")
     run = cli("validate", "--explain-issuers", str(policy))
     assert run.returncode == 0, run.stdout
-    assert run.stdout.splitlines() == [
+    return policy, run.stdout.splitlines()
+
+
+def test_validate_explain_issuers_lists_every_accepted_iss_and_jwks(tmp_path):
+    policy, lines = explain_issuers(tmp_path, "  - user_pool_id: us-east-1_Multi1\n    issuer_format: updated\n"
+                                              "    replica_regions: [eu-west-1]\n    client_ids: [app-1, app-2]\n"
+                                              "  - user_pool_id: eu-central-1_Old\n")
+    assert lines == [
         f"{policy}: OK: 1 routes, 2 issuers (3 accepted iss), 0 warnings",
         "  issuers[0] us-east-1_Multi1 (updated issuer format) accepts app clients app-1, app-2, with iss:",
         "    https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_Multi1  (region us-east-1)",
@@ -598,6 +604,13 @@ def test_validate_explain_issuers_lists_every_accepted_iss_and_jwks(tmp_path):
         "      keys from https://cognito-idp.eu-central-1.amazonaws.com/eu-central-1_Old/.well-known/jwks.json",
     ]
     assert "issuers[0]" not in cli("validate", str(policy)).stdout  # only on request
+
+
+def test_validate_explain_issuers_never_shows_jwks_credentials(tmp_path):
+    _, lines = explain_issuers(tmp_path, "  - user_pool_id: us-east-1_Abc123\n"
+                                         "    jwks_uri: https://keys-user:s3cret@keys.example/jwks.json?sig=s3cret\n")
+    assert "      keys from https://keys.example/jwks.json" in lines
+    assert not [line for line in lines if "s3cret" in line or "keys-user" in line]
 
 
 def test_custom_claims_example_passes_through_the_cli():

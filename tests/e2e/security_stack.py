@@ -21,7 +21,7 @@ from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from authz_service.simulate import check_request
 
 from .fake_issuer import FakeIssuer
-from .harness import EnvoyProcess, UpstreamProcess, http_request, raw_http_request
+from .harness import EnvoyProcess, UpstreamProcess, authz_http_request, http_request
 from .stack import TRANSACTION_ROUTES, DevIssuer, PolicyDir, Service
 
 ISSUERS = """
@@ -134,7 +134,7 @@ class SecurityStack:
         """An authorization request straight to the service's front door of this stack's mode, as
         Envoy would send it: a CheckRequest (gRPC), or the HTTP request (HTTP mode)."""
         if self.mode == "http":
-            status, response_headers, body = raw_http_request(
+            status, response_headers, body = authz_http_request(
                 self.service.authz_port("http"), method, path, list((headers or {}).items()))
             return Direct(None, status, body.decode() if status != 200 else "",
                           {k.lower(): v for k, v in response_headers})
