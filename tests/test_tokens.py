@@ -8,6 +8,7 @@ import hmac
 import json
 import re
 import time
+from dataclasses import dataclass
 
 import jwt
 import pytest
@@ -61,13 +62,20 @@ async def test_valid_cognito_token(key_a: SigningKey) -> None:
     assert claims.kid == "kid-a"
 
 
+@dataclass(frozen=True)
+class In:
+    """A time claim ``seconds`` from when the test runs (never from collection)."""
+
+    seconds: int
+
+
 @pytest.mark.parametrize(
     ("claims", "failure"),
     [
-        ({"exp": int(time.time()) - 120}, Failure.EXPIRED),
+        ({"exp": In(-120)}, Failure.EXPIRED),
         ({"exp": None}, Failure.INVALID_TOKEN),
-        ({"nbf": int(time.time()) + 600}, Failure.NOT_YET_VALID),
-        ({"iat": int(time.time()) + 600}, Failure.NOT_YET_VALID),
+        ({"nbf": In(600)}, Failure.NOT_YET_VALID),
+        ({"iat": In(600)}, Failure.NOT_YET_VALID),
         ({"iss": ISSUER + "/"}, Failure.WRONG_ISSUER),
         ({"iss": ISSUER.upper()}, Failure.WRONG_ISSUER),
         ({"iss": None}, Failure.WRONG_ISSUER),
@@ -81,6 +89,8 @@ async def test_valid_cognito_token(key_a: SigningKey) -> None:
     ],
 )
 async def test_claim_failures(key_a: SigningKey, claims: dict, failure: Failure) -> None:
+    now = int(time.time())  # read when the test runs: a suite on a busy machine outlasts any offset
+    claims = {name: now + value.seconds if isinstance(value, In) else value for name, value in claims.items()}
     assert await failure_of(TokenVerifier(MemoryKeys(key_a)), key_a.token(**claims)) is failure
 
 
