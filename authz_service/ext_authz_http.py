@@ -18,7 +18,7 @@ actually sends). So no prefix Envoy sends or omits can move the decision to anot
 
 The known trap of HTTP mode: Envoy forwards only the headers it is told to, so we may never see a
 spoofed ``x_auth_client_id`` the client sent. Every answer therefore carries
-``x-envoy-auth-headers-to-remove`` with every '-'/'_' spelling of the identity and override headers
+``x-envoy-auth-headers-to-remove`` with every '-'/'_'/'.' spelling of the identity and override headers
 (minus the ones the answer sets), and Envoy strips them all from the upstream request.
 
 Tracing (on only when configured, see tracing.py): Envoy sends the trace context of its ext_authz

@@ -16,6 +16,7 @@ command (fixed connections, fixed time):
   3hv floor    the same with uvicorn + httptools (when installed): how the HTTP library was chosen
   3ha floor    the HTTP floor answering with the headers of authz-service's allow answer (identity
                and the x-envoy-auth-headers-to-remove list): what applying them costs Envoy
+  3hap floor   the same with the allow answer (and the Envoy config) of authz-service at --compare-rev
   4h warm      HTTP ext_authz -> authz-service's HTTP front door, warm
   5h cold      HTTP ext_authz -> authz-service's HTTP front door, cold
   4p warm      gRPC ext_authz -> authz-service at --compare-rev (another commit), warm
@@ -398,11 +399,13 @@ class Bench:
         return proc, listener
 
     def start_floor(self, event_loop: str = "asyncio", protocol: str = "grpc",
-                    allow_headers: bool = False) -> tuple[ManagedProcess, int]:
+                    allow_headers: bool = False, checkout: Path = ROOT) -> tuple[ManagedProcess, int]:
+        """A floor server; with ``allow_headers`` it answers with the allow answer of the service at
+        ``checkout`` (this one, or --compare-rev's)."""
         port = free_port()
         proc = spawn("floor", [sys.executable, str(BENCH / "floor_server.py"), "--port", str(port),
                                "--event-loop", event_loop, "--protocol", protocol,
-                               *(["--allow-headers"] if allow_headers else [])], self.work)
+                               *(["--allow-headers"] if allow_headers else [])], self.work, checkout)
         self.procs.append(proc)
         return listening(proc, port, 20), port
 
@@ -440,7 +443,8 @@ class Bench:
             if backend == "floor-uvicorn":
                 backend_proc, authz_port = self.start_floor("uvloop", "http-uvicorn")
             elif backend == "floor-allow-headers":
-                backend_proc, authz_port = self.start_floor("uvloop", protocol, allow_headers=True)
+                backend_proc, authz_port = self.start_floor("uvloop", protocol, allow_headers=True,
+                                                            checkout=checkout)
             elif backend.startswith("floor"):
                 backend_proc, authz_port = self.start_floor("uvloop" if backend == "floor-uvloop" else "asyncio",
                                                             protocol)
@@ -561,10 +565,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; rows show the median")
     parser.add_argument("--work", default=str(BENCH / ".work"), help="scratch folder (keys, tokens, logs)")
     parser.add_argument("--only", default="",
-                        help="comma-separated subset of: 1,2,3,3u,4,5,3h,3ha,3hv,4h,5h,4p,4hp,4t,4w,d3,d3u,d4")
+                        help="comma-separated subset of: 1,2,3,3u,4,5,3h,3ha,3hap,3hv,4h,5h,4p,4hp,4t,4w,d3,d3u,d4")
     parser.add_argument("--compare-rev", default="",
-                        help="also measure gRPC and HTTP warm (rows 4p, 4hp) with the service at this git revision, "
-                             "e.g. the commit before a change (HTTP: with that revision's Envoy config)")
+                        help="also measure gRPC and HTTP warm (rows 4p, 4hp) and the HTTP floor with the allow "
+                             "answer's headers (row 3hap) with the service at this git revision, e.g. the commit "
+                             "before a change (HTTP: with that revision's Envoy config)")
     args = parser.parse_args()
     for tool in ("wrk", "h2load"):
         if not shutil.which(tool):
@@ -612,6 +617,10 @@ def main() -> None:
             plan.append(("4hp", lambda: bench.through_envoy(
                 "4hp", f"HTTP ext_authz -> authz-service at {args.compare_rev} (its Envoy config), warm",
                 "ext_authz_http", "service", bench.warm_tokens, policy, checkout=compare)))
+            plan.append(("3hap", lambda: bench.through_envoy(
+                "3hap", f"HTTP ext_authz -> bare aiohttp on uvloop answering with the allow answer's headers of "
+                f"authz-service at {args.compare_rev} (its Envoy config)", "ext_authz_http", "floor-allow-headers",
+                bench.warm_tokens, checkout=compare)))
         if not only or "4t" in only:
             sink, sink_port = bench.start_otlp_sink()
             running.callback(stop_sink, sink)
@@ -695,6 +704,10 @@ def main() -> None:
          paired("3ha", "3h", pod_minus), ".0f", " us")
     line("Pod CPU per request, HTTP warm minus HTTP floor with the allow answer's headers",
          paired("4h", "3ha", pod_minus), ".0f", " us")
+    line(f"HTTP floor with the allow answer's headers / the same at {args.compare_rev or '--compare-rev'}, req/s",
+         paired("3ha", "3hap", rps), ".2f")
+    line(f"Pod CPU per request, HTTP floor with the allow answer's headers minus the same at "
+         f"{args.compare_rev or '--compare-rev'}", paired("3ha", "3hap", pod_minus), ".0f", " us")
     line("gRPC warm / jwt_authn, req/s", paired("4", "2", rps), ".2f")
     line(f"gRPC warm / gRPC warm at {args.compare_rev or '--compare-rev'}, req/s", paired("4", "4p", rps), ".2f")
     line(f"gRPC warm / gRPC warm at {args.compare_rev or '--compare-rev'}, pod CPU per request",
