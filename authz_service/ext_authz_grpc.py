@@ -24,11 +24,6 @@ from .response import Answer
 from .tracing import GRPC_CHECK
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
-# The largest CheckRequest accepted. Envoy caps a request's headers at max_request_headers_kb
-# (60 KiB by default) and sends no body unless with_request_body is set, so a real CheckRequest
-# stays far below this; a larger one is refused by gRPC before it is parsed (RESOURCE_EXHAUSTED,
-# which Envoy turns into its status_on_error 503) instead of costing ~65 us of CPU per KiB.
-DEFAULT_MAX_REQUEST_BYTES = 128 * 1024
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _RENDERED = "grpc"
 
