@@ -106,7 +106,7 @@ def _add_dev_issuer(commands: argparse._SubParsersAction) -> None:  # type: igno
 
 
 def _add_policy_tools(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """validate / explain / test: the policy authors' tools (logic in policytool.py and explain.py)."""
+    """validate / explain / test: the policy authors' tools (logic in tools/policytool.py and tools/explain.py)."""
     validate = commands.add_parser(
         "validate", help="check policy files as the server loads them, plus lint warnings (for CI)",
         description="Load each policy file exactly as the server would and report every error (file:line:column, "
@@ -250,19 +250,19 @@ def _all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 def _policy_tool(args: argparse.Namespace) -> int:
     names = policy_names(args)
     if args.command == "validate":
-        from .policytool import validate_command
+        from .tools.policytool import validate_command
 
         return validate_command(names, args.strict, sys.stdout, args.explain_issuers)
     if args.command == "test":
-        from .policytool import tests_command
+        from .tools.policytool import tests_command
 
         return tests_command(Path(names[0]), args.tests, sys.stdout)
     args.policy = Path(names[0])
     if args.command == "audit":
-        from .audit import audit_command
+        from .tools.audit import audit_command
 
         return audit_command(args, sys.stdout)
-    from .explain import explain_command
+    from .tools.explain import explain_command
 
     return explain_command(args, sys.stdout)
 
@@ -298,7 +298,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _dev_issuer(args: argparse.Namespace) -> int:
-    from .dev_issuer import DevIssuerConfigError, load_config, serve
+    from .dev_issuer.issuer import DevIssuerConfigError, load_config, serve
 
     try:  # validated as serve validates --log-level
         level = option("log_level").parse(args.log_level)

@@ -1,6 +1,6 @@
 """The original HTTP request, as every front door hands it to the decision: the few facts it needs.
 
-Front doors (``ext_authz_grpc``: Envoy's CheckRequest; ``ext_authz_http``: Envoy's HTTP
+Front doors (``doors.grpc``: Envoy's CheckRequest; ``doors.http``: Envoy's HTTP
 authorization request) only extract the method, request target and headers; the rules for them
 live here, once, so both doors accept and refuse exactly the same requests.
 

@@ -27,8 +27,8 @@ from . import __version__, ports
 from .admin import AdminServer, CachedExposition
 from .check import Checker, TracedChecker
 from .config import Settings
-from .ext_authz_grpc import SERVICE_NAME, authorization_servicer
-from .ext_authz_http import HttpFrontDoor, Mismatch, door_status
+from .doors.grpc import SERVICE_NAME, authorization_servicer
+from .doors.http import HttpFrontDoor, Mismatch, door_status
 from .jwks import JwksCache, http_session
 from .metrics import Metrics
 from .policy import Policy, load_policy_file

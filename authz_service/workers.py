@@ -361,7 +361,7 @@ class Supervisor:
         from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
         from .admin import AdminServer, CachedExposition
-        from .ext_authz_http import door_status
+        from .doors.http import door_status
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)

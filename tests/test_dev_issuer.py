@@ -19,7 +19,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives import serialization
 
-from authz_service.dev_issuer import (
+from authz_service.dev_issuer.issuer import (
     DevIssuer,
     DevIssuerConfig,
     DevIssuerConfigError,

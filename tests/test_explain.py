@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from authz_service.explain import _checklist
+from authz_service.tools.explain import _checklist
 from authz_service.tokens import TokenError, TokenVerifier
 from tests.e2e.harness import free_port
 from tests.e2e.stack import DevIssuer, start_dev_issuer

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from authz_service.check import Checker
-from authz_service.ext_authz_http import MISMATCH, ORIGINAL_PATH, REMOVE_HEADER, HttpFrontDoor, Mismatch
+from authz_service.doors.http import MISMATCH, ORIGINAL_PATH, REMOVE_HEADER, HttpFrontDoor, Mismatch
 from authz_service.metrics import Metrics
 from authz_service.policy import parse_policy
 from authz_service.request import SPECIAL_NAMES

@@ -16,7 +16,7 @@ from authz_service.decision import Decision, Reason, decide
 from authz_service.policy import parse_policy
 from authz_service.request import HttpRequest
 from authz_service.claims import Claims
-from authz_service.ext_authz_grpc import check_response
+from authz_service.doors.grpc import check_response
 from authz_service.response import Answers
 from authz_service.tokens import Failure, TokenError
 

@@ -20,14 +20,14 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.api_jwk import PyJWK
 
-from ._proto.envoy.service.auth.v3 import external_auth_pb2
-from .check import Checker
-from .claims import IssuerKey, KeySource
-from .decision import Decision
-from .ext_authz_grpc import parse_check_request
-from .policy import Issuer, Policy
-from .response import Answer, Answers
-from .tokens import TokenVerifier
+from .._proto.envoy.service.auth.v3 import external_auth_pb2
+from ..check import Checker
+from ..claims import IssuerKey, KeySource
+from ..decision import Decision
+from ..doors.grpc import parse_check_request
+from ..policy import Issuer, Policy
+from ..response import Answer, Answers
+from ..tokens import TokenVerifier
 
 SIMULATED_KID = "authz-service-simulated"
 DEFAULT_CLIENT_ID = "simulated-client"

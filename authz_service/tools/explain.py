@@ -20,16 +20,16 @@ from typing import Any, TextIO
 import jwt
 from prometheus_client import CollectorRegistry
 
-from .claims import Claims, cognito_controlled
-from .config import JwksSettings
-from .jwks import JwksCache, http_session
-from .metrics import Metrics
-from .policy import Policy, Route, load_policy_file, pattern_matches, PolicyError
-from .request import BadRequest, normalized_path, path_segments
-from .response import Answer
+from ..claims import Claims, cognito_controlled
+from ..config import JwksSettings
+from ..jwks import JwksCache, http_session
+from ..metrics import Metrics
+from ..policy import Policy, Route, load_policy_file, pattern_matches, PolicyError
+from ..request import BadRequest, normalized_path, path_segments
+from ..response import Answer
 from .simulate import Outcome, Simulator, run_check
-from .tokens import MALFORMED_PAYLOAD, SCOPE_CHARACTER, SCOPE_SPACING, Failure, TokenError, TokenVerifier
-from .urls import shown
+from ..tokens import MALFORMED_PAYLOAD, SCOPE_CHARACTER, SCOPE_SPACING, Failure, TokenError, TokenVerifier
+from ..urls import shown
 
 _BEARER = re.compile(r"^bearer\s+", re.IGNORECASE)
 

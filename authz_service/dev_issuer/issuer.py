@@ -47,12 +47,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from . import ports
-from .claims import cognito_controlled
-from .policy import IssuerFormat, cognito_issuer
-from .yamlfile import Places, Where, YamlError, load_strict_yaml, place
+from .. import ports
+from ..claims import cognito_controlled
+from ..policy import IssuerFormat, cognito_issuer
+from ..yamlfile import Places, Where, YamlError, load_strict_yaml, place
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("authz_service.dev_issuer")
 
 CLIENT_CREDENTIALS = "client_credentials"
 # Cognito's AllowedOAuthFlows, spelled as OAuth grant names; only client_credentials is served here,

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .policy import Issuer, IssuerFormat, Policy, PolicyError, Route, load_policy_file
+from ..policy import Issuer, IssuerFormat, Policy, PolicyError, Route, load_policy_file
 
 CLIENT_CREDENTIALS = "client_credentials"
 INSTALL_HINT = "pip install 'authz-service[audit]'"

@@ -42,12 +42,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod
 from aiohttp.web_protocol import RequestHandler
 
-from . import ports
-from .admin import listen
-from .check import Checker, TracedChecker
-from .decision import Decision
-from .logs import Throttle
-from .request import (
+from .. import ports
+from ..admin import listen
+from ..check import Checker, TracedChecker
+from ..decision import Decision
+from ..logs import Throttle
+from ..request import (
     INVALID_METHOD,
     SPECIAL_NAMES,
     BadRequest,
@@ -57,10 +57,10 @@ from .request import (
     path_and_segments,
     special_names,
 )
-from .response import Answer
-from .tracing import HTTP_CHECK
+from ..response import Answer
+from ..tracing import HTTP_CHECK
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("authz_service.ext_authz_http")  # the name it always had: log queries keep working
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 # The original request's path (and query), as Envoy's http_service must send it on every
 # authorization request: authorization_request.headers_to_add {key: ORIGINAL_PATH, value: ENVOY_VALUE}.

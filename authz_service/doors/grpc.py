@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._proto.envoy.config.core.v3 import base_pb2
-from ._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from .check import Checker, TracedChecker
-from .request import SPECIAL_NAMES, BadRequest, HttpRequest, checked_method, path_and_segments, special_names
-from .response import Answer
-from .tracing import GRPC_CHECK
+from .._proto.envoy.config.core.v3 import base_pb2
+from .._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from ..check import Checker, TracedChecker
+from ..request import SPECIAL_NAMES, BadRequest, HttpRequest, checked_method, path_and_segments, special_names
+from ..response import Answer
+from ..tracing import GRPC_CHECK
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD

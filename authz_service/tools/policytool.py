@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .claims import cognito_controlled
-from .policy import (OTHER_SEGMENT, Mode, PathCase, Policy, PolicyError, Route, check_policy, pattern_matches,
+from ..claims import cognito_controlled
+from ..policy import (OTHER_SEGMENT, Mode, PathCase, Policy, PolicyError, Route, check_policy, pattern_matches,
                      read_policy_file, read_policy_stream)
 from .simulate import Simulator, run_check
-from .urls import shown
-from .yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position, scalar_text, where_text
+from ..urls import shown
+from ..yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position, scalar_text, where_text
 
 STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 # Scopes a user pool knows but a client_credentials (machine-to-machine) token can never carry.
