@@ -298,7 +298,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _dev_issuer(args: argparse.Namespace) -> int:
-    from .dev_issuer.issuer import DevIssuerConfigError, load_config, serve
+    from .dev_issuer.app import serve
+    from .dev_issuer.config import DevIssuerConfigError, load_config
 
     try:  # validated as serve validates --log-level
         level = option("log_level").parse(args.log_level)
