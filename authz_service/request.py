@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 MAX_PATH_LENGTH = 8192
+MAX_REQUEST_ID = 128  # characters of x-request-id kept for the logs
 IDENTITY_HEADERS = ("x-auth-client-id", "x-auth-scopes", "x-auth-sub")
 _IDENTITY_SPELLINGS = frozenset(IDENTITY_HEADERS)
 # Frameworks that honour these run another method or path than the one we authorize (GET allowed,
@@ -101,6 +103,40 @@ class HttpRequest:
 
 
 INVALID_METHOD = "missing or invalid method (an upper-case RFC 9110 token, e.g. GET)"
+
+Source = TypeVar("Source")
+# What a front door reads of a request's headers: every Authorization value, x-request-id ("" when
+# absent) and every header name, lower-case.
+HeaderFacts = tuple[tuple[str, ...], str, Collection[str]]
+
+
+def http_request(source: Source, method: str, target: Callable[[Source], str],
+                 headers: Callable[[Source], HeaderFacts]) -> HttpRequest:
+    """The one way every caller (each front door, the policy tools) builds an HttpRequest.
+
+    The checks run here, in one order (the method, then the request target, then the headers), so
+    every door refuses the same requests with the same first reason. ``target`` and ``headers``
+    read ``source`` only once the checks before them passed (a door's own refusals, such as the
+    HTTP door's misconfigured-prefix check, come after the method's as they always did); either
+    may raise BadRequest.
+    """
+    method = checked_method(method)
+    path, segments = path_and_segments(target(source))
+    authorization, request_id, names = headers(source)
+    # Names are screened with one C-level set operation; looked at closer only on a hit.
+    spoofed = () if SPECIAL_NAMES.isdisjoint(names) else special_names(names)
+    return HttpRequest(method, path, segments, authorization, request_id[:MAX_REQUEST_ID], spoofed)
+
+
+def request_from(method: str, target: str, headers: Mapping[str, str]) -> HttpRequest:
+    """An HttpRequest from plain values (the policy tools' requests), through ``http_request``."""
+    return http_request(headers, method, lambda _: target, _plain_headers)
+
+
+def _plain_headers(headers: Mapping[str, str]) -> HeaderFacts:
+    lowered = {name.lower(): value for name, value in headers.items()}
+    authorization = lowered.get("authorization")
+    return (authorization,) if authorization is not None else (), lowered.get("x-request-id", ""), tuple(lowered)
 
 
 def checked_method(method: str) -> str:

@@ -215,21 +215,16 @@ def _resource_attributes(environ: Mapping[str, str]) -> dict[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class CheckSpanKind:
-    """How a front door's Check spans are named (OpenTelemetry semantic conventions)."""
+    """How a front door's Check spans are named (OpenTelemetry semantic conventions); each door
+    defines its own (doors.grpc.SPAN_KIND, doors.http.SPAN_KIND)."""
 
     name: str
     attributes: Mapping[str, str]
     http_server: bool  # named "{method} {http.route}" once the request and route are known
 
 
-GRPC_CHECK = CheckSpanKind(
-    "envoy.service.auth.v3.Authorization/Check",
-    {"rpc.system": "grpc", "rpc.service": "envoy.service.auth.v3.Authorization", "rpc.method": "Check"},
-    http_server=False,
-)
-HTTP_CHECK = CheckSpanKind("HTTP", {}, http_server=True)
-# The kind of the Check span current in this task (Checks of both front doors interleave).
-_CHECK_KIND: ContextVar[CheckSpanKind] = ContextVar("authz_check_span_kind", default=GRPC_CHECK)
+# The kind of the Check span current in this task (Checks of every front door interleave).
+_CHECK_KIND: ContextVar[CheckSpanKind | None] = ContextVar("authz_check_span_kind", default=None)
 
 
 class Recorder:
@@ -377,7 +372,8 @@ class Tracing(NoTracing):
             span.set_attribute("authz.client_id", decision.claims.client_id)
         if request is not None:
             span.set_attribute("http.request.method", request.method)
-            if _CHECK_KIND.get().http_server:
+            kind = _CHECK_KIND.get()
+            if kind is not None and kind.http_server:
                 route = decision.route
                 span.update_name(f"{request.method} {route.path}" if route is not None else request.method)
                 if route is not None:

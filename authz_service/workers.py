@@ -2,8 +2,8 @@
 
 Why: one CPython process verifies on one core (the GIL); Envoy's ext_authz opens new connections
 as it needs them and the kernel spreads connections over sockets bound with SO_REUSEPORT, so N
-workers use N cores with no proxy in between. Both front doors (gRPC, and HTTP when enabled) are
-shared this way.
+workers use N cores with no proxy in between. Every front door the settings turn on
+(``doors.enabled``: gRPC, and HTTP when enabled) is shared this way.
 
 The parent (this module) loads the policy once to fail fast, reserves the shared ports, starts the
 workers (each a full ``server.Service`` without the HTTP server), serves ``/healthz``, ``/readyz``
@@ -11,8 +11,7 @@ workers (each a full ``server.Service`` without the HTTP server), serves ``/heal
 writes its samples to files in a private temporary directory that the parent aggregates), forwards
 SIGTERM and SIGHUP, restarts a worker that dies, and exits non-zero when workers fail to start.
 
-Port ownership: the parent binds each shared address (the gRPC port, and the HTTP front door's
-when enabled) itself with SO_REUSEPORT (without listening) before any worker starts and holds it
+Port ownership: the parent binds each door's shared address itself with SO_REUSEPORT (without listening) before any worker starts and holds it
 until exit. A port already held by another program without SO_REUSEPORT therefore fails start-up as
 with one worker. The kernel lets a socket join a SO_REUSEPORT group only when it was created by the
 same effective UID, so a process of another UID cannot take a share of the Checks; one of the same
@@ -43,8 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__, ports
+from . import __version__, doors, ports
 from .config import Settings
+from .server import door_addresses
 from .tracing import describe
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class _Worker:
     def __init__(self, index: int, ctx: Any) -> None:
         self.index = index
         self.state: Synchronized = ctx.Value("i", STARTING, lock=False)
-        # HTTP front door requests refused as not matching Envoy's config, over all its lives.
+        # Requests its doors refused as not matching Envoy's config (FrontDoor.refused), over all its lives.
         self.mismatches: Synchronized = ctx.Value("q", 0, lock=False)
         self.process: Any = None
         self.restarts = 0
@@ -185,9 +185,8 @@ class Supervisor:
         self._workers = [_Worker(i, self._ctx) for i in range(settings.workers)]
         self._stopping = asyncio.Event()
         self._metrics_dir = ""
-        self._reservation: socket.socket | None = None
-        self._http_reservation: socket.socket | None = None
-        self.grpc_port: int | None = None
+        self._reservations: list[socket.socket] = []
+        self.door_ports: dict[str, int] = {}  # by DoorKind.name: the shared port
         self.http_port: int | None = None
         self.shared_ports: list[tuple[ports.Listener, int]] = []  # what the workers share (SO_REUSEPORT)
         self.foreign_listeners: dict[int, ForeignListener] = {}  # by socket inode, seen twice in a row
@@ -223,16 +222,14 @@ class Supervisor:
         self._metrics_dir = tempfile.mkdtemp(prefix="authz-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir  # inherited by spawned workers
         try:
-            self._reservation = ports.GRPC.reserve(self.settings.grpc_host, self.settings.grpc_port, share=True)
-            self.grpc_port = self._reservation.getsockname()[1]
-            self.shared_ports.append((ports.GRPC, self.grpc_port))
-            worker_settings = dataclasses.replace(self.settings, grpc_port=self.grpc_port)
-            if self.settings.ext_authz_http_port:
-                self._http_reservation = ports.EXT_AUTHZ_HTTP.reserve(
-                    self.settings.grpc_host, self.settings.ext_authz_http_port, share=True)
-                door_port = self._http_reservation.getsockname()[1]
-                self.shared_ports.append((ports.EXT_AUTHZ_HTTP, door_port))
-                worker_settings = dataclasses.replace(worker_settings, ext_authz_http_port=door_port)
+            worker_settings = self.settings
+            for kind, port in doors.enabled(self.settings):  # each door's port, reserved and watched alike
+                reservation = kind.listener.reserve(self.settings.grpc_host, port, share=True)
+                self._reservations.append(reservation)
+                shared = reservation.getsockname()[1]
+                self.door_ports[kind.name] = shared
+                self.shared_ports.append((kind.listener, shared))
+                worker_settings = dataclasses.replace(worker_settings, **{kind.port_option: shared})
             for worker in self._workers:
                 self._start(worker, worker_settings)
             failed = await self._wait_started()
@@ -249,7 +246,7 @@ class Supervisor:
                             "its own non-root UID (docs/security.md)",
                             extra={"shared_ports": [port for _, port in self.shared_ports]})
             log.info("authz-service started", extra={
-                "version": __version__, "grpc": f"{self.settings.grpc_host}:{self.grpc_port}",
+                "version": __version__, **door_addresses(self.settings, self.door_ports),
                 "http": f"{self.settings.http_host}:{self.http_port}", "workers": len(self._workers),
                 "pids": [w.process.pid for w in self._workers], "tracing": describe(self.settings.tracing)})
             await self._watch(worker_settings)
@@ -258,9 +255,8 @@ class Supervisor:
             await self._http.stop()
             return 0
         finally:
-            for reservation in (self._reservation, self._http_reservation):
-                if reservation is not None:
-                    reservation.close()
+            for reservation in self._reservations:
+                reservation.close()
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
     def _start(self, worker: _Worker, settings: Settings) -> None:
@@ -361,7 +357,6 @@ class Supervisor:
         from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
         from .admin import AdminServer, CachedExposition
-        from .doors.http import door_status
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)
@@ -378,9 +373,9 @@ class Supervisor:
             body: dict[str, object] = {
                 "workers": self.status(),
                 "foreign_listeners": [f.status() for f in self.foreign_listeners.values()]}
-            if self.settings.ext_authz_http_port:
-                body["ext_authz_http"] = door_status(self.settings.ext_authz_http_path_prefix,
-                                                     sum(w.mismatches.value for w in self._workers))
+            for kind, _ in doors.enabled(self.settings):
+                if kind.status is not None:
+                    body[kind.name] = kind.status(self.settings, sum(w.mismatches.value for w in self._workers))
             return self.ready(), body
 
         interval = self.settings.metrics_min_interval

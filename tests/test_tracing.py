@@ -23,7 +23,9 @@ from authz_service.policy import parse_policy
 from authz_service.request import HttpRequest, path_and_segments
 from authz_service.response import Answers
 from authz_service.tokens import TokenVerifier
-from authz_service.tracing import GRPC_CHECK, HTTP_CHECK, tracing_settings
+from authz_service.doors.grpc import SPAN_KIND as GRPC_CHECK
+from authz_service.doors.http import SPAN_KIND as HTTP_CHECK
+from authz_service.tracing import tracing_settings
 
 from .conftest import ISSUER, MemoryKeys, SigningKey
 from .test_cli import cli

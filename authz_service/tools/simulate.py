@@ -1,7 +1,8 @@
 """Run one request through the real Check pipeline, outside the server.
 
-Why: `explain` and `test` must show what the service would do, so they send a real CheckRequest
-through the same ``check.Checker`` the front doors use; nothing here decides.
+Why: `explain` and `test` must show what the service would do, so they send the request, built
+by the front doors' own ``request.http_request``, through the same ``check.Checker`` the doors
+use; nothing here decides, and no front door or protocol is involved.
 With ``--scopes`` instead of a real token, a token is minted and signed with a throw-away RSA
 key that only this process trusts, so the real TokenVerifier (issuer, client allow-list, scopes,
 custom claims) checks it: the simulation covers the policy, not Cognito's crypto.
@@ -20,12 +21,11 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.api_jwk import PyJWK
 
-from .._proto.envoy.service.auth.v3 import external_auth_pb2
 from ..check import Checker
 from ..claims import IssuerKey, KeySource
 from ..decision import Decision
-from ..doors.grpc import parse_check_request
 from ..policy import Issuer, Policy
+from ..request import HttpRequest, request_from
 from ..response import Answer, Answers
 from ..tokens import TokenVerifier
 
@@ -41,17 +41,6 @@ class Outcome:
     decision: Decision
 
 
-def check_request(method: str, path: str, headers: dict[str, str]) -> external_auth_pb2.CheckRequest:
-    """The CheckRequest Envoy sends for this request (the attributes our parser reads)."""
-    check = external_auth_pb2.CheckRequest()
-    http = check.attributes.request.http
-    http.method = method
-    http.path = path
-    for name, value in headers.items():
-        http.headers[name.lower()] = value
-    return check
-
-
 class _FixedPolicy:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
@@ -63,7 +52,11 @@ async def run_check(
     """What the service answers one request (the Check pipeline, without metrics)."""
     headers = {"authorization": f"Bearer {token}"} if token is not None else {}
     checker = Checker(_FixedPolicy(policy), verifier, Answers(realm))
-    return await checker.check(parse_check_request, check_request(method, path, headers), Outcome)
+    return await checker.check(_request, (method, path, headers), Outcome)
+
+
+def _request(raw: tuple[str, str, dict[str, str]]) -> HttpRequest:
+    return request_from(*raw)
 
 
 class _SimulatedKeys(KeySource):

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
-from authz_service.tools.simulate import check_request
+from authz_service.doors.grpc import check_request
 
 from .fake_issuer import FakeIssuer
 from .harness import EnvoyProcess, UpstreamProcess, authz_http_request, http_request

@@ -20,7 +20,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from authz_service.tools.simulate import check_request
+from authz_service.doors.grpc import check_request
 
 from ..conftest import SigningKey, make_key
 from .harness import (MODES, REPO_ROOT, ManagedProcess, UpstreamProcess, authz_http_request, free_port, http_request,
