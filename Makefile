@@ -133,10 +133,12 @@ IMAGE ?= localhost/authz-service:dev
 # The Dockerfile's base image, by its full name (podman's, for Docker Hub's short one).
 BASE_IMAGE := docker.io/library/$(shell sed -n 's/^FROM \([^ ]*\) AS builder$$/\1/p' Dockerfile)
 # The CA bundle pip trusts inside the build, given as a build secret (never stored in a layer): this
-# machine's own, so the build passes the same TLS-intercepting proxy as the host. BUILD_CA= for none.
+# machine's own, so the build passes the same TLS-intercepting proxy as the host (BUILD_CA= for none),
+# plus a marker certificate the image tests look for in every file of the image.
 BUILD_CA ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+BUILD_CA_SECRET := build/build-ca.pem
 # What the image tests are told: the image, and the CA bundle that must not have ended up in it.
-IMAGE_TEST_ENV = AUTHZ_TEST_IMAGE=$(IMAGE) AUTHZ_TEST_BUILD_CA=$(BUILD_CA)
+IMAGE_TEST_ENV = AUTHZ_TEST_IMAGE=$(IMAGE) $(if $(BUILD_CA),AUTHZ_TEST_BUILD_CA=$(BUILD_CA_SECRET))
 
 # podman, runc and debootstrap (for a stand-in base image) from Debian, as root or with sudo.
 image-deps:
@@ -149,9 +151,10 @@ image-deps:
 # RUN steps without an OCI runtime, which cannot create cgroups on the CI machine.
 image: image-deps
 	tools/base_image.sh $(BASE_IMAGE)
+	$(if $(BUILD_CA),mkdir -p build && cat $(BUILD_CA) tests/data/build-ca-marker.pem > $(BUILD_CA_SECRET))
 	@start=$$(date +%s); \
 	podman build --isolation chroot --network host --pull=never \
-	  $(if $(BUILD_CA),--secret id=pip-ca$(comma)src=$(BUILD_CA)) --tag $(IMAGE) . && \
+	  $(if $(BUILD_CA),--secret id=pip-ca$(comma)src=$(BUILD_CA_SECRET)) --tag $(IMAGE) . && \
 	echo "image: built $(IMAGE) in $$(( $$(date +%s) - start )) s, $$(podman image inspect --format '{{.Size}}' $(IMAGE) | awk '{printf "%.0f MB", $$1 / 1e6}')"
 
 # The image's own tests (tests/e2e/test_image_e2e.py): its contents, and the end-to-end cases through
