@@ -65,10 +65,10 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --clean --site-dir build/site
 
 unit: $(STAMP)
-	$(BIN)/pytest -q -m "not e2e"
+	$(BIN)/pytest -q -m "not e2e and not image"
 
 e2e: $(STAMP)
-	$(BIN)/pytest -q -m e2e
+	$(BIN)/pytest -q -m "e2e and not image"
 
 # MODE=grpc (default) or MODE=http: Envoy's ext_authz mode (envoy/envoy.yaml or envoy/envoy-http.yaml).
 MODE ?= grpc
@@ -119,7 +119,7 @@ floors: $(STAMP)
 	cd $(FLOORS) && venv/bin/authz-service validate --strict $(CURDIR)/authz_service/examples/policy.yaml
 	$(BIN)/uv pip install --quiet --python $(FLOORS)/venv/bin/python -c $(FLOORS)/constraints.txt --group test
 	$(FLOORS)/venv/bin/python tools/deps.py installed $(FLOORS)/constraints.txt
-	$(FLOORS)/venv/bin/pytest -q -p no:cacheprovider -m "not e2e"
+	$(FLOORS)/venv/bin/pytest -q -p no:cacheprovider -m "not e2e and not image"
 
 # Longer soak through a real Envoy (make test runs the same suite for 20 s).
 SOAK_SECONDS ?= 300
