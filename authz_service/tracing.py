@@ -34,6 +34,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import install_hint
 from .config import ConfigError
 from .urls import shown
 
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXTRA = "pip install 'authz-service[tracing]'"
+EXTRA = f"{install_hint('tracing')} (the image includes it)"
 DEFAULT_SERVICE_NAME = "authz-service"
 PROTOCOLS = ("grpc", "http/protobuf")
 # The OpenTelemetry specification's default. The OTLP/gRPC port is 4317, OTLP/HTTP's 4318.

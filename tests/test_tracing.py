@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
+from authz_service import __version__
 from authz_service.admin import AdminServer, CachedExposition, wants_openmetrics
 from authz_service.check import Checker, TracedChecker
 from authz_service.config import ConfigError, settings_from
@@ -121,8 +122,9 @@ def test_configured_without_the_extra_is_one_clear_line_and_exit_2(tmp_path: Pat
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "authz-service: error: tracing is configured (OTEL_EXPORTER_OTLP_ENDPOINT is set) but the tracing extra "
-        "is not installed (no opentelemetry.sdk.trace): pip install 'authz-service[tracing]', or unset "
-        "OTEL_EXPORTER_OTLP_ENDPOINT"]
+        "is not installed (no opentelemetry.sdk.trace): pip install '.[tracing]' in a clone of the repository, or "
+        f"pip install 'authz_service-{__version__}-py3-none-any.whl[tracing]' from a built wheel (the image "
+        "includes it), or unset OTEL_EXPORTER_OTLP_ENDPOINT"]
     assert "SECRET" not in result.stdout + result.stderr
 
 
