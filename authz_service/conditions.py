@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +111,24 @@ class Conditions:
     all_scopes: frozenset[str]
     client_ids: frozenset[str] | None
     claims: tuple[ClaimCondition, ...]
+
+    def each(self, claims: Claims) -> Iterator[tuple[Unmet, ClaimCondition | None, str | None]]:
+        """Every condition, in the order ``unmet`` checks them: which one (with its ClaimCondition
+        for a claim condition) and the client-safe description of its failure (None: it holds).
+        For tools that show each condition (explain, tests); ``unmet`` is the same checks without
+        the generator, for decide() (tests/test_conditions.py holds the two equal)."""
+        if self.client_ids is not None:
+            yield Unmet.CLIENT, None, None if claims.client_id in self.client_ids else CLIENT_NOT_ALLOWED_TEXT
+        if self.any_scopes:
+            yield Unmet.ANY_SCOPE, None, None if not self.any_scopes.isdisjoint(claims.scopes) else ANY_SCOPE_TEXT
+        if self.all_scopes:
+            missing = self.all_scopes - claims.scopes
+            yield Unmet.ALL_SCOPES, None, f"token lacks a required scope: {min(missing)}" if missing else None
+        custom = claims.custom
+        for cond in self.claims:
+            value = custom.get(cond.name, _ABSENT)
+            yield Unmet.CLAIM, cond, (cond.missing if value is _ABSENT else None
+                                      if cond.holds(value) else cond.mismatch)  # type: ignore[arg-type]
 
     def unmet(self, claims: Claims) -> tuple[Unmet, str] | None:
         """The first condition the token fails and its client-safe description; None when all hold."""

@@ -150,6 +150,12 @@ class Route:
     # The scopes and conditions compiled for decide(); None when the route has only (any-of) scopes.
     conditions: Conditions | None = field(default=None, compare=False)
 
+    @property
+    def requirements(self) -> Conditions:
+        """What a verified token must meet on this route, as ``Conditions`` (for tools: a
+        scopes-only route has no ``conditions``, and decide() checks its scopes directly)."""
+        return self.conditions or Conditions(self.scopes, frozenset(), None, ())
+
     def takes(self, method: str) -> bool:
         """Whether this route's methods include ``method`` (GET implies HEAD; see the module doc)."""
         methods = self.methods

@@ -21,6 +21,7 @@ import jwt
 from prometheus_client import CollectorRegistry
 
 from ..claims import Claims, cognito_controlled
+from ..conditions import Unmet
 from ..config import JwksSettings
 from ..jwks import JwksCache, http_session
 from ..metrics import Metrics
@@ -28,34 +29,28 @@ from ..policy import Policy, Route, load_policy_file, pattern_matches, PolicyErr
 from ..request import BadRequest, normalized_path, path_segments
 from ..response import Answer
 from .simulate import Outcome, Simulator, run_check
-from ..tokens import MALFORMED_PAYLOAD, SCOPE_CHARACTER, SCOPE_SPACING, Failure, TokenError, TokenVerifier
+from ..tokens import Check, TokenError, TokenVerifier
 from ..urls import shown
 
 _BEARER = re.compile(r"^bearer\s+", re.IGNORECASE)
 
-# The verifier's checks in the order it runs them; a failure is attributed to one of them.
-CHECKS = (
-    ("header", "JOSE header: alg RS256, a kid, no embedded keys or crit"),
-    ("key", "signing key with this kid in a trusted issuer's JWKS"),
-    ("signature", "RS256 signature"),
-    ("payload", "payload is strict base64url JSON (read only once the signature verified)"),
-    ("issuer", "iss is the trusted issuer whose key verified the signature"),
-    ("times", "exp / nbf / iat (with leeway)"),
-    ("token_use", "token_use is 'access'"),
-    ("client", "client_id present, valid header text and allowed"),
-    ("claims", "scope and sub claims are strings; scope lists RFC 6749 scopes, sub is valid header text"),
-)
-_BY_FAILURE = {
-    Failure.WRONG_ISSUER: "issuer", Failure.KEYS_UNAVAILABLE: "key", Failure.UNKNOWN_KEY: "key",
-    Failure.BAD_SIGNATURE: "signature", Failure.EXPIRED: "times", Failure.NOT_YET_VALID: "times",
-    Failure.WRONG_TOKEN_USE: "token_use", Failure.CLIENT_NOT_ALLOWED: "client",
+# What each of the verifier's checks verifies; CHECKS lists them in tokens.Check's order, the
+# verifier's. The Authorization header's own check is left out: explain is given the token itself.
+_WHAT = {
+    Check.HEADER: "JOSE header: alg RS256, a kid, no embedded keys or crit",
+    Check.KEY: "signing key with this kid in a trusted issuer's JWKS",
+    Check.SIGNATURE: "RS256 signature",
+    Check.PAYLOAD: "payload is strict base64url JSON (read only once the signature verified)",
+    Check.ISSUER: "iss is the trusted issuer whose key verified the signature",
+    Check.TIMES: "exp / nbf / iat (with leeway)",
+    Check.TOKEN_USE: "token_use is 'access'",
+    Check.CLIENT: "client_id present, valid header text and allowed",
+    Check.CLAIMS: "scope and sub claims are strings; scope lists RFC 6749 scopes, sub is valid header text",
 }
-_BY_DETAIL = {  # INVALID_TOKEN covers several checks; the error's detail says which
-    MALFORMED_PAYLOAD: "payload", "token has no exp claim": "times", "token has no client_id claim": "client",
-    "client_id claim is not valid HTTP header text": "client",
-    "scope claim must be a string": "claims", "sub claim must be a string": "claims",
-    SCOPE_SPACING: "claims", SCOPE_CHARACTER: "claims", "sub claim is not valid HTTP header text": "claims",
-}
+CHECKS: dict[Check, str] = {check: _WHAT[check] for check in Check if check is not Check.CREDENTIALS}
+# Each route condition (conditions.Unmet) as the checklist names it.
+_CONDITION_NAMES = {Unmet.CLIENT: "clients", Unmet.ANY_SCOPE: "scopes", Unmet.ALL_SCOPES: "all_scopes",
+                    Unmet.CLAIM: "claim"}
 
 
 @dataclass
@@ -106,26 +101,23 @@ def _json_claim(value: object) -> object:
 
 def condition_checks(route: Route, claims: Claims) -> list[tuple[str, str, str]]:
     """The route's scopes and conditions, each passed or FAILED for these claims, in decide()'s order
-    (the first failure is the decision's reason). Values shown are the operator's own token's."""
+    (``Conditions.each``; the first failure is the decision's reason). Values shown are the
+    operator's own token's."""
     out = []
-
-    def check(name: str, ok: bool, detail: str) -> None:
-        out.append((name, "passed" if ok else "FAILED", detail))
-
-    if route.client_ids is not None:
-        check("clients", claims.client_id in route.client_ids,
-              f"client_id {claims.client_id!r} is one of the route's client_ids [{' '.join(sorted(route.client_ids))}]")
-    if route.scopes:
-        check("scopes", not route.scopes.isdisjoint(claims.scopes),
-              f"token holds one of the route's scopes [{route.scopes_text}]")
-    if route.all_scopes:
-        check("all_scopes", route.all_scopes <= claims.scopes,
-              f"token holds all of the route's all_scopes [{route.all_scopes_text}]")
-    for cond in route.claims:
-        present = cond.name in claims.custom
-        value = claims.custom.get(cond.name)
-        check("claim", present and cond.holds(value),  # type: ignore[arg-type]
-              f"{cond.text} (token: {_show_claim(value) if present else 'no such claim'})")
+    for unmet, cond, failure in route.requirements.each(claims):
+        if unmet is Unmet.CLIENT:
+            clients = " ".join(sorted(route.client_ids or ()))
+            detail = f"client_id {claims.client_id!r} is one of the route's client_ids [{clients}]"
+        elif unmet is Unmet.ANY_SCOPE:
+            detail = f"token holds one of the route's scopes [{route.scopes_text}]"
+        elif unmet is Unmet.ALL_SCOPES:
+            detail = f"token holds all of the route's all_scopes [{route.all_scopes_text}]"
+        else:
+            assert cond is not None
+            present = cond.name in claims.custom
+            shown_value = _show_claim(claims.custom[cond.name]) if present else "no such claim"
+            detail = f"{cond.text} (token: {shown_value})"
+        out.append((_CONDITION_NAMES[unmet], "passed" if failure is None else "FAILED", detail))
     return out
 
 
@@ -205,17 +197,16 @@ def candidates(policy: Policy, method: str, path: str) -> list[str]:
 
 
 def _checklist(error: TokenError | None) -> list[tuple[str, str, str]]:
-    failed = None
-    if error is not None:
-        failed = _BY_FAILURE.get(error.failure) or _BY_DETAIL.get(error.detail, "header")
+    """The verifier's checks in order: passed up to the one the error names (``TokenError.check``),
+    FAILED there with the error's operator detail, not checked after it."""
     out = []
     state = "passed"
-    for name, what in CHECKS:
-        if name == failed:
-            out.append((name, "FAILED", f"{what}: {error.detail}" if error else what))
+    for check, what in CHECKS.items():
+        if error is not None and check is error.check:
+            out.append((check.value, "FAILED", f"{what}: {error.detail}"))
             state = "not checked"
         else:
-            out.append((name, state, what))
+            out.append((check.value, state, what))
     return out
 
 
