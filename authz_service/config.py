@@ -11,10 +11,9 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .tracing import TracingSettings
+from .tracing import TracingSettings, TracingSettingsError, tracing_settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,8 +290,9 @@ def settings_from(cli_values: Mapping[str, str | None], environ: Mapping[str, st
             values[option.name] = option.parse(raw)
         except ValueError as exc:
             raise ConfigError(f"{source}={raw!r} is invalid: {exc}") from None
-    from .tracing import tracing_settings  # imports no OpenTelemetry: tracing may be off and not installed
-
     names = {f.name for f in fields(Settings) if f.init}
-    tracing = tracing_settings(environ, values.get("trace_client_context", "link"))
+    try:  # tracing_settings imports no OpenTelemetry: tracing may be off and not installed
+        tracing = tracing_settings(environ, values.get("trace_client_context", "link"))
+    except TracingSettingsError as exc:
+        raise ConfigError(str(exc)) from None
     return Settings(**{k: v for k, v in values.items() if k in names}, tracing=tracing)

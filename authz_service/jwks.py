@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import aiohttp
 from jwt.api_jwk import PyJWK
 
-from .claims import IssuerKey
+from .keys import IssuerKey
 from .config import JwksSettings
 from .metrics import Metrics
 from .policy import Issuer

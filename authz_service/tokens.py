@@ -30,7 +30,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from jwt.api_jwk import PyJWK
 
-from .claims import NO_CUSTOM_CLAIMS, SCOPE_CHARS, SCOPE_TOKEN, Claims, IssuerKey, KeySource, claim_value
+from .claims import NO_CUSTOM_CLAIMS, SCOPE_CHARS, SCOPE_TOKEN, Claims, claim_value
+from .keys import IssuerKey, KeySource
 from .policy import Issuer, Policy
 from .tokencache import CacheEntry, TokenCache
 

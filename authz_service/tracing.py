@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import install_hint
-from .config import ConfigError
 from .urls import shown
 
 if TYPE_CHECKING:
@@ -104,12 +103,17 @@ def describe(settings: TracingSettings | None) -> str | dict[str, object]:
     return settings.describe() if settings is not None else "off"
 
 
+class TracingSettingsError(ValueError):
+    """OTEL_* variables that cannot be used; the message names the variable and the fix
+    (config.settings_from reports it as the service's ConfigError)."""
+
+
 def _get(environ: Mapping[str, str], name: str) -> str:
     return environ.get(name, "").strip()
 
 
 def tracing_settings(environ: Mapping[str, str], client_context: str = "link") -> TracingSettings | None:
-    """None when tracing is off; ConfigError (naming the variable and the fix) when the variables
+    """None when tracing is off; TracingSettingsError (naming the variable and the fix) when the variables
     cannot be used, or ask for tracing while the tracing extra is not installed.
     ``client_context``: what a Check does with a client's own trace context (--trace-client-context).
 
@@ -124,7 +128,7 @@ def tracing_settings(environ: Mapping[str, str], client_context: str = "link") -
     if exporters == ["none"] or (not exporters and endpoint_var is None):
         return None
     if exporters and exporters != ["otlp"]:
-        raise ConfigError(f"OTEL_TRACES_EXPORTER={_get(environ, 'OTEL_TRACES_EXPORTER')!r} is not supported: "
+        raise TracingSettingsError(f"OTEL_TRACES_EXPORTER={_get(environ, 'OTEL_TRACES_EXPORTER')!r} is not supported: "
                           "use otlp (or none to turn tracing off)")
     enabled_by = "OTEL_TRACES_EXPORTER" if exporters else str(endpoint_var)
 
@@ -132,12 +136,12 @@ def tracing_settings(environ: Mapping[str, str], client_context: str = "link") -
                          if _get(environ, v)), None)
     protocol = _get(environ, protocol_var).lower() if protocol_var else DEFAULT_PROTOCOL
     if protocol not in PROTOCOLS:
-        raise ConfigError(f"{protocol_var}={_get(environ, str(protocol_var))!r} is not supported: use grpc "
+        raise TracingSettingsError(f"{protocol_var}={_get(environ, str(protocol_var))!r} is not supported: use grpc "
                           "(OTLP/gRPC, port 4317) or http/protobuf (OTLP/HTTP, port 4318)")
 
     sampler = (_get(environ, "OTEL_TRACES_SAMPLER") or "parentbased_always_on").lower()
     if sampler not in SAMPLERS:
-        raise ConfigError(f"OTEL_TRACES_SAMPLER={sampler!r} is not supported: use one of {', '.join(SAMPLERS)}")
+        raise TracingSettingsError(f"OTEL_TRACES_SAMPLER={sampler!r} is not supported: use one of {', '.join(SAMPLERS)}")
     sampler_arg = None
     if sampler in RATIO_SAMPLERS:
         sampler_arg = _get(environ, "OTEL_TRACES_SAMPLER_ARG") or "1.0"
@@ -146,14 +150,14 @@ def tracing_settings(environ: Mapping[str, str], client_context: str = "link") -
         except ValueError:
             ratio = -1.0
         if not 0.0 <= ratio <= 1.0:
-            raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG={sampler_arg!r} is invalid for {sampler}: a ratio "
+            raise TracingSettingsError(f"OTEL_TRACES_SAMPLER_ARG={sampler_arg!r} is invalid for {sampler}: a ratio "
                               "0.0..1.0, e.g. 0.01 for 1%")
 
     propagators = tuple(p.strip().lower() for p in (_get(environ, "OTEL_PROPAGATORS") or DEFAULT_PROPAGATORS)
                         .split(",") if p.strip())
     unknown = [p for p in propagators if p not in PROPAGATORS]
     if unknown:
-        raise ConfigError(f"OTEL_PROPAGATORS names {', '.join(map(repr, unknown))}, which is not supported: use "
+        raise TracingSettingsError(f"OTEL_PROPAGATORS names {', '.join(map(repr, unknown))}, which is not supported: use "
                           f"{', '.join(PROPAGATORS[:-1])} (comma-separated) or none")
 
     modules = ["opentelemetry.sdk.trace",
@@ -163,7 +167,7 @@ def tracing_settings(environ: Mapping[str, str], client_context: str = "link") -
         modules.append("opentelemetry.propagators.b3")
     missing = [m for m in modules if not _installed(m)]
     if missing:
-        raise ConfigError(f"tracing is configured ({enabled_by} is set) but the tracing extra is not installed "
+        raise TracingSettingsError(f"tracing is configured ({enabled_by} is set) but the tracing extra is not installed "
                           f"(no {missing[0]}): {EXTRA}, or unset {enabled_by}")
 
     return TracingSettings(

@@ -30,7 +30,7 @@ from authz_service.policy import Issuer, parse_policy
 from authz_service.tokens import TokenError, TokenVerifier
 
 try:
-    from authz_service.claims import IssuerKey
+    from authz_service.keys import IssuerKey
 except ImportError:  # a version that reads iss before it looks for the key never asks by kid alone
     IssuerKey = None  # type: ignore[assignment,misc]
 

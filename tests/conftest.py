@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 from jwt.api_jwk import PyJWK
 
-from authz_service.claims import IssuerKey
+from authz_service.keys import IssuerKey
 from authz_service.policy import Issuer
 
 from tests.e2e.harness import RUN_MARKER, Owner, reap_leftovers

@@ -17,7 +17,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from jwt.utils import to_base64url_uint
 from prometheus_client import CollectorRegistry
 
-from authz_service.claims import IssuerKey
+from authz_service.keys import IssuerKey
 from authz_service.jwks import JwksCache, JwksError, JwksSettings, parse_jwks
 from authz_service.metrics import Metrics
 from authz_service.policy import Issuer, parse_policy

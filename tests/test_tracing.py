@@ -102,7 +102,7 @@ def test_the_standard_variables_configure_tracing() -> None:
 ])
 def test_unusable_variables_are_refused_naming_the_variable_and_the_fix(environ, message) -> None:
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(".", r"\.")):
-        tracing_settings(environ)
+        settings_from({"policy": "p.yaml"}, environ)
 
 
 def test_settings_carry_the_tracing_settings(tmp_path: Path) -> None:

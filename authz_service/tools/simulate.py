@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.api_jwk import PyJWK
 
 from ..check import Checker
-from ..claims import IssuerKey, KeySource
+from ..keys import IssuerKey, KeySource
 from ..decision import Decision
 from ..policy import Issuer, Policy
 from ..request import HttpRequest, request_from
