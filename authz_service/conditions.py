@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .claims import VERIFIED_CLAIM_KEYS, Claims, ClaimValue, cognito_controlled
+from .yamlfile import kind
 
 Scalar = str | int | float | bool
 # Printable ASCII without space, quote and backslash: a claim name appears as is in a 403's
@@ -206,12 +207,9 @@ def _scalar(value: object, where: tuple[str | int, ...], fail: Fail) -> Scalar:
         raise fail(where, f"{value!r} is not a JSON number")
     if isinstance(value, (str, int, float, bool)):
         return value
-    raise fail(where, f"must be a string, number or boolean, got {_kind(value)}")
+    raise fail(where, f"must be a string, number or boolean, got {kind(value)}")
 
 
 def _json_type(value: Scalar) -> str:
     return "boolean" if isinstance(value, bool) else "string" if isinstance(value, str) else "number"
 
-
-def _kind(value: object) -> str:
-    return {dict: "a mapping", list: "a list", type(None): "nothing (null)"}.get(type(value), type(value).__name__)

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 from .claims import SCOPE_TOKEN
 from .conditions import ClaimCondition, Conditions, parse_claim_conditions
 from .urls import shown
-from .yamlfile import Places, Where, YamlError, load_strict_yaml, place, where_text
+from .yamlfile import Where, YamlValidator, kind, place
 
 # RFC 3986 pchar without percent-encoding: what a literal policy segment may contain.
 _LITERAL_SEGMENT = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@]+\Z")
@@ -436,17 +436,10 @@ def check_policy(data: bytes | str, source: str = "<policy>") -> tuple[Policy | 
     """
     raw = data.encode() if isinstance(data, str) else data
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return None, [PolicyError(f"{source}: not UTF-8 text (byte {exc.start}); save the file as UTF-8")]
-    try:
-        doc = load_strict_yaml(text, source)
-    except YamlError as exc:
-        if exc.line is None:
-            return None, [PolicyError(str(exc))]
-        message = f"{source}:{exc.line}:{exc.column}: not valid YAML: {exc.problem}"
-        return None, [PolicyError(message, line=exc.line, column=exc.column)]
-    ctx = _Context(source, text)
+        ctx = _Context.from_bytes(raw, source)
+        doc = ctx.document()
+    except PolicyError as exc:  # not UTF-8, not YAML: nothing else can be checked
+        return None, [exc]
     try:
         policy = ctx.policy(doc, raw)
     except PolicyError as exc:  # a top-level problem: nothing else can be checked
@@ -456,28 +449,29 @@ def check_policy(data: bytes | str, source: str = "<policy>") -> tuple[Policy | 
     return (policy if not ctx.errors else None), ctx.errors
 
 
-def _kind(value: object) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(
-        type(value), type(value).__name__
-    )
-
-
-class _Context:
-    """Validation helpers that know the file (name and text), so every message can name the line."""
+class _Context(YamlValidator):
+    """Validation helpers that know the file (name and text), so every message can name the line;
+    every error is collected (``errors``), so ``validate`` can report them all."""
 
     def __init__(self, source: str, text: str = "") -> None:
-        self.source = source
+        super().__init__(source, text)
         self.errors: list[PolicyError] = []
-        self._places = Places(source, text)
 
-    def position(self, where: Where, key: str | None = None) -> tuple[int | None, int | None]:
-        """(line, column) of ``where``; with ``key``, of that mapping key (unknown keys)."""
-        return self._places.position((*where, key) if key is not None else where, at_key=key is not None)
+    @classmethod
+    def error(cls, message: str, where: Where = (), line: int | None = None, column: int | None = None) -> PolicyError:
+        return PolicyError(message, where, line, column)
 
-    def fail(self, where: Where, problem: str, key: str | None = None) -> PolicyError:
-        """The error at ``where``, its message prefixed with file:line:column."""
-        line, column = self.position(where, key)
-        return PolicyError(f"{place(self.source, line, column)}: {where_text(where)}: {problem}", where, line, column)
+    @classmethod
+    def from_bytes(cls, raw: bytes, source: str) -> _Context:
+        ctx = super().from_bytes(raw, source)
+        assert isinstance(ctx, _Context)
+        return ctx
+
+    def fail(self, where: Where, problem: str, fix: str | None = None, *, at: Where | None = None,
+             at_key: bool = False) -> PolicyError:
+        error = super().fail(where, problem, fix, at=at, at_key=at_key)
+        assert isinstance(error, PolicyError)
+        return error
 
     def collect(self, build: Any, *args: Any) -> Any:
         """Run one item's checks; record its error and return None so the next item is checked too."""
@@ -489,7 +483,7 @@ class _Context:
 
     def policy(self, doc: object, raw: bytes) -> Policy | None:
         if not isinstance(doc, dict):
-            raise self.fail((), f"the policy must be a mapping with 'issuers' and 'routes', got {_kind(doc)}")
+            raise self.fail((), f"the policy must be a mapping with 'issuers' and 'routes', got {kind(doc)}")
         version = self.version(doc.get("version", 1))  # first: a later format's keys are not ours to judge
         self.check_keys(doc, _TOP_KEYS, ())
         default_mode = self.mode(doc.get("mode", "enforce"), ("mode",))
@@ -549,7 +543,7 @@ class _Context:
             first = first_by_name.setdefault(route.name, route)
             if first is route or (route.index not in named and first.index not in named):
                 continue
-            first_place = place(self.source, *self.position(("routes", first.index, "name")))
+            first_place = place(self.source, *self.places.position(("routes", first.index, "name")))
             self.errors.append(self.fail(
                 ("routes", route.index, "name"),
                 f"{route.name!r} is also the name of routes[{first.index}] ({first_place}); route names label the "
@@ -560,14 +554,14 @@ class _Context:
             if key not in allowed:
                 hint = ", ".join(sorted(allowed))
                 raise self.fail(where, f"unknown key {key!r}; allowed keys: {hint}",
-                                key=key if isinstance(key, str) else None)
+                                at=(*where, key) if isinstance(key, str) else None, at_key=isinstance(key, str))
 
     def nonempty_list(self, item: dict[str, Any], key: str, where: Where) -> list[Any]:
         if key not in item:
             raise self.fail(where, f"missing required key {key!r}")
         value = item[key]
         if not isinstance(value, list) or not value:
-            got = "an empty list" if value == [] else _kind(value)
+            got = "an empty list" if value == [] else kind(value)
             raise self.fail((*where, key), f"must be a non-empty list, got {got}")
         return value
 
@@ -578,7 +572,7 @@ class _Context:
             return None
         value = item[key]
         if not isinstance(value, str) or not value.strip():
-            raise self.fail((*where, key), f"must be a non-empty string, got {_kind(value)}")
+            raise self.fail((*where, key), f"must be a non-empty string, got {kind(value)}")
         return value
 
     def string_list(self, item: dict[str, Any], key: str, where: Where) -> list[str] | None:
@@ -588,10 +582,10 @@ class _Context:
         if isinstance(value, str):
             raise self.fail((*where, key), f"must be a list, e.g. [{value}], not a single string")
         if not isinstance(value, list) or not value:
-            raise self.fail((*where, key), f"must be a non-empty list, got {_kind(value)}")
+            raise self.fail((*where, key), f"must be a non-empty list, got {kind(value)}")
         for j, entry in enumerate(value):
             if not isinstance(entry, str) or not entry:
-                raise self.fail((*where, key, j), f"must be a non-empty string, got {_kind(entry)}")
+                raise self.fail((*where, key, j), f"must be a non-empty string, got {kind(entry)}")
         return value
 
 
@@ -614,7 +608,7 @@ class _Context:
         """One ``issuers`` entry: the Issuer of its primary region, then one per replica region."""
         where: Where = ("issuers", i)
         if not isinstance(item, dict):
-            raise self.fail(where, f"must be a mapping with user_pool_id, got {_kind(item)}")
+            raise self.fail(where, f"must be a mapping with user_pool_id, got {kind(item)}")
         self.check_keys(item, _ISSUER_KEYS, where)
         pool = self.string(item, "user_pool_id", where, required=True)
         assert pool is not None
@@ -676,7 +670,7 @@ class _Context:
     def route(self, item: object, i: int, default_mode: Mode) -> Route:
         where: Where = ("routes", i)
         if not isinstance(item, dict):
-            raise self.fail(where, f"must be a mapping with path and scopes, got {_kind(item)}")
+            raise self.fail(where, f"must be a mapping with path and scopes, got {kind(item)}")
         self.check_keys(item, _ROUTE_KEYS, where)
         path = self.string(item, "path", where, required=True)
         assert path is not None
@@ -860,7 +854,7 @@ def _imply_head(node: _Node) -> None:
 
 def _conflict(ctx: _Context, first: Route, second: Route) -> PolicyError:
     where: Where = ("routes", second.index, "path")
-    line, column = ctx.position(where)
+    line, column = ctx.places.position(where)
     return PolicyError(
         f"{place(ctx.source, line, column)}: routes[{second.index}] ({second.path}) conflicts with "
         f"routes[{first.index}] ({first.path}): both match the same requests with equal specificity"

@@ -6,7 +6,6 @@ run fails if any process it started outlives it)."""
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 from jwt.api_jwk import PyJWK
 
+from authz_service.cognito import access_claims
 from authz_service.keys import IssuerKey
 from authz_service.policy import Issuer
 
@@ -37,20 +37,8 @@ class SigningKey:
 
     def token(self, **overrides: Any) -> str:
         """A Cognito client_credentials access token; pass claim=None to drop a claim."""
-        now = int(time.time())
-        claims: dict[str, Any] = {
-            "sub": "client-a", "token_use": "access", "scope": "transactions/post",
-            "auth_time": now, "iss": ISSUER, "exp": now + 3600, "iat": now,
-            "version": 2, "jti": str(uuid.uuid4()), "client_id": "client-a",
-        }
-        headers = {"kid": self.kid, "alg": "RS256"}
-        for key, value in overrides.pop("header", {}).items():
-            headers[key] = value
-        for key, value in overrides.items():
-            if value is None:
-                claims.pop(key, None)
-            else:
-                claims[key] = value
+        headers = {"kid": self.kid, "alg": "RS256", **overrides.pop("header", {})}
+        claims = access_claims(ISSUER, "client-a", "transactions/post", replace=overrides)
         return jwt.encode(claims, self.private, algorithm="RS256", headers=headers)
 
 

@@ -118,7 +118,7 @@ def test_loaded_conditions_and_the_claim_names_the_verifier_keeps():
      "'token_use' is set by Cognito itself; claim conditions are for custom claims"),
     ("  - {path: /a, scopes: [r], claims: {'cognito:groups': {contains: x}}}\n", "set by Cognito itself"),
     ("  - {path: /a, scopes: [r], claims: {t: [a, b]}}\n", "a list is ambiguous; write {any_of: [...]}"),
-    ("  - {path: /a, scopes: [r], claims: {t: null}}\n", "must be a string, number or boolean, got nothing"),
+    ("  - {path: /a, scopes: [r], claims: {t: null}}\n", "must be a string, number or boolean, got nothing (null)"),
     ("  - {path: /a, scopes: [r], claims: {t: {equals: a, any_of: [b]}}}\n", "exactly one of equals, any_of"),
     ("  - {path: /a, scopes: [r], claims: {t: {regex: a}}}\n", "exactly one of equals, any_of, contains"),
     ("  - {path: /a, scopes: [r], claims: {t: {any_of: []}}}\n", "must be a non-empty list"),

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ..claims import cognito_controlled
+from ..cognito import TOKEN_CLAIMS
 from ..policy import IssuerFormat
-from ..yamlfile import Places, Where, YamlError, load_strict_yaml, place
+from ..yamlfile import Where, YamlValidator, kind
 
 CLIENT_CREDENTIALS = "client_credentials"
 # Cognito's AllowedOAuthFlows, spelled as OAuth grant names; only client_credentials is served here,
@@ -24,10 +25,6 @@ MAX_TOKEN_TTL_SECONDS = 86400  # Cognito's upper bound for access token validity
 
 _POOL_ID = re.compile(r"^(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)_[0-9A-Za-z]+\Z")
 _REGION = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d+\Z")
-# The claims this issuer writes itself (Cognito's client_credentials access token); custom claims
-# may add to them, never replace them, as with Cognito's trigger.
-TOKEN_CLAIMS = frozenset({"sub", "token_use", "scope", "auth_time", "iss", "exp", "iat", "version", "jti",
-                          "client_id"})
 # Cognito's patterns: a resource server identifier may contain '/', a scope name may not, so
 # "<identifier>/<name>" stays unambiguous only when split at the last '/'.
 _RESOURCE_SERVER_ID = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]{1,256}\Z")
@@ -84,41 +81,29 @@ def load_config(path: Path) -> DevIssuerConfig:
     """Read and validate a dev issuer YAML file; every problem raises DevIssuerConfigError."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise DevIssuerConfigError(
             f"{path}: cannot read dev issuer config: {exc.strerror or exc}; check the --config path"
         ) from None
-    except UnicodeDecodeError as exc:
-        raise DevIssuerConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
-    try:
-        doc = load_strict_yaml(text, str(path))
-    except YamlError as exc:
-        if exc.line is None:
-            raise DevIssuerConfigError(f"{exc}; fix: correct the YAML there") from None
-        raise DevIssuerConfigError(
-            f"{place(str(path), exc.line, exc.column)}: not valid YAML: {exc.problem}; fix: correct the YAML there"
-        ) from None
-    return _Parser(str(path), text).config(doc)
+    parser = _Parser.from_bytes(raw, str(path))
+    assert isinstance(parser, _Parser)
+    return parser.config(parser.document())
 
 
-def _kind(value: object) -> str:
-    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "nothing"}
-    return names.get(type(value), type(value).__name__)
-
-
-class _Parser:
+class _Parser(YamlValidator):
     """Validation that knows the file (name and text), so every message can name file:line:column."""
 
-    def __init__(self, source: str, text: str) -> None:
-        self.places = Places(source, text)
+    yaml_fix = "; fix: correct the YAML there"
 
-    def fail(self, where: Where, problem: str, fix: str, at_key: bool = False) -> DevIssuerConfigError:
-        return DevIssuerConfigError(f"{self.places.prefix(where, at_key)}: {problem}; fix: {fix}")
+    @classmethod
+    def error(cls, message: str, where: Where = (), line: int | None = None,
+              column: int | None = None) -> DevIssuerConfigError:
+        return DevIssuerConfigError(message)
 
     def mapping(self, value: object, where: Where, allowed: Sequence[str]) -> dict[str, Any]:
         if not isinstance(value, dict):
-            raise self.fail(where, f"must be a mapping, got {_kind(value)}", f"use keys {', '.join(allowed)}")
+            raise self.fail(where, f"must be a mapping, got {kind(value)}", f"use keys {', '.join(allowed)}")
         for key in value:
             if key not in allowed:
                 raise self.fail((*where, str(key)), "unknown key", f"remove it or use one of {', '.join(allowed)}",
@@ -132,13 +117,13 @@ class _Parser:
 
     def string(self, value: object, where: Where, fix: str) -> str:
         if not isinstance(value, str) or not value:
-            raise self.fail(where, f"must be a non-empty string, got {_kind(value)}", fix)
+            raise self.fail(where, f"must be a non-empty string, got {kind(value)}", fix)
         return value
 
     def string_list(self, value: object, where: Where, fix: str, allow_empty: bool) -> tuple[str, ...]:
         if not isinstance(value, list) or (not value and not allow_empty):
-            kind = "an empty list" if value == [] else _kind(value)
-            raise self.fail(where, f"must be a {'' if allow_empty else 'non-empty '}list of strings, got {kind}", fix)
+            got = "an empty list" if value == [] else kind(value)
+            raise self.fail(where, f"must be a {'' if allow_empty else 'non-empty '}list of strings, got {got}", fix)
         items: list[str] = []
         for i, element in enumerate(value):
             text = self.string(element, (*where, i), fix)
@@ -173,7 +158,7 @@ class _Parser:
         if not isinstance(raw_servers, list) or not raw_servers:
             raise self.fail(
                 ("resource_servers",),
-                f"must be a non-empty list, got {_kind(raw_servers)}",
+                f"must be a non-empty list, got {kind(raw_servers)}",
                 "define at least one {identifier: ..., scopes: [...]}",
             )
         servers = tuple(self.resource_server(item, ("resource_servers", i)) for i, item in enumerate(raw_servers))
@@ -191,7 +176,7 @@ class _Parser:
         if not isinstance(raw_clients, list) or not raw_clients:
             raise self.fail(
                 ("clients",),
-                f"must be a non-empty list, got {_kind(raw_clients)}",
+                f"must be a non-empty list, got {kind(raw_clients)}",
                 "define at least one {client_id: ..., client_secret: ..., allowed_scopes: [...]}",
             )
         clients = tuple(self.client(item, ("clients", i), defined) for i, item in enumerate(raw_clients))
@@ -263,7 +248,7 @@ class _Parser:
         if not isinstance(secret, str) or not secret:
             raise self.fail(
                 (*where, "client_secret"),
-                f"must be a non-empty string, got {_kind(secret)}",
+                f"must be a non-empty string, got {kind(secret)}",
                 "quote the secret in YAML, e.g. client_secret: \"123456\"",
             )
         grant_types = self.string_list(
@@ -313,7 +298,7 @@ class _Parser:
         """What a pre token generation trigger would add: names Cognito does not control, JSON values."""
         fix = "map claim names to JSON values, e.g. {tenant: acme, tier: gold, environments: [prod]}"
         if not isinstance(value, dict):
-            raise self.fail(where, f"must be a mapping, got {_kind(value)}", fix)
+            raise self.fail(where, f"must be a mapping, got {kind(value)}", fix)
         for name, claim in value.items():
             if not isinstance(name, str) or not name:
                 raise self.fail(where, f"claim name {name!r} is not a string", fix)

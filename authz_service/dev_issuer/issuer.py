@@ -8,8 +8,6 @@ import base64
 import hashlib
 import hmac
 import logging
-import time
-import uuid
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -18,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+from ..cognito import access_claims
 from ..policy import IssuerFormat, cognito_issuer
 from .config import CLIENT_CREDENTIALS, DevIssuerConfig
 
@@ -135,21 +134,8 @@ class DevIssuer:
                 )
         else:
             granted = list(client.allowed_scopes)
-        now = int(time.time())
-        # Cognito's client_credentials access token claims, in Cognito's order, after the trigger's.
-        claims = {
-            **client.custom_claims,
-            "sub": client_id,
-            "token_use": "access",
-            "scope": " ".join(granted),
-            "auth_time": now,
-            "iss": self._issuer if region is None else self.region_issuers[region],
-            "exp": now + self.config.token_ttl_seconds,
-            "iat": now,
-            "version": 2,
-            "jti": str(uuid.uuid4()),
-            "client_id": client_id,
-        }
+        claims = access_claims(self._issuer if region is None else self.region_issuers[region], client_id, granted,
+                               ttl=self.config.token_ttl_seconds, custom=client.custom_claims)
         key = self._keys[-1]
         # typ=None makes PyJWT leave "typ" out: Cognito's header is only kid and alg.
         return jwt.encode(claims, key.private_key, algorithm="RS256", headers={"kid": key.kid, "typ": None})

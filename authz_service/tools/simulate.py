@@ -10,8 +10,6 @@ custom claims) checks it: the simulation covers the policy, not Cognito's crypto
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,8 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.api_jwk import PyJWK
 
 from ..check import Checker
-from ..keys import IssuerKey, KeySource
+from ..cognito import access_claims
 from ..decision import Decision
+from ..keys import IssuerKey, KeySource
 from ..policy import Issuer, Policy
 from ..request import HttpRequest, request_from
 from ..response import Answer, Answers
@@ -104,11 +103,5 @@ class Simulator:
               custom: Mapping[str, Any] | None = None) -> str:
         """A client_credentials access token as Cognito shapes it, holding exactly ``scopes`` and the
         ``custom`` claims a pre token generation trigger would add (they never replace Cognito's)."""
-        now = int(time.time())
-        client = client_id or DEFAULT_CLIENT_ID
-        claims = {
-            **(custom or {}),
-            "sub": client, "token_use": "access", "scope": " ".join(scopes), "auth_time": now, "iss": issuer,
-            "exp": now + 300, "iat": now, "version": 2, "jti": str(uuid.uuid4()), "client_id": client,
-        }
+        claims = access_claims(issuer, client_id or DEFAULT_CLIENT_ID, scopes, ttl=300, custom=custom)
         return jwt.encode(claims, self._private, algorithm="RS256", headers={"kid": SIMULATED_KID})
