@@ -87,13 +87,17 @@ def wants_openmetrics(accept: str) -> bool:
 
 
 class AdminServer:
-    """``GET /healthz`` (alive), ``GET /readyz`` (ready, with details; 503 when not) and ``GET /metrics``."""
+    """``GET /healthz`` (alive), ``GET /readyz`` (ready, with details; 503 when not) and ``GET /metrics``;
+    with ``jwks``, ``GET /jwks?iss=<issuer>``: the keys the service verifies that issuer's tokens
+    with, for the Envoy of native mode (docs/native.md). Public keys only, as the issuer publishes them."""
 
     def __init__(self, readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: CachedExposition,
-                 openmetrics: CachedExposition | None = None) -> None:
+                 openmetrics: CachedExposition | None = None,
+                 jwks: Callable[[str], bytes | None] | None = None) -> None:
         self._readiness = readiness
         self._metrics = metrics
         self._openmetrics = openmetrics
+        self._jwks = jwks
         self._runner: web.AppRunner | None = None
 
     def _app(self) -> web.Application:
@@ -110,10 +114,23 @@ class AdminServer:
                                     headers={"Content-Type": OPENMETRICS_CONTENT_TYPE})
             return web.Response(body=await self._metrics.get(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+        async def jwks(request: web.Request) -> web.Response:
+            assert self._jwks is not None
+            try:
+                document = self._jwks(request.query.get("iss", ""))
+            except KeyError:
+                return web.json_response({"error": "not an issuer of the policy in force"}, status=404)
+            if document is None:  # Envoy keeps the keys it has and fetches again
+                return web.json_response({"error": "no keys for this issuer yet"}, status=503)
+            return web.Response(body=document, content_type="application/jwk-set+json",
+                                headers={"Cache-Control": "no-store"})
+
         app = web.Application()
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         app.router.add_get("/metrics", metrics)
+        if self._jwks is not None:
+            app.router.add_get("/jwks", jwks)
         return app
 
     async def start(self, host: str, port: int) -> int:

@@ -77,9 +77,12 @@ REASONS: dict[Reason, Outcome] = {
     Reason.INTERNAL_ERROR: Outcome(500, "server_error", 13),  # INTERNAL
 }
 
+NO_ROUTE_TEXT = "no route matches this request"
+MISSING_TOKEN_TEXT = "no bearer token"
 # Each token failure is the reason of the same name.
 _TOKEN_FAILURES: dict[Failure, Reason] = {failure: Reason(failure.value) for failure in Failure}
-_UNMET: dict[Unmet, Reason] = {
+# Which Reason each unmet route condition is (public: the native compiler renders the same answers).
+UNMET_REASONS: dict[Unmet, Reason] = {
     Unmet.CLIENT: Reason.CLIENT_NOT_ALLOWED_FOR_ROUTE,
     Unmet.ANY_SCOPE: Reason.INSUFFICIENT_SCOPE,
     Unmet.ALL_SCOPES: Reason.MISSING_SCOPE,
@@ -127,7 +130,7 @@ async def decide(request: HttpRequest, policy: Policy, verifier: TokenVerifier) 
     """Decide one request: route, then credentials, then the route's scopes and conditions."""
     route = policy.match(request.method, request.segments)
     if route is None:
-        return deny(Reason.NO_ROUTE, "no route matches this request")
+        return deny(Reason.NO_ROUTE, NO_ROUTE_TEXT)
     if route.public:
         return Decision(True, Reason.PUBLIC, route=route)
     decision = await _authorize(request, route, policy, verifier)
@@ -143,7 +146,7 @@ async def _authorize(request: HttpRequest, route: Route, policy: Policy, verifie
         if claims is None:
             token = bearer_token(request.authorization)
             if token is None:
-                return deny(Reason.MISSING_TOKEN, "no bearer token", route)
+                return deny(Reason.MISSING_TOKEN, MISSING_TOKEN_TEXT, route)
             claims = await verifier.verify_uncached(token, policy)
     except TokenError as exc:
         return deny(_TOKEN_FAILURES[exc.failure], exc.description, route)
@@ -156,5 +159,5 @@ async def _authorize(request: HttpRequest, route: Route, policy: Policy, verifie
     # against the policy in force.
     unmet = conditions.unmet(claims)
     if unmet is not None:
-        return Decision(False, _UNMET[unmet[0]], unmet[1], route, claims)
+        return Decision(False, UNMET_REASONS[unmet[0]], unmet[1], route, claims)
     return Decision(True, Reason.ALLOWED, "", route, claims)

@@ -160,6 +160,21 @@ class Policy:
         """The most specific route for this method and path segments, or None (deny)."""
         return _match(self._trie, segments, 0, method)
 
+    def methods_of(self, route: Route) -> frozenset[str] | None:
+        """The methods ``route`` takes in this policy (None: any): its own, plus HEAD where its GET
+        implies it (see the module doc). Read from the compiled trie, so a translation of the
+        policy into another matcher (``native``) takes exactly what ``match`` takes."""
+        if route.methods is None:
+            return None
+        node = self._trie
+        parts = pattern_parts(route.path)
+        for part in parts:
+            if part is REST:
+                break
+            node = node.param if part is PARAM else node.literals[part]  # type: ignore[assignment,index]
+        endpoint = node.rest if parts and parts[-1] is REST else node.exact
+        return frozenset(method for method, owner in endpoint.by_method.items() if owner is route)
+
     def representative_paths(self, limit: int = 100_000) -> list[tuple[str, ...]] | None:
         """One request path per class of paths the matcher cannot tell apart (None over ``limit``).
 
@@ -635,6 +650,13 @@ class _Context:
 
 _REST = object()
 _PARAM = object()
+REST, PARAM = _REST, _PARAM  # the kinds of pattern parts besides literal segments (see pattern_parts)
+
+
+def pattern_parts(pattern: str) -> list[object]:
+    """A valid route pattern's parts, left to right: literal segments (str), PARAM for ``{name}``
+    and a final REST for ``/**``. "/" has none."""
+    return _parse_pattern(pattern, PolicyError)
 
 
 def pattern_matches(pattern: str, segments: tuple[str, ...]) -> bool:

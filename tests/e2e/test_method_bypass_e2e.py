@@ -25,14 +25,13 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess,
-          module_envoy_factory, mode: str) -> Iterator[SecurityStack]:
-    s = start_security_stack(tmp_path_factory.mktemp("methods"), upstream, module_envoy_factory, mode=mode)
+          module_envoy_factory, enforcing_mode: str) -> Iterator[SecurityStack]:
+    s = start_security_stack(tmp_path_factory.mktemp("methods"), upstream, module_envoy_factory, mode=enforcing_mode)
     try:
         # The reviewer's policy (method-limited protected routes under a public catch-all), the one
         # validate's fall-through lint is tested with.
-        s.policy.write(policy_text(s.fake, s.dev, REVIEW_POLICY, routes=""))
-        s.service.process.wait_until(
-            lambda: s.check("GET", "/elsewhere").status == 200, 30, "the method policy serving (public /**)")
+        s.serve_policy(policy_text(s.fake, s.dev, REVIEW_POLICY, routes=""),
+                       lambda: s.check("GET", "/elsewhere").status == 200)  # the method policy: public /**
         yield s
     finally:
         stop_security_stack(s)
