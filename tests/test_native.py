@@ -166,13 +166,11 @@ def test_clean_target_is_every_escape_the_service_accepts() -> None:
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.text(alphabet="/ab.;%-_~!$&'()*+,=:@?\\\"<>^`{|}E9eF", max_size=14),
+@given(st.text(alphabet="//..ab;%-_~!$&'()*+,=:@?\\\"<>^`{|}E9eF", max_size=14),
        st.lists(st.sampled_from(["%C3%A9", "%e2%82%ac", "%F0%9F%98%80", "%ED%A0%80", "%C0%AE", "%f4%90%80%80"]),
                 max_size=2))
 def test_clean_target_is_the_service_path_rule(text: str, escapes: list[str]) -> None:
     target = "/" + text + "".join(escapes)  # no '#': Envoy refuses a fragment (400) before any route
-    if "//" in target.partition("?")[0] or re.search(r"/\.\.?(/|$|\?)", target):
-        return  # never reaches a route: the listener normalizes dot segments and merges slashes
     assert (re.fullmatch(patterns.CLEAN_TARGET, target) is not None) == _accepts(target), target
 
 

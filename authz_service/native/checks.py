@@ -273,13 +273,14 @@ class _Probe:
                 claim: tuple[ClaimCondition, bool] | None = None) -> tuple[Unmet, str] | None:
         route = self.route
         client_id = NOT_A_CLIENT if client else min(route.client_ids or {"native-probe"})
-        scopes = set(route.all_scopes)
-        if route.scopes and not any_scope:
-            others = sorted(route.scopes - {missing_scope})
-            if not others:
-                return None  # the any-of scopes are just the missing one: any_scope fails first
-            scopes.add(others[0])
-        scopes.discard(missing_scope)  # type: ignore[arg-type]
+        scopes: set[str] = set()  # none of the any-of scopes (which come first), or:
+        if not any_scope:
+            scopes = set(route.all_scopes) - {missing_scope}  # type: ignore[operator]
+            if route.scopes:
+                others = sorted(route.scopes - {missing_scope})
+                if not others:
+                    return None  # the any-of scopes are just the missing one: any_scope fails first
+                scopes.add(others[0])
         custom: dict[str, ClaimValue] = {}
         for condition in route.claims:
             if claim is not None and condition is claim[0]:

@@ -28,8 +28,10 @@ CANONICAL_BEARER = f"Bearer {_SEGMENT}\\.{_SEGMENT}\\.{_SEGMENT}"
 # A protected header longer than the service parses (tokens.MAX_HEADER_CHARS): "malformed token".
 LONG_JOSE_HEADER = f"Bearer {_B64}{{{MAX_HEADER_CHARS + 1}}}.*"
 
-# RFC 3986 path characters the service accepts unescaped (request._PATH_CHARS without '%').
-_PATH_CHAR = r"[!$&'()*+,\-./0-9:=@A-Z_a-z~]"
+# RFC 3986 path characters the service accepts unescaped within a segment (request._PATH_CHARS
+# without '%' and '/'), and the same without '.'.
+_SEGMENT_CHAR = r"[!$&'()*+,\-.0-9:=@A-Z_a-z~]"
+_SEGMENT_CHAR_NOT_DOT = r"[!$&'()*+,\-0-9:=@A-Z_a-z~]"
 # Escaped ASCII the service accepts: printable, and neither unreserved nor '/', '\\' or '%'
 # (request._FORBIDDEN_ESCAPES). Escaped bytes above 0x7F must form well-formed UTF-8 (RFC 3629).
 _ASCII_ESCAPES = [(0x20, 0x24), (0x26, 0x2C), (0x3A, 0x40), (0x5B, 0x5B), (0x5D, 0x5E), (0x60, 0x60),
@@ -76,9 +78,15 @@ def _escaped_bytes(lo: int, hi: int) -> str:
 
 _ESCAPE = "|".join([_escaped_bytes(lo, hi) for lo, hi in _ASCII_ESCAPES]
                    + ["".join(_escaped_bytes(lo, hi) for lo, hi in sequence) for sequence in _UTF8_SEQUENCES])
-# A request target (``:path``, query included) whose path the service accepts as it is. Dot
-# segments and "//" never reach a route: the listener normalizes paths and merges slashes first.
-CLEAN_TARGET = f"(?s)/(?:{_PATH_CHAR}|{_ESCAPE})*(?:\\?.*)?"
+_CHAR = f"(?:{_SEGMENT_CHAR}|{_ESCAPE})"
+_NOT_DOT = f"(?:{_SEGMENT_CHAR_NOT_DOT}|{_ESCAPE})"
+# A segment other than "." and "..": one starting with another character, with '.' and another, or
+# with ".." and more. (The listener resolves dot segments and merges slashes, but not in every
+# case: "//" alone reaches the service as it is.)
+_SEGMENT_TEXT = f"(?:{_NOT_DOT}{_CHAR}*|\\.{_NOT_DOT}{_CHAR}*|\\.\\.{_CHAR}+)"
+# A request target (``:path``, query included) whose path the service accepts as it is: '/', or
+# non-empty segments other than "." and "..", maybe a trailing '/'.
+CLEAN_TARGET = f"(?s)/(?:{_SEGMENT_TEXT}(?:/{_SEGMENT_TEXT})*/?)?(?:\\?.*)?"
 
 
 def _letter(char: str) -> str:
