@@ -453,3 +453,21 @@ routes:
     cache.sync([one])  # the replica region leaves the policy: the primary's series stay
     assert metrics.registry.get_sample_value("authz_jwks_keys", {"issuer": "us-east-1_Multi1@eu-west-1"}) is None
     assert metrics.registry.get_sample_value("authz_jwks_keys", {"issuer": "us-east-1_Multi1"}) == 1.0
+
+
+async def test_document_is_the_current_key_set_of_one_issuer(endpoint, make_cache, key_a, key_b) -> None:
+    """What the service serves native mode's Envoy (admin /jwks): None before the first keys, the
+    keys as parsed, the new set after a rotation; KeyError for a stranger."""
+    scripted, issuer = endpoint
+    cache, _ = make_cache(refresh_interval=0.05)
+    cache.sync([issuer])
+    assert cache.document(issuer.issuer) is None
+    with pytest.raises(KeyError):
+        cache.document("https://issuer.example/not-trusted")
+    scripted.keys(key_a)
+    await wait_for(lambda: cache.document(issuer.issuer) is not None)
+    first = cache.document(issuer.issuer)
+    assert [k["kid"] for k in json.loads(first)["keys"]] == ["kid-a"]
+    scripted.keys(key_b)
+    await wait_for(lambda: cache.key(issuer, "kid-b") is not None)
+    assert set(parse_jwks(cache.document(issuer.issuer)).keys) == {"kid-b"}

@@ -93,6 +93,10 @@ def compile_policy(policy: Policy, options: Options = Options()) -> Compiled:
     _set_address(static["admin"], options.admin)
     static["layered_runtime"] = {"layers": [{"name": "native", "static_layer": {
         "re2.max_program_size.error_level": RE2_PROGRAM_SIZE}}]}
+    # Which policy this Envoy enforces natively (admin /server_info), to compare with the service's
+    # (/readyz): a policy change needs a new compile.
+    static["node"] = {"id": "authz-service-native", "cluster": "authz-service",
+                      "metadata": {"authz_policy_sha256": policy.sha256, "authz_policy_source": policy.source}}
     return Compiled(policy, options, plans, [listeners[INGRESS], listeners[HEALTH]], list(clusters.values()), static)
 
 
