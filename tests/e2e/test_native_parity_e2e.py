@@ -529,3 +529,58 @@ def test_keys_unavailable_is_the_same_503(rig: Rig) -> None:
     reference, native = both(rig, clients, good)
     assert native == reference and native["status"] == 200  # the issuer that has keys still works natively
     wait_for(lambda: native_answers(rig.native) >= 1, 10, "the valid token decided natively")
+
+
+EDGE_POLICY = [{"name": "native", "methods": ["GET"], "path": "/reports/{id}", "scopes": ["reports/read"]},
+               {"name": "service", "path": "/trial/**", "scopes": ["reports/read"], "mode": "dry-run"},
+               {"name": "public", "path": "/docs/**", "public": True}]
+
+
+def edge(rig: Rig) -> tuple[Client, Client]:
+    """The edge-case policy served, and a client for each Envoy."""
+    text = policy_yaml(rig.fake, rig.dev, EDGE_POLICY, restricted=False, with_dev=False)
+    serve(rig, text)
+    assert rig.native is not None
+    return Client(rig.reference.listener_port), Client(rig.native.listener_port)
+
+
+def test_malformed_credentials_are_the_same_400(rig: Rig) -> None:
+    """jwt_authn alone would answer these 401: in native mode they never reach it (the request
+    screen), so the service answers them, 400 invalid_request as in ext_authz mode."""
+    clients = edge(rig)
+    good = rig.fake.token(scope="reports/read")
+    for values in (["Bearer"], ["Bearer "], [f"Bearer {good} {good}"], [f"Bearer  {good}"],
+                   [f"Bearer {good}", f"Bearer {good}"], [f"Bearer {good},Bearer {good}"], ["Bearer a.b.c d"]):
+        req = Request("GET", "/reports/7", [("Authorization", v) for v in values], "malformed")
+        reference, native = both(rig, clients, req)
+        assert reference["status"] == 400 and "invalid_request" in reference["body"], (values, reference)
+        assert native == reference, values
+
+
+def test_spoofed_identity_headers_in_every_spelling_never_reach_the_app(rig: Rig) -> None:
+    """Native, service-decided and public routes alike: the app sees the verified identity or none."""
+    clients = edge(rig)
+    spoofed = [(name, "spoofed") for name in ("x-auth-client-id", "x_auth_client_id", "x-auth_client-id",
+                                              "x_auth-client_id", "X-Auth-Scopes", "x_auth_scopes", "x-auth_scopes",
+                                              "x_auth-scopes", "x-auth-sub", "x_auth_sub", "X-Auth_Sub", "x_auth-sub")]
+    token = rig.fake.token("payments-reader", "reports/read")
+    for target in ("/reports/7", "/trial/x", "/docs/x"):
+        for credentials in ([], [("Authorization", f"Bearer {token}")]):
+            req = Request("GET", target, spoofed + credentials, "spoofed identity")
+            reference, native = both(rig, clients, req)
+            assert native == reference, target
+            if native["reached"]:
+                _, _, seen = native["app"]
+                assert all(value != ["spoofed"] for value in seen.values()), (target, seen)
+                assert set(seen) <= set(IDENTITY), seen  # no other spelling reaches the app
+
+
+def test_requests_the_generator_does_not_make(rig: Rig) -> None:
+    """Over the service's limits: a target over 8192 characters, a valid token over 4096."""
+    clients = edge(rig)
+    big = rig.fake.token(scope="reports/read", pad="x" * 3800)
+    for req in (Request("GET", "/reports/7?" + "q" * 9000, [], "none"),
+                Request("GET", "/docs/" + "a" * 9000, [], "none"),
+                Request("GET", "/reports/7", [("Authorization", f"Bearer {big}")], "too large")):
+        reference, native = both(rig, clients, req)
+        assert reference["status"] in (400, 401) and native == reference, req.target[:30]
