@@ -311,6 +311,13 @@ def test_the_output_file_is_replaced_atomically(tmp_path: Path) -> None:
     assert run.returncode == 0 and run.stderr == ""
     assert out.read_text().startswith("# Envoy bootstrap compiled by `authz-service compile envoy`")
     assert [p.name for p in tmp_path.iterdir()] == ["envoy.yaml"]  # no temporary file left
+    assert out.stat().st_mode & 0o044  # readable by Envoy's user, not mkstemp's 0600
+
+
+def test_an_output_that_cannot_be_written_is_one_clear_error(tmp_path: Path) -> None:
+    run = cli("compile", "envoy", str(EXAMPLE_POLICY), "-o", str(tmp_path / "missing" / "envoy.yaml"))
+    assert run.returncode == 2 and "cannot write it: No such file or directory" in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 # --- the keys Envoy fetches --------------------------------------------------------------------------

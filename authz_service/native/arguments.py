@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
 from .options import Address, Options, parse_address
@@ -21,8 +20,7 @@ ADDRESS_FLAGS = {  # flag -> (Options field, what is there)
 def add_arguments(envoy: argparse.ArgumentParser) -> None:
     defaults = Options()
     for flag, (name, what) in ADDRESS_FLAGS.items():
-        envoy.add_argument(flag, metavar="HOST:PORT", type=_address(flag), default=getattr(defaults, name),
-                           help=what)
+        envoy.add_argument(flag, metavar="HOST:PORT", type=_address, default=getattr(defaults, name), help=what)
     envoy.add_argument("--realm", default=defaults.realm, help="as serve's --realm (part of every 401 challenge)")
     envoy.add_argument("--leeway", type=_whole_seconds, default=defaults.leeway,
                        help="as serve's --leeway, in whole seconds, at least 2")
@@ -37,13 +35,11 @@ def add_arguments(envoy: argparse.ArgumentParser) -> None:
                        help="what goes to standard error: the engine of each route as text, as JSON, or nothing")
 
 
-def _address(flag: str) -> Callable[[str], Address]:
-    def parse(text: str) -> Address:
-        try:
-            return parse_address(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
-    return parse
+def _address(text: str) -> Address:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def _whole_seconds(text: str) -> int:

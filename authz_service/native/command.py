@@ -13,12 +13,14 @@ import yaml
 
 from ..config import option
 from ..policy import PolicyError, load_policy_file
-from .bootstrap import Compiled, compile_policy
 from .arguments import ADDRESS_FLAGS
+from .bootstrap import Compiled, compile_policy
 from .options import Options
 from .report import report_json, report_text
 
+
 def options_from(args: argparse.Namespace) -> Options:
+    """The compile options of a parsed command line (ValueError naming the flag)."""
     try:
         realm = option("realm").parse(args.realm)
     except ValueError as exc:
@@ -40,7 +42,12 @@ def compile_command(policy_path: Path, args: argparse.Namespace, stdout: TextIO,
     if args.output is None:
         stdout.write(text)
     else:
-        _write_atomically(args.output, text)
+        try:
+            _write_atomically(args.output, text)
+        except OSError as exc:
+            print(f"authz-service compile envoy: error: -o {args.output}: cannot write it: {exc.strerror or exc}",
+                  file=stderr)
+            return 2
     if args.report == "text":
         stderr.write(report_text(compiled))
     elif args.report == "json":
@@ -49,6 +56,7 @@ def compile_command(policy_path: Path, args: argparse.Namespace, stdout: TextIO,
 
 
 def bootstrap_yaml(compiled: Compiled) -> str:
+    """The bootstrap as YAML, under a header naming the policy it enforces."""
     header = (f"# Envoy bootstrap compiled by `authz-service compile envoy` from {compiled.policy.source}\n"
               f"# (policy sha256 {compiled.policy.sha256}). Generated: edit the policy and compile again.\n"
               "# Its hardened settings are envoy/envoy.yaml's, where each is explained.\n")
@@ -58,8 +66,11 @@ def bootstrap_yaml(compiled: Compiled) -> str:
 def _write_atomically(path: Path, text: str) -> None:
     """Write to a temporary file beside ``path`` and rename it over: Envoy (or a file watcher) never
     reads half a bootstrap."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent or Path("."), prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as any file the user writes, not mkstemp's 0600
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
         os.replace(tmp, path)
