@@ -27,6 +27,10 @@ COGNITO_CONTROLLED_CLAIMS = frozenset({
     "acr", "amr", "aud", "at_hash", "auth_time", "azp", "exp", "iat", "identities", "iss", "jti", "nbf",
     "nonce", "origin_jti", "sub", "token_use",
 })
+# RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ), scope = scope-token *( SP scope-token ).
+# Printable ASCII but space, quote and backslash: what a policy may require and a scope claim may list.
+SCOPE_CHARS = r"\x21\x23-\x5B\x5D-\x7E"  # a regex character class's contents
+SCOPE_TOKEN = rf"[{SCOPE_CHARS}]+"
 # Claims the verifier already checks, each with its own policy key (the fix a message names).
 VERIFIED_CLAIM_KEYS = {"client_id": "client_ids", "scope": "scopes or all_scopes", "iss": "issuers"}
 

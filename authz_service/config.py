@@ -175,8 +175,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("ext_authz_http_port", 0, _port,
            "Port for Envoy's HTTP ext_authz mode (http_service), on --grpc-host; 0 (default) turns it off."),
     Option("ext_authz_http_path_prefix", "", _path_prefix,
-           "Envoy's http_service path_prefix: stripped before the policy sees the path; requests without it "
-           "are refused (400)."),
+           "Envoy's http_service path_prefix (empty: none). A request is decided only when its path is this "
+           "prefix followed by Envoy's x-authz-original-path header; any other is refused (400)."),
     Option("max_request_bytes", 128 * 1024, _request_bytes,
            "Largest authorization request accepted (a gRPC CheckRequest, or the HTTP request head), in bytes."),
     Option("http_host", "0.0.0.0", str, "Address for the HTTP server (/healthz, /readyz, /metrics)."),
@@ -200,7 +200,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("token_cache_max_bytes", 16 * 1024 * 1024, _non_negative_int,
            "Most bytes (approximate) the verified-token cache holds (per worker); 0 disables the cache."),
     Option("workers", 1, _workers,
-           "Worker processes sharing the gRPC port (SO_REUSEPORT); 1 serves in-process."),
+           "Worker processes sharing the front doors' ports (SO_REUSEPORT); 1 serves in-process."),
     Option("event_loop", "auto", _event_loop,
            "auto (uvloop when installed, else asyncio), uvloop or asyncio; uvloop saves ~30 us of CPU per Check."),
     Option("metrics_min_interval", 1.0, _non_negative,

@@ -128,18 +128,67 @@ def deny(reason: Reason, description: str, route: Route | None = None) -> Decisi
 
 async def decide(request: HttpRequest, policy: Policy, verifier: TokenVerifier) -> Decision:
     """Decide one request: route, then credentials, then the route's scopes and conditions."""
-    route = policy.match(request.method, request.segments)
+    segments = request.segments
+    if segments and not segments[-1]:  # a trailing '/': the routes of two readings (Policy.routes_for)
+        return await _decide_all(request, policy.routes_for(request.method, segments), policy, verifier)
+    route = policy.match(request.method, segments)
     if route is None:
         return deny(Reason.NO_ROUTE, NO_ROUTE_TEXT)
     if route.public:
         return Decision(True, Reason.PUBLIC, route=route)
     decision = await _authorize(request, route, policy, verifier)
+    if not decision.allowed:
+        return _as_mode(route, decision)
+    return decision
+
+
+async def _decide_all(request: HttpRequest, routes: tuple[Route, ...], policy: Policy,
+                      verifier: TokenVerifier) -> Decision:
+    """A request that must meet every route of ``routes`` (a path ending in '/': the route as
+    written, then the one without the '/'). The first route that denies answers (the denial names
+    it); else the first dry-run denial; else an allow labelled with the first protected route, the
+    one whose requirements the request met. The token is verified once."""
+    if not routes:
+        return deny(Reason.NO_ROUTE, NO_ROUTE_TEXT)
+    guards = [route for route in routes if not route.public]
+    if not guards:
+        return Decision(True, Reason.PUBLIC, route=routes[0])
+    first = await _authorize(request, guards[0], policy, verifier)
+    decisions = [_as_mode(guards[0], first)]
+    for route in guards[1:]:
+        if first.claims is None:  # the token itself failed, which fails every route alike
+            decision = deny(first.reason, first.description, route)
+        else:
+            decision = await _authorize(request, route, policy, _Verified(first.claims))
+        decisions.append(_as_mode(route, decision))
+    return (next((d for d in decisions if not d.allowed), None) or next((d for d in decisions if d.dry_run), None)
+            or decisions[0])
+
+
+class _Verified:
+    """A token's claims, verified already, in the verifier's place: ``_authorize`` then checks only
+    the route's requirements (the token of a request that must meet two routes is verified once)."""
+
+    def __init__(self, claims: Claims) -> None:
+        self._claims = claims
+
+    def cached(self, authorization: tuple[str, ...], policy: Policy) -> Claims:
+        return self._claims
+
+    async def verify_uncached(self, token: str, policy: Policy) -> Claims:
+        return self._claims
+
+
+def _as_mode(route: Route, decision: Decision) -> Decision:
+    """A denial as the route's mode answers it: a dry-run route allows it (marked dry-run), except
+    keys unavailable (a 503 is never turned into an allow)."""
     if not decision.allowed and route.mode is Mode.DRY_RUN and decision.reason is not Reason.KEYS_UNAVAILABLE:
         return Decision(True, decision.reason, decision.description, route, decision.claims, dry_run=True)
     return decision
 
 
-async def _authorize(request: HttpRequest, route: Route, policy: Policy, verifier: TokenVerifier) -> Decision:
+async def _authorize(request: HttpRequest, route: Route, policy: Policy,
+                     verifier: TokenVerifier | _Verified) -> Decision:
     try:
         # A token verified before skips parsing and verification (see TokenVerifier.cached).
         claims = verifier.cached(request.authorization, policy)

@@ -28,7 +28,8 @@ from .policy import Policy, Route, load_policy_file, pattern_matches, PolicyErro
 from .request import BadRequest, normalized_path, path_segments
 from .response import Answer
 from .simulate import Outcome, Simulator, run_check
-from .tokens import MALFORMED_PAYLOAD, Failure, TokenError, TokenVerifier
+from .tokens import MALFORMED_PAYLOAD, SCOPE_CHARACTER, SCOPE_SPACING, Failure, TokenError, TokenVerifier
+from .urls import shown
 
 _BEARER = re.compile(r"^bearer\s+", re.IGNORECASE)
 
@@ -42,7 +43,7 @@ CHECKS = (
     ("times", "exp / nbf / iat (with leeway)"),
     ("token_use", "token_use is 'access'"),
     ("client", "client_id present, valid header text and allowed"),
-    ("claims", "scope and sub claims are strings, valid header text"),
+    ("claims", "scope and sub claims are strings; scope lists RFC 6749 scopes, sub is valid header text"),
 )
 _BY_FAILURE = {
     Failure.WRONG_ISSUER: "issuer", Failure.KEYS_UNAVAILABLE: "key", Failure.UNKNOWN_KEY: "key",
@@ -53,7 +54,7 @@ _BY_DETAIL = {  # INVALID_TOKEN covers several checks; the error's detail says w
     MALFORMED_PAYLOAD: "payload", "token has no exp claim": "times", "token has no client_id claim": "client",
     "client_id claim is not valid HTTP header text": "client",
     "scope claim must be a string": "claims", "sub claim must be a string": "claims",
-    "scope claim is not valid HTTP header text": "claims", "sub claim is not valid HTTP header text": "claims",
+    SCOPE_SPACING: "claims", SCOPE_CHARACTER: "claims", "sub claim is not valid HTTP header text": "claims",
 }
 
 
@@ -65,6 +66,8 @@ class Explanation:
     path: str
     token: str  # how the token is described (never the token itself)
     candidates: list[str] = field(default_factory=list)
+    # A path ending in '/' whose two readings have two routes: (as written, without the '/').
+    readings: tuple[Route, Route] | None = None
     checks: list[tuple[str, str, str]] = field(default_factory=list)  # (check, result, detail)
     outcome: Outcome | None = None
 
@@ -76,6 +79,8 @@ class Explanation:
             "request": {"method": self.method, "path": self.path, "token": self.token},
             "route": _route_dict(route),
             "candidates": self.candidates,
+            "trailing_slash": None if self.readings is None else {
+                "as_written": _route_dict(self.readings[0]), "without_slash": _route_dict(self.readings[1])},
             "required_scopes": sorted(route.scopes) if route and not route.public else [],
             "required_all_scopes": sorted(route.all_scopes) if route else [],
             "route_client_ids": sorted(route.client_ids) if route and route.client_ids is not None else None,
@@ -168,16 +173,29 @@ def describe_token(token: str) -> str:
     return f"{shown}, unverified: {', '.join(parts)}"
 
 
+def _segments(path: str) -> tuple[str, ...] | None:
+    try:
+        return path_segments(normalized_path(path))
+    except BadRequest:
+        return None
+
+
+def readings(policy: Policy, method: str, path: str) -> tuple[Route, Route] | None:
+    """For a path ending in '/' whose two readings (as written, without the '/') have two routes:
+    both (Policy.routes_for), since the request must meet each."""
+    segments = _segments(path)
+    routes = policy.routes_for(method, segments) if segments is not None else ()
+    return (routes[0], routes[1]) if len(routes) == 2 else None
+
+
 def candidates(policy: Policy, method: str, path: str) -> list[str]:
     """Routes whose pattern covers the path, for the "why": the chosen one is the most specific."""
-    try:
-        normal = normalized_path(path)
-    except BadRequest:
+    segments = _segments(path)
+    if segments is None:
         return []
-    segments = path_segments(normal)
     out = []
     for route in policy.routes:
-        if not pattern_matches(route.path, segments):
+        if not pattern_matches(route.path, segments, policy.path_case):
             continue
         methods = "any method" if route.methods is None else "|".join(sorted(route.methods))
         fits = route.takes(method)
@@ -216,7 +234,7 @@ async def _explain_real(policy: Policy, method: str, path: str, token: str, real
             for state in cache.status():
                 if state["last_error"]:
                     uri = policy.issuers_by_iss[str(state["issuer"])].jwks_uri
-                    info.checks.append(("jwks", "FAILED", f"fetching {uri}: {state['last_error']}"))
+                    info.checks.append(("jwks", "FAILED", f"fetching {shown(uri)}: {state['last_error']}"))
             verifier = TokenVerifier(cache, leeway=leeway)
             try:
                 await verifier.verify(token, policy)
@@ -256,6 +274,7 @@ async def explain(policy: Policy, method: str, path: str, *, token: str | None =
         info = Explanation(method, path, "none (no Authorization header)")
         info.outcome = await run_check(policy, Simulator(policy).verifier, method, path, None, realm)
     info.candidates = candidates(policy, method, path)
+    info.readings = readings(policy, method, path)
     return info
 
 
@@ -276,6 +295,12 @@ def render_text(info: Explanation, out: TextIO) -> None:
             print(f"             {line}", file=out)
     elif decision["reason"] != "bad_request":
         print("why:       no route's path pattern covers this path", file=out)
+    if info.readings is not None:
+        written, lenient = info.readings
+        without = "/" + "/".join((_segments(info.path) or ("",))[:-1])
+        print(f"slash:     the path ends in '/': a strict router serves it as written (routes[{written.index}] "
+              f"{written.name!r}), a lenient one as {without} (routes[{lenient.index}] {lenient.name!r}); "
+              "the request must meet both", file=out)
     if route is not None and not route["public"]:
         _render_requirements(info, data, out)
     if info.checks:

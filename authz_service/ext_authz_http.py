@@ -5,9 +5,20 @@ Envoy sends the original request's method and path (behind ``path_prefix``) with
 copied upstream through ``allowed_upstream_headers``), anything else is the denial the client gets.
 The request goes through the same ``check.Checker`` as gRPC's Check, so both modes decide alike.
 
+Which path is asked about: Envoy's authorization request path is its ``path_prefix`` followed by
+the original request's path, and a prefix that differs from ours (``--ext-authz-http-path-prefix``)
+would have us decide on another path than the one the app serves (``/ext-authz/admin/x``, which a
+public catch-all takes, instead of ``/admin/x``). The path alone cannot tell a prefix from the
+client's own first segments, so Envoy also sends the original path on its own, in
+``x-authz-original-path`` (``headers_to_add`` with ``%REQ(:PATH)%``: Envoy's value, overwriting any
+client copy). A request is decided only when its path is exactly our prefix followed by that
+header, on that header; any other request is refused (400), counted
+(``authz_ext_authz_http_config_mismatches_total``) and logged (rate-limited, with the prefix Envoy
+actually sends). So no prefix Envoy sends or omits can move the decision to another path.
+
 The known trap of HTTP mode: Envoy forwards only the headers it is told to, so we may never see a
 spoofed ``x_auth_client_id`` the client sent. Every answer therefore carries
-``x-envoy-auth-headers-to-remove`` with every '-'/'_' spelling of the identity and override headers
+``x-envoy-auth-headers-to-remove`` with every '-'/'_'/'.' spelling of the identity and override headers
 (minus the ones the answer sets), and Envoy strips them all from the upstream request.
 
 Tracing (on only when configured, see tracing.py): Envoy sends the trace context of its ext_authz
@@ -21,8 +32,9 @@ uvicorn with httptools (docs/performance.md), and already a dependency.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -33,6 +45,7 @@ from . import ports
 from .admin import listen
 from .check import Checker, TracedChecker
 from .decision import Decision
+from .logs import Throttle
 from .request import (
     INVALID_METHOD,
     SPECIAL_NAMES,
@@ -48,34 +61,87 @@ from .tracing import HTTP_CHECK
 
 log = logging.getLogger(__name__)
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+# The original request's path (and query), as Envoy's http_service must send it on every
+# authorization request: authorization_request.headers_to_add {key: ORIGINAL_PATH, value: ENVOY_VALUE}.
+ORIGINAL_PATH = "x-authz-original-path"
+ENVOY_VALUE = "%REQ(:PATH)%"
 _SPELLINGS = identity_and_override_spellings()
 _RENDERED = "http"
+MISMATCH = "ext_authz misconfigured: Envoy's http_service does not send the original path as this service expects"
+_SHOWN_PREFIX = 64  # characters of the prefix Envoy sends that a log line shows at most
+
+
+class Mismatch(enum.Enum):
+    """Why an authorization request was refused as not matching this service (metric label values)."""
+
+    ORIGINAL_PATH_MISSING = "original_path_missing"  # Envoy does not send x-authz-original-path
+    PATH_PREFIX_MISMATCH = "path_prefix_mismatch"  # Envoy's path_prefix is not ours
+    ORIGINAL_PATH_MISMATCH = "original_path_mismatch"  # the header does not end the path: not Envoy's own
+
+
+_FIXES = {
+    Mismatch.ORIGINAL_PATH_MISSING: f"add to Envoy's http_service: authorization_request: headers_to_add: "
+                                    f"[{{key: {ORIGINAL_PATH}, value: '{ENVOY_VALUE}'}}] (docs/deploy.md)",
+    Mismatch.PATH_PREFIX_MISMATCH: "make Envoy's http_service.path_prefix and --ext-authz-http-path-prefix "
+                                   "equal (docs/deploy.md)",
+    Mismatch.ORIGINAL_PATH_MISMATCH: f"{ORIGINAL_PATH} must be set by Envoy (headers_to_add, '{ENVOY_VALUE}'), "
+                                     "never forwarded from the client (docs/deploy.md)",
+}
 
 
 class HttpFrontDoor:
-    """Envoy's HTTP authorization requests on their own port (never the health/metrics port)."""
+    """Envoy's HTTP authorization requests on their own port (never the health/metrics port).
 
-    def __init__(self, checker: Checker, path_prefix: str = "", max_request_bytes: int = 128 * 1024) -> None:
+    ``on_mismatch`` is told of every request refused as not matching this service (a ``Mismatch``),
+    for the metrics; ``mismatches`` counts them for /readyz."""
+
+    def __init__(self, checker: Checker, path_prefix: str = "", max_request_bytes: int = 128 * 1024,
+                 on_mismatch: Callable[[Mismatch], None] | None = None) -> None:
         self._checker = checker
         self._check = checker.check
         self._prefix = path_prefix
         self._max_request_bytes = max_request_bytes
+        self._on_mismatch = on_mismatch
+        self._throttle = Throttle()
+        self.mismatches = 0
         self._runner: web.ServerRunner | None = None
 
     def parse(self, request: web.BaseRequest) -> HttpRequest:
         """The original request as Envoy forwarded it; BadRequest when it cannot be decided on."""
         method = checked_method(request.method)
-        target = request.raw_path  # as sent: path and query, not decoded
-        if self._prefix:
-            if not target.startswith(self._prefix) or target[len(self._prefix):len(self._prefix) + 1] != "/":
-                raise BadRequest("authorization request without the configured path prefix")
-            target = target[len(self._prefix):]
-        path, segments = path_and_segments(target)
+        target = request.raw_path  # as sent: the prefix, then the path and query, not decoded
         headers = request.headers
+        original = headers.get(ORIGINAL_PATH)
+        if original is None or len(target) != len(self._prefix) + len(original) or not target.endswith(original) \
+                or not target.startswith(self._prefix):
+            raise self._mismatch(target, original)
+        path, segments = path_and_segments(original)
         authorization = tuple(headers.getall("authorization", ()))
         request_id = headers.get("x-request-id", "")[:128]
         spoofed = () if SPECIAL_NAMES.isdisjoint(map(str.lower, headers)) else special_names(map(str.lower, headers))
         return HttpRequest(method, path, segments, authorization, request_id, spoofed)
+
+    def _mismatch(self, target: str, original: str | None) -> BadRequest:
+        """Count and log (rate-limited) a request that does not match this service: the refusal."""
+        if original is None:
+            problem, envoy_prefix = Mismatch.ORIGINAL_PATH_MISSING, None
+        elif original and target.endswith(original):
+            problem, envoy_prefix = Mismatch.PATH_PREFIX_MISMATCH, target[:len(target) - len(original)]
+        else:
+            problem, envoy_prefix = Mismatch.ORIGINAL_PATH_MISMATCH, None
+        self.mismatches += 1
+        if self._on_mismatch is not None:
+            self._on_mismatch(problem)
+        suppressed = self._throttle.admit(problem.value)
+        if suppressed is not None:
+            fields: dict[str, object] = {"problem": problem.value, "expected_path_prefix": self._prefix,
+                                         "original_path_header": ORIGINAL_PATH, "fix": _FIXES[problem],
+                                         "suppressed_since_last": suppressed}
+            if envoy_prefix is not None:  # Envoy's configuration text; bounded all the same
+                fields["envoy_path_prefix"] = envoy_prefix[:_SHOWN_PREFIX]
+            log.error("HTTP ext_authz request refused: Envoy's http_service does not match this service; "
+                      "every such request is refused (400) until it does", extra=fields)
+        return BadRequest(MISMATCH)
 
     @staticmethod
     def render(answer: Answer, decision: Decision | None = None) -> web.Response:
@@ -121,6 +187,14 @@ class HttpFrontDoor:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def door_status(path_prefix: str, mismatches: int) -> dict[str, object]:
+    """/readyz's view of the HTTP front door: what Envoy must send, and how many requests did not.
+
+    Not a readiness condition: whoever can reach the door could otherwise take the service out of
+    rotation. The metric and its alert (AuthzHttpConfigMismatch) are what an operator watches."""
+    return {"path_prefix": path_prefix, "original_path_header": ORIGINAL_PATH, "config_mismatches": mismatches}
 
 
 class _Server(web.Server):

@@ -25,6 +25,7 @@ from .config import JwksSettings
 from .metrics import Metrics
 from .policy import Issuer
 from .tracing import NO_TRACING, NoTracing, Recorder
+from .urls import shown
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +350,7 @@ class JwksCache:
         except (JwksError, aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeError) as exc:
             if isinstance(exc, JwksError):
                 _log_skipped(issuer, exc.skipped)
-            reason = str(exc) or type(exc).__name__
+            reason = shown(str(exc)) or type(exc).__name__  # an HTTP client error may quote the URL
             if isinstance(exc, asyncio.TimeoutError):
                 reason = f"timed out after {self.settings.timeout:g}s"
             state.last_error = reason
@@ -358,7 +359,7 @@ class JwksCache:
             self._metrics.jwks_refreshes.labels(label, trigger, "error").inc()
             log.warning(
                 "jwks refresh failed",
-                extra={"issuer": issuer.issuer, "jwks_uri": issuer.jwks_uri, "trigger": trigger,
+                extra={"issuer": issuer.issuer, "jwks_uri": shown(issuer.jwks_uri), "trigger": trigger,
                        "error": reason, "keys_kept": len(state.keys)},
             )
             return False

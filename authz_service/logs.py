@@ -39,3 +39,23 @@ def configure(level: str) -> None:
     root.setLevel(level)
     for noisy in ("aiohttp.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class Throttle:
+    """At most one log line per key every ``interval`` seconds, for a condition that can repeat on
+    every request (a misconfiguration): the first occurrence is logged at once, the ones within the
+    interval are only counted, and the next line that gets through says how many were left out."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self._next: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def admit(self, key: str) -> int | None:
+        """None: do not log this occurrence; else log it, with this many left out since the last line."""
+        now = time.monotonic()
+        if now < self._next.get(key, float("-inf")):
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        self._next[key] = now + self.interval
+        return self._suppressed.pop(key, 0)

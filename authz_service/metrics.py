@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -142,6 +142,15 @@ class Metrics:
             self.token_cache_evictions.labels(reason)
         for result in ("ok", "error"):  # exist at 0 from the start, so increase() sees the first error
             self.policy_reloads.labels(result)
+        # Only in HTTP mode (its series are created with the HTTP front door, see http_door_enabled).
+        self.http_config_mismatches = Counter(
+            f"{PREFIX}_ext_authz_http_config_mismatches",
+            "HTTP ext_authz requests refused because Envoy's http_service does not match this service, by "
+            "problem (original_path_missing, path_prefix_mismatch, original_path_mismatch): a configuration "
+            "error; each such request is denied (400).",
+            ["problem"],
+            registry=registry,
+        )
         self.build_info = Gauge(
             f"{PREFIX}_build_info",
             "Always 1; the labels name the authz-service version and the Python and gRPC it runs on.",
@@ -151,6 +160,11 @@ class Metrics:
         )
         self.build_info.labels(*build_labels()).set(1)
         self.per_check = PerCheck(self)
+
+    def http_door_enabled(self, problems: Iterable[str]) -> None:
+        """Create the HTTP front door's mismatch series at 0 (alerts then see the first one)."""
+        for problem in problems:
+            self.http_config_mismatches.labels(problem)
 
     def issuer_added(self, pool_id: str) -> None:
         """Create an issuer's refresh series at 0 (alerts then see its first failure)."""

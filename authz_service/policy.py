@@ -8,7 +8,9 @@ Specificity is decided segment by segment from the left: a literal segment beats
 which beats a trailing ``/**``; at equal paths a route listing methods beats one for any method.
 Two routes that could match the same request with equal specificity are refused at load.
 A route that lists GET also takes HEAD (apps serve HEAD with the GET handler), unless another
-route at the same path lists HEAD itself.
+route at the same path lists HEAD itself. A path ending in '/' must meet the route that matches it
+as written and the one that matches it without the '/' (``Policy.routes_for``: lenient routers
+serve /a/ with /a's handler). ``path_case: insensitive`` matches literal segments ignoring case.
 
 Besides its scopes (any of them), a route may require all of some scopes, name the app clients
 allowed on it and set conditions on custom claims (``conditions``); an issuer entry may accept
@@ -28,14 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .claims import SCOPE_TOKEN
 from .conditions import ClaimCondition, Conditions, parse_claim_conditions
+from .urls import shown
 from .yamlfile import Places, Where, YamlError, load_strict_yaml, place, where_text
 
 # RFC 3986 pchar without percent-encoding: what a literal policy segment may contain.
 _LITERAL_SEGMENT = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@]+\Z")
 _PARAM_SEGMENT = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
 _METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*\Z")  # RFC 9110 token, upper case as HTTP methods are written
-_SCOPE = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+\Z")  # RFC 6749 scope-token
+_SCOPE = re.compile(rf"^{SCOPE_TOKEN}\Z")
 _REGION = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d+\Z")
 _POOL_ID = re.compile(r"^(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)_[0-9A-Za-z]+\Z")
 # Emulators name pools differently (cognito-local: local_Abc123); accepted with an explicit issuer.
@@ -65,6 +69,14 @@ class Mode(enum.Enum):
 
     ENFORCE = "enforce"
     DRY_RUN = "dry-run"
+
+
+class PathCase(enum.Enum):
+    """How the app's router compares literal path segments (``path_case``). A case-insensitive
+    router serves /ADMIN/report with the /admin/report handler, so the policy must match it so too."""
+
+    SENSITIVE = "sensitive"
+    INSENSITIVE = "insensitive"
 
 
 class IssuerFormat(enum.Enum):
@@ -112,6 +124,8 @@ LINT_CODES = {
     "fallthrough": "other methods on this route's paths fall through to a public or weaker route",
     "public-hole": "this public route is more specific than a protected route it carves a hole in",
     "public-catch-all": "this public route's pattern covers protected routes' paths",
+    "case-variant": "this public route takes case variants of protected routes' paths (a case-insensitive "
+                    "router serves them with the protected handler)",
 }
 
 
@@ -155,9 +169,13 @@ class Policy:
     version: int = 1  # the policy format (``version:``); see POLICY_VERSIONS
     # Custom claims some route's conditions name: the verifier keeps exactly these in Claims.custom.
     claim_names: frozenset[str] = frozenset()
+    path_case: PathCase = PathCase.SENSITIVE
 
     def match(self, method: str, segments: tuple[str, ...]) -> Route | None:
-        """The most specific route for this method and path segments, or None (deny)."""
+        """The most specific route for this method and path segments as written, or None.
+
+        Only ``routes_for`` knows the trailing-slash rule: decide() and the tools go through it for
+        a path ending in '/'."""
         return _match(self._trie, segments, 0, method)
 
     def methods_of(self, route: Route) -> frozenset[str] | None:
@@ -171,38 +189,111 @@ class Policy:
         for part in parts:
             if part is REST:
                 break
-            node = node.param if part is PARAM else node.literals[part]  # type: ignore[assignment,index]
+            node = node.param if part is PARAM else node.literals[self.fold(part)]  # type: ignore[assignment,arg-type,index]
         endpoint = node.rest if parts and parts[-1] is REST else node.exact
         return frozenset(method for method, owner in endpoint.by_method.items() if owner is route)
 
-    def representative_paths(self, limit: int = 100_000) -> list[tuple[str, ...]] | None:
+    def routes_for(self, method: str, segments: tuple[str, ...]) -> tuple[Route, ...]:
+        """Every route whose requirements the request must meet; empty: no route (deny).
+
+        Why two for a path ending in '/': a strict router serves it as written (where only a
+        ``/**`` route can take it), a lenient one (Flask ``strict_slashes=False``, Express, Spring
+        MVC up to 5) with the handler of the path without the '/'. The policy cannot know which
+        the app runs, so the request must meet the route of each reading: the route as written,
+        then, when another one, the route of the path without the '/'. Never more than either
+        reading allows.
+        """
+        route = self.match(method, segments)
+        if route is None or not segments or segments[-1]:
+            return () if route is None else (route,)
+        lenient = self.match(method, segments[:-1])
+        if lenient is None:
+            return ()
+        return (route,) if lenient is route else (route, lenient)
+
+    def case_folded(self) -> Policy:
+        """The same routes matched as ``path_case: insensitive`` does (what a case-insensitive
+        router would serve), for the lint that compares both; routes that would then tie keep the
+        first in the file."""
+        if self.path_case is PathCase.INSENSITIVE:
+            return self
+        trie = _compile(self.routes, _Context(self.source), fold=True)
+        return _CaseInsensitivePolicy(self.source, self.sha256, self.issuers, self.routes, self.issuers_by_iss, trie,
+                                      self.version, self.claim_names, PathCase.INSENSITIVE)
+
+    def representative_paths(self, limit: int = 100_000, *, folded: Policy | None = None
+                             ) -> list[tuple[str, ...]] | None:
         """One request path per class of paths the matcher cannot tell apart (None over ``limit``).
 
         Why: lints ("this route can never match") must be exact, not guessed. ``match`` only
         looks at which literal keys exist at the trie nodes a path reaches, whether a segment is
         empty (a trailing '/'), and the path length, so a segment that is no literal of any
         reachable node behaves like any other such segment. Walking the trie with those classes
-        yields a finite set of paths that together exercise every way ``match`` can go.
+        yields a finite set of paths that together exercise every way ``match`` can go; a path
+        ending in '/' and the same path without it are both in the set, so ``routes_for`` is
+        covered too.
+
+        With ``folded`` (``case_folded()``), the classes also tell apart what that matcher sees:
+        for each literal it knows, one spelling that no literal of this policy's reachable nodes
+        has (``/ADMIN`` beside ``/admin``), which this policy matches like any other segment and
+        ``folded`` like the literal.
         """
         out: list[tuple[str, ...]] = []
+        tries = (self, folded) if folded is not None else (self,)
 
-        def walk(prefix: tuple[str, ...], alive: list[_Node]) -> bool:
+        def walk(prefix: tuple[str, ...], alive: tuple[list[_Node], ...]) -> bool:
             out.append(prefix)
-            if prefix:  # a trailing slash ("/a/"): only a /** route can take it; "//" is refused earlier
+            if prefix:  # a trailing slash ("/a/"); "//" is refused earlier
                 out.append((*prefix, ""))
             if len(out) > limit:
                 return False
-            if not alive:
+            if not any(alive):
                 return True
-            keys = sorted({k for n in alive for k in n.literals})
-            params = [n.param for n in alive if n.param is not None]
-            for key in keys:
-                nxt = [n.literals[key] for n in alive if key in n.literals] + params
-                if not walk((*prefix, key), nxt):
+            keys = {k for n in alive[0] for k in n.literals}
+            segments = sorted(keys)
+            if folded is not None:
+                for key in sorted({k for n in alive[1] for k in n.literals}):
+                    spelling = _other_spelling(key, keys)
+                    if spelling is not None:
+                        segments.append(spelling)
+            params = [[n.param for n in nodes if n.param is not None] for nodes in alive]
+            for segment in (*segments, OTHER_SEGMENT):
+                nxt = tuple([n.literals[key] for n in nodes if (key := policy.fold(segment)) in n.literals] + ps
+                            for policy, nodes, ps in zip(tries, alive, params))
+                if not walk((*prefix, segment), nxt):
                     return False
-            return walk((*prefix, OTHER_SEGMENT), params)
+            return True
 
-        return out if walk((), [self._trie]) else None
+        return out if walk((), tuple([p._trie] for p in tries)) else None
+
+    def fold(self, segment: str) -> str:
+        """A request segment as this policy's trie keys spell literals (lower case when insensitive)."""
+        return segment.lower() if self.path_case is PathCase.INSENSITIVE else segment
+
+
+class _CaseInsensitivePolicy(Policy):
+    """A policy with ``path_case: insensitive``: its trie keys literals in lower case, so a request's
+    segments are looked up in lower case. A subclass, so a case-sensitive policy's match runs exactly
+    the plain trie walk."""
+
+    __slots__ = ()
+
+    def match(self, method: str, segments: tuple[str, ...]) -> Route | None:
+        return _match(self._trie, tuple([s.lower() for s in segments]), 0, method)
+
+
+def _other_spelling(literal: str, taken: set[str]) -> str | None:
+    """A spelling of ``literal`` in other letter case that is not in ``taken`` (None: there is none)."""
+    letters = [i for i, c in enumerate(literal) if c.isalpha()]
+    for k in reversed(range(1 << len(letters))):  # all lower case first, all upper case last
+        chars = list(literal.lower())
+        for bit, i in enumerate(letters):
+            if not (k >> bit) & 1:
+                chars[i] = chars[i].upper()
+        spelling = "".join(chars)
+        if spelling not in taken:
+            return spelling
+    return None
 
 
 # A segment no policy literal can equal ('%' is not allowed in literals), standing for "any other".
@@ -256,7 +347,7 @@ def _match(node: _Node, segments: tuple[str, ...], i: int, method: str) -> Route
 
 # --- loading -------------------------------------------------------------------------------------
 
-_TOP_KEYS = {"version", "issuers", "routes", "mode"}
+_TOP_KEYS = {"version", "issuers", "routes", "mode", "path_case"}
 # Policy formats this loader reads. Why a version at all: a policy written for a later format
 # (new keys, or old keys with a new meaning) must be refused by an older service, not half-read.
 POLICY_VERSIONS = (1,)
@@ -411,6 +502,7 @@ class _Context:
         version = self.version(doc.get("version", 1))  # first: a later format's keys are not ours to judge
         self.check_keys(doc, _TOP_KEYS, ())
         default_mode = self.mode(doc.get("mode", "enforce"), ("mode",))
+        path_case = self.path_case(doc.get("path_case", PathCase.SENSITIVE.value))
         issuer_items = self.nonempty_list(doc, "issuers", ())
         blocks = [self.collect(self.issuer, item, i) for i, item in enumerate(issuer_items)]
         issuers = [issuer for block in blocks if block is not None for issuer in block]
@@ -425,10 +517,11 @@ class _Context:
         good_routes = tuple(r for r in routes if r is not None)
         self.unique_names(good_routes, {i for i, item in enumerate(route_items) if isinstance(item, dict)
                                         and "name" in item})
-        trie = _compile(good_routes, self)
+        fold = path_case is PathCase.INSENSITIVE
+        trie = _compile(good_routes, self, fold=fold)
         if self.errors:
             return None
-        return Policy(
+        return (_CaseInsensitivePolicy if fold else Policy)(
             source=self.source,
             sha256=hashlib.sha256(raw).hexdigest(),
             issuers=tuple(issuers),
@@ -437,7 +530,15 @@ class _Context:
             _trie=trie,
             version=version,
             claim_names=frozenset(c.name for r in good_routes for c in r.claims),
+            path_case=path_case,
         )
+
+    def path_case(self, value: object) -> PathCase:
+        try:
+            return PathCase(value)
+        except ValueError:
+            raise self.fail(("path_case",), f"must be 'sensitive' (the default: the app's router tells /Admin "
+                                            f"from /admin) or 'insensitive' (it does not), got {value!r}") from None
 
     def version(self, value: object) -> int:
         # JSON numbers: 1.0 is 1 (as the schema sees it); true is not a number.
@@ -540,10 +641,13 @@ class _Context:
         explicit = self.string(item, "issuer", where)
         issuer = explicit or cognito_issuer(issuer_format, region, pool)
         if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?\Z", issuer):
-            raise self.fail((*where, "issuer"), f"{issuer!r} is not an http(s) URL")
+            raise self.fail((*where, "issuer"), f"{shown(issuer)!r} is not an http(s) URL")
+        if "@" in issuer.split("/")[2]:
+            raise self.fail((*where, "issuer"), f"{shown(issuer)!r}: an issuer URL carries no credentials (the "
+                            "token's iss is compared as written); put those the JWKS needs in jwks_uri")
         jwks_override = self.string(item, "jwks_uri", where)
         if jwks_override is not None and not re.match(r"^https?://[^\s/?#]+(/\S*)?\Z", jwks_override):
-            raise self.fail((*where, "jwks_uri"), f"{jwks_override!r} is not an http(s) URL")
+            raise self.fail((*where, "jwks_uri"), f"{shown(jwks_override)!r} is not an http(s) URL")
         allowed = self.client_ids(item, where)
         fmt = None if explicit else issuer_format
         accepted = [(region, issuer, False)]
@@ -659,12 +763,15 @@ def pattern_parts(pattern: str) -> list[object]:
     return _parse_pattern(pattern, PolicyError)
 
 
-def pattern_matches(pattern: str, segments: tuple[str, ...]) -> bool:
+def pattern_matches(pattern: str, segments: tuple[str, ...], path_case: PathCase = PathCase.SENSITIVE) -> bool:
     """Whether a (valid) route pattern covers these path segments, ignoring other routes.
 
     Used by lints to ask "would this route have taken the request if a more specific one did not".
     """
     parts = _parse_pattern(pattern, PolicyError)
+    if path_case is PathCase.INSENSITIVE:
+        parts = [p.lower() if isinstance(p, str) else p for p in parts]
+        segments = tuple(s.lower() for s in segments)
     for i, part in enumerate(parts):
         if part is _REST:
             return True
@@ -702,8 +809,11 @@ def _parse_pattern(path: str, fail: Any) -> list[object]:
             names.add(m[1])
             out.append(_PARAM)
             continue
+        if part == "" and k == len(parts) - 1:
+            raise fail(f"{path!r}: a pattern cannot end in '/': write {path.rstrip('/')!r}, whose route a request "
+                       f"for {path!r} must meet too (see 'Trailing slashes' in the policy reference)")
         if part == "":
-            raise fail(f"{path!r}: empty segment ('//' or a trailing '/'); remove it")
+            raise fail(f"{path!r}: empty segment ('//'); remove it")
         if part in (".", ".."):
             raise fail(f"{path!r}: '.' and '..' segments are not allowed")
         if "{" in part or "}" in part or "*" in part:
@@ -714,8 +824,10 @@ def _parse_pattern(path: str, fail: Any) -> list[object]:
     return out
 
 
-def _compile(routes: Iterable[Route], ctx: _Context) -> _Node:
-    """Build the trie; every pair of routes with equal specificity is an error (all are collected)."""
+def _compile(routes: Iterable[Route], ctx: _Context, fold: bool = False) -> _Node:
+    """Build the trie; every pair of routes with equal specificity is an error (all are collected).
+    With ``fold`` (``path_case: insensitive``) literals are keyed in lower case, so /Admin and
+    /admin are one place and two routes there tie."""
     root = _Node()
     for route in routes:
         node = root
@@ -728,7 +840,7 @@ def _compile(routes: Iterable[Route], ctx: _Context) -> _Node:
                 node = node.param
             else:
                 assert isinstance(part, str)
-                node = node.literals.setdefault(part, _Node())
+                node = node.literals.setdefault(part.lower() if fold else part, _Node())
         endpoint = node.rest if rest else node.exact
         if route.methods is None:
             if endpoint.any_method is not None:
@@ -767,7 +879,8 @@ def _conflict(ctx: _Context, first: Route, second: Route) -> PolicyError:
     line, column = ctx.position(where)
     return PolicyError(
         f"{place(ctx.source, line, column)}: routes[{second.index}] ({second.path}) conflicts with "
-        f"routes[{first.index}] ({first.path}): both match the same requests with equal specificity; "
+        f"routes[{first.index}] ({first.path}): both match the same requests with equal specificity"
+        f"{' (path_case is insensitive)' if first.path != second.path else ''}; "
         "merge them or make their methods disjoint",
         where, line, column,
     )

@@ -13,15 +13,16 @@ import json
 import re
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from .claims import cognito_controlled
-from .policy import (OTHER_SEGMENT, Mode, Policy, PolicyError, Route, check_policy, pattern_matches,
+from .policy import (OTHER_SEGMENT, Mode, PathCase, Policy, PolicyError, Route, check_policy, pattern_matches,
                      read_policy_file, read_policy_stream)
 from .simulate import Simulator, run_check
+from .urls import shown
 from .yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position, scalar_text, where_text
 
 STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
@@ -180,6 +181,9 @@ class Reach:
     covers: dict[tuple[int, int], tuple[str, tuple[str, ...]]]
     # (first method-limited route of a path pattern, weaker route) -> (methods that fall through, a path)
     falls: dict[tuple[int, int], tuple[set[str], tuple[str, ...]]]
+    # (public, protected) -> an example request the public route takes whose path is a case variant of
+    # the protected route's (what a case-insensitive router serves with the protected handler)
+    cases: dict[tuple[int, int], tuple[str, tuple[str, ...]]]
 
 
 def weaker(other: Route, route: Route) -> bool:
@@ -210,45 +214,62 @@ def requirement_gap(other: Route, route: Route) -> tuple[str, tuple[str, ...]] |
 
 def reachability(policy: Policy) -> Reach | None:
     """Run every class of request path the matcher can tell apart (Policy.representative_paths)
-    through the real ``Policy.match`` for every listed method, every standard method and one
-    unlisted method. Exact, not heuristic; None when the policy has too many path classes."""
-    paths = policy.representative_paths()
+    through the real ``Policy.routes_for`` for every listed method, every standard method and one
+    unlisted method. Exact, not heuristic; None when the policy has too many path classes.
+
+    A request passes only when every route ``routes_for`` names allows it (a path ending in '/'
+    must meet the route of the path without it too), so it counts as public only when all of them
+    are public. A case-sensitive policy is also compared with its case-folded twin (what a
+    case-insensitive router serves) on paths that spell a literal in other letter case."""
+    folded = policy.case_folded() if policy.path_case is PathCase.SENSITIVE else None
+    paths = policy.representative_paths(folded=folded)
     if paths is None:
         return None
     listed = {m for r in policy.routes for m in r.methods or ()}
     methods = [*STANDARD_METHODS, *sorted(listed - set(STANDARD_METHODS)), _UNLISTED_METHOD]
-    reach = Reach(defaultdict(set), set(), {}, {}, {})
+    reach = Reach(defaultdict(set), set(), {}, {}, {}, {})
     protected = [r for r in policy.routes if not r.public]
     public = [r for r in policy.routes if r.public]
     for segments in paths:
-        chosen = {method: policy.match(method, segments) for method in methods}
-        for method, route in chosen.items():
-            if route is None:
-                continue
-            reach.chosen[route.index].add(method)
-            if not segments or segments[-1] != "":
-                reach.plain.add(route.index)
-            if route.public:
+        taken = {method: policy.routes_for(method, segments) for method in methods}
+        trailing = bool(segments) and not segments[-1]
+        for method, routes in taken.items():
+            for route in routes:
+                reach.chosen[route.index].add(method)
+                if not trailing:
+                    reach.plain.add(route.index)
+            guards = [r for r in routes if not r.public]
+            if routes and not guards:
+                route = routes[0]
                 for other in protected:
                     if (route.index, other.index) not in reach.holes and other.takes(method) and \
-                            pattern_matches(other.path, segments):
+                            pattern_matches(other.path, segments, policy.path_case):
                         reach.holes[(route.index, other.index)] = (method, segments)
+                if folded is not None:
+                    for other in folded.routes_for(method, segments):
+                        if not other.public:
+                            reach.cases.setdefault((route.index, other.index), (method, segments))
                 continue
-            for other in public:
-                if (other.index, route.index) not in reach.covers and other.takes(method) and \
-                        pattern_matches(other.path, segments):
-                    reach.covers[(other.index, route.index)] = (method, segments)
-            if route.methods is None:
-                continue
-            # Methods this route does not take on this path go elsewhere: to a sibling at the same
-            # path (fine), nowhere (denied), or through to a less specific route. Siblings share
-            # one finding, under the first of them.
-            first = min(r.index for r in policy.routes if r.path == route.path and r.methods is not None)
-            for method2, other in chosen.items():
-                if other is not None and other.path != route.path and weaker(other, route):
-                    fell, _ = reach.falls.setdefault((first, other.index), (set(), segments))
-                    fell.add(method2)
+            for route in guards:
+                for other in public:
+                    if (other.index, route.index) not in reach.covers and other.takes(method) and \
+                            pattern_matches(other.path, segments, policy.path_case):
+                        reach.covers[(other.index, route.index)] = (method, segments)
+                if route.methods is not None:
+                    _record_falls(policy, route, taken, segments, reach)
     return reach
+
+
+def _record_falls(policy: Policy, route: Route, taken: dict[str, tuple[Route, ...]], segments: tuple[str, ...],
+                  reach: Reach) -> None:
+    """Methods this method-limited route does not take on this path go elsewhere: to a sibling at
+    the same path (fine), nowhere (denied), or through to less specific routes that are all weaker.
+    Siblings share one finding, under the first of them."""
+    first = min(r.index for r in policy.routes if r.path == route.path and r.methods is not None)
+    for method, others in taken.items():
+        if others and all(o.path != route.path and weaker(o, route) for o in others):
+            fell, _ = reach.falls.setdefault((first, others[0].index), (set(), segments))
+            fell.add(method)
 
 
 def _methods_text(methods: set[str]) -> str:
@@ -283,26 +304,26 @@ def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
         elif reached and route.index not in plain:
             out.append(warn(where, f"route {route.name!r} only matches paths ending in '/': more specific routes "
                                    "take every other request it covers", "remove it or change its path"))
-    for public_i, found in _grouped(holes).items():
-        if "public-hole" in routes[public_i].acknowledge:
-            continue
-        shadowed = [f"{routes[i].name!r} (e.g. {_request_text(*example)})" for i, example in found]
-        out.append(warn(("routes", public_i, "public"),
-                        f"public route {routes[public_i].name!r} is more specific than protected route"
-                        f"{'s' if len(shadowed) > 1 else ''} {', '.join(shadowed)}: those requests pass without a token",
+    for public, listed, s in _public_route_findings(routes, holes, "public-hole"):
+        out.append(warn(("routes", public.index, "public"),
+                        f"public route {public.name!r} is more specific than protected route{s} {listed}: those "
+                        "requests pass without a token",
                         "if that hole is not intended, narrow the public route's path or methods, or remove "
                         "'public: true'; if it is, add 'acknowledge: [public-hole]' to the public route"))
-    for public_i, found in _grouped(reach.covers).items():
-        if "public-catch-all" in routes[public_i].acknowledge:
-            continue
-        covered = [f"{routes[i].name!r} (e.g. {_request_text(*example)})" for i, example in found]
-        out.append(warn(("routes", public_i, "path"),
-                        f"public route {routes[public_i].name!r} ({routes[public_i].path}) also covers the paths of "
-                        f"protected route{'s' if len(covered) > 1 else ''} {', '.join(covered)}: every request "
-                        "they do not take (another method, a path beside them) is allowed without a token, so "
-                        "unmatched requests are no longer denied",
+    for public, listed, s in _public_route_findings(routes, reach.covers, "public-catch-all"):
+        out.append(warn(("routes", public.index, "path"),
+                        f"public route {public.name!r} ({public.path}) also covers the paths of protected route{s} "
+                        f"{listed}: every request they do not take (another method, a path beside them) is allowed "
+                        "without a token, so unmatched requests are no longer denied",
                         "narrow the public route to the paths meant to be public; if a public catch-all is "
                         "intended, add 'acknowledge: [public-catch-all]' to it"))
+    for public, listed, s in _public_route_findings(routes, reach.cases, "case-variant"):
+        out.append(warn(("routes", public.index, "path"),
+                        f"public route {public.name!r} ({public.path}) takes case variants of the paths of protected "
+                        f"route{s} {listed}: an app whose router ignores case serves them with the protected "
+                        "handler, without a token",
+                        "if the app's router ignores case, add 'path_case: insensitive' at the top of the policy; "
+                        "if it does not, add 'acknowledge: [case-variant]' to the public route"))
     for (route_i, other_i), (fell, segments) in sorted(reach.falls.items()):
         route, other = routes[route_i], routes[other_i]
         siblings = [r for r in routes if r.path == route.path and r.methods is not None]
@@ -320,6 +341,16 @@ def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
                         "list those methods on a route of this path (same or stricter scopes), or narrow "
                         f"{other.name!r}; if intended, add 'acknowledge: [fallthrough]' to this route"))
     return out
+
+
+def _public_route_findings(routes: tuple[Route, ...], pairs: dict[tuple[int, int], tuple[str, tuple[str, ...]]],
+                           code: str) -> Iterator[tuple[Route, str, str]]:
+    """Per public route of ``pairs`` ((public, protected) -> example) that does not acknowledge
+    ``code``: the route, its protected routes each with an example request, and "s" for several."""
+    for public_i, found in _grouped(pairs).items():
+        if code not in routes[public_i].acknowledge:
+            listed = [f"{routes[i].name!r} (e.g. {_request_text(*example)})" for i, example in found]
+            yield routes[public_i], ", ".join(listed), "s" if len(listed) > 1 else ""
 
 
 def _gaps_text(other: Route, weak: list[Route], this: str) -> str:
@@ -387,7 +418,7 @@ def issuer_lines(policy: Policy) -> list[str]:
             where = f"replica region {issuer.region}" if issuer.replica else (
                 f"region {issuer.region}" if issuer.region else "")
             out.append(f"    {issuer.issuer}" + (f"  ({where})" if where else ""))
-            out.append(f"      keys from {issuer.jwks_uri}")
+            out.append(f"      keys from {shown(issuer.jwks_uri)}")
     return out
 
 

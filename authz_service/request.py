@@ -12,7 +12,7 @@ percent-escapes, percent-encoded unreserved characters, '/', '\\', '%' or contro
 bytes that are not valid UTF-8 (overlong forms).
 
 Headers: a method or URL override header is refused (400); a client-sent copy of an identity
-header, in any '-'/'_' spelling, is reported so the response strips it.
+header, in any '-'/'_'/'.' spelling, is reported so the response strips it.
 """
 
 from __future__ import annotations
@@ -31,12 +31,19 @@ _OVERRIDES = frozenset(("x-http-method-override", "x-http-method", "x-method-ove
                         "x-rewrite-url"))
 
 
+# The separators an app may read as one: CGI-style servers name x-auth-sub HTTP_X_AUTH_SUB, so
+# x_auth_sub lands on the same variable, and PHP also turns '.' into '_' in variable names
+# ($_SERVER under FrankenPHP or `php -S`), so x.auth.sub does too.
+_SEPARATORS = "-_."
+_TO_DASH = str.maketrans("_.", "--")
+
+
 def _spellings(name: str) -> set[str]:
-    """Every '-'/'_' spelling of ``name`` (what ``replace("_", "-")`` maps back to it)."""
+    """Every '-'/'_'/'.' spelling of ``name`` (what ``translate(_TO_DASH)`` maps back to it)."""
     head, sep, tail = name.partition("-")
     if not sep:
         return {name}
-    return {head + s + rest for s in "-_" for rest in _spellings(tail)}
+    return {head + s + rest for s in _SEPARATORS for rest in _spellings(tail)}
 
 
 # Every lower-case spelling of an identity or override header: front doors screen the header names
@@ -124,7 +131,7 @@ def special_names(names: Iterable[str]) -> tuple[str, ...]:
     overrides = []
     for name in names:
         if name in SPECIAL_NAMES:
-            dashed = name.replace("_", "-")
+            dashed = name.translate(_TO_DASH)
             if dashed in _IDENTITY_SPELLINGS:
                 spoofed.append(name)
             elif dashed in _OVERRIDES:
@@ -135,8 +142,8 @@ def special_names(names: Iterable[str]) -> tuple[str, ...]:
 
 
 def identity_and_override_spellings() -> tuple[str, ...]:
-    """Every '-'/'_' spelling of every identity and override header name, sorted: what must never
-    reach the app from the client (the HTTP front door tells Envoy to strip them all)."""
+    """Every '-'/'_'/'.' spelling of every identity and override header name, sorted: what must
+    never reach the app from the client (the HTTP front door tells Envoy to strip them all)."""
     return tuple(sorted(SPECIAL_NAMES))
 
 

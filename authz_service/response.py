@@ -2,7 +2,7 @@
 
 Denials follow RFC 6750 section 3: ``WWW-Authenticate: Bearer realm=..., error=...`` plus a small
 JSON body. Allowed requests get the verified identity as ``x-auth-*`` headers; any copy of those
-headers the client sent (hyphen or underscore spelling) is removed so the upstream can trust them.
+headers the client sent (in any '-'/'_'/'.' spelling) is removed so the upstream can trust them.
 Each front door turns an Answer into its protocol once (``Answer.rendered``) and reuses it.
 
 Denial answers depend only on (reason, description, route, realm) and allows only on (verified

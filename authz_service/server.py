@@ -28,7 +28,7 @@ from .admin import AdminServer, CachedExposition
 from .check import Checker, TracedChecker
 from .config import Settings
 from .ext_authz_grpc import SERVICE_NAME, authorization_servicer
-from .ext_authz_http import HttpFrontDoor
+from .ext_authz_http import HttpFrontDoor, Mismatch, door_status
 from .jwks import JwksCache, http_session
 from .metrics import Metrics
 from .policy import Policy, load_policy_file
@@ -53,12 +53,15 @@ class Service:
         *,
         worker: bool = False,
         on_ready: Callable[[bool], None] | None = None,
+        on_mismatch: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         # A worker of `--workers N` (see workers.py): shares the front doors' ports (SO_REUSEPORT),
-        # serves no admin HTTP (the parent does) and reports readiness through ``on_ready``.
+        # serves no admin HTTP (the parent does) and reports readiness through ``on_ready`` and the
+        # HTTP front door's refused mismatches through ``on_mismatch``.
         self.worker = worker
         self._on_ready = on_ready
+        self._on_mismatch = on_mismatch
         if registry is None:
             registry = CollectorRegistry()
             process_collector.ProcessCollector(registry=registry)
@@ -143,8 +146,9 @@ class Service:
         await self._grpc.start()
 
         if settings.ext_authz_http_port:
+            self.metrics.http_door_enabled(m.value for m in Mismatch)
             self._http_door = HttpFrontDoor(self.checker, settings.ext_authz_http_path_prefix,
-                                            settings.max_request_bytes)
+                                            settings.max_request_bytes, on_mismatch=self._http_mismatch)
             self.ext_authz_http_port = await self._http_door.start(
                 settings.grpc_host, settings.ext_authz_http_port, reuse_port=self.worker,
                 shutdown_grace=settings.shutdown_grace)
@@ -164,6 +168,11 @@ class Service:
         # out of the collector's view, so the full collections the Check path's allocations trigger
         # do not walk ~10^5 long-lived objects each time (profiled: see docs/performance.md).
         gc.freeze()
+
+    def _http_mismatch(self, problem: Mismatch) -> None:
+        self.metrics.http_config_mismatches.labels(problem.value).inc()
+        if self._on_mismatch is not None:
+            self._on_mismatch()
 
     def _policy_changed(self, policy: Policy) -> None:
         assert self.jwks is not None
@@ -197,11 +206,14 @@ class Service:
 
     def _readiness(self) -> tuple[bool, dict[str, object]]:
         policy = self.reloader.policy
-        return self.ready(), {
+        body: dict[str, object] = {
             "policy": {"sha256": policy.sha256, "routes": len(policy.routes),
                        "last_reload_error": self.reloader.last_error},
             "issuers": self.jwks.status() if self.jwks is not None else [],
         }
+        if self._http_door is not None:
+            body["ext_authz_http"] = door_status(self.settings.ext_authz_http_path_prefix, self._http_door.mismatches)
+        return self.ready(), body
 
     async def _exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -269,10 +281,12 @@ def _host(host: str) -> str:
 
 
 async def serve(
-    settings: Settings, *, worker: bool = False, on_ready: Callable[[bool], None] | None = None
+    settings: Settings, *, worker: bool = False, on_ready: Callable[[bool], None] | None = None,
+    on_mismatch: Callable[[], None] | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the policy."""
-    service = Service(settings, CollectorRegistry() if worker else None, worker=worker, on_ready=on_ready)
+    service = Service(settings, CollectorRegistry() if worker else None, worker=worker, on_ready=on_ready,
+                      on_mismatch=on_mismatch)
     await service.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, service.request_stop)

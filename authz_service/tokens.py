@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from jwt.api_jwk import PyJWK
 
-from .claims import NO_CUSTOM_CLAIMS, Claims, IssuerKey, KeySource, claim_value
+from .claims import NO_CUSTOM_CLAIMS, SCOPE_CHARS, SCOPE_TOKEN, Claims, IssuerKey, KeySource, claim_value
 from .policy import Issuer, Policy
 from .tokencache import CacheEntry, TokenCache
 
@@ -129,6 +129,11 @@ _MALFORMED = "malformed token"
 # Not allowed in a claim forwarded as a header: C0 controls but HTAB, DEL, lone surrogates, and a
 # space or tab at either end (see _check_header_text).
 _NOT_HEADER_TEXT = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]|^[ \t]|[ \t]\Z")
+# RFC 6749's scope: scope tokens separated by single spaces (or no scope at all).
+_SCOPE_CLAIM = re.compile(rf"(?:{SCOPE_TOKEN}(?: {SCOPE_TOKEN})*)?\Z")
+_NOT_SCOPE_CHAR = re.compile(rf"[^{SCOPE_CHARS} \t\n\v\f\r]")  # neither a scope's nor whitespace
+SCOPE_SPACING = "scope claim must list scopes separated by single spaces"
+SCOPE_CHARACTER = "scope claim holds a character a scope cannot have (RFC 6749: printable ASCII, no quote or backslash)"
 # One client-visible text for an untrusted issuer, an unknown kid and a bad signature: told apart,
 # they would let anyone probe which pools and kids we trust. Metrics, the deny log line (reason)
 # and explain (TokenError.detail) keep the precise failure.
@@ -377,7 +382,7 @@ class TokenVerifier:
         scope = payload.get("scope", "")
         if not isinstance(scope, str):
             raise TokenError(Failure.INVALID_TOKEN, "scope claim must be a string")
-        _check_header_text("scope", scope)
+        _check_scope(scope)
         sub = payload.get("sub", "")
         if not isinstance(sub, str):
             raise TokenError(Failure.INVALID_TOKEN, "sub claim must be a string")
@@ -406,6 +411,17 @@ def _check_header_text(name: str, value: str) -> None:
     would be stripped on the way, so the upstream would see another identity than the one signed."""
     if _NOT_HEADER_TEXT.search(value):
         raise TokenError(Failure.INVALID_TOKEN, f"{name} claim is not valid HTTP header text")
+
+
+def _check_scope(scope: str) -> None:
+    """Refuse a scope claim that is not RFC 6749 scope tokens separated by single spaces.
+
+    Why: it is forwarded as is in x-auth-scopes, and an app splitting it on whitespace must see
+    the scopes we saw. A tab (or a newline, two spaces) inside a signed scope is one opaque scope
+    here and two upstream; a quote or backslash changes how it reads once quoted. Cognito's own
+    scopes follow the grammar, so this refuses only tokens no Cognito pool issues."""
+    if not _SCOPE_CLAIM.match(scope):
+        raise TokenError(Failure.INVALID_TOKEN, SCOPE_CHARACTER if _NOT_SCOPE_CHAR.search(scope) else SCOPE_SPACING)
 
 
 def _is_number(value: object) -> bool:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError
+from .urls import shown
 
 if TYPE_CHECKING:
     from .decision import Decision
@@ -163,9 +164,7 @@ def _endpoint(environ: Mapping[str, str], protocol: str) -> str:
         if not base:
             return DEFAULT_ENDPOINTS[protocol]
         url = base if protocol == "grpc" else base.rstrip("/") + "/v1/traces"
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return shown(url)
 
 
 def _service_name(environ: Mapping[str, str]) -> str:

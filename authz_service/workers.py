@@ -1,26 +1,27 @@
-"""`--workers N`: N worker processes sharing the gRPC port, one HTTP port, one metrics view.
+"""`--workers N`: N worker processes sharing the front doors' ports, one HTTP port, one metrics view.
 
 Why: one CPython process verifies on one core (the GIL); Envoy's ext_authz opens new connections
 as it needs them and the kernel spreads connections over sockets bound with SO_REUSEPORT, so N
 workers use N cores with no proxy in between. Both front doors (gRPC, and HTTP when enabled) are
 shared this way.
 
-The parent (this module) loads the policy once to fail fast, reserves the gRPC port, starts the
+The parent (this module) loads the policy once to fail fast, reserves the shared ports, starts the
 workers (each a full ``server.Service`` without the HTTP server), serves ``/healthz``, ``/readyz``
 (ready = every worker ready) and ``/metrics`` (prometheus-client multiprocess mode: each worker
 writes its samples to files in a private temporary directory that the parent aggregates), forwards
 SIGTERM and SIGHUP, restarts a worker that dies, and exits non-zero when workers fail to start.
 
-Port ownership: the parent binds the gRPC address itself with SO_REUSEPORT (without listening)
-before any worker starts and holds it until exit. A port already held by another program without
-SO_REUSEPORT therefore fails start-up as with one worker. The kernel lets a socket join a
-SO_REUSEPORT group only when it was created by the same effective UID, so a process of another UID
-cannot take a share of the Checks; one of the same UID (or root, which can become any UID) can, and
-grpcio offers no way to serve an inherited listening socket that would avoid SO_REUSEPORT. Hence the
-deployment rule (docs/security.md): every container of the Pod runs as its own non-root UID. What
-we can see, we watch: a listening socket on the gRPC port that none of our workers holds (from
-/proc/net/tcp{,6}, which lists the whole network namespace, i.e. the Pod) is logged as an error and
-makes the parent not ready until it goes away; running as root is warned about at start-up.
+Port ownership: the parent binds each shared address (the gRPC port, and the HTTP front door's
+when enabled) itself with SO_REUSEPORT (without listening) before any worker starts and holds it
+until exit. A port already held by another program without SO_REUSEPORT therefore fails start-up as
+with one worker. The kernel lets a socket join a SO_REUSEPORT group only when it was created by the
+same effective UID, so a process of another UID cannot take a share of the Checks; one of the same
+UID (or root, which can become any UID) can, and grpcio offers no way to serve an inherited
+listening socket that would avoid SO_REUSEPORT. Hence the deployment rule (docs/security.md): every
+container of the Pod runs as its own non-root UID. What we can see, we watch: a listening socket on
+a shared port that none of our workers holds (from /proc/net/tcp{,6}, which lists the whole network
+namespace, i.e. the Pod) is logged as an error and makes the parent not ready until it goes away;
+running as root is warned about at start-up.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import tempfile
 import threading
 import time
 from multiprocessing.sharedctypes import Synchronized
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,7 @@ log = logging.getLogger(__name__)
 STARTING, SERVING, READY, STOPPED = 0, 1, 2, 3
 START_TIMEOUT = 60.0
 RESTART_DELAY = 1.0
-PORT_CHECK_INTERVAL = 1.0  # seconds between looks for foreign listeners on the gRPC port
+PORT_CHECK_INTERVAL = 1.0  # seconds between looks for foreign listeners on the shared ports
 # A stopping worker gets the grace period plus this before it is ended the hard way (by the parent,
 # or by itself when the parent is gone): a drain must never turn into a process that lingers.
 STOP_MARGIN = 5.0
@@ -89,7 +91,8 @@ def socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def worker_main(settings: Settings, index: int, state: Synchronized, log_level: str) -> None:
+def worker_main(settings: Settings, index: int, state: Synchronized, log_level: str,
+                mismatches: Synchronized) -> None:
     """Entry point of one worker process (spawned: a fresh interpreter, no inherited gRPC state)."""
     from . import logs
     from .policy import PolicyError
@@ -101,10 +104,13 @@ def worker_main(settings: Settings, index: int, state: Synchronized, log_level: 
     def on_ready(ready: bool) -> None:
         state.value = READY if ready else SERVING
 
+    def on_mismatch() -> None:
+        mismatches.value += 1  # only this worker writes it: no lock
+
     _exit_with_parent(os.getppid(), settings.shutdown_grace + STOP_MARGIN)
 
     try:
-        run(serve(settings, worker=True, on_ready=on_ready), settings.event_loop)
+        run(serve(settings, worker=True, on_ready=on_ready, on_mismatch=on_mismatch), settings.event_loop)
     except PolicyError as exc:
         log.error("policy file refused; worker not starting", extra={"error": str(exc)})
         sys.exit(2)
@@ -147,10 +153,25 @@ class _WorkerField(logging.Filter):
         return True
 
 
+@dataclass(frozen=True, slots=True)
+class ForeignListener:
+    """A listening socket on a shared port that none of our workers holds."""
+
+    listener: ports.Listener
+    port: int
+    uid: int
+    socket_inode: int
+
+    def status(self) -> dict[str, object]:
+        return {"port": self.port, "listener": self.listener.what, "uid": self.uid, "socket_inode": self.socket_inode}
+
+
 class _Worker:
     def __init__(self, index: int, ctx: Any) -> None:
         self.index = index
         self.state: Synchronized = ctx.Value("i", STARTING, lock=False)
+        # HTTP front door requests refused as not matching Envoy's config, over all its lives.
+        self.mismatches: Synchronized = ctx.Value("q", 0, lock=False)
         self.process: Any = None
         self.restarts = 0
 
@@ -168,8 +189,9 @@ class Supervisor:
         self._http_reservation: socket.socket | None = None
         self.grpc_port: int | None = None
         self.http_port: int | None = None
-        self.foreign_listeners: dict[int, int] = {}  # inode -> UID, seen twice in a row
-        self._suspects: dict[int, int] = {}
+        self.shared_ports: list[tuple[ports.Listener, int]] = []  # what the workers share (SO_REUSEPORT)
+        self.foreign_listeners: dict[int, ForeignListener] = {}  # by socket inode, seen twice in a row
+        self._suspects: set[int] = set()
 
     # --- readiness ------------------------------------------------------------------------------
 
@@ -203,12 +225,14 @@ class Supervisor:
         try:
             self._reservation = ports.GRPC.reserve(self.settings.grpc_host, self.settings.grpc_port, share=True)
             self.grpc_port = self._reservation.getsockname()[1]
+            self.shared_ports.append((ports.GRPC, self.grpc_port))
             worker_settings = dataclasses.replace(self.settings, grpc_port=self.grpc_port)
             if self.settings.ext_authz_http_port:
                 self._http_reservation = ports.EXT_AUTHZ_HTTP.reserve(
                     self.settings.grpc_host, self.settings.ext_authz_http_port, share=True)
-                worker_settings = dataclasses.replace(
-                    worker_settings, ext_authz_http_port=self._http_reservation.getsockname()[1])
+                door_port = self._http_reservation.getsockname()[1]
+                self.shared_ports.append((ports.EXT_AUTHZ_HTTP, door_port))
+                worker_settings = dataclasses.replace(worker_settings, ext_authz_http_port=door_port)
             for worker in self._workers:
                 self._start(worker, worker_settings)
             failed = await self._wait_started()
@@ -221,8 +245,9 @@ class Supervisor:
             await self._serve_http()
             if hasattr(os, "geteuid") and os.geteuid() == 0:
                 log.warning("running as root with --workers: any root process in the Pod's network namespace "
-                            "can join the gRPC port's SO_REUSEPORT group and answer Checks; run authz-service as "
-                            "its own non-root UID (docs/security.md)", extra={"grpc_port": self.grpc_port})
+                            "can join a shared port's SO_REUSEPORT group and answer Checks; run authz-service as "
+                            "its own non-root UID (docs/security.md)",
+                            extra={"shared_ports": [port for _, port in self.shared_ports]})
             log.info("authz-service started", extra={
                 "version": __version__, "grpc": f"{self.settings.grpc_host}:{self.grpc_port}",
                 "http": f"{self.settings.http_host}:{self.http_port}", "workers": len(self._workers),
@@ -241,7 +266,8 @@ class Supervisor:
     def _start(self, worker: _Worker, settings: Settings) -> None:
         worker.state.value = STARTING
         worker.process = self._ctx.Process(
-            target=worker_main, args=(settings, worker.index, worker.state, self.settings.log_level),
+            target=worker_main, args=(settings, worker.index, worker.state, self.settings.log_level,
+                                      worker.mismatches),
             name=f"authz-worker-{worker.index}", daemon=False,
         )
         worker.process.start()
@@ -289,24 +315,26 @@ class Supervisor:
                 pass
 
     def _check_port_owners(self) -> None:
-        """Find listening sockets on the gRPC port that no worker holds: another process of our UID
-        (or root) that joined the SO_REUSEPORT group and receives a share of Envoy's connections.
+        """Find listening sockets on a shared port that no worker holds: another process of our UID
+        (or root) that joined the SO_REUSEPORT group and receives a share of Envoy's Checks.
         Listed first, then our workers' sockets, so a worker starting in between is not a suspect;
         a suspect must be seen twice in a row (a worker that died in between is gone by then)."""
-        assert self.grpc_port is not None
-        listeners = port_listeners(self.grpc_port)
+        listeners = {inode: (listener, port, uid) for listener, port in self.shared_ports
+                     for inode, uid in port_listeners(port).items()}
         ours = set().union(*(socket_inodes(w.process.pid) for w in self._workers if w.process is not None))
-        suspects = {inode: uid for inode, uid in listeners.items() if inode not in ours}
-        foreign = {inode: uid for inode, uid in suspects.items() if inode in self._suspects}
+        suspects = listeners.keys() - ours
+        foreign = {inode: ForeignListener(*listeners[inode], inode) for inode in suspects & self._suspects}
         self._suspects = suspects
-        for inode, uid in foreign.items():
+        for inode, found in foreign.items():
             if inode not in self.foreign_listeners:
-                log.error("another process listens on the gRPC port and receives a share of Envoy's Checks "
-                          "(SO_REUSEPORT); not ready until it is gone. Run every container of the Pod as its own "
-                          "non-root UID (docs/security.md)",
-                          extra={"grpc_port": self.grpc_port, "uid": uid, "socket_inode": inode})
-        if self.foreign_listeners and not foreign:
-            log.info("the foreign listener on the gRPC port is gone", extra={"grpc_port": self.grpc_port})
+                log.error(f"another process listens on the {found.listener.what} port and receives a share of "
+                          "Envoy's Checks (SO_REUSEPORT); not ready until it is gone. Run every container of the "
+                          "Pod as its own non-root UID (docs/security.md)",
+                          extra={"port": found.port, "uid": found.uid, "socket_inode": inode})
+        for inode, gone in self.foreign_listeners.items():
+            if inode not in foreign:
+                log.info(f"the foreign listener on the {gone.listener.what} port is gone",
+                         extra={"port": gone.port, "socket_inode": inode})
         self.foreign_listeners = foreign
 
     def _forward(self, sig: int) -> None:
@@ -333,6 +361,7 @@ class Supervisor:
         from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
         from .admin import AdminServer, CachedExposition
+        from .ext_authz_http import door_status
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)
@@ -346,9 +375,13 @@ class Supervisor:
             return await asyncio.get_running_loop().run_in_executor(None, generate_openmetrics, registry)
 
         def readiness() -> tuple[bool, dict[str, object]]:
-            return self.ready(), {"workers": self.status(),
-                                  "foreign_listeners": [{"uid": uid, "socket_inode": inode}
-                                                        for inode, uid in self.foreign_listeners.items()]}
+            body: dict[str, object] = {
+                "workers": self.status(),
+                "foreign_listeners": [f.status() for f in self.foreign_listeners.values()]}
+            if self.settings.ext_authz_http_port:
+                body["ext_authz_http"] = door_status(self.settings.ext_authz_http_path_prefix,
+                                                     sum(w.mismatches.value for w in self._workers))
+            return self.ready(), body
 
         interval = self.settings.metrics_min_interval
         self._http = AdminServer(readiness, CachedExposition(exposition, interval),

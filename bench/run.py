@@ -16,6 +16,7 @@ command (fixed connections, fixed time):
   3hv floor    the same with uvicorn + httptools (when installed): how the HTTP library was chosen
   3ha floor    the HTTP floor answering with the headers of authz-service's allow answer (identity
                and the x-envoy-auth-headers-to-remove list): what applying them costs Envoy
+  3hap floor   the same with the allow answer (and the Envoy config) of authz-service at --compare-rev
   4h warm      HTTP ext_authz -> authz-service's HTTP front door, warm
   5h cold      HTTP ext_authz -> authz-service's HTTP front door, cold
   4p warm      gRPC ext_authz -> authz-service at --compare-rev (another commit), warm
@@ -77,15 +78,18 @@ PATH = "/transactions/7"
 
 
 def render_envoy(kind: str, *, listener_port: int, admin_port: int, authz_port: int = 9191,
-                 jwks: str = "", issuer: str = ISSUER, authz_streams: int | None = None) -> dict[str, Any]:
+                 jwks: str = "", issuer: str = ISSUER, authz_streams: int | None = None,
+                 checkout: Path = ROOT) -> dict[str, Any]:
     """The shipped config with every route answering directly, no access log, and the auth filter
     of ``kind`` ("none", "jwt_authn", "ext_authz" or "ext_authz_http") in ext_authz's place. Everything else stays:
     the admission filters in front of the auth filter (the anonymous token bucket), the routes'
     header matching, the HCM limits, so every row pays the same admission cost. The envoy-health
     listener and its admin cluster are dropped (not on the measured path; no fixed port to clash).
     ``authz_streams`` caps concurrent streams per HTTP/2 connection to the authz cluster, so Envoy
-    opens several connections (SO_REUSEPORT spreads connections, not streams, over --workers)."""
-    cfg = yaml.safe_load(ENVOY_CONFIGS["http" if kind == "ext_authz_http" else "grpc"].read_text())
+    opens several connections (SO_REUSEPORT spreads connections, not streams, over --workers).
+    ``checkout``: whose shipped config (this one, or --compare-rev's: what that service expects)."""
+    shipped = ENVOY_CONFIGS["http" if kind == "ext_authz_http" else "grpc"]
+    cfg = yaml.safe_load((checkout / shipped.relative_to(ROOT)).read_text())
     cfg = copy.deepcopy(cfg)
     envoyconf.socket_address(cfg["admin"], "admin")["port_value"] = admin_port
     cfg["static_resources"]["listeners"] = [
@@ -395,11 +399,13 @@ class Bench:
         return proc, listener
 
     def start_floor(self, event_loop: str = "asyncio", protocol: str = "grpc",
-                    allow_headers: bool = False) -> tuple[ManagedProcess, int]:
+                    allow_headers: bool = False, checkout: Path = ROOT) -> tuple[ManagedProcess, int]:
+        """A floor server; with ``allow_headers`` it answers with the allow answer of the service at
+        ``checkout`` (this one, or --compare-rev's)."""
         port = free_port()
         proc = spawn("floor", [sys.executable, str(BENCH / "floor_server.py"), "--port", str(port),
                                "--event-loop", event_loop, "--protocol", protocol,
-                               *(["--allow-headers"] if allow_headers else [])], self.work)
+                               *(["--allow-headers"] if allow_headers else [])], self.work, checkout)
         self.procs.append(proc)
         return listening(proc, port, 20), port
 
@@ -437,7 +443,8 @@ class Bench:
             if backend == "floor-uvicorn":
                 backend_proc, authz_port = self.start_floor("uvloop", "http-uvicorn")
             elif backend == "floor-allow-headers":
-                backend_proc, authz_port = self.start_floor("uvloop", protocol, allow_headers=True)
+                backend_proc, authz_port = self.start_floor("uvloop", protocol, allow_headers=True,
+                                                            checkout=checkout)
             elif backend.startswith("floor"):
                 backend_proc, authz_port = self.start_floor("uvloop" if backend == "floor-uvloop" else "asyncio",
                                                             protocol)
@@ -446,7 +453,7 @@ class Bench:
                 backend_proc, authz_port, http_port = self.start_service(policy, workers, protocol == "http",
                                                                          checkout, env)
             cfg = render_envoy(kind, listener_port=free_port(), admin_port=free_port(), authz_port=authz_port,
-                               jwks=self.jwks, authz_streams=authz_streams)
+                               jwks=self.jwks, authz_streams=authz_streams, checkout=checkout)
             envoy, port = self.start_envoy(cfg, name)
             # Warm-up (not measured) with spare tokens, so the cold run's tokens stay unseen.
             wrk(port, self.warm_tokens if not name.startswith("5") else self.spare_tokens, 2, a.connections)
@@ -558,10 +565,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; rows show the median")
     parser.add_argument("--work", default=str(BENCH / ".work"), help="scratch folder (keys, tokens, logs)")
     parser.add_argument("--only", default="",
-                        help="comma-separated subset of: 1,2,3,3u,4,5,3h,3ha,3hv,4h,5h,4p,4t,4w,d3,d3u,d4")
+                        help="comma-separated subset of: 1,2,3,3u,4,5,3h,3ha,3hap,3hv,4h,5h,4p,4hp,4t,4w,d3,d3u,d4")
     parser.add_argument("--compare-rev", default="",
-                        help="also measure gRPC warm (row 4p) with the service at this git revision, e.g. the "
-                             "commit before a change")
+                        help="also measure gRPC and HTTP warm (rows 4p, 4hp) and the HTTP floor with the allow "
+                             "answer's headers (row 3hap) with the service at this git revision, e.g. the commit "
+                             "before a change (HTTP: with that revision's Envoy config)")
     args = parser.parse_args()
     for tool in ("wrk", "h2load"):
         if not shutil.which(tool):
@@ -606,6 +614,13 @@ def main() -> None:
             plan.append(("4p", lambda: bench.through_envoy(
                 "4p", f"ext_authz -> authz-service at {args.compare_rev}, warm", "ext_authz", "service",
                 bench.warm_tokens, policy, checkout=compare)))
+            plan.append(("4hp", lambda: bench.through_envoy(
+                "4hp", f"HTTP ext_authz -> authz-service at {args.compare_rev} (its Envoy config), warm",
+                "ext_authz_http", "service", bench.warm_tokens, policy, checkout=compare)))
+            plan.append(("3hap", lambda: bench.through_envoy(
+                "3hap", f"HTTP ext_authz -> bare aiohttp on uvloop answering with the allow answer's headers of "
+                f"authz-service at {args.compare_rev} (its Envoy config)", "ext_authz_http", "floor-allow-headers",
+                bench.warm_tokens, checkout=compare)))
         if not only or "4t" in only:
             sink, sink_port = bench.start_otlp_sink()
             running.callback(stop_sink, sink)
@@ -689,12 +704,21 @@ def main() -> None:
          paired("3ha", "3h", pod_minus), ".0f", " us")
     line("Pod CPU per request, HTTP warm minus HTTP floor with the allow answer's headers",
          paired("4h", "3ha", pod_minus), ".0f", " us")
+    line(f"HTTP floor with the allow answer's headers / the same at {args.compare_rev or '--compare-rev'}, req/s",
+         paired("3ha", "3hap", rps), ".2f")
+    line(f"Pod CPU per request, HTTP floor with the allow answer's headers minus the same at "
+         f"{args.compare_rev or '--compare-rev'}", paired("3ha", "3hap", pod_minus), ".0f", " us")
     line("gRPC warm / jwt_authn, req/s", paired("4", "2", rps), ".2f")
     line(f"gRPC warm / gRPC warm at {args.compare_rev or '--compare-rev'}, req/s", paired("4", "4p", rps), ".2f")
     line(f"gRPC warm / gRPC warm at {args.compare_rev or '--compare-rev'}, pod CPU per request",
          paired("4", "4p", pod), ".2f")
     line(f"CPU per Check, gRPC warm minus gRPC warm at {args.compare_rev or '--compare-rev'}",
          paired("4", "4p", cpu), ".0f", " us")
+    line(f"HTTP warm / HTTP warm at {args.compare_rev or '--compare-rev'}, req/s", paired("4h", "4hp", rps), ".2f")
+    line(f"HTTP warm / HTTP warm at {args.compare_rev or '--compare-rev'}, pod CPU per request",
+         paired("4h", "4hp", pod), ".2f")
+    line(f"CPU per Check, HTTP warm minus HTTP warm at {args.compare_rev or '--compare-rev'}",
+         paired("4h", "4hp", cpu), ".0f", " us")
     line("gRPC warm traced (100% sampled) / gRPC warm, req/s", paired("4t", "4", rps), ".2f")
     line("CPU per Check, gRPC warm traced (100% sampled) minus gRPC warm", paired("4t", "4", cpu), ".0f", " us")
     line("direct gRPC, service / floor", paired("d4", "d3", rps), ".2f")

@@ -70,3 +70,23 @@ def endpoint(config: Config, cluster_name: str) -> Config:
                     for lb in group["lb_endpoints"]]
     return socket_address(one(lb_endpoints, f"endpoint in cluster {cluster_name!r}")["endpoint"],
                           f"cluster {cluster_name}")
+
+
+EXT_AUTHZ = "envoy.filters.http.ext_authz"
+
+
+def http_door_mismatches(config: Config, service_prefix: str) -> list[str]:
+    """How the HTTP-mode ext_authz filter of ``config`` disagrees with an authz-service whose
+    ``--ext-authz-http-path-prefix`` is ``service_prefix`` (empty: they agree): the path_prefix
+    Envoy puts before the original path, and the original path it must send on its own
+    (authz_service/ext_authz_http.py refuses every request otherwise)."""
+    from authz_service.ext_authz_http import ENVOY_VALUE, ORIGINAL_PATH
+
+    service = http_filter(config, EXT_AUTHZ)["http_service"]
+    problems = []
+    if service.get("path_prefix", "") != service_prefix:
+        problems.append(f"Envoy's path_prefix is {service.get('path_prefix', '')!r}, the service's {service_prefix!r}")
+    added = {h["key"]: h["value"] for h in service.get("authorization_request", {}).get("headers_to_add", [])}
+    if added.get(ORIGINAL_PATH) != ENVOY_VALUE:
+        problems.append(f"Envoy sends {ORIGINAL_PATH}: {added.get(ORIGINAL_PATH)!r}, not {ENVOY_VALUE!r}")
+    return problems

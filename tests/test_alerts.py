@@ -48,6 +48,7 @@ CONTRACT_METRICS = {
     "authz_token_cache_entries",
     "authz_token_cache_bytes",
     "authz_token_cache_evictions_total",
+    "authz_ext_authz_http_config_mismatches_total",
 }
 # Closed label-value sets of the contract (route and issuer come from the policy).
 CONTRACT_LABEL_VALUES = {
@@ -60,6 +61,7 @@ CONTRACT_LABEL_VALUES = {
     "status": {"200", "400", "401", "403", "503"},
     "trigger": {"startup", "periodic", "unknown_kid"},
     "result": {"ok", "error"},
+    "problem": {"original_path_missing", "path_prefix_mismatch", "original_path_mismatch"},
 }
 CONTRACT_LABELS = set(CONTRACT_LABEL_VALUES) | {"route", "issuer", "sha256", "le"}
 # Labels Prometheus attaches to every scraped series (ServiceMonitor target labels).

@@ -169,3 +169,40 @@ def test_a_pool_the_policy_does_not_trust_is_unusable_input(tmp_path):
     run = cli("audit", "--policy", str(policy), "--user-pool-id", "us-east-1_Other")
     assert run.returncode == 2
     assert f"us-east-1_Other is not a user pool of {policy} (its pools: {POOL_ID})" in run.stderr
+
+
+def test_the_documented_iam_policy_grants_exactly_the_calls_the_audit_makes():
+    """docs/cognito.md's IAM policy: the audit's own calls (recorded on a stand-in client), on
+    the policy's pool ARNs, never a wildcard over every pool (DescribeUserPoolClient returns
+    client secrets)."""
+    import re
+    from pathlib import Path
+
+    from authz_service.audit import read_pool
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def __getattr__(self, name: str):
+            def call(**params):
+                self.calls.append(name)
+                if name == "describe_user_pool":
+                    return {"UserPool": {}}
+                if name == "list_user_pool_clients":
+                    return {"UserPoolClients": [{"ClientId": "c1"}]}
+                if name == "describe_user_pool_client":
+                    return {"UserPoolClient": {"ClientId": "c1", "ClientSecret": "s3cret"}}
+                return {}
+            return call
+
+    recorder = Recorder()
+    read_pool(recorder, POOL_ID, "us-east-1")
+    made = {"cognito-idp:" + "".join(part.title() for part in name.split("_")) for name in recorder.calls}
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cognito.md").read_text()
+    [block] = [b for b in re.findall(r"```json\n(.*?)```", doc, re.S) if "cognito-idp:" in b]
+    [statement] = json.loads(textwrap.dedent(block))["Statement"]
+    assert set(statement["Action"]) == made
+    assert statement["Resource"] and all(re.fullmatch(r"arn:aws:cognito-idp:[a-z0-9-]+:\d{12}:userpool/[\w-]+", arn)
+                                         for arn in statement["Resource"]), statement["Resource"]
+    assert "DescribeUserPoolClient` returns each app client's `ClientSecret`" in doc

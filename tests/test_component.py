@@ -32,6 +32,7 @@ from .test_deploy import (
     _kubernetes_versions,
     _operator_models,
     container,
+    env_of,
     kubernetes_schema_errors,
     run,
     selects,
@@ -182,6 +183,20 @@ def test_rendered_envoy_configs_are_the_shipped_ones_with_the_app_port(rendered:
         path.write_text(data[f"envoy-{mode}.yaml"])
         result = run([envoy, "--mode", "validate", "--disable-hot-restart", "-c", str(path)])
         assert result.returncode == 0, f"{app} {mode}: {result.stdout}\n{result.stderr}"
+
+
+@pytest.mark.parametrize("app", sorted(APPS))
+def test_rendered_http_envoy_config_agrees_with_the_sidecars_front_door(rendered: list[dict[str, Any]],
+                                                                      app: str) -> None:
+    """Whichever mode an app picks, its HTTP-mode Envoy config and its authz-service sidecar agree on
+    the path prefix and the original-path header (else every HTTP-mode request is refused)."""
+    from authz_service.config import option
+
+    http = yaml.safe_load(envoy_configmap(rendered, app)["data"]["envoy-http.yaml"])
+    pod = named(rendered, "Deployment", app)["spec"]["template"]["spec"]
+    env = env_of(container(pod, "authz-service"))
+    prefix = env.get("AUTHZ_EXT_AUTHZ_HTTP_PATH_PREFIX", option("ext_authz_http_path_prefix").default)
+    assert envoyconf.http_door_mismatches(http, prefix) == []
 
 
 def test_sidecars_are_deploy_k8s_ones_apart_from_the_documented_differences(rendered: list[dict[str, Any]]) -> None:

@@ -13,6 +13,8 @@ from authz_service.policy import parse_policy
 from authz_service.request import HttpRequest
 from authz_service.tokens import Failure, TokenError, bearer_token
 
+from .test_policytool import REVIEW_POLICY
+
 ISS = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Abc123"
 
 POLICY = parse_policy(
@@ -276,6 +278,81 @@ async def test_top_level_dry_run_applies_unless_the_route_enforces():
     assert not enforced.allowed and not enforced.dry_run and enforced.reason is Reason.MISSING_TOKEN
     unmatched, _ = await run(req("GET", "/c"), policy=DRY_POLICY)
     assert not unmatched.allowed and unmatched.reason is Reason.NO_ROUTE
+
+
+# --- a path ending in '/': every route of both readings must allow ---------------------------------
+
+SLASH_POLICY = parse_policy(
+    "issuers:\n  - user_pool_id: us-east-1_Abc123\nroutes:\n" + REVIEW_POLICY + """\
+  - name: a
+    path: /a
+    scopes: [a/read]
+  - name: a-rest
+    path: /a/**
+    scopes: [a/all]
+  - name: beta
+    path: /beta
+    scopes: [beta/use]
+    mode: dry-run
+""",
+    source="slash.yaml",
+)
+
+
+def route_named(name: str):
+    return next(r for r in SLASH_POLICY.routes if r.name == name)
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_a_trailing_slash_needs_the_protected_route_a_lenient_router_serves(method):
+    decision, verifier = await run(req(method, "/admin/report/"), policy=SLASH_POLICY)
+    assert not decision.allowed and (decision.reason, decision.status) == (Reason.MISSING_TOKEN, 401)
+    assert decision.route is route_named("admin-report") and verifier.calls == []
+    token_claims = claims("admin/read")
+    decision, verifier = await run(req(method, "/admin/report/", "Bearer abc"), token_claims, SLASH_POLICY)
+    assert decision == Decision(True, Reason.ALLOWED, route=route_named("admin-report"), claims=token_claims)
+    assert decision.route_label == "admin-report"
+
+
+async def test_a_trailing_slash_on_a_public_path_stays_public():
+    decision, verifier = await run(req("DELETE", "/admin/report/"), policy=SLASH_POLICY)
+    assert decision.allowed and decision.reason is Reason.PUBLIC and decision.route is route_named("everything-else")
+    assert verifier.calls == []
+
+
+@pytest.mark.parametrize(("scopes", "reason", "failed"), [
+    (("a/read",), Reason.INSUFFICIENT_SCOPE, "a-rest"),  # as written: /a/** needs a/all
+    (("a/all",), Reason.INSUFFICIENT_SCOPE, "a"),  # without the slash: /a needs a/read
+    ((), Reason.INSUFFICIENT_SCOPE, "a-rest"),  # both fail: the route as written is named
+])
+async def test_both_protected_readings_must_allow_and_the_denial_names_the_one_that_failed(scopes, reason, failed):
+    decision, verifier = await run(req("GET", "/a/", "Bearer abc"), claims(*scopes), SLASH_POLICY)
+    assert not decision.allowed and decision.reason is reason and decision.route is route_named(failed)
+    assert decision.status == 403 and len(verifier.calls) == 1  # the token is verified once
+    decision, verifier = await run(req("GET", "/a/", "Bearer abc"), claims("a/read", "a/all"), SLASH_POLICY)
+    assert decision.allowed and decision.route is route_named("a-rest") and len(verifier.calls) == 1
+
+
+async def test_a_token_failure_fails_every_reading_once():
+    decision, verifier = await run(req("GET", "/a/", "Bearer abc"), TokenError(Failure.EXPIRED, "token expired"),
+                                   SLASH_POLICY)
+    assert (decision.reason, decision.route) == (Reason.EXPIRED, route_named("a-rest"))
+    assert len(verifier.calls) == 1
+
+
+async def test_a_dry_run_reading_allows_as_dry_run_and_an_enforced_one_still_denies():
+    # /beta/ as written: the public /**; without the slash: the dry-run /beta.
+    decision, _ = await run(req("GET", "/beta/"), policy=SLASH_POLICY)
+    assert decision.allowed and decision.dry_run and decision.reason is Reason.MISSING_TOKEN
+    assert decision.route is route_named("beta")
+    decision, _ = await run(req("GET", "/beta/", "Bearer abc"), claims("beta/use"), SLASH_POLICY)
+    assert decision.allowed and not decision.dry_run and decision.route is route_named("beta")
+
+
+async def test_no_route_for_a_reading_is_no_route():
+    policy = parse_policy("issuers:\n  - user_pool_id: us-east-1_Abc123\nroutes:\n  - path: /b\n    public: true\n")
+    decision, _ = await run(req("GET", "/b/"), policy=policy)
+    assert not decision.allowed and decision.reason is Reason.NO_ROUTE and decision.route is None
 
 
 # --- bearer_token --------------------------------------------------------------------------------

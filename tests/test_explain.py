@@ -17,6 +17,7 @@ from tests.e2e.stack import DevIssuer, start_dev_issuer
 
 from .conftest import ISSUER, make_key
 from .conftest import MemoryKeys
+from .test_policytool import REVIEW_POLICY
 from .test_tokens import POLICY, b64, resign
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "authz_service" / "examples" / "policy.yaml"
@@ -91,6 +92,28 @@ def test_dry_run_route_is_shown_as_an_allow_that_would_deny(tmp_path):
     assert "decision:  ALLOW (dry-run: would be DENY 403), reason insufficient_scope" in run.stdout
 
 
+TRAILING_SLASH_POLICY = "issuers:\n  - user_pool_id: us-east-1_Abc123\nroutes:\n" + REVIEW_POLICY
+
+
+def test_a_trailing_slash_shows_both_readings_and_needs_the_protected_route(tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text(TRAILING_SLASH_POLICY)
+    run = explain("--policy", str(policy), "--method", "GET", "--path", "/admin/report/?x=1")
+    assert run.returncode == 1, run.stdout
+    assert "route:     routes[0] 'admin-report' (GET /admin/report, mode enforce)" in run.stdout
+    assert ("slash:     the path ends in '/': a strict router serves it as written (routes[3] 'everything-else'), "
+            "a lenient one as /admin/report (routes[0] 'admin-report'); the request must meet both") in run.stdout
+    assert "decision:  DENY, reason missing_token" in run.stdout
+    run = explain("--policy", str(policy), "--method", "GET", "--path", "/admin/report/", "--scopes", "admin/read",
+                  "--json")
+    data = json.loads(run.stdout)
+    assert run.returncode == 0 and data["decision"]["reason"] == "allowed" and data["route"]["name"] == "admin-report"
+    assert data["trailing_slash"]["as_written"]["name"] == "everything-else"
+    assert data["trailing_slash"]["without_slash"]["name"] == "admin-report"
+    plain = json.loads(explain("--policy", str(policy), "--method", "GET", "--path", "/admin/report", "--json").stdout)
+    assert plain["trailing_slash"] is None
+
+
 def test_bad_policy_is_exit_2_with_the_loader_message(tmp_path):
     policy = tmp_path / "p.yaml"
     policy.write_text("issuers:\n  - user_pool_id: us-east-1_Abc123\nroutes:\n  - path: /a\n    methods: [get]\n"
@@ -163,6 +186,17 @@ def test_unreachable_jwks_is_shown_and_answers_503(issuer, tmp_path):
     assert "  FAILED       jwks" in run.stdout
     assert "  FAILED       key        signing key with this kid in a trusted issuer's JWKS: signing keys are not" in run.stdout
     assert "  HTTP 503" in run.stdout
+
+
+def test_credentials_in_an_unreachable_jwks_uri_are_not_shown(issuer, tmp_path):
+    secret = "s3cret-Pa55word"
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"issuers:\n  - user_pool_id: us-east-1_Demo00001\n    issuer: {issuer.issuer}\n"
+                      f"    jwks_uri: http://keys-user:{secret}@127.0.0.1:{free_port()}/jwks.json?sig={secret}\n"
+                      "routes:\n  - path: /a\n    scopes: [transactions/post]\n")
+    run = explain("--policy", str(policy), "--method", "GET", "--path", "/a", "--token", issuer.token("payments-writer"))
+    assert run.returncode == 1 and "  FAILED       jwks       fetching http://127.0.0.1:" in run.stdout
+    assert secret not in run.stdout + run.stderr and "keys-user" not in run.stdout + run.stderr
 
 
 @pytest.mark.parametrize(

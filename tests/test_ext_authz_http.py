@@ -6,11 +6,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import asyncio
+import json
+import logging
 import pytest
 from prometheus_client import CollectorRegistry
 
 from authz_service.check import Checker
-from authz_service.ext_authz_http import REMOVE_HEADER, HttpFrontDoor
+from authz_service.ext_authz_http import MISMATCH, ORIGINAL_PATH, REMOVE_HEADER, HttpFrontDoor, Mismatch
 from authz_service.metrics import Metrics
 from authz_service.policy import parse_policy
 from authz_service.request import SPECIAL_NAMES
@@ -43,7 +45,9 @@ async def door(key_a: SigningKey, request) -> AsyncIterator[tuple[str, Metrics]]
     prefix = getattr(request, "param", "")
     metrics = Metrics(CollectorRegistry())
     checker = Checker(Fixed(), TokenVerifier(MemoryKeys(key_a)), Answers("r"), metrics.per_check)
-    front = HttpFrontDoor(checker, prefix)
+    metrics.http_door_enabled(m.value for m in Mismatch)
+    front = HttpFrontDoor(checker, prefix,
+                          on_mismatch=lambda problem: metrics.http_config_mismatches.labels(problem.value).inc())
     port = await front.start("127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{port}{prefix}", metrics
@@ -51,12 +55,21 @@ async def door(key_a: SigningKey, request) -> AsyncIterator[tuple[str, Metrics]]
         await front.stop()
 
 
-async def send(base: str, method: str, path: str, headers: list[tuple[str, str]] = ()) -> tuple[int, dict, bytes]:
-    """One request written byte for byte (method and target exactly as given, as Envoy sends them)."""
+AS_ENVOY = object()  # send(): the original path header as Envoy's shipped config sends it
+
+
+async def send(base: str, method: str, path: str, headers: list[tuple[str, str]] = (),
+               original: object = AS_ENVOY) -> tuple[int, dict, bytes]:
+    """One request written byte for byte, as Envoy sends them: the method and ``<prefix><path>``
+    exactly as given, and ``path`` in x-authz-original-path (``original``: that header's value
+    instead, None: no such header)."""
     host, _, rest = base.removeprefix("http://").partition(":")
     port, _, prefix = rest.partition("/")
+    original = path if original is AS_ENVOY else original
     head = f"{method} {('/' + prefix if prefix else '') + path} HTTP/1.1\r\nHost: authz\r\n"
-    head += "".join(f"{k}: {v}\r\n" for k, v in headers) + "Content-Length: 0\r\n\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers) + "Content-Length: 0\r\n"
+    head += "" if original is None else f"{ORIGINAL_PATH}: {original}\r\n"
+    head += "\r\n"
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
         writer.write(head.encode())
@@ -118,12 +131,97 @@ async def test_denials_are_the_json_and_challenge_grpc_mode_sends(door, method, 
         "decision": "deny", "reason": reason, "route": route, "status": str(status)}) == 1
 
 
+def mismatches(metrics: Metrics, problem: str) -> float:
+    return metrics.registry.get_sample_value("authz_ext_authz_http_config_mismatches_total", {"problem": problem})
+
+
 @pytest.mark.parametrize("door", ["/authz"], indirect=True)
-async def test_path_prefix_is_stripped_and_required(door):
-    base, _ = door
+async def test_the_prefix_and_the_original_path_header_must_make_the_request_path(door, caplog):
+    """Decided on x-authz-original-path only when the path is exactly the prefix and that header;
+    anything else (Envoy's path_prefix is not ours, the header is missing or not the path's end)
+    is refused, counted by problem and logged once per minute per problem."""
+    base, metrics = door
     assert (await send(base, "GET", "/healthz"))[0] == 200
     root = base[: -len("/authz")]
-    for path in ("/healthz", "/authzhealthz", "/auth/healthz"):
-        status, _, body = await send(root, "GET", path)
-        assert status == 400 and b"path prefix" in body, path
+    refused = [  # (request target after the host, the header's value, problem)
+        ("/healthz", "/healthz", "path_prefix_mismatch"),  # Envoy sends no prefix
+        ("/authz/v2/healthz", "/healthz", "path_prefix_mismatch"),  # a longer prefix: /v2 is not part of the path
+        ("/other/healthz", "/healthz", "path_prefix_mismatch"),
+        ("/authz/healthz", None, "original_path_missing"),
+        ("/authz/healthz", "/healthz/", "original_path_mismatch"),
+        ("/authz/transactions", "/healthz", "original_path_mismatch"),  # a forged header
+        ("/authz/healthz", "", "original_path_mismatch"),
+        ("/authz/authz/healthz", "/healthz", "path_prefix_mismatch"),  # the prefix sent twice
+    ]
+    with caplog.at_level(logging.ERROR, logger="authz_service.ext_authz_http"):
+        for target, original, problem in refused:
+            status, _, body = await send(root, "GET", target, original=original)
+            assert status == 400 and json.loads(body)["error_description"] == MISMATCH, (target, original)
+    assert {p: mismatches(metrics, p) for p in ("path_prefix_mismatch", "original_path_missing",
+                                                 "original_path_mismatch")} == {
+        "path_prefix_mismatch": 4, "original_path_missing": 1, "original_path_mismatch": 3}
+    assert metrics.registry.get_sample_value("authz_check_decisions_total", {
+        "decision": "deny", "reason": "bad_request", "route": "no_route", "status": "400"}) == 8
+    lines = [r for r in caplog.records if r.name == "authz_service.ext_authz_http"]
+    assert [r.problem for r in lines] == ["path_prefix_mismatch", "original_path_missing", "original_path_mismatch"]
+    assert (lines[0].envoy_path_prefix, lines[0].expected_path_prefix) == ("", "/authz")
+    assert not hasattr(lines[1], "envoy_path_prefix") and not hasattr(lines[2], "envoy_path_prefix")
+    assert all("/healthz" not in r.getMessage() for r in lines), "no client path in the log line"
 
+
+@pytest.mark.parametrize("door", ["/authz"], indirect=True)
+async def test_a_client_path_that_starts_like_the_prefix_is_just_a_path(door):
+    """Envoy prefixes every path, so the client's own /authz/healthz arrives as /authz/authz/healthz:
+    decided as /authz/healthz (no route here), never as /healthz."""
+    base, _ = door
+    status, _, body = await send(base, "GET", "/authz/healthz")
+    assert status == 403 and json.loads(body)["error"] == "access_denied"
+
+
+async def test_the_original_path_is_what_is_decided_with_its_query(door):
+    base, _ = door
+    assert (await send(base, "GET", "/healthz?x=1"))[0] == 200
+    status, _, body = await send(base, "GET", "/healthz?_method=DELETE")
+    assert status == 400 and b"_method" in body, "the header's query is checked as the path's was"
+
+
+async def test_the_prefix_envoy_sends_is_logged_bounded(door, caplog):
+    base, _ = door
+    long_prefix = "/x" * 100
+    with caplog.at_level(logging.ERROR, logger="authz_service.ext_authz_http"):
+        assert (await send(base, "GET", long_prefix + "/healthz", original="/healthz"))[0] == 400
+    [line] = [r for r in caplog.records if r.name == "authz_service.ext_authz_http"]
+    assert line.envoy_path_prefix == long_prefix[:64]
+
+
+def test_the_log_throttle_admits_one_line_per_key_per_interval(monkeypatch):
+    from authz_service import logs
+
+    now = [100.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: now[0])
+    throttle = logs.Throttle(60.0)
+    assert throttle.admit("a") == 0
+    assert [throttle.admit("a") for _ in range(3)] == [None, None, None]
+    assert throttle.admit("b") == 0, "keys are independent"
+    now[0] += 60.0
+    assert throttle.admit("a") == 3, "the next line says how many were left out"
+    assert throttle.admit("a") is None
+
+
+
+def test_the_shipped_http_mode_config_sends_what_the_door_expects_by_default():
+    """envoy/envoy-http.yaml (the demo, the bench and the e2e harness run it against a service
+    started without --ext-authz-http-path-prefix) agrees with the door's default; the comparison
+    itself notices a disagreement."""
+    from authz_service.config import option
+
+    from . import envoyconf
+    from .e2e.harness import HTTP_ENVOY_CONFIG, load_shipped_config
+
+    config = load_shipped_config(HTTP_ENVOY_CONFIG)
+    default = option("ext_authz_http_path_prefix").default
+    assert envoyconf.http_door_mismatches(config, default) == []
+    assert len(envoyconf.http_door_mismatches(config, "/ext-authz")) == 1
+    service = envoyconf.http_filter(config, envoyconf.EXT_AUTHZ)["http_service"]
+    del service["authorization_request"]
+    assert len(envoyconf.http_door_mismatches(config, default)) == 1

@@ -15,6 +15,8 @@
 * The Envoy fixtures the e2e tests run (tests/data/istio/sidecar-inbound-*.yaml) are what Istio
   renders from these providers and this AuthorizationPolicy: ``istio_ext_authz`` below follows
   pilot/pkg/security/authz/builder/extauthz.go (1.30.3) field by field.
+* Ambient's ValidatingAdmissionPolicy (who may run as the waypoint): its CEL is evaluated with
+  cel-python on Istio's chain and on what anyone else might create, change or debug.
 """
 
 from __future__ import annotations
@@ -235,6 +237,15 @@ def test_providers_point_at_the_service_entries_and_ports(rendered) -> None:
     assert all(r["spec"]["trafficPolicy"]["tls"]["mode"] == "DISABLE" for r in rules.values())
 
 
+def test_http_provider_and_the_sidecars_front_door_agree_on_the_path(rendered) -> None:
+    """The Envoy config Istio renders from the HTTP provider (the fixture, checked against the
+    provider below) and the sidecar's authz-service agree on the path prefix and the original-path
+    header: a disagreement would refuse every HTTP-mode request."""
+    env = env_of(container(one(rendered["http"], "Deployment")["spec"]["template"]["spec"], "authz-service"))
+    fixture = yaml.safe_load((DATA / "sidecar-inbound-http.yaml").read_text())
+    assert envoyconf.http_door_mismatches(fixture, env["AUTHZ_EXT_AUTHZ_HTTP_PATH_PREFIX"]) == []
+
+
 def test_sidecar_policy_checks_every_request_to_the_app(rendered) -> None:
     docs = rendered["sidecar"]
     policy = one(docs, "AuthorizationPolicy")
@@ -275,6 +286,125 @@ def test_ambient_policy_and_the_only_way_to_the_app(rendered) -> None:
                     if [p["port"] for p in r["ports"]] == ["grpc"]]
     (peer,) = grpc_rule["from"]
     assert peer["podSelector"]["matchLabels"] == {"gateway.networking.k8s.io/gateway-name": gateway["metadata"]["name"]}
+
+
+# --- ambient: who may run as the waypoint ------------------------------------------------------------------
+
+ISTIOD = "system:serviceaccount:istio-system:istiod"
+DEPLOYMENT_CONTROLLER = "system:serviceaccount:kube-system:deployment-controller"
+REPLICASET_CONTROLLER = "system:serviceaccount:kube-system:replicaset-controller"
+
+
+def pod_spec(account: str | None = "waypoint", image: str = "istio/proxyv2:1.30.3",
+             deprecated: bool = False) -> dict[str, Any]:
+    spec: dict[str, Any] = {"containers": [{"name": "istio-proxy", "image": image}]}
+    if account is not None:
+        spec["serviceAccount" if deprecated else "serviceAccountName"] = account
+    return spec
+
+
+def workload(kind: str, spec: dict[str, Any], replicas: int = 1) -> dict[str, Any]:
+    """A ``kind`` object running ``spec`` (a Pod, or a workload's Pod template)."""
+    if kind == "Pod":
+        return {"apiVersion": "v1", "kind": kind, "metadata": {"name": "p", "namespace": "demo"}, "spec": spec}
+    template = {"metadata": {"labels": {"app": "w"}}, "spec": spec}
+    body: dict[str, Any] = {"template": template}
+    if kind == "CronJob":
+        body = {"schedule": "* * * * *", "jobTemplate": {"spec": {"template": template}}}
+    elif kind in ("Deployment", "ReplicaSet", "StatefulSet"):
+        body["replicas"] = replicas
+    return {"kind": kind, "metadata": {"name": "w", "namespace": "demo"}, "spec": body}
+
+
+def admitted(policy: dict[str, Any], obj: dict[str, Any], user: str, old: dict[str, Any] | None = None,
+             subresource: str = "") -> bool:
+    """The ValidatingAdmissionPolicy's verdict, its CEL evaluated as the API server does: each
+    variable in order (``variables.<name>``), then every validation (cel-python)."""
+    import celpy
+    from celpy import celtypes, json_to_cel
+
+    env = celpy.Environment()
+    request = {"operation": "UPDATE" if old is not None else "CREATE", "subResource": subresource,
+               "namespace": "demo", "userInfo": {"username": user}}
+    activation: dict[str, Any] = {"object": json_to_cel(obj), "oldObject": json_to_cel(old),
+                                  "request": json_to_cel(request)}
+    variables = celtypes.MapType({})
+    for variable in policy["spec"]["variables"]:
+        activation["variables"] = variables
+        value = env.program(env.compile(variable["expression"])).evaluate(activation)
+        variables = celtypes.MapType({**variables, celtypes.StringType(variable["name"]): value})
+    activation["variables"] = variables
+    verdicts = [env.program(env.compile(v["expression"])).evaluate(activation) for v in policy["spec"]["validations"]]
+    for validation in policy["spec"]["validations"]:  # the message must evaluate too
+        assert env.program(env.compile(validation["messageExpression"])).evaluate(activation)
+    return all(bool(v) for v in verdicts)
+
+
+def test_only_istios_chain_may_run_pods_as_the_waypoint(rendered) -> None:
+    """Istio's chain (istiod -> Deployment, deployment controller -> ReplicaSet, replicaset controller
+    -> Pod) is admitted; anyone else starting, changing or debugging a workload that runs as the
+    waypoint's ServiceAccount is refused; other workloads, and scaling or relabelling a waypoint,
+    are left to RBAC."""
+    docs = rendered["ambient"]
+    policy = one(docs, "ValidatingAdmissionPolicy")
+    waypoint = pod_spec()
+    # Istio's own chain
+    assert admitted(policy, workload("Deployment", waypoint), ISTIOD)
+    assert admitted(policy, workload("Deployment", waypoint), ISTIOD + "-1-30-3")  # a revisioned istiod
+    assert admitted(policy, workload("ReplicaSet", waypoint), DEPLOYMENT_CONTROLLER)
+    assert admitted(policy, workload("Pod", waypoint), REPLICASET_CONTROLLER)
+    assert admitted(policy, workload("Pod", waypoint), "system:kube-controller-manager")
+    # anyone else, any kind that would run as the waypoint
+    for kind in ("Pod", "Deployment", "ReplicaSet", "StatefulSet", "DaemonSet", "Job", "CronJob",
+                 "ReplicationController"):
+        assert not admitted(policy, workload(kind, waypoint), "alice"), kind
+    assert not admitted(policy, workload("Pod", pod_spec(deprecated=True)), "alice"), "the deprecated field"
+    assert not admitted(policy, workload("Job", waypoint), "system:serviceaccount:kube-system:job-controller")
+    assert not admitted(policy, workload("Pod", waypoint), DEPLOYMENT_CONTROLLER), "each writer its own kind"
+    assert not admitted(policy, workload("Deployment", waypoint), "system:serviceaccount:istio-system:istiodx")
+    # what an existing waypoint runs: only its writer changes it; scaling and labels stay open
+    deployment = workload("Deployment", waypoint)
+    assert admitted(policy, workload("Deployment", waypoint, replicas=3), "alice", old=deployment)
+    assert not admitted(policy, workload("Deployment", pod_spec(image="evil")), "alice", old=deployment)
+    assert admitted(policy, workload("Deployment", pod_spec(image="istio/proxyv2:1.30.4")), ISTIOD, old=deployment)
+    pod = workload("Pod", waypoint)
+    relabelled = copy.deepcopy(pod)
+    relabelled["metadata"]["labels"] = {"x": "y"}
+    assert admitted(policy, relabelled, "alice", old=pod)
+    assert not admitted(policy, workload("Pod", pod_spec(image="evil")), "alice", old=pod)
+    assert admitted(policy, workload("Pod", pod_spec(account="default", image="other")), "alice",
+                    old=workload("Pod", pod_spec(account="default")))
+    assert not admitted(policy, pod, "alice", old=pod, subresource="ephemeralcontainers"), "kubectl debug"
+    # everything else in the namespace is none of its business
+    for kind in ("Pod", "Deployment", "Job", "CronJob"):
+        assert admitted(policy, workload(kind, pod_spec(account="echo-app")), "alice"), kind
+        assert admitted(policy, workload(kind, pod_spec(account=None)), "alice"), kind
+    other = workload("Pod", pod_spec(account=None))
+    assert admitted(policy, other, "alice", old=other, subresource="ephemeralcontainers")
+
+
+def test_the_waypoint_admission_policy_guards_the_identity_the_app_admits(rendered) -> None:
+    docs = rendered["ambient"]
+    policy = one(docs, "ValidatingAdmissionPolicy")
+    binding = one(docs, "ValidatingAdmissionPolicyBinding")
+    gateway = one(docs, "Gateway")
+    namespace = gateway["metadata"]["namespace"]
+    only_via = one(docs, "AuthorizationPolicy", "echo-app-only-via-waypoint")
+    assert only_via["spec"]["rules"][0]["from"][0]["source"]["principals"] == [
+        f"cluster.local/ns/{namespace}/sa/{gateway['metadata']['name']}"]
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert binding["spec"]["matchResources"] == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    kinds = {(group, resource) for rule in policy["spec"]["matchConstraints"]["resourceRules"]
+             for group in rule["apiGroups"] for resource in rule["resources"]
+             if set(rule["operations"]) == {"CREATE", "UPDATE"}}
+    assert kinds == {("", "pods"), ("", "pods/ephemeralcontainers"), ("", "replicationcontrollers"),
+                     ("apps", "deployments"), ("apps", "replicasets"), ("apps", "statefulsets"),
+                     ("apps", "daemonsets"), ("batch", "jobs"), ("batch", "cronjobs")}
+    # the ServiceAccount it guards is the waypoint's (the Gateway's name)
+    assert not admitted(policy, workload("Pod", pod_spec(account=gateway["metadata"]["name"])), "alice")
 
 
 # --- the e2e fixtures are what Istio renders --------------------------------------------------------------
@@ -318,6 +448,9 @@ def istio_ext_authz(entry: dict[str, Any]) -> dict[str, Any]:
                                                   "timeout": http.get("timeout", "600s")}}
         if http.get("pathPrefix"):
             service["path_prefix"] = http["pathPrefix"]
+        if http.get("includeAdditionalHeadersInCheck"):
+            service["authorization_request"] = {"headers_to_add": [
+                {"key": key, "value": value} for key, value in sorted(http["includeAdditionalHeadersInCheck"].items())]}
         response = {key: _headers(http.get(field)) for key, field in (
             ("allowed_upstream_headers", "headersToUpstreamOnAllow"),
             ("allowed_client_headers", "headersToDownstreamOnDeny"),

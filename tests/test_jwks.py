@@ -455,6 +455,48 @@ routes:
     assert metrics.registry.get_sample_value("authz_jwks_keys", {"issuer": "us-east-1_Multi1"}) == 1.0
 
 
+# --- credentials in a jwks_uri ---------------------------------------------------------------------
+
+SECRET = "s3cret-Pa55word"
+
+
+@pytest.mark.parametrize("uri", [
+    # unreachable: the fetch fails, the log names the URL
+    "http://jwks-user:{secret}@127.0.0.1:{port}/pool/.well-known/jwks.json?token={secret}",
+    # a URL the HTTP client refuses: its error message is the URL itself (-> /readyz last_error)
+    "https://jwks-user:{secret}@127.0.0.1:badport/pool/.well-known/jwks.json",
+])
+async def test_credentials_in_a_jwks_uri_never_reach_the_log_readyz_or_a_span(make_cache, caplog, traced,
+                                                                                 uri) -> None:
+    from tests.e2e.harness import free_port
+
+    tracing, exporter = traced
+    issuer = Issuer("us-east-1_Pool1", "us-east-1", "https://issuer.example/pool",
+                    uri.format(secret=SECRET, port=free_port()), None)
+    cache, _ = make_cache(tracing=tracing)
+    with caplog.at_level(logging.DEBUG):
+        cache.sync([issuer])
+        await wait_for(lambda: cache.status()[0]["last_error"] is not None)
+    [status] = cache.status()  # what /readyz shows
+    shown = json.dumps(status) + "\n".join(json.dumps(vars(r), default=str) for r in caplog.records)
+    shown += json.dumps([(s.status.description, dict(s.attributes or {})) for s in exporter.get_finished_spans()])
+    assert "jwks refresh failed" in shown and "127.0.0.1" in shown
+    assert SECRET not in shown and "jwks-user" not in shown
+
+
+async def test_a_jwks_uri_with_credentials_still_authenticates(endpoint, make_cache, key_a, caplog) -> None:
+    """The credentials are used (HTTP Basic, as the URL says), only never shown."""
+    scripted, issuer = endpoint
+    scripted.keys(key_a)
+    with_user = issuer.jwks_uri.replace("http://", f"http://jwks-user:{SECRET}@")
+    cache, _ = make_cache()
+    with caplog.at_level(logging.DEBUG):
+        cache.sync([dataclasses.replace(issuer, jwks_uri=with_user)])
+        await wait_for(lambda: cache.ready())
+    assert cache.status()[0]["keys"] == 1
+    assert SECRET not in "\n".join(json.dumps(vars(r), default=str) for r in caplog.records)
+
+
 async def test_document_is_the_current_key_set_of_one_issuer(endpoint, make_cache, key_a, key_b) -> None:
     """What the service serves native mode's Envoy (admin /jwks): None before the first keys, the
     keys as parsed, the new set after a rotation; KeyError for a stranger."""

@@ -85,13 +85,14 @@ def _envoy_first_match(routes: list[dict], method: str, path: str) -> str:
     """Envoy's first-match routing over compiled routes (their path and :method matchers), in Python."""
     for route in routes:
         match = route["match"]
+        fold = str.lower if match.get("case_sensitive") is False else str
         if "path" in match:
-            ok = path == match["path"]
+            ok = fold(path) == fold(match["path"])
         elif "prefix" in match:
             ok = path.startswith(match["prefix"])
         elif "path_separated_prefix" in match:
-            prefix = match["path_separated_prefix"]
-            ok = path == prefix or path.startswith(prefix + "/")
+            prefix = fold(match["path_separated_prefix"])
+            ok = fold(path) == prefix or fold(path).startswith(prefix + "/")
         else:
             ok = re.fullmatch(match["safe_regex"]["regex"], path) is not None
         for header in match.get("headers", []):
@@ -104,17 +105,19 @@ def _envoy_first_match(routes: list[dict], method: str, path: str) -> str:
     raise AssertionError("no route, not even the default deny")
 
 
-_SEGMENTS = st.sampled_from(["a", "b", "c", "{x}", "{y}"])
-_ROUTE = st.tuples(st.lists(_SEGMENTS, max_size=3), st.booleans(),
+_SEGMENTS_CASED = st.sampled_from(["a", "b", "C", "Ab", "{x}", "{y}"])
+_ROUTE = st.tuples(st.lists(_SEGMENTS_CASED, max_size=3), st.booleans(),
                    st.one_of(st.none(), st.sets(st.sampled_from(["GET", "HEAD", "POST"]), min_size=1)),
                    st.booleans())
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(_ROUTE, min_size=1, max_size=7))
-def test_envoy_takes_the_route_policy_match_takes(routes) -> None:
-    """Over every class of request path the matcher can tell apart (Policy.representative_paths) and
-    every method, Envoy's first match over the compiled routes is Policy.match's route."""
+@given(st.lists(_ROUTE, min_size=1, max_size=7), st.sampled_from(["sensitive", "insensitive"]))
+def test_envoy_takes_the_route_policy_match_takes(routes, path_case: str) -> None:
+    """Over every class of request path the matcher can tell apart (Policy.representative_paths,
+    letter-case variants included) and every method, Envoy's first match over the compiled routes
+    is Policy.match's route; a path ending in '/', whose two readings Policy.routes_for decides,
+    goes to the service (the request screen)."""
     lines = []
     for i, (segments, rest, methods, public) in enumerate(routes):
         path = "/" + "/".join(segments + (["**"] if rest else []))
@@ -122,15 +125,20 @@ def test_envoy_takes_the_route_policy_match_takes(routes) -> None:
         body = "public: true" if public else "scopes: [s]"
         lines.append(f"  - {{name: r{i}, path: '{path}'{method_text}, {body}}}")
     try:
-        policy = parse_policy(ISSUERS + "\n".join(lines) + "\n")
+        policy = parse_policy(f"path_case: {path_case}\n" + ISSUERS + "\n".join(lines) + "\n")
     except PolicyError:
         return  # two routes of equal specificity: refused, nothing to compile
     compiled = compile_policy(policy, Options(jwt_cache_size=0))
     envoy_routes = [r for r in _ingress_routes(compiled) if not r["name"].startswith("screen: ")]
-    paths = policy.representative_paths()
+    paths = policy.representative_paths(folded=policy.case_folded())
     assert paths is not None
-    for segments in paths:
+    variants = {tuple(s.upper() for s in p) for p in paths} | {tuple(s.lower() for s in p) for p in paths}
+    for segments in sorted(set(paths) | variants):
         path = "/" + "/".join(segments)
+        if segments and not segments[-1]:
+            assert re.fullmatch(patterns.TRAILING_SLASH, path), path
+            continue
+        assert not re.fullmatch(patterns.TRAILING_SLASH, path), path
         for method in ("GET", "HEAD", "POST", "PUT"):
             route = policy.match(method, segments)
             expected = "no route" if route is None else next(
@@ -229,6 +237,17 @@ def test_route_path_matchers(pattern: str, paths: list[str], others: list[str]) 
         assert _envoy_first_match([route, default], "GET", path) == "r", path
     for path in others:
         assert _envoy_first_match([route, default], "GET", path) == "no route", path
+
+
+def test_every_identity_spelling_is_removed_before_any_filter() -> None:
+    """'-', '_' and '.' spellings alike (request.py), on every route: the early header mutation."""
+    compiled = compile_policy(parse_policy(EVERY_KIND))
+    ingress = next(listener for listener in compiled.listeners if listener["name"] == "ingress")
+    hcm = ingress["filter_chains"][0]["filters"][0]["typed_config"]
+    removed = {m["remove"] for m in hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]}
+    assert {"x-auth-client-id", "x_auth_client_id", "x.auth.client.id", "x-auth.client_id", "x_auth-scopes",
+            "x.auth.sub", "x-request-id"} <= removed
+    assert not {name for name in removed if "method" in name or "url" in name}  # those are refused (400)
 
 
 # --- options and errors --------------------------------------------------------------------------

@@ -12,8 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authz_service.policy import (POLICY_MAX_BYTES, Mode, PolicyError, check_policy, load_policy_file, parse_policy,
-                                  read_policy_file)
+from authz_service.policy import (POLICY_MAX_BYTES, Mode, PathCase, PolicyError, check_policy, load_policy_file,
+                                  parse_policy, read_policy_file)
+
+from .test_policytool import REVIEW_POLICY
 
 SOURCE = "policies/test.yaml"
 ISSUERS = "issuers:\n  - user_pool_id: us-east-1_Abc123\n"
@@ -209,6 +211,9 @@ UPDATED_POOL = "issuers:\n  - user_pool_id: us-east-1_A\n    issuer_format: upda
 MISTAKES = [
     # (id, policy text, fragments the message must contain)
     ("unknown top key", ISSUERS + "route:\n" + GOOD_ROUTE, ["top level", "'route'"]),
+    ("bad path_case", ISSUERS + "path_case: ignore\nroutes:\n" + GOOD_ROUTE, ["path_case", "'insensitive'"]),
+    ("trailing slash pattern", ISSUERS + "routes:\n  - path: /a/b/\n    scopes: [r]\n",
+     ["routes[0].path", "cannot end in '/'", "write '/a/b'"]),
     ("unknown issuer key", "issuers:\n  - user_pool_id: us-east-1_A\n    pool: x\nroutes:\n" + GOOD_ROUTE,
      ["issuers[0]", "'pool'"]),
     ("unknown route key", ISSUERS + "routes:\n" + GOOD_ROUTE + "  - path: /x\n    scope: [r]\n",
@@ -427,6 +432,112 @@ SPECIFICITY_ROUTES = """\
 def test_most_specific_route_wins(method, path, expected):
     policy = routes_policy(SPECIFICITY_ROUTES)
     assert matched_name(policy, method, path) == expected
+
+
+# --- a trailing '/': the route as written and the route without the '/' -------------------------
+
+LENIENT_ROUTES = REVIEW_POLICY + """\
+  - name: a
+    path: /a
+    public: true
+  - name: a-rest
+    path: /a/**
+    scopes: [a/all]
+  - name: b
+    path: /b
+    scopes: [b/read]
+  - name: b-rest
+    path: /b/**
+    public: true
+  - name: item
+    path: /items/{id}
+    scopes: [items/read]
+  - name: docs
+    path: /docs/**
+    public: true
+  - name: root
+    path: /
+    scopes: [root/read]
+"""
+
+
+@pytest.mark.parametrize(("method", "path", "names"), [
+    ("GET", "/admin/report/", ("everything-else", "admin-report")),  # the reviewer's bypass
+    ("HEAD", "/admin/report/", ("everything-else", "admin-report")),  # HEAD from GET, in both readings
+    ("DELETE", "/admin/report/", ("everything-else",)),  # no route for DELETE /admin/report either
+    ("GET", "/admin/report", ("admin-report",)),
+    ("GET", "/a/", ("a-rest", "a")),  # /a public, /a/** protected: a-rest still applies
+    ("GET", "/b/", ("b-rest", "b")),  # /b/** public, /b protected: b applies
+    ("GET", "/items/7/", ("everything-else", "item")),  # {id} never takes an empty segment
+    ("GET", "/docs/", ("docs",)),  # one route takes both readings
+    ("GET", "/docs/x/", ("docs",)),
+    ("GET", "/", ("root",)),  # "/" has no other reading
+])
+def test_a_path_ending_in_a_slash_must_meet_the_route_of_each_reading(method, path, names):
+    policy = routes_policy(LENIENT_ROUTES)
+    assert tuple(r.name for r in policy.routes_for(method, segs(path))) == names
+    assert policy.routes_for(method, segs(path))[0] is policy.match(method, segs(path))
+
+
+def test_without_a_route_for_either_reading_nothing_applies():
+    policy = routes_policy("  - path: /a/**\n    scopes: [r]\n  - path: /b\n    scopes: [r]\n")
+    assert policy.routes_for("GET", segs("/b/")) == ()  # as written, no route takes /b/
+    assert policy.routes_for("GET", segs("/c/")) == ()
+    assert [r.path for r in policy.routes_for("GET", segs("/a/"))] == ["/a/**"]
+
+
+def test_a_pattern_ending_in_a_slash_is_refused_with_the_rule():
+    message = refused(ISSUERS + "routes:\n  - path: /a/\n    scopes: [r]\n")
+    assert ("routes[0].path: '/a/': a pattern cannot end in '/': write '/a', whose route a request for '/a/' "
+            "must meet too") in message
+
+
+# --- path_case: insensitive ------------------------------------------------------------------------
+
+
+def test_path_case_is_sensitive_by_default():
+    policy = routes_policy("  - path: /admin/report\n    scopes: [r]\n  - path: /**\n    public: true\n")
+    assert policy.path_case is PathCase.SENSITIVE
+    assert matched_name(policy, "GET", "/admin/report") == "ANY /admin/report"
+    assert matched_name(policy, "GET", "/ADMIN/Report") == "ANY /**"
+
+
+@pytest.mark.parametrize("path", ["/admin/report", "/ADMIN/REPORT", "/Admin/report", "/admin/Report/",
+                                  "/AdMiN/rEpOrT/x"])
+def test_path_case_insensitive_matches_literals_in_any_case(path):
+    policy = routes_policy("""\
+      - name: report
+        path: /Admin/report/**
+        scopes: [r]
+      - name: rest
+        path: /**
+        public: true
+    """, "path_case: insensitive\n")
+    assert policy.path_case is PathCase.INSENSITIVE
+    assert [r.name for r in policy.routes_for("GET", segs(path))][-1] == "report"
+    assert matched_name(policy, "GET", "/Admin/reports") == "rest"  # still whole segments
+
+
+def test_path_case_insensitive_refuses_routes_that_differ_only_in_case():
+    message = refused(ISSUERS + "path_case: insensitive\nroutes:\n  - path: /Admin\n    scopes: [r]\n"
+                      "  - path: /admin\n    scopes: [w]\n")
+    assert "routes[1] (/admin) conflicts with routes[0] (/Admin)" in message
+    assert "(path_case is insensitive)" in message
+    assert routes_policy("  - path: /Admin\n    scopes: [r]\n  - path: /admin\n    scopes: [w]\n")
+
+
+@pytest.mark.parametrize("value", ["yes", "true", "Insensitive", "[insensitive]"])
+def test_path_case_takes_sensitive_or_insensitive(value):
+    message = refused(ISSUERS + f"path_case: {value}\nroutes:\n  - path: /a\n    scopes: [r]\n")
+    assert "path_case: must be 'sensitive'" in message and "or 'insensitive'" in message
+
+
+def test_case_folded_matches_as_an_insensitive_policy_would():
+    policy = routes_policy("  - path: /Admin\n    scopes: [r]\n  - path: /admin\n    scopes: [w]\n")
+    folded = policy.case_folded()
+    assert folded.path_case is PathCase.INSENSITIVE and folded.routes is policy.routes
+    assert folded.match("GET", ("ADMIN",)).path == "/Admin"  # two that tie when folded: the first wins
+    assert policy.match("GET", ("ADMIN",)) is None
 
 
 def test_match_does_not_depend_on_file_order():
@@ -805,3 +916,18 @@ def test_check_policy_reports_errors_in_file_order():
     _, errors = check_policy(ISSUERS + "routes:\n  - name: x\n    path: /a\n    scopes: [r]\n"
                              "  - name: x\n    path: /b\n    scopes: [r]\n  - path: c\n    scopes: [r]\n", SOURCE)
     assert [e.where for e in errors] == [("routes", 1, "name"), ("routes", 2, "path")]
+
+
+def test_an_issuer_url_with_credentials_is_refused_without_showing_them():
+    """An iss is compared as written and names no credentials; a password there would be shown
+    wherever the issuer is (logs, /readyz, tools), so it is refused. Credentials for a JWKS
+    belong in jwks_uri, which is never shown with them."""
+    message = refused("issuers:\n  - user_pool_id: us-east-1_A\n    issuer: https://user:s3cret@idp.example/p\n"
+                      "    jwks_uri: https://idp.example/jwks\nroutes:\n" + GOOD_ROUTE)
+    assert "issuers[0].issuer" in message and "credentials" in message and "s3cret" not in message
+
+
+def test_a_bad_jwks_uri_is_refused_without_showing_its_credentials():
+    message = refused("issuers:\n  - user_pool_id: us-east-1_A\n"
+                      "    jwks_uri: 'https://user:s3cret@idp.example/jw ks'\nroutes:\n" + GOOD_ROUTE)
+    assert "issuers[0].jwks_uri" in message and "s3cret" not in message and "idp.example" in message

@@ -45,6 +45,12 @@ def test_schema_knows_exactly_the_lint_codes_the_loader_accepts():
     assert set(SCHEMA["$defs"]["route"]["properties"]["acknowledge"]["items"]["enum"]) == set(LINT_CODES)
 
 
+def test_schema_knows_exactly_the_path_cases_the_loader_reads():
+    from authz_service.policy import PathCase
+
+    assert set(SCHEMA["properties"]["path_case"]["enum"]) == {case.value for case in PathCase}
+
+
 def test_schema_knows_exactly_the_format_versions_the_loader_reads():
     from authz_service.policy import POLICY_VERSIONS
 
@@ -62,6 +68,7 @@ E2E_POLICY = textwrap.dedent("""\
         issuer: http://127.0.0.1:9000/us-east-1_Demo00001
         client_ids: [payments-writer, payments-reader]
     mode: enforce
+    path_case: insensitive
     routes:
       - {name: a, methods: [POST], path: /transactions, scopes: [transactions/post], mode: dry-run}
       - {name: 'GET /x/{id}/**', methods: [GET, HEAD], path: '/x/{id}/**', scopes: [x/y]}
@@ -125,7 +132,8 @@ def documents(draw: st.DrawFn) -> dict[str, object]:
     if draw(st.booleans()):
         issuer["client_ids"] = draw(st.sampled_from([["abc"], [], "abc", ["a b"], ["x" * 129]]))
     if draw(st.booleans()):
-        issuer["issuer"] = draw(st.sampled_from(["https://idp.example/p", "http://127.0.0.1:9000/p", "idp", ""]))
+        issuer["issuer"] = draw(st.sampled_from(["https://idp.example/p", "http://127.0.0.1:9000/p", "idp", "",
+                                                 "https://user:pw@idp.example/p"]))
     if draw(st.booleans()):
         issuer["issuer_format"] = draw(st.sampled_from(["original", "updated", "new", 1]))
     if draw(st.booleans()):
@@ -149,6 +157,8 @@ def documents(draw: st.DrawFn) -> dict[str, object]:
         doc[draw(st.sampled_from(["mode", "version"]))] = draw(st.sampled_from(["enforce", "dry-run", "x"]))
     if draw(st.booleans()):
         doc["version"] = draw(st.sampled_from([1, 1.0, 2, 0, "1", True, None, [1]]))
+    if draw(st.booleans()):
+        doc["path_case"] = draw(st.sampled_from(["sensitive", "insensitive", "Insensitive", True, None, 1]))
     return doc
 
 

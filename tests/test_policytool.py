@@ -21,8 +21,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "authz_service" / "examples"
 ISSUERS = "issuers:\n  - user_pool_id: us-east-1_Abc123\n"
 
 
-def lints(routes: str) -> list[str]:
-    text = ISSUERS + "routes:\n" + textwrap.dedent(routes)
+def lints(routes: str, top: str = "") -> list[str]:
+    text = ISSUERS + top + "routes:\n" + textwrap.dedent(routes)
     return [str(w) for w in lint(parse_policy(text, "p.yaml"), text)]
 
 
@@ -194,7 +194,7 @@ def test_public_catch_all_covering_protected_routes_is_not_a_hole_but_is_reporte
       - name: api-x
         path: /api/x
         scopes: [a/b]
-    """)
+    """, "path_case: insensitive\n")
     assert len(warnings) == 1 and "hole" not in warnings[0], warnings
     assert "routes[0].path: public route 'rest' (/**) also covers the paths of protected route 'api-x'" in warnings[0]
     assert "acknowledge: [public-catch-all]" in warnings[0]
@@ -206,6 +206,73 @@ def test_public_catch_all_can_be_acknowledged():
         public: true
         acknowledge: [public-catch-all]
       - path: /api/x
+        scopes: [a/b]
+    """, "path_case: insensitive\n") == []
+
+
+# --- case variants: what a case-insensitive router serves with a protected handler ----------------
+
+
+def test_a_public_route_taking_case_variants_of_a_protected_path_is_named():
+    warnings = lints("""\
+      - name: rest
+        path: /**
+        public: true
+        acknowledge: [public-catch-all]
+      - name: admin-report
+        methods: [GET]
+        path: /admin/report
+        scopes: [admin/read]
+        acknowledge: [fallthrough]
+    """)
+    assert len(warnings) == 1, warnings
+    assert ("routes[0].path: public route 'rest' (/**) takes case variants of the paths of protected route "
+            "'admin-report' (e.g. GET /admin/Report): an app whose router ignores case serves them with the "
+            "protected handler, without a token") in warnings[0]
+    assert "add 'path_case: insensitive' at the top of the policy" in warnings[0]
+    assert "add 'acknowledge: [case-variant]' to the public route" in warnings[0]
+
+
+@pytest.mark.parametrize(("top", "acknowledge"), [("", ", case-variant"), ("path_case: insensitive\n", "")])
+def test_case_variants_are_silenced_by_acknowledging_or_by_path_case_insensitive(top, acknowledge):
+    assert lints(f"""\
+      - name: rest
+        path: /**
+        public: true
+        acknowledge: [public-catch-all{acknowledge}]
+      - name: admin-report
+        path: /admin/report
+        scopes: [admin/read]
+    """, top) == []
+
+
+def test_case_variants_taken_by_a_public_route_spelled_otherwise_are_found():
+    """Exact, not the upper-case spelling only: a public /Admin/** takes /Admin/report, which a
+    case-insensitive router serves with the /admin/report handler."""
+    warnings = lints("""\
+      - name: admin-report
+        path: /admin/report
+        scopes: [admin/read]
+      - name: odd
+        path: /Admin/**
+        public: true
+    """)
+    assert len(warnings) == 1 and "public route 'odd' (/Admin/**) takes case variants" in warnings[0], warnings
+    assert "(e.g. GET /Admin/report)" in warnings[0]
+
+
+def test_no_case_variant_warning_without_letters_or_without_a_public_route():
+    assert lints("""\
+      - path: /**
+        public: true
+        acknowledge: [public-catch-all]
+      - path: /2024/{id}
+        scopes: [a/b]
+    """) == []
+    assert lints("""\
+      - path: /**
+        scopes: [a/c]
+      - path: /admin/report
         scopes: [a/b]
     """) == []
 
@@ -235,7 +302,7 @@ REVIEW_POLICY = """\
   - name: everything-else
     path: /**
     public: true
-    acknowledge: [public-catch-all]
+    acknowledge: [public-catch-all, case-variant]
 """
 
 
@@ -298,7 +365,7 @@ def test_fallthrough_to_a_stricter_or_equal_route_is_fine():
 
 
 def test_unknown_acknowledge_code_is_an_error():
-    with pytest.raises(PolicyError, match="'fall-through' is not a lint warning code; known: fallthrough, "):
+    with pytest.raises(PolicyError, match="'fall-through' is not a lint warning code; known: case-variant, fallthrough, "):
         parse_policy(ISSUERS + "routes:\n  - path: /x\n    public: true\n    acknowledge: [fall-through]\n", "p.yaml")
 
 
@@ -387,7 +454,7 @@ def test_bad_tests_files_are_errors_with_a_line(tmp_path, text, message):
 
 # --- the reachability analysis is exact: no concrete request reaches a route it calls unreachable ---
 
-SEGMENTS = ["a", "b", "{p}"]
+SEGMENTS = ["a", "b", "B", "{p}"]
 
 
 @st.composite
@@ -400,7 +467,8 @@ def small_policies(draw: st.DrawFn) -> str:
         if draw(st.booleans()):
             path = path.rstrip("/") + "/**"
         methods = draw(st.sampled_from([None, ["GET"], ["POST"], ["GET", "POST"]]))
-        route = f"  - name: r{i}\n    path: '{path}'\n    scopes: [a/b]\n"
+        access = "public: true" if draw(st.integers(0, 3)) == 0 else "scopes: [a/b]"
+        route = f"  - name: r{i}\n    path: '{path}'\n    {access}\n"
         if methods:
             route += f"    methods: [{', '.join(methods)}]\n"
         routes.append(route)
@@ -409,23 +477,28 @@ def small_policies(draw: st.DrawFn) -> str:
 
 @settings(max_examples=200, deadline=None)
 @given(small_policies(), st.lists(st.tuples(st.sampled_from(["GET", "POST", "PUT"]),
-                                            st.lists(st.sampled_from(["a", "b", "c", "zz"]), max_size=5),
+                                            st.lists(st.sampled_from(["a", "A", "b", "B", "c", "zz"]), max_size=5),
                                             st.booleans()), min_size=1, max_size=30))
 def test_every_concrete_request_reaches_only_routes_the_analysis_found_reachable(text, requests):
+    """Every route a concrete request must meet (both readings of a trailing '/') was found, and so
+    was every public route taking a case variant that a case-insensitive router would protect."""
     try:
         policy = parse_policy(text, "p.yaml")
     except PolicyError:
         return  # conflicting routes: the loader refuses them, nothing to analyse
     reach = reachability(policy)
     assert reach is not None
+    folded = policy.case_folded()
     for method, segments, trailing_slash in requests:
         path = tuple(segments) + (("",) if trailing_slash and segments else ())
-        route = policy.match(method, path)
-        if route is None:
-            continue
-        assert method in reach.chosen[route.index], (route.name, method, path)
-        if not trailing_slash or not segments:
-            assert route.index in reach.plain, (route.name, method, path)
+        routes = policy.routes_for(method, path)
+        for route in routes:
+            assert method in reach.chosen[route.index], (route.name, method, path)
+            if not trailing_slash or not segments:
+                assert route.index in reach.plain, (route.name, method, path)
+        if routes and all(r.public for r in routes):
+            for other in folded.routes_for(method, path):
+                assert other.public or (routes[0].index, other.index) in reach.cases, (routes[0].name, other.name, path)
 
 
 # --- route conditions, issuer formats, the issue's public catch-all example -------------------------
@@ -506,14 +579,20 @@ def test_fallthrough_compares_all_scopes_and_clients(route, rest, why):
     assert_fallthrough(route, rest, why)
 
 
-def test_validate_explain_issuers_lists_every_accepted_iss_and_jwks(tmp_path):
+def explain_issuers(tmp_path, issuers: str) -> tuple[Path, list[str]]:
+    """``validate --explain-issuers`` on a policy of these ``issuers:`` entries: (its path, the lines)."""
     policy = tmp_path / "p.yaml"
-    policy.write_text("issuers:\n  - user_pool_id: us-east-1_Multi1\n    issuer_format: updated\n"
-                      "    replica_regions: [eu-west-1]\n    client_ids: [app-1, app-2]\n"
-                      "  - user_pool_id: eu-central-1_Old\nroutes:\n  - {path: /a, scopes: [a/b]}\n")
+    policy.write_text(f"issuers:\n{issuers}routes:\n  - {{path: /a, scopes: [a/b]}}\n")
     run = cli("validate", "--explain-issuers", str(policy))
     assert run.returncode == 0, run.stdout
-    assert run.stdout.splitlines() == [
+    return policy, run.stdout.splitlines()
+
+
+def test_validate_explain_issuers_lists_every_accepted_iss_and_jwks(tmp_path):
+    policy, lines = explain_issuers(tmp_path, "  - user_pool_id: us-east-1_Multi1\n    issuer_format: updated\n"
+                                              "    replica_regions: [eu-west-1]\n    client_ids: [app-1, app-2]\n"
+                                              "  - user_pool_id: eu-central-1_Old\n")
+    assert lines == [
         f"{policy}: OK: 1 routes, 2 issuers (3 accepted iss), 0 warnings",
         "  issuers[0] us-east-1_Multi1 (updated issuer format) accepts app clients app-1, app-2, with iss:",
         "    https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_Multi1  (region us-east-1)",
@@ -525,6 +604,13 @@ def test_validate_explain_issuers_lists_every_accepted_iss_and_jwks(tmp_path):
         "      keys from https://cognito-idp.eu-central-1.amazonaws.com/eu-central-1_Old/.well-known/jwks.json",
     ]
     assert "issuers[0]" not in cli("validate", str(policy)).stdout  # only on request
+
+
+def test_validate_explain_issuers_never_shows_jwks_credentials(tmp_path):
+    _, lines = explain_issuers(tmp_path, "  - user_pool_id: us-east-1_Abc123\n"
+                                         "    jwks_uri: https://keys-user:s3cret@keys.example/jwks.json?sig=s3cret\n")
+    assert "      keys from https://keys.example/jwks.json" in lines
+    assert not [line for line in lines if "s3cret" in line or "keys-user" in line]
 
 
 def test_custom_claims_example_passes_through_the_cli():

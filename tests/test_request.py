@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2
 from authz_service.ext_authz_grpc import parse_check_request
-from authz_service.request import BadRequest, HttpRequest
+from authz_service.request import SPECIAL_NAMES, BadRequest, HttpRequest
 
 
 def check(
@@ -179,6 +179,9 @@ def test_header_map_non_utf8_value_is_a_bad_request():
         ("x-auth-client-id", True), ("x_auth_client_id", True), ("X-Auth-Scopes", True), ("x_auth-scopes", True),
         ("X_AUTH_SUB", True), ("x-auth-sub", True), ("x-auth-subject", False), ("x-auth", False),
         ("x--auth-sub", False), ("xauth-sub", False), ("x-auth-client_id", True),
+        # '.' too: PHP and Apache's CGI environment read x.auth.sub as HTTP_X_AUTH_SUB
+        ("x.auth.client.id", True), ("X.Auth.Scopes", True), ("x-auth.sub", True), ("x_auth.client-id", True),
+        ("x..auth.sub", False), ("x.auth.subject", False), ("x.other", False),
     ],
 )
 def test_spoofed_identity_header_spellings(name, spoofed):
@@ -187,6 +190,19 @@ def test_spoofed_identity_header_spellings(name, spoofed):
     assert len(via_map.spoofed_identity_headers) == int(spoofed)
     via_headers = parse(headers={name.lower(): "evil"})
     assert via_headers.spoofed_identity_headers == ((name.lower(),) if spoofed else ())
+
+
+@pytest.mark.parametrize("name", ["x.http.method.override", "X.HTTP.Method", "x.method_override", "x.original.url",
+                                  "x_rewrite.url"])
+def test_override_header_spellings_with_dots_are_refused(name):
+    with pytest.raises(BadRequest, match=r"\(method or URL override\) is not accepted"):
+        parse(header_map=[(name, b"DELETE")])
+
+
+def test_every_separator_spelling_is_a_special_name():
+    """Three separators in every position: x-auth-client-id has 3 ** 3 spellings."""
+    assert len([n for n in SPECIAL_NAMES if n.translate(str.maketrans("_.", "--")) == "x-auth-client-id"]) == 27
+    assert len(SPECIAL_NAMES) == 27 + 9 + 9 + 9 + 27 + 9 + 9 + 9
 
 
 def test_all_spoofed_spellings_are_listed():

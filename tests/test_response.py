@@ -236,7 +236,8 @@ def test_dry_run_insufficient_scope_forwards_the_verified_identity():
 
 identity_value = st.one_of(st.just(""), st.text("abcXYZ019-_/. ", min_size=1, max_size=12))
 spelling = st.sampled_from(["x-auth-client-id", "x_auth_client_id", "x-auth_client-id", "x-auth-scopes",
-                            "x_auth_scopes", "x-auth-sub", "x_auth_sub", "x-auth-sub"])
+                            "x_auth_scopes", "x-auth-sub", "x_auth_sub", "x-auth-sub", "x.auth.client.id",
+                            "x.auth_scopes", "x-auth.sub"])
 
 
 @settings(max_examples=200, deadline=None)

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from ..policy import Policy
-from ..request import IDENTITY_HEADERS, identity_and_override_spellings
+from ..request import BadRequest, identity_and_override_spellings, special_names
 from .answers import AnswerBook
 from .checks import PAYLOAD, rules, screen_checks, token_checks
 from .cel import JWT_AUTHN
@@ -177,13 +177,22 @@ def _rbac(name: str, rbac_rules: dict[str, Any]) -> dict[str, Any]:
 
 
 def _strip_identity_early(hcm: dict[str, Any]) -> None:
-    """Remove a client's copy of every identity header, in every spelling, before any filter or route
+    """Remove a client's copy of every identity header, in every spelling ('-', '_', '.'), before any filter or route
     sees the request: on every route, public ones included, and whoever decides (jwt_authn then
     sets them from a verified token, the service from the one it verified)."""
     extensions = hcm["early_header_mutation_extensions"]
     _expect(len(extensions) == 1, "one early header mutation")
-    spellings = [n for n in identity_and_override_spellings() if n.replace("_", "-") in IDENTITY_HEADERS]
+    spellings = [name for name in identity_and_override_spellings() if _is_identity(name)]
     extensions[0]["typed_config"]["mutations"].extend({"remove": name} for name in spellings)
+
+
+def _is_identity(name: str) -> bool:
+    """Whether the service strips ``name`` (an identity header spelling) rather than refusing it."""
+    try:
+        special_names([name])
+    except BadRequest:
+        return False
+    return True
 
 
 def _service_http_cluster(address: Address) -> dict[str, Any]:

@@ -6,8 +6,8 @@ Three RBAC filters, in the order the service checks (authz_service.check, decisi
   method or URL override headers in any spelling: 400, as ``request.py`` answers;
 * the token checks (native routes): no Authorization at all (401), and what jwt_authn does not
   check of a token it verified: size, the JOSE header's kid, crit and key members, ``iat`` in the
-  future, ``token_use``, ``client_id`` and the issuer's client allow-list, the types and header
-  text of the claims forwarded upstream (401 ``invalid_token``);
+  future, ``token_use``, ``client_id`` and the issuer's client allow-list, the types and text of
+  the claims forwarded upstream (``scope`` as RFC 6749 scope tokens) (401 ``invalid_token``);
 * the route's conditions (native routes): client allow-list, any-of and all-of scopes, claim
   conditions (403 ``insufficient_scope``).
 
@@ -25,12 +25,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..claims import UNSUPPORTED, Claims, ClaimValue
+from ..claims import SCOPE_CHARS, SCOPE_TOKEN, UNSUPPORTED, Claims, ClaimValue
 from ..conditions import ANY_SCOPE_TEXT, ClaimCondition, Unmet
 from ..decision import MISSING_TOKEN_TEXT, UNMET_REASONS, Reason
 from ..policy import Policy, Route
-from ..request import IDENTITY_HEADERS, MAX_PATH_LENGTH, BadRequest, identity_and_override_spellings, \
-    normalized_path, special_names
+from ..request import MAX_PATH_LENGTH, BadRequest, identity_and_override_spellings, normalized_path, special_names
 from ..simulate import Simulator
 from ..tokens import MAX_TOKEN_BYTES, TokenError
 from . import cel
@@ -41,8 +40,8 @@ Principal = dict[str, Any]
 PAYLOAD, HEADER = "payload", "header"  # jwt_authn's payload_in_metadata and header_in_metadata
 BEARER_PREFIX = len("Bearer ")
 NOT_A_CLIENT = "native-probe-of-a-client-no-list-names"
-# A claim the service refuses to forward as a header (tokens._check_header_text): a control
-# character other than HTAB anywhere, or a space or tab at either end.
+# A claim the service refuses to forward as a header (tokens._check_header_text: client_id, sub): a
+# control character other than HTAB anywhere, or a space or tab at either end.
 INVALID_HEADER_TEXT = r"(?s)[ \t].*|.*[ \t]|.*[\x00-\x08\x0a-\x1f\x7f].*"
 
 
@@ -134,14 +133,17 @@ def screen_checks(book: AnswerBook) -> list[Check]:
     checks = [Check(book.policy_name(1, Reason.BAD_REQUEST, _refusal(lambda: normalized_path(
                   "/" + "a" * MAX_PATH_LENGTH))), ANY,
                   cel.call("_>_", cel.call("size", cel.request_target()), cel.integer(MAX_PATH_LENGTH)))]
+    # Every spelling of one override header is refused in the same words, which name the header:
+    # the service names the first in name order, and so does the first of these checks to match.
     overrides: dict[str, list[str]] = {}
     for name in identity_and_override_spellings():
-        dashed = name.replace("_", "-")
-        if dashed not in IDENTITY_HEADERS:
-            overrides.setdefault(dashed, []).append(name)
-    for order, dashed in enumerate(sorted(overrides), start=2):
-        checks.append(Check(book.policy_name(order, Reason.BAD_REQUEST, _refusal(lambda: special_names([dashed]))),
-                            or_(*(header_present(n) for n in sorted(overrides[dashed])))))
+        try:
+            special_names([name])  # an identity header spelling: stripped, not refused
+        except BadRequest as exc:
+            overrides.setdefault(str(exc), []).append(name)
+    for order, description in enumerate(sorted(overrides), start=2):
+        checks.append(Check(book.policy_name(order, Reason.BAD_REQUEST, description),
+                            or_(*(header_present(n) for n in sorted(overrides[description])))))
     return checks
 
 
@@ -196,7 +198,13 @@ def token_checks(policy: Policy, book: AnswerBook, leeway: int) -> list[Check]:
     add(texts.refused(overrides={"scope": ["scope"]}), ANY,
         cel.all_of(cel.has(payload, "scope"),
                    cel.call("_!=_", cel.call("type", cel.index(payload, "scope")), cel.ident("string"))))
-    add(texts.refused(overrides={"scope": "scope\x01"}), metadata(PAYLOAD, "scope", regex(INVALID_HEADER_TEXT)))
+    # RFC 6749 scope tokens separated by single spaces (tokens._check_scope): first a character no
+    # scope has, then the spacing.
+    add(texts.refused(overrides={"scope": "scope\x01"}),
+        metadata(PAYLOAD, "scope", regex(f"(?s).*[^{SCOPE_CHARS} \\t\\n\\v\\f\\r].*")))
+    add(texts.refused(overrides={"scope": "scope  other"}),
+        and_(not_(metadata(PAYLOAD, "scope", regex(f"(?:{SCOPE_TOKEN}(?: {SCOPE_TOKEN})*)?"))),
+             metadata(PAYLOAD, "scope", regex("(?s).*"))))
     add(texts.refused(overrides={"sub": "sub\x01"}), metadata(PAYLOAD, "sub", regex(INVALID_HEADER_TEXT)))
     return out
 

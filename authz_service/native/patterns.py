@@ -89,6 +89,11 @@ _SEGMENT_TEXT = f"(?:{_NOT_DOT}{_CHAR}*|\\.{_NOT_DOT}{_CHAR}*|\\.\\.{_CHAR}+)"
 CLEAN_TARGET = f"(?s)/(?:{_SEGMENT_TEXT}(?:/{_SEGMENT_TEXT})*/?)?(?:\\?.*)?"
 
 
+# A path ending in '/' (not "/" itself): the service requires it to meet both the route it matches
+# and the route of the path without the '/' (Policy.routes_for), which one Envoy route cannot say.
+TRAILING_SLASH = "(?s)/[^?]*/(?:\\?.*)?"
+
+
 def _letter(char: str) -> str:
     """``char`` as the service's query check reads it: either case, or percent-encoded in either (an
     ASCII letter's two cases differ only in the high hex digit)."""
@@ -105,19 +110,21 @@ METHOD_OVERRIDE_QUERY = ("(?s)[^?]*\\?(?:.*[&;])?" + "".join(_letter(c) for c in
                          + "(?:[=&;\\[]|%5[Bb]|$).*")
 
 
-def route_path(parts: tuple[object, ...]) -> dict[str, object]:
+def route_path(parts: tuple[object, ...], case_insensitive: bool = False) -> dict[str, object]:
     """The Envoy RouteMatch path specifier taking exactly the paths a route pattern covers.
 
     A literal pattern is an exact ``path``; a literal prefix with ``/**`` a ``path_separated_prefix``
-    (the prefix itself and anything below it, a trailing '/' included); patterns with ``{param}``
-    (one non-empty segment) a regex. The query string is never part of the match.
+    (the prefix itself and anything below it); patterns with ``{param}`` (one non-empty segment) a
+    regex. The query string is never part of the match. ``case_insensitive`` (``path_case:
+    insensitive``): literals match in any letter case (ASCII, as paths the service accepts are).
     """
     literals = [p for p in parts if isinstance(p, str)]
     rest = bool(parts) and parts[-1] is REST
+    case = {"case_sensitive": False} if case_insensitive else {}
     if len(literals) == len(parts):
-        return {"path": "/" + "/".join(literals)}
+        return {"path": "/" + "/".join(literals), **case}
     if len(literals) == len(parts) - 1 and rest:
-        return {"prefix": "/"} if not literals else {"path_separated_prefix": "/" + "/".join(literals)}
+        return {"prefix": "/"} if not literals else {"path_separated_prefix": "/" + "/".join(literals), **case}
     regex = "".join("/[^/]+" if p is PARAM else "(?:/.*)?" if p is REST else "/" + re2_literal(str(p))
                     for p in parts)
-    return {"safe_regex": {"regex": regex}}
+    return {"safe_regex": {"regex": ("(?i)" if case_insensitive else "") + regex}}

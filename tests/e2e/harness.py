@@ -17,7 +17,8 @@ Public API
     ``.requests()``, ``.mark()``, ``.requests_since(mark)``)
 ``EnvoyProcess``     (``ManagedProcess`` + ports, ``.url(path)``, ``.admin_url(path)``,
     ``.health_url(path)``, ``.stats() -> dict[str, int]``, ``.access_log() -> list[dict]``)
-``render_envoy_config(out_dir, *, listener_port, admin_port, authz_port, app_port, health_port=None) -> Path``
+``render_envoy_config(out_dir, *, listener_port, admin_port, authz_port, app_port, health_port=None,
+    source=SHIPPED_ENVOY_CONFIG, edit=None) -> Path``
 ``render_native_config(out_dir, policy, *, listener_port, admin_port, app_port, grpc_port, http_port, ...) -> Path``
 ``start_envoy(config_path, log_dir, *, timeout=20) -> EnvoyProcess``
 ``start_upstream(log_dir, *, port=None, timeout=10) -> UpstreamProcess``
@@ -241,6 +242,15 @@ def raw_http_request(port: int, method: str, target: str, headers: Sequence[tupl
         response = http.client.HTTPResponse(sock, method=method)
         response.begin()
         return response.status, list(response.getheaders()), response.read()
+
+
+def authz_http_request(port: int, method: str, path: str, headers: Sequence[tuple[str, str]] = (),
+                       *, timeout: float = 10.0) -> tuple[int, list[tuple[str, str]], bytes]:
+    """One authorization request straight to the service's HTTP front door, as Envoy's shipped
+    HTTP-mode config sends it: the original path (no prefix), again in x-authz-original-path."""
+    from authz_service.ext_authz_http import ORIGINAL_PATH
+
+    return raw_http_request(port, method, path, [*headers, (ORIGINAL_PATH, path)], timeout=timeout)
 
 
 def http_request(
@@ -668,10 +678,13 @@ def render_envoy_config(
     app_port: int,
     health_port: int | None = None,
     source: str | os.PathLike[str] = SHIPPED_ENVOY_CONFIG,
+    edit: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """Write ``<out_dir>/envoy-<listener_port>.yaml``: the shipped config with
     ONLY the port numbers changed (see ``rewrite_ports``); the envoy-health
-    listener gets a free port unless ``health_port`` is given."""
+    listener gets a free port unless ``health_port`` is given. ``edit`` is a
+    test's one deliberate change on top (it modifies the loaded config in place),
+    e.g. another ext_authz ``path_prefix`` than the shipped one."""
     cfg = rewrite_ports(
         load_shipped_config(source),
         listener_port=listener_port,
@@ -680,6 +693,8 @@ def render_envoy_config(
         app_port=app_port,
         health_port=health_port or free_port(),
     )
+    if edit is not None:
+        edit(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"envoy-{listener_port}.yaml"

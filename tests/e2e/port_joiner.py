@@ -1,11 +1,12 @@
-"""A process that tries to join the authz service's SO_REUSEPORT group and answers every Check OK.
+"""A process that tries to join one of the authz service's SO_REUSEPORT groups and allows everything.
 
 What a hostile or careless neighbour in the Pod could run. Prints one line: ``joined <port>`` when
 the kernel let it bind (it then serves until killed) or ``refused <port>`` when it did not.
-Usage: ``python -m tests.e2e.port_joiner HOST PORT [UID]``: with UID (the runner must be root) it
-drops to that UID after its imports and before it creates the socket, so the socket is owned by UID,
-as a container running as UID would own it. (Dropping in the child keeps the interpreter, which may
-live where UID cannot read, usable.)
+Usage: ``python -m tests.e2e.port_joiner [--http] HOST PORT [UID]``: a gRPC server answering every
+Check OK, or with ``--http`` an HTTP server answering every request 200 (an allow, to Envoy's HTTP
+ext_authz mode). With UID (the runner must be root) it drops to that UID after its imports and
+before it creates the socket, so the socket is owned by UID, as a container running as UID would
+own it. (Dropping in the child keeps the interpreter, which may live where UID cannot read, usable.)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import sys
 
 import grpc
+from aiohttp import web
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
@@ -24,7 +26,7 @@ class AllowEverything(external_auth_pb2_grpc.AuthorizationServicer):
         return external_auth_pb2.CheckResponse()  # status OK: an allow
 
 
-async def main(host: str, port: int) -> None:
+async def serve_grpc(host: str, port: int) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AllowEverything(), server)
     try:
@@ -39,10 +41,28 @@ async def main(host: str, port: int) -> None:
     await server.wait_for_termination()
 
 
+async def serve_http(host: str, port: int) -> None:
+    async def allow(request: web.BaseRequest) -> web.Response:
+        return web.Response(status=200)
+
+    runner = web.ServerRunner(web.Server(allow, access_log=None), handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=True).start()
+    except OSError:
+        print(f"refused {port}", flush=True)
+        await runner.cleanup()
+        return
+    print(f"joined {port}", flush=True)
+    await asyncio.Event().wait()
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 3:
-        uid = int(sys.argv[3])
+    args = sys.argv[1:]
+    http = args[0] == "--http"
+    host, port, *uid = args[1:] if http else args
+    if uid:
         os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+        os.setgid(int(uid[0]))
+        os.setuid(int(uid[0]))
+    asyncio.run((serve_http if http else serve_grpc)(host, int(port)))

@@ -7,6 +7,7 @@ log), so a test can prove that a deny never reached the app and an allow carried
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -22,7 +23,7 @@ from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from authz_service.simulate import check_request
 
 from .fake_issuer import FakeIssuer
-from .harness import NATIVE, EnvoyProcess, UpstreamProcess, http_request, raw_http_request, wait_for
+from .harness import NATIVE, EnvoyProcess, UpstreamProcess, authz_http_request, http_request, wait_for
 from .stack import TRANSACTION_ROUTES, DevIssuer, PolicyDir, Service
 
 ISSUERS = """
@@ -151,7 +152,7 @@ class SecurityStack:
         """An authorization request straight to the service's front door of this stack's mode, as
         Envoy would send it: a CheckRequest (gRPC), or the HTTP request (HTTP mode)."""
         if self.mode == "http":  # native mode's Envoy calls the gRPC door
-            status, response_headers, body = raw_http_request(
+            status, response_headers, body = authz_http_request(
                 self.service.authz_port("http"), method, path, list((headers or {}).items()))
             return Direct(None, status, body.decode() if status != 200 else "",
                           {k.lower(): v for k, v in response_headers})
@@ -171,10 +172,12 @@ def bearer(token: str) -> dict[str, str]:
 def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *service_args: str,
                          fake: FakeIssuer | None = None, wait_ready: bool = True,
                          env: dict[str, str] | None = None, wrapper: tuple[str, ...] = (),
-                         mode: str = "grpc") -> SecurityStack:
+                         mode: str = "grpc", routes: str | None = None) -> SecurityStack:
     """Dev issuer + fake issuer (started here unless given) + service (its CLI) + Envoy (the shipped
     config of ``mode``: ext_authz over gRPC, or Envoy's HTTP mode to the service's HTTP front door;
-    native: the policy compiled for Envoy's own filters, the service as its fallback).
+    native: the policy compiled for Envoy's own filters, the service as its fallback),
+    serving the stack's issuers with ``routes`` (policy YAML, taken as written; default: the suites'
+    routes).
 
     The stack owns the fake issuer it started (``stop_security_stack`` stops it, and so does a failed
     start); the processes belong to the running test or fixture (harness ``Owner``) like any other."""
@@ -185,7 +188,7 @@ def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *
     try:
         dev = start_dev_issuer(work, "us-east-1_Demo00001")
         policy = PolicyDir(work / "config")
-        policy.write(policy_text(fake, dev))
+        policy.write(policy_text(fake, dev) if routes is None else policy_text(fake, dev, routes, routes=""))
         service = start_service(work, policy.path, *service_args, wait_ready=wait_ready, env=env, wrapper=wrapper)
         envoy = envoy_factory.for_service(service, mode, policy.path)
     except BaseException:
@@ -200,6 +203,22 @@ def stop_security_stack(stack: SecurityStack) -> None:
     stack.service.process.stop()
     stack.dev.process.stop()
     stack.fake.stop()
+
+
+def serving(stack: SecurityStack) -> dict:
+    """The policy the service serves, as /readyz reports it (sha256, routes, last_reload_error)."""
+    return stack.service.readyz()[1]["policy"]
+
+
+def serve(stack: SecurityStack, text: str) -> None:
+    """Write a policy and wait until the service serves it; a refused one fails here, with its error."""
+    errors = stack.service.sample("authz_policy_reloads_total", result="error")
+    want = hashlib.sha256(text.encode()).hexdigest()
+    stack.policy.write(text)
+    stack.service.process.wait_until(
+        lambda: serving(stack)["sha256"] == want
+        or stack.service.sample("authz_policy_reloads_total", result="error") > errors, 30, "the policy reload")
+    assert serving(stack)["sha256"] == want, serving(stack)["last_reload_error"]
 
 
 def deny_count(stack: SecurityStack, reason: str) -> float:

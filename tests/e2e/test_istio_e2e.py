@@ -231,3 +231,28 @@ def test_fixtures_differ_only_in_the_provider() -> None:
         return copy.deepcopy(config)
 
     assert without_provider("grpc") == without_provider("http")
+
+
+def test_http_provider_prefix_against_a_service_without_it_is_refused(stack: IstioStack) -> None:
+    """The HTTP provider sends pathPrefix /ext-authz; a service started without the flag (as the
+    Component's sidecar is) must refuse, not decide on /ext-authz/<path>: with a public catch-all
+    in the policy, that path was allowed whatever the original path needed."""
+    policy = stack.work / "catch-all" / "policy.yaml"
+    policy.parent.mkdir(exist_ok=True)
+    policy.write_text(POLICY.format(issuer=stack.issuer.issuer) + """\
+  - name: readable
+    methods: [GET]
+    path: /**
+    public: true
+    acknowledge: [public-catch-all]
+""")
+    unprefixed = start_service(policy.parent, policy)
+    try:
+        envoy = stack.envoy("http", authz_port=unprefixed.authz_port("http"))
+        status, _, body, reached = stack.send(envoy, "GET", "/transactions/7")
+        assert (status, reached) == (400, []), body
+        assert unprefixed.sample("authz_ext_authz_http_config_mismatches_total", problem="path_prefix_mismatch") == 1
+        status, _, _, reached = stack.send(stack.envoy("http"), "GET", "/transactions/7")
+        assert (status, reached) == (401, []), "the matching service still decides"
+    finally:
+        unprefixed.process.stop()

@@ -136,3 +136,17 @@ def test_a_pool_aws_does_not_know_is_exit_2(tmp_path, moto):
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.startswith("authz-service audit: error: DescribeUserPool us-east-1_Missing01: "
                                  "ResourceNotFoundException"), run.stderr
+
+
+def test_the_audit_reads_client_secrets_but_never_shows_them(tmp_path, moto):
+    """DescribeUserPoolClient hands the audit every client secret (why its IAM policy must name the
+    pools, docs/cognito.md); neither output format, nor stderr, carries one."""
+    idp = cognito_client(moto.endpoint)
+    secrets = [idp.describe_user_pool_client(UserPoolId=moto.pool_id, ClientId=moto.clients[name])
+               ["UserPoolClient"]["ClientSecret"] for name in ("writer", "reader")]
+    policy = write_policy(tmp_path, moto, "  - {name: create, methods: [POST], path: /transactions, "
+                                          "scopes: [transactions/post]}\n")
+    for args in ((), ("--format", "json")):
+        run = run_audit(moto, policy, *args)
+        assert run.returncode in (0, 1) and moto.clients["writer"] in run.stdout, run.stderr
+        assert not any(secret in run.stdout + run.stderr for secret in secrets)

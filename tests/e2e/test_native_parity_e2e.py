@@ -129,14 +129,14 @@ def rig(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess) -> 
 
 
 def policy_yaml(fake: FakeIssuer, dev: DevIssuer, routes: list[dict[str, Any]], *, restricted: bool,
-                with_dev: bool) -> str:
+                with_dev: bool, path_case: str = "sensitive") -> str:
     issuers: list[dict[str, Any]] = [{"user_pool_id": fake.pool, "issuer": fake.issuer, "jwks_uri": fake.jwks_uri}]
     if restricted:
         issuers[0]["client_ids"] = ["payments-writer", "acme-reporting"]
     if with_dev:
         issuers.append({"user_pool_id": DEV_POOL, "issuer_format": "updated", "replica_regions": ["eu-west-1"],
                         "jwks_uri": dev.jwks_uri})
-    return yaml.safe_dump({"issuers": issuers, "routes": routes}, sort_keys=False)
+    return yaml.safe_dump({"path_case": path_case, "issuers": issuers, "routes": routes}, sort_keys=False)
 
 
 def serve(rig: Rig, text: str) -> None:
@@ -280,9 +280,10 @@ def request(rng: random.Random, rig: Rig, routes: list[dict[str, Any]], issuers:
     headers: list[tuple[str, str]] = []
     if rng.random() < 0.1:
         headers.append(rng.choice([("x-auth-client-id", "spoofed"), ("x_auth_scopes", "admin/all"),
-                                   ("X-Auth-Sub", "root")]))
+                                   ("X-Auth-Sub", "root"), ("x.auth.client.id", "spoofed"), ("x-auth.sub", "root")]))
     if rng.random() < 0.04:
-        headers.append(rng.choice([("x-http-method-override", "DELETE"), ("x_original_url", "/admin")]))
+        headers.append(rng.choice([("x-http-method-override", "DELETE"), ("x_original_url", "/admin"),
+                                   ("x.method.override", "PUT")]))
     kind, authorization = credentials(rng, rig, route, issuers)
     headers.extend(("Authorization", value) for value in authorization)
     return Request(method, target, headers, kind, http2)
@@ -292,7 +293,7 @@ def credentials(rng: random.Random, rig: Rig, route: dict[str, Any], issuers: di
     """A kind of credentials and the Authorization values that carry it."""
     kind = rng.choice(["valid", "valid", "valid", "dev", "dev", "expired", "not-yet-valid", "issued-in-future",
                        "wrong-issuer", "id-token", "unknown-kid", "bad-signature", "other-client", "missing-scope",
-                       "claim-mismatch", "none", "none", "malformed"])
+                       "claim-mismatch", "scope-grammar", "none", "none", "malformed"])
     if kind == "none":
         return kind, []
     if kind == "malformed":
@@ -328,6 +329,9 @@ def credentials(rng: random.Random, rig: Rig, route: dict[str, Any], issuers: di
         key, kid = rsa_key("attacker"), "kid-nobody-publishes"
     elif kind == "bad-signature":
         key = rsa_key("attacker")
+    elif kind == "scope-grammar":  # signed, but not RFC 6749 scope tokens separated by single spaces
+        claims["scope"] = rng.choice(["reports/read  admin/all", "reports/read\tadmin/all", " reports/read",
+                                      "reports/read ", 'reports/"read"'])
     elif kind == "other-client":
         claims["client_id"] = claims["sub"] = "reporting"
     return kind, [f"Bearer {fake_token(rig, claims, key=key, kid=kid)}"]
@@ -427,7 +431,7 @@ def observed(req: Request, status: int, headers: dict[str, str], body: bytes) ->
         if req.method.upper() != "HEAD":
             echo = json.loads(body)
             seen["app"] = (echo["method"], echo["path"], {k: v for k, v in echo["headers"].items()
-                                                          if k.replace("_", "-") in IDENTITY})
+                                                          if k.replace("_", "-").replace(".", "-") in IDENTITY})
     else:
         seen.update({name: headers.get(name) for name in ("www-authenticate", "cache-control", "retry-after")})
         if req.method.upper() != "HEAD":
@@ -453,11 +457,11 @@ def both(rig: Rig, clients: tuple[Client, Client], req: Request) -> tuple[dict[s
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                  HealthCheck.filter_too_much])
 @given(routes=st.lists(ROUTE, min_size=1, max_size=6), restricted=st.booleans(), with_dev=st.booleans(),
-       seed=st.integers(0, 2**32 - 1))
+       path_case=st.sampled_from(["sensitive", "sensitive", "insensitive"]), seed=st.integers(0, 2**32 - 1))
 def test_native_mode_answers_every_request_as_the_service(rig: Rig, routes, restricted: bool, with_dev: bool,
-                                                         seed: int) -> None:
+                                                         path_case: str, seed: int) -> None:
     entries = [route_entry(i, spec) for i, spec in enumerate(routes)]
-    text = policy_yaml(rig.fake, rig.dev, entries, restricted=restricted, with_dev=with_dev)
+    text = policy_yaml(rig.fake, rig.dev, entries, restricted=restricted, with_dev=with_dev, path_case=path_case)
     try:
         parse_policy(text)
     except PolicyError:
@@ -561,8 +565,9 @@ def test_spoofed_identity_headers_in_every_spelling_never_reach_the_app(rig: Rig
     """Native, service-decided and public routes alike: the app sees the verified identity or none."""
     clients = edge(rig)
     spoofed = [(name, "spoofed") for name in ("x-auth-client-id", "x_auth_client_id", "x-auth_client-id",
-                                              "x_auth-client_id", "X-Auth-Scopes", "x_auth_scopes", "x-auth_scopes",
-                                              "x_auth-scopes", "x-auth-sub", "x_auth_sub", "X-Auth_Sub", "x_auth-sub")]
+                                              "x_auth-client_id", "x.auth.client.id", "X-Auth-Scopes",
+                                              "x_auth_scopes", "x-auth_scopes", "x_auth-scopes", "x.auth-scopes",
+                                              "x-auth-sub", "x_auth_sub", "X-Auth_Sub", "x_auth-sub", "x.auth.sub")]
     token = rig.fake.token("payments-reader", "reports/read")
     for target in ("/reports/7", "/trial/x", "/docs/x"):
         for credentials in ([], [("Authorization", f"Bearer {token}")]):

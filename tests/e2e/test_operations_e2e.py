@@ -23,7 +23,7 @@ from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, extern
 from authz_service.simulate import check_request
 
 from ..conftest import SigningKey, make_key
-from .harness import (MODES, REPO_ROOT, ManagedProcess, UpstreamProcess, free_port, http_request, raw_http_request,
+from .harness import (MODES, REPO_ROOT, ManagedProcess, UpstreamProcess, authz_http_request, free_port, http_request,
                       wait_for, wait_for_http)
 from .stack import PUBLIC_HEALTHZ, TRANSACTION_ROUTES, Service, start_dev_issuer, start_service
 
@@ -279,7 +279,8 @@ def door_check(service: Service, door: str, token: str | None, timeout: float) -
         response = check(service.grpc_port, "POST", "/transactions", token, timeout=timeout)
         return (200 if response.status.code == 0 else denied_status(response)), response.status.message
     headers = [("authorization", f"Bearer {token}")] if token is not None else []
-    status, _, body = raw_http_request(service.authz_port("http"), "POST", "/transactions", headers, timeout=timeout)
+    status, _, body = authz_http_request(service.authz_port("http"), "POST", "/transactions", headers,
+                                         timeout=timeout)
     return status, json.loads(body)["error"] if status != 200 else ""
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from .harness import UpstreamProcess, free_port
-from .security_stack import SecurityStack, policy_text, start_security_stack, stop_security_stack
+from .security_stack import SecurityStack, policy_text, serving, start_security_stack, stop_security_stack
 from .stack import TRANSACTION_ROUTES, cli
 
 pytestmark = pytest.mark.e2e
@@ -72,10 +72,6 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path, upstream: UpstreamProc
         yield s
     finally:
         stop_security_stack(s)
-
-
-def serving(stack: SecurityStack) -> dict:
-    return stack.service.readyz()[1]["policy"]
 
 
 def assert_old_policy_serves(stack: SecurityStack) -> None:

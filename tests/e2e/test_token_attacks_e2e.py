@@ -330,6 +330,28 @@ def test_signed_claims_that_cannot_be_a_header_value_are_refused(stack: Security
     stack.service.process.check_alive()
 
 
+# (id, signed scope claim, error_description): RFC 6749 scope tokens separated by single spaces only.
+# Each holds transactions/post, so only the grammar stands between it and the app.
+SCOPE_GRAMMAR = [
+    ("tab", "transactions/post admin/read\tadmin/all", "scope claim must list scopes separated by single spaces"),
+    ("two-spaces", "transactions/post  admin/all", "scope claim must list scopes separated by single spaces"),
+    ("leading-space", " transactions/post", "scope claim must list scopes separated by single spaces"),
+    ("quote", 'transactions/post "admin/all"', "scope claim holds a character a scope cannot have (RFC 6749: "
+                                               "printable ASCII, no quote or backslash)"),
+    ("backslash", "transactions/post admin\\all", "scope claim holds a character a scope cannot have (RFC 6749: "
+                                                  "printable ASCII, no quote or backslash)"),
+]
+
+
+@pytest.mark.parametrize(("scope", "description"), [s[1:] for s in SCOPE_GRAMMAR], ids=[s[0] for s in SCOPE_GRAMMAR])
+def test_a_signed_scope_claim_outside_rfc_6749_is_refused(stack: SecurityStack, scope: str, description: str) -> None:
+    """x-auth-scopes carries the claim as signed: a tab inside it is one opaque scope to the service
+    but two to an app that splits on whitespace. The token is refused, with the reason."""
+    answer = stack.send("POST", "/transactions", stack.fake.token(scope=scope))
+    assert (answer.status, answer.error, answer.description) == (401, "invalid_token", description), answer.body
+    assert answer.reached_upstream == []
+
+
 def test_non_ascii_claims_that_are_valid_text_are_forwarded(stack: SecurityStack) -> None:
     """Control for the test above: the rule is 'header-safe text', not 'ASCII only'."""
     answer = stack.send("POST", "/transactions", stack.fake.token(sub="zahlungs-dienst-\u00e9\U0001f600"))

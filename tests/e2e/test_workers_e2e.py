@@ -24,7 +24,8 @@ import authz_service
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from .harness import REPO_ROOT, ManagedProcess, free_port, http_request, wait_for
+from .. import envoyconf
+from .harness import REPO_ROOT, ManagedProcess, free_port, http_request, raw_http_request, wait_for
 from .stack import DevIssuer, Service, cli, start_dev_issuer, start_service
 
 pytestmark = pytest.mark.e2e
@@ -238,12 +239,14 @@ def worker_pids_safe(pids: list[int]) -> list[int]:
 OTHER_UID = 65534  # "nobody": any UID but the service's
 
 
-def start_joiner(tmp_path: Path, host: str, port: int, uid: int | None) -> tuple[ManagedProcess, str]:
-    """tests/e2e/port_joiner.py: a gRPC server that answers every Check OK, trying to bind the
-    service's port with SO_REUSEPORT as ``uid`` (None: as the test runner). Returns it and its verdict."""
-    name = f"joiner-{host}-{'same' if uid is None else uid}"
-    joiner = ManagedProcess([sys.executable, "-m", "tests.e2e.port_joiner", host, str(port),
-                             *([] if uid is None else [str(uid)])], tmp_path, name, cwd=REPO_ROOT).start()
+def start_joiner(tmp_path: Path, host: str, port: int, uid: int | None, *,
+                 http: bool = False) -> tuple[ManagedProcess, str]:
+    """tests/e2e/port_joiner.py: a gRPC server that answers every Check OK (``http``: an HTTP server
+    that answers every authorization request 200), trying to bind the service's port with
+    SO_REUSEPORT as ``uid`` (None: as the test runner). Returns it and its verdict."""
+    name = f"joiner-{'http' if http else 'grpc'}-{host}-{'same' if uid is None else uid}"
+    joiner = ManagedProcess([sys.executable, "-m", "tests.e2e.port_joiner", *(["--http"] if http else []), host,
+                             str(port), *([] if uid is None else [str(uid)])], tmp_path, name, cwd=REPO_ROOT).start()
     found = wait_for(lambda: re.search(r"^(joined|refused) ", joiner.log_text(), re.M)
                      or (not joiner.alive() and "exited"), 30, f"{name}'s verdict")
     return joiner, found if isinstance(found, str) else found.group(1)
@@ -303,6 +306,7 @@ def test_only_a_process_of_the_same_uid_can_join_the_workers_port_and_it_is_dete
             lambda: (r := readyz(service))[0] == 503 and r, 15, "not ready while a foreign listener exists")
         [foreign] = body["foreign_listeners"]
         assert foreign["uid"] == os.geteuid() and foreign["socket_inode"] in joiner_sockets(same.pid)
+        assert foreign["port"] == service.grpc_port
         assert "another process listens on the gRPC port" in service.process.log_text()
         same.stop()
         service.process.wait_until(lambda: readyz(service)[0] == 200, 15, "ready again once the joiner is gone")
@@ -311,4 +315,73 @@ def test_only_a_process_of_the_same_uid_can_join_the_workers_port_and_it_is_dete
     finally:
         for joiner in joiners:
             joiner.stop()
+        service.process.stop()
+
+
+def one_check_per_connection(config: dict) -> None:
+    """Envoy opens a new connection to the authz cluster for every authorization request, as it
+    does over time anyway (pool growth under load, idle timeouts): each one lands on whichever
+    socket of the SO_REUSEPORT group the kernel picks."""
+    cluster = envoyconf.cluster(config, "authz_service")
+    cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "common_http_protocol_options": {"max_requests_per_connection": 1},
+        "explicit_http_config": {"http_protocol_options": {}}}}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a socket as another UID (CI runs as root)")
+def test_a_process_that_joins_the_http_front_doors_port_is_detected(tmp_path, policy, envoy_factory) -> None:
+    """The workers share the HTTP front door's port as they share the gRPC one. Another UID cannot
+    join it; a process of the same UID can, and then allows some of Envoy's HTTP-mode authorization
+    requests (shown through Envoy). The parent watches that port too: not ready, and an error
+    logged, until the joiner is gone."""
+    service = start_service(tmp_path, policy, "--workers", "2")
+    door = service.authz_port("http")
+    joiners: list[ManagedProcess] = []
+    try:
+        for host in ("127.0.0.1", "0.0.0.0"):
+            joiner, verdict = start_joiner(tmp_path, host, door, OTHER_UID, http=True)
+            joiners.append(joiner)
+            assert verdict == "refused", f"a process of UID {OTHER_UID} joined the HTTP door's group on {host}"
+        envoy = envoy_factory.for_service(service, "http", edit=one_check_per_connection)
+        assert http_request("POST", envoy.url("/transactions"))[0] == 401
+        assert readyz(service)[0] == 200 and not readyz(service)[1].get("foreign_listeners")
+
+        same, verdict = start_joiner(tmp_path, "127.0.0.1", door, None, http=True)
+        joiners.append(same)
+        assert verdict == "joined"
+        # The hole, through Envoy: a request without a token, allowed by the joiner.
+        wait_for(lambda: http_request("POST", envoy.url("/transactions"))[0] == 200, 60,
+                 "a request without a token allowed through Envoy by the joiner")
+        status, body = service.process.wait_until(
+            lambda: (r := readyz(service))[0] == 503 and r, 15, "not ready while a foreign listener exists")
+        [foreign] = body["foreign_listeners"]
+        assert foreign["port"] == door and foreign["uid"] == os.geteuid()
+        assert foreign["socket_inode"] in joiner_sockets(same.pid)
+        assert "another process listens on the HTTP ext_authz port" in service.process.log_text()
+        same.stop()
+        service.process.wait_until(lambda: readyz(service)[0] == 200, 15, "ready again once the joiner is gone")
+        assert readyz(service)[1]["foreign_listeners"] == []
+        assert http_request("POST", envoy.url("/transactions"))[0] == 401
+    finally:
+        for joiner in joiners:
+            joiner.stop()
+        service.process.stop()
+
+
+def test_http_door_mismatches_are_counted_across_workers(tmp_path, policy) -> None:
+    """Requests whose path Envoy did not send as the HTTP front door expects, refused by whichever
+    worker gets them, add up in /readyz and in the metrics."""
+    service = start_service(tmp_path, policy, "--workers", "2")
+    try:
+        door = service.authz_port("http")
+        for _ in range(6):  # new connections: spread over both workers
+            assert raw_http_request(door, "POST", "/ext-authz/transactions")[0] == 400
+        status, body = readyz(service)
+        assert status == 200, "a mismatch is not a readiness condition"
+        assert body["ext_authz_http"] == {"path_prefix": "", "original_path_header": "x-authz-original-path",
+                                          "config_mismatches": 6}
+        wait_for(lambda: service.sample("authz_ext_authz_http_config_mismatches_total",
+                                        problem="original_path_missing") == 6, 60, "6 mismatches in the metrics")
+    finally:
         service.process.stop()

@@ -1,0 +1,112 @@
+"""What a lenient app does with a request must still be what the policy authorized.
+
+Three ways an app reads a request more loosely than an exact match, each proven closed through the
+shipped Envoy, in both ext_authz modes, under the reviewer's policy (a GET-only protected route
+beside a public catch-all):
+
+* a trailing slash: Flask (``strict_slashes=False``), Express and Spring MVC up to 5 serve
+  ``/admin/report/`` with the ``/admin/report`` handler, so it must need that route's scopes;
+* letter case: a case-insensitive router serves ``/ADMIN/Report`` with the same handler, which the
+  policy protects once it says ``path_case: insensitive``;
+* header names with dots: servers that map '-' and '.' to '_' (PHP's ``$_SERVER``) read
+  ``x.auth.client.id`` as the identity header, so it never reaches the app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from ..test_policytool import REVIEW_POLICY
+from .harness import UpstreamProcess
+from .security_stack import SecurityStack, policy_text, serve, start_security_stack, stop_security_stack
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess,
+          module_envoy_factory, mode: str) -> Iterator[SecurityStack]:
+    s = start_security_stack(tmp_path_factory.mktemp("lenient"), upstream, module_envoy_factory, mode=mode,
+                             routes=REVIEW_POLICY)
+    yield s
+    stop_security_stack(s)
+
+
+# --- a trailing slash -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_trailing_slash_needs_the_scopes_of_the_route_without_it(stack: SecurityStack, method: str) -> None:
+    assert stack.send(method, "/admin/report").status == 401  # the route really is protected
+    answer = stack.send(method, "/admin/report/")
+    assert (answer.status, answer.reached_upstream) == (401, []), "a lenient router serves the admin handler"
+    assert stack.check(method, "/admin/report/").status == 401  # the front door itself, not only Envoy
+    reader = stack.fake.token("payments-reader", "admin/read")
+    answer = stack.send(method, "/admin/report/", reader)
+    assert answer.status == 200 and [r["path"] for r in answer.reached_upstream] == ["/admin/report/"]
+
+
+def test_the_denial_of_a_trailing_slash_names_the_route_that_failed(stack: SecurityStack) -> None:
+    """The 403 asks for the admin route's scope, and the metric and log line name that route."""
+    before = stack.service.total("authz_check_decisions_total", route="admin-report", reason="insufficient_scope")
+    answer = stack.send("GET", "/admin/report/", stack.fake.token("payments-reader", "transactions/get"))
+    assert (answer.status, answer.error, answer.reached_upstream) == (403, "insufficient_scope", [])
+    assert 'scope="admin/read"' in answer.headers["www-authenticate"]
+    after = stack.service.total("authz_check_decisions_total", route="admin-report", reason="insufficient_scope")
+    assert after == before + 1
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/elsewhere/"), ("DELETE", "/admin/report/"), ("GET", "/")])
+def test_a_trailing_slash_on_a_public_path_stays_public(stack: SecurityStack, method: str, path: str) -> None:
+    """Control: only what the route without the '/' protects is protected (DELETE /admin/report is
+    public in this policy, so DELETE /admin/report/ is too)."""
+    answer = stack.send(method, path)
+    assert answer.status == 200 and len(answer.reached_upstream) == 1
+
+
+# --- letter case ----------------------------------------------------------------------------------
+
+
+def test_path_case_insensitive_protects_case_variants(stack: SecurityStack) -> None:
+    reader = stack.fake.token("payments-reader", "admin/read")
+    # A case-sensitive router (the default) serves no admin handler for /ADMIN/Report: public /** takes it.
+    assert stack.send("GET", "/ADMIN/Report").status == 200
+    serve(stack, policy_text(stack.fake, stack.dev, REVIEW_POLICY, routes="").replace(
+        "routes:\n", "path_case: insensitive\nroutes:\n", 1))
+    try:
+        for path in ("/ADMIN/Report", "/Admin/report", "/admin/REPORT/"):
+            answer = stack.send("GET", path)
+            assert (answer.status, answer.reached_upstream) == (401, []), path
+            assert stack.check("GET", path).status == 401, path
+            answer = stack.send("GET", path, reader)
+            assert answer.status == 200 and [r["path"] for r in answer.reached_upstream] == [path]
+        assert stack.send("GET", "/ADMIN/Reports").status == 200  # still whole segments: another path
+    finally:
+        serve(stack, policy_text(stack.fake, stack.dev, REVIEW_POLICY, routes=""))
+
+
+# --- identity header look-alikes with dots ---------------------------------------------------------
+
+DOTTED = [("x.auth.client.id", "admin"), ("X.Auth.Scopes", "admin/all"), ("x.auth.sub", "root"),
+          ("x-auth.client_id", "admin"), ("x_auth.scopes", "admin/all"), ("x-auth.sub", "root")]
+
+
+@pytest.mark.parametrize("token_scope", [None, "admin/read"], ids=["public-route", "protected-route"])
+def test_identity_header_look_alikes_with_dots_never_reach_the_app(stack: SecurityStack,
+                                                                  token_scope: str | None) -> None:
+    token = stack.fake.token("payments-reader", token_scope) if token_scope else None
+    path = "/admin/report" if token else "/elsewhere"
+    answer = stack.send("GET", path, token, DOTTED + [("x.other", "kept")])
+    assert answer.status == 200 and len(answer.reached_upstream) == 1, answer.body
+    seen = answer.reached_upstream[0]["headers"]
+    assert not [name for name, _ in DOTTED if name.lower() in seen], seen
+    assert seen.get("x.other") == ["kept"]  # other dotted names pass
+    assert seen.get("x-auth-client-id") == (["payments-reader"] if token else None)
+
+
+@pytest.mark.parametrize("name", ["x.http.method.override", "X.HTTP.Method", "x.original.url", "x-rewrite.url"])
+def test_override_header_look_alikes_with_dots_are_refused(stack: SecurityStack, name: str) -> None:
+    answer = stack.send("GET", "/elsewhere", None, [(name, "DELETE" if "method" in name.lower() else "/admin/x")])
+    assert (answer.status, answer.error, answer.reached_upstream) == (400, "invalid_request", [])
