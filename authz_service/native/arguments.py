@@ -20,7 +20,7 @@ ADDRESS_FLAGS = {  # flag -> (Options field, what is there)
 def add_arguments(envoy: argparse.ArgumentParser) -> None:
     defaults = Options()
     for flag, (name, what) in ADDRESS_FLAGS.items():
-        envoy.add_argument(flag, metavar="HOST:PORT", type=_address, default=getattr(defaults, name), help=what)
+        envoy.add_argument(flag, metavar="IP:PORT", type=_address, default=getattr(defaults, name), help=what)
     envoy.add_argument("--realm", default=defaults.realm, help="as serve's --realm (part of every 401 challenge)")
     envoy.add_argument("--leeway", type=_whole_seconds, default=defaults.leeway,
                        help="as serve's --leeway, in whole seconds, at least 2")

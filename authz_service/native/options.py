@@ -11,12 +11,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-_ADDRESS = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]]+)):(?P<port>\d{1,5})\Z")
+_ADDRESS = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>\d{1,5})\Z")
 
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    """A host (an IP address or a name) and a port."""
+    """An IP address and a port (Envoy binds listeners to addresses and its static clusters name
+    addresses, not host names)."""
 
     host: str
     port: int
@@ -30,19 +31,22 @@ class Address:
     @property
     def unspecified(self) -> bool:
         """0.0.0.0 or ::: fine to listen on, not an address to connect to."""
-        try:
-            return ipaddress.ip_address(self.host).is_unspecified
-        except ValueError:
-            return False
+        return ipaddress.ip_address(self.host).is_unspecified
 
 
 def parse_address(text: str) -> Address:
-    """``HOST:PORT`` (``[::1]:9191`` for IPv6); ValueError saying what is expected."""
+    """``IP:PORT`` (``[::1]:9191`` for IPv6); ValueError saying what is expected."""
     match = _ADDRESS.match(text)
     port = int(match["port"]) if match else -1
+    host = (match["v6"] or match["v4"]) if match else ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        match = None
     if match is None or not 0 < port <= 65535:
-        raise ValueError("expected HOST:PORT with a port 1..65535, e.g. 127.0.0.1:9191 or [::1]:9191")
-    return Address(match["v6"] or match["host"], port)
+        raise ValueError("expected IP:PORT with a port 1..65535, e.g. 127.0.0.1:9191 or [::1]:9191 "
+                         "(an address: Envoy's listeners and static clusters take no host names)")
+    return Address(host, port)
 
 
 @dataclass(frozen=True, slots=True)
