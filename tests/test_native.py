@@ -22,8 +22,10 @@ from hypothesis import strategies as st
 from authz_service.jwks import jwks_document, parse_jwks
 from authz_service.native import patterns
 from authz_service.native.bootstrap import compile_policy
-from authz_service.native.options import Address, Options, parse_address
+from authz_service.native.options import Address, parse_address
+from authz_service.native.answers import AnswerBook
 from authz_service.native.plan import Engine, plan
+from authz_service.native.routes import Admission, ingress_routes
 from authz_service.policy import PolicyError, parse_policy
 from authz_service.request import BadRequest, checked_method, normalized_path
 from authz_service.tokens import _b64
@@ -128,8 +130,8 @@ def test_envoy_takes_the_route_policy_match_takes(routes, path_case: str) -> Non
         policy = parse_policy(f"path_case: {path_case}\n" + ISSUERS + "\n".join(lines) + "\n")
     except PolicyError:
         return  # two routes of equal specificity: refused, nothing to compile
-    compiled = compile_policy(policy, Options(jwt_cache_size=0))
-    envoy_routes = [r for r in _ingress_routes(compiled) if not r["name"].startswith("screen: ")]
+    routes_ = ingress_routes(policy, plan(policy), AnswerBook("authz-service"), Admission("Bearer .*", {}))
+    envoy_routes = [r for r in routes_ if not r["name"].startswith("screen: ")]
     paths = policy.representative_paths(folded=policy.case_folded())
     assert paths is not None
     variants = {tuple(s.upper() for s in p) for p in paths} | {tuple(s.lower() for s in p) for p in paths}
@@ -144,12 +146,6 @@ def test_envoy_takes_the_route_policy_match_takes(routes, path_case: str) -> Non
             expected = "no route" if route is None else next(
                 r["name"] for r in envoy_routes if r["name"].endswith(f": {route.name}"))
             assert _envoy_first_match(envoy_routes, method, path) == expected, (method, path)
-
-
-def _ingress_routes(compiled) -> list[dict]:
-    ingress = next(listener for listener in compiled.listeners if listener["name"] == "ingress")
-    hcm = ingress["filter_chains"][0]["filters"][0]["typed_config"]
-    return hcm["route_config"]["virtual_hosts"][0]["routes"]
 
 
 # --- the request screen against the service's own rules -------------------------------------------
