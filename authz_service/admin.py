@@ -1,9 +1,15 @@
 """The health, readiness and metrics HTTP server, shared by ``serve`` and the ``--workers`` parent.
 
 Never put this port behind Envoy's ext_authz: the kubelet probes it and Prometheus scrapes it.
-It runs on the Checks' event loop, so a scrape must stay cheap whoever sends it: the exposition
-is generated at most once per ``min_interval`` and served from memory in between (a flood of
-scrapes then costs a cached write each, not a full collection each).
+It runs on the Checks' event loop, so whoever calls it, it may only take a bounded share of it:
+
+* the exposition is generated at most once per ``min_interval`` and served from memory in
+  between (a scrape then costs a cached write, not a full collection);
+* connections are accepted within an ``AdminBudget`` (a rate, a burst and a number open at
+  once), one request each: a flood of /metrics, /readyz or 404s waits in the kernel's accept
+  queue instead of running on the Checks' loop. A thread of its own was measured and does not
+  help: under the interpreter lock an unbounded admin thread still slowed Checks ~1.3-1.9x
+  (docs/performance.md, "The admin port under a flood").
 
 ``/metrics`` speaks OpenMetrics to a scraper that asks for it (``Accept:
 application/openmetrics-text``, as Prometheus does when configured to): the only format that
@@ -13,11 +19,15 @@ carries the Check latency's trace-id exemplars. Every other scraper gets the cla
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
 
@@ -86,61 +96,168 @@ def wants_openmetrics(accept: str) -> bool:
     return False
 
 
+@dataclass(frozen=True, slots=True)
+class AdminBudget:
+    """How much of the Checks' event loop the admin port may take, whoever calls it.
+
+    Probes and scrapes need a request every few seconds. Beyond the budget, connections wait in
+    the kernel's accept queue (costing no CPU of ours) until a token frees; the queue's overflow
+    is refused by the kernel.
+    """
+
+    rate: float = 50.0  # connections (one request each) accepted per second, sustained
+    burst: int = 50  # ... and at once after a quiet period
+    connections: int = 16  # open at the same time
+    deadline: float = 5.0  # seconds a connection may stay open: a slow client is cut off
+    backlog: int = 64  # the kernel's accept queue
+
+
+class _TokenBucket:
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._at = time.monotonic()
+
+    async def take(self) -> None:
+        while True:
+            now = time.monotonic()
+            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+            self._at = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return
+            await asyncio.sleep((1 - self._tokens) / self._rate)
+
+
+_GET = ("GET", "HEAD")
+
+
 class AdminServer:
-    """``GET /healthz`` (alive), ``GET /readyz`` (ready, with details; 503 when not) and ``GET /metrics``;
-    with ``jwks``, ``GET /jwks?iss=<issuer>``: the keys the service verifies that issuer's tokens
-    with, for the Envoy of native mode (docs/native.md). Public keys only, as the issuer publishes them."""
+    """``GET /healthz`` (alive), ``GET /readyz`` (ready, with details; 503 when not) and ``GET /metrics``,
+    404 for any other path, 405 for another method; every connection within ``budget``. With ``jwks``,
+    ``GET /jwks?iss=<issuer>`` too: the keys the service verifies that issuer's tokens with, for the
+    Envoy of native mode (docs/native.md); public keys, as the issuer publishes them."""
 
     def __init__(self, readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: CachedExposition,
-                 openmetrics: CachedExposition | None = None,
+                 openmetrics: CachedExposition | None = None, budget: AdminBudget = AdminBudget(),
                  jwks: Callable[[str], bytes | None] | None = None) -> None:
         self._readiness = readiness
         self._metrics = metrics
         self._openmetrics = openmetrics
+        self._budget = budget
+        self._runner: web.ServerRunner | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._sock: socket.socket | None = None
+        self._routes: dict[str, Callable[[web.BaseRequest], Awaitable[web.Response]]] = {
+            "/healthz": self._healthz, "/readyz": self._readyz, "/metrics": self._serve_metrics}
         self._jwks = jwks
-        self._runner: web.AppRunner | None = None
+        if jwks is not None:
+            self._routes["/jwks"] = self._serve_jwks
 
-    def _app(self) -> web.Application:
-        async def healthz(_: web.Request) -> web.Response:
-            return web.json_response({"status": "alive"})
+    async def _handle(self, request: web.BaseRequest) -> web.Response:
+        route = self._routes.get(request.path)
+        if route is None:
+            response = web.Response(status=404, text="404: Not Found")
+        elif request.method not in _GET:
+            response = web.Response(status=405, text="405: Method Not Allowed", headers={"Allow": "GET, HEAD"})
+        else:
+            response = await route(request)
+        response.force_close()  # one request per connection: the budget counts connections
+        return response
 
-        async def readyz(_: web.Request) -> web.Response:
-            ready, body = self._readiness()
-            return web.json_response({"ready": ready, **body}, status=200 if ready else 503)
+    async def _healthz(self, _: web.BaseRequest) -> web.Response:
+        return _json({"status": "alive"}, 200)
 
-        async def metrics(request: web.Request) -> web.Response:
-            if self._openmetrics is not None and wants_openmetrics(request.headers.get("Accept", "")):
-                return web.Response(body=await self._openmetrics.get(),
-                                    headers={"Content-Type": OPENMETRICS_CONTENT_TYPE})
-            return web.Response(body=await self._metrics.get(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def _readyz(self, _: web.BaseRequest) -> web.Response:
+        ready, body = self._readiness()
+        return _json({"ready": ready, **body}, 200 if ready else 503)
 
-        async def jwks(request: web.Request) -> web.Response:
-            assert self._jwks is not None
-            try:
-                document = self._jwks(request.query.get("iss", ""))
-            except KeyError:
-                return web.json_response({"error": "not an issuer of the policy in force"}, status=404)
-            if document is None:  # Envoy keeps the keys it has and fetches again
-                return web.json_response({"error": "no keys for this issuer yet"}, status=503)
-            return web.Response(body=document, content_type="application/jwk-set+json",
-                                headers={"Cache-Control": "no-store"})
+    async def _serve_metrics(self, request: web.BaseRequest) -> web.Response:
+        if self._openmetrics is not None and wants_openmetrics(request.headers.get("Accept", "")):
+            return web.Response(body=await self._openmetrics.get(), headers={"Content-Type": OPENMETRICS_CONTENT_TYPE})
+        return web.Response(body=await self._metrics.get(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-        app = web.Application()
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
-        app.router.add_get("/metrics", metrics)
-        if self._jwks is not None:
-            app.router.add_get("/jwks", jwks)
-        return app
+    async def _serve_jwks(self, request: web.BaseRequest) -> web.Response:
+        assert self._jwks is not None
+        try:
+            document = self._jwks(request.query.get("iss", ""))
+        except KeyError:
+            return _json({"error": "not an issuer of the policy in force"}, 404)
+        if document is None:  # Envoy keeps the keys it has and fetches again
+            return _json({"error": "no keys for this issuer yet"}, 503)
+        return web.Response(body=document, content_type="application/jwk-set+json",
+                            headers={"Cache-Control": "no-store"})
 
     async def start(self, host: str, port: int) -> int:
         """Bind and serve; the bound port (``port`` 0 picks one). OSError naming the address."""
-        runner = web.AppRunner(self._app(), access_log=None)
-        bound = await listen(runner, host, port, ports.ADMIN)
-        self._runner = runner
-        return bound
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+            sock = socket.create_server((host, port), family=family, backlog=self._budget.backlog)
+        except OSError as exc:
+            raise ports.ADMIN.error(host, port, exc) from None
+        sock.setblocking(False)
+        runner = web.ServerRunner(_BudgetedServer(self._handle, self._budget.deadline), handle_signals=False)
+        await runner.setup()
+        self._sock, self._runner = sock, runner
+        self._accepting = asyncio.create_task(self._accept(sock))
+        return int(sock.getsockname()[1])
+
+    async def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        bucket = _TokenBucket(self._budget.rate, self._budget.burst)
+        slots = asyncio.Semaphore(self._budget.connections)
+        assert self._runner is not None and isinstance(self._runner.server, _BudgetedServer)
+        server = self._runner.server
+        while True:
+            await bucket.take()
+            await slots.acquire()
+            try:
+                conn, _ = await loop.sock_accept(sock)
+                await loop.connect_accepted_socket(lambda: server.connection(slots.release), conn)
+            except OSError:  # the client left before we got to it: its slot is free again
+                slots.release()
 
     async def stop(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+            self._accepting = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def _json(body: dict[str, Any], status: int) -> web.Response:
+    return web.Response(text=json.dumps(body), status=status, content_type="application/json")
+
+
+class _BudgetedServer(web.Server):
+    """aiohttp's low-level server whose connections give their slot back when closed and are
+    cut off after ``deadline`` seconds, whatever the client is doing."""
+
+    def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.Response]], deadline: float) -> None:
+        self._handler_args: dict[str, Any] = {"access_log": None, "keepalive_timeout": deadline}
+        super().__init__(handler, **self._handler_args)
+        self._deadline = deadline
+
+    def connection(self, release: Callable[[], None]) -> RequestHandler:
+        deadline = self._deadline
+
+        class Connection(RequestHandler):
+            _cutoff: asyncio.TimerHandle | None = None
+
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                self._cutoff = asyncio.get_running_loop().call_later(deadline, transport.close)
+
+            def connection_lost(self, exc: BaseException | None) -> None:
+                super().connection_lost(exc)
+                if self._cutoff is not None:
+                    self._cutoff.cancel()
+                release()
+
+        return Connection(self, loop=asyncio.get_running_loop(), **self._handler_args)

@@ -7,7 +7,7 @@ DescribeUserPoolClient; the standard AWS credential chain), prints a matrix of a
 routes and reports what cannot work. Claims a pre token generation trigger adds cannot be known
 from the API: such cells say "depends on claims".
 
-boto3 is an optional extra (``pip install 'authz-service[audit]'``): the service never needs it.
+boto3 is an optional extra (the ``audit`` extra, see ``install_hint``): the service never needs it.
 ``read_pool`` is the only code that talks to AWS; ``audit`` is pure, so it is tested with plain data.
 """
 
@@ -20,10 +20,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from . import install_hint
 from .policy import Issuer, IssuerFormat, Policy, PolicyError, Route, load_policy_file
 
 CLIENT_CREDENTIALS = "client_credentials"
-INSTALL_HINT = "pip install 'authz-service[audit]'"
+INSTALL_HINT = install_hint("audit")
 # Exit codes for a ConfigMap repository's CI.
 CLEAN, FINDINGS, UNUSABLE = 0, 1, 2
 

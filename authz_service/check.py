@@ -114,9 +114,10 @@ class TracedChecker(Checker):
 
     async def check_traced(self, kind: CheckSpanKind, carrier: Mapping[str, str],
                            parse: Callable[[Raw], HttpRequest], raw: Raw,
-                           render: Callable[[Answer, Decision], Rendered]) -> Rendered:
-        """``check`` inside a span that continues the trace whose context ``carrier`` holds."""
-        with self.tracing.check_span(kind, carrier):
+                           render: Callable[[Answer, Decision], Rendered], *, from_client: bool = False) -> Rendered:
+        """``check`` inside a span that continues the trace whose context ``carrier`` holds
+        (``from_client``: the client's own headers, not Envoy's; see Tracing.check_span)."""
+        with self.tracing.check_span(kind, carrier, from_client=from_client):
             return await self.check(parse, raw, render)
 
     def log(self, decision: Decision, request: HttpRequest | None) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
-from . import __version__, logs
+from . import __version__, install_hint, logs
 from .config import OPTIONS, ConfigError, option, settings_from
 from .policy import PolicyError
 
@@ -155,7 +155,7 @@ def _add_policy_tools(commands: argparse._SubParsersAction) -> None:  # type: ig
         description="Read each user pool (DescribeUserPool, ListResourceServers, ListUserPoolClients, "
                     "DescribeUserPoolClient; standard AWS credential chain), print which app client can reach "
                     "which route and report what cannot work. Exit 0 when clean, 1 with findings, 2 when the "
-                    "policy or AWS cannot be used. Install with: pip install 'authz-service[audit]'.")
+                    f"policy or AWS cannot be used. Needs the audit extra: {install_hint('audit')}.")
     _policy_positional(audit)
     _policy_flag(audit)
     audit.add_argument("--user-pool-id", action="append", metavar="ID",

@@ -159,6 +159,13 @@ def _request_bytes(text: str) -> int:
     return value
 
 
+def _trace_client_context(text: str) -> str:
+    value = text.lower()
+    if value not in {"link", "continue"}:
+        raise ValueError("one of link, continue")
+    return value
+
+
 def _path_prefix(text: str) -> str:
     if text and (not text.startswith("/") or text.endswith("/") or not text.isascii() or not text.isprintable()
                  or any(c in text for c in "?#%\\ ")):
@@ -206,6 +213,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics_min_interval", 1.0, _non_negative,
            "Seconds a /metrics exposition is reused before it is generated again (0: every scrape), so a flood "
            "of scrapes cannot starve Checks."),
+    Option("trace_client_context", "link", _trace_client_context,
+           "Tracing: what a Check does with the client's own trace context when Envoy sends none (Envoy does "
+           "not trace): link (a trace of its own, sampled by OTEL_TRACES_SAMPLER, linked to the client's span) or "
+           "continue (the client's trace and sampled flag: only for trusted clients)."),
 )
 
 
@@ -241,6 +252,7 @@ class Settings:
     workers: int = 1
     event_loop: str = "auto"
     metrics_min_interval: float = 1.0
+    trace_client_context: str = "link"
     # OpenTelemetry tracing, from the standard OTEL_* variables (tracing.py); None: off.
     tracing: TracingSettings | None = None
     jwks: JwksSettings = field(init=False)
@@ -278,4 +290,5 @@ def settings_from(cli_values: Mapping[str, str | None], environ: Mapping[str, st
     from .tracing import tracing_settings  # imports no OpenTelemetry: tracing may be off and not installed
 
     names = {f.name for f in fields(Settings) if f.init}
-    return Settings(**{k: v for k, v in values.items() if k in names}, tracing=tracing_settings(environ))
+    tracing = tracing_settings(environ, values.get("trace_client_context", "link"))
+    return Settings(**{k: v for k, v in values.items() if k in names}, tracing=tracing)

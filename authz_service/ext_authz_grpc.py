@@ -4,8 +4,8 @@ CheckRequest -> ``request.HttpRequest`` (``parse_check_request``), the shared ``
 then Answer -> CheckResponse (``check_response``, built once per distinct answer).
 
 Tracing (on only when configured, see tracing.py): Envoy puts the trace context of its ext_authz
-span in the gRPC request's metadata; the CheckRequest's headers carry the client's own (the parent
-of Envoy's span), which is what a Check continues when Envoy does not trace.
+span in the gRPC request's metadata, which a Check continues; the CheckRequest's headers carry the
+client's own, which a Check only links to (from_client) when Envoy does not trace.
 
 Headers: Envoy sends the ``headers`` map (keys lower-cased, as the ext_authz API guarantees;
 repeated headers comma-joined) or, with ``encode_raw_headers``, ``header_map`` (one entry per
@@ -134,8 +134,10 @@ class TracedAuthorizationServicer(AuthorizationServicer):
         self, request: external_auth_pb2.CheckRequest, context: Any
     ) -> external_auth_pb2.CheckResponse:
         metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
-        carrier = metadata if not self._fields.isdisjoint(metadata) else _client_headers(request)
-        return await self._traced(GRPC_CHECK, carrier, parse_check_request, request, check_response)
+        if not self._fields.isdisjoint(metadata):
+            return await self._traced(GRPC_CHECK, metadata, parse_check_request, request, check_response)
+        return await self._traced(GRPC_CHECK, _client_headers(request, self._fields), parse_check_request, request,
+                                  check_response, from_client=True)
 
 
 def authorization_servicer(checker: Checker) -> AuthorizationServicer:
@@ -143,10 +145,11 @@ def authorization_servicer(checker: Checker) -> AuthorizationServicer:
     return TracedAuthorizationServicer(checker) if isinstance(checker, TracedChecker) else AuthorizationServicer(checker)
 
 
-def _client_headers(request: external_auth_pb2.CheckRequest) -> Any:
-    """The original request's headers, for their trace context (either encoding Envoy uses)."""
+def _client_headers(request: external_auth_pb2.CheckRequest, fields: frozenset[str]) -> Any:
+    """The original request's headers, for their trace context (either encoding Envoy uses; of
+    ``header_map``, only the ``fields`` the propagators read)."""
     http = request.attributes.request.http
     if http.headers or not http.header_map.headers:
         return http.headers
-    return {entry.key.lower(): entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
-            for entry in http.header_map.headers}
+    return {name: entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
+            for entry in http.header_map.headers if (name := entry.key.lower()) in fields}

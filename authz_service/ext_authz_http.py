@@ -21,9 +21,10 @@ spoofed ``x_auth_client_id`` the client sent. Every answer therefore carries
 ``x-envoy-auth-headers-to-remove`` with every '-'/'_'/'.' spelling of the identity and override headers
 (minus the ones the answer sets), and Envoy strips them all from the upstream request.
 
-Tracing (on only when configured, see tracing.py): Envoy sends the trace context of its ext_authz
-span in the authorization request's headers when it traces, else the client's own when
-``allowed_headers`` lets them through (envoy/envoy-http.yaml does).
+Tracing (on only when configured, see tracing.py): when Envoy traces, it sends the trace context
+of its ext_authz span in the authorization request's headers, and a Check continues it. The
+client's own trace headers are not forwarded (envoy/envoy-http.yaml's ``allowed_headers`` leaves
+them out), so every trace context this door sees is Envoy's, and no client decides sampling.
 
 Served with aiohttp's low-level server (no router, no middleware): chosen by measurement over
 uvicorn with httptools (docs/performance.md), and already a dependency.

@@ -10,6 +10,13 @@ Why this shape:
   (W3C ``traceparent``/``tracestate``, B3 through ``OTEL_PROPAGATORS``); an unknown-kid JWKS
   re-fetch inside a Check is its child; background JWKS refreshes and policy reloads are root
   spans of their own. A sampled Check's trace id becomes the exemplar of its latency observation.
+* A trace context is read from text an attacker may write, so reading it is bounded: only the
+  headers the configured propagators use, each up to a W3C/B3 size (``FIELD_LIMITS``), the rest
+  dropped unread; W3C baggage is never read (nothing here uses it, and OpenTelemetry's parser is
+  quadratic in the members); OpenTelemetry's parse warnings, which quote the header, are silenced.
+* Only Envoy's context decides sampling. A context from the client's own headers (gRPC mode,
+  Envoy not tracing) starts a trace of the service's own, linked to the client's span, unless
+  ``--trace-client-context continue`` says the clients are trusted.
 * Span attributes are a closed list (``record_check``): decision, reason, route, status, method,
   client_id. Never the token, the path, the query string or any header value.
 """
@@ -27,6 +34,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import install_hint
 from .config import ConfigError
 from .urls import shown
 
@@ -37,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXTRA = "pip install 'authz-service[tracing]'"
+EXTRA = f"{install_hint('tracing')} (the image includes it)"
 DEFAULT_SERVICE_NAME = "authz-service"
 PROTOCOLS = ("grpc", "http/protobuf")
 # The OpenTelemetry specification's default. The OTLP/gRPC port is 4317, OTLP/HTTP's 4318.
@@ -47,6 +55,25 @@ SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", 
             "parentbased_traceidratio")
 RATIO_SAMPLERS = ("traceidratio", "parentbased_traceidratio")
 PROPAGATORS = ("tracecontext", "baggage", "b3", "b3multi", "none")
+DEFAULT_PROPAGATORS = "tracecontext"
+# Accepted in OTEL_PROPAGATORS (the SDK's own default names it) but never read: no span records
+# baggage and no Check calls anything it would travel on.
+IGNORED_PROPAGATORS = ("baggage", "none")
+CLIENT_CONTEXTS = ("link", "continue")
+# The most of each trace-context header that is read: longer is not what a conforming tracer
+# sends, and is dropped unread. W3C Trace Context: a version-00 traceparent is 55 characters;
+# tracestate has at most 32 members, and 512 characters is what every vendor must propagate.
+# B3: ids of 16 or 32 hex digits, a sampling state of one character ("d", "0", "1"; old
+# clients send "true"/"false").
+FIELD_LIMITS = {"traceparent": 128, "tracestate": 512, "b3": 128, "x-b3-traceid": 32, "x-b3-spanid": 16,
+                "x-b3-sampled": 5, "x-b3-flags": 1}
+_B3_FIELDS = ("b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags")
+# The headers each propagator reads (both B3 formats read both encodings).
+PROPAGATOR_FIELDS = {"tracecontext": ("traceparent", "tracestate"), "b3": _B3_FIELDS, "b3multi": _B3_FIELDS}
+MAX_TRACESTATE_MEMBERS = 32
+# OpenTelemetry's loggers whose warnings about a malformed trace context quote the header.
+_QUOTING_LOGGERS = ("opentelemetry.trace.span", "opentelemetry.trace.propagation", "opentelemetry.propagators",
+                    "opentelemetry.baggage")
 SHUTDOWN_FLUSH_SECONDS = 3.0  # spans still queued at shutdown get this long to export
 
 
@@ -58,16 +85,18 @@ class TracingSettings:
     endpoint: str  # where spans go, without credentials or query: for the start-up log
     sampler: str
     sampler_arg: str | None
-    propagators: tuple[str, ...]
+    propagators: tuple[str, ...]  # the ones in force: never baggage
     service_name: str
     version_in_environment: bool  # OTEL_RESOURCE_ATTRIBUTES names service.version
     enabled_by: str  # the variable that turned tracing on
+    client_context: str = "link"  # --trace-client-context: link (default) or continue
 
     def describe(self) -> dict[str, object]:
         """The start-up log's view (never OTEL_EXPORTER_OTLP_HEADERS: it may carry API keys)."""
         sampler = f"{self.sampler}:{self.sampler_arg}" if self.sampler in RATIO_SAMPLERS else self.sampler
         return {"exporter": "otlp", "protocol": self.protocol, "endpoint": self.endpoint, "sampler": sampler,
-                "propagators": ",".join(self.propagators), "service_name": self.service_name}
+                "propagators": ",".join(self.propagators) or "none", "client_context": self.client_context,
+                "service_name": self.service_name}
 
 
 def describe(settings: TracingSettings | None) -> str | dict[str, object]:
@@ -79,9 +108,10 @@ def _get(environ: Mapping[str, str], name: str) -> str:
     return environ.get(name, "").strip()
 
 
-def tracing_settings(environ: Mapping[str, str]) -> TracingSettings | None:
+def tracing_settings(environ: Mapping[str, str], client_context: str = "link") -> TracingSettings | None:
     """None when tracing is off; ConfigError (naming the variable and the fix) when the variables
     cannot be used, or ask for tracing while the tracing extra is not installed.
+    ``client_context``: what a Check does with a client's own trace context (--trace-client-context).
 
     On when OTEL_TRACES_EXPORTER names otlp or an OTLP endpoint variable is set; off when neither,
     when OTEL_TRACES_EXPORTER=none, or when OTEL_SDK_DISABLED=true.
@@ -119,7 +149,7 @@ def tracing_settings(environ: Mapping[str, str]) -> TracingSettings | None:
             raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG={sampler_arg!r} is invalid for {sampler}: a ratio "
                               "0.0..1.0, e.g. 0.01 for 1%")
 
-    propagators = tuple(p.strip().lower() for p in (_get(environ, "OTEL_PROPAGATORS") or "tracecontext,baggage")
+    propagators = tuple(p.strip().lower() for p in (_get(environ, "OTEL_PROPAGATORS") or DEFAULT_PROPAGATORS)
                         .split(",") if p.strip())
     unknown = [p for p in propagators if p not in PROPAGATORS]
     if unknown:
@@ -141,10 +171,11 @@ def tracing_settings(environ: Mapping[str, str]) -> TracingSettings | None:
         endpoint=_endpoint(environ, protocol),
         sampler=sampler,
         sampler_arg=sampler_arg,
-        propagators=tuple(p for p in propagators if p != "none"),
+        propagators=tuple(p for p in propagators if p not in IGNORED_PROPAGATORS),
         service_name=_service_name(environ),
         version_in_environment="service.version" in _resource_attributes(environ),
         enabled_by=enabled_by,
+        client_context=client_context,
     )
 
 
@@ -254,7 +285,7 @@ class Tracing(NoTracing):
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-        from opentelemetry.trace import SpanKind, Status, StatusCode
+        from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
         if settings.protocol == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -270,28 +301,60 @@ class Tracing(NoTracing):
         resource = Resource.create(attributes)
         # shutdown_on_exit=False: ``close`` flushes with a bound; the SDK's exit hook would wait up
         # to 30 s for a collector that is down.
-        self._provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # sampler: OTEL_TRACES_SAMPLER
+        self._provider = TracerProvider(resource=resource, sampler=_sampler(settings), shutdown_on_exit=False)
         self._provider.add_span_processor(  # OTEL_BSP_*, OTEL_EXPORTER_OTLP_*
             BatchSpanProcessor(OTLPSpanExporter()) if exporter is None else SimpleSpanProcessor(exporter))
         self._tracer = self._provider.get_tracer("authz_service", version)
         self._propagator = CompositePropagator([_propagator(name) for name in settings.propagators])
         # The header names the propagators read: a front door with two places to look for a
         # trace context (gRPC metadata, the original request's headers) checks which has one.
-        self.propagation_fields = frozenset(self._propagator.fields)
+        self.propagation_fields = frozenset(f for name in settings.propagators for f in PROPAGATOR_FIELDS[name])
+        self._limits = tuple((name, FIELD_LIMITS[name]) for name in sorted(self.propagation_fields))
+        self._trust_clients = settings.client_context == "continue"
+        for name in _QUOTING_LOGGERS:  # their warnings would put a client's text in our log
+            logging.getLogger(name).setLevel(logging.ERROR)
         self._trace = trace
         self._context = context
+        self._link = Link
+        self._span_context = SpanContext
         self._server = SpanKind.SERVER
         self._status = Status
         self._error = StatusCode.ERROR
 
     # --- Checks (only through check.TracedChecker) ------------------------------------------------
 
+    def trace_headers(self, carrier: Mapping[str, str]) -> dict[str, str]:
+        """The headers of ``carrier`` the propagators read, each within its ``FIELD_LIMITS`` (a
+        longer one, or a tracestate of more than 32 members, is dropped unread)."""
+        picked = {}
+        for name, limit in self._limits:
+            value = carrier.get(name)
+            if value and len(value) <= limit:
+                picked[name] = value
+        tracestate = picked.get("tracestate")
+        if tracestate is not None and tracestate.count(",") >= MAX_TRACESTATE_MEMBERS:
+            del picked["tracestate"]
+        return picked
+
     @contextmanager
-    def check_span(self, kind: CheckSpanKind, carrier: Mapping[str, str]) -> Iterator[None]:
+    def check_span(self, kind: CheckSpanKind, carrier: Mapping[str, str], *, from_client: bool = False
+                   ) -> Iterator[None]:
         """One Check's span, current while the Check runs (so a JWKS re-fetch becomes its child and
-        the latency observation finds its trace id), parented on the context in ``carrier``."""
-        parent = self._propagator.extract(carrier)
-        span = self._tracer.start_span(kind.name, context=parent, kind=self._server, attributes=kind.attributes)
+        the latency observation finds its trace id), parented on the context in ``carrier``.
+
+        ``from_client``: the context comes from the client's own headers, not from Envoy. Unless
+        clients are trusted, the span then starts a trace of its own (sampled by our sampler, not
+        by the client's flag) with a link to the client's span (ids only, not its tracestate).
+        """
+        parent = self._propagator.extract(self.trace_headers(carrier))
+        links: tuple[Any, ...] = ()
+        if from_client and not self._trust_clients:
+            remote = self._trace.get_current_span(parent).get_span_context()
+            if remote.is_valid:
+                links = (self._link(self._span_context(remote.trace_id, remote.span_id, is_remote=True)),)
+            parent = self._context.Context()
+        span = self._tracer.start_span(kind.name, context=parent, kind=self._server, attributes=kind.attributes,
+                                       links=links)
         token = self._context.attach(self._trace.set_span_in_context(span, parent))
         kind_token = _CHECK_KIND.set(kind)
         try:
@@ -359,15 +422,26 @@ class Tracing(NoTracing):
                         extra={"timeout_seconds": timeout, "endpoint": self.settings.endpoint})
 
 
+def _sampler(settings: TracingSettings) -> Any:
+    """The sampler the settings name (built here, so what the start-up log says is what runs)."""
+    from opentelemetry.sdk.trace import sampling
+
+    ratio = float(settings.sampler_arg or "1")
+    return {
+        "always_on": lambda: sampling.ALWAYS_ON,
+        "always_off": lambda: sampling.ALWAYS_OFF,
+        "traceidratio": lambda: sampling.TraceIdRatioBased(ratio),
+        "parentbased_always_on": lambda: sampling.ParentBased(sampling.ALWAYS_ON),
+        "parentbased_always_off": lambda: sampling.ParentBased(sampling.ALWAYS_OFF),
+        "parentbased_traceidratio": lambda: sampling.ParentBasedTraceIdRatio(ratio),
+    }[settings.sampler]()
+
+
 def _propagator(name: str) -> Any:
     if name == "tracecontext":
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         return TraceContextTextMapPropagator()
-    if name == "baggage":
-        from opentelemetry.baggage.propagation import W3CBaggagePropagator
-
-        return W3CBaggagePropagator()
     from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
 
     return B3SingleFormat() if name == "b3" else B3MultiFormat()

@@ -416,16 +416,17 @@ class Bench:
         return listening(proc, port, 20), port
 
     def start_service(self, policy: Path, workers: int, http_mode: bool = False,
-                      checkout: Path = ROOT, env: dict[str, str] | None = None) -> tuple[ManagedProcess, int, int]:
+                      checkout: Path = ROOT, env: dict[str, str] | None = None,
+                      name: str | None = None) -> tuple[ManagedProcess, int, int]:
         """authz-service from ``checkout`` (this one, or --compare-rev's); its authz port (gRPC,
-        or the HTTP front door in ``http_mode``) and its admin port."""
+        or the HTTP front door in ``http_mode``) and its admin port. ``name``: its log's name."""
         grpc_port, http_port, door_port = free_port(), free_port(), free_port()
         args = [sys.executable, "-m", "authz_service.cli", "serve", "--policy", str(policy),
                 "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-host", "127.0.0.1",
                 "--http-port", str(http_port), "--workers", str(workers)]
         if http_mode:
             args += ["--ext-authz-http-port", str(door_port)]
-        proc = spawn(f"service-w{workers}", args, self.work, checkout, env)
+        proc = spawn(name or f"service-w{workers}", args, self.work, checkout, env)
         self.procs.append(proc)
         wait_for_http(f"http://127.0.0.1:{http_port}/readyz", 30, expect_status=200, proc=proc)
         return proc, door_port if http_mode else grpc_port, http_port

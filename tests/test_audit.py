@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+from authz_service import __version__
 from authz_service.audit import AppClient, Pool, as_json, audit, render_text
 from authz_service.policy import parse_policy
 
@@ -160,7 +161,8 @@ def test_missing_boto3_is_one_line_with_the_install_hint(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert run.stderr == ("authz-service audit: error: boto3 is not installed; install the audit extra: "
-                          "pip install 'authz-service[audit]'\n")
+                          "pip install '.[audit]' in a clone of the repository, or "
+                          f"pip install 'authz_service-{__version__}-py3-none-any.whl[audit]' from a built wheel\n")
 
 
 def test_a_pool_the_policy_does_not_trust_is_unusable_input(tmp_path):

@@ -71,6 +71,26 @@ def test_generated_envoy_configs_validate(run, kind: str, tmp_path: Path) -> Non
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("variant", ["per-connection", "per-source", "timers-1s", "timers-1s-from-25%"])
+def test_abuse_envoy_variants_validate(run, variant: str, tmp_path: Path) -> None:
+    """bench/abuse.py's Envoy variants (the per-source one is the one docs/security.md shows)."""
+    binary = envoy_binary()
+    if not binary:
+        pytest.skip("no envoy binary")
+    abuse = load("abuse")
+    cfg = run.render_envoy("ext_authz", listener_port=18080, admin_port=18081, authz_port=19191)
+    cfg = {"per-connection": lambda: abuse.bearer_bucket(cfg, "per-connection"),
+           "per-source": lambda: abuse.bearer_bucket(cfg, "per-source"),
+           "timers-1s": lambda: abuse.tightened_timers(cfg, "1s"),
+           "timers-1s-from-25%": lambda: abuse.tightened_timers(cfg, "1s", 0.25, 0.5)}[variant]()
+    assert abuse.connection_limit(cfg) == 2048
+    path = tmp_path / "variant.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = subprocess.run([binary, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_grpc_frame_is_a_check_request_the_service_parses(run) -> None:
     from authz_service.ext_authz_grpc import parse_check_request
 
@@ -178,3 +198,12 @@ def test_otlp_sink_counts_what_an_exporter_sends(tmp_path: Path) -> None:
             provider.get_tracer("bench-test").start_span(name).end()
         provider.shutdown()
     assert "OTLP sink received 3 spans" in sink.log_text()
+
+
+def test_trace_headers_benchmark_runs_every_case() -> None:
+    bench = load("trace_headers")
+    run = subprocess.run([sys.executable, str(BENCH / "trace_headers.py"), "--n", "3", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.startswith(("| gRPC |", "| HTTP |"))]
+    assert [row.split(" | ")[1] for row in rows] == [*bench.GRPC_CASES, *bench.HTTP_CASES]

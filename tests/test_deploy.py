@@ -688,13 +688,37 @@ def test_final_stage_installs_only_the_wheel() -> None:
         assert build_tool not in runs, build_tool
 
 
+def test_every_package_is_installed_from_the_lock_with_hashes() -> None:
+    builder, final = stages()
+    builds = " ".join(a for i, a in builder if i == "RUN")
+    assert re.search(r"pip download --require-hashes --only-binary=:all: --no-deps[^&]*-r requirements/image\.txt",
+                     builds), "the builder downloads exactly the lock's wheels, hashes checked"
+    assert re.search(r"pip install --require-hashes[^&]*-r requirements/build\.txt", builds)
+    assert "pip wheel --no-build-isolation --no-deps" in builds, "the project's wheel with the locked backend"
+    runs = " ".join(a for i, a in final if i == "RUN")
+    assert re.search(r"pip install [^&]*--no-index[^&]*--require-hashes --no-deps[^&]*-r /wheels/image\.txt", runs)
+    assert "pip check" in runs
+    assert re.search(r"pip uninstall --yes setuptools wheel pip", runs), "nothing that installs or builds stays"
+
+
+def test_a_ca_bundle_reaches_the_build_only_as_a_secret() -> None:
+    builder, final = stages()
+    runs = [a for i, a in builder if i == "RUN" and "pip download" in a]
+    assert runs and runs[0].startswith("--mount=type=secret,id=pip-ca "), runs
+    assert "PIP_CERT=/run/secrets/pip-ca" in runs[0]
+    for word, args in dockerfile_instructions():
+        assert not (word in ("ENV", "ARG") and "PIP_CERT" in args), "a CA path in the image's configuration"
+        assert not (word in ("COPY", "ADD") and re.search(r"\.(pem|crt)\b|ca-cert", args)), f"{word} {args}"
+
+
 def test_final_stage_runtime_contract() -> None:
     final = stages()[1]
     by_word: dict[str, list[str]] = {}
     for word, args in final:
         by_word.setdefault(word, []).append(args)
     assert by_word["USER"] == ["10001:10001"]
-    assert sorted(by_word["EXPOSE"][0].split()) == ["8181", "9191"]
+    # 9191 gRPC ext_authz, 8181 health and metrics, 9192 the HTTP front door (--ext-authz-http-port).
+    assert sorted(by_word["EXPOSE"][0].split()) == ["8181", "9191", "9192"]
     assert json.loads(by_word["ENTRYPOINT"][-1]) == ["authz-service"]
     assert json.loads(by_word["CMD"][-1]) == ["serve"]
     assert not any(word == "HEALTHCHECK" for word, _ in dockerfile_instructions())

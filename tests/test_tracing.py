@@ -3,6 +3,7 @@ in the OpenMetrics exposition, and off meaning off (tests/e2e/test_tracing_e2e.p
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
+from authz_service import __version__
 from authz_service.admin import AdminServer, CachedExposition, wants_openmetrics
 from authz_service.check import Checker, TracedChecker
 from authz_service.config import ConfigError, settings_from
@@ -75,7 +77,7 @@ def test_the_standard_variables_configure_tracing() -> None:
         # the path the HTTP exporter appends; no userinfo, no query: an endpoint may embed credentials
         "endpoint": "https://collector.example:4318/v1/traces",
         "sampler": "parentbased_traceidratio:0.25", "propagators": "tracecontext,b3multi",
-        "service_name": "payments-authz"}
+        "client_context": "link", "service_name": "payments-authz"}
     assert "SECRET" not in repr(settings)
     grpc = tracing_settings({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
                              "OTEL_SERVICE_NAME": "authz-a",
@@ -118,8 +120,9 @@ def test_configured_without_the_extra_is_one_clear_line_and_exit_2(tmp_path: Pat
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "authz-service: error: tracing is configured (OTEL_EXPORTER_OTLP_ENDPOINT is set) but the tracing extra "
-        "is not installed (no opentelemetry.sdk.trace): pip install 'authz-service[tracing]', or unset "
-        "OTEL_EXPORTER_OTLP_ENDPOINT"]
+        "is not installed (no opentelemetry.sdk.trace): pip install '.[tracing]' in a clone of the repository, or "
+        f"pip install 'authz_service-{__version__}-py3-none-any.whl[tracing]' from a built wheel (the image "
+        "includes it), or unset OTEL_EXPORTER_OTLP_ENDPOINT"]
     assert "SECRET" not in result.stdout + result.stderr
 
 
@@ -310,14 +313,14 @@ class Metadata:
         return self.pairs
 
 
-@pytest.mark.parametrize("metadata, parent", [
-    # Envoy traces: its ext_authz span's context is in the gRPC metadata
+@pytest.mark.parametrize("metadata, parent, link", [
+    # Envoy traces: its ext_authz span's context is in the gRPC metadata: the Check's parent
     ((("traceparent", "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"), ("tracestate", ""),
-      ("x-bin", b"\x00")), "00f067aa0ba902b7"),
-    # Envoy does not trace: the client's context, in the original request's headers
-    ((("x-envoy-internal", "true"),), "b7ad6b7169203331"),
+      ("x-bin", b"\x00")), "00f067aa0ba902b7", None),
+    # Envoy does not trace: the client's context, in the original request's headers: linked only
+    ((("x-envoy-internal", "true"),), None, "b7ad6b7169203331"),
 ])
-async def test_grpc_door_prefers_envoys_context_in_the_metadata(traced, key_a, metadata, parent):
+async def test_grpc_door_prefers_envoys_context_in_the_metadata(traced, key_a, metadata, parent, link):
     from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2
     from authz_service.ext_authz_grpc import TracedAuthorizationServicer, authorization_servicer
 
@@ -332,4 +335,143 @@ async def test_grpc_door_prefers_envoys_context_in_the_metadata(traced, key_a, m
     response = await servicer.Check(request, Metadata(*metadata))
     assert response.denied_response.status.code == 403
     (span,) = spans.get_finished_spans()
-    assert format(span.parent.span_id, "016x") == parent
+    assert (span.parent and format(span.parent.span_id, "016x")) == parent
+    assert [format(each.context.span_id, "016x") for each in span.links] == ([link] if link else [])
+
+
+# --- what a client's trace headers may cost, and who decides sampling -----------------------------
+
+CLIENT_TEXT = "client-text-5c1e"  # in every hostile header: it must never reach the log
+HOSTILE_HEADERS = [
+    pytest.param({"baggage": ",".join(f"{CLIENT_TEXT}{i}=a b;c" for i in range(180))}, id="baggage-180-bad-members"),
+    pytest.param({"baggage": f"{CLIENT_TEXT}=" + "v" * 9000}, id="baggage-9kb"),
+    pytest.param({"tracestate": f"vendor=1,{CLIENT_TEXT} @@=2"}, id="tracestate-bad-member"),
+    pytest.param({"tracestate": ",".join([f"{CLIENT_TEXT}=1"] * 20)}, id="tracestate-duplicate-keys"),
+    pytest.param({"tracestate": ",".join(f"{CLIENT_TEXT}{i}=1" for i in range(33))}, id="tracestate-33-members"),
+    pytest.param({"tracestate": f"{CLIENT_TEXT}=" + "v" * 600}, id="tracestate-over-512"),
+    pytest.param({"traceparent": ENVOY_SPAN + "-" + CLIENT_TEXT * 60}, id="traceparent-over-128"),
+]
+
+
+def tracing_of(environ: dict[str, str], client_context: str = "link"):
+    """Tracing from ``environ`` (plus OTEL_TRACES_EXPORTER=otlp), spans kept in memory: (tracing, exporter)."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from authz_service.tracing import Tracing
+
+    spans = InMemorySpanExporter()
+    settings = tracing_settings({"OTEL_TRACES_EXPORTER": "otlp", **environ}, client_context)
+    assert settings is not None
+    return Tracing(settings, "test", exporter=spans), spans
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_HEADERS)
+async def test_hostile_trace_headers_are_read_bounded_and_never_logged(key_a, caplog, monkeypatch, hostile):
+    """Whatever the trace headers hold, a Check reads at most the W3C sizes, parses no baggage
+    (even with OTEL_PROPAGATORS naming it), logs nothing of them, and still continues a usable
+    traceparent."""
+    from opentelemetry import baggage
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator
+
+    parsed = []
+    monkeypatch.setattr(W3CBaggagePropagator, "extract", lambda self, *a, **k: parsed.append(a))
+    tracing, spans = tracing_of({"OTEL_PROPAGATORS": "tracecontext,baggage"})
+    checker, _ = traced_checker(tracing, MemoryKeys(key_a))
+    seen_baggage = []
+
+    def parse(raw):
+        seen_baggage.append(dict(baggage.get_all()))
+        return raw
+
+    caplog.set_level(logging.DEBUG)
+    carrier = {"traceparent": ENVOY_SPAN, "tracestate": "envoy=abc", **hostile}
+    await checker.check_traced(GRPC_CHECK, carrier, parse, post("/nowhere"), answer_of)
+    assert not [r.getMessage()[:200] for r in caplog.records if CLIENT_TEXT in r.getMessage()]
+    assert not [r for r in caplog.records if r.name.startswith("opentelemetry") and r.levelno >= logging.WARNING]
+    assert parsed == [] and seen_baggage == [{}]
+    assert "baggage" not in tracing.propagation_fields
+    assert tracing.settings.describe()["propagators"] == "tracecontext"
+    (span,) = spans.get_finished_spans()
+    if "traceparent" in hostile:  # too long to be a traceparent: not read, a trace of its own
+        assert span.parent is None
+        return
+    assert format(span.parent.span_id, "016x") == "b7ad6b7169203331"
+    # What the span exports of the tracestate: the caller's, when within the W3C bounds; else nothing.
+    exported = span.context.trace_state.to_header()
+    assert CLIENT_TEXT not in exported and len(exported) <= 512
+    assert exported in ("", "envoy=abc")
+
+
+async def test_a_tracestate_within_the_w3c_bounds_is_continued_and_exported(traced, key_a):
+    tracing, spans = traced
+    checker, _ = traced_checker(tracing, MemoryKeys(key_a))
+    members = ",".join(f"v{i}=x" for i in range(32))
+    await checker.check_traced(GRPC_CHECK, {"traceparent": ENVOY_SPAN, "tracestate": members}, lambda raw: raw,
+                               post("/nowhere"), answer_of)
+    (span,) = spans.get_finished_spans()
+    assert span.context.trace_state.to_header() == members
+
+
+def check_request(**headers: str):
+    from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2
+
+    request = external_auth_pb2.CheckRequest()
+    request.attributes.request.http.method = "GET"
+    request.attributes.request.http.path = "/nowhere"
+    request.attributes.request.http.headers.update(headers)
+    return request
+
+
+CLIENT_SPAN = "00-1234567890abcdef1234567890abcdef-00000000000000c1-01"  # sampled, by the client
+
+
+async def test_a_clients_sampled_flag_never_forces_sampling_envoys_does(key_a):
+    """parentbased_traceidratio at 0: only a sampled parent from Envoy is sampled. The client's
+    own traceparent (gRPC mode, Envoy not tracing) no longer is."""
+    from authz_service.ext_authz_grpc import authorization_servicer
+
+    tracing, spans = tracing_of({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"})
+    checker, metrics = traced_checker(tracing, MemoryKeys(key_a))
+    servicer = authorization_servicer(checker)
+    for _ in range(20):
+        await servicer.Check(check_request(traceparent=CLIENT_SPAN), Metadata())
+    assert spans.get_finished_spans() == ()
+    await servicer.Check(check_request(traceparent=CLIENT_SPAN), Metadata(("traceparent", ENVOY_SPAN)))
+    (span,) = spans.get_finished_spans()
+    assert format(span.parent.span_id, "016x") == "b7ad6b7169203331"
+
+
+async def test_a_clients_context_is_linked_from_a_trace_of_our_own(key_a):
+    from authz_service.ext_authz_grpc import authorization_servicer
+
+    tracing, spans = tracing_of({})
+    checker, _ = traced_checker(tracing, MemoryKeys(key_a))
+    await authorization_servicer(checker).Check(check_request(traceparent=CLIENT_SPAN, tracestate="c=secret"),
+                                                Metadata())
+    (span,) = spans.get_finished_spans()
+    assert span.parent is None and format(span.context.trace_id, "032x") != CLIENT_SPAN[3:35]
+    (link,) = span.links
+    assert (format(link.context.trace_id, "032x"), format(link.context.span_id, "016x")) == \
+        (CLIENT_SPAN[3:35], CLIENT_SPAN[36:52])
+    assert not link.context.trace_state and not span.context.trace_state  # nothing of the client's exported
+
+
+async def test_trusted_clients_can_be_continued_with_their_sampled_flag(key_a):
+    from authz_service.ext_authz_grpc import authorization_servicer
+
+    tracing, spans = tracing_of({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"},
+                                client_context="continue")
+    assert tracing.settings.describe()["client_context"] == "continue"
+    checker, _ = traced_checker(tracing, MemoryKeys(key_a))
+    await authorization_servicer(checker).Check(check_request(traceparent=CLIENT_SPAN), Metadata())
+    (span,) = spans.get_finished_spans()
+    assert format(span.parent.span_id, "016x") == CLIENT_SPAN[36:52] and not span.links
+
+
+def test_the_client_context_setting() -> None:
+    assert settings_from({"policy": "p.yaml"}, {}).trace_client_context == "link"
+    settings = settings_from({"policy": "p.yaml"}, {"AUTHZ_TRACE_CLIENT_CONTEXT": "Continue",
+                                                    "OTEL_TRACES_EXPORTER": "otlp"})
+    assert settings.trace_client_context == "continue" and settings.tracing.client_context == "continue"
+    with pytest.raises(ConfigError, match="AUTHZ_TRACE_CLIENT_CONTEXT='follow' is invalid: one of link, continue"):
+        settings_from({"policy": "p.yaml"}, {"AUTHZ_TRACE_CLIENT_CONTEXT": "follow"})

@@ -37,6 +37,8 @@ class ReceivedSpan:
     attributes: dict[str, Any]
     status_code: int  # 0 unset, 1 ok, 2 error
     status_message: str
+    trace_state: str = ""  # the W3C tracestate exported with the span
+    links: tuple[tuple[str, str, str], ...] = ()  # (trace id, span id, tracestate) of each link
 
 
 def _value(any_value: Any) -> Any:
@@ -77,7 +79,8 @@ class OtlpReceiver:
                     received.append(ReceivedSpan(
                         service, transport, span.name, span.kind, span.trace_id.hex(), span.span_id.hex(),
                         span.parent_span_id.hex(), {a.key: _value(a.value) for a in span.attributes},
-                        span.status.code, span.status.message))
+                        span.status.code, span.status.message, span.trace_state,
+                        tuple((link.trace_id.hex(), link.span_id.hex(), link.trace_state) for link in span.links)))
         with self._lock:
             self._spans.extend(received)
 

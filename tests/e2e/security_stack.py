@@ -23,7 +23,7 @@ from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from authz_service.simulate import check_request
 
 from .fake_issuer import FakeIssuer
-from .harness import NATIVE, EnvoyProcess, UpstreamProcess, authz_http_request, http_request, wait_for
+from .harness import NATIVE, EnvoyProcess, ManagedProcess, UpstreamProcess, authz_http_request, http_request, wait_for
 from .stack import TRANSACTION_ROUTES, DevIssuer, PolicyDir, Service
 
 ISSUERS = """
@@ -172,12 +172,13 @@ def bearer(token: str) -> dict[str, str]:
 def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *service_args: str,
                          fake: FakeIssuer | None = None, wait_ready: bool = True,
                          env: dict[str, str] | None = None, wrapper: tuple[str, ...] = (),
-                         mode: str = "grpc", routes: str | None = None) -> SecurityStack:
-    """Dev issuer + fake issuer (started here unless given) + service (its CLI) + Envoy (the shipped
-    config of ``mode``: ext_authz over gRPC, or Envoy's HTTP mode to the service's HTTP front door;
-    native: the policy compiled for Envoy's own filters, the service as its fallback),
-    serving the stack's issuers with ``routes`` (policy YAML, taken as written; default: the suites'
-    routes).
+                         mode: str = "grpc", routes: str | None = None,
+                         launch: Callable[[list[str]], ManagedProcess] | None = None) -> SecurityStack:
+    """Dev issuer + fake issuer (started here unless given) + service (its CLI, or ``launch``'s process:
+    see ``start_service``) + Envoy (the shipped config of ``mode``: ext_authz over gRPC, or Envoy's
+    HTTP mode to the service's HTTP front door; native: the policy compiled for Envoy's own
+    filters, the service as its fallback), serving the stack's issuers with ``routes`` (policy
+    YAML, taken as written; default: the suites' routes).
 
     The stack owns the fake issuer it started (``stop_security_stack`` stops it, and so does a failed
     start); the processes belong to the running test or fixture (harness ``Owner``) like any other."""
@@ -189,7 +190,8 @@ def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *
         dev = start_dev_issuer(work, "us-east-1_Demo00001")
         policy = PolicyDir(work / "config")
         policy.write(policy_text(fake, dev) if routes is None else policy_text(fake, dev, routes, routes=""))
-        service = start_service(work, policy.path, *service_args, wait_ready=wait_ready, env=env, wrapper=wrapper)
+        service = start_service(work, policy.path, *service_args, wait_ready=wait_ready, env=env, wrapper=wrapper,
+                                launch=launch)
         envoy = envoy_factory.for_service(service, mode, policy.path)
     except BaseException:
         if own_fake:

@@ -202,9 +202,12 @@ class Service:
 
 
 def start_service(workdir: Path, policy: Path, *extra: str, env: dict[str, str] | None = None,
-                  wait_ready: bool = True, wrapper: tuple[str, ...] = ()) -> Service:
+                  wait_ready: bool = True, wrapper: tuple[str, ...] = (),
+                  launch: Callable[[list[str]], ManagedProcess] | None = None) -> Service:
     """Our service via its CLI; returns once it is ready, or (``wait_ready=False``) merely alive.
-    ``wrapper`` is a command that execs the CLI (e.g. into a namespace with other limits).
+    ``wrapper`` is a command that execs the CLI (e.g. into a namespace with other limits);
+    ``launch`` makes the (unstarted) process from the CLI's arguments instead, e.g. the service
+    inside the image (tests/e2e/container.py).
 
     The process belongs to the running test or fixture (harness ``Owner``), which stops it at the
     end, also when the test fails; ``.process.stop()`` stops it earlier."""
@@ -213,16 +216,17 @@ def start_service(workdir: Path, policy: Path, *extra: str, env: dict[str, str] 
     # chose the HTTP door's port itself).
     door = None if "--ext-authz-http-port" in extra else free_port()
     door_args = ("--ext-authz-http-port", str(door)) if door is not None else ()
-    process = ManagedProcess(
-        [*wrapper, *cli("serve", "--policy", str(policy), "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
-                        "--http-host", "127.0.0.1", "--http-port", str(http_port), "--policy-poll-interval", "0.2",
-                        # Tests read exact counters right after their requests: no reuse of a recent
-                        # exposition (the default, 1 s, is covered by test_listeners_e2e).
-                        "--metrics-min-interval", "0", *door_args, *extra)],
-        workdir,
-        name="authz-service",
-        env={**os.environ, **(env or {})},
-    ).start()
+    args = ["serve", "--policy", str(policy), "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
+            "--http-host", "127.0.0.1", "--http-port", str(http_port), "--policy-poll-interval", "0.2",
+            # Tests read exact counters right after their requests: no reuse of a recent
+            # exposition (the default, 1 s, is covered by test_listeners_e2e).
+            "--metrics-min-interval", "0", *door_args, *extra]
+    if launch is None:
+        process = ManagedProcess([*wrapper, *cli(*args)], workdir, name="authz-service",
+                                 env={**os.environ, **(env or {})})
+    else:
+        process = launch(args)
+    process.start()
     started = time.monotonic()
     try:
         wait_for_http(f"http://127.0.0.1:{http_port}/{'readyz' if wait_ready else 'healthz'}", 60,

@@ -87,6 +87,7 @@ class TracedStack:
     envoy: EnvoyProcess
     untraced_envoy: EnvoyProcess  # the shipped config as it is: Envoy does not trace
     receiver: OtlpReceiver
+    service_name: str  # of the service's spans
 
 
 @pytest.fixture(scope="module")
@@ -107,12 +108,33 @@ def issuer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevIssuer]:
         issuer.process.stop()
 
 
-@pytest.fixture(scope="module", params=[("grpc", "grpc"), ("http", "http/protobuf")],
-                ids=["grpc-door-otlp-grpc", "http-door-otlp-http"])
+MODES = [("grpc", "grpc"), ("http", "http/protobuf")]
+MODE_IDS = ["grpc-door-otlp-grpc", "http-door-otlp-http"]
+
+
+@pytest.fixture(scope="module", params=MODES, ids=MODE_IDS)
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver,
           issuer: DevIssuer, upstream: UpstreamProcess) -> Iterator[TracedStack]:
-    mode, protocol = request.param
-    work = tmp_path_factory.mktemp(f"tracing-{mode}")
+    yield from traced_stack(request.param, tmp_path_factory, receiver, issuer, upstream, {})
+
+
+@pytest.fixture(scope="module", params=MODES, ids=MODE_IDS)
+def ratio_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver,
+                issuer: DevIssuer, upstream: UpstreamProcess) -> Iterator[TracedStack]:
+    """The sampler docs/tracing.md advises for busy services, at 0: a Check is sampled only when
+    the context it continues is; a trace of the service's own, never."""
+    yield from traced_stack(request.param, tmp_path_factory, receiver, issuer, upstream,
+                            {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"},
+                            name="ratio")
+
+
+def traced_stack(mode_and_protocol: tuple[str, str], tmp_path_factory: pytest.TempPathFactory,
+                 receiver: OtlpReceiver, issuer: DevIssuer, upstream: UpstreamProcess, sampler: dict[str, str],
+                 name: str = "authz-service") -> Iterator[TracedStack]:
+    """The service of ``mode`` (exporting with ``sampler``'s variables) behind a tracing Envoy and
+    the shipped, untraced one; the service's spans carry the service name ``{name}-{mode}``."""
+    mode, protocol = mode_and_protocol
+    work = tmp_path_factory.mktemp(f"tracing-{name}-{mode}")
     policy = PolicyDir(work / "config")
     policy.write(POLICY.format(issuer=issuer.issuer))
     port = receiver.grpc_port if protocol == "grpc" else receiver.http_port
@@ -120,8 +142,9 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}" + ("/v1/traces" if mode == "http" else ""),
         "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
         "OTEL_EXPORTER_OTLP_HEADERS": f"x-api-key={HEADERS_SECRET}",  # may carry credentials: never logged
-        "OTEL_SERVICE_NAME": f"authz-service-{mode}",
+        "OTEL_SERVICE_NAME": f"{name}-{mode}",
         "OTEL_BSP_SCHEDULE_DELAY": "50",  # the SDK batches spans: export them within 50 ms
+        **sampler,
     }
     service = start_service(work, policy.path,
                             env={**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}, **env})
@@ -135,7 +158,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         plain = render_envoy_config(work, listener_port=free_port(), admin_port=free_port(), authz_port=authz,
                                     app_port=upstream.port, source=shipped)
         envoys.append(start_envoy(plain, work, name=f"envoy-{mode}"))
-        yield TracedStack(mode, issuer, service, envoys[0], envoys[1], receiver)
+        yield TracedStack(mode, issuer, service, envoys[0], envoys[1], receiver, f"{name}-{mode}")
     finally:
         for envoy in envoys:
             envoy.stop()
@@ -148,18 +171,18 @@ def client_traceparent() -> tuple[str, str, str]:
     return f"00-{trace_id}-{span_id}-01", trace_id, span_id
 
 
-def send(stack: TracedStack, method: str, path: str, token: str, envoy: EnvoyProcess | None = None
-         ) -> tuple[int, str, str]:
+def send(stack: TracedStack, method: str, path: str, token: str, envoy: EnvoyProcess | None = None,
+         headers: list[tuple[str, str]] = ()) -> tuple[int, str, str]:
     """One request through Envoy, in a new client trace: (status, trace id, client span id)."""
     traceparent, trace_id, span_id = client_traceparent()
     status, _, _ = http_request(method, (envoy or stack.envoy).url(path),
-                                [("Authorization", f"Bearer {token}"), ("traceparent", traceparent)])
+                                [("Authorization", f"Bearer {token}"), ("traceparent", traceparent), *headers])
     return status, trace_id, span_id
 
 
 def trace(stack: TracedStack, trace_id: str) -> tuple[ReceivedSpan, ReceivedSpan, ReceivedSpan]:
     """Envoy's ingress span, Envoy's ext_authz span and our Check span of one trace, once all arrived."""
-    ours = f"authz-service-{stack.mode}"
+    ours = stack.service_name
     stack.receiver.wait_for_spans(lambda s: s.trace_id == trace_id and s.service in ("envoy", ours), 3,
                                   f"Envoy's two spans and our Check span of trace {trace_id}")
     spans = [s for s in stack.receiver.spans() if s.trace_id == trace_id]
@@ -190,14 +213,20 @@ def test_the_check_span_is_the_child_of_envoys_ext_authz_span(stack: TracedStack
     assert check.status_code == 0
 
 
-def test_without_envoy_tracing_the_check_span_continues_the_clients_trace(stack: TracedStack) -> None:
-    """gRPC mode: the CheckRequest's headers; HTTP mode: the headers allowed_headers forwards."""
-    status, trace_id, client_span = send(stack, "GET", "/transactions/7", stack.issuer.token("payments-reader"),
-                                         stack.untraced_envoy)
+def test_without_envoy_tracing_the_check_span_starts_a_trace_of_its_own(stack: TracedStack) -> None:
+    """The client's trace context is not Envoy's: a Check does not continue it. gRPC mode: the
+    CheckRequest's headers hold it, and the Check span links to the client's span; HTTP mode: the
+    shipped allowed_headers does not forward it, and the Check span is a root without a link."""
+    status, trace_id, client_span = send(stack, "GET", "/transactions/7?untraced", stack.issuer.token("payments-reader"),
+                                         stack.untraced_envoy, [("tracestate", "client=private")])
     assert status == 200
-    (check,) = stack.receiver.wait_for_spans(lambda s: s.trace_id == trace_id, 1, "our Check span")
-    assert check.service == f"authz-service-{stack.mode}" and check.parent_span_id == client_span
-    assert check.attributes["authz.reason"] == "allowed"
+    (check,) = stack.receiver.wait_for_spans(
+        lambda s: s.service == stack.service_name and s.attributes.get("authz.route") == "get-transaction"
+        and s.parent_span_id == "" and s.trace_id != trace_id
+        and (s.links == ((trace_id, client_span, ""),) if stack.mode == "grpc" else not s.links), 1,
+        "our Check span, a root of its own")
+    assert check.attributes["authz.reason"] == "allowed" and check.trace_state == ""
+    assert not [s for s in stack.receiver.spans() if s.service == stack.service_name and s.trace_id == trace_id]
 
 
 def test_a_denied_requests_trace_shows_the_reason(stack: TracedStack) -> None:
@@ -232,7 +261,7 @@ def test_the_latency_exemplar_links_to_the_trace(stack: TracedStack) -> None:
 
 def test_background_jwks_fetches_are_root_spans(stack: TracedStack) -> None:
     (fetch,) = stack.receiver.wait_for_spans(
-        lambda s: s.service == f"authz-service-{stack.mode}" and s.name == "jwks fetch", 1, "the start-up JWKS fetch")
+        lambda s: s.service == stack.service_name and s.name == "jwks fetch", 1, "the start-up JWKS fetch")
     assert fetch.parent_span_id == ""
     assert fetch.attributes == {"authz.issuer.pool_id": "us-east-1_Demo00001", "authz.jwks.trigger": "startup",
                                 "authz.jwks.result": "ok", "authz.jwks.keys": 1}
@@ -245,7 +274,7 @@ def test_nothing_secret_is_in_any_span_or_the_log(stack: TracedStack) -> None:
     trace(stack, trace_id)
     secrets_ = (token, token.split(".")[2], QUERY_SECRET, "Bearer", HEADERS_SECRET)
     spans = stack.receiver.spans()
-    assert {s.service for s in spans} >= {"envoy", f"authz-service-{stack.mode}"}
+    assert {s.service for s in spans} >= {"envoy", stack.service_name}
     for span in spans:
         for key, value in span.attributes.items():
             assert not any(secret in f"{key}={value}" for secret in secrets_), (span.service, span.name, key, value)
@@ -255,3 +284,64 @@ def test_nothing_secret_is_in_any_span_or_the_log(stack: TracedStack) -> None:
     started = [line for line in stack.service.process.log_text().splitlines() if '"authz-service started"' in line]
     assert started and '"tracing":{"exporter":"otlp"' in started[0]
     assert HEADERS_SECRET not in stack.service.process.log_text()
+
+
+def check_spans_of(stack: TracedStack) -> list[ReceivedSpan]:
+    return [s for s in stack.receiver.spans() if s.service == stack.service_name and "authz.decision" in s.attributes]
+
+
+def test_a_clients_sampled_flag_does_not_decide_sampling(ratio_stack: TracedStack) -> None:
+    """parentbased_traceidratio: requests whose client sends a sampled traceparent through an Envoy
+    that does not trace are not sampled (the ratio, 0 here, decides); Envoy's sampled context is."""
+    stack = ratio_stack
+    token = stack.issuer.token("payments-reader")
+    before = len(check_spans_of(stack))
+    client_traces = set()
+    for i in range(20):
+        status, trace_id, _ = send(stack, "GET", f"/transactions/{i}", token, stack.untraced_envoy)
+        assert status == 200
+        client_traces.add(trace_id)
+    # Envoy's context, sampled: exported, and after every span above would have been (the SDK
+    # exports in order, from one queue).
+    status, envoy_trace, _ = send(stack, "GET", "/transactions/sentinel", token)
+    assert status == 200
+    trace(stack, envoy_trace)
+    exported = check_spans_of(stack)[before:]
+    assert [s.trace_id for s in exported] == [envoy_trace], \
+        f"{len([s for s in exported if s.trace_id in client_traces])} of 20 Checks sampled by the client's flag"
+
+
+CLIENT_TEXT = "client-text-" + secrets.token_hex(4)
+
+
+def test_hostile_trace_headers_reach_no_log_line_and_no_span(stack: TracedStack) -> None:
+    """With a forged bearer token (as any client can send): a baggage of 180 bad members and one
+    of 9 KB, a tracestate with a bad member, and one over the W3C 512 characters. Through either
+    Envoy, the Check is denied as usual, no log line holds the client's text, and the span
+    exports no tracestate of it."""
+    forged = stack.issuer.token("payments-reader")[:-8] + "AAAAAAAA"
+    cases = [
+        [("baggage", ",".join(f"{CLIENT_TEXT}{i}=a b;c" for i in range(180)))],
+        [("baggage", f"{CLIENT_TEXT}=" + "v" * 9000)],
+        [("tracestate", f"vendor=1,{CLIENT_TEXT} @@=2")],
+        [("tracestate", ",".join(f"{CLIENT_TEXT}{i}=1" for i in range(40)))],
+    ]
+    log_lines = len(stack.service.process.log_text().splitlines())
+    sent = []
+    for envoy in (stack.envoy, stack.untraced_envoy):
+        for headers in cases:
+            status, trace_id, _ = send(stack, "GET", "/transactions/1", forged, envoy, headers)
+            assert status == 401
+            sent.append(trace_id)
+    # The traced Envoy's last request: its spans exported means ours of the requests before are too.
+    status, trace_id, _ = send(stack, "GET", "/transactions/1", forged)
+    trace(stack, trace_id)
+    new_lines = stack.service.process.log_text().splitlines()[log_lines:]
+    assert not [line[:300] for line in new_lines if CLIENT_TEXT in line]
+    assert not [line[:300] for line in new_lines if '"level":"warning"' in line]
+    assert len(new_lines) == 2 * len(cases) + 1  # one deny line per request, nothing else
+    # Envoy's own spans carry the tracestate as the client sent it; ours never do.
+    ours = [s for s in stack.receiver.spans() if s.service == stack.service_name and s.trace_id in sent]
+    assert len(ours) == len(cases)  # the traced Envoy's requests (the others are traces of our own)
+    for span in ours:
+        assert CLIENT_TEXT not in span.trace_state and all(CLIENT_TEXT not in link[2] for link in span.links)
