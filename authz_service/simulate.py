@@ -108,9 +108,12 @@ class Simulator:
         self.verifier = TokenVerifier(_SimulatedKeys(public, policy))
 
     def token(self, issuer: str, scopes: list[str], client_id: str | None = None,
-              custom: Mapping[str, Any] | None = None) -> str:
+              custom: Mapping[str, Any] | None = None, *, overrides: Mapping[str, Any] | None = None,
+              header: Mapping[str, Any] | None = None) -> str:
         """A client_credentials access token as Cognito shapes it, holding exactly ``scopes`` and the
-        ``custom`` claims a pre token generation trigger would add (they never replace Cognito's)."""
+        ``custom`` claims a pre token generation trigger would add (they never replace Cognito's).
+        ``overrides`` and ``header`` replace claims and header members (None removes one): tokens
+        Cognito would not issue, to see how the verifier refuses each."""
         now = int(time.time())
         client = client_id or DEFAULT_CLIENT_ID
         claims = {
@@ -118,4 +121,11 @@ class Simulator:
             "sub": client, "token_use": "access", "scope": " ".join(scopes), "auth_time": now, "iss": issuer,
             "exp": now + 300, "iat": now, "version": 2, "jti": str(uuid.uuid4()), "client_id": client,
         }
-        return jwt.encode(claims, self._private, algorithm="RS256", headers={"kid": SIMULATED_KID})
+        claims = _replaced(claims, overrides or {})
+        jose = _replaced({"kid": SIMULATED_KID}, header or {})
+        return jwt.encode(claims, self._private, algorithm="RS256", headers=jose)
+
+
+def _replaced(members: dict[str, Any], replacements: Mapping[str, Any]) -> dict[str, Any]:
+    out = {**members, **replacements}
+    return {name: value for name, value in out.items() if value is not None}
