@@ -135,10 +135,13 @@ _GET = ("GET", "HEAD")
 
 class AdminServer:
     """``GET /healthz`` (alive), ``GET /readyz`` (ready, with details; 503 when not) and ``GET /metrics``,
-    404 for any other path, 405 for another method; every connection within ``budget``."""
+    404 for any other path, 405 for another method; every connection within ``budget``. With ``jwks``,
+    ``GET /jwks?iss=<issuer>`` too: the keys the service verifies that issuer's tokens with, for the
+    Envoy of native mode (docs/native.md); public keys, as the issuer publishes them."""
 
     def __init__(self, readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: CachedExposition,
-                 openmetrics: CachedExposition | None = None, budget: AdminBudget = AdminBudget()) -> None:
+                 openmetrics: CachedExposition | None = None, budget: AdminBudget = AdminBudget(),
+                 jwks: Callable[[str], bytes | None] | None = None) -> None:
         self._readiness = readiness
         self._metrics = metrics
         self._openmetrics = openmetrics
@@ -148,6 +151,9 @@ class AdminServer:
         self._sock: socket.socket | None = None
         self._routes: dict[str, Callable[[web.BaseRequest], Awaitable[web.Response]]] = {
             "/healthz": self._healthz, "/readyz": self._readyz, "/metrics": self._serve_metrics}
+        self._jwks = jwks
+        if jwks is not None:
+            self._routes["/jwks"] = self._serve_jwks
 
     async def _handle(self, request: web.BaseRequest) -> web.Response:
         route = self._routes.get(request.path)
@@ -171,6 +177,17 @@ class AdminServer:
         if self._openmetrics is not None and wants_openmetrics(request.headers.get("Accept", "")):
             return web.Response(body=await self._openmetrics.get(), headers={"Content-Type": OPENMETRICS_CONTENT_TYPE})
         return web.Response(body=await self._metrics.get(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _serve_jwks(self, request: web.BaseRequest) -> web.Response:
+        assert self._jwks is not None
+        try:
+            document = self._jwks(request.query.get("iss", ""))
+        except KeyError:
+            return _json({"error": "not an issuer of the policy in force"}, 404)
+        if document is None:  # Envoy keeps the keys it has and fetches again
+            return _json({"error": "no keys for this issuer yet"}, 503)
+        return web.Response(body=document, content_type="application/jwk-set+json",
+                            headers={"Cache-Control": "no-store"})
 
     async def start(self, host: str, port: int) -> int:
         """Bind and serve; the bound port (``port`` 0 picks one). OSError naming the address."""

@@ -1,5 +1,5 @@
 """`authz-service` command line: serve, dev-issuer, the policy tools validate, explain, test, audit,
-and example and completion (docs/cli.md is generated from this parser by tools/cli_reference.py).
+compile (the native fast path), and example and completion (docs/cli.md is generated from this parser by tools/cli_reference.py).
 
 Every `serve` flag has an AUTHZ_* environment variable (see config.OPTIONS); flags win. Every
 command that reads a policy names it the same way: a POLICY argument or --policy, else AUTHZ_POLICY.
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_dev_issuer(commands)
     _add_policy_tools(commands)
+    _add_compile(commands)
     _add_example(commands)
     _add_completion(commands)
     return parser
@@ -163,6 +164,29 @@ def _add_policy_tools(commands: argparse._SubParsersAction) -> None:  # type: ig
     audit.add_argument("--format", choices=("text", "json"), default="text", help="text (default) or json")
 
 
+def _add_compile(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """compile envoy: the native fast path (logic in authz_service/native/)."""
+    from .native.arguments import add_arguments
+
+    compile_ = commands.add_parser(
+        "compile", help="compile a policy for an enforcer of its own: envoy (jwt_authn + RBAC)",
+        description="Compile a policy into another enforcer's configuration. TARGET envoy: a complete Envoy "
+                    "bootstrap that enforces the policy with Envoy's own filters where they decide exactly as the "
+                    "service does, and calls the service (ext_authz) for the rest.")
+    targets = compile_.add_subparsers(dest="target", required=True, metavar="TARGET",
+                                      help="envoy (the only target)")
+    envoy = targets.add_parser(
+        "envoy", help="an Envoy bootstrap enforcing the policy natively, the service as fallback",
+        description="Print an Envoy (1.40) bootstrap enforcing POLICY: envoy/envoy.yaml's hardened listener, "
+                    "jwt_authn (keys from the service's HTTP port), RBAC and the service's own answers, with "
+                    "ext_authz to the service for the routes and requests Envoy's filters cannot decide exactly. "
+                    "The engine of each route, and why, goes to standard error. Exit 0 when compiled, 2 when the "
+                    "policy or an option cannot be.")
+    _policy_positional(envoy)
+    _policy_flag(envoy)
+    add_arguments(envoy)
+
+
 def _add_example(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     example = commands.add_parser(
         "example", help="print a bundled example file (policy, policy tests, dev issuer config)",
@@ -188,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command in ("validate", "explain", "test", "audit"):
             return _policy_tool(args)
+        if args.command == "compile":
+            from .native.command import compile_command
+
+            return compile_command(Path(policy_names(args)[0]), args, sys.stdout, sys.stderr)
         if args.command == "example":
             sys.stdout.write(example_text(args.name))
             return 0

@@ -77,9 +77,12 @@ REASONS: dict[Reason, Outcome] = {
     Reason.INTERNAL_ERROR: Outcome(500, "server_error", 13),  # INTERNAL
 }
 
+NO_ROUTE_TEXT = "no route matches this request"
+MISSING_TOKEN_TEXT = "no bearer token"
 # Each token failure is the reason of the same name.
 _TOKEN_FAILURES: dict[Failure, Reason] = {failure: Reason(failure.value) for failure in Failure}
-_UNMET: dict[Unmet, Reason] = {
+# Which Reason each unmet route condition is (public: the native compiler renders the same answers).
+UNMET_REASONS: dict[Unmet, Reason] = {
     Unmet.CLIENT: Reason.CLIENT_NOT_ALLOWED_FOR_ROUTE,
     Unmet.ANY_SCOPE: Reason.INSUFFICIENT_SCOPE,
     Unmet.ALL_SCOPES: Reason.MISSING_SCOPE,
@@ -123,9 +126,6 @@ def deny(reason: Reason, description: str, route: Route | None = None) -> Decisi
     return Decision(False, reason, description, route)
 
 
-_NO_ROUTE = "no route matches this request"
-
-
 async def decide(request: HttpRequest, policy: Policy, verifier: TokenVerifier) -> Decision:
     """Decide one request: route, then credentials, then the route's scopes and conditions."""
     segments = request.segments
@@ -133,7 +133,7 @@ async def decide(request: HttpRequest, policy: Policy, verifier: TokenVerifier) 
         return await _decide_all(request, policy.routes_for(request.method, segments), policy, verifier)
     route = policy.match(request.method, segments)
     if route is None:
-        return deny(Reason.NO_ROUTE, _NO_ROUTE)
+        return deny(Reason.NO_ROUTE, NO_ROUTE_TEXT)
     if route.public:
         return Decision(True, Reason.PUBLIC, route=route)
     decision = await _authorize(request, route, policy, verifier)
@@ -149,7 +149,7 @@ async def _decide_all(request: HttpRequest, routes: tuple[Route, ...], policy: P
     it); else the first dry-run denial; else an allow labelled with the first protected route, the
     one whose requirements the request met. The token is verified once."""
     if not routes:
-        return deny(Reason.NO_ROUTE, _NO_ROUTE)
+        return deny(Reason.NO_ROUTE, NO_ROUTE_TEXT)
     guards = [route for route in routes if not route.public]
     if not guards:
         return Decision(True, Reason.PUBLIC, route=routes[0])
@@ -195,7 +195,7 @@ async def _authorize(request: HttpRequest, route: Route, policy: Policy,
         if claims is None:
             token = bearer_token(request.authorization)
             if token is None:
-                return deny(Reason.MISSING_TOKEN, "no bearer token", route)
+                return deny(Reason.MISSING_TOKEN, MISSING_TOKEN_TEXT, route)
             claims = await verifier.verify_uncached(token, policy)
     except TokenError as exc:
         return deny(_TOKEN_FAILURES[exc.failure], exc.description, route)
@@ -208,5 +208,5 @@ async def _authorize(request: HttpRequest, route: Route, policy: Policy,
     # against the policy in force.
     unmet = conditions.unmet(claims)
     if unmet is not None:
-        return Decision(False, _UNMET[unmet[0]], unmet[1], route, claims)
+        return Decision(False, UNMET_REASONS[unmet[0]], unmet[1], route, claims)
     return Decision(True, Reason.ALLOWED, "", route, claims)

@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import time
+from base64 import urlsafe_b64encode
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -152,17 +153,38 @@ def _keep_unchanged(old: dict[str, PyJWK], new: dict[str, PyJWK]) -> tuple[dict[
     return merged, changed
 
 
+def jwks_document(keys: dict[str, PyJWK]) -> bytes:
+    """Keys we verify with, as a JWKS document for a verifier of our choosing (Envoy's jwt_authn in
+    native mode): RS256 pinned on each, so a token naming another algorithm finds no key."""
+    entries = []
+    for kid in sorted(keys):
+        numbers = keys[kid].key.public_numbers()
+        entries.append({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256",
+                        "n": _b64_uint(numbers.n), "e": _b64_uint(numbers.e)})
+    return json.dumps({"keys": entries}, separators=(",", ":")).encode()
+
+
+def _b64_uint(value: int) -> str:
+    return urlsafe_b64encode(value.to_bytes((value.bit_length() + 7) // 8, "big")).rstrip(b"=").decode()
+
+
 class _IssuerState:
     """Keys and refresh bookkeeping of one issuer."""
 
     def __init__(self, issuer: Issuer) -> None:
         self.issuer = issuer
         self.keys: dict[str, PyJWK] = {}
+        self._document: tuple[dict[str, PyJWK], bytes] | None = None  # keys -> their JWKS, built once
         self.last_success: float | None = None
         self.last_error: str | None = None
         self.last_attempt = float("-inf")  # monotonic time of the last fetch start
         self.inflight: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
+
+    def document(self) -> bytes:
+        if self._document is None or self._document[0] is not self.keys:  # keys are swapped, never edited
+            self._document = (self.keys, jwks_document(self.keys))
+        return self._document[1]
 
 
 class JwksCache:
@@ -212,6 +234,14 @@ class JwksCache:
         if time.monotonic() - state.last_attempt < self.settings.unknown_kid_cooldown:
             return
         await self._fetch_shared(state, "unknown_kid")
+
+    def document(self, iss: str) -> bytes | None:
+        """The current keys of the issuer whose ``iss`` this is, as a JWKS document (native mode's
+        Envoy fetches it); None while it has none. KeyError for an issuer the policy does not trust."""
+        state = next((s for s in self._states.values() if s.issuer.issuer == iss), None)
+        if state is None:
+            raise KeyError(iss)
+        return state.document() if state.keys else None
 
     # --- lifecycle --------------------------------------------------------------------------------
 

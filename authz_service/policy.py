@@ -184,6 +184,21 @@ class Policy:
         a path ending in '/'."""
         return _match(self._trie, segments, 0, method)
 
+    def methods_of(self, route: Route) -> frozenset[str] | None:
+        """The methods ``route`` takes in this policy (None: any): its own, plus HEAD where its GET
+        implies it (see the module doc). Read from the compiled trie, so a translation of the
+        policy into another matcher (``native``) takes exactly what ``match`` takes."""
+        if route.methods is None:
+            return None
+        node = self._trie
+        parts = pattern_parts(route.path)
+        for part in parts:
+            if part is REST:
+                break
+            node = node.param if part is PARAM else node.literals[self.fold(part)]  # type: ignore[assignment,arg-type,index]
+        endpoint = node.rest if parts and parts[-1] is REST else node.exact
+        return frozenset(method for method, owner in endpoint.by_method.items() if owner is route)
+
     def routes_for(self, method: str, segments: tuple[str, ...]) -> tuple[Route, ...]:
         """Every route whose requirements the request must meet; empty: no route (deny).
 
@@ -739,6 +754,13 @@ class _Context(YamlValidator):
 
 _REST = object()
 _PARAM = object()
+REST, PARAM = _REST, _PARAM  # the kinds of pattern parts besides literal segments (see pattern_parts)
+
+
+def pattern_parts(pattern: str) -> list[object]:
+    """A valid route pattern's parts, left to right: literal segments (str), PARAM for ``{name}``
+    and a final REST for ``/**``. "/" has none."""
+    return _parse_pattern(pattern, PolicyError)
 
 
 def pattern_matches(pattern: str, segments: tuple[str, ...], path_case: PathCase = PathCase.SENSITIVE) -> bool:

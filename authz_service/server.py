@@ -127,7 +127,7 @@ class Service:
         if not self.worker:
             exposition = CachedExposition(self._exposition, settings.metrics_min_interval)
             openmetrics = CachedExposition(self._openmetrics_exposition, settings.metrics_min_interval)
-            self._admin = AdminServer(self._readiness, exposition, openmetrics)
+            self._admin = AdminServer(self._readiness, exposition, openmetrics, jwks=self.jwks.document)
             self.http_port = await self._admin.start(settings.http_host, settings.http_port)
 
         self._tasks.append(asyncio.create_task(self.reloader.watch(settings.policy_poll_interval)))

@@ -206,3 +206,29 @@ async def test_connections_open_at_once_are_bounded_and_a_slow_client_is_cut_off
         assert all(answer.startswith(b"HTTP/1.1 200 ") for answer in await asyncio.gather(*scrapes))
     finally:
         await server.stop()
+
+
+async def test_jwks_serves_the_keys_an_issuer_has_and_says_why_not_otherwise():
+    """What native mode's Envoy fetches: the keys of the named issuer (200), none yet (503: Envoy
+    keeps what it has and fetches again), or an issuer the policy does not trust (404)."""
+    documents = {"https://issuer.example/a": b'{"keys":[]}', "https://issuer.example/b": None}
+
+    def jwks(iss: str) -> bytes | None:
+        return documents[iss]  # KeyError for an unknown issuer, as JwksCache.document
+
+    async def generate() -> bytes:
+        return b""
+
+    server = AdminServer(lambda: (True, {}), CachedExposition(generate, 0), jwks=jwks)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def get(iss: str) -> tuple[int, str, bytes]:
+                async with session.get(f"http://127.0.0.1:{port}/jwks", params={"iss": iss}) as resp:
+                    return resp.status, resp.content_type, await resp.read()
+
+            assert await get("https://issuer.example/a") == (200, "application/jwk-set+json", b'{"keys":[]}')
+            assert (await get("https://issuer.example/b"))[0] == 503
+            assert (await get("https://issuer.example/c"))[0] == 404
+    finally:
+        await server.stop()

@@ -188,7 +188,8 @@ def test_the_help_walk_sees_every_option() -> None:
     """Guards the test above: it walks every subcommand and every option the CLI has."""
     prog_names = {p.prog for p in _parsers(build_parser())}
     assert prog_names == {"authz-service", *(f"authz-service {c}" for c in (
-        "serve", "dev-issuer", "validate", "explain", "test", "audit", "example", "completion"))}
+        "serve", "dev-issuer", "validate", "explain", "test", "audit", "compile", "compile envoy", "example",
+        "completion"))}
     flags = {s for a in _all_actions(build_parser()) for s in a.option_strings}
     assert {"--ext-authz-http-port", "--token-file", "--strict", "--public-url", "--version"} <= flags
 

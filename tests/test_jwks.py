@@ -526,3 +526,21 @@ async def test_checks_that_arrive_during_a_rotation_fetch_wait_for_it(endpoint, 
     refused = [r.failure.value for r in results if isinstance(r, TokenError)]
     assert refused == [] and all(r.client_id == "client-a" for r in results)
     assert scripted.hits == hits + 1
+
+
+async def test_document_is_the_current_key_set_of_one_issuer(endpoint, make_cache, key_a, key_b) -> None:
+    """What the service serves native mode's Envoy (admin /jwks): None before the first keys, the
+    keys as parsed, the new set after a rotation; KeyError for a stranger."""
+    scripted, issuer = endpoint
+    cache, _ = make_cache(refresh_interval=0.05)
+    cache.sync([issuer])
+    assert cache.document(issuer.issuer) is None
+    with pytest.raises(KeyError):
+        cache.document("https://issuer.example/not-trusted")
+    scripted.keys(key_a)
+    await wait_for(lambda: cache.document(issuer.issuer) is not None)
+    first = cache.document(issuer.issuer)
+    assert [k["kid"] for k in json.loads(first)["keys"]] == ["kid-a"]
+    scripted.keys(key_b)
+    await wait_for(lambda: cache.key(issuer, "kid-b") is not None)
+    assert set(parse_jwks(cache.document(issuer.issuer)).keys) == {"kid-b"}

@@ -42,9 +42,18 @@ def render() -> str:
         _table(["code", "meaning"], [[f"`{code}`", _cell(meaning)] for code, meaning in EXIT_CODES.items()]),
     ]
     for name, _, sub in commands:
-        out += ["", f"## authz-service {name}", "", _cell(sub.description or ""), "", f"```\n{_synopsis(sub)}\n```"]
-        out += _arguments(sub, serve=name == "serve")
+        out += _section(name, sub)
     return "\n".join(out) + "\n"
+
+
+def _section(name: str, parser: argparse.ArgumentParser) -> list[str]:
+    """A command's section, then one per command of its own (``compile envoy``)."""
+    out = ["", f"## authz-service {name}", "", _cell(parser.description or ""), "", f"```\n{_synopsis(parser)}\n```"]
+    out += _arguments(parser, serve=name == "serve")
+    if any(isinstance(a, argparse._SubParsersAction) for a in parser._actions):
+        for sub_name, _, sub in _subcommands(parser):
+            out += _section(f"{name} {sub_name}", sub)
+    return out
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:

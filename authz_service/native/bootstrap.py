@@ -1,0 +1,202 @@
+"""Compile a policy into an Envoy bootstrap: envoy/envoy.yaml's hardened Envoy, deciding natively.
+
+The bootstrap starts from ``envoy.yaml`` in this package, a byte-for-byte copy of the shipped
+envoy/envoy.yaml (tests/test_native.py keeps them equal), so the path normalization, admission
+control, overload manager, timeouts, health listener and access log are the shipped ones, and
+follow it. Only what decides changes: the routes, and in place of the ext_authz filter
+
+    authz.screen (RBAC)   the service's 400s that need no token (checks.screen_checks)
+    authz.jwt (jwt_authn) verifies the token, keys from the service (jwt.py), never denies
+    authz.token (RBAC)    401s of a verified token (checks.token_checks)
+    authz.route (RBAC)    403s of the route's conditions (checks.route_checks)
+    ext_authz             the shipped filter, run when no token was verified (or the route is the
+                          service's): the service then decides, in its own words
+
+Denials Envoy makes itself are rewritten into the service's answers (answers.py). The result is a
+``Compiled`` whose listeners and clusters are complete resources, so they can as well be served to
+Envoy as xDS resources as be put in a static bootstrap.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from ..policy import Policy
+from ..request import BadRequest, identity_and_override_spellings, special_names
+from .answers import AnswerBook
+from .checks import PAYLOAD, rules, screen_checks, token_checks
+from .cel import JWT_AUTHN
+from .jwt import SERVICE_HTTP_CLUSTER, jwt_authn
+from .options import Address, Options
+from .plan import RoutePlan, plan
+from .routes import EXT_AUTHZ, JWT, RATE_LIMIT, ROUTE, SCREEN, TOKEN, Admission, ingress_routes
+
+HCM = "envoy.filters.network.http_connection_manager"
+RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+INGRESS, HEALTH = "ingress", "envoy-health"
+# The generated regexes (the request screen's, a long JOSE header's) exceed RE2 program sizes
+# Envoy refuses by default (100); they are ours, not a client's.
+RE2_PROGRAM_SIZE = 8192
+
+
+class TemplateError(ValueError):
+    """The packaged envoy.yaml is not shaped as this compiler expects (it was edited)."""
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A compiled policy: the route plan and Envoy's resources."""
+
+    policy: Policy
+    options: Options
+    plans: tuple[RoutePlan, ...]
+    listeners: list[dict[str, Any]]
+    clusters: list[dict[str, Any]]
+    static: dict[str, Any] = field(repr=False)  # admin, overload_manager, layered_runtime
+
+    def bootstrap(self) -> dict[str, Any]:
+        """The whole bootstrap, every resource static."""
+        return {**self.static, "static_resources": {"listeners": self.listeners, "clusters": self.clusters}}
+
+
+def compile_policy(policy: Policy, options: Options = Options()) -> Compiled:
+    """Compile ``policy`` (ValueError when an option cannot serve it)."""
+    _check_options(options)
+    template = copy.deepcopy(_template())
+    plans = plan(policy)
+    book = AnswerBook(options.realm)
+    listeners = {item["name"]: item for item in template["static_resources"]["listeners"]}
+    _expect(set(listeners) == {INGRESS, HEALTH}, f"listeners {INGRESS!r} and {HEALTH!r}")
+    _set_address(listeners[INGRESS], options.listen)
+    _set_address(listeners[HEALTH], options.health)
+    hcm = _hcm(listeners[INGRESS])
+    virtual_hosts = hcm["route_config"]["virtual_hosts"]
+    _expect(len(virtual_hosts) == 1, "one virtual host")
+    routes = ingress_routes(policy, plans, book, _admission(virtual_hosts[0]["routes"]))
+    virtual_hosts[0]["routes"] = routes
+    hcm["http_filters"] = _filters(hcm["http_filters"], policy, options, book)
+    hcm["local_reply_config"]["mappers"].extend(book.mappers())  # after the filters: they register answers
+    _strip_identity_early(hcm)
+    clusters = {item["name"]: item for item in template["static_resources"]["clusters"]}
+    for name, address in (("authz_service", options.service_grpc), ("app", options.app),
+                          ("envoy_admin", options.admin)):
+        _expect(name in clusters, f"cluster {name!r}")
+        _set_endpoint(clusters[name], address)
+    clusters[SERVICE_HTTP_CLUSTER] = _service_http_cluster(options.service_http)
+    static = {key: value for key, value in template.items() if key != "static_resources"}
+    _set_address(static["admin"], options.admin)
+    static["layered_runtime"] = {"layers": [{"name": "native", "static_layer": {
+        "re2.max_program_size.error_level": RE2_PROGRAM_SIZE}}]}
+    # Which policy this Envoy enforces natively (admin /server_info), to compare with the service's
+    # (/readyz): a policy change needs a new compile.
+    static["node"] = {"id": "authz-service-native", "cluster": "authz-service",
+                      "metadata": {"authz_policy_sha256": policy.sha256, "authz_policy_source": policy.source}}
+    return Compiled(policy, options, plans, [listeners[INGRESS], listeners[HEALTH]], list(clusters.values()), static)
+
+
+def _check_options(options: Options) -> None:
+    for name in ("app", "service_grpc", "service_http", "admin"):
+        address: Address = getattr(options, name)
+        if address.unspecified:
+            raise ValueError(f"--{name.replace('_', '-')} {address}: Envoy connects there, so name an address "
+                             "(e.g. 127.0.0.1), not 0.0.0.0 or ::")
+    if options.leeway < 2:
+        raise ValueError(f"--leeway {options.leeway}: at least 2 seconds (jwt_authn's clock skew is one second "
+                         "less, and Envoy reads 0 as its own default of 60)")
+
+
+@lru_cache(maxsize=1)
+def _template() -> dict[str, Any]:
+    text = resources.files(__package__).joinpath("envoy.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+def _expect(condition: bool, what: str) -> None:
+    if not condition:
+        raise TemplateError(f"authz_service/native/envoy.yaml must be envoy/envoy.yaml with {what}")
+
+
+def _set_address(node: dict[str, Any], address: Address) -> None:
+    node["address"]["socket_address"] = {**node["address"]["socket_address"], **address.socket_address()}
+
+
+def _set_endpoint(cluster: dict[str, Any], address: Address) -> None:
+    endpoints = [lb["endpoint"] for group in cluster["load_assignment"]["endpoints"] for lb in group["lb_endpoints"]]
+    _expect(len(endpoints) == 1, f"one endpoint in cluster {cluster['name']!r}")
+    _set_address(endpoints[0], address)
+
+
+def _hcm(listener: dict[str, Any]) -> dict[str, Any]:
+    chains = listener["filter_chains"]
+    found = [f["typed_config"] for chain in chains for f in chain["filters"] if f["name"] == HCM]
+    _expect(len(chains) == 1 and len(found) == 1, f"one HTTP connection manager in listener {listener['name']!r}")
+    return found[0]
+
+
+def _admission(shipped_routes: list[dict[str, Any]]) -> Admission:
+    """The shipped admission routes' definitions: a bearer JWT, and the anonymous token bucket."""
+    by_name = {route.get("name"): route for route in shipped_routes}
+    _expect(set(by_name) == {"bearer-jwt", "anonymous"}, "routes 'bearer-jwt' and 'anonymous'")
+    headers = by_name["bearer-jwt"]["match"].get("headers", [])
+    _expect(len(headers) == 1 and headers[0]["name"] == "authorization", "route 'bearer-jwt' matching authorization")
+    regex = headers[0]["string_match"]["safe_regex"]["regex"]
+    return Admission(regex.removeprefix("^").removesuffix("$"),
+                     by_name["anonymous"]["typed_per_filter_config"][RATE_LIMIT])
+
+
+def _filters(shipped: list[dict[str, Any]], policy: Policy, options: Options,
+             book: AnswerBook) -> list[dict[str, Any]]:
+    """The shipped HTTP filters with the ext_authz filter preceded by the native ones and enabled
+    only where no token was verified."""
+    names = [f["name"] for f in shipped]
+    _expect(names.count(EXT_AUTHZ) == 1, f"one {EXT_AUTHZ} filter")
+    ext_authz = shipped[names.index(EXT_AUTHZ)]
+    ext_authz["typed_config"]["filter_enabled_metadata"] = {
+        "filter": JWT_AUTHN, "path": [{"key": PAYLOAD}, {"key": "iss"}], "value": {"present_match": True},
+        "invert": True}
+    native = [
+        _rbac(SCREEN, rules(screen_checks(book))),
+        {"name": JWT, "typed_config": jwt_authn(policy, options)},
+        _rbac(TOKEN, rules(token_checks(policy, book, options.leeway))),
+        # Each native route brings its own rules; this one takes effect on none.
+        _rbac(ROUTE, {"action": "DENY", "policies": {}}),
+    ]
+    index = names.index(EXT_AUTHZ)
+    return [*shipped[:index], *native, *shipped[index:]]
+
+
+def _rbac(name: str, rbac_rules: dict[str, Any]) -> dict[str, Any]:
+    prefix = name.replace(".", "_") + "_"
+    return {"name": name, "typed_config": {"@type": RBAC_TYPE, "rules": rbac_rules, "rules_stat_prefix": prefix}}
+
+
+def _strip_identity_early(hcm: dict[str, Any]) -> None:
+    """Remove a client's copy of every identity header, in every spelling ('-', '_', '.'), before any filter or route
+    sees the request: on every route, public ones included, and whoever decides (jwt_authn then
+    sets them from a verified token, the service from the one it verified)."""
+    extensions = hcm["early_header_mutation_extensions"]
+    _expect(len(extensions) == 1, "one early header mutation")
+    spellings = [name for name in identity_and_override_spellings() if _is_identity(name)]
+    extensions[0]["typed_config"]["mutations"].extend({"remove": name} for name in spellings)
+
+
+def _is_identity(name: str) -> bool:
+    """Whether the service strips ``name`` (an identity header spelling) rather than refusing it."""
+    try:
+        special_names([name])
+    except BadRequest:
+        return False
+    return True
+
+
+def _service_http_cluster(address: Address) -> dict[str, Any]:
+    """The service's HTTP port, where jwt_authn fetches the keys the service holds."""
+    return {"name": SERVICE_HTTP_CLUSTER, "type": "STATIC", "connect_timeout": "0.25s",
+            "load_assignment": {"cluster_name": SERVICE_HTTP_CLUSTER, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": address.socket_address()}}}]}]}}

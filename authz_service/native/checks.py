@@ -1,0 +1,313 @@
+"""The checks Envoy's RBAC filters make natively, each an RBAC DENY policy with the service's answer.
+
+Three RBAC filters, in the order the service checks (authz_service.check, decision, tokens):
+
+* the request screen (every route but the service's): a target longer than the service reads, and
+  method or URL override headers in any spelling: 400, as ``request.py`` answers;
+* the token checks (native routes): no Authorization at all (401), and what jwt_authn does not
+  check of a token it verified: size, the JOSE header's kid, crit and key members, ``iat`` in the
+  future, ``token_use``, ``client_id`` and the issuer's client allow-list, the types and text of
+  the claims forwarded upstream (``scope`` as RFC 6749 scope tokens) (401 ``invalid_token``);
+* the route's conditions (native routes): client allow-list, any-of and all-of scopes, claim
+  conditions (403 ``insufficient_scope``).
+
+A token jwt_authn could not verify never meets these checks but ``missing``: the service decides
+it (see bootstrap.py). Every description is obtained from the service's own code (the verifier,
+refusing probe tokens minted by ``simulate.Simulator``; ``Conditions.unmet`` on probe claims), so
+the texts cannot drift apart; a probe answered otherwise than expected stops the compiler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..claims import SCOPE_CHARS, SCOPE_TOKEN, UNSUPPORTED, Claims, ClaimValue
+from ..conditions import ANY_SCOPE_TEXT, ClaimCondition, Unmet
+from ..decision import MISSING_TOKEN_TEXT, UNMET_REASONS, Reason
+from ..policy import Policy, Route
+from ..request import MAX_PATH_LENGTH, BadRequest, identity_and_override_spellings, normalized_path, special_names
+from ..tools.simulate import Simulator
+from ..tokens import MAX_TOKEN_BYTES, TokenError
+from . import cel
+from .answers import AnswerBook
+from .patterns import re2_literal
+
+Principal = dict[str, Any]
+PAYLOAD, HEADER = "payload", "header"  # jwt_authn's payload_in_metadata and header_in_metadata
+BEARER_PREFIX = len("Bearer ")
+NOT_A_CLIENT = "native-probe-of-a-client-no-list-names"
+# A claim the service refuses to forward as a header (tokens._check_header_text: client_id, sub): a
+# control character other than HTAB anywhere, or a space or tab at either end.
+INVALID_HEADER_TEXT = r"(?s)[ \t].*|.*[ \t]|.*[\x00-\x08\x0a-\x1f\x7f].*"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One RBAC DENY policy: it matches (denies) when ``principal`` and ``condition`` both hold."""
+
+    name: str
+    principal: Principal
+    condition: cel.Expr | None = None
+
+    def policy(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"permissions": [{"any": True}], "principals": [self.principal]}
+        if self.condition is not None:
+            out["condition"] = self.condition
+        return out
+
+
+def rules(checks: list[Check]) -> dict[str, Any]:
+    """RBAC rules denying on the first check (in name order) that matches."""
+    return {"action": "DENY", "policies": {check.name: check.policy() for check in checks}}
+
+
+# --- principals --------------------------------------------------------------------------------
+
+ANY: Principal = {"any": True}
+
+
+def metadata(key: str, claim: str, value: dict[str, Any]) -> Principal:
+    """The verified token's ``claim`` (in jwt_authn's ``key`` metadata) matches ``value``."""
+    return {"sourced_metadata": {"metadata_matcher": {
+        "filter": cel.JWT_AUTHN, "path": [{"key": key}, {"key": claim}], "value": value}}}
+
+
+def not_(principal: Principal) -> Principal:
+    return {"not_id": principal}
+
+
+def and_(*principals: Principal) -> Principal:
+    return principals[0] if len(principals) == 1 else {"and_ids": {"ids": list(principals)}}
+
+
+def or_(*principals: Principal) -> Principal:
+    return principals[0] if len(principals) == 1 else {"or_ids": {"ids": list(principals)}}
+
+
+def regex(pattern: str) -> dict[str, Any]:
+    return {"string_match": {"safe_regex": {"regex": pattern}}}
+
+
+def exact(text: str) -> dict[str, Any]:
+    return {"string_match": {"exact": text}}
+
+
+# jwt_authn verified the token: only then is its payload in the metadata (its iss is a string).
+VERIFIED = metadata(PAYLOAD, "iss", {"present_match": True})
+
+
+def header_present(name: str) -> Principal:
+    return {"header": {"name": name, "present_match": True}}
+
+
+def scope_holds(scopes: frozenset[str]) -> Principal:
+    """The token's space-separated ``scope`` claim holds one of ``scopes`` (str.split(" ") rules)."""
+    alternatives = "|".join(re2_literal(scope) for scope in sorted(scopes))
+    return metadata(PAYLOAD, "scope", regex(f"(?s)(?:.* )?(?:{alternatives})(?: .*)?"))
+
+
+def client_is(client_ids: frozenset[str]) -> Principal:
+    return or_(*(metadata(PAYLOAD, "client_id", exact(c)) for c in sorted(client_ids)))
+
+
+def claim_equals(name: str, value: object) -> Principal:
+    """The claim is the value, compared by JSON type as ClaimCondition.holds compares."""
+    if isinstance(value, bool):
+        return metadata(PAYLOAD, name, {"bool_match": value})
+    if isinstance(value, str):
+        return metadata(PAYLOAD, name, exact(value))
+    assert isinstance(value, (int, float))
+    return metadata(PAYLOAD, name, {"double_match": {"exact": float(value)}})
+
+
+# --- the request screen ------------------------------------------------------------------------
+
+
+def screen_checks(book: AnswerBook) -> list[Check]:
+    """400s the service answers before it matches a route, for requests the route screen (routes.py)
+    lets through: a target over its length limit, then override headers (the first in name order)."""
+    checks = [Check(book.policy_name(1, Reason.BAD_REQUEST, _refusal(lambda: normalized_path(
+                  "/" + "a" * MAX_PATH_LENGTH))), ANY,
+                  cel.call("_>_", cel.call("size", cel.request_target()), cel.integer(MAX_PATH_LENGTH)))]
+    # Every spelling of one override header is refused in the same words, which name the header:
+    # the service names the first in name order, and so does the first of these checks to match.
+    overrides: dict[str, list[str]] = {}
+    for name in identity_and_override_spellings():
+        try:
+            special_names([name])  # an identity header spelling: stripped, not refused
+        except BadRequest as exc:
+            overrides.setdefault(str(exc), []).append(name)
+    for order, description in enumerate(sorted(overrides), start=2):
+        checks.append(Check(book.policy_name(order, Reason.BAD_REQUEST, description),
+                            or_(*(header_present(n) for n in sorted(overrides[description])))))
+    return checks
+
+
+def _refusal(parse: Callable[[], object]) -> str:
+    """The description of the BadRequest ``parse`` raises (the service's own words)."""
+    try:
+        parse()
+    except BadRequest as exc:
+        return str(exc)
+    raise AssertionError("the request parser accepted a request the native screen refuses")
+
+
+# --- the token checks --------------------------------------------------------------------------
+
+
+def token_checks(policy: Policy, book: AnswerBook, leeway: int) -> list[Check]:
+    """401s for a token jwt_authn verified but the service refuses, in the service's order."""
+    texts = TokenTexts(policy)
+    payload, header = cel.jwt_metadata(PAYLOAD), cel.jwt_metadata(HEADER)
+    out = [Check(book.policy_name(0, Reason.MISSING_TOKEN, MISSING_TOKEN_TEXT), not_(header_present("authorization")))]
+
+    def add(reason_text: tuple[Reason, str], principal: Principal, condition: cel.Expr | None = None) -> None:
+        out.append(Check(book.policy_name(len(out), *reason_text), principal, condition))
+
+    add(texts.refusal("x" * (MAX_TOKEN_BYTES + 1)), ANY,
+        cel.call("_>_", cel.call("size", cel.request_header("authorization")),
+                 cel.integer(BEARER_PREFIX + MAX_TOKEN_BYTES)))
+    kid = cel.index(header, "kid")
+    add(texts.refused(header={"kid": None}), ANY,
+        cel.any_of(cel.negate(cel.has(header, "kid")), cel.call("_==_", cel.call("size", kid), cel.integer(0)),
+                   cel.call("_>_", cel.call("size", kid), cel.integer(256))))
+    add(texts.refused(header={"crit": ["exp"]}), ANY,
+        cel.any_of(cel.has(header, "crit"),
+                   cel.all_of(cel.has(header, "b64"),
+                              cel.call("_!=_", cel.index(header, "b64"), {"const_expr": {"bool_value": True}}))))
+    add(texts.refused(header={"jku": "https://keys.example"}), ANY,
+        cel.any_of(*(cel.has(header, member) for member in ("jku", "x5u", "jwk", "x5c"))))
+    # iat (a number >= 0: jwt_authn checked) in the future: int() floors it as the service does;
+    # anything past 1e15 is in the future anyway, and would not fit int().
+    iat = cel.index(payload, "iat")
+    add(texts.refused(overrides={"iat": int(time.time()) + 10**6}), ANY,
+        cel.any_of(cel.call("_>_", iat, cel.double(1e15)),
+                   cel.call("_>_", cel.call("int", iat), cel.call("_+_", cel.now_seconds(), cel.integer(leeway)))))
+    add(texts.refused(overrides={"token_use": "id"}), and_(VERIFIED, not_(metadata(PAYLOAD, "token_use", exact("access")))))
+    add(texts.refused(overrides={"client_id": None}), and_(VERIFIED, not_(metadata(PAYLOAD, "client_id", regex("(?s).+")))))
+    add(texts.refused(overrides={"client_id": "client\x01"}), metadata(PAYLOAD, "client_id", regex(INVALID_HEADER_TEXT)))
+    restricted = [i for i in policy.issuers if i.client_ids is not None]
+    if restricted:
+        add(texts.refused(issuer=restricted[0].issuer, client_id=NOT_A_CLIENT),
+            or_(*(and_(metadata(PAYLOAD, "iss", exact(i.issuer)), not_(client_is(i.client_ids)))  # type: ignore[arg-type]
+                  for i in restricted)))
+    add(texts.refused(overrides={"scope": ["scope"]}), ANY,
+        cel.all_of(cel.has(payload, "scope"),
+                   cel.call("_!=_", cel.call("type", cel.index(payload, "scope")), cel.ident("string"))))
+    # RFC 6749 scope tokens separated by single spaces (tokens._check_scope): first a character no
+    # scope has, then the spacing.
+    add(texts.refused(overrides={"scope": "scope\x01"}),
+        metadata(PAYLOAD, "scope", regex(f"(?s).*[^{SCOPE_CHARS} \\t\\n\\v\\f\\r].*")))
+    add(texts.refused(overrides={"scope": "scope  other"}),
+        and_(not_(metadata(PAYLOAD, "scope", regex(f"(?:{SCOPE_TOKEN}(?: {SCOPE_TOKEN})*)?"))),
+             metadata(PAYLOAD, "scope", regex("(?s).*"))))
+    add(texts.refused(overrides={"sub": "sub\x01"}), metadata(PAYLOAD, "sub", regex(INVALID_HEADER_TEXT)))
+    return out
+
+
+class TokenTexts:
+    """How the service's verifier refuses probe tokens, each failing exactly one check."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.simulator = Simulator(policy)
+        self.issuer = policy.issuers[0].issuer
+        allowed = policy.issuers[0].client_ids
+        self.client_id = min(allowed) if allowed else "native-probe"
+
+    def refused(self, *, issuer: str | None = None, client_id: str | None = None,
+                overrides: Mapping[str, Any] | None = None, header: Mapping[str, Any] | None = None) -> tuple[Reason, str]:
+        issuer = issuer or self.issuer
+        token = self.simulator.token(issuer, ["scope"], client_id or self._client(issuer), overrides=overrides,
+                                     header=header)
+        return self.refusal(token)
+
+    def refusal(self, token: str) -> tuple[Reason, str]:
+        try:
+            asyncio.run(self.simulator.verifier.verify(token, self.policy))
+        except TokenError as exc:
+            return Reason(exc.failure.value), exc.description  # decision: each failure is its reason
+        raise AssertionError("the verifier accepted a token the native checks refuse")
+
+    def _client(self, issuer: str) -> str:
+        allowed = self.policy.issuers_by_iss[issuer].client_ids
+        return min(allowed) if allowed else "native-probe"
+
+
+# --- the route's conditions --------------------------------------------------------------------
+
+
+def route_checks(policy: Policy, route: Route, book: AnswerBook) -> list[Check]:
+    """403s for a verified token that does not meet ``route``'s conditions, in the service's order
+    (Conditions.unmet): client, any-of scopes, each all-of scope (the first missing in name order),
+    each claim condition (absent, then another value). Each check also requires a verified token."""
+    checks: list[Check] = []
+
+    def add(unmet: tuple[Unmet, str] | None, principal: Principal, condition: cel.Expr | None = None) -> None:
+        if unmet is None:
+            return  # no token reaches this check without failing an earlier one
+        checks.append(Check(book.policy_name(len(checks), UNMET_REASONS[unmet[0]], unmet[1], route),
+                            and_(VERIFIED, principal), condition))
+
+    if route.conditions is None:  # any-of scopes only (decide() skips Conditions)
+        add((Unmet.ANY_SCOPE, ANY_SCOPE_TEXT), not_(scope_holds(route.scopes)))
+        return checks
+    probe = _Probe(policy, route)
+    if route.client_ids is not None:
+        add(probe.failing(client=True), not_(client_is(route.client_ids)))
+    if route.scopes:
+        add(probe.failing(any_scope=True), not_(scope_holds(route.scopes)))
+    for scope in sorted(route.all_scopes):
+        add(probe.failing(missing_scope=scope), not_(scope_holds(frozenset({scope}))))
+    payload = cel.jwt_metadata(PAYLOAD)
+    for condition in route.claims:
+        add(probe.failing(claim=(condition, False)), ANY, cel.negate(cel.has(payload, condition.name)))
+        add(probe.failing(claim=(condition, True)), not_(or_(*(claim_equals(condition.name, v) for v in condition.values))))
+    return checks
+
+
+class _Probe:
+    """Verified-token claims meeting every condition of a route but one, to ask ``Conditions.unmet``
+    (the service's own evaluation) which condition fails and how it is described."""
+
+    def __init__(self, policy: Policy, route: Route) -> None:
+        self.policy, self.route = policy, route
+
+    def failing(self, *, client: bool = False, any_scope: bool = False, missing_scope: str | None = None,
+                claim: tuple[ClaimCondition, bool] | None = None) -> tuple[Unmet, str] | None:
+        route = self.route
+        client_id = NOT_A_CLIENT if client else min(route.client_ids or {"native-probe"})
+        scopes: set[str] = set()  # none of the any-of scopes (which come first), or:
+        if not any_scope:
+            scopes = set(route.all_scopes) - {missing_scope}  # type: ignore[operator]
+            if route.scopes:
+                others = sorted(route.scopes - {missing_scope})
+                if not others:
+                    return None  # the any-of scopes are just the missing one: any_scope fails first
+                scopes.add(others[0])
+        custom: dict[str, ClaimValue] = {}
+        for condition in route.claims:
+            if claim is not None and condition is claim[0]:
+                if claim[1]:
+                    custom[condition.name] = UNSUPPORTED  # present, never holds
+                break
+            custom[condition.name] = _holding(condition)
+        claims = Claims(issuer=self.policy.issuers[0].issuer, client_id=client_id, sub="", scopes=frozenset(scopes),
+                        scope_text=" ".join(sorted(scopes)), exp=0, kid="", custom=custom,
+                        extracted=self.policy.claim_names)
+        assert route.conditions is not None
+        unmet = route.conditions.unmet(claims)
+        expected = (Unmet.CLIENT if client else Unmet.ANY_SCOPE if any_scope
+                    else Unmet.ALL_SCOPES if missing_scope is not None else Unmet.CLAIM)
+        if unmet is None or unmet[0] is not expected:
+            raise AssertionError(f"route {route.name!r}: the decision core does not fail {expected.value} first")
+        return unmet
+
+
+def _holding(condition: ClaimCondition) -> ClaimValue:
+    value = condition.values[0]
+    return (value,) if condition.operator == "contains" else value  # type: ignore[return-value]

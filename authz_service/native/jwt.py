@@ -1,0 +1,77 @@
+"""The jwt_authn filter: one provider per accepted ``iss``, keys from the service's JWKS endpoint.
+
+jwt_authn only verifies here (``allow_missing_or_failed``): a token it verifies leaves its payload
+and header in the request's metadata for the RBAC checks; one it cannot verify (bad signature,
+unknown kid, expired, malformed, keys unavailable...) leaves none, and the ext_authz filter, enabled
+exactly then, lets the service decide it with its own words, its unknown-kid re-fetch and its 503.
+Its clock skew is one second less than the service's leeway, so jwt_authn never accepts a token
+the service would find expired or not yet valid (its seconds are whole, the service's are not).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+from ..policy import Policy
+from ..request import IDENTITY_HEADERS
+from ..tokens import MAX_TOKEN_BYTES
+from .checks import HEADER, PAYLOAD
+from .options import Options
+
+JWT_AUTHN_TYPE = "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
+SERVICE_HTTP_CLUSTER = "authz_service_http"
+REQUIREMENT = "verify"
+# The claims the service forwards upstream, in IDENTITY_HEADERS order (response.Answers._build_allow).
+_FORWARDED_CLAIMS = ("client_id", "scope", "sub")
+
+
+def jwks_uri(options: Options, issuer: str) -> str:
+    """Where the service serves ``issuer``'s current keys (admin.AdminServer, ``/jwks``)."""
+    return f"http://{options.service_http}/jwks?iss={quote(issuer, safe='')}"
+
+
+def provider_names(policy: Policy) -> list[str]:
+    return [f"issuer-{i}" for i in range(len(policy.issuers))]
+
+
+def jwt_authn(policy: Policy, options: Options) -> dict[str, Any]:
+    """The filter's typed config."""
+    requirement = {"requires_any": {"requirements": [
+        *({"provider_name": name} for name in provider_names(policy)), {"allow_missing_or_failed": {}}]}}
+    return {
+        "@type": JWT_AUTHN_TYPE,
+        "providers": {name: _provider(issuer.issuer, options)
+                      for name, issuer in zip(provider_names(policy), policy.issuers)},
+        "requirement_map": {REQUIREMENT: requirement},
+        # Routes name the requirement themselves; this rule covers any route that would not.
+        "rules": [{"match": {"prefix": "/"}, "requirement_name": REQUIREMENT}],
+    }
+
+
+def _provider(issuer: str, options: Options) -> dict[str, Any]:
+    provider: dict[str, Any] = {
+        "issuer": issuer,
+        "remote_jwks": {
+            "http_uri": {"uri": jwks_uri(options, issuer), "cluster": SERVICE_HTTP_CLUSTER, "timeout": "2s"},
+            # Fetched in the background, before the listener starts and then every cache_duration;
+            # a failed fetch keeps the keys Envoy has and is retried after failed_refetch_duration.
+            "cache_duration": f"{options.jwks_cache_seconds}s",
+            "async_fetch": {"fast_listener": False, "failed_refetch_duration": "1s"},
+        },
+        # Only "Bearer <token>" in Authorization (never an access_token query parameter), and the
+        # header stays on the request as it does through the service.
+        "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
+        "forward": True,
+        "require_expiration": True,
+        "clock_skew_seconds": options.leeway - 1,
+        "payload_in_metadata": PAYLOAD,
+        "header_in_metadata": HEADER,
+        # Set only for a non-empty string claim, as the service sets them; the client's own copies
+        # were removed before any filter ran (the listener's early header mutation).
+        "claim_to_headers": [{"header_name": header, "claim_name": claim}
+                             for header, claim in zip(IDENTITY_HEADERS, _FORWARDED_CLAIMS)],
+    }
+    if options.jwt_cache_size:
+        provider["jwt_cache_config"] = {"jwt_cache_size": options.jwt_cache_size, "jwt_max_token_size": MAX_TOKEN_BYTES}
+    return provider

@@ -1,0 +1,130 @@
+"""The RE2 patterns the compiled Envoy matches requests with: route paths and the request screen.
+
+The request screen sends every request the service would refuse or read differently (a method or
+path not in its normal form, a ``_method`` query parameter, Authorization that is not exactly one
+canonical ``Bearer`` JWT) to the service itself, so Envoy's own filters only ever see requests
+whose parsing both sides agree on. Each pattern is the service's own rule (authz_service.request,
+authz_service.tokens) written for RE2; tests/test_native.py checks them against those rules.
+Envoy matches a ``safe_regex`` against the whole value, so no pattern needs anchors.
+"""
+
+from __future__ import annotations
+
+from ..policy import PARAM, REST
+from ..tokens import MAX_HEADER_CHARS
+
+# An upper-case RFC 9110 token of at most 32 characters (request.checked_method).
+METHOD = r"[!#$%&'*+\-.^_`|~0-9A-Z]{1,32}"
+
+_B64 = "[A-Za-z0-9_-]"
+# One canonical base64url segment (RFC 7515 section 2, as tokens._b64 insists): no padding, and
+# the unused low bits of the last character zero (2 chars left over: 4 bits, 3 chars: 2 bits).
+_SEGMENT = f"(?:{_B64}{{4}})*(?:{_B64}{{4}}|{_B64}[AQgw]|{_B64}{{2}}[AEIMQUYcgkosw048])"
+# Exactly one ``Bearer`` credential holding a three-part JWS in canonical encoding: what jwt_authn
+# extracts is then byte for byte what the service would parse. The scheme is case-insensitive for
+# the service (RFC 6750) but not for jwt_authn's "Bearer " prefix, so other spellings go to the
+# service. Envoy joins repeated headers with "," before matching, which this never matches.
+CANONICAL_BEARER = f"Bearer {_SEGMENT}\\.{_SEGMENT}\\.{_SEGMENT}"
+# A protected header longer than the service parses (tokens.MAX_HEADER_CHARS): "malformed token".
+LONG_JOSE_HEADER = f"Bearer {_B64}{{{MAX_HEADER_CHARS + 1}}}.*"
+
+# RFC 3986 path characters the service accepts unescaped within a segment (request._PATH_CHARS
+# without '%' and '/'), and the same without '.'.
+_SEGMENT_CHAR = r"[!$&'()*+,\-.0-9:=@A-Z_a-z~]"
+_SEGMENT_CHAR_NOT_DOT = r"[!$&'()*+,\-0-9:=@A-Z_a-z~]"
+# Escaped ASCII the service accepts: printable, and neither unreserved nor '/', '\\' or '%'
+# (request._FORBIDDEN_ESCAPES). Escaped bytes above 0x7F must form well-formed UTF-8 (RFC 3629).
+_ASCII_ESCAPES = [(0x20, 0x24), (0x26, 0x2C), (0x3A, 0x40), (0x5B, 0x5B), (0x5D, 0x5E), (0x60, 0x60),
+                  (0x7B, 0x7D)]
+_UTF8_SEQUENCES = [
+    [(0xC2, 0xDF), (0x80, 0xBF)],
+    [(0xE0, 0xE0), (0xA0, 0xBF), (0x80, 0xBF)],
+    [(0xE1, 0xEC), (0x80, 0xBF), (0x80, 0xBF)],
+    [(0xED, 0xED), (0x80, 0x9F), (0x80, 0xBF)],
+    [(0xEE, 0xEF), (0x80, 0xBF), (0x80, 0xBF)],
+    [(0xF0, 0xF0), (0x90, 0xBF), (0x80, 0xBF), (0x80, 0xBF)],
+    [(0xF1, 0xF3), (0x80, 0xBF), (0x80, 0xBF), (0x80, 0xBF)],
+    [(0xF4, 0xF4), (0x80, 0x8F), (0x80, 0xBF), (0x80, 0xBF)],
+]
+
+
+def re2_literal(text: str) -> str:
+    """``text`` matched literally (policy literals hold RFC 3986 characters only)."""
+    return "".join(f"\\{c}" if c in ".^$|?*+()[]{}\\" else c for c in text)
+
+
+def _hex_digit(value: int) -> str:
+    digit = f"{value:X}"
+    return f"[{digit}{digit.lower()}]" if digit.isalpha() else digit
+
+
+def _hex_range(lo: int, hi: int) -> str:
+    """A character class for the hex digits lo..hi (either case)."""
+    if lo == hi:
+        return _hex_digit(lo)
+    digits = [f"{v:X}" for v in range(lo, hi + 1)]
+    return "[" + "".join(sorted(set(digits + [d.lower() for d in digits]))) + "]"
+
+
+def _escaped_bytes(lo: int, hi: int) -> str:
+    """``%XX`` for every byte lo..hi, hex digits in either case."""
+    out = []
+    for high in range(lo >> 4, (hi >> 4) + 1):
+        first = max(lo, high << 4) & 0xF
+        last = min(hi, (high << 4) | 0xF) & 0xF
+        out.append(f"%{_hex_digit(high)}{_hex_range(first, last)}")
+    return out[0] if len(out) == 1 else "(?:" + "|".join(out) + ")"
+
+
+_ESCAPE = "|".join([_escaped_bytes(lo, hi) for lo, hi in _ASCII_ESCAPES]
+                   + ["".join(_escaped_bytes(lo, hi) for lo, hi in sequence) for sequence in _UTF8_SEQUENCES])
+_CHAR = f"(?:{_SEGMENT_CHAR}|{_ESCAPE})"
+_NOT_DOT = f"(?:{_SEGMENT_CHAR_NOT_DOT}|{_ESCAPE})"
+# A segment other than "." and "..": one starting with another character, with '.' and another, or
+# with ".." and more. (The listener resolves dot segments and merges slashes, but not in every
+# case: "//" alone reaches the service as it is.)
+_SEGMENT_TEXT = f"(?:{_NOT_DOT}{_CHAR}*|\\.{_NOT_DOT}{_CHAR}*|\\.\\.{_CHAR}+)"
+# A request target (``:path``, query included) whose path the service accepts as it is: '/', or
+# non-empty segments other than "." and "..", maybe a trailing '/'.
+CLEAN_TARGET = f"(?s)/(?:{_SEGMENT_TEXT}(?:/{_SEGMENT_TEXT})*/?)?(?:\\?.*)?"
+
+
+# A path ending in '/' (not "/" itself): the service requires it to meet both the route it matches
+# and the route of the path without the '/' (Policy.routes_for), which one Envoy route cannot say.
+TRAILING_SLASH = "(?s)/[^?]*/(?:\\?.*)?"
+
+
+def _letter(char: str) -> str:
+    """``char`` as the service's query check reads it: either case, or percent-encoded in either (an
+    ASCII letter's two cases differ only in the high hex digit)."""
+    code = ord(char)
+    if not char.isalpha():
+        return f"(?:{re2_literal(char)}|%{_hex_digit(code >> 4)}{_hex_digit(code & 0xF)})"
+    upper, lower = ord(char.upper()), ord(char.lower())
+    return f"(?:[{char.upper()}{char.lower()}]|%[{upper >> 4:X}{lower >> 4:X}]{_hex_digit(code & 0xF)})"
+
+
+# A query naming the ``_method`` parameter however it is spelled (request._has_method_override:
+# names split on '&' and ';', compared percent-decoded, case-folded, without a "[...]" suffix).
+METHOD_OVERRIDE_QUERY = ("(?s)[^?]*\\?(?:.*[&;])?" + "".join(_letter(c) for c in "_method")
+                         + "(?:[=&;\\[]|%5[Bb]|$).*")
+
+
+def route_path(parts: tuple[object, ...], case_insensitive: bool = False) -> dict[str, object]:
+    """The Envoy RouteMatch path specifier taking exactly the paths a route pattern covers.
+
+    A literal pattern is an exact ``path``; a literal prefix with ``/**`` a ``path_separated_prefix``
+    (the prefix itself and anything below it); patterns with ``{param}`` (one non-empty segment) a
+    regex. The query string is never part of the match. ``case_insensitive`` (``path_case:
+    insensitive``): literals match in any letter case (ASCII, as paths the service accepts are).
+    """
+    literals = [p for p in parts if isinstance(p, str)]
+    rest = bool(parts) and parts[-1] is REST
+    case = {"case_sensitive": False} if case_insensitive else {}
+    if len(literals) == len(parts):
+        return {"path": "/" + "/".join(literals), **case}
+    if len(literals) == len(parts) - 1 and rest:
+        return {"prefix": "/"} if not literals else {"path_separated_prefix": "/" + "/".join(literals), **case}
+    regex = "".join("/[^/]+" if p is PARAM else "(?:/.*)?" if p is REST else "/" + re2_literal(str(p))
+                    for p in parts)
+    return {"safe_regex": {"regex": ("(?i)" if case_insensitive else "") + regex}}

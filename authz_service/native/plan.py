@@ -1,0 +1,96 @@
+"""Which engine enforces each route, and the order Envoy must try the routes in.
+
+Why a plan before any Envoy config: the choice (native, ext_authz or none) and its reason are what
+``compile envoy`` reports, and the order is what makes Envoy's first-match routing take the same
+route as ``Policy.match``. Both come from the Policy object (its routes, their patterns and the
+methods its trie gives each route, GET's implied HEAD included), never from the YAML text.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ..policy import PARAM, REST, Mode, Policy, Route, pattern_parts
+
+# Integers beyond 2**53 are not all doubles: Envoy reads a JSON number into a double, so it would
+# find 2**53 + 1 equal to 2**53 where the service, which compares Python ints, does not.
+EXACT_DOUBLE_LIMIT = 2**53
+
+
+class Engine(enum.Enum):
+    """What decides a route's requests."""
+
+    NATIVE = "native"  # Envoy's own filters: jwt_authn, RBAC, local replies
+    EXT_AUTHZ = "ext_authz"  # the service, called by Envoy's ext_authz filter
+    NONE = "none"  # a public route: nothing is called
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    """One policy route as Envoy will see it."""
+
+    route: Route
+    parts: tuple[object, ...]  # pattern_parts(route.path)
+    methods: frozenset[str] | None  # what the policy's trie gives the route (None: any method)
+    engine: Engine
+    why: str
+
+
+def plan(policy: Policy) -> tuple[RoutePlan, ...]:
+    """Every route of ``policy``, in the order Envoy must try them (first match wins)."""
+    plans = [RoutePlan(route, tuple(pattern_parts(route.path)), policy.methods_of(route), *engine_of(route))
+             for route in policy.routes]
+    return tuple(sorted(plans, key=match_order, reverse=True))
+
+
+def match_order(plan: RoutePlan) -> tuple[tuple[int, ...], int]:
+    """The key that sorts routes most specific first, so that the first route whose path and method
+    match is the one ``Policy.match`` returns.
+
+    ``Policy.match`` walks its trie depth first: at each segment a literal child, then the
+    ``{param}`` child, then a ``/**`` ending at that node; where the path ends, the route ending
+    there, then a ``/**`` there; at one ending, a route listing methods before one for any method,
+    and backtracking when the method is not taken. Ranking each pattern part (literal 3, param 2)
+    followed by its ending (exact 1, ``/**`` 0), then method-specific before any-method, and
+    comparing lexicographically, orders any two routes that can take the same request as that walk
+    does. Routes that cannot take the same request may come in any order.
+    """
+    ranks: list[int] = []
+    ending = 1
+    for part in plan.parts:
+        if part is REST:
+            ending = 0
+        else:
+            ranks.append(2 if part is PARAM else 3)
+    ranks.append(ending)
+    return tuple(ranks), 0 if plan.methods is None else 1
+
+
+def engine_of(route: Route) -> tuple[Engine, str]:
+    """The engine that can enforce ``route`` exactly, and why (for the report)."""
+    if route.public:
+        return Engine.NONE, "public: no token is checked, nothing is called"
+    if route.mode is Mode.DRY_RUN:
+        return Engine.EXT_AUTHZ, "dry-run: the service allows, and logs and counts what it would deny"
+    for condition in route.claims:
+        if condition.operator == "contains" or (condition.operator == "any_of" and condition.strings):
+            return Engine.EXT_AUTHZ, (f"claim condition on {condition.name!r} may meet a list claim, whose elements "
+                                      "must all be strings; Envoy's matchers cannot require that")
+        if any(abs(number) >= EXACT_DOUBLE_LIMIT for number in condition.numbers):
+            return Engine.EXT_AUTHZ, (f"claim condition on {condition.name!r} compares a number beyond 2^53, "
+                                      "which Envoy reads as a double")
+    return Engine.NATIVE, "jwt_authn + RBAC: " + requirements_text(route)
+
+
+def requirements_text(route: Route) -> str:
+    """What a native route requires, in one line."""
+    parts = []
+    if route.scopes:
+        parts.append(f"any of [{route.scopes_text}]")
+    if route.all_scopes:
+        parts.append(f"all of [{route.all_scopes_text}]")
+    if route.client_ids is not None:
+        parts.append(f"clients [{' '.join(sorted(route.client_ids))}]")
+    parts.extend(f"claim {condition.text}" for condition in route.claims)
+    return ", ".join(parts)

@@ -1,0 +1,349 @@
+"""The native compiler (authz_service/native/) without a running Envoy but its validator.
+
+What is checked here is what a wrong compiler would get wrong silently: the route order against
+``Policy.match`` itself, each RE2 pattern of the request screen against the service rule it
+stands for, the engine chosen for each kind of route, and that Envoy accepts what is printed.
+tests/e2e/test_native_parity_e2e.py then proves the decisions equal through real Envoys.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from authz_service.jwks import jwks_document, parse_jwks
+from authz_service.native import patterns
+from authz_service.native.bootstrap import compile_policy
+from authz_service.native.options import Address, parse_address
+from authz_service.native.answers import AnswerBook
+from authz_service.native.plan import Engine, plan
+from authz_service.native.routes import Admission, ingress_routes
+from authz_service.policy import PolicyError, parse_policy
+from authz_service.request import BadRequest, checked_method, normalized_path
+from authz_service.tokens import _b64
+
+from .conftest import make_key
+from .e2e.harness import REPO_ROOT, envoy_binary
+
+EXAMPLE_POLICY = REPO_ROOT / "authz_service" / "examples" / "policy.yaml"
+ISSUERS = """
+issuers:
+  - user_pool_id: us-east-1_Test00001
+    client_ids: [client-a, client-b]
+  - user_pool_id: local_Dev
+    issuer: http://127.0.0.1:9000/local_Dev
+routes:
+"""
+# One route of every kind the compiler tells apart.
+EVERY_KIND = ISSUERS + """\
+  - {name: read, methods: [GET], path: '/items/{id}', scopes: [items/read, items/admin]}
+  - {name: write, methods: [POST, PUT], path: '/items', all_scopes: [items/write, items/audit], client_ids: [client-a]}
+  - {name: tenant, path: '/tenants/{t}/**', scopes: [t/read], claims: {tenant: acme, level: 3, beta: true}}
+  - {name: tiers, path: '/tiers', scopes: [t/read], claims: {tier: {any_of: [gold, silver]}}}
+  - {name: envs, path: '/envs', scopes: [t/read], claims: {envs: {contains: prod}}}
+  - {name: huge, path: '/huge', scopes: [t/read], claims: {serial: 9007199254740993}}
+  - {name: trial, path: '/trial/**', scopes: [t/read], mode: dry-run}
+  - {name: docs, methods: [GET], path: '/docs/**', public: true}
+  - {name: head, methods: [HEAD], path: '/items/{id}', scopes: [items/head]}
+"""
+
+
+def test_the_packaged_template_is_the_shipped_envoy_yaml() -> None:
+    """The compiler starts from authz_service/native/envoy.yaml: after editing envoy/envoy.yaml run
+    ``cp envoy/envoy.yaml authz_service/native/envoy.yaml``."""
+    packaged = REPO_ROOT / "authz_service" / "native" / "envoy.yaml"
+    assert packaged.read_bytes() == (REPO_ROOT / "envoy" / "envoy.yaml").read_bytes()
+
+
+# --- engines and order ---------------------------------------------------------------------------
+
+
+def test_each_route_gets_the_engine_that_decides_it_exactly() -> None:
+    engines = {p.route.name: (p.engine, p.why) for p in plan(parse_policy(EVERY_KIND))}
+    assert {name: engine for name, (engine, _) in engines.items()} == {
+        "read": Engine.NATIVE, "write": Engine.NATIVE, "tenant": Engine.NATIVE, "head": Engine.NATIVE,
+        "tiers": Engine.EXT_AUTHZ, "envs": Engine.EXT_AUTHZ, "huge": Engine.EXT_AUTHZ, "trial": Engine.EXT_AUTHZ,
+        "docs": Engine.NONE}
+    assert "list claim" in engines["tiers"][1] and "list claim" in engines["envs"][1]
+    assert "2^53" in engines["huge"][1] and "dry-run" in engines["trial"][1]
+    assert engines["write"][1] == ("jwt_authn + RBAC: all of [items/audit items/write], clients [client-a]")
+
+
+def test_get_takes_head_unless_a_route_at_the_same_place_lists_it() -> None:
+    methods = {p.route.name: p.methods for p in plan(parse_policy(EVERY_KIND))}
+    assert methods["read"] == {"GET"} and methods["head"] == {"HEAD"} and methods["docs"] == {"GET", "HEAD"}
+    assert methods["tenant"] is None
+
+
+def _envoy_first_match(routes: list[dict], method: str, path: str) -> str:
+    """Envoy's first-match routing over compiled routes (their path and :method matchers), in Python."""
+    for route in routes:
+        match = route["match"]
+        fold = str.lower if match.get("case_sensitive") is False else str
+        if "path" in match:
+            ok = fold(path) == fold(match["path"])
+        elif "prefix" in match:
+            ok = path.startswith(match["prefix"])
+        elif "path_separated_prefix" in match:
+            prefix = fold(match["path_separated_prefix"])
+            ok = fold(path) == prefix or fold(path).startswith(prefix + "/")
+        else:
+            ok = re.fullmatch(match["safe_regex"]["regex"], path) is not None
+        for header in match.get("headers", []):
+            assert header["name"] == ":method"
+            wanted = header["string_match"]
+            ok = ok and (method == wanted["exact"] if "exact" in wanted
+                         else re.fullmatch(wanted["safe_regex"]["regex"], method) is not None)
+        if ok:
+            return route["name"]
+    raise AssertionError("no route, not even the default deny")
+
+
+_SEGMENTS_CASED = st.sampled_from(["a", "b", "C", "Ab", "{x}", "{y}"])
+_ROUTE = st.tuples(st.lists(_SEGMENTS_CASED, max_size=3), st.booleans(),
+                   st.one_of(st.none(), st.sets(st.sampled_from(["GET", "HEAD", "POST"]), min_size=1)),
+                   st.booleans())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_ROUTE, min_size=1, max_size=7), st.sampled_from(["sensitive", "insensitive"]))
+def test_envoy_takes_the_route_policy_match_takes(routes, path_case: str) -> None:
+    """Over every class of request path the matcher can tell apart (Policy.representative_paths,
+    letter-case variants included) and every method, Envoy's first match over the compiled routes
+    is Policy.match's route; a path ending in '/', whose two readings Policy.routes_for decides,
+    goes to the service (the request screen)."""
+    lines = []
+    for i, (segments, rest, methods, public) in enumerate(routes):
+        path = "/" + "/".join(segments + (["**"] if rest else []))
+        method_text = f", methods: [{', '.join(sorted(methods))}]" if methods else ""
+        body = "public: true" if public else "scopes: [s]"
+        lines.append(f"  - {{name: r{i}, path: '{path}'{method_text}, {body}}}")
+    try:
+        policy = parse_policy(f"path_case: {path_case}\n" + ISSUERS + "\n".join(lines) + "\n")
+    except PolicyError:
+        return  # two routes of equal specificity: refused, nothing to compile
+    routes_ = ingress_routes(policy, plan(policy), AnswerBook("authz-service"), Admission("Bearer .*", {}))
+    envoy_routes = [r for r in routes_ if not r["name"].startswith("screen: ")]
+    paths = policy.representative_paths(folded=policy.case_folded())
+    assert paths is not None
+    variants = {tuple(s.upper() for s in p) for p in paths} | {tuple(s.lower() for s in p) for p in paths}
+    for segments in sorted(set(paths) | variants):
+        path = "/" + "/".join(segments)
+        if segments and not segments[-1]:
+            assert re.fullmatch(patterns.TRAILING_SLASH, path), path
+            continue
+        assert not re.fullmatch(patterns.TRAILING_SLASH, path), path
+        for method in ("GET", "HEAD", "POST", "PUT"):
+            route = policy.match(method, segments)
+            expected = "no route" if route is None else next(
+                r["name"] for r in envoy_routes if r["name"].endswith(f": {route.name}"))
+            assert _envoy_first_match(envoy_routes, method, path) == expected, (method, path)
+
+
+# --- the request screen against the service's own rules -------------------------------------------
+
+
+def _accepts(target: str) -> bool:
+    try:
+        normalized_path(target)
+    except BadRequest:
+        return False
+    return True
+
+
+def test_clean_target_is_every_escape_the_service_accepts() -> None:
+    """Every single escaped byte and every pair of them (UTF-8 sequences included), both hex cases."""
+    clean = re.compile(patterns.CLEAN_TARGET)
+    for first in range(256):
+        for second in [None, *range(256)]:
+            for case in (str.upper, str.lower):
+                target = "/a/" + case(f"%{first:02X}") + ("" if second is None else case(f"%{second:02X}"))
+                assert (clean.fullmatch(target) is not None) == _accepts(target), target
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="//..ab;%-_~!$&'()*+,=:@?\\\"<>^`{|}E9eF", max_size=14),
+       st.lists(st.sampled_from(["%C3%A9", "%e2%82%ac", "%F0%9F%98%80", "%ED%A0%80", "%C0%AE", "%f4%90%80%80"]),
+                max_size=2))
+def test_clean_target_is_the_service_path_rule(text: str, escapes: list[str]) -> None:
+    target = "/" + text + "".join(escapes)  # no '#': Envoy refuses a fragment (400) before any route
+    assert (re.fullmatch(patterns.CLEAN_TARGET, target) is not None) == _accepts(target), target
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["_method", "_METHOD", "%5Fmethod", "%5f%4De%74hod", "_method[]", "_method%5B",
+                                 "x", "=", "&", ";", "+", "y=1", "_methods", "a_method", "method", "%zz", "?"]),
+                max_size=5))
+def test_method_override_query_is_the_service_query_rule(parts: list[str]) -> None:
+    target = "/a?" + "".join(parts)
+    refused = not _accepts(target)
+    assert (re.fullmatch(patterns.METHOD_OVERRIDE_QUERY, target) is not None) == refused, target
+
+
+@pytest.mark.parametrize("method", ["GET", "M-SEARCH", "A" * 32, "A" * 33, "get", "Get", "GE T", "", "G\u00c9T", "BREW!"])
+def test_method_is_the_service_method_rule(method: str) -> None:
+    try:
+        checked_method(method)
+        accepted = True
+    except BadRequest:
+        accepted = False
+    assert (re.fullmatch(patterns.METHOD, method) is not None) == accepted
+
+
+def _canonical(segment: str) -> bool:
+    try:
+        _b64(segment.encode())
+    except ValueError:
+        return False
+    return bool(segment)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text(alphabet="ABCQgwAEIM048_-zZ=+/.", min_size=1, max_size=9))
+def test_canonical_bearer_is_the_service_base64url_rule(segment: str) -> None:
+    token = f"{segment}.{segment}.{segment}"
+    wanted = "." not in segment and all(c.isalnum() or c in "-_" for c in segment) and _canonical(segment)
+    assert (re.fullmatch(patterns.CANONICAL_BEARER, f"Bearer {token}") is not None) == wanted, segment
+    assert re.fullmatch(patterns.CANONICAL_BEARER, f"bearer {token}") is None  # jwt_authn's prefix is "Bearer "
+
+
+@pytest.mark.parametrize(("pattern", "paths", "others"), [
+    ("/", ["/"], ["/a", "/a/"]),
+    ("/a/b", ["/a/b"], ["/a/b/", "/a/bc", "/a"]),
+    ("/a/**", ["/a", "/a/", "/a/b/c"], ["/ab", "/b"]),
+    ("/**", ["/", "/a", "/a/b/"], []),
+    ("/a/{x}", ["/a/b"], ["/a/", "/a/b/", "/a"]),
+    ("/a/{x}/**", ["/a/b", "/a/b/", "/a/b/c"], ["/a", "/a/"]),
+    ("/a.b/{x}/(c)+", ["/a.b/x/(c)+"], ["/aXb/x/(c)+", "/a.b/x/((c))", "/a.b/x/(c)"]),
+])
+def test_route_path_matchers(pattern: str, paths: list[str], others: list[str]) -> None:
+    from authz_service.policy import pattern_parts
+
+    route = {"name": "r", "match": patterns.route_path(tuple(pattern_parts(pattern)))}
+    default = {"name": "no route", "match": {"prefix": "/"}}
+    for path in paths:
+        assert _envoy_first_match([route, default], "GET", path) == "r", path
+    for path in others:
+        assert _envoy_first_match([route, default], "GET", path) == "no route", path
+
+
+def test_every_identity_spelling_is_removed_before_any_filter() -> None:
+    """'-', '_' and '.' spellings alike (request.py), on every route: the early header mutation."""
+    compiled = compile_policy(parse_policy(EVERY_KIND))
+    ingress = next(listener for listener in compiled.listeners if listener["name"] == "ingress")
+    hcm = ingress["filter_chains"][0]["filters"][0]["typed_config"]
+    removed = {m["remove"] for m in hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]}
+    assert {"x-auth-client-id", "x_auth_client_id", "x.auth.client.id", "x-auth.client_id", "x_auth-scopes",
+            "x.auth.sub", "x-request-id"} <= removed
+    assert not {name for name in removed if "method" in name or "url" in name}  # those are refused (400)
+
+
+# --- options and errors --------------------------------------------------------------------------
+
+
+def test_addresses() -> None:
+    assert parse_address("127.0.0.1:9191") == Address("127.0.0.1", 9191)
+    assert parse_address("[::1]:80") == Address("::1", 80) and str(Address("::1", 80)) == "[::1]:80"
+    for bad in ("127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", ":80", "::1:80", "a b:1", "authz:8181",
+                "localhost:80", "999.1.1.1:80", "[::g]:80"):
+        with pytest.raises(ValueError, match="IP:PORT"):
+            parse_address(bad)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "authz_service.cli", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--leeway", "1"], "--leeway 1: at least 2 seconds"),
+    (["--service-http", "0.0.0.0:8181"], "--service-http 0.0.0.0:8181: Envoy connects there"),
+    (["--realm", 'a"b'], "--realm 'a\"b'"),
+    (["--jwt-cache-size", "-1"], "--jwt-cache-size"),
+])
+def test_options_that_cannot_serve_are_refused(args: list[str], message: str) -> None:
+    run = cli("compile", "envoy", str(EXAMPLE_POLICY), *args)
+    assert run.returncode == 2 and run.stdout == ""
+    assert message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_policy_that_does_not_load_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "policy.yaml"
+    bad.write_text("issuers: []\n")
+    run = cli("compile", "envoy", str(bad))
+    assert run.returncode == 2 and str(bad) in run.stderr and run.stdout == ""
+
+
+# --- what is printed -------------------------------------------------------------------------------
+
+
+def test_report_names_every_route_with_its_engine_and_why(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(EVERY_KIND)
+    run = cli("compile", "envoy", str(policy), "-o", str(tmp_path / "envoy.yaml"))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == ""
+    lines = run.stderr.splitlines()
+    assert lines[0] == f"{policy}: 9 routes: 4 native, 4 ext_authz, 1 public (routes in Envoy's order)"
+    assert any(re.match(r"\s+ext_authz\s+trial\s+ANY /trial/\*\*: dry-run", line) for line in lines)
+    assert any(re.match(r"\s+none\s+docs\s+GET\|HEAD /docs/\*\*: public", line) for line in lines)
+    report = json.loads(cli("compile", "envoy", str(policy), "--report", "json").stderr)
+    assert [r["engine"] for r in report["routes"]].count("native") == 4
+    assert report["sha256"] == parse_policy(EVERY_KIND).sha256
+
+
+@pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary")
+@pytest.mark.parametrize("policy_text", [None, EVERY_KIND], ids=["example", "every-kind"])
+def test_envoy_accepts_the_bootstrap(tmp_path: Path, policy_text: str | None) -> None:
+    """`envoy --mode validate`: every field, type, constraint, regex and filter name is Envoy's."""
+    policy = EXAMPLE_POLICY
+    if policy_text is not None:
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(policy_text)
+    run = cli("compile", "envoy", "--policy", str(policy), "--report", "none")
+    assert run.returncode == 0, run.stderr
+    config = tmp_path / "envoy.yaml"
+    config.write_text(run.stdout)
+    assert yaml.safe_load(run.stdout)["static_resources"]["listeners"][0]["name"] == "ingress"
+    envoy = subprocess.run([str(envoy_binary()), "--mode", "validate", "-c", str(config)], capture_output=True,
+                           text=True, timeout=120)
+    assert envoy.returncode == 0 and f"configuration '{config}' OK" in envoy.stdout + envoy.stderr, envoy.stderr[-3000:]
+    assert "Deprecated field" not in envoy.stdout + envoy.stderr
+
+
+def test_the_output_file_is_replaced_atomically(tmp_path: Path) -> None:
+    out = tmp_path / "envoy.yaml"
+    out.write_text("previous")
+    run = cli("compile", "envoy", str(EXAMPLE_POLICY), "-o", str(out), "--report", "none")
+    assert run.returncode == 0 and run.stderr == ""
+    assert out.read_text().startswith("# Envoy bootstrap compiled by `authz-service compile envoy`")
+    assert [p.name for p in tmp_path.iterdir()] == ["envoy.yaml"]  # no temporary file left
+    assert out.stat().st_mode & 0o044  # readable by Envoy's user, not mkstemp's 0600
+
+
+def test_an_output_that_cannot_be_written_is_one_clear_error(tmp_path: Path) -> None:
+    run = cli("compile", "envoy", str(EXAMPLE_POLICY), "-o", str(tmp_path / "missing" / "envoy.yaml"))
+    assert run.returncode == 2 and "cannot write it: No such file or directory" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+# --- the keys Envoy fetches --------------------------------------------------------------------------
+
+
+def test_the_served_jwks_holds_the_keys_the_service_verifies_with() -> None:
+    keys = {k.kid: k for k in (make_key("kid-1"), make_key("kid-2"))}
+    parsed = parse_jwks(json.dumps({"keys": [k.jwk() for k in keys.values()]}).encode()).keys
+    served = json.loads(jwks_document(parsed))
+    assert [entry["kid"] for entry in served["keys"]] == ["kid-1", "kid-2"]
+    assert all(entry["alg"] == "RS256" and entry["use"] == "sig" and "d" not in entry for entry in served["keys"])
+    again = parse_jwks(jwks_document(parsed)).keys
+    assert {kid: key.key.public_numbers() for kid, key in again.items()} == \
+           {kid: key.key.public_numbers() for kid, key in parsed.items()}
