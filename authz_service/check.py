@@ -64,7 +64,7 @@ class Checker:
             decision = await self.decide(request, self.policies.policy, self.verifier)
         except BadRequest as exc:
             decision = deny(Reason.BAD_REQUEST, str(exc))
-        except Exception:  # noqa: BLE001 - fail closed on any bug, and say so loudly
+        except Exception:
             log.exception("check failed; denying")
             decision = deny(Reason.INTERNAL_ERROR, _INTERNAL)
         return self.finish(decision, request, render, started)
@@ -79,7 +79,7 @@ class Checker:
         """Answer, render, count and log a decision (the second half of ``check``)."""
         try:
             rendered = render(self.answers.answer(decision, request), decision)
-        except Exception:  # noqa: BLE001 - e.g. a value the protocol cannot carry: still a deny
+        except Exception:
             log.exception("rendering the answer failed; denying")
             decision = deny(Reason.INTERNAL_ERROR, _INTERNAL)
             rendered = render(self.answers.answer(decision, None), decision)

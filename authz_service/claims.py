@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-
 # Claims Cognito sets itself, which a pre token generation trigger can neither add nor override
 # (Cognito developer guide, "Pre token generation Lambda trigger"), plus every claim whose name
 # starts with "cognito:". Route claim conditions refuse them: their values come from Cognito (or

@@ -1,5 +1,6 @@
 """`authz-service` command line: serve, dev-issuer, the policy tools validate, explain, test, audit,
-compile (the native fast path), and example and completion (docs/cli.md is generated from this parser by tools/cli_reference.py).
+compile (the native fast path), and example and completion (docs/cli.md is generated from this
+parser by tools/cli_reference.py).
 
 Every `serve` flag has an AUTHZ_* environment variable (see config.OPTIONS); flags win. Every
 command that reads a policy names it the same way: a POLICY argument or --policy, else AUTHZ_POLICY.
@@ -78,7 +79,7 @@ def _policy_flag(parser: argparse.ArgumentParser, many: bool = False) -> None:
     _files(parser.add_argument("--policy", action="append" if many else "store", metavar="POLICY", help=help_text))
 
 
-def _add_serve(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="run the ext_authz gRPC server",
                                 description="Run the ext_authz gRPC server and the HTTP health/metrics server.")
     _policy_positional(serve)
@@ -91,7 +92,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
             _files(action)
 
 
-def _add_dev_issuer(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_dev_issuer(commands: argparse._SubParsersAction) -> None:
     issuer = commands.add_parser("dev-issuer", help="run a local Cognito-style token issuer (development only)",
                                  description="Serve a JWKS and a Cognito-style /oauth2/token (client_credentials) "
                                              "for local development and tests. Not for production.")
@@ -106,7 +107,7 @@ def _add_dev_issuer(commands: argparse._SubParsersAction) -> None:  # type: igno
     issuer.add_argument("--log-level", default="info", help="debug, info, warning or error (default info)")
 
 
-def _add_policy_tools(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_policy_tools(commands: argparse._SubParsersAction) -> None:
     """validate / explain / test: the policy authors' tools (logic in tools/policytool.py and tools/explain.py)."""
     validate = commands.add_parser(
         "validate", help="check policy files as the server loads them, plus lint warnings (for CI)",
@@ -164,7 +165,7 @@ def _add_policy_tools(commands: argparse._SubParsersAction) -> None:  # type: ig
     audit.add_argument("--format", choices=("text", "json"), default="text", help="text (default) or json")
 
 
-def _add_compile(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_compile(commands: argparse._SubParsersAction) -> None:
     """compile envoy: the native fast path (logic in authz_service/native/)."""
     from .native.arguments import add_arguments
 
@@ -187,7 +188,7 @@ def _add_compile(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     add_arguments(envoy)
 
 
-def _add_example(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_example(commands: argparse._SubParsersAction) -> None:
     example = commands.add_parser(
         "example", help="print a bundled example file (policy, policy tests, dev issuer config)",
         description="Print one of the example files shipped inside the package, to start your own from: "
@@ -196,7 +197,7 @@ def _add_example(commands: argparse._SubParsersAction) -> None:  # type: ignore[
                          help=f"which example: {', '.join(EXAMPLES)}")
 
 
-def _add_completion(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_completion(commands: argparse._SubParsersAction) -> None:
     completion = commands.add_parser(
         "completion", help="print a shell completion script (bash or zsh)",
         description="Print a completion script for the shell, e.g. "

@@ -127,9 +127,8 @@ class Conditions:
             yield Unmet.ALL_SCOPES, None, f"token lacks a required scope: {min(missing)}" if missing else None
         custom = claims.custom
         for cond in self.claims:
-            value = custom.get(cond.name, _ABSENT)
-            yield Unmet.CLAIM, cond, (cond.missing if value is _ABSENT else None
-                                      if cond.holds(value) else cond.mismatch)  # type: ignore[arg-type]
+            value = custom.get(cond.name)  # None: absent (a JSON null is kept as UNSUPPORTED)
+            yield Unmet.CLAIM, cond, cond.missing if value is None else None if cond.holds(value) else cond.mismatch
 
     def unmet(self, claims: Claims) -> tuple[Unmet, str] | None:
         """The first condition the token fails and its client-safe description; None when all hold."""
@@ -141,15 +140,13 @@ class Conditions:
             return Unmet.ALL_SCOPES, f"token lacks a required scope: {min(self.all_scopes - claims.scopes)}"
         custom = claims.custom
         for cond in self.claims:
-            value = custom.get(cond.name, _ABSENT)
-            if value is _ABSENT:
+            value = custom.get(cond.name)  # None: absent (a JSON null is kept as UNSUPPORTED)
+            if value is None:
                 return Unmet.CLAIM, cond.missing
-            if not cond.holds(value):  # type: ignore[arg-type]
+            if not cond.holds(value):
                 return Unmet.CLAIM, cond.mismatch
         return None
 
-
-_ABSENT = object()
 
 
 # --- parsing (called by the policy loader, which supplies ``fail`` with file:line:column) --------
@@ -170,14 +167,19 @@ def parse_claim_conditions(raw: object, fail: Fail) -> tuple[ClaimCondition, ...
             fix = (f"use the route key '{VERIFIED_CLAIM_KEYS[name]}' instead" if name in VERIFIED_CLAIM_KEYS
                    else "claim conditions are for custom claims (a pre token generation trigger cannot set this one)")
             raise fail((name,), f"{name!r} is set by Cognito itself; {fix}")
-        out.append(_one_condition(name, spec, lambda where, problem, n=name: fail((n, *where), problem)))
+        out.append(_one_condition(name, spec, _below(fail, name)))
     return tuple(out)
+
+
+def _below(fail: Fail, name: str) -> Fail:
+    """``fail`` for the places below one claim's condition."""
+    return lambda where, problem: fail((name, *where), problem)
 
 
 def _one_condition(name: str, spec: object, fail: Fail) -> ClaimCondition:
     if isinstance(spec, list):
-        raise fail((), f"a list is ambiguous; write {{any_of: [...]}} (the claim is one of them) or "
-                       f"{{contains: ...}} (a list claim holds the value)")
+        raise fail((), "a list is ambiguous; write {any_of: [...]} (the claim is one of them) or "
+                       "{contains: ...} (a list claim holds the value)")
     if not isinstance(spec, dict):
         return condition(name, "equals", (_scalar(spec, (), fail),))
     if len(spec) != 1 or next(iter(spec)) not in OPERATORS:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import aiohttp
 from jwt.api_jwk import PyJWK
 
-from .keys import IssuerKey
 from .config import JwksSettings
+from .keys import IssuerKey
 from .metrics import Metrics
 from .policy import Issuer
 from .tracing import NO_TRACING, NoTracing, Recorder
@@ -93,7 +93,10 @@ def parse_jwks(document: bytes) -> ParsedJwks:
     for entry in data["keys"]:
         kid = entry.get("kid") if isinstance(entry, dict) else None
         kid = kid if isinstance(kid, str) and 0 < len(kid) <= 256 else None
-        key_or_reason = _verification_key(entry) if kid is not None else "no kid of 1 to 256 characters"
+        if kid is None:
+            skipped.append(SkippedKey(None, "no kid of 1 to 256 characters"))
+            continue
+        key_or_reason = _verification_key(entry)
         if isinstance(key_or_reason, str):
             skipped.append(SkippedKey(kid, key_or_reason))
             continue
@@ -272,13 +275,13 @@ class JwksCache:
                 self._metrics.issuer_removed(state.issuer.metric_label)
         self._reindex()
         for ident, issuer in wanted.items():
-            state = self._states.get(ident)
-            if state is None:
+            known = self._states.get(ident)
+            if known is None:
                 state = self._states[ident] = _IssuerState(issuer)
                 self._metrics.issuer_added(issuer.metric_label)
                 state.task = asyncio.create_task(self._refresher(state), name=f"jwks:{issuer.metric_label}")
             else:
-                state.issuer = issuer  # client_ids may have changed; keys stay
+                known.issuer = issuer  # client_ids may have changed; keys stay
 
     async def wait_first_attempts(self, timeout: float) -> None:
         """Wait (bounded) until every issuer has tried its first fetch, so start-up is quick to ready."""
@@ -347,7 +350,7 @@ class JwksCache:
         try:
             document = await self._download(issuer.jwks_uri)
             parsed = parse_jwks(document)
-        except (JwksError, aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeError) as exc:
+        except (TimeoutError, JwksError, aiohttp.ClientError, OSError, UnicodeError) as exc:
             if isinstance(exc, JwksError):
                 _log_skipped(issuer, exc.skipped)
             reason = shown(str(exc)) or type(exc).__name__  # an HTTP client error may quote the URL

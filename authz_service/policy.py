@@ -195,7 +195,11 @@ class Policy:
         for part in parts:
             if part is REST:
                 break
-            node = node.param if part is PARAM else node.literals[self.fold(part)]  # type: ignore[assignment,arg-type,index]
+            if isinstance(part, str):
+                node = node.literals[self.fold(part)]
+            else:  # PARAM: compiled from this very route, so the trie has it
+                assert node.param is not None
+                node = node.param
         endpoint = node.rest if parts and parts[-1] is REST else node.exact
         return frozenset(method for method, owner in endpoint.by_method.items() if owner is route)
 
@@ -265,12 +269,12 @@ class Policy:
             params = [[n.param for n in nodes if n.param is not None] for nodes in alive]
             for segment in (*segments, OTHER_SEGMENT):
                 nxt = tuple([n.literals[key] for n in nodes if (key := policy.fold(segment)) in n.literals] + ps
-                            for policy, nodes, ps in zip(tries, alive, params))
+                            for policy, nodes, ps in zip(tries, alive, params, strict=True))
                 if not walk((*prefix, segment), nxt):
                     return False
             return True
 
-        return out if walk((), tuple([p._trie] for p in tries)) else None
+        return out if walk((), tuple([p._trie] for p in tries)) else None  # noqa: SLF001 - Policy's own
 
     def fold(self, segment: str) -> str:
         """A request segment as this policy's trie keys spell literals (lower case when insensitive)."""
@@ -312,7 +316,7 @@ OTHER_SEGMENT = "%7Bother%7D"
 class _Node:
     """Trie node. ``exact`` holds routes ending here; ``rest`` holds routes ending in ``/**``."""
 
-    __slots__ = ("literals", "param", "exact", "rest")
+    __slots__ = ("exact", "literals", "param", "rest")
 
     def __init__(self) -> None:
         self.literals: dict[str, _Node] = {}
@@ -324,7 +328,7 @@ class _Node:
 class _Endpoint:
     """Routes ending at one trie position: per explicit method first, then the any-method route."""
 
-    __slots__ = ("by_method", "any_method")
+    __slots__ = ("any_method", "by_method")
 
     def __init__(self) -> None:
         self.by_method: dict[str, Route] = {}

@@ -24,6 +24,7 @@ keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -124,10 +125,8 @@ class _Inotify:
             add(target.parent, self._dir_mask, target.name)
             add(target, self._file_mask, "")
         for wd in set(self._names) - set(wanted):
-            try:
+            with contextlib.suppress(OSError):  # already gone (its inode was deleted)
                 self._inotify.rm_watch(wd)
-            except OSError:
-                pass  # already gone (its inode was deleted)
         self._names = wanted
         if identity != self._target:
             self.writing = None  # another file now: what a writer does to the old one no longer matters

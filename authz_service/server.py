@@ -16,8 +16,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import aiohttp
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client import gc_collector, platform_collector, process_collector
+from prometheus_client import CollectorRegistry, gc_collector, generate_latest, platform_collector, process_collector
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from . import __version__, doors
@@ -158,7 +157,7 @@ class Service:
             now = self.ready()
             if now != was:
                 await self._set_health()
-                if was is not None:
+                if was is not None and self.jwks is not None:
                     log.info("readiness changed", extra={"ready": now, "issuers": self.jwks.status()})
                 was = now
             await asyncio.sleep(0.25)

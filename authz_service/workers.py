@@ -11,21 +11,22 @@ workers (each a full ``server.Service`` without the HTTP server), serves ``/heal
 writes its samples to files in a private temporary directory that the parent aggregates), forwards
 SIGTERM and SIGHUP, restarts a worker that dies, and exits non-zero when workers fail to start.
 
-Port ownership: the parent binds each door's shared address itself with SO_REUSEPORT (without listening) before any worker starts and holds it
-until exit. A port already held by another program without SO_REUSEPORT therefore fails start-up as
-with one worker. The kernel lets a socket join a SO_REUSEPORT group only when it was created by the
-same effective UID, so a process of another UID cannot take a share of the Checks; one of the same
-UID (or root, which can become any UID) can, and grpcio offers no way to serve an inherited
-listening socket that would avoid SO_REUSEPORT. Hence the deployment rule (docs/security.md): every
-container of the Pod runs as its own non-root UID. What we can see, we watch: a listening socket on
-a shared port that none of our workers holds (from /proc/net/tcp{,6}, which lists the whole network
-namespace, i.e. the Pod) is logged as an error and makes the parent not ready until it goes away;
-running as root is warned about at start-up.
+Port ownership: the parent binds each door's shared address itself with SO_REUSEPORT (without
+listening) before any worker starts and holds it until exit. A port already held by another program
+without SO_REUSEPORT therefore fails start-up as with one worker. The kernel lets a socket join a
+SO_REUSEPORT group only when it was created by the same effective UID, so a process of another UID
+cannot take a share of the Checks; one of the same UID (or root, which can become any UID) can, and
+grpcio offers no way to serve an inherited listening socket that would avoid SO_REUSEPORT. Hence the
+deployment rule (docs/security.md): every container of the Pod runs as its own non-root UID. What we
+can see, we watch: a listening socket on a shared port that none of our workers holds (from
+/proc/net/tcp{,6}, which lists the whole network namespace, i.e. the Pod) is logged as an error and
+makes the parent not ready until it goes away; running as root is warned about at start-up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -37,8 +38,8 @@ import sys
 import tempfile
 import threading
 import time
-from multiprocessing.sharedctypes import Synchronized
 from dataclasses import dataclass
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
 
@@ -305,10 +306,8 @@ class Supervisor:
                     if self._stopping.is_set():
                         return
                     self._start(w, settings)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), 0.2)
-            except asyncio.TimeoutError:
-                pass
 
     def _check_port_owners(self) -> None:
         """Find listening sockets on a shared port that no worker holds: another process of our UID

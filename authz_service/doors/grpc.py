@@ -53,7 +53,7 @@ def parse_check_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
 
 
 def _path(http: Any) -> str:
-    return http.path  # type: ignore[no-any-return]
+    return http.path
 
 
 def _headers(http: Any) -> HeaderFacts:

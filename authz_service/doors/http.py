@@ -48,7 +48,14 @@ from ..check import Checker, TracedChecker
 from ..config import Settings
 from ..decision import Decision
 from ..logs import Throttle
-from ..request import INVALID_METHOD, BadRequest, HeaderFacts, HttpRequest, http_request, identity_and_override_spellings
+from ..request import (
+    INVALID_METHOD,
+    BadRequest,
+    HeaderFacts,
+    HttpRequest,
+    http_request,
+    identity_and_override_spellings,
+)
 from ..response import Answer
 from ..tracing import CheckSpanKind
 from .base import DoorKind, Wiring
@@ -190,8 +197,7 @@ class HttpFrontDoor:
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         """Bind and serve; the bound port. OSError naming the address when it cannot be bound."""
         handler = self.handle_traced if isinstance(self._checker, TracedChecker) else self.handle
-        server = _Server(self, handler, access_log=None, max_line_size=self._max_request_bytes,
-                         max_field_size=self._max_request_bytes)
+        server = _Server(self, handler, self._max_request_bytes)
         runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=self._grace)
         bound = await listen(runner, host, port, ports.EXT_AUTHZ_HTTP, reuse_port)
         self._runner = runner
@@ -225,10 +231,12 @@ def door_status(settings: Settings, mismatches: int) -> dict[str, object]:
 class _Server(web.Server):
     """aiohttp's low-level server whose connections answer parse errors with our denial."""
 
-    def __init__(self, door: HttpFrontDoor, handler: Any, **kwargs: object) -> None:
-        super().__init__(handler, **kwargs)
+    def __init__(self, door: HttpFrontDoor, handler: Any, max_request_bytes: int) -> None:
+        # No access log; a request head (line or field) over max_request_bytes is a parse error.
+        self._handler_args: dict[str, Any] = {"access_log": None, "max_line_size": max_request_bytes,
+                                              "max_field_size": max_request_bytes}
+        super().__init__(handler, **self._handler_args)
         self._door = door
-        self._handler_args = kwargs
 
     def __call__(self) -> RequestHandler:
         door = self._door

@@ -30,8 +30,8 @@ import yaml
 from ..policy import Policy
 from ..request import BadRequest, identity_and_override_spellings, special_names
 from .answers import AnswerBook
-from .checks import PAYLOAD, rules, screen_checks, token_checks
 from .cel import JWT_AUTHN
+from .checks import PAYLOAD, rules, screen_checks, token_checks
 from .jwt import SERVICE_HTTP_CLUSTER, jwt_authn
 from .options import Address, Options
 from .plan import RoutePlan, plan
@@ -65,8 +65,9 @@ class Compiled:
         return {**self.static, "static_resources": {"listeners": self.listeners, "clusters": self.clusters}}
 
 
-def compile_policy(policy: Policy, options: Options = Options()) -> Compiled:
-    """Compile ``policy`` (ValueError when an option cannot serve it)."""
+def compile_policy(policy: Policy, options: Options | None = None) -> Compiled:
+    """Compile ``policy`` (ValueError when an option cannot serve it); ``options``: the defaults."""
+    options = Options() if options is None else options
     _check_options(options)
     template = copy.deepcopy(_template())
     plans = plan(policy)

@@ -30,8 +30,8 @@ from ..conditions import ANY_SCOPE_TEXT, ClaimCondition, Unmet
 from ..decision import MISSING_TOKEN_TEXT, UNMET_REASONS, Reason
 from ..policy import Policy, Route
 from ..request import MAX_PATH_LENGTH, BadRequest, identity_and_override_spellings, normalized_path, special_names
-from ..tools.simulate import Simulator
 from ..tokens import MAX_TOKEN_BYTES, TokenError
+from ..tools.simulate import Simulator
 from . import cel
 from .answers import AnswerBook
 from .patterns import re2_literal
@@ -283,7 +283,7 @@ class _Probe:
         client_id = NOT_A_CLIENT if client else min(route.client_ids or {"native-probe"})
         scopes: set[str] = set()  # none of the any-of scopes (which come first), or:
         if not any_scope:
-            scopes = set(route.all_scopes) - {missing_scope}  # type: ignore[operator]
+            scopes = set(route.all_scopes) - {missing_scope}
             if route.scopes:
                 others = sorted(route.scopes - {missing_scope})
                 if not others:

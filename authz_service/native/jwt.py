@@ -42,7 +42,7 @@ def jwt_authn(policy: Policy, options: Options) -> dict[str, Any]:
     return {
         "@type": JWT_AUTHN_TYPE,
         "providers": {name: _provider(issuer.issuer, options)
-                      for name, issuer in zip(provider_names(policy), policy.issuers)},
+                      for name, issuer in zip(provider_names(policy), policy.issuers, strict=True)},
         "requirement_map": {REQUIREMENT: requirement},
         # Routes name the requirement themselves; this rule covers any route that would not.
         "rules": [{"match": {"prefix": "/"}, "requirement_name": REQUIREMENT}],
@@ -70,7 +70,7 @@ def _provider(issuer: str, options: Options) -> dict[str, Any]:
         # Set only for a non-empty string claim, as the service sets them; the client's own copies
         # were removed before any filter ran (the listener's early header mutation).
         "claim_to_headers": [{"header_name": header, "claim_name": claim}
-                             for header, claim in zip(IDENTITY_HEADERS, _FORWARDED_CLAIMS)],
+                             for header, claim in zip(IDENTITY_HEADERS, _FORWARDED_CLAIMS, strict=True)],
     }
     if options.jwt_cache_size:
         provider["jwt_cache_config"] = {"jwt_cache_size": options.jwt_cache_size, "jwt_max_token_size": MAX_TOKEN_BYTES}

@@ -173,22 +173,22 @@ def audit(policy: Policy, pools: list[Pool]) -> AuditReport:
     for route in policy.routes:
         if route.public:
             continue
-        cells = [cells[route.name] for cells in report.matrix.values()]
-        if not any(c.access in ("yes", "claims") for c in cells):
+        route_cells = [row[route.name] for row in report.matrix.values()]
+        if not any(c.access in ("yes", "claims") for c in route_cells):
             add(Finding("unreachable-route", f"routes[{route.index}] {route.name!r} ({route.path}): no app client of "
                                              "the audited pools can reach it"))
     protected = [r for r in policy.routes if not r.public]
     for (pool_id, client_id), cells in report.matrix.items():
-        client = next(p for p in pools if p.user_pool_id == pool_id).client(client_id)
-        assert client is not None
-        if client.no_client_credentials or not protected:
+        app_client = next(p for p in pools if p.user_pool_id == pool_id).client(client_id)
+        assert app_client is not None
+        if app_client.no_client_credentials or not protected:
             continue
         if all(cells[r.name].access == "no" for r in protected):
             public = [r.name for r in policy.routes if r.public]
             add(Finding("public-only-client",
-                        f"app client {client_id} ({client.name or 'no name'}) of {pool_id} reaches "
+                        f"app client {client_id} ({app_client.name or 'no name'}) of {pool_id} reaches "
                         + (f"only public routes ({', '.join(public)})" if public else "no route")
-                        + f"; its scopes [{' '.join(client.scopes)}] meet no protected route"))
+                        + f"; its scopes [{' '.join(app_client.scopes)}] meet no protected route"))
     return report
 
 
@@ -297,7 +297,7 @@ def render_text(report: AuditReport, out: TextIO) -> None:
     widths = [max(len(row[k]) for row in [header, *rows]) for k in range(len(header))]
     print("", file=out)
     for row in [header, *rows]:
-        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip(), file=out)
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out)
     if any(p.pre_token_version == "V3_0" for p in report.pools):
         print("\n  (a V3_0 trigger may also add or remove scopes; the matrix shows what AllowedOAuthScopes grant)",
               file=out)

@@ -25,12 +25,12 @@ from ..conditions import Unmet
 from ..config import JwksSettings
 from ..jwks import JwksCache, http_session
 from ..metrics import Metrics
-from ..policy import Policy, Route, load_policy_file, pattern_matches, PolicyError
+from ..policy import Policy, PolicyError, Route, load_policy_file, pattern_matches
 from ..request import BadRequest, normalized_path, path_segments
 from ..response import Answer
-from .simulate import Outcome, Simulator, run_check
 from ..tokens import Check, TokenError, TokenVerifier
 from ..urls import shown
+from .simulate import Outcome, Simulator, run_check
 
 _BEARER = re.compile(r"^bearer\s+", re.IGNORECASE)
 

@@ -19,11 +19,21 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..claims import cognito_controlled
-from ..policy import (OTHER_SEGMENT, Mode, PathCase, Policy, PolicyError, Route, check_policy, pattern_matches,
-                     read_policy_file, read_policy_stream)
-from .simulate import Simulator, run_check
+from ..policy import (
+    OTHER_SEGMENT,
+    Mode,
+    PathCase,
+    Policy,
+    PolicyError,
+    Route,
+    check_policy,
+    pattern_matches,
+    read_policy_file,
+    read_policy_stream,
+)
 from ..urls import shown
 from ..yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position, scalar_text, where_text
+from .simulate import Simulator, run_check
 
 STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 # Scopes a user pool knows but a client_credentials (machine-to-machine) token can never carry.
@@ -89,7 +99,7 @@ def lint(policy: Policy, text: str) -> list[Lint]:
         return Lint(policy.source, line, column, where_text(where), what, hint)
 
     out: list[Lint] = []
-    for route, raw in zip(policy.routes, raw_routes):
+    for route, raw in zip(policy.routes, raw_routes, strict=True):
         out.extend(_lint_methods(route, raw, warn))
         out.extend(_lint_scopes(route, raw, warn))
         out.extend(_lint_claim_literals(route, tree, warn))
@@ -304,23 +314,23 @@ def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
         elif reached and route.index not in plain:
             out.append(warn(where, f"route {route.name!r} only matches paths ending in '/': more specific routes "
                                    "take every other request it covers", "remove it or change its path"))
-    for public, listed, s in _public_route_findings(routes, holes, "public-hole"):
+    for public, protected, s in _public_route_findings(routes, holes, "public-hole"):
         out.append(warn(("routes", public.index, "public"),
-                        f"public route {public.name!r} is more specific than protected route{s} {listed}: those "
+                        f"public route {public.name!r} is more specific than protected route{s} {protected}: those "
                         "requests pass without a token",
                         "if that hole is not intended, narrow the public route's path or methods, or remove "
                         "'public: true'; if it is, add 'acknowledge: [public-hole]' to the public route"))
-    for public, listed, s in _public_route_findings(routes, reach.covers, "public-catch-all"):
+    for public, protected, s in _public_route_findings(routes, reach.covers, "public-catch-all"):
         out.append(warn(("routes", public.index, "path"),
                         f"public route {public.name!r} ({public.path}) also covers the paths of protected route{s} "
-                        f"{listed}: every request they do not take (another method, a path beside them) is allowed "
+                        f"{protected}: every request they do not take (another method, a path beside them) is allowed "
                         "without a token, so unmatched requests are no longer denied",
                         "narrow the public route to the paths meant to be public; if a public catch-all is "
                         "intended, add 'acknowledge: [public-catch-all]' to it"))
-    for public, listed, s in _public_route_findings(routes, reach.cases, "case-variant"):
+    for public, protected, s in _public_route_findings(routes, reach.cases, "case-variant"):
         out.append(warn(("routes", public.index, "path"),
                         f"public route {public.name!r} ({public.path}) takes case variants of the paths of protected "
-                        f"route{s} {listed}: an app whose router ignores case serves them with the protected "
+                        f"route{s} {protected}: an app whose router ignores case serves them with the protected "
                         "handler, without a token",
                         "if the app's router ignores case, add 'path_case: insensitive' at the top of the policy; "
                         "if it does not, add 'acknowledge: [case-variant]' to the public route"))
@@ -333,11 +343,11 @@ def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
         weak = [r for r in siblings if weaker(other, r)]
         why = ("is public" if other.public else "is dry-run" if other.mode is Mode.DRY_RUN and route.mode is Mode.ENFORCE
                else _gaps_text(other, weak, "this route" if len(siblings) == 1 else "these routes"))
-        example = [m for m in ("DELETE", "PUT", "POST", "PATCH", *STANDARD_METHODS) if m in fell] or ["PUT"]
+        examples = [m for m in ("DELETE", "PUT", "POST", "PATCH", *STANDARD_METHODS) if m in fell] or ["PUT"]
         out.append(warn(("routes", route_i, "methods"),
                         f"route {takes}; {_methods_text(fell)} on {'its' if len(siblings) == 1 else 'their'} paths "
                         f"fall through to route {other.name!r} ({other.path}), which {why} "
-                        f"(e.g. {example[0]} {_show(segments)})",
+                        f"(e.g. {examples[0]} {_show(segments)})",
                         "list those methods on a route of this path (same or stricter scopes), or narrow "
                         f"{other.name!r}; if intended, add 'acknowledge: [fallthrough]' to this route"))
     return out
