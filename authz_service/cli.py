@@ -80,8 +80,10 @@ def _policy_flag(parser: argparse.ArgumentParser, many: bool = False) -> None:
 
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:
-    serve = commands.add_parser("serve", help="run the ext_authz gRPC server",
-                                description="Run the ext_authz gRPC server and the HTTP health/metrics server.")
+    serve = commands.add_parser(
+        "serve", help="run the service: the ext_authz front doors and the health/metrics server",
+        description="Run the service: its ext_authz front doors (gRPC, and HTTP when --ext-authz-http-port is "
+                    "set) and the HTTP health/metrics server. Every flag has an AUTHZ_* environment variable.")
     _policy_positional(serve)
     for setting in OPTIONS:
         default = "required" if setting.default is None else setting.default

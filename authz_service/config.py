@@ -177,9 +177,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("grpc_host", "127.0.0.1", str,
            "Address of the ext_authz front doors (gRPC, and HTTP when enabled); loopback: only the Pod's "
            "Envoy or mesh sidecar calls them."),
-    Option("grpc_port", 9191, _port, "Port for the ext_authz gRPC server (also serves grpc.health.v1)."),
+    Option("grpc_port", 9191, _port, "Port of the gRPC front door (Envoy's ext_authz gRPC mode; also serves "
+           "grpc.health.v1), on --grpc-host."),
     Option("ext_authz_http_port", 0, _port,
-           "Port for Envoy's HTTP ext_authz mode (http_service), on --grpc-host; 0 (default) turns it off."),
+           "Port of the HTTP front door (Envoy's HTTP ext_authz mode, http_service), on --grpc-host; 0 (default) "
+           "turns it off."),
     Option("ext_authz_http_path_prefix", "", _path_prefix,
            "Envoy's http_service path_prefix (empty: none). A request is decided only when its path is this "
            "prefix followed by Envoy's x-authz-original-path header; any other is refused (400)."),
@@ -210,7 +212,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("token_cache_max_bytes", 16 * 1024 * 1024, _non_negative_int,
            "Most bytes (approximate) the verified-token cache holds (per worker); 0 disables the cache."),
     Option("workers", 1, _workers,
-           "Worker processes sharing the front doors' ports (SO_REUSEPORT); 1 serves in-process."),
+           "Worker processes sharing every front door's port (SO_REUSEPORT), each port watched for other "
+           "listeners; 1 serves in-process."),
     Option("event_loop", "auto", _event_loop,
            "auto (uvloop when installed, else asyncio), uvloop or asyncio; uvloop saves ~30 us of CPU per Check."),
     Option("metrics_min_interval", 1.0, _non_negative,
