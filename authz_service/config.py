@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .tracing import TracingSettings, TracingSettingsError, tracing_settings
+from .tracing import CLIENT_CONTEXTS, TracingSettings, TracingSettingsError, tracing_settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,8 +160,8 @@ def _request_bytes(text: str) -> int:
 
 def _trace_client_context(text: str) -> str:
     value = text.lower()
-    if value not in {"link", "continue"}:
-        raise ValueError("one of link, continue")
+    if value not in CLIENT_CONTEXTS:
+        raise ValueError(f"one of {', '.join(CLIENT_CONTEXTS)}")
     return value
 
 

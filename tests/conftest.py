@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 from jwt.api_jwk import PyJWK
 
+from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2
 from authz_service.cognito import access_claims
 from authz_service.keys import IssuerKey
 from authz_service.policy import Issuer
@@ -40,6 +41,18 @@ class SigningKey:
         headers = {"kid": self.kid, "alg": "RS256", **overrides.pop("header", {})}
         claims = access_claims(ISSUER, "client-a", "transactions/post", replace=overrides)
         return jwt.encode(claims, self.private, algorithm="RS256", headers=headers)
+
+
+def check_request(method: str, path: str, headers: Mapping[str, str]) -> external_auth_pb2.CheckRequest:
+    """The CheckRequest Envoy's gRPC ext_authz sends for this request (headers lower-cased, as Envoy
+    sends the ``headers`` map; join repeated headers with ',' first, as Envoy does)."""
+    check = external_auth_pb2.CheckRequest()
+    http = check.attributes.request.http
+    http.method = method
+    http.path = path
+    for name, value in headers.items():
+        http.headers[name.lower()] = value
+    return check
 
 
 def make_key(kid: str) -> SigningKey:

@@ -19,7 +19,7 @@ from authz_service.check import Checker
 from authz_service.config import Settings
 from authz_service.decision import REASONS, Reason
 from authz_service.doors.base import Wiring
-from authz_service.doors.grpc import GRPC, check_request
+from authz_service.doors.grpc import GRPC
 from authz_service.doors.http import EXT_AUTHZ_HTTP, MISMATCH, ORIGINAL_PATH, REMOVE_HEADER, HttpFrontDoor, Mismatch
 from authz_service.metrics import Metrics
 from authz_service.policy import parse_policy
@@ -27,7 +27,7 @@ from authz_service.request import SPECIAL_NAMES
 from authz_service.response import Answers
 from authz_service.tokens import TokenVerifier
 
-from .conftest import ISSUER, MemoryKeys, SigningKey
+from .conftest import ISSUER, MemoryKeys, SigningKey, check_request
 
 POLICY = parse_policy(f"""
 issuers:

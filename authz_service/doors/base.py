@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 class FrontDoor(Protocol):
     """One running front door (built by its ``DoorKind.build``)."""
 
+    span_kind: CheckSpanKind  # how its Check spans are named (tracing on)
+
     async def start(self, host: str, port: int, *, reuse_port: bool) -> int:
         """Bind host:port and serve; the bound port (``port`` 0 picks one). ``reuse_port``: join the
         SO_REUSEPORT group the ``--workers`` parent reserved; without it, a port in use is an
@@ -69,7 +71,6 @@ class DoorKind:
     name: str  # its key in the start-up log line and in /readyz
     listener: ports.Listener  # names its port in errors; the --workers parent watches that port
     port_option: str  # the Settings field of its port (its host is --grpc-host for every door)
-    span_kind: CheckSpanKind  # how its Check spans are named (tracing on)
     build: Callable[[Wiring], FrontDoor]
     optional: bool = False  # port 0 turns it off (else port 0 picks a free port)
     # Its /readyz entry from the settings and the requests refused as misconfigured (summed over

@@ -14,7 +14,6 @@ line, bytes values).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -81,17 +80,6 @@ def _raw_headers(http: Any) -> HeaderFacts:
         elif name == "x-request-id":
             request_id = value
     return tuple(authorization), request_id, names
-
-
-def check_request(method: str, path: str, headers: Mapping[str, str]) -> external_auth_pb2.CheckRequest:
-    """The CheckRequest Envoy sends for this request (the attributes ``parse_check_request`` reads)."""
-    check = external_auth_pb2.CheckRequest()
-    http = check.attributes.request.http
-    http.method = method
-    http.path = path
-    for name, value in headers.items():
-        http.headers[name.lower()] = value
-    return check
 
 
 def check_response(answer: Answer, decision: object = None) -> external_auth_pb2.CheckResponse:
@@ -175,6 +163,8 @@ def _client_headers(request: external_auth_pb2.CheckRequest, fields: frozenset[s
 class GrpcDoor:
     """The gRPC server: Authorization/Check and grpc.health.v1 (whose status follows readiness)."""
 
+    span_kind = SPAN_KIND
+
     def __init__(self, checker: Checker, max_request_bytes: int, shutdown_grace: float) -> None:
         self._checker = checker
         self._max_request_bytes = max_request_bytes
@@ -231,4 +221,4 @@ def _bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-GRPC = DoorKind("grpc", ports.GRPC, "grpc_port", SPAN_KIND, GrpcDoor.build)
+GRPC = DoorKind("grpc", ports.GRPC, "grpc_port", GrpcDoor.build)

@@ -97,6 +97,8 @@ class HttpFrontDoor:
     ``on_mismatch`` is told of every request refused as not matching this service (a ``Mismatch``),
     for the metrics; ``mismatches`` counts them for /readyz."""
 
+    span_kind = SPAN_KIND
+
     def __init__(self, checker: Checker, path_prefix: str = "", max_request_bytes: int = 128 * 1024,
                  on_mismatch: Callable[[Mismatch], None] | None = None, shutdown_grace: float = 10.0) -> None:
         self._checker = checker
@@ -181,7 +183,7 @@ class HttpFrontDoor:
     async def handle_traced(self, request: web.BaseRequest) -> web.Response:
         """``handle`` with a span continuing the trace in the request's headers (tracing on)."""
         assert isinstance(self._checker, TracedChecker)
-        return await self._checker.check_traced(SPAN_KIND, request.headers, self.parse, request, self.render)
+        return await self._checker.check_traced(self.span_kind, request.headers, self.parse, request, self.render)
 
     def refusal(self, exc: BaseException | None) -> web.Response | None:
         """Our JSON 400 for a request aiohttp's parser refused, or None for any other error.
@@ -261,5 +263,5 @@ def _parts(answer: Answer) -> tuple[int, dict[str, str], bytes | None]:
     return answer.status, headers, answer.body.encode()
 
 
-EXT_AUTHZ_HTTP = DoorKind("ext_authz_http", ports.EXT_AUTHZ_HTTP, "ext_authz_http_port", SPAN_KIND,
-                          HttpFrontDoor.build, optional=True, status=door_status)
+EXT_AUTHZ_HTTP = DoorKind("ext_authz_http", ports.EXT_AUTHZ_HTTP, "ext_authz_http_port", HttpFrontDoor.build,
+                          optional=True, status=door_status)
