@@ -1,17 +1,23 @@
-"""What Amazon Cognito writes into a client_credentials access token: its claims, in its order.
+"""What Amazon Cognito writes into a client_credentials access token (its claims, in its order),
+and the shape of its region and user pool names.
 
 Why a module: the development issuer serves such tokens, the policy tools' simulator mints them,
 and the tests and the benchmark sign them; one builder keeps every one of them the shape the
-verifier meets from a real user pool (docs/cognito.md). The serving path never builds a token.
+verifier meets from a real user pool (docs/cognito.md). The serving path never builds a token; the
+policy loader and the dev issuer's configuration check pool ids and regions with the same patterns.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+# An AWS region (us-east-1) and a user pool id: its region, '_', letters and digits (us-east-1_Abc123).
+REGION = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d+\Z")
+POOL_ID = re.compile(r"^(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)_[0-9A-Za-z]+\Z")
 # The claims Cognito writes itself into a client_credentials access token; a pre token generation
 # trigger may add others (custom claims), never replace these.
 TOKEN_CLAIMS = ("sub", "token_use", "scope", "auth_time", "iss", "exp", "iat", "version", "jti", "client_id")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .claims import SCOPE_TOKEN
+from .cognito import POOL_ID, REGION
 from .conditions import ClaimCondition, Conditions, parse_claim_conditions
 from .urls import shown
 from .yamlfile import Where, YamlValidator, kind, place
@@ -40,8 +41,6 @@ _LITERAL_SEGMENT = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@]+\Z")
 _PARAM_SEGMENT = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
 _METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*\Z")  # RFC 9110 token, upper case as HTTP methods are written
 _SCOPE = re.compile(rf"^{SCOPE_TOKEN}\Z")
-_REGION = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d+\Z")
-_POOL_ID = re.compile(r"^(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)_[0-9A-Za-z]+\Z")
 # Emulators name pools differently (cognito-local: local_Abc123); accepted with an explicit issuer.
 _ANY_POOL_ID = re.compile(r"^[A-Za-z0-9-]{1,50}_[0-9A-Za-z]+\Z")
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/ {}*-]{0,99}\Z")
@@ -631,7 +630,7 @@ class _Context(YamlValidator):
         self.check_keys(item, _ISSUER_KEYS, where)
         pool = self.string(item, "user_pool_id", where, required=True)
         assert pool is not None
-        m = _POOL_ID.match(pool)
+        m = POOL_ID.match(pool)
         if m is None and not ("issuer" in item and _ANY_POOL_ID.match(pool)):
             raise self.fail((*where, "user_pool_id"),
                 f"{pool!r} is not a Cognito user pool id (expected <region>_<id>, e.g. us-east-1_Abc123; "
@@ -677,7 +676,7 @@ class _Context(YamlValidator):
             raise self.fail((*where, "replica_regions"), "a multi-Region user pool needs the updated issuer; "
                                                          "add 'issuer_format: updated'")
         for j, region in enumerate(replicas):
-            if not _REGION.match(region):
+            if not REGION.match(region):
                 raise self.fail((*where, "replica_regions", j), f"{region!r} is not an AWS region (e.g. eu-west-1)")
             if region == primary:
                 raise self.fail((*where, "replica_regions", j), f"{region!r} is the pool's primary region; "

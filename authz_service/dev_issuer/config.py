@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..claims import cognito_controlled
-from ..cognito import TOKEN_CLAIMS
+from ..cognito import POOL_ID, REGION, TOKEN_CLAIMS
 from ..policy import IssuerFormat
 from ..yamlfile import Where, YamlValidator, kind
 
@@ -23,8 +23,6 @@ KNOWN_GRANT_TYPES = frozenset({CLIENT_CREDENTIALS, "authorization_code", "implic
 DEFAULT_TOKEN_TTL_SECONDS = 3600
 MAX_TOKEN_TTL_SECONDS = 86400  # Cognito's upper bound for access token validity (1 day)
 
-_POOL_ID = re.compile(r"^(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)_[0-9A-Za-z]+\Z")
-_REGION = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d+\Z")
 # Cognito's patterns: a resource server identifier may contain '/', a scope name may not, so
 # "<identifier>/<name>" stays unambiguous only when split at the last '/'.
 _RESOURCE_SERVER_ID = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]{1,256}\Z")
@@ -139,7 +137,7 @@ class _Parser(YamlValidator):
             ("user_pool_id",),
             "use Cognito's shape <region>_<letters and digits>, e.g. us-east-1_Demo00001",
         )
-        if not _POOL_ID.match(pool_id):
+        if not POOL_ID.match(pool_id):
             raise self.fail(
                 ("user_pool_id",),
                 f"{pool_id!r} is not a Cognito user pool id",
@@ -203,7 +201,7 @@ class _Parser(YamlValidator):
             raise self.fail(("replica_regions",), "a multi-Region pool issues with the updated issuer",
                             "add issuer_format: updated")
         for i, region in enumerate(replicas):
-            if not _REGION.match(region) or region == pool_id.split("_")[0]:
+            if not REGION.match(region) or region == pool_id.split("_")[0]:
                 raise self.fail(("replica_regions", i), f"{region!r} is not a replica region", fix)
         return issuer_format, replicas
 

@@ -314,26 +314,30 @@ def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
         elif reached and route.index not in plain:
             out.append(warn(where, f"route {route.name!r} only matches paths ending in '/': more specific routes "
                                    "take every other request it covers", "remove it or change its path"))
-    for public, protected, s in _public_route_findings(routes, holes, "public-hole"):
-        out.append(warn(("routes", public.index, "public"),
-                        f"public route {public.name!r} is more specific than protected route{s} {protected}: those "
-                        "requests pass without a token",
-                        "if that hole is not intended, narrow the public route's path or methods, or remove "
-                        "'public: true'; if it is, add 'acknowledge: [public-hole]' to the public route"))
-    for public, protected, s in _public_route_findings(routes, reach.covers, "public-catch-all"):
-        out.append(warn(("routes", public.index, "path"),
-                        f"public route {public.name!r} ({public.path}) also covers the paths of protected route{s} "
-                        f"{protected}: every request they do not take (another method, a path beside them) is allowed "
-                        "without a token, so unmatched requests are no longer denied",
-                        "narrow the public route to the paths meant to be public; if a public catch-all is "
-                        "intended, add 'acknowledge: [public-catch-all]' to it"))
-    for public, protected, s in _public_route_findings(routes, reach.cases, "case-variant"):
-        out.append(warn(("routes", public.index, "path"),
-                        f"public route {public.name!r} ({public.path}) takes case variants of the paths of protected "
-                        f"route{s} {protected}: an app whose router ignores case serves them with the protected "
-                        "handler, without a token",
-                        "if the app's router ignores case, add 'path_case: insensitive' at the top of the policy; "
-                        "if it does not, add 'acknowledge: [case-variant]' to the public route"))
+    # Public routes that let requests for protected ones through: (pairs, lint code, the key a
+    # warning points at, its text for "public route P {problem}", the fix); {listed} names the
+    # protected routes with an example request each, {s} makes "route" plural.
+    public_findings = (
+        (holes, "public-hole", "public",
+         "is more specific than protected route{s} {listed}: those requests pass without a token",
+         "if that hole is not intended, narrow the public route's path or methods, or remove 'public: true'; "
+         "if it is, add 'acknowledge: [public-hole]' to the public route"),
+        (reach.covers, "public-catch-all", "path",
+         "({path}) also covers the paths of protected route{s} {listed}: every request they do not take "
+         "(another method, a path beside them) is allowed without a token, so unmatched requests are no longer "
+         "denied",
+         "narrow the public route to the paths meant to be public; if a public catch-all is intended, add "
+         "'acknowledge: [public-catch-all]' to it"),
+        (reach.cases, "case-variant", "path",
+         "({path}) takes case variants of the paths of protected route{s} {listed}: an app whose router ignores "
+         "case serves them with the protected handler, without a token",
+         "if the app's router ignores case, add 'path_case: insensitive' at the top of the policy; if it does "
+         "not, add 'acknowledge: [case-variant]' to the public route"),
+    )
+    for pairs, code, key, problem, fix in public_findings:
+        for public, protected, s in _public_route_findings(routes, pairs, code):
+            text = problem.format(path=public.path, s=s, listed=protected)
+            out.append(warn(("routes", public.index, key), f"public route {public.name!r} {text}", fix))
     for (route_i, other_i), (fell, segments) in sorted(reach.falls.items()):
         route, other = routes[route_i], routes[other_i]
         siblings = [r for r in routes if r.path == route.path and r.methods is not None]
