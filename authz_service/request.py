@@ -106,25 +106,29 @@ INVALID_METHOD = "missing or invalid method (an upper-case RFC 9110 token, e.g. 
 
 Source = TypeVar("Source")
 # What a front door reads of a request's headers: every Authorization value, x-request-id ("" when
-# absent) and every header name, lower-case.
+# absent) and every header name (lower-case, unless the door asks http_request to fold them).
 HeaderFacts = tuple[tuple[str, ...], str, Collection[str]]
 
 
 def http_request(source: Source, method: str, target: Callable[[Source], str],
-                 headers: Callable[[Source], HeaderFacts]) -> HttpRequest:
+                 headers: Callable[[Source], HeaderFacts], *, fold_names: bool = False) -> HttpRequest:
     """The one way every caller (each front door, the policy tools) builds an HttpRequest.
 
     The checks run here, in one order (the method, then the request target, then the headers), so
     every door refuses the same requests with the same first reason. ``target`` and ``headers``
     read ``source`` only once the checks before them passed (a door's own refusals, such as the
     HTTP door's misconfigured-prefix check, come after the method's as they always did); either
-    may raise BadRequest.
+    may raise BadRequest. ``fold_names``: the header names are as the client spelled them (the
+    HTTP door), so they are lower-cased as they are screened (no copy of them is made).
     """
     method = checked_method(method)
     path, segments = path_and_segments(target(source))
     authorization, request_id, names = headers(source)
     # Names are screened with one C-level set operation; looked at closer only on a hit.
-    spoofed = () if SPECIAL_NAMES.isdisjoint(names) else special_names(names)
+    if fold_names:
+        spoofed = () if SPECIAL_NAMES.isdisjoint(map(str.lower, names)) else special_names(map(str.lower, names))
+    else:
+        spoofed = () if SPECIAL_NAMES.isdisjoint(names) else special_names(names)
     return HttpRequest(method, path, segments, authorization, request_id[:MAX_REQUEST_ID], spoofed)
 
 

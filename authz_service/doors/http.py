@@ -133,7 +133,7 @@ class HttpFrontDoor:
 
     def parse(self, request: web.BaseRequest) -> HttpRequest:
         """The original request as Envoy forwarded it; BadRequest when it cannot be decided on."""
-        return http_request(request, request.method, self._original_path, _headers)
+        return http_request(request, request.method, self._original_path, _headers, fold_names=True)
 
     def _original_path(self, request: web.BaseRequest) -> str:
         """The path to decide on: x-authz-original-path, when the request's own is exactly our
@@ -217,8 +217,7 @@ class HttpFrontDoor:
 
 def _headers(request: web.BaseRequest) -> HeaderFacts:
     headers = request.headers
-    return (tuple(headers.getall("authorization", ())), headers.get("x-request-id", ""),
-            tuple(map(str.lower, headers)))
+    return tuple(headers.getall("authorization", ())), headers.get("x-request-id", ""), headers
 
 
 def door_status(settings: Settings, mismatches: int) -> dict[str, object]:
