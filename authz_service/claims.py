@@ -17,10 +17,26 @@ from types import MappingProxyType
 # starts with "cognito:". Route claim conditions refuse them: their values come from Cognito (or
 # are checked by the verifier with their own policy keys: iss, client_id, scope), never from the
 # pool's own customization, so a condition on them is a mistake.
-COGNITO_CONTROLLED_CLAIMS = frozenset({
-    "acr", "amr", "aud", "at_hash", "auth_time", "azp", "exp", "iat", "identities", "iss", "jti", "nbf",
-    "nonce", "origin_jti", "sub", "token_use",
-})
+COGNITO_CONTROLLED_CLAIMS = frozenset(
+    {
+        "acr",
+        "amr",
+        "aud",
+        "at_hash",
+        "auth_time",
+        "azp",
+        "exp",
+        "iat",
+        "identities",
+        "iss",
+        "jti",
+        "nbf",
+        "nonce",
+        "origin_jti",
+        "sub",
+        "token_use",
+    }
+)
 # RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ), scope = scope-token *( SP scope-token ).
 # Printable ASCII but space, quote and backslash: what a policy may require and a scope claim may list.
 SCOPE_CHARS = r"\x21\x23-\x5B\x5D-\x7E"  # a regex character class's contents

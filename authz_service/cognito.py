@@ -23,9 +23,16 @@ POOL_ID = re.compile(r"^(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)_[0-9A-Za-z]+\Z")
 TOKEN_CLAIMS = ("sub", "token_use", "scope", "auth_time", "iss", "exp", "iat", "version", "jti", "client_id")
 
 
-def access_claims(issuer: str, client_id: str, scopes: str | Iterable[str], *, ttl: int = 3600,
-                  now: int | None = None, custom: Mapping[str, Any] | None = None,
-                  replace: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def access_claims(
+    issuer: str,
+    client_id: str,
+    scopes: str | Iterable[str],
+    *,
+    ttl: int = 3600,
+    now: int | None = None,
+    custom: Mapping[str, Any] | None = None,
+    replace: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The claims of an access token ``issuer`` gives ``client_id`` for ``scopes``, valid ``ttl``
     seconds from ``now``: the trigger's ``custom`` claims first, then Cognito's own, in Cognito's
     order (they win over a custom claim of the same name, as with Cognito).
@@ -36,9 +43,16 @@ def access_claims(issuer: str, client_id: str, scopes: str | Iterable[str], *, t
     issued = int(time.time()) if now is None else now
     claims: dict[str, Any] = {
         **(custom or {}),
-        "sub": client_id, "token_use": "access", "scope": scopes if isinstance(scopes, str) else " ".join(scopes),
-        "auth_time": issued, "iss": issuer, "exp": issued + ttl, "iat": issued, "version": 2,
-        "jti": str(uuid.uuid4()), "client_id": client_id,
+        "sub": client_id,
+        "token_use": "access",
+        "scope": scopes if isinstance(scopes, str) else " ".join(scopes),
+        "auth_time": issued,
+        "iss": issuer,
+        "exp": issued + ttl,
+        "iat": issued,
+        "version": 2,
+        "jti": str(uuid.uuid4()),
+        "client_id": client_id,
     }
     for name, value in (replace or {}).items():
         if value is None:

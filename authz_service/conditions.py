@@ -23,7 +23,7 @@ from .yamlfile import kind
 Scalar = str | int | float | bool
 # Printable ASCII without space, quote and backslash: a claim name appears as is in a 403's
 # error_description (a quoted-string), and Cognito's own names (custom:tenant) fit.
-CLAIM_NAME = re.compile(r'^[\x21\x23-\x5B\x5D-\x7E]{1,128}\Z')
+CLAIM_NAME = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]{1,128}\Z")
 OPERATORS = ("equals", "any_of", "contains")
 MAX_ANY_OF = 256
 CLIENT_NOT_ALLOWED_TEXT = "client is not allowed on this route"
@@ -94,7 +94,9 @@ def _show(value: Scalar) -> str:
 def condition(name: str, operator: str, values: tuple[Scalar, ...]) -> ClaimCondition:
     """A compiled condition: values are split by JSON type once, so a check is one set lookup."""
     return ClaimCondition(
-        name=name, operator=operator, values=values,
+        name=name,
+        operator=operator,
+        values=values,
         strings=frozenset(v for v in values if isinstance(v, str)),
         numbers=frozenset(v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)),
         booleans=frozenset(v for v in values if isinstance(v, bool)),
@@ -148,7 +150,6 @@ class Conditions:
         return None
 
 
-
 # --- parsing (called by the policy loader, which supplies ``fail`` with file:line:column) --------
 
 Fail = Callable[[tuple[str | int, ...], str], Exception]  # (place below the route's claims key, problem)
@@ -161,11 +162,17 @@ def parse_claim_conditions(raw: object, fail: Fail) -> tuple[ClaimCondition, ...
     out = []
     for name, spec in raw.items():
         if not isinstance(name, str) or not CLAIM_NAME.match(name):
-            raise fail((), f"claim name {name!r}: use 1 to 128 printable ASCII characters without spaces, "
-                           "quotes or backslashes (e.g. tenant, custom:tenant)")
+            raise fail(
+                (),
+                f"claim name {name!r}: use 1 to 128 printable ASCII characters without spaces, "
+                "quotes or backslashes (e.g. tenant, custom:tenant)",
+            )
         if cognito_controlled(name):
-            fix = (f"use the route key '{VERIFIED_CLAIM_KEYS[name]}' instead" if name in VERIFIED_CLAIM_KEYS
-                   else "claim conditions are for custom claims (a pre token generation trigger cannot set this one)")
+            fix = (
+                f"use the route key '{VERIFIED_CLAIM_KEYS[name]}' instead"
+                if name in VERIFIED_CLAIM_KEYS
+                else "claim conditions are for custom claims (a pre token generation trigger cannot set this one)"
+            )
             raise fail((name,), f"{name!r} is set by Cognito itself; {fix}")
         out.append(_one_condition(name, spec, _below(fail, name)))
     return tuple(out)
@@ -178,13 +185,19 @@ def _below(fail: Fail, name: str) -> Fail:
 
 def _one_condition(name: str, spec: object, fail: Fail) -> ClaimCondition:
     if isinstance(spec, list):
-        raise fail((), "a list is ambiguous; write {any_of: [...]} (the claim is one of them) or "
-                       "{contains: ...} (a list claim holds the value)")
+        raise fail(
+            (),
+            "a list is ambiguous; write {any_of: [...]} (the claim is one of them) or "
+            "{contains: ...} (a list claim holds the value)",
+        )
     if not isinstance(spec, dict):
         return condition(name, "equals", (_scalar(spec, (), fail),))
     if len(spec) != 1 or next(iter(spec)) not in OPERATORS:
-        raise fail((), f"must be a value or a mapping with exactly one of {', '.join(OPERATORS)}, "
-                       f"got keys {', '.join(repr(k) for k in spec) or 'none'}")
+        raise fail(
+            (),
+            f"must be a value or a mapping with exactly one of {', '.join(OPERATORS)}, "
+            f"got keys {', '.join(repr(k) for k in spec) or 'none'}",
+        )
     operator, value = next(iter(spec.items()))
     if operator == "equals":
         return condition(name, operator, (_scalar(value, (operator,), fail),))
@@ -214,4 +227,3 @@ def _scalar(value: object, where: tuple[str | int, ...], fail: Fail) -> Scalar:
 
 def _json_type(value: Scalar) -> str:
     return "boolean" if isinstance(value, bool) else "string" if isinstance(value, str) else "number"
-

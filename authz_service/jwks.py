@@ -162,8 +162,16 @@ def jwks_document(keys: dict[str, PyJWK]) -> bytes:
     entries = []
     for kid in sorted(keys):
         numbers = keys[kid].key.public_numbers()
-        entries.append({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256",
-                        "n": _b64_uint(numbers.n), "e": _b64_uint(numbers.e)})
+        entries.append(
+            {
+                "kty": "RSA",
+                "kid": kid,
+                "use": "sig",
+                "alg": "RS256",
+                "n": _b64_uint(numbers.n),
+                "e": _b64_uint(numbers.e),
+            }
+        )
     return json.dumps({"keys": entries}, separators=(",", ":")).encode()
 
 
@@ -340,8 +348,9 @@ class JwksCache:
         """One fetch, traced: an unknown-kid re-fetch runs inside a Check (a child of its span),
         startup and periodic refreshes are background work (root spans)."""
         span = self._tracing.child if trigger == "unknown_kid" else self._tracing.root
-        with span("jwks fetch", **{"authz.issuer.pool_id": state.issuer.user_pool_id,
-                                   "authz.jwks.trigger": trigger}) as recorder:
+        with span(
+            "jwks fetch", **{"authz.issuer.pool_id": state.issuer.user_pool_id, "authz.jwks.trigger": trigger}
+        ) as recorder:
             return await self._fetch_keys(state, trigger, recorder)
 
     async def _fetch_keys(self, state: _IssuerState, trigger: str, recorder: Recorder) -> bool:
@@ -362,8 +371,13 @@ class JwksCache:
             self._metrics.jwks_refreshes.labels(label, trigger, "error").inc()
             log.warning(
                 "jwks refresh failed",
-                extra={"issuer": issuer.issuer, "jwks_uri": shown(issuer.jwks_uri), "trigger": trigger,
-                       "error": reason, "keys_kept": len(state.keys)},
+                extra={
+                    "issuer": issuer.issuer,
+                    "jwks_uri": shown(issuer.jwks_uri),
+                    "trigger": trigger,
+                    "error": reason,
+                    "keys_kept": len(state.keys),
+                },
             )
             return False
         _log_skipped(issuer, parsed.skipped)
@@ -385,8 +399,13 @@ class JwksCache:
         if added or removed or trigger != "periodic":
             log.info(
                 "jwks loaded",
-                extra={"issuer": issuer.issuer, "trigger": trigger, "keys": len(keys),
-                       "added": sorted(added), "removed": sorted(removed)},
+                extra={
+                    "issuer": issuer.issuer,
+                    "trigger": trigger,
+                    "keys": len(keys),
+                    "added": sorted(added),
+                    "removed": sorted(removed),
+                },
             )
         return True
 

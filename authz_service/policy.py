@@ -47,8 +47,6 @@ _ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/ {}*-]{0,99}\Z")
 _CLIENT_ID = re.compile(r"^[\x21-\x7E]{1,128}\Z")
 
 
-
-
 class PolicyError(ValueError):
     """A policy file that cannot serve. The message names the file, line:column, the place and the fix.
 
@@ -124,7 +122,7 @@ LINT_CODES = {
     "public-hole": "this public route is more specific than a protected route it carves a hole in",
     "public-catch-all": "this public route's pattern covers protected routes' paths",
     "case-variant": "this public route takes case variants of protected routes' paths (a case-insensitive "
-                    "router serves them with the protected handler)",
+    "router serves them with the protected handler)",
 }
 
 
@@ -227,11 +225,21 @@ class Policy:
         if self.path_case is PathCase.INSENSITIVE:
             return self
         trie = _compile(self.routes, _Context(self.source), fold=True)
-        return _CaseInsensitivePolicy(self.source, self.sha256, self.issuers, self.routes, self.issuers_by_iss, trie,
-                                      self.version, self.claim_names, PathCase.INSENSITIVE)
+        return _CaseInsensitivePolicy(
+            self.source,
+            self.sha256,
+            self.issuers,
+            self.routes,
+            self.issuers_by_iss,
+            trie,
+            self.version,
+            self.claim_names,
+            PathCase.INSENSITIVE,
+        )
 
-    def representative_paths(self, limit: int = 100_000, *, folded: Policy | None = None
-                             ) -> list[tuple[str, ...]] | None:
+    def representative_paths(
+        self, limit: int = 100_000, *, folded: Policy | None = None
+    ) -> list[tuple[str, ...]] | None:
         """One request path per class of paths the matcher cannot tell apart (None over ``limit``).
 
         Why: lints ("this route can never match") must be exact, not guessed. ``match`` only
@@ -267,8 +275,10 @@ class Policy:
                         segments.append(spelling)
             params = [[n.param for n in nodes if n.param is not None] for nodes in alive]
             for segment in (*segments, OTHER_SEGMENT):
-                nxt = tuple([n.literals[key] for n in nodes if (key := policy.fold(segment)) in n.literals] + ps
-                            for policy, nodes, ps in zip(tries, alive, params, strict=True))
+                nxt = tuple(
+                    [n.literals[key] for n in nodes if (key := policy.fold(segment)) in n.literals] + ps
+                    for policy, nodes, ps in zip(tries, alive, params, strict=True)
+                )
                 if not walk((*prefix, segment), nxt):
                     return False
             return True
@@ -361,14 +371,26 @@ _TOP_KEYS = {"version", "issuers", "routes", "mode", "path_case"}
 # (new keys, or old keys with a new meaning) must be refused by an older service, not half-read.
 POLICY_VERSIONS = (1,)
 _ISSUER_KEYS = {"user_pool_id", "region", "issuer", "jwks_uri", "client_ids", "issuer_format", "replica_regions"}
-_ROUTE_KEYS = {"name", "methods", "path", "scopes", "public", "mode", "acknowledge", "all_scopes", "client_ids",
-               "claims"}
+_ROUTE_KEYS = {
+    "name",
+    "methods",
+    "path",
+    "scopes",
+    "public",
+    "mode",
+    "acknowledge",
+    "all_scopes",
+    "client_ids",
+    "claims",
+}
 
 
 # A policy is a few KB; anything near this is a mistake (or /dev/zero), not a policy.
 POLICY_MAX_BYTES = 1024 * 1024
-_REGULAR_FILE_FIX = ("point the policy path at a regular file (a ConfigMap mounted as a directory, or a file "
-                     "written elsewhere and renamed into place)")
+_REGULAR_FILE_FIX = (
+    "point the policy path at a regular file (a ConfigMap mounted as a directory, or a file "
+    "written elsewhere and renamed into place)"
+)
 
 
 def read_policy_file(path: Path | str) -> bytes:
@@ -421,13 +443,20 @@ def read_policy_stream(stream: BinaryIO, source: str) -> bytes:
 
 
 def _too_large(path: Path | str, size: str) -> PolicyError:
-    return PolicyError(f"{path}: {size} is larger than a policy file may be ({POLICY_MAX_BYTES} bytes, 1 MiB); "
-                       "check that the path names the policy file (a policy is a few KB)")
+    return PolicyError(
+        f"{path}: {size} is larger than a policy file may be ({POLICY_MAX_BYTES} bytes, 1 MiB); "
+        "check that the path names the policy file (a policy is a few KB)"
+    )
 
 
 def _file_kind(mode: int) -> str:
-    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
     return next((name for test, name in kinds if test(mode)), "not a file")
 
 
@@ -485,8 +514,9 @@ class _Context(YamlValidator):
         assert isinstance(ctx, _Context)
         return ctx
 
-    def fail(self, where: Where, problem: str, fix: str | None = None, *, at: Where | None = None,
-             at_key: bool = False) -> PolicyError:
+    def fail(
+        self, where: Where, problem: str, fix: str | None = None, *, at: Where | None = None, at_key: bool = False
+    ) -> PolicyError:
         error = super().fail(where, problem, fix, at=at, at_key=at_key)
         assert isinstance(error, PolicyError)
         return error
@@ -512,14 +542,16 @@ class _Context(YamlValidator):
         by_iss: dict[str, Issuer] = {}
         for issuer in issuers:
             if issuer.issuer in by_iss:
-                self.errors.append(self.fail(
-                    ("issuers", issuer.block), f"issuer {issuer.issuer!r} is listed twice; keep one entry"))
+                self.errors.append(
+                    self.fail(("issuers", issuer.block), f"issuer {issuer.issuer!r} is listed twice; keep one entry")
+                )
             by_iss[issuer.issuer] = issuer
         route_items = self.collect(self.nonempty_list, doc, "routes", ()) or []
         routes = [self.collect(self.route, item, i, default_mode) for i, item in enumerate(route_items)]
         good_routes = tuple(r for r in routes if r is not None)
-        self.unique_names(good_routes, {i for i, item in enumerate(route_items) if isinstance(item, dict)
-                                        and "name" in item})
+        self.unique_names(
+            good_routes, {i for i, item in enumerate(route_items) if isinstance(item, dict) and "name" in item}
+        )
         fold = path_case is PathCase.INSENSITIVE
         trie = _compile(good_routes, self, fold=fold)
         if self.errors:
@@ -540,16 +572,22 @@ class _Context(YamlValidator):
         try:
             return PathCase(value)
         except ValueError:
-            raise self.fail(("path_case",), f"must be 'sensitive' (the default: the app's router tells /Admin "
-                                            f"from /admin) or 'insensitive' (it does not), got {value!r}") from None
+            raise self.fail(
+                ("path_case",),
+                f"must be 'sensitive' (the default: the app's router tells /Admin "
+                f"from /admin) or 'insensitive' (it does not), got {value!r}",
+            ) from None
 
     def version(self, value: object) -> int:
         # JSON numbers: 1.0 is 1 (as the schema sees it); true is not a number.
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value in POLICY_VERSIONS:
             return int(value)
         known = ", ".join(str(v) for v in POLICY_VERSIONS)
-        raise self.fail(("version",), f"{value!r} is not a policy format this authz-service reads (it reads "
-                        f"version {known}); write 'version: 1' (or leave it out), or upgrade authz-service")
+        raise self.fail(
+            ("version",),
+            f"{value!r} is not a policy format this authz-service reads (it reads "
+            f"version {known}); write 'version: 1' (or leave it out), or upgrade authz-service",
+        )
 
     def unique_names(self, routes: Iterable[Route], named: set[int]) -> None:
         """Two routes with one name would share their metric series (route label) and log lines.
@@ -562,17 +600,24 @@ class _Context(YamlValidator):
             if first is route or (route.index not in named and first.index not in named):
                 continue
             first_place = place(self.source, *self.places.position(("routes", first.index, "name")))
-            self.errors.append(self.fail(
-                ("routes", route.index, "name"),
-                f"{route.name!r} is also the name of routes[{first.index}] ({first_place}); route names label the "
-                "metrics (route=...), so both would be counted as one: give each route its own name"))
+            self.errors.append(
+                self.fail(
+                    ("routes", route.index, "name"),
+                    f"{route.name!r} is also the name of routes[{first.index}] ({first_place}); route names label the "
+                    "metrics (route=...), so both would be counted as one: give each route its own name",
+                )
+            )
 
     def check_keys(self, item: dict[str, Any], allowed: set[str], where: Where) -> None:
         for key in item:
             if key not in allowed:
                 hint = ", ".join(sorted(allowed))
-                raise self.fail(where, f"unknown key {key!r}; allowed keys: {hint}",
-                                at=(*where, key) if isinstance(key, str) else None, at_key=isinstance(key, str))
+                raise self.fail(
+                    where,
+                    f"unknown key {key!r}; allowed keys: {hint}",
+                    at=(*where, key) if isinstance(key, str) else None,
+                    at_key=isinstance(key, str),
+                )
 
     def nonempty_list(self, item: dict[str, Any], key: str, where: Where) -> list[Any]:
         if key not in item:
@@ -606,7 +651,6 @@ class _Context(YamlValidator):
                 raise self.fail((*where, key, j), f"must be a non-empty string, got {kind(entry)}")
         return value
 
-
     def client_ids(self, item: dict[str, Any], where: Where) -> frozenset[str] | None:
         """An issuer's or a route's ``client_ids`` allow-list (None: any app client)."""
         client_ids = self.string_list(item, "client_ids", where)
@@ -616,6 +660,7 @@ class _Context(YamlValidator):
             if not _CLIENT_ID.match(cid):
                 raise self.fail((*where, "client_ids", j), f"{cid!r} is not an app client id")
         return frozenset(client_ids)
+
     def mode(self, value: object, where: Where) -> Mode:
         try:
             return Mode(value)
@@ -632,13 +677,15 @@ class _Context(YamlValidator):
         assert pool is not None
         m = POOL_ID.match(pool)
         if m is None and not ("issuer" in item and _ANY_POOL_ID.match(pool)):
-            raise self.fail((*where, "user_pool_id"),
+            raise self.fail(
+                (*where, "user_pool_id"),
                 f"{pool!r} is not a Cognito user pool id (expected <region>_<id>, e.g. us-east-1_Abc123; "
                 "an emulator's pool such as local_Abc123 also needs an explicit issuer)",
             )
         region = self.string(item, "region", where) or (m["region"] if m else "")
         if m is not None and region != m["region"]:
-            raise self.fail((*where, "region"), f"{region!r} does not match the pool id's region {m['region']!r}; remove region"
+            raise self.fail(
+                (*where, "region"), f"{region!r} does not match the pool id's region {m['region']!r}; remove region"
             )
         issuer_format, replicas = self.issuer_format(item, where, region)
         explicit = self.string(item, "issuer", where)
@@ -646,8 +693,11 @@ class _Context(YamlValidator):
         if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?\Z", issuer):
             raise self.fail((*where, "issuer"), f"{shown(issuer)!r} is not an http(s) URL")
         if "@" in issuer.split("/")[2]:
-            raise self.fail((*where, "issuer"), f"{shown(issuer)!r}: an issuer URL carries no credentials (the "
-                            "token's iss is compared as written); put those the JWKS needs in jwks_uri")
+            raise self.fail(
+                (*where, "issuer"),
+                f"{shown(issuer)!r}: an issuer URL carries no credentials (the "
+                "token's iss is compared as written); put those the JWKS needs in jwks_uri",
+            )
         jwks_override = self.string(item, "jwks_uri", where)
         if jwks_override is not None and not re.match(r"^https?://[^\s/?#]+(/\S*)?\Z", jwks_override):
             raise self.fail((*where, "jwks_uri"), f"{shown(jwks_override)!r} is not an http(s) URL")
@@ -655,9 +705,19 @@ class _Context(YamlValidator):
         fmt = None if explicit else issuer_format
         accepted = [(region, issuer, False)]
         accepted += [(r, cognito_issuer(issuer_format, r, pool), True) for r in replicas]
-        return [Issuer(user_pool_id=pool, region=r, issuer=iss, jwks_uri=jwks_override or f"{iss}/.well-known/jwks.json",
-                       client_ids=allowed, format=fmt, replica=replica, block=i)
-                for r, iss, replica in accepted]
+        return [
+            Issuer(
+                user_pool_id=pool,
+                region=r,
+                issuer=iss,
+                jwks_uri=jwks_override or f"{iss}/.well-known/jwks.json",
+                client_ids=allowed,
+                format=fmt,
+                replica=replica,
+                block=i,
+            )
+            for r, iss, replica in accepted
+        ]
 
     def issuer_format(self, item: dict[str, Any], where: Where, primary: str) -> tuple[IssuerFormat, list[str]]:
         """``issuer_format`` (default original) and ``replica_regions`` of an issuers entry."""
@@ -665,22 +725,30 @@ class _Context(YamlValidator):
         try:
             issuer_format = IssuerFormat(raw)
         except ValueError:
-            raise self.fail((*where, "issuer_format"), f"must be 'original' (cognito-idp.<region>) or 'updated' "
-                                                       f"(issuer-cognito-idp.<region>), got {raw!r}") from None
+            raise self.fail(
+                (*where, "issuer_format"),
+                f"must be 'original' (cognito-idp.<region>) or 'updated' (issuer-cognito-idp.<region>), got {raw!r}",
+            ) from None
         replicas = self.string_list(item, "replica_regions", where) or []
         for key in ("issuer_format", "replica_regions"):
             if key in item and "issuer" in item:
-                raise self.fail((*where, key), f"'{key}' derives the issuer URL, which the explicit 'issuer' fixes; "
-                                               "remove one of them")
+                raise self.fail(
+                    (*where, key),
+                    f"'{key}' derives the issuer URL, which the explicit 'issuer' fixes; remove one of them",
+                )
         if "replica_regions" in item and issuer_format is not IssuerFormat.UPDATED:
-            raise self.fail((*where, "replica_regions"), "a multi-Region user pool needs the updated issuer; "
-                                                         "add 'issuer_format: updated'")
+            raise self.fail(
+                (*where, "replica_regions"),
+                "a multi-Region user pool needs the updated issuer; add 'issuer_format: updated'",
+            )
         for j, region in enumerate(replicas):
             if not REGION.match(region):
                 raise self.fail((*where, "replica_regions", j), f"{region!r} is not an AWS region (e.g. eu-west-1)")
             if region == primary:
-                raise self.fail((*where, "replica_regions", j), f"{region!r} is the pool's primary region; "
-                                                                "list only the replica regions")
+                raise self.fail(
+                    (*where, "replica_regions", j),
+                    f"{region!r} is the pool's primary region; list only the replica regions",
+                )
             if region in replicas[:j]:
                 raise self.fail((*where, "replica_regions", j), f"{region!r} is listed twice")
         return issuer_format, replicas
@@ -706,22 +774,31 @@ class _Context(YamlValidator):
             raise self.fail((*where, "public"), f"must be true or false, got {public!r}")
         requirements = [key for key in ("scopes", "all_scopes", "client_ids", "claims") if key in item]
         if public and requirements:
-            raise self.fail(where, f"a public route takes no {', '.join(requirements)}; remove "
-                                   f"{'it' if len(requirements) == 1 else 'them'} or 'public: true'")
+            raise self.fail(
+                where,
+                f"a public route takes no {', '.join(requirements)}; remove "
+                f"{'it' if len(requirements) == 1 else 'them'} or 'public: true'",
+            )
         scopes = self.string_list(item, "scopes", where)
         all_scopes = self.string_list(item, "all_scopes", where)
         if not public and scopes is None and all_scopes is None:
-            raise self.fail(where, "missing 'scopes' (the token must hold one of them), 'all_scopes' (all of "
-                                   "them) or 'public: true'")
+            raise self.fail(
+                where,
+                "missing 'scopes' (the token must hold one of them), 'all_scopes' (all of them) or 'public: true'",
+            )
         for key, listed in (("scopes", scopes), ("all_scopes", all_scopes)):
             for j, scope in enumerate(listed or ()):
                 if not _SCOPE.match(scope):
-                    raise self.fail((*where, key, j),
+                    raise self.fail(
+                        (*where, key, j),
                         f"{scope!r} is not a valid OAuth scope (no spaces, quotes or backslashes)",
                     )
         allowed = self.client_ids(item, where)
-        claims = (parse_claim_conditions(item["claims"], lambda at, problem: self.fail((*where, "claims", *at), problem))
-                  if "claims" in item else ())
+        claims = (
+            parse_claim_conditions(item["claims"], lambda at, problem: self.fail((*where, "claims", *at), problem))
+            if "claims" in item
+            else ()
+        )
         name = self.string(item, "name", where)
         if name is not None and not _ROUTE_NAME.match(name):
             raise self.fail((*where, "name"), f"{name!r}: use letters, digits and -_.:/ (at most 100)")
@@ -731,12 +808,15 @@ class _Context(YamlValidator):
         acknowledge = self.string_list(item, "acknowledge", where) or []
         for j, code in enumerate(acknowledge):
             if code not in LINT_CODES:
-                raise self.fail((*where, "acknowledge", j),
-                                f"{code!r} is not a lint warning code; known: {', '.join(sorted(LINT_CODES))}")
+                raise self.fail(
+                    (*where, "acknowledge", j),
+                    f"{code!r} is not a lint warning code; known: {', '.join(sorted(LINT_CODES))}",
+                )
         any_scopes = frozenset(scopes or ())
         required = frozenset(all_scopes or ())
-        conditions = (Conditions(any_scopes, required, allowed, claims)
-                      if required or allowed is not None or claims else None)
+        conditions = (
+            Conditions(any_scopes, required, allowed, claims) if required or allowed is not None or claims else None
+        )
         return Route(
             name=name,
             path=path,
@@ -813,16 +893,22 @@ def _parse_pattern(path: str, fail: Any) -> list[object]:
             out.append(_PARAM)
             continue
         if part == "" and k == len(parts) - 1:
-            raise fail(f"{path!r}: a pattern cannot end in '/': write {path.rstrip('/')!r}, whose route a request "
-                       f"for {path!r} must meet too (see 'Trailing slashes' in the policy reference)")
+            raise fail(
+                f"{path!r}: a pattern cannot end in '/': write {path.rstrip('/')!r}, whose route a request "
+                f"for {path!r} must meet too (see 'Trailing slashes' in the policy reference)"
+            )
         if part == "":
             raise fail(f"{path!r}: empty segment ('//'); remove it")
         if part in (".", ".."):
             raise fail(f"{path!r}: '.' and '..' segments are not allowed")
         if "{" in part or "}" in part or "*" in part:
-            raise fail(f"{path!r}: segment {part!r}: a parameter must be a whole segment like {{id}}; '*' only as '/**'")
+            raise fail(
+                f"{path!r}: segment {part!r}: a parameter must be a whole segment like {{id}}; '*' only as '/**'"
+            )
         if not _LITERAL_SEGMENT.match(part):
-            raise fail(f"{path!r}: segment {part!r} has characters that are not allowed (percent-encoding, spaces, ';' ...)")
+            raise fail(
+                f"{path!r}: segment {part!r} has characters that are not allowed (percent-encoding, spaces, ';' ...)"
+            )
         out.append(part)
     return out
 
@@ -885,5 +971,7 @@ def _conflict(ctx: _Context, first: Route, second: Route) -> PolicyError:
         f"routes[{first.index}] ({first.path}): both match the same requests with equal specificity"
         f"{' (path_case is insensitive)' if first.path != second.path else ''}; "
         "merge them or make their methods disjoint",
-        where, line, column,
+        where,
+        line,
+        column,
     )

@@ -29,8 +29,9 @@ IDENTITY_HEADERS = ("x-auth-client-id", "x-auth-scopes", "x-auth-sub")
 _IDENTITY_SPELLINGS = frozenset(IDENTITY_HEADERS)
 # Frameworks that honour these run another method or path than the one we authorize (GET allowed,
 # DELETE run; /public allowed, X-Original-URL: /admin served).
-_OVERRIDES = frozenset(("x-http-method-override", "x-http-method", "x-method-override", "x-original-url",
-                        "x-rewrite-url"))
+_OVERRIDES = frozenset(
+    ("x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url")
+)
 
 
 # The separators an app may read as one: CGI-style servers name x-auth-sub HTTP_X_AUTH_SUB, so
@@ -65,8 +66,20 @@ _HEX2 = re.compile(r"^[0-9A-Fa-f]{2}\Z")
 # unreserved characters (RFC 3986 6.2.2.2 says they must not be encoded), '/', '\\', '%'
 # (double encoding) and control characters.
 _FORBIDDEN_ESCAPES = frozenset(
-    [*range(0x20), 0x7F, ord("/"), ord("\\"), ord("%"), ord("-"), ord("."), ord("_"), ord("~"),
-     *range(ord("0"), ord("9") + 1), *range(ord("A"), ord("Z") + 1), *range(ord("a"), ord("z") + 1)]
+    [
+        *range(0x20),
+        0x7F,
+        ord("/"),
+        ord("\\"),
+        ord("%"),
+        ord("-"),
+        ord("."),
+        ord("_"),
+        ord("~"),
+        *range(ord("0"), ord("9") + 1),
+        *range(ord("A"), ord("Z") + 1),
+        *range(ord("a"), ord("z") + 1),
+    ]
 )
 
 
@@ -110,8 +123,14 @@ Source = TypeVar("Source")
 HeaderFacts = tuple[tuple[str, ...], str, Collection[str]]
 
 
-def http_request(source: Source, method: str, target: Callable[[Source], str],
-                 headers: Callable[[Source], HeaderFacts], *, fold_names: bool = False) -> HttpRequest:
+def http_request(
+    source: Source,
+    method: str,
+    target: Callable[[Source], str],
+    headers: Callable[[Source], HeaderFacts],
+    *,
+    fold_names: bool = False,
+) -> HttpRequest:
     """The one way every caller (each front door, the policy tools) builds an HttpRequest.
 
     The checks run here, in one order (the method, then the request target, then the headers), so

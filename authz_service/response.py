@@ -90,8 +90,7 @@ class Answers:
             body["scope"] = scope
         if outcome.http_status == 503:
             headers.append(("retry-after", "5"))
-        return Answer(False, reason, outcome.http_status, tuple(headers),
-                      body=json.dumps(body, separators=(",", ":")))
+        return Answer(False, reason, outcome.http_status, tuple(headers), body=json.dumps(body, separators=(",", ":")))
 
     def _challenge(self, error: str | None, description: str, scope: str) -> str:
         parts = [f'realm="{self.realm}"']

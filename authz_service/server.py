@@ -90,11 +90,17 @@ class Service:
             raise
         log.info(
             "authz-service started",
-            extra={"version": __version__, **door_addresses(self.settings, self.door_ports),
-                   "http": f"{self.settings.http_host}:{self.http_port}",
-                   "policy": str(self.settings.policy), "routes": len(policy.routes), "event_loop": loop_name(),
-                   "issuers": [i.issuer for i in policy.issuers], "ready": self.ready(),
-                   "tracing": describe(self.settings.tracing)},
+            extra={
+                "version": __version__,
+                **door_addresses(self.settings, self.door_ports),
+                "http": f"{self.settings.http_host}:{self.http_port}",
+                "policy": str(self.settings.policy),
+                "routes": len(policy.routes),
+                "event_loop": loop_name(),
+                "issuers": [i.issuer for i in policy.issuers],
+                "ready": self.ready(),
+                "tracing": describe(self.settings.tracing),
+            },
         )
 
     async def _start(self, policy: Policy) -> None:
@@ -103,17 +109,20 @@ class Service:
             self.tracing = Tracing(settings.tracing, __version__)
         self._session = http_session()
         self.token_cache = TokenCache(settings.token_cache_size, settings.token_cache_max_bytes, self.metrics)
-        self.jwks = JwksCache(settings.jwks, self.metrics, self._session, on_key_removed=self.token_cache.drop_key,
-                              tracing=self.tracing)
+        self.jwks = JwksCache(
+            settings.jwks, self.metrics, self._session, on_key_removed=self.token_cache.drop_key, tracing=self.tracing
+        )
         self.jwks.sync(policy.issuers)
-        self.reloader = PolicyReloader(settings.policy, policy, self.metrics, on_change=self._policy_changed,
-                                       tracing=self.tracing)
+        self.reloader = PolicyReloader(
+            settings.policy, policy, self.metrics, on_change=self._policy_changed, tracing=self.tracing
+        )
         self.reloader.open_watch(settings.policy_watch)  # --policy-watch inotify without inotify: OSError
         self.metrics.policy_loaded(len(policy.routes), policy.sha256)
         verifier = TokenVerifier(self.jwks, leeway=settings.leeway, cache=self.token_cache)
         if isinstance(self.tracing, Tracing):
-            self.checker: Checker = TracedChecker(self.reloader, verifier, Answers(settings.realm),
-                                                  self.metrics.per_check, self.tracing)
+            self.checker: Checker = TracedChecker(
+                self.reloader, verifier, Answers(settings.realm), self.metrics.per_check, self.tracing
+            )
         else:
             self.checker = Checker(self.reloader, verifier, Answers(settings.realm), self.metrics.per_check)
 
@@ -171,8 +180,11 @@ class Service:
     def _readiness(self) -> tuple[bool, dict[str, object]]:
         policy = self.reloader.policy
         body: dict[str, object] = {
-            "policy": {"sha256": policy.sha256, "routes": len(policy.routes),
-                       "last_reload_error": self.reloader.last_error},
+            "policy": {
+                "sha256": policy.sha256,
+                "routes": len(policy.routes),
+                "last_reload_error": self.reloader.last_error,
+            },
             "issuers": self.jwks.status() if self.jwks is not None else [],
         }
         for kind, door in self._doors:
@@ -239,23 +251,26 @@ def loop_name() -> str:
 
 def door_addresses(settings: Settings, bound: dict[str, int]) -> dict[str, str | None]:
     """The start-up log's field per door: ``host:port`` as bound, None for a door that is off."""
-    return {kind.name: f"{settings.grpc_host}:{bound[kind.name]}" if kind.name in bound else None
-            for kind in doors.KINDS}
+    return {
+        kind.name: f"{settings.grpc_host}:{bound[kind.name]}" if kind.name in bound else None for kind in doors.KINDS
+    }
 
 
 async def serve(
-    settings: Settings, *, worker: bool = False, on_ready: Callable[[bool], None] | None = None,
+    settings: Settings,
+    *,
+    worker: bool = False,
+    on_ready: Callable[[bool], None] | None = None,
     on_mismatch: Callable[[], None] | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the policy."""
-    service = Service(settings, CollectorRegistry() if worker else None, worker=worker, on_ready=on_ready,
-                      on_mismatch=on_mismatch)
+    service = Service(
+        settings, CollectorRegistry() if worker else None, worker=worker, on_ready=on_ready, on_mismatch=on_mismatch
+    )
     await service.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, service.request_stop)
     loop.add_signal_handler(signal.SIGINT, service.request_stop)
-    loop.add_signal_handler(
-        signal.SIGHUP, lambda: asyncio.ensure_future(service.reloader.reload("SIGHUP"))
-    )
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.reloader.reload("SIGHUP")))
     await service.wait_stopped()
     await service.stop()

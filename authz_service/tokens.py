@@ -115,8 +115,9 @@ def bearer_token(values: tuple[str, ...]) -> str | None:
     if not sep or not rest:
         raise TokenError(Failure.BAD_REQUEST, "the Bearer scheme needs a token", check=Check.CREDENTIALS)
     if not _is_b64token(rest):
-        raise TokenError(Failure.BAD_REQUEST, "malformed Bearer credentials (one token, no spaces)",
-                         check=Check.CREDENTIALS)
+        raise TokenError(
+            Failure.BAD_REQUEST, "malformed Bearer credentials (one token, no spaces)", check=Check.CREDENTIALS
+        )
     return rest
 
 
@@ -325,8 +326,12 @@ class TokenVerifier:
             # one JWKS): the issuer the token names must then hold a key under this kid that verifies it.
             named = next((c for c in candidates if c.issuer == iss), None)
             if named is None or not _signature_ok(named.key, parsed):
-                raise TokenError(Failure.WRONG_ISSUER, NOT_VALID,
-                                 "iss is not the trusted issuer whose key signed the token", check=Check.ISSUER)
+                raise TokenError(
+                    Failure.WRONG_ISSUER,
+                    NOT_VALID,
+                    "iss is not the trusted issuer whose key signed the token",
+                    check=Check.ISSUER,
+                )
             signer = named
         self._check_times(payload)
         return self._claims(payload, policy.issuers_by_iss[signer.issuer], kid, policy.claim_names), signer.key
@@ -352,8 +357,9 @@ class TokenVerifier:
         if not all(self._keys.has_keys(i) for i in policy.issuers):
             # It may be a token of the issuer whose keys we do not have yet: we cannot tell, so 503.
             raise TokenError(Failure.KEYS_UNAVAILABLE, "signing keys are not available yet", check=Check.KEY)
-        raise TokenError(Failure.UNKNOWN_KEY, NOT_VALID, "no trusted issuer publishes a key with the token's kid",
-                         check=Check.KEY)
+        raise TokenError(
+            Failure.UNKNOWN_KEY, NOT_VALID, "no trusted issuer publishes a key with the token's kid", check=Check.KEY
+        )
 
     def _policy_keys(self, kid: str, policy: Policy) -> list[IssuerKey]:
         trusted = policy.issuers_by_iss
@@ -392,7 +398,9 @@ class TokenVerifier:
         if iat is not None and (not _is_number(iat) or iat > now + self._leeway):
             raise TokenError(Failure.NOT_YET_VALID, "token issued in the future", check=Check.TIMES)
         if payload.get("token_use") != "access":
-            raise TokenError(Failure.WRONG_TOKEN_USE, "not an access token (token_use must be access)", check=Check.TOKEN_USE)
+            raise TokenError(
+                Failure.WRONG_TOKEN_USE, "not an access token (token_use must be access)", check=Check.TOKEN_USE
+            )
         client_id = payload.get("client_id")
         if not isinstance(client_id, str) or not client_id:
             raise TokenError(Failure.INVALID_TOKEN, "token has no client_id claim", check=Check.CLIENT)
@@ -417,7 +425,8 @@ class TokenVerifier:
             kid=kid,
             # Only the custom claims route conditions name (keyed by the policy's own strings), so a
             # cache entry holds a few values, not the whole payload. Never forwarded as headers.
-            custom={name: claim_value(payload[name]) for name in names if name in payload} if names
+            custom={name: claim_value(payload[name]) for name in names if name in payload}
+            if names
             else NO_CUSTOM_CLAIMS,
             extracted=names,
         )
@@ -441,8 +450,11 @@ def _check_scope(scope: str) -> None:
     here and two upstream; a quote or backslash changes how it reads once quoted. Cognito's own
     scopes follow the grammar, so this refuses only tokens no Cognito pool issues."""
     if not _SCOPE_CLAIM.match(scope):
-        raise TokenError(Failure.INVALID_TOKEN, SCOPE_CHARACTER if _NOT_SCOPE_CHAR.search(scope) else SCOPE_SPACING,
-                         check=Check.CLAIMS)
+        raise TokenError(
+            Failure.INVALID_TOKEN,
+            SCOPE_CHARACTER if _NOT_SCOPE_CHAR.search(scope) else SCOPE_SPACING,
+            check=Check.CLAIMS,
+        )
 
 
 def _is_number(value: object) -> bool:

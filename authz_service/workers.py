@@ -92,8 +92,7 @@ def socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def worker_main(settings: Settings, index: int, state: Synchronized, log_level: str,
-                mismatches: Synchronized) -> None:
+def worker_main(settings: Settings, index: int, state: Synchronized, log_level: str, mismatches: Synchronized) -> None:
     """Entry point of one worker process (spawned: a fresh interpreter, no inherited gRPC state)."""
     from . import logs
     from .policy import PolicyError
@@ -137,8 +136,10 @@ def _exit_with_parent(parent: int, stop_deadline: float) -> None:
         log.warning("parent process gone; stopping", extra={"parent_pid": parent})
         signal.pthread_kill(main, signal.SIGTERM)
         time.sleep(stop_deadline)
-        log.error("worker did not stop in time after its parent was gone; exiting",
-                  extra={"parent_pid": parent, "seconds": stop_deadline})
+        log.error(
+            "worker did not stop in time after its parent was gone; exiting",
+            extra={"parent_pid": parent, "seconds": stop_deadline},
+        )
         os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
@@ -196,16 +197,22 @@ class Supervisor:
     # --- readiness ------------------------------------------------------------------------------
 
     def ready(self) -> bool:
-        return not self._stopping.is_set() and not self.foreign_listeners and all(
-            w.process is not None and w.process.is_alive() and w.state.value == READY for w in self._workers
+        return (
+            not self._stopping.is_set()
+            and not self.foreign_listeners
+            and all(w.process is not None and w.process.is_alive() and w.state.value == READY for w in self._workers)
         )
 
     def status(self) -> list[dict[str, object]]:
         names = {STARTING: "starting", SERVING: "serving (not ready)", READY: "ready", STOPPED: "stopped"}
         return [
-            {"worker": w.index, "pid": w.process.pid if w.process else None,
-             "alive": bool(w.process and w.process.is_alive()), "state": names.get(w.state.value, "?"),
-             "restarts": w.restarts}
+            {
+                "worker": w.index,
+                "pid": w.process.pid if w.process else None,
+                "alive": bool(w.process and w.process.is_alive()),
+                "state": names.get(w.state.value, "?"),
+                "restarts": w.restarts,
+            }
             for w in self._workers
         ]
 
@@ -242,14 +249,23 @@ class Supervisor:
                 return 0
             await self._serve_http()
             if hasattr(os, "geteuid") and os.geteuid() == 0:
-                log.warning("running as root with --workers: any root process in the Pod's network namespace "
-                            "can join a shared port's SO_REUSEPORT group and answer Checks; run authz-service as "
-                            "its own non-root UID (docs/security.md)",
-                            extra={"shared_ports": [port for _, port in self.shared_ports]})
-            log.info("authz-service started", extra={
-                "version": __version__, **door_addresses(self.settings, self.door_ports),
-                "http": f"{self.settings.http_host}:{self.http_port}", "workers": len(self._workers),
-                "pids": [w.process.pid for w in self._workers], "tracing": describe(self.settings.tracing)})
+                log.warning(
+                    "running as root with --workers: any root process in the Pod's network namespace "
+                    "can join a shared port's SO_REUSEPORT group and answer Checks; run authz-service as "
+                    "its own non-root UID (docs/security.md)",
+                    extra={"shared_ports": [port for _, port in self.shared_ports]},
+                )
+            log.info(
+                "authz-service started",
+                extra={
+                    "version": __version__,
+                    **door_addresses(self.settings, self.door_ports),
+                    "http": f"{self.settings.http_host}:{self.http_port}",
+                    "workers": len(self._workers),
+                    "pids": [w.process.pid for w in self._workers],
+                    "tracing": describe(self.settings.tracing),
+                },
+            )
             await self._watch(worker_settings)
             log.info("shutting down", extra={"workers": len(self._workers)})
             await self._stop_workers()
@@ -263,9 +279,10 @@ class Supervisor:
     def _start(self, worker: _Worker, settings: Settings) -> None:
         worker.state.value = STARTING
         worker.process = self._ctx.Process(
-            target=worker_main, args=(settings, worker.index, worker.state, self.settings.log_level,
-                                      worker.mismatches),
-            name=f"authz-worker-{worker.index}", daemon=False,
+            target=worker_main,
+            args=(settings, worker.index, worker.state, self.settings.log_level, worker.mismatches),
+            name=f"authz-worker-{worker.index}",
+            daemon=False,
         )
         worker.process.start()
 
@@ -277,8 +294,11 @@ class Supervisor:
                 if not w.process.is_alive():
                     code = w.process.exitcode or 1
                     log.error("worker failed to start", extra={"worker": w.index, "exit_code": w.process.exitcode})
-                    print(f"authz-service: error: worker {w.index} failed to start (exit code "
-                          f"{w.process.exitcode}); see its log above", file=sys.stderr)
+                    print(
+                        f"authz-service: error: worker {w.index} failed to start (exit code "
+                        f"{w.process.exitcode}); see its log above",
+                        file=sys.stderr,
+                    )
                     return code if code > 0 else 2
             if all(w.state.value in (SERVING, READY) for w in self._workers) or self._stopping.is_set():
                 return None
@@ -297,8 +317,10 @@ class Supervisor:
                 next_port_check = time.monotonic() + PORT_CHECK_INTERVAL
             for w in self._workers:
                 if w.process is not None and not w.process.is_alive():
-                    log.error("worker exited; restarting it",
-                              extra={"worker": w.index, "pid": w.process.pid, "exit_code": w.process.exitcode})
+                    log.error(
+                        "worker exited; restarting it",
+                        extra={"worker": w.index, "pid": w.process.pid, "exit_code": w.process.exitcode},
+                    )
                     multiprocess.mark_process_dead(w.process.pid, self._metrics_dir)
                     w.process.join(0)
                     w.restarts += 1
@@ -314,22 +336,29 @@ class Supervisor:
         (or root) that joined the SO_REUSEPORT group and receives a share of Envoy's Checks.
         Listed first, then our workers' sockets, so a worker starting in between is not a suspect;
         a suspect must be seen twice in a row (a worker that died in between is gone by then)."""
-        listeners = {inode: (listener, port, uid) for listener, port in self.shared_ports
-                     for inode, uid in port_listeners(port).items()}
+        listeners = {
+            inode: (listener, port, uid)
+            for listener, port in self.shared_ports
+            for inode, uid in port_listeners(port).items()
+        }
         ours = set().union(*(socket_inodes(w.process.pid) for w in self._workers if w.process is not None))
         suspects = listeners.keys() - ours
         foreign = {inode: ForeignListener(*listeners[inode], inode) for inode in suspects & self._suspects}
         self._suspects = suspects
         for inode, found in foreign.items():
             if inode not in self.foreign_listeners:
-                log.error(f"another process listens on the {found.listener.what} port and receives a share of "
-                          "Envoy's Checks (SO_REUSEPORT); not ready until it is gone. Run every container of the "
-                          "Pod as its own non-root UID (docs/security.md)",
-                          extra={"port": found.port, "uid": found.uid, "socket_inode": inode})
+                log.error(
+                    f"another process listens on the {found.listener.what} port and receives a share of "
+                    "Envoy's Checks (SO_REUSEPORT); not ready until it is gone. Run every container of the "
+                    "Pod as its own non-root UID (docs/security.md)",
+                    extra={"port": found.port, "uid": found.uid, "socket_inode": inode},
+                )
         for inode, gone in self.foreign_listeners.items():
             if inode not in foreign:
-                log.info(f"the foreign listener on the {gone.listener.what} port is gone",
-                         extra={"port": gone.port, "socket_inode": inode})
+                log.info(
+                    f"the foreign listener on the {gone.listener.what} port is gone",
+                    extra={"port": gone.port, "socket_inode": inode},
+                )
         self.foreign_listeners = foreign
 
     def _forward(self, sig: int) -> None:
@@ -371,15 +400,17 @@ class Supervisor:
         def readiness() -> tuple[bool, dict[str, object]]:
             body: dict[str, object] = {
                 "workers": self.status(),
-                "foreign_listeners": [f.status() for f in self.foreign_listeners.values()]}
+                "foreign_listeners": [f.status() for f in self.foreign_listeners.values()],
+            }
             for kind, _ in doors.enabled(self.settings):
                 if kind.status is not None:
                     body[kind.name] = kind.status(self.settings, sum(w.mismatches.value for w in self._workers))
             return self.ready(), body
 
         interval = self.settings.metrics_min_interval
-        self._http = AdminServer(readiness, CachedExposition(exposition, interval),
-                                 CachedExposition(openmetrics, interval))
+        self._http = AdminServer(
+            readiness, CachedExposition(exposition, interval), CachedExposition(openmetrics, interval)
+        )
         try:
             self.http_port = await self._http.start(self.settings.http_host, self.settings.http_port)
         except OSError:

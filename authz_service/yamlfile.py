@@ -105,8 +105,9 @@ def _walk(node: yaml.Node, where: tuple[str | int, ...], at_key: bool) -> Iterat
     for k, part in enumerate(where):
         last = k == len(where) - 1
         if isinstance(node, yaml.MappingNode) and isinstance(part, str):
-            found = next(((kn, vn) for kn, vn in node.value if isinstance(kn, yaml.ScalarNode) and kn.value == part),
-                         None)
+            found = next(
+                ((kn, vn) for kn, vn in node.value if isinstance(kn, yaml.ScalarNode) and kn.value == part), None
+            )
             if found is None:
                 return
             node = found[0] if (last and at_key) else found[1]
@@ -117,7 +118,9 @@ def _walk(node: yaml.Node, where: tuple[str | int, ...], at_key: bool) -> Iterat
         yield node
 
 
-def position(node: yaml.Node | None, where: tuple[str | int, ...], at_key: bool = False) -> tuple[int | None, int | None]:
+def position(
+    node: yaml.Node | None, where: tuple[str | int, ...], at_key: bool = False
+) -> tuple[int | None, int | None]:
     """1-based (line, column) of the node at ``where`` (see ``locate``); (None, None) when unknown."""
     mark = locate(node, where, at_key)
     return (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
@@ -194,8 +197,9 @@ class YamlValidator:
             message = f"{place(self.source, exc.line, exc.column)}: not valid YAML: {exc.problem}{self.yaml_fix}"
             raise self.error(message, (), exc.line, exc.column) from None
 
-    def fail(self, where: Where, problem: str, fix: str | None = None, *, at: Where | None = None,
-             at_key: bool = False) -> Exception:
+    def fail(
+        self, where: Where, problem: str, fix: str | None = None, *, at: Where | None = None, at_key: bool = False
+    ) -> Exception:
         """The error at ``where``: ``file:line:column: place: problem[; fix: fix]``. The line is
         that of ``at`` when given (e.g. an unknown key below ``where``), of ``where``'s last
         mapping key with ``at_key``."""

@@ -103,9 +103,7 @@ async def _handle_token(request: web.Request) -> web.Response:
 async def _read_form(request: web.Request) -> dict[str, str]:
     """Form parameters with RFC 6749 rules: no repeats, and an empty value counts as absent."""
     if request.content_type != _FORM_CONTENT_TYPE:
-        raise TokenRequestError(
-            "invalid_request", f"Content-Type {request.content_type!r} is not {_FORM_CONTENT_TYPE}"
-        )
+        raise TokenRequestError("invalid_request", f"Content-Type {request.content_type!r} is not {_FORM_CONTENT_TYPE}")
     try:
         body = await request.post()
     except (ValueError, UnicodeDecodeError):
@@ -216,8 +214,13 @@ async def serve(config: DevIssuerConfig, host: str, port: int, public_url: str |
             bound_port,
         )
         for region, iss in issuer.region_issuers.items():
-            log.info("dev issuer replica region %s: issuer=%s token_endpoint=%s/%s/oauth2/token",
-                     region, iss, issuer.base_url, region)
+            log.info(
+                "dev issuer replica region %s: issuer=%s token_endpoint=%s/%s/oauth2/token",
+                region,
+                iss,
+                issuer.base_url,
+                region,
+            )
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

@@ -95,8 +95,9 @@ class _Parser(YamlValidator):
     yaml_fix = "; fix: correct the YAML there"
 
     @classmethod
-    def error(cls, message: str, where: Where = (), line: int | None = None,
-              column: int | None = None) -> DevIssuerConfigError:
+    def error(
+        cls, message: str, where: Where = (), line: int | None = None, column: int | None = None
+    ) -> DevIssuerConfigError:
         return DevIssuerConfigError(message)
 
     def mapping(self, value: object, where: Where, allowed: Sequence[str]) -> dict[str, Any]:
@@ -104,8 +105,9 @@ class _Parser(YamlValidator):
             raise self.fail(where, f"must be a mapping, got {kind(value)}", f"use keys {', '.join(allowed)}")
         for key in value:
             if key not in allowed:
-                raise self.fail((*where, str(key)), "unknown key", f"remove it or use one of {', '.join(allowed)}",
-                                at_key=True)
+                raise self.fail(
+                    (*where, str(key)), "unknown key", f"remove it or use one of {', '.join(allowed)}", at_key=True
+                )
         return value
 
     def required(self, item: Mapping[str, Any], key: str, where: Where, example: str) -> Any:
@@ -183,8 +185,12 @@ class _Parser(YamlValidator):
             if client_id in client_ids[:i]:
                 raise self.fail(("clients", i, "client_id"), f"{client_id!r} is defined twice", "rename one client")
         return DevIssuerConfig(
-            user_pool_id=pool_id, token_ttl_seconds=ttl, resource_servers=servers, clients=clients,
-            issuer_format=issuer_format, replica_regions=replicas,
+            user_pool_id=pool_id,
+            token_ttl_seconds=ttl,
+            resource_servers=servers,
+            clients=clients,
+            issuer_format=issuer_format,
+            replica_regions=replicas,
         )
 
     def issuer_format(self, top: Mapping[str, Any], pool_id: str) -> tuple[IssuerFormat | None, tuple[str, ...]]:
@@ -192,14 +198,18 @@ class _Parser(YamlValidator):
         try:
             issuer_format = IssuerFormat(raw) if raw is not None else None
         except ValueError:
-            raise self.fail(("issuer_format",), f"{raw!r} is not an issuer format",
-                            "use original (cognito-idp.<region>) or updated (issuer-cognito-idp.<region>), or omit "
-                            "it for <public URL>/<pool id>") from None
+            raise self.fail(
+                ("issuer_format",),
+                f"{raw!r} is not an issuer format",
+                "use original (cognito-idp.<region>) or updated (issuer-cognito-idp.<region>), or omit "
+                "it for <public URL>/<pool id>",
+            ) from None
         fix = "list regions such as eu-west-1, other than the pool's own"
         replicas = self.string_list(top.get("replica_regions", []), ("replica_regions",), fix, True)
         if replicas and issuer_format is not IssuerFormat.UPDATED:
-            raise self.fail(("replica_regions",), "a multi-Region pool issues with the updated issuer",
-                            "add issuer_format: updated")
+            raise self.fail(
+                ("replica_regions",), "a multi-Region pool issues with the updated issuer", "add issuer_format: updated"
+            )
         for i, region in enumerate(replicas):
             if not REGION.match(region) or region == pool_id.split("_")[0]:
                 raise self.fail(("replica_regions", i), f"{region!r} is not a replica region", fix)
@@ -247,7 +257,7 @@ class _Parser(YamlValidator):
             raise self.fail(
                 (*where, "client_secret"),
                 f"must be a non-empty string, got {kind(secret)}",
-                "quote the secret in YAML, e.g. client_secret: \"123456\"",
+                'quote the secret in YAML, e.g. client_secret: "123456"',
             )
         grant_types = self.string_list(
             item.get("grant_types", [CLIENT_CREDENTIALS]),
@@ -289,8 +299,13 @@ class _Parser(YamlValidator):
                 f"add scopes from: {defined_text}",
             )
         custom = self.custom_claims(item.get("custom_claims", {}), (*where, "custom_claims"))
-        return ClientConfig(client_id=client_id, client_secret=secret, allowed_scopes=scopes, grant_types=grant_types,
-                            custom_claims=custom)
+        return ClientConfig(
+            client_id=client_id,
+            client_secret=secret,
+            allowed_scopes=scopes,
+            grant_types=grant_types,
+            custom_claims=custom,
+        )
 
     def custom_claims(self, value: object, where: Where) -> dict[str, Any]:
         """What a pre token generation trigger would add: names Cognito does not control, JSON values."""
@@ -301,8 +316,12 @@ class _Parser(YamlValidator):
             if not isinstance(name, str) or not name:
                 raise self.fail(where, f"claim name {name!r} is not a string", fix)
             if name in TOKEN_CLAIMS or cognito_controlled(name):
-                raise self.fail((*where, name), "Cognito sets this claim; a trigger cannot add or override it",
-                                "use another name", at_key=True)
+                raise self.fail(
+                    (*where, name),
+                    "Cognito sets this claim; a trigger cannot add or override it",
+                    "use another name",
+                    at_key=True,
+                )
             try:
                 json.dumps(claim, allow_nan=False)
             except (TypeError, ValueError):

@@ -53,9 +53,7 @@ def _new_signing_key() -> _SigningKey:
 def _normalize_public_url(public_url: str) -> str:
     parts = urlsplit(public_url)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
-        raise ValueError(
-            f"public URL {public_url!r} must be http(s)://host[:port][/path] without query or fragment"
-        )
+        raise ValueError(f"public URL {public_url!r} must be http(s)://host[:port][/path] without query or fragment")
     return public_url.rstrip("/")
 
 
@@ -71,8 +69,9 @@ class DevIssuer:
         else:
             self._issuer = cognito_issuer(config.issuer_format, pool.split("_")[0], pool)
         # The iss of each replica region (its token endpoint is /<region>/oauth2/token).
-        self.region_issuers = {region: cognito_issuer(IssuerFormat.UPDATED, region, pool)
-                               for region in config.replica_regions}
+        self.region_issuers = {
+            region: cognito_issuer(IssuerFormat.UPDATED, region, pool) for region in config.replica_regions
+        }
         self._clients = {client.client_id: client for client in config.clients}
         self._keys: list[_SigningKey] = [_new_signing_key()]  # last one signs
 
@@ -134,8 +133,13 @@ class DevIssuer:
                 )
         else:
             granted = list(client.allowed_scopes)
-        claims = access_claims(self._issuer if region is None else self.region_issuers[region], client_id, granted,
-                               ttl=self.config.token_ttl_seconds, custom=client.custom_claims)
+        claims = access_claims(
+            self._issuer if region is None else self.region_issuers[region],
+            client_id,
+            granted,
+            ttl=self.config.token_ttl_seconds,
+            custom=client.custom_claims,
+        )
         key = self._keys[-1]
         # typ=None makes PyJWT leave "typ" out: Cognito's header is only kid and alg.
         return jwt.encode(claims, key.private_key, algorithm="RS256", headers={"kid": key.kid, "typ": None})

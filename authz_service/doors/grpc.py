@@ -30,7 +30,8 @@ from .base import DoorKind, Wiring
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 SPAN_KIND = CheckSpanKind(
-    f"{SERVICE_NAME}/Check", {"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": "Check"},
+    f"{SERVICE_NAME}/Check",
+    {"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": "Check"},
     http_server=False,
 )
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -141,13 +142,21 @@ class TracedAuthorizationServicer(AuthorizationServicer):
         metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
         if not self._fields.isdisjoint(metadata):
             return await self._traced(SPAN_KIND, metadata, parse_check_request, request, check_response)
-        return await self._traced(SPAN_KIND, _client_headers(request, self._fields), parse_check_request, request,
-                                  check_response, from_client=True)
+        return await self._traced(
+            SPAN_KIND,
+            _client_headers(request, self._fields),
+            parse_check_request,
+            request,
+            check_response,
+            from_client=True,
+        )
 
 
 def authorization_servicer(checker: Checker) -> AuthorizationServicer:
     """The servicer for ``checker``: traced only when tracing is on."""
-    return TracedAuthorizationServicer(checker) if isinstance(checker, TracedChecker) else AuthorizationServicer(checker)
+    return (
+        TracedAuthorizationServicer(checker) if isinstance(checker, TracedChecker) else AuthorizationServicer(checker)
+    )
 
 
 def _client_headers(request: external_auth_pb2.CheckRequest, fields: frozenset[str]) -> Any:
@@ -156,8 +165,11 @@ def _client_headers(request: external_auth_pb2.CheckRequest, fields: frozenset[s
     http = request.attributes.request.http
     if http.headers or not http.header_map.headers:
         return http.headers
-    return {name: entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
-            for entry in http.header_map.headers if (name := entry.key.lower()) in fields}
+    return {
+        name: entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
+        for entry in http.header_map.headers
+        if (name := entry.key.lower()) in fields
+    }
 
 
 class GrpcDoor:
@@ -183,10 +195,12 @@ class GrpcDoor:
     async def start(self, host: str, port: int, *, reuse_port: bool) -> int:
         # One process: SO_REUSEPORT off, so a port already in use is an error, not a silent share.
         # Workers share the port the parent reserved (ports.Listener.reserve keeps that guarantee).
-        server = grpc.aio.server(options=[
-            ("grpc.so_reuseport", 1 if reuse_port else 0),
-            ("grpc.max_receive_message_length", self._max_request_bytes),
-        ])
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
+                ("grpc.max_receive_message_length", self._max_request_bytes),
+            ]
+        )
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization_servicer(self._checker), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         try:

@@ -83,11 +83,11 @@ class Mismatch(enum.Enum):
 
 _FIXES = {
     Mismatch.ORIGINAL_PATH_MISSING: f"add to Envoy's http_service: authorization_request: headers_to_add: "
-                                    f"[{{key: {ORIGINAL_PATH}, value: '{ENVOY_VALUE}'}}] (docs/deploy.md)",
+    f"[{{key: {ORIGINAL_PATH}, value: '{ENVOY_VALUE}'}}] (docs/deploy.md)",
     Mismatch.PATH_PREFIX_MISMATCH: "make Envoy's http_service.path_prefix and --ext-authz-http-path-prefix "
-                                   "equal (docs/deploy.md)",
+    "equal (docs/deploy.md)",
     Mismatch.ORIGINAL_PATH_MISMATCH: f"{ORIGINAL_PATH} must be set by Envoy (headers_to_add, '{ENVOY_VALUE}'), "
-                                     "never forwarded from the client (docs/deploy.md)",
+    "never forwarded from the client (docs/deploy.md)",
 }
 
 
@@ -99,8 +99,14 @@ class HttpFrontDoor:
 
     span_kind = SPAN_KIND
 
-    def __init__(self, checker: Checker, path_prefix: str = "", max_request_bytes: int = 128 * 1024,
-                 on_mismatch: Callable[[Mismatch], None] | None = None, shutdown_grace: float = 10.0) -> None:
+    def __init__(
+        self,
+        checker: Checker,
+        path_prefix: str = "",
+        max_request_bytes: int = 128 * 1024,
+        on_mismatch: Callable[[Mismatch], None] | None = None,
+        shutdown_grace: float = 10.0,
+    ) -> None:
         self._checker = checker
         self._check = checker.check
         self._prefix = path_prefix
@@ -124,8 +130,13 @@ class HttpFrontDoor:
                 on_refused()
 
         settings = wiring.settings
-        return cls(wiring.checker, settings.ext_authz_http_path_prefix, settings.max_request_bytes, on_mismatch,
-                   settings.shutdown_grace)
+        return cls(
+            wiring.checker,
+            settings.ext_authz_http_path_prefix,
+            settings.max_request_bytes,
+            on_mismatch,
+            settings.shutdown_grace,
+        )
 
     @property
     def refused(self) -> int:
@@ -140,8 +151,12 @@ class HttpFrontDoor:
         prefix followed by it (see the module doc); else the request is refused as a mismatch."""
         target = request.raw_path  # as sent: the prefix, then the path and query, not decoded
         original = request.headers.get(ORIGINAL_PATH)
-        if original is None or len(target) != len(self._prefix) + len(original) or not target.endswith(original) \
-                or not target.startswith(self._prefix):
+        if (
+            original is None
+            or len(target) != len(self._prefix) + len(original)
+            or not target.endswith(original)
+            or not target.startswith(self._prefix)
+        ):
             raise self._mismatch(target, original)
         return original
 
@@ -150,7 +165,7 @@ class HttpFrontDoor:
         if original is None:
             problem, envoy_prefix = Mismatch.ORIGINAL_PATH_MISSING, None
         elif original and target.endswith(original):
-            problem, envoy_prefix = Mismatch.PATH_PREFIX_MISMATCH, target[:len(target) - len(original)]
+            problem, envoy_prefix = Mismatch.PATH_PREFIX_MISMATCH, target[: len(target) - len(original)]
         else:
             problem, envoy_prefix = Mismatch.ORIGINAL_PATH_MISMATCH, None
         self.mismatches += 1
@@ -158,13 +173,20 @@ class HttpFrontDoor:
             self._on_mismatch(problem)
         suppressed = self._throttle.admit(problem.value)
         if suppressed is not None:
-            fields: dict[str, object] = {"problem": problem.value, "expected_path_prefix": self._prefix,
-                                         "original_path_header": ORIGINAL_PATH, "fix": _FIXES[problem],
-                                         "suppressed_since_last": suppressed}
+            fields: dict[str, object] = {
+                "problem": problem.value,
+                "expected_path_prefix": self._prefix,
+                "original_path_header": ORIGINAL_PATH,
+                "fix": _FIXES[problem],
+                "suppressed_since_last": suppressed,
+            }
             if envoy_prefix is not None:  # Envoy's configuration text; bounded all the same
                 fields["envoy_path_prefix"] = envoy_prefix[:_SHOWN_PREFIX]
-            log.error("HTTP ext_authz request refused: Envoy's http_service does not match this service; "
-                      "every such request is refused (400) until it does", extra=fields)
+            log.error(
+                "HTTP ext_authz request refused: Envoy's http_service does not match this service; "
+                "every such request is refused (400) until it does",
+                extra=fields,
+            )
         return BadRequest(MISMATCH)
 
     @staticmethod
@@ -225,8 +247,11 @@ def door_status(settings: Settings, mismatches: int) -> dict[str, object]:
 
     Not a readiness condition: whoever can reach the door could otherwise take the service out of
     rotation. The metric and its alert (AuthzHttpConfigMismatch) are what an operator watches."""
-    return {"path_prefix": settings.ext_authz_http_path_prefix, "original_path_header": ORIGINAL_PATH,
-            "config_mismatches": mismatches}
+    return {
+        "path_prefix": settings.ext_authz_http_path_prefix,
+        "original_path_header": ORIGINAL_PATH,
+        "config_mismatches": mismatches,
+    }
 
 
 class _Server(web.Server):
@@ -234,8 +259,11 @@ class _Server(web.Server):
 
     def __init__(self, door: HttpFrontDoor, handler: Any, max_request_bytes: int) -> None:
         # No access log; a request head (line or field) over max_request_bytes is a parse error.
-        self._handler_args: dict[str, Any] = {"access_log": None, "max_line_size": max_request_bytes,
-                                              "max_field_size": max_request_bytes}
+        self._handler_args: dict[str, Any] = {
+            "access_log": None,
+            "max_line_size": max_request_bytes,
+            "max_field_size": max_request_bytes,
+        }
         super().__init__(handler, **self._handler_args)
         self._door = door
 
@@ -243,8 +271,13 @@ class _Server(web.Server):
         door = self._door
 
         class Handler(RequestHandler):
-            def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
-                             message: str | None = None) -> web.StreamResponse:
+            def handle_error(
+                self,
+                request: web.BaseRequest,
+                status: int = 500,
+                exc: BaseException | None = None,
+                message: str | None = None,
+            ) -> web.StreamResponse:
                 refusal = door.refusal(exc) if status == 400 else None
                 return refusal if refusal is not None else super().handle_error(request, status, exc, message)
 
@@ -262,5 +295,11 @@ def _parts(answer: Answer) -> tuple[int, dict[str, str], bytes | None]:
     return answer.status, headers, answer.body.encode()
 
 
-EXT_AUTHZ_HTTP = DoorKind("ext_authz_http", ports.EXT_AUTHZ_HTTP, "ext_authz_http_port", HttpFrontDoor.build,
-                          optional=True, status=door_status)
+EXT_AUTHZ_HTTP = DoorKind(
+    "ext_authz_http",
+    ports.EXT_AUTHZ_HTTP,
+    "ext_authz_http_port",
+    HttpFrontDoor.build,
+    optional=True,
+    status=door_status,
+)

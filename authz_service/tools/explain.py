@@ -49,8 +49,12 @@ _WHAT = {
 }
 CHECKS: dict[Check, str] = {check: _WHAT[check] for check in Check if check is not Check.CREDENTIALS}
 # Each route condition (conditions.Unmet) as the checklist names it.
-_CONDITION_NAMES = {Unmet.CLIENT: "clients", Unmet.ANY_SCOPE: "scopes", Unmet.ALL_SCOPES: "all_scopes",
-                    Unmet.CLAIM: "claim"}
+_CONDITION_NAMES = {
+    Unmet.CLIENT: "clients",
+    Unmet.ANY_SCOPE: "scopes",
+    Unmet.ALL_SCOPES: "all_scopes",
+    Unmet.CLAIM: "claim",
+}
 
 
 @dataclass
@@ -74,8 +78,9 @@ class Explanation:
             "request": {"method": self.method, "path": self.path, "token": self.token},
             "route": _route_dict(route),
             "candidates": self.candidates,
-            "trailing_slash": None if self.readings is None else {
-                "as_written": _route_dict(self.readings[0]), "without_slash": _route_dict(self.readings[1])},
+            "trailing_slash": None
+            if self.readings is None
+            else {"as_written": _route_dict(self.readings[0]), "without_slash": _route_dict(self.readings[1])},
             "required_scopes": sorted(route.scopes) if route and not route.public else [],
             "required_all_scopes": sorted(route.all_scopes) if route else [],
             "route_client_ids": sorted(route.client_ids) if route and route.client_ids is not None else None,
@@ -84,7 +89,9 @@ class Explanation:
             # Only the custom claims the policy's conditions name are read from a token.
             "present_claims": {name: _json_claim(v) for name, v in claims.custom.items()} if claims else None,
             "checks": [{"check": c, "result": r, "detail": d} for c, r, d in self.checks],
-            "decision": None if decision is None else {
+            "decision": None
+            if decision is None
+            else {
                 "envoy": "allow" if decision.allowed else "deny",
                 "dry_run": decision.dry_run,
                 "reason": decision.reason.value,
@@ -96,7 +103,13 @@ class Explanation:
 
 
 def _json_claim(value: object) -> object:
-    return list(value) if isinstance(value, tuple) else value if isinstance(value, (str, int, float, bool)) else repr(value)
+    return (
+        list(value)
+        if isinstance(value, tuple)
+        else value
+        if isinstance(value, (str, int, float, bool))
+        else repr(value)
+    )
 
 
 def condition_checks(route: Route, claims: Claims) -> list[tuple[str, str, str]]:
@@ -128,8 +141,14 @@ def _show_claim(value: object) -> str:
 def _route_dict(route: Route | None) -> dict[str, Any] | None:
     if route is None:
         return None
-    return {"name": route.name, "index": route.index, "path": route.path, "public": route.public,
-            "methods": sorted(route.methods) if route.methods is not None else None, "mode": route.mode.value}
+    return {
+        "name": route.name,
+        "index": route.index,
+        "path": route.path,
+        "public": route.public,
+        "methods": sorted(route.methods) if route.methods is not None else None,
+        "mode": route.mode.value,
+    }
 
 
 def envoy_answer(answer: Answer) -> dict[str, Any]:
@@ -191,8 +210,10 @@ def candidates(policy: Policy, method: str, path: str) -> list[str]:
             continue
         methods = "any method" if route.methods is None else "|".join(sorted(route.methods))
         fits = route.takes(method)
-        out.append(f"routes[{route.index}] {route.name!r}: {methods} {route.path}"
-                   + ("" if fits else f" (does not list {method})"))
+        out.append(
+            f"routes[{route.index}] {route.name!r}: {methods} {route.path}"
+            + ("" if fits else f" (does not list {method})")
+        )
     return out
 
 
@@ -210,8 +231,7 @@ def _checklist(error: TokenError | None) -> list[tuple[str, str, str]]:
     return out
 
 
-async def _explain_real(policy: Policy, method: str, path: str, token: str, realm: str,
-                        leeway: float) -> Explanation:
+async def _explain_real(policy: Policy, method: str, path: str, token: str, realm: str, leeway: float) -> Explanation:
     """Fetch the policy's JWKS once (the real JwksCache), verify for the checklist, then decide.
 
     Every trusted issuer's JWKS, as the server holds them: the key is found by kid before the
@@ -244,10 +264,19 @@ async def _explain_real(policy: Policy, method: str, path: str, token: str, real
     return info
 
 
-async def explain(policy: Policy, method: str, path: str, *, token: str | None = None,
-                  scopes: list[str] | None = None, client_id: str | None = None, issuer: str | None = None,
-                  claims: dict[str, Any] | None = None, realm: str = "authz-service",
-                  leeway: float = 60.0) -> Explanation:
+async def explain(
+    policy: Policy,
+    method: str,
+    path: str,
+    *,
+    token: str | None = None,
+    scopes: list[str] | None = None,
+    client_id: str | None = None,
+    issuer: str | None = None,
+    claims: dict[str, Any] | None = None,
+    realm: str = "authz-service",
+    leeway: float = 60.0,
+) -> Explanation:
     """Explain one request; a real ``token`` is verified for real, ``scopes``/``client_id``/``claims``
     are simulated (a token minted with them)."""
     if token is not None:
@@ -278,8 +307,11 @@ def render_text(info: Explanation, out: TextIO) -> None:
         print("route:     none matches", file=out)
     else:
         methods = "any method" if route["methods"] is None else "|".join(route["methods"])
-        print(f"route:     routes[{route['index']}] {route['name']!r} ({methods} {route['path']}, "
-              f"{'public' if route['public'] else 'mode ' + route['mode']})", file=out)
+        print(
+            f"route:     routes[{route['index']}] {route['name']!r} ({methods} {route['path']}, "
+            f"{'public' if route['public'] else 'mode ' + route['mode']})",
+            file=out,
+        )
     if info.candidates:
         print("why:       the most specific route wins; routes whose path pattern covers this path:", file=out)
         for line in info.candidates:
@@ -289,9 +321,12 @@ def render_text(info: Explanation, out: TextIO) -> None:
     if info.readings is not None:
         written, lenient = info.readings
         without = "/" + "/".join((_segments(info.path) or ("",))[:-1])
-        print(f"slash:     the path ends in '/': a strict router serves it as written (routes[{written.index}] "
-              f"{written.name!r}), a lenient one as {without} (routes[{lenient.index}] {lenient.name!r}); "
-              "the request must meet both", file=out)
+        print(
+            f"slash:     the path ends in '/': a strict router serves it as written (routes[{written.index}] "
+            f"{written.name!r}), a lenient one as {without} (routes[{lenient.index}] {lenient.name!r}); "
+            "the request must meet both",
+            file=out,
+        )
     if route is not None and not route["public"]:
         _render_requirements(info, data, out)
     if info.checks:
@@ -303,8 +338,11 @@ def render_text(info: Explanation, out: TextIO) -> None:
     verdict = "ALLOW" if decision["envoy"] == "allow" else "DENY"
     if decision["dry_run"]:
         verdict = f"ALLOW (dry-run: would be DENY {decision['status']})"
-    print(f"decision:  {verdict}, reason {decision['reason']}"
-          + (f": {decision['description']}" if decision["description"] else ""), file=out)
+    print(
+        f"decision:  {verdict}, reason {decision['reason']}"
+        + (f": {decision['description']}" if decision["description"] else ""),
+        file=out,
+    )
     print("envoy:", file=out)
     if answer["allowed"]:
         print("  forwards the request upstream with:", file=out)
@@ -340,8 +378,7 @@ def _render_requirements(info: Explanation, data: dict[str, Any], out: TextIO) -
         return
     if data["required_scopes"] and not route.conditions:  # the one-line form for a scopes-only route
         held = sorted(set(present) & set(data["required_scopes"]))
-        print(f"present:   [{' '.join(present)}] -> {'holds ' + ' '.join(held) if held else 'none of them'}",
-              file=out)
+        print(f"present:   [{' '.join(present)}] -> {'holds ' + ' '.join(held) if held else 'none of them'}", file=out)
         return
     print(f"present:   [{' '.join(present)}], client_id {decision.claims.client_id!r}", file=out)
     if not info.checks:  # simulated: the real token's checklist shows the same per condition
@@ -373,8 +410,10 @@ def parse_claim_options(options: list[str]) -> dict[str, Any]:
         if not sep or not name:
             raise ValueError(f"--claim {option!r}: write NAME=VALUE, e.g. --claim tenant=acme")
         if cognito_controlled(name):
-            raise ValueError(f"--claim {name}: set by Cognito, not by a pre token generation trigger; use "
-                             "--scopes, --client-id or --issuer")
+            raise ValueError(
+                f"--claim {name}: set by Cognito, not by a pre token generation trigger; use "
+                "--scopes, --client-id or --issuer"
+            )
         try:
             claims[name] = json.loads(raw)
         except ValueError:
@@ -400,12 +439,25 @@ def explain_command(args: argparse.Namespace, out: TextIO) -> int:
         print(f"authz-service explain: error: {exc}", file=sys.stderr)
         return 2
     if claims and token is not None:
-        print("authz-service explain: error: --claim simulates a token; a real token carries its own claims",
-              file=sys.stderr)
+        print(
+            "authz-service explain: error: --claim simulates a token; a real token carries its own claims",
+            file=sys.stderr,
+        )
         return 2
-    info = asyncio.run(explain(policy, args.method, args.path, token=token, scopes=scopes,
-                               client_id=args.client_id, issuer=args.issuer, claims=claims, realm=args.realm,
-                               leeway=args.leeway))
+    info = asyncio.run(
+        explain(
+            policy,
+            args.method,
+            args.path,
+            token=token,
+            scopes=scopes,
+            client_id=args.client_id,
+            issuer=args.issuer,
+            claims=claims,
+            realm=args.realm,
+            leeway=args.leeway,
+        )
+    )
     if args.json:
         print(json.dumps(info.as_dict(), indent=2), file=out)
     else:

@@ -93,20 +93,32 @@ class Simulator:
     def __init__(self, policy: Policy) -> None:
         private = _private_key()
         public = PyJWK.from_dict(
-            {**jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key(), as_dict=True),
-             "kid": SIMULATED_KID, "alg": "RS256", "use": "sig"}
+            {
+                **jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key(), as_dict=True),
+                "kid": SIMULATED_KID,
+                "alg": "RS256",
+                "use": "sig",
+            }
         )
         self._private = private
         self.verifier = TokenVerifier(_SimulatedKeys(public, policy))
 
-    def token(self, issuer: str, scopes: list[str], client_id: str | None = None,
-              custom: Mapping[str, Any] | None = None, *, overrides: Mapping[str, Any] | None = None,
-              header: Mapping[str, Any] | None = None) -> str:
+    def token(
+        self,
+        issuer: str,
+        scopes: list[str],
+        client_id: str | None = None,
+        custom: Mapping[str, Any] | None = None,
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        header: Mapping[str, Any] | None = None,
+    ) -> str:
         """A client_credentials access token as Cognito shapes it, holding exactly ``scopes`` and the
         ``custom`` claims a pre token generation trigger would add (they never replace Cognito's).
         ``overrides`` and ``header`` replace claims and header members (None removes one): tokens
         Cognito would not issue, to see how the verifier refuses each."""
-        claims = access_claims(issuer, client_id or DEFAULT_CLIENT_ID, scopes, ttl=300, custom=custom,
-                               replace=overrides)
+        claims = access_claims(
+            issuer, client_id or DEFAULT_CLIENT_ID, scopes, ttl=300, custom=custom, replace=overrides
+        )
         jose = {name: value for name, value in {"kid": SIMULATED_KID, **(header or {})}.items() if value is not None}
         return jwt.encode(claims, self._private, algorithm="RS256", headers=jose)
