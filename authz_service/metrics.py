@@ -36,8 +36,24 @@ PREFIX = "authz"
 # seconds, and Envoy gives up on a Check after 4 s (envoy/envoy.yaml); 2.5 and 5 s tell a slow
 # answer from one Envoy no longer waited for.
 LATENCY_BUCKETS = (
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
 )
 
 
@@ -88,7 +104,9 @@ class Metrics:
             registry=registry,
         )
         self.policy_routes = Gauge(
-            f"{PREFIX}_policy_routes", "Routes in the policy currently serving.", multiprocess_mode="livemax",
+            f"{PREFIX}_policy_routes",
+            "Routes in the policy currently serving.",
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.policy_generation = Gauge(

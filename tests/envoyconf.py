@@ -79,8 +79,8 @@ def http_door_mismatches(config: Config, service_prefix: str) -> list[str]:
     """How the HTTP-mode ext_authz filter of ``config`` disagrees with an authz-service whose
     ``--ext-authz-http-path-prefix`` is ``service_prefix`` (empty: they agree): the path_prefix
     Envoy puts before the original path, and the original path it must send on its own
-    (authz_service/ext_authz_http.py refuses every request otherwise)."""
-    from authz_service.ext_authz_http import ENVOY_VALUE, ORIGINAL_PATH
+    (authz_service/doors/http.py refuses every request otherwise)."""
+    from authz_service.doors.http import ENVOY_VALUE, ORIGINAL_PATH
 
     service = http_filter(config, EXT_AUTHZ)["http_service"]
     problems = []

@@ -30,8 +30,8 @@ from ..conditions import ANY_SCOPE_TEXT, ClaimCondition, Unmet
 from ..decision import MISSING_TOKEN_TEXT, UNMET_REASONS, Reason
 from ..policy import Policy, Route
 from ..request import MAX_PATH_LENGTH, BadRequest, identity_and_override_spellings, normalized_path, special_names
-from ..simulate import Simulator
 from ..tokens import MAX_TOKEN_BYTES, TokenError
+from ..tools.simulate import Simulator
 from . import cel
 from .answers import AnswerBook
 from .patterns import re2_literal
@@ -72,8 +72,11 @@ ANY: Principal = {"any": True}
 
 def metadata(key: str, claim: str, value: dict[str, Any]) -> Principal:
     """The verified token's ``claim`` (in jwt_authn's ``key`` metadata) matches ``value``."""
-    return {"sourced_metadata": {"metadata_matcher": {
-        "filter": cel.JWT_AUTHN, "path": [{"key": key}, {"key": claim}], "value": value}}}
+    return {
+        "sourced_metadata": {
+            "metadata_matcher": {"filter": cel.JWT_AUTHN, "path": [{"key": key}, {"key": claim}], "value": value}
+        }
+    }
 
 
 def not_(principal: Principal) -> Principal:
@@ -130,9 +133,13 @@ def claim_equals(name: str, value: object) -> Principal:
 def screen_checks(book: AnswerBook) -> list[Check]:
     """400s the service answers before it matches a route, for requests the route screen (routes.py)
     lets through: a target over its length limit, then override headers (the first in name order)."""
-    checks = [Check(book.policy_name(1, Reason.BAD_REQUEST, _refusal(lambda: normalized_path(
-                  "/" + "a" * MAX_PATH_LENGTH))), ANY,
-                  cel.call("_>_", cel.call("size", cel.request_target()), cel.integer(MAX_PATH_LENGTH)))]
+    checks = [
+        Check(
+            book.policy_name(1, Reason.BAD_REQUEST, _refusal(lambda: normalized_path("/" + "a" * MAX_PATH_LENGTH))),
+            ANY,
+            cel.call("_>_", cel.call("size", cel.request_target()), cel.integer(MAX_PATH_LENGTH)),
+        )
+    ]
     # Every spelling of one override header is refused in the same words, which name the header:
     # the service names the first in name order, and so does the first of these checks to match.
     overrides: dict[str, list[str]] = {}
@@ -142,8 +149,12 @@ def screen_checks(book: AnswerBook) -> list[Check]:
         except BadRequest as exc:
             overrides.setdefault(str(exc), []).append(name)
     for order, description in enumerate(sorted(overrides), start=2):
-        checks.append(Check(book.policy_name(order, Reason.BAD_REQUEST, description),
-                            or_(*(header_present(n) for n in sorted(overrides[description])))))
+        checks.append(
+            Check(
+                book.policy_name(order, Reason.BAD_REQUEST, description),
+                or_(*(header_present(n) for n in sorted(overrides[description]))),
+            )
+        )
     return checks
 
 
@@ -168,43 +179,92 @@ def token_checks(policy: Policy, book: AnswerBook, leeway: int) -> list[Check]:
     def add(reason_text: tuple[Reason, str], principal: Principal, condition: cel.Expr | None = None) -> None:
         out.append(Check(book.policy_name(len(out), *reason_text), principal, condition))
 
-    add(texts.refusal("x" * (MAX_TOKEN_BYTES + 1)), ANY,
-        cel.call("_>_", cel.call("size", cel.request_header("authorization")),
-                 cel.integer(BEARER_PREFIX + MAX_TOKEN_BYTES)))
+    add(
+        texts.refusal("x" * (MAX_TOKEN_BYTES + 1)),
+        ANY,
+        cel.call(
+            "_>_", cel.call("size", cel.request_header("authorization")), cel.integer(BEARER_PREFIX + MAX_TOKEN_BYTES)
+        ),
+    )
     kid = cel.index(header, "kid")
-    add(texts.refused(header={"kid": None}), ANY,
-        cel.any_of(cel.negate(cel.has(header, "kid")), cel.call("_==_", cel.call("size", kid), cel.integer(0)),
-                   cel.call("_>_", cel.call("size", kid), cel.integer(256))))
-    add(texts.refused(header={"crit": ["exp"]}), ANY,
-        cel.any_of(cel.has(header, "crit"),
-                   cel.all_of(cel.has(header, "b64"),
-                              cel.call("_!=_", cel.index(header, "b64"), {"const_expr": {"bool_value": True}}))))
-    add(texts.refused(header={"jku": "https://keys.example"}), ANY,
-        cel.any_of(*(cel.has(header, member) for member in ("jku", "x5u", "jwk", "x5c"))))
+    add(
+        texts.refused(header={"kid": None}),
+        ANY,
+        cel.any_of(
+            cel.negate(cel.has(header, "kid")),
+            cel.call("_==_", cel.call("size", kid), cel.integer(0)),
+            cel.call("_>_", cel.call("size", kid), cel.integer(256)),
+        ),
+    )
+    add(
+        texts.refused(header={"crit": ["exp"]}),
+        ANY,
+        cel.any_of(
+            cel.has(header, "crit"),
+            cel.all_of(
+                cel.has(header, "b64"), cel.call("_!=_", cel.index(header, "b64"), {"const_expr": {"bool_value": True}})
+            ),
+        ),
+    )
+    add(
+        texts.refused(header={"jku": "https://keys.example"}),
+        ANY,
+        cel.any_of(*(cel.has(header, member) for member in ("jku", "x5u", "jwk", "x5c"))),
+    )
     # iat (a number >= 0: jwt_authn checked) in the future: int() floors it as the service does;
     # anything past 1e15 is in the future anyway, and would not fit int().
     iat = cel.index(payload, "iat")
-    add(texts.refused(overrides={"iat": int(time.time()) + 10**6}), ANY,
-        cel.any_of(cel.call("_>_", iat, cel.double(1e15)),
-                   cel.call("_>_", cel.call("int", iat), cel.call("_+_", cel.now_seconds(), cel.integer(leeway)))))
-    add(texts.refused(overrides={"token_use": "id"}), and_(VERIFIED, not_(metadata(PAYLOAD, "token_use", exact("access")))))
-    add(texts.refused(overrides={"client_id": None}), and_(VERIFIED, not_(metadata(PAYLOAD, "client_id", regex("(?s).+")))))
-    add(texts.refused(overrides={"client_id": "client\x01"}), metadata(PAYLOAD, "client_id", regex(INVALID_HEADER_TEXT)))
+    add(
+        texts.refused(overrides={"iat": int(time.time()) + 10**6}),
+        ANY,
+        cel.any_of(
+            cel.call("_>_", iat, cel.double(1e15)),
+            cel.call("_>_", cel.call("int", iat), cel.call("_+_", cel.now_seconds(), cel.integer(leeway))),
+        ),
+    )
+    add(
+        texts.refused(overrides={"token_use": "id"}),
+        and_(VERIFIED, not_(metadata(PAYLOAD, "token_use", exact("access")))),
+    )
+    add(
+        texts.refused(overrides={"client_id": None}),
+        and_(VERIFIED, not_(metadata(PAYLOAD, "client_id", regex("(?s).+")))),
+    )
+    add(
+        texts.refused(overrides={"client_id": "client\x01"}), metadata(PAYLOAD, "client_id", regex(INVALID_HEADER_TEXT))
+    )
     restricted = [i for i in policy.issuers if i.client_ids is not None]
     if restricted:
-        add(texts.refused(issuer=restricted[0].issuer, client_id=NOT_A_CLIENT),
-            or_(*(and_(metadata(PAYLOAD, "iss", exact(i.issuer)), not_(client_is(i.client_ids)))  # type: ignore[arg-type]
-                  for i in restricted)))
-    add(texts.refused(overrides={"scope": ["scope"]}), ANY,
-        cel.all_of(cel.has(payload, "scope"),
-                   cel.call("_!=_", cel.call("type", cel.index(payload, "scope")), cel.ident("string"))))
+        add(
+            texts.refused(issuer=restricted[0].issuer, client_id=NOT_A_CLIENT),
+            or_(
+                *(
+                    and_(metadata(PAYLOAD, "iss", exact(i.issuer)), not_(client_is(i.client_ids)))  # type: ignore[arg-type]
+                    for i in restricted
+                )
+            ),
+        )
+    add(
+        texts.refused(overrides={"scope": ["scope"]}),
+        ANY,
+        cel.all_of(
+            cel.has(payload, "scope"),
+            cel.call("_!=_", cel.call("type", cel.index(payload, "scope")), cel.ident("string")),
+        ),
+    )
     # RFC 6749 scope tokens separated by single spaces (tokens._check_scope): first a character no
     # scope has, then the spacing.
-    add(texts.refused(overrides={"scope": "scope\x01"}),
-        metadata(PAYLOAD, "scope", regex(f"(?s).*[^{SCOPE_CHARS} \\t\\n\\v\\f\\r].*")))
-    add(texts.refused(overrides={"scope": "scope  other"}),
-        and_(not_(metadata(PAYLOAD, "scope", regex(f"(?:{SCOPE_TOKEN}(?: {SCOPE_TOKEN})*)?"))),
-             metadata(PAYLOAD, "scope", regex("(?s).*"))))
+    add(
+        texts.refused(overrides={"scope": "scope\x01"}),
+        metadata(PAYLOAD, "scope", regex(f"(?s).*[^{SCOPE_CHARS} \\t\\n\\v\\f\\r].*")),
+    )
+    add(
+        texts.refused(overrides={"scope": "scope  other"}),
+        and_(
+            not_(metadata(PAYLOAD, "scope", regex(f"(?:{SCOPE_TOKEN}(?: {SCOPE_TOKEN})*)?"))),
+            metadata(PAYLOAD, "scope", regex("(?s).*")),
+        ),
+    )
     add(texts.refused(overrides={"sub": "sub\x01"}), metadata(PAYLOAD, "sub", regex(INVALID_HEADER_TEXT)))
     return out
 
@@ -219,11 +279,18 @@ class TokenTexts:
         allowed = policy.issuers[0].client_ids
         self.client_id = min(allowed) if allowed else "native-probe"
 
-    def refused(self, *, issuer: str | None = None, client_id: str | None = None,
-                overrides: Mapping[str, Any] | None = None, header: Mapping[str, Any] | None = None) -> tuple[Reason, str]:
+    def refused(
+        self,
+        *,
+        issuer: str | None = None,
+        client_id: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        header: Mapping[str, Any] | None = None,
+    ) -> tuple[Reason, str]:
         issuer = issuer or self.issuer
-        token = self.simulator.token(issuer, ["scope"], client_id or self._client(issuer), overrides=overrides,
-                                     header=header)
+        token = self.simulator.token(
+            issuer, ["scope"], client_id or self._client(issuer), overrides=overrides, header=header
+        )
         return self.refusal(token)
 
     def refusal(self, token: str) -> tuple[Reason, str]:
@@ -250,8 +317,13 @@ def route_checks(policy: Policy, route: Route, book: AnswerBook) -> list[Check]:
     def add(unmet: tuple[Unmet, str] | None, principal: Principal, condition: cel.Expr | None = None) -> None:
         if unmet is None:
             return  # no token reaches this check without failing an earlier one
-        checks.append(Check(book.policy_name(len(checks), UNMET_REASONS[unmet[0]], unmet[1], route),
-                            and_(VERIFIED, principal), condition))
+        checks.append(
+            Check(
+                book.policy_name(len(checks), UNMET_REASONS[unmet[0]], unmet[1], route),
+                and_(VERIFIED, principal),
+                condition,
+            )
+        )
 
     if route.conditions is None:  # any-of scopes only (decide() skips Conditions)
         add((Unmet.ANY_SCOPE, ANY_SCOPE_TEXT), not_(scope_holds(route.scopes)))
@@ -266,7 +338,10 @@ def route_checks(policy: Policy, route: Route, book: AnswerBook) -> list[Check]:
     payload = cel.jwt_metadata(PAYLOAD)
     for condition in route.claims:
         add(probe.failing(claim=(condition, False)), ANY, cel.negate(cel.has(payload, condition.name)))
-        add(probe.failing(claim=(condition, True)), not_(or_(*(claim_equals(condition.name, v) for v in condition.values))))
+        add(
+            probe.failing(claim=(condition, True)),
+            not_(or_(*(claim_equals(condition.name, v) for v in condition.values))),
+        )
     return checks
 
 
@@ -277,13 +352,19 @@ class _Probe:
     def __init__(self, policy: Policy, route: Route) -> None:
         self.policy, self.route = policy, route
 
-    def failing(self, *, client: bool = False, any_scope: bool = False, missing_scope: str | None = None,
-                claim: tuple[ClaimCondition, bool] | None = None) -> tuple[Unmet, str] | None:
+    def failing(
+        self,
+        *,
+        client: bool = False,
+        any_scope: bool = False,
+        missing_scope: str | None = None,
+        claim: tuple[ClaimCondition, bool] | None = None,
+    ) -> tuple[Unmet, str] | None:
         route = self.route
         client_id = NOT_A_CLIENT if client else min(route.client_ids or {"native-probe"})
         scopes: set[str] = set()  # none of the any-of scopes (which come first), or:
         if not any_scope:
-            scopes = set(route.all_scopes) - {missing_scope}  # type: ignore[operator]
+            scopes = set(route.all_scopes) - {missing_scope}
             if route.scopes:
                 others = sorted(route.scopes - {missing_scope})
                 if not others:
@@ -296,13 +377,28 @@ class _Probe:
                     custom[condition.name] = UNSUPPORTED  # present, never holds
                 break
             custom[condition.name] = _holding(condition)
-        claims = Claims(issuer=self.policy.issuers[0].issuer, client_id=client_id, sub="", scopes=frozenset(scopes),
-                        scope_text=" ".join(sorted(scopes)), exp=0, kid="", custom=custom,
-                        extracted=self.policy.claim_names)
+        claims = Claims(
+            issuer=self.policy.issuers[0].issuer,
+            client_id=client_id,
+            sub="",
+            scopes=frozenset(scopes),
+            scope_text=" ".join(sorted(scopes)),
+            exp=0,
+            kid="",
+            custom=custom,
+            extracted=self.policy.claim_names,
+        )
         assert route.conditions is not None
         unmet = route.conditions.unmet(claims)
-        expected = (Unmet.CLIENT if client else Unmet.ANY_SCOPE if any_scope
-                    else Unmet.ALL_SCOPES if missing_scope is not None else Unmet.CLAIM)
+        expected = (
+            Unmet.CLIENT
+            if client
+            else Unmet.ANY_SCOPE
+            if any_scope
+            else Unmet.ALL_SCOPES
+            if missing_scope is not None
+            else Unmet.CLAIM
+        )
         if unmet is None or unmet[0] is not expected:
             raise AssertionError(f"route {route.name!r}: the decision core does not fail {expected.value} first")
         return unmet

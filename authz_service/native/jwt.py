@@ -37,12 +37,20 @@ def provider_names(policy: Policy) -> list[str]:
 
 def jwt_authn(policy: Policy, options: Options) -> dict[str, Any]:
     """The filter's typed config."""
-    requirement = {"requires_any": {"requirements": [
-        *({"provider_name": name} for name in provider_names(policy)), {"allow_missing_or_failed": {}}]}}
+    requirement = {
+        "requires_any": {
+            "requirements": [
+                *({"provider_name": name} for name in provider_names(policy)),
+                {"allow_missing_or_failed": {}},
+            ]
+        }
+    }
     return {
         "@type": JWT_AUTHN_TYPE,
-        "providers": {name: _provider(issuer.issuer, options)
-                      for name, issuer in zip(provider_names(policy), policy.issuers)},
+        "providers": {
+            name: _provider(issuer.issuer, options)
+            for name, issuer in zip(provider_names(policy), policy.issuers, strict=True)
+        },
         "requirement_map": {REQUIREMENT: requirement},
         # Routes name the requirement themselves; this rule covers any route that would not.
         "rules": [{"match": {"prefix": "/"}, "requirement_name": REQUIREMENT}],
@@ -69,8 +77,10 @@ def _provider(issuer: str, options: Options) -> dict[str, Any]:
         "header_in_metadata": HEADER,
         # Set only for a non-empty string claim, as the service sets them; the client's own copies
         # were removed before any filter ran (the listener's early header mutation).
-        "claim_to_headers": [{"header_name": header, "claim_name": claim}
-                             for header, claim in zip(IDENTITY_HEADERS, _FORWARDED_CLAIMS)],
+        "claim_to_headers": [
+            {"header_name": header, "claim_name": claim}
+            for header, claim in zip(IDENTITY_HEADERS, _FORWARDED_CLAIMS, strict=True)
+        ],
     }
     if options.jwt_cache_size:
         provider["jwt_cache_config"] = {"jwt_cache_size": options.jwt_cache_size, "jwt_max_token_size": MAX_TOKEN_BYTES}

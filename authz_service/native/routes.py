@@ -50,19 +50,34 @@ class Admission:
 
 # Requests the service must read itself (patterns.py says why), in its order of checks.
 SCREEN_ROUTES: list[tuple[str, list[dict[str, Any]]]] = [
-    ("screen: method", [{"name": ":method", "string_match": {"safe_regex": {"regex": patterns.METHOD}},
-                         "invert_match": True}]),
-    ("screen: target", [{"name": ":path", "string_match": {"safe_regex": {"regex": patterns.CLEAN_TARGET}},
-                         "invert_match": True}]),
-    ("screen: _method query", [{"name": ":path",
-                                "string_match": {"safe_regex": {"regex": patterns.METHOD_OVERRIDE_QUERY}}}]),
+    (
+        "screen: method",
+        [{"name": ":method", "string_match": {"safe_regex": {"regex": patterns.METHOD}}, "invert_match": True}],
+    ),
+    (
+        "screen: target",
+        [{"name": ":path", "string_match": {"safe_regex": {"regex": patterns.CLEAN_TARGET}}, "invert_match": True}],
+    ),
+    (
+        "screen: _method query",
+        [{"name": ":path", "string_match": {"safe_regex": {"regex": patterns.METHOD_OVERRIDE_QUERY}}}],
+    ),
     ("screen: trailing slash", [{"name": ":path", "string_match": {"safe_regex": {"regex": patterns.TRAILING_SLASH}}}]),
     # An absent header never matches an inverted regex: only credentials sent otherwise.
-    ("screen: credentials", [{"name": "authorization",
-                              "string_match": {"safe_regex": {"regex": patterns.CANONICAL_BEARER}},
-                              "invert_match": True}]),
-    ("screen: long JOSE header", [{"name": "authorization",
-                                   "string_match": {"safe_regex": {"regex": patterns.LONG_JOSE_HEADER}}}]),
+    (
+        "screen: credentials",
+        [
+            {
+                "name": "authorization",
+                "string_match": {"safe_regex": {"regex": patterns.CANONICAL_BEARER}},
+                "invert_match": True,
+            }
+        ],
+    ),
+    (
+        "screen: long JOSE header",
+        [{"name": "authorization", "string_match": {"safe_regex": {"regex": patterns.LONG_JOSE_HEADER}}}],
+    ),
 ]
 
 
@@ -70,8 +85,9 @@ def disabled(*filters: str) -> dict[str, Any]:
     return {name: {"@type": _FILTER_CONFIG, "disabled": True} for name in filters}
 
 
-def ingress_routes(policy: Policy, plans: tuple[RoutePlan, ...], book: AnswerBook,
-                   admission: Admission) -> list[dict[str, Any]]:
+def ingress_routes(
+    policy: Policy, plans: tuple[RoutePlan, ...], book: AnswerBook, admission: Admission
+) -> list[dict[str, Any]]:
     routes: list[dict[str, Any]] = []
     for name, headers in SCREEN_ROUTES:
         routes.extend(_to_service(name, {"prefix": "/", "headers": headers}, admission))
@@ -82,18 +98,42 @@ def ingress_routes(policy: Policy, plans: tuple[RoutePlan, ...], book: AnswerBoo
         if plan.engine is Engine.EXT_AUTHZ:
             routes.extend(_to_service(name, match, admission))
         elif plan.engine is Engine.NONE:
-            routes.append({"name": name, "match": match, "route": {"cluster": APP_CLUSTER},
-                           "typed_per_filter_config": disabled(JWT, TOKEN, ROUTE, EXT_AUTHZ)})
+            routes.append(
+                {
+                    "name": name,
+                    "match": match,
+                    "route": {"cluster": APP_CLUSTER},
+                    "typed_per_filter_config": disabled(JWT, TOKEN, ROUTE, EXT_AUTHZ),
+                }
+            )
         else:
-            routes.append({"name": name, "match": match, "route": {"cluster": APP_CLUSTER}, "typed_per_filter_config": {
-                JWT: {"@type": _JWT_PER_ROUTE, "requirement_name": REQUIREMENT},
-                ROUTE: {"@type": _RBAC_PER_ROUTE, "rbac": {"rules": rules(route_checks(policy, plan.route, book)),
-                                                           "rules_stat_prefix": "authz_route_"}},
-            }})
+            routes.append(
+                {
+                    "name": name,
+                    "match": match,
+                    "route": {"cluster": APP_CLUSTER},
+                    "typed_per_filter_config": {
+                        JWT: {"@type": _JWT_PER_ROUTE, "requirement_name": REQUIREMENT},
+                        ROUTE: {
+                            "@type": _RBAC_PER_ROUTE,
+                            "rbac": {
+                                "rules": rules(route_checks(policy, plan.route, book)),
+                                "rules_stat_prefix": "authz_route_",
+                            },
+                        },
+                    },
+                }
+            )
     response, headers = book.direct_response(Reason.NO_ROUTE, NO_ROUTE_TEXT)
-    routes.append({"name": "no route", "match": {"prefix": "/"}, "direct_response": response,
-                   "response_headers_to_add": headers,
-                   "typed_per_filter_config": disabled(JWT, TOKEN, ROUTE, EXT_AUTHZ)})
+    routes.append(
+        {
+            "name": "no route",
+            "match": {"prefix": "/"},
+            "direct_response": response,
+            "response_headers_to_add": headers,
+            "typed_per_filter_config": disabled(JWT, TOKEN, ROUTE, EXT_AUTHZ),
+        }
+    )
     return routes
 
 
@@ -101,8 +141,11 @@ def _match(plan: RoutePlan, case_insensitive: bool) -> dict[str, Any]:
     match: dict[str, Any] = dict(patterns.route_path(plan.parts, case_insensitive))
     if plan.methods is not None:
         methods = sorted(plan.methods)
-        method = ({"exact": methods[0]} if len(methods) == 1
-                  else {"safe_regex": {"regex": "|".join(patterns.re2_literal(m) for m in methods)}})
+        method = (
+            {"exact": methods[0]}
+            if len(methods) == 1
+            else {"safe_regex": {"regex": "|".join(patterns.re2_literal(m) for m in methods)}}
+        )
         match["headers"] = [{"name": ":method", "string_match": method}]
     return match
 
@@ -111,9 +154,24 @@ def _to_service(name: str, match: dict[str, Any], admission: Admission) -> list[
     """Routes whose requests the service decides entirely: as in envoy/envoy.yaml, one for bearer
     JWTs and one, rate limited, for everything else."""
     off = disabled(SCREEN, JWT, TOKEN, ROUTE)
-    bearer = {**match, "headers": [*match.get("headers", []), {
-        "name": "authorization", "string_match": {"safe_regex": {"regex": admission.bearer_regex}}}]}
-    return [{"name": f"{name} (bearer)", "match": bearer, "route": {"cluster": APP_CLUSTER},
-             "typed_per_filter_config": off},
-            {"name": f"{name} (anonymous)", "match": match, "route": {"cluster": APP_CLUSTER},
-             "typed_per_filter_config": {**off, RATE_LIMIT: admission.anonymous_limit}}]
+    bearer = {
+        **match,
+        "headers": [
+            *match.get("headers", []),
+            {"name": "authorization", "string_match": {"safe_regex": {"regex": admission.bearer_regex}}},
+        ],
+    }
+    return [
+        {
+            "name": f"{name} (bearer)",
+            "match": bearer,
+            "route": {"cluster": APP_CLUSTER},
+            "typed_per_filter_config": off,
+        },
+        {
+            "name": f"{name} (anonymous)",
+            "match": match,
+            "route": {"cluster": APP_CLUSTER},
+            "typed_per_filter_config": {**off, RATE_LIMIT: admission.anonymous_limit},
+        },
+    ]

@@ -20,8 +20,8 @@ import grpc
 import pytest
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
-from authz_service.simulate import check_request
 
+from ..conftest import check_request
 from .fake_issuer import FakeIssuer
 from .harness import NATIVE, EnvoyProcess, ManagedProcess, UpstreamProcess, authz_http_request, http_request, wait_for
 from .stack import TRANSACTION_ROUTES, DevIssuer, PolicyDir, Service

@@ -16,6 +16,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from authz_service.cognito import access_claims
+
 from .fake_issuer import FakeIssuer, rsa_key
 from .harness import UpstreamProcess, wait_for
 from .security_stack import (SecurityStack, bearer, deny_count, logged, start_security_stack,
@@ -51,11 +53,7 @@ def rs256(signing_input: bytes) -> bytes:
 
 
 def claims(fake: FakeIssuer, **overrides) -> dict:
-    now = int(time.time())
-    out = {"sub": "payments-writer", "token_use": "access", "scope": "transactions/post", "auth_time": now,
-           "iss": fake.issuer, "exp": now + 3600, "iat": now, "version": 2, "jti": "j", "client_id": "payments-writer"}
-    out.update(overrides)
-    return out
+    return access_claims(fake.issuer, "payments-writer", "transactions/post", replace={"jti": "j", **overrides})
 
 
 def alg_none(f: FakeIssuer) -> str:
