@@ -35,6 +35,7 @@ from .test_deploy import (
     env_of,
     kubernetes_schema_errors,
     run,
+    scrape_labels,
     selects,
     tool,
 )
@@ -139,6 +140,16 @@ def test_every_selector_selects_its_own_app_only(rendered: list[dict[str, Any]])
                   if selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"].get("labels", {}))]
         assert chosen == [f"{app}-authz-metrics"]
         assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "authz-service", "the alerts' job"
+
+
+def test_each_apps_series_carry_its_name_as_the_app_label(rendered: list[dict[str, Any]]) -> None:
+    """The alerts aggregate by namespace, job and app: two apps of one namespace get apart labels."""
+    for app in APPS:
+        monitor = named(rendered, "ServiceMonitor", f"{app}-authz")
+        labels = named(rendered, "Service", f"{app}-authz-metrics")["metadata"]["labels"]
+        authz, envoy = monitor["spec"]["endpoints"]
+        assert scrape_labels(monitor, authz, service=labels) == {"job": "authz-service", "app": app}
+        assert scrape_labels(monitor, envoy, service=labels) == {"job": "authz-envoy", "app": app}
 
 
 def test_deployments_mount_their_own_configmaps(rendered: list[dict[str, Any]]) -> None:

@@ -38,6 +38,7 @@ from .test_deploy import (
     env_of,
     kubernetes_schema_errors,
     run,
+    scrape_labels,
     selects,
     tool,
 )
@@ -133,6 +134,15 @@ def test_service_monitor_matches_the_crd_model(rendered) -> None:
     monitor = one(rendered["sidecar"], "ServiceMonitor")
     assert models.ServiceMonitor.model_validate(monitor).model_dump(by_alias=True, exclude_unset=True,
                                                                     mode="json") == monitor
+
+
+def test_sidecar_service_monitor_labels_the_app(rendered) -> None:
+    monitor = one(rendered["sidecar"], "ServiceMonitor")
+    (service,) = [s for s in rendered["sidecar"] if s["kind"] == "Service"
+                  and selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"].get("labels", {}))]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert scrape_labels(monitor, endpoint, service=service["metadata"]["labels"]) == \
+        {"job": "authz-service", "app": "echo-app"}
 
 
 def test_waypoint_gateway_structure(rendered) -> None:
