@@ -208,7 +208,8 @@ class Service:
         policy = self.reloader.policy
         body: dict[str, object] = {
             "policy": {"sha256": policy.sha256, "routes": len(policy.routes),
-                       "last_reload_error": self.reloader.last_error},
+                       "last_reload_error": self.reloader.last_error,
+                       "refused_sha256": self.reloader.refused_sha256},
             "issuers": self.jwks.status() if self.jwks is not None else [],
         }
         if self._http_door is not None:

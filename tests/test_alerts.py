@@ -43,6 +43,7 @@ CONTRACT_METRICS = {
     "authz_policy_routes",
     "authz_policy_generation",
     "authz_policy_info",
+    "authz_policy_file_refused",
     "authz_ready",
     "authz_token_cache_lookups_total",
     "authz_token_cache_entries",
@@ -469,6 +470,7 @@ def test_dashboard_has_the_required_views() -> None:
     assert has(r"time\(\) - authz_jwks_last_success_timestamp_seconds"), "JWKS key age per issuer"
     assert has(r"authz_policy_generation"), "policy generation"
     assert has(r"authz_policy_reloads_total"), "policy reload errors"
+    assert has(r"authz_policy_file_refused"), "a policy file refused now"
 
 
 
