@@ -18,7 +18,10 @@ when it is complete. How we know depends on the watch mode (``--policy-watch``):
   longer than that mid-file can have its prefix loaded: the weaker mode, logged as such at start-up.
 
 SIGHUP reloads at once. A file that fails to load is logged and counted, and the previous policy
-keeps serving.
+keeps serving. While the file at the path is refused, ``authz_policy_file_refused`` says so (with the
+refused content's sha256): the serving policy is fine, but a process started now would not start,
+so the state, not the one failed load, is what needs fixing. It ends when a good file loads or the
+file is put back to the policy in force.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import stat
@@ -33,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .metrics import Metrics
-from .policy import Policy, PolicyError, load_policy_file
+from .policy import Policy, PolicyError, load_policy_file, read_policy_file
 from .tracing import NO_TRACING, NoTracing, Recorder
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,14 @@ def _signature(path: Path) -> tuple[int, int, int, int] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _content_sha256(path: Path) -> str | None:
+    """sha256 of a refused file's content, read as a load reads it; None when it cannot be read."""
+    try:
+        return hashlib.sha256(read_policy_file(path)).hexdigest()
+    except PolicyError:
+        return None
 
 
 class InotifyUnavailable(OSError):
@@ -214,6 +226,7 @@ class PolicyReloader:
         self._fallback_reason = "--policy-watch poll"
         self._told_writer: tuple[int, int] | None = None
         self.last_error: str | None = None
+        self.refused_sha256: str | None = None  # of the refused file at the path (None: none, or unreadable)
 
     @property
     def mode(self) -> str:
@@ -266,19 +279,31 @@ class PolicyReloader:
                     return False
                 if not isinstance(exc, PolicyError):
                     exc = PolicyError(f"{self.path}: cannot load policy: {type(exc).__name__}")
+                refused = await asyncio.to_thread(_content_sha256, self.path)
+                if self._written_while_read(before):  # what was hashed may not be what was refused
+                    recorder.set("authz.policy.result", "reread")
+                    return False
                 recorder.set("authz.policy.result", "error")
                 recorder.error("policy refused; the previous policy keeps serving")
                 self.last_error = str(exc)
+                self.refused_sha256 = refused
                 self._metrics.policy_reloads.labels("error").inc()
+                self._metrics.policy_file_refused(refused)
                 log.error(
                     "policy reload failed; previous policy keeps serving",
-                    extra={"reason": reason, "error": str(exc), "serving_sha256": self.policy.sha256},
+                    extra={
+                        "reason": reason,
+                        "error": str(exc),
+                        "serving_sha256": self.policy.sha256,
+                        "refused_sha256": refused,
+                    },
                 )
                 return False
             if self._written_while_read(before):
                 recorder.set("authz.policy.result", "reread")
                 return False
-            self.last_error = None
+            self.last_error = self.refused_sha256 = None
+            self._metrics.policy_file_accepted()
             if policy.sha256 == self.policy.sha256:
                 recorder.set("authz.policy.result", "unchanged")
                 return False

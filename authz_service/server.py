@@ -184,6 +184,7 @@ class Service:
                 "sha256": policy.sha256,
                 "routes": len(policy.routes),
                 "last_reload_error": self.reloader.last_error,
+                "refused_sha256": self.reloader.refused_sha256,
             },
             "issuers": self.jwks.status() if self.jwks is not None else [],
         }
