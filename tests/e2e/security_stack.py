@@ -126,8 +126,8 @@ class SecurityStack:
         if token is not None:
             sent.append(("Authorization", f"Bearer {token}"))
         mark = self.upstream.mark() if observe else 0
-        self.sent += 1
         status, response_headers, data = http_request(method, self.envoy.url(path), sent, target=target)
+        self.sent += 1  # answered, so Envoy logs it (a request that raised may never have been sent)
         reached = self.upstream.requests_since(mark) if observe else []
         return Answer(status, {k.lower(): v for k, v in response_headers}, data, reached)
 
@@ -142,9 +142,9 @@ class SecurityStack:
                 "--path-as-is", "-X", method, "--max-time", "10"]
         for name, value in headers:
             argv += ["-H", f"{name}: {value}"]
-        self.sent += 1
         out = subprocess.run([*argv, self.envoy.url(target)], capture_output=True, text=True, timeout=20)
         code, version = out.stdout.split()
+        self.sent += code != "000"  # curl answers 000 when no response came back
         assert version == "2", f"not HTTP/2: {out.stdout} {out.stderr}"
         return int(code), self.upstream.requests_since(mark)
 
@@ -235,7 +235,7 @@ def native_denials(stack: SecurityStack, reason: str) -> int:
     of the compiled policy is named <order>-<reason>-a<answer> (authz_service/native/answers.py).
     Waits until every request sent through this Envoy is logged (it flushes every 100 ms)."""
     entries = wait_for(lambda: (lambda log: log if len(log) >= stack.sent else None)(stack.envoy.access_log()),
-                       10, "Envoy's access log of every request sent")
+                       30, f"Envoy's access log of every request answered ({stack.sent})")
     denied = re.compile(rf"rbac_access_denied_matched_policy\[\d+-{re.escape(reason)}-a\d+\]")
     return sum(1 for entry in entries if denied.fullmatch(entry.get("response_code_details") or ""))
 
