@@ -32,7 +32,7 @@ EXAMPLES = {
 }
 SHELLS = ("bash", "zsh")
 EXIT_CODES = {
-    0: "success; serve: stopped by SIGTERM or SIGINT after draining",
+    0: "success; serve and dev-issuer: stopped by SIGTERM or SIGINT (serve after draining)",
     1: "a negative answer: validate refused a file (or found warnings, with --strict), a policy test failed, "
     "explain's request would be denied",
     2: "the command could not do its work: a usage error, an unusable file or setting, or serve could not start "
@@ -384,7 +384,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _dev_issuer(args: argparse.Namespace) -> int:
-    from .dev_issuer.app import serve
+    from .dev_issuer.app import serve_until_stopped
     from .dev_issuer.config import DevIssuerConfigError, load_config
 
     try:  # validated as serve validates --log-level
@@ -399,8 +399,8 @@ def _dev_issuer(args: argparse.Namespace) -> int:
         print(f"authz-service dev-issuer: error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(config, args.host, args.port, args.public_url))
-    except KeyboardInterrupt:
+        asyncio.run(serve_until_stopped(config, args.host, args.port, args.public_url))
+    except KeyboardInterrupt:  # Ctrl-C before the loop's own handler was installed
         pass
     except (ValueError, OSError) as exc:
         print(f"authz-service dev-issuer: error: {exc}", file=sys.stderr)
