@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from . import __version__, install_hint, logs
-from .config import OPTIONS, ConfigError, option, settings_from
+from .config import OPTIONS, ConfigError, option, settings_from, unknown_variables
 from .policy import PolicyError
 
 log = logging.getLogger("authz_service")
@@ -338,6 +338,8 @@ def _policy_tool(args: argparse.Namespace) -> int:
     if args.command == "validate":
         from .tools.policytool import validate_command
 
+        for unknown in unknown_variables():  # CI may validate with the Deployment's environment
+            print(f"authz-service validate: warning: {unknown}", file=sys.stderr)
         return validate_command(names, args.strict, sys.stdout, args.explain_issuers)
     if args.command == "test":
         from .tools.policytool import tests_command
@@ -366,6 +368,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"authz-service: error: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level)
+    for unknown in unknown_variables():
+        log.warning(
+            "unknown environment variable: not a setting of authz-service, ignored",
+            extra={"variable": unknown.name, **({"did_you_mean": unknown.closest} if unknown.closest else {})},
+        )
     try:
         if settings.workers > 1:
             from .workers import supervise

@@ -139,6 +139,27 @@ def test_validate_dash_caps_what_it_reads() -> None:
     assert run.stdout.startswith("<stdin>: more is larger than a policy file may be")
 
 
+# --- AUTHZ_* variables that are no setting ----------------------------------------------------------
+
+
+def test_validate_warns_about_an_unknown_authz_variable_on_stderr() -> None:
+    """As a ConfigMap repo's CI runs it, with the Deployment's environment: the typo is named, with
+    the setting it resembles; the verdict on the policy (stdout, exit code) is unchanged."""
+    run = cli("validate", "--strict", str(POLICY), env={"AUTHZ_GRPC_PROT": "9000", "AUTHZ_FROBNICATE": "1"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout == f"{POLICY}: OK: 4 routes, 1 issuer, 0 warnings\n"
+    assert run.stderr.splitlines() == [
+        "authz-service validate: warning: AUTHZ_FROBNICATE is not a setting of authz-service; it is ignored",
+        "authz-service validate: warning: AUTHZ_GRPC_PROT is not a setting of authz-service; it is ignored "
+        "(did you mean AUTHZ_GRPC_PORT?)",
+    ]
+
+
+def test_validate_is_silent_about_settings_and_service_links() -> None:
+    run = cli("validate", str(POLICY), env={"AUTHZ_GRPC_PORT": "9000", "AUTHZ_METRICS_SERVICE_HOST": "10.0.0.1"})
+    assert run.returncode == 0 and run.stderr == ""
+
+
 # --- example -------------------------------------------------------------------------------------
 
 

@@ -4,7 +4,7 @@ The service runs in the container the way deploy/k8s/deployment.yaml runs it (re
 filesystem, UID 10001, every capability dropped, no privilege escalation, the policy from a
 read-only directory mount), on the host's network, behind a real Envoy of each ext_authz mode on the
 host, with tokens from the dev issuer over HTTP. ``make image-test`` (and ``make test``) builds the
-image and names it in ``AUTHZ_TEST_IMAGE``; without it these tests are skipped.
+image and names it in ``AUTHZTEST_IMAGE``; without it these tests are skipped.
 """
 
 from __future__ import annotations
@@ -144,9 +144,9 @@ def test_the_build_ca_bundle_stays_out_of_the_image(image: str) -> None:
     """`make image` gives the build its CA bundle as a secret (here: the TLS-intercepting proxy's)
     with a marker certificate appended, made for this check (its key was discarded): no file of the
     image may hold the marker, as PEM or as DER."""
-    bundle = os.environ.get("AUTHZ_TEST_BUILD_CA")
+    bundle = os.environ.get("AUTHZTEST_BUILD_CA")
     if not bundle:
-        pytest.skip("AUTHZ_TEST_BUILD_CA is not set: the image was built without a CA bundle")
+        pytest.skip("AUTHZTEST_BUILD_CA is not set: the image was built without a CA bundle")
     marker = MARKER.read_text()
     assert marker in Path(bundle).read_text(), f"{bundle} lacks the marker certificate: `make image` appends it"
     pem_body = "".join(marker.splitlines(keepends=True)[1:-1])
