@@ -528,6 +528,7 @@ def config_text(pool: str = POOL, extra_top: str = "", client: str = VALID_CLIEN
          "is not a JSON value"),
     ],
 )
+@pytest.mark.usefixtures("yaml_parser")
 def test_config_errors_name_file_line_column_field_and_fix(tmp_path: Path, text: str, field: str, problem: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(DevIssuerConfigError) as caught:

@@ -29,6 +29,7 @@ def lints(routes: str, top: str = "") -> list[str]:
 # --- validate: errors ----------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("yaml_parser")
 def test_validate_reports_every_error_with_line_and_exits_1(tmp_path):
     bad = tmp_path / "policy.yaml"
     bad.write_text(ISSUERS + "routes:\n  - path: /a\n    methods: [get]\n    scopes: [r/x]\n"
@@ -442,6 +443,7 @@ def run_cases(tmp_path, policy_text: str, tests_text: str) -> subprocess.Complet
         ]),
     ],
 )
+@pytest.mark.usefixtures("yaml_parser")
 def test_bad_tests_files_are_errors_with_a_line(tmp_path, text, message):
     path = tmp_path / "t.yaml"
     path.write_text(text)
@@ -545,6 +547,7 @@ def test_all_scopes_are_linted_for_cognito_shape_too():
 
 @pytest.mark.parametrize(("value", "reads"), [("yes", "true"), ("on", "true"), ("010", "8"), ("1_000", "1000"),
                                               ("0x1f", "31"), ("No", "false")])
+@pytest.mark.usefixtures("yaml_parser")
 def test_claim_values_yaml_reads_otherwise_warn(value, reads):
     (warning,) = lints(f"  - {{path: /a, scopes: [a/b], claims: {{flag: {value}}}}}\n")
     assert f"routes[0].claims.flag: YAML reads '{value}' as {reads}" in warning

@@ -102,6 +102,12 @@ def test_the_image_holds_exactly_the_lock_and_nothing_that_installs_or_builds(im
     assert found["ensurepip"] != 0, "python -m ensurepip installed pip"
 
 
+def test_the_image_reads_policies_with_libyaml(image: str) -> None:
+    """PyYAML's wheel brings libyaml; its own pure-Python parser costs ~5x the CPU per reload."""
+    script = "from authz_service import yamlfile; print(yamlfile.Loader.__mro__[1].__name__)"
+    assert run_python(image, script).strip() == "CSafeLoader"
+
+
 def test_the_image_runs_as_uid_10001_and_exposes_the_three_ports(image: str) -> None:
     config = inspect("image", image)["Config"]
     assert config["User"] == "10001:10001"
