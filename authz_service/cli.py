@@ -24,12 +24,17 @@ from .policy import PolicyError
 log = logging.getLogger("authz_service")
 
 POLICY_ENV = option("policy").env
-# `authz-service example NAME` prints authz_service/examples/<file> (package data: pip users get it too).
+# `authz-service example NAME` prints a file of the package (package data: pip users get it too).
 EXAMPLES = {
-    "policy": ("policy.yaml", "a route policy (the demo's)"),
-    "policy-tests": ("policy-tests.yaml", "expectations for that policy, for `authz-service test`"),
-    "dev-issuer": ("dev-issuer.yaml", "the dev issuer's configuration (pool, resource servers, clients)"),
+    "policy": ("examples/policy.yaml", "a route policy (the demo's)"),
+    "policy-schema": ("policy.schema.json", "the policy's JSON Schema for editors: save it beside the policy"),
+    "policy-tests": ("examples/policy-tests.yaml", "expectations for that policy, for `authz-service test`"),
+    "dev-issuer": ("examples/dev-issuer.yaml", "the dev issuer's configuration (pool, resource servers, clients)"),
 }
+# An example's first line may point editors at the schema (yaml-language-server): in the package it
+# names ../policy.schema.json; printed, the schema it names is the one `example policy-schema` saves
+# beside it, so the line resolves outside the package too.
+SCHEMA_MODELINE = "# yaml-language-server: $schema="
 SHELLS = ("bash", "zsh")
 EXIT_CODES = {
     0: "success; serve and dev-issuer: stopped by SIGTERM or SIGINT (serve after draining)",
@@ -308,8 +313,13 @@ def policy_names(args: argparse.Namespace, environ: Mapping[str, str] = os.envir
 
 
 def example_text(name: str) -> str:
-    """A bundled example file (package data), as text."""
-    return resources.files("authz_service").joinpath("examples", EXAMPLES[name][0]).read_text(encoding="utf-8")
+    """A bundled example file (package data), as text, its schema line naming the schema beside it."""
+    text = resources.files("authz_service").joinpath(EXAMPLES[name][0]).read_text(encoding="utf-8")
+    first, newline, rest = text.partition("\n")
+    if first.startswith(SCHEMA_MODELINE):
+        schema = EXAMPLES["policy-schema"][0]
+        text = f"{SCHEMA_MODELINE}{schema}{newline}{rest}"
+    return text
 
 
 def completion_script(shell: str) -> str:

@@ -10,8 +10,9 @@ The conventions (docs/testing.md, "Commands in the documentation"):
 * ``<!-- file: NAME -->`` on the line before a fenced block writes the block into NAME, for the
   commands of that page that follow it.
 * ``<!-- not run: REASON -->`` on the line before a fenced block says why the commands it shows
-  are not run (they need a running stack, AWS, a cluster, ...). Every other block that shows an
-  ``authz-service`` command must be a ``console`` block.
+  are not run (they need a running stack, AWS, a cluster, ...); the walkthrough's
+  ``<!-- walkthrough:test STAGE -->`` blocks are run by tests/e2e/test_walkthrough_e2e.py. Every
+  other block that shows an ``authz-service`` command must be a ``console`` block.
 
 Each page's commands run in order, with ``bash``, in a scratch directory of the page's own in which
 the repository's top-level files and folders appear (symbolic links), so ``authz_service/examples/
@@ -50,7 +51,9 @@ ANY_LINES = "..."
 SHELL_BLOCKS = ("", "sh", "bash", "shell", "text", "console")  # where a command may be shown
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
                    re.MULTILINE | re.DOTALL)
-MARKER = re.compile(r"<!--\s*(?P<kind>not run|file):\s*(?P<value>.*?)\s*-->\s*$")
+# The comment on the line before a block: "not run: REASON", "file: NAME", or the walkthrough's own
+# "walkthrough:test STAGE" (tests/e2e/test_walkthrough_e2e.py runs those blocks against moto's Cognito).
+MARKER = re.compile(r"<!--\s*(?P<kind>not run:|file:|walkthrough:test)\s*(?P<value>.*?)\s*-->\s*$")
 TIMEOUT = 60  # seconds a documented command may take
 
 
@@ -85,7 +88,7 @@ class Block:
                 command = text[2:]
                 while command.endswith("\\") and i + 1 < len(lines):
                     i += 1
-                    command = command[:-1] + "\n" + lines[i]
+                    command += "\n" + lines[i]  # bash reads the backslash-newline as one line
                 commands.append(Command(command, self.line + 1 + start))
             elif commands:
                 commands[-1].expected.append(text)
@@ -111,7 +114,7 @@ def blocks(page: str, text: str | None = None) -> Iterator[Block]:
         body = "\n".join(line[len(indent):] if line.startswith(indent) else line
                          for line in match["body"].split("\n"))
         yield Block(page, text.count("\n", 0, match.start()) + 1, match["lang"], body,
-                    (found["kind"], found["value"]) if found else None)
+                    (found["kind"].rstrip(":"), found["value"]) if found else None)
 
 
 def command_pattern() -> re.Pattern[str]:
@@ -161,7 +164,8 @@ def environment() -> dict[str, str]:
 
 
 def scratch(directory: Path) -> Path:
-    """``directory`` with the repository's top-level entries linked into it."""
+    """``directory`` (made if need be) with the repository's top-level entries linked into it."""
+    directory.mkdir(parents=True, exist_ok=True)
     for entry in ROOT.iterdir():
         if not entry.name.startswith(".") and not (directory / entry.name).exists():
             (directory / entry.name).symlink_to(entry)
@@ -193,7 +197,7 @@ def run_page(page: str, directory: Path, text: str | None = None) -> list[Drift]
     for block in blocks(page, text):
         if block.marker is not None and block.marker[0] == "file":
             (directory / block.marker[1]).write_text(block.body)
-        if block.lang != "console" or (block.marker is not None and block.marker[0] == "not run"):
+        if block.lang != "console" or (block.marker is not None and block.marker[0] != "file"):
             continue
         for command in block.commands():
             try:
@@ -209,9 +213,10 @@ def run_page(page: str, directory: Path, text: str | None = None) -> list[Drift]
     return drifts
 
 
-def update(page: str, drifts: list[Drift]) -> int:
-    """Write the actual output into ``page`` for drifted commands without placeholders; how many."""
-    lines = (ROOT / page).read_text(encoding="utf-8").split("\n")
+def update(page: str, drifts: list[Drift], root: Path = ROOT) -> int:
+    """Write the actual output into ``page`` (under ``root``) for drifted commands without
+    placeholders; how many were rewritten."""
+    lines = (root / page).read_text(encoding="utf-8").split("\n")
     done = 0
     for drift in sorted(drifts, key=lambda d: d.command.line, reverse=True):
         expected = drift.command.expected
@@ -223,7 +228,7 @@ def update(page: str, drifts: list[Drift]) -> int:
         lines[first:first + len(expected)] = [indent + line if line else line for line in drift.actual] + [
             ""] * kept_blank
         done += 1
-    (ROOT / page).write_text("\n".join(lines), encoding="utf-8")
+    (root / page).write_text("\n".join(lines), encoding="utf-8")
     return done
 
 

@@ -163,11 +163,37 @@ def test_validate_is_silent_about_settings_and_service_links() -> None:
 # --- example -------------------------------------------------------------------------------------
 
 
+MODELINE = "# yaml-language-server: $schema="
+
+
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_prints_the_bundled_file(name: str) -> None:
+    """As shipped, but for the editor's schema line: it names the schema beside the printed file."""
     run = cli("example", name)
     assert run.returncode == 0 and run.stderr == ""
-    assert run.stdout == (EXAMPLE_DIR / EXAMPLES[name][0]).read_text()
+    shipped = (ROOT / "authz_service" / EXAMPLES[name][0]).read_text().splitlines(keepends=True)
+    printed = run.stdout.splitlines(keepends=True)
+    assert len(printed) == len(shipped)
+    assert [p for p, s in zip(printed, shipped) if p != s] == (
+        [f"{MODELINE}policy.schema.json\n"] if shipped[0].startswith(MODELINE) else [])
+
+
+def test_the_printed_policy_finds_its_schema_beside_it(tmp_path: Path) -> None:
+    """`example policy` and `example policy-schema` into one folder: the policy's schema line
+    resolves there, to the schema, and the policy is valid under it (outside the package too)."""
+    import json
+
+    import jsonschema
+    import yaml
+
+    (tmp_path / "policy.yaml").write_text(cli("example", "policy").stdout)
+    (tmp_path / "policy.schema.json").write_text(cli("example", "policy-schema").stdout)
+    first = (tmp_path / "policy.yaml").read_text().splitlines()[0]
+    assert first.startswith(MODELINE)
+    schema_file = tmp_path / first.removeprefix(MODELINE)
+    schema = json.loads(schema_file.read_text())
+    assert schema == json.loads((ROOT / "authz_service" / "policy.schema.json").read_text())
+    jsonschema.validate(yaml.safe_load((tmp_path / "policy.yaml").read_text()), schema)
 
 
 def test_the_printed_examples_work_together(tmp_path: Path) -> None:
@@ -225,7 +251,7 @@ def completion(shell: str) -> str:
 @pytest.mark.parametrize(("words", "expected"), [
     (["s"], {"serve"}),
     (["serve", "--ext"], {"--ext-authz-http-port", "--ext-authz-http-path-prefix"}),
-    (["example", ""], {"policy", "policy-tests", "dev-issuer"}),
+    (["example", ""], {"policy", "policy-schema", "policy-tests", "dev-issuer"}),
     (["validate", "--st"], {"--strict"}),
 ])
 def test_bash_completion_completes_commands_options_and_choices(tmp_path: Path, words: list[str],
