@@ -15,6 +15,9 @@ policy file renamed into place, the next one once the service logged ``policy re
 the rename and that log line. Figures are medians over the rounds, with the per-round values.
 
     .venv/bin/python bench/reload_latency.py [--routes 1000] [--rounds 3] [--duration 8] [--rate 300]
+
+``--parse-only`` measures just the parse of that policy by each parser, in this process (CPU
+time, interleaved rounds): the part of a reload the parser decides.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import BENCH, PATH, ROOT, Bench, grpc_frame, machine  # noqa: E402
+from run import BENCH, ROOT, Bench, grpc_frame, machine  # noqa: E402
 
 PARSERS = ("libyaml", "python")
 # On the PYTHONPATH of the service that must use PyYAML's own parser: runs before authz_service is
@@ -159,6 +162,24 @@ async def measure(service: Service, token: str, duration: float, rate: float,
     return phase
 
 
+def parse_times(text: str, rounds: int) -> dict[str, list[float]]:
+    """CPU ms of ``load_strict_yaml`` on ``text`` with each parser PyYAML has, interleaved."""
+    from authz_service import yamlfile
+
+    times: dict[str, list[float]] = {}
+    default = yamlfile.Loader
+    try:
+        for _ in range(rounds):
+            for name, loader in yamlfile.LOADERS.items():
+                yamlfile.Loader = loader
+                started = time.process_time()
+                yamlfile.load_strict_yaml(text, "policy.yaml")
+                times.setdefault(name, []).append((time.process_time() - started) * 1000)
+    finally:
+        yamlfile.Loader = default
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--routes", type=int, default=1000, help="generated routes in the policy (default 1000)")
@@ -166,6 +187,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=8, help="seconds per measured run (default 8)")
     parser.add_argument("--rate", type=float, default=300, help="Checks per second (default 300)")
     parser.add_argument("--gap", type=float, default=0.3, help="seconds between a reload and the next (default 0.3)")
+    parser.add_argument("--parse-only", action="store_true", help="measure only the parse, in this process")
     parser.add_argument("--work", default=str(BENCH / ".work"), help="scratch folder (keys, tokens, logs)")
     args = parser.parse_args()
 
@@ -174,6 +196,17 @@ def main() -> None:
     _, jwks_port = bench.start_jwks_server()
     base = yaml.safe_load(bench.policy(jwks_port).read_text())
     texts = policy_texts(base, args.routes)
+    if args.parse_only:
+        times = parse_times(texts[0], args.rounds)
+        for name, values in times.items():
+            print(f"{name:7} parse of {args.routes} routes: {statistics.median(values):.1f} ms CPU "
+                  f"({', '.join(f'{v:.1f}' for v in values)})")
+        if len(times) == 2:
+            ratios = [p / c for p, c in zip(times["python"], times["libyaml"], strict=True)]
+            print(f"python / libyaml: {statistics.median(ratios):.1f}x ({', '.join(f'{r:.1f}' for r in ratios)})")
+        print(f"\nMachine: {machine()}")
+        bench.close()
+        return
     services, policies = {}, {}
     try:
         for name in PARSERS:
