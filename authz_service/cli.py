@@ -39,7 +39,7 @@ SHELLS = ("bash", "zsh")
 EXIT_CODES = {
     0: "success; serve and dev-issuer: stopped by SIGTERM or SIGINT (serve after draining)",
     1: "a negative answer: validate refused a file (or found warnings, with --strict), a policy test failed, "
-    "explain's request would be denied",
+    "explain's request would be denied, audit has findings (or warnings, with --strict)",
     2: "the command could not do its work: a usage error, an unusable file or setting, or serve could not start "
     "(then one line on stderr names the flag, environment variable or file to fix)",
 }
@@ -204,9 +204,10 @@ def _add_policy_tools(commands: argparse._SubParsersAction) -> None:
         "audit",
         help="check a policy against its Cognito user pools through the AWS API (needs boto3)",
         description="Read each user pool (DescribeUserPool, ListResourceServers, ListUserPoolClients, "
-        "DescribeUserPoolClient; standard AWS credential chain), print which app client can reach "
-        "which route and report what cannot work. Exit 0 when clean, 1 with findings, 2 when the "
-        f"policy or AWS cannot be used. Needs the audit extra: {install_hint('audit')}.",
+        "DescribeUserPoolClient, ListUserPoolClientSecrets; standard AWS credential chain), print which "
+        "app client can reach which route and report what cannot work. Exit 0 when clean (warnings "
+        "allowed unless --strict), 1 with findings, 2 when the policy or AWS cannot be used. Needs the "
+        f"audit extra: {install_hint('audit')}.",
     )
     _policy_positional(audit)
     _policy_flag(audit)
@@ -218,6 +219,9 @@ def _add_policy_tools(commands: argparse._SubParsersAction) -> None:
     )
     audit.add_argument("--region", help="AWS region of the pools (default: the region in each pool id)")
     audit.add_argument("--format", choices=("text", "json"), default="text", help="text (default) or json")
+    audit.add_argument(
+        "--strict", action="store_true", help="exit 1 on warnings too (what the API cannot show to be safe)"
+    )
 
 
 def _add_compile(commands: argparse._SubParsersAction) -> None:
