@@ -250,6 +250,20 @@ def test_a_client_whose_only_flow_is_client_token_auth_gets_tokens_without_a_dom
     assert row["token_paths"] == ["GetClientToken"] and row["explicit_auth_flows"] == ["ALLOW_CLIENT_TOKEN_AUTH"]
 
 
+
+def test_without_a_domain_the_token_endpoint_is_no_way_to_tokens():
+    """A pool without a domain has no token endpoint; GetClientToken needs none."""
+    from dataclasses import replace
+
+    oauth = replace(client("oauth", "transactions/get"), pool_domain=False)
+    both = replace(client("both", "transactions/get", auth_flows=("ALLOW_CLIENT_TOKEN_AUTH",)), pool_domain=False)
+    assert (oauth.token_paths, both.token_paths) == ((), ("GetClientToken",))
+    assert oauth.no_client_credentials == ("the pool has no domain, so no token endpoint, and ExplicitAuthFlows "
+                                           "lacks ALLOW_CLIENT_TOKEN_AUTH")
+    nosecret = replace(oauth, has_secret=False)
+    assert nosecret.no_client_credentials == "it has no client secret"
+
+
 def test_a_claim_a_client_can_influence_is_a_warning_that_fails_only_with_strict():
     """A V3_0 trigger receives the client metadata each client sends: a claim condition it serves
     is a warning (the API cannot show the trigger's code), exit 0 unless --strict."""
@@ -327,6 +341,7 @@ def test_client_secrets_are_counted_with_list_user_pool_client_secrets():
     assert (ledger.secrets_listed, ledger.token_paths) == (2, ("GetClientToken",))
     assert (batch.secrets_listed, batch.no_client_credentials) == (0, "it has no client secret")
     assert pool_read.secrets_unlisted is None and pool_read.pre_token_version == "V3_0"
+    assert pool_read.domain is False and ledger.pool_domain is False  # recorded pool: no domain, GetClientToken only
     report = audit(RECORDED_POLICY, [pool_read])
     assert report.findings == [] and report.matrix[(RECORDED_POOL, LEDGER)]["read"].text == "yes"
     assert as_json(report)["pools"][0]["client_secrets_from"] == "ListUserPoolClientSecrets"

@@ -55,13 +55,14 @@ class AppClient:
     has_secret: bool
     auth_flows: tuple[str, ...] = ()  # ExplicitAuthFlows
     secrets_listed: int | None = None  # how many ListUserPoolClientSecrets listed; None: not asked
+    pool_domain: bool = True  # the pool has a domain (DescribeUserPool Domain or CustomDomain): a token endpoint
 
     @property
     def token_paths(self) -> tuple[str, ...]:
         """The ways this client gets client_credentials tokens: the token endpoint, GetClientToken."""
         if not self.has_secret:
             return ()
-        paths = (TOKEN_ENDPOINT,) if self.oauth_client_credentials else ()
+        paths = (TOKEN_ENDPOINT,) if self.oauth_client_credentials and self.pool_domain else ()
         return paths + ((GET_CLIENT_TOKEN,) if CLIENT_TOKEN_AUTH in self.auth_flows else ())
 
     @property
@@ -78,8 +79,10 @@ class AppClient:
         """Why this client cannot get client_credentials tokens, or None when it can."""
         if self.token_paths:
             return None
-        if self.may_be_m2m:
+        if self.may_be_m2m and not self.has_secret:
             return "it has no client secret"
+        if self.oauth_client_credentials:  # and a secret, but no domain
+            return f"the pool has no domain, so no token endpoint, and ExplicitAuthFlows lacks {CLIENT_TOKEN_AUTH}"
         if CLIENT_CREDENTIALS in self.flows:
             return f"AllowedOAuthFlowsUserPoolClient is false and ExplicitAuthFlows lacks {CLIENT_TOKEN_AUTH}"
         return f"AllowedOAuthFlows lacks client_credentials and ExplicitAuthFlows lacks {CLIENT_TOKEN_AUTH}"
@@ -98,6 +101,9 @@ class Pool:
     # Why ListUserPoolClientSecrets could not say which clients have a secret (DescribeUserPoolClient's
     # ClientSecret said instead), with the fix; None: it said, or no client needed asking.
     secrets_unlisted: str | None = None
+    domain: bool | None = (
+        None  # a domain (so a token endpoint): DescribeUserPool Domain or CustomDomain; None: not read
+    )
 
     def client(self, client_id: str) -> AppClient | None:
         return next((c for c in self.clients if c.client_id == client_id), None)
@@ -121,6 +127,7 @@ def read_pool(idp: Any, user_pool_id: str, region: str) -> Pool:
         )
         for scope in server.get("Scopes", [])
     }
+    domain = bool(described.get("Domain") or described.get("CustomDomain"))
     clients = []
     secrets = _SecretLister(idp, user_pool_id)
     for listed in _pages(
@@ -140,6 +147,7 @@ def read_pool(idp: Any, user_pool_id: str, region: str) -> Pool:
             scopes=tuple(detail.get("AllowedOAuthScopes") or ()),
             has_secret=bool(detail.get("ClientSecret")),
             auth_flows=tuple(detail.get("ExplicitAuthFlows") or ()),
+            pool_domain=domain,
         )
         if client.may_be_m2m:  # whether it has a secret decides whether it gets tokens
             count = secrets.count(client.client_id)
@@ -154,6 +162,7 @@ def read_pool(idp: Any, user_pool_id: str, region: str) -> Pool:
         (described.get("IssuerConfiguration") or {}).get("Type"),
         version,
         secrets.unlisted,
+        domain,
     )
 
 
@@ -486,7 +495,8 @@ def render_text(report: AuditReport, out: TextIO) -> None:
         issuer = f"issuer {pool.issuer_type.lower()}" if pool.issuer_type else "issuer format not reported"
         print(
             f"pool {pool.user_pool_id} ({pool.region}): {len(pool.clients)} app clients, "
-            f"{len(pool.defined_scopes)} resource server scopes, {issuer}, {trigger}",
+            f"{len(pool.defined_scopes)} resource server scopes, {issuer}, {trigger}"
+            + (", no domain (no token endpoint: GetClientToken only)" if pool.domain is False else ""),
             file=out,
         )
     routes = [r.name for r in report.policy.routes]
@@ -533,6 +543,7 @@ def as_json(report: AuditReport) -> dict[str, Any]:
                 "issuer_type": p.issuer_type,
                 "pre_token_generation": p.pre_token_version,
                 "resource_server_scopes": sorted(p.defined_scopes),
+                "domain": p.domain,
                 "client_secrets_from": "DescribeUserPoolClient" if p.secrets_unlisted else LIST_SECRETS,
                 "clients": [
                     {

@@ -48,6 +48,7 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provisioned]:
             LambdaConfig={"PreTokenGenerationConfig": {
                 "LambdaVersion": "V3_0", "LambdaArn": "arn:aws:lambda:us-east-1:123456789012:function:claims"}},
         )["UserPool"]["Id"]
+        idp.create_user_pool_domain(UserPoolId=pool_id, Domain="audit-e2e")  # the token endpoint's host
         idp.create_resource_server(UserPoolId=pool_id, Identifier="transactions", Name="transactions",
                                    Scopes=[{"ScopeName": s, "ScopeDescription": s} for s in ("get", "post")])
         m2m = dict(GenerateSecret=True, AllowedOAuthFlows=["client_credentials"], AllowedOAuthFlowsUserPoolClient=True)
@@ -200,3 +201,35 @@ def test_a_client_of_the_get_client_token_api_is_machine_to_machine(tmp_path, mo
     strict = run_audit(moto, policy, "--strict")
     assert strict.returncode == 1 and "client-secrets-unverified (warning): " in strict.stdout
     assert strict.stdout.rstrip().endswith(f"0 findings, 1 warning ({policy} against {moto.pool_id})")
+
+
+def test_without_a_domain_only_get_client_token_clients_get_tokens(tmp_path, moto):
+    """A pool without a domain has no token endpoint: an OAuth client_credentials client cannot get
+    tokens there (it is named, with why), a client of the GetClientToken API can."""
+    idp = cognito_client(moto.endpoint)
+    pool_id = idp.create_user_pool(PoolName="no-domain", IssuerConfiguration={"Type": "UPDATED"})["UserPool"]["Id"]
+    idp.create_resource_server(UserPoolId=pool_id, Identifier="transactions", Name="transactions",
+                               Scopes=[{"ScopeName": "get", "ScopeDescription": "get"}])
+    oauth, api = (idp.create_user_pool_client(UserPoolId=pool_id, ClientName=name, GenerateSecret=True,
+                                              AllowedOAuthScopes=["transactions/get"], **settings)
+                  ["UserPoolClient"]["ClientId"]
+                  for name, settings in (("oauth", {"AllowedOAuthFlows": ["client_credentials"],
+                                                    "AllowedOAuthFlowsUserPoolClient": True}),
+                                         ("api", {"ExplicitAuthFlows": ["ALLOW_CLIENT_TOKEN_AUTH"]})))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"issuers:\n  - user_pool_id: {pool_id}\n    issuer_format: updated\n"
+                      f"    client_ids: [{oauth}, {api}]\nroutes:\n"
+                      "  - {name: read, methods: [GET], path: /a, scopes: [transactions/get]}\n")
+    run = run_audit(moto, policy, "--format", "json")
+    assert run.returncode == 1, run.stdout + run.stderr
+    data = json.loads(run.stdout)
+    assert data["pools"][0]["domain"] is False
+    (row_oauth,) = [r for r in data["matrix"] if r["client_id"] == oauth]
+    (row_api,) = [r for r in data["matrix"] if r["client_id"] == api]
+    assert row_oauth["routes"]["read"] == {"access": "no", "why": "no client_credentials"}
+    assert row_api["routes"]["read"] == {"access": "yes"}
+    assert [f["message"] for f in data["findings"] if f["severity"] == "error"] == [
+        f"issuers[0].client_ids: app client {oauth} cannot get client_credentials tokens: the pool has no domain, "
+        "so no token endpoint, and ExplicitAuthFlows lacks ALLOW_CLIENT_TOKEN_AUTH"]
+    text = run_audit(moto, policy)
+    assert ", no domain (no token endpoint: GetClientToken only)" in text.stdout.splitlines()[0]
