@@ -145,7 +145,7 @@ BASE_IMAGE := docker.io/library/$(shell sed -n 's/^FROM \([^ ]*\) AS builder$$/\
 BUILD_CA ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
 BUILD_CA_SECRET := build/build-ca.pem
 # What the image tests are told: the image, and the CA bundle that must not have ended up in it.
-IMAGE_TEST_ENV = AUTHZ_TEST_IMAGE=$(IMAGE) $(if $(BUILD_CA),AUTHZ_TEST_BUILD_CA=$(BUILD_CA_SECRET))
+IMAGE_TEST_ENV = AUTHZTEST_IMAGE=$(IMAGE) $(if $(BUILD_CA),AUTHZTEST_BUILD_CA=$(BUILD_CA_SECRET))
 
 # podman, runc and debootstrap (for a stand-in base image) from Debian, as root or with sudo.
 image-deps:

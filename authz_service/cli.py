@@ -18,23 +18,28 @@ from importlib import resources
 from pathlib import Path
 
 from . import __version__, install_hint, logs
-from .config import OPTIONS, ConfigError, option, settings_from
+from .config import OPTIONS, ConfigError, option, settings_from, unknown_variables
 from .policy import PolicyError
 
 log = logging.getLogger("authz_service")
 
 POLICY_ENV = option("policy").env
-# `authz-service example NAME` prints authz_service/examples/<file> (package data: pip users get it too).
+# `authz-service example NAME` prints a file of the package (package data: pip users get it too).
 EXAMPLES = {
-    "policy": ("policy.yaml", "a route policy (the demo's)"),
-    "policy-tests": ("policy-tests.yaml", "expectations for that policy, for `authz-service test`"),
-    "dev-issuer": ("dev-issuer.yaml", "the dev issuer's configuration (pool, resource servers, clients)"),
+    "policy": ("examples/policy.yaml", "a route policy (the demo's)"),
+    "policy-schema": ("policy.schema.json", "the policy's JSON Schema for editors: save it beside the policy"),
+    "policy-tests": ("examples/policy-tests.yaml", "expectations for that policy, for `authz-service test`"),
+    "dev-issuer": ("examples/dev-issuer.yaml", "the dev issuer's configuration (pool, resource servers, clients)"),
 }
+# An example's first line may point editors at the schema (yaml-language-server): in the package it
+# names ../policy.schema.json; printed, the schema it names is the one `example policy-schema` saves
+# beside it, so the line resolves outside the package too.
+SCHEMA_MODELINE = "# yaml-language-server: $schema="
 SHELLS = ("bash", "zsh")
 EXIT_CODES = {
-    0: "success; serve: stopped by SIGTERM or SIGINT after draining",
+    0: "success; serve and dev-issuer: stopped by SIGTERM or SIGINT (serve after draining)",
     1: "a negative answer: validate refused a file (or found warnings, with --strict), a policy test failed, "
-    "explain's request would be denied",
+    "explain's request would be denied, audit has findings (or warnings, with --strict)",
     2: "the command could not do its work: a usage error, an unusable file or setting, or serve could not start "
     "(then one line on stderr names the flag, environment variable or file to fix)",
 }
@@ -199,9 +204,10 @@ def _add_policy_tools(commands: argparse._SubParsersAction) -> None:
         "audit",
         help="check a policy against its Cognito user pools through the AWS API (needs boto3)",
         description="Read each user pool (DescribeUserPool, ListResourceServers, ListUserPoolClients, "
-        "DescribeUserPoolClient; standard AWS credential chain), print which app client can reach "
-        "which route and report what cannot work. Exit 0 when clean, 1 with findings, 2 when the "
-        f"policy or AWS cannot be used. Needs the audit extra: {install_hint('audit')}.",
+        "DescribeUserPoolClient, ListUserPoolClientSecrets; standard AWS credential chain), print which "
+        "app client can reach which route and report what cannot work. Exit 0 when clean (warnings "
+        "allowed unless --strict), 1 with findings, 2 when the policy or AWS cannot be used. Needs the "
+        f"audit extra: {install_hint('audit')}.",
     )
     _policy_positional(audit)
     _policy_flag(audit)
@@ -213,6 +219,9 @@ def _add_policy_tools(commands: argparse._SubParsersAction) -> None:
     )
     audit.add_argument("--region", help="AWS region of the pools (default: the region in each pool id)")
     audit.add_argument("--format", choices=("text", "json"), default="text", help="text (default) or json")
+    audit.add_argument(
+        "--strict", action="store_true", help="exit 1 on warnings too (what the API cannot show to be safe)"
+    )
 
 
 def _add_compile(commands: argparse._SubParsersAction) -> None:
@@ -308,8 +317,13 @@ def policy_names(args: argparse.Namespace, environ: Mapping[str, str] = os.envir
 
 
 def example_text(name: str) -> str:
-    """A bundled example file (package data), as text."""
-    return resources.files("authz_service").joinpath("examples", EXAMPLES[name][0]).read_text(encoding="utf-8")
+    """A bundled example file (package data), as text, its schema line naming the schema beside it."""
+    text = resources.files("authz_service").joinpath(EXAMPLES[name][0]).read_text(encoding="utf-8")
+    first, newline, rest = text.partition("\n")
+    if first.startswith(SCHEMA_MODELINE):
+        schema = EXAMPLES["policy-schema"][0]
+        text = f"{SCHEMA_MODELINE}{schema}{newline}{rest}"
+    return text
 
 
 def completion_script(shell: str) -> str:
@@ -338,6 +352,8 @@ def _policy_tool(args: argparse.Namespace) -> int:
     if args.command == "validate":
         from .tools.policytool import validate_command
 
+        for unknown in unknown_variables():  # CI may validate with the Deployment's environment
+            print(f"authz-service validate: warning: {unknown}", file=sys.stderr)
         return validate_command(names, args.strict, sys.stdout, args.explain_issuers)
     if args.command == "test":
         from .tools.policytool import tests_command
@@ -366,6 +382,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"authz-service: error: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level)
+    for unknown in unknown_variables():
+        log.warning(
+            "unknown environment variable: not a setting of authz-service, ignored",
+            extra={"variable": unknown.name, **({"did_you_mean": unknown.closest} if unknown.closest else {})},
+        )
     try:
         if settings.workers > 1:
             from .workers import supervise
@@ -384,7 +405,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _dev_issuer(args: argparse.Namespace) -> int:
-    from .dev_issuer.app import serve
+    from .dev_issuer.app import serve_until_stopped
     from .dev_issuer.config import DevIssuerConfigError, load_config
 
     try:  # validated as serve validates --log-level
@@ -399,8 +420,8 @@ def _dev_issuer(args: argparse.Namespace) -> int:
         print(f"authz-service dev-issuer: error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(config, args.host, args.port, args.public_url))
-    except KeyboardInterrupt:
+        asyncio.run(serve_until_stopped(config, args.host, args.port, args.public_url))
+    except KeyboardInterrupt:  # Ctrl-C before the loop's own handler was installed
         pass
     except (ValueError, OSError) as exc:
         print(f"authz-service dev-issuer: error: {exc}", file=sys.stderr)

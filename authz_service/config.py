@@ -6,8 +6,12 @@ its environment variable and what would be accepted.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import ipaddress
 import os
+import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -337,6 +341,7 @@ class Settings:
 def settings_from(cli_values: Mapping[str, str | None], environ: Mapping[str, str] = os.environ) -> Settings:
     """Build Settings: a flag given on the command line wins over its env var, then the default."""
     values: dict[str, Any] = {}
+    given: dict[str, str] = {}  # by option name: how it was given, e.g. "AUTHZ_GRPC_PORT=9191"
     for option in OPTIONS:
         raw = cli_values.get(option.name)
         source = option.flag
@@ -351,9 +356,121 @@ def settings_from(cli_values: Mapping[str, str | None], environ: Mapping[str, st
             values[option.name] = option.parse(raw)
         except ValueError as exc:
             raise ConfigError(f"{source}={raw!r} is invalid: {exc}") from None
+        given[option.name] = f"{source}={raw}"
+    _refuse_shared_ports(values, given)
     names = {f.name for f in fields(Settings) if f.init}
     try:  # tracing_settings imports no OpenTelemetry: tracing may be off and not installed
         tracing = tracing_settings(environ, values.get("trace_client_context", "link"))
     except TracingSettingsError as exc:
         raise ConfigError(str(exc)) from None
     return Settings(**{k: v for k, v in values.items() if k in names}, tracing=tracing)
+
+
+# --- listeners that would share a port ------------------------------------------------------------
+
+# Every listening port of `serve`, as (host option, port option); port 0 is never shared (the
+# gRPC and admin ports: one the kernel picks; the HTTP door: off).
+LISTENERS: tuple[tuple[str, str], ...] = (
+    ("grpc_host", "grpc_port"),
+    ("grpc_host", "ext_authz_http_port"),
+    ("http_host", "http_port"),
+)
+
+
+def _refuse_shared_ports(values: Mapping[str, Any], given: Mapping[str, str]) -> None:
+    """ConfigError naming both settings when two listeners would bind one port on overlapping
+    addresses. Why before binding: the second bind's "Address already in use" names only its own
+    setting, as if another program held the port; and with --workers, whose doors share their
+    ports through SO_REUSEPORT, the gRPC and HTTP doors on one port both bind, and Envoy's Checks
+    reach one door or the other at random."""
+
+    def value(name: str) -> Any:
+        return values.get(name, option(name).default)
+
+    def shown(name: str) -> str:
+        return given.get(name) or f"{option(name).flag} (default {option(name).default})"
+
+    for i, (host_a, port_a) in enumerate(LISTENERS):
+        for host_b, port_b in LISTENERS[i + 1 :]:
+            if value(port_a) == 0 or value(port_a) != value(port_b):
+                continue
+            if not _overlap(value(host_a), value(host_b)):
+                continue
+            hosts = value(host_a) if value(host_a) == value(host_b) else f"{value(host_a)} and {value(host_b)}"
+            raise ConfigError(
+                f"{shown(port_a)} and {shown(port_b)} are the same port on {hosts}: "
+                "give each listener a port of its own"
+            )
+
+
+def _addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
+    """The addresses a listener on ``host`` binds; None when the name does not resolve (the bind
+    then reports it, naming the host's setting)."""
+    text = host.strip("[]") or "0.0.0.0"
+    try:
+        return {ipaddress.ip_address(text)}
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(text, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return None
+    return {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in found}
+
+
+def _overlap(host_a: str, host_b: str) -> bool:
+    """Whether listeners on the two hosts would take one port from each other: a shared address,
+    or a wildcard (0.0.0.0 takes every IPv4 address; :: every address, dual-stack as Linux has it)."""
+    if host_a == host_b:
+        return True
+    a, b = _addresses(host_a), _addresses(host_b)
+    if a is None or b is None:
+        return False
+    for x in a:
+        for y in b:
+            if x == y or (x.is_unspecified and (x.version == 6 or y.version == 4)):
+                return True
+            if y.is_unspecified and (y.version == 6 or x.version == 4):
+                return True
+    return False
+
+
+# --- AUTHZ_* variables that are no setting ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownVariable:
+    """An AUTHZ_* environment variable that names no setting (ignored), and the setting it most
+    resembles, if any: what a typo in a Deployment's env list looks like."""
+
+    name: str
+    closest: str | None
+
+    def __str__(self) -> str:
+        hint = f" (did you mean {self.closest}?)" if self.closest else ""
+        return f"{self.name} is not a setting of authz-service; it is ignored{hint}"
+
+
+# What Kubernetes puts in every container's environment for each Service of the namespace unless
+# the Pod sets enableServiceLinks: false (a Service "authz-metrics" gives AUTHZ_METRICS_SERVICE_HOST,
+# AUTHZ_METRICS_PORT=tcp://10.0.0.12:8181, AUTHZ_METRICS_PORT_8181_TCP_ADDR, ...): not a typo of ours.
+_SERVICE_LINK = re.compile(
+    r"AUTHZ(_\w+)?_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)"
+)
+_SERVICE_LINK_URL = re.compile(r"(tcp|udp|sctp)://\S+:\d+")
+
+
+def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[UnknownVariable]:
+    """Every AUTHZ_* variable of ``environ`` that is no setting of `serve`, sorted, each with the
+    closest setting's variable. Why: a misspelt variable is otherwise ignored without a word, and
+    the service runs with the default the operator meant to change."""
+    known = [o.env for o in OPTIONS]
+    found = []
+    for name in sorted(environ):
+        if not name.startswith("AUTHZ_") or name in known or _SERVICE_LINK.fullmatch(name):
+            continue
+        if name.endswith("_PORT") and _SERVICE_LINK_URL.fullmatch(environ[name]):
+            continue  # a Service's own AUTHZ_<NAME>_PORT=tcp://<ip>:<port>
+        closest = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        found.append(UnknownVariable(name, closest[0] if closest else None))
+    return found

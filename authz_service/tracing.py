@@ -168,6 +168,8 @@ def tracing_settings(environ: Mapping[str, str], client_context: str = "link") -
             "(OTLP/gRPC, port 4317) or http/protobuf (OTLP/HTTP, port 4318)"
         )
 
+    _check_endpoint(environ, protocol)
+
     sampler = (_get(environ, "OTEL_TRACES_SAMPLER") or "parentbased_always_on").lower()
     if sampler not in SAMPLERS:
         raise TracingSettingsError(
@@ -228,6 +230,43 @@ def _installed(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except ImportError:  # a parent package is missing
         return False
+
+
+def _check_endpoint(environ: Mapping[str, str], protocol: str) -> None:
+    """Refuse the endpoint in force unless it is an http:// or https:// URL with a host. Why: the
+    exporters take anything and then fail every export (the HTTP one finds no connection adapter
+    for ``collector:4318``; the gRPC one reads ``collector:4317`` as a TLS target and fails against
+    a plaintext collector), so every span would be lost without a word at start-up."""
+    variable = next(
+        (v for v in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT") if _get(environ, v)), None
+    )
+    if variable is None:
+        return
+    value = _get(environ, variable)
+    try:
+        parsed = urllib.parse.urlsplit(value)
+        usable = parsed.scheme.lower() in ("http", "https") and bool(parsed.hostname)
+    except ValueError:  # e.g. an unclosed [ of an IPv6 address
+        usable = False
+    if not usable:
+        shown_value = _without_secrets(value)
+        if "://" in value or not shown_value:
+            port = DEFAULT_ENDPOINTS[protocol].split(":")[2].split("/")[0]
+            example = f"e.g. http://otel-collector:{port}"
+        else:  # host:port as gRPC clients write it
+            example = f"http://{shown_value}"
+        raise TracingSettingsError(
+            f"{variable}={shown_value!r} is not a URL with http:// or https:// and a host: write {example} "
+            "(https:// for TLS); the exporter would fail every export"
+        )
+
+
+def _without_secrets(value: str) -> str:
+    """An endpoint as an error message may quote it: no userinfo, query or fragment, with or
+    without a scheme (``user:token@collector:4317`` is shown as ``collector:4317``)."""
+    if "://" in value:
+        return shown(value)
+    return value.rpartition("@")[2].split("?")[0].split("#")[0]
 
 
 def _endpoint(environ: Mapping[str, str], protocol: str) -> str:

@@ -55,6 +55,20 @@ def check_request(method: str, path: str, headers: Mapping[str, str]) -> externa
     return check
 
 
+@pytest.fixture(params=["libyaml", "python"])
+def yaml_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test runs once with each YAML parser the config loaders may use: libyaml's (C, what
+    PyYAML's wheels bring, used wherever present) and PyYAML's own (pure Python, where PyYAML was
+    built without libyaml). The guarantees (duplicate keys refused, line:column in every message)
+    must hold on both."""
+    from authz_service import yamlfile
+
+    if request.param not in yamlfile.LOADERS:
+        pytest.skip(f"this PyYAML has no {request.param} parser")
+    monkeypatch.setattr(yamlfile, "Loader", yamlfile.LOADERS[request.param])
+    return request.param
+
+
 def make_key(kid: str) -> SigningKey:
     return SigningKey(kid, rsa.generate_private_key(public_exponent=65537, key_size=2048))
 

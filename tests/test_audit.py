@@ -1,4 +1,10 @@
-"""`authz-service audit` logic on plain data (the AWS side is tested against moto in tests/e2e)."""
+"""`authz-service audit` logic on plain data, and its AWS calls on recorded AWS responses.
+
+The AWS side is tested against moto in tests/e2e/test_moto_audit.py where moto implements the
+calls. moto (5.2) does not implement ListUserPoolClientSecrets, so that call is tested here, on a
+real boto3 client whose responses are replayed from tests/data/cognito/ (recorded response
+bodies, shaped as the AWS API reference shows them) by botocore's Stubber, which checks each
+request's parameters and each response against the service model."""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -51,8 +58,9 @@ POLICY = parse_policy(textwrap.dedent(f"""\
     """), "audit.yaml")
 
 
-def client(client_id: str, *scopes: str, flows=("client_credentials",), oauth=True, secret=True) -> AppClient:
-    return AppClient(client_id, f"{client_id} app", tuple(flows), oauth, scopes, secret)
+def client(client_id: str, *scopes: str, flows=("client_credentials",), oauth=True, secret=True,
+           auth_flows=()) -> AppClient:
+    return AppClient(client_id, f"{client_id} app", tuple(flows), oauth, scopes, secret, tuple(auth_flows))
 
 
 def pool(**overrides) -> Pool:
@@ -88,16 +96,16 @@ def test_findings_name_every_problem():
     report = audit(POLICY, [pool()])
     messages = [f"{f.code}: {f.message}" for f in report.findings]
     assert codes(report) == ["undefined-scope", "unknown-client", "no-client-credentials", "no-client-credentials",
-                             "unknown-client", "unreachable-route", "public-only-client"]
+                             "unknown-client", "client-influenced-claim", "unreachable-route", "public-only-client"]
     assert "undefined-scope: routes[2] 'export' requires scope 'reports/export', which no resource server" in messages[0]
     assert messages[1] == f"unknown-client: issuers[0].client_ids: ghost is not an app client of {POOL_ID}"
     assert messages[2] == ("no-client-credentials: issuers[0].client_ids: app client nosecret cannot get "
                            "client_credentials tokens: it has no client secret")
     assert messages[3].endswith("user-app cannot get client_credentials tokens: AllowedOAuthFlows lacks "
-                                "client_credentials")
+                                "client_credentials and ExplicitAuthFlows lacks ALLOW_CLIENT_TOKEN_AUTH")
     assert messages[4] == f"unknown-client: routes[4] 'ops' client_ids: ops-ghost is not an app client of {POOL_ID}"
-    assert messages[5] == "unreachable-route: routes[2] 'export' (/export): no app client of the audited pools can reach it"
-    assert messages[6] == (f"public-only-client: app client badge (badge app) of {POOL_ID} reaches only public routes "
+    assert messages[6] == "unreachable-route: routes[2] 'export' (/export): no app client of the audited pools can reach it"
+    assert messages[7] == (f"public-only-client: app client badge (badge app) of {POOL_ID} reaches only public routes "
                            "(healthz); its scopes [badge/read] meet no protected route")
     assert report.exit_code == 1
 
@@ -144,13 +152,17 @@ def test_text_and_json_output():
                                     "issuer updated, pre token generation V3_0")
     header = next(line for line in text.splitlines() if "app client \\ route" in line)
     assert header.split() == ["app", "client", "\\", "route", "create", "read", "export", "tenant", "ops", "healthz"]
-    assert "depends on claims" in text and text.rstrip().endswith(f"7 findings (audit.yaml against {POOL_ID})")
+    assert "depends on claims" in text and text.rstrip().endswith(f"7 findings, 1 warning (audit.yaml against {POOL_ID})")
+    assert "\nclient-influenced-claim (warning): routes[3] 'tenant' reads" in text
     data = json.loads(json.dumps(as_json(report)))
     row = next(r for r in data["matrix"] if r["client_id"] == "reporting")
     assert row["routes"]["tenant"] == {"access": "depends_on_claims"}
     assert row["routes"]["export"] == {"access": "no", "why": "all_scopes"}
-    assert data["exit_code"] == 1 and len(data["findings"]) == 7
-    assert data["pools"][0]["clients"][3]["why_not"] == "AllowedOAuthFlows lacks client_credentials"
+    assert data["exit_code"] == 1 and len(data["findings"]) == 8
+    assert [f["severity"] for f in data["findings"]].count("warning") == 1
+    assert data["pools"][0]["clients"][3]["why_not"] == ("AllowedOAuthFlows lacks client_credentials and "
+                                                         "ExplicitAuthFlows lacks ALLOW_CLIENT_TOKEN_AUTH")
+    assert data["pools"][0]["clients"][0]["token_paths"] == ["token_endpoint"]
 
 
 def test_missing_boto3_is_one_line_with_the_install_hint(tmp_path):
@@ -194,7 +206,10 @@ def test_the_documented_iam_policy_grants_exactly_the_calls_the_audit_makes():
                 if name == "list_user_pool_clients":
                     return {"UserPoolClients": [{"ClientId": "c1"}]}
                 if name == "describe_user_pool_client":
-                    return {"UserPoolClient": {"ClientId": "c1", "ClientSecret": "s3cret"}}
+                    return {"UserPoolClient": {"ClientId": "c1", "ClientSecret": "s3cret",
+                                               "ExplicitAuthFlows": ["ALLOW_CLIENT_TOKEN_AUTH"]}}
+                if name == "list_user_pool_client_secrets":
+                    return {"ClientSecrets": [{"ClientSecretId": "c1--1764115200"}]}
                 return {}
             return call
 
@@ -208,3 +223,153 @@ def test_the_documented_iam_policy_grants_exactly_the_calls_the_audit_makes():
     assert statement["Resource"] and all(re.fullmatch(r"arn:aws:cognito-idp:[a-z0-9-]+:\d{12}:userpool/[\w-]+", arn)
                                          for arn in statement["Resource"]), statement["Resource"]
     assert "DescribeUserPoolClient` returns each app client's `ClientSecret`" in doc
+
+
+# --- clients of the GetClientToken API, secrets, claims a client can influence ----------------------
+
+
+def test_a_client_whose_only_flow_is_client_token_auth_gets_tokens_without_a_domain():
+    """GetClientToken issues client_credentials tokens to a client with a secret whose
+    ExplicitAuthFlows is ALLOW_CLIENT_TOKEN_AUTH, with no OAuth flow configured at all."""
+    api = client("api-only", "transactions/get", flows=(), oauth=False, auth_flows=("ALLOW_CLIENT_TOKEN_AUTH",))
+    both = client("both", "transactions/get", auth_flows=("ALLOW_CLIENT_TOKEN_AUTH",))
+    unsecret = client("api-nosecret", "transactions/get", flows=(), oauth=False, secret=False,
+                      auth_flows=("ALLOW_CLIENT_TOKEN_AUTH",))
+    assert (api.token_paths, both.token_paths, unsecret.token_paths) == (
+        ("GetClientToken",), ("token_endpoint", "GetClientToken"), ())
+    assert api.no_client_credentials is None and unsecret.no_client_credentials == "it has no client secret"
+    policy = parse_policy(f"issuers:\n  - user_pool_id: {POOL_ID}\n    issuer_format: updated\n"
+                          "    client_ids: [api-only, api-nosecret]\n"
+                          "routes:\n  - {name: read, path: /a, scopes: [transactions/get]}\n")
+    report = audit(policy, [pool(clients=(api, unsecret))])
+    assert report.matrix[(POOL_ID, "api-only")]["read"].text == "yes"
+    assert report.matrix[(POOL_ID, "api-nosecret")]["read"].text == "no (no client_credentials)"
+    assert [f.message for f in report.findings] == [
+        "issuers[0].client_ids: app client api-nosecret cannot get client_credentials tokens: it has no client secret"]
+    row = next(c for c in as_json(report)["pools"][0]["clients"] if c["client_id"] == "api-only")
+    assert row["token_paths"] == ["GetClientToken"] and row["explicit_auth_flows"] == ["ALLOW_CLIENT_TOKEN_AUTH"]
+
+
+
+def test_without_a_domain_the_token_endpoint_is_no_way_to_tokens():
+    """A pool without a domain has no token endpoint; GetClientToken needs none."""
+    from dataclasses import replace
+
+    oauth = replace(client("oauth", "transactions/get"), pool_domain=False)
+    both = replace(client("both", "transactions/get", auth_flows=("ALLOW_CLIENT_TOKEN_AUTH",)), pool_domain=False)
+    assert (oauth.token_paths, both.token_paths) == ((), ("GetClientToken",))
+    assert oauth.no_client_credentials == ("the pool has no domain, so no token endpoint, and ExplicitAuthFlows "
+                                           "lacks ALLOW_CLIENT_TOKEN_AUTH")
+    nosecret = replace(oauth, has_secret=False)
+    assert nosecret.no_client_credentials == "it has no client secret"
+
+
+def test_a_claim_a_client_can_influence_is_a_warning_that_fails_only_with_strict():
+    """A V3_0 trigger receives the client metadata each client sends: a claim condition it serves
+    is a warning (the API cannot show the trigger's code), exit 0 unless --strict."""
+    policy = parse_policy(f"issuers:\n  - user_pool_id: {POOL_ID}\n    issuer_format: updated\n"
+                          "routes:\n  - {name: tenant, path: /t, scopes: [transactions/get], "
+                          "claims: {'custom:tenant': acme, region: eu}}\n")
+    clients = (client("reader", "transactions/get"),)
+    report = audit(policy, [pool(clients=clients)])
+    assert [(f.code, f.severity) for f in report.findings] == [("client-influenced-claim", "warning")]
+    assert report.findings[0].message == (
+        f"routes[0] 'tenant' reads the claims 'custom:tenant', 'region', which the V3_0 pre token generation "
+        f"trigger of {POOL_ID} sets, and that trigger receives the client metadata a client sends (1 app client "
+        "can reach the route): the trigger must derive the claim from the client id, never from the client metadata")
+    assert report.exit_code == 0 and audit(policy, [pool(clients=clients)], strict=True).exit_code == 1
+    out = io.StringIO()
+    render_text(report, out)
+    assert out.getvalue().splitlines()[-1] == f"0 findings, 1 warning (<policy> against {POOL_ID})"
+    # No client reaches it, or no V3_0 trigger (then claims-without-trigger says it): no warning.
+    assert codes(audit(policy, [pool(clients=(client("w", "transactions/post"),))])) == [
+        "unreachable-route", "public-only-client"]
+    assert "client-influenced-claim" not in codes(audit(policy, [pool(clients=clients, pre_token_version="V2_0")]))
+
+
+RECORDED = Path(__file__).parent / "data" / "cognito"
+RECORDED_POOL = "us-east-1_Rec0rded1"
+LEDGER, BATCH = "3api0nly4ll0wc1ienttoken5", "7n0secretc1ient0000000000"
+
+
+def recorded(name: str) -> dict:
+    return json.loads((RECORDED / f"{name}.json").read_text())
+
+
+RECORDED_POLICY = parse_policy(f"issuers:\n  - user_pool_id: {RECORDED_POOL}\n    issuer_format: updated\n"
+                               "routes:\n  - {name: read, path: /a, scopes: [transactions/get]}\n")
+
+
+def read_recorded_pool(secrets: str) -> Pool:
+    """``read_pool`` on a real boto3 cognito-idp client answering the audit's calls, in order, with
+    the recorded responses (and nothing left unasked); ``secrets``: "listed" (ListUserPoolClientSecrets
+    answers) or the name of its recorded error."""
+    import boto3
+    from botocore.stub import Stubber
+
+    from authz_service.tools.audit import read_pool
+
+    idp = boto3.client("cognito-idp", region_name="us-east-1", aws_access_key_id="testing",
+                       aws_secret_access_key="testing")
+    stub = Stubber(idp)
+    pool_id = {"UserPoolId": RECORDED_POOL}
+    stub.add_response("describe_user_pool", recorded("describe_user_pool"), pool_id)
+    stub.add_response("list_resource_servers", recorded("list_resource_servers"), {**pool_id, "MaxResults": 50})
+    stub.add_response("list_user_pool_clients", recorded("list_user_pool_clients"), {**pool_id, "MaxResults": 60})
+    for client_id, name in ((LEDGER, "ledger"), (BATCH, "batch")):
+        params = {**pool_id, "ClientId": client_id}
+        stub.add_response("describe_user_pool_client", recorded(f"describe_user_pool_client.{name}"), params)
+        if secrets == "listed":
+            stub.add_response("list_user_pool_client_secrets", recorded(f"list_user_pool_client_secrets.{name}"),
+                              params)
+        elif client_id == LEDGER:  # refused once: the audit does not ask again for this pool
+            error = recorded(f"list_user_pool_client_secrets.{secrets}")
+            stub.add_client_error("list_user_pool_client_secrets", service_error_code=error["__type"],
+                                  service_message=error["message"], http_status_code=400, expected_params=params)
+    with stub:
+        pool_read = read_pool(idp, RECORDED_POOL, "us-east-1")
+    stub.assert_no_pending_responses()
+    return pool_read
+
+
+def test_client_secrets_are_counted_with_list_user_pool_client_secrets():
+    """Recorded responses (moto has no ListUserPoolClientSecrets): a GetClientToken-only client
+    with two secrets (a rotation) gets tokens; one whose list is empty does not."""
+    pool_read = read_recorded_pool("listed")
+    ledger, batch = (pool_read.client(c) for c in (LEDGER, BATCH))
+    assert ledger is not None and batch is not None
+    assert (ledger.secrets_listed, ledger.token_paths) == (2, ("GetClientToken",))
+    assert (batch.secrets_listed, batch.no_client_credentials) == (0, "it has no client secret")
+    assert pool_read.secrets_unlisted is None and pool_read.pre_token_version == "V3_0"
+    assert pool_read.domain is False and ledger.pool_domain is False  # recorded pool: no domain, GetClientToken only
+    report = audit(RECORDED_POLICY, [pool_read])
+    assert report.findings == [] and report.matrix[(RECORDED_POOL, LEDGER)]["read"].text == "yes"
+    assert as_json(report)["pools"][0]["client_secrets_from"] == "ListUserPoolClientSecrets"
+
+
+def test_list_user_pool_client_secrets_refused_is_a_warning_and_describe_decides():
+    """Recorded AccessDeniedException: asked once per pool, the secrets are read from
+    DescribeUserPoolClient's ClientSecret, and a warning names the permission to grant."""
+    pool_read = read_recorded_pool("access-denied")
+    ledger, batch = (pool_read.client(c) for c in (LEDGER, BATCH))
+    assert ledger is not None and batch is not None
+    assert (ledger.secrets_listed, ledger.token_paths, batch.token_paths) == (None, ("GetClientToken",), ())
+    report = audit(RECORDED_POLICY, [pool_read])
+    assert [(f.code, f.severity, f.message) for f in report.findings] == [(
+        "client-secrets-unverified", "warning",
+        f"{RECORDED_POOL}: ListUserPoolClientSecrets failed: AccessDeniedException: grant "
+        "cognito-idp:ListUserPoolClientSecrets on the pool to the audit's role; whether an app client has a "
+        "secret was read from DescribeUserPoolClient's ClientSecret instead")]
+    assert report.exit_code == 0 and as_json(report)["pools"][0]["client_secrets_from"] == "DescribeUserPoolClient"
+
+
+def test_a_botocore_without_list_user_pool_client_secrets_is_a_warning():
+    from authz_service.tools.audit import _SecretLister
+
+    class OldClient:  # a botocore from before the operation: the client has no such method
+        pass
+
+    lister = _SecretLister(OldClient(), RECORDED_POOL)
+    assert lister.count(LEDGER) is None
+    assert lister.unlisted is not None and lister.unlisted.endswith(
+        "has no ListUserPoolClientSecrets; upgrade boto3 (pip install -U boto3)")

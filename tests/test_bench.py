@@ -184,6 +184,26 @@ def test_micro_and_memory_benchmarks_import() -> None:
     assert callable(load("handler_phases").main)
 
 
+def test_reload_latency_policies_load_and_differ(tmp_path: Path) -> None:
+    """The two policies the reload benchmark alternates are valid, as large as asked, and distinct
+    (each write is a real reload); its latency arithmetic counts only Checks in flight during one."""
+    from authz_service.policy import parse_policy
+    from authz_service.yamlfile import LOADERS
+
+    bench = load("reload_latency")
+    base = {"issuers": [{"user_pool_id": "us-east-1_Bench0001"}],
+            "routes": [{"name": "healthz", "path": "/healthz", "public": True}]}
+    first, second = (parse_policy(text, "bench.yaml") for text in bench.policy_texts(base, 50))
+    assert len(first.routes) == len(second.routes) == 51 and first.sha256 != second.sha256
+    phase = bench.Phase(checks=[(0.0, 0.002), (1.0, 0.5), (3.0, 0.001)], reloads=[(1.2, 1.4)])
+    assert phase.latencies(during_reload=True) == [500.0]
+    assert phase.latencies(during_reload=False) == [1.0, 2.0]
+    assert bench.percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0 and bench.percentile([1.0, 2.0], 0.99) == 2.0
+    times = bench.parse_times(bench.policy_texts(base, 5)[0], 2)
+    assert set(times) == set(LOADERS)  # every parser this PyYAML has, timed each round
+    assert all(len(values) == 2 and min(values) >= 0 for values in times.values())
+
+
 def test_otlp_sink_counts_what_an_exporter_sends(tmp_path: Path) -> None:
     """Row 4t's receiver speaks OTLP/gRPC to the SDK's own exporter and reports the spans it got."""
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter

@@ -139,14 +139,61 @@ def test_validate_dash_caps_what_it_reads() -> None:
     assert run.stdout.startswith("<stdin>: more is larger than a policy file may be")
 
 
+# --- AUTHZ_* variables that are no setting ----------------------------------------------------------
+
+
+def test_validate_warns_about_an_unknown_authz_variable_on_stderr() -> None:
+    """As a ConfigMap repo's CI runs it, with the Deployment's environment: the typo is named, with
+    the setting it resembles; the verdict on the policy (stdout, exit code) is unchanged."""
+    run = cli("validate", "--strict", str(POLICY), env={"AUTHZ_GRPC_PROT": "9000", "AUTHZ_FROBNICATE": "1"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout == f"{POLICY}: OK: 4 routes, 1 issuer, 0 warnings\n"
+    assert run.stderr.splitlines() == [
+        "authz-service validate: warning: AUTHZ_FROBNICATE is not a setting of authz-service; it is ignored",
+        "authz-service validate: warning: AUTHZ_GRPC_PROT is not a setting of authz-service; it is ignored "
+        "(did you mean AUTHZ_GRPC_PORT?)",
+    ]
+
+
+def test_validate_is_silent_about_settings_and_service_links() -> None:
+    run = cli("validate", str(POLICY), env={"AUTHZ_GRPC_PORT": "9000", "AUTHZ_METRICS_SERVICE_HOST": "10.0.0.1"})
+    assert run.returncode == 0 and run.stderr == ""
+
+
 # --- example -------------------------------------------------------------------------------------
+
+
+MODELINE = "# yaml-language-server: $schema="
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_prints_the_bundled_file(name: str) -> None:
+    """As shipped, but for the editor's schema line: it names the schema beside the printed file."""
     run = cli("example", name)
     assert run.returncode == 0 and run.stderr == ""
-    assert run.stdout == (EXAMPLE_DIR / EXAMPLES[name][0]).read_text()
+    shipped = (ROOT / "authz_service" / EXAMPLES[name][0]).read_text().splitlines(keepends=True)
+    printed = run.stdout.splitlines(keepends=True)
+    assert len(printed) == len(shipped)
+    assert [p for p, s in zip(printed, shipped) if p != s] == (
+        [f"{MODELINE}policy.schema.json\n"] if shipped[0].startswith(MODELINE) else [])
+
+
+def test_the_printed_policy_finds_its_schema_beside_it(tmp_path: Path) -> None:
+    """`example policy` and `example policy-schema` into one folder: the policy's schema line
+    resolves there, to the schema, and the policy is valid under it (outside the package too)."""
+    import json
+
+    import jsonschema
+    import yaml
+
+    (tmp_path / "policy.yaml").write_text(cli("example", "policy").stdout)
+    (tmp_path / "policy.schema.json").write_text(cli("example", "policy-schema").stdout)
+    first = (tmp_path / "policy.yaml").read_text().splitlines()[0]
+    assert first.startswith(MODELINE)
+    schema_file = tmp_path / first.removeprefix(MODELINE)
+    schema = json.loads(schema_file.read_text())
+    assert schema == json.loads((ROOT / "authz_service" / "policy.schema.json").read_text())
+    jsonschema.validate(yaml.safe_load((tmp_path / "policy.yaml").read_text()), schema)
 
 
 def test_the_printed_examples_work_together(tmp_path: Path) -> None:
@@ -204,7 +251,7 @@ def completion(shell: str) -> str:
 @pytest.mark.parametrize(("words", "expected"), [
     (["s"], {"serve"}),
     (["serve", "--ext"], {"--ext-authz-http-port", "--ext-authz-http-path-prefix"}),
-    (["example", ""], {"policy", "policy-tests", "dev-issuer"}),
+    (["example", ""], {"policy", "policy-schema", "policy-tests", "dev-issuer"}),
     (["validate", "--st"], {"--strict"}),
 ])
 def test_bash_completion_completes_commands_options_and_choices(tmp_path: Path, words: list[str],

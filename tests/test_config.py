@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from authz_service.config import OPTIONS, ConfigError, Settings, settings_from
+from authz_service.config import OPTIONS, ConfigError, Settings, UnknownVariable, settings_from, unknown_variables
 
 
 def test_defaults_with_only_the_policy():
@@ -137,6 +137,80 @@ def test_cooldown_message_explains_the_minimum():
 def test_unrelated_environment_is_ignored():
     settings = settings_from({"policy": "/p"}, {"GRPC_PORT": "1", "AUTHZ_UNKNOWN": "x", "authz_grpc_port": "2"})
     assert settings.grpc_port == 9191
+
+
+# --- AUTHZ_* variables that are no setting ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "closest"), [
+    ("AUTHZ_GRPC_PROT", "AUTHZ_GRPC_PORT"),
+    ("AUTHZ_POLCY", "AUTHZ_POLICY"),
+    ("AUTHZ_LOGLEVEL", "AUTHZ_LOG_LEVEL"),
+    ("AUTHZ_EXT_AUTHZ_PORT", "AUTHZ_EXT_AUTHZ_HTTP_PORT"),
+    ("AUTHZ_WORKER", "AUTHZ_WORKERS"),
+    ("AUTHZ_FROBNICATE", None),
+])
+def test_an_unknown_authz_variable_is_named_with_the_closest_setting(name, closest):
+    assert unknown_variables({name: "1", "AUTHZ_GRPC_PORT": "1", "PATH": "/bin"}) == [UnknownVariable(name, closest)]
+
+
+def test_every_setting_and_other_programs_variables_are_known():
+    environ = {option.env: "x" for option in OPTIONS} | {"GRPC_PORT": "1", "authz_grpc_prot": "1", "HOME": "/"}
+    assert unknown_variables(environ) == []
+
+
+@pytest.mark.parametrize("name, value", [
+    # What Kubernetes injects for a Service named authz or authz-<something> in the namespace
+    # (enableServiceLinks, on by default), which a Pod spec cannot keep out without that setting.
+    ("AUTHZ_SERVICE_HOST", "10.0.0.11"),
+    ("AUTHZ_SERVICE_PORT", "9191"),
+    ("AUTHZ_METRICS_SERVICE_PORT_HTTP", "8181"),
+    ("AUTHZ_PORT", "tcp://10.0.0.11:9191"),
+    ("AUTHZ_GRPC_PORT_9191_TCP", "tcp://10.0.0.11:9191"),
+    ("AUTHZ_METRICS_PORT_8181_TCP_PROTO", "tcp"),
+    ("AUTHZ_METRICS_PORT_8181_TCP_ADDR", "10.0.0.11"),
+    ("AUTHZ_METRICS_PORT", "tcp://10.0.0.12:8181"),
+])
+def test_kubernetes_service_link_variables_are_not_reported(name, value):
+    assert unknown_variables({name: value}) == []
+
+
+def test_a_misspelt_port_setting_is_reported_although_it_ends_in_port():
+    """Only a value shaped like a service link's (tcp://host:port) makes ``AUTHZ_..._PORT`` one."""
+    assert unknown_variables({"AUTHZ_GRCP_PORT": "9191"}) == [UnknownVariable("AUTHZ_GRCP_PORT", "AUTHZ_GRPC_PORT")]
+
+
+# --- listeners on one port ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("cli", "environ", "message"), [
+    ({"grpc_port": "9000", "http_port": "9000"}, {},
+     "--grpc-port=9000 and --http-port=9000 are the same port on 127.0.0.1 and 0.0.0.0"),
+    ({"grpc_port": "8181"}, {},
+     "--grpc-port=8181 and --http-port (default 8181) are the same port on 127.0.0.1 and 0.0.0.0"),
+    ({"ext_authz_http_port": "9191"}, {},
+     "--grpc-port (default 9191) and --ext-authz-http-port=9191 are the same port on 127.0.0.1"),
+    ({}, {"AUTHZ_EXT_AUTHZ_HTTP_PORT": "8181", "AUTHZ_HTTP_HOST": "127.0.0.1"},
+     "AUTHZ_EXT_AUTHZ_HTTP_PORT=8181 and --http-port (default 8181) are the same port on 127.0.0.1"),
+    ({"grpc_host": "localhost", "grpc_port": "9000", "http_host": "127.0.0.1", "http_port": "9000"}, {},
+     "--grpc-port=9000 and --http-port=9000 are the same port on localhost and 127.0.0.1"),
+    ({"grpc_host": "::", "grpc_port": "9000", "http_host": "127.0.0.1", "http_port": "9000"}, {},
+     "--grpc-port=9000 and --http-port=9000 are the same port on :: and 127.0.0.1"),
+])
+def test_two_listeners_on_one_port_are_refused_naming_both_settings(cli, environ, message):
+    with pytest.raises(ConfigError) as caught:
+        settings_from({"policy": "/p", **cli}, environ)
+    assert str(caught.value) == message + ": give each listener a port of its own"
+
+
+@pytest.mark.parametrize("cli", [
+    {"grpc_host": "127.0.0.1", "http_host": "127.0.0.2", "grpc_port": "9000", "http_port": "9000"},
+    {"grpc_host": "::1", "http_host": "0.0.0.0", "grpc_port": "9000", "http_port": "9000"},  # two families
+    {"grpc_port": "0", "http_port": "0"},  # each its own port, chosen by the kernel
+    {"ext_authz_http_port": "0", "http_port": "9191", "http_host": "127.0.0.2"},  # the HTTP door is off
+])
+def test_the_same_number_on_distinct_addresses_or_port_0_is_no_conflict(cli):
+    settings_from({"policy": "/p", **cli}, {})
 
 
 @pytest.mark.parametrize(("cli", "environ", "source"), [({"policy": ""}, {}, "--policy"),

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import logging
 import re
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,6 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from authz_service.dev_issuer.app import build_app, serve
 from authz_service.dev_issuer.config import DevIssuerConfig, DevIssuerConfigError, load_config
 from authz_service.dev_issuer.issuer import DevIssuer, TokenRequestError
+from tests.e2e.harness import free_port, port_open
+from tests.e2e.stack import start_dev_issuer
 
 POOL = "us-east-1_Demo00001"
 PUBLIC_URL = "http://issuer.test:9000"
@@ -525,6 +528,7 @@ def config_text(pool: str = POOL, extra_top: str = "", client: str = VALID_CLIEN
          "is not a JSON value"),
     ],
 )
+@pytest.mark.usefixtures("yaml_parser")
 def test_config_errors_name_file_line_column_field_and_fix(tmp_path: Path, text: str, field: str, problem: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(DevIssuerConfigError) as caught:
@@ -616,3 +620,19 @@ def test_example_custom_claims_config_loads() -> None:
     assert config.replica_regions == ("eu-west-1",)
     acme = next(c for c in config.clients if c.client_id == "acme-reporting")
     assert acme.custom_claims == {"custom:tenant": "acme", "tier": "gold", "environments": ["prod", "staging"]}
+
+
+# --- the process: signals and exit codes ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_stops_the_dev_issuer_with_exit_code_0(tmp_path: Path, sig: signal.Signals) -> None:
+    """As `serve`: a clean shutdown on SIGTERM (Kubernetes, a test harness) or Ctrl-C is a success
+    (docs/cli.md, exit codes), its port closed and its last log line saying so."""
+    issuer = start_dev_issuer(tmp_path, POOL, port=free_port())
+    process = issuer.process
+    assert process.proc is not None
+    process.proc.send_signal(sig)
+    assert process.proc.wait(timeout=60) == 0, process.log_tail()
+    assert "dev issuer stopped" in process.log_tail()
+    assert not port_open("127.0.0.1", issuer.port)

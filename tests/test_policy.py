@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import textwrap
 import threading
+from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from authz_service.policy import (POLICY_MAX_BYTES, Mode, PathCase, PolicyError, check_policy, load_policy_file,
                                   parse_policy, read_policy_file)
 
+from authz_service import yamlfile
+
 from .test_policytool import REVIEW_POLICY
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SOURCE = "policies/test.yaml"
 ISSUERS = "issuers:\n  - user_pool_id: us-east-1_Abc123\n"
@@ -316,6 +323,7 @@ BAD_PATTERNS = [
 
 
 @pytest.mark.parametrize(("text", "fragments"), [(t, f) for _, t, f in MISTAKES], ids=[m[0] for m in MISTAKES])
+@pytest.mark.usefixtures("yaml_parser")
 def test_mistakes_are_policy_errors_naming_file_and_place(text, fragments):
     message = refused(text)
     for fragment in fragments:
@@ -345,6 +353,7 @@ def test_non_mapping_route_mode_value_is_a_policy_error():
 
 
 @pytest.mark.parametrize("text", ["? [a, b]\n: 1\n", ISSUERS + "routes:\n  - path: /a\n    scopes: [r]\n    ? {x: 1}\n    : y\n"])
+@pytest.mark.usefixtures("yaml_parser")
 def test_unhashable_yaml_key_is_a_policy_error(text):
     refused(text)
 
@@ -363,9 +372,80 @@ def test_trailing_newline_is_refused(route, place):
 
 
 
-@pytest.mark.parametrize("depth", [1200])
-def test_deeply_nested_yaml_is_a_policy_error(depth):
-    refused(ISSUERS + "routes:\n" + GOOD_ROUTE + "mode: " + "[" * depth + "]" * depth + "\n")
+@pytest.mark.parametrize("depth", [400, 999, 1200])
+@pytest.mark.parametrize("where", ["mode: {}", "routes:\n  - path: /a\n    scopes: [r]\n    claims: {{x: {}}}"])
+@pytest.mark.usefixtures("yaml_parser")
+def test_deeply_nested_yaml_is_a_policy_error(tmp_path, depth, where):
+    """Whichever parser reads it (libyaml refuses nesting beyond 1,000 levels; PyYAML's own parser
+    runs out of stack first), and wherever the nesting is: an error, never a crash."""
+    nested = "[" * depth + "]" * depth
+    text = ISSUERS + ("routes:\n" + GOOD_ROUTE if where.startswith("mode") else "") + where.format(nested) + "\n"
+    assert SOURCE in refused(text)
+    from authz_service.tools.policytool import validate_command
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    out = io.StringIO()
+    assert validate_command([str(path)], True, out) == 1, out.getvalue()
+    assert "REFUSED" in out.getvalue()
+
+
+@pytest.mark.usefixtures("yaml_parser")
+def test_nesting_up_to_the_limit_loads_and_one_level_more_is_refused():
+    depth = yamlfile.MAX_DEPTH
+    assert yamlfile.load_strict_yaml("[" * depth + "]" * depth, SOURCE) is not None
+    with pytest.raises(yamlfile.YamlError, match=f"^{SOURCE}: nested more than {depth} levels deep"):
+        yamlfile.load_strict_yaml("[" * (depth + 1) + "]" * (depth + 1), SOURCE)
+
+
+@pytest.mark.usefixtures("yaml_parser")
+def test_an_alias_inside_its_own_anchor_is_a_policy_error():
+    assert "nested more than 64 levels deep" in refused(ISSUERS + "routes:\n" + GOOD_ROUTE + "mode: &a [*a]\n")
+
+
+@pytest.mark.usefixtures("yaml_parser")
+def test_aliases_shared_many_times_are_measured_once():
+    """A "billion laughs" file: 10^9 leaves through nine levels of ten aliases, a few hundred bytes."""
+    levels = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 10)]
+    message = refused("\n".join(levels) + "\n" + ISSUERS + "routes:\n" + GOOD_ROUTE)
+    assert "unknown key 'l0'" in message
+
+
+def test_policies_are_read_with_libyaml_where_pyyaml_has_it():
+    """PyYAML's own parser spent about 1 ms per route on a reload (docs/performance.md)."""
+    assert yamlfile.Loader is yamlfile.LOADERS["libyaml" if yaml.__with_libyaml__ else "python"]
+    if yaml.__with_libyaml__:
+        assert issubclass(yamlfile.Loader, yaml.CSafeLoader)
+
+
+SHIPPED_YAML = sorted(
+    path for pattern in ("authz_service/**/*.yaml", "deploy/**/*.yaml", "envoy/*.yaml", "tests/data/**/*.yaml")
+    for path in ROOT.glob(pattern)
+)
+
+
+@pytest.mark.skipif("libyaml" not in yamlfile.LOADERS, reason="this PyYAML has no libyaml")
+@pytest.mark.parametrize("path", SHIPPED_YAML, ids=lambda p: str(p.relative_to(ROOT)))
+def test_both_parsers_read_every_shipped_yaml_file_alike(path):
+    """The same documents, and the same line and column for every node (what error messages name)."""
+    text = path.read_text()
+    python, libyaml = yamlfile.LOADERS["python"], yamlfile.LOADERS["libyaml"]
+    assert list(yaml.load_all(text, Loader=libyaml)) == list(yaml.load_all(text, Loader=python))
+    for ours, theirs in zip(yaml.compose_all(text, Loader=libyaml), yaml.compose_all(text, Loader=python), strict=True):
+        assert _marks(ours) == _marks(theirs)
+
+
+def _marks(node: yaml.Node) -> list[tuple[str, int, int]]:
+    out, stack = [], [node]
+    while stack:
+        node = stack.pop()
+        out.append((node.tag, node.start_mark.line, node.start_mark.column))
+        if isinstance(node, yaml.MappingNode):
+            stack.extend(n for pair in reversed(node.value) for n in reversed(pair))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(reversed(node.value))
+    return out
 
 
 # --- matching ------------------------------------------------------------------------------------
@@ -784,11 +864,13 @@ routes:
 """
 
 
+@pytest.mark.usefixtures("yaml_parser")
 def test_errors_carry_file_line_column_and_place():
     message = refused(LINED)
     assert message == f"{SOURCE}:7:20: routes[1].methods[1]: 'get' is not an HTTP method; write 'GET'"
 
 
+@pytest.mark.usefixtures("yaml_parser")
 def test_check_policy_collects_every_error_in_file_order_and_the_first_is_what_the_server_raises():
     from authz_service.policy import check_policy
 
@@ -811,6 +893,7 @@ def test_check_policy_on_a_good_file_returns_the_same_policy_as_parse_policy():
     assert errors == [] and policy == parse_policy(text, SOURCE)
 
 
+@pytest.mark.usefixtures("yaml_parser")
 def test_yaml_syntax_errors_get_the_same_file_line_column_prefix():
     message = refused(ISSUERS + "routes:\n  - path: /a\n    path: /b\n    scopes: [r]\n")
     assert message.startswith(f"{SOURCE}:5:5: not valid YAML: duplicate key 'path'"), message
@@ -897,6 +980,7 @@ def test_an_issuer_accepted_by_two_entries_is_refused():
     assert "issuers[1]" in message and "listed twice" in message
 
 
+@pytest.mark.usefixtures("yaml_parser")
 def test_duplicate_route_names_point_at_both_routes():
     message = refused(ISSUERS + "routes:\n  - name: list\n    path: /a\n    scopes: [r]\n"
                       "  - path: /b\n    scopes: [r]\n  - name: list\n    path: /c\n    scopes: [r]\n")

@@ -29,6 +29,7 @@ def lints(routes: str, top: str = "") -> list[str]:
 # --- validate: errors ----------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("yaml_parser")
 def test_validate_reports_every_error_with_line_and_exits_1(tmp_path):
     bad = tmp_path / "policy.yaml"
     bad.write_text(ISSUERS + "routes:\n  - path: /a\n    methods: [get]\n    scopes: [r/x]\n"
@@ -406,6 +407,33 @@ def test_client_allow_list_is_checked_by_the_real_verifier(tmp_path):
     assert run.returncode == 0, run.stdout
 
 
+TRUSTED_POOL = "us-east-1_Abc123"
+
+
+@pytest.mark.parametrize(("issuer", "reason"), [
+    # Another pool signs with keys of its own, which no JWKS the policy trusts publishes.
+    ("https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Evil00001", "unknown_key"),
+    ("https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_Abc123", "unknown_key"),
+    # The trusted pool under the issuer format the policy does not accept: its key, another iss.
+    (f"https://issuer-cognito-idp.us-east-1.amazonaws.com/{TRUSTED_POOL}", "wrong_issuer"),
+])
+async def test_the_simulator_refuses_another_issuers_token_as_the_server_does(key_a, issuer, reason):
+    """`test` and `explain` mint tokens for the issuer a case names; the server verifies the token a
+    pool signed against the keys the policy's pools publish. Both must give the same reason."""
+    from authz_service.tokens import TokenVerifier
+    from authz_service.tools.simulate import Simulator, run_check
+
+    from .conftest import MemoryKeys, make_key
+
+    policy = parse_policy(f"issuers:\n  - user_pool_id: {TRUSTED_POOL}\nroutes:\n  - path: /a\n    scopes: [a/b]\n")
+    signer = key_a if issuer.endswith("/" + TRUSTED_POOL) else make_key("kid-of-another-pool")
+    server = await run_check(policy, TokenVerifier(MemoryKeys(key_a, issuer=policy.issuers[0].issuer)), "GET", "/a",
+                             signer.token(iss=issuer, scope="a/b"))
+    simulator = Simulator(policy)
+    simulated = await run_check(policy, simulator.verifier, "GET", "/a", simulator.token(issuer, ["a/b"]))
+    assert (server.decision.reason.value, simulated.decision.reason.value) == (reason, reason)
+
+
 def test_dry_run_expectation(tmp_path):
     run = run_cases(tmp_path, ISSUERS + "routes:\n  - path: /a\n    scopes: [a/b]\n    mode: dry-run\n",
                     "tests:\n  - {method: GET, path: /a, scopes: [a/c], expect: dry_run_deny, status: 200,"
@@ -442,6 +470,7 @@ def run_cases(tmp_path, policy_text: str, tests_text: str) -> subprocess.Complet
         ]),
     ],
 )
+@pytest.mark.usefixtures("yaml_parser")
 def test_bad_tests_files_are_errors_with_a_line(tmp_path, text, message):
     path = tmp_path / "t.yaml"
     path.write_text(text)
@@ -545,6 +574,7 @@ def test_all_scopes_are_linted_for_cognito_shape_too():
 
 @pytest.mark.parametrize(("value", "reads"), [("yes", "true"), ("on", "true"), ("010", "8"), ("1_000", "1000"),
                                               ("0x1f", "31"), ("No", "false")])
+@pytest.mark.usefixtures("yaml_parser")
 def test_claim_values_yaml_reads_otherwise_warn(value, reads):
     (warning,) = lints(f"  - {{path: /a, scopes: [a/b], claims: {{flag: {value}}}}}\n")
     assert f"routes[0].claims.flag: YAML reads '{value}' as {reads}" in warning

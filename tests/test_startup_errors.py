@@ -3,6 +3,7 @@ naming the flag or file to fix; no traceback and no asyncio noise anywhere in th
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import free_port
+from tests.e2e.harness import ManagedProcess, free_port
+from tests.e2e.stack import start_service
 from tests.test_cli import assert_one_clean_line, cli
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "authz_service" / "examples"
@@ -72,10 +74,72 @@ def test_ext_authz_http_port_in_use(policy: Path, held_port: int, workers: str) 
                           "(Address already in use)", "--ext-authz-http-port / AUTHZ_EXT_AUTHZ_HTTP_PORT")
 
 
+# Two listeners on one port: named before anything binds, with the two settings and where each came from.
+SAME_PORT = {
+    "gRPC and health": (("--grpc-port", "--http-port"), "--grpc-port=P and --http-port=P"),
+    "gRPC and HTTP door": (("--grpc-port", "--ext-authz-http-port"), "--grpc-port=P and --ext-authz-http-port=P"),
+    "HTTP door and health": (("--ext-authz-http-port", "--http-port"), "--ext-authz-http-port=P and --http-port=P"),
+}
+
+
+@WORKERS
+@pytest.mark.parametrize("pair", SAME_PORT)
+def test_two_listeners_on_one_port_name_both_settings(policy: Path, pair: str, workers: str) -> None:
+    flags, named = SAME_PORT[pair]
+    port = str(free_port())
+    args = ["serve", "--policy", str(policy), "--grpc-host", "127.0.0.1", "--http-host", "127.0.0.1",
+            "--workers", workers]
+    for flag in ("--grpc-port", "--http-port"):
+        if flag not in flags:
+            args += [flag, str(free_port())]
+    for flag in flags:
+        args += [flag, port]
+    line = assert_one_clean_line(cli(*args))
+    assert line == (f"authz-service: error: {named.replace('P', port)} are the same port on 127.0.0.1: give each "
+                    "listener a port of its own"), line
+
+
+def test_a_port_conflict_names_the_environment_variable_it_came_from(policy: Path) -> None:
+    port = str(free_port())
+    result = cli("serve", "--policy", str(policy), "--grpc-port", port, env={"AUTHZ_HTTP_PORT": port})
+    line = assert_one_clean_line(result)
+    assert line == (f"authz-service: error: --grpc-port={port} and AUTHZ_HTTP_PORT={port} are the same port on "
+                    "127.0.0.1 and 0.0.0.0: give each listener a port of its own"), line
+
+
+def test_an_otlp_endpoint_without_a_scheme_is_refused_at_start_up(policy: Path) -> None:
+    result = cli(*serve(policy), env={"OTEL_EXPORTER_OTLP_ENDPOINT": "otel-collector:4317"})
+    assert_one_clean_line(result, "authz-service: error: OTEL_EXPORTER_OTLP_ENDPOINT='otel-collector:4317' is not a "
+                                  "URL with http:// or https:// and a host")
+
+
 def test_an_address_not_of_this_host_names_the_host_flag(policy: Path) -> None:
     result = cli("serve", "--policy", str(policy), "--grpc-host", "192.0.2.1", "--grpc-port", str(free_port()),
                      "--http-host", "127.0.0.1", "--http-port", str(free_port()))
     assert_one_clean_line(result, "cannot bind the gRPC port 192.0.2.1:", "--grpc-host / AUTHZ_GRPC_HOST")
+
+
+# --- warnings: the service starts ----------------------------------------------------------------
+
+
+def test_an_unknown_authz_variable_is_a_warning_at_start_up(tmp_path: Path, policy: Path) -> None:
+    service = start_service(tmp_path, policy, env={"AUTHZ_LOG_LEVLE": "debug"}, wait_ready=False)
+    line = service.process.wait_until(lambda: _log_line(service.process, "authz-service started"), 60, "started")
+    warning = _log_line(service.process, "unknown environment variable")
+    assert warning is not None and warning["level"] == "warning", service.process.log_tail()
+    assert (warning["variable"], warning["did_you_mean"]) == ("AUTHZ_LOG_LEVLE", "AUTHZ_LOG_LEVEL")
+    assert warning["msg"] == "unknown environment variable: not a setting of authz-service, ignored"
+    assert line["level"] == "info", "it starts all the same"
+
+
+def _log_line(process: ManagedProcess, msg: str) -> dict | None:
+    """The first JSON log line of ``process`` whose msg starts with ``msg``."""
+    for text in process.log_path.read_text().splitlines():
+        if text.startswith("{"):
+            entry = json.loads(text)
+            if entry.get("msg", "").startswith(msg):
+                return entry
+    return None
 
 
 # --- the policy file -----------------------------------------------------------------------------

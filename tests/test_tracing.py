@@ -105,6 +105,40 @@ def test_unusable_variables_are_refused_naming_the_variable_and_the_fix(environ,
         settings_from({"policy": "p.yaml"}, environ)
 
 
+@pytest.mark.parametrize("variable", ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"])
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+@pytest.mark.parametrize(("endpoint", "fix"), [
+    ("otel-collector:4317", "http://otel-collector:4317"),
+    ("otel-collector", "http://otel-collector"),
+    ("localhost:4318/v1/traces", "http://localhost:4318/v1/traces"),
+    ("grpc://otel-collector:4317", "e.g. http://otel-collector:43"),
+    ("http://", "e.g. http://otel-collector:43"),
+    ("https://:4317", "e.g. http://otel-collector:43"),
+])
+def test_an_endpoint_without_http_or_https_and_a_host_is_refused(variable, protocol, endpoint, fix) -> None:
+    """The exporters take such an endpoint and then fail every export (the HTTP one finds no
+    connection adapter; the gRPC one speaks TLS to a plaintext collector), losing every span."""
+    environ = {variable: endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol}
+    with pytest.raises(ConfigError) as caught:
+        settings_from({"policy": "p.yaml"}, environ)
+    assert str(caught.value).startswith(f"{variable}={endpoint!r} is not a URL with http:// or https:// and a host: "
+                                        f"write {fix}"), str(caught.value)
+
+
+def test_the_endpoint_in_force_is_the_one_checked() -> None:
+    """OTEL_EXPORTER_OTLP_TRACES_ENDPOINT wins: the general one is not used for traces, so not judged."""
+    settings = tracing_settings({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces",
+                                 "OTEL_EXPORTER_OTLP_ENDPOINT": "c:4317"})
+    assert settings is not None and settings.endpoint == "http://c:4318/v1/traces"
+
+
+def test_a_refused_endpoint_never_shows_its_credentials() -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from({"policy": "p.yaml"}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "user:SECRET@collector:4317?key=SECRET2"})
+    assert "SECRET" not in str(caught.value)
+    assert str(caught.value).startswith("OTEL_EXPORTER_OTLP_ENDPOINT='collector:4317' is not a URL")
+
+
 def test_settings_carry_the_tracing_settings(tmp_path: Path) -> None:
     assert settings_from({"policy": "p.yaml"}, {}).tracing is None
     settings = settings_from({"policy": "p.yaml"}, {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"})

@@ -94,7 +94,10 @@ def _arguments(parser: argparse.ArgumentParser, serve: bool) -> list[str]:
                  _default(SERVE_OPTIONS[a.option_strings[0]].default), _cell(SERVE_OPTIONS[a.option_strings[0]].help)]
                 for a in options]
         return out + ["", _table(["option", "environment", "default", "description"], rows),
-                      "", "A flag given on the command line wins over its environment variable."]
+                      "", "A flag given on the command line wins over its environment variable. An `AUTHZ_*` "
+                      "variable that is not a setting is ignored with a warning naming the closest setting "
+                      "([Troubleshooting](troubleshooting.md#a-setting-seems-to-have-no-effect)). Two listeners "
+                      "given one port are refused before anything binds, naming both settings."]
     rows = []
     for a in options:
         flag = ", ".join(a.option_strings) + (f" {a.metavar or a.dest.upper()}" if a.nargs != 0 else "")

@@ -158,16 +158,17 @@ def main() -> int:
         for line in conn.getresponse().read().decode().splitlines():
             if line.startswith("authz_check_decisions_total"):
                 print(f"   {line}")
-        policy = ROOT / "authz_service" / "examples" / "policy.yaml"
+        policy = "authz_service/examples/policy.yaml"  # as typed in the checkout (the tools run there)
         tools = [
-            ("4. The policy tools: validate (as a ConfigMap repo's CI would run it)", ["validate", "--strict", str(policy)]),
+            ("4. The policy tools: validate (as a ConfigMap repo's CI would run it)", ["validate", "--strict", policy]),
             ("5. explain: why the reader's POST was refused, and the exact answer Envoy relayed",
-             ["explain", "--policy", str(policy), "--method", "POST", "--path", "/transactions",
+             ["explain", "--policy", policy, "--method", "POST", "--path", "/transactions",
               "--scopes", "transactions/get", "--client-id", "payments-reader"]),
         ]
         for title, argv in tools:
-            print(f"\n{title}:\n   $ authz-service {' '.join(argv).replace(str(ROOT) + '/', '')}")
-            out = subprocess.run([str(BIN / "authz-service"), *argv], capture_output=True, text=True, timeout=60)
+            print(f"\n{title}:\n   $ authz-service {' '.join(argv)}")
+            out = subprocess.run([str(BIN / "authz-service"), *argv], capture_output=True, text=True, timeout=60,
+                                 cwd=ROOT)
             for line in out.stdout.splitlines():
                 print(f"   {line}")
         return 0

@@ -27,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import ipaddress
 import logging
+import signal
 import socket
 from collections.abc import Mapping
 
@@ -225,3 +227,29 @@ async def serve(config: DevIssuerConfig, host: str, port: int, public_url: str |
     finally:
         await runner.cleanup()
         sock.close()
+
+
+async def serve_until_stopped(config: DevIssuerConfig, host: str, port: int, public_url: str | None) -> None:
+    """``serve`` until SIGTERM or SIGINT, then shut down cleanly, as ``authz-service serve`` does:
+    a stop signal is the normal end of the process (exit code 0), not a crash. An error of
+    ``serve`` (a port in use) propagates."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    serving = asyncio.create_task(serve(config, host, port, public_url))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if serving.done():
+        serving.result()  # serve only ends by itself with an error
+    serving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await serving
+    log.info("dev issuer stopped (%s)", received[0])

@@ -3,9 +3,14 @@
 Why: the policy names scopes, app clients and claims; the pool decides which clients can get a
 client_credentials token with which scopes. Neither side alone says who can reach what. The audit
 reads each pool with read-only calls (DescribeUserPool, ListResourceServers, ListUserPoolClients,
-DescribeUserPoolClient; the standard AWS credential chain), prints a matrix of app clients by
-routes and reports what cannot work. Claims a pre token generation trigger adds cannot be known
-from the API: such cells say "depends on claims".
+DescribeUserPoolClient, ListUserPoolClientSecrets; the standard AWS credential chain), prints a
+matrix of app clients by routes and reports what cannot work. Claims a pre token generation
+trigger adds cannot be known from the API: such cells say "depends on claims", and a warning says
+that a client can influence them (the trigger receives the client metadata a client sends).
+
+A client gets client_credentials tokens two ways: the OAuth token endpoint (AllowedOAuthFlows
+client_credentials; the pool needs a domain) or the GetClientToken API (ExplicitAuthFlows
+ALLOW_CLIENT_TOKEN_AUTH, no domain needed); both need a client secret.
 
 boto3 is an optional extra (the ``audit`` extra, see ``install_hint``): the service never needs it.
 ``read_pool`` is the only code that talks to AWS; ``audit`` is pure, so it is tested with plain data.
@@ -17,13 +22,17 @@ import argparse
 import json
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 from .. import install_hint
 from ..policy import Issuer, IssuerFormat, Policy, PolicyError, Route, load_policy_file
 
 CLIENT_CREDENTIALS = "client_credentials"
+CLIENT_TOKEN_AUTH = "ALLOW_CLIENT_TOKEN_AUTH"  # an ExplicitAuthFlows value: GetClientToken issues M2M tokens
+# How a client gets a client_credentials token (names in --format json's token_paths).
+TOKEN_ENDPOINT, GET_CLIENT_TOKEN = "token_endpoint", "GetClientToken"
+LIST_SECRETS = "ListUserPoolClientSecrets"
 INSTALL_HINT = install_hint("audit")
 # Exit codes for a ConfigMap repository's CI.
 CLEAN, FINDINGS, UNUSABLE = 0, 1, 2
@@ -35,7 +44,8 @@ class AuditError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class AppClient:
-    """What an app client's settings allow, as DescribeUserPoolClient reports them."""
+    """What an app client's settings allow, as DescribeUserPoolClient (and, for its secrets,
+    ListUserPoolClientSecrets) report them."""
 
     client_id: str
     name: str
@@ -43,17 +53,39 @@ class AppClient:
     oauth_enabled: bool  # AllowedOAuthFlowsUserPoolClient
     scopes: tuple[str, ...]  # AllowedOAuthScopes
     has_secret: bool
+    auth_flows: tuple[str, ...] = ()  # ExplicitAuthFlows
+    secrets_listed: int | None = None  # how many ListUserPoolClientSecrets listed; None: not asked
+    pool_domain: bool = True  # the pool has a domain (DescribeUserPool Domain or CustomDomain): a token endpoint
+
+    @property
+    def token_paths(self) -> tuple[str, ...]:
+        """The ways this client gets client_credentials tokens: the token endpoint, GetClientToken."""
+        if not self.has_secret:
+            return ()
+        paths = (TOKEN_ENDPOINT,) if self.oauth_client_credentials and self.pool_domain else ()
+        return paths + ((GET_CLIENT_TOKEN,) if CLIENT_TOKEN_AUTH in self.auth_flows else ())
+
+    @property
+    def oauth_client_credentials(self) -> bool:
+        return CLIENT_CREDENTIALS in self.flows and self.oauth_enabled
+
+    @property
+    def may_be_m2m(self) -> bool:
+        """Whether a secret is all this client lacks (or has) to get client_credentials tokens."""
+        return self.oauth_client_credentials or CLIENT_TOKEN_AUTH in self.auth_flows
 
     @property
     def no_client_credentials(self) -> str | None:
         """Why this client cannot get client_credentials tokens, or None when it can."""
-        if CLIENT_CREDENTIALS not in self.flows:
-            return "AllowedOAuthFlows lacks client_credentials"
-        if not self.oauth_enabled:
-            return "AllowedOAuthFlowsUserPoolClient is false"
-        if not self.has_secret:
+        if self.token_paths:
+            return None
+        if self.may_be_m2m and not self.has_secret:
             return "it has no client secret"
-        return None
+        if self.oauth_client_credentials:  # and a secret, but no domain
+            return f"the pool has no domain, so no token endpoint, and ExplicitAuthFlows lacks {CLIENT_TOKEN_AUTH}"
+        if CLIENT_CREDENTIALS in self.flows:
+            return f"AllowedOAuthFlowsUserPoolClient is false and ExplicitAuthFlows lacks {CLIENT_TOKEN_AUTH}"
+        return f"AllowedOAuthFlows lacks client_credentials and ExplicitAuthFlows lacks {CLIENT_TOKEN_AUTH}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +98,12 @@ class Pool:
     clients: tuple[AppClient, ...]
     issuer_type: str | None = None  # IssuerConfiguration.Type: ORIGINAL | UPDATED (None: not reported)
     pre_token_version: str | None = None  # V1_0 | V2_0 | V3_0 of the pre token generation trigger; None: none
+    # Why ListUserPoolClientSecrets could not say which clients have a secret (DescribeUserPoolClient's
+    # ClientSecret said instead), with the fix; None: it said, or no client needed asking.
+    secrets_unlisted: str | None = None
+    domain: bool | None = (
+        None  # a domain (so a token endpoint): DescribeUserPool Domain or CustomDomain; None: not read
+    )
 
     def client(self, client_id: str) -> AppClient | None:
         return next((c for c in self.clients if c.client_id == client_id), None)
@@ -75,7 +113,8 @@ class Pool:
 
 
 def read_pool(idp: Any, user_pool_id: str, region: str) -> Pool:
-    """DescribeUserPool, ListResourceServers, ListUserPoolClients and DescribeUserPoolClient, nothing else."""
+    """DescribeUserPool, ListResourceServers, ListUserPoolClients, DescribeUserPoolClient and
+    ListUserPoolClientSecrets, nothing else."""
     described = _call(idp.describe_user_pool, "DescribeUserPool", UserPoolId=user_pool_id)["UserPool"]
     lambdas = described.get("LambdaConfig") or {}
     version = (lambdas.get("PreTokenGenerationConfig") or {}).get("LambdaVersion")
@@ -88,7 +127,9 @@ def read_pool(idp: Any, user_pool_id: str, region: str) -> Pool:
         )
         for scope in server.get("Scopes", [])
     }
+    domain = bool(described.get("Domain") or described.get("CustomDomain"))
     clients = []
+    secrets = _SecretLister(idp, user_pool_id)
     for listed in _pages(
         idp.list_user_pool_clients, "ListUserPoolClients", "UserPoolClients", UserPoolId=user_pool_id, MaxResults=60
     ):
@@ -98,16 +139,21 @@ def read_pool(idp: Any, user_pool_id: str, region: str) -> Pool:
             UserPoolId=user_pool_id,
             ClientId=listed["ClientId"],
         )["UserPoolClient"]
-        clients.append(
-            AppClient(
-                client_id=detail["ClientId"],
-                name=detail.get("ClientName") or "",
-                flows=tuple(detail.get("AllowedOAuthFlows") or ()),
-                oauth_enabled=bool(detail.get("AllowedOAuthFlowsUserPoolClient")),
-                scopes=tuple(detail.get("AllowedOAuthScopes") or ()),
-                has_secret=bool(detail.get("ClientSecret")),
-            )
+        client = AppClient(
+            client_id=detail["ClientId"],
+            name=detail.get("ClientName") or "",
+            flows=tuple(detail.get("AllowedOAuthFlows") or ()),
+            oauth_enabled=bool(detail.get("AllowedOAuthFlowsUserPoolClient")),
+            scopes=tuple(detail.get("AllowedOAuthScopes") or ()),
+            has_secret=bool(detail.get("ClientSecret")),
+            auth_flows=tuple(detail.get("ExplicitAuthFlows") or ()),
+            pool_domain=domain,
         )
+        if client.may_be_m2m:  # whether it has a secret decides whether it gets tokens
+            count = secrets.count(client.client_id)
+            if count is not None:
+                client = replace(client, has_secret=count > 0, secrets_listed=count)
+        clients.append(client)
     return Pool(
         user_pool_id,
         region,
@@ -115,7 +161,54 @@ def read_pool(idp: Any, user_pool_id: str, region: str) -> Pool:
         tuple(sorted(clients, key=lambda c: c.client_id)),
         (described.get("IssuerConfiguration") or {}).get("Type"),
         version,
+        secrets.unlisted,
+        domain,
     )
+
+
+class _SecretLister:
+    """ListUserPoolClientSecrets, the call made to know whether a client has a secret: it lists a
+    client's secrets (two during a rotation) and never their values. Where it cannot be used (a
+    botocore from before it, an endpoint that does not offer it, an IAM policy that does not grant
+    it), ``count`` answers None from then on for the pool, ``unlisted`` says why and what to do,
+    and the caller keeps DescribeUserPoolClient's ClientSecret."""
+
+    # Error codes that mean "not offered here" rather than "refused": AWS's for an unknown
+    # operation, and what an emulator answers for one it does not implement.
+    _UNOFFERED = frozenset({"UnknownOperationException", "InvalidAction", "NotImplemented", "500", "501"})
+
+    def __init__(self, idp: Any, user_pool_id: str) -> None:
+        self.idp, self.user_pool_id = idp, user_pool_id
+        self.unlisted: str | None = None
+        if not hasattr(idp, "list_user_pool_client_secrets"):
+            import botocore
+
+            self.unlisted = (
+                f"botocore {botocore.__version__} has no {LIST_SECRETS}; upgrade boto3 (pip install -U boto3)"
+            )
+
+    def count(self, client_id: str) -> int | None:
+        if self.unlisted is not None:
+            return None
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            page = self.idp.list_user_pool_client_secrets(UserPoolId=self.user_pool_id, ClientId=client_id)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "error"))
+            if code in ("AccessDeniedException", "AccessDenied", "UnauthorizedOperation"):
+                fix = f"grant cognito-idp:{LIST_SECRETS} on the pool to the audit's role"
+            elif code in self._UNOFFERED:
+                fix = "the endpoint does not offer it"
+            else:
+                fix = str(error.get("Message") or "")
+            self.unlisted = f"{LIST_SECRETS} failed: {code}" + (f": {fix}" if fix else "")
+            return None
+        except BotoCoreError as exc:
+            self.unlisted = f"{LIST_SECRETS} failed: {exc}"
+            return None
+        return len(page.get("ClientSecrets") or ())
 
 
 def _pages(method: Any, name: str, key: str, **params: Any) -> Iterable[dict[str, Any]]:
@@ -161,8 +254,12 @@ class Cell:
 
 @dataclass(frozen=True, slots=True)
 class Finding:
+    """Something that cannot work (an error), or that the API cannot show to be safe (a warning:
+    exit 1 only with --strict)."""
+
     code: str
     message: str
+    severity: str = "error"  # error | warning
 
 
 @dataclass
@@ -171,15 +268,24 @@ class AuditReport:
     pools: list[Pool]
     matrix: dict[tuple[str, str], dict[str, Cell]] = field(default_factory=dict)  # (pool, client) -> route -> cell
     findings: list[Finding] = field(default_factory=list)
+    strict: bool = False  # warnings count as findings for the exit code
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
 
     @property
     def exit_code(self) -> int:
-        return FINDINGS if self.findings else CLEAN
+        return FINDINGS if self.errors or (self.strict and self.findings) else CLEAN
 
 
-def audit(policy: Policy, pools: list[Pool]) -> AuditReport:
+def audit(policy: Policy, pools: list[Pool], strict: bool = False) -> AuditReport:
     """Who can reach what, and everything that cannot work, for these pools under this policy."""
-    report = AuditReport(policy, pools)
+    report = AuditReport(policy, pools, strict=strict)
     for pool in pools:
         for client in pool.clients:
             report.matrix[(pool.user_pool_id, client.client_id)] = {
@@ -190,6 +296,17 @@ def audit(policy: Policy, pools: list[Pool]) -> AuditReport:
         _issuer_findings(policy, pool, add)
     _scope_findings(policy, pools, add)
     _client_findings(policy, pools, add)
+    for pool in pools:
+        _influenced_claim_findings(policy, pool, report.matrix, add)
+        if pool.secrets_unlisted and any(c.may_be_m2m for c in pool.clients):
+            add(
+                Finding(
+                    "client-secrets-unverified",
+                    f"{pool.user_pool_id}: {pool.secrets_unlisted}; whether an app client has a secret was "
+                    "read from DescribeUserPoolClient's ClientSecret instead",
+                    "warning",
+                )
+            )
     for route in policy.routes:
         if route.public:
             continue
@@ -288,6 +405,42 @@ def _issuer_findings(policy: Policy, pool: Pool, add: Any) -> None:
         )
 
 
+def _influenced_claim_findings(
+    policy: Policy, pool: Pool, matrix: dict[tuple[str, str], dict[str, Cell]], add: Any
+) -> None:
+    """A warning per route whose claim conditions a client of this pool may meet through the
+    pool's V3_0 trigger. Why: the trigger receives the ClientMetadata the client itself sends
+    (GetClientToken's ClientMetadata, the token endpoint's aws_client_metadata); a trigger that
+    copies it into claims lets each client choose its own tenant. The policy refuses conditions on
+    the claims Cognito sets itself, so every condition reads a claim the trigger can set; whether
+    this trigger derives it from the client id or from the metadata, the API cannot show."""
+    if pool.pre_token_version != "V3_0":
+        return
+    for route in policy.routes:
+        if not route.claims:
+            continue
+        clients = [
+            cid
+            for (pid, cid), cells in matrix.items()
+            if pid == pool.user_pool_id and cells[route.name].access == "claims"
+        ]
+        if not clients:
+            continue
+        names = ", ".join(repr(c.name) for c in route.claims)
+        add(
+            Finding(
+                "client-influenced-claim",
+                f"routes[{route.index}] {route.name!r} reads the claim{'s' if len(route.claims) > 1 else ''} "
+                f"{names}, which the V3_0 pre token "
+                f"generation trigger of {pool.user_pool_id} sets, and that trigger receives the client "
+                f"metadata a client sends ({len(clients)} app client{'s' if len(clients) != 1 else ''} can "
+                "reach the route): the trigger must derive the claim from the client id, never from the "
+                "client metadata",
+                "warning",
+            )
+        )
+
+
 def _scope_findings(policy: Policy, pools: list[Pool], add: Any) -> None:
     defined = frozenset().union(*(p.defined_scopes for p in pools))
     for route in policy.routes:
@@ -342,7 +495,8 @@ def render_text(report: AuditReport, out: TextIO) -> None:
         issuer = f"issuer {pool.issuer_type.lower()}" if pool.issuer_type else "issuer format not reported"
         print(
             f"pool {pool.user_pool_id} ({pool.region}): {len(pool.clients)} app clients, "
-            f"{len(pool.defined_scopes)} resource server scopes, {issuer}, {trigger}",
+            f"{len(pool.defined_scopes)} resource server scopes, {issuer}, {trigger}"
+            + (", no domain (no token endpoint: GetClientToken only)" if pool.domain is False else ""),
             file=out,
         )
     routes = [r.name for r in report.policy.routes]
@@ -368,11 +522,13 @@ def render_text(report: AuditReport, out: TextIO) -> None:
         )
     print("", file=out)
     for finding in report.findings:
-        print(f"{finding.code}: {finding.message}", file=out)
-    count = len(report.findings)
+        severity = " (warning)" if finding.severity == "warning" else ""
+        print(f"{finding.code}{severity}: {finding.message}", file=out)
+    count, warned = len(report.errors), len(report.warnings)
     print(
-        f"{count} finding{'s' if count != 1 else ''} ({report.policy.source} against "
-        f"{', '.join(p.user_pool_id for p in report.pools)})",
+        f"{count} finding{'s' if count != 1 else ''}"
+        + (f", {warned} warning{'s' if warned != 1 else ''}" if warned else "")
+        + f" ({report.policy.source} against {', '.join(p.user_pool_id for p in report.pools)})",
         file=out,
     )
 
@@ -387,13 +543,18 @@ def as_json(report: AuditReport) -> dict[str, Any]:
                 "issuer_type": p.issuer_type,
                 "pre_token_generation": p.pre_token_version,
                 "resource_server_scopes": sorted(p.defined_scopes),
+                "domain": p.domain,
+                "client_secrets_from": "DescribeUserPoolClient" if p.secrets_unlisted else LIST_SECRETS,
                 "clients": [
                     {
                         "client_id": c.client_id,
                         "name": c.name,
                         "allowed_oauth_flows": list(c.flows),
+                        "explicit_auth_flows": list(c.auth_flows),
                         "allowed_oauth_scopes": list(c.scopes),
+                        "client_secrets": c.secrets_listed,
                         "client_credentials": c.no_client_credentials is None,
+                        "token_paths": list(c.token_paths),
                         "why_not": c.no_client_credentials,
                     }
                     for c in p.clients
@@ -416,7 +577,7 @@ def as_json(report: AuditReport) -> dict[str, Any]:
             }
             for (pool_id, client_id), cells in report.matrix.items()
         ],
-        "findings": [{"code": f.code, "message": f.message} for f in report.findings],
+        "findings": [{"code": f.code, "severity": f.severity, "message": f.message} for f in report.findings],
         "exit_code": report.exit_code,
     }
 
@@ -425,7 +586,8 @@ def as_json(report: AuditReport) -> dict[str, Any]:
 
 
 def audit_command(args: argparse.Namespace, out: TextIO) -> int:
-    """Exit 0 when nothing was found, 1 with findings, 2 when the policy or AWS cannot be used."""
+    """Exit 0 when nothing was found (or only warnings, without --strict), 1 with findings, 2 when
+    the policy or AWS cannot be used."""
     try:
         policy = load_policy_file(args.policy)
         targets = _targets(policy, args.user_pool_id or [], args.region)
@@ -443,7 +605,7 @@ def audit_command(args: argparse.Namespace, out: TextIO) -> int:
     except (PolicyError, AuditError) as exc:
         print(f"authz-service audit: error: {exc}", file=sys.stderr)
         return UNUSABLE
-    report = audit(policy, pools)
+    report = audit(policy, pools, strict=args.strict)
     if args.format == "json":
         print(json.dumps(as_json(report), indent=2), file=out)
     else:

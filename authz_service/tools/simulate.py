@@ -29,6 +29,7 @@ from ..response import Answer, Answers
 from ..tokens import TokenVerifier
 
 SIMULATED_KID = "authz-service-simulated"
+OTHER_POOL_KID = "authz-service-simulated-other-pool"  # published by no issuer of the policy
 DEFAULT_CLIENT_ID = "simulated-client"
 
 
@@ -86,8 +87,12 @@ def _private_key() -> rsa.RSAPrivateKey:
 class Simulator:
     """Mints Cognito-shaped access tokens for a policy's issuers and verifies them for real.
 
-    The simulated key is published by every issuer of ``policy``, so a token minted for an issuer
-    the policy does not trust is signed by a trusted key but names another issuer: wrong_issuer.
+    A token is signed as the user pool its ``iss`` names (the last segment of a Cognito issuer
+    URL) would sign it, so the verifier refuses it as the server would: the simulated key is
+    published by every issuer of ``policy``, so a token of a policy's pool under an ``iss`` the
+    policy does not accept (another issuer format or region) is signed by a trusted key but names
+    another issuer (wrong_issuer); a token of any other pool is signed with that pool's own key,
+    which no trusted JWKS publishes (unknown_key).
     """
 
     def __init__(self, policy: Policy) -> None:
@@ -101,6 +106,7 @@ class Simulator:
             }
         )
         self._private = private
+        self._pools = {issuer.user_pool_id for issuer in policy.issuers}
         self.verifier = TokenVerifier(_SimulatedKeys(public, policy))
 
     def token(
@@ -120,5 +126,6 @@ class Simulator:
         claims = access_claims(
             issuer, client_id or DEFAULT_CLIENT_ID, scopes, ttl=300, custom=custom, replace=overrides
         )
-        jose = {name: value for name, value in {"kid": SIMULATED_KID, **(header or {})}.items() if value is not None}
+        kid = SIMULATED_KID if issuer.rstrip("/").rpartition("/")[2] in self._pools else OTHER_POOL_KID
+        jose = {name: value for name, value in {"kid": kid, **(header or {})}.items() if value is not None}
         return jwt.encode(claims, self._private, algorithm="RS256", headers=jose)

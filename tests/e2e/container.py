@@ -7,7 +7,7 @@ and it reaches them. Killing the podman client does not stop a container, so
 ``ContainerProcess.stop`` also removes the container, whatever happened before.
 
 ``make image`` builds the image and ``make image-test`` (or ``make test``) names it in
-``AUTHZ_TEST_IMAGE``. The podman settings the CI machine needs (docs/image.md): the runc runtime
+``AUTHZTEST_IMAGE``. The podman settings the CI machine needs (docs/image.md): the runc runtime
 with cgroupfs, and no default ulimits (``containers.conf`` next to this file).
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 from .harness import REPO_ROOT, RUN_MARKER, ManagedProcess
 
-IMAGE_ENV = "AUTHZ_TEST_IMAGE"
+IMAGE_ENV = "AUTHZTEST_IMAGE"
 PODMAN = ("podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs")
 PODMAN_ENV = {"CONTAINERS_CONF": str(Path(__file__).with_name("containers.conf"))}
 POLICY_MOUNT = "/etc/authz"  # where deploy/k8s mounts the policy ConfigMap (a directory, read-only)

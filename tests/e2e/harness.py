@@ -311,10 +311,12 @@ def http_request(
 # process ownership: who stops what, and what outlived its owner
 # --------------------------------------------------------------------------- #
 
-RUN_MARKER = "AUTHZ_TEST_RUN"
+RUN_MARKER = "AUTHZTEST_RUN"
 """Environment variable the test session sets to a value of its own. Every process the suite starts
 inherits it (``ManagedProcess`` adds it even to an explicit ``env``), and so do their children
-(``--workers`` workers, anything a CLI spawns), so a scan of /proc finds whatever outlived its owner."""
+(``--workers`` workers, anything a CLI spawns), so a scan of /proc finds whatever outlived its owner.
+The test suite's variables are spelt ``AUTHZTEST_*``, outside the service's ``AUTHZ_*`` settings,
+whose unknown names `serve` and `validate` report."""
 
 
 class Stoppable(Protocol):
