@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import textwrap
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from .. import envoyconf
 from .harness import (
     HTTP_ENVOY_CONFIG,
     PER_CLIENT_RECIPE,
+    REPO_ROOT,
     SHIPPED_ENVOY_CONFIG,
     EnvoyProcess,
     UpstreamProcess,
@@ -129,6 +131,16 @@ def test_per_client_filter_is_inert_as_shipped_and_the_recipe_reads_the_verified
     assert block["enable_retry_after_header"] is True
     for fraction in ("filter_enabled", "filter_enforced"):
         assert block[fraction]["default_value"] == {"numerator": 100, "denominator": "HUNDRED"}
+
+
+def test_operations_docs_show_the_recipe_as_shipped() -> None:
+    """The block docs/operations.md shows (without the file's comments) is the recipe's, value for value."""
+    docs = (REPO_ROOT / "docs" / "operations.md").read_text()
+    section = docs[docs.index("## Per-client rate limits"):]
+    start = section.index("```yaml\n") + len("```yaml\n")
+    snippet = section[start:section.index("\n```", start)]
+    shown = yaml.safe_load(textwrap.dedent(snippet))["virtual_hosts"][0]
+    assert shown["typed_per_filter_config"] == yaml.safe_load(PER_CLIENT_RECIPE.read_text())["typed_per_filter_config"]
 
 
 def _without_authz_transport(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -40,7 +40,8 @@ HOUR = "3600s"
 READ = ("GET", "/transactions/1")
 WRITE = ("POST", "/transactions")
 # Every '-'/'_'/'.' spelling of the identity header, plus case variants: what a client may send.
-CLIENT_ID_SPELLINGS = [n for n in identity_and_override_spellings() if re.fullmatch(r"x[-_.]auth[-_.]client[-_.]id", n)]
+CLIENT_ID_NAME = re.compile(r"x[-_.]auth[-_.]client[-_.]id")
+CLIENT_ID_SPELLINGS = [n for n in identity_and_override_spellings() if CLIENT_ID_NAME.fullmatch(n)]
 SPOOFED_NAMES = [*CLIENT_ID_SPELLINGS, "X-Auth-Client-Id", "X_AUTH_CLIENT_ID", "x-auth-client-id"]  # the last: twice
 
 
@@ -120,7 +121,7 @@ def spend(
 
 def seen_client(reached: dict) -> str | None:
     """The client id the app received: the verified one, in the only spelling that may reach it."""
-    names = [name for name in reached["headers"] if re.fullmatch(r"x[-_.]auth[-_.]client[-_.]id", name)]
+    names = [name for name in reached["headers"] if CLIENT_ID_NAME.fullmatch(name)]
     assert names in ([], ["x-auth-client-id"]), names
     values = reached["headers"].get("x-auth-client-id")
     assert values is None or len(values) == 1, values
