@@ -11,7 +11,8 @@ requests a bucket admits and then see the 429; nothing waits on the clock.
   unaffected; a client with its own descriptor gets its own limit;
 * a copy of x-auth-client-id the client sends (any spelling, repeated) picks no bucket: the
   sender's own bucket pays, and an exhausted client cannot escape into another one;
-* requests without a verified identity (anonymous, invalid token) never touch a client's bucket;
+* requests without a verified identity (anonymous, an invalid token, a token on a public route)
+  never touch a client's bucket;
 * a route with its own block has buckets of its own.
 """
 
@@ -191,6 +192,9 @@ def test_requests_without_a_verified_identity_never_reach_a_clients_bucket(
         for _ in range(LIMIT):
             answer = rig.send(*WRITE, credentials, spoofed("payments-writer"))
             assert answer.status == 401 and answer.reached_upstream == [], answer.body
+    # The writer's own valid token on a public route carries no identity either (the service
+    # removes the header there), so these take nothing from its bucket.
+    spend(rig, ("GET", "/healthz"), writer, 2 * LIMIT, client=None)
     # The writer's bucket is still full.
     spend(rig, WRITE, writer, LIMIT, client="payments-writer")
     assert_rate_limited(rig.send(*WRITE, writer))
