@@ -2,10 +2,10 @@
 
 Each test starts its own Envoy on the shipped config of the module's mode (ext_authz over gRPC,
 over HTTP, and native: the bootstrap compiled from the policy) with the recipe pasted in as its
-comment says, in front of the real service, tokens from the
-dev issuer's /oauth2/token. Only the recipe's numbers change: small buckets with a fill interval of
-an hour, so no token comes back while a test runs, however slow the machine. Tests count the
-requests a bucket admits and then see the 429; nothing waits on the clock.
+comment says, in front of the real service, tokens from the dev issuer's /oauth2/token. Only the
+recipe's numbers change: small buckets with a fill interval of an hour, so no token comes back
+while a test runs, however slow the machine. Tests count the requests a bucket admits and then see
+the 429; nothing waits on the clock.
 
 * a client over its limit gets 429 with Retry-After and never reaches the app; another client is
   unaffected; a client with its own descriptor gets its own limit;
