@@ -9,6 +9,7 @@ gains a second listener, filter chain or endpoint fails loudly instead of a test
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 Config = dict[str, Any]
@@ -102,3 +103,19 @@ def without_anonymous_limit(config: Config) -> None:
         limit = route.get("typed_per_filter_config", {}).get("envoy.filters.http.local_ratelimit")
         if limit is not None:
             limit["token_bucket"].update(max_tokens=1_000_000, tokens_per_fill=1_000_000)
+
+
+PER_CLIENT_FILTER = "per_client_ratelimit"
+
+
+def virtual_host(config: Config, listener_name: str = "ingress") -> Config:
+    """The single virtual host of a listener's route table (the shipped configs have one, ``app``)."""
+    return one(hcm(config, listener_name)["route_config"]["virtual_hosts"], f"virtual host of {listener_name!r}")
+
+
+def with_per_client_limits(config: Config, recipe: Config) -> None:
+    """Apply envoy/examples/per-client-ratelimit.yaml (``recipe``, loaded) as its comment says: its
+    ``typed_per_filter_config`` block pasted into the ``ingress`` listener's virtual host."""
+    virtual_host(config).setdefault("typed_per_filter_config", {}).update(
+        copy.deepcopy(recipe["typed_per_filter_config"])
+    )

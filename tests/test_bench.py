@@ -62,7 +62,7 @@ def test_generated_envoy_configs_validate(run, kind: str, tmp_path: Path) -> Non
                 "ext_authz_http": ["envoy.filters.http.ext_authz"]}
     # The same admission filters in front of every row, so the rows stay comparable.
     admission = ["envoy.filters.http.local_ratelimit"]
-    assert names == admission + expected[kind] + ["envoy.filters.http.router"]
+    assert names == admission + expected[kind] + [envoyconf.PER_CLIENT_FILTER, "envoy.filters.http.router"]
     assert [l["name"] for l in cfg["static_resources"]["listeners"]] == ["ingress"]
     path = tmp_path / f"{kind}.yaml"
     path.write_text(yaml.safe_dump(cfg))

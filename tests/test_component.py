@@ -284,3 +284,37 @@ def test_sidecars_are_deploy_k8s_ones_apart_from_the_documented_differences(rend
         else:
             ours["args"][ours["args"].index("--config-path") + 1] = "/etc/envoy/envoy.yaml"
         assert ours == theirs, name
+
+
+def test_per_client_limits_replace_the_components_envoy_configs_one_layer_up(tmp_path: Path) -> None:
+    """docs/operations.md ("Per-client rate limits", In Kubernetes): a layer over the app replaces
+    ``<app>-authz-envoy`` with copies of the Component's files, the recipe pasted into each and the
+    app's port set; the Deployment mounts the new ConfigMap, and its configs validate."""
+    copied = tmp_path / "deploy"
+    for part in ("components", "examples"):
+        shutil.copytree(ROOT / "deploy" / part, copied / part)
+    layer = copied / "examples" / "two-apps" / "payments-limited"
+    layer.mkdir()
+    recipe = yaml.safe_load((ROOT / "envoy" / "examples" / "per-client-ratelimit.yaml").read_text())
+    for mode in SHIPPED:
+        text = (COMPONENT / f"envoy-{mode}.yaml").read_text()
+        config = yaml.safe_load(text)
+        envoyconf.with_per_client_limits(config, recipe)
+        envoyconf.endpoint(config, "app")["port_value"] = int(APPS["payments"][0])
+        (layer / f"envoy-{mode}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (layer / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": ["../payments"],
+        "configMapGenerator": [{"name": "payments-authz-envoy", "behavior": "replace",
+                                "files": ["envoy-grpc.yaml", "envoy-http.yaml"]}]}))
+    kubectl = tool("kubectl", "apt-get install -y kubectl (or any kubectl >= 1.27 with built-in kustomize)")
+    result = run([kubectl, "kustomize", str(layer)])
+    assert result.returncode == 0, result.stderr
+    objects = [d for d in yaml.safe_load_all(result.stdout) if d]
+    (config_map,) = [o for o in objects if o["kind"] == "ConfigMap" and "authz-envoy" in o["metadata"]["name"]]
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    mounted = {v["configMap"]["name"] for v in deployment["spec"]["template"]["spec"]["volumes"] if "configMap" in v}
+    assert config_map["metadata"]["name"] in mounted
+    for mode in SHIPPED:
+        config = yaml.safe_load(config_map["data"][f"envoy-{mode}.yaml"])
+        assert envoyconf.virtual_host(config)["typed_per_filter_config"] == recipe["typed_per_filter_config"]
+        assert envoyconf.endpoint(config, "app")["port_value"] == 5000

@@ -64,6 +64,8 @@ SHIPPED_ENVOY_CONFIG = REPO_ROOT / "envoy" / "envoy.yaml"
 HTTP_ENVOY_CONFIG = REPO_ROOT / "envoy" / "envoy-http.yaml"  # Envoy's HTTP ext_authz mode
 # The shipped Envoy config of each ext_authz mode: the security suites run through both.
 ENVOY_CONFIGS = {"grpc": SHIPPED_ENVOY_CONFIG, "http": HTTP_ENVOY_CONFIG}
+# Per-client rate limits: the block to paste into a shipped config's virtual host (its comment says how).
+PER_CLIENT_RECIPE = REPO_ROOT / "envoy" / "examples" / "per-client-ratelimit.yaml"
 MODES = tuple(ENVOY_CONFIGS)
 # Envoy enforcing a policy compiled by `authz-service compile envoy`, the service as its fallback.
 NATIVE = "native"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import textwrap
 from typing import Any
 
 import pytest
@@ -16,6 +17,8 @@ import yaml
 from .. import envoyconf
 from .harness import (
     HTTP_ENVOY_CONFIG,
+    PER_CLIENT_RECIPE,
+    REPO_ROOT,
     SHIPPED_ENVOY_CONFIG,
     EnvoyProcess,
     UpstreamProcess,
@@ -64,10 +67,11 @@ def test_ext_authz_is_fail_closed_v3_grpc_without_body() -> None:
     cfg = load_shipped_config()
     filters = envoyconf.http_filters(cfg)
     names = [f["name"] for f in filters]
-    # Admission (the anonymous token bucket, which can only refuse) before ext_authz, router
-    # last: nothing can route around the check.
+    # Admission (the anonymous token bucket, which can only refuse) before ext_authz, the
+    # per-client limits (which read the identity ext_authz verified) after it, router last:
+    # nothing can route around the check.
     assert names == ["envoy.filters.http.local_ratelimit", "envoy.filters.http.ext_authz",
-                     "envoy.filters.http.router"], names
+                     envoyconf.PER_CLIENT_FILTER, "envoy.filters.http.router"], names
 
     ea = filters[1]["typed_config"]
     assert ea["@type"] == EXT_AUTHZ_TYPE
@@ -94,6 +98,49 @@ def test_shipped_http_mode_config_passes_envoy_validate() -> None:
     res = _validate(HTTP_ENVOY_CONFIG)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "deprecated" not in (res.stdout + res.stderr).lower()
+
+
+@pytest.mark.e2e
+@needs_envoy
+@pytest.mark.parametrize("source", [SHIPPED_ENVOY_CONFIG, HTTP_ENVOY_CONFIG], ids=["grpc", "http"])
+def test_per_client_recipe_applied_to_a_shipped_config_passes_envoy_validate(source, tmp_path) -> None:
+    """envoy/examples/per-client-ratelimit.yaml, pasted where its comment says, as shipped."""
+    cfg = load_shipped_config(source)
+    envoyconf.with_per_client_limits(cfg, yaml.safe_load(PER_CLIENT_RECIPE.read_text()))
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = _validate(path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "deprecated" not in (res.stdout + res.stderr).lower()
+
+
+def test_per_client_filter_is_inert_as_shipped_and_the_recipe_reads_the_verified_header() -> None:
+    """The shipped filter limits nothing (no bucket of its own, no route or virtual host configures
+    it); the recipe keys on the header the authz service sets and lets no client share a bucket."""
+    cfg = load_shipped_config()
+    assert envoyconf.http_filter(cfg, envoyconf.PER_CLIENT_FILTER) == {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        "stat_prefix": "per_client"}
+    host = envoyconf.virtual_host(cfg)
+    assert all(envoyconf.PER_CLIENT_FILTER not in item.get("typed_per_filter_config", {})
+               for item in (host, *host["routes"]))
+    block = yaml.safe_load(PER_CLIENT_RECIPE.read_text())["typed_per_filter_config"][envoyconf.PER_CLIENT_FILTER]
+    assert block["rate_limits"] == [{"actions": [{"request_headers": {
+        "header_name": "x-auth-client-id", "descriptor_key": "client_id"}}]}]
+    assert block["always_consume_default_token_bucket"] is False
+    assert block["enable_retry_after_header"] is True
+    for fraction in ("filter_enabled", "filter_enforced"):
+        assert block[fraction]["default_value"] == {"numerator": 100, "denominator": "HUNDRED"}
+
+
+def test_operations_docs_show_the_recipe_as_shipped() -> None:
+    """The block docs/operations.md shows (without the file's comments) is the recipe's, value for value."""
+    docs = (REPO_ROOT / "docs" / "operations.md").read_text()
+    section = docs[docs.index("## Per-client rate limits"):]
+    start = section.index("```yaml\n") + len("```yaml\n")
+    snippet = section[start:section.index("\n```", start)]
+    shown = yaml.safe_load(textwrap.dedent(snippet))["virtual_hosts"][0]
+    assert shown["typed_per_filter_config"] == yaml.safe_load(PER_CLIENT_RECIPE.read_text())["typed_per_filter_config"]
 
 
 def _without_authz_transport(cfg: dict[str, Any]) -> dict[str, Any]:
