@@ -77,6 +77,7 @@ def test_envoy_runs_the_listener_the_service_wrote(stack: SecurityStack) -> None
     # The same on Envoy's Prometheus endpoint (the envoy-health listener), for the skew alert.
     _, _, body = http_request("GET", s.envoy.health_url("/stats/prometheus"))
     assert f'envoy_listener_manager_lds_version_text{{text_value="{sha}"}}' in body.decode()
+    assert "envoy_listener_manager_lds_update_rejected{} 0" in body.decode()  # the alerts' names (test_alerts.py)
     assert natively_allowed(s, s.fake.token())
     assert s.send("POST", "/transactions").status == 401
     assert envoy_fetches(s.envoy) >= 1  # the keys came from the service's /jwks
