@@ -5,7 +5,6 @@ service wrote its listener."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,8 @@ from authz_service.native.options import Options
 from authz_service.native.xds import ENVOY_FLAGS, LISTENERS_FILE
 from tools.component_envoy import XDS_DIR
 
-from .test_deploy import K8S, _kubernetes_versions, container, env_of, kubernetes_schema_errors, one, run, tool
+from .test_deploy import (K8S, _kubernetes_versions, container, env_of, kubernetes_schema_errors, one,
+                          render_with_component, run, tool)
 
 NATIVE = K8S / "native"
 COMPONENT_SIDECARS = K8S.parent / "components" / "authz-sidecar" / "sidecars.yaml"
@@ -26,15 +26,7 @@ COMPONENT_SIDECARS = K8S.parent / "components" / "authz-sidecar" / "sidecars.yam
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """deploy/k8s with the native component enabled as its kustomization.yaml says."""
-    copy_ = tmp_path_factory.mktemp("k8s") / "k8s"
-    shutil.copytree(K8S, copy_)
-    kustomization = copy_ / "kustomization.yaml"
-    text = kustomization.read_text()
-    assert "# components:\n# - tracing\n# - native\n" in text
-    kustomization.write_text(text.replace("# components:\n# - tracing\n# - native\n", "components:\n- native\n"))
-    result = run([tool("kubectl", "apt-get install -y kubectl"), "kustomize", str(copy_)])
-    assert result.returncode == 0, result.stderr
-    return [d for d in yaml.safe_load_all(result.stdout) if d]
+    return render_with_component(tmp_path_factory.mktemp("k8s"), "native")
 
 
 def pod_spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
