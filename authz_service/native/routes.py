@@ -23,15 +23,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..decision import NO_ROUTE_TEXT, Reason
+from ..decision import NO_ROUTE_LABEL, NO_ROUTE_TEXT, Reason
 from ..policy import PathCase, Policy
 from . import patterns
 from .answers import AnswerBook
 from .checks import route_checks, rules
+from .decisions import route_metadata
 from .jwt import REQUIREMENT
 from .plan import Engine, RoutePlan
 
 SCREEN, JWT, TOKEN, ROUTE = "authz.screen", "authz.jwt", "authz.token", "authz.route"
+ROUTE_STAT_PREFIX = "authz_route_"  # the per-route RBAC's, as bootstrap._stat_prefix(ROUTE)
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 RATE_LIMIT = "envoy.filters.http.local_ratelimit"
 APP_CLUSTER = "app"
@@ -103,6 +105,7 @@ def ingress_routes(
                     "name": name,
                     "match": match,
                     "route": {"cluster": APP_CLUSTER},
+                    "metadata": route_metadata(plan.route.name, Reason.PUBLIC),
                     "typed_per_filter_config": disabled(JWT, TOKEN, ROUTE, EXT_AUTHZ),
                 }
             )
@@ -112,13 +115,14 @@ def ingress_routes(
                     "name": name,
                     "match": match,
                     "route": {"cluster": APP_CLUSTER},
+                    "metadata": route_metadata(plan.route.name, Reason.ALLOWED),
                     "typed_per_filter_config": {
                         JWT: {"@type": _JWT_PER_ROUTE, "requirement_name": REQUIREMENT},
                         ROUTE: {
                             "@type": _RBAC_PER_ROUTE,
                             "rbac": {
                                 "rules": rules(route_checks(policy, plan.route, book)),
-                                "rules_stat_prefix": "authz_route_",
+                                "rules_stat_prefix": ROUTE_STAT_PREFIX,
                             },
                         },
                     },
@@ -131,6 +135,7 @@ def ingress_routes(
             "match": {"prefix": "/"},
             "direct_response": response,
             "response_headers_to_add": headers,
+            "metadata": route_metadata(NO_ROUTE_LABEL, Reason.NO_ROUTE),
             "typed_per_filter_config": disabled(JWT, TOKEN, ROUTE, EXT_AUTHZ),
         }
     )
