@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .decisionlog import DecisionLogMode
 from .tracing import CLIENT_CONTEXTS, TracingSettings, TracingSettingsError, tracing_settings
 
 
@@ -166,6 +167,20 @@ def _trace_client_context(text: str) -> str:
     return value
 
 
+def _decision_log(text: str) -> str:
+    value = text.lower()
+    if value not in {mode.value for mode in DecisionLogMode}:
+        raise ValueError(f"one of {', '.join(mode.value for mode in DecisionLogMode)}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise ValueError("a share of the allowed requests: more than 0, at most 1 (0.01: one in a hundred)")
+    return value
+
+
 def _path_prefix(text: str) -> str:
     if text and (
         not text.startswith("/")
@@ -240,7 +255,25 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("realm", "authz-service", _realm, "Realm in WWW-Authenticate challenges."),
     Option("shutdown_grace", 10.0, _non_negative, "Seconds in-flight Checks get to finish on SIGTERM."),
-    Option("log_level", "INFO", _log_level, "debug, info, warning or error (allowed requests log at debug)."),
+    Option(
+        "log_level",
+        "INFO",
+        _log_level,
+        "debug, info, warning or error (the decision log is not affected: see --decision-log).",
+    ),
+    Option(
+        "decision_log",
+        "deny",
+        _decision_log,
+        "Which decisions get a JSON line on the decision log: deny (every denial and dry-run denial), all, "
+        "sampled (every denial, and allowed requests at --decision-log-sample-rate) or off.",
+    ),
+    Option(
+        "decision_log_sample_rate",
+        0.01,
+        _fraction,
+        "With --decision-log sampled: the share of allowed requests logged (0.01: one in a hundred), at random.",
+    ),
     Option(
         "token_cache_size",
         10_000,
@@ -311,6 +344,8 @@ class Settings:
     realm: str = "authz-service"
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
+    decision_log: str = "deny"
+    decision_log_sample_rate: float = 0.01
     token_cache_size: int = 10_000
     token_cache_max_bytes: int = 16 * 1024 * 1024
     workers: int = 1

@@ -12,8 +12,9 @@ exports them; this module turns them off for the single process too, in every pr
 builds our metrics (workers are spawned interpreters, so they run this import as well).
 
 Every label value comes from a closed set (decision, reason, status) or from the loaded
-configuration (route names, issuer pool ids), never from the request, so a client sending random
-paths or tokens cannot create new series.
+configuration (route names, issuer pool ids, the client ids the policy names: any other client is
+``other``), never from the request, so a client sending random paths or tokens cannot create new
+series.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from . import __version__
 disable_created_metrics()
 
 PREFIX = "authz"
+# One Check's labels: (decision, reason, route, status, client); client is the policy's label of the
+# verified token's client (Policy.client_label), "" when no token was verified.
+CheckKey = tuple[str, str, str, int, str]
 
 # 10 us .. 5 s: a warm Check takes tens of microseconds, a Check waiting on a JWKS fetch up to
 # seconds, and Envoy gives up on a Check after 4 s (envoy/envoy.yaml); 2.5 and 5 s tell a slow
@@ -180,6 +184,21 @@ class Metrics:
             ["problem"],
             registry=registry,
         )
+        # Per client: label values are the policy's client ids and "other" (Policy.client_label).
+        self.client_decisions = Counter(
+            f"{PREFIX}_client_decisions",
+            "Check results of verified tokens by client (a client id the policy names, else other) and decision "
+            "(allow, deny, dry_run_deny).",
+            ["client", "decision"],
+            registry=registry,
+        )
+        self.client_new_tokens = Counter(
+            f"{PREFIX}_client_new_tokens",
+            "Valid tokens this process verified for the first time (not in its verified-token cache), by client "
+            "(a client id the policy names, else other): how often each client gets a new token.",
+            ["client"],
+            registry=registry,
+        )
         self.build_info = Gauge(
             f"{PREFIX}_build_info",
             "Always 1; the labels name the authz-service version and the Python and gRPC it runs on.",
@@ -250,11 +269,14 @@ class PerCheck:
 
     def __init__(self, metrics: Metrics) -> None:
         self._decisions = metrics.decisions
+        self._client_decisions = metrics.client_decisions
+        self._new_tokens = metrics.client_new_tokens
         self._duration = metrics.check_duration
         self._hit = metrics.token_cache_lookups.labels("hit")
         self._miss = metrics.token_cache_lookups.labels("miss")
-        self._series: dict[tuple[str, str, str, int], Any] = {}
-        self.decisions: dict[tuple[str, str, str, int], int] = {}  # (decision, reason, route, status)
+        self._series: dict[CheckKey, tuple[Any, Any]] = {}  # the decision series, the client's (or None)
+        self.decisions: dict[CheckKey, int] = {}
+        self.new_tokens: dict[str, int] = {}  # client label -> tokens verified for the first time
         self.durations: list[float] = []
         # Durations of Checks whose trace was sampled, with the trace id (tracing on only): each
         # becomes an exemplar, so a latency panel links to the trace (OpenMetrics exposition).
@@ -262,7 +284,7 @@ class PerCheck:
         self.cache_hits = 0
         self.cache_misses = 0
 
-    def check(self, key: tuple[str, str, str, int], seconds: float) -> None:
+    def check(self, key: CheckKey, seconds: float) -> None:
         """One answered Check: its decision labels and how long it took."""
         decisions = self.decisions
         decisions[key] = decisions.get(key, 0) + 1
@@ -271,7 +293,7 @@ class PerCheck:
         if len(durations) >= self.MAX_PENDING:
             self.flush()
 
-    def check_sampled(self, key: tuple[str, str, str, int], seconds: float, trace_id: int) -> None:
+    def check_sampled(self, key: CheckKey, seconds: float, trace_id: int) -> None:
         """``check`` for a Check whose trace was sampled: ``trace_id`` is its duration's exemplar."""
         decisions = self.decisions
         decisions[key] = decisions.get(key, 0) + 1
@@ -280,17 +302,28 @@ class PerCheck:
         if len(sampled) >= self.MAX_PENDING:
             self.flush()
 
+    def new_token(self, client: str) -> None:
+        """A valid token seen for the first time, of the client labelled ``client``."""
+        new_tokens = self.new_tokens
+        new_tokens[client] = new_tokens.get(client, 0) + 1
+
     def flush(self) -> None:
         decisions, self.decisions = self.decisions, {}
         durations, self.durations = self.durations, []
         sampled, self.sampled = self.sampled, []
+        new_tokens, self.new_tokens = self.new_tokens, {}
         for key, count in decisions.items():
             series = self._series.get(key)
             if series is None:  # labels() takes a lock and builds strings: once per series
                 if len(self._series) >= self.MAX_SERIES:
                     self._series.clear()
-                series = self._series[key] = self._decisions.labels(key[0], key[1], key[2], str(key[3]))
-            series.inc(count)
+                per_client = self._client_decisions.labels(key[4], key[0]) if key[4] else None
+                series = self._series[key] = (self._decisions.labels(key[0], key[1], key[2], str(key[3])), per_client)
+            series[0].inc(count)
+            if series[1] is not None:
+                series[1].inc(count)
+        for label, count in new_tokens.items():
+            self._new_tokens.labels(label).inc(count)
         observe = self._duration.observe
         for seconds in durations:
             observe(seconds)

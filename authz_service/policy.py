@@ -45,6 +45,8 @@ _SCOPE = re.compile(rf"^{SCOPE_TOKEN}\Z")
 _ANY_POOL_ID = re.compile(r"^[A-Za-z0-9-]{1,50}_[0-9A-Za-z]+\Z")
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/ {}*-]{0,99}\Z")
 _CLIENT_ID = re.compile(r"^[\x21-\x7E]{1,128}\Z")
+# The ``client`` metric label of every client the policy does not name (Policy.client_label).
+OTHER_CLIENT = "other"
 
 
 class PolicyError(ValueError):
@@ -149,6 +151,8 @@ class Route:
     # Whether the request reaches the app with its Authorization header (``forward_token``); by
     # default it is removed, as jwt_authn (forward: false) and Istio (forwardOriginalToken) do.
     forward_token: bool = False
+    # Every scope the route names, any-of and all-of (the decision log's ``scopes_used``).
+    required_scopes: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
     def requirements(self) -> Conditions:
@@ -176,6 +180,14 @@ class Policy:
     # Custom claims some route's conditions name: the verifier keeps exactly these in Claims.custom.
     claim_names: frozenset[str] = frozenset()
     path_case: PathCase = PathCase.SENSITIVE
+    # The app client ids the policy names (issuer and route client_ids): the only values of the
+    # per-client metrics' ``client`` label (see client_label).
+    clients: frozenset[str] = frozenset()
+
+    def client_label(self, client_id: str) -> str:
+        """A client's ``client`` metric label: its id when the policy names it, else ``other``, so
+        the label's values are bounded by the policy, never by whoever presents a valid token."""
+        return client_id if client_id in self.clients else OTHER_CLIENT
 
     def match(self, method: str, segments: tuple[str, ...]) -> Route | None:
         """The most specific route for this method and path segments as written, or None.
@@ -238,6 +250,7 @@ class Policy:
             self.version,
             self.claim_names,
             PathCase.INSENSITIVE,
+            self.clients,
         )
 
     def representative_paths(
@@ -571,6 +584,9 @@ class _Context(YamlValidator):
             version=version,
             claim_names=frozenset(c.name for r in good_routes for c in r.claims),
             path_case=path_case,
+            clients=frozenset().union(
+                *(i.client_ids for i in issuers if i.client_ids), *(r.client_ids for r in good_routes if r.client_ids)
+            ),
         )
 
     def path_case(self, value: object) -> PathCase:
@@ -842,6 +858,7 @@ class _Context(YamlValidator):
             all_scopes_text=" ".join(sorted(required)),
             conditions=conditions,
             forward_token=self.boolean(item, "forward_token", where, default=forward_token),
+            required_scopes=any_scopes | required,
         )
 
 

@@ -23,6 +23,7 @@ from . import __version__, doors
 from .admin import AdminServer, CachedExposition
 from .check import Checker, TracedChecker
 from .config import Settings
+from .decisionlog import DecisionLog, DecisionLogMode
 from .doors.base import DoorKind, FrontDoor, Wiring
 from .jwks import JwksCache, http_session
 from .metrics import Metrics
@@ -119,12 +120,15 @@ class Service:
         self.reloader.open_watch(settings.policy_watch)  # --policy-watch inotify without inotify: OSError
         self.metrics.policy_loaded(len(policy.routes), policy.sha256)
         verifier = TokenVerifier(self.jwks, leeway=settings.leeway, cache=self.token_cache)
+        decision_log = DecisionLog(DecisionLogMode(settings.decision_log), settings.decision_log_sample_rate)
         if isinstance(self.tracing, Tracing):
             self.checker: Checker = TracedChecker(
-                self.reloader, verifier, Answers(settings.realm), self.metrics.per_check, self.tracing
+                self.reloader, verifier, Answers(settings.realm), self.metrics.per_check, self.tracing, decision_log
             )
         else:
-            self.checker = Checker(self.reloader, verifier, Answers(settings.realm), self.metrics.per_check)
+            self.checker = Checker(
+                self.reloader, verifier, Answers(settings.realm), self.metrics.per_check, decision_log
+            )
 
         wiring = Wiring(self.checker, settings, self.metrics, self._on_mismatch)
         for kind, port in doors.enabled(settings):

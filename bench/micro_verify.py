@@ -5,6 +5,8 @@ Forged = a token anyone can send: a trusted kid, a signature that verifies under
 payload that is expensive JSON (the CPU a flood of them costs; run on two versions to compare).
 Decide = the whole decision for a warm token, on a route with only scopes and on one with route
 conditions (client_ids, all_scopes, two claim conditions): what the conditions add per Check.
+Decision log = one allowed Check's decision log line, built, JSON-formatted and written to a file
+(--decision-log all), against the same allow not logged (the default).
 Prints microseconds per call; compare figures from one run only (the machine is shared).
 
     .venv/bin/python bench/micro_verify.py [--n 2000]
@@ -142,6 +144,7 @@ async def main() -> None:
         forged.append((len(token), us, outcome))
 
     decide_us = await decide_per_route(keys, toks[0], args.n * 10)
+    log_us = decision_log_per_allow(args.n * 10)
 
     print("| measure | us per call |\n|---|---|")
     print(f"| verify, cold (distinct tokens, no cache) | {cold_us:.1f} |")
@@ -152,6 +155,8 @@ async def main() -> None:
               f"MAX_TOKEN_BYTES {tokens_module.MAX_TOKEN_BYTES}) | {us:.1f} |")
     for route, us in decide_us.items():
         print(f"| decide, warm token, {route} | {'n/a in this version' if us is None else f'{us:.1f}'} |")
+    for mode, us in log_us.items():
+        print(f"| decision log, an allowed Check, --decision-log {mode} | {'n/a in this version' if us is None else f'{us:.2f}'} |")
 
 
 CONDITIONS_POLICY = f"""issuers:\n  - user_pool_id: us-east-1_Bench0001\nroutes:
@@ -184,6 +189,41 @@ async def decide_per_route(keys: Keys, token: str, reps: int) -> dict[str, float
         for _ in range(reps):
             await decide(request, policy, verifier)
         out[label] = (time.perf_counter() - t0) / reps * 1e6
+    return out
+
+
+def decision_log_per_allow(reps: int) -> dict[str, float | None]:
+    """DecisionLog.record for one allow: written (all: a JSON line to the log stream as the service
+    sets it up, here a file) and not written (deny, the default)."""
+    import contextlib
+    import tempfile
+
+    try:
+        from authz_service import logs
+        from authz_service.claims import Claims
+        from authz_service.decision import Decision, Reason
+        from authz_service.decisionlog import DecisionLog, DecisionLogMode
+        from authz_service.request import HttpRequest
+    except ImportError:  # a version without the decision log
+        return {"all": None, "deny": None}
+    route = POLICY.routes[0]
+    claims = Claims(issuer=ISSUER, client_id="1example23456789abcdefghij", sub="1example23456789abcdefghij",
+                    scopes=frozenset({"a/b"}), scope_text="a/b", exp=2_000_000_000, kid="k1")
+    decision = Decision(True, Reason.ALLOWED, route=route, claims=claims)
+    request = HttpRequest(method="GET", path="/x", segments=("x",), authorization=(), spoofed_identity_headers=(),
+                          request_id="6f1c6a1e-4c1b-4a4e-9d5c-2b8f3e1d7a90")
+    out: dict[str, float | None] = {}
+    with tempfile.TemporaryFile("w") as sink:
+        with contextlib.redirect_stdout(sink):
+            logs.configure("INFO")  # the service's log stream, on the file
+        for mode in (DecisionLogMode.ALL, DecisionLogMode.DENY):
+            record = DecisionLog(mode).record
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                record(decision, request, POLICY)
+            out[mode.value] = (time.perf_counter() - t0) / reps * 1e6
+        sink.flush()
+        assert sink.tell() > 0, "no decision log line was written"
     return out
 
 

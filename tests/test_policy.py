@@ -140,6 +140,29 @@ def test_forward_token_must_be_a_boolean(extra, route, place):
     assert f"{place}: must be true or false" in message
 
 
+def test_client_labels_are_the_client_ids_the_policy_names():
+    """Issuer and route client_ids label the per-client metrics; any other client is 'other', so no
+    token can add a series."""
+    policy = load("""\
+        issuers:
+          - user_pool_id: us-east-1_Abc123
+            client_ids: [client-a, client-b]
+          - user_pool_id: us-east-1_Def456
+        routes:
+          - path: /a
+            scopes: [r]
+            client_ids: [client-c, client-a]
+          - path: /b
+            scopes: [r]
+        """)
+    assert policy.clients == frozenset({"client-a", "client-b", "client-c"})
+    assert [policy.client_label(c) for c in ("client-a", "client-c", "client-z", "")] == [
+        "client-a", "client-c", "other", "other"]
+    assert routes_policy("  - path: /a\n    scopes: [r]\n").clients == frozenset()
+    assert routes_policy("  - path: /a\n    scopes: [r]\n", extra="path_case: insensitive\n").case_folded().clients == (
+        frozenset())
+
+
 def test_top_level_mode_defaults_to_enforce():
     policy = routes_policy("  - path: /a\n    scopes: [r]\n")
     assert policy.routes[0].mode is Mode.ENFORCE
