@@ -50,6 +50,8 @@ CONTRACT_METRICS = {
     "authz_token_cache_bytes",
     "authz_token_cache_evictions_total",
     "authz_ext_authz_http_config_mismatches_total",
+    "authz_client_decisions_total",
+    "authz_client_new_tokens_total",
 }
 # Closed label-value sets of the contract (route and issuer come from the policy).
 CONTRACT_LABEL_VALUES = {
@@ -64,7 +66,7 @@ CONTRACT_LABEL_VALUES = {
     "result": {"ok", "error"},
     "problem": {"original_path_missing", "path_prefix_mismatch", "original_path_mismatch"},
 }
-CONTRACT_LABELS = set(CONTRACT_LABEL_VALUES) | {"route", "issuer", "sha256", "le"}
+CONTRACT_LABELS = set(CONTRACT_LABEL_VALUES) | {"route", "issuer", "sha256", "le", "client"}
 # Labels Prometheus attaches to every scraped series (ServiceMonitor target labels; `app`, the protected
 # app's name, is set by the relabelling of every shipped ServiceMonitor and PodMonitor).
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "container", "service", "endpoint", "app"}
@@ -471,6 +473,23 @@ def test_dashboard_has_the_required_views() -> None:
     assert has(r"authz_policy_generation"), "policy generation"
     assert has(r"authz_policy_reloads_total"), "policy reload errors"
     assert has(r"authz_policy_file_refused"), "a policy file refused now"
+    assert has(r"sum by \(client, decision\) \(rate\(authz_client_decisions_total"), "decisions per client"
+    assert has(r"max by \(client\) \(rate\(authz_client_new_tokens_total"), "new tokens per client"
+
+
+def test_the_new_tokens_panel_draws_the_alerts_threshold_over_the_alerts_window() -> None:
+    """The dashboard shows what AuthzClientMintingTokens evaluates: the same rate, window and threshold."""
+    (rule,) = [r for r in alert_rules() if r["alert"] == "AuthzClientMintingTokens"]
+    expr = " ".join(rule["expr"].split())
+    alert = re.fullmatch(r"max by \(namespace, job, app, client\) \(rate\(authz_client_new_tokens_total\[(\w+)\]\)\) "
+                         r"\* 60 > ([\d.]+)", expr)
+    assert alert, expr
+    (panel,) = [p for p in dashboard_panels(dashboard()["panels"])
+                if any("authz_client_new_tokens_total" in t.get("expr", "") for t in p.get("targets", []))]
+    assert f"[{alert.group(1)}])) * 60" in panel["targets"][0]["expr"]
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [step["value"] for step in steps if step["value"] is not None] == [float(alert.group(2))]
+    assert f"({alert.group(2)} per minute" in panel["description"]
 
 
 
