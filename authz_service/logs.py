@@ -45,6 +45,8 @@ def configure(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for noisy in ("aiohttp.access",):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     _output = handler
 
 
@@ -70,8 +72,6 @@ def record(logger: str, msg: str, fields: Mapping[str, object]) -> None:
         pass
     finally:
         handler.release()
-    for noisy in ("aiohttp.access",):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class Throttle:

@@ -115,9 +115,12 @@ def test_the_service_writes_a_line_whatever_the_log_level(monkeypatch, capsys, f
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", list(root.handlers))  # restored after the test, as is
     monkeypatch.setattr(logs, "_output", None)  # the stream logs.configure sets
+    monkeypatch.setattr(logging.getLogger("aiohttp.access"), "level", logging.NOTSET)
     level = root.level
     try:
         logs.configure("WARNING")  # in the test's call phase: capsys's stdout of this phase
+        # Configuring the stream quiets aiohttp's access log (a line per JWKS fetch otherwise).
+        assert logging.getLogger("aiohttp.access").level == logging.WARNING
         logging.getLogger("authz_service.server").info("a diagnostic")
         DecisionLog(DecisionLogMode.ALL).record(ALLOW, REQUEST, POLICY)
         DecisionLog(DecisionLogMode.DENY).record(DENY, REQUEST, POLICY)
