@@ -181,6 +181,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _rate_per_minute(text: str) -> float:
+    value = _float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("a positive number of new tokens per minute, e.g. 2")
+    return value
+
+
 def _path_prefix(text: str) -> str:
     if text and (
         not text.startswith("/")
@@ -287,6 +294,14 @@ OPTIONS: tuple[Option, ...] = (
         "Most bytes (approximate) the verified-token cache holds (per worker); 0 disables the cache.",
     ),
     Option(
+        "new_tokens_alert_per_minute",
+        2.0,
+        _rate_per_minute,
+        "New tokens per minute from one client, as one process sees them, above which the shipped alert "
+        "AuthzClientMintingTokens fires (exported as authz_client_new_tokens_alert_per_minute, which the alert "
+        "reads): raise it for clients with many replicas or short-lived tokens.",
+    ),
+    Option(
         "workers",
         1,
         _workers,
@@ -348,6 +363,7 @@ class Settings:
     decision_log_sample_rate: float = 0.01
     token_cache_size: int = 10_000
     token_cache_max_bytes: int = 16 * 1024 * 1024
+    new_tokens_alert_per_minute: float = 2.0
     workers: int = 1
     event_loop: str = "auto"
     metrics_min_interval: float = 1.0

@@ -199,6 +199,13 @@ class Metrics:
             ["client"],
             registry=registry,
         )
+        self.client_new_tokens_alert = Gauge(
+            f"{PREFIX}_client_new_tokens_alert_per_minute",
+            "The rate of new tokens per minute from one client above which AuthzClientMintingTokens fires "
+            "(--new-tokens-alert-per-minute): the alert reads it, so each app sets its own.",
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
         self.build_info = Gauge(
             f"{PREFIX}_build_info",
             "Always 1; the labels name the authz-service version and the Python and gRPC it runs on.",

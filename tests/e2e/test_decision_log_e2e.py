@@ -25,7 +25,7 @@ DECISIONS = "authz_service.decisions"
 def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess, module_envoy_factory,
           mode: str) -> Iterator[SecurityStack]:
     s = start_security_stack(tmp_path_factory.mktemp("decision-log"), upstream, module_envoy_factory,
-                             "--decision-log", "all", mode=mode)
+                             "--decision-log", "all", "--new-tokens-alert-per-minute", "3.5", mode=mode)
     yield s
     stop_security_stack(s)
 
@@ -99,6 +99,11 @@ def test_decisions_per_client_name_only_the_policys_clients(stack: SecurityStack
     assert {key: after[key] - before[key] for key in before} == {
         ("payments-writer", "allow"): 1, ("payments-writer", "deny"): 0, ("other", "allow"): 1, ("other", "deny"): 1}
     assert "reporting" not in stack.service.metrics()
+
+
+def test_the_apps_minting_threshold_is_exported_for_the_alert(stack: SecurityStack) -> None:
+    """AuthzClientMintingTokens compares with the threshold each app's service exports."""
+    assert stack.service.sample("authz_client_new_tokens_alert_per_minute") == 3.5
 
 
 def test_new_tokens_are_counted_per_client_once_each(stack: SecurityStack) -> None:
