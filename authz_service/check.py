@@ -22,6 +22,7 @@ from .tokens import TokenVerifier
 
 if TYPE_CHECKING:
     from .metrics import CheckKey, PerCheck
+    from .shadow import ShadowPolicy
     from .tracing import CheckSpanKind, Tracing
 
 log = logging.getLogger("authz_service.server")
@@ -46,7 +47,8 @@ class CheckCounter(Protocol):
 class Checker:
     """The decision pipeline shared by every front door; stateless apart from its collaborators.
 
-    ``decision_log`` writes the decision log (decisionlog.py; default: denials only)."""
+    ``decision_log`` writes the decision log (decisionlog.py; default: denials only); ``shadow``
+    decides every request again with a candidate policy, which never changes the answer (shadow.py)."""
 
     def __init__(
         self,
@@ -55,12 +57,14 @@ class Checker:
         answers: Answers,
         counter: CheckCounter | None = None,
         decision_log: DecisionLog | None = None,
+        shadow: ShadowPolicy | None = None,
     ) -> None:
         self.policies = policies
         self.verifier = verifier
         self.answers = answers
         self.counter = counter
         self.decision_log = decision_log if decision_log is not None else DecisionLog()
+        self.shadow = shadow
         self.decide = decide  # attributes, so the bench's phase timer can wrap each step
 
     async def check(
@@ -79,6 +83,8 @@ class Checker:
         except Exception:
             log.exception("check failed; denying")
             decision = deny(Reason.INTERNAL_ERROR, _INTERNAL)
+        if self.shadow is not None and request is not None:  # outside the try: it cannot change the decision
+            await self.shadow.compare(request, decision, policy)
         return self.finish(decision, request, render, started, policy)
 
     def refuse(self, description: str, render: Callable[[Answer, Decision], Rendered]) -> Rendered:
@@ -132,6 +138,7 @@ class TracedChecker(Checker):
         counter: PerCheck | None,
         tracing: Tracing,
         decision_log: DecisionLog | None = None,
+        shadow: ShadowPolicy | None = None,
     ) -> None:
         from .tracing import ExemplarCounter
 
@@ -141,6 +148,7 @@ class TracedChecker(Checker):
             answers,
             ExemplarCounter(counter, tracing) if counter is not None else None,
             decision_log,
+            shadow,
         )
         self.tracing = tracing
 

@@ -126,6 +126,12 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+def _shadow_path(text: str) -> str:
+    if text == "-":
+        raise ValueError("the shadow policy is a file the server follows, not standard input; name the file")
+    return text.strip()
+
+
 def _policy_watch(text: str) -> str:
     value = text.lower()
     if value not in {"auto", "inotify", "poll"}:
@@ -269,6 +275,14 @@ OPTIONS: tuple[Option, ...] = (
         "debug, info, warning or error (the decision log is not affected: see --decision-log).",
     ),
     Option(
+        "shadow_policy",
+        "",
+        _shadow_path,
+        "A candidate policy file decided beside the policy on every Check, never changing an answer: "
+        "Checks it decides otherwise are counted (authz_shadow_disagreements_total) and logged. Reloaded as the "
+        "policy is; a file that does not load changes nothing else. Empty (default): none.",
+    ),
+    Option(
         "decision_log",
         "deny",
         _decision_log,
@@ -359,6 +373,7 @@ class Settings:
     realm: str = "authz-service"
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
+    shadow_policy: str = ""  # a file path; empty: no shadow policy
     decision_log: str = "deny"
     decision_log_sample_rate: float = 0.01
     token_cache_size: int = 10_000

@@ -214,6 +214,7 @@ class Metrics:
             registry=registry,
         )
         self.build_info.labels(*build_labels()).set(1)
+        self.shadow = ShadowMetrics(registry)
         self.per_check = PerCheck(self)
 
     def http_door_enabled(self, problems: Iterable[str]) -> None:
@@ -242,6 +243,11 @@ class Metrics:
         self.policy_generation.inc()
         _only(self.policy_info, sha256, 1)
 
+    def policy_load_failed(self, refused_sha256: str | None) -> None:
+        """A load that failed: counted, and the file at the path is refused now (see policy_file_refused)."""
+        self.policy_reloads.labels("error").inc()
+        self.policy_file_refused(refused_sha256)
+
     def policy_file_refused(self, sha256: str | None) -> None:
         """The file at the policy path is refused now (``sha256`` of its content; None: unreadable)."""
         _only(self.policy_file_refused_state, sha256 or "", 1)
@@ -250,6 +256,68 @@ class Metrics:
         """The file at the policy path is the policy serving (a good file loaded, or the one in force
         put back): nothing is refused any more."""
         _only(self.policy_file_refused_state, "", 0)
+
+
+class ShadowMetrics:
+    """The shadow policy's series (``serve --shadow-policy``; shadow.py): its loads, the candidate
+    in force, and the Checks it decided otherwise than the policy serving.
+
+    Label values: ``route``, ``decision`` and ``reason`` are the serving decision's (as in
+    ``authz_check_decisions_total``), ``shadow_decision`` and ``shadow_reason`` the candidate's,
+    all from the policy's route names and closed sets. No series exists until a shadow policy is
+    configured (``policy_file_accepted`` or a load creates them)."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.reloads = Counter(
+            f"{PREFIX}_shadow_policy_reloads",
+            "Shadow policy file loads by result (ok/error); an error never affects serving.",
+            ["result"],
+            registry=registry,
+        )
+        self.info = Gauge(
+            f"{PREFIX}_shadow_policy_info",
+            "1 for the sha256 of the shadow (candidate) policy compared on every Check; no series while none loaded.",
+            ["sha256"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self.refused = Gauge(
+            f"{PREFIX}_shadow_policy_file_refused",
+            "1 while the shadow policy file on disk is refused (the previous candidate, if any, is still "
+            "compared), with the refused content's sha256 (empty: unreadable); else 0.",
+            ["sha256"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self.disagreements = Counter(
+            f"{PREFIX}_shadow_disagreements",
+            "Checks the shadow policy decided otherwise (another decision or reason) than the policy serving, "
+            "which answered them: by the serving decision's route, decision and reason, and the shadow's.",
+            ["route", "decision", "reason", "shadow_decision", "shadow_reason"],
+            registry=registry,
+        )
+        self._series: dict[tuple[str, str, str, str, str], Any] = {}
+
+    def disagreement(self, key: tuple[str, str, str, str, str]) -> None:
+        """One Check decided otherwise: ``key`` is (route, decision, reason, shadow_decision, shadow_reason)."""
+        series = self._series.get(key)
+        if series is None:  # labels() takes a lock and builds strings: once per series
+            if len(self._series) >= PerCheck.MAX_SERIES:  # routes of policies no longer loaded
+                self._series.clear()
+            series = self._series[key] = self.disagreements.labels(*key)
+        series.inc()
+
+    # The reloader's record of the shadow file (reloader.PolicyRecord), as Metrics' for the policy.
+    def policy_loaded(self, routes: int, sha256: str) -> None:
+        self.reloads.labels("ok").inc()
+        _only(self.info, sha256, 1)
+
+    def policy_load_failed(self, refused_sha256: str | None) -> None:
+        self.reloads.labels("error").inc()
+        _only(self.refused, refused_sha256 or "", 1)
+
+    def policy_file_accepted(self) -> None:
+        _only(self.refused, "", 0)
 
 
 def build_labels() -> tuple[str, str, str]:

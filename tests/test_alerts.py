@@ -53,6 +53,10 @@ CONTRACT_METRICS = {
     "authz_client_decisions_total",
     "authz_client_new_tokens_total",
     "authz_client_new_tokens_alert_per_minute",
+    "authz_shadow_policy_reloads_total",
+    "authz_shadow_policy_info",
+    "authz_shadow_policy_file_refused",
+    "authz_shadow_disagreements_total",
 }
 # Closed label-value sets of the contract (route and issuer come from the policy).
 CONTRACT_LABEL_VALUES = {
@@ -67,6 +71,9 @@ CONTRACT_LABEL_VALUES = {
     "result": {"ok", "error"},
     "problem": {"original_path_missing", "path_prefix_mismatch", "original_path_mismatch"},
 }
+# The shadow policy's decision and reason (authz_shadow_disagreements_total) take the same values.
+CONTRACT_LABEL_VALUES["shadow_decision"] = CONTRACT_LABEL_VALUES["decision"] | {"dry_run_deny"}
+CONTRACT_LABEL_VALUES["shadow_reason"] = CONTRACT_LABEL_VALUES["reason"]
 CONTRACT_LABELS = set(CONTRACT_LABEL_VALUES) | {"route", "issuer", "sha256", "le", "client"}
 # Labels Prometheus attaches to every scraped series (ServiceMonitor target labels; `app`, the protected
 # app's name, is set by the relabelling of every shipped ServiceMonitor and PodMonitor).
