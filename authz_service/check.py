@@ -14,13 +14,15 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from .decision import Decision, Reason, decide, deny
+from .decisionlog import DecisionLog
 from .policy import Policy
 from .request import BadRequest, HttpRequest
 from .response import Answer, Answers
 from .tokens import TokenVerifier
 
 if TYPE_CHECKING:
-    from .metrics import PerCheck
+    from .metrics import CheckKey, PerCheck
+    from .shadow import ShadowPolicy
     from .tracing import CheckSpanKind, Tracing
 
 log = logging.getLogger("authz_service.server")
@@ -39,19 +41,30 @@ class PolicySource(Protocol):
 class CheckCounter(Protocol):
     """What every Check records (metrics.PerCheck in the service)."""
 
-    def check(self, key: tuple[str, str, str, int], seconds: float) -> None: ...
+    def check(self, key: CheckKey, seconds: float) -> None: ...
 
 
 class Checker:
-    """The decision pipeline shared by every front door; stateless apart from its collaborators."""
+    """The decision pipeline shared by every front door; stateless apart from its collaborators.
+
+    ``decision_log`` writes the decision log (decisionlog.py; default: denials only); ``shadow``
+    decides every request again with a candidate policy, which never changes the answer (shadow.py)."""
 
     def __init__(
-        self, policies: PolicySource, verifier: TokenVerifier, answers: Answers, counter: CheckCounter | None = None
+        self,
+        policies: PolicySource,
+        verifier: TokenVerifier,
+        answers: Answers,
+        counter: CheckCounter | None = None,
+        decision_log: DecisionLog | None = None,
+        shadow: ShadowPolicy | None = None,
     ) -> None:
         self.policies = policies
         self.verifier = verifier
         self.answers = answers
         self.counter = counter
+        self.decision_log = decision_log if decision_log is not None else DecisionLog()
+        self.shadow = shadow
         self.decide = decide  # attributes, so the bench's phase timer can wrap each step
 
     async def check(
@@ -61,20 +74,24 @@ class Checker:
         (front doors use only the answer; tools also read the decision)."""
         started = time.perf_counter()
         request: HttpRequest | None = None
+        policy = self.policies.policy  # one policy per Check: the decision and its log line agree
         try:
             request = parse(raw)
-            decision = await self.decide(request, self.policies.policy, self.verifier)
+            decision = await self.decide(request, policy, self.verifier)
         except BadRequest as exc:
             decision = deny(Reason.BAD_REQUEST, str(exc))
         except Exception:
             log.exception("check failed; denying")
             decision = deny(Reason.INTERNAL_ERROR, _INTERNAL)
-        return self.finish(decision, request, render, started)
+        if self.shadow is not None and request is not None:  # outside the try: it cannot change the decision
+            await self.shadow.compare(request, decision, policy)
+        return self.finish(decision, request, render, started, policy)
 
     def refuse(self, description: str, render: Callable[[Answer, Decision], Rendered]) -> Rendered:
         """A request the front door's own protocol parser refused (no HttpRequest could be built):
         the same counted and logged 400 a refused request gets in ``check``."""
-        return self.finish(deny(Reason.BAD_REQUEST, description), None, render, time.perf_counter())
+        decision = deny(Reason.BAD_REQUEST, description)
+        return self.finish(decision, None, render, time.perf_counter(), self.policies.policy)
 
     def finish(
         self,
@@ -82,6 +99,7 @@ class Checker:
         request: HttpRequest | None,
         render: Callable[[Answer, Decision], Rendered],
         started: float,
+        policy: Policy,
     ) -> Rendered:
         """Answer, render, count and log a decision (the second half of ``check``)."""
         try:
@@ -91,20 +109,18 @@ class Checker:
             decision = deny(Reason.INTERNAL_ERROR, _INTERNAL)
             rendered = render(self.answers.answer(decision, None), decision)
         if self.counter is not None:
+            claims = decision.claims
+            client = policy.client_label(claims.client_id) if claims is not None else ""
             self.counter.check(
-                (decision.kind, decision.reason.value, decision.route_label, decision.status),
+                (decision.kind, decision.reason.value, decision.route_label, decision.status, client),
                 time.perf_counter() - started,
             )
-        self.log(decision, request)
+        self.log(decision, request, policy)
         return rendered
 
-    def log(self, decision: Decision, request: HttpRequest | None) -> None:
-        """Denials (and dry-run denials) at INFO; allows only at DEBUG (the hot path stays quiet)."""
-        if decision.allowed and not decision.dry_run:
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("allow", extra=log_fields(decision, request))
-            return
-        log.info("dry-run deny" if decision.dry_run else "deny", extra=log_fields(decision, request))
+    def log(self, decision: Decision, request: HttpRequest | None, policy: Policy) -> None:
+        """The decision log's line, if its mode selects this decision (one line per decision)."""
+        self.decision_log.record(decision, request, policy)
 
 
 class TracedChecker(Checker):
@@ -121,11 +137,18 @@ class TracedChecker(Checker):
         answers: Answers,
         counter: PerCheck | None,
         tracing: Tracing,
+        decision_log: DecisionLog | None = None,
+        shadow: ShadowPolicy | None = None,
     ) -> None:
         from .tracing import ExemplarCounter
 
         super().__init__(
-            policies, verifier, answers, ExemplarCounter(counter, tracing) if counter is not None else None
+            policies,
+            verifier,
+            answers,
+            ExemplarCounter(counter, tracing) if counter is not None else None,
+            decision_log,
+            shadow,
         )
         self.tracing = tracing
 
@@ -144,23 +167,8 @@ class TracedChecker(Checker):
         with self.tracing.check_span(kind, carrier, from_client=from_client):
             return await self.check(parse, raw, render)
 
-    def log(self, decision: Decision, request: HttpRequest | None) -> None:
+    def log(self, decision: Decision, request: HttpRequest | None, policy: Policy) -> None:
         # Called once per Check with the final decision (after any rendering failure): the place
         # to describe it on the span.
         self.tracing.record_check(decision, request)
-        super().log(decision, request)
-
-
-def log_fields(decision: Decision, request: HttpRequest | None) -> dict[str, object]:
-    """One decision's log fields. Never the token, never the query string (it may carry secrets)."""
-    return {
-        "decision": "allow" if decision.allowed else "deny",
-        "reason": decision.reason.value,
-        "status": decision.status,
-        "route": decision.route_label,
-        "description": decision.description,
-        "client_id": decision.claims.client_id if decision.claims else None,
-        "method": request.method if request else None,
-        "path": request.path if request else None,
-        "request_id": request.request_id if request else None,
-    }
+        super().log(decision, request, policy)

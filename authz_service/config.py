@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .native.options import Address, parse_address
+from .decisionlog import DecisionLogMode
 from .tracing import CLIENT_CONTEXTS, TracingSettings, TracingSettingsError, tracing_settings
 
 
@@ -130,6 +131,12 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+def _shadow_path(text: str) -> str:
+    if text == "-":
+        raise ValueError("the shadow policy is a file the server follows, not standard input; name the file")
+    return text.strip()
+
+
 def _policy_watch(text: str) -> str:
     value = text.lower()
     if value not in {"auto", "inotify", "poll"}:
@@ -168,6 +175,27 @@ def _trace_client_context(text: str) -> str:
     value = text.lower()
     if value not in CLIENT_CONTEXTS:
         raise ValueError(f"one of {', '.join(CLIENT_CONTEXTS)}")
+    return value
+
+
+def _decision_log(text: str) -> str:
+    value = text.lower()
+    if value not in {mode.value for mode in DecisionLogMode}:
+        raise ValueError(f"one of {', '.join(mode.value for mode in DecisionLogMode)}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise ValueError("a share of the allowed requests: more than 0, at most 1 (0.01: one in a hundred)")
+    return value
+
+
+def _rate_per_minute(text: str) -> float:
+    value = _float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("a positive number of new tokens per minute, e.g. 2")
     return value
 
 
@@ -256,7 +284,33 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("realm", "authz-service", _realm, "Realm in WWW-Authenticate challenges."),
     Option("shutdown_grace", 10.0, _non_negative, "Seconds in-flight Checks get to finish on SIGTERM."),
-    Option("log_level", "INFO", _log_level, "debug, info, warning or error (allowed requests log at debug)."),
+    Option(
+        "log_level",
+        "INFO",
+        _log_level,
+        "debug, info, warning or error (the decision log is not affected: see --decision-log).",
+    ),
+    Option(
+        "shadow_policy",
+        "",
+        _shadow_path,
+        "A candidate policy file decided beside the policy on every Check, never changing an answer: "
+        "Checks it decides otherwise are counted (authz_shadow_disagreements_total) and logged. Reloaded as the "
+        "policy is; a file that does not load changes nothing else. Empty (default): none.",
+    ),
+    Option(
+        "decision_log",
+        "deny",
+        _decision_log,
+        "Which decisions get a JSON line on the decision log: deny (every denial and dry-run denial), all, "
+        "sampled (every denial, and allowed requests at --decision-log-sample-rate) or off.",
+    ),
+    Option(
+        "decision_log_sample_rate",
+        0.01,
+        _fraction,
+        "With --decision-log sampled: the share of allowed requests logged (0.01: one in a hundred), at random.",
+    ),
     Option(
         "token_cache_size",
         10_000,
@@ -268,6 +322,14 @@ OPTIONS: tuple[Option, ...] = (
         16 * 1024 * 1024,
         _non_negative_int,
         "Most bytes (approximate) the verified-token cache holds (per worker); 0 disables the cache.",
+    ),
+    Option(
+        "new_tokens_alert_per_minute",
+        2.0,
+        _rate_per_minute,
+        "New tokens per minute from one client, as one process sees them, above which the shipped alert "
+        "AuthzClientMintingTokens fires (exported as authz_client_new_tokens_alert_per_minute, which the alert "
+        "reads): raise it for clients with many replicas or short-lived tokens.",
     ),
     Option(
         "workers",
@@ -351,8 +413,12 @@ class Settings:
     realm: str = "authz-service"
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
+    shadow_policy: str = ""  # a file path; empty: no shadow policy
+    decision_log: str = "deny"
+    decision_log_sample_rate: float = 0.01
     token_cache_size: int = 10_000
     token_cache_max_bytes: int = 16 * 1024 * 1024
+    new_tokens_alert_per_minute: float = 2.0
     workers: int = 1
     event_loop: str = "auto"
     metrics_min_interval: float = 1.0

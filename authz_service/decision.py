@@ -7,7 +7,7 @@ in ``response``. Everything that is not explicitly allowed is denied.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .claims import Claims
 from .conditions import ANY_SCOPE_TEXT, Unmet
@@ -99,6 +99,8 @@ class Decision:
 
     ``allowed`` is what Envoy is told. ``dry_run`` marks a denial that a dry-run route turned
     into an allow: ``reason``/``status`` then still describe the denial that would have happened.
+    ``forward_token`` (None: as ``route`` says) overrides the route's when a request had to meet
+    two routes that disagree (``_decide_all``).
     """
 
     allowed: bool
@@ -107,6 +109,14 @@ class Decision:
     route: Route | None = None
     claims: Claims | None = None
     dry_run: bool = False
+    forward_token: bool | None = None
+
+    @property
+    def forwards_token(self) -> bool:
+        """Whether the app gets the request's Authorization header (an allow only)."""
+        if self.forward_token is not None:
+            return self.forward_token
+        return self.route is not None and self.route.forward_token
 
     @property
     def status(self) -> int:
@@ -149,12 +159,14 @@ async def _decide_all(
     """A request that must meet every route of ``routes`` (a path ending in '/': the route as
     written, then the one without the '/'). The first route that denies answers (the denial names
     it); else the first dry-run denial; else an allow labelled with the first protected route, the
-    one whose requirements the request met. The token is verified once."""
+    one whose requirements the request met. The token is verified once. The app gets the token only
+    when every route forwards it (either route's handler may serve the request)."""
     if not routes:
         return deny(Reason.NO_ROUTE, NO_ROUTE_TEXT)
+    forward = all(route.forward_token for route in routes)
     guards = [route for route in routes if not route.public]
     if not guards:
-        return Decision(True, Reason.PUBLIC, route=routes[0])
+        return Decision(True, Reason.PUBLIC, route=routes[0], forward_token=forward)
     first = await _authorize(request, guards[0], policy, verifier)
     decisions = [_as_mode(guards[0], first)]
     for route in guards[1:]:
@@ -163,11 +175,12 @@ async def _decide_all(
         else:
             decision = await _authorize(request, route, policy, _Verified(first.claims))
         decisions.append(_as_mode(route, decision))
-    return (
+    decision = (
         next((d for d in decisions if not d.allowed), None)
         or next((d for d in decisions if d.dry_run), None)
         or decisions[0]
     )
+    return replace(decision, forward_token=forward)
 
 
 class _Verified:

@@ -12,8 +12,9 @@ exports them; this module turns them off for the single process too, in every pr
 builds our metrics (workers are spawned interpreters, so they run this import as well).
 
 Every label value comes from a closed set (decision, reason, status) or from the loaded
-configuration (route names, issuer pool ids), never from the request, so a client sending random
-paths or tokens cannot create new series.
+configuration (route names, issuer pool ids, the client ids the policy names: any other client is
+``other``), never from the request, so a client sending random paths or tokens cannot create new
+series.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from . import __version__
 disable_created_metrics()
 
 PREFIX = "authz"
+# One Check's labels: (decision, reason, route, status, client); client is the policy's label of the
+# verified token's client (Policy.client_label), "" when no token was verified.
+CheckKey = tuple[str, str, str, int, str]
 
 # 10 us .. 5 s: a warm Check takes tens of microseconds, a Check waiting on a JWKS fetch up to
 # seconds, and Envoy gives up on a Check after 4 s (envoy/envoy.yaml); 2.5 and 5 s tell a slow
@@ -196,6 +200,28 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        # Per client: label values are the policy's client ids and "other" (Policy.client_label).
+        self.client_decisions = Counter(
+            f"{PREFIX}_client_decisions",
+            "Check results of verified tokens by client (a client id the policy names, else other) and decision "
+            "(allow, deny, dry_run_deny).",
+            ["client", "decision"],
+            registry=registry,
+        )
+        self.client_new_tokens = Counter(
+            f"{PREFIX}_client_new_tokens",
+            "Valid tokens this process verified for the first time (not in its verified-token cache), by client "
+            "(a client id the policy names, else other): how often each client gets a new token.",
+            ["client"],
+            registry=registry,
+        )
+        self.client_new_tokens_alert = Gauge(
+            f"{PREFIX}_client_new_tokens_alert_per_minute",
+            "The rate of new tokens per minute from one client above which AuthzClientMintingTokens fires "
+            "(--new-tokens-alert-per-minute): the alert reads it, so each app sets its own.",
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
         self.build_info = Gauge(
             f"{PREFIX}_build_info",
             "Always 1; the labels name the authz-service version and the Python and gRPC it runs on.",
@@ -204,6 +230,7 @@ class Metrics:
             registry=registry,
         )
         self.build_info.labels(*build_labels()).set(1)
+        self.shadow = ShadowMetrics(registry)
         self.per_check = PerCheck(self)
 
     def http_door_enabled(self, problems: Iterable[str]) -> None:
@@ -242,6 +269,11 @@ class Metrics:
         self.policy_generation.inc()
         _only(self.policy_info, sha256, 1)
 
+    def policy_load_failed(self, refused_sha256: str | None) -> None:
+        """A load that failed: counted, and the file at the path is refused now (see policy_file_refused)."""
+        self.policy_reloads.labels("error").inc()
+        self.policy_file_refused(refused_sha256)
+
     def policy_file_refused(self, sha256: str | None) -> None:
         """The file at the policy path is refused now (``sha256`` of its content; None: unreadable)."""
         _only(self.policy_file_refused_state, sha256 or "", 1)
@@ -250,6 +282,68 @@ class Metrics:
         """The file at the policy path is the policy serving (a good file loaded, or the one in force
         put back): nothing is refused any more."""
         _only(self.policy_file_refused_state, "", 0)
+
+
+class ShadowMetrics:
+    """The shadow policy's series (``serve --shadow-policy``; shadow.py): its loads, the candidate
+    in force, and the Checks it decided otherwise than the policy serving.
+
+    Label values: ``route``, ``decision`` and ``reason`` are the serving decision's (as in
+    ``authz_check_decisions_total``), ``shadow_decision`` and ``shadow_reason`` the candidate's,
+    all from the policy's route names and closed sets. No series exists until a shadow policy is
+    configured (``policy_file_accepted`` or a load creates them)."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.reloads = Counter(
+            f"{PREFIX}_shadow_policy_reloads",
+            "Shadow policy file loads by result (ok/error); an error never affects serving.",
+            ["result"],
+            registry=registry,
+        )
+        self.info = Gauge(
+            f"{PREFIX}_shadow_policy_info",
+            "1 for the sha256 of the shadow (candidate) policy compared on every Check; no series while none loaded.",
+            ["sha256"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self.refused = Gauge(
+            f"{PREFIX}_shadow_policy_file_refused",
+            "1 while the shadow policy file on disk is refused (the previous candidate, if any, is still "
+            "compared), with the refused content's sha256 (empty: unreadable); else 0.",
+            ["sha256"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self.disagreements = Counter(
+            f"{PREFIX}_shadow_disagreements",
+            "Checks the shadow policy decided otherwise (another decision or reason) than the policy serving, "
+            "which answered them: by the serving decision's route, decision and reason, and the shadow's.",
+            ["route", "decision", "reason", "shadow_decision", "shadow_reason"],
+            registry=registry,
+        )
+        self._series: dict[tuple[str, str, str, str, str], Any] = {}
+
+    def disagreement(self, key: tuple[str, str, str, str, str]) -> None:
+        """One Check decided otherwise: ``key`` is (route, decision, reason, shadow_decision, shadow_reason)."""
+        series = self._series.get(key)
+        if series is None:  # labels() takes a lock and builds strings: once per series
+            if len(self._series) >= PerCheck.MAX_SERIES:  # routes of policies no longer loaded
+                self._series.clear()
+            series = self._series[key] = self.disagreements.labels(*key)
+        series.inc()
+
+    # The reloader's record of the shadow file (reloader.PolicyRecord), as Metrics' for the policy.
+    def policy_loaded(self, routes: int, sha256: str) -> None:
+        self.reloads.labels("ok").inc()
+        _only(self.info, sha256, 1)
+
+    def policy_load_failed(self, refused_sha256: str | None) -> None:
+        self.reloads.labels("error").inc()
+        _only(self.refused, refused_sha256 or "", 1)
+
+    def policy_file_accepted(self) -> None:
+        _only(self.refused, "", 0)
 
 
 def build_labels() -> tuple[str, str, str]:
@@ -276,11 +370,14 @@ class PerCheck:
 
     def __init__(self, metrics: Metrics) -> None:
         self._decisions = metrics.decisions
+        self._client_decisions = metrics.client_decisions
+        self._new_tokens = metrics.client_new_tokens
         self._duration = metrics.check_duration
         self._hit = metrics.token_cache_lookups.labels("hit")
         self._miss = metrics.token_cache_lookups.labels("miss")
-        self._series: dict[tuple[str, str, str, int], Any] = {}
-        self.decisions: dict[tuple[str, str, str, int], int] = {}  # (decision, reason, route, status)
+        self._series: dict[CheckKey, tuple[Any, Any]] = {}  # the decision series, the client's (or None)
+        self.decisions: dict[CheckKey, int] = {}
+        self.new_tokens: dict[str, int] = {}  # client label -> tokens verified for the first time
         self.durations: list[float] = []
         # Durations of Checks whose trace was sampled, with the trace id (tracing on only): each
         # becomes an exemplar, so a latency panel links to the trace (OpenMetrics exposition).
@@ -288,7 +385,7 @@ class PerCheck:
         self.cache_hits = 0
         self.cache_misses = 0
 
-    def check(self, key: tuple[str, str, str, int], seconds: float) -> None:
+    def check(self, key: CheckKey, seconds: float) -> None:
         """One answered Check: its decision labels and how long it took."""
         decisions = self.decisions
         decisions[key] = decisions.get(key, 0) + 1
@@ -297,7 +394,7 @@ class PerCheck:
         if len(durations) >= self.MAX_PENDING:
             self.flush()
 
-    def check_sampled(self, key: tuple[str, str, str, int], seconds: float, trace_id: int) -> None:
+    def check_sampled(self, key: CheckKey, seconds: float, trace_id: int) -> None:
         """``check`` for a Check whose trace was sampled: ``trace_id`` is its duration's exemplar."""
         decisions = self.decisions
         decisions[key] = decisions.get(key, 0) + 1
@@ -306,17 +403,28 @@ class PerCheck:
         if len(sampled) >= self.MAX_PENDING:
             self.flush()
 
+    def new_token(self, client: str) -> None:
+        """A valid token seen for the first time, of the client labelled ``client``."""
+        new_tokens = self.new_tokens
+        new_tokens[client] = new_tokens.get(client, 0) + 1
+
     def flush(self) -> None:
         decisions, self.decisions = self.decisions, {}
         durations, self.durations = self.durations, []
         sampled, self.sampled = self.sampled, []
+        new_tokens, self.new_tokens = self.new_tokens, {}
         for key, count in decisions.items():
             series = self._series.get(key)
             if series is None:  # labels() takes a lock and builds strings: once per series
                 if len(self._series) >= self.MAX_SERIES:
                     self._series.clear()
-                series = self._series[key] = self._decisions.labels(key[0], key[1], key[2], str(key[3]))
-            series.inc(count)
+                per_client = self._client_decisions.labels(key[4], key[0]) if key[4] else None
+                series = self._series[key] = (self._decisions.labels(key[0], key[1], key[2], str(key[3])), per_client)
+            series[0].inc(count)
+            if series[1] is not None:
+                series[1].inc(count)
+        for label, count in new_tokens.items():
+            self._new_tokens.labels(label).inc(count)
         observe = self._duration.observe
         for seconds in durations:
             observe(seconds)

@@ -45,6 +45,8 @@ _SCOPE = re.compile(rf"^{SCOPE_TOKEN}\Z")
 _ANY_POOL_ID = re.compile(r"^[A-Za-z0-9-]{1,50}_[0-9A-Za-z]+\Z")
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/ {}*-]{0,99}\Z")
 _CLIENT_ID = re.compile(r"^[\x21-\x7E]{1,128}\Z")
+# The ``client`` metric label of every client the policy does not name (Policy.client_label).
+OTHER_CLIENT = "other"
 
 
 class PolicyError(ValueError):
@@ -146,6 +148,11 @@ class Route:
     all_scopes_text: str = field(default="", compare=False)
     # The scopes and conditions compiled for decide(); None when the route has only (any-of) scopes.
     conditions: Conditions | None = field(default=None, compare=False)
+    # Whether the request reaches the app with its Authorization header (``forward_token``); by
+    # default it is removed, as jwt_authn (forward: false) and Istio (forwardOriginalToken) do.
+    forward_token: bool = False
+    # Every scope the route names, any-of and all-of (the decision log's ``scopes_used``).
+    required_scopes: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
     def requirements(self) -> Conditions:
@@ -173,6 +180,14 @@ class Policy:
     # Custom claims some route's conditions name: the verifier keeps exactly these in Claims.custom.
     claim_names: frozenset[str] = frozenset()
     path_case: PathCase = PathCase.SENSITIVE
+    # The app client ids the policy names (issuer and route client_ids): the only values of the
+    # per-client metrics' ``client`` label (see client_label).
+    clients: frozenset[str] = frozenset()
+
+    def client_label(self, client_id: str) -> str:
+        """A client's ``client`` metric label: its id when the policy names it, else ``other``, so
+        the label's values are bounded by the policy, never by whoever presents a valid token."""
+        return client_id if client_id in self.clients else OTHER_CLIENT
 
     def match(self, method: str, segments: tuple[str, ...]) -> Route | None:
         """The most specific route for this method and path segments as written, or None.
@@ -235,6 +250,7 @@ class Policy:
             self.version,
             self.claim_names,
             PathCase.INSENSITIVE,
+            self.clients,
         )
 
     def representative_paths(
@@ -366,7 +382,7 @@ def _match(node: _Node, segments: tuple[str, ...], i: int, method: str) -> Route
 
 # --- loading -------------------------------------------------------------------------------------
 
-_TOP_KEYS = {"version", "issuers", "routes", "mode", "path_case"}
+_TOP_KEYS = {"version", "issuers", "routes", "mode", "path_case", "forward_token"}
 # Policy formats this loader reads. Why a version at all: a policy written for a later format
 # (new keys, or old keys with a new meaning) must be refused by an older service, not half-read.
 POLICY_VERSIONS = (1,)
@@ -382,6 +398,7 @@ _ROUTE_KEYS = {
     "all_scopes",
     "client_ids",
     "claims",
+    "forward_token",
 }
 
 
@@ -535,6 +552,7 @@ class _Context(YamlValidator):
         version = self.version(doc.get("version", 1))  # first: a later format's keys are not ours to judge
         self.check_keys(doc, _TOP_KEYS, ())
         default_mode = self.mode(doc.get("mode", "enforce"), ("mode",))
+        forward_token = self.boolean(doc, "forward_token", (), default=False)
         path_case = self.path_case(doc.get("path_case", PathCase.SENSITIVE.value))
         issuer_items = self.nonempty_list(doc, "issuers", ())
         blocks = [self.collect(self.issuer, item, i) for i, item in enumerate(issuer_items)]
@@ -547,7 +565,7 @@ class _Context(YamlValidator):
                 )
             by_iss[issuer.issuer] = issuer
         route_items = self.collect(self.nonempty_list, doc, "routes", ()) or []
-        routes = [self.collect(self.route, item, i, default_mode) for i, item in enumerate(route_items)]
+        routes = [self.collect(self.route, item, i, default_mode, forward_token) for i, item in enumerate(route_items)]
         good_routes = tuple(r for r in routes if r is not None)
         self.unique_names(
             good_routes, {i for i, item in enumerate(route_items) if isinstance(item, dict) and "name" in item}
@@ -566,6 +584,9 @@ class _Context(YamlValidator):
             version=version,
             claim_names=frozenset(c.name for r in good_routes for c in r.claims),
             path_case=path_case,
+            clients=frozenset().union(
+                *(i.client_ids for i in issuers if i.client_ids), *(r.client_ids for r in good_routes if r.client_ids)
+            ),
         )
 
     def path_case(self, value: object) -> PathCase:
@@ -626,6 +647,12 @@ class _Context(YamlValidator):
         if not isinstance(value, list) or not value:
             got = "an empty list" if value == [] else kind(value)
             raise self.fail((*where, key), f"must be a non-empty list, got {got}")
+        return value
+
+    def boolean(self, item: dict[str, Any], key: str, where: Where, *, default: bool) -> bool:
+        value = item.get(key, default)
+        if not isinstance(value, bool):
+            raise self.fail((*where, key), f"must be true or false, got {value!r}")
         return value
 
     def string(self, item: dict[str, Any], key: str, where: Where, required: bool = False) -> str | None:
@@ -753,7 +780,7 @@ class _Context(YamlValidator):
                 raise self.fail((*where, "replica_regions", j), f"{region!r} is listed twice")
         return issuer_format, replicas
 
-    def route(self, item: object, i: int, default_mode: Mode) -> Route:
+    def route(self, item: object, i: int, default_mode: Mode, forward_token: bool = False) -> Route:
         where: Where = ("routes", i)
         if not isinstance(item, dict):
             raise self.fail(where, f"must be a mapping with path and scopes, got {kind(item)}")
@@ -769,9 +796,7 @@ class _Context(YamlValidator):
                     raise self.fail((*where, "methods", j), f"{method!r} is not an HTTP method{fix}")
             if len(set(methods)) != len(methods):
                 raise self.fail((*where, "methods"), "lists a method twice")
-        public = item.get("public", False)
-        if not isinstance(public, bool):
-            raise self.fail((*where, "public"), f"must be true or false, got {public!r}")
+        public = self.boolean(item, "public", where, default=False)
         requirements = [key for key in ("scopes", "all_scopes", "client_ids", "claims") if key in item]
         if public and requirements:
             raise self.fail(
@@ -832,6 +857,8 @@ class _Context(YamlValidator):
             claims=claims,
             all_scopes_text=" ".join(sorted(required)),
             conditions=conditions,
+            forward_token=self.boolean(item, "forward_token", where, default=forward_token),
+            required_scopes=any_scopes | required,
         )
 
 

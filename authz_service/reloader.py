@@ -35,8 +35,8 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
-from .metrics import Metrics
 from .policy import Policy, PolicyError, load_policy_file, read_policy_file
 from .tracing import NO_TRACING, NoTracing, Recorder
 
@@ -59,6 +59,17 @@ def _content_sha256(path: Path) -> str | None:
         return hashlib.sha256(read_policy_file(path)).hexdigest()
     except PolicyError:
         return None
+
+
+class PolicyRecord(Protocol):
+    """Where a reloader records its loads: metrics.Metrics for the policy, metrics.ShadowMetrics
+    for a shadow policy."""
+
+    def policy_loaded(self, routes: int, sha256: str) -> None: ...
+
+    def policy_load_failed(self, refused_sha256: str | None) -> None: ...
+
+    def policy_file_accepted(self) -> None: ...
 
 
 class InotifyUnavailable(OSError):
@@ -204,24 +215,30 @@ class _Inotify:
 
 
 class PolicyReloader:
-    """Owns the current Policy; readers take ``reloader.policy`` once per request (atomic swap)."""
+    """Owns the current Policy; readers take ``reloader.policy`` once per request (atomic swap).
+
+    ``what`` names the file in its log lines and trace spans: "policy", or "shadow policy" for the
+    candidate of ``serve --shadow-policy`` (shadow.py), which may start with none (``current`` None:
+    its file did not load) and records its loads in its own series."""
 
     def __init__(
         self,
         path: Path,
-        policy: Policy,
-        metrics: Metrics,
+        policy: Policy | None,
+        metrics: PolicyRecord,
         on_change: Callable[[Policy], None] = lambda policy: None,
         tracing: NoTracing = NO_TRACING,
         loader: Callable[[Path], Policy] | None = None,
+        what: str = "policy",
     ) -> None:
         self.path = path
+        self.what = what
         # Runs in a worker thread; PolicyError refuses the file. Native mode's also compiles it
         # for Envoy (native/control.py), so a policy Envoy cannot be given is refused too.
         # None: load_policy_file.
         self._loader = loader
         self._tracing = tracing
-        self.policy = policy
+        self.current = policy
         self._metrics = metrics
         self._on_change = on_change
         self._seen = _signature(path)
@@ -232,6 +249,18 @@ class PolicyReloader:
         self._told_writer: tuple[int, int] | None = None
         self.last_error: str | None = None
         self.refused_sha256: str | None = None  # of the refused file at the path (None: none, or unreadable)
+
+    @property
+    def policy(self) -> Policy:
+        """The policy in force (the service's always has one: it does not start without)."""
+        current = self.current
+        if current is None:
+            raise LookupError(f"no {self.what} loaded from {self.path}")
+        return current
+
+    @property
+    def serving_sha256(self) -> str | None:
+        return self.current.sha256 if self.current is not None else None
 
     @property
     def mode(self) -> str:
@@ -257,9 +286,9 @@ class PolicyReloader:
         self._absorb()
         if self._inotify is not None and self._inotify.writing is not None:
             log.warning(
-                "policy reload deferred: the file is open for writing (modified, not closed yet); "
+                f"{self.what} reload deferred: the file is open for writing (modified, not closed yet); "
                 "it loads when the writer closes it",
-                extra={"reason": reason, "path": str(self.path), "serving_sha256": self.policy.sha256},
+                extra={"reason": reason, "path": str(self.path), "serving_sha256": self.serving_sha256},
             )
             return False
         return await self._load(reason)
@@ -267,9 +296,10 @@ class PolicyReloader:
     async def _load(self, reason: str) -> bool:
         """One load, traced as a root span: trigger, result (ok, unchanged, error, or reread: the
         file changed while it was read) and the sha256 of the policy serving afterwards."""
-        with self._tracing.root("policy reload", **{"authz.policy.trigger": reason}) as recorder:
+        with self._tracing.root(f"{self.what} reload", **{"authz.policy.trigger": reason}) as recorder:
             loaded = await self._load_file(reason, recorder)
-            recorder.set("authz.policy.sha256", self.policy.sha256)
+            if self.current is not None:
+                recorder.set("authz.policy.sha256", self.current.sha256)
             return loaded
 
     async def _load_file(self, reason: str, recorder: Recorder) -> bool:
@@ -289,17 +319,16 @@ class PolicyReloader:
                     recorder.set("authz.policy.result", "reread")
                     return False
                 recorder.set("authz.policy.result", "error")
-                recorder.error("policy refused; the previous policy keeps serving")
+                recorder.error(f"{self.what} refused; the previous {self.what} keeps serving")
                 self.last_error = str(exc)
                 self.refused_sha256 = refused
-                self._metrics.policy_reloads.labels("error").inc()
-                self._metrics.policy_file_refused(refused)
+                self._metrics.policy_load_failed(refused)
                 log.error(
-                    "policy reload failed; previous policy keeps serving",
+                    f"{self.what} reload failed; previous {self.what} keeps serving",
                     extra={
                         "reason": reason,
                         "error": str(exc),
-                        "serving_sha256": self.policy.sha256,
+                        "serving_sha256": self.serving_sha256,
                         "refused_sha256": refused,
                     },
                 )
@@ -309,16 +338,16 @@ class PolicyReloader:
                 return False
             self.last_error = self.refused_sha256 = None
             self._metrics.policy_file_accepted()
-            if policy.sha256 == self.policy.sha256:
+            if policy.sha256 == self.serving_sha256:
                 recorder.set("authz.policy.result", "unchanged")
                 return False
             recorder.set("authz.policy.result", "ok")
             recorder.set("authz.policy.routes", len(policy.routes))
-            self.policy = policy  # one reference swap: a Check sees the old or the new policy whole
+            self.current = policy  # one reference swap: a Check sees the old or the new policy whole
             self._metrics.policy_loaded(len(policy.routes), policy.sha256)
             self._on_change(policy)
             log.info(
-                "policy reloaded",
+                f"{self.what} reloaded",
                 extra={
                     "reason": reason,
                     "routes": len(policy.routes),
@@ -335,19 +364,21 @@ class PolicyReloader:
         self._absorb()
         if _signature(self.path) == before and (self._inotify is None or self._inotify.writing is None):
             return False
-        log.info("policy file changed while it was read; it loads again once complete", extra={"path": str(self.path)})
+        log.info(
+            f"{self.what} file changed while it was read; it loads again once complete", extra={"path": str(self.path)}
+        )
         return True
 
     async def watch(self, interval: float) -> None:
         """Follow the file forever (cancel to stop); ``interval`` is the poll or safety re-check period."""
         if self._inotify is not None:
             log.info(
-                "policy file watched with inotify: a change loads once its writer has closed the file",
+                f"{self.what} file watched with inotify: a change loads once its writer has closed the file",
                 extra={"path": str(self.path), "safety_recheck_seconds": interval},
             )
             await self._follow_events(interval)
         log.warning(
-            "policy file watched by polling, the weaker mode: a writer that pauses mid-file for longer "
+            f"{self.what} file watched by polling, the weaker mode: a writer that pauses mid-file for longer "
             "than the interval can have its partial file loaded; replace the file by a rename (as "
             "Kubernetes does) instead of rewriting it in place",
             extra={"path": str(self.path), "reason": self._fallback_reason, "interval_seconds": interval},
@@ -398,7 +429,8 @@ class PolicyReloader:
         writing = self._inotify.writing
         if writing is not None and writing != self._told_writer:
             log.info(
-                "policy file is open for writing; it loads when the writer closes it", extra={"path": str(self.path)}
+                f"{self.what} file is open for writing; it loads when the writer closes it",
+                extra={"path": str(self.path)},
             )
         self._told_writer = writing
         return content

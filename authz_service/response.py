@@ -2,12 +2,14 @@
 
 Denials follow RFC 6750 section 3: ``WWW-Authenticate: Bearer realm=..., error=...`` plus a small
 JSON body. Allowed requests get the verified identity as ``x-auth-*`` headers; any copy of those
-headers the client sent (in any '-'/'_'/'.' spelling) is removed so the upstream can trust them.
+headers the client sent (in any '-'/'_'/'.' spelling) is removed so the upstream can trust them,
+and so is the Authorization header, unless the route forwards the token (``forward_token``): the
+app has the identity, and an app that logs its headers cannot leak a credential it never gets.
 Each front door turns an Answer into its protocol once (``Answer.rendered``) and reuses it.
 
 Denial answers depend only on (reason, description, route, realm) and allows only on (verified
-identity, spoofed header spellings), so both are built once and reused (bounded LRUs): a Check
-costs a cache lookup, not a JSON dump and a header list.
+identity, spoofed header spellings, whether the token is forwarded), so both are built once and
+reused (bounded LRUs): a Check costs a cache lookup, not a JSON dump and a header list.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .policy import Route
 from .request import IDENTITY_HEADERS, HttpRequest
 
 _NO_IDENTITY = ("", "", "")
+AUTHORIZATION = "authorization"
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # eq=False: hashed by identity, as a memo key
@@ -65,13 +68,17 @@ class Answers:
         # identity headers are then only removed, never set.
         identity = (claims.client_id, claims.scope_text, claims.sub) if claims is not None else _NO_IDENTITY
         spoofed = request.spoofed_identity_headers if request is not None else ()
-        return self._allows(decision.reason, identity, spoofed)
+        return self._allows(decision.reason, identity, spoofed, decision.forwards_token)
 
-    def _build_allow(self, reason: Reason, identity: tuple[str, str, str], spoofed: tuple[str, ...]) -> Answer:
+    def _build_allow(
+        self, reason: Reason, identity: tuple[str, str, str], spoofed: tuple[str, ...], forward_token: bool
+    ) -> Answer:
         headers = tuple((name, value) for name, value in zip(IDENTITY_HEADERS, identity, strict=True) if value)
         set_names = {name for name, _ in headers}
         remove = [name for name in IDENTITY_HEADERS if name not in set_names]
         remove.extend(n for n in spoofed if n not in set_names and n not in remove)
+        if not forward_token:
+            remove.append(AUTHORIZATION)
         return Answer(True, reason, 200, headers, tuple(remove))
 
     def _build_denial(self, reason: Reason, description: str, route: Route | None) -> Answer:

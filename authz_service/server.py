@@ -24,12 +24,14 @@ from . import __version__, doors
 from .admin import AdminServer, CachedExposition
 from .check import Checker, TracedChecker
 from .config import Settings
+from .decisionlog import DecisionLog, DecisionLogMode
 from .doors.base import DoorKind, FrontDoor, Wiring
 from .jwks import JwksCache, http_session
 from .metrics import Metrics
 from .policy import Policy, load_policy_file
 from .reloader import PolicyReloader
 from .response import Answers
+from .shadow import ShadowPolicy
 from .tokencache import TokenCache
 from .tokens import TokenVerifier
 from .tracing import NO_TRACING, NoTracing, Tracing, describe
@@ -79,6 +81,7 @@ class Service:
         self.http_port: int | None = None
         # Native mode (--native-xds-dir): Envoy's listener compiled from each policy (native/control.py).
         self.native: NativeControlPlane | None = None
+        self.shadow: ShadowPolicy | None = None
 
     def ready(self) -> bool:
         return (
@@ -140,13 +143,27 @@ class Service:
         )
         self.reloader.open_watch(settings.policy_watch)  # --policy-watch inotify without inotify: OSError
         self.metrics.policy_loaded(len(policy.routes), policy.sha256)
+        self.metrics.client_new_tokens_alert.set(settings.new_tokens_alert_per_minute)
         verifier = TokenVerifier(self.jwks, leeway=settings.leeway, cache=self.token_cache)
+        decision_log = DecisionLog(DecisionLogMode(settings.decision_log), settings.decision_log_sample_rate)
+        if settings.shadow_policy:
+            self.shadow = await ShadowPolicy.open(
+                Path(settings.shadow_policy),
+                self.jwks,
+                self.metrics.shadow,
+                leeway=settings.leeway,
+                cache_size=settings.token_cache_size,
+                cache_bytes=settings.token_cache_max_bytes,
+                watch=settings.policy_watch,
+                tracing=self.tracing,
+            )
+        answers = Answers(settings.realm)
         if isinstance(self.tracing, Tracing):
             self.checker: Checker = TracedChecker(
-                self.reloader, verifier, Answers(settings.realm), self.metrics.per_check, self.tracing
+                self.reloader, verifier, answers, self.metrics.per_check, self.tracing, decision_log, self.shadow
             )
         else:
-            self.checker = Checker(self.reloader, verifier, Answers(settings.realm), self.metrics.per_check)
+            self.checker = Checker(self.reloader, verifier, answers, self.metrics.per_check, decision_log, self.shadow)
 
         wiring = Wiring(self.checker, settings, self.metrics, self._on_mismatch)
         for kind, port in doors.enabled(settings):
@@ -163,6 +180,8 @@ class Service:
             self.http_port = await self._admin.start(settings.http_host, settings.http_port)
 
         self._tasks.append(asyncio.create_task(self.reloader.watch(settings.policy_poll_interval)))
+        if self.shadow is not None:
+            self._tasks.append(asyncio.create_task(self.shadow.reloader.watch(settings.policy_poll_interval)))
         self._tasks.append(asyncio.create_task(self._track_readiness()))
         self._tasks.append(asyncio.create_task(self._flush_metrics()))
         await self.jwks.wait_first_attempts(settings.jwks_timeout + 1)
@@ -214,6 +233,13 @@ class Service:
             },
             "issuers": self.jwks.status() if self.jwks is not None else [],
         }
+        if self.shadow is not None:  # shown, never a readiness condition
+            shadow = self.shadow.reloader
+            body["shadow_policy"] = {
+                "sha256": shadow.serving_sha256,
+                "last_reload_error": shadow.last_error,
+                "refused_sha256": shadow.refused_sha256,
+            }
         for kind, door in self._doors:
             if kind.status is not None:
                 body[kind.name] = kind.status(self.settings, door.refused)
@@ -226,6 +252,12 @@ class Service:
 
     async def _openmetrics_exposition(self) -> bytes:
         return generate_openmetrics(self.registry)
+
+    async def reload(self, reason: str) -> None:
+        """Load the policy file now (SIGHUP), and the shadow policy's, if any."""
+        await self.reloader.reload(reason)
+        if self.shadow is not None:
+            await self.shadow.reloader.reload(reason)
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -302,6 +334,6 @@ async def serve(
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, service.request_stop)
     loop.add_signal_handler(signal.SIGINT, service.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.reloader.reload("SIGHUP")))
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.reload("SIGHUP")))
     await service.wait_stopped()
     await service.stop()

@@ -15,6 +15,10 @@ this runs on every Check; the salted state is copied per token rather than rebui
 OpenSSL's per-call digest lookup (~2 us under load). Only successful verifications are stored.
 
 Bounded twice: by entries and by (approximate) bytes; the least recently used entry goes first.
+
+A token stored that the cache did not hold is one this process verified for the first time: counted
+per client (``authz_client_new_tokens_total``), it tells a client that reuses its token for its
+lifetime from one that fetches a new token per call (which Cognito bills, and throttles).
 """
 
 from __future__ import annotations
@@ -107,7 +111,9 @@ class TokenCache:
             self._per_check.cache_hits += 1
         return entry
 
-    def put(self, digest: bytes, claims: Claims, key: Any) -> None:
+    def put(self, digest: bytes, claims: Claims, key: Any, client: str | None = None) -> None:
+        """Store a verified token; ``client``: its client's metric label (Policy.client_label),
+        counted as a new token when the cache did not hold it (None: not counted)."""
         if not self.enabled:
             return
         entry = CacheEntry(claims, key, entry_size(claims))
@@ -116,6 +122,8 @@ class TokenCache:
         old = self._entries.pop(digest, None)
         if old is not None:
             self._bytes -= old.size
+        elif client is not None and self._metrics is not None:
+            self._per_check.new_token(client)
         self._entries[digest] = entry
         self._bytes += entry.size
         evicted = 0

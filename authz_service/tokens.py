@@ -270,7 +270,8 @@ class TokenVerifier:
             raise TokenError(Failure.INVALID_TOKEN, "token too large", check=Check.HEADER)
         claims, key = await self._verify(token, policy)
         if self._cache is not None:
-            self._cache.put(self._cache.digest(token.encode("ascii")), claims, key)
+            digest = self._cache.digest(token.encode("ascii"))
+            self._cache.put(digest, claims, key, policy.client_label(claims.client_id))
         return claims
 
     def _lookup(self, token: str, policy: Policy) -> Claims | None:

@@ -39,7 +39,7 @@ from .urls import shown
 
 if TYPE_CHECKING:
     from .decision import Decision
-    from .metrics import PerCheck
+    from .metrics import CheckKey, PerCheck
     from .request import HttpRequest
 
 log = logging.getLogger(__name__)
@@ -541,7 +541,7 @@ class ExemplarCounter:
         self._per_check = per_check
         self._trace_id = tracing.sampled_trace_id
 
-    def check(self, key: tuple[str, str, str, int], seconds: float) -> None:
+    def check(self, key: CheckKey, seconds: float) -> None:
         trace_id = self._trace_id()
         if trace_id:
             self._per_check.check_sampled(key, seconds, trace_id)

@@ -5,6 +5,11 @@ Forged = a token anyone can send: a trusted kid, a signature that verifies under
 payload that is expensive JSON (the CPU a flood of them costs; run on two versions to compare).
 Decide = the whole decision for a warm token, on a route with only scopes and on one with route
 conditions (client_ids, all_scopes, two claim conditions): what the conditions add per Check.
+Shadow policy = one allowed Check through the pipeline (check.Checker) without a shadow policy, with
+one that agrees (a candidate changing another route) and one that disagrees on every Check
+(counted, its lines rate-bounded): interleaved rounds, medians.
+Decision log = one allowed Check's decision log line, built, JSON-formatted and written to a file
+(--decision-log all), against the same allow not logged (the default).
 Prints microseconds per call; compare figures from one run only (the machine is shared).
 
     .venv/bin/python bench/micro_verify.py [--n 2000]
@@ -142,6 +147,8 @@ async def main() -> None:
         forged.append((len(token), us, outcome))
 
     decide_us = await decide_per_route(keys, toks[0], args.n * 10)
+    shadow_us = await shadow_per_check(keys, toks[0], args.n * 2)
+    log_us = decision_log_per_allow(args.n * 10)
 
     print("| measure | us per call |\n|---|---|")
     print(f"| verify, cold (distinct tokens, no cache) | {cold_us:.1f} |")
@@ -152,6 +159,10 @@ async def main() -> None:
               f"MAX_TOKEN_BYTES {tokens_module.MAX_TOKEN_BYTES}) | {us:.1f} |")
     for route, us in decide_us.items():
         print(f"| decide, warm token, {route} | {'n/a in this version' if us is None else f'{us:.1f}'} |")
+    for variant, us in shadow_us.items():
+        print(f"| Check, warm token, {variant} | {'n/a in this version' if us is None else f'{us:.1f}'} |")
+    for mode, us in log_us.items():
+        print(f"| decision log, an allowed Check, --decision-log {mode} | {'n/a in this version' if us is None else f'{us:.2f}'} |")
 
 
 CONDITIONS_POLICY = f"""issuers:\n  - user_pool_id: us-east-1_Bench0001\nroutes:
@@ -184,6 +195,96 @@ async def decide_per_route(keys: Keys, token: str, reps: int) -> dict[str, float
         for _ in range(reps):
             await decide(request, policy, verifier)
         out[label] = (time.perf_counter() - t0) / reps * 1e6
+    return out
+
+
+SHADOW_VARIANTS = ("no shadow policy", "shadow policy agreeing", "shadow policy disagreeing on every Check")
+
+
+async def shadow_per_check(keys: Keys, token: str, reps: int, rounds: int = 7) -> dict[str, float | None]:
+    """Checker.check of one warm allowed request per SHADOW_VARIANTS, interleaved; medians."""
+    import statistics
+    from pathlib import Path
+
+    from prometheus_client import CollectorRegistry
+
+    from authz_service.check import Checker
+    from authz_service.metrics import Metrics
+    from authz_service.request import HttpRequest
+    from authz_service.response import Answers
+    from authz_service.tokencache import TokenCache
+
+    try:
+        from authz_service.reloader import PolicyReloader
+        from authz_service.shadow import ShadowPolicy
+    except ImportError:  # a version without the shadow policy
+        return dict.fromkeys(SHADOW_VARIANTS)
+    text = "issuers:\n  - user_pool_id: us-east-1_Bench0001\nroutes:\n  - {{path: /x, scopes: [{x}]}}\n" \
+           "  - {{path: /y, scopes: [{y}]}}\n"
+    serving = parse_policy(text.format(x="a/b", y="a/b"))
+    candidates = (None, parse_policy(text.format(x="a/b", y="e/f")), parse_policy(text.format(x="e/f", y="a/b")))
+    metrics = Metrics(CollectorRegistry())
+
+    class Serving:
+        policy = serving
+
+    def checker(candidate):  # as server.py wires it: a verifier and a cache of its own for the shadow
+        shadow = None
+        if candidate is not None:
+            reloader = PolicyReloader(Path("shadow.yaml"), candidate, metrics.shadow, what="shadow policy")
+            shadow = ShadowPolicy(reloader, make_verifier(keys, cache=True), metrics.shadow)
+        verifier = TokenVerifier(keys, cache=TokenCache(10_000, 16 << 20, metrics))
+        return Checker(Serving(), verifier, Answers("bench"), metrics.per_check, shadow=shadow)
+
+    checkers = [checker(c) for c in candidates]
+    request = HttpRequest(method="GET", path="/x", segments=("x",), authorization=(f"Bearer {token}",),
+                          request_id="", spoofed_identity_headers=())
+    samples: list[list[float]] = [[] for _ in checkers]
+    for _ in range(rounds):
+        for check, out in zip(checkers, samples):
+            assert (await check.check(lambda raw: raw, request, lambda answer, decision: answer)).allowed
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                await check.check(lambda raw: raw, request, lambda answer, decision: answer)
+            out.append((time.perf_counter() - t0) / reps * 1e6)
+    assert metrics.registry.get_sample_value("authz_shadow_disagreements_total", {
+        "route": "ANY /x", "decision": "allow", "reason": "allowed", "shadow_decision": "deny",
+        "shadow_reason": "insufficient_scope"}), "the disagreeing candidate did not disagree"
+    return {variant: statistics.median(out) for variant, out in zip(SHADOW_VARIANTS, samples)}
+
+
+def decision_log_per_allow(reps: int) -> dict[str, float | None]:
+    """DecisionLog.record for one allow: written (all: a JSON line to the log stream as the service
+    sets it up, here a file) and not written (deny, the default)."""
+    import contextlib
+    import tempfile
+
+    try:
+        from authz_service import logs
+        from authz_service.claims import Claims
+        from authz_service.decision import Decision, Reason
+        from authz_service.decisionlog import DecisionLog, DecisionLogMode
+        from authz_service.request import HttpRequest
+    except ImportError:  # a version without the decision log
+        return {"all": None, "deny": None}
+    route = POLICY.routes[0]
+    claims = Claims(issuer=ISSUER, client_id="1example23456789abcdefghij", sub="1example23456789abcdefghij",
+                    scopes=frozenset({"a/b"}), scope_text="a/b", exp=2_000_000_000, kid="k1")
+    decision = Decision(True, Reason.ALLOWED, route=route, claims=claims)
+    request = HttpRequest(method="GET", path="/x", segments=("x",), authorization=(), spoofed_identity_headers=(),
+                          request_id="6f1c6a1e-4c1b-4a4e-9d5c-2b8f3e1d7a90")
+    out: dict[str, float | None] = {}
+    with tempfile.TemporaryFile("w") as sink:
+        with contextlib.redirect_stdout(sink):
+            logs.configure("INFO")  # the service's log stream, on the file
+        for mode in (DecisionLogMode.ALL, DecisionLogMode.DENY):
+            record = DecisionLog(mode).record
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                record(decision, request, POLICY)
+            out[mode.value] = (time.perf_counter() - t0) / reps * 1e6
+        sink.flush()
+        assert sink.tell() > 0, "no decision log line was written"
     return out
 
 

@@ -386,6 +386,16 @@ class Bench:
         }, sort_keys=False))
         return path
 
+    def shadow_policy(self, policy: Path) -> Path:
+        """A candidate for --shadow-policy: the policy with another route than the measured one
+        changed, so the shadow decides every Check again and agrees (the common case)."""
+        doc = yaml.safe_load(policy.read_text())
+        (reports,) = [route for route in doc["routes"] if route["name"] == "reports"]
+        reports["scopes"] = ["reports/admin"]
+        path = self.work / "shadow-policy.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
     def start_envoy(self, cfg: dict[str, Any], name: str) -> tuple[ManagedProcess, int]:
         listener = envoyconf.socket_address(envoyconf.listener(cfg, "ingress"), "listener ingress")["port_value"]
         admin = envoyconf.socket_address(cfg["admin"], "admin")["port_value"]
@@ -566,7 +576,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; rows show the median")
     parser.add_argument("--work", default=str(BENCH / ".work"), help="scratch folder (keys, tokens, logs)")
     parser.add_argument("--only", default="",
-                        help="comma-separated subset of: 1,2,3,3u,4,5,3h,3ha,3hap,3hv,4h,5h,4p,4hp,4t,4w,d3,d3u,d4")
+                        help="comma-separated subset of: 1,2,3,3u,4,5,3h,3ha,3hap,3hv,4h,5h,4p,4hp,4t,4l,4hl,4s,4hs,"
+                             "4w,d3,d3u,d4")
     parser.add_argument("--compare-rev", default="",
                         help="also measure gRPC and HTTP warm (rows 4p, 4hp) and the HTTP floor with the allow "
                              "answer's headers (row 3hap) with the service at this git revision, e.g. the commit "
@@ -631,6 +642,19 @@ def main() -> None:
             plan.append(("4t", lambda: bench.through_envoy(
                 "4t", "ext_authz -> authz-service, tracing on (100% sampled, OTLP/gRPC to a discarding receiver), warm",
                 "ext_authz", "service", bench.warm_tokens, policy, env=traced)))
+        plan.append(("4l", lambda: bench.through_envoy(
+            "4l", "ext_authz -> authz-service, decision log on every Check (--decision-log all), warm", "ext_authz",
+            "service", bench.warm_tokens, policy, env={"AUTHZ_DECISION_LOG": "all"})))
+        plan.append(("4hl", lambda: bench.through_envoy(
+            "4hl", "HTTP ext_authz -> authz-service, decision log on every Check (--decision-log all), warm",
+            "ext_authz_http", "service", bench.warm_tokens, policy, env={"AUTHZ_DECISION_LOG": "all"})))
+        shadow = {"AUTHZ_SHADOW_POLICY": str(bench.shadow_policy(policy))}
+        plan.append(("4s", lambda: bench.through_envoy(
+            "4s", "ext_authz -> authz-service with a shadow policy (agreeing on every Check), warm", "ext_authz",
+            "service", bench.warm_tokens, policy, env=shadow)))
+        plan.append(("4hs", lambda: bench.through_envoy(
+            "4hs", "HTTP ext_authz -> authz-service with a shadow policy (agreeing on every Check), warm",
+            "ext_authz_http", "service", bench.warm_tokens, policy, env=shadow)))
         if args.workers > 1:
             plan.append(("4w", lambda: bench.through_envoy(
                 "4w", f"ext_authz -> authz-service --workers {args.workers}, warm (Envoy: 2 streams per authz "
@@ -722,6 +746,16 @@ def main() -> None:
          paired("4h", "4hp", cpu), ".0f", " us")
     line("gRPC warm traced (100% sampled) / gRPC warm, req/s", paired("4t", "4", rps), ".2f")
     line("CPU per Check, gRPC warm traced (100% sampled) minus gRPC warm", paired("4t", "4", cpu), ".0f", " us")
+    line("gRPC warm with the decision log on every Check / gRPC warm, req/s", paired("4l", "4", rps), ".2f")
+    line("CPU per Check, gRPC warm with the decision log on every Check minus gRPC warm", paired("4l", "4", cpu), ".1f",
+         " us")
+    line("HTTP warm with the decision log on every Check / HTTP warm, req/s", paired("4hl", "4h", rps), ".2f")
+    line("CPU per Check, HTTP warm with the decision log on every Check minus HTTP warm", paired("4hl", "4h", cpu),
+         ".1f", " us")
+    line("gRPC warm with a shadow policy / gRPC warm, req/s", paired("4s", "4", rps), ".2f")
+    line("CPU per Check, gRPC warm with a shadow policy minus gRPC warm", paired("4s", "4", cpu), ".1f", " us")
+    line("HTTP warm with a shadow policy / HTTP warm, req/s", paired("4hs", "4h", rps), ".2f")
+    line("CPU per Check, HTTP warm with a shadow policy minus HTTP warm", paired("4hs", "4h", cpu), ".1f", " us")
     line("direct gRPC, service / floor", paired("d4", "d3", rps), ".2f")
     line("direct gRPC, service / floor on uvloop", paired("d4", "d3u", rps), ".2f")
     line("direct gRPC, CPU per Check service minus floor",

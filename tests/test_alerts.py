@@ -52,6 +52,13 @@ CONTRACT_METRICS = {
     "authz_ext_authz_http_config_mismatches_total",
     "authz_native_listener_info",
     "authz_native_listener_writes_total",
+    "authz_client_decisions_total",
+    "authz_client_new_tokens_total",
+    "authz_client_new_tokens_alert_per_minute",
+    "authz_shadow_policy_reloads_total",
+    "authz_shadow_policy_info",
+    "authz_shadow_policy_file_refused",
+    "authz_shadow_disagreements_total",
 }
 # Closed label-value sets of the contract (route and issuer come from the policy).
 CONTRACT_LABEL_VALUES = {
@@ -66,7 +73,10 @@ CONTRACT_LABEL_VALUES = {
     "result": {"ok", "error"},
     "problem": {"original_path_missing", "path_prefix_mismatch", "original_path_mismatch"},
 }
-CONTRACT_LABELS = set(CONTRACT_LABEL_VALUES) | {"route", "issuer", "sha256", "le", "text_value"}
+# The shadow policy's decision and reason (authz_shadow_disagreements_total) take the same values.
+CONTRACT_LABEL_VALUES["shadow_decision"] = CONTRACT_LABEL_VALUES["decision"] | {"dry_run_deny"}
+CONTRACT_LABEL_VALUES["shadow_reason"] = CONTRACT_LABEL_VALUES["reason"]
+CONTRACT_LABELS = set(CONTRACT_LABEL_VALUES) | {"route", "issuer", "sha256", "le", "client", "text_value"}
 # Labels Prometheus attaches to every scraped series (ServiceMonitor target labels; `app`, the protected
 # app's name, is set by the relabelling of every shipped ServiceMonitor and PodMonitor).
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "container", "service", "endpoint", "app"}
@@ -479,6 +489,25 @@ def test_dashboard_has_the_required_views() -> None:
     assert has(r"authz_policy_generation"), "policy generation"
     assert has(r"authz_policy_reloads_total"), "policy reload errors"
     assert has(r"authz_policy_file_refused"), "a policy file refused now"
+    assert has(r"sum by \(client, decision\) \(rate\(authz_client_decisions_total"), "decisions per client"
+    assert has(r"max by \(client\) \(rate\(authz_client_new_tokens_total"), "new tokens per client"
+
+
+def test_the_new_tokens_panel_draws_the_alerts_threshold_over_the_alerts_window() -> None:
+    """The dashboard shows what AuthzClientMintingTokens evaluates: the same rate and window, and the
+    threshold each app's service exports (--new-tokens-alert-per-minute), not a number of its own."""
+    (rule,) = [r for r in alert_rules() if r["alert"] == "AuthzClientMintingTokens"]
+    expr = " ".join(rule["expr"].split())
+    alert = re.fullmatch(r"max by \(namespace, job, app, client\) \(rate\(authz_client_new_tokens_total\[(\w+)\]\)\) "
+                         r"\* 60 > on \(namespace, job, app\) group_left \(\) "
+                         r"max by \(namespace, job, app\) \(authz_client_new_tokens_alert_per_minute\)", expr)
+    assert alert, expr
+    (panel,) = [p for p in dashboard_panels(dashboard()["panels"])
+                if any("authz_client_new_tokens_total" in t.get("expr", "") for t in p.get("targets", []))]
+    rate, threshold = panel["targets"]
+    assert f"[{alert.group(1)}])) * 60" in rate["expr"]
+    assert threshold["expr"].startswith("max(authz_client_new_tokens_alert_per_minute{")
+    assert "thresholds" not in panel["fieldConfig"]["defaults"]  # no fixed line that could disagree
 
 
 

@@ -19,6 +19,7 @@ def test_defaults_with_only_the_policy():
     assert settings.metrics_min_interval == 1.0 and settings.max_request_bytes == 128 * 1024
     assert settings.leeway == 60.0 and settings.unknown_kid_cooldown == 10.0
     assert settings.realm == "authz-service" and settings.log_level == "INFO"
+    assert settings.decision_log == "deny", "every denial is logged, allows only when asked for"
     assert settings.jwks.unknown_kid_cooldown == 10.0
     assert settings.jwks.refresh_interval == 900.0
 
@@ -80,6 +81,9 @@ def test_every_option_is_a_settings_field_with_the_same_default():
         ("ext_authz_http_path_prefix", "/authz", "/authz"), ("ext_authz_http_path_prefix", "", ""),
         ("ext_authz_http_path_prefix", "/a/b-c", "/a/b-c"), ("max_request_bytes", "65536", 65536),
         ("metrics_min_interval", "0", 0.0), ("metrics_min_interval", "15", 15.0),
+        ("decision_log", "deny", "deny"), ("decision_log", "ALL", "all"), ("decision_log", "sampled", "sampled"),
+        ("decision_log", "off", "off"), ("decision_log_sample_rate", "1", 1.0),
+        ("decision_log_sample_rate", "0.001", 0.001),
     ],
 )
 def test_good_values_are_parsed(name, text, value):
@@ -106,6 +110,8 @@ BAD_VALUES = [
     ("ext_authz_http_path_prefix", "/a?b"), ("ext_authz_http_path_prefix", "/a b"), ("ext_authz_http_path_prefix", "/é"),
     ("ext_authz_http_path_prefix", "/a%2F"), ("max_request_bytes", "1024"), ("max_request_bytes", "big"),
     ("metrics_min_interval", "-1"), ("metrics_min_interval", "inf"),
+    ("decision_log", "allow"), ("decision_log", ""), ("decision_log_sample_rate", "0"),
+    ("decision_log_sample_rate", "1.5"), ("decision_log_sample_rate", "nan"), ("decision_log_sample_rate", "1%"),
 ]
 
 

@@ -310,8 +310,36 @@ async def test_a_trailing_slash_needs_the_protected_route_a_lenient_router_serve
     assert decision.route is route_named("admin-report") and verifier.calls == []
     token_claims = claims("admin/read")
     decision, verifier = await run(req(method, "/admin/report/", "Bearer abc"), token_claims, SLASH_POLICY)
-    assert decision == Decision(True, Reason.ALLOWED, route=route_named("admin-report"), claims=token_claims)
+    assert decision == Decision(True, Reason.ALLOWED, route=route_named("admin-report"), claims=token_claims,
+                                forward_token=False)
     assert decision.route_label == "admin-report"
+
+
+FORWARDING = parse_policy("""
+issuers:
+  - user_pool_id: us-east-1_Abc123
+forward_token: true
+routes:
+  - name: a
+    path: /a
+    scopes: [a/read]
+    forward_token: false
+  - name: a-rest
+    path: /a/**
+    scopes: [a/read]
+  - name: b
+    path: /b/**
+    public: true
+""", source="forwarding.yaml")
+
+
+@pytest.mark.parametrize(("path", "forwards"), [("/a", False), ("/a/x", True), ("/a/", False), ("/a/x/", True),
+                                                ("/b/x/", True)])
+async def test_the_token_is_forwarded_only_when_every_route_the_request_meets_forwards_it(path, forwards):
+    """/a/ must meet /a/** (forwards) and /a (does not): a lenient router may serve it with /a's
+    handler, so the token stays at the door."""
+    decision, _ = await run(req("GET", path, "Bearer abc"), claims("a/read"), FORWARDING)
+    assert decision.allowed and decision.forwards_token is forwards
 
 
 async def test_a_trailing_slash_on_a_public_path_stays_public():

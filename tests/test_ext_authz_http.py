@@ -41,6 +41,10 @@ routes:
   - name: health
     path: /healthz
     public: true
+  - name: signed-in
+    path: /signed-in
+    public: true
+    forward_token: true
 """, "http-door-test.yaml")
 
 
@@ -101,7 +105,7 @@ async def test_allow_sets_identity_and_names_every_other_spelling_to_remove(door
     assert (headers["x-auth-client-id"], headers["x-auth-scopes"], headers["x-auth-sub"]) == (
         "client-a", "transactions/post", "client-a")
     removed = set(headers[REMOVE_HEADER].split(","))
-    assert removed == SPECIAL_NAMES - {"x-auth-client-id", "x-auth-scopes", "x-auth-sub"}
+    assert removed == SPECIAL_NAMES - {"x-auth-client-id", "x-auth-scopes", "x-auth-sub"} | {"authorization"}
     assert "x_auth_client_id" in removed and "x-http-method-override" in removed
 
 
@@ -109,7 +113,13 @@ async def test_public_allow_removes_every_spelling(door):
     base, _ = door
     status, headers, _ = await send(base, "GET", "/healthz", [("x_auth_sub", "spoofed")])
     assert status == 200 and "x-auth-sub" not in headers
-    assert set(headers[REMOVE_HEADER].split(",")) == SPECIAL_NAMES
+    assert set(headers[REMOVE_HEADER].split(",")) == SPECIAL_NAMES | {"authorization"}
+
+
+async def test_a_route_that_forwards_the_token_does_not_name_authorization(door):
+    base, _ = door
+    status, headers, _ = await send(base, "GET", "/signed-in", [("Authorization", "Basic eDp5")])
+    assert status == 200 and set(headers[REMOVE_HEADER].split(",")) == SPECIAL_NAMES
 
 
 @pytest.fixture

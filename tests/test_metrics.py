@@ -20,36 +20,46 @@ from authz_service.metrics import LATENCY_BUCKETS, Metrics, PerCheck
 
 ENVOY_CONFIG = Path(__file__).resolve().parents[1] / "envoy" / "envoy.yaml"
 
-KEYS = [("allow", "allowed", "get-transaction", 200), ("deny", "missing_token", "get-transaction", 401),
-        ("deny", "no_route", "no_route", 403), ("dry_run_deny", "expired", "reports", 401)]
+KEYS = [("allow", "allowed", "get-transaction", 200, "client-a"), ("deny", "missing_token", "get-transaction", 401, ""),
+        ("deny", "no_route", "no_route", 403, ""), ("dry_run_deny", "expired", "reports", 401, ""),
+        ("allow", "allowed", "get-transaction", 200, "other"), ("deny", "insufficient_scope", "reports", 403, "other"),
+        ("dry_run_deny", "insufficient_scope", "reports", 403, "client-a")]
 
 
 def exposition(registry: CollectorRegistry) -> list[str]:
     return generate_latest(registry).decode().splitlines()
 
 
-def direct(metrics: Metrics, checks: list[tuple[tuple[str, str, str, int], float]], hits: int, misses: int) -> None:
+def direct(metrics: Metrics, checks: list[tuple[tuple[str, str, str, int, str], float]], hits: int, misses: int,
+           new_tokens: list[str] = ()) -> None:
     """The reference: one prometheus-client update per event, as the service did before PerCheck."""
-    for (kind, reason, route, status), seconds in checks:
+    for (kind, reason, route, status, client), seconds in checks:
         metrics.decisions.labels(kind, reason, route, str(status)).inc()
+        if client:
+            metrics.client_decisions.labels(client, kind).inc()
         metrics.check_duration.observe(seconds)
+    for client in new_tokens:
+        metrics.client_new_tokens.labels(client).inc()
     metrics.token_cache_lookups.labels("hit").inc(hits)
     metrics.token_cache_lookups.labels("miss").inc(misses)
 
 
 @settings(max_examples=60, deadline=None)
 @given(checks=st.lists(st.tuples(st.sampled_from(KEYS), st.floats(0, 2, allow_nan=False)), max_size=300),
-       hits=st.integers(0, 50), misses=st.integers(0, 50), scrapes=st.integers(0, 3))
-def test_batched_counts_read_exactly_as_direct_updates(checks, hits, misses, scrapes):
+       hits=st.integers(0, 50), misses=st.integers(0, 50), scrapes=st.integers(0, 3),
+       new_tokens=st.lists(st.sampled_from(["client-a", "other"]), max_size=20))
+def test_batched_counts_read_exactly_as_direct_updates(checks, hits, misses, scrapes, new_tokens):
     batched, reference = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
     cut = sorted(random.Random(len(checks)).sample(range(len(checks) + 1), min(scrapes, len(checks) + 1)))
     for i, (key, seconds) in enumerate(checks):
         if i in cut:
             generate_latest(batched.registry)  # a scrape in the middle flushes what is pending so far
         batched.per_check.check(key, seconds)
+    for client in new_tokens:
+        batched.per_check.new_token(client)
     batched.per_check.cache_hits += hits
     batched.per_check.cache_misses += misses
-    direct(reference, checks, hits, misses)
+    direct(reference, checks, hits, misses, new_tokens)
     assert exposition(batched.registry) == exposition(reference.registry)
 
 
@@ -79,7 +89,7 @@ def test_series_cache_is_bounded(monkeypatch):
     monkeypatch.setattr(PerCheck, "MAX_SERIES", 3)
     metrics = Metrics(CollectorRegistry())
     for i in range(10):
-        metrics.per_check.check(("allow", "allowed", f"route-{i}", 200), 0.0)
+        metrics.per_check.check(("allow", "allowed", f"route-{i}", 200, "client-a"), 0.0)
         metrics.per_check.flush()
         assert len(metrics.per_check._series) <= 3  # noqa: SLF001
     for i in range(10):
@@ -95,6 +105,15 @@ def test_no_created_series_are_exported():
     body = generate_latest(metrics.registry).decode()
     assert "authz_check_decisions_total{" in body and "authz_check_duration_seconds_count" in body
     assert "_created" not in body
+
+
+def test_client_series_exist_only_for_verified_clients():
+    """No verified token, no client: a Check without one counts in the decisions only."""
+    metrics = Metrics(CollectorRegistry())
+    for key in KEYS[:3]:
+        metrics.per_check.check(key, 0.001)
+    clients = [s.labels for f in metrics.registry.collect() if f.name == "authz_client_decisions" for s in f.samples]
+    assert clients == [{"client": "client-a", "decision": "allow"}]
 
 
 def test_build_info_names_this_build():

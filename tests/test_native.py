@@ -246,6 +246,27 @@ def test_every_identity_spelling_is_removed_before_any_filter() -> None:
     assert not {name for name in removed if "method" in name or "url" in name}  # those are refused (400)
 
 
+def test_every_policy_route_removes_the_token_unless_it_forwards_it() -> None:
+    """Whoever decides (Envoy natively, the service, nobody on a public route), the app gets no
+    Authorization header unless the route forwards it; the screen routes leave it to the service's
+    answer (they match no one policy route)."""
+    compiled = compile_policy(parse_policy(EVERY_KIND + """\
+  - {name: exchange, path: '/exchange', scopes: [t/read], forward_token: true}
+  - {name: signed-in, path: '/signed-in/**', public: true, forward_token: true}
+"""))
+    ingress = next(listener for listener in compiled.listeners if listener["name"] == "ingress")
+    hcm = ingress["filter_chains"][0]["filters"][0]["typed_config"]
+    removes = {route["name"]: route.get("request_headers_to_remove") for route in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+    policy_routes = {name: removed for name, removed in removes.items() if not name.startswith(("screen:", "no route"))}
+    forwarding = {name for name in policy_routes if "exchange" in name or "signed-in" in name}
+    assert forwarding == {"native: exchange", "none: signed-in"}
+    assert {name: removed for name, removed in policy_routes.items() if name not in forwarding} == {
+        name: ["authorization"] for name in policy_routes if name not in forwarding}
+    assert len(policy_routes) > len(forwarding) + 8  # the service's routes come in pairs (bearer, anonymous)
+    assert all(policy_routes[name] is None for name in forwarding)
+    assert all(removed is None for name, removed in removes.items() if name.startswith("screen:"))
+
+
 # --- options and errors --------------------------------------------------------------------------
 
 

@@ -123,6 +123,53 @@ def test_route_defaults_names_and_modes():
     assert [r.index for r in policy.routes] == [0, 1, 2, 3]
 
 
+def test_forward_token_defaults_to_false_and_a_route_overrides_the_policy():
+    routes = """\
+      - path: /a
+        scopes: [r]
+      - path: /b
+        public: true
+        forward_token: true
+      - path: /c
+        scopes: [r]
+        forward_token: false
+    """
+    assert [r.forward_token for r in routes_policy(routes).routes] == [False, True, False]
+    assert [r.forward_token for r in routes_policy(routes, extra="forward_token: true\n").routes] == [True, True, False]
+
+
+@pytest.mark.parametrize(("extra", "route", "place"), [
+    ("forward_token: yes please\n", "", "forward_token"),
+    ("", "    forward_token: 1\n", "routes[0].forward_token"),
+])
+def test_forward_token_must_be_a_boolean(extra, route, place):
+    message = refused(ISSUERS + extra + "routes:\n  - path: /a\n    scopes: [r]\n" + route)
+    assert f"{place}: must be true or false" in message
+
+
+def test_client_labels_are_the_client_ids_the_policy_names():
+    """Issuer and route client_ids label the per-client metrics; any other client is 'other', so no
+    token can add a series."""
+    policy = load("""\
+        issuers:
+          - user_pool_id: us-east-1_Abc123
+            client_ids: [client-a, client-b]
+          - user_pool_id: us-east-1_Def456
+        routes:
+          - path: /a
+            scopes: [r]
+            client_ids: [client-c, client-a]
+          - path: /b
+            scopes: [r]
+        """)
+    assert policy.clients == frozenset({"client-a", "client-b", "client-c"})
+    assert [policy.client_label(c) for c in ("client-a", "client-c", "client-z", "")] == [
+        "client-a", "client-c", "other", "other"]
+    assert routes_policy("  - path: /a\n    scopes: [r]\n").clients == frozenset()
+    assert routes_policy("  - path: /a\n    scopes: [r]\n", extra="path_case: insensitive\n").case_folded().clients == (
+        frozenset())
+
+
 def test_top_level_mode_defaults_to_enforce():
     policy = routes_policy("  - path: /a\n    scopes: [r]\n")
     assert policy.routes[0].mode is Mode.ENFORCE
@@ -219,6 +266,10 @@ MISTAKES = [
     # (id, policy text, fragments the message must contain)
     ("unknown top key", ISSUERS + "route:\n" + GOOD_ROUTE, ["top level", "'route'"]),
     ("bad path_case", ISSUERS + "path_case: ignore\nroutes:\n" + GOOD_ROUTE, ["path_case", "'insensitive'"]),
+    ("forward_token not a boolean", ISSUERS + "forward_token: 'no'\nroutes:\n" + GOOD_ROUTE,
+     ["forward_token", "true or false"]),
+    ("route forward_token not a boolean", ISSUERS + "routes:\n  - path: /a\n    scopes: [r]\n    forward_token: []\n",
+     ["routes[0].forward_token", "true or false"]),
     ("trailing slash pattern", ISSUERS + "routes:\n  - path: /a/b/\n    scopes: [r]\n",
      ["routes[0].path", "cannot end in '/'", "write '/a/b'"]),
     ("unknown issuer key", "issuers:\n  - user_pool_id: us-east-1_A\n    pool: x\nroutes:\n" + GOOD_ROUTE,

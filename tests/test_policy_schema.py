@@ -69,8 +69,10 @@ E2E_POLICY = textwrap.dedent("""\
         client_ids: [payments-writer, payments-reader]
     mode: enforce
     path_case: insensitive
+    forward_token: true
     routes:
       - {name: a, methods: [POST], path: /transactions, scopes: [transactions/post], mode: dry-run}
+      - {path: /exchange, scopes: [transactions/post], forward_token: false}
       - {name: 'GET /x/{id}/**', methods: [GET, HEAD], path: '/x/{id}/**', scopes: [x/y]}
       - {path: /, public: true}
       - {path: /**, public: false, scopes: [https://api.example.com/read]}

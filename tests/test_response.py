@@ -40,10 +40,15 @@ routes:
     path: /beta
     scopes: [beta/use]
     mode: dry-run
+  - name: exchange
+    path: /exchange
+    scopes: [tx/write]
+    forward_token: true
 """,
     source="response-test.yaml",
 )
-WRITE, HEALTH, BETA = POLICY.routes
+WRITE, HEALTH, BETA, EXCHANGE = POLICY.routes
+TOKEN_HEADER = "authorization"
 
 
 def claims(client_id="client-a", scope_text="tx/write other", sub="sub-1") -> Claims:
@@ -195,7 +200,7 @@ def test_allow_sets_identity_and_removes_spoofed_spellings():
     decision = Decision(True, Reason.ALLOWED, route=WRITE, claims=claims())
     headers, remove = ok_parts(render(decision, request("x_auth_client_id", "x-auth-sub", "x_auth_scopes")))
     assert headers == {"x-auth-client-id": "client-a", "x-auth-scopes": "tx/write other", "x-auth-sub": "sub-1"}
-    assert set(remove) == {"x_auth_client_id", "x_auth_scopes"}
+    assert set(remove) == {"x_auth_client_id", "x_auth_scopes", TOKEN_HEADER}
     assert not set(remove) & set(headers)
 
 
@@ -203,7 +208,7 @@ def test_allow_removes_identity_headers_it_does_not_set():
     decision = Decision(True, Reason.ALLOWED, route=WRITE, claims=claims(scope_text="", sub=""))
     headers, remove = ok_parts(render(decision, request("x-auth-sub")))
     assert headers == {"x-auth-client-id": "client-a"}
-    assert set(remove) == {"x-auth-scopes", "x-auth-sub"}
+    assert set(remove) == {"x-auth-scopes", "x-auth-sub", TOKEN_HEADER}
 
 
 @pytest.mark.parametrize(
@@ -219,19 +224,31 @@ def test_allows_without_verified_identity_set_nothing_and_remove_everything(deci
     spoofed = ("x-auth-client-id", "x_auth_client_id", "x_auth_sub", "x-auth-scopes")
     headers, remove = ok_parts(render(decision, request(*spoofed)))
     assert headers == {}
-    assert set(remove) == set(IDENTITY) | set(spoofed)
+    assert set(remove) == set(IDENTITY) | set(spoofed) | {TOKEN_HEADER}
 
 
 def test_public_allow_without_request_removes_identity_headers():
     headers, remove = ok_parts(check_response(Answers("r").answer(Decision(True, Reason.PUBLIC, route=HEALTH), None)))
-    assert headers == {} and set(remove) == set(IDENTITY)
+    assert headers == {} and set(remove) == set(IDENTITY) | {TOKEN_HEADER}
 
 
 def test_dry_run_insufficient_scope_forwards_the_verified_identity():
     decision = Decision(True, Reason.INSUFFICIENT_SCOPE, "lacks scope", BETA, claims(), dry_run=True)
     headers, remove = ok_parts(render(decision, request("x_auth_sub")))
     assert headers["x-auth-sub"] == "sub-1" and headers["x-auth-client-id"] == "client-a"
-    assert remove == ["x_auth_sub"]
+    assert remove == ["x_auth_sub", TOKEN_HEADER]
+
+
+def test_a_route_that_forwards_the_token_keeps_the_authorization_header():
+    decision = Decision(True, Reason.ALLOWED, route=EXCHANGE, claims=claims())
+    headers, remove = ok_parts(render(decision, request("x_auth_sub")))
+    assert headers["x-auth-client-id"] == "client-a" and remove == ["x_auth_sub"]
+    # The same identity on a route that does not forward it: another (cached) answer.
+    _, remove = ok_parts(render(Decision(True, Reason.ALLOWED, route=WRITE, claims=claims()), request("x_auth_sub")))
+    assert remove == ["x_auth_sub", TOKEN_HEADER]
+    # A request that had to meet two routes forwards the token only when both do.
+    _, remove = ok_parts(render(Decision(True, Reason.ALLOWED, route=EXCHANGE, claims=claims(), forward_token=False)))
+    assert TOKEN_HEADER in remove
 
 
 identity_value = st.one_of(st.just(""), st.text("abcXYZ019-_/. ", min_size=1, max_size=12))
@@ -242,16 +259,17 @@ spelling = st.sampled_from(["x-auth-client-id", "x_auth_client_id", "x-auth_clie
 
 @settings(max_examples=200, deadline=None)
 @given(client_id=st.text("abc019", min_size=1, max_size=8), scope_text=identity_value, sub=identity_value,
-       spoofed=st.lists(spelling, max_size=6), has_claims=st.booleans())
+       spoofed=st.lists(spelling, max_size=6), has_claims=st.booleans(), forward=st.booleans())
 def test_allow_never_removes_what_it_sets_and_removes_everything_else(client_id, scope_text, sub, spoofed,
-                                                                      has_claims):
+                                                                      has_claims, forward):
     token_claims = claims(client_id, scope_text, sub) if has_claims else None
-    decision = Decision(True, Reason.ALLOWED if has_claims else Reason.PUBLIC, route=WRITE, claims=token_claims)
+    decision = Decision(True, Reason.ALLOWED if has_claims else Reason.PUBLIC, route=EXCHANGE if forward else WRITE,
+                        claims=token_claims)
     headers, remove = ok_parts(render(decision, request(*spoofed)))
     expected = {k: v for k, v in zip(IDENTITY, (client_id, scope_text, sub)) if v} if has_claims else {}
     assert headers == expected
     assert not set(remove) & set(headers)
-    assert set(remove) == (set(IDENTITY) | set(spoofed)) - set(headers)
+    assert set(remove) == (set(IDENTITY) | set(spoofed) | (set() if forward else {TOKEN_HEADER})) - set(headers)
 
 
 # --- the token never leaks -----------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jwt.api_jwk import PyJWK
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from authz_service.claims import Claims
 from authz_service.metrics import Metrics
@@ -250,6 +250,40 @@ def test_byte_accounting_is_not_an_underestimate(key_a: SigningKey) -> None:
     held += sum(sys.getsizeof(d) for d in digests)
     assert cache.held_bytes >= held * 0.9, (cache.held_bytes / n, held / n)
     assert cache.held_bytes <= held * 2, (cache.held_bytes / n, held / n)  # and not wildly pessimistic
+
+
+# --- new tokens per client --------------------------------------------------------------------------
+
+
+def new_tokens(metrics: Metrics, client: str) -> float:
+    return metrics.registry.get_sample_value("authz_client_new_tokens_total", {"client": client}) or 0.0
+
+
+async def test_a_token_counts_as_new_once_per_client_label(key_a: SigningKey) -> None:
+    """The first verification of a token counts for its client (a client the policy names, else
+    'other'); its hits, and a token verified again while cached (a policy naming new claims),
+    do not."""
+    verifier, cache, metrics = make(MemoryKeys(key_a))
+    pol = policy("[client-a, client-b]")
+    reused = key_a.token(client_id="client-a")
+    for _ in range(3):
+        await verifier.verify(reused, pol)
+    await verifier.verify(key_a.token(client_id="client-a"), pol)
+    await verifier.verify(key_a.token(client_id="client-b"), pol)
+    assert (new_tokens(metrics, "client-a"), new_tokens(metrics, "client-b"), new_tokens(metrics, "other")) == (2, 1, 0)
+    await verifier.verify_uncached(reused, pol)  # replaces the entry it has: not new
+    assert new_tokens(metrics, "client-a") == 2
+    anyone = parse_policy(f"issuers:\n  - user_pool_id: {POOL}\nroutes:\n  - path: /x\n    scopes: [r]\n")
+    await verifier.verify(key_a.token(client_id="client-z"), anyone)
+    assert new_tokens(metrics, "other") == 1 and b"client-z" not in generate_latest(metrics.registry)
+
+
+async def test_without_the_cache_no_token_counts_as_new(key_a: SigningKey) -> None:
+    """Nothing can tell a new token from a reused one: nothing is counted (rather than every call)."""
+    verifier, _, metrics = make(MemoryKeys(key_a), size=0)
+    for _ in range(2):
+        await verifier.verify(key_a.token(client_id="client-a"), policy())
+    assert new_tokens(metrics, "client-a") == 0
 
 
 # --- TokenVerifier.cached: the Check path's lookup straight from the Authorization header ---------

@@ -56,7 +56,7 @@ from ..request import (
     http_request,
     identity_and_override_spellings,
 )
-from ..response import Answer
+from ..response import AUTHORIZATION, Answer
 from ..tracing import CheckSpanKind
 from .base import DoorKind, Wiring
 
@@ -288,8 +288,12 @@ def _parts(answer: Answer) -> tuple[int, dict[str, str], bytes | None]:
     headers = dict(answer.headers)
     if answer.allowed:
         # Strip every spelling we did not set: Envoy may not have forwarded the client's copies to
-        # us (allowed_headers), so only this tells it to remove them.
-        headers[REMOVE_HEADER] = ",".join(n for n in _SPELLINGS if n not in headers)
+        # us (allowed_headers), so only this tells it to remove them. And the token, unless the
+        # route forwards it.
+        removed = [n for n in _SPELLINGS if n not in headers]
+        if AUTHORIZATION in answer.remove:
+            removed.append(AUTHORIZATION)
+        headers[REMOVE_HEADER] = ",".join(removed)
         return 200, headers, None
     headers[REMOVE_HEADER] = ",".join(_SPELLINGS)
     return answer.status, headers, answer.body.encode()

@@ -67,8 +67,9 @@ def _provider(issuer: str, options: Options) -> dict[str, Any]:
             "cache_duration": f"{options.jwks_cache_seconds}s",
             "async_fetch": {"fast_listener": False, "failed_refetch_duration": "1s"},
         },
-        # Only "Bearer <token>" in Authorization (never an access_token query parameter), and the
-        # header stays on the request as it does through the service.
+        # Only "Bearer <token>" in Authorization (never an access_token query parameter). The header
+        # stays on the request through the filters (forward: the token checks after this filter read
+        # it); each route that does not forward the token removes it on the way to the app (routes.py).
         "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
         "forward": True,
         "require_expiration": True,

@@ -16,6 +16,10 @@ no route       yes     -    -      -      -          - (direct 403)
 "If needed": the ext_authz filter runs only when jwt_authn verified no token (bootstrap.py). A
 route the service decides gets the whole request decided there, its 400s included, so Envoy's own
 checks are off on it.
+
+Every policy route whose token is not forwarded (``forward_token``) removes the Authorization header
+from the request it sends to the app, whoever decided it; on the screen routes, which match no
+policy route, the service's answer says whether to remove it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 from ..decision import NO_ROUTE_LABEL, NO_ROUTE_TEXT, Reason
 from ..policy import PathCase, Policy
+from ..response import AUTHORIZATION
 from . import patterns
 from .answers import AnswerBook
 from .checks import route_checks, rules
@@ -97,6 +102,7 @@ def ingress_routes(
     for plan in plans:
         match = _match(plan, insensitive)
         name = f"{plan.engine.value}: {plan.route.name}"
+        first = len(routes)
         if plan.engine is Engine.EXT_AUTHZ:
             routes.extend(_to_service(name, match, admission))
         elif plan.engine is Engine.NONE:
@@ -128,6 +134,9 @@ def ingress_routes(
                     },
                 }
             )
+        if not plan.route.forward_token:
+            for route in routes[first:]:
+                route["request_headers_to_remove"] = [AUTHORIZATION]
     response, headers = book.direct_response(Reason.NO_ROUTE, NO_ROUTE_TEXT)
     routes.append(
         {

@@ -1,7 +1,8 @@
 """Native mode decides as the service does: the parity property, through real Envoys.
 
 For generated policies (the policy grammar: literals, ``{param}``, ``/**``, methods, any-of and
-all-of scopes, issuer and route client lists, claim conditions, public and dry-run routes) and
+all-of scopes, issuer and route client lists, claim conditions, public and dry-run routes, routes
+that forward the token) and
 generated requests (methods in any case over HTTP/1.1 and HTTP/2, HEAD, trailing slashes, case,
 ``//``, dot segments, encodings, query strings; tokens valid, expired, not yet valid, issued in
 the future, of another issuer, ID tokens, an unknown kid, a bad signature, another client,
@@ -12,7 +13,8 @@ override headers), every request goes through two Envoys in front of one service
 * the bootstrap ``authz-service compile envoy`` makes of the same policy: native where it can.
 
 Both must give the same answer: the same status, ``WWW-Authenticate`` challenge, JSON body and
-caching headers, and the app must receive the same request with the same identity, or nothing.
+caching headers, and the app must receive the same request with the same identity (and the same
+Authorization header: none unless the route forwards it), or nothing.
 There is no allowed difference: malformed credentials and unavailable keys, which Envoy's
 jwt_authn alone would answer 401, reach the service in native mode (see docs/native.md), which
 answers 400 and 503 as in ext_authz mode; ``test_keys_unavailable_is_the_same_503`` covers the
@@ -181,6 +183,7 @@ ROUTE = st.fixed_dictionaries({
                                                 max_size=2, unique=True)),
     "claims": st.dictionaries(st.sampled_from(list(CLAIM_VALUES)), CONDITIONS, max_size=2),
     "dry_run": st.sampled_from([False] * 6 + [True]),
+    "forward_token": st.sampled_from([False] * 3 + [True]),
 })
 
 
@@ -189,6 +192,8 @@ def route_entry(i: int, spec: dict[str, Any]) -> dict[str, Any]:
     entry: dict[str, Any] = {"name": f"r{i}", "path": path}
     if spec["methods"]:
         entry["methods"] = spec["methods"]
+    if spec["forward_token"]:
+        entry["forward_token"] = True
     if spec["public"]:
         entry["public"] = True
         return entry
@@ -422,7 +427,8 @@ def observed(req: Request, status: int, headers: dict[str, str], body: bytes) ->
         if req.method.upper() != "HEAD":
             echo = json.loads(body)
             seen["app"] = (echo["method"], echo["path"], {k: v for k, v in echo["headers"].items()
-                                                          if k.replace("_", "-").replace(".", "-") in IDENTITY})
+                                                          if k.replace("_", "-").replace(".", "-") in IDENTITY
+                                                          or k == "authorization"})
     else:
         seen.update({name: headers.get(name) for name in ("www-authenticate", "cache-control", "retry-after")})
         if req.method.upper() != "HEAD":

@@ -237,10 +237,29 @@ def test_dry_run_route_lets_a_token_without_the_scope_through_but_logs_and_count
     assert stack.service.sample("authz_check_decisions_total", decision="allow", route="refunds-dry-run") == 0
     (request_id,) = seen["x-request-id"]  # Envoy's own id: the app and the service log share it
     entries = [json.loads(line) for line in stack.service.process.log_text().splitlines() if request_id in line]
-    assert [(e["msg"], e["reason"], e["route"], e["client_id"], e["status"]) for e in entries] == [
-        ("dry-run deny", "insufficient_scope", "refunds-dry-run", "payments-writer", 403)]
+    assert [(e["msg"], e["decision"], e["reason"], e["route"], e["client_id"], e["status"]) for e in entries] == [
+        ("dry-run deny", "dry_run_deny", "insufficient_scope", "refunds-dry-run", "payments-writer", 403)]
     # An enforced route in the same policy still denies the same kind of token.
     assert stack.send("POST", "/transactions", stack.main.token("payments-reader")).status == 403
+
+
+def decision_log(stack: Stack) -> list[dict]:
+    return [entry for line in stack.service.process.log_text().splitlines() if line.startswith("{")
+            and (entry := json.loads(line))["logger"] == "authz_service.decisions"]
+
+
+def test_the_decision_log_records_denials_only_by_default(stack: Stack) -> None:
+    """One line per denial, naming the caller and the policy; an allowed call leaves no line unless
+    --decision-log says so (test_decision_log_e2e.py)."""
+    before = len(decision_log(stack))
+    allowed = stack.send("POST", "/transactions", stack.main.token("payments-writer"))
+    (request_id,) = allowed.upstream_headers()["x-request-id"]
+    assert stack.send("POST", "/transactions", stack.main.token("payments-reader")).status == 403
+    new = wait_for(lambda: decision_log(stack)[before:], 10, "the denial's decision log line")
+    sha256 = stack.service.readyz()[1]["policy"]["sha256"]
+    assert [(e["msg"], e["reason"], e["route"], e["client_id"], e["policy_sha256"], e["policy_version"])
+            for e in new] == [("deny", "insufficient_scope", "create-transaction", "payments-reader", sha256, 1)]
+    assert request_id not in stack.service.process.log_text()
 
 
 def test_dry_run_route_never_lets_an_invalid_token_hide_as_an_identity(stack: Stack) -> None:

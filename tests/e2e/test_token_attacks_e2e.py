@@ -20,16 +20,32 @@ from authz_service.cognito import access_claims
 
 from .fake_issuer import FakeIssuer, rsa_key
 from .harness import UpstreamProcess, wait_for
-from .security_stack import (SecurityStack, bearer, deny_count, logged, start_security_stack,
+from .security_stack import (ROUTES, SecurityStack, bearer, deny_count, logged, start_security_stack,
                              stop_security_stack)
 
 pytestmark = pytest.mark.e2e
 
 
+# Routes that hand the token on to the app (the policy's forward_token), beside the suites' routes.
+FORWARDING_ROUTES = """\
+  - name: token-exchange
+    methods: [POST]
+    path: /exchange/**
+    scopes: [transactions/post]
+    forward_token: true
+  - name: public-forwarding
+    methods: [GET]
+    path: /signed-in/**
+    public: true
+    forward_token: true
+"""
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess,
           module_envoy_factory, enforcing_mode: str) -> Iterator[SecurityStack]:
-    s = start_security_stack(tmp_path_factory.mktemp("token-attacks"), upstream, module_envoy_factory, mode=enforcing_mode)
+    s = start_security_stack(tmp_path_factory.mktemp("token-attacks"), upstream, module_envoy_factory,
+                             mode=enforcing_mode, routes=ROUTES.format() + FORWARDING_ROUTES)
     yield s
     stop_security_stack(s)
 
@@ -366,3 +382,40 @@ def test_non_ascii_claims_that_are_valid_text_are_forwarded(stack: SecurityStack
     assert answer.status == 200, answer.body
     sent = answer.reached_upstream[0]["headers"]["x-auth-sub"][0]  # the upstream reads header bytes as Latin-1
     assert sent.encode("latin-1").decode("utf-8") == "zahlungs-dienst-\u00e9\U0001f600"
+
+
+# --- the bearer token stays at the door -------------------------------------------------------------
+
+def test_the_app_never_receives_the_bearer_token(stack: SecurityStack) -> None:
+    """An allowed request reaches the app with the verified identity but without the token, as Envoy's
+    jwt_authn (forward: false) and Istio (forwardOriginalToken: false) do: an app that logs its
+    request headers would otherwise write an hour-long credential into its logs. On a public route
+    too (a client that sends its token everywhere), and when the service decides in native mode (a
+    path ending in '/' goes to the service there)."""
+    token = stack.dev.token("payments-writer")
+    for method, path in (("POST", "/transactions"), ("GET", "/healthz"), ("GET", "/public/docs"),
+                         ("GET", "/public/docs/")):
+        answer = stack.send(method, path, token)
+        assert answer.status == 200, (path, answer.body)
+        seen = answer.reached_upstream[0]["headers"]
+        assert "authorization" not in seen, path
+        assert token not in json.dumps(answer.reached_upstream), path
+    seen = stack.send("POST", "/transactions", token).reached_upstream[0]["headers"]
+    assert seen["x-auth-client-id"] == ["payments-writer"]
+    # Another scheme sent to a public route is removed alike: the app behind a public route gets no
+    # Authorization header unless the route forwards it.
+    answer = stack.send("GET", "/healthz", headers=[("Authorization", "Basic cGF5bWVudHM6c2VjcmV0")])
+    assert answer.status == 200 and "authorization" not in answer.reached_upstream[0]["headers"]
+
+
+def test_a_route_that_forwards_the_token_hands_it_to_the_app(stack: SecurityStack) -> None:
+    """forward_token: true (an app that exchanges the token, or checks it again itself) passes the
+    header on unchanged, on a protected route and on a public one; the routes beside it still strip it."""
+    token = stack.dev.token("payments-writer")
+    for method, path in (("POST", "/exchange/orders"), ("GET", "/signed-in/profile"), ("POST", "/exchange/orders/")):
+        answer = stack.send(method, path, token)
+        assert answer.status == 200, (path, answer.body)
+        assert answer.reached_upstream[0]["headers"]["authorization"] == [f"Bearer {token}"], path
+    answer = stack.send("GET", "/signed-in/profile", headers=[("Authorization", "Basic eDp5")])
+    assert answer.reached_upstream[0]["headers"]["authorization"] == ["Basic eDp5"]
+    assert "authorization" not in stack.send("POST", "/transactions", token).reached_upstream[0]["headers"]
