@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .native.options import Address, parse_address
 from .decisionlog import DecisionLogMode
+from .native.options import Address, parse_address
 from .tracing import CLIENT_CONTEXTS, TracingSettings, TracingSettingsError, tracing_settings
 
 
