@@ -74,6 +74,15 @@ def test_warnings_exit_0_unless_strict(tmp_path):
     assert validate_command([path], strict=True, out=io.StringIO()) == 1
 
 
+def test_query_method_is_standard_under_strict(tmp_path):
+    # QUERY (the httpbis safe method with a body) is forwarded by Envoy: no warning, strict exits 0.
+    path = tmp_path / "p.yaml"
+    path.write_text(ISSUERS + "routes:\n  - path: /search\n    methods: [QUERY, GET]\n    scopes: [r/x]\n")
+    out = io.StringIO()
+    assert validate_command([path], strict=True, out=out) == 0, out.getvalue()
+    assert "warning:" not in out.getvalue() and "0 warnings" in out.getvalue()
+
+
 # --- validate: lints -----------------------------------------------------------------------------
 
 
@@ -311,7 +320,7 @@ def test_methods_falling_through_to_a_public_route_are_reported_with_the_methods
     assert len(warnings) == 2, warnings
     admin, tx = sorted(warnings, key=lambda w: "admin" not in w)
     assert "routes[0].methods: route 'admin-report' takes only GET; " in admin
-    assert "POST, PUT, PATCH, DELETE, OPTIONS, TRACE, CONNECT and any other method" in admin
+    assert "POST, PUT, PATCH, DELETE, OPTIONS, TRACE, CONNECT, QUERY and any other method" in admin
     assert "fall through to route 'everything-else' (/**), which is public (e.g. DELETE /admin/report)" in admin
     assert "HEAD" not in admin.split("fall through")[0].split("takes only")[1], "GET implies HEAD"
     # Two method-limited siblings share a path: only what neither takes falls through.

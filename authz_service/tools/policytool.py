@@ -35,7 +35,8 @@ from ..urls import shown
 from ..yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position, scalar_text, where_text
 from .simulate import Simulator, run_check
 
-STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+# RFC 9110 section 9 plus QUERY (the IETF httpbis safe method with a body; Envoy forwards it).
+STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "QUERY")
 # Scopes a user pool knows but a client_credentials (machine-to-machine) token can never carry.
 USER_POOL_SCOPES = frozenset({"openid", "email", "phone", "profile", "aws.cognito.signin.user.admin"})
 # Cognito custom scopes are "<resource server identifier>/<scope name>"; the identifier may itself
