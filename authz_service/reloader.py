@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .metrics import Metrics
-from .policy import Policy, PolicyError, load_policy_file, read_policy_file
+from .policy import Policy, PolicyError, deny_list_sizes, load_policy_file, read_policy_file
 from .tracing import NO_TRACING, NoTracing, Recorder
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ class PolicyReloader:
             recorder.set("authz.policy.result", "ok")
             recorder.set("authz.policy.routes", len(policy.routes))
             self.policy = policy  # one reference swap: a Check sees the old or the new policy whole
-            self._metrics.policy_loaded(len(policy.routes), policy.sha256)
+            self._metrics.policy_loaded(len(policy.routes), policy.sha256, **deny_list_sizes(policy))
             self._on_change(policy)
             log.info(
                 "policy reloaded",

@@ -26,7 +26,7 @@ from .config import Settings
 from .doors.base import DoorKind, FrontDoor, Wiring
 from .jwks import JwksCache, http_session
 from .metrics import Metrics
-from .policy import Policy, load_policy_file
+from .policy import Policy, deny_list_sizes, load_policy_file
 from .reloader import PolicyReloader
 from .response import Answers
 from .tokencache import TokenCache
@@ -117,7 +117,7 @@ class Service:
             settings.policy, policy, self.metrics, on_change=self._policy_changed, tracing=self.tracing
         )
         self.reloader.open_watch(settings.policy_watch)  # --policy-watch inotify without inotify: OSError
-        self.metrics.policy_loaded(len(policy.routes), policy.sha256)
+        self.metrics.policy_loaded(len(policy.routes), policy.sha256, **deny_list_sizes(policy))
         verifier = TokenVerifier(self.jwks, leeway=settings.leeway, cache=self.token_cache)
         if isinstance(self.tracing, Tracing):
             self.checker: Checker = TracedChecker(

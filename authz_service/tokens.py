@@ -31,7 +31,7 @@ from jwt.api_jwk import PyJWK
 
 from .claims import NO_CUSTOM_CLAIMS, SCOPE_CHARS, SCOPE_TOKEN, Claims, claim_value
 from .keys import IssuerKey, KeySource
-from .policy import Issuer, Policy
+from .policy import DenyList, Issuer, Policy
 from .tokencache import CacheEntry, TokenCache
 
 # Cognito client_credentials access tokens are ~0.8-1.2 KB; a long scope list or claims added by a
@@ -65,6 +65,7 @@ class Failure(enum.Enum):
     WRONG_ISSUER = "wrong_issuer"
     WRONG_TOKEN_USE = "wrong_token_use"
     CLIENT_NOT_ALLOWED = "client_not_allowed"
+    DENY_LISTED = "deny_listed"  # the policy's deny section lists its client or its jti
     KEYS_UNAVAILABLE = "keys_unavailable"  # we cannot verify right now: 503, not 401
 
 
@@ -82,6 +83,7 @@ class Check(enum.Enum):
     TOKEN_USE = "token_use"  # an access token
     CLIENT = "client"  # client_id present, valid header text, allowed by the issuer entry
     CLAIMS = "claims"  # scope and sub: strings, RFC 6749 scopes, valid header text
+    DENY_LIST = "deny_list"  # neither the client nor the jti is in the policy's deny section
 
 
 class TokenError(Exception):
@@ -269,8 +271,10 @@ class TokenVerifier:
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenError(Failure.INVALID_TOKEN, "token too large", check=Check.HEADER)
         claims, key = await self._verify(token, policy)
-        if self._cache is not None:
+        if self._cache is not None:  # cached even when deny-listed: lifting the entry needs no new RSA
             self._cache.put(self._cache.digest(token.encode("ascii")), claims, key)
+        if policy.deny is not None:
+            check_deny_list(claims, policy.deny)
         return claims
 
     def _lookup(self, token: str, policy: Policy) -> Claims | None:
@@ -310,6 +314,8 @@ class TokenVerifier:
             raise TokenError(Failure.EXPIRED, "token expired", check=Check.TIMES)
         if issuer.client_ids is not None and claims.client_id not in issuer.client_ids:
             raise TokenError(Failure.CLIENT_NOT_ALLOWED, "client is not allowed", check=Check.CLIENT)
+        if policy.deny is not None:  # the policy in force: a reload applies to cached tokens at once
+            check_deny_list(claims, policy.deny)
         return claims
 
     async def _verify(self, token: str, policy: Policy) -> tuple[Claims, PyJWK]:
@@ -411,6 +417,7 @@ class TokenVerifier:
         if not isinstance(scope, str):
             raise TokenError(Failure.INVALID_TOKEN, "scope claim must be a string", check=Check.CLAIMS)
         _check_scope(scope)
+        jti = payload.get("jti")
         sub = payload.get("sub", "")
         if not isinstance(sub, str):
             raise TokenError(Failure.INVALID_TOKEN, "sub claim must be a string", check=Check.CLAIMS)
@@ -429,7 +436,17 @@ class TokenVerifier:
             if names
             else NO_CUSTOM_CLAIMS,
             extracted=names,
+            jti=jti if isinstance(jti, str) else "",  # only compared with the deny list
         )
+
+
+def check_deny_list(claims: Claims, deny: DenyList) -> None:
+    """Refuse a verified token whose client or jti the policy's deny section lists (the client
+    first). 401 invalid_token, as for a revoked token: Cognito has no revocation for these."""
+    if claims.client_id in deny.client_ids:
+        raise TokenError(Failure.DENY_LISTED, "client is revoked", check=Check.DENY_LIST)
+    if claims.jti and claims.jti in deny.jtis:
+        raise TokenError(Failure.DENY_LISTED, "token is revoked", check=Check.DENY_LIST)
 
 
 def _check_header_text(name: str, value: str, check: Check) -> None:
