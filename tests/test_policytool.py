@@ -415,6 +415,30 @@ def test_client_allow_list_is_checked_by_the_real_verifier(tmp_path):
     assert run.returncode == 0, run.stdout
 
 
+def test_deny_list_cases_by_client_and_by_jti(tmp_path):
+    run = run_cases(tmp_path, ISSUERS + "deny: {client_ids: [leaked], jtis: [stolen-jti]}\n"
+                    "routes:\n  - path: /a\n    scopes: [a/b]\n  - {path: /h, public: true}\n",
+                    "tests:\n  - {method: GET, path: /a, scopes: [a/b], client_id: leaked, expect: deny, status: 401,"
+                    " reason: deny_listed}\n"
+                    "  - {method: GET, path: /a, scopes: [a/b], jti: stolen-jti, expect: deny, reason: deny_listed}\n"
+                    "  - {method: GET, path: /a, scopes: [a/b], jti: another-jti, expect: allow}\n"
+                    "  - {method: GET, path: /h, client_id: leaked, expect: allow, reason: public}\n")
+    assert run.returncode == 0, run.stdout
+    assert "(scopes [a/b] jti stolen-jti) -> deny 401 route=ANY /a reason=deny_listed" in run.stdout
+
+
+def test_validate_prints_the_code_of_an_unknown_path_parameter(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(ISSUERS + "routes:\n  - path: /t/{id}\n    scopes: [r/x]\n"
+                    "    claims: {tenant: {equals_param: tenant}}\n")
+    out = io.StringIO()
+    assert validate_command([path], strict=False, out=out) == 1
+    first = out.getvalue().splitlines()[0]
+    assert first.startswith(f"{path}:6:37: ")
+    assert "routes[0].claims.tenant.equals_param: 'tenant' is not a parameter of the route's path" in first
+    assert first.endswith("or add {tenant} to the path [unknown-path-parameter]")
+
+
 def test_dry_run_expectation(tmp_path):
     run = run_cases(tmp_path, ISSUERS + "routes:\n  - path: /a\n    scopes: [a/b]\n    mode: dry-run\n",
                     "tests:\n  - {method: GET, path: /a, scopes: [a/c], expect: dry_run_deny, status: 200,"
@@ -625,7 +649,7 @@ def test_validate_explain_issuers_never_shows_jwks_credentials(tmp_path):
 def test_custom_claims_example_passes_through_the_cli():
     run = cli("test", str(EXAMPLES / "policy-custom-claims.yaml"), str(EXAMPLES / "policy-custom-claims-tests.yaml"))
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "10 passed, 0 failed" in run.stdout
+    assert "12 passed, 0 failed" in run.stdout
     assert cli("validate", "--strict", str(EXAMPLES / "policy-custom-claims.yaml")).returncode == 0
 
 
