@@ -169,7 +169,7 @@ async def _decide_all(
     first = await _authorize(request, guards[0], policy, verifier)
     decisions = [_as_mode(guards[0], first)]
     for route in guards[1:]:
-        if first.claims is None:  # the token itself failed, which fails every route alike
+        if first.claims is None or first.reason is Reason.DENY_LISTED:  # the token failed: every route alike
             decision = deny(first.reason, first.description, route)
         else:
             decision = await _authorize(request, route, policy, _Verified(first.claims))
@@ -215,7 +215,8 @@ async def _authorize(
                 return deny(Reason.MISSING_TOKEN, MISSING_TOKEN_TEXT, route)
             claims = await verifier.verify_uncached(token, policy)
     except TokenError as exc:
-        return deny(_TOKEN_FAILURES[exc.failure], exc.description, route)
+        # A deny-listed token verified: its claims name the client in the log line.
+        return Decision(False, _TOKEN_FAILURES[exc.failure], exc.description, route, exc.claims)
     conditions = route.conditions
     if conditions is None:  # only any-of scopes: the common route, one set operation
         if route.scopes.isdisjoint(claims.scopes):

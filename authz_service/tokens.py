@@ -89,14 +89,24 @@ class Check(enum.Enum):
 class TokenError(Exception):
     """A refused token. ``failure`` is the decision's reason, ``check`` the check that failed.
     ``description`` is safe to send to the client (no token, no key material); ``detail`` is the
-    precise reason for operators (explain), where it says more than that."""
+    precise reason for operators (explain), where it says more than that. ``claims``: the verified
+    claims of a token refused after verification (the deny list), so the log names its client."""
 
-    def __init__(self, failure: Failure, description: str, detail: str | None = None, *, check: Check) -> None:
+    def __init__(
+        self,
+        failure: Failure,
+        description: str,
+        detail: str | None = None,
+        *,
+        check: Check,
+        claims: Claims | None = None,
+    ) -> None:
         super().__init__(description)
         self.failure = failure
         self.check = check
         self.description = description
         self.detail = detail or description
+        self.claims = claims
 
 
 def bearer_token(values: tuple[str, ...]) -> str | None:
@@ -444,9 +454,9 @@ def check_deny_list(claims: Claims, deny: DenyList) -> None:
     """Refuse a verified token whose client or jti the policy's deny section lists (the client
     first). 401 invalid_token, as for a revoked token: Cognito has no revocation for these."""
     if claims.client_id in deny.client_ids:
-        raise TokenError(Failure.DENY_LISTED, "client is revoked", check=Check.DENY_LIST)
+        raise TokenError(Failure.DENY_LISTED, "client is revoked", check=Check.DENY_LIST, claims=claims)
     if claims.jti and claims.jti in deny.jtis:
-        raise TokenError(Failure.DENY_LISTED, "token is revoked", check=Check.DENY_LIST)
+        raise TokenError(Failure.DENY_LISTED, "token is revoked", check=Check.DENY_LIST, claims=claims)
 
 
 def _check_header_text(name: str, value: str, check: Check) -> None:

@@ -444,5 +444,6 @@ routes:
         assert (decision.allowed, decision.dry_run, decision.reason, decision.status) == (
             False, False, Reason.DENY_LISTED, 401), path
         assert decision.description == "client is revoked"
+        assert decision.claims is not None and decision.claims.client_id == "client-a"  # the log names it
     public = await decide(req("GET", "/healthz", token), policy, verifier)
     assert public.allowed and public.reason is Reason.PUBLIC  # no token is read on a public route
