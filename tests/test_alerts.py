@@ -50,6 +50,7 @@ CONTRACT_METRICS = {
     "authz_token_cache_bytes",
     "authz_token_cache_evictions_total",
     "authz_ext_authz_http_config_mismatches_total",
+    "authz_deny_list_entries",
 }
 # Closed label-value sets of the contract (route and issuer come from the policy).
 CONTRACT_LABEL_VALUES = {
@@ -58,11 +59,12 @@ CONTRACT_LABEL_VALUES = {
                "wrong_issuer",
                "wrong_token_use", "client_not_allowed", "unknown_key", "bad_signature", "insufficient_scope",
                "no_route", "keys_unavailable", "internal_error", "missing_scope", "client_not_allowed_for_route",
-               "claim_mismatch"},
+               "claim_mismatch", "param_mismatch", "deny_listed"},
     "status": {"200", "400", "401", "403", "503"},
     "trigger": {"startup", "periodic", "unknown_kid"},
     "result": {"ok", "error"},
     "problem": {"original_path_missing", "path_prefix_mismatch", "original_path_mismatch"},
+    "kind": {"client_id", "jti"},
 }
 CONTRACT_LABELS = set(CONTRACT_LABEL_VALUES) | {"route", "issuer", "sha256", "le"}
 # Labels Prometheus attaches to every scraped series (ServiceMonitor target labels; `app`, the protected
