@@ -310,7 +310,8 @@ class PolicyReloader:
             recorder.set("authz.policy.result", "ok")
             recorder.set("authz.policy.routes", len(policy.routes))
             self.policy = policy  # one reference swap: a Check sees the old or the new policy whole
-            self._metrics.policy_loaded(len(policy.routes), policy.sha256, **deny_list_sizes(policy))
+            deny = deny_list_sizes(policy)
+            self._metrics.policy_loaded(len(policy.routes), policy.sha256, **deny)
             self._on_change(policy)
             log.info(
                 "policy reloaded",
@@ -319,6 +320,7 @@ class PolicyReloader:
                     "routes": len(policy.routes),
                     "issuers": len(policy.issuers),
                     "sha256": policy.sha256,
+                    **deny,  # an incident's deny list change is confirmed in the log too
                 },
             )
             return True
