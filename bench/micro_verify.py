@@ -158,14 +158,15 @@ CONDITIONS_POLICY = f"""issuers:\n  - user_pool_id: us-east-1_Bench0001\nroutes:
   - {{path: /x, scopes: [a/b]}}
   - {{path: /y, scopes: [a/b], all_scopes: [c/d], client_ids: [c1, c2],
      claims: {{"custom:tenant": acme, environments: {{contains: prod}}}}}}
-  - {{path: '/t/{{tenant}}', scopes: [a/b], claims: {{"custom:tenant": {{equals_param: tenant}}}}}}
+"""
+BINDING_POLICY = CONDITIONS_POLICY + """  - {path: '/t/{tenant}', scopes: [a/b], claims: {"custom:tenant": {equals_param: tenant}}}
 """
 # The same routes with a deny list naming another client and another token: what it costs a Check.
 DENY_POLICY = CONDITIONS_POLICY + "deny: {client_ids: [c9], jtis: [0f5a1c9e-8d55-4a54-9a52-0c1b8a0c7d3e]}\n"
 DECIDE_CASES = (
     ("route with scopes only", CONDITIONS_POLICY, "/x"),
     ("route with client_ids, all_scopes, 2 claims", CONDITIONS_POLICY, "/y"),
-    ("route with scopes and a tenant binding", CONDITIONS_POLICY, "/t/acme"),
+    ("route with scopes and a tenant binding", BINDING_POLICY, "/t/acme"),
     ("route with scopes only, a deny list (1 client, 1 jti)", DENY_POLICY, "/x"),
 )
 
