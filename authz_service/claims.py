@@ -85,6 +85,7 @@ class Claims:
     kid: str
     custom: Mapping[str, ClaimValue] = field(default_factory=lambda: NO_CUSTOM_CLAIMS)
     extracted: frozenset[str] = frozenset()
+    jti: str = ""  # the token's id ("" when absent or not a string): what the deny list may name
 
     def covers(self, names: frozenset[str]) -> bool:
         """Whether these claims were read for every claim name in ``names`` (a cached token verified

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ Scalar = str | int | float | bool
 # Printable ASCII without space, quote and backslash: a claim name appears as is in a 403's
 # error_description (a quoted-string), and Cognito's own names (custom:tenant) fit.
 CLAIM_NAME = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]{1,128}\Z")
-OPERATORS = ("equals", "any_of", "contains")
+OPERATORS = ("equals", "any_of", "contains", "equals_param")
 MAX_ANY_OF = 256
 CLIENT_NOT_ALLOWED_TEXT = "client is not allowed on this route"
 ANY_SCOPE_TEXT = "token lacks a required scope"
@@ -37,11 +37,14 @@ class Unmet(enum.Enum):
     ANY_SCOPE = "any_scope"  # none of the route's scopes
     ALL_SCOPES = "all_scopes"  # one of the route's all_scopes is missing
     CLAIM = "claim"  # a claim condition does not hold (claim absent, or another value)
+    PARAM = "param"  # a claim bound to a path parameter (equals_param) is absent or another value
 
 
 @dataclass(frozen=True, slots=True)
 class ClaimCondition:
-    """One condition on one claim. ``values`` has one element for equals and contains.
+    """One condition on one claim. ``values`` has one element for equals and contains; for
+    equals_param it is the parameter's name, and ``segment`` the index of the path segment it is
+    (-1 for the other operators).
 
     Comparison is by JSON type: a string equals only a string, a boolean only a boolean, a number
     only a number (1 equals 1.0, never true). ``any_of`` holds when the claim is one of the values,
@@ -57,6 +60,17 @@ class ClaimCondition:
     booleans: frozenset[bool]
     missing: str  # the client-visible description when the claim is absent: names the claim, no value
     mismatch: str  # ... when it is present with another value
+    segment: int = -1  # equals_param: which path segment the claim must equal
+
+    def binds(self, value: ClaimValue, segments: tuple[str, ...]) -> bool:
+        """equals_param: the claim is a string equal, exactly, to the path segment as Envoy sent it.
+
+        Exact, so never more than intended: no case folding (``path_case`` picks routes, it does
+        not make /tenants/ACME the tenant acme), and a segment holding a percent-escape never
+        matches, because an app that decodes it (``a%3Ab`` -> ``a:b``) and one that does not would
+        name two different tenants, only one of them the token's."""
+        segment = segments[self.segment]
+        return type(value) is str and value == segment and "%" not in segment
 
     def holds(self, value: ClaimValue) -> bool:
         if type(value) is tuple:  # a list of strings
@@ -79,6 +93,8 @@ class ClaimCondition:
         """For people: ``tenant = 'acme'``, ``tier any of ['gold', 'silver']``, ``envs contains 'prod'``."""
         if self.operator == "any_of":
             return f"{self.name} any of [{', '.join(_show(v) for v in self.values)}]"
+        if self.operator == "equals_param":
+            return f"{self.name} = path parameter {{{self.values[0]}}}"
         sign = "=" if self.operator == "equals" else "contains"
         return f"{self.name} {sign} {_show(self.values[0])}"
 
@@ -105,6 +121,21 @@ def condition(name: str, operator: str, values: tuple[Scalar, ...]) -> ClaimCond
     )
 
 
+def binding(name: str, param: str, segment: int) -> ClaimCondition:
+    """An equals_param condition: the claim equals path segment ``segment`` (parameter ``param``)."""
+    return ClaimCondition(
+        name=name,
+        operator="equals_param",
+        values=(param,),
+        strings=frozenset(),
+        numbers=frozenset(),
+        booleans=frozenset(),
+        missing=f"token lacks a required claim: {name}",
+        mismatch=f"token claim does not match the path parameter: {name}",
+        segment=segment,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Conditions:
     """A route's conditions besides its path and methods, checked in this order: client, any-of
@@ -115,7 +146,9 @@ class Conditions:
     client_ids: frozenset[str] | None
     claims: tuple[ClaimCondition, ...]
 
-    def each(self, claims: Claims) -> Iterator[tuple[Unmet, ClaimCondition | None, str | None]]:
+    def each(
+        self, claims: Claims, segments: tuple[str, ...] = ()
+    ) -> Iterator[tuple[Unmet, ClaimCondition | None, str | None]]:
         """Every condition, in the order ``unmet`` checks them: which one (with its ClaimCondition
         for a claim condition) and the client-safe description of its failure (None: it holds).
         For tools that show each condition (explain, tests); ``unmet`` is the same checks without
@@ -130,10 +163,15 @@ class Conditions:
         custom = claims.custom
         for cond in self.claims:
             value = custom.get(cond.name)  # None: absent (a JSON null is kept as UNSUPPORTED)
-            yield Unmet.CLAIM, cond, cond.missing if value is None else None if cond.holds(value) else cond.mismatch
+            if cond.segment >= 0:
+                failure = cond.missing if value is None else None if cond.binds(value, segments) else cond.mismatch
+                yield Unmet.PARAM, cond, failure
+            else:
+                yield Unmet.CLAIM, cond, cond.missing if value is None else None if cond.holds(value) else cond.mismatch
 
-    def unmet(self, claims: Claims) -> tuple[Unmet, str] | None:
-        """The first condition the token fails and its client-safe description; None when all hold."""
+    def unmet(self, claims: Claims, segments: tuple[str, ...] = ()) -> tuple[Unmet, str] | None:
+        """The first condition the token fails and its client-safe description; None when all hold.
+        ``segments``: the request path's (what equals_param conditions compare with)."""
         if self.client_ids is not None and claims.client_id not in self.client_ids:
             return Unmet.CLIENT, CLIENT_NOT_ALLOWED_TEXT
         if self.any_scopes and self.any_scopes.isdisjoint(claims.scopes):
@@ -143,22 +181,32 @@ class Conditions:
         custom = claims.custom
         for cond in self.claims:
             value = custom.get(cond.name)  # None: absent (a JSON null is kept as UNSUPPORTED)
-            if value is None:
+            if cond.segment >= 0:
+                if value is None:
+                    return Unmet.PARAM, cond.missing
+                if not cond.binds(value, segments):
+                    return Unmet.PARAM, cond.mismatch
+            elif value is None:
                 return Unmet.CLAIM, cond.missing
-            if not cond.holds(value):
+            elif not cond.holds(value):
                 return Unmet.CLAIM, cond.mismatch
         return None
 
 
 # --- parsing (called by the policy loader, which supplies ``fail`` with file:line:column) --------
 
-Fail = Callable[[tuple[str | int, ...], str], Exception]  # (place below the route's claims key, problem)
+# (place below the route's claims key, problem, error code or None) -> the error to raise
+Fail = Callable[[tuple[str | int, ...], str, str | None], Exception]
+UNKNOWN_PARAM = "unknown-path-parameter"  # the error code of an equals_param naming no parameter
 
 
-def parse_claim_conditions(raw: object, fail: Fail) -> tuple[ClaimCondition, ...]:
-    """``claims:`` of a route: {name: value | {equals|any_of|contains: ...}} -> conditions (all must hold)."""
+def parse_claim_conditions(
+    raw: object, fail: Fail, params: Mapping[str, int] | None = None
+) -> tuple[ClaimCondition, ...]:
+    """``claims:`` of a route: {name: value | {equals|any_of|contains|equals_param: ...}} -> conditions
+    (all must hold). ``params``: the route path's parameters and the index of the segment of each."""
     if not isinstance(raw, dict) or not raw:
-        raise fail((), "must be a mapping of claim name to condition, e.g. {tenant: acme}")
+        raise fail((), "must be a mapping of claim name to condition, e.g. {tenant: acme}", None)
     out = []
     for name, spec in raw.items():
         if not isinstance(name, str) or not CLAIM_NAME.match(name):
@@ -166,6 +214,7 @@ def parse_claim_conditions(raw: object, fail: Fail) -> tuple[ClaimCondition, ...
                 (),
                 f"claim name {name!r}: use 1 to 128 printable ASCII characters without spaces, "
                 "quotes or backslashes (e.g. tenant, custom:tenant)",
+                None,
             )
         if cognito_controlled(name):
             fix = (
@@ -173,22 +222,23 @@ def parse_claim_conditions(raw: object, fail: Fail) -> tuple[ClaimCondition, ...
                 if name in VERIFIED_CLAIM_KEYS
                 else "claim conditions are for custom claims (a pre token generation trigger cannot set this one)"
             )
-            raise fail((name,), f"{name!r} is set by Cognito itself; {fix}")
-        out.append(_one_condition(name, spec, _below(fail, name)))
+            raise fail((name,), f"{name!r} is set by Cognito itself; {fix}", None)
+        out.append(_one_condition(name, spec, _below(fail, name), params or {}))
     return tuple(out)
 
 
 def _below(fail: Fail, name: str) -> Fail:
     """``fail`` for the places below one claim's condition."""
-    return lambda where, problem: fail((name, *where), problem)
+    return lambda where, problem, code: fail((name, *where), problem, code)
 
 
-def _one_condition(name: str, spec: object, fail: Fail) -> ClaimCondition:
+def _one_condition(name: str, spec: object, fail: Fail, params: Mapping[str, int]) -> ClaimCondition:
     if isinstance(spec, list):
         raise fail(
             (),
             "a list is ambiguous; write {any_of: [...]} (the claim is one of them) or "
             "{contains: ...} (a list claim holds the value)",
+            None,
         )
     if not isinstance(spec, dict):
         return condition(name, "equals", (_scalar(spec, (), fail),))
@@ -197,32 +247,54 @@ def _one_condition(name: str, spec: object, fail: Fail) -> ClaimCondition:
             (),
             f"must be a value or a mapping with exactly one of {', '.join(OPERATORS)}, "
             f"got keys {', '.join(repr(k) for k in spec) or 'none'}",
+            None,
         )
     operator, value = next(iter(spec.items()))
     if operator == "equals":
         return condition(name, operator, (_scalar(value, (operator,), fail),))
+    if operator == "equals_param":
+        return _binding(name, value, fail, params)
     if operator == "contains":
         if not isinstance(value, str):
-            raise fail((operator,), "must be a string (list claims hold strings)")
+            raise fail((operator,), "must be a string (list claims hold strings)", None)
         return condition(name, operator, (value,))
     if not isinstance(value, list) or not value or len(value) > MAX_ANY_OF:
-        raise fail((operator,), f"must be a non-empty list of at most {MAX_ANY_OF} values")
+        raise fail((operator,), f"must be a non-empty list of at most {MAX_ANY_OF} values", None)
     values = tuple(_scalar(v, (operator, j), fail) for j, v in enumerate(value))
     seen: set[tuple[str, Scalar]] = set()
     for j, v in enumerate(values):
         typed = (_json_type(v), v)  # 1 and 1.0 are one JSON number; True is not 1
         if typed in seen:
-            raise fail((operator, j), f"{_show(v)} is listed twice")
+            raise fail((operator, j), f"{_show(v)} is listed twice", None)
         seen.add(typed)
     return condition(name, operator, values)
 
 
 def _scalar(value: object, where: tuple[str | int, ...], fail: Fail) -> Scalar:
     if isinstance(value, float) and not math.isfinite(value):
-        raise fail(where, f"{value!r} is not a JSON number")
+        raise fail(where, f"{value!r} is not a JSON number", None)
     if isinstance(value, (str, int, float, bool)):
         return value
-    raise fail(where, f"must be a string, number or boolean, got {kind(value)}")
+    raise fail(where, f"must be a string, number or boolean, got {kind(value)}", None)
+
+
+def _binding(name: str, value: object, fail: Fail, params: Mapping[str, int]) -> ClaimCondition:
+    """``{equals_param: tenant}``: the claim must equal the route path's ``{tenant}`` segment."""
+    where = ("equals_param",)
+    if not isinstance(value, str) or not value:
+        raise fail(where, f"must be the name of one of the route path's parameters, got {kind(value)}", None)
+    if value not in params:
+        bare = value.strip("{}")
+        if bare in params:
+            raise fail(where, f"{value!r}: write the parameter's name without braces: {bare!r}", None)
+        known = ", ".join(f"{{{p}}}" for p in params) or "none"
+        raise fail(
+            where,
+            f"{value!r} is not a parameter of the route's path (its parameters: {known}); "
+            f"fix: name one of them, or add {{{bare}}} to the path",
+            UNKNOWN_PARAM,
+        )
+    return binding(name, value, params[value])
 
 
 def _json_type(value: Scalar) -> str:

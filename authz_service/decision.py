@@ -35,6 +35,8 @@ class Reason(enum.Enum):
     MISSING_SCOPE = "missing_scope"  # one of the route's all_scopes
     CLIENT_NOT_ALLOWED_FOR_ROUTE = "client_not_allowed_for_route"  # the route's client_ids
     CLAIM_MISMATCH = "claim_mismatch"  # a claim condition: claim absent or another value
+    PARAM_MISMATCH = "param_mismatch"  # a claim bound to a path parameter: absent or another value
+    DENY_LISTED = "deny_listed"  # the policy's deny section lists the token's client or jti
     NO_ROUTE = "no_route"
     KEYS_UNAVAILABLE = "keys_unavailable"
     INTERNAL_ERROR = "internal_error"
@@ -66,12 +68,18 @@ REASONS: dict[Reason, Outcome] = {
     Reason.WRONG_ISSUER: _UNAUTHENTICATED,
     Reason.WRONG_TOKEN_USE: _UNAUTHENTICATED,
     Reason.CLIENT_NOT_ALLOWED: _UNAUTHENTICATED,
+    # RFC 6750's invalid_token covers a revoked token: the deny list is the revocation Cognito
+    # does not offer for client_credentials tokens.
+    Reason.DENY_LISTED: _UNAUTHENTICATED,
     Reason.INSUFFICIENT_SCOPE: Outcome(403, "insufficient_scope", 7),  # PERMISSION_DENIED
     # A verified token that fails a route condition: RFC 6750's 403 code ("requires higher
     # privileges than provided by the access token"); the description names what is missing.
     Reason.MISSING_SCOPE: Outcome(403, "insufficient_scope", 7),
     Reason.CLIENT_NOT_ALLOWED_FOR_ROUTE: Outcome(403, "insufficient_scope", 7),
     Reason.CLAIM_MISMATCH: Outcome(403, "insufficient_scope", 7),
+    # A valid token of another tenant: 403 like claim_mismatch (a new token of the same client is
+    # no better, so not 401), its own reason so that cross-tenant attempts have a series of their own.
+    Reason.PARAM_MISMATCH: Outcome(403, "insufficient_scope", 7),
     Reason.NO_ROUTE: Outcome(403, "access_denied", 7),
     Reason.KEYS_UNAVAILABLE: Outcome(503, "temporarily_unavailable", 14),  # UNAVAILABLE
     Reason.INTERNAL_ERROR: Outcome(500, "server_error", 13),  # INTERNAL
@@ -88,7 +96,11 @@ UNMET_REASONS: dict[Unmet, Reason] = {
     Unmet.ANY_SCOPE: Reason.INSUFFICIENT_SCOPE,
     Unmet.ALL_SCOPES: Reason.MISSING_SCOPE,
     Unmet.CLAIM: Reason.CLAIM_MISMATCH,
+    Unmet.PARAM: Reason.PARAM_MISMATCH,
 }
+# Denials a dry-run route still enforces: keys unavailable (a 503 is never an allow) and the deny
+# list (an emergency measure holds on every protected route).
+_ENFORCED_IN_DRY_RUN = frozenset({Reason.KEYS_UNAVAILABLE, Reason.DENY_LISTED})
 
 
 # Not frozen, though never modified once built: one is built on every Check, and a frozen
@@ -170,7 +182,7 @@ async def _decide_all(
     first = await _authorize(request, guards[0], policy, verifier)
     decisions = [_as_mode(guards[0], first)]
     for route in guards[1:]:
-        if first.claims is None:  # the token itself failed, which fails every route alike
+        if first.claims is None or first.reason is Reason.DENY_LISTED:  # the token failed: every route alike
             decision = deny(first.reason, first.description, route)
         else:
             decision = await _authorize(request, route, policy, _Verified(first.claims))
@@ -199,8 +211,8 @@ class _Verified:
 
 def _as_mode(route: Route, decision: Decision) -> Decision:
     """A denial as the route's mode answers it: a dry-run route allows it (marked dry-run), except
-    keys unavailable (a 503 is never turned into an allow)."""
-    if not decision.allowed and route.mode is Mode.DRY_RUN and decision.reason is not Reason.KEYS_UNAVAILABLE:
+    keys unavailable (a 503 is never turned into an allow) and a deny-listed token."""
+    if not decision.allowed and route.mode is Mode.DRY_RUN and decision.reason not in _ENFORCED_IN_DRY_RUN:
         return Decision(True, decision.reason, decision.description, route, decision.claims, dry_run=True)
     return decision
 
@@ -217,7 +229,8 @@ async def _authorize(
                 return deny(Reason.MISSING_TOKEN, MISSING_TOKEN_TEXT, route)
             claims = await verifier.verify_uncached(token, policy)
     except TokenError as exc:
-        return deny(_TOKEN_FAILURES[exc.failure], exc.description, route)
+        # A deny-listed token verified: its claims name the client in the log line.
+        return Decision(False, _TOKEN_FAILURES[exc.failure], exc.description, route, exc.claims)
     conditions = route.conditions
     if conditions is None:  # only any-of scopes: the common route, one set operation
         if route.scopes.isdisjoint(claims.scopes):
@@ -225,7 +238,7 @@ async def _authorize(
         return Decision(True, Reason.ALLOWED, "", route, claims)
     # Conditions are route properties, checked here on every Check (a cached token included)
     # against the policy in force.
-    unmet = conditions.unmet(claims)
+    unmet = conditions.unmet(claims, request.segments)
     if unmet is not None:
         return Decision(False, UNMET_REASONS[unmet[0]], unmet[1], route, claims)
     return Decision(True, Reason.ALLOWED, "", route, claims)

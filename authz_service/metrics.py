@@ -137,6 +137,15 @@ class Metrics:
             registry=registry,
         )
         self.policy_file_refused_state.labels("").set(0)  # exists at 0 from start-up
+        # Which entries the policy serving now refuses: an incident's deny-list change is
+        # confirmed here (the hits are authz_check_decisions_total{reason="deny_listed"}).
+        self.deny_list_entries = Gauge(
+            f"{PREFIX}_deny_list_entries",
+            "Entries of the deny section of the policy serving now, by kind (client_id, jti).",
+            ["kind"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
         self.ready = Gauge(
             f"{PREFIX}_ready",
             "1 when a policy is loaded and every issuer has signing keys, else 0.",
@@ -262,10 +271,12 @@ class Metrics:
         for gauge in (self.jwks_keys, self.jwks_last_success):
             _remove(gauge, pool_id)
 
-    def policy_loaded(self, routes: int, sha256: str) -> None:
+    def policy_loaded(self, routes: int, sha256: str, *, deny_client_ids: int = 0, deny_jtis: int = 0) -> None:
         """Record a policy that started serving (replaces the info series, so only one exists)."""
         self.policy_reloads.labels("ok").inc()
         self.policy_routes.set(routes)
+        self.deny_list_entries.labels("client_id").set(deny_client_ids)
+        self.deny_list_entries.labels("jti").set(deny_jtis)
         self.policy_generation.inc()
         _only(self.policy_info, sha256, 1)
 
@@ -334,7 +345,8 @@ class ShadowMetrics:
         series.inc()
 
     # The reloader's record of the shadow file (reloader.PolicyRecord), as Metrics' for the policy.
-    def policy_loaded(self, routes: int, sha256: str) -> None:
+    def policy_loaded(self, routes: int, sha256: str, *, deny_client_ids: int = 0, deny_jtis: int = 0) -> None:
+        # The candidate's deny list is not exported: authz_deny_list_entries is the serving policy's.
         self.reloads.labels("ok").inc()
         _only(self.info, sha256, 1)
 

@@ -47,20 +47,30 @@ _ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/ {}*-]{0,99}\Z")
 _CLIENT_ID = re.compile(r"^[\x21-\x7E]{1,128}\Z")
 # The ``client`` metric label of every client the policy does not name (Policy.client_label).
 OTHER_CLIENT = "other"
+_JTI = re.compile(r"^[\x21-\x7E]{1,256}\Z")  # Cognito's are UUIDs; any printable ASCII is compared exactly
 
 
 class PolicyError(ValueError):
     """A policy file that cannot serve. The message names the file, line:column, the place and the fix.
 
     ``where``/``line``/``column`` are kept structured so tools (``validate``) can sort and report
-    errors without parsing the message.
+    errors without parsing the message; ``code`` names the kind of mistake where tools need to
+    tell it apart (e.g. ``unknown-path-parameter``), None otherwise.
     """
 
-    def __init__(self, message: str, where: Where = (), line: int | None = None, column: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        where: Where = (),
+        line: int | None = None,
+        column: int | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.where = where
         self.line = line
         self.column = column
+        self.code = code
 
 
 class Mode(enum.Enum):
@@ -115,6 +125,28 @@ class Issuer:
         """The ``issuer`` label of the JWKS metrics: the pool id, plus ``@<region>`` for a replica
         region (one pool's regions must not share a series)."""
         return f"{self.user_pool_id}@{self.region}" if self.replica else self.user_pool_id
+
+
+@dataclass(frozen=True, slots=True)
+class DenyList:
+    """The policy's ``deny`` section: app clients and token ids refused on every protected route.
+
+    Why: Cognito cannot revoke or introspect a client_credentials token, so a leaked client secret
+    or token stays valid until it expires (up to a day). Checked after the token verified, on
+    every Check (a cached token included), before the route's own conditions; never on a public
+    route, where no token is read."""
+
+    client_ids: frozenset[str]
+    jtis: frozenset[str]
+
+
+def deny_list_sizes(policy: Policy) -> dict[str, int]:
+    """How many client ids and jtis ``policy`` denies (Metrics.policy_loaded's keywords)."""
+    deny = policy.deny
+    return {
+        "deny_client_ids": len(deny.client_ids) if deny else 0,
+        "deny_jtis": len(deny.jtis) if deny else 0,
+    }
 
 
 # Lint warnings (``authz-service validate``) a route may acknowledge as intended with
@@ -189,6 +221,8 @@ class Policy:
         the label's values are bounded by the policy, never by whoever presents a valid token."""
         return client_id if client_id in self.clients else OTHER_CLIENT
 
+    deny: DenyList | None = None  # None: no deny section, or an empty one (nothing to look up)
+
     def match(self, method: str, segments: tuple[str, ...]) -> Route | None:
         """The most specific route for this method and path segments as written, or None.
 
@@ -251,6 +285,7 @@ class Policy:
             self.claim_names,
             PathCase.INSENSITIVE,
             self.clients,
+            self.deny,
         )
 
     def representative_paths(
@@ -382,7 +417,8 @@ def _match(node: _Node, segments: tuple[str, ...], i: int, method: str) -> Route
 
 # --- loading -------------------------------------------------------------------------------------
 
-_TOP_KEYS = {"version", "issuers", "routes", "mode", "path_case", "forward_token"}
+_TOP_KEYS = {"version", "issuers", "routes", "mode", "path_case", "forward_token", "deny"}
+_DENY_KEYS = {"client_ids", "jtis"}
 # Policy formats this loader reads. Why a version at all: a policy written for a later format
 # (new keys, or old keys with a new meaning) must be refused by an older service, not half-read.
 POLICY_VERSIONS = (1,)
@@ -532,10 +568,18 @@ class _Context(YamlValidator):
         return ctx
 
     def fail(
-        self, where: Where, problem: str, fix: str | None = None, *, at: Where | None = None, at_key: bool = False
+        self,
+        where: Where,
+        problem: str,
+        fix: str | None = None,
+        *,
+        at: Where | None = None,
+        at_key: bool = False,
+        code: str | None = None,
     ) -> PolicyError:
         error = super().fail(where, problem, fix, at=at, at_key=at_key)
         assert isinstance(error, PolicyError)
+        error.code = code
         return error
 
     def collect(self, build: Any, *args: Any) -> Any:
@@ -554,6 +598,7 @@ class _Context(YamlValidator):
         default_mode = self.mode(doc.get("mode", "enforce"), ("mode",))
         forward_token = self.boolean(doc, "forward_token", (), default=False)
         path_case = self.path_case(doc.get("path_case", PathCase.SENSITIVE.value))
+        deny = self.collect(self.deny, doc["deny"]) if "deny" in doc else None
         issuer_items = self.nonempty_list(doc, "issuers", ())
         blocks = [self.collect(self.issuer, item, i) for i, item in enumerate(issuer_items)]
         issuers = [issuer for block in blocks if block is not None for issuer in block]
@@ -587,7 +632,33 @@ class _Context(YamlValidator):
             clients=frozenset().union(
                 *(i.client_ids for i in issuers if i.client_ids), *(r.client_ids for r in good_routes if r.client_ids)
             ),
+            deny=deny,
         )
+
+    def deny(self, value: object) -> DenyList | None:
+        """The ``deny`` section. Empty lists are fine (a section kept ready for an incident), and
+        so are repeats: a reload refused in an incident would keep the token working."""
+        where: Where = ("deny",)
+        if value is None:  # "deny:" with every entry commented out
+            return None
+        if not isinstance(value, dict):
+            raise self.fail(where, f"must be a mapping with client_ids and/or jtis, got {kind(value)}")
+        self.check_keys(value, _DENY_KEYS, where)
+        lists: dict[str, frozenset[str]] = {}
+        for key, shape, what in (
+            ("client_ids", _CLIENT_ID, "an app client id (1 to 128 printable ASCII characters)"),
+            ("jtis", _JTI, "a token's jti claim (1 to 256 printable ASCII characters)"),
+        ):
+            entries = value.get(key) or []
+            if not isinstance(entries, list):
+                raise self.fail((*where, key), f"must be a list (it may be empty), got {kind(entries)}")
+            for j, entry in enumerate(entries):
+                if not isinstance(entry, str) or not shape.match(entry):
+                    raise self.fail((*where, key, j), f"{entry!r} is not {what}")
+            lists[key] = frozenset(entries)
+        if not lists["client_ids"] and not lists["jtis"]:
+            return None
+        return DenyList(lists["client_ids"], lists["jtis"])
 
     def path_case(self, value: object) -> PathCase:
         try:
@@ -820,7 +891,11 @@ class _Context(YamlValidator):
                     )
         allowed = self.client_ids(item, where)
         claims = (
-            parse_claim_conditions(item["claims"], lambda at, problem: self.fail((*where, "claims", *at), problem))
+            parse_claim_conditions(
+                item["claims"],
+                lambda at, problem, code: self.fail((*where, "claims", *at), problem, code=code),
+                pattern_params(path),
+            )
             if "claims" in item
             else ()
         )
@@ -871,6 +946,13 @@ def pattern_parts(pattern: str) -> list[object]:
     """A valid route pattern's parts, left to right: literal segments (str), PARAM for ``{name}``
     and a final REST for ``/**``. "/" has none."""
     return _parse_pattern(pattern, PolicyError)
+
+
+def pattern_params(pattern: str) -> dict[str, int]:
+    """A valid route pattern's ``{name}`` parameters and the index of the path segment each is."""
+    if pattern == "/":
+        return {}
+    return {m[1]: k for k, part in enumerate(pattern[1:].split("/")) if (m := _PARAM_SEGMENT.match(part))}
 
 
 def pattern_matches(pattern: str, segments: tuple[str, ...], path_case: PathCase = PathCase.SENSITIVE) -> bool:

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from .policy import Policy, PolicyError, load_policy_file, read_policy_file
+from .policy import Policy, PolicyError, deny_list_sizes, load_policy_file, read_policy_file
 from .tracing import NO_TRACING, NoTracing, Recorder
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class PolicyRecord(Protocol):
     """Where a reloader records its loads: metrics.Metrics for the policy, metrics.ShadowMetrics
     for a shadow policy."""
 
-    def policy_loaded(self, routes: int, sha256: str) -> None: ...
+    def policy_loaded(self, routes: int, sha256: str, *, deny_client_ids: int = 0, deny_jtis: int = 0) -> None: ...
 
     def policy_load_failed(self, refused_sha256: str | None) -> None: ...
 
@@ -344,7 +344,8 @@ class PolicyReloader:
             recorder.set("authz.policy.result", "ok")
             recorder.set("authz.policy.routes", len(policy.routes))
             self.current = policy  # one reference swap: a Check sees the old or the new policy whole
-            self._metrics.policy_loaded(len(policy.routes), policy.sha256)
+            deny = deny_list_sizes(policy)
+            self._metrics.policy_loaded(len(policy.routes), policy.sha256, **deny)
             self._on_change(policy)
             log.info(
                 f"{self.what} reloaded",
@@ -353,6 +354,7 @@ class PolicyReloader:
                     "routes": len(policy.routes),
                     "issuers": len(policy.issuers),
                     "sha256": policy.sha256,
+                    **deny,  # an incident's deny list change is confirmed in the log too
                 },
             )
             return True

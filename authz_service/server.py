@@ -28,7 +28,7 @@ from .decisionlog import DecisionLog, DecisionLogMode
 from .doors.base import DoorKind, FrontDoor, Wiring
 from .jwks import JwksCache, http_session
 from .metrics import Metrics
-from .policy import Policy, load_policy_file
+from .policy import Policy, deny_list_sizes, load_policy_file
 from .reloader import PolicyReloader
 from .response import Answers
 from .shadow import ShadowPolicy
@@ -142,7 +142,7 @@ class Service:
             loader=None if self.native is None else self.native.load,
         )
         self.reloader.open_watch(settings.policy_watch)  # --policy-watch inotify without inotify: OSError
-        self.metrics.policy_loaded(len(policy.routes), policy.sha256)
+        self.metrics.policy_loaded(len(policy.routes), policy.sha256, **deny_list_sizes(policy))
         self.metrics.client_new_tokens_alert.set(settings.new_tokens_alert_per_minute)
         verifier = TokenVerifier(self.jwks, leeway=settings.leeway, cache=self.token_cache)
         decision_log = DecisionLog(DecisionLogMode(settings.decision_log), settings.decision_log_sample_rate)

@@ -53,7 +53,7 @@ def entry_size(claims: Claims) -> int:
     Custom claims count with their dict and values; their names are the policy's own strings and
     the ``extracted`` set is the policy's, shared by every entry, so neither is counted per entry.
     """
-    strings = (claims.issuer, claims.client_id, claims.sub, claims.scope_text, claims.kid, *claims.scopes)
+    strings = (claims.issuer, claims.client_id, claims.sub, claims.scope_text, claims.kid, claims.jti, *claims.scopes)
     size = ENTRY_OVERHEAD_BYTES + sum(sys.getsizeof(s) for s in strings)
     if claims.custom:
         size += sys.getsizeof(claims.custom) + sum(_value_size(v) for v in claims.custom.values())

@@ -31,7 +31,7 @@ from jwt.api_jwk import PyJWK
 
 from .claims import NO_CUSTOM_CLAIMS, SCOPE_CHARS, SCOPE_TOKEN, Claims, claim_value
 from .keys import IssuerKey, KeySource
-from .policy import Issuer, Policy
+from .policy import DenyList, Issuer, Policy
 from .tokencache import CacheEntry, TokenCache
 
 # Cognito client_credentials access tokens are ~0.8-1.2 KB; a long scope list or claims added by a
@@ -65,6 +65,7 @@ class Failure(enum.Enum):
     WRONG_ISSUER = "wrong_issuer"
     WRONG_TOKEN_USE = "wrong_token_use"
     CLIENT_NOT_ALLOWED = "client_not_allowed"
+    DENY_LISTED = "deny_listed"  # the policy's deny section lists its client or its jti
     KEYS_UNAVAILABLE = "keys_unavailable"  # we cannot verify right now: 503, not 401
 
 
@@ -82,19 +83,30 @@ class Check(enum.Enum):
     TOKEN_USE = "token_use"  # an access token
     CLIENT = "client"  # client_id present, valid header text, allowed by the issuer entry
     CLAIMS = "claims"  # scope and sub: strings, RFC 6749 scopes, valid header text
+    DENY_LIST = "deny_list"  # neither the client nor the jti is in the policy's deny section
 
 
 class TokenError(Exception):
     """A refused token. ``failure`` is the decision's reason, ``check`` the check that failed.
     ``description`` is safe to send to the client (no token, no key material); ``detail`` is the
-    precise reason for operators (explain), where it says more than that."""
+    precise reason for operators (explain), where it says more than that. ``claims``: the verified
+    claims of a token refused after verification (the deny list), so the log names its client."""
 
-    def __init__(self, failure: Failure, description: str, detail: str | None = None, *, check: Check) -> None:
+    def __init__(
+        self,
+        failure: Failure,
+        description: str,
+        detail: str | None = None,
+        *,
+        check: Check,
+        claims: Claims | None = None,
+    ) -> None:
         super().__init__(description)
         self.failure = failure
         self.check = check
         self.description = description
         self.detail = detail or description
+        self.claims = claims
 
 
 def bearer_token(values: tuple[str, ...]) -> str | None:
@@ -269,9 +281,11 @@ class TokenVerifier:
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenError(Failure.INVALID_TOKEN, "token too large", check=Check.HEADER)
         claims, key = await self._verify(token, policy)
-        if self._cache is not None:
+        if self._cache is not None:  # cached even when deny-listed: lifting the entry needs no new RSA
             digest = self._cache.digest(token.encode("ascii"))
             self._cache.put(digest, claims, key, policy.client_label(claims.client_id))
+        if policy.deny is not None:
+            check_deny_list(claims, policy.deny)
         return claims
 
     def _lookup(self, token: str, policy: Policy) -> Claims | None:
@@ -311,6 +325,8 @@ class TokenVerifier:
             raise TokenError(Failure.EXPIRED, "token expired", check=Check.TIMES)
         if issuer.client_ids is not None and claims.client_id not in issuer.client_ids:
             raise TokenError(Failure.CLIENT_NOT_ALLOWED, "client is not allowed", check=Check.CLIENT)
+        if policy.deny is not None:  # the policy in force: a reload applies to cached tokens at once
+            check_deny_list(claims, policy.deny)
         return claims
 
     async def _verify(self, token: str, policy: Policy) -> tuple[Claims, PyJWK]:
@@ -412,6 +428,7 @@ class TokenVerifier:
         if not isinstance(scope, str):
             raise TokenError(Failure.INVALID_TOKEN, "scope claim must be a string", check=Check.CLAIMS)
         _check_scope(scope)
+        jti = payload.get("jti")
         sub = payload.get("sub", "")
         if not isinstance(sub, str):
             raise TokenError(Failure.INVALID_TOKEN, "sub claim must be a string", check=Check.CLAIMS)
@@ -430,7 +447,17 @@ class TokenVerifier:
             if names
             else NO_CUSTOM_CLAIMS,
             extracted=names,
+            jti=jti if isinstance(jti, str) else "",  # only compared with the deny list
         )
+
+
+def check_deny_list(claims: Claims, deny: DenyList) -> None:
+    """Refuse a verified token whose client or jti the policy's deny section lists (the client
+    first). 401 invalid_token, as for a revoked token: Cognito has no revocation for these."""
+    if claims.client_id in deny.client_ids:
+        raise TokenError(Failure.DENY_LISTED, "client is revoked", check=Check.DENY_LIST, claims=claims)
+    if claims.jti and claims.jti in deny.jtis:
+        raise TokenError(Failure.DENY_LISTED, "token is revoked", check=Check.DENY_LIST, claims=claims)
 
 
 def _check_header_text(name: str, value: str, check: Check) -> None:

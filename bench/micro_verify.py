@@ -170,26 +170,35 @@ CONDITIONS_POLICY = f"""issuers:\n  - user_pool_id: us-east-1_Bench0001\nroutes:
   - {{path: /y, scopes: [a/b], all_scopes: [c/d], client_ids: [c1, c2],
      claims: {{"custom:tenant": acme, environments: {{contains: prod}}}}}}
 """
+BINDING_POLICY = CONDITIONS_POLICY + """  - {path: '/t/{tenant}', scopes: [a/b], claims: {"custom:tenant": {equals_param: tenant}}}
+"""
+# The same routes with a deny list naming another client and another token: what it costs a Check.
+DENY_POLICY = CONDITIONS_POLICY + "deny: {client_ids: [c9], jtis: [0f5a1c9e-8d55-4a54-9a52-0c1b8a0c7d3e]}\n"
+DECIDE_CASES = (
+    ("route with scopes only", CONDITIONS_POLICY, "/x"),
+    ("route with client_ids, all_scopes, 2 claims", CONDITIONS_POLICY, "/y"),
+    ("route with scopes and a tenant binding", BINDING_POLICY, "/t/acme"),
+    ("route with scopes only, a deny list (1 client, 1 jti)", DENY_POLICY, "/x"),
+)
 
 
 async def decide_per_route(keys: Keys, token: str, reps: int) -> dict[str, float | None]:
-    """decide() for one warm token on a scopes-only route and on a route with conditions."""
+    """decide() for one warm token on a scopes-only route, on routes with conditions, and under a
+    deny list (n/a on a version that cannot load the policy)."""
     from authz_service.decision import decide
     from authz_service.policy import PolicyError
     from authz_service.request import HttpRequest
 
-    try:
-        policy = parse_policy(CONDITIONS_POLICY)
-    except PolicyError:  # a version without route conditions
-        policy = None
     verifier = make_verifier(keys, cache=True)
     out: dict[str, float | None] = {}
-    for label, path in (("route with scopes only", "/x"), ("route with client_ids, all_scopes, 2 claims", "/y")):
-        if policy is None:
+    for label, text, path in DECIDE_CASES:
+        try:
+            policy = parse_policy(text)
+        except PolicyError:  # a version without these policy keys
             out[label] = None
             continue
-        request = HttpRequest(method="GET", path=path, segments=(path[1:],), authorization=(f"Bearer {token}",),
-                              request_id="", spoofed_identity_headers=())
+        request = HttpRequest(method="GET", path=path, segments=tuple(path[1:].split("/")),
+                              authorization=(f"Bearer {token}",), request_id="", spoofed_identity_headers=())
         assert (await decide(request, policy, verifier)).allowed
         t0 = time.perf_counter()
         for _ in range(reps):

@@ -59,6 +59,7 @@ CONTRACT_METRICS = {
     "authz_shadow_policy_info",
     "authz_shadow_policy_file_refused",
     "authz_shadow_disagreements_total",
+    "authz_deny_list_entries",
 }
 # Closed label-value sets of the contract (route and issuer come from the policy).
 CONTRACT_LABEL_VALUES = {
@@ -67,11 +68,12 @@ CONTRACT_LABEL_VALUES = {
                "wrong_issuer",
                "wrong_token_use", "client_not_allowed", "unknown_key", "bad_signature", "insufficient_scope",
                "no_route", "keys_unavailable", "internal_error", "missing_scope", "client_not_allowed_for_route",
-               "claim_mismatch"},
+               "claim_mismatch", "param_mismatch", "deny_listed"},
     "status": {"200", "400", "401", "403", "503"},
     "trigger": {"startup", "periodic", "unknown_kid"},
     "result": {"ok", "error"},
     "problem": {"original_path_missing", "path_prefix_mismatch", "original_path_mismatch"},
+    "kind": {"client_id", "jti"},
 }
 # The shadow policy's decision and reason (authz_shadow_disagreements_total) take the same values.
 CONTRACT_LABEL_VALUES["shadow_decision"] = CONTRACT_LABEL_VALUES["decision"] | {"dry_run_deny"}

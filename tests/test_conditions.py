@@ -337,3 +337,133 @@ def test_each_lists_the_conditions_unmet_checks_in_its_order(route, client, scop
     requirements = route.requirements
     failures = [(unmet, failure) for unmet, _, failure in requirements.each(claims) if failure is not None]
     assert requirements.unmet(claims) == (failures[0] if failures else None)
+
+
+# --- tenant binding: a claim equal to a path parameter (equals_param) -------------------------------
+
+BOUND = parse_policy(HEAD + """\
+  - name: tenant-orders
+    path: /tenants/{tenant}/orders/{id}
+    scopes: [orders/read]
+    claims:
+      custom:tenant: {equals_param: tenant}
+      tier: gold
+  - name: tenant-files
+    path: /tenants/{tenant}/files/**
+    scopes: [orders/read]
+    claims:
+      custom:tenant: {equals_param: tenant}
+  - name: everything-else
+    path: /**
+    public: true
+""", SOURCE)
+
+
+def test_a_binding_loads_as_a_claim_condition_on_the_parameters_segment():
+    orders, files, _ = BOUND.routes
+    binding = orders.claims[0]
+    assert (binding.operator, binding.values, binding.segment) == ("equals_param", ("tenant",), 1)
+    assert binding.text == "custom:tenant = path parameter {tenant}"
+    assert binding.describe() == {"claim": "custom:tenant", "equals_param": "tenant"}
+    assert orders.claims[1].segment == -1  # the other conditions are unchanged
+    assert files.claims[0] == binding  # one binding on the same segment: equal (the lints compare them)
+    assert BOUND.claim_names == {"custom:tenant", "tier"}
+
+
+@pytest.mark.parametrize(("claims", "message", "code"), [
+    ("{equals_param: tenant}",
+     "routes[0].claims.t.equals_param: 'tenant' is not a parameter of the route's path (its parameters: {id}); "
+     "fix: name one of them, or add {tenant} to the path", "unknown-path-parameter"),
+    ("{equals_param: '{id}'}", "'{id}': write the parameter's name without braces: 'id'", None),
+    ("{equals_param: 3}", "must be the name of one of the route path's parameters, got int", None),
+    ("{equals_param: ''}", "must be the name of one of the route path's parameters", None),
+])
+def test_binding_mistakes_are_refused_with_file_line_place_fix_and_code(claims, message, code):
+    with pytest.raises(PolicyError) as caught:
+        load(f"  - {{path: '/items/{{id}}', scopes: [r], claims: {{t: {claims}}}}}\n")
+    assert re.match(rf"{SOURCE}:4:\d+: routes\[0\]", str(caught.value)), str(caught.value)
+    assert message in str(caught.value)
+    assert caught.value.code == code
+
+
+def test_a_route_without_parameters_names_none():
+    with pytest.raises(PolicyError, match=r"its parameters: none\); fix: name one of them, or add \{t\} to the path"):
+        load("  - {path: /items, scopes: [r], claims: {t: {equals_param: t}}}\n")
+
+
+@pytest.mark.parametrize(("path", "tenant", "allowed"), [
+    ("/tenants/acme/orders/7", "acme", True),
+    ("/tenants/globex/orders/7", "acme", False),  # another tenant's path
+    ("/tenants/ACME/orders/7", "acme", False),  # compared exactly: no case folding
+    ("/tenants/acme/orders/7", "ACME", False),
+    ("/tenants/a:b/orders/7", "a:b", True),  # a character a segment carries as is
+    ("/tenants/a%3Ab/orders/7", "a:b", False),  # a percent-escape never matches: apps decode or not
+    ("/tenants/a%3Ab/orders/7", "a%3Ab", False),
+    ("/tenants/acme/files/x/y", "acme", True),
+    ("/tenants/globex/files/", "acme", False),  # '/**' route, trailing slash
+    ("/tenants/acme/files/", "acme", True),
+])
+async def test_a_token_reaches_only_its_own_tenants_paths(verifier, key_a, path, tenant, allowed):
+    decision = await decide(request("GET", path, key_a.token(scope="orders/read", tier="gold",
+                                                            **{"custom:tenant": tenant})), BOUND, verifier)
+    assert decision.allowed is allowed, decision
+    if not allowed:
+        assert (decision.reason, decision.status) == (Reason.PARAM_MISMATCH, 403)
+        assert decision.description == "token claim does not match the path parameter: custom:tenant"
+
+
+@pytest.mark.parametrize(("claim", "description"), [
+    ({}, "token lacks a required claim: custom:tenant"),
+    ({"custom:tenant": ["acme"]}, "token claim does not match the path parameter: custom:tenant"),  # a list
+    ({"custom:tenant": 7}, "token claim does not match the path parameter: custom:tenant"),
+])
+async def test_a_claim_absent_or_not_a_string_never_binds(verifier, key_a, claim, description):
+    decision = await decide(request("GET", "/tenants/7/orders/1", key_a.token(scope="orders/read", tier="gold",
+                                                                              **claim)), BOUND, verifier)
+    assert (decision.reason, decision.description) == (Reason.PARAM_MISMATCH, description)
+
+
+async def test_conditions_are_checked_in_file_order_and_the_answer_is_rfc_6750(verifier, key_a):
+    token = key_a.token(scope="orders/read", tier="bronze", **{"custom:tenant": "globex"})
+    decision = await decide(request("GET", "/tenants/acme/orders/1", token), BOUND, verifier)
+    assert decision.reason is Reason.PARAM_MISMATCH  # the binding comes first in the file
+    answer = Answers("authz-service").answer(decision, None)
+    assert (answer.status, answer.grpc_code) == (403, 7)
+    assert dict(answer.headers)["www-authenticate"] == (
+        'Bearer realm="authz-service", error="insufficient_scope", '
+        'error_description="token claim does not match the path parameter: custom:tenant"')
+    assert b"globex" not in answer.body.encode() and b"acme" not in answer.body.encode()
+
+
+async def test_path_case_insensitive_picks_the_route_but_never_folds_the_parameter(verifier, key_a):
+    folded = parse_policy("path_case: insensitive\n" + HEAD + """\
+  - name: t
+    path: /Tenants/{tenant}/orders
+    scopes: [orders/read]
+    claims: {custom:tenant: {equals_param: tenant}}
+""", SOURCE)
+    token = key_a.token(scope="orders/read", **{"custom:tenant": "acme"})
+    assert (await decide(request("GET", "/TENANTS/acme/ORDERS", token), folded, verifier)).allowed
+    denied = await decide(request("GET", "/tenants/Acme/orders", token), folded, verifier)
+    assert denied.reason is Reason.PARAM_MISMATCH
+
+
+async def test_a_dry_run_binding_allows_and_reports_the_mismatch(verifier, key_a):
+    dry = parse_policy(HEAD + "  - {path: '/t/{tenant}', scopes: [r/x], mode: dry-run, "
+                       "claims: {tenant: {equals_param: tenant}}}\n", SOURCE)
+    decision = await decide(request("GET", "/t/b", key_a.token(scope="r/x", tenant="a")), dry, verifier)
+    assert decision.allowed and decision.dry_run and decision.reason is Reason.PARAM_MISMATCH
+
+
+_SEGMENTS = st.tuples(st.just("tenants"), st.sampled_from(["acme", "globex", "ACME", "a%3Ab"]), st.just("orders"),
+                      st.just("7"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(scopes=st.frozensets(st.sampled_from(["orders/read", "x/y"])),
+       custom=st.dictionaries(st.sampled_from(["custom:tenant", "tier"]), _CLAIM_VALUES), segments=_SEGMENTS)
+def test_each_and_unmet_agree_on_bindings(scopes, custom, segments):
+    claims = Claims("iss", "c", "c", scopes, " ".join(sorted(scopes)), 0, "kid", custom, BOUND.claim_names)
+    requirements = BOUND.routes[0].requirements
+    failures = [(u, f) for u, _, f in requirements.each(claims, segments) if f is not None]
+    assert requirements.unmet(claims, segments) == (failures[0] if failures else None)

@@ -209,6 +209,7 @@ TOKEN_FAILURES = [
     (Failure.WRONG_ISSUER, Reason.WRONG_ISSUER, 401),
     (Failure.WRONG_TOKEN_USE, Reason.WRONG_TOKEN_USE, 401),
     (Failure.CLIENT_NOT_ALLOWED, Reason.CLIENT_NOT_ALLOWED, 401),
+    (Failure.DENY_LISTED, Reason.DENY_LISTED, 401),
     (Failure.KEYS_UNAVAILABLE, Reason.KEYS_UNAVAILABLE, 503),
     (Failure.BAD_REQUEST, Reason.BAD_REQUEST, 400),
 ]
@@ -444,3 +445,33 @@ def test_every_token_failure_is_a_reason_answered_401_400_or_503():
     for failure, reason in _TOKEN_FAILURES.items():
         assert reason.value == failure.value
         assert REASONS[reason].http_status in (400, 401, 503), failure
+
+
+# --- the deny list, with the real verifier (it refuses deny-listed tokens) --------------------------
+
+
+async def test_the_deny_list_holds_on_dry_run_routes_but_never_on_public_ones(key_a):
+    from authz_service.tokens import TokenVerifier
+
+    from .conftest import ISSUER, MemoryKeys
+
+    policy = parse_policy(f"""
+issuers:
+  - user_pool_id: {ISSUER.rsplit('/', 1)[1]}
+deny:
+  client_ids: [client-a]
+routes:
+  - {{name: enforced, path: /tx, scopes: [tx/read]}}
+  - {{name: trial, path: /beta/**, scopes: [beta/use], mode: dry-run}}
+  - {{name: health, path: /healthz, public: true}}
+""", source="deny.yaml")
+    verifier = TokenVerifier(MemoryKeys(key_a))
+    token = f"Bearer {key_a.token(scope='tx/read beta/use')}"
+    for path in ("/tx", "/beta/x", "/beta/x/"):  # an emergency measure: dry-run does not turn it into an allow
+        decision = await decide(req("GET", path, token), policy, verifier)
+        assert (decision.allowed, decision.dry_run, decision.reason, decision.status) == (
+            False, False, Reason.DENY_LISTED, 401), path
+        assert decision.description == "client is revoked"
+        assert decision.claims is not None and decision.claims.client_id == "client-a"  # the log names it
+    public = await decide(req("GET", "/healthz", token), policy, verifier)
+    assert public.allowed and public.reason is Reason.PUBLIC  # no token is read on a public route

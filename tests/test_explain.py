@@ -149,7 +149,7 @@ def test_real_token_every_check_passes_and_the_token_is_never_printed(issuer, po
     checks = [line.split()[:2] for line in lines if line.startswith("  passed") or line.startswith("  FAILED")]
     assert checks == [["passed", n] for n in
                       ("header", "key", "signature", "payload", "issuer", "times", "token_use", "client", "claims",
-                       "scopes")]
+                       "deny_list", "scopes")]
     assert f"token:     real: {token[:8]}... ({len(token)} chars)" in run.stdout
     assert "client_id='payments-writer'" in run.stdout
     assert token not in run.stdout and token[8:40] not in run.stdout and token.split(".")[2] not in run.stdout

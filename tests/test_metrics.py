@@ -164,3 +164,15 @@ def test_policy_file_refused_is_one_series_at_a_time():
     assert refused(metrics) == {"": 1}
     # --workers: the parent shows the worst worker (any worker refusing the file), per hash.
     assert metrics.policy_file_refused_state._multiprocess_mode == "livemax"  # noqa: SLF001
+
+
+def test_the_deny_list_gauge_follows_the_policy_serving_now():
+    metrics = Metrics(CollectorRegistry())
+    metrics.policy_loaded(3, "ab" * 32, deny_client_ids=2, deny_jtis=5)
+
+    def entries(kind: str) -> float | None:
+        return metrics.registry.get_sample_value("authz_deny_list_entries", {"kind": kind})
+
+    assert (entries("client_id"), entries("jti")) == (2, 5)
+    metrics.policy_loaded(3, "cd" * 32)  # the incident is over: the entries were removed
+    assert (entries("client_id"), entries("jti")) == (0, 0)

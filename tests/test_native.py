@@ -25,6 +25,7 @@ from authz_service.native.bootstrap import compile_policy
 from authz_service.native.options import Address, Options, parse_address
 from authz_service.native.answers import AnswerBook
 from authz_service.native.plan import Engine, plan
+from authz_service.native.report import report_text
 from authz_service.native.routes import Admission, ingress_routes
 from authz_service.policy import PolicyError, parse_policy
 from authz_service.request import BadRequest, checked_method, normalized_path
@@ -75,6 +76,40 @@ def test_each_route_gets_the_engine_that_decides_it_exactly() -> None:
     assert "list claim" in engines["tiers"][1] and "list claim" in engines["envs"][1]
     assert "2^53" in engines["huge"][1] and "dry-run" in engines["trial"][1]
     assert engines["write"][1] == ("jwt_authn + RBAC: all of [items/audit items/write], clients [client-a]")
+
+
+BOUND_AND_DENIED = ISSUERS.replace("routes:\n", "deny: {client_ids: [client-b], jtis: [jti-1, jti-2]}\nroutes:\n") + """\
+  - {name: orders, path: '/tenants/{t}/orders', scopes: [t/read], claims: {tenant: {equals_param: t}, tier: gold}}
+  - {name: plain, path: '/plain', scopes: [t/read]}
+  - {name: docs, path: '/docs', public: true}
+"""
+
+
+def test_a_claim_bound_to_a_path_parameter_sends_its_route_to_the_service_and_says_why() -> None:
+    engines = {p.route.name: (p.engine, p.why) for p in plan(parse_policy(BOUND_AND_DENIED))}
+    assert engines["orders"] == (Engine.EXT_AUTHZ, "claim 'tenant' is bound to the path parameter {t}; Envoy's "
+                                                   "RBAC cannot compare a claim with a path segment")
+    assert engines["plain"][0] is Engine.NATIVE and engines["docs"][0] is Engine.NONE
+
+
+def test_the_deny_list_is_refused_natively_with_the_services_answer_after_every_other_token_check() -> None:
+    compiled = compile_policy(parse_policy(BOUND_AND_DENIED))
+    ingress = next(listener for listener in compiled.listeners if listener["name"] == "ingress")
+    filters = ingress["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+    token = next(f for f in filters if f["name"] == "authz.token")["typed_config"]["rules"]
+    names = sorted(token["policies"])
+    denied = [name for name in names if "-deny_listed-" in name]
+    assert denied == names[-2:]  # last, as the verifier checks it last
+    by_client, by_jti = (token["policies"][name]["principals"][0] for name in denied)
+    assert json.dumps(by_client).count('"exact": "client-b"') == 1 and '"client_id"' in json.dumps(by_client)
+    assert [p["sourced_metadata"]["metadata_matcher"]["value"]["string_match"]["exact"]
+            for p in by_jti["or_ids"]["ids"]] == ["jti-1", "jti-2"]
+    hcm = ingress["filter_chains"][0]["filters"][0]["typed_config"]
+    bodies = {m["body"]["inline_string"] for m in hcm["local_reply_config"]["mappers"] if "body" in m}
+    assert {'{"error":"invalid_token","error_description":"client is revoked"}',
+            '{"error":"invalid_token","error_description":"token is revoked"}'} <= bodies
+    report = report_text(compiled)
+    assert "deny list: 1 client ids, 2 jtis, refused on every native route" in report
 
 
 def test_get_takes_head_unless_a_route_at_the_same_place_lists_it() -> None:
@@ -322,7 +357,7 @@ def test_report_names_every_route_with_its_engine_and_why(tmp_path: Path) -> Non
 
 
 @pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary")
-@pytest.mark.parametrize("policy_text", [None, EVERY_KIND], ids=["example", "every-kind"])
+@pytest.mark.parametrize("policy_text", [None, EVERY_KIND, BOUND_AND_DENIED], ids=["example", "every-kind", "deny"])
 def test_envoy_accepts_the_bootstrap(tmp_path: Path, policy_text: str | None) -> None:
     """`envoy --mode validate`: every field, type, constraint, regex and filter name is Envoy's."""
     policy = EXAMPLE_POLICY

@@ -15,7 +15,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authz_service.policy import (POLICY_MAX_BYTES, Mode, PathCase, PolicyError, check_policy, load_policy_file,
+from authz_service.policy import (POLICY_MAX_BYTES, DenyList, Mode, PathCase, PolicyError, check_policy,
+                                  deny_list_sizes, load_policy_file,
                                   parse_policy, read_policy_file)
 
 from authz_service import yamlfile
@@ -1066,3 +1067,33 @@ def test_a_bad_jwks_uri_is_refused_without_showing_its_credentials():
     message = refused("issuers:\n  - user_pool_id: us-east-1_A\n"
                       "    jwks_uri: 'https://user:s3cret@idp.example/jw ks'\nroutes:\n" + GOOD_ROUTE)
     assert "issuers[0].jwks_uri" in message and "s3cret" not in message and "idp.example" in message
+
+
+# --- the deny section ------------------------------------------------------------------------------
+
+DENY_HEAD = "issuers:\n  - user_pool_id: us-east-1_Abc123\nroutes:\n  - {path: /a, scopes: [r/x]}\n"
+
+
+def test_the_deny_section_lists_clients_and_jtis_and_may_be_empty_or_repeat():
+    policy = parse_policy(DENY_HEAD + "deny:\n  client_ids: [c1, c2, c1]\n  jtis: [0f7a-uuid]\n")
+    assert policy.deny is not None
+    assert (policy.deny.client_ids, policy.deny.jtis) == ({"c1", "c2"}, {"0f7a-uuid"})
+    assert deny_list_sizes(policy) == {"deny_client_ids": 2, "deny_jtis": 1}
+    for empty in ("deny:\n", "deny: {}\n", "deny:\n  client_ids: []\n  jtis: []\n", "deny: {client_ids: null}\n", ""):
+        policy = parse_policy(DENY_HEAD + empty)
+        assert policy.deny is None and deny_list_sizes(policy) == {"deny_client_ids": 0, "deny_jtis": 0}, empty
+    assert parse_policy(DENY_HEAD + "deny: {jtis: [j]}\n").case_folded().deny == DenyList(frozenset(), frozenset({"j"}))
+
+
+@pytest.mark.parametrize(("deny", "message"), [
+    ("deny: [c1]\n", "p.yaml:5:7: deny: must be a mapping with client_ids and/or jtis, got a list"),
+    ("deny: {clients: [c1]}\n", "p.yaml:5:8: deny: unknown key 'clients'; allowed keys: client_ids, jtis"),
+    ("deny: {client_ids: c1}\n", "p.yaml:5:20: deny.client_ids: must be a list (it may be empty), got a string"),
+    ("deny: {client_ids: ['a b']}\n", "deny.client_ids[0]: 'a b' is not an app client id"),
+    ("deny: {jtis: [7]}\n", "deny.jtis[0]: 7 is not a token's jti claim"),
+    ("deny: {jtis: ['']}\n", "deny.jtis[0]: '' is not a token's jti claim"),
+])
+def test_deny_section_mistakes_name_the_place(deny, message):
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(DENY_HEAD + deny, source="p.yaml")
+    assert message in str(caught.value), str(caught.value)

@@ -75,6 +75,15 @@ def test_warnings_exit_0_unless_strict(tmp_path):
     assert validate_command([path], strict=True, out=io.StringIO()) == 1
 
 
+def test_query_method_is_standard_under_strict(tmp_path):
+    # QUERY (the httpbis safe method with a body) is forwarded by Envoy: no warning, strict exits 0.
+    path = tmp_path / "p.yaml"
+    path.write_text(ISSUERS + "routes:\n  - path: /search\n    methods: [QUERY, GET]\n    scopes: [r/x]\n")
+    out = io.StringIO()
+    assert validate_command([path], strict=True, out=out) == 0, out.getvalue()
+    assert "warning:" not in out.getvalue() and "0 warnings" in out.getvalue()
+
+
 # --- validate: lints -----------------------------------------------------------------------------
 
 
@@ -312,7 +321,7 @@ def test_methods_falling_through_to_a_public_route_are_reported_with_the_methods
     assert len(warnings) == 2, warnings
     admin, tx = sorted(warnings, key=lambda w: "admin" not in w)
     assert "routes[0].methods: route 'admin-report' takes only GET; " in admin
-    assert "POST, PUT, PATCH, DELETE, OPTIONS, TRACE, CONNECT and any other method" in admin
+    assert "POST, PUT, PATCH, DELETE, OPTIONS, TRACE, CONNECT, QUERY and any other method" in admin
     assert "fall through to route 'everything-else' (/**), which is public (e.g. DELETE /admin/report)" in admin
     assert "HEAD" not in admin.split("fall through")[0].split("takes only")[1], "GET implies HEAD"
     # Two method-limited siblings share a path: only what neither takes falls through.
@@ -432,6 +441,30 @@ async def test_the_simulator_refuses_another_issuers_token_as_the_server_does(ke
     simulator = Simulator(policy)
     simulated = await run_check(policy, simulator.verifier, "GET", "/a", simulator.token(issuer, ["a/b"]))
     assert (server.decision.reason.value, simulated.decision.reason.value) == (reason, reason)
+
+
+def test_deny_list_cases_by_client_and_by_jti(tmp_path):
+    run = run_cases(tmp_path, ISSUERS + "deny: {client_ids: [leaked], jtis: [stolen-jti]}\n"
+                    "routes:\n  - path: /a\n    scopes: [a/b]\n  - {path: /h, public: true}\n",
+                    "tests:\n  - {method: GET, path: /a, scopes: [a/b], client_id: leaked, expect: deny, status: 401,"
+                    " reason: deny_listed}\n"
+                    "  - {method: GET, path: /a, scopes: [a/b], jti: stolen-jti, expect: deny, reason: deny_listed}\n"
+                    "  - {method: GET, path: /a, scopes: [a/b], jti: another-jti, expect: allow}\n"
+                    "  - {method: GET, path: /h, client_id: leaked, expect: allow, reason: public}\n")
+    assert run.returncode == 0, run.stdout
+    assert "(scopes [a/b] jti stolen-jti) -> deny 401 route=ANY /a reason=deny_listed" in run.stdout
+
+
+def test_validate_prints_the_code_of_an_unknown_path_parameter(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(ISSUERS + "routes:\n  - path: /t/{id}\n    scopes: [r/x]\n"
+                    "    claims: {tenant: {equals_param: tenant}}\n")
+    out = io.StringIO()
+    assert validate_command([path], strict=False, out=out) == 1
+    first = out.getvalue().splitlines()[0]
+    assert first.startswith(f"{path}:6:37: ")
+    assert "routes[0].claims.tenant.equals_param: 'tenant' is not a parameter of the route's path" in first
+    assert first.endswith("or add {tenant} to the path [unknown-path-parameter]")
 
 
 def test_dry_run_expectation(tmp_path):
@@ -646,7 +679,7 @@ def test_validate_explain_issuers_never_shows_jwks_credentials(tmp_path):
 def test_custom_claims_example_passes_through_the_cli():
     run = cli("test", str(EXAMPLES / "policy-custom-claims.yaml"), str(EXAMPLES / "policy-custom-claims-tests.yaml"))
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "10 passed, 0 failed" in run.stdout
+    assert "12 passed, 0 failed" in run.stdout
     assert cli("validate", "--strict", str(EXAMPLES / "policy-custom-claims.yaml")).returncode == 0
 
 

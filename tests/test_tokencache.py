@@ -399,3 +399,44 @@ async def test_a_cached_token_read_for_fewer_claim_names_is_verified_again_and_r
     assert claims.custom == {"tenant": "acme"} and claims.extracted is with_claims.claim_names
     assert len(cache) == 1 and next(iter(cache._entries.values())).claims is claims
     assert await verifier.verify(token, policy()) is claims  # more names than needed: a plain hit
+
+
+def deny_policy(deny: str) -> Policy:
+    return parse_policy(
+        f"issuers:\n  - user_pool_id: {POOL}\ndeny:\n{deny}routes:\n  - path: /x\n    scopes: [transactions/post]\n"
+    )
+
+
+async def test_a_cached_token_is_refused_once_its_client_is_deny_listed_and_served_again_once_lifted(
+    key_a: SigningKey,
+) -> None:
+    verifier, cache, metrics = make(MemoryKeys(key_a))
+    token, other = key_a.token(), key_a.token(client_id="client-b")
+    open_policy = deny_policy("  client_ids: []\n")
+    assert open_policy.deny is None  # an empty section kept ready for an incident looks nothing up
+    await verifier.verify(token, open_policy)
+    await verifier.verify(other, open_policy)
+    denied = deny_policy("  client_ids: [client-a]\n")
+    with pytest.raises(TokenError) as caught:
+        await verifier.verify(token, denied)
+    assert (caught.value.failure, caught.value.description) == (Failure.DENY_LISTED, "client is revoked")
+    assert lookups(metrics, "hit") == 1  # refused on the hit: the cache does not bypass the deny list
+    assert (await verifier.verify(other, denied)).client_id == "client-b"  # another client: unaffected
+    assert len(cache) == 2  # kept: lifting the entry needs no new verification
+    assert (await verifier.verify(token, open_policy)).client_id == "client-a"
+
+
+async def test_a_deny_listed_jti_is_refused_fresh_and_cached_and_other_tokens_of_the_client_are_not(
+    key_a: SigningKey,
+) -> None:
+    verifier, _, metrics = make(MemoryKeys(key_a))
+    leaked, fresh = key_a.token(jti="leaked-jti"), key_a.token(jti="fresh-jti")
+    denied = deny_policy("  jtis: [leaked-jti]\n")
+    # Never seen before (a miss), then seen (a hit): refused both times, with the token's own words.
+    for expected_hits in (0, 1):
+        with pytest.raises(TokenError) as caught:
+            await verifier.verify(leaked, denied)
+        assert (caught.value.failure, caught.value.description) == (Failure.DENY_LISTED, "token is revoked")
+        assert lookups(metrics, "hit") == expected_hits
+    assert (await verifier.verify(fresh, denied)).jti == "fresh-jti"
+    assert (await verifier.verify(key_a.token(jti=None), denied)).jti == ""  # no jti: nothing to match

@@ -7,7 +7,8 @@ Three RBAC filters, in the order the service checks (authz_service.check, decisi
 * the token checks (native routes): no Authorization at all (401), and what jwt_authn does not
   check of a token it verified: size, the JOSE header's kid, crit and key members, ``iat`` in the
   future, ``token_use``, ``client_id`` and the issuer's client allow-list, the types and text of
-  the claims forwarded upstream (``scope`` as RFC 6749 scope tokens) (401 ``invalid_token``);
+  the claims forwarded upstream (``scope`` as RFC 6749 scope tokens), the policy's deny list
+  (401 ``invalid_token``);
 * the route's conditions (native routes): client allow-list, any-of and all-of scopes, claim
   conditions (403 ``insufficient_scope``).
 
@@ -28,9 +29,9 @@ from typing import Any
 from ..claims import SCOPE_CHARS, SCOPE_TOKEN, UNSUPPORTED, Claims, ClaimValue
 from ..conditions import ANY_SCOPE_TEXT, ClaimCondition, Unmet
 from ..decision import MISSING_TOKEN_TEXT, UNMET_REASONS, Reason
-from ..policy import Policy, Route
+from ..policy import DenyList, Policy, Route
 from ..request import MAX_PATH_LENGTH, BadRequest, identity_and_override_spellings, normalized_path, special_names
-from ..tokens import MAX_TOKEN_BYTES, TokenError
+from ..tokens import MAX_TOKEN_BYTES, TokenError, check_deny_list
 from ..tools.simulate import Simulator
 from . import cel
 from .answers import AnswerBook
@@ -266,7 +267,26 @@ def token_checks(policy: Policy, book: AnswerBook, leeway: int) -> list[Check]:
         ),
     )
     add(texts.refused(overrides={"sub": "sub\x01"}), metadata(PAYLOAD, "sub", regex(INVALID_HEADER_TEXT)))
+    # The deny list, last as in the verifier: the client, then the token's jti, compared exactly.
+    if policy.deny is not None:
+        for claim, denied in (("client_id", policy.deny.client_ids), ("jti", policy.deny.jtis)):
+            if denied:
+                add(
+                    _deny_list_refusal(policy.deny, claim, min(denied)),
+                    or_(*(metadata(PAYLOAD, claim, exact(value)) for value in sorted(denied))),
+                )
     return out
+
+
+def _deny_list_refusal(deny: DenyList, claim: str, value: str) -> tuple[Reason, str]:
+    """How the service's verifier refuses a token whose ``claim`` (client_id or jti) is ``value``."""
+    probe = {"client_id": NOT_A_CLIENT, "jti": "", claim: value}
+    claims = Claims("", probe["client_id"], "", frozenset(), "", 0, "", jti=probe["jti"])
+    try:
+        check_deny_list(claims, deny)
+    except TokenError as exc:
+        return Reason(exc.failure.value), exc.description
+    raise AssertionError(f"the verifier accepted a token whose {claim} the deny list names")
 
 
 class TokenTexts:

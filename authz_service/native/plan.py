@@ -76,6 +76,11 @@ def engine_of(route: Route) -> tuple[Engine, str]:
     if route.mode is Mode.DRY_RUN:
         return Engine.EXT_AUTHZ, "dry-run: the service allows, and logs and counts what it would deny"
     for condition in route.claims:
+        if condition.segment >= 0:
+            return Engine.EXT_AUTHZ, (
+                f"claim {condition.name!r} is bound to the path parameter {{{condition.values[0]}}}; "
+                "Envoy's RBAC cannot compare a claim with a path segment"
+            )
         if condition.operator == "contains" or (condition.operator == "any_of" and condition.strings):
             return Engine.EXT_AUTHZ, (
                 f"claim condition on {condition.name!r} may meet a list claim, whose elements "

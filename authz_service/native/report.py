@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..policy import deny_list_sizes
 from .bootstrap import Compiled
 from .plan import Engine
 from .routes import SCREEN_ROUTES
@@ -30,6 +31,12 @@ def report_text(compiled: Compiled) -> str:
         "for an unknown kid)"
     )
     lines.append("  native     no route matches: 403 access_denied")
+    deny = compiled.policy.deny
+    if deny is not None:
+        lines.append(
+            f"  native     deny list: {len(deny.client_ids)} client ids, {len(deny.jtis)} jtis, refused on every "
+            "native route (RBAC on the client_id and jti jwt_authn verified); the service refuses them elsewhere"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -49,4 +56,5 @@ def report_json(compiled: Compiled) -> dict[str, Any]:
             for p in compiled.plans
         ],
         "screen": [name.removeprefix("screen: ") for name, _ in SCREEN_ROUTES],
+        "deny_list": deny_list_sizes(compiled.policy),
     }

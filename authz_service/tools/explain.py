@@ -46,6 +46,7 @@ _WHAT = {
     Check.TOKEN_USE: "token_use is 'access'",
     Check.CLIENT: "client_id present, valid header text and allowed",
     Check.CLAIMS: "scope and sub claims are strings; scope lists RFC 6749 scopes, sub is valid header text",
+    Check.DENY_LIST: "neither client_id nor jti is in the policy's deny list",
 }
 CHECKS: dict[Check, str] = {check: _WHAT[check] for check in Check if check is not Check.CREDENTIALS}
 # Each route condition (conditions.Unmet) as the checklist names it.
@@ -54,6 +55,7 @@ _CONDITION_NAMES = {
     Unmet.ANY_SCOPE: "scopes",
     Unmet.ALL_SCOPES: "all_scopes",
     Unmet.CLAIM: "claim",
+    Unmet.PARAM: "path parameter",
 }
 
 
@@ -112,12 +114,13 @@ def _json_claim(value: object) -> object:
     )
 
 
-def condition_checks(route: Route, claims: Claims) -> list[tuple[str, str, str]]:
-    """The route's scopes and conditions, each passed or FAILED for these claims, in decide()'s order
-    (``Conditions.each``; the first failure is the decision's reason). Values shown are the
-    operator's own token's."""
+def condition_checks(route: Route, claims: Claims, path: str) -> list[tuple[str, str, str]]:
+    """The route's scopes and conditions, each passed or FAILED for these claims and this request
+    path, in decide()'s order (``Conditions.each``; the first failure is the decision's reason).
+    Values shown are the operator's own token's and path's."""
     out = []
-    for unmet, cond, failure in route.requirements.each(claims):
+    segments = _segments(path) or ()
+    for unmet, cond, failure in route.requirements.each(claims, segments):
         if unmet is Unmet.CLIENT:
             clients = " ".join(sorted(route.client_ids or ()))
             detail = f"client_id {claims.client_id!r} is one of the route's client_ids [{clients}]"
@@ -130,6 +133,8 @@ def condition_checks(route: Route, claims: Claims) -> list[tuple[str, str, str]]
             present = cond.name in claims.custom
             shown_value = _show_claim(claims.custom[cond.name]) if present else "no such claim"
             detail = f"{cond.text} (token: {shown_value})"
+            if cond.segment >= 0:
+                detail = f"{cond.text} (token: {shown_value}, path: {json.dumps(segments[cond.segment])})"
         out.append((_CONDITION_NAMES[unmet], "passed" if failure is None else "FAILED", detail))
     return out
 
@@ -258,7 +263,7 @@ async def _explain_real(policy: Policy, method: str, path: str, token: str, real
             info.outcome = await run_check(policy, verifier, method, path, token, realm)
             decision = info.outcome.decision
             if error is None and decision.route is not None and not decision.route.public and decision.claims:
-                info.checks.extend(condition_checks(decision.route, decision.claims))
+                info.checks.extend(condition_checks(decision.route, decision.claims, path))
         finally:
             await cache.close()
     return info
@@ -382,7 +387,7 @@ def _render_requirements(info: Explanation, data: dict[str, Any], out: TextIO) -
         return
     print(f"present:   [{' '.join(present)}], client_id {decision.claims.client_id!r}", file=out)
     if not info.checks:  # simulated: the real token's checklist shows the same per condition
-        for name, result, detail in condition_checks(route, decision.claims):
+        for name, result, detail in condition_checks(route, decision.claims, info.path):
             print(f"           {result:<7} {name}: {detail}", file=out)
 
 

@@ -35,7 +35,8 @@ from ..urls import shown
 from ..yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position, scalar_text, where_text
 from .simulate import Simulator, run_check
 
-STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+# RFC 9110 section 9 plus QUERY (the IETF httpbis safe method with a body; Envoy forwards it).
+STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "QUERY")
 # Scopes a user pool knows but a client_credentials (machine-to-machine) token can never carry.
 USER_POOL_SCOPES = frozenset({"openid", "email", "phone", "profile", "aws.cognito.signin.user.admin"})
 # Cognito custom scopes are "<resource server identifier>/<scope name>"; the identifier may itself
@@ -475,7 +476,7 @@ def _request_text(method: str, segments: tuple[str, ...]) -> str:
 
 def print_report(report: Report, out: TextIO, explain_issuers: bool = False) -> None:
     for error in report.errors:
-        print(f"{error}", file=out)
+        print(f"{error}" + (f" [{error.code}]" if error.code else ""), file=out)
     for warning in report.warnings:
         print(str(warning), file=out)
     if report.policy is not None:
@@ -548,6 +549,7 @@ _TEST_KEYS = {
     "route",
     "reason",
     "claims",
+    "jti",
 }
 _EXPECT = ("allow", "deny", "dry_run_deny")
 
@@ -573,6 +575,7 @@ class Case:
     route: str | None
     reason: str | None
     claims: dict[str, Any] | None = None  # custom claims of the minted token (what a trigger would add)
+    jti: str | None = None  # the minted token's jti (None: a fresh one), to test the deny list
 
     @property
     def wanted(self) -> dict[str, object]:
@@ -619,7 +622,7 @@ def load_tests(path: Path | str) -> list[Case]:
         scopes = item.get("scopes", [])
         if not isinstance(scopes, list) or not all(isinstance(s, str) and s for s in scopes):
             raise fail((*where, "scopes"), "must be a list of scope strings, e.g. [transactions/get]")
-        for key in ("client_id", "issuer", "route", "reason", "name"):
+        for key in ("client_id", "issuer", "route", "reason", "name", "jti"):
             if key in item and (not isinstance(item[key], str) or not item[key]):
                 raise fail((*where, key), "must be a non-empty string")
         status = item.get("status")
@@ -635,7 +638,7 @@ def load_tests(path: Path | str) -> list[Case]:
                     f"{name!r} is set by Cognito, not by a pre token generation "
                     "trigger; use the case's scopes, client_id or issuer",
                 )
-        token = item.get("token", "scopes" in item or "client_id" in item or claims is not None)
+        token = item.get("token", "scopes" in item or "client_id" in item or "jti" in item or claims is not None)
         if not isinstance(token, bool):
             raise fail((*where, "token"), "must be true or false (false: send no Authorization header)")
         cases.append(
@@ -653,6 +656,7 @@ def load_tests(path: Path | str) -> list[Case]:
                 route=item.get("route"),
                 reason=item.get("reason"),
                 claims=claims,
+                jti=item.get("jti"),
             )
         )
     return cases
@@ -687,7 +691,10 @@ async def run_tests(policy: Policy, cases: list[Case]) -> list[Result]:
             iss = case.issuer  # an untrusted issuer is a legitimate thing to test: it must be refused
         else:
             iss = case.issuer or policy.issuers[0].issuer
-        token = simulator.token(iss, list(case.scopes), case.client_id, case.claims) if case.token else None
+        token = None
+        if case.token:
+            jti = {"jti": case.jti} if case.jti is not None else None
+            token = simulator.token(iss, list(case.scopes), case.client_id, case.claims, overrides=jti)
         outcome = await run_check(policy, simulator.verifier, case.method, case.path, token)
         decision = outcome.decision
         got: dict[str, object] = {
@@ -731,6 +738,7 @@ def tests_command(policy_path: Path, tests_path: Path, out: TextIO) -> int:
             else f"scopes [{' '.join(case.scopes)}]"
             + (f" client {case.client_id}" if case.client_id else "")
             + (f" claims {json.dumps(case.claims, separators=(',', ':'))}" if case.claims else "")
+            + (f" jti {case.jti}" if case.jti else "")
         )
         if result.passed:
             print(f"PASS  {case.name}: {case.method} {case.path} ({who}) -> {_describe(result.got)}", file=out)

@@ -1,12 +1,12 @@
 """Native mode decides as the service does: the parity property, through real Envoys.
 
 For generated policies (the policy grammar: literals, ``{param}``, ``/**``, methods, any-of and
-all-of scopes, issuer and route client lists, claim conditions, public and dry-run routes, routes
-that forward the token) and
+all-of scopes, issuer and route client lists, claim conditions, claims bound to a path parameter,
+public and dry-run routes, routes that forward the token, a deny list of clients and jtis) and
 generated requests (methods in any case over HTTP/1.1 and HTTP/2, HEAD, trailing slashes, case,
 ``//``, dot segments, encodings, query strings; tokens valid, expired, not yet valid, issued in
 the future, of another issuer, ID tokens, an unknown kid, a bad signature, another client,
-missing scopes, claims that do not match, none, malformed credentials; spoofed identity and
+missing scopes, claims that do not match, a deny-listed jti, none, malformed credentials; spoofed identity and
 override headers), every request goes through two Envoys in front of one service and one app:
 
 * the shipped envoy/envoy.yaml: ext_authz (gRPC) to the service for every request;
@@ -69,6 +69,7 @@ CLAIM_VALUES: dict[str, list[Any]] = {
     "beta": [True, False], "environments": [["prod", "staging"], ["staging"], "prod"],
 }
 IDENTITY = ("x-auth-client-id", "x-auth-scopes", "x-auth-sub")
+DENIED_JTIS = ["jti-denied-1", "jti-denied-2"]
 
 
 # --- the processes, started once ----------------------------------------------------------------
@@ -122,14 +123,17 @@ def rig(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess) -> 
 
 
 def policy_yaml(fake: FakeIssuer, dev: DevIssuer, routes: list[dict[str, Any]], *, restricted: bool,
-                with_dev: bool, path_case: str = "sensitive") -> str:
+                with_dev: bool, path_case: str = "sensitive", deny: dict[str, Any] | None = None) -> str:
     issuers: list[dict[str, Any]] = [{"user_pool_id": fake.pool, "issuer": fake.issuer, "jwks_uri": fake.jwks_uri}]
     if restricted:
         issuers[0]["client_ids"] = ["payments-writer", "acme-reporting"]
     if with_dev:
         issuers.append({"user_pool_id": DEV_POOL, "issuer_format": "updated", "replica_regions": ["eu-west-1"],
                         "jwks_uri": dev.jwks_uri})
-    return yaml.safe_dump({"path_case": path_case, "issuers": issuers, "routes": routes}, sort_keys=False)
+    doc: dict[str, Any] = {"path_case": path_case, "issuers": issuers, "routes": routes}
+    if deny is not None:
+        doc["deny"] = deny
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
 def serve(rig: Rig, text: str) -> None:
@@ -184,7 +188,12 @@ ROUTE = st.fixed_dictionaries({
     "claims": st.dictionaries(st.sampled_from(list(CLAIM_VALUES)), CONDITIONS, max_size=2),
     "dry_run": st.sampled_from([False] * 6 + [True]),
     "forward_token": st.sampled_from([False] * 3 + [True]),
+    "bind": st.sampled_from([False] * 3 + [True]),  # custom:tenant bound to the route's first parameter
 })
+DENY = st.one_of(st.none(), st.none(), st.fixed_dictionaries({
+    "client_ids": st.lists(st.sampled_from(FAKE_CLIENTS + list(DEV_CLIENTS)), max_size=2, unique=True),
+    "jtis": st.lists(st.sampled_from(DENIED_JTIS), max_size=2, unique=True),
+}))
 
 
 def route_entry(i: int, spec: dict[str, Any]) -> dict[str, Any]:
@@ -206,6 +215,9 @@ def route_entry(i: int, spec: dict[str, Any]) -> dict[str, Any]:
         entry["client_ids"] = spec["client_ids"]
     if spec["claims"]:
         entry["claims"] = spec["claims"]
+    params = [segment[1:-1] for segment in spec["segments"] if segment.startswith("{")]
+    if spec["bind"] and params:
+        entry["claims"] = {**spec["claims"], "custom:tenant": {"equals_param": params[0]}}
     if spec["dry_run"]:
         entry["mode"] = "dry-run"
     return entry
@@ -289,7 +301,7 @@ def credentials(rng: random.Random, rig: Rig, route: dict[str, Any], issuers: di
     """A kind of credentials and the Authorization values that carry it."""
     kind = rng.choice(["valid", "valid", "valid", "dev", "dev", "expired", "not-yet-valid", "issued-in-future",
                        "wrong-issuer", "id-token", "unknown-kid", "bad-signature", "other-client", "missing-scope",
-                       "claim-mismatch", "scope-grammar", "none", "none", "malformed"])
+                       "claim-mismatch", "scope-grammar", "denied-jti", "none", "none", "malformed"])
     if kind == "none":
         return kind, []
     if kind == "malformed":
@@ -330,6 +342,8 @@ def credentials(rng: random.Random, rig: Rig, route: dict[str, Any], issuers: di
                                       "reports/read ", 'reports/"read"'])
     elif kind == "other-client":
         claims["client_id"] = claims["sub"] = "reporting"
+    elif kind == "denied-jti":
+        claims["jti"] = rng.choice(DENIED_JTIS)
     return kind, [f"Bearer {fake_token(rig, claims, key=key, kid=kid)}"]
 
 
@@ -353,6 +367,8 @@ def route_claims(rng: random.Random, route: dict[str, Any], *, satisfy: bool) ->
 def holding(condition: Any) -> Any:
     if isinstance(condition, dict):
         op, value = next(iter(condition.items()))
+        if op == "equals_param":
+            return "acme"  # a path parameter instantiate() fills with acme now and then
         return value[0] if op == "any_of" else [value, "other"] if op == "contains" else value
     return condition
 
@@ -454,11 +470,14 @@ def both(rig: Rig, clients: tuple[Client, Client], req: Request) -> tuple[dict[s
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                  HealthCheck.filter_too_much])
 @given(routes=st.lists(ROUTE, min_size=1, max_size=6), restricted=st.booleans(), with_dev=st.booleans(),
-       path_case=st.sampled_from(["sensitive", "sensitive", "insensitive"]), seed=st.integers(0, 2**32 - 1))
+       path_case=st.sampled_from(["sensitive", "sensitive", "insensitive"]), deny=DENY,
+       seed=st.integers(0, 2**32 - 1))
 def test_native_mode_answers_every_request_as_the_service(rig: Rig, routes, restricted: bool, with_dev: bool,
-                                                         path_case: str, seed: int) -> None:
+                                                         path_case: str, deny: dict[str, Any] | None,
+                                                         seed: int) -> None:
     entries = [route_entry(i, spec) for i, spec in enumerate(routes)]
-    text = policy_yaml(rig.fake, rig.dev, entries, restricted=restricted, with_dev=with_dev, path_case=path_case)
+    text = policy_yaml(rig.fake, rig.dev, entries, restricted=restricted, with_dev=with_dev, path_case=path_case,
+                       deny=deny)
     try:
         parse_policy(text)
     except PolicyError:
