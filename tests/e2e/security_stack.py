@@ -279,8 +279,12 @@ def native_denials(stack: SecurityStack, reason: str) -> int:
     """Denials native mode's Envoy made itself for ``reason``, from its access log: an RBAC policy
     of the compiled policy is named <order>-<reason>-a<answer> (authz_service/native/answers.py).
     Waits until every request sent through this Envoy is logged (it flushes every 100 ms)."""
-    entries = wait_for(lambda: (lambda log: log if len(log) >= stack.sent else None)(stack.envoy.access_log()),
-                       30, f"Envoy's access log of every request answered ({stack.sent})")
+    # A 1-tuple, so a log still empty because nothing was sent yet counts as complete.
+    (entries,) = wait_for(
+        lambda: (lambda log: (log,) if len(log) >= stack.sent else None)(stack.envoy.access_log()),
+        30,
+        f"Envoy's access log of every request answered ({stack.sent})",
+    )
     denied = re.compile(rf"rbac_access_denied_matched_policy\[\d+-{re.escape(reason)}-a\d+\]")
     return sum(1 for entry in entries if denied.fullmatch(entry.get("response_code_details") or ""))
 
