@@ -3,19 +3,21 @@ default deny.
 
 Which filters act on a route is set per route (``typed_per_filter_config``):
 
-=============  ======  ===  =====  =====  =========  ===================================
-route          screen  jwt  token  route  ext_authz  admission (anonymous token bucket)
-=============  ======  ===  =====  =====  =========  ===================================
-screen         -       -    -      -      yes        yes, unless a bearer JWT is sent
-native         yes     yes  yes    yes    if needed  -
-ext_authz      -       -    -      -      yes        yes, unless a bearer JWT is sent
-public         yes     -    -      -      -          -
-no route       yes     -    -      -      -          - (direct 403)
-=============  ======  ===  =====  =====  =========  ===================================
+=============  ===  ================  =========  ===================================
+route          jwt  rbac              ext_authz  admission (anonymous token bucket)
+=============  ===  ================  =========  ===================================
+screen         -    -                 yes        yes, unless a bearer JWT is sent
+native         yes  screen, token,    if needed  -
+                    route's checks
+ext_authz      -    -                 yes        yes, unless a bearer JWT is sent
+public         -    screen            -          -
+no route       -    screen            -          - (direct 403)
+=============  ===  ================  =========  ===================================
 
 "If needed": the ext_authz filter runs only when jwt_authn verified no token (bootstrap.py). A
 route the service decides gets the whole request decided there, its 400s included, so Envoy's own
-checks are off on it.
+checks are off on it. A filter disabled on a route is not even created for its requests: each
+costs CPU on every request it runs for, so a route runs only the ones it needs.
 """
 
 from __future__ import annotations
@@ -27,16 +29,15 @@ from ..decision import NO_ROUTE_TEXT, Reason
 from ..policy import PathCase, Policy
 from . import patterns
 from .answers import AnswerBook
-from .checks import route_checks, rules
-from .jwt import REQUIREMENT
+from .checks import route_checks, rules, screen_checks, token_checks
 from .plan import Engine, RoutePlan
 
-SCREEN, JWT, TOKEN, ROUTE = "authz.screen", "authz.jwt", "authz.token", "authz.route"
+JWT, RBAC = "authz.jwt", "authz.rbac"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 RATE_LIMIT = "envoy.filters.http.local_ratelimit"
 APP_CLUSTER = "app"
+RBAC_STAT_PREFIX = "authz_"
 _FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
-_JWT_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig"
 _RBAC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
 
 
@@ -48,21 +49,21 @@ class Admission:
     anonymous_limit: dict[str, Any]  # the local_ratelimit per-route config
 
 
-# Requests the service must read itself (patterns.py says why), in its order of checks.
+# Requests the service must read itself (patterns.py says why), in its order of checks. Each costs
+# every request that passes it (twice: the bearer and the anonymous route): the checks that need
+# the whole token are jwt_authn's (jwt.py), made once and only on native routes.
 SCREEN_ROUTES: list[tuple[str, list[dict[str, Any]]]] = [
     ("screen: method", [{"name": ":method", "string_match": {"safe_regex": {"regex": patterns.METHOD}},
                          "invert_match": True}]),
-    ("screen: target", [{"name": ":path", "string_match": {"safe_regex": {"regex": patterns.CLEAN_TARGET}},
+    ("screen: target", [{"name": ":path", "string_match": {"safe_regex": {"regex": patterns.NATIVE_TARGET}},
                          "invert_match": True}]),
     ("screen: _method query", [{"name": ":path",
                                 "string_match": {"safe_regex": {"regex": patterns.METHOD_OVERRIDE_QUERY}}}]),
-    ("screen: trailing slash", [{"name": ":path", "string_match": {"safe_regex": {"regex": patterns.TRAILING_SLASH}}}]),
-    # An absent header never matches an inverted regex: only credentials sent otherwise.
-    ("screen: credentials", [{"name": "authorization",
-                              "string_match": {"safe_regex": {"regex": patterns.CANONICAL_BEARER}},
+    # Credentials of another scheme, or "Bearer" spelled otherwise (an absent header never matches
+    # an inverted matcher): a bearer credential jwt_authn does not verify goes to the service too,
+    # through ext_authz on the route, but is then no anonymous request.
+    ("screen: credentials", [{"name": "authorization", "string_match": {"prefix": patterns.BEARER},
                               "invert_match": True}]),
-    ("screen: long JOSE header", [{"name": "authorization",
-                                   "string_match": {"safe_regex": {"regex": patterns.LONG_JOSE_HEADER}}}]),
 ]
 
 
@@ -70,12 +71,14 @@ def disabled(*filters: str) -> dict[str, Any]:
     return {name: {"@type": _FILTER_CONFIG, "disabled": True} for name in filters}
 
 
-def ingress_routes(policy: Policy, plans: tuple[RoutePlan, ...], book: AnswerBook,
-                   admission: Admission) -> list[dict[str, Any]]:
+def ingress_routes(policy: Policy, plans: tuple[RoutePlan, ...], book: AnswerBook, admission: Admission,
+                   leeway: int) -> list[dict[str, Any]]:
     routes: list[dict[str, Any]] = []
     for name, headers in SCREEN_ROUTES:
         routes.extend(_to_service(name, {"prefix": "/", "headers": headers}, admission))
     insensitive = policy.path_case is PathCase.INSENSITIVE
+    # Every native route checks the same screen and token first: built once, copied per route.
+    checks = [*screen_checks(), *token_checks(policy, leeway)]
     for plan in plans:
         match = _match(plan, insensitive)
         name = f"{plan.engine.value}: {plan.route.name}"
@@ -83,17 +86,16 @@ def ingress_routes(policy: Policy, plans: tuple[RoutePlan, ...], book: AnswerBoo
             routes.extend(_to_service(name, match, admission))
         elif plan.engine is Engine.NONE:
             routes.append({"name": name, "match": match, "route": {"cluster": APP_CLUSTER},
-                           "typed_per_filter_config": disabled(JWT, TOKEN, ROUTE, EXT_AUTHZ)})
+                           "typed_per_filter_config": disabled(JWT, EXT_AUTHZ)})
         else:
             routes.append({"name": name, "match": match, "route": {"cluster": APP_CLUSTER}, "typed_per_filter_config": {
-                JWT: {"@type": _JWT_PER_ROUTE, "requirement_name": REQUIREMENT},
-                ROUTE: {"@type": _RBAC_PER_ROUTE, "rbac": {"rules": rules(route_checks(policy, plan.route, book)),
-                                                           "rules_stat_prefix": "authz_route_"}},
+                RBAC: {"@type": _RBAC_PER_ROUTE, "rbac": {
+                    "rules": rules(book, [*checks, *route_checks(policy, plan.route)]),
+                    "rules_stat_prefix": RBAC_STAT_PREFIX}},
             }})
     response, headers = book.direct_response(Reason.NO_ROUTE, NO_ROUTE_TEXT)
     routes.append({"name": "no route", "match": {"prefix": "/"}, "direct_response": response,
-                   "response_headers_to_add": headers,
-                   "typed_per_filter_config": disabled(JWT, TOKEN, ROUTE, EXT_AUTHZ)})
+                   "response_headers_to_add": headers, "typed_per_filter_config": disabled(JWT, EXT_AUTHZ)})
     return routes
 
 
@@ -110,7 +112,7 @@ def _match(plan: RoutePlan, case_insensitive: bool) -> dict[str, Any]:
 def _to_service(name: str, match: dict[str, Any], admission: Admission) -> list[dict[str, Any]]:
     """Routes whose requests the service decides entirely: as in envoy/envoy.yaml, one for bearer
     JWTs and one, rate limited, for everything else."""
-    off = disabled(SCREEN, JWT, TOKEN, ROUTE)
+    off = disabled(JWT, RBAC)
     bearer = {**match, "headers": [*match.get("headers", []), {
         "name": "authorization", "string_match": {"safe_regex": {"regex": admission.bearer_regex}}}]}
     return [{"name": f"{name} (bearer)", "match": bearer, "route": {"cluster": APP_CLUSTER},
