@@ -59,6 +59,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -442,15 +443,18 @@ class Bench:
         }, sort_keys=False))
         return path
 
-    def start_envoy(self, cfg: dict[str, Any], name: str) -> tuple[ManagedProcess, int]:
+    def start_envoy(self, cfg: dict[str, Any], name: str, command: Sequence[str] = (),
+                    timeout: float = 30) -> tuple[ManagedProcess, int]:
+        """Envoy on ``cfg``, ready; ``command``: what runs it instead of the binary itself (a
+        profiler and the binary, say), ``timeout`` for its start."""
         listener = envoyconf.socket_address(envoyconf.listener(cfg, "ingress"), "listener ingress")["port_value"]
         admin = envoyconf.socket_address(cfg["admin"], "admin")["port_value"]
         path = self.work / f"envoy-{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        proc = spawn(f"envoy-{name}", [self.envoy, "-c", str(path), "--concurrency", "1", "--disable-hot-restart",
-                                       "--log-level", "warning"], self.work)
+        proc = spawn(f"envoy-{name}", [*(command or [self.envoy]), "-c", str(path), "--concurrency", "1",
+                                       "--disable-hot-restart", "--log-level", "warning"], self.work)
         self.procs.append(proc)
-        wait_for_http(f"http://127.0.0.1:{admin}/ready", 30, expect_status=200, proc=proc)
+        wait_for_http(f"http://127.0.0.1:{admin}/ready", timeout, expect_status=200, proc=proc)
         wait_for_port(listener, 10, proc=proc)
         return proc, listener
 
