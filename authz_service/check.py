@@ -45,16 +45,18 @@ class CheckCounter(Protocol):
 class Checker:
     """The decision pipeline shared by every front door; stateless apart from its collaborators."""
 
-    def __init__(self, policies: PolicySource, verifier: TokenVerifier, answers: Answers,
-                 counter: CheckCounter | None = None) -> None:
+    def __init__(
+        self, policies: PolicySource, verifier: TokenVerifier, answers: Answers, counter: CheckCounter | None = None
+    ) -> None:
         self.policies = policies
         self.verifier = verifier
         self.answers = answers
         self.counter = counter
         self.decide = decide  # attributes, so the bench's phase timer can wrap each step
 
-    async def check(self, parse: Callable[[Raw], HttpRequest], raw: Raw,
-                    render: Callable[[Answer, Decision], Rendered]) -> Rendered:
+    async def check(
+        self, parse: Callable[[Raw], HttpRequest], raw: Raw, render: Callable[[Answer, Decision], Rendered]
+    ) -> Rendered:
         """Answer one request: ``parse`` reads the front door's request, ``render`` writes its reply
         (front doors use only the answer; tools also read the decision)."""
         started = time.perf_counter()
@@ -64,7 +66,7 @@ class Checker:
             decision = await self.decide(request, self.policies.policy, self.verifier)
         except BadRequest as exc:
             decision = deny(Reason.BAD_REQUEST, str(exc))
-        except Exception:  # noqa: BLE001 - fail closed on any bug, and say so loudly
+        except Exception:
             log.exception("check failed; denying")
             decision = deny(Reason.INTERNAL_ERROR, _INTERNAL)
         return self.finish(decision, request, render, started)
@@ -74,18 +76,25 @@ class Checker:
         the same counted and logged 400 a refused request gets in ``check``."""
         return self.finish(deny(Reason.BAD_REQUEST, description), None, render, time.perf_counter())
 
-    def finish(self, decision: Decision, request: HttpRequest | None,
-               render: Callable[[Answer, Decision], Rendered], started: float) -> Rendered:
+    def finish(
+        self,
+        decision: Decision,
+        request: HttpRequest | None,
+        render: Callable[[Answer, Decision], Rendered],
+        started: float,
+    ) -> Rendered:
         """Answer, render, count and log a decision (the second half of ``check``)."""
         try:
             rendered = render(self.answers.answer(decision, request), decision)
-        except Exception:  # noqa: BLE001 - e.g. a value the protocol cannot carry: still a deny
+        except Exception:
             log.exception("rendering the answer failed; denying")
             decision = deny(Reason.INTERNAL_ERROR, _INTERNAL)
             rendered = render(self.answers.answer(decision, None), decision)
         if self.counter is not None:
-            self.counter.check((decision.kind, decision.reason.value, decision.route_label, decision.status),
-                               time.perf_counter() - started)
+            self.counter.check(
+                (decision.kind, decision.reason.value, decision.route_label, decision.status),
+                time.perf_counter() - started,
+            )
         self.log(decision, request)
         return rendered
 
@@ -105,16 +114,31 @@ class TracedChecker(Checker):
     Front doors given one call ``check_traced`` with the propagation headers they read.
     """
 
-    def __init__(self, policies: PolicySource, verifier: TokenVerifier, answers: Answers,
-                 counter: PerCheck | None, tracing: Tracing) -> None:
+    def __init__(
+        self,
+        policies: PolicySource,
+        verifier: TokenVerifier,
+        answers: Answers,
+        counter: PerCheck | None,
+        tracing: Tracing,
+    ) -> None:
         from .tracing import ExemplarCounter
 
-        super().__init__(policies, verifier, answers, ExemplarCounter(counter, tracing) if counter is not None else None)
+        super().__init__(
+            policies, verifier, answers, ExemplarCounter(counter, tracing) if counter is not None else None
+        )
         self.tracing = tracing
 
-    async def check_traced(self, kind: CheckSpanKind, carrier: Mapping[str, str],
-                           parse: Callable[[Raw], HttpRequest], raw: Raw,
-                           render: Callable[[Answer, Decision], Rendered], *, from_client: bool = False) -> Rendered:
+    async def check_traced(
+        self,
+        kind: CheckSpanKind,
+        carrier: Mapping[str, str],
+        parse: Callable[[Raw], HttpRequest],
+        raw: Raw,
+        render: Callable[[Answer, Decision], Rendered],
+        *,
+        from_client: bool = False,
+    ) -> Rendered:
         """``check`` inside a span that continues the trace whose context ``carrier`` holds
         (``from_client``: the client's own headers, not Envoy's; see Tracing.check_span)."""
         with self.tracing.check_span(kind, carrier, from_client=from_client):

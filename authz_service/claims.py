@@ -1,8 +1,9 @@
-"""What token verification proves (``Claims``) and where it finds signing keys (``KeySource``).
+"""What token verification proves (``Claims``), and the claim rules the policy and the verifier share.
 
-Why a module of its own: the verifier (tokens), the verified-token cache (tokencache), the key
-sources (jwks, simulate) and the decision layer all use these types. Kept here, none of those
-modules needs another only for a type, and tokens <-> tokencache import no circle.
+Why a module of its own: the verifier (tokens), the verified-token cache (tokencache), the policy
+loader (conditions) and the decision layer all use these types. Kept here, none of those modules
+needs another only for a type, and tokens <-> tokencache import no circle. It imports nothing
+of the service (where keys come from is keys.py).
 """
 
 from __future__ import annotations
@@ -10,23 +11,32 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, NamedTuple, Protocol
-
-from jwt.api_jwk import PyJWK
-
-if TYPE_CHECKING:
-    from .policy import Issuer
-
 
 # Claims Cognito sets itself, which a pre token generation trigger can neither add nor override
 # (Cognito developer guide, "Pre token generation Lambda trigger"), plus every claim whose name
 # starts with "cognito:". Route claim conditions refuse them: their values come from Cognito (or
 # are checked by the verifier with their own policy keys: iss, client_id, scope), never from the
 # pool's own customization, so a condition on them is a mistake.
-COGNITO_CONTROLLED_CLAIMS = frozenset({
-    "acr", "amr", "aud", "at_hash", "auth_time", "azp", "exp", "iat", "identities", "iss", "jti", "nbf",
-    "nonce", "origin_jti", "sub", "token_use",
-})
+COGNITO_CONTROLLED_CLAIMS = frozenset(
+    {
+        "acr",
+        "amr",
+        "aud",
+        "at_hash",
+        "auth_time",
+        "azp",
+        "exp",
+        "iat",
+        "identities",
+        "iss",
+        "jti",
+        "nbf",
+        "nonce",
+        "origin_jti",
+        "sub",
+        "token_use",
+    }
+)
 # RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ), scope = scope-token *( SP scope-token ).
 # Printable ASCII but space, quote and backslash: what a policy may require and a scope claim may list.
 SCOPE_CHARS = r"\x21\x23-\x5B\x5D-\x7E"  # a regex character class's contents
@@ -89,29 +99,3 @@ def claim_value(value: object) -> ClaimValue:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(value)
     return UNSUPPORTED
-
-
-class IssuerKey(NamedTuple):
-    """A signing key and the issuer (its ``iss``) whose JWKS publishes it."""
-
-    issuer: str
-    key: PyJWK
-
-
-class KeySource(Protocol):
-    """Where verification finds signing keys (implemented by jwks.JwksCache)."""
-
-    def keys_for_kid(self, kid: str) -> tuple[IssuerKey, ...]:
-        """Every key published under ``kid``, whichever issuer publishes it. The verifier checks the
-        signature before it reads the payload, so before it knows the issuer: the kid (in the
-        protected header) is all it has to find the key with. One dictionary lookup."""
-        ...
-
-    def key(self, issuer: Issuer, kid: str) -> PyJWK | None:
-        """The issuer's key for ``kid`` (the token cache re-checks a hit against it)."""
-        ...
-
-    def has_keys(self, issuer: Issuer) -> bool: ...
-
-    async def refetch(self, issuer: Issuer) -> None:
-        """Fetch the issuer's JWKS again because a token named an unknown kid (rate limited)."""

@@ -1,5 +1,6 @@
 """`authz-service` command line: serve, dev-issuer, the policy tools validate, explain, test, audit,
-compile (the native fast path), and example and completion (docs/cli.md is generated from this parser by tools/cli_reference.py).
+compile (the native fast path), and example and completion (docs/cli.md is generated from this
+parser by tools/cli_reference.py).
 
 Every `serve` flag has an AUTHZ_* environment variable (see config.OPTIONS); flags win. Every
 command that reads a policy names it the same way: a POLICY argument or --policy, else AUTHZ_POLICY.
@@ -33,9 +34,9 @@ SHELLS = ("bash", "zsh")
 EXIT_CODES = {
     0: "success; serve: stopped by SIGTERM or SIGINT after draining",
     1: "a negative answer: validate refused a file (or found warnings, with --strict), a policy test failed, "
-       "explain's request would be denied",
+    "explain's request would be denied",
     2: "the command could not do its work: a usage error, an unusable file or setting, or serve could not start "
-       "(then one line on stderr names the flag, environment variable or file to fix)",
+    "(then one line on stderr names the flag, environment variable or file to fix)",
 }
 
 
@@ -49,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Envoy ext_authz sidecar for Amazon Cognito machine-to-machine access tokens.",
         epilog="exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ".",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
-                        help="print the version and exit")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(commands)
     _add_dev_issuer(commands)
@@ -68,8 +70,11 @@ def _files(action: argparse.Action) -> argparse.Action:
 
 
 def _policy_positional(parser: argparse.ArgumentParser, many: bool = False) -> None:
-    help_text = (f"policy files (or --policy; default: ${POLICY_ENV}); '-' reads one from standard input"
-                 if many else f"the policy file (or --policy; default: ${POLICY_ENV})")
+    help_text = (
+        f"policy files (or --policy; default: ${POLICY_ENV}); '-' reads one from standard input"
+        if many
+        else f"the policy file (or --policy; default: ${POLICY_ENV})"
+    )
     _files(parser.add_argument("policy_args", nargs="*" if many else "?", metavar="POLICY", help=help_text))
 
 
@@ -78,130 +83,183 @@ def _policy_flag(parser: argparse.ArgumentParser, many: bool = False) -> None:
     _files(parser.add_argument("--policy", action="append" if many else "store", metavar="POLICY", help=help_text))
 
 
-def _add_serve(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    serve = commands.add_parser("serve", help="run the ext_authz gRPC server",
-                                description="Run the ext_authz gRPC server and the HTTP health/metrics server.")
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the service: the ext_authz front doors and the health/metrics server",
+        description="Run the service: its ext_authz front doors (gRPC, and HTTP when --ext-authz-http-port is "
+        "set) and the HTTP health/metrics server. Every flag has an AUTHZ_* environment variable.",
+    )
     _policy_positional(serve)
     for setting in OPTIONS:
         default = "required" if setting.default is None else setting.default
         action = serve.add_argument(
-            setting.flag, dest=setting.name, default=None, metavar=setting.name.split("_")[-1].upper(),
-            help=f"{setting.help} Env: {setting.env}. Default: {default}.".replace("%", "%%"))
+            setting.flag,
+            dest=setting.name,
+            default=None,
+            metavar=setting.name.split("_")[-1].upper(),
+            help=f"{setting.help} Env: {setting.env}. Default: {default}.".replace("%", "%%"),
+        )
         if setting.name == "policy":
             _files(action)
 
 
-def _add_dev_issuer(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    issuer = commands.add_parser("dev-issuer", help="run a local Cognito-style token issuer (development only)",
-                                 description="Serve a JWKS and a Cognito-style /oauth2/token (client_credentials) "
-                                             "for local development and tests. Not for production.")
-    _files(issuer.add_argument("--config", type=Path, required=True,
-                               help="dev issuer YAML (pool, resource servers, clients); "
-                                    "`authz-service example dev-issuer` prints one"))
+def _add_dev_issuer(commands: argparse._SubParsersAction) -> None:
+    issuer = commands.add_parser(
+        "dev-issuer",
+        help="run a local Cognito-style token issuer (development only)",
+        description="Serve a JWKS and a Cognito-style /oauth2/token (client_credentials) "
+        "for local development and tests. Not for production.",
+    )
+    _files(
+        issuer.add_argument(
+            "--config",
+            type=Path,
+            required=True,
+            help="dev issuer YAML (pool, resource servers, clients); `authz-service example dev-issuer` prints one",
+        )
+    )
     issuer.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     issuer.add_argument("--port", type=int, default=9000, help="port (default 9000)")
-    issuer.add_argument("--public-url", default=None,
-                        help="base URL clients use to reach the issuer; the token iss is <public-url>/<pool id> "
-                             "unless the config sets issuer_format (default http://<host>:<port>)")
+    issuer.add_argument(
+        "--public-url",
+        default=None,
+        help="base URL clients use to reach the issuer; the token iss is <public-url>/<pool id> "
+        "unless the config sets issuer_format (default http://<host>:<port>)",
+    )
     issuer.add_argument("--log-level", default="info", help="debug, info, warning or error (default info)")
 
 
-def _add_policy_tools(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """validate / explain / test: the policy authors' tools (logic in policytool.py and explain.py)."""
+def _add_policy_tools(commands: argparse._SubParsersAction) -> None:
+    """validate / explain / test: the policy authors' tools (logic in tools/policytool.py and tools/explain.py)."""
     validate = commands.add_parser(
-        "validate", help="check policy files as the server loads them, plus lint warnings (for CI)",
+        "validate",
+        help="check policy files as the server loads them, plus lint warnings (for CI)",
         description="Load each policy file exactly as the server would and report every error (file:line:column, "
-                    "place, fix) and every warning. Exit 1 when a file is refused (or has warnings with --strict).")
+        "place, fix) and every warning. Exit 1 when a file is refused (or has warnings with --strict).",
+    )
     _policy_positional(validate, many=True)
     _policy_flag(validate, many=True)
     validate.add_argument("--strict", action="store_true", help="warnings also make the exit code 1")
-    validate.add_argument("--explain-issuers", action="store_true",
-                          help="list what each issuers entry accepts: the exact iss values and their JWKS URLs")
+    validate.add_argument(
+        "--explain-issuers",
+        action="store_true",
+        help="list what each issuers entry accepts: the exact iss values and their JWKS URLs",
+    )
 
     explain = commands.add_parser(
-        "explain", help="show which route matches a request, why, and the exact answer Envoy would get",
+        "explain",
+        help="show which route matches a request, why, and the exact answer Envoy would get",
         description="Run one request through the real matcher, decision and response code. Without --token a "
-                    "verified token holding --scopes (and --client-id) is simulated; with --token the token is "
-                    "verified for real (its issuer's JWKS is fetched).")
+        "verified token holding --scopes (and --client-id) is simulated; with --token the token is "
+        "verified for real (its issuer's JWKS is fetched).",
+    )
     _policy_positional(explain)
     _policy_flag(explain)
     explain.add_argument("--method", required=True, help="the request's HTTP method, as sent (GET, POST, ...)")
     explain.add_argument("--path", required=True, help="the request's path as Envoy sees it, query included")
     who = explain.add_mutually_exclusive_group()
     who.add_argument("--scopes", help='simulate a valid token holding these scopes (space separated: "a/b c/d")')
-    who.add_argument("--token", help="a real access token to verify, with or without 'Bearer ' "
-                                     "(prefer --token-file: shell history)")
+    who.add_argument(
+        "--token", help="a real access token to verify, with or without 'Bearer ' (prefer --token-file: shell history)"
+    )
     _files(who.add_argument("--token-file", help="read the real token from this file ('-' for stdin)"))
     explain.add_argument("--client-id", help="client_id of the simulated token")
-    explain.add_argument("--claim", action="append", dest="claims", metavar="NAME=VALUE",
-                         help="a custom claim of the simulated token (repeatable); VALUE is JSON when it parses "
-                              "as JSON (3, true, [\"a\"]), else a string")
+    explain.add_argument(
+        "--claim",
+        action="append",
+        dest="claims",
+        metavar="NAME=VALUE",
+        help="a custom claim of the simulated token (repeatable); VALUE is JSON when it parses "
+        'as JSON (3, true, ["a"]), else a string',
+    )
     explain.add_argument("--issuer", help="iss of the simulated token (default: the policy's first issuer)")
     explain.add_argument("--realm", default="authz-service", help="realm in WWW-Authenticate (as --realm of serve)")
     explain.add_argument("--leeway", type=float, default=60.0, help="clock skew for a real token (as serve)")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
 
     test = commands.add_parser(
-        "test", help="run table-driven expectations (method, path, scopes -> decision) against a policy",
+        "test",
+        help="run table-driven expectations (method, path, scopes -> decision) against a policy",
         description="Each case in TESTS is sent through the real request -> decision -> response path with a "
-                    "token holding exactly its scopes. Exit 0 when all pass, 1 when one fails, 2 on unusable files.")
+        "token holding exactly its scopes. Exit 0 when all pass, 1 when one fails, 2 on unusable files.",
+    )
     _policy_positional(test)
-    _files(test.add_argument("tests", type=Path, metavar="TESTS",
-                             help="the expectations file (`authz-service example policy-tests` prints one)"))
+    _files(
+        test.add_argument(
+            "tests",
+            type=Path,
+            metavar="TESTS",
+            help="the expectations file (`authz-service example policy-tests` prints one)",
+        )
+    )
     _policy_flag(test)
 
     audit = commands.add_parser(
-        "audit", help="check a policy against its Cognito user pools through the AWS API (needs boto3)",
+        "audit",
+        help="check a policy against its Cognito user pools through the AWS API (needs boto3)",
         description="Read each user pool (DescribeUserPool, ListResourceServers, ListUserPoolClients, "
-                    "DescribeUserPoolClient; standard AWS credential chain), print which app client can reach "
-                    "which route and report what cannot work. Exit 0 when clean, 1 with findings, 2 when the "
-                    f"policy or AWS cannot be used. Needs the audit extra: {install_hint('audit')}.")
+        "DescribeUserPoolClient; standard AWS credential chain), print which app client can reach "
+        "which route and report what cannot work. Exit 0 when clean, 1 with findings, 2 when the "
+        f"policy or AWS cannot be used. Needs the audit extra: {install_hint('audit')}.",
+    )
     _policy_positional(audit)
     _policy_flag(audit)
-    audit.add_argument("--user-pool-id", action="append", metavar="ID",
-                       help="audit this pool of the policy (repeatable; default: every pool of the policy)")
+    audit.add_argument(
+        "--user-pool-id",
+        action="append",
+        metavar="ID",
+        help="audit this pool of the policy (repeatable; default: every pool of the policy)",
+    )
     audit.add_argument("--region", help="AWS region of the pools (default: the region in each pool id)")
     audit.add_argument("--format", choices=("text", "json"), default="text", help="text (default) or json")
 
 
-def _add_compile(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_compile(commands: argparse._SubParsersAction) -> None:
     """compile envoy: the native fast path (logic in authz_service/native/)."""
     from .native.arguments import add_arguments
 
     compile_ = commands.add_parser(
-        "compile", help="compile a policy for an enforcer of its own: envoy (jwt_authn + RBAC)",
+        "compile",
+        help="compile a policy for an enforcer of its own: envoy (jwt_authn + RBAC)",
         description="Compile a policy into another enforcer's configuration. TARGET envoy: a complete Envoy "
-                    "bootstrap that enforces the policy with Envoy's own filters where they decide exactly as the "
-                    "service does, and calls the service (ext_authz) for the rest.")
-    targets = compile_.add_subparsers(dest="target", required=True, metavar="TARGET",
-                                      help="envoy (the only target)")
+        "bootstrap that enforces the policy with Envoy's own filters where they decide exactly as the "
+        "service does, and calls the service (ext_authz) for the rest.",
+    )
+    targets = compile_.add_subparsers(dest="target", required=True, metavar="TARGET", help="envoy (the only target)")
     envoy = targets.add_parser(
-        "envoy", help="an Envoy bootstrap enforcing the policy natively, the service as fallback",
+        "envoy",
+        help="an Envoy bootstrap enforcing the policy natively, the service as fallback",
         description="Print an Envoy (1.40) bootstrap enforcing POLICY: envoy/envoy.yaml's hardened listener, "
-                    "jwt_authn (keys from the service's HTTP port), RBAC and the service's own answers, with "
-                    "ext_authz to the service for the routes and requests Envoy's filters cannot decide exactly. "
-                    "The engine of each route, and why, goes to standard error. Exit 0 when compiled, 2 when the "
-                    "policy or an option cannot be.")
+        "jwt_authn (keys from the service's HTTP port), RBAC and the service's own answers, with "
+        "ext_authz to the service for the routes and requests Envoy's filters cannot decide exactly. "
+        "The engine of each route, and why, goes to standard error. Exit 0 when compiled, 2 when the "
+        "policy or an option cannot be.",
+    )
     _policy_positional(envoy)
     _policy_flag(envoy)
     add_arguments(envoy)
 
 
-def _add_example(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_example(commands: argparse._SubParsersAction) -> None:
     example = commands.add_parser(
-        "example", help="print a bundled example file (policy, policy tests, dev issuer config)",
+        "example",
+        help="print a bundled example file (policy, policy tests, dev issuer config)",
         description="Print one of the example files shipped inside the package, to start your own from: "
-                    + "; ".join(f"{name}: {what}" for name, (_, what) in EXAMPLES.items()) + ".")
-    example.add_argument("name", choices=list(EXAMPLES), metavar="NAME",
-                         help=f"which example: {', '.join(EXAMPLES)}")
+        + "; ".join(f"{name}: {what}" for name, (_, what) in EXAMPLES.items())
+        + ".",
+    )
+    example.add_argument("name", choices=list(EXAMPLES), metavar="NAME", help=f"which example: {', '.join(EXAMPLES)}")
 
 
-def _add_completion(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_completion(commands: argparse._SubParsersAction) -> None:
     completion = commands.add_parser(
-        "completion", help="print a shell completion script (bash or zsh)",
+        "completion",
+        help="print a shell completion script (bash or zsh)",
         description="Print a completion script for the shell, e.g. "
-                    "`authz-service completion bash > /etc/bash_completion.d/authz-service` or, for zsh, "
-                    "`authz-service completion zsh > \"${fpath[1]}/_authz-service\"`.")
+        "`authz-service completion bash > /etc/bash_completion.d/authz-service` or, for zsh, "
+        '`authz-service completion zsh > "${fpath[1]}/_authz-service"`.',
+    )
     completion.add_argument("shell", choices=SHELLS, metavar="SHELL", help=f"the shell: {', '.join(SHELLS)}")
 
 
@@ -278,19 +336,19 @@ def _all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 def _policy_tool(args: argparse.Namespace) -> int:
     names = policy_names(args)
     if args.command == "validate":
-        from .policytool import validate_command
+        from .tools.policytool import validate_command
 
         return validate_command(names, args.strict, sys.stdout, args.explain_issuers)
     if args.command == "test":
-        from .policytool import tests_command
+        from .tools.policytool import tests_command
 
         return tests_command(Path(names[0]), args.tests, sys.stdout)
     args.policy = Path(names[0])
     if args.command == "audit":
-        from .audit import audit_command
+        from .tools.audit import audit_command
 
         return audit_command(args, sys.stdout)
-    from .explain import explain_command
+    from .tools.explain import explain_command
 
     return explain_command(args, sys.stdout)
 
@@ -326,7 +384,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _dev_issuer(args: argparse.Namespace) -> int:
-    from .dev_issuer import DevIssuerConfigError, load_config, serve
+    from .dev_issuer.app import serve
+    from .dev_issuer.config import DevIssuerConfigError, load_config
 
     try:  # validated as serve validates --log-level
         level = option("log_level").parse(args.log_level)

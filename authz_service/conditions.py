@@ -13,16 +13,17 @@ from __future__ import annotations
 import enum
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from .claims import VERIFIED_CLAIM_KEYS, Claims, ClaimValue, cognito_controlled
+from .yamlfile import kind
 
 Scalar = str | int | float | bool
 # Printable ASCII without space, quote and backslash: a claim name appears as is in a 403's
 # error_description (a quoted-string), and Cognito's own names (custom:tenant) fit.
-CLAIM_NAME = re.compile(r'^[\x21\x23-\x5B\x5D-\x7E]{1,128}\Z')
+CLAIM_NAME = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]{1,128}\Z")
 OPERATORS = ("equals", "any_of", "contains")
 MAX_ANY_OF = 256
 CLIENT_NOT_ALLOWED_TEXT = "client is not allowed on this route"
@@ -93,7 +94,9 @@ def _show(value: Scalar) -> str:
 def condition(name: str, operator: str, values: tuple[Scalar, ...]) -> ClaimCondition:
     """A compiled condition: values are split by JSON type once, so a check is one set lookup."""
     return ClaimCondition(
-        name=name, operator=operator, values=values,
+        name=name,
+        operator=operator,
+        values=values,
         strings=frozenset(v for v in values if isinstance(v, str)),
         numbers=frozenset(v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)),
         booleans=frozenset(v for v in values if isinstance(v, bool)),
@@ -112,6 +115,23 @@ class Conditions:
     client_ids: frozenset[str] | None
     claims: tuple[ClaimCondition, ...]
 
+    def each(self, claims: Claims) -> Iterator[tuple[Unmet, ClaimCondition | None, str | None]]:
+        """Every condition, in the order ``unmet`` checks them: which one (with its ClaimCondition
+        for a claim condition) and the client-safe description of its failure (None: it holds).
+        For tools that show each condition (explain, tests); ``unmet`` is the same checks without
+        the generator, for decide() (tests/test_conditions.py holds the two equal)."""
+        if self.client_ids is not None:
+            yield Unmet.CLIENT, None, None if claims.client_id in self.client_ids else CLIENT_NOT_ALLOWED_TEXT
+        if self.any_scopes:
+            yield Unmet.ANY_SCOPE, None, None if not self.any_scopes.isdisjoint(claims.scopes) else ANY_SCOPE_TEXT
+        if self.all_scopes:
+            missing = self.all_scopes - claims.scopes
+            yield Unmet.ALL_SCOPES, None, f"token lacks a required scope: {min(missing)}" if missing else None
+        custom = claims.custom
+        for cond in self.claims:
+            value = custom.get(cond.name)  # None: absent (a JSON null is kept as UNSUPPORTED)
+            yield Unmet.CLAIM, cond, cond.missing if value is None else None if cond.holds(value) else cond.mismatch
+
     def unmet(self, claims: Claims) -> tuple[Unmet, str] | None:
         """The first condition the token fails and its client-safe description; None when all hold."""
         if self.client_ids is not None and claims.client_id not in self.client_ids:
@@ -122,15 +142,12 @@ class Conditions:
             return Unmet.ALL_SCOPES, f"token lacks a required scope: {min(self.all_scopes - claims.scopes)}"
         custom = claims.custom
         for cond in self.claims:
-            value = custom.get(cond.name, _ABSENT)
-            if value is _ABSENT:
+            value = custom.get(cond.name)  # None: absent (a JSON null is kept as UNSUPPORTED)
+            if value is None:
                 return Unmet.CLAIM, cond.missing
-            if not cond.holds(value):  # type: ignore[arg-type]
+            if not cond.holds(value):
                 return Unmet.CLAIM, cond.mismatch
         return None
-
-
-_ABSENT = object()
 
 
 # --- parsing (called by the policy loader, which supplies ``fail`` with file:line:column) --------
@@ -145,25 +162,42 @@ def parse_claim_conditions(raw: object, fail: Fail) -> tuple[ClaimCondition, ...
     out = []
     for name, spec in raw.items():
         if not isinstance(name, str) or not CLAIM_NAME.match(name):
-            raise fail((), f"claim name {name!r}: use 1 to 128 printable ASCII characters without spaces, "
-                           "quotes or backslashes (e.g. tenant, custom:tenant)")
+            raise fail(
+                (),
+                f"claim name {name!r}: use 1 to 128 printable ASCII characters without spaces, "
+                "quotes or backslashes (e.g. tenant, custom:tenant)",
+            )
         if cognito_controlled(name):
-            fix = (f"use the route key '{VERIFIED_CLAIM_KEYS[name]}' instead" if name in VERIFIED_CLAIM_KEYS
-                   else "claim conditions are for custom claims (a pre token generation trigger cannot set this one)")
+            fix = (
+                f"use the route key '{VERIFIED_CLAIM_KEYS[name]}' instead"
+                if name in VERIFIED_CLAIM_KEYS
+                else "claim conditions are for custom claims (a pre token generation trigger cannot set this one)"
+            )
             raise fail((name,), f"{name!r} is set by Cognito itself; {fix}")
-        out.append(_one_condition(name, spec, lambda where, problem, n=name: fail((n, *where), problem)))
+        out.append(_one_condition(name, spec, _below(fail, name)))
     return tuple(out)
+
+
+def _below(fail: Fail, name: str) -> Fail:
+    """``fail`` for the places below one claim's condition."""
+    return lambda where, problem: fail((name, *where), problem)
 
 
 def _one_condition(name: str, spec: object, fail: Fail) -> ClaimCondition:
     if isinstance(spec, list):
-        raise fail((), f"a list is ambiguous; write {{any_of: [...]}} (the claim is one of them) or "
-                       f"{{contains: ...}} (a list claim holds the value)")
+        raise fail(
+            (),
+            "a list is ambiguous; write {any_of: [...]} (the claim is one of them) or "
+            "{contains: ...} (a list claim holds the value)",
+        )
     if not isinstance(spec, dict):
         return condition(name, "equals", (_scalar(spec, (), fail),))
     if len(spec) != 1 or next(iter(spec)) not in OPERATORS:
-        raise fail((), f"must be a value or a mapping with exactly one of {', '.join(OPERATORS)}, "
-                       f"got keys {', '.join(repr(k) for k in spec) or 'none'}")
+        raise fail(
+            (),
+            f"must be a value or a mapping with exactly one of {', '.join(OPERATORS)}, "
+            f"got keys {', '.join(repr(k) for k in spec) or 'none'}",
+        )
     operator, value = next(iter(spec.items()))
     if operator == "equals":
         return condition(name, operator, (_scalar(value, (operator,), fail),))
@@ -188,12 +222,8 @@ def _scalar(value: object, where: tuple[str | int, ...], fail: Fail) -> Scalar:
         raise fail(where, f"{value!r} is not a JSON number")
     if isinstance(value, (str, int, float, bool)):
         return value
-    raise fail(where, f"must be a string, number or boolean, got {_kind(value)}")
+    raise fail(where, f"must be a string, number or boolean, got {kind(value)}")
 
 
 def _json_type(value: Scalar) -> str:
     return "boolean" if isinstance(value, bool) else "string" if isinstance(value, str) else "number"
-
-
-def _kind(value: object) -> str:
-    return {dict: "a mapping", list: "a list", type(None): "nothing (null)"}.get(type(value), type(value).__name__)

@@ -11,10 +11,9 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .tracing import TracingSettings
+from .tracing import CLIENT_CONTEXTS, TracingSettings, TracingSettingsError, tracing_settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +119,9 @@ def _path(text: str) -> Path:
     if not text.strip():
         raise ValueError("must name the policy file, e.g. /etc/authz/policy.yaml")
     if text == "-":  # the server follows a file (reloads); only `validate -` reads standard input
-        raise ValueError("the server reads a policy file, not standard input; name the file, "
-                         "e.g. /etc/authz/policy.yaml")
+        raise ValueError(
+            "the server reads a policy file, not standard input; name the file, e.g. /etc/authz/policy.yaml"
+        )
     return Path(text)
 
 
@@ -161,31 +161,62 @@ def _request_bytes(text: str) -> int:
 
 def _trace_client_context(text: str) -> str:
     value = text.lower()
-    if value not in {"link", "continue"}:
-        raise ValueError("one of link, continue")
+    if value not in CLIENT_CONTEXTS:
+        raise ValueError(f"one of {', '.join(CLIENT_CONTEXTS)}")
     return value
 
 
 def _path_prefix(text: str) -> str:
-    if text and (not text.startswith("/") or text.endswith("/") or not text.isascii() or not text.isprintable()
-                 or any(c in text for c in "?#%\\ ")):
+    if text and (
+        not text.startswith("/")
+        or text.endswith("/")
+        or not text.isascii()
+        or not text.isprintable()
+        or any(c in text for c in "?#%\\ ")
+    ):
         raise ValueError("empty, or a path like /authz (leading '/', no trailing '/', no '?', '#', '%' or spaces)")
     return text
 
 
 OPTIONS: tuple[Option, ...] = (
     Option("policy", None, _path, "Policy YAML file (mount the ConfigMap as a directory; the path is watched)."),
-    Option("grpc_host", "127.0.0.1", str,
-           "Address of the ext_authz front doors (gRPC, and HTTP when enabled); loopback: only the Pod's "
-           "Envoy or mesh sidecar calls them."),
-    Option("grpc_port", 9191, _port, "Port for the ext_authz gRPC server (also serves grpc.health.v1)."),
-    Option("ext_authz_http_port", 0, _port,
-           "Port for Envoy's HTTP ext_authz mode (http_service), on --grpc-host; 0 (default) turns it off."),
-    Option("ext_authz_http_path_prefix", "", _path_prefix,
-           "Envoy's http_service path_prefix (empty: none). A request is decided only when its path is this "
-           "prefix followed by Envoy's x-authz-original-path header; any other is refused (400)."),
-    Option("max_request_bytes", 128 * 1024, _request_bytes,
-           "Largest authorization request accepted (a gRPC CheckRequest, or the HTTP request head), in bytes."),
+    Option(
+        "grpc_host",
+        "127.0.0.1",
+        str,
+        "Address of the ext_authz front doors (gRPC, and HTTP when enabled); loopback: only the Pod's "
+        "Envoy or mesh sidecar calls them.",
+    ),
+    Option(
+        "grpc_port",
+        9191,
+        _port,
+        "Port of the gRPC front door (Envoy's ext_authz gRPC mode; also serves grpc.health.v1), on --grpc-host.",
+    ),
+    Option(
+        "ext_authz_http_port",
+        0,
+        _port,
+        "Port of the HTTP front door (Envoy's HTTP ext_authz mode, http_service), on --grpc-host; 0 (default) "
+        "turns it off.",
+    ),
+    Option(
+        "ext_authz_http_path_prefix",
+        "",
+        _path_prefix,
+        "Envoy's http_service path_prefix (empty: none). A request is decided only when its path is this "
+        "prefix followed by Envoy's x-authz-original-path header; any other is refused (400).",
+    ),
+    # Envoy caps a request's headers at max_request_headers_kb (60 KiB by default) and sends no body
+    # unless with_request_body is set, so a real authorization request stays far below 128 KiB; a
+    # larger CheckRequest is refused by gRPC before it is parsed (RESOURCE_EXHAUSTED, which Envoy
+    # turns into its status_on_error 503) instead of costing ~65 us of CPU per KiB.
+    Option(
+        "max_request_bytes",
+        128 * 1024,
+        _request_bytes,
+        "Largest authorization request accepted (a gRPC CheckRequest, or the HTTP request head), in bytes.",
+    ),
     Option("http_host", "0.0.0.0", str, "Address for the HTTP server (/healthz, /readyz, /metrics)."),
     Option("http_port", 8181, _port, "Port for the HTTP server; never put it behind Envoy's ext_authz."),
     Option("leeway", 60.0, _non_negative, "Clock skew tolerated on exp, nbf and iat, in seconds."),
@@ -193,30 +224,63 @@ OPTIONS: tuple[Option, ...] = (
     Option("jwks_timeout", 3.0, _positive, "Timeout of one JWKS fetch, in seconds."),
     Option("jwks_max_bytes", 512 * 1024, _positive_int, "Largest JWKS document accepted, in bytes."),
     Option("unknown_kid_cooldown", 10.0, _cooldown, "Minimum seconds between unknown-kid JWKS re-fetches per issuer."),
-    Option("policy_watch", "auto", _policy_watch,
-           "How policy changes are noticed: auto (inotify, else polling), inotify (refuse to start without it) "
-           "or poll (stat the path; for network filesystems, whose remote changes inotify cannot see)."),
-    Option("policy_poll_interval", 1.0, _positive,
-           "Seconds between polls of the policy file (a change loads once it has held for one interval); "
-           "with inotify, between safety re-checks for changes inotify cannot report."),
+    Option(
+        "policy_watch",
+        "auto",
+        _policy_watch,
+        "How policy changes are noticed: auto (inotify, else polling), inotify (refuse to start without it) "
+        "or poll (stat the path; for network filesystems, whose remote changes inotify cannot see).",
+    ),
+    Option(
+        "policy_poll_interval",
+        1.0,
+        _positive,
+        "Seconds between polls of the policy file (a change loads once it has held for one interval); "
+        "with inotify, between safety re-checks for changes inotify cannot report.",
+    ),
     Option("realm", "authz-service", _realm, "Realm in WWW-Authenticate challenges."),
     Option("shutdown_grace", 10.0, _non_negative, "Seconds in-flight Checks get to finish on SIGTERM."),
     Option("log_level", "INFO", _log_level, "debug, info, warning or error (allowed requests log at debug)."),
-    Option("token_cache_size", 10_000, _non_negative_int,
-           "Most verified tokens kept in the cache (per worker); 0 disables the cache."),
-    Option("token_cache_max_bytes", 16 * 1024 * 1024, _non_negative_int,
-           "Most bytes (approximate) the verified-token cache holds (per worker); 0 disables the cache."),
-    Option("workers", 1, _workers,
-           "Worker processes sharing the front doors' ports (SO_REUSEPORT); 1 serves in-process."),
-    Option("event_loop", "auto", _event_loop,
-           "auto (uvloop when installed, else asyncio), uvloop or asyncio; uvloop saves ~30 us of CPU per Check."),
-    Option("metrics_min_interval", 1.0, _non_negative,
-           "Seconds a /metrics exposition is reused before it is generated again (0: every scrape), so a flood "
-           "of scrapes cannot starve Checks."),
-    Option("trace_client_context", "link", _trace_client_context,
-           "Tracing: what a Check does with the client's own trace context when Envoy sends none (Envoy does "
-           "not trace): link (a trace of its own, sampled by OTEL_TRACES_SAMPLER, linked to the client's span) or "
-           "continue (the client's trace and sampled flag: only for trusted clients)."),
+    Option(
+        "token_cache_size",
+        10_000,
+        _non_negative_int,
+        "Most verified tokens kept in the cache (per worker); 0 disables the cache.",
+    ),
+    Option(
+        "token_cache_max_bytes",
+        16 * 1024 * 1024,
+        _non_negative_int,
+        "Most bytes (approximate) the verified-token cache holds (per worker); 0 disables the cache.",
+    ),
+    Option(
+        "workers",
+        1,
+        _workers,
+        "Worker processes sharing every front door's port (SO_REUSEPORT), each port watched for other "
+        "listeners; 1 serves in-process.",
+    ),
+    Option(
+        "event_loop",
+        "auto",
+        _event_loop,
+        "auto (uvloop when installed, else asyncio), uvloop or asyncio; uvloop saves ~30 us of CPU per Check.",
+    ),
+    Option(
+        "metrics_min_interval",
+        1.0,
+        _non_negative,
+        "Seconds a /metrics exposition is reused before it is generated again (0: every scrape), so a flood "
+        "of scrapes cannot starve Checks.",
+    ),
+    Option(
+        "trace_client_context",
+        "link",
+        _trace_client_context,
+        "Tracing: what a Check does with the client's own trace context when Envoy sends none (Envoy does "
+        "not trace): link (a trace of its own, sampled by OTEL_TRACES_SAMPLER, linked to the client's span) or "
+        "continue (the client's trace and sampled flag: only for trusted clients).",
+    ),
 )
 
 
@@ -287,8 +351,9 @@ def settings_from(cli_values: Mapping[str, str | None], environ: Mapping[str, st
             values[option.name] = option.parse(raw)
         except ValueError as exc:
             raise ConfigError(f"{source}={raw!r} is invalid: {exc}") from None
-    from .tracing import tracing_settings  # imports no OpenTelemetry: tracing may be off and not installed
-
     names = {f.name for f in fields(Settings) if f.init}
-    tracing = tracing_settings(environ, values.get("trace_client_context", "link"))
+    try:  # tracing_settings imports no OpenTelemetry: tracing may be off and not installed
+        tracing = tracing_settings(environ, values.get("trace_client_context", "link"))
+    except TracingSettingsError as exc:
+        raise ConfigError(str(exc)) from None
     return Settings(**{k: v for k, v in values.items() if k in names}, tracing=tracing)

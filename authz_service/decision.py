@@ -142,8 +142,9 @@ async def decide(request: HttpRequest, policy: Policy, verifier: TokenVerifier) 
     return decision
 
 
-async def _decide_all(request: HttpRequest, routes: tuple[Route, ...], policy: Policy,
-                      verifier: TokenVerifier) -> Decision:
+async def _decide_all(
+    request: HttpRequest, routes: tuple[Route, ...], policy: Policy, verifier: TokenVerifier
+) -> Decision:
     """A request that must meet every route of ``routes`` (a path ending in '/': the route as
     written, then the one without the '/'). The first route that denies answers (the denial names
     it); else the first dry-run denial; else an allow labelled with the first protected route, the
@@ -161,8 +162,11 @@ async def _decide_all(request: HttpRequest, routes: tuple[Route, ...], policy: P
         else:
             decision = await _authorize(request, route, policy, _Verified(first.claims))
         decisions.append(_as_mode(route, decision))
-    return (next((d for d in decisions if not d.allowed), None) or next((d for d in decisions if d.dry_run), None)
-            or decisions[0])
+    return (
+        next((d for d in decisions if not d.allowed), None)
+        or next((d for d in decisions if d.dry_run), None)
+        or decisions[0]
+    )
 
 
 class _Verified:
@@ -187,8 +191,9 @@ def _as_mode(route: Route, decision: Decision) -> Decision:
     return decision
 
 
-async def _authorize(request: HttpRequest, route: Route, policy: Policy,
-                     verifier: TokenVerifier | _Verified) -> Decision:
+async def _authorize(
+    request: HttpRequest, route: Route, policy: Policy, verifier: TokenVerifier | _Verified
+) -> Decision:
     try:
         # A token verified before skips parsing and verification (see TokenVerifier.cached).
         claims = verifier.cached(request.authorization, policy)

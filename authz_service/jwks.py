@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import aiohttp
 from jwt.api_jwk import PyJWK
 
-from .claims import IssuerKey
 from .config import JwksSettings
+from .keys import IssuerKey
 from .metrics import Metrics
 from .policy import Issuer
 from .tracing import NO_TRACING, NoTracing, Recorder
@@ -93,7 +93,10 @@ def parse_jwks(document: bytes) -> ParsedJwks:
     for entry in data["keys"]:
         kid = entry.get("kid") if isinstance(entry, dict) else None
         kid = kid if isinstance(kid, str) and 0 < len(kid) <= 256 else None
-        key_or_reason = _verification_key(entry) if kid is not None else "no kid of 1 to 256 characters"
+        if kid is None:
+            skipped.append(SkippedKey(None, "no kid of 1 to 256 characters"))
+            continue
+        key_or_reason = _verification_key(entry)
         if isinstance(key_or_reason, str):
             skipped.append(SkippedKey(kid, key_or_reason))
             continue
@@ -159,8 +162,16 @@ def jwks_document(keys: dict[str, PyJWK]) -> bytes:
     entries = []
     for kid in sorted(keys):
         numbers = keys[kid].key.public_numbers()
-        entries.append({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256",
-                        "n": _b64_uint(numbers.n), "e": _b64_uint(numbers.e)})
+        entries.append(
+            {
+                "kty": "RSA",
+                "kid": kid,
+                "use": "sig",
+                "alg": "RS256",
+                "n": _b64_uint(numbers.n),
+                "e": _b64_uint(numbers.e),
+            }
+        )
     return json.dumps({"keys": entries}, separators=(",", ":")).encode()
 
 
@@ -272,13 +283,13 @@ class JwksCache:
                 self._metrics.issuer_removed(state.issuer.metric_label)
         self._reindex()
         for ident, issuer in wanted.items():
-            state = self._states.get(ident)
-            if state is None:
+            known = self._states.get(ident)
+            if known is None:
                 state = self._states[ident] = _IssuerState(issuer)
                 self._metrics.issuer_added(issuer.metric_label)
                 state.task = asyncio.create_task(self._refresher(state), name=f"jwks:{issuer.metric_label}")
             else:
-                state.issuer = issuer  # client_ids may have changed; keys stay
+                known.issuer = issuer  # client_ids may have changed; keys stay
 
     async def wait_first_attempts(self, timeout: float) -> None:
         """Wait (bounded) until every issuer has tried its first fetch, so start-up is quick to ready."""
@@ -337,8 +348,9 @@ class JwksCache:
         """One fetch, traced: an unknown-kid re-fetch runs inside a Check (a child of its span),
         startup and periodic refreshes are background work (root spans)."""
         span = self._tracing.child if trigger == "unknown_kid" else self._tracing.root
-        with span("jwks fetch", **{"authz.issuer.pool_id": state.issuer.user_pool_id,
-                                   "authz.jwks.trigger": trigger}) as recorder:
+        with span(
+            "jwks fetch", **{"authz.issuer.pool_id": state.issuer.user_pool_id, "authz.jwks.trigger": trigger}
+        ) as recorder:
             return await self._fetch_keys(state, trigger, recorder)
 
     async def _fetch_keys(self, state: _IssuerState, trigger: str, recorder: Recorder) -> bool:
@@ -347,7 +359,7 @@ class JwksCache:
         try:
             document = await self._download(issuer.jwks_uri)
             parsed = parse_jwks(document)
-        except (JwksError, aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeError) as exc:
+        except (TimeoutError, JwksError, aiohttp.ClientError, OSError, UnicodeError) as exc:
             if isinstance(exc, JwksError):
                 _log_skipped(issuer, exc.skipped)
             reason = shown(str(exc)) or type(exc).__name__  # an HTTP client error may quote the URL
@@ -359,8 +371,13 @@ class JwksCache:
             self._metrics.jwks_refreshes.labels(label, trigger, "error").inc()
             log.warning(
                 "jwks refresh failed",
-                extra={"issuer": issuer.issuer, "jwks_uri": shown(issuer.jwks_uri), "trigger": trigger,
-                       "error": reason, "keys_kept": len(state.keys)},
+                extra={
+                    "issuer": issuer.issuer,
+                    "jwks_uri": shown(issuer.jwks_uri),
+                    "trigger": trigger,
+                    "error": reason,
+                    "keys_kept": len(state.keys),
+                },
             )
             return False
         _log_skipped(issuer, parsed.skipped)
@@ -382,8 +399,13 @@ class JwksCache:
         if added or removed or trigger != "periodic":
             log.info(
                 "jwks loaded",
-                extra={"issuer": issuer.issuer, "trigger": trigger, "keys": len(keys),
-                       "added": sorted(added), "removed": sorted(removed)},
+                extra={
+                    "issuer": issuer.issuer,
+                    "trigger": trigger,
+                    "keys": len(keys),
+                    "added": sorted(added),
+                    "removed": sorted(removed),
+                },
             )
         return True
 

@@ -2,7 +2,8 @@
 
 Gauges name a ``multiprocess_mode`` for ``--workers N`` (prometheus-client multiprocess mode, one
 view over all workers): ``livemin`` where the worst worker matters (ready, keys, key age),
-``livesum`` for totals (token cache), ``livemax`` for the policy serving and the build info.
+``livesum`` for totals (token cache), ``livemax`` for the policy serving, a refused policy file (any
+worker refusing it) and the build info.
 
 No ``*_created`` series: each counter and histogram would carry one more series holding its
 creation time, which nothing here reads (Prometheus ignores it unless created-timestamp ingestion
@@ -36,8 +37,24 @@ PREFIX = "authz"
 # seconds, and Envoy gives up on a Check after 4 s (envoy/envoy.yaml); 2.5 and 5 s tell a slow
 # answer from one Envoy no longer waited for.
 LATENCY_BUCKETS = (
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
 )
 
 
@@ -88,7 +105,9 @@ class Metrics:
             registry=registry,
         )
         self.policy_routes = Gauge(
-            f"{PREFIX}_policy_routes", "Routes in the policy currently serving.", multiprocess_mode="livemax",
+            f"{PREFIX}_policy_routes",
+            "Routes in the policy currently serving.",
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.policy_generation = Gauge(
@@ -104,6 +123,16 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=registry,
         )
+        # Named *_state in Python: ``policy_file_refused`` is the method that sets it.
+        self.policy_file_refused_state = Gauge(
+            f"{PREFIX}_policy_file_refused",
+            "1 while the policy file on disk is refused (the previous policy keeps serving; a process "
+            "starting now would not start), with the refused content's sha256 (empty: unreadable); else 0.",
+            ["sha256"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self.policy_file_refused_state.labels("").set(0)  # exists at 0 from start-up
         self.ready = Gauge(
             f"{PREFIX}_ready",
             "1 when a policy is loaded and every issuer has signing keys, else 0.",
@@ -185,12 +214,16 @@ class Metrics:
         self.policy_reloads.labels("ok").inc()
         self.policy_routes.set(routes)
         self.policy_generation.inc()
-        for labels in list(self.policy_info._metrics):  # noqa: SLF001
-            # With --workers the samples live in files that clear() cannot reach: zero them first.
-            self.policy_info.labels(*labels).set(0)
-        with _multiprocess_caveat_known():
-            self.policy_info.clear()
-        self.policy_info.labels(sha256).set(1)
+        _only(self.policy_info, sha256, 1)
+
+    def policy_file_refused(self, sha256: str | None) -> None:
+        """The file at the policy path is refused now (``sha256`` of its content; None: unreadable)."""
+        _only(self.policy_file_refused_state, sha256 or "", 1)
+
+    def policy_file_accepted(self) -> None:
+        """The file at the policy path is the policy serving (a good file loaded, or the one in force
+        put back): nothing is refused any more."""
+        _only(self.policy_file_refused_state, "", 0)
 
 
 def build_labels() -> tuple[str, str, str]:
@@ -282,6 +315,19 @@ class _FlushBeforeCollect(Collector):
         if per_check is not None:
             per_check.flush()
         return []
+
+
+def _only(gauge: Gauge, label: str, value: float) -> None:
+    """Make ``gauge{label}`` = ``value`` its one series (the others removed).
+
+    With --workers the samples live in files that clear() cannot reach: the others are zeroed first,
+    so the parent's view keeps them at 0 (queries and alerts select the value, never the mere series).
+    """
+    for labels in list(gauge._metrics):  # noqa: SLF001
+        gauge.labels(*labels).set(0)
+    with _multiprocess_caveat_known():
+        gauge.clear()
+    gauge.labels(label).set(value)
 
 
 def _remove(metric: Counter | Gauge, *labels: str) -> None:

@@ -31,23 +31,20 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .claims import SCOPE_TOKEN
+from .cognito import POOL_ID, REGION
 from .conditions import ClaimCondition, Conditions, parse_claim_conditions
 from .urls import shown
-from .yamlfile import Places, Where, YamlError, load_strict_yaml, place, where_text
+from .yamlfile import Where, YamlValidator, kind, place
 
 # RFC 3986 pchar without percent-encoding: what a literal policy segment may contain.
 _LITERAL_SEGMENT = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@]+\Z")
 _PARAM_SEGMENT = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
 _METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*\Z")  # RFC 9110 token, upper case as HTTP methods are written
 _SCOPE = re.compile(rf"^{SCOPE_TOKEN}\Z")
-_REGION = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d+\Z")
-_POOL_ID = re.compile(r"^(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)_[0-9A-Za-z]+\Z")
 # Emulators name pools differently (cognito-local: local_Abc123); accepted with an explicit issuer.
 _ANY_POOL_ID = re.compile(r"^[A-Za-z0-9-]{1,50}_[0-9A-Za-z]+\Z")
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/ {}*-]{0,99}\Z")
 _CLIENT_ID = re.compile(r"^[\x21-\x7E]{1,128}\Z")
-
-
 
 
 class PolicyError(ValueError):
@@ -125,7 +122,7 @@ LINT_CODES = {
     "public-hole": "this public route is more specific than a protected route it carves a hole in",
     "public-catch-all": "this public route's pattern covers protected routes' paths",
     "case-variant": "this public route takes case variants of protected routes' paths (a case-insensitive "
-                    "router serves them with the protected handler)",
+    "router serves them with the protected handler)",
 }
 
 
@@ -149,6 +146,12 @@ class Route:
     all_scopes_text: str = field(default="", compare=False)
     # The scopes and conditions compiled for decide(); None when the route has only (any-of) scopes.
     conditions: Conditions | None = field(default=None, compare=False)
+
+    @property
+    def requirements(self) -> Conditions:
+        """What a verified token must meet on this route, as ``Conditions`` (for tools: a
+        scopes-only route has no ``conditions``, and decide() checks its scopes directly)."""
+        return self.conditions or Conditions(self.scopes, frozenset(), None, ())
 
     def takes(self, method: str) -> bool:
         """Whether this route's methods include ``method`` (GET implies HEAD; see the module doc)."""
@@ -189,7 +192,11 @@ class Policy:
         for part in parts:
             if part is REST:
                 break
-            node = node.param if part is PARAM else node.literals[self.fold(part)]  # type: ignore[assignment,arg-type,index]
+            if isinstance(part, str):
+                node = node.literals[self.fold(part)]
+            else:  # PARAM: compiled from this very route, so the trie has it
+                assert node.param is not None
+                node = node.param
         endpoint = node.rest if parts and parts[-1] is REST else node.exact
         return frozenset(method for method, owner in endpoint.by_method.items() if owner is route)
 
@@ -218,11 +225,21 @@ class Policy:
         if self.path_case is PathCase.INSENSITIVE:
             return self
         trie = _compile(self.routes, _Context(self.source), fold=True)
-        return _CaseInsensitivePolicy(self.source, self.sha256, self.issuers, self.routes, self.issuers_by_iss, trie,
-                                      self.version, self.claim_names, PathCase.INSENSITIVE)
+        return _CaseInsensitivePolicy(
+            self.source,
+            self.sha256,
+            self.issuers,
+            self.routes,
+            self.issuers_by_iss,
+            trie,
+            self.version,
+            self.claim_names,
+            PathCase.INSENSITIVE,
+        )
 
-    def representative_paths(self, limit: int = 100_000, *, folded: Policy | None = None
-                             ) -> list[tuple[str, ...]] | None:
+    def representative_paths(
+        self, limit: int = 100_000, *, folded: Policy | None = None
+    ) -> list[tuple[str, ...]] | None:
         """One request path per class of paths the matcher cannot tell apart (None over ``limit``).
 
         Why: lints ("this route can never match") must be exact, not guessed. ``match`` only
@@ -258,13 +275,15 @@ class Policy:
                         segments.append(spelling)
             params = [[n.param for n in nodes if n.param is not None] for nodes in alive]
             for segment in (*segments, OTHER_SEGMENT):
-                nxt = tuple([n.literals[key] for n in nodes if (key := policy.fold(segment)) in n.literals] + ps
-                            for policy, nodes, ps in zip(tries, alive, params))
+                nxt = tuple(
+                    [n.literals[key] for n in nodes if (key := policy.fold(segment)) in n.literals] + ps
+                    for policy, nodes, ps in zip(tries, alive, params, strict=True)
+                )
                 if not walk((*prefix, segment), nxt):
                     return False
             return True
 
-        return out if walk((), tuple([p._trie] for p in tries)) else None
+        return out if walk((), tuple([p._trie] for p in tries)) else None  # noqa: SLF001 - Policy's own
 
     def fold(self, segment: str) -> str:
         """A request segment as this policy's trie keys spell literals (lower case when insensitive)."""
@@ -306,7 +325,7 @@ OTHER_SEGMENT = "%7Bother%7D"
 class _Node:
     """Trie node. ``exact`` holds routes ending here; ``rest`` holds routes ending in ``/**``."""
 
-    __slots__ = ("literals", "param", "exact", "rest")
+    __slots__ = ("exact", "literals", "param", "rest")
 
     def __init__(self) -> None:
         self.literals: dict[str, _Node] = {}
@@ -318,7 +337,7 @@ class _Node:
 class _Endpoint:
     """Routes ending at one trie position: per explicit method first, then the any-method route."""
 
-    __slots__ = ("by_method", "any_method")
+    __slots__ = ("any_method", "by_method")
 
     def __init__(self) -> None:
         self.by_method: dict[str, Route] = {}
@@ -352,14 +371,26 @@ _TOP_KEYS = {"version", "issuers", "routes", "mode", "path_case"}
 # (new keys, or old keys with a new meaning) must be refused by an older service, not half-read.
 POLICY_VERSIONS = (1,)
 _ISSUER_KEYS = {"user_pool_id", "region", "issuer", "jwks_uri", "client_ids", "issuer_format", "replica_regions"}
-_ROUTE_KEYS = {"name", "methods", "path", "scopes", "public", "mode", "acknowledge", "all_scopes", "client_ids",
-               "claims"}
+_ROUTE_KEYS = {
+    "name",
+    "methods",
+    "path",
+    "scopes",
+    "public",
+    "mode",
+    "acknowledge",
+    "all_scopes",
+    "client_ids",
+    "claims",
+}
 
 
 # A policy is a few KB; anything near this is a mistake (or /dev/zero), not a policy.
 POLICY_MAX_BYTES = 1024 * 1024
-_REGULAR_FILE_FIX = ("point the policy path at a regular file (a ConfigMap mounted as a directory, or a file "
-                     "written elsewhere and renamed into place)")
+_REGULAR_FILE_FIX = (
+    "point the policy path at a regular file (a ConfigMap mounted as a directory, or a file "
+    "written elsewhere and renamed into place)"
+)
 
 
 def read_policy_file(path: Path | str) -> bytes:
@@ -412,13 +443,20 @@ def read_policy_stream(stream: BinaryIO, source: str) -> bytes:
 
 
 def _too_large(path: Path | str, size: str) -> PolicyError:
-    return PolicyError(f"{path}: {size} is larger than a policy file may be ({POLICY_MAX_BYTES} bytes, 1 MiB); "
-                       "check that the path names the policy file (a policy is a few KB)")
+    return PolicyError(
+        f"{path}: {size} is larger than a policy file may be ({POLICY_MAX_BYTES} bytes, 1 MiB); "
+        "check that the path names the policy file (a policy is a few KB)"
+    )
 
 
 def _file_kind(mode: int) -> str:
-    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
     return next((name for test, name in kinds if test(mode)), "not a file")
 
 
@@ -445,17 +483,10 @@ def check_policy(data: bytes | str, source: str = "<policy>") -> tuple[Policy | 
     """
     raw = data.encode() if isinstance(data, str) else data
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return None, [PolicyError(f"{source}: not UTF-8 text (byte {exc.start}); save the file as UTF-8")]
-    try:
-        doc = load_strict_yaml(text, source)
-    except YamlError as exc:
-        if exc.line is None:
-            return None, [PolicyError(str(exc))]
-        message = f"{source}:{exc.line}:{exc.column}: not valid YAML: {exc.problem}"
-        return None, [PolicyError(message, line=exc.line, column=exc.column)]
-    ctx = _Context(source, text)
+        ctx = _Context.from_bytes(raw, source)
+        doc = ctx.document()
+    except PolicyError as exc:  # not UTF-8, not YAML: nothing else can be checked
+        return None, [exc]
     try:
         policy = ctx.policy(doc, raw)
     except PolicyError as exc:  # a top-level problem: nothing else can be checked
@@ -465,28 +496,30 @@ def check_policy(data: bytes | str, source: str = "<policy>") -> tuple[Policy | 
     return (policy if not ctx.errors else None), ctx.errors
 
 
-def _kind(value: object) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(
-        type(value), type(value).__name__
-    )
-
-
-class _Context:
-    """Validation helpers that know the file (name and text), so every message can name the line."""
+class _Context(YamlValidator):
+    """Validation helpers that know the file (name and text), so every message can name the line;
+    every error is collected (``errors``), so ``validate`` can report them all."""
 
     def __init__(self, source: str, text: str = "") -> None:
-        self.source = source
+        super().__init__(source, text)
         self.errors: list[PolicyError] = []
-        self._places = Places(source, text)
 
-    def position(self, where: Where, key: str | None = None) -> tuple[int | None, int | None]:
-        """(line, column) of ``where``; with ``key``, of that mapping key (unknown keys)."""
-        return self._places.position((*where, key) if key is not None else where, at_key=key is not None)
+    @classmethod
+    def error(cls, message: str, where: Where = (), line: int | None = None, column: int | None = None) -> PolicyError:
+        return PolicyError(message, where, line, column)
 
-    def fail(self, where: Where, problem: str, key: str | None = None) -> PolicyError:
-        """The error at ``where``, its message prefixed with file:line:column."""
-        line, column = self.position(where, key)
-        return PolicyError(f"{place(self.source, line, column)}: {where_text(where)}: {problem}", where, line, column)
+    @classmethod
+    def from_bytes(cls, raw: bytes, source: str) -> _Context:
+        ctx = super().from_bytes(raw, source)
+        assert isinstance(ctx, _Context)
+        return ctx
+
+    def fail(
+        self, where: Where, problem: str, fix: str | None = None, *, at: Where | None = None, at_key: bool = False
+    ) -> PolicyError:
+        error = super().fail(where, problem, fix, at=at, at_key=at_key)
+        assert isinstance(error, PolicyError)
+        return error
 
     def collect(self, build: Any, *args: Any) -> Any:
         """Run one item's checks; record its error and return None so the next item is checked too."""
@@ -498,7 +531,7 @@ class _Context:
 
     def policy(self, doc: object, raw: bytes) -> Policy | None:
         if not isinstance(doc, dict):
-            raise self.fail((), f"the policy must be a mapping with 'issuers' and 'routes', got {_kind(doc)}")
+            raise self.fail((), f"the policy must be a mapping with 'issuers' and 'routes', got {kind(doc)}")
         version = self.version(doc.get("version", 1))  # first: a later format's keys are not ours to judge
         self.check_keys(doc, _TOP_KEYS, ())
         default_mode = self.mode(doc.get("mode", "enforce"), ("mode",))
@@ -509,14 +542,16 @@ class _Context:
         by_iss: dict[str, Issuer] = {}
         for issuer in issuers:
             if issuer.issuer in by_iss:
-                self.errors.append(self.fail(
-                    ("issuers", issuer.block), f"issuer {issuer.issuer!r} is listed twice; keep one entry"))
+                self.errors.append(
+                    self.fail(("issuers", issuer.block), f"issuer {issuer.issuer!r} is listed twice; keep one entry")
+                )
             by_iss[issuer.issuer] = issuer
         route_items = self.collect(self.nonempty_list, doc, "routes", ()) or []
         routes = [self.collect(self.route, item, i, default_mode) for i, item in enumerate(route_items)]
         good_routes = tuple(r for r in routes if r is not None)
-        self.unique_names(good_routes, {i for i, item in enumerate(route_items) if isinstance(item, dict)
-                                        and "name" in item})
+        self.unique_names(
+            good_routes, {i for i, item in enumerate(route_items) if isinstance(item, dict) and "name" in item}
+        )
         fold = path_case is PathCase.INSENSITIVE
         trie = _compile(good_routes, self, fold=fold)
         if self.errors:
@@ -537,16 +572,22 @@ class _Context:
         try:
             return PathCase(value)
         except ValueError:
-            raise self.fail(("path_case",), f"must be 'sensitive' (the default: the app's router tells /Admin "
-                                            f"from /admin) or 'insensitive' (it does not), got {value!r}") from None
+            raise self.fail(
+                ("path_case",),
+                f"must be 'sensitive' (the default: the app's router tells /Admin "
+                f"from /admin) or 'insensitive' (it does not), got {value!r}",
+            ) from None
 
     def version(self, value: object) -> int:
         # JSON numbers: 1.0 is 1 (as the schema sees it); true is not a number.
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value in POLICY_VERSIONS:
             return int(value)
         known = ", ".join(str(v) for v in POLICY_VERSIONS)
-        raise self.fail(("version",), f"{value!r} is not a policy format this authz-service reads (it reads "
-                        f"version {known}); write 'version: 1' (or leave it out), or upgrade authz-service")
+        raise self.fail(
+            ("version",),
+            f"{value!r} is not a policy format this authz-service reads (it reads "
+            f"version {known}); write 'version: 1' (or leave it out), or upgrade authz-service",
+        )
 
     def unique_names(self, routes: Iterable[Route], named: set[int]) -> None:
         """Two routes with one name would share their metric series (route label) and log lines.
@@ -558,25 +599,32 @@ class _Context:
             first = first_by_name.setdefault(route.name, route)
             if first is route or (route.index not in named and first.index not in named):
                 continue
-            first_place = place(self.source, *self.position(("routes", first.index, "name")))
-            self.errors.append(self.fail(
-                ("routes", route.index, "name"),
-                f"{route.name!r} is also the name of routes[{first.index}] ({first_place}); route names label the "
-                "metrics (route=...), so both would be counted as one: give each route its own name"))
+            first_place = place(self.source, *self.places.position(("routes", first.index, "name")))
+            self.errors.append(
+                self.fail(
+                    ("routes", route.index, "name"),
+                    f"{route.name!r} is also the name of routes[{first.index}] ({first_place}); route names label the "
+                    "metrics (route=...), so both would be counted as one: give each route its own name",
+                )
+            )
 
     def check_keys(self, item: dict[str, Any], allowed: set[str], where: Where) -> None:
         for key in item:
             if key not in allowed:
                 hint = ", ".join(sorted(allowed))
-                raise self.fail(where, f"unknown key {key!r}; allowed keys: {hint}",
-                                key=key if isinstance(key, str) else None)
+                raise self.fail(
+                    where,
+                    f"unknown key {key!r}; allowed keys: {hint}",
+                    at=(*where, key) if isinstance(key, str) else None,
+                    at_key=isinstance(key, str),
+                )
 
     def nonempty_list(self, item: dict[str, Any], key: str, where: Where) -> list[Any]:
         if key not in item:
             raise self.fail(where, f"missing required key {key!r}")
         value = item[key]
         if not isinstance(value, list) or not value:
-            got = "an empty list" if value == [] else _kind(value)
+            got = "an empty list" if value == [] else kind(value)
             raise self.fail((*where, key), f"must be a non-empty list, got {got}")
         return value
 
@@ -587,7 +635,7 @@ class _Context:
             return None
         value = item[key]
         if not isinstance(value, str) or not value.strip():
-            raise self.fail((*where, key), f"must be a non-empty string, got {_kind(value)}")
+            raise self.fail((*where, key), f"must be a non-empty string, got {kind(value)}")
         return value
 
     def string_list(self, item: dict[str, Any], key: str, where: Where) -> list[str] | None:
@@ -597,12 +645,11 @@ class _Context:
         if isinstance(value, str):
             raise self.fail((*where, key), f"must be a list, e.g. [{value}], not a single string")
         if not isinstance(value, list) or not value:
-            raise self.fail((*where, key), f"must be a non-empty list, got {_kind(value)}")
+            raise self.fail((*where, key), f"must be a non-empty list, got {kind(value)}")
         for j, entry in enumerate(value):
             if not isinstance(entry, str) or not entry:
-                raise self.fail((*where, key, j), f"must be a non-empty string, got {_kind(entry)}")
+                raise self.fail((*where, key, j), f"must be a non-empty string, got {kind(entry)}")
         return value
-
 
     def client_ids(self, item: dict[str, Any], where: Where) -> frozenset[str] | None:
         """An issuer's or a route's ``client_ids`` allow-list (None: any app client)."""
@@ -613,6 +660,7 @@ class _Context:
             if not _CLIENT_ID.match(cid):
                 raise self.fail((*where, "client_ids", j), f"{cid!r} is not an app client id")
         return frozenset(client_ids)
+
     def mode(self, value: object, where: Where) -> Mode:
         try:
             return Mode(value)
@@ -623,19 +671,21 @@ class _Context:
         """One ``issuers`` entry: the Issuer of its primary region, then one per replica region."""
         where: Where = ("issuers", i)
         if not isinstance(item, dict):
-            raise self.fail(where, f"must be a mapping with user_pool_id, got {_kind(item)}")
+            raise self.fail(where, f"must be a mapping with user_pool_id, got {kind(item)}")
         self.check_keys(item, _ISSUER_KEYS, where)
         pool = self.string(item, "user_pool_id", where, required=True)
         assert pool is not None
-        m = _POOL_ID.match(pool)
+        m = POOL_ID.match(pool)
         if m is None and not ("issuer" in item and _ANY_POOL_ID.match(pool)):
-            raise self.fail((*where, "user_pool_id"),
+            raise self.fail(
+                (*where, "user_pool_id"),
                 f"{pool!r} is not a Cognito user pool id (expected <region>_<id>, e.g. us-east-1_Abc123; "
                 "an emulator's pool such as local_Abc123 also needs an explicit issuer)",
             )
         region = self.string(item, "region", where) or (m["region"] if m else "")
         if m is not None and region != m["region"]:
-            raise self.fail((*where, "region"), f"{region!r} does not match the pool id's region {m['region']!r}; remove region"
+            raise self.fail(
+                (*where, "region"), f"{region!r} does not match the pool id's region {m['region']!r}; remove region"
             )
         issuer_format, replicas = self.issuer_format(item, where, region)
         explicit = self.string(item, "issuer", where)
@@ -643,8 +693,11 @@ class _Context:
         if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?\Z", issuer):
             raise self.fail((*where, "issuer"), f"{shown(issuer)!r} is not an http(s) URL")
         if "@" in issuer.split("/")[2]:
-            raise self.fail((*where, "issuer"), f"{shown(issuer)!r}: an issuer URL carries no credentials (the "
-                            "token's iss is compared as written); put those the JWKS needs in jwks_uri")
+            raise self.fail(
+                (*where, "issuer"),
+                f"{shown(issuer)!r}: an issuer URL carries no credentials (the "
+                "token's iss is compared as written); put those the JWKS needs in jwks_uri",
+            )
         jwks_override = self.string(item, "jwks_uri", where)
         if jwks_override is not None and not re.match(r"^https?://[^\s/?#]+(/\S*)?\Z", jwks_override):
             raise self.fail((*where, "jwks_uri"), f"{shown(jwks_override)!r} is not an http(s) URL")
@@ -652,9 +705,19 @@ class _Context:
         fmt = None if explicit else issuer_format
         accepted = [(region, issuer, False)]
         accepted += [(r, cognito_issuer(issuer_format, r, pool), True) for r in replicas]
-        return [Issuer(user_pool_id=pool, region=r, issuer=iss, jwks_uri=jwks_override or f"{iss}/.well-known/jwks.json",
-                       client_ids=allowed, format=fmt, replica=replica, block=i)
-                for r, iss, replica in accepted]
+        return [
+            Issuer(
+                user_pool_id=pool,
+                region=r,
+                issuer=iss,
+                jwks_uri=jwks_override or f"{iss}/.well-known/jwks.json",
+                client_ids=allowed,
+                format=fmt,
+                replica=replica,
+                block=i,
+            )
+            for r, iss, replica in accepted
+        ]
 
     def issuer_format(self, item: dict[str, Any], where: Where, primary: str) -> tuple[IssuerFormat, list[str]]:
         """``issuer_format`` (default original) and ``replica_regions`` of an issuers entry."""
@@ -662,22 +725,30 @@ class _Context:
         try:
             issuer_format = IssuerFormat(raw)
         except ValueError:
-            raise self.fail((*where, "issuer_format"), f"must be 'original' (cognito-idp.<region>) or 'updated' "
-                                                       f"(issuer-cognito-idp.<region>), got {raw!r}") from None
+            raise self.fail(
+                (*where, "issuer_format"),
+                f"must be 'original' (cognito-idp.<region>) or 'updated' (issuer-cognito-idp.<region>), got {raw!r}",
+            ) from None
         replicas = self.string_list(item, "replica_regions", where) or []
         for key in ("issuer_format", "replica_regions"):
             if key in item and "issuer" in item:
-                raise self.fail((*where, key), f"'{key}' derives the issuer URL, which the explicit 'issuer' fixes; "
-                                               "remove one of them")
+                raise self.fail(
+                    (*where, key),
+                    f"'{key}' derives the issuer URL, which the explicit 'issuer' fixes; remove one of them",
+                )
         if "replica_regions" in item and issuer_format is not IssuerFormat.UPDATED:
-            raise self.fail((*where, "replica_regions"), "a multi-Region user pool needs the updated issuer; "
-                                                         "add 'issuer_format: updated'")
+            raise self.fail(
+                (*where, "replica_regions"),
+                "a multi-Region user pool needs the updated issuer; add 'issuer_format: updated'",
+            )
         for j, region in enumerate(replicas):
-            if not _REGION.match(region):
+            if not REGION.match(region):
                 raise self.fail((*where, "replica_regions", j), f"{region!r} is not an AWS region (e.g. eu-west-1)")
             if region == primary:
-                raise self.fail((*where, "replica_regions", j), f"{region!r} is the pool's primary region; "
-                                                                "list only the replica regions")
+                raise self.fail(
+                    (*where, "replica_regions", j),
+                    f"{region!r} is the pool's primary region; list only the replica regions",
+                )
             if region in replicas[:j]:
                 raise self.fail((*where, "replica_regions", j), f"{region!r} is listed twice")
         return issuer_format, replicas
@@ -685,7 +756,7 @@ class _Context:
     def route(self, item: object, i: int, default_mode: Mode) -> Route:
         where: Where = ("routes", i)
         if not isinstance(item, dict):
-            raise self.fail(where, f"must be a mapping with path and scopes, got {_kind(item)}")
+            raise self.fail(where, f"must be a mapping with path and scopes, got {kind(item)}")
         self.check_keys(item, _ROUTE_KEYS, where)
         path = self.string(item, "path", where, required=True)
         assert path is not None
@@ -703,22 +774,31 @@ class _Context:
             raise self.fail((*where, "public"), f"must be true or false, got {public!r}")
         requirements = [key for key in ("scopes", "all_scopes", "client_ids", "claims") if key in item]
         if public and requirements:
-            raise self.fail(where, f"a public route takes no {', '.join(requirements)}; remove "
-                                   f"{'it' if len(requirements) == 1 else 'them'} or 'public: true'")
+            raise self.fail(
+                where,
+                f"a public route takes no {', '.join(requirements)}; remove "
+                f"{'it' if len(requirements) == 1 else 'them'} or 'public: true'",
+            )
         scopes = self.string_list(item, "scopes", where)
         all_scopes = self.string_list(item, "all_scopes", where)
         if not public and scopes is None and all_scopes is None:
-            raise self.fail(where, "missing 'scopes' (the token must hold one of them), 'all_scopes' (all of "
-                                   "them) or 'public: true'")
+            raise self.fail(
+                where,
+                "missing 'scopes' (the token must hold one of them), 'all_scopes' (all of them) or 'public: true'",
+            )
         for key, listed in (("scopes", scopes), ("all_scopes", all_scopes)):
             for j, scope in enumerate(listed or ()):
                 if not _SCOPE.match(scope):
-                    raise self.fail((*where, key, j),
+                    raise self.fail(
+                        (*where, key, j),
                         f"{scope!r} is not a valid OAuth scope (no spaces, quotes or backslashes)",
                     )
         allowed = self.client_ids(item, where)
-        claims = (parse_claim_conditions(item["claims"], lambda at, problem: self.fail((*where, "claims", *at), problem))
-                  if "claims" in item else ())
+        claims = (
+            parse_claim_conditions(item["claims"], lambda at, problem: self.fail((*where, "claims", *at), problem))
+            if "claims" in item
+            else ()
+        )
         name = self.string(item, "name", where)
         if name is not None and not _ROUTE_NAME.match(name):
             raise self.fail((*where, "name"), f"{name!r}: use letters, digits and -_.:/ (at most 100)")
@@ -728,12 +808,15 @@ class _Context:
         acknowledge = self.string_list(item, "acknowledge", where) or []
         for j, code in enumerate(acknowledge):
             if code not in LINT_CODES:
-                raise self.fail((*where, "acknowledge", j),
-                                f"{code!r} is not a lint warning code; known: {', '.join(sorted(LINT_CODES))}")
+                raise self.fail(
+                    (*where, "acknowledge", j),
+                    f"{code!r} is not a lint warning code; known: {', '.join(sorted(LINT_CODES))}",
+                )
         any_scopes = frozenset(scopes or ())
         required = frozenset(all_scopes or ())
-        conditions = (Conditions(any_scopes, required, allowed, claims)
-                      if required or allowed is not None or claims else None)
+        conditions = (
+            Conditions(any_scopes, required, allowed, claims) if required or allowed is not None or claims else None
+        )
         return Route(
             name=name,
             path=path,
@@ -810,16 +893,22 @@ def _parse_pattern(path: str, fail: Any) -> list[object]:
             out.append(_PARAM)
             continue
         if part == "" and k == len(parts) - 1:
-            raise fail(f"{path!r}: a pattern cannot end in '/': write {path.rstrip('/')!r}, whose route a request "
-                       f"for {path!r} must meet too (see 'Trailing slashes' in the policy reference)")
+            raise fail(
+                f"{path!r}: a pattern cannot end in '/': write {path.rstrip('/')!r}, whose route a request "
+                f"for {path!r} must meet too (see 'Trailing slashes' in the policy reference)"
+            )
         if part == "":
             raise fail(f"{path!r}: empty segment ('//'); remove it")
         if part in (".", ".."):
             raise fail(f"{path!r}: '.' and '..' segments are not allowed")
         if "{" in part or "}" in part or "*" in part:
-            raise fail(f"{path!r}: segment {part!r}: a parameter must be a whole segment like {{id}}; '*' only as '/**'")
+            raise fail(
+                f"{path!r}: segment {part!r}: a parameter must be a whole segment like {{id}}; '*' only as '/**'"
+            )
         if not _LITERAL_SEGMENT.match(part):
-            raise fail(f"{path!r}: segment {part!r} has characters that are not allowed (percent-encoding, spaces, ';' ...)")
+            raise fail(
+                f"{path!r}: segment {part!r} has characters that are not allowed (percent-encoding, spaces, ';' ...)"
+            )
         out.append(part)
     return out
 
@@ -876,11 +965,13 @@ def _imply_head(node: _Node) -> None:
 
 def _conflict(ctx: _Context, first: Route, second: Route) -> PolicyError:
     where: Where = ("routes", second.index, "path")
-    line, column = ctx.position(where)
+    line, column = ctx.places.position(where)
     return PolicyError(
         f"{place(ctx.source, line, column)}: routes[{second.index}] ({second.path}) conflicts with "
         f"routes[{first.index}] ({first.path}): both match the same requests with equal specificity"
         f"{' (path_case is insensitive)' if first.path != second.path else ''}; "
         "merge them or make their methods disjoint",
-        where, line, column,
+        where,
+        line,
+        column,
     )

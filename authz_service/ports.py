@@ -55,7 +55,8 @@ class Listener:
         """
         try:  # a name (localhost) or an address of either family, as the server would resolve it
             family, kind, proto, _, address = socket.getaddrinfo(
-                host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+                host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
         except OSError as exc:
             raise self.error(host, port, exc) from None
         sock = socket.socket(family, kind, proto)

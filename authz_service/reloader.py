@@ -18,13 +18,18 @@ when it is complete. How we know depends on the watch mode (``--policy-watch``):
   longer than that mid-file can have its prefix loaded: the weaker mode, logged as such at start-up.
 
 SIGHUP reloads at once. A file that fails to load is logged and counted, and the previous policy
-keeps serving.
+keeps serving. While the file at the path is refused, ``authz_policy_file_refused`` says so (with the
+refused content's sha256): the serving policy is fine, but a process started now would not start,
+so the state, not the one failed load, is what needs fixing. It ends when a good file loads or the
+file is put back to the policy in force.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import hashlib
 import logging
 import os
 import stat
@@ -32,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .metrics import Metrics
-from .policy import Policy, PolicyError, load_policy_file
+from .policy import Policy, PolicyError, load_policy_file, read_policy_file
 from .tracing import NO_TRACING, NoTracing, Recorder
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,14 @@ def _signature(path: Path) -> tuple[int, int, int, int] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _content_sha256(path: Path) -> str | None:
+    """sha256 of a refused file's content, read as a load reads it; None when it cannot be read."""
+    try:
+        return hashlib.sha256(read_policy_file(path)).hexdigest()
+    except PolicyError:
+        return None
 
 
 class InotifyUnavailable(OSError):
@@ -67,16 +80,36 @@ class _Inotify:
         except ImportError as exc:  # not installed (the dependency is Linux-only)
             raise InotifyUnavailable(f"the inotify_simple package is not available ({exc})") from None
         self._flags = flags
-        self._dir_mask = (flags.CREATE | flags.DELETE | flags.MOVED_TO | flags.MOVED_FROM | flags.ATTRIB
-                          | flags.MODIFY | flags.CLOSE_WRITE | flags.DELETE_SELF | flags.MOVE_SELF)
+        self._dir_mask = (
+            flags.CREATE
+            | flags.DELETE
+            | flags.MOVED_TO
+            | flags.MOVED_FROM
+            | flags.ATTRIB
+            | flags.MODIFY
+            | flags.CLOSE_WRITE
+            | flags.DELETE_SELF
+            | flags.MOVE_SELF
+        )
         self._file_mask = flags.MODIFY | flags.CLOSE_WRITE | flags.ATTRIB | flags.DELETE_SELF | flags.MOVE_SELF
-        self._structure = (flags.CREATE | flags.DELETE | flags.MOVED_TO | flags.MOVED_FROM | flags.DELETE_SELF
-                           | flags.MOVE_SELF | flags.IGNORED | flags.UNMOUNT)
+        self._structure = (
+            flags.CREATE
+            | flags.DELETE
+            | flags.MOVED_TO
+            | flags.MOVED_FROM
+            | flags.DELETE_SELF
+            | flags.MOVE_SELF
+            | flags.IGNORED
+            | flags.UNMOUNT
+        )
         try:
             self._inotify = INotify(nonblocking=True)
         except (OSError, AttributeError) as exc:  # AttributeError: a libc without inotify_init1
-            reason = "the inotify instance limit (fs.inotify.max_user_instances) is reached" \
-                if getattr(exc, "errno", None) == errno.EMFILE else f"{type(exc).__name__}: {exc}"
+            reason = (
+                "the inotify instance limit (fs.inotify.max_user_instances) is reached"
+                if getattr(exc, "errno", None) == errno.EMFILE
+                else f"{type(exc).__name__}: {exc}"
+            )
             raise InotifyUnavailable(reason) from None
         self.path = Path(os.path.abspath(path))
         self._names: dict[int, set[str]] = {}  # wd -> names of interest in it ("" = the watched file itself)
@@ -108,8 +141,9 @@ class _Inotify:
                 if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.ELOOP):
                     return  # gone or unreachable: the directory watch sees it come back
                 if exc.errno == errno.ENOSPC:
-                    raise InotifyUnavailable("the inotify watch limit (fs.inotify.max_user_watches) is reached") \
-                        from None
+                    raise InotifyUnavailable(
+                        "the inotify watch limit (fs.inotify.max_user_watches) is reached"
+                    ) from None
                 raise InotifyUnavailable(f"cannot watch {where}: {exc.strerror or exc}") from None
             wanted.setdefault(wd, set()).add(name)
 
@@ -124,10 +158,8 @@ class _Inotify:
             add(target.parent, self._dir_mask, target.name)
             add(target, self._file_mask, "")
         for wd in set(self._names) - set(wanted):
-            try:
+            with contextlib.suppress(OSError):  # already gone (its inode was deleted)
                 self._inotify.rm_watch(wd)
-            except OSError:
-                pass  # already gone (its inode was deleted)
         self._names = wanted
         if identity != self._target:
             self.writing = None  # another file now: what a writer does to the old one no longer matters
@@ -194,6 +226,7 @@ class PolicyReloader:
         self._fallback_reason = "--policy-watch poll"
         self._told_writer: tuple[int, int] | None = None
         self.last_error: str | None = None
+        self.refused_sha256: str | None = None  # of the refused file at the path (None: none, or unreadable)
 
     @property
     def mode(self) -> str:
@@ -208,17 +241,21 @@ class PolicyReloader:
             self._inotify = _Inotify(self.path)
         except InotifyUnavailable as exc:
             if mode == "inotify":
-                raise InotifyUnavailable(f"--policy-watch inotify: cannot watch {self.path}: {exc}; fix that, or "
-                                         "use --policy-watch auto to fall back to polling") from None
+                raise InotifyUnavailable(
+                    f"--policy-watch inotify: cannot watch {self.path}: {exc}; fix that, or "
+                    "use --policy-watch auto to fall back to polling"
+                ) from None
             self._fallback_reason = f"inotify unavailable: {exc}"
 
     async def reload(self, reason: str) -> bool:
         """Load the file now (SIGHUP), unless its writer still has it open; True when a new policy serves."""
         self._absorb()
         if self._inotify is not None and self._inotify.writing is not None:
-            log.warning("policy reload deferred: the file is open for writing (modified, not closed yet); "
-                        "it loads when the writer closes it",
-                        extra={"reason": reason, "path": str(self.path), "serving_sha256": self.policy.sha256})
+            log.warning(
+                "policy reload deferred: the file is open for writing (modified, not closed yet); "
+                "it loads when the writer closes it",
+                extra={"reason": reason, "path": str(self.path), "serving_sha256": self.policy.sha256},
+            )
             return False
         return await self._load(reason)
 
@@ -242,17 +279,31 @@ class PolicyReloader:
                     return False
                 if not isinstance(exc, PolicyError):
                     exc = PolicyError(f"{self.path}: cannot load policy: {type(exc).__name__}")
+                refused = await asyncio.to_thread(_content_sha256, self.path)
+                if self._written_while_read(before):  # what was hashed may not be what was refused
+                    recorder.set("authz.policy.result", "reread")
+                    return False
                 recorder.set("authz.policy.result", "error")
                 recorder.error("policy refused; the previous policy keeps serving")
                 self.last_error = str(exc)
+                self.refused_sha256 = refused
                 self._metrics.policy_reloads.labels("error").inc()
-                log.error("policy reload failed; previous policy keeps serving",
-                          extra={"reason": reason, "error": str(exc), "serving_sha256": self.policy.sha256})
+                self._metrics.policy_file_refused(refused)
+                log.error(
+                    "policy reload failed; previous policy keeps serving",
+                    extra={
+                        "reason": reason,
+                        "error": str(exc),
+                        "serving_sha256": self.policy.sha256,
+                        "refused_sha256": refused,
+                    },
+                )
                 return False
             if self._written_while_read(before):
                 recorder.set("authz.policy.result", "reread")
                 return False
-            self.last_error = None
+            self.last_error = self.refused_sha256 = None
+            self._metrics.policy_file_accepted()
             if policy.sha256 == self.policy.sha256:
                 recorder.set("authz.policy.result", "unchanged")
                 return False
@@ -261,8 +312,15 @@ class PolicyReloader:
             self.policy = policy  # one reference swap: a Check sees the old or the new policy whole
             self._metrics.policy_loaded(len(policy.routes), policy.sha256)
             self._on_change(policy)
-            log.info("policy reloaded", extra={"reason": reason, "routes": len(policy.routes),
-                                               "issuers": len(policy.issuers), "sha256": policy.sha256})
+            log.info(
+                "policy reloaded",
+                extra={
+                    "reason": reason,
+                    "routes": len(policy.routes),
+                    "issuers": len(policy.issuers),
+                    "sha256": policy.sha256,
+                },
+            )
             return True
 
     def _written_while_read(self, before: tuple[int, int, int, int] | None) -> bool:
@@ -278,13 +336,17 @@ class PolicyReloader:
     async def watch(self, interval: float) -> None:
         """Follow the file forever (cancel to stop); ``interval`` is the poll or safety re-check period."""
         if self._inotify is not None:
-            log.info("policy file watched with inotify: a change loads once its writer has closed the file",
-                     extra={"path": str(self.path), "safety_recheck_seconds": interval})
+            log.info(
+                "policy file watched with inotify: a change loads once its writer has closed the file",
+                extra={"path": str(self.path), "safety_recheck_seconds": interval},
+            )
             await self._follow_events(interval)
-        log.warning("policy file watched by polling, the weaker mode: a writer that pauses mid-file for longer "
-                    "than the interval can have its partial file loaded; replace the file by a rename (as "
-                    "Kubernetes does) instead of rewriting it in place",
-                    extra={"path": str(self.path), "reason": self._fallback_reason, "interval_seconds": interval})
+        log.warning(
+            "policy file watched by polling, the weaker mode: a writer that pauses mid-file for longer "
+            "than the interval can have its partial file loaded; replace the file by a rename (as "
+            "Kubernetes does) instead of rewriting it in place",
+            extra={"path": str(self.path), "reason": self._fallback_reason, "interval_seconds": interval},
+        )
         while True:
             await asyncio.sleep(interval)
             await self.poll()
@@ -330,8 +392,9 @@ class PolicyReloader:
             return False
         writing = self._inotify.writing
         if writing is not None and writing != self._told_writer:
-            log.info("policy file is open for writing; it loads when the writer closes it",
-                     extra={"path": str(self.path)})
+            log.info(
+                "policy file is open for writing; it loads when the writer closes it", extra={"path": str(self.path)}
+            )
         self._told_writer = writing
         return content
 

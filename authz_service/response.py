@@ -68,7 +68,7 @@ class Answers:
         return self._allows(decision.reason, identity, spoofed)
 
     def _build_allow(self, reason: Reason, identity: tuple[str, str, str], spoofed: tuple[str, ...]) -> Answer:
-        headers = tuple((name, value) for name, value in zip(IDENTITY_HEADERS, identity) if value)
+        headers = tuple((name, value) for name, value in zip(IDENTITY_HEADERS, identity, strict=True) if value)
         set_names = {name for name, _ in headers}
         remove = [name for name in IDENTITY_HEADERS if name not in set_names]
         remove.extend(n for n in spoofed if n not in set_names and n not in remove)
@@ -90,8 +90,7 @@ class Answers:
             body["scope"] = scope
         if outcome.http_status == 503:
             headers.append(("retry-after", "5"))
-        return Answer(False, reason, outcome.http_status, tuple(headers),
-                      body=json.dumps(body, separators=(",", ":")))
+        return Answer(False, reason, outcome.http_status, tuple(headers), body=json.dumps(body, separators=(",", ":")))
 
     def _challenge(self, error: str | None, description: str, scope: str) -> str:
         parts = [f'realm="{self.realm}"']

@@ -1,8 +1,8 @@
-"""The running service: the front doors (ext_authz gRPC, optionally HTTP) and the admin server.
+"""The running service: the front doors (doors/: ext_authz gRPC, optionally HTTP) and the admin server.
 
 Every Check takes one path, ``check.Checker`` (parse -> decide -> answer -> render -> count ->
 log), whichever front door it came through. Everything here is lifecycle: start-up, readiness,
-policy reloads, JWKS refreshers and graceful shutdown.
+policy reloads, JWKS refreshers and graceful shutdown, the same for every door (``doors.enabled``).
 """
 
 from __future__ import annotations
@@ -16,19 +16,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import aiohttp
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client import gc_collector, platform_collector, process_collector
+from prometheus_client import CollectorRegistry, gc_collector, generate_latest, platform_collector, process_collector
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from ._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
-from . import __version__, ports
+from . import __version__, doors
 from .admin import AdminServer, CachedExposition
 from .check import Checker, TracedChecker
 from .config import Settings
-from .ext_authz_grpc import SERVICE_NAME, authorization_servicer
-from .ext_authz_http import HttpFrontDoor, Mismatch, door_status
+from .doors.base import DoorKind, FrontDoor, Wiring
 from .jwks import JwksCache, http_session
 from .metrics import Metrics
 from .policy import Policy, load_policy_file
@@ -58,7 +53,7 @@ class Service:
         self.settings = settings
         # A worker of `--workers N` (see workers.py): shares the front doors' ports (SO_REUSEPORT),
         # serves no admin HTTP (the parent does) and reports readiness through ``on_ready`` and the
-        # HTTP front door's refused mismatches through ``on_mismatch``.
+        # requests its doors refused as misconfigured through ``on_mismatch``.
         self.worker = worker
         self._on_ready = on_ready
         self._on_mismatch = on_mismatch
@@ -73,12 +68,10 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self.jwks: JwksCache | None = None
-        self._grpc: grpc.aio.Server | None = None
-        self._http_door: HttpFrontDoor | None = None
+        self._doors: list[tuple[DoorKind, FrontDoor]] = []  # the started ones, in start order
+        self.door_ports: dict[str, int] = {}  # by DoorKind.name: the bound port
         self._admin: AdminServer | None = None
         self.tracing: NoTracing = NO_TRACING
-        self.grpc_port: int | None = None
-        self.ext_authz_http_port: int | None = None
         self.http_port: int | None = None
 
     def ready(self) -> bool:
@@ -97,13 +90,17 @@ class Service:
             raise
         log.info(
             "authz-service started",
-            extra={"version": __version__, "grpc": f"{self.settings.grpc_host}:{self.grpc_port}",
-                   "ext_authz_http": (f"{self.settings.grpc_host}:{self.ext_authz_http_port}"
-                                      if self.ext_authz_http_port else None),
-                   "http": f"{self.settings.http_host}:{self.http_port}",
-                   "policy": str(self.settings.policy), "routes": len(policy.routes), "event_loop": loop_name(),
-                   "issuers": [i.issuer for i in policy.issuers], "ready": self.ready(),
-                   "tracing": describe(self.settings.tracing)},
+            extra={
+                "version": __version__,
+                **door_addresses(self.settings, self.door_ports),
+                "http": f"{self.settings.http_host}:{self.http_port}",
+                "policy": str(self.settings.policy),
+                "routes": len(policy.routes),
+                "event_loop": loop_name(),
+                "issuers": [i.issuer for i in policy.issuers],
+                "ready": self.ready(),
+                "tracing": describe(self.settings.tracing),
+            },
         )
 
     async def _start(self, policy: Policy) -> None:
@@ -112,46 +109,28 @@ class Service:
             self.tracing = Tracing(settings.tracing, __version__)
         self._session = http_session()
         self.token_cache = TokenCache(settings.token_cache_size, settings.token_cache_max_bytes, self.metrics)
-        self.jwks = JwksCache(settings.jwks, self.metrics, self._session, on_key_removed=self.token_cache.drop_key,
-                              tracing=self.tracing)
+        self.jwks = JwksCache(
+            settings.jwks, self.metrics, self._session, on_key_removed=self.token_cache.drop_key, tracing=self.tracing
+        )
         self.jwks.sync(policy.issuers)
-        self.reloader = PolicyReloader(settings.policy, policy, self.metrics, on_change=self._policy_changed,
-                                       tracing=self.tracing)
+        self.reloader = PolicyReloader(
+            settings.policy, policy, self.metrics, on_change=self._policy_changed, tracing=self.tracing
+        )
         self.reloader.open_watch(settings.policy_watch)  # --policy-watch inotify without inotify: OSError
         self.metrics.policy_loaded(len(policy.routes), policy.sha256)
         verifier = TokenVerifier(self.jwks, leeway=settings.leeway, cache=self.token_cache)
         if isinstance(self.tracing, Tracing):
-            self.checker: Checker = TracedChecker(self.reloader, verifier, Answers(settings.realm),
-                                                  self.metrics.per_check, self.tracing)
+            self.checker: Checker = TracedChecker(
+                self.reloader, verifier, Answers(settings.realm), self.metrics.per_check, self.tracing
+            )
         else:
             self.checker = Checker(self.reloader, verifier, Answers(settings.realm), self.metrics.per_check)
 
-        self._health = health.aio.HealthServicer()
-        # One process: SO_REUSEPORT off, so a port already in use is an error, not a silent share.
-        # Workers share the port the parent reserved (ports.Listener.reserve keeps that guarantee).
-        self._grpc = grpc.aio.server(options=[
-            ("grpc.so_reuseport", 1 if self.worker else 0),
-            ("grpc.max_receive_message_length", settings.max_request_bytes),
-        ])
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization_servicer(self.checker), self._grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        if not self.worker:  # a port in use fails here, with its errno, before grpcio logs it on stderr
-            ports.GRPC.reserve(settings.grpc_host, settings.grpc_port, share=False).close()
-        try:
-            self.grpc_port = self._grpc.add_insecure_port(f"{_host(settings.grpc_host)}:{settings.grpc_port}")
-        except RuntimeError:  # grpcio raises (it no longer returns 0) when the address cannot be bound
-            self.grpc_port = 0
-        if self.grpc_port == 0:
-            raise ports.GRPC.error(settings.grpc_host, settings.grpc_port)
-        await self._grpc.start()
-
-        if settings.ext_authz_http_port:
-            self.metrics.http_door_enabled(m.value for m in Mismatch)
-            self._http_door = HttpFrontDoor(self.checker, settings.ext_authz_http_path_prefix,
-                                            settings.max_request_bytes, on_mismatch=self._http_mismatch)
-            self.ext_authz_http_port = await self._http_door.start(
-                settings.grpc_host, settings.ext_authz_http_port, reuse_port=self.worker,
-                shutdown_grace=settings.shutdown_grace)
+        wiring = Wiring(self.checker, settings, self.metrics, self._on_mismatch)
+        for kind, port in doors.enabled(settings):
+            door = kind.build(wiring)
+            self.door_ports[kind.name] = await door.start(settings.grpc_host, port, reuse_port=self.worker)
+            self._doors.append((kind, door))
 
         if not self.worker:
             exposition = CachedExposition(self._exposition, settings.metrics_min_interval)
@@ -169,11 +148,6 @@ class Service:
         # do not walk ~10^5 long-lived objects each time (profiled: see docs/performance.md).
         gc.freeze()
 
-    def _http_mismatch(self, problem: Mismatch) -> None:
-        self.metrics.http_config_mismatches.labels(problem.value).inc()
-        if self._on_mismatch is not None:
-            self._on_mismatch()
-
     def _policy_changed(self, policy: Policy) -> None:
         assert self.jwks is not None
         self.jwks.sync(policy.issuers)
@@ -183,9 +157,8 @@ class Service:
         self.metrics.ready.set(1 if ready else 0)
         if self._on_ready is not None:
             self._on_ready(ready)
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
-            await self._health.set(name, status)
+        for _, door in self._doors:
+            await door.set_ready(ready)
 
     async def _track_readiness(self) -> None:
         was = None
@@ -193,7 +166,7 @@ class Service:
             now = self.ready()
             if now != was:
                 await self._set_health()
-                if was is not None:
+                if was is not None and self.jwks is not None:
                     log.info("readiness changed", extra={"ready": now, "issuers": self.jwks.status()})
                 was = now
             await asyncio.sleep(0.25)
@@ -207,12 +180,17 @@ class Service:
     def _readiness(self) -> tuple[bool, dict[str, object]]:
         policy = self.reloader.policy
         body: dict[str, object] = {
-            "policy": {"sha256": policy.sha256, "routes": len(policy.routes),
-                       "last_reload_error": self.reloader.last_error},
+            "policy": {
+                "sha256": policy.sha256,
+                "routes": len(policy.routes),
+                "last_reload_error": self.reloader.last_error,
+                "refused_sha256": self.reloader.refused_sha256,
+            },
             "issuers": self.jwks.status() if self.jwks is not None else [],
         }
-        if self._http_door is not None:
-            body["ext_authz_http"] = door_status(self.settings.ext_authz_http_path_prefix, self._http_door.mismatches)
+        for kind, door in self._doors:
+            if kind.status is not None:
+                body[kind.name] = kind.status(self.settings, door.refused)
         return self.ready(), body
 
     async def _exposition(self) -> bytes:
@@ -233,16 +211,12 @@ class Service:
         Safe on a service that started only in part (``quiet``: a failed start, nothing to log).
         """
         self._stopping.set()
-        if self._grpc is not None and self.grpc_port:
+        if self._doors:
             await self._set_health()
         if not quiet:
             log.info("shutting down", extra={"grace_seconds": self.settings.shutdown_grace})
-        drains = []
-        if self._grpc is not None:
-            drains.append(self._grpc.stop(self.settings.shutdown_grace))
-        if self._http_door is not None:
-            drains.append(self._http_door.stop())
-        await asyncio.gather(*drains)
+        await asyncio.gather(*(door.stop() for _, door in self._doors))  # every door drains at once
+        self._doors.clear()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -276,23 +250,28 @@ def loop_name() -> str:
     return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
 
 
-def _host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+def door_addresses(settings: Settings, bound: dict[str, int]) -> dict[str, str | None]:
+    """The start-up log's field per door: ``host:port`` as bound, None for a door that is off."""
+    return {
+        kind.name: f"{settings.grpc_host}:{bound[kind.name]}" if kind.name in bound else None for kind in doors.KINDS
+    }
 
 
 async def serve(
-    settings: Settings, *, worker: bool = False, on_ready: Callable[[bool], None] | None = None,
+    settings: Settings,
+    *,
+    worker: bool = False,
+    on_ready: Callable[[bool], None] | None = None,
     on_mismatch: Callable[[], None] | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the policy."""
-    service = Service(settings, CollectorRegistry() if worker else None, worker=worker, on_ready=on_ready,
-                      on_mismatch=on_mismatch)
+    service = Service(
+        settings, CollectorRegistry() if worker else None, worker=worker, on_ready=on_ready, on_mismatch=on_mismatch
+    )
     await service.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, service.request_stop)
     loop.add_signal_handler(signal.SIGINT, service.request_stop)
-    loop.add_signal_handler(
-        signal.SIGHUP, lambda: asyncio.ensure_future(service.reloader.reload("SIGHUP"))
-    )
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.reloader.reload("SIGHUP")))
     await service.wait_stopped()
     await service.stop()

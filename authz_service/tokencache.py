@@ -83,7 +83,7 @@ class TokenCache:
         return len(self._entries)
 
     @property
-    def bytes(self) -> int:
+    def held_bytes(self) -> int:
         return self._bytes
 
     @property

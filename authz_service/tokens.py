@@ -19,18 +19,18 @@ import enum
 import json
 import re
 import time
+from base64 import urlsafe_b64decode, urlsafe_b64encode
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-from base64 import urlsafe_b64decode, urlsafe_b64encode
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from jwt.api_jwk import PyJWK
 
-from .claims import NO_CUSTOM_CLAIMS, SCOPE_CHARS, SCOPE_TOKEN, Claims, IssuerKey, KeySource, claim_value
+from .claims import NO_CUSTOM_CLAIMS, SCOPE_CHARS, SCOPE_TOKEN, Claims, claim_value
+from .keys import IssuerKey, KeySource
 from .policy import Issuer, Policy
 from .tokencache import CacheEntry, TokenCache
 
@@ -68,13 +68,31 @@ class Failure(enum.Enum):
     KEYS_UNAVAILABLE = "keys_unavailable"  # we cannot verify right now: 503, not 401
 
 
-class TokenError(Exception):
-    """A refused token. ``description`` is safe to send to the client (no token, no key material);
-    ``detail`` is the precise reason for operators (explain), where it says more than that."""
+class Check(enum.Enum):
+    """The verifier's checks, in the order it runs them; every TokenError names the one that failed,
+    so tools (explain) read which check failed, never the wording of a message."""
 
-    def __init__(self, failure: Failure, description: str, detail: str | None = None) -> None:
+    CREDENTIALS = "credentials"  # the Authorization header presents one Bearer token (RFC 6750)
+    HEADER = "header"  # the compact JWS and its protected header: size, form, alg RS256, kid, no keys or crit
+    KEY = "key"  # a trusted issuer publishes a key under the token's kid
+    SIGNATURE = "signature"  # the RS256 signature verifies under that key
+    PAYLOAD = "payload"  # strict base64url JSON, read only once the signature verified
+    ISSUER = "issuer"  # iss names the issuer whose key verified the signature
+    TIMES = "times"  # exp, nbf and iat, with the leeway
+    TOKEN_USE = "token_use"  # an access token
+    CLIENT = "client"  # client_id present, valid header text, allowed by the issuer entry
+    CLAIMS = "claims"  # scope and sub: strings, RFC 6749 scopes, valid header text
+
+
+class TokenError(Exception):
+    """A refused token. ``failure`` is the decision's reason, ``check`` the check that failed.
+    ``description`` is safe to send to the client (no token, no key material); ``detail`` is the
+    precise reason for operators (explain), where it says more than that."""
+
+    def __init__(self, failure: Failure, description: str, detail: str | None = None, *, check: Check) -> None:
         super().__init__(description)
         self.failure = failure
+        self.check = check
         self.description = description
         self.detail = detail or description
 
@@ -89,15 +107,17 @@ def bearer_token(values: tuple[str, ...]) -> str | None:
     if not values:
         return None
     if len(values) > 1 or "," in values[0]:
-        raise TokenError(Failure.BAD_REQUEST, "more than one Authorization value")
+        raise TokenError(Failure.BAD_REQUEST, "more than one Authorization value", check=Check.CREDENTIALS)
     value = values[0]
     scheme, sep, rest = value.partition(" ")
     if scheme.lower() != "bearer":
         return None  # another scheme (e.g. Basic): no bearer credentials were presented
     if not sep or not rest:
-        raise TokenError(Failure.BAD_REQUEST, "the Bearer scheme needs a token")
+        raise TokenError(Failure.BAD_REQUEST, "the Bearer scheme needs a token", check=Check.CREDENTIALS)
     if not _is_b64token(rest):
-        raise TokenError(Failure.BAD_REQUEST, "malformed Bearer credentials (one token, no spaces)")
+        raise TokenError(
+            Failure.BAD_REQUEST, "malformed Bearer credentials (one token, no spaces)", check=Check.CREDENTIALS
+        )
     return rest
 
 
@@ -179,7 +199,7 @@ def _parse(token: str) -> _Parsed:
             raise ValueError("header too large")
         return _Parsed(_json_object(_b64(head)), payload, raw[: len(head) + 1 + len(payload)], _b64(signature))
     except (ValueError, RecursionError):  # UnicodeError and binascii.Error are ValueErrors
-        raise TokenError(Failure.INVALID_TOKEN, _MALFORMED) from None
+        raise TokenError(Failure.INVALID_TOKEN, _MALFORMED, check=Check.HEADER) from None
 
 
 def _payload(parsed: _Parsed) -> dict[str, Any]:
@@ -187,7 +207,7 @@ def _payload(parsed: _Parsed) -> dict[str, Any]:
     try:
         return _json_object(_b64(parsed.payload_b64))
     except (ValueError, RecursionError):
-        raise TokenError(Failure.INVALID_TOKEN, _MALFORMED, MALFORMED_PAYLOAD) from None
+        raise TokenError(Failure.INVALID_TOKEN, _MALFORMED, MALFORMED_PAYLOAD, check=Check.PAYLOAD) from None
 
 
 def _signature_ok(key: PyJWK, parsed: _Parsed) -> bool:
@@ -247,7 +267,7 @@ class TokenVerifier:
     async def verify_uncached(self, token: str, policy: Policy) -> Claims:
         """Full verification, after a cache lookup found nothing usable; the result is cached."""
         if len(token) > MAX_TOKEN_BYTES:
-            raise TokenError(Failure.INVALID_TOKEN, "token too large")
+            raise TokenError(Failure.INVALID_TOKEN, "token too large", check=Check.HEADER)
         claims, key = await self._verify(token, policy)
         if self._cache is not None:
             self._cache.put(self._cache.digest(token.encode("ascii")), claims, key)
@@ -287,9 +307,9 @@ class TokenVerifier:
         if issuer is None or self._keys.key(issuer, claims.kid) is not entry.key:
             return None
         if claims.exp <= self._clock() - self._leeway:
-            raise TokenError(Failure.EXPIRED, "token expired")
+            raise TokenError(Failure.EXPIRED, "token expired", check=Check.TIMES)
         if issuer.client_ids is not None and claims.client_id not in issuer.client_ids:
-            raise TokenError(Failure.CLIENT_NOT_ALLOWED, "client is not allowed")
+            raise TokenError(Failure.CLIENT_NOT_ALLOWED, "client is not allowed", check=Check.CLIENT)
         return claims
 
     async def _verify(self, token: str, policy: Policy) -> tuple[Claims, PyJWK]:
@@ -298,7 +318,7 @@ class TokenVerifier:
         candidates = await self._trusted_keys(kid, policy)
         signer = next((c for c in candidates[:MAX_KEYS_PER_KID] if _signature_ok(c.key, parsed)), None)
         if signer is None:
-            raise TokenError(Failure.BAD_SIGNATURE, NOT_VALID, "token signature is invalid")
+            raise TokenError(Failure.BAD_SIGNATURE, NOT_VALID, "token signature is invalid", check=Check.SIGNATURE)
         payload = _payload(parsed)  # only now: the payload is the issuer's
         iss = payload.get("iss")
         if iss != signer.issuer:
@@ -306,8 +326,12 @@ class TokenVerifier:
             # one JWKS): the issuer the token names must then hold a key under this kid that verifies it.
             named = next((c for c in candidates if c.issuer == iss), None)
             if named is None or not _signature_ok(named.key, parsed):
-                raise TokenError(Failure.WRONG_ISSUER, NOT_VALID,
-                                 "iss is not the trusted issuer whose key signed the token")
+                raise TokenError(
+                    Failure.WRONG_ISSUER,
+                    NOT_VALID,
+                    "iss is not the trusted issuer whose key signed the token",
+                    check=Check.ISSUER,
+                )
             signer = named
         self._check_times(payload)
         return self._claims(payload, policy.issuers_by_iss[signer.issuer], kid, policy.claim_names), signer.key
@@ -332,8 +356,10 @@ class TokenVerifier:
             return candidates
         if not all(self._keys.has_keys(i) for i in policy.issuers):
             # It may be a token of the issuer whose keys we do not have yet: we cannot tell, so 503.
-            raise TokenError(Failure.KEYS_UNAVAILABLE, "signing keys are not available yet")
-        raise TokenError(Failure.UNKNOWN_KEY, NOT_VALID, "no trusted issuer publishes a key with the token's kid")
+            raise TokenError(Failure.KEYS_UNAVAILABLE, "signing keys are not available yet", check=Check.KEY)
+        raise TokenError(
+            Failure.UNKNOWN_KEY, NOT_VALID, "no trusted issuer publishes a key with the token's kid", check=Check.KEY
+        )
 
     def _policy_keys(self, kid: str, policy: Policy) -> list[IssuerKey]:
         trusted = policy.issuers_by_iss
@@ -342,51 +368,53 @@ class TokenVerifier:
     def _check_header(self, header: dict[str, Any]) -> str:
         alg = header.get("alg")
         if alg != ALGORITHM:
-            raise TokenError(Failure.INVALID_TOKEN, "unsupported token algorithm (RS256 required)")
+            raise TokenError(Failure.INVALID_TOKEN, "unsupported token algorithm (RS256 required)", check=Check.HEADER)
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid or len(kid) > 256:
-            raise TokenError(Failure.INVALID_TOKEN, "token header has no valid kid")
+            raise TokenError(Failure.INVALID_TOKEN, "token header has no valid kid", check=Check.HEADER)
         if "crit" in header or header.get("b64", True) is not True:
-            raise TokenError(Failure.INVALID_TOKEN, "unsupported critical token header")
+            raise TokenError(Failure.INVALID_TOKEN, "unsupported critical token header", check=Check.HEADER)
         if "jku" in header or "x5u" in header or "jwk" in header or "x5c" in header:
             # Keys come only from the configured JWKS, never from the token itself.
-            raise TokenError(Failure.INVALID_TOKEN, "token header must not carry keys")
+            raise TokenError(Failure.INVALID_TOKEN, "token header must not carry keys", check=Check.HEADER)
         return kid
 
     def _check_times(self, payload: dict[str, Any]) -> None:
         # RFC 7519 NumericDate claims, with the semantics (and order) PyJWT used before: exp
         # required; iat, nbf, exp compared with the leeway; a value that is not a number refused.
         if payload.get("exp") is None:
-            raise TokenError(Failure.INVALID_TOKEN, "token has no exp claim")
+            raise TokenError(Failure.INVALID_TOKEN, "token has no exp claim", check=Check.TIMES)
         now = self._clock()
         leeway = self._leeway
         for name in ("iat", "nbf"):
             if name in payload and _numeric_date(payload[name]) > now + leeway:
-                raise TokenError(Failure.NOT_YET_VALID, "token not yet valid")
+                raise TokenError(Failure.NOT_YET_VALID, "token not yet valid", check=Check.TIMES)
         if _numeric_date(payload["exp"]) <= now - leeway:
-            raise TokenError(Failure.EXPIRED, "token expired")
+            raise TokenError(Failure.EXPIRED, "token expired", check=Check.TIMES)
 
     def _claims(self, payload: dict[str, Any], issuer: Issuer, kid: str, names: frozenset[str]) -> Claims:
         now = self._clock()
         iat = payload.get("iat")
         if iat is not None and (not _is_number(iat) or iat > now + self._leeway):
-            raise TokenError(Failure.NOT_YET_VALID, "token issued in the future")
+            raise TokenError(Failure.NOT_YET_VALID, "token issued in the future", check=Check.TIMES)
         if payload.get("token_use") != "access":
-            raise TokenError(Failure.WRONG_TOKEN_USE, "not an access token (token_use must be access)")
+            raise TokenError(
+                Failure.WRONG_TOKEN_USE, "not an access token (token_use must be access)", check=Check.TOKEN_USE
+            )
         client_id = payload.get("client_id")
         if not isinstance(client_id, str) or not client_id:
-            raise TokenError(Failure.INVALID_TOKEN, "token has no client_id claim")
-        _check_header_text("client_id", client_id)
+            raise TokenError(Failure.INVALID_TOKEN, "token has no client_id claim", check=Check.CLIENT)
+        _check_header_text("client_id", client_id, Check.CLIENT)
         if issuer.client_ids is not None and client_id not in issuer.client_ids:
-            raise TokenError(Failure.CLIENT_NOT_ALLOWED, "client is not allowed")
+            raise TokenError(Failure.CLIENT_NOT_ALLOWED, "client is not allowed", check=Check.CLIENT)
         scope = payload.get("scope", "")
         if not isinstance(scope, str):
-            raise TokenError(Failure.INVALID_TOKEN, "scope claim must be a string")
+            raise TokenError(Failure.INVALID_TOKEN, "scope claim must be a string", check=Check.CLAIMS)
         _check_scope(scope)
         sub = payload.get("sub", "")
         if not isinstance(sub, str):
-            raise TokenError(Failure.INVALID_TOKEN, "sub claim must be a string")
-        _check_header_text("sub", sub)
+            raise TokenError(Failure.INVALID_TOKEN, "sub claim must be a string", check=Check.CLAIMS)
+        _check_header_text("sub", sub, Check.CLAIMS)
         return Claims(
             issuer=issuer.issuer,
             client_id=client_id,
@@ -397,20 +425,21 @@ class TokenVerifier:
             kid=kid,
             # Only the custom claims route conditions name (keyed by the policy's own strings), so a
             # cache entry holds a few values, not the whole payload. Never forwarded as headers.
-            custom={name: claim_value(payload[name]) for name in names if name in payload} if names
+            custom={name: claim_value(payload[name]) for name in names if name in payload}
+            if names
             else NO_CUSTOM_CLAIMS,
             extracted=names,
         )
 
 
-def _check_header_text(name: str, value: str) -> None:
+def _check_header_text(name: str, value: str, check: Check) -> None:
     """Refuse a claim the response forwards upstream (x-auth-client-id, -scopes, -sub) unless it is
     text an HTTP header can carry as is: a lone surrogate (JSON's "\\ud800" parses to one) cannot
     be encoded as UTF-8 and made the response fail to render; CR, LF, NUL and the other controls
     are not allowed in a field value (RFC 9110 section 5.5), and leading or trailing whitespace
     would be stripped on the way, so the upstream would see another identity than the one signed."""
     if _NOT_HEADER_TEXT.search(value):
-        raise TokenError(Failure.INVALID_TOKEN, f"{name} claim is not valid HTTP header text")
+        raise TokenError(Failure.INVALID_TOKEN, f"{name} claim is not valid HTTP header text", check=check)
 
 
 def _check_scope(scope: str) -> None:
@@ -421,7 +450,11 @@ def _check_scope(scope: str) -> None:
     here and two upstream; a quote or backslash changes how it reads once quoted. Cognito's own
     scopes follow the grammar, so this refuses only tokens no Cognito pool issues."""
     if not _SCOPE_CLAIM.match(scope):
-        raise TokenError(Failure.INVALID_TOKEN, SCOPE_CHARACTER if _NOT_SCOPE_CHAR.search(scope) else SCOPE_SPACING)
+        raise TokenError(
+            Failure.INVALID_TOKEN,
+            SCOPE_CHARACTER if _NOT_SCOPE_CHAR.search(scope) else SCOPE_SPACING,
+            check=Check.CLAIMS,
+        )
 
 
 def _is_number(value: object) -> bool:
@@ -432,8 +465,8 @@ def _numeric_date(value: object) -> int:
     """A NumericDate claim (a JSON number) as an int, truncated as PyJWT did; a string or a
     boolean (which PyJWT coerced with int()) is malformed."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TokenError(Failure.INVALID_TOKEN, _MALFORMED)
+        raise TokenError(Failure.INVALID_TOKEN, _MALFORMED, check=Check.TIMES)
     try:
         return int(value)
     except (ValueError, OverflowError):
-        raise TokenError(Failure.INVALID_TOKEN, _MALFORMED) from None
+        raise TokenError(Failure.INVALID_TOKEN, _MALFORMED, check=Check.TIMES) from None

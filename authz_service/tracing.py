@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import install_hint
-from .config import ConfigError
 from .urls import shown
 
 if TYPE_CHECKING:
@@ -51,8 +50,14 @@ PROTOCOLS = ("grpc", "http/protobuf")
 # The OpenTelemetry specification's default. The OTLP/gRPC port is 4317, OTLP/HTTP's 4318.
 DEFAULT_PROTOCOL = "http/protobuf"
 DEFAULT_ENDPOINTS = {"grpc": "http://localhost:4317", "http/protobuf": "http://localhost:4318/v1/traces"}
-SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
-            "parentbased_traceidratio")
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
 RATIO_SAMPLERS = ("traceidratio", "parentbased_traceidratio")
 PROPAGATORS = ("tracecontext", "baggage", "b3", "b3multi", "none")
 DEFAULT_PROPAGATORS = "tracecontext"
@@ -65,15 +70,26 @@ CLIENT_CONTEXTS = ("link", "continue")
 # tracestate has at most 32 members, and 512 characters is what every vendor must propagate.
 # B3: ids of 16 or 32 hex digits, a sampling state of one character ("d", "0", "1"; old
 # clients send "true"/"false").
-FIELD_LIMITS = {"traceparent": 128, "tracestate": 512, "b3": 128, "x-b3-traceid": 32, "x-b3-spanid": 16,
-                "x-b3-sampled": 5, "x-b3-flags": 1}
+FIELD_LIMITS = {
+    "traceparent": 128,
+    "tracestate": 512,
+    "b3": 128,
+    "x-b3-traceid": 32,
+    "x-b3-spanid": 16,
+    "x-b3-sampled": 5,
+    "x-b3-flags": 1,
+}
 _B3_FIELDS = ("b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags")
 # The headers each propagator reads (both B3 formats read both encodings).
 PROPAGATOR_FIELDS = {"tracecontext": ("traceparent", "tracestate"), "b3": _B3_FIELDS, "b3multi": _B3_FIELDS}
 MAX_TRACESTATE_MEMBERS = 32
 # OpenTelemetry's loggers whose warnings about a malformed trace context quote the header.
-_QUOTING_LOGGERS = ("opentelemetry.trace.span", "opentelemetry.trace.propagation", "opentelemetry.propagators",
-                    "opentelemetry.baggage")
+_QUOTING_LOGGERS = (
+    "opentelemetry.trace.span",
+    "opentelemetry.trace.propagation",
+    "opentelemetry.propagators",
+    "opentelemetry.baggage",
+)
 SHUTDOWN_FLUSH_SECONDS = 3.0  # spans still queued at shutdown get this long to export
 
 
@@ -94,9 +110,15 @@ class TracingSettings:
     def describe(self) -> dict[str, object]:
         """The start-up log's view (never OTEL_EXPORTER_OTLP_HEADERS: it may carry API keys)."""
         sampler = f"{self.sampler}:{self.sampler_arg}" if self.sampler in RATIO_SAMPLERS else self.sampler
-        return {"exporter": "otlp", "protocol": self.protocol, "endpoint": self.endpoint, "sampler": sampler,
-                "propagators": ",".join(self.propagators) or "none", "client_context": self.client_context,
-                "service_name": self.service_name}
+        return {
+            "exporter": "otlp",
+            "protocol": self.protocol,
+            "endpoint": self.endpoint,
+            "sampler": sampler,
+            "propagators": ",".join(self.propagators) or "none",
+            "client_context": self.client_context,
+            "service_name": self.service_name,
+        }
 
 
 def describe(settings: TracingSettings | None) -> str | dict[str, object]:
@@ -104,12 +126,17 @@ def describe(settings: TracingSettings | None) -> str | dict[str, object]:
     return settings.describe() if settings is not None else "off"
 
 
+class TracingSettingsError(ValueError):
+    """OTEL_* variables that cannot be used; the message names the variable and the fix
+    (config.settings_from reports it as the service's ConfigError)."""
+
+
 def _get(environ: Mapping[str, str], name: str) -> str:
     return environ.get(name, "").strip()
 
 
 def tracing_settings(environ: Mapping[str, str], client_context: str = "link") -> TracingSettings | None:
-    """None when tracing is off; ConfigError (naming the variable and the fix) when the variables
+    """None when tracing is off; TracingSettingsError (naming the variable and the fix) when the variables
     cannot be used, or ask for tracing while the tracing extra is not installed.
     ``client_context``: what a Check does with a client's own trace context (--trace-client-context).
 
@@ -119,25 +146,33 @@ def tracing_settings(environ: Mapping[str, str], client_context: str = "link") -
     if _get(environ, "OTEL_SDK_DISABLED").lower() == "true":
         return None
     exporters = [e.strip().lower() for e in _get(environ, "OTEL_TRACES_EXPORTER").split(",") if e.strip()]
-    endpoint_var = next((v for v in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
-                         if _get(environ, v)), None)
+    endpoint_var = next(
+        (v for v in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT") if _get(environ, v)), None
+    )
     if exporters == ["none"] or (not exporters and endpoint_var is None):
         return None
     if exporters and exporters != ["otlp"]:
-        raise ConfigError(f"OTEL_TRACES_EXPORTER={_get(environ, 'OTEL_TRACES_EXPORTER')!r} is not supported: "
-                          "use otlp (or none to turn tracing off)")
+        raise TracingSettingsError(
+            f"OTEL_TRACES_EXPORTER={_get(environ, 'OTEL_TRACES_EXPORTER')!r} is not supported: "
+            "use otlp (or none to turn tracing off)"
+        )
     enabled_by = "OTEL_TRACES_EXPORTER" if exporters else str(endpoint_var)
 
-    protocol_var = next((v for v in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
-                         if _get(environ, v)), None)
+    protocol_var = next(
+        (v for v in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL") if _get(environ, v)), None
+    )
     protocol = _get(environ, protocol_var).lower() if protocol_var else DEFAULT_PROTOCOL
     if protocol not in PROTOCOLS:
-        raise ConfigError(f"{protocol_var}={_get(environ, str(protocol_var))!r} is not supported: use grpc "
-                          "(OTLP/gRPC, port 4317) or http/protobuf (OTLP/HTTP, port 4318)")
+        raise TracingSettingsError(
+            f"{protocol_var}={_get(environ, str(protocol_var))!r} is not supported: use grpc "
+            "(OTLP/gRPC, port 4317) or http/protobuf (OTLP/HTTP, port 4318)"
+        )
 
     sampler = (_get(environ, "OTEL_TRACES_SAMPLER") or "parentbased_always_on").lower()
     if sampler not in SAMPLERS:
-        raise ConfigError(f"OTEL_TRACES_SAMPLER={sampler!r} is not supported: use one of {', '.join(SAMPLERS)}")
+        raise TracingSettingsError(
+            f"OTEL_TRACES_SAMPLER={sampler!r} is not supported: use one of {', '.join(SAMPLERS)}"
+        )
     sampler_arg = None
     if sampler in RATIO_SAMPLERS:
         sampler_arg = _get(environ, "OTEL_TRACES_SAMPLER_ARG") or "1.0"
@@ -146,25 +181,34 @@ def tracing_settings(environ: Mapping[str, str], client_context: str = "link") -
         except ValueError:
             ratio = -1.0
         if not 0.0 <= ratio <= 1.0:
-            raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG={sampler_arg!r} is invalid for {sampler}: a ratio "
-                              "0.0..1.0, e.g. 0.01 for 1%")
+            raise TracingSettingsError(
+                f"OTEL_TRACES_SAMPLER_ARG={sampler_arg!r} is invalid for {sampler}: a ratio 0.0..1.0, e.g. 0.01 for 1%"
+            )
 
-    propagators = tuple(p.strip().lower() for p in (_get(environ, "OTEL_PROPAGATORS") or DEFAULT_PROPAGATORS)
-                        .split(",") if p.strip())
+    propagators = tuple(
+        p.strip().lower() for p in (_get(environ, "OTEL_PROPAGATORS") or DEFAULT_PROPAGATORS).split(",") if p.strip()
+    )
     unknown = [p for p in propagators if p not in PROPAGATORS]
     if unknown:
-        raise ConfigError(f"OTEL_PROPAGATORS names {', '.join(map(repr, unknown))}, which is not supported: use "
-                          f"{', '.join(PROPAGATORS[:-1])} (comma-separated) or none")
+        raise TracingSettingsError(
+            f"OTEL_PROPAGATORS names {', '.join(map(repr, unknown))}, which is not supported: use "
+            f"{', '.join(PROPAGATORS[:-1])} (comma-separated) or none"
+        )
 
-    modules = ["opentelemetry.sdk.trace",
-               "opentelemetry.exporter.otlp.proto.grpc.trace_exporter" if protocol == "grpc"
-               else "opentelemetry.exporter.otlp.proto.http.trace_exporter"]
+    modules = [
+        "opentelemetry.sdk.trace",
+        "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"
+        if protocol == "grpc"
+        else "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    ]
     if {"b3", "b3multi"} & set(propagators):
         modules.append("opentelemetry.propagators.b3")
     missing = [m for m in modules if not _installed(m)]
     if missing:
-        raise ConfigError(f"tracing is configured ({enabled_by} is set) but the tracing extra is not installed "
-                          f"(no {missing[0]}): {EXTRA}, or unset {enabled_by}")
+        raise TracingSettingsError(
+            f"tracing is configured ({enabled_by} is set) but the tracing extra is not installed "
+            f"(no {missing[0]}): {EXTRA}, or unset {enabled_by}"
+        )
 
     return TracingSettings(
         protocol=protocol,
@@ -200,8 +244,9 @@ def _endpoint(environ: Mapping[str, str], protocol: str) -> str:
 
 def _service_name(environ: Mapping[str, str]) -> str:
     """OTEL_SERVICE_NAME, else service.name in OTEL_RESOURCE_ATTRIBUTES, else authz-service."""
-    return _get(environ, "OTEL_SERVICE_NAME") or _resource_attributes(environ).get("service.name") \
-        or DEFAULT_SERVICE_NAME
+    return (
+        _get(environ, "OTEL_SERVICE_NAME") or _resource_attributes(environ).get("service.name") or DEFAULT_SERVICE_NAME
+    )
 
 
 def _resource_attributes(environ: Mapping[str, str]) -> dict[str, str]:
@@ -216,21 +261,16 @@ def _resource_attributes(environ: Mapping[str, str]) -> dict[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class CheckSpanKind:
-    """How a front door's Check spans are named (OpenTelemetry semantic conventions)."""
+    """How a front door's Check spans are named (OpenTelemetry semantic conventions); each door
+    defines its own (doors.grpc.SPAN_KIND, doors.http.SPAN_KIND)."""
 
     name: str
     attributes: Mapping[str, str]
     http_server: bool  # named "{method} {http.route}" once the request and route are known
 
 
-GRPC_CHECK = CheckSpanKind(
-    "envoy.service.auth.v3.Authorization/Check",
-    {"rpc.system": "grpc", "rpc.service": "envoy.service.auth.v3.Authorization", "rpc.method": "Check"},
-    http_server=False,
-)
-HTTP_CHECK = CheckSpanKind("HTTP", {}, http_server=True)
-# The kind of the Check span current in this task (Checks of both front doors interleave).
-_CHECK_KIND: ContextVar[CheckSpanKind] = ContextVar("authz_check_span_kind", default=GRPC_CHECK)
+# The kind of the Check span current in this task (Checks of every front door interleave).
+_CHECK_KIND: ContextVar[CheckSpanKind | None] = ContextVar("authz_check_span_kind", default=None)
 
 
 class Recorder:
@@ -303,7 +343,8 @@ class Tracing(NoTracing):
         # to 30 s for a collector that is down.
         self._provider = TracerProvider(resource=resource, sampler=_sampler(settings), shutdown_on_exit=False)
         self._provider.add_span_processor(  # OTEL_BSP_*, OTEL_EXPORTER_OTLP_*
-            BatchSpanProcessor(OTLPSpanExporter()) if exporter is None else SimpleSpanProcessor(exporter))
+            BatchSpanProcessor(OTLPSpanExporter()) if exporter is None else SimpleSpanProcessor(exporter)
+        )
         self._tracer = self._provider.get_tracer("authz_service", version)
         self._propagator = CompositePropagator([_propagator(name) for name in settings.propagators])
         # The header names the propagators read: a front door with two places to look for a
@@ -337,8 +378,9 @@ class Tracing(NoTracing):
         return picked
 
     @contextmanager
-    def check_span(self, kind: CheckSpanKind, carrier: Mapping[str, str], *, from_client: bool = False
-                   ) -> Iterator[None]:
+    def check_span(
+        self, kind: CheckSpanKind, carrier: Mapping[str, str], *, from_client: bool = False
+    ) -> Iterator[None]:
         """One Check's span, current while the Check runs (so a JWKS re-fetch becomes its child and
         the latency observation finds its trace id), parented on the context in ``carrier``.
 
@@ -353,8 +395,9 @@ class Tracing(NoTracing):
             if remote.is_valid:
                 links = (self._link(self._span_context(remote.trace_id, remote.span_id, is_remote=True)),)
             parent = self._context.Context()
-        span = self._tracer.start_span(kind.name, context=parent, kind=self._server, attributes=kind.attributes,
-                                       links=links)
+        span = self._tracer.start_span(
+            kind.name, context=parent, kind=self._server, attributes=kind.attributes, links=links
+        )
         token = self._context.attach(self._trace.set_span_in_context(span, parent))
         kind_token = _CHECK_KIND.set(kind)
         try:
@@ -378,7 +421,8 @@ class Tracing(NoTracing):
             span.set_attribute("authz.client_id", decision.claims.client_id)
         if request is not None:
             span.set_attribute("http.request.method", request.method)
-            if _CHECK_KIND.get().http_server:
+            kind = _CHECK_KIND.get()
+            if kind is not None and kind.http_server:
                 route = decision.route
                 span.update_name(f"{request.method} {route.path}" if route is not None else request.method)
                 if route is not None:
@@ -404,8 +448,9 @@ class Tracing(NoTracing):
     @contextmanager
     def child(self, name: str, **attributes: str | int) -> Iterator[Recorder]:
         """A child of the current span (a Check's, for an unknown-kid JWKS re-fetch)."""
-        with self._tracer.start_as_current_span(name, attributes=attributes, record_exception=False,
-                                                set_status_on_exception=False) as span:
+        with self._tracer.start_as_current_span(
+            name, attributes=attributes, record_exception=False, set_status_on_exception=False
+        ) as span:
             yield _SpanRecorder(span, self._error_status)
 
     def _error_status(self, description: str) -> Any:
@@ -418,8 +463,10 @@ class Tracing(NoTracing):
         thread.start()
         await asyncio.to_thread(thread.join, timeout)
         if thread.is_alive():
-            log.warning("tracing: queued spans not exported within the shutdown bound; dropped",
-                        extra={"timeout_seconds": timeout, "endpoint": self.settings.endpoint})
+            log.warning(
+                "tracing: queued spans not exported within the shutdown bound; dropped",
+                extra={"timeout_seconds": timeout, "endpoint": self.settings.endpoint},
+            )
 
 
 def _sampler(settings: TracingSettings) -> Any:

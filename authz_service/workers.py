@@ -2,8 +2,8 @@
 
 Why: one CPython process verifies on one core (the GIL); Envoy's ext_authz opens new connections
 as it needs them and the kernel spreads connections over sockets bound with SO_REUSEPORT, so N
-workers use N cores with no proxy in between. Both front doors (gRPC, and HTTP when enabled) are
-shared this way.
+workers use N cores with no proxy in between. Every front door the settings turn on
+(``doors.enabled``: gRPC, and HTTP when enabled) is shared this way.
 
 The parent (this module) loads the policy once to fail fast, reserves the shared ports, starts the
 workers (each a full ``server.Service`` without the HTTP server), serves ``/healthz``, ``/readyz``
@@ -11,22 +11,22 @@ workers (each a full ``server.Service`` without the HTTP server), serves ``/heal
 writes its samples to files in a private temporary directory that the parent aggregates), forwards
 SIGTERM and SIGHUP, restarts a worker that dies, and exits non-zero when workers fail to start.
 
-Port ownership: the parent binds each shared address (the gRPC port, and the HTTP front door's
-when enabled) itself with SO_REUSEPORT (without listening) before any worker starts and holds it
-until exit. A port already held by another program without SO_REUSEPORT therefore fails start-up as
-with one worker. The kernel lets a socket join a SO_REUSEPORT group only when it was created by the
-same effective UID, so a process of another UID cannot take a share of the Checks; one of the same
-UID (or root, which can become any UID) can, and grpcio offers no way to serve an inherited
-listening socket that would avoid SO_REUSEPORT. Hence the deployment rule (docs/security.md): every
-container of the Pod runs as its own non-root UID. What we can see, we watch: a listening socket on
-a shared port that none of our workers holds (from /proc/net/tcp{,6}, which lists the whole network
-namespace, i.e. the Pod) is logged as an error and makes the parent not ready until it goes away;
-running as root is warned about at start-up.
+Port ownership: the parent binds each door's shared address itself with SO_REUSEPORT (without
+listening) before any worker starts and holds it until exit. A port already held by another program
+without SO_REUSEPORT therefore fails start-up as with one worker. The kernel lets a socket join a
+SO_REUSEPORT group only when it was created by the same effective UID, so a process of another UID
+cannot take a share of the Checks; one of the same UID (or root, which can become any UID) can, and
+grpcio offers no way to serve an inherited listening socket that would avoid SO_REUSEPORT. Hence the
+deployment rule (docs/security.md): every container of the Pod runs as its own non-root UID. What we
+can see, we watch: a listening socket on a shared port that none of our workers holds (from
+/proc/net/tcp{,6}, which lists the whole network namespace, i.e. the Pod) is logged as an error and
+makes the parent not ready until it goes away; running as root is warned about at start-up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -38,13 +38,14 @@ import sys
 import tempfile
 import threading
 import time
-from multiprocessing.sharedctypes import Synchronized
 from dataclasses import dataclass
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
 
-from . import __version__, ports
+from . import __version__, doors, ports
 from .config import Settings
+from .server import door_addresses
 from .tracing import describe
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,7 @@ def socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def worker_main(settings: Settings, index: int, state: Synchronized, log_level: str,
-                mismatches: Synchronized) -> None:
+def worker_main(settings: Settings, index: int, state: Synchronized, log_level: str, mismatches: Synchronized) -> None:
     """Entry point of one worker process (spawned: a fresh interpreter, no inherited gRPC state)."""
     from . import logs
     from .policy import PolicyError
@@ -136,8 +136,10 @@ def _exit_with_parent(parent: int, stop_deadline: float) -> None:
         log.warning("parent process gone; stopping", extra={"parent_pid": parent})
         signal.pthread_kill(main, signal.SIGTERM)
         time.sleep(stop_deadline)
-        log.error("worker did not stop in time after its parent was gone; exiting",
-                  extra={"parent_pid": parent, "seconds": stop_deadline})
+        log.error(
+            "worker did not stop in time after its parent was gone; exiting",
+            extra={"parent_pid": parent, "seconds": stop_deadline},
+        )
         os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
@@ -170,7 +172,7 @@ class _Worker:
     def __init__(self, index: int, ctx: Any) -> None:
         self.index = index
         self.state: Synchronized = ctx.Value("i", STARTING, lock=False)
-        # HTTP front door requests refused as not matching Envoy's config, over all its lives.
+        # Requests its doors refused as not matching Envoy's config (FrontDoor.refused), over all its lives.
         self.mismatches: Synchronized = ctx.Value("q", 0, lock=False)
         self.process: Any = None
         self.restarts = 0
@@ -185,9 +187,8 @@ class Supervisor:
         self._workers = [_Worker(i, self._ctx) for i in range(settings.workers)]
         self._stopping = asyncio.Event()
         self._metrics_dir = ""
-        self._reservation: socket.socket | None = None
-        self._http_reservation: socket.socket | None = None
-        self.grpc_port: int | None = None
+        self._reservations: list[socket.socket] = []
+        self.door_ports: dict[str, int] = {}  # by DoorKind.name: the shared port
         self.http_port: int | None = None
         self.shared_ports: list[tuple[ports.Listener, int]] = []  # what the workers share (SO_REUSEPORT)
         self.foreign_listeners: dict[int, ForeignListener] = {}  # by socket inode, seen twice in a row
@@ -196,16 +197,22 @@ class Supervisor:
     # --- readiness ------------------------------------------------------------------------------
 
     def ready(self) -> bool:
-        return not self._stopping.is_set() and not self.foreign_listeners and all(
-            w.process is not None and w.process.is_alive() and w.state.value == READY for w in self._workers
+        return (
+            not self._stopping.is_set()
+            and not self.foreign_listeners
+            and all(w.process is not None and w.process.is_alive() and w.state.value == READY for w in self._workers)
         )
 
     def status(self) -> list[dict[str, object]]:
         names = {STARTING: "starting", SERVING: "serving (not ready)", READY: "ready", STOPPED: "stopped"}
         return [
-            {"worker": w.index, "pid": w.process.pid if w.process else None,
-             "alive": bool(w.process and w.process.is_alive()), "state": names.get(w.state.value, "?"),
-             "restarts": w.restarts}
+            {
+                "worker": w.index,
+                "pid": w.process.pid if w.process else None,
+                "alive": bool(w.process and w.process.is_alive()),
+                "state": names.get(w.state.value, "?"),
+                "restarts": w.restarts,
+            }
             for w in self._workers
         ]
 
@@ -223,16 +230,14 @@ class Supervisor:
         self._metrics_dir = tempfile.mkdtemp(prefix="authz-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir  # inherited by spawned workers
         try:
-            self._reservation = ports.GRPC.reserve(self.settings.grpc_host, self.settings.grpc_port, share=True)
-            self.grpc_port = self._reservation.getsockname()[1]
-            self.shared_ports.append((ports.GRPC, self.grpc_port))
-            worker_settings = dataclasses.replace(self.settings, grpc_port=self.grpc_port)
-            if self.settings.ext_authz_http_port:
-                self._http_reservation = ports.EXT_AUTHZ_HTTP.reserve(
-                    self.settings.grpc_host, self.settings.ext_authz_http_port, share=True)
-                door_port = self._http_reservation.getsockname()[1]
-                self.shared_ports.append((ports.EXT_AUTHZ_HTTP, door_port))
-                worker_settings = dataclasses.replace(worker_settings, ext_authz_http_port=door_port)
+            worker_settings = self.settings
+            for kind, port in doors.enabled(self.settings):  # each door's port, reserved and watched alike
+                reservation = kind.listener.reserve(self.settings.grpc_host, port, share=True)
+                self._reservations.append(reservation)
+                shared = reservation.getsockname()[1]
+                self.door_ports[kind.name] = shared
+                self.shared_ports.append((kind.listener, shared))
+                worker_settings = dataclasses.replace(worker_settings, **{kind.port_option: shared})
             for worker in self._workers:
                 self._start(worker, worker_settings)
             failed = await self._wait_started()
@@ -244,31 +249,40 @@ class Supervisor:
                 return 0
             await self._serve_http()
             if hasattr(os, "geteuid") and os.geteuid() == 0:
-                log.warning("running as root with --workers: any root process in the Pod's network namespace "
-                            "can join a shared port's SO_REUSEPORT group and answer Checks; run authz-service as "
-                            "its own non-root UID (docs/security.md)",
-                            extra={"shared_ports": [port for _, port in self.shared_ports]})
-            log.info("authz-service started", extra={
-                "version": __version__, "grpc": f"{self.settings.grpc_host}:{self.grpc_port}",
-                "http": f"{self.settings.http_host}:{self.http_port}", "workers": len(self._workers),
-                "pids": [w.process.pid for w in self._workers], "tracing": describe(self.settings.tracing)})
+                log.warning(
+                    "running as root with --workers: any root process in the Pod's network namespace "
+                    "can join a shared port's SO_REUSEPORT group and answer Checks; run authz-service as "
+                    "its own non-root UID (docs/security.md)",
+                    extra={"shared_ports": [port for _, port in self.shared_ports]},
+                )
+            log.info(
+                "authz-service started",
+                extra={
+                    "version": __version__,
+                    **door_addresses(self.settings, self.door_ports),
+                    "http": f"{self.settings.http_host}:{self.http_port}",
+                    "workers": len(self._workers),
+                    "pids": [w.process.pid for w in self._workers],
+                    "tracing": describe(self.settings.tracing),
+                },
+            )
             await self._watch(worker_settings)
             log.info("shutting down", extra={"workers": len(self._workers)})
             await self._stop_workers()
             await self._http.stop()
             return 0
         finally:
-            for reservation in (self._reservation, self._http_reservation):
-                if reservation is not None:
-                    reservation.close()
+            for reservation in self._reservations:
+                reservation.close()
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
     def _start(self, worker: _Worker, settings: Settings) -> None:
         worker.state.value = STARTING
         worker.process = self._ctx.Process(
-            target=worker_main, args=(settings, worker.index, worker.state, self.settings.log_level,
-                                      worker.mismatches),
-            name=f"authz-worker-{worker.index}", daemon=False,
+            target=worker_main,
+            args=(settings, worker.index, worker.state, self.settings.log_level, worker.mismatches),
+            name=f"authz-worker-{worker.index}",
+            daemon=False,
         )
         worker.process.start()
 
@@ -280,8 +294,11 @@ class Supervisor:
                 if not w.process.is_alive():
                     code = w.process.exitcode or 1
                     log.error("worker failed to start", extra={"worker": w.index, "exit_code": w.process.exitcode})
-                    print(f"authz-service: error: worker {w.index} failed to start (exit code "
-                          f"{w.process.exitcode}); see its log above", file=sys.stderr)
+                    print(
+                        f"authz-service: error: worker {w.index} failed to start (exit code "
+                        f"{w.process.exitcode}); see its log above",
+                        file=sys.stderr,
+                    )
                     return code if code > 0 else 2
             if all(w.state.value in (SERVING, READY) for w in self._workers) or self._stopping.is_set():
                 return None
@@ -300,8 +317,10 @@ class Supervisor:
                 next_port_check = time.monotonic() + PORT_CHECK_INTERVAL
             for w in self._workers:
                 if w.process is not None and not w.process.is_alive():
-                    log.error("worker exited; restarting it",
-                              extra={"worker": w.index, "pid": w.process.pid, "exit_code": w.process.exitcode})
+                    log.error(
+                        "worker exited; restarting it",
+                        extra={"worker": w.index, "pid": w.process.pid, "exit_code": w.process.exitcode},
+                    )
                     multiprocess.mark_process_dead(w.process.pid, self._metrics_dir)
                     w.process.join(0)
                     w.restarts += 1
@@ -309,32 +328,37 @@ class Supervisor:
                     if self._stopping.is_set():
                         return
                     self._start(w, settings)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), 0.2)
-            except asyncio.TimeoutError:
-                pass
 
     def _check_port_owners(self) -> None:
         """Find listening sockets on a shared port that no worker holds: another process of our UID
         (or root) that joined the SO_REUSEPORT group and receives a share of Envoy's Checks.
         Listed first, then our workers' sockets, so a worker starting in between is not a suspect;
         a suspect must be seen twice in a row (a worker that died in between is gone by then)."""
-        listeners = {inode: (listener, port, uid) for listener, port in self.shared_ports
-                     for inode, uid in port_listeners(port).items()}
+        listeners = {
+            inode: (listener, port, uid)
+            for listener, port in self.shared_ports
+            for inode, uid in port_listeners(port).items()
+        }
         ours = set().union(*(socket_inodes(w.process.pid) for w in self._workers if w.process is not None))
         suspects = listeners.keys() - ours
         foreign = {inode: ForeignListener(*listeners[inode], inode) for inode in suspects & self._suspects}
         self._suspects = suspects
         for inode, found in foreign.items():
             if inode not in self.foreign_listeners:
-                log.error(f"another process listens on the {found.listener.what} port and receives a share of "
-                          "Envoy's Checks (SO_REUSEPORT); not ready until it is gone. Run every container of the "
-                          "Pod as its own non-root UID (docs/security.md)",
-                          extra={"port": found.port, "uid": found.uid, "socket_inode": inode})
+                log.error(
+                    f"another process listens on the {found.listener.what} port and receives a share of "
+                    "Envoy's Checks (SO_REUSEPORT); not ready until it is gone. Run every container of the "
+                    "Pod as its own non-root UID (docs/security.md)",
+                    extra={"port": found.port, "uid": found.uid, "socket_inode": inode},
+                )
         for inode, gone in self.foreign_listeners.items():
             if inode not in foreign:
-                log.info(f"the foreign listener on the {gone.listener.what} port is gone",
-                         extra={"port": gone.port, "socket_inode": inode})
+                log.info(
+                    f"the foreign listener on the {gone.listener.what} port is gone",
+                    extra={"port": gone.port, "socket_inode": inode},
+                )
         self.foreign_listeners = foreign
 
     def _forward(self, sig: int) -> None:
@@ -361,7 +385,6 @@ class Supervisor:
         from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
         from .admin import AdminServer, CachedExposition
-        from .ext_authz_http import door_status
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)
@@ -377,15 +400,17 @@ class Supervisor:
         def readiness() -> tuple[bool, dict[str, object]]:
             body: dict[str, object] = {
                 "workers": self.status(),
-                "foreign_listeners": [f.status() for f in self.foreign_listeners.values()]}
-            if self.settings.ext_authz_http_port:
-                body["ext_authz_http"] = door_status(self.settings.ext_authz_http_path_prefix,
-                                                     sum(w.mismatches.value for w in self._workers))
+                "foreign_listeners": [f.status() for f in self.foreign_listeners.values()],
+            }
+            for kind, _ in doors.enabled(self.settings):
+                if kind.status is not None:
+                    body[kind.name] = kind.status(self.settings, sum(w.mismatches.value for w in self._workers))
             return self.ready(), body
 
         interval = self.settings.metrics_min_interval
-        self._http = AdminServer(readiness, CachedExposition(exposition, interval),
-                                 CachedExposition(openmetrics, interval))
+        self._http = AdminServer(
+            readiness, CachedExposition(exposition, interval), CachedExposition(openmetrics, interval)
+        )
         try:
             self.http_port = await self._http.start(self.settings.http_host, self.settings.http_port)
         except OSError:

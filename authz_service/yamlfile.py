@@ -1,4 +1,5 @@
-"""Strict YAML for our config files (policy, policy tests, dev issuer), and how messages name places in them.
+"""Strict YAML for our config files (policy, policy tests, dev issuer), how messages name places in
+them, and ``YamlValidator``, the base of the policy's and the dev issuer's file validators.
 
 Why not plain ``yaml.safe_load``: YAML silently keeps the last of two equal keys, so a pasted
 duplicate (``scopes:`` twice) would quietly change a policy. We refuse duplicates, and every
@@ -9,10 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
-
 
 Where = tuple[str | int, ...]  # a place in a document, e.g. ("routes", 1, "methods", 0)
 
@@ -73,7 +73,7 @@ def load_strict_yaml(text: str, source: str) -> Any:
 def compose_yaml(text: str) -> yaml.Node | None:
     """The node tree (with line/column marks) of text that ``load_strict_yaml`` already accepted."""
     try:
-        return yaml.compose(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.compose(text, Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, RecursionError):
         return None
 
@@ -105,8 +105,9 @@ def _walk(node: yaml.Node, where: tuple[str | int, ...], at_key: bool) -> Iterat
     for k, part in enumerate(where):
         last = k == len(where) - 1
         if isinstance(node, yaml.MappingNode) and isinstance(part, str):
-            found = next(((kn, vn) for kn, vn in node.value if isinstance(kn, yaml.ScalarNode) and kn.value == part),
-                         None)
+            found = next(
+                ((kn, vn) for kn, vn in node.value if isinstance(kn, yaml.ScalarNode) and kn.value == part), None
+            )
             if found is None:
                 return
             node = found[0] if (last and at_key) else found[1]
@@ -117,7 +118,9 @@ def _walk(node: yaml.Node, where: tuple[str | int, ...], at_key: bool) -> Iterat
         yield node
 
 
-def position(node: yaml.Node | None, where: tuple[str | int, ...], at_key: bool = False) -> tuple[int | None, int | None]:
+def position(
+    node: yaml.Node | None, where: tuple[str | int, ...], at_key: bool = False
+) -> tuple[int | None, int | None]:
     """1-based (line, column) of the node at ``where`` (see ``locate``); (None, None) when unknown."""
     mark = locate(node, where, at_key)
     return (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
@@ -150,3 +153,56 @@ class Places:
         """``file:line:column: routes[1].methods`` (just ``file: ...`` when the line is unknown)."""
         line, column = self.position(where, at_key)
         return f"{place(self.source, line, column)}: {where_text(where)}"
+
+
+def kind(value: object) -> str:
+    """How an error message names the type of a YAML value: "got a list", "got nothing (null)"."""
+    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "nothing (null)"}
+    return names.get(type(value), type(value).__name__)
+
+
+class YamlValidator:
+    """Validation of one YAML file that knows the file (its name and text), so every error names
+    ``file:line:column: place: problem``. A subclass says which error it raises (``error``) and
+    checks the document's contents; decoding, YAML syntax and places are done here, once."""
+
+    yaml_fix: ClassVar[str] = ""  # appended to a YAML syntax error's message (e.g. "; fix: ...")
+
+    def __init__(self, source: str, text: str = "") -> None:
+        self.source = source
+        self.text = text
+        self.places = Places(source, text)
+
+    @classmethod
+    def error(cls, message: str, where: Where = (), line: int | None = None, column: int | None = None) -> Exception:
+        """The file's own error type, for ``message`` at that place."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, source: str) -> YamlValidator:
+        """A validator of ``raw``, which must be UTF-8 text (else the file's error, naming the byte)."""
+        try:
+            return cls(source, raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise cls.error(f"{source}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
+
+    def document(self) -> Any:
+        """The file's YAML document, strictly loaded (``load_strict_yaml``); the file's error, naming
+        the line and column, when it is not valid YAML."""
+        try:
+            return load_strict_yaml(self.text, self.source)
+        except YamlError as exc:
+            if exc.line is None:
+                raise self.error(f"{exc}{self.yaml_fix}") from None
+            message = f"{place(self.source, exc.line, exc.column)}: not valid YAML: {exc.problem}{self.yaml_fix}"
+            raise self.error(message, (), exc.line, exc.column) from None
+
+    def fail(
+        self, where: Where, problem: str, fix: str | None = None, *, at: Where | None = None, at_key: bool = False
+    ) -> Exception:
+        """The error at ``where``: ``file:line:column: place: problem[; fix: fix]``. The line is
+        that of ``at`` when given (e.g. an unknown key below ``where``), of ``where``'s last
+        mapping key with ``at_key``."""
+        line, column = self.places.position(where if at is None else at, at_key)
+        message = f"{place(self.source, line, column)}: {where_text(where)}: {problem}"
+        return self.error(message if fix is None else f"{message}; fix: {fix}", where, line, column)

@@ -85,7 +85,7 @@ def allow_answer_headers() -> dict[str, str]:
     """The headers of the HTTP front door's allow answer for a bench token's identity."""
     from authz_service.claims import Claims
     from authz_service.decision import Decision, Reason
-    from authz_service.ext_authz_http import HttpFrontDoor
+    from authz_service.doors.http import HttpFrontDoor
     from authz_service.response import Answers
 
     scopes = "transactions/get transactions/post"

@@ -58,7 +58,7 @@ def main() -> None:
         if i in checkpoints:
             gc.collect()
             rss = rss_mb()
-            print(f"| {i:,} | {len(cache):,} | {cache.bytes:,} | {rss:.1f} | {rss - base:.1f} |", flush=True)
+            print(f"| {i:,} | {len(cache):,} | {cache.held_bytes:,} | {rss:.1f} | {rss - base:.1f} |", flush=True)
     print(f"\n{args.tokens:,} puts in {time.perf_counter() - started:.1f} s")
 
 

@@ -18,7 +18,6 @@ import base64
 import inspect
 import json
 import time
-import uuid
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -26,11 +25,12 @@ from jwt.algorithms import RSAAlgorithm
 from jwt.api_jwk import PyJWK
 
 from authz_service import tokens as tokens_module
+from authz_service.cognito import access_claims
 from authz_service.policy import Issuer, parse_policy
 from authz_service.tokens import TokenError, TokenVerifier
 
 try:
-    from authz_service.claims import IssuerKey
+    from authz_service.keys import IssuerKey
 except ImportError:  # a version that reads iss before it looks for the key never asks by kid alone
     IssuerKey = None  # type: ignore[assignment,misc]
 
@@ -61,9 +61,8 @@ def tokens(private: rsa.RSAPrivateKey, n: int) -> list[str]:
     now = int(time.time())
     out = []
     for _ in range(n):
-        claims = {"sub": "c1", "token_use": "access", "scope": "a/b c/d", "auth_time": now, "iss": ISSUER,
-                  "exp": now + 3600, "iat": now, "version": 2, "jti": str(uuid.uuid4()), "client_id": "c1",
-                  "custom:tenant": "acme", "environments": ["staging", "prod"]}
+        claims = access_claims(ISSUER, "c1", "a/b c/d", now=now,
+                               custom={"custom:tenant": "acme", "environments": ["staging", "prod"]})
         out.append(jwt.encode(claims, private, algorithm="RS256", headers={"kid": "k1"}))
     return out
 

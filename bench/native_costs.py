@@ -27,9 +27,9 @@ import contextlib
 import copy
 import json
 import re
+import shutil
 import statistics
 import subprocess
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,10 +37,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import (BENCH, Bench, envoy_binary, envoyconf, free_port, machine, process_tree,  # noqa: E402
-                 cpu_seconds, render_envoy, render_native, wrk)
+from run import (
+    BENCH,
+    Bench,
+    cpu_seconds,
+    envoy_binary,
+    envoyconf,
+    free_port,
+    machine,
+    process_tree,
+    render_envoy,
+    render_native,
+    wrk,
+)
 
-from authz_service.decision import UNMET_REASONS  # noqa: E402
+from authz_service.decision import UNMET_REASONS
 
 Config = dict[str, Any]
 RBAC, JWT, EXT_AUTHZ = "authz.rbac", "authz.jwt", "envoy.filters.http.ext_authz"
@@ -89,6 +100,7 @@ def drop_checks(kind: str) -> Callable[[Config], None]:
         for policies in _rbac_rules(cfg):
             for name in [n for n, p in policies.items() if kind_of(n, p) == kind]:
                 del policies[name]
+
     return drop
 
 
@@ -98,6 +110,7 @@ def drop_filter(name: str) -> Callable[[Config], None]:
         hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != name]
         for route in _routes(cfg):
             route.get("typed_per_filter_config", {}).pop(name, None)
+
     return drop
 
 
@@ -119,6 +132,7 @@ def drop_provider_field(field: str) -> Callable[[Config], None]:
     def drop(cfg: Config) -> None:
         for provider in envoyconf.http_filter(cfg, JWT, "ingress")["providers"].values():
             provider.pop(field)
+
     return drop
 
 
@@ -149,6 +163,7 @@ STEPS: list[tuple[str, Callable[[Config], None]]] = [
 
 def configurations(compiled: Config, bench: Bench) -> list[tuple[str, Callable[[int, int], Config]]]:
     """(label, build(listener port, admin port)) for every configuration, in the table's order."""
+
     def at(cfg: Config, listener: int, admin: int) -> Config:
         out = copy.deepcopy(cfg)
         envoyconf.socket_address(envoyconf.listener(out, "ingress"), "listener")["port_value"] = listener
@@ -156,16 +171,27 @@ def configurations(compiled: Config, bench: Bench) -> list[tuple[str, Callable[[
         return out
 
     out: list[tuple[str, Callable[[int, int], Config]]] = [
-        ("compiled (row 4n)", lambda listener, admin: at(compiled, listener, admin))]
+        ("compiled (row 4n)", lambda listener, admin: at(compiled, listener, admin))
+    ]
     current = copy.deepcopy(compiled)
     for label, drop in STEPS:
         current = copy.deepcopy(current)
         drop(current)
         out.append((f"- {label}", lambda listener, admin, cfg=current: at(cfg, listener, admin)))
-    out.append(("row 2c: jwt_authn with its cache, shipped routes", lambda listener, admin: render_envoy(
-        "jwt_authn_cached", listener_port=listener, admin_port=admin, jwks=bench.jwks)))
-    out.append(("row 1: no authorization", lambda listener, admin: render_envoy(
-        "none", listener_port=listener, admin_port=admin)))
+    out.append(
+        (
+            "row 2c: jwt_authn with its cache, shipped routes",
+            lambda listener, admin: render_envoy(
+                "jwt_authn_cached", listener_port=listener, admin_port=admin, jwks=bench.jwks
+            ),
+        )
+    )
+    out.append(
+        (
+            "row 1: no authorization",
+            lambda listener, admin: render_envoy("none", listener_port=listener, admin_port=admin),
+        )
+    )
     return out
 
 
@@ -196,18 +222,27 @@ def cpu_per_request(bench: Bench, cfg: Config, name: str, duration: float, conne
 
 def check_answers(data: dict[str, Any], name: str) -> None:
     if data["errors"]:
-        raise SystemExit(f"{name}: {data['errors']} errors or non-2xx answers: the configuration no longer "
-                         "allows the bench's requests, so its figure would measure something else")
+        raise SystemExit(
+            f"{name}: {data['errors']} errors or non-2xx answers: the configuration no longer "
+            "allows the bench's requests, so its figure would measure something else"
+        )
 
 
-def instructions_per_request(bench: Bench, cfg: Config, name: str, duration: float,
-                             connections: int) -> tuple[float, float]:
+def instructions_per_request(
+    bench: Bench, cfg: Config, name: str, duration: float, connections: int
+) -> tuple[float, float]:
     """(instructions, estimated cycles) per request, counted only while the load runs."""
     out = bench.work / f"callgrind-{name}.out"
     for old in bench.work.glob(f"callgrind-{name}.out*"):
         old.unlink()
-    command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--cache-sim=yes",
-               f"--callgrind-out-file={out}", real_envoy()]
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        "--cache-sim=yes",
+        f"--callgrind-out-file={out}",
+        real_envoy(),
+    ]
     try:
         envoy, port = bench.start_envoy(cfg, name, command, timeout=300)
         wrk(port, bench.warm_tokens, 5, connections)  # warm: the first requests build caches
@@ -224,7 +259,7 @@ def instructions_per_request(bench: Bench, cfg: Config, name: str, duration: flo
     totals = re.search(r"^(?:summary|totals): ([\d ]+)$", text, re.M)
     if not events or not totals:
         raise SystemExit(f"{name}: no counts in {dumps[-1]}")
-    counts = dict(zip(events[1].split(), map(int, totals[1].split())))
+    counts = dict(zip(events[1].split(), map(int, totals[1].split()), strict=True))
     l1 = counts["I1mr"] + counts["D1mr"] + counts["D1mw"]
     last = counts["ILmr"] + counts["DLmr"] + counts["DLmw"]
     requests = max(1, data["requests"])
@@ -241,8 +276,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the CPU-time measurement")
     parser.add_argument("--duration", type=float, default=6, help="seconds of load per configuration and round")
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--instructions", action="store_true",
-                        help="also count instructions and estimated cycles per request under valgrind (slow)")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count instructions and estimated cycles per request under valgrind (slow)",
+    )
     parser.add_argument("--work", default=str(BENCH / ".work"), help="scratch folder (keys, tokens, logs)")
     args = parser.parse_args()
     if args.instructions and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
@@ -256,27 +294,34 @@ def main() -> None:
         service, grpc_port, http_port = bench.start_service(policy, 1, name="service-costs")
         bench.procs.remove(service)  # one service for every configuration: it only serves the keys
         running.callback(service.stop)
-        compiled = render_native(policy, listener_port=free_port(), admin_port=free_port(), grpc_port=grpc_port,
-                                 http_port=http_port)
+        compiled = render_native(
+            policy, listener_port=free_port(), admin_port=free_port(), grpc_port=grpc_port, http_port=http_port
+        )
         configs = configurations(compiled, bench)
         cpu: dict[int, list[float]] = {i: [] for i in range(len(configs))}
         for round_ in range(1, args.rounds + 1):
             for i, (label, build) in enumerate(configs):
                 print(f"round {round_}/{args.rounds}: {label}", flush=True)
-                cpu[i].append(cpu_per_request(bench, build(free_port(), free_port()), f"costs-{i}", args.duration,
-                                              args.connections))
+                cpu[i].append(
+                    cpu_per_request(
+                        bench, build(free_port(), free_port()), f"costs-{i}", args.duration, args.connections
+                    )
+                )
         counted: dict[int, tuple[float, float]] = {}
         if args.instructions:
             for i, (label, build) in enumerate(configs):
                 print(f"callgrind: {label}", flush=True)
-                counted[i] = instructions_per_request(bench, build(free_port(), free_port()), f"costs-{i}", 10,
-                                                      args.connections)
+                counted[i] = instructions_per_request(
+                    bench, build(free_port(), free_port()), f"costs-{i}", 10, args.connections
+                )
         service_cpu = cpu_seconds(process_tree(service.pid))
     print()
     print(f"Machine: {machine()}")
-    print(f"Command: bench/native_costs.py --rounds {args.rounds} --duration {args.duration:g}"
-          f"{' --instructions' if args.instructions else ''} (wrk -t1 -c{args.connections}, Envoy --concurrency 1, "
-          f"warm tokens; the service used {service_cpu:.1f} s of CPU in all, serving keys)")
+    print(
+        f"Command: bench/native_costs.py --rounds {args.rounds} --duration {args.duration:g}"
+        f"{' --instructions' if args.instructions else ''} (wrk -t1 -c{args.connections}, Envoy --concurrency 1, "
+        f"warm tokens; the service used {service_cpu:.1f} s of CPU in all, serving keys)"
+    )
     print()
     head = "| configuration | Envoy CPU us/request | step: CPU us (paired) |"
     rule = "|---|---:|---:|"
@@ -289,7 +334,7 @@ def main() -> None:
     for i, (label, _) in enumerate(configs):
         step = "-"
         if 0 < i < steps:  # paired with the configuration it was taken from, in the same round
-            step = spread([before - after for before, after in zip(cpu[i - 1], cpu[i])], ".1f")
+            step = spread([before - after for before, after in zip(cpu[i - 1], cpu[i], strict=True)], ".1f")
         row = f"| {label} | {spread(cpu[i], '.1f')} | {step} |"
         if counted:
             instr, cycles = counted[i]

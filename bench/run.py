@@ -200,15 +200,15 @@ def _sign_batch(args: tuple[bytes, int, int, int]) -> list[str]:
     import jwt
     from cryptography.hazmat.primitives import serialization
 
+    from authz_service.cognito import access_claims
+
     pem, start, count, exp = args
     key = serialization.load_pem_private_key(pem, password=None)
     now = int(time.time())
     out = []
     for i in range(start, start + count):
         client = f"bench-client-{i % 50}"
-        claims = {"sub": client, "token_use": "access", "scope": "transactions/get transactions/post",
-                  "auth_time": now, "iss": ISSUER, "exp": exp, "iat": now, "version": 2,
-                  "jti": str(uuid.uuid4()), "client_id": client}
+        claims = access_claims(ISSUER, client, "transactions/get transactions/post", now=now, ttl=exp - now)
         out.append(jwt.encode(claims, key, algorithm="RS256", headers={"kid": KID, "alg": "RS256"}))
     return out
 

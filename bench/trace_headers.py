@@ -40,8 +40,8 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult  # noq
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
 from authz_service.check import TracedChecker  # noqa: E402
-from authz_service.ext_authz_grpc import authorization_servicer  # noqa: E402
-from authz_service.ext_authz_http import HttpFrontDoor  # noqa: E402
+from authz_service.doors.grpc import authorization_servicer  # noqa: E402
+from authz_service.doors.http import HttpFrontDoor  # noqa: E402
 from authz_service.response import Answers  # noqa: E402
 from authz_service.tracing import Tracing, tracing_settings  # noqa: E402
 

@@ -6,9 +6,8 @@ run fails if any process it started outlives it)."""
 from __future__ import annotations
 
 import os
-import time
 import uuid
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 from jwt.api_jwk import PyJWK
 
-from authz_service.claims import IssuerKey
+from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2
+from authz_service.cognito import access_claims
+from authz_service.keys import IssuerKey
 from authz_service.policy import Issuer
 
 from tests.e2e.harness import RUN_MARKER, Owner, reap_leftovers
@@ -37,21 +38,21 @@ class SigningKey:
 
     def token(self, **overrides: Any) -> str:
         """A Cognito client_credentials access token; pass claim=None to drop a claim."""
-        now = int(time.time())
-        claims: dict[str, Any] = {
-            "sub": "client-a", "token_use": "access", "scope": "transactions/post",
-            "auth_time": now, "iss": ISSUER, "exp": now + 3600, "iat": now,
-            "version": 2, "jti": str(uuid.uuid4()), "client_id": "client-a",
-        }
-        headers = {"kid": self.kid, "alg": "RS256"}
-        for key, value in overrides.pop("header", {}).items():
-            headers[key] = value
-        for key, value in overrides.items():
-            if value is None:
-                claims.pop(key, None)
-            else:
-                claims[key] = value
+        headers = {"kid": self.kid, "alg": "RS256", **overrides.pop("header", {})}
+        claims = access_claims(ISSUER, "client-a", "transactions/post", replace=overrides)
         return jwt.encode(claims, self.private, algorithm="RS256", headers=headers)
+
+
+def check_request(method: str, path: str, headers: Mapping[str, str]) -> external_auth_pb2.CheckRequest:
+    """The CheckRequest Envoy's gRPC ext_authz sends for this request (headers lower-cased, as Envoy
+    sends the ``headers`` map; join repeated headers with ',' first, as Envoy does)."""
+    check = external_auth_pb2.CheckRequest()
+    http = check.attributes.request.http
+    http.method = method
+    http.path = path
+    for name, value in headers.items():
+        http.headers[name.lower()] = value
+    return check
 
 
 def make_key(kid: str) -> SigningKey:

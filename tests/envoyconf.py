@@ -79,8 +79,8 @@ def http_door_mismatches(config: Config, service_prefix: str) -> list[str]:
     """How the HTTP-mode ext_authz filter of ``config`` disagrees with an authz-service whose
     ``--ext-authz-http-path-prefix`` is ``service_prefix`` (empty: they agree): the path_prefix
     Envoy puts before the original path, and the original path it must send on its own
-    (authz_service/ext_authz_http.py refuses every request otherwise)."""
-    from authz_service.ext_authz_http import ENVOY_VALUE, ORIGINAL_PATH
+    (authz_service/doors/http.py refuses every request otherwise)."""
+    from authz_service.doors.http import ENVOY_VALUE, ORIGINAL_PATH
 
     service = http_filter(config, EXT_AUTHZ)["http_service"]
     problems = []
@@ -90,3 +90,15 @@ def http_door_mismatches(config: Config, service_prefix: str) -> list[str]:
     if added.get(ORIGINAL_PATH) != ENVOY_VALUE:
         problems.append(f"Envoy sends {ORIGINAL_PATH}: {added.get(ORIGINAL_PATH)!r}, not {ENVOY_VALUE!r}")
     return problems
+
+
+def without_anonymous_limit(config: Config) -> None:
+    """Lift the ``ingress`` listener's anonymous token bucket (the shipped 100 burst, 50/s) out of reach.
+
+    Why: admission control answers 429 before any decision is made, so a suite about decisions that
+    sends anonymous requests faster than 50/s (a fast, idle machine does) would test the bucket
+    instead. The admission suite keeps the shipped bucket; every other suite runs without it."""
+    for route in hcm(config, "ingress")["route_config"]["virtual_hosts"][0]["routes"]:
+        limit = route.get("typed_per_filter_config", {}).get("envoy.filters.http.local_ratelimit")
+        if limit is not None:
+            limit["token_bucket"].update(max_tokens=1_000_000, tokens_per_fill=1_000_000)

@@ -43,6 +43,7 @@ CONTRACT_METRICS = {
     "authz_policy_routes",
     "authz_policy_generation",
     "authz_policy_info",
+    "authz_policy_file_refused",
     "authz_ready",
     "authz_token_cache_lookups_total",
     "authz_token_cache_entries",
@@ -64,8 +65,9 @@ CONTRACT_LABEL_VALUES = {
     "problem": {"original_path_missing", "path_prefix_mismatch", "original_path_mismatch"},
 }
 CONTRACT_LABELS = set(CONTRACT_LABEL_VALUES) | {"route", "issuer", "sha256", "le"}
-# Labels Prometheus attaches to every scraped series (ServiceMonitor target labels).
-TARGET_LABELS = {"job", "instance", "namespace", "pod", "container", "service", "endpoint"}
+# Labels Prometheus attaches to every scraped series (ServiceMonitor target labels; `app`, the protected
+# app's name, is set by the relabelling of every shipped ServiceMonitor and PodMonitor).
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "container", "service", "endpoint", "app"}
 # The scrape jobs the ServiceMonitor makes (deploy/k8s/servicemonitor.yaml, and the Component's).
 JOBS = {"authz-service", "authz-envoy"}
 # Envoy's series the rules rely on (job authz-envoy: the envoy-health listener's /stats/prometheus),
@@ -100,6 +102,7 @@ GRAFANA_VARIABLES = {
     "$__range": "1h",
     "$job": ".*",
     "$namespace": ".*",
+    "$app": ".*",
     "$pod": ".*",
 }
 
@@ -350,6 +353,37 @@ def test_rules_use_only_contract_metrics_and_labels() -> None:
         check_expr_vocabulary(rule["expr"], rule["alert"])
 
 
+def test_service_level_alerts_aggregate_per_app() -> None:
+    """Two apps in one namespace never share an alert: every aggregation that keeps the namespace
+    keeps the app too (per-Pod alerts keep every target label, app included)."""
+    for rule in alert_rules():
+        for group in re.findall(r"\bby\s*\(([^)]*)\)", rule["expr"]):
+            labels = {label.strip() for label in group.split(",")}
+            if "namespace" in labels:
+                assert "app" in labels, f"{rule['alert']}: by ({group}) mixes the apps of a namespace"
+
+
+def test_every_service_level_alert_is_tested_with_two_apps_in_one_namespace() -> None:
+    """An alert that sums over Pods must fire for one app of a namespace while another is healthy."""
+    tests = yaml.safe_load(RULES_TEST.read_text())
+    proven = set()
+    for group in tests["tests"]:
+        apps: dict[str, set[str]] = {}
+        for series in group["input_series"]:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', series["series"]))
+            if "app" in labels:
+                apps.setdefault(labels["namespace"], set()).add(labels["app"])
+        if not any(len(names) > 1 for names in apps.values()):
+            continue
+        for case in group["alert_rule_test"]:
+            if any("app" in alert["exp_labels"] for alert in case.get("exp_alerts") or []):
+                proven.add(case["alertname"])
+    service_level = {r["alert"] for r in alert_rules() if re.search(r"\bby\s*\([^)]*\bnamespace\b", r["expr"])}
+    assert service_level >= {"AuthzHighDenyRatio", "AuthzRouteDenySpike", "AuthzChecksFailingClosed",
+                             "AuthzNoReadyInstance"}
+    assert service_level - proven == set(), f"no two-apps scenario fires {sorted(service_level - proven)}"
+
+
 def test_every_alert_is_unit_tested_firing_and_quiet() -> None:
     """Each alert has a scenario where it MUST fire and one where it MUST stay quiet."""
     tests = yaml.safe_load(RULES_TEST.read_text())
@@ -413,6 +447,15 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_dashboard_tells_apps_apart() -> None:
+    """An app variable (the target label app) that every query selects by, as it does by namespace."""
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    assert variables["app"]["query"]["query"] == 'label_values(authz_ready{job=~"$job", namespace=~"$namespace"}, app)'
+    assert 'app=~"$app"' in variables["pod"]["query"]["query"]
+    for expr in dashboard_exprs():
+        assert 'app=~"$app"' in expr, expr
+
+
 def test_dashboard_has_the_required_views() -> None:
     exprs = [re.sub(r"\s+", " ", e) for e in dashboard_exprs()]
 
@@ -427,6 +470,7 @@ def test_dashboard_has_the_required_views() -> None:
     assert has(r"time\(\) - authz_jwks_last_success_timestamp_seconds"), "JWKS key age per issuer"
     assert has(r"authz_policy_generation"), "policy generation"
     assert has(r"authz_policy_reloads_total"), "policy reload errors"
+    assert has(r"authz_policy_file_refused"), "a policy file refused now"
 
 
 

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from authz_service import __version__
-from authz_service.audit import AppClient, Pool, as_json, audit, render_text
+from authz_service.tools.audit import AppClient, Pool, as_json, audit, render_text
 from authz_service.policy import parse_policy
 
 from .test_cli import cli
@@ -180,7 +180,7 @@ def test_the_documented_iam_policy_grants_exactly_the_calls_the_audit_makes():
     import re
     from pathlib import Path
 
-    from authz_service.audit import read_pool
+    from authz_service.tools.audit import read_pool
 
     class Recorder:
         def __init__(self) -> None:

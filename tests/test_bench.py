@@ -127,7 +127,7 @@ def test_abuse_envoy_variants_validate(run, variant: str, tmp_path: Path) -> Non
 
 
 def test_grpc_frame_is_a_check_request_the_service_parses(run) -> None:
-    from authz_service.ext_authz_grpc import parse_check_request
+    from authz_service.doors.grpc import parse_check_request
 
     frame = run.grpc_frame("abc.def.ghi")
     assert frame[0] == 0 and int.from_bytes(frame[1:5], "big") == len(frame) - 5

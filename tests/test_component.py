@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from .test_deploy import (
     env_of,
     kubernetes_schema_errors,
     run,
+    scrape_labels,
     selects,
     tool,
 )
@@ -90,7 +92,8 @@ def test_component_envoy_configs_are_fresh() -> None:
 
 def test_port_replacement_targets_the_last_port_value_of_each_config() -> None:
     kustomization = yaml.safe_load((COMPONENT / "kustomization.yaml").read_text())
-    (port,) = [r for r in kustomization["replacements"] if r["source"]["fieldPath"] == "spec.appPort"]
+    (port,) = [r for r in kustomization["replacements"] if r["source"]["fieldPath"] == "spec.appPort"
+               and r["targets"][0]["select"]["kind"] == "ConfigMap"]  # the others check the value
     (target,) = port["targets"]
     delimiter, index = target["options"]["delimiter"], target["options"]["index"]
     for mode in SHIPPED:
@@ -105,6 +108,60 @@ def test_component_envoy_config_refuses_an_unexpected_layout() -> None:
     with pytest.raises(ValueError, match="app"):
         component_envoy.component_config(SHIPPED["grpc"].read_text().replace("port_value: 8000", "port_value: 8001"),
                                          "envoy.yaml")
+
+
+# --- the parameters, refused at render time -------------------------------------------------------
+
+
+def render_with(tmp_path: Path, **spec: object) -> tuple[int, str, list[dict[str, Any]]]:
+    """Render deploy/examples/two-apps with payments' AuthzSidecar spec changed (None: field removed);
+    (exit code, stderr, the objects)."""
+    copied = tmp_path / "deploy"
+    for part in ("components", "examples"):
+        shutil.copytree(ROOT / "deploy" / part, copied / part)
+    params = copied / "examples" / "two-apps" / "payments" / "authz-sidecar.yaml"
+    doc = yaml.safe_load(params.read_text())
+    for key, value in spec.items():
+        if value is None:
+            del doc["spec"][key]
+        else:
+            doc["spec"][key] = value
+    params.write_text(yaml.safe_dump(doc))
+    kubectl = tool("kubectl", "apt-get install -y kubectl (or any kubectl >= 1.27 with built-in kustomize)")
+    result = run([kubectl, "kustomize", str(copied / "examples" / "two-apps")])
+    return result.returncode, result.stderr, [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+@pytest.mark.parametrize("mode", ["htpp", "GRPC", "grpc ", "", "grpc,http", 1])
+def test_a_mistyped_mode_is_refused_at_render_time(tmp_path: Path, mode: object) -> None:
+    """Plain kubectl kustomize, no plugins: the Component's own replacements refuse the value, naming
+    the field and what it must be (before, it rendered and Envoy failed when the Pod started)."""
+    code, stderr, _ = render_with(tmp_path, mode=mode)
+    assert code != 0 and "unable to find field" in stderr and "spec.mode must be grpc or http" in stderr, stderr
+
+
+@pytest.mark.parametrize("port", ["80a0", "0", "65536", "-1", "8000 ", "8080/tcp", "", "1e3", "99999999999999999999",
+                                  "http"])
+def test_a_mistyped_app_port_is_refused_at_render_time(tmp_path: Path, port: str) -> None:
+    code, stderr, _ = render_with(tmp_path, appPort=port)
+    assert code != 0 and "unable to find field" in stderr, stderr
+    assert "spec.appPort must be the app's port, a number from 1 to 65535" in stderr, stderr
+
+
+@pytest.mark.parametrize("field", ["mode", "appPort"])
+def test_a_missing_parameter_is_refused_at_render_time(tmp_path: Path, field: str) -> None:
+    code, stderr, _ = render_with(tmp_path, **{field: None})
+    assert code != 0 and f"fieldPath `spec.{field}` is missing for replacement source" in stderr, stderr
+
+
+@pytest.mark.parametrize("port", ["1", "65535", 5000])
+def test_every_port_number_renders(tmp_path: Path, port: object) -> None:
+    """The check refuses no real port, quoted or not (and the objects are the same as without it)."""
+    code, stderr, docs = render_with(tmp_path, appPort=port)
+    assert code == 0, stderr
+    config = yaml.safe_load(envoy_configmap(docs, "payments")["data"]["envoy-http.yaml"])
+    assert envoyconf.endpoint(config, "app")["port_value"] == int(port)
+    assert not objects(docs, "AuthzSidecar"), "the parameters (and the labels the check puts on them) stay local"
 
 
 # --- the rendered example ----------------------------------------------------------------------------
@@ -139,6 +196,16 @@ def test_every_selector_selects_its_own_app_only(rendered: list[dict[str, Any]])
                   if selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"].get("labels", {}))]
         assert chosen == [f"{app}-authz-metrics"]
         assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "authz-service", "the alerts' job"
+
+
+def test_each_apps_series_carry_its_name_as_the_app_label(rendered: list[dict[str, Any]]) -> None:
+    """The alerts aggregate by namespace, job and app: two apps of one namespace get apart labels."""
+    for app in APPS:
+        monitor = named(rendered, "ServiceMonitor", f"{app}-authz")
+        labels = named(rendered, "Service", f"{app}-authz-metrics")["metadata"]["labels"]
+        authz, envoy = monitor["spec"]["endpoints"]
+        assert scrape_labels(monitor, authz, service=labels) == {"job": "authz-service", "app": app}
+        assert scrape_labels(monitor, envoy, service=labels) == {"job": "authz-envoy", "app": app}
 
 
 def test_deployments_mount_their_own_configmaps(rendered: list[dict[str, Any]]) -> None:

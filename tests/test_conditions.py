@@ -7,8 +7,10 @@ import re
 import textwrap
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from authz_service.claims import UNSUPPORTED, claim_value
+from authz_service.claims import UNSUPPORTED, Claims, claim_value
 from authz_service.decision import REASONS, Reason, decide
 from authz_service.policy import PolicyError, parse_policy
 from authz_service.request import HttpRequest
@@ -116,7 +118,7 @@ def test_loaded_conditions_and_the_claim_names_the_verifier_keeps():
      "'token_use' is set by Cognito itself; claim conditions are for custom claims"),
     ("  - {path: /a, scopes: [r], claims: {'cognito:groups': {contains: x}}}\n", "set by Cognito itself"),
     ("  - {path: /a, scopes: [r], claims: {t: [a, b]}}\n", "a list is ambiguous; write {any_of: [...]}"),
-    ("  - {path: /a, scopes: [r], claims: {t: null}}\n", "must be a string, number or boolean, got nothing"),
+    ("  - {path: /a, scopes: [r], claims: {t: null}}\n", "must be a string, number or boolean, got nothing (null)"),
     ("  - {path: /a, scopes: [r], claims: {t: {equals: a, any_of: [b]}}}\n", "exactly one of equals, any_of"),
     ("  - {path: /a, scopes: [r], claims: {t: {regex: a}}}\n", "exactly one of equals, any_of, contains"),
     ("  - {path: /a, scopes: [r], claims: {t: {any_of: []}}}\n", "must be a non-empty list"),
@@ -313,3 +315,25 @@ async def test_custom_claims_are_never_forwarded_upstream(verifier, key_a):
     decision = await decide_for(verifier, key_a, "/reports/7", **GOOD_REPORT)
     answer = Answers("realm").answer(decision, request("GET", "/reports/7", "t"))
     assert [name for name, _ in answer.headers] == ["x-auth-client-id", "x-auth-scopes", "x-auth-sub"]
+
+
+_CLAIM_VALUES = st.one_of(st.sampled_from(["acme", "globex", "gold", "silver", "prod", 3, 3.0, 0.5, 1, True, False]),
+                          st.lists(st.sampled_from(["dev", "prod", "gold"]), max_size=3).map(tuple),
+                          st.just(UNSUPPORTED))
+
+
+@settings(max_examples=300, deadline=None)
+@given(route=st.sampled_from([r for r in POLICY.routes if not r.public]),
+       client=st.sampled_from(["ops-bot", "client-a"]),
+       scopes=st.frozensets(st.sampled_from(["reports/read", "audit/read", "audit/export", "a/x", "a/z", "ops/run",
+                                             "n/r", "p/r", "t/r"])),
+       custom=st.dictionaries(st.sampled_from(["custom:tenant", "tier", "environments", "level", "beta", "ratio"]),
+                              _CLAIM_VALUES))
+def test_each_lists_the_conditions_unmet_checks_in_its_order(route, client, scopes, custom):
+    """explain shows every condition through Conditions.each; decide() uses unmet: the first
+    failure of one is the answer of the other, for any route and token."""
+    claims = Claims("iss", client, client, scopes, " ".join(sorted(scopes)), 0, "kid", custom,
+                    POLICY.claim_names)
+    requirements = route.requirements
+    failures = [(unmet, failure) for unmet, _, failure in requirements.each(claims) if failure is not None]
+    assert requirements.unmet(claims) == (failures[0] if failures else None)

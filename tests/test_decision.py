@@ -11,7 +11,7 @@ from authz_service.claims import Claims
 from authz_service.decision import Decision, Reason, decide
 from authz_service.policy import parse_policy
 from authz_service.request import HttpRequest
-from authz_service.tokens import Failure, TokenError, bearer_token
+from authz_service.tokens import Check, Failure, TokenError, bearer_token
 
 from .test_policytool import REVIEW_POLICY
 
@@ -151,7 +151,7 @@ async def test_no_route_is_denied_403_without_verifying(method, path):
 
 @pytest.mark.parametrize("auth", [(), ("Bearer abc",), ("garbage",), ("Bearer a", "Bearer b")])
 async def test_public_route_is_allowed_without_a_token(auth):
-    decision, verifier = await run(req("GET", "/healthz", *auth), TokenError(Failure.EXPIRED, "token expired"))
+    decision, verifier = await run(req("GET", "/healthz", *auth), TokenError(Failure.EXPIRED, "token expired", check=Check.TIMES))
     assert decision.allowed and decision.reason is Reason.PUBLIC and decision.status == 200
     assert decision.route is POLICY.routes[2] and decision.claims is None and not decision.dry_run
     assert verifier.calls == []
@@ -220,7 +220,7 @@ def test_every_failure_is_covered():
 
 @pytest.mark.parametrize(("failure", "reason", "status"), TOKEN_FAILURES)
 async def test_token_failures_map_to_reason_and_status(failure, reason, status):
-    decision, verifier = await run(req("POST", "/tx", "Bearer abc"), TokenError(failure, f"{failure.value} text"))
+    decision, verifier = await run(req("POST", "/tx", "Bearer abc"), TokenError(failure, f"{failure.value} text", check=Check.HEADER))
     assert not decision.allowed and not decision.dry_run
     assert (decision.reason, decision.status) == (reason, status)
     assert decision.description == f"{failure.value} text"
@@ -245,8 +245,8 @@ async def test_token_without_a_required_scope_is_insufficient_scope_403(scopes):
     [
         ((), None, Reason.MISSING_TOKEN, 401),
         (("Bearer a b",), None, Reason.BAD_REQUEST, 400),
-        (("Bearer abc",), TokenError(Failure.EXPIRED, "token expired"), Reason.EXPIRED, 401),
-        (("Bearer abc",), TokenError(Failure.WRONG_ISSUER, "nope"), Reason.WRONG_ISSUER, 401),
+        (("Bearer abc",), TokenError(Failure.EXPIRED, "token expired", check=Check.TIMES), Reason.EXPIRED, 401),
+        (("Bearer abc",), TokenError(Failure.WRONG_ISSUER, "nope", check=Check.ISSUER), Reason.WRONG_ISSUER, 401),
         (("Bearer abc",), claims("tx/read"), Reason.INSUFFICIENT_SCOPE, 403),
     ],
 )
@@ -261,7 +261,7 @@ async def test_dry_run_turns_a_denial_into_an_allow_and_keeps_the_reason(auth, o
 
 
 async def test_dry_run_never_hides_keys_unavailable():
-    decision, _ = await run(req("GET", "/beta", "Bearer abc"), TokenError(Failure.KEYS_UNAVAILABLE, "later"))
+    decision, _ = await run(req("GET", "/beta", "Bearer abc"), TokenError(Failure.KEYS_UNAVAILABLE, "later", check=Check.KEY))
     assert not decision.allowed and not decision.dry_run
     assert (decision.reason, decision.status) == (Reason.KEYS_UNAVAILABLE, 503)
 
@@ -334,7 +334,7 @@ async def test_both_protected_readings_must_allow_and_the_denial_names_the_one_t
 
 
 async def test_a_token_failure_fails_every_reading_once():
-    decision, verifier = await run(req("GET", "/a/", "Bearer abc"), TokenError(Failure.EXPIRED, "token expired"),
+    decision, verifier = await run(req("GET", "/a/", "Bearer abc"), TokenError(Failure.EXPIRED, "token expired", check=Check.TIMES),
                                    SLASH_POLICY)
     assert (decision.reason, decision.route) == (Reason.EXPIRED, route_named("a-rest"))
     assert len(verifier.calls) == 1

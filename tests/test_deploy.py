@@ -145,6 +145,31 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+def _meta_name(label: str) -> str:
+    """A Kubernetes label's name as a Prometheus meta label carries it (invalid characters to '_')."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", label)
+
+
+def scrape_labels(monitor: dict[str, Any], endpoint: dict[str, Any], *, service: dict[str, str] | None = None,
+                  pod: dict[str, str] | None = None) -> dict[str, str]:
+    """The job and the labels an endpoint's relabelings write, for a target whose Service (ServiceMonitor)
+    or Pod (PodMonitor) carries these labels: what prometheus-operator's scrape config computes (job from
+    the jobLabel, then the ``replace`` relabelings in order, with Prometheus's defaults)."""
+    meta = {f"__meta_kubernetes_{kind}_label_{_meta_name(k)}": v
+            for kind, labels in (("service", service or {}), ("pod", pod or {})) for k, v in labels.items()}
+    job_source = service if service is not None else pod or {}
+    labels = {"job": job_source.get(monitor["spec"]["jobLabel"], "")}
+    for rule in endpoint.get("relabelings", []):
+        assert rule.get("action", "replace") == "replace", rule
+        value = rule.get("separator", ";").join(meta.get(name, labels.get(name, ""))
+                                                for name in rule.get("sourceLabels", []))
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        if match:
+            labels[rule["targetLabel"]] = match.expand(re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>",
+                                                              rule.get("replacement", "$1")))
+    return {k: v for k, v in labels.items() if v}
+
+
 def envoy_config() -> dict[str, Any]:
     return yaml.safe_load(ENVOY_CONFIG.read_text())
 
@@ -622,10 +647,24 @@ def test_service_monitor_scrapes_authz_metrics_and_envoy_stats(rendered: list[di
     assert service["spec"].get("publishNotReadyAddresses") is True, "unready Pods must still be scraped"
     # job="authz-service" (what the rules and dashboard expect) comes from the Service's label ...
     assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "authz-service"
-    assert "relabelings" not in authz
-    # ... and Envoy's series get a job of their own, so they never mix into authz-service's.
-    (relabel,) = envoy["relabelings"]
-    assert relabel["targetLabel"] == "job" and relabel["replacement"] not in ("", "authz-service")
+    # ... Envoy's series get a job of their own, so they never mix into authz-service's, and both
+    # carry the app's name, which the alerts aggregate by.
+    labels = service["metadata"]["labels"]
+    assert scrape_labels(monitor, authz, service=labels) == {"job": "authz-service", "app": "echo-app"}
+    assert scrape_labels(monitor, envoy, service=labels) == {"job": "authz-envoy", "app": "echo-app"}
+
+
+def test_scrape_labels_follows_prometheus_relabelling() -> None:
+    monitor = {"spec": {"jobLabel": "app.kubernetes.io/name"}}
+    endpoint = {"relabelings": [
+        {"sourceLabels": ["__meta_kubernetes_service_label_app_kubernetes_io_instance"], "targetLabel": "app"},
+        {"sourceLabels": ["job", "app"], "regex": "(.*);(.*)", "replacement": "${2}-$1", "targetLabel": "x"},
+        {"sourceLabels": ["missing"], "regex": "(.+)", "targetLabel": "app"},  # no match: app kept
+    ]}
+    labels = {"app.kubernetes.io/name": "authz-service", "app.kubernetes.io/instance": "orders"}
+    assert scrape_labels(monitor, endpoint, service=labels) == \
+        {"job": "authz-service", "app": "orders", "x": "orders-authz-service"}
+    assert scrape_labels(monitor, endpoint, service={}) == {"x": "-"}  # no label: no app
 
 
 # --- Dockerfile -----------------------------------------------------------------------------------------------

@@ -19,15 +19,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives import serialization
 
-from authz_service.dev_issuer import (
-    DevIssuer,
-    DevIssuerConfig,
-    DevIssuerConfigError,
-    TokenRequestError,
-    build_app,
-    load_config,
-    serve,
-)
+from authz_service.dev_issuer.app import build_app, serve
+from authz_service.dev_issuer.config import DevIssuerConfig, DevIssuerConfigError, load_config
+from authz_service.dev_issuer.issuer import DevIssuer, TokenRequestError
 
 POOL = "us-east-1_Demo00001"
 PUBLIC_URL = "http://issuer.test:9000"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from authz_service.explain import _checklist
+from authz_service.tools.explain import _checklist
 from authz_service.tokens import TokenError, TokenVerifier
 from tests.e2e.harness import free_port
 from tests.e2e.stack import DevIssuer, start_dev_issuer
@@ -212,11 +212,82 @@ def test_credentials_in_an_unreachable_jwks_uri_are_not_shown(issuer, tmp_path):
     ids=["sub-surrogate", "scope-crlf", "client-id-newline", "payload", "issuer", "signature"],
 )
 async def test_checklist_names_the_check_the_verifier_failed(key_a, make_token, check: str) -> None:
-    """explain maps the verifier's own errors (failure, detail) to a check: this keeps the two in step."""
+    """explain names the check the verifier says failed (TokenError.check): the two stay in step."""
     with pytest.raises(TokenError) as caught:
         await TokenVerifier(MemoryKeys(key_a)).verify(make_token(key_a), POLICY)
     failed = [(name, detail) for name, result, detail in _checklist(caught.value) if result == "FAILED"]
     assert failed == [(check, failed[0][1])] and failed[0][1].endswith(caught.value.detail)
+
+
+# Run in a fresh interpreter: the verifier's checklist for each token given on stdin, with every
+# TokenError message of tokens.py reworded first when asked (its source rewritten: "reworded: " + text).
+_CHECKLIST_RUN = """
+import ast, asyncio, importlib.util, json, sys
+
+if sys.argv[1] == "reworded":
+    spec = importlib.util.find_spec("authz_service.tokens")
+    tree = ast.parse(open(spec.origin).read())
+
+    class Reword(ast.NodeTransformer):
+        def visit_Call(self, node):
+            self.generic_visit(node)
+            if isinstance(node.func, ast.Name) and node.func.id == "TokenError":
+                node.args[1:] = [ast.BinOp(ast.Constant("reworded: "), ast.Add(), arg) for arg in node.args[1:]]
+            return node
+
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    exec(compile(ast.fix_missing_locations(Reword().visit(tree)), spec.origin, "exec"), module.__dict__)
+
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from authz_service.tokens import TokenError, TokenVerifier
+from authz_service.tools.explain import _checklist
+from tests.conftest import MemoryKeys, SigningKey
+from tests.test_tokens import POLICY
+
+given = json.load(sys.stdin)
+keys = MemoryKeys(SigningKey(given["kid"], load_pem_private_key(given["pem"].encode(), None)))
+out = []
+for token in given["tokens"]:
+    try:
+        asyncio.run(TokenVerifier(keys).verify(token, POLICY))
+        out.append(None)
+    except TokenError as exc:
+        out.append({"checks": [(name, result) for name, result, _ in _checklist(exc)], "detail": exc.detail})
+print(json.dumps(out))
+"""
+
+
+def test_explain_reads_which_check_failed_not_the_message(key_a) -> None:
+    """Every TokenError message reworded, explain names the same failed check for every token: it
+    reads the error's code (TokenError.check), never its wording."""
+    from cryptography.hazmat.primitives import serialization
+
+    other = make_key(key_a.kid)
+    tokens = [
+        key_a.token(header={"crit": ["exp"]}), key_a.token()[:-3], key_a.token(header={"kid": "nobody"}),
+        other.token(), resign(key_a, key_a.token().split(".")[0], b64(b"{not json")), key_a.token(iss=ISSUER + "/"),
+        key_a.token(exp=1), key_a.token(exp=None), key_a.token(exp="soon"), key_a.token(nbf=4_000_000_000),
+        key_a.token(token_use="id"), key_a.token(client_id=None), key_a.token(client_id="client-a\n"),
+        key_a.token(scope=["a"]), key_a.token(scope="a\tb"), key_a.token(scope="a\"b"), key_a.token(sub=7),
+        key_a.token(sub=" padded"),
+    ]
+    pem = key_a.private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()).decode()
+    given = json.dumps({"kid": key_a.kid, "pem": pem, "tokens": tokens})
+    runs = {}
+    for wording in ("as written", "reworded"):
+        run = subprocess.run([sys.executable, "-c", _CHECKLIST_RUN, wording], input=given, capture_output=True,
+                             text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+        assert run.returncode == 0, run.stderr
+        runs[wording] = json.loads(run.stdout)
+    written, reworded = runs["as written"], runs["reworded"]
+    assert all(result is not None for result in written), "every token is refused"
+    assert [r["checks"] for r in reworded] == [r["checks"] for r in written]
+    assert all(r["detail"].startswith("reworded: ") and not w["detail"].startswith("reworded")
+               for r, w in zip(reworded, written))
+    failed = {name for result in written for name, state in result["checks"] if state == "FAILED"}
+    assert failed == {"header", "key", "signature", "payload", "issuer", "times", "token_use", "client", "claims"}
 
 
 @pytest.mark.parametrize("written", ["Bearer {t}", "  bearer \t{t}\n", "BEARER {t}", " {t} "])

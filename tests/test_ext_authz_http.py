@@ -3,23 +3,31 @@ Envoy sends, decides through the shared Checker, and answers as Envoy's http_ser
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from authz_service.check import Checker
-from authz_service.ext_authz_http import MISMATCH, ORIGINAL_PATH, REMOVE_HEADER, HttpFrontDoor, Mismatch
+from authz_service.config import Settings
+from authz_service.decision import REASONS, Reason
+from authz_service.doors.base import Wiring
+from authz_service.doors.grpc import GRPC
+from authz_service.doors.http import EXT_AUTHZ_HTTP, MISMATCH, ORIGINAL_PATH, REMOVE_HEADER, HttpFrontDoor, Mismatch
 from authz_service.metrics import Metrics
 from authz_service.policy import parse_policy
 from authz_service.request import SPECIAL_NAMES
 from authz_service.response import Answers
 from authz_service.tokens import TokenVerifier
 
-from .conftest import ISSUER, MemoryKeys, SigningKey
+from .conftest import ISSUER, MemoryKeys, SigningKey, check_request
 
 POLICY = parse_policy(f"""
 issuers:
@@ -104,8 +112,31 @@ async def test_public_allow_removes_every_spelling(door):
     assert set(headers[REMOVE_HEADER].split(",")) == SPECIAL_NAMES
 
 
+@pytest.fixture
+async def both_doors(key_a: SigningKey) -> AsyncIterator[tuple[str, Any, Metrics]]:
+    """The gRPC and the HTTP door, built and started as the service builds them, on one Checker:
+    (the HTTP door's base URL, a gRPC Authorization stub, the metrics)."""
+    metrics = Metrics(CollectorRegistry())
+    checker = Checker(Fixed(), TokenVerifier(MemoryKeys(key_a)), Answers("r"), metrics.per_check)
+    wiring = Wiring(checker, Settings(policy=Path("unused.yaml")), metrics)
+    grpc_door, http_door = GRPC.build(wiring), EXT_AUTHZ_HTTP.build(wiring)
+    try:
+        grpc_port = await grpc_door.start("127.0.0.1", 0, reuse_port=False)
+        http_port = await http_door.start("127.0.0.1", 0, reuse_port=False)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            yield f"http://127.0.0.1:{http_port}", external_auth_pb2_grpc.AuthorizationStub(channel), metrics
+    finally:
+        await asyncio.gather(grpc_door.stop(), http_door.stop())
+
+
+_TRANSPORT = {"content-length", "date", "server", REMOVE_HEADER}  # the HTTP response's own, not the answer's
+
+
 @pytest.mark.parametrize(("method", "path", "headers", "status", "reason", "route"), [
+    ("POST", "/transactions", [("Authorization", "Bearer {token}")], 200, "allowed", "post"),
+    ("GET", "/healthz", [("x_auth_sub", "spoofed")], 200, "public", "health"),
     ("POST", "/transactions", [], 401, "missing_token", "post"),
+    ("POST", "/transactions", [("Authorization", "Bearer {expired}")], 401, "expired", "post"),
     ("GET", "/nothing", [], 403, "no_route", "no_route"),
     ("post", "/transactions", [], 400, "bad_request", "no_route"),
     ("GET", "/healthz?_method=DELETE", [], 400, "bad_request", "no_route"),
@@ -114,21 +145,40 @@ async def test_public_allow_removes_every_spelling(door):
     ("POST", "/transactions", [("Authorization", "Bearer a.b.c"), ("Authorization", "Bearer d.e.f")], 400,
      "bad_request", "post"),
 ])
-async def test_denials_are_the_json_and_challenge_grpc_mode_sends(door, method, path, headers, status, reason, route):
-    import json
+async def test_both_doors_answer_every_request_alike(both_doors, key_a, method, path, headers, status, reason,
+                                                     route):
+    """The same request through the HTTP door and through the gRPC door (as Envoy sends each: the
+    gRPC headers map lower-cased, repeated headers comma-joined): the same status, headers, body and
+    counted decision."""
+    base, stub, metrics = both_doors
+    tokens = {"token": key_a.token(), "expired": key_a.token(exp=1)}
+    headers = [(name, value.format(**tokens)) for name, value in headers]
+    joined: dict[str, str] = {}
+    for name, value in headers:
+        joined[name.lower()] = f"{joined[name.lower()]},{value}" if name.lower() in joined else value
 
-    from authz_service.decision import REASONS, Reason
-
-    base, metrics = door
     got, response_headers, body = await send(base, method, path, headers)
+    answer = await stub.Check(check_request(method, path, joined), timeout=30)
+
     assert got == status
-    assert json.loads(body)["error"] == (REASONS[Reason(reason)].oauth_error or "unauthorized")
-    assert response_headers["content-type"] == "application/json"
-    assert response_headers["cache-control"] == "no-store"
-    assert "www-authenticate" in response_headers or status == 403
+    http_answer = {name: value for name, value in response_headers.items() if name not in _TRANSPORT}
+    if status == 200:
+        assert answer.status.code == 0 and answer.HasField("ok_response")
+        assert {h.header.key: h.header.value for h in answer.ok_response.headers} == http_answer
+        assert body == b""
+    else:
+        denied = answer.denied_response
+        assert answer.status.message == reason and denied.status.code == status
+        assert {h.header.key: h.header.value for h in denied.headers} == http_answer
+        assert denied.body.encode() == body
+        assert json.loads(body)["error"] == (REASONS[Reason(reason)].oauth_error or "unauthorized")
+        assert http_answer["content-type"] == "application/json" and http_answer["cache-control"] == "no-store"
+        assert "www-authenticate" in http_answer or status == 403
     assert REMOVE_HEADER in response_headers
+    metrics.per_check.flush()
+    decision = "allow" if status == 200 else "deny"
     assert metrics.registry.get_sample_value("authz_check_decisions_total", {
-        "decision": "deny", "reason": reason, "route": route, "status": str(status)}) == 1
+        "decision": decision, "reason": reason, "route": route, "status": str(status)}) == 2  # one per door
 
 
 def mismatches(metrics: Metrics, problem: str) -> float:

@@ -25,7 +25,7 @@ from authz_service.metrics import Metrics
 from authz_service.policy import Policy, PolicyError, parse_policy
 from authz_service.request import BadRequest, normalized_path
 from authz_service.check import Checker
-from authz_service.ext_authz_grpc import AuthorizationServicer
+from authz_service.doors.grpc import AuthorizationServicer
 from authz_service.response import Answers
 from authz_service.tokens import TokenVerifier
 

@@ -38,6 +38,7 @@ from .test_deploy import (
     env_of,
     kubernetes_schema_errors,
     run,
+    scrape_labels,
     selects,
     tool,
 )
@@ -133,6 +134,73 @@ def test_service_monitor_matches_the_crd_model(rendered) -> None:
     monitor = one(rendered["sidecar"], "ServiceMonitor")
     assert models.ServiceMonitor.model_validate(monitor).model_dump(by_alias=True, exclude_unset=True,
                                                                     mode="json") == monitor
+
+
+def test_sidecar_service_monitor_labels_the_app(rendered) -> None:
+    monitor = one(rendered["sidecar"], "ServiceMonitor")
+    (service,) = [s for s in rendered["sidecar"] if s["kind"] == "Service"
+                  and selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"].get("labels", {}))]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert scrape_labels(monitor, endpoint, service=service["metadata"]["labels"]) == \
+        {"job": "authz-service", "app": "echo-app"}
+
+
+def test_ambient_pod_monitor_scrapes_every_authz_service_with_its_app(rendered) -> None:
+    """Ambient has no sidecar and no metrics Service: a PodMonitor scrapes each authz-service Pod
+    (unready ones too: the pod role lists every running Pod), job authz-service, app = the app that
+    instance serves (its Pods' app.kubernetes.io/instance)."""
+    docs = rendered["ambient"]
+    monitor = one(docs, "PodMonitor")
+    models = _operator_models()
+    assert models.PodMonitor.model_validate(monitor).model_dump(by_alias=True, exclude_unset=True,
+                                                                mode="json") == monitor
+    deployments = [d for d in docs if d["kind"] == "Deployment"
+                   and selects(monitor["spec"]["selector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"])]
+    assert deployments and all(d["metadata"]["namespace"] == monitor["metadata"]["namespace"] for d in deployments)
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["path"] == "/metrics"
+    for deployment in deployments:
+        pod = deployment["spec"]["template"]
+        ports = {p["name"]: p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+        assert ports[endpoint["port"]] == 8181
+        labels = pod["metadata"]["labels"]
+        assert scrape_labels(monitor, endpoint, pod=labels) == {"job": "authz-service",
+                                                                "app": labels["app.kubernetes.io/instance"]}
+    (scrape,) = [r for r in one(docs, "NetworkPolicy")["spec"]["ingress"]
+                 if [p["port"] for p in r["ports"]] == [endpoint["port"]]]
+    assert scrape["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+
+
+def test_ambient_runs_one_authz_service_per_app(rendered) -> None:
+    """One path-only policy serves every app that reaches it, so each app gets its own instance:
+    Deployment, Service, policy ConfigMap and provider, named after the app, and a CUSTOM policy on
+    the app's Service naming that provider; who may call it and who may scrape it select it alone."""
+    docs = rendered["ambient"]
+    customs = [d for d in docs if d["kind"] == "AuthorizationPolicy" and d["spec"].get("action") == "CUSTOM"]
+    assert customs
+    for custom in customs:
+        (target,) = custom["spec"]["targetRefs"]
+        app = target["name"]
+        name = f"{app}-authz"
+        assert custom["spec"]["provider"]["name"] == f"{name}-waypoint"
+        settings = provider(f"{name}-waypoint")["envoyExtAuthzGrpc"]
+        deployment = one(docs, "Deployment", name)
+        namespace = deployment["metadata"]["namespace"]
+        pod = deployment["spec"]["template"]
+        assert pod["metadata"]["labels"]["app.kubernetes.io/instance"] == app
+        service = one(docs, "Service", name)
+        assert settings["service"] == f"{namespace}/{name}.{namespace}.svc.cluster.local"
+        assert selects(service["spec"]["selector"], pod["metadata"]["labels"])
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["authz-policy"]["configMap"]["name"] == f"{name}-policy"
+        assert one(docs, "ConfigMap", f"{name}-policy")["metadata"]["namespace"] == namespace
+        others = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["namespace"] == namespace
+                  and d is not deployment]
+        for selector in (service["spec"]["selector"], one(docs, "PodDisruptionBudget", name)["spec"]["selector"]
+                         ["matchLabels"], one(docs, "AuthorizationPolicy", f"{name}-callers")["spec"]["selector"]
+                         ["matchLabels"]):
+            assert selects(selector, pod["metadata"]["labels"])
+            assert not any(selects(selector, o["spec"]["template"]["metadata"]["labels"]) for o in others)
 
 
 def test_waypoint_gateway_structure(rendered) -> None:
@@ -266,7 +334,7 @@ def test_ambient_policy_and_the_only_way_to_the_app(rendered) -> None:
     docs = rendered["ambient"]
     custom = one(docs, "AuthorizationPolicy", "echo-app-authz")
     assert custom["spec"]["action"] == "CUSTOM" and custom["spec"]["rules"] == [{}]
-    assert custom["spec"]["provider"]["name"] == "authz-service-waypoint"
+    assert custom["spec"]["provider"]["name"] == "echo-app-authz-waypoint"
     (target,) = custom["spec"]["targetRefs"]
     assert one(docs, "Service", target["name"])["metadata"]["namespace"] == custom["metadata"]["namespace"]
     gateway = one(docs, "Gateway")
@@ -274,13 +342,13 @@ def test_ambient_policy_and_the_only_way_to_the_app(rendered) -> None:
     only_via = one(docs, "AuthorizationPolicy", "echo-app-only-via-waypoint")
     assert only_via["spec"]["action"] == "ALLOW"
     assert only_via["spec"]["rules"] == [{"from": [{"source": {"principals": [waypoint]}}]}]
-    service = one(docs, "Service", "authz-service")
-    settings = provider("authz-service-waypoint")["envoyExtAuthzGrpc"]
+    service = one(docs, "Service", "echo-app-authz")
+    settings = provider("echo-app-authz-waypoint")["envoyExtAuthzGrpc"]
     namespace = service["metadata"]["namespace"]
-    assert settings["service"] == f"{namespace}/authz-service.{namespace}.svc.cluster.local"
+    assert settings["service"] == f"{namespace}/echo-app-authz.{namespace}.svc.cluster.local"
     assert [p["port"] for p in service["spec"]["ports"]] == [settings["port"]]
     assert service["spec"]["ports"][0]["appProtocol"] == "grpc"
-    env = env_of(container(one(docs, "Deployment", "authz-service")["spec"]["template"]["spec"], "authz-service"))
+    env = env_of(container(one(docs, "Deployment", "echo-app-authz")["spec"]["template"]["spec"], "authz-service"))
     assert env["AUTHZ_GRPC_HOST"] == "0.0.0.0", "the caller is the waypoint, another Pod"
     (grpc_rule,) = [r for r in one(docs, "NetworkPolicy")["spec"]["ingress"]
                     if [p["port"] for p in r["ports"]] == ["grpc"]]

@@ -17,10 +17,11 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from jwt.utils import to_base64url_uint
 from prometheus_client import CollectorRegistry
 
-from authz_service.claims import IssuerKey
+from authz_service.keys import IssuerKey
 from authz_service.jwks import JwksCache, JwksError, JwksSettings, parse_jwks
 from authz_service.metrics import Metrics
-from authz_service.policy import Issuer
+from authz_service.policy import Issuer, parse_policy
+from authz_service.tokens import TokenError, TokenVerifier
 from authz_service.tracing import NO_TRACING
 
 from .conftest import SigningKey, make_key
@@ -495,6 +496,36 @@ async def test_a_jwks_uri_with_credentials_still_authenticates(endpoint, make_ca
         await wait_for(lambda: cache.ready())
     assert cache.status()[0]["keys"] == 1
     assert SECRET not in "\n".join(json.dumps(vars(r), default=str) for r in caplog.records)
+
+
+async def test_checks_that_arrive_during_a_rotation_fetch_wait_for_it(endpoint, make_cache, key_a, key_b) -> None:
+    """A key rotation seen by many Checks at once: the first unknown kid starts the JWKS fetch, and
+    every other Check that needs the new key waits for that fetch (single flight) instead of being
+    denied unknown_key because the cool-down has just started."""
+    scripted, endpoint_issuer = endpoint
+    policy = parse_policy(f"issuers:\n  - user_pool_id: {endpoint_issuer.user_pool_id}\n"
+                          f"    issuer: {endpoint_issuer.issuer}\n    jwks_uri: {endpoint_issuer.jwks_uri}\n"
+                          "routes:\n  - {path: /a, scopes: [s]}\n")
+    [issuer] = policy.issuers
+    scripted.keys(key_a)
+    cache, _ = make_cache(unknown_kid_cooldown=10)
+    cache.sync(policy.issuers)
+    await wait_for(lambda: cache.has_keys(issuer))
+    expire_cooldown(cache, issuer)
+    verifier = TokenVerifier(cache)
+    token = key_b.token(iss=issuer.issuer)  # signed by the key the issuer rotates to
+    scripted.keys(key_a, key_b)
+    scripted.held = asyncio.Event()
+    hits = scripted.hits
+    checks = [asyncio.create_task(verifier.verify(token, policy)) for _ in range(50)]
+    try:
+        await wait_for(lambda: scripted.hits == hits + 1)  # the one fetch is in flight, every Check started
+    finally:
+        scripted.held.set()
+    results = await asyncio.gather(*checks, return_exceptions=True)
+    refused = [r.failure.value for r in results if isinstance(r, TokenError)]
+    assert refused == [] and all(r.client_id == "client-a" for r in results)
+    assert scripted.hits == hits + 1
 
 
 async def test_document_is_the_current_key_set_of_one_issuer(endpoint, make_cache, key_a, key_b) -> None:

@@ -123,3 +123,25 @@ def test_latency_buckets_reach_past_envoys_check_timeout():
     longest = max(float(t.removesuffix("s")) for t in timeouts)
     assert max(LATENCY_BUCKETS) > longest
     assert list(LATENCY_BUCKETS) == sorted(set(LATENCY_BUCKETS))
+
+
+def refused(metrics: Metrics) -> dict[str, float]:
+    return {s.labels["sha256"]: s.value for f in metrics.registry.collect()
+            if f.name == "authz_policy_file_refused" for s in f.samples}
+
+
+def test_policy_file_refused_is_one_series_at_a_time():
+    """0 (no hash) from start-up, so an alert sees the first refusal; 1 with the refused content's
+    hash while refused (1 without a hash for an unreadable file); back to 0 once fixed."""
+    metrics = Metrics(CollectorRegistry())
+    assert refused(metrics) == {"": 0}
+    metrics.policy_file_refused("ab" * 32)
+    assert refused(metrics) == {"ab" * 32: 1}
+    metrics.policy_file_refused("cd" * 32)
+    assert refused(metrics) == {"cd" * 32: 1}
+    metrics.policy_file_accepted()
+    assert refused(metrics) == {"": 0}
+    metrics.policy_file_refused(None)
+    assert refused(metrics) == {"": 1}
+    # --workers: the parent shows the worst worker (any worker refusing the file), per hash.
+    assert metrics.policy_file_refused_state._multiprocess_mode == "livemax"  # noqa: SLF001

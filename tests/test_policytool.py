@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from authz_service.policy import PolicyError, parse_policy
-from authz_service.policytool import CaseFileError, lint, load_tests, reachability, validate_command, validate_file
+from authz_service.tools.policytool import CaseFileError, lint, load_tests, reachability, validate_command, validate_file
 
 from .test_cli import cli
 

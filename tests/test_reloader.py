@@ -267,3 +267,72 @@ async def test_each_load_is_a_root_span_with_its_trigger_result_and_the_serving_
                        ("policy reload", None, "file changed", "error", second),
                        ("policy reload", None, "SIGHUP", "unchanged", second)]
     assert spans.get_finished_spans()[1].status.description == "policy refused; the previous policy keeps serving"
+
+
+# --- the refused file, exported as a state -----------------------------------------------------------
+
+
+def refused_series(metrics: Metrics) -> dict[str, float]:
+    """sha256 label -> value of every authz_policy_file_refused series ("" = no hash: unreadable, or none)."""
+    return {sample.labels["sha256"]: sample.value for family in metrics.registry.collect()
+            if family.name == "authz_policy_file_refused" for sample in family.samples}
+
+
+def sha256_of(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def test_a_refused_file_stays_exported_until_it_is_fixed_or_put_back(tmp_path: Path) -> None:
+    """The error counter says a load failed once; the gauge says the file on disk is refused *now*
+    (a Pod starting now would not start): 1 with the refused content's sha256 until a good file loads
+    or the file is put back to the policy in force."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(HEAD)
+    metrics = Metrics(CollectorRegistry())
+    reloader = PolicyReloader(path, load_policy_file(path), metrics)
+    assert refused_series(metrics) == {"": 0}
+    bad = "routes: ["
+    path.write_text(bad)
+    assert not await reloader.reload("SIGHUP")
+    assert refused_series(metrics) == {sha256_of(bad): 1}
+    assert reloader.refused_sha256 == sha256_of(bad)
+    assert not await reloader.reload("SIGHUP")  # the same file again: still refused, one series
+    assert refused_series(metrics) == {sha256_of(bad): 1}
+    worse = HEAD + "  - name: x\n    path: /x\n"  # neither scopes nor public
+    path.write_text(worse)
+    assert not await reloader.reload("file changed")
+    assert refused_series(metrics) == {sha256_of(worse): 1}  # the new content replaces the old
+    path.write_text(HEAD)  # put back: the policy in force, nothing to load
+    assert not await reloader.reload("SIGHUP")
+    assert refused_series(metrics) == {"": 0} and reloader.refused_sha256 is None
+    path.write_text(bad)
+    assert not await reloader.reload("SIGHUP")
+    path.write_text(HEAD + TAIL)  # fixed: a new policy serves
+    assert await reloader.reload("SIGHUP")
+    assert refused_series(metrics) == {"": 0}
+    path.unlink()  # unreadable: refused, with no content to name
+    assert not await reloader.reload("SIGHUP")
+    assert refused_series(metrics) == {"": 1} and reloader.refused_sha256 is None
+    assert metrics.registry.get_sample_value("authz_policy_reloads_total", {"result": "error"}) == 5
+
+
+async def test_a_file_changed_while_it_was_read_leaves_the_refused_state_alone(tmp_path: Path, monkeypatch) -> None:
+    """A read the writer overtook proves nothing about the file: neither refused nor fixed."""
+    from authz_service import reloader as module
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(HEAD)
+    metrics = Metrics(CollectorRegistry())
+    reloader = PolicyReloader(path, load_policy_file(path), metrics)
+    path.write_text("routes: [")
+    assert not await reloader.reload("SIGHUP")
+
+    def overtaken(where: Path):
+        path.write_text(HEAD + TAIL + "# still being written")
+        raise module.PolicyError(f"{where}: cut short")
+
+    monkeypatch.setattr(module, "load_policy_file", overtaken)
+    assert not await reloader.reload("SIGHUP")
+    assert refused_series(metrics) == {sha256_of("routes: ["): 1}

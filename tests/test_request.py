@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2
-from authz_service.ext_authz_grpc import parse_check_request
+from authz_service.doors.grpc import parse_check_request
 from authz_service.request import SPECIAL_NAMES, BadRequest, HttpRequest
 
 

@@ -16,9 +16,9 @@ from authz_service.decision import Decision, Reason, decide
 from authz_service.policy import parse_policy
 from authz_service.request import HttpRequest
 from authz_service.claims import Claims
-from authz_service.ext_authz_grpc import check_response
+from authz_service.doors.grpc import check_response
 from authz_service.response import Answers
-from authz_service.tokens import Failure, TokenError
+from authz_service.tokens import Check, Failure, TokenError
 
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 IDENTITY = ("x-auth-client-id", "x-auth-scopes", "x-auth-sub")
@@ -272,7 +272,7 @@ class ScriptedVerifier:
         return self.outcome
 
 
-OUTCOMES = [TokenError(f, "the token was refused") for f in Failure] + [claims(scope_text="nothing"), claims()]
+OUTCOMES = [TokenError(f, "the token was refused", check=Check.HEADER) for f in Failure] + [claims(scope_text="nothing"), claims()]
 
 
 @pytest.mark.parametrize("outcome", OUTCOMES, ids=lambda o: getattr(getattr(o, "failure", None), "value", "claims"))

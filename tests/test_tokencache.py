@@ -176,7 +176,7 @@ async def test_failures_are_not_cached(key_a: SigningKey) -> None:
                   key_a.token(exp=int(time.time()) - 600)):
         with pytest.raises(TokenError):
             await verifier.verify(token, policy())
-    assert len(cache) == 0 and cache.bytes == 0
+    assert len(cache) == 0 and cache.held_bytes == 0
 
 
 async def test_bounded_by_entries_lru(key_a: SigningKey) -> None:
@@ -198,7 +198,7 @@ async def test_bounded_by_bytes(key_a: SigningKey) -> None:
     verifier, cache, metrics = make(MemoryKeys(key_a), size=1000, max_bytes=one * 2 + one // 2)
     for _ in range(5):
         await verifier.verify(key_a.token(), policy())
-    assert len(cache) == 2 and cache.bytes == 2 * one
+    assert len(cache) == 2 and cache.held_bytes == 2 * one
     assert metrics.registry.get_sample_value("authz_token_cache_bytes") == 2 * one
 
 
@@ -248,8 +248,8 @@ def test_byte_accounting_is_not_an_underestimate(key_a: SigningKey) -> None:
     held = used + sum(sum(sys.getsizeof(x) for x in (c, c.client_id, c.sub, c.scope_text, c.scopes,
                                                                   *c.scopes)) for c in claims)
     held += sum(sys.getsizeof(d) for d in digests)
-    assert cache.bytes >= held * 0.9, (cache.bytes / n, held / n)
-    assert cache.bytes <= held * 2, (cache.bytes / n, held / n)  # and not wildly pessimistic
+    assert cache.held_bytes >= held * 0.9, (cache.held_bytes / n, held / n)
+    assert cache.held_bytes <= held * 2, (cache.held_bytes / n, held / n)  # and not wildly pessimistic
 
 
 # --- TokenVerifier.cached: the Check path's lookup straight from the Authorization header ---------

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from jwt.api_jwk import PyJWK
 
 from authz_service import tokens
-from authz_service.claims import IssuerKey
+from authz_service.keys import IssuerKey
 from authz_service.policy import Issuer, Policy, parse_policy
 from authz_service.tokens import (MAX_TOKEN_BYTES, SCOPE_CHARACTER, SCOPE_SPACING, Failure, TokenError,
                                    TokenVerifier)

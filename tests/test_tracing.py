@@ -24,7 +24,9 @@ from authz_service.policy import parse_policy
 from authz_service.request import HttpRequest, path_and_segments
 from authz_service.response import Answers
 from authz_service.tokens import TokenVerifier
-from authz_service.tracing import GRPC_CHECK, HTTP_CHECK, tracing_settings
+from authz_service.doors.grpc import SPAN_KIND as GRPC_CHECK
+from authz_service.doors.http import SPAN_KIND as HTTP_CHECK
+from authz_service.tracing import tracing_settings
 
 from .conftest import ISSUER, MemoryKeys, SigningKey
 from .test_cli import cli
@@ -100,7 +102,7 @@ def test_the_standard_variables_configure_tracing() -> None:
 ])
 def test_unusable_variables_are_refused_naming_the_variable_and_the_fix(environ, message) -> None:
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(".", r"\.")):
-        tracing_settings(environ)
+        settings_from({"policy": "p.yaml"}, environ)
 
 
 def test_settings_carry_the_tracing_settings(tmp_path: Path) -> None:
@@ -132,10 +134,11 @@ def test_tracing_off_imports_no_opentelemetry_and_checks_untraced(tmp_path: Path
     policy.write_text(POLICY_TEXT)
     code = f"""
 import asyncio, sys
-from authz_service import cli, server, workers, ext_authz_grpc, ext_authz_http
+from authz_service import cli, server, workers
+from authz_service.doors import grpc, http
 from authz_service.check import Checker, TracedChecker
 from authz_service.config import settings_from
-from authz_service.ext_authz_grpc import authorization_servicer, AuthorizationServicer
+from authz_service.doors.grpc import authorization_servicer, AuthorizationServicer
 settings = settings_from({{"policy": {str(policy)!r}}})
 service = server.Service(settings)
 assert settings.tracing is None and not service.tracing.enabled
@@ -322,7 +325,7 @@ class Metadata:
 ])
 async def test_grpc_door_prefers_envoys_context_in_the_metadata(traced, key_a, metadata, parent, link):
     from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2
-    from authz_service.ext_authz_grpc import TracedAuthorizationServicer, authorization_servicer
+    from authz_service.doors.grpc import TracedAuthorizationServicer, authorization_servicer
 
     tracing, spans = traced
     checker, _ = traced_checker(tracing, MemoryKeys(key_a))
@@ -428,7 +431,7 @@ CLIENT_SPAN = "00-1234567890abcdef1234567890abcdef-00000000000000c1-01"  # sampl
 async def test_a_clients_sampled_flag_never_forces_sampling_envoys_does(key_a):
     """parentbased_traceidratio at 0: only a sampled parent from Envoy is sampled. The client's
     own traceparent (gRPC mode, Envoy not tracing) no longer is."""
-    from authz_service.ext_authz_grpc import authorization_servicer
+    from authz_service.doors.grpc import authorization_servicer
 
     tracing, spans = tracing_of({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"})
     checker, metrics = traced_checker(tracing, MemoryKeys(key_a))
@@ -442,7 +445,7 @@ async def test_a_clients_sampled_flag_never_forces_sampling_envoys_does(key_a):
 
 
 async def test_a_clients_context_is_linked_from_a_trace_of_our_own(key_a):
-    from authz_service.ext_authz_grpc import authorization_servicer
+    from authz_service.doors.grpc import authorization_servicer
 
     tracing, spans = tracing_of({})
     checker, _ = traced_checker(tracing, MemoryKeys(key_a))
@@ -457,7 +460,7 @@ async def test_a_clients_context_is_linked_from_a_trace_of_our_own(key_a):
 
 
 async def test_trusted_clients_can_be_continued_with_their_sampled_flag(key_a):
-    from authz_service.ext_authz_grpc import authorization_servicer
+    from authz_service.doors.grpc import authorization_servicer
 
     tracing, spans = tracing_of({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"},
                                 client_context="continue")

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
-from authz_service.dev_issuer import load_config  # noqa: E402
+from authz_service.dev_issuer.config import load_config  # noqa: E402
 
 # One process harness for the tests, the benchmark and the demo.
 from tests.e2e.harness import ENVOY_CONFIGS, ManagedProcess, ProcessDied, envoy_binary, wait_for_http  # noqa: E402

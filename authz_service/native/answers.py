@@ -55,19 +55,29 @@ class AnswerBook:
     def direct_response(self, reason: Reason, description: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """A route's ``direct_response`` and ``response_headers_to_add`` answering this denial."""
         answer = self.denial(reason, description)
-        return ({"status": answer.status, "body": {"inline_string": answer.body}},
-                [_header(name, value) for name, value in answer.headers])
+        return (
+            {"status": answer.status, "body": {"inline_string": answer.body}},
+            [_header(name, value) for name, value in answer.headers],
+        )
 
 
 def _status(op: str, value: int, runtime_key: str) -> dict[str, Any]:
-    return {"status_code_filter": {"comparison": {"op": op, "value": {"default_value": value,
-                                                                        "runtime_key": runtime_key}}}}
+    return {
+        "status_code_filter": {"comparison": {"op": op, "value": {"default_value": value, "runtime_key": runtime_key}}}
+    }
 
 
 # RBAC denies with 403, so any other status is no answer of ours: matched here, and left as it is.
-OTHER_LOCAL_REPLIES: dict[str, Any] = {"filter": {"or_filter": {"filters": [
-    _status("LE", RBAC_DENIED_STATUS - 1, "local_reply.authz_not_rbac_below"),
-    _status("GE", RBAC_DENIED_STATUS + 1, "local_reply.authz_not_rbac_above")]}}}
+OTHER_LOCAL_REPLIES: dict[str, Any] = {
+    "filter": {
+        "or_filter": {
+            "filters": [
+                _status("LE", RBAC_DENIED_STATUS - 1, "local_reply.authz_not_rbac_below"),
+                _status("GE", RBAC_DENIED_STATUS + 1, "local_reply.authz_not_rbac_above"),
+            ]
+        }
+    }
+}
 
 
 def _header(name: str, value: str) -> dict[str, Any]:
@@ -78,13 +88,21 @@ def _mapper(answer_id: str, answer: Answer) -> dict[str, Any]:
     # The body goes through %LOCAL_REPLY_BODY% so that no character of it is read as a command.
     content_type = dict(answer.headers)["content-type"]
     return {
-        "filter": {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": {
-            "@type": CEL_FILTER,
-            "expression": f"response.code_details.endsWith('-{answer_id}]') && "
-                          "response.code_details.startsWith('rbac_access_denied_matched_policy[')"}}},
+        "filter": {
+            "extension_filter": {
+                "name": "envoy.access_loggers.extension_filters.cel",
+                "typed_config": {
+                    "@type": CEL_FILTER,
+                    "expression": f"response.code_details.endsWith('-{answer_id}]') && "
+                    "response.code_details.startsWith('rbac_access_denied_matched_policy[')",
+                },
+            }
+        },
         "status_code": answer.status,
         "headers_to_add": [_header(name, value) for name, value in answer.headers if name != "content-type"],
         "body": {"inline_string": answer.body},
-        "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
-                                 "content_type": content_type},
+        "body_format_override": {
+            "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+            "content_type": content_type,
+        },
     }

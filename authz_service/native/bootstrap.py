@@ -34,8 +34,8 @@ import yaml
 from ..policy import Policy
 from ..request import BadRequest, identity_and_override_spellings, special_names
 from .answers import AnswerBook
-from .checks import PAYLOAD, rules, screen_checks
 from .cel import JWT_AUTHN
+from .checks import PAYLOAD, rules, screen_checks
 from .jwt import SERVICE_HTTP_CLUSTER, jwt_authn
 from .options import Address, Options
 from .patterns import re2_literal
@@ -70,8 +70,9 @@ class Compiled:
         return {**self.static, "static_resources": {"listeners": self.listeners, "clusters": self.clusters}}
 
 
-def compile_policy(policy: Policy, options: Options = Options()) -> Compiled:
-    """Compile ``policy`` (ValueError when an option cannot serve it)."""
+def compile_policy(policy: Policy, options: Options | None = None) -> Compiled:
+    """Compile ``policy`` (ValueError when an option cannot serve it); ``options``: the defaults."""
+    options = Options() if options is None else options
     _check_options(options)
     template = copy.deepcopy(_template())
     plans = plan(policy)
@@ -89,19 +90,26 @@ def compile_policy(policy: Policy, options: Options = Options()) -> Compiled:
     hcm["local_reply_config"]["mappers"].extend(book.mappers())  # after the filters: they register answers
     _strip_identity_early(hcm)
     clusters = {item["name"]: item for item in template["static_resources"]["clusters"]}
-    for name, address in (("authz_service", options.service_grpc), ("app", options.app),
-                          ("envoy_admin", options.admin)):
+    for name, address in (
+        ("authz_service", options.service_grpc),
+        ("app", options.app),
+        ("envoy_admin", options.admin),
+    ):
         _expect(name in clusters, f"cluster {name!r}")
         _set_endpoint(clusters[name], address)
     clusters[SERVICE_HTTP_CLUSTER] = _service_http_cluster(options.service_http)
     static = {key: value for key, value in template.items() if key != "static_resources"}
     _set_address(static["admin"], options.admin)
-    static["layered_runtime"] = {"layers": [{"name": "native", "static_layer": {
-        "re2.max_program_size.error_level": RE2_PROGRAM_SIZE}}]}
+    static["layered_runtime"] = {
+        "layers": [{"name": "native", "static_layer": {"re2.max_program_size.error_level": RE2_PROGRAM_SIZE}}]
+    }
     # Which policy this Envoy enforces natively (admin /server_info), to compare with the service's
     # (/readyz): a policy change needs a new compile.
-    static["node"] = {"id": "authz-service-native", "cluster": "authz-service",
-                      "metadata": {"authz_policy_sha256": policy.sha256, "authz_policy_source": policy.source}}
+    static["node"] = {
+        "id": "authz-service-native",
+        "cluster": "authz-service",
+        "metadata": {"authz_policy_sha256": policy.sha256, "authz_policy_source": policy.source},
+    }
     return Compiled(policy, options, plans, [listeners[INGRESS], listeners[HEALTH]], list(clusters.values()), static)
 
 
@@ -109,11 +117,15 @@ def _check_options(options: Options) -> None:
     for name in ("app", "service_grpc", "service_http", "admin"):
         address: Address = getattr(options, name)
         if address.unspecified:
-            raise ValueError(f"--{name.replace('_', '-')} {address}: Envoy connects there, so name an address "
-                             "(e.g. 127.0.0.1), not 0.0.0.0 or ::")
+            raise ValueError(
+                f"--{name.replace('_', '-')} {address}: Envoy connects there, so name an address "
+                "(e.g. 127.0.0.1), not 0.0.0.0 or ::"
+            )
     if options.leeway < 2:
-        raise ValueError(f"--leeway {options.leeway}: at least 2 seconds (jwt_authn's clock skew is one second "
-                         "less, and Envoy reads 0 as its own default of 60)")
+        raise ValueError(
+            f"--leeway {options.leeway}: at least 2 seconds (jwt_authn's clock skew is one second "
+            "less, and Envoy reads 0 as its own default of 60)"
+        )
 
 
 @lru_cache(maxsize=1)
@@ -151,25 +163,34 @@ def _admission(shipped_routes: list[dict[str, Any]]) -> Admission:
     headers = by_name["bearer-jwt"]["match"].get("headers", [])
     _expect(len(headers) == 1 and headers[0]["name"] == "authorization", "route 'bearer-jwt' matching authorization")
     regex = headers[0]["string_match"]["safe_regex"]["regex"]
-    return Admission(regex.removeprefix("^").removesuffix("$"),
-                     by_name["anonymous"]["typed_per_filter_config"][RATE_LIMIT])
+    return Admission(
+        regex.removeprefix("^").removesuffix("$"), by_name["anonymous"]["typed_per_filter_config"][RATE_LIMIT]
+    )
 
 
-def _filters(shipped: list[dict[str, Any]], policy: Policy, options: Options,
-             book: AnswerBook) -> list[dict[str, Any]]:
+def _filters(shipped: list[dict[str, Any]], policy: Policy, options: Options, book: AnswerBook) -> list[dict[str, Any]]:
     """The shipped HTTP filters with the ext_authz filter preceded by the native ones and enabled
     only where no token was verified."""
     names = [f["name"] for f in shipped]
     _expect(names.count(EXT_AUTHZ) == 1, f"one {EXT_AUTHZ} filter")
     ext_authz = shipped[names.index(EXT_AUTHZ)]
     ext_authz["typed_config"]["filter_enabled_metadata"] = {
-        "filter": JWT_AUTHN, "path": [{"key": PAYLOAD}, {"key": "iss"}], "value": {"present_match": True},
-        "invert": True}
+        "filter": JWT_AUTHN,
+        "path": [{"key": PAYLOAD}, {"key": "iss"}],
+        "value": {"present_match": True},
+        "invert": True,
+    }
     native = [
         {"name": JWT, "typed_config": jwt_authn(policy, options)},
         # The request screen, for public routes and no route; native routes bring all their checks.
-        {"name": RBAC, "typed_config": {"@type": RBAC_TYPE, "rules": rules(book, screen_checks()),
-                                        "rules_stat_prefix": RBAC_STAT_PREFIX}},
+        {
+            "name": RBAC,
+            "typed_config": {
+                "@type": RBAC_TYPE,
+                "rules": rules(book, screen_checks()),
+                "rules_stat_prefix": RBAC_STAT_PREFIX,
+            },
+        },
     ]
     index = names.index(EXT_AUTHZ)
     return [*shipped[:index], *native, *shipped[index:]]
@@ -183,8 +204,13 @@ def _strip_identity_early(hcm: dict[str, Any]) -> None:
     extensions = hcm["early_header_mutation_extensions"]
     _expect(len(extensions) == 1, "one early header mutation")
     spellings = [name for name in identity_and_override_spellings() if _is_identity(name)]
-    extensions[0]["typed_config"]["mutations"].append({"remove_on_match": {"key_matcher": {
-        "safe_regex": {"regex": "|".join(re2_literal(name) for name in spellings)}}}})
+    extensions[0]["typed_config"]["mutations"].append(
+        {
+            "remove_on_match": {
+                "key_matcher": {"safe_regex": {"regex": "|".join(re2_literal(name) for name in spellings)}}
+            }
+        }
+    )
 
 
 def _is_identity(name: str) -> bool:
@@ -198,6 +224,12 @@ def _is_identity(name: str) -> bool:
 
 def _service_http_cluster(address: Address) -> dict[str, Any]:
     """The service's HTTP port, where jwt_authn fetches the keys the service holds."""
-    return {"name": SERVICE_HTTP_CLUSTER, "type": "STATIC", "connect_timeout": "0.25s",
-            "load_assignment": {"cluster_name": SERVICE_HTTP_CLUSTER, "endpoints": [{"lb_endpoints": [
-                {"endpoint": {"address": {"socket_address": address.socket_address()}}}]}]}}
+    return {
+        "name": SERVICE_HTTP_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "load_assignment": {
+            "cluster_name": SERVICE_HTTP_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": address.socket_address()}}}]}],
+        },
+    }

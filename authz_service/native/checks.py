@@ -36,8 +36,8 @@ from ..conditions import ANY_SCOPE_TEXT, ClaimCondition, Unmet
 from ..decision import MISSING_TOKEN_TEXT, UNMET_REASONS, Reason
 from ..policy import Policy, Route
 from ..request import MAX_PATH_LENGTH, BadRequest, identity_and_override_spellings, normalized_path, special_names
-from ..simulate import Simulator
 from ..tokens import MAX_TOKEN_BYTES, TokenError
+from ..tools.simulate import Simulator
 from . import cel
 from .answers import AnswerBook
 from .patterns import BEARER, re2_literal
@@ -73,9 +73,13 @@ class Check:
 def rules(book: AnswerBook, checks: list[Check]) -> dict[str, Any]:
     """RBAC rules denying on the first of ``checks`` that matches: RBAC tries policies in name order,
     and each name starts with the check's position (answers.AnswerBook.policy_name)."""
-    return {"action": "DENY", "policies": {
-        book.policy_name(order, check.reason, check.description, check.route): check.policy()
-        for order, check in enumerate(checks)}}
+    return {
+        "action": "DENY",
+        "policies": {
+            book.policy_name(order, check.reason, check.description, check.route): check.policy()
+            for order, check in enumerate(checks)
+        },
+    }
 
 
 # --- principals --------------------------------------------------------------------------------
@@ -85,8 +89,11 @@ ANY: Principal = {"any": True}
 
 def metadata(key: str, claim: str, value: dict[str, Any]) -> Principal:
     """The verified token's ``claim`` (in jwt_authn's ``key`` metadata) matches ``value``."""
-    return {"sourced_metadata": {"metadata_matcher": {
-        "filter": cel.JWT_AUTHN, "path": [{"key": key}, {"key": claim}], "value": value}}}
+    return {
+        "sourced_metadata": {
+            "metadata_matcher": {"filter": cel.JWT_AUTHN, "path": [{"key": key}, {"key": claim}], "value": value}
+        }
+    }
 
 
 def present(key: str, claim: str) -> Principal:
@@ -149,8 +156,14 @@ def claim_equals(name: str, value: object) -> Principal:
 def screen_checks() -> list[Check]:
     """400s the service answers before it matches a route, for requests the route screen (routes.py)
     lets through: a target over its length limit, then override headers (the first in name order)."""
-    checks = [Check(Reason.BAD_REQUEST, _refusal(lambda: normalized_path("/" + "a" * MAX_PATH_LENGTH)), ANY,
-                    cel.call("_>_", cel.call("size", cel.request_target()), cel.integer(MAX_PATH_LENGTH)))]
+    checks = [
+        Check(
+            Reason.BAD_REQUEST,
+            _refusal(lambda: normalized_path("/" + "a" * MAX_PATH_LENGTH)),
+            ANY,
+            cel.call("_>_", cel.call("size", cel.request_target()), cel.integer(MAX_PATH_LENGTH)),
+        )
+    ]
     # Every spelling of one override header is refused in the same words, which name the header:
     # the service names the first in name order, and so does the first of these checks to match.
     overrides: dict[str, list[str]] = {}
@@ -160,8 +173,9 @@ def screen_checks() -> list[Check]:
         except BadRequest as exc:
             overrides.setdefault(str(exc), []).append(name)
     for description in sorted(overrides):
-        checks.append(Check(Reason.BAD_REQUEST, description,
-                            or_(*(header_present(n) for n in sorted(overrides[description])))))
+        checks.append(
+            Check(Reason.BAD_REQUEST, description, or_(*(header_present(n) for n in sorted(overrides[description]))))
+        )
     return checks
 
 
@@ -190,38 +204,74 @@ def token_checks(policy: Policy, leeway: int) -> list[Check]:
 
     # The token's size (the header's, less "Bearer "): one check of the request header, as CEL, only
     # for a token jwt_authn verified (another goes to the service, malformed or not).
-    add(texts.refusal("x" * (MAX_TOKEN_BYTES + 1)), VERIFIED,
-        cel.call("_>_", cel.call("size", cel.request_header("authorization")),
-                 cel.integer(len(BEARER) + MAX_TOKEN_BYTES)))
+    add(
+        texts.refusal("x" * (MAX_TOKEN_BYTES + 1)),
+        VERIFIED,
+        cel.call(
+            "_>_", cel.call("size", cel.request_header("authorization")), cel.integer(len(BEARER) + MAX_TOKEN_BYTES)
+        ),
+    )
     # A token without a kid, or with an empty one, is verified with every key of its issuer.
     add(texts.refused(header={"kid": None}), and_(VERIFIED, not_(metadata(HEADER, "kid", regex(VALID_KID)))))
-    add(texts.refused(header={"crit": ["exp"]}),
-        or_(present(HEADER, "crit"), and_(present(HEADER, "b64"), not_(metadata(HEADER, "b64", {"bool_match": True})))))
-    add(texts.refused(header={"jku": "https://keys.example"}),
-        or_(*(present(HEADER, member) for member in ("jku", "x5u", "jwk", "x5c"))))
+    add(
+        texts.refused(header={"crit": ["exp"]}),
+        or_(present(HEADER, "crit"), and_(present(HEADER, "b64"), not_(metadata(HEADER, "b64", {"bool_match": True})))),
+    )
+    add(
+        texts.refused(header={"jku": "https://keys.example"}),
+        or_(*(present(HEADER, member) for member in ("jku", "x5u", "jwk", "x5c"))),
+    )
     # iat in the future: the service refuses int(iat) > now + leeway in whole seconds, i.e. for an
     # iat of at least 0 (jwt_authn's parser checked), iat >= floor(now) + leeway + 1; as a double,
     # so that no iat is too large to compare. It needs the clock, so CEL.
-    add(texts.refused(overrides={"iat": int(time.time()) + 10**6}), VERIFIED,
-        cel.call("_>=_", cel.index(cel.jwt_metadata(PAYLOAD), "iat"),
-                 cel.call("double", cel.call("_+_", cel.now_seconds(), cel.integer(leeway + 1)))))
-    add(texts.refused(overrides={"token_use": "id"}), and_(VERIFIED, not_(metadata(PAYLOAD, "token_use", exact("access")))))
-    add(texts.refused(overrides={"client_id": None}), and_(VERIFIED, not_(metadata(PAYLOAD, "client_id", regex("(?s).+")))))
-    add(texts.refused(overrides={"client_id": "client\x01"}), metadata(PAYLOAD, "client_id", regex(INVALID_HEADER_TEXT)))
+    add(
+        texts.refused(overrides={"iat": int(time.time()) + 10**6}),
+        VERIFIED,
+        cel.call(
+            "_>=_",
+            cel.index(cel.jwt_metadata(PAYLOAD), "iat"),
+            cel.call("double", cel.call("_+_", cel.now_seconds(), cel.integer(leeway + 1))),
+        ),
+    )
+    add(
+        texts.refused(overrides={"token_use": "id"}),
+        and_(VERIFIED, not_(metadata(PAYLOAD, "token_use", exact("access")))),
+    )
+    add(
+        texts.refused(overrides={"client_id": None}),
+        and_(VERIFIED, not_(metadata(PAYLOAD, "client_id", regex("(?s).+")))),
+    )
+    add(
+        texts.refused(overrides={"client_id": "client\x01"}), metadata(PAYLOAD, "client_id", regex(INVALID_HEADER_TEXT))
+    )
     restricted = [i for i in policy.issuers if i.client_ids is not None]
     if restricted:
-        add(texts.refused(issuer=restricted[0].issuer, client_id=NOT_A_CLIENT),
-            or_(*(and_(metadata(PAYLOAD, "iss", exact(i.issuer)), not_(client_is(i.client_ids)))  # type: ignore[arg-type]
-                  for i in restricted)))
-    add(texts.refused(overrides={"scope": ["scope"]}),
-        and_(present(PAYLOAD, "scope"), not_(metadata(PAYLOAD, "scope", ANY_STRING))))
+        add(
+            texts.refused(issuer=restricted[0].issuer, client_id=NOT_A_CLIENT),
+            or_(
+                *(
+                    and_(metadata(PAYLOAD, "iss", exact(i.issuer)), not_(client_is(i.client_ids)))  # type: ignore[arg-type]
+                    for i in restricted
+                )
+            ),
+        )
+    add(
+        texts.refused(overrides={"scope": ["scope"]}),
+        and_(present(PAYLOAD, "scope"), not_(metadata(PAYLOAD, "scope", ANY_STRING))),
+    )
     # RFC 6749 scope tokens separated by single spaces (tokens._check_scope): first a character no
     # scope has, then the spacing.
-    add(texts.refused(overrides={"scope": "scope\x01"}),
-        metadata(PAYLOAD, "scope", regex(f"(?s).*[^{SCOPE_CHARS} \\t\\n\\v\\f\\r].*")))
-    add(texts.refused(overrides={"scope": "scope  other"}),
-        and_(not_(metadata(PAYLOAD, "scope", regex(f"(?:{SCOPE_TOKEN}(?: {SCOPE_TOKEN})*)?"))),
-             metadata(PAYLOAD, "scope", ANY_STRING)))
+    add(
+        texts.refused(overrides={"scope": "scope\x01"}),
+        metadata(PAYLOAD, "scope", regex(f"(?s).*[^{SCOPE_CHARS} \\t\\n\\v\\f\\r].*")),
+    )
+    add(
+        texts.refused(overrides={"scope": "scope  other"}),
+        and_(
+            not_(metadata(PAYLOAD, "scope", regex(f"(?:{SCOPE_TOKEN}(?: {SCOPE_TOKEN})*)?"))),
+            metadata(PAYLOAD, "scope", ANY_STRING),
+        ),
+    )
     add(texts.refused(overrides={"sub": "sub\x01"}), metadata(PAYLOAD, "sub", regex(INVALID_HEADER_TEXT)))
     return out
 
@@ -236,11 +286,18 @@ class TokenTexts:
         allowed = policy.issuers[0].client_ids
         self.client_id = min(allowed) if allowed else "native-probe"
 
-    def refused(self, *, issuer: str | None = None, client_id: str | None = None,
-                overrides: Mapping[str, Any] | None = None, header: Mapping[str, Any] | None = None) -> tuple[Reason, str]:
+    def refused(
+        self,
+        *,
+        issuer: str | None = None,
+        client_id: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        header: Mapping[str, Any] | None = None,
+    ) -> tuple[Reason, str]:
         issuer = issuer or self.issuer
-        token = self.simulator.token(issuer, ["scope"], client_id or self._client(issuer), overrides=overrides,
-                                     header=header)
+        token = self.simulator.token(
+            issuer, ["scope"], client_id or self._client(issuer), overrides=overrides, header=header
+        )
         return self.refusal(token)
 
     def refusal(self, token: str) -> tuple[Reason, str]:
@@ -281,7 +338,10 @@ def route_checks(policy: Policy, route: Route) -> list[Check]:
         add(probe.failing(missing_scope=scope), not_(scope_holds(frozenset({scope}))))
     for condition in route.claims:
         add(probe.failing(claim=(condition, False)), not_(present(PAYLOAD, condition.name)))
-        add(probe.failing(claim=(condition, True)), not_(or_(*(claim_equals(condition.name, v) for v in condition.values))))
+        add(
+            probe.failing(claim=(condition, True)),
+            not_(or_(*(claim_equals(condition.name, v) for v in condition.values))),
+        )
     return checks
 
 
@@ -292,13 +352,19 @@ class _Probe:
     def __init__(self, policy: Policy, route: Route) -> None:
         self.policy, self.route = policy, route
 
-    def failing(self, *, client: bool = False, any_scope: bool = False, missing_scope: str | None = None,
-                claim: tuple[ClaimCondition, bool] | None = None) -> tuple[Unmet, str] | None:
+    def failing(
+        self,
+        *,
+        client: bool = False,
+        any_scope: bool = False,
+        missing_scope: str | None = None,
+        claim: tuple[ClaimCondition, bool] | None = None,
+    ) -> tuple[Unmet, str] | None:
         route = self.route
         client_id = NOT_A_CLIENT if client else min(route.client_ids or {"native-probe"})
         scopes: set[str] = set()  # none of the any-of scopes (which come first), or:
         if not any_scope:
-            scopes = set(route.all_scopes) - {missing_scope}  # type: ignore[operator]
+            scopes = set(route.all_scopes) - {missing_scope}
             if route.scopes:
                 others = sorted(route.scopes - {missing_scope})
                 if not others:
@@ -311,13 +377,28 @@ class _Probe:
                     custom[condition.name] = UNSUPPORTED  # present, never holds
                 break
             custom[condition.name] = _holding(condition)
-        claims = Claims(issuer=self.policy.issuers[0].issuer, client_id=client_id, sub="", scopes=frozenset(scopes),
-                        scope_text=" ".join(sorted(scopes)), exp=0, kid="", custom=custom,
-                        extracted=self.policy.claim_names)
+        claims = Claims(
+            issuer=self.policy.issuers[0].issuer,
+            client_id=client_id,
+            sub="",
+            scopes=frozenset(scopes),
+            scope_text=" ".join(sorted(scopes)),
+            exp=0,
+            kid="",
+            custom=custom,
+            extracted=self.policy.claim_names,
+        )
         assert route.conditions is not None
         unmet = route.conditions.unmet(claims)
-        expected = (Unmet.CLIENT if client else Unmet.ANY_SCOPE if any_scope
-                    else Unmet.ALL_SCOPES if missing_scope is not None else Unmet.CLAIM)
+        expected = (
+            Unmet.CLIENT
+            if client
+            else Unmet.ANY_SCOPE
+            if any_scope
+            else Unmet.ALL_SCOPES
+            if missing_scope is not None
+            else Unmet.CLAIM
+        )
         if unmet is None or unmet[0] is not expected:
             raise AssertionError(f"route {route.name!r}: the decision core does not fail {expected.value} first")
         return unmet

@@ -27,8 +27,13 @@ def options_from(args: argparse.Namespace) -> Options:
         raise ValueError(f"--realm {args.realm!r}: {exc}") from None
     if args.jwt_cache_size < 0:
         raise ValueError("--jwt-cache-size: 0 (no cache) or a positive number of tokens")
-    return Options(**{name: getattr(args, name) for name, _ in ADDRESS_FLAGS.values()}, realm=realm,
-                   leeway=args.leeway, jwks_cache_seconds=args.jwks_cache, jwt_cache_size=args.jwt_cache_size)
+    return Options(
+        **{name: getattr(args, name) for name, _ in ADDRESS_FLAGS.values()},
+        realm=realm,
+        leeway=args.leeway,
+        jwks_cache_seconds=args.jwks_cache,
+        jwt_cache_size=args.jwt_cache_size,
+    )
 
 
 def compile_command(policy_path: Path, args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
@@ -45,8 +50,10 @@ def compile_command(policy_path: Path, args: argparse.Namespace, stdout: TextIO,
         try:
             _write_atomically(args.output, text)
         except OSError as exc:
-            print(f"authz-service compile envoy: error: -o {args.output}: cannot write it: {exc.strerror or exc}",
-                  file=stderr)
+            print(
+                f"authz-service compile envoy: error: -o {args.output}: cannot write it: {exc.strerror or exc}",
+                file=stderr,
+            )
             return 2
     if args.report == "text":
         stderr.write(report_text(compiled))
@@ -57,9 +64,11 @@ def compile_command(policy_path: Path, args: argparse.Namespace, stdout: TextIO,
 
 def bootstrap_yaml(compiled: Compiled) -> str:
     """The bootstrap as YAML, under a header naming the policy it enforces."""
-    header = (f"# Envoy bootstrap compiled by `authz-service compile envoy` from {compiled.policy.source}\n"
-              f"# (policy sha256 {compiled.policy.sha256}). Generated: edit the policy and compile again.\n"
-              "# Its hardened settings are envoy/envoy.yaml's, where each is explained.\n")
+    header = (
+        f"# Envoy bootstrap compiled by `authz-service compile envoy` from {compiled.policy.source}\n"
+        f"# (policy sha256 {compiled.policy.sha256}). Generated: edit the policy and compile again.\n"
+        "# Its hardened settings are envoy/envoy.yaml's, where each is explained.\n"
+    )
     return header + yaml.safe_dump(compiled.bootstrap(), sort_keys=False, width=1000, allow_unicode=False)
 
 
@@ -77,4 +86,3 @@ def _write_atomically(path: Path, text: str) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
-

@@ -40,19 +40,33 @@ def provider_names(policy: Policy) -> list[str]:
 
 def jwt_authn(policy: Policy, options: Options) -> dict[str, Any]:
     """The filter's typed config."""
-    requirement = {"requires_any": {"requirements": [
-        *({"provider_name": name} for name in provider_names(policy)), {"allow_missing_or_failed": {}}]}}
+    requirement = {
+        "requires_any": {
+            "requirements": [
+                *({"provider_name": name} for name in provider_names(policy)),
+                {"allow_missing_or_failed": {}},
+            ]
+        }
+    }
     return {
         "@type": JWT_AUTHN_TYPE,
-        "providers": {name: _provider(issuer.issuer, options)
-                      for name, issuer in zip(provider_names(policy), policy.issuers)},
+        "providers": {
+            name: _provider(issuer.issuer, options)
+            for name, issuer in zip(provider_names(policy), policy.issuers, strict=True)
+        },
         "requirement_map": {REQUIREMENT: requirement},
         # The filter runs on native routes only (routes.py), and verifies only a canonical bearer
         # JWT within the service's limits: one regex over the token, once per request. Any other
         # credential meets no rule, so no token is verified and the service decides.
-        "rules": [{"match": {"prefix": "/", "headers": [
-            {"name": "authorization", "string_match": {"safe_regex": {"regex": BEARER_JWT}}}]},
-            "requirement_name": REQUIREMENT}],
+        "rules": [
+            {
+                "match": {
+                    "prefix": "/",
+                    "headers": [{"name": "authorization", "string_match": {"safe_regex": {"regex": BEARER_JWT}}}],
+                },
+                "requirement_name": REQUIREMENT,
+            }
+        ],
     }
 
 
@@ -76,8 +90,10 @@ def _provider(issuer: str, options: Options) -> dict[str, Any]:
         "header_in_metadata": HEADER,
         # Set only for a non-empty string claim, as the service sets them; the client's own copies
         # were removed before any filter ran (the listener's early header mutation).
-        "claim_to_headers": [{"header_name": header, "claim_name": claim}
-                             for header, claim in zip(IDENTITY_HEADERS, _FORWARDED_CLAIMS)],
+        "claim_to_headers": [
+            {"header_name": header, "claim_name": claim}
+            for header, claim in zip(IDENTITY_HEADERS, _FORWARDED_CLAIMS, strict=True)
+        ],
     }
     if options.jwt_cache_size:
         provider["jwt_cache_config"] = {"jwt_cache_size": options.jwt_cache_size, "jwt_max_token_size": MAX_TOKEN_BYTES}

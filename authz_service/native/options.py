@@ -44,8 +44,10 @@ def parse_address(text: str) -> Address:
     except ValueError:
         match = None
     if match is None or not 0 < port <= 65535:
-        raise ValueError("expected IP:PORT with a port 1..65535, e.g. 127.0.0.1:9191 or [::1]:9191 "
-                         "(an address: Envoy's listeners and static clusters take no host names)")
+        raise ValueError(
+            "expected IP:PORT with a port 1..65535, e.g. 127.0.0.1:9191 or [::1]:9191 "
+            "(an address: Envoy's listeners and static clusters take no host names)"
+        )
     return Address(host, port)
 
 

@@ -41,8 +41,7 @@ _SEGMENT_CHAR = r"[!$&'()*+,\-.0-9:=@A-Z_a-z~]"
 _SEGMENT_CHAR_NOT_DOT = r"[!$&'()*+,\-0-9:=@A-Z_a-z~]"
 # Escaped ASCII the service accepts: printable, and neither unreserved nor '/', '\\' or '%'
 # (request._FORBIDDEN_ESCAPES). Escaped bytes above 0x7F must form well-formed UTF-8 (RFC 3629).
-_ASCII_ESCAPES = [(0x20, 0x24), (0x26, 0x2C), (0x3A, 0x40), (0x5B, 0x5B), (0x5D, 0x5E), (0x60, 0x60),
-                  (0x7B, 0x7D)]
+_ASCII_ESCAPES = [(0x20, 0x24), (0x26, 0x2C), (0x3A, 0x40), (0x5B, 0x5B), (0x5D, 0x5E), (0x60, 0x60), (0x7B, 0x7D)]
 _UTF8_SEQUENCES = [
     [(0xC2, 0xDF), (0x80, 0xBF)],
     [(0xE0, 0xE0), (0xA0, 0xBF), (0x80, 0xBF)],
@@ -83,8 +82,10 @@ def _escaped_bytes(lo: int, hi: int) -> str:
     return out[0] if len(out) == 1 else "(?:" + "|".join(out) + ")"
 
 
-_ESCAPE = "|".join([_escaped_bytes(lo, hi) for lo, hi in _ASCII_ESCAPES]
-                   + ["".join(_escaped_bytes(lo, hi) for lo, hi in sequence) for sequence in _UTF8_SEQUENCES])
+_ESCAPE = "|".join(
+    [_escaped_bytes(lo, hi) for lo, hi in _ASCII_ESCAPES]
+    + ["".join(_escaped_bytes(lo, hi) for lo, hi in sequence) for sequence in _UTF8_SEQUENCES]
+)
 _CHAR = f"(?:{_SEGMENT_CHAR}|{_ESCAPE})"
 _NOT_DOT = f"(?:{_SEGMENT_CHAR_NOT_DOT}|{_ESCAPE})"
 # A segment other than "." and "..": one starting with another character, with '.' and another, or
@@ -110,8 +111,7 @@ def _letter(char: str) -> str:
 
 # A query naming the ``_method`` parameter however it is spelled (request._has_method_override:
 # names split on '&' and ';', compared percent-decoded, case-folded, without a "[...]" suffix).
-METHOD_OVERRIDE_QUERY = ("(?s)[^?]*\\?(?:.*[&;])?" + "".join(_letter(c) for c in "_method")
-                         + "(?:[=&;\\[]|%5[Bb]|$).*")
+METHOD_OVERRIDE_QUERY = "(?s)[^?]*\\?(?:.*[&;])?" + "".join(_letter(c) for c in "_method") + "(?:[=&;\\[]|%5[Bb]|$).*"
 
 
 def route_path(parts: tuple[object, ...], case_insensitive: bool = False) -> dict[str, object]:
@@ -129,6 +129,5 @@ def route_path(parts: tuple[object, ...], case_insensitive: bool = False) -> dic
         return {"path": "/" + "/".join(literals), **case}
     if len(literals) == len(parts) - 1 and rest:
         return {"prefix": "/"} if not literals else {"path_separated_prefix": "/" + "/".join(literals), **case}
-    regex = "".join("/[^/]+" if p is PARAM else "(?:/.*)?" if p is REST else "/" + re2_literal(str(p))
-                    for p in parts)
+    regex = "".join("/[^/]+" if p is PARAM else "(?:/.*)?" if p is REST else "/" + re2_literal(str(p)) for p in parts)
     return {"safe_regex": {"regex": ("(?i)" if case_insensitive else "") + regex}}

@@ -39,8 +39,10 @@ class RoutePlan:
 
 def plan(policy: Policy) -> tuple[RoutePlan, ...]:
     """Every route of ``policy``, in the order Envoy must try them (first match wins)."""
-    plans = [RoutePlan(route, tuple(pattern_parts(route.path)), policy.methods_of(route), *engine_of(route))
-             for route in policy.routes]
+    plans = [
+        RoutePlan(route, tuple(pattern_parts(route.path)), policy.methods_of(route), *engine_of(route))
+        for route in policy.routes
+    ]
     return tuple(sorted(plans, key=match_order, reverse=True))
 
 
@@ -75,11 +77,14 @@ def engine_of(route: Route) -> tuple[Engine, str]:
         return Engine.EXT_AUTHZ, "dry-run: the service allows, and logs and counts what it would deny"
     for condition in route.claims:
         if condition.operator == "contains" or (condition.operator == "any_of" and condition.strings):
-            return Engine.EXT_AUTHZ, (f"claim condition on {condition.name!r} may meet a list claim, whose elements "
-                                      "must all be strings; Envoy's matchers cannot require that")
+            return Engine.EXT_AUTHZ, (
+                f"claim condition on {condition.name!r} may meet a list claim, whose elements "
+                "must all be strings; Envoy's matchers cannot require that"
+            )
         if any(abs(number) >= EXACT_DOUBLE_LIMIT for number in condition.numbers):
-            return Engine.EXT_AUTHZ, (f"claim condition on {condition.name!r} compares a number beyond 2^53, "
-                                      "which Envoy reads as a double")
+            return Engine.EXT_AUTHZ, (
+                f"claim condition on {condition.name!r} compares a number beyond 2^53, which Envoy reads as a double"
+            )
     return Engine.NATIVE, "jwt_authn + RBAC: " + requirements_text(route)
 
 

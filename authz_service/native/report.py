@@ -16,16 +16,20 @@ def report_text(compiled: Compiled) -> str:
     plans = compiled.plans
     width = max((len(p.route.name) for p in plans), default=0)
     counts = {engine: sum(1 for p in plans if p.engine is engine) for engine in Engine}
-    lines = [f"{compiled.policy.source}: {len(plans)} routes: {counts[Engine.NATIVE]} native, "
-             f"{counts[Engine.EXT_AUTHZ]} ext_authz, {counts[Engine.NONE]} public (routes in Envoy's order)"]
+    lines = [
+        f"{compiled.policy.source}: {len(plans)} routes: {counts[Engine.NATIVE]} native, "
+        f"{counts[Engine.EXT_AUTHZ]} ext_authz, {counts[Engine.NONE]} public (routes in Envoy's order)"
+    ]
     for p in plans:
         methods = "ANY" if p.methods is None else "|".join(sorted(p.methods))
         lines.append(f"  {ENGINE_TEXT[p.engine]:<9}  {p.route.name:<{width}}  {methods} {p.route.path}: {p.why}")
-    lines.append("  ext_authz  every route: a request the service must read itself ("
-                 + ", ".join(name.removeprefix("screen: ") for name, _ in SCREEN_ROUTES)
-                 + "); on native routes, a credential jwt_authn does not verify (not one canonical bearer JWT "
-                   "within the native size limits, or a token it cannot verify: the service answers it and "
-                   "re-fetches keys for an unknown kid)")
+    lines.append(
+        "  ext_authz  every route: a request the service must read itself ("
+        + ", ".join(name.removeprefix("screen: ") for name, _ in SCREEN_ROUTES)
+        + "); on native routes, a credential jwt_authn does not verify (not one canonical bearer JWT "
+        "within the native size limits, or a token it cannot verify: the service answers it and "
+        "re-fetches keys for an unknown kid)"
+    )
     lines.append("  native     no route matches: 403 access_denied")
     return "\n".join(lines) + "\n"
 
@@ -35,8 +39,15 @@ def report_json(compiled: Compiled) -> dict[str, Any]:
     return {
         "policy": compiled.policy.source,
         "sha256": compiled.policy.sha256,
-        "routes": [{"name": p.route.name, "path": p.route.path,
-                    "methods": None if p.methods is None else sorted(p.methods),
-                    "engine": p.engine.value, "why": p.why} for p in compiled.plans],
+        "routes": [
+            {
+                "name": p.route.name,
+                "path": p.route.path,
+                "methods": None if p.methods is None else sorted(p.methods),
+                "engine": p.engine.value,
+                "why": p.why,
+            }
+            for p in compiled.plans
+        ],
         "screen": [name.removeprefix("screen: ") for name, _ in SCREEN_ROUTES],
     }

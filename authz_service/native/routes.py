@@ -53,17 +53,25 @@ class Admission:
 # every request that passes it (twice: the bearer and the anonymous route): the checks that need
 # the whole token are jwt_authn's (jwt.py), made once and only on native routes.
 SCREEN_ROUTES: list[tuple[str, list[dict[str, Any]]]] = [
-    ("screen: method", [{"name": ":method", "string_match": {"safe_regex": {"regex": patterns.METHOD}},
-                         "invert_match": True}]),
-    ("screen: target", [{"name": ":path", "string_match": {"safe_regex": {"regex": patterns.NATIVE_TARGET}},
-                         "invert_match": True}]),
-    ("screen: _method query", [{"name": ":path",
-                                "string_match": {"safe_regex": {"regex": patterns.METHOD_OVERRIDE_QUERY}}}]),
+    (
+        "screen: method",
+        [{"name": ":method", "string_match": {"safe_regex": {"regex": patterns.METHOD}}, "invert_match": True}],
+    ),
+    (
+        "screen: target",
+        [{"name": ":path", "string_match": {"safe_regex": {"regex": patterns.NATIVE_TARGET}}, "invert_match": True}],
+    ),
+    (
+        "screen: _method query",
+        [{"name": ":path", "string_match": {"safe_regex": {"regex": patterns.METHOD_OVERRIDE_QUERY}}}],
+    ),
     # Credentials of another scheme, or "Bearer" spelled otherwise (an absent header never matches
     # an inverted matcher): a bearer credential jwt_authn does not verify goes to the service too,
     # through ext_authz on the route, but is then no anonymous request.
-    ("screen: credentials", [{"name": "authorization", "string_match": {"prefix": patterns.BEARER},
-                              "invert_match": True}]),
+    (
+        "screen: credentials",
+        [{"name": "authorization", "string_match": {"prefix": patterns.BEARER}, "invert_match": True}],
+    ),
 ]
 
 
@@ -71,8 +79,9 @@ def disabled(*filters: str) -> dict[str, Any]:
     return {name: {"@type": _FILTER_CONFIG, "disabled": True} for name in filters}
 
 
-def ingress_routes(policy: Policy, plans: tuple[RoutePlan, ...], book: AnswerBook, admission: Admission,
-                   leeway: int) -> list[dict[str, Any]]:
+def ingress_routes(
+    policy: Policy, plans: tuple[RoutePlan, ...], book: AnswerBook, admission: Admission, leeway: int
+) -> list[dict[str, Any]]:
     routes: list[dict[str, Any]] = []
     for name, headers in SCREEN_ROUTES:
         routes.extend(_to_service(name, {"prefix": "/", "headers": headers}, admission))
@@ -85,17 +94,41 @@ def ingress_routes(policy: Policy, plans: tuple[RoutePlan, ...], book: AnswerBoo
         if plan.engine is Engine.EXT_AUTHZ:
             routes.extend(_to_service(name, match, admission))
         elif plan.engine is Engine.NONE:
-            routes.append({"name": name, "match": match, "route": {"cluster": APP_CLUSTER},
-                           "typed_per_filter_config": disabled(JWT, EXT_AUTHZ)})
+            routes.append(
+                {
+                    "name": name,
+                    "match": match,
+                    "route": {"cluster": APP_CLUSTER},
+                    "typed_per_filter_config": disabled(JWT, EXT_AUTHZ),
+                }
+            )
         else:
-            routes.append({"name": name, "match": match, "route": {"cluster": APP_CLUSTER}, "typed_per_filter_config": {
-                RBAC: {"@type": _RBAC_PER_ROUTE, "rbac": {
-                    "rules": rules(book, [*checks, *route_checks(policy, plan.route)]),
-                    "rules_stat_prefix": RBAC_STAT_PREFIX}},
-            }})
+            routes.append(
+                {
+                    "name": name,
+                    "match": match,
+                    "route": {"cluster": APP_CLUSTER},
+                    "typed_per_filter_config": {
+                        RBAC: {
+                            "@type": _RBAC_PER_ROUTE,
+                            "rbac": {
+                                "rules": rules(book, [*checks, *route_checks(policy, plan.route)]),
+                                "rules_stat_prefix": RBAC_STAT_PREFIX,
+                            },
+                        },
+                    },
+                }
+            )
     response, headers = book.direct_response(Reason.NO_ROUTE, NO_ROUTE_TEXT)
-    routes.append({"name": "no route", "match": {"prefix": "/"}, "direct_response": response,
-                   "response_headers_to_add": headers, "typed_per_filter_config": disabled(JWT, EXT_AUTHZ)})
+    routes.append(
+        {
+            "name": "no route",
+            "match": {"prefix": "/"},
+            "direct_response": response,
+            "response_headers_to_add": headers,
+            "typed_per_filter_config": disabled(JWT, EXT_AUTHZ),
+        }
+    )
     return routes
 
 
@@ -103,8 +136,11 @@ def _match(plan: RoutePlan, case_insensitive: bool) -> dict[str, Any]:
     match: dict[str, Any] = dict(patterns.route_path(plan.parts, case_insensitive))
     if plan.methods is not None:
         methods = sorted(plan.methods)
-        method = ({"exact": methods[0]} if len(methods) == 1
-                  else {"safe_regex": {"regex": "|".join(patterns.re2_literal(m) for m in methods)}})
+        method = (
+            {"exact": methods[0]}
+            if len(methods) == 1
+            else {"safe_regex": {"regex": "|".join(patterns.re2_literal(m) for m in methods)}}
+        )
         match["headers"] = [{"name": ":method", "string_match": method}]
     return match
 
@@ -113,9 +149,24 @@ def _to_service(name: str, match: dict[str, Any], admission: Admission) -> list[
     """Routes whose requests the service decides entirely: as in envoy/envoy.yaml, one for bearer
     JWTs and one, rate limited, for everything else."""
     off = disabled(JWT, RBAC)
-    bearer = {**match, "headers": [*match.get("headers", []), {
-        "name": "authorization", "string_match": {"safe_regex": {"regex": admission.bearer_regex}}}]}
-    return [{"name": f"{name} (bearer)", "match": bearer, "route": {"cluster": APP_CLUSTER},
-             "typed_per_filter_config": off},
-            {"name": f"{name} (anonymous)", "match": match, "route": {"cluster": APP_CLUSTER},
-             "typed_per_filter_config": {**off, RATE_LIMIT: admission.anonymous_limit}}]
+    bearer = {
+        **match,
+        "headers": [
+            *match.get("headers", []),
+            {"name": "authorization", "string_match": {"safe_regex": {"regex": admission.bearer_regex}}},
+        ],
+    }
+    return [
+        {
+            "name": f"{name} (bearer)",
+            "match": bearer,
+            "route": {"cluster": APP_CLUSTER},
+            "typed_per_filter_config": off,
+        },
+        {
+            "name": f"{name} (anonymous)",
+            "match": match,
+            "route": {"cluster": APP_CLUSTER},
+            "typed_per_filter_config": {**off, RATE_LIMIT: admission.anonymous_limit},
+        },
+    ]

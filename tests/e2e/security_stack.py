@@ -20,8 +20,8 @@ import grpc
 import pytest
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
-from authz_service.simulate import check_request
 
+from ..conftest import check_request
 from .fake_issuer import FakeIssuer
 from .harness import NATIVE, EnvoyProcess, ManagedProcess, UpstreamProcess, authz_http_request, http_request, wait_for
 from .stack import TRANSACTION_ROUTES, DevIssuer, PolicyDir, Service
@@ -126,8 +126,8 @@ class SecurityStack:
         if token is not None:
             sent.append(("Authorization", f"Bearer {token}"))
         mark = self.upstream.mark() if observe else 0
-        self.sent += 1
         status, response_headers, data = http_request(method, self.envoy.url(path), sent, target=target)
+        self.sent += 1  # answered, so Envoy logs it (a request that raised may never have been sent)
         reached = self.upstream.requests_since(mark) if observe else []
         return Answer(status, {k.lower(): v for k, v in response_headers}, data, reached)
 
@@ -142,9 +142,9 @@ class SecurityStack:
                 "--path-as-is", "-X", method, "--max-time", "10"]
         for name, value in headers:
             argv += ["-H", f"{name}: {value}"]
-        self.sent += 1
         out = subprocess.run([*argv, self.envoy.url(target)], capture_output=True, text=True, timeout=20)
         code, version = out.stdout.split()
+        self.sent += code != "000"  # curl answers 000 when no response came back
         assert version == "2", f"not HTTP/2: {out.stdout} {out.stderr}"
         return int(code), self.upstream.requests_since(mark)
 
@@ -173,12 +173,14 @@ def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *
                          fake: FakeIssuer | None = None, wait_ready: bool = True,
                          env: dict[str, str] | None = None, wrapper: tuple[str, ...] = (),
                          mode: str = "grpc", routes: str | None = None,
-                         launch: Callable[[list[str]], ManagedProcess] | None = None) -> SecurityStack:
+                         launch: Callable[[list[str]], ManagedProcess] | None = None,
+                         anonymous_limit: bool = False) -> SecurityStack:
     """Dev issuer + fake issuer (started here unless given) + service (its CLI, or ``launch``'s process:
     see ``start_service``) + Envoy (the shipped config of ``mode``: ext_authz over gRPC, or Envoy's
     HTTP mode to the service's HTTP front door; native: the policy compiled for Envoy's own
     filters, the service as its fallback), serving the stack's issuers with ``routes`` (policy
-    YAML, taken as written; default: the suites' routes).
+    YAML, taken as written; default: the suites' routes). Envoy's anonymous token bucket is lifted
+    unless ``anonymous_limit`` (the admission suite's): admission is not a decision.
 
     The stack owns the fake issuer it started (``stop_security_stack`` stops it, and so does a failed
     start); the processes belong to the running test or fixture (harness ``Owner``) like any other."""
@@ -192,7 +194,7 @@ def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *
         policy.write(policy_text(fake, dev) if routes is None else policy_text(fake, dev, routes, routes=""))
         service = start_service(work, policy.path, *service_args, wait_ready=wait_ready, env=env, wrapper=wrapper,
                                 launch=launch)
-        envoy = envoy_factory.for_service(service, mode, policy.path)
+        envoy = envoy_factory.for_service(service, mode, policy.path, anonymous_limit=anonymous_limit)
     except BaseException:
         if own_fake:
             fake.stop()
@@ -235,7 +237,7 @@ def native_denials(stack: SecurityStack, reason: str) -> int:
     of the compiled policy is named <order>-<reason>-a<answer> (authz_service/native/answers.py).
     Waits until every request sent through this Envoy is logged (it flushes every 100 ms)."""
     entries = wait_for(lambda: (lambda log: log if len(log) >= stack.sent else None)(stack.envoy.access_log()),
-                       10, "Envoy's access log of every request sent")
+                       30, f"Envoy's access log of every request answered ({stack.sent})")
     denied = re.compile(rf"rbac_access_denied_matched_policy\[\d+-{re.escape(reason)}-a\d+\]")
     return sum(1 for entry in entries if denied.fullmatch(entry.get("response_code_details") or ""))
 

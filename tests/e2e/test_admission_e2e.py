@@ -46,7 +46,8 @@ UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess,
           module_envoy_factory) -> Iterator[SecurityStack]:
-    s = start_security_stack(tmp_path_factory.mktemp("admission"), upstream, module_envoy_factory)
+    s = start_security_stack(tmp_path_factory.mktemp("admission"), upstream, module_envoy_factory,
+                             anonymous_limit=True)
     yield s
     stop_security_stack(s)
 
@@ -186,7 +187,7 @@ def test_anonymous_flood_is_refused_by_envoy_while_legitimate_requests_are_serve
     stack: SecurityStack, open_file_limit: None, envoy_factory, reader_token: str
 ) -> None:
     # A fresh Envoy: its anonymous token bucket is full, whatever other tests did.
-    envoy = envoy_factory(stack.service.grpc_port, name="envoy-flood")
+    envoy = envoy_factory(stack.service.grpc_port, name="envoy-flood", anonymous_limit=True)
     flood_requests = [
         get("/transactions/1"),                                   # no credentials at all
         get("/transactions/2", ("Authorization", "Basic Zm9vOmJhcg==")),  # another scheme
@@ -226,7 +227,7 @@ def test_credentials_within_the_anonymous_budget_get_the_services_own_answers(
 ) -> None:
     """The token bucket only counts; what the service answers to malformed or missing credentials
     (status, JSON body, WWW-Authenticate) is unchanged while the budget lasts."""
-    envoy = envoy_factory(stack.service.grpc_port, name="envoy-budget")
+    envoy = envoy_factory(stack.service.grpc_port, name="envoy-budget", anonymous_limit=True)
     cases = [
         [],
         [("Authorization", "Basic Zm9vOmJhcg==")],

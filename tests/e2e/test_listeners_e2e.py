@@ -12,8 +12,8 @@ import grpc
 import pytest
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from authz_service.simulate import check_request
 
+from ..conftest import check_request
 from .harness import ManagedProcess, free_port, http_request, port_open, wait_for_http
 from .stack import PUBLIC_HEALTHZ, cli
 

@@ -96,15 +96,6 @@ class Rig:
         return self.dev_tokens[key]
 
 
-def unlimited(bootstrap: dict[str, Any]) -> None:
-    """Both Envoys without their anonymous token bucket: admission control is not a decision, and
-    thousands of requests in a minute would trip it."""
-    for route in envoyconf.hcm(bootstrap, "ingress")["route_config"]["virtual_hosts"][0]["routes"]:
-        limit = route.get("typed_per_filter_config", {}).get("envoy.filters.http.local_ratelimit")
-        if limit is not None:
-            limit["token_bucket"].update(max_tokens=1_000_000, tokens_per_fill=1_000_000)
-
-
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess) -> Iterator[Rig]:
     work = tmp_path_factory.mktemp("native-parity")
@@ -118,7 +109,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess) -> 
         config = render_envoy_config(work / "reference", listener_port=free_port(), admin_port=free_port(),
                                      authz_port=service.grpc_port, app_port=upstream.port)
         bootstrap = yaml.safe_load(config.read_text())
-        unlimited(bootstrap)
+        envoyconf.without_anonymous_limit(bootstrap)
         config.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
         reference = start_envoy(config, work / "reference", name="envoy-ext-authz")
         rig = Rig(work, fake, dev, policy, service, upstream, reference)
@@ -159,7 +150,7 @@ def start_native(rig: Rig) -> EnvoyProcess:
         config = render_native_config(rig.work / "native", rig.policy.path, listener_port=free_port(),
                                       admin_port=free_port(), app_port=rig.upstream.port,
                                       grpc_port=rig.service.grpc_port, http_port=rig.service.http_port,
-                                      transform=unlimited)
+                                      transform=envoyconf.without_anonymous_limit)
         try:
             return start_envoy(config, rig.work / "native", name=f"envoy-{config.stem}")
         except (ProcessDied, TimeoutError) as exc:

@@ -20,9 +20,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from authz_service.simulate import check_request
 
-from ..conftest import SigningKey, make_key
+from ..conftest import check_request, SigningKey, make_key
 from .harness import (MODES, REPO_ROOT, ManagedProcess, UpstreamProcess, authz_http_request, free_port, http_request,
                       wait_for, wait_for_http)
 from .stack import PUBLIC_HEALTHZ, TRANSACTION_ROUTES, Service, start_dev_issuer, start_service

@@ -218,6 +218,8 @@ def test_policy_replaced_by_garbage_while_serving_keeps_the_old_policy(stack: Se
         stack.service.process.check_alive()
     assert not traffic.errors, traffic.errors
     for _, kind, answer in traffic.results:
+        if kind == "public" and (answer.status, answer.error) == (429, "rate_limited"):
+            continue  # Envoy's anonymous token bucket answered: no policy was consulted
         assert answer.status == expected[kind], (kind, answer.status, answer.body)
     assert_no_upstream_request_without_decision(stack, traffic, writer)
 

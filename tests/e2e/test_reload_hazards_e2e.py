@@ -6,6 +6,7 @@ announces itself as the weaker mode."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -112,6 +113,39 @@ def test_a_writer_paused_mid_file_is_not_loaded_until_it_closes(stack: SecurityS
     opened = stack.send("GET", "/reports/daily")  # ... and everything else public
     assert opened.status == 200 and len(opened.reached_upstream) == 1
     assert stack.service.sample("authz_policy_reloads_total", result="error") == 0
+
+
+def refused_series(stack: SecurityStack) -> dict[str, float]:
+    """sha256 label -> value of every ``authz_policy_file_refused`` sample the service exports."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.labels["sha256"]: s.value for family in text_string_to_metric_families(stack.service.metrics())
+            for s in family.samples if s.name == "authz_policy_file_refused"}
+
+
+def test_a_refused_file_stays_visible_until_it_is_fixed(stack: SecurityStack) -> None:
+    """A bad ConfigMap edit: the old policy keeps serving through Envoy, and the refused file is a
+    state (gauge 1, its sha256) for as long as it stays on disk (a Pod starting now would not
+    start), not one error; the fixed file clears it."""
+    before = serving(stack)
+    assert refused_series(stack) == {"": 0}
+    bad = policy_text(stack.fake, stack.dev, "  - name: reports\n    path: /reports/**\n")  # no scopes
+    errors = stack.service.sample("authz_policy_reloads_total", result="error")
+    stack.policy.write(bad)
+    bad_sha = hashlib.sha256(bad.encode()).hexdigest()
+    stack.service.process.wait_until(lambda: refused_series(stack) == {bad_sha: 1}, 15, "the file refused")
+    assert serving(stack) == {**before, "last_reload_error": serving(stack)["last_reload_error"],
+                              "refused_sha256": bad_sha}
+    assert "routes[" in serving(stack)["last_reload_error"]
+    assert stack.service.sample("authz_policy_reloads_total", result="error") == errors + 1
+    assert_old_policy_serves(stack)
+    fixed = policy_text(stack.fake, stack.dev, ADMIN_TAIL.replace("admin", "reports"))
+    stack.policy.write(fixed)
+    stack.service.process.wait_until(lambda: refused_series(stack) == {"": 0}, 15, "the refusal cleared")
+    after = serving(stack)
+    assert after["sha256"] == hashlib.sha256(fixed.encode()).hexdigest()
+    assert after["last_reload_error"] is None and after["refused_sha256"] is None
+    assert stack.send("GET", "/reports/daily").status == 401  # the fixed policy serves
 
 
 @pytest.mark.parametrize("stack", [("--policy-poll-interval", "3600")], indirect=True)

@@ -16,6 +16,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from authz_service.cognito import access_claims
+
 from .fake_issuer import FakeIssuer, rsa_key
 from .harness import UpstreamProcess, wait_for
 from .security_stack import (SecurityStack, bearer, deny_count, logged, start_security_stack,
@@ -51,11 +53,7 @@ def rs256(signing_input: bytes) -> bytes:
 
 
 def claims(fake: FakeIssuer, **overrides) -> dict:
-    now = int(time.time())
-    out = {"sub": "payments-writer", "token_use": "access", "scope": "transactions/post", "auth_time": now,
-           "iss": fake.issuer, "exp": now + 3600, "iat": now, "version": 2, "jti": "j", "client_id": "payments-writer"}
-    out.update(overrides)
-    return out
+    return access_claims(fake.issuer, "payments-writer", "transactions/post", replace={"jti": "j", **overrides})
 
 
 def alg_none(f: FakeIssuer) -> str:
@@ -109,7 +107,7 @@ ATTACKS: list[tuple[str, Callable[[FakeIssuer], str], int, str, str]] = [
      "invalid_token", "token has no client_id claim"),
     ("client-id-empty", lambda f: raw_jws({"alg": "RS256", "kid": "kid-1"}, claims(f, client_id=""), rs256), 401,
      "invalid_token", "token has no client_id claim"),
-    ("scope-null", lambda f: raw_jws({"alg": "RS256", "kid": "kid-1"}, claims(f, scope=None), rs256), 401,
+    ("scope-null", lambda f: raw_jws({"alg": "RS256", "kid": "kid-1"}, {**claims(f), "scope": None}, rs256), 401,
      "invalid_token", "scope claim must be a string"),
     ("sub-number", lambda f: raw_jws({"alg": "RS256", "kid": "kid-1"}, claims(f, sub=7), rs256), 401,
      "invalid_token", "sub claim must be a string"),

@@ -217,11 +217,13 @@ def test_without_envoy_tracing_the_check_span_starts_a_trace_of_its_own(stack: T
     """The client's trace context is not Envoy's: a Check does not continue it. gRPC mode: the
     CheckRequest's headers hold it, and the Check span links to the client's span; HTTP mode: the
     shipped allowed_headers does not forward it, and the Check span is a root without a link."""
+    earlier = {s.span_id for s in stack.receiver.spans()}  # other tests' Checks through this Envoy
     status, trace_id, client_span = send(stack, "GET", "/transactions/7?untraced", stack.issuer.token("payments-reader"),
                                          stack.untraced_envoy, [("tracestate", "client=private")])
     assert status == 200
     (check,) = stack.receiver.wait_for_spans(
         lambda s: s.service == stack.service_name and s.attributes.get("authz.route") == "get-transaction"
+        and s.span_id not in earlier and s.attributes.get("authz.client_id") == "payments-reader"
         and s.parent_span_id == "" and s.trace_id != trace_id
         and (s.links == ((trace_id, client_span, ""),) if stack.mode == "grpc" else not s.links), 1,
         "our Check span, a root of its own")

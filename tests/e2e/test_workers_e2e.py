@@ -4,6 +4,7 @@ can join the gRPC port's SO_REUSEPORT group (only the same UID) and what the ser
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -383,5 +384,32 @@ def test_http_door_mismatches_are_counted_across_workers(tmp_path, policy) -> No
                                           "config_mismatches": 6}
         wait_for(lambda: service.sample("authz_ext_authz_http_config_mismatches_total",
                                         problem="original_path_missing") == 6, 60, "6 mismatches in the metrics")
+    finally:
+        service.process.stop()
+
+
+def test_a_refused_policy_file_shows_in_the_parents_metrics_until_fixed(tmp_path, policy, issuer) -> None:
+    """Each worker follows the file and sets authz_policy_file_refused itself; the parent's /metrics
+    shows 1 for the refused content while any worker refuses it, and 0 once every worker has the
+    fixed file (the refused hash stays as a 0 series: multiprocess files cannot drop a series)."""
+    service = start_service(tmp_path, policy, "--workers", "2")
+    try:
+        def refused() -> dict[str, float]:
+            from prometheus_client.parser import text_string_to_metric_families
+
+            return {s.labels["sha256"]: s.value for f in text_string_to_metric_families(service.metrics())
+                    for s in f.samples if s.name == "authz_policy_file_refused"}
+
+        assert refused() == {"": 0}
+        good = policy.read_text()
+        bad = good.replace("scopes: [transactions/post]", "scope: [transactions/post]")
+        policy.write_text(bad)
+        bad_sha = hashlib.sha256(bad.encode()).hexdigest()
+        wait_for(lambda: refused() == {"": 0, bad_sha: 1}, 60, "the refused file in the parent's metrics")
+        status, body = readyz(service)
+        assert status == 200 and body["ready"] is True, "the previous policy keeps serving"
+        assert check(service.grpc_port, issuer.token("payments-writer")) == 0
+        policy.write_text(good)  # put back: the policy in force
+        wait_for(lambda: refused() == {"": 0, bad_sha: 0}, 60, "every worker back on the policy in force")
     finally:
         service.process.stop()

@@ -1,7 +1,8 @@
 """Run one request through the real Check pipeline, outside the server.
 
-Why: `explain` and `test` must show what the service would do, so they send a real CheckRequest
-through the same ``check.Checker`` the front doors use; nothing here decides.
+Why: `explain` and `test` must show what the service would do, so they send the request, built
+by the front doors' own ``request.http_request``, through the same ``check.Checker`` the doors
+use; nothing here decides, and no front door or protocol is involved.
 With ``--scopes`` instead of a real token, a token is minted and signed with a throw-away RSA
 key that only this process trusts, so the real TokenVerifier (issuer, client allow-list, scopes,
 custom claims) checks it: the simulation covers the policy, not Cognito's crypto.
@@ -9,8 +10,6 @@ custom claims) checks it: the simulation covers the policy, not Cognito's crypto
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,14 +19,14 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.api_jwk import PyJWK
 
-from ._proto.envoy.service.auth.v3 import external_auth_pb2
-from .check import Checker
-from .claims import IssuerKey, KeySource
-from .decision import Decision
-from .ext_authz_grpc import parse_check_request
-from .policy import Issuer, Policy
-from .response import Answer, Answers
-from .tokens import TokenVerifier
+from ..check import Checker
+from ..cognito import access_claims
+from ..decision import Decision
+from ..keys import IssuerKey, KeySource
+from ..policy import Issuer, Policy
+from ..request import HttpRequest, request_from
+from ..response import Answer, Answers
+from ..tokens import TokenVerifier
 
 SIMULATED_KID = "authz-service-simulated"
 DEFAULT_CLIENT_ID = "simulated-client"
@@ -41,17 +40,6 @@ class Outcome:
     decision: Decision
 
 
-def check_request(method: str, path: str, headers: dict[str, str]) -> external_auth_pb2.CheckRequest:
-    """The CheckRequest Envoy sends for this request (the attributes our parser reads)."""
-    check = external_auth_pb2.CheckRequest()
-    http = check.attributes.request.http
-    http.method = method
-    http.path = path
-    for name, value in headers.items():
-        http.headers[name.lower()] = value
-    return check
-
-
 class _FixedPolicy:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
@@ -63,7 +51,11 @@ async def run_check(
     """What the service answers one request (the Check pipeline, without metrics)."""
     headers = {"authorization": f"Bearer {token}"} if token is not None else {}
     checker = Checker(_FixedPolicy(policy), verifier, Answers(realm))
-    return await checker.check(parse_check_request, check_request(method, path, headers), Outcome)
+    return await checker.check(_request, (method, path, headers), Outcome)
+
+
+def _request(raw: tuple[str, str, dict[str, str]]) -> HttpRequest:
+    return request_from(*raw)
 
 
 class _SimulatedKeys(KeySource):
@@ -101,31 +93,32 @@ class Simulator:
     def __init__(self, policy: Policy) -> None:
         private = _private_key()
         public = PyJWK.from_dict(
-            {**jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key(), as_dict=True),
-             "kid": SIMULATED_KID, "alg": "RS256", "use": "sig"}
+            {
+                **jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key(), as_dict=True),
+                "kid": SIMULATED_KID,
+                "alg": "RS256",
+                "use": "sig",
+            }
         )
         self._private = private
         self.verifier = TokenVerifier(_SimulatedKeys(public, policy))
 
-    def token(self, issuer: str, scopes: list[str], client_id: str | None = None,
-              custom: Mapping[str, Any] | None = None, *, overrides: Mapping[str, Any] | None = None,
-              header: Mapping[str, Any] | None = None) -> str:
+    def token(
+        self,
+        issuer: str,
+        scopes: list[str],
+        client_id: str | None = None,
+        custom: Mapping[str, Any] | None = None,
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        header: Mapping[str, Any] | None = None,
+    ) -> str:
         """A client_credentials access token as Cognito shapes it, holding exactly ``scopes`` and the
         ``custom`` claims a pre token generation trigger would add (they never replace Cognito's).
         ``overrides`` and ``header`` replace claims and header members (None removes one): tokens
         Cognito would not issue, to see how the verifier refuses each."""
-        now = int(time.time())
-        client = client_id or DEFAULT_CLIENT_ID
-        claims = {
-            **(custom or {}),
-            "sub": client, "token_use": "access", "scope": " ".join(scopes), "auth_time": now, "iss": issuer,
-            "exp": now + 300, "iat": now, "version": 2, "jti": str(uuid.uuid4()), "client_id": client,
-        }
-        claims = _replaced(claims, overrides or {})
-        jose = _replaced({"kid": SIMULATED_KID}, header or {})
+        claims = access_claims(
+            issuer, client_id or DEFAULT_CLIENT_ID, scopes, ttl=300, custom=custom, replace=overrides
+        )
+        jose = {name: value for name, value in {"kid": SIMULATED_KID, **(header or {})}.items() if value is not None}
         return jwt.encode(claims, self._private, algorithm="RS256", headers=jose)
-
-
-def _replaced(members: dict[str, Any], replacements: Mapping[str, Any]) -> dict[str, Any]:
-    out = {**members, **replacements}
-    return {name: value for name, value in out.items() if value is not None}

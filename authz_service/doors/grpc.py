@@ -16,19 +16,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._proto.envoy.config.core.v3 import base_pb2
-from ._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from .check import Checker, TracedChecker
-from .request import SPECIAL_NAMES, BadRequest, HttpRequest, checked_method, path_and_segments, special_names
-from .response import Answer
-from .tracing import GRPC_CHECK
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from .. import ports
+from .._proto.envoy.config.core.v3 import base_pb2
+from .._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from ..check import Checker, TracedChecker
+from ..request import BadRequest, HeaderFacts, HttpRequest, http_request
+from ..response import Answer
+from ..tracing import CheckSpanKind
+from .base import DoorKind, Wiring
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
-# The largest CheckRequest accepted. Envoy caps a request's headers at max_request_headers_kb
-# (60 KiB by default) and sends no body unless with_request_body is set, so a real CheckRequest
-# stays far below this; a larger one is refused by gRPC before it is parsed (RESOURCE_EXHAUSTED,
-# which Envoy turns into its status_on_error 503) instead of costing ~65 us of CPU per KiB.
-DEFAULT_MAX_REQUEST_BYTES = 128 * 1024
+SPAN_KIND = CheckSpanKind(
+    f"{SERVICE_NAME}/Check",
+    {"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": "Check"},
+    http_server=False,
+)
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _RENDERED = "grpc"
 
@@ -37,32 +42,33 @@ def parse_check_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
     """Extract and validate the HTTP attributes; BadRequest when anything is missing or unsafe."""
     http = check.attributes.request.http  # absent messages read as empty: diagnosed on failure
     try:
-        method = checked_method(http.method)
+        return http_request(http, http.method, _path, _raw_headers if http.header_map.headers else _headers)
     except BadRequest:
+        # Absent attributes leave the method empty, so the method's refusal is the one raised: say why.
         if not check.HasField("attributes") or not check.attributes.HasField("request"):
             raise BadRequest("no request attributes") from None
         if not check.attributes.request.HasField("http"):
             raise BadRequest("no HTTP attributes") from None
         raise
-    path, segments = path_and_segments(http.path)
-    if http.HasField("header_map") and http.header_map.headers:
-        authorization, request_id, spoofed = _raw_headers(http.header_map.headers)
-    else:
-        # Look up the two headers we read; scan names only when one of the spellings we refuse or
-        # strip is present (one C-level set operation in the common case).
-        headers = http.headers
-        value = headers.get("authorization")
-        authorization = (value,) if value is not None else ()
-        request_id = headers.get("x-request-id", "")[:128]
-        spoofed = () if SPECIAL_NAMES.isdisjoint(headers) else special_names(headers)
-    return HttpRequest(method, path, segments, authorization, request_id, spoofed)
 
 
-def _raw_headers(entries: Any) -> tuple[tuple[str, ...], str, tuple[str, ...]]:
+def _path(http: Any) -> str:
+    return http.path
+
+
+def _headers(http: Any) -> HeaderFacts:
+    """The ``headers`` map: keys lower-case, repeated headers comma-joined (two lookups, no scan)."""
+    headers = http.headers
+    value = headers.get("authorization")
+    return (value,) if value is not None else (), headers.get("x-request-id", ""), headers
+
+
+def _raw_headers(http: Any) -> HeaderFacts:
+    """``header_map`` (``encode_raw_headers``): one entry per header line, the value as bytes."""
     authorization: list[str] = []
     names: list[str] = []
     request_id = ""
-    for entry in entries:
+    for entry in http.header_map.headers:
         raw = entry.raw_value if entry.raw_value else entry.value.encode()
         try:
             value = raw.decode("utf-8")
@@ -73,8 +79,8 @@ def _raw_headers(entries: Any) -> tuple[tuple[str, ...], str, tuple[str, ...]]:
         if name == "authorization":
             authorization.append(value)
         elif name == "x-request-id":
-            request_id = value[:128]
-    return tuple(authorization), request_id, special_names(names)
+            request_id = value
+    return tuple(authorization), request_id, names
 
 
 def check_response(answer: Answer, decision: object = None) -> external_auth_pb2.CheckResponse:
@@ -135,14 +141,22 @@ class TracedAuthorizationServicer(AuthorizationServicer):
     ) -> external_auth_pb2.CheckResponse:
         metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
         if not self._fields.isdisjoint(metadata):
-            return await self._traced(GRPC_CHECK, metadata, parse_check_request, request, check_response)
-        return await self._traced(GRPC_CHECK, _client_headers(request, self._fields), parse_check_request, request,
-                                  check_response, from_client=True)
+            return await self._traced(SPAN_KIND, metadata, parse_check_request, request, check_response)
+        return await self._traced(
+            SPAN_KIND,
+            _client_headers(request, self._fields),
+            parse_check_request,
+            request,
+            check_response,
+            from_client=True,
+        )
 
 
 def authorization_servicer(checker: Checker) -> AuthorizationServicer:
     """The servicer for ``checker``: traced only when tracing is on."""
-    return TracedAuthorizationServicer(checker) if isinstance(checker, TracedChecker) else AuthorizationServicer(checker)
+    return (
+        TracedAuthorizationServicer(checker) if isinstance(checker, TracedChecker) else AuthorizationServicer(checker)
+    )
 
 
 def _client_headers(request: external_auth_pb2.CheckRequest, fields: frozenset[str]) -> Any:
@@ -151,5 +165,74 @@ def _client_headers(request: external_auth_pb2.CheckRequest, fields: frozenset[s
     http = request.attributes.request.http
     if http.headers or not http.header_map.headers:
         return http.headers
-    return {name: entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
-            for entry in http.header_map.headers if (name := entry.key.lower()) in fields}
+    return {
+        name: entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
+        for entry in http.header_map.headers
+        if (name := entry.key.lower()) in fields
+    }
+
+
+class GrpcDoor:
+    """The gRPC server: Authorization/Check and grpc.health.v1 (whose status follows readiness)."""
+
+    span_kind = SPAN_KIND
+
+    def __init__(self, checker: Checker, max_request_bytes: int, shutdown_grace: float) -> None:
+        self._checker = checker
+        self._max_request_bytes = max_request_bytes
+        self._grace = shutdown_grace
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+
+    @classmethod
+    def build(cls, wiring: Wiring) -> GrpcDoor:
+        return cls(wiring.checker, wiring.settings.max_request_bytes, wiring.settings.shutdown_grace)
+
+    @property
+    def refused(self) -> int:
+        return 0  # nothing of Envoy's gRPC configuration can mismatch ours
+
+    async def start(self, host: str, port: int, *, reuse_port: bool) -> int:
+        # One process: SO_REUSEPORT off, so a port already in use is an error, not a silent share.
+        # Workers share the port the parent reserved (ports.Listener.reserve keeps that guarantee).
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
+                ("grpc.max_receive_message_length", self._max_request_bytes),
+            ]
+        )
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization_servicer(self._checker), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        try:
+            if not reuse_port:  # a port in use fails here, with its errno, before grpcio logs it on stderr
+                ports.GRPC.reserve(host, port, share=False).close()
+            try:
+                bound = server.add_insecure_port(f"{_bracketed(host)}:{port}")
+            except RuntimeError:  # grpcio raises (it no longer returns 0) when the address cannot be bound
+                bound = 0
+            if bound == 0:
+                raise ports.GRPC.error(host, port)
+            await server.start()
+        except BaseException:
+            await server.stop(None)
+            raise
+        self._server = server
+        return bound
+
+    async def set_ready(self, ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(self._grace)
+            self._server = None
+
+
+def _bracketed(host: str) -> str:
+    """An IPv6 address in brackets, as gRPC's address syntax needs it."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+GRPC = DoorKind("grpc", ports.GRPC, "grpc_port", GrpcDoor.build)

@@ -42,25 +42,25 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod
 from aiohttp.web_protocol import RequestHandler
 
-from . import ports
-from .admin import listen
-from .check import Checker, TracedChecker
-from .decision import Decision
-from .logs import Throttle
-from .request import (
+from .. import ports
+from ..admin import listen
+from ..check import Checker, TracedChecker
+from ..config import Settings
+from ..decision import Decision
+from ..logs import Throttle
+from ..request import (
     INVALID_METHOD,
-    SPECIAL_NAMES,
     BadRequest,
+    HeaderFacts,
     HttpRequest,
-    checked_method,
+    http_request,
     identity_and_override_spellings,
-    path_and_segments,
-    special_names,
 )
-from .response import Answer
-from .tracing import HTTP_CHECK
+from ..response import Answer
+from ..tracing import CheckSpanKind
+from .base import DoorKind, Wiring
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("authz_service.ext_authz_http")  # the name it always had: log queries keep working
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 # The original request's path (and query), as Envoy's http_service must send it on every
 # authorization request: authorization_request.headers_to_add {key: ORIGINAL_PATH, value: ENVOY_VALUE}.
@@ -70,6 +70,7 @@ _SPELLINGS = identity_and_override_spellings()
 _RENDERED = "http"
 MISMATCH = "ext_authz misconfigured: Envoy's http_service does not send the original path as this service expects"
 _SHOWN_PREFIX = 64  # characters of the prefix Envoy sends that a log line shows at most
+SPAN_KIND = CheckSpanKind("HTTP", {}, http_server=True)  # renamed "{method} {http.route}" once known
 
 
 class Mismatch(enum.Enum):
@@ -82,11 +83,11 @@ class Mismatch(enum.Enum):
 
 _FIXES = {
     Mismatch.ORIGINAL_PATH_MISSING: f"add to Envoy's http_service: authorization_request: headers_to_add: "
-                                    f"[{{key: {ORIGINAL_PATH}, value: '{ENVOY_VALUE}'}}] (docs/deploy.md)",
+    f"[{{key: {ORIGINAL_PATH}, value: '{ENVOY_VALUE}'}}] (docs/deploy.md)",
     Mismatch.PATH_PREFIX_MISMATCH: "make Envoy's http_service.path_prefix and --ext-authz-http-path-prefix "
-                                   "equal (docs/deploy.md)",
+    "equal (docs/deploy.md)",
     Mismatch.ORIGINAL_PATH_MISMATCH: f"{ORIGINAL_PATH} must be set by Envoy (headers_to_add, '{ENVOY_VALUE}'), "
-                                     "never forwarded from the client (docs/deploy.md)",
+    "never forwarded from the client (docs/deploy.md)",
 }
 
 
@@ -96,38 +97,75 @@ class HttpFrontDoor:
     ``on_mismatch`` is told of every request refused as not matching this service (a ``Mismatch``),
     for the metrics; ``mismatches`` counts them for /readyz."""
 
-    def __init__(self, checker: Checker, path_prefix: str = "", max_request_bytes: int = 128 * 1024,
-                 on_mismatch: Callable[[Mismatch], None] | None = None) -> None:
+    span_kind = SPAN_KIND
+
+    def __init__(
+        self,
+        checker: Checker,
+        path_prefix: str = "",
+        max_request_bytes: int = 128 * 1024,
+        on_mismatch: Callable[[Mismatch], None] | None = None,
+        shutdown_grace: float = 10.0,
+    ) -> None:
         self._checker = checker
         self._check = checker.check
         self._prefix = path_prefix
         self._max_request_bytes = max_request_bytes
         self._on_mismatch = on_mismatch
+        self._grace = shutdown_grace
         self._throttle = Throttle()
         self.mismatches = 0
         self._runner: web.ServerRunner | None = None
 
+    @classmethod
+    def build(cls, wiring: Wiring) -> HttpFrontDoor:
+        """The door as the service wires it: its mismatches counted in the metrics (and, in a
+        --workers worker, for the parent's /readyz)."""
+        metrics, on_refused = wiring.metrics, wiring.on_refused
+        metrics.http_door_enabled(m.value for m in Mismatch)
+
+        def on_mismatch(problem: Mismatch) -> None:
+            metrics.http_config_mismatches.labels(problem.value).inc()
+            if on_refused is not None:
+                on_refused()
+
+        settings = wiring.settings
+        return cls(
+            wiring.checker,
+            settings.ext_authz_http_path_prefix,
+            settings.max_request_bytes,
+            on_mismatch,
+            settings.shutdown_grace,
+        )
+
+    @property
+    def refused(self) -> int:
+        return self.mismatches
+
     def parse(self, request: web.BaseRequest) -> HttpRequest:
         """The original request as Envoy forwarded it; BadRequest when it cannot be decided on."""
-        method = checked_method(request.method)
+        return http_request(request, request.method, self._original_path, _headers, fold_names=True)
+
+    def _original_path(self, request: web.BaseRequest) -> str:
+        """The path to decide on: x-authz-original-path, when the request's own is exactly our
+        prefix followed by it (see the module doc); else the request is refused as a mismatch."""
         target = request.raw_path  # as sent: the prefix, then the path and query, not decoded
-        headers = request.headers
-        original = headers.get(ORIGINAL_PATH)
-        if original is None or len(target) != len(self._prefix) + len(original) or not target.endswith(original) \
-                or not target.startswith(self._prefix):
+        original = request.headers.get(ORIGINAL_PATH)
+        if (
+            original is None
+            or len(target) != len(self._prefix) + len(original)
+            or not target.endswith(original)
+            or not target.startswith(self._prefix)
+        ):
             raise self._mismatch(target, original)
-        path, segments = path_and_segments(original)
-        authorization = tuple(headers.getall("authorization", ()))
-        request_id = headers.get("x-request-id", "")[:128]
-        spoofed = () if SPECIAL_NAMES.isdisjoint(map(str.lower, headers)) else special_names(map(str.lower, headers))
-        return HttpRequest(method, path, segments, authorization, request_id, spoofed)
+        return original
 
     def _mismatch(self, target: str, original: str | None) -> BadRequest:
         """Count and log (rate-limited) a request that does not match this service: the refusal."""
         if original is None:
             problem, envoy_prefix = Mismatch.ORIGINAL_PATH_MISSING, None
         elif original and target.endswith(original):
-            problem, envoy_prefix = Mismatch.PATH_PREFIX_MISMATCH, target[:len(target) - len(original)]
+            problem, envoy_prefix = Mismatch.PATH_PREFIX_MISMATCH, target[: len(target) - len(original)]
         else:
             problem, envoy_prefix = Mismatch.ORIGINAL_PATH_MISMATCH, None
         self.mismatches += 1
@@ -135,13 +173,20 @@ class HttpFrontDoor:
             self._on_mismatch(problem)
         suppressed = self._throttle.admit(problem.value)
         if suppressed is not None:
-            fields: dict[str, object] = {"problem": problem.value, "expected_path_prefix": self._prefix,
-                                         "original_path_header": ORIGINAL_PATH, "fix": _FIXES[problem],
-                                         "suppressed_since_last": suppressed}
+            fields: dict[str, object] = {
+                "problem": problem.value,
+                "expected_path_prefix": self._prefix,
+                "original_path_header": ORIGINAL_PATH,
+                "fix": _FIXES[problem],
+                "suppressed_since_last": suppressed,
+            }
             if envoy_prefix is not None:  # Envoy's configuration text; bounded all the same
                 fields["envoy_path_prefix"] = envoy_prefix[:_SHOWN_PREFIX]
-            log.error("HTTP ext_authz request refused: Envoy's http_service does not match this service; "
-                      "every such request is refused (400) until it does", extra=fields)
+            log.error(
+                "HTTP ext_authz request refused: Envoy's http_service does not match this service; "
+                "every such request is refused (400) until it does",
+                extra=fields,
+            )
         return BadRequest(MISMATCH)
 
     @staticmethod
@@ -160,7 +205,7 @@ class HttpFrontDoor:
     async def handle_traced(self, request: web.BaseRequest) -> web.Response:
         """``handle`` with a span continuing the trace in the request's headers (tracing on)."""
         assert isinstance(self._checker, TracedChecker)
-        return await self._checker.check_traced(HTTP_CHECK, request.headers, self.parse, request, self.render)
+        return await self._checker.check_traced(self.span_kind, request.headers, self.parse, request, self.render)
 
     def refusal(self, exc: BaseException | None) -> web.Response | None:
         """Our JSON 400 for a request aiohttp's parser refused, or None for any other error.
@@ -173,15 +218,17 @@ class HttpFrontDoor:
         description = INVALID_METHOD if isinstance(exc, BadHttpMethod) else "malformed HTTP request"
         return self._checker.refuse(description, self.render)
 
-    async def start(self, host: str, port: int, *, reuse_port: bool = False, shutdown_grace: float = 10.0) -> int:
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         """Bind and serve; the bound port. OSError naming the address when it cannot be bound."""
         handler = self.handle_traced if isinstance(self._checker, TracedChecker) else self.handle
-        server = _Server(self, handler, access_log=None, max_line_size=self._max_request_bytes,
-                         max_field_size=self._max_request_bytes)
-        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=shutdown_grace)
+        server = _Server(self, handler, self._max_request_bytes)
+        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=self._grace)
         bound = await listen(runner, host, port, ports.EXT_AUTHZ_HTTP, reuse_port)
         self._runner = runner
         return bound
+
+    async def set_ready(self, ready: bool) -> None:
+        pass  # Envoy's HTTP ext_authz has no health protocol: readiness is the admin port's /readyz
 
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (up to the grace period), then close."""
@@ -190,28 +237,47 @@ class HttpFrontDoor:
             self._runner = None
 
 
-def door_status(path_prefix: str, mismatches: int) -> dict[str, object]:
+def _headers(request: web.BaseRequest) -> HeaderFacts:
+    headers = request.headers
+    return tuple(headers.getall("authorization", ())), headers.get("x-request-id", ""), headers
+
+
+def door_status(settings: Settings, mismatches: int) -> dict[str, object]:
     """/readyz's view of the HTTP front door: what Envoy must send, and how many requests did not.
 
     Not a readiness condition: whoever can reach the door could otherwise take the service out of
     rotation. The metric and its alert (AuthzHttpConfigMismatch) are what an operator watches."""
-    return {"path_prefix": path_prefix, "original_path_header": ORIGINAL_PATH, "config_mismatches": mismatches}
+    return {
+        "path_prefix": settings.ext_authz_http_path_prefix,
+        "original_path_header": ORIGINAL_PATH,
+        "config_mismatches": mismatches,
+    }
 
 
 class _Server(web.Server):
     """aiohttp's low-level server whose connections answer parse errors with our denial."""
 
-    def __init__(self, door: HttpFrontDoor, handler: Any, **kwargs: object) -> None:
-        super().__init__(handler, **kwargs)
+    def __init__(self, door: HttpFrontDoor, handler: Any, max_request_bytes: int) -> None:
+        # No access log; a request head (line or field) over max_request_bytes is a parse error.
+        self._handler_args: dict[str, Any] = {
+            "access_log": None,
+            "max_line_size": max_request_bytes,
+            "max_field_size": max_request_bytes,
+        }
+        super().__init__(handler, **self._handler_args)
         self._door = door
-        self._handler_args = kwargs
 
     def __call__(self) -> RequestHandler:
         door = self._door
 
         class Handler(RequestHandler):
-            def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
-                             message: str | None = None) -> web.StreamResponse:
+            def handle_error(
+                self,
+                request: web.BaseRequest,
+                status: int = 500,
+                exc: BaseException | None = None,
+                message: str | None = None,
+            ) -> web.StreamResponse:
                 refusal = door.refusal(exc) if status == 400 else None
                 return refusal if refusal is not None else super().handle_error(request, status, exc, message)
 
@@ -228,3 +294,12 @@ def _parts(answer: Answer) -> tuple[int, dict[str, str], bytes | None]:
     headers[REMOVE_HEADER] = ",".join(_SPELLINGS)
     return answer.status, headers, answer.body.encode()
 
+
+EXT_AUTHZ_HTTP = DoorKind(
+    "ext_authz_http",
+    ports.EXT_AUTHZ_HTTP,
+    "ext_authz_http_port",
+    HttpFrontDoor.build,
+    optional=True,
+    status=door_status,
+)

@@ -20,8 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from . import install_hint
-from .policy import Issuer, IssuerFormat, Policy, PolicyError, Route, load_policy_file
+from .. import install_hint
+from ..policy import Issuer, IssuerFormat, Policy, PolicyError, Route, load_policy_file
 
 CLIENT_CREDENTIALS = "client_credentials"
 INSTALL_HINT = install_hint("audit")
@@ -81,23 +81,41 @@ def read_pool(idp: Any, user_pool_id: str, region: str) -> Pool:
     version = (lambdas.get("PreTokenGenerationConfig") or {}).get("LambdaVersion")
     if version is None and lambdas.get("PreTokenGeneration"):
         version = "V1_0"  # a trigger set without a version config gets the V1_0 event
-    scopes = {f"{server['Identifier']}/{scope['ScopeName']}"
-              for server in _pages(idp.list_resource_servers, "ListResourceServers", "ResourceServers",
-                                   UserPoolId=user_pool_id, MaxResults=50)
-              for scope in server.get("Scopes", [])}
+    scopes = {
+        f"{server['Identifier']}/{scope['ScopeName']}"
+        for server in _pages(
+            idp.list_resource_servers, "ListResourceServers", "ResourceServers", UserPoolId=user_pool_id, MaxResults=50
+        )
+        for scope in server.get("Scopes", [])
+    }
     clients = []
-    for listed in _pages(idp.list_user_pool_clients, "ListUserPoolClients", "UserPoolClients",
-                         UserPoolId=user_pool_id, MaxResults=60):
-        detail = _call(idp.describe_user_pool_client, "DescribeUserPoolClient", UserPoolId=user_pool_id,
-                       ClientId=listed["ClientId"])["UserPoolClient"]
-        clients.append(AppClient(
-            client_id=detail["ClientId"], name=detail.get("ClientName") or "",
-            flows=tuple(detail.get("AllowedOAuthFlows") or ()),
-            oauth_enabled=bool(detail.get("AllowedOAuthFlowsUserPoolClient")),
-            scopes=tuple(detail.get("AllowedOAuthScopes") or ()), has_secret=bool(detail.get("ClientSecret")),
-        ))
-    return Pool(user_pool_id, region, frozenset(scopes), tuple(sorted(clients, key=lambda c: c.client_id)),
-                (described.get("IssuerConfiguration") or {}).get("Type"), version)
+    for listed in _pages(
+        idp.list_user_pool_clients, "ListUserPoolClients", "UserPoolClients", UserPoolId=user_pool_id, MaxResults=60
+    ):
+        detail = _call(
+            idp.describe_user_pool_client,
+            "DescribeUserPoolClient",
+            UserPoolId=user_pool_id,
+            ClientId=listed["ClientId"],
+        )["UserPoolClient"]
+        clients.append(
+            AppClient(
+                client_id=detail["ClientId"],
+                name=detail.get("ClientName") or "",
+                flows=tuple(detail.get("AllowedOAuthFlows") or ()),
+                oauth_enabled=bool(detail.get("AllowedOAuthFlowsUserPoolClient")),
+                scopes=tuple(detail.get("AllowedOAuthScopes") or ()),
+                has_secret=bool(detail.get("ClientSecret")),
+            )
+        )
+    return Pool(
+        user_pool_id,
+        region,
+        frozenset(scopes),
+        tuple(sorted(clients, key=lambda c: c.client_id)),
+        (described.get("IssuerConfiguration") or {}).get("Type"),
+        version,
+    )
 
 
 def _pages(method: Any, name: str, key: str, **params: Any) -> Iterable[dict[str, Any]]:
@@ -117,8 +135,9 @@ def _call(method: Any, name: str, **params: Any) -> dict[str, Any]:
         return method(**params)
     except ClientError as exc:
         error = exc.response.get("Error", {})
-        raise AuditError(f"{name} {params.get('UserPoolId', '')}: {error.get('Code', 'error')}: "
-                         f"{error.get('Message', exc)}") from None
+        raise AuditError(
+            f"{name} {params.get('UserPoolId', '')}: {error.get('Code', 'error')}: {error.get('Message', exc)}"
+        ) from None
     except BotoCoreError as exc:  # no credentials, no region, endpoint unreachable
         raise AuditError(f"{name}: {exc}") from None
 
@@ -164,7 +183,8 @@ def audit(policy: Policy, pools: list[Pool]) -> AuditReport:
     for pool in pools:
         for client in pool.clients:
             report.matrix[(pool.user_pool_id, client.client_id)] = {
-                route.name: _cell(policy, pool, client, route) for route in policy.routes}
+                route.name: _cell(policy, pool, client, route) for route in policy.routes
+            }
     add = report.findings.append
     for pool in pools:
         _issuer_findings(policy, pool, add)
@@ -173,22 +193,31 @@ def audit(policy: Policy, pools: list[Pool]) -> AuditReport:
     for route in policy.routes:
         if route.public:
             continue
-        cells = [cells[route.name] for cells in report.matrix.values()]
-        if not any(c.access in ("yes", "claims") for c in cells):
-            add(Finding("unreachable-route", f"routes[{route.index}] {route.name!r} ({route.path}): no app client of "
-                                             "the audited pools can reach it"))
+        route_cells = [row[route.name] for row in report.matrix.values()]
+        if not any(c.access in ("yes", "claims") for c in route_cells):
+            add(
+                Finding(
+                    "unreachable-route",
+                    f"routes[{route.index}] {route.name!r} ({route.path}): no app client of "
+                    "the audited pools can reach it",
+                )
+            )
     protected = [r for r in policy.routes if not r.public]
     for (pool_id, client_id), cells in report.matrix.items():
-        client = next(p for p in pools if p.user_pool_id == pool_id).client(client_id)
-        assert client is not None
-        if client.no_client_credentials or not protected:
+        app_client = next(p for p in pools if p.user_pool_id == pool_id).client(client_id)
+        assert app_client is not None
+        if app_client.no_client_credentials or not protected:
             continue
         if all(cells[r.name].access == "no" for r in protected):
             public = [r.name for r in policy.routes if r.public]
-            add(Finding("public-only-client",
-                        f"app client {client_id} ({client.name or 'no name'}) of {pool_id} reaches "
-                        + (f"only public routes ({', '.join(public)})" if public else "no route")
-                        + f"; its scopes [{' '.join(client.scopes)}] meet no protected route"))
+            add(
+                Finding(
+                    "public-only-client",
+                    f"app client {client_id} ({app_client.name or 'no name'}) of {pool_id} reaches "
+                    + (f"only public routes ({', '.join(public)})" if public else "no route")
+                    + f"; its scopes [{' '.join(app_client.scopes)}] meet no protected route",
+                )
+            )
     return report
 
 
@@ -225,8 +254,9 @@ _ISSUER_TYPES = {IssuerFormat.ORIGINAL: "ORIGINAL", IssuerFormat.UPDATED: "UPDAT
 
 def _wrong_format(issuer: Issuer, pool: Pool) -> bool:
     """Whether the pool's IssuerConfiguration puts another issuer URL in ``iss`` than this entry expects."""
-    return (issuer.format is not None and pool.issuer_type is not None
-            and pool.issuer_type != _ISSUER_TYPES[issuer.format])
+    return (
+        issuer.format is not None and pool.issuer_type is not None and pool.issuer_type != _ISSUER_TYPES[issuer.format]
+    )
 
 
 def _issuer_findings(policy: Policy, pool: Pool, add: Any) -> None:
@@ -236,17 +266,26 @@ def _issuer_findings(policy: Policy, pool: Pool, add: Any) -> None:
         if _wrong_format(issuer, pool):
             assert issuer.format is not None
             other = "updated" if pool.issuer_type == "UPDATED" else "original"
-            add(Finding("issuer-format", f"issuers[{issuer.block}] {pool.user_pool_id} expects the {issuer.format.value} "
-                                         f"issuer ({issuer.issuer}) but the pool issues with the {other} one "
-                                         f"(IssuerConfiguration {pool.issuer_type}): every token would be refused as "
-                                         f"wrong_issuer; set issuer_format: {other}"))
+            add(
+                Finding(
+                    "issuer-format",
+                    f"issuers[{issuer.block}] {pool.user_pool_id} expects the {issuer.format.value} "
+                    f"issuer ({issuer.issuer}) but the pool issues with the {other} one "
+                    f"(IssuerConfiguration {pool.issuer_type}): every token would be refused as "
+                    f"wrong_issuer; set issuer_format: {other}",
+                )
+            )
     claim_routes = [r for r in policy.routes if r.claims]
     if claim_routes and pool.pre_token_version != "V3_0":
         have = f"a {pool.pre_token_version} trigger" if pool.pre_token_version else "no trigger"
-        add(Finding("claims-without-trigger",
-                    f"{pool.user_pool_id} has {have}: only a V3_0 pre token generation trigger adds claims to "
-                    f"client_credentials tokens, so {', '.join(repr(r.name) for r in claim_routes)} "
-                    "(claim conditions) cannot be met by its clients"))
+        add(
+            Finding(
+                "claims-without-trigger",
+                f"{pool.user_pool_id} has {have}: only a V3_0 pre token generation trigger adds claims to "
+                f"client_credentials tokens, so {', '.join(repr(r.name) for r in claim_routes)} "
+                "(claim conditions) cannot be met by its clients",
+            )
+        )
 
 
 def _scope_findings(policy: Policy, pools: list[Pool], add: Any) -> None:
@@ -254,8 +293,13 @@ def _scope_findings(policy: Policy, pools: list[Pool], add: Any) -> None:
     for route in policy.routes:
         for scope in sorted(route.scopes | route.all_scopes):
             if scope not in defined:
-                add(Finding("undefined-scope", f"routes[{route.index}] {route.name!r} requires scope {scope!r}, which "
-                                               "no resource server of the audited pools defines"))
+                add(
+                    Finding(
+                        "undefined-scope",
+                        f"routes[{route.index}] {route.name!r} requires scope {scope!r}, which "
+                        "no resource server of the audited pools defines",
+                    )
+                )
 
 
 def _client_findings(policy: Policy, pools: list[Pool], add: Any) -> None:
@@ -267,16 +311,22 @@ def _client_findings(policy: Policy, pools: list[Pool], add: Any) -> None:
             continue
         listed += [(f"issuers[{issuer.block}].client_ids", cid, [pool]) for cid in sorted(issuer.client_ids or ())]
     for route in policy.routes:
-        listed += [(f"routes[{route.index}] {route.name!r} client_ids", cid, pools)
-                   for cid in sorted(route.client_ids or ())]
+        listed += [
+            (f"routes[{route.index}] {route.name!r} client_ids", cid, pools) for cid in sorted(route.client_ids or ())
+        ]
     for where, client_id, candidates in listed:
         found = [c for p in candidates if (c := p.client(client_id)) is not None]
         pools_text = ", ".join(p.user_pool_id for p in candidates)
         if not found:
             add(Finding("unknown-client", f"{where}: {client_id} is not an app client of {pools_text}"))
         elif all(c.no_client_credentials for c in found):
-            add(Finding("no-client-credentials", f"{where}: app client {client_id} cannot get client_credentials "
-                                                 f"tokens: {found[0].no_client_credentials}"))
+            add(
+                Finding(
+                    "no-client-credentials",
+                    f"{where}: app client {client_id} cannot get client_credentials "
+                    f"tokens: {found[0].no_client_credentials}",
+                )
+            )
 
 
 # --- output ---------------------------------------------------------------------------------------
@@ -284,46 +334,88 @@ def _client_findings(policy: Policy, pools: list[Pool], add: Any) -> None:
 
 def render_text(report: AuditReport, out: TextIO) -> None:
     for pool in report.pools:
-        trigger = f"pre token generation {pool.pre_token_version}" if pool.pre_token_version else "no pre token generation trigger"
+        trigger = (
+            f"pre token generation {pool.pre_token_version}"
+            if pool.pre_token_version
+            else "no pre token generation trigger"
+        )
         issuer = f"issuer {pool.issuer_type.lower()}" if pool.issuer_type else "issuer format not reported"
-        print(f"pool {pool.user_pool_id} ({pool.region}): {len(pool.clients)} app clients, "
-              f"{len(pool.defined_scopes)} resource server scopes, {issuer}, {trigger}", file=out)
+        print(
+            f"pool {pool.user_pool_id} ({pool.region}): {len(pool.clients)} app clients, "
+            f"{len(pool.defined_scopes)} resource server scopes, {issuer}, {trigger}",
+            file=out,
+        )
     routes = [r.name for r in report.policy.routes]
     names = {(p.user_pool_id, c.client_id): c.name for p in report.pools for c in p.clients}
-    rows = [[client_id + (f" {names[(pool_id, client_id)]}" if names[(pool_id, client_id)] else "")
-             + (f" ({pool_id})" if len(report.pools) > 1 else ""), *(cells[r].text for r in routes)]
-            for (pool_id, client_id), cells in report.matrix.items()]
+    rows = [
+        [
+            client_id
+            + (f" {names[(pool_id, client_id)]}" if names[(pool_id, client_id)] else "")
+            + (f" ({pool_id})" if len(report.pools) > 1 else ""),
+            *(cells[r].text for r in routes),
+        ]
+        for (pool_id, client_id), cells in report.matrix.items()
+    ]
     header = ["app client \\ route", *routes]
     widths = [max(len(row[k]) for row in [header, *rows]) for k in range(len(header))]
     print("", file=out)
     for row in [header, *rows]:
-        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip(), file=out)
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out)
     if any(p.pre_token_version == "V3_0" for p in report.pools):
-        print("\n  (a V3_0 trigger may also add or remove scopes; the matrix shows what AllowedOAuthScopes grant)",
-              file=out)
+        print(
+            "\n  (a V3_0 trigger may also add or remove scopes; the matrix shows what AllowedOAuthScopes grant)",
+            file=out,
+        )
     print("", file=out)
     for finding in report.findings:
         print(f"{finding.code}: {finding.message}", file=out)
     count = len(report.findings)
-    print(f"{count} finding{'s' if count != 1 else ''} ({report.policy.source} against "
-          f"{', '.join(p.user_pool_id for p in report.pools)})", file=out)
+    print(
+        f"{count} finding{'s' if count != 1 else ''} ({report.policy.source} against "
+        f"{', '.join(p.user_pool_id for p in report.pools)})",
+        file=out,
+    )
 
 
 def as_json(report: AuditReport) -> dict[str, Any]:
     return {
         "policy": report.policy.source,
-        "pools": [{"user_pool_id": p.user_pool_id, "region": p.region, "issuer_type": p.issuer_type,
-                   "pre_token_generation": p.pre_token_version, "resource_server_scopes": sorted(p.defined_scopes),
-                   "clients": [{"client_id": c.client_id, "name": c.name, "allowed_oauth_flows": list(c.flows),
-                                "allowed_oauth_scopes": list(c.scopes),
-                                "client_credentials": c.no_client_credentials is None,
-                                "why_not": c.no_client_credentials} for c in p.clients]}
-                  for p in report.pools],
+        "pools": [
+            {
+                "user_pool_id": p.user_pool_id,
+                "region": p.region,
+                "issuer_type": p.issuer_type,
+                "pre_token_generation": p.pre_token_version,
+                "resource_server_scopes": sorted(p.defined_scopes),
+                "clients": [
+                    {
+                        "client_id": c.client_id,
+                        "name": c.name,
+                        "allowed_oauth_flows": list(c.flows),
+                        "allowed_oauth_scopes": list(c.scopes),
+                        "client_credentials": c.no_client_credentials is None,
+                        "why_not": c.no_client_credentials,
+                    }
+                    for c in p.clients
+                ],
+            }
+            for p in report.pools
+        ],
         "routes": [r.name for r in report.policy.routes],
-        "matrix": [{"user_pool_id": pool_id, "client_id": client_id,
-                    "routes": {name: {"access": "depends_on_claims" if c.access == "claims" else c.access,
-                                      **({"why": c.why} if c.why else {})} for name, c in cells.items()}}
-                   for (pool_id, client_id), cells in report.matrix.items()],
+        "matrix": [
+            {
+                "user_pool_id": pool_id,
+                "client_id": client_id,
+                "routes": {
+                    name: {
+                        "access": "depends_on_claims" if c.access == "claims" else c.access,
+                        **({"why": c.why} if c.why else {}),
+                    }
+                    for name, c in cells.items()
+                },
+            }
+            for (pool_id, client_id), cells in report.matrix.items()
+        ],
         "findings": [{"code": f.code, "message": f.message} for f in report.findings],
         "exit_code": report.exit_code,
     }

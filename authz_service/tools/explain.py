@@ -20,41 +20,40 @@ from typing import Any, TextIO
 import jwt
 from prometheus_client import CollectorRegistry
 
-from .claims import Claims, cognito_controlled
-from .config import JwksSettings
-from .jwks import JwksCache, http_session
-from .metrics import Metrics
-from .policy import Policy, Route, load_policy_file, pattern_matches, PolicyError
-from .request import BadRequest, normalized_path, path_segments
-from .response import Answer
+from ..claims import Claims, cognito_controlled
+from ..conditions import Unmet
+from ..config import JwksSettings
+from ..jwks import JwksCache, http_session
+from ..metrics import Metrics
+from ..policy import Policy, PolicyError, Route, load_policy_file, pattern_matches
+from ..request import BadRequest, normalized_path, path_segments
+from ..response import Answer
+from ..tokens import Check, TokenError, TokenVerifier
+from ..urls import shown
 from .simulate import Outcome, Simulator, run_check
-from .tokens import MALFORMED_PAYLOAD, SCOPE_CHARACTER, SCOPE_SPACING, Failure, TokenError, TokenVerifier
-from .urls import shown
 
 _BEARER = re.compile(r"^bearer\s+", re.IGNORECASE)
 
-# The verifier's checks in the order it runs them; a failure is attributed to one of them.
-CHECKS = (
-    ("header", "JOSE header: alg RS256, a kid, no embedded keys or crit"),
-    ("key", "signing key with this kid in a trusted issuer's JWKS"),
-    ("signature", "RS256 signature"),
-    ("payload", "payload is strict base64url JSON (read only once the signature verified)"),
-    ("issuer", "iss is the trusted issuer whose key verified the signature"),
-    ("times", "exp / nbf / iat (with leeway)"),
-    ("token_use", "token_use is 'access'"),
-    ("client", "client_id present, valid header text and allowed"),
-    ("claims", "scope and sub claims are strings; scope lists RFC 6749 scopes, sub is valid header text"),
-)
-_BY_FAILURE = {
-    Failure.WRONG_ISSUER: "issuer", Failure.KEYS_UNAVAILABLE: "key", Failure.UNKNOWN_KEY: "key",
-    Failure.BAD_SIGNATURE: "signature", Failure.EXPIRED: "times", Failure.NOT_YET_VALID: "times",
-    Failure.WRONG_TOKEN_USE: "token_use", Failure.CLIENT_NOT_ALLOWED: "client",
+# What each of the verifier's checks verifies; CHECKS lists them in tokens.Check's order, the
+# verifier's. The Authorization header's own check is left out: explain is given the token itself.
+_WHAT = {
+    Check.HEADER: "JOSE header: alg RS256, a kid, no embedded keys or crit",
+    Check.KEY: "signing key with this kid in a trusted issuer's JWKS",
+    Check.SIGNATURE: "RS256 signature",
+    Check.PAYLOAD: "payload is strict base64url JSON (read only once the signature verified)",
+    Check.ISSUER: "iss is the trusted issuer whose key verified the signature",
+    Check.TIMES: "exp / nbf / iat (with leeway)",
+    Check.TOKEN_USE: "token_use is 'access'",
+    Check.CLIENT: "client_id present, valid header text and allowed",
+    Check.CLAIMS: "scope and sub claims are strings; scope lists RFC 6749 scopes, sub is valid header text",
 }
-_BY_DETAIL = {  # INVALID_TOKEN covers several checks; the error's detail says which
-    MALFORMED_PAYLOAD: "payload", "token has no exp claim": "times", "token has no client_id claim": "client",
-    "client_id claim is not valid HTTP header text": "client",
-    "scope claim must be a string": "claims", "sub claim must be a string": "claims",
-    SCOPE_SPACING: "claims", SCOPE_CHARACTER: "claims", "sub claim is not valid HTTP header text": "claims",
+CHECKS: dict[Check, str] = {check: _WHAT[check] for check in Check if check is not Check.CREDENTIALS}
+# Each route condition (conditions.Unmet) as the checklist names it.
+_CONDITION_NAMES = {
+    Unmet.CLIENT: "clients",
+    Unmet.ANY_SCOPE: "scopes",
+    Unmet.ALL_SCOPES: "all_scopes",
+    Unmet.CLAIM: "claim",
 }
 
 
@@ -79,8 +78,9 @@ class Explanation:
             "request": {"method": self.method, "path": self.path, "token": self.token},
             "route": _route_dict(route),
             "candidates": self.candidates,
-            "trailing_slash": None if self.readings is None else {
-                "as_written": _route_dict(self.readings[0]), "without_slash": _route_dict(self.readings[1])},
+            "trailing_slash": None
+            if self.readings is None
+            else {"as_written": _route_dict(self.readings[0]), "without_slash": _route_dict(self.readings[1])},
             "required_scopes": sorted(route.scopes) if route and not route.public else [],
             "required_all_scopes": sorted(route.all_scopes) if route else [],
             "route_client_ids": sorted(route.client_ids) if route and route.client_ids is not None else None,
@@ -89,7 +89,9 @@ class Explanation:
             # Only the custom claims the policy's conditions name are read from a token.
             "present_claims": {name: _json_claim(v) for name, v in claims.custom.items()} if claims else None,
             "checks": [{"check": c, "result": r, "detail": d} for c, r, d in self.checks],
-            "decision": None if decision is None else {
+            "decision": None
+            if decision is None
+            else {
                 "envoy": "allow" if decision.allowed else "deny",
                 "dry_run": decision.dry_run,
                 "reason": decision.reason.value,
@@ -101,31 +103,34 @@ class Explanation:
 
 
 def _json_claim(value: object) -> object:
-    return list(value) if isinstance(value, tuple) else value if isinstance(value, (str, int, float, bool)) else repr(value)
+    return (
+        list(value)
+        if isinstance(value, tuple)
+        else value
+        if isinstance(value, (str, int, float, bool))
+        else repr(value)
+    )
 
 
 def condition_checks(route: Route, claims: Claims) -> list[tuple[str, str, str]]:
     """The route's scopes and conditions, each passed or FAILED for these claims, in decide()'s order
-    (the first failure is the decision's reason). Values shown are the operator's own token's."""
+    (``Conditions.each``; the first failure is the decision's reason). Values shown are the
+    operator's own token's."""
     out = []
-
-    def check(name: str, ok: bool, detail: str) -> None:
-        out.append((name, "passed" if ok else "FAILED", detail))
-
-    if route.client_ids is not None:
-        check("clients", claims.client_id in route.client_ids,
-              f"client_id {claims.client_id!r} is one of the route's client_ids [{' '.join(sorted(route.client_ids))}]")
-    if route.scopes:
-        check("scopes", not route.scopes.isdisjoint(claims.scopes),
-              f"token holds one of the route's scopes [{route.scopes_text}]")
-    if route.all_scopes:
-        check("all_scopes", route.all_scopes <= claims.scopes,
-              f"token holds all of the route's all_scopes [{route.all_scopes_text}]")
-    for cond in route.claims:
-        present = cond.name in claims.custom
-        value = claims.custom.get(cond.name)
-        check("claim", present and cond.holds(value),  # type: ignore[arg-type]
-              f"{cond.text} (token: {_show_claim(value) if present else 'no such claim'})")
+    for unmet, cond, failure in route.requirements.each(claims):
+        if unmet is Unmet.CLIENT:
+            clients = " ".join(sorted(route.client_ids or ()))
+            detail = f"client_id {claims.client_id!r} is one of the route's client_ids [{clients}]"
+        elif unmet is Unmet.ANY_SCOPE:
+            detail = f"token holds one of the route's scopes [{route.scopes_text}]"
+        elif unmet is Unmet.ALL_SCOPES:
+            detail = f"token holds all of the route's all_scopes [{route.all_scopes_text}]"
+        else:
+            assert cond is not None
+            present = cond.name in claims.custom
+            shown_value = _show_claim(claims.custom[cond.name]) if present else "no such claim"
+            detail = f"{cond.text} (token: {shown_value})"
+        out.append((_CONDITION_NAMES[unmet], "passed" if failure is None else "FAILED", detail))
     return out
 
 
@@ -136,8 +141,14 @@ def _show_claim(value: object) -> str:
 def _route_dict(route: Route | None) -> dict[str, Any] | None:
     if route is None:
         return None
-    return {"name": route.name, "index": route.index, "path": route.path, "public": route.public,
-            "methods": sorted(route.methods) if route.methods is not None else None, "mode": route.mode.value}
+    return {
+        "name": route.name,
+        "index": route.index,
+        "path": route.path,
+        "public": route.public,
+        "methods": sorted(route.methods) if route.methods is not None else None,
+        "mode": route.mode.value,
+    }
 
 
 def envoy_answer(answer: Answer) -> dict[str, Any]:
@@ -199,28 +210,28 @@ def candidates(policy: Policy, method: str, path: str) -> list[str]:
             continue
         methods = "any method" if route.methods is None else "|".join(sorted(route.methods))
         fits = route.takes(method)
-        out.append(f"routes[{route.index}] {route.name!r}: {methods} {route.path}"
-                   + ("" if fits else f" (does not list {method})"))
+        out.append(
+            f"routes[{route.index}] {route.name!r}: {methods} {route.path}"
+            + ("" if fits else f" (does not list {method})")
+        )
     return out
 
 
 def _checklist(error: TokenError | None) -> list[tuple[str, str, str]]:
-    failed = None
-    if error is not None:
-        failed = _BY_FAILURE.get(error.failure) or _BY_DETAIL.get(error.detail, "header")
+    """The verifier's checks in order: passed up to the one the error names (``TokenError.check``),
+    FAILED there with the error's operator detail, not checked after it."""
     out = []
     state = "passed"
-    for name, what in CHECKS:
-        if name == failed:
-            out.append((name, "FAILED", f"{what}: {error.detail}" if error else what))
+    for check, what in CHECKS.items():
+        if error is not None and check is error.check:
+            out.append((check.value, "FAILED", f"{what}: {error.detail}"))
             state = "not checked"
         else:
-            out.append((name, state, what))
+            out.append((check.value, state, what))
     return out
 
 
-async def _explain_real(policy: Policy, method: str, path: str, token: str, realm: str,
-                        leeway: float) -> Explanation:
+async def _explain_real(policy: Policy, method: str, path: str, token: str, realm: str, leeway: float) -> Explanation:
     """Fetch the policy's JWKS once (the real JwksCache), verify for the checklist, then decide.
 
     Every trusted issuer's JWKS, as the server holds them: the key is found by kid before the
@@ -253,10 +264,19 @@ async def _explain_real(policy: Policy, method: str, path: str, token: str, real
     return info
 
 
-async def explain(policy: Policy, method: str, path: str, *, token: str | None = None,
-                  scopes: list[str] | None = None, client_id: str | None = None, issuer: str | None = None,
-                  claims: dict[str, Any] | None = None, realm: str = "authz-service",
-                  leeway: float = 60.0) -> Explanation:
+async def explain(
+    policy: Policy,
+    method: str,
+    path: str,
+    *,
+    token: str | None = None,
+    scopes: list[str] | None = None,
+    client_id: str | None = None,
+    issuer: str | None = None,
+    claims: dict[str, Any] | None = None,
+    realm: str = "authz-service",
+    leeway: float = 60.0,
+) -> Explanation:
     """Explain one request; a real ``token`` is verified for real, ``scopes``/``client_id``/``claims``
     are simulated (a token minted with them)."""
     if token is not None:
@@ -287,8 +307,11 @@ def render_text(info: Explanation, out: TextIO) -> None:
         print("route:     none matches", file=out)
     else:
         methods = "any method" if route["methods"] is None else "|".join(route["methods"])
-        print(f"route:     routes[{route['index']}] {route['name']!r} ({methods} {route['path']}, "
-              f"{'public' if route['public'] else 'mode ' + route['mode']})", file=out)
+        print(
+            f"route:     routes[{route['index']}] {route['name']!r} ({methods} {route['path']}, "
+            f"{'public' if route['public'] else 'mode ' + route['mode']})",
+            file=out,
+        )
     if info.candidates:
         print("why:       the most specific route wins; routes whose path pattern covers this path:", file=out)
         for line in info.candidates:
@@ -298,9 +321,12 @@ def render_text(info: Explanation, out: TextIO) -> None:
     if info.readings is not None:
         written, lenient = info.readings
         without = "/" + "/".join((_segments(info.path) or ("",))[:-1])
-        print(f"slash:     the path ends in '/': a strict router serves it as written (routes[{written.index}] "
-              f"{written.name!r}), a lenient one as {without} (routes[{lenient.index}] {lenient.name!r}); "
-              "the request must meet both", file=out)
+        print(
+            f"slash:     the path ends in '/': a strict router serves it as written (routes[{written.index}] "
+            f"{written.name!r}), a lenient one as {without} (routes[{lenient.index}] {lenient.name!r}); "
+            "the request must meet both",
+            file=out,
+        )
     if route is not None and not route["public"]:
         _render_requirements(info, data, out)
     if info.checks:
@@ -312,8 +338,11 @@ def render_text(info: Explanation, out: TextIO) -> None:
     verdict = "ALLOW" if decision["envoy"] == "allow" else "DENY"
     if decision["dry_run"]:
         verdict = f"ALLOW (dry-run: would be DENY {decision['status']})"
-    print(f"decision:  {verdict}, reason {decision['reason']}"
-          + (f": {decision['description']}" if decision["description"] else ""), file=out)
+    print(
+        f"decision:  {verdict}, reason {decision['reason']}"
+        + (f": {decision['description']}" if decision["description"] else ""),
+        file=out,
+    )
     print("envoy:", file=out)
     if answer["allowed"]:
         print("  forwards the request upstream with:", file=out)
@@ -349,8 +378,7 @@ def _render_requirements(info: Explanation, data: dict[str, Any], out: TextIO) -
         return
     if data["required_scopes"] and not route.conditions:  # the one-line form for a scopes-only route
         held = sorted(set(present) & set(data["required_scopes"]))
-        print(f"present:   [{' '.join(present)}] -> {'holds ' + ' '.join(held) if held else 'none of them'}",
-              file=out)
+        print(f"present:   [{' '.join(present)}] -> {'holds ' + ' '.join(held) if held else 'none of them'}", file=out)
         return
     print(f"present:   [{' '.join(present)}], client_id {decision.claims.client_id!r}", file=out)
     if not info.checks:  # simulated: the real token's checklist shows the same per condition
@@ -382,8 +410,10 @@ def parse_claim_options(options: list[str]) -> dict[str, Any]:
         if not sep or not name:
             raise ValueError(f"--claim {option!r}: write NAME=VALUE, e.g. --claim tenant=acme")
         if cognito_controlled(name):
-            raise ValueError(f"--claim {name}: set by Cognito, not by a pre token generation trigger; use "
-                             "--scopes, --client-id or --issuer")
+            raise ValueError(
+                f"--claim {name}: set by Cognito, not by a pre token generation trigger; use "
+                "--scopes, --client-id or --issuer"
+            )
         try:
             claims[name] = json.loads(raw)
         except ValueError:
@@ -409,12 +439,25 @@ def explain_command(args: argparse.Namespace, out: TextIO) -> int:
         print(f"authz-service explain: error: {exc}", file=sys.stderr)
         return 2
     if claims and token is not None:
-        print("authz-service explain: error: --claim simulates a token; a real token carries its own claims",
-              file=sys.stderr)
+        print(
+            "authz-service explain: error: --claim simulates a token; a real token carries its own claims",
+            file=sys.stderr,
+        )
         return 2
-    info = asyncio.run(explain(policy, args.method, args.path, token=token, scopes=scopes,
-                               client_id=args.client_id, issuer=args.issuer, claims=claims, realm=args.realm,
-                               leeway=args.leeway))
+    info = asyncio.run(
+        explain(
+            policy,
+            args.method,
+            args.path,
+            token=token,
+            scopes=scopes,
+            client_id=args.client_id,
+            issuer=args.issuer,
+            claims=claims,
+            realm=args.realm,
+            leeway=args.leeway,
+        )
+    )
     if args.json:
         print(json.dumps(info.as_dict(), indent=2), file=out)
     else:

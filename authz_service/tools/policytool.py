@@ -18,12 +18,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .claims import cognito_controlled
-from .policy import (OTHER_SEGMENT, Mode, PathCase, Policy, PolicyError, Route, check_policy, pattern_matches,
-                     read_policy_file, read_policy_stream)
+from ..claims import cognito_controlled
+from ..policy import (
+    OTHER_SEGMENT,
+    Mode,
+    PathCase,
+    Policy,
+    PolicyError,
+    Route,
+    check_policy,
+    pattern_matches,
+    read_policy_file,
+    read_policy_stream,
+)
+from ..urls import shown
+from ..yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position, scalar_text, where_text
 from .simulate import Simulator, run_check
-from .urls import shown
-from .yamlfile import YamlError, compose_yaml, load_strict_yaml, place, position, scalar_text, where_text
 
 STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 # Scopes a user pool knows but a client_credentials (machine-to-machine) token can never carry.
@@ -89,7 +99,7 @@ def lint(policy: Policy, text: str) -> list[Lint]:
         return Lint(policy.source, line, column, where_text(where), what, hint)
 
     out: list[Lint] = []
-    for route, raw in zip(policy.routes, raw_routes):
+    for route, raw in zip(policy.routes, raw_routes, strict=True):
         out.extend(_lint_methods(route, raw, warn))
         out.extend(_lint_scopes(route, raw, warn))
         out.extend(_lint_claim_literals(route, tree, warn))
@@ -104,8 +114,11 @@ def _lint_methods(route: Route, raw: dict[str, Any], warn: Any) -> list[Lint]:
         if method in STANDARD_METHODS:
             continue
         close = difflib.get_close_matches(method, STANDARD_METHODS, n=1, cutoff=0.5)
-        hint = (f"did you mean {close[0]!r}?" if close
-                else f"standard methods are {', '.join(STANDARD_METHODS)}; a custom method is matched exactly")
+        hint = (
+            f"did you mean {close[0]!r}?"
+            if close
+            else f"standard methods are {', '.join(STANDARD_METHODS)}; a custom method is matched exactly"
+        )
         out.append(warn(("routes", route.index, "methods", j), f"{method!r} is not a standard HTTP method", hint))
     return out
 
@@ -120,17 +133,32 @@ def _lint_scopes(route: Route, raw: dict[str, Any], warn: Any) -> list[Lint]:
         if seen.get(scope) == key:
             out.append(warn(where, f"scope {scope!r} is listed twice", "remove the duplicate"))
         elif scope in seen:
-            out.append(warn(where, f"scope {scope!r} is in both scopes and all_scopes, so holding all_scopes "
-                                   "always meets scopes", "remove it from one of them"))
+            out.append(
+                warn(
+                    where,
+                    f"scope {scope!r} is in both scopes and all_scopes, so holding all_scopes always meets scopes",
+                    "remove it from one of them",
+                )
+            )
         seen.setdefault(scope, key)
         if scope in USER_POOL_SCOPES:
-            out.append(warn(where, f"{scope!r} is a user-pool (OpenID) scope; machine-to-machine "
-                                   "(client_credentials) tokens never carry it",
-                            "require a custom scope '<resource server identifier>/<scope name>'"))
+            out.append(
+                warn(
+                    where,
+                    f"{scope!r} is a user-pool (OpenID) scope; machine-to-machine "
+                    "(client_credentials) tokens never carry it",
+                    "require a custom scope '<resource server identifier>/<scope name>'",
+                )
+            )
         elif not _CUSTOM_SCOPE.match(scope):
-            out.append(warn(where, f"{scope!r} is not shaped '<resource server identifier>/<scope name>', "
-                                   "so no Cognito client_credentials token can carry it",
-                            f"write the full custom scope, e.g. 'transactions/{scope}'"))
+            out.append(
+                warn(
+                    where,
+                    f"{scope!r} is not shaped '<resource server identifier>/<scope name>', "
+                    "so no Cognito client_credentials token can carry it",
+                    f"write the full custom scope, e.g. 'transactions/{scope}'",
+                )
+            )
     return out
 
 
@@ -148,9 +176,13 @@ def _lint_claim_literals(route: Route, tree: Any, warn: Any) -> list[Lint]:
             text = scalar_text(tree, where)
             if text is None or isinstance(value, str) or _JSON_LITERAL.match(text):
                 continue
-            out.append(warn(where, f"YAML reads {text!r} as {json.dumps(value)}, so the claim must be that JSON "
-                                   "value, not the text", f"write {json.dumps(value)} if that is meant, or quote the "
-                                                          f"text: '{text}'"))
+            out.append(
+                warn(
+                    where,
+                    f"YAML reads {text!r} as {json.dumps(value)}, so the claim must be that JSON value, not the text",
+                    f"write {json.dumps(value)} if that is meant, or quote the text: '{text}'",
+                )
+            )
     return out
 
 
@@ -191,8 +223,11 @@ def weaker(other: Route, route: Route) -> bool:
     where ``route`` enforces, or accepts a token ``route`` does not (see ``requirement_gap``)."""
     if route.public:
         return False
-    return (other.public or (other.mode is Mode.DRY_RUN and route.mode is Mode.ENFORCE)
-            or requirement_gap(other, route) is not None)
+    return (
+        other.public
+        or (other.mode is Mode.DRY_RUN and route.mode is Mode.ENFORCE)
+        or requirement_gap(other, route) is not None
+    )
 
 
 def requirement_gap(other: Route, route: Route) -> tuple[str, tuple[str, ...]] | None:
@@ -242,8 +277,11 @@ def reachability(policy: Policy) -> Reach | None:
             if routes and not guards:
                 route = routes[0]
                 for other in protected:
-                    if (route.index, other.index) not in reach.holes and other.takes(method) and \
-                            pattern_matches(other.path, segments, policy.path_case):
+                    if (
+                        (route.index, other.index) not in reach.holes
+                        and other.takes(method)
+                        and pattern_matches(other.path, segments, policy.path_case)
+                    ):
                         reach.holes[(route.index, other.index)] = (method, segments)
                 if folded is not None:
                     for other in folded.routes_for(method, segments):
@@ -252,16 +290,20 @@ def reachability(policy: Policy) -> Reach | None:
                 continue
             for route in guards:
                 for other in public:
-                    if (other.index, route.index) not in reach.covers and other.takes(method) and \
-                            pattern_matches(other.path, segments, policy.path_case):
+                    if (
+                        (other.index, route.index) not in reach.covers
+                        and other.takes(method)
+                        and pattern_matches(other.path, segments, policy.path_case)
+                    ):
                         reach.covers[(other.index, route.index)] = (method, segments)
                 if route.methods is not None:
                     _record_falls(policy, route, taken, segments, reach)
     return reach
 
 
-def _record_falls(policy: Policy, route: Route, taken: dict[str, tuple[Route, ...]], segments: tuple[str, ...],
-                  reach: Reach) -> None:
+def _record_falls(
+    policy: Policy, route: Route, taken: dict[str, tuple[Route, ...]], segments: tuple[str, ...], reach: Reach
+) -> None:
     """Methods this method-limited route does not take on this path go elsewhere: to a sibling at
     the same path (fine), nowhere (denied), or through to less specific routes that are all weaker.
     Siblings share one finding, under the first of them."""
@@ -296,34 +338,68 @@ def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
             method = (listed or ["GET"])[0]
             taker = policy.match(method, _example(route))
             example = f" (e.g. {method} {_show(_example(route))} goes to {taker.name!r})" if taker else ""
-            out.append(warn(where, f"route {route.name!r} can never match: every request it covers is taken by "
-                                   f"more specific routes{example}", "remove it or change its path or methods"))
+            out.append(
+                warn(
+                    where,
+                    f"route {route.name!r} can never match: every request it covers is taken by "
+                    f"more specific routes{example}",
+                    "remove it or change its path or methods",
+                )
+            )
         elif never:
-            out.append(warn(where, f"route {route.name!r}: {', '.join(never)} never reach this route, more specific "
-                                   "routes take every such request", f"remove {', '.join(never)} from its methods"))
+            out.append(
+                warn(
+                    where,
+                    f"route {route.name!r}: {', '.join(never)} never reach this route, more specific "
+                    "routes take every such request",
+                    f"remove {', '.join(never)} from its methods",
+                )
+            )
         elif reached and route.index not in plain:
-            out.append(warn(where, f"route {route.name!r} only matches paths ending in '/': more specific routes "
-                                   "take every other request it covers", "remove it or change its path"))
-    for public, listed, s in _public_route_findings(routes, holes, "public-hole"):
-        out.append(warn(("routes", public.index, "public"),
-                        f"public route {public.name!r} is more specific than protected route{s} {listed}: those "
-                        "requests pass without a token",
-                        "if that hole is not intended, narrow the public route's path or methods, or remove "
-                        "'public: true'; if it is, add 'acknowledge: [public-hole]' to the public route"))
-    for public, listed, s in _public_route_findings(routes, reach.covers, "public-catch-all"):
-        out.append(warn(("routes", public.index, "path"),
-                        f"public route {public.name!r} ({public.path}) also covers the paths of protected route{s} "
-                        f"{listed}: every request they do not take (another method, a path beside them) is allowed "
-                        "without a token, so unmatched requests are no longer denied",
-                        "narrow the public route to the paths meant to be public; if a public catch-all is "
-                        "intended, add 'acknowledge: [public-catch-all]' to it"))
-    for public, listed, s in _public_route_findings(routes, reach.cases, "case-variant"):
-        out.append(warn(("routes", public.index, "path"),
-                        f"public route {public.name!r} ({public.path}) takes case variants of the paths of protected "
-                        f"route{s} {listed}: an app whose router ignores case serves them with the protected "
-                        "handler, without a token",
-                        "if the app's router ignores case, add 'path_case: insensitive' at the top of the policy; "
-                        "if it does not, add 'acknowledge: [case-variant]' to the public route"))
+            out.append(
+                warn(
+                    where,
+                    f"route {route.name!r} only matches paths ending in '/': more specific routes "
+                    "take every other request it covers",
+                    "remove it or change its path",
+                )
+            )
+    # Public routes that let requests for protected ones through: (pairs, lint code, the key a
+    # warning points at, its text for "public route P {problem}", the fix); {listed} names the
+    # protected routes with an example request each, {s} makes "route" plural.
+    public_findings = (
+        (
+            holes,
+            "public-hole",
+            "public",
+            "is more specific than protected route{s} {listed}: those requests pass without a token",
+            "if that hole is not intended, narrow the public route's path or methods, or remove 'public: true'; "
+            "if it is, add 'acknowledge: [public-hole]' to the public route",
+        ),
+        (
+            reach.covers,
+            "public-catch-all",
+            "path",
+            "({path}) also covers the paths of protected route{s} {listed}: every request they do not take "
+            "(another method, a path beside them) is allowed without a token, so unmatched requests are no longer "
+            "denied",
+            "narrow the public route to the paths meant to be public; if a public catch-all is intended, add "
+            "'acknowledge: [public-catch-all]' to it",
+        ),
+        (
+            reach.cases,
+            "case-variant",
+            "path",
+            "({path}) takes case variants of the paths of protected route{s} {listed}: an app whose router ignores "
+            "case serves them with the protected handler, without a token",
+            "if the app's router ignores case, add 'path_case: insensitive' at the top of the policy; if it does "
+            "not, add 'acknowledge: [case-variant]' to the public route",
+        ),
+    )
+    for pairs, code, key, problem, fix in public_findings:
+        for public, protected, s in _public_route_findings(routes, pairs, code):
+            text = problem.format(path=public.path, s=s, listed=protected)
+            out.append(warn(("routes", public.index, key), f"public route {public.name!r} {text}", fix))
     for (route_i, other_i), (fell, segments) in sorted(reach.falls.items()):
         route, other = routes[route_i], routes[other_i]
         siblings = [r for r in routes if r.path == route.path and r.methods is not None]
@@ -331,20 +407,30 @@ def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
             continue
         takes = "; ".join(f"{r.name!r} takes only {'|'.join(sorted(r.methods or ()))}" for r in siblings)
         weak = [r for r in siblings if weaker(other, r)]
-        why = ("is public" if other.public else "is dry-run" if other.mode is Mode.DRY_RUN and route.mode is Mode.ENFORCE
-               else _gaps_text(other, weak, "this route" if len(siblings) == 1 else "these routes"))
-        example = [m for m in ("DELETE", "PUT", "POST", "PATCH", *STANDARD_METHODS) if m in fell] or ["PUT"]
-        out.append(warn(("routes", route_i, "methods"),
-                        f"route {takes}; {_methods_text(fell)} on {'its' if len(siblings) == 1 else 'their'} paths "
-                        f"fall through to route {other.name!r} ({other.path}), which {why} "
-                        f"(e.g. {example[0]} {_show(segments)})",
-                        "list those methods on a route of this path (same or stricter scopes), or narrow "
-                        f"{other.name!r}; if intended, add 'acknowledge: [fallthrough]' to this route"))
+        why = (
+            "is public"
+            if other.public
+            else "is dry-run"
+            if other.mode is Mode.DRY_RUN and route.mode is Mode.ENFORCE
+            else _gaps_text(other, weak, "this route" if len(siblings) == 1 else "these routes")
+        )
+        examples = [m for m in ("DELETE", "PUT", "POST", "PATCH", *STANDARD_METHODS) if m in fell] or ["PUT"]
+        out.append(
+            warn(
+                ("routes", route_i, "methods"),
+                f"route {takes}; {_methods_text(fell)} on {'its' if len(siblings) == 1 else 'their'} paths "
+                f"fall through to route {other.name!r} ({other.path}), which {why} "
+                f"(e.g. {examples[0]} {_show(segments)})",
+                "list those methods on a route of this path (same or stricter scopes), or narrow "
+                f"{other.name!r}; if intended, add 'acknowledge: [fallthrough]' to this route",
+            )
+        )
     return out
 
 
-def _public_route_findings(routes: tuple[Route, ...], pairs: dict[tuple[int, int], tuple[str, tuple[str, ...]]],
-                           code: str) -> Iterator[tuple[Route, str, str]]:
+def _public_route_findings(
+    routes: tuple[Route, ...], pairs: dict[tuple[int, int], tuple[str, tuple[str, ...]]], code: str
+) -> Iterator[tuple[Route, str, str]]:
     """Per public route of ``pairs`` ((public, protected) -> example) that does not acknowledge
     ``code``: the route, its protected routes each with an example request, and "s" for several."""
     for public_i, found in _grouped(pairs).items():
@@ -365,14 +451,17 @@ def _gaps_text(other: Route, weak: list[Route], this: str) -> str:
         "scopes": lambda items: f"accepts scopes {this} {does} not ({' '.join(sorted(set(items)))})",
         "all_scopes": lambda items: f"does not require all of {' '.join(sorted(set(items)))}",
         "clients": lambda items: f"accepts clients {this} {does} not",
-        "claims": lambda items: (f"does not require the claim condition{'s' if len(set(items)) > 1 else ''} "
-                                 + "; ".join(dict.fromkeys(items))),
+        "claims": lambda items: (
+            f"does not require the claim condition{'s' if len(set(items)) > 1 else ''} "
+            + "; ".join(dict.fromkeys(items))
+        ),
     }
     return "; ".join(texts[kind](items) for kind, items in found.items())
 
 
-def _grouped(pairs: dict[tuple[int, int], tuple[str, tuple[str, ...]]]
-             ) -> dict[int, list[tuple[int, tuple[str, tuple[str, ...]]]]]:
+def _grouped(
+    pairs: dict[tuple[int, int], tuple[str, tuple[str, ...]]],
+) -> dict[int, list[tuple[int, tuple[str, tuple[str, ...]]]]]:
     """{(a, b): example} -> {a: [(b, example), ...]} in route order."""
     out: dict[int, list[tuple[int, tuple[str, tuple[str, ...]]]]] = defaultdict(list)
     for (a, b), example in sorted(pairs.items()):
@@ -393,15 +482,21 @@ def print_report(report: Report, out: TextIO, explain_issuers: bool = False) -> 
         accepted = len(report.policy.issuers)
         issuers = len({i.block for i in report.policy.issuers})  # entries; a multi-Region one accepts several iss
         status = "OK" if not report.warnings else "OK with warnings"
-        print(f"{report.source}: {status}: {len(report.policy.routes)} routes, {issuers} issuer"
-              f"{'s' if issuers != 1 else ''}{f' ({accepted} accepted iss)' if accepted != issuers else ''}, "
-              f"{len(report.warnings)} warning{'s' if len(report.warnings) != 1 else ''}", file=out)
+        print(
+            f"{report.source}: {status}: {len(report.policy.routes)} routes, {issuers} issuer"
+            f"{'s' if issuers != 1 else ''}{f' ({accepted} accepted iss)' if accepted != issuers else ''}, "
+            f"{len(report.warnings)} warning{'s' if len(report.warnings) != 1 else ''}",
+            file=out,
+        )
         if explain_issuers:
             for line in issuer_lines(report.policy):
                 print(line, file=out)
     else:
-        print(f"{report.source}: REFUSED: {len(report.errors)} error{'s' if len(report.errors) != 1 else ''}"
-              f" (the server would not load this file)", file=out)
+        print(
+            f"{report.source}: REFUSED: {len(report.errors)} error{'s' if len(report.errors) != 1 else ''}"
+            f" (the server would not load this file)",
+            file=out,
+        )
 
 
 def issuer_lines(policy: Policy) -> list[str]:
@@ -411,12 +506,18 @@ def issuer_lines(policy: Policy) -> list[str]:
         accepted = [i for i in policy.issuers if i.block == block]
         first = accepted[0]
         kind = f"{first.format.value} issuer format" if first.format is not None else "explicit issuer"
-        clients = ("any app client of the pool" if first.client_ids is None
-                   else "app clients " + ", ".join(sorted(first.client_ids)))
+        clients = (
+            "any app client of the pool"
+            if first.client_ids is None
+            else "app clients " + ", ".join(sorted(first.client_ids))
+        )
         out.append(f"  issuers[{block}] {first.user_pool_id} ({kind}) accepts {clients}, with iss:")
         for issuer in accepted:
-            where = f"replica region {issuer.region}" if issuer.replica else (
-                f"region {issuer.region}" if issuer.region else "")
+            where = (
+                f"replica region {issuer.region}"
+                if issuer.replica
+                else (f"region {issuer.region}" if issuer.region else "")
+            )
             out.append(f"    {issuer.issuer}" + (f"  ({where})" if where else ""))
             out.append(f"      keys from {shown(issuer.jwks_uri)}")
     return out
@@ -434,8 +535,20 @@ def validate_command(paths: Sequence[Path | str], strict: bool, out: TextIO, exp
 
 # --- test ----------------------------------------------------------------------------------------
 
-_TEST_KEYS = {"name", "method", "path", "scopes", "client_id", "issuer", "token", "expect", "status", "route",
-              "reason", "claims"}
+_TEST_KEYS = {
+    "name",
+    "method",
+    "path",
+    "scopes",
+    "client_id",
+    "issuer",
+    "token",
+    "expect",
+    "status",
+    "route",
+    "reason",
+    "claims",
+}
 _EXPECT = ("allow", "deny", "dry_run_deny")
 
 
@@ -493,8 +606,11 @@ def load_tests(path: Path | str) -> list[Case]:
             raise fail(where, "each test is a mapping with method, path and expect")
         for key in item:
             if key not in _TEST_KEYS:
-                raise fail(where, f"unknown key {key!r}; allowed keys: {', '.join(sorted(_TEST_KEYS))}",
-                           key if isinstance(key, str) else None)
+                raise fail(
+                    where,
+                    f"unknown key {key!r}; allowed keys: {', '.join(sorted(_TEST_KEYS))}",
+                    key if isinstance(key, str) else None,
+                )
         for key in ("method", "path", "expect"):
             if not isinstance(item.get(key), str) or not item[key]:
                 raise fail((*where, key) if key in item else where, f"{key!r} is required and must be a string")
@@ -514,17 +630,31 @@ def load_tests(path: Path | str) -> list[Case]:
             raise fail((*where, "claims"), "must be a mapping of claim name to JSON value, e.g. {tenant: acme}")
         for name in claims or ():
             if cognito_controlled(name):
-                raise fail((*where, "claims", name), f"{name!r} is set by Cognito, not by a pre token generation "
-                                                     "trigger; use the case's scopes, client_id or issuer")
+                raise fail(
+                    (*where, "claims", name),
+                    f"{name!r} is set by Cognito, not by a pre token generation "
+                    "trigger; use the case's scopes, client_id or issuer",
+                )
         token = item.get("token", "scopes" in item or "client_id" in item or claims is not None)
         if not isinstance(token, bool):
             raise fail((*where, "token"), "must be true or false (false: send no Authorization header)")
-        cases.append(Case(
-            name=item.get("name") or f"{item['method']} {item['path']}", line=position(tree, where)[0] or 0,
-            method=item["method"], path=item["path"], token=token, scopes=tuple(scopes),
-            client_id=item.get("client_id"), issuer=item.get("issuer"), expect=item["expect"], status=status,
-            route=item.get("route"), reason=item.get("reason"), claims=claims,
-        ))
+        cases.append(
+            Case(
+                name=item.get("name") or f"{item['method']} {item['path']}",
+                line=position(tree, where)[0] or 0,
+                method=item["method"],
+                path=item["path"],
+                token=token,
+                scopes=tuple(scopes),
+                client_id=item.get("client_id"),
+                issuer=item.get("issuer"),
+                expect=item["expect"],
+                status=status,
+                route=item.get("route"),
+                reason=item.get("reason"),
+                claims=claims,
+            )
+        )
     return cases
 
 
@@ -595,9 +725,13 @@ def tests_command(policy_path: Path, tests_path: Path, out: TextIO) -> int:
     results = asyncio.run(run_tests(report.policy, cases))
     for result in results:
         case = result.case
-        who = "no token" if not case.token else f"scopes [{' '.join(case.scopes)}]" + (
-            f" client {case.client_id}" if case.client_id else "") + (
-            f" claims {json.dumps(case.claims, separators=(',', ':'))}" if case.claims else "")
+        who = (
+            "no token"
+            if not case.token
+            else f"scopes [{' '.join(case.scopes)}]"
+            + (f" client {case.client_id}" if case.client_id else "")
+            + (f" claims {json.dumps(case.claims, separators=(',', ':'))}" if case.claims else "")
+        )
         if result.passed:
             print(f"PASS  {case.name}: {case.method} {case.path} ({who}) -> {_describe(result.got)}", file=out)
             continue
