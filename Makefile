@@ -77,7 +77,8 @@ unit: $(STAMP)
 e2e: $(STAMP)
 	$(BIN)/pytest -q -m "e2e and not image"
 
-# MODE=grpc (default) or MODE=http: Envoy's ext_authz mode (envoy/envoy.yaml or envoy/envoy-http.yaml).
+# MODE=grpc (default) or MODE=http: Envoy's ext_authz mode (envoy/envoy.yaml or envoy/envoy-http.yaml);
+# MODE=native: Envoy's own filters on the compiled policy (docs/native.md), the service for the rest.
 MODE ?= grpc
 demo: $(DEMO_STAMP)
 	$(BIN)/python tools/demo.py --mode $(MODE)

@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "compile":
             from .native.command import compile_command
 
-            return compile_command(Path(policy_names(args)[0]), args, sys.stdout, sys.stderr)
+            return compile_command(_compiled_policy(args), args, sys.stdout, sys.stderr)
         if args.command == "example":
             sys.stdout.write(example_text(args.name))
             return 0
@@ -285,6 +285,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix = "authz-service" if args.command == "serve" else f"authz-service {args.command}"
         print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _compiled_policy(args: argparse.Namespace) -> Path | None:
+    """compile envoy's policy: none with --xds-dir (its bootstrap does not depend on one)."""
+    if args.xds_dir is None:
+        return Path(policy_names(args)[0])
+    if named_policies(args):
+        raise UsageError(
+            "--xds-dir: that bootstrap does not depend on the policy (`serve --native-xds-dir` writes the "
+            "listener from the policy it serves); name no POLICY"
+        )
+    return None
 
 
 def named_policies(args: argparse.Namespace) -> list[str]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .native.options import Address, parse_address
 from .tracing import CLIENT_CONTEXTS, TracingSettings, TracingSettingsError, tracing_settings
 
 
@@ -178,6 +179,17 @@ def _path_prefix(text: str) -> str:
     return text
 
 
+NATIVE_LISTEN = Address("0.0.0.0", 8080)  # native mode's ingress listener: envoy/envoy.yaml's
+
+
+def _xds_dir(text: str) -> Path | None:
+    return Path(text) if text.strip() else None
+
+
+def _address(text: str) -> Address:
+    return parse_address(text)
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("policy", None, _path, "Policy YAML file (mount the ConfigMap as a directory; the path is watched)."),
     Option(
@@ -281,6 +293,30 @@ OPTIONS: tuple[Option, ...] = (
         "not trace): link (a trace of its own, sampled by OTEL_TRACES_SAMPLER, linked to the client's span) or "
         "continue (the client's trace and sampled flag: only for trusted clients).",
     ),
+    # Native mode (docs/native.md): Envoy decides with its own filters what they can decide exactly.
+    Option(
+        "native_xds_dir",
+        "",
+        _xds_dir,
+        "Native mode: write the Envoy listener compiled from the policy into this directory (file-based "
+        "xDS; Envoy runs on `compile envoy --xds-dir DIR`'s bootstrap) at start-up and at every policy "
+        "reload; empty (default): off.",
+    ),
+    Option(
+        "native_listen", str(NATIVE_LISTEN), _address, "Native mode: where Envoy's ingress listener listens (IP:PORT)."
+    ),
+    Option(
+        "native_jwks_cache",
+        5,
+        _positive_int,
+        "Native mode: seconds between Envoy's fetches of the keys this service holds (its /jwks).",
+    ),
+    Option(
+        "native_jwt_cache_size",
+        10_000,
+        _non_negative_int,
+        "Native mode: verified tokens Envoy's jwt_authn keeps per Envoy worker; 0: none (docs/native.md).",
+    ),
 )
 
 
@@ -317,6 +353,10 @@ class Settings:
     event_loop: str = "auto"
     metrics_min_interval: float = 1.0
     trace_client_context: str = "link"
+    native_xds_dir: Path | None = None
+    native_listen: Address = NATIVE_LISTEN
+    native_jwks_cache: int = 5
+    native_jwt_cache_size: int = 10_000
     # OpenTelemetry tracing, from the standard OTEL_* variables (tracing.py); None: off.
     tracing: TracingSettings | None = None
     jwks: JwksSettings = field(init=False)
@@ -351,9 +391,28 @@ def settings_from(cli_values: Mapping[str, str | None], environ: Mapping[str, st
             values[option.name] = option.parse(raw)
         except ValueError as exc:
             raise ConfigError(f"{source}={raw!r} is invalid: {exc}") from None
+    _check_native(values)
     names = {f.name for f in fields(Settings) if f.init}
     try:  # tracing_settings imports no OpenTelemetry: tracing may be off and not installed
         tracing = tracing_settings(environ, values.get("trace_client_context", "link"))
     except TracingSettingsError as exc:
         raise ConfigError(str(exc)) from None
     return Settings(**{k: v for k, v in values.items() if k in names}, tracing=tracing)
+
+
+def _check_native(values: Mapping[str, Any]) -> None:
+    """Native mode's limits on other settings (ConfigError naming both)."""
+    if values.get("native_xds_dir") is None:
+        return
+    if values.get("workers", 1) > 1:
+        raise ConfigError(
+            "--native-xds-dir (AUTHZ_NATIVE_XDS_DIR) with --workers (AUTHZ_WORKERS) above 1: in native mode "
+            "one process compiles the policy for Envoy and serves Envoy its keys; run one worker (Envoy "
+            "decides the native routes itself, the service only the rest)"
+        )
+    leeway = values.get("leeway", 60.0)
+    if leeway != int(leeway) or leeway < 2:
+        raise ConfigError(
+            f"--leeway (AUTHZ_LEEWAY) {leeway:g} with --native-xds-dir (AUTHZ_NATIVE_XDS_DIR): Envoy counts "
+            "whole seconds; use a whole number of seconds, at least 2"
+        )

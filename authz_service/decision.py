@@ -78,6 +78,7 @@ REASONS: dict[Reason, Outcome] = {
 }
 
 NO_ROUTE_TEXT = "no route matches this request"
+NO_ROUTE_LABEL = "no_route"  # the route label of a decision no route took (metrics, logs)
 MISSING_TOKEN_TEXT = "no bearer token"
 # Each token failure is the reason of the same name.
 _TOKEN_FAILURES: dict[Failure, Reason] = {failure: Reason(failure.value) for failure in Failure}
@@ -114,7 +115,7 @@ class Decision:
 
     @property
     def route_label(self) -> str:
-        return self.route.name if self.route is not None else "no_route"
+        return self.route.name if self.route is not None else NO_ROUTE_LABEL
 
     @property
     def kind(self) -> str:

@@ -180,6 +180,22 @@ class Metrics:
             ["problem"],
             registry=registry,
         )
+        # Native mode only (its series are created with it, see native_enabled).
+        self.native_listener_info = Gauge(
+            f"{PREFIX}_native_listener_info",
+            "Native mode: always 1; the sha256 label names the policy whose compiled Envoy listener was last "
+            "written into the xDS directory (Envoy names the one it loaded: listener_manager.lds.version_text).",
+            ["sha256"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self.native_listener_writes = Counter(
+            f"{PREFIX}_native_listener_writes",
+            "Native mode: writes of the compiled Envoy listener into the xDS directory by result (ok/error); "
+            "after an error Envoy keeps the listener it has and the write is retried.",
+            ["result"],
+            registry=registry,
+        )
         self.build_info = Gauge(
             f"{PREFIX}_build_info",
             "Always 1; the labels name the authz-service version and the Python and gRPC it runs on.",
@@ -194,6 +210,16 @@ class Metrics:
         """Create the HTTP front door's mismatch series at 0 (alerts then see the first one)."""
         for problem in problems:
             self.http_config_mismatches.labels(problem)
+
+    def native_enabled(self) -> None:
+        """Create native mode's write series at 0 (alerts then see the first error)."""
+        for result in ("ok", "error"):
+            self.native_listener_writes.labels(result)
+
+    def native_listener_written(self, sha256: str) -> None:
+        """The listener of the policy ``sha256`` is the one in the xDS directory now."""
+        self.native_listener_writes.labels("ok").inc()
+        _only(self.native_listener_info, sha256, 1)
 
     def issuer_added(self, pool_id: str) -> None:
         """Create an issuer's refresh series at 0 (alerts then see its first failure)."""

@@ -213,8 +213,13 @@ class PolicyReloader:
         metrics: Metrics,
         on_change: Callable[[Policy], None] = lambda policy: None,
         tracing: NoTracing = NO_TRACING,
+        loader: Callable[[Path], Policy] | None = None,
     ) -> None:
         self.path = path
+        # Runs in a worker thread; PolicyError refuses the file. Native mode's also compiles it
+        # for Envoy (native/control.py), so a policy Envoy cannot be given is refused too.
+        # None: load_policy_file.
+        self._loader = loader
         self._tracing = tracing
         self.policy = policy
         self._metrics = metrics
@@ -272,7 +277,7 @@ class PolicyReloader:
             before = self._seen = _signature(self.path)
             self._pending = _UNSET
             try:
-                policy = await asyncio.to_thread(load_policy_file, self.path)
+                policy = await asyncio.to_thread(self._loader or load_policy_file, self.path)
             except Exception as exc:  # noqa: BLE001 - any failure keeps the old policy serving
                 if self._written_while_read(before):
                     recorder.set("authz.policy.result", "reread")

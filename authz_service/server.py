@@ -13,7 +13,8 @@ import importlib.util
 import logging
 import signal
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from prometheus_client import CollectorRegistry, gc_collector, generate_latest, platform_collector, process_collector
@@ -32,6 +33,9 @@ from .response import Answers
 from .tokencache import TokenCache
 from .tokens import TokenVerifier
 from .tracing import NO_TRACING, NoTracing, Tracing, describe
+
+if TYPE_CHECKING:  # imported when native mode is on: the compiler stays out of other modes' start-up
+    from .native.control import NativeControlPlane
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,16 +77,29 @@ class Service:
         self._admin: AdminServer | None = None
         self.tracing: NoTracing = NO_TRACING
         self.http_port: int | None = None
+        # Native mode (--native-xds-dir): Envoy's listener compiled from each policy (native/control.py).
+        self.native: NativeControlPlane | None = None
 
     def ready(self) -> bool:
-        return not self._stopping.is_set() and self.jwks is not None and self.jwks.ready()
+        return (
+            not self._stopping.is_set()
+            and self.jwks is not None
+            and self.jwks.ready()
+            and (self.native is None or self.native.ready())
+        )
 
     async def start(self) -> None:
         """Load the policy (PolicyError propagates: refuse to start), bind ports, start refreshers.
 
         A failure part-way (a port in use) releases what was already started before it propagates.
         """
-        policy = load_policy_file(self.settings.policy)
+        load: Callable[[Path], Policy] = load_policy_file
+        if self.settings.native_xds_dir is not None:
+            from .native.control import NativeControlPlane
+
+            self.native = NativeControlPlane(self.settings, self.metrics)
+            load = self.native.load
+        policy = await asyncio.to_thread(load, self.settings.policy)
         try:
             await self._start(policy)
         except BaseException:
@@ -114,7 +131,12 @@ class Service:
         )
         self.jwks.sync(policy.issuers)
         self.reloader = PolicyReloader(
-            settings.policy, policy, self.metrics, on_change=self._policy_changed, tracing=self.tracing
+            settings.policy,
+            policy,
+            self.metrics,
+            on_change=self._policy_changed,
+            tracing=self.tracing,
+            loader=None if self.native is None else self.native.load,
         )
         self.reloader.open_watch(settings.policy_watch)  # --policy-watch inotify without inotify: OSError
         self.metrics.policy_loaded(len(policy.routes), policy.sha256)
@@ -132,6 +154,8 @@ class Service:
             self.door_ports[kind.name] = await door.start(settings.grpc_host, port, reuse_port=self.worker)
             self._doors.append((kind, door))
 
+        if self.native is not None:  # before the HTTP port opens: /healthz answering means Envoy can start
+            await self.native.start(policy)
         if not self.worker:
             exposition = CachedExposition(self._exposition, settings.metrics_min_interval)
             openmetrics = CachedExposition(self._openmetrics_exposition, settings.metrics_min_interval)
@@ -151,6 +175,8 @@ class Service:
     def _policy_changed(self, policy: Policy) -> None:
         assert self.jwks is not None
         self.jwks.sync(policy.issuers)
+        if self.native is not None:
+            self.native.policy_changed(policy)
 
     async def _set_health(self) -> None:
         ready = self.ready()
@@ -191,6 +217,8 @@ class Service:
         for kind, door in self._doors:
             if kind.status is not None:
                 body[kind.name] = kind.status(self.settings, door.refused)
+        if self.native is not None:
+            body["native"] = self.native.status()
         return self.ready(), body
 
     async def _exposition(self) -> bytes:
@@ -221,6 +249,8 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.metrics.per_check.flush()  # the drained Checks count too
+        if self.native is not None:
+            await self.native.stop()
         if self.jwks is not None:
             await self.jwks.close()
         if self._admin is not None:

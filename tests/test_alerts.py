@@ -50,6 +50,8 @@ CONTRACT_METRICS = {
     "authz_token_cache_bytes",
     "authz_token_cache_evictions_total",
     "authz_ext_authz_http_config_mismatches_total",
+    "authz_native_listener_info",
+    "authz_native_listener_writes_total",
 }
 # Closed label-value sets of the contract (route and issuer come from the policy).
 CONTRACT_LABEL_VALUES = {
@@ -64,7 +66,7 @@ CONTRACT_LABEL_VALUES = {
     "result": {"ok", "error"},
     "problem": {"original_path_missing", "path_prefix_mismatch", "original_path_mismatch"},
 }
-CONTRACT_LABELS = set(CONTRACT_LABEL_VALUES) | {"route", "issuer", "sha256", "le"}
+CONTRACT_LABELS = set(CONTRACT_LABEL_VALUES) | {"route", "issuer", "sha256", "le", "text_value"}
 # Labels Prometheus attaches to every scraped series (ServiceMonitor target labels; `app`, the protected
 # app's name, is set by the relabelling of every shipped ServiceMonitor and PodMonitor).
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "container", "service", "endpoint", "app"}
@@ -83,6 +85,12 @@ ENVOY_SERIES = {
     "envoy_cluster_upstream_rq_pending_overflow": ("envoy_cluster_name", "authz_service"),
 }
 ENVOY_LABEL_VALUES = {label: {value} for label, value in ENVOY_SERIES.values()}
+# Native mode's Envoy series (docs/native.md): its decisions, with the contract's labels, and the
+# version of the listener it runs (label text_value: the policy's sha256; only in the xDS form,
+# whose health listener exports text stats). tests/e2e/test_native_xds_e2e.py scrapes a real
+# Envoy for these names.
+NATIVE_ENVOY_SERIES = {"envoy_authz_native_decisions", "envoy_listener_manager_lds_version_text",
+                       "envoy_listener_manager_lds_update_rejected"}
 RUNBOOK = ROOT / "docs" / "runbook.md"
 RUNBOOK_BASE = "https://github.com/example/authz-service/blob/main/docs/runbook.md#"
 
@@ -200,7 +208,7 @@ def runtime_metric_names() -> set[str]:
 def allowed_metric_names() -> set[str]:
     runtime = {n for n in runtime_metric_names() if n.startswith(("process_", "python_"))}
     assert runtime, "prometheus-client exposes no process_/python_ series on this platform?"
-    return CONTRACT_METRICS | runtime | set(ENVOY_SERIES) | {"up"}
+    return CONTRACT_METRICS | runtime | set(ENVOY_SERIES) | NATIVE_ENVOY_SERIES | {"up"}
 
 
 def check_expr_vocabulary(expr: str, where: str) -> None:

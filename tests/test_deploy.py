@@ -81,6 +81,23 @@ def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kwargs)
 
 
+COMMENTED_COMPONENTS = "# components:\n# - tracing\n# - native\n"  # deploy/k8s/kustomization.yaml's
+
+
+def render_with_component(work: Path, component: str) -> list[dict[str, Any]]:
+    """deploy/k8s (copied into ``work``) with one optional component enabled as its
+    kustomization.yaml says (its commented ``components`` lines), rendered offline."""
+    copy_ = work / "k8s"
+    shutil.copytree(K8S, copy_)
+    kustomization = copy_ / "kustomization.yaml"
+    text = kustomization.read_text()
+    assert COMMENTED_COMPONENTS in text
+    kustomization.write_text(text.replace(COMMENTED_COMPONENTS, f"components:\n- {component}\n"))
+    result = run([tool("kubectl", "apt-get install -y kubectl"), "kustomize", str(copy_)])
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
 @pytest.fixture(scope="module")
 def rendered() -> list[dict[str, Any]]:
     """The objects `kubectl apply -k deploy/k8s` would send, rendered offline."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import yaml
 from authz_service.tracing import tracing_settings
 
 from . import envoyconf
-from .test_deploy import ENVOY_CONFIG, K8S, container, env_of, one, run, tool
+from .test_deploy import ENVOY_CONFIG, K8S, container, env_of, one, render_with_component, run, tool
 
 TRACING = K8S / "tracing"
 TRACED_ENVOY = TRACING / "envoy.yaml"
@@ -51,15 +50,7 @@ def test_envoy_validates_the_traced_config() -> None:
 
 def test_the_component_points_both_sidecars_at_the_collector(tmp_path: Path) -> None:
     """Enabled as kustomization.yaml says (uncommenting its `components` lines)."""
-    copy_ = tmp_path / "k8s"
-    shutil.copytree(K8S, copy_)
-    kustomization = copy_ / "kustomization.yaml"
-    text = kustomization.read_text()
-    assert "# components:\n# - tracing\n" in text
-    kustomization.write_text(text.replace("# components:\n# - tracing\n", "components:\n- tracing\n"))
-    result = run([tool("kubectl", "apt-get install -y kubectl"), "kustomize", str(copy_)])
-    assert result.returncode == 0, result.stderr
-    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    docs = render_with_component(tmp_path, "tracing")
     assert one(docs, "ConfigMap", "envoy-config-")["data"] == {"envoy.yaml": TRACED_ENVOY.read_text()}
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     env = env_of(container(pod, "authz-service"))

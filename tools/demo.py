@@ -2,9 +2,12 @@
 
 Starts the dev issuer (a local Cognito stand-in), an echo app, authz-service and Envoy with a
 shipped config, unchanged: envoy/envoy.yaml (ext_authz over gRPC, the default) or, with
-`--mode http` (`make demo MODE=http`), envoy/envoy-http.yaml (Envoy's HTTP ext_authz mode). It
-performs the client_credentials flow, sends a handful of requests through Envoy, prints what Envoy
-answered, and stops everything.
+`--mode http` (`make demo MODE=http`), envoy/envoy-http.yaml (Envoy's HTTP ext_authz mode). With
+`--mode native` (`make demo MODE=native`) Envoy decides with its own filters what they can decide
+exactly: authz-service writes the listener compiled from the policy into a directory
+(`serve --native-xds-dir`) and Envoy runs on `compile envoy --xds-dir`'s bootstrap. It performs the
+client_credentials flow, sends a handful of requests through Envoy, prints what Envoy answered, and
+stops everything.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
 from authz_service.dev_issuer.config import load_config  # noqa: E402
+from authz_service.native.xds import ENVOY_FLAGS  # noqa: E402
 
 # One process harness for the tests, the benchmark and the demo.
 from tests.e2e.harness import ENVOY_CONFIGS, ManagedProcess, ProcessDied, envoy_binary, wait_for_http  # noqa: E402
@@ -79,10 +83,31 @@ def decode_part(part: str) -> dict:
     return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
 
 
+def mode_arguments(mode: str, logs: Path) -> tuple[list[str], list[str]]:
+    """The service's extra arguments and Envoy's config arguments of ``mode``."""
+    if mode != "native":
+        return (["--ext-authz-http-port", "9192"] if mode == "http" else []), ["-c", str(ENVOY_CONFIGS[mode])]
+    xds = logs / "xds"
+    xds.mkdir()
+    bootstrap = logs / "envoy-native.yaml"
+    subprocess.run([str(BIN / "authz-service"), "compile", "envoy", "--xds-dir", str(xds), "-o", str(bootstrap),
+                    "--report", "none"], check=True, timeout=60)
+    return ["--native-xds-dir", str(xds)], ["-c", str(bootstrap), *ENVOY_FLAGS]
+
+
+def print_metrics(port: int, path: str, prefix: str) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", path)
+    for line in conn.getresponse().read().decode().splitlines():
+        if line.startswith(prefix):
+            print(f"   {line}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=["grpc", "http"], default="grpc",
-                        help="Envoy's ext_authz mode: gRPC (envoy/envoy.yaml) or HTTP (envoy/envoy-http.yaml)")
+    parser.add_argument("--mode", choices=["grpc", "http", "native"], default="grpc",
+                        help="Envoy's ext_authz mode: gRPC (envoy/envoy.yaml) or HTTP (envoy/envoy-http.yaml); "
+                             "native: Envoy's own filters on the compiled policy, the service for the rest")
     mode = parser.parse_args().mode
     busy = [f"{name} ({port})" for name, port in PORTS.items() if not port_free(port)]
     if busy:
@@ -94,13 +119,13 @@ def main() -> int:
         return 1
     logs = Path(tempfile.mkdtemp(prefix="authz-demo-"))
     policy = ROOT / "authz_service" / "examples" / "policy.yaml"
+    service_args, envoy_args = mode_arguments(mode, logs)
     commands = {
         "dev issuer": [str(BIN / "authz-service"), "dev-issuer", "--config", str(DEV_ISSUER_CONFIG), "--port", "9000"],
         "app": [sys.executable, str(ROOT / "tools" / "echo_upstream.py"), "--port", "8000",
                 "--host", "127.0.0.1", "--log", str(logs / "app-requests.jsonl")],
-        "authz-service": [str(BIN / "authz-service"), "serve", "--policy", str(policy),
-                          *(["--ext-authz-http-port", "9192"] if mode == "http" else [])],
-        "envoy": [envoy, "-c", str(ENVOY_CONFIGS[mode]),
+        "authz-service": [str(BIN / "authz-service"), "serve", "--policy", str(policy), *service_args],
+        "envoy": [envoy, *envoy_args,
                   "--concurrency", "1",
                   "--base-id", str(os.getpid() % 60000), "--log-level", "warn"],
     }
@@ -113,8 +138,9 @@ def main() -> int:
             if name == "authz-service":
                 wait_ready(8181, "/readyz", procs[name])
         wait_ready(9901, "/ready", procs["envoy"])
-        door = "HTTP :9192" if mode == "http" else "gRPC :9191"
-        print(f"Started dev issuer :9000, app :8000, authz-service (ext_authz {door}, health/metrics :8181), "
+        door = {"http": "ext_authz HTTP :9192", "grpc": "ext_authz gRPC :9191",
+                "native": f"ext_authz gRPC :9191, Envoy's listener in {logs / 'xds'}"}[mode]
+        print(f"Started dev issuer :9000, app :8000, authz-service ({door}, health/metrics :8181), "
               f"Envoy :8080 in {mode} mode (logs in {logs})\n")
 
         print("1. The client_credentials flow a Cognito app client uses:")
@@ -152,12 +178,11 @@ def main() -> int:
                 if challenge:
                     answer += f"  [WWW-Authenticate: {challenge[:70]}]"
             print(f"   {label:<40} {status:>6}  {answer}")
-        print("\n3. Deny metrics (http://127.0.0.1:8181/metrics):")
-        conn = http.client.HTTPConnection("127.0.0.1", 8181, timeout=5)
-        conn.request("GET", "/metrics")
-        for line in conn.getresponse().read().decode().splitlines():
-            if line.startswith("authz_check_decisions_total"):
-                print(f"   {line}")
+        print("\n3. Decision metrics (http://127.0.0.1:8181/metrics):")
+        print_metrics(8181, "/metrics", "authz_check_decisions_total")
+        if mode == "native":
+            print("   ... and those Envoy decided itself (http://127.0.0.1:9902/stats/prometheus):")
+            print_metrics(9902, "/stats/prometheus", "envoy_authz_native_decisions")
         policy = ROOT / "authz_service" / "examples" / "policy.yaml"
         tools = [
             ("4. The policy tools: validate (as a ConfigMap repo's CI would run it)", ["validate", "--strict", str(policy)]),

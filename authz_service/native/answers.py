@@ -61,7 +61,7 @@ class AnswerBook:
         )
 
 
-def _status(op: str, value: int, runtime_key: str) -> dict[str, Any]:
+def status_filter(op: str, value: int, runtime_key: str) -> dict[str, Any]:
     return {
         "status_code_filter": {"comparison": {"op": op, "value": {"default_value": value, "runtime_key": runtime_key}}}
     }
@@ -72,8 +72,8 @@ OTHER_LOCAL_REPLIES: dict[str, Any] = {
     "filter": {
         "or_filter": {
             "filters": [
-                _status("LE", RBAC_DENIED_STATUS - 1, "local_reply.authz_not_rbac_below"),
-                _status("GE", RBAC_DENIED_STATUS + 1, "local_reply.authz_not_rbac_above"),
+                status_filter("LE", RBAC_DENIED_STATUS - 1, "local_reply.authz_not_rbac_below"),
+                status_filter("GE", RBAC_DENIED_STATUS + 1, "local_reply.authz_not_rbac_above"),
             ]
         }
     }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .options import Address, Options, parse_address
 
@@ -15,32 +15,57 @@ ADDRESS_FLAGS = {  # flag -> (Options field, what is there)
     "--service-http": ("service_http", "authz-service's HTTP port (--http-port), which serves Envoy the JWKS"),
     "--health": ("health", "Envoy's probe and metrics listener"),
 }
+# What only the ingress listener reads: with --xds-dir the service writes that listener, and these
+# are its settings (serve's --native-listen, --realm, --leeway, --native-jwks-cache, ...).
+LISTENER_FLAGS = {  # flag -> the serve flag that sets it in the xDS form
+    "--listen": "--native-listen",
+    "--realm": "--realm",
+    "--leeway": "--leeway",
+    "--jwks-cache": "--native-jwks-cache",
+    "--jwt-cache-size": "--native-jwt-cache-size",
+    "--no-decision-stats": None,
+}
 
 
 def add_arguments(envoy: argparse.ArgumentParser) -> None:
     defaults = Options()
     for flag, (name, what) in ADDRESS_FLAGS.items():
-        envoy.add_argument(flag, metavar="IP:PORT", type=_address, default=getattr(defaults, name), help=what)
-    envoy.add_argument("--realm", default=defaults.realm, help="as serve's --realm (part of every 401 challenge)")
+        default = getattr(defaults, name)
+        if flag in LISTENER_FLAGS:  # None: not given (refused with --xds-dir), else the default
+            envoy.add_argument(flag, metavar="IP:PORT", type=_address, help=f"{what} (default {default})")
+        else:
+            envoy.add_argument(flag, metavar="IP:PORT", type=_address, default=default, help=what)
+    envoy.add_argument("--realm", help=f"as serve's --realm (part of every 401 challenge; default {defaults.realm})")
     envoy.add_argument(
         "--leeway",
         type=_whole_seconds,
-        default=defaults.leeway,
-        help="as serve's --leeway, in whole seconds, at least 2",
+        help=f"as serve's --leeway, in whole seconds, at least 2 (default {defaults.leeway})",
     )
     envoy.add_argument(
         "--jwks-cache",
         type=_whole_seconds,
-        default=defaults.jwks_cache_seconds,
         metavar="SECONDS",
-        help="seconds between Envoy's fetches of the keys the service holds",
+        help=f"seconds between Envoy's fetches of the keys the service holds (default {defaults.jwks_cache_seconds})",
     )
     envoy.add_argument(
         "--jwt-cache-size",
         type=int,
-        default=defaults.jwt_cache_size,
         metavar="N",
-        help="verified tokens jwt_authn keeps per Envoy worker, 0 for none (see docs/native.md on removed keys)",
+        help="verified tokens jwt_authn keeps per Envoy worker, 0 for none (see docs/native.md on removed keys; "
+        f"default {defaults.jwt_cache_size})",
+    )
+    envoy.add_argument(
+        "--no-decision-stats",
+        action="store_true",
+        default=None,
+        help="leave out the stats of native decisions (envoy_authz_native_decisions), which need Envoy 1.39 or newer",
+    )
+    envoy.add_argument(
+        "--xds-dir",
+        type=PurePosixPath,
+        metavar="DIR",
+        help="print native mode's xDS bootstrap instead: Envoy's ingress listener is the file that "
+        "`serve --native-xds-dir DIR` writes there and rewrites at each policy change (no POLICY then)",
     )
     envoy.add_argument(
         "-o",

@@ -7,9 +7,11 @@ follow it. Only what decides changes: the routes, and in place of the ext_authz 
 
     authz.jwt (jwt_authn) verifies a canonical bearer token, keys from the service (jwt.py); never
                           denies
-    authz.rbac (RBAC)     the service's 400s that need no token (checks.screen_checks), the 401s of
-                          a verified token (checks.token_checks) and the 403s of the route's
-                          conditions (checks.route_checks), each route with the checks it needs
+    authz.screen (RBAC)   on public routes and no route: the service's 400s that need no token
+                          (checks.screen_checks)
+    authz.rbac (RBAC)     on native routes: the same 400s, the 401s of a verified token
+                          (checks.token_checks) and the 403s of the route's conditions
+                          (checks.route_checks), each route with the checks it needs
     ext_authz             the shipped filter, run when no token was verified (or the route is the
                           service's): the service then decides, in its own words
 
@@ -36,11 +38,22 @@ from ..request import BadRequest, identity_and_override_spellings, special_names
 from .answers import AnswerBook
 from .cel import JWT_AUTHN
 from .checks import PAYLOAD, rules, screen_checks
+from .decisions import add_decision_stats
 from .jwt import SERVICE_HTTP_CLUSTER, jwt_authn
 from .options import Address, Options
 from .patterns import re2_literal
 from .plan import RoutePlan, plan
-from .routes import EXT_AUTHZ, JWT, RATE_LIMIT, RBAC, RBAC_STAT_PREFIX, Admission, ingress_routes
+from .routes import (
+    EXT_AUTHZ,
+    JWT,
+    RATE_LIMIT,
+    RBAC,
+    RBAC_STAT_PREFIX,
+    SCREEN,
+    SCREEN_STAT_PREFIX,
+    Admission,
+    ingress_routes,
+)
 
 HCM = "envoy.filters.network.http_connection_manager"
 RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
@@ -70,6 +83,24 @@ class Compiled:
         return {**self.static, "static_resources": {"listeners": self.listeners, "clusters": self.clusters}}
 
 
+@dataclass(frozen=True)
+class StaticParts:
+    """What does not depend on the policy: the health listener, the clusters, and the admin
+    interface, overload manager and runtime (the bootstrap of the xDS form, xds.py, is these)."""
+
+    health: dict[str, Any]
+    clusters: list[dict[str, Any]]
+    static: dict[str, Any]
+
+
+def static_parts(options: Options | None = None) -> StaticParts:
+    """The policy-independent parts of the bootstrap (ValueError when an option cannot serve)."""
+    options = Options() if options is None else options
+    _check_options(options)
+    template = copy.deepcopy(_template())
+    return _static_parts(template, _listeners(template), options)
+
+
 def compile_policy(policy: Policy, options: Options | None = None) -> Compiled:
     """Compile ``policy`` (ValueError when an option cannot serve it); ``options``: the defaults."""
     options = Options() if options is None else options
@@ -77,10 +108,8 @@ def compile_policy(policy: Policy, options: Options | None = None) -> Compiled:
     template = copy.deepcopy(_template())
     plans = plan(policy)
     book = AnswerBook(options.realm)
-    listeners = {item["name"]: item for item in template["static_resources"]["listeners"]}
-    _expect(set(listeners) == {INGRESS, HEALTH}, f"listeners {INGRESS!r} and {HEALTH!r}")
+    listeners = _listeners(template)
     _set_address(listeners[INGRESS], options.listen)
-    _set_address(listeners[HEALTH], options.health)
     hcm = _hcm(listeners[INGRESS])
     virtual_hosts = hcm["route_config"]["virtual_hosts"]
     _expect(len(virtual_hosts) == 1, "one virtual host")
@@ -88,7 +117,31 @@ def compile_policy(policy: Policy, options: Options | None = None) -> Compiled:
     virtual_hosts[0]["routes"] = routes
     hcm["http_filters"] = _filters(hcm["http_filters"], policy, options, book)
     hcm["local_reply_config"]["mappers"].extend(book.mappers())  # after the filters: they register answers
+    if options.decision_stats:
+        add_decision_stats(hcm, screen_prefix=SCREEN_STAT_PREFIX, native_filter=RBAC, native_prefix=RBAC_STAT_PREFIX)
     _strip_identity_early(hcm)
+    parts = _static_parts(template, listeners, options)
+    # Which policy this Envoy enforces natively (admin /server_info), to compare with the service's
+    # (/readyz): a policy change needs a new compile. (The xDS form names it in the listener's
+    # version instead: xds.py.)
+    parts.static["node"] = {
+        **NODE,
+        "metadata": {"authz_policy_sha256": policy.sha256, "authz_policy_source": policy.source},
+    }
+    return Compiled(policy, options, plans, [listeners[INGRESS], parts.health], parts.clusters, parts.static)
+
+
+NODE = {"id": "authz-service-native", "cluster": "authz-service"}
+
+
+def _listeners(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    listeners = {item["name"]: item for item in template["static_resources"]["listeners"]}
+    _expect(set(listeners) == {INGRESS, HEALTH}, f"listeners {INGRESS!r} and {HEALTH!r}")
+    return listeners
+
+
+def _static_parts(template: dict[str, Any], listeners: dict[str, dict[str, Any]], options: Options) -> StaticParts:
+    _set_address(listeners[HEALTH], options.health)
     clusters = {item["name"]: item for item in template["static_resources"]["clusters"]}
     for name, address in (
         ("authz_service", options.service_grpc),
@@ -103,14 +156,7 @@ def compile_policy(policy: Policy, options: Options | None = None) -> Compiled:
     static["layered_runtime"] = {
         "layers": [{"name": "native", "static_layer": {"re2.max_program_size.error_level": RE2_PROGRAM_SIZE}}]
     }
-    # Which policy this Envoy enforces natively (admin /server_info), to compare with the service's
-    # (/readyz): a policy change needs a new compile.
-    static["node"] = {
-        "id": "authz-service-native",
-        "cluster": "authz-service",
-        "metadata": {"authz_policy_sha256": policy.sha256, "authz_policy_source": policy.source},
-    }
-    return Compiled(policy, options, plans, [listeners[INGRESS], listeners[HEALTH]], list(clusters.values()), static)
+    return StaticParts(listeners[HEALTH], list(clusters.values()), static)
 
 
 def _check_options(options: Options) -> None:
@@ -182,18 +228,17 @@ def _filters(shipped: list[dict[str, Any]], policy: Policy, options: Options, bo
     }
     native = [
         {"name": JWT, "typed_config": jwt_authn(policy, options)},
-        # The request screen, for public routes and no route; native routes bring all their checks.
-        {
-            "name": RBAC,
-            "typed_config": {
-                "@type": RBAC_TYPE,
-                "rules": rules(book, screen_checks()),
-                "rules_stat_prefix": RBAC_STAT_PREFIX,
-            },
-        },
+        # The request screen, for public routes and no route; native routes bring all their checks
+        # (this filter's own rules take effect on none).
+        _rbac(SCREEN, rules(book, screen_checks()), SCREEN_STAT_PREFIX),
+        _rbac(RBAC, {"action": "DENY", "policies": {}}, RBAC_STAT_PREFIX),
     ]
     index = names.index(EXT_AUTHZ)
     return [*shipped[:index], *native, *shipped[index:]]
+
+
+def _rbac(name: str, rbac_rules: dict[str, Any], stat_prefix: str) -> dict[str, Any]:
+    return {"name": name, "typed_config": {"@type": RBAC_TYPE, "rules": rbac_rules, "rules_stat_prefix": stat_prefix}}
 
 
 def _strip_identity_early(hcm: dict[str, Any]) -> None:

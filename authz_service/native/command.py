@@ -4,58 +4,76 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import yaml
 
 from ..config import option
 from ..policy import PolicyError, load_policy_file
-from .arguments import ADDRESS_FLAGS
+from .arguments import ADDRESS_FLAGS, LISTENER_FLAGS
 from .bootstrap import Compiled, compile_policy
 from .options import Options
 from .report import report_json, report_text
+from .xds import ENVOY_FLAGS, LISTENERS_FILE, write_atomically, xds_bootstrap
 
 
 def options_from(args: argparse.Namespace) -> Options:
-    """The compile options of a parsed command line (ValueError naming the flag)."""
-    try:
-        realm = option("realm").parse(args.realm)
-    except ValueError as exc:
-        raise ValueError(f"--realm {args.realm!r}: {exc}") from None
-    if args.jwt_cache_size < 0:
+    """The compile options of a parsed command line (ValueError naming the flag); a flag not given
+    takes Options' default."""
+    defaults = Options()
+    realm = defaults.realm
+    if args.realm is not None:
+        try:
+            realm = option("realm").parse(args.realm)
+        except ValueError as exc:
+            raise ValueError(f"--realm {args.realm!r}: {exc}") from None
+    if args.jwt_cache_size is not None and args.jwt_cache_size < 0:
         raise ValueError("--jwt-cache-size: 0 (no cache) or a positive number of tokens")
+
+    def given(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
     return Options(
-        **{name: getattr(args, name) for name, _ in ADDRESS_FLAGS.values()},
+        **{name: given(getattr(args, name), getattr(defaults, name)) for name, _ in ADDRESS_FLAGS.values()},
         realm=realm,
-        leeway=args.leeway,
-        jwks_cache_seconds=args.jwks_cache,
-        jwt_cache_size=args.jwt_cache_size,
+        leeway=given(args.leeway, defaults.leeway),
+        jwks_cache_seconds=given(args.jwks_cache, defaults.jwks_cache_seconds),
+        jwt_cache_size=given(args.jwt_cache_size, defaults.jwt_cache_size),
+        decision_stats=not args.no_decision_stats,
     )
 
 
-def compile_command(policy_path: Path, args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
-    """Exit 0 with the bootstrap written, 2 when the policy or an option cannot be compiled."""
+def compile_command(policy_path: Path | None, args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    """Exit 0 with the bootstrap written, 2 when the policy or an option cannot be compiled.
+    ``policy_path`` is None exactly with ``--xds-dir`` (that bootstrap does not depend on it)."""
     try:
-        compiled = compile_policy(load_policy_file(policy_path), options_from(args))
+        if args.xds_dir is not None:
+            _refuse_listener_flags(args)
+            text = xds_bootstrap_yaml(options_from(args), args.xds_dir)
+            compiled = None
+        else:
+            assert policy_path is not None
+            compiled = compile_policy(load_policy_file(policy_path), options_from(args))
+            text = bootstrap_yaml(compiled)
     except (PolicyError, ValueError) as exc:
         print(f"authz-service compile envoy: error: {exc}", file=stderr)
         return 2
-    text = bootstrap_yaml(compiled)
     if args.output is None:
         stdout.write(text)
     else:
         try:
-            _write_atomically(args.output, text)
+            write_atomically(args.output, text)
         except OSError as exc:
             print(
                 f"authz-service compile envoy: error: -o {args.output}: cannot write it: {exc.strerror or exc}",
                 file=stderr,
             )
             return 2
-    if args.report == "text":
+    if compiled is None:
+        if args.report != "none":
+            stderr.write(xds_report(args.xds_dir))
+    elif args.report == "text":
         stderr.write(report_text(compiled))
     elif args.report == "json":
         stderr.write(json.dumps(report_json(compiled), indent=2) + "\n")
@@ -72,17 +90,29 @@ def bootstrap_yaml(compiled: Compiled) -> str:
     return header + yaml.safe_dump(compiled.bootstrap(), sort_keys=False, width=1000, allow_unicode=False)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path`` and rename it over: Envoy (or a file watcher) never
-    reads half a bootstrap."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # as any file the user writes, not mkstemp's 0600
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def xds_bootstrap_yaml(options: Options, xds_dir: Any) -> str:
+    """The xDS form's bootstrap as YAML, under a header saying who writes its listener."""
+    header = (
+        "# Envoy bootstrap of authz-service's native mode, xDS form, printed by\n"
+        f"# `authz-service compile envoy --xds-dir {xds_dir}`. Its ingress listener is the file\n"
+        f"# {xds_dir}/{LISTENERS_FILE}, which `authz-service serve --native-xds-dir {xds_dir}` writes\n"
+        "# from the policy it serves and rewrites at every policy change; Envoy follows without a\n"
+        "# restart. Start Envoy once that file exists, with: " + " ".join(ENVOY_FLAGS) + "\n"
+        "# Its hardened settings are envoy/envoy.yaml's, where each is explained.\n"
+    )
+    return header + yaml.safe_dump(xds_bootstrap(options, xds_dir), sort_keys=False, width=1000)
+
+
+def xds_report(xds_dir: Any) -> str:
+    return (
+        f"xDS bootstrap: the ingress listener is {xds_dir}/{LISTENERS_FILE}, written by "
+        f"`authz-service serve --native-xds-dir {xds_dir}` (it logs each route's engine at every load); "
+        f"start Envoy after the service, with {' '.join(ENVOY_FLAGS)}\n"
+    )
+
+
+def _refuse_listener_flags(args: argparse.Namespace) -> None:
+    for flag, serve_flag in LISTENER_FLAGS.items():
+        if getattr(args, flag.lstrip("-").replace("-", "_")) is not None:
+            where = f"give it to serve as {serve_flag}" if serve_flag else "it is not an option of the xDS form"
+            raise ValueError(f"{flag} with --xds-dir: the service writes the listener it sets; {where}")

@@ -65,3 +65,4 @@ class Options:
     leeway: int = 60  # the service's --leeway, whole seconds
     jwks_cache_seconds: int = 5  # how often Envoy fetches the service's current JWKS
     jwt_cache_size: int = 10_000  # verified tokens jwt_authn keeps per worker (0: none)
+    decision_stats: bool = True  # count native decisions as Envoy stats (decisions.py; Envoy >= 1.39)

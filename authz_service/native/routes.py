@@ -3,21 +3,24 @@ default deny.
 
 Which filters act on a route is set per route (``typed_per_filter_config``):
 
-=============  ===  ================  =========  ===================================
-route          jwt  rbac              ext_authz  admission (anonymous token bucket)
-=============  ===  ================  =========  ===================================
-screen         -    -                 yes        yes, unless a bearer JWT is sent
-native         yes  screen, token,    if needed  -
-                    route's checks
-ext_authz      -    -                 yes        yes, unless a bearer JWT is sent
-public         -    screen            -          -
-no route       -    screen            -          - (direct 403)
-=============  ===  ================  =========  ===================================
+=============  ======  ===  ================  =========  ===================================
+route          screen  jwt  rbac              ext_authz  admission (anonymous token bucket)
+=============  ======  ===  ================  =========  ===================================
+screen         -       -    -                 yes        yes, unless a bearer JWT is sent
+native         -       yes  screen, token,    if needed  -
+                            route's checks
+ext_authz      -       -    -                 yes        yes, unless a bearer JWT is sent
+public         yes     -    -                 -          -
+no route       yes     -    -                 -          - (direct 403)
+=============  ======  ===  ================  =========  ===================================
 
 "If needed": the ext_authz filter runs only when jwt_authn verified no token (bootstrap.py). A
 route the service decides gets the whole request decided there, its 400s included, so Envoy's own
-checks are off on it. A filter disabled on a route is not even created for its requests: each
-costs CPU on every request it runs for, so a route runs only the ones it needs.
+checks are off on it. Each filter costs CPU on every request it runs for, so a route runs only
+the ones it needs. The request screen is an RBAC filter of its own (``screen``) rather than the
+native routes' checks (``rbac``): the two never run on one route, so which one left its result in
+the request's dynamic metadata tells a native route's decision from a public route's
+(decisions.py).
 """
 
 from __future__ import annotations
@@ -25,18 +28,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..decision import NO_ROUTE_TEXT, Reason
+from ..decision import NO_ROUTE_LABEL, NO_ROUTE_TEXT, Reason
 from ..policy import PathCase, Policy
 from . import patterns
 from .answers import AnswerBook
 from .checks import route_checks, rules, screen_checks, token_checks
+from .decisions import route_metadata
 from .plan import Engine, RoutePlan
 
-JWT, RBAC = "authz.jwt", "authz.rbac"
+SCREEN, JWT, RBAC = "authz.screen", "authz.jwt", "authz.rbac"
+# Each RBAC filter's stat prefix, which also names its dynamic metadata (decisions.py).
+SCREEN_STAT_PREFIX, RBAC_STAT_PREFIX = "authz_screen_", "authz_rbac_"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 RATE_LIMIT = "envoy.filters.http.local_ratelimit"
 APP_CLUSTER = "app"
-RBAC_STAT_PREFIX = "authz_"
 _FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 _RBAC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
 
@@ -99,7 +104,8 @@ def ingress_routes(
                     "name": name,
                     "match": match,
                     "route": {"cluster": APP_CLUSTER},
-                    "typed_per_filter_config": disabled(JWT, EXT_AUTHZ),
+                    "metadata": route_metadata(plan.route.name, Reason.PUBLIC),
+                    "typed_per_filter_config": disabled(JWT, RBAC, EXT_AUTHZ),
                 }
             )
         else:
@@ -108,7 +114,9 @@ def ingress_routes(
                     "name": name,
                     "match": match,
                     "route": {"cluster": APP_CLUSTER},
+                    "metadata": route_metadata(plan.route.name, Reason.ALLOWED),
                     "typed_per_filter_config": {
+                        **disabled(SCREEN),
                         RBAC: {
                             "@type": _RBAC_PER_ROUTE,
                             "rbac": {
@@ -126,7 +134,8 @@ def ingress_routes(
             "match": {"prefix": "/"},
             "direct_response": response,
             "response_headers_to_add": headers,
-            "typed_per_filter_config": disabled(JWT, EXT_AUTHZ),
+            "metadata": route_metadata(NO_ROUTE_LABEL, Reason.NO_ROUTE),
+            "typed_per_filter_config": disabled(JWT, RBAC, EXT_AUTHZ),
         }
     )
     return routes
@@ -148,7 +157,7 @@ def _match(plan: RoutePlan, case_insensitive: bool) -> dict[str, Any]:
 def _to_service(name: str, match: dict[str, Any], admission: Admission) -> list[dict[str, Any]]:
     """Routes whose requests the service decides entirely: as in envoy/envoy.yaml, one for bearer
     JWTs and one, rate limited, for everything else."""
-    off = disabled(JWT, RBAC)
+    off = disabled(SCREEN, JWT, RBAC)
     bearer = {
         **match,
         "headers": [

