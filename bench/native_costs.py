@@ -114,6 +114,10 @@ def drop_filter(name: str) -> Callable[[Config], None]:
     return drop
 
 
+def drop_decision_stats(cfg: Config) -> None:
+    _hcm(cfg).pop("access_log", None)  # the bench's shape keeps only the stats loggers
+
+
 def drop_mappers(cfg: Config) -> None:
     mappers = _hcm(cfg)["local_reply_config"]["mappers"]
     mappers[:] = mappers[:1]  # the shipped one (the anonymous token bucket's 429)
@@ -143,6 +147,7 @@ def drop_token_pattern(cfg: Config) -> None:
 
 # Taken away in this order, each in addition to those above it.
 STEPS: list[tuple[str, Callable[[Config], None]]] = [
+    ("decision stats (three stats access loggers)", drop_decision_stats),
     ("local reply mappers (a direct response is a local reply)", drop_mappers),
     ("identity header strip (early header mutation, one regex)", drop_identity_strip),
     ("request screen (routes to the service)", drop_screen),

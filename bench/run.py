@@ -74,6 +74,7 @@ from tests import envoyconf  # noqa: E402
 from tests.e2e.harness import ENVOY_CONFIGS, ManagedProcess, free_port, listening, wait_for_http, wait_for_port  # noqa: E402,E501
 from tests.e2e.harness import envoy_binary as harness_envoy_binary  # noqa: E402
 
+from authz_service.native.decisions import STATS_LOGGER  # noqa: E402
 from authz_service.native.options import Options  # noqa: E402
 
 BENCH = ROOT / "bench"
@@ -170,7 +171,15 @@ def render_native(policy: Path, *, listener_port: int, admin_port: int, grpc_por
          "--listen", loopback(listener_port), "--admin", loopback(admin_port), "--service-grpc", loopback(grpc_port),
          "--service-http", loopback(http_port), "--jwt-cache-size", str(JWT_CACHE_SIZE)],
         capture_output=True, text=True, check=True, cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)})
-    return measured_shape(yaml.safe_load(compiled.stdout), listener_port=listener_port, admin_port=admin_port)
+    cfg = yaml.safe_load(compiled.stdout)
+    # Its decision stats (Envoy's stats access logger) are part of deciding natively: they stay
+    # when the access log goes.
+    hcm = envoyconf.hcm(cfg, "ingress")
+    stats = [log for log in hcm.get("access_log", []) if log["typed_config"]["@type"] == STATS_LOGGER]
+    cfg = measured_shape(cfg, listener_port=listener_port, admin_port=admin_port)
+    if stats:
+        envoyconf.hcm(cfg, "ingress")["access_log"] = stats
+    return cfg
 
 
 # --- keys and tokens ---------------------------------------------------------------------------
