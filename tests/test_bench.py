@@ -77,8 +77,8 @@ def test_generated_envoy_configs_validate(run, kind: str, tmp_path: Path) -> Non
 
 def test_native_rows_run_the_compiled_policy_in_the_measured_shape(run, tmp_path: Path) -> None:
     """Rows 4n and 5n: the bootstrap compile envoy makes of the bench's policy, shaped as every row
-    (routes to the app answer directly, no access log, no health listener), with the same
-    verified-token cache as row 2c; Envoy accepts it."""
+    (routes to the app answer directly, no access log but its decision stats, no health listener),
+    with the same verified-token cache as row 2c; Envoy accepts it."""
     from authz_service.native.options import Options
 
     policy = tmp_path / "policy.yaml"
@@ -89,7 +89,9 @@ def test_native_rows_run_the_compiled_policy_in_the_measured_shape(run, tmp_path
     cfg = run.render_native(policy, listener_port=18080, admin_port=18081, grpc_port=19191, http_port=18181)
     assert [l["name"] for l in cfg["static_resources"]["listeners"]] == ["ingress"]
     hcm = envoyconf.hcm(cfg, "ingress")
-    assert "access_log" not in hcm
+    from authz_service.native.decisions import STATS_LOGGER
+
+    assert [log["typed_config"]["@type"] for log in hcm["access_log"]] == [STATS_LOGGER] * 3
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     assert not [r["name"] for r in routes if "route" in r]  # nothing reaches an app
     assert next(r for r in routes if r["name"] == "no route")["direct_response"]["status"] == 403  # its own answer
