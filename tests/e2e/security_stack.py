@@ -110,11 +110,11 @@ class SecurityStack:
     def serve_policy(self, text: str, served: Callable[[], bool]) -> None:
         """Swap in a new policy and wait until ``served`` says the service serves it; in native mode
         Envoy enforces a compiled policy, so it is compiled again and Envoy replaced."""
+        taken_up = listeners_taken_up(self.envoy) if self.mode == NATIVE_XDS else 0
         self.policy.write(text)
         self.service.process.wait_until(served, 30, "the new policy served")
         if self.mode == NATIVE_XDS:  # the service rewrote Envoy's listener: wait until Envoy runs it
-            self.envoy.wait_until(lambda: listener_version(self.envoy) == parse_policy(text).sha256, 30,
-                                  "Envoy running the new policy's listener")
+            wait_for_listener(self.envoy, parse_policy(text).sha256, taken_up)
         if self.mode == NATIVE:
             old = self.envoy
             self.envoy = self._envoy_factory.for_service(self.service, NATIVE, self.policy.path)
@@ -192,6 +192,20 @@ def listener_version(envoy: EnvoyProcess) -> str | None:
     assert status == 200
     _, _, value = body.decode().partition(": ")
     return value.strip().strip('"') or None
+
+
+def listeners_taken_up(envoy: EnvoyProcess) -> int:
+    """Listeners Envoy's worker took up (``listener_manager.listener_create_success``, counted once
+    the worker runs it: later than the listener's version, which changes when Envoy reads the file)."""
+    name = "listener_manager.listener_create_success"
+    return envoy.stats(f"^{name}$").get(name, 0)
+
+
+def wait_for_listener(envoy: EnvoyProcess, sha256: str, taken_up: int) -> None:
+    """Until Envoy serves the listener of the policy ``sha256``: its version, and its worker took up
+    one more listener than ``taken_up`` (listeners_taken_up before the change)."""
+    envoy.wait_until(lambda: listener_version(envoy) == sha256 and listeners_taken_up(envoy) > taken_up, 30,
+                     "Envoy serving the new policy's listener")
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -37,8 +37,9 @@ from authz_service.policy import parse_policy
 from .fake_issuer import FakeIssuer, rsa_key
 from .harness import (NATIVE_XDS, EnvoyProcess, ManagedProcess, ProcessDied, UpstreamProcess, free_port, http_request,
                       render_native_xds_config, start_envoy, wait_for, wait_for_http)
-from .security_stack import (ROUTES, SecurityStack, envoy_fetches, listener_version, natively_allowed, policy_text,
-                             serve, service_checks, serving, start_security_stack, stop_security_stack)
+from .security_stack import (ROUTES, SecurityStack, envoy_fetches, listener_version, listeners_taken_up,
+                             natively_allowed, policy_text, serve, service_checks, serving, start_security_stack,
+                             stop_security_stack, wait_for_listener)
 
 pytestmark = pytest.mark.e2e
 TIGHTER = ROUTES.replace("scopes: [transactions/post]", "scopes: [transactions/admin]")
@@ -155,8 +156,9 @@ def test_a_refused_policy_keeps_the_service_and_envoy_on_the_last_good_one(stack
     assert ready["native"]["written_sha256"] == good and status == 200
     assert listener_version(s.envoy) == good and lds(s.envoy, "update_attempt") == attempts  # nothing new to load
     assert natively_allowed(s, s.fake.token())
+    taken_up = listeners_taken_up(s.envoy)
     serve(s, policy_text(s.fake, s.dev, routes=TIGHTER))  # fixed: both follow again
-    s.envoy.wait_until(lambda: listener_version(s.envoy) == serving(s)["sha256"], 30, "Envoy on the fixed policy")
+    wait_for_listener(s.envoy, serving(s)["sha256"], taken_up)
 
 
 def test_envoy_keeps_its_listener_while_the_service_is_down_and_follows_it_back(stack: SecurityStack) -> None:
@@ -173,10 +175,11 @@ def test_envoy_keeps_its_listener_while_the_service_is_down_and_follows_it_back(
     # Back, with another policy (changed while it was down): it writes that one, Envoy follows.
     text = policy_text(s.fake, s.dev, routes=TIGHTER)
     s.policy.write(text)
+    taken_up = listeners_taken_up(s.envoy)
     s.service.process = ManagedProcess(args, s.work, name="authz-service-again").start()
     wait_for_http(f"http://127.0.0.1:{s.service.http_port}/readyz", 60, expect_status=200, proc=s.service.process)
-    s.envoy.wait_until(lambda: listener_version(s.envoy) == serving(s)["sha256"] != sha, 30,
-                       "Envoy on the policy the restarted service serves")
+    assert serving(s)["sha256"] == parse_policy(text).sha256 != sha
+    wait_for_listener(s.envoy, serving(s)["sha256"], taken_up)  # the restarted service's listener
     assert s.send("POST", "/transactions", s.fake.token(scope="transactions/post")).status == 403
 
 
