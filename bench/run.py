@@ -7,7 +7,9 @@ token bucket and the HCM limits, stays in front of every row) and is driven by t
 command (fixed connections, fixed time):
 
   1 none       Envoy with no authorization (the ceiling)
-  2 jwt_authn  Envoy's native jwt_authn filter, same key and tokens (the native anchor)
+  2 jwt_authn  Envoy's native jwt_authn filter, same key and tokens, no verified-token cache
+  2c jwt_authn Envoy's jwt_authn with its verified-token cache (jwt_cache_config): the native anchor
+  5c jwt_authn the same fed distinct tokens (every request a signature verification)
   3 floor      gRPC ext_authz -> bench/floor_server.py, a bare grpc.aio server answering OK
   3u floor     the same floor on uvloop, the event loop authz-service runs on by default
   4 warm       gRPC ext_authz -> authz-service, the same 8 tokens repeat (verified-token cache warm)
@@ -20,8 +22,12 @@ command (fixed connections, fixed time):
   4h warm      HTTP ext_authz -> authz-service's HTTP front door, warm
   5h cold      HTTP ext_authz -> authz-service's HTTP front door, cold
   4p warm      gRPC ext_authz -> authz-service at --compare-rev (another commit), warm
+  4np native   row 4n with the compiler (and the service) at --compare-rev
   4t traced    gRPC ext_authz -> authz-service with tracing configured, every Check sampled and its
                span exported over OTLP/gRPC to bench/otlp_sink.py (a receiver that discards), warm
+  4n native    the policy compiled by `authz-service compile envoy` (jwt_authn, RBAC, local replies,
+               ext_authz to the service only for what they cannot decide), warm
+  5n native    the same fed distinct tokens
   (+ warm with --workers 2, and a direct gRPC run with h2load against the floor and the service)
 
 CPU comes from /proc/<pid>/stat (utime+stime) before and after each run: "ours" sums the authz
@@ -50,8 +56,10 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,31 +74,26 @@ from tests import envoyconf  # noqa: E402
 from tests.e2e.harness import ENVOY_CONFIGS, ManagedProcess, free_port, listening, wait_for_http, wait_for_port  # noqa: E402,E501
 from tests.e2e.harness import envoy_binary as harness_envoy_binary  # noqa: E402
 
+from authz_service.native.decisions import STATS_LOGGER  # noqa: E402
+from authz_service.native.options import Options  # noqa: E402
+
 BENCH = ROOT / "bench"
 POOL = "us-east-1_Bench0001"
 ISSUER = f"https://cognito-idp.us-east-1.amazonaws.com/{POOL}"
 KID = "bench-key-1"
 WARM_TOKENS = 8
 PATH = "/transactions/7"
+# jwt_authn's verified-token cache, per Envoy worker, in rows 2c, 5c, 4n and 5n: the compiler's default.
+JWT_CACHE_SIZE = Options().jwt_cache_size
 
 
 # --- Envoy configurations, generated from the shipped one ------------------------------------------
 
 
-def render_envoy(kind: str, *, listener_port: int, admin_port: int, authz_port: int = 9191,
-                 jwks: str = "", issuer: str = ISSUER, authz_streams: int | None = None,
-                 checkout: Path = ROOT) -> dict[str, Any]:
-    """The shipped config with every route answering directly, no access log, and the auth filter
-    of ``kind`` ("none", "jwt_authn", "ext_authz" or "ext_authz_http") in ext_authz's place. Everything else stays:
-    the admission filters in front of the auth filter (the anonymous token bucket), the routes'
-    header matching, the HCM limits, so every row pays the same admission cost. The envoy-health
-    listener and its admin cluster are dropped (not on the measured path; no fixed port to clash).
-    ``authz_streams`` caps concurrent streams per HTTP/2 connection to the authz cluster, so Envoy
-    opens several connections (SO_REUSEPORT spreads connections, not streams, over --workers).
-    ``checkout``: whose shipped config (this one, or --compare-rev's: what that service expects)."""
-    shipped = ENVOY_CONFIGS["http" if kind == "ext_authz_http" else "grpc"]
-    cfg = yaml.safe_load((checkout / shipped.relative_to(ROOT)).read_text())
-    cfg = copy.deepcopy(cfg)
+def measured_shape(cfg: dict[str, Any], *, listener_port: int, admin_port: int) -> dict[str, Any]:
+    """``cfg`` as every row runs it: the ingress listener and the admin interface on loopback ports,
+    every route that would reach the app answering directly, no access log. The envoy-health
+    listener and its admin cluster are dropped (not on the measured path; no fixed port to clash)."""
     envoyconf.socket_address(cfg["admin"], "admin")["port_value"] = admin_port
     cfg["static_resources"]["listeners"] = [
         l for l in cfg["static_resources"]["listeners"] if l["name"] != "envoy-health"]
@@ -101,8 +104,26 @@ def render_envoy(kind: str, *, listener_port: int, admin_port: int, authz_port: 
     hcm = envoyconf.hcm(cfg, "ingress")
     hcm.pop("access_log", None)
     for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
-        route.pop("route", None)
-        route["direct_response"] = {"status": 200, "body": {"inline_string": "ok\n"}}
+        if "direct_response" not in route:  # a route the compiled policy answers itself stays
+            route.pop("route", None)
+            route["direct_response"] = {"status": 200, "body": {"inline_string": "ok\n"}}
+    return cfg
+
+
+def render_envoy(kind: str, *, listener_port: int, admin_port: int, authz_port: int = 9191,
+                 jwks: str = "", issuer: str = ISSUER, authz_streams: int | None = None,
+                 checkout: Path = ROOT) -> dict[str, Any]:
+    """The shipped config in its measured shape (``measured_shape``) with the auth filter of ``kind``
+    ("none", "jwt_authn", "jwt_authn_cached", "ext_authz" or "ext_authz_http") in ext_authz's place.
+    Everything else stays: the admission filters in front of the auth filter (the anonymous token
+    bucket), the routes' header matching, the HCM limits, so every row pays the same admission cost.
+    ``authz_streams`` caps concurrent streams per HTTP/2 connection to the authz cluster, so Envoy
+    opens several connections (SO_REUSEPORT spreads connections, not streams, over --workers).
+    ``checkout``: whose shipped config (this one, or --compare-rev's: what that service expects)."""
+    shipped = ENVOY_CONFIGS["http" if kind == "ext_authz_http" else "grpc"]
+    cfg = yaml.safe_load((checkout / shipped.relative_to(ROOT)).read_text())
+    cfg = measured_shape(copy.deepcopy(cfg), listener_port=listener_port, admin_port=admin_port)
+    hcm = envoyconf.hcm(cfg, "ingress")
     filters = hcm["http_filters"]
     position = next(i for i, f in enumerate(filters) if f["name"] == "envoy.filters.http.ext_authz")
     ext_authz = filters.pop(position)
@@ -110,12 +131,15 @@ def render_envoy(kind: str, *, listener_port: int, admin_port: int, authz_port: 
     authz_cluster = envoyconf.cluster(cfg, "authz_service")
     if kind == "none":
         pass
-    elif kind == "jwt_authn":
+    elif kind in ("jwt_authn", "jwt_authn_cached"):
+        provider: dict[str, Any] = {"issuer": issuer, "local_jwks": {"inline_string": jwks}, "forward": True}
+        if kind == "jwt_authn_cached":  # jwt_authn at its best: a verified token is not verified again
+            provider["jwt_cache_config"] = {"jwt_cache_size": JWT_CACHE_SIZE}
         filters.insert(position, {
             "name": "envoy.filters.http.jwt_authn",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
-                "providers": {"cognito": {"issuer": issuer, "local_jwks": {"inline_string": jwks}, "forward": True}},
+                "providers": {"cognito": provider},
                 "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "cognito"}}],
             },
         })
@@ -133,6 +157,28 @@ def render_envoy(kind: str, *, listener_port: int, admin_port: int, authz_port: 
         raise ValueError(kind)
     if kind not in ("ext_authz", "ext_authz_http"):
         clusters.remove(authz_cluster)
+    return cfg
+
+
+def render_native(policy: Path, *, listener_port: int, admin_port: int, grpc_port: int, http_port: int,
+                  checkout: Path = ROOT) -> dict[str, Any]:
+    """The bootstrap `authz-service compile envoy` (of ``checkout``: this one, or --compare-rev's)
+    makes of ``policy``, calling the service at ``grpc_port`` (ext_authz) and ``http_port`` (keys),
+    in the measured shape every row has."""
+    loopback = lambda port: f"127.0.0.1:{port}"  # noqa: E731
+    compiled = subprocess.run(
+        [sys.executable, "-m", "authz_service.cli", "compile", "envoy", "--policy", str(policy), "--report", "none",
+         "--listen", loopback(listener_port), "--admin", loopback(admin_port), "--service-grpc", loopback(grpc_port),
+         "--service-http", loopback(http_port), "--jwt-cache-size", str(JWT_CACHE_SIZE)],
+        capture_output=True, text=True, check=True, cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)})
+    cfg = yaml.safe_load(compiled.stdout)
+    # Its decision stats (Envoy's stats access logger) are part of deciding natively: they stay
+    # when the access log goes.
+    hcm = envoyconf.hcm(cfg, "ingress")
+    stats = [log for log in hcm.get("access_log", []) if log["typed_config"]["@type"] == STATS_LOGGER]
+    cfg = measured_shape(cfg, listener_port=listener_port, admin_port=admin_port)
+    if stats:
+        envoyconf.hcm(cfg, "ingress")["access_log"] = stats
     return cfg
 
 
@@ -343,6 +389,26 @@ def scrape(http_port: int) -> dict[str, float]:
     return out
 
 
+def envoy_stats(admin_port: int, pattern: str) -> dict[str, float]:
+    """Envoy's counters whose names match ``pattern`` (its admin /stats, plain text)."""
+    query = urllib.parse.urlencode({"filter": pattern})
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats?{query}", timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    return {name: float(value) for name, _, value in (line.partition(": ") for line in lines) if value.isdigit()}
+
+
+def envoy_cache_lookups(admin_port: int) -> dict[str, float]:
+    """jwt_authn's verified-token cache lookups, as ``scrape`` reports the service's: hit and miss."""
+    stats = envoy_stats(admin_port, r"\.jwt_authn\.jwt_cache_(hit|miss)$")
+    return {result: sum(v for k, v in stats.items() if k.endswith(f"jwt_cache_{result}")) for result in ("hit", "miss")}
+
+
+def envoy_checks(admin_port: int) -> int:
+    """Checks Envoy's ext_authz filter sent to the service (answered or failed)."""
+    stats = envoy_stats(admin_port, r"\.ext_authz\.(ok|denied|error|failure_mode_allowed)$")
+    return int(sum(stats.values()))
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -396,15 +462,18 @@ class Bench:
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
         return path
 
-    def start_envoy(self, cfg: dict[str, Any], name: str) -> tuple[ManagedProcess, int]:
+    def start_envoy(self, cfg: dict[str, Any], name: str, command: Sequence[str] = (),
+                    timeout: float = 30) -> tuple[ManagedProcess, int]:
+        """Envoy on ``cfg``, ready; ``command``: what runs it instead of the binary itself (a
+        profiler and the binary, say), ``timeout`` for its start."""
         listener = envoyconf.socket_address(envoyconf.listener(cfg, "ingress"), "listener ingress")["port_value"]
         admin = envoyconf.socket_address(cfg["admin"], "admin")["port_value"]
         path = self.work / f"envoy-{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        proc = spawn(f"envoy-{name}", [self.envoy, "-c", str(path), "--concurrency", "1", "--disable-hot-restart",
-                                       "--log-level", "warning"], self.work)
+        proc = spawn(f"envoy-{name}", [*(command or [self.envoy]), "-c", str(path), "--concurrency", "1",
+                                       "--disable-hot-restart", "--log-level", "warning"], self.work)
         self.procs.append(proc)
-        wait_for_http(f"http://127.0.0.1:{admin}/ready", 30, expect_status=200, proc=proc)
+        wait_for_http(f"http://127.0.0.1:{admin}/ready", timeout, expect_status=200, proc=proc)
         wait_for_port(listener, 10, proc=proc)
         return proc, listener
 
@@ -463,16 +532,27 @@ class Bench:
                 assert policy is not None
                 backend_proc, authz_port, http_port = self.start_service(policy, workers, protocol == "http",
                                                                          checkout, env)
-            cfg = render_envoy(kind, listener_port=free_port(), admin_port=free_port(), authz_port=authz_port,
-                               jwks=self.jwks, authz_streams=authz_streams, checkout=checkout)
+            admin_port = free_port()
+            if kind == "native":
+                assert policy is not None and http_port is not None
+                cfg = render_native(policy, listener_port=free_port(), admin_port=admin_port, grpc_port=authz_port,
+                                    http_port=http_port, checkout=checkout)
+            else:
+                cfg = render_envoy(kind, listener_port=free_port(), admin_port=admin_port, authz_port=authz_port,
+                                   jwks=self.jwks, authz_streams=authz_streams, checkout=checkout)
             envoy, port = self.start_envoy(cfg, name)
             # Warm-up (not measured) with spare tokens, so the cold run's tokens stay unseen.
             wrk(port, self.warm_tokens if not name.startswith("5") else self.spare_tokens, 2, a.connections)
             pids = process_tree(backend_proc.pid) if backend_proc else []
-            before_cache = scrape(http_port) if http_port else {}
+            # Whose verified-token cache answers: Envoy's jwt_authn where it decides, else the service's.
+            envoy_cache = kind in ("jwt_authn_cached", "native")
+            before_cache = envoy_cache_lookups(admin_port) if envoy_cache else scrape(http_port) if http_port else {}
+            before_checks = envoy_checks(admin_port) if kind == "native" else 0
             cpu0, envoy0 = cpu_seconds(pids), cpu_seconds([envoy.pid])
             data = wrk(port, token_file, a.duration, a.connections)
             cpu1, envoy1 = cpu_seconds(pids), cpu_seconds([envoy.pid])
+            if kind == "native":  # what the service decided instead of Envoy (none, for these tokens)
+                result.extra["service_checks"] = envoy_checks(admin_port) - before_checks
             result.rps, result.requests, result.errors = data["rps"], data["requests"], data["errors"]
             result.p50_ms, result.p99_ms = data["p50_us"] / 1000, data["p99_us"] / 1000
             answered = max(1, data["requests"])
@@ -480,8 +560,8 @@ class Bench:
             if backend_proc:
                 result.cpu_us_per_check = (cpu1 - cpu0) / answered * 1e6
                 result.rss_mb = peak_rss_mb(process_tree(backend_proc.pid))
-            if http_port:
-                after = scrape(http_port)
+            if envoy_cache or http_port:
+                after = envoy_cache_lookups(admin_port) if envoy_cache else scrape(http_port)  # type: ignore[arg-type]
                 hits = after.get("hit", 0) - before_cache.get("hit", 0)
                 misses = after.get("miss", 0) - before_cache.get("miss", 0)
                 result.hit_rate = hits / max(1, hits + misses)
@@ -576,12 +656,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; rows show the median")
     parser.add_argument("--work", default=str(BENCH / ".work"), help="scratch folder (keys, tokens, logs)")
     parser.add_argument("--only", default="",
-                        help="comma-separated subset of: 1,2,3,3u,4,5,3h,3ha,3hap,3hv,4h,5h,4p,4hp,4t,4l,4hl,4s,4hs,"
-                             "4w,d3,d3u,d4")
+                        help="comma-separated subset of: 1,2,2c,5c,4n,5n,3,3u,4,5,3h,3ha,3hap,3hv,4h,5h,4p,4hp,4np,4t,4l,"
+                             "4hl,4s,4hs,4w,d3,d3u,d4")
     parser.add_argument("--compare-rev", default="",
-                        help="also measure gRPC and HTTP warm (rows 4p, 4hp) and the HTTP floor with the allow "
-                             "answer's headers (row 3hap) with the service at this git revision, e.g. the commit "
-                             "before a change (HTTP: with that revision's Envoy config)")
+                        help="also measure gRPC and HTTP warm (rows 4p, 4hp), the HTTP floor with the allow "
+                             "answer's headers (row 3hap) and native warm (row 4np: its compile envoy) with the "
+                             "service at this git revision, e.g. the commit before a change (HTTP: with that "
+                             "revision's Envoy config)")
     args = parser.parse_args()
     for tool in ("wrk", "h2load"):
         if not shutil.which(tool):
@@ -597,8 +678,16 @@ def main() -> None:
         compare = checkout_rev(args.compare_rev, bench.work) if args.compare_rev else None
         plan = [
             ("1", lambda: bench.through_envoy("1", "Envoy, no authorization (ceiling)", "none", "", bench.warm_tokens)),
-            ("2", lambda: bench.through_envoy("2", "Envoy jwt_authn (native anchor)", "jwt_authn", "",
+            ("2", lambda: bench.through_envoy("2", "Envoy jwt_authn, no verified-token cache", "jwt_authn", "",
                                               bench.warm_tokens)),
+            ("2c", lambda: bench.through_envoy("2c", "Envoy jwt_authn with its verified-token cache (native anchor)",
+                                               "jwt_authn_cached", "", bench.warm_tokens)),
+            ("5c", lambda: bench.through_envoy("5c", "Envoy jwt_authn with its verified-token cache, cold (distinct "
+                                               "tokens)", "jwt_authn_cached", "", bench.cold_tokens)),
+            ("4n", lambda: bench.through_envoy("4n", "native: the policy compiled into Envoy (compile envoy), warm",
+                                               "native", "service", bench.warm_tokens, policy)),
+            ("5n", lambda: bench.through_envoy("5n", "native: the policy compiled into Envoy, cold (distinct tokens)",
+                                               "native", "service", bench.cold_tokens, policy)),
             ("3", lambda: bench.through_envoy("3", "ext_authz -> bare grpc.aio (floor)", "ext_authz", "floor",
                                               bench.warm_tokens)),
             ("3u", lambda: bench.through_envoy("3u", "ext_authz -> bare grpc.aio on uvloop (floor, same loop as ours)",
@@ -629,6 +718,9 @@ def main() -> None:
             plan.append(("4hp", lambda: bench.through_envoy(
                 "4hp", f"HTTP ext_authz -> authz-service at {args.compare_rev} (its Envoy config), warm",
                 "ext_authz_http", "service", bench.warm_tokens, policy, checkout=compare)))
+            plan.append(("4np", lambda: bench.through_envoy(
+                "4np", f"native: the policy compiled by compile envoy at {args.compare_rev}, warm", "native",
+                "service", bench.warm_tokens, policy, checkout=compare)))
             plan.append(("3hap", lambda: bench.through_envoy(
                 "3hap", f"HTTP ext_authz -> bare aiohttp on uvloop answering with the allow answer's headers of "
                 f"authz-service at {args.compare_rev} (its Envoy config)", "ext_authz_http", "floor-allow-headers",
@@ -734,6 +826,17 @@ def main() -> None:
     line(f"Pod CPU per request, HTTP floor with the allow answer's headers minus the same at "
          f"{args.compare_rev or '--compare-rev'}", paired("3ha", "3hap", pod_minus), ".0f", " us")
     line("gRPC warm / jwt_authn, req/s", paired("4", "2", rps), ".2f")
+    line("native warm / cached jwt_authn, pod CPU per request (target <= 1.15)", paired("4n", "2c", pod), ".2f")
+    line("native warm / cached jwt_authn, req/s (target >= 0.90)", paired("4n", "2c", rps), ".2f")
+    line("native cold / cached jwt_authn cold, pod CPU per request (target <= 1.30)", paired("5n", "5c", pod), ".2f")
+    line("native cold / cached jwt_authn cold, req/s", paired("5n", "5c", rps), ".2f")
+    line("Pod CPU per request, native warm minus cached jwt_authn", paired("4n", "2c", pod_minus), ".0f", " us")
+    line("cached jwt_authn / jwt_authn without cache, pod CPU per request", paired("2c", "2", pod), ".2f")
+    line(f"native warm / native warm at {args.compare_rev or '--compare-rev'}, pod CPU per request",
+         paired("4n", "4np", pod), ".2f")
+    line(f"native warm / native warm at {args.compare_rev or '--compare-rev'}, req/s", paired("4n", "4np", rps), ".2f")
+    line("native warm / HTTP warm, pod CPU per request", paired("4n", "4h", pod), ".2f")
+    line("native warm / gRPC warm, pod CPU per request", paired("4n", "4", pod), ".2f")
     line(f"gRPC warm / gRPC warm at {args.compare_rev or '--compare-rev'}, req/s", paired("4", "4p", rps), ".2f")
     line(f"gRPC warm / gRPC warm at {args.compare_rev or '--compare-rev'}, pod CPU per request",
          paired("4", "4p", pod), ".2f")
@@ -761,6 +864,9 @@ def main() -> None:
     line("direct gRPC, CPU per Check service minus floor",
          paired("d4", "d3", cpu), ".0f", " us")
     print("\n".join(ratios))
+    decided = {r.name: r.extra["service_checks"] for r in results if r.extra.get("service_checks")}
+    if decided:  # the native rows' tokens are all Envoy's to decide: a Check means a compiler regression
+        print(f"\nWARNING: native rows sent requests to the service: {decided}")
     bad = [r.name for r in results if r.errors]
     if bad:
         print(f"\nWARNING: runs with errors or non-2xx answers: {', '.join(bad)} (see {bench.work}/*.log)")

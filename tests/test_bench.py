@@ -51,20 +51,57 @@ def jwks() -> str:
     return doc
 
 
-@pytest.mark.parametrize("kind", ["none", "jwt_authn", "ext_authz", "ext_authz_http"])
+@pytest.mark.parametrize("kind", ["none", "jwt_authn", "jwt_authn_cached", "ext_authz", "ext_authz_http"])
 def test_generated_envoy_configs_validate(run, kind: str, tmp_path: Path) -> None:
     binary = envoy_binary()
     if not binary:
         pytest.skip("no envoy binary")
     cfg = run.render_envoy(kind, listener_port=18080, admin_port=18081, authz_port=19191, jwks=jwks())
     names = [f["name"] for f in envoyconf.http_filters(cfg)]
-    expected = {"none": [], "jwt_authn": ["envoy.filters.http.jwt_authn"], "ext_authz": ["envoy.filters.http.ext_authz"],
-                "ext_authz_http": ["envoy.filters.http.ext_authz"]}
+    jwt_authn = ["envoy.filters.http.jwt_authn"]
+    expected = {"none": [], "jwt_authn": jwt_authn, "jwt_authn_cached": jwt_authn,
+                "ext_authz": ["envoy.filters.http.ext_authz"], "ext_authz_http": ["envoy.filters.http.ext_authz"]}
+    if kind.startswith("jwt_authn"):  # row 2c is row 2 with the verified-token cache, nothing else
+        provider = envoyconf.http_filter(cfg, "envoy.filters.http.jwt_authn")["providers"]["cognito"]
+        assert ("jwt_cache_config" in provider) == (kind == "jwt_authn_cached")
     # The same admission filters in front of every row, so the rows stay comparable.
     admission = ["envoy.filters.http.local_ratelimit"]
     assert names == admission + expected[kind] + [envoyconf.PER_CLIENT_FILTER, "envoy.filters.http.router"]
     assert [l["name"] for l in cfg["static_resources"]["listeners"]] == ["ingress"]
     path = tmp_path / f"{kind}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = subprocess.run([binary, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_native_rows_run_the_compiled_policy_in_the_measured_shape(run, tmp_path: Path) -> None:
+    """Rows 4n and 5n: the bootstrap compile envoy makes of the bench's policy, shaped as every row
+    (routes to the app answer directly, no access log but its decision stats, no health listener),
+    with the same verified-token cache as row 2c; Envoy accepts it."""
+    from authz_service.native.options import Options
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({
+        "issuers": [{"user_pool_id": run.POOL, "issuer": run.ISSUER, "jwks_uri": "http://127.0.0.1:1/jwks.json"}],
+        "routes": [{"name": "get", "methods": ["GET"], "path": "/transactions/{id}", "scopes": ["transactions/get"]},
+                   {"name": "health", "path": "/healthz", "public": True}]}))
+    cfg = run.render_native(policy, listener_port=18080, admin_port=18081, grpc_port=19191, http_port=18181)
+    assert [l["name"] for l in cfg["static_resources"]["listeners"]] == ["ingress"]
+    hcm = envoyconf.hcm(cfg, "ingress")
+    from authz_service.native.decisions import STATS_LOGGER
+
+    assert [log["typed_config"]["@type"] for log in hcm["access_log"]] == [STATS_LOGGER] * 3
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert not [r["name"] for r in routes if "route" in r]  # nothing reaches an app
+    assert next(r for r in routes if r["name"] == "no route")["direct_response"]["status"] == 403  # its own answer
+    assert "envoy.filters.http.local_ratelimit" in [f["name"] for f in envoyconf.http_filters(cfg)]
+    provider = next(iter(envoyconf.http_filter(cfg, "authz.jwt")["providers"].values()))
+    assert provider["jwt_cache_config"]["jwt_cache_size"] == run.JWT_CACHE_SIZE == Options().jwt_cache_size
+    binary = envoy_binary()
+    if not binary:
+        pytest.skip("no envoy binary")
+    path = tmp_path / "native.yaml"
     path.write_text(yaml.safe_dump(cfg))
     result = subprocess.run([binary, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
                             capture_output=True, text=True, timeout=60)

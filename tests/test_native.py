@@ -28,8 +28,9 @@ from authz_service.native.plan import Engine, plan
 from authz_service.native.report import report_text
 from authz_service.native.routes import Admission, ingress_routes
 from authz_service.policy import PolicyError, parse_policy
-from authz_service.request import BadRequest, checked_method, normalized_path
-from authz_service.tokens import _b64
+from authz_service.request import (IDENTITY_HEADERS, BadRequest, checked_method, identity_and_override_spellings,
+                                   normalized_path)
+from authz_service.tokens import MAX_HEADER_CHARS, _b64
 
 from .conftest import make_key
 from .e2e.harness import REPO_ROOT, envoy_binary
@@ -154,7 +155,7 @@ def test_envoy_takes_the_route_policy_match_takes(routes, path_case: str) -> Non
     """Over every class of request path the matcher can tell apart (Policy.representative_paths,
     letter-case variants included) and every method, Envoy's first match over the compiled routes
     is Policy.match's route; a path ending in '/', whose two readings Policy.routes_for decides,
-    goes to the service (the request screen)."""
+    goes to the service (the request screen: not a native target)."""
     lines = []
     for i, (segments, rest, methods, public) in enumerate(routes):
         path = "/" + "/".join(segments + (["**"] if rest else []))
@@ -165,7 +166,7 @@ def test_envoy_takes_the_route_policy_match_takes(routes, path_case: str) -> Non
         policy = parse_policy(f"path_case: {path_case}\n" + ISSUERS + "\n".join(lines) + "\n")
     except PolicyError:
         return  # two routes of equal specificity: refused, nothing to compile
-    routes_ = ingress_routes(policy, plan(policy), AnswerBook("authz-service"), Admission("Bearer .*", {}))
+    routes_ = ingress_routes(policy, plan(policy), AnswerBook("authz-service"), Admission("Bearer .*", {}), 60)
     envoy_routes = [r for r in routes_ if not r["name"].startswith("screen: ")]
     paths = policy.representative_paths(folded=policy.case_folded())
     assert paths is not None
@@ -173,9 +174,9 @@ def test_envoy_takes_the_route_policy_match_takes(routes, path_case: str) -> Non
     for segments in sorted(set(paths) | variants):
         path = "/" + "/".join(segments)
         if segments and not segments[-1]:
-            assert re.fullmatch(patterns.TRAILING_SLASH, path), path
+            assert not re.fullmatch(patterns.NATIVE_TARGET, path), path
             continue
-        assert not re.fullmatch(patterns.TRAILING_SLASH, path), path
+        assert re.fullmatch(patterns.NATIVE_TARGET, path), path
         for method in ("GET", "HEAD", "POST", "PUT"):
             route = policy.match(method, segments)
             expected = "no route" if route is None else next(
@@ -194,9 +195,16 @@ def _accepts(target: str) -> bool:
     return True
 
 
-def test_clean_target_is_every_escape_the_service_accepts() -> None:
+def _native(target: str) -> bool:
+    """Whether Envoy may decide ``target``: the service accepts it, and its path has no trailing
+    '/' (Policy.routes_for's two readings are the service's to decide)."""
+    path = target.partition("?")[0]
+    return _accepts(target) and (path == "/" or not path.endswith("/"))
+
+
+def test_native_target_is_every_escape_the_service_accepts() -> None:
     """Every single escaped byte and every pair of them (UTF-8 sequences included), both hex cases."""
-    clean = re.compile(patterns.CLEAN_TARGET)
+    clean = re.compile(patterns.NATIVE_TARGET)
     for first in range(256):
         for second in [None, *range(256)]:
             for case in (str.upper, str.lower):
@@ -208,9 +216,9 @@ def test_clean_target_is_every_escape_the_service_accepts() -> None:
 @given(st.text(alphabet="//..ab;%-_~!$&'()*+,=:@?\\\"<>^`{|}E9eF", max_size=14),
        st.lists(st.sampled_from(["%C3%A9", "%e2%82%ac", "%F0%9F%98%80", "%ED%A0%80", "%C0%AE", "%f4%90%80%80"]),
                 max_size=2))
-def test_clean_target_is_the_service_path_rule(text: str, escapes: list[str]) -> None:
+def test_native_target_is_the_service_path_rule(text: str, escapes: list[str]) -> None:
     target = "/" + text + "".join(escapes)  # no '#': Envoy refuses a fragment (400) before any route
-    assert (re.fullmatch(patterns.CLEAN_TARGET, target) is not None) == _accepts(target), target
+    assert (re.fullmatch(patterns.NATIVE_TARGET, target) is not None) == _native(target), target
 
 
 @settings(max_examples=500, deadline=None)
@@ -243,11 +251,21 @@ def _canonical(segment: str) -> bool:
 
 @settings(max_examples=1000, deadline=None)
 @given(st.text(alphabet="ABCQgwAEIM048_-zZ=+/.", min_size=1, max_size=9))
-def test_canonical_bearer_is_the_service_base64url_rule(segment: str) -> None:
+def test_bearer_jwt_is_the_service_base64url_rule(segment: str) -> None:
     token = f"{segment}.{segment}.{segment}"
     wanted = "." not in segment and all(c.isalnum() or c in "-_" for c in segment) and _canonical(segment)
-    assert (re.fullmatch(patterns.CANONICAL_BEARER, f"Bearer {token}") is not None) == wanted, segment
-    assert re.fullmatch(patterns.CANONICAL_BEARER, f"bearer {token}") is None  # jwt_authn's prefix is "Bearer "
+    assert (re.fullmatch(patterns.BEARER_JWT, f"Bearer {token}") is not None) == wanted, segment
+    assert re.fullmatch(patterns.BEARER_JWT, f"bearer {token}") is None  # jwt_authn's prefix is "Bearer "
+
+
+def test_bearer_jwt_bounds_the_jose_header_as_the_service_reads_it() -> None:
+    """A JOSE header longer than tokens.MAX_HEADER_CHARS is "malformed" to the service: jwt_authn
+    must not verify it. (The token's size is an RBAC check: tests/e2e/test_native_parity_e2e.py.)"""
+    bearer = re.compile(patterns.BEARER_JWT)
+    for length in range(MAX_HEADER_CHARS - 6, MAX_HEADER_CHARS + 8):
+        header = "h" * (length - 1) + "Q"  # 'Q' ends a segment of any length but 4k+1
+        wanted = length <= MAX_HEADER_CHARS and length % 4 != 1
+        assert (bearer.fullmatch(f"Bearer {header}.{'p' * 3000}.ssss") is not None) == wanted, length
 
 
 @pytest.mark.parametrize(("pattern", "paths", "others"), [
@@ -271,14 +289,22 @@ def test_route_path_matchers(pattern: str, paths: list[str], others: list[str]) 
 
 
 def test_every_identity_spelling_is_removed_before_any_filter() -> None:
-    """'-', '_' and '.' spellings alike (request.py), on every route: the early header mutation."""
+    """'-', '_' and '.' spellings alike (request.py), on every route: the early header mutation,
+    one regex over the names Envoy has lower-cased, which removes those and nothing else."""
     compiled = compile_policy(parse_policy(EVERY_KIND))
     ingress = next(listener for listener in compiled.listeners if listener["name"] == "ingress")
     hcm = ingress["filter_chains"][0]["filters"][0]["typed_config"]
-    removed = {m["remove"] for m in hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]}
-    assert {"x-auth-client-id", "x_auth_client_id", "x.auth.client.id", "x-auth.client_id", "x_auth-scopes",
-            "x.auth.sub", "x-request-id"} <= removed
-    assert not {name for name in removed if "method" in name or "url" in name}  # those are refused (400)
+    mutations = hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
+    assert [m["remove"] for m in mutations if "remove" in m] == ["x-request-id"]  # the shipped one
+    (on_match,) = [re.compile(m["remove_on_match"]["key_matcher"]["safe_regex"]["regex"])
+                   for m in mutations if "remove_on_match" in m]
+    names = identity_and_override_spellings()
+    removed = {name for name in names if on_match.fullmatch(name)}
+    assert removed == {name for name in names if name.translate(str.maketrans("_.", "--")) in IDENTITY_HEADERS}
+    assert len(removed) == 45 and {"x-auth-client-id", "x_auth.client-id", "x.auth.sub"} <= removed
+    for other in ("x-auth-client-idx", "xx-auth-sub", "x-auth-sub-", "x-auth--sub", "x-auth", "authorization",
+                  "x-http-method-override"):
+        assert not on_match.fullmatch(other), other  # override spellings are refused (400), not removed
 
 
 def test_every_policy_route_removes_the_token_unless_it_forwards_it() -> None:

@@ -19,6 +19,7 @@ from ..response import Answer, Answers
 
 # What RBAC writes into the response code details of a denial, around the policy's name.
 RBAC_DENIED = "rbac_access_denied_matched_policy[{}]"
+RBAC_DENIED_STATUS = 403
 CEL_FILTER = "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
 
 
@@ -45,8 +46,11 @@ class AnswerBook:
         return f"{order:03d}-{reason.value}-{answer_id}"
 
     def mappers(self) -> list[dict[str, Any]]:
-        """``local_reply_config`` mappers rewriting each registered denial into its answer."""
-        return [_mapper(answer_id, answer) for answer_id, answer in self._rendered.items()]
+        """``local_reply_config`` mappers rewriting each registered denial into its answer, behind
+        one that lets every other local reply through untouched: Envoy tries mappers in order
+        until one matches, and each answer's CEL costs far more than one status comparison (a
+        direct response is a local reply too)."""
+        return [OTHER_LOCAL_REPLIES, *(_mapper(answer_id, answer) for answer_id, answer in self._rendered.items())]
 
     def direct_response(self, reason: Reason, description: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """A route's ``direct_response`` and ``response_headers_to_add`` answering this denial."""
@@ -55,6 +59,25 @@ class AnswerBook:
             {"status": answer.status, "body": {"inline_string": answer.body}},
             [_header(name, value) for name, value in answer.headers],
         )
+
+
+def status_filter(op: str, value: int, runtime_key: str) -> dict[str, Any]:
+    return {
+        "status_code_filter": {"comparison": {"op": op, "value": {"default_value": value, "runtime_key": runtime_key}}}
+    }
+
+
+# RBAC denies with 403, so any other status is no answer of ours: matched here, and left as it is.
+OTHER_LOCAL_REPLIES: dict[str, Any] = {
+    "filter": {
+        "or_filter": {
+            "filters": [
+                status_filter("LE", RBAC_DENIED_STATUS - 1, "local_reply.authz_not_rbac_below"),
+                status_filter("GE", RBAC_DENIED_STATUS + 1, "local_reply.authz_not_rbac_above"),
+            ]
+        }
+    }
+}
 
 
 def _header(name: str, value: str) -> dict[str, Any]:

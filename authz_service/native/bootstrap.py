@@ -5,16 +5,22 @@ envoy/envoy.yaml (tests/test_native.py keeps them equal), so the path normalizat
 control, overload manager, timeouts, health listener and access log are the shipped ones, and
 follow it. Only what decides changes: the routes, and in place of the ext_authz filter
 
-    authz.screen (RBAC)   the service's 400s that need no token (checks.screen_checks)
-    authz.jwt (jwt_authn) verifies the token, keys from the service (jwt.py), never denies
-    authz.token (RBAC)    401s of a verified token (checks.token_checks)
-    authz.route (RBAC)    403s of the route's conditions (checks.route_checks)
+    authz.jwt (jwt_authn) verifies a canonical bearer token, keys from the service (jwt.py); never
+                          denies
+    authz.screen (RBAC)   on public routes and no route: the service's 400s that need no token
+                          (checks.screen_checks)
+    authz.rbac (RBAC)     on native routes: the same 400s, the 401s of a verified token
+                          (checks.token_checks) and the 403s of the route's conditions
+                          (checks.route_checks), each route with the checks it needs
     ext_authz             the shipped filter, run when no token was verified (or the route is the
                           service's): the service then decides, in its own words
 
 Denials Envoy makes itself are rewritten into the service's answers (answers.py). The result is a
 ``Compiled`` whose listeners and clusters are complete resources, so they can as well be served to
 Envoy as xDS resources as be put in a static bootstrap.
+
+What each part costs Envoy per request was measured (docs/native.md, "What it costs"): the design
+keeps each check in its cheapest exact form, and every filter off the routes that do not need it.
 """
 
 from __future__ import annotations
@@ -31,19 +37,30 @@ from ..policy import Policy
 from ..request import BadRequest, identity_and_override_spellings, special_names
 from .answers import AnswerBook
 from .cel import JWT_AUTHN
-from .checks import PAYLOAD, rules, screen_checks, token_checks
+from .checks import PAYLOAD, rules, screen_checks
 from .decisions import add_decision_stats
 from .jwt import SERVICE_HTTP_CLUSTER, jwt_authn
 from .options import Address, Options
+from .patterns import re2_literal
 from .plan import RoutePlan, plan
-from .routes import EXT_AUTHZ, JWT, RATE_LIMIT, ROUTE, ROUTE_STAT_PREFIX, SCREEN, TOKEN, Admission, ingress_routes
+from .routes import (
+    EXT_AUTHZ,
+    JWT,
+    RATE_LIMIT,
+    RBAC,
+    RBAC_STAT_PREFIX,
+    SCREEN,
+    SCREEN_STAT_PREFIX,
+    Admission,
+    ingress_routes,
+)
 
 HCM = "envoy.filters.network.http_connection_manager"
 RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
 INGRESS, HEALTH = "ingress", "envoy-health"
-# The generated regexes (the request screen's, a long JOSE header's) exceed RE2 program sizes
+# The generated regexes (the request screen's, the bounded bearer token's) exceed RE2 program sizes
 # Envoy refuses by default (100); they are ours, not a client's.
-RE2_PROGRAM_SIZE = 8192
+RE2_PROGRAM_SIZE = 65536
 
 
 class TemplateError(ValueError):
@@ -96,14 +113,12 @@ def compile_policy(policy: Policy, options: Options | None = None) -> Compiled:
     hcm = _hcm(listeners[INGRESS])
     virtual_hosts = hcm["route_config"]["virtual_hosts"]
     _expect(len(virtual_hosts) == 1, "one virtual host")
-    routes = ingress_routes(policy, plans, book, _admission(virtual_hosts[0]["routes"]))
+    routes = ingress_routes(policy, plans, book, _admission(virtual_hosts[0]["routes"]), options.leeway)
     virtual_hosts[0]["routes"] = routes
     hcm["http_filters"] = _filters(hcm["http_filters"], policy, options, book)
     hcm["local_reply_config"]["mappers"].extend(book.mappers())  # after the filters: they register answers
     if options.decision_stats:
-        add_decision_stats(
-            hcm, {"screen": _stat_prefix(SCREEN), "token": _stat_prefix(TOKEN), "route": ROUTE_STAT_PREFIX}
-        )
+        add_decision_stats(hcm, screen_prefix=SCREEN_STAT_PREFIX, native_filter=RBAC, native_prefix=RBAC_STAT_PREFIX)
     _strip_identity_early(hcm)
     parts = _static_parts(template, listeners, options)
     # Which policy this Envoy enforces natively (admin /server_info), to compare with the service's
@@ -212,36 +227,35 @@ def _filters(shipped: list[dict[str, Any]], policy: Policy, options: Options, bo
         "invert": True,
     }
     native = [
-        _rbac(SCREEN, rules(screen_checks(book))),
         {"name": JWT, "typed_config": jwt_authn(policy, options)},
-        _rbac(TOKEN, rules(token_checks(policy, book, options.leeway))),
-        # Each native route brings its own rules; this one takes effect on none.
-        _rbac(ROUTE, {"action": "DENY", "policies": {}}),
+        # The request screen, for public routes and no route; native routes bring all their checks
+        # (this filter's own rules take effect on none).
+        _rbac(SCREEN, rules(book, screen_checks()), SCREEN_STAT_PREFIX),
+        _rbac(RBAC, {"action": "DENY", "policies": {}}, RBAC_STAT_PREFIX),
     ]
     index = names.index(EXT_AUTHZ)
     return [*shipped[:index], *native, *shipped[index:]]
 
 
-def _rbac(name: str, rbac_rules: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "typed_config": {"@type": RBAC_TYPE, "rules": rbac_rules, "rules_stat_prefix": _stat_prefix(name)},
-    }
-
-
-def _stat_prefix(filter_name: str) -> str:
-    """An RBAC filter's stat prefix, which also names its dynamic metadata (decisions.py)."""
-    return filter_name.replace(".", "_") + "_"
+def _rbac(name: str, rbac_rules: dict[str, Any], stat_prefix: str) -> dict[str, Any]:
+    return {"name": name, "typed_config": {"@type": RBAC_TYPE, "rules": rbac_rules, "rules_stat_prefix": stat_prefix}}
 
 
 def _strip_identity_early(hcm: dict[str, Any]) -> None:
-    """Remove a client's copy of every identity header, in every spelling ('-', '_', '.'), before any filter or route
-    sees the request: on every route, public ones included, and whoever decides (jwt_authn then
-    sets them from a verified token, the service from the one it verified)."""
+    """Remove a client's copy of every identity header, in every spelling ('-', '_', '.'), before any
+    filter or route sees the request: on every route, public ones included, and whoever decides
+    (jwt_authn then sets them from a verified token, the service from the one it verified). One
+    pass over the request's headers with one regex, rather than a lookup per spelling."""
     extensions = hcm["early_header_mutation_extensions"]
     _expect(len(extensions) == 1, "one early header mutation")
     spellings = [name for name in identity_and_override_spellings() if _is_identity(name)]
-    extensions[0]["typed_config"]["mutations"].extend({"remove": name} for name in spellings)
+    extensions[0]["typed_config"]["mutations"].append(
+        {
+            "remove_on_match": {
+                "key_matcher": {"safe_regex": {"regex": "|".join(re2_literal(name) for name in spellings)}}
+            }
+        }
+    )
 
 
 def _is_identity(name: str) -> bool:

@@ -1,13 +1,14 @@
-"""The checks Envoy's RBAC filters make natively, each an RBAC DENY policy with the service's answer.
+"""The checks Envoy's RBAC filter makes natively, each an RBAC DENY policy with the service's answer.
 
-Three RBAC filters, in the order the service checks (authz_service.check, decision, tokens):
+One RBAC filter runs them, after jwt_authn, in the order the service checks (authz_service.check,
+decision, tokens); its rules are set per route:
 
-* the request screen (every route but the service's): a target longer than the service reads, and
-  method or URL override headers in any spelling: 400, as ``request.py`` answers;
+* the request screen (every route the service does not decide): a target longer than the service
+  reads, and method or URL override headers in any spelling: 400, as ``request.py`` answers;
 * the token checks (native routes): no Authorization at all (401), and what jwt_authn does not
-  check of a token it verified: size, the JOSE header's kid, crit and key members, ``iat`` in the
-  future, ``token_use``, ``client_id`` and the issuer's client allow-list, the types and text of
-  the claims forwarded upstream (``scope`` as RFC 6749 scope tokens), the policy's deny list
+  check of a token it verified: the JOSE header's kid, crit and key members, ``iat`` in the future,
+  ``token_use``, ``client_id`` and the issuer's client allow-list, the types and text of the claims
+  forwarded upstream (``scope`` as RFC 6749 scope tokens), the policy's deny list
   (401 ``invalid_token``);
 * the route's conditions (native routes): client allow-list, any-of and all-of scopes, claim
   conditions (403 ``insufficient_scope``).
@@ -16,6 +17,11 @@ A token jwt_authn could not verify never meets these checks but ``missing``: the
 it (see bootstrap.py). Every description is obtained from the service's own code (the verifier,
 refusing probe tokens minted by ``simulate.Simulator``; ``Conditions.unmet`` on probe claims), so
 the texts cannot drift apart; a probe answered otherwise than expected stops the compiler.
+
+Each check costs Envoy CPU on every request it sees, and an RBAC ``condition`` (CEL) costs several
+times a metadata or header matcher: only the checks that need the clock or a size are CEL (the
+token's only for a verified token), and the canonical form of the token is left to the pattern
+jwt_authn verifies (patterns.BEARER_JWT).
 """
 
 from __future__ import annotations
@@ -35,24 +41,28 @@ from ..tokens import MAX_TOKEN_BYTES, TokenError, check_deny_list
 from ..tools.simulate import Simulator
 from . import cel
 from .answers import AnswerBook
-from .patterns import re2_literal
+from .patterns import BEARER, re2_literal
 
 Principal = dict[str, Any]
 PAYLOAD, HEADER = "payload", "header"  # jwt_authn's payload_in_metadata and header_in_metadata
-BEARER_PREFIX = len("Bearer ")
 NOT_A_CLIENT = "native-probe-of-a-client-no-list-names"
 # A claim the service refuses to forward as a header (tokens._check_header_text: client_id, sub): a
 # control character other than HTAB anywhere, or a space or tab at either end.
 INVALID_HEADER_TEXT = r"(?s)[ \t].*|.*[ \t]|.*[\x00-\x08\x0a-\x1f\x7f].*"
+# A kid the service accepts (tokens._check_header): a string of 1 to 256 characters.
+VALID_KID = "(?s).{1,256}"
 
 
 @dataclass(frozen=True, slots=True)
 class Check:
-    """One RBAC DENY policy: it matches (denies) when ``principal`` and ``condition`` both hold."""
+    """One RBAC DENY policy: when ``principal`` and ``condition`` both hold, the request is denied
+    with the service's answer to ``reason`` and ``description`` (``route``: for a 403's scope=)."""
 
-    name: str
+    reason: Reason
+    description: str
     principal: Principal
     condition: cel.Expr | None = None
+    route: Route | None = None
 
     def policy(self) -> dict[str, Any]:
         out: dict[str, Any] = {"permissions": [{"any": True}], "principals": [self.principal]}
@@ -61,9 +71,16 @@ class Check:
         return out
 
 
-def rules(checks: list[Check]) -> dict[str, Any]:
-    """RBAC rules denying on the first check (in name order) that matches."""
-    return {"action": "DENY", "policies": {check.name: check.policy() for check in checks}}
+def rules(book: AnswerBook, checks: list[Check]) -> dict[str, Any]:
+    """RBAC rules denying on the first of ``checks`` that matches: RBAC tries policies in name order,
+    and each name starts with the check's position (answers.AnswerBook.policy_name)."""
+    return {
+        "action": "DENY",
+        "policies": {
+            book.policy_name(order, check.reason, check.description, check.route): check.policy()
+            for order, check in enumerate(checks)
+        },
+    }
 
 
 # --- principals --------------------------------------------------------------------------------
@@ -78,6 +95,10 @@ def metadata(key: str, claim: str, value: dict[str, Any]) -> Principal:
             "metadata_matcher": {"filter": cel.JWT_AUTHN, "path": [{"key": key}, {"key": claim}], "value": value}
         }
     }
+
+
+def present(key: str, claim: str) -> Principal:
+    return metadata(key, claim, {"present_match": True})
 
 
 def not_(principal: Principal) -> Principal:
@@ -101,7 +122,9 @@ def exact(text: str) -> dict[str, Any]:
 
 
 # jwt_authn verified the token: only then is its payload in the metadata (its iss is a string).
-VERIFIED = metadata(PAYLOAD, "iss", {"present_match": True})
+VERIFIED = present(PAYLOAD, "iss")
+# A string claim (a string matcher never matches a number, a boolean, a list or an object).
+ANY_STRING = regex("(?s).*")
 
 
 def header_present(name: str) -> Principal:
@@ -131,12 +154,13 @@ def claim_equals(name: str, value: object) -> Principal:
 # --- the request screen ------------------------------------------------------------------------
 
 
-def screen_checks(book: AnswerBook) -> list[Check]:
+def screen_checks() -> list[Check]:
     """400s the service answers before it matches a route, for requests the route screen (routes.py)
     lets through: a target over its length limit, then override headers (the first in name order)."""
     checks = [
         Check(
-            book.policy_name(1, Reason.BAD_REQUEST, _refusal(lambda: normalized_path("/" + "a" * MAX_PATH_LENGTH))),
+            Reason.BAD_REQUEST,
+            _refusal(lambda: normalized_path("/" + "a" * MAX_PATH_LENGTH)),
             ANY,
             cel.call("_>_", cel.call("size", cel.request_target()), cel.integer(MAX_PATH_LENGTH)),
         )
@@ -149,12 +173,9 @@ def screen_checks(book: AnswerBook) -> list[Check]:
             special_names([name])  # an identity header spelling: stripped, not refused
         except BadRequest as exc:
             overrides.setdefault(str(exc), []).append(name)
-    for order, description in enumerate(sorted(overrides), start=2):
+    for description in sorted(overrides):
         checks.append(
-            Check(
-                book.policy_name(order, Reason.BAD_REQUEST, description),
-                or_(*(header_present(n) for n in sorted(overrides[description]))),
-            )
+            Check(Reason.BAD_REQUEST, description, or_(*(header_present(n) for n in sorted(overrides[description]))))
         )
     return checks
 
@@ -171,56 +192,46 @@ def _refusal(parse: Callable[[], object]) -> str:
 # --- the token checks --------------------------------------------------------------------------
 
 
-def token_checks(policy: Policy, book: AnswerBook, leeway: int) -> list[Check]:
-    """401s for a token jwt_authn verified but the service refuses, in the service's order."""
+def token_checks(policy: Policy, leeway: int) -> list[Check]:
+    """401s for a request without credentials, and for a token jwt_authn verified but the service
+    refuses, in the service's order. jwt_authn verifies only a token matching patterns.BEARER_JWT
+    (canonical, with no longer JOSE header than the service parses), and its own parser refuses a
+    kid, sub, iss, exp, nbf or iat of the wrong JSON type."""
     texts = TokenTexts(policy)
-    payload, header = cel.jwt_metadata(PAYLOAD), cel.jwt_metadata(HEADER)
-    out = [Check(book.policy_name(0, Reason.MISSING_TOKEN, MISSING_TOKEN_TEXT), not_(header_present("authorization")))]
+    out = [Check(Reason.MISSING_TOKEN, MISSING_TOKEN_TEXT, not_(header_present("authorization")))]
 
     def add(reason_text: tuple[Reason, str], principal: Principal, condition: cel.Expr | None = None) -> None:
-        out.append(Check(book.policy_name(len(out), *reason_text), principal, condition))
+        out.append(Check(*reason_text, principal, condition))
 
+    # The token's size (the header's, less "Bearer "): one check of the request header, as CEL, only
+    # for a token jwt_authn verified (another goes to the service, malformed or not).
     add(
         texts.refusal("x" * (MAX_TOKEN_BYTES + 1)),
-        ANY,
+        VERIFIED,
         cel.call(
-            "_>_", cel.call("size", cel.request_header("authorization")), cel.integer(BEARER_PREFIX + MAX_TOKEN_BYTES)
+            "_>_", cel.call("size", cel.request_header("authorization")), cel.integer(len(BEARER) + MAX_TOKEN_BYTES)
         ),
     )
-    kid = cel.index(header, "kid")
-    add(
-        texts.refused(header={"kid": None}),
-        ANY,
-        cel.any_of(
-            cel.negate(cel.has(header, "kid")),
-            cel.call("_==_", cel.call("size", kid), cel.integer(0)),
-            cel.call("_>_", cel.call("size", kid), cel.integer(256)),
-        ),
-    )
+    # A token without a kid, or with an empty one, is verified with every key of its issuer.
+    add(texts.refused(header={"kid": None}), and_(VERIFIED, not_(metadata(HEADER, "kid", regex(VALID_KID)))))
     add(
         texts.refused(header={"crit": ["exp"]}),
-        ANY,
-        cel.any_of(
-            cel.has(header, "crit"),
-            cel.all_of(
-                cel.has(header, "b64"), cel.call("_!=_", cel.index(header, "b64"), {"const_expr": {"bool_value": True}})
-            ),
-        ),
+        or_(present(HEADER, "crit"), and_(present(HEADER, "b64"), not_(metadata(HEADER, "b64", {"bool_match": True})))),
     )
     add(
         texts.refused(header={"jku": "https://keys.example"}),
-        ANY,
-        cel.any_of(*(cel.has(header, member) for member in ("jku", "x5u", "jwk", "x5c"))),
+        or_(*(present(HEADER, member) for member in ("jku", "x5u", "jwk", "x5c"))),
     )
-    # iat (a number >= 0: jwt_authn checked) in the future: int() floors it as the service does;
-    # anything past 1e15 is in the future anyway, and would not fit int().
-    iat = cel.index(payload, "iat")
+    # iat in the future: the service refuses int(iat) > now + leeway in whole seconds, i.e. for an
+    # iat of at least 0 (jwt_authn's parser checked), iat >= floor(now) + leeway + 1; as a double,
+    # so that no iat is too large to compare. It needs the clock, so CEL.
     add(
         texts.refused(overrides={"iat": int(time.time()) + 10**6}),
-        ANY,
-        cel.any_of(
-            cel.call("_>_", iat, cel.double(1e15)),
-            cel.call("_>_", cel.call("int", iat), cel.call("_+_", cel.now_seconds(), cel.integer(leeway))),
+        VERIFIED,
+        cel.call(
+            "_>=_",
+            cel.index(cel.jwt_metadata(PAYLOAD), "iat"),
+            cel.call("double", cel.call("_+_", cel.now_seconds(), cel.integer(leeway + 1))),
         ),
     )
     add(
@@ -247,11 +258,7 @@ def token_checks(policy: Policy, book: AnswerBook, leeway: int) -> list[Check]:
         )
     add(
         texts.refused(overrides={"scope": ["scope"]}),
-        ANY,
-        cel.all_of(
-            cel.has(payload, "scope"),
-            cel.call("_!=_", cel.call("type", cel.index(payload, "scope")), cel.ident("string")),
-        ),
+        and_(present(PAYLOAD, "scope"), not_(metadata(PAYLOAD, "scope", ANY_STRING))),
     )
     # RFC 6749 scope tokens separated by single spaces (tokens._check_scope): first a character no
     # scope has, then the spacing.
@@ -263,7 +270,7 @@ def token_checks(policy: Policy, book: AnswerBook, leeway: int) -> list[Check]:
         texts.refused(overrides={"scope": "scope  other"}),
         and_(
             not_(metadata(PAYLOAD, "scope", regex(f"(?:{SCOPE_TOKEN}(?: {SCOPE_TOKEN})*)?"))),
-            metadata(PAYLOAD, "scope", regex("(?s).*")),
+            metadata(PAYLOAD, "scope", ANY_STRING),
         ),
     )
     add(texts.refused(overrides={"sub": "sub\x01"}), metadata(PAYLOAD, "sub", regex(INVALID_HEADER_TEXT)))
@@ -328,22 +335,16 @@ class TokenTexts:
 # --- the route's conditions --------------------------------------------------------------------
 
 
-def route_checks(policy: Policy, route: Route, book: AnswerBook) -> list[Check]:
+def route_checks(policy: Policy, route: Route) -> list[Check]:
     """403s for a verified token that does not meet ``route``'s conditions, in the service's order
     (Conditions.unmet): client, any-of scopes, each all-of scope (the first missing in name order),
     each claim condition (absent, then another value). Each check also requires a verified token."""
     checks: list[Check] = []
 
-    def add(unmet: tuple[Unmet, str] | None, principal: Principal, condition: cel.Expr | None = None) -> None:
+    def add(unmet: tuple[Unmet, str] | None, principal: Principal) -> None:
         if unmet is None:
             return  # no token reaches this check without failing an earlier one
-        checks.append(
-            Check(
-                book.policy_name(len(checks), UNMET_REASONS[unmet[0]], unmet[1], route),
-                and_(VERIFIED, principal),
-                condition,
-            )
-        )
+        checks.append(Check(UNMET_REASONS[unmet[0]], unmet[1], and_(VERIFIED, principal), route=route))
 
     if route.conditions is None:  # any-of scopes only (decide() skips Conditions)
         add((Unmet.ANY_SCOPE, ANY_SCOPE_TEXT), not_(scope_holds(route.scopes)))
@@ -355,9 +356,8 @@ def route_checks(policy: Policy, route: Route, book: AnswerBook) -> list[Check]:
         add(probe.failing(any_scope=True), not_(scope_holds(route.scopes)))
     for scope in sorted(route.all_scopes):
         add(probe.failing(missing_scope=scope), not_(scope_holds(frozenset({scope}))))
-    payload = cel.jwt_metadata(PAYLOAD)
     for condition in route.claims:
-        add(probe.failing(claim=(condition, False)), ANY, cel.negate(cel.has(payload, condition.name)))
+        add(probe.failing(claim=(condition, False)), not_(present(PAYLOAD, condition.name)))
         add(
             probe.failing(claim=(condition, True)),
             not_(or_(*(claim_equals(condition.name, v) for v in condition.values))),

@@ -5,18 +5,18 @@ counted for each request Envoy decided itself (the service counts the rest, whic
 How, at what cost: Envoy's stats access logger (``envoy.access_loggers.stats``) adds one to a
 counter whose tags are read from the matched route's metadata (its policy route name, and what
 passing every native check there means: allowed, public, or no_route) and, for a denial, from
-the RBAC filters' dynamic metadata (which filter denied) and the response code. Three loggers,
+the RBAC filters' dynamic metadata (which filter decided) and the response code. Three loggers,
 each behind an access-log filter that only looks up dynamic metadata (a few map lookups), so an
 allowed request costs no expression evaluation; only a token or route denial evaluates one CEL
 lookup (its reason, from a table in the route's metadata keyed by the denying RBAC policy).
 
 Which requests are native decisions (the filters below):
 
-* passed: the request screen let it through (RBAC ``authz.screen`` ran and allowed) and either
-  jwt_authn verified the token and the route's conditions allowed it (then ext_authz does not run:
-  bootstrap.py), or no token filter ran (a public route, or no route: a direct 403);
-* screen denials: 400 ``bad_request``, labelled ``no_route`` as the service labels a request it
-  refuses before matching a route;
+* passed: on a native route, jwt_authn verified the token and the route's RBAC checks (``authz.rbac``)
+  allowed it (then ext_authz does not run: bootstrap.py); on a public route or no route (a direct
+  403), the request screen (``authz.screen``, the only RBAC filter there) let it through;
+* screen denials: 400 ``bad_request`` (the screen's, or the same checks first among a native
+  route's), labelled ``no_route`` as the service labels a request it refuses before matching a route;
 * token or route-condition denials: 401/403 with the denying policy's reason.
 
 A request the service decided (a route it decides, a token jwt_authn could not verify, the
@@ -32,6 +32,7 @@ import re
 from typing import Any
 
 from ..decision import REASONS, Reason
+from .answers import status_filter
 from .cel import JWT_AUTHN
 from .checks import PAYLOAD
 
@@ -60,26 +61,19 @@ def route_metadata(route: str, reason: Reason) -> dict[str, Any]:
     }
 
 
-def add_decision_stats(hcm: dict[str, Any], filter_prefixes: dict[str, str]) -> None:
-    """Count native decisions: each native route learns the reasons of its token and condition
-    denials, and the three stats loggers join the HCM's access log. ``filter_prefixes``: the
-    ``rules_stat_prefix`` of the screen, token and route RBAC filters (keys ``screen``, ``token``,
-    ``route``), which name their dynamic metadata."""
-    token_policies = _policy_names(hcm["http_filters"], filter_prefixes["token"])
+def add_decision_stats(hcm: dict[str, Any], *, screen_prefix: str, native_filter: str, native_prefix: str) -> None:
+    """Count native decisions: each native route learns the reasons of its denials, and the three
+    stats loggers join the HCM's access log. ``screen_prefix``: the ``rules_stat_prefix`` of the
+    request screen's RBAC filter (public routes, no route); ``native_filter``, ``native_prefix``:
+    the name and prefix of the native routes' RBAC filter. A prefix names its filter's dynamic
+    metadata."""
     for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
         authz = route.get("metadata", {}).get("filter_metadata", {}).get(METADATA_KEY)
-        rbac = route.get("typed_per_filter_config", {}).get("authz.route", {}).get("rbac")
+        rbac = route.get("typed_per_filter_config", {}).get(native_filter, {}).get("rbac")
         if authz is None or rbac is None:
             continue
-        names = [*token_policies, *rbac["rules"]["policies"]]
-        authz["reasons"] = {_DENIED_BY_RBAC.format(name): _reason(name) for name in names}
-    hcm.setdefault("access_log", []).extend(_loggers(filter_prefixes))
-
-
-def _policy_names(filters: list[dict[str, Any]], prefix: str) -> list[str]:
-    found = [f["typed_config"] for f in filters if f["typed_config"].get("rules_stat_prefix") == prefix]
-    assert len(found) == 1, f"one RBAC filter with rules_stat_prefix {prefix!r}"
-    return list(found[0]["rules"]["policies"])
+        authz["reasons"] = {_DENIED_BY_RBAC.format(name): _reason(name) for name in rbac["rules"]["policies"]}
+    hcm.setdefault("access_log", []).extend(_loggers(screen_prefix, native_prefix))
 
 
 def _reason(policy_name: str) -> str:
@@ -88,18 +82,14 @@ def _reason(policy_name: str) -> str:
     return match["reason"]
 
 
-def _loggers(prefixes: dict[str, str]) -> list[dict[str, Any]]:
+def _loggers(screen: str, native: str) -> list[dict[str, Any]]:
     route = f"%METADATA(ROUTE:{METADATA_KEY}:route)%"
     reasons = f"xds.route_metadata.filter_metadata['{METADATA_KEY}']['reasons']"
+    # A native route's checks begin with the request screen's: its 400s are the screen's.
+    bad_request = REASONS[Reason.BAD_REQUEST].http_status
     passed = _logger(
         "authz.native_passes",
-        _all(
-            _rbac_result(prefixes["screen"], "allowed"),
-            _any(
-                _all(_jwt_verified(), _rbac_result(prefixes["route"], "allowed")),
-                _rbac_absent(prefixes["token"]),
-            ),
-        ),
+        _any(_rbac_result(screen, "allowed"), _all(_jwt_verified(), _rbac_result(native, "allowed"))),
         decision=f"%METADATA(ROUTE:{METADATA_KEY}:decision)%",
         reason=f"%METADATA(ROUTE:{METADATA_KEY}:reason)%",
         route=route,
@@ -107,7 +97,7 @@ def _loggers(prefixes: dict[str, str]) -> list[dict[str, Any]]:
     )
     screened = _logger(
         "authz.native_screen_denials",
-        _rbac_result(prefixes["screen"], "denied"),
+        _any(_rbac_result(screen, "denied"), _all(_rbac_result(native, "denied"), _status("EQ", bad_request))),
         decision="deny",
         reason=Reason.BAD_REQUEST.value,
         route="no_route",  # as the service labels a request it refuses before matching a route
@@ -115,7 +105,10 @@ def _loggers(prefixes: dict[str, str]) -> list[dict[str, Any]]:
     )
     denied = _logger(
         "authz.native_denials",
-        _any(_rbac_result(prefixes["token"], "denied"), _rbac_result(prefixes["route"], "denied")),
+        _all(
+            _rbac_result(native, "denied"),
+            _any(_status("LE", bad_request - 1), _status("GE", bad_request + 1)),
+        ),
         decision="deny",
         reason=f"%CEL({reasons}[response.code_details])%",
         route=route,
@@ -162,10 +155,8 @@ def _rbac_result(prefix: str, result: str) -> dict[str, Any]:
     return _metadata(RBAC_METADATA, [key], {"string_match": {"exact": result}}, if_absent=False)
 
 
-def _rbac_absent(prefix: str) -> dict[str, Any]:
-    """The RBAC filter of ``prefix`` did not run on this request (disabled on its route)."""
-    key = f"{prefix}enforced_engine_result"
-    return _metadata(RBAC_METADATA, [key], {"null_match": {}}, if_absent=True)  # a result is never null
+def _status(op: str, value: int) -> dict[str, Any]:
+    return status_filter(op, value, f"access_log.authz_native_status_{op.lower()}_{value}")
 
 
 def _jwt_verified() -> dict[str, Any]:

@@ -1,11 +1,13 @@
 """The jwt_authn filter: one provider per accepted ``iss``, keys from the service's JWKS endpoint.
 
-jwt_authn only verifies here (``allow_missing_or_failed``): a token it verifies leaves its payload
-and header in the request's metadata for the RBAC checks; one it cannot verify (bad signature,
-unknown kid, expired, malformed, keys unavailable...) leaves none, and the ext_authz filter, enabled
-exactly then, lets the service decide it with its own words, its unknown-kid re-fetch and its 503.
-Its clock skew is one second less than the service's leeway, so jwt_authn never accepts a token
-the service would find expired or not yet valid (its seconds are whole, the service's are not).
+jwt_authn only verifies here (``allow_missing_or_failed``), and only a credential sent exactly as
+the service reads it (``patterns.BEARER_JWT``, its one rule): a token it verifies leaves its payload
+and header in the request's metadata for the RBAC checks; one it cannot or may not verify (bad
+signature, unknown kid, expired, malformed, too long, keys unavailable...) leaves none, and the
+ext_authz filter, enabled exactly then, lets the service decide it with its own words, its
+unknown-kid re-fetch and its 503. Its clock skew is one second less than the service's leeway, so
+jwt_authn never accepts a token the service would find expired or not yet valid (its seconds are
+whole, the service's are not).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..request import IDENTITY_HEADERS
 from ..tokens import MAX_TOKEN_BYTES
 from .checks import HEADER, PAYLOAD
 from .options import Options
+from .patterns import BEARER, BEARER_JWT
 
 JWT_AUTHN_TYPE = "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
 SERVICE_HTTP_CLUSTER = "authz_service_http"
@@ -52,8 +55,18 @@ def jwt_authn(policy: Policy, options: Options) -> dict[str, Any]:
             for name, issuer in zip(provider_names(policy), policy.issuers, strict=True)
         },
         "requirement_map": {REQUIREMENT: requirement},
-        # Routes name the requirement themselves; this rule covers any route that would not.
-        "rules": [{"match": {"prefix": "/"}, "requirement_name": REQUIREMENT}],
+        # The filter runs on native routes only (routes.py), and verifies only a canonical bearer
+        # JWT within the service's limits: one regex over the token, once per request. Any other
+        # credential meets no rule, so no token is verified and the service decides.
+        "rules": [
+            {
+                "match": {
+                    "prefix": "/",
+                    "headers": [{"name": "authorization", "string_match": {"safe_regex": {"regex": BEARER_JWT}}}],
+                },
+                "requirement_name": REQUIREMENT,
+            }
+        ],
     }
 
 
@@ -70,7 +83,7 @@ def _provider(issuer: str, options: Options) -> dict[str, Any]:
         # Only "Bearer <token>" in Authorization (never an access_token query parameter). The header
         # stays on the request through the filters (forward: the token checks after this filter read
         # it); each route that does not forward the token removes it on the way to the app (routes.py).
-        "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
+        "from_headers": [{"name": "authorization", "value_prefix": BEARER}],
         "forward": True,
         "require_expiration": True,
         "clock_skew_seconds": options.leeway - 1,

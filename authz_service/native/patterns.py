@@ -1,9 +1,11 @@
-"""The RE2 patterns the compiled Envoy matches requests with: route paths and the request screen.
+"""The RE2 patterns the compiled Envoy matches requests with: route paths, the request screen and
+the credentials jwt_authn may verify.
 
 The request screen sends every request the service would refuse or read differently (a method or
-path not in its normal form, a ``_method`` query parameter, Authorization that is not exactly one
-canonical ``Bearer`` JWT) to the service itself, so Envoy's own filters only ever see requests
-whose parsing both sides agree on. Each pattern is the service's own rule (authz_service.request,
+path not in its normal form, a ``_method`` query parameter, credentials of another scheme) to the
+service itself, and jwt_authn verifies only a token sent exactly as the service reads it (one
+canonical ``Bearer`` JWT, ``BEARER_JWT``), so Envoy's own filters only ever decide requests whose
+parsing both sides agree on. Each pattern is the service's own rule (authz_service.request,
 authz_service.tokens) written for RE2; tests/test_native.py checks them against those rules.
 Envoy matches a ``safe_regex`` against the whole value, so no pattern needs anchors.
 """
@@ -16,17 +18,22 @@ from ..tokens import MAX_HEADER_CHARS
 # An upper-case RFC 9110 token of at most 32 characters (request.checked_method).
 METHOD = r"[!#$%&'*+\-.^_`|~0-9A-Z]{1,32}"
 
+BEARER = "Bearer "  # jwt_authn's value_prefix: the scheme as the service's canonical spelling
 _B64 = "[A-Za-z0-9_-]"
-# One canonical base64url segment (RFC 7515 section 2, as tokens._b64 insists): no padding, and
-# the unused low bits of the last character zero (2 chars left over: 4 bits, 3 chars: 2 bits).
-_SEGMENT = f"(?:{_B64}{{4}})*(?:{_B64}{{4}}|{_B64}[AQgw]|{_B64}{{2}}[AEIMQUYcgkosw048])"
+# The end of a canonical base64url segment (RFC 7515 section 2, as tokens._b64 insists): no
+# padding, and the unused low bits of the last character zero (2 chars left over: 4 bits, 3: 2 bits).
+_TAIL = f"(?:{_B64}{{4}}|{_B64}[AQgw]|{_B64}{{2}}[AEIMQUYcgkosw048])"
+_SEGMENT = f"(?:{_B64}{{4}})*{_TAIL}"
+# A JOSE header no longer than the service parses (tokens.MAX_HEADER_CHARS; "malformed" there).
+_HEADER = f"(?:{_B64}{{4}}){{0,{MAX_HEADER_CHARS // 4 - 1}}}{_TAIL}"
 # Exactly one ``Bearer`` credential holding a three-part JWS in canonical encoding: what jwt_authn
 # extracts is then byte for byte what the service would parse. The scheme is case-insensitive for
-# the service (RFC 6750) but not for jwt_authn's "Bearer " prefix, so other spellings go to the
-# service. Envoy joins repeated headers with "," before matching, which this never matches.
-CANONICAL_BEARER = f"Bearer {_SEGMENT}\\.{_SEGMENT}\\.{_SEGMENT}"
-# A protected header longer than the service parses (tokens.MAX_HEADER_CHARS): "malformed token".
-LONG_JOSE_HEADER = f"Bearer {_B64}{{{MAX_HEADER_CHARS + 1}}}.*"
+# the service (RFC 6750) but not for jwt_authn's prefix, so other spellings go to the service.
+# Envoy joins repeated headers with "," before matching, which this never matches. Only the JOSE
+# header's length is bounded here: a bound makes RE2 step through one state per character, which
+# costs a bounded payload several microseconds of memory traffic per request, more than the RBAC
+# check of the token's size (checks.token_checks).
+BEARER_JWT = f"{BEARER}{_HEADER}\\.{_SEGMENT}\\.{_SEGMENT}"
 
 # RFC 3986 path characters the service accepts unescaped within a segment (request._PATH_CHARS
 # without '%' and '/'), and the same without '.'.
@@ -85,14 +92,11 @@ _NOT_DOT = f"(?:{_SEGMENT_CHAR_NOT_DOT}|{_ESCAPE})"
 # with ".." and more. (The listener resolves dot segments and merges slashes, but not in every
 # case: "//" alone reaches the service as it is.)
 _SEGMENT_TEXT = f"(?:{_NOT_DOT}{_CHAR}*|\\.{_NOT_DOT}{_CHAR}*|\\.\\.{_CHAR}+)"
-# A request target (``:path``, query included) whose path the service accepts as it is: '/', or
-# non-empty segments other than "." and "..", maybe a trailing '/'.
-CLEAN_TARGET = f"(?s)/(?:{_SEGMENT_TEXT}(?:/{_SEGMENT_TEXT})*/?)?(?:\\?.*)?"
-
-
-# A path ending in '/' (not "/" itself): the service requires it to meet both the route it matches
-# and the route of the path without the '/' (Policy.routes_for), which one Envoy route cannot say.
-TRAILING_SLASH = "(?s)/[^?]*/(?:\\?.*)?"
+# A request target (``:path``, query included) whose path the service accepts as it is and that
+# does not end in '/': '/', or non-empty segments other than "." and "..". (A path ending in '/'
+# must meet the route it matches and the route of the path without the '/', Policy.routes_for,
+# which one Envoy route cannot say: the service decides it.)
+NATIVE_TARGET = f"(?s)/(?:{_SEGMENT_TEXT}(?:/{_SEGMENT_TEXT})*)?(?:\\?.*)?"
 
 
 def _letter(char: str) -> str:

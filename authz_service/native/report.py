@@ -27,8 +27,9 @@ def report_text(compiled: Compiled) -> str:
     lines.append(
         "  ext_authz  every route: a request the service must read itself ("
         + ", ".join(name.removeprefix("screen: ") for name, _ in SCREEN_ROUTES)
-        + "), and a token jwt_authn cannot verify (the service answers it and re-fetches keys "
-        "for an unknown kid)"
+        + "); on native routes, a credential jwt_authn does not verify (not one canonical bearer JWT "
+        "within the native size limits, or a token it cannot verify: the service answers it and "
+        "re-fetches keys for an unknown kid)"
     )
     lines.append("  native     no route matches: 403 access_denied")
     deny = compiled.policy.deny

