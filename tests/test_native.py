@@ -96,11 +96,15 @@ def test_a_claim_bound_to_a_path_parameter_sends_its_route_to_the_service_and_sa
 def test_the_deny_list_is_refused_natively_with_the_services_answer_after_every_other_token_check() -> None:
     compiled = compile_policy(parse_policy(BOUND_AND_DENIED))
     ingress = next(listener for listener in compiled.listeners if listener["name"] == "ingress")
-    filters = ingress["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
-    token = next(f for f in filters if f["name"] == "authz.token")["typed_config"]["rules"]
-    names = sorted(token["policies"])
+    routes = ingress["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    (plain,) = [route for route in routes if route["name"] == "native: plain"]
+    token = plain["typed_per_filter_config"]["authz.rbac"]["rbac"]["rules"]
+    names = sorted(token["policies"])  # RBAC tries them in name order: <order>-<reason>-a<answer>
+    conditions = {"insufficient_scope", "missing_scope", "client_not_allowed_for_route", "claim_mismatch"}
+    token_checks = [name for name in names if name.split("-")[1] not in conditions]
     denied = [name for name in names if "-deny_listed-" in name]
-    assert denied == names[-2:]  # last, as the verifier checks it last
+    assert denied == token_checks[-2:]  # the last token checks, as the verifier checks it last
+    assert names.index(denied[-1]) < min(names.index(n) for n in names if n.split("-")[1] in conditions)
     by_client, by_jti = (token["policies"][name]["principals"][0] for name in denied)
     assert json.dumps(by_client).count('"exact": "client-b"') == 1 and '"client_id"' in json.dumps(by_client)
     assert [p["sourced_metadata"]["metadata_matcher"]["value"]["string_match"]["exact"]
@@ -295,7 +299,7 @@ def test_every_identity_spelling_is_removed_before_any_filter() -> None:
     ingress = next(listener for listener in compiled.listeners if listener["name"] == "ingress")
     hcm = ingress["filter_chains"][0]["filters"][0]["typed_config"]
     mutations = hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
-    assert [m["remove"] for m in mutations if "remove" in m] == ["x-request-id"]  # the shipped one
+    assert [m["remove"] for m in mutations if "remove" in m] == ["x-request-id", "x-auth-client-id"]  # the shipped
     (on_match,) = [re.compile(m["remove_on_match"]["key_matcher"]["safe_regex"]["regex"])
                    for m in mutations if "remove_on_match" in m]
     names = identity_and_override_spellings()
