@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -55,7 +56,7 @@ from .stack import DevIssuer, PolicyDir, Service, start_dev_issuer, start_servic
 
 pytestmark = pytest.mark.e2e
 
-POLICIES = int(__import__('os').environ.get('PARITY_POLICIES', 24))  # generated policies per run (each: a reload, a compiled Envoy started)
+POLICIES = int(os.environ.get("PARITY_POLICIES", 24))  # generated policies per run (each: a reload, a compiled Envoy started)
 REQUESTS_PER_POLICY = 220  # >= 5,000 requests per run in all
 DEV_POOL = "us-east-1_Demo00002"
 DEV_CLIENTS = {"acme-reporting": ["reports/read", "reports/export"], "globex-reporting": ["reports/read"],

@@ -106,7 +106,7 @@ class Traffic:
             return [(k, a) for ts, k, a in self.results if ts >= t]
 
 
-def assert_no_upstream_request_without_decision(stack: SecurityStack, traffic: Traffic, writer: str) -> None:
+def assert_no_upstream_request_without_decision(stack: SecurityStack, traffic: Traffic) -> None:
     """Every tagged request the app received was answered 200 to its client and carries the identity
     the service set; nothing reached the app that the client did not get a 200 for."""
     reached = traffic.reached()
@@ -177,7 +177,7 @@ def test_service_killed_or_restarted_under_traffic_fails_closed_and_resumes(stac
     for _, kind, answer in traffic.results:
         by_kind.setdefault(kind, Counter())[answer.status] += 1
         assert answer.status in allowed[kind], (kind, answer.status, answer.body)
-    assert_no_upstream_request_without_decision(stack, traffic, writer)
+    assert_no_upstream_request_without_decision(stack, traffic)
     assert by_kind["writer"][200] > 0
     if how == signal.SIGKILL:
         assert sum(c[503] for c in by_kind.values()) > 0
@@ -222,7 +222,7 @@ def test_policy_replaced_by_garbage_while_serving_keeps_the_old_policy(stack: Se
         if kind == "public" and (answer.status, answer.error) == (429, "rate_limited"):
             continue  # Envoy's anonymous token bucket answered: no policy was consulted
         assert answer.status == expected[kind], (kind, answer.status, answer.body)
-    assert_no_upstream_request_without_decision(stack, traffic, writer)
+    assert_no_upstream_request_without_decision(stack, traffic)
 
 
 VERSION_B_ROUTES = """\
