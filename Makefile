@@ -157,11 +157,14 @@ image-deps:
 # The Dockerfile, unchanged, on its base image: pulled, or where the registry cannot be reached a
 # stand-in made from Debian packages (tools/base_image.sh says which). --isolation chroot runs the
 # RUN steps without an OCI runtime, which cannot create cgroups on the CI machine.
+# --no-cache: buildah keys a cached RUN --mount=type=bind,from=builder layer without the builder's
+# output, so a rebuild after a source change could keep the previous package (a stale image that
+# passes nothing it should). The builder stage downloads its wheels on every source change anyway.
 image: image-deps
 	tools/base_image.sh $(BASE_IMAGE)
 	$(if $(BUILD_CA),mkdir -p build && cat $(BUILD_CA) tests/data/build-ca-marker.pem > $(BUILD_CA_SECRET))
 	@start=$$(date +%s); \
-	podman build --isolation chroot --network host --pull=never \
+	podman build --isolation chroot --network host --pull=never --no-cache \
 	  $(if $(BUILD_CA),--secret id=pip-ca$(comma)src=$(BUILD_CA_SECRET)) --tag $(IMAGE) . && \
 	echo "image: built $(IMAGE) in $$(( $$(date +%s) - start )) s, $$(podman image inspect --format '{{.Size}}' $(IMAGE) | awk '{printf "%.0f MB", $$1 / 1e6}')"
 
