@@ -278,12 +278,7 @@ def reachability(policy: Policy) -> Reach | None:
             if routes and not guards:
                 route = routes[0]
                 for other in protected:
-                    if (
-                        (route.index, other.index) not in reach.holes
-                        and other.takes(method)
-                        and pattern_matches(other.path, segments, policy.path_case)
-                    ):
-                        reach.holes[(route.index, other.index)] = (method, segments)
+                    _note_first(reach.holes, (route.index, other.index), other, method, segments, policy.path_case)
                 if folded is not None:
                     for other in folded.routes_for(method, segments):
                         if not other.public:
@@ -291,15 +286,18 @@ def reachability(policy: Policy) -> Reach | None:
                 continue
             for route in guards:
                 for other in public:
-                    if (
-                        (other.index, route.index) not in reach.covers
-                        and other.takes(method)
-                        and pattern_matches(other.path, segments, policy.path_case)
-                    ):
-                        reach.covers[(other.index, route.index)] = (method, segments)
+                    _note_first(reach.covers, (other.index, route.index), other, method, segments, policy.path_case)
                 if route.methods is not None:
                     _record_falls(policy, route, taken, segments, reach)
     return reach
+
+
+def _note_first(
+    found: dict, key: tuple[int, int], other: Route, method: str, segments: tuple[str, ...], path_case: PathCase
+) -> None:
+    """Record under ``key`` the first request (method, segments) that ``other`` also takes."""
+    if key not in found and other.takes(method) and pattern_matches(other.path, segments, path_case):
+        found[key] = (method, segments)
 
 
 def _record_falls(
