@@ -1,5 +1,5 @@
 """What counting native decisions costs Envoy: the compiled policy with and without its decision
-stats (native/decisions.py: three stats access loggers behind metadata filters), in one run.
+stats (native/decisions.py: four stats access loggers behind metadata filters), in one run.
 
 Two Envoys (one worker each) on the bootstrap `compile envoy` makes of one policy, one of them with
 `--no-decision-stats`, both fetching their keys from one authz-service, their routes answering
