@@ -158,7 +158,7 @@ STEPS: list[tuple[str, Callable[[Config], None]]] = [
     ("RBAC: the other token checks (header and metadata matchers)", drop_checks("token")),
     ("RBAC: the route's conditions", drop_checks("route")),
     ("RBAC filter (no checks left)", drop_filter(RBAC)),
-    ("ext_authz filter (idle: no Check is sent)", drop_filter(EXT_AUTHZ)),
+    ("ext_authz filter (composite behind a matcher: not created, no Check)", drop_filter(EXT_AUTHZ)),
     ("jwt_authn: claims to headers", drop_provider_field("claim_to_headers")),
     ("jwt_authn: JOSE header in metadata", drop_provider_field("header_in_metadata")),
     ("jwt_authn: payload in metadata", drop_provider_field("payload_in_metadata")),

@@ -32,6 +32,7 @@ from authz_service.request import (IDENTITY_HEADERS, BadRequest, checked_method,
                                    normalized_path)
 from authz_service.tokens import MAX_HEADER_CHARS, _b64
 
+from . import envoyconf
 from .conftest import make_key
 from .e2e.harness import REPO_ROOT, envoy_binary
 
@@ -309,6 +310,28 @@ def test_every_identity_spelling_is_removed_before_any_filter() -> None:
     for other in ("x-auth-client-idx", "xx-auth-sub", "x-auth-sub-", "x-auth--sub", "x-auth", "authorization",
                   "x-http-method-override"):
         assert not on_match.fullmatch(other), other  # override spellings are refused (400), not removed
+
+
+def test_the_service_is_asked_exactly_as_shipped_whenever_no_token_was_verified() -> None:
+    """The ext_authz filter is created behind a matcher after jwt_authn: skipped where jwt_authn left
+    a verified payload, and otherwise the shipped filter, unchanged (fail closed: 503 on error,
+    never allow), under the shipped name, so the routes that turn it off still do."""
+    compiled = compile_policy(parse_policy(EVERY_KIND))
+    shipped = envoyconf.http_filter(yaml.safe_load((REPO_ROOT / "envoy" / "envoy.yaml").read_text()),
+                                    envoyconf.EXT_AUTHZ)
+    names = [f["name"] for f in envoyconf.http_filters(compiled.bootstrap(), "ingress")]
+    assert names.index("authz.jwt") < names.index(envoyconf.EXT_AUTHZ)
+    wrapper = envoyconf.http_filter(compiled.bootstrap(), envoyconf.EXT_AUTHZ, "ingress")
+    matcher = wrapper["xds_matcher"]
+    (verified,) = matcher["matcher_list"]["matchers"]
+    predicate = verified["predicate"]["single_predicate"]
+    assert predicate["input"]["typed_config"]["filter"] == "envoy.filters.http.jwt_authn"
+    assert predicate["input"]["typed_config"]["path"] == [{"key": "payload"}, {"key": "iss"}]
+    assert predicate["custom_match"]["typed_config"]["value"] == {"present_match": True}
+    assert verified["on_match"]["action"]["typed_config"]["@type"].endswith(".SkipFilter")
+    created = matcher["on_no_match"]["action"]["typed_config"]["typed_config"]
+    assert created == {"name": envoyconf.EXT_AUTHZ, "typed_config": shipped}
+    assert shipped["failure_mode_allow"] is False and shipped["status_on_error"] == {"code": 503}
 
 
 def test_every_policy_route_removes_the_token_unless_it_forwards_it() -> None:
