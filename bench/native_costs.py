@@ -18,6 +18,12 @@ part is taken away only once nothing that needs it is left), and the service run
                to caches.
 
     .venv/bin/python bench/native_costs.py [--rounds 5] [--duration 6] [--instructions]
+
+  --compare-rev REV
+               instead of the parts: the compiled policy of this checkout against the one
+               `compile envoy` makes at REV (another commit), alternately, round after round (and
+               under callgrind each round with --instructions): what a change to the compiler
+               saved, paired per round.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import (
     BENCH,
     Bench,
+    checkout_rev,
     cpu_seconds,
     envoy_binary,
     envoyconf,
@@ -292,6 +299,43 @@ def spread(values: list[float], spec: str) -> str:
     return f"{statistics.median(ordered):{spec}} ({ordered[0]:{spec}} to {ordered[-1]:{spec}})"
 
 
+def compare(bench: Bench, args: argparse.Namespace, configs: dict[str, Config]) -> None:
+    """Each configuration in turn, round after round; the last against the first, paired per round."""
+    cpu: dict[str, list[float]] = {label: [] for label in configs}
+    counted: dict[str, list[tuple[float, float]]] = {label: [] for label in configs}
+    for round_ in range(1, args.rounds + 1):
+        for i, (label, cfg) in enumerate(configs.items()):
+            print(f"round {round_}/{args.rounds}: {label}", flush=True)
+            placed = configurations(cfg, bench)[0][1](free_port(), free_port())
+            cpu[label].append(cpu_per_request(bench, placed, f"compare-{i}", args.duration, args.connections))
+            if args.instructions:
+                placed = configurations(cfg, bench)[0][1](free_port(), free_port())
+                counted[label].append(instructions_per_request(bench, placed, f"compare-{i}", 10, args.connections))
+    print()
+    print(f"Machine: {machine()}")
+    print(
+        f"Command: bench/native_costs.py --compare-rev {args.compare_rev} --rounds {args.rounds} "
+        f"--duration {args.duration:g}{' --instructions' if args.instructions else ''} (wrk -t1 "
+        f"-c{args.connections}, Envoy --concurrency 1, warm tokens; median (range) over the rounds)"
+    )
+    print()
+    print("| configuration | Envoy CPU us/request | instructions/request | est. cycles/request |")
+    print("|---|---:|---:|---:|")
+    for label in configs:
+        instructions = spread([i for i, _ in counted[label]], ",.0f") if counted[label] else "-"
+        cycles = spread([c for _, c in counted[label]], ",.0f") if counted[label] else "-"
+        print(f"| {label} | {spread(cpu[label], '.1f')} | {instructions} | {cycles} |")
+    first, last = list(configs)
+    ratios = [b / a for a, b in zip(cpu[first], cpu[last], strict=True)]
+    row = f"| {last} / {first}, paired per round | {spread(ratios, '.3f')} |"
+    if counted[first]:
+        pairs = list(zip(counted[first], counted[last], strict=True))
+        row += f" {spread([b[0] / a[0] for a, b in pairs], '.3f')} | {spread([b[1] / a[1] for a, b in pairs], '.3f')} |"
+    else:
+        row += " - | - |"
+    print(row)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="What each part of the compiled policy costs Envoy per request.")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the CPU-time measurement")
@@ -303,6 +347,7 @@ def main() -> None:
         help="also count instructions and estimated cycles per request under valgrind (slow)",
     )
     parser.add_argument("--work", default=str(BENCH / ".work"), help="scratch folder (keys, tokens, logs)")
+    parser.add_argument("--compare-rev", default="", help="compare the compiled policy with the one at this commit")
     args = parser.parse_args()
     if args.instructions and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         raise SystemExit("--instructions needs valgrind (Debian: apt-get install valgrind)")
@@ -318,6 +363,17 @@ def main() -> None:
         compiled = render_native(
             policy, listener_port=free_port(), admin_port=free_port(), grpc_port=grpc_port, http_port=http_port
         )
+        if args.compare_rev:
+            other = render_native(
+                policy,
+                listener_port=free_port(),
+                admin_port=free_port(),
+                grpc_port=grpc_port,
+                http_port=http_port,
+                checkout=checkout_rev(args.compare_rev, bench.work),
+            )
+            compare(bench, args, {f"compiled at {args.compare_rev}": other, "compiled here": compiled})
+            return
         configs = configurations(compiled, bench)
         cpu: dict[int, list[float]] = {i: [] for i in range(len(configs))}
         for round_ in range(1, args.rounds + 1):

@@ -12,8 +12,9 @@ follow it. Only what decides changes: the routes, and in place of the ext_authz 
     authz.rbac (RBAC)     on native routes: the same 400s, the 401s of a verified token
                           (checks.token_checks) and the 403s of the route's conditions
                           (checks.route_checks), each route with the checks it needs
-    ext_authz             the shipped filter, run when no token was verified (or the route is the
-                          service's): the service then decides, in its own words
+    ext_authz             the shipped filter, created (composite filter, behind a matcher) only
+                          when no token was verified (or the route is the service's): the
+                          service then decides, in its own words
 
 Denials Envoy makes itself are rewritten into the service's answers (answers.py). The result is a
 ``Compiled`` whose listeners and clusters are complete resources, so they can as well be served to
