@@ -12,7 +12,9 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytest
 import yaml
@@ -28,8 +30,8 @@ from authz_service.native.plan import Engine, plan
 from authz_service.native.report import report_text
 from authz_service.native.routes import Admission, ingress_routes
 from authz_service.policy import PolicyError, parse_policy
-from authz_service.request import (IDENTITY_HEADERS, BadRequest, checked_method, identity_and_override_spellings,
-                                   normalized_path)
+from authz_service.request import (IDENTITY_HEADERS, MAX_PATH_LENGTH, BadRequest, checked_method,
+                                   identity_and_override_spellings, normalized_path)
 from authz_service.tokens import MAX_HEADER_CHARS, _b64
 
 from . import envoyconf
@@ -271,6 +273,65 @@ def test_bearer_jwt_bounds_the_jose_header_as_the_service_reads_it() -> None:
         header = "h" * (length - 1) + "Q"  # 'Q' ends a segment of any length but 4k+1
         wanted = length <= MAX_HEADER_CHARS and length % 4 != 1
         assert (bearer.fullmatch(f"Bearer {header}.{'p' * 3000}.ssss") is not None) == wanted, length
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=200), st.characters(min_codepoint=0x80))
+def test_a_verified_token_is_ascii_so_its_size_in_bytes_is_its_size_in_characters(at: int, char: str) -> None:
+    """The token size check (checks.token_checks) reads bytes, for a token jwt_authn verified: one
+    that matched BEARER_JWT, which no character beyond ASCII matches."""
+    bearer = "Bearer " + ".".join(["eyJhbGciOiJSUzI1NiJ9", "eyJzdWIiOiJ4In0", "c2lnbmF0dXJl"])
+    assert re.fullmatch(patterns.BEARER_JWT, bearer)
+    at = at % (len(bearer) + 1)
+    assert re.fullmatch(patterns.BEARER_JWT, bearer[:at] + char + bearer[at:]) is None
+
+
+def _screen_and_token_policies() -> list[dict[str, Any]]:
+    """Every RBAC policy of the request screen and the token checks of a compiled policy."""
+    compiled = compile_policy(parse_policy(EVERY_KIND))
+    return [policy for rules in _all_rbac_policies(compiled.listeners) for policy in rules.values()]
+
+
+def _all_rbac_policies(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        if isinstance(node.get("policies"), dict):
+            yield node["policies"]
+        for value in node.values():
+            yield from _all_rbac_policies(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _all_rbac_policies(value)
+
+
+def test_the_target_length_cel_runs_only_for_a_long_target_in_bytes() -> None:
+    """A target over MAX_PATH_LENGTH characters (CEL ``size``, code points) is denied only once the
+    :path header matched a byte-length regex, run here by RE2 as Envoy runs it: it must match every
+    target of more than MAX_PATH_LENGTH bytes, UTF-8 or not (so nothing is loosened), and no target
+    of a usual length (so the CEL does not run for it)."""
+    re2 = pytest.importorskip("re2")  # google-re2, through cel-python
+    found = [p for p in _screen_and_token_policies() if '"field": "path"' in json.dumps(p.get("condition"))]
+    assert found
+    for policy in found:
+        (principal,) = policy["principals"]
+        assert principal["header"]["name"] == ":path"
+        gate = re2.compile(principal["header"]["string_match"]["safe_regex"]["regex"])
+        condition = policy["condition"]["call_expr"]
+        assert condition["function"] == "_>_" and condition["args"][1] == {"const_expr": {"int64_value": MAX_PATH_LENGTH}}
+        for value, matches in ((b"/" * 1024, False), (b"/" + b"a" * 1024, True),
+                               (b"/" * (MAX_PATH_LENGTH + 1), True), ("\u00e9".encode() * 512, False),
+                               ("\u00e9".encode() * 4097, True), (b"/" + b"\xff" * MAX_PATH_LENGTH, True),
+                               (b"/x?" + b"\x00\n" * 5000, True)):
+            assert (gate.fullmatch(value) is not None) == matches, value[:8]
+
+
+def test_the_token_size_is_counted_in_bytes_of_a_verified_token_only() -> None:
+    found = [p for p in _screen_and_token_policies() if '"field": "headers"' in json.dumps(p.get("condition"))]
+    assert found
+    for policy in found:
+        size = policy["condition"]["call_expr"]["args"][0]["call_expr"]
+        assert size["function"] == "size" and size["args"][0]["call_expr"]["function"] == "bytes"
+        metadata = policy["principals"][0]["sourced_metadata"]["metadata_matcher"]
+        assert metadata["path"] == [{"key": "payload"}, {"key": "iss"}]  # jwt_authn verified it
 
 
 @pytest.mark.parametrize(("pattern", "paths", "others"), [

@@ -47,6 +47,12 @@ def request_header(name: str) -> Expr:
     return index(select(ident("request"), "headers"), name)
 
 
+def byte_size(operand: Expr) -> Expr:
+    """``size(bytes(operand))``: a string's length in bytes, without counting its code points one by
+    one as ``size()`` of a string does (the same figure for ASCII text)."""
+    return call("size", call("bytes", operand))
+
+
 def request_target() -> Expr:
     """``:path`` as the client sent it after normalization, query included."""
     return select(ident("request"), "path")

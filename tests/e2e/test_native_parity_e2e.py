@@ -599,6 +599,41 @@ def test_spoofed_identity_headers_in_every_spelling_never_reach_the_app(rig: Rig
                 assert set(seen) <= set(IDENTITY), seen  # no other spelling reaches the app
 
 
+def token_of_length(rig: Rig, length: int) -> str:
+    """A valid token of exactly ``length`` characters: its payload padded, and a JOSE header member
+    of 0 to 2 characters to reach the lengths base64url leaves out (4n + 1)."""
+    for extra in range(3):
+        header = {"x": "y" * extra}
+        bare = len(rig.fake.token(scope="reports/read", header=header, pad=""))
+        near = (length - bare) * 3 // 4
+        for size in range(max(0, near - 4), near + 4):
+            token = rig.fake.token(scope="reports/read", header=header, pad="x" * size)
+            if len(token) == length:
+                return token
+    raise AssertionError(f"no token of {length} characters")
+
+
+def test_the_service_limits_at_their_edges(rig: Rig) -> None:
+    """Envoy reads a target's size in bytes first and counts its characters only past 1024 bytes,
+    and a verified token's in bytes (all ASCII): the limits hold to the character, a target of
+    multi-byte characters counts in characters, as the service counts."""
+    clients = edge(rig)
+    bearer = [("Authorization", f"Bearer {rig.fake.token(scope='reports/read')}")]
+    wide = "/reports/7?q=" + "\u00e9" * 4300  # 8613 bytes of UTF-8, 4313 characters
+    # (the request, the status refusing it for its size, whether it is refused so)
+    cases = [(Request("GET", target + "q" * (size - len(target)), headers, f"target of {size}", http2), 400,
+              size > 8192)
+             for target in ("/reports/7?", "/docs/x?") for size in (2000, 8192, 8193)
+             for headers in ([], bearer) for http2 in (False, True)]
+    cases.append((Request("GET", wide, bearer, "multi-byte target", http2=True), 400, False))
+    cases += [(Request("GET", "/reports/7", [("Authorization", f"Bearer {token_of_length(rig, size)}")],
+                       f"token of {size}"), 401, size > 4096) for size in (4096, 4097)]
+    for req, status, refused in cases:
+        reference, native = both(rig, clients, req)
+        assert native == reference, (req.token, req.http2)
+        assert (reference["status"] == status) == refused, (req.token, req.http2, reference)
+
+
 def test_requests_the_generator_does_not_make(rig: Rig) -> None:
     """Over the service's limits: a target over 8192 characters, a valid token over 4096, a JOSE
     header over 512 characters (the service calls it malformed; jwt_authn does not verify it)."""
