@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import http.client
 import itertools
 import json
@@ -50,6 +51,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -102,6 +104,31 @@ def envoy_binary() -> str | None:
 _handed_out: set[int] = set()
 _ports_lock = threading.Lock()
 _port_choice = random.Random()  # its own generator: a test run's seeded order must not repeat ports
+PORT_BLOCKS = 4  # processes (test runs, benches, demos) that get ports of their own at once
+_FIRST_PORT = 10_000
+_port_block: range | None = None  # this process's share, chosen on the first free_port()
+
+
+def claim_port_block(lock_dir: Path, low: int) -> tuple[range, int | None]:
+    """The first of ``PORT_BLOCKS`` equal shares of the ports from 10,000 up to ``low`` (the
+    kernel's ephemeral range) that no other process holds, and the descriptor that holds it.
+
+    Why: two suites (or a suite and a bench) side by side on one machine each hand out ports at
+    random; a port one chose and has not bound yet can be chosen by the other, and the second
+    server to bind it fails. A share is held by an ``flock`` on a file in ``lock_dir`` for as long
+    as the descriptor is open (the kernel drops it when the process ends, however it ends). When
+    every share is held, the whole range and no descriptor: the odds of before, never a failure.
+    """
+    size = (low - _FIRST_PORT) // PORT_BLOCKS
+    for k in range(PORT_BLOCKS):
+        fd = os.open(lock_dir / f"authz-service-test-ports-{k}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        return range(_FIRST_PORT + k * size, _FIRST_PORT + (k + 1) * size), fd
+    return range(_FIRST_PORT, low), None
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -124,20 +151,26 @@ def _bindable(port: int) -> bool:
 def free_port() -> int:
     """A TCP port free right now on all interfaces, and never handed out before in this run.
 
-    Best effort (the port is released before returning), with the two races seen on a busy machine
-    closed: the port comes from below the kernel's ephemeral range, so none of the thousands of
-    outgoing connections the suite makes can take it before a server binds it; and it is never
-    the same twice, so two ports asked for in a row (the service's gRPC and HTTP ports) differ,
-    which the kernel's ``bind(0)`` does not promise once the first was released.
+    Best effort (the port is released before returning), with the three races seen on a busy
+    machine closed: the port comes from below the kernel's ephemeral range, so none of the
+    thousands of outgoing connections the suite makes can take it before a server binds it; it
+    is never the same twice, so two ports asked for in a row (the service's gRPC and HTTP ports)
+    differ, which the kernel's ``bind(0)`` does not promise once the first was released; and it
+    comes from this process's own share of that range (``claim_port_block``), so another run on
+    the same machine cannot hand it out too.
     """
+    global _port_block
     low, _ = _ephemeral_range()
     with _ports_lock:
         if low > 11_000:
-            for _ in range(200):
-                port = _port_choice.randrange(10_000, low)
-                if port not in _handed_out and _bindable(port):
-                    _handed_out.add(port)
-                    return port
+            if _port_block is None:  # held until this process ends (the descriptor is never closed)
+                _port_block, _ = claim_port_block(Path(tempfile.gettempdir()), low)
+            for share in (_port_block, range(_FIRST_PORT, low)):  # this process's, else all of it
+                for _ in range(200):
+                    port = _port_choice.randrange(share.start, share.stop)
+                    if port not in _handed_out and _bindable(port):
+                        _handed_out.add(port)
+                        return port
         while True:  # no room below the ephemeral range: the kernel's choice, still never twice
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                 s.bind(("0.0.0.0", 0))
