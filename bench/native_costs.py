@@ -19,6 +19,12 @@ part is taken away only once nothing that needs it is left), and the service run
 
     .venv/bin/python bench/native_costs.py [--rounds 5] [--duration 6] [--instructions]
 
+  --alternatives
+               instead of the parts: the compiled policy against other ways of writing some of its
+               parts (ALTERNATIVES), each counted under callgrind (it needs valgrind): what a
+               formulation that looks cheaper would cost Envoy. Some are written only as far as
+               their cost goes (they do not give the service's answer): none is a compiler option.
+
   --compare-rev REV
                instead of the parts: the compiled policy of this checkout against the one
                `compile envoy` makes at REV (another commit), alternately, round after round (and
@@ -173,14 +179,16 @@ STEPS: list[tuple[str, Callable[[Config], None]]] = [
 ]
 
 
+def at(cfg: Config, listener: int, admin: int) -> Config:
+    """A copy of ``cfg`` listening on ``listener``, its admin on ``admin``."""
+    out = copy.deepcopy(cfg)
+    envoyconf.socket_address(envoyconf.listener(out, "ingress"), "listener")["port_value"] = listener
+    envoyconf.socket_address(out["admin"], "admin")["port_value"] = admin
+    return out
+
+
 def configurations(compiled: Config, bench: Bench) -> list[tuple[str, Callable[[int, int], Config]]]:
     """(label, build(listener port, admin port)) for every configuration, in the table's order."""
-
-    def at(cfg: Config, listener: int, admin: int) -> Config:
-        out = copy.deepcopy(cfg)
-        envoyconf.socket_address(envoyconf.listener(out, "ingress"), "listener")["port_value"] = listener
-        envoyconf.socket_address(out["admin"], "admin")["port_value"] = admin
-        return out
 
     out: list[tuple[str, Callable[[int, int], Config]]] = [
         ("compiled (row 4n)", lambda listener, admin: at(compiled, listener, admin))
@@ -205,6 +213,203 @@ def configurations(compiled: Config, bench: Bench) -> list[tuple[str, Callable[[
         )
     )
     return out
+
+
+# --- other ways of writing some parts, for their cost ---------------------------------------------
+
+
+def _native_policies(cfg: Config) -> list[dict[str, Config]]:
+    """The RBAC policies of every native route (the checks a natively decided request meets)."""
+    return [
+        route["typed_per_filter_config"][RBAC]["rbac"]["rules"]["policies"]
+        for route in _routes(cfg)
+        if route["name"].startswith("native: ")
+    ]
+
+
+def _override_spellings() -> list[str]:
+    from authz_service.request import BadRequest, identity_and_override_spellings, special_names
+
+    out = []
+    for name in identity_and_override_spellings():
+        try:
+            special_names([name])
+        except BadRequest:
+            out.append(name)
+    return out
+
+
+def inline_override_headers(cfg: Config) -> None:
+    """Every override header spelling registered as an O(1) header of Envoy's request header map."""
+    cfg["inline_headers"] = [
+        {"inline_header_name": name, "inline_header_type": "REQUEST_HEADER"} for name in _override_spellings()
+    ]
+
+
+def lua_override_screen(cfg: Config) -> None:
+    """The override headers looked up by one Lua filter in one pass over the request's headers,
+    instead of RBAC's lookup per spelling (the scan only: its denial is a bare 400)."""
+    drop_checks("override headers")(cfg)
+    names = ", ".join(f'["{name}"] = true' for name in _override_spellings())
+    code = (
+        f"local overrides = {{{names}}}\n"
+        "function envoy_on_request(handle)\n"
+        "  for name, _ in pairs(handle:headers()) do\n"
+        "    if overrides[name] then handle:respond({[':status'] = '400'}, '') return end\n"
+        "  end\n"
+        "end\n"
+    )
+    lua = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+    filters = _hcm(cfg)["http_filters"]
+    at = [f["name"] for f in filters].index(JWT)
+    filters.insert(
+        at, {"name": "authz.lua", "typed_config": {"@type": lua, "default_source_code": {"inline_string": code}}}
+    )
+
+
+def rbac_only_when_verified(cfg: Config) -> None:
+    """RBAC created, like ext_authz, by the composite filter's matcher: only for a request with a
+    verified token (ext_authz for any other), so no check needs to ask whether a token was verified,
+    and the missing-token check goes (the service answers it)."""
+    filters = _hcm(cfg)["http_filters"]
+    names = [f["name"] for f in filters]
+    rbac, composite = filters[names.index(RBAC)], filters[names.index(EXT_AUTHZ)]
+    matcher = composite["typed_config"]["xds_matcher"]["matcher_list"]["matchers"][0]
+    matcher["on_match"] = {
+        "action": {
+            "name": "verified",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
+                "typed_config": {"name": "envoy.filters.http.rbac", "typed_config": rbac["typed_config"]},
+            },
+        }
+    }
+    composite["typed_config"]["extension_config"]["name"] = RBAC
+    filters[names.index(RBAC)] = {"name": RBAC, "typed_config": composite["typed_config"]}
+    filters.remove(composite)
+    for route in _routes(cfg):
+        route.get("typed_per_filter_config", {}).pop(EXT_AUTHZ, None)
+    verified = {
+        "sourced_metadata": {
+            "metadata_matcher": {
+                "filter": "envoy.filters.http.jwt_authn",
+                "path": [{"key": "payload"}, {"key": "iss"}],
+                "value": {"present_match": True},
+            }
+        }
+    }
+    for policies in _native_policies(cfg):
+        for name in list(policies):
+            if name.split("-")[1] == "missing_token":
+                del policies[name]
+                continue
+            principals = policies[name]["principals"]
+            if principals == [verified]:
+                principals[:] = [{"any": True}]
+            elif "and_ids" in principals[0]:
+                ids = [p for p in principals[0]["and_ids"]["ids"] if p != verified]
+                principals[:] = ids if len(ids) == 1 else [{"and_ids": {"ids": ids}}]
+
+
+def one_cel_condition(cfg: Config) -> None:
+    """The token size and iat checks in one policy whose CEL condition is either of theirs."""
+    for policies in _native_policies(cfg):
+        (size,) = [n for n, p in policies.items() if kind_of(n, p) == "token size"]
+        (iat,) = [n for n, p in policies.items() if kind_of(n, p) == "iat"]
+        either = [policies.pop(size)["condition"], policies[iat]["condition"]]
+        policies[iat]["condition"] = {"call_expr": {"function": "_||_", "args": either}}
+
+
+def merged_claim_checks(cfg: Config) -> None:
+    """The client_id checks (missing or empty, its text) as one policy, and the scope checks (a
+    string, its characters, its spacing) as one."""
+    from authz_service.claims import SCOPE_TOKEN
+
+    def claim(name: str, value: Config) -> Config:
+        path = [{"key": "payload"}, {"key": name}]
+        return {
+            "sourced_metadata": {
+                "metadata_matcher": {"filter": "envoy.filters.http.jwt_authn", "path": path, "value": value}
+            }
+        }
+
+    def regex(pattern: str) -> Config:
+        return {"string_match": {"safe_regex": {"regex": pattern}}}
+
+    valid_text = r"(?s)[^ \t\x00-\x1f\x7f](?:[^\x00-\x08\x0a-\x1f\x7f]*[^ \t\x00-\x1f\x7f])?"
+    for policies in _native_policies(cfg):
+        token = [n for n, p in policies.items() if kind_of(n, p) == "token"]
+        # Not the issuer's client allow-list (exact client ids), if the policy has one.
+        client = [
+            n
+            for n in token
+            if '"key": "client_id"' in json.dumps(policies[n]) and '"exact"' not in json.dumps(policies[n])
+        ]
+        scope = [n for n in token if '"key": "scope"' in json.dumps(policies[n])]
+        for name in client[1:] + scope[1:]:
+            del policies[name]
+        policies[client[0]]["principals"] = [
+            {
+                "and_ids": {
+                    "ids": [claim("iss", {"present_match": True}), {"not_id": claim("client_id", regex(valid_text))}]
+                }
+            }
+        ]
+        policies[scope[0]]["principals"] = [
+            {
+                "and_ids": {
+                    "ids": [
+                        claim("scope", {"present_match": True}),
+                        {"not_id": claim("scope", regex(f"(?:{SCOPE_TOKEN}(?: {SCOPE_TOKEN})*)?"))},
+                    ]
+                }
+            }
+        ]
+
+
+def loose_token_pattern(cfg: Config) -> None:
+    """jwt_authn's rule matching any three base64url segments (no canonical tails, no bound on the
+    JOSE header): what the canonical form itself costs over reading the token at all."""
+    for rule in envoyconf.http_filter(cfg, JWT, "ingress")["rules"]:
+        for header in rule["match"]["headers"]:
+            header["string_match"]["safe_regex"]["regex"] = r"Bearer [A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"
+
+
+ALTERNATIVES: list[tuple[str, Callable[[Config], None]]] = [
+    ("override headers registered as inline headers (bootstrap inline_headers)", inline_override_headers),
+    ("override headers screened by one Lua filter instead (one pass over the headers)", lua_override_screen),
+    ("RBAC created only for a verified token (composite filter, with ext_authz)", rbac_only_when_verified),
+    ("token size and iat in one CEL condition", one_cel_condition),
+    ("the client_id checks in one policy, the scope checks in one", merged_claim_checks),
+    ("jwt_authn's rule: any three base64url segments, not the canonical pattern", loose_token_pattern),
+]
+
+
+def alternatives(bench: Bench, args: argparse.Namespace, compiled: Config) -> None:
+    """The compiled policy and each alternative, counted once each under callgrind."""
+    configs = [("compiled (row 4n)", compiled)]
+    for label, change in ALTERNATIVES:
+        cfg = copy.deepcopy(compiled)
+        change(cfg)
+        configs.append((label, cfg))
+    counted = []
+    for i, (label, cfg) in enumerate(configs):
+        print(f"callgrind: {label}", flush=True)
+        placed = at(cfg, free_port(), free_port())
+        counted.append(instructions_per_request(bench, placed, f"alternative-{i}", args.duration, args.connections))
+    print()
+    print(f"Machine: {machine()}")
+    print(
+        f"Command: bench/native_costs.py --alternatives --duration {args.duration:g} --connections "
+        f"{args.connections} (wrk -t1 -c{args.connections}, Envoy --concurrency 1, warm tokens, under callgrind)"
+    )
+    print()
+    print("| configuration | instructions/request | against compiled | est. cycles/request | against compiled |")
+    print("|---|---:|---:|---:|---:|")
+    (base_instr, base_cycles), rows = counted[0], list(zip(configs, counted, strict=True))
+    for i, ((label, _), (instr, cycles)) in enumerate(rows):
+        against = ("-", "-") if i == 0 else (f"{instr - base_instr:+,.0f}", f"{cycles - base_cycles:+,.0f}")
+        print(f"| {label} | {instr:,.0f} | {against[0]} | {cycles:,.0f} | {against[1]} |")
 
 
 # --- measuring -----------------------------------------------------------------------------------
@@ -306,10 +511,10 @@ def compare(bench: Bench, args: argparse.Namespace, configs: dict[str, Config]) 
     for round_ in range(1, args.rounds + 1):
         for i, (label, cfg) in enumerate(configs.items()):
             print(f"round {round_}/{args.rounds}: {label}", flush=True)
-            placed = configurations(cfg, bench)[0][1](free_port(), free_port())
+            placed = at(cfg, free_port(), free_port())
             cpu[label].append(cpu_per_request(bench, placed, f"compare-{i}", args.duration, args.connections))
             if args.instructions:
-                placed = configurations(cfg, bench)[0][1](free_port(), free_port())
+                placed = at(cfg, free_port(), free_port())
                 counted[label].append(instructions_per_request(bench, placed, f"compare-{i}", 10, args.connections))
     print()
     print(f"Machine: {machine()}")
@@ -348,7 +553,11 @@ def main() -> None:
     )
     parser.add_argument("--work", default=str(BENCH / ".work"), help="scratch folder (keys, tokens, logs)")
     parser.add_argument("--compare-rev", default="", help="compare the compiled policy with the one at this commit")
+    parser.add_argument(
+        "--alternatives", action="store_true", help="count other ways of writing some parts (under valgrind)"
+    )
     args = parser.parse_args()
+    args.instructions = args.instructions or args.alternatives
     if args.instructions and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         raise SystemExit("--instructions needs valgrind (Debian: apt-get install valgrind)")
     bench = Bench(argparse.Namespace(work=args.work, cold_tokens=1))
@@ -373,6 +582,9 @@ def main() -> None:
                 checkout=checkout_rev(args.compare_rev, bench.work),
             )
             compare(bench, args, {f"compiled at {args.compare_rev}": other, "compiled here": compiled})
+            return
+        if args.alternatives:
+            alternatives(bench, args, compiled)
             return
         configs = configurations(compiled, bench)
         cpu: dict[int, list[float]] = {i: [] for i in range(len(configs))}
@@ -403,8 +615,9 @@ def main() -> None:
     head = "| configuration | Envoy CPU us/request | step: CPU us (paired) |"
     rule = "|---|---:|---:|"
     if counted:
-        head += " instructions/request | step | est. cycles/request | step |"
-        rule += "---:|---:|---:|---:|"
+        head += " instructions/request | step | x row 2c | est. cycles/request | step | x row 2c |"
+        rule += "---:|---:|---:|---:|---:|---:|"
+        anchor = next(counted[i] for i, (label, _) in enumerate(configs) if label.startswith("row 2c"))
     print(head)
     print(rule)
     steps = len(STEPS) + 1
@@ -417,7 +630,10 @@ def main() -> None:
             instr, cycles = counted[i]
             instr_step = f"{counted[i - 1][0] - instr:,.0f}" if 0 < i < steps else "-"
             cycles_step = f"{counted[i - 1][1] - cycles:,.0f}" if 0 < i < steps else "-"
-            row += f" {instr:,.0f} | {instr_step} | {cycles:,.0f} | {cycles_step} |"
+            row += (
+                f" {instr:,.0f} | {instr_step} | {instr / anchor[0]:.2f} |"
+                f" {cycles:,.0f} | {cycles_step} | {cycles / anchor[1]:.2f} |"
+            )
         print(row)
 
 

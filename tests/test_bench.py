@@ -108,6 +108,38 @@ def test_native_rows_run_the_compiled_policy_in_the_measured_shape(run, tmp_path
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _bench_policy_compiled(run, tmp_path: Path) -> dict:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({
+        "issuers": [{"user_pool_id": run.POOL, "issuer": run.ISSUER, "jwks_uri": "http://127.0.0.1:1/jwks.json"}],
+        "routes": [{"name": "get", "methods": ["GET"], "path": "/transactions/{id}", "scopes": ["transactions/get"]},
+                   {"name": "health", "path": "/healthz", "public": True}]}))
+    return run.render_native(policy, listener_port=18080, admin_port=18081, grpc_port=19191, http_port=18181)
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_native_costs_alternatives_change_the_policy_and_validate(run, index: int, tmp_path: Path) -> None:
+    """bench/native_costs.py --alternatives: each other way of writing a part changes the compiled
+    policy, and Envoy accepts the result (else its count would be of a configuration Envoy refuses)."""
+    import copy
+
+    costs = load("native_costs")
+    assert len(costs.ALTERNATIVES) == 6
+    label, change = costs.ALTERNATIVES[index]
+    compiled = _bench_policy_compiled(run, tmp_path)
+    cfg = copy.deepcopy(compiled)
+    change(cfg)
+    assert cfg != compiled, label
+    binary = envoy_binary()
+    if not binary:
+        pytest.skip("no envoy binary")
+    path = tmp_path / "alternative.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = subprocess.run([binary, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, label + "\n" + result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("variant", ["per-connection", "per-source", "timers-1s", "timers-1s-from-25%"])
 def test_abuse_envoy_variants_validate(run, variant: str, tmp_path: Path) -> None:
     """bench/abuse.py's Envoy variants (the per-source one is the one docs/security.md shows)."""
