@@ -51,10 +51,30 @@ def jwks() -> str:
     return doc
 
 
-@pytest.mark.parametrize("kind", ["none", "jwt_authn", "jwt_authn_cached", "ext_authz", "ext_authz_http"])
-def test_generated_envoy_configs_validate(run, kind: str, tmp_path: Path) -> None:
+def assert_envoy_validates(cfg: dict, path: Path) -> None:
+    """Envoy's own validation accepts ``cfg`` (skipped where no Envoy binary is installed)."""
     binary = envoy_binary()
     if not binary:
+        pytest.skip("no envoy binary")
+    path.write_text(yaml.safe_dump(cfg))
+    result = subprocess.run([binary, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"{path.name}\n{result.stdout}{result.stderr}"
+
+
+def compiled_bench_policy(run, tmp_path: Path) -> dict:
+    """The bootstrap the native rows run: the bench's shape of what compile envoy makes of a policy."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({
+        "issuers": [{"user_pool_id": run.POOL, "issuer": run.ISSUER, "jwks_uri": "http://127.0.0.1:1/jwks.json"}],
+        "routes": [{"name": "get", "methods": ["GET"], "path": "/transactions/{id}", "scopes": ["transactions/get"]},
+                   {"name": "health", "path": "/healthz", "public": True}]}))
+    return run.render_native(policy, listener_port=18080, admin_port=18081, grpc_port=19191, http_port=18181)
+
+
+@pytest.mark.parametrize("kind", ["none", "jwt_authn", "jwt_authn_cached", "ext_authz", "ext_authz_http"])
+def test_generated_envoy_configs_validate(run, kind: str, tmp_path: Path) -> None:
+    if not envoy_binary():
         pytest.skip("no envoy binary")
     cfg = run.render_envoy(kind, listener_port=18080, admin_port=18081, authz_port=19191, jwks=jwks())
     names = [f["name"] for f in envoyconf.http_filters(cfg)]
@@ -68,11 +88,7 @@ def test_generated_envoy_configs_validate(run, kind: str, tmp_path: Path) -> Non
     admission = ["envoy.filters.http.local_ratelimit"]
     assert names == admission + expected[kind] + [envoyconf.PER_CLIENT_FILTER, "envoy.filters.http.router"]
     assert [l["name"] for l in cfg["static_resources"]["listeners"]] == ["ingress"]
-    path = tmp_path / f"{kind}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    result = subprocess.run([binary, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_envoy_validates(cfg, tmp_path / f"{kind}.yaml")
 
 
 def test_native_rows_run_the_compiled_policy_in_the_measured_shape(run, tmp_path: Path) -> None:
@@ -81,12 +97,7 @@ def test_native_rows_run_the_compiled_policy_in_the_measured_shape(run, tmp_path
     with the same verified-token cache as row 2c; Envoy accepts it."""
     from authz_service.native.options import Options
 
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(yaml.safe_dump({
-        "issuers": [{"user_pool_id": run.POOL, "issuer": run.ISSUER, "jwks_uri": "http://127.0.0.1:1/jwks.json"}],
-        "routes": [{"name": "get", "methods": ["GET"], "path": "/transactions/{id}", "scopes": ["transactions/get"]},
-                   {"name": "health", "path": "/healthz", "public": True}]}))
-    cfg = run.render_native(policy, listener_port=18080, admin_port=18081, grpc_port=19191, http_port=18181)
+    cfg = compiled_bench_policy(run, tmp_path)
     assert [l["name"] for l in cfg["static_resources"]["listeners"]] == ["ingress"]
     hcm = envoyconf.hcm(cfg, "ingress")
     from authz_service.native.decisions import STATS_LOGGER
@@ -98,23 +109,7 @@ def test_native_rows_run_the_compiled_policy_in_the_measured_shape(run, tmp_path
     assert "envoy.filters.http.local_ratelimit" in [f["name"] for f in envoyconf.http_filters(cfg)]
     provider = next(iter(envoyconf.http_filter(cfg, "authz.jwt")["providers"].values()))
     assert provider["jwt_cache_config"]["jwt_cache_size"] == run.JWT_CACHE_SIZE == Options().jwt_cache_size
-    binary = envoy_binary()
-    if not binary:
-        pytest.skip("no envoy binary")
-    path = tmp_path / "native.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    result = subprocess.run([binary, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def _bench_policy_compiled(run, tmp_path: Path) -> dict:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(yaml.safe_dump({
-        "issuers": [{"user_pool_id": run.POOL, "issuer": run.ISSUER, "jwks_uri": "http://127.0.0.1:1/jwks.json"}],
-        "routes": [{"name": "get", "methods": ["GET"], "path": "/transactions/{id}", "scopes": ["transactions/get"]},
-                   {"name": "health", "path": "/healthz", "public": True}]}))
-    return run.render_native(policy, listener_port=18080, admin_port=18081, grpc_port=19191, http_port=18181)
+    assert_envoy_validates(cfg, tmp_path / "native.yaml")
 
 
 @pytest.mark.parametrize("index", range(6))
@@ -126,26 +121,16 @@ def test_native_costs_alternatives_change_the_policy_and_validate(run, index: in
     costs = load("native_costs")
     assert len(costs.ALTERNATIVES) == 6
     label, change = costs.ALTERNATIVES[index]
-    compiled = _bench_policy_compiled(run, tmp_path)
+    compiled = compiled_bench_policy(run, tmp_path)
     cfg = copy.deepcopy(compiled)
     change(cfg)
     assert cfg != compiled, label
-    binary = envoy_binary()
-    if not binary:
-        pytest.skip("no envoy binary")
-    path = tmp_path / "alternative.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    result = subprocess.run([binary, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, label + "\n" + result.stdout + result.stderr
+    assert_envoy_validates(cfg, tmp_path / f"alternative-{index}.yaml")
 
 
 @pytest.mark.parametrize("variant", ["per-connection", "per-source", "timers-1s", "timers-1s-from-25%"])
 def test_abuse_envoy_variants_validate(run, variant: str, tmp_path: Path) -> None:
     """bench/abuse.py's Envoy variants (the per-source one is the one docs/security.md shows)."""
-    binary = envoy_binary()
-    if not binary:
-        pytest.skip("no envoy binary")
     abuse = load("abuse")
     cfg = run.render_envoy("ext_authz", listener_port=18080, admin_port=18081, authz_port=19191)
     cfg = {"per-connection": lambda: abuse.bearer_bucket(cfg, "per-connection"),
@@ -153,11 +138,7 @@ def test_abuse_envoy_variants_validate(run, variant: str, tmp_path: Path) -> Non
            "timers-1s": lambda: abuse.tightened_timers(cfg, "1s"),
            "timers-1s-from-25%": lambda: abuse.tightened_timers(cfg, "1s", 0.25, 0.5)}[variant]()
     assert abuse.connection_limit(cfg) == 2048
-    path = tmp_path / "variant.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    result = subprocess.run([binary, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_envoy_validates(cfg, tmp_path / "variant.yaml")
 
 
 def test_grpc_frame_is_a_check_request_the_service_parses(run) -> None:
