@@ -65,6 +65,8 @@ from run import (
 )
 
 from authz_service.decision import UNMET_REASONS
+from authz_service.native.bootstrap import EXECUTE_FILTER
+from authz_service.native.checks import PAYLOAD, VERIFIED, and_, metadata, not_, present, regex
 
 Config = dict[str, Any]
 RBAC, JWT, EXT_AUTHZ = "authz.rbac", "authz.jwt", "envoy.filters.http.ext_authz"
@@ -227,30 +229,30 @@ def _native_policies(cfg: Config) -> list[dict[str, Config]]:
     ]
 
 
-def _override_spellings() -> list[str]:
-    from authz_service.request import BadRequest, identity_and_override_spellings, special_names
-
-    out = []
-    for name in identity_and_override_spellings():
-        try:
-            special_names([name])
-        except BadRequest:
-            out.append(name)
-    return out
+def _override_spellings(cfg: Config) -> list[str]:
+    """The override header spellings the compiled policy's checks look up."""
+    names: set[str] = set()
+    for policies in _native_policies(cfg):
+        for name, policy in policies.items():
+            if kind_of(name, policy) == "override headers":
+                names.update(p["header"]["name"] for p in policy["principals"][0]["or_ids"]["ids"])
+    if not names:
+        raise SystemExit("the compiled policy looks up no override header: its checks changed shape")
+    return sorted(names)
 
 
 def inline_override_headers(cfg: Config) -> None:
     """Every override header spelling registered as an O(1) header of Envoy's request header map."""
     cfg["inline_headers"] = [
-        {"inline_header_name": name, "inline_header_type": "REQUEST_HEADER"} for name in _override_spellings()
+        {"inline_header_name": name, "inline_header_type": "REQUEST_HEADER"} for name in _override_spellings(cfg)
     ]
 
 
 def lua_override_screen(cfg: Config) -> None:
     """The override headers looked up by one Lua filter in one pass over the request's headers,
     instead of RBAC's lookup per spelling (the scan only: its denial is a bare 400)."""
+    names = ", ".join(f'["{name}"] = true' for name in _override_spellings(cfg))
     drop_checks("override headers")(cfg)
-    names = ", ".join(f'["{name}"] = true' for name in _override_spellings())
     code = (
         f"local overrides = {{{names}}}\n"
         "function envoy_on_request(handle)\n"
@@ -261,9 +263,9 @@ def lua_override_screen(cfg: Config) -> None:
     )
     lua = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
     filters = _hcm(cfg)["http_filters"]
-    at = [f["name"] for f in filters].index(JWT)
+    before = [f["name"] for f in filters].index(JWT)
     filters.insert(
-        at, {"name": "authz.lua", "typed_config": {"@type": lua, "default_source_code": {"inline_string": code}}}
+        before, {"name": "authz.lua", "typed_config": {"@type": lua, "default_source_code": {"inline_string": code}}}
     )
 
 
@@ -279,7 +281,7 @@ def rbac_only_when_verified(cfg: Config) -> None:
         "action": {
             "name": "verified",
             "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
+                "@type": EXECUTE_FILTER,
                 "typed_config": {"name": "envoy.filters.http.rbac", "typed_config": rbac["typed_config"]},
             },
         }
@@ -289,25 +291,16 @@ def rbac_only_when_verified(cfg: Config) -> None:
     filters.remove(composite)
     for route in _routes(cfg):
         route.get("typed_per_filter_config", {}).pop(EXT_AUTHZ, None)
-    verified = {
-        "sourced_metadata": {
-            "metadata_matcher": {
-                "filter": "envoy.filters.http.jwt_authn",
-                "path": [{"key": "payload"}, {"key": "iss"}],
-                "value": {"present_match": True},
-            }
-        }
-    }
     for policies in _native_policies(cfg):
         for name in list(policies):
             if name.split("-")[1] == "missing_token":
                 del policies[name]
                 continue
             principals = policies[name]["principals"]
-            if principals == [verified]:
+            if principals == [VERIFIED]:
                 principals[:] = [{"any": True}]
             elif "and_ids" in principals[0]:
-                ids = [p for p in principals[0]["and_ids"]["ids"] if p != verified]
+                ids = [p for p in principals[0]["and_ids"]["ids"] if p != VERIFIED]
                 principals[:] = ids if len(ids) == 1 else [{"and_ids": {"ids": ids}}]
 
 
@@ -325,17 +318,6 @@ def merged_claim_checks(cfg: Config) -> None:
     string, its characters, its spacing) as one."""
     from authz_service.claims import SCOPE_TOKEN
 
-    def claim(name: str, value: Config) -> Config:
-        path = [{"key": "payload"}, {"key": name}]
-        return {
-            "sourced_metadata": {
-                "metadata_matcher": {"filter": "envoy.filters.http.jwt_authn", "path": path, "value": value}
-            }
-        }
-
-    def regex(pattern: str) -> Config:
-        return {"string_match": {"safe_regex": {"regex": pattern}}}
-
     valid_text = r"(?s)[^ \t\x00-\x1f\x7f](?:[^\x00-\x08\x0a-\x1f\x7f]*[^ \t\x00-\x1f\x7f])?"
     for policies in _native_policies(cfg):
         token = [n for n, p in policies.items() if kind_of(n, p) == "token"]
@@ -348,22 +330,10 @@ def merged_claim_checks(cfg: Config) -> None:
         scope = [n for n in token if '"key": "scope"' in json.dumps(policies[n])]
         for name in client[1:] + scope[1:]:
             del policies[name]
-        policies[client[0]]["principals"] = [
-            {
-                "and_ids": {
-                    "ids": [claim("iss", {"present_match": True}), {"not_id": claim("client_id", regex(valid_text))}]
-                }
-            }
-        ]
+        valid_scope = f"(?:{SCOPE_TOKEN}(?: {SCOPE_TOKEN})*)?"
+        policies[client[0]]["principals"] = [and_(VERIFIED, not_(metadata(PAYLOAD, "client_id", regex(valid_text))))]
         policies[scope[0]]["principals"] = [
-            {
-                "and_ids": {
-                    "ids": [
-                        claim("scope", {"present_match": True}),
-                        {"not_id": claim("scope", regex(f"(?:{SCOPE_TOKEN}(?: {SCOPE_TOKEN})*)?"))},
-                    ]
-                }
-            }
+            and_(present(PAYLOAD, "scope"), not_(metadata(PAYLOAD, "scope", regex(valid_scope))))
         ]
 
 
