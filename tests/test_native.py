@@ -286,8 +286,8 @@ def test_a_verified_token_is_ascii_so_its_size_in_bytes_is_its_size_in_character
     assert re.fullmatch(patterns.BEARER_JWT, bearer[:at] + char + bearer[at:]) is None
 
 
-def _screen_and_token_policies() -> list[dict[str, Any]]:
-    """Every RBAC policy of the request screen and the token checks of a compiled policy."""
+def _compiled_rbac_policies() -> list[dict[str, Any]]:
+    """Every RBAC policy of a compiled policy (the request screen's and every route's)."""
     compiled = compile_policy(parse_policy(EVERY_KIND))
     return [policy for rules in _all_rbac_policies(compiled.listeners) for policy in rules.values()]
 
@@ -309,7 +309,7 @@ def test_the_target_length_cel_runs_only_for_a_long_target_in_bytes() -> None:
     target of more than MAX_PATH_LENGTH bytes, UTF-8 or not (so nothing is loosened), and no target
     of a usual length (so the CEL does not run for it)."""
     re2 = pytest.importorskip("re2")  # google-re2, through cel-python
-    found = [p for p in _screen_and_token_policies() if '"field": "path"' in json.dumps(p.get("condition"))]
+    found = [p for p in _compiled_rbac_policies() if '"field": "path"' in json.dumps(p.get("condition"))]
     assert found
     for policy in found:
         (principal,) = policy["principals"]
@@ -325,7 +325,7 @@ def test_the_target_length_cel_runs_only_for_a_long_target_in_bytes() -> None:
 
 
 def test_the_token_size_is_counted_in_bytes_of_a_verified_token_only() -> None:
-    found = [p for p in _screen_and_token_policies() if '"field": "headers"' in json.dumps(p.get("condition"))]
+    found = [p for p in _compiled_rbac_policies() if '"field": "headers"' in json.dumps(p.get("condition"))]
     assert found
     for policy in found:
         size = policy["condition"]["call_expr"]["args"][0]["call_expr"]

@@ -38,7 +38,7 @@ from ..policy import Policy
 from ..request import BadRequest, identity_and_override_spellings, special_names
 from .answers import AnswerBook
 from .cel import JWT_AUTHN
-from .checks import PAYLOAD, rules, screen_checks
+from .checks import VERIFIED_PATH, rules, screen_checks
 from .decisions import add_decision_stats
 from .jwt import SERVICE_HTTP_CLUSTER, jwt_authn
 from .options import Address, Options
@@ -253,7 +253,7 @@ def _unless_verified(ext_authz: dict[str, Any]) -> dict[str, Any]:
                 "typed_config": {
                     "@type": DYNAMIC_METADATA_INPUT,
                     "filter": JWT_AUTHN,
-                    "path": [{"key": PAYLOAD}, {"key": "iss"}],
+                    "path": [{"key": key} for key in VERIFIED_PATH],
                 },
             },
             "custom_match": {

@@ -127,7 +127,9 @@ def exact(text: str) -> dict[str, Any]:
 
 
 # jwt_authn verified the token: only then is its payload in the metadata (its iss is a string).
-VERIFIED = present(PAYLOAD, "iss")
+# The one sign of it the RBAC checks, the ext_authz filter's matcher and the decision stats read.
+VERIFIED_PATH = (PAYLOAD, "iss")
+VERIFIED = present(*VERIFIED_PATH)
 # A string claim (a string matcher never matches a number, a boolean, a list or an object).
 ANY_STRING = regex("(?s).*")
 

@@ -38,7 +38,7 @@ from typing import Any
 from ..decision import REASONS, Reason
 from .answers import status_filter
 from .cel import JWT_AUTHN
-from .checks import PAYLOAD
+from .checks import VERIFIED_PATH
 
 STATS_LOGGER = "type.googleapis.com/envoy.extensions.access_loggers.stats.v3.Config"
 STAT_SCOPE, STAT_NAME = "authz", "native_decisions"  # Prometheus: envoy_authz_native_decisions
@@ -179,4 +179,4 @@ def _status(op: str, value: int) -> dict[str, Any]:
 
 def _jwt_verified() -> dict[str, Any]:
     """jwt_authn verified a token (its payload is in the metadata: the ext_authz filter's switch)."""
-    return _metadata(JWT_AUTHN, [PAYLOAD, "iss"], {"present_match": True}, if_absent=False)
+    return _metadata(JWT_AUTHN, list(VERIFIED_PATH), {"present_match": True}, if_absent=False)
