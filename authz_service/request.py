@@ -206,6 +206,23 @@ def identity_and_override_spellings() -> tuple[str, ...]:
     return tuple(sorted(SPECIAL_NAMES))
 
 
+def identity_spellings() -> tuple[str, ...]:
+    """Every spelling of every identity header, sorted: what is stripped from a client's request
+    (``special_names`` returns them) rather than refused."""
+    return tuple(sorted(name for name in SPECIAL_NAMES if name.translate(_TO_DASH) in _IDENTITY_SPELLINGS))
+
+
+def override_spellings() -> dict[str, tuple[str, ...]]:
+    """Each override header's spellings (sorted), by its name in name order: what is refused
+    (``special_names`` raises BadRequest naming the header)."""
+    spellings: dict[str, list[str]] = {}
+    for name in sorted(SPECIAL_NAMES):
+        dashed = name.translate(_TO_DASH)
+        if dashed in _OVERRIDES:
+            spellings.setdefault(dashed, []).append(name)
+    return {header: tuple(spellings[header]) for header in sorted(spellings)}
+
+
 def _has_method_override(query: str) -> bool:
     """Whether the query names a ``_method`` parameter, however it is spelled.
 

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2
 from authz_service.doors.grpc import parse_check_request
-from authz_service.request import SPECIAL_NAMES, BadRequest, HttpRequest
+from authz_service.request import (SPECIAL_NAMES, BadRequest, HttpRequest, identity_spellings, override_spellings,
+                                    special_names as parse_special_names)
 
 
 def check(
@@ -209,6 +210,20 @@ def test_all_spoofed_spellings_are_listed():
     request = parse(header_map=[("x-auth-sub", b"1"), ("x_auth_sub", b"2"), ("X_Auth_Client_Id", b"3"),
                                 ("x-auth-scopes", b"4")])
     assert set(request.spoofed_identity_headers) == {"x-auth-sub", "x_auth_sub", "x_auth_client_id", "x-auth-scopes"}
+
+
+def test_identity_and_override_spellings_split_the_special_names_as_the_parser_does():
+    """What the native compiler strips and refuses is what the parser strips and refuses."""
+    stripped = identity_spellings()
+    assert parse_special_names(stripped) == stripped and len(stripped) == 27 + 9 + 9
+    refused = override_spellings()
+    assert list(refused) == sorted(refused) and len(refused) == 5
+    for header, spellings in refused.items():
+        assert header in spellings and list(spellings) == sorted(spellings)
+        for name in spellings:
+            with pytest.raises(BadRequest, match=f"^{header} "):
+                parse_special_names([name])
+    assert sorted([*stripped, *(n for s in refused.values() for n in s)]) == sorted(SPECIAL_NAMES)
 
 
 # --- properties ----------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from ..policy import Policy
-from ..request import BadRequest, identity_and_override_spellings, special_names
+from ..request import identity_spellings
 from .answers import AnswerBook
 from .cel import JWT_AUTHN
 from .checks import VERIFIED_PATH, rules, screen_checks
@@ -298,7 +298,7 @@ def _strip_identity_early(hcm: dict[str, Any]) -> None:
     pass over the request's headers with one regex, rather than a lookup per spelling."""
     extensions = hcm["early_header_mutation_extensions"]
     _expect(len(extensions) == 1, "one early header mutation")
-    spellings = [name for name in identity_and_override_spellings() if _is_identity(name)]
+    spellings = identity_spellings()
     extensions[0]["typed_config"]["mutations"].append(
         {
             "remove_on_match": {
@@ -306,15 +306,6 @@ def _strip_identity_early(hcm: dict[str, Any]) -> None:
             }
         }
     )
-
-
-def _is_identity(name: str) -> bool:
-    """Whether the service strips ``name`` (an identity header spelling) rather than refusing it."""
-    try:
-        special_names([name])
-    except BadRequest:
-        return False
-    return True
 
 
 def _service_http_cluster(address: Address) -> dict[str, Any]:

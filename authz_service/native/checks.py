@@ -31,13 +31,14 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from ..claims import SCOPE_CHARS, SCOPE_TOKEN, UNSUPPORTED, Claims, ClaimValue
 from ..conditions import ANY_SCOPE_TEXT, ClaimCondition, Unmet
 from ..decision import MISSING_TOKEN_TEXT, UNMET_REASONS, Reason
 from ..policy import DenyList, Policy, Route
-from ..request import MAX_PATH_LENGTH, BadRequest, identity_and_override_spellings, normalized_path, special_names
+from ..request import MAX_PATH_LENGTH, BadRequest, normalized_path, override_spellings, special_names
 from ..tokens import MAX_TOKEN_BYTES, TokenError, check_deny_list
 from ..tools.simulate import Simulator
 from . import cel
@@ -184,16 +185,9 @@ def screen_checks() -> list[Check]:
     ]
     # Every spelling of one override header is refused in the same words, which name the header:
     # the service names the first in name order, and so does the first of these checks to match.
-    overrides: dict[str, list[str]] = {}
-    for name in identity_and_override_spellings():
-        try:
-            special_names([name])  # an identity header spelling: stripped, not refused
-        except BadRequest as exc:
-            overrides.setdefault(str(exc), []).append(name)
-    for description in sorted(overrides):
-        checks.append(
-            Check(Reason.BAD_REQUEST, description, or_(*(header_present(n) for n in sorted(overrides[description]))))
-        )
+    for spellings in override_spellings().values():
+        description = _refusal(partial(special_names, spellings[:1]))
+        checks.append(Check(Reason.BAD_REQUEST, description, or_(*(header_present(n) for n in spellings))))
     return checks
 
 
