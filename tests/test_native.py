@@ -117,7 +117,7 @@ def test_the_deny_list_is_refused_natively_with_the_services_answer_after_every_
     assert {'{"error":"invalid_token","error_description":"client is revoked"}',
             '{"error":"invalid_token","error_description":"token is revoked"}'} <= bodies
     report = report_text(compiled)
-    assert "deny list: 1 client ids, 2 jtis, refused on every native route" in report
+    assert "deny list: 1 client id, 2 jtis, refused on every native route" in report
 
 
 def test_get_takes_head_unless_a_route_at_the_same_place_lists_it() -> None:

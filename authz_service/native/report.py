@@ -35,10 +35,15 @@ def report_text(compiled: Compiled) -> str:
     deny = compiled.policy.deny
     if deny is not None:
         lines.append(
-            f"  native     deny list: {len(deny.client_ids)} client ids, {len(deny.jtis)} jtis, refused on every "
-            "native route (RBAC on the client_id and jti jwt_authn verified); the service refuses them elsewhere"
+            f"  native     deny list: {_count(len(deny.client_ids), 'client id')}, {_count(len(deny.jtis), 'jti')}, "
+            "refused on every native route (RBAC on the client_id and jti jwt_authn verified); "
+            "the service refuses them elsewhere"
         )
     return "\n".join(lines) + "\n"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def report_json(compiled: Compiled) -> dict[str, Any]:
