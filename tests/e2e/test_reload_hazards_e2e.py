@@ -262,15 +262,18 @@ def writing_beside_the_policy(policy_dir: PolicyDir) -> Iterator[None]:
         writer.join()
 
 
-def test_sigterm_exits_while_files_beside_the_policy_keep_changing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_exits_while_files_beside_the_policy_keep_changing(tmp_path: Path, workers: str) -> None:
     """The watcher wakes on every event in the policy's folder; a shutdown that cancels it in the same
     loop iteration as such a wake-up must still end it (it was lost: the process never exited and
-    Kubernetes SIGKILLed it after the grace period). The race is per SIGTERM, so several rounds."""
+    Kubernetes SIGKILLed it after the grace period; with --workers, the supervisor killed each worker
+    once the grace had passed). The race is per SIGTERM, so several rounds."""
     policy_dir = PolicyDir(tmp_path / "policy")
     policy_dir.write("issuers:\n  - user_pool_id: us-east-1_Demo00001\n"
                      "    issuer: http://127.0.0.1:9/us-east-1_Demo00001\n"
                      "routes:\n  - path: /a\n    public: true\n")
     with writing_beside_the_policy(policy_dir):
         for _ in range(3):  # each round a new race
-            service = start_service(tmp_path, policy_dir.path, wait_ready=False)
+            service = start_service(tmp_path, policy_dir.path, "--workers", workers, wait_ready=False)
             assert service.process.exit_code_after(signal.SIGTERM) == 0, service.process.log_tail()
+            assert "did not stop in time" not in service.process.log_text(), service.process.log_tail()
