@@ -39,6 +39,7 @@ from typing import Protocol
 
 from .policy import Policy, PolicyError, deny_list_sizes, load_policy_file, read_policy_file
 from .tracing import NO_TRACING, NoTracing, Recorder
+from .waiting import set_within
 
 log = logging.getLogger(__name__)
 
@@ -396,11 +397,7 @@ class PolicyReloader:
         asyncio.get_running_loop().add_reader(self._inotify.fileno(), wake.set)
         try:
             while self._inotify is not None:
-                try:
-                    await asyncio.wait_for(wake.wait(), interval)
-                    woke = True
-                except TimeoutError:
-                    woke = False
+                woke = await set_within(wake, interval)
                 wake.clear()
                 if self._inotify is None:  # failed meanwhile (a SIGHUP's read of the events)
                     break

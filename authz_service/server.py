@@ -330,10 +330,12 @@ async def serve(
     service = Service(
         settings, CollectorRegistry() if worker else None, worker=worker, on_ready=on_ready, on_mismatch=on_mismatch
     )
-    await service.start()
+    # Stop signals first: one that arrives while the service starts (its ports are open by then) is
+    # a drain once the start is done, never the default action's death by signal.
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, service.request_stop)
     loop.add_signal_handler(signal.SIGINT, service.request_stop)
+    await service.start()
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.reload("SIGHUP")))
     await service.wait_stopped()
     await service.stop()

@@ -26,7 +26,6 @@ makes the parent not ready until it goes away; running as root is warned about a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -47,6 +46,7 @@ from . import __version__, doors, ports
 from .config import Settings
 from .server import door_addresses
 from .tracing import describe
+from .waiting import set_within
 
 log = logging.getLogger(__name__)
 
@@ -328,8 +328,7 @@ class Supervisor:
                     if self._stopping.is_set():
                         return
                     self._start(w, settings)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), 0.2)
+            await set_within(self._stopping, 0.2)
 
     def _check_port_owners(self) -> None:
         """Find listening sockets on a shared port that no worker holds: another process of our UID

@@ -36,6 +36,7 @@ from pathlib import Path
 from ..config import Settings
 from ..metrics import Metrics
 from ..policy import Policy, PolicyError, load_policy_file
+from ..waiting import set_within
 from .bootstrap import compile_policy
 from .options import Address, Options
 from .plan import Engine
@@ -172,8 +173,7 @@ class NativeControlPlane:
                 try:
                     await asyncio.to_thread(self._write, listener)
                 except OSError:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), RETRY_SECONDS)
+                    await set_within(self._changed, RETRY_SECONDS)
                     self._changed.clear()
 
     def _write(self, listener: Listener) -> None:

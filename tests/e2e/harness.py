@@ -539,6 +539,17 @@ class ManagedProcess:
                 self._log_fh = None
         return proc.returncode
 
+    def exit_code_after(self, sig: int, timeout: float = 60) -> int:
+        """Send ``sig`` to the process alone and wait for it to exit: its exit code. Still running
+        ``timeout`` seconds later fails with its log tail (``stop()`` then kills it)."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"{self.name} still running {timeout}s after signal {signal.Signals(sig).name}"
+                               f"\n--- {self.name} log ---\n{self.log_tail(20)}") from None
+
     def _signal(self, sig: int) -> None:
         assert self.proc is not None
         try:

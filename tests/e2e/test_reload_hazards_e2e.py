@@ -6,11 +6,13 @@ announces itself as the weaker mode."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 
 from .harness import UpstreamProcess, free_port
 from .security_stack import SecurityStack, policy_text, serving, start_security_stack, stop_security_stack
-from .stack import TRANSACTION_ROUTES, cli
+from .stack import TRANSACTION_ROUTES, PolicyDir, cli, start_service
 
 pytestmark = pytest.mark.e2e
 
@@ -211,11 +213,7 @@ def test_a_special_or_huge_file_swapped_in_is_refused_and_the_old_policy_serves(
     assert status == 200 and body["policy"]["last_reload_error"].startswith(f"{stack.policy.path}: {problem}")
     assert_old_policy_serves(stack)
     # The reload thread is free: SIGTERM still ends the process (before the fix a FIFO blocked it).
-    os.kill(stack.service.process.pid, signal.SIGTERM)
-    try:
-        assert stack.service.process.proc.wait(timeout=30) == 0
-    except subprocess.TimeoutExpired:
-        pytest.fail("the service did not exit on SIGTERM")
+    assert stack.service.process.exit_code_after(signal.SIGTERM) == 0
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -242,3 +240,40 @@ def limit_memory() -> None:
     import resource
 
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+@contextlib.contextmanager
+def writing_beside_the_policy(policy_dir: PolicyDir) -> Iterator[None]:
+    """Append to a file next to the policy as fast as one thread can (Envoy's log in the Pod, say),
+    until the block ends, also when it fails: every append is an inotify event in the watched folder."""
+    stop = threading.Event()
+
+    def append() -> None:
+        while not stop.is_set():
+            with open(policy_dir.root / "junk", "a") as junk:
+                junk.write("x\n")
+
+    writer = threading.Thread(target=append, name="junk-writer", daemon=True)
+    writer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        writer.join()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_exits_while_files_beside_the_policy_keep_changing(tmp_path: Path, workers: str) -> None:
+    """The watcher wakes on every event in the policy's folder; a shutdown that cancels it in the same
+    loop iteration as such a wake-up must still end it (it was lost: the process never exited and
+    Kubernetes SIGKILLed it after the grace period; with --workers, the supervisor killed each worker
+    once the grace had passed). The race is per SIGTERM, so several rounds."""
+    policy_dir = PolicyDir(tmp_path / "policy")
+    policy_dir.write("issuers:\n  - user_pool_id: us-east-1_Demo00001\n"
+                     "    issuer: http://127.0.0.1:9/us-east-1_Demo00001\n"
+                     "routes:\n  - path: /a\n    public: true\n")
+    with writing_beside_the_policy(policy_dir):
+        for _ in range(3):  # each round a new race
+            service = start_service(tmp_path, policy_dir.path, "--workers", workers, wait_ready=False)
+            assert service.process.exit_code_after(signal.SIGTERM) == 0, service.process.log_tail()
+            assert "did not stop in time" not in service.process.log_text(), service.process.log_tail()
