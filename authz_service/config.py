@@ -495,7 +495,7 @@ def _refuse_shared_ports(values: Mapping[str, Any], given: Mapping[str, str]) ->
     listeners = _listeners(values, given)
     for i, (host_a, port_a, shown_a) in enumerate(listeners):
         for host_b, port_b, shown_b in listeners[i + 1 :]:
-            if port_a == 0 or port_a != port_b or not _overlap(host_a, host_b):
+            if port_a == 0 or port_a != port_b or not hosts_overlap(host_a, host_b):
                 continue
             hosts = host_a if host_a == host_b else f"{host_a} and {host_b}"
             raise ConfigError(
@@ -534,7 +534,7 @@ def _addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address] 
     return {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in found}
 
 
-def _overlap(host_a: str, host_b: str) -> bool:
+def hosts_overlap(host_a: str, host_b: str) -> bool:
     """Whether listeners on the two hosts would take one port from each other: a shared address,
     or a wildcard (0.0.0.0 takes every IPv4 address; :: every address, dual-stack as Linux has it)."""
     if host_a == host_b:
