@@ -33,6 +33,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from authz_service.policy import parse_policy
+from tests.test_cli import assert_one_clean_line, cli
 
 from .fake_issuer import FakeIssuer, rsa_key
 from .harness import (NATIVE_XDS, EnvoyProcess, ManagedProcess, ProcessDied, UpstreamProcess, free_port, http_request,
@@ -181,6 +182,29 @@ def test_envoy_keeps_its_listener_while_the_service_is_down_and_follows_it_back(
     assert serving(s)["sha256"] == parse_policy(text).sha256 != sha
     wait_for_listener(s.envoy, serving(s)["sha256"], taken_up)  # the restarted service's listener
     assert s.send("POST", "/transactions", s.fake.token(scope="transactions/post")).status == 403
+
+
+def test_a_second_service_on_the_same_directory_is_refused_and_writes_nothing(stack: SecurityStack) -> None:
+    """Two writers of one directory would each overwrite the other's listener, Envoy enforcing
+    whichever wrote last while the first service reports its own policy as written."""
+    s = stack
+    xds = s.service.native_xds_dir
+    assert xds is not None
+    written = (xds / "listeners.json").read_bytes()
+    sha = serving(s)["sha256"]
+    other = s.work / "other.yaml"
+    other.write_text(policy_text(s.fake, s.dev, routes=TIGHTER))
+    attempts = lds(s.envoy, "update_attempt")
+    second = cli("serve", "--policy", str(other), "--native-xds-dir", str(xds), "--native-listen",
+                 f"127.0.0.1:{free_port()}", "--grpc-port", str(free_port()), "--http-port", str(free_port()))
+    line = assert_one_clean_line(second, f"--native-xds-dir {xds} (AUTHZ_NATIVE_XDS_DIR): another authz-service "
+                                         f"(pid {s.service.process.pid}) writes Envoy's listener there")
+    assert "native listener written" not in second.stdout, line
+    assert (xds / "listeners.json").read_bytes() == written
+    status, ready = s.service.readyz()
+    assert status == 200 and ready["native"]["written_sha256"] == sha == listener_version(s.envoy)
+    assert lds(s.envoy, "update_attempt") == attempts
+    assert natively_allowed(s, s.fake.token(scope="transactions/post"))  # the other policy would refuse it
 
 
 def test_a_new_key_is_accepted_after_the_service_refetches_then_natively(tmp_path: Path, upstream: UpstreamProcess,
