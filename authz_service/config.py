@@ -369,7 +369,11 @@ OPTIONS: tuple[Option, ...] = (
         "reload; empty (default): off.",
     ),
     Option(
-        "native_listen", str(NATIVE_LISTEN), _address, "Native mode: where Envoy's ingress listener listens (IP:PORT)."
+        "native_listen",
+        str(NATIVE_LISTEN),
+        _address,
+        "Native mode: where Envoy's ingress listener listens (IP:PORT); only with --native-xds-dir, and on "
+        "a port of none of the service's own listeners.",
     ),
     Option(
         "native_jwks_cache",
