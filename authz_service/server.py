@@ -260,8 +260,11 @@ class Service:
         return generate_openmetrics(self.registry)
 
     async def reload(self, reason: str) -> None:
-        """Load the policy file now (SIGHUP), and the shadow policy's, if any."""
+        """Load the policy file now (SIGHUP), and the shadow policy's, if any; in native mode, check
+        that Envoy's listener file is still the one written."""
         await self.reloader.reload(reason)
+        if self.native is not None:
+            self.native.recheck()
         if self.shadow is not None:
             await self.shadow.reloader.reload(reason)
 

@@ -103,6 +103,8 @@ class NativeControlPlane:
         self.written_at: float | None = None
         self.last_error: str | None = None
         self._lock: int | None = None  # the descriptor holding the directory's lock
+        self._written_file: tuple[int, int, int, int] | None = None  # the file as written (``_identity``)
+        self._recheck_seconds = settings.policy_poll_interval
         metrics.native_enabled()
 
     def claim(self) -> None:
@@ -204,13 +206,37 @@ class NativeControlPlane:
             os.close(self._lock)
             self._lock = None
 
+    def recheck(self) -> None:
+        """Write the listener again when the file is no longer the one written (replaced, edited
+        or removed by another program): Envoy would enforce that file while the service reports
+        its own policy as written. A stat, cheap enough for every policy poll; also on SIGHUP."""
+        if self.written_sha256 is None or self._identity() == self._written_file:
+            return
+        log.warning(
+            "native listener file changed by another program; writing the serving policy's again",
+            extra={"path": str(self.path), "written_sha256": self.written_sha256},
+        )
+        self.written_sha256 = None
+        if self._changed is not None:
+            self._changed.set()
+
+    def _identity(self) -> tuple[int, int, int, int] | None:
+        try:
+            found = os.stat(self.path)
+        except OSError:
+            return None
+        return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
+
     async def _keep_written(self) -> None:
-        """Write the wanted listener whenever it changes; after a failure, retry every second until
-        it is written or another one is wanted."""
+        """Write the wanted listener whenever it changes, or when the file was changed by another
+        program (checked every policy poll interval); after a failure, retry every second until it
+        is written or another one is wanted."""
         assert self._changed is not None
         while True:
-            await self._changed.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self._recheck_seconds)
             self._changed.clear()
+            self.recheck()
             while (listener := self._wanted) is not None and listener.sha256 != self.written_sha256:
                 try:
                     await asyncio.to_thread(self._write, listener)
@@ -235,6 +261,7 @@ class NativeControlPlane:
                 "be writable by the service (Envoy reads it)"
             ) from None
         self.written_sha256, self.written_at, self.last_error = listener.sha256, time.time(), None
+        self._written_file = self._identity()
         self._metrics.native_listener_written(listener.sha256)
         log.info(
             "native listener written",
