@@ -201,17 +201,30 @@ class AdminServer:
 
     async def start(self, host: str, port: int) -> int:
         """Bind and serve; the bound port (``port`` 0 picks one). OSError naming the address."""
+        bound = self.bind(host, port)
+        await self.serve()
+        return bound
+
+    def bind(self, host: str, port: int) -> int:
+        """Bind (and listen: connections wait in the backlog) without answering yet; the bound
+        port. Why apart from ``serve``: native mode binds every port before it writes Envoy's
+        listener, and answers /healthz only once it is written."""
         try:
             family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
             sock = socket.create_server((host, port), family=family, backlog=self._budget.backlog)
         except OSError as exc:
             raise ports.ADMIN.error(host, port, exc) from None
         sock.setblocking(False)
+        self._sock = sock
+        return int(sock.getsockname()[1])
+
+    async def serve(self) -> None:
+        """Answer on the socket ``bind`` opened."""
+        assert self._sock is not None
         runner = web.ServerRunner(_BudgetedServer(self._handle, self._budget.deadline), handle_signals=False)
         await runner.setup()
-        self._sock, self._runner = sock, runner
-        self._accepting = asyncio.create_task(self._accept(sock))
-        return int(sock.getsockname()[1])
+        self._runner = runner
+        self._accepting = asyncio.create_task(self._accept(self._sock))
 
     async def _accept(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()

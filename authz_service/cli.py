@@ -292,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dev_issuer(args)
     except UsageError as exc:
         prefix = "authz-service" if args.command == "serve" else f"authz-service {args.command}"
+        if args.command == "compile":  # as compile_command's own errors: "authz-service compile envoy"
+            prefix += f" {args.target}"
         print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 2
 

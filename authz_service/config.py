@@ -369,7 +369,11 @@ OPTIONS: tuple[Option, ...] = (
         "reload; empty (default): off.",
     ),
     Option(
-        "native_listen", str(NATIVE_LISTEN), _address, "Native mode: where Envoy's ingress listener listens (IP:PORT)."
+        "native_listen",
+        str(NATIVE_LISTEN),
+        _address,
+        "Native mode: where Envoy's ingress listener listens (IP:PORT); only with --native-xds-dir, and on "
+        "a port of none of the service's own listeners.",
     ),
     Option(
         "native_jwks_cache",
@@ -464,7 +468,7 @@ def settings_from(cli_values: Mapping[str, str | None], environ: Mapping[str, st
             raise ConfigError(f"{source}={raw!r} is invalid: {exc}") from None
         given[option.name] = f"{source}={raw}"
     _refuse_shared_ports(values, given)
-    _check_native(values)
+    _check_native(values, given)
     names = {f.name for f in fields(Settings) if f.init}
     try:  # tracing_settings imports no OpenTelemetry: tracing may be off and not installed
         tracing = tracing_settings(environ, values.get("trace_client_context", "link"))
@@ -489,7 +493,22 @@ def _refuse_shared_ports(values: Mapping[str, Any], given: Mapping[str, str]) ->
     addresses. Why before binding: the second bind's "Address already in use" names only its own
     setting, as if another program held the port; and with --workers, whose doors share their
     ports through SO_REUSEPORT, the gRPC and HTTP doors on one port both bind, and Envoy's Checks
-    reach one door or the other at random."""
+    reach one door or the other at random. Native mode's Envoy listener (--native-listen) counts
+    too: the service binds its port first and Envoy's listener is then rejected, while the
+    service reports ready."""
+    listeners = _listeners(values, given)
+    for i, (host_a, port_a, shown_a) in enumerate(listeners):
+        for host_b, port_b, shown_b in listeners[i + 1 :]:
+            if port_a == 0 or port_a != port_b or not hosts_overlap(host_a, host_b):
+                continue
+            hosts = host_a if host_a == host_b else f"{host_a} and {host_b}"
+            raise ConfigError(
+                f"{shown_a} and {shown_b} are the same port on {hosts}: give each listener a port of its own"
+            )
+
+
+def _listeners(values: Mapping[str, Any], given: Mapping[str, str]) -> list[tuple[str, int, str]]:
+    """Every listener the settings open, as (host, port, how its port was given)."""
 
     def value(name: str) -> Any:
         return values.get(name, option(name).default)
@@ -497,17 +516,11 @@ def _refuse_shared_ports(values: Mapping[str, Any], given: Mapping[str, str]) ->
     def shown(name: str) -> str:
         return given.get(name) or f"{option(name).flag} (default {option(name).default})"
 
-    for i, (host_a, port_a) in enumerate(LISTENERS):
-        for host_b, port_b in LISTENERS[i + 1 :]:
-            if value(port_a) == 0 or value(port_a) != value(port_b):
-                continue
-            if not _overlap(value(host_a), value(host_b)):
-                continue
-            hosts = value(host_a) if value(host_a) == value(host_b) else f"{value(host_a)} and {value(host_b)}"
-            raise ConfigError(
-                f"{shown(port_a)} and {shown(port_b)} are the same port on {hosts}: "
-                "give each listener a port of its own"
-            )
+    found = [(value(host), value(port), shown(port)) for host, port in LISTENERS]
+    if values.get("native_xds_dir") is not None:
+        listen: Address = values.get("native_listen", NATIVE_LISTEN)
+        found.append((listen.host, listen.port, shown("native_listen")))
+    return found
 
 
 def _addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
@@ -525,7 +538,7 @@ def _addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address] 
     return {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in found}
 
 
-def _overlap(host_a: str, host_b: str) -> bool:
+def hosts_overlap(host_a: str, host_b: str) -> bool:
     """Whether listeners on the two hosts would take one port from each other: a shared address,
     or a wildcard (0.0.0.0 takes every IPv4 address; :: every address, dual-stack as Linux has it)."""
     if host_a == host_b:
@@ -583,9 +596,14 @@ def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[UnknownVa
     return found
 
 
-def _check_native(values: Mapping[str, Any]) -> None:
+def _check_native(values: Mapping[str, Any], given: Mapping[str, str]) -> None:
     """Native mode's limits on other settings (ConfigError naming both)."""
     if values.get("native_xds_dir") is None:
+        if "native_listen" in given:
+            raise ConfigError(
+                f"{given['native_listen']} without --native-xds-dir (AUTHZ_NATIVE_XDS_DIR): it is where the "
+                "listener the service writes into that directory listens; set --native-xds-dir too, or drop it"
+            )
         return
     if values.get("workers", 1) > 1:
         raise ConfigError(

@@ -100,10 +100,11 @@ class Service:
         if self.settings.native_xds_dir is not None:
             from .native.control import NativeControlPlane
 
-            self.native = NativeControlPlane(self.settings, self.metrics)
-            load = self.native.load
-        policy = await asyncio.to_thread(load, self.settings.policy)
+            native = NativeControlPlane(self.settings, self.metrics)
+            native.claim()  # before anything else: a second service on the directory writes nothing
+            self.native, load = native, native.load
         try:
+            policy = await asyncio.to_thread(load, self.settings.policy)
             await self._start(policy)
         except BaseException:
             await self.stop(quiet=True)
@@ -171,13 +172,18 @@ class Service:
             self.door_ports[kind.name] = await door.start(settings.grpc_host, port, reuse_port=self.worker)
             self._doors.append((kind, door))
 
-        if self.native is not None:  # before the HTTP port opens: /healthz answering means Envoy can start
-            await self.native.start(policy)
         if not self.worker:
             exposition = CachedExposition(self._exposition, settings.metrics_min_interval)
             openmetrics = CachedExposition(self._openmetrics_exposition, settings.metrics_min_interval)
             self._admin = AdminServer(self._readiness, exposition, openmetrics, jwks=self.jwks.document)
-            self.http_port = await self._admin.start(settings.http_host, settings.http_port)
+            self.http_port = self._admin.bind(settings.http_host, settings.http_port)
+        # Native mode writes Envoy's listener once every port is bound (a service that cannot start
+        # leaves Envoy's listener as it was) and before the HTTP port answers (/healthz answering
+        # means the file Envoy needs exists: the startup probe that gates Envoy's start).
+        if self.native is not None:
+            await self.native.start(policy)
+        if self._admin is not None:
+            await self._admin.serve()
 
         self._tasks.append(asyncio.create_task(self.reloader.watch(settings.policy_poll_interval)))
         if self.shadow is not None:
@@ -254,8 +260,11 @@ class Service:
         return generate_openmetrics(self.registry)
 
     async def reload(self, reason: str) -> None:
-        """Load the policy file now (SIGHUP), and the shadow policy's, if any."""
+        """Load the policy file now (SIGHUP), and the shadow policy's, if any; in native mode, check
+        that Envoy's listener file is still the one written."""
         await self.reloader.reload(reason)
+        if self.native is not None:
+            self.native.recheck()
         if self.shadow is not None:
             await self.shadow.reloader.reload(reason)
 

@@ -202,6 +202,15 @@ def test_a_misspelt_port_setting_is_reported_although_it_ends_in_port():
      "--grpc-port=9000 and --http-port=9000 are the same port on localhost and 127.0.0.1"),
     ({"grpc_host": "::", "grpc_port": "9000", "http_host": "127.0.0.1", "http_port": "9000"}, {},
      "--grpc-port=9000 and --http-port=9000 are the same port on :: and 127.0.0.1"),
+    # native mode: Envoy's listener, which the service writes, may not take one of the service's ports
+    ({"native_xds_dir": "/x", "http_port": "9411", "native_listen": "127.0.0.1:9411"}, {},
+     "--http-port=9411 and --native-listen=127.0.0.1:9411 are the same port on 0.0.0.0 and 127.0.0.1"),
+    ({"native_xds_dir": "/x", "native_listen": "0.0.0.0:9191"}, {},
+     "--grpc-port (default 9191) and --native-listen=0.0.0.0:9191 are the same port on 127.0.0.1 and 0.0.0.0"),
+    ({"native_xds_dir": "/x", "ext_authz_http_port": "9300"}, {"AUTHZ_NATIVE_LISTEN": "127.0.0.1:9300"},
+     "--ext-authz-http-port=9300 and AUTHZ_NATIVE_LISTEN=127.0.0.1:9300 are the same port on 127.0.0.1"),
+    ({"native_xds_dir": "/x", "http_port": "8080"}, {},
+     "--http-port=8080 and --native-listen (default 0.0.0.0:8080) are the same port on 0.0.0.0"),
 ])
 def test_two_listeners_on_one_port_are_refused_naming_both_settings(cli, environ, message):
     with pytest.raises(ConfigError) as caught:
@@ -214,6 +223,7 @@ def test_two_listeners_on_one_port_are_refused_naming_both_settings(cli, environ
     {"grpc_host": "::1", "http_host": "0.0.0.0", "grpc_port": "9000", "http_port": "9000"},  # two families
     {"grpc_port": "0", "http_port": "0"},  # each its own port, chosen by the kernel
     {"ext_authz_http_port": "0", "http_port": "9191", "http_host": "127.0.0.2"},  # the HTTP door is off
+    {"native_xds_dir": "/x", "http_host": "127.0.0.1", "http_port": "9411", "native_listen": "127.0.0.2:9411"},
 ])
 def test_the_same_number_on_distinct_addresses_or_port_0_is_no_conflict(cli):
     settings_from({"policy": "/p", **cli}, {})
@@ -244,3 +254,14 @@ def test_run_uses_the_configured_event_loop(setting, expected):
         return loop_name()
 
     assert run(which(), setting) == expected
+
+
+@pytest.mark.parametrize(("cli", "environ", "source"), [
+    ({"native_listen": "127.0.0.1:9405"}, {}, "--native-listen=127.0.0.1:9405"),
+    ({}, {"AUTHZ_NATIVE_LISTEN": "127.0.0.1:9405", "AUTHZ_NATIVE_XDS_DIR": ""}, "AUTHZ_NATIVE_LISTEN=127.0.0.1:9405"),
+])
+def test_native_listen_without_the_xds_dir_is_refused(cli, environ, source):
+    """Without --native-xds-dir nothing writes Envoy's listener: the address would be ignored."""
+    with pytest.raises(ConfigError) as caught:
+        settings_from({"policy": "/p", **cli}, environ)
+    assert str(caught.value).startswith(f"{source} without --native-xds-dir (AUTHZ_NATIVE_XDS_DIR): ")

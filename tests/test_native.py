@@ -445,6 +445,55 @@ def test_options_that_cannot_serve_are_refused(args: list[str], message: str) ->
     assert message in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--admin", "127.0.0.1:9901", "--health", "127.0.0.1:9901"],
+     "--admin 127.0.0.1:9901 (default) and --health 127.0.0.1:9901 are one port: give each of Envoy's listeners "
+     "a port of its own"),
+    (["--listen", "127.0.0.1:9902"],
+     "--listen 127.0.0.1:9902 and --health 0.0.0.0:9902 (default) are one port: give each of Envoy's listeners"),
+    (["--listen", "127.0.0.1:8000"],
+     "--app 127.0.0.1:8000 (default) and --listen 127.0.0.1:8000 are one port: Envoy would connect to its own "
+     "listener, not to the protected application"),
+    (["--listen", "0.0.0.0:7000", "--service-grpc", "127.0.0.1:7000"],
+     "--service-grpc 127.0.0.1:7000 and --listen 0.0.0.0:7000 are one port"),
+    (["--service-http", "127.0.0.1:9901"], "--service-http 127.0.0.1:9901 and --admin 127.0.0.1:9901 (default)"),
+])
+def test_addresses_envoy_cannot_use_together_are_refused_naming_both(args: list[str], message: str) -> None:
+    run = cli("compile", "envoy", str(EXAMPLE_POLICY), *args)
+    assert run.returncode == 2 and run.stdout == "", run.stderr
+    assert run.stderr.startswith(f"authz-service compile envoy: error: {message}"), run.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["--listen", "127.0.0.1:9902", "--health", "127.0.0.2:9902"],  # one number, two addresses
+    ["--listen", "[::1]:8000"],  # the app on 127.0.0.1:8000: another family
+])
+def test_one_port_number_on_distinct_addresses_is_no_conflict(args: list[str]) -> None:
+    run = cli("compile", "envoy", str(EXAMPLE_POLICY), *args, "--report", "none")
+    assert run.returncode == 0, run.stderr
+
+
+def test_the_xds_bootstrap_refuses_envoy_s_listeners_on_one_port_too() -> None:
+    run = cli("compile", "envoy", "--xds-dir", "/var/run/authz-xds", "--health", "127.0.0.1:9901")
+    assert run.returncode == 2 and "--admin 127.0.0.1:9901 (default) and --health 127.0.0.1:9901" in run.stderr
+
+
+def test_a_relative_xds_dir_is_made_absolute(tmp_path: Path) -> None:
+    """Envoy resolves a relative path against its own working directory, not the one compile ran in."""
+    run = subprocess.run([sys.executable, "-m", "authz_service.cli", "compile", "envoy", "--xds-dir", "xds/./run"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    source = yaml.safe_load(run.stdout)["dynamic_resources"]["lds_config"]["path_config_source"]
+    assert source == {"path": f"{tmp_path}/xds/run/listeners.json", "watched_directory": {"path": f"{tmp_path}/xds/run"}}
+    assert f"{tmp_path}/xds/run/listeners.json" in run.stderr
+
+
+def test_naming_no_policy_has_the_prefix_of_every_other_error() -> None:
+    run = cli("compile", "envoy")
+    assert run.returncode == 2
+    assert run.stderr == "authz-service compile envoy: error: name the policy file: POLICY, --policy or AUTHZ_POLICY\n"
+
+
 def test_a_policy_that_does_not_load_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "policy.yaml"
     bad.write_text("issuers: []\n")

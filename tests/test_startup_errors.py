@@ -119,6 +119,57 @@ def test_an_address_not_of_this_host_names_the_host_flag(policy: Path) -> None:
     assert_one_clean_line(result, "cannot bind the gRPC port 192.0.2.1:", "--grpc-host / AUTHZ_GRPC_HOST")
 
 
+# --- native mode: a service that does not start writes nothing into the xDS directory ----------------
+
+
+def test_a_native_service_that_cannot_bind_writes_no_listener(tmp_path: Path, policy: Path, held_port: int) -> None:
+    """Envoy follows the directory: a listener written by a process that then fails to start would
+    be enforced with nobody serving it."""
+    xds = tmp_path / "xds"
+    xds.mkdir()
+    result = cli(*serve(policy, "--native-xds-dir", str(xds), "--native-listen", f"127.0.0.1:{free_port()}",
+                        http=held_port))
+    assert_one_clean_line(result, f"cannot bind the HTTP (health/metrics) port 127.0.0.1:{held_port}")
+    assert not (xds / "listeners.json").exists()
+
+
+def test_a_second_writer_of_one_xds_directory_is_refused(tmp_path: Path, policy: Path) -> None:
+    """Another process holds the directory's lock (tests/e2e/test_native_xds_e2e.py: a running service)."""
+    import fcntl
+
+    from authz_service.native.control import LOCK_FILE
+
+    xds = tmp_path / "xds"
+    xds.mkdir()
+    (xds / "listeners.json").write_text("the other service's listener")
+    with open(xds / LOCK_FILE, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write(f"{os.getpid()}\n")
+        held.flush()
+        result = cli(*serve(policy, "--native-xds-dir", str(xds), "--native-listen", f"127.0.0.1:{free_port()}"))
+    line = assert_one_clean_line(result)
+    assert line == (f"authz-service: error: --native-xds-dir {xds} (AUTHZ_NATIVE_XDS_DIR): another authz-service "
+                    f"(pid {os.getpid()}) writes Envoy's listener there (it holds {xds / LOCK_FILE}); give each "
+                    "service a directory of its own, or stop the other first"), line
+    assert (xds / "listeners.json").read_text() == "the other service's listener"
+
+
+def test_native_listen_on_a_port_of_the_service_is_refused(tmp_path: Path, policy: Path) -> None:
+    port = str(free_port())
+    result = cli(*serve(policy, "--native-xds-dir", str(tmp_path), "--native-listen", f"127.0.0.1:{port}",
+                        http=int(port)))
+    line = assert_one_clean_line(result)
+    assert line == (f"authz-service: error: --http-port={port} and --native-listen=127.0.0.1:{port} are the same "
+                    "port on 127.0.0.1: give each listener a port of its own"), line
+    assert not (tmp_path / "listeners.json").exists()
+
+
+def test_native_listen_without_the_xds_dir_is_refused(policy: Path) -> None:
+    result = cli(*serve(policy, "--native-listen", "127.0.0.1:9405"))
+    assert_one_clean_line(result, "authz-service: error: --native-listen=127.0.0.1:9405 without --native-xds-dir "
+                                  "(AUTHZ_NATIVE_XDS_DIR)")
+
+
 # --- warnings: the service starts ----------------------------------------------------------------
 
 

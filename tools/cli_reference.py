@@ -97,7 +97,8 @@ def _arguments(parser: argparse.ArgumentParser, serve: bool) -> list[str]:
                       "", "A flag given on the command line wins over its environment variable. An `AUTHZ_*` "
                       "variable that is not a setting is ignored with a warning naming the closest setting "
                       "([Troubleshooting](troubleshooting.md#a-setting-seems-to-have-no-effect)). Two listeners "
-                      "given one port are refused before anything binds, naming both settings."]
+                      "given one port are refused before anything binds, naming both settings (in native mode "
+                      "Envoy's `--native-listen` counts as one of them)."]
     rows = []
     for a in options:
         flag = ", ".join(a.option_strings) + (f" {a.metavar or a.dest.upper()}" if a.nargs != 0 else "")

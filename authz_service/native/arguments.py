@@ -65,7 +65,8 @@ def add_arguments(envoy: argparse.ArgumentParser) -> None:
         type=PurePosixPath,
         metavar="DIR",
         help="print native mode's xDS bootstrap instead: Envoy's ingress listener is the file that "
-        "`serve --native-xds-dir DIR` writes there and rewrites at each policy change (no POLICY then)",
+        "`serve --native-xds-dir DIR` writes there and rewrites at each policy change (no POLICY then; a "
+        "relative DIR is made absolute against the current directory: Envoy would read it against its own)",
     )
     envoy.add_argument(
         "-o",

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import os
+from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
 import yaml
 
-from ..config import option
+from ..config import hosts_overlap, option
 from ..policy import PolicyError, load_policy_file
 from .arguments import ADDRESS_FLAGS, LISTENER_FLAGS
 from .bootstrap import Compiled, compile_policy
-from .options import Options
+from .options import Address, Options
 from .report import report_json, report_text
 from .xds import ENVOY_FLAGS, LISTENERS_FILE, write_atomically, xds_bootstrap
 
@@ -47,14 +48,17 @@ def options_from(args: argparse.Namespace) -> Options:
 def compile_command(policy_path: Path | None, args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     """Exit 0 with the bootstrap written, 2 when the policy or an option cannot be compiled.
     ``policy_path`` is None exactly with ``--xds-dir`` (that bootstrap does not depend on it)."""
+    xds_dir = None if args.xds_dir is None else PurePosixPath(os.path.abspath(args.xds_dir))  # Envoy's cwd is not ours
     try:
-        if args.xds_dir is not None:
+        options = options_from(args)
+        refuse_shared_ports(options, xds=xds_dir is not None)
+        if xds_dir is not None:
             _refuse_listener_flags(args)
-            text = xds_bootstrap_yaml(options_from(args), args.xds_dir)
+            text = xds_bootstrap_yaml(options, xds_dir)
             compiled = None
         else:
             assert policy_path is not None
-            compiled = compile_policy(load_policy_file(policy_path), options_from(args))
+            compiled = compile_policy(load_policy_file(policy_path), options)
             text = bootstrap_yaml(compiled)
     except (PolicyError, ValueError) as exc:
         print(f"authz-service compile envoy: error: {exc}", file=stderr)
@@ -72,12 +76,48 @@ def compile_command(policy_path: Path | None, args: argparse.Namespace, stdout: 
             return 2
     if compiled is None:
         if args.report != "none":
-            stderr.write(xds_report(args.xds_dir))
+            stderr.write(xds_report(xds_dir))
     elif args.report == "text":
         stderr.write(report_text(compiled))
     elif args.report == "json":
         stderr.write(json.dumps(report_json(compiled), indent=2) + "\n")
     return 0
+
+
+ENVOY_LISTENERS = ("--listen", "--admin", "--health")  # the addresses Envoy binds
+ENVOY_CALLS = ("--app", "--service-grpc", "--service-http")  # ... and the ones it connects to
+
+
+def refuse_shared_ports(options: Options, *, xds: bool) -> None:
+    """ValueError naming both flags when two of Envoy's listeners would take one port (Envoy would
+    not start), or when Envoy would connect to one of its own listeners (the app's requests, or
+    its Checks, sent back to Envoy). ``xds``: the ingress listener is serve's --native-listen."""
+    defaults = Options()
+
+    def address(flag: str) -> Address:
+        return getattr(options, ADDRESS_FLAGS[flag][0])
+
+    def shown(flag: str) -> str:
+        given = address(flag)
+        return f"{flag} {given}" + (" (default)" if given == getattr(defaults, ADDRESS_FLAGS[flag][0]) else "")
+
+    def same(a: str, b: str) -> bool:
+        return address(a).port == address(b).port and hosts_overlap(address(a).host, address(b).host)
+
+    listeners = [flag for flag in ENVOY_LISTENERS if not (xds and flag == "--listen")]
+    for i, first in enumerate(listeners):
+        for second in listeners[i + 1 :]:
+            if same(first, second):
+                raise ValueError(
+                    f"{shown(first)} and {shown(second)} are one port: give each of Envoy's listeners a port of its own"
+                )
+    for called in ENVOY_CALLS:
+        for listener in listeners:
+            if same(called, listener):
+                raise ValueError(
+                    f"{shown(called)} and {shown(listener)} are one port: Envoy would connect to its own listener, "
+                    f"not to {ADDRESS_FLAGS[called][1]}; give each its own address"
+                )
 
 
 def bootstrap_yaml(compiled: Compiled) -> str:

@@ -17,18 +17,25 @@ be compiled is refused exactly as one that cannot be parsed (the previous policy
 in the service and in Envoy alike; ``authz_policy_reloads_total{result="error"}``,
 ``authz_policy_file_refused``, ``/readyz`` ``last_reload_error``).
 
-Order at start-up: the listener is written before the service's HTTP port opens, so once
-``/healthz`` answers (the sidecar's startup probe, which gates Envoy's start) the file Envoy needs
-exists. A write that fails later (the directory full or read-only) is retried every second; the
-service is not ready meanwhile and Envoy keeps the listener it has.
+Order at start-up: the directory is claimed first (an exclusive lock on its ``.authz-service.lock``,
+held for the life of the process: a second service given the same directory is refused before it
+writes anything, instead of the two overwriting each other's listener); every port is bound
+before the first write, so a service that cannot start leaves Envoy's listener as it was; and the
+listener is written before the service's HTTP port accepts, so once ``/healthz`` answers (the
+sidecar's startup probe, which gates Envoy's start) the file Envoy needs exists. A write that
+fails later (the directory full or read-only) is retried every second; the service is not ready
+meanwhile and Envoy keeps the listener it has.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import ipaddress
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +51,8 @@ from .xds import LISTENERS_FILE, listener_text, write_atomically
 
 log = logging.getLogger(__name__)
 RETRY_SECONDS = 1.0
+LOCK_FILE = ".authz-service.lock"  # in the xDS directory; holds the pid of the process writing there
+SETTING = "--native-xds-dir {directory} (AUTHZ_NATIVE_XDS_DIR)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +103,38 @@ class NativeControlPlane:
         self.written_sha256: str | None = None
         self.written_at: float | None = None
         self.last_error: str | None = None
+        self._lock: int | None = None  # the descriptor holding the directory's lock
+        self._written_file: tuple[int, int, int, int] | None = None  # the file as written (``_identity``)
+        self._recheck_seconds = settings.policy_poll_interval
         metrics.native_enabled()
+
+    def claim(self) -> None:
+        """Take the directory's lock for the life of the process, before anything is written: two
+        processes writing one directory would each overwrite the other's listener, and Envoy would
+        enforce whichever policy was written last. OSError naming the setting when it is held."""
+        path = self.directory / LOCK_FILE
+        setting = SETTING.format(directory=self.directory)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise OSError(
+                f"{setting}: cannot create {path}: {exc.strerror or exc}; the directory must exist and be "
+                "writable by the service (Envoy reads it)"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise OSError(f"{setting}: cannot lock {path}: {exc.strerror or exc}") from None
+            raise OSError(
+                f"{setting}: another authz-service (pid {holder or 'unknown'}) writes Envoy's listener "
+                f"there (it holds {path}); give each service a directory of its own, or stop the other first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock = fd
 
     # --- the policy loads (a worker thread: the reloader's loader, and start-up's) ---------------
 
@@ -127,7 +167,8 @@ class NativeControlPlane:
 
     async def start(self, policy: Policy) -> None:
         """Write the serving policy's listener now (OSError naming the setting when it cannot be
-        written: the service does not start), then keep it in step with every policy change."""
+        written: the service does not start), then keep it in step with every policy change. The
+        service calls it after ``claim`` and after binding every port it serves."""
         self._changed = asyncio.Event()
         self._wanted = await asyncio.to_thread(self._listener, policy)
         await asyncio.to_thread(self._write, self._wanted)
@@ -155,20 +196,48 @@ class NativeControlPlane:
         }
 
     async def stop(self) -> None:
-        """Stop writing; the file stays, so Envoy keeps enforcing the last policy written."""
+        """Stop writing and let the directory go; the file stays, so Envoy keeps enforcing the last
+        policy written."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def recheck(self) -> None:
+        """Write the listener again when the file is no longer the one written (replaced, edited
+        or removed by another program): Envoy would enforce that file while the service reports
+        its own policy as written. A stat, cheap enough for every policy poll; also on SIGHUP."""
+        if self.written_sha256 is None or self._identity() == self._written_file:
+            return
+        log.warning(
+            "native listener file changed by another program; writing the serving policy's again",
+            extra={"path": str(self.path), "written_sha256": self.written_sha256},
+        )
+        self.written_sha256 = None
+        if self._changed is not None:
+            self._changed.set()
+
+    def _identity(self) -> tuple[int, int, int, int] | None:
+        try:
+            found = os.stat(self.path)
+        except OSError:
+            return None
+        return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
 
     async def _keep_written(self) -> None:
-        """Write the wanted listener whenever it changes; after a failure, retry every second until
-        it is written or another one is wanted."""
+        """Write the wanted listener whenever it changes, or when the file was changed by another
+        program (checked every policy poll interval); after a failure, retry every second until it
+        is written or another one is wanted."""
         assert self._changed is not None
         while True:
-            await self._changed.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self._recheck_seconds)
             self._changed.clear()
+            self.recheck()
             while (listener := self._wanted) is not None and listener.sha256 != self.written_sha256:
                 try:
                     await asyncio.to_thread(self._write, listener)
@@ -188,10 +257,11 @@ class NativeControlPlane:
                 extra={"error": self.last_error, "sha256": listener.sha256, "written_sha256": self.written_sha256},
             )
             raise OSError(
-                f"--native-xds-dir {self.directory} (AUTHZ_NATIVE_XDS_DIR): {self.last_error}; the directory "
-                "must exist and be writable by the service (Envoy reads it)"
+                f"{SETTING.format(directory=self.directory)}: {self.last_error}; the directory must exist and "
+                "be writable by the service (Envoy reads it)"
             ) from None
         self.written_sha256, self.written_at, self.last_error = listener.sha256, time.time(), None
+        self._written_file = self._identity()
         self._metrics.native_listener_written(listener.sha256)
         log.info(
             "native listener written",

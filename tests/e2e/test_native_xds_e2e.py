@@ -24,6 +24,7 @@ What is shown, and measured (``pytest -s`` prints the figures docs/native.md quo
 from __future__ import annotations
 
 import http.client
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from authz_service.policy import parse_policy
+from tests.test_cli import assert_one_clean_line, cli
 
 from .fake_issuer import FakeIssuer, rsa_key
 from .harness import (NATIVE_XDS, EnvoyProcess, ManagedProcess, ProcessDied, UpstreamProcess, free_port, http_request,
@@ -181,6 +183,81 @@ def test_envoy_keeps_its_listener_while_the_service_is_down_and_follows_it_back(
     assert serving(s)["sha256"] == parse_policy(text).sha256 != sha
     wait_for_listener(s.envoy, serving(s)["sha256"], taken_up)  # the restarted service's listener
     assert s.send("POST", "/transactions", s.fake.token(scope="transactions/post")).status == 403
+
+
+def test_a_second_service_on_the_same_directory_is_refused_and_writes_nothing(stack: SecurityStack) -> None:
+    """Two writers of one directory would each overwrite the other's listener, Envoy enforcing
+    whichever wrote last while the first service reports its own policy as written."""
+    s = stack
+    xds = s.service.native_xds_dir
+    assert xds is not None
+    written = (xds / "listeners.json").read_bytes()
+    sha = serving(s)["sha256"]
+    other = s.work / "other.yaml"
+    other.write_text(policy_text(s.fake, s.dev, routes=TIGHTER))
+    attempts = lds(s.envoy, "update_attempt")
+    second = cli("serve", "--policy", str(other), "--native-xds-dir", str(xds), "--native-listen",
+                 f"127.0.0.1:{free_port()}", "--grpc-port", str(free_port()), "--http-port", str(free_port()))
+    line = assert_one_clean_line(second, f"--native-xds-dir {xds} (AUTHZ_NATIVE_XDS_DIR): another authz-service "
+                                         f"(pid {s.service.process.pid}) writes Envoy's listener there")
+    assert "native listener written" not in second.stdout, line
+    assert (xds / "listeners.json").read_bytes() == written
+    status, ready = s.service.readyz()
+    assert status == 200 and ready["native"]["written_sha256"] == sha == listener_version(s.envoy)
+    assert lds(s.envoy, "update_attempt") == attempts
+    assert natively_allowed(s, s.fake.token(scope="transactions/post"))  # the other policy would refuse it
+
+
+def another_program_writes(s: SecurityStack, text: str) -> str:
+    """Replace the listener file as another program would (a service of before the directory's lock,
+    a hand edit): the listener of the policy ``text``, for this stack's addresses; its sha256."""
+    from authz_service.config import settings_from
+    from authz_service.native.bootstrap import compile_policy
+    from authz_service.native.control import options_for
+    from authz_service.native.xds import LISTENERS_FILE, listener_text, write_atomically
+
+    xds = s.service.native_xds_dir
+    assert xds is not None
+    settings = settings_from({"policy": "/p", "native_xds_dir": str(xds), "grpc_port": str(s.service.grpc_port),
+                              "http_port": str(s.service.http_port),
+                              "native_listen": f"127.0.0.1:{s.service.native_listen_port}"}, {})
+    policy = parse_policy(text)
+    write_atomically(xds / LISTENERS_FILE, listener_text(compile_policy(policy, options_for(settings))))
+    return policy.sha256
+
+
+def test_a_listener_file_changed_by_another_program_is_written_again(stack: SecurityStack) -> None:
+    """The service checks the file at every policy poll (a stat): Envoy goes back to the serving policy."""
+    s = stack
+    sha = serving(s)["sha256"]
+    writes = s.service.sample("authz_native_listener_writes_total", result="ok")
+    foreign = another_program_writes(s, policy_text(s.fake, s.dev, routes=TIGHTER))
+    assert foreign != sha
+    s.service.process.wait_until(
+        lambda: s.service.sample("authz_native_listener_writes_total", result="ok") > writes, 30, "written again")
+    s.envoy.wait_until(lambda: listener_version(s.envoy) == sha, 30, "Envoy back on the serving policy")
+    assert s.service.readyz()[1]["native"]["written_sha256"] == sha
+    assert natively_allowed(s, s.fake.token(scope="transactions/post"))  # the foreign policy would refuse it
+
+
+def test_sighup_writes_a_changed_listener_file_again(tmp_path: Path, upstream: UpstreamProcess,
+                                                     envoy_factory) -> None:
+    """Polls an hour apart: only SIGHUP makes the service look at the file before then."""
+    s = xds_stack(tmp_path, upstream, envoy_factory, "--policy-watch", "poll", "--policy-poll-interval", "3600")
+    try:
+        sha = serving(s)["sha256"]
+        taken_up = listeners_taken_up(s.envoy)
+        foreign = another_program_writes(s, policy_text(s.fake, s.dev, routes=TIGHTER))
+        wait_for_listener(s.envoy, foreign, taken_up)  # Envoy follows the directory, whoever wrote it
+        assert s.send("POST", "/transactions", s.fake.token(scope="transactions/post")).status == 403
+        taken_up = listeners_taken_up(s.envoy)
+        assert s.service.process.proc is not None
+        s.service.process.proc.send_signal(signal.SIGHUP)
+        wait_for_listener(s.envoy, sha, taken_up)
+        assert s.service.readyz()[1]["native"]["written_sha256"] == sha
+        assert natively_allowed(s, s.fake.token(scope="transactions/post"))
+    finally:
+        stop_security_stack(s)
 
 
 def test_a_new_key_is_accepted_after_the_service_refetches_then_natively(tmp_path: Path, upstream: UpstreamProcess,
