@@ -234,8 +234,7 @@ class NativeControlPlane:
         is written or another one is wanted."""
         assert self._changed is not None
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), self._recheck_seconds)
+            await set_within(self._changed, self._recheck_seconds)
             self._changed.clear()
             self.recheck()
             while (listener := self._wanted) is not None and listener.sha256 != self.written_sha256:
