@@ -622,6 +622,44 @@ def test_envoy_accepts_the_xds_bootstrap_with_the_listener_serve_writes(tmp_path
     assert "Deprecated field" not in envoy.stdout + envoy.stderr
 
 
+def test_a_listener_write_failing_again_is_logged_once_and_counted_each_time(tmp_path: Path, caplog) -> None:
+    """A directory that cannot be written is retried every second: one error line per failure, not
+    per retry (the counter and /readyz tell the rest); a failure after a success is logged again."""
+    from authz_service.native.control import NativeControlPlane
+    from authz_service.config import settings_from
+    from authz_service.metrics import Metrics
+    from prometheus_client import CollectorRegistry
+
+    xds = tmp_path / "xds"
+    registry = CollectorRegistry()
+    plane = NativeControlPlane(settings_from({"policy": str(EXAMPLE_POLICY), "native_xds_dir": str(xds)}),
+                               Metrics(registry))
+    listener = plane._compile(plane.load(EXAMPLE_POLICY))
+
+    def fail() -> None:
+        with pytest.raises(OSError, match="cannot write"):
+            plane._write(listener)
+
+    def logged() -> int:
+        return sum("native listener not written" in r.getMessage() for r in caplog.records)
+
+    def errors() -> float:
+        return registry.get_sample_value("authz_native_listener_writes_total", {"result": "error"})
+
+    with caplog.at_level("ERROR", logger="authz_service.native.control"):
+        fail()
+        fail()
+        fail()
+        assert (logged(), errors()) == (1, 3) and "No such file" in plane.last_error
+        xds.mkdir()
+        plane._write(listener)
+        assert plane.last_error is None and plane.written_sha256 == listener.sha256
+        (xds / "listeners.json").unlink()
+        xds.rmdir()
+        fail()
+        assert (logged(), errors()) == (2, 4)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--listen", "127.0.0.1:80"], "--listen with --xds-dir: the service writes the listener it sets; give it to "
                                    "serve as --native-listen"),

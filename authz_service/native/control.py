@@ -249,12 +249,14 @@ class NativeControlPlane:
         try:
             write_atomically(self.path, listener.text)
         except OSError as exc:
-            self.last_error = f"cannot write {self.path}: {exc.strerror or exc}"
+            error = f"cannot write {self.path}: {exc.strerror or exc}"
             self._metrics.native_listener_writes.labels("error").inc()
-            log.error(
-                "native listener not written; Envoy keeps the listener it has",
-                extra={"error": self.last_error, "sha256": listener.sha256, "written_sha256": self.written_sha256},
-            )
+            if error != self.last_error:  # once per failure, not at every retry (the counter counts each)
+                log.error(
+                    "native listener not written; Envoy keeps the listener it has (retried every second)",
+                    extra={"error": error, "sha256": listener.sha256, "written_sha256": self.written_sha256},
+                )
+            self.last_error = error
             raise OSError(
                 f"{SETTING.format(directory=self.directory)}: {self.last_error}; the directory must exist and "
                 "be writable by the service (Envoy reads it)"
