@@ -339,12 +339,20 @@ async def serve(
     service = Service(
         settings, CollectorRegistry() if worker else None, worker=worker, on_ready=on_ready, on_mismatch=on_mismatch
     )
-    # Stop signals first: one that arrives while the service starts (its ports are open by then) is
-    # a drain once the start is done, never the default action's death by signal.
+    # Signals first: one that arrives while the service starts (its ports are open by then) is never
+    # the default action's death by signal. A stop is a drain once the start is done; a SIGHUP (a
+    # reload may only follow a start) reloads once started.
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, service.request_stop)
     loop.add_signal_handler(signal.SIGINT, service.request_stop)
+    started = asyncio.Event()
+
+    async def reload_once_started() -> None:
+        await started.wait()
+        await service.reload("SIGHUP")
+
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload_once_started()))
     await service.start()
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.reload("SIGHUP")))
+    started.set()
     await service.wait_stopped()
     await service.stop()

@@ -3,6 +3,7 @@ gRPC health service tracking readiness, and SIGTERM draining in-flight Checks.""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import shutil
@@ -396,6 +397,37 @@ def test_sigterm_while_starting_is_a_drain_once_started(tmp_path: Path, key_a: S
         jwks.release.set()
         assert service.process.proc.wait(60) == 0, service.process.log_tail()
         assert '"msg":"shutting down"' in service.process.log_text()
+    finally:
+        jwks.close()
+
+
+def test_sighup_while_starting_reloads_once_started(tmp_path: Path, key_a: SigningKey) -> None:
+    """A SIGHUP that arrives while start-up waits for the first JWKS fetch (the ports are open by
+    then) neither kills the service (the signal's default action) nor is lost: the policy file,
+    changed after start-up read it, is loaded once the start is done (polling an hour apart, so only
+    the SIGHUP can load it)."""
+    jwks = ScriptedJwks(first=[key_a], later=[key_a], held_from=1)
+    try:
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(f"issuers:\n  - user_pool_id: us-east-1_Test00001\n    jwks_uri: {jwks.url}\n"
+                          "routes:\n  - path: /transactions\n    scopes: [transactions/post]\n")
+        service = start_service(tmp_path, policy, "--jwks-timeout", "60", "--policy-watch", "poll",
+                                "--policy-poll-interval", "3600", wait_ready=False)
+        assert jwks.hanging.wait(60), "the start-up JWKS fetch never came"
+        policy.write_text(policy.read_text() + "  - name: docs\n    path: /docs/**\n    public: true\n")
+        changed = hashlib.sha256(policy.read_bytes()).hexdigest()
+        service.process.proc.send_signal(signal.SIGHUP)
+        jwks.release.set()
+
+        def serving() -> str | None:
+            assert service.process.proc.poll() is None, service.process.log_tail()
+            try:
+                answer = http_request("GET", f"http://127.0.0.1:{service.http_port}/readyz")[2]
+            except OSError:
+                return None
+            return json.loads(answer)["policy"]["sha256"]
+
+        wait_for(lambda: serving() == changed, 60, "the policy changed during start-up, loaded by the SIGHUP")
     finally:
         jwks.close()
 
