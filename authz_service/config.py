@@ -499,7 +499,7 @@ def _refuse_shared_ports(values: Mapping[str, Any], given: Mapping[str, str]) ->
     listeners = _listeners(values, given)
     for i, (host_a, port_a, shown_a) in enumerate(listeners):
         for host_b, port_b, shown_b in listeners[i + 1 :]:
-            if port_a == 0 or port_a != port_b or not hosts_overlap(host_a, host_b):
+            if not same_port(host_a, port_a, host_b, port_b):
                 continue
             hosts = host_a if host_a == host_b else f"{host_a} and {host_b}"
             raise ConfigError(
@@ -538,7 +538,13 @@ def _addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address] 
     return {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in found}
 
 
-def hosts_overlap(host_a: str, host_b: str) -> bool:
+def same_port(host_a: str, port_a: int, host_b: str, port_b: int) -> bool:
+    """Whether listeners on the two addresses would take one port from each other (the service's
+    and Envoy's alike; port 0 asks for a free port, so it is never shared)."""
+    return port_a != 0 and port_a == port_b and _hosts_overlap(host_a, host_b)
+
+
+def _hosts_overlap(host_a: str, host_b: str) -> bool:
     """Whether listeners on the two hosts would take one port from each other: a shared address,
     or a wildcard (0.0.0.0 takes every IPv4 address; :: every address, dual-stack as Linux has it)."""
     if host_a == host_b:

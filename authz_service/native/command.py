@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from ..config import hosts_overlap, option
+from ..config import option, same_port
 from ..policy import PolicyError, load_policy_file
 from .arguments import ADDRESS_FLAGS, LISTENER_FLAGS
 from .bootstrap import Compiled, compile_policy
@@ -102,7 +102,7 @@ def refuse_shared_ports(options: Options, *, xds: bool) -> None:
         return f"{flag} {given}" + (" (default)" if given == getattr(defaults, ADDRESS_FLAGS[flag][0]) else "")
 
     def same(a: str, b: str) -> bool:
-        return address(a).port == address(b).port and hosts_overlap(address(a).host, address(b).host)
+        return same_port(address(a).host, address(a).port, address(b).host, address(b).port)
 
     listeners = [flag for flag in ENVOY_LISTENERS if not (xds and flag == "--listen")]
     for i, first in enumerate(listeners):
