@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 RETRY_SECONDS = 1.0
 LOCK_FILE = ".authz-service.lock"  # in the xDS directory; holds the pid of the process writing there
 SETTING = "--native-xds-dir {directory} (AUTHZ_NATIVE_XDS_DIR)"
+WRITABLE = "the directory must exist and be writable by the service (Envoy reads it)"  # the fix, in errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,10 +118,7 @@ class NativeControlPlane:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise OSError(
-                f"{setting}: cannot create {path}: {exc.strerror or exc}; the directory must exist and be "
-                "writable by the service (Envoy reads it)"
-            ) from None
+            raise OSError(f"{setting}: cannot create {path}: {exc.strerror or exc}; {WRITABLE}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -257,10 +255,7 @@ class NativeControlPlane:
                     extra={"error": error, "sha256": listener.sha256, "written_sha256": self.written_sha256},
                 )
             self.last_error = error
-            raise OSError(
-                f"{SETTING.format(directory=self.directory)}: {self.last_error}; the directory must exist and "
-                "be writable by the service (Envoy reads it)"
-            ) from None
+            raise OSError(f"{SETTING.format(directory=self.directory)}: {error}; {WRITABLE}") from None
         self.written_sha256, self.written_at, self.last_error = listener.sha256, time.time(), None
         self._written_file = self._identity()
         self._metrics.native_listener_written(listener.sha256)
