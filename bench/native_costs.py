@@ -67,6 +67,7 @@ from run import (
 from authz_service.decision import UNMET_REASONS
 from authz_service.native.bootstrap import EXECUTE_FILTER
 from authz_service.native.checks import PAYLOAD, VERIFIED, and_, metadata, not_, present, regex
+from authz_service.request import override_spellings
 
 Config = dict[str, Any]
 RBAC, JWT, EXT_AUTHZ = "authz.rbac", "authz.jwt", "envoy.filters.http.ext_authz"
@@ -229,29 +230,22 @@ def _native_policies(cfg: Config) -> list[dict[str, Config]]:
     ]
 
 
-def _override_spellings(cfg: Config) -> list[str]:
-    """The override header spellings the compiled policy's checks look up."""
-    names: set[str] = set()
-    for policies in _native_policies(cfg):
-        for name, policy in policies.items():
-            if kind_of(name, policy) == "override headers":
-                names.update(p["header"]["name"] for p in policy["principals"][0]["or_ids"]["ids"])
-    if not names:
-        raise SystemExit("the compiled policy looks up no override header: its checks changed shape")
-    return sorted(names)
+def _override_spellings() -> list[str]:
+    """The override header spellings the compiled policy's checks look up (the request parser's)."""
+    return [name for spellings in override_spellings().values() for name in spellings]
 
 
 def inline_override_headers(cfg: Config) -> None:
     """Every override header spelling registered as an O(1) header of Envoy's request header map."""
     cfg["inline_headers"] = [
-        {"inline_header_name": name, "inline_header_type": "REQUEST_HEADER"} for name in _override_spellings(cfg)
+        {"inline_header_name": name, "inline_header_type": "REQUEST_HEADER"} for name in _override_spellings()
     ]
 
 
 def lua_override_screen(cfg: Config) -> None:
     """The override headers looked up by one Lua filter in one pass over the request's headers,
     instead of RBAC's lookup per spelling (the scan only: its denial is a bare 400)."""
-    names = ", ".join(f'["{name}"] = true' for name in _override_spellings(cfg))
+    names = ", ".join(f'["{name}"] = true' for name in _override_spellings())
     drop_checks("override headers")(cfg)
     code = (
         f"local overrides = {{{names}}}\n"
