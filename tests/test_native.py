@@ -599,22 +599,28 @@ def test_the_listener_file_is_a_discovery_response_versioned_by_the_policy(tmp_p
     assert listener.pop("@type") == LISTENER_TYPE and listener == compiled.listeners[0]
 
 
+def control_plane(xds: Path, registry=None):
+    """Native mode's control plane writing into ``xds``, for the example policy (settings from the
+    command line only, never this process's AUTHZ_* variables)."""
+    from authz_service.config import settings_from
+    from authz_service.metrics import Metrics
+    from authz_service.native.control import NativeControlPlane
+    from prometheus_client import CollectorRegistry
+
+    settings = settings_from({"policy": str(EXAMPLE_POLICY), "native_xds_dir": str(xds)}, {})
+    return NativeControlPlane(settings, Metrics(registry or CollectorRegistry()))
+
+
 @pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary")
 def test_envoy_accepts_the_xds_bootstrap_with_the_listener_serve_writes(tmp_path: Path) -> None:
     """`envoy --mode validate` on the bootstrap `compile envoy --xds-dir` prints, the listener file
     in place as `serve --native-xds-dir` writes it (the listener itself is validated in its
     bootstrap form above: the same dictionary)."""
-    from authz_service.native.control import NativeControlPlane
-    from authz_service.config import settings_from
-    from authz_service.metrics import Metrics
-    from prometheus_client import CollectorRegistry
-
     xds = tmp_path / "xds"
     xds.mkdir()
     run = cli("compile", "envoy", "--xds-dir", str(xds), "-o", str(tmp_path / "envoy.yaml"))
     assert run.returncode == 0 and f"{xds}/listeners.json" in run.stderr, run.stderr
-    plane = NativeControlPlane(settings_from({"policy": str(EXAMPLE_POLICY), "native_xds_dir": str(xds)}),
-                               Metrics(CollectorRegistry()))
+    plane = control_plane(xds)
     plane._write(plane._compile(plane.load(EXAMPLE_POLICY)))
     envoy = subprocess.run([str(envoy_binary()), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
                            capture_output=True, text=True, timeout=120)
@@ -625,15 +631,11 @@ def test_envoy_accepts_the_xds_bootstrap_with_the_listener_serve_writes(tmp_path
 def test_a_listener_write_failing_again_is_logged_once_and_counted_each_time(tmp_path: Path, caplog) -> None:
     """A directory that cannot be written is retried every second: one error line per failure, not
     per retry (the counter and /readyz tell the rest); a failure after a success is logged again."""
-    from authz_service.native.control import NativeControlPlane
-    from authz_service.config import settings_from
-    from authz_service.metrics import Metrics
     from prometheus_client import CollectorRegistry
 
     xds = tmp_path / "xds"
     registry = CollectorRegistry()
-    plane = NativeControlPlane(settings_from({"policy": str(EXAMPLE_POLICY), "native_xds_dir": str(xds)}),
-                               Metrics(registry))
+    plane = control_plane(xds, registry)
     listener = plane._compile(plane.load(EXAMPLE_POLICY))
 
     def fail() -> None:
@@ -692,13 +694,9 @@ def test_serve_refuses_what_native_mode_cannot_serve(values: dict[str, str], mes
 def test_a_policy_the_compiler_refuses_is_refused_as_one_that_does_not_load(tmp_path: Path, monkeypatch) -> None:
     """What stops the compiler stops the policy: the reloader then keeps the previous one, in the
     service and in Envoy (tests/e2e/test_native_xds_e2e.py shows a refused file through Envoy)."""
-    from authz_service.config import settings_from
-    from authz_service.metrics import Metrics
     from authz_service.native import control
-    from prometheus_client import CollectorRegistry
 
-    plane = control.NativeControlPlane(settings_from({"policy": "/p", "native_xds_dir": str(tmp_path)}, {}),
-                                       Metrics(CollectorRegistry()))
+    plane = control_plane(tmp_path)
 
     def refuse(policy, options):
         raise ValueError("no such Envoy matcher")
