@@ -26,8 +26,8 @@ from authz_service.native import patterns
 from authz_service.native.bootstrap import compile_policy
 from authz_service.native.options import Address, Options, parse_address
 from authz_service.native.answers import AnswerBook
-from authz_service.native.plan import Engine, plan
-from authz_service.native.report import report_text
+from authz_service.native.plan import Engine, Fallback, plan
+from authz_service.native.report import report_json, report_text
 from authz_service.native.routes import Admission, ingress_routes
 from authz_service.policy import PolicyError, parse_policy
 from authz_service.request import (IDENTITY_HEADERS, MAX_PATH_LENGTH, BadRequest, checked_method,
@@ -94,6 +94,24 @@ def test_a_claim_bound_to_a_path_parameter_sends_its_route_to_the_service_and_sa
     assert engines["orders"] == (Engine.EXT_AUTHZ, "claim 'tenant' is bound to the path parameter {t}; Envoy's "
                                                    "RBAC cannot compare a claim with a path segment")
     assert engines["plain"][0] is Engine.NATIVE and engines["docs"][0] is Engine.NONE
+
+
+def test_a_route_that_falls_back_for_several_reasons_is_reported_with_every_one() -> None:
+    """Removing one reason must not surprise its author with the next: all are named, with codes."""
+    text = ISSUERS + """\
+  - {name: many, path: '/t/{t}', scopes: [t/read], mode: dry-run,
+     claims: {tenant: {equals_param: t}, tier: {any_of: [gold, 9007199254740993]}}}
+"""
+    compiled = compile_policy(parse_policy(text))
+    (many,) = compiled.plans
+    assert many.engine is Engine.EXT_AUTHZ
+    assert many.fallback == (Fallback.DRY_RUN, Fallback.CLAIM_BOUND_TO_PATH, Fallback.CLAIM_MAY_BE_LIST,
+                             Fallback.NUMBER_BEYOND_DOUBLE)
+    assert all(part in many.why for part in ("dry-run", "path parameter {t}", "list claim", "2^53"))
+    (reported,) = report_json(compiled)["routes"]
+    assert reported["fallback"] == ["dry_run", "claim_bound_to_path", "claim_may_be_list", "number_beyond_double"]
+    assert [route["fallback"] for route in report_json(compile_policy(parse_policy(EVERY_KIND)))["routes"]
+            if route["engine"] != "ext_authz"] == [[]] * 5
 
 
 def test_the_deny_list_is_refused_natively_with_the_services_answer_after_every_other_token_check() -> None:

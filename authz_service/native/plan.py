@@ -26,6 +26,15 @@ class Engine(enum.Enum):
     NONE = "none"  # a public route: nothing is called
 
 
+class Fallback(enum.Enum):
+    """Why a route goes to the service: the codes ``compile envoy --report json`` lists."""
+
+    DRY_RUN = "dry_run"
+    CLAIM_BOUND_TO_PATH = "claim_bound_to_path"
+    CLAIM_MAY_BE_LIST = "claim_may_be_list"
+    NUMBER_BEYOND_DOUBLE = "number_beyond_double"
+
+
 @dataclass(frozen=True, slots=True)
 class RoutePlan:
     """One policy route as Envoy will see it."""
@@ -35,6 +44,7 @@ class RoutePlan:
     methods: frozenset[str] | None  # what the policy's trie gives the route (None: any method)
     engine: Engine
     why: str
+    fallback: tuple[Fallback, ...]  # why the service decides it, for tools (empty unless EXT_AUTHZ)
 
 
 def plan(policy: Policy) -> tuple[RoutePlan, ...]:
@@ -69,28 +79,37 @@ def match_order(plan: RoutePlan) -> tuple[tuple[int, ...], int]:
     return tuple(ranks), 0 if plan.methods is None else 1
 
 
-def engine_of(route: Route) -> tuple[Engine, str]:
-    """The engine that can enforce ``route`` exactly, and why (for the report)."""
+def engine_of(route: Route) -> tuple[Engine, str, tuple[Fallback, ...]]:
+    """The engine that can enforce ``route`` exactly, and why (for the report): every reason a route
+    falls back, so that a user who removes one learns at once whether the route would then compile."""
     if route.public:
-        return Engine.NONE, "public: no token is checked, nothing is called"
+        return Engine.NONE, "public: no token is checked, nothing is called", ()
+    reasons = fallback_reasons(route)
+    if reasons:
+        return Engine.EXT_AUTHZ, "; ".join(text for _, text in reasons), tuple(code for code, _ in reasons)
+    return Engine.NATIVE, "jwt_authn + RBAC: " + requirements_text(route), ()
+
+
+def fallback_reasons(route: Route) -> list[tuple[Fallback, str]]:
+    """Why Envoy's filters cannot enforce ``route`` exactly: each reason, for the mode and for each
+    claim condition, with its code."""
+    reasons: list[tuple[Fallback, str]] = []
     if route.mode is Mode.DRY_RUN:
-        return Engine.EXT_AUTHZ, "dry-run: the service allows, and logs and counts what it would deny"
+        reasons.append((Fallback.DRY_RUN, "dry-run: the service allows, and logs and counts what it would deny"))
     for condition in route.claims:
+        claim = f"claim condition on {condition.name!r}"
         if condition.segment >= 0:
-            return Engine.EXT_AUTHZ, (
-                f"claim {condition.name!r} is bound to the path parameter {{{condition.values[0]}}}; "
-                "Envoy's RBAC cannot compare a claim with a path segment"
+            text = f"claim {condition.name!r} is bound to the path parameter {{{condition.values[0]}}}; "
+            reasons.append(
+                (Fallback.CLAIM_BOUND_TO_PATH, text + "Envoy's RBAC cannot compare a claim with a path segment")
             )
-        if condition.operator == "contains" or (condition.operator == "any_of" and condition.strings):
-            return Engine.EXT_AUTHZ, (
-                f"claim condition on {condition.name!r} may meet a list claim, whose elements "
-                "must all be strings; Envoy's matchers cannot require that"
-            )
+        elif condition.operator == "contains" or (condition.operator == "any_of" and condition.strings):
+            text = f"{claim} may meet a list claim, whose elements must all be strings; "
+            reasons.append((Fallback.CLAIM_MAY_BE_LIST, text + "Envoy's matchers cannot require that"))
         if any(abs(number) >= EXACT_DOUBLE_LIMIT for number in condition.numbers):
-            return Engine.EXT_AUTHZ, (
-                f"claim condition on {condition.name!r} compares a number beyond 2^53, which Envoy reads as a double"
-            )
-    return Engine.NATIVE, "jwt_authn + RBAC: " + requirements_text(route)
+            text = f"{claim} compares a number beyond 2^53, which Envoy reads as a double"
+            reasons.append((Fallback.NUMBER_BEYOND_DOUBLE, text))
+    return reasons
 
 
 def requirements_text(route: Route) -> str:

@@ -58,6 +58,7 @@ def report_json(compiled: Compiled) -> dict[str, Any]:
                 "methods": None if p.methods is None else sorted(p.methods),
                 "engine": p.engine.value,
                 "why": p.why,
+                "fallback": [code.value for code in p.fallback],
             }
             for p in compiled.plans
         ],
