@@ -114,7 +114,8 @@ def _add_dev_issuer(commands: argparse._SubParsersAction) -> None:
         "dev-issuer",
         help="run a local Cognito-style token issuer (development only)",
         description="Serve a JWKS and a Cognito-style /oauth2/token (client_credentials) "
-        "for local development and tests. Not for production.",
+        "for local development and tests, with dev-only helpers: POST /admin/id-token (a user's "
+        "ID token, which the sidecar refuses), POST /admin/rotate, GET /admin/health. Not for production.",
     )
     _files(
         issuer.add_argument(
