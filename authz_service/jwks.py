@@ -410,16 +410,22 @@ class JwksCache:
         return True
 
     async def _download(self, url: str) -> bytes:
+        """The whole body, at most ``max_bytes`` of it (after any Content-Encoding is undone), within
+        ``timeout`` seconds for the whole exchange: a body that trickles in is a timeout."""
+        limit = self.settings.max_bytes
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout)
         async with self._session.get(url, timeout=timeout, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise JwksError(f"JWKS endpoint answered HTTP {resp.status}")
-            if resp.content_length is not None and resp.content_length > self.settings.max_bytes:
-                raise JwksError(f"JWKS larger than {self.settings.max_bytes} bytes")
-            body = await resp.content.read(self.settings.max_bytes + 1)
-            if len(body) > self.settings.max_bytes:
-                raise JwksError(f"JWKS larger than {self.settings.max_bytes} bytes")
-            return body
+            if resp.content_length is not None and resp.content_length > limit:
+                raise JwksError(f"JWKS larger than {limit} bytes")
+            body = bytearray()
+            # read(n) answers what has arrived so far (up to n): a body sent in pieces takes a loop.
+            while piece := await resp.content.read(limit + 1 - len(body)):
+                body += piece
+                if len(body) > limit:
+                    raise JwksError(f"JWKS larger than {limit} bytes")
+            return bytes(body)
 
 
 def _log_skipped(issuer: Issuer, skipped: tuple[SkippedKey, ...]) -> None:

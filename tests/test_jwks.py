@@ -8,6 +8,8 @@ import json
 import logging
 import secrets
 import time
+import zlib
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -28,22 +30,47 @@ from .conftest import SigningKey, make_key
 
 
 class ScriptedJwks:
-    """An HTTP JWKS endpoint: `reply` decides each answer; `hits` counts requests."""
+    """An HTTP JWKS endpoint: `reply` decides each answer (a response, or a handler that streams
+    one: see `in_pieces`); `hits` counts requests."""
 
     def __init__(self) -> None:
         self.hits = 0
-        self.reply: web.Response | None = None
+        self.reply: web.Response | Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
         self.delay = 0.0
         self.held: asyncio.Event | None = None  # when set: answers wait until it is set
 
-    async def handle(self, _: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.held is not None:
             await self.held.wait()
         assert self.reply is not None
-        return self.reply
+        return self.reply if isinstance(self.reply, web.StreamResponse) else await self.reply(request)
+
+    def keys(self, *keys: SigningKey) -> None:
+        self.reply = web.json_response({"keys": [k.jwk() for k in keys]})
+
+
+def in_pieces(document: bytes, count: int, then: asyncio.Event | None = None,
+              ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A handler sending ``document`` in ``count`` writes (chunked), each flushed before the next,
+    as a proxy or a slow link delivers a body; with ``then``, every piece after the first waits
+    for it (a slow-loris issuer: headers and a first piece, then nothing)."""
+
+    async def send(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        size = -(-len(document) // count)
+        for start in range(0, len(document), size):
+            await response.write(document[start:start + size])
+            await asyncio.sleep(0)  # the client's reader gets this piece before the next is written
+            if then is not None:
+                await then.wait()
+        await response.write_eof()
+        return response
+
+    return send
 
     def keys(self, *keys: SigningKey) -> None:
         self.reply = web.json_response({"keys": [k.jwk() for k in keys]})
@@ -187,6 +214,14 @@ def test_parse_rejects_bad_documents(doc: bytes) -> None:
         parse_jwks(doc)
 
 
+def gzip_bomb(megabytes: int) -> bytes:
+    """A JWKS-looking gzip body under 100 KB that inflates to ``megabytes`` MB of white space."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: the gzip container
+    spaces = b" " * 1024 * 1024
+    return b"".join([packer.compress(b'{"keys": ['), *(packer.compress(spaces) for _ in range(megabytes)),
+                     packer.compress(b"]}"), packer.flush()])
+
+
 # --- the cache -----------------------------------------------------------------------------------
 
 
@@ -211,8 +246,13 @@ async def test_startup_fetch_and_metrics(endpoint, make_cache, key_a) -> None:
         lambda: web.json_response({"keys": []}),
         lambda: web.Response(body=b'{"keys": [' + b" " * (10 * 1024 * 1024) + b"]}", content_type="application/json"),
         lambda: web.Response(status=302, headers={"Location": "http://127.0.0.1:1/elsewhere"}),
+        lambda: web.Response(status=301, headers={"Location": "/pool/.well-known/jwks.json"}),
+        lambda: web.Response(body=gzip_bomb(64), content_type="application/json", headers={"Content-Encoding": "gzip"}),
+        lambda: web.Response(body=b"", content_type="application/json"),
+        lambda: web.Response(status=304, headers={"ETag": '"never-asked-for"'}),
     ],
-    ids=["500", "html", "invalid-json", "empty-set", "10MB", "redirect"],
+    ids=["500", "html", "invalid-json", "empty-set", "10MB", "redirect", "redirect-loop", "gzip-bomb", "empty-body",
+         "304-unasked"],
 )
 async def test_bad_refresh_keeps_last_good_keys(endpoint, make_cache, key_a, reply) -> None:
     scripted, issuer = endpoint
@@ -258,6 +298,37 @@ async def test_timeout_holds_and_keeps_keys(endpoint, make_cache, key_a) -> None
         scripted.held.set()
     assert "timed out" in cache.status()[0]["last_error"]
     assert cache.key(issuer, "kid-a") is not None
+
+
+async def test_a_jwks_delivered_in_pieces_is_read_whole(endpoint, make_cache, key_a, key_b) -> None:
+    scripted, issuer = endpoint
+    scripted.reply = in_pieces(json.dumps({"keys": [key_a.jwk(), key_b.jwk()]}).encode(), 16)
+    cache, _ = make_cache()
+    cache.sync([issuer])
+    await cache.wait_first_attempts(60)
+    assert cache.status()[0]["last_error"] is None
+    assert cache.key(issuer, "kid-a") is not None and cache.key(issuer, "kid-b") is not None
+
+
+async def test_a_body_that_stops_coming_times_out_and_keeps_keys(endpoint, make_cache, key_a, key_b) -> None:
+    """Slow loris: the headers and a first piece of the body, then nothing. The fetch's timeout
+    covers the body too, and the keys already held stay."""
+    scripted, issuer = endpoint
+    scripted.keys(key_a)
+    cache, metrics = make_cache(timeout=0.2)
+    cache.sync([issuer])
+    await wait_for(lambda: cache.has_keys(issuer))
+    never = asyncio.Event()
+    scripted.reply = in_pieces(json.dumps({"keys": [key_a.jwk(), key_b.jwk()]}).encode(), 4, then=never)
+    try:
+        expire_cooldown(cache, issuer)
+        await asyncio.wait_for(cache.refetch(issuer), 60)  # only the 0.2 s timeout can end it
+    finally:
+        never.set()
+    assert cache.status()[0]["last_error"] == "timed out after 0.2s"
+    assert cache.key(issuer, "kid-a") is not None and cache.key(issuer, "kid-b") is None
+    assert metrics.registry.get_sample_value(
+        "authz_jwks_refreshes_total", {"issuer": "us-east-1_Pool1", "trigger": "unknown_kid", "result": "error"}) == 1
 
 
 async def test_unknown_kid_flood_causes_one_fetch_per_cooldown(endpoint, make_cache, key_a, key_b) -> None:
