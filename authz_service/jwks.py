@@ -40,6 +40,10 @@ MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 4096
 MIN_RSA_EXPONENT = 65537
 RSA_EXPONENT_LIMIT = 2**32  # exclusive
+# Entries a JWKS may have: Cognito publishes two keys (a few more while it rotates). Each entry
+# skipped is a log line every fetch; 130,000 empty entries fit the default size limit and cost
+# 1.9 s of logging with Checks waiting, so a document with more is refused whole.
+MAX_JWKS_KEYS = 100
 
 
 def http_session() -> aiohttp.ClientSession:
@@ -87,6 +91,8 @@ def parse_jwks(document: bytes) -> ParsedJwks:
         raise JwksError("JWKS is not valid JSON") from None
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise JwksError("JWKS must be a JSON object with a 'keys' list")
+    if len(data["keys"]) > MAX_JWKS_KEYS:
+        raise JwksError(f"JWKS has {len(data['keys'])} keys (at most {MAX_JWKS_KEYS} accepted)")
     keys: dict[str, PyJWK] = {}
     skipped: list[SkippedKey] = []
     duplicates: set[str] = set()

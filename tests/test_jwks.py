@@ -467,6 +467,32 @@ async def test_a_jwks_of_only_skipped_keys_logs_each_and_keeps_the_last_good_key
     assert cache.key(issuer, "kid-a") is not None and cache.status()[0]["last_error"]
 
 
+def test_parse_accepts_as_many_keys_as_the_limit(key_a: SigningKey) -> None:
+    parsed = parse_jwks(json.dumps({"keys": [{**key_a.jwk(), "kid": f"kid-{i}"} for i in range(100)]}).encode())
+    assert len(parsed.keys) == 100 and parsed.skipped == ()
+
+
+async def test_a_jwks_of_10000_entries_is_refused_whole_with_one_log_line(endpoint, make_cache, key_a,
+                                                                          caplog) -> None:
+    """Cognito publishes two keys. Ten thousand entries (here: empty objects, 4 bytes each, so
+    100,000 of them fit the size limit) were each skipped and logged: a warning line per entry,
+    every fetch, and the event loop busy logging them."""
+    scripted, issuer = endpoint
+    scripted.keys(key_a)
+    cache, metrics = make_cache()
+    cache.sync([issuer])
+    await wait_for(lambda: cache.has_keys(issuer))
+    scripted.reply = web.json_response({"keys": [key_a.jwk(), *([{}] * 9999)]})
+    expire_cooldown(cache, issuer)
+    with caplog.at_level(logging.INFO, logger="authz_service.jwks"):
+        await cache.refetch(issuer)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("WARNING", "jwks refresh failed")]
+    assert caplog.records[0].error == cache.status()[0]["last_error"] == "JWKS has 10000 keys (at most 100 accepted)"
+    assert cache.key(issuer, "kid-a") is not None
+    assert metrics.registry.get_sample_value(
+        "authz_jwks_refreshes_total", {"issuer": "us-east-1_Pool1", "trigger": "unknown_kid", "result": "error"}) == 1
+
+
 # --- tracing ------------------------------------------------------------------------------------
 
 
