@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import datetime
 import json
 import logging
 import secrets
@@ -14,8 +16,11 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import pytest
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.utils import to_base64url_uint
 from prometheus_client import CollectorRegistry
 
@@ -199,6 +204,71 @@ def test_parse_skips_rsa_keys_outside_the_key_rules(key_a: SigningKey, n: int, e
 def test_parse_accepts_keys_at_the_edges_of_the_rules(bits: int, e: int) -> None:
     parsed = parse_jwks(json.dumps({"keys": [rsa_jwk("edge", odd_modulus(bits), e)]}).encode())
     assert list(parsed.keys) == ["edge"] and parsed.skipped == ()
+
+
+def self_signed_der(private: rsa.RSAPrivateKey) -> bytes:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "jwks test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(private.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(private, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def with_leading_zeros(b64url: str, count: int) -> str:
+    raw = base64.urlsafe_b64decode(b64url + "=" * (-len(b64url) % 4))
+    return base64.urlsafe_b64encode(b"\0" * count + raw).rstrip(b"=").decode()
+
+
+NOT_BASE64URL = "n and e must be base64url (A-Z a-z 0-9 - _, no padding)"
+# (id, the entry from key_b's JWK (kid "odd-one"), the reason it is skipped)
+SKIPPED_ENTRIES: list[tuple[str, Callable[[SigningKey], dict], str]] = [
+    ("n-standard-base64", lambda k: {**k.jwk(), "n": k.jwk()["n"].replace("-", "+").replace("_", "/") + "+/"},
+     NOT_BASE64URL),
+    ("n-junk-characters", lambda k: {**k.jwk(), "n": k.jwk()["n"][:9] + ".$ \n" + k.jwk()["n"][9:]}, NOT_BASE64URL),
+    ("n-padded", lambda k: {**k.jwk(), "n": k.jwk()["n"] + "=="}, NOT_BASE64URL),
+    ("e-junk", lambda k: {**k.jwk(), "e": "AQ.AB"}, NOT_BASE64URL),
+    ("n-number", lambda k: {**k.jwk(), "n": 12345}, NOT_BASE64URL),
+    ("n-1024-bits-zero-padded-to-2048", lambda k: {**rsa_jwk("x", odd_modulus(1024), 65537),
+                                                    "n": with_leading_zeros(to_base64url_uint(odd_modulus(1024))
+                                                                            .decode(), 128)},
+     "modulus is 1024 bits (accepted: 2048 to 4096)"),
+    ("e-1", lambda k: {**k.jwk(), "e": "AQ"}, "not a valid RSA public key"),
+    ("alg-hs256", lambda k: {**k.jwk(), "alg": "HS256"}, "not an RS256 key (alg)"),
+    ("alg-none", lambda k: {**k.jwk(), "alg": "none"}, "not an RS256 key (alg)"),
+    ("oct-with-k", lambda k: {"kty": "oct", "k": "c2VjcmV0LWhtYWMta2V5", "alg": "HS256", "use": "sig"},
+     "not an RSA key"),
+    ("okp", lambda k: {**json.loads(OKPAlgorithm.to_jwk(ed25519.Ed25519PrivateKey.generate().public_key())),
+                       "alg": "EdDSA"}, "not an RSA key"),
+    ("x5c-of-another-key", lambda k: {**k.jwk(), "x5c": [base64.b64encode(self_signed_der(k.private)).decode()],
+                                      "n": make_key("other").jwk()["n"]},
+     "x5c certificate does not hold the key's n and e"),
+    ("x5c-not-a-certificate", lambda k: {**k.jwk(), "x5c": ["bm90IGEgY2VydA=="]},
+     "x5c certificate does not hold the key's n and e"),
+    ("x5c-not-a-list", lambda k: {**k.jwk(), "x5c": "MIIB"}, "x5c certificate does not hold the key's n and e"),
+]
+
+
+@pytest.mark.parametrize(("make_entry", "reason"), [e[1:] for e in SKIPPED_ENTRIES], ids=[e[0] for e in SKIPPED_ENTRIES])
+def test_parse_skips_malformed_and_foreign_key_entries(key_a: SigningKey, key_b: SigningKey, make_entry,
+                                                       reason: str) -> None:
+    parsed = parse_jwks(json.dumps({"keys": [key_a.jwk(), {**make_entry(key_b), "kid": "odd-one"}]}).encode())
+    assert list(parsed.keys) == ["kid-a"]
+    assert [(s.kid, s.reason) for s in parsed.skipped] == [("odd-one", reason)]
+
+
+@pytest.mark.parametrize("kid", [7, ["kid-b"], None, {"kid": "kid-b"}, ""], ids=["int", "list", "null", "object", "empty"])
+def test_parse_skips_entries_without_a_string_kid(key_a: SigningKey, key_b: SigningKey, kid: object) -> None:
+    parsed = parse_jwks(json.dumps({"keys": [key_a.jwk(), {**key_b.jwk(), "kid": kid}]}).encode())
+    assert list(parsed.keys) == ["kid-a"]
+    assert [(s.kid, s.reason) for s in parsed.skipped] == [(None, "no kid of 1 to 256 characters")]
+
+
+def test_parse_accepts_an_x5c_of_the_same_key_and_a_modulus_with_leading_zero_bytes(key_b: SigningKey) -> None:
+    jwk = key_b.jwk()
+    entry = {**jwk, "n": with_leading_zeros(jwk["n"], 2), "x5c": [base64.b64encode(self_signed_der(key_b.private)).decode()]}
+    parsed = parse_jwks(json.dumps({"keys": [entry]}).encode())
+    assert parsed.keys["kid-b"].key.public_numbers() == key_b.private.public_key().public_numbers()
 
 
 def test_parse_drops_ambiguous_duplicate_kids(key_a: SigningKey, key_b: SigningKey) -> None:
