@@ -47,6 +47,7 @@ class FakeIssuer:
         self.tls = tls  # a server context: the JWKS is then served over HTTPS
         self.issuer = f"https://cognito-idp.us-east-1.amazonaws.com/{pool}"
         self.keys: dict[str, rsa.RSAPrivateKey] = {"kid-1": rsa_key("kid-1")}
+        self.also_published: list[dict[str, Any]] = []  # raw JWKS entries served after the keys'
         self.kind = "ok"
         self.fetches: list[float] = []
         self._lock = threading.Lock()
@@ -131,7 +132,7 @@ class FakeIssuer:
             return len(self.fetches)
 
     def _answer(self, kind: str) -> tuple[int, str, bytes]:
-        good = json.dumps({"keys": [public_jwk(k, kid) for kid, k in self.keys.items()]}).encode()
+        good = json.dumps({"keys": [*(public_jwk(k, kid) for kid, k in self.keys.items()), *self.also_published]}).encode()
         if kind in ("ok", "slow"):
             return 200, "application/json", good
         if kind == "500":

@@ -5,16 +5,20 @@ that must cause at most one fetch per cool-down."""
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import jwt
 import pytest
 
+from authz_service.cognito import access_claims
+
 from .fake_issuer import FakeIssuer, public_jwk, rsa_key
-from .harness import UpstreamProcess, http_request, wait_for
+from .harness import NATIVE, UpstreamProcess, http_request, wait_for
 from .security_stack import bearer, SecurityStack, deny_count, logged, start_security_stack, stop_security_stack
 from .stack import Service
 
@@ -118,6 +122,37 @@ def test_jwks_key_outside_the_key_rules_is_skipped_and_its_tokens_refused(tmp_pa
         assert skipped and skipped[0]["issuer"] == fake.issuer and "exponent" in skipped[0]["reason"]
         assert skipped[0]["level"] == "warning"
         assert public_jwk(fake.keys["kid-e3"], "kid-e3")["n"] not in stack.service.process.log_text()  # no key material
+        assert stack.send("POST", "/transactions", fake.token()).status == 200
+    finally:
+        stop_security_stack(stack)
+
+
+SYMMETRIC_SECRET = b"a shared secret published by mistake"
+
+
+def test_a_symmetric_key_in_the_jwks_never_verifies_a_token(tmp_path: Path, upstream: UpstreamProcess,
+                                                             envoy_factory, enforcing_mode: str) -> None:
+    """The trusted issuer's JWKS also publishes an HS256 key (kty oct, with its k). A verifier that
+    took it would accept any token HMAC-signed with that public secret; in native mode the keys
+    Envoy's jwt_authn verifies with are the service's, so the oct key must not reach them either."""
+    fake = FakeIssuer("us-east-1_Symm00001")
+    fake.also_published.append({"kty": "oct", "kid": "kid-hs", "alg": "HS256", "use": "sig",
+                                "k": base64.urlsafe_b64encode(SYMMETRIC_SECRET).rstrip(b"=").decode()})
+    stack = start_security_stack(tmp_path, upstream, envoy_factory, fake=fake.start(), mode=enforcing_mode)
+    try:
+        claims = access_claims(fake.issuer, "payments-writer", "transactions/post")
+        for kid in ("kid-hs", "kid-1"):
+            token = jwt.encode(claims, SYMMETRIC_SECRET, algorithm="HS256", headers={"kid": kid})
+            answer = stack.send("POST", "/transactions", token)
+            assert (answer.status, answer.error) == (401, "invalid_token"), (kid, answer.body)
+            assert answer.reached_upstream == []
+        assert issuer_status(stack.service, fake)["keys"] == 1
+        skipped = logged(stack, msg="jwks key skipped", kid="kid-hs")
+        assert skipped and skipped[0]["reason"] == "not an RSA key"
+        assert fake.also_published[0]["k"] not in stack.service.process.log_text()  # no key material
+        if enforcing_mode == NATIVE:  # what Envoy's jwt_authn is given: the RSA key alone
+            status, _, body = http_request("GET", f"http://127.0.0.1:{stack.service.http_port}/jwks?iss={fake.issuer}")
+            assert status == 200 and [key["kid"] for key in json.loads(body)["keys"]] == ["kid-1"]
         assert stack.send("POST", "/transactions", fake.token()).status == 200
     finally:
         stop_security_stack(stack)
