@@ -7,6 +7,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import os
 import re
 import signal
 import time
@@ -625,6 +626,15 @@ def test_missing_config_file_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(DevIssuerConfigError, match=re.escape(str(missing))):
         load_config(missing)
 
+
+
+def test_a_config_that_is_no_regular_file_is_never_read(tmp_path: Path) -> None:
+    fifo, zero = tmp_path / "fifo.yaml", tmp_path / "zero.yaml"
+    os.mkfifo(fifo)  # opening it would block until a writer comes
+    zero.symlink_to("/dev/zero")  # reading it would never end
+    for path, kind in [(fifo, "a FIFO"), (zero, "a character device")]:
+        with pytest.raises(DevIssuerConfigError, match=f"^{re.escape(f'{path}: not a regular file ({kind})')}"):
+            load_config(path)
 
 
 # --- issuer formats, replica regions and custom claims ---------------------------------------------
