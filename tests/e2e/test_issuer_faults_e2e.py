@@ -1,7 +1,8 @@
 """Issuer (JWKS) faults through a real Envoy, with a scriptable JWKS endpoint that speaks real HTTP:
 down at start, down while serving, slow (a hanging fetch never blocks Checks with cached keys),
-500 / HTML / invalid JSON / empty / 10 MB / wrong key types, key rotation, and an unknown-kid flood
-that must cause at most one fetch per cool-down."""
+500 / HTML / invalid JSON / empty / 10 MB / a gzip bomb / ten thousand entries / a redirect / an
+unasked 304 / wrong key types / a symmetric key, key rotation, and an unknown-kid flood that must
+cause at most one fetch per cool-down."""
 
 from __future__ import annotations
 
@@ -165,6 +166,11 @@ FAULTS = [
     ("empty", "JWKS has no usable RS256 signing keys"),
     ("huge", "JWKS larger than"),
     ("wrongtype", "JWKS has no usable RS256 signing keys"),
+    ("many", "JWKS has 10000 keys (at most 100 accepted)"),
+    ("gzipbomb", "JWKS larger than 524288 bytes"),
+    ("redirect", "JWKS endpoint answered HTTP 302"),
+    ("emptybody", "JWKS is not valid JSON"),
+    ("304", "JWKS endpoint answered HTTP 304"),
 ]
 
 
