@@ -44,8 +44,8 @@ MAX_RSA_BITS = 4096
 MIN_RSA_EXPONENT = 65537
 RSA_EXPONENT_LIMIT = 2**32  # exclusive
 # Entries a JWKS may have: Cognito publishes two keys (a few more while it rotates). Each entry
-# skipped is a log line every fetch; 130,000 empty entries fit the default size limit and cost
-# 1.9 s of logging with Checks waiting, so a document with more is refused whole.
+# skipped is a log line every fetch, and 130,000 empty entries fit the default size limit
+# (docs/security.md, "Hostile JWKS answers"), so a document with more is refused whole.
 MAX_JWKS_KEYS = 100
 # RFC 7518 6.3.1: n and e are base64url, unpadded. Python's decoder (PyJWT's) would drop any other
 # character and take '+' and '/' too, reading some other number than the one published.
