@@ -32,7 +32,7 @@ from .claims import SCOPE_TOKEN
 from .cognito import POOL_ID, REGION
 from .conditions import ClaimCondition, Conditions, parse_claim_conditions
 from .files import FileReadError, read_bounded, too_large
-from .urls import shown
+from .urls import authority_problem, shown
 from .yamlfile import Where, YamlValidator, kind, place
 
 # RFC 3986 pchar without percent-encoding: what a literal policy segment may contain.
@@ -741,6 +741,8 @@ class _Context(YamlValidator):
         issuer = explicit or cognito_issuer(issuer_format, region, pool)
         if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?\Z", issuer):
             raise self.fail((*where, "issuer"), f"{shown(issuer)!r} is not an http(s) URL")
+        if problem := authority_problem(issuer):
+            raise self.fail((*where, "issuer"), f"{shown(issuer)!r}: {problem}")
         if "@" in issuer.split("/")[2]:
             raise self.fail(
                 (*where, "issuer"),
@@ -750,6 +752,8 @@ class _Context(YamlValidator):
         jwks_override = self.string(item, "jwks_uri", where)
         if jwks_override is not None and not re.match(r"^https?://[^\s/?#]+(/\S*)?\Z", jwks_override):
             raise self.fail((*where, "jwks_uri"), f"{shown(jwks_override)!r} is not an http(s) URL")
+        if jwks_override is not None and (problem := authority_problem(jwks_override)):
+            raise self.fail((*where, "jwks_uri"), f"{shown(jwks_override)!r}: {problem}")
         allowed = self.client_ids(item, where)
         fmt = None if explicit else issuer_format
         accepted = [(region, issuer, False)]
