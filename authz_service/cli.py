@@ -429,6 +429,11 @@ def _dev_issuer(args: argparse.Namespace) -> int:
         print(f"authz-service dev-issuer: error: --log-level={args.log_level!r} is invalid: {exc}", file=sys.stderr)
         return 2
     logs.configure(level)
+    try:  # as serve's ports: getaddrinfo would take 99999 as 99999 - 65536
+        option("http_port").parse(str(args.port))
+    except ValueError as exc:
+        print(f"authz-service dev-issuer: error: --port={str(args.port)!r} is invalid: {exc}", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config)
     except DevIssuerConfigError as exc:

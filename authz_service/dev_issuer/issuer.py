@@ -20,6 +20,7 @@ from jwt.algorithms import RSAAlgorithm
 
 from ..cognito import access_claims, id_claims
 from ..policy import IssuerFormat, cognito_issuer
+from ..urls import authority_problem
 from .config import CLIENT_CREDENTIALS, DevIssuerConfig
 
 log = logging.getLogger("authz_service.dev_issuer")
@@ -56,6 +57,8 @@ def _new_signing_key() -> _SigningKey:
 
 
 def _normalize_public_url(public_url: str) -> str:
+    if problem := authority_problem(public_url):
+        raise ValueError(f"public URL {public_url!r}: {problem}")
     parts = urlsplit(public_url)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
         raise ValueError(f"public URL {public_url!r} must be http(s)://host[:port][/path] without query or fragment")
