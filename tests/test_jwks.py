@@ -341,6 +341,60 @@ async def test_bad_refresh_keeps_last_good_keys(endpoint, make_cache, key_a, rep
         "authz_jwks_refreshes_total", {"issuer": "us-east-1_Pool1", "trigger": "unknown_kid", "result": "error"}) == 1
 
 
+@pytest.mark.parametrize("content_type", ["text/html", "application/octet-stream", "application/jwk-set+json"])
+async def test_the_document_decides_not_its_content_type(endpoint, make_cache, key_a, content_type) -> None:
+    """Cognito serves application/json; other issuers and proxies label a JWKS otherwise. What is
+    checked is the document: a JWKS labelled text/html is one, HTML labelled JSON is not."""
+    scripted, issuer = endpoint
+    scripted.reply = web.Response(body=json.dumps({"keys": [key_a.jwk()]}).encode(), content_type=content_type)
+    cache, _ = make_cache()
+    cache.sync([issuer])
+    await cache.wait_first_attempts(60)
+    assert cache.status()[0]["last_error"] is None and cache.key(issuer, "kid-a") is not None
+
+
+BROKEN_HTTP = {
+    "no-status-line": (b"NOT HTTP AT ALL\r\n\r\n", "Bad status line"),
+    "8KB-header": (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 9000 + b"\r\nContent-Length: 2\r\n\r\n{}",
+                   "Got more than 8190 bytes"),
+    "100000-headers": (b"HTTP/1.1 200 OK\r\n" + b"X-A: a\r\n" * 100_000 + b"Content-Length: 2\r\n\r\n{}",
+                       "Too many headers"),
+    "short-body": (b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{"keys": [', "Not enough data"),
+    "bad-chunk": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nabc\r\n0\r\n\r\n",
+                  "Invalid character in chunk size"),
+    "length-and-chunked": (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           b"2\r\n{}\r\n0\r\n\r\n", "Transfer-Encoding can't be present with Content-Length"),
+    "not-gzip": (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 10\r\n\r\nnotgzip!!!",
+                 "Can not decode content-encoding"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_HTTP))
+async def test_a_broken_http_answer_is_a_failed_fetch_with_the_clients_reason(make_cache, name: str) -> None:
+    answer, reason = BROKEN_HTTP[name]
+
+    async def answer_raw(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer_raw, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        issuer = Issuer("us-east-1_Pool1", "us-east-1", "http://127.0.0.1/pool", f"http://127.0.0.1:{port}/jwks", None)
+        cache, metrics = make_cache(retry_min=60, retry_max=60)
+        cache.sync([issuer])
+        await cache.wait_first_attempts(60)
+        error = cache.status()[0]["last_error"]
+        assert reason in error and len(error) < 400 and not cache.has_keys(issuer)
+        assert metrics.registry.get_sample_value(
+            "authz_jwks_refreshes_total", {"issuer": "us-east-1_Pool1", "trigger": "startup", "result": "error"}) == 1
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_issuer_down_at_start_then_recovers(endpoint, make_cache, key_a) -> None:
     scripted, issuer = endpoint
     scripted.reply = web.Response(status=503)
