@@ -76,9 +76,7 @@ class FakeIssuer:
                     kind = issuer.kind
                 status, ctype, body, extra = issuer._answer(kind)
                 if kind == "slow":
-                    issuer.held.set()
-                    issuer._hold.wait(60)
-                    issuer.held.clear()
+                    issuer._held_here()
                 self.close_connection = True  # no keep-alive: stop() really takes the issuer down
                 try:
                     self.send_response(status)
@@ -88,6 +86,10 @@ class FakeIssuer:
                     for name, value in extra.items():
                         self.send_header(name, value)
                     self.end_headers()
+                    if kind == "trickle":  # the headers and half the body, then nothing until release()
+                        self.wfile.write(body[: len(body) // 2])
+                        issuer._held_here()
+                        body = body[len(body) // 2:]
                     self.wfile.write(body)
                 except OSError:
                     pass  # the client gave up (timeout): fine
@@ -120,13 +122,20 @@ class FakeIssuer:
 
     def script(self, kind: str) -> None:
         """ok | 500 | html | badjson | empty | huge | wrongtype | many | gzipbomb | redirect |
-        emptybody | 304 | slow (held until release())."""
+        emptybody | 304 | slow and trickle (held until release(), see hold())."""
         with self._lock:
             self.kind = kind
 
-    def hold(self) -> None:
+    def hold(self, kind: str = "slow") -> None:
+        """The next fetches hang until release(): before the headers ("slow"), or half way through
+        the body ("trickle")."""
         self._hold.clear()
-        self.script("slow")
+        self.script(kind)
+
+    def _held_here(self) -> None:
+        self.held.set()
+        self._hold.wait(60)
+        self.held.clear()
 
     def release(self) -> None:
         self._hold.set()
@@ -139,7 +148,7 @@ class FakeIssuer:
         """Status, content type, body and further headers of the answer ``kind`` names."""
         keys = [*(public_jwk(k, kid) for kid, k in self.keys.items()), *self.also_published]
         good = json.dumps({"keys": keys}).encode()
-        if kind in ("ok", "slow"):
+        if kind in ("ok", "slow", "trickle"):
             return 200, "application/json", good, {}
         if kind == "500":
             return 500, "application/json", b'{"message": "internal error"}', {}

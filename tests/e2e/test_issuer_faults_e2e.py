@@ -239,6 +239,21 @@ def test_slow_issuer_never_blocks_checks_with_cached_keys(fast_stack: SecuritySt
         fake.release()
 
 
+def test_a_jwks_body_that_stops_coming_is_a_timeout_and_keeps_the_keys(fast_stack: SecurityStack) -> None:
+    """Slow loris: the headers and half the JWKS, then nothing. --jwks-timeout (2 s here) bounds the
+    whole fetch, body included; the keys held keep serving meanwhile."""
+    s, fake = fast_stack, fast_stack.fake
+    fake.hold("trickle")
+    try:
+        wait_for(fake.held.is_set, 60, "a fetch whose body stopped half way")
+        state = wait_for(lambda: (st := issuer_status(s.service, fake))["last_error"] == "timed out after 2s" and st,
+                         60, "the fetch timed out")
+        assert state["keys"] == 1
+        assert s.send("POST", "/transactions", fake.token()).status == 200
+    finally:
+        fake.release()
+
+
 def test_key_rotation_with_tokens_of_both_keys(fast_stack: SecurityStack) -> None:
     s, fake = fast_stack, fast_stack.fake
     old = fake.token(kid="kid-1")
