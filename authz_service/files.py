@@ -33,6 +33,10 @@ def read_bounded(
     device is read only up to the limit.
     """
     path = Path(path)
+
+    def unreadable(exc: OSError) -> FileReadError:
+        return FileReadError(f"{path}: cannot read {kind}: {exc.strerror or exc}{read_fix and '; ' + read_fix}")
+
     try:
         if regular_fix is not None:
             mode = os.stat(path).st_mode
@@ -40,9 +44,7 @@ def read_bounded(
                 raise FileReadError(f"{path}: not a regular file ({_file_kind(mode)}); {regular_fix}")
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | (os.O_NONBLOCK if regular_fix else 0))
     except OSError as exc:
-        raise FileReadError(
-            f"{path}: cannot read {kind}: {exc.strerror or exc}{read_fix and '; ' + read_fix}"
-        ) from None
+        raise unreadable(exc) from None
     try:
         info = os.fstat(fd)
         if regular_fix is not None and not stat.S_ISREG(info.st_mode):
@@ -61,7 +63,7 @@ def read_bounded(
             raise too_large(path, "more", kind, limit, too_large_fix)
         return b"".join(chunks)
     except OSError as exc:
-        raise FileReadError(f"{path}: cannot read {kind}: {exc.strerror or exc}") from None
+        raise unreadable(exc) from None
     finally:
         os.close(fd)
 
