@@ -765,3 +765,23 @@ async def test_document_is_the_current_key_set_of_one_issuer(endpoint, make_cach
     scripted.keys(key_b)
     await wait_for(lambda: cache.key(issuer, "kid-b") is not None)
     assert set(parse_jwks(cache.document(issuer.issuer)).keys) == {"kid-b"}
+
+
+async def test_the_document_for_envoy_holds_only_the_members_verification_needs(endpoint, make_cache, key_a,
+                                                                                key_b) -> None:
+    """Native mode's Envoy verifies with this document, never the issuer's: whatever else the
+    issuer published (an HS256 secret, an x5c chain, key_ops, a private part of a skipped key) is
+    not in it."""
+    scripted, issuer = endpoint
+    scripted.reply = web.json_response({"keys": [
+        {**key_a.jwk(), "x5c": [base64.b64encode(self_signed_der(key_a.private)).decode()], "key_ops": ["verify"],
+         "x-extra": "anything"},
+        {"kty": "oct", "kid": "kid-hs", "k": "c2VjcmV0LWhtYWMta2V5", "alg": "HS256"},
+        {**RSAAlgorithm.to_jwk(key_b.private, as_dict=True), "kid": "kid-b"},
+    ]})
+    cache, _ = make_cache()
+    cache.sync([issuer])
+    await wait_for(lambda: cache.document(issuer.issuer) is not None)
+    (entry,) = json.loads(cache.document(issuer.issuer))["keys"]
+    assert entry == {"kty": "RSA", "kid": "kid-a", "use": "sig", "alg": "RS256", "n": key_a.jwk()["n"],
+                     "e": key_a.jwk()["e"]}
