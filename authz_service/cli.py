@@ -114,7 +114,8 @@ def _add_dev_issuer(commands: argparse._SubParsersAction) -> None:
         "dev-issuer",
         help="run a local Cognito-style token issuer (development only)",
         description="Serve a JWKS and a Cognito-style /oauth2/token (client_credentials) "
-        "for local development and tests. Not for production.",
+        "for local development and tests, with dev-only helpers: POST /admin/id-token (a user's "
+        "ID token, which the sidecar refuses), POST /admin/rotate, GET /admin/health. Not for production.",
     )
     _files(
         issuer.add_argument(
@@ -428,6 +429,11 @@ def _dev_issuer(args: argparse.Namespace) -> int:
         print(f"authz-service dev-issuer: error: --log-level={args.log_level!r} is invalid: {exc}", file=sys.stderr)
         return 2
     logs.configure(level)
+    try:  # as serve's ports: getaddrinfo would take 99999 as 99999 - 65536
+        option("http_port").parse(str(args.port))
+    except ValueError as exc:
+        print(f"authz-service dev-issuer: error: --port={str(args.port)!r} is invalid: {exc}", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config)
     except DevIssuerConfigError as exc:

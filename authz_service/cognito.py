@@ -1,5 +1,5 @@
-"""What Amazon Cognito writes into a client_credentials access token (its claims, in its order),
-and the shape of its region and user pool names.
+"""What Amazon Cognito writes into a client_credentials access token and into a user's ID token
+(their claims, in its order), and the shape of its region and user pool names.
 
 Why a module: the development issuer serves such tokens, the policy tools' simulator mints them,
 and the tests and the benchmark sign them; one builder keeps every one of them the shape the
@@ -60,3 +60,24 @@ def access_claims(
         else:
             claims[name] = value
     return claims
+
+
+def id_claims(issuer: str, client_id: str, username: str, *, ttl: int = 3600, now: int | None = None) -> dict[str, Any]:
+    """The claims of the ID token ``issuer`` gives user ``username`` signed in through app client
+    ``client_id``, valid ``ttl`` seconds from ``now``, in Cognito's order (without the user
+    attributes, groups and identities a pool may add). ``sub`` is the same for the same user of the
+    same pool, as Cognito's is. Not an access token: the verifier refuses it (token_use "id")."""
+    issued = int(time.time()) if now is None else now
+    return {
+        "sub": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{issuer}#{username}")),
+        "iss": issuer,
+        "cognito:username": username,
+        "origin_jti": str(uuid.uuid4()),
+        "aud": client_id,
+        "event_id": str(uuid.uuid4()),
+        "token_use": "id",
+        "auth_time": issued,
+        "exp": issued + ttl,
+        "iat": issued,
+        "jti": str(uuid.uuid4()),
+    }

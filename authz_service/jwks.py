@@ -12,12 +12,15 @@ import asyncio
 import json
 import logging
 import random
+import re
 import time
-from base64 import urlsafe_b64encode
+from base64 import b64decode, urlsafe_b64encode
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey, RSAPublicNumbers
 from jwt.api_jwk import PyJWK
 
 from .config import JwksSettings
@@ -40,6 +43,13 @@ MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 4096
 MIN_RSA_EXPONENT = 65537
 RSA_EXPONENT_LIMIT = 2**32  # exclusive
+# Entries a JWKS may have: Cognito publishes two keys (a few more while it rotates). Each entry
+# skipped is a log line every fetch, and 130,000 empty entries fit the default size limit
+# (docs/security.md, "Hostile JWKS answers"), so a document with more is refused whole.
+MAX_JWKS_KEYS = 100
+# RFC 7518 6.3.1: n and e are base64url, unpadded. Python's decoder (PyJWT's) would drop any other
+# character and take '+' and '/' too, reading some other number than the one published.
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def http_session() -> aiohttp.ClientSession:
@@ -87,6 +97,8 @@ def parse_jwks(document: bytes) -> ParsedJwks:
         raise JwksError("JWKS is not valid JSON") from None
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise JwksError("JWKS must be a JSON object with a 'keys' list")
+    if len(data["keys"]) > MAX_JWKS_KEYS:
+        raise JwksError(f"JWKS has {len(data['keys'])} keys (at most {MAX_JWKS_KEYS} accepted)")
     keys: dict[str, PyJWK] = {}
     skipped: list[SkippedKey] = []
     duplicates: set[str] = set()
@@ -124,6 +136,10 @@ def _verification_key(entry: dict[str, object]) -> PyJWK | str:
     ops = entry.get("key_ops")
     if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
         return "key_ops does not allow verify"
+    for member in ("n", "e"):
+        value = entry.get(member)
+        if value is not None and not (isinstance(value, str) and _BASE64URL.fullmatch(value)):
+            return "n and e must be base64url (A-Z a-z 0-9 - _, no padding)"
     try:
         key = PyJWK(entry, algorithm="RS256")
         numbers = key.key.public_numbers()
@@ -136,7 +152,22 @@ def _verification_key(entry: dict[str, object]) -> PyJWK | str:
         return "modulus is even"
     if numbers.e % 2 == 0 or not MIN_RSA_EXPONENT <= numbers.e < RSA_EXPONENT_LIMIT:
         return f"public exponent is not accepted (odd, {MIN_RSA_EXPONENT} <= e < 2**32 required)"
+    if "x5c" in entry and not _certificate_holds(entry["x5c"], numbers):
+        return "x5c certificate does not hold the key's n and e"
     return key
+
+
+def _certificate_holds(x5c: object, numbers: RSAPublicNumbers) -> bool:
+    """Whether the first certificate of an ``x5c`` chain holds the key n and e describe: RFC 7517
+    4.7 requires it, and a key published as two different keys is trusted as neither (only n and e
+    are ever used to verify)."""
+    if not isinstance(x5c, list) or not x5c or not isinstance(x5c[0], str):
+        return False
+    try:
+        certified = x509.load_der_x509_certificate(b64decode(x5c[0], validate=True)).public_key()
+    except ValueError:  # not base64 (binascii.Error is one), not a DER certificate
+        return False
+    return isinstance(certified, RSAPublicKey) and certified.public_numbers() == numbers
 
 
 def _keep_unchanged(old: dict[str, PyJWK], new: dict[str, PyJWK]) -> tuple[dict[str, PyJWK], set[str]]:
@@ -410,16 +441,22 @@ class JwksCache:
         return True
 
     async def _download(self, url: str) -> bytes:
+        """The whole body, at most ``max_bytes`` of it (after any Content-Encoding is undone), within
+        ``timeout`` seconds for the whole exchange: a body that trickles in is a timeout."""
+        limit = self.settings.max_bytes
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout)
         async with self._session.get(url, timeout=timeout, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise JwksError(f"JWKS endpoint answered HTTP {resp.status}")
-            if resp.content_length is not None and resp.content_length > self.settings.max_bytes:
-                raise JwksError(f"JWKS larger than {self.settings.max_bytes} bytes")
-            body = await resp.content.read(self.settings.max_bytes + 1)
-            if len(body) > self.settings.max_bytes:
-                raise JwksError(f"JWKS larger than {self.settings.max_bytes} bytes")
-            return body
+            if resp.content_length is not None and resp.content_length > limit:
+                raise JwksError(f"JWKS larger than {limit} bytes")
+            body = bytearray()
+            # read(n) answers what has arrived so far (up to n): a body sent in pieces takes a loop.
+            while piece := await resp.content.read(limit + 1 - len(body)):
+                body += piece
+                if len(body) > limit:
+                    raise JwksError(f"JWKS larger than {limit} bytes")
+            return bytes(body)
 
 
 def _log_skipped(issuer: Issuer, skipped: tuple[SkippedKey, ...]) -> None:

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import os
 import re
-import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +31,8 @@ from typing import Any, BinaryIO
 from .claims import SCOPE_TOKEN
 from .cognito import POOL_ID, REGION
 from .conditions import ClaimCondition, Conditions, parse_claim_conditions
-from .urls import shown
+from .files import FileReadError, read_bounded, too_large
+from .urls import authority_problem, shown
 from .yamlfile import Where, YamlValidator, kind, place
 
 # RFC 3986 pchar without percent-encoding: what a literal policy segment may contain.
@@ -444,73 +443,25 @@ _REGULAR_FILE_FIX = (
     "point the policy path at a regular file (a ConfigMap mounted as a directory, or a file "
     "written elsewhere and renamed into place)"
 )
+_TOO_LARGE_FIX = "check that the path names the policy file (a policy is a few KB)"
 
 
 def read_policy_file(path: Path | str) -> bytes:
-    """The bytes of a policy file, read so that no file can hang or exhaust the reader.
-
-    Every reader of policy files (the server at start-up and on reload, ``validate``, ``explain``,
-    ``test``) goes through here. Why: a FIFO at the path blocks ``open``/``read`` forever (a reload
-    thread that never returns also stops SIGTERM from ending the process), and a device such as
-    ``/dev/zero`` or a huge file exhausts memory. So: open with O_NONBLOCK (a FIFO's open returns
-    at once), check the *opened* file with fstat (no race with a swap between check and read),
-    accept only a regular file, and read at most ``POLICY_MAX_BYTES`` + 1 bytes.
-    """
-    path = Path(path)
+    """The bytes of a policy file, read so that no file can hang or exhaust the reader (files.py):
+    a regular file only, at most ``POLICY_MAX_BYTES``. Every reader of policy files (the server at
+    start-up and on reload, ``validate``, ``explain``, ``test``) goes through here."""
     try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):  # never even open a device or a FIFO
-            raise PolicyError(f"{path}: not a regular file ({_file_kind(mode)}); {_REGULAR_FILE_FIX}")
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read policy file: {exc.strerror or exc}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):  # swapped for something else after the stat above
-            raise PolicyError(f"{path}: not a regular file ({_file_kind(info.st_mode)}); {_REGULAR_FILE_FIX}")
-        if info.st_size > POLICY_MAX_BYTES:
-            raise _too_large(path, f"{info.st_size} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= POLICY_MAX_BYTES:  # st_size can be stale (a file still growing): count what we read
-            chunk = os.read(fd, POLICY_MAX_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > POLICY_MAX_BYTES:
-            raise _too_large(path, "more")
-        return b"".join(chunks)
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read policy file: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
+        return read_bounded(path, "policy file", POLICY_MAX_BYTES, _TOO_LARGE_FIX, regular_fix=_REGULAR_FILE_FIX)
+    except FileReadError as exc:
+        raise PolicyError(str(exc)) from None
 
 
 def read_policy_stream(stream: BinaryIO, source: str) -> bytes:
     """A policy piped in (``validate -``), with the same size cap as a file."""
     data = stream.read(POLICY_MAX_BYTES + 1)
     if len(data) > POLICY_MAX_BYTES:
-        raise _too_large(source, "more")
+        raise PolicyError(str(too_large(source, "more", "policy file", POLICY_MAX_BYTES, _TOO_LARGE_FIX)))
     return data
-
-
-def _too_large(path: Path | str, size: str) -> PolicyError:
-    return PolicyError(
-        f"{path}: {size} is larger than a policy file may be ({POLICY_MAX_BYTES} bytes, 1 MiB); "
-        "check that the path names the policy file (a policy is a few KB)"
-    )
-
-
-def _file_kind(mode: int) -> str:
-    kinds = (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    )
-    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def load_policy_file(path: Path | str) -> Policy:
@@ -790,6 +741,8 @@ class _Context(YamlValidator):
         issuer = explicit or cognito_issuer(issuer_format, region, pool)
         if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?\Z", issuer):
             raise self.fail((*where, "issuer"), f"{shown(issuer)!r} is not an http(s) URL")
+        if problem := authority_problem(issuer):
+            raise self.fail((*where, "issuer"), f"{shown(issuer)!r}: {problem}")
         if "@" in issuer.split("/")[2]:
             raise self.fail(
                 (*where, "issuer"),
@@ -799,6 +752,8 @@ class _Context(YamlValidator):
         jwks_override = self.string(item, "jwks_uri", where)
         if jwks_override is not None and not re.match(r"^https?://[^\s/?#]+(/\S*)?\Z", jwks_override):
             raise self.fail((*where, "jwks_uri"), f"{shown(jwks_override)!r} is not an http(s) URL")
+        if jwks_override is not None and (problem := authority_problem(jwks_override)):
+            raise self.fail((*where, "jwks_uri"), f"{shown(jwks_override)!r}: {problem}")
         allowed = self.client_ids(item, where)
         fmt = None if explicit else issuer_format
         accepted = [(region, issuer, False)]

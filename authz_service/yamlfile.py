@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 
 import yaml
 
+from .files import FileReadError, utf8_text
+
 Where = tuple[str | int, ...]  # a place in a document, e.g. ("routes", 1, "methods", 0)
 
 
@@ -245,9 +247,9 @@ class YamlValidator:
     def from_bytes(cls, raw: bytes, source: str) -> YamlValidator:
         """A validator of ``raw``, which must be UTF-8 text (else the file's error, naming the byte)."""
         try:
-            return cls(source, raw.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise cls.error(f"{source}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
+            return cls(source, utf8_text(raw, source))
+        except FileReadError as exc:
+            raise cls.error(str(exc)) from None
 
     def document(self) -> Any:
         """The file's YAML document, strictly loaded (``load_strict_yaml``); the file's error, naming

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import os
 import re
 import signal
 import time
@@ -271,6 +272,82 @@ async def test_secrets_and_tokens_never_reach_the_logs(client: TestClient, caplo
         assert forbidden not in logged
     for part in token.split("."):
         assert part not in logged
+
+
+# --- ID tokens (dev-only) -----------------------------------------------------------------------
+
+# What Cognito puts in a signed-in user's ID token when the pool adds no attributes or groups.
+COGNITO_ID_CLAIMS = {"sub", "iss", "cognito:username", "origin_jti", "aud", "event_id", "token_use", "auth_time",
+                     "exp", "iat", "jti"}
+
+
+async def request_id_token(client: TestClient, data: dict[str, str], headers: dict[str, str] | None = None,
+                           ) -> tuple[int, dict]:
+    response = await client.post("/admin/id-token", data=data, headers=headers)
+    return response.status, await response.json()
+
+
+async def test_id_token_has_cognitos_id_token_shape_and_verifies_against_the_served_jwks(
+    client: TestClient, issuer: DevIssuer
+) -> None:
+    response = await client.post("/admin/id-token", data={"username": "alice"}, headers=basic("writer", "writer-secret"))
+    assert response.status == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    body = await response.json()
+    assert set(body) == {"id_token", "expires_in", "token_type"} and body["expires_in"] == 600
+    token = body["id_token"]
+    assert jwt.get_unverified_header(token) == {"kid": issuer.signing_kid, "alg": "RS256"}
+    claims = jwt.decode(token, (await served_jwks(client))[issuer.signing_kid], algorithms=["RS256"], issuer=ISSUER,
+                        audience="writer")
+    assert set(claims) == COGNITO_ID_CLAIMS
+    assert (claims["token_use"], claims["aud"], claims["cognito:username"]) == ("id", "writer", "alice")
+    assert claims["exp"] - claims["iat"] == 600 and claims["auth_time"] == claims["iat"]
+    assert "scope" not in claims and "client_id" not in claims
+    # The same user keeps one sub (as in Cognito); another user has another.
+    again = jwt.decode(issuer.issue_id_token("writer", "alice"), options={"verify_signature": False})
+    other = jwt.decode(issuer.issue_id_token("writer", "bob"), options={"verify_signature": False})
+    assert again["sub"] == claims["sub"] != other["sub"]
+    assert again["jti"] != claims["jti"]
+
+
+async def test_id_token_default_user_and_form_client_authentication(client: TestClient) -> None:
+    status, body = await request_id_token(client, {"client_id": "reporting", "client_secret": "reporting-secret"})
+    assert status == 200
+    claims = jwt.decode(body["id_token"], options={"verify_signature": False})
+    assert (claims["aud"], claims["cognito:username"]) == ("reporting", "dev-user")
+
+
+@pytest.mark.parametrize(
+    ("data", "headers", "error"),
+    [
+        ({"username": "alice"}, basic("writer", "wrong"), "invalid_client"),
+        ({"username": "alice"}, basic("nobody", "writer-secret"), "invalid_client"),
+        ({"client_id": "writer"}, None, "invalid_client"),
+        ({"username": "alice"}, None, "invalid_request"),
+        ({"username": "al ice"}, basic("writer", "writer-secret"), "invalid_request"),
+        ({"username": "x" * 129}, basic("writer", "writer-secret"), "invalid_request"),
+        ({"username": "a\x01"}, basic("writer", "writer-secret"), "invalid_request"),
+    ],
+    ids=["wrong-secret", "unknown-client", "no-secret", "no-client", "space", "too-long", "control-char"],
+)
+async def test_id_token_requests_are_refused_as_token_requests_are(
+    client: TestClient, data: dict[str, str], headers: dict[str, str] | None, error: str
+) -> None:
+    assert await request_id_token(client, data, headers) == (400, {"error": error})
+
+
+async def test_id_token_endpoint_only_accepts_post(client: TestClient) -> None:
+    assert (await client.get("/admin/id-token")).status == 405
+
+
+async def test_id_tokens_and_secrets_never_reach_the_logs(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    status, body = await request_id_token(client, {"username": "alice"}, basic("writer", "writer-secret"))
+    assert status == 200
+    assert "issued an ID token to client_id='writer' for username='alice'" in caplog.text
+    assert "writer-secret" not in caplog.text
+    for part in body["id_token"].split("."):
+        assert part not in caplog.text
 
 
 # --- JWKS and rotation ---------------------------------------------------------------------------
@@ -549,6 +626,15 @@ def test_missing_config_file_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(DevIssuerConfigError, match=re.escape(str(missing))):
         load_config(missing)
 
+
+
+def test_a_config_that_is_no_regular_file_is_never_read(tmp_path: Path) -> None:
+    fifo, zero = tmp_path / "fifo.yaml", tmp_path / "zero.yaml"
+    os.mkfifo(fifo)  # opening it would block until a writer comes
+    zero.symlink_to("/dev/zero")  # reading it would never end
+    for path, kind in [(fifo, "a FIFO"), (zero, "a character device")]:
+        with pytest.raises(DevIssuerConfigError, match=f"^{re.escape(f'{path}: not a regular file ({kind})')}"):
+            load_config(path)
 
 
 # --- issuer formats, replica regions and custom claims ---------------------------------------------

@@ -140,6 +140,16 @@ def policy(tmp_path: Path, issuer: DevIssuer) -> Path:
     return path
 
 
+def test_a_token_file_is_read_up_to_a_bound(tmp_path, policy):
+    """/dev/zero (or any endless file) as --token-file is refused after 64 KiB, not read forever."""
+    zero = tmp_path / "token"
+    zero.symlink_to("/dev/zero")
+    run = explain("--policy", str(policy), "--method", "GET", "--path", "/x", "--token-file", str(zero))
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == (f"authz-service explain: error: {zero}: more is larger than a token file may be "
+                                  "(65536 bytes, 64 KiB); --token-file names a file holding one access token")
+
+
 def test_real_token_every_check_passes_and_the_token_is_never_printed(issuer, policy):
     token = issuer.token("payments-writer")
     run = explain("--policy", str(policy), "--method", "POST", "--path", "/transactions", "--token-file", "-",

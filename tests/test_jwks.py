@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import datetime
 import json
 import logging
 import secrets
 import time
+import zlib
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.utils import to_base64url_uint
 from prometheus_client import CollectorRegistry
 
@@ -28,22 +35,47 @@ from .conftest import SigningKey, make_key
 
 
 class ScriptedJwks:
-    """An HTTP JWKS endpoint: `reply` decides each answer; `hits` counts requests."""
+    """An HTTP JWKS endpoint: `reply` decides each answer (a response, or a handler that streams
+    one: see `in_pieces`); `hits` counts requests."""
 
     def __init__(self) -> None:
         self.hits = 0
-        self.reply: web.Response | None = None
+        self.reply: web.Response | Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
         self.delay = 0.0
         self.held: asyncio.Event | None = None  # when set: answers wait until it is set
 
-    async def handle(self, _: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.held is not None:
             await self.held.wait()
         assert self.reply is not None
-        return self.reply
+        return self.reply if isinstance(self.reply, web.StreamResponse) else await self.reply(request)
+
+    def keys(self, *keys: SigningKey) -> None:
+        self.reply = web.json_response({"keys": [k.jwk() for k in keys]})
+
+
+def in_pieces(document: bytes, count: int, then: asyncio.Event | None = None,
+              ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A handler sending ``document`` in ``count`` writes (chunked), each flushed before the next,
+    as a proxy or a slow link delivers a body; with ``then``, every piece after the first waits
+    for it (a slow-loris issuer: headers and a first piece, then nothing)."""
+
+    async def send(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        size = -(-len(document) // count)
+        for start in range(0, len(document), size):
+            await response.write(document[start:start + size])
+            await asyncio.sleep(0)  # the client's reader gets this piece before the next is written
+            if then is not None:
+                await then.wait()
+        await response.write_eof()
+        return response
+
+    return send
 
     def keys(self, *keys: SigningKey) -> None:
         self.reply = web.json_response({"keys": [k.jwk() for k in keys]})
@@ -174,6 +206,71 @@ def test_parse_accepts_keys_at_the_edges_of_the_rules(bits: int, e: int) -> None
     assert list(parsed.keys) == ["edge"] and parsed.skipped == ()
 
 
+def self_signed_der(private: rsa.RSAPrivateKey) -> bytes:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "jwks test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(private.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(private, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def with_leading_zeros(b64url: str, count: int) -> str:
+    raw = base64.urlsafe_b64decode(b64url + "=" * (-len(b64url) % 4))
+    return base64.urlsafe_b64encode(b"\0" * count + raw).rstrip(b"=").decode()
+
+
+NOT_BASE64URL = "n and e must be base64url (A-Z a-z 0-9 - _, no padding)"
+# (id, the entry from key_b's JWK (kid "odd-one"), the reason it is skipped)
+SKIPPED_ENTRIES: list[tuple[str, Callable[[SigningKey], dict], str]] = [
+    ("n-standard-base64", lambda k: {**k.jwk(), "n": k.jwk()["n"].replace("-", "+").replace("_", "/") + "+/"},
+     NOT_BASE64URL),
+    ("n-junk-characters", lambda k: {**k.jwk(), "n": k.jwk()["n"][:9] + ".$ \n" + k.jwk()["n"][9:]}, NOT_BASE64URL),
+    ("n-padded", lambda k: {**k.jwk(), "n": k.jwk()["n"] + "=="}, NOT_BASE64URL),
+    ("e-junk", lambda k: {**k.jwk(), "e": "AQ.AB"}, NOT_BASE64URL),
+    ("n-number", lambda k: {**k.jwk(), "n": 12345}, NOT_BASE64URL),
+    ("n-1024-bits-zero-padded-to-2048", lambda k: {**rsa_jwk("x", odd_modulus(1024), 65537),
+                                                    "n": with_leading_zeros(to_base64url_uint(odd_modulus(1024))
+                                                                            .decode(), 128)},
+     "modulus is 1024 bits (accepted: 2048 to 4096)"),
+    ("e-1", lambda k: {**k.jwk(), "e": "AQ"}, "not a valid RSA public key"),
+    ("alg-hs256", lambda k: {**k.jwk(), "alg": "HS256"}, "not an RS256 key (alg)"),
+    ("alg-none", lambda k: {**k.jwk(), "alg": "none"}, "not an RS256 key (alg)"),
+    ("oct-with-k", lambda k: {"kty": "oct", "k": "c2VjcmV0LWhtYWMta2V5", "alg": "HS256", "use": "sig"},
+     "not an RSA key"),
+    ("okp", lambda k: {**json.loads(OKPAlgorithm.to_jwk(ed25519.Ed25519PrivateKey.generate().public_key())),
+                       "alg": "EdDSA"}, "not an RSA key"),
+    ("x5c-of-another-key", lambda k: {**k.jwk(), "x5c": [base64.b64encode(self_signed_der(k.private)).decode()],
+                                      "n": make_key("other").jwk()["n"]},
+     "x5c certificate does not hold the key's n and e"),
+    ("x5c-not-a-certificate", lambda k: {**k.jwk(), "x5c": ["bm90IGEgY2VydA=="]},
+     "x5c certificate does not hold the key's n and e"),
+    ("x5c-not-a-list", lambda k: {**k.jwk(), "x5c": "MIIB"}, "x5c certificate does not hold the key's n and e"),
+]
+
+
+@pytest.mark.parametrize(("make_entry", "reason"), [e[1:] for e in SKIPPED_ENTRIES], ids=[e[0] for e in SKIPPED_ENTRIES])
+def test_parse_skips_malformed_and_foreign_key_entries(key_a: SigningKey, key_b: SigningKey, make_entry,
+                                                       reason: str) -> None:
+    parsed = parse_jwks(json.dumps({"keys": [key_a.jwk(), {**make_entry(key_b), "kid": "odd-one"}]}).encode())
+    assert list(parsed.keys) == ["kid-a"]
+    assert [(s.kid, s.reason) for s in parsed.skipped] == [("odd-one", reason)]
+
+
+@pytest.mark.parametrize("kid", [7, ["kid-b"], None, {"kid": "kid-b"}, ""], ids=["int", "list", "null", "object", "empty"])
+def test_parse_skips_entries_without_a_string_kid(key_a: SigningKey, key_b: SigningKey, kid: object) -> None:
+    parsed = parse_jwks(json.dumps({"keys": [key_a.jwk(), {**key_b.jwk(), "kid": kid}]}).encode())
+    assert list(parsed.keys) == ["kid-a"]
+    assert [(s.kid, s.reason) for s in parsed.skipped] == [(None, "no kid of 1 to 256 characters")]
+
+
+def test_parse_accepts_an_x5c_of_the_same_key_and_a_modulus_with_leading_zero_bytes(key_b: SigningKey) -> None:
+    jwk = key_b.jwk()
+    entry = {**jwk, "n": with_leading_zeros(jwk["n"], 2), "x5c": [base64.b64encode(self_signed_der(key_b.private)).decode()]}
+    parsed = parse_jwks(json.dumps({"keys": [entry]}).encode())
+    assert parsed.keys["kid-b"].key.public_numbers() == key_b.private.public_key().public_numbers()
+
+
 def test_parse_drops_ambiguous_duplicate_kids(key_a: SigningKey, key_b: SigningKey) -> None:
     dup = {**key_b.jwk(), "kid": "kid-a"}
     with pytest.raises(JwksError) as caught:
@@ -185,6 +282,14 @@ def test_parse_drops_ambiguous_duplicate_kids(key_a: SigningKey, key_b: SigningK
 def test_parse_rejects_bad_documents(doc: bytes) -> None:
     with pytest.raises(JwksError):
         parse_jwks(doc)
+
+
+def gzip_bomb(megabytes: int) -> bytes:
+    """A JWKS-looking gzip body under 100 KB that inflates to ``megabytes`` MB of white space."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: the gzip container
+    spaces = b" " * 1024 * 1024
+    return b"".join([packer.compress(b'{"keys": ['), *(packer.compress(spaces) for _ in range(megabytes)),
+                     packer.compress(b"]}"), packer.flush()])
 
 
 # --- the cache -----------------------------------------------------------------------------------
@@ -211,8 +316,13 @@ async def test_startup_fetch_and_metrics(endpoint, make_cache, key_a) -> None:
         lambda: web.json_response({"keys": []}),
         lambda: web.Response(body=b'{"keys": [' + b" " * (10 * 1024 * 1024) + b"]}", content_type="application/json"),
         lambda: web.Response(status=302, headers={"Location": "http://127.0.0.1:1/elsewhere"}),
+        lambda: web.Response(status=301, headers={"Location": "/pool/.well-known/jwks.json"}),
+        lambda: web.Response(body=gzip_bomb(64), content_type="application/json", headers={"Content-Encoding": "gzip"}),
+        lambda: web.Response(body=b"", content_type="application/json"),
+        lambda: web.Response(status=304, headers={"ETag": '"never-asked-for"'}),
     ],
-    ids=["500", "html", "invalid-json", "empty-set", "10MB", "redirect"],
+    ids=["500", "html", "invalid-json", "empty-set", "10MB", "redirect", "redirect-loop", "gzip-bomb", "empty-body",
+         "304-unasked"],
 )
 async def test_bad_refresh_keeps_last_good_keys(endpoint, make_cache, key_a, reply) -> None:
     scripted, issuer = endpoint
@@ -229,6 +339,60 @@ async def test_bad_refresh_keeps_last_good_keys(endpoint, make_cache, key_a, rep
     assert cache.status()[0]["last_error"]
     assert metrics.registry.get_sample_value(
         "authz_jwks_refreshes_total", {"issuer": "us-east-1_Pool1", "trigger": "unknown_kid", "result": "error"}) == 1
+
+
+@pytest.mark.parametrize("content_type", ["text/html", "application/octet-stream", "application/jwk-set+json"])
+async def test_the_document_decides_not_its_content_type(endpoint, make_cache, key_a, content_type) -> None:
+    """Cognito serves application/json; other issuers and proxies label a JWKS otherwise. What is
+    checked is the document: a JWKS labelled text/html is one, HTML labelled JSON is not."""
+    scripted, issuer = endpoint
+    scripted.reply = web.Response(body=json.dumps({"keys": [key_a.jwk()]}).encode(), content_type=content_type)
+    cache, _ = make_cache()
+    cache.sync([issuer])
+    await cache.wait_first_attempts(60)
+    assert cache.status()[0]["last_error"] is None and cache.key(issuer, "kid-a") is not None
+
+
+BROKEN_HTTP = {
+    "no-status-line": (b"NOT HTTP AT ALL\r\n\r\n", "Bad status line"),
+    "8KB-header": (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 9000 + b"\r\nContent-Length: 2\r\n\r\n{}",
+                   "Got more than 8190 bytes"),
+    "100000-headers": (b"HTTP/1.1 200 OK\r\n" + b"X-A: a\r\n" * 100_000 + b"Content-Length: 2\r\n\r\n{}",
+                       "Too many headers"),
+    "short-body": (b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{"keys": [', "Not enough data"),
+    "bad-chunk": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nabc\r\n0\r\n\r\n",
+                  "Invalid character in chunk size"),
+    "length-and-chunked": (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           b"2\r\n{}\r\n0\r\n\r\n", "Transfer-Encoding can't be present with Content-Length"),
+    "not-gzip": (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 10\r\n\r\nnotgzip!!!",
+                 "Can not decode content-encoding"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_HTTP))
+async def test_a_broken_http_answer_is_a_failed_fetch_with_the_clients_reason(make_cache, name: str) -> None:
+    answer, reason = BROKEN_HTTP[name]
+
+    async def answer_raw(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer_raw, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        issuer = Issuer("us-east-1_Pool1", "us-east-1", "http://127.0.0.1/pool", f"http://127.0.0.1:{port}/jwks", None)
+        cache, metrics = make_cache(retry_min=60, retry_max=60)
+        cache.sync([issuer])
+        await cache.wait_first_attempts(60)
+        error = cache.status()[0]["last_error"]
+        assert reason in error and len(error) < 400 and not cache.has_keys(issuer)
+        assert metrics.registry.get_sample_value(
+            "authz_jwks_refreshes_total", {"issuer": "us-east-1_Pool1", "trigger": "startup", "result": "error"}) == 1
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_issuer_down_at_start_then_recovers(endpoint, make_cache, key_a) -> None:
@@ -258,6 +422,37 @@ async def test_timeout_holds_and_keeps_keys(endpoint, make_cache, key_a) -> None
         scripted.held.set()
     assert "timed out" in cache.status()[0]["last_error"]
     assert cache.key(issuer, "kid-a") is not None
+
+
+async def test_a_jwks_delivered_in_pieces_is_read_whole(endpoint, make_cache, key_a, key_b) -> None:
+    scripted, issuer = endpoint
+    scripted.reply = in_pieces(json.dumps({"keys": [key_a.jwk(), key_b.jwk()]}).encode(), 16)
+    cache, _ = make_cache()
+    cache.sync([issuer])
+    await cache.wait_first_attempts(60)
+    assert cache.status()[0]["last_error"] is None
+    assert cache.key(issuer, "kid-a") is not None and cache.key(issuer, "kid-b") is not None
+
+
+async def test_a_body_that_stops_coming_times_out_and_keeps_keys(endpoint, make_cache, key_a, key_b) -> None:
+    """Slow loris: the headers and a first piece of the body, then nothing. The fetch's timeout
+    covers the body too, and the keys already held stay."""
+    scripted, issuer = endpoint
+    scripted.keys(key_a)
+    cache, metrics = make_cache(timeout=0.2)
+    cache.sync([issuer])
+    await wait_for(lambda: cache.has_keys(issuer))
+    never = asyncio.Event()
+    scripted.reply = in_pieces(json.dumps({"keys": [key_a.jwk(), key_b.jwk()]}).encode(), 4, then=never)
+    try:
+        expire_cooldown(cache, issuer)
+        await asyncio.wait_for(cache.refetch(issuer), 60)  # only the 0.2 s timeout can end it
+    finally:
+        never.set()
+    assert cache.status()[0]["last_error"] == "timed out after 0.2s"
+    assert cache.key(issuer, "kid-a") is not None and cache.key(issuer, "kid-b") is None
+    assert metrics.registry.get_sample_value(
+        "authz_jwks_refreshes_total", {"issuer": "us-east-1_Pool1", "trigger": "unknown_kid", "result": "error"}) == 1
 
 
 async def test_unknown_kid_flood_causes_one_fetch_per_cooldown(endpoint, make_cache, key_a, key_b) -> None:
@@ -394,6 +589,32 @@ async def test_a_jwks_of_only_skipped_keys_logs_each_and_keeps_the_last_good_key
     assert [(r.kid, r.reason) for r in caplog.records if r.getMessage() == "jwks key skipped"] == [
         ("kid-big", "modulus is 8192 bits (accepted: 2048 to 4096)")]
     assert cache.key(issuer, "kid-a") is not None and cache.status()[0]["last_error"]
+
+
+def test_parse_accepts_as_many_keys_as_the_limit(key_a: SigningKey) -> None:
+    parsed = parse_jwks(json.dumps({"keys": [{**key_a.jwk(), "kid": f"kid-{i}"} for i in range(100)]}).encode())
+    assert len(parsed.keys) == 100 and parsed.skipped == ()
+
+
+async def test_a_jwks_of_10000_entries_is_refused_whole_with_one_log_line(endpoint, make_cache, key_a,
+                                                                          caplog) -> None:
+    """Cognito publishes two keys. Ten thousand entries (here: empty objects, 4 bytes each, so
+    100,000 of them fit the size limit) were each skipped and logged: a warning line per entry,
+    every fetch, and the event loop busy logging them."""
+    scripted, issuer = endpoint
+    scripted.keys(key_a)
+    cache, metrics = make_cache()
+    cache.sync([issuer])
+    await wait_for(lambda: cache.has_keys(issuer))
+    scripted.reply = web.json_response({"keys": [key_a.jwk(), *([{}] * 9999)]})
+    expire_cooldown(cache, issuer)
+    with caplog.at_level(logging.INFO, logger="authz_service.jwks"):
+        await cache.refetch(issuer)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("WARNING", "jwks refresh failed")]
+    assert caplog.records[0].error == cache.status()[0]["last_error"] == "JWKS has 10000 keys (at most 100 accepted)"
+    assert cache.key(issuer, "kid-a") is not None
+    assert metrics.registry.get_sample_value(
+        "authz_jwks_refreshes_total", {"issuer": "us-east-1_Pool1", "trigger": "unknown_kid", "result": "error"}) == 1
 
 
 # --- tracing ------------------------------------------------------------------------------------
@@ -544,3 +765,23 @@ async def test_document_is_the_current_key_set_of_one_issuer(endpoint, make_cach
     scripted.keys(key_b)
     await wait_for(lambda: cache.key(issuer, "kid-b") is not None)
     assert set(parse_jwks(cache.document(issuer.issuer)).keys) == {"kid-b"}
+
+
+async def test_the_document_for_envoy_holds_only_the_members_verification_needs(endpoint, make_cache, key_a,
+                                                                                key_b) -> None:
+    """Native mode's Envoy verifies with this document, never the issuer's: whatever else the
+    issuer published (an HS256 secret, an x5c chain, key_ops, a private part of a skipped key) is
+    not in it."""
+    scripted, issuer = endpoint
+    scripted.reply = web.json_response({"keys": [
+        {**key_a.jwk(), "x5c": [base64.b64encode(self_signed_der(key_a.private)).decode()], "key_ops": ["verify"],
+         "x-extra": "anything"},
+        {"kty": "oct", "kid": "kid-hs", "k": "c2VjcmV0LWhtYWMta2V5", "alg": "HS256"},
+        {**RSAAlgorithm.to_jwk(key_b.private, as_dict=True), "kid": "kid-b"},
+    ]})
+    cache, _ = make_cache()
+    cache.sync([issuer])
+    await wait_for(lambda: cache.document(issuer.issuer) is not None)
+    (entry,) = json.loads(cache.document(issuer.issuer))["keys"]
+    assert entry == {"kty": "RSA", "kid": "kid-a", "use": "sig", "alg": "RS256", "n": key_a.jwk()["n"],
+                     "e": key_a.jwk()["e"]}

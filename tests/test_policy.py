@@ -1069,6 +1069,25 @@ def test_a_bad_jwks_uri_is_refused_without_showing_its_credentials():
     assert "issuers[0].jwks_uri" in message and "s3cret" not in message and "idp.example" in message
 
 
+@pytest.mark.parametrize(("key", "url", "problem"), [
+    ("jwks_uri", "http://[::1/jwks", "'[' and ']' in the host do not pair"),
+    ("jwks_uri", "http://127.0.0.1:99999/jwks", "port 99999 is not 1 to 65535"),
+    ("jwks_uri", "https://idp.example:0/jwks", "port 0 is not 1 to 65535"),
+    ("jwks_uri", "https://idp.example:https/jwks", "port 'https' is not 1 to 65535"),
+    ("jwks_uri", "https://user:s3cret@:443/jwks", "no host"),
+    ("issuer", "https://[::1/p", "'[' and ']' in the host do not pair"),
+    ("issuer", "https://idp.example:70000/p", "port 70000 is not 1 to 65535"),
+], ids=["jwks-ipv6-unclosed", "jwks-port-too-big", "jwks-port-0", "jwks-port-name", "jwks-no-host", "issuer-ipv6",
+        "issuer-port"])
+def test_an_issuer_url_no_http_client_can_use_is_refused(key: str, url: str, problem: str) -> None:
+    """The HTTP client refused these at every fetch with the URL as its only message (keys never
+    came, and the log said nothing of why); the loader names the problem."""
+    other = ("jwks_uri", "https://idp.example/jwks") if key == "issuer" else ("issuer", "https://idp.example/p")
+    message = refused(f"issuers:\n  - user_pool_id: us-east-1_A\n    {key}: '{url}'\n    {other[0]}: {other[1]}\n"
+                      "routes:\n" + GOOD_ROUTE)
+    assert f"issuers[0].{key}: " in message and problem in message and "s3cret" not in message
+
+
 # --- the deny section ------------------------------------------------------------------------------
 
 DENY_HEAD = "issuers:\n  - user_pool_id: us-east-1_Abc123\nroutes:\n  - {path: /a, scopes: [r/x]}\n"

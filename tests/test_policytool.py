@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import textwrap
 from pathlib import Path
@@ -512,6 +513,22 @@ def test_bad_tests_files_are_errors_with_a_line(tmp_path, text, message):
     assert message in str(caught.value)
     run = cli("test", str(EXAMPLES / "policy.yaml"), str(path))
     assert run.returncode == 2 and message in run.stdout
+
+
+def test_a_tests_file_is_read_through_the_safe_reader(tmp_path):
+    """Like a policy: a FIFO is never opened (it would block), /dev/zero never read, and a file that
+    is not UTF-8 gets the same message as a policy's."""
+    fifo, zero, latin = tmp_path / "fifo.yaml", tmp_path / "zero.yaml", tmp_path / "latin.yaml"
+    os.mkfifo(fifo)
+    zero.symlink_to("/dev/zero")
+    latin.write_bytes(b"tests:\n  - method: GET\n    path: /caf\xe9\n    expect: allow\n")
+    for path, message in [(fifo, f"{fifo}: not a regular file (a FIFO); point the path at a regular file"),
+                          (zero, f"{zero}: not a regular file (a character device)"),
+                          (latin, f"{latin}: not UTF-8 text (byte 37); save the file as UTF-8")]:
+        with pytest.raises(CaseFileError, match=f"^{re.escape(message)}"):
+            load_tests(path)
+        run = cli("test", str(EXAMPLES / "policy.yaml"), str(path))
+        assert run.returncode == 2 and run.stdout.startswith(message) and "Traceback" not in run.stderr
 
 
 # --- the reachability analysis is exact: no concrete request reaches a route it calls unreachable ---

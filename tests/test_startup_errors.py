@@ -280,6 +280,20 @@ def test_dev_issuer_log_level_is_validated_like_serve() -> None:
                     "warning, error")
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (("--port", "99999"), "--port='99999' is invalid: a port is 0..65535"),
+    (("--port", "0", "--public-url", "http://[::1"),
+     "public URL 'http://[::1': '[' and ']' in the host do not pair (an IPv6 address is written as [2001:db8::1])"),
+    (("--port", "0", "--public-url", "http://127.0.0.1:70000"), "public URL 'http://127.0.0.1:70000': port 70000 is not 1 to 65535"),
+], ids=["port-99999", "public-url-ipv6", "public-url-port"])
+def test_dev_issuer_port_and_public_url_are_validated(args: tuple[str, ...], message: str) -> None:
+    """--port 99999 listened on 34463 (99999 - 65536) without a word; a public URL no client can
+    reach gave tokens an iss no policy accepts."""
+    result = cli("dev-issuer", "--config", str(EXAMPLES / "dev-issuer.yaml"), *args)
+    line = assert_one_clean_line(result, message)
+    assert line == f"authz-service dev-issuer: error: {message}"
+
+
 def test_dev_issuer_port_in_use(held_port: int) -> None:
     result = cli("dev-issuer", "--config", str(EXAMPLES / "dev-issuer.yaml"), "--port", str(held_port))
     assert_one_clean_line(result, f"cannot bind the dev issuer port 127.0.0.1:{held_port} (Address already in use)",

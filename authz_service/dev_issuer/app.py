@@ -10,6 +10,10 @@ machine-to-machine access tokens the sidecar verifies, in the same shape Cognito
   ``{"error": "<code>"}``, as Cognito documents for every code, invalid_client included.
 * ``POST /<region>/oauth2/token``: the same, for one replica region of a multi-Region pool (the
   token's ``iss`` names that region; every region signs with the same published keys).
+* ``POST /admin/id-token``: an ID token (token_use "id", ``aud`` the client id, the user named
+  by the form's ``username``, default ``dev-user``) for the same client authentication as
+  ``/oauth2/token``, so a developer can see the sidecar refuse one. Cognito gives ID tokens only to
+  signed-in users; this shortcut is a dev-only helper like the two below.
 * ``POST /admin/rotate[?retire_old=true]`` and ``GET /admin/health``: dev-only helpers.
 
 ``iss`` is ``<public URL>/<user_pool_id>``, or, with ``issuer_format`` in the config, Cognito's own
@@ -56,6 +60,7 @@ def build_app(issuer: DevIssuer) -> web.Application:
     app.router.add_post("/oauth2/token", _handle_token)
     for region in issuer.region_issuers:
         app.router.add_post(f"/{region}/oauth2/token", _handle_token)
+    app.router.add_post("/admin/id-token", _handle_id_token)
     app.router.add_post("/admin/rotate", _handle_rotate)
     app.router.add_get("/admin/health", _handle_health)
     return app
@@ -87,17 +92,45 @@ async def _handle_token(request: web.Request) -> web.Response:
             raise TokenRequestError("invalid_request", "grant_type is missing")
         if grant_type != CLIENT_CREDENTIALS:
             raise TokenRequestError("unsupported_grant_type", f"grant_type {grant_type[:64]!r} is not served")
-        client_id, client_secret = _client_credentials(request, form)
-        issuer.authenticate(client_id, client_secret)
+        client_id = _authenticated_client(request, form)
         scope = form.get("scope")
         region = request.path.split("/")[1] if request.path != "/oauth2/token" else None
         token = issuer.issue(client_id, scope.split() if scope else None, region)
     except TokenRequestError as exc:
-        log.info("dev issuer refused token request: %s (%s)", exc.error, exc.reason)
-        return web.json_response({"error": exc.error}, status=_OAUTH_ERROR_STATUS)
+        return _refused(exc)
     log.info("dev issuer issued an access token to client_id=%r", client_id)
+    return _token_response(issuer, "access_token", token)
+
+
+async def _handle_id_token(request: web.Request) -> web.Response:
+    issuer = request.app[ISSUER_KEY]
+    try:
+        form = await _read_form(request)
+        client_id = _authenticated_client(request, form)
+        username = form.get("username", "dev-user")
+        token = issuer.issue_id_token(client_id, username)
+    except TokenRequestError as exc:
+        return _refused(exc)
+    log.info("dev issuer issued an ID token to client_id=%r for username=%r", client_id, username)
+    return _token_response(issuer, "id_token", token)
+
+
+def _authenticated_client(request: web.Request, form: Mapping[str, str]) -> str:
+    """The client id, once its secret checked out (TokenRequestError otherwise)."""
+    client_id, client_secret = _client_credentials(request, form)
+    request.app[ISSUER_KEY].authenticate(client_id, client_secret)
+    return client_id
+
+
+def _refused(exc: TokenRequestError) -> web.Response:
+    log.info("dev issuer refused token request: %s (%s)", exc.error, exc.reason)
+    return web.json_response({"error": exc.error}, status=_OAUTH_ERROR_STATUS)
+
+
+def _token_response(issuer: DevIssuer, member: str, token: str) -> web.Response:
+    """A token endpoint's answer, never cached (RFC 6749 section 5.1)."""
     return web.json_response(
-        {"access_token": token, "expires_in": issuer.config.token_ttl_seconds, "token_type": "Bearer"},
+        {member: token, "expires_in": issuer.config.token_ttl_seconds, "token_type": "Bearer"},
         headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
     )
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..claims import cognito_controlled
 from ..cognito import POOL_ID, REGION, TOKEN_CLAIMS
+from ..files import REGULAR_FILE_FIX, FileReadError, read_bounded
 from ..policy import IssuerFormat
 from ..yamlfile import Where, YamlValidator, kind
 
@@ -75,15 +76,25 @@ _RESOURCE_SERVER_KEYS = ("identifier", "scopes")
 _CLIENT_KEYS = ("client_id", "client_secret", "allowed_scopes", "grant_types", "custom_claims")
 
 
+# A dev issuer config is a few KB; anything near this is the wrong path (or /dev/zero).
+CONFIG_MAX_BYTES = 1024 * 1024
+_CONFIG_PATH_FIX = "check the --config path"
+
+
 def load_config(path: Path) -> DevIssuerConfig:
     """Read and validate a dev issuer YAML file; every problem raises DevIssuerConfigError."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DevIssuerConfigError(
-            f"{path}: cannot read dev issuer config: {exc.strerror or exc}; check the --config path"
-        ) from None
+        raw = read_bounded(
+            path,
+            "dev issuer config",
+            CONFIG_MAX_BYTES,
+            _CONFIG_PATH_FIX,
+            regular_fix=REGULAR_FILE_FIX,
+            read_fix=_CONFIG_PATH_FIX,
+        )
+    except FileReadError as exc:
+        raise DevIssuerConfigError(str(exc)) from None
     parser = _Parser.from_bytes(raw, str(path))
     assert isinstance(parser, _Parser)
     return parser.config(parser.document())

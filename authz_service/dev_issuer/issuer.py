@@ -1,5 +1,6 @@
 """The emulated user pool's keys and tokens: signing keys with Cognito-style kids (rotated on
-request), client authentication and Cognito-shaped access tokens. Pure: no HTTP (see ``app``).
+request), client authentication, Cognito-shaped access tokens and (to try a refusal by hand) ID
+tokens. Pure: no HTTP (see ``app``).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -16,13 +18,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from ..cognito import access_claims
+from ..cognito import access_claims, id_claims
 from ..policy import IssuerFormat, cognito_issuer
+from ..urls import authority_problem
 from .config import CLIENT_CREDENTIALS, DevIssuerConfig
 
 log = logging.getLogger("authz_service.dev_issuer")
 
 RSA_KEY_BITS = 2048
+# A Cognito user name: 1 to 128 characters, no control characters or white space (the dev issuer
+# names no real user; this keeps the claim a plain string).
+_USERNAME = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
 
 
 class TokenRequestError(Exception):
@@ -51,6 +57,8 @@ def _new_signing_key() -> _SigningKey:
 
 
 def _normalize_public_url(public_url: str) -> str:
+    if problem := authority_problem(public_url):
+        raise ValueError(f"public URL {public_url!r}: {problem}")
     parts = urlsplit(public_url)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
         raise ValueError(f"public URL {public_url!r} must be http(s)://host[:port][/path] without query or fragment")
@@ -140,6 +148,24 @@ class DevIssuer:
             ttl=self.config.token_ttl_seconds,
             custom=client.custom_claims,
         )
+        return self._sign(claims)
+
+    def issue_id_token(self, client_id: str, username: str) -> str:
+        """A signed Cognito-shaped ID token for user ``username`` of app client ``client_id`` (its
+        ``aud``). Cognito issues ID tokens to signed-in users, never for client_credentials: the
+        sidecar must refuse one as a bearer token, and this lets a developer see it do so.
+
+        Does not check the secret (see ``authenticate``); raises TokenRequestError with
+        invalid_client or invalid_request."""
+        if client_id not in self._clients:
+            raise TokenRequestError("invalid_client", f"unknown client_id {client_id!r}")
+        if not _USERNAME.fullmatch(username):
+            raise TokenRequestError(
+                "invalid_request", "username must be 1 to 128 characters without white space or control characters"
+            )
+        return self._sign(id_claims(self._issuer, client_id, username, ttl=self.config.token_ttl_seconds))
+
+    def _sign(self, claims: dict[str, object]) -> str:
         key = self._keys[-1]
         # typ=None makes PyJWT leave "typ" out: Cognito's header is only kid and alg.
         return jwt.encode(claims, key.private_key, algorithm="RS256", headers={"kid": key.kid, "typ": None})

@@ -14,7 +14,6 @@ import json
 import re
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TextIO
 
 import jwt
@@ -23,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from ..claims import Claims, cognito_controlled
 from ..conditions import Unmet
 from ..config import JwksSettings
+from ..files import FileReadError, read_bounded, too_large, utf8_text
 from ..jwks import JwksCache, http_session
 from ..metrics import Metrics
 from ..policy import Policy, PolicyError, Route, load_policy_file, pattern_matches
@@ -391,6 +391,11 @@ def _render_requirements(info: Explanation, data: dict[str, Any], out: TextIO) -
             print(f"           {result:<7} {name}: {detail}", file=out)
 
 
+# An access token is 1 to 2 KB; a token file larger than this is the wrong file (or /dev/zero).
+TOKEN_FILE_MAX_BYTES = 64 * 1024
+_TOKEN_FILE_FIX = "--token-file names a file holding one access token"
+
+
 def read_token(args: argparse.Namespace) -> str | None:
     """The token from --token or --token-file ('-': stdin); None when neither was given.
 
@@ -399,8 +404,16 @@ def read_token(args: argparse.Namespace) -> str | None:
     """
     if args.token is not None:
         text = args.token
+    elif args.token_file == "-":
+        raw = sys.stdin.buffer.read(TOKEN_FILE_MAX_BYTES + 1)
+        if len(raw) > TOKEN_FILE_MAX_BYTES:
+            raise too_large("<stdin>", "more", "token file", TOKEN_FILE_MAX_BYTES, _TOKEN_FILE_FIX)
+        text = utf8_text(raw, "<stdin>")
     elif args.token_file is not None:
-        text = sys.stdin.read() if args.token_file == "-" else Path(args.token_file).read_text(encoding="utf-8")
+        # Not only a regular file: a pipe (--token-file <(command)) is read as it comes.
+        text = utf8_text(
+            read_bounded(args.token_file, "token file", TOKEN_FILE_MAX_BYTES, _TOKEN_FILE_FIX), args.token_file
+        )
     else:
         return None
     return _BEARER.sub("", text.strip(), count=1)
@@ -434,8 +447,8 @@ def explain_command(args: argparse.Namespace, out: TextIO) -> int:
     except PolicyError as exc:
         print(f"authz-service explain: error: {exc}", file=sys.stderr)
         return 2
-    except (OSError, UnicodeDecodeError) as exc:
-        print(f"authz-service explain: error: cannot read the token: {exc}", file=sys.stderr)
+    except FileReadError as exc:
+        print(f"authz-service explain: error: {exc}", file=sys.stderr)
         return 2
     scopes = args.scopes.split() if args.scopes is not None else None
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..claims import cognito_controlled
+from ..files import REGULAR_FILE_FIX, FileReadError, read_bounded, utf8_text
 from ..policy import (
     OTHER_SEGMENT,
     Mode,
@@ -556,6 +557,11 @@ class CaseFileError(ValueError):
     """A tests file we cannot run; the message names file:line:column and the fix."""
 
 
+# A tests file is a few KB of cases: anything near this is the wrong path (or /dev/zero).
+TESTS_MAX_BYTES = 4 * 1024 * 1024
+_TESTS_TOO_LARGE_FIX = "check that the path names the tests file"
+
+
 @dataclass(frozen=True, slots=True)
 class Case:
     """One expectation: a request (and who sends it) -> the decision Envoy would get."""
@@ -585,9 +591,12 @@ def load_tests(path: Path | str) -> list[Case]:
     """Parse a tests file strictly (unknown keys and wrong types are errors with a line)."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CaseFileError(f"{source}: cannot read tests file: {exc}") from None
+        text = utf8_text(
+            read_bounded(path, "tests file", TESTS_MAX_BYTES, _TESTS_TOO_LARGE_FIX, regular_fix=REGULAR_FILE_FIX),
+            source,
+        )
+    except FileReadError as exc:
+        raise CaseFileError(str(exc)) from None
     try:
         doc = load_strict_yaml(text, source)
     except YamlError as exc:

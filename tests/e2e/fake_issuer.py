@@ -14,6 +14,7 @@ import json
 import ssl
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -47,6 +48,7 @@ class FakeIssuer:
         self.tls = tls  # a server context: the JWKS is then served over HTTPS
         self.issuer = f"https://cognito-idp.us-east-1.amazonaws.com/{pool}"
         self.keys: dict[str, rsa.RSAPrivateKey] = {"kid-1": rsa_key("kid-1")}
+        self.also_published: list[dict[str, Any]] = []  # raw JWKS entries served after the keys'
         self.kind = "ok"
         self.fetches: list[float] = []
         self._lock = threading.Lock()
@@ -72,18 +74,22 @@ class FakeIssuer:
                 with issuer._lock:
                     issuer.fetches.append(time.monotonic())
                     kind = issuer.kind
-                status, ctype, body = issuer._answer(kind)
+                status, ctype, body, extra = issuer._answer(kind)
                 if kind == "slow":
-                    issuer.held.set()
-                    issuer._hold.wait(60)
-                    issuer.held.clear()
+                    issuer._held_here()
                 self.close_connection = True  # no keep-alive: stop() really takes the issuer down
                 try:
                     self.send_response(status)
                     self.send_header("Connection", "close")
                     self.send_header("Content-Type", ctype)
                     self.send_header("Content-Length", str(len(body)))
+                    for name, value in extra.items():
+                        self.send_header(name, value)
                     self.end_headers()
+                    if kind == "trickle":  # the headers and half the body, then nothing until release()
+                        self.wfile.write(body[: len(body) // 2])
+                        issuer._held_here()
+                        body = body[len(body) // 2:]
                     self.wfile.write(body)
                 except OSError:
                     pass  # the client gave up (timeout): fine
@@ -115,13 +121,21 @@ class FakeIssuer:
             self._server = None
 
     def script(self, kind: str) -> None:
-        """ok | 500 | html | badjson | empty | huge | wrongtype | slow (held until release())."""
+        """ok | 500 | html | badjson | empty | huge | wrongtype | many | gzipbomb | redirect |
+        emptybody | 304 | slow and trickle (held until release(), see hold())."""
         with self._lock:
             self.kind = kind
 
-    def hold(self) -> None:
+    def hold(self, kind: str = "slow") -> None:
+        """The next fetches hang until release(): before the headers ("slow"), or half way through
+        the body ("trickle")."""
         self._hold.clear()
-        self.script("slow")
+        self.script(kind)
+
+    def _held_here(self) -> None:
+        self.held.set()
+        self._hold.wait(60)
+        self.held.clear()
 
     def release(self) -> None:
         self._hold.set()
@@ -130,21 +144,37 @@ class FakeIssuer:
         with self._lock:
             return len(self.fetches)
 
-    def _answer(self, kind: str) -> tuple[int, str, bytes]:
-        good = json.dumps({"keys": [public_jwk(k, kid) for kid, k in self.keys.items()]}).encode()
-        if kind in ("ok", "slow"):
-            return 200, "application/json", good
+    def _answer(self, kind: str) -> tuple[int, str, bytes, dict[str, str]]:
+        """Status, content type, body and further headers of the answer ``kind`` names."""
+        keys = [*(public_jwk(k, kid) for kid, k in self.keys.items()), *self.also_published]
+        good = json.dumps({"keys": keys}).encode()
+        if kind in ("ok", "slow", "trickle"):
+            return 200, "application/json", good, {}
         if kind == "500":
-            return 500, "application/json", b'{"message": "internal error"}'
+            return 500, "application/json", b'{"message": "internal error"}', {}
         if kind == "html":
-            return 200, "text/html", b"<html><body><h1>Sign in</h1></body></html>"
+            return 200, "text/html", b"<html><body><h1>Sign in</h1></body></html>", {}
         if kind == "badjson":
-            return 200, "application/json", good[: len(good) // 2]
+            return 200, "application/json", good[: len(good) // 2], {}
         if kind == "empty":
-            return 200, "application/json", b'{"keys": []}'
+            return 200, "application/json", b'{"keys": []}', {}
+        if kind == "emptybody":
+            return 200, "application/json", b"", {}
+        if kind == "304":  # never asked for: the service sends no If-None-Match
+            return 304, "application/json", b"", {"ETag": '"v1"'}
+        if kind == "redirect":  # to another host, over http: never followed
+            return 302, "text/html", b"", {"Location": "http://127.0.0.1:9/elsewhere/jwks.json"}
+        if kind == "many":  # the good keys among ten thousand entries
+            return 200, "application/json", json.dumps({"keys": [*keys, *[{}] * (10_000 - len(keys))]}).encode(), {}
+        if kind == "gzipbomb":  # 64 MB of white space in about 64 KB
+            packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+            spaces = b" " * 1024 * 1024
+            body = b"".join([packer.compress(good[:-1] + b","), *(packer.compress(spaces) for _ in range(64)),
+                             packer.compress(b"}"), packer.flush()])
+            return 200, "application/json", body, {"Content-Encoding": "gzip"}
         if kind == "huge":
             pad = "x" * (10 * 1024 * 1024)
-            return 200, "application/json", json.dumps({"keys": [], "pad": pad}).encode()
+            return 200, "application/json", json.dumps({"keys": [], "pad": pad}).encode(), {}
         if kind == "wrongtype":
             ec_key = ec.generate_private_key(ec.SECP256R1())
             small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
@@ -154,7 +184,7 @@ class FakeIssuer:
             entries.append({"kty": "oct", "kid": "kid-1", "k": "c2VjcmV0", "alg": "HS256"})
             entries.append({**public_jwk(small, "kid-1")})
             entries.append({**public_jwk(rsa_key("kid-1"), "kid-1"), "use": "enc"})
-            return 200, "application/json", json.dumps({"keys": entries}).encode()
+            return 200, "application/json", json.dumps({"keys": entries}).encode(), {}
         raise ValueError(kind)
 
     # --- tokens ----------------------------------------------------------------------------------

@@ -85,14 +85,21 @@ class DevIssuer:
         form = {"grant_type": "client_credentials"}
         if scope is not None:
             form["scope"] = scope
+        return self._post_form(f"{'/' + region if region else ''}/oauth2/token", client_id, form)["access_token"]
+
+    def id_token(self, client_id: str, username: str = "dev-user") -> str:
+        """A user's ID token from the dev-only /admin/id-token, with the same client authentication."""
+        return self._post_form("/admin/id-token", client_id, {"username": username})["id_token"]
+
+    def _post_form(self, path: str, client_id: str, form: dict[str, str]) -> dict:
         basic = base64.b64encode(f"{client_id}:{self.secrets[client_id]}".encode()).decode()
         request = urllib.request.Request(
-            f"{self.base}{'/' + region if region else ''}/oauth2/token",
+            f"{self.base}{path}",
             data=urllib.parse.urlencode(form).encode(),
             headers={"Authorization": f"Basic {basic}", "Content-Type": "application/x-www-form-urlencoded"},
         )
         with urllib.request.urlopen(request, timeout=5) as response:
-            return json.load(response)["access_token"]
+            return json.load(response)
 
     def rotate(self, retire_old: bool) -> str:
         request = urllib.request.Request(

@@ -1,20 +1,25 @@
 """Issuer (JWKS) faults through a real Envoy, with a scriptable JWKS endpoint that speaks real HTTP:
 down at start, down while serving, slow (a hanging fetch never blocks Checks with cached keys),
-500 / HTML / invalid JSON / empty / 10 MB / wrong key types, key rotation, and an unknown-kid flood
-that must cause at most one fetch per cool-down."""
+500 / HTML / invalid JSON / empty / 10 MB / a gzip bomb / ten thousand entries / a redirect / an
+unasked 304 / wrong key types / a symmetric key, key rotation, and an unknown-kid flood that must
+cause at most one fetch per cool-down."""
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import jwt
 import pytest
 
+from authz_service.cognito import access_claims
+
 from .fake_issuer import FakeIssuer, public_jwk, rsa_key
-from .harness import UpstreamProcess, http_request, wait_for
+from .harness import NATIVE, UpstreamProcess, http_request, wait_for
 from .security_stack import bearer, SecurityStack, deny_count, logged, start_security_stack, stop_security_stack
 from .stack import Service
 
@@ -123,6 +128,37 @@ def test_jwks_key_outside_the_key_rules_is_skipped_and_its_tokens_refused(tmp_pa
         stop_security_stack(stack)
 
 
+SYMMETRIC_SECRET = b"a shared secret published by mistake"
+
+
+def test_a_symmetric_key_in_the_jwks_never_verifies_a_token(tmp_path: Path, upstream: UpstreamProcess,
+                                                             envoy_factory, enforcing_mode: str) -> None:
+    """The trusted issuer's JWKS also publishes an HS256 key (kty oct, with its k). A verifier that
+    took it would accept any token HMAC-signed with that public secret; in native mode the keys
+    Envoy's jwt_authn verifies with are the service's, so the oct key must not reach them either."""
+    fake = FakeIssuer("us-east-1_Symm00001")
+    fake.also_published.append({"kty": "oct", "kid": "kid-hs", "alg": "HS256", "use": "sig",
+                                "k": base64.urlsafe_b64encode(SYMMETRIC_SECRET).rstrip(b"=").decode()})
+    stack = start_security_stack(tmp_path, upstream, envoy_factory, fake=fake.start(), mode=enforcing_mode)
+    try:
+        claims = access_claims(fake.issuer, "payments-writer", "transactions/post")
+        for kid in ("kid-hs", "kid-1"):
+            token = jwt.encode(claims, SYMMETRIC_SECRET, algorithm="HS256", headers={"kid": kid})
+            answer = stack.send("POST", "/transactions", token)
+            assert (answer.status, answer.error) == (401, "invalid_token"), (kid, answer.body)
+            assert answer.reached_upstream == []
+        assert issuer_status(stack.service, fake)["keys"] == 1
+        skipped = logged(stack, msg="jwks key skipped", kid="kid-hs")
+        assert skipped and skipped[0]["reason"] == "not an RSA key"
+        assert fake.also_published[0]["k"] not in stack.service.process.log_text()  # no key material
+        if enforcing_mode == NATIVE:  # what Envoy's jwt_authn is given: the RSA key alone
+            status, _, body = http_request("GET", f"http://127.0.0.1:{stack.service.http_port}/jwks?iss={fake.issuer}")
+            assert status == 200 and [key["kid"] for key in json.loads(body)["keys"]] == ["kid-1"]
+        assert stack.send("POST", "/transactions", fake.token()).status == 200
+    finally:
+        stop_security_stack(stack)
+
+
 FAULTS = [
     ("500", "JWKS endpoint answered HTTP 500"),
     ("html", "JWKS is not valid JSON"),
@@ -130,6 +166,11 @@ FAULTS = [
     ("empty", "JWKS has no usable RS256 signing keys"),
     ("huge", "JWKS larger than"),
     ("wrongtype", "JWKS has no usable RS256 signing keys"),
+    ("many", "JWKS has 10000 keys (at most 100 accepted)"),
+    ("gzipbomb", "JWKS larger than 524288 bytes"),
+    ("redirect", "JWKS endpoint answered HTTP 302"),
+    ("emptybody", "JWKS is not valid JSON"),
+    ("304", "JWKS endpoint answered HTTP 304"),
 ]
 
 
@@ -194,6 +235,21 @@ def test_slow_issuer_never_blocks_checks_with_cached_keys(fast_stack: SecuritySt
         assert not [r for r in slow.reached_upstream if unknown in r["headers"].get("authorization", [""])[0]]
         print(f"\ncached-key requests through Envoy, median of 30: {baseline[15] * 1000:.1f} ms normally, "
               f"{latencies[15] * 1000:.1f} ms while a JWKS fetch hangs (ratio {latencies[15] / baseline[15]:.2f})")
+    finally:
+        fake.release()
+
+
+def test_a_jwks_body_that_stops_coming_is_a_timeout_and_keeps_the_keys(fast_stack: SecurityStack) -> None:
+    """Slow loris: the headers and half the JWKS, then nothing. --jwks-timeout (2 s here) bounds the
+    whole fetch, body included; the keys held keep serving meanwhile."""
+    s, fake = fast_stack, fast_stack.fake
+    fake.hold("trickle")
+    try:
+        wait_for(fake.held.is_set, 60, "a fetch whose body stopped half way")
+        state = wait_for(lambda: (st := issuer_status(s.service, fake))["last_error"] == "timed out after 2s" and st,
+                         60, "the fetch timed out")
+        assert state["keys"] == 1
+        assert s.send("POST", "/transactions", fake.token()).status == 200
     finally:
         fake.release()
 

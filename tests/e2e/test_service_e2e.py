@@ -144,8 +144,9 @@ def test_basic_scheme_is_treated_as_no_token(stack: Stack) -> None:
         (lambda s: tamper(s.main.token("payments-writer")), "token is not valid"),
         (lambda s: s.main.token("reporting"), "client is not allowed"),
         (lambda s: s.stranger.token("payments-writer"), "token is not valid"),
+        (lambda s: s.main.id_token("payments-writer"), "not an access token (token_use must be access)"),
     ],
-    ids=["malformed", "bad-signature", "client-not-allowed", "untrusted-issuer"],
+    ids=["malformed", "bad-signature", "client-not-allowed", "untrusted-issuer", "id-token"],
 )
 def test_bad_tokens_are_401_invalid_token(stack: Stack, make_token, description: str) -> None:
     token = make_token(stack)
