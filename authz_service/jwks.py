@@ -48,8 +48,9 @@ RSA_EXPONENT_LIMIT = 2**32  # exclusive
 # (docs/security.md, "Hostile JWKS answers"), so a document with more is refused whole.
 MAX_JWKS_KEYS = 100
 # RFC 7518 6.3.1: n and e are base64url, unpadded. Python's decoder (PyJWT's) would drop any other
-# character and take '+' and '/' too, reading some other number than the one published.
-_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+# character and take '+' and '/' too, reading some other number than the one published. Padding to a
+# whole quantum changes no number and Envoy's jwt_authn reads it too, so it is taken.
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+|(?=(?:.{4})+$)[A-Za-z0-9_-]+={1,2}", re.DOTALL)
 
 
 def http_session() -> aiohttp.ClientSession:
@@ -139,7 +140,7 @@ def _verification_key(entry: dict[str, object]) -> PyJWK | str:
     for member in ("n", "e"):
         value = entry.get(member)
         if value is not None and not (isinstance(value, str) and _BASE64URL.fullmatch(value)):
-            return "n and e must be base64url (A-Z a-z 0-9 - _, no padding)"
+            return "n and e must be base64url (A-Z a-z 0-9 - _, unpadded or padded to 4 characters)"
     try:
         key = PyJWK(entry, algorithm="RS256")
         numbers = key.key.public_numbers()

@@ -220,13 +220,14 @@ def with_leading_zeros(b64url: str, count: int) -> str:
     return base64.urlsafe_b64encode(b"\0" * count + raw).rstrip(b"=").decode()
 
 
-NOT_BASE64URL = "n and e must be base64url (A-Z a-z 0-9 - _, no padding)"
+NOT_BASE64URL = "n and e must be base64url (A-Z a-z 0-9 - _, unpadded or padded to 4 characters)"
 # (id, the entry from key_b's JWK (kid "odd-one"), the reason it is skipped)
 SKIPPED_ENTRIES: list[tuple[str, Callable[[SigningKey], dict], str]] = [
     ("n-standard-base64", lambda k: {**k.jwk(), "n": k.jwk()["n"].replace("-", "+").replace("_", "/") + "+/"},
      NOT_BASE64URL),
     ("n-junk-characters", lambda k: {**k.jwk(), "n": k.jwk()["n"][:9] + ".$ \n" + k.jwk()["n"][9:]}, NOT_BASE64URL),
-    ("n-padded", lambda k: {**k.jwk(), "n": k.jwk()["n"] + "=="}, NOT_BASE64URL),
+    ("n-padded-past-a-quantum", lambda k: {**k.jwk(), "n": k.jwk()["n"] + "==" + "===="}, NOT_BASE64URL),
+    ("n-padded-short", lambda k: {**k.jwk(), "n": k.jwk()["n"] + "="}, NOT_BASE64URL),
     ("e-junk", lambda k: {**k.jwk(), "e": "AQ.AB"}, NOT_BASE64URL),
     ("n-number", lambda k: {**k.jwk(), "n": 12345}, NOT_BASE64URL),
     ("n-1024-bits-zero-padded-to-2048", lambda k: {**rsa_jwk("x", odd_modulus(1024), 65537),
@@ -255,6 +256,16 @@ def test_parse_skips_malformed_and_foreign_key_entries(key_a: SigningKey, key_b:
     parsed = parse_jwks(json.dumps({"keys": [key_a.jwk(), {**make_entry(key_b), "kid": "odd-one"}]}).encode())
     assert list(parsed.keys) == ["kid-a"]
     assert [(s.kid, s.reason) for s in parsed.skipped] == [("odd-one", reason)]
+
+
+def test_n_and_e_padded_to_a_whole_quantum_are_the_published_numbers(key_b: SigningKey) -> None:
+    """Padding changes no number (and Envoy's jwt_authn takes it too): such a key is taken as is."""
+    jwk = key_b.jwk()
+    padded = jwk["n"] + "=" * (-len(jwk["n"]) % 4)
+    assert padded.endswith("=")  # a 2048-bit n needs padding: the case is real
+    parsed = parse_jwks(json.dumps({"keys": [{**jwk, "n": padded}]}).encode())
+    assert parsed.skipped == ()
+    assert parsed.keys[jwk["kid"]].key.public_numbers() == key_b.private.public_key().public_numbers()
 
 
 @pytest.mark.parametrize("kid", [7, ["kid-b"], None, {"kid": "kid-b"}, ""], ids=["int", "list", "null", "object", "empty"])
