@@ -227,18 +227,24 @@ def _has_method_override(query: str) -> bool:
     """Whether the query names a ``_method`` parameter, however it is spelled.
 
     Rails, Laravel and Express's method-override honour ``?_method=DELETE``: the app would run
-    another method than the one authorized. Names are compared percent-decoded, case-folded and
-    without a ``[...]`` suffix (``_method[]=`` parses as the same name in PHP and qs), split on
-    both ``&`` and ``;``; the cheap substring test keeps ordinary queries on the fast path.
+    another method than the one authorized. Names are split on both ``&`` and ``;`` and read as
+    the most lenient of those parsers, PHP's (Laravel, Symfony), reads them: percent-decoded
+    (``+`` a space), ended at a NUL, leading spaces dropped, ended at ``[`` (``_method[]=``), a
+    space or ``.`` read as ``_`` (so ``+_method``, ``.method`` and ``_method%00x`` are all
+    ``_method``), and case-folded. The cheap substring test keeps ordinary queries on the fast path.
     """
-    lowered = query.lower()
-    if "_method" not in lowered and "%5f" not in lowered:
+    if "%" not in query and "method" not in query.lower():  # without an escape, the letters are as sent
         return False
     for pair in re.split(r"[&;]", query):
-        name = urllib.parse.unquote_plus(pair.partition("=")[0], errors="replace").lower()
-        if name.partition("[")[0] == "_method":
+        name = urllib.parse.unquote_plus(pair.partition("=")[0], errors="replace")
+        name = name.partition("\x00")[0].lstrip(" ").partition("[")[0]
+        if name.translate(_PHP_NAME).lower() == "_method":
             return True
     return False
+
+
+# PHP reads a space or a dot in a query parameter's name as '_' (php_register_variable_ex).
+_PHP_NAME = str.maketrans(" .", "__")
 
 
 def path_segments(path: str) -> tuple[str, ...]:

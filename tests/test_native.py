@@ -230,7 +230,8 @@ def test_native_target_is_the_service_path_rule(text: str, escapes: list[str]) -
 
 @settings(max_examples=500, deadline=None)
 @given(st.lists(st.sampled_from(["_method", "_METHOD", "%5Fmethod", "%5f%4De%74hod", "_method[]", "_method%5B",
-                                 "x", "=", "&", ";", "+", "y=1", "_methods", "a_method", "method", "%zz", "?"]),
+                                 "x", "=", "&", ";", "+", "y=1", "_methods", "a_method", "method", "%zz", "?",
+                                 ".method", "%2eMETHOD", "_%6Dethod", "%20", "%00", "%2B", ".", "_", "[", " "]),
                 max_size=5))
 def test_method_override_query_is_the_service_query_rule(parts: list[str]) -> None:
     target = "/a?" + "".join(parts)

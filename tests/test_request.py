@@ -117,14 +117,19 @@ def test_token_methods_are_kept_verbatim(method):
 
 @pytest.mark.parametrize("query", ["_method=DELETE", "a=1&_method=PUT", "_METHOD=x", "%5Fmethod=DELETE",
                                    "%5fMETHOD=1", "_method[]=DELETE", "_method[x]=1", "a;_method=1", "_method",
-                                   "_method=", "+_method=1".replace("+", "&")])
+                                   "_method=", "+_method=1".replace("+", "&"), "_%6Dethod=PUT",
+                                   # PHP's reading of a name (Laravel, Symfony): leading spaces dropped,
+                                   # '.' and ' ' read as '_', a NUL ends it.
+                                   "+_method=DELETE", "%20%20_method=1", ".method=DELETE", "%2EMethod=1",
+                                   "a=1&+.method=1", "_method%00=1", "_method%00x[]=1"])
 def test_a_method_override_in_the_query_is_a_bad_request(query):
     with pytest.raises(BadRequest, match="_method"):
         parse(path=f"/a?{query}")
 
 
 @pytest.mark.parametrize("query", ["method=DELETE", "x_method=1", "_methods=1", "q=_method", "a=%5Fmethod",
-                                   "_meth%6Fd_x=1", ""])
+                                   "_meth%6Fd_x=1", "", "%2B_method=1", "_method.=1", "_method+=1", "+method=1",
+                                   "x.method=1", "%00_method=1"])
 def test_other_queries_pass(query):
     assert parse(path=f"/a?{query}").path == "/a"
 

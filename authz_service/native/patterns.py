@@ -110,8 +110,14 @@ def _letter(char: str) -> str:
 
 
 # A query naming the ``_method`` parameter however it is spelled (request._has_method_override:
-# names split on '&' and ';', compared percent-decoded, case-folded, without a "[...]" suffix).
-METHOD_OVERRIDE_QUERY = "(?s)[^?]*\\?(?:.*[&;])?" + "".join(_letter(c) for c in "_method") + "(?:[=&;\\[]|%5[Bb]|$).*"
+# names split on '&' and ';', compared percent-decoded with '+' a space, as PHP reads them: leading
+# spaces dropped, '.' read as '_', ended at "[" or a NUL; case-folded).
+METHOD_OVERRIDE_QUERY = (
+    "(?s)[^?]*\\?(?:.*[&;])?(?:[ +]|%20)*"
+    + f"(?:{_letter('_')}|{_letter('.')})"
+    + "".join(_letter(c) for c in "method")
+    + "(?:[=&;\\[]|%5[Bb]|%00|$).*"
+)
 
 
 def route_path(parts: tuple[object, ...], case_insensitive: bool = False) -> dict[str, object]:
