@@ -8,7 +8,7 @@ The path rule (docs/security.md, "Paths: one rule"): Envoy normalizes paths with
 envoy/envoy.yaml, and this module refuses (400) any path that is not already in normal form, so
 the route we match is the resource the upstream will serve. Refused: no leading '/', '.' or '..'
 segments, '//' , backslashes, ';' path parameters, control or non-ASCII characters, malformed
-percent-escapes, percent-encoded unreserved characters, '/', '\\', '%' or controls, and escaped
+percent-escapes, percent-encoded unreserved characters, '/', '\\', '%', ';' or controls, and escaped
 bytes that are not valid UTF-8 (overlong forms).
 
 Headers: a method or URL override header is refused (400); a client-sent copy of an identity
@@ -64,7 +64,8 @@ _ESCAPE = re.compile(r"%(.?.?)")
 _HEX2 = re.compile(r"^[0-9A-Fa-f]{2}\Z")
 # Escapes a normalizing proxy or framework would decode into something that changes the route:
 # unreserved characters (RFC 3986 6.2.2.2 says they must not be encoded), '/', '\\', '%'
-# (double encoding) and control characters.
+# (double encoding), ';' (a path parameter to a framework that strips it once decoded: Apache Shiro
+# read /admin/%3Bx as /admin/, CVE-2020-13933; refused unescaped too) and control characters.
 _FORBIDDEN_ESCAPES = frozenset(
     [
         *range(0x20),
@@ -72,6 +73,7 @@ _FORBIDDEN_ESCAPES = frozenset(
         ord("/"),
         ord("\\"),
         ord("%"),
+        ord(";"),
         ord("-"),
         ord("."),
         ord("_"),

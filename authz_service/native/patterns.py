@@ -39,9 +39,18 @@ BEARER_JWT = f"{BEARER}{_HEADER}\\.{_SEGMENT}\\.{_SEGMENT}"
 # without '%' and '/'), and the same without '.'.
 _SEGMENT_CHAR = r"[!$&'()*+,\-.0-9:=@A-Z_a-z~]"
 _SEGMENT_CHAR_NOT_DOT = r"[!$&'()*+,\-0-9:=@A-Z_a-z~]"
-# Escaped ASCII the service accepts: printable, and neither unreserved nor '/', '\\' or '%'
+# Escaped ASCII the service accepts: printable, and neither unreserved nor '/', '\\', '%' or ';'
 # (request._FORBIDDEN_ESCAPES). Escaped bytes above 0x7F must form well-formed UTF-8 (RFC 3629).
-_ASCII_ESCAPES = [(0x20, 0x24), (0x26, 0x2C), (0x3A, 0x40), (0x5B, 0x5B), (0x5D, 0x5E), (0x60, 0x60), (0x7B, 0x7D)]
+_ASCII_ESCAPES = [
+    (0x20, 0x24),
+    (0x26, 0x2C),
+    (0x3A, 0x3A),
+    (0x3C, 0x40),
+    (0x5B, 0x5B),
+    (0x5D, 0x5E),
+    (0x60, 0x60),
+    (0x7B, 0x7D),
+]
 _UTF8_SEQUENCES = [
     [(0xC2, 0xDF), (0x80, 0xBF)],
     [(0xE0, 0xE0), (0xA0, 0xBF), (0x80, 0xBF)],
