@@ -55,6 +55,20 @@ def test_lower_case_delete_with_a_read_token_is_refused(stack: SecurityStack, me
     assert (status, reached) == (400, [])
 
 
+@pytest.mark.parametrize("method", ["FOO", "BREW!", "VERSION-CONTROL"])
+def test_a_method_outside_the_http_registry_over_http2(stack: SecurityStack, method: str) -> None:
+    """Over HTTP/1.1 Envoy refuses a method it does not know (400) before any filter; over HTTP/2 it
+    forwards it. gRPC and native mode decide it like any upper-case token (here the public
+    catch-all takes it); HTTP mode's front door cannot parse it (its HTTP parser knows only the
+    registered methods) and refuses it with its JSON 400: never an allow, never a 5xx."""
+    assert stack.send(method, "/anything").status == 400  # HTTP/1.1: Envoy's own 400
+    status, reached = h2(stack, method, "/anything")
+    if stack.mode == "http":
+        assert (status, reached) == (400, [])
+    else:
+        assert status == 200 and [r["method"] for r in reached] == [method]
+
+
 def test_head_is_authorized_like_get(stack: SecurityStack) -> None:
     answer = stack.send("HEAD", "/admin/report")
     assert answer.status == 401 and answer.reached_upstream == [], "HEAD runs the GET handler in most apps"
