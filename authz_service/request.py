@@ -208,6 +208,29 @@ def identity_and_override_spellings() -> tuple[str, ...]:
     return tuple(sorted(SPECIAL_NAMES))
 
 
+# The other characters a header name may hold besides letters and digits (RFC 9110 tchar). lighttpd
+# passes a header to CGI, FastCGI and SCGI apps (PHP among them) as HTTP_ + its name with every one
+# of them turned into '_', so x~auth~sub reaches such an app as x-auth-sub would.
+_OTHER_SEPARATORS = "!#$%&'*+^`|~"
+
+
+def other_separator_spellings_pattern() -> str:
+    """An RE2 pattern for the lower-case names shaped like an identity or override header (``x``, a
+    separator, one of their second words, a separator, anything) that hold a separator other than
+    '-', '_' or '.' anywhere: x~auth~sub, x-http-method+override.
+
+    The shipped Envoy configs remove these before any filter runs (an early header mutation), so
+    neither the app nor a lenient server in front of it ever sees them; the '-'/'_'/'.' spellings
+    go on to the front doors, which strip the identity ones and refuse the overrides as before.
+    A shape rather than the names: with twelve more separators they run into thousands, and Envoy
+    refuses a regex whose RE2 program is over 100 instructions. It also takes names no client
+    sends (x-auth-other~x): nothing legitimate is spelled so."""
+    other = f"[{_OTHER_SEPARATORS}]"
+    dotted = f"[{_SEPARATORS}]"  # '-' first: a literal in a class
+    words = "(?:" + "|".join(sorted({name.split("-")[1] for name in (*IDENTITY_HEADERS, *_OVERRIDES)})) + ")"
+    return f"x(?:{other}{words}[{_SEPARATORS}{_OTHER_SEPARATORS}]|{dotted}{words}(?:{other}|{dotted}.*{other})).*"
+
+
 def identity_spellings() -> tuple[str, ...]:
     """Every spelling of every identity header, sorted: what is stripped from a client's request
     (``special_names`` returns them) rather than refused."""

@@ -31,7 +31,8 @@ from authz_service.native.report import report_text
 from authz_service.native.routes import Admission, ingress_routes
 from authz_service.policy import PolicyError, parse_policy
 from authz_service.request import (IDENTITY_HEADERS, MAX_PATH_LENGTH, BadRequest, checked_method,
-                                   identity_and_override_spellings, normalized_path)
+                                   identity_and_override_spellings, normalized_path,
+                                   other_separator_spellings_pattern)
 from authz_service.tokens import MAX_HEADER_CHARS, _b64
 
 from . import envoyconf
@@ -363,8 +364,9 @@ def test_every_identity_spelling_is_removed_before_any_filter() -> None:
     hcm = ingress["filter_chains"][0]["filters"][0]["typed_config"]
     mutations = hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
     assert [m["remove"] for m in mutations if "remove" in m] == ["x-request-id", "x-auth-client-id"]  # the shipped
-    (on_match,) = [re.compile(m["remove_on_match"]["key_matcher"]["safe_regex"]["regex"])
-                   for m in mutations if "remove_on_match" in m]
+    shipped, on_match = [re.compile(m["remove_on_match"]["key_matcher"]["safe_regex"]["regex"])
+                         for m in mutations if "remove_on_match" in m]
+    assert shipped.pattern == other_separator_spellings_pattern()  # the shipped one, kept
     names = identity_and_override_spellings()
     removed = {name for name in names if on_match.fullmatch(name)}
     assert removed == {name for name in names if name.translate(str.maketrans("_.", "--")) in IDENTITY_HEADERS}

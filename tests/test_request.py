@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
+import re
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2
 from authz_service.doors.grpc import parse_check_request
-from authz_service.request import (SPECIAL_NAMES, BadRequest, HttpRequest, identity_spellings, override_spellings,
+from authz_service.request import (IDENTITY_HEADERS, SPECIAL_NAMES, BadRequest, HttpRequest, identity_spellings,
+                                    other_separator_spellings_pattern, override_spellings,
                                     special_names as parse_special_names)
 
 
@@ -327,3 +332,30 @@ def test_headers_map_and_header_map_agree_with_the_reference(names):
     assert via_headers == via_map
     assert via_headers.spoofed_identity_headers == tuple(n for n, k in zip(lowered, kinds) if k == "identity")
     assert via_headers.authorization == (("v",) if "authorization" in lowered else ())
+
+
+def test_other_separator_spellings_are_exactly_the_spellings_the_front_doors_do_not_handle():
+    """Every spelling of an identity or override header with RFC 9110 tchar separators (lighttpd
+    reads each as '_'): the pattern takes exactly those with a separator other than '-', '_' or '.',
+    which the shipped Envoy configs remove early; the front doors handle the rest."""
+    pattern = re.compile(other_separator_spellings_pattern())
+    separators = "-_.!#$%&'*+^`|~"
+    for name in (*IDENTITY_HEADERS, "x-http-method-override", "x-http-method", "x-method-override",
+                 "x-original-url", "x-rewrite-url"):
+        first, *words = name.split("-")
+        for chosen in itertools.product(separators, repeat=len(words)):
+            spelled = first + "".join(s + w for s, w in zip(chosen, words))
+            assert bool(pattern.fullmatch(spelled)) == any(s not in "-_." for s in chosen), spelled
+            assert (spelled in SPECIAL_NAMES) == all(s in "-_." for s in chosen), spelled
+    for name in ("x-auth-client-id", "x_auth.sub", "x~auth", "xx~auth~sub", "authorization", "x-request-id",
+                 "x-authz-original-path", "x-envoy-auth-headers-to-remove", "x~forwarded~for"):
+        assert not pattern.fullmatch(name), name
+
+
+@pytest.mark.parametrize("config", ["envoy/envoy.yaml", "envoy/envoy-http.yaml", "deploy/k8s/tracing/envoy.yaml",
+                                    "deploy/components/authz-sidecar/envoy-grpc.yaml",
+                                    "deploy/components/authz-sidecar/envoy-http.yaml"])
+def test_the_shipped_envoy_configs_remove_the_other_separator_spellings_first(config):
+    text = (Path(__file__).resolve().parents[1] / config).read_text()
+    assert f'regex: "{other_separator_spellings_pattern()}"' in text, (
+        f"{config}: the early header mutation must carry request.other_separator_spellings_pattern()")

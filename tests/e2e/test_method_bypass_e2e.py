@@ -100,3 +100,27 @@ def test_other_query_parameters_pass(stack: SecurityStack, query: str) -> None:
     reader = stack.fake.token("payments-reader", "transactions/get")
     answer = stack.send("GET", f"/transactions/7?{query}", reader)
     assert answer.status == 200 and len(answer.reached_upstream) == 1
+
+
+# lighttpd passes a header to a CGI, FastCGI or SCGI app (PHP among them) as HTTP_ + its name with
+# every character but letters and digits turned into '_': each of these is HTTP_X_AUTH_CLIENT_ID
+# there, or the method override Symfony and Laravel read from HTTP_X_HTTP_METHOD_OVERRIDE.
+ANY_SEPARATOR_IDENTITY = [("x~auth~client~id", "admin"), ("X+Auth+Scopes", "admin/all"), ("x!auth|sub", "root"),
+                          ("x-auth-client*id", "admin"), ("x_auth.client#id", "admin"), ("x`auth^sub", "root")]
+ANY_SEPARATOR_OVERRIDES = [("x~http~method~override", "DELETE"), ("x-http-method+override", "DELETE"),
+                           ("x'http'method", "DELETE"), ("x$method$override", "DELETE"),
+                           ("x%original%url", "/admin/report"), ("x&rewrite-url", "/admin/report")]
+
+
+@pytest.mark.parametrize("token_scope", [None, "admin/read"], ids=["public-route", "protected-route"])
+def test_identity_and_override_headers_spelled_with_any_separator_never_reach_the_app(
+        stack: SecurityStack, token_scope: str | None) -> None:
+    token = stack.fake.token("payments-reader", token_scope) if token_scope else None
+    path = "/admin/report" if token else "/elsewhere"
+    spoofed = ANY_SEPARATOR_IDENTITY + ANY_SEPARATOR_OVERRIDES
+    answer = stack.send("GET", path, token, spoofed + [("x~other", "kept")])
+    assert answer.status == 200 and len(answer.reached_upstream) == 1, answer.body
+    seen = answer.reached_upstream[0]["headers"]
+    assert not [name for name, _ in spoofed if name.lower() in seen], seen
+    assert seen.get("x~other") == ["kept"]  # other names pass
+    assert seen.get("x-auth-client-id") == (["payments-reader"] if token else None)
