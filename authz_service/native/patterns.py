@@ -39,13 +39,15 @@ BEARER_JWT = f"{BEARER}{_HEADER}\\.{_SEGMENT}\\.{_SEGMENT}"
 # without '%' and '/'), and the same without '.'.
 _SEGMENT_CHAR = r"[!$&'()*+,\-.0-9:=@A-Z_a-z~]"
 _SEGMENT_CHAR_NOT_DOT = r"[!$&'()*+,\-0-9:=@A-Z_a-z~]"
-# Escaped ASCII the service accepts: printable, and neither unreserved nor '/', '\\', '%' or ';'
-# (request._FORBIDDEN_ESCAPES). Escaped bytes above 0x7F must form well-formed UTF-8 (RFC 3629).
+# Escaped ASCII the service accepts and reads one way: printable, and neither unreserved nor '/',
+# '\\', '%' or ';' (request._FORBIDDEN_ESCAPES), nor a character a route's literal may hold
+# (policy.ESCAPABLE_LITERAL_CHARS: the service decides those, as the path written and decoded,
+# Policy.routes_for). Escaped bytes above 0x7F must form well-formed UTF-8 (RFC 3629).
 _ASCII_ESCAPES = [
-    (0x20, 0x24),
-    (0x26, 0x2C),
-    (0x3A, 0x3A),
-    (0x3C, 0x40),
+    (0x20, 0x20),
+    (0x22, 0x23),
+    (0x3C, 0x3C),
+    (0x3E, 0x3F),
     (0x5B, 0x5B),
     (0x5D, 0x5E),
     (0x60, 0x60),
@@ -101,10 +103,11 @@ _NOT_DOT = f"(?:{_SEGMENT_CHAR_NOT_DOT}|{_ESCAPE})"
 # with ".." and more. (The listener resolves dot segments and merges slashes, but not in every
 # case: "//" alone reaches the service as it is.)
 _SEGMENT_TEXT = f"(?:{_NOT_DOT}{_CHAR}*|\\.{_NOT_DOT}{_CHAR}*|\\.\\.{_CHAR}+)"
-# A request target (``:path``, query included) whose path the service accepts as it is and that
-# does not end in '/': '/', or non-empty segments other than "." and "..". (A path ending in '/'
-# must meet the route it matches and the route of the path without the '/', Policy.routes_for,
-# which one Envoy route cannot say: the service decides it.)
+# A request target (``:path``, query included) whose path the service accepts as it is, that
+# does not end in '/' and escapes no character a route's literal may hold: '/', or non-empty
+# segments other than "." and "..". (Such a path must meet the route it matches and the route of
+# its other reading, without the '/' or decoded, Policy.routes_for, which one Envoy route cannot
+# say: the service decides it.)
 NATIVE_TARGET = f"(?s)/(?:{_SEGMENT_TEXT}(?:/{_SEGMENT_TEXT})*)?(?:\\?.*)?"
 
 
