@@ -152,7 +152,8 @@ def deny(reason: Reason, description: str, route: Route | None = None) -> Decisi
 async def decide(request: HttpRequest, policy: Policy, verifier: TokenVerifier) -> Decision:
     """Decide one request: route, then credentials, then the route's scopes and conditions."""
     segments = request.segments
-    if segments and not segments[-1]:  # a trailing '/': the routes of two readings (Policy.routes_for)
+    if (segments and not segments[-1]) or (policy.literal_escapes is not None and "%" in request.path):
+        # A trailing '/' or an escape: the routes of every reading (Policy.routes_for)
         return await _decide_all(request, policy.routes_for(request.method, segments), policy, verifier)
     route = policy.match(request.method, segments)
     if route is None:
@@ -168,8 +169,8 @@ async def decide(request: HttpRequest, policy: Policy, verifier: TokenVerifier) 
 async def _decide_all(
     request: HttpRequest, routes: tuple[Route, ...], policy: Policy, verifier: TokenVerifier
 ) -> Decision:
-    """A request that must meet every route of ``routes`` (a path ending in '/': the route as
-    written, then the one without the '/'). The first route that denies answers (the denial names
+    """A request that must meet every route of ``routes`` (Policy.routes_for: the route as
+    written, then those of the path's other readings). The first route that denies answers (the denial names
     it); else the first dry-run denial; else an allow labelled with the first protected route, the
     one whose requirements the request met. The token is verified once. The app gets the token only
     when every route forwards it (either route's handler may serve the request)."""

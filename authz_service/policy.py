@@ -221,6 +221,9 @@ class Policy:
         return client_id if client_id in self.clients else OTHER_CLIENT
 
     deny: DenyList | None = None  # None: no deny section, or an empty one (nothing to look up)
+    # The percent-escapes of the characters the routes' literal segments hold that a request may
+    # also send escaped (see routes_for); None when no literal holds one.
+    literal_escapes: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
 
     def match(self, method: str, segments: tuple[str, ...]) -> Route | None:
         """The most specific route for this method and path segments as written, or None.
@@ -253,18 +256,28 @@ class Policy:
 
         Why two for a path ending in '/': a strict router serves it as written (where only a
         ``/**`` route can take it), a lenient one (Flask ``strict_slashes=False``, Express, Spring
-        MVC up to 5) with the handler of the path without the '/'. The policy cannot know which
-        the app runs, so the request must meet the route of each reading: the route as written,
-        then, when another one, the route of the path without the '/'. Never more than either
-        reading allows.
+        MVC up to 5) with the handler of the path without the '/'. Why two for a path escaping a
+        character some literal of the policy holds (``/v1/items%3AbatchGet`` beside a
+        ``/v1/items:batchGet`` route): most routers (Spring, Go's) decode it and serve the literal's
+        handler, a strict one serves it as written. The policy cannot know which the app runs, so
+        the request must meet the route of each reading: the route as written, then, when another
+        one, the route of each other reading. Never more than any reading allows.
         """
-        route = self.match(method, segments)
-        if route is None or not segments or segments[-1]:
-            return () if route is None else (route,)
-        lenient = self.match(method, segments[:-1])
-        if lenient is None:
-            return ()
-        return (route,) if lenient is route else (route, lenient)
+        readings = [segments]
+        escapes = self.literal_escapes
+        if escapes is not None:
+            decoded = tuple(escapes.sub(_unescape, s) if "%" in s else s for s in segments)
+            if decoded != segments:
+                readings.append(decoded)
+        routes: list[Route] = []
+        for reading in readings:
+            for variant in (reading, reading[:-1]) if reading and not reading[-1] else (reading,):
+                route = self.match(method, variant)
+                if route is None:
+                    return ()
+                if route not in routes:
+                    routes.append(route)
+        return tuple(routes)
 
     def case_folded(self) -> Policy:
         """The same routes matched as ``path_case: insensitive`` does (what a case-insensitive
@@ -285,6 +298,7 @@ class Policy:
             PathCase.INSENSITIVE,
             self.clients,
             self.deny,
+            self.literal_escapes,
         )
 
     def representative_paths(
@@ -584,6 +598,7 @@ class _Context(YamlValidator):
                 *(i.client_ids for i in issuers if i.client_ids), *(r.client_ids for r in good_routes if r.client_ids)
             ),
             deny=deny,
+            literal_escapes=_literal_escapes(good_routes),
         )
 
     def deny(self, value: object) -> DenyList | None:
@@ -975,6 +990,28 @@ def _parse_pattern(path: str, fail: Any) -> list[object]:
             )
         out.append(part)
     return out
+
+
+# Characters a literal segment may hold (_LITERAL_SEGMENT) that a request may also send percent-
+# encoded: RFC 3986's sub-delims, ':' and '@' (an escaped unreserved character is refused outright,
+# request.normalized_path).
+ESCAPABLE_LITERAL_CHARS = "!$&'()*+,=:@"
+
+
+def _literal_escapes(routes: Iterable[Route]) -> re.Pattern[str] | None:
+    """The escapes (either hex case) of the characters the routes' literals hold that a request
+    may send escaped; None when there are none, so paths are never decoded for nothing."""
+    chars = sorted(
+        {c for r in routes for part in pattern_parts(r.path) if isinstance(part, str) for c in part}
+        & set(ESCAPABLE_LITERAL_CHARS)
+    )
+    if not chars:
+        return None
+    return re.compile("|".join(f"%{ord(c):02X}" for c in chars), re.IGNORECASE)
+
+
+def _unescape(escape: re.Match[str]) -> str:
+    return chr(int(escape[0][1:], 16))
 
 
 def _compile(routes: Iterable[Route], ctx: _Context, fold: bool = False) -> _Node:

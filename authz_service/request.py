@@ -8,7 +8,7 @@ The path rule (docs/security.md, "Paths: one rule"): Envoy normalizes paths with
 envoy/envoy.yaml, and this module refuses (400) any path that is not already in normal form, so
 the route we match is the resource the upstream will serve. Refused: no leading '/', '.' or '..'
 segments, '//' , backslashes, ';' path parameters, control or non-ASCII characters, malformed
-percent-escapes, percent-encoded unreserved characters, '/', '\\', '%' or controls, and escaped
+percent-escapes, percent-encoded unreserved characters, '/', '\\', '%', ';' or controls, and escaped
 bytes that are not valid UTF-8 (overlong forms).
 
 Headers: a method or URL override header is refused (400); a client-sent copy of an identity
@@ -64,7 +64,8 @@ _ESCAPE = re.compile(r"%(.?.?)")
 _HEX2 = re.compile(r"^[0-9A-Fa-f]{2}\Z")
 # Escapes a normalizing proxy or framework would decode into something that changes the route:
 # unreserved characters (RFC 3986 6.2.2.2 says they must not be encoded), '/', '\\', '%'
-# (double encoding) and control characters.
+# (double encoding), ';' (a path parameter to a framework that strips it once decoded: Apache Shiro
+# read /admin/%3Bx as /admin/, CVE-2020-13933; refused unescaped too) and control characters.
 _FORBIDDEN_ESCAPES = frozenset(
     [
         *range(0x20),
@@ -72,6 +73,7 @@ _FORBIDDEN_ESCAPES = frozenset(
         ord("/"),
         ord("\\"),
         ord("%"),
+        ord(";"),
         ord("-"),
         ord("."),
         ord("_"),
@@ -206,6 +208,29 @@ def identity_and_override_spellings() -> tuple[str, ...]:
     return tuple(sorted(SPECIAL_NAMES))
 
 
+# The other characters a header name may hold besides letters and digits (RFC 9110 tchar). lighttpd
+# passes a header to CGI, FastCGI and SCGI apps (PHP among them) as HTTP_ + its name with every one
+# of them turned into '_', so x~auth~sub reaches such an app as x-auth-sub would.
+_OTHER_SEPARATORS = "!#$%&'*+^`|~"
+
+
+def other_separator_spellings_pattern() -> str:
+    """An RE2 pattern for the lower-case names shaped like an identity or override header (``x``, a
+    separator, one of their second words, a separator, anything) that hold a separator other than
+    '-', '_' or '.' anywhere: x~auth~sub, x-http-method+override.
+
+    The shipped Envoy configs remove these before any filter runs (an early header mutation), so
+    neither the app nor a lenient server in front of it ever sees them; the '-'/'_'/'.' spellings
+    go on to the front doors, which strip the identity ones and refuse the overrides as before.
+    A shape rather than the names: with twelve more separators they run into thousands, and Envoy
+    refuses a regex whose RE2 program is over 100 instructions. It also takes names no client
+    sends (x-auth-other~x): nothing legitimate is spelled so."""
+    other = f"[{_OTHER_SEPARATORS}]"
+    dotted = f"[{_SEPARATORS}]"  # '-' first: a literal in a class
+    words = "(?:" + "|".join(sorted({name.split("-")[1] for name in (*IDENTITY_HEADERS, *_OVERRIDES)})) + ")"
+    return f"x(?:{other}{words}[{_SEPARATORS}{_OTHER_SEPARATORS}]|{dotted}{words}(?:{other}|{dotted}.*{other})).*"
+
+
 def identity_spellings() -> tuple[str, ...]:
     """Every spelling of every identity header, sorted: what is stripped from a client's request
     (``special_names`` returns them) rather than refused."""
@@ -227,18 +252,24 @@ def _has_method_override(query: str) -> bool:
     """Whether the query names a ``_method`` parameter, however it is spelled.
 
     Rails, Laravel and Express's method-override honour ``?_method=DELETE``: the app would run
-    another method than the one authorized. Names are compared percent-decoded, case-folded and
-    without a ``[...]`` suffix (``_method[]=`` parses as the same name in PHP and qs), split on
-    both ``&`` and ``;``; the cheap substring test keeps ordinary queries on the fast path.
+    another method than the one authorized. Names are split on both ``&`` and ``;`` and read as
+    the most lenient of those parsers, PHP's (Laravel, Symfony), reads them: percent-decoded
+    (``+`` a space), ended at a NUL, leading spaces dropped, ended at ``[`` (``_method[]=``), a
+    space or ``.`` read as ``_`` (so ``+_method``, ``.method`` and ``_method%00x`` are all
+    ``_method``), and case-folded. The cheap substring test keeps ordinary queries on the fast path.
     """
-    lowered = query.lower()
-    if "_method" not in lowered and "%5f" not in lowered:
+    if "%" not in query and "method" not in query.lower():  # without an escape, the letters are as sent
         return False
     for pair in re.split(r"[&;]", query):
-        name = urllib.parse.unquote_plus(pair.partition("=")[0], errors="replace").lower()
-        if name.partition("[")[0] == "_method":
+        name = urllib.parse.unquote_plus(pair.partition("=")[0], errors="replace")
+        name = name.partition("\x00")[0].lstrip(" ").partition("[")[0]
+        if name.translate(_PHP_NAME).lower() == "_method":
             return True
     return False
+
+
+# PHP reads a space or a dot in a query parameter's name as '_' (php_register_variable_ex).
+_PHP_NAME = str.maketrans(" .", "__")
 
 
 def path_segments(path: str) -> tuple[str, ...]:

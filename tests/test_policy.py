@@ -618,6 +618,45 @@ def test_without_a_route_for_either_reading_nothing_applies():
     assert [r.path for r in policy.routes_for("GET", segs("/a/"))] == ["/a/**"]
 
 
+ESCAPED_ROUTES = """\
+  - name: batch-get
+    methods: [POST]
+    path: /v1/items:batchGet
+    scopes: [items/admin]
+  - name: item-methods
+    path: /v1/{name}
+    scopes: [items/read]
+  - name: mail
+    path: /v1/users/a@b.example
+    scopes: [users/admin]
+  - name: everything-else
+    path: /**
+    public: true
+"""
+
+
+@pytest.mark.parametrize(("method", "path", "names"), [
+    ("POST", "/v1/items%3AbatchGet", ("item-methods", "batch-get")),  # Spring and Go decode %3A first
+    ("POST", "/v1/items%3abatchGet", ("item-methods", "batch-get")),  # either hex case
+    ("POST", "/v1/items:batchGet", ("batch-get",)),
+    ("GET", "/v1/items%3AbatchGet", ("item-methods",)),  # batch-get takes POST only
+    ("POST", "/v1/items%3Alist", ("item-methods",)),  # decoded, the same route
+    ("POST", "/v1/items%3AbatchGet/", ("everything-else", "item-methods", "batch-get")),  # four readings
+    ("GET", "/v1/users/a%40b.example", ("everything-else", "mail")),
+    ("GET", "/v1/users/a%2540b.example", ("everything-else",)),  # %25 is refused before; never decoded twice
+    ("GET", "/v1/x%20y", ("item-methods",)),  # no literal holds a space: one reading
+])
+def test_a_path_escaping_a_literal_character_must_meet_the_route_of_each_reading(method, path, names):
+    policy = routes_policy(ESCAPED_ROUTES)
+    assert tuple(r.name for r in policy.routes_for(method, segs(path))) == names
+    assert policy.routes_for(method, segs(path))[0] is policy.match(method, segs(path))
+
+
+def test_paths_are_read_decoded_only_for_the_characters_the_literals_hold():
+    assert routes_policy(ESCAPED_ROUTES).literal_escapes.pattern == "%3A|%40"
+    assert routes_policy("  - path: /a/{b}\n    scopes: [r]\n").literal_escapes is None
+
+
 def test_a_pattern_ending_in_a_slash_is_refused_with_the_rule():
     message = refused(ISSUERS + "routes:\n  - path: /a/\n    scopes: [r]\n")
     assert ("routes[0].path: '/a/': a pattern cannot end in '/': write '/a', whose route a request for '/a/' "

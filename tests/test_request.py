@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
+import re
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2
 from authz_service.doors.grpc import parse_check_request
-from authz_service.request import (SPECIAL_NAMES, BadRequest, HttpRequest, identity_spellings, override_spellings,
+from authz_service.request import (IDENTITY_HEADERS, SPECIAL_NAMES, BadRequest, HttpRequest, identity_spellings,
+                                    other_separator_spellings_pattern, override_spellings,
                                     special_names as parse_special_names)
 
 
@@ -68,7 +73,7 @@ REFUSED = [
     "/.", "/..", "/a\\b", "/a;b", "/a;jsessionid=1", "/a\x00", "/a\x01b", "/a\x7f", "/a\tb", "/a b", "/café",
     "/a\u2028", "/%", "/a%", "/a%2", "/a%zz", "/a%2g", "/%%41", "/a%41", "/a%2e", "/a%2E", "/a%7e", "/a%7E",
     "/a%5f", "/a%2d", "/a%30", "/a%61", "/a%2F", "/a%2f", "/a%5C", "/a%5c", "/a%25", "/a%252F", "/a%00", "/a%0a",
-    "/a%7F", "/%2e%2e/a", "/a/%2e%2e", '/a"b', "/a<b", "/a{b}", "/a|b", "/a^b", "/a`b", "/a[b]",
+    "/a%7F", "/a%3B", "/a%3bb", "/a/..%3B/b", "/%2e%2e/a", "/a/%2e%2e", '/a"b', "/a<b", "/a{b}", "/a|b", "/a^b", "/a`b", "/a[b]",
     "/" + "a" * 9000,
     # escaped bytes that are not UTF-8: overlong '.' (%c0%ae) and '/' (%c0%af), lone bytes, surrogates
     "/a/%c0%ae%c0%ae/b", "/a%c0%af", "/a%C0%AE", "/a%ff", "/a%80", "/a%ed%a0%80",
@@ -117,14 +122,19 @@ def test_token_methods_are_kept_verbatim(method):
 
 @pytest.mark.parametrize("query", ["_method=DELETE", "a=1&_method=PUT", "_METHOD=x", "%5Fmethod=DELETE",
                                    "%5fMETHOD=1", "_method[]=DELETE", "_method[x]=1", "a;_method=1", "_method",
-                                   "_method=", "+_method=1".replace("+", "&")])
+                                   "_method=", "+_method=1".replace("+", "&"), "_%6Dethod=PUT",
+                                   # PHP's reading of a name (Laravel, Symfony): leading spaces dropped,
+                                   # '.' and ' ' read as '_', a NUL ends it.
+                                   "+_method=DELETE", "%20%20_method=1", ".method=DELETE", "%2EMethod=1",
+                                   "a=1&+.method=1", "_method%00=1", "_method%00x[]=1"])
 def test_a_method_override_in_the_query_is_a_bad_request(query):
     with pytest.raises(BadRequest, match="_method"):
         parse(path=f"/a?{query}")
 
 
 @pytest.mark.parametrize("query", ["method=DELETE", "x_method=1", "_methods=1", "q=_method", "a=%5Fmethod",
-                                   "_meth%6Fd_x=1", ""])
+                                   "_meth%6Fd_x=1", "", "%2B_method=1", "_method.=1", "_method+=1", "+method=1",
+                                   "x.method=1", "%00_method=1"])
 def test_other_queries_pass(query):
     assert parse(path=f"/a?{query}").path == "/a"
 
@@ -229,7 +239,8 @@ def test_identity_and_override_spellings_split_the_special_names_as_the_parser_d
 # --- properties ----------------------------------------------------------------------------------
 
 safe_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
-path_alphabet = st.sampled_from(list("/.%2eEfF5cC0aA?#;\\ b") + ["%2e", "%2E", "%2f", "%2F", "..", "/..", "%", "é"])
+path_alphabet = st.sampled_from(list("/.%2eEfF5cC0aA?#;\\ b") + ["%2e", "%2E", "%2f", "%2F", "..", "/..", "%", "é",
+                                                                   "%3B", "%3b"])
 tricky_paths = st.lists(path_alphabet, max_size=14).map("".join)
 paths = st.one_of(safe_text, tricky_paths, tricky_paths.map(lambda p: "/" + p))
 methods = st.one_of(safe_text, st.sampled_from(["GET", "POST", "get", "PATCH"]))
@@ -255,7 +266,7 @@ def test_parse_only_raises_bad_request_and_accepted_paths_are_normal(method, pat
     assert "//" not in request.path
     lowered = request.path.lower()
     assert "%2f" not in lowered and "%2e" not in lowered and "%5c" not in lowered and "%25" not in lowered
-    assert "\\" not in request.path and ";" not in request.path
+    assert "\\" not in request.path and ";" not in request.path and "%3b" not in lowered
     assert request.segments == (tuple(request.path[1:].split("/")) if request.path != "/" else ())
     assert request.method == method
 
@@ -321,3 +332,30 @@ def test_headers_map_and_header_map_agree_with_the_reference(names):
     assert via_headers == via_map
     assert via_headers.spoofed_identity_headers == tuple(n for n, k in zip(lowered, kinds) if k == "identity")
     assert via_headers.authorization == (("v",) if "authorization" in lowered else ())
+
+
+def test_other_separator_spellings_are_exactly_the_spellings_the_front_doors_do_not_handle():
+    """Every spelling of an identity or override header with RFC 9110 tchar separators (lighttpd
+    reads each as '_'): the pattern takes exactly those with a separator other than '-', '_' or '.',
+    which the shipped Envoy configs remove early; the front doors handle the rest."""
+    pattern = re.compile(other_separator_spellings_pattern())
+    separators = "-_.!#$%&'*+^`|~"
+    for name in (*IDENTITY_HEADERS, "x-http-method-override", "x-http-method", "x-method-override",
+                 "x-original-url", "x-rewrite-url"):
+        first, *words = name.split("-")
+        for chosen in itertools.product(separators, repeat=len(words)):
+            spelled = first + "".join(s + w for s, w in zip(chosen, words))
+            assert bool(pattern.fullmatch(spelled)) == any(s not in "-_." for s in chosen), spelled
+            assert (spelled in SPECIAL_NAMES) == all(s in "-_." for s in chosen), spelled
+    for name in ("x-auth-client-id", "x_auth.sub", "x~auth", "xx~auth~sub", "authorization", "x-request-id",
+                 "x-authz-original-path", "x-envoy-auth-headers-to-remove", "x~forwarded~for"):
+        assert not pattern.fullmatch(name), name
+
+
+@pytest.mark.parametrize("config", ["envoy/envoy.yaml", "envoy/envoy-http.yaml", "deploy/k8s/tracing/envoy.yaml",
+                                    "deploy/components/authz-sidecar/envoy-grpc.yaml",
+                                    "deploy/components/authz-sidecar/envoy-http.yaml"])
+def test_the_shipped_envoy_configs_remove_the_other_separator_spellings_first(config):
+    text = (Path(__file__).resolve().parents[1] / config).read_text()
+    assert f'regex: "{other_separator_spellings_pattern()}"' in text, (
+        f"{config}: the early header mutation must carry request.other_separator_spellings_pattern()")

@@ -39,9 +39,20 @@ BEARER_JWT = f"{BEARER}{_HEADER}\\.{_SEGMENT}\\.{_SEGMENT}"
 # without '%' and '/'), and the same without '.'.
 _SEGMENT_CHAR = r"[!$&'()*+,\-.0-9:=@A-Z_a-z~]"
 _SEGMENT_CHAR_NOT_DOT = r"[!$&'()*+,\-0-9:=@A-Z_a-z~]"
-# Escaped ASCII the service accepts: printable, and neither unreserved nor '/', '\\' or '%'
-# (request._FORBIDDEN_ESCAPES). Escaped bytes above 0x7F must form well-formed UTF-8 (RFC 3629).
-_ASCII_ESCAPES = [(0x20, 0x24), (0x26, 0x2C), (0x3A, 0x40), (0x5B, 0x5B), (0x5D, 0x5E), (0x60, 0x60), (0x7B, 0x7D)]
+# Escaped ASCII the service accepts and reads one way: printable, and neither unreserved nor '/',
+# '\\', '%' or ';' (request._FORBIDDEN_ESCAPES), nor a character a route's literal may hold
+# (policy.ESCAPABLE_LITERAL_CHARS: the service decides those, as the path written and decoded,
+# Policy.routes_for). Escaped bytes above 0x7F must form well-formed UTF-8 (RFC 3629).
+_ASCII_ESCAPES = [
+    (0x20, 0x20),
+    (0x22, 0x23),
+    (0x3C, 0x3C),
+    (0x3E, 0x3F),
+    (0x5B, 0x5B),
+    (0x5D, 0x5E),
+    (0x60, 0x60),
+    (0x7B, 0x7D),
+]
 _UTF8_SEQUENCES = [
     [(0xC2, 0xDF), (0x80, 0xBF)],
     [(0xE0, 0xE0), (0xA0, 0xBF), (0x80, 0xBF)],
@@ -92,10 +103,11 @@ _NOT_DOT = f"(?:{_SEGMENT_CHAR_NOT_DOT}|{_ESCAPE})"
 # with ".." and more. (The listener resolves dot segments and merges slashes, but not in every
 # case: "//" alone reaches the service as it is.)
 _SEGMENT_TEXT = f"(?:{_NOT_DOT}{_CHAR}*|\\.{_NOT_DOT}{_CHAR}*|\\.\\.{_CHAR}+)"
-# A request target (``:path``, query included) whose path the service accepts as it is and that
-# does not end in '/': '/', or non-empty segments other than "." and "..". (A path ending in '/'
-# must meet the route it matches and the route of the path without the '/', Policy.routes_for,
-# which one Envoy route cannot say: the service decides it.)
+# A request target (``:path``, query included) whose path the service accepts as it is, that
+# does not end in '/' and escapes no character a route's literal may hold: '/', or non-empty
+# segments other than "." and "..". (Such a path must meet the route it matches and the route of
+# its other reading, without the '/' or decoded, Policy.routes_for, which one Envoy route cannot
+# say: the service decides it.)
 NATIVE_TARGET = f"(?s)/(?:{_SEGMENT_TEXT}(?:/{_SEGMENT_TEXT})*)?(?:\\?.*)?"
 
 
@@ -110,8 +122,14 @@ def _letter(char: str) -> str:
 
 
 # A query naming the ``_method`` parameter however it is spelled (request._has_method_override:
-# names split on '&' and ';', compared percent-decoded, case-folded, without a "[...]" suffix).
-METHOD_OVERRIDE_QUERY = "(?s)[^?]*\\?(?:.*[&;])?" + "".join(_letter(c) for c in "_method") + "(?:[=&;\\[]|%5[Bb]|$).*"
+# names split on '&' and ';', compared percent-decoded with '+' a space, as PHP reads them: leading
+# spaces dropped, '.' read as '_', ended at "[" or a NUL; case-folded).
+METHOD_OVERRIDE_QUERY = (
+    "(?s)[^?]*\\?(?:.*[&;])?(?:[ +]|%20)*"
+    + f"(?:{_letter('_')}|{_letter('.')})"
+    + "".join(_letter(c) for c in "method")
+    + "(?:[=&;\\[]|%5[Bb]|%00|$).*"
+)
 
 
 def route_path(parts: tuple[object, ...], case_insensitive: bool = False) -> dict[str, object]:

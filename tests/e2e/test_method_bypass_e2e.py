@@ -55,6 +55,20 @@ def test_lower_case_delete_with_a_read_token_is_refused(stack: SecurityStack, me
     assert (status, reached) == (400, [])
 
 
+@pytest.mark.parametrize("method", ["FOO", "BREW!", "VERSION-CONTROL"])
+def test_a_method_outside_the_http_registry_over_http2(stack: SecurityStack, method: str) -> None:
+    """Over HTTP/1.1 Envoy refuses a method it does not know (400) before any filter; over HTTP/2 it
+    forwards it. gRPC and native mode decide it like any upper-case token (here the public
+    catch-all takes it); HTTP mode's front door cannot parse it (its HTTP parser knows only the
+    registered methods) and refuses it with its JSON 400: never an allow, never a 5xx."""
+    assert stack.send(method, "/anything").status == 400  # HTTP/1.1: Envoy's own 400
+    status, reached = h2(stack, method, "/anything")
+    if stack.mode == "http":
+        assert (status, reached) == (400, [])
+    else:
+        assert status == 200 and [r["method"] for r in reached] == [method]
+
+
 def test_head_is_authorized_like_get(stack: SecurityStack) -> None:
     answer = stack.send("HEAD", "/admin/report")
     assert answer.status == 401 and answer.reached_upstream == [], "HEAD runs the GET handler in most apps"
@@ -66,7 +80,11 @@ def test_head_is_authorized_like_get(stack: SecurityStack) -> None:
 
 
 @pytest.mark.parametrize("query", ["_method=DELETE", "x=1&_method=delete", "_METHOD=DELETE", "%5Fmethod=DELETE",
-                                   "%5fMethod=PUT", "_method[]=DELETE", "a=b;_method=DELETE", "_method"])
+                                   "%5fMethod=PUT", "_method[]=DELETE", "a=b;_method=DELETE", "_method",
+                                   # PHP (Laravel, Symfony) drops a name's leading spaces, reads '.' and ' '
+                                   # in it as '_' and ends it at a NUL: each of these is its _method.
+                                   "+_method=DELETE", "%20_method=DELETE", ".method=DELETE", "%2Emethod=PUT",
+                                   "x=1&++.Method=DELETE", "_method%00x=DELETE", "_%6Dethod=DELETE"])
 def test_method_override_in_the_query_is_refused(stack: SecurityStack, query: str) -> None:
     reader = stack.fake.token("payments-reader", "transactions/get")
     assert stack.send("GET", "/transactions/7", reader).status == 200
@@ -76,8 +94,33 @@ def test_method_override_in_the_query_is_refused(stack: SecurityStack, query: st
     assert answer.status == 400 and answer.reached_upstream == [], "a public route is no exception"
 
 
-@pytest.mark.parametrize("query", ["method=DELETE", "x_method=1", "_methods=1", "q=_method"])
+@pytest.mark.parametrize("query", ["method=DELETE", "x_method=1", "_methods=1", "q=_method", "%2B_method=1",
+                                   "_method.=1", "+method=1"])
 def test_other_query_parameters_pass(stack: SecurityStack, query: str) -> None:
     reader = stack.fake.token("payments-reader", "transactions/get")
     answer = stack.send("GET", f"/transactions/7?{query}", reader)
     assert answer.status == 200 and len(answer.reached_upstream) == 1
+
+
+# lighttpd passes a header to a CGI, FastCGI or SCGI app (PHP among them) as HTTP_ + its name with
+# every character but letters and digits turned into '_': each of these is HTTP_X_AUTH_CLIENT_ID
+# there, or the method override Symfony and Laravel read from HTTP_X_HTTP_METHOD_OVERRIDE.
+ANY_SEPARATOR_IDENTITY = [("x~auth~client~id", "admin"), ("X+Auth+Scopes", "admin/all"), ("x!auth|sub", "root"),
+                          ("x-auth-client*id", "admin"), ("x_auth.client#id", "admin"), ("x`auth^sub", "root")]
+ANY_SEPARATOR_OVERRIDES = [("x~http~method~override", "DELETE"), ("x-http-method+override", "DELETE"),
+                           ("x'http'method", "DELETE"), ("x$method$override", "DELETE"),
+                           ("x%original%url", "/admin/report"), ("x&rewrite-url", "/admin/report")]
+
+
+@pytest.mark.parametrize("token_scope", [None, "admin/read"], ids=["public-route", "protected-route"])
+def test_identity_and_override_headers_spelled_with_any_separator_never_reach_the_app(
+        stack: SecurityStack, token_scope: str | None) -> None:
+    token = stack.fake.token("payments-reader", token_scope) if token_scope else None
+    path = "/admin/report" if token else "/elsewhere"
+    spoofed = ANY_SEPARATOR_IDENTITY + ANY_SEPARATOR_OVERRIDES
+    answer = stack.send("GET", path, token, spoofed + [("x~other", "kept")])
+    assert answer.status == 200 and len(answer.reached_upstream) == 1, answer.body
+    seen = answer.reached_upstream[0]["headers"]
+    assert not [name for name, _ in spoofed if name.lower() in seen], seen
+    assert seen.get("x~other") == ["kept"]  # other names pass
+    assert seen.get("x-auth-client-id") == (["payments-reader"] if token else None)
