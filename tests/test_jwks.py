@@ -364,25 +364,28 @@ async def test_the_document_decides_not_its_content_type(endpoint, make_cache, k
     assert cache.status()[0]["last_error"] is None and cache.key(issuer, "kid-a") is not None
 
 
-BROKEN_HTTP = {
-    "no-status-line": (b"NOT HTTP AT ALL\r\n\r\n", "Bad status line"),
+# Each answer and the client's reasons for refusing it (any one of them: aiohttp's words differ by
+# version; the oldest we support, 3.11, says "Expected HTTP/" for a bad status line and sets no
+# header count limit, so there the body "{}" is what is refused).
+BROKEN_HTTP: dict[str, tuple[bytes, tuple[str, ...]]] = {
+    "no-status-line": (b"NOT HTTP AT ALL\r\n\r\n", ("Bad status line", "Expected HTTP/")),
     "8KB-header": (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 9000 + b"\r\nContent-Length: 2\r\n\r\n{}",
-                   "Got more than 8190 bytes"),
+                   ("Got more than 8190 bytes",)),
     "100000-headers": (b"HTTP/1.1 200 OK\r\n" + b"X-A: a\r\n" * 100_000 + b"Content-Length: 2\r\n\r\n{}",
-                       "Too many headers"),
-    "short-body": (b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{"keys": [', "Not enough data"),
+                       ("Too many headers", "JWKS must be a JSON object with a 'keys' list")),
+    "short-body": (b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{"keys": [', ("Not enough data",)),
     "bad-chunk": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nabc\r\n0\r\n\r\n",
-                  "Invalid character in chunk size"),
+                  ("Invalid character in chunk size",)),
     "length-and-chunked": (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
-                           b"2\r\n{}\r\n0\r\n\r\n", "Transfer-Encoding can't be present with Content-Length"),
+                           b"2\r\n{}\r\n0\r\n\r\n", ("Transfer-Encoding can't be present with Content-Length",)),
     "not-gzip": (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 10\r\n\r\nnotgzip!!!",
-                 "Can not decode content-encoding"),
+                 ("Can not decode content-encoding",)),
 }
 
 
 @pytest.mark.parametrize("name", list(BROKEN_HTTP))
 async def test_a_broken_http_answer_is_a_failed_fetch_with_the_clients_reason(make_cache, name: str) -> None:
-    answer, reason = BROKEN_HTTP[name]
+    answer, reasons = BROKEN_HTTP[name]
 
     async def answer_raw(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -398,7 +401,8 @@ async def test_a_broken_http_answer_is_a_failed_fetch_with_the_clients_reason(ma
         cache.sync([issuer])
         await cache.wait_first_attempts(60)
         error = cache.status()[0]["last_error"]
-        assert reason in error and len(error) < 400 and not cache.has_keys(issuer)
+        assert any(reason in error for reason in reasons), error
+        assert len(error) < 400 and not cache.has_keys(issuer)
         assert metrics.registry.get_sample_value(
             "authz_jwks_refreshes_total", {"issuer": "us-east-1_Pool1", "trigger": "startup", "result": "error"}) == 1
     finally:
