@@ -8,9 +8,9 @@ attacks what they remember:
 
 * the cached token for another route, another method, a path that reads as another route;
 * the cached token's header and payload with another signature, and the token with bytes added;
-* a policy change while it is cached (a tightened route, a deny-listed jti or client, its client
-  taken off the issuer's list, its issuer removed): refused on the next request, and served again
-  once the change is undone;
+* a policy change while it is cached (a tightened route, a claim condition it does not meet, a
+  deny-listed jti or client, its client taken off the issuer's list, its issuer removed): refused on
+  the next request, and served again once the change is undone;
 * an HTTP/2 connection opened before a deny-list entry, by a client that ignores GOAWAY: at most one
   more answer under the old policy, as an HTTP/1.1 keep-alive connection (native mode drains the old
   listener's connections);
@@ -144,6 +144,14 @@ def tightened(s: SecurityStack, token: str) -> str:
                                                             "scopes: [transactions/admin]"))
 
 
+def claim_required(s: SecurityStack, token: str) -> str:
+    # The cached entry holds no custom claim (the policy named none): it must be read again.
+    assert ROUTES.count("scopes: [transactions/post]\n") == 1
+    return policy_text(s.fake, s.dev, routes=ROUTES.replace("scopes: [transactions/post]\n",
+                                                            "scopes: [transactions/post]\n"
+                                                            "    claims:\n      \"custom:tenant\": acme\n"))
+
+
 def jti_denied(s: SecurityStack, token: str) -> str:
     return original(s) + f"deny:\n  jtis: [{jti_of(token)}]\n"
 
@@ -168,11 +176,12 @@ def issuer_removed(s: SecurityStack, token: str) -> str:
 
 @pytest.mark.parametrize(("change", "status", "description"), [
     (tightened, 403, "token lacks a required scope"),
+    (claim_required, 403, "token lacks a required claim: custom:tenant"),
     (jti_denied, 401, "token is revoked"),
     (client_denied, 401, "client is revoked"),
     (client_off_the_issuers_list, 401, "client is not allowed"),
     (issuer_removed, 401, "token is not valid"),
-], ids=["route-tightened", "jti-deny-listed", "client-deny-listed", "client-off-issuer-list", "issuer-removed"])
+], ids=["route-tightened", "claim-required", "jti-deny-listed", "client-deny-listed", "client-off-issuer-list", "issuer-removed"])
 def test_a_policy_change_applies_to_a_cached_token_on_the_next_request_and_its_undoing_too(
         s: SecurityStack, change: Callable[[SecurityStack, str], str], status: int, description: str) -> None:
     token = cached(s)
