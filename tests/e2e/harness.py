@@ -366,7 +366,7 @@ class Http2Connection:
         # h2 stops opening streams once a GOAWAY came (RFC 9113 6.8), as it should: this client does not.
         machine = self._conn.state_machine
         open_ = h2.connection.ConnectionState.CLIENT_OPEN
-        machine._transitions = {**machine._transitions,
+        machine._transitions = {**machine._transitions,  # noqa: SLF001 - h2 has no option to ignore GOAWAY
                                 (open_, h2.connection.ConnectionInputs.RECV_GOAWAY): (None, open_)}
         self._sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.closed = False
@@ -374,7 +374,7 @@ class Http2Connection:
         self._conn.initiate_connection()
         self._send()
 
-    def __enter__(self) -> "Http2Connection":
+    def __enter__(self) -> Http2Connection:
         return self
 
     def __exit__(self, *exc: object) -> None:
