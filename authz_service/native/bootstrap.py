@@ -68,6 +68,13 @@ INGRESS, HEALTH = "ingress", "envoy-health"
 # The generated regexes (the request screen's, the bounded bearer token's) exceed RE2 program sizes
 # Envoy refuses by default (100); they are ours, not a client's.
 RE2_PROGRAM_SIZE = 65536
+# The grace an HTTP/2 connection of a draining listener gets between Envoy's first GOAWAY (last
+# stream id 2^31-1: "stop opening streams") and its final one (streams above it refused). The policy
+# is in the listener, so a drain is a policy change: with Envoy's default of 5 s, a client that went
+# on opening streams after the first GOAWAY was served under the old policy meanwhile (a revoked
+# token, hundreds of times). None: streams racing the GOAWAY are refused (REFUSED_STREAM), which
+# RFC 9113 section 8.7 lets clients retry on a new connection, under the new listener.
+DRAIN_TIMEOUT = "0s"
 
 
 class TemplateError(ValueError):
@@ -118,6 +125,7 @@ def compile_policy(policy: Policy, options: Options | None = None) -> Compiled:
     listeners = _listeners(template)
     _set_address(listeners[INGRESS], options.listen)
     hcm = _hcm(listeners[INGRESS])
+    hcm["drain_timeout"] = DRAIN_TIMEOUT
     virtual_hosts = hcm["route_config"]["virtual_hosts"]
     _expect(len(virtual_hosts) == 1, "one virtual host")
     routes = ingress_routes(policy, plans, book, _admission(virtual_hosts[0]["routes"]), options.leeway)

@@ -13,7 +13,8 @@ the old one (``write_atomically``), so Envoy, woken by the rename (``IN_MOVED_TO
 directory), reads a whole file, never half of one. Envoy builds the new listener (fetching the
 keys of any new issuer from the service first), then moves new connections to it; connections on
 the old one are drained (Envoy's ``--drain-strategy immediate``: each is closed after its next
-response, an idle one after ``--drain-time-s``). A listener Envoy refuses leaves the old one in
+response, an idle one after ``--drain-time-s``; an HTTP/2 one gets no grace for new streams,
+bootstrap.DRAIN_TIMEOUT). A listener Envoy refuses leaves the old one in
 place (``listener_manager.lds.update_rejected``).
 
 Which policy Envoy enforces: the listener's ``version_info`` is the policy's sha256, shown by

@@ -25,6 +25,8 @@ Public API
 ``start_upstream(log_dir, *, port=None, timeout=10) -> UpstreamProcess``
 ``http_request(method, url, headers=(), body=None, *, target=None, timeout=10)
     -> (status, [(name, value), ...], body_bytes)``
+``Http2Connection(port)``  one h2c connection kept open across requests, ignoring GOAWAY;
+    ``.request(method, path, headers=()) -> status | None``, ``.goaways``, ``.close()``
 ``tinyproxy_binary() -> str | None``, ``start_forward_proxy(log_dir) -> ForwardProxy``
     (``ManagedProcess`` + ``.port``, ``.url``, ``.request_lines()``): a real forward proxy
 ``wait_for(predicate, timeout, what, *, poll=0.05)``
@@ -344,6 +346,85 @@ def http_request(
         return resp.status, list(resp.getheaders()), data
     finally:
         conn.close()
+
+
+class Http2Connection:
+    """One cleartext HTTP/2 connection (prior knowledge) kept open across requests, as a client that
+    ignores GOAWAY keeps it: it opens stream after stream until the server refuses them or closes
+    the connection (an attacker's client; a well-behaved one stops at the first GOAWAY). One request
+    at a time; ``close`` (or the ``with`` block) closes it.
+
+    ``request`` answers the response's status, or None when the stream was refused or the
+    connection is closed; ``goaways`` lists the last stream id of each GOAWAY received.
+    """
+
+    def __init__(self, port: int, *, timeout: float = 10.0) -> None:
+        import h2.config
+        import h2.connection
+
+        self._conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        # h2 stops opening streams once a GOAWAY came (RFC 9113 6.8), as it should: this client does not.
+        machine = self._conn.state_machine
+        open_ = h2.connection.ConnectionState.CLIENT_OPEN
+        machine._transitions = {**machine._transitions,  # noqa: SLF001 - h2 has no option to ignore GOAWAY
+                                (open_, h2.connection.ConnectionInputs.RECV_GOAWAY): (None, open_)}
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.closed = False
+        self.goaways: list[int] = []
+        self._conn.initiate_connection()
+        self._send()
+
+    def __enter__(self) -> Http2Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self._sock.close()
+
+    def _send(self) -> None:
+        try:
+            self._sock.sendall(self._conn.data_to_send())
+        except OSError:
+            self.closed = True
+
+    def request(self, method: str, path: str, headers: Sequence[tuple[str, str]] = ()) -> int | None:
+        import h2.events
+
+        if self.closed:
+            return None
+        stream = self._conn.get_next_available_stream_id()
+        self._conn.send_headers(stream, [(":method", method), (":path", path), (":scheme", "http"),
+                                         (":authority", "127.0.0.1"), *((n.lower(), v) for n, v in headers)],
+                                end_stream=True)
+        self._send()
+        status: int | None = None
+        while not self.closed:
+            try:
+                data = self._sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                self.closed = True
+                break
+            for event in self._conn.receive_data(data):
+                if isinstance(event, h2.events.ConnectionTerminated):
+                    self.goaways.append(event.last_stream_id)
+                elif isinstance(event, h2.events.DataReceived):
+                    self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if getattr(event, "stream_id", None) != stream:
+                    continue
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[":status"])
+                elif isinstance(event, h2.events.StreamReset):
+                    return None
+                elif isinstance(event, h2.events.StreamEnded):
+                    self._send()
+                    return status
+            self._send()
+        return status
 
 
 # --------------------------------------------------------------------------- #

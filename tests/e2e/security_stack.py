@@ -24,7 +24,17 @@ from authz_service.policy import parse_policy
 
 from ..conftest import check_request
 from .fake_issuer import FakeIssuer
-from .harness import NATIVE, NATIVE_XDS, EnvoyProcess, ManagedProcess, UpstreamProcess, authz_http_request, http_request, wait_for
+from .harness import (
+    NATIVE,
+    NATIVE_XDS,
+    EnvoyProcess,
+    ManagedProcess,
+    UpstreamProcess,
+    authz_http_request,
+    free_port,
+    http_request,
+    wait_for,
+)
 from .stack import TRANSACTION_ROUTES, DevIssuer, PolicyDir, Service
 
 ISSUERS = """
@@ -243,6 +253,16 @@ def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *
             fake.stop()
         raise
     return SecurityStack(fake, dev, policy, service, envoy, upstream, work, mode, envoy_factory)
+
+
+def start_xds_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *service_args: str,
+                             fake: FakeIssuer | None = None) -> SecurityStack:
+    """The security suites' stack in native mode's xDS form: the service writes Envoy's listener."""
+    xds = work / "xds"
+    xds.mkdir()
+    return start_security_stack(work, upstream, envoy_factory, "--native-xds-dir", str(xds),
+                                "--native-listen", f"127.0.0.1:{free_port()}", *service_args, fake=fake,
+                                mode=NATIVE_XDS)
 
 
 def stop_security_stack(stack: SecurityStack) -> None:

@@ -37,29 +37,41 @@ from authz_service.policy import parse_policy
 from tests.test_cli import assert_one_clean_line, cli
 
 from .fake_issuer import FakeIssuer, rsa_key
-from .harness import (NATIVE_XDS, EnvoyProcess, ManagedProcess, ProcessDied, UpstreamProcess, free_port, http_request,
-                      render_native_xds_config, start_envoy, wait_for, wait_for_http)
-from .security_stack import (ROUTES, SecurityStack, envoy_fetches, listener_version, listeners_taken_up,
-                             natively_allowed, policy_text, serve, service_checks, serving, start_security_stack,
-                             stop_security_stack, wait_for_listener)
+from .harness import (
+    EnvoyProcess,
+    ManagedProcess,
+    ProcessDied,
+    UpstreamProcess,
+    free_port,
+    http_request,
+    render_native_xds_config,
+    start_envoy,
+    wait_for,
+    wait_for_http,
+)
+from .security_stack import (
+    ROUTES,
+    SecurityStack,
+    envoy_fetches,
+    listener_version,
+    listeners_taken_up,
+    natively_allowed,
+    policy_text,
+    serve,
+    service_checks,
+    serving,
+    start_xds_security_stack,
+    stop_security_stack,
+    wait_for_listener,
+)
 
 pytestmark = pytest.mark.e2e
 TIGHTER = ROUTES.replace("scopes: [transactions/post]", "scopes: [transactions/admin]")
 
 
-def xds_stack(tmp_path: Path, upstream: UpstreamProcess, envoy_factory, *service_args: str,
-              fake: FakeIssuer | None = None) -> SecurityStack:
-    """The security suites' stack in native mode's xDS form: the service writes Envoy's listener."""
-    xds = tmp_path / "xds"
-    xds.mkdir()
-    return start_security_stack(tmp_path, upstream, envoy_factory, "--native-xds-dir", str(xds),
-                                "--native-listen", f"127.0.0.1:{free_port()}", *service_args, fake=fake,
-                                mode=NATIVE_XDS)
-
-
 @pytest.fixture
 def stack(tmp_path: Path, upstream: UpstreamProcess, envoy_factory) -> Iterator[SecurityStack]:
-    s = xds_stack(tmp_path, upstream, envoy_factory)
+    s = start_xds_security_stack(tmp_path, upstream, envoy_factory)
     yield s
     stop_security_stack(s)
 
@@ -243,7 +255,7 @@ def test_a_listener_file_changed_by_another_program_is_written_again(stack: Secu
 def test_sighup_writes_a_changed_listener_file_again(tmp_path: Path, upstream: UpstreamProcess,
                                                      envoy_factory) -> None:
     """Polls an hour apart: only SIGHUP makes the service look at the file before then."""
-    s = xds_stack(tmp_path, upstream, envoy_factory, "--policy-watch", "poll", "--policy-poll-interval", "3600")
+    s = start_xds_security_stack(tmp_path, upstream, envoy_factory, "--policy-watch", "poll", "--policy-poll-interval", "3600")
     try:
         sha = serving(s)["sha256"]
         taken_up = listeners_taken_up(s.envoy)
@@ -266,7 +278,7 @@ def test_a_new_key_is_accepted_after_the_service_refetches_then_natively(tmp_pat
     for the unknown kid (its cool-down since the start-up fetch), and decided natively once Envoy
     fetched the service's keys again (every --native-jwks-cache seconds: 5, as shipped). The
     figures over several rounds: bench/native_rotation.py."""
-    s = xds_stack(tmp_path, upstream, envoy_factory, fake=FakeIssuer("us-east-1_Keys00001").start())
+    s = start_xds_security_stack(tmp_path, upstream, envoy_factory, fake=FakeIssuer("us-east-1_Keys00001").start())
     try:
         assert natively_allowed(s, s.fake.token())
         refetched = {"issuer": s.fake.pool, "trigger": "unknown_kid", "result": "ok"}
@@ -296,7 +308,7 @@ def test_the_issuer_down_changes_nothing_for_envoy(tmp_path: Path, upstream: Ups
                                                    envoy_factory) -> None:
     """The issuer down: the service keeps its last good keys and goes on serving them to Envoy,
     which goes on deciding natively; a token of a key nobody holds is refused (401, not 503)."""
-    s = xds_stack(tmp_path, upstream, envoy_factory, "--jwks-refresh-interval", "0.5", "--native-jwks-cache", "2")
+    s = start_xds_security_stack(tmp_path, upstream, envoy_factory, "--jwks-refresh-interval", "0.5", "--native-jwks-cache", "2")
     try:
         s.fake.stop()
         failures = s.service.total("authz_jwks_refreshes_total", result="error")
