@@ -11,9 +11,14 @@ import sys
 import time
 from collections.abc import Mapping
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _ENCODE = json.JSONEncoder(default=str, separators=(",", ":")).encode
 _output: logging.StreamHandler | None = None  # configure()'s handler: the one log stream
+# aiohttp's servers (the admin port, the HTTP front door, the dev issuer) log through this logger.
+AIOHTTP_SERVER_LOGGER = "aiohttp.server"
+REFUSED_REQUEST = "malformed HTTP request refused"
 
 
 def timestamp(created: float) -> str:
@@ -47,7 +52,27 @@ def configure(level: str) -> None:
     root.setLevel(level)
     for noisy in ("aiohttp.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    server = logging.getLogger(AIOHTTP_SERVER_LOGGER)
+    if not any(isinstance(f, RefusedRequestFilter) for f in server.filters):
+        server.addFilter(RefusedRequestFilter())
     _output = handler
+
+
+class RefusedRequestFilter(logging.Filter):
+    """aiohttp logs a request its HTTP parser refused at ERROR, its exception quoting the refused
+    header line as sent: an ``Authorization`` or ``Cookie`` line with one stray byte put a whole
+    credential in the log, once per request a client sends. Such a record becomes a DEBUG line
+    naming the error's type only (dropped unless the logger is at DEBUG); the client has its 400."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        refused = record.exc_info[1] if record.exc_info else None
+        if not isinstance(refused, HttpProcessingError):
+            return True
+        record.msg, record.args = REFUSED_REQUEST, ()
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.error = type(refused).__name__
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 def record(logger: str, msg: str, fields: Mapping[str, object]) -> None:
