@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
@@ -282,5 +283,20 @@ class _BudgetedServer(web.Server):
                 if self._cutoff is not None:
                     self._cutoff.cancel()
                 release()
+
+            def handle_error(
+                self,
+                request: web.BaseRequest,
+                status: int = 500,
+                exc: BaseException | None = None,
+                message: str | None = None,
+            ) -> web.StreamResponse:
+                # aiohttp's own answer quotes the refused header line (a scraper's Authorization
+                # or Cookie) back in its body and logs it: ours says only that it was refused.
+                if isinstance(exc, HttpProcessingError):
+                    response = web.Response(status=400, text="400: Bad Request")
+                    response.force_close()
+                    return response
+                return super().handle_error(request, status, exc, message)
 
         return Connection(self, loop=asyncio.get_running_loop(), **self._handler_args)
