@@ -21,6 +21,7 @@ with tokens from the dev issuer:
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,3 +257,19 @@ def test_http_provider_prefix_against_a_service_without_it_is_refused(stack: Ist
         assert (status, reached) == (401, []), "the matching service still decides"
     finally:
         unprefixed.process.stop()
+
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_sidecar_keeps_a_callers_request_id_and_the_log_bounds_it(stack: IstioStack, mode: str) -> None:
+    """Istio's sidecar deems mesh requests internal and keeps their x-request-id (the shipped
+    Envoy configs replace it): the decision log then carries the caller's id, cut to 128
+    characters and JSON-escaped (docs/security.md, "Request ids are Envoy's own")."""
+    envoy = stack.envoy(mode)
+    forged = f"forged-{mode}-\"}}\\" + "x" * 300
+    status, _, _, reached = stack.send(envoy, "POST", "/transactions", None, [("X-Request-Id", forged)])
+    assert (status, reached) == (401, [])
+    lines = stack.service.process.wait_until(
+        lambda: [json.loads(line) for line in stack.service.process.log_text().splitlines()
+                 if f"forged-{mode}-" in line], 10, "the decision log line")
+    assert [entry["request_id"] for entry in lines] == [forged[:128]]
