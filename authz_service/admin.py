@@ -259,6 +259,31 @@ def _json(body: dict[str, Any], status: int) -> web.Response:
     return web.Response(text=json.dumps(body), status=status, content_type="application/json")
 
 
+class QuietRefusals(RequestHandler):
+    """A connection that answers a request aiohttp's HTTP parser refused with ``refused``.
+
+    Why: aiohttp's own answer is a 400 whose body quotes the refused header line as sent, logged
+    at ERROR with it: an ``Authorization`` or ``Cookie`` line with one stray byte is a credential
+    sent back and written to the log. The admin port answers a plain 400, the HTTP front door its
+    counted JSON denial."""
+
+    def refused(self, exc: HttpProcessingError) -> web.StreamResponse:
+        response = web.Response(status=400, text="400: Bad Request")
+        response.force_close()
+        return response
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status == 400 and isinstance(exc, HttpProcessingError):
+            return self.refused(exc)
+        return super().handle_error(request, status, exc, message)
+
+
 class _BudgetedServer(web.Server):
     """aiohttp's low-level server whose connections give their slot back when closed and are
     cut off after ``deadline`` seconds, whatever the client is doing."""
@@ -271,7 +296,7 @@ class _BudgetedServer(web.Server):
     def connection(self, release: Callable[[], None]) -> RequestHandler:
         deadline = self._deadline
 
-        class Connection(RequestHandler):
+        class Connection(QuietRefusals):
             _cutoff: asyncio.TimerHandle | None = None
 
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -283,20 +308,5 @@ class _BudgetedServer(web.Server):
                 if self._cutoff is not None:
                     self._cutoff.cancel()
                 release()
-
-            def handle_error(
-                self,
-                request: web.BaseRequest,
-                status: int = 500,
-                exc: BaseException | None = None,
-                message: str | None = None,
-            ) -> web.StreamResponse:
-                # aiohttp's own answer quotes the refused header line (a scraper's Authorization
-                # or Cookie) back in its body and logs it: ours says only that it was refused.
-                if isinstance(exc, HttpProcessingError):
-                    response = web.Response(status=400, text="400: Bad Request")
-                    response.force_close()
-                    return response
-                return super().handle_error(request, status, exc, message)
 
         return Connection(self, loop=asyncio.get_running_loop(), **self._handler_args)

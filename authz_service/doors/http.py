@@ -39,11 +39,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from .. import ports
-from ..admin import listen
+from ..admin import QuietRefusals, listen
 from ..check import Checker, TracedChecker
 from ..config import Settings
 from ..decision import Decision
@@ -207,14 +207,12 @@ class HttpFrontDoor:
         assert isinstance(self._checker, TracedChecker)
         return await self._checker.check_traced(self.span_kind, request.headers, self.parse, request, self.render)
 
-    def refusal(self, exc: BaseException | None) -> web.Response | None:
-        """Our JSON 400 for a request aiohttp's parser refused, or None for any other error.
+    def refusal(self, exc: HttpProcessingError) -> web.Response:
+        """Our JSON 400 for a request aiohttp's parser refused.
 
         llhttp refuses a method that is not an upper-case token (``get``, which Envoy forwards from
         HTTP/2) before ``handle`` runs; it must still get the 400 gRPC mode gives, and be counted.
         """
-        if not isinstance(exc, BadHttpMessage):
-            return None
         description = INVALID_METHOD if isinstance(exc, BadHttpMethod) else "malformed HTTP request"
         return self._checker.refuse(description, self.render)
 
@@ -270,16 +268,9 @@ class _Server(web.Server):
     def __call__(self) -> RequestHandler:
         door = self._door
 
-        class Handler(RequestHandler):
-            def handle_error(
-                self,
-                request: web.BaseRequest,
-                status: int = 500,
-                exc: BaseException | None = None,
-                message: str | None = None,
-            ) -> web.StreamResponse:
-                refusal = door.refusal(exc) if status == 400 else None
-                return refusal if refusal is not None else super().handle_error(request, status, exc, message)
+        class Handler(QuietRefusals):
+            def refused(self, exc: HttpProcessingError) -> web.StreamResponse:
+                return door.refusal(exc)
 
         return Handler(self, loop=asyncio.get_running_loop(), **self._handler_args)
 
