@@ -263,8 +263,11 @@ class Policy:
         the request must meet the route of each reading: the route as written, then, when another
         one, the route of each other reading. Never more than any reading allows.
         """
-        readings = [segments]
         escapes = self.literal_escapes
+        if escapes is None and (not segments or segments[-1]):  # one reading: most requests
+            route = self.match(method, segments)
+            return () if route is None else (route,)
+        readings = [segments]
         if escapes is not None:
             decoded = tuple(escapes.sub(_unescape, s) if "%" in s else s for s in segments)
             if decoded != segments:
