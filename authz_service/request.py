@@ -66,7 +66,7 @@ _HEX2 = re.compile(r"^[0-9A-Fa-f]{2}\Z")
 # unreserved characters (RFC 3986 6.2.2.2 says they must not be encoded), '/', '\\', '%'
 # (double encoding), ';' (a path parameter to a framework that strips it once decoded: Apache Shiro
 # read /admin/%3Bx as /admin/, CVE-2020-13933; refused unescaped too) and control characters.
-_FORBIDDEN_ESCAPES = frozenset(
+FORBIDDEN_ESCAPES = frozenset(
     [
         *range(0x20),
         0x7F,
@@ -292,7 +292,7 @@ def normalized_path(target: str) -> str:
         raise BadRequest("path contains characters that are not allowed")
     if "%" in path:
         for escape in _ESCAPE.finditer(path):
-            if not _HEX2.match(escape[1]) or int(escape[1], 16) in _FORBIDDEN_ESCAPES:
+            if not _HEX2.match(escape[1]) or int(escape[1], 16) in FORBIDDEN_ESCAPES:
                 raise BadRequest("path contains a malformed or disallowed percent-escape")
         # Escaped bytes must decode as UTF-8: overlong forms like %c0%ae ('.' to lenient decoders)
         # would otherwise pass as an opaque segment here and become a dot segment upstream.

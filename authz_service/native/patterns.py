@@ -12,7 +12,8 @@ Envoy matches a ``safe_regex`` against the whole value, so no pattern needs anch
 
 from __future__ import annotations
 
-from ..policy import PARAM, REST
+from ..policy import ESCAPABLE_LITERAL_CHARS, PARAM, REST
+from ..request import FORBIDDEN_ESCAPES
 from ..tokens import MAX_HEADER_CHARS
 
 # An upper-case RFC 9110 token of at most 32 characters (request.checked_method).
@@ -39,20 +40,25 @@ BEARER_JWT = f"{BEARER}{_HEADER}\\.{_SEGMENT}\\.{_SEGMENT}"
 # without '%' and '/'), and the same without '.'.
 _SEGMENT_CHAR = r"[!$&'()*+,\-.0-9:=@A-Z_a-z~]"
 _SEGMENT_CHAR_NOT_DOT = r"[!$&'()*+,\-0-9:=@A-Z_a-z~]"
-# Escaped ASCII the service accepts and reads one way: printable, and neither unreserved nor '/',
-# '\\', '%' or ';' (request._FORBIDDEN_ESCAPES), nor a character a route's literal may hold
+
+
+def _runs(values: list[int]) -> list[tuple[int, int]]:
+    """Sorted ``values`` as runs of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for value in values:
+        if runs and runs[-1][1] == value - 1:
+            runs[-1] = (runs[-1][0], value)
+        else:
+            runs.append((value, value))
+    return runs
+
+
+# Escaped ASCII the service accepts and reads one way: neither forbidden (unreserved, '/', '\\',
+# '%', ';' or a control, request.FORBIDDEN_ESCAPES) nor a character a route's literal may hold
 # (policy.ESCAPABLE_LITERAL_CHARS: the service decides those, as the path written and decoded,
-# Policy.routes_for). Escaped bytes above 0x7F must form well-formed UTF-8 (RFC 3629).
-_ASCII_ESCAPES = [
-    (0x20, 0x20),
-    (0x22, 0x23),
-    (0x3C, 0x3C),
-    (0x3E, 0x3F),
-    (0x5B, 0x5B),
-    (0x5D, 0x5E),
-    (0x60, 0x60),
-    (0x7B, 0x7D),
-]
+# Policy.routes_for), as (first, last) runs. Escaped bytes above 0x7F must form well-formed UTF-8
+# (RFC 3629).
+_ASCII_ESCAPES = _runs(sorted(set(range(0x80)) - FORBIDDEN_ESCAPES - {ord(c) for c in ESCAPABLE_LITERAL_CHARS}))
 _UTF8_SEQUENCES = [
     [(0xC2, 0xDF), (0x80, 0xBF)],
     [(0xE0, 0xE0), (0xA0, 0xBF), (0x80, 0xBF)],
