@@ -12,7 +12,8 @@ percent-escapes, percent-encoded unreserved characters, '/', '\\', '%', ';' or c
 bytes that are not valid UTF-8 (overlong forms).
 
 Headers: a method or URL override header is refused (400); a client-sent copy of an identity
-header, in any '-'/'_'/'.' spelling, is reported so the response strips it.
+header, in any spelling some server reads as it (any separator in place of a '-'), is reported so
+the response strips it.
 """
 
 from __future__ import annotations
@@ -49,9 +50,21 @@ def _spellings(name: str) -> set[str]:
     return {head + s + rest for s in _SEPARATORS for rest in _spellings(tail)}
 
 
-# Every lower-case spelling of an identity or override header: front doors screen the header names
-# against it with one set operation and look closer (``special_names``) only on a hit.
+# Every lower-case '-'/'_'/'.' spelling of an identity or override header.
 SPECIAL_NAMES = frozenset().union(*(_spellings(n) for n in (*IDENTITY_HEADERS, *_OVERRIDES)))
+
+# The other characters a header name may hold besides letters and digits (RFC 9110 tchar). lighttpd
+# passes a header to CGI, FastCGI and SCGI apps (PHP among them) as HTTP_ + its name with every one
+# of them turned into '_', so x~auth~sub reaches such an app as x-auth-sub would.
+_OTHER_SEPARATORS = "!#$%&'*+^`|~"
+_ANY_TO_DASH = str.maketrans(dict.fromkeys("_." + _OTHER_SEPARATORS, "-"))
+_SECOND_WORDS = tuple(sorted({name.split("-")[1] for name in (*IDENTITY_HEADERS, *_OVERRIDES)}))
+# What front doors screen the header names with (joined by newlines): any name holding the shape
+# of a spelling of an identity or override header (``x``, any separator, one of their second words,
+# any separator). One regex over one string, cheaper than testing each name; ``special_names``
+# looks closer only on a hit (x-auth-token or a-x-auth-b, say, are hits and no identity header).
+_LOOK_CLOSER = re.compile("x[^0-9a-z\n](?:" + "|".join(_SECOND_WORDS) + ")[^0-9a-z\n]")
+_LOOK_CLOSER_ANY_CASE = re.compile(_LOOK_CLOSER.pattern, re.IGNORECASE)
 
 # An RFC 9110 token without lower-case letters. Methods are case-sensitive (RFC 9110 9.1) and the
 # policy names them in upper case, but frameworks (Flask, Express...) upper-case what they receive,
@@ -145,11 +158,12 @@ def http_request(
     method = checked_method(method)
     path, segments = path_and_segments(target(source))
     authorization, request_id, names = headers(source)
-    # Names are screened with one C-level set operation; looked at closer only on a hit.
+    # Names are screened with one regex over all of them; looked at closer only on a hit.
     if fold_names:
-        spoofed = () if SPECIAL_NAMES.isdisjoint(map(str.lower, names)) else special_names(map(str.lower, names))
+        hit = _LOOK_CLOSER_ANY_CASE.search("\n".join(names))
+        spoofed = special_names(map(str.lower, names)) if hit else ()
     else:
-        spoofed = () if SPECIAL_NAMES.isdisjoint(names) else special_names(names)
+        spoofed = special_names(names) if _LOOK_CLOSER.search("\n".join(names)) else ()
     return HttpRequest(method, path, segments, authorization, request_id[:MAX_REQUEST_ID], spoofed)
 
 
@@ -185,33 +199,33 @@ def path_and_segments(target: str) -> tuple[str, tuple[str, ...]]:
 
 
 def special_names(names: Iterable[str]) -> tuple[str, ...]:
-    """The identity-header spellings among ``names`` (lower-case); BadRequest on an override header
-    (naming the first in alphabetical order, so the answer does not depend on header order, which
-    differs between Envoy's gRPC map and its HTTP request)."""
-    spoofed = []
+    """The identity-header spellings among ``names`` (lower-case), sorted; BadRequest on an override
+    header (naming the first in alphabetical order, so the answer does not depend on header order,
+    which differs between Envoy's gRPC map and its HTTP request).
+
+    A spelling is the name with any separator in place of each '-': x_auth.sub as PHP reads it,
+    x~auth~sub as lighttpd hands it to CGI apps. Envoy configs of this project remove the spellings
+    with other separators than '-', '_' and '.' before any filter runs; under Istio's sidecar, or an
+    Envoy config of the user's own, they reach the gRPC door, which sees every header. Sorted and
+    without repeats, however a client orders or repeats them: they are part of the cached allow
+    answers' key (``response.Answers``)."""
+    spoofed = set()
     overrides = []
     for name in names:
-        if name in SPECIAL_NAMES:
-            dashed = name.translate(_TO_DASH)
-            if dashed in _IDENTITY_SPELLINGS:
-                spoofed.append(name)
-            elif dashed in _OVERRIDES:
-                overrides.append(dashed)
+        dashed = name.translate(_ANY_TO_DASH)
+        if dashed in _IDENTITY_SPELLINGS:
+            spoofed.add(name)
+        elif dashed in _OVERRIDES:
+            overrides.append(dashed)
     if overrides:
         raise BadRequest(f"{min(overrides)} (method or URL override) is not accepted")
-    return tuple(spoofed)
+    return tuple(sorted(spoofed))
 
 
 def identity_and_override_spellings() -> tuple[str, ...]:
     """Every '-'/'_'/'.' spelling of every identity and override header name, sorted: what must
     never reach the app from the client (the HTTP front door tells Envoy to strip them all)."""
     return tuple(sorted(SPECIAL_NAMES))
-
-
-# The other characters a header name may hold besides letters and digits (RFC 9110 tchar). lighttpd
-# passes a header to CGI, FastCGI and SCGI apps (PHP among them) as HTTP_ + its name with every one
-# of them turned into '_', so x~auth~sub reaches such an app as x-auth-sub would.
-_OTHER_SEPARATORS = "!#$%&'*+^`|~"
 
 
 def other_separator_spellings_pattern() -> str:

@@ -2,14 +2,17 @@
 
 Denials follow RFC 6750 section 3: ``WWW-Authenticate: Bearer realm=..., error=...`` plus a small
 JSON body. Allowed requests get the verified identity as ``x-auth-*`` headers; any copy of those
-headers the client sent (in any '-'/'_'/'.' spelling) is removed so the upstream can trust them,
-and so is the Authorization header, unless the route forwards the token (``forward_token``): the
-app has the identity, and an app that logs its headers cannot leak a credential it never gets.
+headers the client sent (in any spelling a server reads as theirs: x_auth_sub, x.auth.sub,
+x~auth~sub) is removed so the upstream can trust them, and so is the Authorization header, unless
+the route forwards the token (``forward_token``): the app has the identity, and an app that logs
+its headers cannot leak a credential it never gets.
 Each front door turns an Answer into its protocol once (``Answer.rendered``) and reuses it.
 
 Denial answers depend only on (reason, description, route, realm) and allows only on (verified
 identity, spoofed header spellings, whether the token is forwarded), so both are built once and
-reused (bounded LRUs): a Check costs a cache lookup, not a JSON dump and a header list.
+reused (bounded LRUs): a Check costs a cache lookup, not a JSON dump and a header list. (An allow
+with more spoofed spellings than there are identity headers is built each time: no client but a
+hostile one sends them.)
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from .policy import Route
 from .request import IDENTITY_HEADERS, HttpRequest
 
 _NO_IDENTITY = ("", "", "")
+# An allow answer is cached for at most this many spoofed identity-header spellings (one for each
+# identity header): there are thousands of spellings (request.special_names), so a cache keyed by
+# any set of them would let a client fill it with entries of up to Envoy's 100 headers each.
+_MAX_CACHED_SPOOFED = len(IDENTITY_HEADERS)
 AUTHORIZATION = "authorization"
 
 
@@ -68,6 +75,8 @@ class Answers:
         # identity headers are then only removed, never set.
         identity = (claims.client_id, claims.scope_text, claims.sub) if claims is not None else _NO_IDENTITY
         spoofed = request.spoofed_identity_headers if request is not None else ()
+        if len(spoofed) > _MAX_CACHED_SPOOFED:  # only a hostile client sends many: built, not cached
+            return self._build_allow(decision.reason, identity, spoofed, decision.forwards_token)
         return self._allows(decision.reason, identity, spoofed, decision.forwards_token)
 
     def _build_allow(

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2
 from authz_service.doors.grpc import parse_check_request
-from authz_service.request import (IDENTITY_HEADERS, SPECIAL_NAMES, BadRequest, HttpRequest, identity_spellings,
-                                    other_separator_spellings_pattern, override_spellings,
-                                    special_names as parse_special_names)
+from authz_service.request import (IDENTITY_HEADERS, SPECIAL_NAMES, BadRequest, HeaderFacts, HttpRequest,
+                                    http_request, identity_spellings, other_separator_spellings_pattern,
+                                    override_spellings, special_names as parse_special_names)
 
 
 def check(
@@ -294,9 +294,10 @@ def test_method_and_url_override_headers_are_bad_requests(name):
 
 
 # The reference for which names are identity spellings or overrides: what the API promises is
-# "any '-'/'_' spelling", written the slow, obvious way.
+# "any spelling with another separator in place of a '-'" (lighttpd turns every character of a
+# name but letters and digits into '_'), written the slow, obvious way.
 def reference_kind(name: str) -> str | None:
-    dashed = name.lower().replace("_", "-")
+    dashed = re.sub("[^0-9a-z]", "-", name.lower())
     if dashed in ("x-auth-client-id", "x-auth-scopes", "x-auth-sub"):
         return "identity"
     if dashed in ("x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url"):
@@ -307,7 +308,7 @@ def reference_kind(name: str) -> str | None:
 special_parts = st.sampled_from(["x", "auth", "client", "id", "scopes", "sub", "http", "method", "override",
                                  "original", "url", "rewrite", "X", "Auth"])
 special_names = st.lists(special_parts, min_size=1, max_size=4).flatmap(
-    lambda parts: st.tuples(*[st.sampled_from(["-", "_", "--", ""]) for _ in parts[1:]]).map(
+    lambda parts: st.tuples(*[st.sampled_from(["-", "_", "--", "", ".", "~", "+", "|"]) for _ in parts[1:]]).map(
         lambda seps: parts[0] + "".join(s + p for s, p in zip(seps, parts[1:]))))
 
 
@@ -330,7 +331,7 @@ def test_headers_map_and_header_map_agree_with_the_reference(names):
         assert isinstance(via_map, str) and "override" in via_map
         return
     assert via_headers == via_map
-    assert via_headers.spoofed_identity_headers == tuple(n for n, k in zip(lowered, kinds) if k == "identity")
+    assert via_headers.spoofed_identity_headers == tuple(sorted(n for n, k in zip(lowered, kinds) if k == "identity"))
     assert via_headers.authorization == (("v",) if "authorization" in lowered else ())
 
 
@@ -350,6 +351,47 @@ def test_other_separator_spellings_are_exactly_the_spellings_the_front_doors_do_
     for name in ("x-auth-client-id", "x_auth.sub", "x~auth", "xx~auth~sub", "authorization", "x-request-id",
                  "x-authz-original-path", "x-envoy-auth-headers-to-remove", "x~forwarded~for"):
         assert not pattern.fullmatch(name), name
+
+
+def every_spelling(name: str) -> list[str]:
+    """``name`` with each '-' replaced by any RFC 9110 tchar that is not a letter or digit."""
+    first, *words = name.split("-")
+    return [first + "".join(s + w for s, w in zip(chosen, words))
+            for chosen in itertools.product("-_.!#$%&'*+^`|~", repeat=len(words))]
+
+
+@pytest.mark.parametrize("fold_names", [False, True], ids=["lower-case names", "names as sent"])
+def test_every_spelling_of_an_identity_header_is_stripped_and_of_an_override_refused(fold_names):
+    """Where no early header mutation removed them (Istio's sidecar, an Envoy config of one's own),
+    the front doors see the other separators' spellings too: each identity one is reported for
+    stripping, each override one refused, whatever the case the client sent it in."""
+    def facts(headers: dict[str, str]) -> HeaderFacts:
+        return (), "", tuple(headers)
+
+    def screened(name: str) -> HttpRequest:
+        sent = name.upper() if fold_names else name
+        return http_request({sent: "v", "accept": "*/*"}, "GET", lambda _: "/", facts, fold_names=fold_names)
+
+    for header in IDENTITY_HEADERS:
+        for spelled in every_spelling(header):
+            assert screened(spelled).spoofed_identity_headers == (spelled,), spelled
+    for header in ("x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url"):
+        for spelled in every_spelling(header):
+            with pytest.raises(BadRequest, match=f"^{header} \\(method or URL override\\)"):
+                screened(spelled)
+    for name in ("x-auth-token", "x-authorization", "x--auth-sub", "x-auth-sub-", "xx-auth-sub", "x-auth~sub~",
+                 "x~forwarded~for", "x-request-id", "x-auth-client-ids"):
+        assert screened(name).spoofed_identity_headers == (), name
+
+
+def test_spoofed_spellings_are_reported_sorted_once_whatever_the_order_sent():
+    """They key the cached allow answers: the same spellings in another order are the same key."""
+    names = ["x~auth~sub", "x-auth-sub", "accept", "x_auth_client_id"]
+    expected = ("x-auth-sub", "x_auth_client_id", "x~auth~sub")
+    assert parse(headers=dict.fromkeys(names, "v")).spoofed_identity_headers == expected
+    assert parse(headers=dict.fromkeys(reversed(names), "v")).spoofed_identity_headers == expected
+    repeated = [(name, b"v") for name in names + names]
+    assert parse(header_map=repeated).spoofed_identity_headers == expected
 
 
 @pytest.mark.parametrize("config", ["envoy/envoy.yaml", "envoy/envoy-http.yaml", "deploy/k8s/tracing/envoy.yaml",

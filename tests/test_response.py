@@ -204,6 +204,21 @@ def test_allow_sets_identity_and_removes_spoofed_spellings():
     assert not set(remove) & set(headers)
 
 
+def test_an_allow_with_many_spoofed_spellings_is_built_each_time_not_cached():
+    """There are thousands of spellings (any separator in place of each '-'): a cache keyed by any
+    set of them could be filled with entries of up to Envoy's 100 headers each. Up to one spelling
+    per identity header is cached; more is built for the request, and still strips all of them."""
+    answers = Answers("my-realm")
+    decision = Decision(True, Reason.ALLOWED, route=WRITE, claims=claims())
+    few = request("x-auth-client-id", "x~auth~scopes", "x_auth_sub")
+    assert answers.answer(decision, few) is answers.answer(decision, few)
+    many = request("x-auth-client-id", "x~auth~client~id", "x+auth+client+id", "x|auth|sub")
+    first, second = answers.answer(decision, many), answers.answer(decision, many)
+    assert first is not second
+    assert set(first.remove) == set(second.remove) == {"x~auth~client~id", "x+auth+client+id", "x|auth|sub",
+                                                       TOKEN_HEADER}
+
+
 def test_allow_removes_identity_headers_it_does_not_set():
     decision = Decision(True, Reason.ALLOWED, route=WRITE, claims=claims(scope_text="", sub=""))
     headers, remove = ok_parts(render(decision, request("x-auth-sub")))

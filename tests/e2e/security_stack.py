@@ -62,6 +62,16 @@ ROUTES = TRANSACTION_ROUTES + """\
 """
 
 
+# lighttpd passes a header to a CGI, FastCGI or SCGI app (PHP among them) as HTTP_ + its name with
+# every character but letters and digits turned into '_': each of these is HTTP_X_AUTH_CLIENT_ID
+# there, or the method override Symfony and Laravel read from HTTP_X_HTTP_METHOD_OVERRIDE.
+ANY_SEPARATOR_IDENTITY = [("x~auth~client~id", "admin"), ("X+Auth+Scopes", "admin/all"), ("x!auth|sub", "root"),
+                          ("x-auth-client*id", "admin"), ("x_auth.client#id", "admin"), ("x`auth^sub", "root")]
+ANY_SEPARATOR_OVERRIDES = [("x~http~method~override", "DELETE"), ("x-http-method+override", "DELETE"),
+                           ("x'http'method", "DELETE"), ("x$method$override", "DELETE"),
+                           ("x%original%url", "/admin/report"), ("x&rewrite-url", "/admin/report")]
+
+
 def policy_text(fake: FakeIssuer, dev: DevIssuer, extra_routes: str = "", *, routes: str = ROUTES) -> str:
     """The stack's issuers with ``routes`` (default: the suites' routes) plus ``extra_routes``."""
     return (ISSUERS + routes).format(fake_pool=fake.pool, fake_iss=fake.issuer, fake_jwks=fake.jwks_uri,

@@ -33,6 +33,7 @@ import yaml
 from .. import envoyconf
 from .harness import (MODES, REPO_ROOT, EnvoyProcess, Owner, UpstreamProcess, envoy_binary, free_port, http_request,
                       start_envoy)
+from .security_stack import ANY_SEPARATOR_IDENTITY, ANY_SEPARATOR_OVERRIDES
 from .stack import PUBLIC_HEALTHZ, TRANSACTION_ROUTES, DevIssuer, PolicyDir, Service, start_dev_issuer, start_service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary")]
@@ -166,6 +167,26 @@ def test_spoofed_identity_headers_never_reach_the_app(stack: IstioStack, mode: s
     assert identity_seen(reached) == WRITER_IDENTITY
     status, _, _, reached = stack.send(envoy, "GET", "/healthz", headers=SPOOFED)
     assert status == 200 and identity_seen(reached) == {}
+
+
+def test_grpc_provider_strips_identity_look_alikes_and_refuses_override_look_alikes(stack: IstioStack) -> None:
+    """Istio's sidecar runs no early header mutation, so names lighttpd reads as the real headers
+    (``x~auth~client~id``, ``x-http-method+override``) reach the service: in gRPC mode it sees every
+    header, strips the identity ones and refuses the override ones, as it does their '-'/'_'/'.'
+    spellings."""
+    envoy = stack.envoy("grpc")
+    token = stack.issuer.token("payments-writer")
+    spoofed = {name.lower() for name, _ in ANY_SEPARATOR_IDENTITY}
+    for method, path, credential in (("POST", "/transactions", token), ("GET", "/healthz", None)):
+        status, _, _, reached = stack.send(envoy, method, path, credential, ANY_SEPARATOR_IDENTITY + [("x~other", "kept")])
+        assert status == 200 and len(reached) == 1, path
+        seen = reached[0]["headers"]
+        assert spoofed.isdisjoint(seen), (path, seen)
+        assert seen.get("x~other") == ["kept"]  # other names pass
+    for name, value in ANY_SEPARATOR_OVERRIDES:
+        status, _, body, reached = stack.send(envoy, "POST", "/transactions", token, [(name, value)])
+        assert (status, reached) == (400, []), (name, body)
+        assert b"method or URL override" in body
 
 
 def test_http_provider_strips_identity_headers_it_does_not_send_for_the_check(stack: IstioStack) -> None:

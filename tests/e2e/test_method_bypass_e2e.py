@@ -18,7 +18,8 @@ import pytest
 
 from ..test_policytool import REVIEW_POLICY
 from .harness import UpstreamProcess
-from .security_stack import SecurityStack, start_security_stack, stop_security_stack
+from .security_stack import (ANY_SEPARATOR_IDENTITY, ANY_SEPARATOR_OVERRIDES, SecurityStack, start_security_stack,
+                             stop_security_stack)
 
 pytestmark = pytest.mark.e2e
 
@@ -100,16 +101,6 @@ def test_other_query_parameters_pass(stack: SecurityStack, query: str) -> None:
     reader = stack.fake.token("payments-reader", "transactions/get")
     answer = stack.send("GET", f"/transactions/7?{query}", reader)
     assert answer.status == 200 and len(answer.reached_upstream) == 1
-
-
-# lighttpd passes a header to a CGI, FastCGI or SCGI app (PHP among them) as HTTP_ + its name with
-# every character but letters and digits turned into '_': each of these is HTTP_X_AUTH_CLIENT_ID
-# there, or the method override Symfony and Laravel read from HTTP_X_HTTP_METHOD_OVERRIDE.
-ANY_SEPARATOR_IDENTITY = [("x~auth~client~id", "admin"), ("X+Auth+Scopes", "admin/all"), ("x!auth|sub", "root"),
-                          ("x-auth-client*id", "admin"), ("x_auth.client#id", "admin"), ("x`auth^sub", "root")]
-ANY_SEPARATOR_OVERRIDES = [("x~http~method~override", "DELETE"), ("x-http-method+override", "DELETE"),
-                           ("x'http'method", "DELETE"), ("x$method$override", "DELETE"),
-                           ("x%original%url", "/admin/report"), ("x&rewrite-url", "/admin/report")]
 
 
 @pytest.mark.parametrize("token_scope", [None, "admin/read"], ids=["public-route", "protected-route"])
