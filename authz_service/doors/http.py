@@ -56,7 +56,7 @@ from ..request import (
     http_request,
     identity_and_override_spellings,
 )
-from ..response import AUTHORIZATION, Answer
+from ..response import Answer
 from ..tracing import CheckSpanKind
 from .base import DoorKind, Wiring
 
@@ -67,6 +67,7 @@ REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 ORIGINAL_PATH = "x-authz-original-path"
 ENVOY_VALUE = "%REQ(:PATH)%"
 _SPELLINGS = identity_and_override_spellings()
+_LISTED = frozenset(_SPELLINGS)
 _RENDERED = "http"
 MISMATCH = "ext_authz misconfigured: Envoy's http_service does not send the original path as this service expects"
 _SHOWN_PREFIX = 64  # characters of the prefix Envoy sends that a log line shows at most
@@ -279,11 +280,12 @@ def _parts(answer: Answer) -> tuple[int, dict[str, str], bytes | None]:
     headers = dict(answer.headers)
     if answer.allowed:
         # Strip every spelling we did not set: Envoy may not have forwarded the client's copies to
-        # us (allowed_headers), so only this tells it to remove them. And the token, unless the
-        # route forwards it.
+        # us (allowed_headers), so only this tells it to remove them. Then what the answer removes
+        # beyond them: the token, unless the route forwards it, and the spellings with other
+        # separators (x~auth~sub) the client sent, which Envoy forwards to us where no early header
+        # mutation removed them (docs/deploy.md): too many to list, so named when seen.
         removed = [n for n in _SPELLINGS if n not in headers]
-        if AUTHORIZATION in answer.remove:
-            removed.append(AUTHORIZATION)
+        removed.extend(n for n in answer.remove if n not in _LISTED)
         headers[REMOVE_HEADER] = ",".join(removed)
         return 200, headers, None
     headers[REMOVE_HEADER] = ",".join(_SPELLINGS)
