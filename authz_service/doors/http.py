@@ -19,7 +19,10 @@ actually sends). So no prefix Envoy sends or omits can move the decision to anot
 The known trap of HTTP mode: Envoy forwards only the headers it is told to, so we may never see a
 spoofed ``x_auth_client_id`` the client sent. Every answer therefore carries
 ``x-envoy-auth-headers-to-remove`` with every '-'/'_'/'.' spelling of the identity and override headers
-(minus the ones the answer sets), and Envoy strips them all from the upstream request.
+(minus the ones the answer sets), and Envoy strips them all from the upstream request. Spellings
+with other separators (``x~auth~sub``) run into thousands: an allow names those it was sent, which
+Envoy forwards when its ``allowed_headers`` take their shape (docs/deploy.md) and no early header
+mutation removed them first.
 
 Tracing (on only when configured, see tracing.py): when Envoy traces, it sends the trace context
 of its ext_authz span in the authorization request's headers, and a Check continues it. The
