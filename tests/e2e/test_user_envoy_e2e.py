@@ -12,7 +12,8 @@ is the service's, through those configs, in both ext_authz modes:
 * a method that is not an upper-case token, and a method or URL override (a header in any
   spelling, or ``?_method``), are refused;
 * no spelling of an identity header the client sent reaches the app, the verified identity does;
-* two Authorization fields are refused, a client's x-authz-original-path decides nothing;
+* two Authorization fields are refused, a client's x-authz-original-path decides nothing, a
+  client's x-request-id (which Envoy's defaults keep) is bounded in the decision log;
 * request smuggling shapes carry no protected request to the app.
 """
 
@@ -25,9 +26,9 @@ import pytest
 import yaml
 
 from .. import envoyconf
-from .harness import USER_ENVOY_CONFIGS, UpstreamProcess
-from .security_stack import (ANY_SEPARATOR_IDENTITY, ANY_SEPARATOR_OVERRIDES, SecurityStack, start_security_stack,
-                             stop_security_stack)
+from .harness import USER_ENVOY_CONFIGS, Http2Connection, UpstreamProcess
+from .security_stack import (ANY_SEPARATOR_IDENTITY, ANY_SEPARATOR_OVERRIDES, SecurityStack, logged,
+                             start_security_stack, stop_security_stack)
 from .test_path_confusion_e2e import TRICKS, assert_justified, oracle_allows
 
 pytestmark = pytest.mark.e2e
@@ -89,6 +90,19 @@ def test_http2_path_tricks_are_refused(stack: SecurityStack, target: str) -> Non
     assert stack.send_h2("GET", target) == (400, [])
 
 
+# What HTTP/2's :path carries and no HTTP/1.1 request line can (Envoy's codec passes it on): raw
+# non-ASCII and line separators, quotes, braces, a backslash, a bare '%', a '#'.
+RAW_HTTP2_PATHS = ["/public/\u00e9/../admin", "/public/\u2028", '/public/"', "/public/{x}", "/public/\\../admin",
+                   "/public/%", "/public?x#y/../admin"]
+
+
+def test_http2_paths_no_request_line_carries_are_refused(stack: SecurityStack) -> None:
+    with Http2Connection(stack.envoy.listener_port) as connection:
+        for target in RAW_HTTP2_PATHS:
+            mark = stack.upstream.mark()
+            assert (connection.request("GET", target), stack.upstream.requests_since(mark)) == (400, []), target
+
+
 # --- methods and overrides ---------------------------------------------------------------------------
 
 
@@ -143,6 +157,15 @@ def test_a_clients_original_path_header_decides_nothing(stack: SecurityStack) ->
     """HTTP mode decides on x-authz-original-path, which Envoy's headers_to_add overwrites."""
     answer = stack.send("GET", "/admin/users", None, [("x-authz-original-path", "/public/x")])
     assert (answer.status, answer.reached_upstream) == (401, [])
+
+
+def test_a_clients_request_id_reaches_the_decision_log_bounded(stack: SecurityStack) -> None:
+    """Envoy's defaults keep a client's x-request-id (the shipped configs remove it early): the
+    decision log carries it cut to 128 characters, JSON-escaped (docs/security.md)."""
+    forged = f"forged-{stack.mode}-\"}}\\" + "x" * 300
+    answer = stack.send("GET", "/admin/users", None, [("X-Request-Id", forged)])
+    assert (answer.status, answer.reached_upstream) == (401, [])
+    stack.service.process.wait_until(lambda: logged(stack, request_id=forged[:128]), 10, "the decision log line")
 
 
 # --- request smuggling --------------------------------------------------------------------------------
