@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from .. import envoyconf
-from .harness import USER_ENVOY_CONFIGS, Http2Connection, UpstreamProcess
+from .harness import USER_ENVOY_CONFIGS, Http2Connection, UpstreamProcess, http_request
 from .security_stack import (ANY_SEPARATOR_IDENTITY, ANY_SEPARATOR_OVERRIDES, SecurityStack, logged,
                              start_security_stack, stop_security_stack)
 from .test_path_confusion_e2e import TRICKS, assert_justified, oracle_allows
@@ -101,6 +101,20 @@ def test_http2_paths_no_request_line_carries_are_refused(stack: SecurityStack) -
         for target in RAW_HTTP2_PATHS:
             mark = stack.upstream.mark()
             assert (connection.request("GET", target), stack.upstream.requests_since(mark)) == (400, []), target
+
+
+def test_a_path_rewrite_in_the_route_comes_after_the_decision(stack: SecurityStack, envoy_factory) -> None:
+    """What docs/deploy.md warns of, and the service cannot see: ext_authz decides on the path the
+    client sent, then the router's prefix_rewrite hands the app another (public /public/admin/x,
+    served as /admin/x)."""
+    def rewrite(config: dict) -> None:
+        envoyconf.virtual_host(config)["routes"].insert(
+            0, {"match": {"prefix": "/public/"}, "route": {"cluster": "app", "prefix_rewrite": "/"}})
+
+    envoy = envoy_factory(stack.service.authz_port(stack.mode), source=USER_ENVOY_CONFIGS[stack.mode], edit=rewrite)
+    mark = stack.upstream.mark()
+    assert http_request("GET", envoy.url("/public/admin/x"))[0] == 200
+    assert [r["path"] for r in stack.upstream.requests_since(mark)] == ["/admin/x"]
 
 
 # --- methods and overrides ---------------------------------------------------------------------------
