@@ -27,7 +27,7 @@ import yaml
 
 from .. import envoyconf
 from .harness import USER_ENVOY_CONFIGS, Http2Connection, UpstreamProcess, http_request
-from .security_stack import (ANY_SEPARATOR_IDENTITY, ANY_SEPARATOR_OVERRIDES, SecurityStack, logged,
+from .security_stack import (ANY_SEPARATOR_IDENTITY, ANY_SEPARATOR_OVERRIDES, SecurityStack, deny_count, logged,
                              start_security_stack, stop_security_stack)
 from .test_path_confusion_e2e import TRICKS, assert_justified, oracle_allows
 
@@ -86,21 +86,24 @@ def test_no_path_trick_reaches_a_protected_resource(stack: SecurityStack) -> Non
 @pytest.mark.parametrize("target", ["/public/../admin/users", "/public/%2e%2e/admin/users", "//admin/users",
                                     "/./admin/users", "/public%2F..%2Fadmin", "/admin;x=1",
                                     "/public/%c0%ae%c0%ae/admin", "/public/..%5Cadmin"])
-def test_http2_path_tricks_are_refused(stack: SecurityStack, target: str) -> None:
+def test_http2_path_tricks_are_refused_by_the_service(stack: SecurityStack, target: str) -> None:
+    refused = deny_count(stack, "bad_request")
     assert stack.send_h2("GET", target) == (400, [])
+    assert deny_count(stack, "bad_request") == refused + 1  # the service's 400, not Envoy's
 
 
-# What HTTP/2's :path carries and no HTTP/1.1 request line can (Envoy's codec passes it on): raw
-# non-ASCII and line separators, quotes, braces, a backslash, a bare '%', a '#'.
+# What HTTP/2's :path carries and no HTTP/1.1 request line can, and Envoy's codec passes on: raw
+# non-ASCII and line separators, quotes, braces, a backslash, a bare '%'. (A '#' Envoy refuses itself.)
 RAW_HTTP2_PATHS = ["/public/\u00e9/../admin", "/public/\u2028", '/public/"', "/public/{x}", "/public/\\../admin",
-                   "/public/%", "/public?x#y/../admin"]
+                   "/public/%"]
 
 
-def test_http2_paths_no_request_line_carries_are_refused(stack: SecurityStack) -> None:
+def test_http2_paths_no_request_line_carries_are_refused_by_the_service(stack: SecurityStack) -> None:
     with Http2Connection(stack.envoy.listener_port) as connection:
         for target in RAW_HTTP2_PATHS:
-            mark = stack.upstream.mark()
+            mark, refused = stack.upstream.mark(), deny_count(stack, "bad_request")
             assert (connection.request("GET", target), stack.upstream.requests_since(mark)) == (400, []), target
+            assert deny_count(stack, "bad_request") == refused + 1, target
 
 
 def test_a_path_rewrite_in_the_route_comes_after_the_decision(stack: SecurityStack, envoy_factory) -> None:
