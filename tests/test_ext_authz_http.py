@@ -116,6 +116,16 @@ async def test_public_allow_removes_every_spelling(door):
     assert set(headers[REMOVE_HEADER].split(",")) == SPECIAL_NAMES | {"authorization"}
 
 
+async def test_allow_names_the_spellings_with_other_separators_it_was_sent(door):
+    """Too many to list in every answer (x~auth~sub, x!auth|client|id): Envoy forwards them when its
+    allowed_headers take their shape, and the answer then has Envoy strip those it saw."""
+    base, _ = door
+    sent = [("X~Auth~Sub", "spoofed"), ("x!auth|client|id", "spoofed"), ("x~other", "kept")]
+    status, headers, _ = await send(base, "GET", "/healthz", sent)
+    assert status == 200
+    assert set(headers[REMOVE_HEADER].split(",")) == SPECIAL_NAMES | {"authorization", "x~auth~sub", "x!auth|client|id"}
+
+
 async def test_a_route_that_forwards_the_token_does_not_name_authorization(door):
     base, _ = door
     status, headers, _ = await send(base, "GET", "/signed-in", [("Authorization", "Basic eDp5")])

@@ -396,8 +396,11 @@ def test_spoofed_spellings_are_reported_sorted_once_whatever_the_order_sent():
 
 @pytest.mark.parametrize("config", ["envoy/envoy.yaml", "envoy/envoy-http.yaml", "deploy/k8s/tracing/envoy.yaml",
                                     "deploy/components/authz-sidecar/envoy-grpc.yaml",
-                                    "deploy/components/authz-sidecar/envoy-http.yaml"])
+                                    "deploy/components/authz-sidecar/envoy-http.yaml",
+                                    # HTTP mode without the mutation: allowed_headers forward the shape instead.
+                                    "docs/deploy.md", "tests/data/envoy-user-http.yaml"])
 def test_the_shipped_envoy_configs_remove_the_other_separator_spellings_first(config):
     text = (Path(__file__).resolve().parents[1] / config).read_text()
     assert f'regex: "{other_separator_spellings_pattern()}"' in text, (
-        f"{config}: the early header mutation must carry request.other_separator_spellings_pattern()")
+        f"{config}: the early header mutation (or HTTP mode's allowed_headers) must carry "
+        "request.other_separator_spellings_pattern()")

@@ -119,14 +119,15 @@ class EnvoyFactory:
         return envoy
 
     def for_service(self, service, mode: str, policy: Path | None = None, **kwargs) -> EnvoyProcess:
-        """Envoy on the shipped config of ``mode`` ("grpc" or "http"), calling ``service``'s door; in
-        native mode, on the bootstrap compiled from ``policy`` (the file the service serves)."""
+        """Envoy on the shipped config of ``mode`` ("grpc" or "http"; ``source=`` another config of
+        that mode, such as a USER_ENVOY_CONFIGS one), calling ``service``'s door; in native mode, on
+        the bootstrap compiled from ``policy`` (the file the service serves)."""
         if mode == NATIVE:
             assert policy is not None, "native mode compiles the policy the service serves"
             return self.native(service, policy, **kwargs)
         if mode == NATIVE_XDS:  # its listener, token bucket included, is the service's to write
             return self.native_xds(service, name=kwargs.get("name"))
-        return self(service.authz_port(mode), source=ENVOY_CONFIGS[mode], **kwargs)
+        return self(service.authz_port(mode), **{"source": ENVOY_CONFIGS[mode], **kwargs})
 
     def native_xds(self, service, *, name: str | None = None) -> EnvoyProcess:
         """Envoy on native mode's xDS bootstrap: its ingress listener is the file ``service`` (started

@@ -69,6 +69,9 @@ SHIPPED_ENVOY_CONFIG = REPO_ROOT / "envoy" / "envoy.yaml"
 HTTP_ENVOY_CONFIG = REPO_ROOT / "envoy" / "envoy-http.yaml"  # Envoy's HTTP ext_authz mode
 # The shipped Envoy config of each ext_authz mode: the security suites run through both.
 ENVOY_CONFIGS = {"grpc": SHIPPED_ENVOY_CONFIG, "http": HTTP_ENVOY_CONFIG}
+# What a user writes from Envoy's ext_authz example and docs/deploy.md for each mode, without the
+# shipped configs' hardening: the service must fail closed behind these on its own.
+USER_ENVOY_CONFIGS = {mode: REPO_ROOT / "tests" / "data" / f"envoy-user-{mode}.yaml" for mode in ENVOY_CONFIGS}
 # Per-client rate limits: the block to paste into a shipped config's virtual host (its comment says how).
 PER_CLIENT_RECIPE = REPO_ROOT / "envoy" / "examples" / "per-client-ratelimit.yaml"
 MODES = tuple(ENVOY_CONFIGS)

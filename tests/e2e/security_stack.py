@@ -237,11 +237,12 @@ def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *
                          env: dict[str, str] | None = None, wrapper: tuple[str, ...] = (),
                          mode: str = "grpc", routes: str | None = None,
                          launch: Callable[[list[str]], ManagedProcess] | None = None,
-                         anonymous_limit: bool = False) -> SecurityStack:
+                         anonymous_limit: bool = False, envoy_config: Path | None = None) -> SecurityStack:
     """Dev issuer + fake issuer (started here unless given) + service (its CLI, or ``launch``'s process:
     see ``start_service``) + Envoy (the shipped config of ``mode``: ext_authz over gRPC, or Envoy's
     HTTP mode to the service's HTTP front door; native: the policy compiled for Envoy's own
-    filters, the service as its fallback), serving the stack's issuers with ``routes`` (policy
+    filters, the service as its fallback; ``envoy_config``: another config of ``mode``, such as a
+    user's), serving the stack's issuers with ``routes`` (policy
     YAML, taken as written; default: the suites' routes). Envoy's anonymous token bucket is lifted
     unless ``anonymous_limit`` (the admission suite's): admission is not a decision.
 
@@ -257,7 +258,8 @@ def start_security_stack(work: Path, upstream: UpstreamProcess, envoy_factory, *
         policy.write(policy_text(fake, dev) if routes is None else policy_text(fake, dev, routes, routes=""))
         service = start_service(work, policy.path, *service_args, wait_ready=wait_ready, env=env, wrapper=wrapper,
                                 launch=launch)
-        envoy = envoy_factory.for_service(service, mode, policy.path, anonymous_limit=anonymous_limit)
+        other = {} if envoy_config is None else {"source": envoy_config}
+        envoy = envoy_factory.for_service(service, mode, policy.path, anonymous_limit=anonymous_limit, **other)
     except BaseException:
         if own_fake:
             fake.stop()
