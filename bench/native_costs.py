@@ -30,6 +30,12 @@ part is taken away only once nothing that needs it is left), and the service run
                `compile envoy` makes at REV (another commit), alternately, round after round (and
                under callgrind each round with --instructions): what a change to the compiler
                saved, paired per round.
+
+  --cold       every measured request carries a token the Envoy has not seen (rows 5n and 5c's
+               load: each one a signature verification, after a warm-up on other tokens), instead
+               of the few warm tokens every request repeats. A configuration whose verified-token
+               cache hits while measured is refused: the load repeated its tokens (fewer requests:
+               a shorter --duration, or fewer --connections).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +62,7 @@ from run import (
     checkout_rev,
     cpu_seconds,
     envoy_binary,
+    envoy_cache_lookups,
     envoyconf,
     free_port,
     machine,
@@ -70,6 +78,22 @@ from authz_service.native.checks import PAYLOAD, VERIFIED, and_, metadata, not_,
 from authz_service.request import override_spellings
 
 Config = dict[str, Any]
+COLD_TOKENS = 60_000  # distinct tokens for --cold: more than ~6 s of the compiled policy's cold rate
+
+
+@dataclass(frozen=True)
+class Load:
+    """The tokens a configuration is warmed up with, then measured with."""
+
+    warm_up: Path
+    measured: Path
+    cold: bool  # every measured token new to the Envoy: its cache must not hit
+
+    @property
+    def described(self) -> str:
+        return "distinct tokens, each a signature verification" if self.cold else "warm tokens"
+
+
 RBAC, JWT, EXT_AUTHZ = "authz.rbac", "authz.jwt", "envoy.filters.http.ext_authz"
 ROUTE_REASONS = {reason.value for reason in UNMET_REASONS.values()}
 
@@ -360,12 +384,15 @@ def alternatives(bench: Bench, args: argparse.Namespace, compiled: Config) -> No
     for i, (label, cfg) in enumerate(configs):
         print(f"callgrind: {label}", flush=True)
         placed = at(cfg, free_port(), free_port())
-        counted.append(instructions_per_request(bench, placed, f"alternative-{i}", args.duration, args.connections))
+        counted.append(
+            instructions_per_request(bench, placed, f"alternative-{i}", args.duration, args.connections, args.load)
+        )
     print()
     print(f"Machine: {machine()}")
     print(
         f"Command: bench/native_costs.py --alternatives --duration {args.duration:g} --connections "
-        f"{args.connections} (wrk -t1 -c{args.connections}, Envoy --concurrency 1, warm tokens, under callgrind)"
+        f"{args.connections}{' --cold' if args.load.cold else ''} (wrk -t1 -c{args.connections}, Envoy "
+        f"--concurrency 1, {args.load.described}, under callgrind)"
     )
     print()
     print("| configuration | instructions/request | against compiled | est. cycles/request | against compiled |")
@@ -389,16 +416,32 @@ def real_envoy() -> str:
     return binary
 
 
-def cpu_per_request(bench: Bench, cfg: Config, name: str, duration: float, connections: int) -> float:
+def cpu_per_request(bench: Bench, cfg: Config, name: str, duration: float, connections: int, load: Load) -> float:
     try:
         envoy, port = bench.start_envoy(cfg, name)
-        wrk(port, bench.warm_tokens, 2, connections)
+        wrk(port, load.warm_up, 2, connections)
+        hits = cache_hits(cfg)
         before = cpu_seconds([envoy.pid])
-        data = wrk(port, bench.warm_tokens, duration, connections)
+        data = wrk(port, load.measured, duration, connections)
         check_answers(data, name)
-        return (cpu_seconds([envoy.pid]) - before) / max(1, data["requests"]) * 1e6
+        spent = cpu_seconds([envoy.pid]) - before
+        check_cold(load, cfg, hits, name)
+        return spent / max(1, data["requests"]) * 1e6
     finally:
         bench.close()
+
+
+def cache_hits(cfg: Config) -> float:
+    """The verified-token cache's hits so far (0 for a configuration without one)."""
+    return envoy_cache_lookups(envoyconf.socket_address(cfg["admin"], "admin")["port_value"])["hit"]
+
+
+def check_cold(load: Load, cfg: Config, hits_before: float, name: str) -> None:
+    if load.cold and cache_hits(cfg) > hits_before:
+        raise SystemExit(
+            f"{name}: the verified-token cache hit while the cold load ran: it repeated its tokens, so the "
+            "figure would not be a cold one (a shorter --duration, or fewer --connections)"
+        )
 
 
 def check_answers(data: dict[str, Any], name: str) -> None:
@@ -410,7 +453,7 @@ def check_answers(data: dict[str, Any], name: str) -> None:
 
 
 def instructions_per_request(
-    bench: Bench, cfg: Config, name: str, duration: float, connections: int
+    bench: Bench, cfg: Config, name: str, duration: float, connections: int, load: Load
 ) -> tuple[float, float]:
     """(instructions, estimated cycles) per request, counted only while the load runs."""
     out = bench.work / f"callgrind-{name}.out"
@@ -427,12 +470,14 @@ def instructions_per_request(
     ]
     try:
         envoy, port = bench.start_envoy(cfg, name, command, timeout=300)
-        wrk(port, bench.warm_tokens, 5, connections)  # warm: the first requests build caches
+        wrk(port, load.warm_up, 5, connections)  # warm: the first requests build caches
+        hits = cache_hits(cfg)
         subprocess.run(["callgrind_control", "-i", "on", str(envoy.pid)], capture_output=True, check=True)
         subprocess.run(["callgrind_control", "-z", str(envoy.pid)], capture_output=True, check=True)
-        data = wrk(port, bench.warm_tokens, duration, connections)
+        data = wrk(port, load.measured, duration, connections)
         check_answers(data, name)
         subprocess.run(["callgrind_control", "-d", str(envoy.pid)], capture_output=True, check=True)
+        check_cold(load, cfg, hits, name)
     finally:
         bench.close()
     # One file per thread and dump (<out>.<dump>-<thread>): the worker's, of the dump just taken.
@@ -476,16 +521,21 @@ def compare(bench: Bench, args: argparse.Namespace, configs: dict[str, Config]) 
         for i, (label, cfg) in enumerate(configs.items()):
             print(f"round {round_}/{args.rounds}: {label}", flush=True)
             placed = at(cfg, free_port(), free_port())
-            cpu[label].append(cpu_per_request(bench, placed, f"compare-{i}", args.duration, args.connections))
+            cpu[label].append(
+                cpu_per_request(bench, placed, f"compare-{i}", args.duration, args.connections, args.load)
+            )
             if args.instructions:
                 placed = at(cfg, free_port(), free_port())
-                counted[label].append(instructions_per_request(bench, placed, f"compare-{i}", 10, args.connections))
+                counted[label].append(
+                    instructions_per_request(bench, placed, f"compare-{i}", 10, args.connections, args.load)
+                )
     print()
     print(f"Machine: {machine()}")
     print(
         f"Command: bench/native_costs.py --compare-rev {args.compare_rev} --rounds {args.rounds} "
-        f"--duration {args.duration:g}{' --instructions' if args.instructions else ''} (wrk -t1 "
-        f"-c{args.connections}, Envoy --concurrency 1, warm tokens; median (range) over the rounds)"
+        f"--duration {args.duration:g}{' --instructions' if args.instructions else ''}"
+        f"{' --cold' if args.load.cold else ''} (wrk -t1 -c{args.connections}, Envoy --concurrency 1, "
+        f"{args.load.described}; median (range) over the rounds)"
     )
     print()
     print("| configuration | Envoy CPU us/request | instructions/request | est. cycles/request |")
@@ -520,11 +570,18 @@ def main() -> None:
     parser.add_argument(
         "--alternatives", action="store_true", help="count other ways of writing some parts (under valgrind)"
     )
+    parser.add_argument(
+        "--cold", action="store_true", help="measure with distinct tokens, each one a signature verification"
+    )
     args = parser.parse_args()
     args.instructions = args.instructions or args.alternatives
     if args.instructions and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         raise SystemExit("--instructions needs valgrind (Debian: apt-get install valgrind)")
-    bench = Bench(argparse.Namespace(work=args.work, cold_tokens=1))
+    bench = Bench(argparse.Namespace(work=args.work, cold_tokens=COLD_TOKENS if args.cold else 1))
+    if args.cold:
+        args.load = Load(bench.spare_tokens, bench.cold_tokens, cold=True)
+    else:
+        args.load = Load(bench.warm_tokens, bench.warm_tokens, cold=False)
     with contextlib.ExitStack() as running:
         running.callback(bench.close)
         jwks, jwks_port = bench.start_jwks_server()
@@ -557,7 +614,7 @@ def main() -> None:
                 print(f"round {round_}/{args.rounds}: {label}", flush=True)
                 cpu[i].append(
                     cpu_per_request(
-                        bench, build(free_port(), free_port()), f"costs-{i}", args.duration, args.connections
+                        bench, build(free_port(), free_port()), f"costs-{i}", args.duration, args.connections, args.load
                     )
                 )
         counted: dict[int, tuple[float, float]] = {}
@@ -565,15 +622,16 @@ def main() -> None:
             for i, (label, build) in enumerate(configs):
                 print(f"callgrind: {label}", flush=True)
                 counted[i] = instructions_per_request(
-                    bench, build(free_port(), free_port()), f"costs-{i}", 10, args.connections
+                    bench, build(free_port(), free_port()), f"costs-{i}", 10, args.connections, args.load
                 )
         service_cpu = cpu_seconds(process_tree(service.pid))
     print()
     print(f"Machine: {machine()}")
     print(
         f"Command: bench/native_costs.py --rounds {args.rounds} --duration {args.duration:g}"
-        f"{' --instructions' if args.instructions else ''} (wrk -t1 -c{args.connections}, Envoy --concurrency 1, "
-        f"warm tokens; the service used {service_cpu:.1f} s of CPU in all, serving keys)"
+        f"{' --instructions' if args.instructions else ''}{' --cold' if args.load.cold else ''} (wrk -t1 "
+        f"-c{args.connections}, Envoy --concurrency 1, {args.load.described}; the service used "
+        f"{service_cpu:.1f} s of CPU in all, serving keys)"
     )
     print()
     head = "| configuration | Envoy CPU us/request | step: CPU us (paired) |"
