@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from authz_service.request import IDENTITY_HEADERS, SPECIAL_NAMES
+from authz_service.request import IDENTITY_HEADERS, override_spellings
 
 from . import envoyconf
 from .test_deploy import (
@@ -42,6 +42,7 @@ from .test_deploy import (
     selects,
     tool,
 )
+from .test_request import every_spelling
 
 ROOT = Path(__file__).resolve().parent.parent
 ISTIO = ROOT / "deploy" / "istio"
@@ -274,10 +275,30 @@ def test_providers_fail_closed_with_503_and_the_shipped_timeout() -> None:
         assert not [n for n in names if n != entry["name"] and n.startswith(entry["name"])], entry["name"]
 
 
+def _forwarded(patterns: list[dict[str, Any]], name: str) -> bool:
+    """Whether Envoy's allowed_headers patterns (every one ignore_case, as Istio renders them) take ``name``."""
+    lowered = name.lower()
+    return any(lowered == p["exact"].lower() if "exact" in p else
+               lowered.startswith(p["prefix"].lower()) if "prefix" in p else lowered.endswith(p["suffix"].lower())
+               for p in patterns)
+
+
 def test_http_provider_sends_every_header_the_service_refuses_or_strips() -> None:
+    """Every spelling of an identity or override header, with any separator in place of each '-'
+    (x_auth.sub as PHP reads it, x~auth~sub as lighttpd does), in any case; no trace context (Envoy
+    sends its own span's, a client's must not pass for it) and nothing else the service does not read."""
     http = provider("authz-service-http")["envoyExtAuthzHttp"]
-    assert set(http["includeRequestHeadersInCheck"]) == {"authorization", "x-request-id"} | SPECIAL_NAMES
-    assert len(http["includeRequestHeadersInCheck"]) == len(set(http["includeRequestHeadersInCheck"]))
+    names = http["includeRequestHeadersInCheck"]
+    assert len(names) == len(set(names))
+    patterns = _headers(names)["patterns"]
+    for header in (*IDENTITY_HEADERS, *override_spellings()):
+        for spelled in every_spelling(header):
+            assert _forwarded(patterns, spelled) and _forwarded(patterns, spelled.upper()), spelled
+    assert _forwarded(patterns, "authorization") and _forwarded(patterns, "x-request-id")
+    for name in ("traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-sampled", "x-cloud-trace-context",
+                 "grpc-trace-bin", "uber-trace-id", "x-datadog-trace-id", "x-ot-span-context", "x-forwarded-for",
+                 "cookie", "content-type", "x-envoy-original-path", "xauth-sub", "x-api-key"):
+        assert not _forwarded(patterns, name), name
     assert http["headersToUpstreamOnAllow"] == list(IDENTITY_HEADERS)
     ea = envoyconf.http_filter(SHIPPED_HTTP, EXT_AUTHZ)
     assert http["headersToDownstreamOnDeny"] == [p["exact"] for p in ea["http_service"]["authorization_response"][

@@ -169,16 +169,19 @@ def test_spoofed_identity_headers_never_reach_the_app(stack: IstioStack, mode: s
     assert status == 200 and identity_seen(reached) == {}
 
 
-def test_grpc_provider_strips_identity_look_alikes_and_refuses_override_look_alikes(stack: IstioStack) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_identity_look_alikes_are_stripped_and_override_look_alikes_refused(stack: IstioStack, mode: str) -> None:
     """Istio's sidecar runs no early header mutation, so names lighttpd reads as the real headers
     (``x~auth~client~id``, ``x-http-method+override``) reach the service: in gRPC mode it sees every
-    header, strips the identity ones and refuses the override ones, as it does their '-'/'_'/'.'
+    header, in HTTP mode the provider's includeRequestHeadersInCheck forwards their shape (prefixes);
+    it strips the identity ones and refuses the override ones, as it does their '-'/'_'/'.'
     spellings."""
-    envoy = stack.envoy("grpc")
+    envoy = stack.envoy(mode)
     token = stack.issuer.token("payments-writer")
     spoofed = {name.lower() for name, _ in ANY_SEPARATOR_IDENTITY}
+    sent = [*ANY_SEPARATOR_IDENTITY, ("x~other", "kept")]
     for method, path, credential in (("POST", "/transactions", token), ("GET", "/healthz", None)):
-        status, _, _, reached = stack.send(envoy, method, path, credential, ANY_SEPARATOR_IDENTITY + [("x~other", "kept")])
+        status, _, _, reached = stack.send(envoy, method, path, credential, sent)
         assert status == 200 and len(reached) == 1, path
         seen = reached[0]["headers"]
         assert spoofed.isdisjoint(seen), (path, seen)
