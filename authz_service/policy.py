@@ -1001,13 +1001,21 @@ def _parse_pattern(path: str, fail: Any) -> list[object]:
 ESCAPABLE_LITERAL_CHARS = "!$&'()*+,=:@"
 
 
-def _literal_escapes(routes: Iterable[Route]) -> re.Pattern[str] | None:
-    """The escapes (either hex case) of the characters the routes' literals hold that a request
-    may send escaped; None when there are none, so paths are never decoded for nothing."""
-    chars = sorted(
-        {c for r in routes for part in pattern_parts(r.path) if isinstance(part, str) for c in part}
-        & set(ESCAPABLE_LITERAL_CHARS)
+def escaped_literal_chars(routes: Iterable[Route]) -> str:
+    """The characters the routes' literals hold that a request may send escaped, sorted: where a
+    path has more than one reading (Policy.routes_for)."""
+    return "".join(
+        sorted(
+            {c for r in routes for part in pattern_parts(r.path) if isinstance(part, str) for c in part}
+            & set(ESCAPABLE_LITERAL_CHARS)
+        )
     )
+
+
+def _literal_escapes(routes: Iterable[Route]) -> re.Pattern[str] | None:
+    """The escapes (either hex case) of ``escaped_literal_chars``; None when there are none, so
+    paths are never decoded for nothing."""
+    chars = escaped_literal_chars(routes)
     if not chars:
         return None
     return re.compile("|".join(f"%{ord(c):02X}" for c in chars), re.IGNORECASE)

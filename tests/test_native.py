@@ -28,8 +28,8 @@ from authz_service.native.options import Address, Options, parse_address
 from authz_service.native.answers import AnswerBook
 from authz_service.native.plan import Engine, Fallback, plan
 from authz_service.native.report import report_json, report_text
-from authz_service.native.routes import Admission, ingress_routes
-from authz_service.policy import ESCAPABLE_LITERAL_CHARS, PolicyError, parse_policy
+from authz_service.native.routes import SCREEN_NAMES, Admission, ingress_routes, screen_routes
+from authz_service.policy import ESCAPABLE_LITERAL_CHARS, PolicyError, escaped_literal_chars, parse_policy
 from authz_service.request import (IDENTITY_HEADERS, MAX_PATH_LENGTH, BadRequest, checked_method,
                                    identity_and_override_spellings, normalized_path,
                                    other_separator_spellings_pattern)
@@ -197,12 +197,13 @@ def test_envoy_takes_the_route_policy_match_takes(routes, path_case: str) -> Non
     paths = policy.representative_paths(folded=policy.case_folded())
     assert paths is not None
     variants = {tuple(s.upper() for s in p) for p in paths} | {tuple(s.lower() for s in p) for p in paths}
+    target = patterns.native_target(escaped_literal_chars(policy.routes))
     for segments in sorted(set(paths) | variants):
         path = "/" + "/".join(segments)
         if segments and not segments[-1]:
-            assert not re.fullmatch(patterns.NATIVE_TARGET, path), path
+            assert not re.fullmatch(target, path), path
             continue
-        assert re.fullmatch(patterns.NATIVE_TARGET, path), path
+        assert re.fullmatch(target, path), path
         for method in ("GET", "HEAD", "POST", "PUT"):
             route = policy.match(method, segments)
             expected = "no route" if route is None else next(
@@ -221,38 +222,58 @@ def _accepts(target: str) -> bool:
     return True
 
 
-def _read_one_way(target: str) -> bool:
-    """No escape of a character a route's literal may hold (Policy.routes_for reads such a path
+def _read_one_way(target: str, literal_chars: str) -> bool:
+    """No escape of a character the policy's literals hold (Policy.routes_for reads such a path
     decoded too: the service's to decide)."""
     path = target.partition("?")[0].upper()
-    return not any(f"%{ord(c):02X}" in path for c in ESCAPABLE_LITERAL_CHARS)
+    return not any(f"%{ord(c):02X}" in path for c in literal_chars)
 
 
-def _native(target: str) -> bool:
-    """Whether Envoy may decide ``target``: the service accepts it, and its path has no trailing
-    '/' nor an escape a literal could be read through (Policy.routes_for's readings are the
-    service's to decide)."""
+def _native(target: str, literal_chars: str) -> bool:
+    """Whether Envoy may decide ``target`` for a policy whose literals hold ``literal_chars``: the
+    service accepts it, and its path has no trailing '/' nor an escape one of those literals could
+    be read through (Policy.routes_for's readings are the service's to decide)."""
     path = target.partition("?")[0]
-    return _accepts(target) and (path == "/" or not path.endswith("/")) and _read_one_way(target)
+    return _accepts(target) and (path == "/" or not path.endswith("/")) and _read_one_way(target, literal_chars)
 
 
-def test_native_target_is_every_escape_the_service_accepts() -> None:
+@pytest.mark.parametrize("literal_chars", [ESCAPABLE_LITERAL_CHARS, ":@", ""], ids=["all", "colon-at", "none"])
+def test_native_target_is_every_escape_the_service_accepts(literal_chars: str) -> None:
     """Every single escaped byte and every pair of them (UTF-8 sequences included), both hex cases."""
-    clean = re.compile(patterns.NATIVE_TARGET)
+    clean = re.compile(patterns.native_target(literal_chars))
     for first in range(256):
         for second in [None, *range(256)]:
             for case in (str.upper, str.lower):
                 target = "/a/" + case(f"%{first:02X}") + ("" if second is None else case(f"%{second:02X}"))
-                assert (clean.fullmatch(target) is not None) == (_accepts(target) and _read_one_way(target)), target
+                expected = _accepts(target) and _read_one_way(target, literal_chars)
+                assert (clean.fullmatch(target) is not None) == expected, target
+
+
+literal_char_sets = st.sets(st.sampled_from(ESCAPABLE_LITERAL_CHARS)).map(lambda chars: "".join(sorted(chars)))
 
 
 @settings(max_examples=500, deadline=None)
 @given(st.text(alphabet="//..ab;%-_~!$&'()*+,=:@?\\\"<>^`{|}E9eF23A", max_size=14),
        st.lists(st.sampled_from(["%C3%A9", "%e2%82%ac", "%F0%9F%98%80", "%ED%A0%80", "%C0%AE", "%f4%90%80%80"]),
-                max_size=2))
-def test_native_target_is_the_service_path_rule(text: str, escapes: list[str]) -> None:
+                max_size=2), literal_char_sets)
+def test_native_target_is_the_service_path_rule(text: str, escapes: list[str], literal_chars: str) -> None:
     target = "/" + text + "".join(escapes)  # no '#': Envoy refuses a fragment (400) before any route
-    assert (re.fullmatch(patterns.NATIVE_TARGET, target) is not None) == _native(target), target
+    assert (re.fullmatch(patterns.native_target(literal_chars), target) is not None) == _native(target, literal_chars)
+
+
+def test_the_screen_sends_the_service_only_the_escapes_the_policys_literals_hold() -> None:
+    """A policy whose literals hold ':' (and no other escapable character): Envoy decides a path
+    escaping '@' itself, as the service reads it one way; one escaping ':' goes to the service,
+    which reads it decoded too (Policy.routes_for)."""
+    policy = parse_policy(ISSUERS + "  - {name: batch, path: '/v1/items:batchGet', scopes: [s]}\n"
+                          "  - {name: item, path: '/v1/{name}', scopes: [s]}\n")
+    screen = dict(screen_routes(policy))
+    target = screen["screen: target"][0]["string_match"]["safe_regex"]["regex"]
+    assert re.fullmatch(target, "/v1/a%40b") and re.fullmatch(target, "/v1/a%40b%2C")
+    assert not re.fullmatch(target, "/v1/items%3AbatchGet") and not re.fullmatch(target, "/v1/items%3abatchGet")
+    assert [r.name for r in policy.routes_for("GET", ("v1", "items%3AbatchGet"))] == ["item", "batch"]
+    assert [r.name for r in policy.routes_for("GET", ("v1", "a%40b"))] == ["item"]
+    assert [name.removeprefix("screen: ") for name in screen] == list(SCREEN_NAMES)
 
 
 @settings(max_examples=500, deadline=None)

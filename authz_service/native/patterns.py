@@ -12,7 +12,9 @@ Envoy matches a ``safe_regex`` against the whole value, so no pattern needs anch
 
 from __future__ import annotations
 
-from ..policy import ESCAPABLE_LITERAL_CHARS, PARAM, REST
+from functools import cache
+
+from ..policy import PARAM, REST
 from ..request import FORBIDDEN_ESCAPES
 from ..tokens import MAX_HEADER_CHARS
 
@@ -53,12 +55,7 @@ def _runs(values: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-# Escaped ASCII the service accepts and reads one way: neither forbidden (unreserved, '/', '\\',
-# '%', ';' or a control, request.FORBIDDEN_ESCAPES) nor a character a route's literal may hold
-# (policy.ESCAPABLE_LITERAL_CHARS: the service decides those, as the path written and decoded,
-# Policy.routes_for), as (first, last) runs. Escaped bytes above 0x7F must form well-formed UTF-8
-# (RFC 3629).
-_ASCII_ESCAPES = _runs(sorted(set(range(0x80)) - FORBIDDEN_ESCAPES - {ord(c) for c in ESCAPABLE_LITERAL_CHARS}))
+# Escaped bytes above 0x7F the service accepts: well-formed UTF-8 (RFC 3629).
 _UTF8_SEQUENCES = [
     [(0xC2, 0xDF), (0x80, 0xBF)],
     [(0xE0, 0xE0), (0xA0, 0xBF), (0x80, 0xBF)],
@@ -99,22 +96,29 @@ def _escaped_bytes(lo: int, hi: int) -> str:
     return out[0] if len(out) == 1 else "(?:" + "|".join(out) + ")"
 
 
-_ESCAPE = "|".join(
-    [_escaped_bytes(lo, hi) for lo, hi in _ASCII_ESCAPES]
-    + ["".join(_escaped_bytes(lo, hi) for lo, hi in sequence) for sequence in _UTF8_SEQUENCES]
-)
-_CHAR = f"(?:{_SEGMENT_CHAR}|{_ESCAPE})"
-_NOT_DOT = f"(?:{_SEGMENT_CHAR_NOT_DOT}|{_ESCAPE})"
-# A segment other than "." and "..": one starting with another character, with '.' and another, or
-# with ".." and more. (The listener resolves dot segments and merges slashes, but not in every
-# case: "//" alone reaches the service as it is.)
-_SEGMENT_TEXT = f"(?:{_NOT_DOT}{_CHAR}*|\\.{_NOT_DOT}{_CHAR}*|\\.\\.{_CHAR}+)"
-# A request target (``:path``, query included) whose path the service accepts as it is, that
-# does not end in '/' and escapes no character a route's literal may hold: '/', or non-empty
-# segments other than "." and "..". (Such a path must meet the route it matches and the route of
-# its other reading, without the '/' or decoded, Policy.routes_for, which one Envoy route cannot
-# say: the service decides it.)
-NATIVE_TARGET = f"(?s)/(?:{_SEGMENT_TEXT}(?:/{_SEGMENT_TEXT})*)?(?:\\?.*)?"
+@cache
+def native_target(literal_chars: str) -> str:
+    """A request target (``:path``, query included) whose path the service accepts as it is, reads
+    one way and does not end in '/': '/', or non-empty segments other than "." and "..".
+
+    Escaped ASCII passes unless the service refuses it (unreserved, '/', '\\', '%', ';' or a
+    control: request.FORBIDDEN_ESCAPES) or it escapes one of ``literal_chars``, the characters the
+    policy's literals hold that a request may send escaped (Policy.escaped_literal_chars): a path
+    escaping one of those must meet the route of its decoded reading too, and one ending in '/'
+    the route of the path without it (Policy.routes_for), which one Envoy route cannot say: the
+    service decides them. The listener resolves dot segments and merges slashes, but not in every
+    case ("//" alone reaches the service as it is), hence the segment rule."""
+    ascii_escapes = _runs(sorted(set(range(0x80)) - FORBIDDEN_ESCAPES - {ord(c) for c in literal_chars}))
+    escape = "|".join(
+        [_escaped_bytes(lo, hi) for lo, hi in ascii_escapes]
+        + ["".join(_escaped_bytes(lo, hi) for lo, hi in sequence) for sequence in _UTF8_SEQUENCES]
+    )
+    char = f"(?:{_SEGMENT_CHAR}|{escape})"
+    not_dot = f"(?:{_SEGMENT_CHAR_NOT_DOT}|{escape})"
+    # A segment other than "." and "..": one starting with another character, with '.' and
+    # another, or with ".." and more.
+    segment = f"(?:{not_dot}{char}*|\\.{not_dot}{char}*|\\.\\.{char}+)"
+    return f"(?s)/(?:{segment}(?:/{segment})*)?(?:\\?.*)?"
 
 
 def _letter(char: str) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 from ..policy import deny_list_sizes
 from .bootstrap import Compiled
 from .plan import Engine
-from .routes import SCREEN_ROUTES
+from .routes import SCREEN_NAMES
 
 ENGINE_TEXT = {Engine.NATIVE: "native", Engine.EXT_AUTHZ: "ext_authz", Engine.NONE: "none"}
 
@@ -26,7 +26,7 @@ def report_text(compiled: Compiled) -> str:
         lines.append(f"  {ENGINE_TEXT[p.engine]:<9}  {p.route.name:<{width}}  {methods} {p.route.path}: {p.why}")
     lines.append(
         "  ext_authz  every route: a request the service must read itself ("
-        + ", ".join(name.removeprefix("screen: ") for name, _ in SCREEN_ROUTES)
+        + ", ".join(SCREEN_NAMES)
         + "); on native routes, a credential jwt_authn does not verify (not one canonical bearer JWT "
         "within the native size limits, or a token it cannot verify: the service answers it and "
         "re-fetches keys for an unknown kid)"
@@ -62,6 +62,6 @@ def report_json(compiled: Compiled) -> dict[str, Any]:
             }
             for p in compiled.plans
         ],
-        "screen": [name.removeprefix("screen: ") for name, _ in SCREEN_ROUTES],
+        "screen": list(SCREEN_NAMES),
         "deny_list": deny_list_sizes(compiled.policy),
     }

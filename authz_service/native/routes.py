@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..decision import NO_ROUTE_LABEL, NO_ROUTE_TEXT, Reason
-from ..policy import PathCase, Policy
+from ..policy import PathCase, Policy, escaped_literal_chars
 from ..response import AUTHORIZATION
 from . import patterns
 from .answers import AnswerBook
@@ -59,30 +59,38 @@ class Admission:
     anonymous_limit: dict[str, Any]  # the local_ratelimit per-route config
 
 
-# Requests the service must read itself (patterns.py says why), in its order of checks. Each costs
-# every request that passes it (twice: the bearer and the anonymous route): the checks that need
-# the whole token are jwt_authn's (jwt.py), made once and only on native routes.
-SCREEN_ROUTES: list[tuple[str, list[dict[str, Any]]]] = [
-    (
-        "screen: method",
-        [{"name": ":method", "string_match": {"safe_regex": {"regex": patterns.METHOD}}, "invert_match": True}],
-    ),
-    (
-        "screen: target",
-        [{"name": ":path", "string_match": {"safe_regex": {"regex": patterns.NATIVE_TARGET}}, "invert_match": True}],
-    ),
-    (
-        "screen: _method query",
-        [{"name": ":path", "string_match": {"safe_regex": {"regex": patterns.METHOD_OVERRIDE_QUERY}}}],
-    ),
-    # Credentials of another scheme, or "Bearer" spelled otherwise (an absent header never matches
-    # an inverted matcher): a bearer credential jwt_authn does not verify goes to the service too,
-    # through ext_authz on the route, but is then no anonymous request.
-    (
-        "screen: credentials",
-        [{"name": "authorization", "string_match": {"prefix": patterns.BEARER}, "invert_match": True}],
-    ),
-]
+def screen_routes(policy: Policy) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Requests the service must read itself (patterns.py says why), in its order of checks, as
+    (name, header matchers). Each costs every request that passes it (twice: the bearer and the
+    anonymous route): the checks that need the whole token are jwt_authn's (jwt.py), made once and
+    only on native routes. The target's pattern is the policy's: a path escaping a character its
+    literals hold has two readings (patterns.native_target), any other escape one."""
+    target = patterns.native_target(escaped_literal_chars(policy.routes))
+    return [
+        (
+            "screen: method",
+            [{"name": ":method", "string_match": {"safe_regex": {"regex": patterns.METHOD}}, "invert_match": True}],
+        ),
+        (
+            "screen: target",
+            [{"name": ":path", "string_match": {"safe_regex": {"regex": target}}, "invert_match": True}],
+        ),
+        (
+            "screen: _method query",
+            [{"name": ":path", "string_match": {"safe_regex": {"regex": patterns.METHOD_OVERRIDE_QUERY}}}],
+        ),
+        # Credentials of another scheme, or "Bearer" spelled otherwise (an absent header never
+        # matches an inverted matcher): a bearer credential jwt_authn does not verify goes to the
+        # service too, through ext_authz on the route, but is then no anonymous request.
+        (
+            "screen: credentials",
+            [{"name": "authorization", "string_match": {"prefix": patterns.BEARER}, "invert_match": True}],
+        ),
+    ]
+
+
+# What the screen checks, by name (the report's words).
+SCREEN_NAMES = ("method", "target", "_method query", "credentials")
 
 
 def disabled(*filters: str) -> dict[str, Any]:
@@ -93,7 +101,7 @@ def ingress_routes(
     policy: Policy, plans: tuple[RoutePlan, ...], book: AnswerBook, admission: Admission, leeway: int
 ) -> list[dict[str, Any]]:
     routes: list[dict[str, Any]] = []
-    for name, headers in SCREEN_ROUTES:
+    for name, headers in screen_routes(policy):
         routes.extend(_to_service(name, {"prefix": "/", "headers": headers}, admission))
     insensitive = policy.path_case is PathCase.INSENSITIVE
     # Every native route checks the same screen and token first: built once, copied per route.

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import pytest
 
 from ..test_policy import ESCAPED_ROUTES
-from .harness import UpstreamProcess
-from .security_stack import SecurityStack, start_security_stack, stop_security_stack
+from .harness import NATIVE, NATIVE_XDS, UpstreamProcess
+from .security_stack import SecurityStack, service_checks, start_security_stack, stop_security_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -46,3 +46,17 @@ def test_an_escaped_at_sign_needs_the_literal_route_even_under_a_public_one(stac
     assert (answer.status, answer.reached_upstream) == (401, [])
     answer = stack.send("GET", "/", None, target="/v1/users/someone%40b.example")
     assert answer.status == 200 and [r["path"] for r in answer.reached_upstream] == ["/v1/users/someone%40b.example"]
+
+
+@pytest.mark.parametrize("target", ["/v1/a%2Cb", "/v1/a%2cb%3D"])
+def test_an_escape_no_literal_holds_is_read_one_way_and_decided_natively(stack: SecurityStack, target: str) -> None:
+    """',' and '=' are in no literal of the policy (':' and '@' are): whether a router decodes
+    them or not, the path meets the one route ``/v1/{name}``, and native mode decides it in Envoy
+    without asking the service."""
+    before = service_checks(stack.envoy)
+    answer = stack.send("GET", "/", stack.fake.token("payments-reader", "items/read"), target=target)
+    assert answer.status == 200 and [r["path"] for r in answer.reached_upstream] == [target]
+    answer = stack.send("GET", "/", stack.fake.token("payments-reader", "users/admin"), target=target)
+    assert (answer.status, answer.error, answer.reached_upstream) == (403, "insufficient_scope", [])
+    if stack.mode in (NATIVE, NATIVE_XDS):
+        assert service_checks(stack.envoy) == before
