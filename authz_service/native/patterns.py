@@ -103,7 +103,7 @@ def native_target(literal_chars: str) -> str:
 
     Escaped ASCII passes unless the service refuses it (unreserved, '/', '\\', '%', ';' or a
     control: request.FORBIDDEN_ESCAPES) or it escapes one of ``literal_chars``, the characters the
-    policy's literals hold that a request may send escaped (Policy.escaped_literal_chars): a path
+    policy's literals hold that a request may send escaped (policy.escaped_literal_chars): a path
     escaping one of those must meet the route of its decoded reading too, and one ending in '/'
     the route of the path without it (Policy.routes_for), which one Envoy route cannot say: the
     service decides them. The listener resolves dot segments and merges slashes, but not in every
