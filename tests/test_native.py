@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from authz_service.jwks import jwks_document, parse_jwks
@@ -160,10 +160,11 @@ def _envoy_first_match(routes: list[dict], method: str, path: str) -> str:
         else:
             ok = re.fullmatch(match["safe_regex"]["regex"], path) is not None
         for header in match.get("headers", []):
-            assert header["name"] == ":method"
+            value = {":method": method, ":path": path}.get(header["name"])  # no other header is sent
             wanted = header["string_match"]
-            ok = ok and (method == wanted["exact"] if "exact" in wanted
-                         else re.fullmatch(wanted["safe_regex"]["regex"], method) is not None)
+            found = value is not None and (value == wanted["exact"] if "exact" in wanted
+                                           else re.fullmatch(wanted["safe_regex"]["regex"], value) is not None)
+            ok = ok and found != header.get("invert_match", False)
         if ok:
             return route["name"]
     raise AssertionError("no route, not even the default deny")
@@ -180,8 +181,9 @@ _ROUTE = st.tuples(st.lists(_SEGMENTS_CASED, max_size=3), st.booleans(),
 def test_envoy_takes_the_route_policy_match_takes(routes, path_case: str) -> None:
     """Over every class of request path the matcher can tell apart (Policy.representative_paths,
     letter-case variants included) and every method, Envoy's first match over the compiled routes
-    is Policy.match's route; a path ending in '/', whose two readings Policy.routes_for decides,
-    goes to the service (the request screen: not a native target)."""
+    is Policy.match's route. A path ending in '/' is read with and without it (Policy.routes_for):
+    Envoy takes it only when both readings have one route, which it then takes; else it goes to the
+    service (the request screen's trailing slash)."""
     lines = []
     for i, (segments, rest, methods, public) in enumerate(routes):
         path = "/" + "/".join(segments + (["**"] if rest else []))
@@ -193,17 +195,27 @@ def test_envoy_takes_the_route_policy_match_takes(routes, path_case: str) -> Non
     except PolicyError:
         return  # two routes of equal specificity: refused, nothing to compile
     routes_ = ingress_routes(policy, plan(policy), AnswerBook("authz-service"), Admission("Bearer .*", {}), 60)
-    envoy_routes = [r for r in routes_ if not r["name"].startswith("screen: ")]
+    # The policy's routes, the last screen after them (a path ending in '/' the /** routes refuse) and
+    # the default deny; not the screens before them (no request here is refused by those).
+    envoy_routes = [r for r in routes_ if not r["name"].startswith("screen: ") or "trailing slash" in r["name"]]
     paths = policy.representative_paths(folded=policy.case_folded())
     assert paths is not None
     variants = {tuple(s.upper() for s in p) for p in paths} | {tuple(s.lower() for s in p) for p in paths}
-    target = patterns.native_target(escaped_literal_chars(policy.routes))
+    target = dict(screen_routes(policy))["screen: target"][0]["string_match"]["safe_regex"]["regex"]
     for segments in sorted(set(paths) | variants):
         path = "/" + "/".join(segments)
-        if segments and not segments[-1]:
-            assert not re.fullmatch(target, path), path
-            continue
         assert re.fullmatch(target, path), path
+        if segments and not segments[-1]:
+            for method in ("GET", "HEAD", "POST", "PUT"):
+                taken = _envoy_first_match(envoy_routes, method, path)
+                if taken == "screen: trailing slash (anonymous)":
+                    continue  # the service's to decide
+                both = policy.routes_for(method, segments)
+                assert len(both) <= 1, (method, path, [r.name for r in both], taken)
+                expected = "no route" if not both else next(
+                    r["name"] for r in envoy_routes if r["name"].endswith(f": {both[0].name}"))
+                assert taken == expected, (method, path)
+            continue
         for method in ("GET", "HEAD", "POST", "PUT"):
             route = policy.match(method, segments)
             expected = "no route" if route is None else next(
@@ -230,11 +242,11 @@ def _read_one_way(target: str, literal_chars: str) -> bool:
 
 
 def _native(target: str, literal_chars: str) -> bool:
-    """Whether Envoy may decide ``target`` for a policy whose literals hold ``literal_chars``: the
-    service accepts it, and its path has no trailing '/' nor an escape one of those literals could
-    be read through (Policy.routes_for's readings are the service's to decide)."""
-    path = target.partition("?")[0]
-    return _accepts(target) and (path == "/" or not path.endswith("/")) and _read_one_way(target, literal_chars)
+    """Whether the screen's target pattern lets Envoy decide ``target`` for a policy whose literals
+    hold ``literal_chars``: the service accepts it, and its path has no escape one of those literals
+    could be read through (Policy.routes_for's readings are the service's to decide). A path ending
+    in '/' passes it: the trailing-slash screen decides those (test_envoy_takes_the_route_policy_match_takes)."""
+    return _accepts(target) and _read_one_way(target, literal_chars)
 
 
 @pytest.mark.parametrize("literal_chars", [ESCAPABLE_LITERAL_CHARS, ":@", ""], ids=["all", "colon-at", "none"])
@@ -256,6 +268,9 @@ literal_char_sets = st.sets(st.sampled_from(ESCAPABLE_LITERAL_CHARS)).map(lambda
 @given(st.text(alphabet="//..ab;%-_~!$&'()*+,=:@?\\\"<>^`{|}E9eF23A", max_size=14),
        st.lists(st.sampled_from(["%C3%A9", "%e2%82%ac", "%F0%9F%98%80", "%ED%A0%80", "%C0%AE", "%f4%90%80%80"]),
                 max_size=2), literal_char_sets)
+@example("a/", [], "").via("a path ending in '/'")
+@example("a/b%3A/?q=1", [], ":").via("and escaping a literal's character")
+@example("/", [], "").via("'//'")
 def test_native_target_is_the_service_path_rule(text: str, escapes: list[str], literal_chars: str) -> None:
     target = "/" + text + "".join(escapes)  # no '#': Envoy refuses a fragment (400) before any route
     assert (re.fullmatch(patterns.native_target(literal_chars), target) is not None) == _native(target, literal_chars)
@@ -273,7 +288,7 @@ def test_the_screen_sends_the_service_only_the_escapes_the_policys_literals_hold
     assert not re.fullmatch(target, "/v1/items%3AbatchGet") and not re.fullmatch(target, "/v1/items%3abatchGet")
     assert [r.name for r in policy.routes_for("GET", ("v1", "items%3AbatchGet"))] == ["item", "batch"]
     assert [r.name for r in policy.routes_for("GET", ("v1", "a%40b"))] == ["item"]
-    assert [name.removeprefix("screen: ") for name in screen] == list(SCREEN_NAMES)
+    assert [name.removeprefix("screen: ") for name in screen] + ["trailing slash"] == list(SCREEN_NAMES)
 
 
 @settings(max_examples=500, deadline=None)

@@ -12,6 +12,7 @@ Envoy matches a ``safe_regex`` against the whole value, so no pattern needs anch
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from functools import cache
 
 from ..policy import PARAM, REST
@@ -98,8 +99,9 @@ def _escaped_bytes(lo: int, hi: int) -> str:
 
 @cache
 def native_target(literal_chars: str) -> str:
-    """A request target (``:path``, query included) whose path the service accepts as it is, reads
-    one way and does not end in '/': '/', or non-empty segments other than "." and "..".
+    """A request target (``:path``, query included) whose path the service accepts as it is and
+    whose escapes it reads one way: '/', or non-empty segments other than "." and "..", then
+    perhaps one '/' (such a path is read without it too: see ``trailing_slash_target``).
 
     Escaped ASCII passes unless the service refuses it (unreserved, '/', '\\', '%', ';' or a
     control: request.FORBIDDEN_ESCAPES) or it escapes one of ``literal_chars``, the characters the
@@ -118,7 +120,29 @@ def native_target(literal_chars: str) -> str:
     # A segment other than "." and "..": one starting with another character, with '.' and
     # another, or with ".." and more.
     segment = f"(?:{not_dot}{char}*|\\.{not_dot}{char}*|\\.\\.{char}+)"
-    return f"(?s)/(?:{segment}(?:/{segment})*)?(?:\\?.*)?"
+    return f"(?s)/(?:{segment}(?:/{segment})*/?)?(?:\\?.*)?"
+
+
+def trailing_slash_target(route_parts: Iterable[Sequence[object]], case_insensitive: bool) -> str | None:
+    """A request target ending its path in '/' whose path without the '/' some route pattern
+    without ``/**`` takes (whatever the method); None when the policy has no such pattern.
+
+    Such a path must meet the route of each reading (Policy.routes_for): the one without the '/',
+    and the one as written, which only a ``/**`` route can take. Envoy matches it as written only,
+    so it must be the service's to decide whenever the two can differ. They can only when a pattern
+    without ``/**`` takes the path without the '/': every ``/**`` route that takes one reading takes
+    the other, so when the most specific route of the path without the '/' is a ``/**`` one, it is
+    the route of both, the one Envoy takes. "/" is read one way."""
+    bodies = sorted(
+        {
+            "".join("/[^/?]+" if part is PARAM else "/" + re2_literal(str(part)) for part in parts)
+            for parts in route_parts
+            if parts and parts[-1] is not REST
+        }
+    )
+    if not bodies:
+        return None
+    return ("(?i)" if case_insensitive else "") + "(?s)(?:" + "|".join(bodies) + ")/(?:\\?.*)?"
 
 
 def _letter(char: str) -> str:

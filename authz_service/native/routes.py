@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..decision import NO_ROUTE_LABEL, NO_ROUTE_TEXT, Reason
-from ..policy import PathCase, Policy, escaped_literal_chars
+from ..policy import REST, PathCase, Policy, escaped_literal_chars
 from ..response import AUTHORIZATION
 from . import patterns
 from .answers import AnswerBook
@@ -64,7 +64,10 @@ def screen_routes(policy: Policy) -> list[tuple[str, list[dict[str, Any]]]]:
     (name, header matchers). Each costs every request that passes it (twice: the bearer and the
     anonymous route): the checks that need the whole token are jwt_authn's (jwt.py), made once and
     only on native routes. The target's pattern is the policy's: a path escaping a character its
-    literals hold has two readings (patterns.native_target), any other escape one."""
+    literals hold has two readings (patterns.native_target), any other escape one. (A path ending in
+    '/' has two readings too, when a route without ``/**`` takes it without the '/': the routes that
+    could take it, the ``/**`` ones, refuse it, and the last screen, after every policy route,
+    sends it to the service: see ingress_routes.)"""
     target = patterns.native_target(escaped_literal_chars(policy.routes))
     return [
         (
@@ -89,8 +92,8 @@ def screen_routes(policy: Policy) -> list[tuple[str, list[dict[str, Any]]]]:
     ]
 
 
-# What the screen checks, by name (the report's words).
-SCREEN_NAMES = ("method", "target", "_method query", "credentials")
+# What the screen checks, by name (the report's words): screen_routes's, then the last screen's.
+SCREEN_NAMES = ("method", "target", "_method query", "credentials", "trailing slash")
 
 
 def disabled(*filters: str) -> dict[str, Any]:
@@ -104,10 +107,17 @@ def ingress_routes(
     for name, headers in screen_routes(policy):
         routes.extend(_to_service(name, {"prefix": "/", "headers": headers}, admission))
     insensitive = policy.path_case is PathCase.INSENSITIVE
+    # A path ending in '/' whose path without it a route without /** takes: the /** routes (the only
+    # ones that take such a path) pass it on, to the last screen. Only requests that reach a /**
+    # route pay for the pattern, not those the most specific routes take.
+    trailing = patterns.trailing_slash_target((plan.parts for plan in plans), insensitive)
+    not_trailing = [] if trailing is None else [_path_matcher(trailing, invert=True)]
     # Every native route checks the same screen and token first: built once, copied per route.
     checks = [*screen_checks(), *token_checks(policy, leeway)]
     for plan in plans:
         match = _match(plan, insensitive)
+        if not_trailing and plan.parts and plan.parts[-1] is REST:
+            match["headers"] = [*match.get("headers", []), *not_trailing]
         name = f"{plan.engine.value}: {plan.route.name}"
         first = len(routes)
         if plan.engine is Engine.EXT_AUTHZ:
@@ -144,6 +154,10 @@ def ingress_routes(
         if not plan.route.forward_token:
             for route in routes[first:]:
                 route["request_headers_to_remove"] = [AUTHORIZATION]
+    if trailing is not None:
+        routes.extend(
+            _to_service("screen: trailing slash", {"prefix": "/", "headers": [_path_matcher(trailing)]}, admission)
+        )
     response, headers = book.direct_response(Reason.NO_ROUTE, NO_ROUTE_TEXT)
     routes.append(
         {
@@ -156,6 +170,14 @@ def ingress_routes(
         }
     )
     return routes
+
+
+def _path_matcher(regex: str, *, invert: bool = False) -> dict[str, Any]:
+    """A header matcher on ``:path`` (query included)."""
+    matcher: dict[str, Any] = {"name": ":path", "string_match": {"safe_regex": {"regex": regex}}}
+    if invert:
+        matcher["invert_match"] = True
+    return matcher
 
 
 def _match(plan: RoutePlan, case_insensitive: bool) -> dict[str, Any]:

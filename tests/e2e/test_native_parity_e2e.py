@@ -288,6 +288,8 @@ def request(rng: random.Random, rig: Rig, routes: list[dict[str, Any]], issuers:
     path = instantiate(rng, route) if rng.random() < 0.85 else "/" + "/".join(rng.sample(SEGMENTS[:5], 2))
     if rng.random() < 0.25:
         path = mutate(rng, path)
+    if rng.random() < 0.08 and not path.endswith("/"):
+        path += "/"  # read with and without it (Policy.routes_for)
     target = path + (rng.choice(QUERIES) if rng.random() < 0.5 else "")
     method = rng.choice(route.get("methods") or METHODS) if rng.random() < 0.7 else rng.choice(METHODS)
     http2 = rng.random() < 0.04
@@ -482,9 +484,11 @@ def _route(segments: list[str], scopes: list[str]) -> dict[str, Any]:
 
 # Literals holding ':' and '@' beside a parameter that takes the same segment escaped: a token
 # for the parameter's route must not pass for the literal's (Policy.routes_for reads the escaped
-# segment decoded too). Generated policies seldom pair them so; this one always does.
+# segment decoded too). And a public catch-all, which takes every path ending in '/' as written:
+# such a path must still meet the route of the path without it. Generated policies seldom pair
+# them so; this one always does.
 ESCAPED_LITERALS = [_route(["{id}"], [SCOPES[0]]), _route(["items:batch"], [SCOPES[1]]),
-                    _route(["a@b"], [SCOPES[1]])]
+                    _route(["a@b"], [SCOPES[1]]), {**_route([], []), "rest": True, "public": True}]
 
 
 @example(routes=ESCAPED_LITERALS, restricted=False, with_dev=False, path_case="sensitive", deny=None, seed=1)
