@@ -241,7 +241,7 @@ def other_separator_spellings_pattern() -> str:
     sends (x-auth-other~x): nothing legitimate is spelled so."""
     other = f"[{_OTHER_SEPARATORS}]"
     dotted = f"[{_SEPARATORS}]"  # '-' first: a literal in a class
-    words = "(?:" + "|".join(sorted({name.split("-")[1] for name in (*IDENTITY_HEADERS, *_OVERRIDES)})) + ")"
+    words = "(?:" + "|".join(_SECOND_WORDS) + ")"
     return f"x(?:{other}{words}[{_SEPARATORS}{_OTHER_SEPARATORS}]|{dotted}{words}(?:{other}|{dotted}.*{other})).*"
 
 
