@@ -589,8 +589,28 @@ def test_report_names_every_route_with_its_engine_and_why(tmp_path: Path) -> Non
     assert report["sha256"] == parse_policy(EVERY_KIND).sha256
 
 
+TRAILING_PAIRS = ISSUERS + """\
+  - {name: report, path: /admin/report, methods: [GET], scopes: [admin/read]}
+  - {name: item, path: '/items/{id}', scopes: [s]}
+  - {name: trial, path: '/items/7/**', scopes: [t], mode: dry-run}
+  - {name: writes, path: '/admin/**', methods: [POST], scopes: [w]}
+"""
+
+
+def test_report_names_the_route_pairs_a_path_ending_in_a_slash_must_meet() -> None:
+    """/items/7/ must meet the dry-run /items/7/** and /items/{id}: the service's; any other
+    /items/x/ and GET /admin/report/ no /** route takes (POST only under /admin/**): no route, the
+    default deny."""
+    compiled = compile_policy(parse_policy(TRAILING_PAIRS))
+    assert report_json(compiled)["trailing_slash"] == [{"routes": ["trial", "item"], "methods": None,
+                                                        "engine": "ext_authz"}]
+    assert "1 pair, 0 native, 1 ext_authz (trial + item), 0 public\n" in report_text(compiled)
+    assert "must meet two routes" not in report_text(compile_policy(parse_policy(EVERY_KIND)))
+
+
 @pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary")
-@pytest.mark.parametrize("policy_text", [None, EVERY_KIND, BOUND_AND_DENIED], ids=["example", "every-kind", "deny"])
+@pytest.mark.parametrize("policy_text", [None, EVERY_KIND, BOUND_AND_DENIED, TRAILING_PAIRS],
+                         ids=["example", "every-kind", "deny", "trailing-pairs"])
 def test_envoy_accepts_the_bootstrap(tmp_path: Path, policy_text: str | None) -> None:
     """`envoy --mode validate`: every field, type, constraint, regex and filter name is Envoy's."""
     policy = EXAMPLE_POLICY

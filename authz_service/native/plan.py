@@ -87,10 +87,8 @@ class TrailingSlashEntry:
     ``/**`` route C) and the route of X (R), in the core's order (Policy.routes_for: C, then R).
 
     ``sides`` is what the entry decides: (C0,) a ``/**`` route that is the route of both readings
-    (``parts``: its own pattern); (C, R) the pair (``parts``: the paths X both take); () no ``/**``
-    route takes X/ for the method, so no route (``parts``: R's pattern)."""
+    (``parts``: its own pattern); (C, R) the pair (``parts``: the paths X both take)."""
 
-    route: RoutePlan  # the route of X for the entry's methods: R, or C0
     parts: tuple[object, ...]
     methods: frozenset[str] | None
     sides: tuple[RoutePlan, ...]
@@ -101,9 +99,11 @@ def trailing_slash_plan(plans: tuple[RoutePlan, ...], fold: Callable[[str], str]
     specific first). Envoy's first match over them takes, for a request's method, X's route R
     first (as in the normal routes), and among R's entries the first ``/**`` route C taking X/:
     ``Policy.match``'s route of each reading. An entry of R per C that can take some X R takes
-    (other prefixes pruned), then R alone (no route) unless a pair took every X and method of R;
-    an entry per ``/**`` route C0 for the X whose route it is for the method. Empty when the policy
-    has no ``/**`` route (X/ is then no route: the default deny) or no route without one."""
+    (other prefixes and methods pruned, and those after a C that takes every X and method of R);
+    an entry per ``/**`` route C0 for the X whose route it is for the method. A path ending in '/'
+    that R's entries do not take has no ``/**`` route for the method (any would have met R in an
+    entry), so no entry after them takes it either: no route, the default deny. Empty when the
+    policy has no ``/**`` route or no route without one."""
     rests = [p for p in plans if p.parts and p.parts[-1] is REST]
     exacts = [p for p in plans if p.parts and p.parts[-1] is not REST]
     if not rests or not exacts:
@@ -112,23 +112,28 @@ def trailing_slash_plan(plans: tuple[RoutePlan, ...], fold: Callable[[str], str]
     for p in plans:
         if p.parts and p.parts[-1] is REST:
             if any(meet(p.parts[:-1], r.parts, fold) is not None for r in exacts):
-                entries.append(TrailingSlashEntry(p, p.parts, p.methods, (p,)))
+                entries.append(TrailingSlashEntry(p.parts, p.methods, (p,)))
             continue
         if not p.parts:
             continue  # "/" has one reading
-        covered = False
         for c in rests:
             parts = meet(c.parts[:-1], p.parts, fold)
             methods = both_methods(c.methods, p.methods)
             if parts is None or methods == frozenset():
                 continue
-            entries.append(TrailingSlashEntry(p, parts, methods, (c, p)))
+            entries.append(TrailingSlashEntry(parts, methods, (c, p)))
             if parts == p.parts and methods == p.methods:
-                covered = True  # C takes X/ for every X and method of R: no request passes this entry
-                break
-        if not covered:
-            entries.append(TrailingSlashEntry(p, p.parts, p.methods, ()))
+                break  # C takes X/ for every X and method of R: no request passes this entry
     return entries
+
+
+def engine_of_all(plans: tuple[RoutePlan, ...]) -> Engine:
+    """Who decides a request that must meet every route of ``plans``: the service when any route
+    falls back to it, nothing when all are public, else Envoy."""
+    engines = {p.engine for p in plans}
+    if Engine.EXT_AUTHZ in engines:
+        return Engine.EXT_AUTHZ
+    return Engine.NATIVE if Engine.NATIVE in engines else Engine.NONE
 
 
 def meet(

@@ -39,7 +39,7 @@ from . import patterns
 from .answers import AnswerBook
 from .checks import Check, route_checks, rules, screen_checks, token_checks
 from .decisions import route_metadata
-from .plan import Engine, RoutePlan, TrailingSlashEntry, trailing_slash_plan
+from .plan import Engine, RoutePlan, TrailingSlashEntry, engine_of_all, trailing_slash_plan
 
 SCREEN, JWT, RBAC = "authz.screen", "authz.jwt", "authz.rbac"
 # Each RBAC filter's stat prefix, which also names its dynamic metadata (decisions.py).
@@ -122,32 +122,28 @@ def ingress_routes(
     if trailing is not None:
         for entry in trailing_slash_plan(plans, policy.fold):
             routes.extend(_trailing_slash_route(entry, build, insensitive))
-    routes.append(build.no_route("no route", {"prefix": "/"}))
+    response, headers = book.direct_response(Reason.NO_ROUTE, NO_ROUTE_TEXT)
+    routes.append(
+        {
+            "name": "no route",
+            "match": {"prefix": "/"},
+            "direct_response": response,
+            "response_headers_to_add": headers,
+            "metadata": route_metadata(NO_ROUTE_LABEL, Reason.NO_ROUTE),
+            "typed_per_filter_config": disabled(JWT, RBAC, EXT_AUTHZ),
+        }
+    )
     return routes
 
 
 def _trailing_slash_route(entry: TrailingSlashEntry, build: _Builder, insensitive: bool) -> list[dict[str, Any]]:
-    """The Envoy routes of one trailing-slash entry (plan.trailing_slash_plan). A pair's or no
-    route's entry takes the paths X/ of its ``parts`` (the '' after them: the empty last segment)."""
-    plan = entry.route
-    if len(entry.sides) == 1:  # a /** route, the route of both readings: its own decision
-        name = f"{plan.engine.value}: {plan.route.name} (trailing slash)"
-        return build.decided(name, _match(plan.parts, entry.methods, insensitive), entry.sides)
-    match = _match((*entry.parts, ""), entry.methods, insensitive)
-    if not entry.sides:
-        return [build.no_route(f"no route: {plan.route.name} (trailing slash)", match)]
-    engine = _pair_engine(entry.sides)
+    """The Envoy routes of one trailing-slash entry (plan.trailing_slash_plan). A pair's entry takes
+    the paths X/ of its ``parts`` (the '' after them: the empty last segment)."""
     names = " + ".join(side.route.name for side in entry.sides)
-    return build.decided(f"{engine.value}: {names} (trailing slash)", match, entry.sides)
-
-
-def _pair_engine(sides: tuple[RoutePlan, ...]) -> Engine:
-    """Who decides a request that must meet every route of ``sides``: the service when any route
-    falls back to it, nothing when all are public, else Envoy."""
-    engines = {side.engine for side in sides}
-    if Engine.EXT_AUTHZ in engines:
-        return Engine.EXT_AUTHZ
-    return Engine.NATIVE if Engine.NATIVE in engines else Engine.NONE
+    name = f"{engine_of_all(entry.sides).value}: {names} (trailing slash)"
+    if len(entry.sides) == 1:  # a /** route, the route of both readings: its own decision
+        return build.decided(name, _match(entry.parts, entry.methods, insensitive), entry.sides)
+    return build.decided(name, _match((*entry.parts, ""), entry.methods, insensitive), entry.sides)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +161,7 @@ class _Builder:
         are; else the token checks, then each protected route's checks in order (the first that
         denies answers, labelled with its route), allowed as the first protected route. The token
         reaches the app only when every route forwards it."""
-        engine = _pair_engine(sides)
+        engine = engine_of_all(sides)
         if engine is Engine.EXT_AUTHZ:
             routes = _to_service(name, match, self.admission)
         elif engine is Engine.NONE:
@@ -206,17 +202,6 @@ class _Builder:
             for route in routes:
                 route["request_headers_to_remove"] = [AUTHORIZATION]
         return routes
-
-    def no_route(self, name: str, match: dict[str, Any]) -> dict[str, Any]:
-        response, headers = self.book.direct_response(Reason.NO_ROUTE, NO_ROUTE_TEXT)
-        return {
-            "name": name,
-            "match": match,
-            "direct_response": response,
-            "response_headers_to_add": headers,
-            "metadata": route_metadata(NO_ROUTE_LABEL, Reason.NO_ROUTE),
-            "typed_per_filter_config": disabled(JWT, RBAC, EXT_AUTHZ),
-        }
 
 
 def _path_matcher(regex: str, *, invert: bool = False) -> dict[str, Any]:
