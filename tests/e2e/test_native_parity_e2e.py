@@ -196,10 +196,12 @@ ROUTE = st.fixed_dictionaries({
     "forward_token": st.sampled_from([False] * 3 + [True]),
     "bind": st.sampled_from([False] * 3 + [True]),  # custom:tenant bound to the route's first parameter
 })
-# A /** route, "/**" or of one literal or parameter: beside the generated routes, it often takes
-# paths ending in '/' whose path without it a route without /** takes (two routes to meet:
-# Policy.routes_for). Half of the time "/**" (the generated "rest" flag reused as a coin).
-CATCH_ALL = ROUTE.map(lambda spec: {**spec, "segments": spec["segments"][:1] if spec["rest"] else [], "rest": True})
+# A /** route, "/**" or of one literal or parameter, for any method or the generated ones: beside
+# the generated routes, it often takes paths ending in '/' whose path without it a route without
+# /** takes (two routes to meet: Policy.routes_for).
+CATCH_ALL = st.builds(lambda spec, short, any_method: {**spec, "segments": spec["segments"][:1] if short else [],
+                                                      "rest": True, "methods": None if any_method else spec["methods"]},
+                      ROUTE, st.booleans(), st.booleans())
 DENY = st.one_of(st.none(), st.none(), st.fixed_dictionaries({
     "client_ids": st.lists(st.sampled_from(FAKE_CLIENTS + list(DEV_CLIENTS)), max_size=2, unique=True),
     "jtis": st.lists(st.sampled_from(DENIED_JTIS), max_size=2, unique=True),
@@ -586,7 +588,7 @@ def test_the_property_sent_enough_requests_natively_decided(rig: Rig) -> None:
           f"{rig.serving_seconds:.1f} s of the run loading policies and starting native Envoys")
     assert rig.requests >= 5000, rig.requests
     assert rig.native_decided >= rig.requests // 4, (rig.native_decided, rig.requests)
-    assert rig.two_routes >= rig.requests // 80, (rig.two_routes, rig.requests)
+    assert rig.two_routes >= rig.requests // 200, (rig.two_routes, rig.requests)
 
 
 def test_every_pair_of_routes_a_trailing_slash_meets_is_decided_as_the_service_decides(rig: Rig) -> None:
