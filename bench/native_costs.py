@@ -31,6 +31,12 @@ part is taken away only once nothing that needs it is left), and the service run
                under callgrind each round with --instructions): what a change to the compiler
                saved, paired per round.
 
+  --memory ROUTES
+               with --compare-rev: Envoy's heap (tcmalloc's allocated bytes, admin /memory) once
+               started on the compiled policy of ROUTES routes (memory_policy: named routes each
+               under a /** route of its own, beside a public /**: every path ending in '/' under
+               them meets two routes), of this checkout and of REV, alternately, round after round.
+
   --cold       every measured request carries a token the Envoy has not seen (rows 5n and 5c's
                load: each one a signature verification, after a warm-up on other tokens), instead
                of the few warm tokens every request repeats. A configuration whose verified-token
@@ -49,15 +55,19 @@ import shutil
 import statistics
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import (
     BENCH,
+    ROOT,
     Bench,
     checkout_rev,
     cpu_seconds,
@@ -187,7 +197,7 @@ def drop_token_pattern(cfg: Config) -> None:
 
 # Taken away in this order, each in addition to those above it.
 STEPS: list[tuple[str, Callable[[Config], None]]] = [
-    ("decision stats (four stats access loggers)", drop_decision_stats),
+    ("decision stats (the stats access loggers)", drop_decision_stats),
     ("local reply mappers (a direct response is a local reply)", drop_mappers),
     ("identity header strip (early header mutation, one regex)", drop_identity_strip),
     ("request screen (routes to the service)", drop_screen),
@@ -555,6 +565,63 @@ def compare(bench: Bench, args: argparse.Namespace, configs: dict[str, Config]) 
     print(row)
 
 
+def memory_policy(policy: Path, routes: int) -> Path:
+    """The bench's policy (its issuer) with ``routes`` routes: per service, GET /svcN/items/{id}
+    and POST /svcN/items (protected, without /**) under /svcN/** (protected), and a public /**."""
+    doc = yaml.safe_load(policy.read_text())
+    doc["routes"] = [{"name": "everything-else", "path": "/**", "public": True}]
+    for n in range((routes - 1) // 3):
+        doc["routes"] += [
+            {"name": f"get-{n}", "methods": ["GET"], "path": f"/svc{n}/items/{{id}}", "scopes": [f"svc{n}/read"]},
+            {"name": f"create-{n}", "methods": ["POST"], "path": f"/svc{n}/items", "scopes": [f"svc{n}/write"]},
+            {"name": f"svc-{n}", "path": f"/svc{n}/**", "scopes": [f"svc{n}/admin"]},
+        ]
+    out = policy.with_name(f"policy-{len(doc['routes'])}-routes.yaml")
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+def envoy_allocated(admin_port: int) -> int:
+    """Envoy's heap in use: tcmalloc's allocated bytes (admin /memory)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/memory", timeout=5) as r:
+        return int(json.load(r)["allocated"])
+
+
+def memory(bench: Bench, args: argparse.Namespace, policy: Path, grpc_port: int, http_port: int) -> None:
+    """Envoy's heap once started on each checkout's compiled ``policy``, alternately, round after round."""
+    checkouts = {f"compiled at {args.compare_rev}": checkout_rev(args.compare_rev, bench.work), "compiled here": ROOT}
+    allocated: dict[str, list[float]] = {label: [] for label in checkouts}
+    envoy_routes: dict[str, int] = {}
+    for round_ in range(1, args.rounds + 1):
+        for i, (label, checkout) in enumerate(checkouts.items()):
+            print(f"round {round_}/{args.rounds}: {label}", flush=True)
+            admin = free_port()
+            cfg = render_native(
+                policy,
+                listener_port=free_port(),
+                admin_port=admin,
+                grpc_port=grpc_port,
+                http_port=http_port,
+                checkout=checkout,
+            )
+            envoy_routes[label] = len(_routes(cfg))
+            proc, _ = bench.start_envoy(cfg, f"memory-{i}")
+            allocated[label].append(envoy_allocated(admin) / 1e6)
+            proc.stop()
+            bench.procs.remove(proc)
+    print()
+    print(f"Machine: {machine()}")
+    print(
+        f"Command: bench/native_costs.py --compare-rev {args.compare_rev} --memory {args.memory} --rounds "
+        f"{args.rounds} ({policy.name}; Envoy --concurrency 1, just started; median (range) over the rounds)"
+    )
+    print()
+    print("| configuration | Envoy routes | Envoy heap allocated, MB |")
+    print("|---|---:|---:|")
+    for label in checkouts:
+        print(f"| {label} | {envoy_routes[label]} | {spread(allocated[label], '.1f')} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="What each part of the compiled policy costs Envoy per request.")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the CPU-time measurement")
@@ -573,6 +640,9 @@ def main() -> None:
     parser.add_argument(
         "--cold", action="store_true", help="measure with distinct tokens, each one a signature verification"
     )
+    parser.add_argument(
+        "--memory", type=int, default=0, metavar="ROUTES", help="with --compare-rev: Envoy's heap for ROUTES routes"
+    )
     args = parser.parse_args()
     args.instructions = args.instructions or args.alternatives
     if args.instructions and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
@@ -590,6 +660,11 @@ def main() -> None:
         service, grpc_port, http_port = bench.start_service(policy, 1, name="service-costs")
         bench.procs.remove(service)  # one service for every configuration: it only serves the keys
         running.callback(service.stop)
+        if args.memory:
+            if not args.compare_rev:
+                raise SystemExit("--memory compares two revisions: give --compare-rev")
+            memory(bench, args, memory_policy(policy, args.memory), grpc_port, http_port)
+            return
         compiled = render_native(
             policy, listener_port=free_port(), admin_port=free_port(), grpc_port=grpc_port, http_port=http_port
         )

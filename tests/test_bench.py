@@ -102,7 +102,7 @@ def test_native_rows_run_the_compiled_policy_in_the_measured_shape(run, tmp_path
     hcm = envoyconf.hcm(cfg, "ingress")
     from authz_service.native.decisions import STATS_LOGGER
 
-    assert [log["typed_config"]["@type"] for log in hcm["access_log"]] == [STATS_LOGGER] * 4
+    assert [log["typed_config"]["@type"] for log in hcm["access_log"]] == [STATS_LOGGER] * 5
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     assert not [r["name"] for r in routes if "route" in r]  # nothing reaches an app
     assert next(r for r in routes if r["name"] == "no route")["direct_response"]["status"] == 403  # its own answer

@@ -182,8 +182,8 @@ def test_envoy_takes_the_route_policy_match_takes(routes, path_case: str) -> Non
     """Over every class of request path the matcher can tell apart (Policy.representative_paths,
     letter-case variants included) and every method, Envoy's first match over the compiled routes
     is Policy.match's route. A path ending in '/' is read with and without it (Policy.routes_for):
-    Envoy takes it only when both readings have one route, which it then takes; else it goes to the
-    service (the request screen's trailing slash)."""
+    Envoy takes the route deciding exactly the routes of both readings, in their order (one when
+    both readings have the same route), or no route when either reading has none."""
     lines = []
     for i, (segments, rest, methods, public) in enumerate(routes):
         path = "/" + "/".join(segments + (["**"] if rest else []))
@@ -195,9 +195,9 @@ def test_envoy_takes_the_route_policy_match_takes(routes, path_case: str) -> Non
     except PolicyError:
         return  # two routes of equal specificity: refused, nothing to compile
     routes_ = ingress_routes(policy, plan(policy), AnswerBook("authz-service"), Admission("Bearer .*", {}), 60)
-    # The policy's routes, the last screen after them (a path ending in '/' the /** routes refuse) and
-    # the default deny; not the screens before them (no request here is refused by those).
-    envoy_routes = [r for r in routes_ if not r["name"].startswith("screen: ") or "trailing slash" in r["name"]]
+    # The policy's routes, the trailing-slash ones after them and the default deny; not the screens
+    # before them (no request here is refused by those).
+    envoy_routes = [r for r in routes_ if not r["name"].startswith("screen: ")]
     paths = policy.representative_paths(folded=policy.case_folded())
     assert paths is not None
     variants = {tuple(s.upper() for s in p) for p in paths} | {tuple(s.lower() for s in p) for p in paths}
@@ -205,22 +205,27 @@ def test_envoy_takes_the_route_policy_match_takes(routes, path_case: str) -> Non
     for segments in sorted(set(paths) | variants):
         path = "/" + "/".join(segments)
         assert re.fullmatch(target, path), path
-        if segments and not segments[-1]:
-            for method in ("GET", "HEAD", "POST", "PUT"):
-                taken = _envoy_first_match(envoy_routes, method, path)
-                if taken == "screen: trailing slash (anonymous)":
-                    continue  # the service's to decide
-                both = policy.routes_for(method, segments)
-                assert len(both) <= 1, (method, path, [r.name for r in both], taken)
-                expected = "no route" if not both else next(
-                    r["name"] for r in envoy_routes if r["name"].endswith(f": {both[0].name}"))
-                assert taken == expected, (method, path)
-            continue
         for method in ("GET", "HEAD", "POST", "PUT"):
-            route = policy.match(method, segments)
-            expected = "no route" if route is None else next(
-                r["name"] for r in envoy_routes if r["name"].endswith(f": {route.name}"))
-            assert _envoy_first_match(envoy_routes, method, path) == expected, (method, path)
+            taken = _envoy_first_match(envoy_routes, method, path)
+            routes_for = policy.routes_for(method, segments)
+            names = [r.name for r in routes_for]
+            if not routes_for:
+                assert taken.startswith("no route"), (method, path, taken)
+            elif len(routes_for) == 1:  # the route of both readings (or of the only one): its own
+                assert re.fullmatch(f"[a-z_]+: {names[0]}( \\(trailing slash\\))?", taken), (method, path, taken)
+            else:  # a path ending in '/': the route as written, then the route without the '/'
+                assert re.fullmatch(f"[a-z_]+: {' [+] '.join(names)} \\(trailing slash\\)", taken), (method, path, taken)
+            decided = next(r for r in envoy_routes if r["name"] == taken)
+            if routes_for and any(not r.public for r in routes_for):
+                rbac = decided["typed_per_filter_config"]["authz.rbac"]["rbac"]["rules"]["policies"]
+                checked = [name.split("-")[1] for name in sorted(rbac)]
+                scope_checks = [name for name in sorted(rbac) if "insufficient_scope" in name]
+                # each protected route's scope check, in the order of the routes; the second marked
+                assert len(scope_checks) == sum(1 for r in routes_for if not r.public), (taken, checked)
+                marked = [name[3:4] == "o" for name in scope_checks]
+                assert marked == [False] + [True] * (len(scope_checks) - 1), (taken, scope_checks)
+            forwards = all(r.forward_token for r in routes_for)
+            assert ("request_headers_to_remove" not in decided) == (forwards or not routes_for), taken
 
 
 # --- the request screen against the service's own rules -------------------------------------------
@@ -288,7 +293,7 @@ def test_the_screen_sends_the_service_only_the_escapes_the_policys_literals_hold
     assert not re.fullmatch(target, "/v1/items%3AbatchGet") and not re.fullmatch(target, "/v1/items%3abatchGet")
     assert [r.name for r in policy.routes_for("GET", ("v1", "items%3AbatchGet"))] == ["item", "batch"]
     assert [r.name for r in policy.routes_for("GET", ("v1", "a%40b"))] == ["item"]
-    assert [name.removeprefix("screen: ") for name in screen] + ["trailing slash"] == list(SCREEN_NAMES)
+    assert [name.removeprefix("screen: ") for name in screen] == list(SCREEN_NAMES)
 
 
 @settings(max_examples=500, deadline=None)
@@ -584,8 +589,28 @@ def test_report_names_every_route_with_its_engine_and_why(tmp_path: Path) -> Non
     assert report["sha256"] == parse_policy(EVERY_KIND).sha256
 
 
+TRAILING_PAIRS = ISSUERS + """\
+  - {name: report, path: /admin/report, methods: [GET], scopes: [admin/read]}
+  - {name: item, path: '/items/{id}', scopes: [s]}
+  - {name: trial, path: '/items/7/**', scopes: [t], mode: dry-run}
+  - {name: writes, path: '/admin/**', methods: [POST], scopes: [w]}
+"""
+
+
+def test_report_names_the_route_pairs_a_path_ending_in_a_slash_must_meet() -> None:
+    """/items/7/ must meet the dry-run /items/7/** and /items/{id}: the service's; any other
+    /items/x/ and GET /admin/report/ no /** route takes (POST only under /admin/**): no route, the
+    default deny."""
+    compiled = compile_policy(parse_policy(TRAILING_PAIRS))
+    assert report_json(compiled)["trailing_slash"] == [{"routes": ["trial", "item"], "methods": None,
+                                                        "engine": "ext_authz"}]
+    assert "1 pair, 0 native, 1 ext_authz (trial + item), 0 public\n" in report_text(compiled)
+    assert "must meet two routes" not in report_text(compile_policy(parse_policy(EVERY_KIND)))
+
+
 @pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary")
-@pytest.mark.parametrize("policy_text", [None, EVERY_KIND, BOUND_AND_DENIED], ids=["example", "every-kind", "deny"])
+@pytest.mark.parametrize("policy_text", [None, EVERY_KIND, BOUND_AND_DENIED, TRAILING_PAIRS],
+                         ids=["example", "every-kind", "deny", "trailing-pairs"])
 def test_envoy_accepts_the_bootstrap(tmp_path: Path, policy_text: str | None) -> None:
     """`envoy --mode validate`: every field, type, constraint, regex and filter name is Envoy's."""
     policy = EXAMPLE_POLICY

@@ -6,7 +6,9 @@ would make, so its status, ``WWW-Authenticate`` challenge and JSON body are the 
 byte. Each RBAC policy that denies is named ``<order>-<reason>-a<answer>``: the order makes RBAC
 (which tries policies in name order) report the first unmet check, as the service does; the answer
 id is what a ``local_reply_config`` mapper recognises in ``response.code_details`` to rewrite
-Envoy's plain 403 into that answer.
+Envoy's plain 403 into that answer. A check of the second route a request must meet (a path ending
+in '/': routes.py) is named ``<order>o-<reason>-a<answer>``: the mark, after the order, leaves the
+order alone and tells the decision stats to label the denial with that route (decisions.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..response import Answer, Answers
 RBAC_DENIED = "rbac_access_denied_matched_policy[{}]"
 RBAC_DENIED_STATUS = 403
 CEL_FILTER = "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
+OTHER_ROUTE_MARK = "o"  # in the name of a check of a request's other route (see the module doc)
 
 
 class AnswerBook:
@@ -35,15 +38,19 @@ class AnswerBook:
         """The service's answer to a denial (``route`` matters only to the 403 ``scope=``)."""
         return self._answers.answer(Decision(False, reason, description, route), None)
 
-    def policy_name(self, order: int, reason: Reason, description: str, route: Route | None = None) -> str:
-        """The name of the RBAC policy whose match is this denial (registers the answer)."""
+    def policy_name(
+        self, order: int, reason: Reason, description: str, route: Route | None = None, *, other_route: bool = False
+    ) -> str:
+        """The name of the RBAC policy whose match is this denial (registers the answer);
+        ``other_route``: a check of the second route the request must meet."""
         answer = self.denial(reason, description, route)
         key = (answer.status, answer.headers, answer.body)  # routes whose denials read alike share one
         answer_id = self._ids.get(key)
         if answer_id is None:
             answer_id = self._ids[key] = f"a{len(self._ids)}"
             self._rendered[answer_id] = answer
-        return f"{order:03d}-{reason.value}-{answer_id}"
+        mark = OTHER_ROUTE_MARK if other_route else ""
+        return f"{order:03d}{mark}-{reason.value}-{answer_id}"
 
     def mappers(self) -> list[dict[str, Any]]:
         """``local_reply_config`` mappers rewriting each registered denial into its answer, behind

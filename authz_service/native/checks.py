@@ -77,13 +77,20 @@ class Check:
         return out
 
 
-def rules(book: AnswerBook, checks: list[Check]) -> dict[str, Any]:
+def rules(book: AnswerBook, checks: list[Check], other_route: Route | None = None) -> dict[str, Any]:
     """RBAC rules denying on the first of ``checks`` that matches: RBAC tries policies in name order,
-    and each name starts with the check's position (answers.AnswerBook.policy_name)."""
+    and each name starts with the check's position (answers.AnswerBook.policy_name). The checks of
+    ``other_route`` (the second route a request must meet) are marked so in their names."""
     return {
         "action": "DENY",
         "policies": {
-            book.policy_name(order, check.reason, check.description, check.route): check.policy()
+            book.policy_name(
+                order,
+                check.reason,
+                check.description,
+                check.route,
+                other_route=other_route is not None and check.route is other_route,
+            ): check.policy()
             for order, check in enumerate(checks)
         },
     }

@@ -5,7 +5,7 @@ counted for each request Envoy decided itself (the service counts the rest, whic
 How, at what cost: Envoy's stats access logger (``envoy.access_loggers.stats``) adds one to a
 counter whose tags are read from the matched route's metadata (its policy route name, and what
 passing every native check there means: allowed, public, or no_route) and, for a denial, from
-the RBAC filters' dynamic metadata (which filter decided) and the response code. Four loggers,
+the RBAC filters' dynamic metadata (which filter decided) and the response code. Five loggers,
 each behind an access-log filter that only looks up dynamic metadata (a few map lookups), so an
 allowed request costs no expression evaluation; only a token or route denial evaluates one CEL
 lookup (its reason, from a table in the route's metadata keyed by the denying RBAC policy). What
@@ -21,7 +21,9 @@ Which requests are native decisions (the filters below):
   (``authz.screen``, the only RBAC filter there) let it through;
 * screen denials: 400 ``bad_request`` (the screen's, or the same checks first among a native
   route's), labelled ``no_route`` as the service labels a request it refuses before matching a route;
-* token or route-condition denials: 401/403 with the denying policy's reason.
+* token or route-condition denials: 401/403 with the denying policy's reason, labelled with the
+  route's policy route, or, when a check of the second route a path ending in '/' must meet denied
+  (its policy name carries answers.OTHER_ROUTE_MARK), with that route (routes.py).
 
 A request the service decided (a route it decides, a token jwt_authn could not verify, the
 request screen's routes) matches none of them: it is in ``authz_check_decisions_total``.
@@ -36,7 +38,7 @@ import re
 from typing import Any
 
 from ..decision import REASONS, Reason
-from .answers import status_filter
+from .answers import OTHER_ROUTE_MARK, status_filter
 from .cel import JWT_AUTHN
 from .checks import VERIFIED_PATH
 
@@ -44,29 +46,25 @@ STATS_LOGGER = "type.googleapis.com/envoy.extensions.access_loggers.stats.v3.Con
 STAT_SCOPE, STAT_NAME = "authz", "native_decisions"  # Prometheus: envoy_authz_native_decisions
 RBAC_METADATA = "envoy.filters.http.rbac"
 METADATA_KEY = "authz"  # the routes' filter_metadata namespace
-_POLICY_NAME = re.compile(r"\d{3}-(?P<reason>[a-z_]+)-a\d+")  # answers.AnswerBook.policy_name
+OTHER_ROUTE_KEY = "other_route"  # the label of a denial by the other route's checks (route_metadata)
+_POLICY_NAME = re.compile(rf"\d{{3}}{OTHER_ROUTE_MARK}?-(?P<reason>[a-z_]+)-a\d+")  # answers.AnswerBook.policy_name
 _DENIED_BY_RBAC = "rbac_access_denied_matched_policy[{}]"  # answers.RBAC_DENIED
 
 
-def route_metadata(route: str, reason: Reason) -> dict[str, Any]:
+def route_metadata(route: str, reason: Reason, other_route: str | None = None) -> dict[str, Any]:
     """A route's metadata: its policy route name and what a request that passes every native check
-    there is (``reason``: allowed, public, or no_route)."""
+    there is (``reason``: allowed, public, or no_route); ``other_route``: the label of a denial by a
+    check of the second route the request must meet (routes.py)."""
     outcome = REASONS[reason]
     decision = "allow" if outcome.http_status == 200 else "deny"
-    return {
-        "filter_metadata": {
-            METADATA_KEY: {
-                "route": route,
-                "decision": decision,
-                "reason": reason.value,
-                "status": str(outcome.http_status),
-            }
-        }
-    }
+    labels = {"route": route, "decision": decision, "reason": reason.value, "status": str(outcome.http_status)}
+    if other_route is not None:
+        labels[OTHER_ROUTE_KEY] = other_route
+    return {"filter_metadata": {METADATA_KEY: labels}}
 
 
 def add_decision_stats(hcm: dict[str, Any], *, screen_prefix: str, native_filter: str, native_prefix: str) -> None:
-    """Count native decisions: each native route learns the reasons of its denials, and the four
+    """Count native decisions: each native route learns the reasons of its denials, and the
     stats loggers join the HCM's access log. ``screen_prefix``: the ``rules_stat_prefix`` of the
     request screen's RBAC filter (public routes, no route); ``native_filter``, ``native_prefix``:
     the name and prefix of the native routes' RBAC filter. A prefix names its filter's dynamic
@@ -121,18 +119,25 @@ def _loggers(screen: str, native: str) -> list[dict[str, Any]]:
         route="no_route",  # as the service labels a request it refuses before matching a route
         status="%RESPONSE_CODE%",
     )
+    not_bad_request = _any(_status("LE", bad_request - 1), _status("GE", bad_request + 1))
     denied = _logger(
         "authz.native_denials",
-        _all(
-            _rbac_result(native, "denied"),
-            _any(_status("LE", bad_request - 1), _status("GE", bad_request + 1)),
-        ),
+        _all(_rbac_result(native, "denied"), not_bad_request, _denied_by(native, other_route=False)),
         decision="deny",
         reason=f"%CEL({reasons}[response.code_details])%",
         route=route,
         status="%RESPONSE_CODE%",
     )
-    return [native_allows, screen_passes, screened, denied]
+    # A denial by a check of the second route a path ending in '/' must meet: labelled with it.
+    denied_by_other_route = _logger(
+        "authz.native_other_route_denials",
+        _all(_rbac_result(native, "denied"), _denied_by(native, other_route=True)),
+        decision="deny",
+        reason=f"%CEL({reasons}[response.code_details])%",
+        route=f"%METADATA(ROUTE:{METADATA_KEY}:{OTHER_ROUTE_KEY})%",
+        status="%RESPONSE_CODE%",
+    )
+    return [native_allows, screen_passes, screened, denied, denied_by_other_route]
 
 
 def _logger(name: str, log_filter: dict[str, Any], **tags: str) -> dict[str, Any]:
@@ -171,6 +176,14 @@ def _rbac_result(prefix: str, result: str) -> dict[str, Any]:
     """The RBAC filter of ``prefix`` ran and ``result`` (allowed, denied)."""
     key = f"{prefix}enforced_engine_result"
     return _metadata(RBAC_METADATA, [key], {"string_match": {"exact": result}}, if_absent=False)
+
+
+def _denied_by(prefix: str, *, other_route: bool) -> dict[str, Any]:
+    """The RBAC filter of ``prefix`` denied by a check of the request's other route (or not):
+    the check's name, in the filter's dynamic metadata, carries the mark (answers.AnswerBook)."""
+    key = f"{prefix}enforced_effective_policy_id"
+    regex = f"\\d{{3}}{OTHER_ROUTE_MARK if other_route else ''}-.*"
+    return _metadata(RBAC_METADATA, [key], {"string_match": {"safe_regex": {"regex": regex}}}, if_absent=False)
 
 
 def _status(op: str, value: int) -> dict[str, Any]:

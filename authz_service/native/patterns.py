@@ -129,10 +129,11 @@ def trailing_slash_target(route_parts: Iterable[Sequence[object]], case_insensit
 
     Such a path must meet the route of each reading (Policy.routes_for): the one without the '/',
     and the one as written, which only a ``/**`` route can take. Envoy matches it as written only,
-    so it must be the service's to decide whenever the two can differ. They can only when a pattern
-    without ``/**`` takes the path without the '/': every ``/**`` route that takes one reading takes
-    the other, so when the most specific route of the path without the '/' is a ``/**`` one, it is
-    the route of both, the one Envoy takes. "/" is read one way."""
+    so the ``/**`` routes refuse it whenever the two can differ, for the trailing-slash routes after
+    every policy route to decide (plan.trailing_slash_plan). They can only when a pattern without
+    ``/**`` takes the path without the '/': every ``/**`` route that takes one reading takes the
+    other, so when the most specific route of the path without the '/' is a ``/**`` one, it is the
+    route of both, the one Envoy takes. "/" is read one way."""
     bodies = sorted(
         {
             "".join("/[^/?]+" if part is PARAM else "/" + re2_literal(str(part)) for part in parts)

@@ -9,6 +9,7 @@ methods its trie gives each route, GET's implied HEAD included), never from the 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..policy import PARAM, REST, Mode, Policy, Route, pattern_parts
@@ -77,6 +78,87 @@ def match_order(plan: RoutePlan) -> tuple[tuple[int, ...], int]:
             ranks.append(2 if part is PARAM else 3)
     ranks.append(ending)
     return tuple(ranks), 0 if plan.methods is None else 1
+
+
+@dataclass(frozen=True, slots=True)
+class TrailingSlashEntry:
+    """One route of the section deciding paths ending in '/' (X/) that the ``/**`` routes refuse
+    because a route without ``/**`` takes X: such a path must meet the route of X/ as written (a
+    ``/**`` route C) and the route of X (R), in the core's order (Policy.routes_for: C, then R).
+
+    ``sides`` is what the entry decides: (C0,) a ``/**`` route that is the route of both readings
+    (``parts``: its own pattern); (C, R) the pair (``parts``: the paths X both take)."""
+
+    parts: tuple[object, ...]
+    methods: frozenset[str] | None
+    sides: tuple[RoutePlan, ...]
+
+
+def trailing_slash_plan(plans: tuple[RoutePlan, ...], fold: Callable[[str], str]) -> list[TrailingSlashEntry]:
+    """The entries deciding X/ where a route without ``/**`` takes X, in ``plans``' order (most
+    specific first). Envoy's first match over them takes, for a request's method, X's route R
+    first (as in the normal routes), and among R's entries the first ``/**`` route C taking X/:
+    ``Policy.match``'s route of each reading. An entry of R per C that can take some X R takes
+    (other prefixes and methods pruned, and those after a C that takes every X and method of R);
+    an entry per ``/**`` route C0 for the X whose route it is for the method. A path ending in '/'
+    that R's entries do not take has no ``/**`` route for the method (any would have met R in an
+    entry), so no entry after them takes it either: no route, the default deny. Empty when the
+    policy has no ``/**`` route or no route without one."""
+    rests = [p for p in plans if p.parts and p.parts[-1] is REST]
+    exacts = [p for p in plans if p.parts and p.parts[-1] is not REST]
+    if not rests or not exacts:
+        return []
+    entries: list[TrailingSlashEntry] = []
+    for p in plans:
+        if p.parts and p.parts[-1] is REST:
+            if any(meet(p.parts[:-1], r.parts, fold) is not None for r in exacts):
+                entries.append(TrailingSlashEntry(p.parts, p.methods, (p,)))
+            continue
+        if not p.parts:
+            continue  # "/" has one reading
+        for c in rests:
+            parts = meet(c.parts[:-1], p.parts, fold)
+            methods = both_methods(c.methods, p.methods)
+            if parts is None or methods == frozenset():
+                continue
+            entries.append(TrailingSlashEntry(parts, methods, (c, p)))
+            if parts == p.parts and methods == p.methods:
+                break  # C takes X/ for every X and method of R: no request passes this entry
+    return entries
+
+
+def engine_of_all(plans: tuple[RoutePlan, ...]) -> Engine:
+    """Who decides a request that must meet every route of ``plans``: the service when any route
+    falls back to it, nothing when all are public, else Envoy."""
+    engines = {p.engine for p in plans}
+    if Engine.EXT_AUTHZ in engines:
+        return Engine.EXT_AUTHZ
+    return Engine.NATIVE if Engine.NATIVE in engines else Engine.NONE
+
+
+def meet(
+    prefix: tuple[object, ...], parts: tuple[object, ...], fold: Callable[[str], str]
+) -> tuple[object, ...] | None:
+    """The pattern (without ``/**``) of the paths both ``parts`` and a ``/**`` route whose pattern
+    before ``/**`` is ``prefix`` take (a literal is more specific than a parameter); None: no path."""
+    if len(prefix) > len(parts):
+        return None
+    out = list(parts)
+    for i, (mine, theirs) in enumerate(zip(prefix, parts, strict=False)):
+        if mine is PARAM:
+            continue
+        if theirs is PARAM:
+            out[i] = mine
+        elif fold(str(mine)) != fold(str(theirs)):
+            return None
+    return tuple(out)
+
+
+def both_methods(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
+    """The methods two routes both take (None: any)."""
+    if a is None:
+        return b
+    return a if b is None else a & b
 
 
 def engine_of(route: Route) -> tuple[Engine, str, tuple[Fallback, ...]]:

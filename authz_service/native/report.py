@@ -6,7 +6,7 @@ from typing import Any
 
 from ..policy import deny_list_sizes
 from .bootstrap import Compiled
-from .plan import Engine
+from .plan import Engine, TrailingSlashEntry, engine_of_all, trailing_slash_plan
 from .routes import SCREEN_NAMES
 
 ENGINE_TEXT = {Engine.NATIVE: "native", Engine.EXT_AUTHZ: "ext_authz", Engine.NONE: "none"}
@@ -31,6 +31,17 @@ def report_text(compiled: Compiled) -> str:
         "within the native size limits, or a token it cannot verify: the service answers it and "
         "re-fetches keys for an unknown kid)"
     )
+    pairs = _trailing_slash_pairs(compiled)
+    if pairs:
+        engines = [engine_of_all(pair.sides) for pair in pairs]
+        service = sorted({_names(pair) for pair in pairs if engine_of_all(pair.sides) is Engine.EXT_AUTHZ})
+        lines.append(
+            "  native     a path ending in '/' that must meet two routes (the /** route taking it as written, "
+            f"then the route without the '/'): {_count(len(pairs), 'pair')}, {engines.count(Engine.NATIVE)} native, "
+            f"{engines.count(Engine.EXT_AUTHZ)} ext_authz"
+            + (f" ({', '.join(service)})" if service else "")
+            + f", {engines.count(Engine.NONE)} public"
+        )
     lines.append("  native     no route matches: 403 access_denied")
     deny = compiled.policy.deny
     if deny is not None:
@@ -40,6 +51,15 @@ def report_text(compiled: Compiled) -> str:
             "the service refuses them elsewhere"
         )
     return "\n".join(lines) + "\n"
+
+
+def _trailing_slash_pairs(compiled: Compiled) -> list[TrailingSlashEntry]:
+    """The trailing-slash entries of two routes (the others: a /** route's own decision)."""
+    return [e for e in trailing_slash_plan(compiled.plans, compiled.policy.fold) if len(e.sides) == 2]
+
+
+def _names(entry: TrailingSlashEntry) -> str:
+    return " + ".join(side.route.name for side in entry.sides)
 
 
 def _count(n: int, noun: str) -> str:
@@ -63,5 +83,15 @@ def report_json(compiled: Compiled) -> dict[str, Any]:
             for p in compiled.plans
         ],
         "screen": list(SCREEN_NAMES),
+        # A path ending in '/' that must meet two routes: each pair in Envoy's order (routes: the
+        # /** route, then the route without the '/').
+        "trailing_slash": [
+            {
+                "routes": [side.route.name for side in pair.sides],
+                "methods": None if pair.methods is None else sorted(pair.methods),
+                "engine": engine_of_all(pair.sides).value,
+            }
+            for pair in _trailing_slash_pairs(compiled)
+        ],
         "deny_list": deny_list_sizes(compiled.policy),
     }

@@ -1,5 +1,5 @@
-"""The ingress routes: the request screen, then every policy route most specific first, then a
-default deny.
+"""The ingress routes: the request screen, then every policy route most specific first, then the
+paths ending in '/' that must meet two routes (plan.trailing_slash_plan), then a default deny.
 
 Which filters act on a route is set per route (``typed_per_filter_config``):
 
@@ -37,9 +37,9 @@ from ..policy import REST, PathCase, Policy, escaped_literal_chars
 from ..response import AUTHORIZATION
 from . import patterns
 from .answers import AnswerBook
-from .checks import route_checks, rules, screen_checks, token_checks
+from .checks import Check, route_checks, rules, screen_checks, token_checks
 from .decisions import route_metadata
-from .plan import Engine, RoutePlan
+from .plan import Engine, RoutePlan, TrailingSlashEntry, engine_of_all, trailing_slash_plan
 
 SCREEN, JWT, RBAC = "authz.screen", "authz.jwt", "authz.rbac"
 # Each RBAC filter's stat prefix, which also names its dynamic metadata (decisions.py).
@@ -66,8 +66,8 @@ def screen_routes(policy: Policy) -> list[tuple[str, list[dict[str, Any]]]]:
     only on native routes. The target's pattern is the policy's: a path escaping a character its
     literals hold has two readings (patterns.native_target), any other escape one. (A path ending in
     '/' has two readings too, when a route without ``/**`` takes it without the '/': the routes that
-    could take it, the ``/**`` ones, refuse it, and the last screen, after every policy route,
-    sends it to the service: see ingress_routes.)"""
+    could take it, the ``/**`` ones, refuse it, and the trailing-slash section after every policy
+    route decides it: see ingress_routes.)"""
     target = patterns.native_target(escaped_literal_chars(policy.routes))
     return [
         (
@@ -92,8 +92,8 @@ def screen_routes(policy: Policy) -> list[tuple[str, list[dict[str, Any]]]]:
     ]
 
 
-# What the screen checks, by name (the report's words): screen_routes's, then the last screen's.
-SCREEN_NAMES = ("method", "target", "_method query", "credentials", "trailing slash")
+# What the screen checks, by name (the report's words).
+SCREEN_NAMES = ("method", "target", "_method query", "credentials")
 
 
 def disabled(*filters: str) -> dict[str, Any]:
@@ -108,56 +108,20 @@ def ingress_routes(
         routes.extend(_to_service(name, {"prefix": "/", "headers": headers}, admission))
     insensitive = policy.path_case is PathCase.INSENSITIVE
     # A path ending in '/' whose path without it a route without /** takes: the /** routes (the only
-    # ones that take such a path) pass it on, to the last screen. Only requests that reach a /**
-    # route pay for the pattern, not those the most specific routes take.
+    # ones that take such a path) pass it on, to the trailing-slash section after every policy route.
+    # Only requests that reach a /** route pay for the pattern, not those the most specific routes take.
     trailing = patterns.trailing_slash_target((plan.parts for plan in plans), insensitive)
     not_trailing = [] if trailing is None else [_path_matcher(trailing, invert=True)]
     # Every native route checks the same screen and token first: built once, copied per route.
-    checks = [*screen_checks(), *token_checks(policy, leeway)]
+    build = _Builder(policy, book, admission, [*screen_checks(), *token_checks(policy, leeway)])
     for plan in plans:
-        match = _match(plan, insensitive)
+        match = _match(plan.parts, plan.methods, insensitive)
         if not_trailing and plan.parts and plan.parts[-1] is REST:
             match["headers"] = [*match.get("headers", []), *not_trailing]
-        name = f"{plan.engine.value}: {plan.route.name}"
-        first = len(routes)
-        if plan.engine is Engine.EXT_AUTHZ:
-            routes.extend(_to_service(name, match, admission))
-        elif plan.engine is Engine.NONE:
-            routes.append(
-                {
-                    "name": name,
-                    "match": match,
-                    "route": {"cluster": APP_CLUSTER},
-                    "metadata": route_metadata(plan.route.name, Reason.PUBLIC),
-                    "typed_per_filter_config": disabled(JWT, RBAC, EXT_AUTHZ),
-                }
-            )
-        else:
-            routes.append(
-                {
-                    "name": name,
-                    "match": match,
-                    "route": {"cluster": APP_CLUSTER},
-                    "metadata": route_metadata(plan.route.name, Reason.ALLOWED),
-                    "typed_per_filter_config": {
-                        **disabled(SCREEN),
-                        RBAC: {
-                            "@type": _RBAC_PER_ROUTE,
-                            "rbac": {
-                                "rules": rules(book, [*checks, *route_checks(policy, plan.route)]),
-                                "rules_stat_prefix": RBAC_STAT_PREFIX,
-                            },
-                        },
-                    },
-                }
-            )
-        if not plan.route.forward_token:
-            for route in routes[first:]:
-                route["request_headers_to_remove"] = [AUTHORIZATION]
+        routes.extend(build.decided(f"{plan.engine.value}: {plan.route.name}", match, (plan,)))
     if trailing is not None:
-        routes.extend(
-            _to_service("screen: trailing slash", {"prefix": "/", "headers": [_path_matcher(trailing)]}, admission)
-        )
+        for entry in trailing_slash_plan(plans, policy.fold):
+            routes.extend(_trailing_slash_route(entry, build, insensitive))
     response, headers = book.direct_response(Reason.NO_ROUTE, NO_ROUTE_TEXT)
     routes.append(
         {
@@ -172,6 +136,74 @@ def ingress_routes(
     return routes
 
 
+def _trailing_slash_route(entry: TrailingSlashEntry, build: _Builder, insensitive: bool) -> list[dict[str, Any]]:
+    """The Envoy routes of one trailing-slash entry (plan.trailing_slash_plan). A pair's entry takes
+    the paths X/ of its ``parts`` (the '' after them: the empty last segment)."""
+    names = " + ".join(side.route.name for side in entry.sides)
+    name = f"{engine_of_all(entry.sides).value}: {names} (trailing slash)"
+    if len(entry.sides) == 1:  # a /** route, the route of both readings: its own decision
+        return build.decided(name, _match(entry.parts, entry.methods, insensitive), entry.sides)
+    return build.decided(name, _match((*entry.parts, ""), entry.methods, insensitive), entry.sides)
+
+
+@dataclass(frozen=True, slots=True)
+class _Builder:
+    """What every decided route is built from: the policy, its answers and the shared checks."""
+
+    policy: Policy
+    book: AnswerBook
+    admission: Admission
+    checks: list[Check]  # the screen's and the token's, first on every native route
+
+    def decided(self, name: str, match: dict[str, Any], sides: tuple[RoutePlan, ...]) -> list[dict[str, Any]]:
+        """Routes deciding a request that must meet every route of ``sides`` (Policy.routes_for's
+        order; decision._decide_all): the service when one falls back to it; else public when all
+        are; else the token checks, then each protected route's checks in order (the first that
+        denies answers, labelled with its route), allowed as the first protected route. The token
+        reaches the app only when every route forwards it."""
+        engine = engine_of_all(sides)
+        if engine is Engine.EXT_AUTHZ:
+            routes = _to_service(name, match, self.admission)
+        elif engine is Engine.NONE:
+            routes = [
+                {
+                    "name": name,
+                    "match": match,
+                    "route": {"cluster": APP_CLUSTER},
+                    "metadata": route_metadata(sides[0].route.name, Reason.PUBLIC),
+                    "typed_per_filter_config": disabled(JWT, RBAC, EXT_AUTHZ),
+                }
+            ]
+        else:
+            guards = [side.route for side in sides if not side.route.public]
+            other = guards[1] if len(guards) > 1 else None
+            checks = [*self.checks]
+            for guard in guards:
+                checks.extend(route_checks(self.policy, guard))
+            routes = [
+                {
+                    "name": name,
+                    "match": match,
+                    "route": {"cluster": APP_CLUSTER},
+                    "metadata": route_metadata(guards[0].name, Reason.ALLOWED, None if other is None else other.name),
+                    "typed_per_filter_config": {
+                        **disabled(SCREEN),
+                        RBAC: {
+                            "@type": _RBAC_PER_ROUTE,
+                            "rbac": {
+                                "rules": rules(self.book, checks, other),
+                                "rules_stat_prefix": RBAC_STAT_PREFIX,
+                            },
+                        },
+                    },
+                }
+            ]
+        if not all(side.route.forward_token for side in sides):
+            for route in routes:
+                route["request_headers_to_remove"] = [AUTHORIZATION]
+        return routes
+
+
 def _path_matcher(regex: str, *, invert: bool = False) -> dict[str, Any]:
     """A header matcher on ``:path`` (query included)."""
     matcher: dict[str, Any] = {"name": ":path", "string_match": {"safe_regex": {"regex": regex}}}
@@ -180,14 +212,14 @@ def _path_matcher(regex: str, *, invert: bool = False) -> dict[str, Any]:
     return matcher
 
 
-def _match(plan: RoutePlan, case_insensitive: bool) -> dict[str, Any]:
-    match: dict[str, Any] = dict(patterns.route_path(plan.parts, case_insensitive))
-    if plan.methods is not None:
-        methods = sorted(plan.methods)
+def _match(parts: tuple[object, ...], methods: frozenset[str] | None, case_insensitive: bool) -> dict[str, Any]:
+    match: dict[str, Any] = dict(patterns.route_path(parts, case_insensitive))
+    if methods is not None:
+        ordered = sorted(methods)
         method = (
-            {"exact": methods[0]}
-            if len(methods) == 1
-            else {"safe_regex": {"regex": "|".join(patterns.re2_literal(m) for m in methods)}}
+            {"exact": ordered[0]}
+            if len(ordered) == 1
+            else {"safe_regex": {"regex": "|".join(patterns.re2_literal(m) for m in ordered)}}
         )
         match["headers"] = [{"name": ":method", "string_match": method}]
     return match

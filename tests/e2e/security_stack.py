@@ -12,12 +12,14 @@ import json
 import re
 import shutil
 import subprocess
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from authz_service._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from authz_service.policy import parse_policy
@@ -317,8 +319,20 @@ def native_denials(stack: SecurityStack, reason: str) -> int:
         30,
         f"Envoy's access log of every request answered ({stack.sent})",
     )
-    denied = re.compile(rf"rbac_access_denied_matched_policy\[\d+-{re.escape(reason)}-a\d+\]")
+    denied = re.compile(rf"rbac_access_denied_matched_policy\[\d+o?-{re.escape(reason)}-a\d+\]")
     return sum(1 for entry in entries if denied.fullmatch(entry.get("response_code_details") or ""))
+
+
+def native_decisions(envoy: EnvoyProcess) -> Counter[tuple[str, ...]]:
+    """Envoy's envoy_authz_native_decisions, as its Prometheus endpoint (the envoy-health listener) shows it."""
+    _, _, body = http_request("GET", envoy.health_url("/stats/prometheus"))
+    counts: Counter[tuple[str, ...]] = Counter()
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if family.name == "envoy_authz_native_decisions":  # an Envoy counter (the parser adds _total)
+                labels = sample.labels
+                counts[(labels["decision"], labels["reason"], labels["route"], labels["status"])] += int(sample.value)
+    return counts
 
 
 def logged(stack: SecurityStack, **fields: object) -> list[dict]:

@@ -46,7 +46,8 @@ import yaml
 from hypothesis import HealthCheck, Phase, example, given, reject, settings
 from hypothesis import strategies as st
 
-from authz_service.policy import PolicyError, parse_policy
+from authz_service.policy import Policy, PolicyError, parse_policy
+from authz_service.request import BadRequest, path_and_segments
 
 from .. import envoyconf
 from .fake_issuer import FakeIssuer, rsa_key
@@ -93,6 +94,7 @@ class Rig:
     requests: int = 0
     examples: int = 0  # generated policies the property served (other tests send requests too)
     native_decided: int = 0  # requests the native Envoy answered without calling the service
+    two_routes: int = 0  # requests ending in '/' that had to meet two routes (Policy.routes_for)
     serving_seconds: float = 0.0  # of it, loading policies and starting native Envoys
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1), repr=False)
 
@@ -194,6 +196,12 @@ ROUTE = st.fixed_dictionaries({
     "forward_token": st.sampled_from([False] * 3 + [True]),
     "bind": st.sampled_from([False] * 3 + [True]),  # custom:tenant bound to the route's first parameter
 })
+# A /** route, "/**" or of one literal or parameter, for any method or the generated ones: beside
+# the generated routes, it often takes paths ending in '/' whose path without it a route without
+# /** takes (two routes to meet: Policy.routes_for).
+CATCH_ALL = st.builds(lambda spec, short, any_method: {**spec, "segments": spec["segments"][:1] if short else [],
+                                                      "rest": True, "methods": None if any_method else spec["methods"]},
+                      ROUTE, st.booleans(), st.booleans())
 DENY = st.one_of(st.none(), st.none(), st.fixed_dictionaries({
     "client_ids": st.lists(st.sampled_from(FAKE_CLIENTS + list(DEV_CLIENTS)), max_size=2, unique=True),
     "jtis": st.lists(st.sampled_from(DENIED_JTIS), max_size=2, unique=True),
@@ -288,7 +296,7 @@ def request(rng: random.Random, rig: Rig, routes: list[dict[str, Any]], issuers:
     path = instantiate(rng, route) if rng.random() < 0.85 else "/" + "/".join(rng.sample(SEGMENTS[:5], 2))
     if rng.random() < 0.25:
         path = mutate(rng, path)
-    if rng.random() < 0.08 and not path.endswith("/"):
+    if rng.random() < 0.15 and not path.endswith("/"):
         path += "/"  # read with and without it (Policy.routes_for)
     target = path + (rng.choice(QUERIES) if rng.random() < 0.5 else "")
     method = rng.choice(route.get("methods") or METHODS) if rng.random() < 0.7 else rng.choice(METHODS)
@@ -302,7 +310,9 @@ def request(rng: random.Random, rig: Rig, routes: list[dict[str, Any]], issuers:
     if rng.random() < 0.04:
         headers.append(rng.choice([("x-http-method-override", "DELETE"), ("x_original_url", "/admin"),
                                    ("x.method.override", "PUT")]))
-    kind, authorization = credentials(rng, rig, route, issuers)
+    # Mostly a token for the route the path came from; else for another route (a path ending in '/'
+    # must meet two: a token for either one alone must not do).
+    kind, authorization = credentials(rng, rig, route if rng.random() < 0.75 else rng.choice(routes), issuers)
     headers.extend(("Authorization", value) for value in authorization)
     return Request(method, target, headers, kind, http2)
 
@@ -489,23 +499,39 @@ def _route(segments: list[str], scopes: list[str]) -> dict[str, Any]:
 # them so; this one always does.
 ESCAPED_LITERALS = [_route(["{id}"], [SCOPES[0]]), _route(["items:batch"], [SCOPES[1]]),
                     _route(["a@b"], [SCOPES[1]]), {**_route([], []), "rest": True, "public": True}]
+# Routes without /** under /** routes, public and protected, with methods: a path ending in '/' must
+# meet both (the /** route's checks first, then the other's; the token forwarded only when both do),
+# a dry-run side sends it to the service, and a method no /** route takes makes it no route.
+TRAILING_SLASHES = [
+    {**_route(["reports", "{id}"], [SCOPES[0]]), "methods": ["GET", "DELETE"]},
+    {**_route(["reports", "export"], [SCOPES[1]]), "methods": ["POST"], "forward_token": True},
+    {**_route(["reports"], [SCOPES[2]]), "rest": True, "methods": ["GET", "POST"], "forward_token": True},
+    {**_route(["tenants", "{t}"], []), "all_scopes": [SCOPES[0], SCOPES[1]], "forward_token": True},
+    {**_route(["tenants", "acme"], [SCOPES[0]]), "public": True},
+    {**_route(["a"], [SCOPES[3]]), "rest": True, "dry_run": True},
+    _route(["a", "{id}"], [SCOPES[0]]),
+    {**_route([], []), "rest": True, "public": True, "methods": ["GET", "HEAD", "DELETE"]},
+]
 
 
-@example(routes=ESCAPED_LITERALS, restricted=False, with_dev=False, path_case="sensitive", deny=None, seed=1)
+@example(routes=ESCAPED_LITERALS, restricted=False, with_dev=False, path_case="sensitive", deny=None, seed=1,
+         catch_all=None)
+@example(routes=TRAILING_SLASHES, restricted=False, with_dev=True, path_case="sensitive", deny=None, seed=2,
+         catch_all=None)
 @settings(max_examples=POLICIES, deadline=None, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                  HealthCheck.filter_too_much])
 @given(routes=st.lists(ROUTE, min_size=1, max_size=6), restricted=st.booleans(), with_dev=st.booleans(),
        path_case=st.sampled_from(["sensitive", "sensitive", "insensitive"]), deny=DENY,
-       seed=st.integers(0, 2**32 - 1))
+       seed=st.integers(0, 2**32 - 1), catch_all=st.one_of(st.none(), CATCH_ALL, CATCH_ALL))
 def test_native_mode_answers_every_request_as_the_service(rig: Rig, routes, restricted: bool, with_dev: bool,
                                                          path_case: str, deny: dict[str, Any] | None,
-                                                         seed: int) -> None:
-    entries = [route_entry(i, spec) for i, spec in enumerate(routes)]
+                                                         seed: int, catch_all: dict[str, Any] | None) -> None:
+    entries = [route_entry(i, spec) for i, spec in enumerate(routes + ([catch_all] if catch_all else []))]
     text = policy_yaml(rig.fake, rig.dev, entries, restricted=restricted, with_dev=with_dev, path_case=path_case,
                        deny=deny)
     try:
-        parse_policy(text)
+        policy = parse_policy(text)
     except PolicyError:
         reject()  # e.g. two routes of equal specificity, a parameter named twice: never served
     rig.examples += 1
@@ -525,10 +551,20 @@ def test_native_mode_answers_every_request_as_the_service(rig: Rig, routes, rest
             assert native == reference, (f"{req.method} {req.target} ({req.token} credentials, HTTP/"
                                          f"{'2' if req.http2 else '1.1'}, headers {shown})\n"
                                          f"policy:\n{text}\next_authz: {reference}\nnative:    {native}")
+            rig.two_routes += meets_two_routes(policy, req)
     finally:
         for client in clients:
             client.close()
     rig.native_decided += native_answers(rig.native) - decided_before
+
+
+def meets_two_routes(policy: Policy, req: Request) -> bool:
+    """The request's path ends in '/' and it had to meet two routes, as written and without the '/'."""
+    try:
+        _, segments = path_and_segments(req.target)
+    except BadRequest:
+        return False
+    return bool(segments) and not segments[-1] and len(policy.routes_for(req.method.upper(), segments)) == 2
 
 
 def native_answers(envoy: EnvoyProcess) -> int:
@@ -547,10 +583,38 @@ def test_the_property_sent_enough_requests_natively_decided(rig: Rig) -> None:
     service's answers relayed twice)."""
     if rig.examples == 0:  # a shuffled order (make test-stress) may run this first
         pytest.skip("the parity property has not run before this test in this session")
-    print(f"parity: {rig.requests} requests, {rig.native_decided} decided natively; "
+    print(f"parity: {rig.requests} requests, {rig.native_decided} decided natively, {rig.two_routes} ending in '/' "
+          "that had to meet two routes; "
           f"{rig.serving_seconds:.1f} s of the run loading policies and starting native Envoys")
     assert rig.requests >= 5000, rig.requests
     assert rig.native_decided >= rig.requests // 4, (rig.native_decided, rig.requests)
+    assert rig.two_routes >= rig.requests // 200, (rig.two_routes, rig.requests)
+
+
+def test_every_pair_of_routes_a_trailing_slash_meets_is_decided_as_the_service_decides(rig: Rig) -> None:
+    """TRAILING_SLASHES, every method and path ending in '/' it routes differently, with tokens that
+    meet either route of a pair alone, both, or neither: the same answers in both modes, and Envoy
+    decides all but the dry-run pair's itself."""
+    entries = [route_entry(i, spec) for i, spec in enumerate(TRAILING_SLASHES)]
+    serve(rig, policy_yaml(rig.fake, rig.dev, entries, restricted=False, with_dev=False))
+    assert rig.native is not None
+    scopes = ["", SCOPES[0], SCOPES[2], f"{SCOPES[0]} {SCOPES[2]}", f"{SCOPES[0]} {SCOPES[1]}", " ".join(SCOPES)]
+    tokens = {"no token": []} | {f"scope {scope!r}": [("Authorization", f"Bearer {rig.fake.token('payments-reader', scope)}")]
+                                 for scope in scopes}
+    paths = ["/reports/7/", "/reports/export/", "/reports/", "/tenants/7/", "/tenants/acme/", "/a/7/", "/x/"]
+    clients = (Client(rig.reference.listener_port), Client(rig.native.listener_port))
+    decided_before, service_before = native_answers(rig.native), rig.requests
+    try:
+        for path in paths:
+            for method in ("GET", "HEAD", "POST", "DELETE", "PUT"):
+                for kind, headers in tokens.items():
+                    reference, native = both(rig, clients, Request(method, path, headers, kind))
+                    assert native == reference, (method, path, kind, reference, native)
+    finally:
+        for client in clients:
+            client.close()
+    decided = native_answers(rig.native) - decided_before
+    assert decided == rig.requests - service_before - 5 * len(tokens), decided  # /a/7/: the dry-run /a/**
 
 
 def test_keys_unavailable_is_the_same_503(rig: Rig) -> None:

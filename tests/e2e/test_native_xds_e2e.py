@@ -52,6 +52,7 @@ from .harness import (
 from .security_stack import (
     ROUTES,
     SecurityStack,
+    native_decisions,
     envoy_fetches,
     listener_version,
     listeners_taken_up,
@@ -362,25 +363,12 @@ def service_decisions(s: SecurityStack) -> Counter[tuple[str, ...]]:
     return counts
 
 
-def native_decisions(envoy: EnvoyProcess) -> Counter[tuple[str, ...]]:
-    """Envoy's envoy_authz_native_decisions, as its Prometheus endpoint (the envoy-health listener) shows it."""
-    _, _, body = http_request("GET", envoy.health_url("/stats/prometheus"))
-    counts: Counter[tuple[str, ...]] = Counter()
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            if family.name == "envoy_authz_native_decisions":  # an Envoy counter (the parser adds _total)
-                labels = sample.labels
-                counts[(labels["decision"], labels["reason"], labels["route"], labels["status"])] += int(sample.value)
-    return counts
-
-
-def test_native_decisions_are_counted_as_the_service_counts_them(stack: SecurityStack, envoy_factory) -> None:
-    """The same requests through an ext_authz Envoy (the service decides all) and through the native
-    one (Envoy decides what it can): the service's counts of the first are the sum of the service's
-    and Envoy's counts of the second, label for label."""
-    s = stack
+def counted_both_ways(s: SecurityStack, envoy_factory, requests: list[tuple[str, str, list[tuple[str, str]]]],
+                      native_count: int) -> tuple[Counter, Counter]:
+    """``requests`` through an ext_authz Envoy (the service decides all) and through the native one
+    (Envoy decides what it can): the service's counts of the first are the sum of the service's and
+    Envoy's counts of the second, label for label. Returns (Envoy's, the service's in native mode)."""
     reference = envoy_factory(s.service.grpc_port)
-    requests = decision_requests(s)
 
     def through(envoy: EnvoyProcess) -> list[int]:
         return [http_request(method, envoy.url(path), headers)[0] for method, path, headers in requests]
@@ -390,10 +378,17 @@ def test_native_decisions_are_counted_as_the_service_counts_them(stack: Security
     by_service = service_decisions(s) - before
     before, native_before = service_decisions(s), native_decisions(s.envoy)
     assert through(s.envoy) == statuses
-    native = wait_for(lambda: (n := native_decisions(s.envoy) - native_before) and sum(n.values()) >= 11 and n, 10,
-                      "Envoy's native decision stats")
+    native = wait_for(lambda: (n := native_decisions(s.envoy) - native_before) and sum(n.values()) >= native_count
+                      and n, 10, "Envoy's native decision stats")
     in_native_mode = service_decisions(s) - before
     assert in_native_mode + native == by_service, (in_native_mode, native, by_service)
+    return native, in_native_mode
+
+
+def test_native_decisions_are_counted_as_the_service_counts_them(stack: SecurityStack, envoy_factory) -> None:
+    """One request of each kind of decision, counted alike in both modes (counted_both_ways)."""
+    s = stack
+    native, in_native_mode = counted_both_ways(s, envoy_factory, decision_requests(s), 11)
     assert native == Counter({
         ("allow", "allowed", "create-transaction", "200"): 1, ("allow", "allowed", "get-transaction", "200"): 2,
         ("deny", "missing_token", "create-transaction", "401"): 1,
@@ -405,3 +400,38 @@ def test_native_decisions_are_counted_as_the_service_counts_them(stack: Security
         ("deny", "bad_request", "no_route", "400"): 1})
     assert set(in_native_mode) == {("deny", "bad_signature", "create-transaction", "401"),
                                    ("deny", "expired", "create-transaction", "401")}
+
+
+ADMIN_ITEM = """\
+  - name: admin-item
+    methods: [GET]
+    path: /admin/report/{id}
+    scopes: [transactions/get]
+"""
+
+
+def test_a_trailing_slash_under_two_protected_routes_is_counted_with_the_route_that_denied(
+        stack: SecurityStack, envoy_factory) -> None:
+    """/admin/report/7/ must meet /admin/** as written, then /admin/report/{id} without the '/':
+    Envoy decides it and labels the decision as the service does: allowed as the first route, a
+    denial with the route that denied (its checks come second: their own stats logger)."""
+    s = stack
+    taken_up = listeners_taken_up(s.envoy)
+    serve(s, policy_text(s.fake, s.dev, ADMIN_ITEM))
+    wait_for_listener(s.envoy, serving(s)["sha256"], taken_up)
+    fake = s.fake
+
+    def bearer(scope: str) -> list[tuple[str, str]]:
+        return [("Authorization", f"Bearer {fake.token(scope=scope)}")]
+
+    requests = [("GET", "/admin/report/7/", bearer("admin/all transactions/get")),  # allowed
+                ("GET", "/admin/report/7/", bearer("admin/all")),  # insufficient_scope: admin-item's
+                ("GET", "/admin/report/7/", bearer("transactions/get")),  # insufficient_scope: admin's
+                ("GET", "/admin/report/7/", []),  # missing_token: admin's, the first route
+                ("GET", "/transactions/7/", bearer("transactions/get"))]  # no /** route takes it: no_route
+    native, in_native_mode = counted_both_ways(s, envoy_factory, requests, len(requests))
+    assert native == Counter({
+        ("allow", "allowed", "admin", "200"): 1, ("deny", "insufficient_scope", "admin-item", "403"): 1,
+        ("deny", "insufficient_scope", "admin", "403"): 1, ("deny", "missing_token", "admin", "401"): 1,
+        ("deny", "no_route", "no_route", "403"): 1})
+    assert not in_native_mode
