@@ -104,7 +104,7 @@ class Load:
         return "distinct tokens, each a signature verification" if self.cold else "warm tokens"
 
 
-RBAC, JWT, EXT_AUTHZ = "authz.rbac", "authz.jwt", "envoy.filters.http.ext_authz"
+RBAC, SHARED, JWT, EXT_AUTHZ = "authz.rbac", "authz.shared", "authz.jwt", "envoy.filters.http.ext_authz"
 ROUTE_REASONS = {reason.value for reason in UNMET_REASONS.values()}
 
 
@@ -120,8 +120,8 @@ def _routes(cfg: Config) -> list[Config]:
 
 
 def _rbac_rules(cfg: Config) -> list[dict[str, Config]]:
-    """The policies of the RBAC filter and of every route's RBAC config."""
-    out = [envoyconf.http_filter(cfg, RBAC, "ingress")["rules"]["policies"]]
+    """The policies of the native RBAC filters (the shared checks') and of every route's RBAC config."""
+    out = [envoyconf.http_filter(cfg, name, "ingress")["rules"]["policies"] for name in (SHARED, RBAC)]
     for route in _routes(cfg):
         per_route = route.get("typed_per_filter_config", {}).get(RBAC, {})
         if "rbac" in per_route:
@@ -154,12 +154,13 @@ def drop_checks(kind: str) -> Callable[[Config], None]:
     return drop
 
 
-def drop_filter(name: str) -> Callable[[Config], None]:
+def drop_filter(*names: str) -> Callable[[Config], None]:
     def drop(cfg: Config) -> None:
         hcm = _hcm(cfg)
-        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != name]
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] not in names]
         for route in _routes(cfg):
-            route.get("typed_per_filter_config", {}).pop(name, None)
+            for name in names:
+                route.get("typed_per_filter_config", {}).pop(name, None)
 
     return drop
 
@@ -207,7 +208,7 @@ STEPS: list[tuple[str, Callable[[Config], None]]] = [
     ("RBAC: iat in the future (CEL)", drop_checks("iat")),
     ("RBAC: the other token checks (header and metadata matchers)", drop_checks("token")),
     ("RBAC: the route's conditions", drop_checks("route")),
-    ("RBAC filter (no checks left)", drop_filter(RBAC)),
+    ("RBAC filters: the shared checks' and the route's (no checks left)", drop_filter(SHARED, RBAC)),
     ("ext_authz filter (composite behind a matcher: not created, no Check)", drop_filter(EXT_AUTHZ)),
     ("jwt_authn: claims to headers", drop_provider_field("claim_to_headers")),
     ("jwt_authn: JOSE header in metadata", drop_provider_field("header_in_metadata")),
@@ -255,13 +256,9 @@ def configurations(compiled: Config, bench: Bench) -> list[tuple[str, Callable[[
 # --- other ways of writing some parts, for their cost ---------------------------------------------
 
 
-def _native_policies(cfg: Config) -> list[dict[str, Config]]:
-    """The RBAC policies of every native route (the checks a natively decided request meets)."""
-    return [
-        route["typed_per_filter_config"][RBAC]["rbac"]["rules"]["policies"]
-        for route in _routes(cfg)
-        if route["name"].startswith("native: ")
-    ]
+def _shared_policies(cfg: Config) -> dict[str, Config]:
+    """The RBAC policies every native route checks first (the screen's and the token's)."""
+    return envoyconf.http_filter(cfg, SHARED, "ingress")["rules"]["policies"]
 
 
 def _override_spellings() -> list[str]:
@@ -298,12 +295,12 @@ def lua_override_screen(cfg: Config) -> None:
 
 
 def rbac_only_when_verified(cfg: Config) -> None:
-    """RBAC created, like ext_authz, by the composite filter's matcher: only for a request with a
-    verified token (ext_authz for any other), so no check needs to ask whether a token was verified,
-    and the missing-token check goes (the service answers it)."""
+    """The shared checks' RBAC created, like ext_authz, by the composite filter's matcher: only for a
+    request with a verified token (ext_authz for any other), so none of them needs to ask whether a
+    token was verified, and the missing-token check goes (the service answers it)."""
     filters = _hcm(cfg)["http_filters"]
     names = [f["name"] for f in filters]
-    rbac, composite = filters[names.index(RBAC)], filters[names.index(EXT_AUTHZ)]
+    rbac, composite = filters[names.index(SHARED)], filters[names.index(EXT_AUTHZ)]
     matcher = composite["typed_config"]["xds_matcher"]["matcher_list"]["matchers"][0]
     matcher["on_match"] = {
         "action": {
@@ -314,27 +311,27 @@ def rbac_only_when_verified(cfg: Config) -> None:
             },
         }
     }
-    composite["typed_config"]["extension_config"]["name"] = RBAC
-    filters[names.index(RBAC)] = {"name": RBAC, "typed_config": composite["typed_config"]}
+    composite["typed_config"]["extension_config"]["name"] = SHARED
+    filters[names.index(SHARED)] = {"name": SHARED, "typed_config": composite["typed_config"]}
     filters.remove(composite)
     for route in _routes(cfg):
         route.get("typed_per_filter_config", {}).pop(EXT_AUTHZ, None)
-    for policies in _native_policies(cfg):
-        for name in list(policies):
-            if name.split("-")[1] == "missing_token":
-                del policies[name]
-                continue
-            principals = policies[name]["principals"]
-            if principals == [VERIFIED]:
-                principals[:] = [{"any": True}]
-            elif "and_ids" in principals[0]:
-                ids = [p for p in principals[0]["and_ids"]["ids"] if p != VERIFIED]
-                principals[:] = ids if len(ids) == 1 else [{"and_ids": {"ids": ids}}]
+    policies = rbac["typed_config"]["rules"]["policies"]
+    for name in list(policies):
+        if name.split("-")[1] == "missing_token":
+            del policies[name]
+            continue
+        principals = policies[name]["principals"]
+        if principals == [VERIFIED]:
+            principals[:] = [{"any": True}]
+        elif "and_ids" in principals[0]:
+            ids = [p for p in principals[0]["and_ids"]["ids"] if p != VERIFIED]
+            principals[:] = ids if len(ids) == 1 else [{"and_ids": {"ids": ids}}]
 
 
 def one_cel_condition(cfg: Config) -> None:
     """The token size and iat checks in one policy whose CEL condition is either of theirs."""
-    for policies in _native_policies(cfg):
+    for policies in [_shared_policies(cfg)]:
         (size,) = [n for n, p in policies.items() if kind_of(n, p) == "token size"]
         (iat,) = [n for n, p in policies.items() if kind_of(n, p) == "iat"]
         either = [policies.pop(size)["condition"], policies[iat]["condition"]]
@@ -347,7 +344,7 @@ def merged_claim_checks(cfg: Config) -> None:
     from authz_service.claims import SCOPE_TOKEN
 
     valid_text = r"(?s)[^ \t\x00-\x1f\x7f](?:[^\x00-\x08\x0a-\x1f\x7f]*[^ \t\x00-\x1f\x7f])?"
-    for policies in _native_policies(cfg):
+    for policies in [_shared_policies(cfg)]:
         token = [n for n, p in policies.items() if kind_of(n, p) == "token"]
         # Not the issuer's client allow-list (exact client ids), if the policy has one.
         client = [
