@@ -44,7 +44,7 @@ from . import patterns
 from .answers import AnswerBook
 from .checks import Check, route_checks, rules, screen_checks, token_checks
 from .decisions import route_metadata
-from .plan import Engine, RoutePlan, TrailingSlashEntry, engine_of_all, trailing_slash_plan
+from .plan import Engine, RoutePlan, TrailingSlashEntry, engine_of_all, meet, trailing_slash_plan
 
 SCREEN, JWT, SHARED, RBAC = "authz.screen", "authz.jwt", "authz.shared", "authz.rbac"
 # Each RBAC filter's stat prefix, which also names its dynamic metadata (decisions.py).
@@ -123,12 +123,17 @@ def ingress_routes(
     # ones that take such a path) pass it on, to the trailing-slash section after every policy route.
     # Only requests that reach a /** route pay for the pattern, not those the most specific routes take.
     trailing = patterns.trailing_slash_target((plan.parts for plan in plans), insensitive)
-    not_trailing = [] if trailing is None else [_path_matcher(trailing, invert=True)]
+    exacts = [plan.parts for plan in plans if plan.parts and plan.parts[-1] is not REST]
     build = _Builder(policy, book, admission, shared)
     for plan in plans:
         match = _match(plan.parts, plan.methods, insensitive)
-        if not_trailing and plan.parts and plan.parts[-1] is REST:
-            match["headers"] = [*match.get("headers", []), *not_trailing]
+        if trailing is not None and plan.parts and plan.parts[-1] is REST:
+            # Only the paths this route can take: each copy of the whole pattern would cost Envoy
+            # memory for every route of the policy, on every /** route.
+            below = [parts for parts in exacts if meet(plan.parts[:-1], parts, policy.fold) is not None]
+            own = patterns.trailing_slash_target(below, insensitive)
+            if own is not None:
+                match["headers"] = [*match.get("headers", []), _path_matcher(own, invert=True)]
         routes.extend(build.decided(f"{plan.engine.value}: {plan.route.name}", match, (plan,)))
     if trailing is not None:
         for entry in trailing_slash_plan(plans, policy.fold):
