@@ -37,6 +37,11 @@ part is taken away only once nothing that needs it is left), and the service run
                under a /** route of its own, beside a public /**: every path ending in '/' under
                them meets two routes), of this checkout and of REV, alternately, round after round.
 
+  --memory-pieces ROUTES[,ROUTES...]
+               Envoy's heap, just started, on this checkout's compiled memory_policy of each size,
+               and on it without one piece at a time (MEMORY_PIECES): what each piece costs in
+               memory, and the figures sizing.py's model was fitted to.
+
   --cold       every measured request carries a token the Envoy has not seen (rows 5n and 5c's
                load: each one a signature verification, after a warm-up on other tokens), instead
                of the few warm tokens every request repeats. A configuration whose verified-token
@@ -86,6 +91,7 @@ from authz_service.decision import UNMET_REASONS
 from authz_service.native.bootstrap import EXECUTE_FILTER
 from authz_service.native.checks import PAYLOAD, VERIFIED, and_, metadata, not_, present, regex
 from authz_service.request import override_spellings
+from tests.e2e.harness import sized_routes
 
 Config = dict[str, Any]
 COLD_TOKENS = 60_000  # distinct tokens for --cold: more than ~6 s of the compiled policy's cold rate
@@ -167,6 +173,8 @@ def drop_filter(*names: str) -> Callable[[Config], None]:
 
 def drop_decision_stats(cfg: Config) -> None:
     _hcm(cfg).pop("access_log", None)  # the bench's shape keeps only the stats loggers
+    # and their table of denial reasons
+    envoyconf.listener(cfg, "ingress").get("metadata", {}).get("filter_metadata", {}).pop("authz", None)
 
 
 def drop_mappers(cfg: Config) -> None:
@@ -563,16 +571,9 @@ def compare(bench: Bench, args: argparse.Namespace, configs: dict[str, Config]) 
 
 
 def memory_policy(policy: Path, routes: int) -> Path:
-    """The bench's policy (its issuer) with ``routes`` routes: per service, GET /svcN/items/{id}
-    and POST /svcN/items (protected, without /**) under /svcN/** (protected), and a public /**."""
+    """The bench's policy (its issuer) with about ``routes`` routes (harness.sized_routes)."""
     doc = yaml.safe_load(policy.read_text())
-    doc["routes"] = [{"name": "everything-else", "path": "/**", "public": True}]
-    for n in range((routes - 1) // 3):
-        doc["routes"] += [
-            {"name": f"get-{n}", "methods": ["GET"], "path": f"/svc{n}/items/{{id}}", "scopes": [f"svc{n}/read"]},
-            {"name": f"create-{n}", "methods": ["POST"], "path": f"/svc{n}/items", "scopes": [f"svc{n}/write"]},
-            {"name": f"svc-{n}", "path": f"/svc{n}/**", "scopes": [f"svc{n}/admin"]},
-        ]
+    doc["routes"] = sized_routes(routes)
     out = policy.with_name(f"policy-{len(doc['routes'])}-routes.yaml")
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
     return out
@@ -582,6 +583,71 @@ def envoy_allocated(admin_port: int) -> int:
     """Envoy's heap in use: tcmalloc's allocated bytes (admin /memory)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/memory", timeout=5) as r:
         return int(json.load(r)["allocated"])
+
+
+def drop_route_checks(cfg: Config) -> None:
+    """Every route's own RBAC checks (its RBAC config stays, empty)."""
+    for route in _routes(cfg):
+        per_route = route.get("typed_per_filter_config", {}).get(RBAC, {})
+        if "rbac" in per_route:
+            per_route["rbac"]["rules"]["policies"] = {}
+
+
+def drop_shared_checks(cfg: Config) -> None:
+    envoyconf.http_filter(cfg, SHARED, "ingress")["rules"]["policies"] = {}
+
+
+def drop_trailing_slash_routes(cfg: Config) -> None:
+    _routes(cfg)[:] = [r for r in _routes(cfg) if not r["name"].endswith("(trailing slash)")]
+
+
+# Each taken away alone from the compiled policy, for what it holds in Envoy's heap.
+MEMORY_PIECES: list[tuple[str, Callable[[Config], None]]] = [
+    ("the decision stats (loggers and the reasons table)", drop_decision_stats),
+    ("the local reply mappers (one per distinct answer)", drop_mappers),
+    ("every route's own checks (RBAC per-route policies)", drop_route_checks),
+    ("the shared checks (screen and token, one RBAC filter)", drop_shared_checks),
+    ("the trailing-slash routes (and their checks)", drop_trailing_slash_routes),
+]
+
+
+def memory_pieces(bench: Bench, args: argparse.Namespace, policy: Path, grpc_port: int, http_port: int) -> None:
+    """Envoy's heap just started on each size's compiled policy, whole and without each piece."""
+    rows: list[tuple[int, int, int, str, float]] = []  # policy routes, Envoy routes, listener bytes, label, MB
+    for size in (int(n) for n in args.memory_pieces.split(",")):
+        sized = memory_policy(policy, size)
+        routes = len(yaml.safe_load(sized.read_text())["routes"])
+        compiled = render_native(
+            sized, listener_port=free_port(), admin_port=free_port(), grpc_port=grpc_port, http_port=http_port
+        )
+        variants = [("compiled", compiled)]
+        for label, drop in MEMORY_PIECES:
+            variant = copy.deepcopy(compiled)
+            drop(variant)
+            variants.append((f"- {label}", variant))
+        for i, (label, cfg) in enumerate(variants):
+            print(f"{routes} routes: {label}", flush=True)
+            admin = free_port()
+            placed = at(cfg, free_port(), admin)
+            proc, _ = bench.start_envoy(placed, f"pieces-{i}")
+            heap = envoy_allocated(admin) / 1e6
+            proc.stop()
+            bench.procs.remove(proc)
+            listener = json.dumps(envoyconf.listener(cfg, "ingress"), separators=(",", ":"))
+            rows.append((routes, len(_routes(cfg)), len(listener), label, heap))
+    print()
+    print(f"Machine: {machine()}")
+    print(
+        f"Command: bench/native_costs.py --memory-pieces {args.memory_pieces} (memory_policy; Envoy "
+        "--concurrency 1, just started; tcmalloc allocated; one start each: the figure repeats to 0.1 MB)"
+    )
+    print()
+    print("| policy routes | configuration | Envoy routes | listener JSON, KB | Envoy heap, MB | piece, MB |")
+    print("|---:|---|---:|---:|---:|---:|")
+    whole = {routes: heap for routes, _, _, label, heap in rows if label == "compiled"}
+    for routes, envoy_routes, size, label, heap in rows:
+        piece = "-" if label == "compiled" else f"{whole[routes] - heap:.1f}"
+        print(f"| {routes} | {label} | {envoy_routes} | {size / 1e3:,.0f} | {heap:.1f} | {piece} |")
 
 
 def memory(bench: Bench, args: argparse.Namespace, policy: Path, grpc_port: int, http_port: int) -> None:
@@ -640,6 +706,12 @@ def main() -> None:
     parser.add_argument(
         "--memory", type=int, default=0, metavar="ROUTES", help="with --compare-rev: Envoy's heap for ROUTES routes"
     )
+    parser.add_argument(
+        "--memory-pieces",
+        default="",
+        metavar="ROUTES[,ROUTES...]",
+        help="Envoy's heap for each size's compiled policy, whole and without each piece",
+    )
     args = parser.parse_args()
     args.instructions = args.instructions or args.alternatives
     if args.instructions and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
@@ -657,6 +729,9 @@ def main() -> None:
         service, grpc_port, http_port = bench.start_service(policy, 1, name="service-costs")
         bench.procs.remove(service)  # one service for every configuration: it only serves the keys
         running.callback(service.stop)
+        if args.memory_pieces:
+            memory_pieces(bench, args, policy, grpc_port, http_port)
+            return
         if args.memory:
             if not args.compare_rev:
                 raise SystemExit("--memory compares two revisions: give --compare-rev")

@@ -44,7 +44,7 @@ from .decisions import RbacPrefixes, add_decision_stats
 from .jwt import SERVICE_HTTP_CLUSTER, jwt_authn
 from .options import Address, Options
 from .patterns import re2_literal
-from .plan import RoutePlan, plan
+from .plan import Engine, RoutePlan, plan
 from .routes import (
     EXT_AUTHZ,
     JWT,
@@ -59,6 +59,7 @@ from .routes import (
     ingress_routes,
     shared_checks,
 )
+from .sizing import HeapBudget, check_fits, heap_budget, set_heap_cap
 
 HCM = "envoy.filters.network.http_connection_manager"
 RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
@@ -79,6 +80,7 @@ RE2_PROGRAM_SIZE = 65536
 # token, hundreds of times). None: streams racing the GOAWAY are refused (REFUSED_STREAM), which
 # RFC 9113 section 8.7 lets clients retry on a new connection, under the new listener.
 DRAIN_TIMEOUT = "0s"
+MIN_HEAP_CAP_MIB = 64
 
 
 class TemplateError(ValueError):
@@ -95,6 +97,7 @@ class Compiled:
     listeners: list[dict[str, Any]]
     clusters: list[dict[str, Any]]
     static: dict[str, Any] = field(repr=False)  # admin, overload_manager, layered_runtime
+    heap: HeapBudget  # Envoy's expected heap against its cap (sizing.py)
 
     def bootstrap(self) -> dict[str, Any]:
         """The whole bootstrap, every resource static."""
@@ -148,7 +151,9 @@ def compile_policy(policy: Policy, options: Options | None = None) -> Compiled:
         **NODE,
         "metadata": {"authz_policy_sha256": policy.sha256, "authz_policy_source": policy.source},
     }
-    return Compiled(policy, options, plans, [listeners[INGRESS], parts.health], parts.clusters, parts.static)
+    heap = heap_budget(listeners[INGRESS], parts.static)
+    check_fits(heap, policy.source, sum(1 for p in plans if p.engine is Engine.NATIVE))
+    return Compiled(policy, options, plans, [listeners[INGRESS], parts.health], parts.clusters, parts.static, heap)
 
 
 DECISION_PREFIXES = RbacPrefixes(
@@ -180,6 +185,8 @@ def _static_parts(template: dict[str, Any], listeners: dict[str, dict[str, Any]]
     clusters[SERVICE_HTTP_CLUSTER] = _service_http_cluster(options.service_http)
     static = {key: value for key, value in template.items() if key != "static_resources"}
     _set_address(static["admin"], options.admin)
+    if options.heap_cap_mib is not None:
+        set_heap_cap(static, options.heap_cap_mib)
     static["layered_runtime"] = {
         "layers": [{"name": "native", "static_layer": {"re2.max_program_size.error_level": RE2_PROGRAM_SIZE}}]
     }
@@ -194,6 +201,11 @@ def _check_options(options: Options) -> None:
                 f"--{name.replace('_', '-')} {address}: Envoy connects there, so name an address "
                 "(e.g. 127.0.0.1), not 0.0.0.0 or ::"
             )
+    if options.heap_cap_mib is not None and options.heap_cap_mib < MIN_HEAP_CAP_MIB:
+        raise ValueError(
+            f"--heap-cap {options.heap_cap_mib}: at least {MIN_HEAP_CAP_MIB} MiB (Envoy's own heap, with no "
+            "policy and no connections, is ~11 MB)"
+        )
     if options.leeway < 2:
         raise ValueError(
             f"--leeway {options.leeway}: at least 2 seconds (jwt_authn's clock skew is one second "
