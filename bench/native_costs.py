@@ -339,11 +339,11 @@ def rbac_only_when_verified(cfg: Config) -> None:
 
 def one_cel_condition(cfg: Config) -> None:
     """The token size and iat checks in one policy whose CEL condition is either of theirs."""
-    for policies in [_shared_policies(cfg)]:
-        (size,) = [n for n, p in policies.items() if kind_of(n, p) == "token size"]
-        (iat,) = [n for n, p in policies.items() if kind_of(n, p) == "iat"]
-        either = [policies.pop(size)["condition"], policies[iat]["condition"]]
-        policies[iat]["condition"] = {"call_expr": {"function": "_||_", "args": either}}
+    policies = _shared_policies(cfg)
+    (size,) = [n for n, p in policies.items() if kind_of(n, p) == "token size"]
+    (iat,) = [n for n, p in policies.items() if kind_of(n, p) == "iat"]
+    either = [policies.pop(size)["condition"], policies[iat]["condition"]]
+    policies[iat]["condition"] = {"call_expr": {"function": "_||_", "args": either}}
 
 
 def merged_claim_checks(cfg: Config) -> None:
@@ -352,22 +352,20 @@ def merged_claim_checks(cfg: Config) -> None:
     from authz_service.claims import SCOPE_TOKEN
 
     valid_text = r"(?s)[^ \t\x00-\x1f\x7f](?:[^\x00-\x08\x0a-\x1f\x7f]*[^ \t\x00-\x1f\x7f])?"
-    for policies in [_shared_policies(cfg)]:
-        token = [n for n, p in policies.items() if kind_of(n, p) == "token"]
-        # Not the issuer's client allow-list (exact client ids), if the policy has one.
-        client = [
-            n
-            for n in token
-            if '"key": "client_id"' in json.dumps(policies[n]) and '"exact"' not in json.dumps(policies[n])
-        ]
-        scope = [n for n in token if '"key": "scope"' in json.dumps(policies[n])]
-        for name in client[1:] + scope[1:]:
-            del policies[name]
-        valid_scope = f"(?:{SCOPE_TOKEN}(?: {SCOPE_TOKEN})*)?"
-        policies[client[0]]["principals"] = [and_(VERIFIED, not_(metadata(PAYLOAD, "client_id", regex(valid_text))))]
-        policies[scope[0]]["principals"] = [
-            and_(present(PAYLOAD, "scope"), not_(metadata(PAYLOAD, "scope", regex(valid_scope))))
-        ]
+    policies = _shared_policies(cfg)
+    token = [n for n, p in policies.items() if kind_of(n, p) == "token"]
+    # Not the issuer's client allow-list (exact client ids), if the policy has one.
+    client = [
+        n for n in token if '"key": "client_id"' in json.dumps(policies[n]) and '"exact"' not in json.dumps(policies[n])
+    ]
+    scope = [n for n in token if '"key": "scope"' in json.dumps(policies[n])]
+    for name in client[1:] + scope[1:]:
+        del policies[name]
+    valid_scope = f"(?:{SCOPE_TOKEN}(?: {SCOPE_TOKEN})*)?"
+    policies[client[0]]["principals"] = [and_(VERIFIED, not_(metadata(PAYLOAD, "client_id", regex(valid_text))))]
+    policies[scope[0]]["principals"] = [
+        and_(present(PAYLOAD, "scope"), not_(metadata(PAYLOAD, "scope", regex(valid_scope))))
+    ]
 
 
 def loose_token_pattern(cfg: Config) -> None:
