@@ -6,6 +6,7 @@ expectation stays above a real Envoy's heap: tests/e2e/test_native_memory_e2e.py
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import yaml
 from authz_service.config import option
 from authz_service.native.bootstrap import compile_policy
 from authz_service.native.options import Options
-from authz_service.native.sizing import HEAP_OVER_CAP, MIB, heap_cap
+from authz_service.native.sizing import HEAP_OVER_CAP, MIB, check_fits, heap_cap
 from authz_service.policy import PolicyError, parse_policy
 
 from . import envoyconf
@@ -75,3 +76,16 @@ def test_compile_envoy_reports_the_heap_and_refuses_with_the_code(tmp_path: Path
     assert run.stderr.rstrip().endswith(f"[{HEAP_OVER_CAP}]") and str(policy) in run.stderr
     run = cli("compile", "envoy", str(policy), "--heap-cap", "32")
     assert run.returncode == 2 and "--heap-cap 32: at least 64 MiB" in run.stderr
+
+
+def test_the_xds_form_needs_room_for_the_old_listener_beside_the_new_one() -> None:
+    """serve --native-xds-dir checks the policy's listener twice over (Envoy drains the old one
+    while the new one serves), so a policy can fit a static bootstrap and not the xDS form."""
+    at_rest = compile_policy(parse_policy(policy_text(900)), Options(heap_cap_mib=64)).heap
+    assert at_rest.fits
+    changing = replace(at_rest, changing=True)
+    assert changing.needed_bytes > at_rest.needed_bytes == at_rest.expected_bytes and not changing.fits
+    with pytest.raises(PolicyError) as refused:
+        check_fits(changing, "policy.yaml", 600)
+    assert refused.value.code == HEAP_OVER_CAP and "while a policy change holds" in str(refused.value)
+    check_fits(replace(changing, cap_bytes=changing.cap_needed_mib * MIB), "policy.yaml", 600)

@@ -37,7 +37,7 @@ import ipaddress
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config import Settings
@@ -47,7 +47,7 @@ from ..waiting import set_within
 from .bootstrap import compile_policy
 from .options import Address, Options
 from .plan import Engine
-from .sizing import HeapBudget
+from .sizing import HeapBudget, check_fits
 from .xds import LISTENERS_FILE, listener_text, write_atomically
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,9 @@ class NativeControlPlane:
     def _compile(self, policy: Policy) -> Listener:
         try:
             compiled = compile_policy(policy, self.options)
+            # Envoy holds the old listener beside this one while its connections drain.
+            heap = replace(compiled.heap, changing=True)
+            check_fits(heap, policy.source, sum(1 for p in compiled.plans if p.engine is Engine.NATIVE))
             text = listener_text(compiled)
         except PolicyError as exc:  # e.g. it would not fit Envoy's heap (sizing.py): said as it is
             raise PolicyError(
@@ -160,7 +163,7 @@ class NativeControlPlane:
         engines: dict[str, list[str]] = {engine.value: [] for engine in Engine}
         for plan in compiled.plans:
             engines[plan.engine.value].append(plan.route.name)
-        return Listener(policy.sha256, text, engines, compiled.heap)
+        return Listener(policy.sha256, text, engines, heap)
 
     def _listener(self, policy: Policy) -> Listener:
         prepared = self._prepared

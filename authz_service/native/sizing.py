@@ -6,7 +6,9 @@ caps that heap (``overload_manager``, ``fixed_heap``): past its first overload a
 load, and at 95% it answers every request 503. A policy whose routes alone would take Envoy there
 is refused when it is compiled (by ``compile envoy``, and by ``serve --native-xds-dir`` at start and
 at each reload: the previous policy keeps serving), with the fix, instead of an Envoy that answers
-503 to every request, or one the kubelet kills for its memory.
+503 to every request, or one the kubelet kills for its memory. In the xDS form a policy change
+holds the old listener beside the new one while the old one's connections drain (seconds), so
+there the policy's part of the heap must fit twice.
 
 The expectation is a model measured on a real Envoy (docs/performance.md, "Native mode's memory"):
 a fixed part, and a part proportional to the size of the compiled listener (its JSON), which grows
@@ -44,20 +46,27 @@ class HeapBudget:
     expected_bytes: int  # Envoy's heap once started on this policy (the model above)
     cap_bytes: int  # overload_manager's fixed_heap max_heap_size_bytes
     first_action: float  # the lowest fraction of the cap at which an overload action starts
+    # The xDS form: a policy change holds the old listener (draining, seconds) beside the new one.
+    changing: bool = False
+
+    @property
+    def needed_bytes(self) -> int:
+        """The most Envoy is expected to hold: the policy's listener twice while it changes."""
+        return self.expected_bytes + (self.expected_bytes - BASE_BYTES if self.changing else 0)
 
     @property
     def limit_bytes(self) -> int:
-        """What the policy may take: Envoy at rest must not be shedding load."""
+        """What the policy may take: Envoy must not be shedding load, at rest or while it changes."""
         return int(self.cap_bytes * self.first_action)
 
     @property
     def cap_needed_mib(self) -> int:
         """The least cap, in MiB, under whose first overload action this policy fits."""
-        return math.ceil(self.expected_bytes / self.first_action / MIB)
+        return math.ceil(self.needed_bytes / self.first_action / MIB)
 
     @property
     def fits(self) -> bool:
-        return self.expected_bytes <= self.limit_bytes
+        return self.needed_bytes <= self.limit_bytes
 
     def summary(self) -> str:
         return (
@@ -68,6 +77,7 @@ class HeapBudget:
     def report(self) -> dict[str, Any]:
         return {
             "expected_bytes": self.expected_bytes,
+            "needed_bytes": self.needed_bytes,
             "cap_bytes": self.cap_bytes,
             "limit_bytes": self.limit_bytes,
             "fits": self.fits,
@@ -106,11 +116,12 @@ def check_fits(budget: HeapBudget, source: str, native_routes: int) -> None:
     """PolicyError (code ``envoy-heap-over-cap``) saying what to do when the policy does not fit."""
     if budget.fits:
         return
+    when = "while a policy change holds the old listener and the new one" if budget.changing else "from the start"
     raise PolicyError(
-        f"{source}: native mode would need ~{budget.expected_bytes / MIB:.0f} MiB of Envoy's heap for its "
+        f"{source}: native mode would need ~{budget.needed_bytes / MIB:.0f} MiB of Envoy's heap for its "
         f"{native_routes} native routes, over the {budget.limit_bytes / MIB:.0f} MiB where Envoy's overload "
         f"actions start ({budget.first_action:.0%} of its {budget.cap_bytes / MIB:.0f} MiB heap cap): Envoy would "
-        "shed load or answer 503 from the start. Split the policy between services (each sidecar with the "
+        f"shed load or answer 503 {when}. Split the policy between services (each sidecar with the "
         f"routes of its own app), or raise the cap (compile envoy --heap-cap MIB, and serve's --native-heap-cap "
         f"MIB alike with --native-xds-dir: at least {budget.cap_needed_mib} here) "
         "together with the Envoy container's memory limit (the cap + 96 MiB; docs/native.md, 'Memory'), or serve "
