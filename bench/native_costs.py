@@ -42,6 +42,11 @@ part is taken away only once nothing that needs it is left), and the service run
                and on it without one piece at a time (MEMORY_PIECES): what each piece costs in
                memory, and the figures sizing.py's model was fitted to.
 
+  --memory-change ROUTES
+               the xDS form (serve --native-xds-dir): Envoy's heap on the listener of ROUTES
+               routes at rest, then its peak while a changed listener replaces it (the old one
+               draining beside it, --drain-time-s), sampled until the drain is over.
+
   --cold       every measured request carries a token the Envoy has not seen (rows 5n and 5c's
                load: each one a signature verification, after a warm-up on other tokens), instead
                of the few warm tokens every request repeats. A configuration whose verified-token
@@ -60,9 +65,10 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +94,13 @@ from run import (
 )
 
 from authz_service.decision import UNMET_REASONS
-from authz_service.native.bootstrap import EXECUTE_FILTER
+from authz_service.native.bootstrap import EXECUTE_FILTER, Compiled, compile_policy
 from authz_service.native.checks import PAYLOAD, VERIFIED, and_, metadata, not_, present, regex
+from authz_service.native.options import Address, Options
+from authz_service.native.xds import ENVOY_FLAGS, LISTENERS_FILE, listener_text, write_atomically
+from authz_service.policy import load_policy_file
 from authz_service.request import override_spellings
-from tests.e2e.harness import sized_routes
+from tests.e2e.harness import render_native_xds_config, sized_routes, start_envoy, wait_for
 
 Config = dict[str, Any]
 COLD_TOKENS = 60_000  # distinct tokens for --cold: more than ~6 s of the compiled policy's cold rate
@@ -648,6 +657,56 @@ def memory_pieces(bench: Bench, args: argparse.Namespace, policy: Path, grpc_por
         print(f"| {routes} | {label} | {envoy_routes} | {size / 1e3:,.0f} | {heap:.1f} | {piece} |")
 
 
+def memory_change(bench: Bench, args: argparse.Namespace, policy: Path) -> None:
+    """Envoy's heap on the xDS form's listener at rest, and its peak while a changed one (another
+    realm: every answer differs) replaces it."""
+    xds_dir = bench.work / "memory-xds"
+    xds_dir.mkdir(exist_ok=True)
+    listen, admin = free_port(), free_port()
+    loaded = load_policy_file(memory_policy(policy, args.memory_change))
+
+    def listener(realm: str) -> Compiled:
+        return compile_policy(loaded, Options(listen=Address("127.0.0.1", listen), realm=realm))
+
+    first = listener("first")
+    write_atomically(xds_dir / LISTENERS_FILE, listener_text(first))
+    config = render_native_xds_config(
+        bench.work, xds_dir, admin_port=admin, app_port=free_port(), grpc_port=free_port(), http_port=free_port()
+    )
+    envoy = start_envoy(config, bench.work, listener_port=listen, args=ENVOY_FLAGS, timeout=120)
+    try:
+        at_rest = envoy_allocated(admin) / 1e6
+        updates = envoy.stats("^listener_manager.lds.update_success$").get("listener_manager.lds.update_success", 0)
+        write_atomically(xds_dir / LISTENERS_FILE, listener_text(listener("second")))
+        wait_for(
+            lambda: (
+                envoy.stats("^listener_manager.lds.update_success$").get("listener_manager.lds.update_success", 0)
+                > updates
+            ),
+            60,
+            "the changed listener taken up",
+        )
+        peak, until = 0.0, time.monotonic() + float(ENVOY_FLAGS[ENVOY_FLAGS.index("--drain-time-s") + 1]) + 3
+        while time.monotonic() < until:
+            peak = max(peak, envoy_allocated(admin) / 1e6)
+        after = envoy_allocated(admin) / 1e6
+    finally:
+        envoy.stop()
+    changing = replace(first.heap, changing=True)
+    print()
+    print(f"Machine: {machine()}")
+    print(
+        f"Command: bench/native_costs.py --memory-change {args.memory_change} (memory_policy; the xDS form, "
+        f"Envoy {' '.join(ENVOY_FLAGS)}; tcmalloc allocated)"
+    )
+    print()
+    print("| Envoy routes | at rest, MB | peak in the change, MB | after, MB | model: at rest | model: changing |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    routes = len(_routes(first.bootstrap()))
+    expected, needed = first.heap.expected_bytes / 1e6, changing.needed_bytes / 1e6
+    print(f"| {routes} | {at_rest:.1f} | {peak:.1f} | {after:.1f} | {expected:.1f} | {needed:.1f} |")
+
+
 def memory(bench: Bench, args: argparse.Namespace, policy: Path, grpc_port: int, http_port: int) -> None:
     """Envoy's heap once started on each checkout's compiled ``policy``, alternately, round after round."""
     checkouts = {f"compiled at {args.compare_rev}": checkout_rev(args.compare_rev, bench.work), "compiled here": ROOT}
@@ -710,6 +769,13 @@ def main() -> None:
         metavar="ROUTES[,ROUTES...]",
         help="Envoy's heap for each size's compiled policy, whole and without each piece",
     )
+    parser.add_argument(
+        "--memory-change",
+        type=int,
+        default=0,
+        metavar="ROUTES",
+        help="the xDS form: Envoy's heap at rest and while a changed listener replaces the old one",
+    )
     args = parser.parse_args()
     args.instructions = args.instructions or args.alternatives
     if args.instructions and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
@@ -727,6 +793,9 @@ def main() -> None:
         service, grpc_port, http_port = bench.start_service(policy, 1, name="service-costs")
         bench.procs.remove(service)  # one service for every configuration: it only serves the keys
         running.callback(service.stop)
+        if args.memory_change:
+            memory_change(bench, args, policy)
+            return
         if args.memory_pieces:
             memory_pieces(bench, args, policy, grpc_port, http_port)
             return
