@@ -387,6 +387,13 @@ OPTIONS: tuple[Option, ...] = (
         _non_negative_int,
         "Native mode: verified tokens Envoy's jwt_authn keeps per Envoy worker; 0: none (docs/native.md).",
     ),
+    Option(
+        "native_heap_cap",
+        160,  # envoy/envoy.yaml's (tests/test_native_sizing.py keeps them equal)
+        _positive_int,
+        "Native mode: the heap cap in MiB of the bootstrap Envoy runs (compile envoy --heap-cap): a policy "
+        "whose expected Envoy heap would reach its first overload action is refused.",
+    ),
 )
 
 
@@ -431,6 +438,7 @@ class Settings:
     native_listen: Address = NATIVE_LISTEN
     native_jwks_cache: int = 5
     native_jwt_cache_size: int = 10_000
+    native_heap_cap: int = 160
     # OpenTelemetry tracing, from the standard OTEL_* variables (tracing.py); None: off.
     tracing: TracingSettings | None = None
     jwks: JwksSettings = field(init=False)

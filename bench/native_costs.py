@@ -37,6 +37,16 @@ part is taken away only once nothing that needs it is left), and the service run
                under a /** route of its own, beside a public /**: every path ending in '/' under
                them meets two routes), of this checkout and of REV, alternately, round after round.
 
+  --memory-pieces ROUTES[,ROUTES...]
+               Envoy's heap, just started, on this checkout's compiled memory_policy of each size,
+               and on it without one piece at a time (MEMORY_PIECES): what each piece costs in
+               memory, and the figures sizing.py's model was fitted to.
+
+  --memory-change ROUTES
+               the xDS form (serve --native-xds-dir): Envoy's heap on the listener of ROUTES
+               routes at rest, then its peak while a changed listener replaces it (the old one
+               draining beside it, --drain-time-s), sampled until the drain is over.
+
   --cold       every measured request carries a token the Envoy has not seen (rows 5n and 5c's
                load: each one a signature verification, after a warm-up on other tokens), instead
                of the few warm tokens every request repeats. A configuration whose verified-token
@@ -55,9 +65,10 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +94,13 @@ from run import (
 )
 
 from authz_service.decision import UNMET_REASONS
-from authz_service.native.bootstrap import EXECUTE_FILTER
+from authz_service.native.bootstrap import EXECUTE_FILTER, Compiled, compile_policy
 from authz_service.native.checks import PAYLOAD, VERIFIED, and_, metadata, not_, present, regex
+from authz_service.native.options import Address, Options
+from authz_service.native.xds import ENVOY_FLAGS, LISTENERS_FILE, listener_text, write_atomically
+from authz_service.policy import load_policy_file
 from authz_service.request import override_spellings
+from tests.e2e.harness import render_native_xds_config, sized_routes, start_envoy, wait_for
 
 Config = dict[str, Any]
 COLD_TOKENS = 60_000  # distinct tokens for --cold: more than ~6 s of the compiled policy's cold rate
@@ -104,7 +119,7 @@ class Load:
         return "distinct tokens, each a signature verification" if self.cold else "warm tokens"
 
 
-RBAC, JWT, EXT_AUTHZ = "authz.rbac", "authz.jwt", "envoy.filters.http.ext_authz"
+RBAC, SHARED, JWT, EXT_AUTHZ = "authz.rbac", "authz.shared", "authz.jwt", "envoy.filters.http.ext_authz"
 ROUTE_REASONS = {reason.value for reason in UNMET_REASONS.values()}
 
 
@@ -120,8 +135,8 @@ def _routes(cfg: Config) -> list[Config]:
 
 
 def _rbac_rules(cfg: Config) -> list[dict[str, Config]]:
-    """The policies of the RBAC filter and of every route's RBAC config."""
-    out = [envoyconf.http_filter(cfg, RBAC, "ingress")["rules"]["policies"]]
+    """The policies of the native RBAC filters (the shared checks') and of every route's RBAC config."""
+    out = [envoyconf.http_filter(cfg, name, "ingress")["rules"]["policies"] for name in (SHARED, RBAC)]
     for route in _routes(cfg):
         per_route = route.get("typed_per_filter_config", {}).get(RBAC, {})
         if "rbac" in per_route:
@@ -154,18 +169,21 @@ def drop_checks(kind: str) -> Callable[[Config], None]:
     return drop
 
 
-def drop_filter(name: str) -> Callable[[Config], None]:
+def drop_filter(*names: str) -> Callable[[Config], None]:
     def drop(cfg: Config) -> None:
         hcm = _hcm(cfg)
-        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != name]
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] not in names]
         for route in _routes(cfg):
-            route.get("typed_per_filter_config", {}).pop(name, None)
+            for name in names:
+                route.get("typed_per_filter_config", {}).pop(name, None)
 
     return drop
 
 
 def drop_decision_stats(cfg: Config) -> None:
     _hcm(cfg).pop("access_log", None)  # the bench's shape keeps only the stats loggers
+    # and their table of denial reasons
+    envoyconf.listener(cfg, "ingress").get("metadata", {}).get("filter_metadata", {}).pop("authz", None)
 
 
 def drop_mappers(cfg: Config) -> None:
@@ -207,7 +225,7 @@ STEPS: list[tuple[str, Callable[[Config], None]]] = [
     ("RBAC: iat in the future (CEL)", drop_checks("iat")),
     ("RBAC: the other token checks (header and metadata matchers)", drop_checks("token")),
     ("RBAC: the route's conditions", drop_checks("route")),
-    ("RBAC filter (no checks left)", drop_filter(RBAC)),
+    ("RBAC filters: the shared checks' and the route's (no checks left)", drop_filter(SHARED, RBAC)),
     ("ext_authz filter (composite behind a matcher: not created, no Check)", drop_filter(EXT_AUTHZ)),
     ("jwt_authn: claims to headers", drop_provider_field("claim_to_headers")),
     ("jwt_authn: JOSE header in metadata", drop_provider_field("header_in_metadata")),
@@ -255,13 +273,9 @@ def configurations(compiled: Config, bench: Bench) -> list[tuple[str, Callable[[
 # --- other ways of writing some parts, for their cost ---------------------------------------------
 
 
-def _native_policies(cfg: Config) -> list[dict[str, Config]]:
-    """The RBAC policies of every native route (the checks a natively decided request meets)."""
-    return [
-        route["typed_per_filter_config"][RBAC]["rbac"]["rules"]["policies"]
-        for route in _routes(cfg)
-        if route["name"].startswith("native: ")
-    ]
+def _shared_policies(cfg: Config) -> dict[str, Config]:
+    """The RBAC policies every native route checks first (the screen's and the token's)."""
+    return envoyconf.http_filter(cfg, SHARED, "ingress")["rules"]["policies"]
 
 
 def _override_spellings() -> list[str]:
@@ -298,12 +312,12 @@ def lua_override_screen(cfg: Config) -> None:
 
 
 def rbac_only_when_verified(cfg: Config) -> None:
-    """RBAC created, like ext_authz, by the composite filter's matcher: only for a request with a
-    verified token (ext_authz for any other), so no check needs to ask whether a token was verified,
-    and the missing-token check goes (the service answers it)."""
+    """The shared checks' RBAC created, like ext_authz, by the composite filter's matcher: only for a
+    request with a verified token (ext_authz for any other), so none of them needs to ask whether a
+    token was verified, and the missing-token check goes (the service answers it)."""
     filters = _hcm(cfg)["http_filters"]
     names = [f["name"] for f in filters]
-    rbac, composite = filters[names.index(RBAC)], filters[names.index(EXT_AUTHZ)]
+    rbac, composite = filters[names.index(SHARED)], filters[names.index(EXT_AUTHZ)]
     matcher = composite["typed_config"]["xds_matcher"]["matcher_list"]["matchers"][0]
     matcher["on_match"] = {
         "action": {
@@ -314,31 +328,31 @@ def rbac_only_when_verified(cfg: Config) -> None:
             },
         }
     }
-    composite["typed_config"]["extension_config"]["name"] = RBAC
-    filters[names.index(RBAC)] = {"name": RBAC, "typed_config": composite["typed_config"]}
+    composite["typed_config"]["extension_config"]["name"] = SHARED
+    filters[names.index(SHARED)] = {"name": SHARED, "typed_config": composite["typed_config"]}
     filters.remove(composite)
     for route in _routes(cfg):
         route.get("typed_per_filter_config", {}).pop(EXT_AUTHZ, None)
-    for policies in _native_policies(cfg):
-        for name in list(policies):
-            if name.split("-")[1] == "missing_token":
-                del policies[name]
-                continue
-            principals = policies[name]["principals"]
-            if principals == [VERIFIED]:
-                principals[:] = [{"any": True}]
-            elif "and_ids" in principals[0]:
-                ids = [p for p in principals[0]["and_ids"]["ids"] if p != VERIFIED]
-                principals[:] = ids if len(ids) == 1 else [{"and_ids": {"ids": ids}}]
+    policies = rbac["typed_config"]["rules"]["policies"]
+    for name in list(policies):
+        if name.split("-")[1] == "missing_token":
+            del policies[name]
+            continue
+        principals = policies[name]["principals"]
+        if principals == [VERIFIED]:
+            principals[:] = [{"any": True}]
+        elif "and_ids" in principals[0]:
+            ids = [p for p in principals[0]["and_ids"]["ids"] if p != VERIFIED]
+            principals[:] = ids if len(ids) == 1 else [{"and_ids": {"ids": ids}}]
 
 
 def one_cel_condition(cfg: Config) -> None:
     """The token size and iat checks in one policy whose CEL condition is either of theirs."""
-    for policies in _native_policies(cfg):
-        (size,) = [n for n, p in policies.items() if kind_of(n, p) == "token size"]
-        (iat,) = [n for n, p in policies.items() if kind_of(n, p) == "iat"]
-        either = [policies.pop(size)["condition"], policies[iat]["condition"]]
-        policies[iat]["condition"] = {"call_expr": {"function": "_||_", "args": either}}
+    policies = _shared_policies(cfg)
+    (size,) = [n for n, p in policies.items() if kind_of(n, p) == "token size"]
+    (iat,) = [n for n, p in policies.items() if kind_of(n, p) == "iat"]
+    either = [policies.pop(size)["condition"], policies[iat]["condition"]]
+    policies[iat]["condition"] = {"call_expr": {"function": "_||_", "args": either}}
 
 
 def merged_claim_checks(cfg: Config) -> None:
@@ -347,22 +361,20 @@ def merged_claim_checks(cfg: Config) -> None:
     from authz_service.claims import SCOPE_TOKEN
 
     valid_text = r"(?s)[^ \t\x00-\x1f\x7f](?:[^\x00-\x08\x0a-\x1f\x7f]*[^ \t\x00-\x1f\x7f])?"
-    for policies in _native_policies(cfg):
-        token = [n for n, p in policies.items() if kind_of(n, p) == "token"]
-        # Not the issuer's client allow-list (exact client ids), if the policy has one.
-        client = [
-            n
-            for n in token
-            if '"key": "client_id"' in json.dumps(policies[n]) and '"exact"' not in json.dumps(policies[n])
-        ]
-        scope = [n for n in token if '"key": "scope"' in json.dumps(policies[n])]
-        for name in client[1:] + scope[1:]:
-            del policies[name]
-        valid_scope = f"(?:{SCOPE_TOKEN}(?: {SCOPE_TOKEN})*)?"
-        policies[client[0]]["principals"] = [and_(VERIFIED, not_(metadata(PAYLOAD, "client_id", regex(valid_text))))]
-        policies[scope[0]]["principals"] = [
-            and_(present(PAYLOAD, "scope"), not_(metadata(PAYLOAD, "scope", regex(valid_scope))))
-        ]
+    policies = _shared_policies(cfg)
+    token = [n for n, p in policies.items() if kind_of(n, p) == "token"]
+    # Not the issuer's client allow-list (exact client ids), if the policy has one.
+    client = [
+        n for n in token if '"key": "client_id"' in json.dumps(policies[n]) and '"exact"' not in json.dumps(policies[n])
+    ]
+    scope = [n for n in token if '"key": "scope"' in json.dumps(policies[n])]
+    for name in client[1:] + scope[1:]:
+        del policies[name]
+    valid_scope = f"(?:{SCOPE_TOKEN}(?: {SCOPE_TOKEN})*)?"
+    policies[client[0]]["principals"] = [and_(VERIFIED, not_(metadata(PAYLOAD, "client_id", regex(valid_text))))]
+    policies[scope[0]]["principals"] = [
+        and_(present(PAYLOAD, "scope"), not_(metadata(PAYLOAD, "scope", regex(valid_scope))))
+    ]
 
 
 def loose_token_pattern(cfg: Config) -> None:
@@ -566,16 +578,9 @@ def compare(bench: Bench, args: argparse.Namespace, configs: dict[str, Config]) 
 
 
 def memory_policy(policy: Path, routes: int) -> Path:
-    """The bench's policy (its issuer) with ``routes`` routes: per service, GET /svcN/items/{id}
-    and POST /svcN/items (protected, without /**) under /svcN/** (protected), and a public /**."""
+    """The bench's policy (its issuer) with about ``routes`` routes (harness.sized_routes)."""
     doc = yaml.safe_load(policy.read_text())
-    doc["routes"] = [{"name": "everything-else", "path": "/**", "public": True}]
-    for n in range((routes - 1) // 3):
-        doc["routes"] += [
-            {"name": f"get-{n}", "methods": ["GET"], "path": f"/svc{n}/items/{{id}}", "scopes": [f"svc{n}/read"]},
-            {"name": f"create-{n}", "methods": ["POST"], "path": f"/svc{n}/items", "scopes": [f"svc{n}/write"]},
-            {"name": f"svc-{n}", "path": f"/svc{n}/**", "scopes": [f"svc{n}/admin"]},
-        ]
+    doc["routes"] = sized_routes(routes)
     out = policy.with_name(f"policy-{len(doc['routes'])}-routes.yaml")
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
     return out
@@ -585,6 +590,121 @@ def envoy_allocated(admin_port: int) -> int:
     """Envoy's heap in use: tcmalloc's allocated bytes (admin /memory)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/memory", timeout=5) as r:
         return int(json.load(r)["allocated"])
+
+
+def drop_route_checks(cfg: Config) -> None:
+    """Every route's own RBAC checks (its RBAC config stays, empty)."""
+    for route in _routes(cfg):
+        per_route = route.get("typed_per_filter_config", {}).get(RBAC, {})
+        if "rbac" in per_route:
+            per_route["rbac"]["rules"]["policies"] = {}
+
+
+def drop_shared_checks(cfg: Config) -> None:
+    envoyconf.http_filter(cfg, SHARED, "ingress")["rules"]["policies"] = {}
+
+
+def drop_trailing_slash_routes(cfg: Config) -> None:
+    _routes(cfg)[:] = [r for r in _routes(cfg) if not r["name"].endswith("(trailing slash)")]
+
+
+# Each taken away alone from the compiled policy, for what it holds in Envoy's heap.
+MEMORY_PIECES: list[tuple[str, Callable[[Config], None]]] = [
+    ("the decision stats (loggers and the reasons table)", drop_decision_stats),
+    ("the local reply mappers (one per distinct answer)", drop_mappers),
+    ("every route's own checks (RBAC per-route policies)", drop_route_checks),
+    ("the shared checks (screen and token, one RBAC filter)", drop_shared_checks),
+    ("the trailing-slash routes (and their checks)", drop_trailing_slash_routes),
+]
+
+
+def memory_pieces(bench: Bench, args: argparse.Namespace, policy: Path, grpc_port: int, http_port: int) -> None:
+    """Envoy's heap just started on each size's compiled policy, whole and without each piece."""
+    rows: list[tuple[int, int, int, str, float]] = []  # policy routes, Envoy routes, listener bytes, label, MB
+    for size in (int(n) for n in args.memory_pieces.split(",")):
+        sized = memory_policy(policy, size)
+        routes = len(yaml.safe_load(sized.read_text())["routes"])
+        compiled = render_native(
+            sized, listener_port=free_port(), admin_port=free_port(), grpc_port=grpc_port, http_port=http_port
+        )
+        variants = [("compiled", compiled)]
+        for label, drop in MEMORY_PIECES:
+            variant = copy.deepcopy(compiled)
+            drop(variant)
+            variants.append((f"- {label}", variant))
+        for i, (label, cfg) in enumerate(variants):
+            print(f"{routes} routes: {label}", flush=True)
+            admin = free_port()
+            placed = at(cfg, free_port(), admin)
+            proc, _ = bench.start_envoy(placed, f"pieces-{i}")
+            heap = envoy_allocated(admin) / 1e6
+            proc.stop()
+            bench.procs.remove(proc)
+            listener = json.dumps(envoyconf.listener(cfg, "ingress"), separators=(",", ":"))
+            rows.append((routes, len(_routes(cfg)), len(listener), label, heap))
+    print()
+    print(f"Machine: {machine()}")
+    print(
+        f"Command: bench/native_costs.py --memory-pieces {args.memory_pieces} (memory_policy; Envoy "
+        "--concurrency 1, just started; tcmalloc allocated; one start each: the figure repeats to 0.1 MB)"
+    )
+    print()
+    print("| policy routes | configuration | Envoy routes | listener JSON, KB | Envoy heap, MB | piece, MB |")
+    print("|---:|---|---:|---:|---:|---:|")
+    whole = {routes: heap for routes, _, _, label, heap in rows if label == "compiled"}
+    for routes, envoy_routes, size, label, heap in rows:
+        piece = "-" if label == "compiled" else f"{whole[routes] - heap:.1f}"
+        print(f"| {routes} | {label} | {envoy_routes} | {size / 1e3:,.0f} | {heap:.1f} | {piece} |")
+
+
+def memory_change(bench: Bench, args: argparse.Namespace, policy: Path) -> None:
+    """Envoy's heap on the xDS form's listener at rest, and its peak while a changed one (another
+    realm: every answer differs) replaces it."""
+    xds_dir = bench.work / "memory-xds"
+    xds_dir.mkdir(exist_ok=True)
+    listen, admin = free_port(), free_port()
+    loaded = load_policy_file(memory_policy(policy, args.memory_change))
+
+    def listener(realm: str) -> Compiled:
+        return compile_policy(loaded, Options(listen=Address("127.0.0.1", listen), realm=realm))
+
+    first = listener("first")
+    write_atomically(xds_dir / LISTENERS_FILE, listener_text(first))
+    config = render_native_xds_config(
+        bench.work, xds_dir, admin_port=admin, app_port=free_port(), grpc_port=free_port(), http_port=free_port()
+    )
+    envoy = start_envoy(config, bench.work, listener_port=listen, args=ENVOY_FLAGS, timeout=120)
+    try:
+        at_rest = envoy_allocated(admin) / 1e6
+        updates = envoy.stats("^listener_manager.lds.update_success$").get("listener_manager.lds.update_success", 0)
+        write_atomically(xds_dir / LISTENERS_FILE, listener_text(listener("second")))
+        wait_for(
+            lambda: (
+                envoy.stats("^listener_manager.lds.update_success$").get("listener_manager.lds.update_success", 0)
+                > updates
+            ),
+            60,
+            "the changed listener taken up",
+        )
+        peak, until = 0.0, time.monotonic() + float(ENVOY_FLAGS[ENVOY_FLAGS.index("--drain-time-s") + 1]) + 3
+        while time.monotonic() < until:
+            peak = max(peak, envoy_allocated(admin) / 1e6)
+        after = envoy_allocated(admin) / 1e6
+    finally:
+        envoy.stop()
+    changing = replace(first.heap, changing=True)
+    print()
+    print(f"Machine: {machine()}")
+    print(
+        f"Command: bench/native_costs.py --memory-change {args.memory_change} (memory_policy; the xDS form, "
+        f"Envoy {' '.join(ENVOY_FLAGS)}; tcmalloc allocated)"
+    )
+    print()
+    print("| Envoy routes | at rest, MB | peak in the change, MB | after, MB | model: at rest | model: changing |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    routes = len(_routes(first.bootstrap()))
+    expected, needed = first.heap.expected_bytes / 1e6, changing.needed_bytes / 1e6
+    print(f"| {routes} | {at_rest:.1f} | {peak:.1f} | {after:.1f} | {expected:.1f} | {needed:.1f} |")
 
 
 def memory(bench: Bench, args: argparse.Namespace, policy: Path, grpc_port: int, http_port: int) -> None:
@@ -643,6 +763,19 @@ def main() -> None:
     parser.add_argument(
         "--memory", type=int, default=0, metavar="ROUTES", help="with --compare-rev: Envoy's heap for ROUTES routes"
     )
+    parser.add_argument(
+        "--memory-pieces",
+        default="",
+        metavar="ROUTES[,ROUTES...]",
+        help="Envoy's heap for each size's compiled policy, whole and without each piece",
+    )
+    parser.add_argument(
+        "--memory-change",
+        type=int,
+        default=0,
+        metavar="ROUTES",
+        help="the xDS form: Envoy's heap at rest and while a changed listener replaces the old one",
+    )
     args = parser.parse_args()
     args.instructions = args.instructions or args.alternatives
     if args.instructions and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
@@ -660,6 +793,12 @@ def main() -> None:
         service, grpc_port, http_port = bench.start_service(policy, 1, name="service-costs")
         bench.procs.remove(service)  # one service for every configuration: it only serves the keys
         running.callback(service.stop)
+        if args.memory_change:
+            memory_change(bench, args, policy)
+            return
+        if args.memory_pieces:
+            memory_pieces(bench, args, policy, grpc_port, http_port)
+            return
         if args.memory:
             if not args.compare_rev:
                 raise SystemExit("--memory compares two revisions: give --compare-rev")

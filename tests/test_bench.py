@@ -128,6 +128,26 @@ def test_native_costs_alternatives_change_the_policy_and_validate(run, index: in
     assert_envoy_validates(cfg, tmp_path / f"alternative-{index}.yaml")
 
 
+@pytest.mark.parametrize("index", range(5))
+def test_native_costs_memory_pieces_each_take_a_piece_away_and_validate(run, index: int, tmp_path: Path) -> None:
+    """bench/native_costs.py --memory-pieces: each piece taken away changes the compiled policy of
+    the measured shape (memory_policy), and Envoy accepts the result."""
+    import copy
+
+    costs = load("native_costs")
+    assert len(costs.MEMORY_PIECES) == 5
+    label, drop = costs.MEMORY_PIECES[index]
+    issuer = tmp_path / "issuer.yaml"
+    issuer.write_text(yaml.safe_dump({"issuers": [{"user_pool_id": run.POOL, "issuer": run.ISSUER,
+                                                   "jwks_uri": "http://127.0.0.1:1/jwks.json"}], "routes": []}))
+    policy = costs.memory_policy(issuer, 10)
+    compiled = run.render_native(policy, listener_port=18080, admin_port=18081, grpc_port=19191, http_port=18181)
+    cfg = copy.deepcopy(compiled)
+    drop(cfg)
+    assert cfg != compiled, label
+    assert_envoy_validates(cfg, tmp_path / f"piece-{index}.yaml")
+
+
 @pytest.mark.parametrize("variant", ["per-connection", "per-source", "timers-1s", "timers-1s-from-25%"])
 def test_abuse_envoy_variants_validate(run, variant: str, tmp_path: Path) -> None:
     """bench/abuse.py's Envoy variants (the per-source one is the one docs/security.md shows)."""

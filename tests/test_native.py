@@ -28,7 +28,7 @@ from authz_service.native.options import Address, Options, parse_address
 from authz_service.native.answers import AnswerBook
 from authz_service.native.plan import Engine, Fallback, plan
 from authz_service.native.report import report_json, report_text
-from authz_service.native.routes import SCREEN_NAMES, Admission, ingress_routes, screen_routes
+from authz_service.native.routes import SCREEN_NAMES, Admission, ingress_routes, screen_routes, shared_checks
 from authz_service.policy import ESCAPABLE_LITERAL_CHARS, PolicyError, escaped_literal_chars, parse_policy
 from authz_service.request import (IDENTITY_HEADERS, MAX_PATH_LENGTH, BadRequest, checked_method,
                                    identity_and_override_spellings, normalized_path,
@@ -120,13 +120,16 @@ def test_the_deny_list_is_refused_natively_with_the_services_answer_after_every_
     ingress = next(listener for listener in compiled.listeners if listener["name"] == "ingress")
     routes = ingress["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
     (plain,) = [route for route in routes if route["name"] == "native: plain"]
-    token = plain["typed_per_filter_config"]["authz.rbac"]["rbac"]["rules"]
+    # The token checks are the shared filter's, every native route's; the route's own come after.
+    token = envoyconf.http_filter(compiled.bootstrap(), "authz.shared", "ingress")["rules"]
     names = sorted(token["policies"])  # RBAC tries them in name order: <order>-<reason>-a<answer>
+    own = sorted(plain["typed_per_filter_config"]["authz.rbac"]["rbac"]["rules"]["policies"])
     conditions = {"insufficient_scope", "missing_scope", "client_not_allowed_for_route", "claim_mismatch"}
-    token_checks = [name for name in names if name.split("-")[1] not in conditions]
+    assert own and all(name.split("-")[1] in conditions for name in own)
+    assert not any(name.split("-")[1] in conditions for name in names)
     denied = [name for name in names if "-deny_listed-" in name]
-    assert denied == token_checks[-2:]  # the last token checks, as the verifier checks it last
-    assert names.index(denied[-1]) < min(names.index(n) for n in names if n.split("-")[1] in conditions)
+    assert denied == names[-2:]  # the last token checks, as the verifier checks it last
+    assert denied[-1] < own[0]  # numbered before the route's: its answer comes first
     by_client, by_jti = (token["policies"][name]["principals"][0] for name in denied)
     assert json.dumps(by_client).count('"exact": "client-b"') == 1 and '"client_id"' in json.dumps(by_client)
     assert [p["sourced_metadata"]["metadata_matcher"]["value"]["string_match"]["exact"]
@@ -194,7 +197,8 @@ def test_envoy_takes_the_route_policy_match_takes(routes, path_case: str) -> Non
         policy = parse_policy(f"path_case: {path_case}\n" + ISSUERS + "\n".join(lines) + "\n")
     except PolicyError:
         return  # two routes of equal specificity: refused, nothing to compile
-    routes_ = ingress_routes(policy, plan(policy), AnswerBook("authz-service"), Admission("Bearer .*", {}), 60)
+    shared = len(shared_checks(policy, 60))
+    routes_ = ingress_routes(policy, plan(policy), AnswerBook("authz-service"), Admission("Bearer .*", {}), shared)
     # The policy's routes, the trailing-slash ones after them and the default deny; not the screens
     # before them (no request here is refused by those).
     envoy_routes = [r for r in routes_ if not r["name"].startswith("screen: ")]

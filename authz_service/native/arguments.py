@@ -55,6 +55,13 @@ def add_arguments(envoy: argparse.ArgumentParser) -> None:
         f"default {defaults.jwt_cache_size})",
     )
     envoy.add_argument(
+        "--heap-cap",
+        type=int,
+        metavar="MIB",
+        help="Envoy's heap cap in MiB (overload manager; default envoy/envoy.yaml's 160): a policy whose expected "
+        "heap would reach its first overload action is refused; give the Envoy container the cap + 96 MiB",
+    )
+    envoy.add_argument(
         "--no-decision-stats",
         action="store_true",
         default=None,

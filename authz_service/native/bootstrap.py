@@ -9,8 +9,9 @@ follow it. Only what decides changes: the routes, and in place of the ext_authz 
                           denies
     authz.screen (RBAC)   on public routes and no route: the service's 400s that need no token
                           (checks.screen_checks)
-    authz.rbac (RBAC)     on native routes: the same 400s, the 401s of a verified token
-                          (checks.token_checks) and the 403s of the route's conditions
+    authz.shared (RBAC)   on native routes: the same 400s, then the 401s of a verified token
+                          (checks.token_checks), configured once for every native route
+    authz.rbac (RBAC)     on native routes: the 403s of the route's conditions
                           (checks.route_checks), each route with the checks it needs
     ext_authz             the shipped filter, created (composite filter, behind a matcher) only
                           when no token was verified (or the route is the service's): the
@@ -38,12 +39,12 @@ from ..policy import Policy
 from ..request import identity_spellings
 from .answers import AnswerBook
 from .cel import JWT_AUTHN
-from .checks import VERIFIED_PATH, rules, screen_checks
-from .decisions import add_decision_stats
+from .checks import VERIFIED_PATH, Check, rules, screen_checks
+from .decisions import RbacPrefixes, add_decision_stats
 from .jwt import SERVICE_HTTP_CLUSTER, jwt_authn
 from .options import Address, Options
 from .patterns import re2_literal
-from .plan import RoutePlan, plan
+from .plan import Engine, RoutePlan, plan
 from .routes import (
     EXT_AUTHZ,
     JWT,
@@ -52,9 +53,13 @@ from .routes import (
     RBAC_STAT_PREFIX,
     SCREEN,
     SCREEN_STAT_PREFIX,
+    SHARED,
+    SHARED_STAT_PREFIX,
     Admission,
     ingress_routes,
+    shared_checks,
 )
+from .sizing import HeapBudget, check_fits, heap_budget, set_heap_cap
 
 HCM = "envoy.filters.network.http_connection_manager"
 RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
@@ -75,6 +80,7 @@ RE2_PROGRAM_SIZE = 65536
 # token, hundreds of times). None: streams racing the GOAWAY are refused (REFUSED_STREAM), which
 # RFC 9113 section 8.7 lets clients retry on a new connection, under the new listener.
 DRAIN_TIMEOUT = "0s"
+MIN_HEAP_CAP_MIB = 64
 
 
 class TemplateError(ValueError):
@@ -91,6 +97,7 @@ class Compiled:
     listeners: list[dict[str, Any]]
     clusters: list[dict[str, Any]]
     static: dict[str, Any] = field(repr=False)  # admin, overload_manager, layered_runtime
+    heap: HeapBudget  # Envoy's expected heap against its cap (sizing.py)
 
     def bootstrap(self) -> dict[str, Any]:
         """The whole bootstrap, every resource static."""
@@ -128,12 +135,13 @@ def compile_policy(policy: Policy, options: Options | None = None) -> Compiled:
     hcm["drain_timeout"] = DRAIN_TIMEOUT
     virtual_hosts = hcm["route_config"]["virtual_hosts"]
     _expect(len(virtual_hosts) == 1, "one virtual host")
-    routes = ingress_routes(policy, plans, book, _admission(virtual_hosts[0]["routes"]), options.leeway)
+    shared = shared_checks(policy, options.leeway)
+    hcm["http_filters"] = _filters(hcm["http_filters"], policy, options, book, shared)
+    routes = ingress_routes(policy, plans, book, _admission(virtual_hosts[0]["routes"]), len(shared))
     virtual_hosts[0]["routes"] = routes
-    hcm["http_filters"] = _filters(hcm["http_filters"], policy, options, book)
-    hcm["local_reply_config"]["mappers"].extend(book.mappers())  # after the filters: they register answers
+    hcm["local_reply_config"]["mappers"].extend(book.mappers())  # after the routes: they register answers
     if options.decision_stats:
-        add_decision_stats(hcm, screen_prefix=SCREEN_STAT_PREFIX, native_filter=RBAC, native_prefix=RBAC_STAT_PREFIX)
+        add_decision_stats(listeners[INGRESS], hcm, DECISION_PREFIXES)
     _strip_identity_early(hcm)
     parts = _static_parts(template, listeners, options)
     # Which policy this Envoy enforces natively (admin /server_info), to compare with the service's
@@ -143,9 +151,18 @@ def compile_policy(policy: Policy, options: Options | None = None) -> Compiled:
         **NODE,
         "metadata": {"authz_policy_sha256": policy.sha256, "authz_policy_source": policy.source},
     }
-    return Compiled(policy, options, plans, [listeners[INGRESS], parts.health], parts.clusters, parts.static)
+    heap = heap_budget(listeners[INGRESS], parts.static)
+    check_fits(heap, policy.source, sum(1 for p in plans if p.engine is Engine.NATIVE))
+    return Compiled(policy, options, plans, [listeners[INGRESS], parts.health], parts.clusters, parts.static, heap)
 
 
+DECISION_PREFIXES = RbacPrefixes(
+    screen=SCREEN_STAT_PREFIX,
+    shared=SHARED_STAT_PREFIX,
+    shared_filter=SHARED,
+    native=RBAC_STAT_PREFIX,
+    native_filter=RBAC,
+)
 NODE = {"id": "authz-service-native", "cluster": "authz-service"}
 
 
@@ -168,6 +185,8 @@ def _static_parts(template: dict[str, Any], listeners: dict[str, dict[str, Any]]
     clusters[SERVICE_HTTP_CLUSTER] = _service_http_cluster(options.service_http)
     static = {key: value for key, value in template.items() if key != "static_resources"}
     _set_address(static["admin"], options.admin)
+    if options.heap_cap_mib is not None:
+        set_heap_cap(static, options.heap_cap_mib)
     static["layered_runtime"] = {
         "layers": [{"name": "native", "static_layer": {"re2.max_program_size.error_level": RE2_PROGRAM_SIZE}}]
     }
@@ -182,6 +201,11 @@ def _check_options(options: Options) -> None:
                 f"--{name.replace('_', '-')} {address}: Envoy connects there, so name an address "
                 "(e.g. 127.0.0.1), not 0.0.0.0 or ::"
             )
+    if options.heap_cap_mib is not None and options.heap_cap_mib < MIN_HEAP_CAP_MIB:
+        raise ValueError(
+            f"--heap-cap {options.heap_cap_mib}: at least {MIN_HEAP_CAP_MIB} MiB (Envoy's own heap, with no "
+            "policy and no connections, is ~11 MB)"
+        )
     if options.leeway < 2:
         raise ValueError(
             f"--leeway {options.leeway}: at least 2 seconds (jwt_authn's clock skew is one second "
@@ -229,17 +253,21 @@ def _admission(shipped_routes: list[dict[str, Any]]) -> Admission:
     )
 
 
-def _filters(shipped: list[dict[str, Any]], policy: Policy, options: Options, book: AnswerBook) -> list[dict[str, Any]]:
+def _filters(
+    shipped: list[dict[str, Any]], policy: Policy, options: Options, book: AnswerBook, shared: list[Check]
+) -> list[dict[str, Any]]:
     """The shipped HTTP filters with the ext_authz filter preceded by the native ones and created
-    only where no token was verified."""
+    only where no token was verified; ``shared``: the checks every native route makes first."""
     names = [f["name"] for f in shipped]
     _expect(names.count(EXT_AUTHZ) == 1, f"one {EXT_AUTHZ} filter")
     index = names.index(EXT_AUTHZ)
     native = [
         {"name": JWT, "typed_config": jwt_authn(policy, options)},
-        # The request screen, for public routes and no route; native routes bring all their checks
-        # (this filter's own rules take effect on none).
+        # The request screen, for public routes and no route (the other routes turn it off).
         _rbac(SCREEN, rules(book, screen_checks()), SCREEN_STAT_PREFIX),
+        # Native routes: the screen's and the token's checks, the same on every one (routes.py).
+        _rbac(SHARED, rules(book, shared), SHARED_STAT_PREFIX),
+        # Native routes: each brings its own checks (this filter's own rules take effect on none).
         _rbac(RBAC, {"action": "DENY", "policies": {}}, RBAC_STAT_PREFIX),
     ]
     _expect(set(shipped[index]) == {"name", "typed_config"}, f"a {EXT_AUTHZ} filter of a name and a typed_config")

@@ -1,7 +1,8 @@
 """The checks Envoy's RBAC filter makes natively, each an RBAC DENY policy with the service's answer.
 
-One RBAC filter runs them, after jwt_authn, in the order the service checks (authz_service.check,
-decision, tokens); its rules are set per route:
+RBAC filters run them, after jwt_authn, in the order the service checks (authz_service.check,
+decision, tokens): the request screen alone on the routes nobody else decides, and on native routes
+the screen and the token checks (one filter, configured once), then the route's (its own config):
 
 * the request screen (every route the service does not decide): a target longer than the service
   reads, and method or URL override headers in any spelling: 400, as ``request.py`` answers;
@@ -77,10 +78,11 @@ class Check:
         return out
 
 
-def rules(book: AnswerBook, checks: list[Check], other_route: Route | None = None) -> dict[str, Any]:
+def rules(book: AnswerBook, checks: list[Check], other_route: Route | None = None, *, first: int = 0) -> dict[str, Any]:
     """RBAC rules denying on the first of ``checks`` that matches: RBAC tries policies in name order,
-    and each name starts with the check's position (answers.AnswerBook.policy_name). The checks of
-    ``other_route`` (the second route a request must meet) are marked so in their names."""
+    and each name starts with the check's position (answers.AnswerBook.policy_name), counted from
+    ``first`` (the checks another filter made before). The checks of ``other_route`` (the second
+    route a request must meet) are marked so in their names."""
     return {
         "action": "DENY",
         "policies": {
@@ -91,7 +93,7 @@ def rules(book: AnswerBook, checks: list[Check], other_route: Route | None = Non
                 check.route,
                 other_route=other_route is not None and check.route is other_route,
             ): check.policy()
-            for order, check in enumerate(checks)
+            for order, check in enumerate(checks, start=first)
         },
     }
 

@@ -42,6 +42,7 @@ def options_from(args: argparse.Namespace) -> Options:
         jwks_cache_seconds=given(args.jwks_cache, defaults.jwks_cache_seconds),
         jwt_cache_size=given(args.jwt_cache_size, defaults.jwt_cache_size),
         decision_stats=not args.no_decision_stats,
+        heap_cap_mib=args.heap_cap,
     )
 
 
@@ -61,7 +62,8 @@ def compile_command(policy_path: Path | None, args: argparse.Namespace, stdout: 
             compiled = compile_policy(load_policy_file(policy_path), options)
             text = bootstrap_yaml(compiled)
     except (PolicyError, ValueError) as exc:
-        print(f"authz-service compile envoy: error: {exc}", file=stderr)
+        code = exc.code if isinstance(exc, PolicyError) and exc.code else None
+        print(f"authz-service compile envoy: error: {exc}" + (f" [{code}]" if code else ""), file=stderr)
         return 2
     if args.output is None:
         stdout.write(text)

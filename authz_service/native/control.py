@@ -37,7 +37,7 @@ import ipaddress
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config import Settings
@@ -47,6 +47,7 @@ from ..waiting import set_within
 from .bootstrap import compile_policy
 from .options import Address, Options
 from .plan import Engine
+from .sizing import HeapBudget, check_fits
 from .xds import LISTENERS_FILE, listener_text, write_atomically
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Listener:
     sha256: str
     text: str
     engines: dict[str, list[str]]  # engine -> the policy's route names it enforces
+    heap: HeapBudget  # Envoy's expected heap on it, against the cap
 
 
 def options_for(settings: Settings) -> Options:
@@ -75,6 +77,7 @@ def options_for(settings: Settings) -> Options:
         leeway=int(settings.leeway),  # a whole number in native mode (config._check_native)
         jwks_cache_seconds=settings.native_jwks_cache,
         jwt_cache_size=settings.native_jwt_cache_size,
+        heap_cap_mib=settings.native_heap_cap,
     )
 
 
@@ -145,7 +148,14 @@ class NativeControlPlane:
     def _compile(self, policy: Policy) -> Listener:
         try:
             compiled = compile_policy(policy, self.options)
+            # Envoy holds the old listener beside this one while its connections drain.
+            heap = replace(compiled.heap, changing=True)
+            check_fits(heap, policy.source, sum(1 for p in compiled.plans if p.engine is Engine.NATIVE))
             text = listener_text(compiled)
+        except PolicyError as exc:  # e.g. it would not fit Envoy's heap (sizing.py): said as it is
+            raise PolicyError(
+                f"{policy.source}: cannot be compiled into Envoy's listener (native mode): {exc}", code=exc.code
+            ) from exc
         except Exception as exc:  # whatever stops the compiler refuses the policy
             raise PolicyError(
                 f"{policy.source}: cannot be compiled into Envoy's listener (native mode): {type(exc).__name__}: {exc}"
@@ -153,7 +163,7 @@ class NativeControlPlane:
         engines: dict[str, list[str]] = {engine.value: [] for engine in Engine}
         for plan in compiled.plans:
             engines[plan.engine.value].append(plan.route.name)
-        return Listener(policy.sha256, text, engines)
+        return Listener(policy.sha256, text, engines, heap)
 
     def _listener(self, policy: Policy) -> Listener:
         prepared = self._prepared
@@ -191,6 +201,7 @@ class NativeControlPlane:
             "written_at": self.written_at,
             "last_write_error": self.last_error,
             "routes": wanted.engines if wanted is not None else None,
+            "envoy_heap": wanted.heap.report() if wanted is not None else None,
         }
 
     async def stop(self) -> None:
@@ -268,5 +279,6 @@ class NativeControlPlane:
                 "seconds": round(time.perf_counter() - started, 4),
                 "routes": {engine: len(names) for engine, names in listener.engines.items()},
                 "ext_authz_routes": listener.engines[Engine.EXT_AUTHZ.value],
+                "envoy_heap": listener.heap.summary(),
             },
         )

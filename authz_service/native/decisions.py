@@ -8,19 +8,21 @@ passing every native check there means: allowed, public, or no_route) and, for a
 the RBAC filters' dynamic metadata (which filter decided) and the response code. Five loggers,
 each behind an access-log filter that only looks up dynamic metadata (a few map lookups), so an
 allowed request costs no expression evaluation; only a token or route denial evaluates one CEL
-lookup (its reason, from a table in the route's metadata keyed by the denying RBAC policy). What
+lookup (its reason, from a table in the listener's metadata keyed by the denying RBAC policy, one
+for every route). What
 a request costs is mostly its labels (each a formatted value, then the counter looked up by all
 of them), so the common case, allowed on a native route, reads only its route from the metadata
 (bench/native_costs.py --instructions measures it).
 
 Which requests are native decisions (the filters below):
 
-* native allows: on a native route, jwt_authn verified the token and the route's RBAC checks
-  (``authz.rbac``) allowed it (then ext_authz does not run: bootstrap.py);
+* native allows: on a native route, jwt_authn verified the token and the RBAC checks
+  (``authz.shared``, then the route's: ``authz.rbac``) allowed it (then ext_authz does not run:
+  bootstrap.py);
 * screen passes: on a public route or no route (a direct 403), the request screen
   (``authz.screen``, the only RBAC filter there) let it through;
-* screen denials: 400 ``bad_request`` (the screen's, or the same checks first among a native
-  route's), labelled ``no_route`` as the service labels a request it refuses before matching a route;
+* screen denials: 400 ``bad_request`` (the screen's, or the same checks first among the shared
+  checks of a native route), labelled ``no_route`` as the service labels a request it refuses before matching a route;
 * token or route-condition denials: 401/403 with the denying policy's reason, labelled with the
   route's policy route, or, when a check of the second route a path ending in '/' must meet denied
   (its policy name carries answers.OTHER_ROUTE_MARK), with that route (routes.py).
@@ -35,6 +37,7 @@ answer), never from the request, so a client cannot create series.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from ..decision import REASONS, Reason
@@ -63,19 +66,37 @@ def route_metadata(route: str, reason: Reason, other_route: str | None = None) -
     return {"filter_metadata": {METADATA_KEY: labels}}
 
 
-def add_decision_stats(hcm: dict[str, Any], *, screen_prefix: str, native_filter: str, native_prefix: str) -> None:
-    """Count native decisions: each native route learns the reasons of its denials, and the
-    stats loggers join the HCM's access log. ``screen_prefix``: the ``rules_stat_prefix`` of the
-    request screen's RBAC filter (public routes, no route); ``native_filter``, ``native_prefix``:
-    the name and prefix of the native routes' RBAC filter. A prefix names its filter's dynamic
-    metadata."""
+def add_decision_stats(listener: dict[str, Any], hcm: dict[str, Any], prefixes: RbacPrefixes) -> None:
+    """Count native decisions: the listener learns the reason of every native denial (keyed by
+    what RBAC reports, once for every route), and the stats loggers join the HCM's access log."""
+    reasons: dict[str, str] = {}
+    for rbac_filter in hcm["http_filters"]:
+        if rbac_filter["name"] == prefixes.shared_filter:
+            reasons.update(_reasons(rbac_filter["typed_config"]["rules"]))
     for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
-        authz = route.get("metadata", {}).get("filter_metadata", {}).get(METADATA_KEY)
-        rbac = route.get("typed_per_filter_config", {}).get(native_filter, {}).get("rbac")
-        if authz is None or rbac is None:
-            continue
-        authz["reasons"] = {_DENIED_BY_RBAC.format(name): _reason(name) for name in rbac["rules"]["policies"]}
-    hcm.setdefault("access_log", []).extend(_loggers(screen_prefix, native_prefix))
+        rbac = route.get("typed_per_filter_config", {}).get(prefixes.native_filter, {}).get("rbac")
+        if rbac is not None:
+            reasons.update(_reasons(rbac["rules"]))
+    listener.setdefault("metadata", {}).setdefault("filter_metadata", {})[METADATA_KEY] = {"reasons": reasons}
+    hcm.setdefault("access_log", []).extend(_loggers(prefixes))
+
+
+@dataclass(frozen=True, slots=True)
+class RbacPrefixes:
+    """The native RBAC filters' names and ``rules_stat_prefix`` (which names a filter's dynamic
+    metadata): the request screen's (public routes, no route), the checks every native route
+    shares, the native route's own."""
+
+    screen: str
+    shared: str
+    shared_filter: str
+    native: str
+    native_filter: str
+
+
+def _reasons(rbac_rules: dict[str, Any]) -> dict[str, str]:
+    """What RBAC reports of a denial by each of these rules (response.code_details): its reason."""
+    return {_DENIED_BY_RBAC.format(name): _reason(name) for name in rbac_rules["policies"]}
 
 
 def _reason(policy_name: str) -> str:
@@ -84,14 +105,16 @@ def _reason(policy_name: str) -> str:
     return match["reason"]
 
 
-def _loggers(screen: str, native: str) -> list[dict[str, Any]]:
+def _loggers(prefixes: RbacPrefixes) -> list[dict[str, Any]]:
+    screen, shared, native = prefixes.screen, prefixes.shared, prefixes.native
     route = f"%METADATA(ROUTE:{METADATA_KEY}:route)%"
-    reasons = f"xds.route_metadata.filter_metadata['{METADATA_KEY}']['reasons']"
-    # A native route's checks begin with the request screen's: its 400s are the screen's.
+    reasons = f"xds.listener_metadata.filter_metadata['{METADATA_KEY}']['reasons']"
+    # A native route's shared checks begin with the request screen's: its 400s are the screen's.
     bad_request = REASONS[Reason.BAD_REQUEST].http_status
     # The common case, a request allowed on a native route, gets its own logger whose labels other
     # than the route are fixed text: every native route's metadata says allowed (route_metadata),
     # and a route metadata lookup costs Envoy about as much per label as the stat lookup itself.
+    # (The route's checks run only once the shared ones allowed.)
     allowed = REASONS[Reason.ALLOWED]
     native_allows = _logger(
         "authz.native_allows",
@@ -113,7 +136,7 @@ def _loggers(screen: str, native: str) -> list[dict[str, Any]]:
     )
     screened = _logger(
         "authz.native_screen_denials",
-        _any(_rbac_result(screen, "denied"), _all(_rbac_result(native, "denied"), _status("EQ", bad_request))),
+        _any(_rbac_result(screen, "denied"), _all(_rbac_result(shared, "denied"), _status("EQ", bad_request))),
         decision="deny",
         reason=Reason.BAD_REQUEST.value,
         route="no_route",  # as the service labels a request it refuses before matching a route
@@ -122,7 +145,10 @@ def _loggers(screen: str, native: str) -> list[dict[str, Any]]:
     not_bad_request = _any(_status("LE", bad_request - 1), _status("GE", bad_request + 1))
     denied = _logger(
         "authz.native_denials",
-        _all(_rbac_result(native, "denied"), not_bad_request, _denied_by(native, other_route=False)),
+        _any(
+            _all(_rbac_result(shared, "denied"), not_bad_request),
+            _all(_rbac_result(native, "denied"), _denied_by(native, other_route=False)),
+        ),
         decision="deny",
         reason=f"%CEL({reasons}[response.code_details])%",
         route=route,

@@ -66,3 +66,4 @@ class Options:
     jwks_cache_seconds: int = 5  # how often Envoy fetches the service's current JWKS
     jwt_cache_size: int = 10_000  # verified tokens jwt_authn keeps per worker (0: none)
     decision_stats: bool = True  # count native decisions as Envoy stats (decisions.py; Envoy >= 1.39)
+    heap_cap_mib: int | None = None  # Envoy's heap cap (overload manager); None: envoy/envoy.yaml's

@@ -43,6 +43,7 @@ def report_text(compiled: Compiled) -> str:
             + f", {engines.count(Engine.NONE)} public"
         )
     lines.append("  native     no route matches: 403 access_denied")
+    lines.append(f"  Envoy heap {compiled.heap.summary()}")
     deny = compiled.policy.deny
     if deny is not None:
         lines.append(
@@ -94,4 +95,5 @@ def report_json(compiled: Compiled) -> dict[str, Any]:
             for pair in _trailing_slash_pairs(compiled)
         ],
         "deny_list": deny_list_sizes(compiled.policy),
+        "envoy_heap": compiled.heap.report(),
     }

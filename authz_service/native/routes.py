@@ -3,24 +3,29 @@ paths ending in '/' that must meet two routes (plan.trailing_slash_plan), then a
 
 Which filters act on a route is set per route (``typed_per_filter_config``):
 
-=============  ======  ===  ================  =========  ===================================
-route          screen  jwt  rbac              ext_authz  admission (anonymous token bucket)
-=============  ======  ===  ================  =========  ===================================
-screen         -       -    -                 yes        yes, unless a bearer JWT is sent
-native         -       yes  screen, token,    if needed  -
-                            route's checks
-ext_authz      -       -    -                 yes        yes, unless a bearer JWT is sent
-public         yes     -    -                 -          -
-no route       yes     -    -                 -          - (direct 403)
-=============  ======  ===  ================  =========  ===================================
+=============  ======  ===  ======  ==============  =========  ===================================
+route          screen  jwt  shared  rbac            ext_authz  admission (anonymous token bucket)
+=============  ======  ===  ======  ==============  =========  ===================================
+screen         -       -    -       -               yes        yes, unless a bearer JWT is sent
+native         -       yes  yes     route's checks  if needed  -
+ext_authz      -       -    -       -               yes        yes, unless a bearer JWT is sent
+public         yes     -    -       -               -          -
+no route       yes     -    -       -               -          - (direct 403)
+=============  ======  ===  ======  ==============  =========  ===================================
 
 "If needed": the ext_authz filter runs only when jwt_authn verified no token (bootstrap.py). A
 route the service decides gets the whole request decided there, its 400s included, so Envoy's own
 checks are off on it. Each filter costs CPU on every request it runs for, so a route runs only
 the ones it needs. The request screen is an RBAC filter of its own (``screen``) rather than the
-native routes' checks (``rbac``): the two never run on one route, so which one left its result in
-the request's dynamic metadata tells a native route's decision from a public route's
+native routes' checks (``shared``, ``rbac``): the two never run on one route, so which one left its
+result in the request's dynamic metadata tells a native route's decision from a public route's
 (decisions.py).
+
+The checks every native route makes first (the screen's 400s, then the token's 401s) are one RBAC
+filter's own rules (``shared``), configured once: as a copy in every route's RBAC config, Envoy
+compiled them once per route, most of a native route's memory (docs/performance.md, "Native mode's
+memory"). The route's RBAC config (``rbac``) holds only the route's checks, numbered after the
+shared ones, so the first check that matches still answers, in the service's order.
 
 Every policy route whose token is not forwarded (``forward_token``) removes the Authorization header
 from the request it sends to the app, whoever decided it; on the screen routes, which match no
@@ -39,11 +44,11 @@ from . import patterns
 from .answers import AnswerBook
 from .checks import Check, route_checks, rules, screen_checks, token_checks
 from .decisions import route_metadata
-from .plan import Engine, RoutePlan, TrailingSlashEntry, engine_of_all, trailing_slash_plan
+from .plan import Engine, RoutePlan, TrailingSlashEntry, engine_of_all, meet, trailing_slash_plan
 
-SCREEN, JWT, RBAC = "authz.screen", "authz.jwt", "authz.rbac"
+SCREEN, JWT, SHARED, RBAC = "authz.screen", "authz.jwt", "authz.shared", "authz.rbac"
 # Each RBAC filter's stat prefix, which also names its dynamic metadata (decisions.py).
-SCREEN_STAT_PREFIX, RBAC_STAT_PREFIX = "authz_screen_", "authz_rbac_"
+SCREEN_STAT_PREFIX, SHARED_STAT_PREFIX, RBAC_STAT_PREFIX = "authz_screen_", "authz_shared_", "authz_rbac_"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 RATE_LIMIT = "envoy.filters.http.local_ratelimit"
 APP_CLUSTER = "app"
@@ -100,9 +105,16 @@ def disabled(*filters: str) -> dict[str, Any]:
     return {name: {"@type": _FILTER_CONFIG, "disabled": True} for name in filters}
 
 
+def shared_checks(policy: Policy, leeway: int) -> list[Check]:
+    """What every native route checks first, in the service's order: the screen's, then the token's."""
+    return [*screen_checks(), *token_checks(policy, leeway)]
+
+
 def ingress_routes(
-    policy: Policy, plans: tuple[RoutePlan, ...], book: AnswerBook, admission: Admission, leeway: int
+    policy: Policy, plans: tuple[RoutePlan, ...], book: AnswerBook, admission: Admission, shared: int
 ) -> list[dict[str, Any]]:
+    """Envoy's routes, in its order; ``shared``: how many checks the ``shared`` filter makes before
+    any route's (the route's are numbered after them)."""
     routes: list[dict[str, Any]] = []
     for name, headers in screen_routes(policy):
         routes.extend(_to_service(name, {"prefix": "/", "headers": headers}, admission))
@@ -111,13 +123,17 @@ def ingress_routes(
     # ones that take such a path) pass it on, to the trailing-slash section after every policy route.
     # Only requests that reach a /** route pay for the pattern, not those the most specific routes take.
     trailing = patterns.trailing_slash_target((plan.parts for plan in plans), insensitive)
-    not_trailing = [] if trailing is None else [_path_matcher(trailing, invert=True)]
-    # Every native route checks the same screen and token first: built once, copied per route.
-    build = _Builder(policy, book, admission, [*screen_checks(), *token_checks(policy, leeway)])
+    exacts = [plan.parts for plan in plans if plan.parts and plan.parts[-1] is not REST]
+    build = _Builder(policy, book, admission, shared)
     for plan in plans:
         match = _match(plan.parts, plan.methods, insensitive)
-        if not_trailing and plan.parts and plan.parts[-1] is REST:
-            match["headers"] = [*match.get("headers", []), *not_trailing]
+        if trailing is not None and plan.parts and plan.parts[-1] is REST:
+            # Only the paths this route can take: each copy of the whole pattern would cost Envoy
+            # memory for every route of the policy, on every /** route.
+            below = [parts for parts in exacts if meet(plan.parts[:-1], parts, policy.fold) is not None]
+            own = patterns.trailing_slash_target(below, insensitive)
+            if own is not None:
+                match["headers"] = [*match.get("headers", []), _path_matcher(own, invert=True)]
         routes.extend(build.decided(f"{plan.engine.value}: {plan.route.name}", match, (plan,)))
     if trailing is not None:
         for entry in trailing_slash_plan(plans, policy.fold):
@@ -130,7 +146,7 @@ def ingress_routes(
             "direct_response": response,
             "response_headers_to_add": headers,
             "metadata": route_metadata(NO_ROUTE_LABEL, Reason.NO_ROUTE),
-            "typed_per_filter_config": disabled(JWT, RBAC, EXT_AUTHZ),
+            "typed_per_filter_config": disabled(JWT, SHARED, RBAC, EXT_AUTHZ),
         }
     )
     return routes
@@ -148,17 +164,18 @@ def _trailing_slash_route(entry: TrailingSlashEntry, build: _Builder, insensitiv
 
 @dataclass(frozen=True, slots=True)
 class _Builder:
-    """What every decided route is built from: the policy, its answers and the shared checks."""
+    """What every decided route is built from: the policy, its answers, and how many checks the
+    ``shared`` filter makes first."""
 
     policy: Policy
     book: AnswerBook
     admission: Admission
-    checks: list[Check]  # the screen's and the token's, first on every native route
+    shared: int
 
     def decided(self, name: str, match: dict[str, Any], sides: tuple[RoutePlan, ...]) -> list[dict[str, Any]]:
         """Routes deciding a request that must meet every route of ``sides`` (Policy.routes_for's
         order; decision._decide_all): the service when one falls back to it; else public when all
-        are; else the token checks, then each protected route's checks in order (the first that
+        are; else the shared checks (their own filter), then each protected route's checks in order (the first that
         denies answers, labelled with its route), allowed as the first protected route. The token
         reaches the app only when every route forwards it."""
         engine = engine_of_all(sides)
@@ -171,13 +188,13 @@ class _Builder:
                     "match": match,
                     "route": {"cluster": APP_CLUSTER},
                     "metadata": route_metadata(sides[0].route.name, Reason.PUBLIC),
-                    "typed_per_filter_config": disabled(JWT, RBAC, EXT_AUTHZ),
+                    "typed_per_filter_config": disabled(JWT, SHARED, RBAC, EXT_AUTHZ),
                 }
             ]
         else:
             guards = [side.route for side in sides if not side.route.public]
             other = guards[1] if len(guards) > 1 else None
-            checks = [*self.checks]
+            checks: list[Check] = []
             for guard in guards:
                 checks.extend(route_checks(self.policy, guard))
             routes = [
@@ -191,7 +208,7 @@ class _Builder:
                         RBAC: {
                             "@type": _RBAC_PER_ROUTE,
                             "rbac": {
-                                "rules": rules(self.book, checks, other),
+                                "rules": rules(self.book, checks, other, first=self.shared),
                                 "rules_stat_prefix": RBAC_STAT_PREFIX,
                             },
                         },
@@ -228,7 +245,7 @@ def _match(parts: tuple[object, ...], methods: frozenset[str] | None, case_insen
 def _to_service(name: str, match: dict[str, Any], admission: Admission) -> list[dict[str, Any]]:
     """Routes whose requests the service decides entirely: as in envoy/envoy.yaml, one for bearer
     JWTs and one, rate limited, for everything else."""
-    off = disabled(SCREEN, JWT, RBAC)
+    off = disabled(SCREEN, JWT, SHARED, RBAC)
     bearer = {
         **match,
         "headers": [

@@ -838,6 +838,21 @@ def render_envoy_config(
     return path
 
 
+def sized_routes(count: int) -> list[dict[str, Any]]:
+    """About ``count`` policy routes of one shape (what native mode's memory figures are measured
+    on): per service, GET /svcN/items/{id} and POST /svcN/items (protected, without /**) under
+    /svcN/** (protected), beside a public /** (every path ending in '/' under them meets two
+    routes)."""
+    routes: list[dict[str, Any]] = [{"name": "everything-else", "path": "/**", "public": True}]
+    for n in range((count - 1) // 3):
+        routes += [
+            {"name": f"get-{n}", "methods": ["GET"], "path": f"/svc{n}/items/{{id}}", "scopes": [f"svc{n}/read"]},
+            {"name": f"create-{n}", "methods": ["POST"], "path": f"/svc{n}/items", "scopes": [f"svc{n}/write"]},
+            {"name": f"svc-{n}", "path": f"/svc{n}/**", "scopes": [f"svc{n}/admin"]},
+        ]
+    return routes
+
+
 def render_native_config(
     out_dir: str | os.PathLike[str],
     policy: str | os.PathLike[str],

@@ -24,6 +24,7 @@ What is shown, and measured (``pytest -s`` prints the figures docs/native.md quo
 from __future__ import annotations
 
 import http.client
+import json
 import signal
 import time
 from collections import Counter
@@ -45,6 +46,7 @@ from .harness import (
     free_port,
     http_request,
     render_native_xds_config,
+    sized_routes,
     start_envoy,
     wait_for,
     wait_for_http,
@@ -174,6 +176,29 @@ def test_a_refused_policy_keeps_the_service_and_envoy_on_the_last_good_one(stack
     taken_up = listeners_taken_up(s.envoy)
     serve(s, policy_text(s.fake, s.dev, routes=TIGHTER))  # fixed: both follow again
     wait_for_listener(s.envoy, serving(s)["sha256"], taken_up)
+
+
+def test_a_policy_over_envoys_heap_cap_is_refused_and_envoy_keeps_the_last_good_one(
+        tmp_path: Path, upstream: UpstreamProcess, envoy_factory) -> None:
+    """A policy whose compiled listener would take Envoy's heap to its overload actions is refused
+    as a policy that cannot be compiled is (--native-heap-cap: the cap of the bootstrap Envoy runs,
+    small here so that a thousand routes exceed it), instead of an Envoy that sheds every request."""
+    s = start_xds_security_stack(tmp_path, upstream, envoy_factory, "--native-heap-cap", "64")
+    try:
+        good = serving(s)["sha256"]
+        assert s.service.readyz()[1]["native"]["envoy_heap"]["fits"] is True
+        errors = s.service.sample("authz_policy_reloads_total", result="error")
+        many = "".join(f"  - {json.dumps(route)}\n" for route in sized_routes(1200)[1:])
+        s.policy.write(policy_text(s.fake, s.dev, many))
+        s.service.process.wait_until(
+            lambda: s.service.sample("authz_policy_reloads_total", result="error") > errors, 60, "the policy refused")
+        status, ready = s.service.readyz()
+        assert ready["policy"]["sha256"] == good and "Envoy's heap" in ready["policy"]["last_reload_error"]
+        assert "--native-heap-cap" in ready["policy"]["last_reload_error"]
+        assert ready["native"]["written_sha256"] == good and status == 200
+        assert listener_version(s.envoy) == good and natively_allowed(s, s.fake.token())
+    finally:
+        stop_security_stack(s)
 
 
 def test_envoy_keeps_its_listener_while_the_service_is_down_and_follows_it_back(stack: SecurityStack) -> None:
