@@ -143,6 +143,25 @@ def test_the_deny_list_is_refused_natively_with_the_services_answer_after_every_
     assert "deny list: 1 client id, 2 jtis, refused on every native route" in report
 
 
+def test_a_thousand_checks_are_tried_by_envoy_in_the_service_s_order() -> None:
+    """RBAC tries a filter's policies in name order: past the 999th check (a route with a thousand
+    all-of scopes, or a pair of routes a path ending in '/' meets), the order in the names must
+    still be the service's, and the decision stats must still read each reason."""
+    scopes = [f"s/{i:04d}" for i in range(1000)]
+    pair = (ISSUERS + f"  - {{name: big, path: '/big/{{id}}', all_scopes: [{', '.join(scopes)}]}}\n"
+            "  - {name: all, path: '/big/**', scopes: [s/0000]}\n")
+    compiled = compile_policy(parse_policy(pair), Options(heap_cap_mib=1024))  # each check's answer costs heap
+    ingress = next(listener for listener in compiled.listeners if listener["name"] == "ingress")
+    routes = ingress["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    for name in ("native: big", "native: all + big (trailing slash)"):
+        (route,) = [route for route in routes if route["name"] == name]
+        names = sorted(route["typed_per_filter_config"]["authz.rbac"]["rbac"]["rules"]["policies"])
+        orders = [int(re.match(r"\d+", name)[0]) for name in names]
+        assert len(orders) > 1000 - len(shared_checks(compiled.policy, 60)) and orders == sorted(orders), name
+    reasons = ingress["metadata"]["filter_metadata"]["authz"]["reasons"]
+    assert reasons[next(key for key in reasons if "1000o-missing_scope" in key)] == "missing_scope"
+
+
 def test_get_takes_head_unless_a_route_at_the_same_place_lists_it() -> None:
     methods = {p.route.name: p.methods for p in plan(parse_policy(EVERY_KIND))}
     assert methods["read"] == {"GET"} and methods["head"] == {"HEAD"} and methods["docs"] == {"GET", "HEAD"}
