@@ -19,6 +19,7 @@ from typing import Any
 
 from .decisionlog import DecisionLogMode
 from .native.options import Address, parse_address
+from .native.sizing import heap_cap_refusal
 from .tracing import CLIENT_CONTEXTS, TracingSettings, TracingSettingsError, tracing_settings
 
 
@@ -625,6 +626,10 @@ def _check_native(values: Mapping[str, Any], given: Mapping[str, str]) -> None:
             "one process compiles the policy for Envoy and serves Envoy its keys; run one worker (Envoy "
             "decides the native routes itself, the service only the rest)"
         )
+    heap_cap = values.get("native_heap_cap")  # None: the default, which Envoy runs with
+    refusal = None if heap_cap is None else heap_cap_refusal(heap_cap)
+    if refusal is not None:
+        raise ConfigError(f"--native-heap-cap (AUTHZ_NATIVE_HEAP_CAP) {heap_cap}: {refusal}")
     leeway = values.get("leeway", 60.0)
     if leeway != int(leeway) or leeway < 2:
         raise ConfigError(

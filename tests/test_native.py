@@ -28,8 +28,9 @@ from authz_service.native.options import Address, Options, parse_address
 from authz_service.native.answers import AnswerBook
 from authz_service.native.plan import Engine, Fallback, plan
 from authz_service.native.report import report_json, report_text
-from authz_service.native.routes import SCREEN_NAMES, Admission, ingress_routes, screen_routes, shared_checks
-from authz_service.policy import ESCAPABLE_LITERAL_CHARS, PolicyError, escaped_literal_chars, parse_policy
+from authz_service.native.routes import (EXT_AUTHZ, JWT, RBAC, SCREEN, SCREEN_NAMES, SHARED, Admission, ingress_routes,
+                                         screen_routes, shared_checks)
+from authz_service.policy import ESCAPABLE_LITERAL_CHARS, Mode, PolicyError, escaped_literal_chars, parse_policy
 from authz_service.request import (IDENTITY_HEADERS, MAX_PATH_LENGTH, BadRequest, checked_method,
                                    identity_and_override_spellings, normalized_path,
                                    other_separator_spellings_pattern)
@@ -142,6 +143,25 @@ def test_the_deny_list_is_refused_natively_with_the_services_answer_after_every_
     assert "deny list: 1 client id, 2 jtis, refused on every native route" in report
 
 
+def test_a_thousand_checks_are_tried_by_envoy_in_the_service_s_order() -> None:
+    """RBAC tries a filter's policies in name order: past the 999th check (a route with a thousand
+    all-of scopes, or a pair of routes a path ending in '/' meets), the order in the names must
+    still be the service's, and the decision stats must still read each reason."""
+    scopes = [f"s/{i:04d}" for i in range(1000)]
+    pair = (ISSUERS + f"  - {{name: big, path: '/big/{{id}}', all_scopes: [{', '.join(scopes)}]}}\n"
+            "  - {name: all, path: '/big/**', scopes: [s/0000]}\n")
+    compiled = compile_policy(parse_policy(pair), Options(heap_cap_mib=1024))  # each check's answer costs heap
+    ingress = next(listener for listener in compiled.listeners if listener["name"] == "ingress")
+    routes = ingress["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    for name in ("native: big", "native: all + big (trailing slash)"):
+        (route,) = [route for route in routes if route["name"] == name]
+        names = sorted(route["typed_per_filter_config"]["authz.rbac"]["rbac"]["rules"]["policies"])
+        orders = [int(re.match(r"\d+", name)[0]) for name in names]
+        assert len(orders) > 1000 - len(shared_checks(compiled.policy, 60)) and orders == sorted(orders), name
+    reasons = ingress["metadata"]["filter_metadata"]["authz"]["reasons"]
+    assert reasons[next(key for key in reasons if "1000o-missing_scope" in key)] == "missing_scope"
+
+
 def test_get_takes_head_unless_a_route_at_the_same_place_lists_it() -> None:
     methods = {p.route.name: p.methods for p in plan(parse_policy(EVERY_KIND))}
     assert methods["read"] == {"GET"} and methods["head"] == {"HEAD"} and methods["docs"] == {"GET", "HEAD"}
@@ -176,7 +196,7 @@ def _envoy_first_match(routes: list[dict], method: str, path: str) -> str:
 _SEGMENTS_CASED = st.sampled_from(["a", "b", "C", "Ab", "{x}", "{y}"])
 _ROUTE = st.tuples(st.lists(_SEGMENTS_CASED, max_size=3), st.booleans(),
                    st.one_of(st.none(), st.sets(st.sampled_from(["GET", "HEAD", "POST"]), min_size=1)),
-                   st.booleans())
+                   st.sampled_from(["protected", "protected", "public", "dry-run"]), st.booleans())
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -188,11 +208,11 @@ def test_envoy_takes_the_route_policy_match_takes(routes, path_case: str) -> Non
     Envoy takes the route deciding exactly the routes of both readings, in their order (one when
     both readings have the same route), or no route when either reading has none."""
     lines = []
-    for i, (segments, rest, methods, public) in enumerate(routes):
+    for i, (segments, rest, methods, kind, forward) in enumerate(routes):
         path = "/" + "/".join(segments + (["**"] if rest else []))
         method_text = f", methods: [{', '.join(sorted(methods))}]" if methods else ""
-        body = "public: true" if public else "scopes: [s]"
-        lines.append(f"  - {{name: r{i}, path: '{path}'{method_text}, {body}}}")
+        body = {"protected": "scopes: [s]", "public": "public: true", "dry-run": "scopes: [s], mode: dry-run"}[kind]
+        lines.append(f"  - {{name: r{i}, path: '{path}'{method_text}, {body}, forward_token: {str(forward).lower()}}}")
     try:
         policy = parse_policy(f"path_case: {path_case}\n" + ISSUERS + "\n".join(lines) + "\n")
     except PolicyError:
@@ -213,13 +233,29 @@ def test_envoy_takes_the_route_policy_match_takes(routes, path_case: str) -> Non
             taken = _envoy_first_match(envoy_routes, method, path)
             routes_for = policy.routes_for(method, segments)
             names = [r.name for r in routes_for]
+            service = "( \\(anonymous\\))?"  # the service decides: a route without credentials
             if not routes_for:
                 assert taken.startswith("no route"), (method, path, taken)
             elif len(routes_for) == 1:  # the route of both readings (or of the only one): its own
-                assert re.fullmatch(f"[a-z_]+: {names[0]}( \\(trailing slash\\))?", taken), (method, path, taken)
+                assert re.fullmatch(f"[a-z_]+: {names[0]}( \\(trailing slash\\))?{service}", taken), (method, path, taken)
             else:  # a path ending in '/': the route as written, then the route without the '/'
-                assert re.fullmatch(f"[a-z_]+: {' [+] '.join(names)} \\(trailing slash\\)", taken), (method, path, taken)
+                assert re.fullmatch(f"[a-z_]+: {' [+] '.join(names)} \\(trailing slash\\){service}", taken), (method, path, taken)
             decided = next(r for r in envoy_routes if r["name"] == taken)
+            # Which filters act there (routes.py's table): the service's route turns every native
+            # filter off, a native route only the screen, a public route and no route all but it.
+            off = {name for name, config in decided["typed_per_filter_config"].items() if config.get("disabled")}
+            engine = taken.split(":")[0]
+            assert off == {"ext_authz": {SCREEN, JWT, SHARED, RBAC}, "native": {SCREEN}}.get(
+                engine, {JWT, SHARED, RBAC, EXT_AUTHZ}), (taken, off)
+            guards = [r.name for r in routes_for if not r.public]
+            if any(r.mode is Mode.DRY_RUN for r in routes_for):  # the service decides it all
+                assert taken.startswith("ext_authz: ") and "metadata" not in decided, (method, path, taken)
+                continue
+            # The decision stats' labels (decisions.py): allowed as the first protected route (public
+            # as the first route when none is protected), a denial by the second one's checks as it.
+            labels = decided["metadata"]["filter_metadata"]["authz"]
+            assert labels["route"] == (guards or [r.name for r in routes_for] or ["no_route"])[0], (taken, labels)
+            assert labels.get("other_route") == (guards[1] if len(guards) > 1 else None), (taken, labels)
             if routes_for and any(not r.public for r in routes_for):
                 rbac = decided["typed_per_filter_config"]["authz.rbac"]["rbac"]["rules"]["policies"]
                 checked = [name.split("-")[1] for name in sorted(rbac)]
@@ -512,6 +548,9 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     (["--service-http", "0.0.0.0:8181"], "--service-http 0.0.0.0:8181: Envoy connects there"),
     (["--realm", 'a"b'], "--realm 'a\"b'"),
     (["--jwt-cache-size", "-1"], "--jwt-cache-size"),
+    (["--heap-cap", "63"], "--heap-cap 63: at least 64 MiB"),
+    # Envoy reads the cap as a 64-bit count of bytes: one MiB more would not start it.
+    (["--heap-cap", str(2**44)], f"--heap-cap {2**44}: at most {2**44 - 1} MiB"),
 ])
 def test_options_that_cannot_serve_are_refused(args: list[str], message: str) -> None:
     run = cli("compile", "envoy", str(EXAMPLE_POLICY), *args)
@@ -777,6 +816,9 @@ def test_the_xds_bootstrap_names_no_policy() -> None:
     ({"leeway": "60.5"}, "Envoy counts whole seconds"),
     ({"leeway": "1"}, "at least 2"),
     ({"native_listen": "localhost:8080"}, "--native-listen='localhost:8080' is invalid: expected IP:PORT"),
+    # Refused as the setting it is, not as a policy that does not compile.
+    ({"native_heap_cap": "63"}, "--native-heap-cap (AUTHZ_NATIVE_HEAP_CAP) 63: at least 64 MiB"),
+    ({"native_heap_cap": str(2**44)}, f"--native-heap-cap (AUTHZ_NATIVE_HEAP_CAP) {2**44}: at most {2**44 - 1} MiB"),
 ])
 def test_serve_refuses_what_native_mode_cannot_serve(values: dict[str, str], message: str) -> None:
     from authz_service.config import ConfigError, settings_from

@@ -3,8 +3,9 @@
 Every answer Envoy gives on its own (an RBAC denial turned into a local reply, the no-route direct
 response) is rendered by the service's own ``response.Answers`` from the Decision the service
 would make, so its status, ``WWW-Authenticate`` challenge and JSON body are the service's byte for
-byte. Each RBAC policy that denies is named ``<order>-<reason>-a<answer>``: the order makes RBAC
-(which tries policies in name order) report the first unmet check, as the service does; the answer
+byte. Each RBAC policy that denies is named ``<order>-<reason>-a<answer>``: the order (as many
+digits in every name of one filter) makes RBAC (which tries policies in name order) report the
+first unmet check, as the service does; the answer
 id is what a ``local_reply_config`` mapper recognises in ``response.code_details`` to rewrite
 Envoy's plain 403 into that answer. A check of the second route a request must meet (a path ending
 in '/': routes.py) is named ``<order>o-<reason>-a<answer>``: the mark, after the order, leaves the
@@ -24,6 +25,7 @@ RBAC_DENIED = "rbac_access_denied_matched_policy[{}]"
 RBAC_DENIED_STATUS = 403
 CEL_FILTER = "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
 OTHER_ROUTE_MARK = "o"  # in the name of a check of a request's other route (see the module doc)
+ORDER_DIGITS = 3  # the least width of the order in a policy's name (more past 999 checks)
 
 
 class AnswerBook:
@@ -39,10 +41,18 @@ class AnswerBook:
         return self._answers.answer(Decision(False, reason, description, route), None)
 
     def policy_name(
-        self, order: int, reason: Reason, description: str, route: Route | None = None, *, other_route: bool = False
+        self,
+        order: int,
+        reason: Reason,
+        description: str,
+        route: Route | None = None,
+        *,
+        other_route: bool = False,
+        digits: int = ORDER_DIGITS,
     ) -> str:
         """The name of the RBAC policy whose match is this denial (registers the answer);
-        ``other_route``: a check of the second route the request must meet."""
+        ``other_route``: a check of the second route the request must meet; ``digits``: the
+        order's least width (every name of one filter the same, so name order is numeric order)."""
         answer = self.denial(reason, description, route)
         key = (answer.status, answer.headers, answer.body)  # routes whose denials read alike share one
         answer_id = self._ids.get(key)
@@ -50,7 +60,7 @@ class AnswerBook:
             answer_id = self._ids[key] = f"a{len(self._ids)}"
             self._rendered[answer_id] = answer
         mark = OTHER_ROUTE_MARK if other_route else ""
-        return f"{order:03d}{mark}-{reason.value}-{answer_id}"
+        return f"{order:0{max(digits, ORDER_DIGITS)}d}{mark}-{reason.value}-{answer_id}"
 
     def mappers(self) -> list[dict[str, Any]]:
         """``local_reply_config`` mappers rewriting each registered denial into its answer, behind

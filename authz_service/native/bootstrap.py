@@ -59,7 +59,7 @@ from .routes import (
     ingress_routes,
     shared_checks,
 )
-from .sizing import HeapBudget, check_fits, heap_budget, set_heap_cap
+from .sizing import HeapBudget, check_fits, heap_budget, heap_cap_refusal, set_heap_cap
 
 HCM = "envoy.filters.network.http_connection_manager"
 RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
@@ -80,7 +80,6 @@ RE2_PROGRAM_SIZE = 65536
 # token, hundreds of times). None: streams racing the GOAWAY are refused (REFUSED_STREAM), which
 # RFC 9113 section 8.7 lets clients retry on a new connection, under the new listener.
 DRAIN_TIMEOUT = "0s"
-MIN_HEAP_CAP_MIB = 64
 
 
 class TemplateError(ValueError):
@@ -201,11 +200,9 @@ def _check_options(options: Options) -> None:
                 f"--{name.replace('_', '-')} {address}: Envoy connects there, so name an address "
                 "(e.g. 127.0.0.1), not 0.0.0.0 or ::"
             )
-    if options.heap_cap_mib is not None and options.heap_cap_mib < MIN_HEAP_CAP_MIB:
-        raise ValueError(
-            f"--heap-cap {options.heap_cap_mib}: at least {MIN_HEAP_CAP_MIB} MiB (Envoy's own heap, with no "
-            "policy and no connections, is ~11 MB)"
-        )
+    refusal = None if options.heap_cap_mib is None else heap_cap_refusal(options.heap_cap_mib)
+    if refusal is not None:
+        raise ValueError(f"--heap-cap {options.heap_cap_mib}: {refusal}")
     if options.leeway < 2:
         raise ValueError(
             f"--leeway {options.leeway}: at least 2 seconds (jwt_authn's clock skew is one second "

@@ -82,7 +82,9 @@ def rules(book: AnswerBook, checks: list[Check], other_route: Route | None = Non
     """RBAC rules denying on the first of ``checks`` that matches: RBAC tries policies in name order,
     and each name starts with the check's position (answers.AnswerBook.policy_name), counted from
     ``first`` (the checks another filter made before). The checks of ``other_route`` (the second
-    route a request must meet) are marked so in their names."""
+    route a request must meet) are marked so in their names. Every position is written with as many
+    digits as the last one, so that name order stays numeric order past 999 checks."""
+    digits = len(str(first + len(checks) - 1))
     return {
         "action": "DENY",
         "policies": {
@@ -92,6 +94,7 @@ def rules(book: AnswerBook, checks: list[Check], other_route: Route | None = Non
                 check.description,
                 check.route,
                 other_route=other_route is not None and check.route is other_route,
+                digits=digits,
             ): check.policy()
             for order, check in enumerate(checks, start=first)
         },

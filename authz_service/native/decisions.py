@@ -50,7 +50,7 @@ STAT_SCOPE, STAT_NAME = "authz", "native_decisions"  # Prometheus: envoy_authz_n
 RBAC_METADATA = "envoy.filters.http.rbac"
 METADATA_KEY = "authz"  # the routes' filter_metadata namespace
 OTHER_ROUTE_KEY = "other_route"  # the label of a denial by the other route's checks (route_metadata)
-_POLICY_NAME = re.compile(rf"\d{{3}}{OTHER_ROUTE_MARK}?-(?P<reason>[a-z_]+)-a\d+")  # answers.AnswerBook.policy_name
+_POLICY_NAME = re.compile(rf"\d{{3,}}{OTHER_ROUTE_MARK}?-(?P<reason>[a-z_]+)-a\d+")  # answers.AnswerBook.policy_name
 _DENIED_BY_RBAC = "rbac_access_denied_matched_policy[{}]"  # answers.RBAC_DENIED
 
 
@@ -208,7 +208,7 @@ def _denied_by(prefix: str, *, other_route: bool) -> dict[str, Any]:
     """The RBAC filter of ``prefix`` denied by a check of the request's other route (or not):
     the check's name, in the filter's dynamic metadata, carries the mark (answers.AnswerBook)."""
     key = f"{prefix}enforced_effective_policy_id"
-    regex = f"\\d{{3}}{OTHER_ROUTE_MARK if other_route else ''}-.*"
+    regex = f"\\d{{3,}}{OTHER_ROUTE_MARK if other_route else ''}-.*"
     return _metadata(RBAC_METADATA, [key], {"string_match": {"safe_regex": {"regex": regex}}}, if_absent=False)
 
 

@@ -46,6 +46,8 @@ import yaml
 from hypothesis import HealthCheck, Phase, example, given, reject, settings
 from hypothesis import strategies as st
 
+from authz_service.native.options import Options
+from authz_service.native.routes import shared_checks
 from authz_service.policy import Policy, PolicyError, parse_policy
 from authz_service.request import BadRequest, path_and_segments
 
@@ -142,27 +144,28 @@ def policy_yaml(fake: FakeIssuer, dev: DevIssuer, routes: list[dict[str, Any]], 
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def serve(rig: Rig, text: str) -> None:
-    """The service serves ``text`` (its reload, seen on /readyz) and a native Envoy enforces it."""
+def serve(rig: Rig, text: str, **options: Any) -> None:
+    """The service serves ``text`` (its reload, seen on /readyz) and a native Envoy enforces it
+    (``options``: compile options, native.options.Options fields)."""
     sha = parse_policy(text).sha256
     rig.policy.write(text)
     rig.service.process.wait_until(
         lambda: (lambda s: s[0] == 200 and s[1]["policy"]["sha256"] == sha)(rig.service.readyz()), 30,
         "the policy served, with every issuer's keys")
     old = rig.native
-    rig.native = start_native(rig)
+    rig.native = start_native(rig, **options)
     if old is not None:
         old.stop()
 
 
-def start_native(rig: Rig) -> EnvoyProcess:
+def start_native(rig: Rig, **options: Any) -> EnvoyProcess:
     """An Envoy on the compiled policy the service serves. Ports are free when chosen, not reserved:
     another test run on the machine may take one first, and then fresh ones are tried."""
     for attempt in range(3):
         config = render_native_config(rig.work / "native", rig.policy.path, listener_port=free_port(),
                                       admin_port=free_port(), app_port=rig.upstream.port,
                                       grpc_port=rig.service.grpc_port, http_port=rig.service.http_port,
-                                      transform=envoyconf.without_anonymous_limit)
+                                      transform=envoyconf.without_anonymous_limit, **options)
         try:
             return start_envoy(config, rig.work / "native", name=f"envoy-{config.stem}")
         except (ProcessDied, TimeoutError) as exc:
@@ -602,19 +605,30 @@ def test_every_pair_of_routes_a_trailing_slash_meets_is_decided_as_the_service_d
     tokens = {"no token": []} | {f"scope {scope!r}": [("Authorization", f"Bearer {rig.fake.token('payments-reader', scope)}")]
                                  for scope in scopes}
     paths = ["/reports/7/", "/reports/export/", "/reports/", "/tenants/7/", "/tenants/acme/", "/a/7/", "/x/"]
-    clients = (Client(rig.reference.listener_port), Client(rig.native.listener_port))
     decided_before, service_before = native_answers(rig.native), rig.requests
+    answered_alike(rig, paths, ["GET", "HEAD", "POST", "DELETE", "PUT"], tokens)
+    decided = native_answers(rig.native) - decided_before
+    assert decided == rig.requests - service_before - 5 * len(tokens), decided  # /a/7/: the dry-run /a/**
+
+
+def answered_alike(rig: Rig, targets: list[str], methods: list[str],
+                   tokens: dict[str, list[tuple[str, str]]]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """Every target with every method and every token's headers through both Envoys: the same
+    answers. Returns them by (method, target, token)."""
+    assert rig.native is not None
+    clients = (Client(rig.reference.listener_port), Client(rig.native.listener_port))
+    answers = {}
     try:
-        for path in paths:
-            for method in ("GET", "HEAD", "POST", "DELETE", "PUT"):
+        for target in targets:
+            for method in methods:
                 for kind, headers in tokens.items():
-                    reference, native = both(rig, clients, Request(method, path, headers, kind))
-                    assert native == reference, (method, path, kind, reference, native)
+                    reference, native = both(rig, clients, Request(method, target, headers, kind))
+                    assert native == reference, (method, target, kind, reference, native)
+                    answers[method, target, kind] = reference
     finally:
         for client in clients:
             client.close()
-    decided = native_answers(rig.native) - decided_before
-    assert decided == rig.requests - service_before - 5 * len(tokens), decided  # /a/7/: the dry-run /a/**
+    return answers
 
 
 def test_keys_unavailable_is_the_same_503(rig: Rig) -> None:
@@ -735,3 +749,79 @@ def test_requests_the_generator_does_not_make(rig: Rig) -> None:
                 Request("GET", "/reports/7", [("Authorization", f"Bearer {long_header}")], "long JOSE header")):
         reference, native = both(rig, clients, req)
         assert reference["status"] in (400, 401) and native == reference, req.target[:30]
+
+
+# Policies whose paths ending in '/' are the likeliest to be compiled wrong, each with the requests
+# that probe it: (path_case, routes, deny list, targets, methods). Every target goes with every
+# method and every token of TRAILING_TOKENS.
+S0, S1, S2, S3 = SCOPES
+TRAILING_CASES = {
+    # Nested /** routes for some methods beside ones for any, a literal beside a parameter at a
+    # /** route's place, mixed-case literals matched in any case, "/" beside "/**", a query after
+    # the '/' (holding a '/' too).
+    "nested": ("insensitive", [
+        {"name": "item", "methods": ["GET"], "path": "/Items/{id}", "scopes": [S0]},
+        {"name": "special", "methods": ["POST"], "path": "/items/Special/**", "scopes": [S1]},
+        {"name": "items", "path": "/ITEMS/**", "scopes": [S2], "forward_token": True},
+        {"name": "a-p", "methods": ["GET"], "path": "/a/{p}/**", "scopes": [S1]},
+        {"name": "a", "path": "/a/**", "scopes": [S0]},
+        {"name": "a-p-b", "path": "/a/{p}/B", "scopes": [S3], "forward_token": True},
+        {"name": "a-b", "methods": ["POST"], "path": "/a/b", "scopes": [S2]},
+        {"name": "root", "methods": ["GET"], "path": "/", "public": True},
+        {"name": "all", "methods": ["GET", "POST"], "path": "/**", "scopes": [S3]},
+    ], None, ["/items/7/", "/ITEMS/special/", "/items/SPECIAL/?q=1", "/items/", "/a/x/b/", "/A/x/B/?y=/",
+              "/a/b/", "/a/x/", "/a/", "/x/", "/Items/7/?x=%C3%A9"], ["GET", "HEAD", "POST", "DELETE"]),
+    # Public and protected pairs forwarding the token or not, a dry-run and a claim bound to a path
+    # parameter on either side (the service decides those pairs), the deny list, conditions on
+    # both sides of a pair.
+    "mixed": ("sensitive", [
+        {"name": "tenant", "path": "/t/{t}", "scopes": [S0], "claims": {"custom:tenant": {"equals_param": "t"}}},
+        {"name": "t-all", "path": "/t/**", "public": True, "forward_token": True},
+        {"name": "pub-item", "path": "/p/{id}", "scopes": [S0], "forward_token": True},
+        {"name": "pub-all", "path": "/p/**", "public": True},
+        {"name": "dry-item", "path": "/d/{id}", "scopes": [S1], "mode": "dry-run"},
+        {"name": "dry-all", "path": "/d/**", "scopes": [S0]},
+        {"name": "q-item", "path": "/q/{id}", "all_scopes": [S1, S2], "client_ids": ["payments-reader"],
+         "forward_token": True},
+        {"name": "q-all", "path": "/q/**", "scopes": [S0], "claims": {"tier": "gold"}, "forward_token": True},
+        {"name": "open", "path": "/o/{id}", "public": True, "forward_token": True},
+        {"name": "open-all", "path": "/o/**", "public": True, "forward_token": True},
+    ], {"client_ids": ["acme-reporting"], "jtis": [DENIED_JTIS[0]]},
+        ["/t/acme/", "/p/7/", "/d/7/", "/q/7/", "/q/7/?tier=gold", "/o/7/"], ["GET", "POST"]),
+}
+TRAILING_TOKENS = {  # name: (client, scope, other claims)
+    "s0": ("payments-reader", S0, {}), "s1": ("payments-reader", S1, {}), "s2": ("payments-reader", S2, {}),
+    "s3": ("payments-reader", S3, {}), "every scope": ("payments-reader", " ".join(SCOPES), {}),
+    "every scope, gold, acme": ("payments-reader", " ".join(SCOPES), {"tier": "gold", "custom:tenant": "acme"}),
+    "another client, gold": ("payments-writer", " ".join(SCOPES), {"tier": "gold"}),
+    "deny-listed client": ("acme-reporting", " ".join(SCOPES), {"tier": "gold"}),
+    "deny-listed jti": ("payments-reader", " ".join(SCOPES), {"tier": "gold", "jti": DENIED_JTIS[0]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAILING_CASES))
+def test_risky_paths_ending_in_a_slash_are_decided_as_the_service_decides(rig: Rig, case: str) -> None:
+    """TRAILING_CASES: every target, method and token (and none) gets the same answer in both modes."""
+    path_case, routes, deny, targets, methods = TRAILING_CASES[case]
+    serve(rig, policy_yaml(rig.fake, rig.dev, routes, restricted=False, with_dev=False, path_case=path_case,
+                           deny=deny))
+    tokens = {"no token": []} | {name: [("Authorization", f"Bearer {rig.fake.token(client, scope, **claims)}")]
+                                 for name, (client, scope, claims) in TRAILING_TOKENS.items()}
+    answered_alike(rig, targets, methods, tokens)
+
+
+def test_a_thousand_checks_answer_the_first_unmet_one_as_the_service_does(rig: Rig) -> None:
+    """A route of a thousand all-of scopes, alone and in a pair a path ending in '/' meets: a token
+    holding the scopes of the checks numbered up to 100 and missing the next one's (and the rest,
+    the 1000th's among them) gets the service's answer, which names the first scope it misses."""
+    scopes = [f"s/{i:04d}" for i in range(1000)]
+    routes = [{"name": "big", "path": "/big/{id}", "all_scopes": scopes},
+              {"name": "all", "path": "/big/**", "scopes": [scopes[0]]}]
+    text = policy_yaml(rig.fake, rig.dev, routes, restricted=False, with_dev=False)
+    serve(rig, text, heap_cap_mib=1024)  # each check's answer costs Envoy heap
+    first = len(shared_checks(parse_policy(text), Options().leeway))  # the route's checks are numbered after
+    token = rig.fake.token("payments-reader", " ".join(scopes[:101 - first]))
+    answers = answered_alike(rig, ["/big/7", "/big/7/"], ["GET"],
+                             {"scopes of the first checks": [("Authorization", f"Bearer {token}")]})
+    for answer in answers.values():
+        assert answer["status"] == 403 and f"required scope: {scopes[101 - first]}\"" in answer["body"], answer
