@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .decisionlog import DecisionLogMode
-from .native.options import Address, parse_address
-from .native.sizing import heap_cap_refusal
+from .native.options import Address, heap_cap_refusal, parse_address
 from .tracing import CLIENT_CONTEXTS, TracingSettings, TracingSettingsError, tracing_settings
 
 

@@ -42,7 +42,7 @@ from .cel import JWT_AUTHN
 from .checks import VERIFIED_PATH, Check, rules, screen_checks
 from .decisions import RbacPrefixes, add_decision_stats
 from .jwt import SERVICE_HTTP_CLUSTER, jwt_authn
-from .options import Address, Options
+from .options import Address, Options, heap_cap_refusal
 from .patterns import re2_literal
 from .plan import Engine, RoutePlan, plan
 from .routes import (
@@ -59,7 +59,7 @@ from .routes import (
     ingress_routes,
     shared_checks,
 )
-from .sizing import HeapBudget, check_fits, heap_budget, heap_cap_refusal, set_heap_cap
+from .sizing import HeapBudget, check_fits, heap_budget, set_heap_cap
 
 HCM = "envoy.filters.network.http_connection_manager"
 RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"

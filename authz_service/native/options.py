@@ -11,6 +11,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+MIN_HEAP_CAP_MIB = 64
+# Envoy reads max_heap_size_bytes as an unsigned 64-bit number: a larger cap would not start it.
+MAX_HEAP_CAP_MIB = (2**64 - 1) // (1 << 20)
 _ADDRESS = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>\d{1,5})\Z")
 
 
@@ -67,3 +70,13 @@ class Options:
     jwt_cache_size: int = 10_000  # verified tokens jwt_authn keeps per worker (0: none)
     decision_stats: bool = True  # count native decisions as Envoy stats (decisions.py; Envoy >= 1.39)
     heap_cap_mib: int | None = None  # Envoy's heap cap (overload manager); None: envoy/envoy.yaml's
+
+
+def heap_cap_refusal(mib: int) -> str | None:
+    """Why Envoy cannot run with a heap cap of ``mib`` MiB (None: it can), for the option's own
+    error: ``compile envoy --heap-cap`` and ``serve --native-heap-cap`` alike."""
+    if mib < MIN_HEAP_CAP_MIB:
+        return f"at least {MIN_HEAP_CAP_MIB} MiB (Envoy's own heap, with no policy and no connections, is ~11 MB)"
+    if mib > MAX_HEAP_CAP_MIB:
+        return f"at most {MAX_HEAP_CAP_MIB} MiB (Envoy reads the cap as a 64-bit count of bytes)"
+    return None

@@ -37,9 +37,6 @@ BYTES_PER_LISTENER_BYTE = 11.0
 HEAP_MONITOR = "envoy.resource_monitors.fixed_heap"
 HEAP_OVER_CAP = "envoy-heap-over-cap"  # the error's code
 MIB = 1 << 20
-MIN_HEAP_CAP_MIB = 64
-# Envoy reads max_heap_size_bytes as an unsigned 64-bit number: a larger cap would not start it.
-MAX_HEAP_CAP_MIB = (2**64 - 1) // MIB
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,16 +103,6 @@ def heap_cap(static: dict[str, Any]) -> tuple[int, float]:
         if trigger["name"] == HEAP_MONITOR
     ]
     return int(monitor["typed_config"]["max_heap_size_bytes"]), min(fractions, default=1.0)
-
-
-def heap_cap_refusal(mib: int) -> str | None:
-    """Why Envoy cannot run with a heap cap of ``mib`` MiB (None: it can), for the option's own
-    error: ``compile envoy --heap-cap`` and ``serve --native-heap-cap`` alike."""
-    if mib < MIN_HEAP_CAP_MIB:
-        return f"at least {MIN_HEAP_CAP_MIB} MiB (Envoy's own heap, with no policy and no connections, is ~11 MB)"
-    if mib > MAX_HEAP_CAP_MIB:
-        return f"at most {MAX_HEAP_CAP_MIB} MiB (Envoy reads the cap as a 64-bit count of bytes)"
-    return None
 
 
 def set_heap_cap(static: dict[str, Any], mib: int) -> None:
