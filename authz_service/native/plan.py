@@ -93,6 +93,11 @@ class TrailingSlashEntry:
     methods: frozenset[str] | None
     sides: tuple[RoutePlan, ...]
 
+    @property
+    def names(self) -> str:
+        """The policy routes it decides, as Envoy's route name and the report show them."""
+        return " + ".join(side.route.name for side in self.sides)
+
 
 def trailing_slash_plan(plans: tuple[RoutePlan, ...], fold: Callable[[str], str]) -> list[TrailingSlashEntry]:
     """The entries deciding X/ where a route without ``/**`` takes X, in ``plans``' order (most

@@ -34,7 +34,9 @@ def report_text(compiled: Compiled) -> str:
     pairs = _trailing_slash_pairs(compiled)
     if pairs:
         engines = [engine_of_all(pair.sides) for pair in pairs]
-        service = sorted({_names(pair) for pair in pairs if engine_of_all(pair.sides) is Engine.EXT_AUTHZ})
+        service = sorted(
+            {pair.names for pair, engine in zip(pairs, engines, strict=True) if engine is Engine.EXT_AUTHZ}
+        )
         lines.append(
             "  native     a path ending in '/' that must meet two routes (the /** route taking it as written, "
             f"then the route without the '/'): {_count(len(pairs), 'pair')}, {engines.count(Engine.NATIVE)} native, "
@@ -57,10 +59,6 @@ def report_text(compiled: Compiled) -> str:
 def _trailing_slash_pairs(compiled: Compiled) -> list[TrailingSlashEntry]:
     """The trailing-slash entries of two routes (the others: a /** route's own decision)."""
     return [e for e in trailing_slash_plan(compiled.plans, compiled.policy.fold) if len(e.sides) == 2]
-
-
-def _names(entry: TrailingSlashEntry) -> str:
-    return " + ".join(side.route.name for side in entry.sides)
 
 
 def _count(n: int, noun: str) -> str:

@@ -155,8 +155,7 @@ def ingress_routes(
 def _trailing_slash_route(entry: TrailingSlashEntry, build: _Builder, insensitive: bool) -> list[dict[str, Any]]:
     """The Envoy routes of one trailing-slash entry (plan.trailing_slash_plan). A pair's entry takes
     the paths X/ of its ``parts`` (the '' after them: the empty last segment)."""
-    names = " + ".join(side.route.name for side in entry.sides)
-    name = f"{engine_of_all(entry.sides).value}: {names} (trailing slash)"
+    name = f"{engine_of_all(entry.sides).value}: {entry.names} (trailing slash)"
     if len(entry.sides) == 1:  # a /** route, the route of both readings: its own decision
         return build.decided(name, _match(entry.parts, entry.methods, insensitive), entry.sides)
     return build.decided(name, _match((*entry.parts, ""), entry.methods, insensitive), entry.sides)
