@@ -108,13 +108,15 @@ ENVOY_LABEL_VALUES = {label: {value} for label, value in ENVOY_SERIES.values()}
 # Envoy for these names.
 NATIVE_ENVOY_SERIES = {"envoy_authz_native_decisions", "envoy_listener_manager_lds_version_text",
                        "envoy_listener_manager_lds_update_rejected"}
-# Envoy's overload manager (every shipped Envoy config, every mode; series without labels of their
-# own): the fixed_heap monitor's pressure (percent of the cap), the action that answers 503 and the
-# load-shed point that refuses connections. tests/e2e/test_envoy_stats_e2e.py scrapes a real Envoy
-# of each shipped form for these names.
+# Envoy's heap (every shipped Envoy config, every mode; series without labels of their own): the
+# overload manager's fixed_heap pressure (percent of the cap), the action that answers 503 and the
+# load-shed point that refuses connections, and tcmalloc's heap in use (the dashboard's). The
+# e2e tests tests/e2e/test_envoy_stats_e2e.py and test_native_xds_e2e.py scrape a real Envoy of
+# each shipped form for these names.
 ENVOY_HEAP_SERIES = {"envoy_overload_envoy_resource_monitors_fixed_heap_pressure",
                      "envoy_overload_envoy_overload_actions_stop_accepting_requests_active",
-                     "envoy_overload_envoy_load_shed_points_tcp_listener_accept_shed_load_count"}
+                     "envoy_overload_envoy_load_shed_points_tcp_listener_accept_shed_load_count",
+                     "envoy_server_memory_allocated"}
 RUNBOOK = ROOT / "docs" / "runbook.md"
 RUNBOOK_BASE = "https://github.com/example/authz-service/blob/main/docs/runbook.md#"
 
@@ -505,6 +507,9 @@ def test_dashboard_has_the_required_views() -> None:
     assert has(r"authz_policy_file_refused"), "a policy file refused now"
     assert has(r"sum by \(client, decision\) \(rate\(authz_client_decisions_total"), "decisions per client"
     assert has(r"max by \(client\) \(rate\(authz_client_new_tokens_total"), "new tokens per client"
+    assert has(r"max by \(pod\) \(envoy_overload_envoy_resource_monitors_fixed_heap_pressure"), "Envoy heap pressure"
+    for gauge in ("needed", "expected", "limit", "cap"):
+        assert has(rf"authz_native_envoy_heap_{gauge}_bytes"), f"native mode's expected Envoy heap: {gauge}"
 
 
 def test_the_new_tokens_panel_draws_the_alerts_threshold_over_the_alerts_window() -> None:
@@ -619,3 +624,17 @@ def test_the_heap_alerts_thresholds_are_the_shipped_configs() -> None:
         assert f"{figure}%" in section, figure
     section = runbook[runbook.index("### AuthzEnvoyHeapShedding"):runbook.index("### AuthzNativePolicySkew")]
     assert f"{stop}%" in section and f"{warn}%" in section
+
+
+def test_the_heap_panel_draws_the_alerts_and_the_configs_thresholds() -> None:
+    """The pressure panel's lines are the warning's threshold and the shipped configs' first overload
+    action and refusal point, not numbers of its own."""
+    (panel,) = [p for p in dashboard_panels(dashboard()["panels"])
+                if any("fixed_heap_pressure" in t.get("expr", "") for t in p.get("targets", []))]
+    lines = [step["value"] for step in panel["fieldConfig"]["defaults"]["thresholds"]["steps"] if step["value"] is not None]
+    (rule,) = [r for r in alert_rules() if r["alert"] == "AuthzEnvoyHeapPressure"]
+    warn = int(rule["expr"].split(">=")[1])
+    (figures,) = {tuple(sorted(heap_thresholds(c).items())) for c in shipped_overload_configs().values()}
+    assert lines == [warn, min(dict(figures).values()), dict(figures)["stop_accepting_requests"]]
+    text = " ".join(panel["description"].split())
+    assert all(f"{line}%" in text for line in lines)
