@@ -100,9 +100,9 @@ def test_an_envoy_past_its_heap_cap_refuses_requests_and_scrapes_and_counts_them
         return envoy.stats("^overload\\.")
 
     envoy.wait_until(lambda: overload().get(
-        "overload.envoy.overload_actions.stop_accepting_requests.active") == 1, 10, "stop_accepting_requests on")
+        "overload.envoy.overload_actions.stop_accepting_requests.active") == 1, 30, "stop_accepting_requests on")
     assert overload()["overload.envoy.resource_monitors.fixed_heap.pressure"] >= 95
     for url in (envoy.url("/transactions/1"), envoy.health_url("/stats/prometheus"), envoy.health_url("/ready")):
-        with pytest.raises(OSError):  # closed at accept: reset, or closed before an answer
-            http_request("GET", url, timeout=5)
+        with pytest.raises(ConnectionError):  # closed at accept: reset, or closed before an answer (not a timeout)
+            http_request("GET", url, timeout=30)
     assert overload()["overload.envoy.load_shed_points.tcp_listener_accept.shed_load_count"] >= 3
