@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -202,6 +202,28 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=registry,
         )
+        # Envoy's heap on the listener last written (native/sizing.py's HeapBudget, as /readyz's
+        # envoy_heap): the alert compares needed with limit exactly as a reload's refusal does, so it
+        # fires while the policy still fits, before the next growth is refused.
+        self.native_envoy_heap = {
+            field: Gauge(
+                f"{PREFIX}_native_envoy_heap_{field}_bytes",
+                f"Native mode, bytes: {text} (label sha256: the policy of the listener last written).",
+                ["sha256"],
+                multiprocess_mode="livemax",
+                registry=registry,
+            )
+            for field, text in (
+                ("expected", "Envoy's expected heap at rest on the compiled listener"),
+                ("needed", "Envoy's expected heap while a policy change holds the old listener beside this one"),
+                (
+                    "limit",
+                    "the heap a policy may need: where Envoy's first overload action starts; a policy "
+                    "needing more is refused (envoy-heap-over-cap)",
+                ),
+                ("cap", "Envoy's heap cap (the bootstrap's fixed_heap max_heap_size_bytes, --native-heap-cap)"),
+            )
+        }
         self.native_listener_writes = Counter(
             f"{PREFIX}_native_listener_writes",
             "Native mode: writes of the compiled Envoy listener into the xDS directory by result (ok/error); "
@@ -252,10 +274,13 @@ class Metrics:
         for result in ("ok", "error"):
             self.native_listener_writes.labels(result)
 
-    def native_listener_written(self, sha256: str) -> None:
-        """The listener of the policy ``sha256`` is the one in the xDS directory now."""
+    def native_listener_written(self, sha256: str, heap: Mapping[str, int]) -> None:
+        """The listener of the policy ``sha256`` is the one in the xDS directory now; ``heap`` is
+        Envoy's heap on it (HeapBudget.report(): expected/needed/limit/cap_bytes)."""
         self.native_listener_writes.labels("ok").inc()
         _only(self.native_listener_info, sha256, 1)
+        for field, gauge in self.native_envoy_heap.items():
+            _only(gauge, sha256, heap[f"{field}_bytes"])
 
     def issuer_added(self, pool_id: str) -> None:
         """Create an issuer's refresh series at 0 (alerts then see its first failure)."""

@@ -52,6 +52,10 @@ CONTRACT_METRICS = {
     "authz_ext_authz_http_config_mismatches_total",
     "authz_native_listener_info",
     "authz_native_listener_writes_total",
+    "authz_native_envoy_heap_expected_bytes",
+    "authz_native_envoy_heap_needed_bytes",
+    "authz_native_envoy_heap_limit_bytes",
+    "authz_native_envoy_heap_cap_bytes",
     "authz_client_decisions_total",
     "authz_client_new_tokens_total",
     "authz_client_new_tokens_alert_per_minute",
@@ -95,6 +99,7 @@ ENVOY_SERIES = {
     "envoy_http_ext_authz_failure_mode_allowed": ("envoy_http_conn_manager_prefix", "ingress_http"),
     "envoy_cluster_upstream_rq_active_overflow": ("envoy_cluster_name", "authz_service"),
     "envoy_cluster_upstream_rq_pending_overflow": ("envoy_cluster_name", "authz_service"),
+    "envoy_http_downstream_rq_overload_close": ("envoy_http_conn_manager_prefix", "ingress_http"),
 }
 ENVOY_LABEL_VALUES = {label: {value} for label, value in ENVOY_SERIES.values()}
 # Native mode's Envoy series (docs/native.md): its decisions, with the contract's labels, and the
@@ -103,6 +108,15 @@ ENVOY_LABEL_VALUES = {label: {value} for label, value in ENVOY_SERIES.values()}
 # Envoy for these names.
 NATIVE_ENVOY_SERIES = {"envoy_authz_native_decisions", "envoy_listener_manager_lds_version_text",
                        "envoy_listener_manager_lds_update_rejected"}
+# Envoy's heap (every shipped Envoy config, every mode; series without labels of their own): the
+# overload manager's fixed_heap pressure (percent of the cap), the action that answers 503 and the
+# load-shed point that refuses connections, and tcmalloc's heap in use (the dashboard's). The
+# e2e tests tests/e2e/test_envoy_stats_e2e.py and test_native_xds_e2e.py scrape a real Envoy of
+# each shipped form for these names.
+ENVOY_HEAP_SERIES = {"envoy_overload_envoy_resource_monitors_fixed_heap_pressure",
+                     "envoy_overload_envoy_overload_actions_stop_accepting_requests_active",
+                     "envoy_overload_envoy_load_shed_points_tcp_listener_accept_shed_load_count",
+                     "envoy_server_memory_allocated"}
 RUNBOOK = ROOT / "docs" / "runbook.md"
 RUNBOOK_BASE = "https://github.com/example/authz-service/blob/main/docs/runbook.md#"
 
@@ -220,7 +234,7 @@ def runtime_metric_names() -> set[str]:
 def allowed_metric_names() -> set[str]:
     runtime = {n for n in runtime_metric_names() if n.startswith(("process_", "python_"))}
     assert runtime, "prometheus-client exposes no process_/python_ series on this platform?"
-    return CONTRACT_METRICS | runtime | set(ENVOY_SERIES) | NATIVE_ENVOY_SERIES | {"up"}
+    return CONTRACT_METRICS | runtime | set(ENVOY_SERIES) | NATIVE_ENVOY_SERIES | ENVOY_HEAP_SERIES | {"up"}
 
 
 def check_expr_vocabulary(expr: str, where: str) -> None:
@@ -234,7 +248,7 @@ def check_expr_vocabulary(expr: str, where: str) -> None:
             assert value in known_values[label], f"{where}: {label}={value!r} is not a known value"
         if label == "job" and op == "=~" and not value.startswith("$"):  # "$job": a Grafana variable
             assert set(value.split("|")) <= JOBS, f"{where}: job=~{value!r} names an unknown job"
-    unknown_labels = grouping_labels(expr) - CONTRACT_LABELS - TARGET_LABELS - {"generation"}
+    unknown_labels = grouping_labels(expr) - CONTRACT_LABELS - TARGET_LABELS - set(ENVOY_LABEL_VALUES) - {"generation"}
     assert not unknown_labels, f"{where}: grouping by unknown label(s) {sorted(unknown_labels)}"
 
 
@@ -493,6 +507,9 @@ def test_dashboard_has_the_required_views() -> None:
     assert has(r"authz_policy_file_refused"), "a policy file refused now"
     assert has(r"sum by \(client, decision\) \(rate\(authz_client_decisions_total"), "decisions per client"
     assert has(r"max by \(client\) \(rate\(authz_client_new_tokens_total"), "new tokens per client"
+    assert has(r"max by \(pod\) \(envoy_overload_envoy_resource_monitors_fixed_heap_pressure"), "Envoy heap pressure"
+    for gauge in ("needed", "expected", "limit", "cap"):
+        assert has(rf"authz_native_envoy_heap_{gauge}_bytes"), f"native mode's expected Envoy heap: {gauge}"
 
 
 def test_the_new_tokens_panel_draws_the_alerts_threshold_over_the_alerts_window() -> None:
@@ -530,3 +547,94 @@ def test_the_deny_ratio_alert_names_every_403_reason():
     for reason, outcome in REASONS.items():
         if outcome.http_status == 403 and reason.value != "no_route":  # no_route: AuthzRouteDenySpike's note
             assert reason.value in text, reason
+
+
+# --- Envoy's heap: the rules and the shipped configs agree -------------------------------------------
+
+
+def shipped_overload_configs() -> dict[str, dict[str, Any]]:
+    """Every Envoy config the repository ships with an overload manager (each mode's, the k8s and
+    kustomize copies, native mode's bootstrap and what its compiler emits)."""
+    from authz_service.native.bootstrap import compile_policy
+    from authz_service.policy import load_policy_file
+
+    found: dict[str, dict[str, Any]] = {}
+    paths = [*ROOT.glob("envoy/**/*.yaml"), *ROOT.glob("deploy/**/*.yaml"), ROOT / "authz_service/native/envoy.yaml"]
+    for path in sorted(paths):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and "overload_manager" in doc:
+                found[str(path.relative_to(ROOT))] = doc
+    example = ROOT / "authz_service" / "examples" / "policy.yaml"
+    found["compile envoy"] = compile_policy(load_policy_file(example)).bootstrap()
+    return found
+
+
+def heap_thresholds(config: dict[str, Any]) -> dict[str, float]:
+    """Percent of the fixed_heap cap at which each overload action or load-shed point on it starts."""
+    from authz_service.native.sizing import HEAP_MONITOR
+
+    manager = config["overload_manager"]
+    out = {}
+    for entry in [*manager.get("actions", []), *manager.get("loadshed_points", [])]:
+        for trigger in entry["triggers"]:
+            if trigger["name"] == HEAP_MONITOR:
+                value = trigger["threshold"]["value"] if "threshold" in trigger else trigger["scaled"]["scaling_threshold"]
+                out[entry["name"].rsplit(".", 1)[1]] = round(value * 100)
+    return out
+
+
+def test_the_heap_alerts_thresholds_are_the_shipped_configs() -> None:
+    """AuthzEnvoyHeapPressure warns below the first overload action of every shipped config; the
+    shedding alert is about the action and load-shed point that refuse at the top; the figures the
+    alerts and the runbook state are the configs'."""
+    from authz_service.native.sizing import heap_cap
+
+    configs = shipped_overload_configs()
+    assert {"envoy/envoy.yaml", "envoy/envoy-http.yaml", "deploy/k8s/envoy.yaml", "deploy/k8s/native/envoy.yaml",
+            "deploy/components/authz-sidecar/envoy-native.yaml", "authz_service/native/envoy.yaml",
+            "compile envoy"} <= set(configs)
+    thresholds = {name: heap_thresholds(config) for name, config in configs.items()}
+    (shipped,) = {tuple(sorted(t.items())) for t in thresholds.values()}  # one set of figures everywhere
+    figures = dict(shipped)
+    first = {round(heap_cap(config)[1] * 100) for config in configs.values()}
+    assert first == {min(figures.values())} == {figures["reduce_timeouts"]}
+    stop = figures["stop_accepting_requests"]
+    assert figures["tcp_listener_accept"] == stop == max(figures.values())
+
+    rules = {r["alert"]: r for r in alert_rules()}
+    pressure, shedding = rules["AuthzEnvoyHeapPressure"], rules["AuthzEnvoyHeapShedding"]
+    warn = int(re.fullmatch(r"envoy_overload_envoy_resource_monitors_fixed_heap_pressure >= (\d+)",
+                            pressure["expr"].strip()).group(1))
+    assert warn < min(first)
+    dark = re.search(r"last_over_time\(envoy_overload_envoy_resource_monitors_fixed_heap_pressure\[\w+\]\) >= (\d+)",
+                     shedding["expr"])
+    assert dark and int(dark.group(1)) == warn
+    assert "stop_accepting_requests_active == 1" in shedding["expr"]
+    assert "tcp_listener_accept_shed_load_count" in shedding["expr"]
+
+    said = " ".join(pressure["annotations"]["description"].split())
+    assert f"From {figures['reduce_timeouts']}%" in said and f"from {figures['reset_high_memory_stream']}%" in said
+    assert f"at {stop}%" in said
+    said = " ".join(shedding["annotations"]["description"].split())
+    assert f"reached {stop}%" in said and f"at {warn}% or more" in said
+    runbook = " ".join(RUNBOOK.read_text().split())
+    section = runbook[runbook.index("### AuthzEnvoyHeapPressure"):runbook.index("### AuthzEnvoyHeapShedding")]
+    for figure in (warn, figures["reduce_timeouts"], figures["reset_high_memory_stream"],
+                   figures["disable_http_keepalive"], stop):
+        assert f"{figure}%" in section, figure
+    section = runbook[runbook.index("### AuthzEnvoyHeapShedding"):runbook.index("### AuthzNativePolicySkew")]
+    assert f"{stop}%" in section and f"{warn}%" in section
+
+
+def test_the_heap_panel_draws_the_alerts_and_the_configs_thresholds() -> None:
+    """The pressure panel's lines are the warning's threshold and the shipped configs' first overload
+    action and refusal point, not numbers of its own."""
+    (panel,) = [p for p in dashboard_panels(dashboard()["panels"])
+                if any("fixed_heap_pressure" in t.get("expr", "") for t in p.get("targets", []))]
+    lines = [step["value"] for step in panel["fieldConfig"]["defaults"]["thresholds"]["steps"] if step["value"] is not None]
+    (rule,) = [r for r in alert_rules() if r["alert"] == "AuthzEnvoyHeapPressure"]
+    warn = int(rule["expr"].split(">=")[1])
+    (figures,) = {tuple(sorted(heap_thresholds(c).items())) for c in shipped_overload_configs().values()}
+    assert lines == [warn, min(dict(figures).values()), dict(figures)["stop_accepting_requests"]]
+    text = " ".join(panel["description"].split())
+    assert all(f"{line}%" in text for line in lines)

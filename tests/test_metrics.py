@@ -176,3 +176,19 @@ def test_the_deny_list_gauge_follows_the_policy_serving_now():
     assert (entries("client_id"), entries("jti")) == (2, 5)
     metrics.policy_loaded(3, "cd" * 32)  # the incident is over: the entries were removed
     assert (entries("client_id"), entries("jti")) == (0, 0)
+
+
+def test_native_mode_s_series_exist_only_in_native_mode():
+    """Outside native mode no authz_native_* sample is exported (a 0 would read as a policy that
+    needs no heap); in native mode the heap gauges follow the listener written, one policy at a time."""
+    metrics = Metrics(CollectorRegistry())
+    assert not [line for line in exposition(metrics.registry) if line.startswith("authz_native_")]
+    heap = {"expected_bytes": 12, "needed_bytes": 14, "limit_bytes": 80, "cap_bytes": 100, "fits": True}
+    metrics.native_listener_written("ab" * 32, heap)
+    metrics.native_listener_written("cd" * 32, {**heap, "expected_bytes": 13})
+    samples = {(s.name, s.labels["sha256"]): s.value for family in metrics.registry.collect()
+               for s in family.samples if s.name.startswith("authz_native_envoy_heap_")}
+    assert samples == {("authz_native_envoy_heap_expected_bytes", "cd" * 32): 13,
+                       ("authz_native_envoy_heap_needed_bytes", "cd" * 32): 14,
+                       ("authz_native_envoy_heap_limit_bytes", "cd" * 32): 80,
+                       ("authz_native_envoy_heap_cap_bytes", "cd" * 32): 100}

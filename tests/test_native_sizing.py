@@ -89,3 +89,42 @@ def test_the_xds_form_needs_room_for_the_old_listener_beside_the_new_one() -> No
         check_fits(changing, "policy.yaml", 600)
     assert refused.value.code == HEAP_OVER_CAP and "while a policy change holds" in str(refused.value)
     check_fits(replace(changing, cap_bytes=changing.cap_needed_mib * MIB), "policy.yaml", 600)
+
+
+def test_serve_exports_the_heap_of_the_listener_it_wrote_and_the_alert_s_ratio_is_the_refusal_s(
+        tmp_path: Path) -> None:
+    """authz_native_envoy_heap_*_bytes are the written listener's HeapBudget (what /readyz reports),
+    one sha256 at a time; needed / limit, what AuthzNativeEnvoyHeapNearLimit compares, passes 1
+    exactly where a reload is refused."""
+    from prometheus_client import CollectorRegistry
+
+    from authz_service.policy import load_policy_file
+
+    from .test_native import control_plane
+
+    registry = CollectorRegistry()
+    plane = control_plane(tmp_path, registry)
+
+    def heap_series() -> dict[tuple[str, str], float]:
+        return {(s.name, s.labels["sha256"]): s.value for family in registry.collect()
+                for s in family.samples if s.name.startswith("authz_native_envoy_heap_")}
+
+    assert heap_series() == {}  # none before a listener is written
+    written = []
+    for routes in (10, 300):
+        path = tmp_path / f"policy-{routes}.yaml"
+        path.write_text(policy_text(routes))
+        listener = plane._compile(plane.load(path))
+        plane._write(listener)
+        written.append(listener)
+        report = listener.heap.report()
+        sha = load_policy_file(path).sha256
+        assert heap_series() == {(f"authz_native_envoy_heap_{f}_bytes", sha): report[f"{f}_bytes"]
+                                 for f in ("expected", "needed", "limit", "cap")}
+    small, large = (listener.heap for listener in written)
+    assert small.expected_bytes < large.expected_bytes and small.cap_bytes == large.cap_bytes == 160 * MIB
+    assert large.changing and large.needed_bytes > large.expected_bytes  # serve checks the xDS form
+    over = replace(large, cap_bytes=int(large.needed_bytes / large.first_action) - 1)
+    assert over.needed_bytes / over.limit_bytes > 1 and not over.fits
+    fitting = replace(large, cap_bytes=int(large.needed_bytes / large.first_action) + 1)
+    assert fitting.needed_bytes / fitting.limit_bytes <= 1 and fitting.fits

@@ -269,7 +269,7 @@ class NativeControlPlane:
             raise OSError(f"{SETTING.format(directory=self.directory)}: {error}; {WRITABLE}") from None
         self.written_sha256, self.written_at, self.last_error = listener.sha256, time.time(), None
         self._written_file = self._identity()
-        self._metrics.native_listener_written(listener.sha256)
+        self._metrics.native_listener_written(listener.sha256, listener.heap.report())
         log.info(
             "native listener written",
             extra={

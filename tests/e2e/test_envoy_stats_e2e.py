@@ -1,17 +1,25 @@
 """The Envoy series the alerts rely on exist, under the names and labels the rules select, in what a
 real Envoy serves on the envoy-health listener's /stats/prometheus (the ServiceMonitor's
-authz-envoy job) for both shipped configs; and a request Envoy fails closed on is counted there.
+authz-envoy job) for both shipped configs and native mode's bootstrap; and a request Envoy fails
+closed on is counted there. (Native mode's xDS form: tests/e2e/test_native_xds_e2e.py.)
 
-Nothing listens on the authz port, as when authz-service has crashed."""
+Nothing listens on the authz port, as when authz-service has crashed.
+
+And what AuthzEnvoyHeapShedding is built on: an Envoy whose heap is past 95% of its cap refuses
+the app's requests and the envoy-health listener's scrapes alike, and counts what it refused."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from ..test_alerts import ENVOY_SERIES
+from authz_service.native.sizing import HEAP_MONITOR
+
+from ..test_alerts import ENVOY_HEAP_SERIES, ENVOY_SERIES
+from ..test_native import EXAMPLE_POLICY
 from .harness import (
     ENVOY_CONFIGS,
     MODES,
@@ -27,12 +35,20 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(envoy_binary() is None, reason
 
 
 def samples(text: str) -> dict[tuple[str, str, str], float]:
-    """(name, label, value) -> sample value, for every one-label sample, with the names exactly as
-    exposed (what Prometheus stores; prometheus_client's parser would add ``_total`` to counters)."""
+    """(name, label, value) -> sample value, for every sample with one label or none (("name", "", ""):
+    Envoy's own series, such as the overload manager's), with the names exactly as exposed (what
+    Prometheus stores; prometheus_client's parser would add ``_total`` to counters)."""
     out = {}
-    for name, label, value, sample in re.findall(r'^(\w+)\{(\w+)="([^"]*)"\} (\S+)$', text, re.MULTILINE):
+    for name, label, value, sample in re.findall(r'^(\w+)\{(?:(\w+)="([^"]*)")?\} (\S+)$', text, re.MULTILINE):
         out[(name, label, value)] = float(sample)
     return out
+
+
+def missing_series(exported: dict[tuple[str, str, str], float]) -> list[str]:
+    """The alerted Envoy series (test_alerts.py) a scrape lacks."""
+    wanted = [(name, *selector) for name, selector in ENVOY_SERIES.items()]
+    wanted += [(name, "", "") for name in ENVOY_HEAP_SERIES]
+    return [name for name, label, value in wanted if (name, label, value) not in exported]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -48,10 +64,45 @@ def test_alerted_envoy_series_exist_and_count_a_fail_closed_request(tmp_path: Pa
         status, _, body = http_request("GET", envoy.health_url("/stats/prometheus"))
         assert status == 200
         exported = samples(body.decode())
-        missing = [name for name, (label, value) in ENVOY_SERIES.items() if (name, label, value) not in exported]
+        missing = missing_series(exported)
         assert not missing, f"{ENVOY_CONFIGS[mode].name}: Envoy exports no {missing}"
         assert exported[("envoy_http_ext_authz_error", "envoy_http_conn_manager_prefix", "ingress_http")] == 1
         assert exported[("envoy_http_ext_authz_failure_mode_allowed", "envoy_http_conn_manager_prefix",
                          "ingress_http")] == 0
     finally:
         envoy.stop()
+
+
+def test_native_mode_s_bootstrap_exports_the_alerted_series(envoy_factory) -> None:
+    """The bootstrap `compile envoy` emits (native mode), started without the service: the ext_authz,
+    circuit-breaker and heap series the rules read, under the same names and labels."""
+    nowhere = SimpleNamespace(grpc_port=free_port(), http_port=free_port())
+    envoy = envoy_factory.native(nowhere, EXAMPLE_POLICY)
+    status, _, body = http_request("GET", envoy.health_url("/stats/prometheus"))
+    assert status == 200
+    missing = missing_series(samples(body.decode()))
+    assert not missing, f"native bootstrap: Envoy exports no {missing}"
+
+
+def test_an_envoy_past_its_heap_cap_refuses_requests_and_scrapes_and_counts_them(envoy_factory) -> None:
+    """The shipped config with its heap cap below what Envoy holds at rest: the overload manager
+    turns stop_accepting_requests on, and the tcp_listener_accept load-shed point closes every new
+    connection, the envoy-health listener's too (no scrape, no readiness: why AuthzEnvoyHeapShedding
+    also reads a target gone down at a high heap). The admin interface still answers, and counts."""
+
+    def tiny_heap_cap(config: dict) -> None:
+        (monitor,) = [m for m in config["overload_manager"]["resource_monitors"] if m["name"] == HEAP_MONITOR]
+        monitor["typed_config"]["max_heap_size_bytes"] = 1 << 20  # 1 MiB: Envoy holds ~6 MB at rest
+
+    envoy = envoy_factory(free_port(), edit=tiny_heap_cap)
+
+    def overload() -> dict[str, int]:
+        return envoy.stats("^overload\\.")
+
+    envoy.wait_until(lambda: overload().get(
+        "overload.envoy.overload_actions.stop_accepting_requests.active") == 1, 30, "stop_accepting_requests on")
+    assert overload()["overload.envoy.resource_monitors.fixed_heap.pressure"] >= 95
+    for url in (envoy.url("/transactions/1"), envoy.health_url("/stats/prometheus"), envoy.health_url("/ready")):
+        with pytest.raises(ConnectionError):  # closed at accept: reset, or closed before an answer (not a timeout)
+            http_request("GET", url, timeout=30)
+    assert overload()["overload.envoy.load_shed_points.tcp_listener_accept.shed_load_count"] >= 3

@@ -35,6 +35,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from authz_service.policy import parse_policy
+from tests.test_alerts import ENVOY_HEAP_SERIES
 from tests.test_cli import assert_one_clean_line, cli
 
 from .fake_issuer import FakeIssuer, rsa_key
@@ -96,6 +97,12 @@ def test_envoy_runs_the_listener_the_service_wrote(stack: SecurityStack) -> None
     _, _, body = http_request("GET", s.envoy.health_url("/stats/prometheus"))
     assert f'envoy_listener_manager_lds_version_text{{text_value="{sha}"}}' in body.decode()
     assert "envoy_listener_manager_lds_update_rejected{} 0" in body.decode()  # the alerts' names (test_alerts.py)
+    for name in ENVOY_HEAP_SERIES:  # Envoy's heap, for AuthzEnvoyHeapPressure and AuthzEnvoyHeapShedding
+        assert f"\n{name}{{}} " in body.decode(), name
+    # The expected heap of the listener it wrote, as /readyz reports it (AuthzNativeEnvoyHeapNearLimit).
+    heap = ready["native"]["envoy_heap"]
+    for field in ("expected", "needed", "limit", "cap"):
+        assert s.service.sample(f"authz_native_envoy_heap_{field}_bytes", sha256=sha) == heap[f"{field}_bytes"] > 0
     assert natively_allowed(s, s.fake.token())
     assert s.send("POST", "/transactions").status == 401
     assert envoy_fetches(s.envoy) >= 1  # the keys came from the service's /jwks
