@@ -145,7 +145,7 @@ class Service:
         self.reloader.open_watch(settings.policy_watch)  # --policy-watch inotify without inotify: OSError
         self.metrics.policy_loaded(len(policy.routes), policy.sha256, **deny_list_sizes(policy))
         self.metrics.client_new_tokens_alert.set(settings.new_tokens_alert_per_minute)
-        verifier = TokenVerifier(self.jwks, leeway=settings.leeway, cache=self.token_cache)
+        verifier = TokenVerifier(self.jwks, leeway=settings.leeway, cache=self.token_cache, policies=self.reloader)
         decision_log = DecisionLog(DecisionLogMode(settings.decision_log), settings.decision_log_sample_rate)
         if settings.shadow_policy:
             self.shadow = await ShadowPolicy.open(
