@@ -9,10 +9,10 @@ The parent (this module) loads the policy once to fail fast, reserves the shared
 workers (each a full ``server.Service`` without the HTTP server), serves ``/healthz``, ``/readyz``
 (ready = every worker ready) and ``/metrics`` (prometheus-client multiprocess mode: each worker
 writes its samples to files in a private temporary directory that the parent aggregates), shows
-which policy each worker serves (each loads the file on its own: a reload reaches them a few
-milliseconds apart, and /readyz's ``policy.sha256`` and ``authz_policy_workers`` say when all
-serve the new one), forwards
-SIGTERM and SIGHUP, restarts a worker that dies, and exits non-zero when workers fail to start.
+which policy each worker serves (each loads the file on its own, so a change reaches them from
+milliseconds to a reload's duration apart: /readyz's ``policy.sha256`` and ``authz_policy_workers``
+say when all serve it), forwards SIGTERM and SIGHUP, restarts a worker that dies, and exits
+non-zero when workers fail to start.
 
 Port ownership: the parent binds each door's shared address itself with SO_REUSEPORT (without
 listening) before any worker starts and holds it until exit. A port already held by another program
@@ -40,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized, SynchronizedString
 from pathlib import Path
@@ -241,23 +241,14 @@ class Supervisor:
         ]
 
     def policies(self) -> dict[str, int]:
-        """sha256 -> how many live workers serve that policy. Each worker loads the file on its own,
-        so just after a change two can show, until the last worker's reload has run."""
-        serving: dict[str, int] = {}
-        for w in self._workers:
-            sha256 = w.policy.value.decode("ascii")
-            if sha256 and w.process is not None and w.process.is_alive():
-                serving[sha256] = serving.get(sha256, 0) + 1
-        return serving
+        """sha256 -> how many live workers serve that policy (see ``policies_served``)."""
+        return policies_served(
+            (w.policy.value.decode("ascii"), w.process is not None and w.process.is_alive()) for w in self._workers
+        )
 
     def policy_in_force(self) -> str | None:
         """The sha256 of the policy every worker serves; None while they differ (or one serves none)."""
-        serving = self.policies()
-        if len(serving) == 1:
-            ((sha256, count),) = serving.items()
-            if count == len(self._workers):
-                return sha256
-        return None
+        return policy_in_force(self.policies(), len(self._workers))
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -431,7 +422,7 @@ class Supervisor:
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)
-        registry.register(_PolicyWorkers(self))
+        registry.register(PolicyWorkers(self.policies))
 
         async def exposition() -> bytes:
             # Reading every worker's files takes a while: off the event loop.
@@ -463,12 +454,33 @@ class Supervisor:
             raise
 
 
-class _PolicyWorkers:
+def policies_served(workers: Iterable[tuple[str, bool]]) -> dict[str, int]:
+    """sha256 -> how many live workers serve that policy, from each worker's (sha256 of the policy
+    it serves, "" before its first; alive). Each worker loads the file on its own, so just after a
+    change two show, until the last worker's reload has run."""
+    served: dict[str, int] = {}
+    for sha256, alive in workers:
+        if sha256 and alive:
+            served[sha256] = served.get(sha256, 0) + 1
+    return served
+
+
+def policy_in_force(served: dict[str, int], workers: int) -> str | None:
+    """The policy all ``workers`` serve (``policies_served``); None while they differ, or while one
+    serves none (starting, dead)."""
+    if len(served) == 1:
+        ((sha256, count),) = served.items()
+        if count == workers:
+            return sha256
+    return None
+
+
+class PolicyWorkers:
     """``authz_policy_workers{sha256}`` in the parent's /metrics: live workers per policy, read from
     the workers' shared state at each scrape (a rollout waits until the new sha256 counts them all)."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        self._supervisor = supervisor
+    def __init__(self, policies: Callable[[], dict[str, int]]) -> None:
+        self._policies = policies
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import GaugeMetricFamily
@@ -479,7 +491,7 @@ class _PolicyWorkers:
             "once its count is the number of workers.",
             labels=["sha256"],
         )
-        for sha256, count in sorted(self._supervisor.policies().items()):
+        for sha256, count in sorted(self._policies().items()):
             family.add_metric([sha256], count)
         yield family
 
