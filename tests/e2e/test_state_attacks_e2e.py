@@ -11,6 +11,8 @@ attacks what they remember:
 * a policy change while it is cached (a tightened route, a claim condition it does not meet, a
   deny-listed jti or client, its client taken off the issuer's list, its issuer removed): refused on
   the next request, and served again once the change is undone;
+* a request waiting on the issuer's keys (a kid not fetched yet) while a policy deny-listing its
+  client loads: answered under the new policy once the keys arrive;
 * an HTTP/2 connection opened before a deny-list entry, by a client that ignores GOAWAY: at most one
   more answer under the old policy, as an HTTP/1.1 keep-alive connection (native mode drains the old
   listener's connections);
