@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from .decision import Decision, Reason, decide, deny
 from .decisionlog import DecisionLog
-from .policy import Policy
+from .policy import Policy, PolicySource
 from .request import BadRequest, HttpRequest
 from .response import Answer, Answers
-from .tokens import TokenVerifier
+from .tokens import PolicyReloaded, TokenVerifier
 
 if TYPE_CHECKING:
     from .metrics import CheckKey, PerCheck
@@ -29,13 +29,6 @@ log = logging.getLogger("authz_service.server")
 Raw = TypeVar("Raw")
 Rendered = TypeVar("Rendered")
 _INTERNAL = "internal error"
-
-
-class PolicySource(Protocol):
-    """Where the policy in force is read, once per Check (policy.PolicyReloader in the service)."""
-
-    @property
-    def policy(self) -> Policy: ...
 
 
 class CheckCounter(Protocol):
@@ -77,7 +70,14 @@ class Checker:
         policy = self.policies.policy  # one policy per Check: the decision and its log line agree
         try:
             request = parse(raw)
-            decision = await self.decide(request, policy, self.verifier)
+            while True:
+                try:
+                    decision = await self.decide(request, policy, self.verifier)
+                    break
+                except PolicyReloaded:
+                    # A policy loaded while the Check waited on the issuer's keys (an unknown kid's
+                    # re-fetch): decided again, whole, with the policy in force now.
+                    policy = self.policies.policy
         except BadRequest as exc:
             decision = deny(Reason.BAD_REQUEST, str(exc))
         except Exception:

@@ -26,7 +26,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from .claims import SCOPE_TOKEN
 from .cognito import POOL_ID, REGION
@@ -355,6 +355,14 @@ class Policy:
     def fold(self, segment: str) -> str:
         """A request segment as this policy's trie keys spell literals (lower case when insensitive)."""
         return segment.lower() if self.path_case is PathCase.INSENSITIVE else segment
+
+
+class PolicySource(Protocol):
+    """Where the policy in force is read (reloader.PolicyReloader in the service): once per Check,
+    and again by a Check that waited on the issuer's keys (tokens.PolicyReloaded)."""
+
+    @property
+    def policy(self) -> Policy: ...
 
 
 class _CaseInsensitivePolicy(Policy):

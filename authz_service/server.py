@@ -55,14 +55,17 @@ class Service:
         worker: bool = False,
         on_ready: Callable[[bool], None] | None = None,
         on_mismatch: Callable[[], None] | None = None,
+        on_policy: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         # A worker of `--workers N` (see workers.py): shares the front doors' ports (SO_REUSEPORT),
-        # serves no admin HTTP (the parent does) and reports readiness through ``on_ready`` and the
-        # requests its doors refused as misconfigured through ``on_mismatch``.
+        # serves no admin HTTP (the parent does) and reports readiness through ``on_ready``, the
+        # requests its doors refused as misconfigured through ``on_mismatch`` and the sha256 of each
+        # policy it starts serving through ``on_policy`` (so the parent tells when all serve one).
         self.worker = worker
         self._on_ready = on_ready
         self._on_mismatch = on_mismatch
+        self._on_policy = on_policy
         if registry is None:
             registry = CollectorRegistry()
             process_collector.ProcessCollector(registry=registry)
@@ -144,8 +147,10 @@ class Service:
         )
         self.reloader.open_watch(settings.policy_watch)  # --policy-watch inotify without inotify: OSError
         self.metrics.policy_loaded(len(policy.routes), policy.sha256, **deny_list_sizes(policy))
+        if self._on_policy is not None:
+            self._on_policy(policy.sha256)
         self.metrics.client_new_tokens_alert.set(settings.new_tokens_alert_per_minute)
-        verifier = TokenVerifier(self.jwks, leeway=settings.leeway, cache=self.token_cache)
+        verifier = TokenVerifier(self.jwks, leeway=settings.leeway, cache=self.token_cache, policies=self.reloader)
         decision_log = DecisionLog(DecisionLogMode(settings.decision_log), settings.decision_log_sample_rate)
         if settings.shadow_policy:
             self.shadow = await ShadowPolicy.open(
@@ -202,6 +207,8 @@ class Service:
         self.jwks.sync(policy.issuers)
         if self.native is not None:
             self.native.policy_changed(policy)
+        if self._on_policy is not None:
+            self._on_policy(policy.sha256)
 
     async def _set_health(self) -> None:
         ready = self.ready()
@@ -334,10 +341,16 @@ async def serve(
     worker: bool = False,
     on_ready: Callable[[bool], None] | None = None,
     on_mismatch: Callable[[], None] | None = None,
+    on_policy: Callable[[str], None] | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the policy."""
     service = Service(
-        settings, CollectorRegistry() if worker else None, worker=worker, on_ready=on_ready, on_mismatch=on_mismatch
+        settings,
+        CollectorRegistry() if worker else None,
+        worker=worker,
+        on_ready=on_ready,
+        on_mismatch=on_mismatch,
+        on_policy=on_policy,
     )
     # Signals first: one that arrives while the service starts (its ports are open by then) is never
     # the default action's death by signal. A stop is a drain once the start is done; a SIGHUP (a

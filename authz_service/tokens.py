@@ -31,7 +31,7 @@ from jwt.api_jwk import PyJWK
 
 from .claims import NO_CUSTOM_CLAIMS, SCOPE_CHARS, SCOPE_TOKEN, Claims, claim_value
 from .keys import IssuerKey, KeySource
-from .policy import DenyList, Issuer, Policy
+from .policy import DenyList, Issuer, Policy, PolicySource
 from .tokencache import CacheEntry, TokenCache
 
 # Cognito client_credentials access tokens are ~0.8-1.2 KB; a long scope list or claims added by a
@@ -107,6 +107,14 @@ class TokenError(Exception):
         self.description = description
         self.detail = detail or description
         self.claims = claims
+
+
+class PolicyReloaded(Exception):
+    """Another policy came into force while a verification waited on the issuer's keys (an unknown
+    kid's re-fetch, up to --jwks-timeout). Raised instead of finishing under the policy the Check
+    started with, which may have been tightened meanwhile; check.Checker decides the request again,
+    whole, with the policy in force. Only a verification that awaited a fetch looks: the warm path
+    never waits, so it pays nothing for this."""
 
 
 def bearer_token(values: tuple[str, ...]) -> str | None:
@@ -247,8 +255,11 @@ class TokenVerifier:
         leeway: float = 60.0,
         clock: Callable[[], float] = time.time,
         cache: TokenCache | None = None,
+        policies: PolicySource | None = None,
     ) -> None:
         self._keys = keys
+        # The policy in force, read again after a wait on keys (PolicyReloaded); None: a fixed policy (tools).
+        self._policies = policies
         self._leeway = leeway
         self._clock = clock
         self._cache = cache if cache is not None and cache.enabled else None
@@ -368,6 +379,8 @@ class TokenVerifier:
             await refetches[0]  # the usual single pool: no task (gather costs ~10 us per forged token)
         else:
             await asyncio.gather(*refetches)  # several pools fetch at once, not one after another
+        if self._policies is not None and self._policies.policy is not policy:
+            raise PolicyReloaded
         candidates = self._policy_keys(kid, policy)
         if candidates:
             return candidates

@@ -8,8 +8,11 @@ workers use N cores with no proxy in between. Every front door the settings turn
 The parent (this module) loads the policy once to fail fast, reserves the shared ports, starts the
 workers (each a full ``server.Service`` without the HTTP server), serves ``/healthz``, ``/readyz``
 (ready = every worker ready) and ``/metrics`` (prometheus-client multiprocess mode: each worker
-writes its samples to files in a private temporary directory that the parent aggregates), forwards
-SIGTERM and SIGHUP, restarts a worker that dies, and exits non-zero when workers fail to start.
+writes its samples to files in a private temporary directory that the parent aggregates), shows
+which policy each worker serves (each loads the file on its own, so a change reaches them from
+milliseconds to a reload's duration apart: /readyz's ``policy.sha256`` and ``authz_policy_workers``
+say when all serve it), forwards SIGTERM and SIGHUP, restarts a worker that dies, and exits
+non-zero when workers fail to start.
 
 Port ownership: the parent binds each door's shared address itself with SO_REUSEPORT (without
 listening) before any worker starts and holds it until exit. A port already held by another program
@@ -37,16 +40,20 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.sharedctypes import Synchronized, SynchronizedString
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, doors, ports
 from .config import Settings
 from .server import door_addresses
 from .tracing import describe
 from .waiting import set_within
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +65,7 @@ PORT_CHECK_INTERVAL = 1.0  # seconds between looks for foreign listeners on the 
 # A stopping worker gets the grace period plus this before it is ended the hard way (by the parent,
 # or by itself when the parent is gone): a drain must never turn into a process that lingers.
 STOP_MARGIN = 5.0
+POLICY_WORKERS = "authz_policy_workers"
 
 
 def port_listeners(port: int) -> dict[int, int]:
@@ -92,7 +100,14 @@ def socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def worker_main(settings: Settings, index: int, state: Synchronized, log_level: str, mismatches: Synchronized) -> None:
+def worker_main(
+    settings: Settings,
+    index: int,
+    state: Synchronized,
+    log_level: str,
+    mismatches: Synchronized,
+    policy: SynchronizedString,
+) -> None:
     """Entry point of one worker process (spawned: a fresh interpreter, no inherited gRPC state)."""
     from . import logs
     from .policy import PolicyError
@@ -107,10 +122,16 @@ def worker_main(settings: Settings, index: int, state: Synchronized, log_level: 
     def on_mismatch() -> None:
         mismatches.value += 1  # only this worker writes it: no lock
 
+    def on_policy(sha256: str) -> None:
+        policy.value = sha256.encode("ascii")  # under the array's lock: the parent never reads half of it
+
     _exit_with_parent(os.getppid(), settings.shutdown_grace + STOP_MARGIN)
 
     try:
-        run(serve(settings, worker=True, on_ready=on_ready, on_mismatch=on_mismatch), settings.event_loop)
+        run(
+            serve(settings, worker=True, on_ready=on_ready, on_mismatch=on_mismatch, on_policy=on_policy),
+            settings.event_loop,
+        )
     except PolicyError as exc:
         log.error("policy file refused; worker not starting", extra={"error": str(exc)})
         sys.exit(2)
@@ -174,6 +195,8 @@ class _Worker:
         self.state: Synchronized = ctx.Value("i", STARTING, lock=False)
         # Requests its doors refused as not matching Envoy's config (FrontDoor.refused), over all its lives.
         self.mismatches: Synchronized = ctx.Value("q", 0, lock=False)
+        # The sha256 (hex) of the policy it serves; empty until it has loaded one (each life anew).
+        self.policy: SynchronizedString = ctx.Array("c", 64)
         self.process: Any = None
         self.restarts = 0
 
@@ -212,9 +235,20 @@ class Supervisor:
                 "alive": bool(w.process and w.process.is_alive()),
                 "state": names.get(w.state.value, "?"),
                 "restarts": w.restarts,
+                "policy_sha256": w.policy.value.decode("ascii") or None,
             }
             for w in self._workers
         ]
+
+    def policies(self) -> dict[str, int]:
+        """sha256 -> how many live workers serve that policy (see ``policies_served``)."""
+        return policies_served(
+            (w.policy.value.decode("ascii"), w.process is not None and w.process.is_alive()) for w in self._workers
+        )
+
+    def policy_in_force(self) -> str | None:
+        """The sha256 of the policy every worker serves; None while they differ (or one serves none)."""
+        return policy_in_force(self.policies(), len(self._workers))
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -278,9 +312,10 @@ class Supervisor:
 
     def _start(self, worker: _Worker, settings: Settings) -> None:
         worker.state.value = STARTING
+        worker.policy.value = b""
         worker.process = self._ctx.Process(
             target=worker_main,
-            args=(settings, worker.index, worker.state, self.settings.log_level, worker.mismatches),
+            args=(settings, worker.index, worker.state, self.settings.log_level, worker.mismatches, worker.policy),
             name=f"authz-worker-{worker.index}",
             daemon=False,
         )
@@ -387,6 +422,7 @@ class Supervisor:
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)
+        registry.register(PolicyWorkers(self.policies))
 
         async def exposition() -> bytes:
             # Reading every worker's files takes a while: off the event loop.
@@ -398,6 +434,7 @@ class Supervisor:
 
         def readiness() -> tuple[bool, dict[str, object]]:
             body: dict[str, object] = {
+                "policy": {"sha256": self.policy_in_force(), "workers": self.policies()},
                 "workers": self.status(),
                 "foreign_listeners": [f.status() for f in self.foreign_listeners.values()],
             }
@@ -415,6 +452,48 @@ class Supervisor:
         except OSError:
             await self._stop_workers()
             raise
+
+
+def policies_served(workers: Iterable[tuple[str, bool]]) -> dict[str, int]:
+    """sha256 -> how many live workers serve that policy, from each worker's (sha256 of the policy
+    it serves, "" before its first; alive). Each worker loads the file on its own, so just after a
+    change two show, until the last worker's reload has run."""
+    served: dict[str, int] = {}
+    for sha256, alive in workers:
+        if sha256 and alive:
+            served[sha256] = served.get(sha256, 0) + 1
+    return served
+
+
+def policy_in_force(served: dict[str, int], workers: int) -> str | None:
+    """The policy all ``workers`` serve (``policies_served``); None while they differ, or while one
+    serves none (starting, dead)."""
+    if len(served) == 1:
+        ((sha256, count),) = served.items()
+        if count == workers:
+            return sha256
+    return None
+
+
+class PolicyWorkers:
+    """``authz_policy_workers{sha256}`` in the parent's /metrics: live workers per policy, read from
+    the workers' shared state at each scrape (a rollout waits until the new sha256 counts them all)."""
+
+    def __init__(self, policies: Callable[[], dict[str, int]]) -> None:
+        self._policies = policies
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(
+            POLICY_WORKERS,
+            "Worker processes (--workers) serving each policy, by its sha256: all serve the new policy "
+            "once its count is the number of workers.",
+            labels=["sha256"],
+        )
+        for sha256, count in sorted(self._policies().items()):
+            family.add_metric([sha256], count)
+        yield family
 
 
 async def supervise(settings: Settings) -> int:

@@ -11,6 +11,8 @@ attacks what they remember:
 * a policy change while it is cached (a tightened route, a claim condition it does not meet, a
   deny-listed jti or client, its client taken off the issuer's list, its issuer removed): refused on
   the next request, and served again once the change is undone;
+* a request waiting on the issuer's keys (a kid not fetched yet) while a policy deny-listing its
+  client loads: answered under the new policy once the keys arrive;
 * an HTTP/2 connection opened before a deny-list entry, by a client that ignores GOAWAY: at most one
   more answer under the old policy, as an HTTP/1.1 keep-alive connection (native mode drains the old
   listener's connections);
@@ -30,14 +32,15 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jwt
 import pytest
 
 from .fake_issuer import rsa_key
 from .harness import MODES, NATIVE_XDS, Http2Connection, UpstreamProcess, wait_for
-from .security_stack import (ROUTES, Answer, SecurityStack, policy_text, serving, start_security_stack,
-                             start_xds_security_stack, stop_security_stack)
+from .security_stack import (ROUTES, Answer, SecurityStack, listeners_taken_up, policy_text, serve, serving,
+                             start_security_stack, start_xds_security_stack, stop_security_stack, wait_for_listener)
 
 pytestmark = pytest.mark.e2e
 STATEFUL_MODES = (*MODES, NATIVE_XDS)
@@ -207,6 +210,45 @@ def test_an_http2_connection_opened_before_a_deny_list_entry_gets_at_most_one_mo
         statuses = [connection.request("POST", "/transactions", credentials) for _ in range(20)]
     assert statuses.count(200) <= 1, statuses
     refused(s.send("POST", "/transactions", token), 401, "token is revoked")  # a new connection
+
+
+# --- a policy loaded while a Check waits on the issuer -----------------------------------------------
+
+
+def test_a_check_waiting_on_a_key_fetch_is_decided_by_the_policy_loaded_meanwhile(s: SecurityStack) -> None:
+    """A token signed with a key the service has not fetched yet waits on the issuer's JWKS (at most
+    --jwks-timeout); a policy that deny-lists its client loads meanwhile. It must get the new policy's
+    answer when the keys arrive, not the old policy's allow (it was allowed)."""
+    fake = s.fake
+    fake.keys["kid-late"] = rsa_key("kid-late")  # published, not fetched yet: an unknown kid to the service
+    token = fake.token(kid="kid-late")
+    taken_up = listeners_taken_up(s.envoy) if s.mode == NATIVE_XDS else 0
+    denying = client_denied(s, token)
+    fake.hold()
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            def sent_and_waiting() -> Future[Answer] | None:
+                """The request in flight once its Check waits on the held fetch; None when it was
+                answered first (the issuer's unknown-kid cool-down had not run out yet)."""
+                answer = pool.submit(s.send, "POST", "/transactions", token)
+                wait_for(lambda: fake.held.is_set() or answer.done(), 30, "the request answered or fetching")
+                if not answer.done():
+                    return answer
+                refused(answer.result(), 401, "token is not valid")  # the kid unknown, no fetch: retried
+                return None
+
+            waiting = wait_for(sent_and_waiting, 60, "a Check waiting on the issuer's JWKS", poll=0.2)
+            serve(s, denying)  # the service serves the new policy (its sha256 in /readyz) ...
+            assert not waiting.done(), "the Check must still be waiting on the key fetch"
+            fake.release()  # ... before the keys arrive
+            answer = waiting.result(timeout=60)
+        refused(answer, 401, "client is revoked")
+        if s.mode == NATIVE_XDS:
+            wait_for_listener(s.envoy, hashlib.sha256(denying.encode()).hexdigest(), taken_up)
+        refused(s.send("POST", "/transactions", token), 401, "client is revoked")
+    finally:
+        fake.release()
+        del fake.keys["kid-late"]
 
 
 # --- expiry --------------------------------------------------------------------------------------------

@@ -413,3 +413,45 @@ def test_a_refused_policy_file_shows_in_the_parents_metrics_until_fixed(tmp_path
         wait_for(lambda: refused() == {"": 0, bad_sha: 0}, 60, "every worker back on the policy in force")
     finally:
         service.process.stop()
+
+
+def policy_workers(service: Service) -> dict[str, float]:
+    """authz_policy_workers in the parent's /metrics: sha256 -> the workers serving that policy."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.labels["sha256"]: s.value for f in text_string_to_metric_families(service.metrics())
+            for s in f.samples if s.name == "authz_policy_workers"}
+
+
+def test_which_policy_each_worker_serves_shows_until_every_worker_serves_the_new_one(tmp_path, policy, issuer) -> None:
+    """Each worker loads the file on its own, so a reload reaches them one after the other. The
+    parent's /readyz names each worker's policy and ``policy.sha256`` only once they all serve one;
+    ``authz_policy_workers{sha256}`` counts them. A worker held back (SIGSTOP) shows the skew, and the
+    policy in force is confirmed only once it has loaded the new file too."""
+    service = start_service(tmp_path, policy, "--workers", "2")
+    try:
+        old_text = policy.read_text()
+        old = hashlib.sha256(old_text.encode()).hexdigest()
+        body = readyz(service)[1]
+        assert body["policy"] == {"sha256": old, "workers": {old: 2}}
+        assert [w["policy_sha256"] for w in body["workers"]] == [old, old]
+        assert policy_workers(service) == {old: 2}
+        behind, ahead = worker_pids(service)
+        new_text = old_text + "deny:\n  client_ids: [payments-writer]\n"
+        new = hashlib.sha256(new_text.encode()).hexdigest()
+        os.kill(behind, signal.SIGSTOP)
+        try:
+            policy.write_text(new_text)
+            wait_for(lambda: policy_workers(service) == {old: 1, new: 1}, 60, "one worker on the new policy")
+            status, body = readyz(service)
+            assert status == 200 and body["policy"] == {"sha256": None, "workers": {old: 1, new: 1}}
+            assert {w["pid"]: w["policy_sha256"] for w in body["workers"]} == {behind: old, ahead: new}
+        finally:
+            os.kill(behind, signal.SIGCONT)
+        wait_for(lambda: readyz(service)[1]["policy"] == {"sha256": new, "workers": {new: 2}}, 60,
+                 "every worker on the new policy")
+        wait_for(lambda: policy_workers(service) == {new: 2}, 60, "the count of the new policy's workers")
+        for _ in range(10):  # new connections: the kernel spreads them over both workers
+            assert check(service.grpc_port, issuer.token("payments-writer")) == 16  # UNAUTHENTICATED: revoked
+    finally:
+        service.process.stop()
