@@ -39,8 +39,10 @@ import socket
 from collections.abc import Mapping
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from .. import ports
+from ..admin import QuietRefusals
 from .config import CLIENT_CREDENTIALS, DevIssuerConfig
 from .issuer import DevIssuer, TokenRequestError
 
@@ -220,6 +222,21 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _QuietServer(web.Server):
+    """The application's server, its connections answering a request aiohttp's parser refused
+    with a plain 400 (admin.QuietRefusals) rather than aiohttp's, which quotes the refused line:
+    a token request's ``Authorization: Basic`` line with one stray byte is a client secret."""
+
+    def __call__(self) -> RequestHandler:
+        return QuietRefusals(self, loop=asyncio.get_running_loop())
+
+
+class _QuietAppRunner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()  # the application's startup and its request handler
+        return _QuietServer(made.request_handler, request_factory=made.request_factory)
+
+
 async def serve(config: DevIssuerConfig, host: str, port: int, public_url: str | None) -> None:
     """Serve the dev issuer until cancelled. ``public_url`` defaults to ``http://<host>:<bound port>``."""
     sock = _bind(host, port)
@@ -229,7 +246,7 @@ async def serve(config: DevIssuerConfig, host: str, port: int, public_url: str |
     except BaseException:
         sock.close()
         raise
-    runner = web.AppRunner(build_app(issuer))
+    runner = _QuietAppRunner(build_app(issuer))
     await runner.setup()
     try:
         await web.SockSite(runner, sock).start()
