@@ -141,6 +141,8 @@ def test_the_deny_list_is_refused_natively_with_the_services_answer_after_every_
             '{"error":"invalid_token","error_description":"token is revoked"}'} <= bodies
     report = report_text(compiled)
     assert "deny list: 1 client id, 2 jtis, refused on every native route" in report
+    # docs/native.md: the heap expectation is the report's last line, also with a deny list.
+    assert report.splitlines()[-1].startswith("  Envoy heap ~")
 
 
 def test_a_thousand_checks_are_tried_by_envoy_in_the_service_s_order() -> None:
