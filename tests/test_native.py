@@ -39,6 +39,8 @@ from authz_service.tokens import MAX_HEADER_CHARS, _b64
 from . import envoyconf
 from .conftest import make_key
 from .e2e.harness import REPO_ROOT, envoy_binary
+from .test_cli import assert_one_clean_line
+from .test_cli import cli as cli_env
 
 EXAMPLE_POLICY = REPO_ROOT / "authz_service" / "examples" / "policy.yaml"
 ISSUERS = """
@@ -601,6 +603,43 @@ def test_a_relative_xds_dir_is_made_absolute(tmp_path: Path) -> None:
     source = yaml.safe_load(run.stdout)["dynamic_resources"]["lds_config"]["path_config_source"]
     assert source == {"path": f"{tmp_path}/xds/run/listeners.json", "watched_directory": {"path": f"{tmp_path}/xds/run"}}
     assert f"{tmp_path}/xds/run/listeners.json" in run.stderr
+
+
+SERVE_ENVIRONMENT = {"AUTHZ_REALM": "shop", "AUTHZ_LEEWAY": "30.7", "AUTHZ_NATIVE_JWT_CACHE_SIZE": "0",
+                     "AUTHZ_NATIVE_JWKS_CACHE": "9", "AUTHZ_NATIVE_LISTEN": "127.0.0.1:7080",
+                     "AUTHZ_NATIVE_HEAP_CAP": "200"}
+
+
+def test_compile_envoy_takes_the_services_variables_for_the_flags_not_given() -> None:
+    """Configured only through the environment, the service and the Envoy compiled there agree
+    (tests/e2e/test_native_settings_e2e.py shows the answers); a flag still wins."""
+    run = cli_env("compile", "envoy", str(EXAMPLE_POLICY), "--report", "none", env=SERVE_ENVIRONMENT)
+    assert run.returncode == 0, run.stderr
+    text = json.dumps(yaml.safe_load(run.stdout))
+    assert 'realm=\\"shop\\"' in text and 'realm=\\"authz-service\\"' not in text
+    assert '"clock_skew_seconds": 29' in text  # 30.7 rounded down, less one: never past the service's
+    assert "jwt_cache_config" not in text and '"cache_duration": "9s"' in text
+    assert '{"address": "127.0.0.1", "port_value": 7080}' in text
+    assert f'"max_heap_size_bytes": {200 << 20}' in text
+    run = cli_env("compile", "envoy", str(EXAMPLE_POLICY), "--report", "none", "--realm", "other", env=SERVE_ENVIRONMENT)
+    assert 'realm=\\"other\\"' in json.dumps(yaml.safe_load(run.stdout))
+    # The xDS form: the listener's settings are serve's to write; the heap cap is the bootstrap's.
+    run = cli_env("compile", "envoy", "--xds-dir", "/var/run/authz-xds", "--report", "none", env=SERVE_ENVIRONMENT)
+    assert run.returncode == 0, run.stderr
+    assert f'"max_heap_size_bytes": {200 << 20}' in json.dumps(yaml.safe_load(run.stdout))
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("AUTHZ_LEEWAY", "1.5", "AUTHZ_LEEWAY='1.5': Envoy's jwt_authn needs a leeway of at least 2 seconds"),
+    ("AUTHZ_LEEWAY", "soon", "AUTHZ_LEEWAY='soon' (serve's --leeway, which --leeway follows): expected a number"),
+    ("AUTHZ_NATIVE_HEAP_CAP", "10", "AUTHZ_NATIVE_HEAP_CAP='10': at least 64 MiB"),
+    ("AUTHZ_REALM", 'a"b', "AUTHZ_REALM='a\"b' (serve's --realm, which --realm follows)"),
+    ("AUTHZ_NATIVE_LISTEN", "localhost:8080", "AUTHZ_NATIVE_LISTEN='localhost:8080' (serve's --native-listen"),
+])
+def test_a_service_variable_compile_envoy_cannot_use_is_refused_naming_it(variable: str, value: str,
+                                                                         message: str) -> None:
+    run = cli_env("compile", "envoy", str(EXAMPLE_POLICY), env={variable: value})
+    assert_one_clean_line(run, f"authz-service compile envoy: error: {message}")
 
 
 def test_naming_no_policy_has_the_prefix_of_every_other_error() -> None:

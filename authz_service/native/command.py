@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
@@ -12,17 +13,46 @@ import yaml
 
 from ..config import option, same_port
 from ..policy import PolicyError, load_policy_file
-from .arguments import ADDRESS_FLAGS, LISTENER_FLAGS
+from .arguments import ADDRESS_FLAGS, LISTENER_FLAGS, SERVE_SETTINGS
 from .bootstrap import Compiled, compile_policy
-from .options import Address, Options
+from .options import Address, Options, heap_cap_refusal
 from .report import report_json, report_text
 from .xds import ENVOY_FLAGS, LISTENERS_FILE, write_atomically, xds_bootstrap
 
 
-def options_from(args: argparse.Namespace) -> Options:
-    """The compile options of a parsed command line (ValueError naming the flag); a flag not given
-    takes Options' default."""
+def serve_settings(args: argparse.Namespace, environ: Mapping[str, str], *, xds: bool) -> dict[str, Any]:
+    """The settings of SERVE_SETTINGS not given as flags, from serve's AUTHZ_* variables, parsed as
+    serve parses them (ValueError naming the variable), by args attribute. A fractional leeway is
+    rounded down: jwt_authn's clock skew then stays under the service's leeway."""
+    found: dict[str, Any] = {}
+    for flag, name in SERVE_SETTINGS.items():
+        attr = flag.lstrip("-").replace("-", "_")
+        setting = option(name)
+        raw = environ.get(setting.env)
+        if raw is None or getattr(args, attr) is not None or (xds and flag in LISTENER_FLAGS):
+            continue
+        try:
+            value = setting.parse(raw)
+        except ValueError as exc:
+            raise ValueError(f"{setting.env}={raw!r} (serve's {setting.flag}, which {flag} follows): {exc}") from None
+        if name == "leeway":
+            value = int(value)
+            if value < 2:
+                raise ValueError(
+                    f"{setting.env}={raw!r}: Envoy's jwt_authn needs a leeway of at least 2 seconds (its clock "
+                    "skew is one second less); give the service at least 2, or compile envoy --leeway"
+                )
+        if name == "native_heap_cap" and (refusal := heap_cap_refusal(value)):
+            raise ValueError(f"{setting.env}={raw!r}: {refusal}")
+        found[attr] = value
+    return found
+
+
+def options_from(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Options:
+    """The compile options of a parsed command line (ValueError naming the flag or variable); a
+    flag not given takes serve's variable (serve_settings), else Options' default."""
     defaults = Options()
+    args = argparse.Namespace(**{**vars(args), **serve_settings(args, environ, xds=args.xds_dir is not None)})
     realm = defaults.realm
     if args.realm is not None:
         try:
