@@ -607,7 +607,13 @@ def test_a_relative_xds_dir_is_made_absolute(tmp_path: Path) -> None:
 
 SERVE_ENVIRONMENT = {"AUTHZ_REALM": "shop", "AUTHZ_LEEWAY": "30.7", "AUTHZ_NATIVE_JWT_CACHE_SIZE": "0",
                      "AUTHZ_NATIVE_JWKS_CACHE": "9", "AUTHZ_NATIVE_LISTEN": "127.0.0.1:7080",
-                     "AUTHZ_NATIVE_HEAP_CAP": "200"}
+                     "AUTHZ_NATIVE_HEAP_CAP": "200", "AUTHZ_GRPC_PORT": "7191", "AUTHZ_HTTP_HOST": "0.0.0.0",
+                     "AUTHZ_HTTP_PORT": "7181"}
+
+
+def cluster_address(bootstrap: dict[str, Any], name: str) -> dict[str, Any]:
+    (cluster,) = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == name]
+    return cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
 
 
 def test_compile_envoy_takes_the_services_variables_for_the_flags_not_given() -> None:
@@ -621,12 +627,19 @@ def test_compile_envoy_takes_the_services_variables_for_the_flags_not_given() ->
     assert "jwt_cache_config" not in text and '"cache_duration": "9s"' in text
     assert '{"address": "127.0.0.1", "port_value": 7080}' in text
     assert f'"max_heap_size_bytes": {200 << 20}' in text
-    run = cli_env("compile", "envoy", str(EXAMPLE_POLICY), "--report", "none", "--realm", "other", env=SERVE_ENVIRONMENT)
+    # Envoy reaches the service where serve listens: 0.0.0.0 (every address) on loopback.
+    bootstrap = yaml.safe_load(run.stdout)
+    assert cluster_address(bootstrap, "authz_service") == {"address": "127.0.0.1", "port_value": 7191}
+    assert cluster_address(bootstrap, "authz_service_http") == {"address": "127.0.0.1", "port_value": 7181}
+    run = cli_env("compile", "envoy", str(EXAMPLE_POLICY), "--report", "none", "--realm", "other",
+                  "--service-grpc", "127.0.0.2:7000", env=SERVE_ENVIRONMENT)
     assert 'realm=\\"other\\"' in json.dumps(yaml.safe_load(run.stdout))
-    # The xDS form: the listener's settings are serve's to write; the heap cap is the bootstrap's.
+    assert cluster_address(yaml.safe_load(run.stdout), "authz_service") == {"address": "127.0.0.2", "port_value": 7000}
+    # The xDS form: the listener's settings are serve's to write; the rest is the bootstrap's.
     run = cli_env("compile", "envoy", "--xds-dir", "/var/run/authz-xds", "--report", "none", env=SERVE_ENVIRONMENT)
     assert run.returncode == 0, run.stderr
     assert f'"max_heap_size_bytes": {200 << 20}' in json.dumps(yaml.safe_load(run.stdout))
+    assert cluster_address(yaml.safe_load(run.stdout), "authz_service_http")["port_value"] == 7181
 
 
 @pytest.mark.parametrize(("variable", "value", "message"), [
@@ -635,6 +648,9 @@ def test_compile_envoy_takes_the_services_variables_for_the_flags_not_given() ->
     ("AUTHZ_NATIVE_HEAP_CAP", "10", "AUTHZ_NATIVE_HEAP_CAP='10': at least 64 MiB"),
     ("AUTHZ_REALM", 'a"b', "AUTHZ_REALM='a\"b' (serve's --realm, which --realm follows)"),
     ("AUTHZ_NATIVE_LISTEN", "localhost:8080", "AUTHZ_NATIVE_LISTEN='localhost:8080' (serve's --native-listen"),
+    ("AUTHZ_GRPC_HOST", "localhost", "AUTHZ_GRPC_HOST='localhost': Envoy connects to an IP address, not a host name"),
+    ("AUTHZ_HTTP_PORT", "0", "AUTHZ_HTTP_PORT='0': port 0 lets the kernel pick the service's port"),
+    ("AUTHZ_GRPC_PORT", "x", "AUTHZ_GRPC_PORT='x' (serve's --grpc-port, which --service-grpc follows)"),
 ])
 def test_a_service_variable_compile_envoy_cannot_use_is_refused_naming_it(variable: str, value: str,
                                                                          message: str) -> None:

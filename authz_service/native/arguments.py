@@ -38,6 +38,11 @@ SERVE_SETTINGS = {  # flag -> serve's setting (config.OPTIONS), whose AUTHZ_* va
 }
 
 
+# Where Envoy reaches the service: serve's door, by its (host, port) settings. A host serve binds
+# as 0.0.0.0 or :: is reached on loopback.
+SERVE_DOORS = {"--service-grpc": ("grpc_host", "grpc_port"), "--service-http": ("http_host", "http_port")}
+
+
 def from_serve(flag: str) -> str:
     """Where a flag not given comes from, for its help: serve's variable."""
     return f"$AUTHZ_{SERVE_SETTINGS[flag].upper()} as serve reads it, else "
@@ -47,7 +52,16 @@ def add_arguments(envoy: argparse.ArgumentParser) -> None:
     defaults = Options()
     for flag, (name, what) in ADDRESS_FLAGS.items():
         default = getattr(defaults, name)
-        if flag in LISTENER_FLAGS:  # None: not given (refused with --xds-dir), else the default
+        if flag in SERVE_DOORS:  # None: not given, then serve's variables, else the default
+            host, port = (f"$AUTHZ_{name.upper()}" for name in SERVE_DOORS[flag])
+            envoy.add_argument(
+                flag,
+                metavar="IP:PORT",
+                type=_address,
+                help=f"{what} (default {host}:{port} as serve reads them "
+                f"when either is set, 0.0.0.0 and :: read as loopback, else {default})",
+            )
+        elif flag in LISTENER_FLAGS:  # None: not given (refused with --xds-dir), else the default
             envoy.add_argument(
                 flag, metavar="IP:PORT", type=_address, help=f"{what} (default {from_serve(flag)}{default})"
             )
