@@ -60,7 +60,9 @@ def serve_door(flag: str, environ: Mapping[str, str]) -> Address | None:
     raw_host, raw_port = environ.get(host_setting.env), environ.get(port_setting.env)
     if raw_host is None and raw_port is None:
         return None
-    given = " and ".join(f"{o.env}={raw!r}" for o, raw in ((host_setting, raw_host), (port_setting, raw_port)) if raw)
+    given = " and ".join(
+        f"{o.env}={raw!r}" for o, raw in ((host_setting, raw_host), (port_setting, raw_port)) if raw is not None
+    )
     try:
         port = port_setting.default if raw_port is None else port_setting.parse(raw_port)
     except ValueError as exc:
