@@ -766,7 +766,7 @@ class _Context(YamlValidator):
         explicit = self.string(item, "issuer", where)
         issuer = explicit or cognito_issuer(issuer_format, region, pool)
         if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?\Z", issuer):
-            raise self.fail((*where, "issuer"), f"{shown(issuer)!r} is not an http(s) URL")
+            raise self.fail((*where, "issuer"), _not_a_url(issuer, issuer=True))
         if problem := authority_problem(issuer):
             raise self.fail((*where, "issuer"), f"{shown(issuer)!r}: {problem}")
         if "@" in issuer.split("/")[2]:
@@ -777,7 +777,7 @@ class _Context(YamlValidator):
             )
         jwks_override = self.string(item, "jwks_uri", where)
         if jwks_override is not None and not re.match(r"^https?://[^\s/?#]+(/\S*)?\Z", jwks_override):
-            raise self.fail((*where, "jwks_uri"), f"{shown(jwks_override)!r} is not an http(s) URL")
+            raise self.fail((*where, "jwks_uri"), _not_a_url(jwks_override, issuer=False))
         if jwks_override is not None and (problem := authority_problem(jwks_override)):
             raise self.fail((*where, "jwks_uri"), f"{shown(jwks_override)!r}: {problem}")
         allowed = self.client_ids(item, where)
@@ -921,6 +921,21 @@ class _Context(YamlValidator):
 _REST = object()
 _PARAM = object()
 REST, PARAM = _REST, _PARAM  # the kinds of pattern parts besides literal segments (see pattern_parts)
+
+
+def _not_a_url(url: str, *, issuer: bool) -> str:
+    """What is wrong with a URL the loader refused. It is quoted as ``shown`` quotes it (no
+    credentials, no query: a signed one is a secret), cut at the first whitespace (what follows is
+    no longer the URL to ``shown``), so the message must name what the quote no longer shows."""
+    words = url.split()
+    head = shown(words[0] if words else url)
+    quoted = repr(head) + ("" if head == url else "...")
+    if words != [url]:
+        return f"{quoted}: the URL holds whitespace (percent-encode it, e.g. %20)"
+    if issuer and re.match(r"^https?://[^\s/?#]+[^\s?#]*[?#]", url):
+        return f"{quoted}: the issuer URL has a query or fragment; an iss has none (it is compared as written)"
+    rest = "an optional path" if issuer else "an optional path and query"
+    return f"{quoted} is not an http(s) URL (http:// or https://, a host, then {rest})"
 
 
 def pattern_parts(pattern: str) -> list[object]:

@@ -39,6 +39,8 @@ from authz_service.tokens import MAX_HEADER_CHARS, _b64
 from . import envoyconf
 from .conftest import make_key
 from .e2e.harness import REPO_ROOT, envoy_binary
+from .test_cli import assert_one_clean_line
+from .test_cli import cli as cli_env
 
 EXAMPLE_POLICY = REPO_ROOT / "authz_service" / "examples" / "policy.yaml"
 ISSUERS = """
@@ -141,6 +143,8 @@ def test_the_deny_list_is_refused_natively_with_the_services_answer_after_every_
             '{"error":"invalid_token","error_description":"token is revoked"}'} <= bodies
     report = report_text(compiled)
     assert "deny list: 1 client id, 2 jtis, refused on every native route" in report
+    # docs/native.md: the heap expectation is the report's last line, also with a deny list.
+    assert report.splitlines()[-1].startswith("  Envoy heap ~")
 
 
 def test_a_thousand_checks_are_tried_by_envoy_in_the_service_s_order() -> None:
@@ -599,6 +603,59 @@ def test_a_relative_xds_dir_is_made_absolute(tmp_path: Path) -> None:
     source = yaml.safe_load(run.stdout)["dynamic_resources"]["lds_config"]["path_config_source"]
     assert source == {"path": f"{tmp_path}/xds/run/listeners.json", "watched_directory": {"path": f"{tmp_path}/xds/run"}}
     assert f"{tmp_path}/xds/run/listeners.json" in run.stderr
+
+
+SERVE_ENVIRONMENT = {"AUTHZ_REALM": "shop", "AUTHZ_LEEWAY": "30.7", "AUTHZ_NATIVE_JWT_CACHE_SIZE": "0",
+                     "AUTHZ_NATIVE_JWKS_CACHE": "9", "AUTHZ_NATIVE_LISTEN": "127.0.0.1:7080",
+                     "AUTHZ_NATIVE_HEAP_CAP": "200", "AUTHZ_GRPC_PORT": "7191", "AUTHZ_HTTP_HOST": "0.0.0.0",
+                     "AUTHZ_HTTP_PORT": "7181"}
+
+
+def cluster_address(bootstrap: dict[str, Any], name: str) -> dict[str, Any]:
+    (cluster,) = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == name]
+    return cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+
+
+def test_compile_envoy_takes_the_services_variables_for_the_flags_not_given() -> None:
+    """Configured only through the environment, the service and the Envoy compiled there agree
+    (tests/e2e/test_native_settings_e2e.py shows the answers); a flag still wins."""
+    run = cli_env("compile", "envoy", str(EXAMPLE_POLICY), "--report", "none", env=SERVE_ENVIRONMENT)
+    assert run.returncode == 0, run.stderr
+    text = json.dumps(yaml.safe_load(run.stdout))
+    assert 'realm=\\"shop\\"' in text and 'realm=\\"authz-service\\"' not in text
+    assert '"clock_skew_seconds": 29' in text  # 30.7 rounded down, less one: never past the service's
+    assert "jwt_cache_config" not in text and '"cache_duration": "9s"' in text
+    assert '{"address": "127.0.0.1", "port_value": 7080}' in text
+    assert f'"max_heap_size_bytes": {200 << 20}' in text
+    # Envoy reaches the service where serve listens: 0.0.0.0 (every address) on loopback.
+    bootstrap = yaml.safe_load(run.stdout)
+    assert cluster_address(bootstrap, "authz_service") == {"address": "127.0.0.1", "port_value": 7191}
+    assert cluster_address(bootstrap, "authz_service_http") == {"address": "127.0.0.1", "port_value": 7181}
+    run = cli_env("compile", "envoy", str(EXAMPLE_POLICY), "--report", "none", "--realm", "other",
+                  "--service-grpc", "127.0.0.2:7000", env=SERVE_ENVIRONMENT)
+    assert 'realm=\\"other\\"' in json.dumps(yaml.safe_load(run.stdout))
+    assert cluster_address(yaml.safe_load(run.stdout), "authz_service") == {"address": "127.0.0.2", "port_value": 7000}
+    # The xDS form: the listener's settings are serve's to write; the rest is the bootstrap's.
+    run = cli_env("compile", "envoy", "--xds-dir", "/var/run/authz-xds", "--report", "none", env=SERVE_ENVIRONMENT)
+    assert run.returncode == 0, run.stderr
+    assert f'"max_heap_size_bytes": {200 << 20}' in json.dumps(yaml.safe_load(run.stdout))
+    assert cluster_address(yaml.safe_load(run.stdout), "authz_service_http")["port_value"] == 7181
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("AUTHZ_LEEWAY", "1.5", "AUTHZ_LEEWAY='1.5': Envoy's jwt_authn needs a leeway of at least 2 seconds"),
+    ("AUTHZ_LEEWAY", "soon", "AUTHZ_LEEWAY='soon' (serve's --leeway, which --leeway follows): expected a number"),
+    ("AUTHZ_NATIVE_HEAP_CAP", "10", "AUTHZ_NATIVE_HEAP_CAP='10': at least 64 MiB"),
+    ("AUTHZ_REALM", 'a"b', "AUTHZ_REALM='a\"b' (serve's --realm, which --realm follows)"),
+    ("AUTHZ_NATIVE_LISTEN", "localhost:8080", "AUTHZ_NATIVE_LISTEN='localhost:8080' (serve's --native-listen"),
+    ("AUTHZ_GRPC_HOST", "localhost", "AUTHZ_GRPC_HOST='localhost': Envoy connects to an IP address, not a host name"),
+    ("AUTHZ_HTTP_PORT", "0", "AUTHZ_HTTP_PORT='0': port 0 lets the kernel pick the service's port"),
+    ("AUTHZ_GRPC_PORT", "x", "AUTHZ_GRPC_PORT='x' (serve's --grpc-port, which --service-grpc follows)"),
+])
+def test_a_service_variable_compile_envoy_cannot_use_is_refused_naming_it(variable: str, value: str,
+                                                                         message: str) -> None:
+    run = cli_env("compile", "envoy", str(EXAMPLE_POLICY), env={variable: value})
+    assert_one_clean_line(run, f"authz-service compile envoy: error: {message}")
 
 
 def test_naming_no_policy_has_the_prefix_of_every_other_error() -> None:

@@ -1127,6 +1127,23 @@ def test_an_issuer_url_no_http_client_can_use_is_refused(key: str, url: str, pro
     assert f"issuers[0].{key}: " in message and problem in message and "s3cret" not in message
 
 
+@pytest.mark.parametrize(("key", "url", "problem"), [
+    ("issuer", "https://idp.example/p?tenant=1", "has a query or fragment"),
+    ("issuer", "https://idp.example/p#frag", "has a query or fragment"),
+    ("issuer", "https://idp.example/p q", "holds whitespace"),
+    ("issuer", "ftp://idp.example/p", "is not an http(s) URL"),
+    ("jwks_uri", "https://idp.example/jw ks?X-Amz-Signature=s3cret", "holds whitespace"),
+    ("jwks_uri", "https://idp.example?X-Amz-Signature=s3cret", "is not an http(s) URL"),
+], ids=["issuer-query", "issuer-fragment", "issuer-space", "issuer-scheme", "jwks-space", "jwks-no-path"])
+def test_a_malformed_issuer_url_is_refused_saying_what_is_wrong(key: str, url: str, problem: str) -> None:
+    """The URL is shown without its query (it may be signed), so 'is not an http(s) URL' alone
+    would quote a URL that looks right: the message names what is wrong with it."""
+    other = ("jwks_uri", "https://idp.example/jwks") if key == "issuer" else ("issuer", "https://idp.example/p")
+    message = refused(f"issuers:\n  - user_pool_id: us-east-1_A\n    {key}: '{url}'\n    {other[0]}: {other[1]}\n"
+                      "routes:\n" + GOOD_ROUTE)
+    assert f"issuers[0].{key}: " in message and problem in message and "s3cret" not in message
+
+
 # --- the deny section ------------------------------------------------------------------------------
 
 DENY_HEAD = "issuers:\n  - user_pool_id: us-east-1_Abc123\nroutes:\n  - {path: /a, scopes: [r/x]}\n"

@@ -25,41 +25,79 @@ LISTENER_FLAGS = {  # flag -> the serve flag that sets it in the xDS form
     "--jwt-cache-size": "--native-jwt-cache-size",
     "--no-decision-stats": None,
 }
+# The service's settings a compiled Envoy must agree with, read from serve's own variables when
+# the flag is not given: compile envoy run where the service is configured answers as it does.
+# In the xDS form the listener's are serve's to write; the heap cap is the bootstrap's.
+SERVE_SETTINGS = {  # flag -> serve's setting (config.OPTIONS), whose AUTHZ_* variable it reads
+    "--listen": "native_listen",
+    "--realm": "realm",
+    "--leeway": "leeway",
+    "--jwks-cache": "native_jwks_cache",
+    "--jwt-cache-size": "native_jwt_cache_size",
+    "--heap-cap": "native_heap_cap",
+}
+
+
+# Where Envoy reaches the service: serve's door, by its (host, port) settings. A host serve binds
+# as 0.0.0.0 or :: is reached on loopback.
+SERVE_DOORS = {"--service-grpc": ("grpc_host", "grpc_port"), "--service-http": ("http_host", "http_port")}
+
+
+def from_serve(flag: str) -> str:
+    """Where a flag not given comes from, for its help: serve's variable."""
+    return f"$AUTHZ_{SERVE_SETTINGS[flag].upper()} as serve reads it, else "
 
 
 def add_arguments(envoy: argparse.ArgumentParser) -> None:
     defaults = Options()
     for flag, (name, what) in ADDRESS_FLAGS.items():
         default = getattr(defaults, name)
-        if flag in LISTENER_FLAGS:  # None: not given (refused with --xds-dir), else the default
-            envoy.add_argument(flag, metavar="IP:PORT", type=_address, help=f"{what} (default {default})")
+        if flag in SERVE_DOORS:  # None: not given, then serve's variables, else the default
+            host, port = (f"$AUTHZ_{name.upper()}" for name in SERVE_DOORS[flag])
+            envoy.add_argument(
+                flag,
+                metavar="IP:PORT",
+                type=_address,
+                help=f"{what} (default {host}:{port} as serve reads them "
+                f"when either is set, 0.0.0.0 and :: read as loopback, else {default})",
+            )
+        elif flag in LISTENER_FLAGS:  # None: not given (refused with --xds-dir), else the default
+            envoy.add_argument(
+                flag, metavar="IP:PORT", type=_address, help=f"{what} (default {from_serve(flag)}{default})"
+            )
         else:
             envoy.add_argument(flag, metavar="IP:PORT", type=_address, default=default, help=what)
-    envoy.add_argument("--realm", help=f"as serve's --realm (part of every 401 challenge; default {defaults.realm})")
+    envoy.add_argument(
+        "--realm",
+        help=f"as serve's --realm (part of every 401 challenge; default {from_serve('--realm')}{defaults.realm})",
+    )
     envoy.add_argument(
         "--leeway",
         type=_whole_seconds,
-        help=f"as serve's --leeway, in whole seconds, at least 2 (default {defaults.leeway})",
+        help="as serve's --leeway, in whole seconds, at least 2 (default $AUTHZ_LEEWAY as serve reads it, "
+        f"rounded down, else {defaults.leeway})",
     )
     envoy.add_argument(
         "--jwks-cache",
         type=_whole_seconds,
         metavar="SECONDS",
-        help=f"seconds between Envoy's fetches of the keys the service holds (default {defaults.jwks_cache_seconds})",
+        help="seconds between Envoy's fetches of the keys the service holds (default "
+        f"{from_serve('--jwks-cache')}{defaults.jwks_cache_seconds})",
     )
     envoy.add_argument(
         "--jwt-cache-size",
         type=int,
         metavar="N",
         help="verified tokens jwt_authn keeps per Envoy worker, 0 for none (see docs/native.md on removed keys; "
-        f"default {defaults.jwt_cache_size})",
+        f"default {from_serve('--jwt-cache-size')}{defaults.jwt_cache_size})",
     )
     envoy.add_argument(
         "--heap-cap",
         type=int,
         metavar="MIB",
-        help="Envoy's heap cap in MiB (overload manager; default envoy/envoy.yaml's 160): a policy whose expected "
-        "heap would reach its first overload action is refused; give the Envoy container the cap + 96 MiB",
+        help=f"Envoy's heap cap in MiB (overload manager; default {from_serve('--heap-cap')}envoy/envoy.yaml's "
+        "160): a policy whose expected heap would reach its first overload action is refused; give the Envoy "
+        "container the cap + 96 MiB",
     )
     envoy.add_argument(
         "--no-decision-stats",

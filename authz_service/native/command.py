@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
@@ -12,17 +14,76 @@ import yaml
 
 from ..config import option, same_port
 from ..policy import PolicyError, load_policy_file
-from .arguments import ADDRESS_FLAGS, LISTENER_FLAGS
+from .arguments import ADDRESS_FLAGS, LISTENER_FLAGS, SERVE_DOORS, SERVE_SETTINGS
 from .bootstrap import Compiled, compile_policy
-from .options import Address, Options
+from .options import Address, Options, heap_cap_refusal
 from .report import report_json, report_text
 from .xds import ENVOY_FLAGS, LISTENERS_FILE, write_atomically, xds_bootstrap
 
 
-def options_from(args: argparse.Namespace) -> Options:
-    """The compile options of a parsed command line (ValueError naming the flag); a flag not given
-    takes Options' default."""
+def serve_settings(args: argparse.Namespace, environ: Mapping[str, str], *, xds: bool) -> dict[str, Any]:
+    """The settings of SERVE_SETTINGS and SERVE_DOORS not given as flags, from serve's AUTHZ_*
+    variables, parsed as serve parses them (ValueError naming the variable), by args attribute. A
+    fractional leeway is rounded down: jwt_authn's clock skew then stays under the service's leeway."""
+    found: dict[str, Any] = {}
+    for flag, name in SERVE_SETTINGS.items():
+        attr = flag.lstrip("-").replace("-", "_")
+        setting = option(name)
+        raw = environ.get(setting.env)
+        if raw is None or getattr(args, attr) is not None or (xds and flag in LISTENER_FLAGS):
+            continue
+        try:
+            value = setting.parse(raw)
+        except ValueError as exc:
+            raise ValueError(f"{setting.env}={raw!r} (serve's {setting.flag}, which {flag} follows): {exc}") from None
+        if name == "leeway":
+            value = int(value)
+            if value < 2:
+                raise ValueError(
+                    f"{setting.env}={raw!r}: Envoy's jwt_authn needs a leeway of at least 2 seconds (its clock "
+                    "skew is one second less); give the service at least 2, or compile envoy --leeway"
+                )
+        if name == "native_heap_cap" and (refusal := heap_cap_refusal(value)):
+            raise ValueError(f"{setting.env}={raw!r}: {refusal}")
+        found[attr] = value
+    for flag in SERVE_DOORS:
+        attr = flag.lstrip("-").replace("-", "_")
+        if getattr(args, attr) is None and (door := serve_door(flag, environ)) is not None:
+            found[attr] = door
+    return found
+
+
+def serve_door(flag: str, environ: Mapping[str, str]) -> Address | None:
+    """Where Envoy reaches the service's door of ``flag`` (SERVE_DOORS), from serve's host and port
+    variables; None when neither is set (ValueError naming them when Envoy cannot connect there)."""
+    host_setting, port_setting = (option(name) for name in SERVE_DOORS[flag])
+    raw_host, raw_port = environ.get(host_setting.env), environ.get(port_setting.env)
+    if raw_host is None and raw_port is None:
+        return None
+    given = " and ".join(
+        f"{o.env}={raw!r}" for o, raw in ((host_setting, raw_host), (port_setting, raw_port)) if raw is not None
+    )
+    try:
+        port = port_setting.default if raw_port is None else port_setting.parse(raw_port)
+    except ValueError as exc:
+        raise ValueError(f"{given} (serve's {port_setting.flag}, which {flag} follows): {exc}") from None
+    host = (host_setting.default if raw_host is None else raw_host).strip().strip("[]") or "0.0.0.0"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{given}: Envoy connects to an IP address, not a host name; give {flag} IP:PORT") from None
+    if port == 0:
+        raise ValueError(f"{given}: port 0 lets the kernel pick the service's port; give {flag} IP:PORT")
+    if ip.is_unspecified:  # serve listens on every address: Envoy, in the same Pod, on loopback
+        ip = ipaddress.ip_address("::1" if ip.version == 6 else "127.0.0.1")
+    return Address(str(ip), port)
+
+
+def options_from(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Options:
+    """The compile options of a parsed command line (ValueError naming the flag or variable); a
+    flag not given takes serve's variable (serve_settings), else Options' default."""
     defaults = Options()
+    args = argparse.Namespace(**{**vars(args), **serve_settings(args, environ, xds=args.xds_dir is not None)})
     realm = defaults.realm
     if args.realm is not None:
         try:

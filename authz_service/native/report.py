@@ -45,7 +45,6 @@ def report_text(compiled: Compiled) -> str:
             + f", {engines.count(Engine.NONE)} public"
         )
     lines.append("  native     no route matches: 403 access_denied")
-    lines.append(f"  Envoy heap {compiled.heap.summary()}")
     deny = compiled.policy.deny
     if deny is not None:
         lines.append(
@@ -53,6 +52,7 @@ def report_text(compiled: Compiled) -> str:
             "refused on every native route (RBAC on the client_id and jti jwt_authn verified); "
             "the service refuses them elsewhere"
         )
+    lines.append(f"  Envoy heap {compiled.heap.summary()}")  # last: docs/native.md names it so
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -28,6 +27,7 @@ from .harness import (
     free_port,
     http_request,
     render_envoy_config,
+    render_native_config,
     start_envoy,
 )
 
@@ -73,15 +73,32 @@ def test_alerted_envoy_series_exist_and_count_a_fail_closed_request(tmp_path: Pa
         envoy.stop()
 
 
-def test_native_mode_s_bootstrap_exports_the_alerted_series(envoy_factory) -> None:
-    """The bootstrap `compile envoy` emits (native mode), started without the service: the ext_authz,
-    circuit-breaker and heap series the rules read, under the same names and labels."""
-    nowhere = SimpleNamespace(grpc_port=free_port(), http_port=free_port())
-    envoy = envoy_factory.native(nowhere, EXAMPLE_POLICY)
-    status, _, body = http_request("GET", envoy.health_url("/stats/prometheus"))
-    assert status == 200
-    missing = missing_series(samples(body.decode()))
-    assert not missing, f"native bootstrap: Envoy exports no {missing}"
+def test_alerted_envoy_series_exist_in_native_mode_and_count_a_fail_closed_request(
+        tmp_path: Path, upstream: UpstreamProcess) -> None:
+    """The bootstrap `compile envoy` emits (native mode), the service not running: the ext_authz,
+    circuit-breaker and heap series the rules read, under the same names and labels. A token
+    jwt_authn cannot verify goes to the service through ext_authz, which fails closed and is counted
+    as in the other modes; a request Envoy decides itself is in its decisions."""
+    path = render_native_config(tmp_path, EXAMPLE_POLICY, listener_port=free_port(), admin_port=free_port(),
+                                app_port=upstream.port, grpc_port=free_port(), http_port=free_port())
+    envoy = start_envoy(path, tmp_path)
+    try:
+        status, _, _ = http_request("GET", envoy.url("/transactions/1"), [("Authorization", "Bearer a.b.c")])
+        assert status == 503
+        status, _, _ = http_request("GET", envoy.url("/transactions/1"))
+        assert status == 401  # Envoy's own answer: no token
+        status, _, body = http_request("GET", envoy.health_url("/stats/prometheus"))
+        assert status == 200
+        exported = samples(body.decode())
+        missing = missing_series(exported)
+        assert not missing, f"native bootstrap: Envoy exports no {missing}"
+        assert exported[("envoy_http_ext_authz_error", "envoy_http_conn_manager_prefix", "ingress_http")] == 1
+        assert exported[("envoy_http_ext_authz_failure_mode_allowed", "envoy_http_conn_manager_prefix",
+                         "ingress_http")] == 0
+        assert 'envoy_authz_native_decisions{decision="deny",reason="missing_token",route="get-transaction",' \
+               'status="401"} 1' in body.decode()
+    finally:
+        envoy.stop()
 
 
 def test_an_envoy_past_its_heap_cap_refuses_requests_and_scrapes_and_counts_them(envoy_factory) -> None:

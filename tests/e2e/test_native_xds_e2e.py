@@ -18,13 +18,15 @@ What is shown, and measured (``pytest -s`` prints the figures docs/native.md quo
   service's /jwks either way);
 * native decisions are counted with the service's labels: the same requests counted through the
   ext_authz Envoy and through the native Envoy give the same ``authz_check_decisions_total``
-  series, Envoy's ``envoy_authz_native_decisions`` holding the ones it decided.
+  series, Envoy's ``envoy_authz_native_decisions`` holding the ones it decided;
+* every Envoy series and stat docs/native.md names is exported, with the labels it states.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import re
 import signal
 import time
 from collections import Counter
@@ -40,6 +42,7 @@ from tests.test_cli import assert_one_clean_line, cli
 
 from .fake_issuer import FakeIssuer, rsa_key
 from .harness import (
+    REPO_ROOT,
     EnvoyProcess,
     ManagedProcess,
     ProcessDied,
@@ -106,6 +109,43 @@ def test_envoy_runs_the_listener_the_service_wrote(stack: SecurityStack) -> None
     assert natively_allowed(s, s.fake.token())
     assert s.send("POST", "/transactions").status == 401
     assert envoy_fetches(s.envoy) >= 1  # the keys came from the service's /jwks
+
+
+# What docs/native.md writes in backticks that starts like an Envoy series but names none.
+NOT_SERIES = {"envoy_heap"}  # a field of compile envoy's report and of /readyz
+
+
+def test_every_envoy_series_docs_native_md_names_is_exported_with_its_labels(stack: SecurityStack) -> None:
+    """Each Prometheus series docs/native.md names is on the envoy-health listener's
+    /stats/prometheus (job authz-envoy) with the labels it states, and each of Envoy's own stat
+    names it quotes is on the admin /stats: an operator copying one into a query finds it."""
+    s = stack
+    assert natively_allowed(s, s.fake.token())  # a native decision: its series exists from then on
+    text = (REPO_ROOT / "docs" / "native.md").read_text()
+    _, _, body = http_request("GET", s.envoy.health_url("/stats/prometheus"))
+    exported: dict[str, list[dict[str, str]]] = {}
+    for name, labels in re.findall(r"^(\w+)\{([^}]*)\} \S+$", body.decode(), re.MULTILINE):
+        exported.setdefault(name, []).append(dict(re.findall(r'(\w+)="([^"]*)"', labels)))
+    named, checked = None, []
+    for name, labels in re.findall(r"`(envoy_\w+)?(?:\{([^`}]*)\})?`", text):
+        named = name or named  # `{label="value"}` alone belongs to the series named before it
+        if not named or named in NOT_SERIES or not (name or labels):
+            continue
+        assert named in exported, f"docs/native.md names {named}; Envoy exports no such series"
+        if "=" in labels:
+            wanted = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            assert any(all(k in got and (v.startswith("<") or got[k] == v) for k, v in wanted.items())
+                       for got in exported[named]), f"{named}{{{labels}}}: {exported[named]}"
+        elif labels:
+            assert any(set(got) == {k.strip() for k in labels.split(",")} for got in exported[named]), \
+                f"{named}{{{labels}}}: {exported[named]}"
+        checked.append(named)
+    assert {"envoy_authz_native_decisions", "envoy_http_rbac_denied",
+            "envoy_listener_manager_lds_version_text"} <= set(checked)
+    _, _, admin = http_request("GET", s.envoy.admin_url("/stats"))
+    stat_names = set(re.findall(r"^([\w.]+): ", admin.decode(), re.MULTILINE))
+    quoted = set(re.findall(r"`((?:http\.ingress_http|listener_manager)\.[\w.]+)`", text))
+    assert len(quoted) >= 5 and not quoted - stat_names, f"not on Envoy's admin /stats: {quoted - stat_names}"
 
 
 def test_envoy_does_not_start_before_the_listener_file_exists(tmp_path: Path, upstream: UpstreamProcess) -> None:
