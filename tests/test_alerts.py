@@ -603,13 +603,13 @@ def test_the_heap_alerts_thresholds_are_the_shipped_configs() -> None:
 
     rules = {r["alert"]: r for r in alert_rules()}
     pressure, shedding = rules["AuthzEnvoyHeapPressure"], rules["AuthzEnvoyHeapShedding"]
-    warn = int(re.fullmatch(r"envoy_overload_envoy_resource_monitors_fixed_heap_pressure >= (\d+)",
+    warn = int(re.fullmatch(r'envoy_overload_envoy_resource_monitors_fixed_heap_pressure\{job="authz-envoy"\} >= (\d+)',
                             pressure["expr"].strip()).group(1))
     assert warn < min(first)
-    dark = re.search(r"last_over_time\(envoy_overload_envoy_resource_monitors_fixed_heap_pressure\[\w+\]\) >= (\d+)",
+    dark = re.search(r'last_over_time\(envoy_overload_envoy_resource_monitors_fixed_heap_pressure\{job="authz-envoy"\}\[\w+\]\) >= (\d+)',
                      shedding["expr"])
     assert dark and int(dark.group(1)) == warn
-    assert "stop_accepting_requests_active == 1" in shedding["expr"]
+    assert 'stop_accepting_requests_active{job="authz-envoy"} == 1' in shedding["expr"]
     assert "tcp_listener_accept_shed_load_count" in shedding["expr"]
 
     said = " ".join(pressure["annotations"]["description"].split())
