@@ -65,6 +65,7 @@ PORT_CHECK_INTERVAL = 1.0  # seconds between looks for foreign listeners on the 
 # A stopping worker gets the grace period plus this before it is ended the hard way (by the parent,
 # or by itself when the parent is gone): a drain must never turn into a process that lingers.
 STOP_MARGIN = 5.0
+POLICY_READ_WAIT = 0.1  # seconds the parent waits for a worker's policy array (held for microseconds)
 POLICY_WORKERS = "authz_policy_workers"
 
 
@@ -195,10 +196,27 @@ class _Worker:
         self.state: Synchronized = ctx.Value("i", STARTING, lock=False)
         # Requests its doors refused as not matching Envoy's config (FrontDoor.refused), over all its lives.
         self.mismatches: Synchronized = ctx.Value("q", 0, lock=False)
-        # The sha256 (hex) of the policy it serves; empty until it has loaded one (each life anew).
+        # The sha256 (hex) of the policy it serves; empty until it has loaded one. Each life gets
+        # an array of its own (``new_life``): a worker killed while writing it holds its lock forever.
+        self._ctx = ctx
         self.policy: SynchronizedString = ctx.Array("c", 64)
         self.process: Any = None
         self.restarts = 0
+
+    def new_life(self) -> None:
+        self.state.value = STARTING
+        self.policy = self._ctx.Array("c", 64)
+
+    def served_policy(self) -> str:
+        """The sha256 of the policy it serves; empty before it loads one, or while its array's lock
+        is not free within a moment (held by a worker killed as it wrote: the parent never waits on it)."""
+        lock = self.policy.get_lock()
+        if not lock.acquire(timeout=POLICY_READ_WAIT):
+            return ""
+        try:
+            return bytes(self.policy.get_obj()).partition(b"\0")[0].decode("ascii")
+        finally:
+            lock.release()
 
 
 class Supervisor:
@@ -235,7 +253,7 @@ class Supervisor:
                 "alive": bool(w.process and w.process.is_alive()),
                 "state": names.get(w.state.value, "?"),
                 "restarts": w.restarts,
-                "policy_sha256": w.policy.value.decode("ascii") or None,
+                "policy_sha256": w.served_policy() or None,
             }
             for w in self._workers
         ]
@@ -243,7 +261,7 @@ class Supervisor:
     def policies(self) -> dict[str, int]:
         """sha256 -> how many live workers serve that policy (see ``policies_served``)."""
         return policies_served(
-            (w.policy.value.decode("ascii"), w.process is not None and w.process.is_alive()) for w in self._workers
+            (w.served_policy(), w.process is not None and w.process.is_alive()) for w in self._workers
         )
 
     def policy_in_force(self) -> str | None:
@@ -311,8 +329,7 @@ class Supervisor:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
     def _start(self, worker: _Worker, settings: Settings) -> None:
-        worker.state.value = STARTING
-        worker.policy.value = b""
+        worker.new_life()
         worker.process = self._ctx.Process(
             target=worker_main,
             args=(settings, worker.index, worker.state, self.settings.log_level, worker.mismatches, worker.policy),

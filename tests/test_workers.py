@@ -3,9 +3,12 @@ policy_in_force, PolicyWorkers); the processes themselves run in tests/e2e/test_
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
+
 from prometheus_client import CollectorRegistry, generate_latest
 
-from authz_service.workers import PolicyWorkers, policies_served, policy_in_force
+from authz_service.workers import PolicyWorkers, _Worker, policies_served, policy_in_force
 
 A, B = "a" * 64, "b" * 64
 
@@ -34,3 +37,20 @@ def test_a_worker_that_serves_none_yet_or_is_dead_keeps_a_policy_from_being_in_f
         served = policies_served([(A, True), other])
         assert (served, policy_in_force(served, 2)) == ({A: 1}, None)
     assert exposed({}).count("authz_policy_workers{") == 0
+
+
+def test_the_parent_never_waits_on_a_policy_array_a_killed_worker_left_locked() -> None:
+    """A worker killed while it wrote its policy's sha256 holds that array's lock forever: the
+    parent reads no policy for it (none in force) instead of blocking its event loop, and the next
+    life of the worker gets an array of its own. (A fork context: its locks need no tracker process.)"""
+    worker = _Worker(0, multiprocessing.get_context("fork"))
+    worker.policy.value = A.encode()
+    assert worker.served_policy() == A
+    worker.policy.get_lock().acquire()  # as the killed worker left it
+    with ThreadPoolExecutor(1) as pool:
+        read = pool.submit(worker.served_policy)
+        assert read.result(timeout=60) == ""  # a bound on the event, not a measurement
+    worker.new_life()
+    assert worker.served_policy() == ""
+    worker.policy.value = B.encode()
+    assert worker.served_policy() == B
