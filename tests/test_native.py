@@ -658,6 +658,19 @@ def test_a_service_variable_compile_envoy_cannot_use_is_refused_naming_it(variab
     assert_one_clean_line(run, f"authz-service compile envoy: error: {message}")
 
 
+@pytest.mark.parametrize(("env", "message"), [
+    ({"AUTHZ_NATIVE_LISTEN": "127.0.0.1:9901"},
+     "--listen 127.0.0.1:9901 (from AUTHZ_NATIVE_LISTEN) and --admin 127.0.0.1:9901 (default) are one port"),
+    ({"AUTHZ_GRPC_HOST": "0.0.0.0", "AUTHZ_GRPC_PORT": "9901"},
+     "--service-grpc 127.0.0.1:9901 (from AUTHZ_GRPC_HOST and AUTHZ_GRPC_PORT) and --admin 127.0.0.1:9901 "
+     "(default) are one port"),
+])
+def test_a_port_clash_names_the_service_variable_an_address_came_from(env: dict[str, str], message: str) -> None:
+    run = cli_env("compile", "envoy", str(EXAMPLE_POLICY), env=env)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.startswith(f"authz-service compile envoy: error: {message}"), run.stderr
+
+
 def test_naming_no_policy_has_the_prefix_of_every_other_error() -> None:
     run = cli("compile", "envoy")
     assert run.returncode == 2

@@ -113,7 +113,7 @@ def compile_command(policy_path: Path | None, args: argparse.Namespace, stdout: 
     xds_dir = None if args.xds_dir is None else PurePosixPath(os.path.abspath(args.xds_dir))  # Envoy's cwd is not ours
     try:
         options = options_from(args)
-        refuse_shared_ports(options, xds=xds_dir is not None)
+        refuse_shared_ports(options, xds=xds_dir is not None, origins=variable_origins(args, os.environ))
         if xds_dir is not None:
             _refuse_listener_flags(args)
             text = xds_bootstrap_yaml(options, xds_dir)
@@ -151,17 +151,35 @@ ENVOY_LISTENERS = ("--listen", "--admin", "--health")  # the addresses Envoy bin
 ENVOY_CALLS = ("--app", "--service-grpc", "--service-http")  # ... and the ones it connects to
 
 
-def refuse_shared_ports(options: Options, *, xds: bool) -> None:
+def variable_origins(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str]:
+    """The address flags not given whose value serve's variables set (serve_settings), and the
+    variables set, by flag: so a refusal names what the user wrote."""
+    origins: dict[str, str] = {}
+    if args.listen is None and args.xds_dir is None and (env := option(SERVE_SETTINGS["--listen"]).env) in environ:
+        origins["--listen"] = env
+    for flag, names in SERVE_DOORS.items():
+        if getattr(args, flag.lstrip("-").replace("-", "_")) is None:
+            set_here = [env for env in (option(name).env for name in names) if env in environ]
+            if set_here:
+                origins[flag] = " and ".join(set_here)
+    return origins
+
+
+def refuse_shared_ports(options: Options, *, xds: bool, origins: Mapping[str, str] | None = None) -> None:
     """ValueError naming both flags when two of Envoy's listeners would take one port (Envoy would
     not start), or when Envoy would connect to one of its own listeners (the app's requests, or
-    its Checks, sent back to Envoy). ``xds``: the ingress listener is serve's --native-listen."""
+    its Checks, sent back to Envoy). ``xds``: the ingress listener is serve's --native-listen.
+    ``origins``: the variables a flag's value came from (variable_origins), named beside it."""
     defaults = Options()
+    origins = origins or {}
 
     def address(flag: str) -> Address:
         return getattr(options, ADDRESS_FLAGS[flag][0])
 
     def shown(flag: str) -> str:
         given = address(flag)
+        if flag in origins:
+            return f"{flag} {given} (from {origins[flag]})"
         return f"{flag} {given}" + (" (default)" if given == getattr(defaults, ADDRESS_FLAGS[flag][0]) else "")
 
     def same(a: str, b: str) -> bool:
