@@ -253,7 +253,7 @@ class Supervisor:
                 "alive": bool(w.process and w.process.is_alive()),
                 "state": names.get(w.state.value, "?"),
                 "restarts": w.restarts,
-                "policy_sha256": w.served_policy() or None,
+                "policy_sha256": (w.served_policy() or None) if w.process and w.process.is_alive() else None,
             }
             for w in self._workers
         ]

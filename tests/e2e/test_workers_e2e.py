@@ -144,10 +144,16 @@ def test_a_killed_worker_is_restarted_and_readiness_waits_for_it(tmp_path, polic
     try:
         before = worker_pids(service)
         os.kill(before[0], signal.SIGKILL)
-        service.process.wait_until(
-            lambda: (lambda s, b: s == 200 and b["workers"][0]["pid"] not in (None, before[0]))(*readyz(service)),
-            60, "worker 0 restarted and ready",
-        )
+        seen: list[dict] = []
+
+        def restarted() -> bool:
+            status, body = readyz(service)
+            seen.append(body["workers"][0])
+            return status == 200 and body["workers"][0]["pid"] not in (None, before[0])
+
+        service.process.wait_until(restarted, 60, "worker 0 restarted and ready")
+        # Until its restart, the dead worker serves no policy (not its last one).
+        assert all(w["policy_sha256"] is None for w in seen if not w["alive"]), seen
         status, body = readyz(service)
         assert body["workers"][0]["restarts"] == 1 and body["workers"][1]["pid"] == before[1]
         token = issuer.token("payments-writer")
