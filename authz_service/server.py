@@ -117,7 +117,8 @@ class Service:
             extra={
                 "version": __version__,
                 **door_addresses(self.settings, self.door_ports),
-                "http": f"{self.settings.http_host}:{self.http_port}",
+                # a worker serves no HTTP port: the parent does, and its own line names it
+                **({} if self.worker else {"http": f"{self.settings.http_host}:{self.http_port}"}),
                 "policy": str(self.settings.policy),
                 "routes": len(policy.routes),
                 "event_loop": loop_name(),
