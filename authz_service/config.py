@@ -121,6 +121,26 @@ def _event_loop(text: str) -> str:
     return value
 
 
+def _host(text: str) -> str:
+    """A host name or address to bind; an IPv6 address may be written in brackets, as with a port
+    (``[::1]``), and is kept without them, so every listener and the start-up line read it alike."""
+    inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if ":" in inner or text.startswith("["):
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise ValueError(_HOST_EXPECTED) from None
+        return inner
+    if not inner or inner != inner.strip() or any(c.isspace() for c in inner):
+        raise ValueError(_HOST_EXPECTED)
+    return inner
+
+
+_HOST_EXPECTED = (
+    "an address or host name without a port, e.g. 127.0.0.1, 0.0.0.0 (every IPv4 address), :: (every address) or ::1"
+)
+
+
 def _path(text: str) -> Path:
     if not text.strip():
         raise ValueError("must name the policy file, e.g. /etc/authz/policy.yaml")
@@ -227,7 +247,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "grpc_host",
         "127.0.0.1",
-        str,
+        _host,
         "Address of the ext_authz front doors (gRPC, and HTTP when enabled); loopback: only the Pod's "
         "Envoy or mesh sidecar calls them.",
     ),
@@ -261,7 +281,7 @@ OPTIONS: tuple[Option, ...] = (
         _request_bytes,
         "Largest authorization request accepted (a gRPC CheckRequest, or the HTTP request head), in bytes.",
     ),
-    Option("http_host", "0.0.0.0", str, "Address for the HTTP server (/healthz, /readyz, /metrics)."),
+    Option("http_host", "0.0.0.0", _host, "Address for the HTTP server (/healthz, /readyz, /metrics)."),
     Option("http_port", 8181, _port, "Port for the HTTP server; never put it behind Envoy's ext_authz."),
     Option("leeway", 60.0, _non_negative, "Clock skew tolerated on exp, nbf and iat, in seconds."),
     Option("jwks_refresh_interval", 900.0, _positive, "Seconds between routine JWKS refreshes (+-10% jitter)."),

@@ -15,6 +15,12 @@ from dataclasses import dataclass
 from .config import option
 
 
+def host_port(host: str, port: int | None) -> str:
+    """``host:port`` as Envoy's configs and clients write it: an IPv6 address in brackets
+    (``[::1]:9191``; ``::1:9191`` reads as another address)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class Listener:
     """One kind of listening port: how it is named and which settings choose its address."""
@@ -44,7 +50,7 @@ class Listener:
             fix = self.host_setting
         else:
             fix = f"{self.port_setting} (or {self.host_setting})"
-        return OSError(f"cannot bind the {self.what} port {host}:{port} ({reason}): set {fix}")
+        return OSError(f"cannot bind the {self.what} port {host_port(host, port)} ({reason}): set {fix}")
 
     def reserve(self, host: str, port: int, *, share: bool) -> socket.socket:
         """A socket bound (not listening) to host:port; OSError (``error``) when it cannot be.

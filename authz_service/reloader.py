@@ -341,6 +341,11 @@ class PolicyReloader:
             self._metrics.policy_file_accepted()
             if policy.sha256 == self.serving_sha256:
                 recorder.set("authz.policy.result", "unchanged")
+                if reason == "SIGHUP":  # asked for by an operator, who should learn it arrived
+                    log.info(
+                        f"{self.what} unchanged: the file is the {self.what} in force",
+                        extra={"reason": reason, "sha256": policy.sha256},
+                    )
                 return False
             recorder.set("authz.policy.result", "ok")
             recorder.set("authz.policy.routes", len(policy.routes))

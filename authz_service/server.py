@@ -20,7 +20,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry, gc_collector, generate_latest, platform_collector, process_collector
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from . import __version__, doors
+from . import __version__, doors, ports
 from .admin import AdminServer, CachedExposition
 from .check import Checker, TracedChecker
 from .config import Settings
@@ -117,7 +117,8 @@ class Service:
             extra={
                 "version": __version__,
                 **door_addresses(self.settings, self.door_ports),
-                "http": f"{self.settings.http_host}:{self.http_port}",
+                # a worker serves no HTTP port: the parent does, and its own line names it
+                **({} if self.worker else {"http": ports.host_port(self.settings.http_host, self.http_port)}),
                 "policy": str(self.settings.policy),
                 "routes": len(policy.routes),
                 "event_loop": loop_name(),
@@ -331,7 +332,8 @@ def loop_name() -> str:
 def door_addresses(settings: Settings, bound: dict[str, int]) -> dict[str, str | None]:
     """The start-up log's field per door: ``host:port`` as bound, None for a door that is off."""
     return {
-        kind.name: f"{settings.grpc_host}:{bound[kind.name]}" if kind.name in bound else None for kind in doors.KINDS
+        kind.name: ports.host_port(settings.grpc_host, bound[kind.name]) if kind.name in bound else None
+        for kind in doors.KINDS
     }
 
 

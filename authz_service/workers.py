@@ -312,7 +312,7 @@ class Supervisor:
                 extra={
                     "version": __version__,
                     **door_addresses(self.settings, self.door_ports),
-                    "http": f"{self.settings.http_host}:{self.http_port}",
+                    "http": ports.host_port(self.settings.http_host, self.http_port),
                     "workers": len(self._workers),
                     "pids": [w.process.pid for w in self._workers],
                     "tracing": describe(self.settings.tracing),

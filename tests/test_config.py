@@ -265,3 +265,22 @@ def test_native_listen_without_the_xds_dir_is_refused(cli, environ, source):
     with pytest.raises(ConfigError) as caught:
         settings_from({"policy": "/p", **cli}, environ)
     assert str(caught.value).startswith(f"{source} without --native-xds-dir (AUTHZ_NATIVE_XDS_DIR): ")
+
+
+@pytest.mark.parametrize("name", ["grpc_host", "http_host"])
+def test_a_bracketed_ipv6_host_is_the_address_inside_for_every_listener(name: str):
+    """[::1] is how addresses with a port are written (--native-listen, compile envoy); as a host
+    setting it must mean ::1 for every listener, not only for the gRPC door that accepts brackets."""
+    env = "AUTHZ_" + name.upper()
+    settings = settings_from({"policy": "/p"}, {env: "[::1]"})
+    assert getattr(settings, name) == "::1"
+    assert getattr(settings_from({"policy": "/p"}, {env: "::"}), name) == "::"
+
+
+@pytest.mark.parametrize("name", ["grpc_host", "http_host"])
+@pytest.mark.parametrize("value", ["", " ", "[]", "[localhost]", "[::1", "127.0.0.1:9191"])
+def test_a_host_setting_that_names_no_host_is_refused_naming_its_variable(name: str, value: str):
+    env = "AUTHZ_" + name.upper()
+    with pytest.raises(ConfigError) as caught:
+        settings_from({"policy": "/p"}, {env: value})
+    assert str(caught.value).startswith(f"{env}={value!r} is invalid: "), caught.value

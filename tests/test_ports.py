@@ -47,3 +47,11 @@ def test_an_unknown_cause_names_both_settings() -> None:
     assert str(ports.EXT_AUTHZ_HTTP.error("127.0.0.1", 9192)) == (
         "cannot bind the HTTP ext_authz port 127.0.0.1:9192 (in use, or not an address of this host): "
         "set --ext-authz-http-port / AUTHZ_EXT_AUTHZ_HTTP_PORT (or --grpc-host / AUTHZ_GRPC_HOST)")
+
+
+@pytest.mark.parametrize(("host", "shown"), [("127.0.0.1", "127.0.0.1:9191"), ("::1", "[::1]:9191"),
+                                             ("::", "[::]:9191"), ("localhost", "localhost:9191")])
+def test_an_address_is_shown_as_envoy_and_clients_write_it(host: str, shown: str) -> None:
+    """The start-up line and the bind errors name host:port; ::1:9191 reads as another address."""
+    assert ports.host_port(host, 9191) == shown
+    assert f"port {shown} (" in str(ports.GRPC.error(host, 9191, OSError(98, "Address already in use")))

@@ -336,3 +336,17 @@ async def test_a_file_changed_while_it_was_read_leaves_the_refused_state_alone(t
     monkeypatch.setattr(module, "load_policy_file", overtaken)
     assert not await reloader.reload("SIGHUP")
     assert refused_series(metrics) == {sha256_of("routes: ["): 1}
+
+
+async def test_a_sighup_that_finds_nothing_new_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An operator who sends SIGHUP learns it arrived: a file the same as the policy in force logs
+    `policy unchanged` with its sha256 (a load logs `policy reloaded`, a refusal its error)."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(HEAD)
+    policy = load_policy_file(path)
+    reloader = PolicyReloader(path, policy, Metrics(CollectorRegistry()))
+    with caplog.at_level("INFO", logger="authz_service.reloader"):
+        assert not await reloader.reload("SIGHUP")
+    unchanged = [r for r in caplog.records if r.getMessage().startswith("policy unchanged")]
+    assert len(unchanged) == 1, [r.getMessage() for r in caplog.records]
+    assert (unchanged[0].reason, unchanged[0].sha256) == ("SIGHUP", policy.sha256)

@@ -183,6 +183,26 @@ def test_an_unknown_authz_variable_is_a_warning_at_start_up(tmp_path: Path, poli
     assert line["level"] == "info", "it starts all the same"
 
 
+def test_each_start_up_line_names_only_the_listeners_its_process_serves(tmp_path: Path, policy: Path) -> None:
+    """With --workers the parent serves the HTTP port and the workers the front doors: a worker's
+    line must not name an HTTP address it does not serve (it once read "127.0.0.1:None")."""
+    service = start_service(tmp_path, policy, "--workers", "2", wait_ready=False)
+
+    def started() -> list[dict]:
+        lines = [json.loads(t) for t in service.process.log_path.read_text().splitlines() if t.startswith("{")]
+        found = [line for line in lines if line.get("msg") == "authz-service started"]
+        return found if len(found) == 3 else []
+
+    lines = service.process.wait_until(started, 60, "the parent's and both workers' start-up lines")
+    parent = [line for line in lines if "worker" not in line]
+    workers = [line for line in lines if "worker" in line]
+    assert len(parent) == 1 and len(workers) == 2, lines
+    assert parent[0]["http"] == f"127.0.0.1:{service.http_port}", parent
+    for line in workers:
+        assert "http" not in line, line
+        assert line["grpc"] == parent[0]["grpc"], (line, parent)
+
+
 def _log_line(process: ManagedProcess, msg: str) -> dict | None:
     """The first JSON log line of ``process`` whose msg starts with ``msg``."""
     for text in process.log_path.read_text().splitlines():
