@@ -170,7 +170,7 @@ def _add_policy_tools(commands: argparse._SubParsersAction) -> None:
         "--token", help="a real access token to verify, with or without 'Bearer ' (prefer --token-file: shell history)"
     )
     _files(who.add_argument("--token-file", help="read the real token from this file ('-' for stdin)"))
-    explain.add_argument("--client-id", help="client_id of the simulated token")
+    explain.add_argument("--client-id", help="client_id of the simulated token (not with --token or --token-file)")
     explain.add_argument(
         "--claim",
         action="append",
@@ -179,9 +179,22 @@ def _add_policy_tools(commands: argparse._SubParsersAction) -> None:
         help="a custom claim of the simulated token (repeatable); VALUE is JSON when it parses "
         'as JSON (3, true, ["a"]), else a string',
     )
-    explain.add_argument("--issuer", help="iss of the simulated token (default: the policy's first issuer)")
-    explain.add_argument("--realm", default="authz-service", help="realm in WWW-Authenticate (as --realm of serve)")
-    explain.add_argument("--leeway", type=float, default=60.0, help="clock skew for a real token (as serve)")
+    explain.add_argument(
+        "--issuer",
+        help="iss of the simulated token (default: the policy's first issuer) (not with --token or --token-file)",
+    )
+    # None when not given: then serve's AUTHZ_* variable, as serve parses it (tools/explain.settings_as_serve).
+    explain.add_argument(
+        "--realm",
+        help="realm in WWW-Authenticate, as serve's --realm (default $AUTHZ_REALM as serve reads it, else "
+        f"{option('realm').default})",
+    )
+    explain.add_argument(
+        "--leeway",
+        help="clock skew for a real token in seconds, as serve's --leeway (default $AUTHZ_LEEWAY as serve reads "
+        f"it, else {option('leeway').default:g}); a real token's JWKS fetch follows $AUTHZ_JWKS_TIMEOUT and "
+        "$AUTHZ_JWKS_MAX_BYTES",
+    )
     explain.add_argument("--json", action="store_true", help="machine-readable output")
 
     test = commands.add_parser(
