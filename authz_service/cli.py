@@ -378,7 +378,10 @@ def _all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 def _policy_tool(args: argparse.Namespace) -> int:
     names = policy_names(args)
     if args.command == "validate":
-        from .tools.policytool import validate_command
+        from .tools.policytool import STDIN, validate_command
+
+        if names.count(STDIN) > 1:  # read once; a second '-' would judge an empty policy it never got
+            raise UsageError(f"'{STDIN}' (standard input) can be named once")
 
         for unknown in unknown_variables():  # CI may validate with the Deployment's environment
             print(f"authz-service validate: warning: {unknown}", file=sys.stderr)

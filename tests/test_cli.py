@@ -136,7 +136,16 @@ def test_validate_dash_reads_the_policy_from_stdin() -> None:
 def test_validate_dash_caps_what_it_reads() -> None:
     run = cli("validate", "-", stdin=b"#" * (POLICY_MAX_BYTES + 1))
     assert run.returncode == 1
-    assert run.stdout.startswith("<stdin>: more is larger than a policy file may be")
+    assert run.stdout.startswith("<stdin>: larger than a policy file may be (1048576 bytes, 1 MiB)")
+
+
+def test_validate_reads_stdin_once() -> None:
+    """'-' twice would judge standard input twice: the second time an empty policy it never got."""
+    run = cli("validate", "-", "--policy", "-", stdin=POLICY.read_text())
+    assert run.returncode == 2 and run.stdout == ""
+    run = cli("validate", "-", "-", stdin=POLICY.read_text())
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == "authz-service validate: error: '-' (standard input) can be named once\n"
 
 
 # --- AUTHZ_* variables that are no setting ----------------------------------------------------------

@@ -146,7 +146,7 @@ def test_a_token_file_is_read_up_to_a_bound(tmp_path, policy):
     zero.symlink_to("/dev/zero")
     run = explain("--policy", str(policy), "--method", "GET", "--path", "/x", "--token-file", str(zero))
     assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert run.stderr.strip() == (f"authz-service explain: error: {zero}: more is larger than a token file may be "
+    assert run.stderr.strip() == (f"authz-service explain: error: {zero}: larger than a token file may be "
                                   "(65536 bytes, 64 KiB); --token-file names a file holding one access token")
 
 

@@ -493,6 +493,10 @@ def run_cases(tmp_path, policy_text: str, tests_text: str) -> subprocess.Complet
         ("tests:\n  - {method: GET, path: /a, expect: deny, status: '403'}\n", "tests[0].status"),
         ("tests:\n  - {method: GET, path: /a, expect: deny, scopes: a/b}\n", "tests[0].scopes"),
         ("tests: []\n", "non-empty list"),
+        ("tests: [\n", "t.yaml:2:1: not valid YAML: "),  # file:line:column, as a policy's
+        # a reason that does not exist never matches: the case would fail whatever the policy says
+        ("tests:\n  - {method: GET, path: /a, expect: deny, reason: insufficent_scope}\n",
+         "t.yaml:2:51: tests[0].reason: 'insufficent_scope' is no reason; one of allowed, public, missing_token,"),
         ("cases: []\n", "one key, 'tests'"),
         # claims: the custom claims of the simulated token, as a pre token generation trigger adds them
         *((f"tests:\n  - method: GET\n    path: /a\n    {claims}\n    expect: allow\n", message) for claims, message in [
@@ -673,7 +677,7 @@ def test_validate_explain_issuers_lists_every_accepted_iss_and_jwks(tmp_path):
                                               "    replica_regions: [eu-west-1]\n    client_ids: [app-1, app-2]\n"
                                               "  - user_pool_id: eu-central-1_Old\n")
     assert lines == [
-        f"{policy}: OK: 1 routes, 2 issuers (3 accepted iss), 0 warnings",
+        f"{policy}: OK: 1 route, 2 issuers (3 accepted iss), 0 warnings",
         "  issuers[0] us-east-1_Multi1 (updated issuer format) accepts app clients app-1, app-2, with iss:",
         "    https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_Multi1  (region us-east-1)",
         "      keys from https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_Multi1/.well-known/jwks.json",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..claims import cognito_controlled
+from ..decision import Reason
 from ..files import REGULAR_FILE_FIX, FileReadError, read_bounded, utf8_text
 from ..policy import (
     OTHER_SEGMENT,
@@ -482,8 +483,9 @@ def print_report(report: Report, out: TextIO, explain_issuers: bool = False) -> 
         accepted = len(report.policy.issuers)
         issuers = len({i.block for i in report.policy.issuers})  # entries; a multi-Region one accepts several iss
         status = "OK" if not report.warnings else "OK with warnings"
+        routes = len(report.policy.routes)
         print(
-            f"{report.source}: {status}: {len(report.policy.routes)} routes, {issuers} issuer"
+            f"{report.source}: {status}: {routes} route{'s' if routes != 1 else ''}, {issuers} issuer"
             f"{'s' if issuers != 1 else ''}{f' ({accepted} accepted iss)' if accepted != issuers else ''}, "
             f"{len(report.warnings)} warning{'s' if len(report.warnings) != 1 else ''}",
             file=out,
@@ -551,6 +553,7 @@ _TEST_KEYS = {
     "jti",
 }
 _EXPECT = ("allow", "deny", "dry_run_deny")
+_REASONS = tuple(reason.value for reason in Reason)
 
 
 class CaseFileError(ValueError):
@@ -632,6 +635,8 @@ def load_tests(path: Path | str) -> list[Case]:
         for key in ("client_id", "issuer", "route", "reason", "name", "jti"):
             if key in item and (not isinstance(item[key], str) or not item[key]):
                 raise fail((*where, key), "must be a non-empty string")
+        if "reason" in item and item["reason"] not in _REASONS:  # it could never match: the case always fails
+            raise fail((*where, "reason"), f"{item['reason']!r} is no reason; one of {', '.join(_REASONS)}")
         status = item.get("status")
         if status is not None and (not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599):
             raise fail((*where, "status"), f"must be an HTTP status code, got {status!r}")
