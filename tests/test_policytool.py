@@ -516,7 +516,9 @@ def test_bad_tests_files_are_errors_with_a_line(tmp_path, text, message):
         load_tests(path)
     assert message in str(caught.value)
     run = cli("test", str(EXAMPLES / "policy.yaml"), str(path))
-    assert run.returncode == 2 and message in run.stdout
+    # exit 2 (the file cannot be used): the error on stderr, as every command's, stdout empty
+    assert run.returncode == 2 and run.stdout == "" and message in run.stderr
+    assert run.stderr.startswith("authz-service test: error: ") and len(run.stderr.splitlines()) == 1
 
 
 def test_a_tests_file_is_read_through_the_safe_reader(tmp_path):
@@ -532,7 +534,8 @@ def test_a_tests_file_is_read_through_the_safe_reader(tmp_path):
         with pytest.raises(CaseFileError, match=f"^{re.escape(message)}"):
             load_tests(path)
         run = cli("test", str(EXAMPLES / "policy.yaml"), str(path))
-        assert run.returncode == 2 and run.stdout.startswith(message) and "Traceback" not in run.stderr
+        assert run.returncode == 2 and run.stdout == "" and "Traceback" not in run.stderr
+        assert run.stderr.startswith(f"authz-service test: error: {message}")
 
 
 # --- the reachability analysis is exact: no concrete request reaches a route it calls unreachable ---
@@ -712,3 +715,15 @@ def test_case_claims_reach_the_real_decision(tmp_path):
     assert run.returncode == 1
     assert 'PASS  GET /a: GET /a (scopes [a/b] claims {"level":3}) -> allow 200 route=r reason=allowed' in run.stdout
     assert "got:      deny 403 route=r reason=claim_mismatch" in run.stdout
+
+
+def test_a_policy_test_cannot_use_is_exit_2_with_every_error_on_stderr(tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("issuers:\n  - user_pool_id: us-east-1_Abc123\nroutes:\n  - path: x\n    scopes: [a/b]\n"
+                      "  - path: /y\n    bogus: 1\n")
+    run = cli("test", str(policy), str(EXAMPLES / "policy-tests.yaml"))
+    assert run.returncode == 2 and run.stdout == ""
+    lines = run.stderr.splitlines()
+    assert lines[0].startswith(f"authz-service test: error: {policy}:4:11: routes[0].path: 'x' must start with '/'")
+    assert lines[1].startswith(f"authz-service test: error: {policy}:7:5: routes[1]: unknown key 'bogus'")
+    assert lines[2] == f"authz-service test: error: {policy}: REFUSED: 2 errors (the server would not load this file)"

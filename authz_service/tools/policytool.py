@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import io
 import json
 import re
 import sys
@@ -730,16 +731,20 @@ def _describe(values: dict[str, object]) -> str:
     return " ".join(parts)
 
 
-def tests_command(policy_path: Path, tests_path: Path, out: TextIO) -> int:
-    """Exit 0 when every expectation holds, 1 when one fails, 2 when a file cannot be used."""
+def tests_command(policy_path: Path, tests_path: Path, out: TextIO, err: TextIO = sys.stderr) -> int:
+    """Exit 0 when every expectation holds, 1 when one fails, 2 when a file cannot be used (then
+    the errors go to ``err``, as every command's, and nothing to ``out``)."""
     report = validate_file(policy_path)
     if report.policy is None:
-        print_report(report, out)
+        refused = io.StringIO()
+        print_report(report, refused)
+        for line in refused.getvalue().splitlines():
+            print(f"authz-service test: error: {line}", file=err)
         return 2
     try:
         cases = load_tests(tests_path)
     except CaseFileError as exc:
-        print(str(exc), file=out)
+        print(f"authz-service test: error: {exc}", file=err)
         return 2
     results = asyncio.run(run_tests(report.policy, cases))
     for result in results:
