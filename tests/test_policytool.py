@@ -23,8 +23,34 @@ ISSUERS = "issuers:\n  - user_pool_id: us-east-1_Abc123\n"
 
 
 def lints(routes: str, top: str = "") -> list[str]:
+    """The warnings' lines; each ends in its code, one of WARNING_CODES (tools read the code)."""
+    from authz_service.tools.policytool import WARNING_CODES
+
     text = ISSUERS + top + "routes:\n" + textwrap.dedent(routes)
-    return [str(w) for w in lint(parse_policy(text, "p.yaml"), text)]
+    found = lint(parse_policy(text, "p.yaml"), text)
+    assert all(w.code in WARNING_CODES and str(w).endswith(f" [{w.code}]") for w in found), found
+    return [str(w) for w in found]
+
+
+@pytest.mark.parametrize(("routes", "code"), [
+    ("  - path: /a\n    scopes: [r/x, r/x]\n", "duplicate-scope"),
+    ("  - path: /a\n    scopes: [r/x]\n    all_scopes: [r/x]\n", "scope-in-both"),
+    ("  - path: /a\n    scopes: [openid]\n", "user-pool-scope"),
+    ("  - path: /a\n    scopes: [read]\n", "scope-shape"),
+    ("  - path: /a\n    scopes: [r/x]\n    claims: {tier: yes}\n", "claim-literal"),
+    ("  - path: /a\n    methods: [GTE]\n    scopes: [r/x]\n", "non-standard-method"),
+])
+def test_each_warning_names_its_code(routes, code):
+    (warning,) = lints(routes)
+    assert warning.endswith(f" [{code}]")
+
+
+def test_every_warning_code_is_documented():
+    from authz_service.tools.policytool import WARNING_CODES
+
+    section = (Path(__file__).resolve().parents[1] / "docs" / "policy.md").read_text().split(
+        "## `validate`: errors and warnings")[1].split("\n## ")[0]
+    assert [code for code in WARNING_CODES if f"`{code}`" not in section] == []
 
 
 # --- validate: errors ----------------------------------------------------------------------------
@@ -91,7 +117,7 @@ def test_query_method_is_standard_under_strict(tmp_path):
 def test_misspelled_method_gets_a_suggestion_with_its_line():
     (warning,) = lints("  - path: /a\n    methods: [GET, PSOT]\n    scopes: [r/x]\n")
     assert warning.startswith("p.yaml:5:18: warning: routes[0].methods[1]: 'PSOT' is not a standard HTTP method")
-    assert warning.endswith("did you mean 'POST'?")
+    assert warning.endswith("did you mean 'POST'? [non-standard-method]")
 
 
 def test_duplicated_and_badly_shaped_scopes():
