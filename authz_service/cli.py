@@ -287,7 +287,10 @@ def _add_completion(commands: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command they were given to, with its usage (argparse names the top parser)
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         if args.command == "serve":
             return _serve(args)
@@ -310,6 +313,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefix += f" {args.target}"
         print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command ``args`` ran: ``compile envoy``'s own for compile."""
+    for name in ("command", "target"):
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+        parser = commands.choices[getattr(args, name)]
+        if not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions):  # noqa: SLF001
+            break
+    return parser
 
 
 def _compiled_policy(args: argparse.Namespace) -> Path | None:

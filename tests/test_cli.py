@@ -280,3 +280,14 @@ def test_zsh_completion_is_a_compdef_for_the_command() -> None:
     script = completion("zsh")
     assert script.startswith("#compdef authz-service")
     assert "--ext-authz-http-port" in script and "policy-tests" in script and "_files" in script
+
+
+@pytest.mark.parametrize("command", [("validate",), ("explain", "--method", "GET", "--path", "/"), ("test", "t.yaml"),
+                                     ("audit",), ("compile", "envoy"), ("dev-issuer", "--config", "c.yaml")])
+def test_an_unknown_option_is_named_with_its_command(command):
+    """The error line names the command whose options were mistyped, with that command's usage."""
+    run = cli(*command, "--bogus")
+    assert run.returncode == 2 and run.stdout == ""
+    name = " ".join(command[:2]) if command[0] == "compile" else command[0]
+    assert run.stderr.splitlines()[-1] == f"authz-service {name}: error: unrecognized arguments: --bogus"
+    assert run.stderr.startswith(f"usage: authz-service {name} ")
