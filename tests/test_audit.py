@@ -413,3 +413,18 @@ def test_without_credentials_or_an_endpoint_the_audit_is_one_line_naming_the_poo
     assert run.returncode == 2 and run.stdout == "" and "not-a-secret" not in run.stderr
     assert run.stderr == (f"authz-service audit: error: DescribeUserPool {POOL_ID}: Could not connect to the "
                           f'endpoint URL: "{endpoint}/"\n')
+
+
+
+def test_the_json_keys_are_the_documented_ones():
+    """docs/cognito.md names every key of --format json (a renamed key is a documented change)."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "cognito.md").read_text()
+    text = docs.split("`--format json` prints one object:")[1].split("\n\n")[0]
+    policy = parse_policy(f"issuers:\n  - user_pool_id: {POOL_ID}\nroutes:\n  - {{path: /a, scopes: [a/b]}}\n"
+                          "  - {path: /b, scopes: [a/c]}\n", "p.yaml")
+    pool = Pool(POOL_ID, "us-east-1", frozenset({"a/b"}), (client("c1", "a/b"),))
+    data = as_json(audit(policy, [pool]))
+    assert data["findings"], "a finding, for its keys"
+    keys = {*data, *data["pools"][0], *data["pools"][0]["clients"][0], *data["matrix"][0], *data["findings"][0]}
+    keys |= {key for cell in data["matrix"][0]["routes"].values() for key in cell}
+    assert sorted(k for k in keys if f"`{k}`" not in text) == []

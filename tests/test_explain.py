@@ -458,3 +458,15 @@ def test_the_verifier_settings_are_read_as_serve_reads_them():
     realm, leeway, jwks = settings_as_serve(none, env)
     assert (realm, leeway, jwks.timeout, jwks.max_bytes) == ("payments", 5.0, 7.5, 1000)
     assert settings_as_serve(Namespace(realm="shop", leeway="0"), env)[:2] == ("shop", 0.0)
+
+
+def test_the_json_keys_are_the_documented_ones():
+    """docs/policy.md lists explain --json's keys: a key renamed or added is a documented change."""
+    import re
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "policy.md").read_text()
+    table = docs.split("`explain --json` prints one object with these keys")[1].split("\n\n")[1]
+    documented = {key for row in table.splitlines()[2:] for key in re.findall(r"`([a-z_]+)`", row.split(" | ")[0])}
+    run = explain("--policy", str(EXAMPLE), "--method", "GET", "--path", "/transactions/1", "--scopes",
+                  "transactions/get", "--json")
+    assert set(json.loads(run.stdout)) == documented
