@@ -410,6 +410,8 @@ def _policy_tool(args: argparse.Namespace) -> int:
         return audit_command(args, sys.stdout)
     from .tools.explain import explain_command
 
+    for unknown in unknown_variables():  # explain reads serve's AUTHZ_REALM, AUTHZ_LEEWAY, ...
+        print(f"authz-service explain: warning: {unknown}", file=sys.stderr)
     return explain_command(args, sys.stdout)
 
 

@@ -470,3 +470,13 @@ def test_the_json_keys_are_the_documented_ones():
     run = explain("--policy", str(EXAMPLE), "--method", "GET", "--path", "/transactions/1", "--scopes",
                   "transactions/get", "--json")
     assert set(json.loads(run.stdout)) == documented
+
+
+def test_a_mistyped_authz_variable_is_named_not_ignored():
+    """explain reads serve's AUTHZ_* variables: one that is no setting is warned about, as serve and
+    validate do, rather than silently leaving the realm (or leeway) at its default."""
+    run = explain_env("--policy", str(EXAMPLE), "--method", "GET", "--path", "/transactions",
+                      env={"AUTHZ_RELAM": "payments"})
+    assert run.returncode == 1 and '  www-authenticate: Bearer realm="authz-service"' in run.stdout
+    assert run.stderr == ("authz-service explain: warning: AUTHZ_RELAM is not a setting of authz-service; it is "
+                          "ignored (did you mean AUTHZ_REALM?)\n")
