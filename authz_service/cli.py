@@ -170,7 +170,7 @@ def _add_policy_tools(commands: argparse._SubParsersAction) -> None:
         "--token", help="a real access token to verify, with or without 'Bearer ' (prefer --token-file: shell history)"
     )
     _files(who.add_argument("--token-file", help="read the real token from this file ('-' for stdin)"))
-    explain.add_argument("--client-id", help="client_id of the simulated token")
+    explain.add_argument("--client-id", help="client_id of the simulated token (not with --token or --token-file)")
     explain.add_argument(
         "--claim",
         action="append",
@@ -179,9 +179,22 @@ def _add_policy_tools(commands: argparse._SubParsersAction) -> None:
         help="a custom claim of the simulated token (repeatable); VALUE is JSON when it parses "
         'as JSON (3, true, ["a"]), else a string',
     )
-    explain.add_argument("--issuer", help="iss of the simulated token (default: the policy's first issuer)")
-    explain.add_argument("--realm", default="authz-service", help="realm in WWW-Authenticate (as --realm of serve)")
-    explain.add_argument("--leeway", type=float, default=60.0, help="clock skew for a real token (as serve)")
+    explain.add_argument(
+        "--issuer",
+        help="iss of the simulated token (default: the policy's first issuer) (not with --token or --token-file)",
+    )
+    # None when not given: then serve's AUTHZ_* variable, as serve parses it (tools/explain.settings_as_serve).
+    explain.add_argument(
+        "--realm",
+        help="realm in WWW-Authenticate, as serve's --realm (default $AUTHZ_REALM as serve reads it, else "
+        f"{option('realm').default})",
+    )
+    explain.add_argument(
+        "--leeway",
+        help="clock skew for a real token in seconds, as serve's --leeway (default $AUTHZ_LEEWAY as serve reads "
+        f"it, else {option('leeway').default:g}); a real token's JWKS fetch follows $AUTHZ_JWKS_TIMEOUT and "
+        "$AUTHZ_JWKS_MAX_BYTES",
+    )
     explain.add_argument("--json", action="store_true", help="machine-readable output")
 
     test = commands.add_parser(
@@ -274,7 +287,10 @@ def _add_completion(commands: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command they were given to, with its usage (argparse names the top parser)
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         if args.command == "serve":
             return _serve(args)
@@ -297,6 +313,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefix += f" {args.target}"
         print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command ``args`` ran: ``compile envoy``'s own for compile."""
+    for name in ("command", "target"):
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+        parser = commands.choices[getattr(args, name)]
+        if not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions):  # noqa: SLF001
+            break
+    return parser
 
 
 def _compiled_policy(args: argparse.Namespace) -> Path | None:
@@ -365,7 +391,10 @@ def _all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 def _policy_tool(args: argparse.Namespace) -> int:
     names = policy_names(args)
     if args.command == "validate":
-        from .tools.policytool import validate_command
+        from .tools.policytool import STDIN, validate_command
+
+        if names.count(STDIN) > 1:  # read once; a second '-' would judge an empty policy it never got
+            raise UsageError(f"'{STDIN}' (standard input) can be named once")
 
         for unknown in unknown_variables():  # CI may validate with the Deployment's environment
             print(f"authz-service validate: warning: {unknown}", file=sys.stderr)
@@ -381,6 +410,8 @@ def _policy_tool(args: argparse.Namespace) -> int:
         return audit_command(args, sys.stdout)
     from .tools.explain import explain_command
 
+    for unknown in unknown_variables():  # explain reads serve's AUTHZ_REALM, AUTHZ_LEEWAY, ...
+        print(f"authz-service explain: warning: {unknown}", file=sys.stderr)
     return explain_command(args, sys.stdout)
 
 

@@ -77,7 +77,9 @@ def utf8_text(raw: bytes, source: str) -> str:
 
 
 def too_large(path: Path | str, size: str, kind: str, limit: int, fix: str) -> FileReadError:
-    return FileReadError(f"{path}: {size} is larger than a {kind} may be ({limit} bytes, {_human(limit)}); {fix}")
+    """``size``: the file's size ("3000000 bytes"), or "more" for a stream read past ``limit``."""
+    said = "" if size == "more" else f"{size} is "
+    return FileReadError(f"{path}: {said}larger than a {kind} may be ({limit} bytes, {_human(limit)}); {fix}")
 
 
 def _human(limit: int) -> str:

@@ -102,7 +102,7 @@ def load_strict_yaml(text: str, source: str) -> Any:
             raise YamlError(f"{source}: unknown place: not valid YAML: {exc.problem}") from None
         line, column = mark.line + 1, mark.column + 1
         raise YamlError(
-            f"{source}: line {line}, column {column}: not valid YAML: {exc.problem}", line, column, str(exc.problem)
+            f"{place(source, line, column)}: not valid YAML: {exc.problem}", line, column, str(exc.problem)
         ) from None
     except yaml.YAMLError as exc:
         raise YamlError(f"{source}: not valid YAML: {exc}") from None

@@ -384,3 +384,47 @@ def test_a_botocore_without_list_user_pool_client_secrets_is_a_warning():
     assert lister.count(LEDGER) is None
     assert lister.unlisted is not None and lister.unlisted.endswith(
         "has no ListUserPoolClientSecrets; upgrade boto3 (pip install -U boto3)")
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    """No AWS credentials anywhere the standard chain looks (no instance metadata either)."""
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "AUTHZ_POLICY"}
+    return {**base, "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
+            "AWS_EC2_METADATA_DISABLED": "true", "AWS_MAX_ATTEMPTS": "1", **extra}
+
+
+def test_without_credentials_or_an_endpoint_the_audit_is_one_line_naming_the_pool(tmp_path):
+    from tests.e2e.harness import free_port
+
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"issuers:\n  - user_pool_id: {POOL_ID}\nroutes:\n  - {{path: /a, scopes: [a/b]}}\n")
+    for fmt in ("text", "json"):
+        run = subprocess.run([sys.executable, "-m", "authz_service.cli", "audit", str(policy), "--format", fmt],
+                             capture_output=True, text=True, timeout=60, env=offline_env())
+        assert run.returncode == 2 and run.stdout == ""
+        assert run.stderr == f"authz-service audit: error: DescribeUserPool {POOL_ID}: Unable to locate credentials\n"
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    run = subprocess.run([sys.executable, "-m", "authz_service.cli", "audit", str(policy)], capture_output=True,
+                         text=True, timeout=60, env=offline_env(AWS_ACCESS_KEY_ID="AKIDEXAMPLE",
+                                                                AWS_SECRET_ACCESS_KEY="not-a-secret",
+                                                                AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER=endpoint))
+    assert run.returncode == 2 and run.stdout == "" and "not-a-secret" not in run.stderr
+    assert run.stderr == (f"authz-service audit: error: DescribeUserPool {POOL_ID}: Could not connect to the "
+                          f'endpoint URL: "{endpoint}/"\n')
+
+
+
+def test_the_json_keys_are_the_documented_ones():
+    """docs/cognito.md names every key of --format json (a renamed key is a documented change)."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "cognito.md").read_text()
+    text = docs.split("`--format json` prints one object:")[1].split("\n\n")[0]
+    policy = parse_policy(f"issuers:\n  - user_pool_id: {POOL_ID}\nroutes:\n  - {{path: /a, scopes: [a/b]}}\n"
+                          "  - {path: /b, scopes: [a/c]}\n", "p.yaml")
+    pool = Pool(POOL_ID, "us-east-1", frozenset({"a/b"}), (client("c1", "a/b"),))
+    data = as_json(audit(policy, [pool]))
+    assert data["findings"], "a finding, for its keys"
+    keys = {*data, *data["pools"][0], *data["pools"][0]["clients"][0], *data["matrix"][0], *data["findings"][0]}
+    keys |= {key for cell in data["matrix"][0]["routes"].values() for key in cell}
+    assert sorted(k for k in keys if f"`{k}`" not in text) == []

@@ -136,7 +136,16 @@ def test_validate_dash_reads_the_policy_from_stdin() -> None:
 def test_validate_dash_caps_what_it_reads() -> None:
     run = cli("validate", "-", stdin=b"#" * (POLICY_MAX_BYTES + 1))
     assert run.returncode == 1
-    assert run.stdout.startswith("<stdin>: more is larger than a policy file may be")
+    assert run.stdout.startswith("<stdin>: larger than a policy file may be (1048576 bytes, 1 MiB)")
+
+
+def test_validate_reads_stdin_once() -> None:
+    """'-' twice would judge standard input twice: the second time an empty policy it never got."""
+    run = cli("validate", "-", "--policy", "-", stdin=POLICY.read_text())
+    assert run.returncode == 2 and run.stdout == ""
+    run = cli("validate", "-", "-", stdin=POLICY.read_text())
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == "authz-service validate: error: '-' (standard input) can be named once\n"
 
 
 # --- AUTHZ_* variables that are no setting ----------------------------------------------------------
@@ -271,3 +280,14 @@ def test_zsh_completion_is_a_compdef_for_the_command() -> None:
     script = completion("zsh")
     assert script.startswith("#compdef authz-service")
     assert "--ext-authz-http-port" in script and "policy-tests" in script and "_files" in script
+
+
+@pytest.mark.parametrize("command", [("validate",), ("explain", "--method", "GET", "--path", "/"), ("test", "t.yaml"),
+                                     ("audit",), ("compile", "envoy"), ("dev-issuer", "--config", "c.yaml")])
+def test_an_unknown_option_is_named_with_its_command(command):
+    """The error line names the command whose options were mistyped, with that command's usage."""
+    run = cli(*command, "--bogus")
+    assert run.returncode == 2 and run.stdout == ""
+    name = " ".join(command[:2]) if command[0] == "compile" else command[0]
+    assert run.stderr.splitlines()[-1] == f"authz-service {name}: error: unrecognized arguments: --bogus"
+    assert run.stderr.startswith(f"usage: authz-service {name} ")

@@ -146,7 +146,7 @@ def test_a_token_file_is_read_up_to_a_bound(tmp_path, policy):
     zero.symlink_to("/dev/zero")
     run = explain("--policy", str(policy), "--method", "GET", "--path", "/x", "--token-file", str(zero))
     assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert run.stderr.strip() == (f"authz-service explain: error: {zero}: more is larger than a token file may be "
+    assert run.stderr.strip() == (f"authz-service explain: error: {zero}: larger than a token file may be "
                                   "(65536 bytes, 64 KiB); --token-file names a file holding one access token")
 
 
@@ -196,6 +196,7 @@ def test_unreachable_jwks_is_shown_and_answers_503(issuer, tmp_path):
     assert "  FAILED       jwks" in run.stdout
     assert "  FAILED       key        signing key with this kid in a trusted issuer's JWKS: signing keys are not" in run.stdout
     assert "  HTTP 503" in run.stdout
+    assert run.stderr == ""  # the failed fetch is the jwks check above, not a stray log line
 
 
 def test_credentials_in_an_unreachable_jwks_uri_are_not_shown(issuer, tmp_path):
@@ -379,3 +380,103 @@ def test_real_token_with_custom_claims_lists_each_condition(tmp_path):
         assert "iss='https://issuer-cognito-idp.eu-west-1.amazonaws.com/us-east-1_Demo00002'" in replica.stdout
     finally:
         dev.process.stop()
+
+
+# --- what explain takes from the command line and the environment ------------------------------------
+
+
+def explain_env(*args: str, env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """explain with serve's environment: the test run's without AUTHZ_* variables, plus ``env``."""
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AUTHZ_")}
+    return subprocess.run([sys.executable, "-m", "authz_service.cli", "explain", *args], capture_output=True,
+                          text=True, timeout=60, input=stdin, env={**base, **env})
+
+
+@pytest.mark.parametrize("token", ["hunter2", "Bearer hunter2", "s3cr3t-not-a-jwt-but-long-enough-to-cut"])
+def test_a_token_that_is_not_a_jwt_is_never_shown(token):
+    """What is given as a token may be anything pasted (a client secret): no part of it that is not a
+    JWT's public header is printed, not even its first characters."""
+    run = explain("--policy", str(EXAMPLE), "--method", "GET", "--path", "/transactions", "--token", token)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    secret = token.removeprefix("Bearer ")
+    assert secret[:4] not in run.stdout + run.stderr
+    assert f"token:     real: ({len(secret)} chars), not a readable JWT" in run.stdout
+
+
+@pytest.mark.parametrize("given", [("--token", "  "), ("--token", "Bearer "), ("--token-file", "-")])
+def test_an_empty_token_is_refused_with_exit_2(given):
+    run = explain("--policy", str(EXAMPLE), "--method", "GET", "--path", "/transactions", *given, stdin="\n")
+    source = "--token" if given[0] == "--token" else "--token-file -"
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == f"authz-service explain: error: {source}: the token is empty; give the access token\n"
+
+
+@pytest.mark.parametrize("flag", [("--client-id", "x"), ("--issuer", "https://example.com/us-east-1_Abc123")])
+def test_simulated_token_options_with_a_real_token_are_refused(flag):
+    """--client-id and --issuer shape a simulated token: with a real one they would be silently ignored."""
+    run = explain("--policy", str(EXAMPLE), "--method", "GET", "--path", "/x", "--token", "a.b.c", *flag)
+    assert run.returncode == 2 and run.stdout == ""
+    assert f"authz-service explain: error: {flag[0]} simulates a token; a real token carries its own" in run.stderr
+
+
+def test_the_realm_is_serves_own():
+    """Run where the service is configured (kubectl exec), explain answers with serve's AUTHZ_REALM."""
+    args = ("--policy", str(EXAMPLE), "--method", "GET", "--path", "/transactions")
+    run = explain_env(*args, env={"AUTHZ_REALM": "payments"})
+    assert run.returncode == 1 and '  www-authenticate: Bearer realm="payments"' in run.stdout, run.stderr
+    flag = explain_env(*args, "--realm", "shop", env={"AUTHZ_REALM": "payments"})
+    assert '  www-authenticate: Bearer realm="shop"' in flag.stdout  # the flag wins, as with serve
+
+
+@pytest.mark.parametrize(("given", "env", "message"), [
+    (("--realm", 'a"b'), {}, "--realm 'a\"b': printable text without quotes or backslashes"),
+    ((), {"AUTHZ_REALM": 'a"b'}, "AUTHZ_REALM='a\"b' (serve's --realm, which explain follows): printable text"),
+    (("--leeway", "nan"), {}, "--leeway 'nan': "),
+    (("--leeway", "-5"), {}, "--leeway '-5': "),
+    ((), {"AUTHZ_LEEWAY": "soon"}, "AUTHZ_LEEWAY='soon' (serve's --leeway, which explain follows): "),
+    ((), {"AUTHZ_JWKS_TIMEOUT": "0"}, "AUTHZ_JWKS_TIMEOUT='0' (serve's --jwks-timeout, which explain follows): "),
+])
+def test_a_setting_serve_would_refuse_is_refused(given, env, message):
+    run = explain_env("--policy", str(EXAMPLE), "--method", "GET", "--path", "/transactions", "--token", "a.b.c",
+                      *given, env=env)
+    assert run.returncode == 2 and run.stdout == "" and "Traceback" not in run.stderr
+    assert run.stderr.startswith(f"authz-service explain: error: {message}"), run.stderr
+
+
+def test_the_verifier_settings_are_read_as_serve_reads_them():
+    from argparse import Namespace
+
+    from authz_service.config import JwksSettings
+    from authz_service.tools.explain import settings_as_serve
+
+    none = Namespace(realm=None, leeway=None)
+    assert settings_as_serve(none, {}) == ("authz-service", 60.0, JwksSettings())
+    env = {"AUTHZ_REALM": "payments", "AUTHZ_LEEWAY": "5", "AUTHZ_JWKS_TIMEOUT": "7.5",
+           "AUTHZ_JWKS_MAX_BYTES": "1000"}
+    realm, leeway, jwks = settings_as_serve(none, env)
+    assert (realm, leeway, jwks.timeout, jwks.max_bytes) == ("payments", 5.0, 7.5, 1000)
+    assert settings_as_serve(Namespace(realm="shop", leeway="0"), env)[:2] == ("shop", 0.0)
+
+
+def test_the_json_keys_are_the_documented_ones():
+    """docs/policy.md lists explain --json's keys: a key renamed or added is a documented change."""
+    import re
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "policy.md").read_text()
+    table = docs.split("`explain --json` prints one object with these keys")[1].split("\n\n")[1]
+    documented = {key for row in table.splitlines()[2:] for key in re.findall(r"`([a-z_]+)`", row.split(" | ")[0])}
+    run = explain("--policy", str(EXAMPLE), "--method", "GET", "--path", "/transactions/1", "--scopes",
+                  "transactions/get", "--json")
+    assert set(json.loads(run.stdout)) == documented
+
+
+def test_a_mistyped_authz_variable_is_named_not_ignored():
+    """explain reads serve's AUTHZ_* variables: one that is no setting is warned about, as serve and
+    validate do, rather than silently leaving the realm (or leeway) at its default."""
+    run = explain_env("--policy", str(EXAMPLE), "--method", "GET", "--path", "/transactions",
+                      env={"AUTHZ_RELAM": "payments"})
+    assert run.returncode == 1 and '  www-authenticate: Bearer realm="authz-service"' in run.stdout
+    assert run.stderr == ("authz-service explain: warning: AUTHZ_RELAM is not a setting of authz-service; it is "
+                          "ignored (did you mean AUTHZ_REALM?)\n")

@@ -23,8 +23,34 @@ ISSUERS = "issuers:\n  - user_pool_id: us-east-1_Abc123\n"
 
 
 def lints(routes: str, top: str = "") -> list[str]:
+    """The warnings' lines; each ends in its code, one of WARNING_CODES (tools read the code)."""
+    from authz_service.tools.policytool import WARNING_CODES
+
     text = ISSUERS + top + "routes:\n" + textwrap.dedent(routes)
-    return [str(w) for w in lint(parse_policy(text, "p.yaml"), text)]
+    found = lint(parse_policy(text, "p.yaml"), text)
+    assert all(w.code in WARNING_CODES and str(w).endswith(f" [{w.code}]") for w in found), found
+    return [str(w) for w in found]
+
+
+@pytest.mark.parametrize(("routes", "code"), [
+    ("  - path: /a\n    scopes: [r/x, r/x]\n", "duplicate-scope"),
+    ("  - path: /a\n    scopes: [r/x]\n    all_scopes: [r/x]\n", "scope-in-both"),
+    ("  - path: /a\n    scopes: [openid]\n", "user-pool-scope"),
+    ("  - path: /a\n    scopes: [read]\n", "scope-shape"),
+    ("  - path: /a\n    scopes: [r/x]\n    claims: {tier: yes}\n", "claim-literal"),
+    ("  - path: /a\n    methods: [GTE]\n    scopes: [r/x]\n", "non-standard-method"),
+])
+def test_each_warning_names_its_code(routes, code):
+    (warning,) = lints(routes)
+    assert warning.endswith(f" [{code}]")
+
+
+def test_every_warning_code_is_documented():
+    from authz_service.tools.policytool import WARNING_CODES
+
+    section = (Path(__file__).resolve().parents[1] / "docs" / "policy.md").read_text().split(
+        "## `validate`: errors and warnings")[1].split("\n## ")[0]
+    assert [code for code in WARNING_CODES if f"`{code}`" not in section] == []
 
 
 # --- validate: errors ----------------------------------------------------------------------------
@@ -91,7 +117,7 @@ def test_query_method_is_standard_under_strict(tmp_path):
 def test_misspelled_method_gets_a_suggestion_with_its_line():
     (warning,) = lints("  - path: /a\n    methods: [GET, PSOT]\n    scopes: [r/x]\n")
     assert warning.startswith("p.yaml:5:18: warning: routes[0].methods[1]: 'PSOT' is not a standard HTTP method")
-    assert warning.endswith("did you mean 'POST'?")
+    assert warning.endswith("did you mean 'POST'? [non-standard-method]")
 
 
 def test_duplicated_and_badly_shaped_scopes():
@@ -493,6 +519,10 @@ def run_cases(tmp_path, policy_text: str, tests_text: str) -> subprocess.Complet
         ("tests:\n  - {method: GET, path: /a, expect: deny, status: '403'}\n", "tests[0].status"),
         ("tests:\n  - {method: GET, path: /a, expect: deny, scopes: a/b}\n", "tests[0].scopes"),
         ("tests: []\n", "non-empty list"),
+        ("tests: [\n", "t.yaml:2:1: not valid YAML: "),  # file:line:column, as a policy's
+        # a reason that does not exist never matches: the case would fail whatever the policy says
+        ("tests:\n  - {method: GET, path: /a, expect: deny, reason: insufficent_scope}\n",
+         "t.yaml:2:51: tests[0].reason: 'insufficent_scope' is no reason; one of allowed, public, missing_token,"),
         ("cases: []\n", "one key, 'tests'"),
         # claims: the custom claims of the simulated token, as a pre token generation trigger adds them
         *((f"tests:\n  - method: GET\n    path: /a\n    {claims}\n    expect: allow\n", message) for claims, message in [
@@ -512,7 +542,9 @@ def test_bad_tests_files_are_errors_with_a_line(tmp_path, text, message):
         load_tests(path)
     assert message in str(caught.value)
     run = cli("test", str(EXAMPLES / "policy.yaml"), str(path))
-    assert run.returncode == 2 and message in run.stdout
+    # exit 2 (the file cannot be used): the error on stderr, as every command's, stdout empty
+    assert run.returncode == 2 and run.stdout == "" and message in run.stderr
+    assert run.stderr.startswith("authz-service test: error: ") and len(run.stderr.splitlines()) == 1
 
 
 def test_a_tests_file_is_read_through_the_safe_reader(tmp_path):
@@ -528,7 +560,8 @@ def test_a_tests_file_is_read_through_the_safe_reader(tmp_path):
         with pytest.raises(CaseFileError, match=f"^{re.escape(message)}"):
             load_tests(path)
         run = cli("test", str(EXAMPLES / "policy.yaml"), str(path))
-        assert run.returncode == 2 and run.stdout.startswith(message) and "Traceback" not in run.stderr
+        assert run.returncode == 2 and run.stdout == "" and "Traceback" not in run.stderr
+        assert run.stderr.startswith(f"authz-service test: error: {message}")
 
 
 # --- the reachability analysis is exact: no concrete request reaches a route it calls unreachable ---
@@ -673,7 +706,7 @@ def test_validate_explain_issuers_lists_every_accepted_iss_and_jwks(tmp_path):
                                               "    replica_regions: [eu-west-1]\n    client_ids: [app-1, app-2]\n"
                                               "  - user_pool_id: eu-central-1_Old\n")
     assert lines == [
-        f"{policy}: OK: 1 routes, 2 issuers (3 accepted iss), 0 warnings",
+        f"{policy}: OK: 1 route, 2 issuers (3 accepted iss), 0 warnings",
         "  issuers[0] us-east-1_Multi1 (updated issuer format) accepts app clients app-1, app-2, with iss:",
         "    https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_Multi1  (region us-east-1)",
         "      keys from https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_Multi1/.well-known/jwks.json",
@@ -708,3 +741,15 @@ def test_case_claims_reach_the_real_decision(tmp_path):
     assert run.returncode == 1
     assert 'PASS  GET /a: GET /a (scopes [a/b] claims {"level":3}) -> allow 200 route=r reason=allowed' in run.stdout
     assert "got:      deny 403 route=r reason=claim_mismatch" in run.stdout
+
+
+def test_a_policy_test_cannot_use_is_exit_2_with_every_error_on_stderr(tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("issuers:\n  - user_pool_id: us-east-1_Abc123\nroutes:\n  - path: x\n    scopes: [a/b]\n"
+                      "  - path: /y\n    bogus: 1\n")
+    run = cli("test", str(policy), str(EXAMPLES / "policy-tests.yaml"))
+    assert run.returncode == 2 and run.stdout == ""
+    lines = run.stderr.splitlines()
+    assert lines[0].startswith(f"authz-service test: error: {policy}:4:11: routes[0].path: 'x' must start with '/'")
+    assert lines[1].startswith(f"authz-service test: error: {policy}:7:5: routes[1]: unknown key 'bogus'")
+    assert lines[2] == f"authz-service test: error: {policy}: REFUSED: 2 errors (the server would not load this file)"

@@ -232,7 +232,7 @@ def _call(method: Any, name: str, **params: Any) -> dict[str, Any]:
             f"{name} {params.get('UserPoolId', '')}: {error.get('Code', 'error')}: {error.get('Message', exc)}"
         ) from None
     except BotoCoreError as exc:  # no credentials, no region, endpoint unreachable
-        raise AuditError(f"{name}: {exc}") from None
+        raise AuditError(f"{name} {params.get('UserPoolId', '')}: {exc}") from None
 
 
 # --- the audit (pure) -----------------------------------------------------------------------------

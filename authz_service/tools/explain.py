@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -21,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from ..claims import Claims, cognito_controlled
 from ..conditions import Unmet
-from ..config import JwksSettings
+from ..config import JwksSettings, option
 from ..files import FileReadError, read_bounded, too_large, utf8_text
 from ..jwks import JwksCache, http_session
 from ..metrics import Metrics
@@ -32,7 +35,7 @@ from ..tokens import Check, TokenError, TokenVerifier
 from ..urls import shown
 from .simulate import Outcome, Simulator, run_check
 
-_BEARER = re.compile(r"^bearer\s+", re.IGNORECASE)
+_BEARER = re.compile(r"^bearer(\s+|\Z)", re.IGNORECASE)
 
 # What each of the verifier's checks verifies; CHECKS lists them in tokens.Check's order, the
 # verifier's. The Authorization header's own check is left out: explain is given the token itself.
@@ -175,13 +178,15 @@ def envoy_answer(answer: Answer) -> dict[str, Any]:
 
 
 def describe_token(token: str) -> str:
-    """Enough to recognise a token (kid, jti, client) without printing it."""
-    shown = f"{token[:8]}... ({len(token)} chars)"
+    """Enough to recognise a token (kid, jti, client) without printing it. Of a readable JWT the
+    first characters (its public JOSE header) are shown; of anything else none: what was pasted
+    may be a secret."""
     try:
         header = jwt.get_unverified_header(token)
         claims = jwt.decode(token, options={"verify_signature": False})
     except (jwt.PyJWTError, UnicodeError, ValueError):
-        return shown + ", not a readable JWT"
+        return f"({len(token)} chars), not a readable JWT"
+    shown = f"{token[:8]}... ({len(token)} chars)"
     parts = [f"kid={header.get('kid')!r}", f"alg={header.get('alg')!r}"]
     for key in ("iss", "client_id", "jti", "token_use", "exp"):
         if key in claims:
@@ -236,17 +241,19 @@ def _checklist(error: TokenError | None) -> list[tuple[str, str, str]]:
     return out
 
 
-async def _explain_real(policy: Policy, method: str, path: str, token: str, realm: str, leeway: float) -> Explanation:
+async def _explain_real(
+    policy: Policy, method: str, path: str, token: str, realm: str, leeway: float, jwks: JwksSettings
+) -> Explanation:
     """Fetch the policy's JWKS once (the real JwksCache), verify for the checklist, then decide.
 
     Every trusted issuer's JWKS, as the server holds them: the key is found by kid before the
     payload (and its iss) is read."""
     info = Explanation(method, path, "real: " + describe_token(token))
     async with http_session() as session:
-        cache = JwksCache(JwksSettings(), Metrics(CollectorRegistry()), session)
+        cache = JwksCache(jwks, Metrics(CollectorRegistry()), session)
         try:
             cache.sync(policy.issuers)
-            await cache.wait_first_attempts(JwksSettings().timeout + 1)
+            await cache.wait_first_attempts(jwks.timeout + 1)
             for state in cache.status():
                 if state["last_error"]:
                     uri = policy.issuers_by_iss[str(state["issuer"])].jwks_uri
@@ -281,11 +288,12 @@ async def explain(
     claims: dict[str, Any] | None = None,
     realm: str = "authz-service",
     leeway: float = 60.0,
+    jwks: JwksSettings | None = None,
 ) -> Explanation:
     """Explain one request; a real ``token`` is verified for real, ``scopes``/``client_id``/``claims``
     are simulated (a token minted with them)."""
     if token is not None:
-        info = await _explain_real(policy, method, path, token, realm, leeway)
+        info = await _explain_real(policy, method, path, token, realm, leeway, jwks or JwksSettings())
     elif scopes is not None or client_id is not None or claims:
         simulator = Simulator(policy)
         iss = issuer or policy.issuers[0].issuer
@@ -416,17 +424,21 @@ def read_token(args: argparse.Namespace) -> str | None:
         )
     else:
         return None
-    return _BEARER.sub("", text.strip(), count=1)
+    token = _BEARER.sub("", text.strip(), count=1)
+    if not token:
+        source = "--token" if args.token is not None else f"--token-file {args.token_file}"
+        raise FileReadError(f"{source}: the token is empty; give the access token")
+    return token
 
 
 def parse_claim_options(options: list[str]) -> dict[str, Any]:
     """``--claim NAME=VALUE`` options: VALUE is read as JSON when it is JSON (3, true, ["a","b"],
     "quoted"), else as a string, as a pre token generation trigger would set it."""
     claims: dict[str, Any] = {}
-    for option in options:
-        name, sep, raw = option.partition("=")
+    for given in options:
+        name, sep, raw = given.partition("=")
         if not sep or not name:
-            raise ValueError(f"--claim {option!r}: write NAME=VALUE, e.g. --claim tenant=acme")
+            raise ValueError(f"--claim {given!r}: write NAME=VALUE, e.g. --claim tenant=acme")
         if cognito_controlled(name):
             raise ValueError(
                 f"--claim {name}: set by Cognito, not by a pre token generation trigger; use "
@@ -439,29 +451,56 @@ def parse_claim_options(options: list[str]) -> dict[str, Any]:
     return claims
 
 
+def settings_as_serve(
+    args: argparse.Namespace, environ: Mapping[str, str] = os.environ
+) -> tuple[str, float, JwksSettings]:
+    """The realm, leeway and JWKS fetch settings of the answer: a flag given (--realm, --leeway),
+    else serve's AUTHZ_* variable, else serve's default, each parsed as serve parses it (ValueError
+    naming the flag or variable). Why: run where the service is configured (kubectl exec), explain
+    must answer what that service answers, challenge and clock skew included."""
+
+    def value(name: str, given: str | None) -> Any:
+        setting = option(name)
+        if given is not None:
+            try:
+                return setting.parse(given)
+            except ValueError as exc:
+                raise ValueError(f"{setting.flag} {given!r}: {exc}") from None
+        raw = environ.get(setting.env)
+        if raw is None:
+            return setting.default
+        try:
+            return setting.parse(raw)
+        except ValueError as exc:
+            raise ValueError(f"{setting.env}={raw!r} (serve's {setting.flag}, which explain follows): {exc}") from None
+
+    jwks = JwksSettings(timeout=value("jwks_timeout", None), max_bytes=value("jwks_max_bytes", None))
+    return value("realm", args.realm), value("leeway", args.leeway), jwks
+
+
 def explain_command(args: argparse.Namespace, out: TextIO) -> int:
     """Exit 0 when Envoy would let the request through, 1 when it would deny, 2 on unusable input."""
     try:
+        realm, leeway, jwks = settings_as_serve(args)
         policy = load_policy_file(args.policy)
         token = read_token(args)
-    except PolicyError as exc:
-        print(f"authz-service explain: error: {exc}", file=sys.stderr)
-        return 2
-    except FileReadError as exc:
+        claims = parse_claim_options(getattr(args, "claims", None) or [])
+    except (PolicyError, FileReadError, ValueError) as exc:
         print(f"authz-service explain: error: {exc}", file=sys.stderr)
         return 2
     scopes = args.scopes.split() if args.scopes is not None else None
-    try:
-        claims = parse_claim_options(getattr(args, "claims", None) or [])
-    except ValueError as exc:
-        print(f"authz-service explain: error: {exc}", file=sys.stderr)
-        return 2
-    if claims and token is not None:
+    # Options that shape a simulated token would be silently ignored with a real one.
+    simulated = [flag for flag, given in (("--client-id", args.client_id), ("--issuer", args.issuer)) if given]
+    if token is not None and (simulated or claims):
+        flag = simulated[0] if simulated else "--claim"
         print(
-            "authz-service explain: error: --claim simulates a token; a real token carries its own claims",
+            f"authz-service explain: error: {flag} simulates a token; a real token carries its own "
+            + ("claims" if flag == "--claim" else flag.removeprefix("--").replace("-", "_")),
             file=sys.stderr,
         )
         return 2
+    # A JWKS that cannot be fetched is a FAILED check of the output; no log line beside it.
+    logging.getLogger().addHandler(logging.NullHandler())
     info = asyncio.run(
         explain(
             policy,
@@ -472,8 +511,9 @@ def explain_command(args: argparse.Namespace, out: TextIO) -> int:
             client_id=args.client_id,
             issuer=args.issuer,
             claims=claims,
-            realm=args.realm,
-            leeway=args.leeway,
+            realm=realm,
+            leeway=leeway,
+            jwks=jwks,
         )
     )
     if args.json:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import io
 import json
 import re
 import sys
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..claims import cognito_controlled
+from ..decision import Reason
 from ..files import REGULAR_FILE_FIX, FileReadError, read_bounded, utf8_text
 from ..policy import (
+    LINT_CODES,
     OTHER_SEGMENT,
     Mode,
     PathCase,
@@ -58,9 +61,11 @@ class Lint:
     where: str
     what: str
     hint: str
+    code: str  # which kind of warning (WARNING_CODES), for tools: they read the code, not the text
 
     def __str__(self) -> str:
-        return f"{place(self.source, self.line, self.column)}: warning: {self.where}: {self.what}; {self.hint}"
+        at = place(self.source, self.line, self.column)
+        return f"{at}: warning: {self.where}: {self.what}; {self.hint} [{self.code}]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +79,21 @@ class Report:
 
 
 # --- validate ------------------------------------------------------------------------------------
+
+# Every warning's code (printed as "[code]" at the end of its line; docs/policy.md lists them). The
+# ones of LINT_CODES may be acknowledged on a route; the others are fixed, never acknowledged.
+WARNING_CODES = {
+    "non-standard-method": "a method that is not standard",
+    "duplicate-scope": "a scope listed twice",
+    "scope-in-both": "a scope in both scopes and all_scopes",
+    "user-pool-scope": "a user-pool scope client_credentials tokens never carry",
+    "scope-shape": "a scope not shaped <resource server identifier>/<scope name>",
+    "claim-literal": "a claim condition value YAML reads as a boolean or number",
+    "unreachable-route": "a route that can never match",
+    "unreachable-methods": "methods of a route that never reach it",
+    "slash-only-route": "a route that only matches paths ending in /",
+    **LINT_CODES,
+}
 
 
 STDIN = "-"  # `validate -`: the policy comes from standard input, reported as <stdin>
@@ -96,9 +116,10 @@ def lint(policy: Policy, text: str) -> list[Lint]:
     tree = compose_yaml(text)
     raw_routes = load_strict_yaml(text, policy.source)["routes"]
 
-    def warn(where: tuple[str | int, ...], what: str, hint: str) -> Lint:
+    def warn(code: str, where: tuple[str | int, ...], what: str, hint: str) -> Lint:
+        assert code in WARNING_CODES, code
         line, column = position(tree, where)
-        return Lint(policy.source, line, column, where_text(where), what, hint)
+        return Lint(policy.source, line, column, where_text(where), what, hint, code)
 
     out: list[Lint] = []
     for route, raw in zip(policy.routes, raw_routes, strict=True):
@@ -121,7 +142,14 @@ def _lint_methods(route: Route, raw: dict[str, Any], warn: Any) -> list[Lint]:
             if close
             else f"standard methods are {', '.join(STANDARD_METHODS)}; a custom method is matched exactly"
         )
-        out.append(warn(("routes", route.index, "methods", j), f"{method!r} is not a standard HTTP method", hint))
+        out.append(
+            warn(
+                "non-standard-method",
+                ("routes", route.index, "methods", j),
+                f"{method!r} is not a standard HTTP method",
+                hint,
+            )
+        )
     return out
 
 
@@ -133,10 +161,11 @@ def _lint_scopes(route: Route, raw: dict[str, Any], warn: Any) -> list[Lint]:
     for key, j, scope in listed:
         where = ("routes", route.index, key, j)
         if seen.get(scope) == key:
-            out.append(warn(where, f"scope {scope!r} is listed twice", "remove the duplicate"))
+            out.append(warn("duplicate-scope", where, f"scope {scope!r} is listed twice", "remove the duplicate"))
         elif scope in seen:
             out.append(
                 warn(
+                    "scope-in-both",
                     where,
                     f"scope {scope!r} is in both scopes and all_scopes, so holding all_scopes always meets scopes",
                     "remove it from one of them",
@@ -146,6 +175,7 @@ def _lint_scopes(route: Route, raw: dict[str, Any], warn: Any) -> list[Lint]:
         if scope in USER_POOL_SCOPES:
             out.append(
                 warn(
+                    "user-pool-scope",
                     where,
                     f"{scope!r} is a user-pool (OpenID) scope; machine-to-machine "
                     "(client_credentials) tokens never carry it",
@@ -155,6 +185,7 @@ def _lint_scopes(route: Route, raw: dict[str, Any], warn: Any) -> list[Lint]:
         elif not _CUSTOM_SCOPE.match(scope):
             out.append(
                 warn(
+                    "scope-shape",
                     where,
                     f"{scope!r} is not shaped '<resource server identifier>/<scope name>', "
                     "so no Cognito client_credentials token can carry it",
@@ -180,6 +211,7 @@ def _lint_claim_literals(route: Route, tree: Any, warn: Any) -> list[Lint]:
                 continue
             out.append(
                 warn(
+                    "claim-literal",
                     where,
                     f"YAML reads {text!r} as {json.dumps(value)}, so the claim must be that JSON value, not the text",
                     f"write {json.dumps(value)} if that is meant, or quote the text: '{text}'",
@@ -340,6 +372,7 @@ def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
             example = f" (e.g. {method} {_show(_example(route))} goes to {taker.name!r})" if taker else ""
             out.append(
                 warn(
+                    "unreachable-route",
                     where,
                     f"route {route.name!r} can never match: every request it covers is taken by "
                     f"more specific routes{example}",
@@ -349,6 +382,7 @@ def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
         elif never:
             out.append(
                 warn(
+                    "unreachable-methods",
                     where,
                     f"route {route.name!r}: {', '.join(never)} never reach this route, more specific "
                     "routes take every such request",
@@ -358,6 +392,7 @@ def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
         elif reached and route.index not in plain:
             out.append(
                 warn(
+                    "slash-only-route",
                     where,
                     f"route {route.name!r} only matches paths ending in '/': more specific routes "
                     "take every other request it covers",
@@ -399,7 +434,7 @@ def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
     for pairs, code, key, problem, fix in public_findings:
         for public, protected, s in _public_route_findings(routes, pairs, code):
             text = problem.format(path=public.path, s=s, listed=protected)
-            out.append(warn(("routes", public.index, key), f"public route {public.name!r} {text}", fix))
+            out.append(warn(code, ("routes", public.index, key), f"public route {public.name!r} {text}", fix))
     for (route_i, other_i), (fell, segments) in sorted(reach.falls.items()):
         route, other = routes[route_i], routes[other_i]
         siblings = [r for r in routes if r.path == route.path and r.methods is not None]
@@ -417,6 +452,7 @@ def _lint_reachability(policy: Policy, warn: Any) -> list[Lint]:
         examples = [m for m in ("DELETE", "PUT", "POST", "PATCH", *STANDARD_METHODS) if m in fell] or ["PUT"]
         out.append(
             warn(
+                "fallthrough",
                 ("routes", route_i, "methods"),
                 f"route {takes}; {_methods_text(fell)} on {'its' if len(siblings) == 1 else 'their'} paths "
                 f"fall through to route {other.name!r} ({other.path}), which {why} "
@@ -482,8 +518,9 @@ def print_report(report: Report, out: TextIO, explain_issuers: bool = False) -> 
         accepted = len(report.policy.issuers)
         issuers = len({i.block for i in report.policy.issuers})  # entries; a multi-Region one accepts several iss
         status = "OK" if not report.warnings else "OK with warnings"
+        routes = len(report.policy.routes)
         print(
-            f"{report.source}: {status}: {len(report.policy.routes)} routes, {issuers} issuer"
+            f"{report.source}: {status}: {routes} route{'s' if routes != 1 else ''}, {issuers} issuer"
             f"{'s' if issuers != 1 else ''}{f' ({accepted} accepted iss)' if accepted != issuers else ''}, "
             f"{len(report.warnings)} warning{'s' if len(report.warnings) != 1 else ''}",
             file=out,
@@ -551,6 +588,7 @@ _TEST_KEYS = {
     "jti",
 }
 _EXPECT = ("allow", "deny", "dry_run_deny")
+_REASONS = tuple(reason.value for reason in Reason)
 
 
 class CaseFileError(ValueError):
@@ -632,6 +670,8 @@ def load_tests(path: Path | str) -> list[Case]:
         for key in ("client_id", "issuer", "route", "reason", "name", "jti"):
             if key in item and (not isinstance(item[key], str) or not item[key]):
                 raise fail((*where, key), "must be a non-empty string")
+        if "reason" in item and item["reason"] not in _REASONS:  # it could never match: the case always fails
+            raise fail((*where, "reason"), f"{item['reason']!r} is no reason; one of {', '.join(_REASONS)}")
         status = item.get("status")
         if status is not None and (not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599):
             raise fail((*where, "status"), f"must be an HTTP status code, got {status!r}")
@@ -725,16 +765,20 @@ def _describe(values: dict[str, object]) -> str:
     return " ".join(parts)
 
 
-def tests_command(policy_path: Path, tests_path: Path, out: TextIO) -> int:
-    """Exit 0 when every expectation holds, 1 when one fails, 2 when a file cannot be used."""
+def tests_command(policy_path: Path, tests_path: Path, out: TextIO, err: TextIO = sys.stderr) -> int:
+    """Exit 0 when every expectation holds, 1 when one fails, 2 when a file cannot be used (then
+    the errors go to ``err``, as every command's, and nothing to ``out``)."""
     report = validate_file(policy_path)
     if report.policy is None:
-        print_report(report, out)
+        refused = io.StringIO()
+        print_report(report, refused)
+        for line in refused.getvalue().splitlines():
+            print(f"authz-service test: error: {line}", file=err)
         return 2
     try:
         cases = load_tests(tests_path)
     except CaseFileError as exc:
-        print(str(exc), file=out)
+        print(f"authz-service test: error: {exc}", file=err)
         return 2
     results = asyncio.run(run_tests(report.policy, cases))
     for result in results:
