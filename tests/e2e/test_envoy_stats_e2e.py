@@ -59,18 +59,25 @@ def test_alerted_envoy_series_exist_and_count_a_fail_closed_request(tmp_path: Pa
                                source=ENVOY_CONFIGS[mode])
     envoy = start_envoy(path, tmp_path)
     try:
-        status, _, _ = http_request("GET", envoy.url("/transactions/1"), [("Authorization", "Bearer a.b.c")])
-        assert status == 503
-        status, _, body = http_request("GET", envoy.health_url("/stats/prometheus"))
-        assert status == 200
-        exported = samples(body.decode())
-        missing = missing_series(exported)
-        assert not missing, f"{ENVOY_CONFIGS[mode].name}: Envoy exports no {missing}"
-        assert exported[("envoy_http_ext_authz_error", "envoy_http_conn_manager_prefix", "ingress_http")] == 1
-        assert exported[("envoy_http_ext_authz_failure_mode_allowed", "envoy_http_conn_manager_prefix",
-                         "ingress_http")] == 0
+        scrape_after_failing_closed(envoy, ENVOY_CONFIGS[mode].name)
     finally:
         envoy.stop()
+
+
+def scrape_after_failing_closed(envoy, what: str) -> str:
+    """A token sent to ext_authz with nothing listening: Envoy fails closed (503), and its scrape
+    holds every alerted series, that request counted as an ext_authz error (not allowed). The scrape."""
+    status, _, _ = http_request("GET", envoy.url("/transactions/1"), [("Authorization", "Bearer a.b.c")])
+    assert status == 503
+    status, _, body = http_request("GET", envoy.health_url("/stats/prometheus"))
+    assert status == 200
+    exported = samples(body.decode())
+    missing = missing_series(exported)
+    assert not missing, f"{what}: Envoy exports no {missing}"
+    assert exported[("envoy_http_ext_authz_error", "envoy_http_conn_manager_prefix", "ingress_http")] == 1
+    assert exported[("envoy_http_ext_authz_failure_mode_allowed", "envoy_http_conn_manager_prefix",
+                     "ingress_http")] == 0
+    return body.decode()
 
 
 def test_alerted_envoy_series_exist_in_native_mode_and_count_a_fail_closed_request(
@@ -83,20 +90,11 @@ def test_alerted_envoy_series_exist_in_native_mode_and_count_a_fail_closed_reque
                                 app_port=upstream.port, grpc_port=free_port(), http_port=free_port())
     envoy = start_envoy(path, tmp_path)
     try:
-        status, _, _ = http_request("GET", envoy.url("/transactions/1"), [("Authorization", "Bearer a.b.c")])
-        assert status == 503
         status, _, _ = http_request("GET", envoy.url("/transactions/1"))
         assert status == 401  # Envoy's own answer: no token
-        status, _, body = http_request("GET", envoy.health_url("/stats/prometheus"))
-        assert status == 200
-        exported = samples(body.decode())
-        missing = missing_series(exported)
-        assert not missing, f"native bootstrap: Envoy exports no {missing}"
-        assert exported[("envoy_http_ext_authz_error", "envoy_http_conn_manager_prefix", "ingress_http")] == 1
-        assert exported[("envoy_http_ext_authz_failure_mode_allowed", "envoy_http_conn_manager_prefix",
-                         "ingress_http")] == 0
+        body = scrape_after_failing_closed(envoy, "native bootstrap")
         assert 'envoy_authz_native_decisions{decision="deny",reason="missing_token",route="get-transaction",' \
-               'status="401"} 1' in body.decode()
+               'status="401"} 1' in body
     finally:
         envoy.stop()
 
