@@ -299,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "compile":
             from .native.command import compile_command
 
+            for variable in unknown_variables():  # compile envoy reads serve's AUTHZ_LEEWAY, AUTHZ_REALM, ...
+                print(f"authz-service compile envoy: warning: {variable}", file=sys.stderr)
             return compile_command(_compiled_policy(args), args, sys.stdout, sys.stderr)
         if args.command == "example":
             sys.stdout.write(example_text(args.name))

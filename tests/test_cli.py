@@ -164,6 +164,17 @@ def test_validate_warns_about_an_unknown_authz_variable_on_stderr() -> None:
     ]
 
 
+def test_compile_envoy_warns_about_an_unknown_authz_variable_it_would_otherwise_ignore() -> None:
+    """compile envoy takes serve's AUTHZ_LEEWAY when --leeway is not given: a misspelt one is named,
+    the bootstrap still written (the leeway its default, as serve's would be)."""
+    run = cli("compile", "envoy", str(POLICY), "--report", "none", env={"AUTHZ_LEWAY": "5"})
+    assert run.returncode == 0 and run.stdout.startswith("# Envoy bootstrap"), run.stderr
+    assert run.stderr.splitlines() == [
+        "authz-service compile envoy: warning: AUTHZ_LEWAY is not a setting of authz-service; it is ignored "
+        "(did you mean AUTHZ_LEEWAY?)",
+    ]
+
+
 def test_validate_is_silent_about_settings_and_service_links() -> None:
     run = cli("validate", str(POLICY), env={"AUTHZ_GRPC_PORT": "9000", "AUTHZ_METRICS_SERVICE_HOST": "10.0.0.1"})
     assert run.returncode == 0 and run.stderr == ""
