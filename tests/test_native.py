@@ -649,6 +649,10 @@ def test_compile_envoy_takes_the_services_variables_for_the_flags_not_given() ->
     ("AUTHZ_REALM", 'a"b', "AUTHZ_REALM='a\"b' (serve's --realm, which --realm follows)"),
     ("AUTHZ_NATIVE_LISTEN", "localhost:8080", "AUTHZ_NATIVE_LISTEN='localhost:8080' (serve's --native-listen"),
     ("AUTHZ_GRPC_HOST", "localhost", "AUTHZ_GRPC_HOST='localhost': Envoy connects to an IP address, not a host name"),
+    # Values serve refuses are refused here too, not read as 0.0.0.0 or with a bracket dropped.
+    ("AUTHZ_GRPC_HOST", "", "AUTHZ_GRPC_HOST='' (serve's --grpc-host, which --service-grpc follows): an address"),
+    ("AUTHZ_HTTP_HOST", " ", "AUTHZ_HTTP_HOST=' ' (serve's --http-host, which --service-http follows): an address"),
+    ("AUTHZ_GRPC_HOST", "[::1", "AUTHZ_GRPC_HOST='[::1' (serve's --grpc-host, which --service-grpc follows): an"),
     ("AUTHZ_HTTP_PORT", "0", "AUTHZ_HTTP_PORT='0': port 0 lets the kernel pick the service's port"),
     ("AUTHZ_GRPC_PORT", "x", "AUTHZ_GRPC_PORT='x' (serve's --grpc-port, which --service-grpc follows)"),
 ])

@@ -67,7 +67,11 @@ def serve_door(flag: str, environ: Mapping[str, str]) -> Address | None:
         port = port_setting.default if raw_port is None else port_setting.parse(raw_port)
     except ValueError as exc:
         raise ValueError(f"{given} (serve's {port_setting.flag}, which {flag} follows): {exc}") from None
-    host = (host_setting.default if raw_host is None else raw_host).strip().strip("[]") or "0.0.0.0"
+    try:  # as serve parses it: a host serve refuses (empty, a stray bracket) is no address to reach
+        host = host_setting.default if raw_host is None else host_setting.parse(raw_host)
+    except ValueError as exc:
+        served = f"serve's {host_setting.flag}, which {flag} follows"
+        raise ValueError(f"{host_setting.env}={raw_host!r} ({served}): {exc}") from None
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
