@@ -260,8 +260,10 @@ class Supervisor:
 
     def policies(self) -> dict[str, int]:
         """sha256 -> how many live workers serve that policy (see ``policies_served``)."""
+        alive = [w.process is not None and w.process.is_alive() for w in self._workers]
+        # A dead worker's array is not read: a lock it died holding would cost each read a wait.
         return policies_served(
-            (w.served_policy(), w.process is not None and w.process.is_alive()) for w in self._workers
+            (w.served_policy() if up else "", up) for w, up in zip(self._workers, alive, strict=True)
         )
 
     def policy_in_force(self) -> str | None:
