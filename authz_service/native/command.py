@@ -21,16 +21,19 @@ from .report import report_json, report_text
 from .xds import ENVOY_FLAGS, LISTENERS_FILE, write_atomically, xds_bootstrap
 
 
-def serve_settings(args: argparse.Namespace, environ: Mapping[str, str], *, xds: bool) -> dict[str, Any]:
+def serve_settings(
+    args: argparse.Namespace, environ: Mapping[str, str], *, xds: bool
+) -> tuple[dict[str, Any], dict[str, str]]:
     """The settings of SERVE_SETTINGS and SERVE_DOORS not given as flags, from serve's AUTHZ_*
-    variables, parsed as serve parses them (ValueError naming the variable), by args attribute. A
-    fractional leeway is rounded down: jwt_authn's clock skew then stays under the service's leeway."""
+    variables, parsed as serve parses them (ValueError naming the variable), by args attribute; and
+    by flag, the variables each came from (a refusal names them beside the flag). A fractional
+    leeway is rounded down: jwt_authn's clock skew then stays under the service's leeway."""
     found: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     for flag, name in SERVE_SETTINGS.items():
-        attr = flag.lstrip("-").replace("-", "_")
         setting = option(name)
         raw = environ.get(setting.env)
-        if raw is None or getattr(args, attr) is not None or (xds and flag in LISTENER_FLAGS):
+        if raw is None or getattr(args, _dest(flag)) is not None or (xds and flag in LISTENER_FLAGS):
             continue
         try:
             value = setting.parse(raw)
@@ -45,12 +48,17 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str], *, xds:
                 )
         if name == "native_heap_cap" and (refusal := heap_cap_refusal(value)):
             raise ValueError(f"{setting.env}={raw!r}: {refusal}")
-        found[attr] = value
-    for flag in SERVE_DOORS:
-        attr = flag.lstrip("-").replace("-", "_")
-        if getattr(args, attr) is None and (door := serve_door(flag, environ)) is not None:
-            found[attr] = door
-    return found
+        found[_dest(flag)], origins[flag] = value, setting.env
+    for flag, names in SERVE_DOORS.items():
+        if getattr(args, _dest(flag)) is None and (door := serve_door(flag, environ)) is not None:
+            found[_dest(flag)] = door
+            origins[flag] = " and ".join(env for env in (option(name).env for name in names) if env in environ)
+    return found, origins
+
+
+def _dest(flag: str) -> str:
+    """The parsed arguments' attribute of ``flag`` (argparse's dest)."""
+    return flag.lstrip("-").replace("-", "_")
 
 
 def serve_door(flag: str, environ: Mapping[str, str]) -> Address | None:
@@ -83,11 +91,13 @@ def serve_door(flag: str, environ: Mapping[str, str]) -> Address | None:
     return Address(str(ip), port)
 
 
-def options_from(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Options:
+def options_from(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> tuple[Options, dict[str, str]]:
     """The compile options of a parsed command line (ValueError naming the flag or variable); a
-    flag not given takes serve's variable (serve_settings), else Options' default."""
+    flag not given takes serve's variable (serve_settings), else Options' default. With them, by
+    flag, the variables a value came from."""
     defaults = Options()
-    args = argparse.Namespace(**{**vars(args), **serve_settings(args, environ, xds=args.xds_dir is not None)})
+    from_serve, origins = serve_settings(args, environ, xds=args.xds_dir is not None)
+    args = argparse.Namespace(**{**vars(args), **from_serve})
     realm = defaults.realm
     if args.realm is not None:
         try:
@@ -100,7 +110,7 @@ def options_from(args: argparse.Namespace, environ: Mapping[str, str] = os.envir
     def given(value: Any, default: Any) -> Any:
         return default if value is None else value
 
-    return Options(
+    options = Options(
         **{name: given(getattr(args, name), getattr(defaults, name)) for name, _ in ADDRESS_FLAGS.values()},
         realm=realm,
         leeway=given(args.leeway, defaults.leeway),
@@ -109,6 +119,7 @@ def options_from(args: argparse.Namespace, environ: Mapping[str, str] = os.envir
         decision_stats=not args.no_decision_stats,
         heap_cap_mib=args.heap_cap,
     )
+    return options, origins
 
 
 def compile_command(policy_path: Path | None, args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
@@ -116,8 +127,8 @@ def compile_command(policy_path: Path | None, args: argparse.Namespace, stdout: 
     ``policy_path`` is None exactly with ``--xds-dir`` (that bootstrap does not depend on it)."""
     xds_dir = None if args.xds_dir is None else PurePosixPath(os.path.abspath(args.xds_dir))  # Envoy's cwd is not ours
     try:
-        options = options_from(args)
-        refuse_shared_ports(options, xds=xds_dir is not None, origins=variable_origins(args, os.environ))
+        options, origins = options_from(args)
+        refuse_shared_ports(options, xds=xds_dir is not None, origins=origins)
         if xds_dir is not None:
             _refuse_listener_flags(args)
             text = xds_bootstrap_yaml(options, xds_dir)
@@ -155,25 +166,11 @@ ENVOY_LISTENERS = ("--listen", "--admin", "--health")  # the addresses Envoy bin
 ENVOY_CALLS = ("--app", "--service-grpc", "--service-http")  # ... and the ones it connects to
 
 
-def variable_origins(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str]:
-    """The address flags not given whose value serve's variables set (serve_settings), and the
-    variables set, by flag: so a refusal names what the user wrote."""
-    origins: dict[str, str] = {}
-    if args.listen is None and args.xds_dir is None and (env := option(SERVE_SETTINGS["--listen"]).env) in environ:
-        origins["--listen"] = env
-    for flag, names in SERVE_DOORS.items():
-        if getattr(args, flag.lstrip("-").replace("-", "_")) is None:
-            set_here = [env for env in (option(name).env for name in names) if env in environ]
-            if set_here:
-                origins[flag] = " and ".join(set_here)
-    return origins
-
-
 def refuse_shared_ports(options: Options, *, xds: bool, origins: Mapping[str, str] | None = None) -> None:
     """ValueError naming both flags when two of Envoy's listeners would take one port (Envoy would
     not start), or when Envoy would connect to one of its own listeners (the app's requests, or
     its Checks, sent back to Envoy). ``xds``: the ingress listener is serve's --native-listen.
-    ``origins``: the variables a flag's value came from (variable_origins), named beside it."""
+    ``origins``: the variables a flag's value came from (serve_settings), named beside it."""
     defaults = Options()
     origins = origins or {}
 
@@ -238,6 +235,6 @@ def xds_report(xds_dir: Any) -> str:
 
 def _refuse_listener_flags(args: argparse.Namespace) -> None:
     for flag, serve_flag in LISTENER_FLAGS.items():
-        if getattr(args, flag.lstrip("-").replace("-", "_")) is not None:
+        if getattr(args, _dest(flag)) is not None:
             where = f"give it to serve as {serve_flag}" if serve_flag else "it is not an option of the xDS form"
             raise ValueError(f"{flag} with --xds-dir: the service writes the listener it sets; {where}")
