@@ -203,6 +203,9 @@ class _Worker:
         self.process: Any = None
         self.restarts = 0
 
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
     def new_life(self) -> None:
         self.state.value = STARTING
         self.policy = self._ctx.Array("c", 64)
@@ -241,7 +244,7 @@ class Supervisor:
         return (
             not self._stopping.is_set()
             and not self.foreign_listeners
-            and all(w.process is not None and w.process.is_alive() and w.state.value == READY for w in self._workers)
+            and all(w.alive() and w.state.value == READY for w in self._workers)
         )
 
     def status(self) -> list[dict[str, object]]:
@@ -250,20 +253,24 @@ class Supervisor:
             {
                 "worker": w.index,
                 "pid": w.process.pid if w.process else None,
-                "alive": bool(w.process and w.process.is_alive()),
+                "alive": alive,
                 "state": names.get(w.state.value, "?"),
                 "restarts": w.restarts,
-                "policy_sha256": (w.served_policy() or None) if w.process and w.process.is_alive() else None,
+                "policy_sha256": self._policy_of(w, alive) or None,
             }
-            for w in self._workers
+            for w, alive in ((w, w.alive()) for w in self._workers)
         ]
+
+    @staticmethod
+    def _policy_of(worker: _Worker, alive: bool) -> str:
+        """What a worker serves; a dead one's array is not read (a lock it died holding would cost
+        each read a wait) and it serves none."""
+        return worker.served_policy() if alive else ""
 
     def policies(self) -> dict[str, int]:
         """sha256 -> how many live workers serve that policy (see ``policies_served``)."""
-        alive = [w.process is not None and w.process.is_alive() for w in self._workers]
-        # A dead worker's array is not read: a lock it died holding would cost each read a wait.
         return policies_served(
-            (w.served_policy() if up else "", up) for w, up in zip(self._workers, alive, strict=True)
+            (self._policy_of(w, alive), alive) for w, alive in ((w, w.alive()) for w in self._workers)
         )
 
     def policy_in_force(self) -> str | None:
@@ -416,16 +423,16 @@ class Supervisor:
 
     def _forward(self, sig: int) -> None:
         for w in self._workers:
-            if w.process is not None and w.process.is_alive():
+            if w.alive():
                 os.kill(w.process.pid, sig)
 
     async def _stop_workers(self) -> None:
         self._forward(signal.SIGTERM)
         deadline = time.monotonic() + self.settings.shutdown_grace + STOP_MARGIN
-        while time.monotonic() < deadline and any(w.process.is_alive() for w in self._workers if w.process):
+        while time.monotonic() < deadline and any(w.alive() for w in self._workers):
             await asyncio.sleep(0.05)
         for w in self._workers:
-            if w.process is not None and w.process.is_alive():
+            if w.alive():
                 log.error("worker did not stop in time; killing it", extra={"worker": w.index})
                 w.process.kill()
             if w.process is not None:
